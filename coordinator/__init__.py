@@ -1,0 +1,81 @@
+"""Tally's coordinator: the transfer protocol, its journal records, and recovery.
+
+It knows the journal and talks to accounts only through `Participant`.
+"""
+
+from coordinator._claims import Refusal, decode_outcome
+from coordinator._coordinator import Coordinator
+from coordinator._errors import (
+    REJECTIONS,
+    AccountExists,
+    AccountNotFound,
+    BalanceOverflow,
+    CurrencyMismatch,
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidRequest,
+    JournalCorrupted,
+    LedgerClosed,
+    LedgerError,
+    LedgerLocked,
+    LedgerTimeout,
+    LedgerUnavailable,
+    NotALedger,
+)
+from coordinator._limits import AMOUNT_MAX, INFLIGHT_TRANSFERS_MAX, TIMEOUT_S_DEFAULT
+from coordinator._participant import DebitStep, Participant, Participants
+from coordinator._records import INDEX_NAMES
+from coordinator._recovery import Recovered, replay
+from coordinator._sequencer import Sequencer
+from coordinator._state import AccountState, Posting, SequenceError, credit_refusal, debit_refusal, post
+from coordinator._translate import ledger_errors
+from coordinator._validate import check_amount, check_currency, check_id, check_overdraft_limit, check_transfer
+from coordinator._values import Account, Balance, Entry, Transfer, TransferRequest
+
+__all__ = [
+    "AMOUNT_MAX",
+    "INDEX_NAMES",
+    "INFLIGHT_TRANSFERS_MAX",
+    "REJECTIONS",
+    "TIMEOUT_S_DEFAULT",
+    "Account",
+    "AccountExists",
+    "AccountNotFound",
+    "AccountState",
+    "Balance",
+    "BalanceOverflow",
+    "Coordinator",
+    "CurrencyMismatch",
+    "DebitStep",
+    "Entry",
+    "IdempotencyConflict",
+    "InsufficientFunds",
+    "InvalidRequest",
+    "JournalCorrupted",
+    "LedgerClosed",
+    "LedgerError",
+    "LedgerLocked",
+    "LedgerTimeout",
+    "LedgerUnavailable",
+    "NotALedger",
+    "Participant",
+    "Participants",
+    "Posting",
+    "Recovered",
+    "Refusal",
+    "SequenceError",
+    "Sequencer",
+    "Transfer",
+    "TransferRequest",
+    "check_amount",
+    "check_currency",
+    "check_id",
+    "check_overdraft_limit",
+    "check_transfer",
+    "credit_refusal",
+    "debit_refusal",
+    "decode_outcome",
+    "ledger_errors",
+    "post",
+    "replay",
+]

@@ -1,0 +1,166 @@
+"""`transfer_many`: many transfers, outcomes as if applied one after another.
+
+A request depends on the latest earlier request in the list that shares an
+account or its id. It starts only once those are decided (not yet durable), and
+each decision is applied in the accounts' mailboxes before the next request on
+the same account is queued there, so every request sees exactly the state its
+predecessors left. Independent requests run at once. Decisions start their
+dependents on whichever thread decided them, so a chain through one hot account
+never bounces back to the caller. The caller wakes once, when the last record
+of the batch is durable.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from functools import partial
+from typing import TYPE_CHECKING
+
+from coordinator._claims import Outcome, Ticket, settle, ticket_outcome
+from coordinator._errors import LedgerError, LedgerTimeout
+from coordinator._validate import check_transfer
+from coordinator._values import Transfer, TransferRequest
+
+if TYPE_CHECKING:
+    from coordinator._coordinator import Coordinator
+
+Result = Transfer | LedgerError
+_DONE = -1
+
+
+class Batch:
+    def __init__(self, coordinator: Coordinator, requests: Sequence[TransferRequest], timeout_s: float) -> None:
+        self._coordinator = coordinator
+        self._requests = list(requests)
+        self._deadline = time.monotonic() + timeout_s
+        self._results: list[Outcome | Ticket | LedgerError | None] = [None] * len(self._requests)
+        self._fresh: list[Ticket] = []
+        self._lock = threading.Lock()
+        self._ready: deque[int] = deque()
+        self._pumping = False
+        self._events: queue.SimpleQueue[tuple[int, Ticket | None]] = queue.SimpleQueue()
+        self._waiting: list[int] = []
+        self._dependents: list[list[int]] = []
+        self._undecided = 0
+
+    def run(self) -> list[Result]:
+        valid = self._plan()
+        if valid:
+            self._coordinator.admission.admit(valid, self._remaining())
+            self._pump()
+            self._await_decisions()
+        return self._settle()
+
+    def _remaining(self) -> float:
+        return max(0.0, self._deadline - time.monotonic())
+
+    def _plan(self) -> int:
+        """Validate, and link each request to the earlier ones it must follow."""
+        last: dict[tuple[int, str], int] = {}
+        for i, request in enumerate(self._requests):
+            self._dependents.append([])
+            self._waiting.append(0)
+            try:
+                check_transfer(request)
+            except LedgerError as error:
+                self._results[i] = error
+                continue
+            self._undecided += 1
+            predecessors = set()
+            for key in ((0, request.source), (0, request.destination), (1, request.id)):
+                before = last.get(key)
+                if before is not None:
+                    predecessors.add(before)
+                last[key] = i
+            for before in predecessors:
+                self._dependents[before].append(i)
+            self._waiting[i] = len(predecessors)
+            if not predecessors:
+                self._ready.append(i)
+        return self._undecided
+
+    def _pump(self) -> None:
+        """Start every ready request. One thread pumps at a time; others just enqueue."""
+        with self._lock:
+            if self._pumping:
+                return
+            self._pumping = True
+        while True:
+            with self._lock:
+                if not self._ready:
+                    self._pumping = False
+                    return
+                i = self._ready.popleft()
+            self._start(i)
+
+    def _start(self, i: int) -> None:
+        coordinator = self._coordinator
+        claim, fresh = coordinator.claims.claim(self._requests[i])
+        if fresh:
+            assert isinstance(claim, Ticket)
+            claim.on_decided = partial(self._decided, i)
+            self._fresh.append(claim)
+            coordinator.start(claim)  # its permit returns when it is decided
+            return
+        coordinator.admission.release(1)
+        if isinstance(claim, Ticket) and claim.value is None and not claim.done:
+            self._events.put((i, claim))  # another caller's transfer in flight: the caller waits
+            return
+        self._decided(i, claim)
+
+    def _decided(self, i: int, outcome: Outcome | Ticket) -> None:
+        with self._lock:
+            self._results[i] = outcome
+            self._undecided -= 1
+            for j in self._dependents[i]:
+                self._waiting[j] -= 1
+                if self._waiting[j] == 0:
+                    self._ready.append(j)
+            done = self._undecided == 0
+        if done:
+            self._events.put((_DONE, None))
+        else:
+            self._pump()
+
+    def _await_decisions(self) -> None:
+        while True:
+            try:
+                i, ticket = self._events.get(timeout=self._remaining())
+            except queue.Empty:
+                raise LedgerTimeout("transfer_many: not every transfer was decided in time; retry with the same ids") from None
+            if i == _DONE:
+                return
+            assert ticket is not None
+            if not ticket.wait(self._remaining()):
+                raise LedgerTimeout(f"transfer {ticket.request.id!r} is still in flight elsewhere; retry later")
+            self._decided(i, ticket)
+
+    def _settle(self) -> list[Result]:
+        journal = self._coordinator.journal
+        lsns = [self._lsn(result) for result in self._results]
+        journal.wait_durable(max(lsns, default=0), self._remaining())
+        for ticket in self._fresh:
+            if ticket.wait(self._remaining()):
+                self._coordinator.claims.release(ticket)
+        return [self._result(request, result) for request, result in zip(self._requests, self._results)]
+
+    @staticmethod
+    def _lsn(result: Outcome | Ticket | LedgerError | None) -> int:
+        if isinstance(result, Ticket):
+            result = result.value
+        return getattr(result, "lsn", 0)
+
+    @staticmethod
+    def _result(request: TransferRequest, result: Outcome | Ticket | LedgerError | None) -> Result:
+        if isinstance(result, LedgerError):
+            return result
+        assert result is not None
+        try:
+            outcome = ticket_outcome(result) if isinstance(result, Ticket) else result
+            return settle(request, outcome)
+        except LedgerError as error:
+            return error

@@ -1,0 +1,133 @@
+"""Transfer ids: who has claimed which, and what became of it.
+
+A transfer id is claimed once. While its protocol runs, the claim is an
+in-flight `Ticket`; once durable, the journal's transfer index answers. Both
+are consulted under one lock per stripe of ids, so a retry racing the original
+either finds the ticket or finds the durable outcome, never neither.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from journal import Completion, Journal
+
+from coordinator._errors import REJECTIONS, IdempotencyConflict, LedgerError, LedgerUnavailable
+from coordinator._limits import CLAIM_STRIPES
+from coordinator._records import COMMIT, TRANSFERS_INDEX, decode, id_key, value_lsn
+from coordinator._values import Transfer, TransferRequest
+
+
+class Refusal(NamedTuple):
+    """A journaled rejection: it consumes the id, and a retry gets the same error class."""
+
+    request: TransferRequest
+    code: str
+    lsn: int
+
+
+Outcome = Transfer | Refusal
+
+
+class Ticket(Completion):
+    """The claim on a transfer id while its protocol runs. `value` becomes its Outcome."""
+
+    __slots__ = ("request", "on_decided")
+
+    def __init__(self, request: TransferRequest) -> None:
+        super().__init__()
+        self.request = request
+        self.on_decided: Callable[[Ticket], None] | None = None
+        """Called once, on the deciding thread, when the outcome is known (not yet durable)."""
+
+
+def refusal_error(refusal: Refusal) -> LedgerError:
+    request = refusal.request
+    cls = REJECTIONS[refusal.code]
+    return cls(
+        f"transfer {request.id!r} of {request.amount} from {request.source!r} to "
+        f"{request.destination!r} was refused: {refusal.code}"
+    )
+
+
+def settle(request: TransferRequest, outcome: Outcome) -> Transfer:
+    """The caller's result for `request` given the id's outcome: a Transfer, or raise."""
+    prior = outcome.request if isinstance(outcome, Refusal) else outcome
+    if (prior.source, prior.destination, prior.amount) != (request.source, request.destination, request.amount):
+        raise IdempotencyConflict(
+            f"transfer id {request.id!r} was already used for {prior.amount} from "
+            f"{prior.source!r} to {prior.destination!r}"
+        )
+    if isinstance(outcome, Refusal):
+        raise refusal_error(outcome)
+    return outcome
+
+
+def ticket_outcome(ticket: Ticket) -> Outcome:
+    """The decided outcome of a ticket, or raise the error that kept it from being durable."""
+    if ticket.error is not None:
+        if isinstance(ticket.error, LedgerError):
+            raise ticket.error
+        raise LedgerUnavailable(f"the journal failed: {ticket.error}") from ticket.error
+    assert ticket.value is not None, "a resolved ticket carries its outcome"
+    return ticket.value  # type: ignore[no-any-return]
+
+
+def decode_outcome(lsn: int, payload: bytes) -> Outcome:
+    record = decode(lsn, payload)
+    request = TransferRequest(record[1], record[2], record[3], record[4])
+    if record[0] == COMMIT:
+        return Transfer(request.id, request.source, request.destination, request.amount, lsn)
+    return Refusal(request, record[5], lsn)
+
+
+class Claims:
+    """The in-flight tickets, striped by id. Safe from any thread; never waits."""
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+        self._locks = [threading.Lock() for _ in range(CLAIM_STRIPES)]
+        self._inflight: dict[str, Ticket] = {}
+
+    def claim(self, request: TransferRequest, txn: Any | None = None) -> tuple[Ticket | Outcome, bool]:
+        """Claim `request.id`: (new ticket, True), or (the existing ticket or outcome, False)."""
+        tid = request.id
+        with self._locks[hash(tid) & (CLAIM_STRIPES - 1)]:
+            ticket = self._inflight.get(tid)
+            if ticket is not None:
+                return ticket, False
+            outcome = self.lookup(tid, txn)
+            if outcome is not None:
+                return outcome, False
+            ticket = Ticket(request)
+            self._inflight[tid] = ticket
+            return ticket, True
+
+    def lookup(self, tid: str, txn: Any | None = None) -> Outcome | None:
+        """The durable outcome of `tid`, from the transfer index (no scan)."""
+        if txn is None:
+            with self._journal.snapshot() as txn:
+                return self.lookup(tid, txn)
+        value = self._journal.index_get(TRANSFERS_INDEX, id_key(tid), txn)
+        if value is None:
+            return None
+        lsn = value_lsn(value)
+        payload = self._journal.read(lsn, txn)
+        assert payload is not None, f"transfer index points at missing LSN {lsn}"
+        return decode_outcome(lsn, payload)
+
+    def release(self, ticket: Ticket) -> None:
+        """Forget a ticket once it is durable (the index answers from now on) or failed."""
+        tid = ticket.request.id
+        with self._locks[hash(tid) & (CLAIM_STRIPES - 1)]:
+            if self._inflight.get(tid) is ticket and ticket.done:
+                del self._inflight[tid]
+
+    def abandon(self, ticket: Ticket) -> None:
+        """Drop a ticket whose protocol never started; nothing was written for it."""
+        tid = ticket.request.id
+        with self._locks[hash(tid) & (CLAIM_STRIPES - 1)]:
+            if self._inflight.get(tid) is ticket:
+                del self._inflight[tid]

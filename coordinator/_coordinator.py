@@ -1,0 +1,158 @@
+"""The transfer coordinator: the two-phase protocol, from request to durable outcome.
+
+Data flow of one transfer (threads in brackets):
+
+1. [caller] validate; claim the id (or find its earlier outcome); check both
+   accounts exist and share a currency, else journal the refusal.
+2. [caller] send a `DebitStep` to the source account and wait on the ticket.
+3. [source's mailbox] decide: refuse (journal a rejection) or hold the funds
+   (the reservation) and call back `_commit`.
+4. [source's mailbox, under the sequencer lock] check the destination can take
+   the credit, stamp both entries, queue the commit record, and queue the
+   entries to both accounts' mailboxes. The commit record is the point of no
+   return. Permits and pins are released here: the transfer is decided.
+5. [writer] group-commit the record with fsync, then release the ticket.
+6. [caller] wakes with the outcome, now durable, and returns it.
+
+No account ever waits on another; the only waits are callers' bounded waits.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from journal import Journal, JournalError
+
+from coordinator._admission import Admission
+from coordinator._claims import Claims, Outcome, Refusal, Ticket, settle, ticket_outcome
+from coordinator._errors import (
+    AccountNotFound,
+    BalanceOverflow,
+    CurrencyMismatch,
+    LedgerError,
+    LedgerTimeout,
+    LedgerUnavailable,
+)
+from coordinator._participant import DebitStep, Participants
+from coordinator._sequencer import Sequencer
+from coordinator._validate import check_transfer
+from coordinator._state import Posting
+from coordinator._values import Transfer, TransferRequest
+
+
+class Coordinator:
+    def __init__(
+        self, journal: Journal, sequencer: Sequencer, participants: Participants, inflight_max: int
+    ) -> None:
+        self.journal = journal
+        self.sequencer = sequencer
+        self.claims = Claims(journal)
+        self.admission = Admission(inflight_max)
+        self._participants = participants
+        self._idle = threading.Condition()
+
+    # --- single transfers ----------------------------------------------------------
+
+    def transfer(self, request: TransferRequest, timeout_s: float) -> Transfer:
+        """Run one transfer to a durable outcome. Blocks the caller at most ~`timeout_s`."""
+        check_transfer(request)
+        claim, fresh = self.claims.claim(request)
+        if not fresh:
+            return settle(request, self._await_prior(claim, timeout_s))
+        assert isinstance(claim, Ticket)
+        try:
+            self.admission.admit(1, timeout_s)
+        except LedgerError:
+            self.claims.abandon(claim)
+            raise
+        self.start(claim)
+        if not claim.wait(timeout_s):
+            raise LedgerTimeout(
+                f"transfer {request.id!r}: no durable outcome within {timeout_s} s; retry with the same id"
+            )
+        self.claims.release(claim)
+        return settle(request, ticket_outcome(claim))
+
+    def _await_prior(self, claim: Ticket | Outcome, timeout_s: float) -> Outcome:
+        if not isinstance(claim, Ticket):
+            return claim
+        if not claim.wait(timeout_s):
+            raise LedgerTimeout(f"transfer {claim.request.id!r} is still in flight; retry later")
+        self.claims.release(claim)
+        return ticket_outcome(claim)
+
+    def start(self, ticket: Ticket) -> None:
+        """Begin the protocol for a claimed, admitted ticket. Never waits."""
+        request = ticket.request
+        accounts = self.sequencer.accounts
+        source = accounts.get(request.source)
+        destination = accounts.get(request.destination)
+        if source is None or destination is None:
+            self._refuse(ticket, AccountNotFound.code)
+        elif source.currency != destination.currency:
+            self._refuse(ticket, CurrencyMismatch.code)
+        else:
+            pin = self._participants.pin
+            step = DebitStep(
+                request, ticket, pin(request.source), pin(request.destination), self._commit, self._reject
+            )
+            step.source.reserve(step)
+            return
+        self._decided(ticket)
+
+    # --- decisions (run on the source account's mailbox thread) --------------------
+
+    def _commit(self, step: DebitStep) -> bool:
+        def deliver(debit: Posting, credit: Posting) -> None:
+            step.source.post(debit)
+            step.destination.post(credit)
+
+        committed = False
+        try:
+            committed = self.sequencer.commit(step.request, deliver, step.ticket) is not None
+        except JournalError as error:
+            self._fail(step.ticket, error)
+        else:
+            if not committed:
+                self._refuse(step.ticket, BalanceOverflow.code)
+        self._finish(step)
+        return committed
+
+    def _reject(self, step: DebitStep, code: str) -> None:
+        self._refuse(step.ticket, code)
+        self._finish(step)
+
+    def _refuse(self, ticket: Ticket, code: str) -> None:
+        """Journal a refusal for `ticket`; the writer releases it once durable."""
+        try:
+            self.sequencer.reject(ticket.request, code, ticket)
+        except JournalError as error:
+            self._fail(ticket, error)
+
+    @staticmethod
+    def _fail(ticket: Ticket, error: JournalError) -> None:
+        if not ticket.done:
+            ticket.resolve(LedgerUnavailable(f"the journal cannot be written: {error}"))
+
+    def _finish(self, step: DebitStep) -> None:
+        self._participants.unpin(step.request.source)
+        self._participants.unpin(step.request.destination)
+        self._decided(step.ticket)
+
+    def _decided(self, ticket: Ticket) -> None:
+        """Exactly once per started ticket, on whichever thread decided it."""
+        self.admission.release(1)
+        if ticket.on_decided is not None:
+            ticket.on_decided(ticket)
+
+    # --- batches -------------------------------------------------------------------
+
+    def transfer_many(self, requests: list[TransferRequest], timeout_s: float) -> list[Transfer | LedgerError]:
+        """Outcomes as if applied one after another in list order; see `Batch`."""
+        from coordinator._batch import Batch
+
+        results: list[Transfer | LedgerError] = []
+        chunk = self.admission.permits_max
+        for first in range(0, len(requests), chunk):
+            results.extend(Batch(self, requests[first : first + chunk], timeout_s).run())
+        return results

@@ -1,0 +1,106 @@
+"""The outcomes a caller can be told about: `LedgerError` and its subclasses.
+
+Each class has a stable `code` string. Business outcomes (the transfer was
+refused) are journaled and replayed by code, so a code is never renamed.
+Operating errors (locked, corrupt, closed, timed out) say what to do next.
+"""
+
+from __future__ import annotations
+
+
+class LedgerError(Exception):
+    """Base of every error Tally raises on purpose."""
+
+    code = "ledger_error"
+
+
+class InvalidRequest(LedgerError):
+    """The request is malformed. Nothing was written; the id is not consumed."""
+
+    code = "invalid_request"
+
+
+class AccountNotFound(LedgerError):
+    """An account named by the request does not exist."""
+
+    code = "account_not_found"
+
+
+class AccountExists(LedgerError):
+    """`create_account` named an existing account with different parameters."""
+
+    code = "account_exists"
+
+
+class CurrencyMismatch(LedgerError):
+    """Source and destination hold different currencies."""
+
+    code = "currency_mismatch"
+
+
+class InsufficientFunds(LedgerError):
+    """The source's available balance would fall below `-overdraft_limit`."""
+
+    code = "insufficient_funds"
+
+
+class BalanceOverflow(LedgerError):
+    """A balance would leave the range ±(2**63 - 1)."""
+
+    code = "balance_overflow"
+
+
+class IdempotencyConflict(LedgerError):
+    """A transfer id was reused with a different source, destination or amount."""
+
+    code = "idempotency_conflict"
+
+
+class LedgerLocked(LedgerError):
+    """The ledger directory is open in another live process or another `Ledger` here."""
+
+    code = "ledger_locked"
+
+
+class JournalCorrupted(LedgerError):
+    """A journal record fails its checksum or sequence, or its format is unknown.
+
+    `lsn` names the first bad record (None for damage outside the records).
+    The ledger is not opened; nothing is repaired silently.
+    """
+
+    code = "journal_corrupted"
+
+    def __init__(self, message: str, lsn: int | None = None) -> None:
+        super().__init__(message)
+        self.lsn = lsn
+
+
+class NotALedger(LedgerError):
+    """The path is not a ledger directory (a file, or empty where a ledger was expected)."""
+
+    code = "not_a_ledger"
+
+
+class LedgerClosed(LedgerError):
+    """The ledger was closed; open it again to continue."""
+
+    code = "ledger_closed"
+
+
+class LedgerTimeout(LedgerError):
+    """A bounded wait ran out. The outcome is unknown: retry with the same id to learn it."""
+
+    code = "timeout"
+
+
+class LedgerUnavailable(LedgerError):
+    """The journal could not be written (disk full, I/O error). Reopen the ledger to recover."""
+
+    code = "ledger_unavailable"
+
+
+REJECTIONS: dict[str, type[LedgerError]] = {
+    cls.code: cls for cls in (AccountNotFound, CurrencyMismatch, InsufficientFunds, BalanceOverflow)
+}
+"""Refusals that are journaled and consume the transfer id, by their stable code."""

@@ -1,0 +1,23 @@
+"""Every limit of the coordinator, defined once."""
+
+from __future__ import annotations
+
+AMOUNT_MAX = 2**63 - 1
+"""Largest amount, overdraft limit, and magnitude of any balance."""
+
+ID_LENGTH_MAX = 128
+"""Longest account or transfer id, in characters."""
+
+CURRENCY_LENGTH_MAX = 16
+
+KEY_BYTES_MAX = 400
+"""Index keys longer than this (in UTF-8) are replaced by a 32-byte digest (LMDB keys stop at 511)."""
+
+CLAIM_STRIPES = 64
+"""Locks striping the in-flight transfer ids; a power of two."""
+
+INFLIGHT_TRANSFERS_MAX = 100_000
+"""Transfers admitted into the protocol at once; beyond it callers wait (bounded)."""
+
+TIMEOUT_S_DEFAULT = 30.0
+"""Default bound on every wait a caller makes (decision, durability, replies)."""

@@ -1,0 +1,68 @@
+"""The small interface through which the coordinator talks to accounts.
+
+The coordinator never touches account state. It asks a participant to reserve
+funds (a message the account decides in its own mailbox), hands it entries to
+post, and asks it for a snapshot. None of these calls wait on another account.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+from coordinator._state import Posting
+
+if TYPE_CHECKING:
+    from coordinator._claims import Ticket
+    from coordinator._values import TransferRequest
+
+
+class Participant(Protocol):
+    def reserve(self, step: DebitStep) -> None:
+        """Queue a debit decision in the account's mailbox; return at once."""
+
+    def post(self, posting: Posting) -> None:
+        """Queue a stamped entry for the account to apply; return at once."""
+
+    def snapshot(self, timeout_s: float) -> tuple[int, int, int]:
+        """(posted, pending, LSN of the last entry applied), waiting at most `timeout_s`."""
+
+
+class Participants(Protocol):
+    def pin(self, account_id: str) -> Participant:
+        """The live participant for an account, kept live until `unpin`."""
+
+    def unpin(self, account_id: str) -> None: ...
+
+
+class DebitStep:
+    """The message a source account decides: reserve `request.amount`, then let the
+    coordinator commit or reject. Runs entirely on the source's mailbox thread.
+    """
+
+    __slots__ = ("request", "ticket", "source", "destination", "_commit", "_reject")
+
+    def __init__(
+        self,
+        request: TransferRequest,
+        ticket: Ticket,
+        source: Participant,
+        destination: Participant,
+        commit: Callable[[DebitStep], bool],
+        reject: Callable[[DebitStep, str], None],
+    ) -> None:
+        self.request = request
+        self.ticket = ticket
+        self.source = source
+        self.destination = destination
+        self._commit = commit
+        self._reject = reject
+
+    def commit(self) -> bool:
+        """Call with the hold placed. True: committed, keep the hold until the entry
+        posts. False: not committed (refused or failed), release the hold."""
+        return self._commit(self)
+
+    def reject(self, code: str) -> None:
+        """Call when the account refuses the debit (no hold was placed)."""
+        self._reject(self, code)

@@ -1,0 +1,117 @@
+"""The sequencer: the one place where decisions get their journal order.
+
+A decision (open an account, commit a transfer, reject one) is stamped and
+appended to the journal under one short lock, and for a commit the two entries
+are handed to the accounts' mailboxes inside that same lock. So every account
+receives its entries in LSN order, which is the order replay applies them in,
+and an entry's seq and balance are decided exactly once, here.
+
+The lock covers stamping and queueing only (microseconds), never a wait: the
+protocol before it (reserving funds in the source's mailbox) runs in parallel.
+
+The sequencer also keeps the journal-order projection of every account
+(`AccountState`: seq, posted, last LSN). It only grows by appending entries;
+the account actors apply the same entries with the same pure `post` and must
+agree with it, so the projection is both the stamp source and a cross-check.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from journal import Completion, Journal
+
+from coordinator._claims import Refusal
+from coordinator._records import (
+    ACCOUNT,
+    ACCOUNTS_INDEX,
+    COMMIT,
+    ENTRIES_INDEX,
+    REJECT,
+    TRANSFERS_INDEX,
+    encode,
+    encode_entry_value,
+    entry_key,
+    id_key,
+    lsn_value,
+)
+from coordinator._state import AccountState, Posting, credit_refusal, post
+from coordinator._values import Account, Transfer, TransferRequest
+
+Deliver = Callable[[Posting, Posting], None]
+
+
+class Sequencer:
+    """Owns journal order. Every method is called with no lock held and returns at once."""
+
+    def __init__(self, journal: Journal, accounts: dict[str, Account], states: dict[str, AccountState]) -> None:
+        self.lock = threading.Lock()
+        self._journal = journal
+        self.accounts = accounts
+        """Every account, in creation order. Read freely; written only under `lock`."""
+        self.account_lsns: dict[str, int] = {}
+        self.states = states
+        """Journal-order projection of every account; written only under `lock`."""
+
+    def open_account(self, account: Account, completion: Completion) -> int:
+        """Journal a new account. The caller checked, under `lock`, that the id is free."""
+        assert self.lock.locked()
+        assert account.id not in self.accounts, account.id
+        payload = encode([ACCOUNT, account.id, account.currency, account.overdraft_limit])
+        lsn = self._journal.last_lsn + 1
+        index = [(ACCOUNTS_INDEX, id_key(account.id), lsn_value(lsn))]
+        appended = self._journal.append(payload, index, completion)
+        assert appended == lsn, (appended, lsn)
+        self.accounts[account.id] = account
+        self.account_lsns[account.id] = lsn
+        self.states[account.id] = AccountState()
+        return lsn
+
+    def commit(self, request: TransferRequest, deliver: Deliver, completion: Completion) -> Transfer | None:
+        """Stamp and journal the commit of a reserved transfer, then deliver its two entries.
+
+        Returns None, journaling nothing, if the destination would overflow; the
+        caller then rejects. `completion.value` is set to the Transfer before the
+        record is queued, and the writer releases it once the record is durable.
+        """
+        tid, source, destination, amount = request.id, request.source, request.destination, request.amount
+        with self.lock:
+            target = self.states[destination]
+            if credit_refusal(target.posted, amount) is not None:
+                return None
+            origin = self.states[source]
+            lsn = self._journal.last_lsn + 1
+            origin_after = post(origin, origin.seq + 1, -amount, origin.posted - amount, lsn)
+            target_after = post(target, target.seq + 1, amount, target.posted + amount, lsn)
+            debit = Posting(source, origin_after.seq, -amount, origin_after.posted, lsn)
+            credit = Posting(destination, target_after.seq, amount, target_after.posted, lsn)
+            transfer = Transfer(tid, source, destination, amount, lsn)
+            completion.value = transfer
+            payload = encode(
+                [COMMIT, tid, source, destination, amount,
+                 debit.seq, debit.balance, credit.seq, credit.balance]
+            )
+            index = [
+                (TRANSFERS_INDEX, id_key(tid), lsn_value(lsn)),
+                (ENTRIES_INDEX, entry_key(source, debit.seq), encode_entry_value(tid, -amount, debit.balance, lsn)),
+                (ENTRIES_INDEX, entry_key(destination, credit.seq), encode_entry_value(tid, amount, credit.balance, lsn)),
+            ]
+            appended = self._journal.append(payload, index, completion)
+            assert appended == lsn, (appended, lsn)
+            self.states[source] = origin_after
+            self.states[destination] = target_after
+            deliver(debit, credit)
+        return transfer
+
+    def reject(self, request: TransferRequest, code: str, completion: Completion) -> int:
+        """Journal a refusal; it consumes the transfer id. `completion.value` becomes the
+        `Refusal` before the record is queued; the writer releases it once durable."""
+        payload = encode([REJECT, request.id, request.source, request.destination, request.amount, code])
+        with self.lock:
+            lsn = self._journal.last_lsn + 1
+            completion.value = Refusal(request, code, lsn)
+            index = [(TRANSFERS_INDEX, id_key(request.id), lsn_value(lsn))]
+            appended = self._journal.append(payload, index, completion)
+            assert appended == lsn, (appended, lsn)
+        return lsn

@@ -1,0 +1,58 @@
+"""Tally: an embeddable, actor-based, journaled ledger engine.
+
+    from engine import Ledger
+    with Ledger.open("books") as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        ledger.transfer("t-1", source="bank", destination="alice", amount=10_000)
+"""
+
+from coordinator import (
+    Account,
+    AccountExists,
+    AccountNotFound,
+    Balance,
+    BalanceOverflow,
+    CurrencyMismatch,
+    Entry,
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidRequest,
+    JournalCorrupted,
+    LedgerClosed,
+    LedgerError,
+    LedgerLocked,
+    LedgerTimeout,
+    LedgerUnavailable,
+    NotALedger,
+    Transfer,
+    TransferRequest,
+)
+
+from engine._ledger import Ledger
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Account",
+    "AccountExists",
+    "AccountNotFound",
+    "Balance",
+    "BalanceOverflow",
+    "CurrencyMismatch",
+    "Entry",
+    "IdempotencyConflict",
+    "InsufficientFunds",
+    "InvalidRequest",
+    "JournalCorrupted",
+    "Ledger",
+    "LedgerClosed",
+    "LedgerError",
+    "LedgerLocked",
+    "LedgerTimeout",
+    "LedgerUnavailable",
+    "NotALedger",
+    "Transfer",
+    "TransferRequest",
+    "__version__",
+]

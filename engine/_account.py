@@ -1,0 +1,65 @@
+"""The account actor: owns one account's state and decides its debits, one at a time.
+
+State: the account's `AccountState` (seq, posted, LSN of the last entry) and
+`pending`, the sum of funds held for its outgoing transfers in flight. Every
+change goes through the pure functions of the coordinator (`post`,
+`debit_refusal`); this class only receives, calls them, and replies.
+
+Messages (all frozen values or protocol steps, handled on the actor's turn):
+- `DebitStep`: decide a debit. Refuse, or hold the funds and let the
+  coordinator commit (it stamps the entries under the sequencer lock).
+- `Posting`: post a stamped entry; a debit's entry also releases its hold.
+- `_Snapshot`: reply (posted, pending, last LSN).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from coordinator import Account, AccountState, DebitStep, Posting, debit_refusal, post
+
+from engine._runtime import PooledActor
+
+
+class _Snapshot:
+    """Ask for (posted, pending, last LSN)."""
+
+
+SNAPSHOT = _Snapshot()
+
+
+class AccountActor(PooledActor):
+    def __init__(self, account: Account, state: AccountState) -> None:
+        super().__init__()
+        self._account = account
+        self._state = state
+        self._pending = 0
+
+    def on_receive(self, message: Any) -> Any:
+        kind = type(message)
+        if kind is Posting:
+            self._post(message)
+        elif kind is DebitStep:
+            self._decide(message)
+        elif kind is _Snapshot:
+            return (self._state.posted, self._pending, self._state.lsn)
+        else:
+            raise TypeError(f"account {self._account.id!r} got an unknown message {message!r}")
+        return None
+
+    def _decide(self, step: DebitStep) -> None:
+        amount = step.request.amount
+        code = debit_refusal(self._state.posted, self._pending, amount, self._account.overdraft_limit)
+        if code is not None:
+            step.reject(code)
+            return
+        self._pending += amount  # the reservation: held until the entry posts
+        if not step.commit():
+            self._pending -= amount
+
+    def _post(self, posting: Posting) -> None:
+        assert posting.account == self._account.id, (posting.account, self._account.id)
+        self._state = post(self._state, posting.seq, posting.amount, posting.balance, posting.lsn)
+        if posting.amount < 0:
+            self._pending += posting.amount
+            assert self._pending >= 0, self._pending

@@ -1,0 +1,117 @@
+"""Activation and passivation of account actors.
+
+An account's actor is live while something uses it (it is pinned) and stays
+live, idle, until more than `live_max` actors are live; then the least recently
+used idle ones are passivated. A passivated account loses nothing: its state is
+the sequencer's journal-order projection, which outlives every actor, and a new
+actor is activated from it on the next use. While pinned, an account has
+exactly one live actor; pins are held from before a transfer's first message
+until its decision has queued the entries, so no decision is ever taken by an
+actor being passivated. A passivated actor still handles the entries already in
+its mailbox before it stops (the stop is queued behind them), and those entries
+are already part of the projection the next actor starts from.
+
+Threads: any. One lock guards the live table; it is held for dictionary work
+only, never while waiting.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import pykka
+from coordinator import DebitStep, Posting, Sequencer
+
+from engine._account import SNAPSHOT, AccountActor
+from engine._runtime import Dispatcher
+
+
+class _Live:
+    __slots__ = ("ref", "pins")
+
+    def __init__(self, ref: pykka.ActorRef[Any]) -> None:
+        self.ref = ref
+        self.pins = 0
+
+
+class AccountHandle:
+    """The coordinator's `Participant` for one live (pinned) account actor.
+
+    `reserve` and `post` use direct dispatch: if the account is idle its turn
+    runs on the calling thread, else the message waits in its mailbox for
+    whoever holds the turn. A pinned actor is never stopped, so no liveness
+    check is needed on this path.
+    """
+
+    __slots__ = ("_ref", "reserve", "post")
+
+    def __init__(self, ref: pykka.ActorRef[Any]) -> None:
+        self._ref = ref
+        put_inline = ref.actor_inbox.put_inline  # type: ignore[attr-defined]
+        self.reserve: Callable[[DebitStep], None] = put_inline
+        self.post: Callable[[Posting], None] = put_inline
+
+    def snapshot(self, timeout_s: float) -> tuple[int, int, int]:
+        return self._ref.ask(SNAPSHOT, timeout=timeout_s)  # type: ignore[no-any-return]
+
+
+class Directory:
+    """Implements `coordinator.Participants` over pooled account actors."""
+
+    def __init__(self, sequencer: Sequencer, dispatcher: Dispatcher, live_max: int) -> None:
+        assert live_max >= 1
+        self._sequencer = sequencer
+        self._dispatcher = dispatcher
+        self._live: OrderedDict[str, _Live] = OrderedDict()
+        self._lock = threading.Lock()
+        self.live_max = live_max
+        self.activations = 0
+        self.passivations = 0
+
+    def pin(self, account_id: str) -> AccountHandle:
+        """The account's live actor, activated if need be, kept live until `unpin`."""
+        with self._lock:
+            live = self._live.get(account_id)
+            if live is None:
+                account = self._sequencer.accounts[account_id]
+                state = self._sequencer.states[account_id]
+                live = _Live(AccountActor.spawn(self._dispatcher, account, state))
+                self._live[account_id] = live
+                self.activations += 1
+                if len(self._live) > self.live_max:
+                    self._passivate_idle()
+            else:
+                self._live.move_to_end(account_id)
+            live.pins += 1
+            return AccountHandle(live.ref)
+
+    def unpin(self, account_id: str) -> None:
+        with self._lock:
+            live = self._live[account_id]
+            live.pins -= 1
+            assert live.pins >= 0, account_id
+
+    def _passivate_idle(self) -> None:
+        excess = len(self._live) - self.live_max
+        idle: list[str] = []
+        for key, live in self._live.items():  # least recently used first
+            if live.pins == 0:
+                idle.append(key)
+                if len(idle) == excess:
+                    break
+        for key in idle:
+            self._live.pop(key).ref.tell(pykka.messages._ActorStop())  # behind any queued entries
+            self.passivations += 1
+
+    @property
+    def live(self) -> int:
+        return len(self._live)
+
+    def stop_all(self) -> None:
+        with self._lock:
+            for live in self._live.values():
+                live.ref.tell(pykka.messages._ActorStop())
+            self._live.clear()

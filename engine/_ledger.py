@@ -1,0 +1,297 @@
+"""`Ledger`: the engine a host process embeds.
+
+Threads inside a ledger: one journal writer, `dispatcher_threads` workers that
+run every account actor, and the callers' own threads. Every public method is
+safe to call from any number of threads at once, and every wait it makes is
+bounded by `timeout_s` (raising `LedgerTimeout`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import msgpack
+from coordinator import (
+    INDEX_NAMES,
+    INFLIGHT_TRANSFERS_MAX,
+    TIMEOUT_S_DEFAULT,
+    Account,
+    AccountExists,
+    AccountNotFound,
+    Balance,
+    Coordinator,
+    Entry,
+    InvalidRequest,
+    LedgerClosed,
+    LedgerError,
+    LedgerTimeout,
+    Sequencer,
+    Transfer,
+    TransferRequest,
+    check_currency,
+    check_id,
+    check_overdraft_limit,
+    ledger_errors,
+    replay,
+)
+from coordinator._records import ENTRIES_INDEX, entry_key, entry_prefix
+from journal import Completion, Journal
+
+from engine._directory import Directory
+from engine._runtime import Dispatcher
+
+ACTORS_LIVE_MAX_DEFAULT = 65_536
+DISPATCHER_THREADS_DEFAULT = 1
+_ENTRY_SEQ_END = 2**64 - 1
+
+
+class Ledger:
+    """An open ledger. Use `Ledger.open(path)`, preferably as a context manager."""
+
+    def __init__(self, journal: Journal, *, timeout_s: float, dispatcher_threads: int,
+                 actors_live_max: int, inflight_max: int) -> None:
+        self.path = journal.path
+        self.timeout_s = timeout_s
+        self._journal = journal
+        books = replay(journal)
+        self.recovered = books
+        self._sequencer = Sequencer(journal, books.accounts, books.states)
+        self._sequencer.account_lsns.update(books.account_lsns)
+        self._dispatcher = Dispatcher(dispatcher_threads)
+        self._directory = Directory(self._sequencer, self._dispatcher, actors_live_max)
+        self._coordinator = Coordinator(journal, self._sequencer, self._directory, inflight_max)
+        self._state = threading.Condition()
+        self._calls = 0
+        self._closed = False
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        timeout_s: float = TIMEOUT_S_DEFAULT,
+        dispatcher_threads: int = DISPATCHER_THREADS_DEFAULT,
+        actors_live_max: int = ACTORS_LIVE_MAX_DEFAULT,
+        inflight_max: int = INFLIGHT_TRANSFERS_MAX,
+        map_size_bytes: int | None = None,
+    ) -> Ledger:
+        """Open (creating if missing) the ledger in directory `path` and recover it.
+
+        Recovery replays and verifies the whole journal before this returns.
+        Raises `LedgerLocked` if another live holder has the directory,
+        `JournalCorrupted` (naming the LSN) if a record fails verification, and
+        `NotALedger` if `path` is a file.
+        """
+        if not (isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool) and timeout_s > 0):
+            raise InvalidRequest(f"timeout_s must be a positive number, got {timeout_s!r}")
+        options: dict[str, Any] = {"index_names": INDEX_NAMES}
+        if map_size_bytes is not None:
+            options["map_size_bytes"] = map_size_bytes
+        with ledger_errors():
+            journal = Journal.open(path, **options)
+        try:
+            with ledger_errors():
+                return cls(journal, timeout_s=float(timeout_s), dispatcher_threads=dispatcher_threads,
+                           actors_live_max=actors_live_max, inflight_max=inflight_max)
+        except BaseException:
+            journal.close()
+            raise
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _call(self) -> Iterator[None]:
+        with self._state:
+            if self._closed:
+                raise LedgerClosed(f"the ledger at {self.path} is closed")
+            self._calls += 1
+        try:
+            with ledger_errors():
+                yield
+        finally:
+            with self._state:
+                self._calls -= 1
+                if self._calls == 0:
+                    self._state.notify_all()
+
+    # --- accounts ------------------------------------------------------------------
+
+    def create_account(self, account_id: str, *, currency: str, overdraft_limit: int | None = 0) -> Account:
+        """Open an account; return once it is durable. Idempotent for identical parameters.
+
+        Raises `InvalidRequest` for a malformed id, currency or limit, and
+        `AccountExists` if the id exists with different parameters.
+        """
+        check_id(account_id, "account id")
+        check_currency(currency)
+        check_overdraft_limit(overdraft_limit)
+        account = Account(account_id, currency, overdraft_limit)
+        with self._call():
+            sequencer = self._sequencer
+            completion = Completion(account)
+            with sequencer.lock:
+                existing = sequencer.accounts.get(account_id)
+                if existing is None:
+                    lsn = sequencer.open_account(account, completion)
+                else:
+                    lsn = sequencer.account_lsns[account_id]
+            if existing is not None and existing != account:
+                raise AccountExists(
+                    f"account {account_id!r} exists as {existing.currency} with overdraft_limit "
+                    f"{existing.overdraft_limit!r}"
+                )
+            self._journal.wait_durable(lsn, self.timeout_s)
+            return account
+
+    def accounts(self) -> list[Account]:
+        """Every durable account, in creation order."""
+        with self._call():
+            sequencer = self._sequencer
+            with sequencer.lock:
+                listed = [(sequencer.account_lsns[a.id], a) for a in sequencer.accounts.values()]
+            durable = self._journal.durable_lsn
+            return [account for lsn, account in listed if lsn <= durable]
+
+    def _account(self, account_id: str) -> Account:
+        check_id(account_id, "account id")
+        account = self._sequencer.accounts.get(account_id)
+        if account is None:
+            raise AccountNotFound(f"no account {account_id!r}")
+        self._journal.wait_durable(self._sequencer.account_lsns[account_id], self.timeout_s)
+        return account
+
+    # --- transfers -----------------------------------------------------------------
+
+    def transfer(self, transfer_id: str, *, source: str, destination: str, amount: int) -> Transfer:
+        """Move `amount` from `source` to `destination`; return once the outcome is durable.
+
+        A retry with the same id and fields returns the original Transfer, or
+        raises the original refusal again. Raises `InvalidRequest`,
+        `AccountNotFound`, `CurrencyMismatch`, `InsufficientFunds`,
+        `BalanceOverflow`, `IdempotencyConflict`, or `LedgerTimeout` (outcome
+        unknown: retry with the same id).
+        """
+        request = TransferRequest(transfer_id, source, destination, amount)
+        with self._call():
+            return self._coordinator.transfer(request, self.timeout_s)
+
+    def transfer_many(self, requests: Sequence[TransferRequest]) -> list[Transfer | LedgerError]:
+        """One outcome per request, in order: as if applied one after another.
+
+        Each item is the Transfer or the `LedgerError` it would have raised.
+        Returns once every outcome is durable.
+        """
+        if not isinstance(requests, Sequence) or isinstance(requests, (str, bytes)):
+            raise InvalidRequest(f"transfer_many takes a sequence of TransferRequest, got {type(requests).__name__}")
+        with self._call():
+            return self._coordinator.transfer_many(list(requests), self.timeout_s)
+
+    def get_transfer(self, transfer_id: str) -> Transfer | None:
+        """The committed Transfer with this id, or None (unknown or refused). Never scans."""
+        check_id(transfer_id, "transfer id")
+        with self._call():
+            outcome = self._coordinator.claims.lookup(transfer_id)
+            return outcome if isinstance(outcome, Transfer) else None
+
+    # --- reads ---------------------------------------------------------------------
+
+    def balance(self, account_id: str) -> Balance:
+        """Posted, pending (held for outgoing transfers in flight) and available.
+
+        Asks the account's actor, then waits until what it saw is durable, so a
+        balance never shows money a crash could take back.
+        """
+        with self._call():
+            self._account(account_id)
+            directory = self._directory
+            handle = directory.pin(account_id)
+            try:
+                posted, pending, lsn = handle.snapshot(self.timeout_s)
+            except Exception as error:
+                if type(error).__name__ == "Timeout":
+                    raise LedgerTimeout(f"account {account_id!r} did not answer in {self.timeout_s} s") from error
+                raise
+            finally:
+                directory.unpin(account_id)
+            self._journal.wait_durable(lsn, self.timeout_s)
+            return Balance(posted, pending, posted - pending)
+
+    def entries(self, account_id: str, after: int = 0, limit: int | None = None) -> list[Entry]:
+        """The account's durable entries with seq > `after`, in seq order, at most `limit`."""
+        if type(after) is not int or after < 0:
+            raise InvalidRequest(f"after must be an int >= 0, got {after!r}")
+        if limit is not None and (type(limit) is not int or limit < 0):
+            raise InvalidRequest(f"limit must be None or an int >= 0, got {limit!r}")
+        with self._call():
+            self._account(account_id)
+            rows = self._journal.index_range(
+                ENTRIES_INDEX, entry_key(account_id, after + 1), entry_key(account_id, _ENTRY_SEQ_END), limit
+            )
+            start = len(entry_prefix(account_id))
+            entries = []
+            for key, value in rows:
+                transfer_id, amount, balance, lsn = msgpack.unpackb(value)
+                entries.append(Entry(account_id, int.from_bytes(key[start:], "big"), transfer_id, amount, balance, lsn))
+            return entries
+
+    def state_hash(self) -> str:
+        """SHA-256 over every account and all its entries (seq, transfer, amount, balance).
+
+        Journal positions (LSNs) are left out, so a replay into a fresh ledger
+        hashes the same. Waits until everything already decided is durable.
+        """
+        with self._call():
+            journal = self._journal
+            journal.wait_durable(journal.last_lsn, self.timeout_s)
+            digest = hashlib.sha256()
+            accounts = sorted(self.accounts(), key=lambda a: a.id)
+            with journal.snapshot() as txn:
+                for account in accounts:
+                    digest.update(msgpack.packb([account.id, account.currency, account.overdraft_limit]))
+                    rows = journal.index_range(
+                        ENTRIES_INDEX, entry_key(account.id, 1), entry_key(account.id, _ENTRY_SEQ_END), None, txn
+                    )
+                    for key, value in rows:
+                        transfer_id, amount, balance, _lsn = msgpack.unpackb(value)
+                        digest.update(msgpack.packb([key[-8:], transfer_id, amount, balance]))
+            return digest.hexdigest()
+
+    def stats(self) -> dict[str, int]:
+        """Counters for operators and benchmarks (commits, records, live actors...)."""
+        with self._call():
+            stats = dict(self._journal.stats())
+            stats.update(
+                accounts=len(self._sequencer.accounts),
+                actors_live=self._directory.live,
+                activations=self._directory.activations,
+                passivations=self._directory.passivations,
+                in_flight=self._coordinator.admission.in_flight,
+            )
+            return stats
+
+    # --- closing -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Finish the calls under way (bounded by `timeout_s`), then stop every thread and
+        release the directory. Idempotent; every later call raises `LedgerClosed`."""
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            self._state.wait_for(lambda: self._calls == 0, timeout=self.timeout_s)
+        self._directory.stop_all()
+        self._dispatcher.stop()
+        self._journal.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed

@@ -1,0 +1,35 @@
+"""Tally's journal: ordered, checksummed, group-committed records in LMDB.
+
+This layer knows nothing about accounts; it stores records the caller encoded.
+"""
+
+from journal._completion import Completion
+from journal._errors import (
+    JournalClosedError,
+    JournalCorruptedError,
+    JournalError,
+    JournalLockedError,
+    JournalNotFoundError,
+    JournalTimeoutError,
+    JournalWriteError,
+)
+from journal._format import lsn_key
+from journal._journal import LOCK_FILE, Journal
+from journal._limits import FORMAT_VERSION
+from journal._writer import IndexPut
+
+__all__ = [
+    "FORMAT_VERSION",
+    "LOCK_FILE",
+    "Completion",
+    "IndexPut",
+    "Journal",
+    "JournalClosedError",
+    "JournalCorruptedError",
+    "JournalError",
+    "JournalLockedError",
+    "JournalNotFoundError",
+    "JournalTimeoutError",
+    "JournalWriteError",
+    "lsn_key",
+]

@@ -1,0 +1,210 @@
+"""The journal: an ordered, checksummed, durable sequence of opaque records.
+
+It knows nothing about accounts or money. A record is bytes the caller made;
+the journal gives it the next LSN (strictly increasing, gapless from 1), stores
+it framed with a checksum, and writes the caller's index entries in the same
+LMDB transaction, so an index never points at a record that is not there.
+
+Threads: any thread may `append`, `wait_durable` and read. Exactly one thread,
+the writer, ever opens a write transaction.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from journal._completion import Completion
+from journal._errors import (
+    JournalClosedError,
+    JournalCorruptedError,
+    JournalLockedError,
+    JournalNotFoundError,
+)
+from journal._format import key_lsn, lsn_key, unframe
+from journal._limits import MAP_SIZE_BYTES_DEFAULT
+from journal._store import Store
+from journal._writer import IndexPut, Writer
+
+LOCK_FILE = "tally.lock"
+
+
+def _lock_directory(path: str) -> int:
+    """Take an exclusive flock on the directory's lock file; it dies with the process."""
+    fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(fd)
+        if error.errno in (errno.EAGAIN, errno.EACCES):
+            raise JournalLockedError(
+                f"{path} is open in another live process or another Ledger in this one"
+            ) from error
+        raise
+    return fd
+
+
+def _prepare_directory(path: str, create: bool) -> None:
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise JournalNotFoundError(f"{path} is a file, not a ledger directory")
+    if not create:
+        raise JournalNotFoundError(f"{path} does not exist")
+    os.makedirs(path, exist_ok=True)
+
+
+class Journal:
+    """Open with `Journal.open`; close exactly once with `close` (idempotent)."""
+
+    def __init__(self, store: Store, lock_fd: int, path: str) -> None:
+        self._store = store
+        self._lock_fd: int | None = lock_fd
+        self.path = path
+        last = store.last_lsn_key()
+        self._writer = Writer(store, key_lsn(last) if last is not None else 0)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        index_names: Sequence[str] = (),
+        map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT,
+        sync: bool = True,
+        create: bool = True,
+    ) -> Journal:
+        """Lock the directory and open (or create) its journal.
+
+        Raises `JournalLockedError` if another holder is live, `JournalNotFoundError`
+        for a path that is a file (or missing, without `create`), and
+        `JournalCorruptedError` for an unknown format version.
+        """
+        path = os.fspath(path)
+        _prepare_directory(path, create)
+        fd = _lock_directory(path)
+        try:
+            store = Store(path, map_size_bytes=map_size_bytes, sync=sync, index_names=index_names, create=create)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            return cls(store, fd, path)
+        except BaseException:
+            store.close()
+            os.close(fd)
+            raise
+
+    # --- writing -----------------------------------------------------------------
+
+    def append(
+        self, payload: bytes, index: Sequence[IndexPut] = (), completion: Completion | None = None
+    ) -> int:
+        """Queue a record and return its LSN at once; see `Writer.append`."""
+        return self._writer.append(payload, index, completion)
+
+    def wait_durable(self, lsn: int, timeout_s: float) -> None:
+        """Block (at most `timeout_s`) until every record up to `lsn` is on disk."""
+        self._writer.wait_durable(lsn, timeout_s)
+
+    @property
+    def last_lsn(self) -> int:
+        """The LSN most recently assigned (possibly not yet durable)."""
+        return self._writer.last_lsn
+
+    @property
+    def durable_lsn(self) -> int:
+        return self._writer.durable_lsn
+
+    @property
+    def failure(self) -> Exception | None:
+        return self._writer.failure
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "commits": self._writer.commits,
+            "records_written": self._writer.records_written,
+            "durable_lsn": self._writer.durable_lsn,
+        }
+
+    # --- reading -----------------------------------------------------------------
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Any]:
+        """A consistent read-only view (an LMDB read transaction) for several reads."""
+        self._check_open()
+        with self._store.reading() as txn:
+            yield txn
+
+    def read(self, lsn: int, txn: Any | None = None) -> bytes | None:
+        """The verified payload at `lsn`, or None if no such record is durable."""
+        if txn is None:
+            with self.snapshot() as txn:
+                return self.read(lsn, txn)
+        value = txn.get(lsn_key(lsn), db=self._store.records)
+        return None if value is None else unframe(lsn, value)
+
+    def scan(self, after_lsn: int = 0, txn: Any | None = None) -> Iterator[tuple[int, bytes]]:
+        """Yield `(lsn, payload)` for every durable record after `after_lsn`, verified.
+
+        Checks each checksum and that LSNs continue one by one; the first failure
+        raises `JournalCorruptedError` naming the LSN where it is.
+        """
+        if txn is None:
+            with self.snapshot() as txn:
+                yield from self.scan(after_lsn, txn)
+            return
+        cursor = txn.cursor(db=self._store.records)
+        expected = after_lsn + 1
+        if not cursor.set_range(lsn_key(expected)):
+            return
+        for key, value in cursor:
+            lsn = key_lsn(key)
+            if lsn != expected:
+                raise JournalCorruptedError(f"LSN {expected} is missing (next stored is {lsn})", expected)
+            yield lsn, unframe(lsn, value)
+            expected += 1
+
+    def index_get(self, name: str, key: bytes, txn: Any | None = None) -> bytes | None:
+        if txn is None:
+            with self.snapshot() as txn:
+                return self.index_get(name, key, txn)
+        return txn.get(key, db=self._store.indexes[name])
+
+    def index_range(
+        self, name: str, start: bytes, stop: bytes, limit: int | None = None, txn: Any | None = None
+    ) -> list[tuple[bytes, bytes]]:
+        """Index entries with `start <= key < stop`, in key order, at most `limit`."""
+        if txn is None:
+            with self.snapshot() as txn:
+                return self.index_range(name, start, stop, limit, txn)
+        cursor = txn.cursor(db=self._store.indexes[name])
+        found: list[tuple[bytes, bytes]] = []
+        if not cursor.set_range(start):
+            return found
+        for key, value in cursor:
+            if key >= stop or (limit is not None and len(found) >= limit):
+                break
+            found.append((key, value))
+        return found
+
+    def _check_open(self) -> None:
+        if self._lock_fd is None:
+            raise JournalClosedError("the journal is closed")
+
+    # --- closing -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Drain the writer, close LMDB and release the directory lock. Idempotent."""
+        if self._lock_fd is None:
+            return
+        try:
+            self._writer.close()
+        finally:
+            self._store.close()
+            os.close(self._lock_fd)
+            self._lock_fd = None

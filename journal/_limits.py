@@ -1,0 +1,36 @@
+"""Every limit of the journal layer, defined once (house style 6)."""
+
+from __future__ import annotations
+
+FORMAT_VERSION = 1
+"""Version of the on-disk layout. Written once at creation, checked on every open."""
+
+RECORD_VERSION = 1
+"""Version byte carried by every record; checked on every read."""
+
+MAP_SIZE_BYTES_DEFAULT = 256 * 1024 * 1024
+"""Initial LMDB map size. The data file is sparse, so this costs address space, not disk."""
+
+MAP_SIZE_BYTES_MAX = 1 << 40
+"""The map doubles when full, up to this bound (1 TiB)."""
+
+DBS_MAX = 8
+"""Named LMDB databases: records, meta and up to six indexes supplied by the caller."""
+
+READERS_MAX = 1024
+"""Concurrent read transactions (one per thread reading at the same instant)."""
+
+BATCH_RECORDS_MAX = 8192
+"""Most records one group commit writes in one transaction."""
+
+PENDING_RECORDS_MAX = 65536
+"""Most records waiting for the writer; `append` waits (bounded) beyond this."""
+
+APPEND_WAIT_S_MAX = 30.0
+"""Longest `append` waits for room in the pending queue before raising."""
+
+WRITER_IDLE_WAIT_S = 0.1
+"""How long the idle writer sleeps before re-checking for shutdown."""
+
+CLOSE_WAIT_S_MAX = 30.0
+"""Longest `close` waits for the writer to drain what was appended."""

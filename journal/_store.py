@@ -1,0 +1,129 @@
+"""The LMDB environment: opening it with explicit options, reads, and map growth.
+
+Options, passed at the call site on purpose (house style 10):
+- `subdir=True`: the ledger directory holds `data.mdb` and `lock.mdb`.
+- `sync=True`, `metasync=True`: a commit returns only after fsync of data and meta
+  pages. This is what makes an acknowledged transfer durable; a test may turn
+  `sync` off for speed, never the product.
+- `map_size`: starts at `map_size_bytes` and doubles when a write reports the map
+  full (`grow`), so a ledger is never capped by a guess made at creation.
+- `max_dbs`: the records, the metadata and the caller's named indexes.
+- `max_readers`: generous, because every client thread may read at once.
+- `lock=True`: LMDB's own reader table; exclusivity of the writer is our flock.
+- `writemap=False`, `meminit=False`: pages are written with write(2), never
+  through a writable map a stray pointer could scribble on; we never leave
+  uninitialised bytes in a value, so zero-filling is wasted work.
+
+Growing the map is only allowed while no transaction is open in this process,
+so every read goes through `reading()`, a gate the writer closes while it grows.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import lmdb
+
+from journal._errors import (
+    JournalCorruptedError,
+    JournalNotFoundError,
+    JournalWriteError,
+)
+from journal._limits import DBS_MAX, FORMAT_VERSION, MAP_SIZE_BYTES_MAX, READERS_MAX
+
+RECORDS_DB = b"records"
+META_DB = b"meta"
+_FORMAT_KEY = b"format_version"
+
+
+class Store:
+    """One LMDB environment with its record, meta and index databases."""
+
+    def __init__(
+        self, path: str, *, map_size_bytes: int, sync: bool, index_names: Sequence[str], create: bool
+    ) -> None:
+        exists = os.path.exists(os.path.join(path, "data.mdb"))
+        if not exists and not create:
+            raise JournalNotFoundError(f"{path} holds no Tally journal (no data.mdb)")
+        try:
+            self.env = lmdb.open(
+                path,
+                map_size=map_size_bytes,
+                subdir=True,
+                sync=sync,
+                metasync=sync,
+                max_dbs=DBS_MAX,
+                max_readers=READERS_MAX,
+                lock=True,
+                writemap=False,
+                meminit=False,
+                create=create,
+            )
+        except lmdb.Error as error:
+            raise JournalNotFoundError(f"cannot open the journal in {path}: {error}") from error
+        assert len(index_names) + 2 <= DBS_MAX, index_names
+        self.records = self.env.open_db(RECORDS_DB)
+        self.meta = self.env.open_db(META_DB)
+        self.indexes = {name: self.env.open_db(name.encode()) for name in index_names}
+        self._gate = threading.Condition()
+        self._readers = 0
+        self._growing = False
+        self._check_format()
+
+    def _check_format(self) -> None:
+        with self.env.begin(write=True, db=self.meta) as txn:
+            stored = txn.get(_FORMAT_KEY)
+            if stored is None:
+                if txn.stat(self.records)["entries"]:
+                    raise JournalCorruptedError("records exist but the format version is missing")
+                txn.put(_FORMAT_KEY, str(FORMAT_VERSION).encode())
+                return
+        if stored != str(FORMAT_VERSION).encode():
+            version = stored.decode(errors="replace")
+            raise JournalCorruptedError(
+                f"format version {version} is not one this Tally understands (it reads {FORMAT_VERSION})"
+            )
+
+    @contextmanager
+    def reading(self) -> Iterator[Any]:
+        """A read-only snapshot transaction. Blocks only while the map is being grown."""
+        with self._gate:
+            while self._growing:
+                self._gate.wait(timeout=1.0)
+            self._readers += 1
+        try:
+            with self.env.begin(write=False, buffers=False) as txn:
+                yield txn
+        finally:
+            with self._gate:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._gate.notify_all()
+
+    def grow(self) -> int:
+        """Double the map size once no reader is open. Writer thread only."""
+        with self._gate:
+            self._growing = True
+            try:
+                while self._readers:
+                    self._gate.wait(timeout=1.0)
+                size = self.env.info()["map_size"]
+                if size >= MAP_SIZE_BYTES_MAX:
+                    raise JournalWriteError(f"the journal map is at its bound of {MAP_SIZE_BYTES_MAX} bytes")
+                self.env.set_mapsize(min(size * 2, MAP_SIZE_BYTES_MAX))
+                return int(self.env.info()["map_size"])
+            finally:
+                self._growing = False
+                self._gate.notify_all()
+
+    def last_lsn_key(self) -> bytes | None:
+        with self.reading() as txn:
+            cursor = txn.cursor(db=self.records)
+            return cursor.key() if cursor.last() else None
+
+    def close(self) -> None:
+        self.env.close()

@@ -1,0 +1,195 @@
+"""The single writer thread: group commit.
+
+Appenders put `(lsn, payload, index_puts, completion)` on a bounded pending list
+and return at once. The writer drains everything waiting (up to
+`BATCH_RECORDS_MAX`), writes it in one LMDB transaction, commits it with fsync,
+publishes the new durable LSN, runs the batch's after-commit hook, and releases
+the completions in LSN order. One fsync serves the whole batch: the more callers
+wait, the larger the batch, which is what keeps the commit rate up when the GIL is
+busy elsewhere.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+import lmdb
+
+from journal._completion import Completion
+from journal._errors import JournalClosedError, JournalTimeoutError, JournalWriteError
+from journal._format import frame, lsn_key
+from journal._limits import (
+    APPEND_WAIT_S_MAX,
+    BATCH_RECORDS_MAX,
+    CLOSE_WAIT_S_MAX,
+    PENDING_RECORDS_MAX,
+    WRITER_IDLE_WAIT_S,
+)
+from journal._store import Store
+
+logger = logging.getLogger("tally.journal")
+
+IndexPut = tuple[str, bytes, bytes]
+"""(index name, key, value) written in the same transaction as its record."""
+
+Pending = tuple[int, bytes, Sequence[IndexPut], Completion | None]
+
+
+class Writer:
+    """Owns LSN assignment and the one thread that writes LMDB."""
+
+    def __init__(self, store: Store, last_lsn: int) -> None:
+        self._store = store
+        self._cond = threading.Condition()
+        self._pending: list[Pending] = []
+        self._last_lsn = last_lsn
+        self.durable_lsn = last_lsn
+        self._waiters: list[tuple[int, int, Completion]] = []
+        self._waiter_ids = 0
+        self._failure: JournalWriteError | None = None
+        self._closing = False
+        self.commits = 0
+        self.records_written = 0
+        self.on_durable: Callable[[int], None] | None = None
+        self._thread = threading.Thread(target=self._run, name="tally-journal-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def last_lsn(self) -> int:
+        return self._last_lsn
+
+    def append(
+        self, payload: bytes, index: Sequence[IndexPut] = (), completion: Completion | None = None
+    ) -> int:
+        """Assign the next LSN to `payload` and queue it; return the LSN without waiting.
+
+        Waits (at most `APPEND_WAIT_S_MAX`) only when `PENDING_RECORDS_MAX` records
+        are already queued. The completion, if any, is released once the record is
+        durable, or with `error` set if it never will be.
+        """
+        with self._cond:
+            self._check_open()
+            if len(self._pending) >= PENDING_RECORDS_MAX:
+                if not self._cond.wait_for(
+                    lambda: len(self._pending) < PENDING_RECORDS_MAX or self._failure or self._closing,
+                    timeout=APPEND_WAIT_S_MAX,
+                ):
+                    raise JournalTimeoutError("the journal writer is not keeping up")
+                self._check_open()
+            self._last_lsn += 1
+            lsn = self._last_lsn
+            self._pending.append((lsn, payload, index, completion))
+            if len(self._pending) == 1:
+                self._cond.notify_all()
+            return lsn
+
+    def _check_open(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self._closing:
+            raise JournalClosedError("the journal is closed")
+
+    def wait_durable(self, lsn: int, timeout_s: float) -> None:
+        """Block until every record up to `lsn` is durable (bounded by `timeout_s`)."""
+        if self.durable_lsn >= lsn:
+            return
+        completion = Completion()
+        with self._cond:
+            if self.durable_lsn >= lsn:
+                return
+            if self._failure is not None:
+                raise self._failure
+            self._waiter_ids += 1
+            heapq.heappush(self._waiters, (lsn, self._waiter_ids, completion))
+        if not completion.wait(timeout_s):
+            raise JournalTimeoutError(f"LSN {lsn} not durable within {timeout_s} s")
+        if completion.error is not None:
+            raise completion.error
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait(timeout=WRITER_IDLE_WAIT_S)
+                if not self._pending:
+                    return
+                batch = self._pending[:BATCH_RECORDS_MAX]
+                del self._pending[:BATCH_RECORDS_MAX]
+                self._cond.notify_all()
+            try:
+                self._commit(batch)
+            except Exception as error:  # the writer's loop: any failure fails the journal
+                logger.exception("journal write failed")
+                self._fail(batch, error)
+                return
+            self._publish(batch)
+
+    def _commit(self, batch: list[Pending]) -> None:
+        assert batch[0][0] == self.durable_lsn + 1, (batch[0][0], self.durable_lsn)
+        store = self._store
+        indexes = store.indexes
+        while True:
+            try:
+                with store.env.begin(write=True) as txn:
+                    put = txn.put
+                    records = store.records
+                    expected = batch[0][0]
+                    for lsn, payload, index, _ in batch:
+                        assert lsn == expected, (lsn, expected)
+                        expected += 1
+                        put(lsn_key(lsn), frame(lsn, payload), db=records, append=True)
+                        for name, key, value in index:
+                            put(key, value, db=indexes[name])
+                return
+            except lmdb.MapFullError:
+                size = store.grow()
+                logger.info("journal map grown to %d bytes", size)
+
+    def _publish(self, batch: list[Pending]) -> None:
+        last = batch[-1][0]
+        self.commits += 1
+        self.records_written += len(batch)
+        if self.on_durable is not None:
+            self.on_durable(last)
+        with self._cond:
+            self.durable_lsn = last
+            ready: list[Completion] = []
+            while self._waiters and self._waiters[0][0] <= last:
+                ready.append(heapq.heappop(self._waiters)[2])
+        for _, _, _, completion in batch:
+            if completion is not None:
+                completion.resolve()
+        for completion in ready:
+            completion.resolve()
+
+    def _fail(self, batch: list[Pending], error: Exception) -> None:
+        failure = JournalWriteError(f"journal write failed: {error}")
+        failure.__cause__ = error
+        with self._cond:
+            self._failure = failure
+            failed = batch + self._pending
+            self._pending = []
+            waiters = [entry[2] for entry in self._waiters]
+            self._waiters = []
+            self._cond.notify_all()
+        for _, _, _, completion in failed:
+            if completion is not None:
+                completion.resolve(failure)
+        for completion in waiters:
+            completion.resolve(failure)
+
+    @property
+    def failure(self) -> JournalWriteError | None:
+        return self._failure
+
+    def close(self) -> None:
+        """Stop accepting appends, write what is queued, and join the thread (bounded)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout=CLOSE_WAIT_S_MAX)
+        if self._thread.is_alive():
+            raise JournalTimeoutError("the journal writer did not drain in time")
