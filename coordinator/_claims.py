@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 from journal import Completion, Journal
 
 from coordinator._errors import REJECTIONS, IdempotencyConflict, LedgerError, LedgerUnavailable
+from coordinator._idfilter import IdFilter
 from coordinator._limits import CLAIM_STRIPES
 from coordinator._records import COMMIT, TRANSFERS_INDEX, decode, id_key, value_lsn
 from coordinator._values import Transfer, TransferRequest
@@ -89,18 +90,29 @@ class Claims:
     def __init__(self, journal: Journal) -> None:
         self._journal = journal
         self._locks = [threading.Lock() for _ in range(CLAIM_STRIPES)]
+        self._filters = [IdFilter() for _ in range(CLAIM_STRIPES)]
         self._inflight: dict[str, Ticket] = {}
+        with journal.snapshot() as txn:
+            for key in journal.index_keys(TRANSFERS_INDEX, txn):
+                h = hash(key)
+                self._filters[h & (CLAIM_STRIPES - 1)].add(h >> 6)
 
-    def claim(self, request: TransferRequest, txn: Any | None = None) -> tuple[Ticket | Outcome, bool]:
+    def claim(self, request: TransferRequest) -> tuple[Ticket | Outcome, bool]:
         """Claim `request.id`: (new ticket, True), or (the existing ticket or outcome, False)."""
         tid = request.id
-        with self._locks[hash(tid) & (CLAIM_STRIPES - 1)]:
+        h = hash(id_key(tid))
+        stripe = h & (CLAIM_STRIPES - 1)
+        with self._locks[stripe]:
             ticket = self._inflight.get(tid)
             if ticket is not None:
                 return ticket, False
-            outcome = self.lookup(tid, txn)
-            if outcome is not None:
-                return outcome, False
+            seen = self._filters[stripe]
+            if seen.might_contain(h >> 6):
+                outcome = self.lookup(tid)
+                if outcome is not None:
+                    return outcome, False
+            else:
+                seen.add(h >> 6)
             ticket = Ticket(request)
             self._inflight[tid] = ticket
             return ticket, True
@@ -118,16 +130,19 @@ class Claims:
         assert payload is not None, f"transfer index points at missing LSN {lsn}"
         return decode_outcome(lsn, payload)
 
+    def _lock(self, tid: str) -> threading.Lock:
+        return self._locks[hash(id_key(tid)) & (CLAIM_STRIPES - 1)]
+
     def release(self, ticket: Ticket) -> None:
         """Forget a ticket once it is durable (the index answers from now on) or failed."""
         tid = ticket.request.id
-        with self._locks[hash(tid) & (CLAIM_STRIPES - 1)]:
+        with self._lock(tid):
             if self._inflight.get(tid) is ticket and ticket.done:
                 del self._inflight[tid]
 
     def abandon(self, ticket: Ticket) -> None:
         """Drop a ticket whose protocol never started; nothing was written for it."""
         tid = ticket.request.id
-        with self._locks[hash(tid) & (CLAIM_STRIPES - 1)]:
+        with self._lock(tid):
             if self._inflight.get(tid) is ticket:
                 del self._inflight[tid]

@@ -175,6 +175,12 @@ class Journal:
                 return self.index_get(name, key, txn)
         return txn.get(key, db=self._store.indexes[name])
 
+    def index_keys(self, name: str, txn: Any) -> Iterator[bytes]:
+        """Every key of index `name`, in key order (for rebuilding in-memory filters)."""
+        cursor = txn.cursor(db=self._store.indexes[name])
+        if cursor.first():
+            yield from cursor.iternext(keys=True, values=False)
+
     def index_range(
         self, name: str, start: bytes, stop: bytes, limit: int | None = None, txn: Any | None = None
     ) -> list[tuple[bytes, bytes]]:

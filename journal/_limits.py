@@ -34,3 +34,6 @@ WRITER_IDLE_WAIT_S = 0.1
 
 CLOSE_WAIT_S_MAX = 30.0
 """Longest `close` waits for the writer to drain what was appended."""
+
+COMMIT_DELAY_S_MAX = 0.001
+"""Longest the writer waits for callers released by the previous commit to rejoin."""

@@ -24,6 +24,7 @@ from journal._format import frame, lsn_key
 from journal._limits import (
     APPEND_WAIT_S_MAX,
     BATCH_RECORDS_MAX,
+    COMMIT_DELAY_S_MAX,
     CLOSE_WAIT_S_MAX,
     PENDING_RECORDS_MAX,
     WRITER_IDLE_WAIT_S,
@@ -82,8 +83,7 @@ class Writer:
             self._last_lsn += 1
             lsn = self._last_lsn
             self._pending.append((lsn, payload, index, completion))
-            if len(self._pending) == 1:
-                self._cond.notify_all()
+            self._cond.notify_all()
             return lsn
 
     def _check_open(self) -> None:
@@ -110,14 +110,21 @@ class Writer:
             raise completion.error
 
     def _run(self) -> None:
+        batch_size_last = 0
         while True:
             with self._cond:
                 while not self._pending and not self._closing:
                     self._cond.wait(timeout=WRITER_IDLE_WAIT_S)
                 if not self._pending:
                     return
+                if len(self._pending) < batch_size_last // 2 and not self._closing:
+                    # Commit delay: the callers released by the last commit are still
+                    # on their way back; give them a moment to join this batch.
+                    target = batch_size_last // 2
+                    self._cond.wait_for(lambda: len(self._pending) >= target or self._closing, COMMIT_DELAY_S_MAX)
                 batch = self._pending[:BATCH_RECORDS_MAX]
                 del self._pending[:BATCH_RECORDS_MAX]
+                batch_size_last = len(batch)
                 self._cond.notify_all()
             try:
                 self._commit(batch)

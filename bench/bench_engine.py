@@ -1,0 +1,232 @@
+"""Durable transfer throughput and latency: Tally vs SQLite vs an in-memory loop, in one run.
+
+    python bench/bench_engine.py [--transfers 4000] [--accounts 10000] [--json out.json]
+
+For 1, 8 and 64 client threads, uniform and hot-spot (10% of accounts take 90%
+of transfers), it runs the same seeded workload on
+- Tally (durable: each transfer returns after its group commit is fsynced),
+- a straightforward SQLite ledger (WAL, synchronous=FULL, BEGIN IMMEDIATE, an
+  entries table and a balance check), one connection per client thread,
+- a single-threaded in-memory Python loop (dicts, no durability): the ceiling.
+It also times `transfer_many` in batches of 1,000. Ratios are what to read: this
+machine is shared and noisy, so only figures from the same run compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine import LedgerError, Ledger, TransferRequest  # noqa: E402
+
+FUNDING = 10**12
+
+
+def workload(accounts: int, transfers: int, mix: str, seed: int) -> list[tuple[int, int, int]]:
+    rng = random.Random(seed)
+    hot = max(2, accounts // 10)
+    pairs = []
+    for _ in range(transfers):
+        if mix == "hotspot" and rng.random() < 0.9:
+            source, destination = rng.sample(range(hot), 2)
+        else:
+            source, destination = rng.sample(range(accounts), 2)
+        pairs.append((source, destination, rng.randint(1, 1000)))
+    return pairs
+
+
+def run_clients(clients: int, work: list[tuple[int, int, int]], call: Callable[[int, int, int, int], None]) -> dict:
+    latencies: list[float] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients + 1)
+
+    def client(number: int) -> None:
+        mine = []
+        barrier.wait(timeout=120)
+        for k in range(number, len(work), clients):
+            source, destination, amount = work[k]
+            started = time.perf_counter()
+            call(k, source, destination, amount)
+            mine.append(time.perf_counter() - started)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait(timeout=120)
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "transfers_per_s": round(len(work) / elapsed, 1),
+        "p50_ms": round(latencies[len(latencies) // 2] * 1000, 2),
+        "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 2),
+    }
+
+
+class TallyBench:
+    def __init__(self, path: str, accounts: int) -> None:
+        self.ledger = Ledger.open(path)
+        self.names = [f"a{n}" for n in range(accounts)]
+        self.ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        for name in self.names:
+            self.ledger.create_account(name, currency="USD")
+        requests = [TransferRequest(f"fund-{name}", "bank", name, FUNDING) for name in self.names]
+        for first in range(0, len(requests), 1000):
+            self.ledger.transfer_many(requests[first : first + 1000])
+        self.run = 0
+
+    def call(self, prefix: str) -> Callable[[int, int, int, int], None]:
+        names, ledger = self.names, self.ledger
+
+        def transfer(k: int, source: int, destination: int, amount: int) -> None:
+            try:
+                ledger.transfer(f"{prefix}-{k}", source=names[source], destination=names[destination], amount=amount)
+            except LedgerError:
+                pass
+
+        return transfer
+
+    def batches(self, work: list[tuple[int, int, int]], prefix: str) -> dict:
+        names = self.names
+        requests = [TransferRequest(f"{prefix}-{k}", names[s], names[d], a) for k, (s, d, a) in enumerate(work)]
+        started = time.perf_counter()
+        for first in range(0, len(requests), 1000):
+            self.ledger.transfer_many(requests[first : first + 1000])
+        return {"transfers_per_s": round(len(requests) / (time.perf_counter() - started), 1)}
+
+
+class SqliteBench:
+    def __init__(self, path: str, accounts: int) -> None:
+        self.path = os.path.join(path, "ledger.sqlite")
+        db = self._connect()
+        db.executescript(
+            """
+            CREATE TABLE accounts (id INTEGER PRIMARY KEY, balance INTEGER NOT NULL, overdraft INTEGER NOT NULL);
+            CREATE TABLE entries (account INTEGER NOT NULL, transfer TEXT NOT NULL, amount INTEGER NOT NULL,
+                                  balance INTEGER NOT NULL);
+            CREATE INDEX entries_account ON entries(account);
+            CREATE TABLE transfers (id TEXT PRIMARY KEY, source INTEGER, destination INTEGER, amount INTEGER);
+            """
+        )
+        with db:
+            db.executemany("INSERT INTO accounts VALUES (?, ?, 0)", [(n, FUNDING) for n in range(accounts)])
+        db.close()
+        self.local = threading.local()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        return db
+
+    def call(self, prefix: str) -> Callable[[int, int, int, int], None]:
+        def transfer(k: int, source: int, destination: int, amount: int) -> None:
+            db = getattr(self.local, "db", None)
+            if db is None:
+                db = self.local.db = self._connect()
+            tid = f"{prefix}-{k}"
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                (balance, overdraft), = db.execute(
+                    "SELECT balance, overdraft FROM accounts WHERE id = ?", (source,)).fetchall()
+                if balance - amount < -overdraft:
+                    db.execute("INSERT INTO transfers VALUES (?, ?, ?, NULL)", (tid, source, destination))
+                else:
+                    db.execute("UPDATE accounts SET balance = balance - ? WHERE id = ?", (amount, source))
+                    db.execute("UPDATE accounts SET balance = balance + ? WHERE id = ?", (amount, destination))
+                    for account, signed in ((source, -amount), (destination, amount)):
+                        db.execute(
+                            "INSERT INTO entries SELECT ?, ?, ?, balance FROM accounts WHERE id = ?",
+                            (account, tid, signed, account))
+                    db.execute("INSERT INTO transfers VALUES (?, ?, ?, ?)", (tid, source, destination, amount))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        return transfer
+
+
+def memory_loop(accounts: int, work: list[tuple[int, int, int]]) -> dict:
+    balances = dict.fromkeys(range(accounts), FUNDING)
+    entries: dict[int, list[tuple[str, int, int]]] = {n: [] for n in range(accounts)}
+    seen: dict[str, tuple[int, int, int]] = {}
+    started = time.perf_counter()
+    for k, (source, destination, amount) in enumerate(work):
+        tid = f"m-{k}"
+        if tid in seen or balances[source] - amount < 0:
+            continue
+        seen[tid] = (source, destination, amount)
+        balances[source] -= amount
+        balances[destination] += amount
+        entries[source].append((tid, -amount, balances[source]))
+        entries[destination].append((tid, amount, balances[destination]))
+    return {"transfers_per_s": round(len(work) / (time.perf_counter() - started), 1)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--accounts", type=int, default=10_000)
+    parser.add_argument("--transfers", type=int, default=4_000, help="per configuration")
+    parser.add_argument("--batch-transfers", type=int, default=20_000)
+    parser.add_argument("--clients", default="1,8,64")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    clients_list = [int(c) for c in args.clients.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tally-bench-", dir=os.environ.get("TALLY_BENCH_DIR")) as scratch:
+        print(f"setting up {args.accounts} accounts in Tally and SQLite...", file=sys.stderr)
+        tally = TallyBench(os.path.join(scratch, "tally"), args.accounts)
+        sqlite = SqliteBench(scratch, args.accounts)
+        for mix in ("uniform", "hotspot"):
+            for clients in clients_list:
+                work = workload(args.accounts, args.transfers, mix, args.seed + clients)
+                tag = f"{mix}-{clients}"
+                row = {"mix": mix, "clients": clients,
+                       "tally": run_clients(clients, work, tally.call(tag)),
+                       "sqlite": run_clients(clients, work, sqlite.call(tag)),
+                       "memory": memory_loop(args.accounts, work)}
+                row["tally_vs_sqlite"] = round(row["tally"]["transfers_per_s"] / row["sqlite"]["transfers_per_s"], 2)
+                rows.append(row)
+                print(f"  {tag}: tally {row['tally']} sqlite {row['sqlite']}", file=sys.stderr)
+        batch_work = workload(args.accounts, args.batch_transfers, "uniform", args.seed)
+        batched = tally.batches(batch_work, "batch")
+        batched_memory = memory_loop(args.accounts, batch_work)
+        stats = tally.ledger.stats()
+        tally.ledger.close()
+    print()
+    print(f"{'mix':8} {'clients':>7} | {'tally/s':>9} {'p50 ms':>7} {'p99 ms':>7} | {'sqlite/s':>9} {'p50 ms':>7}"
+          f" {'p99 ms':>7} | {'x sqlite':>8} | {'memory/s':>10}")
+    for row in rows:
+        t, s = row["tally"], row["sqlite"]
+        print(f"{row['mix']:8} {row['clients']:>7} | {t['transfers_per_s']:>9,.0f} {t['p50_ms']:>7} {t['p99_ms']:>7} |"
+              f" {s['transfers_per_s']:>9,.0f} {s['p50_ms']:>7} {s['p99_ms']:>7} | {row['tally_vs_sqlite']:>8} |"
+              f" {row['memory']['transfers_per_s']:>10,.0f}")
+    print(f"transfer_many, batches of 1,000, uniform: {batched['transfers_per_s']:,.0f} durable transfers/s"
+          f" (memory loop {batched_memory['transfers_per_s']:,.0f}/s)")
+    result = {"accounts": args.accounts, "transfers_per_config": args.transfers, "rows": rows,
+              "transfer_many_1000": batched, "ledger_stats": stats, "python": sys.version.split()[0]}
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
