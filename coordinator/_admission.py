@@ -14,23 +14,30 @@ from coordinator._errors import LedgerTimeout
 class Admission:
     def __init__(self, permits_max: int) -> None:
         assert permits_max >= 1
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._free = permits_max
+        self._waiting = 0
         self.permits_max = permits_max
 
     def admit(self, permits: int, timeout_s: float) -> None:
         """Take `permits` (at most `permits_max`), waiting at most `timeout_s`."""
         assert 1 <= permits <= self.permits_max, permits
         with self._cond:
-            if self._free < permits and not self._cond.wait_for(lambda: self._free >= permits, timeout_s):
-                raise LedgerTimeout(f"the ledger is at its bound of {self.permits_max} transfers in flight")
+            if self._free < permits:
+                self._waiting += 1
+                try:
+                    if not self._cond.wait_for(lambda: self._free >= permits, timeout_s):
+                        raise LedgerTimeout(f"the ledger is at its bound of {self.permits_max} transfers in flight")
+                finally:
+                    self._waiting -= 1
             self._free -= permits
 
     def release(self, permits: int = 1) -> None:
         with self._cond:
             self._free += permits
             assert self._free <= self.permits_max
-            self._cond.notify_all()
+            if self._waiting:
+                self._cond.notify_all()
 
     @property
     def in_flight(self) -> int:

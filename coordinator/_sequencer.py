@@ -36,7 +36,7 @@ from coordinator._records import (
     id_key,
     lsn_value,
 )
-from coordinator._state import AccountState, Posting, credit_refusal, post
+from coordinator._state import AccountState, Posting, credit_refusal
 from coordinator._values import Account, Transfer, TransferRequest
 
 Deliver = Callable[[Posting, Posting], None]
@@ -82,8 +82,9 @@ class Sequencer:
                 return None
             origin = self.states[source]
             lsn = self._journal.last_lsn + 1
-            origin_after = post(origin, origin.seq + 1, -amount, origin.posted - amount, lsn)
-            target_after = post(target, target.seq + 1, amount, target.posted + amount, lsn)
+            # Stamped here; each account re-derives them with `post` and must agree.
+            origin_after = AccountState(origin.seq + 1, origin.posted - amount, lsn)
+            target_after = AccountState(target.seq + 1, target.posted + amount, lsn)
             debit = Posting(source, origin_after.seq, -amount, origin_after.posted, lsn)
             credit = Posting(destination, target_after.seq, amount, target_after.posted, lsn)
             transfer = Transfer(tid, source, destination, amount, lsn)

@@ -29,14 +29,6 @@ from engine._account import SNAPSHOT, AccountActor
 from engine._runtime import Dispatcher
 
 
-class _Live:
-    __slots__ = ("ref", "pins")
-
-    def __init__(self, ref: pykka.ActorRef[Any]) -> None:
-        self.ref = ref
-        self.pins = 0
-
-
 class AccountHandle:
     """The coordinator's `Participant` for one live (pinned) account actor.
 
@@ -56,6 +48,15 @@ class AccountHandle:
 
     def snapshot(self, timeout_s: float) -> tuple[int, int, int]:
         return self._ref.ask(SNAPSHOT, timeout=timeout_s)  # type: ignore[no-any-return]
+
+
+class _Live:
+    __slots__ = ("ref", "handle", "pins")
+
+    def __init__(self, ref: pykka.ActorRef[Any]) -> None:
+        self.ref = ref
+        self.handle = AccountHandle(ref)
+        self.pins = 0
 
 
 class Directory:
@@ -86,7 +87,7 @@ class Directory:
             else:
                 self._live.move_to_end(account_id)
             live.pins += 1
-            return AccountHandle(live.ref)
+            return live.handle
 
     def unpin(self, account_id: str) -> None:
         with self._lock:

@@ -123,9 +123,12 @@ class _Inbox:
         handled one at a time and in order, but an idle actor costs no thread
         wake-up. Never waits: a busy actor's turn belongs to whoever has it.
         """
-        if self._enqueue(Envelope(message)):
-            assert self._actor is not None
-            self._actor._run_slice()
+        with self._lock:
+            self._messages.append(Envelope(message))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._actor._run_slice()  # type: ignore[union-attr]
 
     def get(self) -> Envelope[Any]:
         return self._messages.popleft()
@@ -178,18 +181,20 @@ class PooledActor(pykka.ThreadingActor):
             logger.exception("on_stop failed in %s", self)
 
     def _run_slice(self) -> None:
+        """Handle up to `SLICE_MESSAGES_MAX` messages; the caller holds the turn."""
         inbox = self.actor_inbox
         assert isinstance(inbox, _Inbox)
+        queued = inbox._messages
+        handle = self._handle
+        stopped = self.actor_stopped.is_set
         for _ in range(SLICE_MESSAGES_MAX):
-            if self.actor_stopped.is_set():
+            if not queued:
+                break
+            handle(queued.popleft())
+            if stopped():
                 self._actor_loop_teardown()
                 inbox.finish_slice()
                 return
-            try:
-                envelope = inbox.get()
-            except IndexError:
-                break
-            self._handle(envelope)
         if inbox.finish_slice():
             assert inbox._dispatcher is not None
             inbox._dispatcher.schedule(self)

@@ -44,7 +44,11 @@ class Writer:
 
     def __init__(self, store: Store, last_lsn: int) -> None:
         self._store = store
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
+        """Guards the pending list; the writer waits on it for work."""
+        self._room = threading.Condition(self._cond._lock)  # type: ignore[attr-defined]
+        """Same lock; appenders wait on it when the pending list is full."""
+        self._writer_waiting = False
         self._pending: list[Pending] = []
         self._last_lsn = last_lsn
         self.durable_lsn = last_lsn
@@ -74,7 +78,7 @@ class Writer:
         with self._cond:
             self._check_open()
             if len(self._pending) >= PENDING_RECORDS_MAX:
-                if not self._cond.wait_for(
+                if not self._room.wait_for(
                     lambda: len(self._pending) < PENDING_RECORDS_MAX or self._failure or self._closing,
                     timeout=APPEND_WAIT_S_MAX,
                 ):
@@ -83,7 +87,8 @@ class Writer:
             self._last_lsn += 1
             lsn = self._last_lsn
             self._pending.append((lsn, payload, index, completion))
-            self._cond.notify_all()
+            if self._writer_waiting:
+                self._cond.notify()
             return lsn
 
     def _check_open(self) -> None:
@@ -113,6 +118,7 @@ class Writer:
         batch_size_last = 0
         while True:
             with self._cond:
+                self._writer_waiting = True
                 while not self._pending and not self._closing:
                     self._cond.wait(timeout=WRITER_IDLE_WAIT_S)
                 if not self._pending:
@@ -122,10 +128,11 @@ class Writer:
                     # on their way back; give them a moment to join this batch.
                     target = batch_size_last // 2
                     self._cond.wait_for(lambda: len(self._pending) >= target or self._closing, COMMIT_DELAY_S_MAX)
+                self._writer_waiting = False
                 batch = self._pending[:BATCH_RECORDS_MAX]
                 del self._pending[:BATCH_RECORDS_MAX]
                 batch_size_last = len(batch)
-                self._cond.notify_all()
+                self._room.notify_all()
             try:
                 self._commit(batch)
             except Exception as error:  # the writer's loop: any failure fails the journal
@@ -137,23 +144,38 @@ class Writer:
     def _commit(self, batch: list[Pending]) -> None:
         assert batch[0][0] == self.durable_lsn + 1, (batch[0][0], self.durable_lsn)
         store = self._store
-        indexes = store.indexes
         while True:
+            txn = store.env.begin(write=True)
             try:
-                with store.env.begin(write=True) as txn:
-                    put = txn.put
-                    records = store.records
-                    expected = batch[0][0]
-                    for lsn, payload, index, _ in batch:
-                        assert lsn == expected, (lsn, expected)
-                        expected += 1
-                        put(lsn_key(lsn), frame(lsn, payload), db=records, append=True)
-                        for name, key, value in index:
-                            put(key, value, db=indexes[name])
+                # Stage the batch while holding the append lock. py-lmdb releases the
+                # GIL around every put; with appenders locked out, no other thread is
+                # waiting to grab it, so the writer keeps it instead of handing the
+                # interpreter back and forth once per put. The fsync below runs
+                # unlocked, while callers prepare the next batch.
+                with self._cond:
+                    self._stage(txn, batch)
+                txn.commit()
                 return
             except lmdb.MapFullError:
+                txn.abort()
                 size = store.grow()
                 logger.info("journal map grown to %d bytes", size)
+            except BaseException:
+                txn.abort()
+                raise
+
+    def _stage(self, txn: lmdb.Transaction, batch: list[Pending]) -> None:
+        store = self._store
+        indexes = store.indexes
+        records = store.records
+        put = txn.put
+        expected = batch[0][0]
+        for lsn, payload, index, _ in batch:
+            assert lsn == expected, (lsn, expected)
+            expected += 1
+            put(lsn_key(lsn), frame(lsn, payload), db=records, append=True)
+            for name, key, value in index:
+                put(key, value, db=indexes[name])
 
     def _publish(self, batch: list[Pending]) -> None:
         last = batch[-1][0]
@@ -182,6 +204,7 @@ class Writer:
             waiters = [entry[2] for entry in self._waiters]
             self._waiters = []
             self._cond.notify_all()
+            self._room.notify_all()
         for _, _, _, completion in failed:
             if completion is not None:
                 completion.resolve(failure)
@@ -197,6 +220,7 @@ class Writer:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+            self._room.notify_all()
         self._thread.join(timeout=CLOSE_WAIT_S_MAX)
         if self._thread.is_alive():
             raise JournalTimeoutError("the journal writer did not drain in time")
