@@ -33,7 +33,7 @@ from coordinator._errors import (
     LedgerTimeout,
     LedgerUnavailable,
 )
-from coordinator._participant import DebitStep, Participants
+from coordinator._participant import DebitStep, Participant, Participants
 from coordinator._sequencer import Sequencer
 from coordinator._validate import check_transfer
 from coordinator._state import Posting
@@ -103,9 +103,14 @@ class Coordinator:
     # --- decisions (run on the source account's mailbox thread) --------------------
 
     def _commit(self, step: DebitStep) -> bool:
+        turns: list[Participant] = []
+
         def deliver(debit: Posting, credit: Posting) -> None:
-            step.source.post(debit)
-            step.destination.post(credit)
+            # Under the sequencer lock: queue only, in LSN order; run turns after.
+            if step.source.post(debit):
+                turns.append(step.source)
+            if step.destination.post(credit):
+                turns.append(step.destination)
 
         committed = False
         try:
@@ -116,6 +121,8 @@ class Coordinator:
             if not committed:
                 self._refuse(step.ticket, BalanceOverflow.code)
         self._finish(step)
+        for participant in turns:
+            participant.run()
         return committed
 
     def _reject(self, step: DebitStep, code: str) -> None:

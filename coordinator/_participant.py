@@ -21,8 +21,13 @@ class Participant(Protocol):
     def reserve(self, step: DebitStep) -> None:
         """Queue a debit decision in the account's mailbox; return at once."""
 
-    def post(self, posting: Posting) -> None:
-        """Queue a stamped entry for the account to apply; return at once."""
+    def post(self, posting: Posting) -> bool:
+        """Queue a stamped entry for the account to apply; return at once, handling
+        nothing (the caller holds the sequencer lock). True if the caller took the
+        account's turn and must call `run` after releasing its locks."""
+
+    def run(self) -> None:
+        """Run the turn taken by `post`."""
 
     def snapshot(self, timeout_s: float) -> tuple[int, int, int]:
         """(posted, pending, LSN of the last entry applied), waiting at most `timeout_s`."""

@@ -32,19 +32,21 @@ from engine._runtime import Dispatcher
 class AccountHandle:
     """The coordinator's `Participant` for one live (pinned) account actor.
 
-    `reserve` and `post` use direct dispatch: if the account is idle its turn
-    runs on the calling thread, else the message waits in its mailbox for
-    whoever holds the turn. A pinned actor is never stopped, so no liveness
-    check is needed on this path.
+    `reserve` uses direct dispatch: if the account is idle its turn runs on the
+    calling thread, else the message waits in its mailbox for whoever holds the
+    turn. `post` only queues (it is called under the sequencer lock, where no
+    handler may run); `run` then runs the turn it took, if it took one. A pinned
+    actor is never stopped, so no liveness check is needed on this path.
     """
 
-    __slots__ = ("_ref", "reserve", "post")
+    __slots__ = ("_ref", "reserve", "post", "run")
 
     def __init__(self, ref: pykka.ActorRef[Any]) -> None:
         self._ref = ref
-        put_inline = ref.actor_inbox.put_inline  # type: ignore[attr-defined]
-        self.reserve: Callable[[DebitStep], None] = put_inline
-        self.post: Callable[[Posting], None] = put_inline
+        inbox = ref.actor_inbox
+        self.reserve: Callable[[DebitStep], None] = inbox.put_inline  # type: ignore[attr-defined]
+        self.post: Callable[[Posting], bool] = inbox.put_deferred  # type: ignore[attr-defined]
+        self.run: Callable[[], None] = inbox.run_turn  # type: ignore[attr-defined]
 
     def snapshot(self, timeout_s: float) -> tuple[int, int, int]:
         return self._ref.ask(SNAPSHOT, timeout=timeout_s)  # type: ignore[no-any-return]

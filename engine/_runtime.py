@@ -34,6 +34,13 @@ logger = logging.getLogger("tally.runtime")
 SLICE_MESSAGES_MAX = 64
 """Messages one actor handles before the worker moves on to the next actor (fairness)."""
 
+INLINE_DEPTH_MAX = 4
+"""Turns one thread may run nested inside each other by direct dispatch; deeper ones go to
+the dispatcher, so a chain of deliveries can never grow the stack without bound."""
+
+_inline = threading.local()
+
+
 WORKER_POLL_S = 1.0
 """How often an idle worker re-checks whether the dispatcher is stopping."""
 
@@ -123,12 +130,28 @@ class _Inbox:
         handled one at a time and in order, but an idle actor costs no thread
         wake-up. Never waits: a busy actor's turn belongs to whoever has it.
         """
-        with self._lock:
-            self._messages.append(Envelope(message))
-            if self._scheduled:
-                return
-            self._scheduled = True
-        self._actor._run_slice()  # type: ignore[union-attr]
+        if self._enqueue(Envelope(message)):
+            self.run_turn()
+
+    def put_deferred(self, message: Any) -> bool:
+        """Queue `message` without handling anything. True if the caller took the
+        turn and must call `run_turn` (once it holds no lock a handler might need)."""
+        return self._enqueue(Envelope(message))
+
+    def run_turn(self) -> None:
+        """Run a turn this thread took: inline, or on the dispatcher when nested too deep."""
+        actor = self._actor
+        assert actor is not None and self._scheduled
+        depth = getattr(_inline, "depth", 0)
+        if depth >= INLINE_DEPTH_MAX:
+            assert self._dispatcher is not None
+            self._dispatcher.schedule(actor)
+            return
+        _inline.depth = depth + 1
+        try:
+            actor._run_slice()
+        finally:
+            _inline.depth = depth
 
     def get(self) -> Envelope[Any]:
         return self._messages.popleft()

@@ -1,0 +1,58 @@
+"""Shared fixtures: a ledger directory, an open ledger, and raw access to its LMDB files."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+import lmdb
+import pytest
+from engine import Ledger
+from journal import lsn_key
+
+
+@pytest.fixture
+def ledger_path(tmp_path: Path) -> Path:
+    """A ledger directory that does not exist yet (`Ledger.open` creates it)."""
+    return tmp_path / "ledger"
+
+
+@pytest.fixture
+def ledger(ledger_path: Path) -> Iterator[Ledger]:
+    """An open ledger at `ledger_path`, closed after the test (closing twice is fine)."""
+    opened = Ledger.open(ledger_path)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+@contextmanager
+def _raw_lmdb(path: Path) -> Iterator[lmdb.Environment]:
+    env = lmdb.open(str(path), subdir=True, max_dbs=8, lock=True, create=False)
+    try:
+        yield env
+    finally:
+        env.close()
+
+
+@pytest.fixture
+def raw_lmdb() -> Callable[[Path], AbstractContextManager[lmdb.Environment]]:
+    """Open a *closed* journal's LMDB environment directly, to damage it on purpose."""
+    return _raw_lmdb
+
+
+@pytest.fixture
+def flip_record_byte() -> Callable[[Path, int], None]:
+    """Flip the last byte of the stored record at an LSN (a payload byte, under its checksum)."""
+
+    def flip(path: Path, lsn: int) -> None:
+        with _raw_lmdb(path) as env:
+            records = env.open_db(b"records", create=False)
+            with env.begin(write=True, db=records) as txn:
+                value = bytearray(txn.get(lsn_key(lsn)))
+                value[-1] ^= 0xFF
+                assert txn.put(lsn_key(lsn), bytes(value))
+
+    return flip

@@ -1,0 +1,364 @@
+"""The journal layer alone: ordered, checksummed, durable records and their index entries."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from journal import (
+    LOCK_FILE,
+    Completion,
+    Journal,
+    JournalClosedError,
+    JournalCorruptedError,
+    JournalLockedError,
+    JournalNotFoundError,
+    lsn_key,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+WAIT_S = 10.0
+INDEX = "things"
+
+
+@pytest.fixture
+def journal(ledger_path: Path) -> Iterator[Journal]:
+    opened = Journal.open(ledger_path, index_names=(INDEX,))
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def append_all(journal: Journal, payloads: list[bytes]) -> list[int]:
+    lsns = [journal.append(payload, [(INDEX, payload, lsn_key(n))]) for n, payload in enumerate(payloads)]
+    journal.wait_durable(lsns[-1], WAIT_S)
+    return lsns
+
+
+# --- appending -------------------------------------------------------------------
+
+
+def test_append_returns_gapless_increasing_lsns_from_one(journal: Journal) -> None:
+    lsns = [journal.append(f"record {n}".encode()) for n in range(50)]
+    assert lsns == list(range(1, 51))
+    assert journal.last_lsn == 50
+
+
+def test_wait_durable_returns_once_every_record_up_to_the_lsn_is_readable(journal: Journal) -> None:
+    lsns = [journal.append(f"record {n}".encode()) for n in range(20)]
+    journal.wait_durable(lsns[-1], WAIT_S)
+    assert journal.durable_lsn == 20
+    assert [journal.read(lsn) for lsn in lsns] == [f"record {n}".encode() for n in range(20)]
+    assert journal.stats()["records_written"] == 20
+
+
+def test_wait_durable_for_an_already_durable_lsn_returns_at_once(journal: Journal) -> None:
+    append_all(journal, [b"one"])
+    journal.wait_durable(1, 0.0)
+    journal.wait_durable(0, 0.0)
+
+
+def test_append_releases_its_completion_once_the_record_is_durable(journal: Journal) -> None:
+    completion = Completion(value="mine")
+    lsn = journal.append(b"payload", completion=completion)
+    assert completion.wait(WAIT_S)
+    assert completion.error is None
+    assert completion.value == "mine"
+    assert journal.durable_lsn >= lsn
+    assert journal.read(lsn) == b"payload"
+
+
+def test_read_of_an_lsn_never_written_is_none(journal: Journal) -> None:
+    append_all(journal, [b"one"])
+    assert journal.read(2) is None
+
+
+def test_index_entries_are_written_with_their_record(journal: Journal) -> None:
+    append_all(journal, [b"a", b"b", b"c"])
+    assert journal.index_get(INDEX, b"b") == lsn_key(1)
+    assert journal.index_get(INDEX, b"zzz") is None
+    assert journal.index_range(INDEX, b"a", b"c") == [(b"a", lsn_key(0)), (b"b", lsn_key(1))]
+    assert journal.index_range(INDEX, b"a", b"\xff", limit=1) == [(b"a", lsn_key(0))]
+
+
+# --- reopening -------------------------------------------------------------------
+
+
+def test_records_and_index_entries_survive_close_and_reopen(ledger_path: Path) -> None:
+    payloads = [f"record {n}".encode() for n in range(30)]
+    first = Journal.open(ledger_path, index_names=(INDEX,))
+    append_all(first, payloads)
+    first.close()
+
+    second = Journal.open(ledger_path, index_names=(INDEX,))
+    try:
+        assert second.last_lsn == 30
+        assert second.durable_lsn == 30
+        assert list(second.scan()) == list(enumerate(payloads, start=1))
+        assert second.index_get(INDEX, b"record 7") == lsn_key(7)
+        assert second.append(b"next") == 31
+    finally:
+        second.close()
+
+
+def test_close_writes_what_was_appended_before_it(ledger_path: Path) -> None:
+    first = Journal.open(ledger_path)
+    for n in range(100):
+        first.append(f"record {n}".encode())
+    first.close()
+
+    second = Journal.open(ledger_path)
+    try:
+        assert [lsn for lsn, _ in second.scan()] == list(range(1, 101))
+    finally:
+        second.close()
+
+
+def test_scan_after_an_lsn_yields_only_the_later_records(journal: Journal) -> None:
+    append_all(journal, [b"a", b"b", b"c", b"d"])
+    assert list(journal.scan(2)) == [(3, b"c"), (4, b"d")]
+    assert list(journal.scan(4)) == []
+
+
+# --- verification ----------------------------------------------------------------
+
+
+def write_and_close(path: Path, count: int) -> None:
+    journal = Journal.open(path)
+    try:
+        append_all_plain(journal, count)
+    finally:
+        journal.close()
+
+
+def append_all_plain(journal: Journal, count: int) -> None:
+    for n in range(count):
+        journal.append(f"record {n}".encode())
+    journal.wait_durable(count, WAIT_S)
+
+
+def test_a_flipped_byte_makes_scan_raise_corrupted_naming_the_lsn(ledger_path: Path, flip_record_byte) -> None:
+    write_and_close(ledger_path, 5)
+    flip_record_byte(ledger_path, 3)
+
+    journal = Journal.open(ledger_path)
+    try:
+        scanned: list[int] = []
+        with pytest.raises(JournalCorruptedError) as caught:
+            for lsn, _ in journal.scan():
+                scanned.append(lsn)
+        assert caught.value.lsn == 3
+        assert "at LSN 3" in str(caught.value)
+        assert "checksum" in str(caught.value)
+        assert scanned == [1, 2]
+    finally:
+        journal.close()
+
+
+def test_a_flipped_byte_makes_read_raise_corrupted_naming_the_lsn(ledger_path: Path, flip_record_byte) -> None:
+    write_and_close(ledger_path, 5)
+    flip_record_byte(ledger_path, 4)
+
+    journal = Journal.open(ledger_path)
+    try:
+        assert journal.read(3) == b"record 2"
+        with pytest.raises(JournalCorruptedError) as caught:
+            journal.read(4)
+        assert caught.value.lsn == 4
+        assert "at LSN 4" in str(caught.value)
+    finally:
+        journal.close()
+
+
+def test_a_record_copied_under_another_lsn_fails_its_checksum(ledger_path: Path, raw_lmdb) -> None:
+    write_and_close(ledger_path, 3)
+    with raw_lmdb(ledger_path) as env:
+        records = env.open_db(b"records", create=False)
+        with env.begin(write=True, db=records) as txn:
+            txn.put(lsn_key(2), txn.get(lsn_key(1)))
+
+    journal = Journal.open(ledger_path)
+    try:
+        with pytest.raises(JournalCorruptedError) as caught:
+            journal.read(2)
+        assert caught.value.lsn == 2
+    finally:
+        journal.close()
+
+
+def test_a_deleted_record_in_the_middle_makes_scan_report_the_missing_lsn(ledger_path: Path, raw_lmdb) -> None:
+    write_and_close(ledger_path, 5)
+    with raw_lmdb(ledger_path) as env:
+        records = env.open_db(b"records", create=False)
+        with env.begin(write=True, db=records) as txn:
+            assert txn.delete(lsn_key(3))
+
+    journal = Journal.open(ledger_path)
+    try:
+        with pytest.raises(JournalCorruptedError) as caught:
+            list(journal.scan())
+        assert caught.value.lsn == 3
+        assert "LSN 3 is missing" in str(caught.value)
+    finally:
+        journal.close()
+
+
+def test_an_unknown_format_version_refuses_to_open(ledger_path: Path, raw_lmdb) -> None:
+    write_and_close(ledger_path, 1)
+    with raw_lmdb(ledger_path) as env:
+        meta = env.open_db(b"meta", create=False)
+        with env.begin(write=True, db=meta) as txn:
+            txn.put(b"format_version", b"99")
+
+    with pytest.raises(JournalCorruptedError) as caught:
+        Journal.open(ledger_path)
+    assert caught.value.lsn is None
+    assert "format version 99" in str(caught.value)
+
+
+# --- exclusivity and paths -------------------------------------------------------
+
+
+def test_opening_an_open_directory_again_in_this_process_is_locked(journal: Journal, ledger_path: Path) -> None:
+    with pytest.raises(JournalLockedError):
+        Journal.open(ledger_path)
+    assert journal.append(b"still mine") == 1
+
+
+def test_opening_an_open_directory_from_another_process_is_locked(journal: Journal, ledger_path: Path) -> None:
+    script = "import sys\nfrom journal import Journal\nJournal.open(sys.argv[1])\n"
+    child = subprocess.run(
+        [sys.executable, "-c", script, str(ledger_path)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert child.returncode != 0
+    assert "JournalLockedError" in child.stderr
+    assert "is open in another live process" in child.stderr
+
+
+def test_a_closed_journal_releases_its_directory(ledger_path: Path) -> None:
+    Journal.open(ledger_path).close()
+    again = Journal.open(ledger_path)
+    again.close()
+    assert (ledger_path / LOCK_FILE).exists()
+
+
+def test_a_path_that_is_a_file_is_not_a_journal(tmp_path: Path) -> None:
+    path = tmp_path / "plain-file"
+    path.write_bytes(b"not a journal")
+    with pytest.raises(JournalNotFoundError):
+        Journal.open(path)
+    assert path.read_bytes() == b"not a journal"
+
+
+def test_a_missing_path_is_not_created_when_creation_is_not_asked_for(ledger_path: Path) -> None:
+    with pytest.raises(JournalNotFoundError):
+        Journal.open(ledger_path, create=False)
+    assert not ledger_path.exists()
+
+
+# --- growth ----------------------------------------------------------------------
+
+
+def test_the_map_grows_past_its_initial_size_and_keeps_every_record(ledger_path: Path) -> None:
+    record_bytes = 64 * 1024
+    count = 80  # 5 MiB of payload into a 1 MiB map
+    payloads = [bytes([n]) * record_bytes for n in range(count)]
+    journal = Journal.open(ledger_path, map_size_bytes=1 << 20)
+    try:
+        lsns = [journal.append(payload) for payload in payloads]
+        journal.wait_durable(lsns[-1], WAIT_S * 3)
+        assert journal.failure is None
+        assert journal.durable_lsn == count
+        assert [journal.read(lsn) for lsn in lsns] == payloads
+    finally:
+        journal.close()
+
+    reopened = Journal.open(ledger_path, map_size_bytes=1 << 20)
+    try:
+        assert list(reopened.scan()) == list(enumerate(payloads, start=1))
+    finally:
+        reopened.close()
+
+
+# --- closing ---------------------------------------------------------------------
+
+
+def test_close_is_idempotent(ledger_path: Path) -> None:
+    journal = Journal.open(ledger_path)
+    journal.close()
+    journal.close()
+
+
+def test_append_after_close_raises_closed(ledger_path: Path) -> None:
+    journal = Journal.open(ledger_path)
+    journal.close()
+    with pytest.raises(JournalClosedError):
+        journal.append(b"late")
+
+
+def test_reads_after_close_raise_closed(ledger_path: Path) -> None:
+    journal = Journal.open(ledger_path)
+    append_all_plain(journal, 1)
+    journal.close()
+    with pytest.raises(JournalClosedError):
+        journal.read(1)
+    with pytest.raises(JournalClosedError):
+        list(journal.scan())
+
+
+# --- completions -----------------------------------------------------------------
+
+
+def test_a_completion_resolves_only_once() -> None:
+    completion = Completion()
+    completion.resolve()
+    assert completion.done
+    with pytest.raises(AssertionError):
+        completion.resolve()
+
+
+def test_a_completion_releases_every_waiter() -> None:
+    completion = Completion()
+    waiters = 8
+    started = threading.Barrier(waiters + 1)
+    results: list[bool] = []
+    lock = threading.Lock()
+
+    def wait() -> None:
+        started.wait(WAIT_S)
+        resolved = completion.wait(WAIT_S)
+        with lock:
+            results.append(resolved)
+
+    threads = [threading.Thread(target=wait) for _ in range(waiters)]
+    for thread in threads:
+        thread.start()
+    started.wait(WAIT_S)
+    completion.resolve()
+    for thread in threads:
+        thread.join(WAIT_S)
+    assert results == [True] * waiters
+    assert completion.wait(0.0)
+
+
+def test_a_completion_wait_that_times_out_returns_false() -> None:
+    completion = Completion()
+    assert completion.wait(0.0) is False
+    assert completion.wait(0.01) is False
+    assert not completion.done
+
+
+def test_a_completion_carries_the_error_without_raising_it() -> None:
+    completion = Completion(value=7)
+    failure = RuntimeError("disk on fire")
+    completion.resolve(failure)
+    assert completion.wait(0.0) is True
+    assert completion.error is failure
+    assert completion.value == 7
