@@ -22,10 +22,10 @@ from coordinator._errors import (
     LedgerUnavailable,
     NotALedger,
 )
-from coordinator._limits import AMOUNT_MAX, INFLIGHT_TRANSFERS_MAX, TIMEOUT_S_DEFAULT
+from coordinator._limits import AMOUNT_MAX, CHECKPOINT_RECORDS_INTERVAL, INFLIGHT_TRANSFERS_MAX, TIMEOUT_S_DEFAULT
 from coordinator._participant import DebitStep, Participant, Participants
 from coordinator._records import INDEX_NAMES
-from coordinator._recovery import Recovered, replay
+from coordinator._recovery import Recovered, load_checkpoint, recover, replay
 from coordinator._sequencer import Sequencer
 from coordinator._state import AccountState, Posting, SequenceError, credit_refusal, debit_refusal, post
 from coordinator._translate import ledger_errors
@@ -34,6 +34,7 @@ from coordinator._values import Account, Balance, Entry, Transfer, TransferReque
 
 __all__ = [
     "AMOUNT_MAX",
+    "CHECKPOINT_RECORDS_INTERVAL",
     "INDEX_NAMES",
     "INFLIGHT_TRANSFERS_MAX",
     "REJECTIONS",
@@ -76,6 +77,8 @@ __all__ = [
     "debit_refusal",
     "decode_outcome",
     "ledger_errors",
+    "load_checkpoint",
     "post",
+    "recover",
     "replay",
 ]

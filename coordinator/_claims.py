@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from journal import Completion, Journal
+from journal import Completion, Journal, JournalError
 
 from coordinator._errors import REJECTIONS, IdempotencyConflict, LedgerError, LedgerUnavailable
 from coordinator._idfilter import IdFilter
@@ -92,10 +92,39 @@ class Claims:
         self._locks = [threading.Lock() for _ in range(CLAIM_STRIPES)]
         self._filters = [IdFilter() for _ in range(CLAIM_STRIPES)]
         self._inflight: dict[str, Ticket] = {}
-        with journal.snapshot() as txn:
-            for key in journal.index_keys(TRANSFERS_INDEX, txn):
-                h = hash(key)
-                self._filters[h & (CLAIM_STRIPES - 1)].add(h >> 6)
+        self._warm = False
+        self._stopping = False
+        """Until the filters hold every id already journaled, every claim asks the index."""
+        self._warming = threading.Thread(target=self._warm_up, name="tally-claims-warm-up", daemon=True)
+        self._warming.start()
+
+    def _warm_up(self) -> None:
+        """Load every journaled id into the filters, off the caller's path (opening stays fast).
+
+        Ids claimed meanwhile are added by `claim` itself, so nothing is missed.
+        """
+        try:
+            with self._journal.snapshot() as txn:
+                for key in self._journal.index_keys(TRANSFERS_INDEX, txn):
+                    if self._stopping:
+                        return
+                    h = hash(key)
+                    stripe = h & (CLAIM_STRIPES - 1)
+                    with self._locks[stripe]:
+                        self._filters[stripe].add(h >> 6)
+        except JournalError:  # closed while warming: claims keep asking the index
+            return
+        self._warm = True
+
+    def stop(self) -> None:
+        """Stop loading the filters (before the journal closes under it); bounded wait."""
+        self._stopping = True
+        self._warming.join(timeout=30.0)
+
+    def wait_warm(self, timeout_s: float) -> bool:
+        """Block until the filters are loaded (for benchmarks and tests)."""
+        self._warming.join(timeout_s)
+        return self._warm
 
     def claim(self, request: TransferRequest) -> tuple[Ticket | Outcome, bool]:
         """Claim `request.id`: (new ticket, True), or (the existing ticket or outcome, False)."""
@@ -107,12 +136,11 @@ class Claims:
             if ticket is not None:
                 return ticket, False
             seen = self._filters[stripe]
-            if seen.might_contain(h >> 6):
+            if not self._warm or seen.might_contain(h >> 6):
                 outcome = self.lookup(tid)
                 if outcome is not None:
                     return outcome, False
-            else:
-                seen.add(h >> 6)
+            seen.add(h >> 6)
             ticket = Ticket(request)
             self._inflight[tid] = ticket
             return ticket, True

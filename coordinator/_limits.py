@@ -21,3 +21,6 @@ INFLIGHT_TRANSFERS_MAX = 100_000
 
 TIMEOUT_S_DEFAULT = 30.0
 """Default bound on every wait a caller makes (decision, durability, replies)."""
+
+CHECKPOINT_RECORDS_INTERVAL = 50_000
+"""Records between two checkpoints of the account projection (bounds the replay on open)."""

@@ -6,6 +6,11 @@ A record is a msgpack array whose first element is its kind:
     COMMIT  [2, transfer, source, destination, amount,
              source_seq, source_balance, destination_seq, destination_balance]
     REJECT  [3, transfer, source, destination, amount, code]
+    CHECKPOINT [4, [[account, currency, overdraft_limit, opened_lsn, seq, posted, last_lsn], ...]]
+
+A CHECKPOINT is the account projection after every record before it; opening
+starts from the newest one (found through the checkpoints index) and replays
+only the tail.
 
 A COMMIT carries both entries, stamped with their per-account seq and balance,
 so replay re-derives them and checks they agree (house style 8), and the entry
@@ -26,12 +31,14 @@ from coordinator._limits import KEY_BYTES_MAX
 ACCOUNT = 1
 COMMIT = 2
 REJECT = 3
-KINDS = {ACCOUNT: "account", COMMIT: "commit", REJECT: "reject"}
+CHECKPOINT = 4
+KINDS = {ACCOUNT: "account", COMMIT: "commit", REJECT: "reject", CHECKPOINT: "checkpoint"}
 
 ACCOUNTS_INDEX = "accounts"
 TRANSFERS_INDEX = "transfers"
 ENTRIES_INDEX = "entries"
-INDEX_NAMES = (ACCOUNTS_INDEX, TRANSFERS_INDEX, ENTRIES_INDEX)
+CHECKPOINTS_INDEX = "checkpoints"
+INDEX_NAMES = (ACCOUNTS_INDEX, TRANSFERS_INDEX, ENTRIES_INDEX, CHECKPOINTS_INDEX)
 
 _U64 = struct.Struct(">Q")
 _U16 = struct.Struct(">H")
@@ -82,4 +89,4 @@ def decode(lsn: int, payload: bytes) -> list[Any]:
     return record
 
 
-_ARITY = {ACCOUNT: 4, COMMIT: 9, REJECT: 6}
+_ARITY = {ACCOUNT: 4, COMMIT: 9, REJECT: 6, CHECKPOINT: 2}

@@ -1,10 +1,15 @@
 """Recovery: rebuild every account from the journal with the same pure `post`.
 
-Every record is verified (checksum, LSN continuity: the journal's scan) and
-every commit's stamped entries are re-derived and must agree (seq next in line,
-balance the running sum, LSN increasing). After the last record, money must be
-conserved and no balance may sit below its overdraft limit. Any failure raises
-`JournalCorrupted` naming the LSN; nothing is repaired.
+Every record replayed is verified (checksum, LSN continuity: the journal's
+scan) and every commit's stamped entries are re-derived and must agree (seq
+next in line, balance the running sum, LSN increasing). A checkpoint passed on
+the way must equal the projection rebuilt so far. After the last record, money
+must be conserved. Any failure raises `JournalCorrupted` naming the LSN;
+nothing is repaired.
+
+Opening starts from the newest checkpoint and replays only the tail, so its
+cost is bounded by the checkpoint interval, not by the ledger's age. A full
+audit (`tally verify`) replays from LSN 1.
 
 Holds (reservations) are never journaled: they live only in account mailboxes,
 and a commit record is written atomically with both of its entries. So after a
@@ -15,13 +20,15 @@ holds nothing once the ledger is open again; a retry with its id runs afresh.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from journal import Journal, JournalCorruptedError
 
 from coordinator._errors import JournalCorrupted
 from coordinator._limits import AMOUNT_MAX
-from coordinator._records import ACCOUNT, COMMIT, decode
+from coordinator._records import ACCOUNT, CHECKPOINT, CHECKPOINTS_INDEX, COMMIT, decode, value_lsn
 from coordinator._state import AccountState, SequenceError, post
 from coordinator._values import Account
 
@@ -32,16 +39,58 @@ class Recovered:
     account_lsns: dict[str, int] = field(default_factory=dict)
     states: dict[str, AccountState] = field(default_factory=dict)
     records: int = 0
+    """Records replayed (after the checkpoint started from, if any)."""
     commits: int = 0
     rejects: int = 0
+    checkpoints: int = 0
     last_lsn: int = 0
+    checkpoint_lsn: int = 0
+    """LSN of the checkpoint replay started from (0: from the beginning)."""
 
 
 def _corrupt(lsn: int, reason: str) -> JournalCorrupted:
     return JournalCorrupted(f"journal corrupted at LSN {lsn}: {reason}", lsn)
 
 
-def replay(journal: Journal, into: Recovered | None = None) -> Recovered:
+def _checkpoint_rows(books: Recovered) -> list[list[Any]]:
+    return [
+        [a.id, a.currency, a.overdraft_limit, books.account_lsns[a.id], *books.states[a.id]]
+        for a in books.accounts.values()
+    ]
+
+
+def load_checkpoint(journal: Journal) -> Recovered:
+    """The projection at the newest checkpoint (empty if there is none), verified."""
+    books = Recovered()
+    key = journal.index_last(CHECKPOINTS_INDEX)
+    if key is None:
+        return books
+    lsn = value_lsn(key)
+    try:
+        payload = journal.read(lsn)
+    except JournalCorruptedError as error:
+        raise JournalCorrupted(str(error), error.lsn) from error
+    if payload is None:
+        raise _corrupt(lsn, "the checkpoint index names a record that is not there")
+    record = decode(lsn, payload)
+    if record[0] != CHECKPOINT:
+        raise _corrupt(lsn, "the checkpoint index names a record that is not a checkpoint")
+    for account_id, currency, limit, opened_lsn, seq, posted, last_lsn in record[1]:
+        books.accounts[account_id] = Account(account_id, currency, limit)
+        books.account_lsns[account_id] = opened_lsn
+        books.states[account_id] = AccountState(seq, posted, last_lsn)
+    books.last_lsn = books.checkpoint_lsn = lsn
+    return books
+
+
+def recover(journal: Journal) -> Recovered:
+    """What opening a ledger runs: the newest checkpoint, then the tail."""
+    return replay(journal, load_checkpoint(journal))
+
+
+def replay(
+    journal: Journal, into: Recovered | None = None, progress: Callable[[int], None] | None = None
+) -> Recovered:
     """Apply every durable record after `into.last_lsn` to `into` (a fresh one by default)."""
     books = into if into is not None else Recovered()
     accounts, states = books.accounts, books.states
@@ -50,20 +99,7 @@ def replay(journal: Journal, into: Recovered | None = None) -> Recovered:
             record = decode(lsn, payload)
             kind = record[0]
             if kind == COMMIT:
-                _, tid, source, destination, amount, source_seq, source_balance, target_seq, target_balance = record
-                if source not in states or destination not in states:
-                    raise _corrupt(lsn, f"transfer {tid!r} names an account that was never opened")
-                if type(amount) is not int or not 0 < amount <= AMOUNT_MAX:
-                    raise _corrupt(lsn, f"transfer {tid!r} has amount {amount!r}")
-                try:
-                    states[source] = post(states[source], source_seq, -amount, source_balance, lsn)
-                    states[destination] = post(states[destination], target_seq, amount, target_balance, lsn)
-                except SequenceError as error:
-                    raise _corrupt(lsn, f"transfer {tid!r}: {error}") from error
-                limit = accounts[source].overdraft_limit
-                if limit is not None and source_balance < -limit:
-                    raise _corrupt(lsn, f"transfer {tid!r} takes {source!r} below its overdraft limit")
-                books.commits += 1
+                _apply_commit(books, lsn, record)
             elif kind == ACCOUNT:
                 _, account_id, currency, limit = record
                 if account_id in accounts:
@@ -71,10 +107,16 @@ def replay(journal: Journal, into: Recovered | None = None) -> Recovered:
                 accounts[account_id] = Account(account_id, currency, limit)
                 books.account_lsns[account_id] = lsn
                 states[account_id] = AccountState()
+            elif kind == CHECKPOINT:
+                if record[1] != _checkpoint_rows(books):
+                    raise _corrupt(lsn, "the checkpoint disagrees with the records before it")
+                books.checkpoints += 1
             else:
                 books.rejects += 1
             books.records += 1
             books.last_lsn = lsn
+            if progress is not None and not lsn % 10_000:
+                progress(lsn)
     except JournalCorruptedError as error:
         raise JournalCorrupted(str(error), error.lsn) from error
     total = sum(state.posted for state in states.values())
@@ -84,3 +126,21 @@ def replay(journal: Journal, into: Recovered | None = None) -> Recovered:
             books.last_lsn,
         )
     return books
+
+
+def _apply_commit(books: Recovered, lsn: int, record: list[Any]) -> None:
+    states = books.states
+    _, tid, source, destination, amount, source_seq, source_balance, target_seq, target_balance = record
+    if source not in states or destination not in states:
+        raise _corrupt(lsn, f"transfer {tid!r} names an account that was never opened")
+    if type(amount) is not int or not 0 < amount <= AMOUNT_MAX:
+        raise _corrupt(lsn, f"transfer {tid!r} has amount {amount!r}")
+    try:
+        states[source] = post(states[source], source_seq, -amount, source_balance, lsn)
+        states[destination] = post(states[destination], target_seq, amount, target_balance, lsn)
+    except SequenceError as error:
+        raise _corrupt(lsn, f"transfer {tid!r}: {error}") from error
+    limit = books.accounts[source].overdraft_limit
+    if limit is not None and source_balance < -limit:
+        raise _corrupt(lsn, f"transfer {tid!r} takes {source!r} below its overdraft limit")
+    books.commits += 1

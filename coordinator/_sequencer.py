@@ -23,9 +23,12 @@ from collections.abc import Callable
 from journal import Completion, Journal
 
 from coordinator._claims import Refusal
+from coordinator._limits import CHECKPOINT_RECORDS_INTERVAL
 from coordinator._records import (
     ACCOUNT,
     ACCOUNTS_INDEX,
+    CHECKPOINT,
+    CHECKPOINTS_INDEX,
     COMMIT,
     ENTRIES_INDEX,
     REJECT,
@@ -45,8 +48,16 @@ Deliver = Callable[[Posting, Posting], None]
 class Sequencer:
     """Owns journal order. Every method is called with no lock held and returns at once."""
 
-    def __init__(self, journal: Journal, accounts: dict[str, Account], states: dict[str, AccountState]) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        accounts: dict[str, Account],
+        states: dict[str, AccountState],
+        checkpoint_interval: int = CHECKPOINT_RECORDS_INTERVAL,
+    ) -> None:
         self.lock = threading.Lock()
+        self.checkpoint_interval = checkpoint_interval
+        self._since_checkpoint = 0
         self._journal = journal
         self.accounts = accounts
         """Every account, in creation order. Read freely; written only under `lock`."""
@@ -66,6 +77,7 @@ class Sequencer:
         self.accounts[account.id] = account
         self.account_lsns[account.id] = lsn
         self.states[account.id] = AccountState()
+        self._appended()
         return lsn
 
     def commit(self, request: TransferRequest, deliver: Deliver, completion: Completion) -> Transfer | None:
@@ -103,6 +115,7 @@ class Sequencer:
             self.states[source] = origin_after
             self.states[destination] = target_after
             deliver(debit, credit)
+            self._appended()
         return transfer
 
     def reject(self, request: TransferRequest, code: str, completion: Completion) -> int:
@@ -115,4 +128,27 @@ class Sequencer:
             index = [(TRANSFERS_INDEX, id_key(request.id), lsn_value(lsn))]
             appended = self._journal.append(payload, index, completion)
             assert appended == lsn, (appended, lsn)
+            self._appended()
+        return lsn
+
+    def _appended(self) -> None:
+        self._since_checkpoint += 1
+        if self._since_checkpoint >= self.checkpoint_interval:
+            self.checkpoint()
+
+    def checkpoint(self) -> int:
+        """Journal the projection of every account as of now (call with `lock` held).
+
+        Opening the ledger starts from the newest checkpoint and replays only the
+        records after it; a full replay checks every checkpoint it passes.
+        """
+        assert self.lock.locked()
+        rows = [
+            [account.id, account.currency, account.overdraft_limit, self.account_lsns[account.id], *self.states[account.id]]
+            for account in self.accounts.values()
+        ]
+        lsn = self._journal.last_lsn + 1
+        appended = self._journal.append(encode([CHECKPOINT, rows]), [(CHECKPOINTS_INDEX, lsn_value(lsn), b"")])
+        assert appended == lsn, (appended, lsn)
+        self._since_checkpoint = 0
         return lsn

@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 from coordinator import (
     INDEX_NAMES,
+    CHECKPOINT_RECORDS_INTERVAL,
     INFLIGHT_TRANSFERS_MAX,
     TIMEOUT_S_DEFAULT,
     Account,
@@ -37,7 +38,7 @@ from coordinator import (
     check_id,
     check_overdraft_limit,
     ledger_errors,
-    replay,
+    recover,
 )
 from coordinator._records import ENTRIES_INDEX, entry_key, entry_prefix
 from journal import Completion, Journal
@@ -54,13 +55,13 @@ class Ledger:
     """An open ledger. Use `Ledger.open(path)`, preferably as a context manager."""
 
     def __init__(self, journal: Journal, *, timeout_s: float, dispatcher_threads: int,
-                 actors_live_max: int, inflight_max: int) -> None:
+                 actors_live_max: int, inflight_max: int, checkpoint_interval: int) -> None:
         self.path = journal.path
         self.timeout_s = timeout_s
         self._journal = journal
-        books = replay(journal)
+        books = recover(journal)
         self.recovered = books
-        self._sequencer = Sequencer(journal, books.accounts, books.states)
+        self._sequencer = Sequencer(journal, books.accounts, books.states, checkpoint_interval)
         self._sequencer.account_lsns.update(books.account_lsns)
         self._dispatcher = Dispatcher(dispatcher_threads)
         self._directory = Directory(self._sequencer, self._dispatcher, actors_live_max)
@@ -78,6 +79,7 @@ class Ledger:
         dispatcher_threads: int = DISPATCHER_THREADS_DEFAULT,
         actors_live_max: int = ACTORS_LIVE_MAX_DEFAULT,
         inflight_max: int = INFLIGHT_TRANSFERS_MAX,
+        checkpoint_interval: int = CHECKPOINT_RECORDS_INTERVAL,
         map_size_bytes: int | None = None,
     ) -> Ledger:
         """Open (creating if missing) the ledger in directory `path` and recover it.
@@ -97,7 +99,8 @@ class Ledger:
         try:
             with ledger_errors():
                 return cls(journal, timeout_s=float(timeout_s), dispatcher_threads=dispatcher_threads,
-                           actors_live_max=actors_live_max, inflight_max=inflight_max)
+                           actors_live_max=actors_live_max, inflight_max=inflight_max,
+                           checkpoint_interval=checkpoint_interval)
         except BaseException:
             journal.close()
             raise
@@ -288,6 +291,7 @@ class Ledger:
                 return
             self._closed = True
             self._state.wait_for(lambda: self._calls == 0, timeout=self.timeout_s)
+        self._coordinator.claims.stop()
         self._directory.stop_all()
         self._dispatcher.stop()
         self._journal.close()

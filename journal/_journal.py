@@ -181,6 +181,14 @@ class Journal:
         if cursor.first():
             yield from cursor.iternext(keys=True, values=False)
 
+    def index_last(self, name: str, txn: Any | None = None) -> bytes | None:
+        """The greatest key of index `name`, or None if it is empty."""
+        if txn is None:
+            with self.snapshot() as txn:
+                return self.index_last(name, txn)
+        cursor = txn.cursor(db=self._store.indexes[name])
+        return cursor.key() if cursor.last() else None
+
     def index_range(
         self, name: str, start: bytes, stop: bytes, limit: int | None = None, txn: Any | None = None
     ) -> list[tuple[bytes, bytes]]:
