@@ -3,6 +3,7 @@
 It knows the journal and talks to accounts only through `Participant`.
 """
 
+from coordinator._audit import CHECKS, AuditReport, audit, state_hash
 from coordinator._claims import Refusal, decode_outcome
 from coordinator._coordinator import Coordinator
 from coordinator._errors import (
@@ -33,6 +34,10 @@ from coordinator._validate import check_amount, check_currency, check_id, check_
 from coordinator._values import Account, Balance, Entry, Transfer, TransferRequest
 
 __all__ = [
+    "CHECKS",
+    "AuditReport",
+    "audit",
+    "state_hash",
     "AMOUNT_MAX",
     "CHECKPOINT_RECORDS_INTERVAL",
     "INDEX_NAMES",

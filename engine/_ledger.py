@@ -8,7 +8,6 @@ bounded by `timeout_s` (raising `LedgerTimeout`).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -39,6 +38,7 @@ from coordinator import (
     check_overdraft_limit,
     ledger_errors,
     recover,
+    state_hash,
 )
 from coordinator._records import ENTRIES_INDEX, entry_key, entry_prefix
 from journal import Completion, Journal
@@ -255,18 +255,7 @@ class Ledger:
         with self._call():
             journal = self._journal
             journal.wait_durable(journal.last_lsn, self.timeout_s)
-            digest = hashlib.sha256()
-            accounts = sorted(self.accounts(), key=lambda a: a.id)
-            with journal.snapshot() as txn:
-                for account in accounts:
-                    digest.update(msgpack.packb([account.id, account.currency, account.overdraft_limit]))
-                    rows = journal.index_range(
-                        ENTRIES_INDEX, entry_key(account.id, 1), entry_key(account.id, _ENTRY_SEQ_END), None, txn
-                    )
-                    for key, value in rows:
-                        transfer_id, amount, balance, _lsn = msgpack.unpackb(value)
-                        digest.update(msgpack.packb([key[-8:], transfer_id, amount, balance]))
-            return digest.hexdigest()
+            return state_hash(journal, self.accounts())
 
     def stats(self) -> dict[str, int]:
         """Counters for operators and benchmarks (commits, records, live actors...)."""

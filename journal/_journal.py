@@ -61,12 +61,15 @@ def _prepare_directory(path: str, create: bool) -> None:
 class Journal:
     """Open with `Journal.open`; close exactly once with `close` (idempotent)."""
 
-    def __init__(self, store: Store, lock_fd: int, path: str) -> None:
+    def __init__(self, store: Store, lock_fd: int | None, path: str) -> None:
         self._store = store
-        self._lock_fd: int | None = lock_fd
+        self._lock_fd = lock_fd
+        self._open = True
         self.path = path
+        self.readonly = store.readonly
         last = store.last_lsn_key()
-        self._writer = Writer(store, key_lsn(last) if last is not None else 0)
+        self._last_lsn_read = key_lsn(last) if last is not None else 0
+        self._writer = None if store.readonly else Writer(store, self._last_lsn_read)
 
     @classmethod
     def open(
@@ -99,37 +102,52 @@ class Journal:
             os.close(fd)
             raise
 
+    @classmethod
+    def open_readonly(cls, path: str | os.PathLike[str], *, index_names: Sequence[str] = ()) -> Journal:
+        """Open an existing journal for reading only: no lock is taken, nothing is written,
+        and a live writer in another process may go on (LMDB readers see a snapshot)."""
+        path = os.fspath(path)
+        _prepare_directory(path, create=False)
+        store = Store(path, map_size_bytes=MAP_SIZE_BYTES_DEFAULT, sync=True, index_names=index_names,
+                      create=False, readonly=True)
+        return cls(store, None, path)
+
+    @property
+    def _writing(self) -> Writer:
+        if self._writer is None:
+            raise JournalClosedError("the journal is open read-only")
+        return self._writer
+
     # --- writing -----------------------------------------------------------------
 
     def append(
         self, payload: bytes, index: Sequence[IndexPut] = (), completion: Completion | None = None
     ) -> int:
         """Queue a record and return its LSN at once; see `Writer.append`."""
-        return self._writer.append(payload, index, completion)
+        return self._writing.append(payload, index, completion)
 
     def wait_durable(self, lsn: int, timeout_s: float) -> None:
         """Block (at most `timeout_s`) until every record up to `lsn` is on disk."""
+        if self._writer is None:
+            return
         self._writer.wait_durable(lsn, timeout_s)
 
     @property
     def last_lsn(self) -> int:
         """The LSN most recently assigned (possibly not yet durable)."""
-        return self._writer.last_lsn
+        return self._writer.last_lsn if self._writer is not None else self._last_lsn_read
 
     @property
     def durable_lsn(self) -> int:
-        return self._writer.durable_lsn
+        return self._writer.durable_lsn if self._writer is not None else self._last_lsn_read
 
     @property
     def failure(self) -> Exception | None:
-        return self._writer.failure
+        return self._writer.failure if self._writer is not None else None
 
     def stats(self) -> dict[str, int]:
-        return {
-            "commits": self._writer.commits,
-            "records_written": self._writer.records_written,
-            "durable_lsn": self._writer.durable_lsn,
-        }
+        writer = self._writing
+        return {"commits": writer.commits, "records_written": writer.records_written, "durable_lsn": writer.durable_lsn}
 
     # --- reading -----------------------------------------------------------------
 
@@ -207,18 +225,21 @@ class Journal:
         return found
 
     def _check_open(self) -> None:
-        if self._lock_fd is None:
+        if not self._open:
             raise JournalClosedError("the journal is closed")
 
     # --- closing -----------------------------------------------------------------
 
     def close(self) -> None:
         """Drain the writer, close LMDB and release the directory lock. Idempotent."""
-        if self._lock_fd is None:
+        if not self._open:
             return
+        self._open = False
         try:
-            self._writer.close()
+            if self._writer is not None:
+                self._writer.close()
         finally:
             self._store.close()
-            os.close(self._lock_fd)
-            self._lock_fd = None
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None

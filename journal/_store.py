@@ -30,6 +30,7 @@ import lmdb
 
 from journal._errors import (
     JournalCorruptedError,
+    JournalLockedError,
     JournalNotFoundError,
     JournalWriteError,
 )
@@ -44,11 +45,21 @@ class Store:
     """One LMDB environment with its record, meta and index databases."""
 
     def __init__(
-        self, path: str, *, map_size_bytes: int, sync: bool, index_names: Sequence[str], create: bool
+        self,
+        path: str,
+        *,
+        map_size_bytes: int,
+        sync: bool,
+        index_names: Sequence[str],
+        create: bool,
+        readonly: bool = False,
     ) -> None:
         exists = os.path.exists(os.path.join(path, "data.mdb"))
         if not exists and not create:
-            raise JournalNotFoundError(f"{path} holds no Tally journal (no data.mdb)")
+            if not os.listdir(path):
+                raise JournalNotFoundError(f"{path} is an empty directory, not a Tally ledger")
+            raise JournalNotFoundError(f"{path} is not a Tally ledger (it holds no journal)")
+        self.readonly = readonly
         try:
             self.env = lmdb.open(
                 path,
@@ -62,21 +73,30 @@ class Store:
                 writemap=False,
                 meminit=False,
                 create=create,
+                readonly=readonly,
             )
         except lmdb.Error as error:
+            if "already open in this process" in str(error):
+                raise JournalLockedError(f"{path} is already open in this process") from error
             raise JournalNotFoundError(f"cannot open the journal in {path}: {error}") from error
         assert len(index_names) + 2 <= DBS_MAX, index_names
-        self.records = self.env.open_db(RECORDS_DB)
-        self.meta = self.env.open_db(META_DB)
-        self.indexes = {name: self.env.open_db(name.encode()) for name in index_names}
+        try:
+            self.records = self.env.open_db(RECORDS_DB, create=not readonly)
+            self.meta = self.env.open_db(META_DB, create=not readonly)
+            self.indexes = {name: self.env.open_db(name.encode(), create=not readonly) for name in index_names}
+        except lmdb.Error as error:
+            self.env.close()
+            raise JournalNotFoundError(f"{path} is not a Tally ledger: {error}") from error
         self._gate = threading.Condition()
         self._readers = 0
         self._growing = False
         self._check_format()
 
     def _check_format(self) -> None:
-        with self.env.begin(write=True, db=self.meta) as txn:
+        with self.env.begin(write=not self.readonly, db=self.meta) as txn:
             stored = txn.get(_FORMAT_KEY)
+            if stored is None and self.readonly:
+                raise JournalCorruptedError("the format version is missing")
             if stored is None:
                 if txn.stat(self.records)["entries"]:
                     raise JournalCorruptedError("records exist but the format version is missing")
@@ -84,8 +104,11 @@ class Store:
                 return
         if stored != str(FORMAT_VERSION).encode():
             version = stored.decode(errors="replace")
+            newer = version.isdigit() and int(version) > FORMAT_VERSION
             raise JournalCorruptedError(
-                f"format version {version} is not one this Tally understands (it reads {FORMAT_VERSION})"
+                f"format version {version} is "
+                + ("newer than this Tally reads" if newer else "not one this Tally understands")
+                + f" (it reads version {FORMAT_VERSION})"
             )
 
     @contextmanager
