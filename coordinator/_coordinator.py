@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 
-from journal import Journal, JournalError
+from journal import Journal, JournalError, crash_point
 
 from coordinator._admission import Admission
 from coordinator._claims import Claims, Outcome, Refusal, Ticket, settle, ticket_outcome
@@ -109,6 +109,7 @@ class Coordinator:
             # Under the sequencer lock: queue only, in LSN order; run turns after.
             if step.source.post(debit):
                 turns.append(step.source)
+            crash_point("between-entries")
             if step.destination.post(credit):
                 turns.append(step.destination)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from journal import Completion, Journal
+from journal import Completion, Journal, crash_point
 
 from coordinator._claims import Refusal
 from coordinator._limits import CHECKPOINT_RECORDS_INTERVAL
@@ -112,6 +112,7 @@ class Sequencer:
             ]
             appended = self._journal.append(payload, index, completion)
             assert appended == lsn, (appended, lsn)
+            crash_point("after-commit-queued")
             self.states[source] = origin_after
             self.states[destination] = target_after
             deliver(debit, credit)
@@ -150,5 +151,6 @@ class Sequencer:
         lsn = self._journal.last_lsn + 1
         appended = self._journal.append(encode([CHECKPOINT, rows]), [(CHECKPOINTS_INDEX, lsn_value(lsn), b"")])
         assert appended == lsn, (appended, lsn)
+        crash_point("during-checkpoint")
         self._since_checkpoint = 0
         return lsn

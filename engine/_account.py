@@ -18,6 +18,8 @@ from typing import Any
 
 from coordinator import Account, AccountState, DebitStep, Posting, debit_refusal, post
 
+from journal import crash_point
+
 from engine._runtime import PooledActor
 
 
@@ -54,6 +56,7 @@ class AccountActor(PooledActor):
             step.reject(code)
             return
         self._pending += amount  # the reservation: held until the entry posts
+        crash_point("after-reserve")
         if not step.commit():
             self._pending -= amount
 

@@ -124,3 +124,31 @@ def audit(ledger: Ledger, acknowledged: dict[str, tuple[str, str, int]]) -> dict
         "seq is gapless and balances are running sums": gapless,
         "nothing is left pending": no_pending,
     }
+
+
+def main(args: object) -> int:
+    """`tally stress`: run, print the report (or JSON), exit 0 only if every check passed."""
+    import json
+
+    report = run_stress(getattr(args, "path"), accounts=getattr(args, "accounts"), clients=getattr(args, "clients"),
+                        transfers=getattr(args, "transfers"), amount_max=getattr(args, "amount_max"),
+                        seed=getattr(args, "seed"))
+    rate = report.transfers / report.elapsed_s if report.elapsed_s else 0.0
+    latency = {q: round(report.percentile_ms(v), 3) for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))}
+    summary = {
+        "transfers": report.transfers, "committed": report.committed, "refused": report.refused,
+        "elapsed_s": round(report.elapsed_s, 3), "transfers_per_s": round(rate, 1), "latency_ms": latency,
+        "checks": report.checks, "state_hash": report.state_hash, "verdict": "ok" if report.ok else "FAILED",
+    }
+    if getattr(args, "json"):
+        print(json.dumps(summary, indent=2))
+        return 0 if report.ok else 1
+    print(f"tally stress: {getattr(args, 'clients')} clients, {getattr(args, 'accounts')} accounts, seed {getattr(args, 'seed')}")
+    print(f"  {report.transfers} transfers in {report.elapsed_s:.2f} s = {rate:,.0f} durable transfers/s")
+    print(f"  committed {report.committed}, refused {sum(report.refused.values())} {report.refused or ''}")
+    print(f"  latency ms: p50 {latency['p50']}  p90 {latency['p90']}  p99 {latency['p99']}  max {latency['max']}")
+    for check, passed in report.checks.items():
+        print(f"  {'✓' if passed else '✗'} {check}")
+    print(f"  state hash {report.state_hash}")
+    print(f"  verdict: {summary['verdict']}")
+    return 0 if report.ok else 1

@@ -4,6 +4,8 @@ This layer knows nothing about accounts; it stores records the caller encoded.
 """
 
 from journal._completion import Completion
+from journal._crash import POINTS as CRASH_POINTS
+from journal._crash import crash_point
 from journal._errors import (
     JournalClosedError,
     JournalCorruptedError,
@@ -21,7 +23,9 @@ from journal._writer import IndexPut
 __all__ = [
     "FORMAT_VERSION",
     "LOCK_FILE",
+    "CRASH_POINTS",
     "Completion",
+    "crash_point",
     "IndexPut",
     "Journal",
     "JournalClosedError",

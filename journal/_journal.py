@@ -207,6 +207,12 @@ class Journal:
         cursor = txn.cursor(db=self._store.indexes[name])
         return cursor.key() if cursor.last() else None
 
+    def index_last_before(self, name: str, stop: bytes, txn: Any) -> tuple[bytes, bytes] | None:
+        """The index entry with the greatest key below `stop`, or None."""
+        cursor = txn.cursor(db=self._store.indexes[name])
+        found = cursor.prev() if cursor.set_range(stop) else cursor.last()
+        return cursor.item() if found else None
+
     def index_range(
         self, name: str, start: bytes, stop: bytes, limit: int | None = None, txn: Any | None = None
     ) -> list[tuple[bytes, bytes]]:

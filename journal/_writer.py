@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import lmdb
 
 from journal._completion import Completion
+from journal._crash import crash_point
 from journal._errors import JournalClosedError, JournalTimeoutError, JournalWriteError
 from journal._format import frame, lsn_key
 from journal._limits import (
@@ -155,6 +156,7 @@ class Writer:
                 with self._cond:
                     self._stage(txn, batch)
                 txn.commit()
+                crash_point("after-commit-durable")
                 return
             except lmdb.MapFullError:
                 txn.abort()
@@ -170,8 +172,11 @@ class Writer:
         records = store.records
         put = txn.put
         expected = batch[0][0]
+        half = expected + len(batch) // 2
         for lsn, payload, index, _ in batch:
             assert lsn == expected, (lsn, expected)
+            if lsn == half:
+                crash_point("mid-group-commit")
             expected += 1
             put(lsn_key(lsn), frame(lsn, payload), db=records, append=True)
             for name, key, value in index:

@@ -1,0 +1,330 @@
+"""What the operator commands do: verify, recover, salvage, replay, inspect, and read-only views.
+
+Each returns a plain dict (the `--json` form); `engine._cli` renders it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import msgpack
+from coordinator import (
+    INDEX_NAMES,
+    REJECTIONS,
+    Account,
+    AccountNotFound,
+    AuditReport,
+    InvalidRequest,
+    LedgerError,
+    LedgerLocked,
+    NotALedger,
+    Sequencer,
+    TransferRequest,
+    audit,
+    decode_outcome,
+    ledger_errors,
+    load_checkpoint,
+    state_hash,
+)
+from coordinator._records import (
+    ACCOUNT,
+    ACCOUNTS_INDEX,
+    CHECKPOINT,
+    COMMIT,
+    ENTRIES_INDEX,
+    KINDS,
+    REJECT,
+    decode,
+    entry_key,
+    entry_prefix,
+    id_key,
+    value_lsn,
+)
+from journal import Completion, Journal, JournalCorruptedError
+
+from engine._ledger import Ledger
+
+Progress = Callable[[int], None] | None
+_NO_SEQ = 2**64 - 1
+
+
+@contextmanager
+def _reading(path: str) -> Iterator[Journal]:
+    with ledger_errors():
+        journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
+    try:
+        with ledger_errors():
+            yield journal
+    finally:
+        journal.close()
+
+
+def _audit_dict(report: AuditReport, elapsed_s: float, journal: Journal) -> dict[str, Any]:
+    books = report.books
+    result: dict[str, Any] = {
+        "path": journal.path,
+        "records_scanned": books.records if books else None,
+        "last_lsn": journal.last_lsn,
+        "accounts": len(books.accounts) if books else None,
+        "transfers_committed": books.commits if books else None,
+        "transfers_rejected": books.rejects if books else None,
+        "checkpoints": books.checkpoints if books else None,
+        "checks": report.checks,
+        "problem": report.problem,
+        "corrupt_lsn": report.corrupt_lsn,
+        "elapsed_s": round(elapsed_s, 3),
+        "state_hash": state_hash(journal, books.accounts.values()) if books and report.whole else None,
+        "verdict": "whole" if report.whole else "NOT WHOLE",
+    }
+    return result
+
+
+def verify(path: str, progress: Progress = None) -> dict[str, Any]:
+    """The read-only audit. Never writes; a live process may keep using the ledger."""
+    started = time.perf_counter()
+    with _reading(path) as journal:
+        report = audit(journal, progress)
+        return _audit_dict(report, time.perf_counter() - started, journal)
+
+
+def recover(path: str, dry_run: bool, progress: Progress = None) -> dict[str, Any]:
+    """Audit a ledger whose process died and make its next open cheap.
+
+    Refuses (`LedgerLocked`) if a live process holds the ledger. Nothing on disk
+    can be in doubt: holds are never journaled and a commit record carries both
+    of its entries, so recovery's only resolution is the account projection of
+    the records past the newest checkpoint, which it journals as a new checkpoint.
+    """
+    started = time.perf_counter()
+    try:
+        with ledger_errors():
+            journal = Journal.open(path, index_names=INDEX_NAMES, create=False)
+    except LedgerLocked as error:
+        raise LedgerLocked(f"refusing to recover {path}: a live process holds it (stop it first; "
+                           "recover is for a ledger whose process died)") from error
+    try:
+        with ledger_errors():
+            report = audit(journal, progress)
+            result = _audit_dict(report, 0.0, journal)
+            tail = load_checkpoint(journal)
+            result["checkpoint_lsn"] = tail.checkpoint_lsn
+            result["replayed_past_checkpoint"] = journal.last_lsn - tail.checkpoint_lsn
+            result["in_doubt"] = {"aborted_by_recovery": [], "finished_by_recovery": []}
+            result["dry_run"] = dry_run
+            if report.whole and report.books is not None and result["replayed_past_checkpoint"]:
+                books = report.books
+                if dry_run:
+                    result["would_write_checkpoint_at"] = journal.last_lsn + 1
+                else:
+                    sequencer = Sequencer(journal, books.accounts, books.states)
+                    sequencer.account_lsns.update(books.account_lsns)
+                    with sequencer.lock:
+                        lsn = sequencer.checkpoint()
+                    journal.wait_durable(lsn, 30.0)
+                    result["checkpoint_written_at"] = lsn
+            result["elapsed_s"] = round(time.perf_counter() - started, 3)
+            return result
+    finally:
+        journal.close()
+
+
+def _new_directory(path: str) -> None:
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise InvalidRequest(f"{path} already exists and is not empty: choose a new directory")
+
+
+def salvage(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
+    """Copy every verifiable record before the first corrupt one into a new ledger."""
+    _new_directory(into)
+    with ledger_errors():
+        journal = Journal.open(path, index_names=INDEX_NAMES, create=False)
+    try:
+        with ledger_errors():
+            report = audit(journal, progress)
+            stop = report.corrupt_lsn if report.corrupt_lsn is not None else journal.last_lsn + 1
+            copied, lost = _copy_prefix(journal, into, stop)
+            return {"path": path, "into": into, "first_corrupt_lsn": report.corrupt_lsn,
+                    "problem": report.problem, "records_copied": copied, "lost": lost,
+                    "verdict": "salvaged" if report.corrupt_lsn is not None else "nothing to salvage: the ledger is whole"}
+    finally:
+        journal.close()
+
+
+def _copy_prefix(journal: Journal, into: str, stop: int) -> tuple[int, list[dict[str, Any]]]:
+    target = Journal.open(into, index_names=INDEX_NAMES)
+    try:
+        sequencer = Sequencer(target, {}, {})
+        copied, last = 0, 0
+        try:
+            for lsn, payload in journal.scan(0):
+                if lsn >= stop:
+                    break
+                copied += _copy_record(sequencer, decode(lsn, payload))
+        except JournalCorruptedError as error:
+            if error.lsn != stop:
+                raise
+        with sequencer.lock:
+            last = sequencer.checkpoint()
+        target.wait_durable(last, 30.0)
+    finally:
+        target.close()
+    lost: list[dict[str, Any]] = [{"lsn": stop, "transfer": None, "why": "this record is corrupt: whatever it held is lost"}]
+    for lsn in range(stop + 1, journal.last_lsn + 1):
+        try:
+            payload = journal.read(lsn)
+            record = decode(lsn, payload) if payload is not None else None
+        except (JournalCorruptedError, LedgerError):
+            lost.append({"lsn": lsn, "transfer": None, "why": "corrupt too"})
+            continue
+        if record is not None and record[0] in (COMMIT, REJECT):
+            lost.append({"lsn": lsn, "transfer": record[1], "why": KINDS[record[0]] + " after the corruption"})
+        elif record is not None and record[0] == ACCOUNT:
+            lost.append({"lsn": lsn, "transfer": None, "account": record[1], "why": "account opened after the corruption"})
+    return copied, lost
+
+
+def _copy_record(sequencer: Sequencer, record: list[Any]) -> int:
+    kind = record[0]
+    if kind == ACCOUNT:
+        with sequencer.lock:
+            sequencer.open_account(Account(record[1], record[2], record[3]), Completion())
+    elif kind == COMMIT:
+        request = TransferRequest(*record[1:5])
+        committed = sequencer.commit(request, lambda debit, credit: None, Completion())
+        assert committed is not None, request
+    elif kind == REJECT:
+        sequencer.reject(TransferRequest(*record[1:5]), record[5], Completion())
+    return 0 if kind == CHECKPOINT else 1
+
+
+def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
+    """Replay the journal into a fresh ledger through the public engine; compare hashes.
+
+    Accounts and committed transfers are replayed in journal order. Rejections
+    are not: a refusal can depend on holds that were in flight at the time, and
+    refused transfers leave no entries, so the state hash does not cover them.
+    """
+    _new_directory(into)
+    started = time.perf_counter()
+    with _reading(path) as source:
+        original = state_hash(source, load_checkpoint_accounts(source))
+        replayed = rejected = 0
+        with Ledger.open(into) as ledger:
+            pending: list[TransferRequest] = []
+            for lsn, payload in source.scan(0):
+                record = decode(lsn, payload)
+                if record[0] == ACCOUNT:
+                    _flush(ledger, pending)
+                    ledger.create_account(record[1], currency=record[2], overdraft_limit=record[3])
+                elif record[0] == COMMIT:
+                    pending.append(TransferRequest(*record[1:5]))
+                    replayed += 1
+                    if len(pending) >= 1000:
+                        _flush(ledger, pending)
+                elif record[0] == REJECT:
+                    rejected += 1
+                if progress is not None and not lsn % 10_000:
+                    progress(lsn)
+            _flush(ledger, pending)
+            fresh = ledger.state_hash()
+    return {"path": path, "into": into, "transfers_replayed": replayed, "rejections_not_replayed": rejected,
+            "state_hash_original": original, "state_hash_replayed": fresh, "elapsed_s": round(time.perf_counter() - started, 3),
+            "verdict": "identical" if original == fresh else "DIFFERENT"}
+
+
+def load_checkpoint_accounts(journal: Journal) -> list[Account]:
+    from coordinator import recover as recover_books
+
+    return list(recover_books(journal).accounts.values())
+
+
+def _flush(ledger: Ledger, pending: list[TransferRequest]) -> None:
+    if not pending:
+        return
+    for request, outcome in zip(pending, ledger.transfer_many(pending)):
+        if isinstance(outcome, LedgerError):
+            raise NotALedger(f"replay diverged: transfer {request.id!r} now fails with {outcome.code}")
+    pending.clear()
+
+
+def inspect(path: str, start: int, limit: int | None, transfer: str | None, account: str | None) -> dict[str, Any]:
+    """The journal as readable rows, for a person reading what happened."""
+    rows: list[dict[str, Any]] = []
+    problem = None
+    with _reading(path) as journal:
+        try:
+            for lsn, payload in journal.scan(max(0, start - 1)):
+                row = _row(lsn, decode(lsn, payload))
+                if transfer is not None and row.get("transfer") != transfer:
+                    continue
+                if account is not None and account not in (row.get("source"), row.get("destination"), row.get("account")):
+                    continue
+                rows.append(row)
+                if limit is not None and len(rows) >= limit:
+                    break
+        except (JournalCorruptedError, LedgerError) as error:
+            problem = str(error)
+    return {"path": path, "records": rows, "problem": problem}
+
+
+def _row(lsn: int, record: list[Any]) -> dict[str, Any]:
+    kind = record[0]
+    row: dict[str, Any] = {"lsn": lsn, "kind": KINDS[kind]}
+    if kind == ACCOUNT:
+        row.update(account=record[1], currency=record[2], overdraft_limit=record[3])
+    elif kind == CHECKPOINT:
+        row.update(accounts=len(record[1]))
+    else:
+        row.update(transfer=record[1], source=record[2], destination=record[3], amount=record[4])
+        if kind == REJECT:
+            row.update(code=record[5])
+        else:
+            row.update(source_seq=record[5], source_balance=record[6],
+                       destination_seq=record[7], destination_balance=record[8])
+    return row
+
+
+def _account(journal: Journal, account_id: str, txn: Any) -> Account:
+    value = journal.index_get(ACCOUNTS_INDEX, id_key(account_id), txn)
+    record = None
+    if value is not None:
+        lsn = value_lsn(value)
+        payload = journal.read(lsn, txn)
+        record = decode(lsn, payload) if payload is not None else None
+    if record is None or record[0] != ACCOUNT or record[1] != account_id:
+        raise AccountNotFound(f"no account {account_id!r} in {journal.path}")
+    return Account(record[1], record[2], record[3])
+
+
+def balance(path: str, account_id: str) -> dict[str, Any]:
+    with _reading(path) as journal, journal.snapshot() as txn:
+        account = _account(journal, account_id, txn)
+        last = journal.index_last_before(ENTRIES_INDEX, entry_key(account_id, _NO_SEQ), txn)
+        prefix = entry_prefix(account_id)
+        if last is None or not last[0].startswith(prefix):
+            seq, posted, lsn = 0, 0, None
+        else:
+            seq = int.from_bytes(last[0][len(prefix):], "big")
+            _tid, _amount, posted, lsn = msgpack.unpackb(last[1])
+        return {"account": account_id, "currency": account.currency, "overdraft_limit": account.overdraft_limit,
+                "posted": posted, "entries": seq, "last_lsn": lsn}
+
+
+def history(path: str, account_id: str, limit: int) -> dict[str, Any]:
+    with _reading(path) as journal, journal.snapshot() as txn:
+        account = _account(journal, account_id, txn)
+        rows = journal.index_range(ENTRIES_INDEX, entry_key(account_id, 1), entry_key(account_id, _NO_SEQ), None, txn)
+        prefix = len(entry_prefix(account_id))
+        entries = []
+        for key, value in rows[-limit:] if limit else rows:
+            tid, amount, posted, lsn = msgpack.unpackb(value)
+            entries.append({"seq": int.from_bytes(key[prefix:], "big"), "lsn": lsn, "transfer": tid,
+                            "amount": amount, "balance": posted})
+        return {"account": account_id, "currency": account.currency, "entries_total": len(rows), "entries": entries}
+
+
+__all__ = ["REJECTIONS", "balance", "decode_outcome", "history", "inspect", "recover", "replay", "salvage", "verify"]
