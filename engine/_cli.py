@@ -17,6 +17,7 @@ from typing import Any
 from coordinator import LedgerError
 
 from engine import __version__
+from engine._workload import MIXES
 
 
 def _count(minimum: int) -> Callable[[str], int]:
@@ -32,8 +33,36 @@ def _count(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit 2), like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 0 and below 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0.0 < value <= 86_400:
+        raise argparse.ArgumentTypeError(f"{value} must be above 0 and at most a day")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tally", description="Tally: an embeddable, actor-based, journaled ledger engine.")
+    parser = _Parser(prog="tally", description="Tally: an embeddable, actor-based, journaled ledger engine.")
     parser.add_argument("--version", action="version", version=f"tally {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -45,12 +74,20 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     stress = command("stress", "fire concurrent transfers at a ledger and verify the books", path=False)
-    stress.add_argument("--path", help="ledger directory to use (default: a temporary one)")
+    stress.add_argument("--path", help="ledger directory to use or create (default: a temporary one)")
     stress.add_argument("--accounts", type=_count(2), default=1000, help="accounts to open (default 1000)")
     stress.add_argument("--clients", type=_count(1), default=16, help="concurrent client threads (default 16)")
-    stress.add_argument("--transfers", type=_count(1), default=20_000, help="transfers to fire (default 20000)")
+    amount = stress.add_mutually_exclusive_group()
+    amount.add_argument("--transfers", type=_count(1), default=None, help="transfers to fire (default 30000)")
+    amount.add_argument("--duration", type=_seconds, default=None, metavar="S", help="fire for S seconds instead")
+    stress.add_argument("--mix", choices=MIXES, default="uniform", help="account choice (hotspot: 10%% of accounts take 90%%)")
     stress.add_argument("--amount-max", type=_count(1), default=500, help="largest amount (default 500)")
+    stress.add_argument("--batch", type=_count(1), default=1, metavar="N", help="send transfer_many batches of N")
+    stress.add_argument("--retry-rate", type=_rate, default=0.0, metavar="R", help="resubmit this fraction with the same id")
     stress.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
+    stress.add_argument("--chaos", action="store_true", help="run the engine in a child process and SIGKILL it")
+    stress.add_argument("--kills", type=_count(1), default=20, metavar="N", help="with --chaos: kills (default 20)")
+    stress.add_argument("--report", metavar="FILE", help="write a throughput and latency plot (.html or .png)")
 
     command("verify", "read-only audit of every journal record and every invariant; never writes")
     recover = command("recover", "after a crash: verify, rebuild, resolve, checkpoint, and report")
@@ -107,9 +144,7 @@ def _run(args: argparse.Namespace) -> int:
     from engine import _tools
 
     if args.command == "stress":
-        from engine._stress import main as stress_main
-
-        return stress_main(args)
+        return _stress(args)
     if args.command == "verify":
         with _progress("verifying", not args.json) as progress:
             report = _tools.verify(args.path, progress)
@@ -169,6 +204,70 @@ def _recover(args: argparse.Namespace) -> int:
 
     _emit(args, report, render)
     return 0 if report["verdict"] == "whole" else 1
+
+
+def _stress(args: argparse.Namespace) -> int:
+    import os
+
+    from coordinator import NotALedger
+
+    from engine._stress import StressConfig, run_stress
+
+    if args.path is not None and os.path.exists(args.path):
+        if not os.path.isdir(args.path):
+            raise NotALedger(f"{args.path} is a file, not a ledger directory")
+        if os.listdir(args.path) and not os.path.exists(os.path.join(args.path, "data.mdb")):
+            raise NotALedger(f"{args.path} is not a Tally ledger (it holds other files); give a ledger or a new directory")
+    transfers = args.transfers if args.duration is None else None
+    config = StressConfig(path=args.path, accounts=args.accounts, clients=args.clients,
+                          transfers=transfers if transfers is not None or args.duration else 30_000,
+                          duration_s=args.duration, mix=args.mix, amount_max=args.amount_max, batch=args.batch,
+                          retry_rate=args.retry_rate, seed=args.seed)
+    chaos = None
+    if args.chaos:
+        import tempfile
+
+        from engine._chaos import run_chaos
+
+        if config.path is None:
+            with tempfile.TemporaryDirectory(prefix="tally-chaos-") as scratch:
+                config.path = scratch
+                report, chaos = run_chaos(config, args.kills, progress=not args.json)
+                config.path = None
+        else:
+            report, chaos = run_chaos(config, args.kills, progress=not args.json)
+    else:
+        report = run_stress(config, progress=not args.json)
+    summary = report.summary()
+    if chaos is not None:
+        summary["chaos"] = chaos
+    if args.report:
+        from engine._plot import write_report
+
+        write_report(report.samples, summary, args.report)
+    _emit(args, summary, lambda: _render_stress(summary, args))
+    return 0 if summary["verdict"] == "ok" else 1
+
+
+def _render_stress(summary: dict[str, Any], args: argparse.Namespace) -> None:
+    config = summary["config"]
+    print(f"tally stress: {config['clients']} clients, {config['accounts']} accounts, mix {config['mix']},"
+          f" batch {config['batch']}, retry rate {config['retry_rate']}, seed {config['seed']}")
+    print(f"  {summary['transfers_sent']:,} transfers in {summary['elapsed_s']} s ="
+          f" {summary['transfers_per_s']:,.0f} durable transfers/s")
+    lat = summary["latency_ms"]
+    if "chaos" not in summary:
+        print(f"  latency ms: p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}")
+    print("  outcomes: " + ", ".join(f"{code} {count:,}" for code, count in sorted(summary["outcomes"].items())))
+    if "chaos" in summary:
+        chaos = summary["chaos"]
+        print(f"  chaos: {chaos['kills']} kills, survived {chaos['kills_survived']},"
+              f" acknowledged {chaos['acknowledged']:,}, lost {chaos['lost']}")
+    _print_checks(summary)
+    print(f"  state hash {summary['state_hash']}")
+    if args.report:
+        print(f"  report written to {args.report}")
+    print(f"  verdict: {summary['verdict']}")
 
 
 def _render_inspect(report: dict[str, Any]) -> None:

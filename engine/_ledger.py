@@ -236,6 +236,8 @@ class Ledger:
             raise InvalidRequest(f"limit must be None or an int >= 0, got {limit!r}")
         with self._call():
             self._account(account_id)
+            if after >= _ENTRY_SEQ_END - 1:
+                return []  # no seq can be that large
             rows = self._journal.index_range(
                 ENTRIES_INDEX, entry_key(account_id, after + 1), entry_key(account_id, _ENTRY_SEQ_END), limit
             )

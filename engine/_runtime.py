@@ -109,6 +109,9 @@ class _Inbox:
 
     def _enqueue(self, envelope: Envelope[Any]) -> bool:
         """Queue the message; True if the caller now holds the actor's turn."""
+        assert self._actor is not None
+        if self._actor.actor_stopped.is_set():
+            raise ActorDeadError(f"{self._actor} is stopped")
         with self._lock:
             self._messages.append(envelope)
             if self._scheduled:

@@ -1,154 +1,268 @@
-"""A short concurrent workload on a ledger, ending with a verified report.
+"""`tally stress`: fire concurrent transfers at a ledger, then prove the books.
 
-This is the engine's main job on an embedded default (`tally stress` with no
-arguments): open accounts, fire transfers from many threads, then check every
-reply against the ledger and the invariants, close, reopen, and compare hashes.
+Clients are threads; each runs its own seeded workload (`engine._workload`) and
+records every reply. A reporter prints progress. At the end the auditor
+(`engine._auditor`) checks every reply against the ledger and the invariants,
+then the ledger is closed, reopened, and its state hash compared.
 """
 
 from __future__ import annotations
 
-import random
+import math
+import os
+import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-from coordinator import LedgerError
+from coordinator import LedgerError, Transfer, TransferRequest
 
+from engine._auditor import Replies, audit_replies
 from engine._ledger import Ledger
+from engine._workload import ClientWorkload, Op, Picker
+
+FUNDING_PER_ACCOUNT_AMOUNTS = 20
+"""Each account starts with this many times --amount-max."""
+PROGRESS_TTY_S = 0.25
+PROGRESS_PLAIN_S = 5.0
+SAMPLES_MAX = 200_000
+
+
+@dataclass
+class StressConfig:
+    path: str | None = None
+    accounts: int = 1000
+    clients: int = 16
+    transfers: int | None = 20_000
+    duration_s: float | None = None
+    mix: str = "uniform"
+    amount_max: int = 500
+    batch: int = 1
+    retry_rate: float = 0.0
+    seed: int = 1
 
 
 @dataclass
 class StressReport:
-    transfers: int = 0
-    committed: int = 0
-    refused: dict[str, int] = field(default_factory=dict)
+    config: StressConfig
     elapsed_s: float = 0.0
+    sent: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
+    samples: list[tuple[float, float]] = field(default_factory=list)
+    """(seconds since start, latency ms) per reply, for the plots."""
     checks: dict[str, bool] = field(default_factory=dict)
     state_hash: str = ""
 
     @property
     def ok(self) -> bool:
-        return all(self.checks.values())
+        return bool(self.checks) and all(self.checks.values())
 
     def percentile_ms(self, q: float) -> float:
         ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+        return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)] if ordered else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        rate = self.sent / self.elapsed_s if self.elapsed_s else 0.0
+        return {
+            "config": vars(self.config),
+            "transfers_sent": self.sent,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "transfers_per_s": round(rate, 1),
+            "latency_ms": {name: round(self.percentile_ms(q), 3) for name, q in
+                           (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))},
+            "outcomes": self.outcomes,
+            "checks": self.checks,
+            "state_hash": self.state_hash,
+            "verdict": "ok" if self.ok else "FAILED",
+        }
 
 
-def run_stress(
-    path: str | None, *, accounts: int, clients: int, transfers: int, amount_max: int, seed: int
-) -> StressReport:
-    """Run the workload; blocks until done. Raises LedgerError for an unusable path."""
-    if path is None:
+class _Tally:
+    """Counters shared by the clients and the progress reporter."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.done = 0
+        self.refused = 0
+        self.recent: list[float] = []
+
+    def add(self, count: int, refused: int, latency_ms: float) -> None:
+        with self.lock:
+            self.done += count
+            self.refused += refused
+            self.recent.append(latency_ms)
+
+
+def run_stress(config: StressConfig, progress: bool = True) -> StressReport:
+    """Run the workload and the audit; blocks until both are done."""
+    if config.path is None:
         with tempfile.TemporaryDirectory(prefix="tally-stress-") as scratch:
-            return run_stress(scratch, accounts=accounts, clients=clients, transfers=transfers,
-                              amount_max=amount_max, seed=seed)
-    report = StressReport()
-    names = [f"acct-{n:06d}" for n in range(accounts)]
-    acknowledged: dict[str, tuple[str, str, int]] = {}
-    lock = threading.Lock()
-    with Ledger.open(path) as ledger:
-        ledger.create_account("stress-bank", currency="USD", overdraft_limit=None)
-        for name in names:
-            ledger.create_account(name, currency="USD")
-        from coordinator import TransferRequest
-
-        funding = [TransferRequest(f"fund-{seed}-{name}", "stress-bank", name, amount_max * 20) for name in names]
-        for outcome in ledger.transfer_many(funding):
-            assert not isinstance(outcome, LedgerError), outcome
-        per_client = [transfers // clients + (1 if n < transfers % clients else 0) for n in range(clients)]
-        barrier = threading.Barrier(clients + 1)
-
-        def client(number: int) -> None:
-            rng = random.Random(seed * 1_000_003 + number)
-            latencies, refused, done = [], {}, {}
-            barrier.wait(timeout=60)
-            for k in range(per_client[number]):
-                source, destination = rng.sample(names, 2)
-                amount = rng.randint(1, amount_max)
-                tid = f"s{seed}-c{number}-{k}"
-                started = time.perf_counter()
-                try:
-                    ledger.transfer(tid, source=source, destination=destination, amount=amount)
-                    done[tid] = (source, destination, amount)
-                except LedgerError as error:
-                    refused[error.code] = refused.get(error.code, 0) + 1
-                latencies.append((time.perf_counter() - started) * 1000)
-            with lock:
-                acknowledged.update(done)
-                report.latencies_ms.extend(latencies)
-                for code, count in refused.items():
-                    report.refused[code] = report.refused.get(code, 0) + count
-
-        threads = [threading.Thread(target=client, args=(n,), name=f"stress-client-{n}") for n in range(clients)]
-        for thread in threads:
-            thread.start()
-        barrier.wait(timeout=60)
-        started = time.perf_counter()
-        for thread in threads:
-            thread.join()
-        report.elapsed_s = time.perf_counter() - started
-        report.transfers = sum(per_client)
-        report.committed = len(acknowledged)
-        report.checks = audit(ledger, acknowledged)
+            config.path = scratch
+            try:
+                return run_stress(config, progress)
+            finally:
+                config.path = None
+    report = StressReport(config)
+    names = [f"acct-{n:06d}" for n in range(config.accounts)]
+    picker = Picker(names, config.mix)
+    with Ledger.open(config.path) as ledger:
+        _open_accounts(ledger, names, config)
+        replies = _fire(ledger, picker, config, report, progress)
         report.state_hash = ledger.state_hash()
-    with Ledger.open(path) as reopened:
-        report.checks["reopen gives the same state hash"] = reopened.state_hash() == report.state_hash
+        report.checks = audit_replies(ledger, replies)
+    with Ledger.open(config.path) as reopened:
+        report.checks["close and reopen give the same state hash"] = reopened.state_hash() == report.state_hash
     return report
 
 
-def audit(ledger: Ledger, acknowledged: dict[str, tuple[str, str, int]]) -> dict[str, bool]:
-    """Check every acknowledged transfer and the ledger's invariants."""
-    present = all(
-        (t := ledger.get_transfer(tid)) is not None and (t.source, t.destination, t.amount) == fields
-        for tid, fields in acknowledged.items()
-    )
-    total, gapless, above_limit, no_pending = 0, True, True, True
-    for account in ledger.accounts():
-        entries = ledger.entries(account.id)
-        running = 0
-        for seq, entry in enumerate(entries, start=1):
-            running += entry.amount
-            gapless &= entry.seq == seq and entry.balance == running
-            if account.overdraft_limit is not None:
-                above_limit &= entry.balance >= -account.overdraft_limit
-        balance = ledger.balance(account.id)
-        no_pending &= balance.pending == 0 and balance.posted == running
-        total += balance.posted
-    return {
-        "every acknowledged transfer is present with its fields": present,
-        "money is conserved (posted balances sum to 0)": total == 0,
-        "no balance below its overdraft limit": above_limit,
-        "seq is gapless and balances are running sums": gapless,
-        "nothing is left pending": no_pending,
-    }
+def _open_accounts(ledger: Ledger, names: list[str], config: StressConfig) -> None:
+    ledger.create_account("stress-bank", currency="USD", overdraft_limit=None)
+    for name in names:
+        ledger.create_account(name, currency="USD")
+    funding = [TransferRequest(f"fund-{name}", "stress-bank", name, config.amount_max * FUNDING_PER_ACCOUNT_AMOUNTS)
+               for name in names]
+    for first in range(0, len(funding), 1000):
+        for outcome in ledger.transfer_many(funding[first : first + 1000]):
+            if isinstance(outcome, LedgerError):
+                raise outcome
 
 
-def main(args: object) -> int:
-    """`tally stress`: run, print the report (or JSON), exit 0 only if every check passed."""
-    import json
+def _fire(ledger: Ledger, picker: Picker, config: StressConfig, report: StressReport, progress: bool) -> Replies:
+    tag = f"s{config.seed}-{os.getpid()}-{int(time.time())}"
+    quota = threading.Semaphore(config.transfers) if config.transfers is not None else None
+    stop = threading.Event()
+    tally = _Tally()
+    per_client: list[tuple[Replies, dict[str, int], list[float], list[tuple[float, float]]]] = []
+    barrier = threading.Barrier(config.clients + 1)
+    started = [0.0]
 
-    report = run_stress(getattr(args, "path"), accounts=getattr(args, "accounts"), clients=getattr(args, "clients"),
-                        transfers=getattr(args, "transfers"), amount_max=getattr(args, "amount_max"),
-                        seed=getattr(args, "seed"))
-    rate = report.transfers / report.elapsed_s if report.elapsed_s else 0.0
-    latency = {q: round(report.percentile_ms(v), 3) for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))}
-    summary = {
-        "transfers": report.transfers, "committed": report.committed, "refused": report.refused,
-        "elapsed_s": round(report.elapsed_s, 3), "transfers_per_s": round(rate, 1), "latency_ms": latency,
-        "checks": report.checks, "state_hash": report.state_hash, "verdict": "ok" if report.ok else "FAILED",
-    }
-    if getattr(args, "json"):
-        print(json.dumps(summary, indent=2))
-        return 0 if report.ok else 1
-    print(f"tally stress: {getattr(args, 'clients')} clients, {getattr(args, 'accounts')} accounts, seed {getattr(args, 'seed')}")
-    print(f"  {report.transfers} transfers in {report.elapsed_s:.2f} s = {rate:,.0f} durable transfers/s")
-    print(f"  committed {report.committed}, refused {sum(report.refused.values())} {report.refused or ''}")
-    print(f"  latency ms: p50 {latency['p50']}  p90 {latency['p90']}  p99 {latency['p99']}  max {latency['max']}")
-    for check, passed in report.checks.items():
-        print(f"  {'✓' if passed else '✗'} {check}")
-    print(f"  state hash {report.state_hash}")
-    print(f"  verdict: {summary['verdict']}")
-    return 0 if report.ok else 1
+    def take(count: int) -> int:
+        if stop.is_set():
+            return 0
+        if quota is None:
+            return count
+        taken = 0
+        while taken < count and quota.acquire(blocking=False):
+            taken += 1
+        return taken
+
+    def client(number: int) -> None:
+        workload = ClientWorkload(picker, tag=tag, client=number, seed=config.seed,
+                                  amount_max=config.amount_max, retry_rate=config.retry_rate)
+        state = (Replies(), {}, [], [])
+        per_client.append(state)
+        barrier.wait(timeout=60)
+        while True:
+            count = take(config.batch)
+            if not count:
+                return
+            ops = [workload.next() for _ in range(count)]
+            began = time.perf_counter()
+            outcomes = _send(ledger, ops)
+            latency_ms = (time.perf_counter() - began) * 1000
+            refused = _record(state, ops, outcomes, latency_ms, began - started[0])
+            tally.add(count, refused, latency_ms)
+
+    threads = [threading.Thread(target=client, args=(n,), name=f"stress-client-{n}") for n in range(config.clients)]
+    for thread in threads:
+        thread.start()
+    reporter = threading.Thread(target=_report_progress, args=(tally, stop, config, progress), daemon=True)
+    barrier.wait(timeout=60)
+    started[0] = time.perf_counter()
+    reporter.start()
+    if config.duration_s is not None:
+        stop.wait(config.duration_s)
+        stop.set()
+    for thread in threads:
+        thread.join()
+    report.elapsed_s = time.perf_counter() - started[0]
+    stop.set()
+    reporter.join(timeout=5)
+    return _merge(per_client, report)
+
+
+def _send(ledger: Ledger, ops: list[Op]) -> list[Transfer | LedgerError]:
+    if len(ops) == 1:
+        op = ops[0]
+        try:
+            return [ledger.transfer(op.transfer_id, source=op.source, destination=op.destination, amount=op.amount)]
+        except LedgerError as error:
+            return [error]
+    return ledger.transfer_many([TransferRequest(o.transfer_id, o.source, o.destination, o.amount) for o in ops])
+
+
+def _record(state: tuple[Replies, dict[str, int], list[float], list[tuple[float, float]]], ops: list[Op],
+            outcomes: list[Transfer | LedgerError], latency_ms: float, at_s: float) -> int:
+    replies, counts, latencies, samples = state
+    refused = 0
+    for op, outcome in zip(ops, outcomes):
+        code = outcome.code if isinstance(outcome, LedgerError) else "committed"
+        counts[code] = counts.get(code, 0) + 1
+        refused += code != "committed"
+        latencies.append(latency_ms)
+        if len(samples) < SAMPLES_MAX:
+            samples.append((at_s, latency_ms))
+        if op.retry:
+            replies.retries += 1
+            first = replies.acknowledged.get(op.transfer_id) or replies.refused.get(op.transfer_id)
+            same = (first == outcome) if isinstance(outcome, Transfer) else (
+                isinstance(first, tuple) and isinstance(outcome, LedgerError) and first[3] == outcome.code)
+            if not same:
+                replies.retry_mismatches.append(op.transfer_id)
+        elif isinstance(outcome, Transfer):
+            replies.acknowledged[op.transfer_id] = outcome
+        elif outcome.code in ("insufficient_funds", "balance_overflow", "account_not_found", "currency_mismatch"):
+            replies.refused[op.transfer_id] = (op.source, op.destination, op.amount, outcome.code)
+    return refused
+
+
+def _merge(per_client: list[Any], report: StressReport) -> Replies:
+    merged = Replies()
+    for replies, counts, latencies, samples in per_client:
+        merged.acknowledged.update(replies.acknowledged)
+        merged.refused.update(replies.refused)
+        merged.retry_mismatches.extend(replies.retry_mismatches)
+        merged.retries += replies.retries
+        for code, count in counts.items():
+            report.outcomes[code] = report.outcomes.get(code, 0) + count
+        report.latencies_ms.extend(latencies)
+        report.samples.extend(samples)
+    report.sent = len(report.latencies_ms)
+    report.samples.sort()
+    return merged
+
+
+def _report_progress(tally: _Tally, stop: threading.Event, config: StressConfig, enabled: bool) -> None:
+    """A live line on a terminal; a plain line every few seconds otherwise."""
+    if not enabled:
+        return
+    tty = sys.stderr.isatty()
+    began = time.perf_counter()
+    live = None
+    if tty:
+        from rich.console import Console
+        from rich.live import Live
+
+        live = Live("", console=Console(stderr=True), transient=True, refresh_per_second=8)
+        live.start()
+    try:
+        while not stop.wait(PROGRESS_TTY_S if tty else PROGRESS_PLAIN_S):
+            with tally.lock:
+                done, refused, recent = tally.done, tally.refused, tally.recent
+                tally.recent = []
+            elapsed = time.perf_counter() - began
+            recent.sort()
+            p50 = recent[len(recent) // 2] if recent else 0.0
+            p99 = recent[min(len(recent) - 1, int(len(recent) * 0.99))] if recent else 0.0
+            line = (f"stress {elapsed:6.1f} s  {done:>9,} transfers  {done / elapsed if elapsed else 0:>8,.0f}/s"
+                    f"  refused {refused:,}  p50 {p50:.1f} ms  p99 {p99:.1f} ms")
+            if live is not None:
+                live.update(line)
+            else:
+                print(line, file=sys.stderr, flush=True)
+    finally:
+        if live is not None:
+            live.stop()

@@ -90,7 +90,11 @@ class Store:
         self._gate = threading.Condition()
         self._readers = 0
         self._growing = False
-        self._check_format()
+        try:
+            self._check_format()
+        except BaseException:
+            self.env.close()
+            raise
 
     def _check_format(self) -> None:
         with self.env.begin(write=not self.readonly, db=self.meta) as txn:

@@ -226,11 +226,6 @@ def test_an_unknown_format_version_refuses_to_open(ledger_path: Path, raw_lmdb) 
     assert "format version 99" in str(caught.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Store.__init__ leaves its LMDB environment open when the format check raises; "
-    "while the error is referenced the directory cannot be opened again in this process",
-)
 def test_a_refused_open_closes_what_it_opened_so_the_repaired_directory_opens(ledger_path: Path, raw_lmdb) -> None:
     write_and_close(ledger_path, 1)
     set_format_version(raw_lmdb, ledger_path, b"99")

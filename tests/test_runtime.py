@@ -132,6 +132,50 @@ def test_a_message_put_inline_to_a_busy_actor_waits_its_turn(dispatcher: Dispatc
     assert threading.current_thread().name not in log.threads
 
 
+def test_a_long_chain_of_direct_dispatches_reaches_its_end_without_exhausting_the_stack(
+    dispatcher: Dispatcher,
+) -> None:
+    length = 300
+    reached: list[int] = []
+    done = threading.Event()
+
+    class Link(PooledActor):
+        def __init__(self, position: int) -> None:
+            super().__init__()
+            self.position = position
+            self.next: pykka.ActorRef[Any] | None = None
+
+        def on_receive(self, message: Any) -> None:
+            if isinstance(message, pykka.ActorRef):
+                self.next = message
+                return
+            reached.append(self.position)
+            if self.next is None:
+                done.set()
+            else:
+                self.next.actor_inbox.put_inline("go")  # type: ignore[attr-defined]
+
+    refs = [Link.spawn(dispatcher, position) for position in range(length)]
+    for ref, following in zip(refs, refs[1:]):
+        ref.ask(following, timeout=WAIT_S)
+    refs[0].actor_inbox.put_inline("go")  # type: ignore[attr-defined]
+    assert done.wait(WAIT_S)
+    assert reached == list(range(length))
+
+
+def test_an_exception_in_a_told_message_is_logged_and_the_actor_carries_on(
+    dispatcher: Dispatcher, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = Log()
+    ref = Recorder.spawn(dispatcher, log)
+    ref.tell("fail")
+    ref.actor_inbox.put_inline("fail")  # type: ignore[attr-defined]
+    assert ref.ask("after", timeout=WAIT_S) == ("echo", "after")
+    assert log.seen == ["after"]
+    logged = [record for record in caplog.records if record.exc_info and isinstance(record.exc_info[1], ValueError)]
+    assert len(logged) == 2
+
+
 # --- ask -------------------------------------------------------------------------
 
 
@@ -224,17 +268,13 @@ def test_messages_queued_behind_a_stop_are_answered_with_actor_dead(dispatcher: 
     assert "behind" not in log.seen
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: PooledActor._run_slice handles a message before checking actor_stopped, so direct "
-    "dispatch (put_inline) to a stopped actor runs its handler",
-)
 def test_a_stopped_actor_handles_nothing_put_inline(dispatcher: Dispatcher) -> None:
     log = Log()
     ref = Recorder.spawn(dispatcher, log)
     assert ref.ask("ping", timeout=WAIT_S) == ("echo", "ping")
     ref.stop(timeout=WAIT_S)
-    ref.actor_inbox.put_inline("after stop")  # type: ignore[attr-defined]
+    with pytest.raises(pykka.ActorDeadError):  # like pykka's own tell to a dead actor
+        ref.actor_inbox.put_inline("after stop")  # type: ignore[attr-defined]
     assert log.seen == ["ping"]
 
 

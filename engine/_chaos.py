@@ -1,0 +1,153 @@
+"""`tally stress --chaos`: the engine in a child process, killed with SIGKILL again and again.
+
+The child opens the ledger (recovering it), runs the seeded workload and prints
+one line per reply it got, after the reply (so after durability). The parent
+reads those lines, kills the child at a seeded random moment, and starts the
+next child on the same ledger. At the end every transfer acknowledged before any
+kill must be present, every refusal must still stand, and the books must balance.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from coordinator import Transfer
+
+from engine._auditor import Replies, audit_replies
+from engine._ledger import Ledger
+from engine._stress import StressConfig, StressReport
+
+LINES_BEFORE_KILL_MIN = 10
+LINES_BEFORE_KILL_MAX = 300
+CHILD_WAIT_S = 60.0
+
+
+def run_chaos(config: StressConfig, kills: int, progress: bool = True) -> tuple[StressReport, dict[str, Any]]:
+    """Kill the engine `kills` times mid-workload, then audit what every child was told."""
+    assert config.path is not None
+    rng = random.Random(config.seed)
+    replies = Replies()
+    report = StressReport(config)
+    started = time.perf_counter()
+    survived = 0
+    for round_number in range(kills + 1):
+        last = round_number == kills
+        budget = None if not last else max(1, (config.transfers or 1000) // (kills + 1))
+        killed = _round(config, round_number, rng, replies, report, budget)
+        if killed:
+            with Ledger.open(config.path):  # recovery must succeed after every kill
+                survived += 1
+        if progress:
+            print(f"chaos: round {round_number + 1}/{kills + 1}, acknowledged {len(replies.acknowledged):,},"
+                  f" kills survived {survived}", file=sys.stderr, flush=True)
+    report.elapsed_s = time.perf_counter() - started
+    with Ledger.open(config.path) as ledger:
+        lost = [tid for tid, reply in replies.acknowledged.items() if ledger.get_transfer(tid) != reply]
+        report.checks = audit_replies(ledger, replies)
+        report.state_hash = ledger.state_hash()
+    report.checks["every transfer acknowledged before a kill survived it"] = not lost
+    return report, {"kills": kills, "kills_survived": survived, "acknowledged": len(replies.acknowledged), "lost": len(lost)}
+
+
+def _round(config: StressConfig, number: int, rng: random.Random, replies: Replies, report: StressReport,
+           budget: int | None) -> bool:
+    command = [sys.executable, "-m", "engine._chaos", config.path, str(config.accounts), str(config.clients),
+               config.mix, str(config.amount_max), str(config.seed * 1000 + number), str(budget or 0)]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+    reader = threading.Thread(target=_read, args=(child, lines), daemon=True)
+    reader.start()
+    kill_after = None if budget else rng.randint(LINES_BEFORE_KILL_MIN, LINES_BEFORE_KILL_MAX)
+    seen = 0
+    deadline = time.monotonic() + CHILD_WAIT_S
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            child.kill()
+            raise RuntimeError("the chaos child stopped answering") from None
+        if line is None:
+            break
+        seen += _parse(line, replies, report)
+        if kill_after is not None and seen >= kill_after:
+            os.kill(child.pid, signal.SIGKILL)
+            break
+    child.wait(timeout=CHILD_WAIT_S)
+    reader.join(timeout=CHILD_WAIT_S)
+    return kill_after is not None
+
+
+def _read(child: subprocess.Popen[str], lines: queue.SimpleQueue[str | None]) -> None:
+    assert child.stdout is not None
+    for line in child.stdout:
+        lines.put(line)
+    lines.put(None)
+
+
+def _parse(line: str, replies: Replies, report: StressReport) -> int:
+    parts = line.split()
+    if len(parts) != 6 or parts[0] not in ("A", "R"):
+        return 0  # a line cut short by the kill: the reply never fully reached us
+    kind, tid, source, destination, amount, last = parts
+    if kind == "A":
+        replies.acknowledged[tid] = Transfer(tid, source, destination, int(amount), int(last))
+        report.outcomes["committed"] = report.outcomes.get("committed", 0) + 1
+    else:
+        replies.refused[tid] = (source, destination, int(amount), last)
+        report.outcomes[last] = report.outcomes.get(last, 0) + 1
+    report.sent += 1
+    return 1
+
+
+def _child(argv: list[str]) -> int:
+    from coordinator import LedgerError
+
+    from engine._stress import _open_accounts
+    from engine._workload import ClientWorkload, Picker
+
+    path, accounts, clients, mix, amount_max, seed, budget = argv
+    config = StressConfig(path=path, accounts=int(accounts), clients=int(clients), mix=mix,
+                          amount_max=int(amount_max), seed=int(seed))
+    names = [f"acct-{n:06d}" for n in range(config.accounts)]
+    printing = threading.Lock()
+    remaining = [int(budget) or 10**12]
+    with Ledger.open(path) as ledger:
+        _open_accounts(ledger, names, config)
+        picker = Picker(names, config.mix)
+
+        def client(number: int) -> None:
+            workload = ClientWorkload(picker, tag=f"x{seed}", client=number, seed=config.seed,
+                                      amount_max=config.amount_max, retry_rate=0.0)
+            while True:
+                with printing:
+                    if remaining[0] <= 0:
+                        return
+                    remaining[0] -= 1
+                op = workload.next()
+                try:
+                    done = ledger.transfer(op.transfer_id, source=op.source, destination=op.destination, amount=op.amount)
+                    line = f"A {op.transfer_id} {op.source} {op.destination} {op.amount} {done.lsn}\n"
+                except LedgerError as error:
+                    line = f"R {op.transfer_id} {op.source} {op.destination} {op.amount} {error.code}\n"
+                with printing:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(config.clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))

@@ -1,0 +1,85 @@
+"""Seeded workloads for the stress harness: which accounts, how much, and when to retry.
+
+Every choice comes from a `random.Random` seeded from `--seed` and the client's
+number, so a run (and a failure) can be replayed exactly.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import random
+from dataclasses import dataclass
+
+MIXES = ("uniform", "hotspot", "zipf")
+HOT_SHARE_ACCOUNTS = 0.10
+"""hotspot: this share of the accounts..."""
+HOT_SHARE_TRAFFIC = 0.90
+"""...takes this share of the transfers."""
+ZIPF_EXPONENT = 1.1
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    transfer_id: str
+    source: str
+    destination: str
+    amount: int
+    retry: bool
+    """True: a resubmission of an earlier id with the same fields."""
+
+
+class Picker:
+    """Chooses (source, destination) pairs of distinct accounts by mix."""
+
+    def __init__(self, names: list[str], mix: str) -> None:
+        if mix not in MIXES:
+            raise ValueError(f"unknown mix {mix!r}: choose one of {', '.join(MIXES)}")
+        if len(names) < 2:
+            raise ValueError("a workload needs at least 2 accounts")
+        self._names = names
+        self._mix = mix
+        self._hot = max(2, int(len(names) * HOT_SHARE_ACCOUNTS))
+        weights = [1.0 / (rank**ZIPF_EXPONENT) for rank in range(1, len(names) + 1)]
+        self._cumulative = list(itertools.accumulate(weights))
+
+    def _one(self, rng: random.Random) -> int:
+        if self._mix == "uniform":
+            return rng.randrange(len(self._names))
+        if self._mix == "hotspot":
+            if rng.random() < HOT_SHARE_TRAFFIC:
+                return rng.randrange(self._hot)
+            return rng.randrange(len(self._names))
+        return bisect.bisect_left(self._cumulative, rng.random() * self._cumulative[-1])
+
+    def pair(self, rng: random.Random) -> tuple[str, str]:
+        source = self._one(rng)
+        destination = self._one(rng)
+        while destination == source:
+            destination = self._one(rng)
+        return self._names[source], self._names[destination]
+
+
+class ClientWorkload:
+    """The ops one client sends, in order, from its own seeded generator."""
+
+    def __init__(self, picker: Picker, *, tag: str, client: int, seed: int, amount_max: int, retry_rate: float) -> None:
+        self._picker = picker
+        self._rng = random.Random(seed * 1_000_003 + client)
+        self._prefix = f"{tag}-c{client}-"
+        self._amount_max = amount_max
+        self._retry_rate = retry_rate
+        self._sent: list[Op] = []
+        self._count = 0
+
+    def next(self) -> Op:
+        rng = self._rng
+        if self._sent and rng.random() < self._retry_rate:
+            earlier = self._sent[rng.randrange(len(self._sent))]
+            return Op(earlier.transfer_id, earlier.source, earlier.destination, earlier.amount, True)
+        source, destination = self._picker.pair(rng)
+        op = Op(f"{self._prefix}{self._count}", source, destination, rng.randint(1, self._amount_max), False)
+        self._count += 1
+        if len(self._sent) < 4096:
+            self._sent.append(op)
+        return op

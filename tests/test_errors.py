@@ -1,0 +1,718 @@
+"""The error table, row by row: what each error means, and what it leaves written.
+
+Rows that write nothing are checked by comparing the whole observable ledger
+(state hash, journal counters, balances) before and after. Rows that consume the
+transfer id are checked by the journal record they add and by a retry that
+raises the same error even once the cause is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+from engine import (
+    Account,
+    AccountExists,
+    AccountNotFound,
+    Balance,
+    BalanceOverflow,
+    CurrencyMismatch,
+    Entry,
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidRequest,
+    JournalCorrupted,
+    Ledger,
+    LedgerClosed,
+    LedgerError,
+    LedgerLocked,
+    LedgerTimeout,
+    LedgerUnavailable,
+    NotALedger,
+    Transfer,
+    TransferRequest,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+AMOUNT_MAX = 2**63 - 1
+
+
+class Books(NamedTuple):
+    state_hash: str
+    records_written: int
+    durable_lsn: int
+    balances: dict[str, Balance]
+
+
+def books(ledger: Ledger) -> Books:
+    stats = ledger.stats()
+    balances = {account.id: ledger.balance(account.id) for account in ledger.accounts()}
+    return Books(ledger.state_hash(), stats["records_written"], stats["durable_lsn"], balances)
+
+
+def one_record_more(before: Books, after: Books) -> bool:
+    """Exactly one journal record (a refusal) was written, and no balance changed."""
+    return (
+        after.records_written == before.records_written + 1
+        and after.durable_lsn == before.durable_lsn + 1
+        and after.state_hash == before.state_hash
+        and after.balances == before.balances
+    )
+
+
+@pytest.fixture
+def funded(ledger: Ledger) -> Ledger:
+    """bank (no limit), alice with 100, bob with 0, all USD; eur in EUR."""
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    ledger.create_account("alice", currency="USD")
+    ledger.create_account("bob", currency="USD")
+    ledger.create_account("eur", currency="EUR")
+    ledger.transfer("fund-alice", source="bank", destination="alice", amount=100)
+    return ledger
+
+
+# --- InvalidRequest: nothing written, id not consumed ----------------------------
+
+BAD_IDS = ["", "x" * 129, None, 5, b"x"]
+BAD_AMOUNTS = [0, -1, AMOUNT_MAX + 1, True, 1.0, "1", None]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS, ids=repr)
+@pytest.mark.parametrize("field", ["transfer_id", "source", "destination"])
+def test_a_malformed_id_is_invalid_and_writes_nothing(funded: Ledger, field: str, bad: Any) -> None:
+    before = books(funded)
+    fields = {"transfer_id": "t-bad", "source": "alice", "destination": "bob", "amount": 1}
+    fields[field] = bad
+    transfer_id = fields.pop("transfer_id")
+    with pytest.raises(InvalidRequest):
+        funded.transfer(transfer_id, **fields)
+    assert books(funded) == before
+
+
+@pytest.mark.parametrize("bad", BAD_AMOUNTS, ids=repr)
+def test_an_amount_that_is_not_a_positive_int_in_range_is_invalid_and_writes_nothing(
+    funded: Ledger, bad: Any
+) -> None:
+    before = books(funded)
+    with pytest.raises(InvalidRequest):
+        funded.transfer("t-bad", source="alice", destination="bob", amount=bad)
+    assert books(funded) == before
+
+
+def test_an_id_of_exactly_128_characters_is_valid(funded: Ledger) -> None:
+    transfer_id = "t" * 128
+    transfer = funded.transfer(transfer_id, source="alice", destination="bob", amount=1)
+    assert transfer.id == transfer_id
+    assert funded.get_transfer(transfer_id) == transfer
+
+
+def test_a_transfer_to_the_same_account_is_invalid_and_writes_nothing(funded: Ledger) -> None:
+    before = books(funded)
+    with pytest.raises(InvalidRequest):
+        funded.transfer("t-self", source="alice", destination="alice", amount=1)
+    assert books(funded) == before
+
+
+@pytest.mark.parametrize("bad", ["usd", "", "X" * 17, "US-D", None, 840], ids=repr)
+def test_a_malformed_currency_is_invalid_and_opens_nothing(ledger: Ledger, bad: Any) -> None:
+    before = books(ledger)
+    with pytest.raises(InvalidRequest):
+        ledger.create_account("carol", currency=bad)
+    assert books(ledger) == before
+    assert ledger.accounts() == []
+
+
+def test_a_currency_of_sixteen_letters_and_digits_is_valid(ledger: Ledger) -> None:
+    account = ledger.create_account("carol", currency="ABCDEFGHIJ012345")
+    assert account == Account("carol", "ABCDEFGHIJ012345", 0)
+
+
+@pytest.mark.parametrize("bad", [-1, AMOUNT_MAX + 1, 1.5, True, "0"], ids=repr)
+def test_a_malformed_overdraft_limit_is_invalid_and_opens_nothing(ledger: Ledger, bad: Any) -> None:
+    before = books(ledger)
+    with pytest.raises(InvalidRequest):
+        ledger.create_account("carol", currency="USD", overdraft_limit=bad)
+    assert books(ledger) == before
+    with pytest.raises(AccountNotFound):
+        ledger.balance("carol")
+
+
+@pytest.mark.parametrize("limit", [None, 0, AMOUNT_MAX])
+def test_an_overdraft_limit_of_none_or_zero_to_the_maximum_is_valid(ledger: Ledger, limit: int | None) -> None:
+    assert ledger.create_account("carol", currency="USD", overdraft_limit=limit).overdraft_limit == limit
+
+
+@pytest.mark.parametrize("bad", BAD_IDS, ids=repr)
+def test_a_malformed_account_id_is_invalid_and_opens_nothing(ledger: Ledger, bad: Any) -> None:
+    before = books(ledger)
+    with pytest.raises(InvalidRequest):
+        ledger.create_account(bad, currency="USD")
+    assert books(ledger) == before
+
+
+def test_validation_comes_before_the_ids_history(funded: Ledger) -> None:
+    funded.transfer("t-1", source="alice", destination="bob", amount=10)
+    with pytest.raises(InsufficientFunds):
+        funded.transfer("t-2", source="bob", destination="alice", amount=500)
+    before = books(funded)
+    with pytest.raises(InvalidRequest):
+        funded.transfer("t-1", source="alice", destination="bob", amount=0)
+    with pytest.raises(InvalidRequest):
+        funded.transfer("t-1", source="alice", destination="alice", amount=10)
+    with pytest.raises(InvalidRequest):
+        funded.transfer("t-2", source="bob", destination="alice", amount=True)
+    assert books(funded) == before
+
+
+def test_an_id_refused_as_invalid_can_then_be_used(funded: Ledger) -> None:
+    with pytest.raises(InvalidRequest):
+        funded.transfer("t-1", source="alice", destination="bob", amount=-5)
+    transfer = funded.transfer("t-1", source="alice", destination="bob", amount=5)
+    assert transfer == Transfer("t-1", "alice", "bob", 5, transfer.lsn)
+    assert funded.balance("bob") == Balance(5, 0, 5)
+
+
+# --- AccountNotFound: consumes the id --------------------------------------------
+
+
+@pytest.mark.parametrize("missing", ["source", "destination"])
+def test_an_unknown_account_is_refused_and_consumes_the_id(funded: Ledger, missing: str) -> None:
+    fields = {"source": "alice", "destination": "bob", "amount": 5}
+    fields[missing] = "carol"
+    before = books(funded)
+    with pytest.raises(AccountNotFound):
+        funded.transfer("t-1", **fields)
+    assert one_record_more(before, books(funded))
+
+    funded.create_account("carol", currency="USD")
+    funded.transfer("fund-carol", source="bank", destination="carol", amount=100)
+    before = books(funded)
+    with pytest.raises(AccountNotFound):
+        funded.transfer("t-1", **fields)
+    assert books(funded) == before
+    assert funded.get_transfer("t-1") is None
+
+
+def test_balance_and_entries_of_an_unknown_account_raise_account_not_found(ledger: Ledger) -> None:
+    with pytest.raises(AccountNotFound):
+        ledger.balance("nope")
+    with pytest.raises(AccountNotFound):
+        ledger.entries("nope")
+
+
+# --- CurrencyMismatch: consumes the id -------------------------------------------
+
+
+def test_a_currency_mismatch_is_refused_and_consumes_the_id(funded: Ledger) -> None:
+    before = books(funded)
+    with pytest.raises(CurrencyMismatch):
+        funded.transfer("t-fx", source="alice", destination="eur", amount=5)
+    assert one_record_more(before, books(funded))
+    before = books(funded)
+    with pytest.raises(CurrencyMismatch):
+        funded.transfer("t-fx", source="alice", destination="eur", amount=5)
+    assert books(funded) == before
+
+
+# --- InsufficientFunds: consumes the id ------------------------------------------
+
+
+def test_retry_after_insufficient_funds_raises_the_same_error_even_once_funds_arrive(funded: Ledger) -> None:
+    before = books(funded)
+    with pytest.raises(InsufficientFunds):
+        funded.transfer("t-big", source="alice", destination="bob", amount=101)
+    assert one_record_more(before, books(funded))
+    assert funded.balance("alice") == Balance(100, 0, 100)
+
+    funded.transfer("top-up", source="bank", destination="alice", amount=1_000)
+    before = books(funded)
+    with pytest.raises(InsufficientFunds):
+        funded.transfer("t-big", source="alice", destination="bob", amount=101)
+    assert books(funded) == before
+    assert funded.get_transfer("t-big") is None
+    assert funded.transfer("t-big-2", source="alice", destination="bob", amount=101).amount == 101
+
+
+def test_an_overdraft_limit_lets_the_balance_go_that_far_below_zero_and_no_further(ledger: Ledger) -> None:
+    ledger.create_account("credit", currency="USD", overdraft_limit=50)
+    ledger.create_account("shop", currency="USD")
+    ledger.transfer("t-1", source="credit", destination="shop", amount=50)
+    assert ledger.balance("credit") == Balance(-50, 0, -50)
+    with pytest.raises(InsufficientFunds):
+        ledger.transfer("t-2", source="credit", destination="shop", amount=1)
+    assert ledger.balance("credit") == Balance(-50, 0, -50)
+
+
+# --- BalanceOverflow: consumes the id --------------------------------------------
+
+
+def test_a_credit_past_the_maximum_balance_is_refused_and_consumes_the_id(ledger: Ledger) -> None:
+    ledger.create_account("big", currency="USD")
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    ledger.create_account("bank2", currency="USD", overdraft_limit=None)
+    ledger.transfer("fill", source="bank", destination="big", amount=AMOUNT_MAX)
+    assert ledger.balance("big").posted == AMOUNT_MAX
+
+    before = books(ledger)
+    with pytest.raises(BalanceOverflow):
+        ledger.transfer("one-more", source="bank2", destination="big", amount=1)
+    assert one_record_more(before, books(ledger))
+    assert ledger.balance("bank2") == Balance(0, 0, 0)  # the hold was released
+
+    ledger.transfer("drain", source="big", destination="bank", amount=10)  # now there is room
+    before = books(ledger)
+    with pytest.raises(BalanceOverflow):
+        ledger.transfer("one-more", source="bank2", destination="big", amount=1)
+    assert books(ledger) == before
+
+
+def test_an_unlimited_debit_past_the_minimum_balance_is_refused_and_consumes_the_id(ledger: Ledger) -> None:
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    ledger.create_account("a", currency="USD")
+    ledger.create_account("b", currency="USD")
+    ledger.transfer("fill", source="bank", destination="a", amount=AMOUNT_MAX)
+    assert ledger.balance("bank").posted == -AMOUNT_MAX
+
+    before = books(ledger)
+    with pytest.raises(BalanceOverflow):
+        ledger.transfer("one-more", source="bank", destination="b", amount=1)
+    assert one_record_more(before, books(ledger))
+    assert ledger.balance("bank") == Balance(-AMOUNT_MAX, 0, -AMOUNT_MAX)
+
+    ledger.transfer("give-back", source="a", destination="bank", amount=10)
+    before = books(ledger)
+    with pytest.raises(BalanceOverflow):
+        ledger.transfer("one-more", source="bank", destination="b", amount=1)
+    assert books(ledger) == before
+
+
+# --- IdempotencyConflict ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changed", [{"source": "bank"}, {"destination": "alice", "source": "bob"}, {"amount": 11}], ids=str
+)
+def test_reusing_a_committed_id_with_different_fields_is_a_conflict(funded: Ledger, changed: dict) -> None:
+    funded.transfer("fund-bob", source="bank", destination="bob", amount=50)
+    original = funded.transfer("t-1", source="alice", destination="bob", amount=10)
+    before = books(funded)
+    fields = {"source": "alice", "destination": "bob", "amount": 10, **changed}
+    with pytest.raises(IdempotencyConflict):
+        funded.transfer("t-1", **fields)
+    assert books(funded) == before
+    assert funded.get_transfer("t-1") == original
+
+
+@pytest.mark.parametrize(
+    "changed", [{"source": "bank"}, {"destination": "bank"}, {"amount": 50}], ids=str
+)
+def test_reusing_a_refused_id_with_different_fields_is_a_conflict(funded: Ledger, changed: dict) -> None:
+    with pytest.raises(InsufficientFunds):
+        funded.transfer("t-1", source="alice", destination="bob", amount=500)
+    before = books(funded)
+    fields = {"source": "alice", "destination": "bob", "amount": 500, **changed}
+    with pytest.raises(IdempotencyConflict):
+        funded.transfer("t-1", **fields)
+    assert books(funded) == before
+    assert funded.get_transfer("t-1") is None
+
+
+def test_reusing_an_id_refused_for_an_unknown_account_with_other_fields_is_a_conflict(funded: Ledger) -> None:
+    with pytest.raises(AccountNotFound):
+        funded.transfer("t-1", source="alice", destination="carol", amount=5)
+    with pytest.raises(IdempotencyConflict):
+        funded.transfer("t-1", source="alice", destination="bob", amount=5)
+
+
+# --- LedgerLocked ----------------------------------------------------------------
+
+
+def test_a_second_open_in_this_process_is_locked(ledger: Ledger, ledger_path: Path) -> None:
+    with pytest.raises(LedgerLocked):
+        Ledger.open(ledger_path)
+    ledger.create_account("still-mine", currency="USD")  # the first ledger is untouched
+    assert [account.id for account in ledger.accounts()] == ["still-mine"]
+
+
+def test_a_ledger_held_by_another_live_process_is_locked_until_it_exits(ledger_path: Path) -> None:
+    script = (
+        "import sys\n"
+        "from engine import Ledger\n"
+        "with Ledger.open(sys.argv[1]) as ledger:\n"
+        "    ledger.create_account('theirs', currency='USD')\n"
+        "    print('ready', flush=True)\n"
+        "    sys.stdin.read()\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, str(ledger_path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline() == "ready\n"
+        with pytest.raises(LedgerLocked) as caught:
+            Ledger.open(ledger_path)
+        assert caught.value.code == "ledger_locked"
+        child.stdin.close()  # let it close the ledger and exit
+        assert child.wait(timeout=60) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=60)
+    with Ledger.open(ledger_path) as mine:
+        assert [account.id for account in mine.accounts()] == ["theirs"]
+
+
+# --- JournalCorrupted ------------------------------------------------------------
+
+
+def test_a_flipped_byte_makes_reopening_raise_corrupted_naming_the_lsn(
+    ledger_path: Path, flip_record_byte
+) -> None:
+    with Ledger.open(ledger_path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        transfer = ledger.transfer("t-1", source="bank", destination="alice", amount=10)
+        ledger.transfer("t-2", source="bank", destination="alice", amount=20)
+    flip_record_byte(ledger_path, transfer.lsn)
+
+    with pytest.raises(JournalCorrupted) as caught:
+        Ledger.open(ledger_path)
+    assert caught.value.lsn == transfer.lsn
+    assert f"LSN {transfer.lsn}" in str(caught.value)
+    assert caught.value.code == "journal_corrupted"
+
+    flip_record_byte(ledger_path, transfer.lsn)  # undo: the failed open released the directory
+    with Ledger.open(ledger_path) as repaired:
+        assert repaired.balance("alice") == Balance(30, 0, 30)
+
+
+def test_an_unknown_format_version_raises_corrupted_without_an_lsn(ledger_path: Path, raw_lmdb) -> None:
+    Ledger.open(ledger_path).close()
+    with raw_lmdb(ledger_path) as env:
+        meta = env.open_db(b"meta", create=False)
+        with env.begin(write=True, db=meta) as txn:
+            txn.put(b"format_version", b"2")
+    with pytest.raises(JournalCorrupted) as caught:
+        Ledger.open(ledger_path)
+    assert caught.value.lsn is None
+    assert "format version 2" in str(caught.value)
+
+
+def test_a_path_that_is_a_file_is_not_a_ledger(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_text("hello")
+    with pytest.raises(NotALedger):
+        Ledger.open(path)
+
+
+@pytest.mark.parametrize("timeout_s", [0, -1.0, True, "30", None], ids=repr)
+def test_a_timeout_that_is_not_a_positive_number_is_invalid(ledger_path: Path, timeout_s: Any) -> None:
+    with pytest.raises(InvalidRequest):
+        Ledger.open(ledger_path, timeout_s=timeout_s)
+    with Ledger.open(ledger_path) as ledger:  # nothing was left locked
+        assert ledger.accounts() == []
+
+
+# --- LedgerClosed ----------------------------------------------------------------
+
+
+CALLS_AFTER_CLOSE = {
+    "create_account": lambda ledger: ledger.create_account("carol", currency="USD"),
+    "transfer": lambda ledger: ledger.transfer("t-9", source="alice", destination="bob", amount=1),
+    "transfer_many": lambda ledger: ledger.transfer_many([TransferRequest("t-9", "alice", "bob", 1)]),
+    "balance": lambda ledger: ledger.balance("alice"),
+    "entries": lambda ledger: ledger.entries("alice"),
+    "get_transfer": lambda ledger: ledger.get_transfer("fund-alice"),
+    "accounts": lambda ledger: ledger.accounts(),
+    "state_hash": lambda ledger: ledger.state_hash(),
+    "stats": lambda ledger: ledger.stats(),
+}
+
+
+@pytest.mark.parametrize("method", sorted(CALLS_AFTER_CLOSE))
+def test_every_method_after_close_raises_ledger_closed(funded: Ledger, method: str) -> None:
+    funded.close()
+    with pytest.raises(LedgerClosed):
+        CALLS_AFTER_CLOSE[method](funded)
+
+
+def test_close_twice_is_fine_and_the_ledger_reopens(ledger_path: Path) -> None:
+    ledger = Ledger.open(ledger_path)
+    ledger.create_account("alice", currency="USD")
+    ledger.close()
+    ledger.close()
+    assert ledger.closed
+    with Ledger.open(ledger_path) as reopened:
+        assert reopened.accounts() == [Account("alice", "USD", 0)]
+
+
+# --- AccountExists ---------------------------------------------------------------
+
+
+def test_creating_an_existing_account_with_identical_parameters_returns_it(ledger: Ledger) -> None:
+    first = ledger.create_account("alice", currency="USD", overdraft_limit=5)
+    before = books(ledger)
+    again = ledger.create_account("alice", currency="USD", overdraft_limit=5)
+    assert again == first == Account("alice", "USD", 5)
+    assert books(ledger) == before
+
+
+@pytest.mark.parametrize("changed", [{"currency": "EUR"}, {"overdraft_limit": 6}, {"overdraft_limit": None}], ids=str)
+def test_creating_an_existing_account_with_other_parameters_raises_account_exists(
+    ledger: Ledger, changed: dict
+) -> None:
+    ledger.create_account("alice", currency="USD", overdraft_limit=5)
+    before = books(ledger)
+    with pytest.raises(AccountExists):
+        ledger.create_account("alice", **{"currency": "USD", "overdraft_limit": 5, **changed})
+    assert books(ledger) == before
+    assert ledger.accounts() == [Account("alice", "USD", 5)]
+
+
+# --- codes -----------------------------------------------------------------------
+
+CODES = {
+    InvalidRequest: "invalid_request",
+    AccountNotFound: "account_not_found",
+    AccountExists: "account_exists",
+    CurrencyMismatch: "currency_mismatch",
+    InsufficientFunds: "insufficient_funds",
+    BalanceOverflow: "balance_overflow",
+    IdempotencyConflict: "idempotency_conflict",
+    LedgerLocked: "ledger_locked",
+    JournalCorrupted: "journal_corrupted",
+    NotALedger: "not_a_ledger",
+    LedgerClosed: "ledger_closed",
+    LedgerTimeout: "timeout",
+    LedgerUnavailable: "ledger_unavailable",
+}
+
+
+@pytest.mark.parametrize("error_class", list(CODES), ids=lambda cls: cls.__name__)
+def test_every_error_class_has_its_stable_code_and_is_a_ledger_error(error_class: type[LedgerError]) -> None:
+    assert issubclass(error_class, LedgerError)
+    assert error_class.code == CODES[error_class]
+    assert error_class("message").code == CODES[error_class]
+
+
+def test_error_codes_are_distinct() -> None:
+    assert len(set(CODES.values())) == len(CODES)
+
+
+def test_a_raised_refusal_carries_its_code(funded: Ledger) -> None:
+    with pytest.raises(LedgerError) as caught:
+        funded.transfer("t-1", source="bob", destination="alice", amount=1)
+    assert type(caught.value) is InsufficientFunds
+    assert caught.value.code == "insufficient_funds"
+
+
+# --- retries and lookups ---------------------------------------------------------
+
+
+def test_a_retried_committed_transfer_returns_the_identical_transfer_and_writes_nothing(funded: Ledger) -> None:
+    original = funded.transfer("t-1", source="alice", destination="bob", amount=10)
+    before = books(funded)
+    retried = funded.transfer("t-1", source="alice", destination="bob", amount=10)
+    assert retried == original
+    assert retried.lsn == original.lsn
+    assert books(funded) == before
+    assert funded.balance("bob") == Balance(10, 0, 10)
+
+
+def test_a_retry_after_reopening_returns_the_identical_transfer(ledger_path: Path) -> None:
+    with Ledger.open(ledger_path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        original = ledger.transfer("t-1", source="bank", destination="alice", amount=10)
+        with pytest.raises(InsufficientFunds):
+            ledger.transfer("t-2", source="alice", destination="bank", amount=11)
+    with Ledger.open(ledger_path) as reopened:
+        assert reopened.transfer("t-1", source="bank", destination="alice", amount=10) == original
+        with pytest.raises(InsufficientFunds):
+            reopened.transfer("t-2", source="alice", destination="bank", amount=11)
+        assert reopened.balance("alice") == Balance(10, 0, 10)
+
+
+def test_get_transfer_returns_the_committed_transfer(funded: Ledger) -> None:
+    transfer = funded.transfer("t-1", source="alice", destination="bob", amount=10)
+    assert funded.get_transfer("t-1") == transfer
+
+
+def test_get_transfer_of_an_unknown_or_refused_id_is_none(funded: Ledger) -> None:
+    with pytest.raises(InsufficientFunds):
+        funded.transfer("t-refused", source="bob", destination="alice", amount=1)
+    assert funded.get_transfer("t-unknown") is None
+    assert funded.get_transfer("t-refused") is None
+
+
+def test_get_transfer_of_a_malformed_id_is_invalid(funded: Ledger) -> None:
+    with pytest.raises(InvalidRequest):
+        funded.get_transfer("")
+
+
+def test_entries_page_with_after_and_limit(funded: Ledger) -> None:
+    transfers = [funded.transfer(f"t-{n}", source="alice", destination="bob", amount=n + 1) for n in range(5)]
+    every = funded.entries("bob")
+    expected, balance = [], 0
+    for seq, transfer in enumerate(transfers, start=1):
+        balance += transfer.amount
+        expected.append(Entry("bob", seq, transfer.id, transfer.amount, balance, transfer.lsn))
+    assert every == expected
+    assert funded.entries("bob", after=0, limit=2) == expected[:2]
+    assert funded.entries("bob", after=2, limit=2) == expected[2:4]
+    assert funded.entries("bob", after=4, limit=2) == expected[4:]
+    assert funded.entries("bob", after=5) == []
+    assert funded.entries("bob", limit=0) == []
+    alice = funded.entries("alice")
+    assert [entry.amount for entry in alice] == [100, -1, -2, -3, -4, -5]
+    assert alice[-1].balance == 100 - 15
+
+
+@pytest.mark.parametrize("after", [2**64 - 1, 2**64, 2**70])
+def test_entries_after_a_seq_past_any_possible_one_is_empty_or_invalid(funded: Ledger, after: int) -> None:
+    try:
+        page = funded.entries("alice", after=after)
+    except InvalidRequest:
+        return
+    assert page == []
+
+
+def test_entries_of_an_account_leave_out_accounts_whose_id_extends_it(ledger: Ledger) -> None:
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    ledger.create_account("a", currency="USD")
+    ledger.create_account("ab", currency="USD")
+    ledger.transfer("t-ab", source="bank", destination="ab", amount=3)
+    ledger.transfer("t-a", source="bank", destination="a", amount=2)
+    assert [entry.transfer_id for entry in ledger.entries("a")] == ["t-a"]
+    assert [entry.transfer_id for entry in ledger.entries("ab")] == ["t-ab"]
+
+
+def test_ids_of_128_multibyte_characters_work_end_to_end(ledger: Ledger) -> None:
+    account, transfer_id = "\U0001F600" * 128, "\U0001F4B8" * 128  # 512 UTF-8 bytes each
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    ledger.create_account(account, currency="USD")
+    transfer = ledger.transfer(transfer_id, source="bank", destination=account, amount=5)
+    assert ledger.transfer(transfer_id, source="bank", destination=account, amount=5) == transfer
+    assert ledger.get_transfer(transfer_id) == transfer
+    assert ledger.entries(account) == [Entry(account, 1, transfer_id, 5, 5, transfer.lsn)]
+    assert ledger.balance(account) == Balance(5, 0, 5)
+
+
+@pytest.mark.parametrize("paging", [{"after": -1}, {"after": 1.0}, {"limit": -1}, {"limit": True}], ids=str)
+def test_entries_with_malformed_paging_is_invalid(funded: Ledger, paging: dict) -> None:
+    with pytest.raises(InvalidRequest):
+        funded.entries("alice", **paging)
+
+
+# --- transfer_many ---------------------------------------------------------------
+
+
+def test_transfer_many_returns_one_result_per_request_in_order(funded: Ledger) -> None:
+    requests = [
+        TransferRequest("m-1", "alice", "bob", 60),
+        TransferRequest("m-2", "alice", "bob", 60),  # only 40 left after m-1
+        TransferRequest("m-3", "alice", "alice", 1),  # invalid
+        TransferRequest("m-4", "bob", "alice", 10),
+        TransferRequest("m-5", "alice", "carol", 1),  # no such account
+        TransferRequest("m-6", "alice", "eur", 1),  # currency mismatch
+        TransferRequest("", "alice", "bob", 1),  # invalid id
+        TransferRequest("m-7", "alice", "bob", 0),  # invalid amount
+    ]
+    results = funded.transfer_many(requests)
+    assert len(results) == len(requests)
+    assert isinstance(results[0], Transfer) and results[0].amount == 60
+    assert type(results[1]) is InsufficientFunds
+    assert type(results[2]) is InvalidRequest
+    assert isinstance(results[3], Transfer) and results[3].source == "bob"
+    assert type(results[4]) is AccountNotFound
+    assert type(results[5]) is CurrencyMismatch
+    assert type(results[6]) is InvalidRequest
+    assert type(results[7]) is InvalidRequest
+    assert funded.balance("alice") == Balance(50, 0, 50)
+    assert funded.balance("bob") == Balance(50, 0, 50)
+    assert funded.transfer("m-7", source="alice", destination="bob", amount=1).amount == 1  # not consumed
+    with pytest.raises(InsufficientFunds):
+        funded.transfer("m-2", source="alice", destination="bob", amount=60)  # consumed
+
+
+def test_duplicates_within_a_batch_return_the_same_transfer(funded: Ledger) -> None:
+    request = TransferRequest("d-1", "alice", "bob", 10)
+    results = funded.transfer_many([request, TransferRequest("d-2", "bob", "alice", 1), request])
+    assert isinstance(results[0], Transfer)
+    assert results[2] == results[0]
+    assert funded.balance("bob") == Balance(9, 0, 9)
+    assert len(funded.entries("bob")) == 2
+
+
+def test_a_conflicting_duplicate_within_a_batch_is_a_conflict(funded: Ledger) -> None:
+    results = funded.transfer_many(
+        [TransferRequest("d-1", "alice", "bob", 10), TransferRequest("d-1", "alice", "bob", 11)]
+    )
+    assert isinstance(results[0], Transfer)
+    assert type(results[1]) is IdempotencyConflict
+    assert funded.balance("bob") == Balance(10, 0, 10)
+
+
+def test_transfer_many_retries_earlier_ids_with_their_first_outcome(funded: Ledger) -> None:
+    committed = funded.transfer("t-1", source="alice", destination="bob", amount=10)
+    with pytest.raises(InsufficientFunds):
+        funded.transfer("t-2", source="bob", destination="alice", amount=500)
+    before = books(funded)
+    results = funded.transfer_many(
+        [TransferRequest("t-1", "alice", "bob", 10), TransferRequest("t-2", "bob", "alice", 500)]
+    )
+    assert results[0] == committed
+    assert type(results[1]) is InsufficientFunds
+    assert books(funded) == before
+
+
+def test_a_refused_duplicate_within_a_batch_gets_the_same_refusal(funded: Ledger) -> None:
+    request = TransferRequest("d-1", "bob", "alice", 5)
+    results = funded.transfer_many([request, TransferRequest("fund-bob-2", "bank", "bob", 50), request])
+    assert type(results[0]) is InsufficientFunds
+    assert isinstance(results[1], Transfer)
+    assert type(results[2]) is InsufficientFunds  # the id was consumed by the first refusal
+    assert funded.balance("bob") == Balance(50, 0, 50)
+
+
+def test_an_item_that_is_not_a_transfer_request_is_invalid_in_its_place(funded: Ledger) -> None:
+    results = funded.transfer_many([("t-1", "alice", "bob", 1), TransferRequest("t-2", "alice", "bob", 2)])  # type: ignore[list-item]
+    assert type(results[0]) is InvalidRequest
+    assert isinstance(results[1], Transfer) and results[1].id == "t-2"
+
+
+def test_a_batch_larger_than_the_in_flight_bound_is_applied_in_order(ledger_path: Path) -> None:
+    with Ledger.open(ledger_path, inflight_max=2) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("a", currency="USD")
+        ledger.create_account("b", currency="USD")
+        requests = [TransferRequest("fund", "bank", "a", 10)]
+        requests += [TransferRequest(f"move-{n}", "a", "b", 3) for n in range(4)]  # the 4th finds 1 left
+        requests += [TransferRequest("fund", "bank", "a", 10)]
+        results = ledger.transfer_many(requests)
+        assert [type(result).__name__ for result in results] == [
+            "Transfer", "Transfer", "Transfer", "Transfer", "InsufficientFunds", "Transfer"
+        ]
+        assert results[-1] == results[0]
+        lsns = [result.lsn for result in results[:4]]
+        assert lsns == sorted(lsns)
+        assert ledger.balance("a") == Balance(1, 0, 1)
+        assert ledger.balance("b") == Balance(9, 0, 9)
+
+
+def test_transfer_many_of_nothing_returns_nothing(funded: Ledger) -> None:
+    before = books(funded)
+    assert funded.transfer_many([]) == []
+    assert books(funded) == before
+
+
+def test_transfer_many_of_a_non_sequence_is_invalid(funded: Ledger) -> None:
+    with pytest.raises(InvalidRequest):
+        funded.transfer_many("not a list")  # type: ignore[arg-type]
