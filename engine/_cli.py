@@ -209,7 +209,7 @@ def _recover(args: argparse.Namespace) -> int:
 def _stress(args: argparse.Namespace) -> int:
     import os
 
-    from coordinator import NotALedger
+    from coordinator import InvalidRequest, NotALedger
 
     from engine._stress import StressConfig, run_stress
 
@@ -218,6 +218,8 @@ def _stress(args: argparse.Namespace) -> int:
             raise NotALedger(f"{args.path} is a file, not a ledger directory")
         if os.listdir(args.path) and not os.path.exists(os.path.join(args.path, "data.mdb")):
             raise NotALedger(f"{args.path} is not a Tally ledger (it holds other files); give a ledger or a new directory")
+    if args.report and not args.report.endswith((".html", ".png")):
+        raise InvalidRequest(f"--report takes a .html or .png file name, got {args.report!r}")
     transfers = args.transfers if args.duration is None else None
     config = StressConfig(path=args.path, accounts=args.accounts, clients=args.clients,
                           transfers=transfers if transfers is not None or args.duration else 30_000,

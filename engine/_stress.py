@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,29 +97,34 @@ class _Tally:
             self.recent.append(latency_ms)
 
 
-def run_stress(config: StressConfig, progress: bool = True) -> StressReport:
-    """Run the workload and the audit; blocks until both are done."""
+def run_stress(
+    config: StressConfig, progress: bool = True, open_ledger: Callable[[str], Any] = Ledger.open
+) -> StressReport:
+    """Run the workload and the audit; blocks until both are done.
+
+    `open_ledger` opens the ledger under test (a test passes one that injects faults).
+    """
     if config.path is None:
         with tempfile.TemporaryDirectory(prefix="tally-stress-") as scratch:
             config.path = scratch
             try:
-                return run_stress(config, progress)
+                return run_stress(config, progress, open_ledger)
             finally:
                 config.path = None
     report = StressReport(config)
     names = [f"acct-{n:06d}" for n in range(config.accounts)]
     picker = Picker(names, config.mix)
-    with Ledger.open(config.path) as ledger:
+    with open_ledger(config.path) as ledger:
         _open_accounts(ledger, names, config)
         replies = _fire(ledger, picker, config, report, progress)
         report.state_hash = ledger.state_hash()
         report.checks = audit_replies(ledger, replies)
-    with Ledger.open(config.path) as reopened:
+    with open_ledger(config.path) as reopened:
         report.checks["close and reopen give the same state hash"] = reopened.state_hash() == report.state_hash
     return report
 
 
-def _open_accounts(ledger: Ledger, names: list[str], config: StressConfig) -> None:
+def _open_accounts(ledger: Any, names: list[str], config: StressConfig) -> None:
     ledger.create_account("stress-bank", currency="USD", overdraft_limit=None)
     for name in names:
         ledger.create_account(name, currency="USD")
@@ -130,7 +136,7 @@ def _open_accounts(ledger: Ledger, names: list[str], config: StressConfig) -> No
                 raise outcome
 
 
-def _fire(ledger: Ledger, picker: Picker, config: StressConfig, report: StressReport, progress: bool) -> Replies:
+def _fire(ledger: Any, picker: Picker, config: StressConfig, report: StressReport, progress: bool) -> Replies:
     tag = f"s{config.seed}-{os.getpid()}-{int(time.time())}"
     quota = threading.Semaphore(config.transfers) if config.transfers is not None else None
     stop = threading.Event()
@@ -184,7 +190,7 @@ def _fire(ledger: Ledger, picker: Picker, config: StressConfig, report: StressRe
     return _merge(per_client, report)
 
 
-def _send(ledger: Ledger, ops: list[Op]) -> list[Transfer | LedgerError]:
+def _send(ledger: Any, ops: list[Op]) -> list[Transfer | LedgerError]:
     if len(ops) == 1:
         op = ops[0]
         try:

@@ -1,0 +1,220 @@
+"""The stress harness: its auditor catches injected faults, its arguments are checked, and
+short runs (plain, batched with retries, chaos) end with a verified report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine import Balance, Entry, Ledger, Transfer
+from engine._auditor import (
+    CHECK_CONSERVED,
+    CHECK_GAPLESS,
+    CHECK_PRESENT,
+    CHECK_REFUSED,
+    Replies,
+    audit_replies,
+)
+from engine._stress import StressConfig, run_stress
+
+SMALL = dict(accounts=20, clients=4, transfers=400, amount_max=50, seed=3)
+
+
+def tally(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True, timeout=timeout)
+
+
+class Faulty:
+    """A ledger double: the real ledger's answers, with one fault injected."""
+
+    def __init__(self, ledger: Ledger, fault: str, victim: str) -> None:
+        self._ledger = ledger
+        self._fault = fault
+        self._victim = victim
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ledger, name)
+
+    def __enter__(self) -> Faulty:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._ledger.close()
+
+    def get_transfer(self, transfer_id: str) -> Transfer | None:
+        if self._fault == "lost transfer" and transfer_id == self._victim:
+            return None
+        return self._ledger.get_transfer(transfer_id)
+
+    def entries(self, account_id: str, after: int = 0, limit: int | None = None) -> list[Entry]:
+        entries = self._ledger.entries(account_id, after, limit)
+        if self._fault == "duplicated entry" and entries and entries[-1].transfer_id == self._victim:
+            last = entries[-1]
+            entries.append(replace(last, seq=last.seq + 1, balance=last.balance + last.amount))
+        return entries
+
+    def balance(self, account_id: str) -> Balance:
+        balance = self._ledger.balance(account_id)
+        if self._fault == "wrong balance" and account_id == self._victim:
+            return Balance(balance.posted + 1, balance.pending, balance.available + 1)
+        return balance
+
+
+@contextmanager
+def stressed_ledger(tmp_path: Path) -> Iterator[tuple[Ledger, Replies]]:
+    """A ledger after a small clean run, and the replies that run collected."""
+    ledger = Ledger.open(tmp_path / "ledger")
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    for name in ("a", "b", "c"):
+        ledger.create_account(name, currency="USD")
+    replies = Replies()
+    for k, (source, destination, amount) in enumerate(
+        [("bank", "a", 100), ("a", "b", 30), ("b", "c", 10), ("c", "a", 5), ("bank", "c", 7)]
+    ):
+        replies.acknowledged[f"t{k}"] = ledger.transfer(f"t{k}", source=source, destination=destination, amount=amount)
+    try:
+        ledger.transfer("refused", source="b", destination="a", amount=10**6)
+    except Exception as error:  # noqa: BLE001 - recorded as the harness would
+        replies.refused["refused"] = ("b", "a", 10**6, error.code)  # type: ignore[attr-defined]
+    try:
+        yield ledger, replies
+    finally:
+        ledger.close()
+
+
+def test_the_auditor_passes_a_clean_ledger(tmp_path: Path) -> None:
+    with stressed_ledger(tmp_path) as (ledger, replies):
+        checks = audit_replies(ledger, replies)
+    assert checks and all(checks.values()), checks
+
+
+@pytest.mark.parametrize(
+    ("fault", "victim", "failed"),
+    [
+        ("lost transfer", "t2", CHECK_PRESENT),
+        ("duplicated entry", "t4", CHECK_PRESENT),
+        ("wrong balance", "b", CHECK_CONSERVED),
+    ],
+)
+def test_the_auditor_reports_an_injected_fault(tmp_path: Path, fault: str, victim: str, failed: str) -> None:
+    with stressed_ledger(tmp_path) as (ledger, replies):
+        checks = audit_replies(Faulty(ledger, fault, victim), replies)
+    assert checks[failed] is False, checks
+
+
+def test_the_auditor_reports_a_duplicated_entry_as_a_broken_sequence_too(tmp_path: Path) -> None:
+    with stressed_ledger(tmp_path) as (ledger, replies):
+        checks = audit_replies(Faulty(ledger, "duplicated entry", "t4"), replies)
+    assert checks[CHECK_GAPLESS] is True  # the double keeps seq and balances consistent...
+    assert checks[CHECK_PRESENT] is False  # ...but the transfer appears three times
+
+
+def test_the_auditor_reports_a_refusal_that_no_longer_stands(tmp_path: Path) -> None:
+    with stressed_ledger(tmp_path) as (ledger, replies):
+        replies.refused["never-refused"] = ("bank", "a", 1, "insufficient_funds")
+        checks = audit_replies(ledger, replies)
+    assert checks[CHECK_REFUSED] is False
+
+
+@pytest.mark.parametrize("fault", ["lost transfer", "wrong balance"])
+def test_the_harness_fails_its_verdict_when_the_ledger_lies(tmp_path: Path, fault: str) -> None:
+    victim = "acct-000001" if fault == "wrong balance" else "s3-"
+
+    def open_faulty(path: str) -> Faulty:
+        ledger = Ledger.open(path)
+        if fault == "lost transfer":
+            return _LoseFirstAcknowledged(ledger)
+        return Faulty(ledger, fault, victim)
+
+    report = run_stress(StressConfig(path=str(tmp_path / "ledger"), **SMALL), progress=False, open_ledger=open_faulty)
+    assert not report.ok
+    assert report.summary()["verdict"] == "FAILED"
+
+
+class _LoseFirstAcknowledged(Faulty):
+    def __init__(self, ledger: Ledger) -> None:
+        super().__init__(ledger, "lost transfer", "")
+
+    def transfer(self, transfer_id: str, **fields: Any) -> Transfer:
+        result = self._ledger.transfer(transfer_id, **fields)
+        if not self._victim:
+            self._victim = transfer_id
+        return result
+
+
+def test_a_short_run_ends_with_every_check_passing(tmp_path: Path) -> None:
+    report = run_stress(StressConfig(path=str(tmp_path / "ledger"), retry_rate=0.2, mix="hotspot", **SMALL), progress=False)
+    assert report.ok, report.checks
+    assert report.sent == SMALL["transfers"]
+    assert sum(report.outcomes.values()) == SMALL["transfers"]
+
+
+def test_a_batched_zipf_run_with_retries_passes_from_the_command_line(tmp_path: Path) -> None:
+    out = tally("stress", "--path", str(tmp_path / "ledger"), "--accounts", "30", "--clients", "3", "--transfers", "600",
+                "--batch", "25", "--mix", "zipf", "--retry-rate", "0.3", "--seed", "9", "--json")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["verdict"] == "ok" and summary["transfers_sent"] == 600
+    assert all(summary["checks"].values())
+
+
+def test_a_duration_bounded_run_stops_by_itself(tmp_path: Path) -> None:
+    out = tally("stress", "--accounts", "10", "--clients", "2", "--duration", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["transfers_sent"] > 0
+
+
+def test_a_short_chaos_run_loses_nothing(tmp_path: Path) -> None:
+    out = tally("stress", "--chaos", "--kills", "3", "--path", str(tmp_path / "ledger"), "--accounts", "20",
+                "--clients", "3", "--transfers", "400", "--json")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["chaos"]["kills_survived"] == 3
+    assert summary["chaos"]["lost"] == 0 and summary["chaos"]["acknowledged"] > 0
+    assert summary["verdict"] == "ok"
+
+
+@pytest.mark.parametrize("suffix", [".png", ".html"])
+def test_the_report_is_a_plot_a_person_can_open(tmp_path: Path, suffix: str) -> None:
+    pytest.importorskip("matplotlib")
+    target = tmp_path / f"report{suffix}"
+    out = tally("stress", "--accounts", "10", "--clients", "2", "--transfers", "300", "--report", str(target))
+    assert out.returncode == 0, out.stderr
+    data = target.read_bytes()
+    assert data.startswith(b"\x89PNG") if suffix == ".png" else b"<svg" in data
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--accounts", "0"],
+        ["--clients", "-1"],
+        ["--transfers", "-5"],
+        ["--mix", "gaussian"],
+        ["--retry-rate", "1.5"],
+        ["--duration", "0"],
+        ["--report", "plot.pdf", "--transfers", "10", "--accounts", "3"],
+    ],
+)
+def test_bad_arguments_get_one_clear_line_and_a_non_zero_exit(args: list[str]) -> None:
+    out = tally("stress", *args)
+    assert out.returncode != 0
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_path_that_is_not_a_ledger_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a ledger")
+    out = tally("stress", "--path", str(tmp_path), "--transfers", "10")
+    assert out.returncode == 2
+    assert "not a Tally ledger" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    file_out = tally("stress", "--path", str(tmp_path / "notes.txt"), "--transfers", "10")
+    assert file_out.returncode == 2 and "is a file" in file_out.stderr
