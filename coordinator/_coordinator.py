@@ -19,7 +19,7 @@ No account ever waits on another; the only waits are callers' bounded waits.
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Callable
 
 from journal import Journal, JournalError, crash_point
 
@@ -48,8 +48,7 @@ class Coordinator:
         self.sequencer = sequencer
         self.claims = Claims(journal)
         self.admission = Admission(inflight_max)
-        self._participants = participants
-        self._idle = threading.Condition()
+        self.participants = participants
 
     # --- single transfers ----------------------------------------------------------
 
@@ -88,11 +87,11 @@ class Coordinator:
         source = accounts.get(request.source)
         destination = accounts.get(request.destination)
         if source is None or destination is None:
-            self._refuse(ticket, AccountNotFound.code)
+            self.refuse(ticket, AccountNotFound.code)
         elif source.currency != destination.currency:
-            self._refuse(ticket, CurrencyMismatch.code)
+            self.refuse(ticket, CurrencyMismatch.code)
         else:
-            pin = self._participants.pin
+            pin = self.participants.pin
             step = DebitStep(
                 request, ticket, pin(request.source), pin(request.destination), self._commit, self._reject
             )
@@ -102,49 +101,54 @@ class Coordinator:
 
     # --- decisions (run on the source account's mailbox thread) --------------------
 
-    def _commit(self, step: DebitStep) -> bool:
-        turns: list[Participant] = []
+    @staticmethod
+    def deliver(step: DebitStep, turns: list[Participant] | None = None) -> Callable[[Posting, Posting], None]:
+        """The sequencer's delivery for `step`: queue both entries (under its lock, so in
+        LSN order) without handling anything; turns taken are added to `turns`."""
 
         def deliver(debit: Posting, credit: Posting) -> None:
-            # Under the sequencer lock: queue only, in LSN order; run turns after.
-            if step.source.post(debit):
+            if step.source.post(debit) and turns is not None:
                 turns.append(step.source)
             crash_point("between-entries")
-            if step.destination.post(credit):
+            if step.destination.post(credit) and turns is not None:
                 turns.append(step.destination)
 
+        return deliver
+
+    def _commit(self, step: DebitStep) -> bool:
+        turns: list[Participant] = []
         committed = False
         try:
-            committed = self.sequencer.commit(step.request, deliver, step.ticket) is not None
+            committed = self.sequencer.commit(step.request, self.deliver(step, turns), step.ticket) is not None
         except JournalError as error:
-            self._fail(step.ticket, error)
+            self.fail(step.ticket, error)
         else:
             if not committed:
-                self._refuse(step.ticket, BalanceOverflow.code)
+                self.refuse(step.ticket, BalanceOverflow.code)
         self._finish(step)
         for participant in turns:
             participant.run()
         return committed
 
     def _reject(self, step: DebitStep, code: str) -> None:
-        self._refuse(step.ticket, code)
+        self.refuse(step.ticket, code)
         self._finish(step)
 
-    def _refuse(self, ticket: Ticket, code: str) -> None:
+    def refuse(self, ticket: Ticket, code: str) -> None:
         """Journal a refusal for `ticket`; the writer releases it once durable."""
         try:
             self.sequencer.reject(ticket.request, code, ticket)
         except JournalError as error:
-            self._fail(ticket, error)
+            self.fail(ticket, error)
 
     @staticmethod
-    def _fail(ticket: Ticket, error: JournalError) -> None:
+    def fail(ticket: Ticket, error: JournalError) -> None:
         if not ticket.done:
             ticket.resolve(LedgerUnavailable(f"the journal cannot be written: {error}"))
 
     def _finish(self, step: DebitStep) -> None:
-        self._participants.unpin(step.request.source)
-        self._participants.unpin(step.request.destination)
+        self.participants.unpin(step.request.source)
+        self.participants.unpin(step.request.destination)
         self._decided(step.ticket)
 
     def _decided(self, ticket: Ticket) -> None:
@@ -159,8 +163,12 @@ class Coordinator:
         """Outcomes as if applied one after another in list order; see `Batch`."""
         from coordinator._batch import Batch
 
+        from coordinator._held import HeldBatch
+
         results: list[Transfer | LedgerError] = []
         chunk = self.admission.permits_max
         for first in range(0, len(requests), chunk):
-            results.extend(Batch(self, requests[first : first + chunk], timeout_s).run())
+            part = requests[first : first + chunk]
+            held = HeldBatch(self, part, timeout_s).run()
+            results.extend(held if held is not None else Batch(self, part, timeout_s).run())
         return results

@@ -29,6 +29,18 @@ class Participant(Protocol):
     def run(self) -> None:
         """Run the turn taken by `post`."""
 
+    def hold(self) -> bool:
+        """Take the account's turn if it is idle with an empty mailbox; never waits."""
+
+    def unhold(self) -> None:
+        """Give the turn back; messages queued meanwhile go to the dispatcher."""
+
+    def drain(self) -> None:
+        """Holder only: handle every message queued so far, in order."""
+
+    def decide(self, step: DebitStep) -> None:
+        """Holder only: handle `step` now, exactly as if it came through the mailbox."""
+
     def snapshot(self, timeout_s: float) -> tuple[int, int, int]:
         """(posted, pending, LSN of the last entry applied), waiting at most `timeout_s`."""
 

@@ -17,13 +17,14 @@ agree with it, so the projection is both the stamp source and a cross-check.
 
 from __future__ import annotations
 
+import struct
 import threading
 from collections.abc import Callable
 
 from journal import Completion, Journal, crash_point
 
 from coordinator._claims import Refusal
-from coordinator._limits import CHECKPOINT_RECORDS_INTERVAL
+from coordinator._limits import AMOUNT_MAX, CHECKPOINT_RECORDS_INTERVAL
 from coordinator._records import (
     ACCOUNT,
     ACCOUNTS_INDEX,
@@ -35,14 +36,15 @@ from coordinator._records import (
     TRANSFERS_INDEX,
     encode,
     encode_entry_value,
-    entry_key,
+    entry_prefix,
     id_key,
     lsn_value,
 )
-from coordinator._state import AccountState, Posting, credit_refusal
+from coordinator._state import AccountState, Posting
 from coordinator._values import Account, Transfer, TransferRequest
 
 Deliver = Callable[[Posting, Posting], None]
+_U64 = struct.Struct(">Q")
 
 
 class Sequencer:
@@ -58,6 +60,8 @@ class Sequencer:
         self.lock = threading.Lock()
         self.checkpoint_interval = checkpoint_interval
         self._since_checkpoint = 0
+        self._prefixes: dict[str, bytes] = {}
+        """Entry-index key prefix per account, computed once."""
         self._journal = journal
         self.accounts = accounts
         """Every account, in creation order. Read freely; written only under `lock`."""
@@ -88,9 +92,12 @@ class Sequencer:
         record is queued, and the writer releases it once the record is durable.
         """
         tid, source, destination, amount = request.id, request.source, request.destination, request.amount
+        prefixes = self._prefixes
+        source_prefix = prefixes.get(source) or prefixes.setdefault(source, entry_prefix(source))
+        target_prefix = prefixes.get(destination) or prefixes.setdefault(destination, entry_prefix(destination))
         with self.lock:
             target = self.states[destination]
-            if credit_refusal(target.posted, amount) is not None:
+            if target.posted + amount > AMOUNT_MAX:  # credit_refusal, inlined on the hot path
                 return None
             origin = self.states[source]
             lsn = self._journal.last_lsn + 1
@@ -107,8 +114,8 @@ class Sequencer:
             )
             index = [
                 (TRANSFERS_INDEX, id_key(tid), lsn_value(lsn)),
-                (ENTRIES_INDEX, entry_key(source, debit.seq), encode_entry_value(tid, -amount, debit.balance, lsn)),
-                (ENTRIES_INDEX, entry_key(destination, credit.seq), encode_entry_value(tid, amount, credit.balance, lsn)),
+                (ENTRIES_INDEX, source_prefix + _U64.pack(debit.seq), encode_entry_value(tid, -amount, debit.balance, lsn)),
+                (ENTRIES_INDEX, target_prefix + _U64.pack(credit.seq), encode_entry_value(tid, amount, credit.balance, lsn)),
             ]
             appended = self._journal.append(payload, index, completion)
             assert appended == lsn, (appended, lsn)

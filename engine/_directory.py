@@ -39,14 +39,18 @@ class AccountHandle:
     actor is never stopped, so no liveness check is needed on this path.
     """
 
-    __slots__ = ("_ref", "reserve", "post", "run")
+    __slots__ = ("_ref", "reserve", "post", "run", "hold", "unhold", "drain", "decide")
 
-    def __init__(self, ref: pykka.ActorRef[Any]) -> None:
+    def __init__(self, ref: pykka.ActorRef[Any], actor: AccountActor) -> None:
         self._ref = ref
         inbox = ref.actor_inbox
         self.reserve: Callable[[DebitStep], None] = inbox.put_inline  # type: ignore[attr-defined]
         self.post: Callable[[Posting], bool] = inbox.put_deferred  # type: ignore[attr-defined]
         self.run: Callable[[], None] = inbox.run_turn  # type: ignore[attr-defined]
+        self.hold: Callable[[], bool] = inbox.try_hold  # type: ignore[attr-defined]
+        self.unhold: Callable[[], None] = inbox.unhold  # type: ignore[attr-defined]
+        self.drain: Callable[[], None] = inbox.drain  # type: ignore[attr-defined]
+        self.decide: Callable[[DebitStep], None] = actor.on_receive  # holder only: see HeldBatch
 
     def snapshot(self, timeout_s: float) -> tuple[int, int, int]:
         return self._ref.ask(SNAPSHOT, timeout=timeout_s)  # type: ignore[no-any-return]
@@ -57,7 +61,7 @@ class _Live:
 
     def __init__(self, ref: pykka.ActorRef[Any]) -> None:
         self.ref = ref
-        self.handle = AccountHandle(ref)
+        self.handle = AccountHandle(ref, ref.actor_inbox._actor)  # type: ignore[attr-defined]
         self.pins = 0
 
 

@@ -156,6 +156,28 @@ class _Inbox:
         finally:
             _inline.depth = depth
 
+    def try_hold(self) -> bool:
+        """Take the turn if the actor is idle with an empty mailbox. Never waits."""
+        with self._lock:
+            if self._scheduled or self._messages:
+                return False
+            self._scheduled = True
+            return True
+
+    def drain(self) -> None:
+        """Holder of the turn only: handle the messages queued so far, in order."""
+        assert self._scheduled and self._actor is not None
+        handle = self._actor._handle
+        queued = self._messages
+        for _ in range(len(queued)):
+            handle(queued.popleft())
+
+    def unhold(self) -> None:
+        """Give the turn back; what queued meanwhile is handled on the dispatcher."""
+        if self.finish_slice():
+            assert self._dispatcher is not None and self._actor is not None
+            self._dispatcher.schedule(self._actor)
+
     def get(self) -> Envelope[Any]:
         return self._messages.popleft()
 
@@ -187,12 +209,14 @@ class PooledActor(pykka.ThreadingActor):
 
     @classmethod
     def spawn(cls, dispatcher: Dispatcher, *args: Any, **kwargs: Any) -> pykka.ActorRef[Any]:
-        """Create the actor and make it ready to receive. Runs `on_start` first, on a worker."""
+        """Create the actor and make it ready to receive. An `on_start`, if the class
+        defines one, runs first, on a worker, before any message."""
         actor = cls(*args, **kwargs)
         inbox = actor.actor_inbox
         assert isinstance(inbox, _Inbox)
         inbox.bind(actor, dispatcher)
-        inbox.put(Envelope(_Start()))
+        if type(actor).on_start is not pykka.Actor.on_start:  # only actors that have one
+            inbox.put(Envelope(_Start()))
         return actor.actor_ref
 
     def _start_actor_loop(self) -> None:
