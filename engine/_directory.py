@@ -44,7 +44,7 @@ class AccountHandle:
     def __init__(self, ref: pykka.ActorRef[Any], actor: AccountActor) -> None:
         self._ref = ref
         inbox = ref.actor_inbox
-        self.reserve: Callable[[DebitStep], None] = inbox.put_inline  # type: ignore[attr-defined]
+        self.reserve: Callable[[DebitStep], None] = inbox.put_adaptive  # type: ignore[attr-defined]
         self.post: Callable[[Posting], bool] = inbox.put_deferred  # type: ignore[attr-defined]
         self.run: Callable[[], None] = inbox.run_turn  # type: ignore[attr-defined]
         self.hold: Callable[[], bool] = inbox.try_hold  # type: ignore[attr-defined]

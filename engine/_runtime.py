@@ -55,6 +55,8 @@ class Dispatcher:
         assert 1 <= threads <= 64, threads
         self._runnable: queue.SimpleQueue[PooledActor | None] = queue.SimpleQueue()
         self._stopping = False
+        self.running = 0
+        """Workers inside an actor's turn right now (read without a lock: a hint)."""
         self._workers = [
             threading.Thread(target=self._work, name=f"{name}-{n}", daemon=True) for n in range(threads)
         ]
@@ -63,6 +65,11 @@ class Dispatcher:
 
     def schedule(self, actor: PooledActor) -> None:
         self._runnable.put(actor)
+
+    @property
+    def busy(self) -> bool:
+        """A hint: some worker is running or has actors waiting for it."""
+        return self.running > 0 or not self._runnable.empty()
 
     def _work(self) -> None:
         runnable = self._runnable
@@ -75,7 +82,11 @@ class Dispatcher:
                 continue
             if actor is None:
                 return
-            actor._run_slice()
+            self.running += 1
+            try:
+                actor._run_slice()
+            finally:
+                self.running -= 1
 
     def stop(self) -> None:
         """Stop the workers once the messages already queued are handled (bounded wait)."""
@@ -124,6 +135,17 @@ class _Inbox:
         if self._enqueue(envelope):
             assert self._dispatcher is not None and self._actor is not None
             self._dispatcher.schedule(self._actor)
+
+    def put_adaptive(self, message: Any) -> None:
+        """Direct dispatch while the dispatcher is idle; under load, queue for the workers.
+
+        Under load many callers running handlers inline fight over the GIL; handing the
+        work to the (already awake) workers costs no wake-up and keeps callers light."""
+        assert self._dispatcher is not None
+        if self._dispatcher.busy:
+            self.put(Envelope(message))
+        else:
+            self.put_inline(message)
 
     def put_inline(self, message: Any) -> None:
         """Queue `message`; if the actor was idle, run its turn on this thread now.
