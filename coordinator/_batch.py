@@ -146,7 +146,7 @@ class Batch:
         for ticket in self._fresh:
             if ticket.wait(self._remaining()):
                 self._coordinator.claims.release(ticket)
-        return [self._result(request, result) for request, result in zip(self._requests, self._results)]
+        return [self._result(request, result) for request, result in zip(self._requests, self._results, strict=True)]
 
     @staticmethod
     def _lsn(result: Outcome | Ticket | LedgerError | None) -> int:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from journal import Journal, JournalError, crash_point
 
 from coordinator._admission import Admission
-from coordinator._claims import Claims, Outcome, Refusal, Ticket, settle, ticket_outcome
+from coordinator._claims import Claims, Outcome, Ticket, settle, ticket_outcome
 from coordinator._errors import (
     AccountNotFound,
     BalanceOverflow,

@@ -134,7 +134,7 @@ class HeldBatch:
 
     def _settle(self) -> list[Result]:
         coordinator = self._coordinator
-        for i, ticket in self._foreign:
+        for _, ticket in self._foreign:
             if not ticket.wait(self._remaining()):
                 raise LedgerTimeout(f"transfer {ticket.request.id!r} is still in flight elsewhere; retry later")
         last = 0
@@ -145,7 +145,7 @@ class HeldBatch:
         for ticket in self._fresh:
             if ticket.wait(self._remaining()):
                 coordinator.claims.release(ticket)
-        return [_result(request, result) for request, result in zip(self._requests, self._results)]
+        return [_result(request, result) for request, result in zip(self._requests, self._results, strict=True)]
 
 
 def _result(request: TransferRequest, result: Outcome | Ticket | LedgerError | None) -> Result:

@@ -86,7 +86,7 @@ def _still_refused(ledger: AuditedLedger, refused: dict[str, tuple[str, str, int
     for first in range(0, len(items), 1000):
         chunk = items[first : first + 1000]
         requests = [TransferRequest(tid, source, destination, amount) for tid, (source, destination, amount, _) in chunk]
-        for (tid, fields), outcome in zip(chunk, ledger.transfer_many(requests)):
+        for (tid, fields), outcome in zip(chunk, ledger.transfer_many(requests), strict=True):
             if not isinstance(outcome, LedgerError) or outcome.code != fields[3] or ledger.get_transfer(tid) is not None:
                 return False
     return True

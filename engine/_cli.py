@@ -191,8 +191,8 @@ def _recover(args: argparse.Namespace) -> int:
 
     def render() -> None:
         _render_audit("recover" + (" (dry run)" if args.dry_run else ""), report)
-        print(f"  in doubt: none on disk (holds are never journaled; a commit record carries both entries)")
-        print(f"  aborted by recovery: 0, finished by recovery: 0")
+        print("  in doubt: none on disk (holds are never journaled; a commit record carries both entries)")
+        print("  aborted by recovery: 0, finished by recovery: 0")
         print(f"  records past the newest checkpoint (LSN {report['checkpoint_lsn']}): {report['replayed_past_checkpoint']}")
         if "checkpoint_written_at" in report:
             print(f"  wrote a checkpoint at LSN {report['checkpoint_written_at']}: the next open replays nothing")

@@ -204,7 +204,7 @@ def _record(state: tuple[Replies, dict[str, int], list[float], list[tuple[float,
             outcomes: list[Transfer | LedgerError], latency_ms: float, at_s: float) -> int:
     replies, counts, latencies, samples = state
     refused = 0
-    for op, outcome in zip(ops, outcomes):
+    for op, outcome in zip(ops, outcomes, strict=True):
         code = outcome.code if isinstance(outcome, LedgerError) else "committed"
         counts[code] = counts.get(code, 0) + 1
         refused += code != "committed"

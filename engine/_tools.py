@@ -245,7 +245,7 @@ def load_checkpoint_accounts(journal: Journal) -> list[Account]:
 def _flush(ledger: Ledger, pending: list[TransferRequest]) -> None:
     if not pending:
         return
-    for request, outcome in zip(pending, ledger.transfer_many(pending)):
+    for request, outcome in zip(pending, ledger.transfer_many(pending), strict=True):
         if isinstance(outcome, LedgerError):
             raise NotALedger(f"replay diverged: transfer {request.id!r} now fails with {outcome.code}")
     pending.clear()
