@@ -181,7 +181,8 @@ def _recover(args: argparse.Namespace) -> int:
 
     if args.salvage:
         if not args.into:
-            raise SystemExit("tally recover: --salvage needs --into NEW")
+            print("tally recover: --salvage needs --into NEW", file=sys.stderr)
+            return 2
         with _progress("salvaging", not args.json) as progress:
             report = _tools.salvage(args.path, args.into, progress)
         _emit(args, report, lambda: _render_salvage(report))

@@ -88,10 +88,11 @@ class Directory:
                 live = _Live(AccountActor.spawn(self._dispatcher, account, state))
                 self._live[account_id] = live
                 self.activations += 1
+                live.pins += 1  # pinned before anything is passivated: never itself
                 if len(self._live) > self.live_max:
                     self._passivate_idle()
-            else:
-                self._live.move_to_end(account_id)
+                return live.handle
+            self._live.move_to_end(account_id)
             live.pins += 1
             return live.handle
 

@@ -147,9 +147,14 @@ def salvage(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
             report = audit(journal, progress)
             stop = report.corrupt_lsn if report.corrupt_lsn is not None else journal.last_lsn + 1
             copied, lost = _copy_prefix(journal, into, stop)
-            return {"path": path, "into": into, "first_corrupt_lsn": report.corrupt_lsn,
-                    "problem": report.problem, "records_copied": copied, "lost": lost,
-                    "verdict": "salvaged" if report.corrupt_lsn is not None else "nothing to salvage: the ledger is whole"}
+            if report.corrupt_lsn is not None:
+                verdict = "salvaged: everything before the first corrupt record was copied"
+            elif not report.whole:
+                verdict = "salvaged: every record verifies, but the indexes were damaged; NEW has them rebuilt"
+            else:
+                verdict = "nothing was lost: the ledger is whole; NEW is a verified copy"
+            return {"path": path, "into": into, "first_corrupt_lsn": report.corrupt_lsn, "whole": report.whole,
+                    "problem": report.problem, "records_copied": copied, "lost": lost, "verdict": verdict}
     finally:
         journal.close()
 
@@ -172,6 +177,8 @@ def _copy_prefix(journal: Journal, into: str, stop: int) -> tuple[int, list[dict
         target.wait_durable(last, 30.0)
     finally:
         target.close()
+    if stop > journal.last_lsn:
+        return copied, []
     lost: list[dict[str, Any]] = [{"lsn": stop, "transfer": None, "why": "this record is corrupt: whatever it held is lost"}]
     for lsn in range(stop + 1, journal.last_lsn + 1):
         try:

@@ -89,6 +89,8 @@ class Journal:
         """
         path = os.fspath(path)
         _prepare_directory(path, create)
+        if not create and not os.path.exists(os.path.join(path, "data.mdb")):
+            Store.refuse_missing(path)
         fd = _lock_directory(path)
         try:
             store = Store(path, map_size_bytes=map_size_bytes, sync=sync, index_names=index_names, create=create)

@@ -54,11 +54,8 @@ class Store:
         create: bool,
         readonly: bool = False,
     ) -> None:
-        exists = os.path.exists(os.path.join(path, "data.mdb"))
-        if not exists and not create:
-            if not os.listdir(path):
-                raise JournalNotFoundError(f"{path} is an empty directory, not a Tally ledger")
-            raise JournalNotFoundError(f"{path} is not a Tally ledger (it holds no journal)")
+        if not create and not os.path.exists(os.path.join(path, "data.mdb")):
+            self.refuse_missing(path)
         self.readonly = readonly
         try:
             self.env = lmdb.open(
@@ -95,6 +92,13 @@ class Store:
         except BaseException:
             self.env.close()
             raise
+
+    @staticmethod
+    def refuse_missing(path: str) -> None:
+        """Raise the error for a directory that holds no journal (touching nothing)."""
+        if not os.listdir(path):
+            raise JournalNotFoundError(f"{path} is an empty directory, not a Tally ledger")
+        raise JournalNotFoundError(f"{path} is not a Tally ledger (it holds no journal)")
 
     def _check_format(self) -> None:
         with self.env.begin(write=not self.readonly, db=self.meta) as txn:
