@@ -1,0 +1,621 @@
+"""The `tally` operator commands, run as a real process against ledgers built with the public API.
+
+Exit codes: 0 ok / whole, 1 not whole or a check failed, 2 could not run (one
+line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import select
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+import msgpack
+import pytest
+from coordinator import CHECKS, INDEX_NAMES
+from engine import CurrencyMismatch, InsufficientFunds, Ledger, TransferRequest
+from journal import Journal, lsn_key
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI_TIMEOUT_S = 60.0
+HOLDER_TIMEOUT_S = 30.0
+COMMIT, REJECT = 2, 3
+"""Record kinds, as the journal stores them (the first element of each msgpack record)."""
+
+
+def tally(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """Run `python -m engine ARGS` from this tree (bounded)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "engine", *map(str, args)], capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT_S, cwd=ROOT, env=env)
+
+
+def tally_json(*args: str | Path) -> tuple[int, dict]:
+    done = tally(*args, "--json")
+    assert done.stderr == "", done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def journal_transfer_ids(path: Path) -> dict[int, str]:
+    """LSN -> transfer id of every commit and refusal record, read from the journal layer alone."""
+    journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
+    try:
+        return {lsn: record[1] for lsn, payload in journal.scan(0)
+                if (record := msgpack.unpackb(payload))[0] in (COMMIT, REJECT)}
+    finally:
+        journal.close()
+
+
+@dataclass
+class Built:
+    """A closed ledger and what the API said about it while it was open."""
+
+    path: Path
+    state_hash: str
+    last_lsn: int
+    committed: dict[str, tuple[str, str, int, int]]
+    """transfer id -> (source, destination, amount, lsn)"""
+    refused: dict[str, str]
+    """transfer id -> refusal code"""
+    balances: dict[str, int]
+    entries: dict[str, list[tuple[int, str, int, int, int]]]
+    """account -> [(seq, transfer id, amount, balance, lsn)]"""
+
+
+@pytest.fixture
+def built(tmp_path: Path) -> Built:
+    path = tmp_path / "ledger"
+    committed: dict[str, tuple[str, str, int, int]] = {}
+    refused: dict[str, str] = {}
+    with Ledger.open(path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        for name in ("alice", "bob", "carol"):
+            ledger.create_account(name, currency="USD")
+        ledger.create_account("euro", currency="EUR")
+        for n, name in enumerate(("alice", "bob", "carol", "alice")):
+            ledger.transfer(f"fund-{n}", source="bank", destination=name, amount=1_000 + n)
+        with pytest.raises(InsufficientFunds) as raised:
+            ledger.transfer("refused-alice", source="alice", destination="bob", amount=10**9)
+        refused["refused-alice"] = raised.value.code
+        with pytest.raises(CurrencyMismatch) as raised:
+            ledger.transfer("refused-euro", source="bob", destination="euro", amount=5)
+        refused["refused-euro"] = raised.value.code
+        batch = [TransferRequest(f"move-{n}", ("alice", "bob", "carol")[n % 3], ("bob", "carol", "alice")[n % 3], 7 + n)
+                 for n in range(9)]
+        assert all(outcome.id == request.id for request, outcome in zip(batch, ledger.transfer_many(batch)))
+        ledger.transfer("last", source="carol", destination="bank", amount=3)
+        for tid in [f"fund-{n}" for n in range(4)] + [request.id for request in batch] + ["last"]:
+            transfer = ledger.get_transfer(tid)
+            assert transfer is not None
+            committed[tid] = (transfer.source, transfer.destination, transfer.amount, transfer.lsn)
+        accounts = [account.id for account in ledger.accounts()]
+        balances = {account: ledger.balance(account).posted for account in accounts}
+        entries = {account: [(e.seq, e.transfer_id, e.amount, e.balance, e.lsn) for e in ledger.entries(account)]
+                   for account in accounts}
+        state_hash = ledger.state_hash()
+    last_lsn = max(lsn for *_, lsn in committed.values())
+    return Built(path, state_hash, last_lsn, committed, refused, balances, entries)
+
+
+# --- verify ----------------------------------------------------------------------
+
+
+def test_verify_of_a_whole_ledger_exits_0_and_marks_every_check_passed(built: Built) -> None:
+    done = tally("verify", built.path)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "verdict: whole" in done.stdout
+    assert done.stdout.count("✓") == len(CHECKS)
+    assert "✗" not in done.stdout and done.stderr == ""
+
+
+def test_verify_json_says_whole_with_every_check_true_and_the_apis_state_hash(built: Built) -> None:
+    code, report = tally_json("verify", built.path)
+
+    assert code == 0
+    assert report["verdict"] == "whole"
+    assert report["checks"] == dict.fromkeys(CHECKS, True)
+    assert report["state_hash"] == built.state_hash
+    assert report["transfers_committed"] == len(built.committed)
+    assert report["transfers_rejected"] == len(built.refused)
+    assert report["accounts"] == len(built.balances)
+    assert report["last_lsn"] == report["records_scanned"] == built.last_lsn
+    assert report["problem"] is None and report["corrupt_lsn"] is None
+
+
+def test_verify_never_writes(built: Built) -> None:
+    before = file_digest(built.path / "data.mdb")
+    assert tally("verify", built.path).returncode == 0
+    assert file_digest(built.path / "data.mdb") == before
+
+
+# --- inspect ---------------------------------------------------------------------
+
+
+def test_inspect_prints_one_line_per_record_in_lsn_order(built: Built) -> None:
+    done = tally("inspect", built.path)
+
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [int(line.split()[0]) for line in lines] == list(range(1, built.last_lsn + 1))
+    for tid, (source, destination, amount, lsn) in built.committed.items():
+        assert lines[lsn - 1].split() == [str(lsn), "commit", tid, source, "->", destination, str(amount)]
+    refusal = next(line for line in lines if " refused-alice " in line)
+    assert refusal.split()[1] == "reject" and refusal.endswith("refused: insufficient_funds")
+
+
+def test_inspect_json_rows_carry_what_the_api_committed_and_refused(built: Built) -> None:
+    code, report = tally_json("inspect", built.path)
+
+    assert code == 0 and report["problem"] is None
+    rows = {row["lsn"]: row for row in report["records"]}
+    assert sorted(rows) == list(range(1, built.last_lsn + 1))
+    for tid, (source, destination, amount, lsn) in built.committed.items():
+        row = rows[lsn]
+        assert (row["kind"], row["transfer"], row["source"], row["destination"], row["amount"]) == (
+            "commit", tid, source, destination, amount)
+    for account, entries in built.entries.items():
+        for seq, tid, amount, balance, lsn in entries:
+            side = "source" if amount < 0 else "destination"
+            assert (rows[lsn][f"{side}_seq"], rows[lsn][f"{side}_balance"], rows[lsn][side]) == (seq, balance, account)
+    rejects = {row["transfer"]: row["code"] for row in rows.values() if row["kind"] == "reject"}
+    assert {tid: rejects[tid] for tid in built.refused} == built.refused
+    opened = [row["account"] for row in rows.values() if row["kind"] == "account"]
+    assert opened == list(built.balances)
+
+
+def test_inspect_from_and_limit_show_a_window_of_lsns(built: Built) -> None:
+    code, report = tally_json("inspect", built.path, "--from", "5", "--limit", "3")
+
+    assert code == 0
+    assert [row["lsn"] for row in report["records"]] == [5, 6, 7]
+
+
+def test_inspect_from_past_the_last_lsn_shows_nothing(built: Built) -> None:
+    done = tally("inspect", built.path, "--from", str(built.last_lsn + 1))
+
+    assert done.returncode == 0 and done.stdout == ""
+
+
+def test_inspect_transfer_shows_only_that_transfers_record(built: Built) -> None:
+    code, report = tally_json("inspect", built.path, "--transfer", "move-4")
+
+    assert code == 0
+    assert [(row["lsn"], row["transfer"]) for row in report["records"]] == [(built.committed["move-4"][3], "move-4")]
+
+
+def test_inspect_account_shows_its_opening_and_every_record_touching_it(built: Built) -> None:
+    code, report = tally_json("inspect", built.path, "--account", "carol")
+
+    assert code == 0
+    rows = report["records"]
+    assert rows[0]["kind"] == "account" and rows[0]["account"] == "carol"
+    touching = {tid for tid, (source, destination, *_) in built.committed.items() if "carol" in (source, destination)}
+    assert {row["transfer"] for row in rows[1:]} == touching
+    assert [row["lsn"] for row in rows] == sorted(row["lsn"] for row in rows)
+
+
+# --- balance and history ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("account", ["bank", "alice", "bob", "carol", "euro"])
+def test_balance_reports_the_posted_balance_and_entry_count_the_api_reports(built: Built, account: str) -> None:
+    code, report = tally_json("balance", built.path, account)
+
+    assert code == 0
+    assert report["posted"] == built.balances[account]
+    assert report["entries"] == len(built.entries[account])
+    assert report["last_lsn"] == (built.entries[account][-1][4] if built.entries[account] else None)
+
+
+def test_balance_prints_the_posted_balance_and_currency(built: Built) -> None:
+    done = tally("balance", built.path, "carol")
+
+    assert done.returncode == 0
+    assert done.stdout.startswith(f"carol: posted {built.balances['carol']} USD ")
+
+
+def test_history_lists_the_latest_entries_exactly_as_the_api_does(built: Built) -> None:
+    code, report = tally_json("history", built.path, "alice", "--limit", "3")
+
+    assert code == 0
+    assert report["entries_total"] == len(built.entries["alice"])
+    assert [(e["seq"], e["transfer"], e["amount"], e["balance"], e["lsn"]) for e in report["entries"]] == (
+        built.entries["alice"][-3:])
+
+
+def test_history_without_a_limit_shows_every_entry_of_a_short_history(built: Built) -> None:
+    done = tally("history", built.path, "bob")
+
+    assert done.returncode == 0
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith(f"bob (USD), {len(built.entries['bob'])} entries")
+    assert [line.split()[4] for line in lines[1:]] == [tid for _, tid, *_ in built.entries["bob"]]
+
+
+# --- replay ----------------------------------------------------------------------
+
+
+def test_replay_into_a_new_directory_is_identical_and_the_copy_opens_with_the_same_state_hash(
+    built: Built, tmp_path: Path
+) -> None:
+    code, report = tally_json("replay", built.path, "--into", tmp_path / "copy")
+
+    assert code == 0
+    assert report["verdict"] == "identical"
+    assert report["state_hash_original"] == report["state_hash_replayed"] == built.state_hash
+    assert report["transfers_replayed"] == len(built.committed)
+    with Ledger.open(tmp_path / "copy") as copy:
+        assert copy.state_hash() == built.state_hash
+        assert copy.get_transfer("move-8") is not None
+
+
+def test_replay_into_a_directory_that_is_not_empty_is_refused_and_writes_nothing(built: Built, tmp_path: Path) -> None:
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+
+    done = tally("replay", built.path, "--into", occupied)
+
+    assert done.returncode == 2
+    assert len(done.stderr.splitlines()) == 1 and "not empty" in done.stderr
+    assert sorted(p.name for p in occupied.iterdir()) == ["keep.txt"]
+
+
+# --- recover ---------------------------------------------------------------------
+
+
+def test_recover_dry_run_changes_no_byte_and_says_where_it_would_checkpoint(built: Built) -> None:
+    before = file_digest(built.path / "data.mdb")
+
+    code, report = tally_json("recover", built.path, "--dry-run")
+
+    assert code == 0
+    assert report["verdict"] == "whole" and report["dry_run"] is True
+    assert report["would_write_checkpoint_at"] == built.last_lsn + 1
+    assert "checkpoint_written_at" not in report
+    assert file_digest(built.path / "data.mdb") == before
+    with Ledger.open(built.path) as ledger:
+        assert ledger.recovered.records == built.last_lsn
+
+
+def test_recover_writes_a_checkpoint_after_which_a_reopen_replays_no_record(built: Built) -> None:
+    code, report = tally_json("recover", built.path)
+
+    assert code == 0
+    assert report["verdict"] == "whole" and report["dry_run"] is False
+    assert report["replayed_past_checkpoint"] == built.last_lsn
+    assert report["checkpoint_written_at"] == built.last_lsn + 1
+    with Ledger.open(built.path) as ledger:
+        assert ledger.recovered.checkpoint_lsn == report["checkpoint_written_at"]
+        assert ledger.recovered.records == 0
+        assert ledger.state_hash() == built.state_hash
+
+
+def test_recover_of_a_just_recovered_ledger_has_nothing_left_to_do(built: Built) -> None:
+    assert tally("recover", built.path).returncode == 0
+    before = file_digest(built.path / "data.mdb")
+
+    code, report = tally_json("recover", built.path)
+
+    assert code == 0
+    assert report["replayed_past_checkpoint"] == 0
+    assert "checkpoint_written_at" not in report
+    assert file_digest(built.path / "data.mdb") == before
+
+
+def test_recover_prints_its_verdict_and_the_checkpoint_it_wrote(built: Built) -> None:
+    done = tally("recover", built.path)
+
+    assert done.returncode == 0
+    assert "verdict: whole" in done.stdout
+    assert f"wrote a checkpoint at LSN {built.last_lsn + 1}" in done.stdout
+
+
+# --- a damaged record ------------------------------------------------------------
+
+
+@dataclass
+class Corrupted:
+    built: Built
+    lsn: int
+    """The damaged record."""
+    digest: str
+    """Of data.mdb, just after the damage."""
+    transfer_ids: dict[int, str]
+    """LSN -> transfer id of every commit and refusal, read before the damage."""
+
+
+@pytest.fixture(params=["a flipped byte", "a missing record"])
+def corrupted(
+    request: pytest.FixtureRequest,
+    built: Built,
+    flip_record_byte: Callable[[Path, int], None],
+    raw_lmdb: Callable[[Path], AbstractContextManager[lmdb.Environment]],
+) -> Corrupted:
+    """`built` with move-4's commit record damaged: one payload byte flipped, or the record deleted."""
+    lsn = built.committed["move-4"][3]
+    transfer_ids = journal_transfer_ids(built.path)
+    if request.param == "a flipped byte":
+        flip_record_byte(built.path, lsn)
+    else:
+        with raw_lmdb(built.path) as env:
+            records = env.open_db(b"records", create=False)
+            with env.begin(write=True, db=records) as txn:
+                assert txn.delete(lsn_key(lsn))
+    return Corrupted(built, lsn, file_digest(built.path / "data.mdb"), transfer_ids)
+
+
+@pytest.mark.parametrize("command", [["verify"], ["recover"], ["recover", "--dry-run"]])
+def test_a_damaged_record_makes_verify_and_recover_exit_1_naming_its_lsn_and_change_nothing(
+    corrupted: Corrupted, command: list[str]
+) -> None:
+    built, lsn, digest = corrupted.built, corrupted.lsn, corrupted.digest
+
+    done = tally(command[0], built.path, *command[1:])
+    code, report = tally_json(command[0], built.path, *command[1:])
+
+    assert done.returncode == 1 and code == 1
+    assert f"LSN {lsn}" in done.stdout and "verdict: NOT WHOLE" in done.stdout
+    assert done.stderr == ""
+    assert report["corrupt_lsn"] == lsn
+    assert report["verdict"] == "NOT WHOLE"
+    assert report["checks"][CHECKS[0]] is False
+    assert "checkpoint_written_at" not in report and report["state_hash"] is None
+    assert file_digest(built.path / "data.mdb") == digest
+
+
+def test_inspect_stops_at_a_damaged_record_and_exits_1(corrupted: Corrupted) -> None:
+    built, lsn = corrupted.built, corrupted.lsn
+
+    code, report = tally_json("inspect", built.path)
+
+    assert code == 1
+    assert [row["lsn"] for row in report["records"]] == list(range(1, lsn))
+    assert f"LSN {lsn}" in report["problem"]
+
+
+def test_salvage_copies_the_records_before_a_damaged_one_and_lists_every_transfer_after_it_as_lost(
+    corrupted: Corrupted, tmp_path: Path
+) -> None:
+    built, lsn, digest = corrupted.built, corrupted.lsn, corrupted.digest
+    assert lsn < built.last_lsn - 2, "the fixture should corrupt a record with transfers after it"
+
+    code, report = tally_json("recover", built.path, "--salvage", "--into", tmp_path / "salvaged")
+
+    assert code == 0
+    assert report["first_corrupt_lsn"] == lsn and report["records_copied"] == lsn - 1
+    assert report["lost"][0] == {"lsn": lsn, "transfer": None, "why": "this record is corrupt: whatever it held is lost"}
+    after = [(at, tid) for at, tid in sorted(corrupted.transfer_ids.items()) if at > lsn]
+    assert [(row["lsn"], row["transfer"]) for row in report["lost"][1:]] == after
+    assert file_digest(built.path / "data.mdb") == digest
+    assert tally("verify", tmp_path / "salvaged").returncode == 0
+    with Ledger.open(tmp_path / "salvaged") as salvaged:
+        for tid, (source, destination, amount, at) in built.committed.items():
+            found = salvaged.get_transfer(tid)
+            if at < lsn:
+                assert found is not None and (found.source, found.destination, found.amount) == (source, destination, amount)
+            else:
+                assert found is None, tid
+
+
+def test_salvage_of_a_whole_ledger_reports_nothing_lost(built: Built, tmp_path: Path) -> None:
+    code, report = tally_json("recover", built.path, "--salvage", "--into", tmp_path / "copy")
+
+    assert code == 0
+    assert report["first_corrupt_lsn"] is None and report["whole"] is True
+    assert report["records_copied"] == built.last_lsn
+    assert report["lost"] == []
+    copy_code, copy = tally_json("verify", tmp_path / "copy")
+    assert copy_code == 0 and copy["state_hash"] == built.state_hash
+
+
+@pytest.fixture
+def entry_unindexed(built: Built, raw_lmdb: Callable[[Path], AbstractContextManager[lmdb.Environment]]) -> Built:
+    """`built` with carol's latest entry (the debit of transfer "last") deleted from the entries index.
+
+    An entry key is the account id's length (2 bytes, big-endian), the id, and the seq (8 bytes)."""
+    seq, tid, *_ = built.entries["carol"][-1]
+    assert tid == "last"
+    with raw_lmdb(built.path) as env:
+        entries = env.open_db(b"entries", create=False)
+        with env.begin(write=True, db=entries) as txn:
+            assert txn.delete(b"\x00\x05carol" + seq.to_bytes(8, "big"))
+    return built
+
+
+@pytest.mark.parametrize("command", ["verify", "recover"])
+def test_an_entry_missing_from_its_index_fails_the_pairs_check_with_exit_1(entry_unindexed: Built, command: str) -> None:
+    before = file_digest(entry_unindexed.path / "data.mdb")
+
+    code, report = tally_json(command, entry_unindexed.path)
+
+    assert code == 1
+    assert report["verdict"] == "NOT WHOLE"
+    pairs = next(check for check in CHECKS if check.startswith("each committed transfer has exactly two entries"))
+    assert report["checks"][pairs] is False
+    assert "'last'" in report["problem"]
+    assert "checkpoint_written_at" not in report
+    assert file_digest(entry_unindexed.path / "data.mdb") == before
+
+
+def test_salvage_of_a_ledger_with_a_damaged_index_does_not_call_it_whole(entry_unindexed: Built, tmp_path: Path) -> None:
+    code, report = tally_json("recover", entry_unindexed.path, "--salvage", "--into", tmp_path / "copy")
+
+    assert code == 0
+    assert tally("verify", tmp_path / "copy").returncode == 0
+    assert report["records_copied"] == entry_unindexed.last_lsn
+    assert report["whole"] is False and "whole" not in report["verdict"]
+    assert report["lost"] == []
+
+
+# --- wrong inputs ----------------------------------------------------------------
+
+
+def _not_a_ledger(tmp_path: Path) -> Path:
+    path = tmp_path / "random"
+    path.mkdir()
+    (path / "notes.bin").write_bytes(os.urandom(4096))
+    return path
+
+
+def _a_file(tmp_path: Path) -> Path:
+    path = tmp_path / "file"
+    path.write_bytes(b"not a directory")
+    return path
+
+
+def _newer_format(tmp_path: Path) -> Path:
+    path = tmp_path / "newer"
+    with Ledger.open(path) as ledger:
+        ledger.create_account("a", currency="USD")
+    env = lmdb.open(str(path), subdir=True, max_dbs=8, create=False)
+    try:
+        meta = env.open_db(b"meta", create=False)
+        with env.begin(write=True, db=meta) as txn:
+            assert txn.get(b"format_version") == b"1"
+            txn.put(b"format_version", b"2")
+    finally:
+        env.close()
+    return path
+
+
+def _empty_directory(tmp_path: Path) -> Path:
+    path = tmp_path / "empty"
+    path.mkdir()
+    return path
+
+
+def _missing(tmp_path: Path) -> Path:
+    return tmp_path / "missing"
+
+
+WRONG_INPUTS: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "a directory that is not a ledger": (_not_a_ledger, "not a Tally ledger"),
+    "a file": (_a_file, "is a file"),
+    "a newer format version": (_newer_format, "newer"),
+    "an empty directory": (_empty_directory, "empty directory"),
+    "a missing path": (_missing, "does not exist"),
+}
+COMMANDS = {
+    "verify": ["verify"],
+    "recover": ["recover"],
+    "recover --dry-run": ["recover", "--dry-run"],
+    "inspect": ["inspect"],
+    "balance": ["balance", "{path}", "a"],
+    "history": ["history", "{path}", "a"],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("wrong", WRONG_INPUTS)
+def test_a_wrong_path_gives_one_line_on_stderr_and_exit_2_without_a_traceback(
+    tmp_path: Path, wrong: str, command: str
+) -> None:
+    make, says = WRONG_INPUTS[wrong]
+    path = make(tmp_path)
+    args = COMMANDS[command]
+    args = [arg.format(path=path) for arg in args] if "{path}" in args else [args[0], str(path), *args[1:]]
+
+    done = tally(*args)
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"tally {args[0]}: ") and says in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", ["balance", "history"])
+def test_an_unknown_account_gives_one_line_on_stderr_and_exit_2(built: Built, command: str) -> None:
+    done = tally(command, built.path, "nobody")
+
+    assert done.returncode == 2
+    assert done.stdout == "" and "Traceback" not in done.stderr
+    assert done.stderr.splitlines() == [f"tally {command}: no account 'nobody' in {built.path}"]
+
+
+@pytest.mark.parametrize("wrong", ["a directory that is not a ledger", "an empty directory"])
+@pytest.mark.parametrize("salvage", [[], ["--salvage", "--into", "{new}"]])
+def test_recover_of_a_directory_that_is_not_a_ledger_leaves_it_as_it_was(
+    tmp_path: Path, wrong: str, salvage: list[str]
+) -> None:
+    path = WRONG_INPUTS[wrong][0](tmp_path)
+    before = sorted(p.name for p in path.iterdir())
+
+    assert tally("recover", path, *[arg.format(new=tmp_path / "new") for arg in salvage]).returncode == 2
+    assert sorted(p.name for p in path.iterdir()) == before
+    assert not (tmp_path / "new").exists()
+
+
+def test_salvage_without_into_is_a_usage_error_with_exit_2(built: Built) -> None:
+    done = tally("recover", built.path, "--salvage")
+
+    assert len(done.stderr.splitlines()) == 1 and "--into" in done.stderr
+    assert done.returncode == 2
+
+
+# --- a live process --------------------------------------------------------------
+
+HOLDER = """
+import sys
+from engine import Ledger
+with Ledger.open(sys.argv[1]) as ledger:
+    print("ready", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.fixture
+def held(built: Built) -> Iterator[Built]:
+    """`built`, held open by another live process until the test ends."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(built.path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        assert holder.stdout is not None
+        readable, _, _ = select.select([holder.stdout], [], [], HOLDER_TIMEOUT_S)  # a bounded wait for "ready"
+        assert readable and holder.stdout.readline() == "ready\n", "the holder did not open the ledger"
+        yield built
+    finally:
+        holder.kill()
+        holder.wait(timeout=HOLDER_TIMEOUT_S)
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_recover_refuses_while_a_live_process_holds_the_ledger(held: Built, dry_run: list[str]) -> None:
+    done = tally("recover", held.path, *dry_run)
+
+    assert done.returncode == 2
+    assert done.stdout == "" and "Traceback" not in done.stderr
+    assert len(done.stderr.splitlines()) == 1 and "live process" in done.stderr
+
+
+def test_salvage_refuses_while_a_live_process_holds_the_ledger(held: Built, tmp_path: Path) -> None:
+    done = tally("recover", held.path, "--salvage", "--into", tmp_path / "copy")
+
+    assert done.returncode == 2
+    assert len(done.stderr.splitlines()) == 1 and "live process" in done.stderr
+    assert not (tmp_path / "copy").exists()
+
+
+def test_verify_and_balance_read_a_ledger_a_live_process_holds(held: Built) -> None:
+    code, report = tally_json("verify", held.path)
+    balance_code, balance = tally_json("balance", held.path, "alice")
+
+    assert code == 0
+    assert report["state_hash"] == held.state_hash
+    assert balance_code == 0 and balance["posted"] == held.balances["alice"]
+
