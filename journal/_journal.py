@@ -25,7 +25,7 @@ from journal._errors import (
     JournalLockedError,
     JournalNotFoundError,
 )
-from journal._format import key_lsn, lsn_key, unframe
+from journal._format import key_lsn, lsn_key, unframe, unframe_keyed
 from journal._limits import MAP_SIZE_BYTES_DEFAULT
 from journal._store import Store
 from journal._writer import IndexPut, Writer
@@ -183,10 +183,10 @@ class Journal:
         if not cursor.set_range(lsn_key(expected)):
             return
         for key, value in cursor:
-            lsn = key_lsn(key)
-            if lsn != expected:
+            if key != lsn_key(expected):
+                lsn = key_lsn(key)
                 raise JournalCorruptedError(f"LSN {expected} is missing (next stored is {lsn})", expected)
-            yield lsn, unframe(lsn, value)
+            yield expected, unframe_keyed(key, value, expected)
             expected += 1
 
     def index_get(self, name: str, key: bytes, txn: Any | None = None) -> bytes | None:
