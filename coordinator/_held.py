@@ -65,10 +65,12 @@ class HeldBatch:
             names.add(request.source)
             names.add(request.destination)
         accounts = coordinator.sequencer.accounts
+        permits = len(valid) or 1
+        coordinator.admission.admit(permits, self._remaining())  # before any turn is taken
         held = self._hold(sorted(name for name in names if name in accounts))
         if held is None:
+            coordinator.admission.release(permits)
             return None
-        coordinator.admission.admit(len(valid) or 1, self._remaining())
         try:
             for i in valid:
                 self._run_one(i, held)
@@ -76,7 +78,7 @@ class HeldBatch:
             for name, participant in held.items():
                 participant.unhold()
                 coordinator.participants.unpin(name)
-            coordinator.admission.release(len(valid) or 1)
+            coordinator.admission.release(permits)
         return self._settle()
 
     def _hold(self, names: list[str]) -> dict[str, Participant] | None:

@@ -33,36 +33,56 @@ from engine import (
 )
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 AMOUNT_MAX = 2**63 - 1
 TIMEOUT_S = 10.0
 
-ACCOUNT_IDS = ("a", "b", "c", "d")
-TRANSFER_IDS = tuple(f"t-{n}" for n in range(24))
+ACCOUNT_IDS = ("a", "b", "c", "d", "e")
+INITIAL_ACCOUNT_IDS = ACCOUNT_IDS[:4]
+"""Opened with the ledger; "e" exists only once a rule creates it (AccountNotFound till then)."""
+TRANSFER_IDS = tuple(f"t-{n}" for n in range(8))
+"""A small pool of ids reused on purpose: retries with other fields must conflict."""
 CURRENCIES = ("USD", "EUR")
 OVERDRAFT_LIMITS = (None, 0, 50)
 SPECIAL_AMOUNTS = (0, -5, 2**62, AMOUNT_MAX, AMOUNT_MAX + 1)
 """Malformed amounts (0, -5, 2**63) and huge valid ones that hit the overflow checks."""
 
+CHECKPOINT_INTERVALS = (3, 1_000_000)
+"""Records between checkpoints: every few records (reopen starts from a checkpoint and
+replays the tail), or never within an example (reopen replays everything)."""
+
 COMMITTED = "committed"
 """The model's outcome for a transfer that posted; refusals are their error class."""
 
+FRESH = None
+"""In a drawn request, stands for a new id the machine makes up (`f-1`, `f-2`...)."""
+
+Draw = tuple[str | None, str, str, int]
+"""(transfer id or FRESH, source, destination, amount), turned into a request by the machine."""
+
 account_ids = st.sampled_from(ACCOUNT_IDS)
-transfer_ids = st.sampled_from(TRANSFER_IDS)
-# Three ordinary branches to one special: mostly small amounts, occasionally huge or malformed.
-amounts = st.one_of(
-    st.integers(1, 200), st.integers(1, 200), st.integers(1, 200), st.sampled_from(SPECIAL_AMOUNTS)
+# USD three times out of four, so most pairs of accounts can trade.
+currencies = st.one_of(st.just("USD"), st.just("USD"), st.just("USD"), st.sampled_from(CURRENCIES))
+limits = st.sampled_from(OVERDRAFT_LIMITS)
+account_specs = st.tuples(account_ids, currencies, limits)
+transfer_ids = st.one_of(st.just(FRESH), st.just(FRESH), st.sampled_from(TRANSFER_IDS))
+distinct_pairs = st.sampled_from(tuple((s, d) for s in ACCOUNT_IDS for d in ACCOUNT_IDS if s != d))
+
+
+def _draw(transfer_id: str | None, pair: tuple[str, str], amount: int) -> Draw:
+    return (transfer_id, pair[0], pair[1], amount)
+
+
+plain_draws = st.builds(_draw, transfer_ids, distinct_pairs, st.integers(1, 200))
+"""Well formed, between two distinct accounts, small amounts."""
+special_amount_draws = st.builds(_draw, transfer_ids, distinct_pairs, st.sampled_from(SPECIAL_AMOUNTS))
+odd_draws = st.one_of(
+    special_amount_draws,
+    special_amount_draws,
+    st.builds(_draw, transfer_ids, account_ids.map(lambda a: (a, a)), st.integers(1, 200)),
 )
-DISTINCT_PAIRS = tuple((s, d) for s in ACCOUNT_IDS for d in ACCOUNT_IDS if s != d)
-# Mostly two distinct accounts; now and then the same one twice (a malformed request).
-pairs = st.one_of(st.sampled_from(DISTINCT_PAIRS), st.sampled_from(DISTINCT_PAIRS), st.sampled_from(DISTINCT_PAIRS),
-                  st.sampled_from(DISTINCT_PAIRS), account_ids.map(lambda a: (a, a)))
-requests = st.builds(
-    lambda transfer_id, pair, amount: TransferRequest(transfer_id, pair[0], pair[1], amount),
-    transfer_ids, pairs, amounts,
-)
-account_specs = st.tuples(account_ids, st.sampled_from(CURRENCIES), st.sampled_from(OVERDRAFT_LIMITS))
+"""A huge or malformed amount, or the same account on both sides."""
 
 
 @dataclass
@@ -131,15 +151,27 @@ class LedgerMachine(RuleBasedStateMachine):
         self.directory = tempfile.mkdtemp(prefix="tally-model-")
         self.path = Path(self.directory) / "ledger"
         self.ledger: Ledger | None = None
+        """Set by the initialize rule, so every rule and invariant sees an open ledger."""
         self.model = Model()
+        self.checkpoint_interval = CHECKPOINT_INTERVALS[-1]
+        self.fresh_ids = 0
+        self.outcomes_at_reopen = 0
+        """Consumed ids at the last reopen: reopen again only once something new happened."""
         self.transfers: dict[str, Transfer] = {}
         """The Transfer the ledger first returned for each committed id (with its LSN)."""
 
-    @initialize(specs=st.lists(account_specs, max_size=4))
-    def open_ledger_with_some_accounts(self, specs: list[tuple[str, str, int | None]]) -> None:
-        self.ledger = Ledger.open(self.path, timeout_s=TIMEOUT_S)
-        for account_id, currency, limit in specs:
+    @initialize(
+        specs=st.lists(st.tuples(currencies, limits), min_size=4, max_size=4),
+        checkpoint_interval=st.sampled_from(CHECKPOINT_INTERVALS),
+    )
+    def open_ledger_with_four_accounts(self, specs: list[tuple[str, int | None]], checkpoint_interval: int) -> None:
+        self.checkpoint_interval = checkpoint_interval
+        self.ledger = self.open()
+        for account_id, (currency, limit) in zip(INITIAL_ACCOUNT_IDS, specs):
             self.create_account(account_id, currency, limit)
+
+    def open(self) -> Ledger:
+        return Ledger.open(self.path, timeout_s=TIMEOUT_S, checkpoint_interval=self.checkpoint_interval)
 
     def teardown(self) -> None:
         try:
@@ -163,8 +195,49 @@ class LedgerMachine(RuleBasedStateMachine):
             with pytest.raises(expected):
                 self.ledger.create_account(account_id, currency=currency, overdraft_limit=limit)
 
-    @rule(request=requests)
-    def transfer(self, request: TransferRequest) -> None:
+    def request(self, draw: Draw) -> TransferRequest:
+        transfer_id, source, destination, amount = draw
+        if transfer_id is FRESH:
+            self.fresh_ids += 1
+            transfer_id = f"f-{self.fresh_ids}"
+        return TransferRequest(transfer_id, source, destination, amount)
+
+    @rule(draw=plain_draws)
+    def transfer(self, draw: Draw) -> None:
+        self.check_transfer(self.request(draw))
+
+    @rule(draw=odd_draws)
+    def transfer_with_an_odd_amount_or_one_account(self, draw: Draw) -> None:
+        self.check_transfer(self.request(draw))
+
+    @rule(transfer_id=transfer_ids, pair=distinct_pairs, side=st.sampled_from(("source", "destination")),
+          extra=st.sampled_from((0, 1)))
+    def transfer_exactly_to_a_limit_or_one_past_it(
+        self, transfer_id: str | None, pair: tuple[str, str], side: str, extra: int
+    ) -> None:
+        """The largest amount the source may spend (or the destination may take), plus 0 or 1."""
+        source, destination = (self.model.accounts.get(account_id) for account_id in pair)
+        room = 1
+        if side == "source" and source is not None:
+            limit = AMOUNT_MAX if source.overdraft_limit is None else source.overdraft_limit
+            room = min(self.model.posted[source.id] + limit, AMOUNT_MAX)
+        elif side == "destination" and destination is not None:
+            room = AMOUNT_MAX - self.model.posted[destination.id]
+        self.check_transfer(self.request((transfer_id, *pair, max(room, 1) + extra)))
+
+    @precondition(lambda self: self.model.outcomes)
+    @rule(pick=st.integers(0, 10**6), batched=st.booleans())
+    def retry_a_used_id_with_the_same_fields(self, pick: int, batched: bool) -> None:
+        used = list(self.model.outcomes)
+        transfer_id = used[pick % len(used)]
+        (source, destination, amount), _ = self.model.outcomes[transfer_id]
+        request = TransferRequest(transfer_id, source, destination, amount)
+        if batched:
+            self.check_batch([request])
+        else:
+            self.check_transfer(request)
+
+    def check_transfer(self, request: TransferRequest) -> None:
         expected = self.model.transfer(request)
         try:
             actual: Transfer | LedgerError = self.ledger.transfer(
@@ -174,20 +247,29 @@ class LedgerMachine(RuleBasedStateMachine):
             actual = error
         self.check_outcome(request, expected, actual)
 
-    @rule(batch=st.lists(requests, max_size=5))
-    def transfer_many(self, batch: list[TransferRequest]) -> None:
+    @rule(draws=st.lists(plain_draws, max_size=5))
+    def transfer_many(self, draws: list[Draw]) -> None:
+        self.check_batch([self.request(draw) for draw in draws])
+
+    @rule(draws=st.lists(plain_draws, max_size=4), odd=odd_draws, position=st.integers(0, 4))
+    def transfer_many_with_one_odd_request(self, draws: list[Draw], odd: Draw, position: int) -> None:
+        draws.insert(position, odd)
+        self.check_batch([self.request(draw) for draw in draws])
+
+    def check_batch(self, batch: list[TransferRequest]) -> None:
         expected = [self.model.transfer(request) for request in batch]
         actual = self.ledger.transfer_many(batch)
         assert len(actual) == len(batch)
         for request, want, got in zip(batch, expected, actual):
             self.check_outcome(request, want, got)
 
+    @precondition(lambda self: len(self.model.outcomes) > self.outcomes_at_reopen)
     @rule()
     def close_and_reopen(self) -> None:
+        self.outcomes_at_reopen = len(self.model.outcomes)
         state_hash = self.ledger.state_hash()
         self.ledger.close()
-        self.ledger = None
-        self.ledger = Ledger.open(self.path, timeout_s=TIMEOUT_S)
+        self.ledger = self.open()
         assert self.ledger.state_hash() == state_hash
 
     def check_outcome(self, request: TransferRequest, expected: object, actual: Transfer | LedgerError) -> None:
@@ -205,27 +287,20 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @invariant()
     def accounts_are_the_models_in_creation_order(self) -> None:
-        if self.ledger is not None:
-            assert self.ledger.accounts() == list(self.model.accounts.values())
+        assert self.ledger.accounts() == list(self.model.accounts.values())
 
     @invariant()
     def balances_equal_the_model_and_nothing_is_pending(self) -> None:
-        if self.ledger is None:
-            return
         for account_id, posted in self.model.posted.items():
             assert self.ledger.balance(account_id) == Balance(posted, 0, posted)
 
     @invariant()
     def money_is_conserved(self) -> None:
-        if self.ledger is None:
-            return
         assert sum(self.model.posted.values()) == 0
         assert sum(self.ledger.balance(account_id).posted for account_id in self.model.accounts) == 0
 
     @invariant()
     def entries_are_gapless_running_sums_equal_to_the_model(self) -> None:
-        if self.ledger is None:
-            return
         for account_id, expected in self.model.entries.items():
             entries = self.ledger.entries(account_id)
             assert [entry.seq for entry in entries] == list(range(1, len(expected) + 1))
@@ -239,9 +314,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @invariant()
     def get_transfer_agrees_with_the_model(self) -> None:
-        if self.ledger is None:
-            return
-        for transfer_id in TRANSFER_IDS:
+        for transfer_id in (*TRANSFER_IDS, *self.model.outcomes):
             assert self.ledger.get_transfer(transfer_id) == self.transfers.get(transfer_id)
             outcome = self.model.outcomes.get(transfer_id)
             assert (transfer_id in self.transfers) == (outcome is not None and outcome[1] is COMMITTED)
