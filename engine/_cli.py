@@ -83,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     stress.add_argument("--mix", choices=MIXES, default="uniform", help="account choice (hotspot: 10%% of accounts take 90%%)")
     stress.add_argument("--amount-max", type=_count(1), default=500, help="largest amount (default 500)")
     stress.add_argument("--batch", type=_count(1), default=1, metavar="N", help="send transfer_many batches of N")
-    stress.add_argument("--retry-rate", type=_rate, default=0.0, metavar="R", help="resubmit this fraction with the same id")
+    stress.add_argument("--retry-rate", type=_rate, default=0.02, metavar="R",
+                        help="resubmit this fraction with the same id (default 0.02)")
     stress.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
     stress.add_argument("--chaos", action="store_true", help="run the engine in a child process and SIGKILL it")
     stress.add_argument("--kills", type=_count(1), default=20, metavar="N", help="with --chaos: kills (default 20)")
@@ -254,8 +255,9 @@ def _stress(args: argparse.Namespace) -> int:
 
 def _render_stress(summary: dict[str, Any], args: argparse.Namespace) -> None:
     config = summary["config"]
-    print(f"tally stress: {config['clients']} clients, {config['accounts']} accounts, mix {config['mix']},"
-          f" batch {config['batch']}, retry rate {config['retry_rate']}, seed {config['seed']}")
+    shape = "" if "chaos" in summary else f", batch {config['batch']}, retry rate {config['retry_rate']}"
+    print(f"tally stress: {config['clients']} clients, {config['accounts']} accounts, mix {config['mix']}{shape},"
+          f" seed {config['seed']}")
     print(f"  {summary['transfers_sent']:,} transfers in {summary['elapsed_s']} s ="
           f" {summary['transfers_per_s']:,.0f} durable transfers/s")
     lat = summary["latency_ms"]

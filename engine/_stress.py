@@ -24,7 +24,7 @@ from engine._auditor import Replies, audit_replies
 from engine._ledger import Ledger
 from engine._workload import ClientWorkload, Op, Picker
 
-FUNDING_PER_ACCOUNT_AMOUNTS = 20
+FUNDING_PER_ACCOUNT_AMOUNTS = 5
 """Each account starts with this many times --amount-max."""
 PROGRESS_TTY_S = 0.25
 PROGRESS_PLAIN_S = 5.0
