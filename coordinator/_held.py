@@ -75,25 +75,12 @@ class HeldBatch:
             for i in valid:
                 self._run_one(i, held)
         finally:
-            for name, participant in held.items():
-                participant.unhold()
-                coordinator.participants.unpin(name)
+            release(coordinator, held)
             coordinator.admission.release(permits)
         return self._settle()
 
     def _hold(self, names: list[str]) -> dict[str, Participant] | None:
-        participants = self._coordinator.participants
-        held: dict[str, Participant] = {}
-        for name in names:
-            participant = participants.pin(name)
-            if not participant.hold():
-                participants.unpin(name)
-                for other, taken in held.items():
-                    taken.unhold()
-                    participants.unpin(other)
-                return None
-            held[name] = participant
-        return held
+        return hold(self._coordinator, names)
 
     def _run_one(self, i: int, held: dict[str, Participant]) -> None:
         coordinator = self._coordinator
@@ -107,32 +94,7 @@ class HeldBatch:
         assert isinstance(claim, Ticket)
         self._fresh.append(claim)
         self._results[i] = claim
-        source, destination = held.get(request.source), held.get(request.destination)
-        if source is None or destination is None:
-            coordinator.refuse(claim, AccountNotFound.code)
-            return
-        accounts = coordinator.sequencer.accounts
-        if accounts[request.source].currency != accounts[request.destination].currency:
-            coordinator.refuse(claim, CurrencyMismatch.code)
-            return
-        source.drain()
-        source.decide(DebitStep(request, claim, source, destination, self._commit, self._reject))
-        source.drain()
-        destination.drain()
-
-    def _commit(self, step: DebitStep) -> bool:
-        coordinator = self._coordinator
-        try:
-            committed = coordinator.sequencer.commit(step.request, coordinator.deliver(step), step.ticket) is not None
-        except JournalError as error:
-            coordinator.fail(step.ticket, error)
-            return False
-        if not committed:
-            coordinator.refuse(step.ticket, BalanceOverflow.code)
-        return committed
-
-    def _reject(self, step: DebitStep, code: str) -> None:
-        self._coordinator.refuse(step.ticket, code)
+        run_held(coordinator, claim, held)
 
     def _settle(self) -> list[Result]:
         coordinator = self._coordinator
@@ -148,6 +110,59 @@ class HeldBatch:
             if ticket.wait(self._remaining()):
                 coordinator.claims.release(ticket)
         return [_result(request, result) for request, result in zip(self._requests, self._results, strict=True)]
+
+
+def hold(coordinator: Coordinator, names: list[str]) -> dict[str, Participant] | None:
+    """Pin every named account and take its turn, or (if any is busy) nothing at all."""
+    participants = coordinator.participants
+    held: dict[str, Participant] = {}
+    for name in names:
+        participant = participants.pin(name)
+        if not participant.hold():
+            participants.unpin(name)
+            release(coordinator, held)
+            return None
+        held[name] = participant
+    return held
+
+
+def release(coordinator: Coordinator, held: dict[str, Participant]) -> None:
+    """Give back the turns taken by `hold` and unpin the accounts."""
+    for name, participant in held.items():
+        participant.unhold()
+        coordinator.participants.unpin(name)
+
+
+def run_held(coordinator: Coordinator, ticket: Ticket, held: dict[str, Participant]) -> None:
+    """Decide a claimed ticket by running its accounts' handlers on this thread, which
+    holds their turns (every account of the ticket that exists is in `held`)."""
+    request = ticket.request
+    source, destination = held.get(request.source), held.get(request.destination)
+    if source is None or destination is None:
+        coordinator.refuse(ticket, AccountNotFound.code)
+        return
+    accounts = coordinator.sequencer.accounts
+    if accounts[request.source].currency != accounts[request.destination].currency:
+        coordinator.refuse(ticket, CurrencyMismatch.code)
+        return
+
+    def commit(step: DebitStep) -> bool:
+        try:
+            committed = coordinator.sequencer.commit(request, coordinator.deliver(step), ticket) is not None
+        except JournalError as error:
+            coordinator.fail(ticket, error)
+            return False
+        if not committed:
+            coordinator.refuse(ticket, BalanceOverflow.code)
+        return committed
+
+    def reject(step: DebitStep, code: str) -> None:
+        coordinator.refuse(ticket, code)
+
+    source.drain()
+    source.decide(DebitStep(request, ticket, source, destination, commit, reject))
+    source.drain()
+    destination.drain()
 
 
 def _result(request: TransferRequest, result: Outcome | Ticket | LedgerError | None) -> Result:
