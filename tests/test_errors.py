@@ -716,3 +716,30 @@ def test_transfer_many_of_nothing_returns_nothing(funded: Ledger) -> None:
 def test_transfer_many_of_a_non_sequence_is_invalid(funded: Ledger) -> None:
     with pytest.raises(InvalidRequest):
         funded.transfer_many("not a list")  # type: ignore[arg-type]
+
+
+def test_a_journal_that_cannot_be_written_fails_the_transfer_and_every_later_write_until_reopened(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from journal._writer import Writer
+
+    with Ledger.open(ledger_path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        ledger.transfer("before", source="bank", destination="alice", amount=10)
+
+        def disk_full(self: Writer, txn: object, batch: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(Writer, "_stage", disk_full)
+        with pytest.raises(LedgerUnavailable):
+            ledger.transfer("lost", source="bank", destination="alice", amount=5)
+        monkeypatch.undo()
+        with pytest.raises(LedgerUnavailable):  # the writer is gone: nothing is acknowledged any more
+            ledger.transfer("after", source="bank", destination="alice", amount=5)
+        with pytest.raises(LedgerUnavailable):  # nor shown: the balance saw an entry that is not durable
+            ledger.balance("alice")
+    with Ledger.open(ledger_path) as reopened:
+        assert reopened.balance("alice") == Balance(10, 0, 10)
+        assert reopened.get_transfer("lost") is None
+        assert reopened.transfer("lost", source="bank", destination="alice", amount=5).amount == 5
