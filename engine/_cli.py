@@ -193,7 +193,12 @@ def _recover(args: argparse.Namespace) -> int:
 
     def render() -> None:
         _render_audit("recover" + (" (dry run)" if args.dry_run else ""), report)
-        print("  in doubt: none on disk (holds are never journaled; a commit record carries both entries)")
+        last = report.get("last_record")
+        if last:
+            what = last.get("transfer") or last.get("account") or f"{last.get('accounts')} accounts"
+            print(f"  the last durable record: LSN {last['lsn']}, {last['kind']} {what}")
+        print("  in doubt: none on disk (holds are never journaled; a commit record carries both entries);"
+              " transfers in flight at the crash left no record, were never acknowledged, and run afresh if retried")
         print("  aborted by recovery: 0, finished by recovery: 0")
         print(f"  records past the newest checkpoint (LSN {report['checkpoint_lsn']}): {report['replayed_past_checkpoint']}")
         if "checkpoint_written_at" in report:

@@ -114,6 +114,7 @@ def recover(path: str, dry_run: bool, progress: Progress = None) -> dict[str, An
             result["checkpoint_lsn"] = tail.checkpoint_lsn
             result["replayed_past_checkpoint"] = journal.last_lsn - tail.checkpoint_lsn
             result["in_doubt"] = {"aborted_by_recovery": [], "finished_by_recovery": []}
+            result["last_record"] = _last_row(journal) if report.whole else None
             result["dry_run"] = dry_run
             if report.whole and report.books is not None and result["replayed_past_checkpoint"]:
                 books = report.books
@@ -130,6 +131,13 @@ def recover(path: str, dry_run: bool, progress: Progress = None) -> dict[str, An
             return result
     finally:
         journal.close()
+
+
+def _last_row(journal: Journal) -> dict[str, Any] | None:
+    """The last durable record, readable: where the dead process stopped."""
+    lsn = journal.last_lsn
+    payload = journal.read(lsn) if lsn else None
+    return _row(lsn, decode(lsn, payload)) if payload is not None else None
 
 
 def _new_directory(path: str) -> None:
