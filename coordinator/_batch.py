@@ -150,9 +150,8 @@ class Batch:
 
     @staticmethod
     def _lsn(result: Outcome | Ticket | LedgerError | None) -> int:
-        if isinstance(result, Ticket):
-            result = result.value
-        return getattr(result, "lsn", 0)
+        value: object = result.value if isinstance(result, Ticket) else result
+        return int(getattr(value, "lsn", 0))
 
     @staticmethod
     def _result(request: TransferRequest, result: Outcome | Ticket | LedgerError | None) -> Result:

@@ -59,6 +59,7 @@ def run_chaos(config: StressConfig, kills: int, progress: bool = True) -> tuple[
 
 def _round(config: StressConfig, number: int, rng: random.Random, replies: Replies, report: StressReport,
            budget: int | None) -> bool:
+    assert config.path is not None
     command = [sys.executable, "-m", "engine._chaos", config.path, str(config.accounts), str(config.clients),
                config.mix, str(config.amount_max), str(config.seed * 1000 + number), str(budget or 0)]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pykka
 from coordinator import DebitStep, Posting, Sequencer
@@ -53,7 +53,7 @@ class AccountHandle:
         self.decide: Callable[[DebitStep], None] = actor.on_receive  # holder only: see HeldBatch
 
     def snapshot(self, timeout_s: float) -> tuple[int, int, int]:
-        return self._ref.ask(SNAPSHOT, timeout=timeout_s)  # type: ignore[no-any-return]
+        return cast(tuple[int, int, int], self._ref.ask(SNAPSHOT, timeout=timeout_s))
 
 
 class _Live:

@@ -158,7 +158,7 @@ def _fire(ledger: Any, picker: Picker, config: StressConfig, report: StressRepor
     def client(number: int) -> None:
         workload = ClientWorkload(picker, tag=tag, client=number, seed=config.seed,
                                   amount_max=config.amount_max, retry_rate=config.retry_rate)
-        state = (Replies(), {}, [], [])
+        state: tuple[Replies, dict[str, int], list[float], list[tuple[float, float]]] = (Replies(), {}, [], [])
         per_client.append(state)
         barrier.wait(timeout=60)
         while True:

@@ -190,8 +190,8 @@ def _copy_prefix(journal: Journal, into: str, stop: int) -> tuple[int, list[dict
     lost: list[dict[str, Any]] = [{"lsn": stop, "transfer": None, "why": "this record is corrupt: whatever it held is lost"}]
     for lsn in range(stop + 1, journal.last_lsn + 1):
         try:
-            payload = journal.read(lsn)
-            record = decode(lsn, payload) if payload is not None else None
+            stored = journal.read(lsn)
+            record = decode(lsn, stored) if stored is not None else None
         except (JournalCorruptedError, LedgerError):
             lost.append({"lsn": lsn, "transfer": None, "why": "corrupt too"})
             continue

@@ -128,7 +128,11 @@ class Writer:
                     # Commit delay: the callers released by the last commit are still
                     # on their way back; give them a moment to join this batch.
                     target = batch_size_last // 2
-                    self._cond.wait_for(lambda t=target: len(self._pending) >= t or self._closing, COMMIT_DELAY_S_MAX)
+
+                    def rejoined(target: int = target) -> bool:
+                        return len(self._pending) >= target or self._closing
+
+                    self._cond.wait_for(rejoined, COMMIT_DELAY_S_MAX)
                 self._writer_waiting = False
                 batch = self._pending[:BATCH_RECORDS_MAX]
                 del self._pending[:BATCH_RECORDS_MAX]
