@@ -24,7 +24,7 @@ from collections.abc import Callable
 from journal import Completion, Journal, crash_point
 
 from coordinator._claims import Refusal
-from coordinator._limits import AMOUNT_MAX, CHECKPOINT_RECORDS_INTERVAL
+from coordinator._limits import CHECKPOINT_RECORDS_INTERVAL
 from coordinator._records import (
     ACCOUNT,
     ACCOUNTS_INDEX,
@@ -40,7 +40,7 @@ from coordinator._records import (
     id_key,
     lsn_value,
 )
-from coordinator._state import AccountState, Posting
+from coordinator._state import AccountState, Posting, credit_refusal
 from coordinator._values import Account, Transfer, TransferRequest
 
 Deliver = Callable[[Posting, Posting], None]
@@ -97,7 +97,7 @@ class Sequencer:
         target_prefix = prefixes.get(destination) or prefixes.setdefault(destination, entry_prefix(destination))
         with self.lock:
             target = self.states[destination]
-            if target.posted + amount > AMOUNT_MAX:  # credit_refusal, inlined on the hot path
+            if credit_refusal(target.posted, amount) is not None:
                 return None
             origin = self.states[source]
             lsn = self._journal.last_lsn + 1

@@ -14,7 +14,6 @@ from typing import Any
 import msgpack
 from coordinator import (
     INDEX_NAMES,
-    REJECTIONS,
     Account,
     AccountNotFound,
     AuditReport,
@@ -25,7 +24,6 @@ from coordinator import (
     Sequencer,
     TransferRequest,
     audit,
-    decode_outcome,
     ledger_errors,
     load_checkpoint,
     state_hash,
@@ -226,7 +224,7 @@ def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
     _new_directory(into)
     started = time.perf_counter()
     with _reading(path) as source:
-        original = state_hash(source, load_checkpoint_accounts(source))
+        original = state_hash(source, _current_accounts(source))
         replayed = rejected = 0
         with Ledger.open(into) as ledger:
             pending: list[TransferRequest] = []
@@ -251,7 +249,8 @@ def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
             "verdict": "identical" if original == fresh else "DIFFERENT"}
 
 
-def load_checkpoint_accounts(journal: Journal) -> list[Account]:
+def _current_accounts(journal: Journal) -> list[Account]:
+    """Every account, from the newest checkpoint and the records after it."""
     from coordinator import recover as recover_books
 
     return list(recover_books(journal).accounts.values())
@@ -342,4 +341,4 @@ def history(path: str, account_id: str, limit: int) -> dict[str, Any]:
         return {"account": account_id, "currency": account.currency, "entries_total": len(rows), "entries": entries}
 
 
-__all__ = ["REJECTIONS", "balance", "decode_outcome", "history", "inspect", "recover", "replay", "salvage", "verify"]
+__all__ = ["balance", "history", "inspect", "recover", "replay", "salvage", "verify"]

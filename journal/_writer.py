@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import lmdb
 
@@ -59,7 +59,6 @@ class Writer:
         self._closing = False
         self.commits = 0
         self.records_written = 0
-        self.on_durable: Callable[[int], None] | None = None
         self._thread = threading.Thread(target=self._run, name="tally-journal-writer", daemon=True)
         self._thread.start()
 
@@ -190,8 +189,6 @@ class Writer:
         last = batch[-1][0]
         self.commits += 1
         self.records_written += len(batch)
-        if self.on_durable is not None:
-            self.on_durable(last)
         with self._cond:
             self.durable_lsn = last
             ready: list[Completion] = []
