@@ -45,15 +45,19 @@ def write_report(samples: list[tuple[float, float]], summary: dict[str, Any], pa
     pyplot.close(figure)
 
 
-def _per_second(samples: list[tuple[float, float]]) -> tuple[list[int], list[int], list[float], list[float]]:
+def _per_second(samples: list[tuple[float, float]]) -> tuple[list[int], list[float], list[float], list[float]]:
     buckets: dict[int, list[float]] = {}
     for at_s, latency_ms in samples:
         buckets.setdefault(int(at_s), []).append(latency_ms)
     seconds = sorted(buckets)
-    rate, p50, p99 = [], [], []
+    end_s = max((at_s for at_s, _ in samples), default=0.0)
+    rate: list[float] = []
+    p50: list[float] = []
+    p99: list[float] = []
     for second in seconds:
         values = sorted(buckets[second])
-        rate.append(len(values))
+        width_s = min(1.0, max(0.05, end_s - second))  # the last second is usually partial
+        rate.append(len(values) / width_s)
         p50.append(values[len(values) // 2])
         p99.append(values[min(len(values) - 1, math.ceil(0.99 * len(values)) - 1)])
     return seconds, rate, p50, p99
