@@ -200,7 +200,8 @@ def _recover(args: argparse.Namespace) -> int:
         print("  in doubt: none on disk (holds are never journaled; a commit record carries both entries);"
               " transfers in flight at the crash left no record, were never acknowledged, and run afresh if retried")
         print("  aborted by recovery: 0, finished by recovery: 0")
-        print(f"  records past the newest checkpoint (LSN {report['checkpoint_lsn']}): {report['replayed_past_checkpoint']}")
+        newest = f"LSN {report['checkpoint_lsn']}" if report["checkpoint_lsn"] else "none yet"
+        print(f"  records past the newest checkpoint ({newest}): {report['replayed_past_checkpoint']}")
         if "checkpoint_written_at" in report:
             print(f"  wrote a checkpoint at LSN {report['checkpoint_written_at']}: the next open replays nothing")
         if "would_write_checkpoint_at" in report:
