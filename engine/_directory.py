@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import pykka
-from coordinator import DebitStep, Posting, Sequencer
+from coordinator import DebitStep, LedgerTimeout, Posting, Sequencer
 
 from engine._account import SNAPSHOT, AccountActor
 from engine._runtime import Dispatcher
@@ -53,7 +53,11 @@ class AccountHandle:
         self.decide: Callable[[DebitStep], None] = actor.on_receive  # holder only: see HeldBatch
 
     def snapshot(self, timeout_s: float) -> tuple[int, int, int]:
-        return cast(tuple[int, int, int], self._ref.ask(SNAPSHOT, timeout=timeout_s))
+        """(posted, pending, last LSN), asked through the mailbox; `LedgerTimeout` after `timeout_s`."""
+        try:
+            return cast(tuple[int, int, int], self._ref.ask(SNAPSHOT, timeout=timeout_s))
+        except pykka.Timeout as error:
+            raise LedgerTimeout(f"account actor did not answer within {timeout_s} s") from error
 
 
 class _Live:

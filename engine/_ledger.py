@@ -29,7 +29,6 @@ from coordinator import (
     InvalidRequest,
     LedgerClosed,
     LedgerError,
-    LedgerTimeout,
     Sequencer,
     Transfer,
     TransferRequest,
@@ -219,10 +218,6 @@ class Ledger:
             handle = directory.pin(account_id)
             try:
                 posted, pending, lsn = handle.snapshot(self.timeout_s)
-            except Exception as error:
-                if type(error).__name__ == "Timeout":
-                    raise LedgerTimeout(f"account {account_id!r} did not answer in {self.timeout_s} s") from error
-                raise
             finally:
                 directory.unpin(account_id)
             self._journal.wait_durable(lsn, self.timeout_s)
