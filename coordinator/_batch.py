@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING
 
-from coordinator._claims import Outcome, Ticket, settle, ticket_outcome
+from coordinator._claims import Outcome, Ticket, lsn_of, result_of
 from coordinator._errors import LedgerError, LedgerTimeout
 from coordinator._validate import check_transfer
 from coordinator._values import Transfer, TransferRequest
@@ -141,25 +141,9 @@ class Batch:
 
     def _settle(self) -> list[Result]:
         journal = self._coordinator.journal
-        lsns = [self._lsn(result) for result in self._results]
+        lsns = [lsn_of(result) for result in self._results]
         journal.wait_durable(max(lsns, default=0), self._remaining())
         for ticket in self._fresh:
             if ticket.wait(self._remaining()):
                 self._coordinator.claims.release(ticket)
-        return [self._result(request, result) for request, result in zip(self._requests, self._results, strict=True)]
-
-    @staticmethod
-    def _lsn(result: Outcome | Ticket | LedgerError | None) -> int:
-        value: object = result.value if isinstance(result, Ticket) else result
-        return int(getattr(value, "lsn", 0))
-
-    @staticmethod
-    def _result(request: TransferRequest, result: Outcome | Ticket | LedgerError | None) -> Result:
-        if isinstance(result, LedgerError):
-            return result
-        assert result is not None
-        try:
-            outcome = ticket_outcome(result) if isinstance(result, Ticket) else result
-            return settle(request, outcome)
-        except LedgerError as error:
-            return error
+        return [result_of(request, result) for request, result in zip(self._requests, self._results, strict=True)]

@@ -76,6 +76,23 @@ def ticket_outcome(ticket: Ticket) -> Outcome:
     return cast(Outcome, ticket.value)
 
 
+def lsn_of(result: Outcome | Ticket | LedgerError | None) -> int:
+    """The journal position a batch result waits for (0 if it wrote nothing)."""
+    value: object = result.value if isinstance(result, Ticket) else result
+    return int(getattr(value, "lsn", 0))
+
+
+def result_of(request: TransferRequest, result: Outcome | Ticket | LedgerError | None) -> Transfer | LedgerError:
+    """A batch item's answer: the Transfer, or the LedgerError it would have raised."""
+    if isinstance(result, LedgerError):
+        return result
+    assert result is not None
+    try:
+        return settle(request, ticket_outcome(result) if isinstance(result, Ticket) else result)
+    except LedgerError as error:
+        return error
+
+
 def decode_outcome(lsn: int, payload: bytes) -> Outcome:
     record = decode(lsn, payload)
     request = TransferRequest(record[1], record[2], record[3], record[4])

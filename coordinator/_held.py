@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from journal import JournalError
 
-from coordinator._claims import Outcome, Ticket, settle, ticket_outcome
+from coordinator._claims import Outcome, Ticket, lsn_of, result_of
 from coordinator._errors import (
     AccountNotFound,
     BalanceOverflow,
@@ -101,15 +101,12 @@ class HeldBatch:
         for _, ticket in self._foreign:
             if not ticket.wait(self._remaining()):
                 raise LedgerTimeout(f"transfer {ticket.request.id!r} is still in flight elsewhere; retry later")
-        last = 0
-        for result in self._results:
-            value = result.value if isinstance(result, Ticket) else result
-            last = max(last, getattr(value, "lsn", 0))
+        last = max((lsn_of(result) for result in self._results), default=0)
         coordinator.journal.wait_durable(last, self._remaining())
         for ticket in self._fresh:
             if ticket.wait(self._remaining()):
                 coordinator.claims.release(ticket)
-        return [_result(request, result) for request, result in zip(self._requests, self._results, strict=True)]
+        return [result_of(request, result) for request, result in zip(self._requests, self._results, strict=True)]
 
 
 def hold(coordinator: Coordinator, names: list[str]) -> dict[str, Participant] | None:
@@ -163,13 +160,3 @@ def run_held(coordinator: Coordinator, ticket: Ticket, held: dict[str, Participa
     source.decide(DebitStep(request, ticket, source, destination, commit, reject))
     source.drain()
     destination.drain()
-
-
-def _result(request: TransferRequest, result: Outcome | Ticket | LedgerError | None) -> Result:
-    if isinstance(result, LedgerError):
-        return result
-    assert result is not None
-    try:
-        return settle(request, ticket_outcome(result) if isinstance(result, Ticket) else result)
-    except LedgerError as error:
-        return error

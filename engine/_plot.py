@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import html
 import io
-import math
 from typing import Any
 
 from coordinator import InvalidRequest
+
+from engine._stress import percentile
 
 
 def write_report(samples: list[tuple[float, float]], summary: dict[str, Any], path: str) -> None:
@@ -58,6 +59,6 @@ def _per_second(samples: list[tuple[float, float]]) -> tuple[list[int], list[flo
         values = sorted(buckets[second])
         width_s = min(1.0, max(0.05, end_s - second))  # the last second is usually partial
         rate.append(len(values) / width_s)
-        p50.append(values[len(values) // 2])
-        p99.append(values[min(len(values) - 1, math.ceil(0.99 * len(values)) - 1)])
+        p50.append(percentile(values, 0.5))
+        p99.append(percentile(values, 0.99))
     return seconds, rate, p50, p99

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator import LedgerError, Transfer, TransferRequest
+from coordinator import REJECTIONS, LedgerError, Transfer, TransferRequest
 
 from engine._auditor import Replies, audit_replies
 from engine._ledger import Ledger
@@ -29,6 +29,11 @@ FUNDING_PER_ACCOUNT_AMOUNTS = 5
 PROGRESS_TTY_S = 0.25
 PROGRESS_PLAIN_S = 5.0
 SAMPLES_MAX = 200_000
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """The nearest-rank q-quantile of an already sorted list (0.0 if empty)."""
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))] if ordered else 0.0
 
 
 @dataclass
@@ -62,8 +67,7 @@ class StressReport:
         return bool(self.checks) and all(self.checks.values())
 
     def percentile_ms(self, q: float) -> float:
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)] if ordered else 0.0
+        return percentile(sorted(self.latencies_ms), q)
 
     def summary(self) -> dict[str, Any]:
         rate = self.sent / self.elapsed_s if self.elapsed_s else 0.0
@@ -220,7 +224,7 @@ def _record(state: tuple[Replies, dict[str, int], list[float], list[tuple[float,
                 replies.retry_mismatches.append(op.transfer_id)
         elif isinstance(outcome, Transfer):
             replies.acknowledged[op.transfer_id] = outcome
-        elif outcome.code in ("insufficient_funds", "balance_overflow", "account_not_found", "currency_mismatch"):
+        elif outcome.code in REJECTIONS:  # journaled refusals: the id stays refused
             replies.refused[op.transfer_id] = (op.source, op.destination, op.amount, outcome.code)
     return refused
 
@@ -261,8 +265,7 @@ def _report_progress(tally: _Tally, stop: threading.Event, config: StressConfig,
                 tally.recent = []
             elapsed = time.perf_counter() - began
             recent.sort()
-            p50 = recent[len(recent) // 2] if recent else 0.0
-            p99 = recent[min(len(recent) - 1, int(len(recent) * 0.99))] if recent else 0.0
+            p50, p99 = percentile(recent, 0.5), percentile(recent, 0.99)
             line = (f"stress {elapsed:6.1f} s  {done:>9,} transfers  {done / elapsed if elapsed else 0:>8,.0f}/s"
                     f"  refused {refused:,}  p50 {p50:.1f} ms  p99 {p99:.1f} ms")
             if live is not None:
