@@ -90,6 +90,15 @@ class Ledger:
         """
         if not (isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool) and timeout_s > 0):
             raise InvalidRequest(f"timeout_s must be a positive number, got {timeout_s!r}")
+        for name, value, low, high in (
+            ("dispatcher_threads", dispatcher_threads, 1, 64),
+            ("actors_live_max", actors_live_max, 1, 2**31),
+            ("inflight_max", inflight_max, 1, 2**31),
+            ("checkpoint_interval", checkpoint_interval, 1, 2**62),
+            ("map_size_bytes", 1 << 20 if map_size_bytes is None else map_size_bytes, 1 << 16, 1 << 40),
+        ):
+            if type(value) is not int or not low <= value <= high:
+                raise InvalidRequest(f"{name} must be an int in {low}..{high}, got {value!r}")
         options: dict[str, Any] = {"index_names": INDEX_NAMES}
         if map_size_bytes is not None:
             options["map_size_bytes"] = map_size_bytes

@@ -743,3 +743,21 @@ def test_a_journal_that_cannot_be_written_fails_the_transfer_and_every_later_wri
         assert reopened.balance("alice") == Balance(10, 0, 10)
         assert reopened.get_transfer("lost") is None
         assert reopened.transfer("lost", source="bank", destination="alice", amount=5).amount == 5
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"dispatcher_threads": 0},
+        {"actors_live_max": -1},
+        {"inflight_max": True},
+        {"checkpoint_interval": 0},
+        {"map_size_bytes": 10},
+        {"timeout_s": 0},
+    ],
+)
+def test_bad_open_options_raise_invalid_request_and_create_nothing(tmp_path: Path, option: dict[str, Any]) -> None:
+    path = tmp_path / "ledger"
+    with pytest.raises(InvalidRequest):
+        Ledger.open(path, **option)
+    assert not path.exists()
