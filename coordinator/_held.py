@@ -5,22 +5,28 @@ A turn is the right to handle an account's messages; whoever holds it is that
 account's single thread for the moment. Taking a turn never waits: if any account
 of the batch is busy (its turn held elsewhere, or messages queued), the whole
 batch falls back to the message-passing `Batch`. While the turns are held, other
-threads' messages to these accounts queue in their mailboxes; the holder drains
-each mailbox, in order, before and after every request, and hands what is left
-to the dispatcher when it lets go. So each account still handles one message at
-a time, in mailbox order, and its entries are applied in LSN order, while the
-batch costs no thread hop and no per-request bookkeeping.
+threads' messages to these accounts queue in their mailboxes; the holder handles
+what was queued before it starts, and hands what queued meanwhile to the
+dispatcher when it lets go. So each account still handles one message at a time,
+and its entries are applied in LSN order, while the batch costs no thread hop.
+
+The requests are decided in chunks, each under one hold of the sequencer lock and
+journaled with one append (`decide_held`): per request, the source's handler
+decides the debit and places the hold, the sequencer stamps the entries, and
+both accounts apply them at once, so the next request sees them.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
-from journal import JournalError
+from journal import JournalError, crash_point
 
 from coordinator._claims import Outcome, Ticket, lsn_of, result_of
+from coordinator._sequencer import Record
+from coordinator._state import AccountState
 from coordinator._errors import (
     AccountNotFound,
     BalanceOverflow,
@@ -28,7 +34,7 @@ from coordinator._errors import (
     LedgerError,
     LedgerTimeout,
 )
-from coordinator._participant import DebitStep, Participant
+from coordinator._participant import Participant
 from coordinator._validate import check_transfer
 from coordinator._values import Transfer, TransferRequest
 
@@ -38,6 +44,11 @@ if TYPE_CHECKING:
 Result = Transfer | LedgerError
 
 
+CHUNK_REQUESTS_MAX = 256
+"""Requests decided per hold of the sequencer lock: long enough to amortise taking it,
+short enough that concurrent single transfers are not kept waiting for a whole batch."""
+
+
 class HeldBatch:
     def __init__(self, coordinator: Coordinator, requests: Sequence[TransferRequest], timeout_s: float) -> None:
         self._coordinator = coordinator
@@ -45,7 +56,7 @@ class HeldBatch:
         self._deadline = time.monotonic() + timeout_s
         self._results: list[Outcome | Ticket | LedgerError | None] = [None] * len(requests)
         self._fresh: list[Ticket] = []
-        self._foreign: list[tuple[int, Ticket]] = []
+        self._foreign: list[Ticket] = []
 
     def _remaining(self) -> float:
         return max(0.0, self._deadline - time.monotonic())
@@ -55,11 +66,12 @@ class HeldBatch:
         coordinator = self._coordinator
         valid: list[int] = []
         names: set[str] = set()
+        results = self._results
         for i, request in enumerate(self._requests):
             try:
                 check_transfer(request)
             except LedgerError as error:
-                self._results[i] = error
+                results[i] = error
                 continue
             valid.append(i)
             names.add(request.source)
@@ -67,38 +79,40 @@ class HeldBatch:
         accounts = coordinator.sequencer.accounts
         permits = len(valid) or 1
         coordinator.admission.admit(permits, self._remaining())  # before any turn is taken
-        held = self._hold(sorted(name for name in names if name in accounts))
+        held = hold(coordinator, sorted(name for name in names if name in accounts))
         if held is None:
             coordinator.admission.release(permits)
             return None
         try:
-            for i in valid:
-                self._run_one(i, held)
+            for participant in held.values():
+                participant.drain()  # what other threads queued first, before any lock is taken
+            self._claim(valid)
+            fresh = self._fresh
+            for first in range(0, len(fresh), CHUNK_REQUESTS_MAX):
+                try:
+                    decide_held(coordinator, fresh[first : first + CHUNK_REQUESTS_MAX], held)
+                except JournalError as error:  # that chunk is failed; the later ones never started
+                    _fail(coordinator, fresh[first + CHUNK_REQUESTS_MAX :], error)
+                    raise
         finally:
             release(coordinator, held)
             coordinator.admission.release(permits)
         return self._settle()
 
-    def _hold(self, names: list[str]) -> dict[str, Participant] | None:
-        return hold(self._coordinator, names)
-
-    def _run_one(self, i: int, held: dict[str, Participant]) -> None:
-        coordinator = self._coordinator
-        request = self._requests[i]
-        claim, fresh = coordinator.claims.claim(request)
-        if not fresh:
-            if isinstance(claim, Ticket) and claim.value is None and not claim.done:
-                self._foreign.append((i, claim))  # decided elsewhere; waited for after the turns go
-            self._results[i] = claim
-            return
-        assert isinstance(claim, Ticket)
-        self._fresh.append(claim)
-        self._results[i] = claim
-        run_held(coordinator, claim, held)
+    def _claim(self, valid: list[int]) -> None:
+        claim = self._coordinator.claims.claim
+        requests, results = self._requests, self._results
+        for i in valid:
+            ticket, fresh = claim(requests[i])
+            results[i] = ticket
+            if fresh:
+                self._fresh.append(cast(Ticket, ticket))
+            elif isinstance(ticket, Ticket) and not ticket.done:
+                self._foreign.append(ticket)  # decided elsewhere (or earlier in this batch)
 
     def _settle(self) -> list[Result]:
         coordinator = self._coordinator
-        for _, ticket in self._foreign:
+        for ticket in self._foreign:
             if not ticket.wait(self._remaining()):
                 raise LedgerTimeout(f"transfer {ticket.request.id!r} is still in flight elsewhere; retry later")
         last = max((lsn_of(result) for result in self._results), default=0)
@@ -107,6 +121,79 @@ class HeldBatch:
             if ticket.wait(self._remaining()):
                 coordinator.claims.release(ticket)
         return [result_of(request, result) for request, result in zip(self._requests, self._results, strict=True)]
+
+
+def decide_held(coordinator: Coordinator, tickets: list[Ticket], held: dict[str, Participant]) -> None:
+    """Decide claimed tickets in order, on this thread, which holds the turn of every
+    account they name that exists, and journal them all in one append.
+
+    Each source decides its debit with its own handler (`held_reserve`), exactly as
+    a `DebitStep` in its mailbox would; the sequencer stamps the entries, and both
+    accounts apply them at once (`held_apply`), so the next request sees them. An
+    account whose mailbox received entries since its turn was taken (a concurrent
+    commit crediting it) applies those first: the sequencer's projection, which
+    already includes them, must equal the account's own state before it decides.
+    """
+    sequencer = coordinator.sequencer
+    accounts, states = sequencer.accounts, sequencer.states
+    stamp_commit, stamp_reject, advance = sequencer.stamp_commit, sequencer.stamp_reject, sequencer.advance
+    records: list[Record] = []
+    commits = 0
+    with sequencer.lock:
+        try:
+            coordinator.journal.wait_room(len(tickets))
+        except JournalError as error:
+            _fail(coordinator, tickets, error)
+            raise
+        lsn = coordinator.journal.last_lsn
+        for ticket in tickets:
+            request = ticket.request
+            lsn += 1
+            code: str | None
+            source, destination = held.get(request.source), held.get(request.destination)
+            if source is None or destination is None:
+                code = AccountNotFound.code
+            elif accounts[request.source].currency != accounts[request.destination].currency:
+                code = CurrencyMismatch.code
+            else:
+                _catch_up(source, states[request.source])
+                _catch_up(destination, states[request.destination])
+                code = source.held_reserve(request.amount)
+                if code is None:
+                    stamped = stamp_commit(request, lsn, ticket)
+                    if stamped is not None:
+                        record, debit, credit = stamped
+                        records.append(record)
+                        advance(debit, credit)
+                        source.held_apply(debit.seq, debit.amount, debit.balance, lsn)  # releases the hold
+                        crash_point("between-entries")
+                        destination.held_apply(credit.seq, credit.amount, credit.balance, lsn)
+                        commits += 1
+                        continue
+                    source.held_unreserve(request.amount)
+                    code = BalanceOverflow.code
+            records.append(stamp_reject(request, code, lsn, ticket))
+        try:
+            first = sequencer.append_stamped(records)
+        except JournalError as error:  # the journal failed: nothing more is written until reopen
+            _fail(coordinator, tickets, error)
+            raise
+        assert first + len(records) - 1 == lsn, (first, len(records), lsn)
+        for _ in range(commits):
+            crash_point("after-commit-queued")
+
+
+def _fail(coordinator: Coordinator, tickets: list[Ticket], error: JournalError) -> None:
+    """Release tickets that were never appended with the journal's failure (waiters
+    elsewhere wake); the caller then raises it. Appended ones are the writer's to release."""
+    for ticket in tickets:
+        coordinator.fail(ticket, error)
+
+
+def _catch_up(participant: Participant, projected: AccountState) -> None:
+    if participant.held_state() != projected:
+        participant.held_catch_up()
+        assert participant.held_state() == projected, (participant.held_state(), projected)
 
 
 def hold(coordinator: Coordinator, names: list[str]) -> dict[str, Participant] | None:
@@ -128,35 +215,3 @@ def release(coordinator: Coordinator, held: dict[str, Participant]) -> None:
     for name, participant in held.items():
         participant.unhold()
         coordinator.participants.unpin(name)
-
-
-def run_held(coordinator: Coordinator, ticket: Ticket, held: dict[str, Participant]) -> None:
-    """Decide a claimed ticket by running its accounts' handlers on this thread, which
-    holds their turns (every account of the ticket that exists is in `held`)."""
-    request = ticket.request
-    source, destination = held.get(request.source), held.get(request.destination)
-    if source is None or destination is None:
-        coordinator.refuse(ticket, AccountNotFound.code)
-        return
-    accounts = coordinator.sequencer.accounts
-    if accounts[request.source].currency != accounts[request.destination].currency:
-        coordinator.refuse(ticket, CurrencyMismatch.code)
-        return
-
-    def commit(step: DebitStep) -> bool:
-        try:
-            committed = coordinator.sequencer.commit(request, coordinator.deliver(step), ticket) is not None
-        except JournalError as error:
-            coordinator.fail(ticket, error)
-            return False
-        if not committed:
-            coordinator.refuse(ticket, BalanceOverflow.code)
-        return committed
-
-    def reject(step: DebitStep, code: str) -> None:
-        coordinator.refuse(ticket, code)
-
-    source.drain()
-    source.decide(DebitStep(request, ticket, source, destination, commit, reject))
-    source.drain()
-    destination.drain()

@@ -44,6 +44,12 @@ class IdFilter:
             position = (h1 + probe * h2) % size
             bits[position >> 3] |= 1 << (position & 7)
 
+    def check_and_add(self, h: int) -> bool:
+        """`might_contain(h)`, then `add(h)`: True if the id may have been added before."""
+        seen = self.might_contain(h)
+        self.add(h)
+        return seen
+
     def might_contain(self, h: int) -> bool:
         """False only if the id was surely never added."""
         h1 = h & 0xFFFFFFFF

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from coordinator._state import Posting
+from coordinator._state import AccountState, Posting
 
 if TYPE_CHECKING:
     from coordinator._claims import Ticket
@@ -38,8 +38,23 @@ class Participant(Protocol):
     def drain(self) -> None:
         """Holder only: handle every message queued so far, in order."""
 
-    def decide(self, step: DebitStep) -> None:
-        """Holder only: handle `step` now, exactly as if it came through the mailbox."""
+    # Holder only, the turn being held by the caller (see `coordinator._held`): the
+    # account's own handlers, run now on the caller's thread.
+
+    def held_reserve(self, amount: int) -> str | None:
+        """Decide a debit: a rejection code, or None with the funds held."""
+
+    def held_unreserve(self, amount: int) -> None:
+        """Release a hold whose transfer did not commit."""
+
+    def held_apply(self, seq: int, amount: int, balance: int, lsn: int) -> AccountState:
+        """Post a stamped entry now (a debit's also releases its hold); the new state."""
+
+    def held_state(self) -> AccountState:
+        """The state the account's entries add up to, as applied so far."""
+
+    def held_catch_up(self) -> None:
+        """Apply every entry queued in the mailbox (other messages stay queued, in order)."""
 
     def snapshot(self, timeout_s: float) -> tuple[int, int, int]:
         """(posted, pending, LSN of the last entry applied), waiting at most `timeout_s`."""

@@ -20,8 +20,9 @@ from __future__ import annotations
 import struct
 import threading
 from collections.abc import Callable
+from typing import cast
 
-from journal import Completion, Journal, crash_point
+from journal import Completion, IndexPut, Journal, crash_point
 
 from coordinator._claims import Refusal
 from coordinator._limits import CHECKPOINT_RECORDS_INTERVAL
@@ -35,16 +36,19 @@ from coordinator._records import (
     REJECT,
     TRANSFERS_INDEX,
     encode,
-    encode_entry_value,
     entry_prefix,
     id_key,
     lsn_value,
+    pack,
 )
 from coordinator._state import AccountState, Posting, credit_refusal
 from coordinator._values import Account, Transfer, TransferRequest
 
 Deliver = Callable[[Posting, Posting], None]
+Record = tuple[bytes, tuple[IndexPut, ...], Completion]
+"""A stamped record as `Journal.append_many` takes it: payload, index entries, completion."""
 _U64 = struct.Struct(">Q")
+_pack = pack
 
 
 class Sequencer:
@@ -91,56 +95,79 @@ class Sequencer:
         caller then rejects. `completion.value` is set to the Transfer before the
         record is queued, and the writer releases it once the record is durable.
         """
+        with self.lock:
+            stamped = self.stamp_commit(request, self._journal.last_lsn + 1, completion)
+            if stamped is None:
+                return None
+            (payload, index, _), debit, credit = stamped
+            appended = self._journal.append(payload, index, completion)
+            assert appended == debit.lsn, (appended, debit.lsn)
+            crash_point("after-commit-queued")
+            self.advance(debit, credit)
+            deliver(debit, credit)
+            self._appended()
+        return cast(Transfer, completion.value)
+
+    def stamp_commit(
+        self, request: TransferRequest, lsn: int, completion: Completion
+    ) -> tuple[Record, Posting, Posting] | None:
+        """The commit record of `request` at `lsn` and its two entries, stamped (seq and
+        balance) from the projection; None if the destination would overflow. Call under
+        `lock`; nothing changes until the record is appended and `advance` is called.
+        `completion.value` becomes the Transfer."""
         tid, source, destination, amount = request.id, request.source, request.destination, request.amount
+        target = self.states[destination]
+        if credit_refusal(target.posted, amount) is not None:
+            return None
+        origin = self.states[source]
         prefixes = self._prefixes
         source_prefix = prefixes.get(source) or prefixes.setdefault(source, entry_prefix(source))
         target_prefix = prefixes.get(destination) or prefixes.setdefault(destination, entry_prefix(destination))
-        with self.lock:
-            target = self.states[destination]
-            if credit_refusal(target.posted, amount) is not None:
-                return None
-            origin = self.states[source]
-            lsn = self._journal.last_lsn + 1
-            # Stamped here; each account re-derives them with `post` and must agree.
-            origin_after = AccountState(origin.seq + 1, origin.posted - amount, lsn)
-            target_after = AccountState(target.seq + 1, target.posted + amount, lsn)
-            debit = Posting(source, origin_after.seq, -amount, origin_after.posted, lsn)
-            credit = Posting(destination, target_after.seq, amount, target_after.posted, lsn)
-            transfer = Transfer(tid, source, destination, amount, lsn)
-            completion.value = transfer
-            payload = encode(
-                [COMMIT, tid, source, destination, amount,
-                 debit.seq, debit.balance, credit.seq, credit.balance]
-            )
-            index = [
-                (TRANSFERS_INDEX, id_key(tid), lsn_value(lsn)),
-                (ENTRIES_INDEX, source_prefix + _U64.pack(debit.seq), encode_entry_value(tid, -amount, debit.balance, lsn)),
-                (ENTRIES_INDEX, target_prefix + _U64.pack(credit.seq), encode_entry_value(tid, amount, credit.balance, lsn)),
-            ]
-            appended = self._journal.append(payload, index, completion)
-            assert appended == lsn, (appended, lsn)
-            crash_point("after-commit-queued")
-            self.states[source] = origin_after
-            self.states[destination] = target_after
-            deliver(debit, credit)
-            self._appended()
-        return transfer
+        # Stamped here; each account re-derives them with `post` and must agree.
+        debit = Posting(source, origin.seq + 1, -amount, origin.posted - amount, lsn)
+        credit = Posting(destination, target.seq + 1, amount, target.posted + amount, lsn)
+        completion.value = Transfer(tid, source, destination, amount, lsn)
+        payload = _pack([COMMIT, tid, source, destination, amount, debit.seq, debit.balance, credit.seq, credit.balance])
+        index = (
+            (TRANSFERS_INDEX, id_key(tid), _U64.pack(lsn)),
+            (ENTRIES_INDEX, source_prefix + _U64.pack(debit.seq), _pack((tid, -amount, debit.balance, lsn))),
+            (ENTRIES_INDEX, target_prefix + _U64.pack(credit.seq), _pack((tid, amount, credit.balance, lsn))),
+        )
+        return (payload, index, completion), debit, credit
+
+    def advance(self, debit: Posting, credit: Posting) -> None:
+        """Move the projection past a commit's two entries (under `lock`, once appended)."""
+        self.states[debit.account] = AccountState(debit.seq, debit.balance, debit.lsn)
+        self.states[credit.account] = AccountState(credit.seq, credit.balance, credit.lsn)
+
+    def stamp_reject(self, request: TransferRequest, code: str, lsn: int, completion: Completion) -> Record:
+        """The rejection record of `request` at `lsn` (under `lock`); `completion.value`
+        becomes the `Refusal`."""
+        completion.value = Refusal(request, code, lsn)
+        payload = _pack([REJECT, request.id, request.source, request.destination, request.amount, code])
+        return payload, ((TRANSFERS_INDEX, id_key(request.id), _U64.pack(lsn)),), completion
 
     def reject(self, request: TransferRequest, code: str, completion: Completion) -> int:
         """Journal a refusal; it consumes the transfer id. `completion.value` becomes the
         `Refusal` before the record is queued; the writer releases it once durable."""
-        payload = encode([REJECT, request.id, request.source, request.destination, request.amount, code])
         with self.lock:
             lsn = self._journal.last_lsn + 1
-            completion.value = Refusal(request, code, lsn)
-            index = [(TRANSFERS_INDEX, id_key(request.id), lsn_value(lsn))]
+            payload, index, _ = self.stamp_reject(request, code, lsn, completion)
             appended = self._journal.append(payload, index, completion)
             assert appended == lsn, (appended, lsn)
             self._appended()
         return lsn
 
-    def _appended(self) -> None:
-        self._since_checkpoint += 1
+    def append_stamped(self, records: list[Record]) -> int:
+        """Queue records stamped under `lock` at consecutive LSNs from `last_lsn + 1` (the
+        caller made room with `journal.wait_room`); return the first LSN."""
+        assert self.lock.locked()
+        first = self._journal.append_many(records)
+        self._appended(len(records))
+        return first
+
+    def _appended(self, records: int = 1) -> None:
+        self._since_checkpoint += records
         if self._since_checkpoint >= self.checkpoint_interval:
             self.checkpoint()
 

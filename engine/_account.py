@@ -51,18 +51,40 @@ class AccountActor(PooledActor):
 
     def _decide(self, step: DebitStep) -> None:
         amount = step.request.amount
-        code = debit_refusal(self._state.posted, self._pending, amount, self._account.overdraft_limit)
+        code = self.reserve(amount)
         if code is not None:
             step.reject(code)
             return
-        self._pending += amount  # the reservation: held until the entry posts
-        crash_point("after-reserve")
         if not step.commit():
-            self._pending -= amount
+            self.unreserve(amount)
+
+    # The three methods below are the account's handlers. Only the holder of the
+    # account's turn calls them: its mailbox loop (above), or a batch holding the turn.
+
+    def reserve(self, amount: int) -> str | None:
+        """Decide a debit: a rejection code, or None with the funds held (the reservation),
+        to be released when its entry posts or by `unreserve` if it does not commit."""
+        code = debit_refusal(self._state.posted, self._pending, amount, self._account.overdraft_limit)
+        if code is None:
+            self._pending += amount
+            crash_point("after-reserve")
+        return code
+
+    def unreserve(self, amount: int) -> None:
+        self._pending -= amount
+        assert self._pending >= 0, self._pending
+
+    def apply(self, seq: int, amount: int, balance: int, lsn: int) -> AccountState:
+        """Post a stamped entry (a debit's entry also releases its hold); the new state."""
+        self._state = state = post(self._state, seq, amount, balance, lsn)
+        if amount < 0:
+            self._pending += amount
+            assert self._pending >= 0, self._pending
+        return state
+
+    def current_state(self) -> AccountState:
+        return self._state
 
     def _post(self, posting: Posting) -> None:
         assert posting.account == self._account.id, (posting.account, self._account.id)
-        self._state = post(self._state, posting.seq, posting.amount, posting.balance, posting.lsn)
-        if posting.amount < 0:
-            self._pending += posting.amount
-            assert self._pending >= 0, self._pending
+        self.apply(posting.seq, posting.amount, posting.balance, posting.lsn)

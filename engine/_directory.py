@@ -20,10 +20,11 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 from typing import Any, cast
 
 import pykka
-from coordinator import DebitStep, LedgerTimeout, Posting, Sequencer
+from coordinator import AccountState, DebitStep, LedgerTimeout, Posting, Sequencer
 
 from engine._account import SNAPSHOT, AccountActor
 from engine._runtime import Dispatcher
@@ -39,7 +40,10 @@ class AccountHandle:
     actor is never stopped, so no liveness check is needed on this path.
     """
 
-    __slots__ = ("_ref", "reserve", "post", "run", "hold", "unhold", "drain", "decide")
+    __slots__ = (
+        "_ref", "reserve", "post", "run", "hold", "unhold", "drain",
+        "held_reserve", "held_unreserve", "held_apply", "held_state", "held_catch_up",
+    )
 
     def __init__(self, ref: pykka.ActorRef[Any], actor: AccountActor) -> None:
         self._ref = ref
@@ -50,7 +54,11 @@ class AccountHandle:
         self.hold: Callable[[], bool] = inbox.try_hold  # type: ignore[attr-defined]
         self.unhold: Callable[[], None] = inbox.unhold  # type: ignore[attr-defined]
         self.drain: Callable[[], None] = inbox.drain  # type: ignore[attr-defined]
-        self.decide: Callable[[DebitStep], None] = actor.on_receive  # holder only: see HeldBatch
+        self.held_reserve: Callable[[int], str | None] = actor.reserve
+        self.held_unreserve: Callable[[int], None] = actor.unreserve
+        self.held_apply: Callable[[int, int, int, int], AccountState] = actor.apply
+        self.held_state: Callable[[], AccountState] = actor.current_state
+        self.held_catch_up: Callable[[], None] = partial(inbox.drain_only, Posting)  # type: ignore[attr-defined]
 
     def snapshot(self, timeout_s: float) -> tuple[int, int, int]:
         """(posted, pending, last LSN), asked through the mailbox; `LedgerTimeout` after `timeout_s`."""

@@ -194,6 +194,24 @@ class _Inbox:
         for _ in range(len(queued)):
             handle(queued.popleft())
 
+    def drain_only(self, kind: type) -> None:
+        """Holder of the turn only: handle the queued messages of type `kind` now, in order,
+        leaving every other message queued in its order (for a holder that may not run
+        the other handlers where it stands)."""
+        assert self._scheduled and self._actor is not None
+        queued = self._messages
+        if not queued:
+            return
+        handle = self._actor._handle
+        kept: deque[Envelope[Any]] = deque()
+        for _ in range(len(queued)):  # senders may append meanwhile; those stay behind
+            envelope = queued.popleft()
+            if type(envelope.message) is kind:
+                handle(envelope)
+            else:
+                kept.append(envelope)
+        queued.extendleft(reversed(kept))
+
     def unhold(self) -> None:
         """Give the turn back; what queued meanwhile is handled on the dispatcher."""
         if self.finish_slice():

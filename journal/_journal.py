@@ -128,6 +128,15 @@ class Journal:
         """Queue a record and return its LSN at once; see `Writer.append`."""
         return self._writing.append(payload, index, completion)
 
+    def append_many(self, records: Sequence[tuple[bytes, Sequence[IndexPut], Completion | None]]) -> int:
+        """Queue `(payload, index, completion)` records under consecutive LSNs; return the
+        first LSN. Call `wait_room` first: this never waits; see `Writer.append_many`."""
+        return self._writing.append_many(records)
+
+    def wait_room(self, records: int) -> None:
+        """Block (bounded) until `records` more can be queued without waiting."""
+        self._writing.wait_room(records)
+
     def wait_durable(self, lsn: int, timeout_s: float) -> None:
         """Block (at most `timeout_s`) until every record up to `lsn` is on disk."""
         if self._writer is None:

@@ -40,6 +40,14 @@ IndexPut = tuple[str, bytes, bytes]
 Pending = tuple[int, bytes, Sequence[IndexPut], Completion | None]
 
 
+def _put_all(txn: lmdb.Transaction, db: lmdb._Database, items: list[tuple[bytes, bytes]], append: bool) -> None:
+    if not items:
+        return
+    consumed, _ = txn.cursor(db=db).putmulti(items, append=append)
+    if consumed != len(items):
+        raise lmdb.Error(f"wrote {consumed} of {len(items)} items")
+
+
 class Writer:
     """Owns LSN assignment and the one thread that writes LMDB."""
 
@@ -90,6 +98,36 @@ class Writer:
             if self._writer_waiting:
                 self._cond.notify()
             return lsn
+
+    def wait_room(self, records: int, timeout_s: float = APPEND_WAIT_S_MAX) -> None:
+        """Block until `records` more fit in the pending list (bounded); raise if the journal
+        failed or is closing. The room stays for a caller that is the only appender."""
+        records = min(records, PENDING_RECORDS_MAX)
+        with self._cond:
+            self._check_open()
+            if len(self._pending) + records > PENDING_RECORDS_MAX:
+                if not self._room.wait_for(
+                    lambda: len(self._pending) + records <= PENDING_RECORDS_MAX or self._failure or self._closing,
+                    timeout=timeout_s,
+                ):
+                    raise JournalTimeoutError("the journal writer is not keeping up")
+                self._check_open()
+
+    def append_many(self, records: Sequence[tuple[bytes, Sequence[IndexPut], Completion | None]]) -> int:
+        """Queue several records under consecutive LSNs; return the first. Never waits for
+        room (see `wait_room`), so it fails only if the journal failed or is closing."""
+        with self._cond:
+            self._check_open()
+            first = self._last_lsn + 1
+            pending = self._pending
+            lsn = self._last_lsn
+            for payload, index, completion in records:
+                lsn += 1
+                pending.append((lsn, payload, index, completion))
+            self._last_lsn = lsn
+            if self._writer_waiting:
+                self._cond.notify()
+            return first
 
     def _check_open(self) -> None:
         if self._failure is not None:
@@ -170,20 +208,32 @@ class Writer:
                 raise
 
     def _stage(self, txn: lmdb.Transaction, batch: list[Pending]) -> None:
+        """Write the batch's records and index entries: one `putmulti` per database.
+
+        A single `put` releases and retakes the GIL; with any other thread runnable that
+        costs a hand-off per put (measured ~20 us a put here, against ~3 us an item for
+        `putmulti`, which loops in C). Order within the transaction does not matter: it
+        commits as a whole, and no two puts of a batch share a key.
+        """
         store = self._store
-        indexes = store.indexes
-        records = store.records
-        put = txn.put
         expected = batch[0][0]
-        half = expected + len(batch) // 2
+        records: list[tuple[bytes, bytes]] = []
+        by_index: dict[str, list[tuple[bytes, bytes]]] = {}
         for lsn, payload, index, _ in batch:
             assert lsn == expected, (lsn, expected)
-            if lsn == half:
-                crash_point("mid-group-commit")
             expected += 1
-            put(lsn_key(lsn), frame(lsn, payload), db=records, append=True)
+            records.append((lsn_key(lsn), frame(lsn, payload)))
             for name, key, value in index:
-                put(key, value, db=indexes[name])
+                puts = by_index.get(name)
+                if puts is None:
+                    puts = by_index[name] = []
+                puts.append((key, value))
+        split = len(batch) // 2
+        _put_all(txn, store.records, records[:split], append=True)
+        crash_point("mid-group-commit")
+        _put_all(txn, store.records, records[split:], append=True)
+        for name, puts in by_index.items():
+            _put_all(txn, store.indexes[name], puts, append=False)
 
     def _publish(self, batch: list[Pending]) -> None:
         last = batch[-1][0]

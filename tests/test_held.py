@@ -1,0 +1,152 @@
+"""`transfer_many`'s fast path: a batch decided by the thread holding its accounts' turns."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from coordinator._held import CHUNK_REQUESTS_MAX, decide_held, hold, release
+from engine import Balance, BalanceOverflow, InsufficientFunds, Ledger, LedgerUnavailable, Transfer, TransferRequest
+from engine._runtime import Dispatcher
+
+from tests.test_runtime import Log, Recorder
+
+WAIT_S = 10.0
+AMOUNT_MAX = 2**63 - 1
+
+
+def gapless(ledger: Ledger, account: str) -> bool:
+    entries = ledger.entries(account)
+    return [entry.seq for entry in entries] == list(range(1, len(entries) + 1)) and all(
+        later.balance == earlier.balance + later.amount for earlier, later in zip(entries, entries[1:], strict=False)
+    )
+
+
+def test_drain_only_handles_one_kind_in_order_and_leaves_the_rest_queued_in_order() -> None:
+    dispatcher = Dispatcher(1)
+    try:
+        log = Log(expected=6)
+        ref = Recorder.spawn(dispatcher, log)
+        inbox: Any = ref.actor_inbox
+        assert inbox.try_hold()
+        for message in (1, "a", 2, "b", 3, "c"):
+            assert not inbox.put_deferred(message)  # the turn is held here: nothing runs
+        inbox.drain_only(int)
+        assert log.seen == [1, 2, 3]
+        inbox.unhold()  # the rest goes to the dispatcher
+        assert log.all_seen.wait(WAIT_S)
+        assert log.seen == [1, 2, 3, "a", "b", "c"]
+        assert log.overlaps == 0
+    finally:
+        dispatcher.stop()
+
+
+def test_a_batch_sees_each_earlier_request_of_the_batch(ledger: Ledger) -> None:
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    for name in ("a", "b", "c"):
+        ledger.create_account(name, currency="USD")
+    results = ledger.transfer_many([
+        TransferRequest("1", "bank", "a", 10),
+        TransferRequest("2", "a", "b", 10),  # only possible after 1
+        TransferRequest("3", "a", "c", 1),  # a is empty again
+        TransferRequest("4", "b", "c", 4),
+    ])
+    assert [type(result) for result in results] == [Transfer, Transfer, InsufficientFunds, Transfer]
+    assert [ledger.balance(name).posted for name in ("a", "b", "c")] == [0, 6, 4]
+    assert all(gapless(ledger, name) for name in ("bank", "a", "b", "c"))
+
+
+def test_a_batch_longer_than_a_chunk_is_decided_in_order_across_chunks(ledger: Ledger) -> None:
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    ledger.create_account("a", currency="USD")
+    ledger.create_account("b", currency="USD")
+    count = CHUNK_REQUESTS_MAX * 2 + 3
+    # Ping-pong one unit: every request depends on the one before it.
+    requests = [TransferRequest("seed", "bank", "a", 1)] + [
+        TransferRequest(f"p{n}", ("a", "b")[n % 2], ("b", "a")[n % 2], 1) for n in range(count)
+    ]
+    results = ledger.transfer_many(requests)
+    assert all(isinstance(result, Transfer) for result in results)
+    assert [result.lsn for result in results] == sorted({result.lsn for result in results})
+    assert ledger.balance("a").posted + ledger.balance("b").posted == 1
+    assert len(ledger.entries("a")) == count + 1
+    assert gapless(ledger, "a") and gapless(ledger, "b")
+
+
+def test_a_credit_past_the_maximum_in_a_batch_is_refused_and_releases_the_hold(ledger: Ledger) -> None:
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    ledger.create_account("big", currency="USD")
+    ledger.create_account("bank2", currency="USD", overdraft_limit=None)
+    ledger.create_account("small", currency="USD")
+    ledger.transfer("fill", source="bank", destination="big", amount=AMOUNT_MAX)
+    ledger.transfer("fund", source="bank2", destination="small", amount=5)
+    results = ledger.transfer_many([
+        TransferRequest("over", "small", "big", 1),
+        TransferRequest("after", "small", "bank2", 5),  # needs the hold of "over" released
+    ])
+    assert isinstance(results[0], BalanceOverflow)
+    assert isinstance(results[1], Transfer)
+    assert ledger.balance("small") == Balance(0, 0, 0)
+    assert ledger.balance("big") == Balance(AMOUNT_MAX, 0, AMOUNT_MAX)
+    with pytest.raises(BalanceOverflow):  # the refusal consumed the id
+        ledger.transfer("over", source="small", destination="big", amount=1)
+
+
+def test_entries_committed_meanwhile_to_a_held_account_are_applied_before_it_decides(ledger: Ledger) -> None:
+    """A concurrent transfer credits an account whose turn the batch holds: the entry waits
+    in its mailbox, and the batch applies it before deciding a debit that needs it."""
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    for name in ("a", "b", "c"):
+        ledger.create_account(name, currency="USD")
+    ledger.transfer("fund-c", source="bank", destination="c", amount=7)
+    coordinator = ledger._coordinator
+    held = hold(coordinator, ["a", "b"])
+    assert held is not None
+    try:
+        credited: list[Transfer] = []
+        crediting = threading.Thread(
+            target=lambda: credited.append(ledger.transfer("credit", source="c", destination="a", amount=7))
+        )
+        crediting.start()
+        crediting.join(WAIT_S)
+        assert credited  # durable, while a's entry still waits in a's mailbox
+        ticket, fresh = coordinator.claims.claim(TransferRequest("spend", "a", "b", 7))
+        assert fresh
+        decide_held(coordinator, [ticket], held)  # type: ignore[list-item]
+    finally:
+        release(coordinator, held)
+    assert ticket.wait(WAIT_S)
+    assert isinstance(ticket.value, Transfer)
+    coordinator.claims.release(ticket)  # type: ignore[arg-type]
+    assert [ledger.balance(name).posted for name in ("a", "b", "c")] == [0, 7, 0]
+    assert [entry.transfer_id for entry in ledger.entries("a")] == ["credit", "spend"]
+    assert gapless(ledger, "a")
+
+
+def test_a_journal_that_fails_under_a_batch_fails_it_and_every_later_write(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from journal._writer import Writer
+
+    with Ledger.open(ledger_path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        ledger.transfer("before", source="bank", destination="alice", amount=10)
+
+        def disk_full(self: Writer, txn: object, batch: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(Writer, "_stage", disk_full)
+        with pytest.raises(LedgerUnavailable):
+            ledger.transfer_many([TransferRequest(f"lost-{n}", "bank", "alice", 1) for n in range(3)])
+        monkeypatch.undo()
+        with pytest.raises(LedgerUnavailable):  # the writer is gone: nothing is acknowledged any more
+            ledger.transfer_many([TransferRequest("after", "bank", "alice", 1)])
+        with pytest.raises(LedgerUnavailable):  # nor shown: the balance saw entries that are not durable
+            ledger.balance("alice")
+    with Ledger.open(ledger_path) as reopened:
+        assert reopened.balance("alice") == Balance(10, 0, 10)
+        assert reopened.get_transfer("lost-0") is None
+        assert reopened.transfer_many([TransferRequest("lost-0", "bank", "alice", 1)])[0].amount == 1  # type: ignore[union-attr]
