@@ -152,12 +152,10 @@ class Claims:
             ticket = self._inflight.get(tid)
             if ticket is not None:
                 return ticket, False
-            seen = self._filters[stripe]
-            if not self._warm or seen.might_contain(h >> 6):
+            if self._filters[stripe].check_and_add(h >> 6) or not self._warm:
                 outcome = self.lookup(tid)
                 if outcome is not None:
                     return outcome, False
-            seen.add(h >> 6)
             ticket = Ticket(request)
             self._inflight[tid] = ticket
             return ticket, True

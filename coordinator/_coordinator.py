@@ -26,6 +26,7 @@ from journal import Journal, JournalError, crash_point
 
 from coordinator._admission import Admission
 from coordinator._claims import Claims, Outcome, Ticket, settle, ticket_outcome
+from coordinator._batch import Batch
 from coordinator._errors import (
     AccountNotFound,
     BalanceOverflow,
@@ -34,6 +35,7 @@ from coordinator._errors import (
     LedgerTimeout,
     LedgerUnavailable,
 )
+from coordinator._held import HeldBatch, decide_all, hold_idle, release
 from coordinator._participant import DebitStep, Participant, Participants
 from coordinator._sequencer import Sequencer
 from coordinator._validate import check_transfer
@@ -106,12 +108,42 @@ class Coordinator:
                 if not batch:
                     self._combining = False
                     return
-            for queued in batch:
+            for queued in self._start_held(batch):
                 try:
                     self.start(queued)
                 except Exception as error:  # a bug in one protocol must not strand the queue
                     if not queued.done:
                         queued.resolve(LedgerUnavailable(f"transfer {queued.request.id!r} failed to start: {error!r}"))
+
+    def _start_held(self, tickets: list[Ticket]) -> list[Ticket]:
+        """Decide at once, on this thread, every ticket whose accounts' turns it can take
+        (see `coordinator._held`); return the others, to start through the mailboxes."""
+        accounts = self.sequencer.accounts
+        names = {name for ticket in tickets for name in (ticket.request.source, ticket.request.destination)}
+        held = hold_idle(self, sorted(name for name in names if name in accounts))
+        if not held:
+            return tickets
+        mine: list[Ticket] = []
+        others: list[Ticket] = []
+        for ticket in tickets:
+            request = ticket.request
+            if (request.source in held or request.source not in accounts) and (
+                request.destination in held or request.destination not in accounts
+            ):
+                mine.append(ticket)
+            else:
+                others.append(ticket)
+        try:
+            for participant in held.values():
+                participant.drain()
+            decide_all(self, mine, held)
+        except JournalError:
+            pass  # every ticket is released with the failure, by `decide_all` or the writer
+        finally:
+            release(self, held)
+            for ticket in mine:
+                self._decided(ticket)
+        return others
 
     def start(self, ticket: Ticket) -> None:
         """Begin the protocol for a claimed, admitted ticket. Never waits."""
@@ -194,10 +226,6 @@ class Coordinator:
 
     def transfer_many(self, requests: list[TransferRequest], timeout_s: float) -> list[Transfer | LedgerError]:
         """Outcomes as if applied one after another in list order; see `Batch`."""
-        from coordinator._batch import Batch
-
-        from coordinator._held import HeldBatch
-
         results: list[Transfer | LedgerError] = []
         chunk = self.admission.permits_max
         for first in range(0, len(requests), chunk):

@@ -87,13 +87,7 @@ class HeldBatch:
             for participant in held.values():
                 participant.drain()  # what other threads queued first, before any lock is taken
             self._claim(valid)
-            fresh = self._fresh
-            for first in range(0, len(fresh), CHUNK_REQUESTS_MAX):
-                try:
-                    decide_held(coordinator, fresh[first : first + CHUNK_REQUESTS_MAX], held)
-                except JournalError as error:  # that chunk is failed; the later ones never started
-                    _fail(coordinator, fresh[first + CHUNK_REQUESTS_MAX :], error)
-                    raise
+            decide_all(coordinator, self._fresh, held)
         finally:
             release(coordinator, held)
             coordinator.admission.release(permits)
@@ -121,6 +115,17 @@ class HeldBatch:
             if ticket.wait(self._remaining()):
                 coordinator.claims.release(ticket)
         return [result_of(request, result) for request, result in zip(self._requests, self._results, strict=True)]
+
+
+def decide_all(coordinator: Coordinator, tickets: list[Ticket], held: dict[str, Participant]) -> None:
+    """`decide_held` chunk by chunk. If the journal fails, every ticket not yet appended
+    is released with the failure (the writer releases the appended ones), and it raises."""
+    for first in range(0, len(tickets), CHUNK_REQUESTS_MAX):
+        try:
+            decide_held(coordinator, tickets[first : first + CHUNK_REQUESTS_MAX], held)
+        except JournalError as error:  # that chunk is failed; the later ones never started
+            _fail(coordinator, tickets[first + CHUNK_REQUESTS_MAX :], error)
+            raise
 
 
 def decide_held(coordinator: Coordinator, tickets: list[Ticket], held: dict[str, Participant]) -> None:
@@ -198,20 +203,29 @@ def _catch_up(participant: Participant, projected: AccountState) -> None:
 
 def hold(coordinator: Coordinator, names: list[str]) -> dict[str, Participant] | None:
     """Pin every named account and take its turn, or (if any is busy) nothing at all."""
-    participants = coordinator.participants
+    held = hold_idle(coordinator, names)
+    if len(held) < len(names):
+        release(coordinator, held)
+        return None
+    return held
+
+
+def hold_idle(coordinator: Coordinator, names: list[str]) -> dict[str, Participant]:
+    """Pin and take the turn of every named account that is idle; skip the busy ones."""
     held: dict[str, Participant] = {}
-    for name in names:
-        participant = participants.pin(name)
-        if not participant.hold():
-            participants.unpin(name)
-            release(coordinator, held)
-            return None
-        held[name] = participant
+    busy: list[str] = []
+    for name, participant in zip(names, coordinator.participants.pin_many(names), strict=True):
+        if participant.hold():
+            held[name] = participant
+        else:
+            busy.append(name)
+    if busy:
+        coordinator.participants.unpin_many(busy)
     return held
 
 
 def release(coordinator: Coordinator, held: dict[str, Participant]) -> None:
     """Give back the turns taken by `hold` and unpin the accounts."""
-    for name, participant in held.items():
+    for participant in held.values():
         participant.unhold()
-        coordinator.participants.unpin(name)
+    coordinator.participants.unpin_many(list(held))

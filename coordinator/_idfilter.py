@@ -45,10 +45,31 @@ class IdFilter:
             bits[position >> 3] |= 1 << (position & 7)
 
     def check_and_add(self, h: int) -> bool:
-        """`might_contain(h)`, then `add(h)`: True if the id may have been added before."""
-        seen = self.might_contain(h)
-        self.add(h)
-        return seen
+        """`might_contain(h)`, then `add(h)`, in one pass: True if `h` may have been added before."""
+        seen = False
+        h1 = h & 0xFFFFFFFF
+        h2 = ((h >> 32) & 0xFFFFFFFF) | 1
+        layers = self._layers
+        for bits, size in layers[:-1]:
+            for probe in range(_PROBES):
+                position = (h1 + probe * h2) % size
+                if not bits[position >> 3] & (1 << (position & 7)):
+                    break
+            else:
+                seen = True
+                break
+        if self._count >= self._capacity:
+            self._grow()
+        self._count += 1
+        bits, size = self._layers[-1]
+        present = True
+        for probe in range(_PROBES):
+            position = (h1 + probe * h2) % size
+            mask = 1 << (position & 7)
+            if not bits[position >> 3] & mask:
+                present = False
+                bits[position >> 3] |= mask
+        return seen or present
 
     def might_contain(self, h: int) -> bool:
         """False only if the id was surely never added."""

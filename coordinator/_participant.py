@@ -7,7 +7,7 @@ post, and asks it for a snapshot. None of these calls wait on another account.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from coordinator._state import AccountState, Posting
@@ -65,6 +65,11 @@ class Participants(Protocol):
         """The live participant for an account, kept live until `unpin`."""
 
     def unpin(self, account_id: str) -> None: ...
+
+    def pin_many(self, account_ids: list[str]) -> Sequence[Participant]:
+        """`pin` of each, in order, at the cost of one."""
+
+    def unpin_many(self, account_ids: list[str]) -> None: ...
 
 
 class DebitStep:

@@ -93,20 +93,36 @@ class Directory:
     def pin(self, account_id: str) -> AccountHandle:
         """The account's live actor, activated if need be, kept live until `unpin`."""
         with self._lock:
-            live = self._live.get(account_id)
-            if live is None:
-                account = self._sequencer.accounts[account_id]
-                state = self._sequencer.states[account_id]
-                live = _Live(AccountActor.spawn(self._dispatcher, account, state))
-                self._live[account_id] = live
-                self.activations += 1
-                live.pins += 1  # pinned before anything is passivated: never itself
-                if len(self._live) > self.live_max:
-                    self._passivate_idle()
-                return live.handle
-            self._live.move_to_end(account_id)
-            live.pins += 1
+            return self._pin(account_id)
+
+    def pin_many(self, account_ids: list[str]) -> list[AccountHandle]:
+        with self._lock:
+            return [self._pin(account_id) for account_id in account_ids]
+
+    def unpin_many(self, account_ids: list[str]) -> None:
+        with self._lock:
+            live = self._live
+            for account_id in account_ids:
+                entry = live[account_id]
+                entry.pins -= 1
+                assert entry.pins >= 0, account_id
+
+    def _pin(self, account_id: str) -> AccountHandle:
+        """`pin`, called with `_lock` held."""
+        live = self._live.get(account_id)
+        if live is None:
+            account = self._sequencer.accounts[account_id]
+            state = self._sequencer.states[account_id]
+            live = _Live(AccountActor.spawn(self._dispatcher, account, state))
+            self._live[account_id] = live
+            self.activations += 1
+            live.pins += 1  # pinned before anything is passivated: never itself
+            if len(self._live) > self.live_max:
+                self._passivate_idle()
             return live.handle
+        self._live.move_to_end(account_id)
+        live.pins += 1
+        return live.handle
 
     def unpin(self, account_id: str) -> None:
         with self._lock:

@@ -150,3 +150,21 @@ def test_a_journal_that_fails_under_a_batch_fails_it_and_every_later_write(
         assert reopened.balance("alice") == Balance(10, 0, 10)
         assert reopened.get_transfer("lost-0") is None
         assert reopened.transfer_many([TransferRequest("lost-0", "bank", "alice", 1)])[0].amount == 1  # type: ignore[union-attr]
+
+
+def test_the_id_filter_never_forgets_an_id_and_check_and_add_agrees_with_its_two_steps() -> None:
+    import random
+
+    from coordinator._idfilter import IdFilter
+
+    rng = random.Random(11)
+    ids = [rng.getrandbits(58) for _ in range(40_000)]  # enough to add a second layer
+    one, two = IdFilter(), IdFilter()
+    false_positives = 0
+    for h in ids:
+        maybe = one.might_contain(h)
+        one.add(h)
+        assert two.check_and_add(h) == maybe
+        false_positives += maybe
+    assert all(one.might_contain(h) and two.might_contain(h) for h in ids)
+    assert false_positives < len(ids) // 100  # about 0.2% at 16 bits and 4 probes
