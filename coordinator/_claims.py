@@ -37,8 +37,8 @@ class Ticket(Completion):
 
     __slots__ = ("request", "on_decided")
 
-    def __init__(self, request: TransferRequest) -> None:
-        super().__init__()
+    def __init__(self, request: TransferRequest, relayed: bool = False) -> None:
+        super().__init__(relayed=relayed)
         self.request = request
         self.on_decided: Callable[[Ticket], None] | None = None
         """Called once, on the deciding thread, when the outcome is known (not yet durable)."""
@@ -143,8 +143,9 @@ class Claims:
         self._warming.join(timeout_s)
         return self._warm
 
-    def claim(self, request: TransferRequest) -> tuple[Ticket | Outcome, bool]:
-        """Claim `request.id`: (new ticket, True), or (the existing ticket or outcome, False)."""
+    def claim(self, request: TransferRequest, relayed: bool = False) -> tuple[Ticket | Outcome, bool]:
+        """Claim `request.id`: (new ticket, True), or (the existing ticket or outcome, False).
+        A relayed ticket is for a caller that waits on it (see `journal.Completion`)."""
         tid = request.id
         h = hash(id_key(tid))
         stripe = h & (CLAIM_STRIPES - 1)
@@ -156,7 +157,7 @@ class Claims:
                 outcome = self.lookup(tid)
                 if outcome is not None:
                     return outcome, False
-            ticket = Ticket(request)
+            ticket = Ticket(request, relayed)
             self._inflight[tid] = ticket
             return ticket, True
 

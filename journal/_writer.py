@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import lmdb
 
-from journal._completion import Completion
+from journal._completion import Completion, relay
 from journal._crash import crash_point
 from journal._errors import JournalClosedError, JournalTimeoutError, JournalWriteError
 from journal._format import frame, lsn_key
@@ -244,11 +244,17 @@ class Writer:
             ready: list[Completion] = []
             while self._waiters and self._waiters[0][0] <= last:
                 ready.append(heapq.heappop(self._waiters)[2])
+        relayed: list[Completion] = []
         for _, _, _, completion in batch:
             if completion is not None:
-                completion.resolve()
+                if completion.relayed:
+                    relayed.append(completion)
+                else:
+                    completion.resolve()
         for completion in ready:
             completion.resolve()
+        if relayed:
+            relay(relayed)
 
     def _fail(self, batch: list[Pending], error: Exception) -> None:
         failure = JournalWriteError(f"journal write failed: {error}")

@@ -382,3 +382,46 @@ def test_a_completion_carries_the_error_without_raising_it() -> None:
     assert completion.wait(0.0) is True
     assert completion.error is failure
     assert completion.value == 7
+
+
+# --- relayed completions -----------------------------------------------------------
+
+
+def test_a_relay_releases_every_waiter_one_after_another(journal: Journal) -> None:
+    from journal import Completion
+
+    completions = [Completion(relayed=True) for _ in range(16)]
+    woken: list[int] = []
+    started = threading.Barrier(len(completions) + 1)
+
+    def waiter(n: int) -> None:
+        started.wait(10)
+        if completions[n].wait(10):
+            woken.append(n)
+
+    threads = [threading.Thread(target=waiter, args=(n,)) for n in range(len(completions))]
+    for thread in threads:
+        thread.start()
+    started.wait(10)
+    lsn = 0
+    for completion in completions:
+        lsn = journal.append(b"x", (), completion)
+    journal.wait_durable(lsn, 10)
+    for thread in threads:
+        thread.join(10)
+    assert sorted(woken) == list(range(len(completions)))
+    assert all(completion.done for completion in completions)
+
+
+def test_a_relay_passes_over_completions_nobody_waits_on_or_whose_waiter_gave_up() -> None:
+    from journal._completion import Completion, relay
+
+    unwatched, abandoned, watched = (Completion(relayed=True) for _ in range(3))
+    assert not abandoned.wait(0.01)  # its waiter timed out before the records were durable
+    outcome: list[bool] = []
+    waiting = threading.Thread(target=lambda: outcome.append(watched.wait(10)))
+    waiting.start()  # blocked before the relay or not: either way it must be released
+    relay([unwatched, abandoned, watched])
+    waiting.join(10)
+    assert outcome == [True]
+    assert unwatched.wait(0) and abandoned.wait(0) and watched.wait(0)  # and stay released
