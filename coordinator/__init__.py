@@ -29,7 +29,7 @@ from coordinator._records import INDEX_NAMES
 from coordinator._recovery import Recovered, load_checkpoint, recover, replay
 from coordinator._sequencer import Sequencer
 from coordinator._state import AccountState, Posting, SequenceError, credit_refusal, debit_refusal, post
-from coordinator._translate import ledger_errors
+from coordinator._translate import ledger_error, ledger_errors
 from coordinator._validate import check_amount, check_currency, check_id, check_overdraft_limit, check_transfer
 from coordinator._values import Account, Balance, Entry, Transfer, TransferRequest
 
@@ -81,6 +81,7 @@ __all__ = [
     "credit_refusal",
     "debit_refusal",
     "decode_outcome",
+    "ledger_error",
     "ledger_errors",
     "load_checkpoint",
     "post",

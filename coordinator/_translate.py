@@ -17,6 +17,7 @@ from journal import (
 from coordinator._errors import (
     JournalCorrupted,
     LedgerClosed,
+    LedgerError,
     LedgerLocked,
     LedgerTimeout,
     LedgerUnavailable,
@@ -24,20 +25,25 @@ from coordinator._errors import (
 )
 
 
+def ledger_error(error: JournalError) -> LedgerError:
+    """The `LedgerError` a `JournalError` becomes (the caller chains it)."""
+    if isinstance(error, JournalCorruptedError):
+        return JournalCorrupted(str(error), error.lsn)
+    if isinstance(error, JournalLockedError):
+        return LedgerLocked(str(error))
+    if isinstance(error, JournalNotFoundError):
+        return NotALedger(str(error))
+    if isinstance(error, JournalClosedError):
+        return LedgerClosed(str(error))
+    if isinstance(error, JournalTimeoutError):
+        return LedgerTimeout(str(error))
+    return LedgerUnavailable(str(error))
+
+
 @contextmanager
 def ledger_errors() -> Iterator[None]:
     """Re-raise any `JournalError` inside as the matching `LedgerError`, chained."""
     try:
         yield
-    except JournalCorruptedError as error:
-        raise JournalCorrupted(str(error), error.lsn) from error
-    except JournalLockedError as error:
-        raise LedgerLocked(str(error)) from error
-    except JournalNotFoundError as error:
-        raise NotALedger(str(error)) from error
-    except JournalClosedError as error:
-        raise LedgerClosed(str(error)) from error
-    except JournalTimeoutError as error:
-        raise LedgerTimeout(str(error)) from error
     except JournalError as error:
-        raise LedgerUnavailable(str(error)) from error
+        raise ledger_error(error) from error

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
@@ -35,12 +35,13 @@ from coordinator import (
     check_currency,
     check_id,
     check_overdraft_limit,
+    ledger_error,
     ledger_errors,
     recover,
     state_hash,
 )
 from coordinator._records import ENTRIES_INDEX, entry_key, entry_prefix
-from journal import Completion, Journal
+from journal import Completion, Journal, JournalError
 
 from engine._directory import Directory
 from engine._runtime import Dispatcher
@@ -66,7 +67,8 @@ class Ledger:
         self._directory = Directory(self._sequencer, self._dispatcher, actors_live_max)
         self._coordinator = Coordinator(journal, self._sequencer, self._directory, inflight_max)
         self._state = threading.Condition()
-        self._calls = 0
+        self._calls: deque[None] = deque()
+        """One item per call under way: appends and pops are atomic, so calls take no lock."""
         self._closed = False
 
     @classmethod
@@ -119,22 +121,10 @@ class Ledger:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    @contextmanager
-    def _call(self) -> Iterator[None]:
-        with self._state:
-            if self._closed:
-                raise LedgerClosed(f"the ledger at {self.path} is closed")
-            self._calls += 1
-        try:
-            with ledger_errors():
-                yield
-        finally:
-            with self._state:
-                self._calls -= 1
-                if self._calls == 0:
-                    self._state.notify_all()
-
-    # --- accounts ------------------------------------------------------------------
+    def _call(self) -> _Call:
+        """Enter a public call: refuse it if closed, count it until it returns (so `close`
+        can wait for it), and turn a `JournalError` from inside into its `LedgerError`."""
+        return _Call(self)
 
     def create_account(self, account_id: str, *, currency: str, overdraft_limit: int | None = 0) -> Account:
         """Open an account; return once it is durable. Idempotent for identical parameters.
@@ -285,7 +275,7 @@ class Ledger:
             if self._closed:
                 return
             self._closed = True
-            self._state.wait_for(lambda: self._calls == 0, timeout=self.timeout_s)
+            self._state.wait_for(lambda: not self._calls, timeout=self.timeout_s)
         self._coordinator.claims.stop()
         self._directory.stop_all()
         self._dispatcher.stop()
@@ -294,3 +284,31 @@ class Ledger:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+class _Call:
+    """`Ledger._call`: a context manager that is a plain object (no generator per call)."""
+
+    __slots__ = ("_ledger",)
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+
+    def __enter__(self) -> None:
+        ledger = self._ledger
+        ledger._calls.append(None)  # before the look at `_closed`: `close` waits for us or we see it
+        if ledger._closed:
+            self._leave()
+            raise LedgerClosed(f"the ledger at {ledger.path} is closed")
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: Any) -> None:
+        self._leave()
+        if isinstance(error, JournalError):
+            raise ledger_error(error) from error
+
+    def _leave(self) -> None:
+        ledger = self._ledger
+        ledger._calls.pop()
+        if ledger._closed:
+            with ledger._state:
+                ledger._state.notify_all()
