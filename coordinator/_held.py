@@ -141,7 +141,7 @@ def decide_held(coordinator: Coordinator, tickets: list[Ticket], held: dict[str,
     """
     sequencer = coordinator.sequencer
     accounts, states = sequencer.accounts, sequencer.states
-    stamp_commit, stamp_reject, advance = sequencer.stamp_commit, sequencer.stamp_reject, sequencer.advance
+    stamp_commit, stamp_reject = sequencer.stamp_commit, sequencer.stamp_reject
     records: list[Record] = []
     commits = 0
     with sequencer.lock:
@@ -161,18 +161,24 @@ def decide_held(coordinator: Coordinator, tickets: list[Ticket], held: dict[str,
             elif accounts[request.source].currency != accounts[request.destination].currency:
                 code = CurrencyMismatch.code
             else:
-                _catch_up(source, states[request.source])
-                _catch_up(destination, states[request.destination])
+                if source.held_state() != states[request.source]:
+                    _catch_up(source, states[request.source])
+                if destination.held_state() != states[request.destination]:
+                    _catch_up(destination, states[request.destination])
                 code = source.held_reserve(request.amount)
                 if code is None:
                     stamped = stamp_commit(request, lsn, ticket)
                     if stamped is not None:
                         record, debit, credit = stamped
                         records.append(record)
-                        advance(debit, credit)
-                        source.held_apply(debit.seq, debit.amount, debit.balance, lsn)  # releases the hold
+                        # Each account applies its entry (a debit's releases the hold), and
+                        # the projection moves to the state it reached (`advance`, without
+                        # building the same states twice).
+                        states[debit.account] = source.held_apply(debit.seq, debit.amount, debit.balance, lsn)
                         crash_point("between-entries")
-                        destination.held_apply(credit.seq, credit.amount, credit.balance, lsn)
+                        states[credit.account] = destination.held_apply(
+                            credit.seq, credit.amount, credit.balance, lsn
+                        )
                         commits += 1
                         continue
                     source.held_unreserve(request.amount)
@@ -196,9 +202,9 @@ def _fail(coordinator: Coordinator, tickets: list[Ticket], error: JournalError) 
 
 
 def _catch_up(participant: Participant, projected: AccountState) -> None:
-    if participant.held_state() != projected:
-        participant.held_catch_up()
-        assert participant.held_state() == projected, (participant.held_state(), projected)
+    """Apply the entries waiting in the account's mailbox: then it agrees with the projection."""
+    participant.held_catch_up()
+    assert participant.held_state() == projected, (participant.held_state(), projected)
 
 
 def hold(coordinator: Coordinator, names: list[str]) -> dict[str, Participant] | None:
