@@ -19,6 +19,7 @@ No account ever waits on another; the only waits are callers' bounded waits.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
@@ -41,6 +42,8 @@ from coordinator._sequencer import Sequencer
 from coordinator._validate import check_transfer
 from coordinator._state import Posting
 from coordinator._values import Transfer, TransferRequest
+
+logger = logging.getLogger("tally.coordinator")
 
 
 class Coordinator:
@@ -108,12 +111,18 @@ class Coordinator:
                 if not batch:
                     self._combining = False
                     return
-            for queued in self._start_held(batch):
+            try:
+                rest = self._start_held(batch)
+            except Exception as error:  # a bug must not strand the queue or its callers
+                logger.exception("deciding %d combined transfers failed", len(batch))
+                for queued in batch:
+                    queued.resolve(LedgerUnavailable(f"transfer {queued.request.id!r} failed: {error!r}"))
+                continue
+            for queued in rest:
                 try:
                     self.start(queued)
                 except Exception as error:  # a bug in one protocol must not strand the queue
-                    if not queued.done:
-                        queued.resolve(LedgerUnavailable(f"transfer {queued.request.id!r} failed to start: {error!r}"))
+                    queued.resolve(LedgerUnavailable(f"transfer {queued.request.id!r} failed to start: {error!r}"))
 
     def _start_held(self, tickets: list[Ticket]) -> list[Ticket]:
         """Decide at once, on this thread, every ticket whose accounts' turns it can take
@@ -139,6 +148,12 @@ class Coordinator:
             decide_all(self, mine, held)
         except JournalError:
             pass  # every ticket is released with the failure, by `decide_all` or the writer
+        except Exception as error:  # a bug: release every ticket not yet released, then say so
+            for ticket in tickets:
+                ticket.resolve(LedgerUnavailable(f"transfer {ticket.request.id!r} failed: {error!r}"))
+            for ticket in others:
+                self._decided(ticket)  # never started: its permit goes back here
+            raise
         finally:
             release(self, held)
             for ticket in mine:
@@ -208,8 +223,8 @@ class Coordinator:
 
     @staticmethod
     def fail(ticket: Ticket, error: JournalError) -> None:
-        if not ticket.done:
-            ticket.resolve(LedgerUnavailable(f"the journal cannot be written: {error}"))
+        """Release a ticket whose record never reached the journal (a no-op if released)."""
+        ticket.resolve(LedgerUnavailable(f"the journal cannot be written: {error}"))
 
     def _finish(self, step: DebitStep) -> None:
         self.participants.unpin(step.request.source)

@@ -187,6 +187,9 @@ def decide_held(coordinator: Coordinator, tickets: list[Ticket], held: dict[str,
         try:
             first = sequencer.append_stamped(records)
         except JournalError as error:  # the journal failed: nothing more is written until reopen
+            # The accounts and the projection already hold this chunk's entries, which
+            # will never be durable: the ledger is unusable until reopened, and it is,
+            # since the failed journal refuses every later write and read.
             _fail(coordinator, tickets, error)
             raise
         assert first + len(records) - 1 == lsn, (first, len(records), lsn)

@@ -46,7 +46,8 @@ class IdFilter:
 
     def check_and_add(self, h: int) -> bool:
         """`might_contain(h)`, then `add(h)`, in one pass: True if `h` may have been added before."""
-        seen = False
+        if self._count >= self._capacity:
+            self._grow()  # first: the layer it closes is then checked like every older one
         h1 = h & 0xFFFFFFFF
         h2 = ((h >> 32) & 0xFFFFFFFF) | 1
         layers = self._layers
@@ -56,20 +57,23 @@ class IdFilter:
                 if not bits[position >> 3] & (1 << (position & 7)):
                     break
             else:
-                seen = True
-                break
-        if self._count >= self._capacity:
-            self._grow()
-        self._count += 1
+                self._add_last(h1, h2)
+                return True
+        return not self._add_last(h1, h2)
+
+    def _add_last(self, h1: int, h2: int) -> bool:
+        """Set the id's bits in the newest layer; True if any was not set (it is new there)."""
         bits, size = self._layers[-1]
-        present = True
+        new = False
         for probe in range(_PROBES):
             position = (h1 + probe * h2) % size
             mask = 1 << (position & 7)
             if not bits[position >> 3] & mask:
-                present = False
+                new = True
                 bits[position >> 3] |= mask
-        return seen or present
+        if new:
+            self._count += 1
+        return new
 
     def might_contain(self, h: int) -> bool:
         """False only if the id was surely never added."""

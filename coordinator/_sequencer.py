@@ -17,12 +17,13 @@ agree with it, so the projection is both the stamp source and a cross-check.
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
 from collections.abc import Callable
 from typing import cast
 
-from journal import Completion, IndexPut, Journal, crash_point
+from journal import Completion, IndexPut, Journal, JournalError, crash_point
 
 from coordinator._claims import Refusal
 from coordinator._limits import CHECKPOINT_RECORDS_INTERVAL
@@ -49,6 +50,7 @@ Record = tuple[bytes, tuple[IndexPut, ...], Completion]
 """A stamped record as `Journal.append_many` takes it: payload, index entries, completion."""
 _U64 = struct.Struct(">Q")
 _pack = pack
+logger = logging.getLogger("tally.coordinator")
 
 
 class Sequencer:
@@ -160,16 +162,23 @@ class Sequencer:
 
     def append_stamped(self, records: list[Record]) -> int:
         """Queue records stamped under `lock` at consecutive LSNs from `last_lsn + 1` (the
-        caller made room with `journal.wait_room`); return the first LSN."""
+        caller made room with `journal.wait_room`); return the first LSN. Raises only if
+        nothing was queued."""
         assert self.lock.locked()
         first = self._journal.append_many(records)
         self._appended(len(records))
         return first
 
     def _appended(self, records: int = 1) -> None:
+        """Count records appended; journal a checkpoint when one is due. The records are
+        queued already, so a checkpoint that cannot be queued must not fail them: it is
+        logged and tried again after the next record (the writer reports its own failure)."""
         self._since_checkpoint += records
         if self._since_checkpoint >= self.checkpoint_interval:
-            self.checkpoint()
+            try:
+                self.checkpoint()
+            except JournalError:
+                logger.exception("checkpoint not journaled; trying again after the next record")
 
     def checkpoint(self) -> int:
         """Journal the projection of every account as of now (call with `lock` held).

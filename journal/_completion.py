@@ -19,6 +19,8 @@ class Completion:
     awake, wakes the next (see `relay`). Waking dozens of threads together on a
     busy interpreter makes them queue for the GIL, and every thread that queues
     costs a context switch; woken one after another they mostly find it free.
+    (`_waiting` is counted without a lock: CPython's GIL makes that safe, as the
+    engine's other shared counters.)
     """
 
     __slots__ = ("_lock", "_done", "value", "error", "_relay", "_waiting")
@@ -40,13 +42,17 @@ class Completion:
     def relayed(self) -> bool:
         return self._relay is not None
 
-    def resolve(self, error: BaseException | None = None) -> None:
-        """Release every waiter. Called exactly once, by the thread that finished the work."""
-        assert not self._done, "a completion resolves once"
-        if error is not None:
-            self.error = error
-        self._done = True
+    def resolve(self, error: BaseException | None = None) -> bool:
+        """Release every waiter, with `error` if the work failed. The first call wins: a
+        later one (a failure path racing the writer) changes nothing and returns False."""
+        with _RESOLVING:
+            if self._done:
+                return False
+            if error is not None:
+                self.error = error
+            self._done = True
         self._lock.release()
+        return True
 
     def wait(self, timeout_s: float) -> bool:
         """Block up to `timeout_s` seconds; True once resolved. Never raises `error` itself."""
@@ -66,6 +72,9 @@ class Completion:
         return released
 
 
+_RESOLVING = threading.Lock()
+"""Makes deciding a completion's outcome atomic (held for a few bytecodes, never waits)."""
+
 _NO_RELAY: deque[Completion] = deque()
 """The relay of a relayed completion not yet made durable (always empty)."""
 
@@ -74,10 +83,13 @@ def relay(completions: list[Completion]) -> None:
     """Release relayed completions (all already durable) one waiter at a time: mark every
     one done, then wake the first that has a waiter; each waiter passes it on."""
     line: deque[Completion] = deque()
-    for completion in completions:
-        completion._done = True
-        completion._relay = line
-        line.append(completion)
+    with _RESOLVING:
+        for completion in completions:
+            if completion._done:
+                continue  # already failed by its owner; nothing to release
+            completion._done = True
+            completion._relay = line
+            line.append(completion)
     pass_on(line)
 
 

@@ -181,7 +181,12 @@ class Writer:
                 logger.exception("journal write failed")
                 self._fail(batch, error)
                 return
-            self._publish(batch)
+            try:
+                self._publish(batch)
+            except Exception as error:  # a bug after a durable commit: stop, and say so to all
+                logger.exception("releasing a durable group commit failed")
+                self._fail(batch, error)
+                return
 
     def _commit(self, batch: list[Pending]) -> None:
         assert batch[0][0] == self.durable_lsn + 1, (batch[0][0], self.durable_lsn)

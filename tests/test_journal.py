@@ -336,12 +336,13 @@ def test_reads_after_close_raise_closed(ledger_path: Path) -> None:
 # --- completions -----------------------------------------------------------------
 
 
-def test_a_completion_resolves_only_once() -> None:
+def test_a_completion_resolves_only_once_and_the_first_outcome_stands() -> None:
     completion = Completion()
-    completion.resolve()
+    assert completion.resolve()
     assert completion.done
-    with pytest.raises(AssertionError):
-        completion.resolve()
+    assert not completion.resolve(RuntimeError("too late"))  # a failure path racing the writer
+    assert completion.error is None
+    assert completion.wait(0) and completion.wait(0)  # released once, still released
 
 
 def test_a_completion_releases_every_waiter() -> None:

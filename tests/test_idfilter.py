@@ -1,0 +1,44 @@
+"""The transfer-id Bloom filter: an id once added is never reported new, even by the call
+that makes the filter grow (else a retry of a durable transfer would skip the index
+lookup and run again)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from coordinator._idfilter import IdFilter
+from coordinator._limits import CLAIM_STRIPES
+from coordinator._records import id_key
+from engine import Balance, Ledger
+
+WAIT_S = 10.0
+
+
+def test_check_and_add_remembers_an_id_when_it_makes_the_filter_grow() -> None:
+    rng = random.Random(5)
+    ids = list({rng.getrandbits(58) for _ in range(20_000)})
+    first_layer = len(ids[:16_384])
+    seen = IdFilter()
+    for h in ids[:first_layer]:  # exactly fills the first layer
+        seen.check_and_add(h)
+    assert seen.might_contain(ids[0])
+    assert seen.check_and_add(ids[0]), "an id already added must never be reported as new"
+
+
+def test_a_retry_of_a_durable_transfer_when_its_id_filter_grows_returns_the_original(ledger_path: Path) -> None:
+    with Ledger.open(ledger_path) as ledger:
+        claims = ledger._coordinator.claims
+        assert claims.wait_warm(WAIT_S)
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        original = ledger.transfer("t-1", source="bank", destination="alice", amount=10)
+        # Stand-in for the ~16,000 other ids this stripe saw before: fill its first layer.
+        h = hash(id_key("t-1"))
+        stripe = claims._filters[h & (CLAIM_STRIPES - 1)]
+        rng = random.Random(7)
+        while len(stripe) < stripe._capacity:
+            stripe.add(rng.getrandbits(58))
+        retried = ledger.transfer("t-1", source="bank", destination="alice", amount=10)
+        assert retried == original
+        assert ledger.balance("alice") == Balance(10, 0, 10)
