@@ -231,3 +231,33 @@ def test_a_checkpoint_that_fails_after_a_chunk_is_appended_does_not_release_its_
         assert isinstance(ledger.transfer("c-2", source="bank", destination="alice", amount=1), Transfer)
         if isinstance(outcome, LedgerError):  # told it failed: then it must not have happened
             assert ledger.get_transfer("c-1") is None, "reported failed, yet committed"
+
+
+def test_a_journal_that_fails_between_room_and_append_fails_the_chunk_and_every_later_call(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The accounts have applied the chunk when its append is refused: the ledger must then
+    refuse to show or extend that state until reopened, which starts from the journal."""
+    from journal import Journal
+
+    with Ledger.open(ledger_path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        ledger.transfer("before", source="bank", destination="alice", amount=10)
+        real = Journal.append_many
+
+        def fail_then_append(self: Journal, records: Any) -> int:
+            self._writer._fail([], OSError(5, "Input/output error"))  # type: ignore[union-attr]
+            return real(self, records)
+
+        monkeypatch.setattr(Journal, "append_many", fail_then_append)
+        with pytest.raises(LedgerUnavailable):
+            ledger.transfer_many([TransferRequest(f"lost-{n}", "bank", "alice", 1) for n in range(3)])
+        monkeypatch.undo()
+        with pytest.raises(LedgerUnavailable):
+            ledger.balance("alice")
+        with pytest.raises(LedgerUnavailable):
+            ledger.transfer("after", source="bank", destination="alice", amount=1)
+    with Ledger.open(ledger_path) as reopened:
+        assert reopened.balance("alice") == Balance(10, 0, 10)
+        assert [entry.transfer_id for entry in reopened.entries("alice")] == ["before"]
