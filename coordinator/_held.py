@@ -22,11 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
-from journal import JournalError, crash_point
-
 from coordinator._claims import Outcome, Ticket, lsn_of, result_of
-from coordinator._sequencer import Record
-from coordinator._state import AccountState
 from coordinator._errors import (
     AccountNotFound,
     BalanceOverflow,
@@ -34,19 +30,18 @@ from coordinator._errors import (
     LedgerError,
     LedgerTimeout,
 )
+from coordinator._limits import CHUNK_REQUESTS_MAX
 from coordinator._participant import Participant
+from coordinator._sequencer import Record
+from coordinator._state import AccountState
 from coordinator._validate import check_transfer
 from coordinator._values import Transfer, TransferRequest
+from journal import JournalError, crash_point
 
 if TYPE_CHECKING:
     from coordinator._coordinator import Coordinator
 
 Result = Transfer | LedgerError
-
-
-CHUNK_REQUESTS_MAX = 256
-"""Requests decided per hold of the sequencer lock: long enough to amortise taking it,
-short enough that concurrent single transfers are not kept waiting for a whole batch."""
 
 
 class HeldBatch:

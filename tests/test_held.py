@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from coordinator import _coordinator
-from coordinator._held import CHUNK_REQUESTS_MAX, decide_held, hold, release
+from coordinator._held import decide_held, hold, release
+from coordinator._limits import CHUNK_REQUESTS_MAX
 from coordinator._sequencer import Sequencer
 from engine import (
     Balance,
