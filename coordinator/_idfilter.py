@@ -34,35 +34,15 @@ class IdFilter:
 
     def add(self, h: int) -> None:
         """Add an id by its hash (any int: `hash(id_key)`)."""
-        if self._count >= self._capacity:
-            self._grow()
-        self._count += 1
-        bits, size = self._layers[-1]
-        h1 = h & 0xFFFFFFFF
-        h2 = ((h >> 32) & 0xFFFFFFFF) | 1
-        for probe in range(_PROBES):
-            position = (h1 + probe * h2) % size
-            bits[position >> 3] |= 1 << (position & 7)
+        self.check_and_add(h)
 
     def check_and_add(self, h: int) -> bool:
-        """`might_contain(h)`, then `add(h)`, in one pass: True if `h` may have been added before."""
+        """Add `h`; True if it may have been added before (`might_contain` first, in one pass)."""
         if self._count >= self._capacity:
             self._grow()  # first: the layer it closes is then checked like every older one
         h1 = h & 0xFFFFFFFF
         h2 = ((h >> 32) & 0xFFFFFFFF) | 1
-        layers = self._layers
-        for bits, size in layers[:-1]:
-            for probe in range(_PROBES):
-                position = (h1 + probe * h2) % size
-                if not bits[position >> 3] & (1 << (position & 7)):
-                    break
-            else:
-                self._add_last(h1, h2)
-                return True
-        return not self._add_last(h1, h2)
-
-    def _add_last(self, h1: int, h2: int) -> bool:
-        """Set the id's bits in the newest layer; True if any was not set (it is new there)."""
+        seen = _in_any(self._layers[:-1], h1, h2)
         bits, size = self._layers[-1]
         new = False
         for probe in range(_PROBES):
@@ -73,20 +53,23 @@ class IdFilter:
                 bits[position >> 3] |= mask
         if new:
             self._count += 1
-        return new
+        return seen or not new
 
     def might_contain(self, h: int) -> bool:
         """False only if the id was surely never added."""
-        h1 = h & 0xFFFFFFFF
-        h2 = ((h >> 32) & 0xFFFFFFFF) | 1
-        for bits, size in self._layers:
-            for probe in range(_PROBES):
-                position = (h1 + probe * h2) % size
-                if not bits[position >> 3] & (1 << (position & 7)):
-                    break
-            else:
-                return True
-        return False
+        return _in_any(self._layers, h & 0xFFFFFFFF, ((h >> 32) & 0xFFFFFFFF) | 1)
 
     def __len__(self) -> int:
         return self._count
+
+
+def _in_any(layers: list[tuple[bytearray, int]], h1: int, h2: int) -> bool:
+    """True if every probe of (h1, h2) is set in some one of `layers`."""
+    for bits, size in layers:
+        for probe in range(_PROBES):
+            position = (h1 + probe * h2) % size
+            if not bits[position >> 3] & (1 << (position & 7)):
+                break
+        else:
+            return True
+    return False

@@ -43,9 +43,6 @@ INDEX_NAMES = (ACCOUNTS_INDEX, TRANSFERS_INDEX, ENTRIES_INDEX, CHECKPOINTS_INDEX
 _U64 = struct.Struct(">Q")
 _U16 = struct.Struct(">H")
 _pack = msgpack.Packer(use_bin_type=True).pack
-pack = _pack
-"""msgpack encoding of records and index values. One shared Packer is safe from any thread:
-its `pack` runs in C for these plain types and never releases the GIL midway."""
 
 
 def id_key(identifier: str) -> bytes:

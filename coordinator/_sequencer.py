@@ -37,10 +37,10 @@ from coordinator._records import (
     REJECT,
     TRANSFERS_INDEX,
     encode,
+    encode_entry_value,
     entry_prefix,
     id_key,
     lsn_value,
-    pack,
 )
 from coordinator._state import AccountState, Posting, credit_refusal
 from coordinator._values import Account, Transfer, TransferRequest
@@ -49,7 +49,6 @@ Deliver = Callable[[Posting, Posting], None]
 Record = tuple[bytes, tuple[IndexPut, ...], Completion]
 """A stamped record as `Journal.append_many` takes it: payload, index entries, completion."""
 _U64 = struct.Struct(">Q")
-_pack = pack
 logger = logging.getLogger("tally.coordinator")
 
 
@@ -129,11 +128,11 @@ class Sequencer:
         debit = Posting(source, origin.seq + 1, -amount, origin.posted - amount, lsn)
         credit = Posting(destination, target.seq + 1, amount, target.posted + amount, lsn)
         completion.value = Transfer(tid, source, destination, amount, lsn)
-        payload = _pack([COMMIT, tid, source, destination, amount, debit.seq, debit.balance, credit.seq, credit.balance])
+        payload = encode([COMMIT, tid, source, destination, amount, debit.seq, debit.balance, credit.seq, credit.balance])
         index = (
-            (TRANSFERS_INDEX, id_key(tid), _U64.pack(lsn)),
-            (ENTRIES_INDEX, source_prefix + _U64.pack(debit.seq), _pack((tid, -amount, debit.balance, lsn))),
-            (ENTRIES_INDEX, target_prefix + _U64.pack(credit.seq), _pack((tid, amount, credit.balance, lsn))),
+            (TRANSFERS_INDEX, id_key(tid), lsn_value(lsn)),
+            (ENTRIES_INDEX, source_prefix + _U64.pack(debit.seq), encode_entry_value(tid, -amount, debit.balance, lsn)),
+            (ENTRIES_INDEX, target_prefix + _U64.pack(credit.seq), encode_entry_value(tid, amount, credit.balance, lsn)),
         )
         return (payload, index, completion), debit, credit
 
@@ -146,8 +145,8 @@ class Sequencer:
         """The rejection record of `request` at `lsn` (under `lock`); `completion.value`
         becomes the `Refusal`."""
         completion.value = Refusal(request, code, lsn)
-        payload = _pack([REJECT, request.id, request.source, request.destination, request.amount, code])
-        return payload, ((TRANSFERS_INDEX, id_key(request.id), _U64.pack(lsn)),), completion
+        payload = encode([REJECT, request.id, request.source, request.destination, request.amount, code])
+        return payload, ((TRANSFERS_INDEX, id_key(request.id), lsn_value(lsn)),), completion
 
     def reject(self, request: TransferRequest, code: str, completion: Completion) -> int:
         """Journal a refusal; it consumes the transfer id. `completion.value` becomes the

@@ -84,50 +84,47 @@ class Writer:
         durable, or with `error` set if it never will be.
         """
         with self._cond:
-            self._check_open()
-            if len(self._pending) >= PENDING_RECORDS_MAX:
-                if not self._room.wait_for(
-                    lambda: len(self._pending) < PENDING_RECORDS_MAX or self._failure or self._closing,
-                    timeout=APPEND_WAIT_S_MAX,
-                ):
-                    raise JournalTimeoutError("the journal writer is not keeping up")
-                self._check_open()
-            self._last_lsn += 1
-            lsn = self._last_lsn
-            self._pending.append((lsn, payload, index, completion))
-            if self._writer_waiting:
-                self._cond.notify()
-            return lsn
+            self._make_room(1, APPEND_WAIT_S_MAX)
+            return self._queue(((payload, index, completion),))
 
     def wait_room(self, records: int, timeout_s: float = APPEND_WAIT_S_MAX) -> None:
         """Block until `records` more fit in the pending list (bounded); raise if the journal
         failed or is closing. The room stays for a caller that is the only appender."""
-        records = min(records, PENDING_RECORDS_MAX)
         with self._cond:
-            self._check_open()
-            if len(self._pending) + records > PENDING_RECORDS_MAX:
-                if not self._room.wait_for(
-                    lambda: len(self._pending) + records <= PENDING_RECORDS_MAX or self._failure or self._closing,
-                    timeout=timeout_s,
-                ):
-                    raise JournalTimeoutError("the journal writer is not keeping up")
-                self._check_open()
+            self._make_room(records, timeout_s)
 
     def append_many(self, records: Sequence[tuple[bytes, Sequence[IndexPut], Completion | None]]) -> int:
         """Queue several records under consecutive LSNs; return the first. Never waits for
         room (see `wait_room`), so it fails only if the journal failed or is closing."""
         with self._cond:
             self._check_open()
-            first = self._last_lsn + 1
-            pending = self._pending
-            lsn = self._last_lsn
-            for payload, index, completion in records:
-                lsn += 1
-                pending.append((lsn, payload, index, completion))
-            self._last_lsn = lsn
-            if self._writer_waiting:
-                self._cond.notify()
-            return first
+            return self._queue(records)
+
+    def _make_room(self, records: int, timeout_s: float) -> None:
+        """With `_cond` held: wait (bounded) until `records` more fit; raise if not open."""
+        self._check_open()
+        records = min(records, PENDING_RECORDS_MAX)
+        if len(self._pending) + records > PENDING_RECORDS_MAX:
+            if not self._room.wait_for(
+                lambda: len(self._pending) + records <= PENDING_RECORDS_MAX or self._failure or self._closing,
+                timeout=timeout_s,
+            ):
+                raise JournalTimeoutError("the journal writer is not keeping up")
+            self._check_open()
+
+    def _queue(self, records: Sequence[tuple[bytes, Sequence[IndexPut], Completion | None]]) -> int:
+        """With `_cond` held and the journal open: give `records` the next LSNs, queue them,
+        wake the writer; return the first LSN."""
+        first = self._last_lsn + 1
+        lsn = self._last_lsn
+        pending = self._pending
+        for payload, index, completion in records:
+            lsn += 1
+            pending.append((lsn, payload, index, completion))
+        self._last_lsn = lsn
+        if self._writer_waiting:
+            self._cond.notify()
+        return first
 
     def _check_open(self) -> None:
         if self._failure is not None:

@@ -718,8 +718,20 @@ def test_transfer_many_of_a_non_sequence_is_invalid(funded: Ledger) -> None:
         funded.transfer_many("not a list")  # type: ignore[arg-type]
 
 
+def _transfer_one(ledger: Ledger, transfer_id: str) -> Transfer:
+    return ledger.transfer(transfer_id, source="bank", destination="alice", amount=5)
+
+
+def _transfer_in_a_batch(ledger: Ledger, transfer_id: str) -> Transfer:
+    (result,) = ledger.transfer_many([TransferRequest(transfer_id, "bank", "alice", 5)])
+    if isinstance(result, LedgerError):
+        raise result
+    return result
+
+
+@pytest.mark.parametrize("write", [_transfer_one, _transfer_in_a_batch], ids=["transfer", "transfer_many"])
 def test_a_journal_that_cannot_be_written_fails_the_transfer_and_every_later_write_until_reopened(
-    ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch, write: Any
 ) -> None:
     from journal._writer import Writer
 
@@ -733,16 +745,16 @@ def test_a_journal_that_cannot_be_written_fails_the_transfer_and_every_later_wri
 
         monkeypatch.setattr(Writer, "_stage", disk_full)
         with pytest.raises(LedgerUnavailable):
-            ledger.transfer("lost", source="bank", destination="alice", amount=5)
+            write(ledger, "lost")
         monkeypatch.undo()
         with pytest.raises(LedgerUnavailable):  # the writer is gone: nothing is acknowledged any more
-            ledger.transfer("after", source="bank", destination="alice", amount=5)
+            write(ledger, "after")
         with pytest.raises(LedgerUnavailable):  # nor shown: the balance saw an entry that is not durable
             ledger.balance("alice")
     with Ledger.open(ledger_path) as reopened:
         assert reopened.balance("alice") == Balance(10, 0, 10)
         assert reopened.get_transfer("lost") is None
-        assert reopened.transfer("lost", source="bank", destination="alice", amount=5).amount == 5
+        assert write(reopened, "lost").amount == 5
 
 
 @pytest.mark.parametrize(

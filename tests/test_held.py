@@ -139,33 +139,6 @@ def test_entries_committed_meanwhile_to_a_held_account_are_applied_before_it_dec
     assert gapless(ledger, "a")
 
 
-def test_a_journal_that_fails_under_a_batch_fails_it_and_every_later_write(
-    ledger_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from journal._writer import Writer
-
-    with Ledger.open(ledger_path) as ledger:
-        ledger.create_account("bank", currency="USD", overdraft_limit=None)
-        ledger.create_account("alice", currency="USD")
-        ledger.transfer("before", source="bank", destination="alice", amount=10)
-
-        def disk_full(self: Writer, txn: object, batch: object) -> None:
-            raise OSError(28, "No space left on device")
-
-        monkeypatch.setattr(Writer, "_stage", disk_full)
-        with pytest.raises(LedgerUnavailable):
-            ledger.transfer_many([TransferRequest(f"lost-{n}", "bank", "alice", 1) for n in range(3)])
-        monkeypatch.undo()
-        with pytest.raises(LedgerUnavailable):  # the writer is gone: nothing is acknowledged any more
-            ledger.transfer_many([TransferRequest("after", "bank", "alice", 1)])
-        with pytest.raises(LedgerUnavailable):  # nor shown: the balance saw entries that are not durable
-            ledger.balance("alice")
-    with Ledger.open(ledger_path) as reopened:
-        assert reopened.balance("alice") == Balance(10, 0, 10)
-        assert reopened.get_transfer("lost-0") is None
-        assert reopened.transfer_many([TransferRequest("lost-0", "bank", "alice", 1)])[0].amount == 1  # type: ignore[union-attr]
-
-
 def test_the_id_filter_never_forgets_an_id_and_rarely_claims_a_new_one_seen() -> None:
     import random
 
