@@ -11,7 +11,7 @@ dispatcher when it lets go. So each account still handles one message at a time,
 and its entries are applied in LSN order, while the batch costs no thread hop.
 
 The requests are decided in chunks, each under one hold of the sequencer lock and
-journaled with one append (`decide_held`): per request, the source's handler
+journaled as one block (`decide_held`): per request, the source's handler
 decides the debit and places the hold, the sequencer stamps the entries, and
 both accounts apply them at once, so the next request sees them.
 """
@@ -32,7 +32,7 @@ from coordinator._errors import (
 )
 from coordinator._limits import CHUNK_REQUESTS_MAX
 from coordinator._participant import Participant
-from coordinator._sequencer import Record
+from coordinator._sequencer import Chunk
 from coordinator._state import AccountState
 from coordinator._validate import check_transfer
 from coordinator._values import Transfer, TransferRequest
@@ -125,7 +125,7 @@ def decide_all(coordinator: Coordinator, tickets: list[Ticket], held: dict[str, 
 
 def decide_held(coordinator: Coordinator, tickets: list[Ticket], held: dict[str, Participant]) -> None:
     """Decide claimed tickets in order, on this thread, which holds the turn of every
-    account they name that exists, and journal them all in one append.
+    account they name that exists, and journal them all in one block.
 
     Each source decides its debit with its own handler (`held_reserve`), exactly as
     a `DebitStep` in its mailbox would; the sequencer stamps the entries, and both
@@ -137,7 +137,7 @@ def decide_held(coordinator: Coordinator, tickets: list[Ticket], held: dict[str,
     sequencer = coordinator.sequencer
     accounts, states = sequencer.accounts, sequencer.states
     stamp_commit, stamp_reject = sequencer.stamp_commit, sequencer.stamp_reject
-    records: list[Record] = []
+    chunk = Chunk()
     commits = 0
     with sequencer.lock:
         try:
@@ -148,46 +148,44 @@ def decide_held(coordinator: Coordinator, tickets: list[Ticket], held: dict[str,
         lsn = coordinator.journal.last_lsn
         for ticket in tickets:
             request = ticket.request
+            tid, source_id, destination_id, amount = request.id, request.source, request.destination, request.amount
             lsn += 1
             code: str | None
-            source, destination = held.get(request.source), held.get(request.destination)
+            source, destination = held.get(source_id), held.get(destination_id)
             if source is None or destination is None:
                 code = AccountNotFound.code
-            elif accounts[request.source].currency != accounts[request.destination].currency:
+            elif accounts[source_id].currency != accounts[destination_id].currency:
                 code = CurrencyMismatch.code
             else:
-                if source.held_state() != states[request.source]:
-                    _catch_up(source, states[request.source])
-                if destination.held_state() != states[request.destination]:
-                    _catch_up(destination, states[request.destination])
-                code = source.held_reserve(request.amount)
+                origin, target = states[source_id], states[destination_id]
+                if source.held_state() != origin:
+                    _catch_up(source, origin)
+                if destination.held_state() != target:
+                    _catch_up(destination, target)
+                code = source.held_reserve(amount)
                 if code is None:
-                    stamped = stamp_commit(request, lsn, ticket)
-                    if stamped is not None:
-                        record, debit, credit = stamped
-                        records.append(record)
+                    stamp = stamp_commit(chunk, tid, source_id, destination_id, amount, lsn, ticket, origin, target)
+                    if stamp is not None:
                         # Each account applies its entry (a debit's releases the hold), and
-                        # the projection moves to the state it reached (`advance`, without
-                        # building the same states twice).
-                        states[debit.account] = source.held_apply(debit.seq, debit.amount, debit.balance, lsn)
+                        # the projection takes the state it reached (built once, not twice).
+                        debit_seq, debit_balance, credit_seq, credit_balance = stamp
+                        states[source_id] = source.held_apply(debit_seq, -amount, debit_balance, lsn)
                         crash_point("between-entries")
-                        states[credit.account] = destination.held_apply(
-                            credit.seq, credit.amount, credit.balance, lsn
-                        )
+                        states[destination_id] = destination.held_apply(credit_seq, amount, credit_balance, lsn)
                         commits += 1
                         continue
-                    source.held_unreserve(request.amount)
+                    source.held_unreserve(amount)
                     code = BalanceOverflow.code
-            records.append(stamp_reject(request, code, lsn, ticket))
+            stamp_reject(chunk, request, code, lsn, ticket)
         try:
-            first = sequencer.append_stamped(records)
+            first = sequencer.append_chunk(chunk)
         except JournalError as error:  # the journal failed: nothing more is written until reopen
             # The accounts and the projection already hold this chunk's entries, which
             # will never be durable: the ledger is unusable until reopened, and it is,
             # since the failed journal refuses every later write and read.
             _fail(coordinator, tickets, error)
             raise
-        assert first + len(records) - 1 == lsn, (first, len(records), lsn)
+        assert first + len(chunk) - 1 == lsn, (first, len(chunk), lsn)
         for _ in range(commits):
             crash_point("after-commit-queued")
 

@@ -26,6 +26,6 @@ CHECKPOINT_RECORDS_INTERVAL = 50_000
 """Records between two checkpoints of the account projection (bounds the replay on open)."""
 
 CHUNK_REQUESTS_MAX = 256
-"""Requests a held batch decides per hold of the sequencer lock, journaled in one append:
+"""Requests a held batch decides per hold of the sequencer lock, journaled as one block:
 long enough to amortise taking the lock, short enough that concurrent single transfers
 are not kept waiting for a whole batch."""

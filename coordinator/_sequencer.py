@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable
 from typing import cast
 
-from journal import Completion, IndexPut, Journal, JournalError, crash_point
+from journal import Completion, Journal, JournalError, crash_point
 
 from coordinator._claims import Refusal
 from coordinator._limits import CHECKPOINT_RECORDS_INTERVAL
@@ -46,9 +46,28 @@ from coordinator._state import AccountState, Posting, credit_refusal
 from coordinator._values import Account, Transfer, TransferRequest
 
 Deliver = Callable[[Posting, Posting], None]
-Record = tuple[bytes, tuple[IndexPut, ...], Completion]
-"""A stamped record as `Journal.append_many` takes it: payload, index entries, completion."""
+Stamp = tuple[int, int, int, int]
+"""A commit's entries as stamped: (source seq, source balance, destination seq, destination balance)."""
 _U64 = struct.Struct(">Q")
+
+
+class Chunk:
+    """Decisions stamped under the sequencer lock at consecutive LSNs, journaled together
+    as one block (`Sequencer.append_chunk`): a payload and a completion per record, and
+    the index entries of all of them."""
+
+    __slots__ = ("payloads", "completions", "transfers", "entries")
+
+    def __init__(self) -> None:
+        self.payloads: list[bytes] = []
+        self.completions: list[Completion] = []
+        self.transfers: list[tuple[bytes, bytes]] = []
+        """Transfer index: id -> LSN of its outcome."""
+        self.entries: list[tuple[bytes, bytes]] = []
+        """Entry index: (account, seq) -> the entry."""
+
+    def __len__(self) -> int:
+        return len(self.payloads)
 logger = logging.getLogger("tally.coordinator")
 
 
@@ -96,77 +115,97 @@ class Sequencer:
         caller then rejects. `completion.value` is set to the Transfer before the
         record is queued, and the writer releases it once the record is durable.
         """
+        tid, source, destination, amount = request.id, request.source, request.destination, request.amount
+        chunk = Chunk()
         with self.lock:
-            stamped = self.stamp_commit(request, self._journal.last_lsn + 1, completion)
+            lsn = self._journal.last_lsn + 1
+            stamped = self.stamp_commit(
+                chunk, tid, source, destination, amount, lsn, completion, self.states[source], self.states[destination]
+            )
             if stamped is None:
                 return None
-            (payload, index, _), debit, credit = stamped
-            appended = self._journal.append(payload, index, completion)
-            assert appended == debit.lsn, (appended, debit.lsn)
+            appended = self._append(chunk)
+            assert appended == lsn, (appended, lsn)
             crash_point("after-commit-queued")
-            self.advance(debit, credit)
-            deliver(debit, credit)
+            debit_seq, debit_balance, credit_seq, credit_balance = stamped
+            self.states[source] = AccountState(debit_seq, debit_balance, lsn)
+            self.states[destination] = AccountState(credit_seq, credit_balance, lsn)
+            deliver(
+                Posting(source, debit_seq, -amount, debit_balance, lsn),
+                Posting(destination, credit_seq, amount, credit_balance, lsn),
+            )
             self._appended()
         return cast(Transfer, completion.value)
 
     def stamp_commit(
-        self, request: TransferRequest, lsn: int, completion: Completion
-    ) -> tuple[Record, Posting, Posting] | None:
-        """The commit record of `request` at `lsn` and its two entries, stamped (seq and
-        balance) from the projection; None if the destination would overflow. Call under
-        `lock`; nothing changes until the record is appended and `advance` is called.
-        `completion.value` becomes the Transfer."""
-        tid, source, destination, amount = request.id, request.source, request.destination, request.amount
-        target = self.states[destination]
+        self,
+        chunk: Chunk,
+        tid: str,
+        source: str,
+        destination: str,
+        amount: int,
+        lsn: int,
+        completion: Completion,
+        origin: AccountState,
+        target: AccountState,
+    ) -> Stamp | None:
+        """Add the commit record of a transfer at `lsn` to `chunk`, its entries stamped
+        from `origin` and `target` (the accounts' projections): return the stamp, or
+        None, adding nothing, if the destination would overflow. Call under `lock`; the
+        caller moves the projection (`states`) past the entries. `completion.value`
+        becomes the Transfer."""
         if credit_refusal(target.posted, amount) is not None:
             return None
-        origin = self.states[source]
+        debit_seq, debit_balance = origin.seq + 1, origin.posted - amount
+        credit_seq, credit_balance = target.seq + 1, target.posted + amount
         prefixes = self._prefixes
         source_prefix = prefixes.get(source) or prefixes.setdefault(source, entry_prefix(source))
         target_prefix = prefixes.get(destination) or prefixes.setdefault(destination, entry_prefix(destination))
-        # Stamped here; each account re-derives them with `post` and must agree.
-        debit = Posting(source, origin.seq + 1, -amount, origin.posted - amount, lsn)
-        credit = Posting(destination, target.seq + 1, amount, target.posted + amount, lsn)
         completion.value = Transfer(tid, source, destination, amount, lsn)
-        payload = encode([COMMIT, tid, source, destination, amount, debit.seq, debit.balance, credit.seq, credit.balance])
-        index = (
-            (TRANSFERS_INDEX, id_key(tid), lsn_value(lsn)),
-            (ENTRIES_INDEX, source_prefix + _U64.pack(debit.seq), encode_entry_value(tid, -amount, debit.balance, lsn)),
-            (ENTRIES_INDEX, target_prefix + _U64.pack(credit.seq), encode_entry_value(tid, amount, credit.balance, lsn)),
+        chunk.payloads.append(
+            encode([COMMIT, tid, source, destination, amount, debit_seq, debit_balance, credit_seq, credit_balance])
         )
-        return (payload, index, completion), debit, credit
+        chunk.completions.append(completion)
+        chunk.transfers.append((id_key(tid), lsn_value(lsn)))
+        entries = chunk.entries
+        entries.append((source_prefix + _U64.pack(debit_seq), encode_entry_value(tid, -amount, debit_balance, lsn)))
+        entries.append((target_prefix + _U64.pack(credit_seq), encode_entry_value(tid, amount, credit_balance, lsn)))
+        return debit_seq, debit_balance, credit_seq, credit_balance
 
-    def advance(self, debit: Posting, credit: Posting) -> None:
-        """Move the projection past a commit's two entries (under `lock`, once appended)."""
-        self.states[debit.account] = AccountState(debit.seq, debit.balance, debit.lsn)
-        self.states[credit.account] = AccountState(credit.seq, credit.balance, credit.lsn)
-
-    def stamp_reject(self, request: TransferRequest, code: str, lsn: int, completion: Completion) -> Record:
-        """The rejection record of `request` at `lsn` (under `lock`); `completion.value`
-        becomes the `Refusal`."""
+    def stamp_reject(self, chunk: Chunk, request: TransferRequest, code: str, lsn: int, completion: Completion) -> None:
+        """Add the rejection record of `request` at `lsn` to `chunk` (under `lock`);
+        `completion.value` becomes the `Refusal`."""
         completion.value = Refusal(request, code, lsn)
-        payload = encode([REJECT, request.id, request.source, request.destination, request.amount, code])
-        return payload, ((TRANSFERS_INDEX, id_key(request.id), lsn_value(lsn)),), completion
+        chunk.payloads.append(encode([REJECT, request.id, request.source, request.destination, request.amount, code]))
+        chunk.completions.append(completion)
+        chunk.transfers.append((id_key(request.id), lsn_value(lsn)))
 
     def reject(self, request: TransferRequest, code: str, completion: Completion) -> int:
         """Journal a refusal; it consumes the transfer id. `completion.value` becomes the
         `Refusal` before the record is queued; the writer releases it once durable."""
+        chunk = Chunk()
         with self.lock:
             lsn = self._journal.last_lsn + 1
-            payload, index, _ = self.stamp_reject(request, code, lsn, completion)
-            appended = self._journal.append(payload, index, completion)
+            self.stamp_reject(chunk, request, code, lsn, completion)
+            appended = self._append(chunk)
             assert appended == lsn, (appended, lsn)
             self._appended()
         return lsn
 
-    def append_stamped(self, records: list[Record]) -> int:
-        """Queue records stamped under `lock` at consecutive LSNs from `last_lsn + 1` (the
-        caller made room with `journal.wait_room`); return the first LSN. Raises only if
-        nothing was queued."""
-        assert self.lock.locked()
-        first = self._journal.append_many(records)
-        self._appended(len(records))
+    def append_chunk(self, chunk: Chunk) -> int:
+        """Journal the records stamped in `chunk` (under `lock`, at consecutive LSNs from
+        `last_lsn + 1`, the projection already past them); return the first LSN. Waits
+        (bounded) for room in the journal's queue unless the caller made it with
+        `journal.wait_room`; raises only if nothing was queued."""
+        first = self._append(chunk)
+        self._appended(len(chunk))
         return first
+
+    def _append(self, chunk: Chunk) -> int:
+        assert self.lock.locked()
+        return self._journal.append_block(
+            chunk.payloads, {TRANSFERS_INDEX: chunk.transfers, ENTRIES_INDEX: chunk.entries}, chunk.completions
+        )
 
     def _appended(self, records: int = 1) -> None:
         """Count records appended; journal a checkpoint when one is due. The records are

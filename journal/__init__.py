@@ -18,7 +18,7 @@ from journal._errors import (
 from journal._format import lsn_key
 from journal._journal import LOCK_FILE, Journal
 from journal._limits import FORMAT_VERSION
-from journal._writer import IndexPut
+from journal._writer import IndexPut, IndexPuts
 
 __all__ = [
     "FORMAT_VERSION",
@@ -27,6 +27,7 @@ __all__ = [
     "Completion",
     "crash_point",
     "IndexPut",
+    "IndexPuts",
     "Journal",
     "JournalClosedError",
     "JournalCorruptedError",

@@ -2,7 +2,7 @@
 
 The checksum covers the LSN as well as the payload, so a record copied under
 another key fails verification just as a flipped byte does. Framing is checked
-before a record is written (`frame` asserts its inputs) and again whenever it is
+before a record is written (`frame_all` asserts its inputs) and again whenever it is
 read back (`unframe`), the pair of checks of house style 8.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Sequence
 
 from journal._errors import JournalCorruptedError
 from journal._limits import RECORD_VERSION
@@ -35,12 +36,17 @@ def _checksum(lsn_bytes: bytes, version: int, payload: bytes) -> int:
     return zlib.crc32(payload, zlib.crc32(lsn_bytes + bytes((version,))))
 
 
-def frame(lsn: int, payload: bytes) -> bytes:
-    """Frame `payload` for storage at `lsn`."""
-    assert lsn >= 1, lsn
-    assert isinstance(payload, bytes) and payload, "a record carries a non-empty payload"
-    crc = _checksum(_LSN.pack(lsn), RECORD_VERSION, payload)
-    return _HEADER.pack(RECORD_VERSION, crc) + payload
+def frame_all(first_lsn: int, payloads: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
+    """`(lsn_key, framed record)` of each payload, at consecutive LSNs from `first_lsn`:
+    what a group commit writes. The checksum is `_checksum`'s, computed inline."""
+    assert first_lsn >= 1, first_lsn
+    pack_lsn, pack_header, crc32, version = _LSN.pack, _HEADER.pack, zlib.crc32, _VERSION_BYTE
+    framed = []
+    for lsn, payload in enumerate(payloads, first_lsn):
+        assert type(payload) is bytes and payload, "a record carries a non-empty payload"
+        key = pack_lsn(lsn)
+        framed.append((key, pack_header(RECORD_VERSION, crc32(payload, crc32(key + version))) + payload))
+    return framed
 
 
 def unframe_keyed(key: bytes, value: bytes, lsn: int) -> bytes:

@@ -28,7 +28,7 @@ from journal._errors import (
 from journal._format import key_lsn, lsn_key, unframe, unframe_keyed
 from journal._limits import MAP_SIZE_BYTES_DEFAULT
 from journal._store import Store
-from journal._writer import IndexPut, Writer
+from journal._writer import IndexPut, IndexPuts, Writer
 
 LOCK_FILE = "tally.lock"
 
@@ -128,10 +128,12 @@ class Journal:
         """Queue a record and return its LSN at once; see `Writer.append`."""
         return self._writing.append(payload, index, completion)
 
-    def append_many(self, records: Sequence[tuple[bytes, Sequence[IndexPut], Completion | None]]) -> int:
-        """Queue `(payload, index, completion)` records under consecutive LSNs; return the
-        first LSN. Call `wait_room` first: this never waits; see `Writer.append_many`."""
-        return self._writing.append_many(records)
+    def append_block(
+        self, payloads: Sequence[bytes], index: IndexPuts, completions: Sequence[Completion | None]
+    ) -> int:
+        """Queue records under consecutive LSNs, with their index entries (by index name)
+        and one completion (or None) each; return the first LSN. See `Writer.append_block`."""
+        return self._writing.append_block(payloads, index, completions)
 
     def wait_room(self, records: int) -> None:
         """Block (bounded) until `records` more can be queued without waiting."""

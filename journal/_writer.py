@@ -1,7 +1,7 @@
 """The single writer thread: group commit.
 
-Appenders put `(lsn, payload, index_puts, completion)` on a bounded pending list
-and return at once. The writer drains everything waiting (up to
+Appenders put blocks of records (consecutive LSNs, their index entries, their
+completions) on a bounded pending list and return at once. The writer drains everything waiting (up to
 `BATCH_RECORDS_MAX`), writes it in one LMDB transaction, commits it with fsync,
 publishes the new durable LSN, runs the batch's after-commit hook, and releases
 the completions in LSN order. One fsync serves the whole batch: the more callers
@@ -14,14 +14,14 @@ from __future__ import annotations
 import heapq
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import lmdb
 
 from journal._completion import Completion, relay
 from journal._crash import crash_point
 from journal._errors import JournalClosedError, JournalTimeoutError, JournalWriteError
-from journal._format import frame, lsn_key
+from journal._format import frame_all
 from journal._limits import (
     APPEND_WAIT_S_MAX,
     BATCH_RECORDS_MAX,
@@ -37,7 +37,28 @@ logger = logging.getLogger("tally.journal")
 IndexPut = tuple[str, bytes, bytes]
 """(index name, key, value) written in the same transaction as its record."""
 
-Pending = tuple[int, bytes, Sequence[IndexPut], Completion | None]
+IndexPuts = Mapping[str, Sequence[tuple[bytes, bytes]]]
+"""Index entries by index name: (key, value) pairs written with their records."""
+
+
+class _Block:
+    """Records queued together: consecutive LSNs from `first_lsn`, one payload and one
+    completion (or None) each, and all their index entries."""
+
+    __slots__ = ("first_lsn", "payloads", "index", "completions")
+
+    def __init__(
+        self, first_lsn: int, payloads: Sequence[bytes], index: IndexPuts, completions: Sequence[Completion | None]
+    ) -> None:
+        assert len(payloads) == len(completions) >= 1, (len(payloads), len(completions))
+        self.first_lsn = first_lsn
+        self.payloads = payloads
+        self.index = index
+        self.completions = completions
+
+    @property
+    def last_lsn(self) -> int:
+        return self.first_lsn + len(self.payloads) - 1
 
 
 def _put_all(txn: lmdb.Transaction, db: lmdb._Database, items: list[tuple[bytes, bytes]], append: bool) -> None:
@@ -58,7 +79,8 @@ class Writer:
         self._room = threading.Condition(self._cond._lock)  # type: ignore[attr-defined]
         """Same lock; appenders wait on it when the pending list is full."""
         self._writer_waiting = False
-        self._pending: list[Pending] = []
+        self._pending: list[_Block] = []
+        self._pending_records = 0
         self._last_lsn = last_lsn
         self.durable_lsn = last_lsn
         self._waiters: list[tuple[int, int, Completion]] = []
@@ -83,9 +105,12 @@ class Writer:
         are already queued. The completion, if any, is released once the record is
         durable, or with `error` set if it never will be.
         """
+        puts: dict[str, list[tuple[bytes, bytes]]] = {}
+        for name, key, value in index:
+            puts.setdefault(name, []).append((key, value))
         with self._cond:
             self._make_room(1, APPEND_WAIT_S_MAX)
-            return self._queue(((payload, index, completion),))
+            return self._queue((payload,), puts, (completion,))
 
     def wait_room(self, records: int, timeout_s: float = APPEND_WAIT_S_MAX) -> None:
         """Block until `records` more fit in the pending list (bounded); raise if the journal
@@ -93,38 +118,38 @@ class Writer:
         with self._cond:
             self._make_room(records, timeout_s)
 
-    def append_many(self, records: Sequence[tuple[bytes, Sequence[IndexPut], Completion | None]]) -> int:
-        """Queue several records under consecutive LSNs; return the first. Never waits for
-        room (see `wait_room`), so it fails only if the journal failed or is closing."""
+    def append_block(
+        self, payloads: Sequence[bytes], index: IndexPuts, completions: Sequence[Completion | None]
+    ) -> int:
+        """Queue several records under consecutive LSNs, with all their index entries and
+        one completion (or None) per record; return the first LSN. Waits for room as
+        `append` does, unless a caller that is the only appender made it (`wait_room`)."""
         with self._cond:
-            self._check_open()
-            return self._queue(records)
+            self._make_room(len(payloads), APPEND_WAIT_S_MAX)
+            return self._queue(payloads, index, completions)
 
     def _make_room(self, records: int, timeout_s: float) -> None:
         """With `_cond` held: wait (bounded) until `records` more fit; raise if not open."""
         self._check_open()
         records = min(records, PENDING_RECORDS_MAX)
-        if len(self._pending) + records > PENDING_RECORDS_MAX:
+        if self._pending_records + records > PENDING_RECORDS_MAX:
             if not self._room.wait_for(
-                lambda: len(self._pending) + records <= PENDING_RECORDS_MAX or self._failure or self._closing,
+                lambda: self._pending_records + records <= PENDING_RECORDS_MAX or self._failure or self._closing,
                 timeout=timeout_s,
             ):
                 raise JournalTimeoutError("the journal writer is not keeping up")
             self._check_open()
 
-    def _queue(self, records: Sequence[tuple[bytes, Sequence[IndexPut], Completion | None]]) -> int:
-        """With `_cond` held and the journal open: give `records` the next LSNs, queue them,
-        wake the writer; return the first LSN."""
-        first = self._last_lsn + 1
-        lsn = self._last_lsn
-        pending = self._pending
-        for payload, index, completion in records:
-            lsn += 1
-            pending.append((lsn, payload, index, completion))
-        self._last_lsn = lsn
+    def _queue(self, payloads: Sequence[bytes], index: IndexPuts, completions: Sequence[Completion | None]) -> int:
+        """With `_cond` held and the journal open: give the records the next LSNs, queue
+        them as one block, wake the writer; return the first LSN."""
+        block = _Block(self._last_lsn + 1, payloads, index, completions)
+        self._pending.append(block)
+        self._pending_records += len(payloads)
+        self._last_lsn = block.last_lsn
         if self._writer_waiting:
             self._cond.notify()
-        return first
+        return block.first_lsn
 
     def _check_open(self) -> None:
         if self._failure is not None:
@@ -149,6 +174,20 @@ class Writer:
         if completion.error is not None:
             raise completion.error
 
+    def _take(self) -> list[_Block]:
+        """With `_cond` held: the blocks of the next group commit, at least one, then as
+        many as fit in `BATCH_RECORDS_MAX` records."""
+        pending = self._pending
+        records = len(pending[0].payloads)
+        count = 1
+        while count < len(pending) and records + len(pending[count].payloads) <= BATCH_RECORDS_MAX:
+            records += len(pending[count].payloads)
+            count += 1
+        batch = pending[:count]
+        del pending[:count]
+        self._pending_records -= records
+        return batch
+
     def _run(self) -> None:
         batch_size_last = 0
         while True:
@@ -158,19 +197,18 @@ class Writer:
                     self._cond.wait(timeout=WRITER_IDLE_WAIT_S)
                 if not self._pending:
                     return
-                if len(self._pending) < batch_size_last // 2 and not self._closing:
+                if self._pending_records < batch_size_last // 2 and not self._closing:
                     # Commit delay: the callers released by the last commit are still
                     # on their way back; give them a moment to join this batch.
                     target = batch_size_last // 2
 
                     def rejoined(target: int = target) -> bool:
-                        return len(self._pending) >= target or self._closing
+                        return self._pending_records >= target or self._closing
 
                     self._cond.wait_for(rejoined, COMMIT_DELAY_S_MAX)
                 self._writer_waiting = False
-                batch = self._pending[:BATCH_RECORDS_MAX]
-                del self._pending[:BATCH_RECORDS_MAX]
-                batch_size_last = len(batch)
+                batch = self._take()
+                batch_size_last = batch[-1].last_lsn - batch[0].first_lsn + 1
                 self._room.notify_all()
             try:
                 self._commit(batch)
@@ -185,8 +223,8 @@ class Writer:
                 self._fail(batch, error)
                 return
 
-    def _commit(self, batch: list[Pending]) -> None:
-        assert batch[0][0] == self.durable_lsn + 1, (batch[0][0], self.durable_lsn)
+    def _commit(self, batch: list[_Block]) -> None:
+        assert batch[0].first_lsn == self.durable_lsn + 1, (batch[0].first_lsn, self.durable_lsn)
         store = self._store
         while True:
             txn = store.env.begin(write=True)
@@ -209,7 +247,7 @@ class Writer:
                 txn.abort()
                 raise
 
-    def _stage(self, txn: lmdb.Transaction, batch: list[Pending]) -> None:
+    def _stage(self, txn: lmdb.Transaction, batch: list[_Block]) -> None:
         """Write the batch's records and index entries: one `putmulti` per database.
 
         A single `put` releases and retakes the GIL; with any other thread runnable that
@@ -218,60 +256,64 @@ class Writer:
         commits as a whole, and no two puts of a batch share a key.
         """
         store = self._store
-        expected = batch[0][0]
         records: list[tuple[bytes, bytes]] = []
         by_index: dict[str, list[tuple[bytes, bytes]]] = {}
-        for lsn, payload, index, _ in batch:
-            assert lsn == expected, (lsn, expected)
-            expected += 1
-            records.append((lsn_key(lsn), frame(lsn, payload)))
-            for name, key, value in index:
-                puts = by_index.get(name)
-                if puts is None:
-                    puts = by_index[name] = []
-                puts.append((key, value))
-        split = len(batch) // 2
+        expected = batch[0].first_lsn
+        for block in batch:
+            assert block.first_lsn == expected, (block.first_lsn, expected)
+            records += frame_all(block.first_lsn, block.payloads)
+            expected = block.last_lsn + 1
+            for name, puts in block.index.items():
+                merged = by_index.get(name)
+                if merged is None:
+                    by_index[name] = list(puts)
+                else:
+                    merged += puts
+        split = len(records) // 2
         _put_all(txn, store.records, records[:split], append=True)
         crash_point("mid-group-commit")
         _put_all(txn, store.records, records[split:], append=True)
         for name, puts in by_index.items():
             _put_all(txn, store.indexes[name], puts, append=False)
 
-    def _publish(self, batch: list[Pending]) -> None:
-        last = batch[-1][0]
+    def _publish(self, batch: list[_Block]) -> None:
+        last = batch[-1].last_lsn
         self.commits += 1
-        self.records_written += len(batch)
+        self.records_written += last - batch[0].first_lsn + 1
         with self._cond:
             self.durable_lsn = last
             ready: list[Completion] = []
             while self._waiters and self._waiters[0][0] <= last:
                 ready.append(heapq.heappop(self._waiters)[2])
         relayed: list[Completion] = []
-        for _, _, _, completion in batch:
-            if completion is not None:
-                if completion.relayed:
-                    relayed.append(completion)
-                else:
-                    completion.resolve()
+        for block in batch:
+            for completion in block.completions:
+                if completion is not None:
+                    if completion.relayed:
+                        relayed.append(completion)
+                    else:
+                        completion.resolve()
         for completion in ready:
             completion.resolve()
         if relayed:
             relay(relayed)
 
-    def _fail(self, batch: list[Pending], error: Exception) -> None:
+    def _fail(self, batch: list[_Block], error: Exception) -> None:
         failure = JournalWriteError(f"journal write failed: {error}")
         failure.__cause__ = error
         with self._cond:
             self._failure = failure
             failed = batch + self._pending
             self._pending = []
+            self._pending_records = 0
             waiters = [entry[2] for entry in self._waiters]
             self._waiters = []
             self._cond.notify_all()
             self._room.notify_all()
-        for _, _, _, completion in failed:
-            if completion is not None:
-                completion.resolve(failure)
+        for block in failed:
+            for completion in block.completions:
+                if completion is not None:
+                    completion.resolve(failure)
         for completion in waiters:
             completion.resolve(failure)
 

@@ -218,13 +218,13 @@ def test_a_journal_that_fails_between_room_and_append_fails_the_chunk_and_every_
         ledger.create_account("bank", currency="USD", overdraft_limit=None)
         ledger.create_account("alice", currency="USD")
         ledger.transfer("before", source="bank", destination="alice", amount=10)
-        real = Journal.append_many
+        real = Journal.append_block
 
-        def fail_then_append(self: Journal, records: Any) -> int:
+        def fail_then_append(self: Journal, *block: Any) -> int:
             self._writer._fail([], OSError(5, "Input/output error"))  # type: ignore[union-attr]
-            return real(self, records)
+            return real(self, *block)
 
-        monkeypatch.setattr(Journal, "append_many", fail_then_append)
+        monkeypatch.setattr(Journal, "append_block", fail_then_append)
         with pytest.raises(LedgerUnavailable):
             ledger.transfer_many([TransferRequest(f"lost-{n}", "bank", "alice", 1) for n in range(3)])
         monkeypatch.undo()
