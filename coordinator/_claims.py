@@ -9,7 +9,7 @@ either finds the ticket or finds the durable outcome, never neither.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, cast
 
 from journal import Completion, Journal, JournalError
@@ -35,11 +35,13 @@ Outcome = Transfer | Refusal
 class Ticket(Completion):
     """The claim on a transfer id while its protocol runs. `value` becomes its Outcome."""
 
-    __slots__ = ("request", "on_decided")
+    __slots__ = ("request", "stripe", "on_decided")
 
-    def __init__(self, request: TransferRequest, relayed: bool = False) -> None:
+    def __init__(self, request: TransferRequest, relayed: bool = False, stripe: int = 0) -> None:
         super().__init__(relayed=relayed)
         self.request = request
+        self.stripe = stripe
+        """The claims stripe its id belongs to."""
         self.on_decided: Callable[[Ticket], None] | None = None
         """Called once, on the deciding thread, when the outcome is known (not yet durable)."""
 
@@ -157,7 +159,7 @@ class Claims:
                 outcome = self.lookup(tid)
                 if outcome is not None:
                     return outcome, False
-            ticket = Ticket(request, relayed)
+            ticket = Ticket(request, relayed, stripe)
             self._inflight[tid] = ticket
             return ticket, True
 
@@ -174,19 +176,22 @@ class Claims:
         assert payload is not None, f"transfer index points at missing LSN {lsn}"
         return decode_outcome(lsn, payload)
 
-    def _lock(self, tid: str) -> threading.Lock:
-        return self._locks[hash(id_key(tid)) & (CLAIM_STRIPES - 1)]
-
     def release(self, ticket: Ticket) -> None:
         """Forget a ticket once it is durable (the index answers from now on) or failed."""
-        tid = ticket.request.id
-        with self._lock(tid):
-            if self._inflight.get(tid) is ticket and ticket.done:
-                del self._inflight[tid]
+        self.release_many((ticket,))
+
+    def release_many(self, tickets: Sequence[Ticket]) -> None:
+        """`release` of each."""
+        locks, inflight = self._locks, self._inflight
+        for ticket in tickets:
+            tid = ticket.request.id
+            with locks[ticket.stripe]:
+                if inflight.get(tid) is ticket and ticket.done:
+                    del inflight[tid]
 
     def abandon(self, ticket: Ticket) -> None:
         """Drop a ticket whose protocol never started; nothing was written for it."""
         tid = ticket.request.id
-        with self._lock(tid):
+        with self._locks[ticket.stripe]:
             if self._inflight.get(tid) is ticket:
                 del self._inflight[tid]

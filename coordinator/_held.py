@@ -104,12 +104,21 @@ class HeldBatch:
         for ticket in self._foreign:
             if not ticket.wait(self._remaining()):
                 raise LedgerTimeout(f"transfer {ticket.request.id!r} is still in flight elsewhere; retry later")
+        fresh = self._fresh
+        # The writer releases completions in LSN order: once the last of ours is, all are.
+        if fresh and not fresh[-1].wait(self._remaining()):
+            raise LedgerTimeout(f"transfer {fresh[-1].request.id!r} is not durable yet; retry later")
         last = max((lsn_of(result) for result in self._results), default=0)
         coordinator.journal.wait_durable(last, self._remaining())
-        for ticket in self._fresh:
-            if ticket.wait(self._remaining()):
-                coordinator.claims.release(ticket)
-        return [result_of(request, result) for request, result in zip(self._requests, self._results, strict=True)]
+        assert all(ticket.done for ticket in fresh)
+        coordinator.claims.release_many(fresh)
+        results: list[Result] = []
+        for request, result in zip(self._requests, self._results, strict=True):
+            if type(result) is Ticket and result.request is request and result.error is None and type(result.value) is Transfer:
+                results.append(result.value)  # our own commit: no conflict to look for
+            else:
+                results.append(result_of(request, result))
+        return results
 
 
 def decide_all(coordinator: Coordinator, tickets: list[Ticket], held: dict[str, Participant]) -> None:

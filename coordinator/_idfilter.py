@@ -4,9 +4,12 @@ Every new transfer must prove its id unused. Asking the journal's index costs a
 read transaction, and py-lmdb releases the GIL inside it, which under load hands
 the interpreter to another thread on every transfer. The filter answers "never
 seen" for almost every new id from memory; only a "maybe" (a retry, or a false
-positive at about 0.2%) goes to the index, which stays the authority.
+positive, about 0.5% per layer) goes to the index, which stays the authority.
 
-Each filter holds `capacity` ids at 16 bits per id and 4 probes; when full a
+It is a *blocked* Bloom filter: an id's 4 probe bits all fall in one 64-bit word,
+so checking and adding it is one word read, one mask test and one word write
+(about a microsecond in Python, against five for 4 probes spread over the
+layer). Each layer holds `capacity` ids at 16 bits per id; when full a
 twice-as-large one is added, so memory is about 2 bytes per id ever used.
 Not thread-safe: each claims stripe owns one and uses it under its lock.
 """
@@ -14,22 +17,33 @@ Not thread-safe: each claims stripe owns one and uses it under its lock.
 from __future__ import annotations
 
 _BITS_PER_ID = 16
-_PROBES = 4
+_WORD_BITS = 64
 _CAPACITY_FIRST = 1 << 14
+
+
+_PAIRS = [(1 << (pair & 63)) | (1 << (pair >> 6)) for pair in range(1 << 12)]
+"""Two bit positions (6 bits each) to their mask: a table lookup is cheaper than shifting."""
+
+
+def _probe(h: int) -> tuple[int, int]:
+    """(word selector, mask of the 4 bits) of a hash: the selector from its low 32 bits,
+    the bits from the next 24."""
+    return h & 0xFFFFFFFF, _PAIRS[(h >> 32) & 0xFFF] | _PAIRS[(h >> 44) & 0xFFF]
 
 
 class IdFilter:
     __slots__ = ("_layers", "_count", "_capacity")
 
     def __init__(self) -> None:
-        self._layers: list[tuple[bytearray, int]] = []
+        self._layers: list[memoryview] = []
+        """64-bit words (memoryview of format 'Q'), oldest first."""
         self._count = 0
         self._capacity = 0
 
     def _grow(self) -> None:
         capacity = max(_CAPACITY_FIRST, self._capacity * 2)
-        bits = capacity * _BITS_PER_ID
-        self._layers.append((bytearray(bits // 8), bits))
+        words = capacity * _BITS_PER_ID // _WORD_BITS
+        self._layers.append(memoryview(bytearray(words * 8)).cast("Q"))
         self._capacity += capacity
 
     def add(self, h: int) -> None:
@@ -40,36 +54,29 @@ class IdFilter:
         """Add `h`; True if it may have been added before (`might_contain` first, in one pass)."""
         if self._count >= self._capacity:
             self._grow()  # first: the layer it closes is then checked like every older one
-        h1 = h & 0xFFFFFFFF
-        h2 = ((h >> 32) & 0xFFFFFFFF) | 1
-        seen = _in_any(self._layers[:-1], h1, h2)
-        bits, size = self._layers[-1]
-        new = False
-        for probe in range(_PROBES):
-            position = (h1 + probe * h2) % size
-            mask = 1 << (position & 7)
-            if not bits[position >> 3] & mask:
-                new = True
-                bits[position >> 3] |= mask
-        if new:
-            self._count += 1
-        return seen or not new
+        selector, mask = h & 0xFFFFFFFF, _PAIRS[(h >> 32) & 0xFFF] | _PAIRS[(h >> 44) & 0xFFF]  # `_probe`, inline
+        layers = self._layers
+        words = layers[-1]
+        i = selector % len(words)
+        word = words[i]
+        if word & mask == mask:
+            return True
+        words[i] = word | mask
+        self._count += 1
+        return len(layers) > 1 and _in_any(layers[:-1], selector, mask)
 
     def might_contain(self, h: int) -> bool:
         """False only if the id was surely never added."""
-        return _in_any(self._layers, h & 0xFFFFFFFF, ((h >> 32) & 0xFFFFFFFF) | 1)
+        selector, mask = _probe(h)
+        return _in_any(self._layers, selector, mask)
 
     def __len__(self) -> int:
         return self._count
 
 
-def _in_any(layers: list[tuple[bytearray, int]], h1: int, h2: int) -> bool:
-    """True if every probe of (h1, h2) is set in some one of `layers`."""
-    for bits, size in layers:
-        for probe in range(_PROBES):
-            position = (h1 + probe * h2) % size
-            if not bits[position >> 3] & (1 << (position & 7)):
-                break
-        else:
+def _in_any(layers: list[memoryview], selector: int, mask: int) -> bool:
+    """True if every probe bit is set in the word `selector` picks in some one of `layers`."""
+    for words in layers:
+        if words[selector % len(words)] & mask == mask:
             return True
     return False

@@ -42,3 +42,15 @@ def test_a_retry_of_a_durable_transfer_when_its_id_filter_grows_returns_the_orig
         retried = ledger.transfer("t-1", source="bank", destination="alice", amount=10)
         assert retried == original
         assert ledger.balance("alice") == Balance(10, 0, 10)
+
+
+def test_every_id_added_is_remembered_and_few_unseen_ids_look_seen() -> None:
+    rng = random.Random(11)
+    added = [rng.getrandbits(58) for _ in range(60_000)]  # fills three layers
+    seen = IdFilter()
+    for h in added:
+        seen.add(h)
+    assert all(seen.might_contain(h) for h in added)
+    unseen = [rng.getrandbits(58) for _ in range(60_000)]
+    false_positives = sum(seen.might_contain(h) for h in unseen)
+    assert false_positives < len(unseen) * 0.02, false_positives  # each one costs an index read
