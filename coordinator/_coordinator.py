@@ -36,7 +36,7 @@ from coordinator._errors import (
     LedgerTimeout,
     LedgerUnavailable,
 )
-from coordinator._held import HeldBatch, decide_all, hold_idle, release
+from coordinator._held import HeldBatch, decide_all, release
 from coordinator._participant import DebitStep, Participant, Participants
 from coordinator._sequencer import Sequencer
 from coordinator._validate import check_transfer
@@ -129,7 +129,7 @@ class Coordinator:
         (see `coordinator._held`); return the others, to start through the mailboxes."""
         accounts = self.sequencer.accounts
         names = {name for ticket in tickets for name in (ticket.request.source, ticket.request.destination)}
-        held = hold_idle(self, sorted(name for name in names if name in accounts))
+        held = self.participants.hold_many(name for name in names if name in accounts)
         if not held:
             return tickets
         mine: list[Ticket] = []
@@ -143,8 +143,6 @@ class Coordinator:
             else:
                 others.append(ticket)
         try:
-            for participant in held.values():
-                participant.drain()
             decide_all(self, mine, held)
         except JournalError:
             pass  # every ticket is released with the failure, by `decide_all` or the writer

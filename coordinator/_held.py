@@ -4,11 +4,13 @@ the batch, then runs each account's own handlers for the requests in list order.
 A turn is the right to handle an account's messages; whoever holds it is that
 account's single thread for the moment. Taking a turn never waits: if any account
 of the batch is busy (its turn held elsewhere, or messages queued), the whole
-batch falls back to the message-passing `Batch`. While the turns are held, other
-threads' messages to these accounts queue in their mailboxes; the holder handles
-what was queued before it starts, and hands what queued meanwhile to the
-dispatcher when it lets go. So each account still handles one message at a time,
-and its entries are applied in LSN order, while the batch costs no thread hop.
+batch falls back to the message-passing `Batch`. A turn is taken only from an idle
+account with an empty mailbox; while it is held, other threads' messages to the
+account queue in its mailbox. Entries queued meanwhile (a concurrent commit
+crediting it) are applied before the account decides again; everything else is
+handed to the dispatcher when the holder lets go. So each account still handles
+one message at a time, and its entries are applied in LSN order, while the batch
+costs no thread hop.
 
 The requests are decided in chunks, each under one hold of the sequencer lock and
 journaled as one block (`decide_held`): per request, the source's handler
@@ -74,13 +76,11 @@ class HeldBatch:
         accounts = coordinator.sequencer.accounts
         permits = len(valid) or 1
         coordinator.admission.admit(permits, self._remaining())  # before any turn is taken
-        held = hold(coordinator, sorted(name for name in names if name in accounts))
+        held = hold(coordinator, [name for name in names if name in accounts])
         if held is None:
             coordinator.admission.release(permits)
             return None
         try:
-            for participant in held.values():
-                participant.drain()  # what other threads queued first, before any lock is taken
             self._claim(valid)
             decide_all(coordinator, self._fresh, held)
         finally:
@@ -214,29 +214,13 @@ def _catch_up(participant: Participant, projected: AccountState) -> None:
 
 def hold(coordinator: Coordinator, names: list[str]) -> dict[str, Participant] | None:
     """Pin every named account and take its turn, or (if any is busy) nothing at all."""
-    held = hold_idle(coordinator, names)
+    held = coordinator.participants.hold_many(names)
     if len(held) < len(names):
         release(coordinator, held)
         return None
     return held
 
 
-def hold_idle(coordinator: Coordinator, names: list[str]) -> dict[str, Participant]:
-    """Pin and take the turn of every named account that is idle; skip the busy ones."""
-    held: dict[str, Participant] = {}
-    busy: list[str] = []
-    for name, participant in zip(names, coordinator.participants.pin_many(names), strict=True):
-        if participant.hold():
-            held[name] = participant
-        else:
-            busy.append(name)
-    if busy:
-        coordinator.participants.unpin_many(busy)
-    return held
-
-
 def release(coordinator: Coordinator, held: dict[str, Participant]) -> None:
     """Give back the turns taken by `hold` and unpin the accounts."""
-    for participant in held.values():
-        participant.unhold()
-    coordinator.participants.unpin_many(list(held))
+    coordinator.participants.release_many(held)

@@ -7,7 +7,7 @@ post, and asks it for a snapshot. None of these calls wait on another account.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from coordinator._state import AccountState, Posting
@@ -34,9 +34,6 @@ class Participant(Protocol):
 
     def unhold(self) -> None:
         """Give the turn back; messages queued meanwhile go to the dispatcher."""
-
-    def drain(self) -> None:
-        """Holder only: handle every message queued so far, in order."""
 
     # Holder only, the turn being held by the caller (see `coordinator._held`): the
     # account's own handlers, run now on the caller's thread.
@@ -66,10 +63,12 @@ class Participants(Protocol):
 
     def unpin(self, account_id: str) -> None: ...
 
-    def pin_many(self, account_ids: list[str]) -> Sequence[Participant]:
-        """`pin` of each, in order, at the cost of one."""
+    def hold_many(self, account_ids: Iterable[str]) -> dict[str, Participant]:
+        """Pin each named account and take its turn if it is idle with an empty mailbox
+        (`Participant.hold`); a busy one is left alone, unpinned. Never waits."""
 
-    def unpin_many(self, account_ids: list[str]) -> None: ...
+    def release_many(self, held: dict[str, Participant]) -> None:
+        """Give back the turns taken by `hold_many` and unpin those accounts."""
 
 
 class DebitStep:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, cast
 
@@ -41,7 +41,7 @@ class AccountHandle:
     """
 
     __slots__ = (
-        "_ref", "reserve", "post", "run", "hold", "unhold", "drain",
+        "_ref", "reserve", "post", "run", "hold", "unhold",
         "held_reserve", "held_unreserve", "held_apply", "held_state", "held_catch_up",
     )
 
@@ -53,7 +53,6 @@ class AccountHandle:
         self.run: Callable[[], None] = inbox.run_turn  # type: ignore[attr-defined]
         self.hold: Callable[[], bool] = inbox.try_hold  # type: ignore[attr-defined]
         self.unhold: Callable[[], None] = inbox.unhold  # type: ignore[attr-defined]
-        self.drain: Callable[[], None] = inbox.drain  # type: ignore[attr-defined]
         self.held_reserve: Callable[[int], str | None] = actor.reserve
         self.held_unreserve: Callable[[int], None] = actor.unreserve
         self.held_apply: Callable[[int, int, int, int], AccountState] = actor.apply
@@ -95,14 +94,25 @@ class Directory:
         with self._lock:
             return self._pin(account_id)
 
-    def pin_many(self, account_ids: list[str]) -> list[AccountHandle]:
+    def hold_many(self, account_ids: Iterable[str]) -> dict[str, AccountHandle]:
+        """Pin each account and take its turn if it is idle; busy ones are left unpinned.
+        One lock for the lot (taking a turn never waits, so none is held while waiting)."""
+        held: dict[str, AccountHandle] = {}
         with self._lock:
-            return [self._pin(account_id) for account_id in account_ids]
+            for account_id in account_ids:
+                handle = self._pin(account_id)
+                if handle.hold():
+                    held[account_id] = handle
+                else:
+                    self._live[account_id].pins -= 1
+        return held
 
-    def unpin_many(self, account_ids: list[str]) -> None:
+    def release_many(self, held: dict[str, AccountHandle]) -> None:
+        """Give back the turns of `hold_many` and unpin the accounts."""
         with self._lock:
             live = self._live
-            for account_id in account_ids:
+            for account_id, handle in held.items():
+                handle.unhold()
                 entry = live[account_id]
                 entry.pins -= 1
                 assert entry.pins >= 0, account_id
