@@ -67,7 +67,7 @@ class Participants(Protocol):
         """Pin each named account and take its turn if it is idle with an empty mailbox
         (`Participant.hold`); a busy one is left alone, unpinned. Never waits."""
 
-    def release_many(self, held: dict[str, Participant]) -> None:
+    def release_many(self, account_ids: Iterable[str]) -> None:
         """Give back the turns taken by `hold_many` and unpin those accounts."""
 
 

@@ -107,13 +107,13 @@ class Directory:
                     self._live[account_id].pins -= 1
         return held
 
-    def release_many(self, held: dict[str, AccountHandle]) -> None:
+    def release_many(self, account_ids: Iterable[str]) -> None:
         """Give back the turns of `hold_many` and unpin the accounts."""
         with self._lock:
             live = self._live
-            for account_id, handle in held.items():
-                handle.unhold()
+            for account_id in account_ids:
                 entry = live[account_id]
+                entry.handle.unhold()
                 entry.pins -= 1
                 assert entry.pins >= 0, account_id
 
