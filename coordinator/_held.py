@@ -21,7 +21,7 @@ both accounts apply them at once, so the next request sees them.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, cast
 
 from coordinator._claims import Outcome, Ticket, lsn_of, result_of
@@ -121,7 +121,7 @@ class HeldBatch:
         return results
 
 
-def decide_all(coordinator: Coordinator, tickets: list[Ticket], held: dict[str, Participant]) -> None:
+def decide_all(coordinator: Coordinator, tickets: list[Ticket], held: Mapping[str, Participant]) -> None:
     """`decide_held` chunk by chunk. If the journal fails, every ticket not yet appended
     is released with the failure (the writer releases the appended ones), and it raises."""
     for first in range(0, len(tickets), CHUNK_REQUESTS_MAX):
@@ -132,7 +132,7 @@ def decide_all(coordinator: Coordinator, tickets: list[Ticket], held: dict[str, 
             raise
 
 
-def decide_held(coordinator: Coordinator, tickets: list[Ticket], held: dict[str, Participant]) -> None:
+def decide_held(coordinator: Coordinator, tickets: list[Ticket], held: Mapping[str, Participant]) -> None:
     """Decide claimed tickets in order, on this thread, which holds the turn of every
     account they name that exists, and journal them all in one block.
 
@@ -212,7 +212,7 @@ def _catch_up(participant: Participant, projected: AccountState) -> None:
     assert participant.held_state() == projected, (participant.held_state(), projected)
 
 
-def hold(coordinator: Coordinator, names: list[str]) -> dict[str, Participant] | None:
+def hold(coordinator: Coordinator, names: list[str]) -> Mapping[str, Participant] | None:
     """Pin every named account and take its turn, or (if any is busy) nothing at all."""
     held = coordinator.participants.hold_many(names)
     if len(held) < len(names):
@@ -221,6 +221,6 @@ def hold(coordinator: Coordinator, names: list[str]) -> dict[str, Participant] |
     return held
 
 
-def release(coordinator: Coordinator, held: dict[str, Participant]) -> None:
+def release(coordinator: Coordinator, held: Mapping[str, Participant]) -> None:
     """Give back the turns taken by `hold` and unpin the accounts."""
     coordinator.participants.release_many(held)

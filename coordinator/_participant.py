@@ -7,7 +7,7 @@ post, and asks it for a snapshot. None of these calls wait on another account.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from coordinator._state import AccountState, Posting
@@ -63,7 +63,7 @@ class Participants(Protocol):
 
     def unpin(self, account_id: str) -> None: ...
 
-    def hold_many(self, account_ids: Iterable[str]) -> dict[str, Participant]:
+    def hold_many(self, account_ids: Iterable[str]) -> Mapping[str, Participant]:
         """Pin each named account and take its turn if it is idle with an empty mailbox
         (`Participant.hold`); a busy one is left alone, unpinned. Never waits."""
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any, cast
 
@@ -94,7 +94,7 @@ class Directory:
         with self._lock:
             return self._pin(account_id)
 
-    def hold_many(self, account_ids: Iterable[str]) -> dict[str, AccountHandle]:
+    def hold_many(self, account_ids: Iterable[str]) -> Mapping[str, AccountHandle]:
         """Pin each account and take its turn if it is idle; busy ones are left unpinned.
         One lock for the lot (taking a turn never waits, so none is held while waiting)."""
         held: dict[str, AccountHandle] = {}
