@@ -37,7 +37,7 @@ class Ticket(Completion):
 
     __slots__ = ("request", "stripe", "on_decided")
 
-    def __init__(self, request: TransferRequest, relayed: bool = False, stripe: int = 0) -> None:
+    def __init__(self, request: TransferRequest, stripe: int, relayed: bool = False) -> None:
         super().__init__(relayed=relayed)
         self.request = request
         self.stripe = stripe
@@ -161,7 +161,7 @@ class Claims:
                 outcome = self.lookup(tid)
                 if outcome is not None:
                     return outcome, False
-            ticket = Ticket(request, relayed, stripe)
+            ticket = Ticket(request, stripe, relayed)
             self._inflight[tid] = ticket
             return ticket, True
         finally:

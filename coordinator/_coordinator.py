@@ -219,10 +219,11 @@ class Coordinator:
         except JournalError as error:
             self.fail(ticket, error)
 
-    @staticmethod
-    def fail(ticket: Ticket, error: JournalError) -> None:
-        """Release a ticket whose record never reached the journal (a no-op if released)."""
-        ticket.resolve(LedgerUnavailable(f"the journal cannot be written: {error}"))
+    def fail(self, ticket: Ticket, error: JournalError) -> None:
+        """Release a ticket whose record never reached the journal (a no-op if released),
+        and drop its claim: nothing was written, so a retry of its id runs afresh."""
+        if ticket.resolve(LedgerUnavailable(f"the journal cannot be written: {error}")):
+            self.claims.abandon(ticket)
 
     def _finish(self, step: DebitStep) -> None:
         self.participants.unpin(step.request.source)

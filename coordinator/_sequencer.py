@@ -194,17 +194,18 @@ class Sequencer:
 
     def append_chunk(self, chunk: Chunk) -> int:
         """Journal the records stamped in `chunk` (under `lock`, at consecutive LSNs from
-        `last_lsn + 1`, the projection already past them); return the first LSN. Waits
-        (bounded) for room in the journal's queue unless the caller made it with
-        `journal.wait_room`; raises only if nothing was queued."""
-        first = self._append(chunk)
+        `last_lsn + 1`, the projection already past them); return the first LSN. The
+        caller made room with `journal.wait_room` under this same hold of `lock`, so this
+        never waits: it raises only if the journal failed, and then nothing was queued."""
+        first = self._append(chunk, room_made=True)
         self._appended(len(chunk))
         return first
 
-    def _append(self, chunk: Chunk) -> int:
+    def _append(self, chunk: Chunk, room_made: bool = False) -> int:
         assert self.lock.locked()
         return self._journal.append_block(
-            chunk.payloads, {TRANSFERS_INDEX: chunk.transfers, ENTRIES_INDEX: chunk.entries}, chunk.completions
+            chunk.payloads, {TRANSFERS_INDEX: chunk.transfers, ENTRIES_INDEX: chunk.entries}, chunk.completions,
+            room_made,
         )
 
     def _appended(self, records: int = 1) -> None:

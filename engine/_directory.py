@@ -99,23 +99,31 @@ class Directory:
         One lock for the lot (taking a turn never waits, so none is held while waiting)."""
         held: dict[str, AccountHandle] = {}
         with self._lock:
-            for account_id in account_ids:
-                handle = self._pin(account_id)
-                if handle.hold():
-                    held[account_id] = handle
-                else:
-                    self._live[account_id].pins -= 1
+            try:
+                for account_id in account_ids:
+                    handle = self._pin(account_id)
+                    if handle.hold():
+                        held[account_id] = handle
+                    else:
+                        self._live[account_id].pins -= 1
+            except BaseException:  # e.g. an actor that could not be activated: give back what was taken
+                self._release(held)
+                raise
         return held
 
     def release_many(self, account_ids: Iterable[str]) -> None:
         """Give back the turns of `hold_many` and unpin the accounts."""
         with self._lock:
-            live = self._live
-            for account_id in account_ids:
-                entry = live[account_id]
-                entry.handle.unhold()
-                entry.pins -= 1
-                assert entry.pins >= 0, account_id
+            self._release(account_ids)
+
+    def _release(self, account_ids: Iterable[str]) -> None:
+        """`release_many`, called with `_lock` held."""
+        live = self._live
+        for account_id in account_ids:
+            entry = live[account_id]
+            entry.handle.unhold()
+            entry.pins -= 1
+            assert entry.pins >= 0, account_id
 
     def _pin(self, account_id: str) -> AccountHandle:
         """`pin`, called with `_lock` held."""

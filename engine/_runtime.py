@@ -194,14 +194,6 @@ class _Inbox:
         finally:
             self._lock.release()
 
-    def drain(self) -> None:
-        """Holder of the turn only: handle the messages queued so far, in order."""
-        assert self._scheduled and self._actor is not None
-        handle = self._actor._handle
-        queued = self._messages
-        for _ in range(len(queued)):
-            handle(queued.popleft())
-
     def drain_only(self, kind: type) -> None:
         """Holder of the turn only: handle the queued messages of type `kind` now, in order,
         leaving every other message queued in its order (for a holder that may not run

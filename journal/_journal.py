@@ -129,11 +129,15 @@ class Journal:
         return self._writing.append(payload, index, completion)
 
     def append_block(
-        self, payloads: Sequence[bytes], index: IndexPuts, completions: Sequence[Completion | None]
+        self,
+        payloads: Sequence[bytes],
+        index: IndexPuts,
+        completions: Sequence[Completion | None],
+        room_made: bool = False,
     ) -> int:
         """Queue records under consecutive LSNs, with their index entries (by index name)
         and one completion (or None) each; return the first LSN. See `Writer.append_block`."""
-        return self._writing.append_block(payloads, index, completions)
+        return self._writing.append_block(payloads, index, completions, room_made)
 
     def wait_room(self, records: int) -> None:
         """Block (bounded) until `records` more can be queued without waiting."""

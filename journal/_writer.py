@@ -119,13 +119,22 @@ class Writer:
             self._make_room(records, timeout_s)
 
     def append_block(
-        self, payloads: Sequence[bytes], index: IndexPuts, completions: Sequence[Completion | None]
+        self,
+        payloads: Sequence[bytes],
+        index: IndexPuts,
+        completions: Sequence[Completion | None],
+        room_made: bool = False,
     ) -> int:
         """Queue several records under consecutive LSNs, with all their index entries and
         one completion (or None) per record; return the first LSN. Waits for room as
-        `append` does, unless a caller that is the only appender made it (`wait_room`)."""
+        `append` does; with `room_made` (the caller, the only appender, called `wait_room`)
+        it never waits, and fails only if the journal failed or is closing."""
         with self._cond:
-            self._make_room(len(payloads), APPEND_WAIT_S_MAX)
+            if room_made:
+                self._check_open()
+                assert self._pending_records + len(payloads) <= max(PENDING_RECORDS_MAX, len(payloads)), "no room made"
+            else:
+                self._make_room(len(payloads), APPEND_WAIT_S_MAX)
             return self._queue(payloads, index, completions)
 
     def _make_room(self, records: int, timeout_s: float) -> None:

@@ -54,3 +54,11 @@ def test_every_id_added_is_remembered_and_few_unseen_ids_look_seen() -> None:
     unseen = [rng.getrandbits(58) for _ in range(60_000)]
     false_positives = sum(seen.might_contain(h) for h in unseen)
     assert false_positives < len(unseen) * 0.02, false_positives  # each one costs an index read
+
+
+def test_ids_hashed_as_the_claims_hash_them_negative_ones_included_are_remembered() -> None:
+    hashes = [hash(id_key(f"t-{n}")) >> 6 for n in range(40_000)]
+    assert any(h < 0 for h in hashes) and any(h > 0 for h in hashes)
+    seen = IdFilter()
+    assert sum(seen.check_and_add(h) for h in hashes) < len(hashes) // 100
+    assert all(seen.check_and_add(h) for h in hashes)
