@@ -110,9 +110,10 @@ def main() -> int:
             elapsed = time.perf_counter() - started
             cpu_after = thread_cpu_s()
             commits = tally.ledger.stats()["commits"] - commits_before
+            count = len(requests)
 
-            def per_transfer_us(seconds: float) -> str:
-                return f"{seconds / len(requests) * 1e6:.1f}"
+            def per_transfer_us(seconds: float, count: int = count) -> str:
+                return f"{seconds / count * 1e6:.1f}"
 
             caller = cpu_after["MainThread"] - cpu_before.get("MainThread", 0.0)
             journal = cpu_after["tally-journal-writer"] - cpu_before.get("tally-journal-writer", 0.0)
