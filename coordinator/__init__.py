@@ -1,6 +1,7 @@
 """Tally's coordinator: the transfer protocol, its journal records, and recovery.
 
-It knows the journal and talks to accounts only through `Participant`.
+It knows the journal and talks to accounts only through `Participant` (and, while it holds
+an account's turn, `HeldAccount`).
 """
 
 from coordinator._audit import CHECKS, AuditReport, audit, state_hash
@@ -24,7 +25,7 @@ from coordinator._errors import (
     NotALedger,
 )
 from coordinator._limits import AMOUNT_MAX, CHECKPOINT_RECORDS_INTERVAL, INFLIGHT_TRANSFERS_MAX, TIMEOUT_S_DEFAULT
-from coordinator._participant import DebitStep, Participant, Participants
+from coordinator._participant import DebitStep, HeldAccount, Participant, Participants
 from coordinator._records import INDEX_NAMES
 from coordinator._recovery import Recovered, load_checkpoint, recover, replay
 from coordinator._sequencer import Sequencer
@@ -64,6 +65,7 @@ __all__ = [
     "LedgerTimeout",
     "LedgerUnavailable",
     "NotALedger",
+    "HeldAccount",
     "Participant",
     "Participants",
     "Posting",

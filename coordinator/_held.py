@@ -33,7 +33,7 @@ from coordinator._errors import (
     LedgerTimeout,
 )
 from coordinator._limits import CHUNK_REQUESTS_MAX
-from coordinator._participant import Participant
+from coordinator._participant import HeldAccount
 from coordinator._sequencer import Chunk
 from coordinator._state import AccountState
 from coordinator._validate import check_transfer
@@ -121,7 +121,7 @@ class HeldBatch:
         return results
 
 
-def decide_all(coordinator: Coordinator, tickets: list[Ticket], held: Mapping[str, Participant]) -> None:
+def decide_all(coordinator: Coordinator, tickets: list[Ticket], held: Mapping[str, HeldAccount]) -> None:
     """`decide_held` chunk by chunk. If the journal fails, every ticket not yet appended
     is released with the failure (the writer releases the appended ones), and it raises."""
     for first in range(0, len(tickets), CHUNK_REQUESTS_MAX):
@@ -132,13 +132,13 @@ def decide_all(coordinator: Coordinator, tickets: list[Ticket], held: Mapping[st
             raise
 
 
-def decide_held(coordinator: Coordinator, tickets: list[Ticket], held: Mapping[str, Participant]) -> None:
+def decide_held(coordinator: Coordinator, tickets: list[Ticket], held: Mapping[str, HeldAccount]) -> None:
     """Decide claimed tickets in order, on this thread, which holds the turn of every
     account they name that exists, and journal them all in one block.
 
-    Each source decides its debit with its own handler (`held_reserve`), exactly as
-    a `DebitStep` in its mailbox would; the sequencer stamps the entries, and both
-    accounts apply them at once (`held_apply`), so the next request sees them. An
+    Each source decides its debit with its own handler (`reserve`), exactly as a
+    `DebitStep` in its mailbox would; the sequencer stamps the entries, and both
+    accounts apply them at once (`apply`), so the next request sees them. An
     account whose mailbox received entries since its turn was taken (a concurrent
     commit crediting it) applies those first: the sequencer's projection, which
     already includes them, must equal the account's own state before it decides.
@@ -167,23 +167,23 @@ def decide_held(coordinator: Coordinator, tickets: list[Ticket], held: Mapping[s
                 code = CurrencyMismatch.code
             else:
                 origin, target = states[source_id], states[destination_id]
-                if source.held_state() != origin:
+                if source.current_state() != origin:
                     _catch_up(source, origin)
-                if destination.held_state() != target:
+                if destination.current_state() != target:
                     _catch_up(destination, target)
-                code = source.held_reserve(amount)
+                code = source.reserve(amount)
                 if code is None:
                     stamp = stamp_commit(chunk, tid, source_id, destination_id, amount, lsn, ticket, origin, target)
                     if stamp is not None:
                         # Each account applies its entry (a debit's releases the hold), and
                         # the projection takes the state it reached (built once, not twice).
                         debit_seq, debit_balance, credit_seq, credit_balance = stamp
-                        states[source_id] = source.held_apply(debit_seq, -amount, debit_balance, lsn)
+                        states[source_id] = source.apply(debit_seq, -amount, debit_balance, lsn)
                         crash_point("between-entries")
-                        states[destination_id] = destination.held_apply(credit_seq, amount, credit_balance, lsn)
+                        states[destination_id] = destination.apply(credit_seq, amount, credit_balance, lsn)
                         commits += 1
                         continue
-                    source.held_unreserve(amount)
+                    source.unreserve(amount)
                     code = BalanceOverflow.code
             stamp_reject(chunk, request, code, lsn, ticket)
         try:
@@ -206,13 +206,13 @@ def _fail(coordinator: Coordinator, tickets: list[Ticket], error: JournalError) 
         coordinator.fail(ticket, error)
 
 
-def _catch_up(participant: Participant, projected: AccountState) -> None:
+def _catch_up(account: HeldAccount, projected: AccountState) -> None:
     """Apply the entries waiting in the account's mailbox: then it agrees with the projection."""
-    participant.held_catch_up()
-    assert participant.held_state() == projected, (participant.held_state(), projected)
+    account.catch_up()
+    assert account.current_state() == projected, (account.current_state(), projected)
 
 
-def hold(coordinator: Coordinator, names: list[str]) -> Mapping[str, Participant] | None:
+def hold(coordinator: Coordinator, names: list[str]) -> Mapping[str, HeldAccount] | None:
     """Pin every named account and take its turn, or (if any is busy) nothing at all."""
     held = coordinator.participants.hold_many(names)
     if len(held) < len(names):
@@ -221,6 +221,6 @@ def hold(coordinator: Coordinator, names: list[str]) -> Mapping[str, Participant
     return held
 
 
-def release(coordinator: Coordinator, held: Mapping[str, Participant]) -> None:
+def release(coordinator: Coordinator, held: Mapping[str, HeldAccount]) -> None:
     """Give back the turns taken by `hold` and unpin the accounts."""
     coordinator.participants.release_many(held)

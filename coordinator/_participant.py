@@ -29,32 +29,28 @@ class Participant(Protocol):
     def run(self) -> None:
         """Run the turn taken by `post`."""
 
-    def hold(self) -> bool:
-        """Take the account's turn if it is idle with an empty mailbox; never waits."""
-
-    def unhold(self) -> None:
-        """Give the turn back; messages queued meanwhile go to the dispatcher."""
-
-    # Holder only, the turn being held by the caller (see `coordinator._held`): the
-    # account's own handlers, run now on the caller's thread.
-
-    def held_reserve(self, amount: int) -> str | None:
-        """Decide a debit: a rejection code, or None with the funds held."""
-
-    def held_unreserve(self, amount: int) -> None:
-        """Release a hold whose transfer did not commit."""
-
-    def held_apply(self, seq: int, amount: int, balance: int, lsn: int) -> AccountState:
-        """Post a stamped entry now (a debit's also releases its hold); the new state."""
-
-    def held_state(self) -> AccountState:
-        """The state the account's entries add up to, as applied so far."""
-
-    def held_catch_up(self) -> None:
-        """Apply every entry queued in the mailbox (other messages stay queued, in order)."""
-
     def snapshot(self, timeout_s: float) -> tuple[int, int, int]:
         """(posted, pending, LSN of the last entry applied), waiting at most `timeout_s`."""
+
+
+class HeldAccount(Protocol):
+    """An account whose turn the caller holds (see `coordinator._held`): the account's own
+    handlers, run now on the caller's thread."""
+
+    def reserve(self, amount: int) -> str | None:
+        """Decide a debit: a rejection code, or None with the funds held."""
+
+    def unreserve(self, amount: int) -> None:
+        """Release a hold whose transfer did not commit."""
+
+    def apply(self, seq: int, amount: int, balance: int, lsn: int) -> AccountState:
+        """Post a stamped entry now (a debit's also releases its hold); the new state."""
+
+    def current_state(self) -> AccountState:
+        """The state the account's entries add up to, as applied so far."""
+
+    def catch_up(self) -> None:
+        """Apply every entry queued in the mailbox (other messages stay queued, in order)."""
 
 
 class Participants(Protocol):
@@ -63,9 +59,9 @@ class Participants(Protocol):
 
     def unpin(self, account_id: str) -> None: ...
 
-    def hold_many(self, account_ids: Iterable[str]) -> Mapping[str, Participant]:
-        """Pin each named account and take its turn if it is idle with an empty mailbox
-        (`Participant.hold`); a busy one is left alone, unpinned. Never waits."""
+    def hold_many(self, account_ids: Iterable[str]) -> Mapping[str, HeldAccount]:
+        """Pin each named account and take its turn (the right to handle its messages) if it
+        is idle with an empty mailbox; a busy one is left alone, unpinned. Never waits."""
 
     def release_many(self, account_ids: Iterable[str]) -> None:
         """Give back the turns taken by `hold_many` and unpin those accounts."""

@@ -58,8 +58,9 @@ class AccountActor(PooledActor):
         if not step.commit():
             self.unreserve(amount)
 
-    # The three methods below are the account's handlers. Only the holder of the
-    # account's turn calls them: its mailbox loop (above), or a batch holding the turn.
+    # The methods below are the account's handlers (`coordinator.HeldAccount`). Only the
+    # holder of the account's turn calls them: its mailbox loop (above), or a batch
+    # holding the turn.
 
     def reserve(self, amount: int) -> str | None:
         """Decide a debit: a rejection code, or None with the funds held (the reservation),
@@ -84,6 +85,10 @@ class AccountActor(PooledActor):
 
     def current_state(self) -> AccountState:
         return self._state
+
+    def catch_up(self) -> None:
+        """Holder of the turn only: apply the entries queued in the mailbox, now."""
+        self.actor_inbox.drain_only(Posting)  # type: ignore[attr-defined]
 
     def _post(self, posting: Posting) -> None:
         assert posting.account == self._account.id, (posting.account, self._account.id)

@@ -242,9 +242,31 @@ class _Inbox:
 _PYKKA_MESSAGES = (messages._ActorStop, messages.ProxyCall, messages.ProxyGetAttr, messages.ProxySetAttr)
 
 
+class _StopFlag:
+    """What pykka asks of `actor_stopped` (`is_set`, `set`) in one object, where a
+    `threading.Event` is six (its condition, lock, waiters and bound methods) for every
+    full garbage collection to walk, per live account. Nothing waits on a pooled actor's
+    stop; the flag is read and written under the GIL, as the Event's own flag is."""
+
+    __slots__ = ("_stopped",)
+
+    def __init__(self) -> None:
+        self._stopped = False
+
+    def is_set(self) -> bool:
+        return self._stopped
+
+    def set(self) -> None:
+        self._stopped = True
+
+
 class PooledActor(pykka.ThreadingActor):
     """A pykka actor whose messages are handled one at a time by whichever thread holds
     its turn: a `Dispatcher` worker, or a sender using direct dispatch (`put_inline`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.actor_stopped = self._actor_ref.actor_stopped = _StopFlag()  # type: ignore[assignment]
 
     @staticmethod
     def _create_actor_inbox() -> _Inbox:  # type: ignore[override]
