@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 import pykka
-from coordinator import AccountState, DebitStep, LedgerTimeout, Posting, Sequencer
+from coordinator import DebitStep, LedgerTimeout, Posting, Sequencer
 
 from engine._account import SNAPSHOT, AccountActor
 from engine._runtime import Dispatcher, _Inbox
