@@ -114,11 +114,15 @@ class HeldBatch:
         coordinator.claims.release_many(fresh)
         results: list[Result] = []
         for request, result in zip(self._requests, self._results, strict=True):
-            if type(result) is Ticket and result.request is request and result.error is None:
-                if type(result.value) is Transfer:  # our own commit: no conflict to look for
-                    results.append(result.value)
-                    continue
-            results.append(result_of(request, result))
+            if (
+                type(result) is Ticket
+                and result.request is request
+                and result.error is None
+                and type(result.value) is Transfer
+            ):
+                results.append(result.value)  # our own commit: no conflict to look for
+            else:
+                results.append(result_of(request, result))
         return results
 
 

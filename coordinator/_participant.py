@@ -1,8 +1,13 @@
-"""The small interface through which the coordinator talks to accounts.
+"""The small interfaces through which the coordinator talks to accounts.
 
-The coordinator never touches account state. It asks a participant to reserve
+The coordinator never touches account state. It asks a `Participant` to reserve
 funds (a message the account decides in its own mailbox), hands it entries to
 post, and asks it for a snapshot. None of these calls wait on another account.
+
+A batch that holds an account's turn (see `coordinator._held`) is, for that
+moment, the account's single thread: it gets the account as a `HeldAccount`
+and runs the account's own handlers, which change the state, in place of its
+mailbox loop.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ class HeldAccount(Protocol):
     handlers, run now on the caller's thread."""
 
     def reserve(self, amount: int) -> str | None:
-        """Decide a debit: a rejection code, or None with the funds held."""
+        """Decide a debit now: a rejection code, or None with the funds held. (Not
+        `Participant.reserve`, which only queues a `DebitStep` for the mailbox.)"""
 
     def unreserve(self, amount: int) -> None:
         """Release a hold whose transfer did not commit."""

@@ -102,7 +102,7 @@ class Directory:
                 for account_id in account_ids:
                     inbox = self._pin(account_id)._inbox
                     if inbox.try_hold():
-                        held[account_id] = inbox._actor  # type: ignore[assignment]
+                        held[account_id] = cast(AccountActor, inbox._actor)
                     else:
                         self._live[account_id].pins -= 1
             except BaseException:  # e.g. an actor that could not be activated: give back what was taken
