@@ -126,7 +126,7 @@ class _Child:
         rng = random.Random(f"{self.seed}:batches:{start}")
         while k < start + STREAM_LENGTH_MAX:
             requests = [stream_request(self.seed, thread, j) for j in range(k, k + rng.randint(1, BATCH_SIZE_MAX))]
-            for request, outcome in zip(requests, ledger.transfer_many(requests)):
+            for request, outcome in zip(requests, ledger.transfer_many(requests), strict=True):
                 self.report(request, outcome)
             k += len(requests)
 

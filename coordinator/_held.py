@@ -112,18 +112,7 @@ class HeldBatch:
         coordinator.journal.wait_durable(last, self._remaining())
         assert all(ticket.done for ticket in fresh)
         coordinator.claims.release_many(fresh)
-        results: list[Result] = []
-        for request, result in zip(self._requests, self._results, strict=True):
-            if (
-                type(result) is Ticket
-                and result.request is request
-                and result.error is None
-                and type(result.value) is Transfer
-            ):
-                results.append(result.value)  # our own commit: no conflict to look for
-            else:
-                results.append(result_of(request, result))
-        return results
+        return [result_of(request, result) for request, result in zip(self._requests, self._results, strict=True)]
 
 
 def decide_all(coordinator: Coordinator, tickets: list[Ticket], held: Mapping[str, HeldAccount]) -> None:

@@ -68,6 +68,8 @@ class Chunk:
 
     def __len__(self) -> int:
         return len(self.payloads)
+
+
 logger = logging.getLogger("tally.coordinator")
 
 

@@ -261,6 +261,48 @@ LEDGER_OPTIONS = [
 idle actors are passivated and reactivated while transfers are in flight."""
 
 
+def audit_and_reopen(ledger: Ledger, open_ledger: Callable[..., Ledger], workload: Workload, requests: int) -> None:
+    """Every one of the `requests` distinct requests sent (besides the fundings) was recorded,
+    the books agree with every reply, and reopening gives the same state."""
+    assert len(workload.requests) == len(ACCOUNTS) + requests
+    state_hash = audit(ledger, workload)
+    assert_reopens_to_the_same_state(ledger, open_ledger, state_hash)
+
+
+def run_paired_clients(
+    ledger: Ledger,
+    options: dict[str, int],
+    threads: int,
+    rounds: int,
+    shared_every: int,
+    send: Callable[[random.Random, str], Callable[[], None]],
+) -> None:
+    """Run `threads` clients in pairs for `rounds` rounds while balances are watched. Every
+    `shared_every`-th round both partners of a pair draw the same request(s) from a shared
+    seed and send them at the same instant (a race of same-id retries); the other rounds
+    each draws its own. `send(rng, tag)` draws and returns the sending step."""
+    pair_barriers = [threading.Barrier(2) for _ in range(threads // 2)]
+
+    def client(n: int, start: threading.Barrier) -> None:
+        pair = n // 2
+        own = random.Random(SEED * 1_000 + n)
+        shared = random.Random(SEED * 1_000_000 + pair)  # both partners draw the same shared requests
+        start.wait(timeout=TIMEOUT_S)
+        for k in range(rounds):
+            if k % shared_every == 0:
+                sending = send(shared, f"p{pair}-{k}")
+                pair_barriers[pair].wait(timeout=TIMEOUT_S)  # both partners send it at once
+            else:
+                sending = send(own, f"w{n}-{k}")
+            sending()
+
+    with BalanceObserver(ledger) as observer:
+        run_threads(threads, client)
+    assert observer.snapshots > 0 and observer.violations == []
+    if "actors_live_max" in options:
+        assert ledger.stats()["passivations"] > 0
+
+
 @pytest.mark.parametrize("options", LEDGER_OPTIONS)
 def test_concurrent_transfers_and_same_id_retries_keep_every_invariant(
     open_ledger: Callable[..., Ledger], options: dict[str, int]
@@ -268,31 +310,15 @@ def test_concurrent_transfers_and_same_id_retries_keep_every_invariant(
     ledger = open_ledger(**options)
     workload = Workload()
     fund(ledger, workload)
-    pair_barriers = [threading.Barrier(2) for _ in range(THREADS // 2)]
 
-    def client(n: int, start: threading.Barrier) -> None:
-        pair = n // 2
-        own = random.Random(SEED * 1_000 + n)
-        shared = random.Random(SEED * 1_000_000 + pair)  # both partners draw the same shared requests
-        start.wait(timeout=TIMEOUT_S)
-        for k in range(TRANSFERS_PER_THREAD):
-            if k % SHARED_EVERY == 0:
-                request = random_request(shared, f"p{pair}-{k}")
-                pair_barriers[pair].wait(timeout=TIMEOUT_S)  # both partners send it at once
-            else:
-                request = random_request(own, f"w{n}-{k}")
-            workload.record(request, call(ledger, request))
+    def send(rng: random.Random, tag: str) -> Callable[[], None]:
+        request = random_request(rng, tag)
+        return lambda: workload.record(request, call(ledger, request))
 
-    with BalanceObserver(ledger) as observer:
-        run_threads(THREADS, client)
-    assert observer.snapshots > 0 and observer.violations == []
-    if "actors_live_max" in options:
-        assert ledger.stats()["passivations"] > 0
+    run_paired_clients(ledger, options, THREADS, TRANSFERS_PER_THREAD, SHARED_EVERY, send)
     shared = THREADS // 2 * TRANSFERS_PER_THREAD // SHARED_EVERY
     own = THREADS * (TRANSFERS_PER_THREAD - TRANSFERS_PER_THREAD // SHARED_EVERY)
-    assert len(workload.requests) == len(ACCOUNTS) + shared + own
-    state_hash = audit(ledger, workload)
-    assert_reopens_to_the_same_state(ledger, open_ledger, state_hash)
+    audit_and_reopen(ledger, open_ledger, workload, requests=shared + own)
 
 
 @pytest.mark.parametrize("options", LEDGER_OPTIONS)
@@ -302,34 +328,22 @@ def test_concurrent_batches_and_same_batch_retries_keep_every_invariant(
     ledger = open_ledger(**options)
     workload = Workload()
     fund(ledger, workload)
-    pair_barriers = [threading.Barrier(2) for _ in range(BATCH_THREADS // 2)]
 
-    def client(n: int, start: threading.Barrier) -> None:
-        pair = n // 2
-        own = random.Random(SEED * 1_000 + n)
-        shared = random.Random(SEED * 1_000_000 + pair)
-        start.wait(timeout=TIMEOUT_S)
-        for k in range(BATCHES_PER_THREAD):
-            if k % 2 == 0:
-                batch = [random_request(shared, f"bp{pair}-{k}-{i}") for i in range(BATCH_SIZE)]
-                pair_barriers[pair].wait(timeout=TIMEOUT_S)
-            else:
-                batch = [random_request(own, f"bw{n}-{k}-{i}") for i in range(BATCH_SIZE)]
+    def send(rng: random.Random, tag: str) -> Callable[[], None]:
+        batch = [random_request(rng, f"b{tag}-{i}") for i in range(BATCH_SIZE)]
+
+        def sending() -> None:
             outcomes = ledger.transfer_many(batch)
             assert len(outcomes) == len(batch)
             for request, outcome in zip(batch, outcomes):
                 workload.record(request, outcome)
 
-    with BalanceObserver(ledger) as observer:
-        run_threads(BATCH_THREADS, client)
-    assert observer.snapshots > 0 and observer.violations == []
-    if "actors_live_max" in options:
-        assert ledger.stats()["passivations"] > 0
+        return sending
+
+    run_paired_clients(ledger, options, BATCH_THREADS, BATCHES_PER_THREAD, 2, send)
     shared = BATCH_THREADS // 2 * BATCHES_PER_THREAD // 2 * BATCH_SIZE
     own = BATCH_THREADS * BATCHES_PER_THREAD // 2 * BATCH_SIZE
-    assert len(workload.requests) == len(ACCOUNTS) + shared + own
-    state_hash = audit(ledger, workload)
-    assert_reopens_to_the_same_state(ledger, open_ledger, state_hash)
+    audit_and_reopen(ledger, open_ledger, workload, requests=shared + own)
 
 
 def test_single_transfers_and_batches_mixed_keep_every_invariant(open_ledger: Callable[..., Ledger]) -> None:
