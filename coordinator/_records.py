@@ -13,8 +13,9 @@ starts from the newest one (found through the checkpoints index) and replays
 only the tail.
 
 A COMMIT carries both entries, stamped with their per-account seq and balance,
-so replay re-derives them and checks they agree (house style 8), and the entry
-index is written in the same transaction as the record.
+so replay re-derives them and checks they agree (house style 8). The entry index
+is a projection of these records, written in bulk by each checkpoint for the
+commits before it (see `coordinator._entries`).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from typing import Any
 
 from journal import Journal, JournalCorruptedError
 
+from coordinator._entries import Rows, add_commit
 from coordinator._errors import JournalCorrupted
 from coordinator._limits import AMOUNT_MAX
 from coordinator._records import ACCOUNT, CHECKPOINT, CHECKPOINTS_INDEX, COMMIT, decode, value_lsn
@@ -46,6 +47,9 @@ class Recovered:
     last_lsn: int = 0
     checkpoint_lsn: int = 0
     """LSN of the checkpoint replay started from (0: from the beginning)."""
+    unindexed: Rows | None = None
+    """If not None, replay collects here the entries of the commits after the last
+    checkpoint it meets (the ones the entry index does not hold)."""
 
 
 def _corrupt(lsn: int, reason: str) -> JournalCorrupted:
@@ -90,8 +94,11 @@ def load_checkpoint(journal: Journal) -> Recovered:
 
 
 def recover(journal: Journal) -> Recovered:
-    """What opening a ledger runs: the newest checkpoint, then the tail."""
-    return replay(journal, load_checkpoint(journal))
+    """What opening a ledger runs: the newest checkpoint, then the tail (whose entries
+    are not indexed yet: `unindexed` collects them)."""
+    books = load_checkpoint(journal)
+    books.unindexed = {}
+    return replay(journal, books)
 
 
 def replay(
@@ -106,6 +113,8 @@ def replay(
             kind = record[0]
             if kind == COMMIT:
                 _apply_commit(books, lsn, record)
+                if books.unindexed is not None:
+                    add_commit(books.unindexed, lsn, record)
             elif kind == ACCOUNT:
                 _, account_id, currency, limit = record
                 if account_id in accounts:
@@ -117,6 +126,8 @@ def replay(
                 if not _checkpoint_agrees(record[1], books):
                     raise _corrupt(lsn, "the checkpoint disagrees with the records before it")
                 books.checkpoints += 1
+                if books.unindexed is not None:
+                    books.unindexed = {}  # the checkpoint indexed them
             else:
                 books.rejects += 1
             books.records += 1

@@ -13,6 +13,8 @@ The sequencer also keeps the journal-order projection of every account
 (`AccountState`: seq, posted, last LSN). It only grows by appending entries;
 the account actors apply the same entries with the same pure `post` and must
 agree with it, so the projection is both the stamp source and a cross-check.
+And it keeps the entries stamped since the newest checkpoint (`unindexed`),
+which the next checkpoint writes to the entry index (see `coordinator._entries`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import cast
 from journal import Completion, Journal, JournalError, crash_point
 
 from coordinator._claims import Refusal
+from coordinator._entries import Rows, UnindexedEntries
 from coordinator._limits import CHECKPOINT_RECORDS_INTERVAL
 from coordinator._records import (
     ACCOUNT,
@@ -54,17 +57,15 @@ _U64 = struct.Struct(">Q")
 class Chunk:
     """Decisions stamped under the sequencer lock at consecutive LSNs, journaled together
     as one block (`Sequencer.append_chunk`): a payload and a completion per record, and
-    the index entries of all of them."""
+    the transfer index entries of all of them (their entries wait for a checkpoint)."""
 
-    __slots__ = ("payloads", "completions", "transfers", "entries")
+    __slots__ = ("payloads", "completions", "transfers")
 
     def __init__(self) -> None:
         self.payloads: list[bytes] = []
         self.completions: list[Completion] = []
         self.transfers: list[tuple[bytes, bytes]] = []
         """Transfer index: id -> LSN of its outcome."""
-        self.entries: list[tuple[bytes, bytes]] = []
-        """Entry index: (account, seq) -> the entry."""
 
     def __len__(self) -> int:
         return len(self.payloads)
@@ -82,10 +83,15 @@ class Sequencer:
         accounts: dict[str, Account],
         states: dict[str, AccountState],
         checkpoint_interval: int = CHECKPOINT_RECORDS_INTERVAL,
+        unindexed: Rows | None = None,
+        since_checkpoint: int = 0,
     ) -> None:
+        """`unindexed` holds the entries of the commits after the newest checkpoint, which
+        `since_checkpoint` records follow (both from recovery; none for a new journal)."""
         self.lock = threading.Lock()
         self.checkpoint_interval = checkpoint_interval
-        self._since_checkpoint = 0
+        self._since_checkpoint = since_checkpoint
+        self.unindexed = UnindexedEntries(unindexed)
         self._prefixes: dict[str, bytes] = {}
         """Entry-index key prefix per account, computed once."""
         self._journal = journal
@@ -169,9 +175,15 @@ class Sequencer:
         )
         chunk.completions.append(completion)
         chunk.transfers.append((id_key(tid), lsn_value(lsn)))
-        entries = chunk.entries
-        entries.append((source_prefix + _U64.pack(debit_seq), encode_entry_value(tid, -amount, debit_balance, lsn)))
-        entries.append((target_prefix + _U64.pack(credit_seq), encode_entry_value(tid, amount, credit_balance, lsn)))
+        unindexed = self.unindexed.current
+        rows = unindexed.get(source)
+        if rows is None:
+            unindexed[source] = rows = []
+        rows.append((source_prefix + _U64.pack(debit_seq), encode_entry_value(tid, -amount, debit_balance, lsn)))
+        rows = unindexed.get(destination)
+        if rows is None:
+            unindexed[destination] = rows = []
+        rows.append((target_prefix + _U64.pack(credit_seq), encode_entry_value(tid, amount, credit_balance, lsn)))
         return debit_seq, debit_balance, credit_seq, credit_balance
 
     def stamp_reject(self, chunk: Chunk, request: TransferRequest, code: str, lsn: int, completion: Completion) -> None:
@@ -205,16 +217,14 @@ class Sequencer:
 
     def _append(self, chunk: Chunk, room_made: bool = False) -> int:
         assert self.lock.locked()
-        return self._journal.append_block(
-            chunk.payloads, {TRANSFERS_INDEX: chunk.transfers, ENTRIES_INDEX: chunk.entries}, chunk.completions,
-            room_made,
-        )
+        return self._journal.append_block(chunk.payloads, {TRANSFERS_INDEX: chunk.transfers}, chunk.completions, room_made)
 
     def _appended(self, records: int = 1) -> None:
         """Count records appended; journal a checkpoint when one is due. The records are
         queued already, so a checkpoint that cannot be queued must not fail them: it is
         logged and tried again after the next record (the writer reports its own failure)."""
         self._since_checkpoint += records
+        self.unindexed.release(self._journal.durable_lsn)
         if self._since_checkpoint >= self.checkpoint_interval:
             try:
                 self.checkpoint()
@@ -222,7 +232,8 @@ class Sequencer:
                 logger.exception("checkpoint not journaled; trying again after the next record")
 
     def checkpoint(self) -> int:
-        """Journal the projection of every account as of now (call with `lock` held).
+        """Journal the projection of every account as of now (call with `lock` held), and
+        with it, in its transaction, the entry index rows of every commit since the last.
 
         Opening the ledger starts from the newest checkpoint and replays only the
         records after it; a full replay checks every checkpoint it passes.
@@ -233,8 +244,10 @@ class Sequencer:
             for account in self.accounts.values()
         ]
         lsn = self._journal.last_lsn + 1
-        appended = self._journal.append(encode([CHECKPOINT, rows]), [(CHECKPOINTS_INDEX, lsn_value(lsn), b"")])
+        index = {CHECKPOINTS_INDEX: [(lsn_value(lsn), b"")], ENTRIES_INDEX: self.unindexed.ordered()}
+        appended = self._journal.append_block([encode([CHECKPOINT, rows])], index, [None])
         assert appended == lsn, (appended, lsn)
+        self.unindexed.carry(lsn)
         crash_point("during-checkpoint")
         self._since_checkpoint = 0
         return lsn

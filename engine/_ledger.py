@@ -40,6 +40,7 @@ from coordinator import (
     recover,
     state_hash,
 )
+from coordinator._entries import with_unindexed
 from coordinator._records import ENTRIES_INDEX, entry_key, entry_prefix
 from journal import Completion, Journal, JournalError
 
@@ -61,7 +62,8 @@ class Ledger:
         self._journal = journal
         books = recover(journal)
         self.recovered = books
-        self._sequencer = Sequencer(journal, books.accounts, books.states, checkpoint_interval)
+        self._sequencer = Sequencer(journal, books.accounts, books.states, checkpoint_interval,
+                                    unindexed=books.unindexed, since_checkpoint=books.records)
         self._sequencer.account_lsns.update(books.account_lsns)
         self._dispatcher = Dispatcher(dispatcher_threads)
         self._directory = Directory(self._sequencer, self._dispatcher, actors_live_max)
@@ -232,9 +234,12 @@ class Ledger:
             self._account(account_id)
             if after >= _ENTRY_SEQ_END - 1:
                 return []  # no seq can be that large
-            rows = self._journal.index_range(
-                ENTRIES_INDEX, entry_key(account_id, after + 1), entry_key(account_id, _ENTRY_SEQ_END), limit
-            )
+            journal = self._journal
+            # Memory first, then the index: see `coordinator.UnindexedEntries`.
+            unindexed = self._sequencer.unindexed.rows(account_id, journal.durable_lsn)
+            start_key = entry_key(account_id, after + 1)
+            rows = journal.index_range(ENTRIES_INDEX, start_key, entry_key(account_id, _ENTRY_SEQ_END), limit)
+            rows = with_unindexed(rows, unindexed, start_key, limit)
             start = len(entry_prefix(account_id))
             entries = []
             for key, value in rows:
@@ -251,7 +256,8 @@ class Ledger:
         with self._call():
             journal = self._journal
             journal.wait_durable(journal.last_lsn, self.timeout_s)
-            return state_hash(journal, self.accounts())
+            unindexed = self._sequencer.unindexed.all_rows(journal.durable_lsn)
+            return state_hash(journal, self.accounts(), unindexed=unindexed)
 
     def stats(self) -> dict[str, int]:
         """Counters for operators and benchmarks (commits, records, live actors...)."""

@@ -28,6 +28,7 @@ from coordinator import (
     load_checkpoint,
     state_hash,
 )
+from coordinator._entries import unindexed_entries, with_unindexed
 from coordinator._records import (
     ACCOUNT,
     ACCOUNTS_INDEX,
@@ -119,7 +120,9 @@ def recover(path: str, dry_run: bool, progress: Progress = None) -> dict[str, An
                 if dry_run:
                     result["would_write_checkpoint_at"] = journal.last_lsn + 1
                 else:
-                    sequencer = Sequencer(journal, books.accounts, books.states)
+                    with journal.snapshot() as txn:
+                        unindexed = unindexed_entries(journal, txn)
+                    sequencer = Sequencer(journal, books.accounts, books.states, unindexed=unindexed)
                     sequencer.account_lsns.update(books.account_lsns)
                     with sequencer.lock:
                         lsn = sequencer.checkpoint()
@@ -317,7 +320,9 @@ def _account(journal: Journal, account_id: str, txn: Any) -> Account:
 def balance(path: str, account_id: str) -> dict[str, Any]:
     with _reading(path) as journal, journal.snapshot() as txn:
         account = _account(journal, account_id, txn)
-        last = journal.index_last_before(ENTRIES_INDEX, entry_key(account_id, _NO_SEQ), txn)
+        unindexed = unindexed_entries(journal, txn).get(account_id)
+        last = unindexed[-1] if unindexed else journal.index_last_before(
+            ENTRIES_INDEX, entry_key(account_id, _NO_SEQ), txn)
         prefix = entry_prefix(account_id)
         if last is None or not last[0].startswith(prefix):
             seq, posted, lsn = 0, 0, None
@@ -331,7 +336,9 @@ def balance(path: str, account_id: str) -> dict[str, Any]:
 def history(path: str, account_id: str, limit: int) -> dict[str, Any]:
     with _reading(path) as journal, journal.snapshot() as txn:
         account = _account(journal, account_id, txn)
-        rows = journal.index_range(ENTRIES_INDEX, entry_key(account_id, 1), entry_key(account_id, _NO_SEQ), None, txn)
+        start = entry_key(account_id, 1)
+        rows = journal.index_range(ENTRIES_INDEX, start, entry_key(account_id, _NO_SEQ), None, txn)
+        rows = with_unindexed(rows, unindexed_entries(journal, txn).get(account_id, ()), start, None)
         prefix = len(entry_prefix(account_id))
         entries = []
         for key, value in rows[-limit:] if limit else rows:

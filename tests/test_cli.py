@@ -426,9 +426,11 @@ def test_salvage_of_a_whole_ledger_reports_nothing_lost(built: Built, tmp_path: 
 def entry_unindexed(built: Built, raw_lmdb: Callable[[Path], AbstractContextManager[lmdb.Environment]]) -> Built:
     """`built` with carol's latest entry (the debit of transfer "last") deleted from the entries index.
 
-    An entry key is the account id's length (2 bytes, big-endian), the id, and the seq (8 bytes)."""
+    Entries are indexed by the checkpoint after them, which `tally recover` writes. An entry key
+    is the account id's length (2 bytes, big-endian), the id, and the seq (8 bytes)."""
     seq, tid, *_ = built.entries["carol"][-1]
     assert tid == "last"
+    assert tally("recover", built.path).returncode == 0
     with raw_lmdb(built.path) as env:
         entries = env.open_db(b"entries", create=False)
         with env.begin(write=True, db=entries) as txn:

@@ -1,0 +1,143 @@
+"""The entry index, and the entries not yet in it.
+
+Every commit record carries both of its entries, stamped (seq and balance), so
+the entry index, (account, seq) -> entry, is a projection of the journal. Written
+with each group commit, it cost more than everything else a commit writes: the
+index is sorted by account, so every entry lands on a leaf page of its own, and a
+group commit of 500 transfers rewrote ~1,000 of the index's 4 KiB pages.
+
+So the index is written in bulk, by the checkpoints. The rule, in every snapshot
+of the journal: **the entry index holds the entries of every commit record before
+the newest checkpoint.** The entries of the commits after it are *unindexed*:
+the sequencer keeps them in memory (`UnindexedEntries`), and the next checkpoint
+record carries them all as its index entries, written in its own transaction in
+key order, each leaf page once. A reader takes an account's indexed entries and
+adds its unindexed ones: from memory in the process that writes the ledger,
+derived from the records after the newest checkpoint anywhere else
+(`unindexed_entries`), in the same snapshot. Journals written before this rule
+indexed every entry with its commit; for them the union is the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import msgpack
+from journal import Journal
+
+from coordinator._records import CHECKPOINTS_INDEX, COMMIT, decode, encode_entry_value, entry_key, value_lsn
+
+Row = tuple[bytes, bytes]
+"""An entry as the index stores it: (entry key, entry value)."""
+
+Rows = dict[str, list[Row]]
+"""Entries by account, each account's in seq order."""
+
+
+def commit_rows(lsn: int, record: list[Any]) -> tuple[Row, Row]:
+    """The two index rows of a decoded COMMIT record: its debit's, then its credit's."""
+    _, tid, source, destination, amount, source_seq, source_balance, target_seq, target_balance = record
+    return (
+        (entry_key(source, source_seq), encode_entry_value(tid, -amount, source_balance, lsn)),
+        (entry_key(destination, target_seq), encode_entry_value(tid, amount, target_balance, lsn)),
+    )
+
+
+def row_lsn(row: Row) -> int:
+    """The LSN of the commit record that made the entry."""
+    return int(msgpack.unpackb(row[1])[3])
+
+
+def add_commit(rows: Rows, lsn: int, record: list[Any]) -> None:
+    """Add the entries of a decoded COMMIT record to `rows`."""
+    debit, credit = commit_rows(lsn, record)
+    rows.setdefault(record[2], []).append(debit)
+    rows.setdefault(record[3], []).append(credit)
+
+
+def newest_checkpoint_lsn(journal: Journal, txn: Any) -> int:
+    key = journal.index_last(CHECKPOINTS_INDEX, txn)
+    return 0 if key is None else value_lsn(key)
+
+
+def unindexed_entries(journal: Journal, txn: Any) -> Rows:
+    """The entries of the commits after the newest checkpoint, derived from the records
+    of snapshot `txn` (for readers other than the writing process). Verifies what it scans."""
+    rows: Rows = {}
+    for lsn, payload in journal.scan(newest_checkpoint_lsn(journal, txn), txn):
+        record = decode(lsn, payload)
+        if record[0] == COMMIT:
+            add_commit(rows, lsn, record)
+    return rows
+
+
+def with_unindexed(indexed: list[Row], unindexed: Iterable[Row], start: bytes, limit: int | None) -> list[Row]:
+    """One account's rows from `start` on, at most `limit`: the indexed ones, then the
+    unindexed ones past them (an entry in both, as happens while a checkpoint is being
+    written, counts once: the index holds a prefix of each account's entries)."""
+    if limit is not None and len(indexed) >= limit:
+        return indexed
+    rows = list(indexed)
+    floor = indexed[-1][0] if indexed else start
+    for row in unindexed:
+        if row[0] < floor or (indexed and row[0] == floor):
+            continue
+        rows.append(row)
+        if limit is not None and len(rows) >= limit:
+            break
+    return rows
+
+
+class UnindexedEntries:
+    """The entries stamped since the newest checkpoint was queued (`current`), and those
+    the checkpoints not yet durable carry, per account in seq order.
+
+    Changed only under the sequencer lock; read from any thread without it. Readers
+    take `current` before `carried` and open their snapshot after both, so an entry
+    missed in memory was already dropped, which happens only once its checkpoint is
+    durable: the snapshot then has it in the index.
+    """
+
+    __slots__ = ("current", "_carried")
+
+    def __init__(self, current: Rows | None = None) -> None:
+        self.current: Rows = current if current is not None else {}
+        """The sequencer appends each commit's rows here as it stamps them."""
+        self._carried: tuple[tuple[int, Rows], ...] = ()
+        """(checkpoint LSN, the rows it carries), oldest first; replaced, never changed."""
+
+    def ordered(self) -> list[Row]:
+        """Every row of `current`, in index key order (what the next checkpoint carries)."""
+        ordered: list[Row] = []
+        # A key starts with the account's length-prefixed id, which no other account's
+        # is a prefix of: ordering accounts by their first key orders all their keys.
+        for rows in sorted(self.current.values(), key=lambda rows: rows[0][0]):
+            ordered += rows
+        return ordered
+
+    def carry(self, checkpoint_lsn: int) -> None:
+        """The rows of `current` are now queued with the checkpoint at `checkpoint_lsn`."""
+        self._carried = (*self._carried, (checkpoint_lsn, self.current))
+        self.current = {}
+
+    def release(self, durable_lsn: int) -> None:
+        """Forget the rows of every durable checkpoint (the index has them)."""
+        carried = self._carried
+        if carried and durable_lsn >= carried[0][0]:
+            self._carried = tuple(generation for generation in carried if generation[0] > durable_lsn)
+
+    def rows(self, account: str, durable_lsn: int) -> list[Row]:
+        """The account's unindexed rows that are durable (LSN <= `durable_lsn`), in seq order."""
+        current = self.current.get(account, ())
+        found = [row for _, rows in self._carried for row in rows.get(account, ())]
+        found += current
+        found = sorted(set(found))  # a checkpoint queued between the two reads shows its rows twice
+        while found and row_lsn(found[-1]) > durable_lsn:
+            found.pop()
+        return found
+
+    def all_rows(self, durable_lsn: int) -> Rows:
+        """`rows` of every account that has any."""
+        accounts = dict.fromkeys([*self.current, *(account for _, rows in self._carried for account in rows)])
+        return {account: rows for account in accounts if (rows := self.rows(account, durable_lsn))}

@@ -1,0 +1,180 @@
+"""The entry index and the unindexed entries: checkpoints write the index in bulk, and every
+reader (the API, the state hash, the audit, the operator tools) sees the same entries
+whichever side of a checkpoint they are on."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from coordinator import INDEX_NAMES, audit
+from coordinator._entries import Row, UnindexedEntries, newest_checkpoint_lsn, unindexed_entries, with_unindexed
+from coordinator._records import ENTRIES_INDEX, encode_entry_value, entry_key
+from engine import Entry, Ledger, TransferRequest
+from engine._tools import balance, history
+from journal import Journal
+
+ACCOUNTS = ("alice", "bob", "carol", "dave")
+
+
+def row(account: str, seq: int, lsn: int) -> Row:
+    return entry_key(account, seq), encode_entry_value(f"t-{lsn}", 1, seq, lsn)
+
+
+def facts(entries: list[Entry]) -> list[tuple[int, str, int, int]]:
+    """What an entry says, without its LSN (checkpoint records take LSNs too)."""
+    return [(entry.seq, entry.transfer_id, entry.amount, entry.balance) for entry in entries]
+
+
+def build(path: Path, checkpoint_interval: int, transfers: int = 60, seed: int = 5) -> dict[str, list[Entry]]:
+    """A ledger of a few accounts and `transfers` transfers, single and batched; its entries."""
+    rng = random.Random(seed)
+    with Ledger.open(path, checkpoint_interval=checkpoint_interval) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        for name in ACCOUNTS:
+            ledger.create_account(name, currency="USD")
+        for n in range(transfers):
+            source, destination = rng.sample(("bank", *ACCOUNTS), 2)
+            if n % 3:
+                ledger.transfer_many([TransferRequest(f"t{n}", source, destination, rng.randint(1, 50))])
+            else:
+                try:
+                    ledger.transfer(f"t{n}", source=source, destination=destination, amount=rng.randint(1, 50))
+                except Exception:  # refusals are part of the history too
+                    pass
+        return {account: ledger.entries(account) for account in ("bank", *ACCOUNTS)}
+
+
+def indexed_count(path: Path) -> tuple[int, int]:
+    """(entries in the index, LSN of the newest checkpoint), read from the journal alone."""
+    journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
+    try:
+        with journal.snapshot() as txn:
+            return sum(1 for _ in journal.index_keys(ENTRIES_INDEX, txn)), newest_checkpoint_lsn(journal, txn)
+    finally:
+        journal.close()
+
+
+@pytest.mark.parametrize("checkpoint_interval", [1, 4, 7, 10**6])
+def test_entries_state_hash_and_tools_do_not_depend_on_where_the_checkpoints_fell(
+    tmp_path: Path, checkpoint_interval: int
+) -> None:
+    reference = build(tmp_path / "reference", 10**6)
+    path = tmp_path / "ledger"
+
+    seen = build(path, checkpoint_interval)
+
+    assert {account: facts(entries) for account, entries in seen.items()} == {
+        account: facts(entries) for account, entries in reference.items()
+    }
+    with Ledger.open(path, checkpoint_interval=checkpoint_interval) as reopened, \
+            Ledger.open(tmp_path / "reference") as original:
+        assert reopened.state_hash() == original.state_hash()
+        for account, entries in seen.items():
+            assert reopened.entries(account) == entries
+            middle = len(entries) // 2
+            assert reopened.entries(account, after=middle, limit=3) == entries[middle : middle + 3]
+            assert reopened.entries(account, limit=middle) == entries[:middle]
+    for account, entries in seen.items():
+        shown = history(str(path), account, 0)["entries"]
+        assert [(item["seq"], item["transfer"], item["amount"], item["balance"], item["lsn"]) for item in shown] == [
+            (*fact, entry.lsn) for fact, entry in zip(facts(entries), entries, strict=True)
+        ]
+        assert balance(str(path), account)["posted"] == (entries[-1].balance if entries else 0)
+    journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
+    try:
+        assert audit(journal).whole
+    finally:
+        journal.close()
+
+
+def test_the_index_holds_exactly_the_entries_of_the_commits_before_the_newest_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "ledger"
+    entries = build(path, checkpoint_interval=9)
+
+    indexed, checkpoint_lsn = indexed_count(path)
+
+    assert checkpoint_lsn > 0
+    before = sum(1 for account in entries.values() for entry in account if entry.lsn < checkpoint_lsn)
+    assert 0 < indexed == before < sum(map(len, entries.values()))
+
+
+def test_without_a_checkpoint_nothing_is_indexed_and_a_recovery_checkpoint_indexes_everything(tmp_path: Path) -> None:
+    path = tmp_path / "ledger"
+    entries = build(path, checkpoint_interval=10**6)
+    assert indexed_count(path) == (0, 0)
+
+    with Ledger.open(path) as ledger, ledger._sequencer.lock:
+        ledger._sequencer.checkpoint()
+
+    assert indexed_count(path)[0] == sum(map(len, entries.values()))
+    with Ledger.open(path) as reopened:
+        assert {account: reopened.entries(account) for account in entries} == entries
+
+
+def test_an_index_entry_that_disagrees_with_its_unindexed_commit_fails_the_audit(
+    tmp_path: Path, raw_lmdb: object
+) -> None:
+    path = tmp_path / "ledger"
+    entries = build(path, checkpoint_interval=10**6)
+    last = entries["bank"][-1]
+    with raw_lmdb(path) as env:  # type: ignore[operator]
+        index = env.open_db(ENTRIES_INDEX.encode(), create=False)
+        with env.begin(write=True, db=index) as txn:
+            txn.put(entry_key("bank", last.seq), encode_entry_value(last.transfer_id, last.amount + 1, 0, last.lsn))
+
+    journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
+    try:
+        report = audit(journal)
+        with journal.snapshot() as txn:
+            derived = unindexed_entries(journal, txn)
+    finally:
+        journal.close()
+
+    assert not report.whole
+    assert report.problem is not None and repr(last.transfer_id) in report.problem
+    assert [int.from_bytes(key[-8:], "big") for key, _ in derived["bank"]] == [e.seq for e in entries["bank"]]
+
+
+def test_unindexed_rows_are_durable_ones_in_seq_order_and_count_once_while_a_checkpoint_is_queued() -> None:
+    unindexed = UnindexedEntries({"a": [row("a", 1, 10), row("a", 2, 11)]})
+    unindexed.carry(12)
+    unindexed.current["a"] = [row("a", 3, 13), row("a", 4, 14)]
+
+    assert unindexed.rows("a", durable_lsn=13) == [row("a", 1, 10), row("a", 2, 11), row("a", 3, 13)]
+    unindexed.release(durable_lsn=11)  # the checkpoint at 12 is not durable yet: its rows stay
+    assert unindexed.rows("a", durable_lsn=14)[:2] == [row("a", 1, 10), row("a", 2, 11)]
+    unindexed.release(durable_lsn=12)
+    assert unindexed.rows("a", durable_lsn=14) == [row("a", 3, 13), row("a", 4, 14)]
+    assert unindexed.all_rows(durable_lsn=13) == {"a": [row("a", 3, 13)]}
+    assert unindexed.rows("nobody", durable_lsn=14) == []
+
+
+def test_a_reader_racing_a_checkpoint_sees_its_rows_once() -> None:
+    unindexed = UnindexedEntries({"a": [row("a", 1, 10)], "b": [row("b", 1, 10)]})
+    current = unindexed.current
+    unindexed.carry(11)
+    unindexed._carried = (*unindexed._carried, (11, current))  # what a reader between the swaps could meet
+
+    assert unindexed.rows("a", durable_lsn=11) == [row("a", 1, 10)]
+    assert unindexed.ordered() == []
+
+
+def test_a_checkpoint_carries_every_account_in_index_key_order() -> None:
+    unindexed = UnindexedEntries({"bb": [row("bb", 1, 3)], "a": [row("a", 1, 3), row("a", 2, 4)], "c": [row("c", 1, 4)]})
+
+    ordered = unindexed.ordered()
+
+    assert ordered == sorted(ordered) and len(ordered) == 4
+
+
+def test_with_unindexed_merges_past_the_index_from_start_up_to_limit() -> None:
+    indexed = [row("a", 1, 1), row("a", 2, 2)]
+    unindexed = [row("a", 2, 2), row("a", 3, 3), row("a", 4, 4)]
+
+    assert with_unindexed(indexed, unindexed, entry_key("a", 1), None) == [*indexed, row("a", 3, 3), row("a", 4, 4)]
+    assert with_unindexed(indexed, unindexed, entry_key("a", 1), 3) == [*indexed, row("a", 3, 3)]
+    assert with_unindexed(indexed, unindexed, entry_key("a", 1), 2) == indexed
+    assert with_unindexed([], unindexed, entry_key("a", 4), None) == [row("a", 4, 4)]
