@@ -12,7 +12,8 @@ the engine reports. The checks, each named in the report:
    destination, summing to zero (the entry index against the commit records:
    every commit before the newest checkpoint has both entries indexed, exactly
    as the record stamps them; see `coordinator._entries`);
-6. the transfer and account indexes point at the records that made them;
+6. the transfer and account indexes point at the records that made them (and the
+   checkpoints index names the last checkpoint record);
 7. no reservation is left: holds are never journaled, so none survives a crash.
 """
 
@@ -30,6 +31,7 @@ from coordinator._entries import Rows, commit_rows, newest_checkpoint_lsn, unind
 from coordinator._errors import JournalCorrupted
 from coordinator._records import (
     ACCOUNTS_INDEX,
+    CHECKPOINT,
     COMMIT,
     ENTRIES_INDEX,
     REJECT,
@@ -105,13 +107,22 @@ def audit(journal: Journal, progress: Callable[[int], None] | None = None) -> Au
 
 
 def _cross_check(journal: Journal, books: Recovered) -> tuple[str | None, str | None]:
-    """Compare the indexes with the records: (entry problem, index problem)."""
-    commits = rejects = indexed = 0
+    """Compare the indexes with the records: (entry problem, index problem).
+
+    An entry may be missing from the index only if no checkpoint record follows its
+    commit (the next checkpoint writes it); the checkpoints index must name the last
+    checkpoint record, since readers trust it to tell where the unindexed entries start."""
+    commits = rejects = indexed = last_checkpoint = 0
+    missing: list[str] = []
+    """Entries absent from the index, since the last checkpoint record met."""
     with journal.snapshot() as txn:
-        checkpoint_lsn = newest_checkpoint_lsn(journal, txn)
         for lsn, payload in journal.scan(0, txn):
             record = decode(lsn, payload)
             kind = record[0]
+            if kind == CHECKPOINT:
+                if missing:
+                    return missing[0], None
+                last_checkpoint = lsn
             if kind not in (COMMIT, REJECT):
                 continue
             tid = record[1]
@@ -124,18 +135,22 @@ def _cross_check(journal: Journal, books: Recovered) -> tuple[str | None, str | 
             commits += 1
             for key, value in commit_rows(lsn, record):
                 stored = journal.index_get(ENTRIES_INDEX, key, txn)
-                if stored is None and lsn > checkpoint_lsn:
-                    continue  # not indexed until the next checkpoint (journals before that rule have it)
-                if stored != value:
-                    return f"transfer {tid!r} at LSN {lsn} lacks its entry {key!r}", None
-                indexed += 1
+                if stored is None:
+                    missing.append(f"transfer {tid!r} at LSN {lsn} lacks its entry {key!r}")
+                elif stored != value:
+                    return f"transfer {tid!r} at LSN {lsn} has a wrong entry {key!r}", None
+                else:
+                    indexed += 1
         entries = sum(1 for _ in journal.index_keys(ENTRIES_INDEX, txn))
         transfers = sum(1 for _ in journal.index_keys(TRANSFERS_INDEX, txn))
         accounts = sum(1 for _ in journal.index_keys(ACCOUNTS_INDEX, txn))
+        checkpoint_lsn = newest_checkpoint_lsn(journal, txn)
     if entries != indexed:
         return f"{entries} entries are indexed, {indexed} of them for the {commits} committed transfers", None
     if transfers != commits + rejects or accounts != len(books.accounts):
         return None, f"the indexes hold {transfers} transfers and {accounts} accounts; the records {commits + rejects} and {len(books.accounts)}"
+    if checkpoint_lsn != last_checkpoint:
+        return None, f"the checkpoints index names LSN {checkpoint_lsn}, the last checkpoint record is at LSN {last_checkpoint}"
     return None, None
 
 

@@ -46,7 +46,7 @@ from coordinator._records import (
     lsn_value,
 )
 from coordinator._state import AccountState, Posting, credit_refusal
-from coordinator._values import Account, Transfer, TransferRequest
+from coordinator._values import Account, Transfer, TransferRequest, stamped_transfer
 
 Deliver = Callable[[Posting, Posting], None]
 Stamp = tuple[int, int, int, int]
@@ -59,13 +59,15 @@ class Chunk:
     as one block (`Sequencer.append_chunk`): a payload and a completion per record, and
     the transfer index entries of all of them (their entries wait for a checkpoint)."""
 
-    __slots__ = ("payloads", "completions", "transfers")
+    __slots__ = ("payloads", "completions", "transfers", "entries")
 
     def __init__(self) -> None:
         self.payloads: list[bytes] = []
         self.completions: list[Completion] = []
         self.transfers: list[tuple[bytes, bytes]] = []
         """Transfer index: id -> LSN of its outcome."""
+        self.entries: Rows = {}
+        """The entries stamped, by account: unindexed once the chunk is queued."""
 
     def __len__(self) -> int:
         return len(self.payloads)
@@ -169,20 +171,20 @@ class Sequencer:
         prefixes = self._prefixes
         source_prefix = prefixes.get(source) or prefixes.setdefault(source, entry_prefix(source))
         target_prefix = prefixes.get(destination) or prefixes.setdefault(destination, entry_prefix(destination))
-        completion.value = Transfer(tid, source, destination, amount, lsn)
+        completion.value = stamped_transfer(tid, source, destination, amount, lsn)
         chunk.payloads.append(
             encode([COMMIT, tid, source, destination, amount, debit_seq, debit_balance, credit_seq, credit_balance])
         )
         chunk.completions.append(completion)
         chunk.transfers.append((id_key(tid), lsn_value(lsn)))
-        unindexed = self.unindexed.current
-        rows = unindexed.get(source)
+        entries = chunk.entries
+        rows = entries.get(source)
         if rows is None:
-            unindexed[source] = rows = []
+            entries[source] = rows = []
         rows.append((source_prefix + _U64.pack(debit_seq), encode_entry_value(tid, -amount, debit_balance, lsn)))
-        rows = unindexed.get(destination)
+        rows = entries.get(destination)
         if rows is None:
-            unindexed[destination] = rows = []
+            entries[destination] = rows = []
         rows.append((target_prefix + _U64.pack(credit_seq), encode_entry_value(tid, amount, credit_balance, lsn)))
         return debit_seq, debit_balance, credit_seq, credit_balance
 
@@ -216,8 +218,18 @@ class Sequencer:
         return first
 
     def _append(self, chunk: Chunk, room_made: bool = False) -> int:
+        """Queue the chunk's records; only then are its entries unindexed ones (a chunk the
+        journal refused leaves nothing behind, and its LSNs go to the next records)."""
         assert self.lock.locked()
-        return self._journal.append_block(chunk.payloads, {TRANSFERS_INDEX: chunk.transfers}, chunk.completions, room_made)
+        first = self._journal.append_block(chunk.payloads, {TRANSFERS_INDEX: chunk.transfers}, chunk.completions, room_made)
+        unindexed = self.unindexed.current
+        for account, rows in chunk.entries.items():
+            known = unindexed.get(account)
+            if known is None:
+                unindexed[account] = rows
+            else:
+                known += rows
+        return first
 
     def _appended(self, records: int = 1) -> None:
         """Count records appended; journal a checkpoint when one is due. The records are

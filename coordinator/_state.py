@@ -47,7 +47,12 @@ def post(state: AccountState, seq: int, amount: int, balance: int, lsn: int) -> 
         raise SequenceError(f"entry balance {balance} is out of range")
     if lsn <= state.lsn:
         raise SequenceError(f"entry LSN {lsn} does not follow LSN {state.lsn}")
-    return AccountState(seq, balance, lsn)
+    return _new_state(AccountState, (seq, balance, lsn))
+
+
+_new_state = tuple.__new__
+"""`AccountState(...)` without the Python frame of a NamedTuple's `__new__`: half the cost,
+twice per transfer."""
 
 
 def debit_refusal(posted: int, pending: int, amount: int, overdraft_limit: int | None) -> str | None:

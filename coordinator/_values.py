@@ -53,3 +53,22 @@ class TransferRequest:
     source: str
     destination: str
     amount: int
+
+
+_new = object.__new__
+_set_id, _set_source, _set_destination, _set_amount, _set_lsn = (
+    Transfer.__dict__[name].__set__ for name in ("id", "source", "destination", "amount", "lsn")
+)
+
+
+def stamped_transfer(id: str, source: str, destination: str, amount: int, lsn: int) -> Transfer:
+    """`Transfer(id, source, destination, amount, lsn)` at half the cost, for the sequencer's
+    stamp (once per commit): a frozen dataclass's `__init__` sets each field through
+    `object.__setattr__`, this sets its slots directly."""
+    transfer = _new(Transfer)
+    _set_id(transfer, id)
+    _set_source(transfer, source)
+    _set_destination(transfer, destination)
+    _set_amount(transfer, amount)
+    _set_lsn(transfer, lsn)
+    return transfer

@@ -11,10 +11,10 @@ import pytest
 
 from coordinator import INDEX_NAMES, audit
 from coordinator._entries import Row, UnindexedEntries, newest_checkpoint_lsn, unindexed_entries, with_unindexed
-from coordinator._records import ENTRIES_INDEX, encode_entry_value, entry_key
-from engine import Entry, Ledger, TransferRequest
+from coordinator._records import CHECKPOINTS_INDEX, ENTRIES_INDEX, encode_entry_value, entry_key, lsn_value
+from engine import Entry, Ledger, LedgerUnavailable, TransferRequest
 from engine._tools import balance, history
-from journal import Journal
+from journal import Journal, JournalTimeoutError
 
 ACCOUNTS = ("alice", "bob", "carol", "dave")
 
@@ -178,3 +178,73 @@ def test_with_unindexed_merges_past_the_index_from_start_up_to_limit() -> None:
     assert with_unindexed(indexed, unindexed, entry_key("a", 1), 3) == [*indexed, row("a", 3, 3)]
     assert with_unindexed(indexed, unindexed, entry_key("a", 1), 2) == indexed
     assert with_unindexed([], unindexed, entry_key("a", 4), None) == [row("a", 4, 4)]
+
+
+def test_a_transfer_the_journal_refused_to_queue_leaves_no_entry_behind(ledger: Ledger) -> None:
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    ledger.create_account("alice", currency="USD")
+    ledger.transfer("t1", source="bank", destination="alice", amount=10)
+    ledger._coordinator._start_held = lambda tickets: tickets  # type: ignore[method-assign] # the mailbox path
+    journal = ledger._journal
+    append_block = journal.append_block
+    refusals = [JournalTimeoutError("the journal writer is not keeping up")]
+
+    def refuse_once(*args: object, **kwargs: object) -> int:
+        if refusals:
+            raise refusals.pop()
+        return append_block(*args, **kwargs)  # type: ignore[arg-type]
+
+    journal.append_block = refuse_once  # type: ignore[method-assign]
+    with pytest.raises(LedgerUnavailable):
+        ledger.transfer("t2", source="bank", destination="alice", amount=5)
+    ledger.transfer("t3", source="bank", destination="alice", amount=7)
+
+    assert ledger.get_transfer("t2") is None
+    assert facts(ledger.entries("alice")) == [(1, "t1", 10, 10), (2, "t3", 7, 17)]
+    with ledger._sequencer.lock:
+        ledger._sequencer.checkpoint()
+    assert facts(ledger.entries("alice")) == [(1, "t1", 10, 10), (2, "t3", 7, 17)]
+
+
+def test_entries_missing_before_a_checkpoint_fail_the_audit_even_with_the_checkpoint_unindexed(
+    tmp_path: Path, raw_lmdb: object
+) -> None:
+    path = tmp_path / "ledger"
+    entries = build(path, checkpoint_interval=10**6)
+    with Ledger.open(path) as ledger, ledger._sequencer.lock:
+        checkpoint_lsn = ledger._sequencer.checkpoint()
+    first = entries["alice"][0]
+    with raw_lmdb(path) as env:  # type: ignore[operator]
+        with env.begin(write=True) as txn:
+            assert txn.delete(entry_key("alice", first.seq), db=env.open_db(ENTRIES_INDEX.encode(), txn=txn, create=False))
+    with raw_lmdb(path) as env:  # type: ignore[operator]
+        with env.begin(write=True) as txn:
+            assert txn.delete(lsn_value(checkpoint_lsn), db=env.open_db(CHECKPOINTS_INDEX.encode(), txn=txn, create=False))
+
+    journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
+    try:
+        report = audit(journal)
+    finally:
+        journal.close()
+
+    assert not report.whole
+    assert report.problem is not None and repr(first.transfer_id) in report.problem
+
+
+def test_a_checkpoints_index_that_misses_the_last_checkpoint_fails_the_audit(tmp_path: Path, raw_lmdb: object) -> None:
+    path = tmp_path / "ledger"
+    build(path, checkpoint_interval=10**6)
+    with Ledger.open(path) as ledger, ledger._sequencer.lock:
+        checkpoint_lsn = ledger._sequencer.checkpoint()
+    with raw_lmdb(path) as env:  # type: ignore[operator]
+        with env.begin(write=True) as txn:
+            assert txn.delete(lsn_value(checkpoint_lsn), db=env.open_db(CHECKPOINTS_INDEX.encode(), txn=txn, create=False))
+
+    journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
+    try:
+        report = audit(journal)
+    finally:
+        journal.close()
+
+    assert not report.whole
+    assert report.problem == f"the checkpoints index names LSN 0, the last checkpoint record is at LSN {checkpoint_lsn}"

@@ -3,6 +3,7 @@ holding their accounts' turns; and how they fail."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from coordinator import _coordinator
 from coordinator._held import decide_held, hold, release
 from coordinator._limits import CHUNK_REQUESTS_MAX
 from coordinator._sequencer import Sequencer
+from coordinator._values import stamped_transfer
 from engine import (
     Balance,
     BalanceOverflow,
@@ -260,3 +262,12 @@ def test_a_batch_the_journal_had_no_room_for_can_be_retried_with_the_same_ids(
         assert [type(outcome) for outcome in retried] == [Transfer] * 3
         assert ledger.transfer("x-0", source="bank", destination="alice", amount=5) == retried[0]
         assert ledger.balance("alice") == Balance(15, 0, 15)
+
+
+def test_a_stamped_transfer_is_the_same_frozen_value_its_constructor_builds() -> None:
+    stamped = stamped_transfer("t-1", "bank", "alice", 10, 7)
+
+    assert stamped == Transfer("t-1", "bank", "alice", 10, 7)
+    assert hash(stamped) == hash(Transfer("t-1", "bank", "alice", 10, 7)) and repr(stamped).startswith("Transfer(")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stamped.amount = 11  # type: ignore[misc]
