@@ -89,6 +89,15 @@ def with_unindexed(indexed: list[Row], unindexed: Iterable[Row], start: bytes, l
     return rows
 
 
+Flat = dict[str, list[bytes]]
+"""Entries by account as flat lists, key, value, key, value...: no tuple per entry, so
+nothing per entry for the garbage collector to track."""
+
+
+def _pairs(flat: list[bytes]) -> list[Row]:
+    return list(zip(flat[::2], flat[1::2], strict=True))
+
+
 class UnindexedEntries:
     """The entries stamped since the newest checkpoint was queued (`current`), and those
     the checkpoints not yet durable carry, per account in seq order.
@@ -101,19 +110,31 @@ class UnindexedEntries:
 
     __slots__ = ("current", "_carried")
 
-    def __init__(self, current: Rows | None = None) -> None:
-        self.current: Rows = current if current is not None else {}
-        """The sequencer appends each commit's rows here as it stamps them."""
-        self._carried: tuple[tuple[int, Rows], ...] = ()
+    def __init__(self, rows: Rows | None = None) -> None:
+        self.current: Flat = {account: [part for row in found for part in row] for account, found in (rows or {}).items()}
+        """Appended to under the sequencer lock, a key and its value in one step (`add`)."""
+        self._carried: tuple[tuple[int, Flat], ...] = ()
         """(checkpoint LSN, the rows it carries), oldest first; replaced, never changed."""
+
+    def add(self, accounts: list[str], parts: list[bytes]) -> None:
+        """Append the entries of a queued chunk: accounts[i] gets parts[2i] (its key) and
+        parts[2i + 1] (its value)."""
+        current = self.current
+        pairs = iter(parts)
+        for account, key, value in zip(accounts, pairs, pairs):
+            flat = current.get(account)
+            if flat is None:
+                current[account] = [key, value]
+            else:
+                flat += (key, value)  # one step: a reader never sees a key without its value
 
     def ordered(self) -> list[Row]:
         """Every row of `current`, in index key order (what the next checkpoint carries)."""
         ordered: list[Row] = []
         # A key starts with the account's length-prefixed id, which no other account's
         # is a prefix of: ordering accounts by their first key orders all their keys.
-        for rows in sorted(self.current.values(), key=lambda rows: rows[0][0]):
-            ordered += rows
+        for flat in sorted(self.current.values(), key=lambda flat: flat[0]):
+            ordered += _pairs(flat)
         return ordered
 
     def carry(self, checkpoint_lsn: int) -> None:
@@ -129,9 +150,9 @@ class UnindexedEntries:
 
     def rows(self, account: str, durable_lsn: int) -> list[Row]:
         """The account's unindexed rows that are durable (LSN <= `durable_lsn`), in seq order."""
-        current = self.current.get(account, ())
-        found = [row for _, rows in self._carried for row in rows.get(account, ())]
-        found += current
+        current = list(self.current.get(account, ()))
+        found = [row for _, flat in self._carried for row in _pairs(flat.get(account, []))]
+        found += _pairs(current)
         found = sorted(set(found))  # a checkpoint queued between the two reads shows its rows twice
         while found and row_lsn(found[-1]) > durable_lsn:
             found.pop()
@@ -139,5 +160,5 @@ class UnindexedEntries:
 
     def all_rows(self, durable_lsn: int) -> Rows:
         """`rows` of every account that has any."""
-        accounts = dict.fromkeys([*self.current, *(account for _, rows in self._carried for account in rows)])
+        accounts = dict.fromkeys([*self.current, *(account for _, flat in self._carried for account in flat)])
         return {account: rows for account in accounts if (rows := self.rows(account, durable_lsn))}

@@ -59,15 +59,17 @@ class Chunk:
     as one block (`Sequencer.append_chunk`): a payload and a completion per record, and
     the transfer index entries of all of them (their entries wait for a checkpoint)."""
 
-    __slots__ = ("payloads", "completions", "transfers", "entries")
+    __slots__ = ("payloads", "completions", "transfers", "accounts", "entries")
 
     def __init__(self) -> None:
         self.payloads: list[bytes] = []
         self.completions: list[Completion] = []
         self.transfers: list[tuple[bytes, bytes]] = []
         """Transfer index: id -> LSN of its outcome."""
-        self.entries: Rows = {}
-        """The entries stamped, by account: unindexed once the chunk is queued."""
+        self.accounts: list[str] = []
+        self.entries: list[bytes] = []
+        """The entries stamped, each its account's in `accounts`, then its key and value
+        here: unindexed once the chunk is queued (`UnindexedEntries.add`)."""
 
     def __len__(self) -> int:
         return len(self.payloads)
@@ -177,15 +179,11 @@ class Sequencer:
         )
         chunk.completions.append(completion)
         chunk.transfers.append((id_key(tid), lsn_value(lsn)))
-        entries = chunk.entries
-        rows = entries.get(source)
-        if rows is None:
-            entries[source] = rows = []
-        rows.append((source_prefix + _U64.pack(debit_seq), encode_entry_value(tid, -amount, debit_balance, lsn)))
-        rows = entries.get(destination)
-        if rows is None:
-            entries[destination] = rows = []
-        rows.append((target_prefix + _U64.pack(credit_seq), encode_entry_value(tid, amount, credit_balance, lsn)))
+        chunk.accounts += (source, destination)
+        chunk.entries += (
+            source_prefix + _U64.pack(debit_seq), encode_entry_value(tid, -amount, debit_balance, lsn),
+            target_prefix + _U64.pack(credit_seq), encode_entry_value(tid, amount, credit_balance, lsn),
+        )
         return debit_seq, debit_balance, credit_seq, credit_balance
 
     def stamp_reject(self, chunk: Chunk, request: TransferRequest, code: str, lsn: int, completion: Completion) -> None:
@@ -222,13 +220,7 @@ class Sequencer:
         journal refused leaves nothing behind, and its LSNs go to the next records)."""
         assert self.lock.locked()
         first = self._journal.append_block(chunk.payloads, {TRANSFERS_INDEX: chunk.transfers}, chunk.completions, room_made)
-        unindexed = self.unindexed.current
-        for account, rows in chunk.entries.items():
-            known = unindexed.get(account)
-            if known is None:
-                unindexed[account] = rows
-            else:
-                known += rows
+        self.unindexed.add(chunk.accounts, chunk.entries)
         return first
 
     def _appended(self, records: int = 1) -> None:

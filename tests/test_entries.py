@@ -141,7 +141,7 @@ def test_an_index_entry_that_disagrees_with_its_unindexed_commit_fails_the_audit
 def test_unindexed_rows_are_durable_ones_in_seq_order_and_count_once_while_a_checkpoint_is_queued() -> None:
     unindexed = UnindexedEntries({"a": [row("a", 1, 10), row("a", 2, 11)]})
     unindexed.carry(12)
-    unindexed.current["a"] = [row("a", 3, 13), row("a", 4, 14)]
+    unindexed.add(["a", "a"], [*row("a", 3, 13), *row("a", 4, 14)])
 
     assert unindexed.rows("a", durable_lsn=13) == [row("a", 1, 10), row("a", 2, 11), row("a", 3, 13)]
     unindexed.release(durable_lsn=11)  # the checkpoint at 12 is not durable yet: its rows stay
@@ -163,11 +163,13 @@ def test_a_reader_racing_a_checkpoint_sees_its_rows_once() -> None:
 
 
 def test_a_checkpoint_carries_every_account_in_index_key_order() -> None:
-    unindexed = UnindexedEntries({"bb": [row("bb", 1, 3)], "a": [row("a", 1, 3), row("a", 2, 4)], "c": [row("c", 1, 4)]})
+    unindexed = UnindexedEntries({"bb": [row("bb", 1, 3)], "a": [row("a", 1, 3)]})
+    unindexed.add(["c", "a"], [*row("c", 1, 4), *row("a", 2, 4)])
 
     ordered = unindexed.ordered()
 
-    assert ordered == sorted(ordered) and len(ordered) == 4
+    assert ordered == [row("a", 1, 3), row("a", 2, 4), row("c", 1, 4), row("bb", 1, 3)]  # shorter ids first
+    assert ordered == sorted(ordered)
 
 
 def test_with_unindexed_merges_past_the_index_from_start_up_to_limit() -> None:
