@@ -121,7 +121,7 @@ class UnindexedEntries:
         parts[2i + 1] (its value)."""
         current = self.current
         pairs = iter(parts)
-        for account, key, value in zip(accounts, pairs, pairs):
+        for account, key, value in zip(accounts, pairs, pairs, strict=True):
             flat = current.get(account)
             if flat is None:
                 current[account] = [key, value]
