@@ -128,13 +128,13 @@ class UnindexedEntries:
             else:
                 flat += (key, value)  # one step: a reader never sees a key without its value
 
-    def ordered(self) -> list[Row]:
-        """Every row of `current`, in index key order (what the next checkpoint carries)."""
-        ordered: list[Row] = []
+    def ordered(self) -> list[bytes]:
+        """Every row of `current`, flat and in index key order (what the next checkpoint carries)."""
+        ordered: list[bytes] = []
         # A key starts with the account's length-prefixed id, which no other account's
         # is a prefix of: ordering accounts by their first key orders all their keys.
         for flat in sorted(self.current.values(), key=lambda flat: flat[0]):
-            ordered += _pairs(flat)
+            ordered += flat
         return ordered
 
     def carry(self, checkpoint_lsn: int) -> None:

@@ -64,8 +64,8 @@ class Chunk:
     def __init__(self) -> None:
         self.payloads: list[bytes] = []
         self.completions: list[Completion] = []
-        self.transfers: list[tuple[bytes, bytes]] = []
-        """Transfer index: id -> LSN of its outcome."""
+        self.transfers: list[bytes] = []
+        """Transfer index: id -> LSN of its outcome (flat: key, value, key, value...)."""
         self.accounts: list[str] = []
         self.entries: list[bytes] = []
         """The entries stamped, each its account's in `accounts`, then its key and value
@@ -178,7 +178,7 @@ class Sequencer:
             encode([COMMIT, tid, source, destination, amount, debit_seq, debit_balance, credit_seq, credit_balance])
         )
         chunk.completions.append(completion)
-        chunk.transfers.append((id_key(tid), lsn_value(lsn)))
+        chunk.transfers += (id_key(tid), lsn_value(lsn))
         chunk.accounts += (source, destination)
         chunk.entries += (
             source_prefix + _U64.pack(debit_seq), encode_entry_value(tid, -amount, debit_balance, lsn),
@@ -192,7 +192,7 @@ class Sequencer:
         completion.value = Refusal(request, code, lsn)
         chunk.payloads.append(encode([REJECT, request.id, request.source, request.destination, request.amount, code]))
         chunk.completions.append(completion)
-        chunk.transfers.append((id_key(request.id), lsn_value(lsn)))
+        chunk.transfers += (id_key(request.id), lsn_value(lsn))
 
     def reject(self, request: TransferRequest, code: str, completion: Completion) -> int:
         """Journal a refusal; it consumes the transfer id. `completion.value` becomes the
@@ -248,7 +248,7 @@ class Sequencer:
             for account in self.accounts.values()
         ]
         lsn = self._journal.last_lsn + 1
-        index = {CHECKPOINTS_INDEX: [(lsn_value(lsn), b"")], ENTRIES_INDEX: self.unindexed.ordered()}
+        index = {CHECKPOINTS_INDEX: [lsn_value(lsn), b""], ENTRIES_INDEX: self.unindexed.ordered()}
         appended = self._journal.append_block([encode([CHECKPOINT, rows])], index, [None])
         assert appended == lsn, (appended, lsn)
         self.unindexed.carry(lsn)

@@ -36,16 +36,17 @@ def _checksum(lsn_bytes: bytes, version: int, payload: bytes) -> int:
     return zlib.crc32(payload, zlib.crc32(lsn_bytes + bytes((version,))))
 
 
-def frame_all(first_lsn: int, payloads: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
-    """`(lsn_key, framed record)` of each payload, at consecutive LSNs from `first_lsn`:
-    what a group commit writes. The checksum is `_checksum`'s, computed inline."""
+def frame_all(first_lsn: int, payloads: Sequence[bytes]) -> list[bytes]:
+    """The LSN key and the framed record of each payload, flat (key, record, key, record...),
+    at consecutive LSNs from `first_lsn`: what a group commit writes. The checksum is
+    `_checksum`'s, computed inline."""
     assert first_lsn >= 1, first_lsn
     pack_lsn, pack_header, crc32, version = _LSN.pack, _HEADER.pack, zlib.crc32, _VERSION_BYTE
-    framed = []
+    framed: list[bytes] = []
     for lsn, payload in enumerate(payloads, first_lsn):
         assert type(payload) is bytes and payload, "a record carries a non-empty payload"
         key = pack_lsn(lsn)
-        framed.append((key, pack_header(RECORD_VERSION, crc32(payload, crc32(key + version))) + payload))
+        framed += (key, pack_header(RECORD_VERSION, crc32(payload, crc32(key + version))) + payload)
     return framed
 
 

@@ -37,8 +37,10 @@ logger = logging.getLogger("tally.journal")
 IndexPut = tuple[str, bytes, bytes]
 """(index name, key, value) written in the same transaction as its record."""
 
-IndexPuts = Mapping[str, Sequence[tuple[bytes, bytes]]]
-"""Index entries by index name: (key, value) pairs written with their records."""
+IndexPuts = Mapping[str, Sequence[bytes]]
+"""Index entries by index name, each flat: key, value, key, value... written with their
+records. Flat, so that queueing and writing an entry allocates nothing per entry for the
+garbage collector to track (a tuple is tracked from its creation)."""
 
 
 class _Block:
@@ -61,12 +63,16 @@ class _Block:
         return self.first_lsn + len(self.payloads) - 1
 
 
-def _put_all(txn: lmdb.Transaction, db: lmdb._Database, items: list[tuple[bytes, bytes]], append: bool) -> None:
-    if not items:
+def _put_all(txn: lmdb.Transaction, db: lmdb._Database, flat: Sequence[bytes], append: bool) -> None:
+    """Put the flat key, value, key, value... pairs. `zip` hands `putmulti` one tuple that
+    it reuses for every pair (`putmulti` lets go of each before asking for the next)."""
+    if not flat:
         return
-    consumed, _ = txn.cursor(db=db).putmulti(items, append=append)
-    if consumed != len(items):
-        raise lmdb.Error(f"wrote {consumed} of {len(items)} items")
+    assert len(flat) % 2 == 0, len(flat)
+    pairs = iter(flat)
+    consumed, _ = txn.cursor(db=db).putmulti(zip(pairs, pairs, strict=True), append=append)
+    if consumed != len(flat) // 2:
+        raise lmdb.Error(f"wrote {consumed} of {len(flat) // 2} items")
 
 
 class Writer:
@@ -105,9 +111,9 @@ class Writer:
         are already queued. The completion, if any, is released once the record is
         durable, or with `error` set if it never will be.
         """
-        puts: dict[str, list[tuple[bytes, bytes]]] = {}
+        puts: dict[str, list[bytes]] = {}
         for name, key, value in index:
-            puts.setdefault(name, []).append((key, value))
+            puts.setdefault(name, []).extend((key, value))
         with self._cond:
             self._make_room(1, APPEND_WAIT_S_MAX)
             return self._queue((payload,), puts, (completion,))
@@ -265,8 +271,8 @@ class Writer:
         commits as a whole, and no two puts of a batch share a key.
         """
         store = self._store
-        records: list[tuple[bytes, bytes]] = []
-        by_index: dict[str, list[tuple[bytes, bytes]]] = {}
+        records: list[bytes] = []
+        by_index: dict[str, list[bytes]] = {}
         expected = batch[0].first_lsn
         for block in batch:
             assert block.first_lsn == expected, (block.first_lsn, expected)
@@ -278,7 +284,7 @@ class Writer:
                     by_index[name] = list(puts)
                 else:
                     merged += puts
-        split = len(records) // 2
+        split = len(records) // 4 * 2  # about half the records, at a key
         _put_all(txn, store.records, records[:split], append=True)
         crash_point("mid-group-commit")
         _put_all(txn, store.records, records[split:], append=True)
