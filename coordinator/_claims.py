@@ -150,24 +150,39 @@ class Claims:
     def claim(self, request: TransferRequest, relayed: bool = False) -> tuple[Ticket | Outcome, bool]:
         """Claim `request.id`: (new ticket, True), or (the existing ticket or outcome, False).
         A relayed ticket is for a caller that waits on it (see `journal.Completion`)."""
-        tid = request.id
-        h = hash(id_key(tid))
-        stripe = h & (CLAIM_STRIPES - 1)
-        lock = self._locks[stripe]
-        lock.acquire()  # not `with`: on CPython 3.11 it costs three times as much, per transfer
-        try:
-            ticket = self._inflight.get(tid)
-            if ticket is not None:
-                return ticket, False
-            if self._filters[stripe].check_and_add(h >> 6) or not self._warm:
-                outcome = self.lookup(tid)
-                if outcome is not None:
-                    return outcome, False
-            ticket = Ticket(request, stripe, relayed)
-            self._inflight[tid] = ticket
-            return ticket, True
-        finally:
-            lock.release()
+        fresh: list[Ticket] = []
+        (claimed,) = self.claim_many((request,), fresh, relayed)
+        return claimed, bool(fresh)
+
+    def claim_many(
+        self, requests: Sequence[TransferRequest], fresh: list[Ticket], relayed: bool = False
+    ) -> list[Ticket | Outcome]:
+        """`claim` each request, in order: its new ticket (also appended to `fresh`), or the
+        ticket or outcome its id already has (a request repeated in `requests` finds the
+        ticket its first occurrence got)."""
+        locks, filters, inflight = self._locks, self._filters, self._inflight
+        claimed: list[Ticket | Outcome] = []
+        for request in requests:
+            tid = request.id
+            h = hash(id_key(tid))
+            stripe = h & (CLAIM_STRIPES - 1)
+            lock = locks[stripe]
+            lock.acquire()  # not `with`: on CPython 3.11 it costs three times as much, per transfer
+            try:
+                ticket = inflight.get(tid)
+                if ticket is None:
+                    if filters[stripe].check_and_add(h >> 6) or not self._warm:
+                        outcome = self.lookup(tid)
+                        if outcome is not None:
+                            claimed.append(outcome)
+                            continue
+                    ticket = Ticket(request, stripe, relayed)
+                    inflight[tid] = ticket
+                    fresh.append(ticket)
+                claimed.append(ticket)
+            finally:
+                lock.release()
+        return claimed
 
     def lookup(self, tid: str, txn: Any | None = None) -> Outcome | None:
         """The durable outcome of `tid`, from the transfer index (no scan)."""

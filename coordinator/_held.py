@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from coordinator._claims import Outcome, Ticket, lsn_of, result_of
 from coordinator._errors import (
@@ -89,15 +89,14 @@ class HeldBatch:
         return self._settle()
 
     def _claim(self, valid: list[int]) -> None:
-        claim = self._coordinator.claims.claim
-        requests, results = self._requests, self._results
-        for i in valid:
-            ticket, fresh = claim(requests[i])
+        requests, results, fresh = self._requests, self._results, self._fresh
+        claimed = self._coordinator.claims.claim_many([requests[i] for i in valid], fresh)
+        for i, ticket in zip(valid, claimed, strict=True):
             results[i] = ticket
-            if fresh:
-                self._fresh.append(cast(Ticket, ticket))
-            elif isinstance(ticket, Ticket) and not ticket.done:
-                self._foreign.append(ticket)  # decided elsewhere (or earlier in this batch)
+        if len(fresh) < len(valid):  # some ids were claimed before: decided elsewhere (or earlier here)
+            mine = set(map(id, fresh))
+            self._foreign = [ticket for ticket in claimed
+                             if type(ticket) is Ticket and id(ticket) not in mine and not ticket.done]
 
     def _settle(self) -> list[Result]:
         coordinator = self._coordinator

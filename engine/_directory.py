@@ -97,14 +97,22 @@ class Directory:
         One lock for the lot (taking a turn never waits, so none is held while waiting).
         The holder gets the actors themselves: it runs their handlers in their turn."""
         held: dict[str, AccountActor] = {}
+        live = self._live
         with self._lock:
             try:
                 for account_id in account_ids:
-                    inbox = self._pin(account_id)._inbox
+                    entry = live.get(account_id)
+                    if entry is None:  # not live: activate it
+                        self._pin(account_id)
+                        entry = live[account_id]
+                    else:  # `_pin`, inline: once per account of every batch
+                        live.move_to_end(account_id)
+                        entry.pins += 1
+                    inbox = entry.handle._inbox
                     if inbox.try_hold():
-                        held[account_id] = cast(AccountActor, inbox._actor)
+                        held[account_id] = inbox._actor  # type: ignore[assignment]
                     else:
-                        self._live[account_id].pins -= 1
+                        entry.pins -= 1
             except BaseException:  # e.g. an actor that could not be activated: give back what was taken
                 self._release(held)
                 raise
