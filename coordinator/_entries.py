@@ -20,19 +20,22 @@ indexed every entry with its commit; for them the union is the same.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 from typing import Any
 
 import msgpack
 from journal import Journal
 
-from coordinator._records import CHECKPOINTS_INDEX, COMMIT, decode, encode_entry_value, entry_key, value_lsn
+from coordinator._records import CHECKPOINTS_INDEX, COMMIT, decode, encode_entry_value, entry_key, entry_prefix, value_lsn
 
 Row = tuple[bytes, bytes]
 """An entry as the index stores it: (entry key, entry value)."""
 
 Rows = dict[str, list[Row]]
 """Entries by account, each account's in seq order."""
+
+_U64 = struct.Struct(">Q")
 
 
 def commit_rows(lsn: int, record: list[Any]) -> tuple[Row, Row]:
@@ -49,11 +52,29 @@ def row_lsn(row: Row) -> int:
     return int(msgpack.unpackb(row[1])[3])
 
 
-def add_commit(rows: Rows, lsn: int, record: list[Any]) -> None:
-    """Add the entries of a decoded COMMIT record to `rows`."""
-    debit, credit = commit_rows(lsn, record)
-    rows.setdefault(record[2], []).append(debit)
-    rows.setdefault(record[3], []).append(credit)
+Flat = dict[str, list[bytes]]
+"""Entries by account as flat lists, key, value, key, value...: no tuple per entry, so
+nothing per entry for the garbage collector to track."""
+
+
+def pairs(flat: list[bytes]) -> list[Row]:
+    """A flat list's rows."""
+    return list(zip(flat[::2], flat[1::2], strict=True))
+
+
+def add_commit(entries: Flat, prefixes: dict[str, bytes], lsn: int, record: list[Any]) -> None:
+    """Add the entries of a decoded COMMIT record to `entries` (`prefixes` caches each
+    account's entry key prefix: replay meets the same accounts again and again)."""
+    _, tid, source, destination, amount, source_seq, source_balance, target_seq, target_balance = record
+    for account, seq, signed, balance in ((source, source_seq, -amount, source_balance),
+                                          (destination, target_seq, amount, target_balance)):
+        prefix = prefixes.get(account)
+        if prefix is None:
+            prefixes[account] = prefix = entry_prefix(account)
+        flat = entries.get(account)
+        if flat is None:
+            entries[account] = flat = []
+        flat += (prefix + _U64.pack(seq), encode_entry_value(tid, signed, balance, lsn))
 
 
 def newest_checkpoint_lsn(journal: Journal, txn: Any) -> int:
@@ -64,12 +85,13 @@ def newest_checkpoint_lsn(journal: Journal, txn: Any) -> int:
 def unindexed_entries(journal: Journal, txn: Any) -> Rows:
     """The entries of the commits after the newest checkpoint, derived from the records
     of snapshot `txn` (for readers other than the writing process). Verifies what it scans."""
-    rows: Rows = {}
+    entries: Flat = {}
+    prefixes: dict[str, bytes] = {}
     for lsn, payload in journal.scan(newest_checkpoint_lsn(journal, txn), txn):
         record = decode(lsn, payload)
         if record[0] == COMMIT:
-            add_commit(rows, lsn, record)
-    return rows
+            add_commit(entries, prefixes, lsn, record)
+    return {account: pairs(flat) for account, flat in entries.items()}
 
 
 def with_unindexed(indexed: list[Row], unindexed: Iterable[Row], start: bytes, limit: int | None) -> list[Row]:
@@ -89,15 +111,6 @@ def with_unindexed(indexed: list[Row], unindexed: Iterable[Row], start: bytes, l
     return rows
 
 
-Flat = dict[str, list[bytes]]
-"""Entries by account as flat lists, key, value, key, value...: no tuple per entry, so
-nothing per entry for the garbage collector to track."""
-
-
-def _pairs(flat: list[bytes]) -> list[Row]:
-    return list(zip(flat[::2], flat[1::2], strict=True))
-
-
 class UnindexedEntries:
     """The entries stamped since the newest checkpoint was queued (`current`), and those
     the checkpoints not yet durable carry, per account in seq order.
@@ -110,8 +123,8 @@ class UnindexedEntries:
 
     __slots__ = ("current", "_carried")
 
-    def __init__(self, rows: Rows | None = None) -> None:
-        self.current: Flat = {account: [part for row in found for part in row] for account, found in (rows or {}).items()}
+    def __init__(self, current: Flat | None = None) -> None:
+        self.current: Flat = current if current is not None else {}
         """Appended to under the sequencer lock, a key and its value in one step (`add`)."""
         self._carried: tuple[tuple[int, Flat], ...] = ()
         """(checkpoint LSN, the rows it carries), oldest first; replaced, never changed."""
@@ -151,8 +164,8 @@ class UnindexedEntries:
     def rows(self, account: str, durable_lsn: int) -> list[Row]:
         """The account's unindexed rows that are durable (LSN <= `durable_lsn`), in seq order."""
         current = list(self.current.get(account, ()))
-        found = [row for _, flat in self._carried for row in _pairs(flat.get(account, []))]
-        found += _pairs(current)
+        found = [row for _, flat in self._carried for row in pairs(flat.get(account, []))]
+        found += pairs(current)
         found = sorted(set(found))  # a checkpoint queued between the two reads shows its rows twice
         while found and row_lsn(found[-1]) > durable_lsn:
             found.pop()

@@ -26,7 +26,7 @@ from typing import Any
 
 from journal import Journal, JournalCorruptedError
 
-from coordinator._entries import Rows, add_commit
+from coordinator._entries import Flat, add_commit
 from coordinator._errors import JournalCorrupted
 from coordinator._limits import AMOUNT_MAX
 from coordinator._records import ACCOUNT, CHECKPOINT, CHECKPOINTS_INDEX, COMMIT, decode, value_lsn
@@ -47,9 +47,11 @@ class Recovered:
     last_lsn: int = 0
     checkpoint_lsn: int = 0
     """LSN of the checkpoint replay started from (0: from the beginning)."""
-    unindexed: Rows | None = None
+    unindexed: Flat | None = None
     """If not None, replay collects here the entries of the commits after the last
     checkpoint it meets (the ones the entry index does not hold)."""
+    prefixes: dict[str, bytes] = field(default_factory=dict)
+    """Entry key prefix per account, for `unindexed`."""
 
 
 def _corrupt(lsn: int, reason: str) -> JournalCorrupted:
@@ -114,7 +116,7 @@ def replay(
             if kind == COMMIT:
                 _apply_commit(books, lsn, record)
                 if books.unindexed is not None:
-                    add_commit(books.unindexed, lsn, record)
+                    add_commit(books.unindexed, books.prefixes, lsn, record)
             elif kind == ACCOUNT:
                 _, account_id, currency, limit = record
                 if account_id in accounts:

@@ -28,7 +28,7 @@ from typing import cast
 from journal import Completion, Journal, JournalError, crash_point
 
 from coordinator._claims import Refusal
-from coordinator._entries import Rows, UnindexedEntries
+from coordinator._entries import Flat, UnindexedEntries
 from coordinator._limits import CHECKPOINT_RECORDS_INTERVAL
 from coordinator._records import (
     ACCOUNT,
@@ -87,7 +87,7 @@ class Sequencer:
         accounts: dict[str, Account],
         states: dict[str, AccountState],
         checkpoint_interval: int = CHECKPOINT_RECORDS_INTERVAL,
-        unindexed: Rows | None = None,
+        unindexed: Flat | None = None,
         since_checkpoint: int = 0,
     ) -> None:
         """`unindexed` holds the entries of the commits after the newest checkpoint, which

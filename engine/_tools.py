@@ -122,7 +122,8 @@ def recover(path: str, dry_run: bool, progress: Progress = None) -> dict[str, An
                 else:
                     with journal.snapshot() as txn:
                         unindexed = unindexed_entries(journal, txn)
-                    sequencer = Sequencer(journal, books.accounts, books.states, unindexed=unindexed)
+                    flat = {account: [part for row in rows for part in row] for account, rows in unindexed.items()}
+                    sequencer = Sequencer(journal, books.accounts, books.states, unindexed=flat)
                     sequencer.account_lsns.update(books.account_lsns)
                     with sequencer.lock:
                         lsn = sequencer.checkpoint()

@@ -139,7 +139,7 @@ def test_an_index_entry_that_disagrees_with_its_unindexed_commit_fails_the_audit
 
 
 def test_unindexed_rows_are_durable_ones_in_seq_order_and_count_once_while_a_checkpoint_is_queued() -> None:
-    unindexed = UnindexedEntries({"a": [row("a", 1, 10), row("a", 2, 11)]})
+    unindexed = UnindexedEntries({"a": [*row("a", 1, 10), *row("a", 2, 11)]})
     unindexed.carry(12)
     unindexed.add(["a", "a"], [*row("a", 3, 13), *row("a", 4, 14)])
 
@@ -153,7 +153,7 @@ def test_unindexed_rows_are_durable_ones_in_seq_order_and_count_once_while_a_che
 
 
 def test_a_reader_racing_a_checkpoint_sees_its_rows_once() -> None:
-    unindexed = UnindexedEntries({"a": [row("a", 1, 10)], "b": [row("b", 1, 10)]})
+    unindexed = UnindexedEntries({"a": [*row("a", 1, 10)], "b": [*row("b", 1, 10)]})
     current = unindexed.current
     unindexed.carry(11)
     unindexed._carried = (*unindexed._carried, (11, current))  # what a reader between the swaps could meet
@@ -163,7 +163,7 @@ def test_a_reader_racing_a_checkpoint_sees_its_rows_once() -> None:
 
 
 def test_a_checkpoint_carries_every_account_in_index_key_order() -> None:
-    unindexed = UnindexedEntries({"bb": [row("bb", 1, 3)], "a": [row("a", 1, 3)]})
+    unindexed = UnindexedEntries({"bb": [*row("bb", 1, 3)], "a": [*row("a", 1, 3)]})
     unindexed.add(["c", "a"], [*row("c", 1, 4), *row("a", 2, 4)])
 
     ordered = unindexed.ordered()
