@@ -130,8 +130,9 @@ class UnindexedEntries:
         """(checkpoint LSN, the rows it carries), oldest first; replaced, never changed."""
 
     def add(self, accounts: list[str], parts: list[bytes]) -> None:
-        """Append the entries of a queued chunk: accounts[i] gets parts[2i] (its key) and
-        parts[2i + 1] (its value)."""
+        """Append the entries of a chunk about to be queued: accounts[i] gets parts[2i] (its
+        key) and parts[2i + 1] (its value). Readers do not see them before they are durable
+        (`rows` drops entries past the durable LSN); `remove` takes them back."""
         current = self.current
         pairs = iter(parts)
         for account, key, value in zip(accounts, pairs, pairs, strict=True):
@@ -140,6 +141,16 @@ class UnindexedEntries:
                 current[account] = [key, value]
             else:
                 flat += (key, value)  # one step: a reader never sees a key without its value
+
+    def remove(self, accounts: list[str]) -> None:
+        """Take back what the last `add(accounts, ...)` appended (a chunk the journal refused:
+        nothing else was added since, under the same hold of the sequencer lock)."""
+        current = self.current
+        for account in reversed(accounts):
+            flat = current[account]
+            del flat[-2:]
+            if not flat:
+                del current[account]
 
     def ordered(self) -> list[bytes]:
         """Every row of `current`, flat and in index key order (what the next checkpoint carries)."""

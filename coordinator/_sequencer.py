@@ -216,12 +216,17 @@ class Sequencer:
         return first
 
     def _append(self, chunk: Chunk, room_made: bool = False) -> int:
-        """Queue the chunk's records; only then are its entries unindexed ones (a chunk the
-        journal refused leaves nothing behind, and its LSNs go to the next records)."""
+        """Queue the chunk's records, their entries unindexed ones from before the records are
+        queued (the writer may make them durable at once); a chunk the journal refuses leaves
+        no entry behind, and its LSNs go to the next records."""
         assert self.lock.locked()
-        first = self._journal.append_block(chunk.payloads, {TRANSFERS_INDEX: chunk.transfers}, chunk.completions, room_made)
         self.unindexed.add(chunk.accounts, chunk.entries)
-        return first
+        try:
+            return self._journal.append_block(chunk.payloads, {TRANSFERS_INDEX: chunk.transfers}, chunk.completions,
+                                              room_made)
+        except BaseException:
+            self.unindexed.remove(chunk.accounts)
+            raise
 
     def _appended(self, records: int = 1) -> None:
         """Count records appended; journal a checkpoint when one is due. The records are

@@ -251,3 +251,22 @@ def test_a_checkpoints_index_that_misses_the_last_checkpoint_fails_the_audit(tmp
 
     assert not report.whole
     assert report.problem == f"the checkpoints index names LSN 0, the last checkpoint record is at LSN {checkpoint_lsn}"
+
+
+def test_taking_back_a_refused_chunk_leaves_every_account_as_it_was() -> None:
+    unindexed = UnindexedEntries({"a": [*row("a", 1, 10)]})
+    before = {account: list(flat) for account, flat in unindexed.current.items()}
+
+    unindexed.add(["a", "b", "a"], [*row("a", 2, 11), *row("b", 1, 11), *row("a", 3, 12)])
+    unindexed.remove(["a", "b", "a"])
+
+    assert unindexed.current == before
+
+
+def test_entries_of_a_queued_chunk_are_not_read_before_they_are_durable() -> None:
+    unindexed = UnindexedEntries({"a": [*row("a", 1, 10)]})
+
+    unindexed.add(["a"], [*row("a", 2, 11)])
+
+    assert unindexed.rows("a", durable_lsn=10) == [row("a", 1, 10)]
+    assert unindexed.all_rows(durable_lsn=10) == {"a": [row("a", 1, 10)]}

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import lmdb
 import pytest
 from journal import (
     LOCK_FILE,
@@ -20,6 +21,7 @@ from journal import (
     JournalNotFoundError,
     lsn_key,
 )
+from journal._writer import _put_all
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 10.0
@@ -426,3 +428,15 @@ def test_a_relay_passes_over_completions_nobody_waits_on_or_whose_waiter_gave_up
     waiting.join(10)
     assert outcome == [True]
     assert unwatched.wait(0) and abandoned.wait(0) and watched.wait(0)  # and stay released
+
+
+def test_writing_records_out_of_key_order_fails_instead_of_skipping_one(tmp_path: Path) -> None:
+    env = lmdb.open(str(tmp_path), max_dbs=1, sync=False)
+    try:
+        db = env.open_db(b"records")
+        with env.begin(write=True) as txn:
+            _put_all(txn, db, [lsn_key(1), b"one", lsn_key(3), b"three"], append=True)
+        with env.begin(write=True) as txn, pytest.raises(lmdb.Error, match="wrote 1 of 2"):
+            _put_all(txn, db, [lsn_key(4), b"four", lsn_key(2), b"two"], append=True)
+    finally:
+        env.close()
