@@ -5,6 +5,7 @@ whichever side of a checkpoint they are on."""
 from __future__ import annotations
 
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from coordinator import INDEX_NAMES, audit
 from coordinator._entries import Row, UnindexedEntries, newest_checkpoint_lsn, unindexed_entries, with_unindexed
 from coordinator._records import CHECKPOINTS_INDEX, ENTRIES_INDEX, encode_entry_value, entry_key, lsn_value
-from engine import Entry, Ledger, LedgerUnavailable, TransferRequest
+from engine import Entry, Ledger, LedgerUnavailable, Transfer, TransferRequest
 from engine._tools import balance, history
 from journal import Journal, JournalTimeoutError
 
@@ -270,3 +271,41 @@ def test_entries_of_a_queued_chunk_are_not_read_before_they_are_durable() -> Non
 
     assert unindexed.rows("a", durable_lsn=10) == [row("a", 1, 10)]
     assert unindexed.all_rows(durable_lsn=10) == {"a": [row("a", 1, 10)]}
+
+
+def test_a_reader_racing_transfers_and_checkpoints_sees_every_acknowledged_entry_once(ledger_path: Path) -> None:
+    transfers = 300
+    acknowledged = [0]
+    done = threading.Event()
+    problems: list[str] = []
+    with Ledger.open(ledger_path, checkpoint_interval=3) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+
+        def send() -> None:
+            try:
+                for n in range(transfers):
+                    if n % 2:
+                        ledger.transfer(f"t{n}", source="bank", destination="alice", amount=1)
+                    else:
+                        assert isinstance(ledger.transfer_many([TransferRequest(f"t{n}", "bank", "alice", 1)])[0], Transfer)
+                    acknowledged[0] = n + 1
+            finally:
+                done.set()
+
+        def read() -> None:
+            while not done.is_set():
+                floor = acknowledged[0]  # acknowledged before the read: must be there
+                seen = ledger.entries("alice")
+                if [entry.seq for entry in seen] != list(range(1, len(seen) + 1)) or len(seen) < floor:
+                    problems.append(f"{len(seen)} entries ({[entry.seq for entry in seen][-5:]}) after {floor} acks")
+                    return
+
+        sender, reader = threading.Thread(target=send), threading.Thread(target=read)
+        sender.start()
+        reader.start()
+        sender.join(timeout=60)
+        reader.join(timeout=60)
+        assert not sender.is_alive() and not reader.is_alive()
+        assert problems == []
+        assert [entry.balance for entry in ledger.entries("alice")] == list(range(1, transfers + 1))
