@@ -21,7 +21,8 @@ indexed every entry with its commit; for them the union is the same.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from itertools import chain
 from typing import Any
 
 import msgpack
@@ -111,6 +112,26 @@ def with_unindexed(indexed: list[Row], unindexed: Iterable[Row], start: bytes, l
     return rows
 
 
+class Joined:
+    """Flat lists read one after another, without being copied into one (see
+    `journal._writer._put_all` for what one young list of them all would cost)."""
+
+    __slots__ = ("_parts", "_length")
+
+    def __init__(self, parts: list[list[bytes]]) -> None:
+        self._parts = parts
+        self._length = sum(map(len, parts))
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator[bytes]:
+        return chain.from_iterable(self._parts)
+
+    def __contains__(self, item: object) -> bool:
+        return any(item in part for part in self._parts)
+
+
 class UnindexedEntries:
     """The entries stamped since the newest checkpoint was queued (`current`), and those
     the checkpoints not yet durable carry, per account in seq order.
@@ -152,14 +173,11 @@ class UnindexedEntries:
             if not flat:
                 del current[account]
 
-    def ordered(self) -> list[bytes]:
+    def ordered(self) -> Joined:
         """Every row of `current`, flat and in index key order (what the next checkpoint carries)."""
-        ordered: list[bytes] = []
         # A key starts with the account's length-prefixed id, which no other account's
         # is a prefix of: ordering accounts by their first key orders all their keys.
-        for flat in sorted(self.current.values(), key=lambda flat: flat[0]):
-            ordered += flat
-        return ordered
+        return Joined(sorted(self.current.values(), key=lambda flat: flat[0]))
 
     def carry(self, checkpoint_lsn: int) -> None:
         """The rows of `current` are now queued with the checkpoint at `checkpoint_lsn`."""

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable
 from typing import cast
 
-from journal import Completion, Journal, JournalError, crash_point
+from journal import Completion, IndexPuts, Journal, JournalError, crash_point
 
 from coordinator._claims import Refusal
 from coordinator._entries import Flat, UnindexedEntries
@@ -253,7 +253,7 @@ class Sequencer:
             for account in self.accounts.values()
         ]
         lsn = self._journal.last_lsn + 1
-        index = {CHECKPOINTS_INDEX: [lsn_value(lsn), b""], ENTRIES_INDEX: self.unindexed.ordered()}
+        index: IndexPuts = {CHECKPOINTS_INDEX: [lsn_value(lsn), b""], ENTRIES_INDEX: self.unindexed.ordered()}
         appended = self._journal.append_block([encode([CHECKPOINT, rows])], index, [None])
         assert appended == lsn, (appended, lsn)
         self.unindexed.carry(lsn)

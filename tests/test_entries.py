@@ -160,14 +160,14 @@ def test_a_reader_racing_a_checkpoint_sees_its_rows_once() -> None:
     unindexed._carried = (*unindexed._carried, (11, current))  # what a reader between the swaps could meet
 
     assert unindexed.rows("a", durable_lsn=11) == [row("a", 1, 10)]
-    assert unindexed.ordered() == []
+    assert list(unindexed.ordered()) == []
 
 
 def test_a_checkpoint_carries_every_account_in_index_key_order() -> None:
     unindexed = UnindexedEntries({"bb": [*row("bb", 1, 3)], "a": [*row("a", 1, 3)]})
     unindexed.add(["c", "a"], [*row("c", 1, 4), *row("a", 2, 4)])
 
-    ordered = unindexed.ordered()
+    ordered = list(unindexed.ordered())
 
     # Flat, key then value; shorter ids first (a key starts with the id's length).
     assert ordered == [*row("a", 1, 3), *row("a", 2, 4), *row("c", 1, 4), *row("bb", 1, 3)]
