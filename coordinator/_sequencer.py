@@ -69,7 +69,7 @@ class Chunk:
         self.accounts: list[str] = []
         self.entries: list[bytes] = []
         """The entries stamped, each its account's in `accounts`, then its key and value
-        here: unindexed once the chunk is queued (`UnindexedEntries.add`)."""
+        here: unindexed entries as the chunk is queued (`Sequencer._append`)."""
 
     def __len__(self) -> int:
         return len(self.payloads)
