@@ -142,11 +142,13 @@ class UnindexedEntries:
     durable: the snapshot then has it in the index.
     """
 
-    __slots__ = ("current", "_carried")
+    __slots__ = ("current", "_carried", "count")
 
     def __init__(self, current: Flat | None = None) -> None:
         self.current: Flat = current if current is not None else {}
         """Appended to under the sequencer lock, a key and its value in one step (`add`)."""
+        self.count = sum(len(flat) for flat in self.current.values()) // 2
+        """Entries in `current`."""
         self._carried: tuple[tuple[int, Flat], ...] = ()
         """(checkpoint LSN, the rows it carries), oldest first; replaced, never changed."""
 
@@ -155,6 +157,7 @@ class UnindexedEntries:
         key) and parts[2i + 1] (its value). Readers do not see them before they are durable
         (`rows` drops entries past the durable LSN); `remove` takes them back."""
         current = self.current
+        self.count += len(accounts)
         pairs = iter(parts)
         for account, key, value in zip(accounts, pairs, pairs, strict=True):
             flat = current.get(account)
@@ -167,6 +170,7 @@ class UnindexedEntries:
         """Take back what the last `add(accounts, ...)` appended (a chunk the journal refused:
         nothing else was added since, under the same hold of the sequencer lock)."""
         current = self.current
+        self.count -= len(accounts)
         for account in reversed(accounts):
             flat = current[account]
             del flat[-2:]
@@ -183,6 +187,7 @@ class UnindexedEntries:
         """The rows of `current` are now queued with the checkpoint at `checkpoint_lsn`."""
         self._carried = (*self._carried, (checkpoint_lsn, self.current))
         self.current = {}
+        self.count = 0
 
     def release(self, durable_lsn: int) -> None:
         """Forget the rows of every durable checkpoint (the index has them)."""

@@ -25,6 +25,10 @@ TIMEOUT_S_DEFAULT = 30.0
 CHECKPOINT_RECORDS_INTERVAL = 50_000
 """Records between two checkpoints of the account projection (bounds the replay on open)."""
 
+UNINDEXED_ENTRIES_MAX = 400_000
+"""Entries waiting in memory for the checkpoint that indexes them (~50 MB): at this many a
+checkpoint is due, whatever the checkpoint interval."""
+
 CHUNK_REQUESTS_MAX = 256
 """Requests a held batch decides per hold of the sequencer lock, journaled as one block:
 long enough to amortise taking the lock, short enough that concurrent single transfers

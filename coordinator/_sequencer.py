@@ -29,7 +29,7 @@ from journal import Completion, IndexPuts, Journal, JournalError, crash_point
 
 from coordinator._claims import Refusal
 from coordinator._entries import Flat, UnindexedEntries
-from coordinator._limits import CHECKPOINT_RECORDS_INTERVAL
+from coordinator._limits import CHECKPOINT_RECORDS_INTERVAL, UNINDEXED_ENTRIES_MAX
 from coordinator._records import (
     ACCOUNT,
     ACCOUNTS_INDEX,
@@ -234,7 +234,7 @@ class Sequencer:
         logged and tried again after the next record (the writer reports its own failure)."""
         self._since_checkpoint += records
         self.unindexed.release(self._journal.durable_lsn)
-        if self._since_checkpoint >= self.checkpoint_interval:
+        if self._since_checkpoint >= self.checkpoint_interval or self.unindexed.count >= UNINDEXED_ENTRIES_MAX:
             try:
                 self.checkpoint()
             except JournalError:

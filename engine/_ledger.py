@@ -87,8 +87,10 @@ class Ledger:
     ) -> Ledger:
         """Open (creating if missing) the ledger in directory `path` and recover it.
 
-        Recovery replays and verifies the whole journal before this returns.
-        Raises `LedgerLocked` if another live holder has the directory,
+        Recovery replays and verifies the journal after the newest checkpoint before this
+        returns. `checkpoint_interval` is the most records between two checkpoints, so the
+        most an open replays; a checkpoint also writes the entry index, so one comes at the
+        latest once `UNINDEXED_ENTRIES_MAX` (400,000) entries wait in memory for it. Raises `LedgerLocked` if another live holder has the directory,
         `JournalCorrupted` (naming the LSN) if a record fails verification, and
         `NotALedger` if `path` is a file.
         """

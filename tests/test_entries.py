@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import INDEX_NAMES, audit
+from coordinator import INDEX_NAMES, _sequencer, audit
 from coordinator._entries import Row, UnindexedEntries, newest_checkpoint_lsn, unindexed_entries, with_unindexed
 from coordinator._records import CHECKPOINTS_INDEX, ENTRIES_INDEX, encode_entry_value, entry_key, lsn_value
 from engine import Entry, Ledger, LedgerUnavailable, Transfer, TransferRequest
@@ -309,3 +309,19 @@ def test_a_reader_racing_transfers_and_checkpoints_sees_every_acknowledged_entry
         assert not sender.is_alive() and not reader.is_alive()
         assert problems == []
         assert [entry.balance for entry in ledger.entries("alice")] == list(range(1, transfers + 1))
+
+
+def test_entries_waiting_in_memory_bring_a_checkpoint_whatever_the_interval(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_sequencer, "UNINDEXED_ENTRIES_MAX", 10)
+    with Ledger.open(ledger_path, checkpoint_interval=10**9) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        for n in range(12):
+            ledger.transfer(f"t{n}", source="bank", destination="alice", amount=1)
+            assert ledger._sequencer.unindexed.count < 10
+
+        assert [entry.balance for entry in ledger.entries("alice")] == list(range(1, 13))
+    indexed, checkpoint_lsn = indexed_count(ledger_path)
+    assert checkpoint_lsn > 0 and indexed >= 10
