@@ -27,7 +27,7 @@ from typing import Any
 import msgpack
 from journal import Journal
 
-from coordinator._entries import Rows, commit_rows, newest_checkpoint_lsn, unindexed_entries, with_unindexed
+from coordinator._entries import Rows, commit_rows, entry_rows, newest_checkpoint_lsn, unindexed_entries
 from coordinator._errors import JournalCorrupted
 from coordinator._records import (
     ACCOUNTS_INDEX,
@@ -37,14 +37,11 @@ from coordinator._records import (
     REJECT,
     TRANSFERS_INDEX,
     decode,
-    entry_key,
     id_key,
     value_lsn,
 )
 from coordinator._recovery import Recovered, replay
 from coordinator._values import Account
-
-ENTRY_SEQ_END = 2**64 - 1
 
 CHECK_RECORDS = "every record's checksum is valid and every LSN is present once, in order"
 CHECK_ENTRIES = "per-account seq is gapless from 1 and each balance is the running sum"
@@ -168,9 +165,7 @@ def state_hash(journal: Journal, accounts: Iterable[Account], txn: Any | None = 
     digest = hashlib.sha256()
     for account in sorted(accounts, key=lambda a: a.id):
         digest.update(msgpack.packb([account.id, account.currency, account.overdraft_limit]))
-        start = entry_key(account.id, 1)
-        rows = journal.index_range(ENTRIES_INDEX, start, entry_key(account.id, ENTRY_SEQ_END), None, txn)
-        for key, value in with_unindexed(rows, unindexed.get(account.id, ()), start, None):
+        for key, value in entry_rows(journal, account.id, unindexed.get(account.id, ()), txn=txn):
             transfer_id, amount, balance, _lsn = msgpack.unpackb(value)
             digest.update(msgpack.packb([key[-8:], transfer_id, amount, balance]))
     return digest.hexdigest()

@@ -28,7 +28,17 @@ from typing import Any
 import msgpack
 from journal import Journal
 
-from coordinator._records import CHECKPOINTS_INDEX, COMMIT, decode, encode_entry_value, entry_key, entry_prefix, value_lsn
+from coordinator._records import (
+    CHECKPOINTS_INDEX,
+    COMMIT,
+    ENTRIES_INDEX,
+    ENTRY_SEQ_END,
+    decode,
+    encode_entry_value,
+    entry_key,
+    entry_prefix,
+    value_lsn,
+)
 
 Row = tuple[bytes, bytes]
 """An entry as the index stores it: (entry key, entry value)."""
@@ -83,7 +93,7 @@ def newest_checkpoint_lsn(journal: Journal, txn: Any) -> int:
     return 0 if key is None else value_lsn(key)
 
 
-def unindexed_entries(journal: Journal, txn: Any) -> Rows:
+def unindexed_flat(journal: Journal, txn: Any) -> Flat:
     """The entries of the commits after the newest checkpoint, derived from the records
     of snapshot `txn` (for readers other than the writing process). Verifies what it scans."""
     entries: Flat = {}
@@ -92,7 +102,24 @@ def unindexed_entries(journal: Journal, txn: Any) -> Rows:
         record = decode(lsn, payload)
         if record[0] == COMMIT:
             add_commit(entries, prefixes, lsn, record)
-    return {account: pairs(flat) for account, flat in entries.items()}
+    return entries
+
+
+def unindexed_entries(journal: Journal, txn: Any) -> Rows:
+    """`unindexed_flat`, as rows."""
+    return {account: pairs(flat) for account, flat in unindexed_flat(journal, txn).items()}
+
+
+def entry_rows(
+    journal: Journal, account: str, unindexed: Iterable[Row], after: int = 0, limit: int | None = None,
+    txn: Any | None = None,
+) -> list[Row]:
+    """The account's entries with seq > `after`, at most `limit`, in seq order: those of the
+    index (in snapshot `txn`, or a new one), then `unindexed` ones past them. A process that
+    reads `unindexed` from memory reads it before the snapshot opens (`UnindexedEntries`)."""
+    start = entry_key(account, after + 1)
+    indexed = journal.index_range(ENTRIES_INDEX, start, entry_key(account, ENTRY_SEQ_END), limit, txn)
+    return with_unindexed(indexed, unindexed, start, limit)
 
 
 def with_unindexed(indexed: list[Row], unindexed: Iterable[Row], start: bytes, limit: int | None) -> list[Row]:

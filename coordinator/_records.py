@@ -59,6 +59,10 @@ def entry_prefix(account: str) -> bytes:
     return _U16.pack(len(key)) + key
 
 
+ENTRY_SEQ_END = 2**64 - 1
+"""Past every seq: `entry_key(account, ENTRY_SEQ_END)` ends the account's key range."""
+
+
 def entry_key(account: str, seq: int) -> bytes:
     return entry_prefix(account) + _U64.pack(seq)
 

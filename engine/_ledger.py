@@ -40,8 +40,8 @@ from coordinator import (
     recover,
     state_hash,
 )
-from coordinator._entries import with_unindexed
-from coordinator._records import ENTRIES_INDEX, entry_key, entry_prefix
+from coordinator._entries import entry_rows
+from coordinator._records import ENTRY_SEQ_END, entry_prefix
 from journal import Completion, Journal, JournalError
 
 from engine._directory import Directory
@@ -49,7 +49,6 @@ from engine._runtime import Dispatcher
 
 ACTORS_LIVE_MAX_DEFAULT = 65_536
 DISPATCHER_THREADS_DEFAULT = 1
-_ENTRY_SEQ_END = 2**64 - 1
 
 
 class Ledger:
@@ -90,8 +89,8 @@ class Ledger:
         Recovery replays and verifies the journal after the newest checkpoint before this
         returns. `checkpoint_interval` is the most records between two checkpoints, so the
         most an open replays; a checkpoint also writes the entry index, so one comes at the
-        latest once `UNINDEXED_ENTRIES_MAX` (400,000) entries wait in memory for it. Raises `LedgerLocked` if another live holder has the directory,
-        `JournalCorrupted` (naming the LSN) if a record fails verification, and
+        latest once `UNINDEXED_ENTRIES_MAX` (400,000) entries wait in memory for it.
+        Raises `LedgerLocked` if another live holder has the directory, `JournalCorrupted` (naming the LSN) if a record fails verification, and
         `NotALedger` if `path` is a file.
         """
         if not (isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool) and timeout_s > 0):
@@ -234,14 +233,11 @@ class Ledger:
             raise InvalidRequest(f"limit must be None or an int >= 0, got {limit!r}")
         with self._call():
             self._account(account_id)
-            if after >= _ENTRY_SEQ_END - 1:
+            if after >= ENTRY_SEQ_END - 1:
                 return []  # no seq can be that large
             journal = self._journal
-            # Memory first, then the index: see `coordinator.UnindexedEntries`.
-            unindexed = self._sequencer.unindexed.rows(account_id, journal.durable_lsn)
-            start_key = entry_key(account_id, after + 1)
-            rows = journal.index_range(ENTRIES_INDEX, start_key, entry_key(account_id, _ENTRY_SEQ_END), limit)
-            rows = with_unindexed(rows, unindexed, start_key, limit)
+            unindexed = self._sequencer.unindexed.rows(account_id, journal.durable_lsn)  # before the snapshot
+            rows = entry_rows(journal, account_id, unindexed, after, limit)
             start = len(entry_prefix(account_id))
             entries = []
             for key, value in rows:

@@ -28,13 +28,14 @@ from coordinator import (
     load_checkpoint,
     state_hash,
 )
-from coordinator._entries import unindexed_entries, with_unindexed
+from coordinator._entries import entry_rows, unindexed_entries, unindexed_flat
 from coordinator._records import (
     ACCOUNT,
     ACCOUNTS_INDEX,
     CHECKPOINT,
     COMMIT,
     ENTRIES_INDEX,
+    ENTRY_SEQ_END,
     KINDS,
     REJECT,
     decode,
@@ -48,7 +49,6 @@ from journal import Completion, Journal, JournalCorruptedError
 from engine._ledger import Ledger
 
 Progress = Callable[[int], None] | None
-_NO_SEQ = 2**64 - 1
 
 
 @contextmanager
@@ -121,9 +121,8 @@ def recover(path: str, dry_run: bool, progress: Progress = None) -> dict[str, An
                     result["would_write_checkpoint_at"] = journal.last_lsn + 1
                 else:
                     with journal.snapshot() as txn:
-                        unindexed = unindexed_entries(journal, txn)
-                    flat = {account: [part for row in rows for part in row] for account, rows in unindexed.items()}
-                    sequencer = Sequencer(journal, books.accounts, books.states, unindexed=flat)
+                        unindexed = unindexed_flat(journal, txn)
+                    sequencer = Sequencer(journal, books.accounts, books.states, unindexed=unindexed)
                     sequencer.account_lsns.update(books.account_lsns)
                     with sequencer.lock:
                         lsn = sequencer.checkpoint()
@@ -323,7 +322,7 @@ def balance(path: str, account_id: str) -> dict[str, Any]:
         account = _account(journal, account_id, txn)
         unindexed = unindexed_entries(journal, txn).get(account_id)
         last = unindexed[-1] if unindexed else journal.index_last_before(
-            ENTRIES_INDEX, entry_key(account_id, _NO_SEQ), txn)
+            ENTRIES_INDEX, entry_key(account_id, ENTRY_SEQ_END), txn)
         prefix = entry_prefix(account_id)
         if last is None or not last[0].startswith(prefix):
             seq, posted, lsn = 0, 0, None
@@ -337,9 +336,7 @@ def balance(path: str, account_id: str) -> dict[str, Any]:
 def history(path: str, account_id: str, limit: int) -> dict[str, Any]:
     with _reading(path) as journal, journal.snapshot() as txn:
         account = _account(journal, account_id, txn)
-        start = entry_key(account_id, 1)
-        rows = journal.index_range(ENTRIES_INDEX, start, entry_key(account_id, _NO_SEQ), None, txn)
-        rows = with_unindexed(rows, unindexed_entries(journal, txn).get(account_id, ()), start, None)
+        rows = entry_rows(journal, account_id, unindexed_entries(journal, txn).get(account_id, ()), txn=txn)
         prefix = len(entry_prefix(account_id))
         entries = []
         for key, value in rows[-limit:] if limit else rows:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import INDEX_NAMES, _sequencer, audit
+from coordinator import INDEX_NAMES, AuditReport, _sequencer, audit
 from coordinator._entries import Row, UnindexedEntries, newest_checkpoint_lsn, unindexed_entries, with_unindexed
 from coordinator._records import CHECKPOINTS_INDEX, ENTRIES_INDEX, encode_entry_value, entry_key, lsn_value
 from engine import Entry, Ledger, LedgerUnavailable, Transfer, TransferRequest
@@ -54,6 +54,27 @@ def indexed_count(path: Path) -> tuple[int, int]:
     try:
         with journal.snapshot() as txn:
             return sum(1 for _ in journal.index_keys(ENTRIES_INDEX, txn)), newest_checkpoint_lsn(journal, txn)
+    finally:
+        journal.close()
+
+
+def checkpoint_now(path: Path) -> int:
+    """Open the ledger, journal a checkpoint (it indexes every entry), close; its LSN."""
+    with Ledger.open(path) as ledger, ledger._sequencer.lock:
+        return ledger._sequencer.checkpoint()
+
+
+def delete_key(raw_lmdb: object, path: Path, index: str, key: bytes) -> None:
+    """Damage a closed ledger: delete `key` from `index`."""
+    with raw_lmdb(path) as env:  # type: ignore[operator]
+        with env.begin(write=True) as txn:
+            assert txn.delete(key, db=env.open_db(index.encode(), txn=txn, create=False))
+
+
+def audit_of(path: Path) -> AuditReport:
+    journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
+    try:
+        return audit(journal)
     finally:
         journal.close()
 
@@ -107,8 +128,7 @@ def test_without_a_checkpoint_nothing_is_indexed_and_a_recovery_checkpoint_index
     entries = build(path, checkpoint_interval=10**6)
     assert indexed_count(path) == (0, 0)
 
-    with Ledger.open(path) as ledger, ledger._sequencer.lock:
-        ledger._sequencer.checkpoint()
+    checkpoint_now(path)
 
     assert indexed_count(path)[0] == sum(map(len, entries.values()))
     with Ledger.open(path) as reopened:
@@ -214,22 +234,12 @@ def test_entries_missing_before_a_checkpoint_fail_the_audit_even_with_the_checkp
     tmp_path: Path, raw_lmdb: object
 ) -> None:
     path = tmp_path / "ledger"
-    entries = build(path, checkpoint_interval=10**6)
-    with Ledger.open(path) as ledger, ledger._sequencer.lock:
-        checkpoint_lsn = ledger._sequencer.checkpoint()
-    first = entries["alice"][0]
-    with raw_lmdb(path) as env:  # type: ignore[operator]
-        with env.begin(write=True) as txn:
-            assert txn.delete(entry_key("alice", first.seq), db=env.open_db(ENTRIES_INDEX.encode(), txn=txn, create=False))
-    with raw_lmdb(path) as env:  # type: ignore[operator]
-        with env.begin(write=True) as txn:
-            assert txn.delete(lsn_value(checkpoint_lsn), db=env.open_db(CHECKPOINTS_INDEX.encode(), txn=txn, create=False))
+    first = build(path, checkpoint_interval=10**6)["alice"][0]
+    checkpoint_lsn = checkpoint_now(path)
+    delete_key(raw_lmdb, path, ENTRIES_INDEX, entry_key("alice", first.seq))
+    delete_key(raw_lmdb, path, CHECKPOINTS_INDEX, lsn_value(checkpoint_lsn))
 
-    journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
-    try:
-        report = audit(journal)
-    finally:
-        journal.close()
+    report = audit_of(path)
 
     assert not report.whole
     assert report.problem is not None and repr(first.transfer_id) in report.problem
@@ -238,17 +248,10 @@ def test_entries_missing_before_a_checkpoint_fail_the_audit_even_with_the_checkp
 def test_a_checkpoints_index_that_misses_the_last_checkpoint_fails_the_audit(tmp_path: Path, raw_lmdb: object) -> None:
     path = tmp_path / "ledger"
     build(path, checkpoint_interval=10**6)
-    with Ledger.open(path) as ledger, ledger._sequencer.lock:
-        checkpoint_lsn = ledger._sequencer.checkpoint()
-    with raw_lmdb(path) as env:  # type: ignore[operator]
-        with env.begin(write=True) as txn:
-            assert txn.delete(lsn_value(checkpoint_lsn), db=env.open_db(CHECKPOINTS_INDEX.encode(), txn=txn, create=False))
+    checkpoint_lsn = checkpoint_now(path)
+    delete_key(raw_lmdb, path, CHECKPOINTS_INDEX, lsn_value(checkpoint_lsn))
 
-    journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
-    try:
-        report = audit(journal)
-    finally:
-        journal.close()
+    report = audit_of(path)
 
     assert not report.whole
     assert report.problem == f"the checkpoints index names LSN 0, the last checkpoint record is at LSN {checkpoint_lsn}"
