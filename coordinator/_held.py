@@ -53,7 +53,8 @@ class HeldBatch:
         self._deadline = time.monotonic() + timeout_s
         self._results: list[Outcome | Ticket | LedgerError | None] = [None] * len(requests)
         self._fresh: list[Ticket] = []
-        self._foreign: list[Ticket] = []
+        self._prior: list[Outcome | Ticket] = []
+        """Claims this batch found made already: outcomes, and tickets in flight elsewhere."""
 
     def _remaining(self) -> float:
         return max(0.0, self._deadline - time.monotonic())
@@ -95,20 +96,20 @@ class HeldBatch:
             results[i] = ticket
         if len(fresh) < len(valid):  # some ids were claimed before: decided elsewhere (or earlier here)
             mine = set(map(id, fresh))
-            self._foreign = [ticket for ticket in claimed
-                             if type(ticket) is Ticket and id(ticket) not in mine and not ticket.done]
+            self._prior = [claim for claim in claimed if id(claim) not in mine]
 
     def _settle(self) -> list[Result]:
         coordinator = self._coordinator
-        for ticket in self._foreign:
-            if not ticket.wait(self._remaining()):
-                raise LedgerTimeout(f"transfer {ticket.request.id!r} is still in flight elsewhere; retry later")
+        prior = self._prior
+        for claim in prior:
+            if type(claim) is Ticket and not claim.done and not claim.wait(self._remaining()):
+                raise LedgerTimeout(f"transfer {claim.request.id!r} is still in flight elsewhere; retry later")
         fresh = self._fresh
         # The writer releases completions in LSN order: once the last of ours is, all are.
         if fresh and not fresh[-1].wait(self._remaining()):
             raise LedgerTimeout(f"transfer {fresh[-1].request.id!r} is not durable yet; retry later")
-        last = max((lsn_of(result) for result in self._results), default=0)
-        coordinator.journal.wait_durable(last, self._remaining())
+        if prior:  # what others decided must be durable too before it is answered
+            coordinator.journal.wait_durable(max(map(lsn_of, prior)), self._remaining())
         assert all(ticket.done for ticket in fresh)
         coordinator.claims.release_many(fresh)
         return [result_of(request, result) for request, result in zip(self._requests, self._results, strict=True)]

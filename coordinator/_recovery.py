@@ -30,7 +30,7 @@ from coordinator._entries import Flat, add_commit
 from coordinator._errors import JournalCorrupted
 from coordinator._limits import AMOUNT_MAX
 from coordinator._records import ACCOUNT, CHECKPOINT, CHECKPOINTS_INDEX, COMMIT, decode, value_lsn
-from coordinator._state import AccountState, SequenceError, post
+from coordinator._state import NO_ENTRIES, AccountState, SequenceError, post
 from coordinator._values import Account
 
 
@@ -90,7 +90,7 @@ def load_checkpoint(journal: Journal) -> Recovered:
     for account_id, currency, limit, opened_lsn, seq, posted, last_lsn in record[1]:
         books.accounts[account_id] = Account(account_id, currency, limit)
         books.account_lsns[account_id] = opened_lsn
-        books.states[account_id] = AccountState(seq, posted, last_lsn)
+        books.states[account_id] = (seq, posted, last_lsn)
     books.last_lsn = books.checkpoint_lsn = lsn
     return books
 
@@ -123,7 +123,7 @@ def replay(
                     raise _corrupt(lsn, f"account {account_id!r} is opened twice")
                 accounts[account_id] = Account(account_id, currency, limit)
                 books.account_lsns[account_id] = lsn
-                states[account_id] = AccountState()
+                states[account_id] = NO_ENTRIES
             elif kind == CHECKPOINT:
                 if not _checkpoint_agrees(record[1], books):
                     raise _corrupt(lsn, "the checkpoint disagrees with the records before it")
@@ -138,7 +138,7 @@ def replay(
                 progress(lsn)
     except JournalCorruptedError as error:
         raise JournalCorrupted(str(error), error.lsn) from error
-    total = sum(state.posted for state in states.values())
+    total = sum(posted for _, posted, _ in states.values())
     if total != 0:
         raise JournalCorrupted(
             f"journal corrupted: posted balances sum to {total}, not 0, after LSN {books.last_lsn}",

@@ -45,7 +45,7 @@ from coordinator._records import (
     id_key,
     lsn_value,
 )
-from coordinator._state import AccountState, Posting, credit_refusal
+from coordinator._state import NO_ENTRIES, AccountState, Posting, credit_refusal
 from coordinator._values import Account, Transfer, TransferRequest, stamped_transfer
 
 Deliver = Callable[[Posting, Posting], None]
@@ -116,7 +116,7 @@ class Sequencer:
         assert appended == lsn, (appended, lsn)
         self.accounts[account.id] = account
         self.account_lsns[account.id] = lsn
-        self.states[account.id] = AccountState()
+        self.states[account.id] = NO_ENTRIES
         self._appended()
         return lsn
 
@@ -140,8 +140,8 @@ class Sequencer:
             assert appended == lsn, (appended, lsn)
             crash_point("after-commit-queued")
             debit_seq, debit_balance, credit_seq, credit_balance = stamped
-            self.states[source] = AccountState(debit_seq, debit_balance, lsn)
-            self.states[destination] = AccountState(credit_seq, credit_balance, lsn)
+            self.states[source] = (debit_seq, debit_balance, lsn)
+            self.states[destination] = (credit_seq, credit_balance, lsn)
             deliver(
                 Posting(source, debit_seq, -amount, debit_balance, lsn),
                 Posting(destination, credit_seq, amount, credit_balance, lsn),
@@ -166,10 +166,12 @@ class Sequencer:
         None, adding nothing, if the destination would overflow. Call under `lock`; the
         caller moves the projection (`states`) past the entries. `completion.value`
         becomes the Transfer."""
-        if credit_refusal(target.posted, amount) is not None:
+        origin_seq, origin_posted, _ = origin
+        target_seq, target_posted, _ = target
+        if credit_refusal(target_posted, amount) is not None:
             return None
-        debit_seq, debit_balance = origin.seq + 1, origin.posted - amount
-        credit_seq, credit_balance = target.seq + 1, target.posted + amount
+        debit_seq, debit_balance = origin_seq + 1, origin_posted - amount
+        credit_seq, credit_balance = target_seq + 1, target_posted + amount
         prefixes = self._prefixes
         source_prefix = prefixes.get(source) or prefixes.setdefault(source, entry_prefix(source))
         target_prefix = prefixes.get(destination) or prefixes.setdefault(destination, entry_prefix(destination))

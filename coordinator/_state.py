@@ -11,16 +11,17 @@ from typing import NamedTuple
 from coordinator._errors import BalanceOverflow, InsufficientFunds
 from coordinator._limits import AMOUNT_MAX
 
+AccountState = tuple[int, int, int]
+"""What an account's entries add up to: (seq of the last entry, 0 if none yet; the posted
+balance after it; the LSN of its commit record). Immutable: `post` returns a new one.
 
-class AccountState(NamedTuple):
-    """What an account's entries add up to. Immutable: `post` returns a new one."""
+A plain tuple of ints, not a NamedTuple: the garbage collector stops tracking such a
+tuple at its first pass, while a NamedTuple stays tracked for life. Every transfer
+makes two states that outlive the young generation, and each tracked one would be
+promoted and walked by every full collection after (see `bench/README.md`)."""
 
-    seq: int = 0
-    """Seq of the last entry (0: none yet)."""
-    posted: int = 0
-    """Posted balance after the last entry."""
-    lsn: int = 0
-    """LSN of the last entry's commit record."""
+NO_ENTRIES: AccountState = (0, 0, 0)
+"""The state of an account without entries."""
 
 
 class Posting(NamedTuple):
@@ -39,20 +40,16 @@ class SequenceError(AssertionError):
 
 def post(state: AccountState, seq: int, amount: int, balance: int, lsn: int) -> AccountState:
     """Apply one entry. Checks it is next in sequence and adds up before changing anything."""
-    if seq != state.seq + 1:
-        raise SequenceError(f"entry seq {seq} does not follow seq {state.seq}")
-    if balance != state.posted + amount:
-        raise SequenceError(f"entry balance {balance} != {state.posted} + {amount}")
+    last_seq, posted, last_lsn = state
+    if seq != last_seq + 1:
+        raise SequenceError(f"entry seq {seq} does not follow seq {last_seq}")
+    if balance != posted + amount:
+        raise SequenceError(f"entry balance {balance} != {posted} + {amount}")
     if not -AMOUNT_MAX <= balance <= AMOUNT_MAX:
         raise SequenceError(f"entry balance {balance} is out of range")
-    if lsn <= state.lsn:
-        raise SequenceError(f"entry LSN {lsn} does not follow LSN {state.lsn}")
-    return _new_state(AccountState, (seq, balance, lsn))
-
-
-_new_state = tuple.__new__
-"""`AccountState(...)` without the Python frame of a NamedTuple's `__new__`: half the cost,
-twice per transfer."""
+    if lsn <= last_lsn:
+        raise SequenceError(f"entry LSN {lsn} does not follow LSN {last_lsn}")
+    return (seq, balance, lsn)
 
 
 def debit_refusal(posted: int, pending: int, amount: int, overdraft_limit: int | None) -> str | None:

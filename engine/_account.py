@@ -44,7 +44,8 @@ class AccountActor(PooledActor):
         elif kind is DebitStep:
             self._decide(message)
         elif kind is _Snapshot:
-            return (self._state.posted, self._pending, self._state.lsn)
+            _, posted, last_lsn = self._state
+            return (posted, self._pending, last_lsn)
         else:
             raise TypeError(f"account {self._account.id!r} got an unknown message {message!r}")
         return None
@@ -65,7 +66,8 @@ class AccountActor(PooledActor):
     def reserve(self, amount: int) -> str | None:
         """Decide a debit: a rejection code, or None with the funds held (the reservation),
         to be released when its entry posts or by `unreserve` if it does not commit."""
-        code = debit_refusal(self._state.posted, self._pending, amount, self._account.overdraft_limit)
+        _, posted, _ = self._state
+        code = debit_refusal(posted, self._pending, amount, self._account.overdraft_limit)
         if code is None:
             self._pending += amount
             crash_point("after-reserve")

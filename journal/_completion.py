@@ -9,29 +9,31 @@ from collections import deque
 class Completion:
     """Released once by the writer thread; any number of threads may wait on it.
 
-    A completion costs one pre-acquired lock: the cheapest thing a thread can
-    sleep on. `value` is free for the owner to fill before the record is
-    appended (for example the outcome the waiter will return); `error` is set
-    by the writer if the record could not be made durable.
+    Waiters sleep on a pre-acquired lock: the cheapest thing a thread can sleep
+    on. Its first waiter makes it, so a completion nobody waits on (most of a
+    batch's: its caller waits on the last) costs no lock at all. `value` is free
+    for the owner to fill before the record is appended (for example the outcome
+    the waiter will return); `error` is set by the writer if the record could not
+    be made durable.
 
     A *relayed* completion is released in a relay instead of all at once: the
     writer wakes the first waiter of a group commit, and each waiter, once
     awake, wakes the next (see `relay`). Waking dozens of threads together on a
     busy interpreter makes them queue for the GIL, and every thread that queues
     costs a context switch; woken one after another they mostly find it free.
-    (`_waiting` is counted without a lock: CPython's GIL makes that safe, as the
-    engine's other shared counters.)
+    A relayed completion is made for a caller that will wait, so it gets its
+    lock at once. (`_waiting` is counted without a lock: CPython's GIL makes
+    that safe, as the engine's other shared counters.)
     """
 
     __slots__ = ("_lock", "_done", "value", "error", "_relay", "_waiting")
 
     def __init__(self, value: object = None, relayed: bool = False) -> None:
-        self._lock = threading.Lock()
-        self._lock.acquire()
         self._done = False
         self.value = value
         self.error: BaseException | None = None
-        self._relay: deque[Completion] | None = None if not relayed else _NO_RELAY
+        self._lock: threading.Lock | None = _held_lock() if relayed else None
+        self._relay: deque[Completion] | None = _NO_RELAY if relayed else None
         self._waiting = 0
 
     @property
@@ -52,9 +54,11 @@ class Completion:
             if error is not None:
                 self.error = error
             self._done = True
+            lock = self._lock
         finally:
             _RESOLVING.release()
-        self._lock.release()
+        if lock is not None:  # else nobody waits yet, and a later waiter finds it done
+            lock.release()
         return True
 
     def wait(self, timeout_s: float) -> bool:
@@ -62,17 +66,35 @@ class Completion:
         assert timeout_s >= 0, timeout_s
         if self._done and self._relay is None:
             return True
+        lock = self._lock
+        if lock is None:  # the first waiter makes the lock, unless it is resolved meanwhile
+            _RESOLVING.acquire()
+            try:
+                if self._done:
+                    return True
+                lock = self._lock
+                if lock is None:
+                    lock = self._lock = _held_lock()
+            finally:
+                _RESOLVING.release()
         self._waiting += 1
         try:
-            released = self._lock.acquire(timeout=timeout_s)
+            released = lock.acquire(timeout=timeout_s)
         finally:
             self._waiting -= 1
         if released:
-            self._lock.release()  # let the next waiter through
+            lock.release()  # let the next waiter through
         relay = self._relay
         if relay:
             pass_on(relay)  # woken or not, keep the relay going
         return released
+
+
+def _held_lock() -> threading.Lock:
+    """A lock already acquired: a waiter blocks on it until it is released."""
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
 
 
 _RESOLVING = threading.Lock()
@@ -104,6 +126,7 @@ def pass_on(line: deque[Completion]) -> None:
             completion = line.popleft()
         except IndexError:
             return
+        assert completion._lock is not None, "a relayed completion has its lock from the start"
         completion._lock.release()
         if completion._waiting:
             return

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -369,6 +370,20 @@ def test_a_completion_releases_every_waiter() -> None:
         thread.join(WAIT_S)
     assert results == [True] * waiters
     assert completion.wait(0.0)
+
+
+def test_a_completion_wakes_a_waiter_already_asleep_on_it() -> None:
+    completion = Completion()  # no lock yet: the first waiter makes it
+    woke: list[bool] = []
+    waiter = threading.Thread(target=lambda: woke.append(completion.wait(WAIT_S)))
+    waiter.start()
+    deadline = time.monotonic() + WAIT_S
+    while not completion._waiting and time.monotonic() < deadline:  # until it sleeps on the lock
+        time.sleep(0.001)
+    assert completion._waiting == 1
+    completion.resolve()
+    waiter.join(WAIT_S)
+    assert woke == [True]
 
 
 def test_a_completion_wait_that_times_out_returns_false() -> None:
