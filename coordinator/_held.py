@@ -161,9 +161,9 @@ def decide_held(coordinator: Coordinator, tickets: list[Ticket], held: Mapping[s
                 code = CurrencyMismatch.code
             else:
                 origin, target = states[source_id], states[destination_id]
-                if source.current_state() != origin:
+                if source.state is not origin and source.state != origin:
                     _catch_up(source, origin)
-                if destination.current_state() != target:
+                if destination.state is not target and destination.state != target:
                     _catch_up(destination, target)
                 code = source.reserve(amount)
                 if code is None:
@@ -203,7 +203,7 @@ def _fail(coordinator: Coordinator, tickets: list[Ticket], error: JournalError) 
 def _catch_up(account: HeldAccount, projected: AccountState) -> None:
     """Apply the entries waiting in the account's mailbox: then it agrees with the projection."""
     account.catch_up()
-    assert account.current_state() == projected, (account.current_state(), projected)
+    assert account.state == projected, (account.state, projected)
 
 
 def hold(coordinator: Coordinator, names: list[str]) -> Mapping[str, HeldAccount] | None:

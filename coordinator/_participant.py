@@ -42,6 +42,9 @@ class HeldAccount(Protocol):
     """An account whose turn the caller holds (see `coordinator._held`): the account's own
     handlers, run now on the caller's thread."""
 
+    state: AccountState
+    """What the account's entries add up to, as applied so far. Read it; `apply` changes it."""
+
     def reserve(self, amount: int) -> str | None:
         """Decide a debit now: a rejection code, or None with the funds held. (Not
         `Participant.reserve`, which only queues a `DebitStep` for the mailbox.)"""
@@ -51,9 +54,6 @@ class HeldAccount(Protocol):
 
     def apply(self, seq: int, amount: int, balance: int, lsn: int) -> AccountState:
         """Post a stamped entry now (a debit's also releases its hold); the new state."""
-
-    def current_state(self) -> AccountState:
-        """The state the account's entries add up to, as applied so far."""
 
     def catch_up(self) -> None:
         """Apply every entry queued in the mailbox (other messages stay queued, in order)."""

@@ -34,7 +34,8 @@ class AccountActor(PooledActor):
     def __init__(self, account: Account, state: AccountState) -> None:
         super().__init__()
         self._account = account
-        self._state = state
+        self.state = state
+        """What its entries add up to, as applied so far (`coordinator.HeldAccount.state`)."""
         self._pending = 0
 
     def on_receive(self, message: Any) -> Any:
@@ -44,7 +45,7 @@ class AccountActor(PooledActor):
         elif kind is DebitStep:
             self._decide(message)
         elif kind is _Snapshot:
-            _, posted, last_lsn = self._state
+            _, posted, last_lsn = self.state
             return (posted, self._pending, last_lsn)
         else:
             raise TypeError(f"account {self._account.id!r} got an unknown message {message!r}")
@@ -66,7 +67,7 @@ class AccountActor(PooledActor):
     def reserve(self, amount: int) -> str | None:
         """Decide a debit: a rejection code, or None with the funds held (the reservation),
         to be released when its entry posts or by `unreserve` if it does not commit."""
-        _, posted, _ = self._state
+        _, posted, _ = self.state
         code = debit_refusal(posted, self._pending, amount, self._account.overdraft_limit)
         if code is None:
             self._pending += amount
@@ -79,14 +80,11 @@ class AccountActor(PooledActor):
 
     def apply(self, seq: int, amount: int, balance: int, lsn: int) -> AccountState:
         """Post a stamped entry (a debit's entry also releases its hold); the new state."""
-        self._state = state = post(self._state, seq, amount, balance, lsn)
+        self.state = state = post(self.state, seq, amount, balance, lsn)
         if amount < 0:
             self._pending += amount
             assert self._pending >= 0, self._pending
         return state
-
-    def current_state(self) -> AccountState:
-        return self._state
 
     def catch_up(self) -> None:
         """Holder of the turn only: apply the entries queued in the mailbox, now."""

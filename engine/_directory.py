@@ -66,11 +66,12 @@ class AccountHandle:
 
 
 class _Live:
-    __slots__ = ("ref", "handle", "pins")
+    __slots__ = ("ref", "handle", "inbox", "pins")
 
     def __init__(self, ref: pykka.ActorRef[Any]) -> None:
         self.ref = ref
         self.handle = AccountHandle(ref)
+        self.inbox = self.handle._inbox
         self.pins = 0
 
 
@@ -108,7 +109,7 @@ class Directory:
                     else:  # `_pin`, inline: once per account of every batch
                         live.move_to_end(account_id)
                         entry.pins += 1
-                    inbox = entry.handle._inbox
+                    inbox = entry.inbox
                     if inbox.try_hold():
                         held[account_id] = inbox._actor  # type: ignore[assignment]
                     else:
@@ -128,7 +129,7 @@ class Directory:
         live = self._live
         for account_id in account_ids:
             entry = live[account_id]
-            entry.handle._inbox.unhold()
+            entry.inbox.unhold()
             entry.pins -= 1
             assert entry.pins >= 0, account_id
 
