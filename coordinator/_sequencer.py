@@ -180,7 +180,7 @@ class Sequencer:
             encode([COMMIT, tid, source, destination, amount, debit_seq, debit_balance, credit_seq, credit_balance])
         )
         chunk.completions.append(completion)
-        chunk.transfers += (id_key(tid), lsn_value(lsn))
+        chunk.transfers += (id_key(tid), _U64.pack(lsn))  # `lsn_value`, inline
         chunk.accounts += (source, destination)
         chunk.entries += (
             source_prefix + _U64.pack(debit_seq), encode_entry_value(tid, -amount, debit_balance, lsn),

@@ -214,9 +214,15 @@ class _Inbox:
 
     def unhold(self) -> None:
         """Give the turn back; what queued meanwhile is handled on the dispatcher."""
-        if self.finish_slice():
-            assert self._dispatcher is not None and self._actor is not None
-            self._dispatcher.schedule(self._actor)
+        self._lock.acquire()  # `finish_slice`, inline: once per account of every batch
+        try:
+            if not self._messages:
+                self._scheduled = False
+                return
+        finally:
+            self._lock.release()
+        assert self._dispatcher is not None and self._actor is not None
+        self._dispatcher.schedule(self._actor)
 
     def get(self) -> Envelope[Any]:
         return self._messages.popleft()
