@@ -138,7 +138,7 @@ def decide_held(coordinator: Coordinator, tickets: list[Ticket], held: Mapping[s
     already includes them, must equal the account's own state before it decides.
     """
     sequencer = coordinator.sequencer
-    accounts, states = sequencer.accounts, sequencer.states
+    states = sequencer.states
     stamp_commit, stamp_reject = sequencer.stamp_commit, sequencer.stamp_reject
     chunk = Chunk()
     commits = 0
@@ -157,7 +157,7 @@ def decide_held(coordinator: Coordinator, tickets: list[Ticket], held: Mapping[s
             source, destination = held.get(source_id), held.get(destination_id)
             if source is None or destination is None:
                 code = AccountNotFound.code
-            elif accounts[source_id].currency != accounts[destination_id].currency:
+            elif source.account.currency != destination.account.currency:
                 code = CurrencyMismatch.code
             else:
                 origin, target = states[source_id], states[destination_id]

@@ -19,7 +19,7 @@ from coordinator._state import AccountState, Posting
 
 if TYPE_CHECKING:
     from coordinator._claims import Ticket
-    from coordinator._values import TransferRequest
+    from coordinator._values import Account, TransferRequest
 
 
 class Participant(Protocol):
@@ -41,6 +41,9 @@ class Participant(Protocol):
 class HeldAccount(Protocol):
     """An account whose turn the caller holds (see `coordinator._held`): the account's own
     handlers, run now on the caller's thread."""
+
+    account: Account
+    """The account: id, currency, overdraft limit."""
 
     state: AccountState
     """What the account's entries add up to, as applied so far. Read it; `apply` changes it."""

@@ -250,8 +250,9 @@ class Sequencer:
         records after it; a full replay checks every checkpoint it passes.
         """
         assert self.lock.locked()
-        rows = [
-            [account.id, account.currency, account.overdraft_limit, self.account_lsns[account.id], *self.states[account.id]]
+        lsns, states = self.account_lsns, self.states
+        rows = [  # tuples of str and int, which the collector stops tracking (lists it would walk)
+            (account.id, account.currency, account.overdraft_limit, lsns[account.id], *states[account.id])
             for account in self.accounts.values()
         ]
         lsn = self._journal.last_lsn + 1

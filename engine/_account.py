@@ -33,7 +33,8 @@ SNAPSHOT = _Snapshot()
 class AccountActor(PooledActor):
     def __init__(self, account: Account, state: AccountState) -> None:
         super().__init__()
-        self._account = account
+        self.account = account
+        """Its id, currency and overdraft limit (`coordinator.HeldAccount.account`)."""
         self.state = state
         """What its entries add up to, as applied so far (`coordinator.HeldAccount.state`)."""
         self._pending = 0
@@ -48,7 +49,7 @@ class AccountActor(PooledActor):
             _, posted, last_lsn = self.state
             return (posted, self._pending, last_lsn)
         else:
-            raise TypeError(f"account {self._account.id!r} got an unknown message {message!r}")
+            raise TypeError(f"account {self.account.id!r} got an unknown message {message!r}")
         return None
 
     def _decide(self, step: DebitStep) -> None:
@@ -68,7 +69,7 @@ class AccountActor(PooledActor):
         """Decide a debit: a rejection code, or None with the funds held (the reservation),
         to be released when its entry posts or by `unreserve` if it does not commit."""
         _, posted, _ = self.state
-        code = debit_refusal(posted, self._pending, amount, self._account.overdraft_limit)
+        code = debit_refusal(posted, self._pending, amount, self.account.overdraft_limit)
         if code is None:
             self._pending += amount
             crash_point("after-reserve")
@@ -91,5 +92,5 @@ class AccountActor(PooledActor):
         self.actor_inbox.drain_only(Posting)  # type: ignore[attr-defined]
 
     def _post(self, posting: Posting) -> None:
-        assert posting.account == self._account.id, (posting.account, self._account.id)
+        assert posting.account == self.account.id, (posting.account, self.account.id)
         self.apply(posting.seq, posting.amount, posting.balance, posting.lsn)

@@ -1,8 +1,9 @@
 """Activation and passivation of account actors.
 
 An account's actor is live while something uses it (it is pinned) and stays
-live, idle, until more than `live_max` actors are live; then the least recently
-used idle ones are passivated. A passivated account loses nothing: its state is
+live, idle, until more than `live_max` actors are live; then idle ones not used
+lately are passivated (second chance, or CLOCK: an approximation of least
+recently used that costs a use one flag, not a move in an ordered list). A passivated account loses nothing: its state is
 the sequencer's journal-order projection, which outlives every actor, and a new
 actor is activated from it on the next use. While pinned, an account has
 exactly one live actor; pins are held from before a transfer's first message
@@ -18,7 +19,6 @@ only, never while waiting.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
@@ -30,7 +30,8 @@ from engine._runtime import Dispatcher, _Inbox
 
 
 class AccountHandle:
-    """The coordinator's `Participant` for one live (pinned) account actor.
+    """The coordinator's `Participant` for one live (pinned) account actor, and the
+    directory's record of that actor (its pins, and its second-chance mark).
 
     `reserve` uses direct dispatch: if the account is idle its turn runs on the
     calling thread, else the message waits in its mailbox for whoever holds the
@@ -38,15 +39,19 @@ class AccountHandle:
     handler may run); `run` then runs the turn it took, if it took one. A pinned
     actor is never stopped, so no liveness check is needed on this path.
 
-    It keeps two references and no bound methods: with 10,000 live accounts every
-    object per account is 10,000 more for each full garbage collection to walk.
+    One object, with no bound methods: with 10,000 live accounts every object per
+    account is 10,000 more for each full garbage collection to walk.
     """
 
-    __slots__ = ("_ref", "_inbox")
+    __slots__ = ("_ref", "_inbox", "pins", "used")
 
     def __init__(self, ref: pykka.ActorRef[Any]) -> None:
         self._ref = ref
         self._inbox: _Inbox = ref.actor_inbox  # type: ignore[assignment]
+        self.pins = 0
+        """Users that need it live: never passivated while above 0 (written under the directory's lock)."""
+        self.used = True
+        """Pinned since passivation last passed it over (see `Directory._passivate_idle`)."""
 
     def reserve(self, step: DebitStep) -> None:
         self._inbox.put_adaptive(step)
@@ -65,16 +70,6 @@ class AccountHandle:
             raise LedgerTimeout(f"account actor did not answer within {timeout_s} s") from error
 
 
-class _Live:
-    __slots__ = ("ref", "handle", "inbox", "pins")
-
-    def __init__(self, ref: pykka.ActorRef[Any]) -> None:
-        self.ref = ref
-        self.handle = AccountHandle(ref)
-        self.inbox = self.handle._inbox
-        self.pins = 0
-
-
 class Directory:
     """Implements `coordinator.Participants` over pooled account actors."""
 
@@ -82,7 +77,8 @@ class Directory:
         assert live_max >= 1
         self._sequencer = sequencer
         self._dispatcher = dispatcher
-        self._live: OrderedDict[str, _Live] = OrderedDict()
+        self._live: dict[str, AccountHandle] = {}
+        """Live actors, in the order passivation visits them: activated or spared last, last."""
         self._lock = threading.Lock()
         self.live_max = live_max
         self.activations = 0
@@ -107,9 +103,9 @@ class Directory:
                         self._pin(account_id)
                         entry = live[account_id]
                     else:  # `_pin`, inline: once per account of every batch
-                        live.move_to_end(account_id)
+                        entry.used = True
                         entry.pins += 1
-                    inbox = entry.inbox
+                    inbox = entry._inbox
                     if inbox.try_hold():
                         held[account_id] = inbox._actor  # type: ignore[assignment]
                     else:
@@ -129,7 +125,7 @@ class Directory:
         live = self._live
         for account_id in account_ids:
             entry = live[account_id]
-            entry.inbox.unhold()
+            entry._inbox.unhold()
             entry.pins -= 1
             assert entry.pins >= 0, account_id
 
@@ -139,16 +135,16 @@ class Directory:
         if live is None:
             account = self._sequencer.accounts[account_id]
             state = self._sequencer.states[account_id]
-            live = _Live(AccountActor.spawn(self._dispatcher, account, state))
+            live = AccountHandle(AccountActor.spawn(self._dispatcher, account, state))
             self._live[account_id] = live
             self.activations += 1
             live.pins += 1  # pinned before anything is passivated: never itself
             if len(self._live) > self.live_max:
                 self._passivate_idle()
-            return live.handle
-        self._live.move_to_end(account_id)
+            return live
+        live.used = True
         live.pins += 1
-        return live.handle
+        return live
 
     def unpin(self, account_id: str) -> None:
         with self._lock:
@@ -157,16 +153,34 @@ class Directory:
             assert live.pins >= 0, account_id
 
     def _passivate_idle(self) -> None:
-        excess = len(self._live) - self.live_max
+        """Passivate idle actors until at most `live_max` are live, by second chance: visit
+        them oldest first; one used since the last visit is spared (its mark cleared, and
+        moved behind the others), one not used since is passivated. Two rounds at most:
+        the first clears every mark it passes. Pinned actors are never touched."""
+        live = self._live
+        excess = len(live) - self.live_max
         idle: list[str] = []
-        for key, live in self._live.items():  # least recently used first
-            if live.pins == 0:
+        for _ in range(2):
+            spared: list[str] = []
+            for key, entry in live.items():
+                if entry.pins:
+                    continue
+                if entry.used:
+                    entry.used = False
+                    spared.append(key)
+                    continue
                 idle.append(key)
                 if len(idle) == excess:
                     break
-        for key in idle:
-            self._live.pop(key).ref.tell(pykka.messages._ActorStop())  # behind any queued entries
-            self.passivations += 1
+            for key in spared:
+                live[key] = live.pop(key)
+            for key in idle:
+                live.pop(key)._ref.tell(pykka.messages._ActorStop())  # behind any queued entries
+                self.passivations += 1
+            excess -= len(idle)
+            if excess <= 0:
+                return
+            idle = []
 
     @property
     def live(self) -> int:
@@ -175,5 +189,5 @@ class Directory:
     def stop_all(self) -> None:
         with self._lock:
             for live in self._live.values():
-                live.ref.tell(pykka.messages._ActorStop())
+                live._ref.tell(pykka.messages._ActorStop())
             self._live.clear()

@@ -332,6 +332,24 @@ def test_at_most_actors_live_max_accounts_stay_live_and_passivated_ones_keep_the
             assert reopened.balance(name).posted == posted
 
 
+def test_passivation_spares_an_idle_actor_used_since_it_last_passed(ledger_path: Path) -> None:
+    with Ledger.open(ledger_path, actors_live_max=2) as ledger:
+        for name in ("w", "x", "y", "z"):
+            ledger.create_account(name, currency="USD")
+
+        def live() -> set[str]:
+            return set(ledger._directory._live)
+
+        for name in ("x", "y", "z"):  # a balance pins the account's actor, live from then on
+            ledger.balance(name)
+        # z made three: the pass cleared the marks of x and y, then took x, the oldest.
+        assert live() == {"y", "z"}
+        ledger.balance("w")
+        # Now z (marked when activated) comes first, but y is the one not used since the pass.
+        assert live() == {"z", "w"}
+        assert ledger.stats()["passivations"] == 2
+
+
 def test_a_passivated_account_decides_debits_from_its_recovered_balance(ledger_path: Path) -> None:
     with Ledger.open(ledger_path, actors_live_max=2) as ledger:
         ledger.create_account("bank", currency="USD", overdraft_limit=None)
