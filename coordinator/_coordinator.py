@@ -129,7 +129,7 @@ class Coordinator:
         (see `coordinator._held`); return the others, to start through the mailboxes."""
         accounts = self.sequencer.accounts
         names = {name for ticket in tickets for name in (ticket.request.source, ticket.request.destination)}
-        held = self.participants.hold_many(name for name in names if name in accounts)
+        held = self.participants.hold_many(names)
         if not held:
             return tickets
         mine: list[Ticket] = []

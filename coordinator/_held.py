@@ -63,7 +63,7 @@ class HeldBatch:
         """The results, or None (nothing done) if some account's turn could not be taken."""
         coordinator = self._coordinator
         valid: list[int] = []
-        names: set[str] = set()
+        names: list[str] = []
         results = self._results
         for i, request in enumerate(self._requests):
             try:
@@ -72,12 +72,10 @@ class HeldBatch:
                 results[i] = error
                 continue
             valid.append(i)
-            names.add(request.source)
-            names.add(request.destination)
-        accounts = coordinator.sequencer.accounts
+            names += (request.source, request.destination)
         permits = len(valid) or 1
         coordinator.admission.admit(permits, self._remaining())  # before any turn is taken
-        held = hold(coordinator, [name for name in names if name in accounts])
+        held = hold(coordinator, names)
         if held is None:
             coordinator.admission.release(permits)
             return None
@@ -207,12 +205,8 @@ def _catch_up(account: HeldAccount, projected: AccountState) -> None:
 
 
 def hold(coordinator: Coordinator, names: list[str]) -> Mapping[str, HeldAccount] | None:
-    """Pin every named account and take its turn, or (if any is busy) nothing at all."""
-    held = coordinator.participants.hold_many(names)
-    if len(held) < len(names):
-        release(coordinator, held)
-        return None
-    return held
+    """Pin every named account that exists and take its turn, or (if any is busy) nothing at all."""
+    return coordinator.participants.hold_many(names, all_or_none=True)
 
 
 def release(coordinator: Coordinator, held: Mapping[str, HeldAccount]) -> None:

@@ -68,9 +68,11 @@ class Participants(Protocol):
 
     def unpin(self, account_id: str) -> None: ...
 
-    def hold_many(self, account_ids: Iterable[str]) -> Mapping[str, HeldAccount]:
+    def hold_many(self, account_ids: Iterable[str], all_or_none: bool = False) -> Mapping[str, HeldAccount] | None:
         """Pin each named account and take its turn (the right to handle its messages) if it
-        is idle with an empty mailbox; a busy one is left alone, unpinned. Never waits."""
+        is idle with an empty mailbox; a busy one is left alone, unpinned. With `all_or_none`,
+        one busy account makes it give back every turn it took and return None. Repeated
+        and unknown ids are skipped. Never waits."""
 
     def release_many(self, account_ids: Iterable[str]) -> None:
         """Give back the turns taken by `hold_many` and unpin those accounts."""

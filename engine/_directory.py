@@ -89,17 +89,23 @@ class Directory:
         with self._lock:
             return self._pin(account_id)
 
-    def hold_many(self, account_ids: Iterable[str]) -> Mapping[str, AccountActor]:
-        """Pin each account and take its turn if it is idle; busy ones are left unpinned.
-        One lock for the lot (taking a turn never waits, so none is held while waiting).
-        The holder gets the actors themselves: it runs their handlers in their turn."""
+    def hold_many(self, account_ids: Iterable[str], all_or_none: bool = False) -> Mapping[str, AccountActor] | None:
+        """Pin each account and take its turn if it is idle; busy ones are left unpinned
+        (with `all_or_none`, one busy account gives everything back: None). Repeated and
+        unknown ids are skipped. One lock for the lot (taking a turn never waits, so none
+        is held while waiting). The holder gets the actors themselves: it runs their
+        handlers in their turn."""
         held: dict[str, AccountActor] = {}
-        live = self._live
+        live, accounts = self._live, self._sequencer.accounts
         with self._lock:
             try:
                 for account_id in account_ids:
+                    if account_id in held:
+                        continue
                     entry = live.get(account_id)
-                    if entry is None:  # not live: activate it
+                    if entry is None:  # not live: activate it, if it exists
+                        if account_id not in accounts:
+                            continue
                         self._pin(account_id)
                         entry = live[account_id]
                     else:  # `_pin`, inline: once per account of every batch
@@ -108,8 +114,11 @@ class Directory:
                     inbox = entry._inbox
                     if inbox.try_hold():
                         held[account_id] = inbox._actor  # type: ignore[assignment]
-                    else:
-                        entry.pins -= 1
+                        continue
+                    entry.pins -= 1
+                    if all_or_none:
+                        self._release(held)
+                        return None
             except BaseException:  # e.g. an actor that could not be activated: give back what was taken
                 self._release(held)
                 raise
