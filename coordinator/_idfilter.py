@@ -63,20 +63,22 @@ class IdFilter:
             return True
         words[i] = word | mask
         self._count += 1
-        return len(layers) > 1 and _in_any(layers[:-1], selector, mask)
+        return len(layers) > 1 and _in_any(layers, selector, mask, len(layers) - 1)
 
     def might_contain(self, h: int) -> bool:
         """False only if the id was surely never added."""
         selector, mask = _probe(h)
-        return _in_any(self._layers, selector, mask)
+        return _in_any(self._layers, selector, mask, len(self._layers))
 
     def __len__(self) -> int:
         return self._count
 
 
-def _in_any(layers: list[memoryview], selector: int, mask: int) -> bool:
-    """True if every probe bit is set in the word `selector` picks in some one of `layers`."""
-    for words in layers:
+def _in_any(layers: list[memoryview], selector: int, mask: int, count: int) -> bool:
+    """True if every probe bit is set in the word `selector` picks in some one of the first
+    `count` of `layers` (a count, not a slice: no list made per id)."""
+    for i in range(count):
+        words = layers[i]
         if words[selector % len(words)] & mask == mask:
             return True
     return False
