@@ -75,7 +75,11 @@ class HeldBatch:
             names += (request.source, request.destination)
         permits = len(valid) or 1
         coordinator.admission.admit(permits, self._remaining())  # before any turn is taken
-        held = hold(coordinator, names)
+        try:
+            held = hold(coordinator, names)
+        except BaseException:
+            coordinator.admission.release(permits)
+            raise
         if held is None:
             coordinator.admission.release(permits)
             return None

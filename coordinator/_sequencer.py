@@ -114,9 +114,10 @@ class Sequencer:
         index = [(ACCOUNTS_INDEX, id_key(account.id), lsn_value(lsn))]
         appended = self._journal.append(payload, index, completion)
         assert appended == lsn, (appended, lsn)
-        self.accounts[account.id] = account
+        # `accounts` last: threads that find the account there (without the lock) find the rest.
         self.account_lsns[account.id] = lsn
         self.states[account.id] = NO_ENTRIES
+        self.accounts[account.id] = account
         self._appended()
         return lsn
 
