@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+from itertools import islice
 from collections.abc import Callable
 from typing import cast
 
@@ -102,6 +103,9 @@ class Sequencer:
         self.accounts = accounts
         """Every account, in creation order. Read freely; written only under `lock`."""
         self.account_lsns: dict[str, int] = {}
+        self._fixed_rows: dict[str, tuple[str, str, int | None, int]] = {}
+        """The unchanging start of each account's checkpoint row (id, currency, overdraft
+        limit, opening LSN), in creation order; filled by `checkpoint`."""
         self.states = states
         """Journal-order projection of every account; written only under `lock`."""
 
@@ -251,11 +255,12 @@ class Sequencer:
         records after it; a full replay checks every checkpoint it passes.
         """
         assert self.lock.locked()
-        lsns, states = self.account_lsns, self.states
-        rows = [  # tuples of str and int, which the collector stops tracking (lists it would walk)
-            (account.id, account.currency, account.overdraft_limit, lsns[account.id], *states[account.id])
-            for account in self.accounts.values()
-        ]
+        fixed, states = self._fixed_rows, self.states
+        if len(fixed) < len(self.accounts):  # accounts only grow, in order: add the new ones
+            for account in islice(self.accounts.values(), len(fixed), None):
+                fixed[account.id] = (account.id, account.currency, account.overdraft_limit, self.account_lsns[account.id])
+        # Tuples of str and int, which the collector stops tracking (lists it would walk).
+        rows = [row + states[account_id] for account_id, row in fixed.items()]
         lsn = self._journal.last_lsn + 1
         index: IndexPuts = {CHECKPOINTS_INDEX: [lsn_value(lsn), b""], ENTRIES_INDEX: self.unindexed.ordered()}
         appended = self._journal.append_block([encode([CHECKPOINT, rows])], index, [None])
