@@ -38,7 +38,7 @@ from coordinator._sequencer import Chunk
 from coordinator._state import AccountState
 from coordinator._validate import check_transfer
 from coordinator._values import Transfer, TransferRequest
-from journal import JournalError, crash_point
+from journal import CRASH_POINT_ARMED, JournalError, crash_point
 
 if TYPE_CHECKING:
     from coordinator._coordinator import Coordinator
@@ -175,7 +175,8 @@ def decide_held(coordinator: Coordinator, tickets: list[Ticket], held: Mapping[s
                         # the projection takes the state it reached (built once, not twice).
                         debit_seq, debit_balance, credit_seq, credit_balance = stamp
                         states[source_id] = source.apply(debit_seq, -amount, debit_balance, lsn)
-                        crash_point("between-entries")
+                        if CRASH_POINT_ARMED:
+                            crash_point("between-entries")
                         states[destination_id] = destination.apply(credit_seq, amount, credit_balance, lsn)
                         commits += 1
                         continue
@@ -191,8 +192,9 @@ def decide_held(coordinator: Coordinator, tickets: list[Ticket], held: Mapping[s
             _fail(coordinator, tickets, error)
             raise
         assert first + len(chunk) - 1 == lsn, (first, len(chunk), lsn)
-        for _ in range(commits):
-            crash_point("after-commit-queued")
+        if CRASH_POINT_ARMED:
+            for _ in range(commits):
+                crash_point("after-commit-queued")
 
 
 def _fail(coordinator: Coordinator, tickets: list[Ticket], error: JournalError) -> None:

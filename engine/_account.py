@@ -18,7 +18,7 @@ from typing import Any
 
 from coordinator import Account, AccountState, DebitStep, Posting, debit_refusal, post
 
-from journal import crash_point
+from journal import CRASH_POINT_ARMED, crash_point
 
 from engine._runtime import PooledActor
 
@@ -72,7 +72,8 @@ class AccountActor(PooledActor):
         code = debit_refusal(posted, self._pending, amount, self.account.overdraft_limit)
         if code is None:
             self._pending += amount
-            crash_point("after-reserve")
+            if CRASH_POINT_ARMED:
+                crash_point("after-reserve")
         return code
 
     def unreserve(self, amount: int) -> None:

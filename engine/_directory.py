@@ -70,6 +70,17 @@ class AccountHandle:
             raise LedgerTimeout(f"account actor did not answer within {timeout_s} s") from error
 
 
+class _Held(dict[str, AccountActor]):
+    """What `hold_many` took: the actors by account id, and their handles, which `release_many`
+    gives back without looking each up in the live table again."""
+
+    __slots__ = ("handles",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handles: list[AccountHandle] = []
+
+
 class Directory:
     """Implements `coordinator.Participants` over pooled account actors."""
 
@@ -95,7 +106,7 @@ class Directory:
         unknown ids are skipped. One lock for the lot (taking a turn never waits, so none
         is held while waiting). The holder gets the actors themselves: it runs their
         handlers in their turn."""
-        held: dict[str, AccountActor] = {}
+        held = _Held()
         live, accounts = self._live, self._sequencer.accounts
         with self._lock:
             try:
@@ -114,6 +125,7 @@ class Directory:
                     inbox = entry._inbox
                     if inbox.try_hold():
                         held[account_id] = inbox._actor  # type: ignore[assignment]
+                        held.handles.append(entry)
                         continue
                     entry.pins -= 1
                     if all_or_none:
@@ -125,18 +137,20 @@ class Directory:
         return held
 
     def release_many(self, account_ids: Iterable[str]) -> None:
-        """Give back the turns of `hold_many` and unpin the accounts."""
+        """Give back the turns of `hold_many` (pass what it returned) and unpin the accounts."""
         with self._lock:
             self._release(account_ids)
 
     def _release(self, account_ids: Iterable[str]) -> None:
         """`release_many`, called with `_lock` held."""
-        live = self._live
-        for account_id in account_ids:
-            entry = live[account_id]
+        if type(account_ids) is _Held:
+            handles = account_ids.handles
+        else:
+            handles = [self._live[account_id] for account_id in account_ids]
+        for entry in handles:
             entry._inbox.unhold()
             entry.pins -= 1
-            assert entry.pins >= 0, account_id
+            assert entry.pins >= 0, entry
 
     def _pin(self, account_id: str) -> AccountHandle:
         """`pin`, called with `_lock` held."""

@@ -4,6 +4,7 @@ This layer knows nothing about accounts; it stores records the caller encoded.
 """
 
 from journal._completion import Completion
+from journal._crash import ARMED as CRASH_POINT_ARMED
 from journal._crash import POINTS as CRASH_POINTS
 from journal._crash import crash_point
 from journal._errors import (
@@ -24,6 +25,7 @@ __all__ = [
     "FORMAT_VERSION",
     "LOCK_FILE",
     "CRASH_POINTS",
+    "CRASH_POINT_ARMED",
     "Completion",
     "crash_point",
     "IndexPut",

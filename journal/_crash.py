@@ -2,8 +2,8 @@
 
 With `TALLY_CRASH_AT=NAME` (or `NAME:N`, the N-th time it is reached) in the
 environment, reaching that point ends the process at once with `os._exit(99)`:
-no clean-up, no flush, exactly as a crash. Without the variable every point
-costs one global lookup.
+no clean-up, no flush, exactly as a crash. Without the variable a point costs a
+call that returns at once, or, where it is tested first (`ARMED`), one global lookup.
 
 The points, in the order a transfer meets them:
 - `after-reserve`: the source holds the funds, nothing is journaled yet;
@@ -30,6 +30,8 @@ EXIT_CODE = 99
 
 _spec = os.environ.get("TALLY_CRASH_AT")
 ARMED = _spec is not None
+"""Whether a point is armed in this process. A path taken once per transfer tests it before
+calling `crash_point`: the test is a global lookup, the call a Python frame."""
 _name, _, _count = (_spec or "").partition(":")
 _remaining = int(_count) if _count else 1
 assert not ARMED or _name in POINTS, f"TALLY_CRASH_AT names an unknown crash point: {_name!r}"
