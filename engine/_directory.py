@@ -3,7 +3,8 @@
 An account's actor is live while something uses it (it is pinned) and stays
 live, idle, until more than `live_max` actors are live; then idle ones not used
 lately are passivated (second chance, or CLOCK: an approximation of least
-recently used that costs a use one flag, not a move in an ordered list). A passivated account loses nothing: its state is
+recently used where a use sets a flag instead of moving an entry in an ordered
+list). A passivated account loses nothing: its state is
 the sequencer's journal-order projection, which outlives every actor, and a new
 actor is activated from it on the next use. While pinned, an account has
 exactly one live actor; pins are held from before a transfer's first message
