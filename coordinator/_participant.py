@@ -74,8 +74,8 @@ class Participants(Protocol):
         one busy account makes it give back every turn it took and return None. Repeated
         and unknown ids are skipped. Never waits."""
 
-    def release_many(self, account_ids: Iterable[str]) -> None:
-        """Give back the turns taken by `hold_many` and unpin those accounts."""
+    def release_many(self, held: Mapping[str, HeldAccount]) -> None:
+        """Give back the turns `hold_many` took and unpin those accounts: pass what it returned."""
 
 
 class DebitStep:

@@ -22,8 +22,8 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-from itertools import islice
 from collections.abc import Callable
+from itertools import islice
 from typing import cast
 
 from journal import Completion, IndexPuts, Journal, JournalError, crash_point

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 import pykka
-from coordinator import DebitStep, LedgerTimeout, Posting, Sequencer
+from coordinator import DebitStep, HeldAccount, LedgerTimeout, Posting, Sequencer
 
 from engine._account import SNAPSHOT, AccountActor
 from engine._runtime import Dispatcher, _Inbox
@@ -118,8 +118,7 @@ class Directory:
                     if entry is None:  # not live: activate it, if it exists
                         if account_id not in accounts:
                             continue
-                        self._pin(account_id)
-                        entry = live[account_id]
+                        entry = self._pin(account_id)
                     else:  # `_pin`, inline: once per account of every batch
                         entry.used = True
                         entry.pins += 1
@@ -137,18 +136,15 @@ class Directory:
                 raise
         return held
 
-    def release_many(self, account_ids: Iterable[str]) -> None:
-        """Give back the turns of `hold_many` (pass what it returned) and unpin the accounts."""
+    def release_many(self, held: Mapping[str, HeldAccount]) -> None:
+        """Give back the turns `hold_many` took (pass what it returned) and unpin the accounts."""
+        assert type(held) is _Held, type(held)
         with self._lock:
-            self._release(account_ids)
+            self._release(held)
 
-    def _release(self, account_ids: Iterable[str]) -> None:
+    def _release(self, held: _Held) -> None:
         """`release_many`, called with `_lock` held."""
-        if type(account_ids) is _Held:
-            handles = account_ids.handles
-        else:
-            handles = [self._live[account_id] for account_id in account_ids]
-        for entry in handles:
+        for entry in held.handles:
             entry._inbox.unhold()
             entry.pins -= 1
             assert entry.pins >= 0, entry

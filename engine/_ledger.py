@@ -90,8 +90,8 @@ class Ledger:
         returns. `checkpoint_interval` is the most records between two checkpoints, so the
         most an open replays; a checkpoint also writes the entry index, so one comes at the
         latest once `UNINDEXED_ENTRIES_MAX` (400,000) entries wait in memory for it.
-        Raises `LedgerLocked` if another live holder has the directory, `JournalCorrupted` (naming the LSN) if a record fails verification, and
-        `NotALedger` if `path` is a file.
+        Raises `LedgerLocked` if another live holder has the directory, `JournalCorrupted`
+        (naming the LSN) if a record fails verification, and `NotALedger` if `path` is a file.
         """
         if not (isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool) and timeout_s > 0):
             raise InvalidRequest(f"timeout_s must be a positive number, got {timeout_s!r}")

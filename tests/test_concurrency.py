@@ -183,12 +183,15 @@ def open_ledger(ledger_path: Path) -> Iterator[Callable[..., Ledger]]:
         ledger.close()
 
 
-def fund(ledger: Ledger, workload: Workload) -> None:
+def funded(ledger: Ledger) -> Workload:
+    """Open the bank and every account and fund each: the workload that recorded it."""
+    workload = Workload()
     ledger.create_account(BANK, currency="USD", overdraft_limit=None)
     for account_id in ACCOUNTS:
         ledger.create_account(account_id, currency="USD", overdraft_limit=0)
         request = TransferRequest(f"fund-{account_id}", BANK, account_id, FUNDING)
         workload.record(request, call(ledger, request))
+    return workload
 
 
 # --- the auditor -----------------------------------------------------------------------
@@ -308,8 +311,7 @@ def test_concurrent_transfers_and_same_id_retries_keep_every_invariant(
     open_ledger: Callable[..., Ledger], options: dict[str, int]
 ) -> None:
     ledger = open_ledger(**options)
-    workload = Workload()
-    fund(ledger, workload)
+    workload = funded(ledger)
 
     def send(rng: random.Random, tag: str) -> Callable[[], None]:
         request = random_request(rng, tag)
@@ -326,8 +328,7 @@ def test_concurrent_batches_and_same_batch_retries_keep_every_invariant(
     open_ledger: Callable[..., Ledger], options: dict[str, int]
 ) -> None:
     ledger = open_ledger(**options)
-    workload = Workload()
-    fund(ledger, workload)
+    workload = funded(ledger)
 
     def send(rng: random.Random, tag: str) -> Callable[[], None]:
         batch = [random_request(rng, f"b{tag}-{i}") for i in range(BATCH_SIZE)]
@@ -348,8 +349,7 @@ def test_concurrent_batches_and_same_batch_retries_keep_every_invariant(
 
 def test_single_transfers_and_batches_mixed_keep_every_invariant(open_ledger: Callable[..., Ledger]) -> None:
     ledger = open_ledger(dispatcher_threads=2)
-    workload = Workload()
-    fund(ledger, workload)
+    workload = funded(ledger)
 
     def client(n: int, start: threading.Barrier) -> None:
         rng = random.Random(SEED * 7 + n)
