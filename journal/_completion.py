@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Iterable
 
 
 class Completion:
@@ -99,6 +100,28 @@ _RESOLVING = threading.Lock()
 
 _NO_RELAY: deque[Completion] = deque()
 """The relay of a relayed completion not yet made durable (always empty)."""
+
+
+def resolve_all(completions: Iterable[Completion | None]) -> None:
+    """`resolve` every completion given (None skipped) as durable, under one hold of
+    `_RESOLVING` for the lot, not one each: a group commit releases hundreds. Each is
+    marked done before any waiter wakes; relayed ones are then released in a relay."""
+    locks: list[threading.Lock] = []
+    relayed: list[Completion] = []
+    with _RESOLVING:
+        for completion in completions:
+            if completion is None or completion.done:
+                continue  # already failed by its owner: nothing to release
+            if completion._relay is not None:
+                relayed.append(completion)  # `relay` marks it
+                continue
+            completion.done = True
+            if completion._lock is not None:  # else nobody waits yet, and a later waiter finds it done
+                locks.append(completion._lock)
+    for lock in locks:
+        lock.release()
+    if relayed:
+        relay(relayed)
 
 
 def relay(completions: list[Completion]) -> None:

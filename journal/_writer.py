@@ -19,7 +19,7 @@ from itertools import chain
 
 import lmdb
 
-from journal._completion import Completion, relay
+from journal._completion import Completion, resolve_all
 from journal._crash import crash_point
 from journal._errors import JournalClosedError, JournalTimeoutError, JournalWriteError
 from journal._format import frame_all
@@ -305,18 +305,7 @@ class Writer:
             ready: list[Completion] = []
             while self._waiters and self._waiters[0][0] <= last:
                 ready.append(heapq.heappop(self._waiters)[2])
-        relayed: list[Completion] = []
-        for block in batch:
-            for completion in block.completions:
-                if completion is not None:
-                    if completion.relayed:
-                        relayed.append(completion)
-                    else:
-                        completion.resolve()
-        for completion in ready:
-            completion.resolve()
-        if relayed:
-            relay(relayed)
+        resolve_all(chain(chain.from_iterable(block.completions for block in batch), ready))
 
     def _fail(self, batch: list[_Block], error: Exception) -> None:
         failure = JournalWriteError(f"journal write failed: {error}")
