@@ -12,9 +12,23 @@ _CURRENCY = re.compile(r"[A-Z0-9]{1,16}")
 
 
 def check_id(value: object, what: str) -> str:
-    if type(value) is not str or not value or len(value) > ID_LENGTH_MAX:
-        raise InvalidRequest(f"{what} must be a non-empty str of at most {ID_LENGTH_MAX} characters, got {value!r:.80}")
+    if type(value) is not str or not value or len(value) > ID_LENGTH_MAX or not _utf8(value):
+        raise InvalidRequest(
+            f"{what} must be a non-empty str of at most {ID_LENGTH_MAX} characters that UTF-8 can encode "
+            f"(no lone surrogates), got {value!r:.80}"
+        )
     return value
+
+
+def _utf8(value: str) -> bool:
+    """True if `value` encodes as UTF-8, as every id must (its index key is its UTF-8)."""
+    if value.isascii():
+        return True
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # a lone surrogate, say "\ud800"
+        return False
+    return True
 
 
 def check_amount(value: object, what: str = "amount", minimum: int = 1) -> int:
@@ -44,6 +58,7 @@ def check_transfer(request: object) -> TransferRequest:
             type(tid) is str and type(source) is str and type(destination) is str and type(amount) is int
             and 0 < len(tid) <= ID_LENGTH_MAX and 0 < len(source) <= ID_LENGTH_MAX
             and 0 < len(destination) <= ID_LENGTH_MAX and 1 <= amount <= AMOUNT_MAX and source != destination
+            and tid.isascii() and source.isascii() and destination.isascii()  # else `_utf8`, below
         ):
             return request
     if not isinstance(request, TransferRequest):

@@ -78,7 +78,8 @@ def funded(ledger: Ledger) -> Ledger:
 
 # --- InvalidRequest: nothing written, id not consumed ----------------------------
 
-BAD_IDS = ["", "x" * 129, None, 5, b"x"]
+BAD_IDS = ["", "x" * 129, None, 5, b"x", "t-\ud800"]
+"""The last has a lone surrogate: no UTF-8 for it, so no index key."""
 BAD_AMOUNTS = [0, -1, AMOUNT_MAX + 1, True, 1.0, "1", None]
 
 
@@ -109,6 +110,28 @@ def test_an_id_of_exactly_128_characters_is_valid(funded: Ledger) -> None:
     transfer = funded.transfer(transfer_id, source="alice", destination="bob", amount=1)
     assert transfer.id == transfer_id
     assert funded.get_transfer(transfer_id) == transfer
+
+
+@pytest.mark.parametrize("char", ["é", "\U0001f4b6"], ids=["2-byte", "4-byte"])
+def test_ids_beyond_ascii_are_valid_up_to_128_characters_and_retry_after_reopening(
+    ledger_path: Path, char: str
+) -> None:
+    """At 128 four-byte characters an id's UTF-8 (512 bytes) is past LMDB's key limit, and
+    its index key is a digest: a retry must still find the id, before and after reopening."""
+    account, transfer_id = char * 128, "t-" + char * 126
+    with Ledger.open(ledger_path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        assert ledger.create_account(account, currency="USD").id == account
+        first = ledger.transfer(transfer_id, source="bank", destination=account, amount=7)
+        assert ledger.transfer(transfer_id, source="bank", destination=account, amount=7) == first
+        (again,) = ledger.transfer_many([TransferRequest(transfer_id, "bank", account, 7)])
+        assert again == first
+        assert ledger.get_transfer(transfer_id) == first
+        assert [entry.transfer_id for entry in ledger.entries(account)] == [transfer_id]
+    with Ledger.open(ledger_path) as ledger:
+        assert ledger.transfer_many([TransferRequest(transfer_id, "bank", account, 7)]) == [first]
+        assert ledger.transfer(transfer_id, source="bank", destination=account, amount=7) == first
+        assert ledger.balance(account) == Balance(7, 0, 7)
 
 
 def test_a_transfer_to_the_same_account_is_invalid_and_writes_nothing(funded: Ledger) -> None:
@@ -624,6 +647,8 @@ def test_transfer_many_returns_one_result_per_request_in_order(funded: Ledger) -
         TransferRequest("m-6", "alice", "eur", 1),  # currency mismatch
         TransferRequest("", "alice", "bob", 1),  # invalid id
         TransferRequest("m-7", "alice", "bob", 0),  # invalid amount
+        TransferRequest("m-\udfff", "alice", "bob", 1),  # invalid id: no UTF-8 for it
+        TransferRequest("m-8", "bob", "alice", 1),
     ]
     results = funded.transfer_many(requests)
     assert len(results) == len(requests)
@@ -635,8 +660,10 @@ def test_transfer_many_returns_one_result_per_request_in_order(funded: Ledger) -
     assert type(results[5]) is CurrencyMismatch
     assert type(results[6]) is InvalidRequest
     assert type(results[7]) is InvalidRequest
-    assert funded.balance("alice") == Balance(50, 0, 50)
-    assert funded.balance("bob") == Balance(50, 0, 50)
+    assert type(results[8]) is InvalidRequest
+    assert isinstance(results[9], Transfer) and results[9].id == "m-8"
+    assert funded.balance("alice") == Balance(51, 0, 51)
+    assert funded.balance("bob") == Balance(49, 0, 49)
     assert funded.transfer("m-7", source="alice", destination="bob", amount=1).amount == 1  # not consumed
     with pytest.raises(InsufficientFunds):
         funded.transfer("m-2", source="alice", destination="bob", amount=60)  # consumed
