@@ -16,8 +16,8 @@ from journal import Completion, Journal, JournalError
 
 from coordinator._errors import REJECTIONS, IdempotencyConflict, LedgerError, LedgerUnavailable
 from coordinator._idfilter import IdFilter
-from coordinator._limits import CLAIM_STRIPES
-from coordinator._records import COMMIT, TRANSFERS_INDEX, decode, id_key, value_lsn
+from coordinator._limits import CLAIM_STRIPES, KEY_BYTES_MAX
+from coordinator._records import COMMIT, DIGEST_MARK, TRANSFERS_INDEX, decode, id_key, value_lsn
 from coordinator._values import Transfer, TransferRequest
 
 
@@ -31,6 +31,23 @@ class Refusal(NamedTuple):
 
 Outcome = Transfer | Refusal
 _STRIPE_MASK = CLAIM_STRIPES - 1
+_RAW_KEY_CHARS = KEY_BYTES_MAX // 4
+"""An id of at most this many characters is its own index key (in UTF-8, 4 bytes a character at most)."""
+
+
+def id_hash(tid: str) -> int:
+    """What the filters know an id by: `hash(tid)`, which the str caches once it has been
+    hashed (the in-flight table hashes it first), unless its index key is a digest (too
+    long in UTF-8), then the key's hash: `key_hash` of its index key is the same number."""
+    if len(tid) <= _RAW_KEY_CHARS:
+        return hash(tid)
+    key = id_key(tid)
+    return hash(key) if key[:1] == DIGEST_MARK else hash(tid)
+
+
+def key_hash(key: bytes) -> int:
+    """`id_hash` of the id whose index key is `key` (for the warm-up, which reads keys)."""
+    return hash(key) if key[:1] == DIGEST_MARK else hash(key.decode())
 _completion_init = Completion.__init__
 
 
@@ -131,8 +148,8 @@ class Claims:
                 for key in self._journal.index_keys(TRANSFERS_INDEX, txn):
                     if self._stopping:
                         return
-                    h = hash(key)
-                    stripe = h & (CLAIM_STRIPES - 1)
+                    h = key_hash(key)
+                    stripe = h & _STRIPE_MASK
                     with self._locks[stripe]:
                         self._filters[stripe].add(h >> 6)
         except JournalError:  # closed while warming: claims keep asking the index
@@ -172,7 +189,7 @@ class Claims:
                 tid = request.id
                 ticket = inflight.get(tid)
                 if ticket is None:
-                    h = hash(id_key(tid))
+                    h = id_hash(tid)
                     stripe = h & _STRIPE_MASK
                     if filters[stripe].check_and_add(h >> 6) or not warm:
                         outcome = self.lookup(tid)
@@ -193,7 +210,7 @@ class Claims:
         (in order, so never a deadlock) for more: a batch of 1,000 then takes 64 locks once,
         not a lock 1,000 times."""
         if len(requests) == 1:
-            return (self._locks[hash(id_key(requests[0].id)) & _STRIPE_MASK],)
+            return (self._locks[id_hash(requests[0].id) & _STRIPE_MASK],)
         return self._locks
 
     def lookup(self, tid: str, txn: Any | None = None) -> Outcome | None:

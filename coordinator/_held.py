@@ -103,6 +103,10 @@ class HeldBatch:
     def _settle(self) -> list[Result]:
         coordinator = self._coordinator
         prior = self._prior
+        # The answers, while the writer makes the last records durable: a fresh ticket's
+        # outcome is its decision unless the journal fails it, which the last one shows
+        # (after a failure nothing more is written). Claims found made wait to be decided.
+        answers = None if prior else self._answers()
         for claim in prior:
             if type(claim) is Ticket and not claim.done and not claim.wait(self._remaining()):
                 raise LedgerTimeout(f"transfer {claim.request.id!r} is still in flight elsewhere; retry later")
@@ -114,6 +118,11 @@ class HeldBatch:
             coordinator.journal.wait_durable(max(map(lsn_of, prior)), self._remaining())
         assert all(ticket.done for ticket in fresh)
         coordinator.claims.release_many(fresh)
+        if answers is None or (fresh and fresh[-1].error is not None):
+            answers = self._answers()
+        return answers
+
+    def _answers(self) -> list[Result]:
         return [result_of(request, result) for request, result in zip(self._requests, self._results, strict=True)]
 
 

@@ -46,13 +46,16 @@ _U64 = struct.Struct(">Q")
 _U16 = struct.Struct(">H")
 _pack = msgpack.Packer(use_bin_type=True).pack
 
+DIGEST_MARK = b"\xff"
+"""The first byte of an index key that is a digest: it never starts UTF-8."""
+
 
 def id_key(identifier: str) -> bytes:
     """The index key of an id: its UTF-8, or a digest when too long for LMDB."""
     raw = identifier.encode()
     if len(raw) <= KEY_BYTES_MAX:
         return raw
-    return b"\xff" + hashlib.blake2b(raw, digest_size=32).digest()  # 0xff never starts UTF-8
+    return DIGEST_MARK + hashlib.blake2b(raw, digest_size=32).digest()
 
 
 def entry_prefix(account: str) -> bytes:

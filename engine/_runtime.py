@@ -215,7 +215,8 @@ class _Inbox:
             _inline.depth = depth
 
     def try_hold(self) -> bool:
-        """Take the turn if the actor is idle with an empty mailbox. Never waits."""
+        """Take the turn if the actor is idle with an empty mailbox. Never waits.
+        (`Directory.hold_many` runs this inline: change the two together.)"""
         self._lock.acquire()  # not `with`: see `_enqueue`
         try:
             if self._scheduled or self._messages:
@@ -244,7 +245,8 @@ class _Inbox:
         queued.extendleft(reversed(kept))
 
     def unhold(self) -> None:
-        """Give the turn back; what queued meanwhile is handled on the dispatcher."""
+        """Give the turn back; what queued meanwhile is handled on the dispatcher.
+        (`Directory._release` runs the usual case inline: change the two together.)"""
         self._lock.acquire()  # `finish_slice`, inline: once per account of every batch
         try:
             if not self._messages:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from coordinator._claims import id_hash, key_hash
 from coordinator._idfilter import IdFilter
 from coordinator._limits import CLAIM_STRIPES
 from coordinator._records import id_key
@@ -34,7 +35,7 @@ def test_a_retry_of_a_durable_transfer_when_its_id_filter_grows_returns_the_orig
         ledger.create_account("alice", currency="USD")
         original = ledger.transfer("t-1", source="bank", destination="alice", amount=10)
         # Stand-in for the ~16,000 other ids this stripe saw before: fill its first layer.
-        h = hash(id_key("t-1"))
+        h = id_hash("t-1")
         stripe = claims._filters[h & (CLAIM_STRIPES - 1)]
         rng = random.Random(7)
         while len(stripe) < stripe._capacity:
@@ -57,8 +58,18 @@ def test_every_id_added_is_remembered_and_few_unseen_ids_look_seen() -> None:
 
 
 def test_ids_hashed_as_the_claims_hash_them_negative_ones_included_are_remembered() -> None:
-    hashes = [hash(id_key(f"t-{n}")) >> 6 for n in range(40_000)]
+    hashes = [id_hash(f"t-{n}") >> 6 for n in range(40_000)]
     assert any(h < 0 for h in hashes) and any(h > 0 for h in hashes)
     seen = IdFilter()
     assert sum(seen.check_and_add(h) for h in hashes) < len(hashes) // 100
     assert all(seen.check_and_add(h) for h in hashes)
+
+
+def test_the_warm_up_hashes_an_index_key_as_a_claim_hashes_its_id() -> None:
+    """The warm-up reads ids as index keys (UTF-8, or a digest past LMDB's key limit); a
+    claim hashes the id itself. Both must land on the same filter bits, or a retry after
+    reopening would look new."""
+    ids = ["t-1", "x" * 128, "é" * 128, "\U0001f4b6" * 100, "\U0001f4b6" * 101, "\U0001f4b6" * 128]
+    assert id_key(ids[-1])[:1] == b"\xff" and id_key(ids[3])[:1] != b"\xff"  # both kinds of key
+    for tid in ids:
+        assert key_hash(id_key(tid)) == id_hash(tid), tid
