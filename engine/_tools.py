@@ -24,6 +24,7 @@ from coordinator import (
     Sequencer,
     TransferRequest,
     audit,
+    check_id,
     ledger_errors,
     load_checkpoint,
     state_hash,
@@ -306,6 +307,7 @@ def _row(lsn: int, record: list[Any]) -> dict[str, Any]:
 
 
 def _account(journal: Journal, account_id: str, txn: Any) -> Account:
+    check_id(account_id, "account id")  # e.g. a byte that is not UTF-8 on the command line
     value = journal.index_get(ACCOUNTS_INDEX, id_key(account_id), txn)
     record = None
     if value is not None:

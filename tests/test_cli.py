@@ -549,6 +549,16 @@ def test_an_unknown_account_gives_one_line_on_stderr_and_exit_2(built: Built, co
     assert done.stderr.splitlines() == [f"tally {command}: no account 'nobody' in {built.path}"]
 
 
+@pytest.mark.parametrize("command", ["balance", "history"])
+def test_an_account_id_utf8_cannot_encode_gives_one_line_on_stderr_and_exit_2(built: Built, command: str) -> None:
+    done = tally(command, built.path, "\udcff")  # the byte 0xff on the command line
+
+    assert done.returncode == 2
+    assert done.stdout == "" and "Traceback" not in done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"tally {command}: account id must be a non-empty str"), line
+
+
 @pytest.mark.parametrize("wrong", ["a directory that is not a ledger", "an empty directory"])
 @pytest.mark.parametrize("salvage", [[], ["--salvage", "--into", "{new}"]])
 def test_recover_of_a_directory_that_is_not_a_ledger_leaves_it_as_it_was(
