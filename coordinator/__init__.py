@@ -31,7 +31,15 @@ from coordinator._recovery import Recovered, load_checkpoint, recover, replay
 from coordinator._sequencer import Sequencer
 from coordinator._state import AccountState, Posting, SequenceError, credit_refusal, debit_refusal, post
 from coordinator._translate import ledger_error, ledger_errors
-from coordinator._validate import check_amount, check_currency, check_id, check_overdraft_limit, check_transfer
+from coordinator._validate import (
+    check_amount,
+    check_currency,
+    check_id,
+    check_overdraft_limit,
+    check_path,
+    check_transfer,
+    shown,
+)
 from coordinator._values import Account, Balance, Entry, Transfer, TransferRequest
 
 __all__ = [
@@ -78,8 +86,10 @@ __all__ = [
     "check_amount",
     "check_currency",
     "check_id",
+    "check_path",
     "check_overdraft_limit",
     "check_transfer",
+    "shown",
     "credit_refusal",
     "debit_refusal",
     "decode_outcome",

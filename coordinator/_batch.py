@@ -65,7 +65,7 @@ class Batch:
             self._dependents.append([])
             self._waiting.append(0)
             try:
-                check_transfer(request)
+                request = self._requests[i] = check_transfer(request)
             except LedgerError as error:
                 self._results[i] = error
                 continue

@@ -63,7 +63,7 @@ class Coordinator:
 
     def transfer(self, request: TransferRequest, timeout_s: float) -> Transfer:
         """Run one transfer to a durable outcome. Blocks the caller at most ~`timeout_s`."""
-        check_transfer(request)
+        request = check_transfer(request)
         claim, fresh = self.claims.claim(request, relayed=True)
         if not fresh:
             return settle(request, self._await_prior(claim, timeout_s))

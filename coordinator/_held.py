@@ -21,7 +21,7 @@ both accounts apply them at once, so the next request sees them.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from coordinator._claims import Outcome, Ticket, lsn_of, result_of
@@ -47,7 +47,9 @@ Result = Transfer | LedgerError
 
 
 class HeldBatch:
-    def __init__(self, coordinator: Coordinator, requests: Sequence[TransferRequest], timeout_s: float) -> None:
+    def __init__(self, coordinator: Coordinator, requests: list[TransferRequest], timeout_s: float) -> None:
+        """`requests` is the batch's own list: validation replaces a subclass's item in it with
+        the plain request it checked."""
         self._coordinator = coordinator
         self._requests = requests
         self._deadline = time.monotonic() + timeout_s
@@ -64,10 +66,10 @@ class HeldBatch:
         coordinator = self._coordinator
         valid: list[int] = []
         names: list[str] = []
-        results = self._results
-        for i, request in enumerate(self._requests):
+        requests, results = self._requests, self._results
+        for i, request in enumerate(requests):
             try:
-                check_transfer(request)
+                request = requests[i] = check_transfer(request)  # a subclass becomes a plain one
             except LedgerError as error:
                 results[i] = error
                 continue

@@ -14,13 +14,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from coordinator import LedgerError
+from coordinator import InvalidRequest, LedgerError, check_path
 
 from engine import __version__
 from engine._workload import MIXES
 
+LSN_MAX = 2**64 - 1
+"""The largest LSN a journal key holds."""
 
-def _count(minimum: int) -> Callable[[str], int]:
+
+def _count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -28,9 +31,19 @@ def _count(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{value} is below the minimum of {minimum}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{value} is above the maximum of {maximum}")
         return value
 
     return parse
+
+
+def _path(text: str) -> str:
+    """A directory or file name the tools can use (see `coordinator.check_path`)."""
+    try:
+        return check_path(text)
+    except InvalidRequest as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,12 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     def command(name: str, help_text: str, path: bool = True) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         if path:
-            sub.add_argument("path", metavar="PATH", help="the ledger directory")
+            sub.add_argument("path", metavar="PATH", type=_path, help="the ledger directory")
         sub.add_argument("--json", action="store_true", help="print the report as JSON")
         return sub
 
     stress = command("stress", "fire concurrent transfers at a ledger and verify the books", path=False)
-    stress.add_argument("--path", help="ledger directory to use or create (default: a temporary one)")
+    stress.add_argument("--path", type=_path, help="ledger directory to use or create (default: a temporary one)")
     stress.add_argument("--accounts", type=_count(2), default=1000, help="accounts to open (default 1000)")
     stress.add_argument("--clients", type=_count(1), default=16, help="concurrent client threads (default 16)")
     amount = stress.add_mutually_exclusive_group()
@@ -88,17 +101,18 @@ def _parser() -> argparse.ArgumentParser:
     stress.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
     stress.add_argument("--chaos", action="store_true", help="run the engine in a child process and SIGKILL it")
     stress.add_argument("--kills", type=_count(1), default=20, metavar="N", help="with --chaos: kills (default 20)")
-    stress.add_argument("--report", metavar="FILE", help="write a throughput and latency plot (.html or .png)")
+    stress.add_argument("--report", metavar="FILE", type=_path, help="write a throughput and latency plot (.html or .png)")
 
     command("verify", "read-only audit of every journal record and every invariant; never writes")
     recover = command("recover", "after a crash: verify, rebuild, resolve, checkpoint, and report")
     recover.add_argument("--dry-run", action="store_true", help="change nothing; say what would be done")
     recover.add_argument("--salvage", action="store_true", help="copy the verifiable records before the first corrupt one")
-    recover.add_argument("--into", metavar="NEW", help="with --salvage: the new ledger directory")
+    recover.add_argument("--into", metavar="NEW", type=_path, help="with --salvage: the new ledger directory")
     replay = command("replay", "replay the journal into a fresh ledger through the engine and compare state hashes")
-    replay.add_argument("--into", metavar="NEW", required=True, help="a new, empty ledger directory")
+    replay.add_argument("--into", metavar="NEW", type=_path, required=True, help="a new, empty ledger directory")
     inspect = command("inspect", "the journal as readable lines")
-    inspect.add_argument("--from", dest="start", type=_count(1), default=1, metavar="LSN", help="first LSN to show")
+    inspect.add_argument("--from", dest="start", type=_count(1, LSN_MAX), default=1, metavar="LSN",
+                         help="first LSN to show")
     inspect.add_argument("--limit", type=_count(1), default=None, metavar="N", help="show at most N records")
     inspect.add_argument("--transfer", metavar="ID", help="only records of this transfer")
     inspect.add_argument("--account", metavar="ID", help="only records touching this account")
@@ -228,6 +242,8 @@ def _stress(args: argparse.Namespace) -> int:
             raise NotALedger(f"{args.path} is not a Tally ledger (it holds other files); give a ledger or a new directory")
     if args.report and not args.report.endswith((".html", ".png")):
         raise InvalidRequest(f"--report takes a .html or .png file name, got {args.report!r}")
+    if args.report and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
+        raise InvalidRequest(f"--report {args.report!r}: no such directory to write it in")  # before the run, not after
     transfers = args.transfers if args.duration is None else None
     config = StressConfig(path=args.path, accounts=args.accounts, clients=args.clients,
                           transfers=transfers if transfers is not None or args.duration else 30_000,
@@ -332,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # the reader went away (| head): nothing left to say
         return 0
+    except OSError as error:  # e.g. a directory that cannot be made, a report that cannot be written
+        print(f"tally {args.command}: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"tally {args.command}: interrupted", file=sys.stderr)
         return 130

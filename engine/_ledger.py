@@ -35,9 +35,11 @@ from coordinator import (
     check_currency,
     check_id,
     check_overdraft_limit,
+    check_path,
     ledger_error,
     ledger_errors,
     recover,
+    shown,
     state_hash,
 )
 from coordinator._entries import entry_rows
@@ -93,8 +95,11 @@ class Ledger:
         Raises `LedgerLocked` if another live holder has the directory, `JournalCorrupted`
         (naming the LSN) if a record fails verification, and `NotALedger` if `path` is a file.
         """
-        if not (isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool) and timeout_s > 0):
-            raise InvalidRequest(f"timeout_s must be a positive number, got {timeout_s!r}")
+        if not (isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool)
+                and 0 < timeout_s <= threading.TIMEOUT_MAX):  # False for NaN
+            raise InvalidRequest(f"timeout_s must be a number of seconds in (0, {threading.TIMEOUT_MAX:.0f}] "
+                                 f"(the most a lock can wait), got {shown(timeout_s)}")
+        path = check_path(path)
         for name, value, low, high in (
             ("dispatcher_threads", dispatcher_threads, 1, 64),
             ("actors_live_max", actors_live_max, 1, 2**31),
@@ -103,7 +108,7 @@ class Ledger:
             ("map_size_bytes", 1 << 20 if map_size_bytes is None else map_size_bytes, 1 << 16, 1 << 40),
         ):
             if type(value) is not int or not low <= value <= high:
-                raise InvalidRequest(f"{name} must be an int in {low}..{high}, got {value!r}")
+                raise InvalidRequest(f"{name} must be an int in {low}..{high}, got {shown(value)}")
         options: dict[str, Any] = {"index_names": INDEX_NAMES}
         if map_size_bytes is not None:
             options["map_size_bytes"] = map_size_bytes
@@ -228,9 +233,9 @@ class Ledger:
     def entries(self, account_id: str, after: int = 0, limit: int | None = None) -> list[Entry]:
         """The account's durable entries with seq > `after`, in seq order, at most `limit`."""
         if type(after) is not int or after < 0:
-            raise InvalidRequest(f"after must be an int >= 0, got {after!r}")
+            raise InvalidRequest(f"after must be an int >= 0, got {shown(after)}")
         if limit is not None and (type(limit) is not int or limit < 0):
-            raise InvalidRequest(f"limit must be None or an int >= 0, got {limit!r}")
+            raise InvalidRequest(f"limit must be None or an int >= 0, got {shown(limit)}")
         with self._call():
             self._account(account_id)
             if after >= ENTRY_SEQ_END - 1:

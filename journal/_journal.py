@@ -35,7 +35,10 @@ LOCK_FILE = "tally.lock"
 
 def _lock_directory(path: str) -> int:
     """Take an exclusive flock on the directory's lock file; it dies with the process."""
-    fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as error:  # e.g. a read-only directory
+        raise JournalNotFoundError(f"cannot lock {path!r} as a ledger directory: {error}") from error
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
@@ -49,13 +52,21 @@ def _lock_directory(path: str) -> int:
 
 
 def _prepare_directory(path: str, create: bool) -> None:
+    """Check `path` can be a journal directory, making it if missing (with `create`)."""
+    try:
+        path.encode()
+    except UnicodeEncodeError:  # an undecodable byte in the name: LMDB takes paths in UTF-8
+        raise JournalNotFoundError(f"{path!r} cannot be a ledger directory: its name is not UTF-8") from None
     if os.path.isdir(path):
         return
     if os.path.exists(path):
         raise JournalNotFoundError(f"{path} is a file, not a ledger directory")
     if not create:
         raise JournalNotFoundError(f"{path} does not exist")
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (OSError, ValueError) as error:  # under a file, no permission, a dangling link, a NUL...
+        raise JournalNotFoundError(f"{path!r} cannot be made a ledger directory: {error}") from error
 
 
 class Journal:

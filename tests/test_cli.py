@@ -549,6 +549,33 @@ def test_an_unknown_account_gives_one_line_on_stderr_and_exit_2(built: Built, co
     assert done.stderr.splitlines() == [f"tally {command}: no account 'nobody' in {built.path}"]
 
 
+BAD_ARGUMENTS = {
+    "a PATH not UTF-8": (["verify", "{tmp}/led\udcffger"], "argument PATH: a path must be"),
+    "an empty PATH": (["history", "", "alice"], "argument PATH: a path must be"),
+    "--into under a file": (["replay", "{ledger}", "--into", "{tmp}/file/new"], "cannot be made a ledger directory"),
+    "--into not UTF-8": (["replay", "{ledger}", "--into", "{tmp}/new\udcff"], "argument --into: a path must be"),
+    "--from past the last LSN a key holds": (["inspect", "{ledger}", "--from", str(2**64)], "above the maximum"),
+    "--path under a file": (["stress", "--path", "{tmp}/file/new", "--transfers", "5"], "cannot be made a ledger"),
+    "--report in no directory": (["stress", "--transfers", "5", "--report", "{tmp}/none/r.html"], "no such directory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGUMENTS))
+def test_an_argument_that_cannot_be_used_gives_one_line_on_stderr_exit_2_and_makes_nothing(
+    built: Built, tmp_path: Path, case: str
+) -> None:
+    (tmp_path / "file").write_text("hello")
+    before = sorted(os.listdir(tmp_path))
+    args, says = BAD_ARGUMENTS[case]
+    done = tally(*(arg.format(tmp=tmp_path, ledger=built.path) for arg in args))
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"tally {args[0]}: ") and says in line, line
+    assert sorted(os.listdir(tmp_path)) == before
+
+
 @pytest.mark.parametrize("command", ["balance", "history"])
 def test_an_account_id_utf8_cannot_encode_gives_one_line_on_stderr_and_exit_2(built: Built, command: str) -> None:
     done = tally(command, built.path, "\udcff")  # the byte 0xff on the command line

@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+from coordinator import shown
 from engine import (
     Account,
     AccountExists,
@@ -80,7 +82,8 @@ def funded(ledger: Ledger) -> Ledger:
 
 BAD_IDS = ["", "x" * 129, None, 5, b"x", "t-\ud800"]
 """The last has a lone surrogate: no UTF-8 for it, so no index key."""
-BAD_AMOUNTS = [0, -1, AMOUNT_MAX + 1, True, 1.0, "1", None]
+BAD_AMOUNTS = [0, -1, AMOUNT_MAX + 1, True, 1.0, "1", None, 10**5000, -(10**5000)]
+"""The last two have more digits than Python will turn into a str: the error must still say what is wrong."""
 
 
 @pytest.mark.parametrize("bad", BAD_IDS, ids=repr)
@@ -95,7 +98,7 @@ def test_a_malformed_id_is_invalid_and_writes_nothing(funded: Ledger, field: str
     assert books(funded) == before
 
 
-@pytest.mark.parametrize("bad", BAD_AMOUNTS, ids=repr)
+@pytest.mark.parametrize("bad", BAD_AMOUNTS, ids=shown)
 def test_an_amount_that_is_not_a_positive_int_in_range_is_invalid_and_writes_nothing(
     funded: Ledger, bad: Any
 ) -> None:
@@ -155,7 +158,7 @@ def test_a_currency_of_sixteen_letters_and_digits_is_valid(ledger: Ledger) -> No
     assert account == Account("carol", "ABCDEFGHIJ012345", 0)
 
 
-@pytest.mark.parametrize("bad", [-1, AMOUNT_MAX + 1, 1.5, True, "0"], ids=repr)
+@pytest.mark.parametrize("bad", [-1, AMOUNT_MAX + 1, 1.5, True, "0", 10**5000], ids=shown)
 def test_a_malformed_overdraft_limit_is_invalid_and_opens_nothing(ledger: Ledger, bad: Any) -> None:
     before = books(ledger)
     with pytest.raises(InvalidRequest):
@@ -435,8 +438,33 @@ def test_a_path_that_is_a_file_is_not_a_ledger(tmp_path: Path) -> None:
         Ledger.open(path)
 
 
-@pytest.mark.parametrize("timeout_s", [0, -1.0, True, "30", None], ids=repr)
-def test_a_timeout_that_is_not_a_positive_number_is_invalid(ledger_path: Path, timeout_s: Any) -> None:
+BAD_PATHS: dict[str, tuple[type[LedgerError], Callable[[Path], Any]]] = {
+    "under a file": (NotALedger, lambda tmp: tmp / "file" / "ledger"),
+    "a dangling link": (NotALedger, lambda tmp: tmp / "dangling"),
+    "empty": (InvalidRequest, lambda tmp: ""),
+    "with a NUL": (InvalidRequest, lambda tmp: f"{tmp}/led\x00ger"),
+    "not UTF-8": (InvalidRequest, lambda tmp: f"{tmp}/led\udcffger"),  # the byte 0xff, as os.fsdecode gives it
+    "bytes": (InvalidRequest, lambda tmp: os.fsencode(tmp / "ledger")),
+    "an int": (InvalidRequest, lambda tmp: 3),
+    "None": (InvalidRequest, lambda tmp: None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PATHS))
+def test_a_path_that_cannot_be_a_ledger_directory_is_refused_and_nothing_is_made(tmp_path: Path, case: str) -> None:
+    (tmp_path / "file").write_text("hello")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    before = sorted(os.listdir(tmp_path))
+    error, make = BAD_PATHS[case]
+    with pytest.raises(error):
+        Ledger.open(make(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.parametrize(
+    "timeout_s", [0, -1.0, True, "30", None, float("nan"), float("inf"), 1e10, 10**400], ids=shown
+)
+def test_a_timeout_that_is_not_a_positive_number_a_lock_can_wait_is_invalid(ledger_path: Path, timeout_s: Any) -> None:
     with pytest.raises(InvalidRequest):
         Ledger.open(ledger_path, timeout_s=timeout_s)
     with Ledger.open(ledger_path) as ledger:  # nothing was left locked
@@ -628,7 +656,10 @@ def test_ids_of_128_multibyte_characters_work_end_to_end(ledger: Ledger) -> None
     assert ledger.balance(account) == Balance(5, 0, 5)
 
 
-@pytest.mark.parametrize("paging", [{"after": -1}, {"after": 1.0}, {"limit": -1}, {"limit": True}], ids=str)
+@pytest.mark.parametrize(
+    "paging", [{"after": -1}, {"after": 1.0}, {"limit": -1}, {"limit": True}, {"after": -(10**5000)}],
+    ids=lambda paging: ", ".join(f"{key}={shown(value)}" for key, value in paging.items()),
+)
 def test_entries_with_malformed_paging_is_invalid(funded: Ledger, paging: dict) -> None:
     with pytest.raises(InvalidRequest):
         funded.entries("alice", **paging)
@@ -707,6 +738,33 @@ def test_a_refused_duplicate_within_a_batch_gets_the_same_refusal(funded: Ledger
     assert isinstance(results[1], Transfer)
     assert type(results[2]) is InsufficientFunds  # the id was consumed by the first refusal
     assert funded.balance("bob") == Balance(50, 0, 50)
+
+
+def test_a_subclass_of_transfer_request_is_read_once_and_applied_as_it_was_checked(funded: Ledger) -> None:
+    """A request is checked and then used; a subclass whose field changes between reads
+    must not get a value past the checks (it once left its id in flight for good)."""
+    reads = []
+
+    class Shifty(TransferRequest):
+        @property  # type: ignore[override]
+        def amount(self) -> int:
+            reads.append(1)
+            return 5 if len(reads) == 1 else 2**70
+
+        @amount.setter
+        def amount(self, value: int) -> None:
+            pass
+
+    (result,) = funded.transfer_many([Shifty("s-1", "alice", "bob", 5)])
+    assert isinstance(result, Transfer) and result.amount == 5
+    assert funded.transfer("s-1", source="alice", destination="bob", amount=5) == result  # not stuck in flight
+    assert funded.balance("bob") == Balance(5, 0, 5)
+
+
+def test_an_amount_too_large_to_print_is_invalid_in_its_place(funded: Ledger) -> None:
+    results = funded.transfer_many([TransferRequest("h-1", "alice", "bob", 10**5000), TransferRequest("h-2", "alice", "bob", 1)])
+    assert type(results[0]) is InvalidRequest and "bits" in str(results[0])
+    assert isinstance(results[1], Transfer)
 
 
 def test_an_item_that_is_not_a_transfer_request_is_invalid_in_its_place(funded: Ledger) -> None:
