@@ -202,6 +202,9 @@ def _recover(args: argparse.Namespace) -> int:
             report = _tools.salvage(args.path, args.into, progress)
         _emit(args, report, lambda: _render_salvage(report))
         return 0
+    if args.into:
+        print("tally recover: --into NEW goes with --salvage (recover works in place)", file=sys.stderr)
+        return 2
     with _progress("recovering", not args.json) as progress:
         report = _tools.recover(args.path, args.dry_run, progress)
 

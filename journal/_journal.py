@@ -31,6 +31,9 @@ from journal._store import Store
 from journal._writer import IndexPut, IndexPuts, Writer
 
 LOCK_FILE = "tally.lock"
+DATA_FILE = "data.mdb"
+"""LMDB's data file: a directory that has one holds a journal."""
+LMDB_LOCK_FILE = "lock.mdb"
 
 
 def _lock_directory(path: str) -> int:
@@ -58,6 +61,13 @@ def _prepare_directory(path: str, create: bool) -> None:
     except UnicodeEncodeError:  # an undecodable byte in the name: LMDB takes paths in UTF-8
         raise JournalNotFoundError(f"{path!r} cannot be a ledger directory: its name is not UTF-8") from None
     if os.path.isdir(path):
+        if create and not os.path.exists(os.path.join(path, DATA_FILE)):
+            others = sorted(set(os.listdir(path)) - {LOCK_FILE, LMDB_LOCK_FILE})
+            if others:  # a directory of something else: never scatter a journal into it
+                raise JournalNotFoundError(
+                    f"{path} is not a Tally ledger (it holds other files, {others[0]!r} among them): "
+                    "give a ledger or a new or empty directory"
+                )
         return
     if os.path.exists(path):
         raise JournalNotFoundError(f"{path} is a file, not a ledger directory")
@@ -100,7 +110,7 @@ class Journal:
         """
         path = os.fspath(path)
         _prepare_directory(path, create)
-        if not create and not os.path.exists(os.path.join(path, "data.mdb")):
+        if not create and not os.path.exists(os.path.join(path, DATA_FILE)):
             Store.refuse_missing(path)
         fd = _lock_directory(path)
         try:

@@ -556,6 +556,7 @@ BAD_ARGUMENTS = {
     "--into not UTF-8": (["replay", "{ledger}", "--into", "{tmp}/new\udcff"], "argument --into: a path must be"),
     "--from past the last LSN a key holds": (["inspect", "{ledger}", "--from", str(2**64)], "above the maximum"),
     "--path under a file": (["stress", "--path", "{tmp}/file/new", "--transfers", "5"], "cannot be made a ledger"),
+    "--into without --salvage": (["recover", "{ledger}", "--into", "{tmp}/new"], "--into NEW goes with --salvage"),
     "--report in no directory": (["stress", "--transfers", "5", "--report", "{tmp}/none/r.html"], "no such directory"),
 }
 

@@ -438,6 +438,13 @@ def test_a_path_that_is_a_file_is_not_a_ledger(tmp_path: Path) -> None:
         Ledger.open(path)
 
 
+def test_a_directory_of_other_files_is_not_a_ledger_and_is_left_as_it_was(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(NotALedger, match="holds other files"):
+        Ledger.open(tmp_path)
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
 BAD_PATHS: dict[str, tuple[type[LedgerError], Callable[[Path], Any]]] = {
     "under a file": (NotALedger, lambda tmp: tmp / "file" / "ledger"),
     "a dangling link": (NotALedger, lambda tmp: tmp / "dangling"),
