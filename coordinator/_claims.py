@@ -9,6 +9,7 @@ either finds the ticket or finds the durable outcome, never neither.
 from __future__ import annotations
 
 import threading
+from itertools import islice
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, cast
 
@@ -16,7 +17,7 @@ from journal import Completion, Journal, JournalError
 
 from coordinator._errors import REJECTIONS, IdempotencyConflict, LedgerError, LedgerUnavailable
 from coordinator._idfilter import IdFilter
-from coordinator._limits import CLAIM_STRIPES, KEY_BYTES_MAX
+from coordinator._limits import CLAIM_STRIPES, KEY_BYTES_MAX, WARM_UP_KEYS_PER_SNAPSHOT
 from coordinator._records import COMMIT, DIGEST_MARK, TRANSFERS_INDEX, decode, id_key, value_lsn
 from coordinator._values import Transfer, TransferRequest
 
@@ -47,7 +48,8 @@ def id_hash(tid: str) -> int:
 
 def key_hash(key: bytes) -> int:
     """`id_hash` of the id whose index key is `key` (for the warm-up, which reads keys)."""
-    return hash(key) if key[:1] == DIGEST_MARK else hash(key.decode())
+    # A key that is not UTF-8 is corrupt (the audit reports it); it must not stop the warm-up.
+    return hash(key) if key[:1] == DIGEST_MARK else hash(key.decode(errors="surrogateescape"))
 _completion_init = Completion.__init__
 
 
@@ -141,20 +143,26 @@ class Claims:
     def _warm_up(self) -> None:
         """Load every journaled id into the filters, off the caller's path (opening stays fast).
 
-        Ids claimed meanwhile are added by `claim` itself, so nothing is missed.
+        Ids claimed meanwhile are added by `claim` itself, so nothing is missed. Keys are read
+        a chunk per snapshot, and no snapshot is open while a stripe lock is awaited: a claim
+        holding stripe locks may wait for a map grow, which waits for every reader to close.
         """
+        journal, after = self._journal, None
         try:
-            with self._journal.snapshot() as txn:
-                for key in self._journal.index_keys(TRANSFERS_INDEX, txn):
-                    if self._stopping:
-                        return
+            while not self._stopping:
+                with journal.snapshot() as txn:
+                    keys = list(islice(journal.index_keys(TRANSFERS_INDEX, txn, after), WARM_UP_KEYS_PER_SNAPSHOT))
+                if not keys:
+                    self._warm = True
+                    return
+                for key in keys:
                     h = key_hash(key)
                     stripe = h & _STRIPE_MASK
                     with self._locks[stripe]:
                         self._filters[stripe].add(h >> 6)
+                after = keys[-1]
         except JournalError:  # closed while warming: claims keep asking the index
             return
-        self._warm = True
 
     def stop(self) -> None:
         """Stop loading the filters (before the journal closes under it); bounded wait."""

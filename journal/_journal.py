@@ -21,6 +21,7 @@ from typing import Any
 from journal._completion import Completion
 from journal._errors import (
     JournalClosedError,
+    JournalError,
     JournalCorruptedError,
     JournalLockedError,
     JournalNotFoundError,
@@ -34,14 +35,16 @@ LOCK_FILE = "tally.lock"
 DATA_FILE = "data.mdb"
 """LMDB's data file: a directory that has one holds a journal."""
 LMDB_LOCK_FILE = "lock.mdb"
+_OURS = {LOCK_FILE, DATA_FILE, LMDB_LOCK_FILE}
+"""A journal's files (`data.mdb` too: another opener may be making it right now)."""
 
 
 def _lock_directory(path: str) -> int:
     """Take an exclusive flock on the directory's lock file; it dies with the process."""
     try:
         fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as error:  # e.g. a read-only directory
-        raise JournalNotFoundError(f"cannot lock {path!r} as a ledger directory: {error}") from error
+    except OSError as error:
+        raise _directory_error(f"cannot lock {path!r} as a ledger directory", error) from error
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
@@ -62,7 +65,12 @@ def _prepare_directory(path: str, create: bool) -> None:
         raise JournalNotFoundError(f"{path!r} cannot be a ledger directory: its name is not UTF-8") from None
     if os.path.isdir(path):
         if create and not os.path.exists(os.path.join(path, DATA_FILE)):
-            others = sorted(set(os.listdir(path)) - {LOCK_FILE, LMDB_LOCK_FILE})
+            try:
+                names = os.listdir(path)
+            except OSError:  # one it may write but not list: nothing to tell, as before
+                names = []
+            others = sorted(name for name in names if name not in _OURS and not name.startswith(".")
+                            and name != "lost+found")  # a mount point's, or a hidden file's
             if others:  # a directory of something else: never scatter a journal into it
                 raise JournalNotFoundError(
                     f"{path} is not a Tally ledger (it holds other files, {others[0]!r} among them): "
@@ -75,8 +83,21 @@ def _prepare_directory(path: str, create: bool) -> None:
         raise JournalNotFoundError(f"{path} does not exist")
     try:
         os.makedirs(path, exist_ok=True)
-    except (OSError, ValueError) as error:  # under a file, no permission, a dangling link, a NUL...
-        raise JournalNotFoundError(f"{path!r} cannot be made a ledger directory: {error}") from error
+    except (OSError, ValueError) as error:
+        raise _directory_error(f"{path!r} cannot be made a ledger directory", error) from error
+
+
+_PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.EACCES, errno.EPERM,
+                          errno.ELOOP, errno.ENAMETOOLONG})
+"""Errors that say the path cannot hold a ledger (under a file, no permission, a dangling link...)."""
+
+
+def _directory_error(what: str, error: Exception) -> JournalError:
+    """`JournalNotFoundError` if `error` is about the path itself; else a plain `JournalError`
+    (out of space, too many open files, a read-only disk: the ledger may be fine)."""
+    if isinstance(error, ValueError) or getattr(error, "errno", None) in _PATH_ERRNOS:
+        return JournalNotFoundError(f"{what}: {error}")
+    return JournalError(f"{what}: {error}")
 
 
 class Journal:
@@ -108,7 +129,7 @@ class Journal:
         for a path that is a file (or missing, without `create`), and
         `JournalCorruptedError` for an unknown format version.
         """
-        path = os.fspath(path)
+        path = os.fsdecode(path)  # a str; bytes become one, undecodable ones refused below
         _prepare_directory(path, create)
         if not create and not os.path.exists(os.path.join(path, DATA_FILE)):
             Store.refuse_missing(path)
@@ -129,7 +150,7 @@ class Journal:
     def open_readonly(cls, path: str | os.PathLike[str], *, index_names: Sequence[str] = ()) -> Journal:
         """Open an existing journal for reading only: no lock is taken, nothing is written,
         and a live writer in another process may go on (LMDB readers see a snapshot)."""
-        path = os.fspath(path)
+        path = os.fsdecode(path)
         _prepare_directory(path, create=False)
         store = Store(path, map_size_bytes=MAP_SIZE_BYTES_DEFAULT, sync=True, index_names=index_names,
                       create=False, readonly=True)
@@ -231,10 +252,17 @@ class Journal:
                 return self.index_get(name, key, txn)
         return txn.get(key, db=self._store.indexes[name])
 
-    def index_keys(self, name: str, txn: Any) -> Iterator[bytes]:
-        """Every key of index `name`, in key order (for rebuilding in-memory filters)."""
+    def index_keys(self, name: str, txn: Any, after: bytes | None = None) -> Iterator[bytes]:
+        """Every key of index `name` (after `after`, if given), in key order (for rebuilding
+        in-memory filters)."""
         cursor = txn.cursor(db=self._store.indexes[name])
-        if cursor.first():
+        if after is None:
+            found = cursor.first()
+        else:
+            found = cursor.set_range(after)
+            if found and cursor.key() == after:
+                found = cursor.next()
+        if found:
             yield from cursor.iternext(keys=True, values=False)
 
     def index_last(self, name: str, txn: Any | None = None) -> bytes | None:

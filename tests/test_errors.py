@@ -8,6 +8,7 @@ raises the same error even once the cause is gone.
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -443,6 +444,29 @@ def test_a_directory_of_other_files_is_not_a_ledger_and_is_left_as_it_was(tmp_pa
     with pytest.raises(NotALedger, match="holds other files"):
         Ledger.open(tmp_path)
     assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_a_new_ledger_may_share_its_directory_with_hidden_files_and_lost_and_found(tmp_path: Path) -> None:
+    (tmp_path / ".keep").write_text("")
+    (tmp_path / "lost+found").mkdir()  # the root of a file system made for the ledger
+    with Ledger.open(tmp_path) as ledger:
+        ledger.create_account("bank", currency="USD")
+    with Ledger.open(tmp_path) as ledger:
+        assert [account.id for account in ledger.accounts()] == ["bank"]
+
+
+def test_a_directory_the_system_cannot_make_now_is_unavailable_not_not_a_ledger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of space or of file descriptors says nothing about the path: a retry may work."""
+    import journal._journal
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(journal._journal.os, "makedirs", full)
+    with pytest.raises(LedgerUnavailable, match="No space left"):
+        Ledger.open(tmp_path / "ledger")
 
 
 BAD_PATHS: dict[str, tuple[type[LedgerError], Callable[[Path], Any]]] = {

@@ -90,6 +90,16 @@ def test_index_entries_are_written_with_their_record(journal: Journal) -> None:
     assert journal.index_range(INDEX, b"a", b"\xff", limit=1) == [(b"a", lsn_key(0))]
 
 
+def test_index_keys_resume_after_a_key_present_or_not(journal: Journal) -> None:
+    append_all(journal, [b"a", b"b", b"c"])
+    with journal.snapshot() as txn:
+        assert list(journal.index_keys(INDEX, txn)) == [b"a", b"b", b"c"]
+        assert list(journal.index_keys(INDEX, txn, after=b"a")) == [b"b", b"c"]
+        assert list(journal.index_keys(INDEX, txn, after=b"bb")) == [b"c"]  # between two keys
+        assert list(journal.index_keys(INDEX, txn, after=b"c")) == []
+        assert list(journal.index_keys(INDEX, txn, after=b"")) == [b"a", b"b", b"c"]
+
+
 # --- reopening -------------------------------------------------------------------
 
 
