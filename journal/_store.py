@@ -34,7 +34,7 @@ from journal._errors import (
     JournalNotFoundError,
     JournalWriteError,
 )
-from journal._limits import DBS_MAX, FORMAT_VERSION, MAP_SIZE_BYTES_MAX, READERS_MAX
+from journal._limits import DBS_MAX, FORMAT_VERSION, GROW_WAIT_S_MAX, MAP_SIZE_BYTES_MAX, READERS_MAX
 
 RECORDS_DB = b"records"
 META_DB = b"meta"
@@ -136,12 +136,16 @@ class Store:
                     self._gate.notify_all()
 
     def grow(self) -> int:
-        """Double the map size once no reader is open. Writer thread only."""
+        """Double the map size once no reader is open (waiting at most `GROW_WAIT_S_MAX`, new
+        readers held off meanwhile). Writer thread only."""
         with self._gate:
             self._growing = True
             try:
-                while self._readers:
-                    self._gate.wait(timeout=1.0)
+                if not self._gate.wait_for(lambda: not self._readers, timeout=GROW_WAIT_S_MAX):
+                    raise JournalWriteError(
+                        f"the journal map is full and could not grow: {self._readers} reader(s) stayed open "
+                        f"for {GROW_WAIT_S_MAX} s"
+                    )
                 size = self.env.info()["map_size"]
                 if size >= MAP_SIZE_BYTES_MAX:
                     raise JournalWriteError(f"the journal map is at its bound of {MAP_SIZE_BYTES_MAX} bytes")

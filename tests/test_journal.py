@@ -20,6 +20,7 @@ from journal import (
     JournalCorruptedError,
     JournalLockedError,
     JournalNotFoundError,
+    JournalWriteError,
     lsn_key,
 )
 from journal._writer import _put_all
@@ -318,6 +319,27 @@ def test_the_map_grows_past_its_initial_size_and_keeps_every_record(ledger_path:
         assert list(reopened.scan()) == list(enumerate(payloads, start=1))
     finally:
         reopened.close()
+
+
+def test_a_full_map_whose_readers_stay_open_fails_the_journal_within_the_bound(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grow waits for every reader to close; one that never does must fail the journal,
+    not stall the writer (and every caller behind it) for good."""
+    import journal._store
+
+    monkeypatch.setattr(journal._store, "GROW_WAIT_S_MAX", 0.2)
+    opened = Journal.open(ledger_path, map_size_bytes=1 << 20)
+    try:
+        with opened.snapshot():  # a reader that stays open past the bound
+            lsns = [opened.append(bytes([n]) * 64 * 1024) for n in range(40)]  # 2.5 MiB into 1 MiB
+            with pytest.raises(JournalWriteError, match="could not grow"):
+                opened.wait_durable(lsns[-1], WAIT_S)
+        assert isinstance(opened.failure, JournalWriteError)
+        with opened.snapshot() as txn:  # readers are not held off any more
+            assert txn is not None
+    finally:
+        opened.close()
 
 
 # --- closing ---------------------------------------------------------------------
