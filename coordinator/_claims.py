@@ -149,10 +149,17 @@ class Claims:
         """
         journal, after = self._journal, None
         try:
+            with journal.snapshot() as txn:
+                # Every id past the index's last key now is claimed here, and `claim` adds it:
+                # the warm-up ends there, not chasing ids that keep coming.
+                end = journal.index_last(TRANSFERS_INDEX, txn)
             while not self._stopping:
+                if end is None or (after is not None and after >= end):
+                    self._warm = True
+                    return
                 with journal.snapshot() as txn:
                     keys = list(islice(journal.index_keys(TRANSFERS_INDEX, txn, after), WARM_UP_KEYS_PER_SNAPSHOT))
-                if not keys:
+                if not keys:  # cannot be (the index only grows); as good as the end
                     self._warm = True
                     return
                 for key in keys:

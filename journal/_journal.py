@@ -57,6 +57,18 @@ def _lock_directory(path: str) -> int:
     return fd
 
 
+def foreign_files(path: str) -> list[str]:
+    """The names in directory `path` that no journal makes, if it holds no journal yet (hidden
+    ones and a file system's `lost+found` aside); [] if it cannot be listed."""
+    if os.path.exists(os.path.join(path, DATA_FILE)):
+        return []
+    try:
+        names = os.listdir(path)
+    except OSError:  # one it may write but not list: nothing to tell
+        return []
+    return sorted(name for name in names if name not in _OURS and not name.startswith(".") and name != "lost+found")
+
+
 def _prepare_directory(path: str, create: bool) -> None:
     """Check `path` can be a journal directory, making it if missing (with `create`)."""
     try:
@@ -64,13 +76,8 @@ def _prepare_directory(path: str, create: bool) -> None:
     except UnicodeEncodeError:  # an undecodable byte in the name: LMDB takes paths in UTF-8
         raise JournalNotFoundError(f"{path!r} cannot be a ledger directory: its name is not UTF-8") from None
     if os.path.isdir(path):
-        if create and not os.path.exists(os.path.join(path, DATA_FILE)):
-            try:
-                names = os.listdir(path)
-            except OSError:  # one it may write but not list: nothing to tell, as before
-                names = []
-            others = sorted(name for name in names if name not in _OURS and not name.startswith(".")
-                            and name != "lost+found")  # a mount point's, or a hidden file's
+        if create:
+            others = foreign_files(path)
             if others:  # a directory of something else: never scatter a journal into it
                 raise JournalNotFoundError(
                     f"{path} is not a Tally ledger (it holds other files, {others[0]!r} among them): "

@@ -33,7 +33,7 @@ WRITER_IDLE_WAIT_S = 0.1
 """How long the idle writer sleeps before re-checking for shutdown."""
 
 GROW_WAIT_S_MAX = 30.0
-"""Longest a full map waits for its readers to close before it grows; past it the journal fails."""
+"""How often a full map waiting for its readers to close logs that it is still waiting."""
 CLOSE_WAIT_S_MAX = 30.0
 """Longest `close` waits for the writer to drain what was appended."""
 

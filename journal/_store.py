@@ -20,6 +20,7 @@ so every read goes through `reading()`, a gate the writer closes while it grows.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,8 @@ from journal._errors import (
     JournalWriteError,
 )
 from journal._limits import DBS_MAX, FORMAT_VERSION, GROW_WAIT_S_MAX, MAP_SIZE_BYTES_MAX, READERS_MAX
+
+logger = logging.getLogger("tally.journal")
 
 RECORDS_DB = b"records"
 META_DB = b"meta"
@@ -136,16 +139,21 @@ class Store:
                     self._gate.notify_all()
 
     def grow(self) -> int:
-        """Double the map size once no reader is open (waiting at most `GROW_WAIT_S_MAX`, new
-        readers held off meanwhile). Writer thread only."""
+        """Double the map size once no reader is open (new readers are held off meanwhile).
+        Writer thread only.
+
+        Every reader ends on its own (none waits on anything while it reads), but one may be
+        long: `state_hash` reads every entry in one snapshot. Failing the journal after a
+        bound would turn that into an outage until reopen; so the grow waits, and says so
+        every `GROW_WAIT_S_MAX` seconds."""
         with self._gate:
             self._growing = True
             try:
-                if not self._gate.wait_for(lambda: not self._readers, timeout=GROW_WAIT_S_MAX):
-                    raise JournalWriteError(
-                        f"the journal map is full and could not grow: {self._readers} reader(s) stayed open "
-                        f"for {GROW_WAIT_S_MAX} s"
-                    )
+                waited = 0.0
+                while not self._gate.wait_for(lambda: not self._readers, timeout=GROW_WAIT_S_MAX):
+                    waited += GROW_WAIT_S_MAX
+                    logger.warning("the journal map is full: growing it waits for %d reader(s) to close (%.0f s so far)",
+                                   self._readers, waited)
                 size = self.env.info()["map_size"]
                 if size >= MAP_SIZE_BYTES_MAX:
                     raise JournalWriteError(f"the journal map is at its bound of {MAP_SIZE_BYTES_MAX} bytes")

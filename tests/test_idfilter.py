@@ -133,3 +133,20 @@ def test_the_warm_up_holds_no_snapshot_while_it_waits_for_a_stripe_a_claim_holds
         assert [type(result) for result in results] == [Transfer] * 3
         assert ledger._coordinator.claims.wait_warm(WAIT_S)
         assert ledger.balance("alice") == Balance(103, 0, 103)
+
+
+def test_the_warm_up_loads_every_journaled_id_across_chunks(ledger_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import coordinator._claims
+
+    with Ledger.open(ledger_path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        ids = [f"t-{n}" for n in range(50)] + ["é" * 128, "\U0001f4b6" * 128]  # a raw and a digest key
+        ledger.transfer_many([TransferRequest(tid, "bank", "alice", 1) for tid in ids])
+    monkeypatch.setattr(coordinator._claims, "WARM_UP_KEYS_PER_SNAPSHOT", 7)  # 8 snapshots, the last one short
+    with Ledger.open(ledger_path) as ledger:
+        claims = ledger._coordinator.claims
+        assert claims.wait_warm(WAIT_S)
+        for tid in ids:
+            h = id_hash(tid)
+            assert claims._filters[h & (CLAIM_STRIPES - 1)].might_contain(h >> 6), tid

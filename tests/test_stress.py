@@ -218,3 +218,12 @@ def test_a_path_that_is_not_a_ledger_is_refused(tmp_path: Path) -> None:
     assert "not a Tally ledger" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     file_out = tally("stress", "--path", str(tmp_path / "notes.txt"), "--transfers", "10")
     assert file_out.returncode == 2 and "is a file" in file_out.stderr
+
+
+def test_a_path_stress_may_use_is_one_ledger_open_may_use(tmp_path: Path) -> None:
+    """The same rule as `Ledger.open`: a hidden file or `lost+found` does not make a directory foreign."""
+    (tmp_path / ".keep").write_text("")
+    (tmp_path / "lost+found").mkdir()
+    out = tally("stress", "--path", str(tmp_path), "--accounts", "4", "--clients", "2", "--transfers", "40")
+    assert out.returncode == 0, out.stderr
+    assert "verdict: ok" in out.stdout
