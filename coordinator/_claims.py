@@ -9,8 +9,8 @@ either finds the ticket or finds the durable outcome, never neither.
 from __future__ import annotations
 
 import threading
-from itertools import islice
 from collections.abc import Callable, Sequence
+from itertools import islice
 from typing import Any, NamedTuple, cast
 
 from journal import Completion, Journal, JournalError
@@ -50,6 +50,8 @@ def key_hash(key: bytes) -> int:
     """`id_hash` of the id whose index key is `key` (for the warm-up, which reads keys)."""
     # A key that is not UTF-8 is corrupt (the audit reports it); it must not stop the warm-up.
     return hash(key) if key[:1] == DIGEST_MARK else hash(key.decode(errors="surrogateescape"))
+
+
 _completion_init = Completion.__init__
 
 
@@ -147,29 +149,26 @@ class Claims:
         a chunk per snapshot, and no snapshot is open while a stripe lock is awaited: a claim
         holding stripe locks may wait for a map grow, which waits for every reader to close.
         """
-        journal, after = self._journal, None
+        journal = self._journal
         try:
-            with journal.snapshot() as txn:
-                # Every id past the index's last key now is claimed here, and `claim` adds it:
-                # the warm-up ends there, not chasing ids that keep coming.
-                end = journal.index_last(TRANSFERS_INDEX, txn)
-            while not self._stopping:
-                if end is None or (after is not None and after >= end):
-                    self._warm = True
+            # Every id past the index's last key now is claimed here, and `claim` adds it:
+            # the warm-up ends there, not chasing ids that keep coming.
+            end = journal.index_last(TRANSFERS_INDEX)
+            after: bytes | None = None
+            while end is not None and (after is None or after < end):
+                if self._stopping:
                     return
                 with journal.snapshot() as txn:
                     keys = list(islice(journal.index_keys(TRANSFERS_INDEX, txn, after), WARM_UP_KEYS_PER_SNAPSHOT))
-                if not keys:  # cannot be (the index only grows); as good as the end
-                    self._warm = True
-                    return
                 for key in keys:
                     h = key_hash(key)
                     stripe = h & _STRIPE_MASK
                     with self._locks[stripe]:
                         self._filters[stripe].add(h >> 6)
-                after = keys[-1]
+                after = keys[-1]  # the index only grows: there is a key up to `end`
         except JournalError:  # closed while warming: claims keep asking the index
             return
+        self._warm = True
 
     def stop(self) -> None:
         """Stop loading the filters (before the journal closes under it); bounded wait."""
@@ -196,7 +195,7 @@ class Claims:
         ticket its first occurrence got)."""
         filters, inflight, warm = self._filters, self._inflight, self._warm
         claimed: list[Ticket | Outcome] = []
-        locks = self._stripes_of(requests)
+        locks = self._locks_for(len(requests), lambda: id_hash(requests[0].id) & _STRIPE_MASK)
         for lock in locks:
             lock.acquire()  # not `with`: on CPython 3.11 it costs three times as much
         try:
@@ -220,13 +219,11 @@ class Claims:
                 lock.release()
         return claimed
 
-    def _stripes_of(self, requests: Sequence[TransferRequest]) -> Sequence[threading.Lock]:
-        """The locks to take for these requests' ids: its stripe's for one, every stripe's
-        (in order, so never a deadlock) for more: a batch of 1,000 then takes 64 locks once,
-        not a lock 1,000 times."""
-        if len(requests) == 1:
-            return (self._locks[id_hash(requests[0].id) & _STRIPE_MASK],)
-        return self._locks
+    def _locks_for(self, count: int, stripe_of_one: Callable[[], int]) -> Sequence[threading.Lock]:
+        """The locks to take for `count` ids: the one's stripe's (`stripe_of_one()`), or every
+        stripe's for more (in order, so never a deadlock): a batch of 1,000 then takes 64
+        locks once, not a lock 1,000 times."""
+        return (self._locks[stripe_of_one()],) if count == 1 else self._locks
 
     def lookup(self, tid: str, txn: Any | None = None) -> Outcome | None:
         """The durable outcome of `tid`, from the transfer index (no scan)."""
@@ -248,7 +245,7 @@ class Claims:
     def release_many(self, tickets: Sequence[Ticket]) -> None:
         """`release` of each."""
         inflight = self._inflight
-        locks = (self._locks[tickets[0].stripe],) if len(tickets) == 1 else self._locks
+        locks = self._locks_for(len(tickets), lambda: tickets[0].stripe)
         for lock in locks:
             lock.acquire()  # not `with`: see `claim_many`
         try:

@@ -234,18 +234,16 @@ def _recover(args: argparse.Namespace) -> int:
 def _stress(args: argparse.Namespace) -> int:
     import os
 
-    from coordinator import InvalidRequest, NotALedger
-    from journal import foreign_files
+    from coordinator import InvalidRequest, NotALedger, ledger_errors
+    from journal import refuse_foreign
 
     from engine._stress import StressConfig, run_stress
 
     if args.path is not None and os.path.exists(args.path):
         if not os.path.isdir(args.path):
             raise NotALedger(f"{args.path} is a file, not a ledger directory")
-        others = foreign_files(args.path)  # the rule `Ledger.open` applies
-        if others:
-            raise NotALedger(f"{args.path} is not a Tally ledger (it holds other files, {others[0]!r} among them); "
-                             "give a ledger or a new or empty directory")
+        with ledger_errors():  # the rule `Ledger.open` applies, before the run starts
+            refuse_foreign(args.path)
     if args.report and not args.report.endswith((".html", ".png")):
         raise InvalidRequest(f"--report takes a .html or .png file name, got {args.report!r}")
     if args.report and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):

@@ -123,15 +123,7 @@ class Directory:
                         entry.used = True
                         entry.pins += 1
                     inbox = entry._inbox
-                    lock = inbox._lock  # `inbox.try_hold()`, inline: once per account of every batch
-                    lock.acquire()
-                    try:
-                        idle = not inbox._scheduled and not inbox._messages
-                        if idle:
-                            inbox._scheduled = True
-                    finally:
-                        lock.release()
-                    if idle:
+                    if inbox.try_hold():
                         held[account_id] = inbox._actor  # type: ignore[assignment]
                         held.handles.append(entry)
                         continue
@@ -153,17 +145,7 @@ class Directory:
     def _release(self, held: _Held) -> None:
         """`release_many`, called with `_lock` held."""
         for entry in held.handles:
-            inbox = entry._inbox
-            lock = inbox._lock  # `inbox.unhold()`'s usual case, inline: once per account of every batch
-            lock.acquire()
-            try:
-                idle = not inbox._messages
-                if idle:
-                    inbox._scheduled = False
-            finally:
-                lock.release()
-            if not idle:  # messages queued meanwhile (only the turn's holder takes any out)
-                inbox.unhold()  # which hands the turn, and them, to the dispatcher
+            entry._inbox.unhold()
             entry.pins -= 1
             assert entry.pins >= 0, entry
 

@@ -215,8 +215,7 @@ class _Inbox:
             _inline.depth = depth
 
     def try_hold(self) -> bool:
-        """Take the turn if the actor is idle with an empty mailbox. Never waits.
-        (`Directory.hold_many` runs this inline: change the two together.)"""
+        """Take the turn if the actor is idle with an empty mailbox. Never waits."""
         self._lock.acquire()  # not `with`: see `_enqueue`
         try:
             if self._scheduled or self._messages:
@@ -245,8 +244,7 @@ class _Inbox:
         queued.extendleft(reversed(kept))
 
     def unhold(self) -> None:
-        """Give the turn back; what queued meanwhile is handled on the dispatcher.
-        (`Directory._release` runs the usual case inline: change the two together.)"""
+        """Give the turn back; what queued meanwhile is handled on the dispatcher."""
         self._lock.acquire()  # `finish_slice`, inline: once per account of every batch
         try:
             if not self._messages:

@@ -17,7 +17,7 @@ from journal._errors import (
     JournalWriteError,
 )
 from journal._format import lsn_key
-from journal._journal import LOCK_FILE, Journal, foreign_files
+from journal._journal import LOCK_FILE, Journal, refuse_foreign
 from journal._limits import FORMAT_VERSION
 from journal._writer import IndexPut, IndexPuts
 
@@ -28,7 +28,7 @@ __all__ = [
     "CRASH_POINT_ARMED",
     "Completion",
     "crash_point",
-    "foreign_files",
+    "refuse_foreign",
     "IndexPut",
     "IndexPuts",
     "Journal",

@@ -28,13 +28,10 @@ from journal._errors import (
 )
 from journal._format import key_lsn, lsn_key, unframe, unframe_keyed
 from journal._limits import MAP_SIZE_BYTES_DEFAULT
-from journal._store import Store
+from journal._store import DATA_FILE, LMDB_LOCK_FILE, Store
 from journal._writer import IndexPut, IndexPuts, Writer
 
 LOCK_FILE = "tally.lock"
-DATA_FILE = "data.mdb"
-"""LMDB's data file: a directory that has one holds a journal."""
-LMDB_LOCK_FILE = "lock.mdb"
 _OURS = {LOCK_FILE, DATA_FILE, LMDB_LOCK_FILE}
 """A journal's files (`data.mdb` too: another opener may be making it right now)."""
 
@@ -57,16 +54,22 @@ def _lock_directory(path: str) -> int:
     return fd
 
 
-def foreign_files(path: str) -> list[str]:
-    """The names in directory `path` that no journal makes, if it holds no journal yet (hidden
-    ones and a file system's `lost+found` aside); [] if it cannot be listed."""
+def refuse_foreign(path: str) -> None:
+    """Raise `JournalNotFoundError` if directory `path` holds no journal yet but other files
+    (hidden ones and a file system's `lost+found` aside): never scatter a journal into
+    something else. One that cannot be listed passes: nothing to tell."""
     if os.path.exists(os.path.join(path, DATA_FILE)):
-        return []
+        return
     try:
         names = os.listdir(path)
-    except OSError:  # one it may write but not list: nothing to tell
-        return []
-    return sorted(name for name in names if name not in _OURS and not name.startswith(".") and name != "lost+found")
+    except OSError:
+        return
+    others = sorted(name for name in names if name not in _OURS and not name.startswith(".") and name != "lost+found")
+    if others:
+        raise JournalNotFoundError(
+            f"{path} is not a Tally ledger (it holds other files, {others[0]!r} among them): "
+            "give a ledger or a new or empty directory"
+        )
 
 
 def _prepare_directory(path: str, create: bool) -> None:
@@ -77,12 +80,7 @@ def _prepare_directory(path: str, create: bool) -> None:
         raise JournalNotFoundError(f"{path!r} cannot be a ledger directory: its name is not UTF-8") from None
     if os.path.isdir(path):
         if create:
-            others = foreign_files(path)
-            if others:  # a directory of something else: never scatter a journal into it
-                raise JournalNotFoundError(
-                    f"{path} is not a Tally ledger (it holds other files, {others[0]!r} among them): "
-                    "give a ledger or a new or empty directory"
-                )
+            refuse_foreign(path)
         return
     if os.path.exists(path):
         raise JournalNotFoundError(f"{path} is a file, not a ledger directory")

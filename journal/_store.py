@@ -39,6 +39,11 @@ from journal._limits import DBS_MAX, FORMAT_VERSION, GROW_WAIT_S_MAX, MAP_SIZE_B
 
 logger = logging.getLogger("tally.journal")
 
+DATA_FILE = "data.mdb"
+"""LMDB's data file: a directory that has one holds a journal."""
+LMDB_LOCK_FILE = "lock.mdb"
+"""LMDB's reader table, made before the data file."""
+
 RECORDS_DB = b"records"
 META_DB = b"meta"
 _FORMAT_KEY = b"format_version"
@@ -57,7 +62,7 @@ class Store:
         create: bool,
         readonly: bool = False,
     ) -> None:
-        if not create and not os.path.exists(os.path.join(path, "data.mdb")):
+        if not create and not os.path.exists(os.path.join(path, DATA_FILE)):
             self.refuse_missing(path)
         self.readonly = readonly
         try:
