@@ -4,7 +4,7 @@ It knows the journal and talks to accounts only through `Participant` (and, whil
 an account's turn, `HeldAccount`).
 """
 
-from coordinator._audit import CHECKS, AuditReport, audit, state_hash
+from coordinator._audit import CHECKS, AuditReport, audit, state_hash, unopened
 from coordinator._claims import Refusal, decode_outcome
 from coordinator._coordinator import Coordinator
 from coordinator._errors import (
@@ -47,6 +47,7 @@ __all__ = [
     "AuditReport",
     "audit",
     "state_hash",
+    "unopened",
     "AMOUNT_MAX",
     "CHECKPOINT_RECORDS_INTERVAL",
     "INDEX_NAMES",

@@ -3,7 +3,11 @@
 Used by `tally verify` (read-only) and `tally recover`, and by the state hash
 the engine reports. The checks, each named in the report:
 
-1. every record's checksum is valid; every LSN present once, in order (the scan);
+0. the data file is sound: its meta pages, its length, every page and the free list
+   (checked as the journal opens, before LMDB reads it), and it is the file its anchor
+   names;
+1. every record's checksum is valid; every LSN present once, in order (the scan), up to
+   the LSN the anchor saw durable;
 2. per-account seq gapless from 1, each entry's balance the running sum, and no
    balance below its overdraft limit (replay with the pure `post`);
 3. checkpoints agree with the records before them;
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-from journal import Journal
+from journal import Journal, JournalCorruptedError
 
 from coordinator._entries import Rows, commit_rows, entry_rows, newest_checkpoint_lsn, unindexed_entries
 from coordinator._errors import JournalCorrupted
@@ -43,6 +47,7 @@ from coordinator._records import (
 from coordinator._recovery import Recovered, replay
 from coordinator._values import Account
 
+CHECK_FILE = "the data file is sound (meta pages, length, every page, the free list) and its anchor's"
 CHECK_RECORDS = "every record's checksum is valid and every LSN is present once, in order"
 CHECK_ENTRIES = "per-account seq is gapless from 1 and each balance is the running sum"
 CHECK_LIMITS = "no balance is below its overdraft limit"
@@ -51,7 +56,7 @@ CHECK_CONSERVED = "money is conserved (posted balances sum to 0)"
 CHECK_PAIRS = "each committed transfer has exactly two entries, on its source and destination, summing to 0"
 CHECK_INDEXES = "the transfer and account indexes point at the records that made them"
 CHECK_HOLDS = "no reservation is left (holds are never journaled)"
-CHECKS = (CHECK_RECORDS, CHECK_ENTRIES, CHECK_LIMITS, CHECK_CHECKPOINTS, CHECK_CONSERVED,
+CHECKS = (CHECK_FILE, CHECK_RECORDS, CHECK_ENTRIES, CHECK_LIMITS, CHECK_CHECKPOINTS, CHECK_CONSERVED,
           CHECK_PAIRS, CHECK_INDEXES, CHECK_HOLDS)
 
 
@@ -84,23 +89,41 @@ def _replay_failure(error: JournalCorrupted) -> str:
 def audit(journal: Journal, progress: Callable[[int], None] | None = None) -> AuditReport:
     """Run every check over the whole journal; never writes."""
     report = AuditReport(checks=dict.fromkeys(CHECKS))
+    found = journal.problem
+    if found is not None and found.lsn is None:  # the data file is not the one its anchor names
+        return failed(report, CHECK_FILE, str(found), None)
     try:
         books = replay(journal, progress=progress)
     except JournalCorrupted as error:
-        failed = _replay_failure(error)
-        for check in CHECKS[: CHECKS.index(failed)]:
-            report.checks[check] = True
-        report.checks[failed] = False
-        report.problem, report.corrupt_lsn = str(error), error.lsn
-        return report
+        return failed(report, _replay_failure(error), str(error), error.lsn)
+    if found is not None:  # records missing past the last one (the anchor saw them durable)
+        return failed(report, CHECK_RECORDS, str(found), found.lsn)
     report.books = books
-    for check in (CHECK_RECORDS, CHECK_ENTRIES, CHECK_LIMITS, CHECK_CHECKPOINTS, CHECK_CONSERVED, CHECK_HOLDS):
+    for check in (CHECK_FILE, CHECK_RECORDS, CHECK_ENTRIES, CHECK_LIMITS, CHECK_CHECKPOINTS, CHECK_CONSERVED,
+                  CHECK_HOLDS):
         report.checks[check] = True
-    pairs, indexes = _cross_check(journal, books)
+    try:
+        pairs, indexes = _cross_check(journal, books)
+    except JournalCorruptedError as error:  # an index entry fails its checksum
+        pairs, indexes = (str(error), None) if error.where == f"the {ENTRIES_INDEX} index" else (None, str(error))
     report.checks[CHECK_PAIRS] = pairs is None
     report.checks[CHECK_INDEXES] = indexes is None
     report.problem = pairs or indexes
     return report
+
+
+def failed(report: AuditReport, check: str, problem: str, lsn: int | None) -> AuditReport:
+    """`report` with the checks before `check` passed, `check` failed, and the rest not reached."""
+    for earlier in CHECKS[: CHECKS.index(check)]:
+        report.checks[earlier] = True
+    report.checks[check] = False
+    report.problem, report.corrupt_lsn = problem, lsn
+    return report
+
+
+def unopened(error: JournalCorrupted) -> AuditReport:
+    """The report on a journal that could not be opened for its damage."""
+    return failed(AuditReport(checks=dict.fromkeys(CHECKS)), CHECK_FILE, str(error), error.lsn)
 
 
 def _cross_check(journal: Journal, books: Recovered) -> tuple[str | None, str | None]:

@@ -18,9 +18,11 @@ from coordinator import (
     AccountNotFound,
     AuditReport,
     InvalidRequest,
+    JournalCorrupted,
     LedgerError,
     LedgerLocked,
     NotALedger,
+    Recovered,
     Sequencer,
     TransferRequest,
     audit,
@@ -28,6 +30,7 @@ from coordinator import (
     ledger_errors,
     load_checkpoint,
     state_hash,
+    unopened,
 )
 from coordinator._entries import entry_rows, unindexed_entries, unindexed_flat
 from coordinator._records import (
@@ -45,7 +48,7 @@ from coordinator._records import (
     id_key,
     value_lsn,
 )
-from journal import Completion, Journal, JournalCorruptedError
+from journal import Completion, Journal, JournalCorruptedError, JournalFormatError
 
 from engine._ledger import Ledger
 
@@ -53,9 +56,17 @@ Progress = Callable[[int], None] | None
 
 
 @contextmanager
-def _reading(path: str) -> Iterator[Journal]:
-    with ledger_errors():
-        journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
+def _reading(path: str, lock: bool = False) -> Iterator[Journal]:
+    """The journal, open read-only (with `lock`, refusing while a live process holds it).
+    Damage found as it opens is `JournalCorrupted`, except a format this code does not read,
+    which the command cannot run on (`NotALedger` says so)."""
+    try:
+        with ledger_errors():
+            journal = Journal.open_readonly(path, index_names=INDEX_NAMES, lock=lock)
+    except JournalCorrupted as error:
+        if isinstance(error.__cause__, JournalFormatError):
+            raise NotALedger(str(error)) from error
+        raise
     try:
         with ledger_errors():
             yield journal
@@ -63,12 +74,12 @@ def _reading(path: str) -> Iterator[Journal]:
         journal.close()
 
 
-def _audit_dict(report: AuditReport, elapsed_s: float, journal: Journal) -> dict[str, Any]:
+def _audit_dict(report: AuditReport, elapsed_s: float, journal: Journal | None, path: str) -> dict[str, Any]:
     books = report.books
     result: dict[str, Any] = {
-        "path": journal.path,
+        "path": path,
         "records_scanned": books.records if books else None,
-        "last_lsn": journal.last_lsn,
+        "last_lsn": journal.last_lsn if journal is not None else None,
         "accounts": len(books.accounts) if books else None,
         "transfers_committed": books.commits if books else None,
         "transfers_rejected": books.rejects if books else None,
@@ -77,7 +88,7 @@ def _audit_dict(report: AuditReport, elapsed_s: float, journal: Journal) -> dict
         "problem": report.problem,
         "corrupt_lsn": report.corrupt_lsn,
         "elapsed_s": round(elapsed_s, 3),
-        "state_hash": state_hash(journal, books.accounts.values()) if books and report.whole else None,
+        "state_hash": state_hash(journal, books.accounts.values()) if journal and books and report.whole else None,
         "verdict": "whole" if report.whole else "NOT WHOLE",
     }
     return result
@@ -86,51 +97,67 @@ def _audit_dict(report: AuditReport, elapsed_s: float, journal: Journal) -> dict
 def verify(path: str, progress: Progress = None) -> dict[str, Any]:
     """The read-only audit. Never writes; a live process may keep using the ledger."""
     started = time.perf_counter()
-    with _reading(path) as journal:
-        report = audit(journal, progress)
-        return _audit_dict(report, time.perf_counter() - started, journal)
+    try:
+        with _reading(path) as journal:
+            report = audit(journal, progress)
+            return _audit_dict(report, time.perf_counter() - started, journal, path)
+    except JournalCorrupted as error:  # the data file cannot be read at all
+        return _audit_dict(unopened(error), time.perf_counter() - started, None, path)
 
 
 def recover(path: str, dry_run: bool, progress: Progress = None) -> dict[str, Any]:
     """Audit a ledger whose process died and make its next open cheap.
 
-    Refuses (`LedgerLocked`) if a live process holds the ledger. Nothing on disk
-    can be in doubt: holds are never journaled and a commit record carries both
-    of its entries, so recovery's only resolution is the account projection of
-    the records past the newest checkpoint, which it journals as a new checkpoint.
+    Refuses (`LedgerLocked`) if a live process holds the ledger. The audit runs on the
+    journal opened read-only; only a whole ledger is then opened for writing, to journal
+    a checkpoint (never with `dry_run`). Nothing on disk can be in doubt: holds are never
+    journaled and a commit record carries both of its entries, so recovery's only
+    resolution is the account projection of the records past the newest checkpoint.
     """
     started = time.perf_counter()
     try:
-        with ledger_errors():
-            journal = Journal.open(path, index_names=INDEX_NAMES, create=False)
+        with _reading(path, lock=True) as journal:
+            report = audit(journal, progress)
+            result = _audit_dict(report, 0.0, journal, path)
+            tail = load_checkpoint(journal) if report.whole else None
+            last_lsn = journal.last_lsn
+            result["last_record"] = _last_row(journal) if report.whole else None
     except LedgerLocked as error:
         raise LedgerLocked(f"refusing to recover {path}: a live process holds it (stop it first; "
                            "recover is for a ledger whose process died)") from error
+    except JournalCorrupted as error:
+        report = unopened(error)
+        result, tail, last_lsn = _audit_dict(report, 0.0, None, path), None, None
+        result["last_record"] = None
+    result["checkpoint_lsn"] = tail.checkpoint_lsn if tail is not None else None
+    result["replayed_past_checkpoint"] = last_lsn - tail.checkpoint_lsn if tail is not None and last_lsn else 0
+    result["in_doubt"] = {"aborted_by_recovery": [], "finished_by_recovery": []}
+    result["dry_run"] = dry_run
+    if report.whole and report.books is not None and last_lsn is not None and result["replayed_past_checkpoint"]:
+        if dry_run:
+            result["would_write_checkpoint_at"] = last_lsn + 1
+        else:
+            result["checkpoint_written_at"] = _write_checkpoint(path, report.books, last_lsn)
+    result["elapsed_s"] = round(time.perf_counter() - started, 3)
+    return result
+
+
+def _write_checkpoint(path: str, books: Recovered, audited_lsn: int | None) -> int:
+    """Journal a checkpoint of `books` (the audited projection) in the ledger at `path`."""
+    with ledger_errors():
+        journal = Journal.open(path, index_names=INDEX_NAMES, create=False)
     try:
         with ledger_errors():
-            report = audit(journal, progress)
-            result = _audit_dict(report, 0.0, journal)
-            tail = load_checkpoint(journal)
-            result["checkpoint_lsn"] = tail.checkpoint_lsn
-            result["replayed_past_checkpoint"] = journal.last_lsn - tail.checkpoint_lsn
-            result["in_doubt"] = {"aborted_by_recovery": [], "finished_by_recovery": []}
-            result["last_record"] = _last_row(journal) if report.whole else None
-            result["dry_run"] = dry_run
-            if report.whole and report.books is not None and result["replayed_past_checkpoint"]:
-                books = report.books
-                if dry_run:
-                    result["would_write_checkpoint_at"] = journal.last_lsn + 1
-                else:
-                    with journal.snapshot() as txn:
-                        unindexed = unindexed_flat(journal, txn)
-                    sequencer = Sequencer(journal, books.accounts, books.states, unindexed=unindexed)
-                    sequencer.account_lsns.update(books.account_lsns)
-                    with sequencer.lock:
-                        lsn = sequencer.checkpoint()
-                    journal.wait_durable(lsn, 30.0)
-                    result["checkpoint_written_at"] = lsn
-            result["elapsed_s"] = round(time.perf_counter() - started, 3)
-            return result
+            if journal.last_lsn != audited_lsn:
+                raise LedgerLocked(f"{path} changed while it was audited (another process wrote to it)")
+            with journal.snapshot() as txn:
+                unindexed = unindexed_flat(journal, txn)
+            sequencer = Sequencer(journal, books.accounts, books.states, unindexed=unindexed)
+            sequencer.account_lsns.update(books.account_lsns)
+            with sequencer.lock:
+                lsn = sequencer.checkpoint()
+            journal.wait_durable(lsn, 30.0)
+            return lsn
     finally:
         journal.close()
 
@@ -151,7 +178,7 @@ def salvage(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
     """Copy every verifiable record before the first corrupt one into a new ledger."""
     _new_directory(into)
     with ledger_errors():
-        journal = Journal.open(path, index_names=INDEX_NAMES, create=False)
+        journal = Journal.open_readonly(path, index_names=INDEX_NAMES, lock=True)
     try:
         with ledger_errors():
             report = audit(journal, progress)

@@ -11,17 +11,21 @@ from journal._errors import (
     JournalClosedError,
     JournalCorruptedError,
     JournalError,
+    JournalFormatError,
     JournalLockedError,
     JournalNotFoundError,
     JournalTimeoutError,
     JournalWriteError,
 )
 from journal._format import lsn_key
-from journal._journal import LOCK_FILE, Journal, refuse_foreign
+from journal._anchor import ANCHOR_FILE
+from journal._directory import LOCK_FILE, refuse_foreign
+from journal._journal import Journal
 from journal._limits import FORMAT_VERSION
 from journal._writer import IndexPut, IndexPuts
 
 __all__ = [
+    "ANCHOR_FILE",
     "FORMAT_VERSION",
     "LOCK_FILE",
     "CRASH_POINTS",
@@ -35,6 +39,7 @@ __all__ = [
     "JournalClosedError",
     "JournalCorruptedError",
     "JournalError",
+    "JournalFormatError",
     "JournalLockedError",
     "JournalNotFoundError",
     "JournalTimeoutError",

@@ -8,17 +8,27 @@ class JournalError(Exception):
 
 
 class JournalCorruptedError(JournalError):
-    """A record failed its checksum, its LSN is out of sequence, or the format is unknown.
+    """Stored data fails a check: a record's checksum or sequence, an index entry's checksum,
+    a page of the data file, the anchor, or the format.
 
-    `lsn` names the first bad record (None when the damage is not in a record,
-    for example an unknown format version). Nothing is ever repaired silently.
+    `lsn` names the first bad record (None when the damage is not in a record); `where`
+    says where the damage is in words (an LSN, an index, a page, a file). Nothing is
+    ever repaired silently.
     """
 
-    def __init__(self, reason: str, lsn: int | None = None) -> None:
-        where = f"at LSN {lsn}" if lsn is not None else "in the journal metadata"
-        super().__init__(f"journal corrupted {where}: {reason}")
+    def __init__(self, reason: str, lsn: int | None = None, where: str | None = None) -> None:
+        if where is None:
+            where = f"LSN {lsn}" if lsn is not None else "the journal metadata"
+        super().__init__(f"journal corrupted at {where}: {reason}" if lsn is not None and where == f"LSN {lsn}"
+                         else f"journal corrupted in {where}: {reason}")
         self.lsn = lsn
+        self.where = where
         self.reason = reason
+
+
+class JournalFormatError(JournalCorruptedError):
+    """The format version is missing, unknown, or newer than this code reads: the data may be
+    whole, but this code cannot tell."""
 
 
 class JournalLockedError(JournalError):

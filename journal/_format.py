@@ -70,3 +70,22 @@ def unframe(lsn: int, value: bytes) -> bytes:
     if _checksum(_LSN.pack(lsn), version, payload) != crc:
         raise JournalCorruptedError("checksum mismatch", lsn)
     return payload
+
+
+def index_seed(name: str) -> int:
+    """Where an index's entry checksums start: an entry copied into another index fails too."""
+    return zlib.crc32(name.encode())
+
+
+def frame_index_value(seed: int, key: bytes, value: bytes) -> bytes:
+    """An index entry's value as stored (format 2 on): the value, then a CRC-32 of the index,
+    the key and the value, so a flipped byte in the key or the value is found on reading."""
+    return value + _CRC.pack(zlib.crc32(value, zlib.crc32(key, seed)))
+
+
+def unframe_index_value(seed: int, name: str, key: bytes, stored: bytes) -> bytes:
+    """Verify a stored index entry and return its value; raise `JournalCorruptedError`."""
+    value = stored[:-_CRC.size]
+    if len(stored) < _CRC.size or _CRC.unpack_from(stored, len(value))[0] != zlib.crc32(value, zlib.crc32(key, seed)):
+        raise JournalCorruptedError(f"an entry fails its checksum (key {key[:64]!r})", where=f"the {name} index")
+    return value

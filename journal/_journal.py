@@ -11,112 +11,52 @@ the writer, ever opens a write transaction.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import lmdb
+
+from journal._anchor import Anchor, AnchorState
 from journal._completion import Completion
-from journal._errors import (
-    JournalClosedError,
-    JournalError,
-    JournalCorruptedError,
-    JournalLockedError,
-    JournalNotFoundError,
-)
-from journal._format import key_lsn, lsn_key, unframe, unframe_keyed
+from journal._directory import clear_staging, lock_directory, prepare_directory, recognise, refuse_missing
+from journal._errors import JournalClosedError, JournalCorruptedError
+from journal._format import index_seed, key_lsn, lsn_key, unframe, unframe_index_value, unframe_keyed
 from journal._limits import MAP_SIZE_BYTES_DEFAULT
-from journal._store import DATA_FILE, LMDB_LOCK_FILE, Store
+from journal._store import RECORDS_DB, IndexVisit, Store, read_error
 from journal._writer import IndexPut, IndexPuts, Writer
-
-LOCK_FILE = "tally.lock"
-_OURS = {LOCK_FILE, DATA_FILE, LMDB_LOCK_FILE}
-"""A journal's files (`data.mdb` too: another opener may be making it right now)."""
-
-
-def _lock_directory(path: str) -> int:
-    """Take an exclusive flock on the directory's lock file; it dies with the process."""
-    try:
-        fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as error:
-        raise _directory_error(f"cannot lock {path!r} as a ledger directory", error) from error
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        os.close(fd)
-        if error.errno in (errno.EAGAIN, errno.EACCES):
-            raise JournalLockedError(
-                f"{path} is open in another live process or another Ledger in this one"
-            ) from error
-        raise
-    return fd
-
-
-def refuse_foreign(path: str) -> None:
-    """Raise `JournalNotFoundError` if directory `path` holds no journal yet but other files
-    (hidden ones and a file system's `lost+found` aside): never scatter a journal into
-    something else. One that cannot be listed passes: nothing to tell."""
-    if os.path.exists(os.path.join(path, DATA_FILE)):
-        return
-    try:
-        names = os.listdir(path)
-    except OSError:
-        return
-    others = sorted(name for name in names if name not in _OURS and not name.startswith(".") and name != "lost+found")
-    if others:
-        raise JournalNotFoundError(
-            f"{path} is not a Tally ledger (it holds other files, {others[0]!r} among them): "
-            "give a ledger or a new or empty directory"
-        )
-
-
-def _prepare_directory(path: str, create: bool) -> None:
-    """Check `path` can be a journal directory, making it if missing (with `create`)."""
-    try:
-        path.encode()
-    except UnicodeEncodeError:  # an undecodable byte in the name: LMDB takes paths in UTF-8
-        raise JournalNotFoundError(f"{path!r} cannot be a ledger directory: its name is not UTF-8") from None
-    if os.path.isdir(path):
-        if create:
-            refuse_foreign(path)
-        return
-    if os.path.exists(path):
-        raise JournalNotFoundError(f"{path} is a file, not a ledger directory")
-    if not create:
-        raise JournalNotFoundError(f"{path} does not exist")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except (OSError, ValueError) as error:
-        raise _directory_error(f"{path!r} cannot be made a ledger directory", error) from error
-
-
-_PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.EACCES, errno.EPERM,
-                          errno.ELOOP, errno.ENAMETOOLONG})
-"""Errors that say the path cannot hold a ledger (under a file, no permission, a dangling link...)."""
-
-
-def _directory_error(what: str, error: Exception) -> JournalError:
-    """`JournalNotFoundError` if `error` is about the path itself; else a plain `JournalError`
-    (out of space, too many open files, a read-only disk: the ledger may be fine)."""
-    if isinstance(error, ValueError) or getattr(error, "errno", None) in _PATH_ERRNOS:
-        return JournalNotFoundError(f"{what}: {error}")
-    return JournalError(f"{what}: {error}")
 
 
 class Journal:
     """Open with `Journal.open`; close exactly once with `close` (idempotent)."""
 
-    def __init__(self, store: Store, lock_fd: int | None, path: str) -> None:
+    def __init__(self, store: Store, lock_fd: int | None, path: str, anchor: AnchorState | None) -> None:
         self._store = store
         self._lock_fd = lock_fd
         self._open = True
         self.path = path
         self.readonly = store.readonly
-        last = store.last_lsn_key()
-        self._last_lsn_read = key_lsn(last) if last is not None else 0
-        self._writer = None if store.readonly else Writer(store, self._last_lsn_read)
+        self.format_version = store.format_version
+        self._seeds = {name: index_seed(name) for name in store.indexes} if store.format_version >= 2 else None
+        """Each index's checksum seed, or None for a format without index checksums."""
+        self.anchor = anchor
+        """The anchor as this open read it (None: the ledger has none yet)."""
+        self.problem: JournalCorruptedError | None = None
+        """What a read-only open found wrong with the records or against the anchor and let
+        pass, for the audit to report (a writable open raises it)."""
+        try:
+            self._last_lsn_read = _check_records(store, anchor)
+        except JournalCorruptedError as error:
+            if not store.readonly:
+                raise
+            self.problem = error
+            last_key = store.layout.trees[RECORDS_DB].last_key
+            self._last_lsn_read = key_lsn(last_key) if last_key is not None and len(last_key) == 8 else 0
+        self._writer = None
+        if not store.readonly:
+            writing_anchor = Anchor(path, anchor) if anchor is not None else None
+            self._writer = Writer(store, self._last_lsn_read, writing_anchor, self._seeds)
 
     @classmethod
     def open(
@@ -127,39 +67,73 @@ class Journal:
         map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT,
         sync: bool = True,
         create: bool = True,
+        visit: Mapping[str, IndexVisit] | None = None,
     ) -> Journal:
-        """Lock the directory and open (or create) its journal.
+        """Lock the directory and open (or, with `create`, make) its journal.
 
-        Raises `JournalLockedError` if another holder is live, `JournalNotFoundError`
-        for a path that is a file (or missing, without `create`), and
-        `JournalCorruptedError` for an unknown format version.
+        The data file is checked page by page before LMDB maps it, and against its anchor;
+        `visit` gets every entry of the indexes it names meanwhile. Raises
+        `JournalLockedError` if another holder is live, `JournalNotFoundError` for a path
+        that holds no journal (without `create`) or cannot hold one, `JournalCorruptedError`
+        saying where a journal is damaged (nothing is written then), and `JournalError` for
+        a system condition (no space left, a read-only file system).
         """
         path = os.fsdecode(path)  # a str; bytes become one, undecodable ones refused below
-        _prepare_directory(path, create)
-        if not create and not os.path.exists(os.path.join(path, DATA_FILE)):
-            Store.refuse_missing(path)
-        fd = _lock_directory(path)
+        prepare_directory(path, create)
+        if not create and not recognise(path)[0]:
+            refuse_missing(path)  # before the lock file is made: a directory that is no ledger stays as it was
+        fd = lock_directory(path)
         try:
-            store = Store(path, map_size_bytes=map_size_bytes, sync=sync, index_names=index_names, create=create)
+            clear_staging(path)
+            exists, anchor = recognise(path)
+            if not exists:
+                if not create:
+                    refuse_missing(path)
+                anchor = Store.create(path, map_size_bytes=map_size_bytes, index_names=index_names)
+            store = Store.open(path, map_size_bytes=map_size_bytes, sync=sync, index_names=index_names,
+                               readonly=False, visit=visit)
         except BaseException:
             os.close(fd)
             raise
         try:
-            return cls(store, fd, path)
+            return cls(store, fd, path, anchor)
         except BaseException:
             store.close()
             os.close(fd)
             raise
 
     @classmethod
-    def open_readonly(cls, path: str | os.PathLike[str], *, index_names: Sequence[str] = ()) -> Journal:
-        """Open an existing journal for reading only: no lock is taken, nothing is written,
-        and a live writer in another process may go on (LMDB readers see a snapshot)."""
+    def open_readonly(cls, path: str | os.PathLike[str], *, index_names: Sequence[str] = (),
+                      lock: bool = False) -> Journal:
+        """Open an existing journal for reading only; nothing is written to its data file.
+
+        Checked as `open` checks, except that a gap in the records or a disagreement with
+        the anchor is kept in `problem` rather than raised (the audit reports it; reads
+        past a gap raise). Without `lock` a live writer in another process may go on (LMDB
+        readers see a snapshot); with it, the directory is locked as a writer locks it
+        (`JournalLockedError` while a live process holds it)."""
         path = os.fsdecode(path)
-        _prepare_directory(path, create=False)
-        store = Store(path, map_size_bytes=MAP_SIZE_BYTES_DEFAULT, sync=True, index_names=index_names,
-                      create=False, readonly=True)
-        return cls(store, None, path)
+        prepare_directory(path, create=False)
+        exists, anchor = recognise(path)
+        if not exists:
+            refuse_missing(path)
+        fd = lock_directory(path) if lock else None
+        try:
+            if lock:
+                anchor = recognise(path)[1]  # as of now that no writer can move it
+            store = Store.open(path, map_size_bytes=MAP_SIZE_BYTES_DEFAULT, sync=True, index_names=index_names,
+                               readonly=True)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        try:
+            return cls(store, fd, path, anchor)
+        except BaseException:
+            store.close()
+            if fd is not None:
+                os.close(fd)
+            raise
 
     @property
     def _writing(self) -> Writer:
@@ -223,11 +197,14 @@ class Journal:
             yield txn
 
     def read(self, lsn: int, txn: Any | None = None) -> bytes | None:
-        """The verified payload at `lsn`, or None if no such record is durable."""
+        """The verified payload at `lsn`, or None if no such record is in the snapshot."""
         if txn is None:
             with self.snapshot() as txn:
                 return self.read(lsn, txn)
-        value = txn.get(lsn_key(lsn), db=self._store.records)
+        try:
+            value = txn.get(lsn_key(lsn), db=self._store.records)
+        except lmdb.Error as error:
+            raise read_error(error, f"the record at LSN {lsn}") from error
         return None if value is None else unframe(lsn, value)
 
     def scan(self, after_lsn: int = 0, txn: Any | None = None) -> Iterator[tuple[int, bytes]]:
@@ -240,65 +217,115 @@ class Journal:
             with self.snapshot() as txn:
                 yield from self.scan(after_lsn, txn)
             return
-        cursor = txn.cursor(db=self._store.records)
         expected = after_lsn + 1
-        if not cursor.set_range(lsn_key(expected)):
-            return
-        for key, value in cursor:
-            if key != lsn_key(expected):
-                lsn = key_lsn(key)
-                raise JournalCorruptedError(f"LSN {expected} is missing (next stored is {lsn})", expected)
-            yield expected, unframe_keyed(key, value, expected)
-            expected += 1
+        try:
+            cursor = txn.cursor(db=self._store.records)
+            if not cursor.set_range(lsn_key(expected)):
+                return
+            for key, value in cursor:
+                if key != lsn_key(expected):
+                    lsn = key_lsn(key) if len(key) == 8 else key
+                    raise JournalCorruptedError(f"LSN {expected} is missing (next stored is {lsn!r})", expected)
+                yield expected, unframe_keyed(key, value, expected)
+                expected += 1
+        except lmdb.Error as error:
+            raise read_error(error, f"the records after LSN {expected - 1}") from error
+
+    def records_count(self, txn: Any) -> int:
+        """How many records the snapshot holds (LMDB's count, checked against the pages at open)."""
+        try:
+            return int(txn.stat(self._store.records)["entries"])
+        except lmdb.Error as error:
+            raise read_error(error, "the records") from error
+
+    def index_count(self, name: str, txn: Any) -> int:
+        """How many entries index `name` holds in the snapshot (checked against the pages at open)."""
+        try:
+            return int(txn.stat(self._store.indexes[name])["entries"])
+        except lmdb.Error as error:
+            raise read_error(error, f"the {name} index") from error
+
+    def _value(self, name: str, key: bytes, stored: bytes) -> bytes:
+        """An index entry's value, its checksum verified (formats that have one)."""
+        seeds = self._seeds
+        return stored if seeds is None else unframe_index_value(seeds[name], name, key, stored)
 
     def index_get(self, name: str, key: bytes, txn: Any | None = None) -> bytes | None:
+        """The value of `key` in index `name`, verified, or None."""
         if txn is None:
             with self.snapshot() as txn:
                 return self.index_get(name, key, txn)
-        return txn.get(key, db=self._store.indexes[name])
+        try:
+            stored = txn.get(key, db=self._store.indexes[name])
+        except lmdb.Error as error:
+            raise read_error(error, f"the {name} index") from error
+        return None if stored is None else self._value(name, key, stored)
 
     def index_keys(self, name: str, txn: Any, after: bytes | None = None) -> Iterator[bytes]:
-        """Every key of index `name` (after `after`, if given), in key order (for rebuilding
-        in-memory filters)."""
-        cursor = txn.cursor(db=self._store.indexes[name])
-        if after is None:
-            found = cursor.first()
-        else:
-            found = cursor.set_range(after)
-            if found and cursor.key() == after:
-                found = cursor.next()
-        if found:
-            yield from cursor.iternext(keys=True, values=False)
+        """Every key of index `name` (after `after`, if given), in key order. Keys only, so
+        their checksums are not verified here: for counting, or for loading a filter that
+        only gives hints."""
+        try:
+            cursor = txn.cursor(db=self._store.indexes[name])
+            if after is None:
+                found = cursor.first()
+            else:
+                found = cursor.set_range(after)
+                if found and cursor.key() == after:
+                    found = cursor.next()
+            if found:
+                yield from cursor.iternext(keys=True, values=False)
+        except lmdb.Error as error:
+            raise read_error(error, f"the {name} index") from error
 
     def index_last(self, name: str, txn: Any | None = None) -> bytes | None:
-        """The greatest key of index `name`, or None if it is empty."""
+        """The greatest key of index `name` (its entry verified), or None if it is empty."""
         if txn is None:
             with self.snapshot() as txn:
                 return self.index_last(name, txn)
-        cursor = txn.cursor(db=self._store.indexes[name])
-        return cursor.key() if cursor.last() else None
+        try:
+            cursor = txn.cursor(db=self._store.indexes[name])
+            if not cursor.last():
+                return None
+            key, stored = cursor.item()
+        except lmdb.Error as error:
+            raise read_error(error, f"the {name} index") from error
+        self._value(name, key, stored)
+        return bytes(key)
 
     def index_last_before(self, name: str, stop: bytes, txn: Any) -> tuple[bytes, bytes] | None:
-        """The index entry with the greatest key below `stop`, or None."""
-        cursor = txn.cursor(db=self._store.indexes[name])
-        found = cursor.prev() if cursor.set_range(stop) else cursor.last()
-        return cursor.item() if found else None
+        """The index entry with the greatest key below `stop` (verified), or None."""
+        try:
+            cursor = txn.cursor(db=self._store.indexes[name])
+            found = cursor.prev() if cursor.set_range(stop) else cursor.last()
+            if not found:
+                return None
+            key, stored = cursor.item()
+        except lmdb.Error as error:
+            raise read_error(error, f"the {name} index") from error
+        return key, self._value(name, key, stored)
 
     def index_range(
         self, name: str, start: bytes, stop: bytes, limit: int | None = None, txn: Any | None = None
     ) -> list[tuple[bytes, bytes]]:
-        """Index entries with `start <= key < stop`, in key order, at most `limit`."""
+        """Index entries with `start <= key < stop`, in key order, at most `limit`, verified."""
         if txn is None:
             with self.snapshot() as txn:
                 return self.index_range(name, start, stop, limit, txn)
-        cursor = txn.cursor(db=self._store.indexes[name])
         found: list[tuple[bytes, bytes]] = []
-        if not cursor.set_range(start):
-            return found
-        for key, value in cursor:
-            if key >= stop or (limit is not None and len(found) >= limit):
-                break
-            found.append((key, value))
+        try:
+            cursor = txn.cursor(db=self._store.indexes[name])
+            if not cursor.set_range(start):
+                return found
+            for key, stored in cursor:
+                if key >= stop or (limit is not None and len(found) >= limit):
+                    break
+                found.append((key, stored))
+        except lmdb.Error as error:
+            raise read_error(error, f"the {name} index") from error
+        if self._seeds is not None:
+            value = self._value
+            found = [(key, value(name, key, stored)) for key, stored in found]
         return found
 
     def _check_open(self) -> None:
@@ -320,3 +347,49 @@ class Journal:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
+
+
+
+def _first_gap(store: Store) -> int:
+    """The first LSN missing from the records (their pages are checked: LMDB may read them)."""
+    expected = 1
+    with store.reading() as txn:
+        for key in txn.cursor(db=store.records).iternext(keys=True, values=False):
+            if key != lsn_key(expected):
+                break
+            expected += 1
+    return expected
+
+
+def _check_records(store: Store, anchor: AnchorState | None) -> int:
+    """The last LSN, once the records agree with themselves and the data file with its anchor:
+    LSNs run 1..N without a gap (the page walk counted N records, in order), the ledger ids
+    match, and N is at least what the anchor saw durable."""
+    records = store.layout.trees[RECORDS_DB]
+    data_file = os.path.join(store.path, "data.mdb")
+    last = 0
+    if records.entries:
+        first_key, last_key = records.first_key, records.last_key
+        assert first_key is not None and last_key is not None
+        if len(first_key) != 8 or len(last_key) != 8 or key_lsn(first_key) != 1 or key_lsn(last_key) != records.entries:
+            missing = _first_gap(store)
+            raise JournalCorruptedError(f"LSN {missing} is missing: the records hold {records.entries} LSNs, "
+                                        f"from {first_key!r} to {last_key!r}, not 1 to {records.entries} without a gap",
+                                        lsn=missing, where=f"LSN {missing}")
+        last = records.entries
+    if anchor is None:
+        return last
+    if store.ledger_id != anchor.ledger_id:
+        raise JournalCorruptedError(
+            f"the data file belongs to ledger {store.ledger_id.hex() if store.ledger_id else 'without an id'}, "
+            f"but the directory's anchor to ledger {anchor.ledger_id.hex()}: a data file from elsewhere?",
+            where=data_file)
+    if store.format_version != anchor.format_version:
+        raise JournalCorruptedError(f"the data file is format {store.format_version}, the anchor says "
+                                    f"{anchor.format_version}", where=data_file)
+    if last < anchor.durable_lsn:
+        raise JournalCorruptedError(
+            f"the journal ends at LSN {last}, but LSN {anchor.durable_lsn} was durable before: "
+            f"{anchor.durable_lsn - last} acknowledged record(s) are missing (LMDB is opening an older snapshot; "
+            "a meta page may be damaged)", lsn=last + 1, where=data_file)
+    return last

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-FORMAT_VERSION = 1
-"""Version of the on-disk layout. Written once at creation, checked on every open."""
+FORMAT_VERSION = 2
+"""Version of the on-disk layout. Written once at creation, checked on every open.
+Version 2 adds a CRC-32 to every index entry and a ledger id (and the anchor file)."""
+
+FORMAT_VERSIONS_READ = (1, 2)
+"""Versions this code opens. A version-1 ledger keeps its format: its index entries have no
+checksums, and it gets its ledger id and anchor with its first commit here."""
+
+SNAPSHOT_TRIES_MAX = 100
+"""Times an open retries checking a snapshot that a live writer elsewhere moved past."""
 
 RECORD_VERSION = 1
 """Version byte carried by every record; checked on every read."""

@@ -1,4 +1,4 @@
-"""The LMDB environment: opening it with explicit options, reads, and map growth.
+"""The LMDB environment: creating it, opening it only once it is checked, reads, and map growth.
 
 Options, passed at the call site on purpose (house style 10):
 - `subdir=True`: the ledger directory holds `data.mdb` and `lock.mdb`.
@@ -13,29 +13,52 @@ Options, passed at the call site on purpose (house style 10):
 - `writemap=False`, `meminit=False`: pages are written with write(2), never
   through a writable map a stray pointer could scribble on; we never leave
   uninitialised bytes in a value, so zero-filling is wasted work.
+- `create=False` for every open of an existing file, and its named databases opened
+  without creating them: LMDB initialises an empty or missing data file as a new,
+  empty database, which would serve a damaged ledger as an empty one and write over it.
+  Only `create` makes a data file, in a staging directory, renamed into place once
+  whole (so a creation that dies leaves no half-made `data.mdb`).
 
-Growing the map is only allowed while no transaction is open in this process,
-so every read goes through `reading()`, a gate the writer closes while it grows.
+Before LMDB maps an existing data file it is read as raw bytes and checked
+(`journal._pages`): meta pages, length, every page, the free list. Then every read goes
+through `reading()`, a gate the writer closes while it grows the map (LMDB allows that
+only while no transaction is open in the process), and any LMDB error on a read becomes
+`JournalCorruptedError` naming what was being read (`read_error`).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import lmdb
 
+from journal._anchor import AnchorState, create_anchor, new_ledger_id, sync_directory
 from journal._errors import (
     JournalCorruptedError,
+    JournalError,
+    JournalFormatError,
     JournalLockedError,
-    JournalNotFoundError,
     JournalWriteError,
 )
-from journal._limits import DBS_MAX, FORMAT_VERSION, GROW_WAIT_S_MAX, MAP_SIZE_BYTES_MAX, READERS_MAX
+from journal._format import index_seed, unframe_index_value
+from journal._pages import Layout, committed_meta, read_metas, walk
+from journal._limits import (
+    DBS_MAX,
+    FORMAT_VERSION,
+    FORMAT_VERSIONS_READ,
+    GROW_WAIT_S_MAX,
+    MAP_SIZE_BYTES_MAX,
+    READERS_MAX,
+    SNAPSHOT_TRIES_MAX,
+)
 
 logger = logging.getLogger("tally.journal")
 
@@ -43,105 +66,195 @@ DATA_FILE = "data.mdb"
 """LMDB's data file: a directory that has one holds a journal."""
 LMDB_LOCK_FILE = "lock.mdb"
 """LMDB's reader table, made before the data file."""
+STAGING_DIR = ".tally-new"
+"""Where a new data file is made, before it is renamed into the ledger directory."""
 
 RECORDS_DB = b"records"
 META_DB = b"meta"
-_FORMAT_KEY = b"format_version"
+FORMAT_KEY = b"format_version"
+LEDGER_ID_KEY = b"ledger_id"
+
+LOCK_FILE_BYTES = (READERS_MAX - 1) * 64 + 192
+"""What LMDB makes `lock.mdb` for `READERS_MAX` readers (64 bytes a reader slot, 192 of
+header on 64-bit Linux). LMDB makes it sparse and then writes through a map of it, which on
+a full disk is a SIGBUS; allocating it first turns that into ENOSPC."""
+
+_CORRUPTION = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.VersionMismatchError,
+               lmdb.BadValsizeError, lmdb.BadDbiError, lmdb.IncompatibleError, lmdb.NotFoundError)
+"""LMDB errors that mean the file is not what LMDB wrote (the others are operating errors)."""
+
+
+def read_error(error: lmdb.Error, where: str) -> JournalError:
+    """The journal error an LMDB error on a read becomes (the caller chains it)."""
+    if isinstance(error, _CORRUPTION):
+        return JournalCorruptedError(f"LMDB cannot read it: {error}", where=where)
+    return JournalError(f"reading {where} failed: {error}")
+
+
+def space_error(path: str, error: BaseException) -> JournalWriteError:
+    """A write failure, saying so plainly when the disk is full (LMDB reports a short write
+    as EIO, so the free space is looked at, not just the errno)."""
+    try:
+        stats = os.statvfs(path)
+        free = stats.f_bavail * stats.f_frsize
+    except OSError:
+        free = None
+    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 1 << 20)
+    if full:
+        left = f"{free:,} bytes free" if free is not None else "no space"
+        return JournalWriteError(f"no space left on the device holding {path} ({left}): free some space, "
+                                 f"then reopen the ledger ({error})")
+    return JournalWriteError(f"journal write failed: {error}")
+
+
+IndexVisit = Callable[[list[bytes], list[bytes]], None]
+"""Gets one leaf's keys and values (checked) of an index, while an open checks the file."""
+
+
+class _Visitor:
+    """What the page walk hands each leaf to: it reads the format version from the meta
+    database (walked first), then passes the entries of the indexes asked for, checksums
+    verified where the format has them."""
+
+    def __init__(self, visit: Mapping[str, IndexVisit]) -> None:
+        self._targets = {name.encode(): (name, index_seed(name), handle) for name, handle in visit.items()}
+        self.format_version: int | None = None
+
+    def __call__(self, name: bytes, keys: list[bytes], values: list[bytes]) -> None:
+        if name == META_DB:
+            for key, value in zip(keys, values, strict=True):
+                if key == FORMAT_KEY:
+                    self.format_version = int(value) if value.isdigit() else -1
+            return
+        target = self._targets.get(name)
+        if target is None:
+            return
+        label, seed, handle = target
+        if self.format_version is None:
+            raise JournalCorruptedError("the format version is missing", where="the meta database")
+        if self.format_version >= 2:
+            values = [unframe_index_value(seed, label, key, value) for key, value in zip(keys, values, strict=True)]
+        handle(keys, values)
+
+    @property
+    def names(self) -> frozenset[bytes]:
+        """The databases it reads: the meta database and the indexes asked for."""
+        return frozenset({META_DB, *self._targets})
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What opening found: the data file's format and identity, and its checked layout."""
+
+    format_version: int
+    ledger_id: bytes | None
+    """None for a ledger made before ledger ids (format 1, never opened since)."""
+    layout: Layout
 
 
 class Store:
     """One LMDB environment with its record, meta and index databases."""
 
-    def __init__(
-        self,
-        path: str,
-        *,
-        map_size_bytes: int,
-        sync: bool,
-        index_names: Sequence[str],
-        create: bool,
-        readonly: bool = False,
-    ) -> None:
-        if not create and not os.path.exists(os.path.join(path, DATA_FILE)):
-            self.refuse_missing(path)
+    def __init__(self, path: str, env: lmdb.Environment, dbs: dict[bytes, Any], opened: Opened,
+                 readonly: bool) -> None:
+        self.path = path
+        self.env = env
         self.readonly = readonly
-        try:
-            self.env = lmdb.open(
-                path,
-                map_size=map_size_bytes,
-                subdir=True,
-                sync=sync,
-                metasync=sync,
-                max_dbs=DBS_MAX,
-                max_readers=READERS_MAX,
-                lock=True,
-                writemap=False,
-                meminit=False,
-                create=create,
-                readonly=readonly,
-            )
-        except lmdb.Error as error:
-            if "already open in this process" in str(error):
-                raise JournalLockedError(f"{path} is already open in this process") from error
-            raise JournalNotFoundError(f"cannot open the journal in {path}: {error}") from error
-        assert len(index_names) + 2 <= DBS_MAX, index_names
-        try:
-            self.records = self.env.open_db(RECORDS_DB, create=not readonly)
-            self.meta = self.env.open_db(META_DB, create=not readonly)
-            self.indexes = {name: self.env.open_db(name.encode(), create=not readonly) for name in index_names}
-        except lmdb.Error as error:
-            self.env.close()
-            raise JournalNotFoundError(f"{path} is not a Tally ledger: {error}") from error
+        self.records = dbs[RECORDS_DB]
+        self.meta = dbs[META_DB]
+        self.indexes = {name.decode(): db for name, db in dbs.items() if name not in (RECORDS_DB, META_DB)}
+        self.format_version = opened.format_version
+        self.ledger_id = opened.ledger_id
+        self.layout = opened.layout
         self._gate = threading.Condition()
         self._readers = 0
         self._growing = False
-        try:
-            self._check_format()
-        except BaseException:
-            self.env.close()
-            raise
+
+    # --- making and opening ----------------------------------------------------------
 
     @staticmethod
-    def refuse_missing(path: str) -> None:
-        """Raise the error for a directory that holds no journal (touching nothing)."""
-        if not os.listdir(path):
-            raise JournalNotFoundError(f"{path} is an empty directory, not a Tally ledger")
-        raise JournalNotFoundError(f"{path} is not a Tally ledger (it holds no journal)")
+    def create(path: str, *, map_size_bytes: int, index_names: Sequence[str]) -> AnchorState:
+        """Make a new, empty journal in directory `path` (which holds none), and its anchor.
 
-    def _check_format(self) -> None:
-        with self.env.begin(write=not self.readonly, db=self.meta) as txn:
-            stored = txn.get(_FORMAT_KEY)
-            if stored is None and self.readonly:
-                raise JournalCorruptedError("the format version is missing")
-            if stored is None:
-                if txn.stat(self.records)["entries"]:
-                    raise JournalCorruptedError("records exist but the format version is missing")
-                txn.put(_FORMAT_KEY, str(FORMAT_VERSION).encode())
-                return
-        if stored != str(FORMAT_VERSION).encode():
-            version = stored.decode(errors="replace")
-            newer = version.isdigit() and int(version) > FORMAT_VERSION
-            raise JournalCorruptedError(
-                f"format version {version} is "
-                + ("newer than this Tally reads" if newer else "not one this Tally understands")
-                + f" (it reads version {FORMAT_VERSION})"
-            )
+        The data file is made in a staging directory, with its databases, format version
+        and ledger id committed, and renamed into `path` only then; the anchor follows. A
+        creation that dies leaves either nothing (the staging directory is cleared by the
+        next open) or a whole data file without its anchor (adopted by the next open)."""
+        staging = os.path.join(path, STAGING_DIR)
+        shutil.rmtree(staging, ignore_errors=True)
+        ledger_id = new_ledger_id()
+        try:
+            os.mkdir(staging)
+            allocate_lock_file(staging)
+            env = _lmdb_open(staging, map_size_bytes=map_size_bytes, sync=True, readonly=False, create=True)
+            try:
+                with env.begin(write=True) as txn:
+                    for name in (RECORDS_DB, META_DB, *(name.encode() for name in index_names)):
+                        env.open_db(name, txn=txn, create=True)
+                    meta = env.open_db(META_DB, txn=txn, create=False)
+                    txn.put(FORMAT_KEY, str(FORMAT_VERSION).encode(), db=meta)
+                    txn.put(LEDGER_ID_KEY, ledger_id, db=meta)
+            finally:
+                env.close()
+            os.rename(os.path.join(staging, DATA_FILE), os.path.join(path, DATA_FILE))
+            sync_directory(path)
+            anchor = create_anchor(path, ledger_id, FORMAT_VERSION)
+        except lmdb.Error as error:
+            raise space_error(path, error) from error
+        except OSError as error:
+            raise space_error(path, error) if error.errno in (errno.ENOSPC, errno.EDQUOT) else JournalError(
+                f"cannot create a journal in {path}: {error}") from error
+        shutil.rmtree(staging, ignore_errors=True)
+        return anchor
+
+    @classmethod
+    def open(cls, path: str, *, map_size_bytes: int, sync: bool, index_names: Sequence[str], readonly: bool,
+             visit: Mapping[str, IndexVisit] | None = None) -> Store:
+        """Open the existing journal in `path`, once its data file checks out.
+
+        Raises `JournalCorruptedError` naming where the data file is damaged, and never
+        writes to it. With `readonly`, a live writer in another process may go on: the check
+        then reads the snapshot of a read transaction held meanwhile. `visit` names indexes
+        whose entries the check hands over, a leaf at a time, their checksums verified."""
+        data_file = os.path.join(path, DATA_FILE)
+        _check_before_mapping(data_file)
+        allocate_lock_file(path, readonly)
+        env = _lmdb_open(path, map_size_bytes=map_size_bytes, sync=sync, readonly=readonly, create=False)
+        try:
+            dbs, opened = _check_snapshot(env, data_file, index_names, _Visitor(visit or {}))
+        except BaseException:
+            env.close()
+            raise
+        return cls(path, env, dbs, opened, readonly)
+
+    # --- reading -----------------------------------------------------------------------
 
     @contextmanager
     def reading(self) -> Iterator[Any]:
-        """A read-only snapshot transaction. Blocks only while the map is being grown."""
-        with self._gate:
-            while self._growing:
-                self._gate.wait(timeout=1.0)
-            self._readers += 1
-        try:
-            with self.env.begin(write=False, buffers=False) as txn:
-                yield txn
-        finally:
+        """A read-only snapshot transaction. Blocks only while the map is being grown.
+
+        A reader of a ledger another process writes finds the map resized under it when that
+        process grows it; it then takes the new size (with no transaction open) and retries."""
+        while True:
             with self._gate:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._gate.notify_all()
+                while self._growing:
+                    self._gate.wait(timeout=1.0)
+                self._readers += 1
+            try:
+                try:
+                    txn = self.env.begin(write=False, buffers=False)
+                except lmdb.MapResizedError:
+                    txn = None
+                if txn is not None:
+                    with txn:
+                        yield txn
+                    return
+            finally:
+                with self._gate:
+                    self._readers -= 1
+                    if self._readers == 0:
+                        self._gate.notify_all()
+            self._resize(0, "taking the map size another process gave the journal")
 
     def grow(self) -> int:
         """Double the map size once no reader is open (new readers are held off meanwhile).
@@ -151,27 +264,154 @@ class Store:
         long: `state_hash` reads every entry in one snapshot. Failing the journal after a
         bound would turn that into an outage until reopen; so the grow waits, and says so
         every `GROW_WAIT_S_MAX` seconds."""
+        size = self.env.info()["map_size"]
+        if size >= MAP_SIZE_BYTES_MAX:
+            raise JournalWriteError(f"the journal map is at its bound of {MAP_SIZE_BYTES_MAX} bytes")
+        return self._resize(min(size * 2, MAP_SIZE_BYTES_MAX), "the journal map is full: growing it")
+
+    def _resize(self, size: int, what: str) -> int:
+        """Set the map size (0: the size another process gave the file) with no reader open."""
         with self._gate:
             self._growing = True
             try:
                 waited = 0.0
                 while not self._gate.wait_for(lambda: not self._readers, timeout=GROW_WAIT_S_MAX):
                     waited += GROW_WAIT_S_MAX
-                    logger.warning("the journal map is full: growing it waits for %d reader(s) to close (%.0f s so far)",
-                                   self._readers, waited)
-                size = self.env.info()["map_size"]
-                if size >= MAP_SIZE_BYTES_MAX:
-                    raise JournalWriteError(f"the journal map is at its bound of {MAP_SIZE_BYTES_MAX} bytes")
-                self.env.set_mapsize(min(size * 2, MAP_SIZE_BYTES_MAX))
+                    logger.warning("%s waits for %d reader(s) to close (%.0f s so far)", what, self._readers, waited)
+                self.env.set_mapsize(size)
                 return int(self.env.info()["map_size"])
             finally:
                 self._growing = False
                 self._gate.notify_all()
 
-    def last_lsn_key(self) -> bytes | None:
-        with self.reading() as txn:
-            cursor = txn.cursor(db=self.records)
-            return cursor.key() if cursor.last() else None
-
     def close(self) -> None:
         self.env.close()
+
+
+def _lmdb_open(path: str, *, map_size_bytes: int, sync: bool, readonly: bool, create: bool) -> lmdb.Environment:
+    try:
+        return lmdb.open(
+            path,
+            map_size=map_size_bytes,
+            subdir=True,
+            sync=sync,
+            metasync=sync,
+            max_dbs=DBS_MAX,
+            max_readers=READERS_MAX,
+            lock=True,
+            writemap=False,
+            meminit=False,
+            create=create,
+            readonly=readonly,
+        )
+    except lmdb.Error as error:
+        if "already open in this process" in str(error):
+            raise JournalLockedError(f"{path} is already open in this process") from error
+        if isinstance(error, _CORRUPTION):
+            raise JournalCorruptedError(f"LMDB cannot open it: {error}", where=os.path.join(path, DATA_FILE)) from error
+        raise JournalError(f"cannot open the journal in {path}: {error}") from error
+
+
+def allocate_lock_file(path: str, readonly: bool = False) -> None:
+    """Make `lock.mdb` with its blocks allocated, if it is missing or short (see `LOCK_FILE_BYTES`)."""
+    lock_path = os.path.join(path, LMDB_LOCK_FILE)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        if readonly and error.errno in (errno.EROFS, errno.EACCES):
+            return  # LMDB reads a read-only file system without its reader table
+        raise _os_error(path, error) from error
+    try:
+        if os.fstat(fd).st_size < LOCK_FILE_BYTES:
+            os.posix_fallocate(fd, 0, LOCK_FILE_BYTES)
+    except OSError as error:
+        raise _os_error(path, error) from error
+    finally:
+        os.close(fd)
+
+
+def _os_error(path: str, error: OSError) -> JournalError:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return space_error(path, error)
+    return JournalError(f"cannot prepare the journal in {path}: {error}")
+
+
+def _check_before_mapping(data_file: str) -> None:
+    """Meta pages and length, read as raw bytes: nothing LMDB would map past the file's end."""
+    try:
+        fd = os.open(data_file, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise JournalCorruptedError("the data file is missing", where=data_file) from None
+    except OSError as error:
+        raise JournalError(f"cannot read {data_file}: {error}") from error
+    try:
+        size = os.fstat(fd).st_size
+        committed_meta(*read_metas(fd, size, data_file), size, data_file)
+    finally:
+        os.close(fd)
+
+
+def _check_snapshot(env: lmdb.Environment, data_file: str, index_names: Sequence[str], visit: _Visitor) -> tuple[dict[bytes, Any], Opened]:
+    """Walk every page of the snapshot a read transaction holds (so a live writer elsewhere
+    cannot reuse them meanwhile), then open the databases and read the format and id.
+
+    py-lmdb opens a database handle in a transaction of its own, a write one unless the
+    environment is read-only; opening an existing database changes nothing, so that
+    transaction commits without writing a byte."""
+    expected = {RECORDS_DB, META_DB, *(name.encode() for name in index_names)}
+    try:
+        for _ in range(SNAPSHOT_TRIES_MAX):
+            with env.begin(write=False, buffers=False) as snapshot:
+                layout = _walk_snapshot(snapshot.id(), data_file, visit)
+                if layout is None:
+                    continue  # a live writer committed twice since the snapshot began: its meta is gone
+                _check_databases(set(layout.trees), expected, data_file)
+                dbs = {name: env.open_db(name, create=False) for name in sorted(expected)}
+                with env.begin(write=False, buffers=False) as txn:
+                    version = txn.get(FORMAT_KEY, db=dbs[META_DB])
+                    ledger_id = txn.get(LEDGER_ID_KEY, db=dbs[META_DB])
+            return dbs, Opened(_format_version(version, data_file), ledger_id, layout)
+    except lmdb.Error as error:
+        raise read_error(error, data_file) from error
+    raise JournalError(f"{data_file} changed too fast to be checked ({SNAPSHOT_TRIES_MAX} tries)")
+
+
+def _check_databases(found: set[bytes], expected: set[bytes], data_file: str) -> None:
+    if found != expected:
+        shown = sorted(name.decode(errors="replace") for name in found)
+        missing = sorted(name.decode(errors="replace") for name in expected - found)
+        raise JournalCorruptedError(f"it holds the databases {shown}, missing {missing}", where=data_file)
+
+
+def _walk_snapshot(txnid: int, data_file: str, visit: _Visitor) -> Layout | None:
+    """`walk` from the meta of transaction `txnid`, or None if neither meta page holds it now."""
+    fd = os.open(data_file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        meta0, meta1 = read_metas(fd, size, data_file)
+        meta = committed_meta(meta0, meta1, size, data_file)
+        if meta.txnid != txnid:
+            older = meta1 if meta is meta0 else meta0
+            if older.txnid != txnid:
+                return None
+            meta = older
+        layout = walk(fd, meta, data_file, visit, visit.names, first=META_DB)
+        layout.file_bytes = size
+        return layout
+    finally:
+        os.close(fd)
+
+
+def _format_version(stored: bytes | None, data_file: str) -> int:
+    if stored is None:
+        raise JournalFormatError("the format version is missing", where=data_file)
+    version = stored.decode(errors="replace")
+    if version.isdigit() and int(version) in FORMAT_VERSIONS_READ:
+        return int(version)
+    newer = version.isdigit() and int(version) > FORMAT_VERSION
+    raise JournalFormatError(
+        f"format version {version} is "
+        + ("newer than this Tally reads" if newer else "not one this Tally understands")
+        + f" (it reads versions {', '.join(map(str, FORMAT_VERSIONS_READ))})",
+        where=data_file,
+    )

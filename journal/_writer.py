@@ -14,15 +14,16 @@ from __future__ import annotations
 import heapq
 import logging
 import threading
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from itertools import chain
 
 import lmdb
 
+from journal._anchor import Anchor, create_anchor, new_ledger_id
 from journal._completion import Completion, resolve_all
 from journal._crash import crash_point
 from journal._errors import JournalClosedError, JournalTimeoutError, JournalWriteError
-from journal._format import frame_all
+from journal._format import frame_all, frame_index_value
 from journal._limits import (
     APPEND_WAIT_S_MAX,
     BATCH_RECORDS_MAX,
@@ -31,7 +32,7 @@ from journal._limits import (
     PENDING_RECORDS_MAX,
     WRITER_IDLE_WAIT_S,
 )
-from journal._store import Store
+from journal._store import LEDGER_ID_KEY, Store, space_error
 
 logger = logging.getLogger("tally.journal")
 
@@ -65,7 +66,8 @@ class _Block:
         return self.first_lsn + len(self.payloads) - 1
 
 
-def _put_all(txn: lmdb.Transaction, db: lmdb._Database, parts: Sequence[Collection[bytes]], append: bool) -> None:
+def _put_all(txn: lmdb.Transaction, db: lmdb._Database, parts: Sequence[Collection[bytes]], append: bool,
+             seed: int | None = None) -> None:
     """Put the flat key, value, key, value... pairs of every part, in order. `zip` hands
     `putmulti` one tuple that it reuses for every pair (`putmulti` lets go of each before
     asking for the next), and the parts are chained, not copied into one list: a young list
@@ -78,17 +80,30 @@ def _put_all(txn: lmdb.Transaction, db: lmdb._Database, parts: Sequence[Collecti
     if not total:
         return
     pairs = chain.from_iterable(parts)
-    consumed, added = txn.cursor(db=db).putmulti(zip(pairs, pairs, strict=True), append=append)
+    items: Iterable[tuple[bytes, bytes]] = zip(pairs, pairs, strict=True)
+    if seed is not None:
+        items = _framed(items, seed)
+    consumed, added = txn.cursor(db=db).putmulti(items, append=append)
     # Appending, a key out of order is skipped, not refused: count what was added.
     if consumed != total // 2 or (append and added != consumed):
         raise lmdb.Error(f"wrote {added} of {total // 2} items")
 
 
+def _framed(items: Iterable[tuple[bytes, bytes]], seed: int) -> Iterator[tuple[bytes, bytes]]:
+    """Each index entry with its value framed with its checksum."""
+    for key, value in items:
+        yield key, frame_index_value(seed, key, value)
+
+
 class Writer:
     """Owns LSN assignment and the one thread that writes LMDB."""
 
-    def __init__(self, store: Store, last_lsn: int) -> None:
+    def __init__(self, store: Store, last_lsn: int, anchor: Anchor | None, seeds: Mapping[str, int] | None) -> None:
         self._store = store
+        self._anchor = anchor
+        """None until a ledger made before anchors gets one, with its first commit here."""
+        self._seeds = seeds
+        """Each index's checksum seed (None: a format without index checksums)."""
         self._cond = threading.Condition(threading.Lock())
         """Guards the pending list; the writer waits on it for work."""
         self._room = threading.Condition(self._cond._lock)  # type: ignore[attr-defined]
@@ -260,8 +275,11 @@ class Writer:
                 # unlocked, while callers prepare the next batch.
                 with self._cond:
                     self._stage(txn, batch)
+                if self._anchor is None:
+                    self._bind_identity(txn)
                 txn.commit()
                 crash_point("after-commit-durable")
+                self._advance_anchor(batch[-1].last_lsn)
                 return
             except lmdb.MapFullError:
                 txn.abort()
@@ -293,8 +311,30 @@ class Writer:
         _put_all(txn, store.records, (records[:split],), append=True)
         crash_point("mid-group-commit")
         _put_all(txn, store.records, (records[split:],), append=True)
+        seeds = self._seeds
         for name, parts in by_index.items():
-            _put_all(txn, store.indexes[name], parts, append=False)
+            _put_all(txn, store.indexes[name], parts, append=False, seed=None if seeds is None else seeds[name])
+
+    def _bind_identity(self, txn: lmdb.Transaction) -> None:
+        """A ledger without an anchor (made before anchors existed, or whose creation died
+        before writing it) gets a ledger id in this commit, if it has none yet."""
+        store = self._store
+        if store.ledger_id is None:
+            ledger_id = new_ledger_id()
+            txn.put(LEDGER_ID_KEY, ledger_id, db=store.meta)
+            store.ledger_id = ledger_id
+
+    def _advance_anchor(self, durable_lsn: int) -> None:
+        """The anchor learns the new durable LSN before any caller hears of it (made, durably,
+        by the first commit of a ledger that has none)."""
+        anchor = self._anchor
+        if anchor is not None:
+            anchor.advance(durable_lsn)
+            return
+        store = self._store
+        assert store.ledger_id is not None
+        state = create_anchor(store.path, store.ledger_id, store.format_version, durable_lsn)
+        self._anchor = Anchor(store.path, state)
 
     def _publish(self, batch: list[_Block]) -> None:
         last = batch[-1].last_lsn
@@ -308,8 +348,9 @@ class Writer:
         resolve_all(chain(chain.from_iterable(block.completions for block in batch), ready))
 
     def _fail(self, batch: list[_Block], error: Exception) -> None:
-        failure = JournalWriteError(f"journal write failed: {error}")
-        failure.__cause__ = error
+        failure = error if isinstance(error, JournalWriteError) else space_error(self._store.path, error)
+        if failure is not error:
+            failure.__cause__ = error
         with self._cond:
             self._failure = failure
             failed = batch + self._pending
@@ -339,3 +380,5 @@ class Writer:
         self._thread.join(timeout=CLOSE_WAIT_S_MAX)
         if self._thread.is_alive():
             raise JournalTimeoutError("the journal writer did not drain in time")
+        if self._anchor is not None:
+            self._anchor.close()

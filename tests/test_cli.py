@@ -21,8 +21,9 @@ import lmdb
 import msgpack
 import pytest
 from coordinator import CHECKS, INDEX_NAMES
+from coordinator._audit import CHECK_RECORDS
 from engine import CurrencyMismatch, InsufficientFunds, Ledger, TransferRequest
-from journal import Journal, lsn_key
+from journal import FORMAT_VERSION, Journal, lsn_key
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 60.0
@@ -372,7 +373,7 @@ def test_a_damaged_record_makes_verify_and_recover_exit_1_naming_its_lsn_and_cha
     assert done.stderr == ""
     assert report["corrupt_lsn"] == lsn
     assert report["verdict"] == "NOT WHOLE"
-    assert report["checks"][CHECKS[0]] is False
+    assert report["checks"][CHECK_RECORDS] is False
     assert "checkpoint_written_at" not in report and report["state_hash"] is None
     assert file_digest(built.path / "data.mdb") == digest
 
@@ -487,8 +488,8 @@ def _newer_format(tmp_path: Path) -> Path:
     try:
         meta = env.open_db(b"meta", create=False)
         with env.begin(write=True, db=meta) as txn:
-            assert txn.get(b"format_version") == b"1"
-            txn.put(b"format_version", b"2")
+            assert txn.get(b"format_version") == str(FORMAT_VERSION).encode()
+            txn.put(b"format_version", b"99")
     finally:
         env.close()
     return path

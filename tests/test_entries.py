@@ -16,6 +16,7 @@ from coordinator._records import CHECKPOINTS_INDEX, ENTRIES_INDEX, encode_entry_
 from engine import Entry, Ledger, LedgerUnavailable, Transfer, TransferRequest
 from engine._tools import balance, history
 from journal import Journal, JournalTimeoutError
+from journal._format import frame_index_value, index_seed
 
 ACCOUNTS = ("alice", "bob", "carol", "dave")
 
@@ -144,7 +145,9 @@ def test_an_index_entry_that_disagrees_with_its_unindexed_commit_fails_the_audit
     with raw_lmdb(path) as env:  # type: ignore[operator]
         index = env.open_db(ENTRIES_INDEX.encode(), create=False)
         with env.begin(write=True, db=index) as txn:
-            txn.put(entry_key("bank", last.seq), encode_entry_value(last.transfer_id, last.amount + 1, 0, last.lsn))
+            key = entry_key("bank", last.seq)
+            wrong = encode_entry_value(last.transfer_id, last.amount + 1, 0, last.lsn)
+            txn.put(key, frame_index_value(index_seed(ENTRIES_INDEX), key, wrong))  # well framed, and wrong
 
     journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
     try:

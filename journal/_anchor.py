@@ -1,0 +1,140 @@
+"""The anchor: a small file beside `data.mdb` that says a ledger lives here, and how far it got.
+
+LMDB keeps everything, its own bookkeeping included, in `data.mdb`. If that file is lost,
+emptied, truncated or damaged, nothing in it can be trusted to say so, and LMDB would
+happily create a fresh, empty database in its place. The anchor survives that: it is
+written when the ledger is created (or, for a ledger made before anchors existed, with
+its first commit after this version opens it), and it holds
+
+- the ledger's id, also stored in `data.mdb`, so a data file from another ledger is
+  refused;
+- the journal's format version;
+- the highest LSN known to be durable. The journal writer refreshes it after each group
+  commit, once the commit is on disk and before any caller hears of it. A journal found
+  ending below it has lost acknowledged records (for example a damaged meta page made
+  LMDB open an older snapshot): that is reported, never served.
+
+The refresh is one `pwrite` of 64 bytes into a file that already has its blocks, with no
+fsync: a process crash cannot lose it (the page cache keeps it), and a power loss can only
+leave an older LSN, which is a weaker but still true bound. The file holds two copies,
+each with its own CRC-32, written alternately (as LMDB writes its two meta pages), so a
+write torn by a power loss leaves the other copy whole. Creation writes a temporary file,
+fsyncs it and renames it into place.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import uuid
+import zlib
+from dataclasses import dataclass
+
+from journal._errors import JournalCorruptedError
+
+ANCHOR_FILE = "tally.anchor"
+_MAGIC = b"TALLYANC"
+_LAYOUT = 1
+_SLOT = struct.Struct(">8sHHI16sQQ12x")  # magic, layout, format version, reserved, ledger id, LSN, generation
+_CRC = struct.Struct(">I")
+SLOT_BYTES = _SLOT.size + _CRC.size
+assert SLOT_BYTES == 64, SLOT_BYTES
+
+
+@dataclass(frozen=True)
+class AnchorState:
+    ledger_id: bytes
+    """16 random bytes, made when the ledger is created."""
+    format_version: int
+    durable_lsn: int
+    """A lower bound of the journal's durable end."""
+    generation: int
+    """Counts the anchor's writes: the copy with the higher one is the newer."""
+
+
+def new_ledger_id() -> bytes:
+    return uuid.uuid4().bytes
+
+
+def _slot(state: AnchorState) -> bytes:
+    body = _SLOT.pack(_MAGIC, _LAYOUT, state.format_version, 0, state.ledger_id, state.durable_lsn, state.generation)
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def _parse(data: bytes) -> AnchorState | None:
+    body = data[: _SLOT.size]
+    if len(data) != SLOT_BYTES or _CRC.unpack_from(data, _SLOT.size)[0] != zlib.crc32(body):
+        return None
+    magic, layout, version, _reserved, ledger_id, lsn, generation = _SLOT.unpack(body)
+    if magic != _MAGIC or layout != _LAYOUT:
+        return None
+    return AnchorState(ledger_id, version, lsn, generation)
+
+
+def read_anchor(directory: str) -> AnchorState | None:
+    """The anchor of `directory`, or None if it has none. A copy that fails its check is
+    one a power loss tore mid-write; the other is used. Both failing is damage."""
+    path = os.path.join(directory, ANCHOR_FILE)
+    try:
+        with open(path, "rb") as file:
+            data = file.read(2 * SLOT_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    copies = [_parse(data[i * SLOT_BYTES : (i + 1) * SLOT_BYTES]) for i in range(2)]
+    valid = [copy for copy in copies if copy is not None]
+    if len(data) != 2 * SLOT_BYTES or not valid:
+        raise JournalCorruptedError(
+            f"the anchor file is damaged ({len(data)} bytes, {len(valid)} of its 2 copies intact): "
+            "it is what says this directory holds a ledger, and how far its journal got",
+            where=path,
+        )
+    return max(valid, key=lambda copy: copy.generation)
+
+
+def create_anchor(directory: str, ledger_id: bytes, format_version: int, durable_lsn: int = 0) -> AnchorState:
+    """Write a new anchor durably (temporary file, fsync, rename, fsync of the directory)."""
+    state = AnchorState(ledger_id, format_version, durable_lsn, 1)
+    path = os.path.join(directory, ANCHOR_FILE)
+    temporary = path + ".new"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, _slot(state) + _slot(state))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temporary, path)
+    sync_directory(directory)
+    return state
+
+
+def sync_directory(directory: str) -> None:
+    """fsync a directory, so the names made or renamed in it are durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Anchor:
+    """An open anchor that the journal writer advances. Writer thread only."""
+
+    def __init__(self, directory: str, state: AnchorState) -> None:
+        self.state = state
+        self._fd = os.open(os.path.join(directory, ANCHOR_FILE), os.O_WRONLY | os.O_CLOEXEC)
+
+    def advance(self, durable_lsn: int) -> None:
+        """Record that every record up to `durable_lsn` is on disk (one pwrite, no fsync)."""
+        state = self.state
+        if durable_lsn <= state.durable_lsn:
+            return
+        state = AnchorState(state.ledger_id, state.format_version, durable_lsn, state.generation + 1)
+        os.pwrite(self._fd, _slot(state), (state.generation % 2) * SLOT_BYTES)
+        self.state = state
+
+    def close(self) -> None:
+        """Flush the anchor to disk (once, at close) and close it."""
+        try:
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)

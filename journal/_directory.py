@@ -1,0 +1,124 @@
+"""The ledger directory: what may become one, its lock, and how a journal in it is recognised.
+
+A directory holds a journal if it has an anchor (`journal._anchor`) or a data file. Only a
+directory with neither, and no sign that one was there (LMDB's `lock.mdb` outside the
+staging directory), is ever initialised: a lost, emptied or damaged data file in a ledger
+directory is damage to report, never a place to start a new ledger.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+
+from journal._anchor import ANCHOR_FILE, AnchorState, read_anchor
+from journal._errors import JournalCorruptedError, JournalError, JournalLockedError, JournalNotFoundError
+from journal._store import DATA_FILE, LMDB_LOCK_FILE, STAGING_DIR
+
+LOCK_FILE = "tally.lock"
+_OURS = {LOCK_FILE, DATA_FILE, LMDB_LOCK_FILE, ANCHOR_FILE}
+"""A journal's files (`data.mdb` too: another opener may be making it right now)."""
+
+_PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.EACCES, errno.EPERM,
+                          errno.ELOOP, errno.ENAMETOOLONG})
+"""Errors that say the path cannot hold a ledger (under a file, no permission, a dangling link...)."""
+
+
+def directory_error(what: str, error: Exception) -> JournalError:
+    """`JournalNotFoundError` if `error` is about the path itself; else a plain `JournalError`
+    (out of space, too many open files, a read-only file system: the ledger may be fine)."""
+    if isinstance(error, ValueError) or getattr(error, "errno", None) in _PATH_ERRNOS:
+        return JournalNotFoundError(f"{what}: {error}")
+    if getattr(error, "errno", None) == errno.EROFS:
+        return JournalError(f"{what}: it is on a read-only file system (the read-only `tally` commands read it)")
+    return JournalError(f"{what}: {error}")
+
+
+def lock_directory(path: str) -> int:
+    """Take an exclusive flock on the directory's lock file; it dies with the process."""
+    try:
+        fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        raise directory_error(f"cannot lock {path!r} as a ledger directory", error) from error
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(fd)
+        if error.errno in (errno.EAGAIN, errno.EACCES):
+            raise JournalLockedError(
+                f"{path} is open in another live process or another Ledger in this one"
+            ) from error
+        raise
+    return fd
+
+
+def refuse_foreign(path: str) -> None:
+    """Raise `JournalNotFoundError` if directory `path` holds no journal yet but other files
+    (hidden ones and a file system's `lost+found` aside): never scatter a journal into
+    something else. One that cannot be listed passes: nothing to tell."""
+    if os.path.exists(os.path.join(path, DATA_FILE)) or os.path.exists(os.path.join(path, ANCHOR_FILE)):
+        return
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return
+    others = sorted(name for name in names if name not in _OURS and not name.startswith(".") and name != "lost+found")
+    if others:
+        raise JournalNotFoundError(
+            f"{path} is not a Tally ledger (it holds other files, {others[0]!r} among them): "
+            "give a ledger or a new or empty directory"
+        )
+
+
+def prepare_directory(path: str, create: bool) -> None:
+    """Check `path` can be a journal directory, making it if missing (with `create`)."""
+    try:
+        path.encode()
+    except UnicodeEncodeError:  # an undecodable byte in the name: LMDB takes paths in UTF-8
+        raise JournalNotFoundError(f"{path!r} cannot be a ledger directory: its name is not UTF-8") from None
+    if os.path.isdir(path):
+        if create:
+            refuse_foreign(path)
+        return
+    if os.path.exists(path):
+        raise JournalNotFoundError(f"{path} is a file, not a ledger directory")
+    if not create:
+        raise JournalNotFoundError(f"{path} does not exist")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (OSError, ValueError) as error:
+        raise directory_error(f"{path!r} cannot be made a ledger directory", error) from error
+
+
+def refuse_missing(path: str) -> None:
+    """Raise the error for a directory that holds no journal (touching nothing)."""
+    if not os.listdir(path):
+        raise JournalNotFoundError(f"{path} is an empty directory, not a Tally ledger")
+    raise JournalNotFoundError(f"{path} is not a Tally ledger (it holds no journal)")
+
+
+def recognise(path: str) -> tuple[bool, AnchorState | None]:
+    """Whether directory `path` holds a journal, and its anchor (None: no anchor, which a
+    ledger made before anchors has until its first commit here). Raises
+    `JournalCorruptedError` where a journal was but its data file is gone."""
+    anchor = read_anchor(path)
+    data_file = os.path.join(path, DATA_FILE)
+    if os.path.exists(data_file):
+        return True, anchor
+    if anchor is not None:
+        raise JournalCorruptedError(
+            f"the data file is missing, yet the anchor says this directory holds a ledger whose journal "
+            f"reached LSN {anchor.durable_lsn}", where=data_file)
+    if os.path.exists(os.path.join(path, LMDB_LOCK_FILE)):
+        raise JournalCorruptedError(
+            "the data file is missing, yet LMDB's lock.mdb beside it says a journal was opened here "
+            "(if this directory never held a ledger, delete lock.mdb)", where=data_file)
+    return False, None
+
+
+def clear_staging(path: str) -> None:
+    """Remove what a creation that died left (never a journal anyone wrote to: a data file
+    leaves the staging directory only once whole). Call with the directory locked."""
+    shutil.rmtree(os.path.join(path, STAGING_DIR), ignore_errors=True)

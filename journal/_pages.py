@@ -1,0 +1,450 @@
+"""LMDB's data file, read as raw bytes: the part of LMDB's on-disk format Tally owns outright.
+
+LMDB has no page checksums and trusts its file: it follows page numbers and node offsets
+through a memory map. A truncated file makes a read past its end a SIGBUS, which kills the
+process; a flipped byte in a meta page makes it open an older snapshot, or an empty one,
+without a word; a damaged branch key sends a point lookup to the wrong leaf, so an id the
+journal holds reads as absent. So before LMDB maps a data file, Tally reads it here with
+`os.pread` (never a map: a short file is an error, not a signal) and checks:
+
+1. both meta pages: LMDB's magic and data version, a sane page size, each page's own
+   number, and the commit parity LMDB writes them with (transaction N writes meta N % 2,
+   so the two hold consecutive ids): a damaged meta that LMDB would silently skip, or
+   silently prefer, is reported instead;
+2. the file is as long as the committed meta says (LMDB would map pages past its end);
+3. every page reachable from the committed meta (`walk`): its header, its number, every
+   node's offsets inside the page, the nodes packed exactly between `mp_upper` and the
+   page's end (as LMDB always leaves them), keys strictly ascending and inside the range
+   their parent branch gives them (so no lookup is misrouted), every page reached once,
+   overflow runs inside the file, and each database's counters (entries, depth, pages)
+   equal to what the walk found;
+4. the free list: the pages it names and the pages the trees use are disjoint and
+   together cover the file up to the committed high-water mark. A free list naming a live
+   page would make LMDB's next write overwrite that page in place.
+
+This reads the layout of LMDB 0.9 on a 64-bit little-endian host (the only one py-lmdb's
+bundled engine writes here); anything else is reported as damage rather than guessed at.
+Cost: one pass over the reachable pages, about a microsecond a node (see `bench/README.md`).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import repeat
+from operator import add, and_, lt, sub
+
+from journal._errors import JournalCorruptedError
+
+MAGIC = 0xBEEFC0DE
+DATA_VERSION = 1
+PAGE_HEADER_BYTES = 16
+NODE_HEADER_BYTES = 8
+DB_RECORD_BYTES = 48
+NO_PAGE = (1 << 64) - 1
+"""`md_root` of an empty database."""
+DEPTH_MAX = 32
+"""LMDB's cursor stack: no tree is deeper."""
+PAGE_BYTES_MIN, PAGE_BYTES_MAX = 512, 1 << 15
+
+P_BRANCH, P_LEAF, P_OVERFLOW, P_META = 0x01, 0x02, 0x04, 0x08
+F_BIGDATA, F_SUBDATA, F_DUPDATA = 0x01, 0x02, 0x04
+MDB_INTEGERKEY = 0x08
+
+_PAGE = struct.Struct("<QHHHH")  # mp_pgno, mp_pad, mp_flags, mp_lower, mp_upper
+_OVERFLOW_PAGES = struct.Struct("<I")  # mp_pages, over mp_lower and mp_upper
+_NODE = struct.Struct("<HHHH")  # mn_lo, mn_hi, mn_flags, mn_ksize
+_DB = struct.Struct("<IHHQQQQQ")  # md_pad, md_flags, md_depth, branch, leaf, overflow pages, entries, root
+_META = struct.Struct("<IIQQ")  # mm_magic, mm_version, mm_address, mm_mapsize
+_U64 = struct.Struct("<Q")
+Visit = Callable[[bytes, list[bytes], list[bytes]], None]
+"""Called with a database's name and one leaf's keys and values."""
+_META_TAIL = struct.Struct("<QQ")  # mm_last_pg, mm_txnid
+_META_DBS_AT = PAGE_HEADER_BYTES + _META.size
+_META_TAIL_AT = _META_DBS_AT + 2 * DB_RECORD_BYTES
+META_BYTES = _META_TAIL_AT + _META_TAIL.size
+
+
+@dataclass(frozen=True)
+class Database:
+    """An `MDB_db` record: one B-tree's root and counters."""
+
+    flags: int
+    depth: int
+    branch_pages: int
+    leaf_pages: int
+    overflow_pages: int
+    entries: int
+    root: int
+    page_bytes: int
+    """`md_pad`: the free list's record carries the file's page size here."""
+
+    @classmethod
+    def parse(cls, data: bytes, at: int = 0) -> Database:
+        pad, flags, depth, branch, leaf, overflow, entries, root = _DB.unpack_from(data, at)
+        return cls(flags, depth, branch, leaf, overflow, entries, root, pad)
+
+
+@dataclass(frozen=True)
+class Meta:
+    """One meta page: which snapshot it commits, and the roots of the two core trees."""
+
+    number: int
+    """0 or 1: where it sits in the file."""
+    txnid: int
+    last_page: int
+    free: Database
+    main: Database
+
+    @property
+    def page_bytes(self) -> int:
+        return self.free.page_bytes
+
+
+@dataclass
+class Tree:
+    """What `walk` found in one database."""
+
+    entries: int = 0
+    branch_pages: int = 0
+    leaf_pages: int = 0
+    overflow_pages: int = 0
+    depth: int = 0
+    first_key: bytes | None = None
+    last_key: bytes | None = None
+
+
+@dataclass
+class Layout:
+    """The verified layout of a data file: its committed meta and every tree in it."""
+
+    meta: Meta
+    file_bytes: int
+    trees: dict[bytes, Tree] = field(default_factory=dict)
+    """Named databases by name (b"records", ...), with what the walk found in each."""
+
+
+def corrupt(reason: str, where: str) -> JournalCorruptedError:
+    return JournalCorruptedError(reason, where=where)
+
+
+def read_metas(fd: int, file_bytes: int, data_file: str) -> tuple[Meta, Meta]:
+    """Both meta pages, each checked on its own (magic, version, page size, own number)."""
+    if file_bytes == 0:
+        raise corrupt("the file is empty (0 bytes)", data_file)
+    first = os.pread(fd, META_BYTES, 0)
+    if len(first) < META_BYTES:
+        raise corrupt(f"the file is truncated to {file_bytes} bytes: not even one meta page", data_file)
+    meta0 = _parse_meta(first, 0, data_file)
+    page_bytes = meta0.page_bytes
+    if file_bytes < 2 * page_bytes:
+        raise corrupt(f"the file is truncated to {file_bytes} bytes: meta page 1 is missing", data_file)
+    meta1 = _parse_meta(os.pread(fd, META_BYTES, page_bytes), 1, data_file)
+    if meta1.page_bytes != page_bytes:
+        raise corrupt(f"the meta pages disagree on the page size ({page_bytes} and {meta1.page_bytes})",
+                      "meta page 1")
+    return meta0, meta1
+
+
+def _parse_meta(data: bytes, number: int, data_file: str) -> Meta:
+    where = f"meta page {number} of {data_file}"
+    pgno, _pad, flags, _lower, _upper = _PAGE.unpack_from(data)
+    magic, version, _address, _map_bytes = _META.unpack_from(data, PAGE_HEADER_BYTES)
+    if magic != MAGIC:
+        raise corrupt(f"bad magic number {magic:#x} (LMDB's is {MAGIC:#x})", where)
+    if version != DATA_VERSION:
+        raise corrupt(f"LMDB data version {version}, not {DATA_VERSION}", where)
+    if pgno != number or flags != P_META:
+        raise corrupt(f"the page header says page {pgno} with flags {flags:#x}, not meta page {number}", where)
+    free = Database.parse(data, _META_DBS_AT)
+    main = Database.parse(data, _META_DBS_AT + DB_RECORD_BYTES)
+    last_page, txnid = _META_TAIL.unpack_from(data, _META_TAIL_AT)
+    page_bytes = free.page_bytes
+    if not PAGE_BYTES_MIN <= page_bytes <= PAGE_BYTES_MAX or page_bytes & (page_bytes - 1):
+        raise corrupt(f"implausible page size {page_bytes}", where)
+    return Meta(number, txnid, last_page, free, main)
+
+
+def committed_meta(meta0: Meta, meta1: Meta, file_bytes: int, data_file: str) -> Meta:
+    """The meta LMDB will open (the higher transaction id), once the pair is consistent:
+    transaction N writes meta page N % 2, so the two hold N and N - 1 (or both 0 in a file
+    no transaction has committed to yet). A pair that breaks this has a damaged page, and
+    LMDB would open whichever id is higher without a word."""
+    t0, t1 = meta0.txnid, meta1.txnid
+    if t0 % 2:
+        raise corrupt(f"odd transaction id {t0} in the even slot", f"meta page 0 of {data_file}")
+    if t1 and not t1 % 2:
+        raise corrupt(f"even transaction id {t1} in the odd slot", f"meta page 1 of {data_file}")
+    if not (t0 == t1 == 0 or abs(t0 - t1) == 1):
+        raise corrupt(f"the meta pages hold transaction ids {t0} and {t1}, not two consecutive ones: "
+                      "one of them is damaged", data_file)
+    meta = meta1 if t1 > t0 else meta0
+    for each in (meta0, meta1):
+        _check_meta_fits(each, file_bytes, data_file)
+    return meta
+
+
+def _check_meta_fits(meta: Meta, file_bytes: int, data_file: str) -> None:
+    where = f"meta page {meta.number} of {data_file}"
+    page_bytes = meta.page_bytes
+    needed = (meta.last_page + 1) * page_bytes
+    if meta.last_page < 1:
+        raise corrupt(f"last page {meta.last_page}", where)
+    if needed > file_bytes:
+        raise corrupt(f"the file is truncated: {file_bytes} bytes, but the meta page's snapshot uses "
+                      f"pages up to {meta.last_page}, {needed} bytes", data_file)
+    for name, db in (("free list", meta.free), ("main database", meta.main)):
+        if db.root != NO_PAGE and not 2 <= db.root <= meta.last_page:
+            raise corrupt(f"the {name}'s root page {db.root} is outside the file's pages 2..{meta.last_page}", where)
+        if db.depth > DEPTH_MAX:
+            raise corrupt(f"the {name}'s depth {db.depth} is past LMDB's {DEPTH_MAX}", where)
+
+
+class _Walk:
+    """One pass over every page reachable from a meta; raises at the first fault."""
+
+    def __init__(self, fd: int, meta: Meta, data_file: str,
+                 visit: Visit | None) -> None:
+        self.fd = fd
+        self.meta = meta
+        self.page_bytes = meta.page_bytes
+        self.pages = meta.last_page + 1
+        self.data_file = data_file
+        self.seen = bytearray(self.pages)
+        self.seen[0] = self.seen[1] = 1
+        self.visit = visit
+        self.catalog = False
+        """Walking the main database, whose entries are the named databases' records."""
+        self._ptrs: dict[int, struct.Struct] = {}
+
+    def read(self, pgno: int, count: int = 1) -> bytes:
+        data = os.pread(self.fd, count * self.page_bytes, pgno * self.page_bytes)
+        if len(data) != count * self.page_bytes:
+            raise corrupt(f"page {pgno} lies past the end of the file", self.data_file)
+        return data
+
+    def claim(self, pgno: int, count: int, where: str) -> None:
+        """Mark pages used; each page may be used once, and only below the high-water mark."""
+        if pgno < 2 or pgno + count > self.pages:
+            raise corrupt(f"refers to page {pgno} (of {count}), outside pages 2..{self.pages - 1}", where)
+        seen = self.seen
+        if any(seen[pgno : pgno + count]):
+            raise corrupt(f"refers to page {pgno}, which another part of the file already uses", where)
+        seen[pgno : pgno + count] = b"\x01" * count
+
+    def tree(self, name: bytes, db: Database, integer_keys: bool = False) -> Tree:
+        where = f"the {_shown(name)} database of {self.data_file}"
+        if db.flags & ~MDB_INTEGERKEY or bool(db.flags & MDB_INTEGERKEY) != integer_keys:
+            raise corrupt(f"unexpected flags {db.flags:#x}", where)
+        found = Tree()
+        if db.root == NO_PAGE:
+            if db.entries or db.depth or db.branch_pages or db.leaf_pages or db.overflow_pages:
+                raise corrupt("empty, yet its counters are not zero", where)
+            return found
+        self.page(name, db.root, 1, None, None, found, integer_keys)
+        counted = (found.entries, found.depth, found.branch_pages, found.leaf_pages, found.overflow_pages)
+        claimed = (db.entries, db.depth, db.branch_pages, db.leaf_pages, db.overflow_pages)
+        if counted != claimed:
+            raise corrupt(f"its record claims (entries, depth, branch, leaf, overflow pages) {claimed}, "
+                          f"its pages hold {counted}: pages are lost or a counter is damaged", where)
+        return found
+
+    def page(self, name: bytes, pgno: int, depth: int, low: bytes | None, high: bytes | None,
+             found: Tree, integer_keys: bool) -> None:
+        """Check page `pgno` of database `name` and everything under it. Every key under it
+        must be >= `low` and < `high` (None: unbounded), as the parent's separators say."""
+        where = f"page {pgno} of the {_shown(name)} database of {self.data_file}"
+        if depth > DEPTH_MAX:
+            raise corrupt(f"deeper than LMDB's {DEPTH_MAX} levels", where)
+        self.claim(pgno, 1, where)
+        data = self.read(pgno)
+        stored, _pad, flags, lower, upper = _PAGE.unpack_from(data)
+        if stored != pgno:
+            raise corrupt(f"its header says page {stored}", where)
+        if flags not in (P_BRANCH, P_LEAF):
+            raise corrupt(f"flags {flags:#x} are not a branch's or a leaf's", where)
+        page_bytes = self.page_bytes
+        if not PAGE_HEADER_BYTES <= lower <= upper <= page_bytes or lower % 2:
+            raise corrupt(f"bad free-space bounds (lower {lower}, upper {upper})", where)
+        count = (lower - PAGE_HEADER_BYTES) >> 1
+        if not count:
+            raise corrupt("no nodes", where)
+        ptrs = self._ptrs.get(count)
+        if ptrs is None:
+            ptrs = self._ptrs[count] = struct.Struct(f"<{count}H")
+        offsets = ptrs.unpack_from(data, PAGE_HEADER_BYTES)
+        if min(offsets) < upper or max(offsets) > page_bytes - NODE_HEADER_BYTES:
+            raise corrupt("a node pointer points outside the page's nodes", where)
+        found.depth = max(found.depth, depth)
+        if flags == P_BRANCH:
+            found.branch_pages += 1
+            self._branch(name, data, offsets, upper, depth, low, high, found, integer_keys, where)
+        else:
+            found.leaf_pages += 1
+            self._leaf(name, data, offsets, upper, low, high, found, integer_keys, where)
+
+    def _branch(self, name: bytes, data: bytes, offsets: tuple[int, ...], upper: int, depth: int,
+                low: bytes | None, high: bytes | None, found: Tree, integer_keys: bool, where: str) -> None:
+        unpack_node, page_bytes = _NODE.unpack_from, self.page_bytes
+        children: list[int] = []
+        keys: list[bytes | None] = []
+        used = 0  # node 0's key is never read: the parent's bound stands in for it
+        for i, at in enumerate(offsets):
+            lo, hi, fl, key_bytes = unpack_node(data, at)
+            end = at + NODE_HEADER_BYTES + key_bytes
+            if end > page_bytes:
+                raise corrupt(f"node {i} runs past the page", where)
+            used += (end - at + 1) & ~1
+            children.append(lo | hi << 16 | fl << 32)
+            keys.append(data[at + NODE_HEADER_BYTES : end] if i else low)  # node 0's key is the parent's bound
+        if used != page_bytes - upper:
+            raise corrupt(f"its nodes take {used} bytes, its header says {page_bytes - upper}", where)
+        if len(children) < 2:
+            raise corrupt("a branch with a single child", where)
+        bounds = [*keys[1:], high]
+        _check_order(keys[1:], low, high, integer_keys, where)  # type: ignore[arg-type]
+        for child, key, bound in zip(children, keys, bounds, strict=True):
+            self.page(name, child, depth + 1, key, bound, found, integer_keys)
+
+    def _leaf(self, name: bytes, data: bytes, offsets: tuple[int, ...], upper: int,
+              low: bytes | None, high: bytes | None, found: Tree, integer_keys: bool, where: str) -> None:
+        # Written as maps over whole columns rather than a loop over nodes: an open walks
+        # every leaf of the file, and this keeps it near a third of a microsecond a node.
+        unpack_node, page_bytes = _NODE.unpack_from, self.page_bytes
+        sizes_low, sizes_high, flags, key_sizes = zip(*[unpack_node(data, at) for at in offsets], strict=True)
+        key_starts = list(map(add, offsets, repeat(NODE_HEADER_BYTES)))
+        value_starts = list(map(add, key_starts, key_sizes))
+        if self.catalog or any(flags) or any(sizes_high):
+            ends = [self._value_end(i, flag, low_ | high_ << 16, start, where)
+                    for i, (flag, low_, high_, start) in enumerate(zip(flags, sizes_low, sizes_high, value_starts, strict=True))]
+        else:
+            ends = list(map(add, value_starts, sizes_low))
+        if max(ends) > page_bytes:
+            raise corrupt(f"node {ends.index(max(ends))} runs past the page", where)
+        lengths = map(sub, ends, offsets)
+        if sum(map(and_, map(add, lengths, repeat(1)), repeat(-2))) != page_bytes - upper:
+            raise corrupt("its nodes do not fill the page from its free-space bound to its end", where)
+        keys = list(map(data.__getitem__, map(slice, key_starts, value_starts)))
+        _check_order(keys, low, high, integer_keys, where)
+        if found.last_key is not None and not _after(found.last_key, keys[0], integer_keys):
+            raise corrupt("its first key does not follow the previous leaf's last", where)
+        if found.first_key is None:
+            found.first_key = keys[0]
+        found.entries += len(keys)
+        found.last_key = keys[-1]
+        visit = self.visit
+        if visit is None and F_BIGDATA not in flags:
+            return
+        values = list(map(data.__getitem__, map(slice, value_starts, ends)))
+        for i, flag in enumerate(flags):
+            if flag == F_BIGDATA:
+                size = sizes_low[i] | sizes_high[i] << 16
+                values[i] = self._overflow(name, _U64.unpack_from(data, value_starts[i])[0], size, found, where,
+                                           visit is not None)
+        if visit is not None:
+            visit(name, keys, values)
+
+    def _value_end(self, i: int, flags: int, size: int, start: int, where: str) -> int:
+        """Where node `i`'s value ends in the page, its value starting at `start`: in line,
+        an overflow run's page number (8 bytes), or a named database's record (in the main
+        database only, which holds nothing else)."""
+        if flags == 0 and not self.catalog:
+            return start + size
+        if flags == F_BIGDATA and not self.catalog:
+            return start + 8
+        if flags == F_SUBDATA and self.catalog and size == DB_RECORD_BYTES:
+            return start + size
+        raise corrupt(f"node {i} has flags {flags:#x}", where)
+
+    def _overflow(self, name: bytes, pgno: int, size: int, found: Tree, where: str, whole: bool) -> bytes:
+        """The value stored on the overflow run at `pgno` (`size` bytes), its header checked;
+        only the run's first page unless `whole` (a checkpoint's run may be megabytes)."""
+        count = (PAGE_HEADER_BYTES - 1 + size) // self.page_bytes + 1
+        self.claim(pgno, count, where)
+        data = self.read(pgno, count if whole else 1)
+        stored, _pad, flags = _PAGE.unpack_from(data)[:3]
+        (pages,) = _OVERFLOW_PAGES.unpack_from(data, 12)
+        if stored != pgno or flags != P_OVERFLOW or pages != count:
+            raise corrupt(f"its overflow run at page {pgno} has a bad header (page {stored}, flags {flags:#x}, "
+                          f"{pages} pages for {size} bytes)", where)
+        found.overflow_pages += count
+        return data[PAGE_HEADER_BYTES : PAGE_HEADER_BYTES + size]
+
+
+def _after(before: bytes, key: bytes, integer_keys: bool) -> bool:
+    if integer_keys:
+        return _integer(key) > _integer(before)
+    return key > before
+
+
+def _integer(key: bytes) -> int:
+    return int.from_bytes(key, "little")
+
+
+def _check_order(keys: list[bytes], low: bytes | None, high: bytes | None, integer_keys: bool, where: str) -> None:
+    """Keys strictly ascending, the first >= `low`, the last < `high` (None: unbounded).
+    LMDB compares keys as memcmp with the shorter first, as Python compares bytes; the free
+    list compares them as integers."""
+    if integer_keys:
+        if any(len(key) != 8 for key in keys):
+            raise corrupt("an integer key that is not 8 bytes", where)
+        values = [_integer(key) for key in keys]
+        ordered = all(map(lt, values, values[1:]))
+        inside = (low is None or values[0] >= _integer(low)) and (high is None or values[-1] < _integer(high))
+    else:
+        ordered = all(map(lt, keys, keys[1:]))
+        inside = (low is None or keys[0] >= low) and (high is None or keys[-1] < high)
+    if not ordered:
+        raise corrupt("its keys are out of order", where)
+    if not inside:
+        raise corrupt("a key lies outside the range its parent branch gives the page", where)
+
+
+def _shown(name: bytes) -> str:
+    return name.decode(errors="replace") if name else "main"
+
+
+def walk(fd: int, meta: Meta, data_file: str, visit: Visit | None = None, names: frozenset[bytes] = frozenset(),
+         first: bytes = b"") -> Layout:
+    """Check every page reachable from `meta` (see the module docstring); return the layout.
+    `visit(name, keys, values)` gets the entries of the named databases in `names`, a leaf
+    at a time, in key order; database `first` is walked before the others."""
+    pages = _Walk(fd, meta, data_file, None)
+    free_records: list[bytes] = []
+    pages.visit = lambda _name, _keys, values: free_records.extend(values)
+    pages.tree(b"free list", meta.free, integer_keys=True)
+    catalog: list[tuple[bytes, bytes]] = []
+    pages.visit = lambda _name, keys, values: catalog.extend(zip(keys, values, strict=True))
+    pages.catalog = True
+    pages.tree(b"", meta.main)
+    pages.catalog = False
+    layout = Layout(meta, 0)
+    for name, record in sorted(catalog, key=lambda item: item[0] != first):
+        pages.visit = visit if name in names else None
+        layout.trees[name] = pages.tree(name, Database.parse(record))
+    _check_free_list(pages, free_records, data_file)
+    return layout
+
+
+def _check_free_list(pages: _Walk, records: list[bytes], data_file: str) -> None:
+    """The free list names each page not in use exactly once, and none in use."""
+    where = f"the free list of {data_file}"
+    seen = pages.seen
+    for record in records:
+        if len(record) < 8 or len(record) % 8:
+            raise corrupt(f"a record of {len(record)} bytes is not a page list", where)
+        count = _U64.unpack_from(record)[0]
+        if count != len(record) // 8 - 1:
+            raise corrupt(f"a record says it lists {count} pages and holds {len(record) // 8 - 1}", where)
+        listed = struct.unpack_from(f"<{count}Q", record, 8)
+        for pgno in listed:
+            if not 2 <= pgno < pages.pages:
+                raise corrupt(f"lists page {pgno}, outside pages 2..{pages.pages - 1}", where)
+            if seen[pgno]:
+                raise corrupt(f"lists page {pgno}, which is in use: a write would overwrite it", where)
+            seen[pgno] = 1
+    missing = seen.find(0)
+    if missing != -1:
+        raise corrupt(f"page {missing} is neither in use nor free: a page is lost", where)
