@@ -5,7 +5,7 @@ an account's turn, `HeldAccount`).
 """
 
 from coordinator._audit import CHECKS, AuditReport, audit, state_hash, unopened
-from coordinator._claims import Refusal, decode_outcome
+from coordinator._claims import IdLoader, Refusal, check_ids_against_records, decode_outcome
 from coordinator._coordinator import Coordinator
 from coordinator._errors import (
     REJECTIONS,
@@ -75,6 +75,7 @@ __all__ = [
     "LedgerUnavailable",
     "NotALedger",
     "HeldAccount",
+    "IdLoader",
     "Participant",
     "Participants",
     "Posting",
@@ -85,6 +86,7 @@ __all__ = [
     "Transfer",
     "TransferRequest",
     "check_amount",
+    "check_ids_against_records",
     "check_currency",
     "check_id",
     "check_path",

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from journal import Journal, JournalError, crash_point
 
 from coordinator._admission import Admission
-from coordinator._claims import Claims, Outcome, Ticket, settle, ticket_outcome
+from coordinator._claims import Claims, IdLoader, Outcome, Ticket, settle, ticket_outcome
 from coordinator._batch import Batch
 from coordinator._errors import (
     AccountNotFound,
@@ -48,11 +48,12 @@ logger = logging.getLogger("tally.coordinator")
 
 class Coordinator:
     def __init__(
-        self, journal: Journal, sequencer: Sequencer, participants: Participants, inflight_max: int
+        self, journal: Journal, sequencer: Sequencer, participants: Participants, inflight_max: int, ids: IdLoader
     ) -> None:
+        """`ids` saw every transfer id of the journal as it opened (see `IdLoader`)."""
         self.journal = journal
         self.sequencer = sequencer
-        self.claims = Claims(journal)
+        self.claims = Claims(journal, ids)
         self.admission = Admission(inflight_max)
         self.participants = participants
         self._combining_lock = threading.Lock()

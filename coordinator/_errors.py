@@ -63,17 +63,22 @@ class LedgerLocked(LedgerError):
 
 
 class JournalCorrupted(LedgerError):
-    """A journal record fails its checksum or sequence, or its format is unknown.
+    """Stored data fails a check: a record (checksum, sequence, content), an index entry,
+    a page of the data file, the anchor, or the format version.
 
-    `lsn` names the first bad record (None for damage outside the records).
-    The ledger is not opened; nothing is repaired silently.
+    `lsn` names the first bad record (None for damage outside the records); `where` says
+    where the damage is, in words ("LSN 17", "the transfers index", "page 40 of the
+    entries database of .../data.mdb", ".../tally.anchor"). Nothing is repaired silently:
+    the ledger is not opened, or the call that met the damage raises and changes nothing.
+    `tally verify` reports all of it; `tally recover --salvage` copies what precedes it.
     """
 
     code = "journal_corrupted"
 
-    def __init__(self, message: str, lsn: int | None = None) -> None:
+    def __init__(self, message: str, lsn: int | None = None, where: str | None = None) -> None:
         super().__init__(message)
         self.lsn = lsn
+        self.where = where if where is not None else (f"LSN {lsn}" if lsn is not None else None)
 
 
 class NotALedger(LedgerError):

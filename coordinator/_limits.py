@@ -16,8 +16,9 @@ KEY_BYTES_MAX = 400
 CLAIM_STRIPES = 64
 """Locks striping the in-flight transfer ids; a power of two."""
 
-WARM_UP_KEYS_PER_SNAPSHOT = 4096
-"""Transfer ids the claims' warm-up reads per read transaction (see `Claims._warm_up`)."""
+INDEX_CHECK_KEYS_PER_SNAPSHOT = 4096
+"""Transfer index entries checked against their records per read transaction, opening a
+ledger whose index entries carry no checksum (`check_ids_against_records`)."""
 INFLIGHT_TRANSFERS_MAX = 100_000
 """Transfers admitted into the protocol at once; beyond it callers wait (bounded)."""
 

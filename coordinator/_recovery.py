@@ -29,7 +29,16 @@ from journal import Journal, JournalCorruptedError
 from coordinator._entries import Flat, add_commit
 from coordinator._errors import JournalCorrupted
 from coordinator._limits import AMOUNT_MAX
-from coordinator._records import ACCOUNT, CHECKPOINT, CHECKPOINTS_INDEX, COMMIT, decode, value_lsn
+from coordinator._records import (
+    ACCOUNT,
+    ACCOUNTS_INDEX,
+    CHECKPOINT,
+    CHECKPOINTS_INDEX,
+    COMMIT,
+    TRANSFERS_INDEX,
+    decode,
+    value_lsn,
+)
 from coordinator._state import NO_ENTRIES, AccountState, SequenceError, post
 from coordinator._values import Account
 
@@ -97,10 +106,26 @@ def load_checkpoint(journal: Journal) -> Recovered:
 
 def recover(journal: Journal) -> Recovered:
     """What opening a ledger runs: the newest checkpoint, then the tail (whose entries
-    are not indexed yet: `unindexed` collects them)."""
+    are not indexed yet: `unindexed` collects them). First, the indexes that name records
+    must hold one entry per record (`check_index_counts`)."""
+    check_index_counts(journal)
     books = load_checkpoint(journal)
     books.unindexed = {}
     return replay(journal, books)
+
+
+def check_index_counts(journal: Journal) -> None:
+    """Every record is an account, a transfer's outcome or a checkpoint, and has exactly one
+    entry in the index of its kind: so the three indexes hold as many entries as there are
+    records. (The journal checked each count against the pages it read as it opened.) A
+    missing entry would make its id look unused, and a retry of it would run again."""
+    with journal.snapshot() as txn:
+        records = journal.records_count(txn)
+        counts = {name: journal.index_count(name, txn) for name in (ACCOUNTS_INDEX, TRANSFERS_INDEX, CHECKPOINTS_INDEX)}
+    if sum(counts.values()) != records:
+        shown = ", ".join(f"{count} in the {name} index" for name, count in counts.items())
+        raise JournalCorrupted(f"journal corrupted: the indexes hold {sum(counts.values())} entries ({shown}) for "
+                               f"{records} records, one each", where="the indexes")
 
 
 def replay(

@@ -28,7 +28,7 @@ from coordinator._errors import (
 def ledger_error(error: JournalError) -> LedgerError:
     """The `LedgerError` a `JournalError` becomes (the caller chains it)."""
     if isinstance(error, JournalCorruptedError):
-        return JournalCorrupted(str(error), error.lsn)
+        return JournalCorrupted(str(error), error.lsn, error.where)
     if isinstance(error, JournalLockedError):
         return LedgerLocked(str(error))
     if isinstance(error, JournalNotFoundError):

@@ -26,6 +26,7 @@ from coordinator import (
     Balance,
     Coordinator,
     Entry,
+    IdLoader,
     InvalidRequest,
     LedgerClosed,
     LedgerError,
@@ -33,6 +34,7 @@ from coordinator import (
     Transfer,
     TransferRequest,
     check_currency,
+    check_ids_against_records,
     check_id,
     check_overdraft_limit,
     check_path,
@@ -56,19 +58,21 @@ DISPATCHER_THREADS_DEFAULT = 1
 class Ledger:
     """An open ledger. Use `Ledger.open(path)`, preferably as a context manager."""
 
-    def __init__(self, journal: Journal, *, timeout_s: float, dispatcher_threads: int,
+    def __init__(self, journal: Journal, ids: IdLoader, *, timeout_s: float, dispatcher_threads: int,
                  actors_live_max: int, inflight_max: int, checkpoint_interval: int) -> None:
         self.path = journal.path
         self.timeout_s = timeout_s
         self._journal = journal
         books = recover(journal)
+        if journal.format_version < 2:  # its index entries carry no checksum: check each against its record
+            check_ids_against_records(journal)
         self.recovered = books
         self._sequencer = Sequencer(journal, books.accounts, books.states, checkpoint_interval,
                                     unindexed=books.unindexed, since_checkpoint=books.records)
         self._sequencer.account_lsns.update(books.account_lsns)
         self._dispatcher = Dispatcher(dispatcher_threads)
         self._directory = Directory(self._sequencer, self._dispatcher, actors_live_max)
-        self._coordinator = Coordinator(journal, self._sequencer, self._directory, inflight_max)
+        self._coordinator = Coordinator(journal, self._sequencer, self._directory, inflight_max, ids)
         self._state = threading.Condition()
         self._calls: deque[None] = deque()
         """One item per call under way: appends and pops are atomic, so calls take no lock."""
@@ -109,14 +113,15 @@ class Ledger:
         ):
             if type(value) is not int or not low <= value <= high:
                 raise InvalidRequest(f"{name} must be an int in {low}..{high}, got {shown(value)}")
-        options: dict[str, Any] = {"index_names": INDEX_NAMES}
+        ids = IdLoader()
+        options: dict[str, Any] = {"index_names": INDEX_NAMES, "visit": ids.visit}
         if map_size_bytes is not None:
             options["map_size_bytes"] = map_size_bytes
         with ledger_errors():
             journal = Journal.open(path, **options)
         try:
             with ledger_errors():
-                return cls(journal, timeout_s=float(timeout_s), dispatcher_threads=dispatcher_threads,
+                return cls(journal, ids, timeout_s=float(timeout_s), dispatcher_threads=dispatcher_threads,
                            actors_live_max=actors_live_max, inflight_max=inflight_max,
                            checkpoint_interval=checkpoint_interval)
         except BaseException:
@@ -285,7 +290,6 @@ class Ledger:
                 return
             self._closed = True
             self._state.wait_for(lambda: not self._calls, timeout=self.timeout_s)
-        self._coordinator.claims.stop()
         self._directory.stop_all()
         self._dispatcher.stop()
         self._journal.close()

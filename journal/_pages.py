@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import add, and_, lt, sub
@@ -207,6 +207,8 @@ class _Walk:
 
     def __init__(self, fd: int, meta: Meta, data_file: str,
                  visit: Visit | None) -> None:
+        self.key_bytes = 0
+        """Of every key in the tree being walked, if not 0."""
         self.fd = fd
         self.meta = meta
         self.page_bytes = meta.page_bytes
@@ -314,6 +316,8 @@ class _Walk:
         # every leaf of the file, and this keeps it near a third of a microsecond a node.
         unpack_node, page_bytes = _NODE.unpack_from, self.page_bytes
         sizes_low, sizes_high, flags, key_sizes = zip(*[unpack_node(data, at) for at in offsets], strict=True)
+        if self.key_bytes and key_sizes.count(self.key_bytes) != len(key_sizes):
+            raise corrupt(f"a key is not {self.key_bytes} bytes long", where)
         key_starts = list(map(add, offsets, repeat(NODE_HEADER_BYTES)))
         value_starts = list(map(add, key_starts, key_sizes))
         if self.catalog or any(flags) or any(sizes_high):
@@ -407,10 +411,11 @@ def _shown(name: bytes) -> str:
 
 
 def walk(fd: int, meta: Meta, data_file: str, visit: Visit | None = None, names: frozenset[bytes] = frozenset(),
-         first: bytes = b"") -> Layout:
+         first: bytes = b"", key_bytes: Mapping[bytes, int] | None = None) -> Layout:
     """Check every page reachable from `meta` (see the module docstring); return the layout.
     `visit(name, keys, values)` gets the entries of the named databases in `names`, a leaf
-    at a time, in key order; database `first` is walked before the others."""
+    at a time, in key order; database `first` is walked before the others; every key of a
+    database in `key_bytes` must be that long."""
     pages = _Walk(fd, meta, data_file, None)
     free_records: list[bytes] = []
     pages.visit = lambda _name, _keys, values: free_records.extend(values)
@@ -423,6 +428,7 @@ def walk(fd: int, meta: Meta, data_file: str, visit: Visit | None = None, names:
     layout = Layout(meta, 0)
     for name, record in sorted(catalog, key=lambda item: item[0] != first):
         pages.visit = visit if name in names else None
+        pages.key_bytes = (key_bytes or {}).get(name, 0)
         layout.trees[name] = pages.tree(name, Database.parse(record))
     _check_free_list(pages, free_records, data_file)
     return layout

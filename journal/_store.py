@@ -48,7 +48,7 @@ from journal._errors import (
     JournalLockedError,
     JournalWriteError,
 )
-from journal._format import index_seed, unframe_index_value
+from journal._format import index_seed, unframe_index_values
 from journal._pages import Layout, committed_meta, read_metas, walk
 from journal._limits import (
     DBS_MAX,
@@ -112,12 +112,16 @@ IndexVisit = Callable[[list[bytes], list[bytes]], None]
 
 
 class _Visitor:
-    """What the page walk hands each leaf to: it reads the format version from the meta
-    database (walked first), then passes the entries of the indexes asked for, checksums
-    verified where the format has them."""
+    """What the page walk hands each leaf to. It reads the format version from the meta
+    database (walked first), then verifies the checksum of every entry of every index (in
+    formats that have them), and hands the entries of the indexes asked for to their visits.
 
-    def __init__(self, visit: Mapping[str, IndexVisit]) -> None:
-        self._targets = {name.encode(): (name, index_seed(name), handle) for name, handle in visit.items()}
+    So an index entry whose key or value was damaged is found as the journal opens: a key
+    changed in place would otherwise hide an entry from every lookup of it (an id would look
+    unused, an account's entry missing) without failing any check a read could make."""
+
+    def __init__(self, index_names: Sequence[str], visit: Mapping[str, IndexVisit]) -> None:
+        self._indexes = {name.encode(): (name, index_seed(name), visit.get(name)) for name in index_names}
         self.format_version: int | None = None
 
     def __call__(self, name: bytes, keys: list[bytes], values: list[bytes]) -> None:
@@ -126,20 +130,18 @@ class _Visitor:
                 if key == FORMAT_KEY:
                     self.format_version = int(value) if value.isdigit() else -1
             return
-        target = self._targets.get(name)
-        if target is None:
-            return
-        label, seed, handle = target
+        label, seed, handle = self._indexes[name]
         if self.format_version is None:
-            raise JournalCorruptedError("the format version is missing", where="the meta database")
+            raise JournalFormatError("the format version is missing", where="the meta database")
         if self.format_version >= 2:
-            values = [unframe_index_value(seed, label, key, value) for key, value in zip(keys, values, strict=True)]
-        handle(keys, values)
+            values = unframe_index_values(seed, label, keys, values)
+        if handle is not None:
+            handle(keys, values)
 
     @property
     def names(self) -> frozenset[bytes]:
-        """The databases it reads: the meta database and the indexes asked for."""
-        return frozenset({META_DB, *self._targets})
+        """The databases it reads: the meta database and every index."""
+        return frozenset({META_DB, *self._indexes})
 
 
 @dataclass(frozen=True)
@@ -214,14 +216,15 @@ class Store:
 
         Raises `JournalCorruptedError` naming where the data file is damaged, and never
         writes to it. With `readonly`, a live writer in another process may go on: the check
-        then reads the snapshot of a read transaction held meanwhile. `visit` names indexes
-        whose entries the check hands over, a leaf at a time, their checksums verified."""
+        then reads the snapshot of a read transaction held meanwhile. Every index entry's
+        checksum is verified (`_Visitor`); `visit` names indexes whose entries the check hands
+        over, a leaf at a time."""
         data_file = os.path.join(path, DATA_FILE)
         _check_before_mapping(data_file)
         allocate_lock_file(path, readonly)
         env = _lmdb_open(path, map_size_bytes=map_size_bytes, sync=sync, readonly=readonly, create=False)
         try:
-            dbs, opened = _check_snapshot(env, data_file, index_names, _Visitor(visit or {}))
+            dbs, opened = _check_snapshot(env, data_file, index_names, _Visitor(index_names, visit or {}))
         except BaseException:
             env.close()
             raise
@@ -395,7 +398,7 @@ def _walk_snapshot(txnid: int, data_file: str, visit: _Visitor) -> Layout | None
             if older.txnid != txnid:
                 return None
             meta = older
-        layout = walk(fd, meta, data_file, visit, visit.names, first=META_DB)
+        layout = walk(fd, meta, data_file, visit, visit.names, first=META_DB, key_bytes={RECORDS_DB: 8})
         layout.file_bytes = size
         return layout
     finally:
