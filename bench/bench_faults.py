@@ -237,6 +237,11 @@ def faults(reference: Path, other: Path, seed: int, sample: bool) -> list[Fault]
         if page.kind != "meta":
             found.append(Fault("lost write (a page zeroed)", f"page {page.pgno} ({page.database} {page.kind}) zeroed",
                                zero_page(page.pgno)))
+    newer = 0 if struct.unpack_from("<Q", data, 144)[0] > struct.unpack_from("<Q", data, PAGE_BYTES + 144)[0] else 1
+    found.append(Fault("meta page", f"meta page {newer}'s transaction id lowered by 2 (LMDB opens the older snapshot)",
+                       _lower_txnid(newer)))
+    for pgno in _free_pages(data, pages(data))[:8]:
+        found.append(Fault("free page", f"free page {pgno}, byte 100 ^ 0x01", flip(pgno, 100, 1)))
     size = len(data)
     for label, cut in (("to 0 bytes", lambda n: 0), ("to 1 page", lambda n: PAGE_BYTES),
                        ("to 2 pages", lambda n: 2 * PAGE_BYTES), ("to half", lambda n: n // 2 // PAGE_BYTES * PAGE_BYTES),
@@ -258,6 +263,22 @@ def faults(reference: Path, other: Path, seed: int, sample: bool) -> list[Fault]
             by_kind.setdefault(fault.kind, []).append(fault)
         found = [fault for kind in by_kind.values() for fault in rng.sample(kind, min(3, len(kind)))]
     return found
+
+
+def _lower_txnid(number: int) -> Callable[[Path], None]:
+    def apply(directory: Path) -> None:
+        with open(directory / "data.mdb", "r+b") as file:
+            file.seek(number * PAGE_BYTES + 144)
+            (txnid,) = struct.unpack("<Q", file.read(8))
+            file.seek(number * PAGE_BYTES + 144)
+            file.write(struct.pack("<Q", txnid - 2))
+    return apply
+
+
+def _free_pages(data: bytes, used: list[Page]) -> list[int]:
+    """Pages of the file no tree reaches (the free list's, and never written ones)."""
+    reached = {page.pgno for page in used}
+    return [pgno for pgno in range(2, len(data) // PAGE_BYTES) if pgno not in reached]
 
 
 def _kind(page: Page, region: str) -> str:

@@ -5,7 +5,7 @@ an account's turn, `HeldAccount`).
 """
 
 from coordinator._audit import CHECKS, AuditReport, audit, state_hash, unopened
-from coordinator._claims import IdLoader, Refusal, check_ids_against_records, decode_outcome
+from coordinator._claims import IdLoader, Refusal, check_ids_against_records, decode_outcome, transfer_record
 from coordinator._coordinator import Coordinator
 from coordinator._errors import (
     REJECTIONS,
@@ -47,6 +47,7 @@ __all__ = [
     "AuditReport",
     "audit",
     "state_hash",
+    "transfer_record",
     "unopened",
     "AMOUNT_MAX",
     "CHECKPOINT_RECORDS_INTERVAL",

@@ -196,6 +196,22 @@ def _named_record(journal: Journal, key: bytes, lsn: int, txn: Any) -> list[Any]
     return record
 
 
+def transfer_record(journal: Journal, tid: str, txn: Any | None = None) -> tuple[int, list[Any]] | None:
+    """The LSN and decoded record of the commit or refusal of `tid`, from the transfers index
+    (no scan), checked against each other; None if the id was never used."""
+    if txn is None:
+        with journal.snapshot() as txn:
+            return transfer_record(journal, tid, txn)
+    key = id_key(tid)
+    value = journal.index_get(TRANSFERS_INDEX, key, txn)
+    if value is None:
+        return None
+    if len(value) != 8:
+        raise JournalCorrupted(f"the transfers index entry of {tid!r} does not hold an LSN", where="the transfers index")
+    lsn = value_lsn(value)
+    return lsn, _named_record(journal, key, lsn, txn)
+
+
 class Claims:
     """The in-flight tickets, striped by id. Safe from any thread; never waits.
 
@@ -258,14 +274,8 @@ class Claims:
         if txn is None:
             with self._journal.snapshot() as txn:
                 return self.lookup(tid, txn)
-        key = id_key(tid)
-        value = self._journal.index_get(TRANSFERS_INDEX, key, txn)
-        if value is None:
-            return None
-        if len(value) != 8:
-            raise JournalCorrupted(f"the transfers index entry of {tid!r} does not hold an LSN", where="the transfers index")
-        lsn = value_lsn(value)
-        return outcome_of(lsn, _named_record(self._journal, key, lsn, txn))
+        found = transfer_record(self._journal, tid, txn)
+        return None if found is None else outcome_of(*found)
 
     def release(self, ticket: Ticket) -> None:
         """Forget a ticket once it is durable (the index answers from now on) or failed."""
@@ -284,6 +294,16 @@ class Claims:
                     del inflight[tid]
         finally:
             for lock in locks:
+                lock.release()
+
+    def in_flight(self) -> list[Ticket]:
+        """The tickets claimed and not yet released."""
+        for lock in self._locks:
+            lock.acquire()
+        try:
+            return list(self._inflight.values())
+        finally:
+            for lock in self._locks:
                 lock.release()
 
     def abandon(self, ticket: Ticket) -> None:

@@ -23,7 +23,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from journal import Journal, JournalError, crash_point
+from journal import Journal, JournalClosedError, JournalError, crash_point
 
 from coordinator._admission import Admission
 from coordinator._claims import Claims, IdLoader, Outcome, Ticket, settle, ticket_outcome
@@ -32,6 +32,7 @@ from coordinator._errors import (
     AccountNotFound,
     BalanceOverflow,
     CurrencyMismatch,
+    LedgerClosed,
     LedgerError,
     LedgerTimeout,
     LedgerUnavailable,
@@ -223,8 +224,25 @@ class Coordinator:
     def fail(self, ticket: Ticket, error: JournalError) -> None:
         """Release a ticket whose record never reached the journal (a no-op if released),
         and drop its claim: nothing was written, so a retry of its id runs afresh."""
-        if ticket.resolve(LedgerUnavailable(f"the journal cannot be written: {error}")):
+        if isinstance(error, JournalClosedError):
+            failure: LedgerError = LedgerClosed(f"the ledger closed before transfer {ticket.request.id!r} was "
+                                                "decided; nothing was written for it")
+        else:
+            failure = LedgerUnavailable(f"the journal cannot be written: {error}")
+        if ticket.resolve(failure):
             self.claims.abandon(ticket)
+
+    def close(self, drained: bool) -> None:
+        """Release every ticket still in flight once the journal is closed: `drained`, it wrote
+        every record queued, so these were never decided (`LedgerClosed`); else their outcome
+        is unknown (`LedgerUnavailable`: retry with the same id after reopening)."""
+        for ticket in self.claims.in_flight():
+            if drained:
+                ticket.resolve(LedgerClosed(f"the ledger closed before transfer {ticket.request.id!r} was decided; "
+                                            "nothing was written for it"))
+            else:
+                ticket.resolve(LedgerUnavailable(f"the ledger closed before the outcome of transfer "
+                                                 f"{ticket.request.id!r} was durable: retry with the same id"))
 
     def _finish(self, step: DebitStep) -> None:
         self.participants.unpin(step.request.source)

@@ -29,6 +29,7 @@ from typing import Any
 import msgpack
 from journal import Journal
 
+from coordinator._errors import JournalCorrupted
 from coordinator._records import (
     CHECKPOINTS_INDEX,
     COMMIT,
@@ -121,6 +122,27 @@ def entry_rows(
     start = entry_key(account, after + 1)
     indexed = journal.index_range(ENTRIES_INDEX, start, entry_key(account, ENTRY_SEQ_END), limit, txn)
     return with_unindexed(indexed, unindexed, start, limit)
+
+
+def last_row(journal: Journal, account: str, unindexed: list[Row], txn: Any) -> Row | None:
+    """The account's last entry: its last unindexed one (durable ones only: the caller's
+    `unindexed`), else the last the index holds in snapshot `txn`, else None."""
+    if unindexed:
+        return unindexed[-1]
+    found = journal.index_last_before(ENTRIES_INDEX, entry_key(account, ENTRY_SEQ_END), txn)
+    return found if found is not None and found[0].startswith(entry_prefix(account)) else None
+
+
+def decode_entry(account: str, row: Row) -> tuple[int, str, int, int, int]:
+    """An entry row as (seq, transfer id, amount, balance, LSN); `JournalCorrupted` if its
+    value does not decode as one (a format-1 index entry has no checksum to catch that)."""
+    key, value = row
+    try:
+        transfer_id, amount, balance, lsn = msgpack.unpackb(value)
+    except Exception as error:  # msgpack raises several unrelated types on bad input, and unpacking may fail
+        raise JournalCorrupted(f"journal corrupted: the entry {key!r} of account {account!r} does not decode: {error}",
+                               where="the entries index") from error
+    return int.from_bytes(key[-8:], "big"), transfer_id, amount, balance, lsn
 
 
 def with_unindexed(indexed: list[Row], unindexed: Iterable[Row], start: bytes, limit: int | None) -> list[Row]:

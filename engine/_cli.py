@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from coordinator import InvalidRequest, LedgerError, check_path
+from coordinator import AMOUNT_MAX, InvalidRequest, JournalCorrupted, LedgerError, check_path
 
 from engine import __version__
 from engine._workload import MIXES
@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     amount.add_argument("--transfers", type=_count(1), default=None, help="transfers to fire (default 30000)")
     amount.add_argument("--duration", type=_seconds, default=None, metavar="S", help="fire for S seconds instead")
     stress.add_argument("--mix", choices=MIXES, default="uniform", help="account choice (hotspot: 10%% of accounts take 90%%)")
-    stress.add_argument("--amount-max", type=_count(1), default=500, help="largest amount (default 500)")
+    stress.add_argument("--amount-max", type=_count(1, AMOUNT_MAX), default=500, help="largest amount (default 500)")
     stress.add_argument("--batch", type=_count(1), default=1, metavar="N", help="send transfer_many batches of N")
     stress.add_argument("--retry-rate", type=_rate, default=0.02, metavar="R",
                         help="resubmit this fraction with the same id (default 0.02)")
@@ -340,6 +340,13 @@ def _emit(args: argparse.Namespace, report: dict[str, Any], render: Callable[[],
         render()
 
 
+def _unreadable(error: JournalCorrupted) -> bool:
+    """A format this code does not read: not damage, but a command that cannot run here."""
+    from journal import JournalFormatError
+
+    return isinstance(error.__cause__, JournalFormatError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command is None:
@@ -349,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except LedgerError as error:
         print(f"tally {args.command}: {error}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(error, JournalCorrupted) and not _unreadable(error) else 2
     except BrokenPipeError:  # the reader went away (| head): nothing left to say
         return 0
     except OSError as error:  # e.g. a directory that cannot be made, a report that cannot be written

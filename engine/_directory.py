@@ -95,6 +95,7 @@ class Directory:
         self.live_max = live_max
         self.activations = 0
         self.passivations = 0
+        self._stopped = False
 
     def pin(self, account_id: str) -> AccountHandle:
         """The account's live actor, activated if need be, kept live until `unpin`."""
@@ -159,7 +160,7 @@ class Directory:
             self._live[account_id] = live
             self.activations += 1
             live.pins += 1  # pinned before anything is passivated: never itself
-            if len(self._live) > self.live_max:
+            if len(self._live) > self.live_max and not self._stopped:
                 self._passivate_idle()
             return live
         live.used = True
@@ -206,8 +207,10 @@ class Directory:
     def live(self) -> int:
         return len(self._live)
 
-    def stop_all(self) -> None:
+    def stop(self) -> None:
+        """Passivate nothing from now on: the ledger is closing. Calls still under way keep
+        their actors (pins and turns work as before; what they journal meets the closed
+        journal), and the actors go with the ledger. No actor is told to stop, so no message
+        sent by a straggler meets a dead one."""
         with self._lock:
-            for live in self._live.values():
-                live._ref.tell(pykka.messages._ActorStop())
-            self._live.clear()
+            self._stopped = True

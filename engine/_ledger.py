@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-import msgpack
 from coordinator import (
     INDEX_NAMES,
     CHECKPOINT_RECORDS_INTERVAL,
@@ -44,9 +44,9 @@ from coordinator import (
     shown,
     state_hash,
 )
-from coordinator._entries import entry_rows
-from coordinator._records import ENTRY_SEQ_END, entry_prefix
-from journal import Completion, Journal, JournalError
+from coordinator._entries import decode_entry, entry_rows, last_row
+from coordinator._records import ENTRY_SEQ_END
+from journal import Completion, Journal, JournalError, JournalWriteError
 
 from engine._directory import Directory
 from engine._runtime import Dispatcher
@@ -77,6 +77,9 @@ class Ledger:
         self._calls: deque[None] = deque()
         """One item per call under way: appends and pops are atomic, so calls take no lock."""
         self._closed = False
+        self._forked_from: int | None = None
+        """Set in a child made by `fork()`: the process that opened this ledger (`_after_fork`)."""
+        _OPEN.add(self)
 
     @classmethod
     def open(
@@ -226,14 +229,31 @@ class Ledger:
         """
         with self._call():
             self._account(account_id)
+            journal = self._journal
+            if journal.failure is not None:
+                return self._durable_balance(account_id)
             directory = self._directory
             handle = directory.pin(account_id)
             try:
                 posted, pending, lsn = handle.snapshot(self.timeout_s)
             finally:
                 directory.unpin(account_id)
-            self._journal.wait_durable(lsn, self.timeout_s)
+            try:
+                journal.wait_durable(lsn, self.timeout_s)
+            except JournalWriteError:  # the journal failed meanwhile: what the actor saw may never be
+                return self._durable_balance(account_id)
             return Balance(posted, pending, posted - pending)
+
+    def _durable_balance(self, account_id: str) -> Balance:
+        """The balance as the journal holds it, for reads after the journal failed (the actors
+        may have applied entries that never became durable). Nothing is pending: no transfer
+        can be decided any more."""
+        journal = self._journal
+        unindexed = self._sequencer.unindexed.rows(account_id, journal.durable_lsn)  # before the snapshot
+        with journal.snapshot() as txn:
+            row = last_row(journal, account_id, unindexed, txn)
+        posted = decode_entry(account_id, row)[3] if row is not None else 0
+        return Balance(posted, 0, posted)
 
     def entries(self, account_id: str, after: int = 0, limit: int | None = None) -> list[Entry]:
         """The account's durable entries with seq > `after`, in seq order, at most `limit`."""
@@ -248,12 +268,7 @@ class Ledger:
             journal = self._journal
             unindexed = self._sequencer.unindexed.rows(account_id, journal.durable_lsn)  # before the snapshot
             rows = entry_rows(journal, account_id, unindexed, after, limit)
-            start = len(entry_prefix(account_id))
-            entries = []
-            for key, value in rows:
-                transfer_id, amount, balance, lsn = msgpack.unpackb(value)
-                entries.append(Entry(account_id, int.from_bytes(key[start:], "big"), transfer_id, amount, balance, lsn))
-            return entries
+            return [Entry(account_id, *decode_entry(account_id, row)) for row in rows]
 
     def state_hash(self) -> str:
         """SHA-256 over every account and all its entries (seq, transfer, amount, balance).
@@ -263,7 +278,8 @@ class Ledger:
         """
         with self._call():
             journal = self._journal
-            journal.wait_durable(journal.last_lsn, self.timeout_s)
+            if journal.failure is None:  # else only what is durable counts, and it already is
+                journal.wait_durable(journal.last_lsn, self.timeout_s)
             unindexed = self._sequencer.unindexed.all_rows(journal.durable_lsn)
             return state_hash(journal, self.accounts(), unindexed=unindexed)
 
@@ -284,19 +300,51 @@ class Ledger:
 
     def close(self) -> None:
         """Finish the calls under way (bounded by `timeout_s`), then stop every thread and
-        release the directory. Idempotent; every later call raises `LedgerClosed`."""
+        release the directory. Idempotent; every later call raises `LedgerClosed`.
+
+        A call still under way after that bound ends with a `LedgerError`: `LedgerClosed` if
+        nothing was written for it, or its outcome as the journal made it durable. What was
+        journaled is written before this returns (bounded; `LedgerTimeout` if the writer
+        cannot drain, and then a retry after reopening learns each outcome)."""
         with self._state:
             if self._closed:
                 return
             self._closed = True
             self._state.wait_for(lambda: not self._calls, timeout=self.timeout_s)
-        self._directory.stop_all()
+        _OPEN.discard(self)
+        self._directory.stop()
         self._dispatcher.stop()
-        self._journal.close()
+        drained = False
+        try:
+            with ledger_errors():
+                self._journal.close()
+            drained = True
+        finally:
+            self._coordinator.close(drained)
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+_OPEN: weakref.WeakSet[Ledger] = weakref.WeakSet()
+"""Every ledger open in this process, for `_after_fork`."""
+
+
+def _after_fork() -> None:
+    """In a child made by `fork()`: every ledger the parent had open is closed here, at once
+    and without touching its threads (which the child does not have) or LMDB (which must not
+    be used across a fork); its calls raise `LedgerClosed` saying why, instead of waiting out
+    their timeout. The child lets go of its copy of the directory lock, so the lock is the
+    parent's alone again."""
+    for ledger in list(_OPEN):
+        ledger._forked_from = os.getppid()
+        ledger._closed = True
+        ledger._journal.release_after_fork()
+    _OPEN.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class _Call:
@@ -312,6 +360,10 @@ class _Call:
         ledger._calls.append(None)  # before the look at `_closed`: `close` waits for us or we see it
         if ledger._closed:
             self._leave()
+            if ledger._forked_from is not None:
+                raise LedgerClosed(f"the ledger at {ledger.path} belongs to process {ledger._forked_from}, which "
+                                   "opened it: a process made by fork() must open the ledger itself (once the "
+                                   "other has closed it)")
             raise LedgerClosed(f"the ledger at {ledger.path} is closed")
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: Any) -> None:

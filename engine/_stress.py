@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator import REJECTIONS, LedgerError, Transfer, TransferRequest
+from coordinator import AMOUNT_MAX, REJECTIONS, LedgerError, Transfer, TransferRequest
 
 from engine._auditor import Replies, audit_replies
 from engine._ledger import Ledger
@@ -132,8 +132,10 @@ def _open_accounts(ledger: Any, names: list[str], config: StressConfig) -> None:
     ledger.create_account("stress-bank", currency="USD", overdraft_limit=None)
     for name in names:
         ledger.create_account(name, currency="USD")
-    funding = [TransferRequest(f"fund-{name}", "stress-bank", name, config.amount_max * FUNDING_PER_ACCOUNT_AMOUNTS)
-               for name in names]
+    # Each account starts with a few of the largest amounts, but all of them together never more
+    # than a balance can hold: money only moves between them, so none can overflow.
+    each = min(config.amount_max * FUNDING_PER_ACCOUNT_AMOUNTS, AMOUNT_MAX // len(names))
+    funding = [TransferRequest(f"fund-{name}", "stress-bank", name, each) for name in names]
     for first in range(0, len(funding), 1000):
         for outcome in ledger.transfer_many(funding[first : first + 1000]):
             if isinstance(outcome, LedgerError):

@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import msgpack
 from coordinator import (
     INDEX_NAMES,
     Account,
@@ -30,21 +29,18 @@ from coordinator import (
     ledger_errors,
     load_checkpoint,
     state_hash,
+    transfer_record,
     unopened,
 )
-from coordinator._entries import entry_rows, unindexed_entries, unindexed_flat
+from coordinator._entries import decode_entry, entry_rows, last_row, unindexed_entries, unindexed_flat
 from coordinator._records import (
     ACCOUNT,
     ACCOUNTS_INDEX,
     CHECKPOINT,
     COMMIT,
-    ENTRIES_INDEX,
-    ENTRY_SEQ_END,
     KINDS,
     REJECT,
     decode,
-    entry_key,
-    entry_prefix,
     id_key,
     value_lsn,
 )
@@ -297,21 +293,26 @@ def _flush(ledger: Ledger, pending: list[TransferRequest]) -> None:
 
 
 def inspect(path: str, start: int, limit: int | None, transfer: str | None, account: str | None) -> dict[str, Any]:
-    """The journal as readable rows, for a person reading what happened."""
+    """The journal as readable rows, for a person reading what happened. A transfer's record
+    is found through the transfers index, not by a scan."""
     rows: list[dict[str, Any]] = []
     problem = None
     with _reading(path) as journal:
         try:
-            for lsn, payload in journal.scan(max(0, start - 1)):
-                row = _row(lsn, decode(lsn, payload))
-                if transfer is not None and row.get("transfer") != transfer:
-                    continue
-                if account is not None and account not in (row.get("source"), row.get("destination"), row.get("account")):
-                    continue
-                rows.append(row)
-                if limit is not None and len(rows) >= limit:
-                    break
-        except (JournalCorruptedError, LedgerError) as error:
+            if transfer is not None:
+                check_id(transfer, "transfer id")
+                found = transfer_record(journal, transfer)
+                if found is not None and found[0] >= start and (account is None or account in found[1][2:4]):
+                    rows.append(_row(*found))
+            else:
+                for lsn, payload in journal.scan(max(0, start - 1)):
+                    row = _row(lsn, decode(lsn, payload))
+                    if account is not None and account not in (row.get("source"), row.get("destination"), row.get("account")):
+                        continue
+                    rows.append(row)
+                    if limit is not None and len(rows) >= limit:
+                        break
+        except (JournalCorruptedError, JournalCorrupted) as error:
             problem = str(error)
     return {"path": path, "records": rows, "problem": problem}
 
@@ -349,15 +350,8 @@ def _account(journal: Journal, account_id: str, txn: Any) -> Account:
 def balance(path: str, account_id: str) -> dict[str, Any]:
     with _reading(path) as journal, journal.snapshot() as txn:
         account = _account(journal, account_id, txn)
-        unindexed = unindexed_entries(journal, txn).get(account_id)
-        last = unindexed[-1] if unindexed else journal.index_last_before(
-            ENTRIES_INDEX, entry_key(account_id, ENTRY_SEQ_END), txn)
-        prefix = entry_prefix(account_id)
-        if last is None or not last[0].startswith(prefix):
-            seq, posted, lsn = 0, 0, None
-        else:
-            seq = int.from_bytes(last[0][len(prefix):], "big")
-            _tid, _amount, posted, lsn = msgpack.unpackb(last[1])
+        row = last_row(journal, account_id, unindexed_entries(journal, txn).get(account_id, []), txn)
+        seq, _tid, _amount, posted, lsn = decode_entry(account_id, row) if row is not None else (0, None, 0, 0, None)
         return {"account": account_id, "currency": account.currency, "overdraft_limit": account.overdraft_limit,
                 "posted": posted, "entries": seq, "last_lsn": lsn}
 
@@ -366,12 +360,10 @@ def history(path: str, account_id: str, limit: int) -> dict[str, Any]:
     with _reading(path) as journal, journal.snapshot() as txn:
         account = _account(journal, account_id, txn)
         rows = entry_rows(journal, account_id, unindexed_entries(journal, txn).get(account_id, ()), txn=txn)
-        prefix = len(entry_prefix(account_id))
         entries = []
-        for key, value in rows[-limit:] if limit else rows:
-            tid, amount, posted, lsn = msgpack.unpackb(value)
-            entries.append({"seq": int.from_bytes(key[prefix:], "big"), "lsn": lsn, "transfer": tid,
-                            "amount": amount, "balance": posted})
+        for row in rows[-limit:] if limit else rows:
+            seq, tid, amount, posted, lsn = decode_entry(account_id, row)
+            entries.append({"seq": seq, "lsn": lsn, "transfer": tid, "amount": amount, "balance": posted})
         return {"account": account_id, "currency": account.currency, "entries_total": len(rows), "entries": entries}
 
 

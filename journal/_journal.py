@@ -334,6 +334,15 @@ class Journal:
 
     # --- closing -----------------------------------------------------------------
 
+    def release_after_fork(self) -> None:
+        """In a child made by `fork()`: close this process's copy of the directory lock and
+        mark the journal closed, touching nothing else (LMDB must not be used across a fork,
+        and the writer thread is not in this process)."""
+        self._open = False
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
     def close(self) -> None:
         """Drain the writer, close LMDB and release the directory lock. Idempotent."""
         if not self._open:

@@ -204,8 +204,7 @@ class Store:
         except lmdb.Error as error:
             raise space_error(path, error) from error
         except OSError as error:
-            raise space_error(path, error) if error.errno in (errno.ENOSPC, errno.EDQUOT) else JournalError(
-                f"cannot create a journal in {path}: {error}") from error
+            raise os_error(path, error) from error
         shutil.rmtree(staging, ignore_errors=True)
         return anchor
 
@@ -221,7 +220,10 @@ class Store:
         over, a leaf at a time."""
         data_file = os.path.join(path, DATA_FILE)
         _check_before_mapping(data_file)
-        allocate_lock_file(path, readonly)
+        try:
+            allocate_lock_file(path, readonly)
+        except OSError as error:
+            raise os_error(path, error) from error
         env = _lmdb_open(path, map_size_bytes=map_size_bytes, sync=sync, readonly=readonly, create=False)
         try:
             dbs, opened = _check_snapshot(env, data_file, index_names, _Visitor(index_names, visit or {}))
@@ -316,24 +318,24 @@ def _lmdb_open(path: str, *, map_size_bytes: int, sync: bool, readonly: bool, cr
 
 
 def allocate_lock_file(path: str, readonly: bool = False) -> None:
-    """Make `lock.mdb` with its blocks allocated, if it is missing or short (see `LOCK_FILE_BYTES`)."""
+    """Make `lock.mdb` with its blocks allocated, if it is missing or short (see
+    `LOCK_FILE_BYTES`). Raises `OSError` (ENOSPC on a full disk)."""
     lock_path = os.path.join(path, LMDB_LOCK_FILE)
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as error:
         if readonly and error.errno in (errno.EROFS, errno.EACCES):
             return  # LMDB reads a read-only file system without its reader table
-        raise _os_error(path, error) from error
+        raise
     try:
         if os.fstat(fd).st_size < LOCK_FILE_BYTES:
             os.posix_fallocate(fd, 0, LOCK_FILE_BYTES)
-    except OSError as error:
-        raise _os_error(path, error) from error
     finally:
         os.close(fd)
 
 
-def _os_error(path: str, error: OSError) -> JournalError:
+def os_error(path: str, error: OSError) -> JournalError:
+    """The journal error an OS error preparing the ledger in `path` becomes."""
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return space_error(path, error)
     return JournalError(f"cannot prepare the journal in {path}: {error}")

@@ -846,7 +846,7 @@ def _transfer_in_a_batch(ledger: Ledger, transfer_id: str) -> Transfer:
 
 
 @pytest.mark.parametrize("write", [_transfer_one, _transfer_in_a_batch], ids=["transfer", "transfer_many"])
-def test_a_journal_that_cannot_be_written_fails_the_transfer_and_every_later_write_until_reopened(
+def test_a_full_disk_fails_every_write_until_reopened_says_so_and_reads_show_what_is_durable(
     ledger_path: Path, monkeypatch: pytest.MonkeyPatch, write: Any
 ) -> None:
     from journal._writer import Writer
@@ -860,13 +860,20 @@ def test_a_journal_that_cannot_be_written_fails_the_transfer_and_every_later_wri
             raise OSError(28, "No space left on device")
 
         monkeypatch.setattr(Writer, "_stage", disk_full)
-        with pytest.raises(LedgerUnavailable):
+        with pytest.raises(LedgerUnavailable) as caught:
             write(ledger, "lost")
+        assert "no space left" in str(caught.value)
         monkeypatch.undo()
-        with pytest.raises(LedgerUnavailable):  # the writer is gone: nothing is acknowledged any more
+        with pytest.raises(LedgerUnavailable) as caught:  # the writer is gone: nothing is acknowledged any more
             write(ledger, "after")
-        with pytest.raises(LedgerUnavailable):  # nor shown: the balance saw an entry that is not durable
-            ledger.balance("alice")
+        assert "no space left" in str(caught.value)
+        # Reads go on, and show only what is durable (the actors applied "lost" before it failed).
+        assert ledger.balance("alice") == Balance(10, 0, 10)
+        assert ledger.balance("bank") == Balance(-10, 0, -10)
+        assert [entry.transfer_id for entry in ledger.entries("alice")] == ["before"]
+        assert ledger.get_transfer("before") is not None and ledger.get_transfer("lost") is None
+        assert [account.id for account in ledger.accounts()] == ["bank", "alice"]
+        ledger.state_hash()
     with Ledger.open(ledger_path) as reopened:
         assert reopened.balance("alice") == Balance(10, 0, 10)
         assert reopened.get_transfer("lost") is None

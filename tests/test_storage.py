@@ -1,0 +1,488 @@
+"""Storage faults: a damaged ledger is found and named, never served, never written over.
+
+One test (or a few) per case of the issue "Storage faults", each of which failed before:
+an emptied or missing data file, a damaged meta page, read-only commands that wrote, damaged
+index pages, signals from a short file or a full disk, a meta page that rolls back the last
+commit, `tally verify` on a ledger whose map grows, `close()` with calls in flight, and the
+smaller ones (a fork, a full disk's message and reads after it, inspect --transfer, stress
+amounts). `tests/test_storage_faults.py` runs the sweep of `bench/bench_faults.py` on a sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from coordinator import INDEX_NAMES
+from engine import (
+    Balance,
+    JournalCorrupted,
+    Ledger,
+    LedgerClosed,
+    LedgerError,
+    LedgerUnavailable,
+    TransferRequest,
+)
+from journal import ANCHOR_FILE, Journal, JournalCorruptedError
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI_TIMEOUT_S = 60.0
+WAIT_S = 30.0
+PAGE_BYTES = 4096
+READ_ONLY_COMMANDS = (["verify"], ["recover", "--dry-run"], ["inspect"], ["inspect", "--transfer", "t-3"],
+                      ["balance", "alice"], ["history", "alice"])
+
+
+def tally(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "engine", *map(str, args)], capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT_S, cwd=ROOT, env=env)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build(path: Path, transfers: int = 40, **options: object) -> str:
+    """A small ledger with transfers and a refusal; returns its state hash."""
+    with Ledger.open(path, **options) as ledger:  # type: ignore[arg-type]
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        ledger.create_account("bob", currency="USD")
+        ledger.transfer_many([TransferRequest(f"t-{n}", "bank", ("alice", "bob")[n % 2], 10 + n)
+                              for n in range(transfers)])
+        with pytest.raises(LedgerError):
+            ledger.transfer("too-much", source="alice", destination="bob", amount=10**9)
+        return ledger.state_hash()
+
+
+def meta_txnid(path: Path, number: int) -> int:
+    with open(path / "data.mdb", "rb") as file:
+        file.seek(number * PAGE_BYTES + 144)
+        return int(struct.unpack("<Q", file.read(8))[0])
+
+
+def newer_meta(path: Path) -> int:
+    return 0 if meta_txnid(path, 0) > meta_txnid(path, 1) else 1
+
+
+def flip_byte(path: Path, offset: int, mask: int = 0x01) -> None:
+    with open(path / "data.mdb", "r+b") as file:
+        file.seek(offset)
+        byte = file.read(1)[0]
+        file.seek(offset)
+        file.write(bytes([byte ^ mask]))
+
+
+def assert_refused_unchanged(path: Path, where: str) -> JournalCorrupted:
+    """Opening raises `JournalCorrupted` naming `where`; the data file is as it was; verify
+    says NOT WHOLE (exit 1) and recover --dry-run too, and neither writes."""
+    data = path / "data.mdb"
+    before = digest(data) if data.exists() else None
+    with pytest.raises(JournalCorrupted) as caught:
+        Ledger.open(path)
+    assert where in str(caught.value) and caught.value.where is not None, caught.value
+    for command in (["verify"], ["recover", "--dry-run"], ["recover"]):
+        done = tally(command[0], path, *command[1:], "--json")
+        assert done.returncode == 1, (command, done.stdout, done.stderr)
+        assert json.loads(done.stdout)["verdict"] == "NOT WHOLE"
+    assert (digest(data) if data.exists() else None) == before
+    return caught.value
+
+
+# --- 1. an emptied or missing data file is never opened as a new ledger ---------------------------
+
+
+def test_an_emptied_data_file_is_reported_and_never_opened_as_a_new_empty_ledger(tmp_path: Path) -> None:
+    path = tmp_path / "ledger"
+    build(path)
+    (path / "data.mdb").write_bytes(b"")
+    error = assert_refused_unchanged(path, "data.mdb")
+    assert "empty" in str(error)
+    assert (path / "data.mdb").stat().st_size == 0
+
+
+def test_a_missing_data_file_is_reported_while_the_anchor_says_a_ledger_was_there(tmp_path: Path) -> None:
+    path = tmp_path / "ledger"
+    build(path)
+    (path / "data.mdb").unlink()
+    (path / "lock.mdb").unlink()
+    error = assert_refused_unchanged(path, "data.mdb")
+    assert "missing" in str(error) and not (path / "data.mdb").exists()
+
+
+def test_a_ledger_made_before_anchors_is_recognised_by_its_data_file_and_gets_an_anchor_with_its_first_commit(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ledger"
+    state = build(path)
+    (path / ANCHOR_FILE).unlink()
+    with Ledger.open(path) as ledger:  # opens as it is: nothing written until a commit
+        assert ledger.state_hash() == state
+        assert not (path / ANCHOR_FILE).exists()
+        ledger.transfer("later", source="bank", destination="alice", amount=1)
+        assert (path / ANCHOR_FILE).exists()
+    (path / "data.mdb").write_bytes(b"")
+    assert_refused_unchanged(path, "data.mdb")
+
+
+def test_an_emptied_data_file_without_an_anchor_is_still_never_created_over(tmp_path: Path) -> None:
+    path = tmp_path / "ledger"
+    build(path)
+    (path / ANCHOR_FILE).unlink()
+    (path / "data.mdb").write_bytes(b"")
+    assert_refused_unchanged(path, "data.mdb")
+
+
+def test_a_lock_file_without_a_data_file_is_a_ledger_that_lost_its_data_not_a_new_directory(tmp_path: Path) -> None:
+    path = tmp_path / "ledger"
+    build(path)
+    (path / ANCHOR_FILE).unlink()
+    (path / "data.mdb").unlink()
+    with pytest.raises(JournalCorrupted, match="lock.mdb"):
+        Ledger.open(path)
+    assert not (path / "data.mdb").exists()
+
+
+def test_a_creation_that_died_before_its_data_file_was_whole_leaves_nothing_in_the_way(tmp_path: Path) -> None:
+    path = tmp_path / "ledger"
+    (path / ".tally-new").mkdir(parents=True)
+    (path / ".tally-new" / "data.mdb").write_bytes(b"half made")
+    build(path)
+    assert not (path / ".tally-new").exists()
+
+
+# --- 2. a damaged meta page is damage, never "not a ledger", and nothing is written ----------------
+
+
+@pytest.mark.parametrize("field", ["main root", "magic", "transaction id", "last page"])
+def test_a_flipped_byte_in_the_newer_meta_page_is_reported_and_nothing_is_written(tmp_path: Path, field: str) -> None:
+    path = tmp_path / "ledger"
+    build(path)
+    offset = {"main root": 128, "magic": 16, "transaction id": 151, "last page": 137}[field]
+    flip_byte(path, newer_meta(path) * PAGE_BYTES + offset, 0x40)
+    assert_refused_unchanged(path, "data.mdb")
+    done = tally("verify", path)
+    assert "not a Tally ledger" not in done.stdout + done.stderr
+
+
+# --- 3. read-only commands never write -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", READ_ONLY_COMMANDS, ids=" ".join)
+@pytest.mark.parametrize("damage", ["none", "emptied", "a meta page", "a record"])
+def test_read_only_commands_leave_the_data_file_as_it_was(
+    tmp_path: Path, command: list[str], damage: str, flip_record_byte: Callable[[Path, int], None]
+) -> None:
+    path = tmp_path / "ledger"
+    build(path)
+    if damage == "emptied":
+        (path / "data.mdb").write_bytes(b"")
+    elif damage == "a meta page":
+        flip_byte(path, newer_meta(path) * PAGE_BYTES + 128, 0x40)
+    elif damage == "a record":
+        journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
+        last = journal.last_lsn
+        journal.close()
+        flip_record_byte(path, last)
+    before = {name: digest(path / name) for name in ("data.mdb", ANCHOR_FILE)}
+
+    done = tally(command[0], path, *command[1:])
+
+    assert "Traceback" not in done.stderr, done.stderr
+    unharmed = damage == "none" or (damage == "a record" and "--transfer" in command)  # it reads one other record
+    assert done.returncode == (0 if unharmed else 1), (done.stdout, done.stderr)
+    assert {name: digest(path / name) for name in before} == before
+
+
+# --- 4. damaged index pages are found as the ledger opens, and no retry commits twice --------------
+
+
+def _index_leaf(path: Path, name: bytes) -> int:
+    """The page number of a leaf of index `name` (walking the file as LMDB laid it out)."""
+    journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
+    try:
+        layout = journal._store.layout  # the journal's own check found the trees
+        assert layout.trees[name].leaf_pages >= 1
+    finally:
+        journal.close()
+    data = (path / "data.mdb").read_bytes()
+    for pgno in range(2, len(data) // PAGE_BYTES):
+        _, _, flags, lower, _ = struct.unpack_from("<QHHHH", data, pgno * PAGE_BYTES)
+        if flags == 0x02 and lower > 16:
+            first = struct.unpack_from("<H", data, pgno * PAGE_BYTES + 16)[0]
+            ksize = struct.unpack_from("<H", data, pgno * PAGE_BYTES + first + 6)[0]
+            key = data[pgno * PAGE_BYTES + first + 8 : pgno * PAGE_BYTES + first + 8 + ksize]
+            if name == b"transfers" and key.startswith(b"t-"):
+                return pgno
+    raise AssertionError(f"no leaf of {name!r}")
+
+
+@pytest.mark.parametrize("where", ["the leaf header", "a key"])
+def test_a_damaged_transfers_index_leaf_is_refused_at_open_so_a_retry_never_commits_twice(
+    tmp_path: Path, where: str
+) -> None:
+    path = tmp_path / "ledger"
+    build(path, transfers=300)
+    pgno = _index_leaf(path, b"transfers")
+    if where == "the leaf header":
+        flip_byte(path, pgno * PAGE_BYTES + 12, 0x08)  # mp_lower: the page seems to hold fewer keys
+    else:
+        first = struct.unpack_from("<H", (path / "data.mdb").read_bytes(), pgno * PAGE_BYTES + 16)[0]
+        flip_byte(path, pgno * PAGE_BYTES + first + 8 + 2, 0x01)  # "t-12" becomes "t-02"-like: still in order
+    error = assert_refused_unchanged(path, "transfers")
+    assert error.where is not None
+
+
+# --- 5. no signal, ever ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", ["8 KiB", "half", "one page short"])
+def test_a_truncated_data_file_is_reported_not_a_sigbus(tmp_path: Path, size: str) -> None:
+    path = tmp_path / "ledger"
+    build(path, transfers=300)
+    full = (path / "data.mdb").stat().st_size
+    os.truncate(path / "data.mdb", {"8 KiB": 2 * PAGE_BYTES, "half": full // 2 // PAGE_BYTES * PAGE_BYTES,
+                                    "one page short": full - PAGE_BYTES}[size])
+    script = ("import sys\nfrom engine import Ledger, JournalCorrupted\ntry:\n    Ledger.open(sys.argv[1])\n"
+              "except JournalCorrupted as error:\n    print(error)\n    sys.exit(7)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT_S, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 7, (done.returncode, done.stderr)  # not -7 (SIGBUS)
+    assert "truncated" in done.stdout
+    assert_refused_unchanged(path, "truncated")
+
+
+def test_a_flipped_node_pointer_in_the_last_page_is_reported_not_a_sigbus(tmp_path: Path) -> None:
+    path = tmp_path / "ledger"
+    build(path, transfers=300)
+    data = (path / "data.mdb").read_bytes()
+    for pgno in reversed(range(2, len(data) // PAGE_BYTES)):  # the leaf nearest the end of the file
+        flags = struct.unpack_from("<H", data, pgno * PAGE_BYTES + 10)[0]
+        if flags == 0x02:
+            break
+    flip_byte(path, pgno * PAGE_BYTES + 17, 0x80)  # the first node pointer, past the page's end
+    done = tally("verify", path)
+    assert done.returncode == 1 and "NOT WHOLE" in done.stdout, (done.returncode, done.stderr)
+    assert_refused_unchanged(path, f"page {pgno}")
+
+
+FULL_DISK = """
+import os, sys
+from engine import Ledger, LedgerUnavailable
+try:
+    Ledger.open(sys.argv[1])
+except LedgerUnavailable as error:
+    print(error)
+    sys.exit(7)
+"""
+
+
+def test_creating_a_ledger_on_a_full_disk_is_ledger_unavailable_saying_so_not_a_sigbus(tmp_path: Path) -> None:
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("needs to mount a small tmpfs (root with CAP_SYS_ADMIN): the unit test below covers the rest")
+    try:
+        filler = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(filler, bytes(512)):  # to the last block
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(filler)
+        done = subprocess.run([sys.executable, "-c", FULL_DISK, str(mount / "ledger")], capture_output=True,
+                              text=True, timeout=CLI_TIMEOUT_S, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert done.returncode == 7, (done.returncode, done.stderr)  # not -7 (SIGBUS)
+        assert "no space left" in done.stdout
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_lock_file_that_cannot_be_allocated_is_no_space_left_before_lmdb_maps_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(LedgerUnavailable, match="no space left"):
+        Ledger.open(tmp_path / "ledger")
+
+
+# --- 6. a meta page that rolls back the last commit ------------------------------------------------
+
+
+def test_a_newer_meta_page_whose_transaction_id_fell_behind_is_a_missing_commit_not_a_whole_ledger(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ledger"
+    build(path)
+    with Ledger.open(path) as ledger:
+        acknowledged = ledger.transfer("acknowledged", source="bank", destination="alice", amount=5)
+    newer = newer_meta(path)
+    with open(path / "data.mdb", "r+b") as file:  # LMDB now prefers the older meta: the commit before
+        file.seek(newer * PAGE_BYTES + 144)
+        file.write(struct.pack("<Q", meta_txnid(path, newer) - 2))
+    error = assert_refused_unchanged(path, "data.mdb")
+    assert error.lsn == acknowledged.lsn and "missing" in str(error)
+
+
+# --- 7. verify while another process grows the map ---------------------------------------------------
+
+
+GROWER = """
+import sys
+from engine import Ledger, TransferRequest
+with Ledger.open(sys.argv[1], map_size_bytes=1 << 20) as ledger:
+    for n in range(30):
+        ledger.transfer_many([TransferRequest(f"g{n}-{k}", "bank", "alice", 1) for k in range(400)])
+"""
+
+
+def test_a_reader_opened_before_another_process_grew_the_map_takes_the_new_size(tmp_path: Path) -> None:
+    path = tmp_path / "ledger"
+    build(path, map_size_bytes=1 << 20)
+    reader = Journal.open_readonly(path, index_names=INDEX_NAMES)
+    try:
+        done = subprocess.run([sys.executable, "-c", GROWER, str(path)], capture_output=True, text=True,
+                              timeout=CLI_TIMEOUT_S, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert done.returncode == 0, done.stderr
+        with reader.snapshot() as txn:  # LMDB: MDB_MAP_RESIZED, until the reader adopts the size
+            assert reader.records_count(txn) > 12_000
+    finally:
+        reader.close()
+    verified = tally("verify", path, "--json")
+    assert verified.returncode == 0 and json.loads(verified.stdout)["verdict"] == "whole", verified.stderr
+
+
+# --- 8. close() while calls are in flight ------------------------------------------------------------
+
+
+def test_close_while_calls_are_in_flight_ends_each_with_a_ledger_error_and_logs_no_actor_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Closed under load, again and again, with a timeout far shorter than the calls under way
+    take: each call ends with its outcome or a `LedgerError`, no actor logs an error, and the
+    books reopen whole."""
+    caplog.set_level(logging.ERROR)
+    names = [f"a{n}" for n in range(20)]
+    for cycle in range(8):
+        path = tmp_path / f"ledger-{cycle}"
+        ledger = Ledger.open(path, timeout_s=0.05)
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        for name in names:
+            ledger.create_account(name, currency="USD")
+        raised: list[BaseException] = []
+        calls = threading.Semaphore(0)
+
+        def work(thread: int, ledger: Ledger = ledger, raised: list[BaseException] = raised,
+                 calls: threading.Semaphore = calls) -> None:
+            for k in range(100_000):
+                try:
+                    if thread % 3 == 0:
+                        ledger.transfer_many([TransferRequest(f"m{thread}-{k}-{j}", "bank", names[j % 20], 1)
+                                              for j in range(200)])
+                    elif thread % 3 == 1:
+                        ledger.transfer(f"t{thread}-{k}", source="bank", destination=names[k % 20], amount=1)
+                    else:
+                        ledger.balance(names[k % 20])
+                except LedgerClosed:
+                    return
+                except LedgerError:
+                    pass
+                except BaseException as error:  # what the test is for: anything else escaping a call
+                    raised.append(error)
+                    return
+                calls.release()
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(24)]
+        for thread in threads:
+            thread.start()
+        for _ in range(40 + 60 * cycle):  # close once the clients are this far in
+            assert calls.acquire(timeout=WAIT_S)
+        ledger.close()
+        for thread in threads:
+            thread.join(WAIT_S)
+        assert not any(thread.is_alive() for thread in threads)
+        assert raised == [], cycle
+        assert [record.getMessage() for record in caplog.records] == [], cycle
+        with Ledger.open(path) as reopened:
+            balances = {account.id: reopened.balance(account.id) for account in reopened.accounts()}
+            assert sum(balance.posted for balance in balances.values()) == 0
+            assert all(balance.pending == 0 for balance in balances.values())
+
+
+# --- 9. the smaller ones -------------------------------------------------------------------------------
+
+
+def test_a_forked_child_is_refused_at_once_and_does_not_keep_the_lock(tmp_path: Path) -> None:
+    path = tmp_path / "ledger"
+    script = """
+import os, sys, time
+from engine import Ledger, LedgerClosed
+ledger = Ledger.open(sys.argv[1])
+ledger.create_account("a", currency="USD")
+pid = os.fork()
+if pid == 0:
+    started = time.monotonic()
+    try:
+        ledger.balance("a")
+        os._exit(1)
+    except LedgerClosed as error:
+        os._exit(0 if "fork" in str(error) and time.monotonic() - started < 1.0 else 2)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+ledger.close()
+with Ledger.open(sys.argv[1]) as again:
+    print(len(again.accounts()))
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT_S, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.stdout.split() == ["0", "1"], (done.stdout, done.stderr)
+
+
+def test_inspect_of_a_transfer_reads_its_record_through_the_index_not_a_scan(
+    tmp_path: Path, flip_record_byte: Callable[[Path, int], None]
+) -> None:
+    path = tmp_path / "ledger"
+    build(path)
+    with Ledger.open(path) as ledger:
+        early = ledger.get_transfer("t-2")
+        late = ledger.get_transfer("t-30")
+    assert early is not None and late is not None
+    flip_record_byte(path, early.lsn)  # a scan from LSN 1 would stop here, before t-30's record
+
+    done = tally("inspect", path, "--transfer", "t-30", "--json")
+
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)["records"]
+    assert [(row["lsn"], row["transfer"], row["amount"]) for row in rows] == [(late.lsn, "t-30", late.amount)]
+
+
+def test_stress_with_the_largest_amounts_funds_what_a_balance_can_hold_and_ends_ok(tmp_path: Path) -> None:
+    done = tally("stress", "--path", tmp_path / "ledger", "--accounts", "8", "--clients", "2", "--transfers", "200",
+                 "--amount-max", "2000000000000000000", "--json")
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr)
+    assert json.loads(done.stdout)["verdict"] == "ok"
+
+
+def test_a_copy_of_a_ledger_is_refused_with_another_ledgers_data_file(tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    build(first)
+    build(second)
+    shutil.copy(second / "data.mdb", first / "data.mdb")
+    error = assert_refused_unchanged(first, "belongs to ledger")
+    assert isinstance(error.__cause__, JournalCorruptedError)
