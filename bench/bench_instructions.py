@@ -101,7 +101,7 @@ def main() -> int:
         out = os.path.join(scratch, "callgrind.out")
         command = [
             "valgrind", "--tool=callgrind", "--cache-sim=yes", "--LL=4194304,16,64", "--instr-atstart=no",
-            f"--callgrind-out-file={out}", os.path.realpath(sys.executable), os.path.abspath(__file__), "--child",
+            f"--callgrind-out-file={out}", sys.executable, os.path.abspath(__file__), "--child",
             "--transfers", str(args.transfers), "--accounts", str(args.accounts), "--seed", str(args.seed),
             "--tree", os.path.abspath(args.tree),
         ]

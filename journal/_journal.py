@@ -12,7 +12,7 @@ the writer, ever opens a write transaction.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -83,24 +83,18 @@ class Journal:
         if not create and not recognise(path)[0]:
             refuse_missing(path)  # before the lock file is made: a directory that is no ledger stays as it was
         fd = lock_directory(path)
-        try:
+
+        def make() -> tuple[Store, AnchorState | None]:
             clear_staging(path)
             exists, anchor = recognise(path)
             if not exists:
                 if not create:
                     refuse_missing(path)
                 anchor = Store.create(path, map_size_bytes=map_size_bytes, index_names=index_names)
-            store = Store.open(path, map_size_bytes=map_size_bytes, sync=sync, index_names=index_names,
-                               readonly=False, visit=visit)
-        except BaseException:
-            os.close(fd)
-            raise
-        try:
-            return cls(store, fd, path, anchor)
-        except BaseException:
-            store.close()
-            os.close(fd)
-            raise
+            return Store.open(path, map_size_bytes=map_size_bytes, sync=sync, index_names=index_names,
+                              readonly=False, visit=visit), anchor
+
+        return cls._made(path, fd, make)
 
     @classmethod
     def open_readonly(cls, path: str | os.PathLike[str], *, index_names: Sequence[str] = (),
@@ -118,11 +112,20 @@ class Journal:
         if not exists:
             refuse_missing(path)
         fd = lock_directory(path) if lock else None
+
+        def make() -> tuple[Store, AnchorState | None]:
+            again = recognise(path)[1] if lock else anchor  # as of now that no writer can move it
+            return Store.open(path, map_size_bytes=MAP_SIZE_BYTES_DEFAULT, sync=True, index_names=index_names,
+                              readonly=True), again
+
+        return cls._made(path, fd, make)
+
+    @classmethod
+    def _made(cls, path: str, fd: int | None, make: Callable[[], tuple[Store, AnchorState | None]]) -> Journal:
+        """The journal on the store `make()` opens, the directory locked with `fd` (if any);
+        whatever fails, what was opened is closed again."""
         try:
-            if lock:
-                anchor = recognise(path)[1]  # as of now that no writer can move it
-            store = Store.open(path, map_size_bytes=MAP_SIZE_BYTES_DEFAULT, sync=True, index_names=index_names,
-                               readonly=True)
+            store, anchor = make()
         except BaseException:
             if fd is not None:
                 os.close(fd)

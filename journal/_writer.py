@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import logging
 import threading
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from itertools import chain
 
 import lmdb
@@ -23,7 +23,7 @@ from journal._anchor import Anchor, create_anchor, new_ledger_id
 from journal._completion import Completion, resolve_all
 from journal._crash import crash_point
 from journal._errors import JournalClosedError, JournalTimeoutError, JournalWriteError
-from journal._format import frame_all, frame_index_value
+from journal._format import frame_all, framed_pairs
 from journal._limits import (
     APPEND_WAIT_S_MAX,
     BATCH_RECORDS_MAX,
@@ -79,20 +79,15 @@ def _put_all(txn: lmdb.Transaction, db: lmdb._Database, parts: Sequence[Collecti
         total += len(part)
     if not total:
         return
-    pairs = chain.from_iterable(parts)
-    items: Iterable[tuple[bytes, bytes]] = zip(pairs, pairs, strict=True)
-    if seed is not None:
-        items = _framed(items, seed)
+    if seed is None:
+        pairs = chain.from_iterable(parts)
+        items: Iterable[tuple[bytes, bytes]] = zip(pairs, pairs, strict=True)
+    else:
+        items = chain.from_iterable(framed_pairs(seed, part) for part in parts)
     consumed, added = txn.cursor(db=db).putmulti(items, append=append)
     # Appending, a key out of order is skipped, not refused: count what was added.
     if consumed != total // 2 or (append and added != consumed):
         raise lmdb.Error(f"wrote {added} of {total // 2} items")
-
-
-def _framed(items: Iterable[tuple[bytes, bytes]], seed: int) -> Iterator[tuple[bytes, bytes]]:
-    """Each index entry with its value framed with its checksum."""
-    for key, value in items:
-        yield key, frame_index_value(seed, key, value)
 
 
 class Writer:
@@ -256,10 +251,19 @@ class Writer:
                 self._fail(batch, error)
                 return
             try:
+                self._advance_anchor(batch[-1].last_lsn)
+                anchor_failure = None
+            except OSError as error:  # the batch is durable all the same: release it, then stop
+                logger.exception("the anchor cannot be written")
+                anchor_failure = JournalWriteError(f"the anchor cannot be written, so no more records are: {error}")
+            try:
                 self._publish(batch)
             except Exception as error:  # a bug after a durable commit: stop, and say so to all
                 logger.exception("releasing a durable group commit failed")
                 self._fail(batch, error)
+                return
+            if anchor_failure is not None:
+                self._fail([], anchor_failure)
                 return
 
     def _commit(self, batch: list[_Block]) -> None:
@@ -279,7 +283,6 @@ class Writer:
                     self._bind_identity(txn)
                 txn.commit()
                 crash_point("after-commit-durable")
-                self._advance_anchor(batch[-1].last_lsn)
                 return
             except lmdb.MapFullError:
                 txn.abort()
