@@ -93,6 +93,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tally-bench-", dir=os.environ.get("TALLY_BENCH_DIR")) as scratch:
         print(f"setting up {args.accounts} accounts...", file=sys.stderr)
         tally = TallyBench(os.path.join(scratch, "tally"), args.accounts)
+        assert tally.ledger._coordinator.claims.wait_warm(60.0)
         instrument()
         names = tally.names
         print(f"{'round':>5} {'transfers/s':>11} | us of CPU per transfer: {'caller':>6} {'writer':>6} |"

@@ -61,6 +61,7 @@ def child(args: argparse.Namespace) -> None:
         warm_up, measured = work[: args.transfers], work[args.transfers :]
         for first in range(0, len(warm_up), 1000):
             ledger.transfer_many(warm_up[first : first + 1000])
+        ledger._coordinator.claims.wait_warm(120.0)
         gc.collect()
         gc.callbacks.append(lambda phase, info: collections.__setitem__(
             "full", collections["full"] + (phase == "start" and info["generation"] == 2)))

@@ -5,7 +5,7 @@ an account's turn, `HeldAccount`).
 """
 
 from coordinator._audit import CHECKS, AuditReport, audit, state_hash, unopened
-from coordinator._claims import IdLoader, Refusal, check_ids_against_records, decode_outcome, transfer_record
+from coordinator._claims import Refusal, check_ids_against_records, decode_outcome, transfer_record
 from coordinator._coordinator import Coordinator
 from coordinator._errors import (
     REJECTIONS,
@@ -76,7 +76,6 @@ __all__ = [
     "LedgerUnavailable",
     "NotALedger",
     "HeldAccount",
-    "IdLoader",
     "Participant",
     "Participants",
     "Posting",

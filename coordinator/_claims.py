@@ -13,11 +13,11 @@ from collections.abc import Callable, Sequence
 from itertools import islice
 from typing import Any, NamedTuple, cast
 
-from journal import Completion, Journal, JournalCorruptedError
+from journal import Completion, Journal, JournalCorruptedError, JournalError
 
 from coordinator._errors import REJECTIONS, IdempotencyConflict, JournalCorrupted, LedgerError, LedgerUnavailable
 from coordinator._idfilter import IdFilter
-from coordinator._limits import CLAIM_STRIPES, INDEX_CHECK_KEYS_PER_SNAPSHOT, KEY_BYTES_MAX
+from coordinator._limits import CLAIM_STRIPES, INDEX_KEYS_PER_SNAPSHOT, KEY_BYTES_MAX
 from coordinator._records import COMMIT, DIGEST_MARK, REJECT, TRANSFERS_INDEX, decode, id_key, value_lsn
 from coordinator._values import Transfer, TransferRequest
 
@@ -132,30 +132,6 @@ def outcome_of(lsn: int, record: list[Any]) -> Outcome:
     return Refusal(request, record[5], lsn)
 
 
-class IdLoader:
-    """Fills the claims' filters with every id the transfers index holds, a leaf at a time,
-    as the journal's open checks the index (so a key that fails its checksum is never
-    loaded: opening fails first). Use its `add` as the journal's visitor of that index."""
-
-    def __init__(self) -> None:
-        self.filters = [IdFilter() for _ in range(CLAIM_STRIPES)]
-        self.ids = 0
-
-    @property
-    def visit(self) -> dict[str, Callable[[list[bytes], list[bytes]], None]]:
-        """What `Journal.open(visit=...)` takes to hand it the transfers index."""
-        return {TRANSFERS_INDEX: self.add}
-
-    def add(self, keys: list[bytes], values: list[bytes]) -> None:
-        filters = self.filters
-        for key in keys:
-            h = key_hash(key)
-            filters[h & _STRIPE_MASK].add(h >> 6)
-        if any(len(value) != 8 for value in values):
-            raise JournalCorrupted("an entry of the transfers index does not hold an LSN", where="the transfers index")
-        self.ids += len(keys)
-
-
 def check_ids_against_records(journal: Journal) -> int:
     """Read every entry of the transfers index and the record it names, and check the record
     is that id's commit or refusal; return how many. For ledgers whose index entries carry no
@@ -165,7 +141,7 @@ def check_ids_against_records(journal: Journal) -> int:
     checked = 0
     while True:
         with journal.snapshot() as txn:
-            keys = list(islice(journal.index_keys(TRANSFERS_INDEX, txn, after), INDEX_CHECK_KEYS_PER_SNAPSHOT))
+            keys = list(islice(journal.index_keys(TRANSFERS_INDEX, txn, after), INDEX_KEYS_PER_SNAPSHOT))
             for key in keys:
                 value = journal.index_get(TRANSFERS_INDEX, key, txn)
                 if value is None or len(value) != 8:
@@ -173,7 +149,7 @@ def check_ids_against_records(journal: Journal) -> int:
                                            where="the transfers index")
                 _named_record(journal, key, value_lsn(value), txn)
         checked += len(keys)
-        if len(keys) < INDEX_CHECK_KEYS_PER_SNAPSHOT:
+        if len(keys) < INDEX_KEYS_PER_SNAPSHOT:
             return checked
         after = keys[-1]
 
@@ -215,14 +191,58 @@ def transfer_record(journal: Journal, tid: str, txn: Any | None = None) -> tuple
 class Claims:
     """The in-flight tickets, striped by id. Safe from any thread; never waits.
 
-    Its filters come from an `IdLoader` that saw every id of the transfers index as the
-    journal opened, so an id the filters call new is new."""
+    An id's outcome is looked up in the transfers index, which the journal checked entry by
+    entry as it opened (so a miss there means the id is new); the filters, loaded from it
+    in the background, spare most new ids that lookup."""
 
-    def __init__(self, journal: Journal, loaded: IdLoader) -> None:
+    def __init__(self, journal: Journal) -> None:
         self._journal = journal
         self._locks = [threading.Lock() for _ in range(CLAIM_STRIPES)]
-        self._filters = loaded.filters
+        self._filters = [IdFilter() for _ in range(CLAIM_STRIPES)]
         self._inflight: dict[str, Ticket] = {}
+        self._warm = False
+        self._stopping = False
+        """Until the filters hold every id already journaled, every claim asks the index."""
+        self._warming = threading.Thread(target=self._warm_up, name="tally-claims-warm-up", daemon=True)
+        self._warming.start()
+
+    def _warm_up(self) -> None:
+        """Load every journaled id into the filters, off the caller's path (opening stays fast).
+
+        Ids claimed meanwhile are added by `claim` itself, so nothing is missed. Keys are read
+        a chunk per snapshot, and no snapshot is open while a stripe lock is awaited: a claim
+        holding stripe locks may wait for a map grow, which waits for every reader to close.
+        """
+        journal = self._journal
+        try:
+            # Every id past the index's last key now is claimed here, and `claim` adds it:
+            # the warm-up ends there, not chasing ids that keep coming.
+            end = journal.index_last(TRANSFERS_INDEX)
+            after: bytes | None = None
+            while end is not None and (after is None or after < end):
+                if self._stopping:
+                    return
+                with journal.snapshot() as txn:
+                    keys = list(islice(journal.index_keys(TRANSFERS_INDEX, txn, after), INDEX_KEYS_PER_SNAPSHOT))
+                for key in keys:
+                    h = key_hash(key)
+                    stripe = h & _STRIPE_MASK
+                    with self._locks[stripe]:
+                        self._filters[stripe].add(h >> 6)
+                after = keys[-1]  # the index only grows: there is a key up to `end`
+        except JournalError:  # closed while warming: claims keep asking the index
+            return
+        self._warm = True
+
+    def stop(self) -> None:
+        """Stop loading the filters (before the journal closes under it); bounded wait."""
+        self._stopping = True
+        self._warming.join(timeout=30.0)
+
+    def wait_warm(self, timeout_s: float) -> bool:
+        """Block until the filters are loaded (for benchmarks and tests)."""
+        self._warming.join(timeout_s)
+        return self._warm
 
     def claim(self, request: TransferRequest, relayed: bool = False) -> tuple[Ticket | Outcome, bool]:
         """Claim `request.id`: (new ticket, True), or (the existing ticket or outcome, False).
@@ -237,7 +257,7 @@ class Claims:
         """`claim` each request, in order: its new ticket (also appended to `fresh`), or the
         ticket or outcome its id already has (a request repeated in `requests` finds the
         ticket its first occurrence got)."""
-        filters, inflight = self._filters, self._inflight
+        filters, inflight, warm = self._filters, self._inflight, self._warm
         claimed: list[Ticket | Outcome] = []
         locks = self._locks_for(len(requests), lambda: id_hash(requests[0].id) & _STRIPE_MASK)
         for lock in locks:
@@ -249,7 +269,7 @@ class Claims:
                 if ticket is None:
                     h = id_hash(tid)
                     stripe = h & _STRIPE_MASK
-                    if filters[stripe].check_and_add(h >> 6):
+                    if filters[stripe].check_and_add(h >> 6) or not warm:
                         outcome = self.lookup(tid)
                         if outcome is not None:
                             claimed.append(outcome)

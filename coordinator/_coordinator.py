@@ -26,7 +26,7 @@ from collections.abc import Callable
 from journal import Journal, JournalClosedError, JournalError, crash_point
 
 from coordinator._admission import Admission
-from coordinator._claims import Claims, IdLoader, Outcome, Ticket, settle, ticket_outcome
+from coordinator._claims import Claims, Outcome, Ticket, settle, ticket_outcome
 from coordinator._batch import Batch
 from coordinator._errors import (
     AccountNotFound,
@@ -49,12 +49,11 @@ logger = logging.getLogger("tally.coordinator")
 
 class Coordinator:
     def __init__(
-        self, journal: Journal, sequencer: Sequencer, participants: Participants, inflight_max: int, ids: IdLoader
+        self, journal: Journal, sequencer: Sequencer, participants: Participants, inflight_max: int
     ) -> None:
-        """`ids` saw every transfer id of the journal as it opened (see `IdLoader`)."""
         self.journal = journal
         self.sequencer = sequencer
-        self.claims = Claims(journal, ids)
+        self.claims = Claims(journal)
         self.admission = Admission(inflight_max)
         self.participants = participants
         self._combining_lock = threading.Lock()

@@ -16,9 +16,10 @@ KEY_BYTES_MAX = 400
 CLAIM_STRIPES = 64
 """Locks striping the in-flight transfer ids; a power of two."""
 
-INDEX_CHECK_KEYS_PER_SNAPSHOT = 4096
-"""Transfer index entries checked against their records per read transaction, opening a
-ledger whose index entries carry no checksum (`check_ids_against_records`)."""
+INDEX_KEYS_PER_SNAPSHOT = 4096
+"""Transfer ids read per read transaction by the claims' warm-up (see `Claims._warm_up`), and
+checked against their records, opening a ledger whose index entries carry no checksum
+(`check_ids_against_records`)."""
 INFLIGHT_TRANSFERS_MAX = 100_000
 """Transfers admitted into the protocol at once; beyond it callers wait (bounded)."""
 

@@ -26,7 +26,6 @@ from coordinator import (
     Balance,
     Coordinator,
     Entry,
-    IdLoader,
     InvalidRequest,
     LedgerClosed,
     LedgerError,
@@ -58,7 +57,7 @@ DISPATCHER_THREADS_DEFAULT = 1
 class Ledger:
     """An open ledger. Use `Ledger.open(path)`, preferably as a context manager."""
 
-    def __init__(self, journal: Journal, ids: IdLoader, *, timeout_s: float, dispatcher_threads: int,
+    def __init__(self, journal: Journal, *, timeout_s: float, dispatcher_threads: int,
                  actors_live_max: int, inflight_max: int, checkpoint_interval: int) -> None:
         self.path = journal.path
         self.timeout_s = timeout_s
@@ -72,7 +71,7 @@ class Ledger:
         self._sequencer.account_lsns.update(books.account_lsns)
         self._dispatcher = Dispatcher(dispatcher_threads)
         self._directory = Directory(self._sequencer, self._dispatcher, actors_live_max)
-        self._coordinator = Coordinator(journal, self._sequencer, self._directory, inflight_max, ids)
+        self._coordinator = Coordinator(journal, self._sequencer, self._directory, inflight_max)
         self._state = threading.Condition()
         self._calls: deque[None] = deque()
         """One item per call under way: appends and pops are atomic, so calls take no lock."""
@@ -116,15 +115,14 @@ class Ledger:
         ):
             if type(value) is not int or not low <= value <= high:
                 raise InvalidRequest(f"{name} must be an int in {low}..{high}, got {shown(value)}")
-        ids = IdLoader()
-        options: dict[str, Any] = {"index_names": INDEX_NAMES, "visit": ids.visit}
+        options: dict[str, Any] = {"index_names": INDEX_NAMES}
         if map_size_bytes is not None:
             options["map_size_bytes"] = map_size_bytes
         with ledger_errors():
             journal = Journal.open(path, **options)
         try:
             with ledger_errors():
-                return cls(journal, ids, timeout_s=float(timeout_s), dispatcher_threads=dispatcher_threads,
+                return cls(journal, timeout_s=float(timeout_s), dispatcher_threads=dispatcher_threads,
                            actors_live_max=actors_live_max, inflight_max=inflight_max,
                            checkpoint_interval=checkpoint_interval)
         except BaseException:
@@ -312,6 +310,7 @@ class Ledger:
             self._closed = True
             self._state.wait_for(lambda: not self._calls, timeout=self.timeout_s)
         _OPEN.discard(self)
+        self._coordinator.claims.stop()
         self._directory.stop()
         self._dispatcher.stop()
         drained = False

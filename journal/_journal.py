@@ -12,7 +12,7 @@ the writer, ever opens a write transaction.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,7 +24,7 @@ from journal._directory import clear_staging, lock_directory, prepare_directory,
 from journal._errors import JournalClosedError, JournalCorruptedError
 from journal._format import index_seed, key_lsn, lsn_key, unframe, unframe_index_value, unframe_keyed
 from journal._limits import MAP_SIZE_BYTES_DEFAULT
-from journal._store import RECORDS_DB, IndexVisit, Store, read_error
+from journal._store import RECORDS_DB, Store, read_error
 from journal._writer import IndexPut, IndexPuts, Writer
 
 
@@ -67,12 +67,11 @@ class Journal:
         map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT,
         sync: bool = True,
         create: bool = True,
-        visit: Mapping[str, IndexVisit] | None = None,
     ) -> Journal:
         """Lock the directory and open (or, with `create`, make) its journal.
 
-        The data file is checked page by page before LMDB maps it, and against its anchor;
-        `visit` gets every entry of the indexes it names meanwhile. Raises
+        The data file is checked page by page before LMDB maps it, every index entry's
+        checksum is verified, and the file is checked against its anchor. Raises
         `JournalLockedError` if another holder is live, `JournalNotFoundError` for a path
         that holds no journal (without `create`) or cannot hold one, `JournalCorruptedError`
         saying where a journal is damaged (nothing is written then), and `JournalError` for
@@ -92,7 +91,7 @@ class Journal:
                     refuse_missing(path)
                 anchor = Store.create(path, map_size_bytes=map_size_bytes, index_names=index_names)
             return Store.open(path, map_size_bytes=map_size_bytes, sync=sync, index_names=index_names,
-                              readonly=False, visit=visit), anchor
+                              readonly=False), anchor
 
         return cls._made(path, fd, make)
 

@@ -33,7 +33,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -107,21 +107,17 @@ def space_error(path: str, error: BaseException) -> JournalWriteError:
     return JournalWriteError(f"journal write failed: {error}")
 
 
-IndexVisit = Callable[[list[bytes], list[bytes]], None]
-"""Gets one leaf's keys and values (checked) of an index, while an open checks the file."""
-
-
 class _Visitor:
     """What the page walk hands each leaf to. It reads the format version from the meta
     database (walked first), then verifies the checksum of every entry of every index (in
-    formats that have them), and hands the entries of the indexes asked for to their visits.
+    formats that have them).
 
     So an index entry whose key or value was damaged is found as the journal opens: a key
     changed in place would otherwise hide an entry from every lookup of it (an id would look
     unused, an account's entry missing) without failing any check a read could make."""
 
-    def __init__(self, index_names: Sequence[str], visit: Mapping[str, IndexVisit]) -> None:
-        self._indexes = {name.encode(): (name, index_seed(name), visit.get(name)) for name in index_names}
+    def __init__(self, index_names: Sequence[str]) -> None:
+        self._indexes = {name.encode(): (name, index_seed(name)) for name in index_names}
         self.format_version: int | None = None
 
     def __call__(self, name: bytes, keys: list[bytes], values: list[bytes]) -> None:
@@ -130,13 +126,11 @@ class _Visitor:
                 if key == FORMAT_KEY:
                     self.format_version = int(value) if value.isdigit() else -1
             return
-        label, seed, handle = self._indexes[name]
+        label, seed = self._indexes[name]
         if self.format_version is None:
             raise JournalFormatError("the format version is missing", where="the meta database")
         if self.format_version >= 2:
-            values = unframe_index_values(seed, label, keys, values)
-        if handle is not None:
-            handle(keys, values)
+            unframe_index_values(seed, label, keys, values)
 
     @property
     def names(self) -> frozenset[bytes]:
@@ -209,15 +203,13 @@ class Store:
         return anchor
 
     @classmethod
-    def open(cls, path: str, *, map_size_bytes: int, sync: bool, index_names: Sequence[str], readonly: bool,
-             visit: Mapping[str, IndexVisit] | None = None) -> Store:
+    def open(cls, path: str, *, map_size_bytes: int, sync: bool, index_names: Sequence[str], readonly: bool) -> Store:
         """Open the existing journal in `path`, once its data file checks out.
 
         Raises `JournalCorruptedError` naming where the data file is damaged, and never
         writes to it. With `readonly`, a live writer in another process may go on: the check
         then reads the snapshot of a read transaction held meanwhile. Every index entry's
-        checksum is verified (`_Visitor`); `visit` names indexes whose entries the check hands
-        over, a leaf at a time."""
+        checksum is verified (`_Visitor`)."""
         data_file = os.path.join(path, DATA_FILE)
         _check_before_mapping(data_file)
         try:
@@ -226,7 +218,7 @@ class Store:
             raise os_error(path, error) from error
         env = _lmdb_open(path, map_size_bytes=map_size_bytes, sync=sync, readonly=readonly, create=False)
         try:
-            dbs, opened = _check_snapshot(env, data_file, index_names, _Visitor(index_names, visit or {}))
+            dbs, opened = _check_snapshot(env, data_file, index_names, _Visitor(index_names))
         except BaseException:
             env.close()
             raise

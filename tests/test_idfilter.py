@@ -5,13 +5,20 @@ lookup and run again)."""
 from __future__ import annotations
 
 import random
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from coordinator._claims import id_hash, key_hash
+import pytest
+
+from coordinator._claims import Claims, id_hash, key_hash
 from coordinator._idfilter import IdFilter
 from coordinator._limits import CLAIM_STRIPES
 from coordinator._records import id_key
-from engine import Balance, Ledger, TransferRequest
+from engine import Balance, Ledger, Transfer, TransferRequest
+from journal import Journal
 
 WAIT_S = 10.0
 
@@ -30,6 +37,7 @@ def test_check_and_add_remembers_an_id_when_it_makes_the_filter_grow() -> None:
 def test_a_retry_of_a_durable_transfer_when_its_id_filter_grows_returns_the_original(ledger_path: Path) -> None:
     with Ledger.open(ledger_path) as ledger:
         claims = ledger._coordinator.claims
+        assert claims.wait_warm(WAIT_S)
         ledger.create_account("bank", currency="USD", overdraft_limit=None)
         ledger.create_account("alice", currency="USD")
         original = ledger.transfer("t-1", source="bank", destination="alice", amount=10)
@@ -64,8 +72,8 @@ def test_ids_hashed_as_the_claims_hash_them_negative_ones_included_are_remembere
     assert all(seen.check_and_add(h) for h in hashes)
 
 
-def test_opening_hashes_an_index_key_as_a_claim_hashes_its_id() -> None:
-    """Opening loads ids from their index keys (UTF-8, or a digest past LMDB's key limit); a
+def test_the_warm_up_hashes_an_index_key_as_a_claim_hashes_its_id() -> None:
+    """The warm-up reads ids as index keys (UTF-8, or a digest past LMDB's key limit); a
     claim hashes the id itself. Both must land on the same filter bits, or a retry after
     reopening would look new."""
     ids = ["t-1", "x" * 128, "é" * 128, "\U0001f4b6" * 100, "\U0001f4b6" * 101, "\U0001f4b6" * 128]
@@ -74,14 +82,71 @@ def test_opening_hashes_an_index_key_as_a_claim_hashes_its_id() -> None:
         assert key_hash(id_key(tid)) == id_hash(tid), tid
 
 
-def test_opening_loads_every_journaled_id_into_the_filters(ledger_path: Path) -> None:
+def test_the_warm_up_holds_no_snapshot_while_it_waits_for_a_stripe_a_claim_holds(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cycle the review found: the warm-up waited for a stripe lock with a read transaction
+    open; a batch's claim held the stripe locks and, asking the index, waited for a map grow;
+    the grow waited for every reader to close. Each waited on the next, for good."""
     with Ledger.open(ledger_path) as ledger:
         ledger.create_account("bank", currency="USD", overdraft_limit=None)
         ledger.create_account("alice", currency="USD")
-        ids = [f"t-{n}" for n in range(5000)] + ["é" * 128, "\U0001f4b6" * 128]  # many leaves; a raw and a digest key
+        ledger.transfer_many([TransferRequest(f"old-{n}", "bank", "alice", 1) for n in range(100)])
+
+    parked, go, asking, grow_waits = (threading.Event() for _ in range(4))
+    index_keys, lookup = Journal.index_keys, Claims.lookup
+
+    def slow_keys(self: Journal, name: str, txn: Any, after: bytes | None = None) -> Iterator[bytes]:
+        for n, key in enumerate(index_keys(self, name, txn, after)):
+            if n == 1:  # a long warm-up, in effect: a snapshot stays open until `go`
+                parked.set()
+                go.wait(WAIT_S)
+            yield key
+
+    def slow_lookup(self: Claims, tid: str, txn: Any = None) -> Any:
+        if txn is None and not asking.is_set():  # the batch's first index read, its stripes held
+            asking.set()
+            grow_waits.wait(WAIT_S)
+        return lookup(self, tid, txn)
+
+    monkeypatch.setattr(Journal, "index_keys", slow_keys)
+    monkeypatch.setattr(Claims, "lookup", slow_lookup)
+    with Ledger.open(ledger_path, timeout_s=WAIT_S) as ledger:
+        assert parked.wait(WAIT_S)
+        results: list[Any] = []
+        batch = threading.Thread(target=lambda: results.extend(
+            ledger.transfer_many([TransferRequest(f"new-{n}", "bank", "alice", 1) for n in range(3)])))
+        batch.start()
+        assert asking.wait(WAIT_S)
+        store = ledger._journal._store
+        grow = threading.Thread(target=store.grow)  # what the writer does when the map is full
+        grow.start()
+        deadline = time.monotonic() + WAIT_S
+        while not store._growing and time.monotonic() < deadline:  # the grow waits for the readers
+            time.sleep(0.001)
+        assert store._growing
+        grow_waits.set()
+        go.set()
+        batch.join(WAIT_S)
+        grow.join(WAIT_S)
+        assert not batch.is_alive() and not grow.is_alive(), "the warm-up, a claim and a map grow deadlocked"
+        assert [type(result) for result in results] == [Transfer] * 3
+        assert ledger._coordinator.claims.wait_warm(WAIT_S)
+        assert ledger.balance("alice") == Balance(103, 0, 103)
+
+
+def test_the_warm_up_loads_every_journaled_id_across_chunks(ledger_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import coordinator._claims
+
+    with Ledger.open(ledger_path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        ids = [f"t-{n}" for n in range(50)] + ["é" * 128, "\U0001f4b6" * 128]  # a raw and a digest key
         ledger.transfer_many([TransferRequest(tid, "bank", "alice", 1) for tid in ids])
+    monkeypatch.setattr(coordinator._claims, "INDEX_KEYS_PER_SNAPSHOT", 7)  # 8 snapshots, the last one short
     with Ledger.open(ledger_path) as ledger:
         claims = ledger._coordinator.claims
+        assert claims.wait_warm(WAIT_S)
         for tid in ids:
             h = id_hash(tid)
             assert claims._filters[h & (CLAIM_STRIPES - 1)].might_contain(h >> 6), tid
