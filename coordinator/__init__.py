@@ -7,6 +7,7 @@ an account's turn, `HeldAccount`).
 from coordinator._audit import CHECKS, AuditReport, audit, state_hash, unopened
 from coordinator._claims import Refusal, check_ids_against_records, decode_outcome, transfer_record
 from coordinator._coordinator import Coordinator
+from coordinator._entries import decode_entry, last_row
 from coordinator._errors import (
     REJECTIONS,
     AccountExists,
@@ -95,7 +96,9 @@ __all__ = [
     "shown",
     "credit_refusal",
     "debit_refusal",
+    "decode_entry",
     "decode_outcome",
+    "last_row",
     "ledger_error",
     "ledger_errors",
     "load_checkpoint",

@@ -340,13 +340,6 @@ def _emit(args: argparse.Namespace, report: dict[str, Any], render: Callable[[],
         render()
 
 
-def _unreadable(error: JournalCorrupted) -> bool:
-    """A format this code does not read: not damage, but a command that cannot run here."""
-    from journal import JournalFormatError
-
-    return isinstance(error.__cause__, JournalFormatError)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command is None:
@@ -356,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except LedgerError as error:
         print(f"tally {args.command}: {error}", file=sys.stderr)
-        return 1 if isinstance(error, JournalCorrupted) and not _unreadable(error) else 2
+        from engine._tools import unreadable
+
+        return 1 if isinstance(error, JournalCorrupted) and not unreadable(error) else 2
     except BrokenPipeError:  # the reader went away (| head): nothing left to say
         return 0
     except OSError as error:  # e.g. a directory that cannot be made, a report that cannot be written

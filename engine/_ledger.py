@@ -37,13 +37,15 @@ from coordinator import (
     check_id,
     check_overdraft_limit,
     check_path,
+    decode_entry,
+    last_row,
     ledger_error,
     ledger_errors,
     recover,
     shown,
     state_hash,
 )
-from coordinator._entries import decode_entry, entry_rows, last_row
+from coordinator._entries import entry_rows
 from coordinator._records import ENTRY_SEQ_END
 from journal import Completion, Journal, JournalError, JournalWriteError
 

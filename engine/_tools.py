@@ -26,13 +26,15 @@ from coordinator import (
     TransferRequest,
     audit,
     check_id,
+    decode_entry,
+    last_row,
     ledger_errors,
     load_checkpoint,
     state_hash,
     transfer_record,
     unopened,
 )
-from coordinator._entries import decode_entry, entry_rows, last_row, unindexed_entries, unindexed_flat
+from coordinator._entries import entry_rows, unindexed_entries, unindexed_flat
 from coordinator._records import (
     ACCOUNT,
     ACCOUNTS_INDEX,
@@ -51,18 +53,30 @@ from engine._ledger import Ledger
 Progress = Callable[[int], None] | None
 
 
+def unreadable(error: LedgerError) -> bool:
+    """A format this code does not read (`JournalCorrupted` from a `JournalFormatError`): not
+    damage, but a ledger the command cannot run on here."""
+    return isinstance(error, JournalCorrupted) and isinstance(error.__cause__, JournalFormatError)
+
+
 @contextmanager
-def _reading(path: str, lock: bool = False) -> Iterator[Journal]:
+def _reading(path: str, lock: bool = False, audited: bool = False) -> Iterator[Journal]:
     """The journal, open read-only (with `lock`, refusing while a live process holds it).
     Damage found as it opens is `JournalCorrupted`, except a format this code does not read,
-    which the command cannot run on (`NotALedger` says so)."""
+    which the command cannot run on (`NotALedger` says so). A gap in the records or a journal
+    short of its anchor is `JournalCorrupted` too, unless the caller is `audited` (the audit
+    reports it): the views never show what the journal is known to have lost."""
     try:
         with ledger_errors():
             journal = Journal.open_readonly(path, index_names=INDEX_NAMES, lock=lock)
     except JournalCorrupted as error:
-        if isinstance(error.__cause__, JournalFormatError):
+        if unreadable(error):
             raise NotALedger(str(error)) from error
         raise
+    if journal.problem is not None and not audited:
+        journal.close()
+        problem = journal.problem
+        raise JournalCorrupted(str(problem), problem.lsn, problem.where) from problem
     try:
         with ledger_errors():
             yield journal
@@ -94,7 +108,7 @@ def verify(path: str, progress: Progress = None) -> dict[str, Any]:
     """The read-only audit. Never writes; a live process may keep using the ledger."""
     started = time.perf_counter()
     try:
-        with _reading(path) as journal:
+        with _reading(path, audited=True) as journal:
             report = audit(journal, progress)
             return _audit_dict(report, time.perf_counter() - started, journal, path)
     except JournalCorrupted as error:  # the data file cannot be read at all
@@ -112,7 +126,7 @@ def recover(path: str, dry_run: bool, progress: Progress = None) -> dict[str, An
     """
     started = time.perf_counter()
     try:
-        with _reading(path, lock=True) as journal:
+        with _reading(path, lock=True, audited=True) as journal:
             report = audit(journal, progress)
             result = _audit_dict(report, 0.0, journal, path)
             tail = load_checkpoint(journal) if report.whole else None
@@ -180,6 +194,9 @@ def salvage(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
             report = audit(journal, progress)
             stop = report.corrupt_lsn if report.corrupt_lsn is not None else journal.last_lsn + 1
             copied, lost = _copy_prefix(journal, into, stop)
+            anchored = journal.anchor.durable_lsn if journal.anchor is not None else 0
+            lost += [{"lsn": lsn, "transfer": None, "why": "durable once (its anchor says so), and gone from the journal"}
+                     for lsn in range(max(stop, journal.last_lsn + 1), anchored + 1)]
             if report.corrupt_lsn is not None:
                 verdict = "salvaged: everything before the first corrupt record was copied"
             elif not report.whole:
@@ -293,11 +310,12 @@ def _flush(ledger: Ledger, pending: list[TransferRequest]) -> None:
 
 
 def inspect(path: str, start: int, limit: int | None, transfer: str | None, account: str | None) -> dict[str, Any]:
-    """The journal as readable rows, for a person reading what happened. A transfer's record
-    is found through the transfers index, not by a scan."""
+    """The journal as readable rows, for a person reading what happened: what can be read is
+    shown, and `problem` says what cannot (a damaged record, a gap, records the anchor saw and
+    the journal lost). A transfer's record is found through the transfers index, not a scan."""
     rows: list[dict[str, Any]] = []
     problem = None
-    with _reading(path) as journal:
+    with _reading(path, audited=True) as journal:
         try:
             if transfer is not None:
                 check_id(transfer, "transfer id")
@@ -314,6 +332,8 @@ def inspect(path: str, start: int, limit: int | None, transfer: str | None, acco
                         break
         except (JournalCorruptedError, JournalCorrupted) as error:
             problem = str(error)
+        if problem is None and journal.problem is not None:
+            problem = str(journal.problem)
     return {"path": path, "records": rows, "problem": problem}
 
 
@@ -339,6 +359,9 @@ def _account(journal: Journal, account_id: str, txn: Any) -> Account:
     value = journal.index_get(ACCOUNTS_INDEX, id_key(account_id), txn)
     record = None
     if value is not None:
+        if len(value) != 8:
+            raise JournalCorrupted(f"the accounts index entry of {account_id!r} does not hold an LSN",
+                                   where="the accounts index")
         lsn = value_lsn(value)
         payload = journal.read(lsn, txn)
         record = decode(lsn, payload) if payload is not None else None

@@ -30,7 +30,7 @@ import uuid
 import zlib
 from dataclasses import dataclass
 
-from journal._errors import JournalCorruptedError
+from journal._errors import JournalCorruptedError, os_read_error
 
 ANCHOR_FILE = "tally.anchor"
 _MAGIC = b"TALLYANC"
@@ -80,6 +80,10 @@ def read_anchor(directory: str) -> AnchorState | None:
             data = file.read(2 * SLOT_BYTES + 1)
     except FileNotFoundError:
         return None
+    except IsADirectoryError as error:
+        raise JournalCorruptedError("the anchor is a directory, not a file", where=path) from error
+    except OSError as error:
+        raise os_read_error(error, path) from error
     copies = [_parse(data[i * SLOT_BYTES : (i + 1) * SLOT_BYTES]) for i in range(2)]
     valid = [copy for copy in copies if copy is not None]
     if len(data) != 2 * SLOT_BYTES or not valid:

@@ -15,7 +15,7 @@ import shutil
 
 from journal._anchor import ANCHOR_FILE, AnchorState, read_anchor
 from journal._errors import JournalCorruptedError, JournalError, JournalLockedError, JournalNotFoundError
-from journal._store import DATA_FILE, LMDB_LOCK_FILE, STAGING_DIR
+from journal._names import DATA_FILE, LMDB_LOCK_FILE, STAGING_DIR
 
 LOCK_FILE = "tally.lock"
 _OURS = {LOCK_FILE, DATA_FILE, LMDB_LOCK_FILE, ANCHOR_FILE}

@@ -1,6 +1,8 @@
-"""Operating errors of the journal. Driver errors (`lmdb.Error`) become these, in one place."""
+"""Operating errors of the journal, and the one place driver and OS errors on reads become them."""
 
 from __future__ import annotations
+
+import lmdb
 
 
 class JournalError(Exception):
@@ -52,3 +54,26 @@ class JournalWriteError(JournalError):
 
 class JournalTimeoutError(JournalError):
     """A bounded wait on the journal ran out (durability or room in the queue)."""
+
+
+_CORRUPTION_ERRNOS = frozenset({5})  # EIO: the device could not read what it holds
+
+
+def os_read_error(error: OSError, where: str) -> JournalError:
+    """The journal error an OS error reading `where` becomes: an I/O error is the disk saying
+    it lost data (`JournalCorruptedError`); any other is an operating error."""
+    if error.errno in _CORRUPTION_ERRNOS:
+        return JournalCorruptedError(f"the device reports an I/O error reading it: {error}", where=where)
+    return JournalError(f"cannot read {where}: {error}")
+
+
+_LMDB_CORRUPTION = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.VersionMismatchError,
+                    lmdb.BadValsizeError, lmdb.BadDbiError, lmdb.IncompatibleError, lmdb.NotFoundError)
+"""LMDB errors that mean the file is not what LMDB wrote (the others are operating errors)."""
+
+
+def lmdb_read_error(error: lmdb.Error, where: str) -> JournalError:
+    """The journal error an LMDB error reading `where` becomes (the caller chains it)."""
+    if isinstance(error, _LMDB_CORRUPTION):
+        return JournalCorruptedError(f"LMDB cannot read it: {error}", where=where)
+    return JournalError(f"reading {where} failed: {error}")

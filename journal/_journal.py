@@ -21,10 +21,12 @@ import lmdb
 from journal._anchor import Anchor, AnchorState
 from journal._completion import Completion
 from journal._directory import clear_staging, lock_directory, prepare_directory, recognise, refuse_missing
-from journal._errors import JournalClosedError, JournalCorruptedError
+from journal._errors import JournalClosedError, JournalCorruptedError, JournalError, lmdb_read_error
 from journal._format import index_seed, key_lsn, lsn_key, unframe, unframe_index_value, unframe_keyed
 from journal._limits import MAP_SIZE_BYTES_DEFAULT
-from journal._store import RECORDS_DB, Store, read_error
+from journal._check import check_records
+from journal._names import DATA_FILE, RECORDS_DB
+from journal._store import Store
 from journal._writer import IndexPut, IndexPuts, Writer
 
 
@@ -46,7 +48,8 @@ class Journal:
         """What a read-only open found wrong with the records or against the anchor and let
         pass, for the audit to report (a writable open raises it)."""
         try:
-            self._last_lsn_read = _check_records(store, anchor)
+            self._last_lsn_read = check_records(store.opened, anchor, lambda: _first_gap(store),
+                                                os.path.join(path, DATA_FILE))
         except JournalCorruptedError as error:
             if not store.readonly:
                 raise
@@ -55,7 +58,10 @@ class Journal:
             self._last_lsn_read = key_lsn(last_key) if last_key is not None and len(last_key) == 8 else 0
         self._writer = None
         if not store.readonly:
-            writing_anchor = Anchor(path, anchor) if anchor is not None else None
+            try:
+                writing_anchor = Anchor(path, anchor) if anchor is not None else None
+            except OSError as error:
+                raise JournalError(f"cannot open the anchor of {path} for writing: {error}") from error
             self._writer = Writer(store, self._last_lsn_read, writing_anchor, self._seeds)
 
     @classmethod
@@ -91,7 +97,7 @@ class Journal:
                     refuse_missing(path)
                 anchor = Store.create(path, map_size_bytes=map_size_bytes, index_names=index_names)
             return Store.open(path, map_size_bytes=map_size_bytes, sync=sync, index_names=index_names,
-                              readonly=False), anchor
+                              readonly=False, anchor=anchor), anchor
 
         return cls._made(path, fd, make)
 
@@ -115,7 +121,7 @@ class Journal:
         def make() -> tuple[Store, AnchorState | None]:
             again = recognise(path)[1] if lock else anchor  # as of now that no writer can move it
             return Store.open(path, map_size_bytes=MAP_SIZE_BYTES_DEFAULT, sync=True, index_names=index_names,
-                              readonly=True), again
+                              readonly=True, anchor=again), again
 
         return cls._made(path, fd, make)
 
@@ -206,7 +212,7 @@ class Journal:
         try:
             value = txn.get(lsn_key(lsn), db=self._store.records)
         except lmdb.Error as error:
-            raise read_error(error, f"the record at LSN {lsn}") from error
+            raise lmdb_read_error(error, f"the record at LSN {lsn}") from error
         return None if value is None else unframe(lsn, value)
 
     def scan(self, after_lsn: int = 0, txn: Any | None = None) -> Iterator[tuple[int, bytes]]:
@@ -231,21 +237,21 @@ class Journal:
                 yield expected, unframe_keyed(key, value, expected)
                 expected += 1
         except lmdb.Error as error:
-            raise read_error(error, f"the records after LSN {expected - 1}") from error
+            raise lmdb_read_error(error, f"the records after LSN {expected - 1}") from error
 
     def records_count(self, txn: Any) -> int:
         """How many records the snapshot holds (LMDB's count, checked against the pages at open)."""
         try:
             return int(txn.stat(self._store.records)["entries"])
         except lmdb.Error as error:
-            raise read_error(error, "the records") from error
+            raise lmdb_read_error(error, "the records") from error
 
     def index_count(self, name: str, txn: Any) -> int:
         """How many entries index `name` holds in the snapshot (checked against the pages at open)."""
         try:
             return int(txn.stat(self._store.indexes[name])["entries"])
         except lmdb.Error as error:
-            raise read_error(error, f"the {name} index") from error
+            raise lmdb_read_error(error, f"the {name} index") from error
 
     def _value(self, name: str, key: bytes, stored: bytes) -> bytes:
         """An index entry's value, its checksum verified (formats that have one)."""
@@ -260,7 +266,7 @@ class Journal:
         try:
             stored = txn.get(key, db=self._store.indexes[name])
         except lmdb.Error as error:
-            raise read_error(error, f"the {name} index") from error
+            raise lmdb_read_error(error, f"the {name} index") from error
         return None if stored is None else self._value(name, key, stored)
 
     def index_keys(self, name: str, txn: Any, after: bytes | None = None) -> Iterator[bytes]:
@@ -278,7 +284,7 @@ class Journal:
             if found:
                 yield from cursor.iternext(keys=True, values=False)
         except lmdb.Error as error:
-            raise read_error(error, f"the {name} index") from error
+            raise lmdb_read_error(error, f"the {name} index") from error
 
     def index_last(self, name: str, txn: Any | None = None) -> bytes | None:
         """The greatest key of index `name` (its entry verified), or None if it is empty."""
@@ -291,7 +297,7 @@ class Journal:
                 return None
             key, stored = cursor.item()
         except lmdb.Error as error:
-            raise read_error(error, f"the {name} index") from error
+            raise lmdb_read_error(error, f"the {name} index") from error
         self._value(name, key, stored)
         return bytes(key)
 
@@ -304,7 +310,7 @@ class Journal:
                 return None
             key, stored = cursor.item()
         except lmdb.Error as error:
-            raise read_error(error, f"the {name} index") from error
+            raise lmdb_read_error(error, f"the {name} index") from error
         return key, self._value(name, key, stored)
 
     def index_range(
@@ -324,7 +330,7 @@ class Journal:
                     break
                 found.append((key, stored))
         except lmdb.Error as error:
-            raise read_error(error, f"the {name} index") from error
+            raise lmdb_read_error(error, f"the {name} index") from error
         if self._seeds is not None:
             value = self._value
             found = [(key, value(name, key, stored)) for key, stored in found]
@@ -370,37 +376,3 @@ def _first_gap(store: Store) -> int:
                 break
             expected += 1
     return expected
-
-
-def _check_records(store: Store, anchor: AnchorState | None) -> int:
-    """The last LSN, once the records agree with themselves and the data file with its anchor:
-    LSNs run 1..N without a gap (the page walk counted N records, in order), the ledger ids
-    match, and N is at least what the anchor saw durable."""
-    records = store.layout.trees[RECORDS_DB]
-    data_file = os.path.join(store.path, "data.mdb")
-    last = 0
-    if records.entries:
-        first_key, last_key = records.first_key, records.last_key
-        assert first_key is not None and last_key is not None
-        if len(first_key) != 8 or len(last_key) != 8 or key_lsn(first_key) != 1 or key_lsn(last_key) != records.entries:
-            missing = _first_gap(store)
-            raise JournalCorruptedError(f"LSN {missing} is missing: the records hold {records.entries} LSNs, "
-                                        f"from {first_key!r} to {last_key!r}, not 1 to {records.entries} without a gap",
-                                        lsn=missing, where=f"LSN {missing}")
-        last = records.entries
-    if anchor is None:
-        return last
-    if store.ledger_id != anchor.ledger_id:
-        raise JournalCorruptedError(
-            f"the data file belongs to ledger {store.ledger_id.hex() if store.ledger_id else 'without an id'}, "
-            f"but the directory's anchor to ledger {anchor.ledger_id.hex()}: a data file from elsewhere?",
-            where=data_file)
-    if store.format_version != anchor.format_version:
-        raise JournalCorruptedError(f"the data file is format {store.format_version}, the anchor says "
-                                    f"{anchor.format_version}", where=data_file)
-    if last < anchor.durable_lsn:
-        raise JournalCorruptedError(
-            f"the journal ends at LSN {last}, but LSN {anchor.durable_lsn} was durable before: "
-            f"{anchor.durable_lsn - last} acknowledged record(s) are missing (LMDB is opening an older snapshot; "
-            "a meta page may be damaged)", lsn=last + 1, where=data_file)
-    return last

@@ -13,6 +13,13 @@ checksums, and it gets its ledger id and anchor with its first commit here."""
 SNAPSHOT_TRIES_MAX = 100
 """Times an open retries checking a snapshot that a live writer elsewhere moved past."""
 
+RACE_TRIES_MAX = 5
+"""Times an open reads the meta pages before it calls an inconsistency damage (a read racing
+a live writer in another process can see a page half written)."""
+
+RACE_WAIT_S = 0.002
+"""Between those reads."""
+
 RECORD_VERSION = 1
 """Version byte carried by every record; checked on every read."""
 

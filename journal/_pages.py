@@ -1,30 +1,25 @@
 """LMDB's data file, read as raw bytes: the part of LMDB's on-disk format Tally owns outright.
 
 LMDB has no page checksums and trusts its file: it follows page numbers and node offsets
-through a memory map. A truncated file makes a read past its end a SIGBUS, which kills the
-process; a flipped byte in a meta page makes it open an older snapshot, or an empty one,
-without a word; a damaged branch key sends a point lookup to the wrong leaf, so an id the
-journal holds reads as absent. So before LMDB maps a data file, Tally reads it here with
-`os.pread` (never a map: a short file is an error, not a signal) and checks:
+through a memory map. A page past the file's end is a SIGBUS, which kills the process; a
+damaged branch key sends a point lookup to the wrong leaf, so an id the journal holds reads
+as absent; a free list naming a live page makes the next write overwrite it. So before LMDB
+reads a data file, Tally walks it here with `os.pread` (never a map: a short file is an
+error, not a signal), from a meta page `journal._meta` checked, and checks:
 
-1. both meta pages: LMDB's magic and data version, a sane page size, each page's own
-   number, and the commit parity LMDB writes them with (transaction N writes meta N % 2,
-   so the two hold consecutive ids): a damaged meta that LMDB would silently skip, or
-   silently prefer, is reported instead;
-2. the file is as long as the committed meta says (LMDB would map pages past its end);
-3. every page reachable from the committed meta (`walk`): its header, its number, every
+1. every page the meta reaches (`walk`): inside the file, its header and its number, every
    node's offsets inside the page, the nodes packed exactly between `mp_upper` and the
    page's end (as LMDB always leaves them), keys strictly ascending and inside the range
    their parent branch gives them (so no lookup is misrouted), every page reached once,
-   overflow runs inside the file, and each database's counters (entries, depth, pages)
+   overflow runs inside the snapshot, and each database's counters (entries, depth, pages)
    equal to what the walk found;
-4. the free list: the pages it names and the pages the trees use are disjoint and
-   together cover the file up to the committed high-water mark. A free list naming a live
-   page would make LMDB's next write overwrite that page in place.
+2. the free list: the pages it names and the pages the trees use are disjoint and together
+   cover every page up to the snapshot's high-water mark. (Free pages past the file's end
+   are allowed: LMDB writes a page before it first reads it.)
 
 This reads the layout of LMDB 0.9 on a 64-bit little-endian host (the only one py-lmdb's
 bundled engine writes here); anything else is reported as damage rather than guessed at.
-Cost: one pass over the reachable pages, about a microsecond a node (see `bench/README.md`).
+Cost: one pass over the reachable pages, about half a microsecond a node (see `bench/README.md`).
 """
 
 from __future__ import annotations
@@ -36,71 +31,27 @@ from dataclasses import dataclass, field
 from itertools import repeat
 from operator import add, and_, lt, sub
 
-from journal._errors import JournalCorruptedError
+from journal._meta import (
+    DB_RECORD_BYTES,
+    DEPTH_MAX,
+    NO_PAGE,
+    PAGE,
+    PAGE_HEADER_BYTES,
+    Database,
+    Meta,
+    corrupt,
+)
 
-MAGIC = 0xBEEFC0DE
-DATA_VERSION = 1
-PAGE_HEADER_BYTES = 16
 NODE_HEADER_BYTES = 8
-DB_RECORD_BYTES = 48
-NO_PAGE = (1 << 64) - 1
-"""`md_root` of an empty database."""
-DEPTH_MAX = 32
-"""LMDB's cursor stack: no tree is deeper."""
-PAGE_BYTES_MIN, PAGE_BYTES_MAX = 512, 1 << 15
-
-P_BRANCH, P_LEAF, P_OVERFLOW, P_META = 0x01, 0x02, 0x04, 0x08
+P_BRANCH, P_LEAF, P_OVERFLOW = 0x01, 0x02, 0x04
 F_BIGDATA, F_SUBDATA, F_DUPDATA = 0x01, 0x02, 0x04
 MDB_INTEGERKEY = 0x08
 
-_PAGE = struct.Struct("<QHHHH")  # mp_pgno, mp_pad, mp_flags, mp_lower, mp_upper
 _OVERFLOW_PAGES = struct.Struct("<I")  # mp_pages, over mp_lower and mp_upper
 _NODE = struct.Struct("<HHHH")  # mn_lo, mn_hi, mn_flags, mn_ksize
-_DB = struct.Struct("<IHHQQQQQ")  # md_pad, md_flags, md_depth, branch, leaf, overflow pages, entries, root
-_META = struct.Struct("<IIQQ")  # mm_magic, mm_version, mm_address, mm_mapsize
 _U64 = struct.Struct("<Q")
 Visit = Callable[[bytes, list[bytes], list[bytes]], None]
 """Called with a database's name and one leaf's keys and values."""
-_META_TAIL = struct.Struct("<QQ")  # mm_last_pg, mm_txnid
-_META_DBS_AT = PAGE_HEADER_BYTES + _META.size
-_META_TAIL_AT = _META_DBS_AT + 2 * DB_RECORD_BYTES
-META_BYTES = _META_TAIL_AT + _META_TAIL.size
-
-
-@dataclass(frozen=True)
-class Database:
-    """An `MDB_db` record: one B-tree's root and counters."""
-
-    flags: int
-    depth: int
-    branch_pages: int
-    leaf_pages: int
-    overflow_pages: int
-    entries: int
-    root: int
-    page_bytes: int
-    """`md_pad`: the free list's record carries the file's page size here."""
-
-    @classmethod
-    def parse(cls, data: bytes, at: int = 0) -> Database:
-        pad, flags, depth, branch, leaf, overflow, entries, root = _DB.unpack_from(data, at)
-        return cls(flags, depth, branch, leaf, overflow, entries, root, pad)
-
-
-@dataclass(frozen=True)
-class Meta:
-    """One meta page: which snapshot it commits, and the roots of the two core trees."""
-
-    number: int
-    """0 or 1: where it sits in the file."""
-    txnid: int
-    last_page: int
-    free: Database
-    main: Database
-
-    @property
-    def page_bytes(self) -> int:
-        return self.free.page_bytes
 
 
 @dataclass
@@ -126,82 +77,6 @@ class Layout:
     """Named databases by name (b"records", ...), with what the walk found in each."""
 
 
-def corrupt(reason: str, where: str) -> JournalCorruptedError:
-    return JournalCorruptedError(reason, where=where)
-
-
-def read_metas(fd: int, file_bytes: int, data_file: str) -> tuple[Meta, Meta]:
-    """Both meta pages, each checked on its own (magic, version, page size, own number)."""
-    if file_bytes == 0:
-        raise corrupt("the file is empty (0 bytes)", data_file)
-    first = os.pread(fd, META_BYTES, 0)
-    if len(first) < META_BYTES:
-        raise corrupt(f"the file is truncated to {file_bytes} bytes: not even one meta page", data_file)
-    meta0 = _parse_meta(first, 0, data_file)
-    page_bytes = meta0.page_bytes
-    if file_bytes < 2 * page_bytes:
-        raise corrupt(f"the file is truncated to {file_bytes} bytes: meta page 1 is missing", data_file)
-    meta1 = _parse_meta(os.pread(fd, META_BYTES, page_bytes), 1, data_file)
-    if meta1.page_bytes != page_bytes:
-        raise corrupt(f"the meta pages disagree on the page size ({page_bytes} and {meta1.page_bytes})",
-                      "meta page 1")
-    return meta0, meta1
-
-
-def _parse_meta(data: bytes, number: int, data_file: str) -> Meta:
-    where = f"meta page {number} of {data_file}"
-    pgno, _pad, flags, _lower, _upper = _PAGE.unpack_from(data)
-    magic, version, _address, _map_bytes = _META.unpack_from(data, PAGE_HEADER_BYTES)
-    if magic != MAGIC:
-        raise corrupt(f"bad magic number {magic:#x} (LMDB's is {MAGIC:#x})", where)
-    if version != DATA_VERSION:
-        raise corrupt(f"LMDB data version {version}, not {DATA_VERSION}", where)
-    if pgno != number or flags != P_META:
-        raise corrupt(f"the page header says page {pgno} with flags {flags:#x}, not meta page {number}", where)
-    free = Database.parse(data, _META_DBS_AT)
-    main = Database.parse(data, _META_DBS_AT + DB_RECORD_BYTES)
-    last_page, txnid = _META_TAIL.unpack_from(data, _META_TAIL_AT)
-    page_bytes = free.page_bytes
-    if not PAGE_BYTES_MIN <= page_bytes <= PAGE_BYTES_MAX or page_bytes & (page_bytes - 1):
-        raise corrupt(f"implausible page size {page_bytes}", where)
-    return Meta(number, txnid, last_page, free, main)
-
-
-def committed_meta(meta0: Meta, meta1: Meta, file_bytes: int, data_file: str) -> Meta:
-    """The meta LMDB will open (the higher transaction id), once the pair is consistent:
-    transaction N writes meta page N % 2, so the two hold N and N - 1 (or both 0 in a file
-    no transaction has committed to yet). A pair that breaks this has a damaged page, and
-    LMDB would open whichever id is higher without a word."""
-    t0, t1 = meta0.txnid, meta1.txnid
-    if t0 % 2:
-        raise corrupt(f"odd transaction id {t0} in the even slot", f"meta page 0 of {data_file}")
-    if t1 and not t1 % 2:
-        raise corrupt(f"even transaction id {t1} in the odd slot", f"meta page 1 of {data_file}")
-    if not (t0 == t1 == 0 or abs(t0 - t1) == 1):
-        raise corrupt(f"the meta pages hold transaction ids {t0} and {t1}, not two consecutive ones: "
-                      "one of them is damaged", data_file)
-    meta = meta1 if t1 > t0 else meta0
-    for each in (meta0, meta1):
-        _check_meta_fits(each, file_bytes, data_file)
-    return meta
-
-
-def _check_meta_fits(meta: Meta, file_bytes: int, data_file: str) -> None:
-    where = f"meta page {meta.number} of {data_file}"
-    page_bytes = meta.page_bytes
-    needed = (meta.last_page + 1) * page_bytes
-    if meta.last_page < 1:
-        raise corrupt(f"last page {meta.last_page}", where)
-    if needed > file_bytes:
-        raise corrupt(f"the file is truncated: {file_bytes} bytes, but the meta page's snapshot uses "
-                      f"pages up to {meta.last_page}, {needed} bytes", data_file)
-    for name, db in (("free list", meta.free), ("main database", meta.main)):
-        if db.root != NO_PAGE and not 2 <= db.root <= meta.last_page:
-            raise corrupt(f"the {name}'s root page {db.root} is outside the file's pages 2..{meta.last_page}", where)
-        if db.depth > DEPTH_MAX:
-            raise corrupt(f"the {name}'s depth {db.depth} is past LMDB's {DEPTH_MAX}", where)
-
-
 class _Walk:
     """One pass over every page reachable from a meta; raises at the first fault."""
 
@@ -224,7 +99,8 @@ class _Walk:
     def read(self, pgno: int, count: int = 1) -> bytes:
         data = os.pread(self.fd, count * self.page_bytes, pgno * self.page_bytes)
         if len(data) != count * self.page_bytes:
-            raise corrupt(f"page {pgno} lies past the end of the file", self.data_file)
+            raise corrupt(f"the file is truncated: page {pgno}, which the snapshot uses, lies past its end",
+                          self.data_file)
         return data
 
     def claim(self, pgno: int, count: int, where: str) -> None:
@@ -262,7 +138,7 @@ class _Walk:
             raise corrupt(f"deeper than LMDB's {DEPTH_MAX} levels", where)
         self.claim(pgno, 1, where)
         data = self.read(pgno)
-        stored, _pad, flags, lower, upper = _PAGE.unpack_from(data)
+        stored, _pad, flags, lower, upper = PAGE.unpack_from(data)
         if stored != pgno:
             raise corrupt(f"its header says page {stored}", where)
         if flags not in (P_BRANCH, P_LEAF):
@@ -364,16 +240,19 @@ class _Walk:
 
     def _overflow(self, name: bytes, pgno: int, size: int, found: Tree, where: str, whole: bool) -> bytes:
         """The value stored on the overflow run at `pgno` (`size` bytes), its header checked;
-        only the run's first page unless `whole` (a checkpoint's run may be megabytes)."""
-        count = (PAGE_HEADER_BYTES - 1 + size) // self.page_bytes + 1
-        self.claim(pgno, count, where)
-        data = self.read(pgno, count if whole else 1)
-        stored, _pad, flags = _PAGE.unpack_from(data)[:3]
-        (pages,) = _OVERFLOW_PAGES.unpack_from(data, 12)
-        if stored != pgno or flags != P_OVERFLOW or pages != count:
+        only the run's first page unless `whole` (a checkpoint's run may be megabytes). A run
+        may be longer than its value needs (LMDB rewrites a smaller value in place): it is
+        the run's own page count that is in use."""
+        needed = (PAGE_HEADER_BYTES - 1 + size) // self.page_bytes + 1
+        head = self.read(pgno)
+        stored, _pad, flags = PAGE.unpack_from(head)[:3]
+        (pages,) = _OVERFLOW_PAGES.unpack_from(head, 12)
+        if stored != pgno or flags != P_OVERFLOW or pages < needed:
             raise corrupt(f"its overflow run at page {pgno} has a bad header (page {stored}, flags {flags:#x}, "
                           f"{pages} pages for {size} bytes)", where)
-        found.overflow_pages += count
+        self.claim(pgno, pages, where)
+        found.overflow_pages += pages
+        data = self.read(pgno, needed) if whole else head
         return data[PAGE_HEADER_BYTES : PAGE_HEADER_BYTES + size]
 
 

@@ -19,11 +19,11 @@ Options, passed at the call site on purpose (house style 10):
   Only `create` makes a data file, in a staging directory, renamed into place once
   whole (so a creation that dies leaves no half-made `data.mdb`).
 
-Before LMDB maps an existing data file it is read as raw bytes and checked
-(`journal._pages`): meta pages, length, every page, the free list. Then every read goes
-through `reading()`, a gate the writer closes while it grows the map (LMDB allows that
-only while no transaction is open in the process), and any LMDB error on a read becomes
-`JournalCorruptedError` naming what was being read (`read_error`).
+Before LMDB reads an existing data file it is checked (`journal._check`): meta pages, every
+page, the free list, every index entry. Then every read goes through `reading()`, a gate the
+writer closes while it grows the map (LMDB allows that only while no transaction is open in
+the process), and any LMDB error on a read becomes `JournalCorruptedError` naming what was
+being read (`journal._errors.lmdb_read_error`).
 """
 
 from __future__ import annotations
@@ -35,60 +35,22 @@ import shutil
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import lmdb
 
 from journal._anchor import AnchorState, create_anchor, new_ledger_id, sync_directory
-from journal._errors import (
-    JournalCorruptedError,
-    JournalError,
-    JournalFormatError,
-    JournalLockedError,
-    JournalWriteError,
-)
-from journal._format import index_seed, unframe_index_values
-from journal._pages import Layout, committed_meta, read_metas, walk
-from journal._limits import (
-    DBS_MAX,
-    FORMAT_VERSION,
-    FORMAT_VERSIONS_READ,
-    GROW_WAIT_S_MAX,
-    MAP_SIZE_BYTES_MAX,
-    READERS_MAX,
-    SNAPSHOT_TRIES_MAX,
-)
+from journal._check import Opened, check_before_mapping, check_snapshot
+from journal._errors import JournalCorruptedError, JournalError, JournalLockedError, JournalWriteError
+from journal._limits import DBS_MAX, FORMAT_VERSION, GROW_WAIT_S_MAX, MAP_SIZE_BYTES_MAX, READERS_MAX
+from journal._names import DATA_FILE, FORMAT_KEY, LEDGER_ID_KEY, LMDB_LOCK_FILE, META_DB, RECORDS_DB, STAGING_DIR
 
 logger = logging.getLogger("tally.journal")
-
-DATA_FILE = "data.mdb"
-"""LMDB's data file: a directory that has one holds a journal."""
-LMDB_LOCK_FILE = "lock.mdb"
-"""LMDB's reader table, made before the data file."""
-STAGING_DIR = ".tally-new"
-"""Where a new data file is made, before it is renamed into the ledger directory."""
-
-RECORDS_DB = b"records"
-META_DB = b"meta"
-FORMAT_KEY = b"format_version"
-LEDGER_ID_KEY = b"ledger_id"
 
 LOCK_FILE_BYTES = (READERS_MAX - 1) * 64 + 192
 """What LMDB makes `lock.mdb` for `READERS_MAX` readers (64 bytes a reader slot, 192 of
 header on 64-bit Linux). LMDB makes it sparse and then writes through a map of it, which on
 a full disk is a SIGBUS; allocating it first turns that into ENOSPC."""
-
-_CORRUPTION = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.VersionMismatchError,
-               lmdb.BadValsizeError, lmdb.BadDbiError, lmdb.IncompatibleError, lmdb.NotFoundError)
-"""LMDB errors that mean the file is not what LMDB wrote (the others are operating errors)."""
-
-
-def read_error(error: lmdb.Error, where: str) -> JournalError:
-    """The journal error an LMDB error on a read becomes (the caller chains it)."""
-    if isinstance(error, _CORRUPTION):
-        return JournalCorruptedError(f"LMDB cannot read it: {error}", where=where)
-    return JournalError(f"reading {where} failed: {error}")
 
 
 def space_error(path: str, error: BaseException) -> JournalWriteError:
@@ -107,52 +69,12 @@ def space_error(path: str, error: BaseException) -> JournalWriteError:
     return JournalWriteError(f"journal write failed: {error}")
 
 
-class _Visitor:
-    """What the page walk hands each leaf to. It reads the format version from the meta
-    database (walked first), then verifies the checksum of every entry of every index (in
-    formats that have them).
-
-    So an index entry whose key or value was damaged is found as the journal opens: a key
-    changed in place would otherwise hide an entry from every lookup of it (an id would look
-    unused, an account's entry missing) without failing any check a read could make."""
-
-    def __init__(self, index_names: Sequence[str]) -> None:
-        self._indexes = {name.encode(): (name, index_seed(name)) for name in index_names}
-        self.format_version: int | None = None
-
-    def __call__(self, name: bytes, keys: list[bytes], values: list[bytes]) -> None:
-        if name == META_DB:
-            for key, value in zip(keys, values, strict=True):
-                if key == FORMAT_KEY:
-                    self.format_version = int(value) if value.isdigit() else -1
-            return
-        label, seed = self._indexes[name]
-        if self.format_version is None:
-            raise JournalFormatError("the format version is missing", where="the meta database")
-        if self.format_version >= 2:
-            unframe_index_values(seed, label, keys, values)
-
-    @property
-    def names(self) -> frozenset[bytes]:
-        """The databases it reads: the meta database and every index."""
-        return frozenset({META_DB, *self._indexes})
-
-
-@dataclass(frozen=True)
-class Opened:
-    """What opening found: the data file's format and identity, and its checked layout."""
-
-    format_version: int
-    ledger_id: bytes | None
-    """None for a ledger made before ledger ids (format 1, never opened since)."""
-    layout: Layout
-
-
 class Store:
     """One LMDB environment with its record, meta and index databases."""
 
     def __init__(self, path: str, env: lmdb.Environment, dbs: dict[bytes, Any], opened: Opened,
                  readonly: bool) -> None:
+        self.opened = opened
         self.path = path
         self.env = env
         self.readonly = readonly
@@ -203,22 +125,22 @@ class Store:
         return anchor
 
     @classmethod
-    def open(cls, path: str, *, map_size_bytes: int, sync: bool, index_names: Sequence[str], readonly: bool) -> Store:
+    def open(cls, path: str, *, map_size_bytes: int, sync: bool, index_names: Sequence[str], readonly: bool,
+             anchor: AnchorState | None) -> Store:
         """Open the existing journal in `path`, once its data file checks out.
 
         Raises `JournalCorruptedError` naming where the data file is damaged, and never
         writes to it. With `readonly`, a live writer in another process may go on: the check
-        then reads the snapshot of a read transaction held meanwhile. Every index entry's
-        checksum is verified (`_Visitor`)."""
+        then reads the snapshot of a read transaction held meanwhile (`journal._check`)."""
         data_file = os.path.join(path, DATA_FILE)
-        _check_before_mapping(data_file)
+        check_before_mapping(data_file)
         try:
             allocate_lock_file(path, readonly)
         except OSError as error:
             raise os_error(path, error) from error
         env = _lmdb_open(path, map_size_bytes=map_size_bytes, sync=sync, readonly=readonly, create=False)
         try:
-            dbs, opened = _check_snapshot(env, data_file, index_names, _Visitor(index_names))
+            dbs, opened = check_snapshot(env, data_file, index_names, anchor)
         except BaseException:
             env.close()
             raise
@@ -304,7 +226,7 @@ def _lmdb_open(path: str, *, map_size_bytes: int, sync: bool, readonly: bool, cr
     except lmdb.Error as error:
         if "already open in this process" in str(error):
             raise JournalLockedError(f"{path} is already open in this process") from error
-        if isinstance(error, _CORRUPTION):
+        if isinstance(error, (lmdb.CorruptedError, lmdb.InvalidError, lmdb.VersionMismatchError)):
             raise JournalCorruptedError(f"LMDB cannot open it: {error}", where=os.path.join(path, DATA_FILE)) from error
         raise JournalError(f"cannot open the journal in {path}: {error}") from error
 
@@ -331,84 +253,3 @@ def os_error(path: str, error: OSError) -> JournalError:
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return space_error(path, error)
     return JournalError(f"cannot prepare the journal in {path}: {error}")
-
-
-def _check_before_mapping(data_file: str) -> None:
-    """Meta pages and length, read as raw bytes: nothing LMDB would map past the file's end."""
-    try:
-        fd = os.open(data_file, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise JournalCorruptedError("the data file is missing", where=data_file) from None
-    except OSError as error:
-        raise JournalError(f"cannot read {data_file}: {error}") from error
-    try:
-        size = os.fstat(fd).st_size
-        committed_meta(*read_metas(fd, size, data_file), size, data_file)
-    finally:
-        os.close(fd)
-
-
-def _check_snapshot(env: lmdb.Environment, data_file: str, index_names: Sequence[str], visit: _Visitor) -> tuple[dict[bytes, Any], Opened]:
-    """Walk every page of the snapshot a read transaction holds (so a live writer elsewhere
-    cannot reuse them meanwhile), then open the databases and read the format and id.
-
-    py-lmdb opens a database handle in a transaction of its own, a write one unless the
-    environment is read-only; opening an existing database changes nothing, so that
-    transaction commits without writing a byte."""
-    expected = {RECORDS_DB, META_DB, *(name.encode() for name in index_names)}
-    try:
-        for _ in range(SNAPSHOT_TRIES_MAX):
-            with env.begin(write=False, buffers=False) as snapshot:
-                layout = _walk_snapshot(snapshot.id(), data_file, visit)
-                if layout is None:
-                    continue  # a live writer committed twice since the snapshot began: its meta is gone
-                _check_databases(set(layout.trees), expected, data_file)
-                dbs = {name: env.open_db(name, create=False) for name in sorted(expected)}
-                with env.begin(write=False, buffers=False) as txn:
-                    version = txn.get(FORMAT_KEY, db=dbs[META_DB])
-                    ledger_id = txn.get(LEDGER_ID_KEY, db=dbs[META_DB])
-            return dbs, Opened(_format_version(version, data_file), ledger_id, layout)
-    except lmdb.Error as error:
-        raise read_error(error, data_file) from error
-    raise JournalError(f"{data_file} changed too fast to be checked ({SNAPSHOT_TRIES_MAX} tries)")
-
-
-def _check_databases(found: set[bytes], expected: set[bytes], data_file: str) -> None:
-    if found != expected:
-        shown = sorted(name.decode(errors="replace") for name in found)
-        missing = sorted(name.decode(errors="replace") for name in expected - found)
-        raise JournalCorruptedError(f"it holds the databases {shown}, missing {missing}", where=data_file)
-
-
-def _walk_snapshot(txnid: int, data_file: str, visit: _Visitor) -> Layout | None:
-    """`walk` from the meta of transaction `txnid`, or None if neither meta page holds it now."""
-    fd = os.open(data_file, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        meta0, meta1 = read_metas(fd, size, data_file)
-        meta = committed_meta(meta0, meta1, size, data_file)
-        if meta.txnid != txnid:
-            older = meta1 if meta is meta0 else meta0
-            if older.txnid != txnid:
-                return None
-            meta = older
-        layout = walk(fd, meta, data_file, visit, visit.names, first=META_DB, key_bytes={RECORDS_DB: 8})
-        layout.file_bytes = size
-        return layout
-    finally:
-        os.close(fd)
-
-
-def _format_version(stored: bytes | None, data_file: str) -> int:
-    if stored is None:
-        raise JournalFormatError("the format version is missing", where=data_file)
-    version = stored.decode(errors="replace")
-    if version.isdigit() and int(version) in FORMAT_VERSIONS_READ:
-        return int(version)
-    newer = version.isdigit() and int(version) > FORMAT_VERSION
-    raise JournalFormatError(
-        f"format version {version} is "
-        + ("newer than this Tally reads" if newer else "not one this Tally understands")
-        + f" (it reads versions {', '.join(map(str, FORMAT_VERSIONS_READ))})",
-        where=data_file,
-    )

@@ -32,7 +32,8 @@ from journal._limits import (
     PENDING_RECORDS_MAX,
     WRITER_IDLE_WAIT_S,
 )
-from journal._store import LEDGER_ID_KEY, Store, space_error
+from journal._names import LEDGER_ID_KEY
+from journal._store import Store, space_error
 
 logger = logging.getLogger("tally.journal")
 
@@ -99,6 +100,8 @@ class Writer:
         """None until a ledger made before anchors gets one, with its first commit here."""
         self._seeds = seeds
         """Each index's checksum seed (None: a format without index checksums)."""
+        self._new_ledger_id: bytes | None = None
+        """The id `_bind_identity` gives a ledger that has none, until its commit is durable."""
         self._cond = threading.Condition(threading.Lock())
         """Guards the pending list; the writer waits on it for work."""
         self._room = threading.Condition(self._cond._lock)  # type: ignore[attr-defined]
@@ -320,21 +323,25 @@ class Writer:
 
     def _bind_identity(self, txn: lmdb.Transaction) -> None:
         """A ledger without an anchor (made before anchors existed, or whose creation died
-        before writing it) gets a ledger id in this commit, if it has none yet."""
+        before writing it) gets a ledger id in this commit, if it has none yet. The id is
+        the store's only once the commit is (`_advance_anchor`): a commit that fails and is
+        retried puts the same id again."""
         store = self._store
         if store.ledger_id is None:
-            ledger_id = new_ledger_id()
-            txn.put(LEDGER_ID_KEY, ledger_id, db=store.meta)
-            store.ledger_id = ledger_id
+            if self._new_ledger_id is None:
+                self._new_ledger_id = new_ledger_id()
+            txn.put(LEDGER_ID_KEY, self._new_ledger_id, db=store.meta)
 
     def _advance_anchor(self, durable_lsn: int) -> None:
         """The anchor learns the new durable LSN before any caller hears of it (made, durably,
-        by the first commit of a ledger that has none)."""
+        by the first commit of a ledger that has none). Raises `OSError`."""
         anchor = self._anchor
         if anchor is not None:
             anchor.advance(durable_lsn)
             return
         store = self._store
+        if store.ledger_id is None:
+            store.ledger_id = self._new_ledger_id
         assert store.ledger_id is not None
         state = create_anchor(store.path, store.ledger_id, store.format_version, durable_lsn)
         self._anchor = Anchor(store.path, state)
@@ -384,4 +391,7 @@ class Writer:
         if self._thread.is_alive():
             raise JournalTimeoutError("the journal writer did not drain in time")
         if self._anchor is not None:
-            self._anchor.close()
+            try:
+                self._anchor.close()
+            except OSError as error:
+                raise JournalWriteError(f"the anchor could not be flushed at close: {error}") from error

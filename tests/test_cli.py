@@ -24,6 +24,7 @@ from coordinator import CHECKS, INDEX_NAMES
 from coordinator._audit import CHECK_RECORDS
 from engine import CurrencyMismatch, InsufficientFunds, Ledger, TransferRequest
 from journal import FORMAT_VERSION, Journal, lsn_key
+from journal._anchor import create_anchor, read_anchor
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 60.0
@@ -481,6 +482,7 @@ def _a_file(tmp_path: Path) -> Path:
 
 
 def _newer_format(tmp_path: Path) -> Path:
+    """A ledger as a newer Tally would make it: format 99 in its data file and its anchor."""
     path = tmp_path / "newer"
     with Ledger.open(path) as ledger:
         ledger.create_account("a", currency="USD")
@@ -492,6 +494,9 @@ def _newer_format(tmp_path: Path) -> Path:
             txn.put(b"format_version", b"99")
     finally:
         env.close()
+    anchor = read_anchor(str(path))
+    assert anchor is not None
+    create_anchor(str(path), anchor.ledger_id, 99, anchor.durable_lsn)
     return path
 
 

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import lmdb
 import pytest
 from coordinator import INDEX_NAMES
 from engine import (
@@ -338,6 +339,9 @@ def test_a_newer_meta_page_whose_transaction_id_fell_behind_is_a_missing_commit_
         file.write(struct.pack("<Q", meta_txnid(path, newer) - 2))
     error = assert_refused_unchanged(path, "data.mdb")
     assert error.lsn == acknowledged.lsn and "missing" in str(error)
+    for view in (["balance", "alice"], ["history", "alice"], ["inspect", "--transfer", "acknowledged"]):
+        done = tally(view[0], path, *view[1:])  # never the snapshot before it, as if it were whole
+        assert done.returncode == 1 and "missing" in done.stdout + done.stderr, (view, done.stdout, done.stderr)
 
 
 # --- 7. verify while another process grows the map ---------------------------------------------------
@@ -486,3 +490,104 @@ def test_a_copy_of_a_ledger_is_refused_with_another_ledgers_data_file(tmp_path: 
     shutil.copy(second / "data.mdb", first / "data.mdb")
     error = assert_refused_unchanged(first, "belongs to ledger")
     assert isinstance(error.__cause__, JournalCorruptedError)
+
+
+# --- what the review of the first version found ------------------------------------------------------
+
+
+def test_a_damaged_format_version_is_damage_when_the_anchor_says_otherwise_not_a_newer_format(tmp_path: Path) -> None:
+    path = tmp_path / "ledger"
+    build(path)
+    data = bytearray((path / "data.mdb").read_bytes())
+    key = b"format_version"
+    at = data.find(key)
+    while at != -1:  # every copy of the meta database's entry, live and stale: "2" -> "6"
+        value_at = at + len(key)
+        if data[value_at : value_at + 1] == b"2":
+            data[value_at] = ord("6")
+        at = data.find(key, at + 1)
+    (path / "data.mdb").write_bytes(bytes(data))
+    error = assert_refused_unchanged(path, "data.mdb")
+    assert "anchor" in str(error)
+    for view in (["balance", "alice"], ["history", "alice"]):
+        done = tally(view[0], path, *view[1:])
+        assert done.returncode == 1 and "Traceback" not in done.stderr, (view, done.stderr)
+
+
+def test_an_anchor_that_is_a_directory_is_damage_not_an_os_error(tmp_path: Path) -> None:
+    path = tmp_path / "ledger"
+    build(path)
+    (path / ANCHOR_FILE).unlink()
+    (path / ANCHOR_FILE).mkdir()
+    with pytest.raises(JournalCorrupted, match="anchor"):
+        Ledger.open(path)
+
+
+def test_opening_takes_the_size_of_a_map_another_process_grew_while_it_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live writer elsewhere can grow the map while a read-only open checks the file (the
+    check's snapshot keeps it from reusing pages). LMDB then answers MDB_MAP_RESIZED; the open
+    takes the new size and checks again, instead of failing."""
+    import journal._check
+
+    path = tmp_path / "ledger"
+    state = build(path)
+    real = journal._check._walk_snapshot
+    resized: list[bool] = []
+
+    def grown_meanwhile(*args: object) -> object:
+        if not resized:
+            resized.append(True)
+            raise lmdb.MapResizedError("mdb_txn_begin: MDB_MAP_RESIZED (the test's)")
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(journal._check, "_walk_snapshot", grown_meanwhile)
+    journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
+    journal.close()
+    assert resized == [True]
+    monkeypatch.undo()
+    with Ledger.open(path) as ledger:
+        assert ledger.state_hash() == state
+
+
+def test_meta_pages_read_while_a_live_writer_rewrites_one_are_read_again_before_damage_is_declared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import journal._check
+
+    path = tmp_path / "ledger"
+    build(path)
+    real = journal._check.read_metas
+    reads: list[int] = []
+
+    def torn_once(fd: int, data_file: str) -> object:
+        reads.append(fd)
+        if len(reads) == 1:  # what a read racing the page's write can see
+            raise JournalCorruptedError("odd transaction id 7 in the even slot", where="meta page 0")
+        return real(fd, data_file)
+
+    monkeypatch.setattr(journal._check, "read_metas", torn_once)
+    Journal.open_readonly(path, index_names=INDEX_NAMES).close()
+    assert len(reads) >= 2
+
+
+def test_an_overflow_run_longer_than_its_value_is_what_lmdb_leaves_and_passes_the_check(tmp_path: Path) -> None:
+    """LMDB rewrites a smaller large value in place, in the run the larger one had."""
+    from journal._meta import committed_meta, read_metas
+    from journal._pages import walk
+
+    path = tmp_path / "raw"
+    env = lmdb.open(str(path), map_size=1 << 24, max_dbs=4)
+    db = env.open_db(b"records")
+    with env.begin(write=True) as txn:
+        txn.put(b"k" * 8, b"x" * 18_000, db=db)
+        txn.put(b"k" * 8, b"y" * 5_000, db=db)
+    env.close()
+    data_file = str(path / "data.mdb")
+    fd = os.open(data_file, os.O_RDONLY)
+    try:
+        layout = walk(fd, committed_meta(*read_metas(fd, data_file), data_file), data_file)
+    finally:
+        os.close(fd)
+    assert layout.trees[b"records"].overflow_pages == 5

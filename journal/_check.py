@@ -1,0 +1,218 @@
+"""What opening a journal checks of its data file before and as LMDB reads it.
+
+1. Before LMDB maps the file (`check_before_mapping`): the meta pages, read as raw bytes
+   (`journal._meta`). A read that races a live writer in another process (a meta page being
+   written, the file being extended) can see a torn page; the check is retried a few times
+   before damage is declared, since damage stays where a race moves on.
+2. In the snapshot of a read transaction, which keeps a live writer from reusing its pages
+   meanwhile (`check_snapshot`): every page (`journal._pages.walk`), every index entry's
+   checksum (`_Visitor`), the databases a journal has, the format version and the ledger id.
+3. The records against themselves and against the anchor (`check_records`): LSNs 1..N
+   without a gap, the same ledger and format, and N no lower than the anchor saw durable.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lmdb
+
+from journal._anchor import AnchorState
+from journal._errors import (
+    JournalCorruptedError,
+    JournalError,
+    JournalFormatError,
+    lmdb_read_error,
+    os_read_error,
+)
+from journal._format import index_seed, key_lsn, unframe_index_values
+from journal._limits import FORMAT_VERSION, FORMAT_VERSIONS_READ, RACE_TRIES_MAX, RACE_WAIT_S, SNAPSHOT_TRIES_MAX
+from journal._meta import Meta, committed_meta, read_metas
+from journal._names import FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB
+from journal._pages import Layout, walk
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What opening found: the data file's format and identity, and its checked layout."""
+
+    format_version: int
+    ledger_id: bytes | None
+    """None for a ledger made before ledger ids (format 1, not yet written to here)."""
+    layout: Layout
+
+
+def check_before_mapping(data_file: str) -> None:
+    """The meta pages (see the module docstring); raises `JournalCorruptedError`."""
+    for attempt in range(RACE_TRIES_MAX):
+        try:
+            _read_committed(data_file)
+            return
+        except JournalCorruptedError:
+            if attempt == RACE_TRIES_MAX - 1:
+                raise
+            time.sleep(RACE_WAIT_S)
+
+
+def _read_committed(data_file: str, txnid: int | None = None) -> Meta | None:
+    """The committed meta of `data_file` (with `txnid`: the meta holding that transaction,
+    or None if neither does any more)."""
+    try:
+        fd = os.open(data_file, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise JournalCorruptedError("the data file is missing", where=data_file) from None
+    except OSError as error:
+        raise os_read_error(error, data_file) from error
+    try:
+        meta0, meta1 = read_metas(fd, data_file)
+        committed = committed_meta(meta0, meta1, data_file)
+        if txnid is None or committed.txnid == txnid:
+            return committed
+        older = meta1 if committed is meta0 else meta0
+        return older if older.txnid == txnid else None
+    except OSError as error:
+        raise os_read_error(error, data_file) from error
+    finally:
+        os.close(fd)
+
+
+class _Visitor:
+    """What the page walk hands each leaf to. It reads the format version from the meta
+    database (walked first), then verifies the checksum of every entry of every index (in
+    formats that have them).
+
+    So an index entry whose key or value was damaged is found as the journal opens: a key
+    changed in place would otherwise hide an entry from every lookup of it (an id would look
+    unused, an account's entry missing) without failing any check a read could make."""
+
+    def __init__(self, index_names: Sequence[str]) -> None:
+        self._indexes = {name.encode(): (name, index_seed(name)) for name in index_names}
+        self.format_version: int | None = None
+
+    def __call__(self, name: bytes, keys: list[bytes], values: list[bytes]) -> None:
+        if name == META_DB:
+            for key, value in zip(keys, values, strict=True):
+                if key == FORMAT_KEY:
+                    self.format_version = int(value) if value.isdigit() else -1
+            return
+        label, seed = self._indexes[name]
+        if self.format_version is None:
+            raise JournalFormatError("the format version is missing", where="the meta database")
+        if self.format_version >= 2:
+            unframe_index_values(seed, label, keys, values)
+
+    @property
+    def names(self) -> frozenset[bytes]:
+        """The databases it reads: the meta database and every index."""
+        return frozenset({META_DB, *self._indexes})
+
+
+def check_snapshot(env: lmdb.Environment, data_file: str, index_names: Sequence[str],
+                   anchor: AnchorState | None) -> tuple[dict[bytes, Any], Opened]:
+    """Walk every page of the snapshot a read transaction holds, then open the databases and
+    read the format and id (see the module docstring). A map another process grew meanwhile is
+    taken at its new size (with no transaction open) and the check begun again.
+
+    py-lmdb opens a database handle in a transaction of its own, a write one unless the
+    environment is read-only; opening an existing database changes nothing, so that
+    transaction commits without writing a byte."""
+    expected = {RECORDS_DB, META_DB, *(name.encode() for name in index_names)}
+    for _ in range(SNAPSHOT_TRIES_MAX):
+        try:
+            with env.begin(write=False, buffers=False) as snapshot:
+                layout = _walk_snapshot(snapshot.id(), data_file, _Visitor(index_names))
+                if layout is None:
+                    continue  # a live writer committed twice since the snapshot began: its meta is gone
+                _check_databases(set(layout.trees), expected, data_file)
+                dbs = {name: env.open_db(name, create=False) for name in sorted(expected)}
+                with env.begin(write=False, buffers=False) as txn:
+                    version = txn.get(FORMAT_KEY, db=dbs[META_DB])
+                    ledger_id = txn.get(LEDGER_ID_KEY, db=dbs[META_DB])
+        except lmdb.MapResizedError:
+            env.set_mapsize(0)  # no transaction of this environment is open here
+            continue
+        except lmdb.Error as error:
+            raise lmdb_read_error(error, data_file) from error
+        return dbs, Opened(format_version(version, anchor, data_file), ledger_id, layout)
+    raise JournalError(f"{data_file} changed too fast to be checked ({SNAPSHOT_TRIES_MAX} tries)")
+
+
+def _check_databases(found: set[bytes], expected: set[bytes], data_file: str) -> None:
+    if found != expected:
+        shown = sorted(name.decode(errors="replace") for name in found)
+        missing = sorted(name.decode(errors="replace") for name in expected - found)
+        raise JournalCorruptedError(f"it holds the databases {shown}, missing {missing}", where=data_file)
+
+
+def _walk_snapshot(txnid: int, data_file: str, visit: _Visitor) -> Layout | None:
+    """`walk` from the meta of transaction `txnid`, or None if neither meta page holds it now."""
+    meta = _read_committed(data_file, txnid)
+    if meta is None:
+        return None
+    try:
+        fd = os.open(data_file, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        raise os_read_error(error, data_file) from error
+    try:
+        layout = walk(fd, meta, data_file, visit, visit.names, first=META_DB, key_bytes={RECORDS_DB: 8})
+        layout.file_bytes = os.fstat(fd).st_size
+        return layout
+    except OSError as error:
+        raise os_read_error(error, data_file) from error
+    finally:
+        os.close(fd)
+
+
+def format_version(stored: bytes | None, anchor: AnchorState | None, data_file: str) -> int:
+    """The format version the meta database holds. One that differs from the anchor's is
+    damage; one this code does not read, with the anchor agreeing (or no anchor), is
+    `JournalFormatError`: the file may be whole, made by another version of Tally."""
+    version = stored.decode(errors="replace") if stored is not None else None
+    if anchor is not None and version != str(anchor.format_version):
+        raise JournalCorruptedError(f"format version {version} in the data file, {anchor.format_version} in its "
+                                    "anchor: one of them is damaged", where=data_file)
+    if version is None:
+        raise JournalFormatError("the format version is missing", where=data_file)
+    if version.isdigit() and int(version) in FORMAT_VERSIONS_READ:
+        return int(version)
+    newer = version.isdigit() and int(version) > FORMAT_VERSION
+    raise JournalFormatError(
+        f"format version {version} is "
+        + ("newer than this Tally reads" if newer else "not one this Tally understands")
+        + f" (it reads versions {', '.join(map(str, FORMAT_VERSIONS_READ))})",
+        where=data_file,
+    )
+
+
+def check_records(opened: Opened, anchor: AnchorState | None, first_gap: Callable[[], int], data_file: str) -> int:
+    """The last LSN, once the records agree with themselves and the data file with its anchor:
+    LSNs run 1..N without a gap (the page walk counted N records, in order), the ledger ids
+    match, and N is at least what the anchor saw durable. `first_gap()` finds the first LSN
+    missing, to name it."""
+    records = opened.layout.trees[RECORDS_DB]
+    last = 0
+    if records.entries:
+        first_key, last_key = records.first_key, records.last_key
+        assert first_key is not None and last_key is not None
+        if key_lsn(first_key) != 1 or key_lsn(last_key) != records.entries:
+            missing = first_gap()
+            raise JournalCorruptedError(f"LSN {missing} is missing: the records hold {records.entries} LSNs, "
+                                        f"from {key_lsn(first_key)} to {key_lsn(last_key)}, not 1 to "
+                                        f"{records.entries} without a gap", lsn=missing, where=f"LSN {missing}")
+        last = records.entries
+    if anchor is None:
+        return last
+    if opened.ledger_id != anchor.ledger_id:
+        mine = opened.ledger_id.hex() if opened.ledger_id else "without an id"
+        raise JournalCorruptedError(f"the data file belongs to ledger {mine}, but the directory's anchor to ledger "
+                                    f"{anchor.ledger_id.hex()}: a data file from elsewhere?", where=data_file)
+    if last < anchor.durable_lsn:
+        raise JournalCorruptedError(
+            f"the journal ends at LSN {last}, but LSN {anchor.durable_lsn} was durable before: "
+            f"{anchor.durable_lsn - last} acknowledged record(s) are missing (LMDB is opening an older snapshot; "
+            "a meta page may be damaged)", lsn=last + 1, where=data_file)
+    return last

@@ -1,0 +1,17 @@
+"""The names a journal gives its files and LMDB databases, in one place."""
+
+from __future__ import annotations
+
+DATA_FILE = "data.mdb"
+"""LMDB's data file: a directory that has one holds a journal."""
+LMDB_LOCK_FILE = "lock.mdb"
+"""LMDB's reader table, made before the data file."""
+STAGING_DIR = ".tally-new"
+"""Where a new data file is made, before it is renamed into the ledger directory."""
+
+RECORDS_DB = b"records"
+META_DB = b"meta"
+FORMAT_KEY = b"format_version"
+"""In the meta database: the journal's format version, as decimal digits."""
+LEDGER_ID_KEY = b"ledger_id"
+"""In the meta database: the ledger's id, which its anchor holds too."""

@@ -1,0 +1,134 @@
+"""A ledger written before format 2 opens and keeps working, as it was made.
+
+`tests/fixtures/format-1/` was made by commit e081952 (see `make_format1.py` there): format
+version 1, no anchor, no ledger id, index entries without checksums. It must open, read as it
+did, verify whole, take new transfers (the first of which gives it a ledger id and an anchor),
+and stay openable whatever that first commit meets.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from dataclasses import astuple
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import pytest
+from engine import JournalCorrupted, Ledger, TransferRequest
+from engine._tools import verify
+from journal import ANCHOR_FILE
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "format-1"
+
+
+@pytest.fixture
+def old(tmp_path: Path) -> Path:
+    path = tmp_path / "format-1"
+    shutil.copytree(FIXTURE, path)
+    (path / "expected.json").unlink()
+    return path
+
+
+def expected() -> dict[str, Any]:
+    return json.loads((FIXTURE / "expected.json").read_text())
+
+
+def as_lists(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def test_a_format_1_ledger_opens_and_reads_as_it_read_when_it_was_made(old: Path) -> None:
+    want = expected()
+    with Ledger.open(old) as ledger:
+        assert ledger._journal.format_version == 1
+        accounts = ledger.accounts()
+        assert as_lists([astuple(a) for a in accounts]) == want["accounts"]
+        assert as_lists({a.id: astuple(ledger.balance(a.id)) for a in accounts}) == want["balances"]
+        assert as_lists({a.id: [astuple(e) for e in ledger.entries(a.id)] for a in accounts}) == want["entries"]
+        assert ledger.state_hash() == want["state_hash"]
+        for tid, outcome in want["outcomes"].items():
+            found = ledger.get_transfer(tid)
+            assert (found is None) == isinstance(outcome, str), tid
+    assert verify(str(old))["verdict"] == "whole"
+    assert not (old / ANCHOR_FILE).exists(), "opening and reading write nothing"
+
+
+def test_a_format_1_ledger_retries_with_its_first_outcomes_and_takes_new_transfers(old: Path) -> None:
+    want = expected()
+    requests = [TransferRequest(f"move-{n}", ("alice", "bob", "carol")[n % 3], ("bob", "carol", "alice")[n % 3], 5 + n)
+                for n in range(60)]
+    with Ledger.open(old) as ledger:
+        retried = ledger.transfer_many(requests)
+        assert as_lists([astuple(outcome) for outcome in retried]) == [want["outcomes"][r.id] for r in requests]
+        ledger.transfer("new", source="bank", destination="alice", amount=7)
+        assert (old / ANCHOR_FILE).exists(), "the first commit gives it its anchor"
+        state = ledger.state_hash()
+    with Ledger.open(old) as reopened:
+        assert reopened.state_hash() == state
+        assert reopened._journal.format_version == 1
+    assert verify(str(old))["verdict"] == "whole"
+
+
+def test_a_format_1_ledger_keeps_the_id_it_is_given_when_that_commit_is_retried(
+    old: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LMDB can report a full map as a commit ends (saving the free list); the writer grows
+    the map and commits again. The id must be in the commit that lands, or the anchor would
+    name a ledger the data file does not."""
+    import journal._store
+
+    real_open = journal._store._lmdb_open
+    failed: list[bool] = []
+
+    class Txn:
+        def __init__(self, txn: Any) -> None:
+            self._txn = txn
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._txn, name)
+
+        def commit(self) -> None:
+            if not failed:
+                failed.append(True)
+                raise lmdb.MapFullError("mdb_txn_commit: MDB_MAP_FULL (the test's)")
+            self._txn.commit()
+
+    class Env:
+        def __init__(self, env: Any) -> None:
+            self._env = env
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._env, name)
+
+        def begin(self, write: bool = False, **options: Any) -> Any:
+            txn = self._env.begin(write=write, **options)
+            return Txn(txn) if write else txn
+
+    monkeypatch.setattr(journal._store, "_lmdb_open", lambda *args, **options: Env(real_open(*args, **options)))
+    with Ledger.open(old) as ledger:
+        ledger.transfer("new", source="bank", destination="alice", amount=7)
+    monkeypatch.undo()
+    assert failed == [True]
+    with Ledger.open(old) as reopened:
+        assert reopened.get_transfer("new") is not None
+    assert verify(str(old))["verdict"] == "whole"
+
+
+def test_a_format_1_transfer_index_key_changed_in_place_is_refused_at_open(old: Path) -> None:
+    """Format 1 has no index checksums: its transfer index is checked against the records as
+    it opens, so an id the index no longer names cannot be committed a second time."""
+    data = bytearray((old / "data.mdb").read_bytes())
+    changed = 0
+    at = data.find(b"to-euro")  # a refusal's id, between "move-9" and "too-much" in the index
+    while at != -1:
+        if struct.unpack_from("<H", data, at - 2)[0] == len(b"to-euro"):  # a node's key (live or stale)
+            data[at + len(b"to-eur")] = ord("p")  # "to-eurp": still in order; the id "to-euro" looks unused
+            changed += 1
+        at = data.find(b"to-euro", at + 1)
+    assert changed
+    (old / "data.mdb").write_bytes(bytes(data))
+    with pytest.raises(JournalCorrupted, match="another record"):
+        Ledger.open(old)
