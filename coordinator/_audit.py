@@ -47,7 +47,7 @@ from coordinator._records import (
 from coordinator._recovery import Recovered, replay
 from coordinator._values import Account
 
-CHECK_FILE = "the data file is sound (meta pages, length, every page, the free list) and its anchor's"
+CHECK_FILE = "the data file is sound (meta pages, every page, the free list, every index entry) and is the one its anchor names"
 CHECK_RECORDS = "every record's checksum is valid and every LSN is present once, in order"
 CHECK_ENTRIES = "per-account seq is gapless from 1 and each balance is the running sum"
 CHECK_LIMITS = "no balance is below its overdraft limit"

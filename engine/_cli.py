@@ -146,8 +146,11 @@ def _print_checks(report: dict[str, Any]) -> None:
 
 def _render_audit(title: str, report: dict[str, Any]) -> None:
     print(f"{title} {report['path']}")
-    print(f"  records scanned {report['records_scanned']}, last LSN {report['last_lsn']}, accounts {report['accounts']}")
-    print(f"  transfers: committed {report['transfers_committed']}, rejected {report['transfers_rejected']}")
+    if report["last_lsn"] is None:
+        print("  the journal could not be read: its data file is damaged")
+    else:
+        print(f"  records scanned {report['records_scanned']}, last LSN {report['last_lsn']}, accounts {report['accounts']}")
+        print(f"  transfers: committed {report['transfers_committed']}, rejected {report['transfers_rejected']}")
     _print_checks(report)
     if report["problem"]:
         print(f"  problem: {report['problem']}")
