@@ -591,3 +591,41 @@ def test_an_overflow_run_longer_than_its_value_is_what_lmdb_leaves_and_passes_th
     finally:
         os.close(fd)
     assert layout.trees[b"records"].overflow_pages == 5
+
+
+def test_a_ledger_on_a_read_only_file_system_is_unavailable_for_writing_and_readable_by_the_tools(
+    tmp_path: Path,
+) -> None:
+    """The README: a system condition is `LedgerUnavailable` saying which; the read-only
+    commands still read the ledger."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("needs to mount a tmpfs (root with CAP_SYS_ADMIN): the unit test below covers the error")
+    try:
+        path = mount / "ledger"
+        state = build(path)
+        assert subprocess.run(["mount", "-o", "remount,ro", str(mount)], capture_output=True).returncode == 0
+        with pytest.raises(LedgerUnavailable, match="read-only file system"):
+            Ledger.open(path)
+        done = tally("verify", path, "--json")
+        assert done.returncode == 0 and json.loads(done.stdout)["state_hash"] == state, done.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_directory_that_cannot_be_locked_for_a_system_reason_is_unavailable_saying_which(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    real_open = os.open
+
+    def read_only(path: str, flags: int, *args: object) -> int:
+        if str(path).endswith("tally.lock"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(LedgerUnavailable, match="read-only file system"):
+        Ledger.open(tmp_path / "ledger")
