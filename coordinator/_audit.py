@@ -31,7 +31,7 @@ from typing import Any
 import msgpack
 from journal import Journal, JournalCorruptedError
 
-from coordinator._entries import Rows, commit_rows, entry_rows, newest_checkpoint_lsn, unindexed_entries
+from coordinator._entries import Rows, commit_rows, decode_entry, entry_rows, newest_checkpoint_lsn, unindexed_entries
 from coordinator._errors import JournalCorrupted
 from coordinator._records import (
     ACCOUNTS_INDEX,
@@ -188,7 +188,7 @@ def state_hash(journal: Journal, accounts: Iterable[Account], txn: Any | None = 
     digest = hashlib.sha256()
     for account in sorted(accounts, key=lambda a: a.id):
         digest.update(msgpack.packb([account.id, account.currency, account.overdraft_limit]))
-        for key, value in entry_rows(journal, account.id, unindexed.get(account.id, ()), txn=txn):
-            transfer_id, amount, balance, _lsn = msgpack.unpackb(value)
-            digest.update(msgpack.packb([key[-8:], transfer_id, amount, balance]))
+        for row in entry_rows(journal, account.id, unindexed.get(account.id, ()), txn=txn):
+            _seq, transfer_id, amount, balance, _lsn = decode_entry(account.id, row)
+            digest.update(msgpack.packb([row[0][-8:], transfer_id, amount, balance]))
     return digest.hexdigest()

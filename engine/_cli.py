@@ -224,6 +224,10 @@ def _recover(args: argparse.Namespace) -> int:
         print(f"  records past the newest checkpoint ({newest}): {report['replayed_past_checkpoint']}")
         if "checkpoint_written_at" in report:
             print(f"  wrote a checkpoint at LSN {report['checkpoint_written_at']}: the next open replays nothing")
+        if "anchor_written_at" in report:
+            print(f"  wrote a new anchor at LSN {report['anchor_written_at']}: this journal, as it is, is the ledger's")
+        if "would_write_anchor_at" in report:
+            print(f"  would write a new anchor at LSN {report['would_write_anchor_at']} (the anchor is missing)")
         if "would_write_checkpoint_at" in report:
             print(f"  would write a checkpoint at LSN {report['would_write_checkpoint_at']}")
         if report["verdict"] != "whole":

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from coordinator import (
+    CHECKS,
     INDEX_NAMES,
     Account,
     AccountNotFound,
@@ -46,7 +47,14 @@ from coordinator._records import (
     id_key,
     value_lsn,
 )
-from journal import Completion, Journal, JournalCorruptedError, JournalFormatError
+from journal import (
+    Completion,
+    Journal,
+    JournalAnchorMissingError,
+    JournalCorruptedError,
+    JournalFormatError,
+    reanchor,
+)
 
 from engine._ledger import Ledger
 
@@ -119,14 +127,18 @@ def recover(path: str, dry_run: bool, progress: Progress = None) -> dict[str, An
     """Audit a ledger whose process died and make its next open cheap.
 
     Refuses (`LedgerLocked`) if a live process holds the ledger. The audit runs on the
-    journal opened read-only; only a whole ledger is then opened for writing, to journal
-    a checkpoint (never with `dry_run`). Nothing on disk can be in doubt: holds are never
-    journaled and a commit record carries both of its entries, so recovery's only
-    resolution is the account projection of the records past the newest checkpoint.
+    journal opened read-only; only a whole ledger is then written to, to journal a checkpoint
+    and, if its anchor is gone (a `data.mdb` restored alone, say), to write a new one at its
+    last LSN (never with `dry_run`). Nothing on disk can be in doubt: holds are never
+    journaled and a commit record carries both of its entries, so recovery's only resolution
+    is the account projection of the records past the newest checkpoint.
     """
     started = time.perf_counter()
     try:
         with _reading(path, lock=True, audited=True) as journal:
+            lost_anchor = isinstance(journal.problem, JournalAnchorMissingError)
+            if lost_anchor:
+                anchor_problem, journal.problem = str(journal.problem), None  # audit the rest of it
             report = audit(journal, progress)
             result = _audit_dict(report, 0.0, journal, path)
             tail = load_checkpoint(journal) if report.whole else None
@@ -136,13 +148,19 @@ def recover(path: str, dry_run: bool, progress: Progress = None) -> dict[str, An
         raise LedgerLocked(f"refusing to recover {path}: a live process holds it (stop it first; "
                            "recover is for a ledger whose process died)") from error
     except JournalCorrupted as error:
-        report = unopened(error)
+        report, lost_anchor = unopened(error), False
         result, tail, last_lsn = _audit_dict(report, 0.0, None, path), None, None
         result["last_record"] = None
     result["checkpoint_lsn"] = tail.checkpoint_lsn if tail is not None else None
     result["replayed_past_checkpoint"] = last_lsn - tail.checkpoint_lsn if tail is not None and last_lsn else 0
     result["in_doubt"] = {"aborted_by_recovery": [], "finished_by_recovery": []}
     result["dry_run"] = dry_run
+    if report.whole and lost_anchor:
+        if dry_run:  # the ledger is not whole until it has an anchor again
+            result.update(would_write_anchor_at=last_lsn, problem=anchor_problem, verdict="NOT WHOLE")
+            result["checks"][CHECKS[0]] = False
+        else:
+            result["anchor_written_at"] = reanchor(path, index_names=INDEX_NAMES)
     if report.whole and report.books is not None and last_lsn is not None and result["replayed_past_checkpoint"]:
         if dry_run:
             result["would_write_checkpoint_at"] = last_lsn + 1
@@ -190,6 +208,9 @@ def salvage(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
     with ledger_errors():
         journal = Journal.open_readonly(path, index_names=INDEX_NAMES, lock=True)
     try:
+        found = journal.problem
+        if found is not None and found.lsn is None and not isinstance(found, JournalAnchorMissingError):
+            raise JournalCorrupted(f"nothing to salvage: {found}", None, found.where) from found  # not this ledger's
         with ledger_errors():
             report = audit(journal, progress)
             stop = report.corrupt_lsn if report.corrupt_lsn is not None else journal.last_lsn + 1

@@ -8,6 +8,7 @@ from journal._crash import ARMED as CRASH_POINT_ARMED
 from journal._crash import POINTS as CRASH_POINTS
 from journal._crash import crash_point
 from journal._errors import (
+    JournalAnchorMissingError,
     JournalClosedError,
     JournalCorruptedError,
     JournalError,
@@ -20,7 +21,7 @@ from journal._errors import (
 from journal._format import lsn_key
 from journal._anchor import ANCHOR_FILE
 from journal._directory import LOCK_FILE, refuse_foreign
-from journal._journal import Journal
+from journal._journal import Journal, reanchor
 from journal._limits import FORMAT_VERSION
 from journal._writer import IndexPut, IndexPuts
 
@@ -36,6 +37,7 @@ __all__ = [
     "IndexPut",
     "IndexPuts",
     "Journal",
+    "JournalAnchorMissingError",
     "JournalClosedError",
     "JournalCorruptedError",
     "JournalError",
@@ -45,4 +47,5 @@ __all__ = [
     "JournalTimeoutError",
     "JournalWriteError",
     "lsn_key",
+    "reanchor",
 ]

@@ -21,8 +21,9 @@ from typing import Any
 
 import lmdb
 
-from journal._anchor import AnchorState
+from journal._anchor import ANCHOR_FILE, AnchorState
 from journal._errors import (
+    JournalAnchorMissingError,
     JournalCorruptedError,
     JournalError,
     JournalFormatError,
@@ -48,17 +49,23 @@ class Opened:
 
 def check_before_mapping(data_file: str) -> None:
     """The meta pages (see the module docstring); raises `JournalCorruptedError`."""
+    _read_committed(data_file)
+
+
+def _read_committed(data_file: str, txnid: int | None = None) -> Meta | None:
+    """`_read_committed_once`, read again (a few times, a moment apart) while what it reads
+    is inconsistent: a read racing a live writer sees a page half written, damage stays."""
     for attempt in range(RACE_TRIES_MAX):
         try:
-            _read_committed(data_file)
-            return
+            return _read_committed_once(data_file, txnid)
         except JournalCorruptedError:
             if attempt == RACE_TRIES_MAX - 1:
                 raise
             time.sleep(RACE_WAIT_S)
+    raise AssertionError("unreachable")
 
 
-def _read_committed(data_file: str, txnid: int | None = None) -> Meta | None:
+def _read_committed_once(data_file: str, txnid: int | None) -> Meta | None:
     """The committed meta of `data_file` (with `txnid`: the meta holding that transaction,
     or None if neither does any more)."""
     try:
@@ -205,8 +212,18 @@ def check_records(opened: Opened, anchor: AnchorState | None, first_gap: Callabl
                                         f"{records.entries} without a gap", lsn=missing, where=f"LSN {missing}")
         last = records.entries
     if anchor is None:
+        if opened.ledger_id is not None and last:
+            raise JournalAnchorMissingError(
+                f"the anchor is missing: the data file holds ledger {opened.ledger_id.hex()} and {last} records, and "
+                "had one. Nothing can tell whether this is the journal's newest state; `tally recover` audits it "
+                "and writes a new anchor", where=os.path.join(os.path.dirname(data_file), ANCHOR_FILE))
+        if opened.ledger_id is None and opened.format_version >= 2:
+            raise JournalCorruptedError("the ledger id is missing from the data file (format 2 has one from its "
+                                        "creation)", where=data_file)
         return last
-    if opened.ledger_id != anchor.ledger_id:
+    if opened.ledger_id is None and opened.format_version == 1:
+        pass  # a ledger made before ids, given an anchor whose id its next commit writes in
+    elif opened.ledger_id != anchor.ledger_id:
         mine = opened.ledger_id.hex() if opened.ledger_id else "without an id"
         raise JournalCorruptedError(f"the data file belongs to ledger {mine}, but the directory's anchor to ledger "
                                     f"{anchor.ledger_id.hex()}: a data file from elsewhere?", where=data_file)

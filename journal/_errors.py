@@ -33,6 +33,13 @@ class JournalFormatError(JournalCorruptedError):
     whole, but this code cannot tell."""
 
 
+class JournalAnchorMissingError(JournalCorruptedError):
+    """The anchor file is gone from a ledger that had one (its data file holds a ledger id and
+    records). The data may be whole, but nothing can tell whether it is the newest: `tally
+    recover` audits it and writes a new anchor (an operator's decision, say after restoring
+    `data.mdb` from a backup)."""
+
+
 class JournalLockedError(JournalError):
     """Another live process, or another open journal in this one, holds the directory."""
 

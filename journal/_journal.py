@@ -18,10 +18,16 @@ from typing import Any
 
 import lmdb
 
-from journal._anchor import Anchor, AnchorState
+from journal._anchor import Anchor, AnchorState, create_anchor
 from journal._completion import Completion
 from journal._directory import clear_staging, lock_directory, prepare_directory, recognise, refuse_missing
-from journal._errors import JournalClosedError, JournalCorruptedError, JournalError, lmdb_read_error
+from journal._errors import (
+    JournalAnchorMissingError,
+    JournalClosedError,
+    JournalCorruptedError,
+    JournalError,
+    lmdb_read_error,
+)
 from journal._format import index_seed, key_lsn, lsn_key, unframe, unframe_index_value, unframe_keyed
 from journal._limits import MAP_SIZE_BYTES_DEFAULT
 from journal._check import check_records
@@ -376,3 +382,22 @@ def _first_gap(store: Store) -> int:
                 break
             expected += 1
     return expected
+
+
+def reanchor(path: str | os.PathLike[str], *, index_names: Sequence[str] = ()) -> int:
+    """Write a new anchor for the journal in `path`, which lost its own, at its last LSN; return
+    that LSN. Nothing can tell whether the data file is the newest the journal had: this is an
+    operator's decision (`tally recover` makes it after a whole audit, say once `data.mdb` was
+    restored from a backup). Locks the directory; raises `JournalError` if the journal has an
+    anchor or another problem, and what `open_readonly` raises."""
+    journal = Journal.open_readonly(path, index_names=index_names, lock=True)
+    try:
+        if not isinstance(journal.problem, JournalAnchorMissingError):
+            raise JournalError(f"{journal.path} is not a journal that lost only its anchor: "
+                               f"{journal.problem or 'its anchor is there'}")
+        ledger_id = journal._store.ledger_id
+        assert ledger_id is not None
+        create_anchor(journal.path, ledger_id, journal.format_version, journal.last_lsn)
+        return journal.last_lsn
+    finally:
+        journal.close()

@@ -88,6 +88,8 @@ class _Walk:
         self.meta = meta
         self.page_bytes = meta.page_bytes
         self.pages = meta.last_page + 1
+        self.file_pages = os.fstat(fd).st_size // meta.page_bytes
+        """Pages the file holds now: every page LMDB would read must be one (it only grows)."""
         self.data_file = data_file
         self.seen = bytearray(self.pages)
         self.seen[0] = self.seen[1] = 1
@@ -251,6 +253,9 @@ class _Walk:
             raise corrupt(f"its overflow run at page {pgno} has a bad header (page {stored}, flags {flags:#x}, "
                           f"{pages} pages for {size} bytes)", where)
         self.claim(pgno, pages, where)
+        if pgno + needed > self.file_pages:  # LMDB would map the run's pages past the file's end
+            raise corrupt(f"the file is truncated: the overflow run at page {pgno} reaches page {pgno + needed - 1}, "
+                          f"past its end ({self.file_pages} pages)", self.data_file)
         found.overflow_pages += pages
         data = self.read(pgno, needed) if whole else head
         return data[PAGE_HEADER_BYTES : PAGE_HEADER_BYTES + size]

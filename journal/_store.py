@@ -41,7 +41,7 @@ import lmdb
 
 from journal._anchor import AnchorState, create_anchor, new_ledger_id, sync_directory
 from journal._check import Opened, check_before_mapping, check_snapshot
-from journal._errors import JournalCorruptedError, JournalError, JournalLockedError, JournalWriteError
+from journal._errors import JournalCorruptedError, JournalError, JournalLockedError, JournalWriteError, lmdb_read_error
 from journal._limits import DBS_MAX, FORMAT_VERSION, GROW_WAIT_S_MAX, MAP_SIZE_BYTES_MAX, READERS_MAX
 from journal._names import DATA_FILE, FORMAT_KEY, LEDGER_ID_KEY, LMDB_LOCK_FILE, META_DB, RECORDS_DB, STAGING_DIR
 
@@ -153,7 +153,10 @@ class Store:
         """A read-only snapshot transaction. Blocks only while the map is being grown.
 
         A reader of a ledger another process writes finds the map resized under it when that
-        process grows it; it then takes the new size (with no transaction open) and retries."""
+        process grows it; it then takes the new size (with no transaction open) and retries.
+        A reader table full of slots that dead processes left is cleared once (LMDB does not
+        on its own); full of live readers, it is `JournalError`."""
+        cleared = False
         while True:
             with self._gate:
                 while self._growing:
@@ -164,6 +167,15 @@ class Store:
                     txn = self.env.begin(write=False, buffers=False)
                 except lmdb.MapResizedError:
                     txn = None
+                except lmdb.ReadersFullError as error:
+                    if cleared:
+                        raise JournalError(f"LMDB's table of {READERS_MAX} readers is full: too many readers "
+                                           "at once (in this process and others)") from error
+                    self.env.reader_check()  # slots of processes that died
+                    cleared = True
+                    continue
+                except lmdb.Error as error:
+                    raise lmdb_read_error(error, self.path) from error
                 if txn is not None:
                     with txn:
                         yield txn

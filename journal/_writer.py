@@ -100,8 +100,7 @@ class Writer:
         """None until a ledger made before anchors gets one, with its first commit here."""
         self._seeds = seeds
         """Each index's checksum seed (None: a format without index checksums)."""
-        self._new_ledger_id: bytes | None = None
-        """The id `_bind_identity` gives a ledger that has none, until its commit is durable."""
+
         self._cond = threading.Condition(threading.Lock())
         """Guards the pending list; the writer waits on it for work."""
         self._room = threading.Condition(self._cond._lock)  # type: ignore[attr-defined]
@@ -272,6 +271,8 @@ class Writer:
     def _commit(self, batch: list[_Block]) -> None:
         assert batch[0].first_lsn == self.durable_lsn + 1, (batch[0].first_lsn, self.durable_lsn)
         store = self._store
+        if self._anchor is None:
+            self._make_anchor()
         while True:
             txn = store.env.begin(write=True)
             try:
@@ -282,8 +283,9 @@ class Writer:
                 # unlocked, while callers prepare the next batch.
                 with self._cond:
                     self._stage(txn, batch)
-                if self._anchor is None:
-                    self._bind_identity(txn)
+                if store.ledger_id is None:
+                    assert self._anchor is not None
+                    txn.put(LEDGER_ID_KEY, self._anchor.state.ledger_id, db=store.meta)
                 txn.commit()
                 crash_point("after-commit-durable")
                 return
@@ -321,30 +323,23 @@ class Writer:
         for name, parts in by_index.items():
             _put_all(txn, store.indexes[name], parts, append=False, seed=None if seeds is None else seeds[name])
 
-    def _bind_identity(self, txn: lmdb.Transaction) -> None:
-        """A ledger without an anchor (made before anchors existed, or whose creation died
-        before writing it) gets a ledger id in this commit, if it has none yet. The id is
-        the store's only once the commit is (`_advance_anchor`): a commit that fails and is
-        retried puts the same id again."""
+    def _make_anchor(self) -> None:
+        """Give a ledger that has no anchor one, durably, before its first commit here: with
+        its data file's id, or a new one that this commit then writes into the data file (a
+        ledger made before anchors and ids). The anchor comes first, so a data file that has
+        an id always had an anchor: one found without its anchor lost it. Raises `OSError`."""
         store = self._store
-        if store.ledger_id is None:
-            if self._new_ledger_id is None:
-                self._new_ledger_id = new_ledger_id()
-            txn.put(LEDGER_ID_KEY, self._new_ledger_id, db=store.meta)
+        ledger_id = store.ledger_id if store.ledger_id is not None else new_ledger_id()
+        state = create_anchor(store.path, ledger_id, store.format_version, self.durable_lsn)
+        self._anchor = Anchor(store.path, state)
 
     def _advance_anchor(self, durable_lsn: int) -> None:
-        """The anchor learns the new durable LSN before any caller hears of it (made, durably,
-        by the first commit of a ledger that has none). Raises `OSError`."""
+        """The anchor learns the new durable LSN before any caller hears of it; the store, the
+        id this commit bound, if it bound one. Raises `OSError`."""
         anchor = self._anchor
-        if anchor is not None:
-            anchor.advance(durable_lsn)
-            return
-        store = self._store
-        if store.ledger_id is None:
-            store.ledger_id = self._new_ledger_id
-        assert store.ledger_id is not None
-        state = create_anchor(store.path, store.ledger_id, store.format_version, durable_lsn)
-        self._anchor = Anchor(store.path, state)
+        assert anchor is not None
+        self._store.ledger_id = anchor.state.ledger_id
+        anchor.advance(durable_lsn)
 
     def _publish(self, batch: list[_Block]) -> None:
         last = batch[-1].last_lsn

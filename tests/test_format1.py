@@ -132,3 +132,23 @@ def test_a_format_1_transfer_index_key_changed_in_place_is_refused_at_open(old: 
     (old / "data.mdb").write_bytes(bytes(data))
     with pytest.raises(JournalCorrupted, match="another record"):
         Ledger.open(old)
+
+
+def test_a_format_1_entry_value_that_does_not_decode_is_damage_not_a_raw_error(old: Path) -> None:
+    """Format 1 has no checksum on an entry: one that no longer decodes must still be named."""
+    from engine import _tools
+
+    data = bytearray((old / "data.mdb").read_bytes())
+    at = data.find(b"\x00\x03bob\x00\x00\x00\x00\x00\x00\x00\x01")  # bob's first entry's key
+    while at != -1 and struct.unpack_from("<H", data, at - 2)[0] != 13:  # a node's key (ksize 13)
+        at = data.find(b"\x00\x03bob\x00\x00\x00\x00\x00\x00\x00\x01", at + 1)
+    assert at != -1
+    data[at + 13] = 0x93  # its value, a msgpack array of 4, now of 3: it decodes, with a byte left over
+    (old / "data.mdb").write_bytes(bytes(data))
+    with Ledger.open(old) as ledger:
+        with pytest.raises(JournalCorrupted, match="does not decode"):
+            ledger.state_hash()
+        with pytest.raises(JournalCorrupted, match="does not decode"):
+            ledger.entries("bob")
+    with pytest.raises(JournalCorrupted):
+        _tools.replay(str(old), str(old.parent / "replayed"))

@@ -122,19 +122,27 @@ def test_a_missing_data_file_is_reported_while_the_anchor_says_a_ledger_was_ther
     assert "missing" in str(error) and not (path / "data.mdb").exists()
 
 
-def test_a_ledger_made_before_anchors_is_recognised_by_its_data_file_and_gets_an_anchor_with_its_first_commit(
-    tmp_path: Path,
-) -> None:
+def test_a_ledger_that_lost_its_anchor_is_refused_until_recover_audits_it_and_writes_a_new_one(tmp_path: Path) -> None:
+    """Without its anchor, nothing tells whether `data.mdb` is the newest the ledger had (a
+    backup restored alone, say): opening refuses, and `tally recover` is the decision."""
     path = tmp_path / "ledger"
     state = build(path)
     (path / ANCHOR_FILE).unlink()
-    with Ledger.open(path) as ledger:  # opens as it is: nothing written until a commit
+    before = digest(path / "data.mdb")
+    with pytest.raises(JournalCorrupted, match="recover") as caught:
+        Ledger.open(path)
+    assert caught.value.where is not None and caught.value.where.endswith(ANCHOR_FILE)
+    verified = tally("verify", path, "--json")
+    assert verified.returncode == 1 and json.loads(verified.stdout)["verdict"] == "NOT WHOLE"
+    dry = tally("recover", path, "--dry-run", "--json")
+    assert dry.returncode == 1 and json.loads(dry.stdout)["would_write_anchor_at"] > 0, dry.stdout
+    assert not (path / ANCHOR_FILE).exists() and digest(path / "data.mdb") == before
+    done = tally("recover", path, "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["anchor_written_at"] > 0, (done.stdout, done.stderr)
+    with Ledger.open(path) as ledger:
         assert ledger.state_hash() == state
-        assert not (path / ANCHOR_FILE).exists()
-        ledger.transfer("later", source="bank", destination="alice", amount=1)
-        assert (path / ANCHOR_FILE).exists()
-    (path / "data.mdb").write_bytes(b"")
-    assert_refused_unchanged(path, "data.mdb")
+        ledger.transfer("after", source="bank", destination="alice", amount=1)
+    assert tally("verify", path).returncode == 0
 
 
 def test_an_emptied_data_file_without_an_anchor_is_still_never_created_over(tmp_path: Path) -> None:
@@ -143,6 +151,18 @@ def test_an_emptied_data_file_without_an_anchor_is_still_never_created_over(tmp_
     (path / ANCHOR_FILE).unlink()
     (path / "data.mdb").write_bytes(b"")
     assert_refused_unchanged(path, "data.mdb")
+
+
+def test_a_ledger_whose_creation_died_before_its_anchor_is_whole_and_gets_one_with_its_first_commit(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ledger"
+    Ledger.open(path).close()  # a data file with no record yet
+    (path / ANCHOR_FILE).unlink()
+    with Ledger.open(path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    assert (path / ANCHOR_FILE).exists()
+    assert tally("verify", path).returncode == 0
 
 
 def test_a_lock_file_without_a_data_file_is_a_ledger_that_lost_its_data_not_a_new_directory(tmp_path: Path) -> None:
@@ -629,3 +649,97 @@ def test_a_directory_that_cannot_be_locked_for_a_system_reason_is_unavailable_sa
     monkeypatch.setattr(os, "open", read_only)
     with pytest.raises(LedgerUnavailable, match="read-only file system"):
         Ledger.open(tmp_path / "ledger")
+
+
+def test_salvage_refuses_a_data_file_that_belongs_to_another_ledger(tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    build(first)
+    build(second, transfers=7)
+    shutil.copy(second / "data.mdb", first / "data.mdb")
+    done = tally("recover", first, "--salvage", "--into", tmp_path / "new")
+    assert done.returncode == 1 and "belongs to ledger" in done.stderr, (done.stdout, done.stderr)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_file_truncated_through_a_checkpoints_overflow_run_is_reported_not_a_sigbus(tmp_path: Path) -> None:
+    """The checkpoint record of many accounts lies on an overflow run; when the file ends in
+    one and loses its last page, LMDB would map the run past the file's end."""
+    path = tmp_path / "ledger"
+    with Ledger.open(path, checkpoint_interval=50) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        for n in range(300):
+            ledger.create_account(f"acct-{n:03d}-" + "x" * 40, currency="USD")
+        for n in range(120):
+            ledger.transfer(f"t{n}", source="bank", destination=f"acct-{n:03d}-" + "x" * 40, amount=5)
+        for n in range(100):  # the next checkpoints outgrow every run freed before: the file ends in one
+            ledger.create_account(f"late-{n:03d}-" + "y" * 60, currency="USD")
+    data = (path / "data.mdb").read_bytes()
+    last = len(data) // PAGE_BYTES - 1
+    while struct.unpack_from("<H", data, last * PAGE_BYTES + 10)[0] not in (0x01, 0x02, 0x04):
+        last -= 1  # the last page with a header: an overflow run's head, or a tree page
+    assert struct.unpack_from("<H", data, last * PAGE_BYTES + 10)[0] == 0x04, "the file should end in an overflow run"
+    os.truncate(path / "data.mdb", len(data) - PAGE_BYTES)
+    script = ("import sys\nfrom engine import Ledger, JournalCorrupted\ntry:\n    Ledger.open(sys.argv[1])\n"
+              "except JournalCorrupted as error:\n    print(error)\n    sys.exit(7)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT_S, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 7 and "truncated" in done.stdout, (done.returncode, done.stdout, done.stderr)
+    for view in (["balance", "bank"], ["verify"]):
+        shown = tally(view[0], path, *view[1:])
+        assert shown.returncode == 1, (view, shown.returncode, shown.stderr)
+
+
+def test_a_reader_table_full_of_dead_processes_slots_is_cleared_and_one_full_of_live_ones_is_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "ledger"
+    build(path)
+    with Ledger.open(path) as ledger:
+        env = ledger._journal._store.env
+        real_begin, cleared = env.begin, []
+
+        class Full:
+            """The environment, its reader table full until `reader_check` (or for good)."""
+
+            def __init__(self, for_good: bool) -> None:
+                self.for_good = for_good
+
+            def begin(self, **options: object) -> object:
+                if self.for_good or not cleared:
+                    raise lmdb.ReadersFullError("mdb_txn_begin: MDB_READERS_FULL (the test's)")
+                return real_begin(**options)
+
+            def reader_check(self) -> int:
+                cleared.append(True)
+                return 600
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(env, name)
+
+        ledger._journal._store.env = Full(for_good=False)  # type: ignore[assignment]
+        assert ledger.get_transfer("t-1") is not None and cleared == [True]
+        ledger._journal._store.env = Full(for_good=True)  # type: ignore[assignment]
+        with pytest.raises(LedgerUnavailable, match="readers is full"):
+            ledger.get_transfer("t-1")
+        ledger._journal._store.env = env
+
+
+def test_the_meta_read_of_a_checked_snapshot_is_read_again_too_before_damage_is_declared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import journal._check
+
+    path = tmp_path / "ledger"
+    build(path)
+    real = journal._check.read_metas
+    reads: list[int] = []
+
+    def torn_second(fd: int, data_file: str) -> object:
+        reads.append(fd)
+        if len(reads) == 2:  # the snapshot's own read, racing a live writer
+            raise JournalCorruptedError("the meta pages hold transaction ids 40308 and 40313", where="data.mdb")
+        return real(fd, data_file)
+
+    monkeypatch.setattr(journal._check, "read_metas", torn_second)
+    Journal.open_readonly(path, index_names=INDEX_NAMES).close()
+    assert len(reads) >= 3
