@@ -245,8 +245,9 @@ def faults(reference: Path, other: Path, seed: int, sample: bool) -> list[Fault]
     size = len(data)
     runs = [page.pgno for page in pages(data) if page.kind == "overflow"]
     if runs:  # the run LMDB would read furthest into the file, cut after its first page
-        found.append(Fault("file truncated", f"data.mdb truncated inside the overflow run at page {max(runs)}",
-                           truncate(lambda n, head=max(runs): (head + 1) * PAGE_BYTES)))
+        head = max(runs)
+        found.append(Fault("file truncated", f"data.mdb truncated inside the overflow run at page {head}",
+                           truncate(lambda n: (head + 1) * PAGE_BYTES)))
     for label, cut in (("to 0 bytes", lambda n: 0), ("to 1 page", lambda n: PAGE_BYTES),
                        ("to 2 pages", lambda n: 2 * PAGE_BYTES), ("to half", lambda n: n // 2 // PAGE_BYTES * PAGE_BYTES),
                        ("by one page", lambda n: n - PAGE_BYTES), ("by one byte", lambda n: n - 1)):
