@@ -260,6 +260,7 @@ def faults(reference: Path, other: Path, seed: int, sample: bool) -> list[Fault]
         Fault("anchor", "one anchor copy damaged", _anchor_flip(5)),
         Fault("anchor", "both anchor copies damaged", lambda d: (_anchor_flip(5)(d), _anchor_flip(64 + 5)(d))),
         Fault("anchor", "anchor truncated to 0 bytes", lambda d: os.truncate(d / "tally.anchor", 0)),
+        Fault("anchor", "anchor deleted", lambda d: (d / "tally.anchor").unlink()),
         Fault("anchor", "anchor from another ledger", lambda d: shutil.copy(other / "tally.anchor", d / "tally.anchor")),
     ]
     if sample:
