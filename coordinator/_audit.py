@@ -8,8 +8,9 @@ the engine reports. The checks, each named in the report:
    names;
 1. every record's checksum is valid; every LSN present once, in order (the scan), up to
    the LSN the anchor saw durable;
-2. per-account seq gapless from 1, each entry's balance the running sum, and no
-   balance below its overdraft limit (replay with the pure `post`);
+2. per-account seq gapless from 1, each entry's balance the running sum (replay with the
+   pure `post`), and every commit one the rules allow: replay decides it again
+   (`rules.decide`) and it must be what was stamped;
 3. checkpoints agree with the records before them;
 4. money is conserved: posted balances sum to zero;
 5. each committed transfer has exactly two entries, on its source and its
@@ -50,7 +51,7 @@ from coordinator._values import Account
 CHECK_FILE = "the data file is sound (meta pages, every page, the free list, every index entry) and is the one its anchor names"
 CHECK_RECORDS = "every record's checksum is valid and every LSN is present once, in order"
 CHECK_ENTRIES = "per-account seq is gapless from 1 and each balance is the running sum"
-CHECK_LIMITS = "no balance is below its overdraft limit"
+CHECK_LIMITS = "every commit is one the rules allow (one currency, no balance below its limit or out of range)"
 CHECK_CHECKPOINTS = "checkpoints agree with the records before them"
 CHECK_CONSERVED = "money is conserved (posted balances sum to 0)"
 CHECK_PAIRS = "each committed transfer has exactly two entries, on its source and destination, summing to 0"
@@ -77,7 +78,7 @@ def _replay_failure(error: JournalCorrupted) -> str:
     text = str(error)
     if "checksum" in text or "missing" in text or "does not decode" in text or "shape" in text or "version" in text:
         return CHECK_RECORDS
-    if "overdraft" in text:
+    if "the rules" in text:
         return CHECK_LIMITS
     if "checkpoint" in text:
         return CHECK_CHECKPOINTS

@@ -29,9 +29,6 @@ from coordinator._admission import Admission
 from coordinator._claims import Claims, Outcome, Ticket, settle, ticket_outcome
 from coordinator._batch import Batch
 from coordinator._errors import (
-    AccountNotFound,
-    BalanceOverflow,
-    CurrencyMismatch,
     LedgerClosed,
     LedgerError,
     LedgerTimeout,
@@ -39,6 +36,7 @@ from coordinator._errors import (
 )
 from coordinator._held import HeldBatch, decide_all, release
 from coordinator._participant import DebitStep, Participant, Participants
+from coordinator._rules import refusal_of_accounts
 from coordinator._sequencer import Sequencer
 from coordinator._validate import check_transfer
 from coordinator._state import Posting
@@ -165,18 +163,16 @@ class Coordinator:
         accounts = self.sequencer.accounts
         source = accounts.get(request.source)
         destination = accounts.get(request.destination)
-        if source is None or destination is None:
-            self.refuse(ticket, AccountNotFound.code)
-        elif source.currency != destination.currency:
-            self.refuse(ticket, CurrencyMismatch.code)
-        else:
-            pin = self.participants.pin
-            step = DebitStep(
-                request, ticket, pin(request.source), pin(request.destination), self._commit, self._reject
-            )
-            step.source.reserve(step)
+        code = refusal_of_accounts(source, destination)  # the rules, as far as no turn is needed
+        if code is not None:
+            self.refuse(ticket, code)
+            self._decided(ticket)
             return
-        self._decided(ticket)
+        assert source is not None and destination is not None
+        pin = self.participants.pin
+        step = DebitStep(request, ticket, pin(request.source), pin(request.destination), self._commit, self._reject,
+                         source, destination, self.sequencer.states)
+        step.source.reserve(step)
 
     # --- decisions (run on the source account's mailbox thread) --------------------
 
@@ -198,12 +194,13 @@ class Coordinator:
         turns: list[Participant] = []
         committed = False
         try:
-            committed = self.sequencer.commit(step.request, self.deliver(step, turns), step.ticket) is not None
+            decided = self.sequencer.commit(step.request, self.deliver(step, turns), step.ticket)
         except JournalError as error:
             self.fail(step.ticket, error)
         else:
+            committed = type(decided) is not str
             if not committed:
-                self.refuse(step.ticket, BalanceOverflow.code)
+                self.refuse(step.ticket, decided)  # type: ignore[arg-type]
         self._finish(step)
         for participant in turns:
             participant.run()

@@ -25,15 +25,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from coordinator._claims import Outcome, Ticket, lsn_of, result_of
-from coordinator._errors import (
-    AccountNotFound,
-    BalanceOverflow,
-    CurrencyMismatch,
-    LedgerError,
-    LedgerTimeout,
-)
+from coordinator._errors import LedgerError, LedgerTimeout
 from coordinator._limits import CHUNK_REQUESTS_MAX
 from coordinator._participant import HeldAccount
+from coordinator._rules import decide, refusal_of_accounts
 from coordinator._sequencer import Chunk
 from coordinator._state import AccountState
 from coordinator._validate import check_transfer
@@ -143,9 +138,10 @@ def decide_held(coordinator: Coordinator, tickets: list[Ticket], held: Mapping[s
     """Decide claimed tickets in order, on this thread, which holds the turn of every
     account they name that exists, and journal them all in one block.
 
-    Each source decides its debit with its own handler (`reserve`), exactly as a
-    `DebitStep` in its mailbox would; the sequencer stamps the entries, and both
-    accounts apply them at once (`apply`), so the next request sees them. An
+    Each request is decided by the rules (`decide`) from both accounts' states and the
+    source's reservations, exactly as its `DebitStep` would be in the mailbox path; the
+    sequencer stamps the entries, and both accounts apply them at once (`apply`), so the
+    next request sees them. An
     account whose mailbox received entries since its turn was taken (a concurrent
     commit crediting it) applies those first: the sequencer's projection, which
     already includes them, must equal the account's own state before it decides.
@@ -162,38 +158,37 @@ def decide_held(coordinator: Coordinator, tickets: list[Ticket], held: Mapping[s
             _fail(coordinator, tickets, error)
             raise
         lsn = coordinator.journal.last_lsn
+        accounts = sequencer.accounts
         for ticket in tickets:
             request = ticket.request
             tid, source_id, destination_id, amount = request.id, request.source, request.destination, request.amount
             lsn += 1
-            code: str | None
             source, destination = held.get(source_id), held.get(destination_id)
-            if source is None or destination is None:
-                code = AccountNotFound.code
-            elif source.account.currency != destination.account.currency:
-                code = CurrencyMismatch.code
-            else:
-                origin, target = states[source_id], states[destination_id]
-                if source.state is not origin and source.state != origin:
-                    _catch_up(source, origin)
-                if destination.state is not target and destination.state != target:
-                    _catch_up(destination, target)
-                code = source.reserve(amount)
-                if code is None:
-                    stamp = stamp_commit(chunk, tid, source_id, destination_id, amount, lsn, ticket, origin, target)
-                    if stamp is not None:
-                        # Each account applies its entry (a debit's releases the hold), and
-                        # the projection takes the state it reached (built once, not twice).
-                        debit_seq, debit_balance, credit_seq, credit_balance = stamp
-                        states[source_id] = source.apply(debit_seq, -amount, debit_balance, lsn)
-                        if CRASH_POINT_ARMED:
-                            crash_point("between-entries")
-                        states[destination_id] = destination.apply(credit_seq, amount, credit_balance, lsn)
-                        commits += 1
-                        continue
-                    source.unreserve(amount)
-                    code = BalanceOverflow.code
-            stamp_reject(chunk, request, code, lsn, ticket)
+            if source is None or destination is None:  # unknown: the rules say which
+                code = refusal_of_accounts(accounts.get(source_id), accounts.get(destination_id))
+                assert code is not None
+                stamp_reject(chunk, request, code, lsn, ticket)
+                continue
+            origin, target = states[source_id], states[destination_id]
+            if source.state is not origin and source.state != origin:
+                _catch_up(source, origin)
+            if destination.state is not target and destination.state != target:
+                _catch_up(destination, target)
+            decided = decide(amount, source.account, destination.account, origin, target, source.reserved)
+            if type(decided) is str:
+                stamp_reject(chunk, request, decided, lsn, ticket)
+                continue
+            if CRASH_POINT_ARMED:
+                crash_point("after-reserve")
+            stamp_commit(chunk, tid, source_id, destination_id, amount, lsn, ticket, decided)  # type: ignore[arg-type]
+            # Each account applies its entry, and the projection takes the state it reached
+            # (built once, not twice).
+            debit_seq, debit_balance, credit_seq, credit_balance = decided  # type: ignore[misc]
+            states[source_id] = source.apply(debit_seq, -amount, debit_balance, lsn)
+            if CRASH_POINT_ARMED:
+                crash_point("between-entries")
+            states[destination_id] = destination.apply(credit_seq, amount, credit_balance, lsn)
+            commits += 1
         try:
             first = sequencer.append_chunk(chunk)
         except JournalError as error:  # the journal failed: nothing more is written until reopen

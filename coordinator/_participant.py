@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
+from coordinator._rules import Stamp, decide
 from coordinator._state import AccountState, Posting
 
 if TYPE_CHECKING:
@@ -48,15 +49,13 @@ class HeldAccount(Protocol):
     state: AccountState
     """What the account's entries add up to, as applied so far. Read it; `apply` changes it."""
 
-    def reserve(self, amount: int) -> str | None:
-        """Decide a debit now: a rejection code, or None with the funds held. (Not
-        `Participant.reserve`, which only queues a `DebitStep` for the mailbox.)"""
-
-    def unreserve(self, amount: int) -> None:
-        """Release a hold whose transfer did not commit."""
+    reserved: int
+    """Funds reserved for its outgoing transfers in flight in the mailbox path (the
+    protocol's reservations): what a decision must not spend twice."""
 
     def apply(self, seq: int, amount: int, balance: int, lsn: int) -> AccountState:
-        """Post a stamped entry now (a debit's also releases its hold); the new state."""
+        """Post a stamped entry now (one decided while its turn is held: no reservation of
+        its own to release); the new state."""
 
     def catch_up(self) -> None:
         """Apply every entry queued in the mailbox (other messages stay queued, in order)."""
@@ -79,11 +78,12 @@ class Participants(Protocol):
 
 
 class DebitStep:
-    """The message a source account decides: reserve `request.amount`, then let the
-    coordinator commit or reject. Runs entirely on the source's mailbox thread.
+    """The message a source account decides: `decide` the transfer from its own state (the
+    rules), reserve the amount if it may, then let the coordinator commit or reject. Runs
+    entirely on the source's turn.
     """
 
-    __slots__ = ("request", "ticket", "source", "destination", "_commit", "_reject")
+    __slots__ = ("request", "ticket", "source", "destination", "_commit", "_reject", "_accounts", "_states")
 
     def __init__(
         self,
@@ -93,6 +93,9 @@ class DebitStep:
         destination: Participant,
         commit: Callable[[DebitStep], bool],
         reject: Callable[[DebitStep, str], None],
+        source_account: Account,
+        destination_account: Account,
+        states: Mapping[str, AccountState],
     ) -> None:
         self.request = request
         self.ticket = ticket
@@ -100,6 +103,17 @@ class DebitStep:
         self.destination = destination
         self._commit = commit
         self._reject = reject
+        self._accounts = (source_account, destination_account)
+        self._states = states
+        """The sequencer's projection, whose destination state the decision reads (without
+        its lock: a state is one tuple, replaced whole; the stamping decides again under it)."""
+
+    def decide(self, state: AccountState, reserved: int) -> Stamp | str:
+        """`rules.decide` of this transfer, by its source, whose entries add up to `state` and
+        which has `reserved` for other transfers."""
+        request = self.request
+        return decide(request.amount, self._accounts[0], self._accounts[1], state, self._states[request.destination],
+                      reserved)
 
     def commit(self) -> bool:
         """Call with the hold placed. True: committed, keep the hold until the entry

@@ -27,8 +27,9 @@ from typing import Any
 from journal import Journal, JournalCorruptedError
 
 from coordinator._entries import Flat, add_commit
-from coordinator._errors import JournalCorrupted
+from coordinator._errors import BalanceOverflow, CurrencyMismatch, InsufficientFunds, JournalCorrupted
 from coordinator._limits import AMOUNT_MAX
+from coordinator._rules import decide
 from coordinator._records import (
     ACCOUNT,
     ACCOUNTS_INDEX,
@@ -172,19 +173,32 @@ def replay(
     return books
 
 
+_REFUSED = {
+    InsufficientFunds.code: "it takes its source below its overdraft limit: the rules refuse it",
+    CurrencyMismatch.code: "its accounts hold different currencies: the rules refuse it",
+    BalanceOverflow.code: "a balance would leave the range of ±(2**63 - 1): the rules refuse it",
+}
+"""What replay says of a commit the rules refuse (the audit files it under the check it breaks)."""
+
+
 def _apply_commit(books: Recovered, lsn: int, record: list[Any]) -> None:
-    states = books.states
+    """Re-decide a journaled commit from the state before it (`rules.decide`, nothing
+    reserved: reservations are never journaled) and apply its entries with the pure `post`,
+    which checks they are the ones the decision stamps. A record live operation could not
+    have written (one the rules refuse, another stamp) is damage."""
+    states, accounts = books.states, books.accounts
     _, tid, source, destination, amount, source_seq, source_balance, target_seq, target_balance = record
     if source not in states or destination not in states:
         raise _corrupt(lsn, f"transfer {tid!r} names an account that was never opened")
     if type(amount) is not int or not 0 < amount <= AMOUNT_MAX:
         raise _corrupt(lsn, f"transfer {tid!r} has amount {amount!r}")
-    try:
+    decided = decide(amount, accounts[source], accounts[destination], states[source], states[destination], 0)
+    if type(decided) is str:
+        raise _corrupt(lsn, f"transfer {tid!r}: {_REFUSED.get(decided, f'the rules refuse it: {decided}')}")
+    try:  # `post` checks each entry is the next and adds up: so the record stamps what `decide` does
         states[source] = post(states[source], source_seq, -amount, source_balance, lsn)
         states[destination] = post(states[destination], target_seq, amount, target_balance, lsn)
     except SequenceError as error:
         raise _corrupt(lsn, f"transfer {tid!r}: {error}") from error
-    limit = books.accounts[source].overdraft_limit
-    if limit is not None and source_balance < -limit:
-        raise _corrupt(lsn, f"transfer {tid!r} takes {source!r} below its overdraft limit")
+    assert decided == (source_seq, source_balance, target_seq, target_balance), (decided, record)
     books.commits += 1

@@ -46,12 +46,11 @@ from coordinator._records import (
     id_key,
     lsn_value,
 )
-from coordinator._state import NO_ENTRIES, AccountState, Posting, credit_refusal
+from coordinator._rules import Stamp, decide
+from coordinator._state import NO_ENTRIES, AccountState, Posting
 from coordinator._values import Account, Transfer, TransferRequest, stamped_transfer
 
 Deliver = Callable[[Posting, Posting], None]
-Stamp = tuple[int, int, int, int]
-"""A commit's entries as stamped: (source seq, source balance, destination seq, destination balance)."""
 _U64 = struct.Struct(">Q")
 
 
@@ -125,28 +124,31 @@ class Sequencer:
         self._appended()
         return lsn
 
-    def commit(self, request: TransferRequest, deliver: Deliver, completion: Completion) -> Transfer | None:
-        """Stamp and journal the commit of a reserved transfer, then deliver its two entries.
+    def commit(self, request: TransferRequest, deliver: Deliver, completion: Completion) -> Transfer | str:
+        """Decide a reserved transfer from the projection (`rules.decide`), then stamp and
+        journal its commit and deliver its two entries; or return the refusal's code,
+        journaling nothing (the caller rejects).
 
-        Returns None, journaling nothing, if the destination would overflow; the
-        caller then rejects. `completion.value` is set to the Transfer before the
-        record is queued, and the writer releases it once the record is durable.
+        Only the destination's credit can be refused here (see `coordinator._rules`).
+        `completion.value` is set to the Transfer before the record is queued, and the
+        writer releases it once the record is durable.
         """
         tid, source, destination, amount = request.id, request.source, request.destination, request.amount
+        accounts, states = self.accounts, self.states
         chunk = Chunk()
         with self.lock:
+            decided = decide(amount, accounts.get(source), accounts.get(destination), states[source],
+                             states[destination], 0)
+            if type(decided) is str:
+                return decided
             lsn = self._journal.last_lsn + 1
-            stamped = self.stamp_commit(
-                chunk, tid, source, destination, amount, lsn, completion, self.states[source], self.states[destination]
-            )
-            if stamped is None:
-                return None
+            self.stamp_commit(chunk, tid, source, destination, amount, lsn, completion, decided)  # type: ignore[arg-type]
             appended = self._append(chunk)
             assert appended == lsn, (appended, lsn)
             crash_point("after-commit-queued")
-            debit_seq, debit_balance, credit_seq, credit_balance = stamped
-            self.states[source] = (debit_seq, debit_balance, lsn)
-            self.states[destination] = (credit_seq, credit_balance, lsn)
+            debit_seq, debit_balance, credit_seq, credit_balance = decided
+            states[source] = (debit_seq, debit_balance, lsn)
+            states[destination] = (credit_seq, credit_balance, lsn)
             deliver(
                 Posting(source, debit_seq, -amount, debit_balance, lsn),
                 Posting(destination, credit_seq, amount, credit_balance, lsn),
@@ -163,20 +165,12 @@ class Sequencer:
         amount: int,
         lsn: int,
         completion: Completion,
-        origin: AccountState,
-        target: AccountState,
-    ) -> Stamp | None:
-        """Add the commit record of a transfer at `lsn` to `chunk`, its entries stamped
-        from `origin` and `target` (the accounts' projections): return the stamp, or
-        None, adding nothing, if the destination would overflow. Call under `lock`; the
-        caller moves the projection (`states`) past the entries. `completion.value`
-        becomes the Transfer."""
-        origin_seq, origin_posted, _ = origin
-        target_seq, target_posted, _ = target
-        if credit_refusal(target_posted, amount) is not None:
-            return None
-        debit_seq, debit_balance = origin_seq + 1, origin_posted - amount
-        credit_seq, credit_balance = target_seq + 1, target_posted + amount
+        stamp: Stamp,
+    ) -> None:
+        """Add the commit record of a transfer at `lsn` to `chunk`, its entries as `decide`
+        stamped them. Call under `lock`; the caller moves the projection (`states`) past the
+        entries. `completion.value` becomes the Transfer."""
+        debit_seq, debit_balance, credit_seq, credit_balance = stamp
         prefixes = self._prefixes
         source_prefix = prefixes.get(source) or prefixes.setdefault(source, entry_prefix(source))
         target_prefix = prefixes.get(destination) or prefixes.setdefault(destination, entry_prefix(destination))
@@ -191,7 +185,6 @@ class Sequencer:
             source_prefix + _U64.pack(debit_seq), encode_entry_value(tid, -amount, debit_balance, lsn),
             target_prefix + _U64.pack(credit_seq), encode_entry_value(tid, amount, credit_balance, lsn),
         )
-        return debit_seq, debit_balance, credit_seq, credit_balance
 
     def stamp_reject(self, chunk: Chunk, request: TransferRequest, code: str, lsn: int, completion: Completion) -> None:
         """Add the rejection record of `request` at `lsn` to `chunk` (under `lock`);
