@@ -198,9 +198,10 @@ class Coordinator:
         except JournalError as error:
             self.fail(step.ticket, error)
         else:
-            committed = type(decided) is not str
-            if not committed:
-                self.refuse(step.ticket, decided)  # type: ignore[arg-type]
+            if isinstance(decided, str):
+                self.refuse(step.ticket, decided)
+            else:
+                committed = True
         self._finish(step)
         for participant in turns:
             participant.run()

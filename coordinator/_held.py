@@ -175,15 +175,15 @@ def decide_held(coordinator: Coordinator, tickets: list[Ticket], held: Mapping[s
             if destination.state is not target and destination.state != target:
                 _catch_up(destination, target)
             decided = decide(amount, source.account, destination.account, origin, target, source.reserved)
-            if type(decided) is str:
+            if isinstance(decided, str):
                 stamp_reject(chunk, request, decided, lsn, ticket)
                 continue
             if CRASH_POINT_ARMED:
                 crash_point("after-reserve")
-            stamp_commit(chunk, tid, source_id, destination_id, amount, lsn, ticket, decided)  # type: ignore[arg-type]
+            stamp_commit(chunk, tid, source_id, destination_id, amount, lsn, ticket, decided)
             # Each account applies its entry, and the projection takes the state it reached
             # (built once, not twice).
-            debit_seq, debit_balance, credit_seq, credit_balance = decided  # type: ignore[misc]
+            debit_seq, debit_balance, credit_seq, credit_balance = decided
             states[source_id] = source.apply(debit_seq, -amount, debit_balance, lsn)
             if CRASH_POINT_ARMED:
                 crash_point("between-entries")

@@ -193,7 +193,7 @@ def _apply_commit(books: Recovered, lsn: int, record: list[Any]) -> None:
     if type(amount) is not int or not 0 < amount <= AMOUNT_MAX:
         raise _corrupt(lsn, f"transfer {tid!r} has amount {amount!r}")
     decided = decide(amount, accounts[source], accounts[destination], states[source], states[destination], 0)
-    if type(decided) is str:
+    if isinstance(decided, str):
         raise _corrupt(lsn, f"transfer {tid!r}: {_REFUSED.get(decided, f'the rules refuse it: {decided}')}")
     try:  # `post` checks each entry is the next and adds up: so the record stamps what `decide` does
         states[source] = post(states[source], source_seq, -amount, source_balance, lsn)

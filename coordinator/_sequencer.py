@@ -139,10 +139,10 @@ class Sequencer:
         with self.lock:
             decided = decide(amount, accounts.get(source), accounts.get(destination), states[source],
                              states[destination], 0)
-            if type(decided) is str:
+            if isinstance(decided, str):
                 return decided
             lsn = self._journal.last_lsn + 1
-            self.stamp_commit(chunk, tid, source, destination, amount, lsn, completion, decided)  # type: ignore[arg-type]
+            self.stamp_commit(chunk, tid, source, destination, amount, lsn, completion, decided)
             appended = self._append(chunk)
             assert appended == lsn, (appended, lsn)
             crash_point("after-commit-queued")

@@ -57,7 +57,7 @@ class AccountActor(PooledActor):
 
     def _decide(self, step: DebitStep) -> None:
         decided = step.decide(self.state, self.reserved)
-        if type(decided) is str:
+        if isinstance(decided, str):
             step.reject(decided)
             return
         amount = step.request.amount
