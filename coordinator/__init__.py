@@ -5,7 +5,20 @@ an account's turn, `HeldAccount`).
 """
 
 from coordinator._audit import CHECKS, AuditReport, audit, state_hash, unopened
-from coordinator._claims import Refusal, check_ids_against_records, decode_outcome, transfer_record
+from coordinator._claims import Refusal, check_ids_against_records, decode_outcome
+from coordinator._history import (
+    Checkpointed,
+    Committed,
+    Opened,
+    Record,
+    Refused,
+    account_of,
+    entries_of,
+    last_entry,
+    record_at,
+    records,
+    transfer_of,
+)
 from coordinator._coordinator import Coordinator
 from coordinator._entries import decode_entry, last_row
 from coordinator._errors import (
@@ -28,7 +41,7 @@ from coordinator._errors import (
 from coordinator._limits import AMOUNT_MAX, CHECKPOINT_RECORDS_INTERVAL, INFLIGHT_TRANSFERS_MAX, TIMEOUT_S_DEFAULT
 from coordinator._participant import DebitStep, HeldAccount, Participant, Participants
 from coordinator._records import INDEX_NAMES
-from coordinator._recovery import Recovered, load_checkpoint, recover, replay
+from coordinator._recovery import Recovered, load_checkpoint, recover, replay, write_checkpoint
 from coordinator._sequencer import Sequencer
 from coordinator._state import AccountState, Posting, SequenceError, credit_refusal, debit_refusal, post
 from coordinator._translate import ledger_error, ledger_errors
@@ -44,11 +57,21 @@ from coordinator._validate import (
 from coordinator._values import Account, Balance, Entry, Transfer, TransferRequest
 
 __all__ = [
+    "Checkpointed",
+    "Committed",
+    "Opened",
+    "Record",
+    "Refused",
+    "account_of",
+    "entries_of",
+    "last_entry",
+    "record_at",
+    "records",
     "CHECKS",
     "AuditReport",
     "audit",
     "state_hash",
-    "transfer_record",
+    "transfer_of",
     "unopened",
     "AMOUNT_MAX",
     "CHECKPOINT_RECORDS_INTERVAL",
@@ -105,4 +128,5 @@ __all__ = [
     "post",
     "recover",
     "replay",
+    "write_checkpoint",
 ]

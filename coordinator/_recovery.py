@@ -26,10 +26,11 @@ from typing import Any
 
 from journal import Journal, JournalCorruptedError
 
-from coordinator._entries import Flat, add_commit
+from coordinator._entries import Flat, add_commit, unindexed_flat
 from coordinator._errors import BalanceOverflow, CurrencyMismatch, InsufficientFunds, JournalCorrupted
 from coordinator._limits import AMOUNT_MAX
 from coordinator._rules import decide
+from coordinator._sequencer import Sequencer
 from coordinator._records import (
     ACCOUNT,
     ACCOUNTS_INDEX,
@@ -202,3 +203,16 @@ def _apply_commit(books: Recovered, lsn: int, record: list[Any]) -> None:
         raise _corrupt(lsn, f"transfer {tid!r}: {error}") from error
     assert decided == (source_seq, source_balance, target_seq, target_balance), (decided, record)
     books.commits += 1
+
+
+def write_checkpoint(journal: Journal, books: Recovered, timeout_s: float) -> int:
+    """Journal a checkpoint of `books` (a projection an audit of `journal` rebuilt, to its
+    last record) and wait until it is durable; its LSN. For a journal no ledger has open."""
+    with journal.snapshot() as txn:
+        unindexed = unindexed_flat(journal, txn)
+    sequencer = Sequencer(journal, books.accounts, books.states, unindexed=unindexed)
+    sequencer.account_lsns.update(books.account_lsns)
+    with sequencer.lock:
+        lsn = sequencer.checkpoint()
+    journal.wait_durable(lsn, timeout_s)
+    return lsn

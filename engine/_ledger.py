@@ -37,16 +37,14 @@ from coordinator import (
     check_id,
     check_overdraft_limit,
     check_path,
-    decode_entry,
-    last_row,
+    entries_of,
+    last_entry,
     ledger_error,
     ledger_errors,
     recover,
     shown,
     state_hash,
 )
-from coordinator._entries import entry_rows
-from coordinator._records import ENTRY_SEQ_END
 from journal import Completion, Journal, JournalError, JournalWriteError
 
 from engine._directory import Directory
@@ -251,8 +249,8 @@ class Ledger:
         journal = self._journal
         unindexed = self._sequencer.unindexed.rows(account_id, journal.durable_lsn)  # before the snapshot
         with journal.snapshot() as txn:
-            row = last_row(journal, account_id, unindexed, txn)
-        posted = decode_entry(account_id, row)[3] if row is not None else 0
+            last = last_entry(journal, account_id, unindexed, txn)
+        posted = last.balance if last is not None else 0
         return Balance(posted, 0, posted)
 
     def entries(self, account_id: str, after: int = 0, limit: int | None = None) -> list[Entry]:
@@ -263,12 +261,9 @@ class Ledger:
             raise InvalidRequest(f"limit must be None or an int >= 0, got {shown(limit)}")
         with self._call():
             self._account(account_id)
-            if after >= ENTRY_SEQ_END - 1:
-                return []  # no seq can be that large
             journal = self._journal
             unindexed = self._sequencer.unindexed.rows(account_id, journal.durable_lsn)  # before the snapshot
-            rows = entry_rows(journal, account_id, unindexed, after, limit)
-            return [Entry(account_id, *decode_entry(account_id, row)) for row in rows]
+            return entries_of(journal, account_id, after, limit, unindexed)
 
     def state_hash(self) -> str:
         """SHA-256 over every account and all its entries (seq, transfer, amount, balance).

@@ -17,44 +17,35 @@ from coordinator import (
     Account,
     AccountNotFound,
     AuditReport,
+    Checkpointed,
+    Committed,
     InvalidRequest,
     JournalCorrupted,
     LedgerError,
     LedgerLocked,
     NotALedger,
+    Opened,
+    Record,
     Recovered,
+    Refused,
     Sequencer,
     TransferRequest,
+    account_of,
     audit,
     check_id,
-    decode_entry,
-    last_row,
+    entries_of,
+    last_entry,
     ledger_errors,
     load_checkpoint,
+    record_at,
+    records,
     state_hash,
-    transfer_record,
+    transfer_of,
     unopened,
+    write_checkpoint,
 )
-from coordinator._entries import entry_rows, unindexed_entries, unindexed_flat
-from coordinator._records import (
-    ACCOUNT,
-    ACCOUNTS_INDEX,
-    CHECKPOINT,
-    COMMIT,
-    KINDS,
-    REJECT,
-    decode,
-    id_key,
-    value_lsn,
-)
-from journal import (
-    Completion,
-    Journal,
-    JournalAnchorMissingError,
-    JournalCorruptedError,
-    JournalFormatError,
-    reanchor,
-)
+from coordinator import recover as recover_books
+from journal import Completion, Journal, JournalAnchorMissingError, JournalFormatError, reanchor
 
 from engine._ledger import Ledger
 
@@ -178,23 +169,15 @@ def _write_checkpoint(path: str, books: Recovered, audited_lsn: int | None) -> i
         with ledger_errors():
             if journal.last_lsn != audited_lsn:
                 raise LedgerLocked(f"{path} changed while it was audited (another process wrote to it)")
-            with journal.snapshot() as txn:
-                unindexed = unindexed_flat(journal, txn)
-            sequencer = Sequencer(journal, books.accounts, books.states, unindexed=unindexed)
-            sequencer.account_lsns.update(books.account_lsns)
-            with sequencer.lock:
-                lsn = sequencer.checkpoint()
-            journal.wait_durable(lsn, 30.0)
-            return lsn
+            return write_checkpoint(journal, books, 30.0)
     finally:
         journal.close()
 
 
 def _last_row(journal: Journal) -> dict[str, Any] | None:
     """The last durable record, readable: where the dead process stopped."""
-    lsn = journal.last_lsn
-    payload = journal.read(lsn) if lsn else None
-    return _row(lsn, decode(lsn, payload)) if payload is not None else None
+    record = record_at(journal, journal.last_lsn) if journal.last_lsn else None
+    return _row(record) if record is not None else None
 
 
 def _new_directory(path: str) -> None:
@@ -236,11 +219,11 @@ def _copy_prefix(journal: Journal, into: str, stop: int) -> tuple[int, list[dict
         sequencer = Sequencer(target, {}, {})
         copied, last = 0, 0
         try:
-            for lsn, payload in journal.scan(0):
-                if lsn >= stop:
+            for record in records(journal):
+                if record.lsn >= stop:
                     break
-                copied += _copy_record(sequencer, decode(lsn, payload))
-        except JournalCorruptedError as error:
+                copied += _copy_record(sequencer, record)
+        except JournalCorrupted as error:
             if error.lsn != stop:
                 raise
         with sequencer.lock:
@@ -253,30 +236,34 @@ def _copy_prefix(journal: Journal, into: str, stop: int) -> tuple[int, list[dict
     lost: list[dict[str, Any]] = [{"lsn": stop, "transfer": None, "why": "this record is corrupt: whatever it held is lost"}]
     for lsn in range(stop + 1, journal.last_lsn + 1):
         try:
-            stored = journal.read(lsn)
-            record = decode(lsn, stored) if stored is not None else None
-        except (JournalCorruptedError, LedgerError):
+            found = record_at(journal, lsn)
+        except JournalCorrupted:
             lost.append({"lsn": lsn, "transfer": None, "why": "corrupt too"})
             continue
-        if record is not None and record[0] in (COMMIT, REJECT):
-            lost.append({"lsn": lsn, "transfer": record[1], "why": KINDS[record[0]] + " after the corruption"})
-        elif record is not None and record[0] == ACCOUNT:
-            lost.append({"lsn": lsn, "transfer": None, "account": record[1], "why": "account opened after the corruption"})
+        if isinstance(found, Committed):
+            lost.append({"lsn": lsn, "transfer": found.transfer.id, "why": "commit after the corruption"})
+        elif isinstance(found, Refused):
+            lost.append({"lsn": lsn, "transfer": found.request.id, "why": "reject after the corruption"})
+        elif isinstance(found, Opened):
+            lost.append({"lsn": lsn, "transfer": None, "account": found.account.id,
+                         "why": "account opened after the corruption"})
     return copied, lost
 
 
-def _copy_record(sequencer: Sequencer, record: list[Any]) -> int:
-    kind = record[0]
-    if kind == ACCOUNT:
+def _copy_record(sequencer: Sequencer, record: Record) -> int:
+    """Journal `record` again through `sequencer` (its entries re-decided and stamped anew);
+    1, or 0 for a checkpoint (the copy makes its own)."""
+    if isinstance(record, Opened):
         with sequencer.lock:
-            sequencer.open_account(Account(record[1], record[2], record[3]), Completion())
-    elif kind == COMMIT:
-        request = TransferRequest(*record[1:5])
+            sequencer.open_account(record.account, Completion())
+    elif isinstance(record, Committed):
+        transfer = record.transfer
+        request = TransferRequest(transfer.id, transfer.source, transfer.destination, transfer.amount)
         committed = sequencer.commit(request, lambda debit, credit: None, Completion())
-        assert committed is not None, request
-    elif kind == REJECT:
-        sequencer.reject(TransferRequest(*record[1:5]), record[5], Completion())
-    return 0 if kind == CHECKPOINT else 1
+        assert not isinstance(committed, str), (request, committed)  # the original was decided the same way
+    elif isinstance(record, Refused):
+        sequencer.reject(record.request, record.code, Completion())
+    return 0 if isinstance(record, Checkpointed) else 1
 
 
 def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
@@ -293,20 +280,21 @@ def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
         replayed = rejected = 0
         with Ledger.open(into) as ledger:
             pending: list[TransferRequest] = []
-            for lsn, payload in source.scan(0):
-                record = decode(lsn, payload)
-                if record[0] == ACCOUNT:
+            for record in records(source):
+                if isinstance(record, Opened):
                     _flush(ledger, pending)
-                    ledger.create_account(record[1], currency=record[2], overdraft_limit=record[3])
-                elif record[0] == COMMIT:
-                    pending.append(TransferRequest(*record[1:5]))
+                    account = record.account
+                    ledger.create_account(account.id, currency=account.currency, overdraft_limit=account.overdraft_limit)
+                elif isinstance(record, Committed):
+                    transfer = record.transfer
+                    pending.append(TransferRequest(transfer.id, transfer.source, transfer.destination, transfer.amount))
                     replayed += 1
                     if len(pending) >= 1000:
                         _flush(ledger, pending)
-                elif record[0] == REJECT:
+                elif isinstance(record, Refused):
                     rejected += 1
-                if progress is not None and not lsn % 10_000:
-                    progress(lsn)
+                if progress is not None and not record.lsn % 10_000:
+                    progress(record.lsn)
             _flush(ledger, pending)
             fresh = ledger.state_hash()
     return {"path": path, "into": into, "transfers_replayed": replayed, "rejections_not_replayed": rejected,
@@ -316,8 +304,6 @@ def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
 
 def _current_accounts(journal: Journal) -> list[Account]:
     """Every account, from the newest checkpoint and the records after it."""
-    from coordinator import recover as recover_books
-
     return list(recover_books(journal).accounts.values())
 
 
@@ -340,75 +326,69 @@ def inspect(path: str, start: int, limit: int | None, transfer: str | None, acco
         try:
             if transfer is not None:
                 check_id(transfer, "transfer id")
-                found = transfer_record(journal, transfer)
-                if found is not None and found[0] >= start and (account is None or account in found[1][2:4]):
-                    rows.append(_row(*found))
+                found = transfer_of(journal, transfer)
+                if found is not None and found.lsn >= start:
+                    row = _row(found)
+                    if account is None or account in (row["source"], row["destination"]):
+                        rows.append(row)
             else:
-                for lsn, payload in journal.scan(max(0, start - 1)):
-                    row = _row(lsn, decode(lsn, payload))
+                for record in records(journal, max(0, start - 1)):
+                    row = _row(record)
                     if account is not None and account not in (row.get("source"), row.get("destination"), row.get("account")):
                         continue
                     rows.append(row)
                     if limit is not None and len(rows) >= limit:
                         break
-        except (JournalCorruptedError, JournalCorrupted) as error:
+        except JournalCorrupted as error:
             problem = str(error)
         if problem is None and journal.problem is not None:
             problem = str(journal.problem)
     return {"path": path, "records": rows, "problem": problem}
 
 
-def _row(lsn: int, record: list[Any]) -> dict[str, Any]:
-    kind = record[0]
-    row: dict[str, Any] = {"lsn": lsn, "kind": KINDS[kind]}
-    if kind == ACCOUNT:
-        row.update(account=record[1], currency=record[2], overdraft_limit=record[3])
-    elif kind == CHECKPOINT:
-        row.update(accounts=len(record[1]))
-    else:
-        row.update(transfer=record[1], source=record[2], destination=record[3], amount=record[4])
-        if kind == REJECT:
-            row.update(code=record[5])
-        else:
-            row.update(source_seq=record[5], source_balance=record[6],
-                       destination_seq=record[7], destination_balance=record[8])
-    return row
+def _row(record: Record) -> dict[str, Any]:
+    """A record as `tally inspect` shows it."""
+    if isinstance(record, Opened):
+        account = record.account
+        return {"lsn": record.lsn, "kind": "account", "account": account.id, "currency": account.currency,
+                "overdraft_limit": account.overdraft_limit}
+    if isinstance(record, Checkpointed):
+        return {"lsn": record.lsn, "kind": "checkpoint", "accounts": record.accounts}
+    if isinstance(record, Refused):
+        request = record.request
+        return {"lsn": record.lsn, "kind": "reject", "transfer": request.id, "source": request.source,
+                "destination": request.destination, "amount": request.amount, "code": record.code}
+    transfer, debit, credit = record.transfer, record.debit, record.credit
+    return {"lsn": record.lsn, "kind": "commit", "transfer": transfer.id, "source": transfer.source,
+            "destination": transfer.destination, "amount": transfer.amount, "source_seq": debit.seq,
+            "source_balance": debit.balance, "destination_seq": credit.seq, "destination_balance": credit.balance}
 
 
 def _account(journal: Journal, account_id: str, txn: Any) -> Account:
     check_id(account_id, "account id")  # e.g. a byte that is not UTF-8 on the command line
-    value = journal.index_get(ACCOUNTS_INDEX, id_key(account_id), txn)
-    record = None
-    if value is not None:
-        if len(value) != 8:
-            raise JournalCorrupted(f"the accounts index entry of {account_id!r} does not hold an LSN",
-                                   where="the accounts index")
-        lsn = value_lsn(value)
-        payload = journal.read(lsn, txn)
-        record = decode(lsn, payload) if payload is not None else None
-    if record is None or record[0] != ACCOUNT or record[1] != account_id:
+    account = account_of(journal, account_id, txn)
+    if account is None:
         raise AccountNotFound(f"no account {account_id!r} in {journal.path}")
-    return Account(record[1], record[2], record[3])
+    return account
 
 
 def balance(path: str, account_id: str) -> dict[str, Any]:
     with _reading(path) as journal, journal.snapshot() as txn:
         account = _account(journal, account_id, txn)
-        row = last_row(journal, account_id, unindexed_entries(journal, txn).get(account_id, []), txn)
-        seq, _tid, _amount, posted, lsn = decode_entry(account_id, row) if row is not None else (0, None, 0, 0, None)
+        last = last_entry(journal, account_id, None, txn)
         return {"account": account_id, "currency": account.currency, "overdraft_limit": account.overdraft_limit,
-                "posted": posted, "entries": seq, "last_lsn": lsn}
+                "posted": last.balance if last else 0, "entries": last.seq if last else 0,
+                "last_lsn": last.lsn if last else None}
 
 
 def history(path: str, account_id: str, limit: int) -> dict[str, Any]:
     with _reading(path) as journal, journal.snapshot() as txn:
         account = _account(journal, account_id, txn)
-        rows = entry_rows(journal, account_id, unindexed_entries(journal, txn).get(account_id, ()), txn=txn)
-        entries = []
-        for row in rows[-limit:] if limit else rows:
-            seq, tid, amount, posted, lsn = decode_entry(account_id, row)
-            entries.append({"seq": seq, "lsn": lsn, "transfer": tid, "amount": amount, "balance": posted})
-        return {"account": account_id, "currency": account.currency, "entries_total": len(rows), "entries": entries}
+        entries = entries_of(journal, account_id, txn=txn)
+        shown = entries[-limit:] if limit else entries
+        return {"account": account_id, "currency": account.currency, "entries_total": len(entries),
+                "entries": [{"seq": entry.seq, "lsn": entry.lsn, "transfer": entry.transfer_id, "amount": entry.amount,
+                             "balance": entry.balance} for entry in shown]}
 
 
 __all__ = ["balance", "history", "inspect", "recover", "replay", "salvage", "verify"]

@@ -40,3 +40,30 @@ def test_the_layer_check_sees_a_forbidden_import(tmp_path: Path) -> None:
     module = tmp_path / "bad.py"
     module.write_text("from engine import Ledger\nimport coordinator._records\n")
     assert _imported_packages(module) == {"engine", "coordinator"}
+
+
+def _private_imports(path: Path) -> set[str]:
+    """The private modules of Tally's other packages that `path` imports (`coordinator._records`...)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = path.parent.name
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+        found.update(name for name in names
+                     if "._" in name and name.split(".")[0] in FORBIDDEN and name.split(".")[0] != package)
+    return found
+
+
+@pytest.mark.parametrize("package", ["coordinator", "engine"])
+def test_a_layer_uses_only_the_public_names_of_the_layer_below(package: str) -> None:
+    offenders = {str(path.relative_to(ROOT)): sorted(_private_imports(path))
+                 for path in sorted((ROOT / package).glob("*.py")) if _private_imports(path)}
+    assert offenders == {}
+
+
+def test_the_public_names_check_sees_a_private_import(tmp_path: Path) -> None:
+    module = tmp_path / "engine" / "bad.py"
+    module.parent.mkdir()
+    module.write_text("from coordinator._records import decode\nimport journal._store\nfrom engine._cli import main\n")
+    assert _private_imports(module) == {"coordinator._records", "journal._store"}
