@@ -1,7 +1,7 @@
 """Tally's coordinator: the transfer protocol, its journal records, and recovery.
 
 It knows the journal and talks to accounts only through `Participant` (and, while it holds
-an account's turn, `HeldAccount`).
+an account's turn, `TurnAccount`).
 """
 
 from coordinator._audit import CHECKS, AuditReport, audit, state_hash, unopened
@@ -39,7 +39,7 @@ from coordinator._errors import (
     NotALedger,
 )
 from coordinator._limits import AMOUNT_MAX, CHECKPOINT_RECORDS_INTERVAL, INFLIGHT_TRANSFERS_MAX, TIMEOUT_S_DEFAULT
-from coordinator._participant import DebitStep, HeldAccount, Participant, Participants
+from coordinator._participant import DebitStep, TurnAccount, Participant, Participants
 from coordinator._records import INDEX_NAMES
 from coordinator._recovery import Recovered, load_checkpoint, recover, replay, write_checkpoint
 from coordinator._sequencer import Sequencer
@@ -99,7 +99,7 @@ __all__ = [
     "LedgerTimeout",
     "LedgerUnavailable",
     "NotALedger",
-    "HeldAccount",
+    "TurnAccount",
     "Participant",
     "Participants",
     "Posting",

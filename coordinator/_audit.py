@@ -19,7 +19,7 @@ the engine reports. The checks, each named in the report:
    as the record stamps them; see `coordinator._entries`);
 6. the transfer and account indexes point at the records that made them (and the
    checkpoints index names the last checkpoint record);
-7. no reservation is left: holds are never journaled, so none survives a crash.
+7. no reservation is left: reservations are never journaled, so none survives a crash.
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ CHECK_CHECKPOINTS = "checkpoints agree with the records before them"
 CHECK_CONSERVED = "money is conserved (posted balances sum to 0)"
 CHECK_PAIRS = "each committed transfer has exactly two entries, on its source and destination, summing to 0"
 CHECK_INDEXES = "the transfer and account indexes point at the records that made them"
-CHECK_HOLDS = "no reservation is left (holds are never journaled)"
+CHECK_RESERVATIONS = "no reservation is left (reservations are never journaled)"
 CHECKS = (CHECK_FILE, CHECK_RECORDS, CHECK_ENTRIES, CHECK_LIMITS, CHECK_CHECKPOINTS, CHECK_CONSERVED,
-          CHECK_PAIRS, CHECK_INDEXES, CHECK_HOLDS)
+          CHECK_PAIRS, CHECK_INDEXES, CHECK_RESERVATIONS)
 
 
 @dataclass
@@ -101,7 +101,7 @@ def audit(journal: Journal, progress: Callable[[int], None] | None = None) -> Au
         return failed(report, CHECK_RECORDS, str(found), found.lsn)
     report.books = books
     for check in (CHECK_FILE, CHECK_RECORDS, CHECK_ENTRIES, CHECK_LIMITS, CHECK_CHECKPOINTS, CHECK_CONSERVED,
-                  CHECK_HOLDS):
+                  CHECK_RESERVATIONS):
         report.checks[check] = True
     try:
         pairs, indexes = _cross_check(journal, books)

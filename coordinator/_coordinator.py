@@ -5,7 +5,7 @@ Data flow of one transfer (threads in brackets):
 1. [caller] validate; claim the id (or find its earlier outcome); check both
    accounts exist and share a currency, else journal the refusal.
 2. [caller] send a `DebitStep` to the source account and wait on the ticket.
-3. [source's mailbox] decide: refuse (journal a rejection) or hold the funds
+3. [source's mailbox] decide: refuse (journal a rejection) or reserve the funds
    (the reservation) and call back `_commit`.
 4. [source's mailbox, under the sequencer lock] check the destination can take
    the credit, stamp both entries, queue the commit record, and queue the
@@ -34,7 +34,7 @@ from coordinator._errors import (
     LedgerTimeout,
     LedgerUnavailable,
 )
-from coordinator._held import HeldBatch, decide_all, release
+from coordinator._turns import TurnBatch, decide_all, give_back_turns
 from coordinator._participant import DebitStep, Participant, Participants
 from coordinator._rules import refusal_of_accounts
 from coordinator._sequencer import Sequencer
@@ -111,7 +111,7 @@ class Coordinator:
                     self._combining = False
                     return
             try:
-                rest = self._start_held(batch)
+                rest = self._start_in_turn(batch)
             except Exception as error:  # a bug must not strand the queue or its callers
                 logger.exception("deciding %d combined transfers failed", len(batch))
                 for queued in batch:
@@ -123,26 +123,26 @@ class Coordinator:
                 except Exception as error:  # a bug in one protocol must not strand the queue
                     queued.resolve(LedgerUnavailable(f"transfer {queued.request.id!r} failed to start: {error!r}"))
 
-    def _start_held(self, tickets: list[Ticket]) -> list[Ticket]:
+    def _start_in_turn(self, tickets: list[Ticket]) -> list[Ticket]:
         """Decide at once, on this thread, every ticket whose accounts' turns it can take
-        (see `coordinator._held`); return the others, to start through the mailboxes."""
+        (see `coordinator._turns`); return the others, to start through the mailboxes."""
         accounts = self.sequencer.accounts
         names = {name for ticket in tickets for name in (ticket.request.source, ticket.request.destination)}
-        held = self.participants.hold_many(names)
-        if not held:
+        turns = self.participants.take_turns(names)
+        if not turns:
             return tickets
         mine: list[Ticket] = []
         others: list[Ticket] = []
         for ticket in tickets:
             request = ticket.request
-            if (request.source in held or request.source not in accounts) and (
-                request.destination in held or request.destination not in accounts
+            if (request.source in turns or request.source not in accounts) and (
+                request.destination in turns or request.destination not in accounts
             ):
                 mine.append(ticket)
             else:
                 others.append(ticket)
         try:
-            decide_all(self, mine, held)
+            decide_all(self, mine, turns)
         except JournalError:
             pass  # every ticket is released with the failure, by `decide_all` or the writer
         except Exception as error:  # a bug: release every ticket not yet released, then say so
@@ -152,7 +152,7 @@ class Coordinator:
                 self._decided(ticket)  # never started: its permit goes back here
             raise
         finally:
-            release(self, held)
+            give_back_turns(self, turns)
             for ticket in mine:
                 self._decided(ticket)
         return others
@@ -260,6 +260,6 @@ class Coordinator:
         chunk = self.admission.permits_max
         for first in range(0, len(requests), chunk):
             part = requests[first : first + chunk]
-            held = HeldBatch(self, part, timeout_s).run()
-            results.extend(held if held is not None else Batch(self, part, timeout_s).run())
+            decided = TurnBatch(self, part, timeout_s).run()
+            results.extend(decided if decided is not None else Batch(self, part, timeout_s).run())
         return results

@@ -34,6 +34,6 @@ UNINDEXED_ENTRIES_MAX = 400_000
 checkpoint is due, whatever the checkpoint interval."""
 
 CHUNK_REQUESTS_MAX = 256
-"""Requests a held batch decides per hold of the sequencer lock, journaled as one block:
+"""Requests a batch in turn decides per hold of the sequencer lock, journaled as one block:
 long enough to amortise taking the lock, short enough that concurrent single transfers
 are not kept waiting for a whole batch."""

@@ -4,8 +4,8 @@ The coordinator never touches account state. It asks a `Participant` to reserve
 funds (a message the account decides in its own mailbox), hands it entries to
 post, and asks it for a snapshot. None of these calls wait on another account.
 
-A batch that holds an account's turn (see `coordinator._held`) is, for that
-moment, the account's single thread: it gets the account as a `HeldAccount`
+A batch that holds an account's turn (see `coordinator._turns`) is, for that
+moment, the account's single thread: it gets the account as a `TurnAccount`
 and runs the account's own handlers, which change the state, in place of its
 mailbox loop.
 """
@@ -39,8 +39,8 @@ class Participant(Protocol):
         """(posted, pending, LSN of the last entry applied), waiting at most `timeout_s`."""
 
 
-class HeldAccount(Protocol):
-    """An account whose turn the caller holds (see `coordinator._held`): the account's own
+class TurnAccount(Protocol):
+    """An account whose turn the caller holds (see `coordinator._turns`): the account's own
     handlers, run now on the caller's thread."""
 
     account: Account
@@ -67,14 +67,14 @@ class Participants(Protocol):
 
     def unpin(self, account_id: str) -> None: ...
 
-    def hold_many(self, account_ids: Iterable[str], all_or_none: bool = False) -> Mapping[str, HeldAccount] | None:
+    def take_turns(self, account_ids: Iterable[str], all_or_none: bool = False) -> Mapping[str, TurnAccount] | None:
         """Pin each named account and take its turn (the right to handle its messages) if it
         is idle with an empty mailbox; a busy one is left alone, unpinned. With `all_or_none`,
         one busy account makes it give back every turn it took and return None. Repeated
         and unknown ids are skipped. Never waits."""
 
-    def release_many(self, held: Mapping[str, HeldAccount]) -> None:
-        """Give back the turns `hold_many` took and unpin those accounts: pass what it returned."""
+    def give_back_turns(self, turns: Mapping[str, TurnAccount]) -> None:
+        """Give back the turns `take_turns` took and unpin those accounts: pass what it returned."""
 
 
 class DebitStep:
@@ -116,10 +116,10 @@ class DebitStep:
                       reserved)
 
     def commit(self) -> bool:
-        """Call with the hold placed. True: committed, keep the hold until the entry
-        posts. False: not committed (refused or failed), release the hold."""
+        """Call with the reservation placed. True: committed, keep the reservation until
+        the entry posts. False: not committed (refused or failed), release it."""
         return self._commit(self)
 
     def reject(self, code: str) -> None:
-        """Call when the account refuses the debit (no hold was placed)."""
+        """Call when the account refuses the debit (no reservation was placed)."""
         self._reject(self, code)

@@ -11,11 +11,11 @@ Opening starts from the newest checkpoint and replays only the tail, so its
 cost is bounded by the checkpoint interval, not by the ledger's age. A full
 audit (`tally verify`) replays from LSN 1.
 
-Holds (reservations) are never journaled: they live only in account mailboxes,
+Reservations are never journaled: they live only in account mailboxes,
 and a commit record is written atomically with both of its entries. So after a
 crash there is no half-applied transfer on disk to finish or undo: a transfer
 that was reserved but not decided left no record, was never acknowledged, and
-holds nothing once the ledger is open again; a retry with its id runs afresh.
+reserves nothing once the ledger is open again; a retry with its id runs afresh.
 """
 
 from __future__ import annotations

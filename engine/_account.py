@@ -36,11 +36,11 @@ class AccountActor(PooledActor):
     def __init__(self, account: Account, state: AccountState) -> None:
         super().__init__()
         self.account = account
-        """Its id, currency and overdraft limit (`coordinator.HeldAccount.account`)."""
+        """Its id, currency and overdraft limit (`coordinator.TurnAccount.account`)."""
         self.state = state
-        """What its entries add up to, as applied so far (`coordinator.HeldAccount.state`)."""
+        """What its entries add up to, as applied so far (`coordinator.TurnAccount.state`)."""
         self.reserved = 0
-        """Funds reserved for transfers in flight (`coordinator.HeldAccount.reserved`)."""
+        """Funds reserved for transfers in flight (`coordinator.TurnAccount.reserved`)."""
 
     def on_receive(self, message: Any) -> Any:
         kind = type(message)
@@ -67,7 +67,7 @@ class AccountActor(PooledActor):
         if not step.commit():
             self.reserved -= amount
 
-    # The methods below are the account's handlers (`coordinator.HeldAccount`). Only the
+    # The methods below are the account's handlers (`coordinator.TurnAccount`). Only the
     # holder of the account's turn calls them: its mailbox loop (above), or a batch
     # holding the turn.
 

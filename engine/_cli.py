@@ -217,7 +217,7 @@ def _recover(args: argparse.Namespace) -> int:
         if last:
             what = last.get("transfer") or last.get("account") or f"{last.get('accounts')} accounts"
             print(f"  the last durable record: LSN {last['lsn']}, {last['kind']} {what}")
-        print("  in doubt: none on disk (holds are never journaled; a commit record carries both entries);"
+        print("  in doubt: none on disk (reservations are never journaled; a commit record carries both entries);"
               " transfers in flight at the crash left no record, were never acknowledged, and run afresh if retried")
         print("  aborted by recovery: 0, finished by recovery: 0")
         newest = f"LSN {report['checkpoint_lsn']}" if report["checkpoint_lsn"] else "none yet"

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 import pykka
-from coordinator import DebitStep, HeldAccount, LedgerTimeout, Posting, Sequencer
+from coordinator import DebitStep, LedgerTimeout, Posting, Sequencer, TurnAccount
 
 from engine._account import SNAPSHOT, AccountActor
 from engine._runtime import Dispatcher, _Inbox
@@ -71,8 +71,8 @@ class AccountHandle:
             raise LedgerTimeout(f"account actor did not answer within {timeout_s} s") from error
 
 
-class _Held(dict[str, AccountActor]):
-    """What `hold_many` took: the actors by account id, and their handles, which `release_many`
+class _Turns(dict[str, AccountActor]):
+    """What `take_turns` took: the actors by account id, and their handles, which `give_back_turns`
     gives back without looking each up in the live table again."""
 
     __slots__ = ("handles",)
@@ -102,18 +102,18 @@ class Directory:
         with self._lock:
             return self._pin(account_id)
 
-    def hold_many(self, account_ids: Iterable[str], all_or_none: bool = False) -> Mapping[str, AccountActor] | None:
+    def take_turns(self, account_ids: Iterable[str], all_or_none: bool = False) -> Mapping[str, AccountActor] | None:
         """Pin each account and take its turn if it is idle; busy ones are left unpinned
         (with `all_or_none`, one busy account gives everything back: None). Repeated and
         unknown ids are skipped. One lock for the lot (taking a turn never waits, so none
         is held while waiting). The holder gets the actors themselves: it runs their
         handlers in their turn."""
-        held = _Held()
+        turns = _Turns()
         live, accounts = self._live, self._sequencer.accounts
         with self._lock:
             try:
                 for account_id in account_ids:
-                    if account_id in held:
+                    if account_id in turns:
                         continue
                     entry = live.get(account_id)
                     if entry is None:  # not live: activate it, if it exists
@@ -124,29 +124,29 @@ class Directory:
                         entry.used = True
                         entry.pins += 1
                     inbox = entry._inbox
-                    if inbox.try_hold():
-                        held[account_id] = inbox._actor  # type: ignore[assignment]
-                        held.handles.append(entry)
+                    if inbox.try_take_turn():
+                        turns[account_id] = inbox._actor  # type: ignore[assignment]
+                        turns.handles.append(entry)
                         continue
                     entry.pins -= 1
                     if all_or_none:
-                        self._release(held)
+                        self._release(turns)
                         return None
             except BaseException:  # e.g. an actor that could not be activated: give back what was taken
-                self._release(held)
+                self._release(turns)
                 raise
-        return held
+        return turns
 
-    def release_many(self, held: Mapping[str, HeldAccount]) -> None:
-        """Give back the turns `hold_many` took (pass what it returned) and unpin the accounts."""
-        assert type(held) is _Held, type(held)
+    def give_back_turns(self, turns: Mapping[str, TurnAccount]) -> None:
+        """Give back the turns `take_turns` took (pass what it returned) and unpin the accounts."""
+        assert type(turns) is _Turns, type(turns)
         with self._lock:
-            self._release(held)
+            self._release(turns)
 
-    def _release(self, held: _Held) -> None:
-        """`release_many`, called with `_lock` held."""
-        for entry in held.handles:
-            entry._inbox.unhold()
+    def _release(self, turns: _Turns) -> None:
+        """`give_back_turns`, called with `_lock` held."""
+        for entry in turns.handles:
+            entry._inbox.give_back_turn()
             entry.pins -= 1
             assert entry.pins >= 0, entry
 

@@ -214,7 +214,7 @@ class _Inbox:
         finally:
             _inline.depth = depth
 
-    def try_hold(self) -> bool:
+    def try_take_turn(self) -> bool:
         """Take the turn if the actor is idle with an empty mailbox. Never waits."""
         self._lock.acquire()  # not `with`: see `_enqueue`
         try:
@@ -243,7 +243,7 @@ class _Inbox:
                 kept.append(envelope)
         queued.extendleft(reversed(kept))
 
-    def unhold(self) -> None:
+    def give_back_turn(self) -> None:
         """Give the turn back; what queued meanwhile is handled on the dispatcher."""
         self._lock.acquire()  # `finish_slice`, inline: once per account of every batch
         try:

@@ -120,7 +120,7 @@ def recover(path: str, dry_run: bool, progress: Progress = None) -> dict[str, An
     Refuses (`LedgerLocked`) if a live process holds the ledger. The audit runs on the
     journal opened read-only; only a whole ledger is then written to, to journal a checkpoint
     and, if its anchor is gone (a `data.mdb` restored alone, say), to write a new one at its
-    last LSN (never with `dry_run`). Nothing on disk can be in doubt: holds are never
+    last LSN (never with `dry_run`). Nothing on disk can be in doubt: reservations are never
     journaled and a commit record carries both of its entries, so recovery's only resolution
     is the account projection of the records past the newest checkpoint.
     """

@@ -6,7 +6,7 @@ no clean-up, no flush, exactly as a crash. Without the variable a point costs a
 call that returns at once, or, where it is tested first (`ARMED`), one global lookup.
 
 The points, in the order a transfer meets them:
-- `after-reserve`: the source holds the funds, nothing is journaled yet;
+- `after-reserve`: the source has reserved the funds, nothing is journaled yet;
 - `after-commit-queued`: the commit record is queued, not yet durable;
 - `between-entries`: the debit is queued to the source, the credit not yet;
 - `mid-group-commit`: half of a group commit's records are staged;

@@ -26,7 +26,6 @@ import lmdb
 import pytest
 from coordinator import INDEX_NAMES
 from engine import (
-    Balance,
     JournalCorrupted,
     Ledger,
     LedgerClosed,

@@ -13,9 +13,10 @@ one message at a time, and its entries are applied in LSN order, while the batch
 costs no thread hop.
 
 The requests are decided in chunks, each under one hold of the sequencer lock and
-journaled as one block (`decide_held`): per request, the source's handler
-decides the debit and places the hold, the sequencer stamps the entries, and
-both accounts apply them at once, so the next request sees them.
+journaled as one block (`decide_in_turn`): per request, the rules decide the
+debit (no reservation is needed: nothing else can touch the account meanwhile), the
+sequencer stamps the entries, and both accounts apply them at once, so the next
+request sees them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING
 from coordinator._claims import Outcome, Ticket, lsn_of, result_of
 from coordinator._errors import LedgerError, LedgerTimeout
 from coordinator._limits import CHUNK_REQUESTS_MAX
-from coordinator._participant import HeldAccount
+from coordinator._participant import TurnAccount
 from coordinator._rules import decide, refusal_of_accounts
 from coordinator._sequencer import Chunk
 from coordinator._state import AccountState
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 Result = Transfer | LedgerError
 
 
-class HeldBatch:
+class TurnBatch:
     def __init__(self, coordinator: Coordinator, requests: list[TransferRequest], timeout_s: float) -> None:
         """`requests` is the batch's own list: validation replaces a subclass's item in it with
         the plain request it checked."""
@@ -73,18 +74,18 @@ class HeldBatch:
         permits = len(valid) or 1
         coordinator.admission.admit(permits, self._remaining())  # before any turn is taken
         try:
-            held = hold(coordinator, names)
+            turns = take_turns(coordinator, names)
         except BaseException:
             coordinator.admission.release(permits)
             raise
-        if held is None:
+        if turns is None:
             coordinator.admission.release(permits)
             return None
         try:
             self._claim(valid)
-            decide_all(coordinator, self._fresh, held)
+            decide_all(coordinator, self._fresh, turns)
         finally:
-            release(coordinator, held)
+            give_back_turns(coordinator, turns)
             coordinator.admission.release(permits)
         return self._settle()
 
@@ -123,18 +124,18 @@ class HeldBatch:
         return [result_of(request, result) for request, result in zip(self._requests, self._results, strict=True)]
 
 
-def decide_all(coordinator: Coordinator, tickets: list[Ticket], held: Mapping[str, HeldAccount]) -> None:
-    """`decide_held` chunk by chunk. If the journal fails, every ticket not yet appended
+def decide_all(coordinator: Coordinator, tickets: list[Ticket], turns: Mapping[str, TurnAccount]) -> None:
+    """`decide_in_turn` chunk by chunk. If the journal fails, every ticket not yet appended
     is released with the failure (the writer releases the appended ones), and it raises."""
     for first in range(0, len(tickets), CHUNK_REQUESTS_MAX):
         try:
-            decide_held(coordinator, tickets[first : first + CHUNK_REQUESTS_MAX], held)
+            decide_in_turn(coordinator, tickets[first : first + CHUNK_REQUESTS_MAX], turns)
         except JournalError as error:  # that chunk is failed; the later ones never started
             _fail(coordinator, tickets[first + CHUNK_REQUESTS_MAX :], error)
             raise
 
 
-def decide_held(coordinator: Coordinator, tickets: list[Ticket], held: Mapping[str, HeldAccount]) -> None:
+def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mapping[str, TurnAccount]) -> None:
     """Decide claimed tickets in order, on this thread, which holds the turn of every
     account they name that exists, and journal them all in one block.
 
@@ -163,7 +164,7 @@ def decide_held(coordinator: Coordinator, tickets: list[Ticket], held: Mapping[s
             request = ticket.request
             tid, source_id, destination_id, amount = request.id, request.source, request.destination, request.amount
             lsn += 1
-            source, destination = held.get(source_id), held.get(destination_id)
+            source, destination = turns.get(source_id), turns.get(destination_id)
             if source is None or destination is None:  # unknown: the rules say which
                 code = refusal_of_accounts(accounts.get(source_id), accounts.get(destination_id))
                 assert code is not None
@@ -210,17 +211,17 @@ def _fail(coordinator: Coordinator, tickets: list[Ticket], error: JournalError) 
         coordinator.fail(ticket, error)
 
 
-def _catch_up(account: HeldAccount, projected: AccountState) -> None:
+def _catch_up(account: TurnAccount, projected: AccountState) -> None:
     """Apply the entries waiting in the account's mailbox: then it agrees with the projection."""
     account.catch_up()
     assert account.state == projected, (account.state, projected)
 
 
-def hold(coordinator: Coordinator, names: list[str]) -> Mapping[str, HeldAccount] | None:
+def take_turns(coordinator: Coordinator, names: list[str]) -> Mapping[str, TurnAccount] | None:
     """Pin every named account that exists and take its turn, or (if any is busy) nothing at all."""
-    return coordinator.participants.hold_many(names, all_or_none=True)
+    return coordinator.participants.take_turns(names, all_or_none=True)
 
 
-def release(coordinator: Coordinator, held: Mapping[str, HeldAccount]) -> None:
-    """Give back the turns taken by `hold` and unpin the accounts."""
-    coordinator.participants.release_many(held)
+def give_back_turns(coordinator: Coordinator, turns: Mapping[str, TurnAccount]) -> None:
+    """Give back the turns taken by `take_turns` and unpin the accounts."""
+    coordinator.participants.give_back_turns(turns)

@@ -1,4 +1,4 @@
-"""The held decision paths: a batch, or combined single transfers, decided by the thread
+"""The in-turn decision paths: a batch, or combined single transfers, decided by the thread
 holding their accounts' turns; and how they fail."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from coordinator import _coordinator
-from coordinator._held import decide_held, hold, release
+from coordinator._turns import decide_in_turn, give_back_turns, take_turns
 from coordinator._limits import CHUNK_REQUESTS_MAX
 from coordinator._sequencer import Sequencer
 from coordinator._values import stamped_transfer
@@ -46,12 +46,12 @@ def test_drain_only_handles_one_kind_in_order_and_leaves_the_rest_queued_in_orde
         log = Log(expected=6)
         ref = Recorder.spawn(dispatcher, log)
         inbox: Any = ref.actor_inbox
-        assert inbox.try_hold()
+        assert inbox.try_take_turn()
         for message in (1, "a", 2, "b", 3, "c"):
             assert not inbox.put_deferred(message)  # the turn is held here: nothing runs
         inbox.drain_only(int)
         assert log.seen == [1, 2, 3]
-        inbox.unhold()  # the rest goes to the dispatcher
+        inbox.give_back_turn()  # the rest goes to the dispatcher
         assert log.all_seen.wait(WAIT_S)
         assert log.seen == [1, 2, 3, "a", "b", "c"]
         assert log.overlaps == 0
@@ -91,7 +91,7 @@ def test_a_batch_longer_than_a_chunk_is_decided_in_order_across_chunks(ledger: L
     assert gapless(ledger, "a") and gapless(ledger, "b")
 
 
-def test_a_credit_past_the_maximum_in_a_batch_is_refused_and_releases_the_hold(ledger: Ledger) -> None:
+def test_a_credit_past_the_maximum_in_a_batch_is_refused_and_leaves_the_funds(ledger: Ledger) -> None:
     ledger.create_account("bank", currency="USD", overdraft_limit=None)
     ledger.create_account("big", currency="USD")
     ledger.create_account("bank2", currency="USD", overdraft_limit=None)
@@ -100,7 +100,7 @@ def test_a_credit_past_the_maximum_in_a_batch_is_refused_and_releases_the_hold(l
     ledger.transfer("fund", source="bank2", destination="small", amount=5)
     results = ledger.transfer_many([
         TransferRequest("over", "small", "big", 1),
-        TransferRequest("after", "small", "bank2", 5),  # needs the hold of "over" released
+        TransferRequest("after", "small", "bank2", 5),  # needs the funds "over" did not take
     ])
     assert isinstance(results[0], BalanceOverflow)
     assert isinstance(results[1], Transfer)
@@ -110,7 +110,7 @@ def test_a_credit_past_the_maximum_in_a_batch_is_refused_and_releases_the_hold(l
         ledger.transfer("over", source="small", destination="big", amount=1)
 
 
-def test_entries_committed_meanwhile_to_a_held_account_are_applied_before_it_decides(ledger: Ledger) -> None:
+def test_entries_committed_meanwhile_to_an_account_in_turn_are_applied_before_it_decides(ledger: Ledger) -> None:
     """A concurrent transfer credits an account whose turn the batch holds: the entry waits
     in its mailbox, and the batch applies it before deciding a debit that needs it."""
     ledger.create_account("bank", currency="USD", overdraft_limit=None)
@@ -118,8 +118,8 @@ def test_entries_committed_meanwhile_to_a_held_account_are_applied_before_it_dec
         ledger.create_account(name, currency="USD")
     ledger.transfer("fund-c", source="bank", destination="c", amount=7)
     coordinator = ledger._coordinator
-    held = hold(coordinator, ["a", "b"])
-    assert held is not None
+    turns = take_turns(coordinator, ["a", "b"])
+    assert turns is not None
     try:
         credited: list[Transfer] = []
         crediting = threading.Thread(
@@ -130,9 +130,9 @@ def test_entries_committed_meanwhile_to_a_held_account_are_applied_before_it_dec
         assert credited  # durable, while a's entry still waits in a's mailbox
         ticket, fresh = coordinator.claims.claim(TransferRequest("spend", "a", "b", 7))
         assert fresh
-        decide_held(coordinator, [ticket], held)  # type: ignore[list-item]
+        decide_in_turn(coordinator, [ticket], turns)  # type: ignore[list-item]
     finally:
-        release(coordinator, held)
+        give_back_turns(coordinator, turns)
     assert ticket.wait(WAIT_S)
     assert isinstance(ticket.value, Transfer)
     coordinator.claims.release(ticket)  # type: ignore[arg-type]
@@ -159,10 +159,10 @@ def test_the_id_filter_never_forgets_an_id_and_rarely_claims_a_new_one_seen() ->
 TIMEOUT_S = 3.0
 
 
-def test_a_bug_in_the_combiners_held_path_does_not_strand_later_transfers(
+def test_a_bug_in_the_combiners_in_turn_path_does_not_strand_later_transfers(
     ledger_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A bug in the combiner's held path fails its own callers, never the transfers after it."""
+    """A bug in the combiner's in-turn path fails its own callers, never the transfers after it."""
     with Ledger.open(ledger_path, timeout_s=TIMEOUT_S) as ledger:
         ledger.create_account("bank", currency="USD", overdraft_limit=None)
         ledger.create_account("alice", currency="USD")
@@ -172,7 +172,7 @@ def test_a_bug_in_the_combiners_held_path_does_not_strand_later_transfers(
         def buggy_once(*args: object) -> None:
             calls.append(1)
             if len(calls) == 1:
-                raise AssertionError("stand-in for a failed check in decide_held (e.g. _catch_up)")
+                raise AssertionError("stand-in for a failed check in decide_in_turn (e.g. _catch_up)")
             real(*args)  # type: ignore[arg-type]
 
         monkeypatch.setattr(_coordinator, "decide_all", buggy_once)
