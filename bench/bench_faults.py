@@ -371,9 +371,9 @@ def _use(ledger: object, truth: dict, requests: list[TransferRequest]) -> dict:
     ledger.transfer("fault-probe-2", source=first, destination=second, amount=3)  # type: ignore[attr-defined]
     after = read_all(ledger, requests)
     expected = {a: b for a, b in truth["balances"].items()}
-    expected["bank"] = [expected["bank"][0] - 7, 0, expected["bank"][0] - 7]
-    expected[first] = [expected[first][0] + 4, 0, expected[first][0] + 4]
-    expected[second] = [expected[second][0] + 3, 0, expected[second][0] + 3]
+    expected["bank"] = [expected["bank"][0] - 7, 0, expected["bank"][0] - 7, 0]
+    expected[first] = [expected[first][0] + 4, 0, expected[first][0] + 4, 0]
+    expected[second] = [expected[second][0] + 3, 0, expected[second][0] + 3, 0]
     if after["balances"] != expected or after["transfers"] != truth["transfers"]:
         seen["different"] = ["after a new transfer"]
     return seen

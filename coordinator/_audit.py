@@ -13,11 +13,12 @@ the engine reports. The checks, each named in the report:
    (`rules.decide`) and it must be what was stamped;
 3. checkpoints agree with the records before them;
 4. money is conserved: posted balances sum to zero;
-5. each committed transfer has exactly two entries, on its source and its
-   destination, summing to zero (the entry index against the commit records:
+5. each transfer that moves money (a single one, a post) has exactly two entries, on
+   its source and its destination, summing to zero (the entry index against the commit records:
    every commit before the newest checkpoint has both entries indexed, exactly
    as the record stamps them; see `coordinator._entries`);
-6. the transfer and account indexes point at the records that made them (and the
+6. the transfer and account indexes point at the records that made them (an id at its
+   commit or refusal, a resolved pending transfer at what resolved it; and the
    checkpoints index names the last checkpoint record);
 7. no reservation is left: reservations are never journaled, so none survives a crash.
 """
@@ -34,19 +35,21 @@ from journal import Journal, JournalCorruptedError
 
 from coordinator._entries import Rows, commit_rows, decode_entry, entry_rows, newest_checkpoint_lsn, unindexed_entries
 from coordinator._errors import JournalCorrupted
+from coordinator._history import Checkpointed, Committed, Expired, Refused, named_record, typed
 from coordinator._records import (
     ACCOUNTS_INDEX,
-    CHECKPOINT,
-    COMMIT,
+    DIGEST_MARK,
     ENTRIES_INDEX,
-    REJECT,
+    RESOLUTION_MARK,
     TRANSFERS_INDEX,
     decode,
     id_key,
+    resolution_key,
     value_lsn,
 )
 from coordinator._recovery import Recovered, replay
-from coordinator._values import Account
+from coordinator._state import Pending
+from coordinator._values import Account, Resolution
 
 CHECK_FILE = "the data file is sound (meta pages, every page, the free list, every index entry) and is the one its anchor names"
 CHECK_RECORDS = "every record's checksum is valid and every LSN is present once, in order"
@@ -76,7 +79,7 @@ class AuditReport:
 
 def _replay_failure(error: JournalCorrupted) -> str:
     text = str(error)
-    if "checksum" in text or "missing" in text or "does not decode" in text or "shape" in text or "version" in text:
+    if any(word in text for word in ("checksum", "missing", "does not decode", "shape", "version", "timestamp")):
         return CHECK_RECORDS
     if "the rules" in text:
         return CHECK_LIMITS
@@ -132,29 +135,40 @@ def _cross_check(journal: Journal, books: Recovered) -> tuple[str | None, str | 
 
     An entry may be missing from the index only if no checkpoint record follows its
     commit (the next checkpoint writes it); the checkpoints index must name the last
-    checkpoint record, since readers trust it to tell where the unindexed entries start."""
-    commits = rejects = indexed = last_checkpoint = 0
+    checkpoint record, since readers trust it to tell where the unindexed entries start.
+    The transfers index holds one key per id a commit or refusal used, and one per pending
+    transfer resolved (posted, voided, expired), each naming that record."""
+    named = indexed = last_checkpoint = commits = 0
     missing: list[str] = []
     """Entries absent from the index, since the last checkpoint record met."""
     with journal.snapshot() as txn:
         for lsn, payload in journal.scan(0, txn):
-            record = decode(lsn, payload)
-            kind = record[0]
-            if kind == CHECKPOINT:
+            raw = decode(lsn, payload)
+            record = typed(lsn, raw)
+            if isinstance(record, Checkpointed):
                 if missing:
                     return missing[0], None
                 last_checkpoint = lsn
-            if kind not in (COMMIT, REJECT):
                 continue
-            tid = record[1]
-            stored = journal.index_get(TRANSFERS_INDEX, id_key(tid), txn)
-            if stored is None or value_lsn(stored) != lsn:
-                return None, f"the transfer index does not point {tid!r} at LSN {lsn}"
-            if kind == REJECT:
-                rejects += 1
+            keys: list[tuple[bytes, str]] = []
+            if isinstance(record, (Committed, Refused)):
+                keys += ((id_key(request.id), repr(request.id)) for request in record.requests)
+            if isinstance(record, Committed):
+                keys += ((resolution_key(request.pending_id), f"the resolution of {request.pending_id!r}")
+                         for request in record.requests if type(request) is Resolution)
+            elif isinstance(record, Expired):
+                keys += ((resolution_key(pending_id), f"the resolution of {pending_id!r}")
+                         for pending_id in record.pending_ids)
+            for key, what in keys:
+                stored = journal.index_get(TRANSFERS_INDEX, key, txn)
+                if stored is None or len(stored) != 8 or value_lsn(stored) != lsn:
+                    return None, f"the transfer index does not point {what} at LSN {lsn}"
+            named += len(keys)
+            if not isinstance(record, Committed):
                 continue
             commits += 1
-            for key, value in commit_rows(lsn, record):
+            tid = record.transfer.id
+            for key, value in commit_rows(lsn, raw):
                 stored = journal.index_get(ENTRIES_INDEX, key, txn)
                 if stored is None:
                     missing.append(f"transfer {tid!r} at LSN {lsn} lacks its entry {key!r}")
@@ -168,28 +182,44 @@ def _cross_check(journal: Journal, books: Recovered) -> tuple[str | None, str | 
         checkpoint_lsn = newest_checkpoint_lsn(journal, txn)
     if entries != indexed:
         return f"{entries} entries are indexed, {indexed} of them for the {commits} committed transfers", None
-    if transfers != commits + rejects or accounts != len(books.accounts):
-        return None, f"the indexes hold {transfers} transfers and {accounts} accounts; the records {commits + rejects} and {len(books.accounts)}"
+    if transfers != named or accounts != len(books.accounts):
+        return None, (f"the indexes hold {transfers} transfer keys and {accounts} accounts; the records {named} and "
+                      f"{len(books.accounts)}")
     if checkpoint_lsn != last_checkpoint:
         return None, f"the checkpoints index names LSN {checkpoint_lsn}, the last checkpoint record is at LSN {last_checkpoint}"
     return None, None
 
 
-def state_hash(journal: Journal, accounts: Iterable[Account], txn: Any | None = None, unindexed: Rows | None = None) -> str:
-    """SHA-256 over every account and all its entries (seq, transfer, amount, balance),
-    in account-id order. LSNs are left out, so a replay into a fresh ledger hashes the same.
+def state_hash(journal: Journal, accounts: Iterable[Account], pending: Iterable[Pending], txn: Any | None = None,
+               unindexed: Rows | None = None) -> str:
+    """SHA-256 over every account and all its entries (seq, transfer, amount, balance), in
+    account-id order, then the open pending transfers (`pending`) and what became of each
+    resolved one, in id order. LSNs and timestamps are left out, so a replay into a fresh
+    ledger hashes the same (and a ledger without pending transfers, codes or metadata hashes
+    as it did before they existed).
 
     `unindexed`: the entries the index does not hold yet, as the writing process keeps
     them (taken before `txn` opens); by default they are derived from the records of `txn`."""
     if txn is None:
         with journal.snapshot() as txn:
-            return state_hash(journal, accounts, txn, unindexed)
+            return state_hash(journal, accounts, pending, txn, unindexed)
     if unindexed is None:
         unindexed = unindexed_entries(journal, txn)
     digest = hashlib.sha256()
     for account in sorted(accounts, key=lambda a: a.id):
-        digest.update(msgpack.packb([account.id, account.currency, account.overdraft_limit]))
+        fields: list[Any] = [account.id, account.currency, account.overdraft_limit]
+        if account.code or account.metadata is not None:
+            fields += (account.code, None if account.metadata is None else sorted(account.metadata.items()))
+        digest.update(msgpack.packb(fields))
         for row in entry_rows(journal, account.id, unindexed.get(account.id, ()), txn=txn):
-            _seq, transfer_id, amount, balance, _lsn = decode_entry(account.id, row)
+            _seq, transfer_id, amount, balance, _lsn, _timestamp = decode_entry(account.id, row)
             digest.update(msgpack.packb([row[0][-8:], transfer_id, amount, balance]))
+    for found in sorted(pending, key=lambda p: p.id):
+        digest.update(msgpack.packb(["pending", found.id, found.source, found.destination, found.amount, found.code]))
+    for key, lsn in journal.index_range(TRANSFERS_INDEX, RESOLUTION_MARK, DIGEST_MARK, None, txn):
+        record = named_record(journal, key, value_lsn(lsn), txn)
+        status = "expired" if isinstance(record, Expired) else next(
+            "voided" if request.void else "posted" for request in record.requests
+            if type(request) is Resolution and resolution_key(request.pending_id) == key)
+        digest.update(msgpack.packb([key, status]))
     return digest.hexdigest()

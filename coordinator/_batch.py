@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING
 
-from coordinator._claims import Outcome, Ticket, lsn_of, result_of
+from coordinator._claims import Prior, Ticket, lsn_of, result_of
 from coordinator._errors import LedgerError, LedgerTimeout
 from coordinator._validate import check_transfer
 from coordinator._values import Transfer, TransferRequest
@@ -37,7 +37,7 @@ class Batch:
         self._coordinator = coordinator
         self._requests = list(requests)
         self._deadline = time.monotonic() + timeout_s
-        self._results: list[Outcome | Ticket | LedgerError | None] = [None] * len(self._requests)
+        self._results: list[Prior | LedgerError | None] = [None] * len(self._requests)
         self._fresh: list[Ticket] = []
         self._lock = threading.Lock()
         self._ready: deque[int] = deque()
@@ -112,7 +112,7 @@ class Batch:
             return
         self._decided(i, claim)
 
-    def _decided(self, i: int, outcome: Outcome | Ticket) -> None:
+    def _decided(self, i: int, outcome: Prior) -> None:
         with self._lock:
             self._results[i] = outcome
             self._undecided -= 1

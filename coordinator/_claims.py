@@ -11,26 +11,28 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from itertools import islice
-from typing import Any, NamedTuple, cast
+from typing import Any, Union, cast
 
-from journal import Completion, Journal, JournalCorruptedError, JournalError
+from journal import Completion, Journal, JournalError
 
-from coordinator._errors import REJECTIONS, IdempotencyConflict, JournalCorrupted, LedgerError, LedgerUnavailable
+from coordinator._errors import (
+    REJECTIONS,
+    IdempotencyConflict,
+    JournalCorrupted,
+    LedgerError,
+    LedgerUnavailable,
+    LinkedTransferFailed,
+)
+from coordinator._history import Committed, Refused, named_record, transfer_record
 from coordinator._idfilter import IdFilter
 from coordinator._limits import CLAIM_STRIPES, INDEX_KEYS_PER_SNAPSHOT, KEY_BYTES_MAX
-from coordinator._records import COMMIT, DIGEST_MARK, REJECT, TRANSFERS_INDEX, decode, id_key, value_lsn
-from coordinator._values import Transfer, TransferRequest
+from coordinator._records import DIGEST_MARK, RESOLUTION_MARK, TRANSFERS_INDEX, id_key, value_lsn
+from coordinator._values import Request, Transfer
 
-
-class Refusal(NamedTuple):
-    """A journaled rejection: it consumes the id, and a retry gets the same error class."""
-
-    request: TransferRequest
-    code: str
-    lsn: int
-
-
-Outcome = Transfer | Refusal
+Decided = Transfer | tuple[Transfer, ...] | Refused
+"""A ticket's decision: the transfer (one request), the transfers (a chain), or the refusal."""
+Prior = Union["Ticket", Committed, Refused]
+"""What an id already has: the ticket of its decision in flight, or its journaled outcome."""
 _STRIPE_MASK = CLAIM_STRIPES - 1
 _RAW_KEY_CHARS = KEY_BYTES_MAX // 4
 """An id of at most this many characters is its own index key (in UTF-8, 4 bytes a character at most)."""
@@ -56,58 +58,117 @@ _completion_init = Completion.__init__
 
 
 class Ticket(Completion):
-    """The claim on a transfer id while its protocol runs. `value` becomes its Outcome."""
+    """The claim on the ids of a decision in flight: one request's, or every leg's of a linked
+    chain. `value` becomes its `Decided`."""
 
-    __slots__ = ("request", "stripe", "on_decided")
+    __slots__ = ("request", "requests", "linked", "stripe", "on_decided")
 
-    def __init__(self, request: TransferRequest, stripe: int, relayed: bool = False) -> None:
+    def __init__(self, requests: tuple[Request, ...], stripe: int, relayed: bool = False, linked: bool = False) -> None:
         _completion_init(self, None, relayed)  # not `super().__init__(relayed=...)`: half the cost, once a transfer
-        self.request = request
+        self.request = requests[0]
+        """The first request (a decision of one request: the request)."""
+        self.requests = requests
+        self.linked = linked
+        """True for `transfer_linked`'s chain (even of one transfer): refused, it is a `LinkedTransferFailed`."""
         self.stripe = stripe
-        """The claims stripe its id belongs to."""
+        """The claims stripe of the first request's id."""
         self.on_decided: Callable[[Ticket], None] | None = None
         """Called once, on the deciding thread, when the outcome is known (not yet durable)."""
 
 
-def refusal_error(refusal: Refusal) -> LedgerError:
-    request = refusal.request
-    cls = REJECTIONS[refusal.code]
-    return cls(
-        f"transfer {request.id!r} of {request.amount} from {request.source!r} to "
-        f"{request.destination!r} was refused: {refusal.code}"
-    )
+def refusal_error(refused: Refused) -> LedgerError:
+    """The error a refusal raises: its code's class, or for a chain `LinkedTransferFailed`."""
+    request = refused.request
+    cls = REJECTIONS[refused.code]
+    cause = cls(f"transfer {request.id!r} ({_shown_request(request)}) was refused: {refused.code}")
+    if not refused.linked:
+        return cause
+    return LinkedTransferFailed(f"linked transfer {refused.index} of {len(refused.requests)} ({request.id!r}) was "
+                                f"refused: {refused.code}; none of the chain moved", refused.index, cause)
 
 
-def settle(request: TransferRequest, outcome: Outcome) -> Transfer:
-    """The caller's result for `request` given the id's outcome: a Transfer, or raise."""
-    prior = outcome.request if isinstance(outcome, Refusal) else outcome
-    if (prior.source, prior.destination, prior.amount) != (request.source, request.destination, request.amount):
-        raise IdempotencyConflict(
-            f"transfer id {request.id!r} was already used for {prior.amount} from "
-            f"{prior.source!r} to {prior.destination!r}"
-        )
-    if isinstance(outcome, Refusal):
-        raise refusal_error(outcome)
-    return outcome
+def _shown_request(request: Request) -> str:
+    if type(request) is Transfer or hasattr(request, "source"):
+        return f"{request.amount} from {request.source!r} to {request.destination!r}"  # type: ignore[union-attr]
+    verb = "void" if request.void else "post"  # type: ignore[union-attr]
+    return f"{verb} of pending transfer {request.pending_id!r}"  # type: ignore[union-attr]
 
 
-def ticket_outcome(ticket: Ticket) -> Outcome:
+def _conflict(request: Request, prior: Request | None) -> IdempotencyConflict:
+    if prior is None:
+        return IdempotencyConflict(f"transfer id {request.id!r} was already used in another linked chain")
+    return IdempotencyConflict(f"transfer id {request.id!r} was already used for {_differs(prior, request)}")
+
+
+def _differs(prior: Request, request: Request) -> str:
+    """The earlier request, with the fields a retry changed named."""
+    if type(prior) is not type(request):
+        return f"another kind of request ({_shown_request(prior)})"
+    changed = [name for name in prior.__slots__ if getattr(prior, name) != getattr(request, name)]  # type: ignore[union-attr]
+    return f"{_shown_request(prior)}; the retry differs in {', '.join(changed)}"
+
+
+def ticket_outcome(ticket: Ticket) -> Decided:
     """The decided outcome of a ticket, or raise the error that kept it from being durable."""
     if ticket.error is not None:
         if isinstance(ticket.error, LedgerError):
             raise ticket.error
         raise LedgerUnavailable(f"the journal failed: {ticket.error}") from ticket.error
     assert ticket.value is not None, "a resolved ticket carries its outcome"
-    return cast(Outcome, ticket.value)
+    return cast(Decided, ticket.value)
 
 
-def lsn_of(result: Outcome | Ticket | LedgerError | None) -> int:
+def _transfers(value: Decided | Committed) -> tuple[Transfer, ...]:
+    if type(value) is Transfer:
+        return (value,)
+    return value.transfers if isinstance(value, Committed) else value  # type: ignore[return-value]
+
+
+def settle(request: Request, prior: Prior) -> Transfer:
+    """The caller's answer for `request` given what its id has (a ticket it waited on, or a
+    journaled outcome): the Transfer, or raise its refusal; `IdempotencyConflict` if the
+    request differs from the one that used the id."""
+    value: Decided | Committed = ticket_outcome(prior) if type(prior) is Ticket else prior  # type: ignore[assignment]
+    if type(value) is Transfer and type(prior) is Ticket and prior.request is request:
+        return value  # this very request's own decision: nothing to compare
+    requests = prior.requests
+    index = next((i for i, made in enumerate(requests) if made.id == request.id), None)
+    assert index is not None, (request.id, requests)
+    if requests[index] != request:
+        raise _conflict(request, requests[index])
+    if isinstance(value, Refused):
+        raise refusal_error(value)
+    return _transfers(value)[index]
+
+
+def settle_chain(requests: tuple[Request, ...], priors: list[Prior | None]) -> list[Transfer]:
+    """`settle` for a linked chain some of whose ids were used (`priors`: what each id has,
+    None if it is new): by this very chain (then its outcome), or else `IdempotencyConflict`."""
+    first = priors[0]
+    for request, prior in zip(requests, priors, strict=True):
+        if prior is None or first is None or (prior is not first and (
+                type(prior) is Ticket or type(first) is Ticket or prior.lsn != first.lsn)):  # type: ignore[union-attr]
+            raise _conflict(request if prior is not None else requests[0], None)
+    prior = first
+    assert prior is not None  # the loop raised otherwise
+    if not prior.linked or prior.requests != requests:
+        made = next((made for made in prior.requests if made.id == requests[0].id), None)
+        raise _conflict(requests[0], made if made is not None and len(requests) == 1 else None)
+    value: Decided | Committed = ticket_outcome(prior) if type(prior) is Ticket else prior  # type: ignore[assignment]
+    if isinstance(value, Refused):
+        raise refusal_error(value)
+    return list(_transfers(value))
+
+
+def lsn_of(result: Prior | LedgerError | None) -> int:
     """The journal position a batch result waits for (0 if it wrote nothing)."""
     value: object = result.value if isinstance(result, Ticket) else result
+    if type(value) is tuple:
+        value = value[0]
     return int(getattr(value, "lsn", 0))
 
 
-def result_of(request: TransferRequest, result: Outcome | Ticket | LedgerError | None) -> Transfer | LedgerError:
+def result_of(request: Request, result: Prior | LedgerError | None) -> Transfer | LedgerError:
     """A batch item's answer: the Transfer, or the LedgerError it would have raised."""
     if type(result) is Ticket and result.request is request and result.error is None and type(result.value) is Transfer:
         return result.value  # this very request's own commit: nothing to compare
@@ -115,28 +176,16 @@ def result_of(request: TransferRequest, result: Outcome | Ticket | LedgerError |
         return result
     assert result is not None
     try:
-        return settle(request, ticket_outcome(result) if isinstance(result, Ticket) else result)
+        return settle(request, result)
     except LedgerError as error:
         return error
 
 
-def decode_outcome(lsn: int, payload: bytes) -> Outcome:
-    return outcome_of(lsn, decode(lsn, payload))
-
-
-def outcome_of(lsn: int, record: list[Any]) -> Outcome:
-    """The outcome a decoded commit or refusal record at `lsn` holds."""
-    request = TransferRequest(record[1], record[2], record[3], record[4])
-    if record[0] == COMMIT:
-        return Transfer(request.id, request.source, request.destination, request.amount, lsn)
-    return Refusal(request, record[5], lsn)
-
-
 def check_ids_against_records(journal: Journal) -> int:
     """Read every entry of the transfers index and the record it names, and check the record
-    is that id's commit or refusal; return how many. For ledgers whose index entries carry no
-    checksum (format 1): there, a damaged key would hide an id, and a retry of it would run
-    again. Reads a chunk of entries per snapshot."""
+    is that id's outcome (or what resolved that pending transfer); return how many. For
+    ledgers whose index entries carry no checksum (format 1): there, a damaged key would hide
+    an id, and a retry of it would run again. Reads a chunk of entries per snapshot."""
     after: bytes | None = None
     checked = 0
     while True:
@@ -147,45 +196,11 @@ def check_ids_against_records(journal: Journal) -> int:
                 if value is None or len(value) != 8:
                     raise JournalCorrupted(f"the transfers index entry {key!r} does not hold an LSN",
                                            where="the transfers index")
-                _named_record(journal, key, value_lsn(value), txn)
+                named_record(journal, key, value_lsn(value), txn)
         checked += len(keys)
         if len(keys) < INDEX_KEYS_PER_SNAPSHOT:
             return checked
         after = keys[-1]
-
-
-def _named_record(journal: Journal, key: bytes, lsn: int, txn: Any) -> list[Any]:
-    """The commit or refusal record at `lsn`, which the transfers index names for `key`;
-    `JournalCorrupted` if it is missing, damaged, or another id's (the pair check of an index
-    entry against the record it points at)."""
-    try:
-        payload = journal.read(lsn, txn)
-    except JournalCorruptedError as error:
-        raise JournalCorrupted(str(error), error.lsn) from error
-    if payload is None:
-        raise JournalCorrupted(f"journal corrupted: the transfers index points {key!r} at LSN {lsn}, which is missing",
-                               lsn)
-    record = decode(lsn, payload)
-    if record[0] not in (COMMIT, REJECT) or id_key(record[1]) != key:
-        raise JournalCorrupted(f"journal corrupted: the transfers index points {key!r} at LSN {lsn}, "
-                               "which is another record", lsn)
-    return record
-
-
-def transfer_record(journal: Journal, tid: str, txn: Any | None = None) -> tuple[int, list[Any]] | None:
-    """The LSN and decoded record of the commit or refusal of `tid`, from the transfers index
-    (no scan), checked against each other; None if the id was never used."""
-    if txn is None:
-        with journal.snapshot() as txn:
-            return transfer_record(journal, tid, txn)
-    key = id_key(tid)
-    value = journal.index_get(TRANSFERS_INDEX, key, txn)
-    if value is None:
-        return None
-    if len(value) != 8:
-        raise JournalCorrupted(f"the transfers index entry of {tid!r} does not hold an LSN", where="the transfers index")
-    lsn = value_lsn(value)
-    return lsn, _named_record(journal, key, lsn, txn)
 
 
 class Claims:
@@ -225,6 +240,8 @@ class Claims:
                 with journal.snapshot() as txn:
                     keys = list(islice(journal.index_keys(TRANSFERS_INDEX, txn, after), INDEX_KEYS_PER_SNAPSHOT))
                 for key in keys:
+                    if key[:1] == RESOLUTION_MARK:
+                        continue  # what resolved a pending transfer: not an id
                     h = key_hash(key)
                     stripe = h & _STRIPE_MASK
                     with self._locks[stripe]:
@@ -244,21 +261,19 @@ class Claims:
         self._warming.join(timeout_s)
         return self._warm
 
-    def claim(self, request: TransferRequest, relayed: bool = False) -> tuple[Ticket | Outcome, bool]:
+    def claim(self, request: Request, relayed: bool = False) -> tuple[Ticket | Prior, bool]:
         """Claim `request.id`: (new ticket, True), or (the existing ticket or outcome, False).
         A relayed ticket is for a caller that waits on it (see `journal.Completion`)."""
         fresh: list[Ticket] = []
         (claimed,) = self.claim_many((request,), fresh, relayed)
         return claimed, bool(fresh)
 
-    def claim_many(
-        self, requests: Sequence[TransferRequest], fresh: list[Ticket], relayed: bool = False
-    ) -> list[Ticket | Outcome]:
+    def claim_many(self, requests: Sequence[Request], fresh: list[Ticket], relayed: bool = False) -> list[Prior]:
         """`claim` each request, in order: its new ticket (also appended to `fresh`), or the
         ticket or outcome its id already has (a request repeated in `requests` finds the
         ticket its first occurrence got)."""
         filters, inflight, warm = self._filters, self._inflight, self._warm
-        claimed: list[Ticket | Outcome] = []
+        claimed: list[Prior] = []
         locks = self._locks_for(len(requests), lambda: id_hash(requests[0].id) & _STRIPE_MASK)
         for lock in locks:
             lock.acquire()  # not `with`: on CPython 3.11 it costs three times as much
@@ -274,7 +289,7 @@ class Claims:
                         if outcome is not None:
                             claimed.append(outcome)
                             continue
-                    ticket = Ticket(request, stripe, relayed)
+                    ticket = Ticket((request,), stripe, relayed)
                     inflight[tid] = ticket
                     fresh.append(ticket)
                 claimed.append(ticket)
@@ -283,19 +298,53 @@ class Claims:
                 lock.release()
         return claimed
 
+    def claim_chain(self, requests: tuple[Request, ...], relayed: bool = False) -> Ticket | list[Prior | None]:
+        """Claim every id of a linked chain at once: one new ticket for them all if every id is
+        new, else what each id already has (None for a new one), claiming nothing."""
+        filters, inflight = self._filters, self._inflight
+        found: list[Prior | None] = []
+        hashes = [id_hash(request.id) for request in requests]
+        locks = [self._locks[stripe] for stripe in sorted({h & _STRIPE_MASK for h in hashes})]  # in order: no deadlock
+        for lock in locks:
+            lock.acquire()
+        try:
+            warm = self._warm
+            for request, h in zip(requests, hashes, strict=True):
+                prior: Prior | None = inflight.get(request.id)
+                if prior is None and (filters[h & _STRIPE_MASK].might_contain(h >> 6) or not warm):
+                    prior = self.lookup(request.id)
+                found.append(prior)
+            if any(prior is not None for prior in found):
+                return found
+            ticket = Ticket(requests, hashes[0] & _STRIPE_MASK, relayed, linked=True)
+            for request, h in zip(requests, hashes, strict=True):
+                filters[h & _STRIPE_MASK].check_and_add(h >> 6)
+                inflight[request.id] = ticket
+            return ticket
+        finally:
+            for lock in locks:
+                lock.release()
+
     def _locks_for(self, count: int, stripe_of_one: Callable[[], int]) -> Sequence[threading.Lock]:
         """The locks to take for `count` ids: the one's stripe's (`stripe_of_one()`), or every
         stripe's for more (in order, so never a deadlock): a batch of 1,000 then takes 64
         locks once, not a lock 1,000 times."""
         return (self._locks[stripe_of_one()],) if count == 1 else self._locks
 
-    def lookup(self, tid: str, txn: Any | None = None) -> Outcome | None:
-        """The durable outcome of `tid`, from the transfer index (no scan)."""
-        if txn is None:
-            with self._journal.snapshot() as txn:
-                return self.lookup(tid, txn)
-        found = transfer_record(self._journal, tid, txn)
-        return None if found is None else outcome_of(*found)
+    def _ticket_locks(self, tickets: Sequence[Ticket]) -> Sequence[threading.Lock]:
+        """The stripe locks of every id of `tickets`, in order (every lock, for many)."""
+        if len(tickets) == 1 and len(tickets[0].requests) == 1:
+            return (self._locks[tickets[0].stripe],)
+        if len(tickets) > 1:
+            return self._locks
+        if not tickets:
+            return ()
+        return [self._locks[stripe] for stripe in sorted({id_hash(request.id) & _STRIPE_MASK
+                                                           for request in tickets[0].requests})]
+
+    def lookup(self, tid: str, txn: Any | None = None) -> Committed | Refused | None:
+        """The durable outcome of `tid`, from the transfers index (no scan)."""
+        return transfer_record(self._journal, tid, txn)
 
     def release(self, ticket: Ticket) -> None:
         """Forget a ticket once it is durable (the index answers from now on) or failed."""
@@ -304,14 +353,17 @@ class Claims:
     def release_many(self, tickets: Sequence[Ticket]) -> None:
         """`release` of each."""
         inflight = self._inflight
-        locks = self._locks_for(len(tickets), lambda: tickets[0].stripe)
+        locks = self._ticket_locks(tickets)
         for lock in locks:
             lock.acquire()  # not `with`: see `claim_many`
         try:
             for ticket in tickets:
-                tid = ticket.request.id
-                if inflight.get(tid) is ticket and ticket.done:
-                    del inflight[tid]
+                if not ticket.done:
+                    continue
+                for request in ticket.requests:
+                    tid = request.id
+                    if inflight.get(tid) is ticket:
+                        del inflight[tid]
         finally:
             for lock in locks:
                 lock.release()
@@ -328,7 +380,13 @@ class Claims:
 
     def abandon(self, ticket: Ticket) -> None:
         """Drop a ticket whose protocol never started; nothing was written for it."""
-        tid = ticket.request.id
-        with self._locks[ticket.stripe]:
-            if self._inflight.get(tid) is ticket:
-                del self._inflight[tid]
+        locks = self._ticket_locks((ticket,))
+        for lock in locks:
+            lock.acquire()
+        try:
+            for request in ticket.requests:
+                if self._inflight.get(request.id) is ticket:
+                    del self._inflight[request.id]
+        finally:
+            for lock in locks:
+                lock.release()

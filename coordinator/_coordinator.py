@@ -1,18 +1,30 @@
 """The transfer coordinator: the two-phase protocol, from request to durable outcome.
 
-Data flow of one transfer (threads in brackets):
+Every decision is a ticket: the claim on its ids and, once decided, its outcome. A ticket
+holds one request (a transfer; a post or a void of a pending transfer) or the legs of a
+linked chain, and every path decides it the same way: the sequencer asks the rules
+(`coordinator._rules`) under its lock, journals the record and hands each account what the
+decision did to it. What differs between paths is who holds the accounts' turns meanwhile,
+so how that reaches the accounts.
 
-1. [caller] validate; claim the id (or find its earlier outcome); check both
-   accounts exist and share a currency, else journal the refusal.
-2. [caller] send a `DebitStep` to the source account and wait on the ticket.
-3. [source's mailbox] decide: refuse (journal a rejection) or reserve the funds
-   (the reservation) and call back `_commit`.
-4. [source's mailbox, under the sequencer lock] check the destination can take
-   the credit, stamp both entries, queue the commit record, and queue the
-   entries to both accounts' mailboxes. The commit record is the point of no
-   return. Permits and pins are released here: the transfer is decided.
-5. [writer] group-commit the record with fsync, then release the ticket.
-6. [caller] wakes with the outcome, now durable, and returns it.
+Data flow of one ticket (threads in brackets):
+
+1. [caller] validate; claim the ids (or find their earlier outcome); take a permit.
+2. [caller, or a concurrent caller combining] if the turns of every account it names can be
+   taken at once, decide it in turn (`coordinator._turns`): decided, journaled and applied
+   to the accounts on this thread, with other tickets queued meanwhile. Else:
+3. [caller] the mailbox path: send a `DebitStep` to each source account (phase one of the
+   protocol). A post, a void, or a ticket naming an unknown account has no debit to
+   reserve: the sequencer decides it at once, on this thread.
+4. [each source's mailbox] decide its debits by the rules from its own state: refuse, or
+   reserve them (the reservation); vote. The last to vote ends phase one on its turn:
+5. [last source's mailbox, under the sequencer lock] decide the ticket again from the
+   projection (`Sequencer.commit`), stamp and queue its record (the point of no return for
+   every leg at once) and queue the postings to the accounts' mailboxes (they end the
+   reservations); or, if a source refused, journal the refusal and release every
+   reservation. Pins and the permit are released here: the ticket is decided.
+6. [writer] group-commit the record with fsync, then release the ticket.
+7. [caller] wakes with the outcome, now durable, and returns it.
 
 No account ever waits on another; the only waits are callers' bounded waits.
 """
@@ -21,12 +33,20 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from journal import Journal, JournalClosedError, JournalError, crash_point
 
 from coordinator._admission import Admission
-from coordinator._claims import Claims, Outcome, Ticket, settle, ticket_outcome
+from coordinator._claims import (
+    Claims,
+    Prior,
+    Ticket,
+    refusal_error,
+    settle,
+    settle_chain,
+    ticket_outcome,
+)
 from coordinator._batch import Batch
 from coordinator._errors import (
     LedgerClosed,
@@ -34,13 +54,14 @@ from coordinator._errors import (
     LedgerTimeout,
     LedgerUnavailable,
 )
+from coordinator._history import Refused
 from coordinator._turns import TurnBatch, decide_all, give_back_turns
 from coordinator._participant import DebitStep, Participant, Participants
-from coordinator._rules import refusal_of_accounts
+from coordinator._rules import Refusal
 from coordinator._sequencer import Sequencer
-from coordinator._validate import check_transfer
-from coordinator._state import Posting
-from coordinator._values import Transfer, TransferRequest
+from coordinator._validate import check_chain, check_resolution, check_transfer
+from coordinator._state import Pending, Posting
+from coordinator._values import Request, Resolution, Transfer, TransferRequest
 
 logger = logging.getLogger("tally.coordinator")
 
@@ -58,35 +79,52 @@ class Coordinator:
         self._combining_queue: list[Ticket] = []
         self._combining = False
 
-    # --- single transfers ----------------------------------------------------------
+    # --- one decision ------------------------------------------------------------------
 
-    def transfer(self, request: TransferRequest, timeout_s: float) -> Transfer:
-        """Run one transfer to a durable outcome. Blocks the caller at most ~`timeout_s`."""
-        request = check_transfer(request)
+    def transfer(self, request: Request, timeout_s: float) -> Transfer:
+        """Run one request (a transfer, a post or a void) to a durable outcome. Blocks the
+        caller at most ~`timeout_s`."""
+        request = check_transfer(request) if type(request) is not Resolution else check_resolution(request)
         claim, fresh = self.claims.claim(request, relayed=True)
         if not fresh:
             return settle(request, self._await_prior(claim, timeout_s))
         assert isinstance(claim, Ticket)
+        self._run(claim, timeout_s)
+        return settle(request, claim)
+
+    def transfer_linked(self, requests: object, timeout_s: float) -> list[Transfer]:
+        """Run a linked chain to a durable outcome: every leg, or none (`LinkedTransferFailed`)."""
+        chain = tuple(check_chain(requests))
+        claimed = self.claims.claim_chain(chain, relayed=True)
+        if type(claimed) is not Ticket:
+            priors = [None if prior is None else self._await_prior(prior, timeout_s) for prior in claimed]  # type: ignore[union-attr]
+            return settle_chain(chain, priors)
+        self._run(claimed, timeout_s)
+        outcome = ticket_outcome(claimed)
+        if isinstance(outcome, Refused):
+            raise refusal_error(outcome)
+        return list(outcome)  # type: ignore[arg-type]
+
+    def _run(self, ticket: Ticket, timeout_s: float) -> None:
+        """Admit, decide and wait for a fresh ticket; release its claim once durable."""
         try:
             self.admission.admit(1, timeout_s)
         except LedgerError:
-            self.claims.abandon(claim)
+            self.claims.abandon(ticket)
             raise
-        self._combine(claim)
-        if not claim.wait(timeout_s):
-            raise LedgerTimeout(
-                f"transfer {request.id!r}: no durable outcome within {timeout_s} s; retry with the same id"
-            )
-        self.claims.release(claim)
-        return settle(request, ticket_outcome(claim))
+        self._combine(ticket)
+        if not ticket.wait(timeout_s):
+            raise LedgerTimeout(f"transfer {ticket.request.id!r}: no durable outcome within {timeout_s} s; "
+                                "retry with the same id")
+        self.claims.release(ticket)
 
-    def _await_prior(self, claim: Ticket | Outcome, timeout_s: float) -> Outcome:
+    def _await_prior(self, claim: Prior, timeout_s: float) -> Prior:
         if not isinstance(claim, Ticket):
             return claim
         if not claim.wait(timeout_s):
             raise LedgerTimeout(f"transfer {claim.request.id!r} is still in flight; retry later")
         self.claims.release(claim)
-        return ticket_outcome(claim)
+        return claim
 
     def _combine(self, ticket: Ticket) -> None:
         """Start `ticket`, combining with concurrent callers (flat combining).
@@ -126,23 +164,22 @@ class Coordinator:
     def _start_in_turn(self, tickets: list[Ticket]) -> list[Ticket]:
         """Decide at once, on this thread, every ticket whose accounts' turns it can take
         (see `coordinator._turns`); return the others, to start through the mailboxes."""
-        accounts = self.sequencer.accounts
-        names = {name for ticket in tickets for name in (ticket.request.source, ticket.request.destination)}
+        sequencer = self.sequencer
+        accounts, pending = sequencer.accounts, sequencer.pending
+        names = {name for ticket in tickets for name in _accounts_named(ticket, pending)}
         turns = self.participants.take_turns(names)
         if not turns:
             return tickets
         mine: list[Ticket] = []
         others: list[Ticket] = []
         for ticket in tickets:
-            request = ticket.request
-            if (request.source in turns or request.source not in accounts) and (
-                request.destination in turns or request.destination not in accounts
-            ):
+            if all(name in turns or name not in accounts for name in _accounts_named(ticket, pending)):
                 mine.append(ticket)
             else:
                 others.append(ticket)
+        left: list[Ticket] = []
         try:
-            decide_all(self, mine, turns)
+            left = decide_all(self, mine, turns)
         except JournalError:
             pass  # every ticket is released with the failure, by `decide_all` or the writer
         except Exception as error:  # a bug: release every ticket not yet released, then say so
@@ -154,73 +191,113 @@ class Coordinator:
         finally:
             give_back_turns(self, turns)
             for ticket in mine:
-                self._decided(ticket)
-        return others
+                if ticket not in left:
+                    self._decided(ticket)
+        return others + left
 
     def start(self, ticket: Ticket) -> None:
-        """Begin the protocol for a claimed, admitted ticket. Never waits."""
-        request = ticket.request
+        """Begin the mailbox path for a claimed, admitted ticket. Never waits."""
         accounts = self.sequencer.accounts
-        source = accounts.get(request.source)
-        destination = accounts.get(request.destination)
-        code = refusal_of_accounts(source, destination)  # the rules, as far as no turn is needed
-        if code is not None:
-            self.refuse(ticket, code)
+        names: list[str] = []
+        sources: list[str] = []
+        for request in ticket.requests:
+            if type(request) is not TransferRequest:
+                break
+            names += (request.source, request.destination)
+            sources.append(request.source)
+        else:
+            if all(name in accounts for name in names):
+                pin = self.participants.pin
+                participants = {name: pin(name) for name in dict.fromkeys(names)}
+                step = DebitStep(ticket, participants, list(dict.fromkeys(sources)), self._end, self.sequencer)
+                for source in step.sources:
+                    participants[source].reserve(step)
+                return
+        self._decide_now(ticket)  # nothing to reserve: a post, a void, or an unknown account the rules refuse
+
+    # --- decisions -----------------------------------------------------------------------
+
+    def _decide_now(self, ticket: Ticket) -> None:
+        """Decide a ticket that reserves nothing on this thread, through the sequencer."""
+        turns: list[Participant] = []
+        pinned: dict[str, Participant] = {}
+        try:
+            self.sequencer.commit(ticket, self._deliverer(pinned, turns), False, self._pinner(pinned))
+        except JournalError as error:
+            self.fail(ticket, error)
+        finally:
+            self._unpin(pinned)
             self._decided(ticket)
-            return
-        assert source is not None and destination is not None
+        for participant in turns:
+            participant.run()
+
+    def _pinner(self, pinned: dict[str, Participant]) -> Callable[[list[str]], None]:
+        """The sequencer's `pin`: pin each account not in `pinned` yet, into it (the caller unpins them)."""
         pin = self.participants.pin
-        step = DebitStep(request, ticket, pin(request.source), pin(request.destination), self._commit, self._reject,
-                         source, destination, self.sequencer.states)
-        step.source.reserve(step)
 
-    # --- decisions (run on the source account's mailbox thread) --------------------
+        def pin_all(accounts: list[str]) -> None:
+            for account in accounts:
+                if account not in pinned:
+                    pinned[account] = pin(account)
 
-    @staticmethod
-    def deliver(step: DebitStep, turns: list[Participant] | None = None) -> Callable[[Posting, Posting], None]:
-        """The sequencer's delivery for `step`: queue both entries (under its lock, so in
-        LSN order) without handling anything; turns taken are added to `turns`."""
+        return pin_all
 
-        def deliver(debit: Posting, credit: Posting) -> None:
-            if step.source.post(debit) and turns is not None:
-                turns.append(step.source)
-            crash_point("between-entries")
-            if step.destination.post(credit) and turns is not None:
-                turns.append(step.destination)
+    def _deliverer(self, pinned: dict[str, Participant], turns: list[Participant]) -> Callable[[list[Posting]], None]:
+        """The sequencer's delivery: queue each posting (under its lock, so in LSN order) to
+        its account, pinned in `pinned`, handling nothing; turns taken are added to `turns`,
+        to run once the lock is released."""
+
+        def deliver(postings: list[Posting]) -> None:
+            for i, posting in enumerate(postings):
+                participant = pinned[posting.account]
+                if participant.post(posting):
+                    turns.append(participant)
+                if i == 0:
+                    crash_point("between-entries")
 
         return deliver
 
-    def _commit(self, step: DebitStep) -> bool:
+    def _unpin(self, pinned: dict[str, Participant]) -> None:
+        for account in pinned:
+            self.participants.unpin(account)
+
+    def _end(self, step: DebitStep, account: str, refusal: Refusal | None) -> bool:
+        """End phase one, on the turn of the last source to vote (`account`): commit, or
+        journal the refusal; the other sources' reservations are released if it did not
+        commit (the caller releases its own). True if it committed."""
+        ticket = step.ticket
         turns: list[Participant] = []
         committed = False
         try:
-            decided = self.sequencer.commit(step.request, self.deliver(step, turns), step.ticket)
-        except JournalError as error:
-            self.fail(step.ticket, error)
-        else:
-            if isinstance(decided, str):
-                self.refuse(step.ticket, decided)
+            if refusal is not None:
+                self.refuse(ticket, refusal)
             else:
-                committed = True
-        self._finish(step)
+                decided = self.sequencer.commit(ticket, self._deliverer(step.participants, turns), reserved=True)
+                committed = type(decided) is not Refusal
+        except JournalError as error:
+            self.fail(ticket, error)
+        finally:
+            if not committed:
+                for source, amount in step.released_elsewhere(account).items():
+                    participant = step.participants[source]
+                    if participant.post(Posting(source, 0, 0, 0, 0, amount, 0, 0)):
+                        turns.append(participant)
+            self._unpin(step.participants)
+            self._decided(ticket)
         for participant in turns:
             participant.run()
         return committed
 
-    def _reject(self, step: DebitStep, code: str) -> None:
-        self.refuse(step.ticket, code)
-        self._finish(step)
-
-    def refuse(self, ticket: Ticket, code: str) -> None:
+    def refuse(self, ticket: Ticket, refusal: Refusal) -> None:
         """Journal a refusal for `ticket`; the writer releases it once durable."""
         try:
-            self.sequencer.reject(ticket.request, code, ticket)
+            self.sequencer.reject(ticket, refusal.index, refusal.code)
         except JournalError as error:
             self.fail(ticket, error)
 
     def fail(self, ticket: Ticket, error: JournalError) -> None:
         """Release a ticket whose record never reached the journal (a no-op if released),
-        and drop its claim: nothing was written, so a retry of its id runs afresh."""
+        and drop its claim: nothing was written, so a retry of its ids runs afresh."""
         if isinstance(error, JournalClosedError):
             failure: LedgerError = LedgerClosed(f"the ledger closed before transfer {ticket.request.id!r} was "
                                                 "decided; nothing was written for it")
@@ -228,6 +305,20 @@ class Coordinator:
             failure = LedgerUnavailable(f"the journal cannot be written: {error}")
         if ticket.resolve(failure):
             self.claims.abandon(ticket)
+
+    def expire_due(self) -> int:
+        """Journal the expiry of every pending transfer whose deadline has come, and release
+        its hold on both accounts; how many expired. Never waits but for the sequencer lock."""
+        if self.sequencer.next_deadline() is None:
+            return 0
+        turns: list[Participant] = []
+        pinned: dict[str, Participant] = {}
+        try:
+            return self.sequencer.expire(self._deliverer(pinned, turns), self._pinner(pinned))
+        finally:
+            self._unpin(pinned)
+            for participant in turns:
+                participant.run()
 
     def close(self, drained: bool) -> None:
         """Release every ticket still in flight once the journal is closed: `drained`, it wrote
@@ -240,11 +331,6 @@ class Coordinator:
             else:
                 ticket.resolve(LedgerUnavailable(f"the ledger closed before the outcome of transfer "
                                                  f"{ticket.request.id!r} was durable: retry with the same id"))
-
-    def _finish(self, step: DebitStep) -> None:
-        self.participants.unpin(step.request.source)
-        self.participants.unpin(step.request.destination)
-        self._decided(step.ticket)
 
     def _decided(self, ticket: Ticket) -> None:
         """Exactly once per started ticket, on whichever thread decided it."""
@@ -263,3 +349,17 @@ class Coordinator:
             decided = TurnBatch(self, part, timeout_s).run()
             results.extend(decided if decided is not None else Batch(self, part, timeout_s).run())
         return results
+
+
+def _accounts_named(ticket: Ticket, pending: Mapping[str, Pending]) -> list[str]:
+    """The accounts a ticket's decision may touch (a post's or a void's: its pending
+    transfer's, if it is open now)."""
+    names: list[str] = []
+    for request in ticket.requests:
+        if type(request) is TransferRequest:
+            names += (request.source, request.destination)
+        else:
+            found = pending.get(request.pending_id)  # type: ignore[union-attr]
+            if found is not None:
+                names += (found.source, found.destination)
+    return names

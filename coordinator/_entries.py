@@ -34,6 +34,7 @@ from coordinator._records import (
     CHECKPOINTS_INDEX,
     COMMIT,
     ENTRIES_INDEX,
+    TRANSFER3,
     ENTRY_SEQ_END,
     decode,
     encode_entry_value,
@@ -51,13 +52,25 @@ Rows = dict[str, list[Row]]
 _U64 = struct.Struct(">Q")
 
 
-def commit_rows(lsn: int, record: list[Any]) -> tuple[Row, Row]:
-    """The two index rows of a decoded COMMIT record: its debit's, then its credit's."""
-    _, tid, source, destination, amount, source_seq, source_balance, target_seq, target_balance = record
-    return (
-        (entry_key(source, source_seq), encode_entry_value(tid, -amount, source_balance, lsn)),
-        (entry_key(destination, target_seq), encode_entry_value(tid, amount, target_balance, lsn)),
-    )
+def commit_rows(lsn: int, record: list[Any]) -> list[Row]:
+    """The index rows of the entries of a decoded COMMIT or TRANSFER3 record: each leg's
+    debit's, then its credit's (a pending transfer's or a void's leg has none)."""
+    return [(entry_key(account, seq), value) for account, seq, value in _entries(lsn, record)]
+
+
+def _entries(lsn: int, record: list[Any]) -> Iterator[tuple[str, int, bytes]]:
+    """(account, seq, index value) of each entry a commit record stamps, in order."""
+    if record[0] == COMMIT:
+        _, tid, source, destination, amount, source_seq, source_balance, target_seq, target_balance = record
+        yield source, source_seq, encode_entry_value(tid, -amount, source_balance, lsn, None)
+        yield destination, target_seq, encode_entry_value(tid, amount, target_balance, lsn, None)
+        return
+    timestamp = record[1]
+    for index, leg in enumerate(record[3:]):
+        if leg[11]:  # a seq: the leg made entries
+            tid, source, destination, amount = leg[1], leg[2], leg[3], leg[4]
+            yield source, leg[11], encode_entry_value(tid, -amount, leg[12], lsn, timestamp + index)
+            yield destination, leg[13], encode_entry_value(tid, amount, leg[14], lsn, timestamp + index)
 
 
 def row_lsn(row: Row) -> int:
@@ -76,18 +89,16 @@ def pairs(flat: list[bytes]) -> list[Row]:
 
 
 def add_commit(entries: Flat, prefixes: dict[str, bytes], lsn: int, record: list[Any]) -> None:
-    """Add the entries of a decoded COMMIT record to `entries` (`prefixes` caches each
-    account's entry key prefix: replay meets the same accounts again and again)."""
-    _, tid, source, destination, amount, source_seq, source_balance, target_seq, target_balance = record
-    for account, seq, signed, balance in ((source, source_seq, -amount, source_balance),
-                                          (destination, target_seq, amount, target_balance)):
+    """Add the entries of a decoded COMMIT or TRANSFER3 record to `entries` (`prefixes` caches
+    each account's entry key prefix: replay meets the same accounts again and again)."""
+    for account, seq, value in _entries(lsn, record):
         prefix = prefixes.get(account)
         if prefix is None:
             prefixes[account] = prefix = entry_prefix(account)
         flat = entries.get(account)
         if flat is None:
             entries[account] = flat = []
-        flat += (prefix + _U64.pack(seq), encode_entry_value(tid, signed, balance, lsn))
+        flat += (prefix + _U64.pack(seq), value)
 
 
 def newest_checkpoint_lsn(journal: Journal, txn: Any) -> int:
@@ -102,7 +113,7 @@ def unindexed_flat(journal: Journal, txn: Any) -> Flat:
     prefixes: dict[str, bytes] = {}
     for lsn, payload in journal.scan(newest_checkpoint_lsn(journal, txn), txn):
         record = decode(lsn, payload)
-        if record[0] == COMMIT:
+        if record[0] == TRANSFER3 or record[0] == COMMIT:
             add_commit(entries, prefixes, lsn, record)
     return entries
 
@@ -133,16 +144,20 @@ def last_row(journal: Journal, account: str, unindexed: list[Row], txn: Any) -> 
     return found if found is not None and found[0].startswith(entry_prefix(account)) else None
 
 
-def decode_entry(account: str, row: Row) -> tuple[int, str, int, int, int]:
-    """An entry row as (seq, transfer id, amount, balance, LSN); `JournalCorrupted` if its
-    value does not decode as one (a format-1 index entry has no checksum to catch that)."""
+def decode_entry(account: str, row: Row) -> tuple[int, str, int, int, int, int]:
+    """An entry row as (seq, transfer id, amount, balance, LSN, timestamp); `JournalCorrupted`
+    if its value does not decode as one (a format-1 index entry has no checksum to catch
+    that). An entry of a format-1 or -2 commit has no timestamp: 0."""
     key, value = row
     try:
-        transfer_id, amount, balance, lsn = msgpack.unpackb(value)
+        fields = msgpack.unpackb(value)
+        if len(fields) == 4:
+            fields.append(0)
+        transfer_id, amount, balance, lsn, timestamp = fields
     except Exception as error:  # msgpack raises several unrelated types on bad input, and unpacking may fail
         raise JournalCorrupted(f"journal corrupted: the entry {key!r} of account {account!r} does not decode: {error}",
                                where="the entries index") from error
-    return int.from_bytes(key[-8:], "big"), transfer_id, amount, balance, lsn
+    return int.from_bytes(key[-8:], "big"), transfer_id, amount, balance, lsn, timestamp
 
 
 def with_unindexed(indexed: list[Row], unindexed: Iterable[Row], start: bytes, limit: int | None) -> list[Row]:

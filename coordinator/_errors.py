@@ -50,8 +50,53 @@ class BalanceOverflow(LedgerError):
     code = "balance_overflow"
 
 
+class PendingTransferNotFound(LedgerError):
+    """A post or void names no pending transfer (no transfer with that id, or one that is not pending)."""
+
+    code = "pending_transfer_not_found"
+
+
+class PendingTransferAlreadyPosted(LedgerError):
+    """A post or void names a pending transfer that was posted already."""
+
+    code = "pending_transfer_already_posted"
+
+
+class PendingTransferAlreadyVoided(LedgerError):
+    """A post or void names a pending transfer that was voided already."""
+
+    code = "pending_transfer_already_voided"
+
+
+class PendingTransferExpired(LedgerError):
+    """A post or void names a pending transfer past its deadline (expired, or expiring)."""
+
+    code = "pending_transfer_expired"
+
+
+class ExceedsPendingAmount(LedgerError):
+    """A post asks for more than the pending transfer holds."""
+
+    code = "exceeds_pending_amount"
+
+
+class LinkedTransferFailed(LedgerError):
+    """A transfer of a linked chain was refused, so none of the chain moved. `index` is the
+    first refused transfer's place in the chain, `cause` its own refusal (an
+    `InsufficientFunds`, say). Journaled: every id of the chain is consumed, and a retry of
+    the chain raises the same."""
+
+    code = "linked_transfer_failed"
+
+    def __init__(self, message: str, index: int, cause: LedgerError) -> None:
+        super().__init__(message)
+        self.index = index
+        self.cause = cause
+
+
 class IdempotencyConflict(LedgerError):
-    """A transfer id was reused with a different source, destination or amount."""
+    """A transfer id was reused for a request that differs in some field (source,
+    destination, amount, code, reference, metadata, pending, timeout, chain...)."""
 
     code = "idempotency_conflict"
 
@@ -106,6 +151,8 @@ class LedgerUnavailable(LedgerError):
 
 
 REJECTIONS: dict[str, type[LedgerError]] = {
-    cls.code: cls for cls in (AccountNotFound, CurrencyMismatch, InsufficientFunds, BalanceOverflow)
+    cls.code: cls for cls in (AccountNotFound, CurrencyMismatch, InsufficientFunds, BalanceOverflow,
+                              PendingTransferNotFound, PendingTransferAlreadyPosted, PendingTransferAlreadyVoided,
+                              PendingTransferExpired, ExceedsPendingAmount)
 }
 """Refusals that are journaled and consume the transfer id, by their stable code."""

@@ -37,3 +37,28 @@ CHUNK_REQUESTS_MAX = 256
 """Requests a batch in turn decides per hold of the sequencer lock, journaled as one block:
 long enough to amortise taking the lock, short enough that concurrent single transfers
 are not kept waiting for a whole batch."""
+
+CODE_MAX = 65_535
+"""Largest `code` of a transfer or an account (a type the host defines)."""
+
+REFERENCE_LENGTH_MAX = 256
+"""Longest `reference` of a transfer, in characters."""
+
+METADATA_KEYS_MAX = 16
+METADATA_KEY_LENGTH_MAX = 64
+METADATA_VALUE_LENGTH_MAX = 256
+"""Metadata: at most this many keys, each a `str` of 1..64 characters, each value a `str` of at
+most 256 characters or an `int` in ±(2**63 - 1)."""
+
+TIMEOUT_S_MAX = 2**31 - 1
+"""Longest timeout of a pending transfer, in seconds."""
+
+LINKED_LEGS_MAX = 1_000
+"""Most transfers in one linked chain (`transfer_linked`)."""
+
+EXPIRY_INTERVAL_S = 0.5
+"""How often the ledger looks for pending transfers past their deadline (so one expires
+within a second of it)."""
+
+EXPIRY_RECORD_IDS_MAX = 1_000
+"""Most pending transfers one expiry record ends (more due make more records)."""

@@ -1,26 +1,29 @@
-"""The small interfaces through which the coordinator talks to accounts.
+"""The small interfaces through which the coordinator talks to accounts, and the reservation
+step of the two-phase protocol.
 
-The coordinator never touches account state. It asks a `Participant` to reserve
-funds (a message the account decides in its own mailbox), hands it entries to
-post, and asks it for a snapshot. None of these calls wait on another account.
+The coordinator never touches account state. It asks a `Participant` to reserve funds (a
+`DebitStep` the account decides in its own mailbox), hands it postings (what a decision did
+to it), and asks it for a snapshot. None of these calls wait on another account.
 
-A batch that holds an account's turn (see `coordinator._turns`) is, for that
-moment, the account's single thread: it gets the account as a `TurnAccount`
-and runs the account's own handlers, which change the state, in place of its
-mailbox loop.
+A thread that holds an account's turn (see `coordinator._turns`) is, for that moment, the
+account's single thread: it gets the account as a `TurnAccount` and runs the account's own
+handlers, which change the state, in place of its mailbox loop.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
-from coordinator._rules import Stamp, decide
-from coordinator._state import AccountState, Posting
+from coordinator._rules import Refusal, decide
+from coordinator._state import AccountState, Pending, Posting
+from coordinator._values import TransferRequest, TransferStatus
 
 if TYPE_CHECKING:
     from coordinator._claims import Ticket
-    from coordinator._values import Account, TransferRequest
+    from coordinator._sequencer import Sequencer
+    from coordinator._values import Account
 
 
 class Participant(Protocol):
@@ -28,15 +31,15 @@ class Participant(Protocol):
         """Queue a debit decision in the account's mailbox; return at once."""
 
     def post(self, posting: Posting) -> bool:
-        """Queue a stamped entry for the account to apply; return at once, handling
-        nothing (the caller holds the sequencer lock). True if the caller took the
-        account's turn and must call `run` after releasing its locks."""
+        """Queue a posting for the account to apply; return at once, handling nothing (the
+        caller holds the sequencer lock). True if the caller took the account's turn and
+        must call `run` after releasing its locks."""
 
     def run(self) -> None:
         """Run the turn taken by `post`."""
 
-    def snapshot(self, timeout_s: float) -> tuple[int, int, int]:
-        """(posted, pending, LSN of the last entry applied), waiting at most `timeout_s`."""
+    def snapshot(self, timeout_s: float) -> tuple[int, int, int, int]:
+        """(posted, pending, incoming, LSN of the last change applied), waiting at most `timeout_s`."""
 
 
 class TurnAccount(Protocol):
@@ -53,12 +56,19 @@ class TurnAccount(Protocol):
     """Funds reserved for its outgoing transfers in flight in the mailbox path (the
     protocol's reservations): what a decision must not spend twice."""
 
+    held: int
+    """Funds its open pending transfers hold, as applied so far."""
+
     def apply(self, seq: int, amount: int, balance: int, lsn: int) -> AccountState:
         """Post a stamped entry now (one decided while its turn is held: no reservation of
         its own to release); the new state."""
 
+    def hold(self, held: int, incoming: int, lsn: int) -> None:
+        """Change the funds pending transfers hold on it (`held`) and bring it (`incoming`)
+        by these amounts, as the record at `lsn` does."""
+
     def catch_up(self) -> None:
-        """Apply every entry queued in the mailbox (other messages stay queued, in order)."""
+        """Apply every posting queued in the mailbox (other messages stay queued, in order)."""
 
 
 class Participants(Protocol):
@@ -78,48 +88,103 @@ class Participants(Protocol):
 
 
 class DebitStep:
-    """The message a source account decides: `decide` the transfer from its own state (the
-    rules), reserve the amount if it may, then let the coordinator commit or reject. Runs
-    entirely on the source's turn.
+    """The message each source of a ticket decides, in its mailbox (phase one of the
+    protocol): `decide` the ticket from its own state (the rules), reserve its debits if it
+    may, and `vote`. The last source to vote ends the phase on its own turn: if every source
+    reserved, the coordinator commits (deciding again under the sequencer lock); if one
+    refused, the coordinator journals the refusal and the reservations are released. No
+    source waits on another.
     """
 
-    __slots__ = ("request", "ticket", "source", "destination", "_commit", "_reject", "_accounts", "_states")
+    __slots__ = ("ticket", "participants", "sources", "_left", "_refusal", "_reserved", "_lock", "_end", "_sequencer")
 
     def __init__(
         self,
-        request: TransferRequest,
         ticket: Ticket,
-        source: Participant,
-        destination: Participant,
-        commit: Callable[[DebitStep], bool],
-        reject: Callable[[DebitStep, str], None],
-        source_account: Account,
-        destination_account: Account,
-        states: Mapping[str, AccountState],
+        participants: dict[str, Participant],
+        sources: list[str],
+        end: Callable[[DebitStep, str, Refusal | None], bool],
+        sequencer: Sequencer,
     ) -> None:
-        self.request = request
         self.ticket = ticket
-        self.source = source
-        self.destination = destination
-        self._commit = commit
-        self._reject = reject
-        self._accounts = (source_account, destination_account)
-        self._states = states
-        """The sequencer's projection, whose destination state the decision reads (without
-        its lock: a state is one tuple, replaced whole; the stamping decides again under it)."""
+        self.participants = participants
+        """Every account the ticket names, pinned (until the coordinator unpins them)."""
+        self.sources = sources
+        """The accounts that must reserve, each once."""
+        self._left = len(sources)
+        self._refusal: Refusal | None = None
+        self._reserved: dict[str, int] = {}
+        """What each source that voted reserved."""
+        self._lock = threading.Lock() if len(sources) > 1 else None
+        self._end = end
+        self._sequencer = sequencer
 
-    def decide(self, state: AccountState, reserved: int) -> Stamp | str:
-        """`rules.decide` of this transfer, by its source, whose entries add up to `state` and
-        which has `reserved` for other transfers."""
-        request = self.request
-        return decide(request.amount, self._accounts[0], self._accounts[1], state, self._states[request.destination],
-                      reserved)
+    def decide(self, account: str, state: AccountState, reserved: int, held: int) -> int | Refusal:
+        """`rules.decide` of the ticket as source `account` sees it (its own state, its
+        reservations and holds; the sequencer's projection for the other accounts, read
+        without its lock: a state is one value, replaced whole, and the stamping decides
+        again under it): the funds it must reserve, or the refusal."""
+        decided = decide(self.ticket.requests, _SourceView(self._sequencer, account, state, held), 0,
+                         {account: reserved})
+        if type(decided) is Refusal:
+            return decided
+        return sum(request.amount for request in self.ticket.requests
+                   if type(request) is TransferRequest and request.source == account)
 
-    def commit(self) -> bool:
-        """Call with the reservation placed. True: committed, keep the reservation until
-        the entry posts. False: not committed (refused or failed), release it."""
-        return self._commit(self)
+    def vote(self, account: str, refusal: Refusal | None, reserved: int) -> bool | None:
+        """Source `account` reserved `reserved` (or refused). None: other sources have yet to
+        vote (keep the reservation: its postings or a release will end it). True: the ticket
+        committed (keep it until the postings come). False: it did not, release it now."""
+        if self._lock is None:
+            return self._end(self, account, refusal)
+        with self._lock:
+            self._reserved[account] = reserved
+            if refusal is not None and (self._refusal is None or refusal.index < self._refusal.index):
+                self._refusal = refusal
+            self._left -= 1
+            if self._left:
+                return None
+        return self._end(self, account, self._refusal)
 
-    def reject(self, code: str) -> None:
-        """Call when the account refuses the debit (no reservation was placed)."""
-        self._reject(self, code)
+    def released_elsewhere(self, account: str) -> Mapping[str, int]:
+        """What the other sources reserved, to release when the ticket does not commit."""
+        return {source: amount for source, amount in self._reserved.items() if source != account and amount}
+
+
+class _SourceView:
+    """The books as a source sees them in its mailbox: its own state and holds as it applied
+    them, the sequencer's projection for everything else."""
+
+    __slots__ = ("accounts", "states", "held", "incoming", "pending", "_sequencer")
+
+    def __init__(self, sequencer: Sequencer, account: str, state: AccountState, held: int) -> None:
+        self._sequencer = sequencer
+        self.accounts = sequencer.accounts
+        self.states: Mapping[str, AccountState] = _One(account, state, sequencer.states)  # type: ignore[assignment]
+        self.held: Mapping[str, int] = _One(account, held, sequencer.held)  # type: ignore[assignment]
+        self.incoming = sequencer.incoming
+        self.pending: Mapping[str, Pending] = sequencer.pending
+
+    def resolution(self, pending_id: str) -> TransferStatus | None:
+        return None  # a source decides transfers only; posts and voids are decided by the sequencer
+
+
+class _One(Mapping[str, object]):
+    """`base` with one key's value replaced."""
+
+    __slots__ = ("_key", "_value", "_base")
+
+    def __init__(self, key: str, value: object, base: Mapping[str, object]) -> None:
+        self._key, self._value, self._base = key, value, base
+
+    def __getitem__(self, key: str) -> object:
+        return self._value if key == self._key else self._base[key]
+
+    def get(self, key: str, default: object = None) -> object:
+        return self._value if key == self._key else self._base.get(key, default)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        raise NotImplementedError  # never listed: decisions look accounts up
+
+    def __len__(self) -> int:
+        raise NotImplementedError

@@ -1,6 +1,19 @@
 """Journal record encoding, and the index keys derived from records.
 
-A record is a msgpack array whose first element is its kind:
+A record is a msgpack array whose first element is its kind. Format 3 writes:
+
+    ACCOUNT3 [5, account, currency, overdraft_limit, code, metadata]
+    TRANSFER3 [6, timestamp, linked, leg, leg...]
+        leg: [kind, id, source, destination, amount, code, reference, metadata, timeout_s,
+              pending_id, requested, source_seq, source_balance, destination_seq, destination_balance]
+    REFUSAL3 [7, timestamp, linked, index, code, request, request...]
+        request: the first 11 fields of a leg
+    EXPIRY3 [8, timestamp, [pending_id, ...]]
+    CHECKPOINT3 [9, last_timestamp, index_entries,
+                 [[account, currency, overdraft_limit, code, metadata, opened_lsn, seq, posted, last_lsn], ...],
+                 [[pending_id, source, destination, amount, deadline, lsn, code], ...]]
+
+and formats 1 and 2 wrote (still read, never written):
 
     ACCOUNT [1, account, currency, overdraft_limit]
     COMMIT  [2, transfer, source, destination, amount,
@@ -8,14 +21,24 @@ A record is a msgpack array whose first element is its kind:
     REJECT  [3, transfer, source, destination, amount, code]
     CHECKPOINT [4, [[account, currency, overdraft_limit, opened_lsn, seq, posted, last_lsn], ...]]
 
-A CHECKPOINT is the account projection after every record before it; opening
-starts from the newest one (found through the checkpoints index) and replays
-only the tail.
+A TRANSFER3 record is one decision: a transfer, a post or a void of a pending transfer, or
+every leg of a linked chain, all committed at once; the i-th leg's timestamp is the
+record's plus i nanoseconds. A leg's kind is SINGLE, PENDING, POST or VOID; a single
+transfer's and a post's legs carry both entries, stamped with their per-account seq and
+balance, so replay re-derives them and checks they agree (house style 8); a pending
+transfer's and a void's carry none (their stamps are 0). `requested` is the amount a post
+asked for (None: all of it), `amount` what it moved. A REFUSAL3 is the refusal of a
+request or a chain: `index` names the request refused, `code` why; every id in it is
+consumed. An EXPIRY3 ends pending transfers whose deadline came.
 
-A COMMIT carries both entries, stamped with their per-account seq and balance,
-so replay re-derives them and checks they agree (house style 8). The entry index
-is a projection of these records, written in bulk by each checkpoint for the
-commits before it (see `coordinator._entries`).
+A checkpoint is the projection after every record before it (the accounts, and the open
+pending transfers); opening starts from the newest one (found through the checkpoints
+index) and replays only the tail. `index_entries` counts the entries every record up to
+this one added to the accounts, transfers and checkpoints indexes (see
+`coordinator._recovery.check_index_counts`).
+
+The entry index is a projection of the records, written in bulk by each checkpoint for the
+records before it (see `coordinator._entries`).
 """
 
 from __future__ import annotations
@@ -34,7 +57,23 @@ ACCOUNT = 1
 COMMIT = 2
 REJECT = 3
 CHECKPOINT = 4
-KINDS = {ACCOUNT: "account", COMMIT: "commit", REJECT: "reject", CHECKPOINT: "checkpoint"}
+ACCOUNT3 = 5
+TRANSFER3 = 6
+REFUSAL3 = 7
+EXPIRY3 = 8
+CHECKPOINT3 = 9
+KINDS = {ACCOUNT: "account", COMMIT: "commit", REJECT: "reject", CHECKPOINT: "checkpoint", ACCOUNT3: "account",
+         TRANSFER3: "transfer", REFUSAL3: "refusal", EXPIRY3: "expiry", CHECKPOINT3: "checkpoint"}
+ACCOUNTS = (ACCOUNT, ACCOUNT3)
+CHECKPOINTS = (CHECKPOINT, CHECKPOINT3)
+OUTCOMES = (COMMIT, REJECT, TRANSFER3, REFUSAL3)
+"""Kinds whose records are the outcome of transfer ids (the transfers index names them)."""
+
+LEG_FIELDS = 15
+REQUEST_FIELDS = 11
+RESOLUTION_MARK = b"\xfe"
+"""The first byte of a transfers index key that names what resolved a pending transfer (its
+id's key follows): never the first byte of UTF-8, nor `DIGEST_MARK`."""
 
 ACCOUNTS_INDEX = "accounts"
 TRANSFERS_INDEX = "transfers"
@@ -83,8 +122,17 @@ encode: Callable[[list[Any]], bytes] = _pack
 """A record's bytes (the packer itself, not a function around it: one frame less a record)."""
 
 
-def encode_entry_value(transfer_id: str, amount: int, balance: int, lsn: int) -> bytes:
-    return _pack([transfer_id, amount, balance, lsn])
+def encode_entry_value(transfer_id: str, amount: int, balance: int, lsn: int, timestamp: int | None) -> bytes:
+    """An entry index value: [transfer, amount, balance, lsn, timestamp], or, for an entry of a
+    format-1 or -2 commit (`timestamp` None), the four fields those wrote."""
+    if timestamp is None:
+        return _pack([transfer_id, amount, balance, lsn])
+    return _pack([transfer_id, amount, balance, lsn, timestamp])
+
+
+def resolution_key(pending_id: str) -> bytes:
+    """The transfers index key under which the LSN of what resolved `pending_id` is stored."""
+    return RESOLUTION_MARK + id_key(pending_id)
 
 
 def decode(lsn: int, payload: bytes) -> list[Any]:
@@ -93,9 +141,23 @@ def decode(lsn: int, payload: bytes) -> list[Any]:
         record = msgpack.unpackb(payload, raw=False, use_list=True, strict_map_key=True)
     except Exception as error:  # msgpack raises several unrelated types on bad input
         raise JournalCorrupted(f"journal record at LSN {lsn} does not decode: {error}", lsn) from error
-    if not isinstance(record, list) or not record or record[0] not in _ARITY or len(record) != _ARITY[record[0]]:
+    if not isinstance(record, list) or not record or not _shaped(record):
         raise JournalCorrupted(f"journal record at LSN {lsn} has an unknown shape", lsn)
     return record
 
 
-_ARITY = {ACCOUNT: 4, COMMIT: 9, REJECT: 6, CHECKPOINT: 2}
+_ARITY = {ACCOUNT: 4, COMMIT: 9, REJECT: 6, CHECKPOINT: 2, ACCOUNT3: 6, EXPIRY3: 3, CHECKPOINT3: 5}
+_LISTS = {TRANSFER3: (3, LEG_FIELDS), REFUSAL3: (5, REQUEST_FIELDS)}
+"""Kinds of any length: (where the lists start, the length of each)."""
+
+
+def _shaped(record: list[Any]) -> bool:
+    kind = record[0]
+    arity = _ARITY.get(kind)
+    if arity is not None:
+        return len(record) == arity
+    shape = _LISTS.get(kind)
+    if shape is None:
+        return False
+    start, fields = shape
+    return len(record) > start and all(type(part) is list and len(part) == fields for part in record[start:])

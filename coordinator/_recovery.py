@@ -24,36 +24,54 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from journal import Journal, JournalCorruptedError
+from journal import Completion, Journal, JournalCorruptedError
 
 from coordinator._entries import Flat, add_commit, unindexed_flat
-from coordinator._errors import BalanceOverflow, CurrencyMismatch, InsufficientFunds, JournalCorrupted
+from coordinator._errors import (
+    BalanceOverflow,
+    CurrencyMismatch,
+    ExceedsPendingAmount,
+    InsufficientFunds,
+    JournalCorrupted,
+    PendingTransferExpired,
+    PendingTransferNotFound,
+)
+from coordinator._claims import Ticket
+from coordinator._history import Committed, Expired, Opened, Record, Refused, request_of
 from coordinator._limits import AMOUNT_MAX
-from coordinator._rules import decide
-from coordinator._sequencer import Sequencer
 from coordinator._records import (
     ACCOUNT,
+    ACCOUNT3,
     ACCOUNTS_INDEX,
     CHECKPOINT,
+    CHECKPOINT3,
     CHECKPOINTS_INDEX,
     COMMIT,
+    EXPIRY3,
+    REFUSAL3,
+    TRANSFER3,
     TRANSFERS_INDEX,
     decode,
     value_lsn,
 )
-from coordinator._state import NO_ENTRIES, AccountState, SequenceError, post
-from coordinator._values import Account
+from coordinator._rules import Leg, Refusal, decide, due, enter, expire
+from coordinator._sequencer import Sequencer
+from coordinator._state import NO_ENTRIES, Pending, Projection, SequenceError, post
+from coordinator._values import Account, Metadata, TransferRequest
 
 
 @dataclass
-class Recovered:
-    accounts: dict[str, Account] = field(default_factory=dict)
-    account_lsns: dict[str, int] = field(default_factory=dict)
-    states: dict[str, AccountState] = field(default_factory=dict)
+class Recovered(Projection):
+    """The projection a replay rebuilt, and what it counted on the way."""
+
     records: int = 0
     """Records replayed (after the checkpoint started from, if any)."""
     commits: int = 0
+    """Transfers committed (each leg of a chain, each post and void, counts)."""
     rejects: int = 0
+    """Refusals (a refused chain counts once)."""
+    expiries: int = 0
+    """Pending transfers expired."""
     checkpoints: int = 0
     last_lsn: int = 0
     checkpoint_lsn: int = 0
@@ -69,17 +87,33 @@ def _corrupt(lsn: int, reason: str) -> JournalCorrupted:
     return JournalCorrupted(f"journal corrupted at LSN {lsn}: {reason}", lsn)
 
 
-def _checkpoint_agrees(rows: list[list[Any]], books: Recovered) -> bool:
+def _metadata(value: Any) -> Metadata | None:
+    return None if value is None else Metadata(value)
+
+
+def _account_row(row: list[Any]) -> tuple[Account, int, tuple[int, int, int]]:
+    """(account, opening LSN, state) of a CHECKPOINT3 row."""
+    account_id, currency, limit, code, metadata, opened_lsn, seq, posted, last_lsn = row
+    return Account(account_id, currency, limit, code, _metadata(metadata)), opened_lsn, (seq, posted, last_lsn)
+
+
+def _checkpoint_agrees(record: list[Any], books: Recovered) -> bool:
     """Pair check: a checkpoint met on the way must equal the projection rebuilt so far."""
+    if record[0] == CHECKPOINT:
+        rows = [(Account(row[0], row[1], row[2]), row[3], (row[4], row[5], row[6])) for row in record[1]]
+        pendings: list[Any] = []
+    else:
+        _, last_timestamp, index_entries, raw, pendings = record
+        rows = [_account_row(row) for row in raw]
+        if last_timestamp != books.last_timestamp or index_entries != books.index_entries:
+            return False
     if len(rows) != len(books.accounts):
         return False
     accounts, lsns, states = books.accounts, books.account_lsns, books.states
-    for account_id, currency, limit, opened_lsn, seq, posted, last_lsn in rows:
-        account = accounts.get(account_id)
-        if (account is None or account.currency != currency or account.overdraft_limit != limit
-                or lsns[account_id] != opened_lsn or states[account_id] != (seq, posted, last_lsn)):
+    for account, opened_lsn, state in rows:
+        if accounts.get(account.id) != account or lsns[account.id] != opened_lsn or states[account.id] != state:
             return False
-    return True
+    return [list(pending) for pending in books.pending.values()] == pendings
 
 
 def load_checkpoint(journal: Journal) -> Recovered:
@@ -96,69 +130,111 @@ def load_checkpoint(journal: Journal) -> Recovered:
     if payload is None:
         raise _corrupt(lsn, "the checkpoint index names a record that is not there")
     record = decode(lsn, payload)
-    if record[0] != CHECKPOINT:
+    if record[0] == CHECKPOINT:
+        for account_id, currency, limit, opened_lsn, seq, posted, last_lsn in record[1]:
+            books.accounts[account_id] = Account(account_id, currency, limit)
+            books.account_lsns[account_id] = opened_lsn
+            books.states[account_id] = (seq, posted, last_lsn)
+        books.index_entries = lsn  # formats 1 and 2: one index entry per record
+    elif record[0] == CHECKPOINT3:
+        _, books.last_timestamp, books.index_entries, rows, pendings = record
+        for row in rows:
+            account, opened_lsn, state = _account_row(row)
+            books.accounts[account.id] = account
+            books.account_lsns[account.id] = opened_lsn
+            books.states[account.id] = state
+        for fields in pendings:
+            pending = Pending(*fields)
+            books.pending[pending.id] = pending
+            books.held[pending.source] = books.held.get(pending.source, 0) + pending.amount
+            books.incoming[pending.destination] = books.incoming.get(pending.destination, 0) + pending.amount
+    else:
         raise _corrupt(lsn, "the checkpoint index names a record that is not a checkpoint")
-    for account_id, currency, limit, opened_lsn, seq, posted, last_lsn in record[1]:
-        books.accounts[account_id] = Account(account_id, currency, limit)
-        books.account_lsns[account_id] = opened_lsn
-        books.states[account_id] = (seq, posted, last_lsn)
     books.last_lsn = books.checkpoint_lsn = lsn
     return books
 
 
 def recover(journal: Journal) -> Recovered:
-    """What opening a ledger runs: the newest checkpoint, then the tail (whose entries
-    are not indexed yet: `unindexed` collects them). First, the indexes that name records
-    must hold one entry per record (`check_index_counts`)."""
-    check_index_counts(journal)
+    """What opening a ledger runs: the newest checkpoint, then the tail (whose entries are
+    not indexed yet: `unindexed` collects them); then the indexes that name records must
+    hold exactly the entries the records put there (`check_index_counts`)."""
     books = load_checkpoint(journal)
     books.unindexed = {}
-    return replay(journal, books)
+    replay(journal, books)
+    check_index_counts(journal, books)
+    return books
 
 
-def check_index_counts(journal: Journal) -> None:
-    """Every record is an account, a transfer's outcome or a checkpoint, and has exactly one
-    entry in the index of its kind: so the three indexes hold as many entries as there are
-    records. (The journal checked each count against the pages it read as it opened.) A
-    missing entry would make its id look unused, and a retry of it would run again."""
+def check_index_counts(journal: Journal, books: Recovered) -> None:
+    """Every record puts a known number of entries in the accounts, transfers and checkpoints
+    indexes (an account, an id's outcome, what resolved a pending transfer, a checkpoint),
+    which replay counted (`index_entries`): the three must hold that many. (The journal
+    checked each count against the pages it read as it opened.) A missing entry would make
+    its id look unused, and a retry of it would run again."""
     with journal.snapshot() as txn:
-        records = journal.records_count(txn)
         counts = {name: journal.index_count(name, txn) for name in (ACCOUNTS_INDEX, TRANSFERS_INDEX, CHECKPOINTS_INDEX)}
-    if sum(counts.values()) != records:
+    if sum(counts.values()) != books.index_entries:
         shown = ", ".join(f"{count} in the {name} index" for name, count in counts.items())
-        raise JournalCorrupted(f"journal corrupted: the indexes hold {sum(counts.values())} entries ({shown}) for "
-                               f"{records} records, one each", where="the indexes")
+        raise JournalCorrupted(f"journal corrupted: the indexes hold {sum(counts.values())} entries ({shown}); the "
+                               f"records up to LSN {books.last_lsn} put {books.index_entries} there",
+                               where="the indexes")
 
 
 def replay(
     journal: Journal, into: Recovered | None = None, progress: Callable[[int], None] | None = None
 ) -> Recovered:
-    """Apply every durable record after `into.last_lsn` to `into` (a fresh one by default)."""
+    """Apply every durable record after `into.last_lsn` to `into` (a fresh one by default),
+    re-deciding each by the rules and checking it is what was journaled."""
     books = into if into is not None else Recovered()
     accounts, states = books.accounts, books.states
     try:
         for lsn, payload in journal.scan(books.last_lsn):
             record = decode(lsn, payload)
             kind = record[0]
-            if kind == COMMIT:
+            if kind == TRANSFER3:
+                _apply_transfer(books, lsn, record)
+                if books.unindexed is not None:
+                    add_commit(books.unindexed, books.prefixes, lsn, record)
+            elif kind == COMMIT:
                 _apply_commit(books, lsn, record)
                 if books.unindexed is not None:
                     add_commit(books.unindexed, books.prefixes, lsn, record)
-            elif kind == ACCOUNT:
-                _, account_id, currency, limit = record
-                if account_id in accounts:
-                    raise _corrupt(lsn, f"account {account_id!r} is opened twice")
-                accounts[account_id] = Account(account_id, currency, limit)
-                books.account_lsns[account_id] = lsn
-                states[account_id] = NO_ENTRIES
-            elif kind == CHECKPOINT:
-                if not _checkpoint_agrees(record[1], books):
+            elif kind == ACCOUNT or kind == ACCOUNT3:
+                account = (Account(record[1], record[2], record[3]) if kind == ACCOUNT
+                           else Account(record[1], record[2], record[3], record[4], _metadata(record[5])))
+                if account.id in accounts:
+                    raise _corrupt(lsn, f"account {account.id!r} is opened twice")
+                accounts[account.id] = account
+                books.account_lsns[account.id] = lsn
+                states[account.id] = NO_ENTRIES
+                books.index_entries += 1
+            elif kind == CHECKPOINT or kind == CHECKPOINT3:
+                books.index_entries += 1
+                if not _checkpoint_agrees(record, books):
                     raise _corrupt(lsn, "the checkpoint disagrees with the records before it")
                 books.checkpoints += 1
                 if books.unindexed is not None:
                     books.unindexed = {}  # the checkpoint indexed them
-            else:
+            elif kind == REFUSAL3:
+                _, timestamp, _, index, _, *requests = record
+                _stamped_at(books, lsn, timestamp, len(requests))
+                if not 0 <= index < len(requests):
+                    raise _corrupt(lsn, f"the refusal names request {index} of {len(requests)}")
                 books.rejects += 1
+                books.index_entries += len(requests)
+            elif kind == EXPIRY3:
+                _, timestamp, ids = record
+                _stamped_at(books, lsn, timestamp, 1)
+                reason = due(books.pending, ids, timestamp)
+                if reason is not None or len(set(ids)) != len(ids) or not ids:
+                    raise _corrupt(lsn, f"the expiry of {ids!r}: {reason or 'ids repeated or none'}: the rules do "
+                                        "not allow it")
+                expire(books, ids)
+                books.expiries += len(ids)
+                books.index_entries += len(ids)
+            else:  # REJECT
+                books.rejects += 1
+                books.index_entries += 1
             books.records += 1
             books.last_lsn = lsn
             if progress is not None and not lsn % 10_000:
@@ -174,35 +250,105 @@ def replay(
     return books
 
 
+def _stamped_at(books: Recovered, lsn: int, timestamp: Any, count: int) -> None:
+    """Check a record's timestamp follows the last one journaled; it is the last now (plus
+    `count` - 1: a record of several requests gives the i-th its timestamp + i)."""
+    if type(timestamp) is not int or timestamp <= books.last_timestamp:
+        raise _corrupt(lsn, f"its timestamp {timestamp!r} does not follow timestamp {books.last_timestamp}")
+    books.last_timestamp = timestamp + count - 1
+
+
 _REFUSED = {
     InsufficientFunds.code: "it takes its source below its overdraft limit: the rules refuse it",
     CurrencyMismatch.code: "its accounts hold different currencies: the rules refuse it",
     BalanceOverflow.code: "a balance would leave the range of ±(2**63 - 1): the rules refuse it",
+    PendingTransferNotFound.code: "it resolves no open pending transfer: the rules refuse it",
+    PendingTransferExpired.code: "its pending transfer had expired: the rules refuse it",
+    ExceedsPendingAmount.code: "it posts more than its pending transfer holds: the rules refuse it",
 }
 """What replay says of a commit the rules refuse (the audit files it under the check it breaks)."""
 
 
+def _refused(lsn: int, tid: object, refusal: Refusal) -> JournalCorrupted:
+    return _corrupt(lsn, f"transfer {tid!r}: {_REFUSED.get(refusal.code, f'the rules refuse it: {refusal.code}')}")
+
+
+def _apply_transfer(books: Recovered, lsn: int, record: list[Any]) -> None:
+    """Re-decide a journaled TRANSFER3 record from the books before it (`rules.decide` at its
+    timestamp, nothing reserved: reservations are never journaled), check every leg is what
+    the decision makes, and enter it. A record live operation could not have written (one
+    the rules refuse, another stamp) is damage."""
+    _, timestamp, linked, *legs = record
+    _stamped_at(books, lsn, timestamp, len(legs))
+    try:
+        requests = tuple(request_of(leg) for leg in legs)
+    except (TypeError, ValueError) as error:
+        raise _corrupt(lsn, f"a leg does not read as a request: {error}") from error
+    for request in requests:
+        if request.id in books.pending:
+            raise _corrupt(lsn, f"transfer {request.id!r} reuses the id of an open pending transfer")
+        if type(request) is TransferRequest and (type(request.amount) is not int
+                                                 or not 0 < request.amount <= AMOUNT_MAX):
+            raise _corrupt(lsn, f"transfer {request.id!r} has amount {request.amount!r}")
+        missing = [name for name in (getattr(request, "source", None), getattr(request, "destination", None))
+                   if name is not None and name not in books.states]
+        if missing:
+            raise _corrupt(lsn, f"transfer {request.id!r} names an account that was never opened")
+    try:
+        decided = decide(requests, books, timestamp)
+    except (TypeError, KeyError) as error:  # a field of a type live operation never writes
+        raise _corrupt(lsn, f"a leg does not read as a request: {error!r}") from error
+    if type(decided) is Refusal:
+        raise _refused(lsn, requests[decided.index].id, decided)
+    _check_legs(books, lsn, legs, decided)  # type: ignore[arg-type]
+    enter(books, requests, decided, lsn, timestamp)  # type: ignore[arg-type]
+    books.commits += len(legs)
+    books.index_entries += len(legs) + sum(1 for request in requests if type(request) is not TransferRequest)
+
+
+def _check_legs(books: Recovered, lsn: int, legs: list[list[Any]], decided: list[Leg]) -> None:
+    """Each journaled leg must be what the decision made: the same accounts and amount, and
+    entries stamped as `post` applies them (next seq, running balance) and as decided."""
+    states = dict(books.states)
+    for leg, made in zip(legs, decided, strict=True):
+        kind, tid, source, destination, amount = leg[0], leg[1], leg[2], leg[3], leg[4]
+        made_kind, made_source, made_destination, made_amount, stamp, pending = made
+        if (kind, source, destination, amount) != (made_kind, made_source, made_destination, made_amount) or (
+                pending is not None and leg[5] != pending.code):
+            raise _corrupt(lsn, f"transfer {tid!r}: the record says {amount!r} from {source!r} to {destination!r}; "
+                                f"the rules decide {made_amount} from {made_source!r} to {made_destination!r}")
+        journaled = tuple(leg[11:15])
+        if stamp is None:
+            if journaled != (0, 0, 0, 0):
+                raise _corrupt(lsn, f"transfer {tid!r} moves no money, yet its record stamps entries {journaled!r}")
+            continue
+        try:  # `post` checks each entry is the next and adds up: so the record stamps what `decide` does
+            states[source] = post(states[source], leg[11], -amount, leg[12], lsn)
+            states[destination] = post(states[destination], leg[13], amount, leg[14], lsn)
+        except SequenceError as error:
+            raise _corrupt(lsn, f"transfer {tid!r}: {error}") from error
+        except TypeError as error:
+            raise _corrupt(lsn, f"transfer {tid!r} stamps entries {journaled!r}") from error
+        assert journaled == stamp, (journaled, stamp)
+
+
 def _apply_commit(books: Recovered, lsn: int, record: list[Any]) -> None:
-    """Re-decide a journaled commit from the state before it (`rules.decide`, nothing
-    reserved: reservations are never journaled) and apply its entries with the pure `post`,
-    which checks they are the ones the decision stamps. A record live operation could not
-    have written (one the rules refuse, another stamp) is damage."""
-    states, accounts = books.states, books.accounts
+    """A format-1 or -2 COMMIT record: `_apply_transfer`'s checks for its one transfer."""
     _, tid, source, destination, amount, source_seq, source_balance, target_seq, target_balance = record
-    if source not in states or destination not in states:
+    if source not in books.states or destination not in books.states:
         raise _corrupt(lsn, f"transfer {tid!r} names an account that was never opened")
     if type(amount) is not int or not 0 < amount <= AMOUNT_MAX:
         raise _corrupt(lsn, f"transfer {tid!r} has amount {amount!r}")
-    decided = decide(amount, accounts[source], accounts[destination], states[source], states[destination], 0)
-    if isinstance(decided, str):
-        raise _corrupt(lsn, f"transfer {tid!r}: {_REFUSED.get(decided, f'the rules refuse it: {decided}')}")
-    try:  # `post` checks each entry is the next and adds up: so the record stamps what `decide` does
-        states[source] = post(states[source], source_seq, -amount, source_balance, lsn)
-        states[destination] = post(states[destination], target_seq, amount, target_balance, lsn)
-    except SequenceError as error:
-        raise _corrupt(lsn, f"transfer {tid!r}: {error}") from error
-    assert decided == (source_seq, source_balance, target_seq, target_balance), (decided, record)
+    requests = (TransferRequest(tid, source, destination, amount),)
+    decided = decide(requests, books, 0)
+    if type(decided) is Refusal:
+        raise _refused(lsn, tid, decided)
+    leg = [0, tid, source, destination, amount, 0, None, None, None, None, None,
+           source_seq, source_balance, target_seq, target_balance]
+    _check_legs(books, lsn, [leg], decided)  # type: ignore[arg-type]
+    enter(books, requests, decided, lsn, 0)  # type: ignore[arg-type]
     books.commits += 1
+    books.index_entries += 1
 
 
 def write_checkpoint(journal: Journal, books: Recovered, timeout_s: float) -> int:
@@ -210,9 +356,42 @@ def write_checkpoint(journal: Journal, books: Recovered, timeout_s: float) -> in
     last record) and wait until it is durable; its LSN. For a journal no ledger has open."""
     with journal.snapshot() as txn:
         unindexed = unindexed_flat(journal, txn)
-    sequencer = Sequencer(journal, books.accounts, books.states, unindexed=unindexed)
-    sequencer.account_lsns.update(books.account_lsns)
+    sequencer = Sequencer(journal, books, unindexed=unindexed)
     with sequencer.lock:
         lsn = sequencer.checkpoint()
     journal.wait_durable(lsn, timeout_s)
     return lsn
+
+
+def copy_record(sequencer: Sequencer, record: Record) -> str | None:
+    """Journal `record` (read from another journal) again through `sequencer`, of a journal
+    no ledger has open, decided again by the rules at the record's own timestamp and its
+    entries stamped anew (salvage's copy); why the copy is not what the original was, or
+    None. A checkpoint is not copied (the copy makes its own)."""
+    if isinstance(record, Opened):
+        with sequencer.lock:
+            sequencer.open_account(record.account, Completion())
+    elif isinstance(record, (Committed, Refused)):
+        sequencer.clock = _stopped_at(record.timestamp)
+        ticket = Ticket(record.requests, 0, linked=record.linked)
+        if isinstance(record, Committed):
+            decided = sequencer.commit(ticket, _nowhere, reserved=False)
+            if type(decided) is Refusal:
+                return f"its commit is now refused ({decided.code})"
+        else:
+            sequencer.reject(ticket, record.index, record.code)
+    elif isinstance(record, Expired):
+        sequencer.clock = _stopped_at(record.timestamp)
+        expired = sequencer.expire(_nowhere, _nowhere)
+        if expired != len(record.pending_ids):
+            return f"{expired} pending transfers expired, not {len(record.pending_ids)}"
+    return None
+
+
+def _stopped_at(timestamp: int) -> Callable[[], int]:
+    """A clock stopped at `timestamp`."""
+    return lambda: timestamp
+
+
+def _nowhere(_: object) -> None:
+    """Delivery and pinning for a journal no ledger has open: no accounts to tell."""

@@ -1,61 +1,285 @@
-"""The rules: whether a transfer may happen, and the entries it makes, decided in one pure function.
+"""The rules: whether transfers may happen, and what they do, decided in one pure function.
 
-`decide` takes a transfer's amount and its two accounts as a decision sees them (what each
-account is, what its entries add up to, and the funds already reserved on the source), and
-returns the stamp of both entries or the refusal's code. Every path calls it:
+`decide` takes a list of requests (one transfer; a post or a void of a pending transfer; or
+the legs of a linked chain, each seeing the effects of those before it) and the books as a
+decision sees them (`Book`: the accounts, what their entries add up to, the funds held by
+pending transfers, the open pending transfers) and returns what each request does (a
+`Leg`: its entries, stamped, or the hold it places or releases) or the first refusal
+(`Refusal`: which request, and its code). `enter` then writes the legs into a book. Every
+path calls them:
 
-- the source account's turn, in the mailbox path: it decides the debit from its own state and
-  the funds it has reserved for other transfers, and reserves the amount if it may;
-- the sequencer, when it stamps the entries under its lock from its projection (the source's
-  reservation is in place: its other reservations, which it cannot see, do not count; the
-  source's projected balance is never below what the account saw, so only the destination's
-  credit can be refused here, when it grew meanwhile);
-- a batch holding the turns of all its accounts, deciding each request in list order;
-- replay, which re-decides every journaled commit from the state before it and checks the
-  result is what was stamped: a record live operation could not have written is damage.
+- the sequencer, under its lock, for every decision it journals: a transfer whose source
+  reserved the funds in its mailbox, a batch or combined transfers decided in the accounts'
+  turns, a post or a void, a chain;
+- a source account's turn, in the mailbox path: it decides from its own state and the funds
+  it has reserved for other transfers in flight, and reserves its legs' debits if it may;
+- replay, which re-decides every journaled decision from the books before it and checks
+  the result is what was stamped: a record live operation could not have written is damage.
 
-Nothing here reads a clock, a lock or a file: the same inputs give the same decision.
+Nothing here reads a clock, a lock or a file: the same inputs give the same decision. The
+time a decision is made at is an input (`timestamp`), so expiry decided from it replays.
 """
 
 from __future__ import annotations
 
-from coordinator._errors import AccountNotFound, BalanceOverflow, CurrencyMismatch, InsufficientFunds
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import NamedTuple, Protocol
+
+from coordinator._errors import (
+    AccountNotFound,
+    BalanceOverflow,
+    CurrencyMismatch,
+    ExceedsPendingAmount,
+    InsufficientFunds,
+    PendingTransferAlreadyPosted,
+    PendingTransferAlreadyVoided,
+    PendingTransferExpired,
+    PendingTransferNotFound,
+)
 from coordinator._limits import AMOUNT_MAX
-from coordinator._state import AccountState
-from coordinator._values import Account
+from coordinator._state import AccountState, Pending
+from coordinator._values import PENDING, POST, SINGLE, VOID, Account, Request, TransferRequest, TransferStatus
+
+NS_PER_S = 1_000_000_000
 
 Stamp = tuple[int, int, int, int]
 """Both entries of a transfer: (source seq, source balance after, destination seq, destination balance after)."""
 
 
-def refusal_of_accounts(source: Account | None, destination: Account | None) -> str | None:
-    """What the accounts alone refuse (neither's state matters): one missing, or their
-    currencies differ. Deciding may start here, before anyone's turn."""
+Leg = tuple[int, str, str, int, "Stamp | None", "Pending | None"]
+"""What one request does: (kind, source, destination, amount, stamp, pending). Kinds:
+SINGLE moves `amount` (stamp: both entries); PENDING places `amount` on hold (no stamp);
+POST moves `amount` and releases the hold of `pending`; VOID releases it (amount: what it held)."""
+
+
+class Refusal(NamedTuple):
+    index: int  # type: ignore[assignment]  # a field, shadowing tuple.index
+    """The first refused request's place in the list."""
+    code: str
+
+
+class Book(Protocol):
+    """What a decision reads."""
+
+    @property
+    def accounts(self) -> Mapping[str, Account]: ...
+
+    @property
+    def states(self) -> Mapping[str, AccountState]: ...
+
+    @property
+    def held(self) -> Mapping[str, int]:
+        """Funds held on each account by its open pending transfers (absent: 0)."""
+
+    @property
+    def incoming(self) -> Mapping[str, int]:
+        """Funds of the open pending transfers toward each account (absent: 0)."""
+
+    @property
+    def pending(self) -> Mapping[str, Pending]:
+        """The open pending transfers, by id."""
+
+    def resolution(self, pending_id: str) -> TransferStatus | None:
+        """What became of a pending transfer no longer open (posted, voided, expired), or None
+        if there never was one with that id."""
+
+
+NOTHING: Mapping[str, int] = {}
+
+_RESOLVED = {
+    None: PendingTransferNotFound.code,
+    "posted": PendingTransferAlreadyPosted.code,
+    "voided": PendingTransferAlreadyVoided.code,
+    "expired": PendingTransferExpired.code,
+}
+
+
+def decide(requests: Sequence[Request], book: Book, timestamp: int,
+           reserved: Mapping[str, int] = NOTHING) -> list[Leg] | Refusal:
+    """What `requests` do, decided in order at `timestamp` (the i-th at `timestamp + i`), all
+    or none: their legs, or the first refusal. `reserved`: funds the protocol has reserved on
+    an account for transfers in flight, which a debit must not spend (the checks, per
+    request: accounts, debit, credit; a post or void: the pending transfer, its deadline, the
+    amount, the credit)."""
+    if len(requests) == 1:  # no chain: read the books as they are
+        request = requests[0]
+        if type(request) is TransferRequest:
+            leg = _transfer(request, book.accounts, book.states, book.held, book.incoming, reserved)
+        else:
+            leg = _resolve(request, book, book.states, timestamp)  # type: ignore[arg-type]
+        return Refusal(0, leg) if type(leg) is str else [leg]  # type: ignore[list-item]
+    states: dict[str, AccountState] = {}
+    held: dict[str, int] = {}
+    incoming: dict[str, int] = {}
+    seen_states: Mapping[str, AccountState] = _Overlay(states, book.states)  # type: ignore[assignment]
+    seen_held: Mapping[str, int] = _Overlay(held, book.held)  # type: ignore[assignment]
+    seen_incoming: Mapping[str, int] = _Overlay(incoming, book.incoming)  # type: ignore[assignment]
+    legs: list[Leg] = []
+    for index, request in enumerate(requests):
+        if type(request) is TransferRequest:
+            leg = _transfer(request, book.accounts, seen_states, seen_held, seen_incoming, reserved)
+        else:  # a post or void in a chain sees the chain's entries, not pending transfers it opened
+            leg = _resolve(request, book, seen_states, timestamp + index)  # type: ignore[arg-type]
+        if type(leg) is str:
+            return Refusal(index, leg)
+        legs.append(leg)  # type: ignore[arg-type]
+        _enter_leg(leg, states, held, incoming, seen_states, seen_held, seen_incoming)  # type: ignore[arg-type]
+    return legs
+
+
+def _transfer(request: TransferRequest, accounts: Mapping[str, Account], states: Mapping[str, AccountState],
+              held: Mapping[str, int], incoming: Mapping[str, int], reserved: Mapping[str, int]) -> Leg | str:
+    source_id, destination_id, amount = request.source, request.destination, request.amount
+    source, destination = accounts.get(source_id), accounts.get(destination_id)
     if source is None or destination is None:
         return AccountNotFound.code
     if source.currency != destination.currency:
         return CurrencyMismatch.code
-    return None
-
-
-def decide(amount: int, source: Account | None, destination: Account | None,
-           origin: AccountState, target: AccountState, reserved: int) -> Stamp | str:
-    """The stamp of a transfer of `amount` from `source` to `destination`, whose entries so far
-    add up to `origin` and `target`, with `reserved` of the source's funds reserved for other
-    transfers; or the code of its refusal (the checks in this order: accounts, debit, credit)."""
-    if source is None or destination is None or source.currency != destination.currency:
-        code = refusal_of_accounts(source, destination)
-        assert code is not None
-        return code
-    origin_seq, origin_posted, _ = origin
-    target_seq, target_posted, _ = target
-    after = origin_posted - reserved - amount
+    source_seq, source_posted, _ = states[source_id]
+    target_seq, target_posted, _ = states[destination_id]
+    after = source_posted - reserved.get(source_id, 0) - held.get(source_id, 0) - amount
     limit = source.overdraft_limit
     if limit is None:
         if after < -AMOUNT_MAX:
             return BalanceOverflow.code
     elif after < -limit:
         return InsufficientFunds.code
+    if request.pending:  # the credit must fit once posted, beside what else is on its way
+        if target_posted + incoming.get(destination_id, 0) + amount > AMOUNT_MAX:
+            return BalanceOverflow.code
+        return (PENDING, source_id, destination_id, amount, None, None)
     if target_posted + amount > AMOUNT_MAX:
         return BalanceOverflow.code
-    return origin_seq + 1, origin_posted - amount, target_seq + 1, target_posted + amount
+    return (SINGLE, source_id, destination_id, amount,
+            (source_seq + 1, source_posted - amount, target_seq + 1, target_posted + amount), None)
+
+
+def _resolve(request: _Resolving, book: Book, states: Mapping[str, AccountState], timestamp: int) -> Leg | str:
+    """A post or a void of the pending transfer `request.pending_id`, decided at `timestamp`."""
+    pending = book.pending.get(request.pending_id)
+    if pending is None:
+        return _RESOLVED[book.resolution(request.pending_id)]
+    if pending.deadline and timestamp >= pending.deadline:
+        return PendingTransferExpired.code
+    source_id, destination_id = pending.source, pending.destination
+    if request.void:
+        return (VOID, source_id, destination_id, pending.amount, None, pending)
+    amount = pending.amount if request.amount is None else request.amount
+    if amount > pending.amount:
+        return ExceedsPendingAmount.code
+    source_seq, source_posted, _ = states[source_id]
+    target_seq, target_posted, _ = states[destination_id]
+    if target_posted + amount > AMOUNT_MAX or source_posted - amount < -AMOUNT_MAX:
+        return BalanceOverflow.code
+    return (POST, source_id, destination_id, amount,
+            (source_seq + 1, source_posted - amount, target_seq + 1, target_posted + amount), pending)
+
+
+class _Resolving(Protocol):
+    pending_id: str
+    amount: int | None
+    void: bool
+
+
+class _Overlay(Mapping[str, object]):
+    """`top` over `base`: what a chain sees of the books, its own legs' effects first."""
+
+    __slots__ = ("top", "base")
+
+    def __init__(self, top: Mapping[str, object], base: Mapping[str, object]) -> None:
+        self.top, self.base = top, base
+
+    def __getitem__(self, key: str) -> object:
+        top = self.top
+        return top[key] if key in top else self.base[key]
+
+    def get(self, key: str, default: object = None) -> object:
+        top = self.top
+        return top[key] if key in top else self.base.get(key, default)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        raise NotImplementedError  # never listed: decisions look accounts up
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+
+def _enter_leg(leg: Leg, states: MutableMapping[str, AccountState], held: MutableMapping[str, int],
+               incoming: MutableMapping[str, int], seen_states: Mapping[str, AccountState],
+               seen_held: Mapping[str, int], seen_incoming: Mapping[str, int], lsn: int = 0) -> None:
+    """Write one leg's effects into `states`, `held` and `incoming`, reading what they were
+    from the `seen_` mappings (the same ones, or an overlay over them)."""
+    kind, source, destination, amount, stamp, pending = leg
+    if stamp is not None:
+        states[source] = (stamp[0], stamp[1], lsn)
+        states[destination] = (stamp[2], stamp[3], lsn)
+    if kind == PENDING:
+        held[source] = seen_held.get(source, 0) + amount
+        incoming[destination] = seen_incoming.get(destination, 0) + amount
+    elif pending is not None:  # a post or a void releases the whole hold
+        held[source] = seen_held.get(source, 0) - pending.amount
+        incoming[destination] = seen_incoming.get(destination, 0) - pending.amount
+
+
+class Books(Protocol):
+    """A book `enter` writes into."""
+
+    @property
+    def states(self) -> MutableMapping[str, AccountState]: ...
+
+    @property
+    def held(self) -> MutableMapping[str, int]: ...
+
+    @property
+    def incoming(self) -> MutableMapping[str, int]: ...
+
+    @property
+    def pending(self) -> MutableMapping[str, Pending]: ...
+
+
+def enter(book: Books, requests: Sequence[Request], legs: Sequence[Leg], lsn: int, timestamp: int) -> None:
+    """Write decided legs (`decide` of `requests` at `timestamp`) journaled at `lsn` into
+    `book`: entries move the states, pending transfers open, posts and voids close theirs.
+    A hold that falls to 0 leaves its mapping (so equal books are equal mappings)."""
+    states, held, incoming, pending = book.states, book.held, book.incoming, book.pending
+    for index, leg in enumerate(legs):
+        _enter_leg(leg, states, held, incoming, states, held, incoming, lsn)
+        kind, source, destination, amount, _, resolved = leg
+        if kind == PENDING:
+            request = requests[index]
+            assert type(request) is TransferRequest
+            timeout_s = request.timeout_s
+            deadline = 0 if timeout_s is None else timestamp + index + timeout_s * NS_PER_S
+            pending[request.id] = Pending(request.id, source, destination, amount, deadline, lsn, request.code)
+        elif resolved is not None:
+            del pending[resolved.id]
+            _drop_zero(held, source)
+            _drop_zero(incoming, destination)
+
+
+def expire(book: Books, pending_ids: Sequence[str]) -> None:
+    """Release the holds of pending transfers that expired (each must be open)."""
+    pending, held, incoming = book.pending, book.held, book.incoming
+    for pending_id in pending_ids:
+        expired = pending.pop(pending_id)
+        held[expired.source] -= expired.amount
+        incoming[expired.destination] -= expired.amount
+        _drop_zero(held, expired.source)
+        _drop_zero(incoming, expired.destination)
+
+
+def _drop_zero(amounts: MutableMapping[str, int], account: str) -> None:
+    if not amounts[account]:
+        del amounts[account]
+
+
+def due(pending: Mapping[str, Pending], ids: Sequence[str], timestamp: int) -> str | None:
+    """Why an expiry at `timestamp` of `ids` is not one the rules allow (each must be an open
+    pending transfer whose deadline has come), or None."""
+    for pending_id in ids:
+        found = pending.get(pending_id)
+        if found is None:
+            return f"{pending_id!r} is not an open pending transfer"
+        if not found.deadline or found.deadline > timestamp:
+            return f"pending transfer {pending_id!r} has not reached its deadline"
+    return None

@@ -1,57 +1,86 @@
-"""The sequencer: the one place where decisions get their journal order.
+"""The sequencer: the one place where decisions get their journal order and their time.
 
-A decision (open an account, commit a transfer, reject one) is stamped and
-appended to the journal under one short lock, and for a commit the two entries
-are handed to the accounts' mailboxes inside that same lock. So every account
-receives its entries in LSN order, which is the order replay applies them in,
-and an entry's seq and balance are decided exactly once, here.
+A decision (open an account; commit or refuse a transfer, a post or a void of a pending
+transfer, a linked chain; expire pending transfers) is made by the rules (`rules.decide`)
+from the projection, stamped with its LSN and timestamp, and appended to the journal under
+one short lock, and what it does to each account is handed to the account inside that same
+lock. So every account receives its entries in LSN order, which is the order replay applies
+them in, and an entry's seq and balance are decided exactly once, here.
 
-The lock covers stamping and queueing only (microseconds), never a wait: the
-protocol before it (reserving funds in the source's mailbox) runs in parallel.
+The lock covers deciding, stamping and queueing only (microseconds), never a wait: the
+protocol before it (reserving funds in the sources' mailboxes) runs in parallel.
 
-The sequencer also keeps the journal-order projection of every account
-(`AccountState`: seq, posted, last LSN). It only grows by appending entries;
-the account actors apply the same entries with the same pure `post` and must
-agree with it, so the projection is both the stamp source and a cross-check.
-And it keeps the entries stamped since the newest checkpoint (`unindexed`),
-which the next checkpoint writes to the entry index (see `coordinator._entries`).
+Timestamps: nanoseconds since the epoch from `clock`, made strictly increasing in LSN order
+(a clock that steps back, or repeats, gets the last timestamp + 1), also across a reopen:
+the projection carries the last one journaled.
+
+The sequencer keeps the journal-order projection (`Projection`: every account's state, the
+open pending transfers and what they hold). It only grows by appending; the account actors
+apply the same entries with the same pure `post` and must agree with it, so the projection
+is both the stamp source and a cross-check. And it keeps the entries stamped since the
+newest checkpoint (`unindexed`), which the next checkpoint writes to the entry index (see
+`coordinator._entries`).
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import struct
 import threading
-from collections.abc import Callable
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from itertools import islice
-from typing import cast
+from typing import TYPE_CHECKING, Any
 
 from journal import Completion, IndexPuts, Journal, JournalError, crash_point
 
-from coordinator._claims import Refusal
 from coordinator._entries import Flat, UnindexedEntries
-from coordinator._limits import CHECKPOINT_RECORDS_INTERVAL, UNINDEXED_ENTRIES_MAX
+from coordinator._history import Refused, resolution_of
+from coordinator._limits import CHECKPOINT_RECORDS_INTERVAL, EXPIRY_RECORD_IDS_MAX, UNINDEXED_ENTRIES_MAX
 from coordinator._records import (
-    ACCOUNT,
+    ACCOUNT3,
     ACCOUNTS_INDEX,
-    CHECKPOINT,
+    CHECKPOINT3,
     CHECKPOINTS_INDEX,
-    COMMIT,
     ENTRIES_INDEX,
-    REJECT,
+    EXPIRY3,
+    REFUSAL3,
+    TRANSFER3,
     TRANSFERS_INDEX,
     encode,
     encode_entry_value,
     entry_prefix,
     id_key,
     lsn_value,
+    resolution_key,
 )
-from coordinator._rules import Stamp, decide
-from coordinator._state import NO_ENTRIES, AccountState, Posting
-from coordinator._values import Account, Transfer, TransferRequest, stamped_transfer
+from coordinator._rules import NOTHING, Leg, Refusal, decide, enter, expire
+from coordinator._state import NO_ENTRIES, Pending, Posting, Projection
+from coordinator._values import (
+    KINDS,
+    PENDING,
+    POST,
+    SINGLE,
+    VOID,
+    Account,
+    Request,
+    Transfer,
+    TransferRequest,
+    TransferStatus,
+    stamped_transfer,
+)
 
-Deliver = Callable[[Posting, Posting], None]
+if TYPE_CHECKING:
+    from coordinator._claims import Ticket
+
+Deliver = Callable[[list[Posting]], None]
+Pin = Callable[[list[str]], None]
 _U64 = struct.Struct(">Q")
+_STATUS: tuple[TransferStatus, ...] = ("posted", "pending", "posted", "voided")
+"""A transfer's status as decided, by kind."""
+_NO_STAMP = (0, 0, 0, 0)
 
 
 class Chunk:
@@ -63,7 +92,7 @@ class Chunk:
 
     def __init__(self) -> None:
         self.payloads: list[bytes] = []
-        self.completions: list[Completion] = []
+        self.completions: list[Completion | None] = []
         self.transfers: list[bytes] = []
         """Transfer index: id -> LSN of its outcome (flat: key, value, key, value...)."""
         self.accounts: list[str] = []
@@ -79,19 +108,22 @@ logger = logging.getLogger("tally.coordinator")
 
 
 class Sequencer:
-    """Owns journal order. Every method is called with no lock held and returns at once."""
+    """Owns journal order. Every method is called with no lock held and returns at once,
+    unless it says to hold `lock`. It is the `rules.Book` decisions read."""
 
     def __init__(
         self,
         journal: Journal,
-        accounts: dict[str, Account],
-        states: dict[str, AccountState],
+        books: Projection,
         checkpoint_interval: int = CHECKPOINT_RECORDS_INTERVAL,
         unindexed: Flat | None = None,
         since_checkpoint: int = 0,
+        clock: Callable[[], int] = time.time_ns,
     ) -> None:
-        """`unindexed` holds the entries of the commits after the newest checkpoint, which
-        `since_checkpoint` records follow (both from recovery; none for a new journal)."""
+        """`books`: the projection recovery rebuilt (taken over, not copied); `unindexed` holds
+        the entries of the commits after the newest checkpoint, which `since_checkpoint`
+        records follow (both from recovery; none for a new journal). `clock`: nanoseconds
+        since the epoch."""
         self.lock = threading.Lock()
         self.checkpoint_interval = checkpoint_interval
         self._since_checkpoint = since_checkpoint
@@ -99,24 +131,61 @@ class Sequencer:
         self._prefixes: dict[str, bytes] = {}
         """Entry-index key prefix per account, computed once."""
         self._journal = journal
-        self.accounts = accounts
+        self.clock = clock
+        self.accounts = books.accounts
         """Every account, in creation order. Read freely; written only under `lock`."""
-        self.account_lsns: dict[str, int] = {}
-        self._fixed_rows: dict[str, tuple[str, str, int | None, int]] = {}
-        """The unchanging start of each account's checkpoint row (id, currency, overdraft
-        limit, opening LSN), in creation order; filled by `checkpoint`."""
-        self.states = states
+        self.account_lsns = books.account_lsns
+        self.states = books.states
         """Journal-order projection of every account; written only under `lock`."""
+        self.held = books.held
+        self.incoming = books.incoming
+        self.pending = books.pending
+        """The open pending transfers: read freely (to route a post), written under `lock`."""
+        self.last_timestamp = books.last_timestamp
+        self.index_entries = books.index_entries
+        self._deadlines: list[tuple[int, str]] = [(p.deadline, p.id) for p in books.pending.values() if p.deadline]
+        heapq.heapify(self._deadlines)
+        self._resolved: dict[str, TransferStatus] = {}
+        """Pending transfers resolved by records not yet durable (the index answers for the rest)."""
+        self._resolved_at: deque[tuple[int, str]] = deque()
+        self._unentered: tuple[Sequence[Request], list[Leg], int, int] = ((), [], 0, 0)
+        """What `stamp` decided without entering it (`enter_stamped`)."""
+        self._fixed_rows: dict[str, tuple[Any, ...]] = {}
+        """The unchanging start of each account's checkpoint row (id, currency, overdraft
+        limit, code, metadata, opening LSN), in creation order; filled by `checkpoint`."""
+
+    # --- the rules' view of the books ------------------------------------------------
+
+    def resolution(self, pending_id: str) -> TransferStatus | None:
+        """What resolved a pending transfer no longer open; call under `lock`."""
+        status = self._resolved.get(pending_id)
+        if status is not None:
+            return status
+        with self._journal.snapshot() as txn:
+            return resolution_of(self._journal, pending_id, txn)
+
+    def timestamp(self, count: int = 1) -> int:
+        """The timestamp of the next decision, of `count` requests (the i-th gets it + i);
+        call under `lock`."""
+        now = self.clock()
+        last = self.last_timestamp
+        stamp = now if now > last else last + 1
+        self.last_timestamp = stamp + count - 1
+        return stamp
+
+    # --- accounts ----------------------------------------------------------------------
 
     def open_account(self, account: Account, completion: Completion) -> int:
         """Journal a new account. The caller checked, under `lock`, that the id is free."""
         assert self.lock.locked()
         assert account.id not in self.accounts, account.id
-        payload = encode([ACCOUNT, account.id, account.currency, account.overdraft_limit])
+        metadata = None if account.metadata is None else account.metadata.as_dict()
+        payload = encode([ACCOUNT3, account.id, account.currency, account.overdraft_limit, account.code, metadata])
         lsn = self._journal.last_lsn + 1
         index = [(ACCOUNTS_INDEX, id_key(account.id), lsn_value(lsn))]
         appended = self._journal.append(payload, index, completion)
         assert appended == lsn, (appended, lsn)
+        self.index_entries += 1
         # `accounts` last: threads that find the account there (without the lock) find the rest.
         self.account_lsns[account.id] = lsn
         self.states[account.id] = NO_ENTRIES
@@ -124,87 +193,202 @@ class Sequencer:
         self._appended()
         return lsn
 
-    def commit(self, request: TransferRequest, deliver: Deliver, completion: Completion) -> Transfer | str:
-        """Decide a reserved transfer from the projection (`rules.decide`), then stamp and
-        journal its commit and deliver its two entries; or return the refusal's code,
-        journaling nothing (the caller rejects).
+    # --- decisions -----------------------------------------------------------------------
 
-        Only the destination's credit can be refused here (see `coordinator._rules`).
-        `completion.value` is set to the Transfer before the record is queued, and the
-        writer releases it once the record is durable.
-        """
-        tid, source, destination, amount = request.id, request.source, request.destination, request.amount
-        accounts, states = self.accounts, self.states
-        chunk = Chunk()
-        with self.lock:
-            decided = decide(amount, accounts.get(source), accounts.get(destination), states[source],
-                             states[destination], 0)
-            if isinstance(decided, str):
-                return decided
-            lsn = self._journal.last_lsn + 1
-            self.stamp_commit(chunk, tid, source, destination, amount, lsn, completion, decided)
-            appended = self._append(chunk)
-            assert appended == lsn, (appended, lsn)
-            crash_point("after-commit-queued")
-            debit_seq, debit_balance, credit_seq, credit_balance = decided
-            states[source] = (debit_seq, debit_balance, lsn)
-            states[destination] = (credit_seq, credit_balance, lsn)
-            deliver(
-                Posting(source, debit_seq, -amount, debit_balance, lsn),
-                Posting(destination, credit_seq, amount, credit_balance, lsn),
-            )
-            self._appended()
-        return cast(Transfer, completion.value)
+    def stamp(self, chunk: Chunk, ticket: Ticket, lsn: int, reserved: Mapping[str, int] = NOTHING,
+              pin: Pin | None = None, enter_now: bool = True) -> list[Leg] | Refusal:
+        """Decide `ticket`'s requests at `lsn` (`rules.decide`, from the projection and
+        `reserved`), add the record, committed or refused, to `chunk`, and move the projection
+        past it (with `enter_now`; else the caller calls `enter_stamped` once the chunk is
+        queued). Call under `lock`; the caller appends the chunk and delivers the legs.
+        `ticket.value` becomes the Transfer (a chain: the tuple of them) or the `Refused`.
+        `pin`: called with the accounts the legs touch before the projection moves (see
+        `commit`)."""
+        requests = ticket.requests
+        timestamp = self.timestamp(len(requests))
+        decided = decide(requests, self, timestamp, reserved)
+        if isinstance(decided, Refusal):
+            self.stamp_refusal(chunk, ticket, lsn, timestamp, decided.index, decided.code)
+            return decided
+        if pin is not None:
+            pin([name for leg in decided for name in (leg[1], leg[2])])
+        self._stamp_legs(chunk, ticket, lsn, timestamp, decided)
+        if enter_now:
+            enter(self, requests, decided, lsn, timestamp)
+        else:
+            self._unentered = (requests, decided, lsn, timestamp)
+        return decided
 
-    def stamp_commit(
-        self,
-        chunk: Chunk,
-        tid: str,
-        source: str,
-        destination: str,
-        amount: int,
-        lsn: int,
-        completion: Completion,
-        stamp: Stamp,
-    ) -> None:
-        """Add the commit record of a transfer at `lsn` to `chunk`, its entries as `decide`
-        stamped them. Call under `lock`; the caller moves the projection (`states`) past the
-        entries. `completion.value` becomes the Transfer."""
-        debit_seq, debit_balance, credit_seq, credit_balance = stamp
+    def enter_stamped(self) -> None:
+        """Move the projection past the legs `stamp` decided without `enter_now`."""
+        requests, legs, lsn, timestamp = self._unentered
+        enter(self, requests, legs, lsn, timestamp)
+
+    def _undo_counts(self, index_entries: int, resolved: int) -> None:
+        """Forget what stamps counted for records the journal refused to queue: the index
+        entries they would have put, the pending transfers they would have resolved."""
+        self.index_entries = index_entries
+        while len(self._resolved_at) > resolved:
+            self._resolved.pop(self._resolved_at.pop()[1], None)
+
+    def _stamp_legs(self, chunk: Chunk, ticket: Ticket, lsn: int, timestamp: int, legs: list[Leg]) -> None:
+        requests = ticket.requests
+        fields: list[Any] = [TRANSFER3, timestamp, ticket.linked]
+        transfers: list[Transfer] = []
+        key_lsn = _U64.pack(lsn)
+        index = chunk.transfers
         prefixes = self._prefixes
-        source_prefix = prefixes.get(source) or prefixes.setdefault(source, entry_prefix(source))
-        target_prefix = prefixes.get(destination) or prefixes.setdefault(destination, entry_prefix(destination))
-        completion.value = stamped_transfer(tid, source, destination, amount, lsn)
-        chunk.payloads.append(
-            encode([COMMIT, tid, source, destination, amount, debit_seq, debit_balance, credit_seq, credit_balance])
-        )
-        chunk.completions.append(completion)
-        chunk.transfers += (id_key(tid), _U64.pack(lsn))  # `lsn_value`, inline
-        chunk.accounts += (source, destination)
-        chunk.entries += (
-            source_prefix + _U64.pack(debit_seq), encode_entry_value(tid, -amount, debit_balance, lsn),
-            target_prefix + _U64.pack(credit_seq), encode_entry_value(tid, amount, credit_balance, lsn),
-        )
+        resolved = 0
+        for i, leg in enumerate(legs):
+            request = requests[i]
+            kind, source, destination, amount, stamp, pending = leg
+            tid = request.id
+            if type(request) is TransferRequest:
+                code, reference, metadata, timeout_s = request.code, request.reference, request.metadata, request.timeout_s
+                pending_id = requested = None
+            else:
+                assert pending is not None
+                code, reference, metadata, timeout_s = pending.code, request.reference, request.metadata, None
+                pending_id, requested = request.pending_id, request.amount  # type: ignore[union-attr]
+                index += (resolution_key(pending_id), key_lsn)
+                self._resolved[pending_id] = "voided" if kind == VOID else "posted"
+                self._resolved_at.append((lsn, pending_id))
+                resolved += 1
+            fields.append([kind, tid, source, destination, amount, code, reference,
+                           None if metadata is None else metadata.as_dict(),  # type: ignore[attr-defined]
+                           timeout_s, pending_id, requested, *(stamp or _NO_STAMP)])
+            transfers.append(stamped_transfer(tid, source, destination, amount, lsn, timestamp + i, code, reference,
+                                              metadata, KINDS[kind], pending_id, _STATUS[kind], timeout_s))  # type: ignore[arg-type]
+            index += (id_key(tid), key_lsn)
+            if stamp is not None:
+                debit_seq, debit_balance, credit_seq, credit_balance = stamp
+                source_prefix = prefixes.get(source) or prefixes.setdefault(source, entry_prefix(source))
+                target_prefix = prefixes.get(destination) or prefixes.setdefault(destination, entry_prefix(destination))
+                chunk.accounts += (source, destination)
+                chunk.entries += (
+                    source_prefix + _U64.pack(debit_seq),
+                    encode_entry_value(tid, -amount, debit_balance, lsn, timestamp + i),
+                    target_prefix + _U64.pack(credit_seq),
+                    encode_entry_value(tid, amount, credit_balance, lsn, timestamp + i),
+                )
+            elif kind == PENDING and timeout_s is not None:
+                heapq.heappush(self._deadlines, (timestamp + i + timeout_s * 1_000_000_000, tid))
+        ticket.value = transfers[0] if len(transfers) == 1 and not ticket.linked else tuple(transfers)
+        chunk.payloads.append(encode(fields))
+        chunk.completions.append(ticket)
+        self.index_entries += len(legs) + resolved
 
-    def stamp_reject(self, chunk: Chunk, request: TransferRequest, code: str, lsn: int, completion: Completion) -> None:
-        """Add the rejection record of `request` at `lsn` to `chunk` (under `lock`);
-        `completion.value` becomes the `Refusal`."""
-        completion.value = Refusal(request, code, lsn)
-        chunk.payloads.append(encode([REJECT, request.id, request.source, request.destination, request.amount, code]))
-        chunk.completions.append(completion)
-        chunk.transfers += (id_key(request.id), lsn_value(lsn))
+    def stamp_refusal(self, chunk: Chunk, ticket: Ticket, lsn: int, timestamp: int, index: int, code: str) -> None:
+        """Add the refusal of `ticket`'s request `index` (for a chain: of the chain) at `lsn`
+        to `chunk` (under `lock`); `ticket.value` becomes the `Refused`."""
+        requests = ticket.requests
+        ticket.value = Refused(lsn, requests, index, code, ticket.linked, timestamp)
+        fields: list[Any] = [REFUSAL3, timestamp, ticket.linked, index, code]
+        key_lsn = lsn_value(lsn)
+        for request in requests:
+            fields.append(request_fields(request))
+            chunk.transfers += (id_key(request.id), key_lsn)
+        chunk.payloads.append(encode(fields))
+        chunk.completions.append(ticket)
+        self.index_entries += len(requests)
 
-    def reject(self, request: TransferRequest, code: str, completion: Completion) -> int:
-        """Journal a refusal; it consumes the transfer id. `completion.value` becomes the
-        `Refusal` before the record is queued; the writer releases it once durable."""
+    def commit(self, ticket: Ticket, deliver: Deliver, reserved: bool, pin: Pin | None = None) -> list[Leg] | Refusal:
+        """The mailbox path's decision, once every source has reserved its debits (`reserved`;
+        or a ticket with none to reserve): decide the ticket from the projection, journal it
+        (committed or refused), and deliver what it does to each account (the postings, which
+        end the sources' reservations). The writer releases the ticket once its record is
+        durable.
+
+        `pin`, for a caller that did not pin every account the decision may touch beforehand
+        (a post or a void: its pending transfer may have opened since it looked), pins the
+        accounts the legs touch, under `lock` and before the projection moves: an account
+        activated later starts from a projection past this decision, one activated earlier
+        gets its postings, never both."""
         chunk = Chunk()
         with self.lock:
             lsn = self._journal.last_lsn + 1
-            self.stamp_reject(chunk, request, code, lsn, completion)
-            appended = self._append(chunk)
+            counts = self.index_entries, len(self._resolved_at)
+            decided = self.stamp(chunk, ticket, lsn, NOTHING, pin, enter_now=False)
+            try:
+                appended = self._append(chunk)
+            except BaseException:
+                self._undo_counts(*counts)
+                raise
+            assert appended == lsn, (appended, lsn)
+            if type(decided) is not Refusal:
+                self.enter_stamped()
+                crash_point("after-commit-queued")
+                deliver(postings(decided, lsn, reserved))  # type: ignore[arg-type]
+            self._appended()
+        return decided
+
+    def reject(self, ticket: Ticket, index: int, code: str) -> int:
+        """Journal a refusal decided before the sequencer (a source refused its debit in its
+        mailbox); it consumes every id of the ticket. The writer releases it once durable."""
+        chunk = Chunk()
+        with self.lock:
+            lsn = self._journal.last_lsn + 1
+            counts = self.index_entries, len(self._resolved_at)
+            self.stamp_refusal(chunk, ticket, lsn, self.timestamp(len(ticket.requests)), index, code)
+            try:
+                appended = self._append(chunk)
+            except BaseException:
+                self._undo_counts(*counts)
+                raise
             assert appended == lsn, (appended, lsn)
             self._appended()
         return lsn
+
+    def expire(self, deliver: Deliver, pin: Pin) -> int:
+        """Journal the expiry of every open pending transfer whose deadline has come by the
+        expiry's own timestamp, and deliver the holds it releases; how many expired. `pin`:
+        as for `commit`."""
+        expired = 0
+        with self.lock:
+            deadlines, pending = self._deadlines, self.pending
+            while deadlines:
+                now = max(self.clock(), self.last_timestamp + 1)  # `timestamp`, spent only if a record is made
+                due: list[Pending] = []
+                while deadlines and deadlines[0][0] <= now and len(due) < EXPIRY_RECORD_IDS_MAX:
+                    deadline, pending_id = heapq.heappop(deadlines)
+                    found = pending.get(pending_id)
+                    if found is not None and found.deadline == deadline:
+                        due.append(found)
+                if not due:
+                    break
+                self.last_timestamp = now
+                lsn = self._journal.last_lsn + 1
+                ids = [found.id for found in due]
+                index: list[bytes] = []
+                key_lsn = lsn_value(lsn)
+                for pending_id in ids:
+                    index += (resolution_key(pending_id), key_lsn)
+                try:
+                    appended = self._journal.append_block([encode([EXPIRY3, now, ids])], {TRANSFERS_INDEX: index},
+                                                          [None])
+                except BaseException:
+                    for found in due:  # not expired after all: due again next time
+                        heapq.heappush(deadlines, (found.deadline, found.id))
+                    raise
+                assert appended == lsn, (appended, lsn)
+                for pending_id in ids:
+                    self._resolved[pending_id] = "expired"
+                    self._resolved_at.append((lsn, pending_id))
+                self.index_entries += len(ids)
+                crash_point("during-expiry")
+                pin([name for found in due for name in (found.source, found.destination)])
+                expire(self, ids)
+                deliver([posting for found in due for posting in _releasing(found, lsn)])
+                expired += len(ids)
+                self._appended()
+        return expired
+
+    def next_deadline(self) -> int | None:
+        """The earliest deadline of an open pending transfer (or a stale one: a hint)."""
+        deadlines = self._deadlines
+        return deadlines[0][0] if deadlines else None
+
+    # --- appending -------------------------------------------------------------------------
 
     def append_chunk(self, chunk: Chunk) -> int:
         """Journal the records stamped in `chunk` (under `lock`, at consecutive LSNs from
@@ -233,7 +417,11 @@ class Sequencer:
         queued already, so a checkpoint that cannot be queued must not fail them: it is
         logged and tried again after the next record (the writer reports its own failure)."""
         self._since_checkpoint += records
-        self.unindexed.release(self._journal.durable_lsn)
+        durable = self._journal.durable_lsn
+        self.unindexed.release(durable)
+        resolved_at = self._resolved_at
+        while resolved_at and resolved_at[0][0] <= durable:  # the index answers for these now
+            self._resolved.pop(resolved_at.popleft()[1], None)
         if self._since_checkpoint >= self.checkpoint_interval or self.unindexed.count >= UNINDEXED_ENTRIES_MAX:
             try:
                 self.checkpoint()
@@ -241,8 +429,9 @@ class Sequencer:
                 logger.exception("checkpoint not journaled; trying again after the next record")
 
     def checkpoint(self) -> int:
-        """Journal the projection of every account as of now (call with `lock` held), and
-        with it, in its transaction, the entry index rows of every commit since the last.
+        """Journal the projection as of now (call with `lock` held): every account, the open
+        pending transfers, the last timestamp; and with it, in its transaction, the entry
+        index rows of every commit since the last.
 
         Opening the ledger starts from the newest checkpoint and replays only the
         records after it; a full replay checks every checkpoint it passes.
@@ -251,14 +440,58 @@ class Sequencer:
         fixed, states = self._fixed_rows, self.states
         if len(fixed) < len(self.accounts):  # accounts only grow, in order: add the new ones
             for account in islice(self.accounts.values(), len(fixed), None):
-                fixed[account.id] = (account.id, account.currency, account.overdraft_limit, self.account_lsns[account.id])
-        # Tuples of str and int, which the collector stops tracking (lists it would walk).
+                metadata = None if account.metadata is None else account.metadata.as_dict()
+                fixed[account.id] = (account.id, account.currency, account.overdraft_limit, account.code, metadata,
+                                     self.account_lsns[account.id])
         rows = [row + states[account_id] for account_id, row in fixed.items()]
+        pendings = [list(pending) for pending in self.pending.values()]
         lsn = self._journal.last_lsn + 1
+        self.index_entries += 1
         index: IndexPuts = {CHECKPOINTS_INDEX: [lsn_value(lsn), b""], ENTRIES_INDEX: self.unindexed.ordered()}
-        appended = self._journal.append_block([encode([CHECKPOINT, rows])], index, [None])
+        payload = encode([CHECKPOINT3, self.last_timestamp, self.index_entries, rows, pendings])
+        appended = self._journal.append_block([payload], index, [None])
         assert appended == lsn, (appended, lsn)
         self.unindexed.carry(lsn)
         crash_point("during-checkpoint")
         self._since_checkpoint = 0
         return lsn
+
+
+def request_fields(request: Request) -> list[Any]:
+    """The fields a record keeps of a request (the first `REQUEST_FIELDS` of a leg)."""
+    metadata = None if request.metadata is None else request.metadata.as_dict()  # type: ignore[attr-defined]
+    if type(request) is TransferRequest:
+        return [PENDING if request.pending else SINGLE, request.id, request.source, request.destination,
+                request.amount, request.code, request.reference, metadata, request.timeout_s, None, None]
+    return [VOID if request.void else POST, request.id, None, None, None, 0, request.reference,  # type: ignore[union-attr]
+            metadata, None, request.pending_id, request.amount]  # type: ignore[union-attr]
+
+
+def postings(legs: Sequence[Leg], lsn: int, reserved: bool) -> list[Posting]:
+    """What decided legs do to each account, in order: per leg, the source's then the
+    destination's. `reserved`: the sources reserved their debits (the mailbox path), which
+    these release."""
+    made: list[Posting] = []
+    for kind, source, destination, amount, stamp, pending in legs:
+        released = amount if reserved and (kind == SINGLE or kind == PENDING) else 0
+        if kind == SINGLE:
+            assert stamp is not None
+            made += (Posting(source, stamp[0], -amount, stamp[1], lsn, released, 0, 0),
+                     Posting(destination, stamp[2], amount, stamp[3], lsn, 0, 0, 0))
+        elif kind == PENDING:
+            made += (Posting(source, 0, 0, 0, lsn, released, amount, 0), Posting(destination, 0, 0, 0, lsn, 0, 0, amount))
+        else:
+            assert pending is not None
+            if stamp is None:  # a void
+                made += _releasing(pending, lsn)
+            else:
+                made += (Posting(source, stamp[0], -amount, stamp[1], lsn, 0, -pending.amount, 0),
+                         Posting(destination, stamp[2], amount, stamp[3], lsn, 0, 0, -pending.amount))
+    return made
+
+
+def _releasing(pending: Pending, lsn: int) -> tuple[Posting, Posting]:
+    """The postings that release a pending transfer's hold, on both of its accounts."""
+    return (Posting(pending.source, 0, 0, 0, lsn, 0, -pending.amount, 0),
+            Posting(pending.destination, 0, 0, 0, lsn, 0, 0, -pending.amount))
+

@@ -6,10 +6,11 @@ functions, so live and replayed state cannot drift (house style 3).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from coordinator._errors import BalanceOverflow, InsufficientFunds
 from coordinator._limits import AMOUNT_MAX
+from coordinator._values import Account, TransferStatus
 
 AccountState = tuple[int, int, int]
 """What an account's entries add up to: (seq of the last entry, 0 if none yet; the posted
@@ -25,13 +26,36 @@ NO_ENTRIES: AccountState = (0, 0, 0)
 
 
 class Posting(NamedTuple):
-    """An entry as the sequencer stamped it, on its way to the account's mailbox."""
+    """What a decision does to one account, on its way to the account's mailbox (or applied at
+    once by whoever holds its turn): an entry (`seq` > 0: stamped with its balance) and/or a
+    change of the funds pending transfers hold on it (`held`, outgoing) or bring it
+    (`incoming`); and the reservation it ends (`released`: what its source reserved for it in
+    the mailbox path)."""
 
     account: str
     seq: int
+    """0: no entry."""
     amount: int
     balance: int
     lsn: int
+    released: int
+    held: int
+    incoming: int
+
+
+class Pending(NamedTuple):
+    """An open pending transfer: the funds it holds on its source, until posted, voided or expired."""
+
+    id: str
+    source: str
+    destination: str
+    amount: int
+    deadline: int
+    """Nanoseconds since the epoch at which it expires; 0: never."""
+    lsn: int
+    """Journal position of its record."""
+    code: int
+    """Its code, which its post or void carries too."""
 
 
 class SequenceError(AssertionError):
@@ -52,14 +76,27 @@ def post(state: AccountState, seq: int, amount: int, balance: int, lsn: int) -> 
     return (seq, balance, lsn)
 
 
-def debit_refusal(posted: int, pending: int, amount: int, overdraft_limit: int | None) -> str | None:
-    """Why a debit of `amount` must be refused, as a rejection code, or None to allow it."""
-    available = posted - pending
-    if overdraft_limit is None:
-        return BalanceOverflow.code if available - amount < -AMOUNT_MAX else None
-    return InsufficientFunds.code if available - amount < -overdraft_limit else None
+@dataclass
+class Projection:
+    """The books as every record so far leaves them: the accounts, what their entries add up
+    to, the open pending transfers and the funds they hold. It only grows by appending: the
+    sequencer keeps it for live decisions, recovery rebuilds it, a checkpoint journals it."""
 
+    accounts: dict[str, Account] = field(default_factory=dict)
+    """Every account, in creation order."""
+    account_lsns: dict[str, int] = field(default_factory=dict)
+    states: dict[str, AccountState] = field(default_factory=dict)
+    held: dict[str, int] = field(default_factory=dict)
+    """Funds held on an account by its open pending transfers (none: absent)."""
+    incoming: dict[str, int] = field(default_factory=dict)
+    """Funds of the open pending transfers toward an account (none: absent)."""
+    pending: dict[str, Pending] = field(default_factory=dict)
+    """The open pending transfers, by id, in the order they were made."""
+    last_timestamp: int = 0
+    """The largest timestamp journaled (a leg's, an expiry's)."""
+    index_entries: int = 0
+    """Entries the records so far put in the accounts, transfers and checkpoints indexes."""
 
-def credit_refusal(posted: int, amount: int) -> str | None:
-    """Why a credit of `amount` must be refused, or None to allow it."""
-    return BalanceOverflow.code if posted + amount > AMOUNT_MAX else None
+    def resolution(self, pending_id: str) -> TransferStatus | None:
+        """Replay re-decides commits only, which never resolve a closed pending transfer."""
+        return None

@@ -12,11 +12,11 @@ handed to the dispatcher when the holder lets go. So each account still handles
 one message at a time, and its entries are applied in LSN order, while the batch
 costs no thread hop.
 
-The requests are decided in chunks, each under one hold of the sequencer lock and
-journaled as one block (`decide_in_turn`): per request, the rules decide the
-debit (no reservation is needed: nothing else can touch the account meanwhile), the
-sequencer stamps the entries, and both accounts apply them at once, so the next
-request sees them.
+The tickets are decided in chunks, each under one hold of the sequencer lock and
+journaled as one block (`decide_in_turn`): per ticket, the sequencer decides it by the
+rules (no reservation is needed: nothing else can touch the accounts meanwhile) and stamps
+its record, and the accounts apply what it did at once, so the next ticket sees it. The
+combined single transfers (`Coordinator._combine`) are decided the same way.
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from coordinator._claims import Outcome, Ticket, lsn_of, result_of
+from coordinator._claims import Prior, Ticket, lsn_of, result_of
 from coordinator._errors import LedgerError, LedgerTimeout
 from coordinator._limits import CHUNK_REQUESTS_MAX
 from coordinator._participant import TurnAccount
-from coordinator._rules import decide, refusal_of_accounts
+from coordinator._rules import Refusal
 from coordinator._sequencer import Chunk
 from coordinator._state import AccountState
 from coordinator._validate import check_transfer
-from coordinator._values import Transfer, TransferRequest
+from coordinator._values import PENDING, Transfer, TransferRequest
 from journal import CRASH_POINT_ARMED, JournalError, crash_point
 
 if TYPE_CHECKING:
@@ -49,9 +49,11 @@ class TurnBatch:
         self._coordinator = coordinator
         self._requests = requests
         self._deadline = time.monotonic() + timeout_s
-        self._results: list[Outcome | Ticket | LedgerError | None] = [None] * len(requests)
+        self._results: list[Prior | LedgerError | None] = [None] * len(requests)
         self._fresh: list[Ticket] = []
-        self._prior: list[Outcome | Ticket] = []
+        self._late: list[Ticket] = []
+        """Fresh tickets the turns could not decide (an account made meanwhile): started in the mailboxes."""
+        self._prior: list[Prior] = []
         """Claims this batch found made already: outcomes, and tickets in flight elsewhere."""
 
     def _remaining(self) -> float:
@@ -83,10 +85,12 @@ class TurnBatch:
             return None
         try:
             self._claim(valid)
-            decide_all(coordinator, self._fresh, turns)
+            self._late = decide_all(coordinator, self._fresh, turns)
         finally:
             give_back_turns(coordinator, turns)
-            coordinator.admission.release(permits)
+            coordinator.admission.release(permits - len(self._late))  # a started ticket's returns when decided
+        for ticket in self._late:
+            coordinator.start(ticket)
         return self._settle()
 
     def _claim(self, valid: list[int]) -> None:
@@ -109,9 +113,11 @@ class TurnBatch:
             if type(claim) is Ticket and not claim.done and not claim.wait(self._remaining()):
                 raise LedgerTimeout(f"transfer {claim.request.id!r} is still in flight elsewhere; retry later")
         fresh = self._fresh
-        # The writer releases completions in LSN order: once the last of ours is, all are.
-        if fresh and not fresh[-1].wait(self._remaining()):
-            raise LedgerTimeout(f"transfer {fresh[-1].request.id!r} is not durable yet; retry later")
+        # The writer releases completions in LSN order: once the last of ours is, all are
+        # (but for the late ones, decided after).
+        for ticket in (*fresh[-1:], *self._late):
+            if not ticket.wait(self._remaining()):
+                raise LedgerTimeout(f"transfer {ticket.request.id!r} is not durable yet; retry later")
         if prior:  # what others decided must be durable too before it is answered
             coordinator.journal.wait_durable(max(map(lsn_of, prior)), self._remaining())
         assert all(ticket.done for ticket in fresh)
@@ -124,34 +130,62 @@ class TurnBatch:
         return [result_of(request, result) for request, result in zip(self._requests, self._results, strict=True)]
 
 
-def decide_all(coordinator: Coordinator, tickets: list[Ticket], turns: Mapping[str, TurnAccount]) -> None:
-    """`decide_in_turn` chunk by chunk. If the journal fails, every ticket not yet appended
-    is released with the failure (the writer releases the appended ones), and it raises."""
+def decide_all(coordinator: Coordinator, tickets: list[Ticket], turns: Mapping[str, TurnAccount]) -> list[Ticket]:
+    """`decide_in_turn` chunk by chunk; the tickets it left. If the journal fails, every ticket
+    not yet appended is released with the failure (the writer releases the appended ones),
+    and it raises."""
+    left: list[Ticket] = []
     for first in range(0, len(tickets), CHUNK_REQUESTS_MAX):
         try:
-            decide_in_turn(coordinator, tickets[first : first + CHUNK_REQUESTS_MAX], turns)
+            left += decide_in_turn(coordinator, tickets[first : first + CHUNK_REQUESTS_MAX], turns)
         except JournalError as error:  # that chunk is failed; the later ones never started
             _fail(coordinator, tickets[first + CHUNK_REQUESTS_MAX :], error)
             raise
+    return left
 
 
-def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mapping[str, TurnAccount]) -> None:
-    """Decide claimed tickets in order, on this thread, which holds the turn of every
-    account they name that exists, and journal them all in one block.
+class _Reserved(Mapping[str, int]):
+    """The reservations of the accounts in turn (funds their mailbox-path transfers in flight hold)."""
 
-    Each request is decided by the rules (`decide`) from both accounts' states and the
-    source's reservations, exactly as its `DebitStep` would be in the mailbox path; the
-    sequencer stamps the entries, and both accounts apply them at once (`apply`), so the
-    next request sees them. An
-    account whose mailbox received entries since its turn was taken (a concurrent
-    commit crediting it) applies those first: the sequencer's projection, which
-    already includes them, must equal the account's own state before it decides.
+    __slots__ = ("_turns",)
+
+    def __init__(self, turns: Mapping[str, TurnAccount]) -> None:
+        self._turns = turns
+
+    def __getitem__(self, key: str) -> int:
+        return self._turns[key].reserved
+
+    def get(self, key: str, default: object = 0) -> int:  # type: ignore[override]
+        turn = self._turns.get(key)
+        return turn.reserved if turn is not None else 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._turns)
+
+    def __len__(self) -> int:
+        return len(self._turns)
+
+
+def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mapping[str, TurnAccount]) -> list[Ticket]:
+    """Decide claimed tickets in order, on this thread, which holds the turn of every account
+    they name that exists, and journal them all in one block; return those it could not
+    decide (one names an account whose turn it does not hold: made, or for a post or a
+    void, found pending, since the turns were taken), untouched.
+
+    Each ticket is decided by the rules from the projection and the accounts' reservations,
+    exactly as the sequencer decides one in the mailbox path, and stamped; the accounts in
+    turn apply what it did at once (`apply`, `hold`), so the next ticket sees it. An account
+    whose mailbox received postings since its turn was taken (a concurrent commit crediting
+    it) applies those first: the sequencer's projection, which already includes them, must
+    equal the account's own state before it decides.
     """
     sequencer = coordinator.sequencer
-    states = sequencer.states
-    stamp_commit, stamp_reject = sequencer.stamp_commit, sequencer.stamp_reject
+    states, held, accounts, pending = sequencer.states, sequencer.held, sequencer.accounts, sequencer.pending
+    stamp = sequencer.stamp
+    reserved = _Reserved(turns)
     chunk = Chunk()
     commits = 0
+    left: list[Ticket] = []
     with sequencer.lock:
         try:
             coordinator.journal.wait_room(len(tickets))
@@ -159,49 +193,74 @@ def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mappi
             _fail(coordinator, tickets, error)
             raise
         lsn = coordinator.journal.last_lsn
-        accounts = sequencer.accounts
         for ticket in tickets:
-            request = ticket.request
-            tid, source_id, destination_id, amount = request.id, request.source, request.destination, request.amount
-            lsn += 1
-            source, destination = turns.get(source_id), turns.get(destination_id)
-            if source is None or destination is None:  # unknown: the rules say which
-                code = refusal_of_accounts(accounts.get(source_id), accounts.get(destination_id))
-                assert code is not None
-                stamp_reject(chunk, request, code, lsn, ticket)
+            names = _names(ticket, accounts, pending)
+            ready = True
+            for name in names:
+                turn = turns.get(name)
+                if turn is None:
+                    ready = False
+                    break
+                state = states[name]
+                if (turn.state is not state and turn.state != state) or turn.held != held.get(name, 0):
+                    _catch_up(turn, state, held.get(name, 0))
+            if not ready:
+                left.append(ticket)
                 continue
-            origin, target = states[source_id], states[destination_id]
-            if source.state is not origin and source.state != origin:
-                _catch_up(source, origin)
-            if destination.state is not target and destination.state != target:
-                _catch_up(destination, target)
-            decided = decide(amount, source.account, destination.account, origin, target, source.reserved)
-            if isinstance(decided, str):
-                stamp_reject(chunk, request, decided, lsn, ticket)
+            lsn += 1
+            decided = stamp(chunk, ticket, lsn, reserved)
+            if isinstance(decided, Refusal):
                 continue
             if CRASH_POINT_ARMED:
                 crash_point("after-reserve")
-            stamp_commit(chunk, tid, source_id, destination_id, amount, lsn, ticket, decided)
-            # Each account applies its entry, and the projection takes the state it reached
-            # (built once, not twice).
-            debit_seq, debit_balance, credit_seq, credit_balance = decided
-            states[source_id] = source.apply(debit_seq, -amount, debit_balance, lsn)
-            if CRASH_POINT_ARMED:
-                crash_point("between-entries")
-            states[destination_id] = destination.apply(credit_seq, amount, credit_balance, lsn)
+            for kind, source, destination, amount, stamped, resolved in decided:
+                if stamped is not None:
+                    turns[source].apply(stamped[0], -amount, stamped[1], lsn)
+                    if CRASH_POINT_ARMED:
+                        crash_point("between-entries")
+                    turns[destination].apply(stamped[2], amount, stamped[3], lsn)
+                if kind == PENDING:
+                    turns[source].hold(amount, 0, lsn)
+                    turns[destination].hold(0, amount, lsn)
+                elif resolved is not None:
+                    turns[source].hold(-resolved.amount, 0, lsn)
+                    turns[destination].hold(0, -resolved.amount, lsn)
             commits += 1
+        if not chunk:
+            return left
+        decided_tickets = [ticket for ticket in tickets if ticket not in left] if left else tickets
         try:
             first = sequencer.append_chunk(chunk)
         except JournalError as error:  # the journal failed: nothing more is written until reopen
             # The accounts and the projection already hold this chunk's entries, which
             # will never be durable: the ledger is unusable until reopened, and it is,
             # since the failed journal refuses every later write and read.
-            _fail(coordinator, tickets, error)
+            _fail(coordinator, decided_tickets, error)
             raise
         assert first + len(chunk) - 1 == lsn, (first, len(chunk), lsn)
         if CRASH_POINT_ARMED:
             for _ in range(commits):
                 crash_point("after-commit-queued")
+    return left
+
+
+def _names(ticket: Ticket, accounts: Mapping[str, object], pending: Mapping[str, object]) -> tuple[str, ...]:
+    """The existing accounts a ticket's decision may touch (a post's or a void's: its pending
+    transfer's, if it is open)."""
+    requests = ticket.requests
+    if len(requests) == 1:
+        request = requests[0]
+        if type(request) is TransferRequest:
+            return tuple(name for name in (request.source, request.destination) if name in accounts)
+    names: list[str] = []
+    for request in requests:
+        if type(request) is TransferRequest:
+            names += (request.source, request.destination)
+        else:
+            found = pending.get(request.pending_id)  # type: ignore[union-attr]
+            if found is not None:
+                names += (found.source, found.destination)  # type: ignore[attr-defined]
+    return tuple(name for name in dict.fromkeys(names) if name in accounts)
 
 
 def _fail(coordinator: Coordinator, tickets: list[Ticket], error: JournalError) -> None:
@@ -211,10 +270,10 @@ def _fail(coordinator: Coordinator, tickets: list[Ticket], error: JournalError) 
         coordinator.fail(ticket, error)
 
 
-def _catch_up(account: TurnAccount, projected: AccountState) -> None:
-    """Apply the entries waiting in the account's mailbox: then it agrees with the projection."""
+def _catch_up(account: TurnAccount, projected: AccountState, held: int) -> None:
+    """Apply the postings waiting in the account's mailbox: then it agrees with the projection."""
     account.catch_up()
-    assert account.state == projected, (account.state, projected)
+    assert account.state == projected and account.held == held, (account.state, projected, account.held, held)
 
 
 def take_turns(coordinator: Coordinator, names: list[str]) -> Mapping[str, TurnAccount] | None:

@@ -5,9 +5,21 @@ from __future__ import annotations
 import os
 import re
 
+from collections.abc import Mapping
+
 from coordinator._errors import InvalidRequest
-from coordinator._limits import AMOUNT_MAX, ID_LENGTH_MAX
-from coordinator._values import TransferRequest
+from coordinator._limits import (
+    AMOUNT_MAX,
+    CODE_MAX,
+    ID_LENGTH_MAX,
+    LINKED_LEGS_MAX,
+    METADATA_KEY_LENGTH_MAX,
+    METADATA_KEYS_MAX,
+    METADATA_VALUE_LENGTH_MAX,
+    REFERENCE_LENGTH_MAX,
+    TIMEOUT_S_MAX,
+)
+from coordinator._values import Metadata, Resolution, TransferRequest
 
 _CURRENCY = re.compile(r"[A-Z0-9]{1,16}")
 
@@ -63,8 +75,59 @@ def check_overdraft_limit(value: object) -> int | None:
     return check_amount(value, "overdraft_limit", minimum=0)
 
 
+def check_code(value: object) -> int:
+    if type(value) is not int or not 0 <= value <= CODE_MAX:
+        raise InvalidRequest(f"code must be an int in 0..{CODE_MAX}, got {shown(value)}")
+    return value
+
+
+def check_reference(value: object) -> str | None:
+    if value is not None and (type(value) is not str or len(value) > REFERENCE_LENGTH_MAX or not _utf8(value)):
+        raise InvalidRequest(f"reference must be None or a str of at most {REFERENCE_LENGTH_MAX} characters that "
+                             f"UTF-8 can encode, got {shown(value)}")
+    return value
+
+
+def check_metadata(value: object) -> Metadata | None:
+    """None, or the mapping as a read-only `Metadata` (a copy), if it is one metadata may be."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise InvalidRequest(f"metadata must be None or a mapping, got {type(value).__name__}")
+    try:
+        items = list(value.items())
+    except Exception as error:  # a mapping whose items() raises is the caller's; say so, typed
+        raise InvalidRequest(f"metadata could not be read: {error!r}") from error
+    if not items:
+        return None  # no metadata: the same as None, for a retry too
+    if len(items) > METADATA_KEYS_MAX:
+        raise InvalidRequest(f"metadata may have at most {METADATA_KEYS_MAX} keys, got {len(items)}")
+    for key, item in items:
+        if type(key) is not str or not 0 < len(key) <= METADATA_KEY_LENGTH_MAX or not _utf8(key):
+            raise InvalidRequest(f"a metadata key must be a str of 1..{METADATA_KEY_LENGTH_MAX} characters that "
+                                 f"UTF-8 can encode, got {shown(key)}")
+        if type(item) is str:
+            if len(item) > METADATA_VALUE_LENGTH_MAX or not _utf8(item):
+                raise InvalidRequest(f"metadata value of {key!r} must be a str of at most {METADATA_VALUE_LENGTH_MAX} "
+                                     f"characters that UTF-8 can encode, got {shown(item)}")
+        elif type(item) is not int or not -AMOUNT_MAX <= item <= AMOUNT_MAX:
+            raise InvalidRequest(f"metadata value of {key!r} must be a str or an int in ±(2**63-1), got {shown(item)}")
+    return value if type(value) is Metadata else Metadata(dict(items))
+
+
+def check_timeout(value: object, pending: bool) -> int | None:
+    if value is None:
+        return None
+    if not pending:
+        raise InvalidRequest("timeout_s is allowed only with pending=True")
+    if type(value) is not int or not 1 <= value <= TIMEOUT_S_MAX:
+        raise InvalidRequest(f"timeout_s must be None or an int in 1..{TIMEOUT_S_MAX}, got {shown(value)}")
+    return value
+
+
 def check_transfer(request: object) -> TransferRequest:
-    """Return the request if it is well formed; raise `InvalidRequest` saying what is wrong."""
+    """Return the request if it is well formed (its metadata made a read-only copy); raise
+    `InvalidRequest` saying what is wrong."""
     if type(request) is TransferRequest:  # the fast path: the checks below, in one expression
         tid, source, destination, amount = request.id, request.source, request.destination, request.amount
         if (
@@ -72,20 +135,57 @@ def check_transfer(request: object) -> TransferRequest:
             and 0 < len(tid) <= ID_LENGTH_MAX and 0 < len(source) <= ID_LENGTH_MAX
             and 0 < len(destination) <= ID_LENGTH_MAX and 1 <= amount <= AMOUNT_MAX and source != destination
             and tid.isascii() and source.isascii() and destination.isascii()  # else `_utf8`, below
+            and request.code == 0 and type(request.code) is int and request.reference is None
+            and request.metadata is None and request.pending is False and request.timeout_s is None
         ):
             return request
     if not isinstance(request, TransferRequest):
         raise InvalidRequest(f"expected a TransferRequest, got {type(request).__name__}")
     tid, source, destination, amount = request.id, request.source, request.destination, request.amount
+    code, reference, metadata, pending, timeout_s = (request.code, request.reference, request.metadata,
+                                                     request.pending, request.timeout_s)
     check_id(tid, "transfer id")
     check_id(source, "source")
     check_id(destination, "destination")
     check_amount(amount)
     if source == destination:
         raise InvalidRequest(f"source and destination are the same account {source!r}")
-    if type(request) is not TransferRequest:  # a subclass: go on with the values checked, read once
-        return TransferRequest(tid, source, destination, amount)
+    check_code(code)
+    check_reference(reference)
+    checked = check_metadata(metadata)
+    if type(pending) is not bool:
+        raise InvalidRequest(f"pending must be a bool, got {shown(pending)}")
+    check_timeout(timeout_s, pending)
+    if type(request) is not TransferRequest or checked is not metadata:  # go on with the values checked, read once
+        return TransferRequest(tid, source, destination, amount, code, reference, checked, pending, timeout_s)
     return request
+
+
+def check_resolution(request: Resolution) -> Resolution:
+    """A post or void request, checked like `check_transfer` (metadata copied)."""
+    check_id(request.id, "transfer id")
+    check_id(request.pending_id, "pending_id")
+    if request.amount is not None:
+        check_amount(request.amount)
+    check_reference(request.reference)
+    checked = check_metadata(request.metadata)
+    if checked is not request.metadata:
+        return Resolution(request.id, request.pending_id, request.amount, request.reference, checked, request.void)
+    return request
+
+
+def check_chain(requests: object) -> list[TransferRequest]:
+    """A linked chain: a non-empty list of at most `LINKED_LEGS_MAX` well-formed requests with
+    distinct ids."""
+    if isinstance(requests, (str, bytes)) or not isinstance(requests, (list, tuple)):
+        raise InvalidRequest(f"transfer_linked takes a list of TransferRequest, got {type(requests).__name__}")
+    if not 1 <= len(requests) <= LINKED_LEGS_MAX:
+        raise InvalidRequest(f"a linked chain has 1..{LINKED_LEGS_MAX} transfers, got {len(requests)}")
+    checked = [check_transfer(request) for request in requests]
+    ids = {request.id for request in checked}
+    if len(ids) != len(checked):
+        raise InvalidRequest("the transfers of a linked chain must have distinct ids")
+    return checked
 
 
 def check_path(value: object) -> str:

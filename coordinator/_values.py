@@ -2,7 +2,56 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Literal
+
+TransferKind = Literal["single", "pending", "post", "void"]
+TransferStatus = Literal["pending", "posted", "voided", "expired"]
+
+KINDS: tuple[TransferKind, ...] = ("single", "pending", "post", "void")
+"""A transfer's kind by the number its record stores."""
+SINGLE, PENDING, POST, VOID = range(4)
+
+
+class Metadata(Mapping[str, "str | int"]):
+    """A read-only, hashable mapping of `str` keys to `str` or `int` values: a transfer's or
+    an account's metadata. Made from the mapping a caller gave (copied: changing that
+    mapping afterwards changes nothing here). Equal to any mapping with the same items."""
+
+    __slots__ = ("_items", "_hash")
+
+    def __init__(self, items: Mapping[str, str | int]) -> None:
+        self._items: dict[str, str | int] = dict(items)
+        self._hash: int | None = None
+
+    def __getitem__(self, key: str) -> str | int:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash(frozenset(self._items.items()))
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Metadata):
+            return self._items == other._items
+        if isinstance(other, Mapping):
+            return self._items == dict(other.items())
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"Metadata({self._items!r})"
+
+    def as_dict(self) -> dict[str, str | int]:
+        """A new plain dict of the items (for encoding)."""
+        return dict(self._items)
 
 
 @dataclass(frozen=True, slots=True)
@@ -11,6 +60,9 @@ class Account:
     currency: str
     overdraft_limit: int | None
     """How far below zero the available balance may go; None means no bound."""
+    code: int = 0
+    """A type the host defines, 0..65535."""
+    metadata: Metadata | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,9 +70,12 @@ class Balance:
     posted: int
     """Sum of the account's entries."""
     pending: int
-    """Sum of reservations currently held for outgoing transfers in flight."""
+    """Held for outgoing transfers not yet posted: its pending transfers, and the protocol's
+    reservations for transfers in flight."""
     available: int
     """posted - pending."""
+    incoming: int = 0
+    """Sum of the pending transfers toward the account, not yet posted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +89,9 @@ class Entry:
     balance: int
     """The posted balance after this entry."""
     lsn: int
-    """Journal position of the commit record that made this entry."""
+    """Journal position of the record that made this entry."""
+    timestamp: int = 0
+    """Its transfer's timestamp (0 for a transfer journaled before timestamps were)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +100,26 @@ class Transfer:
     source: str
     destination: str
     amount: int
+    """Moved (a single transfer, a post), placed on hold (a pending transfer) or released (a void)."""
     lsn: int
-    """Journal position of the commit record."""
+    """Journal position of its record."""
+    timestamp: int = 0
+    """Nanoseconds since the Unix epoch, assigned when the transfer was decided; strictly
+    increasing across the ledger in LSN order (0 for a transfer journaled before timestamps were)."""
+    code: int = 0
+    """A type the host defines, 0..65535."""
+    reference: str | None = None
+    """The request that started it, as the host names it."""
+    metadata: Metadata | None = None
+    kind: TransferKind = "single"
+    """single, pending (funds on hold), post (of a pending transfer) or void (of one)."""
+    pending_id: str | None = None
+    """For a post or a void: the pending transfer it resolves."""
+    status: TransferStatus = "posted"
+    """pending, posted, voided or expired: a pending transfer's until it is resolved; a single
+    transfer and a post are posted, a void voided. `get_transfer` reads it as of now."""
+    timeout_s: int | None = None
+    """A pending transfer's timeout: it expires at `timestamp + timeout_s` seconds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,22 +128,55 @@ class TransferRequest:
     source: str
     destination: str
     amount: int
+    code: int = 0
+    reference: str | None = None
+    metadata: Mapping[str, str | int] | None = None
+    pending: bool = False
+    timeout_s: int | None = None
 
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """A request to post (`void` False) or void a pending transfer (`Ledger.post_pending`,
+    `Ledger.void_pending`). `amount` None posts all of it."""
+
+    id: str
+    pending_id: str
+    amount: int | None = None
+    reference: str | None = None
+    metadata: Mapping[str, str | int] | None = None
+    void: bool = False
+
+
+Request = TransferRequest | Resolution
 
 _new = object.__new__
-_set_id, _set_source, _set_destination, _set_amount, _set_lsn = (
-    Transfer.__dict__[name].__set__ for name in ("id", "source", "destination", "amount", "lsn")
+_SLOTS = ("id", "source", "destination", "amount", "lsn", "timestamp", "code", "reference", "metadata", "kind",
+          "pending_id", "status", "timeout_s")
+(_set_id, _set_source, _set_destination, _set_amount, _set_lsn, _set_timestamp, _set_code, _set_reference,
+ _set_metadata, _set_kind, _set_pending_id, _set_status, _set_timeout_s) = (
+    Transfer.__dict__[name].__set__ for name in _SLOTS
 )
 
 
-def stamped_transfer(id: str, source: str, destination: str, amount: int, lsn: int) -> Transfer:
-    """`Transfer(id, source, destination, amount, lsn)` at half the cost, for the sequencer's
-    stamp (once per commit): a frozen dataclass's `__init__` sets each field through
-    `object.__setattr__`, this sets its slots directly."""
+def stamped_transfer(id: str, source: str, destination: str, amount: int, lsn: int, timestamp: int, code: int,
+                     reference: str | None, metadata: Metadata | None, kind: TransferKind, pending_id: str | None,
+                     status: TransferStatus, timeout_s: int | None) -> Transfer:
+    """`Transfer(...)` at half the cost, for the sequencer's stamp (once per transfer): a
+    frozen dataclass's `__init__` sets each field through `object.__setattr__`, this sets
+    its slots directly."""
     transfer = _new(Transfer)
     _set_id(transfer, id)
     _set_source(transfer, source)
     _set_destination(transfer, destination)
     _set_amount(transfer, amount)
     _set_lsn(transfer, lsn)
+    _set_timestamp(transfer, timestamp)
+    _set_code(transfer, code)
+    _set_reference(transfer, reference)
+    _set_metadata(transfer, metadata)
+    _set_kind(transfer, kind)
+    _set_pending_id(transfer, pending_id)
+    _set_status(transfer, status)
+    _set_timeout_s(transfer, timeout_s)
     return transfer

@@ -1,24 +1,23 @@
 """The account actor: owns one account's state and decides its debits, one at a time.
 
-State: the account's `AccountState` (seq, posted, LSN of the last entry) and
-`reserved`, the funds reserved for its outgoing transfers in flight (the protocol's
-reservations). Every decision and change goes through the pure functions of the
-coordinator (`decide`, through its `DebitStep`, and `post`); this class only receives,
-calls them, and replies.
+State: the account's `AccountState` (seq, posted, LSN of the last entry); `reserved`, the
+funds reserved for its outgoing transfers in flight (the protocol's reservations); `held`
+and `incoming`, the funds its open pending transfers hold on it and bring it. Every
+decision and change goes through the pure functions of the coordinator (`decide`, through
+its `DebitStep`, and `post`); this class only receives, calls them, and replies.
 
 Messages (all frozen values or protocol steps, handled on the actor's turn):
-- `DebitStep`: decide a transfer from this source. Refuse, or reserve the funds and
-  let the coordinator commit (it decides again and stamps the entries under the
-  sequencer lock).
-- `Posting`: post a stamped entry; a debit's entry also releases its reservation.
-- `_Snapshot`: reply (posted, reserved, last LSN).
+- `DebitStep`: decide a ticket as its source. Refuse, or reserve its debits, then vote
+  (the last source to vote commits or aborts; see `coordinator.DebitStep`).
+- `Posting`: what a decision did to it: an entry, a change of holds, the reservation it ends.
+- `_Snapshot`: reply (posted, pending, incoming, LSN of the last change).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from coordinator import Account, AccountState, DebitStep, Posting, post
+from coordinator import Account, AccountState, DebitStep, Posting, Refusal, post
 
 from journal import CRASH_POINT_ARMED, crash_point
 
@@ -26,14 +25,14 @@ from engine._runtime import PooledActor
 
 
 class _Snapshot:
-    """Ask for (posted, pending, last LSN)."""
+    """Ask for (posted, pending, incoming, LSN of the last change)."""
 
 
 SNAPSHOT = _Snapshot()
 
 
 class AccountActor(PooledActor):
-    def __init__(self, account: Account, state: AccountState) -> None:
+    def __init__(self, account: Account, state: AccountState, held: int, incoming: int) -> None:
         super().__init__()
         self.account = account
         """Its id, currency and overdraft limit (`coordinator.TurnAccount.account`)."""
@@ -41,6 +40,12 @@ class AccountActor(PooledActor):
         """What its entries add up to, as applied so far (`coordinator.TurnAccount.state`)."""
         self.reserved = 0
         """Funds reserved for transfers in flight (`coordinator.TurnAccount.reserved`)."""
+        self.held = held
+        """Funds its open pending transfers hold (`coordinator.TurnAccount.held`)."""
+        self.incoming = incoming
+        """Funds of the open pending transfers toward it."""
+        self.held_lsn = 0
+        """LSN of the last record that changed `held` or `incoming`."""
 
     def on_receive(self, message: Any) -> Any:
         kind = type(message)
@@ -50,25 +55,26 @@ class AccountActor(PooledActor):
             self._decide(message)
         elif kind is _Snapshot:
             _, posted, last_lsn = self.state
-            return (posted, self.reserved, last_lsn)
+            return (posted, self.reserved + self.held, self.incoming, max(last_lsn, self.held_lsn))
         else:
             raise TypeError(f"account {self.account.id!r} got an unknown message {message!r}")
         return None
 
     def _decide(self, step: DebitStep) -> None:
-        decided = step.decide(self.state, self.reserved)
-        if isinstance(decided, str):
-            step.reject(decided)
+        account_id = self.account.id
+        decided = step.decide(account_id, self.state, self.reserved, self.held)
+        if type(decided) is Refusal:
+            step.vote(account_id, decided, 0)
             return
-        amount = step.request.amount
-        self.reserved += amount  # the reservation, released when the debit's entry posts
+        assert type(decided) is int
+        self.reserved += decided  # the reservation, ended by the postings of its legs or a release
         if CRASH_POINT_ARMED:
             crash_point("after-reserve")
-        if not step.commit():
-            self.reserved -= amount
+        if step.vote(account_id, None, decided) is False:
+            self.reserved -= decided
 
     # The methods below are the account's handlers (`coordinator.TurnAccount`). Only the
-    # holder of the account's turn calls them: its mailbox loop (above), or a batch
+    # holder of the account's turn calls them: its mailbox loop (above), or a thread
     # holding the turn.
 
     def apply(self, seq: int, amount: int, balance: int, lsn: int) -> AccountState:
@@ -76,16 +82,25 @@ class AccountActor(PooledActor):
         self.state = state = post(self.state, seq, amount, balance, lsn)
         return state
 
+    def hold(self, held: int, incoming: int, lsn: int) -> None:
+        """Change the funds held on it and coming to it by pending transfers."""
+        self.held += held
+        self.incoming += incoming
+        assert self.held >= 0 and self.incoming >= 0, (self.held, self.incoming)
+        if lsn > self.held_lsn:
+            self.held_lsn = lsn
+
     def catch_up(self) -> None:
-        """Holder of the turn only: apply the entries queued in the mailbox, now."""
+        """Holder of the turn only: apply the postings queued in the mailbox, now."""
         self.actor_inbox.drain_only(Posting)  # type: ignore[attr-defined]
 
     def _post(self, posting: Posting) -> None:
-        """An entry the sequencer stamped for a transfer decided in the mailbox path: a debit's
-        releases the reservation its decision made."""
+        """What a decision did to this account: its entry, its holds, the reservation it ends."""
         assert posting.account == self.account.id, (posting.account, self.account.id)
-        amount = posting.amount
-        self.apply(posting.seq, amount, posting.balance, posting.lsn)
-        if amount < 0:
-            self.reserved += amount
+        if posting.seq:
+            self.apply(posting.seq, posting.amount, posting.balance, posting.lsn)
+        if posting.held or posting.incoming:
+            self.hold(posting.held, posting.incoming, posting.lsn)
+        if posting.released:
+            self.reserved -= posting.released
             assert self.reserved >= 0, self.reserved

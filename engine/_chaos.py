@@ -95,11 +95,11 @@ def _read(child: subprocess.Popen[str], lines: queue.SimpleQueue[str | None]) ->
 
 def _parse(line: str, replies: Replies, report: StressReport) -> int:
     parts = line.split()
-    if len(parts) != 6 or parts[0] not in ("A", "R"):
+    if len(parts) != (7 if parts[:1] == ["A"] else 6) or parts[0] not in ("A", "R"):
         return 0  # a line cut short by the kill: the reply never fully reached us
-    kind, tid, source, destination, amount, last = parts
+    kind, tid, source, destination, amount, last = parts[:6]
     if kind == "A":
-        replies.acknowledged[tid] = Transfer(tid, source, destination, int(amount), int(last))
+        replies.acknowledged[tid] = Transfer(tid, source, destination, int(amount), int(last), int(parts[6]))
         report.outcomes["committed"] = report.outcomes.get("committed", 0) + 1
     else:
         replies.refused[tid] = (source, destination, int(amount), last)
@@ -135,7 +135,7 @@ def _child(argv: list[str]) -> int:
                 op = workload.next()
                 try:
                     done = ledger.transfer(op.transfer_id, source=op.source, destination=op.destination, amount=op.amount)
-                    line = f"A {op.transfer_id} {op.source} {op.destination} {op.amount} {done.lsn}\n"
+                    line = f"A {op.transfer_id} {op.source} {op.destination} {op.amount} {done.lsn} {done.timestamp}\n"
                 except LedgerError as error:
                     line = f"R {op.transfer_id} {op.source} {op.destination} {op.amount} {error.code}\n"
                 with printing:

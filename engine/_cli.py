@@ -186,7 +186,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "balance":
         report = _tools.balance(args.path, args.account)
         _emit(args, report, lambda: print(
-            f"{report['account']}: posted {report['posted']} {report['currency']}"
+            f"{report['account']}: posted {report['posted']} {report['currency']}, pending {report['pending']}, "
+            f"available {report['available']}, incoming {report['incoming']}"
             f" ({report['entries']} entries, last LSN {report['last_lsn']})"))
         return 0
     report = _tools.history(args.path, args.account, args.limit)
@@ -310,16 +311,36 @@ def _render_stress(summary: dict[str, Any], args: argparse.Namespace) -> None:
 
 def _render_inspect(report: dict[str, Any]) -> None:
     for row in report["records"]:
-        if row["kind"] == "account":
-            print(f"{row['lsn']:>10}  account     {row['account']}  {row['currency']}  limit {row['overdraft_limit']}")
-        elif row["kind"] == "checkpoint":
-            print(f"{row['lsn']:>10}  checkpoint  {row['accounts']} accounts")
+        lsn, kind = f"{row['lsn']:>10}", row["kind"]
+        if kind == "account":
+            code = f"  code {row['code']}" if row["code"] else ""
+            print(f"{lsn}  account     {row['account']}  {row['currency']}  limit {row['overdraft_limit']}{code}")
+        elif kind == "checkpoint":
+            print(f"{lsn}  checkpoint  {row['accounts']} accounts, {row['pending']} pending transfers open")
+        elif kind == "expiry":
+            print(f"{lsn}  expiry      {', '.join(row['pending_ids'])}")
+        elif row.get("linked"):
+            tail = f"  refused: leg {row['index']}: {row['code']}" if kind == "reject" else ""
+            print(f"{lsn}  {kind:<10}  linked chain of {len(row['legs'])}{tail}")
+            for leg in row["legs"]:
+                print(f"{'':>10}    {_leg_line(leg)}")
         else:
-            tail = f"  refused: {row['code']}" if row["kind"] == "reject" else ""
-            print(f"{row['lsn']:>10}  {row['kind']:<10}  {row['transfer']}  {row['source']} -> {row['destination']}"
-                  f"  {row['amount']}{tail}")
+            tail = f"  refused: {row['code']}" if kind == "reject" else ""
+            print(f"{lsn}  {kind:<10}  {_leg_line(row)}{tail}")
     if report["problem"]:
         print(f"stopped: {report['problem']}")
+
+
+def _leg_line(leg: dict[str, Any]) -> str:
+    """One transfer (or request) of an inspect row."""
+    kind = leg["type"]
+    if leg["source"] is None:  # a refused post or void: its pending transfer is named only
+        amount = "all" if leg["amount"] is None else leg["amount"]
+        return f"{leg['transfer']}  {kind} of {leg['pending_id']}  {amount}"
+    line = f"{leg['transfer']}  {leg['source']} -> {leg['destination']}  {leg['amount']}"
+    if kind != "single":
+        line += f"  ({kind}{' of ' + leg['pending_id'] if leg.get('pending_id') else ''})"
+    return line
 
 
 def _render_history(report: dict[str, Any]) -> None:

@@ -63,10 +63,11 @@ class AccountHandle:
     def run(self) -> None:
         self._inbox.run_turn()
 
-    def snapshot(self, timeout_s: float) -> tuple[int, int, int]:
-        """(posted, pending, last LSN), asked through the mailbox; `LedgerTimeout` after `timeout_s`."""
+    def snapshot(self, timeout_s: float) -> tuple[int, int, int, int]:
+        """(posted, pending, incoming, LSN of the last change), asked through the mailbox;
+        `LedgerTimeout` after `timeout_s`."""
         try:
-            return cast(tuple[int, int, int], self._ref.ask(SNAPSHOT, timeout=timeout_s))
+            return cast(tuple[int, int, int, int], self._ref.ask(SNAPSHOT, timeout=timeout_s))
         except pykka.Timeout as error:
             raise LedgerTimeout(f"account actor did not answer within {timeout_s} s") from error
 
@@ -154,9 +155,10 @@ class Directory:
         """`pin`, called with `_lock` held."""
         live = self._live.get(account_id)
         if live is None:
-            account = self._sequencer.accounts[account_id]
-            state = self._sequencer.states[account_id]
-            live = AccountHandle(AccountActor.spawn(self._dispatcher, account, state))
+            sequencer = self._sequencer
+            live = AccountHandle(AccountActor.spawn(self._dispatcher, sequencer.accounts[account_id],
+                                                    sequencer.states[account_id], sequencer.held.get(account_id, 0),
+                                                    sequencer.incoming.get(account_id, 0)))
             self._live[account_id] = live
             self.activations += 1
             live.pins += 1  # pinned before anything is passivated: never itself

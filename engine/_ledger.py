@@ -8,16 +8,19 @@ bounded by `timeout_s` (raising `LedgerTimeout`).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from coordinator import (
     INDEX_NAMES,
     CHECKPOINT_RECORDS_INTERVAL,
+    EXPIRY_INTERVAL_S,
     INFLIGHT_TRANSFERS_MAX,
     TIMEOUT_S_DEFAULT,
     Account,
@@ -29,21 +32,26 @@ from coordinator import (
     InvalidRequest,
     LedgerClosed,
     LedgerError,
+    Resolution,
     Sequencer,
     Transfer,
     TransferRequest,
+    check_code,
     check_currency,
     check_ids_against_records,
     check_id,
+    check_metadata,
     check_overdraft_limit,
     check_path,
     entries_of,
-    last_entry,
     ledger_error,
     ledger_errors,
+    load_checkpoint,
     recover,
+    replay,
     shown,
     state_hash,
+    transfer_now,
 )
 from journal import Completion, Journal, JournalError, JournalWriteError
 
@@ -53,12 +61,15 @@ from engine._runtime import Dispatcher
 ACTORS_LIVE_MAX_DEFAULT = 65_536
 DISPATCHER_THREADS_DEFAULT = 1
 
+logger = logging.getLogger("tally.engine")
+
 
 class Ledger:
     """An open ledger. Use `Ledger.open(path)`, preferably as a context manager."""
 
     def __init__(self, journal: Journal, *, timeout_s: float, dispatcher_threads: int,
-                 actors_live_max: int, inflight_max: int, checkpoint_interval: int) -> None:
+                 actors_live_max: int, inflight_max: int, checkpoint_interval: int,
+                 clock_ns: Callable[[], int] | None) -> None:
         self.path = journal.path
         self.timeout_s = timeout_s
         self._journal = journal
@@ -66,9 +77,8 @@ class Ledger:
         if journal.format_version < 2:  # its index entries carry no checksum: check each against its record
             check_ids_against_records(journal)
         self.recovered = books
-        self._sequencer = Sequencer(journal, books.accounts, books.states, checkpoint_interval,
-                                    unindexed=books.unindexed, since_checkpoint=books.records)
-        self._sequencer.account_lsns.update(books.account_lsns)
+        self._sequencer = Sequencer(journal, books, checkpoint_interval, unindexed=books.unindexed,
+                                    since_checkpoint=books.records, clock=clock_ns or time.time_ns)
         self._dispatcher = Dispatcher(dispatcher_threads)
         self._directory = Directory(self._sequencer, self._dispatcher, actors_live_max)
         self._coordinator = Coordinator(journal, self._sequencer, self._directory, inflight_max)
@@ -78,6 +88,12 @@ class Ledger:
         self._closed = False
         self._forked_from: int | None = None
         """Set in a child made by `fork()`: the process that opened this ledger (`_after_fork`)."""
+        self._coordinator.expire_due()  # what expired while it was closed, before any call sees it
+        self._stopping = threading.Event()
+        self._expirer: threading.Thread | None = None
+        if clock_ns is None:
+            self._expirer = threading.Thread(target=self._expire_while_open, name="tally-expirer", daemon=True)
+            self._expirer.start()
         _OPEN.add(self)
 
     @classmethod
@@ -91,6 +107,7 @@ class Ledger:
         inflight_max: int = INFLIGHT_TRANSFERS_MAX,
         checkpoint_interval: int = CHECKPOINT_RECORDS_INTERVAL,
         map_size_bytes: int | None = None,
+        clock_ns: Callable[[], int] | None = None,
     ) -> Ledger:
         """Open (creating if missing) the ledger in directory `path` and recover it.
 
@@ -98,9 +115,17 @@ class Ledger:
         returns. `checkpoint_interval` is the most records between two checkpoints, so the
         most an open replays; a checkpoint also writes the entry index, so one comes at the
         latest once `UNINDEXED_ENTRIES_MAX` (400,000) entries wait in memory for it.
+        `clock_ns`: where timestamps come from, nanoseconds since the epoch (the wall clock,
+        `time.time_ns`, by default). With the wall clock a thread expires pending transfers
+        as their deadlines pass (within `EXPIRY_INTERVAL_S`); with a clock of your own (a
+        test's, a replay's) nothing runs behind your back: call `expire_pending()`. Either
+        way, what expired while the ledger was closed expires as it opens.
+
         Raises `LedgerLocked` if another live holder has the directory, `JournalCorrupted`
         (naming the LSN) if a record fails verification, and `NotALedger` if `path` is a file.
         """
+        if clock_ns is not None and not callable(clock_ns):
+            raise InvalidRequest(f"clock_ns must be None or a function returning nanoseconds, got {shown(clock_ns)}")
         if not (isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool)
                 and 0 < timeout_s <= threading.TIMEOUT_MAX):  # False for NaN
             raise InvalidRequest(f"timeout_s must be a number of seconds in (0, {threading.TIMEOUT_MAX:.0f}] "
@@ -124,7 +149,7 @@ class Ledger:
             with ledger_errors():
                 return cls(journal, timeout_s=float(timeout_s), dispatcher_threads=dispatcher_threads,
                            actors_live_max=actors_live_max, inflight_max=inflight_max,
-                           checkpoint_interval=checkpoint_interval)
+                           checkpoint_interval=checkpoint_interval, clock_ns=clock_ns)
         except BaseException:
             journal.close()
             raise
@@ -140,16 +165,19 @@ class Ledger:
         can wait for it), and turn a `JournalError` from inside into its `LedgerError`."""
         return _Call(self)
 
-    def create_account(self, account_id: str, *, currency: str, overdraft_limit: int | None = 0) -> Account:
+    def create_account(self, account_id: str, *, currency: str, overdraft_limit: int | None = 0, code: int = 0,
+                       metadata: Mapping[str, str | int] | None = None) -> Account:
         """Open an account; return once it is durable. Idempotent for identical parameters.
 
-        Raises `InvalidRequest` for a malformed id, currency or limit, and
+        `code` is a type the host defines (0..65535); `metadata`, at most 16 `str` keys of
+        at most 64 characters, each to a `str` of at most 256 characters or an `int`.
+        Raises `InvalidRequest` for a malformed id, currency, limit, code or metadata, and
         `AccountExists` if the id exists with different parameters.
         """
         check_id(account_id, "account id")
         check_currency(currency)
         check_overdraft_limit(overdraft_limit)
-        account = Account(account_id, currency, overdraft_limit)
+        account = Account(account_id, currency, overdraft_limit, check_code(code), check_metadata(metadata))
         with self._call():
             sequencer = self._sequencer
             completion = Completion(account)
@@ -162,7 +190,8 @@ class Ledger:
             if existing is not None and existing != account:
                 raise AccountExists(
                     f"account {account_id!r} exists as {existing.currency} with overdraft_limit "
-                    f"{existing.overdraft_limit!r}"
+                    f"{existing.overdraft_limit!r}, code {existing.code} and metadata "
+                    f"{None if existing.metadata is None else existing.metadata.as_dict()!r}"
                 )
             self._journal.wait_durable(lsn, self.timeout_s)
             return account
@@ -186,8 +215,16 @@ class Ledger:
 
     # --- transfers -----------------------------------------------------------------
 
-    def transfer(self, transfer_id: str, *, source: str, destination: str, amount: int) -> Transfer:
+    def transfer(self, transfer_id: str, *, source: str, destination: str, amount: int, code: int = 0,
+                 reference: str | None = None, metadata: Mapping[str, str | int] | None = None,
+                 pending: bool = False, timeout_s: int | None = None) -> Transfer:
         """Move `amount` from `source` to `destination`; return once the outcome is durable.
+
+        `code` (0..65535), `reference` (the request that started it, at most 256 characters)
+        and `metadata` (as for `create_account`) are kept with it. With `pending=True` the
+        debit is decided now and the amount held on the source (a pending transfer: `kind`
+        and `status` "pending") until `post_pending` or `void_pending`, or until it expires
+        `timeout_s` seconds (an int, allowed only with `pending`) after its timestamp.
 
         A retry with the same id and fields returns the original Transfer, or
         raises the original refusal again. Raises `InvalidRequest`,
@@ -195,9 +232,66 @@ class Ledger:
         `BalanceOverflow`, `IdempotencyConflict`, or `LedgerTimeout` (outcome
         unknown: retry with the same id).
         """
-        request = TransferRequest(transfer_id, source, destination, amount)
+        request = TransferRequest(transfer_id, source, destination, amount, code, reference, metadata, pending,
+                                  timeout_s)
         with self._call():
             return self._coordinator.transfer(request, self.timeout_s)
+
+    def post_pending(self, transfer_id: str, *, pending_id: str, amount: int | None = None,
+                     reference: str | None = None, metadata: Mapping[str, str | int] | None = None) -> Transfer:
+        """Post `amount` (None: all of it) of the pending transfer `pending_id` from its source
+        to its destination, releasing the rest of its hold; a new Transfer of kind "post".
+
+        Raises `PendingTransferNotFound`, `PendingTransferAlreadyPosted`,
+        `PendingTransferAlreadyVoided`, `PendingTransferExpired`, `ExceedsPendingAmount`
+        (each journaled and final for `transfer_id`), and as `transfer` does.
+        """
+        with self._call():
+            return self._coordinator.transfer(Resolution(transfer_id, pending_id, amount, reference, metadata),
+                                              self.timeout_s)
+
+    def void_pending(self, transfer_id: str, *, pending_id: str, reference: str | None = None,
+                     metadata: Mapping[str, str | int] | None = None) -> Transfer:
+        """Release the whole hold of the pending transfer `pending_id`; a new Transfer of kind
+        "void" carrying the amount released. Raises as `post_pending` does."""
+        with self._call():
+            return self._coordinator.transfer(
+                Resolution(transfer_id, pending_id, None, reference, metadata, void=True), self.timeout_s)
+
+    def transfer_linked(self, requests: Sequence[TransferRequest]) -> list[Transfer]:
+        """Apply 1 to 1,000 transfers (distinct ids) as one atomic unit, in list order, each
+        seeing the effects of those before it; return their Transfers once durable.
+
+        If one is refused nothing moves, and `LinkedTransferFailed` is raised with `.index`
+        (the first refused) and `.cause` (its own error, e.g. `InsufficientFunds`); the
+        refusal is journaled and final for every id of the chain.
+        """
+        with self._call():
+            return self._coordinator.transfer_linked(requests, self.timeout_s)
+
+    def expire_pending(self) -> int:
+        """Expire every pending transfer whose deadline has come by the ledger's clock, now;
+        how many. (With the wall clock, a thread of the ledger does this on its own.)"""
+        with self._call():
+            return self._coordinator.expire_due()
+
+    def _expire_while_open(self) -> None:
+        """The expirer thread: every `EXPIRY_INTERVAL_S` at most (sooner for a nearer deadline)."""
+        sequencer, stopping = self._sequencer, self._stopping
+        while True:
+            deadline = sequencer.next_deadline()
+            wait_s = EXPIRY_INTERVAL_S if deadline is None else min(
+                EXPIRY_INTERVAL_S, max(0.0, (deadline - sequencer.clock()) / 1e9))
+            if stopping.wait(wait_s):
+                return
+            try:
+                with self._call():
+                    self._coordinator.expire_due()
+            except LedgerClosed:
+                return
+            except (LedgerError, JournalError):  # the journal failed: the ledger reports it to every call
+                logger.exception("expiring pending transfers failed")
+                return
 
     def transfer_many(self, requests: Sequence[TransferRequest]) -> list[Transfer | LedgerError]:
         """One outcome per request, in order: as if applied one after another.
@@ -211,16 +305,17 @@ class Ledger:
             return self._coordinator.transfer_many(list(requests), self.timeout_s)
 
     def get_transfer(self, transfer_id: str) -> Transfer | None:
-        """The committed Transfer with this id, or None (unknown or refused). Never scans."""
+        """The durable committed Transfer with this id, or None (unknown or refused), with its
+        status as of now (a pending transfer's: pending, posted, voided or expired). Never scans."""
         check_id(transfer_id, "transfer id")
         with self._call():
-            outcome = self._coordinator.claims.lookup(transfer_id)
-            return outcome if isinstance(outcome, Transfer) else None
+            return transfer_now(self._journal, transfer_id)
 
     # --- reads ---------------------------------------------------------------------
 
     def balance(self, account_id: str) -> Balance:
-        """Posted, pending (held for outgoing transfers in flight) and available.
+        """Posted; pending (held by its pending transfers and for outgoing transfers in
+        flight); available (posted - pending); incoming (its pending transfers toward it).
 
         Asks the account's actor, then waits until what it saw is durable, so a
         balance never shows money a crash could take back.
@@ -233,25 +328,23 @@ class Ledger:
             directory = self._directory
             handle = directory.pin(account_id)
             try:
-                posted, pending, lsn = handle.snapshot(self.timeout_s)
+                posted, pending, incoming, lsn = handle.snapshot(self.timeout_s)
             finally:
                 directory.unpin(account_id)
             try:
                 journal.wait_durable(lsn, self.timeout_s)
             except JournalWriteError:  # the journal failed meanwhile: what the actor saw may never be
                 return self._durable_balance(account_id)
-            return Balance(posted, pending, posted - pending)
+            return Balance(posted, pending, posted - pending, incoming)
 
     def _durable_balance(self, account_id: str) -> Balance:
         """The balance as the journal holds it, for reads after the journal failed (the actors
-        may have applied entries that never became durable). Nothing is pending: no transfer
-        can be decided any more."""
-        journal = self._journal
-        unindexed = self._sequencer.unindexed.rows(account_id, journal.durable_lsn)  # before the snapshot
-        with journal.snapshot() as txn:
-            last = last_entry(journal, account_id, unindexed, txn)
-        posted = last.balance if last is not None else 0
-        return Balance(posted, 0, posted)
+        may have applied entries that never became durable): replayed from the newest
+        checkpoint. No reservation is left: no transfer can be decided any more."""
+        books = replay(self._journal, load_checkpoint(self._journal))
+        _, posted, _ = books.states[account_id]
+        held = books.held.get(account_id, 0)
+        return Balance(posted, held, posted - held, books.incoming.get(account_id, 0))
 
     def entries(self, account_id: str, after: int = 0, limit: int | None = None) -> list[Entry]:
         """The account's durable entries with seq > `after`, in seq order, at most `limit`."""
@@ -275,8 +368,14 @@ class Ledger:
             journal = self._journal
             if journal.failure is None:  # else only what is durable counts, and it already is
                 journal.wait_durable(journal.last_lsn, self.timeout_s)
-            unindexed = self._sequencer.unindexed.all_rows(journal.durable_lsn)
-            return state_hash(journal, self.accounts(), unindexed=unindexed)
+            sequencer = self._sequencer
+            if journal.failure is None:
+                with sequencer.lock:
+                    pending = list(sequencer.pending.values())
+            else:  # the projection may be past what is durable
+                pending = list(replay(journal, load_checkpoint(journal)).pending.values())
+            unindexed = sequencer.unindexed.all_rows(journal.durable_lsn)
+            return state_hash(journal, self.accounts(), pending, unindexed=unindexed)
 
     def stats(self) -> dict[str, int]:
         """Counters for operators and benchmarks (commits, records, live actors...)."""
@@ -307,6 +406,9 @@ class Ledger:
             self._closed = True
             self._state.wait_for(lambda: not self._calls, timeout=self.timeout_s)
         _OPEN.discard(self)
+        self._stopping.set()
+        if self._expirer is not None:
+            self._expirer.join(timeout=self.timeout_s)
         self._coordinator.claims.stop()
         self._directory.stop()
         self._dispatcher.stop()

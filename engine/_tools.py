@@ -19,20 +19,25 @@ from coordinator import (
     AuditReport,
     Checkpointed,
     Committed,
+    Expired,
     InvalidRequest,
     JournalCorrupted,
     LedgerError,
     LedgerLocked,
     NotALedger,
     Opened,
+    Projection,
     Record,
     Recovered,
     Refused,
+    Resolution,
     Sequencer,
+    Transfer,
     TransferRequest,
     account_of,
     audit,
     check_id,
+    copy_record,
     entries_of,
     last_entry,
     ledger_errors,
@@ -45,7 +50,7 @@ from coordinator import (
     write_checkpoint,
 )
 from coordinator import recover as recover_books
-from journal import Completion, Journal, JournalAnchorMissingError, JournalFormatError, reanchor
+from journal import Journal, JournalAnchorMissingError, JournalFormatError, reanchor
 
 from engine._ledger import Ledger
 
@@ -92,12 +97,15 @@ def _audit_dict(report: AuditReport, elapsed_s: float, journal: Journal | None, 
         "accounts": len(books.accounts) if books else None,
         "transfers_committed": books.commits if books else None,
         "transfers_rejected": books.rejects if books else None,
+        "pending_expired": books.expiries if books else None,
+        "pending_open": len(books.pending) if books else None,
         "checkpoints": books.checkpoints if books else None,
         "checks": report.checks,
         "problem": report.problem,
         "corrupt_lsn": report.corrupt_lsn,
         "elapsed_s": round(elapsed_s, 3),
-        "state_hash": state_hash(journal, books.accounts.values()) if journal and books and report.whole else None,
+        "state_hash": (state_hash(journal, books.accounts.values(), books.pending.values())
+                       if journal and books and report.whole else None),
         "verdict": "whole" if report.whole else "NOT WHOLE",
     }
     return result
@@ -216,7 +224,7 @@ def salvage(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
 def _copy_prefix(journal: Journal, into: str, stop: int) -> tuple[int, list[dict[str, Any]]]:
     target = Journal.open(into, index_names=INDEX_NAMES)
     try:
-        sequencer = Sequencer(target, {}, {})
+        sequencer = Sequencer(target, Projection())
         copied, last = 0, 0
         try:
             for record in records(journal):
@@ -241,9 +249,13 @@ def _copy_prefix(journal: Journal, into: str, stop: int) -> tuple[int, list[dict
             lost.append({"lsn": lsn, "transfer": None, "why": "corrupt too"})
             continue
         if isinstance(found, Committed):
-            lost.append({"lsn": lsn, "transfer": found.transfer.id, "why": "commit after the corruption"})
+            lost += ({"lsn": lsn, "transfer": made.id, "why": "commit after the corruption"} for made in found.transfers)
         elif isinstance(found, Refused):
-            lost.append({"lsn": lsn, "transfer": found.request.id, "why": "reject after the corruption"})
+            lost += ({"lsn": lsn, "transfer": request.id, "why": "reject after the corruption"}
+                     for request in found.requests)
+        elif isinstance(found, Expired):
+            lost += ({"lsn": lsn, "transfer": pending_id, "why": "expiry after the corruption"}
+                     for pending_id in found.pending_ids)
         elif isinstance(found, Opened):
             lost.append({"lsn": lsn, "transfer": None, "account": found.account.id,
                          "why": "account opened after the corruption"})
@@ -251,55 +263,88 @@ def _copy_prefix(journal: Journal, into: str, stop: int) -> tuple[int, list[dict
 
 
 def _copy_record(sequencer: Sequencer, record: Record) -> int:
-    """Journal `record` again through `sequencer` (its entries re-decided and stamped anew);
-    1, or 0 for a checkpoint (the copy makes its own)."""
-    if isinstance(record, Opened):
-        with sequencer.lock:
-            sequencer.open_account(record.account, Completion())
-    elif isinstance(record, Committed):
-        transfer = record.transfer
-        request = TransferRequest(transfer.id, transfer.source, transfer.destination, transfer.amount)
-        committed = sequencer.commit(request, lambda debit, credit: None, Completion())
-        assert not isinstance(committed, str), (request, committed)  # the original was decided the same way
-    elif isinstance(record, Refused):
-        sequencer.reject(record.request, record.code, Completion())
+    """Journal `record` again through `sequencer` (`copy_record`); 1, or 0 for a checkpoint
+    (the copy makes its own). `NotALedger` if the copy is not decided as the original was."""
+    problem = copy_record(sequencer, record)
+    if problem is not None:
+        raise NotALedger(f"the copy diverged at LSN {record.lsn}: {problem}")
     return 0 if isinstance(record, Checkpointed) else 1
 
 
 def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
     """Replay the journal into a fresh ledger through the public engine; compare hashes.
 
-    Accounts and committed transfers are replayed in journal order. Rejections
-    are not: a refusal can depend on holds that were in flight at the time, and
-    refused transfers leave no entries, so the state hash does not cover them.
+    Accounts and committed transfers are replayed in journal order, single transfers in
+    batches; a decision that depends on its time (a pending transfer with a timeout, a post
+    or a void, a linked chain) and an expiry are replayed alone, with the fresh ledger's
+    clock set to the record's timestamp. Refusals are not: one can depend on reservations
+    that were in flight at the time, and refused transfers leave no entries, so the state
+    hash does not cover them.
     """
     _new_directory(into)
     started = time.perf_counter()
     with _reading(path) as source:
-        original = state_hash(source, _current_accounts(source))
+        books = recover_books(source)
+        original = state_hash(source, books.accounts.values(), books.pending.values())
         replayed = rejected = 0
-        with Ledger.open(into) as ledger:
-            pending: list[TransferRequest] = []
+        now = [0]
+        with Ledger.open(into, clock_ns=lambda: now[0]) as ledger:
+            batch: list[TransferRequest] = []
             for record in records(source):
                 if isinstance(record, Opened):
-                    _flush(ledger, pending)
+                    _flush(ledger, batch)
                     account = record.account
-                    ledger.create_account(account.id, currency=account.currency, overdraft_limit=account.overdraft_limit)
+                    ledger.create_account(account.id, currency=account.currency, overdraft_limit=account.overdraft_limit,
+                                          code=account.code, metadata=account.metadata)
                 elif isinstance(record, Committed):
-                    transfer = record.transfer
-                    pending.append(TransferRequest(transfer.id, transfer.source, transfer.destination, transfer.amount))
-                    replayed += 1
-                    if len(pending) >= 1000:
-                        _flush(ledger, pending)
+                    replayed += len(record.transfers)
+                    request = record.requests[0]
+                    if not record.linked and type(request) is TransferRequest and not request.pending:
+                        batch.append(request)
+                        if len(batch) >= 1000:
+                            _flush(ledger, batch)
+                        continue
+                    _flush(ledger, batch)
+                    now[0] = record.timestamp
+                    _replay_alone(ledger, record)
+                elif isinstance(record, Expired):
+                    _flush(ledger, batch)
+                    now[0] = record.timestamp
+                    if ledger.expire_pending() != len(record.pending_ids):
+                        raise NotALedger(f"replay diverged at LSN {record.lsn}: the expiry of "
+                                         f"{list(record.pending_ids)!r} is not the fresh ledger's")
                 elif isinstance(record, Refused):
                     rejected += 1
                 if progress is not None and not record.lsn % 10_000:
                     progress(record.lsn)
-            _flush(ledger, pending)
+            _flush(ledger, batch)
             fresh = ledger.state_hash()
     return {"path": path, "into": into, "transfers_replayed": replayed, "rejections_not_replayed": rejected,
             "state_hash_original": original, "state_hash_replayed": fresh, "elapsed_s": round(time.perf_counter() - started, 3),
             "verdict": "identical" if original == fresh else "DIFFERENT"}
+
+
+def _replay_alone(ledger: Ledger, record: Committed) -> None:
+    """Replay a time-sensitive commit through the public API (the clock set to its time)."""
+    try:
+        if record.linked:
+            ledger.transfer_linked([request for request in record.requests if type(request) is TransferRequest])
+            return
+        request = record.requests[0]
+        if type(request) is TransferRequest:
+            ledger.transfer(request.id, source=request.source, destination=request.destination, amount=request.amount,
+                            code=request.code, reference=request.reference, metadata=request.metadata,
+                            pending=request.pending, timeout_s=request.timeout_s)
+        elif type(request) is Resolution and request.void:
+            ledger.void_pending(request.id, pending_id=request.pending_id, reference=request.reference,
+                                metadata=request.metadata)
+        else:
+            assert type(request) is Resolution
+            ledger.post_pending(request.id, pending_id=request.pending_id, amount=request.amount,
+                                reference=request.reference, metadata=request.metadata)
+    except LedgerError as error:
+        raise NotALedger(f"replay diverged at LSN {record.lsn}: {record.transfer.id!r} now fails with "
+                         f"{error.code}") from error
 
 
 def _current_accounts(journal: Journal) -> list[Account]:
@@ -307,13 +352,13 @@ def _current_accounts(journal: Journal) -> list[Account]:
     return list(recover_books(journal).accounts.values())
 
 
-def _flush(ledger: Ledger, pending: list[TransferRequest]) -> None:
-    if not pending:
+def _flush(ledger: Ledger, batch: list[TransferRequest]) -> None:
+    if not batch:
         return
-    for request, outcome in zip(pending, ledger.transfer_many(pending), strict=True):
+    for request, outcome in zip(batch, ledger.transfer_many(batch), strict=True):
         if isinstance(outcome, LedgerError):
             raise NotALedger(f"replay diverged: transfer {request.id!r} now fails with {outcome.code}")
-    pending.clear()
+    batch.clear()
 
 
 def inspect(path: str, start: int, limit: int | None, transfer: str | None, account: str | None) -> dict[str, Any]:
@@ -327,16 +372,13 @@ def inspect(path: str, start: int, limit: int | None, transfer: str | None, acco
             if transfer is not None:
                 check_id(transfer, "transfer id")
                 found = transfer_of(journal, transfer)
-                if found is not None and found.lsn >= start:
-                    row = _row(found)
-                    if account is None or account in (row["source"], row["destination"]):
-                        rows.append(row)
+                if found is not None and found.lsn >= start and (account is None or _touches(found, account)):
+                    rows.append(_row(found))
             else:
                 for record in records(journal, max(0, start - 1)):
-                    row = _row(record)
-                    if account is not None and account not in (row.get("source"), row.get("destination"), row.get("account")):
+                    if account is not None and not _touches(record, account):
                         continue
-                    rows.append(row)
+                    rows.append(_row(record))
                     if limit is not None and len(rows) >= limit:
                         break
         except JournalCorrupted as error:
@@ -346,22 +388,66 @@ def inspect(path: str, start: int, limit: int | None, transfer: str | None, acco
     return {"path": path, "records": rows, "problem": problem}
 
 
+def _touches(record: Record, account: str) -> bool:
+    """Whether `record` names `account` (opens it, or moves, holds or releases its funds)."""
+    if isinstance(record, Opened):
+        return record.account.id == account
+    if isinstance(record, Committed):
+        return any(account in (made.source, made.destination) for made in record.transfers)
+    if isinstance(record, Refused):
+        return any(account in (getattr(request, "source", None), getattr(request, "destination", None))
+                   for request in record.requests)
+    return False
+
+
 def _row(record: Record) -> dict[str, Any]:
-    """A record as `tally inspect` shows it."""
+    """A record as `tally inspect` shows it. A commit or refusal of one request is one row
+    with its fields; a linked chain's carries each in `legs`."""
     if isinstance(record, Opened):
         account = record.account
         return {"lsn": record.lsn, "kind": "account", "account": account.id, "currency": account.currency,
-                "overdraft_limit": account.overdraft_limit}
+                "overdraft_limit": account.overdraft_limit, "code": account.code,
+                "metadata": None if account.metadata is None else account.metadata.as_dict()}
     if isinstance(record, Checkpointed):
-        return {"lsn": record.lsn, "kind": "checkpoint", "accounts": record.accounts}
+        return {"lsn": record.lsn, "kind": "checkpoint", "accounts": record.accounts, "pending": record.pending}
+    if isinstance(record, Expired):
+        return {"lsn": record.lsn, "kind": "expiry", "timestamp": record.timestamp,
+                "pending_ids": list(record.pending_ids)}
     if isinstance(record, Refused):
-        request = record.request
-        return {"lsn": record.lsn, "kind": "reject", "transfer": request.id, "source": request.source,
-                "destination": request.destination, "amount": request.amount, "code": record.code}
-    transfer, debit, credit = record.transfer, record.debit, record.credit
-    return {"lsn": record.lsn, "kind": "commit", "transfer": transfer.id, "source": transfer.source,
-            "destination": transfer.destination, "amount": transfer.amount, "source_seq": debit.seq,
-            "source_balance": debit.balance, "destination_seq": credit.seq, "destination_balance": credit.balance}
+        legs = [_request_row(request) for request in record.requests]
+        row = {"lsn": record.lsn, "kind": "reject", "timestamp": record.timestamp, "code": record.code}
+        if record.linked:
+            return {**row, "linked": True, "index": record.index, "legs": legs}
+        return {**row, **legs[0]}
+    entries = {(entry.transfer_id, entry.amount < 0): entry for entry in record.entries}
+    legs = [_transfer_row(made, entries.get((made.id, True)), entries.get((made.id, False)))
+            for made in record.transfers]
+    if record.linked:
+        return {"lsn": record.lsn, "kind": "commit", "timestamp": record.timestamp, "linked": True, "legs": legs}
+    return {"lsn": record.lsn, "kind": "commit", **legs[0]}
+
+
+def _request_row(request: TransferRequest | Resolution) -> dict[str, Any]:
+    metadata = None if request.metadata is None else dict(request.metadata)
+    if type(request) is TransferRequest:
+        return {"transfer": request.id, "type": "pending" if request.pending else "single", "source": request.source,
+                "destination": request.destination, "amount": request.amount, "transfer_code": request.code,
+                "reference": request.reference, "metadata": metadata, "timeout_s": request.timeout_s}
+    assert type(request) is Resolution
+    return {"transfer": request.id, "type": "void" if request.void else "post", "pending_id": request.pending_id,
+            "source": None, "destination": None, "amount": request.amount, "reference": request.reference,
+            "metadata": metadata}
+
+
+def _transfer_row(made: Transfer, debit: Any, credit: Any) -> dict[str, Any]:
+    row = {"transfer": made.id, "type": made.kind, "timestamp": made.timestamp, "source": made.source,
+           "destination": made.destination, "amount": made.amount, "transfer_code": made.code,
+           "reference": made.reference, "metadata": None if made.metadata is None else made.metadata.as_dict(),
+           "pending_id": made.pending_id, "timeout_s": made.timeout_s}
+    if debit is not None and credit is not None:
+        row.update(source_seq=debit.seq, source_balance=debit.balance, destination_seq=credit.seq,
+                   destination_balance=credit.balance)
+    return row
 
 
 def _account(journal: Journal, account_id: str, txn: Any) -> Account:
@@ -373,11 +459,18 @@ def _account(journal: Journal, account_id: str, txn: Any) -> Account:
 
 
 def balance(path: str, account_id: str) -> dict[str, Any]:
-    with _reading(path) as journal, journal.snapshot() as txn:
-        account = _account(journal, account_id, txn)
-        last = last_entry(journal, account_id, None, txn)
+    """The account's durable balance: posted, held by its open pending transfers (`pending`;
+    no reservation survives the process that made it), available, incoming."""
+    with _reading(path) as journal:
+        books = recover_books(journal)
+        with journal.snapshot() as txn:
+            account = _account(journal, account_id, txn)
+            last = last_entry(journal, account_id, None, txn)
+        posted = last.balance if last else 0
+        held = books.held.get(account_id, 0)
         return {"account": account_id, "currency": account.currency, "overdraft_limit": account.overdraft_limit,
-                "posted": last.balance if last else 0, "entries": last.seq if last else 0,
+                "posted": posted, "pending": held, "available": posted - held,
+                "incoming": books.incoming.get(account_id, 0), "entries": last.seq if last else 0,
                 "last_lsn": last.lsn if last else None}
 
 
@@ -387,8 +480,9 @@ def history(path: str, account_id: str, limit: int) -> dict[str, Any]:
         entries = entries_of(journal, account_id, txn=txn)
         shown = entries[-limit:] if limit else entries
         return {"account": account_id, "currency": account.currency, "entries_total": len(entries),
-                "entries": [{"seq": entry.seq, "lsn": entry.lsn, "transfer": entry.transfer_id, "amount": entry.amount,
-                             "balance": entry.balance} for entry in shown]}
+                "entries": [{"seq": entry.seq, "lsn": entry.lsn, "timestamp": entry.timestamp,
+                             "transfer": entry.transfer_id, "amount": entry.amount, "balance": entry.balance}
+                            for entry in shown]}
 
 
 __all__ = ["balance", "history", "inspect", "recover", "replay", "salvage", "verify"]

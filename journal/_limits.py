@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Version of the on-disk layout. Written once at creation, checked on every open.
-Version 2 adds a CRC-32 to every index entry and a ledger id (and the anchor file)."""
+Version 2 adds a CRC-32 to every index entry and a ledger id (and the anchor file).
+Version 3 has version 2's layout; its records may be of the kinds pending and linked
+transfers brought (the coordinator's), which a release that reads only 1 and 2 must
+refuse by its version rather than meet as damage."""
 
-FORMAT_VERSIONS_READ = (1, 2)
-"""Versions this code opens. A version-1 ledger keeps its format: its index entries have no
-checksums, and it gets its ledger id and anchor with its first commit here."""
+FORMAT_VERSIONS_READ = (1, 2, 3)
+"""Versions this code opens. A version-1 or -2 ledger keeps its format (a version-1 one:
+its index entries have no checksums, and it gets its ledger id and anchor with its first
+commit here); the records written into it from now on may be of the new kinds."""
 
 SNAPSHOT_TRIES_MAX = 100
 """Times an open retries checking a snapshot that a live writer elsewhere moved past."""

@@ -29,7 +29,7 @@ from journal._anchor import create_anchor, read_anchor
 ROOT = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 60.0
 HOLDER_TIMEOUT_S = 30.0
-COMMIT, REJECT = 2, 3
+COMMIT, REJECT, TRANSFER3, REFUSAL3 = 2, 3, 6, 7  # record kinds, as the journal stores them
 """Record kinds, as the journal stores them (the first element of each msgpack record)."""
 
 
@@ -54,8 +54,14 @@ def journal_transfer_ids(path: Path) -> dict[int, str]:
     """LSN -> transfer id of every commit and refusal record, read from the journal layer alone."""
     journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
     try:
-        return {lsn: record[1] for lsn, payload in journal.scan(0)
-                if (record := msgpack.unpackb(payload))[0] in (COMMIT, REJECT)}
+        ids: dict[int, str] = {}
+        for lsn, payload in journal.scan(0):
+            record = msgpack.unpackb(payload)
+            if record[0] in (COMMIT, REJECT):
+                ids[lsn] = record[1]
+            elif record[0] in (TRANSFER3, REFUSAL3):  # the first leg's (or refused request's) id
+                ids[lsn] = record[3 if record[0] == TRANSFER3 else 5][1]
+        return ids
     finally:
         journal.close()
 
@@ -226,7 +232,7 @@ def test_balance_prints_the_posted_balance_and_currency(built: Built) -> None:
     done = tally("balance", built.path, "carol")
 
     assert done.returncode == 0
-    assert done.stdout.startswith(f"carol: posted {built.balances['carol']} USD ")
+    assert done.stdout.startswith(f"carol: posted {built.balances['carol']} USD, pending 0, available ")
 
 
 def test_history_lists_the_latest_entries_exactly_as_the_api_does(built: Built) -> None:

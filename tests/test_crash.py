@@ -58,7 +58,7 @@ for name in ACCOUNTS:
 def report(request, outcome):
     fields = f"{{request.id}} {{request.source}} {{request.destination}} {{request.amount}}"
     if not isinstance(outcome, LedgerError):
-        emit(f"ACK {{fields}} {{outcome.lsn}}")
+        emit(f"ACK {{fields}} {{outcome.lsn}} {{outcome.timestamp}}")
     elif type(outcome) is InsufficientFunds:
         emit(f"REFUSED {{fields}}")
     else:
@@ -152,8 +152,8 @@ def record(line: str, told: Told, errors: list[str]) -> int:
         return 0
     kind, *fields = line.split()
     if kind == "ACK":
-        tid, source, destination, amount, lsn = fields
-        told.acknowledged[tid] = Transfer(tid, source, destination, int(amount), int(lsn))
+        tid, source, destination, amount, lsn, timestamp = fields
+        told.acknowledged[tid] = Transfer(tid, source, destination, int(amount), int(lsn), int(timestamp))
         return 1
     if kind == "REFUSED":
         tid, source, destination, amount = fields

@@ -22,7 +22,7 @@ ACCOUNTS = ("alice", "bob", "carol", "dave")
 
 
 def row(account: str, seq: int, lsn: int) -> Row:
-    return entry_key(account, seq), encode_entry_value(f"t-{lsn}", 1, seq, lsn)
+    return entry_key(account, seq), encode_entry_value(f"t-{lsn}", 1, seq, lsn, None)
 
 
 def facts(entries: list[Entry]) -> list[tuple[int, str, int, int]]:
@@ -146,7 +146,7 @@ def test_an_index_entry_that_disagrees_with_its_unindexed_commit_fails_the_audit
         index = env.open_db(ENTRIES_INDEX.encode(), create=False)
         with env.begin(write=True, db=index) as txn:
             key = entry_key("bank", last.seq)
-            wrong = encode_entry_value(last.transfer_id, last.amount + 1, 0, last.lsn)
+            wrong = encode_entry_value(last.transfer_id, last.amount + 1, 0, last.lsn, last.timestamp)
             txn.put(key, frame_index_value(index_seed(ENTRIES_INDEX), key, wrong))  # well framed, and wrong
 
     journal = Journal.open_readonly(path, index_names=INDEX_NAMES)

@@ -200,7 +200,7 @@ def test_an_id_refused_as_invalid_can_then_be_used(funded: Ledger) -> None:
     with pytest.raises(InvalidRequest):
         funded.transfer("t-1", source="alice", destination="bob", amount=-5)
     transfer = funded.transfer("t-1", source="alice", destination="bob", amount=5)
-    assert transfer == Transfer("t-1", "alice", "bob", 5, transfer.lsn)
+    assert transfer == Transfer("t-1", "alice", "bob", 5, transfer.lsn, transfer.timestamp)
     assert funded.balance("bob") == Balance(5, 0, 5)
 
 
@@ -645,7 +645,7 @@ def test_entries_page_with_after_and_limit(funded: Ledger) -> None:
     expected, balance = [], 0
     for seq, transfer in enumerate(transfers, start=1):
         balance += transfer.amount
-        expected.append(Entry("bob", seq, transfer.id, transfer.amount, balance, transfer.lsn))
+        expected.append(Entry("bob", seq, transfer.id, transfer.amount, balance, transfer.lsn, transfer.timestamp))
     assert every == expected
     assert funded.entries("bob", after=0, limit=2) == expected[:2]
     assert funded.entries("bob", after=2, limit=2) == expected[2:4]
@@ -683,7 +683,7 @@ def test_ids_of_128_multibyte_characters_work_end_to_end(ledger: Ledger) -> None
     transfer = ledger.transfer(transfer_id, source="bank", destination=account, amount=5)
     assert ledger.transfer(transfer_id, source="bank", destination=account, amount=5) == transfer
     assert ledger.get_transfer(transfer_id) == transfer
-    assert ledger.entries(account) == [Entry(account, 1, transfer_id, 5, 5, transfer.lsn)]
+    assert ledger.entries(account) == [Entry(account, 1, transfer_id, 5, 5, transfer.lsn, transfer.timestamp)]
     assert ledger.balance(account) == Balance(5, 0, 5)
 
 

@@ -8,6 +8,7 @@ and stay openable whatever that first commit meets.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import struct
@@ -40,14 +41,26 @@ def as_lists(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+def made_then(value: Any) -> tuple[Any, ...]:
+    """The fields the release that made the fixture had, with the values it gave them; the
+    fields added since must read as their defaults (an old transfer has no timestamp, code,
+    reference, metadata; it is a single transfer, posted)."""
+    fields = astuple(value)
+    count = {"Account": 3, "Balance": 3, "Entry": 6, "Transfer": 5}[type(value).__name__]
+    added = fields[count:]
+    defaults = tuple(field.default for field in dataclasses.fields(value)[count:])
+    assert added == defaults, (value, defaults)
+    return fields[:count]
+
+
 def test_a_format_1_ledger_opens_and_reads_as_it_read_when_it_was_made(old: Path) -> None:
     want = expected()
     with Ledger.open(old) as ledger:
         assert ledger._journal.format_version == 1
         accounts = ledger.accounts()
-        assert as_lists([astuple(a) for a in accounts]) == want["accounts"]
-        assert as_lists({a.id: astuple(ledger.balance(a.id)) for a in accounts}) == want["balances"]
-        assert as_lists({a.id: [astuple(e) for e in ledger.entries(a.id)] for a in accounts}) == want["entries"]
+        assert as_lists([made_then(a) for a in accounts]) == want["accounts"]
+        assert as_lists({a.id: made_then(ledger.balance(a.id)) for a in accounts}) == want["balances"]
+        assert as_lists({a.id: [made_then(e) for e in ledger.entries(a.id)] for a in accounts}) == want["entries"]
         assert ledger.state_hash() == want["state_hash"]
         for tid, outcome in want["outcomes"].items():
             found = ledger.get_transfer(tid)
@@ -62,7 +75,7 @@ def test_a_format_1_ledger_retries_with_its_first_outcomes_and_takes_new_transfe
                 for n in range(60)]
     with Ledger.open(old) as ledger:
         retried = ledger.transfer_many(requests)
-        assert as_lists([astuple(outcome) for outcome in retried]) == [want["outcomes"][r.id] for r in requests]
+        assert as_lists([made_then(outcome) for outcome in retried]) == [want["outcomes"][r.id] for r in requests]
         ledger.transfer("new", source="bank", destination="alice", amount=7)
         assert (old / ANCHOR_FILE).exists(), "the first commit gives it its anchor"
         state = ledger.state_hash()

@@ -18,8 +18,10 @@ import pytest
 from coordinator import INDEX_NAMES
 from coordinator._audit import CHECK_LIMITS
 from coordinator._records import COMMIT, TRANSFERS_INDEX, encode, id_key, lsn_value
-from coordinator._rules import decide, refusal_of_accounts
-from engine import Account, JournalCorrupted, Ledger
+from coordinator._rules import Refusal, decide, enter
+from coordinator._state import Pending, Projection
+from coordinator._values import Resolution
+from engine import Account, JournalCorrupted, Ledger, TransferRequest
 from journal import Journal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +32,23 @@ UNLIMITED = Account("bank", "USD", None)
 EUR = Account("e", "EUR", 0)
 
 
+def book(*accounts: tuple[Account, tuple[int, int, int]], held: dict[str, int] | None = None) -> Projection:
+    """The books a decision reads: these accounts in these states (and holds)."""
+    books = Projection()
+    for account, state in accounts:
+        books.accounts[account.id] = account
+        books.states[account.id] = state
+    books.held.update(held or {})
+    return books
+
+
+def move(amount: int, source: str = "a", destination: str = "b", tid: str = "t", **fields: object) -> TransferRequest:
+    return TransferRequest(tid, source, destination, amount, **fields)  # type: ignore[arg-type]
+
+
 def test_a_transfer_between_two_accounts_stamps_the_next_entry_of_each() -> None:
-    assert decide(30, USD, USD_B, (4, 100, 17), (9, 5, 12), 0) == (5, 70, 10, 35)
+    decided = decide([move(30)], book((USD, (4, 100, 17)), (USD_B, (9, 5, 12))), 0)
+    assert decided == [(0, "a", "b", 30, (5, 70, 10, 35), None)]
 
 
 @pytest.mark.parametrize(
@@ -50,18 +67,66 @@ def test_a_transfer_between_two_accounts_stamps_the_next_entry_of_each() -> None
 def test_the_rules_refuse_with_the_code_that_says_why(
     source: Account | None, destination: Account | None, origin: tuple, target: tuple, reserved: int, code: str
 ) -> None:
-    assert decide(30, source, destination, origin, target, reserved) == code
+    present = [(account, state) for account, state in ((source, origin), (destination, target)) if account is not None]
+    source_id = source.id if source is not None else "a"
+    destination_id = destination.id if destination is not None else "b"
+    decided = decide([move(30, source_id, destination_id)], book(*present), 0, {source_id: reserved})
+    assert decided == Refusal(0, code)
 
 
 def test_an_overdraft_limit_lets_the_balance_reach_minus_the_limit_exactly() -> None:
-    assert decide(30, Account("a", "USD", 10), USD_B, (1, 20, 1), (0, 0, 0), 0) == (2, -10, 1, 30)
-    assert decide(30, UNLIMITED, USD_B, (1, -MAX + 30, 1), (0, 0, 0), 0) == (2, -MAX, 1, 30)
+    assert decide([move(30)], book((Account("a", "USD", 10), (1, 20, 1)), (USD_B, (0, 0, 0))), 0) == [
+        (0, "a", "b", 30, (2, -10, 1, 30), None)]
+    assert decide([move(30, "bank")], book((UNLIMITED, (1, -MAX + 30, 1)), (USD_B, (0, 0, 0))), 0) == [
+        (0, "bank", "b", 30, (2, -MAX, 1, 30), None)]
 
 
-def test_the_accounts_alone_refuse_before_any_state_is_looked_at() -> None:
-    assert refusal_of_accounts(USD, EUR) == "currency_mismatch"
-    assert refusal_of_accounts(None, EUR) == "account_not_found"
-    assert refusal_of_accounts(USD, USD_B) is None
+def test_funds_a_pending_transfer_holds_are_not_there_to_spend() -> None:
+    books = book((USD, (1, 100, 1)), (USD_B, (0, 0, 0)), held={"a": 80})
+    assert decide([move(30)], books, 0) == Refusal(0, "insufficient_funds")
+    assert decide([move(20)], books, 0) == [(0, "a", "b", 20, (2, 80, 1, 20), None)]
+
+
+def test_a_pending_transfer_holds_without_an_entry_and_its_post_moves_part_and_releases_all() -> None:
+    books = book((USD, (1, 100, 1)), (USD_B, (0, 0, 0)))
+    pending = move(60, tid="p", pending=True, timeout_s=5)
+    legs = decide([pending], books, 1_000)
+    assert legs == [(1, "a", "b", 60, None, None)]
+    enter(books, [pending], legs, 2, 1_000)  # type: ignore[arg-type]
+    assert books.held == {"a": 60} and books.incoming == {"b": 60} and books.states["a"] == (1, 100, 1)
+    assert books.pending["p"] == Pending("p", "a", "b", 60, 1_000 + 5 * 10**9, 2, 0)
+    assert decide([move(41)], books, 1_001) == Refusal(0, "insufficient_funds")
+
+    post = Resolution("q", "p", 25)
+    legs = decide([post], books, 1_002)
+    assert legs == [(2, "a", "b", 25, (2, 75, 1, 25), books.pending["p"])]
+    enter(books, [post], legs, 3, 1_002)  # type: ignore[arg-type]
+    assert books.held == {} and books.incoming == {} and books.pending == {}
+    assert books.states["a"] == (2, 75, 3) and books.states["b"] == (1, 25, 3)
+
+
+@pytest.mark.parametrize(
+    ("request_", "at", "code"),
+    [
+        (Resolution("q", "p", 61), 0, "exceeds_pending_amount"),
+        (Resolution("q", "nope"), 0, "pending_transfer_not_found"),
+        (Resolution("q", "p"), 10**9, "pending_transfer_expired"),  # at its deadline, not yet journaled as expired
+        (Resolution("q", "p", void=True), 10**9, "pending_transfer_expired"),
+    ],
+)
+def test_a_post_or_void_the_rules_refuse(request_: Resolution, at: int, code: str) -> None:
+    books = book((USD, (1, 100, 1)), (USD_B, (0, 0, 0)), held={"a": 60})
+    books.pending["p"] = Pending("p", "a", "b", 60, 10**9, 2, 0)
+    assert decide([request_], books, at) == Refusal(0, code)
+
+
+def test_a_chain_sees_each_legs_effects_and_refuses_all_at_the_first_leg_that_fails() -> None:
+    c = Account("c", "USD", 0)
+    books = book((USD, (1, 100, 1)), (USD_B, (0, 0, 0)), (c, (0, 0, 0)))
+    through = [move(70, "a", "b", "1"), move(70, "b", "c", "2")]  # b is empty until leg 0 credits it
+    assert decide(through, books, 0) == [(0, "a", "b", 70, (2, 30, 1, 70), None), (0, "b", "c", 70, (2, 0, 1, 70), None)]
+    assert decide([*through, move(1, "b", "c", "3")], books, 0) == Refusal(2, "insufficient_funds")
+    assert books.states == {"a": (1, 100, 1), "b": (0, 0, 0), "c": (0, 0, 0)}  # deciding changes nothing
 
 
 def _ledger_with_a_forged_commit(path: Path, source: str, destination: str, amount: int, stamp: tuple) -> int:

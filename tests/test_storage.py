@@ -33,7 +33,7 @@ from engine import (
     LedgerUnavailable,
     TransferRequest,
 )
-from journal import ANCHOR_FILE, Journal, JournalCorruptedError
+from journal import ANCHOR_FILE, FORMAT_VERSION, Journal, JournalCorruptedError
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 60.0
@@ -520,9 +520,9 @@ def test_a_damaged_format_version_is_damage_when_the_anchor_says_otherwise_not_a
     data = bytearray((path / "data.mdb").read_bytes())
     key = b"format_version"
     at = data.find(key)
-    while at != -1:  # every copy of the meta database's entry, live and stale: "2" -> "6"
+    while at != -1:  # every copy of the meta database's entry, live and stale: the version -> "6"
         value_at = at + len(key)
-        if data[value_at : value_at + 1] == b"2":
+        if data[value_at : value_at + 1] == str(FORMAT_VERSION).encode():
             data[value_at] = ord("6")
         at = data.find(key, at + 1)
     (path / "data.mdb").write_bytes(bytes(data))

@@ -14,7 +14,7 @@ from coordinator import _coordinator
 from coordinator._turns import decide_in_turn, give_back_turns, take_turns
 from coordinator._limits import CHUNK_REQUESTS_MAX
 from coordinator._sequencer import Sequencer
-from coordinator._values import stamped_transfer
+from coordinator._values import Metadata, stamped_transfer
 from engine import (
     Balance,
     BalanceOverflow,
@@ -169,11 +169,11 @@ def test_a_bug_in_the_combiners_in_turn_path_does_not_strand_later_transfers(
         real = _coordinator.decide_all
         calls: list[int] = []
 
-        def buggy_once(*args: object) -> None:
+        def buggy_once(*args: object) -> list[object]:
             calls.append(1)
             if len(calls) == 1:
                 raise AssertionError("stand-in for a failed check in decide_in_turn (e.g. _catch_up)")
-            real(*args)  # type: ignore[arg-type]
+            return real(*args)  # type: ignore[arg-type,return-value]
 
         monkeypatch.setattr(_coordinator, "decide_all", buggy_once)
         with pytest.raises(Exception):  # noqa: B017 - whatever the first caller gets
@@ -266,9 +266,10 @@ def test_a_batch_the_journal_had_no_room_for_can_be_retried_with_the_same_ids(
 
 
 def test_a_stamped_transfer_is_the_same_frozen_value_its_constructor_builds() -> None:
-    stamped = stamped_transfer("t-1", "bank", "alice", 10, 7)
+    fields = ("t-1", "bank", "alice", 10, 7, 123, 9, "order-1", Metadata({"k": 1}), "pending", None, "pending", 30)
+    stamped = stamped_transfer(*fields)  # type: ignore[arg-type]
 
-    assert stamped == Transfer("t-1", "bank", "alice", 10, 7)
-    assert hash(stamped) == hash(Transfer("t-1", "bank", "alice", 10, 7)) and repr(stamped).startswith("Transfer(")
+    assert stamped == Transfer(*fields)  # type: ignore[arg-type]
+    assert hash(stamped) == hash(Transfer(*fields)) and repr(stamped).startswith("Transfer(")  # type: ignore[arg-type]
     with pytest.raises(dataclasses.FrozenInstanceError):
         stamped.amount = 11  # type: ignore[misc]
