@@ -33,6 +33,7 @@ import random
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVENTS = ("Ir", "D1mr", "D1mw", "DLmr", "DLmw")
@@ -67,12 +68,30 @@ def child(args: argparse.Namespace) -> None:
             "full", collections["full"] + (phase == "start" and info["generation"] == 2)))
         control = ["callgrind_control", "--instr=on", str(os.getpid())]
         subprocess.run(control, check=True, capture_output=True)
-        for first in range(0, len(measured), 1000):
-            ledger.transfer_many(measured[first : first + 1000])
+        if args.clients:
+            singles(ledger, measured, args.clients)
+        else:
+            for first in range(0, len(measured), 1000):
+                ledger.transfer_many(measured[first : first + 1000])
         control[1] = "--instr=off"
         subprocess.run(control, check=True, capture_output=True)
         ledger.close()
     print(json.dumps(collections))
+
+
+def singles(ledger: Any, requests: list[Any], clients: int) -> None:
+    """`ledger.transfer` of each request, from `clients` threads at once (each its share, in turn)."""
+    import threading
+
+    def client(number: int) -> None:
+        for request in requests[number::clients]:
+            ledger.transfer(request.id, source=request.source, destination=request.destination, amount=request.amount)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
 
 
 def totals(path: str) -> dict[str, int]:
@@ -90,6 +109,8 @@ def totals(path: str) -> dict[str, int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--transfers", type=int, default=5_000, help="measured transfers (default 5,000)")
+    parser.add_argument("--clients", type=int, default=0,
+                        help="measure single transfers (`transfer`) from this many threads instead of batches")
     parser.add_argument("--accounts", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--tree", default=REPO, help="checkout whose engine to run (default: this one)")
@@ -104,6 +125,7 @@ def main() -> int:
             "valgrind", "--tool=callgrind", "--cache-sim=yes", "--LL=4194304,16,64", "--instr-atstart=no",
             f"--callgrind-out-file={out}", sys.executable, os.path.abspath(__file__), "--child",
             "--transfers", str(args.transfers), "--accounts", str(args.accounts), "--seed", str(args.seed),
+            "--clients", str(args.clients),
             "--tree", os.path.abspath(args.tree),
         ]
         try:
@@ -115,8 +137,8 @@ def main() -> int:
         collections = json.loads(run.stdout.strip().splitlines()[-1])
         counted = totals(out)
     per = {event: counted.get(event, 0) / args.transfers for event in EVENTS}
-    print(f"tree {os.path.abspath(args.tree)}: {args.transfers:,} transfers in batches of 1,000, "
-          f"{args.accounts:,} accounts")
+    shape = f"single transfers from {args.clients} threads" if args.clients else "batches of 1,000"
+    print(f"tree {os.path.abspath(args.tree)}: {args.transfers:,} transfers in {shape}, {args.accounts:,} accounts")
     print(f"  per transfer: {per['Ir']:,.0f} instructions; first-level misses {per['D1mr']:,.0f} read, "
           f"{per['D1mw']:,.0f} write; last-level misses {per['DLmr']:,.0f} read, {per['DLmw']:,.0f} write")
     print(f"  gc: {collections['full']} full collection(s) while counting")

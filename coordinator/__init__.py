@@ -73,7 +73,16 @@ from coordinator._validate import (
     check_transfer,
     shown,
 )
-from coordinator._values import Account, Balance, Entry, Metadata, Resolution, Transfer, TransferRequest
+from coordinator._values import (
+    Account,
+    Balance,
+    Entry,
+    Metadata,
+    Resolution,
+    Transfer,
+    TransferRequest,
+    transfer_request,
+)
 
 __all__ = [
     "AMOUNT_MAX",
@@ -158,6 +167,7 @@ __all__ = [
     "replay",
     "resolution_of",
     "shown",
+    "transfer_request",
     "state_hash",
     "transfer_now",
     "transfer_of",

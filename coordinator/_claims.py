@@ -134,6 +134,9 @@ def settle(request: Request, prior: Prior) -> Transfer:
     requests = prior.requests
     index = next((i for i, made in enumerate(requests) if made.id == request.id), None)
     assert index is not None, (request.id, requests)
+    if prior.linked:  # a leg of a linked chain: only the chain, retried whole, has its outcome
+        raise IdempotencyConflict(f"transfer id {request.id!r} was already used as transfer {index} of a linked chain "
+                                  f"of {len(requests)}: retry that chain whole to learn its outcome")
     if requests[index] != request:
         raise _conflict(request, requests[index])
     if isinstance(value, Refused):
@@ -264,9 +267,24 @@ class Claims:
     def claim(self, request: Request, relayed: bool = False) -> tuple[Ticket | Prior, bool]:
         """Claim `request.id`: (new ticket, True), or (the existing ticket or outcome, False).
         A relayed ticket is for a caller that waits on it (see `journal.Completion`)."""
-        fresh: list[Ticket] = []
-        (claimed,) = self.claim_many((request,), fresh, relayed)
-        return claimed, bool(fresh)
+        tid = request.id
+        h = id_hash(tid)
+        stripe = h & _STRIPE_MASK
+        lock = self._locks[stripe]
+        lock.acquire()  # not `with`: see `claim_many`, which this is for one request
+        try:
+            inflight = self._inflight
+            ticket = inflight.get(tid)
+            if ticket is not None:
+                return ticket, False
+            if self._filters[stripe].check_and_add(h >> 6) or not self._warm:
+                outcome = self.lookup(tid)
+                if outcome is not None:
+                    return outcome, False
+            ticket = inflight[tid] = Ticket((request,), stripe, relayed)
+            return ticket, True
+        finally:
+            lock.release()
 
     def claim_many(self, requests: Sequence[Request], fresh: list[Ticket], relayed: bool = False) -> list[Prior]:
         """`claim` each request, in order: its new ticket (also appended to `fresh`), or the
@@ -348,7 +366,17 @@ class Claims:
 
     def release(self, ticket: Ticket) -> None:
         """Forget a ticket once it is durable (the index answers from now on) or failed."""
-        self.release_many((ticket,))
+        if ticket.linked:
+            self.release_many((ticket,))
+            return
+        lock = self._locks[ticket.stripe]
+        lock.acquire()  # not `with`: see `claim_many`
+        try:
+            tid = ticket.request.id
+            if ticket.done and self._inflight.get(tid) is ticket:
+                del self._inflight[tid]
+        finally:
+            lock.release()
 
     def release_many(self, tickets: Sequence[Ticket]) -> None:
         """`release` of each."""
@@ -359,6 +387,11 @@ class Claims:
         try:
             for ticket in tickets:
                 if not ticket.done:
+                    continue
+                if not ticket.linked:  # one request
+                    tid = ticket.request.id
+                    if inflight.get(tid) is ticket:
+                        del inflight[tid]
                     continue
                 for request in ticket.requests:
                     tid = request.id

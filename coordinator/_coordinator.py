@@ -85,11 +85,21 @@ class Coordinator:
         """Run one request (a transfer, a post or a void) to a durable outcome. Blocks the
         caller at most ~`timeout_s`."""
         request = check_transfer(request) if type(request) is not Resolution else check_resolution(request)
-        claim, fresh = self.claims.claim(request, relayed=True)
+        claims = self.claims
+        claim, fresh = claims.claim(request, relayed=True)
         if not fresh:
             return settle(request, self._await_prior(claim, timeout_s))
-        assert isinstance(claim, Ticket)
-        self._run(claim, timeout_s)
+        assert type(claim) is Ticket
+        try:  # `_run`, inline: once per transfer
+            self.admission.admit(1, timeout_s)
+        except LedgerError:
+            claims.abandon(claim)
+            raise
+        self._combine(claim)
+        if not claim.wait(timeout_s):
+            raise LedgerTimeout(f"transfer {request.id!r}: no durable outcome within {timeout_s} s; retry with the "
+                                "same id")
+        claims.release(claim)
         return settle(request, claim)
 
     def transfer_linked(self, requests: object, timeout_s: float) -> list[Transfer]:
@@ -166,17 +176,25 @@ class Coordinator:
         (see `coordinator._turns`); return the others, to start through the mailboxes."""
         sequencer = self.sequencer
         accounts, pending = sequencer.accounts, sequencer.pending
-        names = {name for ticket in tickets for name in _accounts_named(ticket, pending)}
-        turns = self.participants.take_turns(names)
+        named: list[tuple[str, ...] | list[str]] = []
+        for ticket in tickets:
+            request = ticket.request
+            if not ticket.linked and type(request) is TransferRequest:  # the common case, inline
+                named.append((request.source, request.destination))
+            else:
+                named.append(_accounts_named(ticket, pending))
+        turns = self.participants.take_turns({name for names in named for name in names})
         if not turns:
             return tickets
         mine: list[Ticket] = []
         others: list[Ticket] = []
-        for ticket in tickets:
-            if all(name in turns or name not in accounts for name in _accounts_named(ticket, pending)):
-                mine.append(ticket)
+        for ticket, names in zip(tickets, named, strict=True):
+            for name in names:
+                if name not in turns and name in accounts:
+                    others.append(ticket)
+                    break
             else:
-                others.append(ticket)
+                mine.append(ticket)
         left: list[Ticket] = []
         try:
             left = decide_all(self, mine, turns)
@@ -306,11 +324,12 @@ class Coordinator:
         if ticket.resolve(failure):
             self.claims.abandon(ticket)
 
-    def expire_due(self) -> int:
+    def expire_due(self) -> tuple[int, int]:
         """Journal the expiry of every pending transfer whose deadline has come, and release
-        its hold on both accounts; how many expired. Never waits but for the sequencer lock."""
+        its hold on both accounts: (how many expired, the LSN to wait for to see it durable).
+        Never waits but for the sequencer lock."""
         if self.sequencer.next_deadline() is None:
-            return 0
+            return 0, 0
         turns: list[Participant] = []
         pinned: dict[str, Participant] = {}
         try:

@@ -6,6 +6,10 @@ A record is a msgpack array whose first element is its kind. Format 3 writes:
     TRANSFER3 [6, timestamp, linked, leg, leg...]
         leg: [kind, id, source, destination, amount, code, reference, metadata, timeout_s,
               pending_id, requested, source_seq, source_balance, destination_seq, destination_balance]
+    PLAIN3 [10, timestamp, id, source, destination, amount, source_seq, source_balance,
+            destination_seq, destination_balance]
+        the common case written short: a TRANSFER3 of one single transfer with no code,
+        reference or metadata (read back as that TRANSFER3: every reader sees one shape)
     REFUSAL3 [7, timestamp, linked, index, code, request, request...]
         request: the first 11 fields of a leg
     EXPIRY3 [8, timestamp, [pending_id, ...]]
@@ -62,11 +66,12 @@ TRANSFER3 = 6
 REFUSAL3 = 7
 EXPIRY3 = 8
 CHECKPOINT3 = 9
+PLAIN3 = 10
 KINDS = {ACCOUNT: "account", COMMIT: "commit", REJECT: "reject", CHECKPOINT: "checkpoint", ACCOUNT3: "account",
-         TRANSFER3: "transfer", REFUSAL3: "refusal", EXPIRY3: "expiry", CHECKPOINT3: "checkpoint"}
+         TRANSFER3: "transfer", REFUSAL3: "refusal", EXPIRY3: "expiry", CHECKPOINT3: "checkpoint", PLAIN3: "transfer"}
 ACCOUNTS = (ACCOUNT, ACCOUNT3)
 CHECKPOINTS = (CHECKPOINT, CHECKPOINT3)
-OUTCOMES = (COMMIT, REJECT, TRANSFER3, REFUSAL3)
+OUTCOMES = (COMMIT, REJECT, TRANSFER3, REFUSAL3, PLAIN3)
 """Kinds whose records are the outcome of transfer ids (the transfers index names them)."""
 
 LEG_FIELDS = 15
@@ -136,17 +141,23 @@ def resolution_key(pending_id: str) -> bytes:
 
 
 def decode(lsn: int, payload: bytes) -> list[Any]:
-    """Decode and shape-check one record; raise `JournalCorrupted` naming `lsn`."""
+    """Decode and shape-check one record; raise `JournalCorrupted` naming `lsn`. A plain leg
+    comes back in the full form (every reader sees one shape of leg)."""
     try:
         record = msgpack.unpackb(payload, raw=False, use_list=True, strict_map_key=True)
     except Exception as error:  # msgpack raises several unrelated types on bad input
         raise JournalCorrupted(f"journal record at LSN {lsn} does not decode: {error}", lsn) from error
     if not isinstance(record, list) or not record or not _shaped(record):
         raise JournalCorrupted(f"journal record at LSN {lsn} has an unknown shape", lsn)
+    if record[0] == PLAIN3:
+        _, timestamp, tid, source, destination, amount, *stamp = record
+        return [TRANSFER3, timestamp, False, [0, tid, source, destination, amount, 0, None, None, None, None, None,
+                                              *stamp]]
     return record
 
 
-_ARITY = {ACCOUNT: 4, COMMIT: 9, REJECT: 6, CHECKPOINT: 2, ACCOUNT3: 6, EXPIRY3: 3, CHECKPOINT3: 5}
+
+_ARITY = {ACCOUNT: 4, COMMIT: 9, REJECT: 6, CHECKPOINT: 2, ACCOUNT3: 6, EXPIRY3: 3, CHECKPOINT3: 5, PLAIN3: 10}
 _LISTS = {TRANSFER3: (3, LEG_FIELDS), REFUSAL3: (5, REQUEST_FIELDS)}
 """Kinds of any length: (where the lists start, the length of each)."""
 

@@ -104,7 +104,7 @@ def decide(requests: Sequence[Request], book: Book, timestamp: int,
     if len(requests) == 1:  # no chain: read the books as they are
         request = requests[0]
         if type(request) is TransferRequest:
-            leg = _transfer(request, book.accounts, book.states, book.held, book.incoming, reserved)
+            leg = decide_transfer(request, book.accounts, book.states, book.held, book.incoming, reserved)
         else:
             leg = _resolve(request, book, book.states, timestamp)  # type: ignore[arg-type]
         return Refusal(0, leg) if type(leg) is str else [leg]  # type: ignore[list-item]
@@ -117,7 +117,7 @@ def decide(requests: Sequence[Request], book: Book, timestamp: int,
     legs: list[Leg] = []
     for index, request in enumerate(requests):
         if type(request) is TransferRequest:
-            leg = _transfer(request, book.accounts, seen_states, seen_held, seen_incoming, reserved)
+            leg = decide_transfer(request, book.accounts, seen_states, seen_held, seen_incoming, reserved)
         else:  # a post or void in a chain sees the chain's entries, not pending transfers it opened
             leg = _resolve(request, book, seen_states, timestamp + index)  # type: ignore[arg-type]
         if type(leg) is str:
@@ -127,31 +127,60 @@ def decide(requests: Sequence[Request], book: Book, timestamp: int,
     return legs
 
 
-def _transfer(request: TransferRequest, accounts: Mapping[str, Account], states: Mapping[str, AccountState],
-              held: Mapping[str, int], incoming: Mapping[str, int], reserved: Mapping[str, int]) -> Leg | str:
+def decide_transfer(request: TransferRequest, accounts: Mapping[str, Account], states: Mapping[str, AccountState],
+                    held: Mapping[str, int], incoming: Mapping[str, int], reserved: Mapping[str, int]) -> Leg | str:
+    """The rule of one transfer (single or pending) from these books: its leg, or the code of
+    its refusal. `decide` calls it for each transfer it decides (and the sequencer for a
+    single transfer alone, without the list around it)."""
     source_id, destination_id, amount = request.source, request.destination, request.amount
+    if not request.pending:
+        stamp = decide_single(accounts.get(source_id), accounts.get(destination_id), amount, states.get(source_id),
+                              states.get(destination_id), reserved.get(source_id, 0) + held.get(source_id, 0))
+        return stamp if type(stamp) is str else (SINGLE, source_id, destination_id, amount, stamp, None)  # type: ignore[return-value]
     source, destination = accounts.get(source_id), accounts.get(destination_id)
     if source is None or destination is None:
         return AccountNotFound.code
     if source.currency != destination.currency:
         return CurrencyMismatch.code
-    source_seq, source_posted, _ = states[source_id]
-    target_seq, target_posted, _ = states[destination_id]
-    after = source_posted - reserved.get(source_id, 0) - held.get(source_id, 0) - amount
+    refused = _debit_refused(source, states[source_id][1] - reserved.get(source_id, 0) - held.get(source_id, 0) - amount)
+    if refused is not None:
+        return refused
+    # the credit must fit once posted, beside what else is on its way
+    if states[destination_id][1] + incoming.get(destination_id, 0) + amount > AMOUNT_MAX:
+        return BalanceOverflow.code
+    return (PENDING, source_id, destination_id, amount, None, None)
+
+
+def decide_single(source: Account | None, destination: Account | None, amount: int, origin: AccountState | None,
+                  target: AccountState | None, unspendable: int) -> Stamp | str:
+    """The rule of a single transfer of `amount` between these accounts (None: there is no
+    such account), in these states: both of its entries (`Stamp`), or the code of its
+    refusal. `unspendable`: what the source holds for pending transfers and reserves for
+    transfers in flight, which the debit must leave alone."""
+    if source is None or destination is None:
+        return AccountNotFound.code
+    if source.currency != destination.currency:
+        return CurrencyMismatch.code
+    source_seq, source_posted, _ = origin  # type: ignore[misc]  # an account has a state
+    target_seq, target_posted, _ = target  # type: ignore[misc]
+    after = source_posted - unspendable - amount
     limit = source.overdraft_limit
     if limit is None:
         if after < -AMOUNT_MAX:
             return BalanceOverflow.code
     elif after < -limit:
         return InsufficientFunds.code
-    if request.pending:  # the credit must fit once posted, beside what else is on its way
-        if target_posted + incoming.get(destination_id, 0) + amount > AMOUNT_MAX:
-            return BalanceOverflow.code
-        return (PENDING, source_id, destination_id, amount, None, None)
     if target_posted + amount > AMOUNT_MAX:
         return BalanceOverflow.code
-    return (SINGLE, source_id, destination_id, amount,
-            (source_seq + 1, source_posted - amount, target_seq + 1, target_posted + amount), None)
+    return (source_seq + 1, source_posted - amount, target_seq + 1, target_posted + amount)
+
+
+def _debit_refused(source: Account, after: int) -> str | None:
+    """Why a debit that leaves `after` available on `source` is refused, or None."""
+    limit = source.overdraft_limit
+    if limit is None:
+        return BalanceOverflow.code if after < -AMOUNT_MAX else None
+    return InsufficientFunds.code if after < -limit else None
 
 
 def _resolve(request: _Resolving, book: Book, states: Mapping[str, AccountState], timestamp: int) -> Leg | str:

@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
-from journal import Completion, IndexPuts, Journal, JournalError, crash_point
+from journal import CRASH_POINT_ARMED, Completion, IndexPuts, Journal, JournalError, crash_point
 
 from coordinator._entries import Flat, UnindexedEntries
 from coordinator._history import Refused, resolution_of
@@ -46,6 +46,7 @@ from coordinator._records import (
     CHECKPOINTS_INDEX,
     ENTRIES_INDEX,
     EXPIRY3,
+    PLAIN3,
     REFUSAL3,
     TRANSFER3,
     TRANSFERS_INDEX,
@@ -56,8 +57,8 @@ from coordinator._records import (
     lsn_value,
     resolution_key,
 )
-from coordinator._rules import NOTHING, Leg, Refusal, decide, enter, expire
-from coordinator._state import NO_ENTRIES, Pending, Posting, Projection
+from coordinator._rules import NOTHING, Leg, Refusal, Stamp, decide, decide_single, enter, expire
+from coordinator._state import NO_ENTRIES, AccountState, Pending, Posting, Projection
 from coordinator._values import (
     KINDS,
     PENDING,
@@ -219,6 +220,41 @@ class Sequencer:
             self._unentered = (requests, decided, lsn, timestamp)
         return decided
 
+    def stamp_plain(self, chunk: Chunk, ticket: Ticket, request: TransferRequest, lsn: int, source: Account,
+                    destination: Account, origin: AccountState, target: AccountState, unspendable: int,
+                    now: int) -> Stamp | str:
+        """`stamp` of the common case, a single transfer with no code, reference or metadata,
+        between these accounts in these states (the projection's), by the same rule
+        (`rules.decide_single`; `unspendable`: what the source has reserved for transfers in
+        flight), recorded as a plain leg: its entries, or the code of its refusal. The caller
+        moves the projection (`states`) past the entries. `now`: the clock, read by the
+        caller (once for a chunk of decisions: each gets the last timestamp + 1 after the first)."""
+        timestamp = self.last_timestamp = now if now > self.last_timestamp else self.last_timestamp + 1
+        tid, source_id, destination_id, amount = request.id, request.source, request.destination, request.amount
+        held = self.held
+        stamp: Any = decide_single(source, destination, amount, origin, target,  # Stamp | str; `type() is`: no call
+                                   unspendable + held.get(source_id, 0) if held else unspendable)
+        if type(stamp) is str:
+            self.stamp_refusal(chunk, ticket, lsn, timestamp, 0, stamp)
+            return stamp
+        debit_seq, debit_balance, credit_seq, credit_balance = stamp
+        ticket.value = stamped_transfer(tid, source_id, destination_id, amount, lsn, timestamp, 0, None, None, "single",
+                                        None, "posted", None)
+        chunk.payloads.append(encode([PLAIN3, timestamp, tid, source_id, destination_id, amount, debit_seq, debit_balance,
+                                      credit_seq, credit_balance]))
+        chunk.completions.append(ticket)
+        chunk.transfers += (id_key(tid), _U64.pack(lsn))
+        prefixes = self._prefixes
+        source_prefix = prefixes.get(source_id) or prefixes.setdefault(source_id, entry_prefix(source_id))
+        target_prefix = prefixes.get(destination_id) or prefixes.setdefault(destination_id, entry_prefix(destination_id))
+        chunk.accounts += (source_id, destination_id)
+        chunk.entries += (
+            source_prefix + _U64.pack(debit_seq), encode_entry_value(tid, -amount, debit_balance, lsn, timestamp),
+            target_prefix + _U64.pack(credit_seq), encode_entry_value(tid, amount, credit_balance, lsn, timestamp),
+        )
+        self.index_entries += 1
+        return stamp
+
     def enter_stamped(self) -> None:
         """Move the projection past the legs `stamp` decided without `enter_now`."""
         requests, legs, lsn, timestamp = self._unentered
@@ -304,6 +340,10 @@ class Sequencer:
         accounts the legs touch, under `lock` and before the projection moves: an account
         activated later starts from a projection past this decision, one activated earlier
         gets its postings, never both."""
+        request = ticket.request
+        if (not ticket.linked and type(request) is TransferRequest and request.code == 0  # one plain single transfer
+                and request.reference is None and request.metadata is None and not request.pending):
+            return self._commit_plain(ticket, request, deliver, reserved, pin)
         chunk = Chunk()
         with self.lock:
             lsn = self._journal.last_lsn + 1
@@ -318,9 +358,45 @@ class Sequencer:
             if type(decided) is not Refusal:
                 self.enter_stamped()
                 crash_point("after-commit-queued")
-                deliver(postings(decided, lsn, reserved))  # type: ignore[arg-type]
+                made = postings(decided, lsn, reserved)  # type: ignore[arg-type]
+                if CRASH_POINT_ARMED and len(decided) > 1:
+                    deliver(made[:2])  # the first leg's
+                    crash_point("mid-linked-chain")
+                    made = made[2:]
+                deliver(made)
             self._appended()
         return decided
+
+    def _commit_plain(self, ticket: Ticket, request: TransferRequest, deliver: Deliver, reserved: bool,
+                      pin: Pin | None) -> list[Leg] | Refusal:
+        """`commit` of the common case, a single transfer with no code, reference or metadata
+        (`stamp_plain`): the same steps, without the lists a chain needs."""
+        chunk = Chunk()
+        source, destination, amount = request.source, request.destination, request.amount
+        with self.lock:
+            lsn = self._journal.last_lsn + 1
+            accounts, states = self.accounts, self.states
+            stamp: Any = self.stamp_plain(chunk, ticket, request, lsn, accounts.get(source),  # type: ignore[arg-type]
+                                          accounts.get(destination), states.get(source),  # type: ignore[arg-type]
+                                          states.get(destination), 0, self.clock())  # type: ignore[arg-type]
+            refused = type(stamp) is str
+            if not refused and pin is not None:
+                pin([source, destination])
+            try:
+                appended = self._append(chunk)
+            except BaseException:  # not queued: what the stamp counted never happened
+                self.index_entries -= 1
+                raise
+            assert appended == lsn, (appended, lsn)
+            if not refused:
+                debit_seq, debit_balance, credit_seq, credit_balance = stamp
+                states[source] = (debit_seq, debit_balance, lsn)
+                states[destination] = (credit_seq, credit_balance, lsn)
+                crash_point("after-commit-queued")
+                deliver([Posting(source, debit_seq, -amount, debit_balance, lsn, amount if reserved else 0, 0, 0),
+                         Posting(destination, credit_seq, amount, credit_balance, lsn, 0, 0, 0)])
+            self._appended()
+        return Refusal(0, stamp) if refused else [(SINGLE, source, destination, amount, stamp, None)]
 
     def reject(self, ticket: Ticket, index: int, code: str) -> int:
         """Journal a refusal decided before the sequencer (a source refused its debit in its
@@ -339,17 +415,19 @@ class Sequencer:
             self._appended()
         return lsn
 
-    def expire(self, deliver: Deliver, pin: Pin) -> int:
+    def expire(self, deliver: Deliver, pin: Pin) -> tuple[int, int]:
         """Journal the expiry of every open pending transfer whose deadline has come by the
-        expiry's own timestamp, and deliver the holds it releases; how many expired. `pin`:
-        as for `commit`."""
-        expired = 0
+        clock (read once: the first expiry record's timestamp), at most `EXPIRY_RECORD_IDS_MAX`
+        a record, and deliver the holds it releases: (how many expired, the LSN of the last
+        expiry record, 0 if none). `pin`: as for `commit`."""
+        expired = last = 0
         with self.lock:
             deadlines, pending = self._deadlines, self.pending
+            cutoff = max(self.clock(), self.last_timestamp + 1)  # one reading: what is due by it expires
             while deadlines:
-                now = max(self.clock(), self.last_timestamp + 1)  # `timestamp`, spent only if a record is made
+                now = max(cutoff, self.last_timestamp + 1)  # `timestamp`, spent only if a record is made
                 due: list[Pending] = []
-                while deadlines and deadlines[0][0] <= now and len(due) < EXPIRY_RECORD_IDS_MAX:
+                while deadlines and deadlines[0][0] <= cutoff and len(due) < EXPIRY_RECORD_IDS_MAX:
                     deadline, pending_id = heapq.heappop(deadlines)
                     found = pending.get(pending_id)
                     if found is not None and found.deadline == deadline:
@@ -380,8 +458,9 @@ class Sequencer:
                 expire(self, ids)
                 deliver([posting for found in due for posting in _releasing(found, lsn)])
                 expired += len(ids)
+                last = lsn
                 self._appended()
-        return expired
+        return expired, last
 
     def next_deadline(self) -> int | None:
         """The earliest deadline of an open pending transfer (or a stale one: a hint)."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from coordinator._claims import Prior, Ticket, lsn_of, result_of
 from coordinator._errors import LedgerError, LedgerTimeout
@@ -181,7 +181,7 @@ def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mappi
     """
     sequencer = coordinator.sequencer
     states, held, accounts, pending = sequencer.states, sequencer.held, sequencer.accounts, sequencer.pending
-    stamp = sequencer.stamp
+    stamp, stamp_plain = sequencer.stamp, sequencer.stamp_plain
     reserved = _Reserved(turns)
     chunk = Chunk()
     commits = 0
@@ -193,7 +193,39 @@ def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mappi
             _fail(coordinator, tickets, error)
             raise
         lsn = coordinator.journal.last_lsn
+        now = sequencer.clock()  # one reading for the chunk: its decisions' timestamps follow it
         for ticket in tickets:
+            request = ticket.request
+            if (not ticket.linked and type(request) is TransferRequest and request.code == 0  # one request,
+                    and request.reference is None and request.metadata is None  # a plain single transfer:
+                    and not request.pending):  # `stamp_plain`
+                source_id, destination_id = request.source, request.destination
+                paying, paid = turns.get(source_id), turns.get(destination_id)
+                if paying is not None and paid is not None:
+                    origin, target = states[source_id], states[destination_id]
+                    if (paying.state is not origin and paying.state != origin) or (
+                            held and paying.held != held.get(source_id, 0)):
+                        _catch_up(paying, origin, held.get(source_id, 0))
+                    if (paid.state is not target and paid.state != target) or (
+                            held and paid.held != held.get(destination_id, 0)):
+                        _catch_up(paid, target, held.get(destination_id, 0))
+                    lsn += 1
+                    made: Any = stamp_plain(chunk, ticket, request, lsn, paying.account, paid.account, origin, target,
+                                            paying.reserved, now)  # Stamp | str
+                    if type(made) is str:
+                        continue
+                    if CRASH_POINT_ARMED:
+                        crash_point("after-reserve")
+                    amount = request.amount
+                    debit_seq, debit_balance, credit_seq, credit_balance = made
+                    # Each account applies its entry, and the projection takes the state it
+                    # reached (`rules.enter` of the leg, built once, not twice).
+                    states[source_id] = paying.apply(debit_seq, -amount, debit_balance, lsn)
+                    if CRASH_POINT_ARMED:
+                        crash_point("between-entries")
+                    states[destination_id] = paid.apply(credit_seq, amount, credit_balance, lsn)
+                    commits += 1
+                    continue
             names = _names(ticket, accounts, pending)
             ready = True
             for name in names:
@@ -202,7 +234,7 @@ def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mappi
                     ready = False
                     break
                 state = states[name]
-                if (turn.state is not state and turn.state != state) or turn.held != held.get(name, 0):
+                if (turn.state is not state and turn.state != state) or (held and turn.held != held.get(name, 0)):
                     _catch_up(turn, state, held.get(name, 0))
             if not ready:
                 left.append(ticket)
@@ -225,6 +257,8 @@ def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mappi
                 elif resolved is not None:
                     turns[source].hold(-resolved.amount, 0, lsn)
                     turns[destination].hold(0, -resolved.amount, lsn)
+                if CRASH_POINT_ARMED and ticket.linked:
+                    crash_point("mid-linked-chain")
             commits += 1
         if not chunk:
             return left
@@ -251,7 +285,10 @@ def _names(ticket: Ticket, accounts: Mapping[str, object], pending: Mapping[str,
     if len(requests) == 1:
         request = requests[0]
         if type(request) is TransferRequest:
-            return tuple(name for name in (request.source, request.destination) if name in accounts)
+            source, destination = request.source, request.destination
+            if source in accounts:
+                return (source, destination) if destination in accounts else (source,)
+            return (destination,) if destination in accounts else ()
     names: list[str] = []
     for request in requests:
         if type(request) is TransferRequest:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from coordinator import Account, Balance, Entry, LedgerError, Transfer, TransferRequest
@@ -28,8 +28,17 @@ class Replies:
     """What the harness was told, collected from every client."""
 
     acknowledged: dict[str, Transfer] = field(default_factory=dict)
+    """Every transfer acknowledged: single, pending, post, void, each leg of a linked chain."""
     refused: dict[str, tuple[str, str, int, str]] = field(default_factory=dict)
-    """Refused ids: (source, destination, amount, error code)."""
+    """Refused ids of single transfers: (source, destination, amount, error code)."""
+    refused_requests: dict[str, tuple[TransferRequest, str]] = field(default_factory=dict)
+    """Refused ids of other transfer requests (pending ones): the request and the error code."""
+    pendings: dict[str, tuple[str, Transfer | str | None]] = field(default_factory=dict)
+    """Acknowledged pending transfers: what the client meant to do with each (one of
+    `engine._workload.RESOLUTIONS`), and the reply to its post or void (the Transfer, the
+    error code, or None if it sent none)."""
+    chains: list[tuple[tuple[TransferRequest, ...], str | None]] = field(default_factory=list)
+    """Linked chains: the legs, and None if acknowledged, else the code of the refused leg's error."""
     retry_mismatches: list[str] = field(default_factory=list)
     """Retries whose outcome differed from the first reply for the id."""
     retries: int = 0
@@ -41,8 +50,14 @@ CHECK_RETRIES = "every retry returned the original outcome"
 CHECK_CONSERVED = "money is conserved (posted balances sum to 0)"
 CHECK_LIMITS = "no balance is below its overdraft limit"
 CHECK_GAPLESS = "seq is gapless and each balance is the running sum"
-CHECK_PENDING = "nothing is left pending"
+CHECK_HOLDS = "no reservation is left: each account's pending and incoming are its open pending transfers'"
+CHECK_PENDING_ENDED = "every pending transfer ended posted, voided or expired, or is still pending with its hold counted"
+CHECK_LINKED = "every linked chain is all-or-nothing"
 CHECK_REOPEN = "close and reopen give the same state hash"
+
+_MOVES = ("single", "post")
+"""The kinds of transfer that make entries (a debit and a credit)."""
+_ENDED = {"post": "posted", "post-part": "posted", "void": "voided"}
 
 
 def audit_replies(ledger: AuditedLedger, replies: Replies, reopen: Callable[[], bool] | None = None) -> dict[str, bool]:
@@ -50,7 +65,8 @@ def audit_replies(ledger: AuditedLedger, replies: Replies, reopen: Callable[[], 
     checks: dict[str, bool] = {}
     appearances: Counter[str] = Counter()
     placements: dict[str, set[tuple[str, int]]] = {}
-    total, gapless, above_limit, no_pending = 0, True, True, True
+    balances: dict[str, Balance] = {}
+    total, gapless, above_limit, posted_is_sum = 0, True, True, True
     for account in ledger.accounts():
         running = 0
         for seq, entry in enumerate(ledger.entries(account.id), start=1):
@@ -60,33 +76,68 @@ def audit_replies(ledger: AuditedLedger, replies: Replies, reopen: Callable[[], 
                 above_limit &= entry.balance >= -account.overdraft_limit
             appearances[entry.transfer_id] += 1
             placements.setdefault(entry.transfer_id, set()).add((account.id, entry.amount))
-        balance = ledger.balance(account.id)
-        no_pending &= balance.pending == 0 and balance.posted == running
+        balance = balances[account.id] = ledger.balance(account.id)
+        posted_is_sum &= balance.posted == running
         total += balance.posted
     present = True
     for tid, reply in replies.acknowledged.items():
         stored = ledger.get_transfer(tid)
-        expected_places = {(reply.source, -reply.amount), (reply.destination, reply.amount)}
-        present &= stored == reply and appearances[tid] == 2 and placements.get(tid) == expected_places
+        if reply.kind in _MOVES:
+            expected = {(reply.source, -reply.amount), (reply.destination, reply.amount)}
+            present &= stored == reply and appearances[tid] == 2 and placements.get(tid) == expected
+        else:  # a pending transfer (its status moves on) or a void: no entries
+            present &= (stored is not None and replace(stored, status=reply.status) == reply
+                        and appearances[tid] == 0)
     checks[CHECK_PRESENT] = present
-    checks[CHECK_REFUSED] = _still_refused(ledger, replies.refused)
+    checks[CHECK_REFUSED] = _still_refused(ledger, replies)
     checks[CHECK_RETRIES] = not replies.retry_mismatches
     checks[CHECK_CONSERVED] = total == 0
     checks[CHECK_LIMITS] = above_limit
     checks[CHECK_GAPLESS] = gapless
-    checks[CHECK_PENDING] = no_pending
+    ended, held, incoming = _pending_ended(ledger, replies)
+    checks[CHECK_HOLDS] = posted_is_sum and all(
+        balance.pending == held.get(account, 0) and balance.incoming == incoming.get(account, 0)
+        for account, balance in balances.items())
+    checks[CHECK_PENDING_ENDED] = ended
+    checks[CHECK_LINKED] = all(  # every leg with both entries, or none with any
+        all(ledger.get_transfer(leg.id) is not None and appearances[leg.id] == 2 for leg in legs) if code is None
+        else all(ledger.get_transfer(leg.id) is None and not appearances[leg.id] for leg in legs)
+        for legs, code in replies.chains)
     if reopen is not None:
         checks[CHECK_REOPEN] = reopen()
     return checks
 
 
-def _still_refused(ledger: AuditedLedger, refused: dict[str, tuple[str, str, int, str]]) -> bool:
+def _pending_ended(ledger: AuditedLedger, replies: Replies) -> tuple[bool, dict[str, int], dict[str, int]]:
+    """Whether every acknowledged pending transfer is in the state its client's calls left it
+    in; and the holds of those still open, by source and by destination."""
+    held: Counter[str] = Counter()
+    incoming: Counter[str] = Counter()
+    ended = True
+    for tid, (plan, resolution) in replies.pendings.items():
+        stored = ledger.get_transfer(tid)
+        status = stored.status if stored is not None else None
+        if isinstance(resolution, Transfer):  # the post or void was acknowledged: that is how it ended
+            ended &= status == _ENDED[plan] and resolution.pending_id == tid
+        elif plan == "expire":
+            ended &= status == "expired"
+        else:  # left open, or its post or void was refused: still pending (or expired, had it a timeout)
+            ended &= status == "pending" or (status == "expired" and plan != "open")
+        if status == "pending" and stored is not None:
+            held[stored.source] += stored.amount
+            incoming[stored.destination] += stored.amount
+    return ended, held, incoming
+
+
+def _still_refused(ledger: AuditedLedger, replies: Replies) -> bool:
     """Resubmit every refused id with its fields: each must be refused again, same code."""
-    items = list(refused.items())
+    items = [(tid, TransferRequest(tid, source, destination, amount), code)
+             for tid, (source, destination, amount, code) in replies.refused.items()]
+    items += [(tid, request, code) for tid, (request, code) in replies.refused_requests.items()]
     for first in range(0, len(items), 1000):
         chunk = items[first : first + 1000]
-        requests = [TransferRequest(tid, source, destination, amount) for tid, (source, destination, amount, _) in chunk]
-        for (tid, fields), outcome in zip(chunk, ledger.transfer_many(requests), strict=True):
-            if not isinstance(outcome, LedgerError) or outcome.code != fields[3] or ledger.get_transfer(tid) is not None:
+        requests = [request for _, request, _ in chunk]
+        for (tid, _, code), outcome in zip(chunk, ledger.transfer_many(requests), strict=True):
+            if not isinstance(outcome, LedgerError) or outcome.code != code or ledger.get_transfer(tid) is not None:
                 return False
     return True

@@ -98,6 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     stress.add_argument("--batch", type=_count(1), default=1, metavar="N", help="send transfer_many batches of N")
     stress.add_argument("--retry-rate", type=_rate, default=0.02, metavar="R",
                         help="resubmit this fraction with the same id (default 0.02)")
+    stress.add_argument("--pending-rate", type=_rate, default=0.0, metavar="R",
+                        help="share of transfers made pending, then posted (all or part), voided, let expire "
+                             "or left open (default 0)")
+    stress.add_argument("--linked-rate", type=_rate, default=0.0, metavar="R",
+                        help="share of transfers made linked chains of 2 or 3 legs (default 0)")
     stress.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
     stress.add_argument("--chaos", action="store_true", help="run the engine in a child process and SIGKILL it")
     stress.add_argument("--kills", type=_count(1), default=20, metavar="N", help="with --chaos: kills (default 20)")
@@ -252,6 +257,12 @@ def _stress(args: argparse.Namespace) -> int:
             raise NotALedger(f"{args.path} is a file, not a ledger directory")
         with ledger_errors():  # the rule `Ledger.open` applies, before the run starts
             refuse_foreign(args.path)
+    if args.pending_rate + args.linked_rate + args.retry_rate >= 1.0:
+        raise InvalidRequest(f"--pending-rate, --linked-rate and --retry-rate add up to "
+                             f"{args.pending_rate + args.linked_rate + args.retry_rate:g}: they must leave room for "
+                             "single transfers (below 1)")
+    if args.chaos and (args.pending_rate or args.linked_rate):
+        raise InvalidRequest("--chaos runs single transfers only: drop --pending-rate and --linked-rate, or --chaos")
     if args.report and not args.report.endswith((".html", ".png")):
         raise InvalidRequest(f"--report takes a .html or .png file name, got {args.report!r}")
     if args.report and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
@@ -260,7 +271,8 @@ def _stress(args: argparse.Namespace) -> int:
     config = StressConfig(path=args.path, accounts=args.accounts, clients=args.clients,
                           transfers=transfers if transfers is not None or args.duration else 30_000,
                           duration_s=args.duration, mix=args.mix, amount_max=args.amount_max, batch=args.batch,
-                          retry_rate=args.retry_rate, seed=args.seed)
+                          retry_rate=args.retry_rate, pending_rate=args.pending_rate, linked_rate=args.linked_rate,
+                          seed=args.seed)
     chaos = None
     if args.chaos:
         import tempfile
@@ -290,6 +302,8 @@ def _stress(args: argparse.Namespace) -> int:
 def _render_stress(summary: dict[str, Any], args: argparse.Namespace) -> None:
     config = summary["config"]
     shape = "" if "chaos" in summary else f", batch {config['batch']}, retry rate {config['retry_rate']}"
+    if config["pending_rate"] or config["linked_rate"]:
+        shape += f", pending rate {config['pending_rate']}, linked rate {config['linked_rate']}"
     print(f"tally stress: {config['clients']} clients, {config['accounts']} accounts, mix {config['mix']}{shape},"
           f" seed {config['seed']}")
     print(f"  {summary['transfers_sent']:,} transfers in {summary['elapsed_s']} s ="

@@ -52,6 +52,7 @@ from coordinator import (
     shown,
     state_hash,
     transfer_now,
+    transfer_request,
 )
 from journal import Completion, Journal, JournalError, JournalWriteError
 
@@ -88,7 +89,8 @@ class Ledger:
         self._closed = False
         self._forked_from: int | None = None
         """Set in a child made by `fork()`: the process that opened this ledger (`_after_fork`)."""
-        self._coordinator.expire_due()  # what expired while it was closed, before any call sees it
+        _, expired_at = self._coordinator.expire_due()  # what expired while it was closed, before any call sees it
+        journal.wait_durable(expired_at, timeout_s)
         self._stopping = threading.Event()
         self._expirer: threading.Thread | None = None
         if clock_ns is None:
@@ -232,8 +234,8 @@ class Ledger:
         `BalanceOverflow`, `IdempotencyConflict`, or `LedgerTimeout` (outcome
         unknown: retry with the same id).
         """
-        request = TransferRequest(transfer_id, source, destination, amount, code, reference, metadata, pending,
-                                  timeout_s)
+        request = transfer_request(transfer_id, source, destination, amount, code, reference, metadata, pending,
+                                   timeout_s)
         with self._call():
             return self._coordinator.transfer(request, self.timeout_s)
 
@@ -271,9 +273,12 @@ class Ledger:
 
     def expire_pending(self) -> int:
         """Expire every pending transfer whose deadline has come by the ledger's clock, now;
-        how many. (With the wall clock, a thread of the ledger does this on its own.)"""
+        return how many, once their expiry is durable. (With the wall clock, a thread of the
+        ledger does this on its own.)"""
         with self._call():
-            return self._coordinator.expire_due()
+            expired, lsn = self._coordinator.expire_due()
+            self._journal.wait_durable(lsn, self.timeout_s)
+            return expired
 
     def _expire_while_open(self) -> None:
         """The expirer thread: every `EXPIRY_INTERVAL_S` at most (sooner for a nearer deadline)."""

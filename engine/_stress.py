@@ -18,17 +18,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator import AMOUNT_MAX, REJECTIONS, LedgerError, Transfer, TransferRequest
+from coordinator import AMOUNT_MAX, REJECTIONS, LedgerError, LinkedTransferFailed, Transfer, TransferRequest
 
 from engine._auditor import Replies, audit_replies
 from engine._ledger import Ledger
-from engine._workload import ClientWorkload, Op, Picker
+from engine._workload import PENDING_EXPIRY_S, PENDING_TIMEOUT_S, ClientWorkload, Op, Picker
 
 FUNDING_PER_ACCOUNT_AMOUNTS = 5
 """Each account starts with this many times --amount-max."""
 PROGRESS_TTY_S = 0.25
 PROGRESS_PLAIN_S = 5.0
 SAMPLES_MAX = 200_000
+EXPIRY_WAIT_S = 10.0
+"""How long the audit waits, at most, for the pending transfers let expire to be expired."""
+
+Outcome = Any
+"""What a client was told for one op: a Transfer or LedgerError (a single transfer); the pair
+(reply to the pending transfer, reply to its post or void or None); the chain's Transfers or
+its LedgerError."""
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -47,6 +54,11 @@ class StressConfig:
     amount_max: int = 500
     batch: int = 1
     retry_rate: float = 0.0
+    pending_rate: float = 0.0
+    """Share of the new transfers that are pending ones (each then posted in full or in
+    part, voided, let expire, or left open)."""
+    linked_rate: float = 0.0
+    """Share of the new transfers that are linked chains of 2 or 3 legs."""
     seed: int = 1
 
 
@@ -121,6 +133,7 @@ def run_stress(
     with open_ledger(config.path) as ledger:
         _open_accounts(ledger, names, config)
         replies = _fire(ledger, picker, config, report, progress)
+        _await_expiries(ledger, replies)
         report.state_hash = ledger.state_hash()
         report.checks = audit_replies(ledger, replies)
     with open_ledger(config.path) as reopened:
@@ -162,8 +175,9 @@ def _fire(ledger: Any, picker: Picker, config: StressConfig, report: StressRepor
         return taken
 
     def client(number: int) -> None:
-        workload = ClientWorkload(picker, tag=tag, client=number, seed=config.seed,
-                                  amount_max=config.amount_max, retry_rate=config.retry_rate)
+        workload = ClientWorkload(picker, tag=tag, client=number, seed=config.seed, amount_max=config.amount_max,
+                                  retry_rate=config.retry_rate, pending_rate=config.pending_rate,
+                                  linked_rate=config.linked_rate)
         state: tuple[Replies, dict[str, int], list[float], list[tuple[float, float]]] = (Replies(), {}, [], [])
         per_client.append(state)
         barrier.wait(timeout=60)
@@ -196,32 +210,73 @@ def _fire(ledger: Any, picker: Picker, config: StressConfig, report: StressRepor
     return _merge(per_client, report)
 
 
-def _send(ledger: Any, ops: list[Op]) -> list[Transfer | LedgerError]:
-    if len(ops) == 1:
+def _send(ledger: Any, ops: list[Op]) -> list[Outcome]:
+    """Send `ops`: single transfers together (`transfer_many`, or `transfer` for one alone),
+    pending transfers and chains each on its own; the outcome of each, in order."""
+    singles = [op for op in ops if op.kind == "single"]
+    if len(singles) == 1 and len(ops) == 1:
         op = ops[0]
         try:
             return [ledger.transfer(op.transfer_id, source=op.source, destination=op.destination, amount=op.amount)]
         except LedgerError as error:
             return [error]
-    return ledger.transfer_many([TransferRequest(o.transfer_id, o.source, o.destination, o.amount) for o in ops])
+    batched = iter(ledger.transfer_many([TransferRequest(o.transfer_id, o.source, o.destination, o.amount)
+                                         for o in singles]) if singles else ())
+    return [next(batched) if op.kind == "single" else _send_pending(ledger, op) if op.kind == "pending"
+            else _send_chain(ledger, op) for op in ops]
+
+
+def _send_pending(ledger: Any, op: Op) -> tuple[Transfer | LedgerError, Transfer | LedgerError | None]:
+    """A pending transfer, then what its resolution says: post it (all or part), void it, or nothing."""
+    try:
+        made = ledger.transfer(op.transfer_id, source=op.source, destination=op.destination, amount=op.amount,
+                               pending=True, timeout_s=made_timeout(op))
+    except LedgerError as error:
+        return error, None
+    try:
+        if op.resolution in ("post", "post-part"):
+            part = None if op.resolution == "post" else max(1, op.amount // 2)
+            return made, ledger.post_pending(f"{op.transfer_id}-post", pending_id=op.transfer_id, amount=part)
+        if op.resolution == "void":
+            return made, ledger.void_pending(f"{op.transfer_id}-void", pending_id=op.transfer_id)
+    except LedgerError as error:
+        return made, error
+    return made, None
+
+
+def _send_chain(ledger: Any, op: Op) -> list[Transfer] | LedgerError:
+    try:
+        return list(ledger.transfer_linked([TransferRequest(*leg) for leg in op.legs]))
+    except LedgerError as error:
+        return error
 
 
 def _record(state: tuple[Replies, dict[str, int], list[float], list[tuple[float, float]]], ops: list[Op],
-            outcomes: list[Transfer | LedgerError], latency_ms: float, at_s: float) -> int:
+            outcomes: list[Outcome], latency_ms: float, at_s: float) -> int:
     replies, counts, latencies, samples = state
     refused = 0
     for op, outcome in zip(ops, outcomes, strict=True):
-        code = outcome.code if isinstance(outcome, LedgerError) else "committed"
+        first = outcome[0] if op.kind == "pending" else outcome
+        code = first.code if isinstance(first, LedgerError) else "committed"
         counts[code] = counts.get(code, 0) + 1
         refused += code != "committed"
         latencies.append(latency_ms)
         if len(samples) < SAMPLES_MAX:
             samples.append((at_s, latency_ms))
-        if op.retry:
+        if op.kind == "pending":
+            _record_pending(replies, op, *outcome)
+        elif op.kind == "linked":
+            legs = tuple(TransferRequest(*leg) for leg in op.legs)
+            if isinstance(outcome, LinkedTransferFailed):
+                replies.chains.append((legs, outcome.cause.code))
+            elif not isinstance(outcome, LedgerError):
+                replies.chains.append((legs, None))
+                replies.acknowledged.update((made.id, made) for made in outcome)
+        elif op.retry:
             replies.retries += 1
-            first = replies.acknowledged.get(op.transfer_id) or replies.refused.get(op.transfer_id)
-            same = (first == outcome) if isinstance(outcome, Transfer) else (
-                isinstance(first, tuple) and isinstance(outcome, LedgerError) and first[3] == outcome.code)
+            before = replies.acknowledged.get(op.transfer_id) or replies.refused.get(op.transfer_id)
+            same = (before == outcome) if isinstance(outcome, Transfer) else (
+                isinstance(before, tuple) and isinstance(outcome, LedgerError) and before[3] == outcome.code)
             if not same:
                 replies.retry_mismatches.append(op.transfer_id)
         elif isinstance(outcome, Transfer):
@@ -231,11 +286,44 @@ def _record(state: tuple[Replies, dict[str, int], list[float], list[tuple[float,
     return refused
 
 
+def _record_pending(replies: Replies, op: Op, made: Transfer | LedgerError,
+                    resolved: Transfer | LedgerError | None) -> None:
+    if isinstance(made, LedgerError):
+        if made.code in REJECTIONS:
+            request = TransferRequest(op.transfer_id, op.source, op.destination, op.amount, pending=True,
+                                      timeout_s=made_timeout(op))
+            replies.refused_requests[op.transfer_id] = (request, made.code)
+        return
+    replies.acknowledged[made.id] = made
+    replies.pendings[made.id] = (op.resolution, resolved.code if isinstance(resolved, LedgerError) else resolved)
+    if isinstance(resolved, Transfer):
+        replies.acknowledged[resolved.id] = resolved
+
+
+def made_timeout(op: Op) -> int | None:
+    """The timeout a pending op was sent with."""
+    return PENDING_EXPIRY_S if op.resolution == "expire" else None if op.resolution == "open" else PENDING_TIMEOUT_S
+
+
+def _await_expiries(ledger: Any, replies: Replies) -> None:
+    """Wait (at most `EXPIRY_WAIT_S`) until the pending transfers let expire have expired:
+    then what the audit reads holds still. Those that do not expire in time fail the audit."""
+    waiting = [tid for tid, (plan, _) in replies.pendings.items() if plan == "expire"]
+    deadline = time.monotonic() + EXPIRY_WAIT_S
+    while waiting and time.monotonic() < deadline:
+        waiting = [tid for tid in waiting if ledger.get_transfer(tid).status == "pending"]
+        if waiting:
+            time.sleep(0.05)  # polling a ledger thread's progress: no event to wait on from outside
+
+
 def _merge(per_client: list[Any], report: StressReport) -> Replies:
     merged = Replies()
     for replies, counts, latencies, samples in per_client:
         merged.acknowledged.update(replies.acknowledged)
         merged.refused.update(replies.refused)
+        merged.refused_requests.update(replies.refused_requests)
+        merged.pendings.update(replies.pendings)
+        merged.chains.extend(replies.chains)
         merged.retry_mismatches.extend(replies.retry_mismatches)
         merged.retries += replies.retries
         for code, count in counts.items():

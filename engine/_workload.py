@@ -19,6 +19,16 @@ HOT_SHARE_TRAFFIC = 0.90
 ZIPF_EXPONENT = 1.1
 
 
+RESOLUTIONS = ("post", "post-part", "void", "expire", "open")
+"""What a client does with a pending transfer it made: post all of it, post part, void it,
+let it expire (a 1 s timeout), or leave it open (no timeout)."""
+RESOLUTION_WEIGHTS = (35, 20, 20, 15, 10)
+PENDING_EXPIRY_S = 1
+"""The timeout of a pending transfer the client lets expire."""
+PENDING_TIMEOUT_S = 3600
+"""The timeout of a pending transfer the client posts or voids (a deadline it never meets)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Op:
     transfer_id: str
@@ -27,6 +37,13 @@ class Op:
     amount: int
     retry: bool
     """True: a resubmission of an earlier id with the same fields."""
+    kind: str = "single"
+    """single; pending (then resolved as `resolution` says); linked (the chain of `legs`)."""
+    resolution: str = ""
+    """A pending transfer's fate, one of `RESOLUTIONS`."""
+    legs: tuple[tuple[str, str, str, int], ...] = ()
+    """A linked chain's transfers: (id, source, destination, amount), each leg's source the
+    destination of the one before."""
 
 
 class Picker:
@@ -63,12 +80,15 @@ class Picker:
 class ClientWorkload:
     """The ops one client sends, in order, from its own seeded generator."""
 
-    def __init__(self, picker: Picker, *, tag: str, client: int, seed: int, amount_max: int, retry_rate: float) -> None:
+    def __init__(self, picker: Picker, *, tag: str, client: int, seed: int, amount_max: int, retry_rate: float,
+                 pending_rate: float = 0.0, linked_rate: float = 0.0) -> None:
         self._picker = picker
         self._rng = random.Random(seed * 1_000_003 + client)
         self._prefix = f"{tag}-c{client}-"
         self._amount_max = amount_max
         self._retry_rate = retry_rate
+        self._pending_rate = pending_rate
+        self._linked_rate = linked_rate
         self._sent: list[Op] = []
         self._count = 0
 
@@ -78,8 +98,21 @@ class ClientWorkload:
             earlier = self._sent[rng.randrange(len(self._sent))]
             return Op(earlier.transfer_id, earlier.source, earlier.destination, earlier.amount, True)
         source, destination = self._picker.pair(rng)
-        op = Op(f"{self._prefix}{self._count}", source, destination, rng.randint(1, self._amount_max), False)
+        tid, amount = f"{self._prefix}{self._count}", rng.randint(1, self._amount_max)
         self._count += 1
+        kind = rng.random()
+        if kind < self._pending_rate:
+            resolution = rng.choices(RESOLUTIONS, RESOLUTION_WEIGHTS)[0]
+            return Op(tid, source, destination, amount, False, "pending", resolution)
+        if kind < self._pending_rate + self._linked_rate:  # source -> destination -> onward (-> onward...)
+            legs = [(f"{tid}-0", source, destination, amount)]
+            for leg in range(1, rng.randint(2, 3)):
+                onward = self._picker.pair(rng)[0]
+                while onward == legs[-1][2]:
+                    onward = self._picker.pair(rng)[0]
+                legs.append((f"{tid}-{leg}", legs[-1][2], onward, rng.randint(1, self._amount_max)))
+            return Op(tid, source, destination, amount, False, "linked", legs=tuple(legs))
+        op = Op(tid, source, destination, amount, False)
         if len(self._sent) < 4096:
             self._sent.append(op)
         return op

@@ -11,7 +11,11 @@ The points, in the order a transfer meets them:
 - `between-entries`: the debit is queued to the source, the credit not yet;
 - `mid-group-commit`: half of a group commit's records are staged;
 - `after-commit-durable`: the group commit is on disk, no caller acknowledged;
-- `during-checkpoint`: a checkpoint record is queued, not yet durable.
+- `during-checkpoint`: a checkpoint record is queued, not yet durable;
+- `during-expiry`: an expiry record is queued, the holds it releases not yet delivered;
+- `mid-linked-chain`: a linked chain is decided and its first leg applied to (or, through the
+  mailboxes, its record queued and its first leg delivered to) its accounts, the other legs
+  not yet.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ POINTS = (
     "mid-group-commit",
     "after-commit-durable",
     "during-checkpoint",
+    "during-expiry",
+    "mid-linked-chain",
 )
 EXIT_CODE = 99
 

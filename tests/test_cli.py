@@ -29,7 +29,7 @@ from journal._anchor import create_anchor, read_anchor
 ROOT = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 60.0
 HOLDER_TIMEOUT_S = 30.0
-COMMIT, REJECT, TRANSFER3, REFUSAL3 = 2, 3, 6, 7  # record kinds, as the journal stores them
+COMMIT, REJECT, TRANSFER3, REFUSAL3, PLAIN3 = 2, 3, 6, 7, 10  # record kinds, as the journal stores them
 """Record kinds, as the journal stores them (the first element of each msgpack record)."""
 
 
@@ -61,6 +61,8 @@ def journal_transfer_ids(path: Path) -> dict[int, str]:
                 ids[lsn] = record[1]
             elif record[0] in (TRANSFER3, REFUSAL3):  # the first leg's (or refused request's) id
                 ids[lsn] = record[3 if record[0] == TRANSFER3 else 5][1]
+            elif record[0] == PLAIN3:
+                ids[lsn] = record[2]
         return ids
     finally:
         journal.close()

@@ -14,10 +14,13 @@ from typing import Any
 
 import pytest
 
-from engine import Balance, Entry, Ledger, Transfer
+from engine import Balance, Entry, Ledger, LinkedTransferFailed, Transfer, TransferRequest
 from engine._auditor import (
     CHECK_CONSERVED,
     CHECK_GAPLESS,
+    CHECK_HOLDS,
+    CHECK_LINKED,
+    CHECK_PENDING_ENDED,
     CHECK_PRESENT,
     CHECK_REFUSED,
     Replies,
@@ -64,7 +67,9 @@ class Faulty:
     def balance(self, account_id: str) -> Balance:
         balance = self._ledger.balance(account_id)
         if self._fault == "wrong balance" and account_id == self._victim:
-            return Balance(balance.posted + 1, balance.pending, balance.available + 1)
+            return Balance(balance.posted + 1, balance.pending, balance.available + 1, balance.incoming)
+        if self._fault == "lost hold" and account_id == self._victim:
+            return Balance(balance.posted, 0, balance.posted, balance.incoming)
         return balance
 
 
@@ -157,6 +162,56 @@ def test_a_short_run_ends_with_every_check_passing(tmp_path: Path) -> None:
     assert sum(report.outcomes.values()) == SMALL["transfers"]
 
 
+def test_a_run_with_pending_and_linked_transfers_passes_every_check(tmp_path: Path) -> None:
+    config = StressConfig(path=str(tmp_path / "ledger"), retry_rate=0.05, pending_rate=0.3, linked_rate=0.2,
+                          mix="hotspot", batch=3, **SMALL)
+    report = run_stress(config, progress=False)
+    assert report.ok, report.checks
+    assert {CHECK_HOLDS, CHECK_PENDING_ENDED, CHECK_LINKED} <= set(report.checks)
+    assert report.sent == SMALL["transfers"]
+
+
+def pending_ledger(tmp_path: Path) -> tuple[Ledger, Replies]:
+    """A ledger with a pending transfer of each fate and two chains, and the replies a harness got."""
+    ledger = Ledger.open(tmp_path / "ledger")
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    for name in ("a", "b", "c"):
+        ledger.create_account(name, currency="USD")
+    replies = Replies()
+    replies.acknowledged["fund"] = ledger.transfer("fund", source="bank", destination="a", amount=1000)
+    for tid, plan in (("p-post", "post"), ("p-void", "void"), ("p-open", "open")):
+        made = replies.acknowledged[tid] = ledger.transfer(tid, source="a", destination="b", amount=100, pending=True)
+        resolved = (ledger.post_pending(f"{tid}-x", pending_id=tid, amount=40) if plan == "post"
+                    else ledger.void_pending(f"{tid}-x", pending_id=tid) if plan == "void" else None)
+        if resolved is not None:
+            replies.acknowledged[resolved.id] = resolved
+        replies.pendings[made.id] = (plan, resolved)
+    chain = (TransferRequest("l-0", "a", "c", 10), TransferRequest("l-1", "c", "b", 10))
+    replies.acknowledged.update((made.id, made) for made in ledger.transfer_linked(list(chain)))
+    replies.chains.append((chain, None))
+    refused = (TransferRequest("r-0", "a", "c", 10), TransferRequest("r-1", "c", "b", 10**6))
+    with pytest.raises(LinkedTransferFailed):
+        ledger.transfer_linked(list(refused))
+    replies.chains.append((refused, "insufficient_funds"))
+    return ledger, replies
+
+
+def test_the_auditor_passes_pending_transfers_and_chains_and_reports_what_they_lose(tmp_path: Path) -> None:
+    ledger, replies = pending_ledger(tmp_path)
+    try:
+        checks = audit_replies(ledger, replies)
+        assert checks and all(checks.values()), checks
+        assert audit_replies(Faulty(ledger, "lost hold", "a"), replies)[CHECK_HOLDS] is False
+        assert audit_replies(Faulty(ledger, "lost transfer", "l-1"), replies)[CHECK_LINKED] is False
+        assert audit_replies(Faulty(ledger, "lost transfer", "p-open"), replies)[CHECK_PENDING_ENDED] is False
+        voided = replies.pendings["p-void"][1]
+        assert isinstance(voided, Transfer)
+        replies.pendings["p-open"] = ("void", replace(voided, pending_id="p-open"))  # told voided; the ledger has it open
+        assert audit_replies(ledger, replies)[CHECK_PENDING_ENDED] is False
+    finally:
+        ledger.close()
+
+
 def test_a_batched_zipf_run_with_retries_passes_from_the_command_line(tmp_path: Path) -> None:
     out = tally("stress", "--path", str(tmp_path / "ledger"), "--accounts", "30", "--clients", "3", "--transfers", "600",
                 "--batch", "25", "--mix", "zipf", "--retry-rate", "0.3", "--seed", "9", "--json")
@@ -202,6 +257,9 @@ def test_the_report_is_a_plot_a_person_can_open(tmp_path: Path, suffix: str) -> 
         ["--retry-rate", "1.5"],
         ["--duration", "0"],
         ["--report", "plot.pdf", "--transfers", "10", "--accounts", "3"],
+        ["--pending-rate", "-0.1"],
+        ["--pending-rate", "0.6", "--linked-rate", "0.5", "--transfers", "10", "--accounts", "3"],
+        ["--chaos", "--linked-rate", "0.1", "--transfers", "10", "--accounts", "3"],
     ],
 )
 def test_bad_arguments_get_one_clear_line_and_a_non_zero_exit(args: list[str]) -> None:

@@ -1,0 +1,20 @@
+"""What several test files share: a clock the test moves."""
+
+from __future__ import annotations
+
+NS_PER_S = 1_000_000_000
+START_NS = 1_700_000_000 * NS_PER_S
+"""Where a test clock starts: a plausible wall-clock time, in nanoseconds."""
+
+
+class Clock:
+    """A clock the test moves: nanoseconds since the epoch, as `Ledger.open(clock_ns=...)` takes."""
+
+    def __init__(self, now_ns: int = START_NS) -> None:
+        self.now_ns = now_ns
+
+    def __call__(self) -> int:
+        return self.now_ns
+
+    def advance(self, seconds: int) -> None:
+        self.now_ns += seconds * NS_PER_S
