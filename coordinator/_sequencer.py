@@ -70,6 +70,7 @@ from coordinator._values import (
     Transfer,
     TransferRequest,
     TransferStatus,
+    plain_transfer,
     stamped_transfer,
 )
 
@@ -238,8 +239,7 @@ class Sequencer:
             self.stamp_refusal(chunk, ticket, lsn, timestamp, 0, stamp)
             return stamp
         debit_seq, debit_balance, credit_seq, credit_balance = stamp
-        ticket.value = stamped_transfer(tid, source_id, destination_id, amount, lsn, timestamp, 0, None, None, "single",
-                                        None, "posted", None)
+        ticket.value = plain_transfer(tid, source_id, destination_id, amount, lsn, timestamp)
         chunk.payloads.append(encode([PLAIN3, timestamp, tid, source_id, destination_id, amount, debit_seq, debit_balance,
                                       credit_seq, credit_balance]))
         chunk.completions.append(ticket)

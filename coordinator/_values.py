@@ -175,6 +175,30 @@ class _Stamping:
         self.timeout_s = timeout_s
 
 
+_new = object.__new__
+
+
+def plain_transfer(id: str, source: str, destination: str, amount: int, lsn: int, timestamp: int) -> Transfer:
+    """`stamped_transfer` of a single transfer with no code, reference or metadata, posted
+    (the common case: fewer arguments to pass)."""
+    made = _new(_Stamping)
+    made.id = id
+    made.source = source
+    made.destination = destination
+    made.amount = amount
+    made.lsn = lsn
+    made.timestamp = timestamp
+    made.code = 0
+    made.reference = None
+    made.metadata = None
+    made.kind = "single"
+    made.pending_id = None
+    made.status = "posted"
+    made.timeout_s = None
+    made.__class__ = Transfer  # type: ignore[assignment]
+    return made  # type: ignore[return-value]
+
+
 def stamped_transfer(id: str, source: str, destination: str, amount: int, lsn: int, timestamp: int, code: int,
                      reference: str | None, metadata: Metadata | None, kind: TransferKind, pending_id: str | None,
                      status: TransferStatus, timeout_s: int | None) -> Transfer:
