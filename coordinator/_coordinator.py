@@ -179,10 +179,13 @@ class Coordinator:
         named: list[tuple[str, ...] | list[str]] = []
         for ticket in tickets:
             request = ticket.request
-            if not ticket.linked and type(request) is TransferRequest:  # the common case, inline
-                named.append((request.source, request.destination))
-            else:
+            if ticket.linked:
                 named.append(_accounts_named(ticket, pending))
+            elif type(request) is TransferRequest:  # the common case, inline
+                named.append((request.source, request.destination))
+            else:  # a post or a void: its pending transfer's accounts, if it is open
+                found = pending.get(request.pending_id)  # type: ignore[union-attr]
+                named.append(() if found is None else (found.source, found.destination))
         turns = self.participants.take_turns({name for names in named for name in names})
         if not turns:
             return tickets

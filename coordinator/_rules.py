@@ -106,7 +106,7 @@ def decide(requests: Sequence[Request], book: Book, timestamp: int,
         if type(request) is TransferRequest:
             leg = decide_transfer(request, book.accounts, book.states, book.held, book.incoming, reserved)
         else:
-            leg = _resolve(request, book, book.states, timestamp)  # type: ignore[arg-type]
+            leg = resolve(request, book, book.states, timestamp)  # type: ignore[arg-type]
         return Refusal(0, leg) if type(leg) is str else [leg]  # type: ignore[list-item]
     states: dict[str, AccountState] = {}
     held: dict[str, int] = {}
@@ -119,7 +119,7 @@ def decide(requests: Sequence[Request], book: Book, timestamp: int,
         if type(request) is TransferRequest:
             leg = decide_transfer(request, book.accounts, seen_states, seen_held, seen_incoming, reserved)
         else:  # a post or void in a chain sees the chain's entries, not pending transfers it opened
-            leg = _resolve(request, book, seen_states, timestamp + index)  # type: ignore[arg-type]
+            leg = resolve(request, book, seen_states, timestamp + index)  # type: ignore[arg-type]
         if type(leg) is str:
             return Refusal(index, leg)
         legs.append(leg)  # type: ignore[arg-type]
@@ -183,8 +183,10 @@ def _debit_refused(source: Account, after: int) -> str | None:
     return InsufficientFunds.code if after < -limit else None
 
 
-def _resolve(request: _Resolving, book: Book, states: Mapping[str, AccountState], timestamp: int) -> Leg | str:
-    """A post or a void of the pending transfer `request.pending_id`, decided at `timestamp`."""
+def resolve(request: _Resolving, book: Book, states: Mapping[str, AccountState], timestamp: int) -> Leg | str:
+    """The rule of a post or a void of the pending transfer `request.pending_id`, decided at
+    `timestamp` from these states: its leg, or the code of its refusal (`decide` calls it for
+    each post and void it decides)."""
     pending = book.pending.get(request.pending_id)
     if pending is None:
         return _RESOLVED[book.resolution(request.pending_id)]
@@ -271,19 +273,36 @@ def enter(book: Books, requests: Sequence[Request], legs: Sequence[Leg], lsn: in
     `book`: entries move the states, pending transfers open, posts and voids close theirs.
     A hold that falls to 0 leaves its mapping (so equal books are equal mappings)."""
     states, held, incoming, pending = book.states, book.held, book.incoming, book.pending
-    for index, leg in enumerate(legs):
-        _enter_leg(leg, states, held, incoming, states, held, incoming, lsn)
-        kind, source, destination, amount, _, resolved = leg
+    for index, leg in enumerate(legs):  # `_enter_leg` of each, inline (once per transfer), and more
+        kind, source, destination, amount, stamp, resolved = leg
+        if stamp is not None:
+            states[source] = (stamp[0], stamp[1], lsn)
+            states[destination] = (stamp[2], stamp[3], lsn)
         if kind == PENDING:
+            held[source] = held.get(source, 0) + amount
+            incoming[destination] = incoming.get(destination, 0) + amount
             request = requests[index]
             assert type(request) is TransferRequest
             timeout_s = request.timeout_s
             deadline = 0 if timeout_s is None else timestamp + index + timeout_s * NS_PER_S
-            pending[request.id] = Pending(request.id, source, destination, amount, deadline, lsn, request.code)
-        elif resolved is not None:
+            pending[request.id] = _new_pending(Pending, (request.id, source, destination, amount, deadline, lsn,
+                                                         request.code))
+        elif resolved is not None:  # a post or a void releases the whole hold
             del pending[resolved.id]
-            _drop_zero(held, source)
-            _drop_zero(incoming, destination)
+            left = held[source] - resolved.amount
+            if left:
+                held[source] = left
+            else:  # a hold that falls to 0 leaves its mapping
+                del held[source]
+            left = incoming[destination] - resolved.amount
+            if left:
+                incoming[destination] = left
+            else:
+                del incoming[destination]
+
+
+_new_pending = tuple.__new__
+"""`Pending(...)` without the generated `__new__` of a NamedTuple (a Python frame)."""
 
 
 def expire(book: Books, pending_ids: Sequence[str]) -> None:

@@ -57,7 +57,18 @@ from coordinator._records import (
     lsn_value,
     resolution_key,
 )
-from coordinator._rules import NOTHING, Leg, Refusal, Stamp, decide, decide_single, enter, expire
+from coordinator._rules import (
+    NOTHING,
+    Leg,
+    Refusal,
+    Stamp,
+    decide,
+    decide_single,
+    decide_transfer,
+    enter,
+    expire,
+    resolve,
+)
 from coordinator._state import NO_ENTRIES, AccountState, Pending, Posting, Projection
 from coordinator._values import (
     KINDS,
@@ -207,8 +218,16 @@ class Sequencer:
         `pin`: called with the accounts the legs touch before the projection moves (see
         `commit`)."""
         requests = ticket.requests
-        timestamp = self.timestamp(len(requests))
-        decided = decide(requests, self, timestamp, reserved)
+        if ticket.linked:
+            timestamp = self.timestamp(len(requests))
+            decided = decide(requests, self, timestamp, reserved)
+        else:  # one request: `timestamp` and `decide`, inline (once per transfer)
+            now = self.clock()
+            timestamp = self.last_timestamp = now if now > self.last_timestamp else self.last_timestamp + 1
+            request = ticket.request
+            leg = (decide_transfer(request, self.accounts, self.states, self.held, self.incoming, reserved)
+                   if type(request) is TransferRequest else resolve(request, self, self.states, timestamp))  # type: ignore[arg-type]
+            decided = Refusal(0, leg) if type(leg) is str else [leg]  # type: ignore[list-item]
         if isinstance(decided, Refusal):
             self.stamp_refusal(chunk, ticket, lsn, timestamp, decided.index, decided.code)
             return decided

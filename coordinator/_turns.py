@@ -282,13 +282,18 @@ def _names(ticket: Ticket, accounts: Mapping[str, object], pending: Mapping[str,
     """The existing accounts a ticket's decision may touch (a post's or a void's: its pending
     transfer's, if it is open)."""
     requests = ticket.requests
-    if len(requests) == 1:
-        request = requests[0]
+    if not ticket.linked:  # one request
+        request = ticket.request
         if type(request) is TransferRequest:
             source, destination = request.source, request.destination
-            if source in accounts:
-                return (source, destination) if destination in accounts else (source,)
-            return (destination,) if destination in accounts else ()
+        else:
+            found = pending.get(request.pending_id)  # type: ignore[union-attr]
+            if found is None:
+                return ()
+            source, destination = found.source, found.destination  # type: ignore[attr-defined]
+        if source in accounts:
+            return (source, destination) if destination in accounts else (source,)
+        return (destination,) if destination in accounts else ()
     names: list[str] = []
     for request in requests:
         if type(request) is TransferRequest:

@@ -136,9 +136,14 @@ def check_transfer(request: object) -> TransferRequest:
             and 0 < len(destination) <= ID_LENGTH_MAX and 1 <= amount <= AMOUNT_MAX and source != destination
             and tid.isascii() and source.isascii() and destination.isascii()  # else `_utf8`, below
             and request.code == 0 and type(request.code) is int and request.reference is None
-            and request.metadata is None and request.pending is False and request.timeout_s is None
+            and request.metadata is None
         ):
-            return request
+            pending, timeout_s = request.pending, request.timeout_s
+            if timeout_s is None:
+                if pending is False or pending is True:
+                    return request
+            elif pending is True and type(timeout_s) is int and 1 <= timeout_s <= TIMEOUT_S_MAX:
+                return request
     if not isinstance(request, TransferRequest):
         raise InvalidRequest(f"expected a TransferRequest, got {type(request).__name__}")
     tid, source, destination, amount = request.id, request.source, request.destination, request.amount
@@ -163,6 +168,14 @@ def check_transfer(request: object) -> TransferRequest:
 
 def check_resolution(request: Resolution) -> Resolution:
     """A post or void request, checked like `check_transfer` (metadata copied)."""
+    tid, pending_id, amount = request.id, request.pending_id, request.amount
+    if (  # the fast path: the checks below, in one expression
+        type(tid) is str and type(pending_id) is str and 0 < len(tid) <= ID_LENGTH_MAX
+        and 0 < len(pending_id) <= ID_LENGTH_MAX and tid.isascii() and pending_id.isascii()
+        and (amount is None or (type(amount) is int and 1 <= amount <= AMOUNT_MAX))
+        and request.reference is None and request.metadata is None
+    ):
+        return request
     check_id(request.id, "transfer id")
     check_id(request.pending_id, "pending_id")
     if request.amount is not None:
