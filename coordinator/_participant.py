@@ -59,6 +59,9 @@ class TurnAccount(Protocol):
     held: int
     """Funds its open pending transfers hold, as applied so far."""
 
+    incoming: int
+    """Funds of the open pending transfers toward it, as applied so far."""
+
     def apply(self, seq: int, amount: int, balance: int, lsn: int) -> AccountState:
         """Post a stamped entry now (one decided while its turn is held: no reservation of
         its own to release); the new state."""

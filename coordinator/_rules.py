@@ -135,7 +135,8 @@ def decide_transfer(request: TransferRequest, accounts: Mapping[str, Account], s
     source_id, destination_id, amount = request.source, request.destination, request.amount
     if not request.pending:
         stamp = decide_single(accounts.get(source_id), accounts.get(destination_id), amount, states.get(source_id),
-                              states.get(destination_id), reserved.get(source_id, 0) + held.get(source_id, 0))
+                              states.get(destination_id), reserved.get(source_id, 0) + held.get(source_id, 0),
+                              incoming.get(destination_id, 0))
         return stamp if type(stamp) is str else (SINGLE, source_id, destination_id, amount, stamp, None)  # type: ignore[return-value]
     source, destination = accounts.get(source_id), accounts.get(destination_id)
     if source is None or destination is None:
@@ -152,11 +153,12 @@ def decide_transfer(request: TransferRequest, accounts: Mapping[str, Account], s
 
 
 def decide_single(source: Account | None, destination: Account | None, amount: int, origin: AccountState | None,
-                  target: AccountState | None, unspendable: int) -> Stamp | str:
+                  target: AccountState | None, unspendable: int, on_its_way: int = 0) -> Stamp | str:
     """The rule of a single transfer of `amount` between these accounts (None: there is no
     such account), in these states: both of its entries (`Stamp`), or the code of its
     refusal. `unspendable`: what the source holds for pending transfers and reserves for
-    transfers in flight, which the debit must leave alone."""
+    transfers in flight, which the debit must leave alone; `on_its_way`: the pending
+    transfers toward the destination, whose room in its balance the credit must leave."""
     if source is None or destination is None:
         return AccountNotFound.code
     if source.currency != destination.currency:
@@ -170,7 +172,7 @@ def decide_single(source: Account | None, destination: Account | None, amount: i
             return BalanceOverflow.code
     elif after < -limit:
         return InsufficientFunds.code
-    if target_posted + amount > AMOUNT_MAX:
+    if target_posted + on_its_way + amount > AMOUNT_MAX:
         return BalanceOverflow.code
     return (source_seq + 1, source_posted - amount, target_seq + 1, target_posted + amount)
 

@@ -251,9 +251,10 @@ class Sequencer:
         caller (once for a chunk of decisions: each gets the last timestamp + 1 after the first)."""
         timestamp = self.last_timestamp = now if now > self.last_timestamp else self.last_timestamp + 1
         tid, source_id, destination_id, amount = request.id, request.source, request.destination, request.amount
-        held = self.held
+        held, incoming = self.held, self.incoming
         stamp: Any = decide_single(source, destination, amount, origin, target,  # Stamp | str; `type() is`: no call
-                                   unspendable + held.get(source_id, 0) if held else unspendable)
+                                   unspendable + held.get(source_id, 0) if held else unspendable,
+                                   incoming.get(destination_id, 0) if incoming else 0)
         if type(stamp) is str:
             self.stamp_refusal(chunk, ticket, lsn, timestamp, 0, stamp)
             return stamp
@@ -273,6 +274,14 @@ class Sequencer:
         )
         self.index_entries += 1
         return stamp
+
+    def broken(self, error: BaseException) -> None:
+        """A bug met after the projection (or an account) moved past a decision and before
+        all of it reached the journal and the accounts: fail the journal, so nothing is
+        written on top of memory the journal does not hold; reopening rebuilds it."""
+        logger.error("the ledger's memory and its journal disagree after %r: refusing writes until reopened", error)
+        self._journal.refuse_writes(f"refusing writes until the ledger is reopened: {error!r} was raised while a "
+                                    "decision was being applied")
 
     def enter_stamped(self) -> None:
         """Move the projection past the legs `stamp` decided without `enter_now`."""
@@ -375,14 +384,18 @@ class Sequencer:
                 raise
             assert appended == lsn, (appended, lsn)
             if type(decided) is not Refusal:
-                self.enter_stamped()
-                crash_point("after-commit-queued")
-                made = postings(decided, lsn, reserved)  # type: ignore[arg-type]
-                if CRASH_POINT_ARMED and len(decided) > 1:
-                    deliver(made[:2])  # the first leg's
-                    crash_point("mid-linked-chain")
-                    made = made[2:]
-                deliver(made)
+                try:
+                    self.enter_stamped()
+                    crash_point("after-commit-queued")
+                    made = postings(decided, lsn, reserved)  # type: ignore[arg-type]
+                    if CRASH_POINT_ARMED and len(decided) > 1:
+                        deliver(made[:2])  # the first leg's
+                        crash_point("mid-linked-chain")
+                        made = made[2:]
+                    deliver(made)
+                except Exception as error:
+                    self.broken(error)
+                    raise
             self._appended()
         return decided
 
@@ -412,8 +425,12 @@ class Sequencer:
                 states[source] = (debit_seq, debit_balance, lsn)
                 states[destination] = (credit_seq, credit_balance, lsn)
                 crash_point("after-commit-queued")
-                deliver([Posting(source, debit_seq, -amount, debit_balance, lsn, amount if reserved else 0, 0, 0),
-                         Posting(destination, credit_seq, amount, credit_balance, lsn, 0, 0, 0)])
+                try:
+                    deliver([Posting(source, debit_seq, -amount, debit_balance, lsn, amount if reserved else 0, 0, 0),
+                             Posting(destination, credit_seq, amount, credit_balance, lsn, 0, 0, 0)])
+                except Exception as error:
+                    self.broken(error)
+                    raise
             self._appended()
         return Refusal(0, stamp) if refused else [(SINGLE, source, destination, amount, stamp, None)]
 
@@ -473,9 +490,13 @@ class Sequencer:
                     self._resolved_at.append((lsn, pending_id))
                 self.index_entries += len(ids)
                 crash_point("during-expiry")
-                pin([name for found in due for name in (found.source, found.destination)])
-                expire(self, ids)
-                deliver([posting for found in due for posting in _releasing(found, lsn)])
+                try:
+                    pin([name for found in due for name in (found.source, found.destination)])
+                    expire(self, ids)
+                    deliver([posting for found in due for posting in _releasing(found, lsn)])
+                except Exception as error:
+                    self.broken(error)
+                    raise
                 expired += len(ids)
                 last = lsn
                 self._appended()

@@ -197,6 +197,13 @@ class Journal:
     def failure(self) -> Exception | None:
         return self._writer.failure if self._writer is not None else None
 
+    def refuse_writes(self, reason: str) -> None:
+        """For a caller whose memory got ahead of what it journaled (a bug met halfway): fail
+        the journal, so nothing more is written on top of it until it is reopened, when
+        memory is rebuilt from what is durable. Queued records not yet being written fail too."""
+        if self._writer is not None:
+            self._writer.refuse_writes(reason)
+
     def stats(self) -> dict[str, int]:
         writer = self._writing
         return {"commits": writer.commits, "records_written": writer.records_written, "durable_lsn": writer.durable_lsn}

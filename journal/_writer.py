@@ -376,6 +376,11 @@ class Writer:
     def failure(self) -> JournalWriteError | None:
         return self._failure
 
+    def refuse_writes(self, reason: str) -> None:
+        """Fail the journal as a write error would: every record queued and not yet being
+        written, and every later append, gets `JournalWriteError(reason)`."""
+        self._fail([], JournalWriteError(reason))
+
     def close(self) -> None:
         """Stop accepting appends, write what is queued, and join the thread (bounded)."""
         with self._cond:

@@ -30,6 +30,7 @@ from engine import (
     Account,
     AccountExists,
     Balance,
+    BalanceOverflow,
     ExceedsPendingAmount,
     IdempotencyConflict,
     InsufficientFunds,
@@ -1165,3 +1166,25 @@ def test_balance_json_shows_the_holds_and_incoming_funds_the_api_shows(built: Bu
     seen = built.balances[account]
     assert (report["posted"], report["pending"], report["available"], report["incoming"]) == (
         seen.posted, seen.pending, seen.available, seen.incoming)
+
+
+@pytest.mark.parametrize("reading", [1.7e18, -1, 2**63, "now", None])
+def test_a_clock_that_gives_no_int_of_nanoseconds_is_refused_as_the_ledger_opens(tmp_path: Path, reading: object) -> None:
+    with pytest.raises(InvalidRequest, match="clock_ns must return an int"):
+        Ledger.open(tmp_path / "ledger", clock_ns=lambda: reading)  # type: ignore[arg-type,return-value]
+    assert not (tmp_path / "ledger").exists() or not any((tmp_path / "ledger").iterdir())
+
+
+def test_a_single_transfer_leaves_the_room_a_pending_transfer_toward_its_destination_needs(tmp_path: Path) -> None:
+    """A pending transfer was accepted because its credit fits; a later single transfer may not
+    take that room, or the pending one could never be posted."""
+    with Ledger.open(tmp_path / "ledger", clock_ns=Clock()) as ledger:
+        for name in ("bank", "bank2"):
+            ledger.create_account(name, currency="USD", overdraft_limit=None)
+        ledger.create_account("b", currency="USD")
+        ledger.transfer("p", source="bank", destination="b", amount=10, pending=True)
+        with pytest.raises(BalanceOverflow):
+            ledger.transfer("big", source="bank2", destination="b", amount=AMOUNT_MAX - 5)
+        ledger.transfer("fits", source="bank2", destination="b", amount=AMOUNT_MAX - 10)
+        assert ledger.post_pending("q", pending_id="p").amount == 10
+        assert ledger.balance("b") == Balance(AMOUNT_MAX, 0, AMOUNT_MAX, 0)

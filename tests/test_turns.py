@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from engine import (
     TransferRequest,
 )
 from engine._runtime import Dispatcher
+from engine._tools import verify
 from journal import JournalTimeoutError
 from tests.test_runtime import Log, Recorder
 
@@ -273,3 +275,41 @@ def test_a_stamped_transfer_is_the_same_frozen_value_its_constructor_builds() ->
     assert hash(stamped) == hash(Transfer(*fields)) and repr(stamped).startswith("Transfer(")  # type: ignore[arg-type]
     with pytest.raises(dataclasses.FrozenInstanceError):
         stamped.amount = 11  # type: ignore[misc]
+
+
+def test_a_bug_met_midway_through_a_chunk_stops_writes_and_reopening_rebuilds_from_the_journal(
+    ledger_path: Path,
+) -> None:
+    """The first transfer of a combined chunk is stamped and applied in memory; deciding the
+    second raises (here: the host's clock). Nothing of the chunk was journaled, so the ledger
+    must not write on top of that memory: it refuses writes until reopened, and reopens as
+    the journal has it."""
+    readings = {"left": -1}
+
+    def clock() -> int:
+        readings["left"] -= 1
+        if readings["left"] == 0:
+            raise OSError("clock source unavailable")
+        return time.time_ns()
+
+    ledger = Ledger.open(ledger_path, timeout_s=TIMEOUT_S, clock_ns=clock)
+    try:
+        for name in ("a", "b", "c"):
+            ledger.create_account(name, currency="USD", overdraft_limit=None)
+        coordinator = ledger._coordinator
+        requests = [TransferRequest("t-1", "a", "b", 10), TransferRequest("p-2", "b", "c", 3, pending=True)]
+        tickets = [coordinator.claims.claim(request, relayed=True)[0] for request in requests]
+        coordinator.admission.admit(len(tickets), TIMEOUT_S)
+        readings["left"] = 2  # the chunk's reading, then the pending transfer's: that one raises
+        with pytest.raises(OSError):
+            coordinator._start_in_turn(tickets)  # type: ignore[arg-type]
+        assert all(isinstance(ticket.error, LedgerUnavailable) for ticket in tickets)  # type: ignore[union-attr]
+        with pytest.raises(LedgerUnavailable):
+            ledger.transfer("t-3", source="a", destination="b", amount=1)
+    finally:
+        ledger.close()
+    with Ledger.open(ledger_path, timeout_s=TIMEOUT_S) as reopened:
+        assert [reopened.balance(name).posted for name in ("a", "b", "c")] == [0, 0, 0]
+        assert reopened.get_transfer("t-1") is None
+        assert isinstance(reopened.transfer("t-1", source="a", destination="b", amount=10), Transfer)
+    assert verify(str(ledger_path))["verdict"] == "whole"
