@@ -1,7 +1,11 @@
 """Instructions and cache misses per `transfer_many` transfer, counted by valgrind: a figure
 the machine's noise does not move.
 
-    python bench/bench_instructions.py [--transfers 5000] [--accounts 10000] [--tree PATH]
+    python bench/bench_instructions.py [--transfers 5000] [--accounts 10000] [--tree PATH] [--clients N]
+
+With `--clients N` it counts single transfers (`Ledger.transfer`) from N threads instead of
+batches (with N > 1 the counts move more between runs: how the threads interleave under
+valgrind decides how transfers combine).
 
 The other benchmarks time the engine on a shared machine whose speed moves by more than
 most single changes do. This one runs it under `valgrind --tool=callgrind --cache-sim=yes`
