@@ -375,11 +375,11 @@ def inspect(path: str, start: int, limit: int | None, transfer: str | None, acco
             if transfer is not None:
                 check_id(transfer, "transfer id")
                 found = transfer_of(journal, transfer)
-                if found is not None and found.lsn >= start and (account is None or _touches(found, account)):
+                if found is not None and found.lsn >= start and (account is None or _touches(found, account, journal)):
                     rows.append(_row(found))
             else:
                 for record in records(journal, max(0, start - 1)):
-                    if account is not None and not _touches(record, account):
+                    if account is not None and not _touches(record, account, journal):
                         continue
                     rows.append(_row(record))
                     if limit is not None and len(rows) >= limit:
@@ -391,8 +391,9 @@ def inspect(path: str, start: int, limit: int | None, transfer: str | None, acco
     return {"path": path, "records": rows, "problem": problem}
 
 
-def _touches(record: Record, account: str) -> bool:
-    """Whether `record` names `account` (opens it, or moves, holds or releases its funds)."""
+def _touches(record: Record, account: str, journal: Journal) -> bool:
+    """Whether `record` names `account` (opens it, or moves, holds or releases its funds: an
+    expiry, through the pending transfers it ends, looked up in the transfers index)."""
     if isinstance(record, Opened):
         return record.account.id == account
     if isinstance(record, Committed):
@@ -400,6 +401,9 @@ def _touches(record: Record, account: str) -> bool:
     if isinstance(record, Refused):
         return any(account in (getattr(request, "source", None), getattr(request, "destination", None))
                    for request in record.requests)
+    if isinstance(record, Expired):
+        return any(_touches(found, account, journal) for pending_id in record.pending_ids
+                   if (found := transfer_of(journal, pending_id)) is not None)
     return False
 
 

@@ -1188,3 +1188,13 @@ def test_a_single_transfer_leaves_the_room_a_pending_transfer_toward_its_destina
         ledger.transfer("fits", source="bank2", destination="b", amount=AMOUNT_MAX - 10)
         assert ledger.post_pending("q", pending_id="p").amount == 10
         assert ledger.balance("b") == Balance(AMOUNT_MAX, 0, AMOUNT_MAX, 0)
+
+
+def test_inspect_of_an_account_shows_the_expiry_that_released_its_hold(built: Built) -> None:
+    expired = built.transfers["p-exp"]
+    for account in (expired.source, expired.destination):
+        code, report = tally_json("inspect", built.path, "--account", account)
+        assert code == 0 and report["problem"] is None
+        assert [row["pending_ids"] for row in report["records"] if row["kind"] == "expiry"] == [["p-exp"]]
+    code, report = tally_json("inspect", built.path, "--account", "dave")
+    assert not [row for row in report["records"] if row["kind"] == "expiry"]
