@@ -316,9 +316,8 @@ class Model:
                 return BalanceOverflow
         elif after_debit < -source.overdraft_limit:
             return InsufficientFunds
-        credit = posted[destination.id] + request.amount
-        if request.pending:  # the credit must fit once posted, beside what else is on its way
-            credit += incoming[destination.id]
+        # The credit must fit beside what else is on its way (once posted, for a pending one).
+        credit = posted[destination.id] + incoming[destination.id] + request.amount
         if credit > AMOUNT_MAX:
             return BalanceOverflow
         kind: TransferKind = "pending" if request.pending else "single"
@@ -507,17 +506,15 @@ class LedgerMachine(RuleBasedStateMachine):
         self, transfer_id: str | None, pair: tuple[str, str], side: str, extra: int, pending: bool
     ) -> None:
         """The largest amount the source may spend (or the destination may take), plus 0 or 1:
-        holds of pending transfers count against the source, and for a pending transfer what
-        is on its way to the destination counts against it."""
+        holds of pending transfers count against the source, and what is on its way to the
+        destination counts against it."""
         source, destination = (self.model.accounts.get(account_id) for account_id in pair)
         room = 1
         if side == "source" and source is not None:
             limit = AMOUNT_MAX if source.overdraft_limit is None else source.overdraft_limit
             room = min(self.model.posted[source.id] - self.model.held[source.id] + limit, AMOUNT_MAX)
         elif side == "destination" and destination is not None:
-            room = AMOUNT_MAX - self.model.posted[destination.id]
-            if pending:
-                room -= self.model.incoming[destination.id]
+            room = AMOUNT_MAX - self.model.posted[destination.id] - self.model.incoming[destination.id]
         draw = (transfer_id, *pair, max(room, 1) + extra, pending, None, 0)
         self.check_transfer(self.request(draw))  # type: ignore[arg-type]
 
