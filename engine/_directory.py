@@ -198,7 +198,7 @@ class Directory:
             for key in spared:
                 live[key] = live.pop(key)
             for key in idle:
-                live.pop(key)._ref.tell(pykka.messages._ActorStop())  # behind any queued entries
+                live.pop(key)._ref.stop(block=False)  # behind any queued entries
                 self.passivations += 1
             excess -= len(idle)
             if excess <= 0:

@@ -24,13 +24,30 @@ import queue
 import sys
 import threading
 from collections import deque
-from typing import Any
+from typing import Any, Protocol
 
 import pykka
 from pykka import ActorDeadError, messages
-from pykka._envelope import Envelope
 
 logger = logging.getLogger("tally.runtime")
+
+
+class Envelope(Protocol):
+    """A message in an inbox, and where its reply goes: pykka's (from `tell` and `ask`)
+    or ours (`_Sent`, for the messages the engine queues itself)."""
+
+    message: Any
+    reply_to: Any
+
+
+class _Sent:
+    """An envelope for a message that wants no reply (pykka's own is private to it)."""
+
+    __slots__ = ("message", "reply_to")
+
+    def __init__(self, message: Any) -> None:
+        self.message = message
+        self.reply_to = None
 
 SLICE_MESSAGES_MAX = 64
 """Messages one actor handles before the worker moves on to the next actor (fairness)."""
@@ -126,7 +143,7 @@ class _Inbox:
     __slots__ = ("_messages", "_lock", "_scheduled", "_actor", "_dispatcher", "_stopped")
 
     def __init__(self) -> None:
-        self._messages: deque[Envelope[Any]] | None = None
+        self._messages: deque[Envelope] | None = None
         """Made, under the lock, by the first message; never unmade."""
         self._lock = _inbox_locks[next(_inbox_numbers) % INBOX_LOCKS]
         self._scheduled = False
@@ -146,7 +163,7 @@ class _Inbox:
         self._actor = actor
         self._dispatcher = dispatcher
 
-    def _enqueue(self, envelope: Envelope[Any]) -> bool:
+    def _enqueue(self, envelope: Envelope) -> bool:
         """Queue the message; True if the caller now holds the actor's turn."""
         assert self._actor is not None
         if self._stopped:
@@ -166,7 +183,7 @@ class _Inbox:
         finally:
             self._lock.release()
 
-    def put(self, envelope: Envelope[Any], /) -> None:
+    def put(self, envelope: Envelope, /) -> None:
         """pykka's `tell`/`ask` path: the actor runs on a dispatcher worker."""
         if self._enqueue(envelope):
             assert self._dispatcher is not None and self._actor is not None
@@ -179,7 +196,7 @@ class _Inbox:
         work to the (already awake) workers costs no wake-up and keeps callers light."""
         assert self._dispatcher is not None
         if self._dispatcher.busy:
-            self.put(Envelope(message))
+            self.put(_Sent(message))
         else:
             self.put_inline(message)
 
@@ -191,13 +208,13 @@ class _Inbox:
         handled one at a time and in order, but an idle actor costs no thread
         wake-up. Never waits: a busy actor's turn belongs to whoever has it.
         """
-        if self._enqueue(Envelope(message)):
+        if self._enqueue(_Sent(message)):
             self.run_turn()
 
     def put_deferred(self, message: Any) -> bool:
         """Queue `message` without handling anything. True if the caller took the
         turn and must call `run_turn` (once it holds no lock a handler might need)."""
-        return self._enqueue(Envelope(message))
+        return self._enqueue(_Sent(message))
 
     def run_turn(self) -> None:
         """Run a turn this thread took: inline, or on the dispatcher when nested too deep."""
@@ -234,7 +251,7 @@ class _Inbox:
         if not queued:
             return
         handle = self._actor._handle
-        kept: deque[Envelope[Any]] = deque()
+        kept: deque[Envelope] = deque()
         for _ in range(len(queued)):  # senders may append meanwhile; those stay behind
             envelope = queued.popleft()
             if type(envelope.message) is kind:
@@ -255,7 +272,7 @@ class _Inbox:
         assert self._dispatcher is not None and self._actor is not None
         self._dispatcher.schedule(self._actor)
 
-    def get(self) -> Envelope[Any]:
+    def get(self) -> Envelope:
         assert self._messages, "get() of an empty inbox"
         return self._messages.popleft()
 
@@ -277,7 +294,8 @@ class _Inbox:
             self._lock.release()
 
 
-_PYKKA_MESSAGES = (messages._ActorStop, messages.ProxyCall, messages.ProxyGetAttr, messages.ProxySetAttr)
+_PYKKA_MESSAGES = messages.__name__
+"""The module of pykka's own messages (a stop, proxy calls), which pykka's actor handles."""
 
 
 class PooledActor(pykka.ThreadingActor):
@@ -302,7 +320,7 @@ class PooledActor(pykka.ThreadingActor):
         assert isinstance(inbox, _Inbox)
         inbox.bind(actor, dispatcher)
         if type(actor).on_start is not pykka.Actor.on_start:  # only actors that have one
-            inbox.put(Envelope(_Start()))
+            inbox.put(_Sent(_Start()))
         return actor.actor_ref
 
     def _start_actor_loop(self) -> None:
@@ -335,14 +353,14 @@ class PooledActor(pykka.ThreadingActor):
             assert inbox._dispatcher is not None
             inbox._dispatcher.schedule(self)
 
-    def _handle(self, envelope: Envelope[Any]) -> None:
+    def _handle(self, envelope: Envelope) -> None:
         message = envelope.message
         try:
             kind = type(message)
             if kind is _Start:
                 self.on_start()
                 return
-            if kind in _PYKKA_MESSAGES:
+            if kind.__module__ == _PYKKA_MESSAGES:
                 response = self._handle_receive(message)
             else:
                 response = self.on_receive(message)
