@@ -71,6 +71,7 @@ from coordinator._validate import (
     check_overdraft_limit,
     check_path,
     check_transfer,
+    checked_clock,
     shown,
 )
 from coordinator._values import (
@@ -152,6 +153,7 @@ __all__ = [
     "check_overdraft_limit",
     "check_path",
     "check_transfer",
+    "checked_clock",
     "copy_record",
     "decode_entry",
     "entries_of",

@@ -85,21 +85,11 @@ class Coordinator:
         """Run one request (a transfer, a post or a void) to a durable outcome. Blocks the
         caller at most ~`timeout_s`."""
         request = check_transfer(request) if type(request) is not Resolution else check_resolution(request)
-        claims = self.claims
-        claim, fresh = claims.claim(request, relayed=True)
+        claim, fresh = self.claims.claim(request, relayed=True)
         if not fresh:
             return settle(request, self._await_prior(claim, timeout_s))
         assert type(claim) is Ticket
-        try:  # `_run`, inline: once per transfer
-            self.admission.admit(1, timeout_s)
-        except LedgerError:
-            claims.abandon(claim)
-            raise
-        self._combine(claim)
-        if not claim.wait(timeout_s):
-            raise LedgerTimeout(f"transfer {request.id!r}: no durable outcome within {timeout_s} s; retry with the "
-                                "same id")
-        claims.release(claim)
+        self._run(claim, timeout_s)
         return settle(request, claim)
 
     def transfer_linked(self, requests: object, timeout_s: float) -> list[Transfer]:

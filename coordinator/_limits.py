@@ -53,6 +53,9 @@ most 256 characters or an `int` in ±(2**63 - 1)."""
 TIMEOUT_S_MAX = 2**31 - 1
 """Longest timeout of a pending transfer, in seconds."""
 
+TIMESTAMP_MAX = 2**63 - 1
+"""The largest timestamp (nanoseconds since the epoch) a record holds."""
+
 LINKED_LEGS_MAX = 1_000
 """Most transfers in one linked chain (`transfer_linked`)."""
 

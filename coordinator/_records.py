@@ -67,13 +67,6 @@ REFUSAL3 = 7
 EXPIRY3 = 8
 CHECKPOINT3 = 9
 PLAIN3 = 10
-KINDS = {ACCOUNT: "account", COMMIT: "commit", REJECT: "reject", CHECKPOINT: "checkpoint", ACCOUNT3: "account",
-         TRANSFER3: "transfer", REFUSAL3: "refusal", EXPIRY3: "expiry", CHECKPOINT3: "checkpoint", PLAIN3: "transfer"}
-ACCOUNTS = (ACCOUNT, ACCOUNT3)
-CHECKPOINTS = (CHECKPOINT, CHECKPOINT3)
-OUTCOMES = (COMMIT, REJECT, TRANSFER3, REFUSAL3, PLAIN3)
-"""Kinds whose records are the outcome of transfer ids (the transfers index names them)."""
-
 LEG_FIELDS = 15
 REQUEST_FIELDS = 11
 RESOLUTION_MARK = b"\xfe"

@@ -368,10 +368,6 @@ class Sequencer:
         accounts the legs touch, under `lock` and before the projection moves: an account
         activated later starts from a projection past this decision, one activated earlier
         gets its postings, never both."""
-        request = ticket.request
-        if (not ticket.linked and type(request) is TransferRequest and request.code == 0  # one plain single transfer
-                and request.reference is None and request.metadata is None and not request.pending):
-            return self._commit_plain(ticket, request, deliver, reserved, pin)
         chunk = Chunk()
         with self.lock:
             lsn = self._journal.last_lsn + 1
@@ -398,41 +394,6 @@ class Sequencer:
                     raise
             self._appended()
         return decided
-
-    def _commit_plain(self, ticket: Ticket, request: TransferRequest, deliver: Deliver, reserved: bool,
-                      pin: Pin | None) -> list[Leg] | Refusal:
-        """`commit` of the common case, a single transfer with no code, reference or metadata
-        (`stamp_plain`): the same steps, without the lists a chain needs."""
-        chunk = Chunk()
-        source, destination, amount = request.source, request.destination, request.amount
-        with self.lock:
-            lsn = self._journal.last_lsn + 1
-            accounts, states = self.accounts, self.states
-            stamp: Any = self.stamp_plain(chunk, ticket, request, lsn, accounts.get(source),  # type: ignore[arg-type]
-                                          accounts.get(destination), states.get(source),  # type: ignore[arg-type]
-                                          states.get(destination), 0, self.clock())  # type: ignore[arg-type]
-            refused = type(stamp) is str
-            if not refused and pin is not None:
-                pin([source, destination])
-            try:
-                appended = self._append(chunk)
-            except BaseException:  # not queued: what the stamp counted never happened
-                self.index_entries -= 1
-                raise
-            assert appended == lsn, (appended, lsn)
-            if not refused:
-                debit_seq, debit_balance, credit_seq, credit_balance = stamp
-                states[source] = (debit_seq, debit_balance, lsn)
-                states[destination] = (credit_seq, credit_balance, lsn)
-                crash_point("after-commit-queued")
-                try:
-                    deliver([Posting(source, debit_seq, -amount, debit_balance, lsn, amount if reserved else 0, 0, 0),
-                             Posting(destination, credit_seq, amount, credit_balance, lsn, 0, 0, 0)])
-                except Exception as error:
-                    self.broken(error)
-                    raise
-            self._appended()
-        return Refusal(0, stamp) if refused else [(SINGLE, source, destination, amount, stamp, None)]
 
     def reject(self, ticket: Ticket, index: int, code: str) -> int:
         """Journal a refusal decided before the sequencer (a source refused its debit in its

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from coordinator._errors import InvalidRequest
 from coordinator._limits import (
@@ -18,6 +18,7 @@ from coordinator._limits import (
     METADATA_VALUE_LENGTH_MAX,
     REFERENCE_LENGTH_MAX,
     TIMEOUT_S_MAX,
+    TIMESTAMP_MAX,
 )
 from coordinator._values import Metadata, Resolution, TransferRequest
 
@@ -212,3 +213,17 @@ def check_path(value: object) -> str:
         raise InvalidRequest(f"a path must be non-empty, without NUL, and UTF-8 (no undecodable bytes), "
                              f"got {shown(path)}")
     return path
+
+
+def checked_clock(clock: Callable[[], int]) -> Callable[[], int]:
+    """`clock`, refusing what is not nanoseconds since the epoch (an `int` in
+    0..`TIMESTAMP_MAX`): a timestamp is journaled as one. A bad reading fails the decision it
+    was for with `InvalidRequest`, and nothing bad is journaled."""
+
+    def checked() -> int:
+        now = clock()
+        if type(now) is not int or not 0 <= now <= TIMESTAMP_MAX:
+            raise InvalidRequest(f"clock_ns must return an int of nanoseconds in 0..{TIMESTAMP_MAX}, got {shown(now)}")
+        return now
+
+    return checked

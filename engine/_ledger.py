@@ -41,6 +41,7 @@ from coordinator import (
     check_ids_against_records,
     check_id,
     check_metadata,
+    checked_clock,
     check_overdraft_limit,
     check_path,
     entries_of,
@@ -129,7 +130,7 @@ class Ledger:
         if clock_ns is not None:
             if not callable(clock_ns):
                 raise InvalidRequest(f"clock_ns must be None or a function returning nanoseconds, got {shown(clock_ns)}")
-            clock_ns = _checked_clock(clock_ns)
+            clock_ns = checked_clock(clock_ns)
             clock_ns()  # a clock that gives no int fails here, before anything is opened
         if not (isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool)
                 and 0 < timeout_s <= threading.TIMEOUT_MAX):  # False for NaN
@@ -432,22 +433,6 @@ class Ledger:
     def closed(self) -> bool:
         return self._closed
 
-
-def _checked_clock(clock: Callable[[], int]) -> Callable[[], int]:
-    """`clock`, refusing what is not nanoseconds since the epoch (an `int` in 0..2**63-1): a
-    timestamp is journaled as one. A bad reading fails the decision it was for, and the
-    ledger refuses writes until reopened (nothing bad is journaled)."""
-
-    def checked() -> int:
-        now = clock()
-        if type(now) is not int or not 0 <= now <= TIMESTAMP_MAX:
-            raise InvalidRequest(f"clock_ns must return an int of nanoseconds in 0..{TIMESTAMP_MAX}, got {shown(now)}")
-        return now
-
-    return checked
-
-
-TIMESTAMP_MAX = 2**63 - 1
 
 _OPEN: weakref.WeakSet[Ledger] = weakref.WeakSet()
 """Every ledger open in this process, for `_after_fork`."""

@@ -230,7 +230,7 @@ def _send_pending(ledger: Any, op: Op) -> tuple[Transfer | LedgerError, Transfer
     """A pending transfer, then what its resolution says: post it (all or part), void it, or nothing."""
     try:
         made = ledger.transfer(op.transfer_id, source=op.source, destination=op.destination, amount=op.amount,
-                               pending=True, timeout_s=made_timeout(op))
+                               pending=True, timeout_s=_timeout_of(op))
     except LedgerError as error:
         return error, None
     try:
@@ -291,7 +291,7 @@ def _record_pending(replies: Replies, op: Op, made: Transfer | LedgerError,
     if isinstance(made, LedgerError):
         if made.code in REJECTIONS:
             request = TransferRequest(op.transfer_id, op.source, op.destination, op.amount, pending=True,
-                                      timeout_s=made_timeout(op))
+                                      timeout_s=_timeout_of(op))
             replies.refused_requests[op.transfer_id] = (request, made.code)
         return
     replies.acknowledged[made.id] = made
@@ -300,7 +300,7 @@ def _record_pending(replies: Replies, op: Op, made: Transfer | LedgerError,
         replies.acknowledged[resolved.id] = resolved
 
 
-def made_timeout(op: Op) -> int | None:
+def _timeout_of(op: Op) -> int | None:
     """The timeout a pending op was sent with."""
     return PENDING_EXPIRY_S if op.resolution == "expire" else None if op.resolution == "open" else PENDING_TIMEOUT_S
 
