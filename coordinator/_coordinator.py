@@ -75,6 +75,10 @@ class Coordinator:
         self.claims = Claims(journal)
         self.admission = Admission(inflight_max)
         self.participants = participants
+        self.lane = threading.Lock()
+        """Held by the batch deciding in turn (`coordinator._turns`): batches decide one at a
+        time, each while the one before it is made durable, and only its holder waits for
+        a busy account's turn."""
         self._combining_lock = threading.Lock()
         self._combining_queue: list[Ticket] = []
         self._combining = False

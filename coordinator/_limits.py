@@ -38,6 +38,15 @@ CHUNK_REQUESTS_MAX = 256
 long enough to amortise taking the lock, short enough that concurrent single transfers
 are not kept waiting for a whole batch."""
 
+TURN_WAIT_S_MAX = 0.2
+"""Longest a batch waits for the turns of accounts busy elsewhere (a single transfer's, or
+mailbox work) before it takes the mailbox path instead (`coordinator._turns`). A busy turn
+is held for a handful of messages, so this is rarely reached."""
+
+TURN_POLL_S = (0.00005, 0.001)
+"""The first and the longest pause between two looks at the turns a batch waits for (the
+pause doubles from one to the other)."""
+
 CODE_MAX = 65_535
 """Largest `code` of a transfer or an account (a type the host defines)."""
 

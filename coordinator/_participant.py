@@ -80,11 +80,14 @@ class Participants(Protocol):
 
     def unpin(self, account_id: str) -> None: ...
 
-    def take_turns(self, account_ids: Iterable[str], all_or_none: bool = False) -> Mapping[str, TurnAccount] | None:
+    def take_turns(self, account_ids: Iterable[str], all_or_none: bool = False,
+                   into: Mapping[str, TurnAccount] | None = None) -> Mapping[str, TurnAccount] | None:
         """Pin each named account and take its turn (the right to handle its messages) if it
         is idle with an empty mailbox; a busy one is left alone, unpinned. With `all_or_none`,
-        one busy account makes it give back every turn it took and return None. Repeated
-        and unknown ids are skipped. Never waits."""
+        one busy account makes it give back every turn it took and return None. With `into`
+        (what an earlier call returned, never with `all_or_none`), the turns taken are
+        added to it. Repeated and unknown ids, and ids already in `into`, are skipped.
+        Never waits."""
 
     def give_back_turns(self, turns: Mapping[str, TurnAccount]) -> None:
         """Give back the turns `take_turns` took and unpin those accounts: pass what it returned."""

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from coordinator._claims import Prior, Ticket, lsn_of, result_of
 from coordinator._errors import LedgerError, LedgerTimeout
-from coordinator._limits import CHUNK_REQUESTS_MAX
+from coordinator._limits import CHUNK_REQUESTS_MAX, TURN_POLL_S, TURN_WAIT_S_MAX
 from coordinator._participant import TurnAccount
 from coordinator._rules import Refusal
 from coordinator._sequencer import Chunk
@@ -74,21 +74,27 @@ class TurnBatch:
             valid.append(i)
             names += (request.source, request.destination)
         permits = len(valid) or 1
-        coordinator.admission.admit(permits, self._remaining())  # before any turn is taken
+        lane = coordinator.lane
+        if not lane.acquire(timeout=self._remaining()):
+            raise LedgerTimeout("transfer_many: other batches kept the ledger busy; nothing was done, retry")
         try:
-            turns = take_turns(coordinator, names)
-        except BaseException:
-            coordinator.admission.release(permits)
-            raise
-        if turns is None:
-            coordinator.admission.release(permits)
-            return None
-        try:
-            self._claim(valid)
-            self._late = decide_all(coordinator, self._fresh, turns)
+            coordinator.admission.admit(permits, self._remaining())  # before any turn is taken
+            try:
+                turns = take_turns(coordinator, names, min(TURN_WAIT_S_MAX, self._remaining()))
+            except BaseException:
+                coordinator.admission.release(permits)
+                raise
+            if turns is None:
+                coordinator.admission.release(permits)
+                return None
+            try:
+                self._claim(valid)
+                self._late = decide_all(coordinator, self._fresh, turns)
+            finally:
+                give_back_turns(coordinator, turns)
+                coordinator.admission.release(permits - len(self._late))  # a started ticket's returns when decided
         finally:
-            give_back_turns(coordinator, turns)
-            coordinator.admission.release(permits - len(self._late))  # a started ticket's returns when decided
+            lane.release()  # the next batch decides while this one is made durable
         for ticket in self._late:
             coordinator.start(ticket)
         return self._settle()
@@ -327,9 +333,36 @@ def _catch_up(account: TurnAccount, projected: AccountState, held: int, incoming
         account.state, projected, account.held, held, account.incoming, incoming)
 
 
-def take_turns(coordinator: Coordinator, names: list[str]) -> Mapping[str, TurnAccount] | None:
-    """Pin every named account that exists and take its turn, or (if any is busy) nothing at all."""
-    return coordinator.participants.take_turns(names, all_or_none=True)
+def take_turns(coordinator: Coordinator, names: list[str], wait_s: float = 0.0) -> Mapping[str, TurnAccount] | None:
+    """Pin every named account that exists and take its turn, or (if one is still busy
+    after `wait_s`) nothing at all. Holds the turns it took while it waits for the busy
+    ones: only the holder of the batch lane may (`Coordinator.lane`), so no two waiters
+    hold what the other waits for, and every other holder of a turn (a combiner, a
+    mailbox turn) gives it back without waiting on any. Polls, with pauses of `TURN_POLL_S`."""
+    participants = coordinator.participants
+    if wait_s <= 0:
+        return participants.take_turns(names, all_or_none=True)
+    turns = participants.take_turns(names)
+    assert turns is not None
+    accounts = coordinator.sequencer.accounts
+    busy = [name for name in dict.fromkeys(names) if name not in turns and name in accounts]
+    if not busy:
+        return turns
+    deadline = time.monotonic() + wait_s
+    pause, pause_max = TURN_POLL_S
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(pause)
+            pause = min(2 * pause, pause_max)
+            participants.take_turns(busy, into=turns)
+            busy = [name for name in busy if name not in turns]
+            if not busy:
+                return turns
+    except BaseException:
+        participants.give_back_turns(turns)
+        raise
+    participants.give_back_turns(turns)
+    return None
 
 
 def give_back_turns(coordinator: Coordinator, turns: Mapping[str, TurnAccount]) -> None:

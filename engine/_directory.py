@@ -103,14 +103,21 @@ class Directory:
         with self._lock:
             return self._pin(account_id)
 
-    def take_turns(self, account_ids: Iterable[str], all_or_none: bool = False) -> Mapping[str, AccountActor] | None:
+    def take_turns(self, account_ids: Iterable[str], all_or_none: bool = False,
+                   into: Mapping[str, TurnAccount] | None = None) -> Mapping[str, AccountActor] | None:
         """Pin each account and take its turn if it is idle; busy ones are left unpinned
         (with `all_or_none`, one busy account gives everything back: None). Repeated and
         unknown ids are skipped. One lock for the lot (taking a turn never waits, so none
         is held while waiting). The holder gets the actors themselves: it runs their
-        handlers in their turn."""
-        turns = _Turns()
+        handlers in their turn. With `into` (what an earlier call returned), the turns
+        taken are added to it, and it is returned."""
+        if into is None:
+            turns = _Turns()
+        else:
+            assert type(into) is _Turns and not all_or_none, type(into)
+            turns = into
         live, accounts = self._live, self._sequencer.accounts
+        first = len(turns.handles)
         with self._lock:
             try:
                 for account_id in account_ids:
@@ -133,8 +140,8 @@ class Directory:
                     if all_or_none:
                         self._release(turns)
                         return None
-            except BaseException:  # e.g. an actor that could not be activated: give back what was taken
-                self._release(turns)
+            except BaseException:  # e.g. an actor that could not be activated: give back what this call took
+                self._release(turns, first)
                 raise
         return turns
 
@@ -144,12 +151,17 @@ class Directory:
         with self._lock:
             self._release(turns)
 
-    def _release(self, turns: _Turns) -> None:
-        """`give_back_turns`, called with `_lock` held."""
-        for entry in turns.handles:
+    def _release(self, turns: _Turns, first: int = 0) -> None:
+        """`give_back_turns` (from the `first` turn taken on: those are dropped from `turns`),
+        called with `_lock` held."""
+        for entry in turns.handles[first:]:
             entry._inbox.give_back_turn()
             entry.pins -= 1
             assert entry.pins >= 0, entry
+        if first:
+            for account_id in list(turns)[first:]:
+                del turns[account_id]
+            del turns.handles[first:]
 
     def _pin(self, account_id: str) -> AccountHandle:
         """`pin`, called with `_lock` held."""

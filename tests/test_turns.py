@@ -313,3 +313,101 @@ def test_a_bug_met_midway_through_a_chunk_stops_writes_and_reopening_rebuilds_fr
         assert reopened.get_transfer("t-1") is None
         assert isinstance(reopened.transfer("t-1", source="a", destination="b", amount=10), Transfer)
     assert verify(str(ledger_path))["verdict"] == "whole"
+
+
+def _wait_until(condition: Any, timeout_s: float = WAIT_S) -> bool:
+    """Poll `condition` until it holds, at most `timeout_s` (for a state another thread reaches)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def test_a_batch_waiting_for_a_busy_turn_holds_the_others_and_takes_it_once_given_back(ledger: Ledger) -> None:
+    for name in ("a", "b"):
+        ledger.create_account(name, currency="USD")
+    coordinator = ledger._coordinator
+    held = take_turns(coordinator, ["b"])  # someone else's turn on b
+    assert held is not None and "b" in held
+    taken: list[Any] = []
+    waiter = threading.Thread(target=lambda: taken.append(take_turns(coordinator, ["a", "b"], WAIT_S)))
+    waiter.start()
+    try:
+        # The waiter holds a's turn while it waits for b's: nobody else can take a's.
+        assert _wait_until(lambda: _turn_is_busy(coordinator, "a"))
+        assert waiter.is_alive()
+    finally:
+        give_back_turns(coordinator, held)
+    waiter.join(WAIT_S)
+    assert not waiter.is_alive()
+    turns = taken[0]
+    assert turns is not None and set(turns) == {"a", "b"}
+    give_back_turns(coordinator, turns)
+    assert not _turn_is_busy(coordinator, "a") and not _turn_is_busy(coordinator, "b")
+
+
+def test_a_batch_that_waits_too_long_for_a_turn_gives_back_every_turn_it_took(ledger: Ledger) -> None:
+    for name in ("a", "b"):
+        ledger.create_account(name, currency="USD")
+    coordinator = ledger._coordinator
+    held = take_turns(coordinator, ["b"])
+    assert held is not None
+    try:
+        assert take_turns(coordinator, ["a", "b"], 0.01) is None
+        assert not _turn_is_busy(coordinator, "a")  # given back
+    finally:
+        give_back_turns(coordinator, held)
+
+
+def _turn_is_busy(coordinator: Any, name: str) -> bool:
+    turns = coordinator.participants.take_turns([name])
+    busy = name not in turns
+    give_back_turns(coordinator, turns)
+    return busy
+
+
+def test_concurrent_batches_on_shared_accounts_each_decide_in_turn_and_conserve_money(
+    ledger: Ledger, ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches from several threads share accounts: each waits for the lane and the turns
+    instead of taking the mailbox path, and every outcome is as if the batches ran one
+    after another, each in list order."""
+    import random
+
+    from coordinator import _batch
+
+    fell_back: list[int] = []
+    real_run = _batch.Batch.run
+    monkeypatch.setattr(_batch.Batch, "run", lambda self: fell_back.append(1) or real_run(self))
+    names = [f"n{k}" for k in range(40)]
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    for name in names:
+        ledger.create_account(name, currency="USD")
+    ledger.transfer_many([TransferRequest(f"fund-{name}", "bank", name, 100) for name in names])
+    rng = random.Random(5)
+    batches = [[TransferRequest(f"t{b}-{k}", *rng.sample(names, 2), rng.randint(1, 60)) for k in range(300)]
+               for b in range(8)]
+    results: dict[int, list[Transfer | LedgerError]] = {}
+    start = threading.Barrier(4)
+
+    def run(first: int) -> None:
+        start.wait(WAIT_S)
+        for b in range(first, len(batches), 4):
+            results[b] = ledger.transfer_many(batches[b])
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT_S * 3)
+    assert len(results) == len(batches) and not fell_back
+    assert sum(ledger.balance(name).posted for name in names) == 100 * len(names)
+    assert all(ledger.balance(name).posted >= 0 and gapless(ledger, name) for name in names)
+    # One batch decided at a time: their spans of LSNs do not overlap.
+    spans = sorted((min(lsns), max(lsns)) for lsns in (
+        [outcome.lsn for outcome in outcomes if isinstance(outcome, Transfer)] for outcomes in results.values()))
+    assert all(earlier[1] < later[0] for earlier, later in zip(spans, spans[1:], strict=False)), spans
+    ledger.close()
+    assert verify(str(ledger_path))["verdict"] == "whole"
