@@ -127,6 +127,7 @@ class Load:
         return {
             "batch_transfers_per_s": self.transfers / max(batch_elapsed),
             "single_transfers_per_s": len(every) / elapsed,
+            "single_p50_ms": every[len(every) // 2] * 1000 if every else float("nan"),
             "single_p99_ms": every[int(len(every) * 0.99)] * 1000 if every else float("nan"),
         }
 
@@ -170,6 +171,7 @@ def main() -> int:
             add("mixed-batches", mixed["batch_transfers_per_s"])
             add("mixed-batches/alone", mixed["batch_transfers_per_s"] / rates[MIXED_BATCH_THREADS])
             add("mixed-singles", mixed["single_transfers_per_s"])
+            add("mixed-single-p50-ms", mixed["single_p50_ms"])
             add("mixed-single-p99-ms", mixed["single_p99_ms"])
             print(f"  round {number}: floor {floor:,.0f}/s, many " + ", ".join(
                 f"{t}: {r:,.0f}/s" for t, r in rates.items()) + f", mixed {json.dumps(mixed)}", file=sys.stderr)
@@ -185,6 +187,7 @@ def main() -> int:
     show(f"mixed: batches ({MIXED_BATCH_THREADS} threads), transfers/s", rows["mixed-batches"])
     show("  batches mixed / alone", rows["mixed-batches/alone"], digits=2)
     show(f"mixed: singles ({MIXED_SINGLE_THREADS} threads), transfers/s", rows["mixed-singles"])
+    show("  singles p50 latency", rows["mixed-single-p50-ms"], " ms", digits=1)
     show("  singles p99 latency", rows["mixed-single-p99-ms"], " ms", digits=1)
     result = {"accounts": args.accounts, "transfers": args.transfers, "rounds": args.rounds,
               "rows": {key: summary(values) for key, values in rows.items()}, "ledger_stats": stats}

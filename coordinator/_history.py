@@ -25,6 +25,7 @@ from coordinator._records import (
     ACCOUNTS_INDEX,
     CHECKPOINT,
     CHECKPOINT3,
+    CHECKPOINT4,
     COMMIT,
     ENTRY_SEQ_END,
     EXPIRY3,
@@ -109,8 +110,12 @@ class Checkpointed(NamedTuple):
 
     lsn: int
     accounts: int
+    """Accounts it holds a row of (a CHECKPOINT4: those that changed since the one before it,
+    and its sweep's)."""
     pending: int
     """Open pending transfers it carries."""
+    ledger_accounts: int = -1
+    """Accounts in the ledger when it was written (-1: as many as it holds)."""
 
 
 Record = Opened | Committed | Refused | Expired | Checkpointed
@@ -150,6 +155,8 @@ def typed(lsn: int, record: list[Any]) -> Record:
         return Expired(lsn, record[1], tuple(record[2]))
     if kind == CHECKPOINT3:
         return Checkpointed(lsn, len(record[3]), len(record[4]))
+    if kind == CHECKPOINT4:
+        return Checkpointed(lsn, len(record[6]), len(record[7]), record[4])
     if kind == ACCOUNT:
         return Opened(lsn, Account(record[1], record[2], record[3]))
     if kind == COMMIT:

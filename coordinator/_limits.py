@@ -29,6 +29,15 @@ TIMEOUT_S_DEFAULT = 30.0
 CHECKPOINT_RECORDS_INTERVAL = 50_000
 """Records between two checkpoints of the account projection (bounds the replay on open)."""
 
+CHECKPOINT_ACCOUNTS_MAX = 20_000
+"""Accounts changed since the last checkpoint at which the next is due, whatever the
+checkpoint interval: a checkpoint's rows, built under the sequencer lock, cost what changed
+(and as much again of the sweep), so this bounds the pause it makes."""
+
+CHECKPOINT_SWEEP_MIN = 1_000
+"""Fewest unchanged accounts a checkpoint holds rows of (its sweep, see
+`coordinator._records`): opening walks back at most about (accounts / this) checkpoints."""
+
 UNINDEXED_ENTRIES_MAX = 400_000
 """Entries waiting in memory for the checkpoint that indexes them (~50 MB): at this many a
 checkpoint is due, whatever the checkpoint interval."""

@@ -16,6 +16,9 @@ A record is a msgpack array whose first element is its kind. Format 3 writes:
     CHECKPOINT3 [9, last_timestamp, index_entries,
                  [[account, currency, overdraft_limit, code, metadata, opened_lsn, seq, posted, last_lsn], ...],
                  [[pending_id, source, destination, amount, deadline, lsn, code], ...]]
+    CHECKPOINT4 [11, last_timestamp, index_entries, previous_lsn, accounts, sweep_next,
+                 [row, ...], [pending, ...]]
+        rows and pendings as CHECKPOINT3's; the rows of only some accounts (see below)
 
 and formats 1 and 2 wrote (still read, never written):
 
@@ -37,7 +40,13 @@ consumed. An EXPIRY3 ends pending transfers whose deadline came.
 
 A checkpoint is the projection after every record before it (the accounts, and the open
 pending transfers); opening starts from the newest one (found through the checkpoints
-index) and replays only the tail. `index_entries` counts the entries every record up to
+index) and replays only the tail. A CHECKPOINT4 holds the rows of the accounts that changed
+or opened since the checkpoint before it (`previous_lsn`), and of a slice of the rest taken
+in creation order from `sweep_next`, at least as long as the changed ones: so it costs what
+changed, not the size of the ledger, and every account has a row in the last few. Every other
+account's row is that of the newest checkpoint before it that has one: opening walks back the
+chain until it has `accounts` rows, which the sweep bounds by about twice the accounts. One
+with `previous_lsn` 0 holds every account. `index_entries` counts the entries every record up to
 this one added to the accounts, transfers and checkpoints indexes (see
 `coordinator._recovery.check_index_counts`).
 
@@ -67,6 +76,7 @@ REFUSAL3 = 7
 EXPIRY3 = 8
 CHECKPOINT3 = 9
 PLAIN3 = 10
+CHECKPOINT4 = 11
 LEG_FIELDS = 15
 REQUEST_FIELDS = 11
 RESOLUTION_MARK = b"\xfe"
@@ -150,7 +160,7 @@ def decode(lsn: int, payload: bytes) -> list[Any]:
 
 
 
-_ARITY = {ACCOUNT: 4, COMMIT: 9, REJECT: 6, CHECKPOINT: 2, ACCOUNT3: 6, EXPIRY3: 3, CHECKPOINT3: 5, PLAIN3: 10}
+_ARITY = {ACCOUNT: 4, COMMIT: 9, REJECT: 6, CHECKPOINT: 2, ACCOUNT3: 6, EXPIRY3: 3, CHECKPOINT3: 5, PLAIN3: 10, CHECKPOINT4: 8}
 _LISTS = {TRANSFER3: (3, LEG_FIELDS), REFUSAL3: (5, REQUEST_FIELDS)}
 """Kinds of any length: (where the lists start, the length of each)."""
 

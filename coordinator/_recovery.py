@@ -45,6 +45,7 @@ from coordinator._records import (
     ACCOUNTS_INDEX,
     CHECKPOINT,
     CHECKPOINT3,
+    CHECKPOINT4,
     CHECKPOINTS_INDEX,
     COMMIT,
     EXPIRY3,
@@ -81,6 +82,11 @@ class Recovered(Projection):
     checkpoint it meets (the ones the entry index does not hold)."""
     prefixes: dict[str, bytes] = field(default_factory=dict)
     """Entry key prefix per account, for `unindexed`."""
+    changed: set[str] = field(default_factory=set)
+    """The accounts whose entries changed since the last checkpoint replay met (a
+    CHECKPOINT4 must hold their rows)."""
+    checkpoint_met: int = 0
+    """LSN of the last checkpoint replay met (or started from)."""
 
 
 def _corrupt(lsn: int, reason: str) -> JournalCorrupted:
@@ -102,18 +108,44 @@ def _checkpoint_agrees(record: list[Any], books: Recovered) -> bool:
     if record[0] == CHECKPOINT:
         rows = [(Account(row[0], row[1], row[2]), row[3], (row[4], row[5], row[6])) for row in record[1]]
         pendings: list[Any] = []
+    elif record[0] == CHECKPOINT4:
+        _, last_timestamp, index_entries, previous, total, sweep_next, raw, pendings = record
+        rows = [_account_row(row) for row in raw]
+        if last_timestamp != books.last_timestamp or index_entries != books.index_entries or total != len(
+                books.accounts) or type(sweep_next) is not int or not 0 <= sweep_next < max(total, 1):
+            return False
+        if previous == 0:  # every account
+            if len(rows) != total:
+                return False
+        elif previous != books.checkpoint_met or not _holds_what_changed(rows, previous, books):
+            return False
     else:
         _, last_timestamp, index_entries, raw, pendings = record
         rows = [_account_row(row) for row in raw]
         if last_timestamp != books.last_timestamp or index_entries != books.index_entries:
             return False
-    if len(rows) != len(books.accounts):
-        return False
+        if len(rows) != len(books.accounts):
+            return False
     accounts, lsns, states = books.accounts, books.account_lsns, books.states
     for account, opened_lsn, state in rows:
         if accounts.get(account.id) != account or lsns[account.id] != opened_lsn or states[account.id] != state:
             return False
     return [list(pending) for pending in books.pending.values()] == pendings
+
+
+def _holds_what_changed(rows: list[tuple[Account, int, Any]], previous: int, books: Recovered) -> bool:
+    """A CHECKPOINT4 that builds on the one at `previous` holds a row of every account that
+    changed or opened since, each once (opening takes an account's row from the newest
+    checkpoint holding one)."""
+    held = {account.id for account, _, _ in rows}
+    if len(held) != len(rows) or not books.changed <= held:
+        return False
+    for account_id, opened_lsn in reversed(books.account_lsns.items()):  # creation order: the newest last
+        if opened_lsn < previous:
+            return True
+        if account_id not in held:
+            return False
+    return True
 
 
 def load_checkpoint(journal: Journal) -> Recovered:
@@ -136,8 +168,13 @@ def load_checkpoint(journal: Journal) -> Recovered:
             books.account_lsns[account_id] = opened_lsn
             books.states[account_id] = (seq, posted, last_lsn)
         books.index_entries = lsn  # formats 1 and 2: one index entry per record
-    elif record[0] == CHECKPOINT3:
-        _, books.last_timestamp, books.index_entries, rows, pendings = record
+    elif record[0] == CHECKPOINT3 or record[0] == CHECKPOINT4:
+        if record[0] == CHECKPOINT3:
+            _, books.last_timestamp, books.index_entries, rows, pendings = record
+        else:
+            _, books.last_timestamp, books.index_entries, _, total, sweep_next, _, pendings = record
+            rows = _walk_back(journal, lsn, record)
+            books.checkpoint_chain = (lsn, total, sweep_next)
         for row in rows:
             account, opened_lsn, state = _account_row(row)
             books.accounts[account.id] = account
@@ -150,8 +187,43 @@ def load_checkpoint(journal: Journal) -> Recovered:
             books.incoming[pending.destination] = books.incoming.get(pending.destination, 0) + pending.amount
     else:
         raise _corrupt(lsn, "the checkpoint index names a record that is not a checkpoint")
+    books.checkpoint_met = lsn
     books.last_lsn = books.checkpoint_lsn = lsn
     return books
+
+
+def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> list[list[Any]]:
+    """Every account's row as of the CHECKPOINT4 `record` at `lsn`: its own, or the newest
+    one of the checkpoints before it (each names the one before, `previous_lsn`), in
+    creation order (opening LSN)."""
+    total = record[4]
+    found: dict[str, list[Any]] = {}
+    at = lsn
+    while True:
+        for row in record[6]:
+            found.setdefault(row[0], row)
+        previous = record[3]
+        if len(found) >= total or previous == 0:
+            break
+        if not 0 < previous < at:
+            raise _corrupt(at, f"the checkpoint names LSN {previous!r} as the one before it")
+        at = previous
+        try:
+            payload = journal.read(at)
+        except JournalCorruptedError as error:
+            raise JournalCorrupted(str(error), error.lsn) from error
+        if payload is None:
+            raise _corrupt(lsn, f"the checkpoint before it, at LSN {at}, is not there")
+        record = decode(at, payload)
+        if record[0] != CHECKPOINT4:
+            raise _corrupt(at, "a checkpoint names it as the one before, but it is not a CHECKPOINT4")
+    if len(found) != total:
+        raise _corrupt(lsn, f"the checkpoint and those before it hold {len(found)} accounts, not {total}")
+    return sorted(found.values(), key=_opened_lsn)
+
+
+def _opened_lsn(row: list[Any]) -> int:
+    return row[5]  # type: ignore[no-any-return]
 
 
 def recover(journal: Journal) -> Recovered:
@@ -186,17 +258,23 @@ def replay(
     """Apply every durable record after `into.last_lsn` to `into` (a fresh one by default),
     re-deciding each by the rules and checking it is what was journaled."""
     books = into if into is not None else Recovered()
-    accounts, states = books.accounts, books.states
+    accounts, states, changed = books.accounts, books.states, books.changed
     try:
         for lsn, payload in journal.scan(books.last_lsn):
             record = decode(lsn, payload)
             kind = record[0]
             if kind == TRANSFER3:
                 _apply_transfer(books, lsn, record)
+                for leg in record[3:]:
+                    if leg[11]:  # entries: the accounts changed
+                        changed.add(leg[2])
+                        changed.add(leg[3])
                 if books.unindexed is not None:
                     add_commit(books.unindexed, books.prefixes, lsn, record)
             elif kind == COMMIT:
                 _apply_commit(books, lsn, record)
+                changed.add(record[2])
+                changed.add(record[3])
                 if books.unindexed is not None:
                     add_commit(books.unindexed, books.prefixes, lsn, record)
             elif kind == ACCOUNT or kind == ACCOUNT3:
@@ -208,11 +286,13 @@ def replay(
                 books.account_lsns[account.id] = lsn
                 states[account.id] = NO_ENTRIES
                 books.index_entries += 1
-            elif kind == CHECKPOINT or kind == CHECKPOINT3:
+            elif kind == CHECKPOINT or kind == CHECKPOINT3 or kind == CHECKPOINT4:
                 books.index_entries += 1
                 if not _checkpoint_agrees(record, books):
                     raise _corrupt(lsn, "the checkpoint disagrees with the records before it")
                 books.checkpoints += 1
+                books.checkpoint_met = lsn
+                changed = books.changed = set()
                 if books.unindexed is not None:
                     books.unindexed = {}  # the checkpoint indexed them
             elif kind == REFUSAL3:

@@ -30,7 +30,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
@@ -38,11 +38,17 @@ from journal import CRASH_POINT_ARMED, Completion, IndexPuts, Journal, JournalEr
 
 from coordinator._entries import Flat, UnindexedEntries
 from coordinator._history import Refused, resolution_of
-from coordinator._limits import CHECKPOINT_RECORDS_INTERVAL, EXPIRY_RECORD_IDS_MAX, UNINDEXED_ENTRIES_MAX
+from coordinator._limits import (
+    CHECKPOINT_ACCOUNTS_MAX,
+    CHECKPOINT_RECORDS_INTERVAL,
+    CHECKPOINT_SWEEP_MIN,
+    EXPIRY_RECORD_IDS_MAX,
+    UNINDEXED_ENTRIES_MAX,
+)
 from coordinator._records import (
     ACCOUNT3,
     ACCOUNTS_INDEX,
-    CHECKPOINT3,
+    CHECKPOINT4,
     CHECKPOINTS_INDEX,
     ENTRIES_INDEX,
     EXPIRY3,
@@ -166,6 +172,10 @@ class Sequencer:
         self._fixed_rows: dict[str, tuple[Any, ...]] = {}
         """The unchanging start of each account's checkpoint row (id, currency, overdraft
         limit, code, metadata, opening LSN), in creation order; filled by `checkpoint`."""
+        self._ids: list[str] = []
+        """The ids of `_fixed_rows`, in creation order (where the sweep walks)."""
+        self._checkpoint: tuple[int, int, int] | None = books.checkpoint_chain
+        """The newest checkpoint's (LSN, accounts, sweep_next), if the next one may build on it."""
 
     # --- the rules' view of the books ------------------------------------------------
 
@@ -502,39 +512,73 @@ class Sequencer:
         resolved_at = self._resolved_at
         while resolved_at and resolved_at[0][0] <= durable:  # the index answers for these now
             self._resolved.pop(resolved_at.popleft()[1], None)
-        if self._since_checkpoint >= self.checkpoint_interval or self.unindexed.count >= UNINDEXED_ENTRIES_MAX:
+        unindexed = self.unindexed
+        if (self._since_checkpoint >= self.checkpoint_interval or unindexed.count >= UNINDEXED_ENTRIES_MAX
+                or len(unindexed.current) >= CHECKPOINT_ACCOUNTS_MAX):
             try:
                 self.checkpoint()
             except JournalError:
                 logger.exception("checkpoint not journaled; trying again after the next record")
 
     def checkpoint(self) -> int:
-        """Journal the projection as of now (call with `lock` held): every account, the open
-        pending transfers, the last timestamp; and with it, in its transaction, the entry
-        index rows of every commit since the last.
+        """Journal the projection as of now (call with `lock` held), as a CHECKPOINT4: the rows
+        of the accounts that changed or opened since the last checkpoint, and of a slice of
+        the others (the sweep, see `coordinator._records`); every open pending transfer; the
+        last timestamp; and with it, in its transaction, the entry index rows of every commit
+        since the last. The first checkpoint a sequencer writes without knowing the one
+        before it (`Projection.checkpoint_accounts` is None) holds every account.
 
         Opening the ledger starts from the newest checkpoint and replays only the
         records after it; a full replay checks every checkpoint it passes.
         """
         assert self.lock.locked()
-        fixed, states = self._fixed_rows, self.states
+        fixed, states, ids = self._fixed_rows, self.states, self._ids
         if len(fixed) < len(self.accounts):  # accounts only grow, in order: add the new ones
             for account in islice(self.accounts.values(), len(fixed), None):
                 metadata = None if account.metadata is None else account.metadata.as_dict()
                 fixed[account.id] = (account.id, account.currency, account.overdraft_limit, account.code, metadata,
                                      self.account_lsns[account.id])
-        rows = [row + states[account_id] for account_id, row in fixed.items()]
+                ids.append(account.id)
+        total = len(ids)
+        included, previous, sweep_next = self._included(total)
+        rows = [fixed[account_id] + states[account_id] for account_id in included]
         pendings = [list(pending) for pending in self.pending.values()]
         lsn = self._journal.last_lsn + 1
         self.index_entries += 1
         index: IndexPuts = {CHECKPOINTS_INDEX: [lsn_value(lsn), b""], ENTRIES_INDEX: self.unindexed.ordered()}
-        payload = encode([CHECKPOINT3, self.last_timestamp, self.index_entries, rows, pendings])
+        payload = encode([CHECKPOINT4, self.last_timestamp, self.index_entries, previous, total, sweep_next, rows,
+                          pendings])
         appended = self._journal.append_block([payload], index, [None])
         assert appended == lsn, (appended, lsn)
         self.unindexed.carry(lsn)
         crash_point("during-checkpoint")
         self._since_checkpoint = 0
+        self._checkpoint = (lsn, total, sweep_next)
         return lsn
+
+    def _included(self, total: int) -> tuple[Iterable[str], int, int]:
+        """The accounts the next checkpoint holds rows of, the previous checkpoint's LSN (0:
+        it holds every account), and where the next sweep starts."""
+        last = self._checkpoint
+        if last is None:
+            return self._ids, 0, 0
+        previous, known, sweep_next = last
+        changed = dict.fromkeys(self.unindexed.current)  # the accounts with entries since the last
+        changed.update(dict.fromkeys(islice(self._ids, known, None)))  # and those opened since
+        length = max(len(changed), CHECKPOINT_SWEEP_MIN)
+        if len(changed) + length >= total:
+            return self._ids, 0, 0
+        ids = self._ids
+        end = sweep_next + length
+        changed.update(dict.fromkeys(ids[sweep_next:end]))
+        if end > total:
+            end -= total
+            changed.update(dict.fromkeys(ids[:end]))
+        return changed, previous, end % total
+
+    def whole_checkpoint_next(self) -> None:
+        """Make the next checkpoint hold every account."""
+        self._checkpoint = None
 
 
 def request_fields(request: Request) -> list[Any]:

@@ -96,6 +96,9 @@ class Projection:
     """The largest timestamp journaled (a leg's, an expiry's)."""
     index_entries: int = 0
     """Entries the records so far put in the accounts, transfers and checkpoints indexes."""
+    checkpoint_chain: tuple[int, int, int] | None = None
+    """The newest checkpoint's (LSN, accounts, sweep_next) when the next may hold only what
+    changed since (see `coordinator._records`, CHECKPOINT4); None: the next holds every account."""
 
     def resolution(self, pending_id: str) -> TransferStatus | None:
         """Replay re-decides commits only, which never resolve a closed pending transfer."""

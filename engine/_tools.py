@@ -416,7 +416,10 @@ def _row(record: Record) -> dict[str, Any]:
                 "overdraft_limit": account.overdraft_limit, "code": account.code,
                 "metadata": None if account.metadata is None else account.metadata.as_dict()}
     if isinstance(record, Checkpointed):
-        return {"lsn": record.lsn, "kind": "checkpoint", "accounts": record.accounts, "pending": record.pending}
+        row = {"lsn": record.lsn, "kind": "checkpoint", "accounts": record.accounts, "pending": record.pending}
+        if record.ledger_accounts >= 0:  # only what changed, and the sweep's
+            row["ledger_accounts"] = record.ledger_accounts
+        return row
     if isinstance(record, Expired):
         return {"lsn": record.lsn, "kind": "expiry", "timestamp": record.timestamp,
                 "pending_ids": list(record.pending_ids)}

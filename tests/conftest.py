@@ -12,6 +12,19 @@ from engine import Ledger
 from journal import lsn_key
 
 
+SWEEP_MIN_IN_TESTS = 2
+"""A checkpoint's sweep in the tests: their ledgers are small, and with the default every
+checkpoint would hold every account; with this one most hold only what changed, so every
+test that checkpoints walks the chain back when it reopens (see `coordinator._records`)."""
+
+
+@pytest.fixture(autouse=True)
+def _checkpoints_hold_what_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import coordinator._sequencer
+
+    monkeypatch.setattr(coordinator._sequencer, "CHECKPOINT_SWEEP_MIN", SWEEP_MIN_IN_TESTS)
+
+
 @pytest.fixture
 def ledger_path(tmp_path: Path) -> Path:
     """A ledger directory that does not exist yet (`Ledger.open` creates it)."""

@@ -1,0 +1,111 @@
+"""Checkpoints that hold only what changed (CHECKPOINT4): what they hold, how opening walks
+back the chain, and how the pair checks catch one that misses an account."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from coordinator import _sequencer
+from coordinator._history import Checkpointed, typed
+from coordinator._records import INDEX_NAMES, decode
+from engine import Ledger, LedgerError
+from engine._tools import verify
+from journal import Journal
+
+ACCOUNTS = 60
+BUSY = 6
+"""Transfers move among the first few accounts only: most accounts never change."""
+
+
+def build(path: Path, transfers: int = 150, interval: int = 10) -> tuple[dict[str, object], str]:
+    """A ledger whose checkpoints hold a few of its accounts each; every balance and the state hash."""
+    rng = random.Random(3)
+    with Ledger.open(path, checkpoint_interval=interval) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        for n in range(ACCOUNTS):
+            ledger.create_account(f"a{n}", currency="USD")
+        for k in range(transfers):
+            source, destination = rng.sample(range(BUSY), 2)
+            try:
+                ledger.transfer(f"t{k}", source="bank" if k % 4 == 0 else f"a{source}",
+                                destination=f"a{destination}", amount=rng.randint(1, 40))
+            except LedgerError:
+                pass
+        balances = {account.id: ledger.balance(account.id) for account in ledger.accounts()}
+        return balances, ledger.state_hash()
+
+
+def checkpoints(path: Path) -> list[tuple[int, list[object]]]:
+    journal = Journal.open_readonly(str(path), index_names=INDEX_NAMES)
+    try:
+        found = []
+        for lsn, payload in journal.scan(0):
+            record = decode(lsn, payload)
+            if isinstance(typed(lsn, record), Checkpointed):
+                found.append((lsn, record))
+        return found
+    finally:
+        journal.close()
+
+
+def test_a_checkpoint_holds_the_accounts_that_changed_and_a_slice_of_the_others(ledger_path: Path) -> None:
+    build(ledger_path)
+    made = checkpoints(ledger_path)
+    assert len(made) > 5
+    first_lsn, first = made[0]
+    assert first[3] == 0 and len(first[6]) == first[4]  # the first holds every account
+    # Once every account is open, each holds the few that changed, and its sweep's.
+    later = [record for _, record in made if record[4] == ACCOUNTS + 1][1:]
+    assert len(later) > 5
+    assert all(record[3] != 0 and len(record[6]) <= 2 * BUSY + 2 for record in later)
+    # Each builds on the one before it (or, while it would hold most of them, holds every account).
+    assert all(record[3] in (0, before) for (before, _), (_, record) in zip(made, made[1:], strict=False))
+    # The sweeps walk the accounts in creation order, so every account has a row in the last few.
+    sweeps = [record[5] for _, record in made[1:]]
+    assert len(set(sweeps)) > 1
+
+
+def test_opening_takes_each_accounts_row_from_the_newest_checkpoint_holding_it(ledger_path: Path) -> None:
+    balances, state_hash = build(ledger_path)
+    with Ledger.open(ledger_path) as reopened:
+        assert {account.id: reopened.balance(account.id) for account in reopened.accounts()} == balances
+        assert [account.id for account in reopened.accounts()] == ["bank", *(f"a{n}" for n in range(ACCOUNTS))]
+        assert reopened.state_hash() == state_hash
+        reopened.transfer("after", source="bank", destination="a59", amount=5)
+        assert reopened.balance("a59").posted == balances["a59"].posted + 5  # type: ignore[attr-defined]
+    assert verify(str(ledger_path))["verdict"] == "whole"
+
+
+def test_with_a_large_sweep_every_checkpoint_holds_every_account(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_sequencer, "CHECKPOINT_SWEEP_MIN", 1_000)
+    build(ledger_path)
+    assert all(record[3] == 0 and len(record[6]) == record[4] for _, record in checkpoints(ledger_path))
+
+
+def test_a_checkpoint_missing_an_account_that_changed_is_damage_at_its_lsn(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug that left a changed account out would have opening load its old row: the full
+    replay of the audit pairs every checkpoint with the records before it, and says where."""
+    real = _sequencer.Sequencer._included
+    dropped: list[int] = []
+
+    def missing_one(self: _sequencer.Sequencer, total: int) -> tuple[object, int, int]:
+        included, previous, sweep_next = real(self, total)
+        if previous and not dropped and self.unindexed.current:
+            kept = dict.fromkeys(included)
+            del kept[next(iter(self.unindexed.current))]
+            dropped.append(self._journal.last_lsn + 1)
+            return kept, previous, sweep_next
+        return included, previous, sweep_next
+
+    monkeypatch.setattr(_sequencer.Sequencer, "_included", missing_one)
+    build(ledger_path)
+    report = verify(str(ledger_path))
+    assert report["verdict"] == "NOT WHOLE"
+    assert dropped and f"LSN {dropped[0]}" in str(report["problem"]) and "checkpoint" in str(report["problem"])
