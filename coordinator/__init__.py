@@ -49,6 +49,7 @@ from coordinator._errors import (
 )
 from coordinator._limits import (
     AMOUNT_MAX,
+    ACCOUNTS_PER_BLOCK_MAX,
     CHECKPOINT_RECORDS_INTERVAL,
     EXPIRY_INTERVAL_S,
     INFLIGHT_TRANSFERS_MAX,
@@ -94,6 +95,7 @@ __all__ = [
     "AuditReport",
     "Balance",
     "BalanceOverflow",
+    "ACCOUNTS_PER_BLOCK_MAX",
     "CHECKPOINT_RECORDS_INTERVAL",
     "CHECKS",
     "Checkpointed",

@@ -56,6 +56,9 @@ TURN_POLL_S = (0.00005, 0.001)
 """The first and the longest pause between two looks at the turns a batch waits for (the
 pause doubles from one to the other)."""
 
+ACCOUNTS_PER_BLOCK_MAX = 1_000
+"""Accounts `create_accounts` journals per hold of the sequencer lock, as one block."""
+
 CODE_MAX = 65_535
 """Largest `code` of a transfer or an account (a type the host defines)."""
 

@@ -216,6 +216,30 @@ class Sequencer:
         self._appended()
         return lsn
 
+    def open_accounts(self, accounts: Sequence[Account]) -> int:
+        """Journal new accounts as one block (`open_account` of each, in order); the LSN of
+        the last. The caller checked, under `lock`, that every id is free and none repeats."""
+        assert self.lock.locked()
+        payloads: list[bytes] = []
+        keys: list[bytes] = []
+        first = lsn = self._journal.last_lsn + 1
+        for account in accounts:
+            metadata = None if account.metadata is None else account.metadata.as_dict()
+            payloads.append(encode([ACCOUNT3, account.id, account.currency, account.overdraft_limit, account.code,
+                                    metadata]))
+            keys += (id_key(account.id), lsn_value(lsn))
+            lsn += 1
+        appended = self._journal.append_block(payloads, {ACCOUNTS_INDEX: keys}, [None] * len(payloads))
+        assert appended == first, (appended, first)
+        self.index_entries += len(payloads)
+        account_lsns, states, known = self.account_lsns, self.states, self.accounts
+        for lsn, account in enumerate(accounts, first):
+            account_lsns[account.id] = lsn
+            states[account.id] = NO_ENTRIES
+            known[account.id] = account  # last: threads that find it there find the rest
+        self._appended(len(payloads))
+        return first + len(payloads) - 1
+
     # --- decisions -----------------------------------------------------------------------
 
     def stamp(self, chunk: Chunk, ticket: Ticket, lsn: int, reserved: Mapping[str, int] = NOTHING,

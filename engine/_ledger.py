@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from coordinator import (
+    ACCOUNTS_PER_BLOCK_MAX,
     INDEX_NAMES,
     CHECKPOINT_RECORDS_INTERVAL,
     EXPIRY_INTERVAL_S,
@@ -64,6 +65,14 @@ ACTORS_LIVE_MAX_DEFAULT = 65_536
 DISPATCHER_THREADS_DEFAULT = 1
 
 logger = logging.getLogger("tally.engine")
+
+
+def _exists(existing: Account) -> AccountExists:
+    return AccountExists(
+        f"account {existing.id!r} exists as {existing.currency} with overdraft_limit "
+        f"{existing.overdraft_limit!r}, code {existing.code} and metadata "
+        f"{None if existing.metadata is None else existing.metadata.as_dict()!r}"
+    )
 
 
 class Ledger:
@@ -194,13 +203,63 @@ class Ledger:
                 else:
                     lsn = sequencer.account_lsns[account_id]
             if existing is not None and existing != account:
-                raise AccountExists(
-                    f"account {account_id!r} exists as {existing.currency} with overdraft_limit "
-                    f"{existing.overdraft_limit!r}, code {existing.code} and metadata "
-                    f"{None if existing.metadata is None else existing.metadata.as_dict()!r}"
-                )
+                raise _exists(existing)
             self._journal.wait_durable(lsn, self.timeout_s)
             return account
+
+    def create_accounts(self, accounts: Sequence[Account]) -> list[Account | LedgerError]:
+        """Open many accounts at once: one outcome per item, in order, as if `create_account`
+        were called for each in turn; returns once every outcome is durable.
+
+        Each item is an `Account` (its fields are `create_account`'s arguments; `metadata`
+        may be any mapping). Its outcome is the account, or the `LedgerError` that call would
+        have raised: `InvalidRequest` (a field malformed, or the item not an `Account`), or
+        `AccountExists` (the id exists, or came earlier in the list, with other fields).
+        Accounts are journaled in blocks of `ACCOUNTS_PER_BLOCK_MAX`, each under one hold of
+        the sequencer lock. Raises `InvalidRequest` if `accounts` is not a sequence.
+        """
+        if not isinstance(accounts, Sequence) or isinstance(accounts, (str, bytes)):
+            raise InvalidRequest(f"create_accounts takes a sequence of Account, got {type(accounts).__name__}")
+        results: list[Account | LedgerError] = []
+        for item in accounts:
+            try:
+                if not isinstance(item, Account):
+                    raise InvalidRequest(f"create_accounts takes Account items, got {type(item).__name__}")
+                results.append(Account(check_id(item.id, "account id"), check_currency(item.currency),
+                                       check_overdraft_limit(item.overdraft_limit), check_code(item.code),
+                                       check_metadata(item.metadata)))
+            except LedgerError as error:
+                results.append(error)
+        with self._call():
+            sequencer, last = self._sequencer, 0
+            for first in range(0, len(results), ACCOUNTS_PER_BLOCK_MAX):
+                with sequencer.lock:
+                    last = max(last, self._open_block(results, first))
+            self._journal.wait_durable(last, self.timeout_s)
+        return results
+
+    def _open_block(self, results: list[Account | LedgerError], first: int) -> int:
+        """`create_accounts` of `results[first:first + ACCOUNTS_PER_BLOCK_MAX]` (call under the
+        sequencer lock): journal the new ones as one block, turn each existing one that
+        differs into `AccountExists`; the LSN to wait for."""
+        sequencer = self._sequencer
+        known, lsns = sequencer.accounts, sequencer.account_lsns
+        new: dict[str, Account] = {}
+        last = 0
+        for i in range(first, min(first + ACCOUNTS_PER_BLOCK_MAX, len(results))):
+            account = results[i]
+            if not isinstance(account, Account):
+                continue
+            existing = known.get(account.id) or new.get(account.id)
+            if existing is None:
+                new[account.id] = account
+            elif existing != account:
+                results[i] = _exists(existing)
+            elif account.id in lsns:
+                last = max(last, lsns[account.id])
+        if new:
+            last = sequencer.open_accounts(list(new.values()))
+        return last
 
     def accounts(self) -> list[Account]:
         """Every durable account, in creation order."""
