@@ -389,7 +389,7 @@ def _apply_transfer(books: Recovered, lsn: int, record: list[Any]) -> None:
 def _check_legs(books: Recovered, lsn: int, legs: list[list[Any]], decided: list[Leg]) -> None:
     """Each journaled leg must be what the decision made: the same accounts and amount, and
     entries stamped as `post` applies them (next seq, running balance) and as decided."""
-    states = dict(books.states)
+    states = _Overlay(books.states)  # the legs' entries, over the books (a chain's legs build on each other)
     for leg, made in zip(legs, decided, strict=True):
         kind, tid, source, destination, amount = leg[0], leg[1], leg[2], leg[3], leg[4]
         made_kind, made_source, made_destination, made_amount, stamp, pending = made
@@ -410,6 +410,19 @@ def _check_legs(books: Recovered, lsn: int, legs: list[list[Any]], decided: list
         except TypeError as error:
             raise _corrupt(lsn, f"transfer {tid!r} stamps entries {journaled!r}") from error
         assert journaled == stamp, (journaled, stamp)
+
+
+class _Overlay(dict[str, Any]):
+    """A few states written over the books' without copying them all: reads fall through."""
+
+    __slots__ = ("_under",)
+
+    def __init__(self, under: dict[str, Any]) -> None:
+        super().__init__()
+        self._under = under
+
+    def __missing__(self, key: str) -> Any:
+        return self._under[key]
 
 
 def _apply_commit(books: Recovered, lsn: int, record: list[Any]) -> None:

@@ -31,7 +31,44 @@ class _Snapshot:
 SNAPSHOT = _Snapshot()
 
 
-class AccountActor(PooledActor):
+class AccountBooks:
+    """An account's handlers (`coordinator.TurnAccount`), on its `state`, `reserved`, `held`,
+    `incoming` and `held_lsn`: the actor's, and a dormant turn's (`engine._directory`).
+    Only the holder of the account's turn calls them."""
+
+    account: Account
+    state: AccountState
+    reserved: int
+    held: int
+    incoming: int
+    held_lsn: int
+
+    def apply(self, seq: int, amount: int, balance: int, lsn: int) -> AccountState:
+        """Post a stamped entry; the new state."""
+        self.state = state = post(self.state, seq, amount, balance, lsn)
+        return state
+
+    def hold(self, held: int, incoming: int, lsn: int) -> None:
+        """Change the funds held on it and coming to it by pending transfers."""
+        self.held += held
+        self.incoming += incoming
+        assert self.held >= 0 and self.incoming >= 0, (self.held, self.incoming)
+        if lsn > self.held_lsn:
+            self.held_lsn = lsn
+
+    def _post(self, posting: Posting) -> None:
+        """What a decision did to this account: its entry, its holds, the reservation it ends."""
+        assert posting.account == self.account.id, (posting.account, self.account.id)
+        if posting.seq:
+            self.apply(posting.seq, posting.amount, posting.balance, posting.lsn)
+        if posting.held or posting.incoming:
+            self.hold(posting.held, posting.incoming, posting.lsn)
+        if posting.released:
+            self.reserved -= posting.released
+            assert self.reserved >= 0, self.reserved
+
+
+class AccountActor(PooledActor, AccountBooks):
     def __init__(self, account: Account, state: AccountState, held: int, incoming: int) -> None:
         super().__init__()
         self.account = account
@@ -73,34 +110,9 @@ class AccountActor(PooledActor):
         if step.vote(account_id, None, decided) is False:
             self.reserved -= decided
 
-    # The methods below are the account's handlers (`coordinator.TurnAccount`). Only the
-    # holder of the account's turn calls them: its mailbox loop (above), or a thread
-    # holding the turn.
-
-    def apply(self, seq: int, amount: int, balance: int, lsn: int) -> AccountState:
-        """Post a stamped entry; the new state."""
-        self.state = state = post(self.state, seq, amount, balance, lsn)
-        return state
-
-    def hold(self, held: int, incoming: int, lsn: int) -> None:
-        """Change the funds held on it and coming to it by pending transfers."""
-        self.held += held
-        self.incoming += incoming
-        assert self.held >= 0 and self.incoming >= 0, (self.held, self.incoming)
-        if lsn > self.held_lsn:
-            self.held_lsn = lsn
+    # Its handlers (`apply`, `hold`, `_post`) are `AccountBooks`'. Only the holder of the
+    # account's turn calls them: its mailbox loop (above), or a thread holding the turn.
 
     def catch_up(self) -> None:
         """Holder of the turn only: apply the postings queued in the mailbox, now."""
         self.actor_inbox.drain_only(Posting)  # type: ignore[attr-defined]
-
-    def _post(self, posting: Posting) -> None:
-        """What a decision did to this account: its entry, its holds, the reservation it ends."""
-        assert posting.account == self.account.id, (posting.account, self.account.id)
-        if posting.seq:
-            self.apply(posting.seq, posting.amount, posting.balance, posting.lsn)
-        if posting.held or posting.incoming:
-            self.hold(posting.held, posting.incoming, posting.lsn)
-        if posting.released:
-            self.reserved -= posting.released
-            assert self.reserved >= 0, self.reserved

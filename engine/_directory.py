@@ -24,9 +24,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 import pykka
-from coordinator import DebitStep, LedgerTimeout, Posting, Sequencer, TurnAccount
+from coordinator import Account, AccountState, DebitStep, LedgerTimeout, Posting, Sequencer, TurnAccount
 
-from engine._account import SNAPSHOT, AccountActor
+from engine._account import SNAPSHOT, AccountActor, AccountBooks
 from engine._runtime import Dispatcher, _Inbox
 
 
@@ -72,7 +72,7 @@ class AccountHandle:
             raise LedgerTimeout(f"account actor did not answer within {timeout_s} s") from error
 
 
-class _Turns(dict[str, AccountActor]):
+class _Turns(dict[str, "AccountActor | _Dormant"]):
     """What `take_turns` took: the actors by account id, and their handles, which `give_back_turns`
     gives back without looking each up in the live table again."""
 
@@ -80,7 +80,33 @@ class _Turns(dict[str, AccountActor]):
 
     def __init__(self) -> None:
         super().__init__()
-        self.handles: list[AccountHandle] = []
+        self.handles: list[AccountHandle | _Dormant] = []
+
+
+class _Dormant(AccountBooks):
+    """The turn of an account that has no live actor, taken by `take_turns`: its handlers run
+    on the projection's values, and no actor is made for what may be its only use (a batch
+    touching a million accounts once). If something pins the account meanwhile, its actor
+    is made with its turn held here (`woken`); messages sent to it wait in its mailbox, and
+    the holder applies the postings among them (`catch_up`). Giving the turn back hands
+    the state to that actor, then its turn."""
+
+    __slots__ = ("account", "state", "reserved", "held", "incoming", "held_lsn", "woken")
+
+    def __init__(self, account: Account, state: AccountState, held: int, incoming: int) -> None:
+        self.account = account
+        self.state = state
+        self.reserved = 0
+        """Always 0: reservations are made in the mailbox, and this account's wait there."""
+        self.held = held
+        self.incoming = incoming
+        self.held_lsn = 0
+        self.woken: AccountHandle | None = None
+
+    def catch_up(self) -> None:
+        """Apply the postings queued for the actor woken meanwhile, if there is one."""
+        if self.woken is not None:
+            self.woken._inbox.drain_only(Posting, self._post)
 
 
 class Directory:
@@ -92,6 +118,8 @@ class Directory:
         self._dispatcher = dispatcher
         self._live: dict[str, AccountHandle] = {}
         """Live actors, in the order passivation visits them: activated or spared last, last."""
+        self._dormant: dict[str, _Dormant] = {}
+        """The turns taken of accounts that had no live actor (`_Dormant`), by account id."""
         self._lock = threading.Lock()
         self.live_max = live_max
         self.activations = 0
@@ -104,7 +132,7 @@ class Directory:
             return self._pin(account_id)
 
     def take_turns(self, account_ids: Iterable[str], all_or_none: bool = False,
-                   into: Mapping[str, TurnAccount] | None = None) -> Mapping[str, AccountActor] | None:
+                   into: Mapping[str, TurnAccount] | None = None) -> Mapping[str, TurnAccount] | None:
         """Pin each account and take its turn if it is idle; busy ones are left unpinned
         (with `all_or_none`, one busy account gives everything back: None). Repeated and
         unknown ids are skipped. One lock for the lot (taking a turn never waits, so none
@@ -124,10 +152,18 @@ class Directory:
                     if account_id in turns:
                         continue
                     entry = live.get(account_id)
-                    if entry is None:  # not live: activate it, if it exists
+                    if entry is None:  # not live: take its turn without an actor, if it exists
                         if account_id not in accounts:
                             continue
-                        entry = self._pin(account_id)
+                        if account_id not in self._dormant:
+                            dormant = self._doze(account_id)
+                            turns[account_id] = dormant
+                            turns.handles.append(dormant)
+                            continue
+                        if all_or_none:  # its turn is taken elsewhere
+                            self._release(turns)
+                            return None
+                        continue
                     else:  # `_pin`, inline: once per account of every batch
                         entry.used = True
                         entry.pins += 1
@@ -155,6 +191,9 @@ class Directory:
         """`give_back_turns` (from the `first` turn taken on: those are dropped from `turns`),
         called with `_lock` held."""
         for entry in turns.handles[first:]:
+            if isinstance(entry, _Dormant):
+                self._wake(entry)
+                continue
             entry._inbox.give_back_turn()
             entry.pins -= 1
             assert entry.pins >= 0, entry
@@ -163,8 +202,31 @@ class Directory:
                 del turns[account_id]
             del turns.handles[first:]
 
+    def _doze(self, account_id: str) -> _Dormant:
+        """Take the turn of an account with no live actor, as a `_Dormant` (`_lock` held)."""
+        sequencer = self._sequencer
+        dormant = self._dormant[account_id] = _Dormant(sequencer.accounts[account_id], sequencer.states[account_id],
+                                                       sequencer.held.get(account_id, 0),
+                                                       sequencer.incoming.get(account_id, 0))
+        return dormant
+
+    def _wake(self, dormant: _Dormant) -> None:
+        """Give back a dormant turn (`_lock` held): hand its state to the actor woken meanwhile,
+        if one was, then that actor's turn (what waits in its mailbox runs on the dispatcher)."""
+        del self._dormant[dormant.account.id]
+        woken = dormant.woken
+        if woken is None:
+            return  # the projection holds what it did; an actor made later starts from it
+        actor: AccountActor = woken._inbox._actor  # type: ignore[assignment]
+        assert actor.reserved == 0, actor.reserved
+        actor.state, actor.held, actor.incoming, actor.held_lsn = (dormant.state, dormant.held, dormant.incoming,
+                                                                   dormant.held_lsn)
+        woken._inbox.give_back_turn()
+        woken.pins -= 1
+
     def _pin(self, account_id: str) -> AccountHandle:
-        """`pin`, called with `_lock` held."""
+        """`pin`, called with `_lock` held. An account whose dormant turn is held gets its
+        actor now, with that turn (see `_Dormant`)."""
         live = self._live.get(account_id)
         if live is None:
             sequencer = self._sequencer
@@ -174,6 +236,12 @@ class Directory:
             self._live[account_id] = live
             self.activations += 1
             live.pins += 1  # pinned before anything is passivated: never itself
+            dormant = self._dormant.get(account_id)
+            if dormant is not None:  # its turn is held without it: the holder holds the actor's
+                taken = live._inbox.try_take_turn()
+                assert taken, account_id
+                dormant.woken = live
+                live.pins += 1  # the holder's, until it gives the turn back
             if len(self._live) > self.live_max and not self._stopped:
                 self._passivate_idle()
             return live

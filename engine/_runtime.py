@@ -24,6 +24,7 @@ import queue
 import sys
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import pykka
@@ -242,20 +243,23 @@ class _Inbox:
         finally:
             self._lock.release()
 
-    def drain_only(self, kind: type) -> None:
+    def drain_only(self, kind: type, handle: Callable[[Any], Any] | None = None) -> None:
         """Holder of the turn only: handle the queued messages of type `kind` now, in order,
         leaving every other message queued in its order (for a holder that may not run
-        the other handlers where it stands)."""
+        the other handlers where it stands). `handle`: called with each message instead of
+        the actor's handler (for a holder keeping the account's state itself)."""
         assert self._scheduled and self._actor is not None
         queued = self._messages
         if not queued:
             return
-        handle = self._actor._handle
         kept: deque[Envelope] = deque()
         for _ in range(len(queued)):  # senders may append meanwhile; those stay behind
             envelope = queued.popleft()
             if type(envelope.message) is kind:
-                handle(envelope)
+                if handle is None:
+                    self._actor._handle(envelope)
+                else:
+                    handle(envelope.message)
             else:
                 kept.append(envelope)
         queued.extendleft(reversed(kept))

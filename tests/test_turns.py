@@ -411,3 +411,44 @@ def test_concurrent_batches_on_shared_accounts_each_decide_in_turn_and_conserve_
     assert all(earlier[1] < later[0] for earlier, later in zip(spans, spans[1:], strict=False)), spans
     ledger.close()
     assert verify(str(ledger_path))["verdict"] == "whole"
+
+
+def test_an_account_woken_while_a_batch_holds_its_turn_without_an_actor_gets_its_state_back(
+    ledger: Ledger,
+) -> None:
+    """A batch takes the turn of an account with no live actor (a dormant turn); a balance
+    asked meanwhile makes its actor, which waits; a transfer meanwhile credits it through
+    the mailbox. The batch applies that credit before it spends it, and giving the turn back
+    hands the actor the state it reached."""
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    for name in ("a", "b", "c"):
+        ledger.create_account(name, currency="USD")
+    ledger.transfer("fund-c", source="bank", destination="c", amount=7)
+    coordinator = ledger._coordinator
+    directory = ledger._directory
+    assert "a" not in directory._live
+    turns = take_turns(coordinator, ["a", "b"])
+    assert turns is not None and type(turns["a"]).__name__ == "_Dormant"
+    balances: list[Balance] = []
+    credited: list[Transfer] = []
+    try:
+        asking = threading.Thread(target=lambda: balances.append(ledger.balance("a")))
+        asking.start()
+        assert _wait_until(lambda: directory._dormant["a"].woken is not None)  # its actor, waiting for the turn
+        crediting = threading.Thread(
+            target=lambda: credited.append(ledger.transfer("credit", source="c", destination="a", amount=7)))
+        crediting.start()
+        crediting.join(WAIT_S)
+        assert credited and not balances  # the credit is durable; the balance still waits
+        ticket, fresh = coordinator.claims.claim(TransferRequest("spend", "a", "b", 5))
+        assert fresh
+        decide_in_turn(coordinator, [ticket], turns)  # type: ignore[list-item]
+    finally:
+        give_back_turns(coordinator, turns)
+    asking.join(WAIT_S)
+    assert ticket.wait(WAIT_S) and isinstance(ticket.value, Transfer)
+    coordinator.claims.release(ticket)  # type: ignore[arg-type]
+    assert balances and balances[0].posted == 2
+    assert ledger.balance("a") == Balance(2, 0, 2) and ledger.balance("b").posted == 5
+    assert [entry.transfer_id for entry in ledger.entries("a")] == ["credit", "spend"]
+    assert gapless(ledger, "a") and not directory._dormant

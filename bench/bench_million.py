@@ -1,0 +1,153 @@
+"""A million accounts: creating them, touching each, load with checkpoints, reopening, memory.
+
+    python bench/bench_million.py [--accounts 1000000] [--load-transfers 100000] [--json out.json]
+
+Takes minutes; not part of the test suite. In one ledger, in order:
+1. `create_accounts` of `--accounts` accounts (lists of 10,000) and one bank account;
+2. one `transfer_many` funding each account once from the bank (batches of 1,000): every
+   account touched;
+3. load: 64 threads calling `transfer` between random accounts, `--load-transfers` in all,
+   while checkpoints fall every 20,000 changed accounts: rate, p50, p99 and the longest
+   latency, and the longest pause the sequencer lock took for a checkpoint;
+4. close, and reopen (the time `Ledger.open` takes to return), then one balance read;
+5. the process's peak resident memory, and the data file's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import coordinator._sequencer as sequencer_module  # noqa: E402
+from engine import Account, Ledger, LedgerError, TransferRequest  # noqa: E402
+
+CLIENTS = 64
+LIST = 10_000
+BATCH = 1_000
+FUNDING = 10**9
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def timed_checkpoints() -> list[float]:
+    """Wrap `Sequencer.checkpoint` to record how long each held the sequencer lock."""
+    pauses: list[float] = []
+    real = sequencer_module.Sequencer.checkpoint
+
+    def checkpoint(self: sequencer_module.Sequencer) -> int:
+        started = time.perf_counter()
+        try:
+            return real(self)
+        finally:
+            pauses.append(time.perf_counter() - started)
+
+    sequencer_module.Sequencer.checkpoint = checkpoint  # type: ignore[method-assign]
+    return pauses
+
+
+def load(ledger: Ledger, names: list[str], transfers: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    work = [(rng.randrange(len(names)), rng.randrange(len(names)), rng.randint(1, 100)) for _ in range(transfers)]
+    latencies: list[list[float]] = [[] for _ in range(CLIENTS)]
+    barrier = threading.Barrier(CLIENTS + 1)
+
+    def client(n: int) -> None:
+        mine = latencies[n]
+        barrier.wait(timeout=60)
+        for k in range(n, transfers, CLIENTS):
+            source, destination, amount = work[k]
+            if source == destination:
+                continue
+            started = time.perf_counter()
+            try:
+                ledger.transfer(f"load-{k}", source=names[source], destination=names[destination], amount=amount)
+            except LedgerError:
+                pass
+            mine.append(time.perf_counter() - started)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    barrier.wait(timeout=60)
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join(3600)
+    elapsed = time.perf_counter() - started
+    every = sorted(latency for part in latencies for latency in part)
+    return {"transfers_per_s": round(len(every) / elapsed), "p50_ms": round(every[len(every) // 2] * 1e3, 2),
+            "p99_ms": round(every[int(len(every) * 0.99)] * 1e3, 2), "max_ms": round(every[-1] * 1e3, 2)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--accounts", type=int, default=1_000_000)
+    parser.add_argument("--load-transfers", type=int, default=100_000)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    result: dict = {"accounts": args.accounts}
+    pauses = timed_checkpoints()
+    with tempfile.TemporaryDirectory(prefix="tally-bench-", dir=os.environ.get("TALLY_BENCH_DIR")) as scratch:
+        path = os.path.join(scratch, "ledger")
+        names = [f"acct-{n:07d}" for n in range(args.accounts)]
+        ledger = Ledger.open(path)
+        started = time.perf_counter()
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        for first in range(0, len(names), LIST):
+            made = ledger.create_accounts([Account(name, "USD", 0) for name in names[first : first + LIST]])
+            assert all(isinstance(account, Account) for account in made), made
+        result["create_s"] = round(time.perf_counter() - started, 1)
+        print(f"created {args.accounts:,} accounts in {result['create_s']} s", file=sys.stderr)
+
+        started = time.perf_counter()
+        for first in range(0, len(names), BATCH):
+            ledger.transfer_many([TransferRequest(f"fund-{name}", "bank", name, FUNDING)
+                                  for name in names[first : first + BATCH]])
+        result["touch_each_s"] = round(time.perf_counter() - started, 1)
+        print(f"funded each once in {result['touch_each_s']} s", file=sys.stderr)
+
+        pauses.clear()
+        result["load"] = load(ledger, names, args.load_transfers, args.seed)
+        result["load"]["checkpoints"] = len(pauses)
+        result["load"]["checkpoint_pause_max_ms"] = round(max(pauses, default=0) * 1e3, 1)
+        print(f"load: {result['load']}", file=sys.stderr)
+        balance = ledger.balance(names[-1])
+        ledger.close()
+
+        started = time.perf_counter()
+        reopened = Ledger.open(path)
+        result["reopen_s"] = round(time.perf_counter() - started, 2)
+        assert reopened.balance(names[-1]) == balance
+        reopened.close()
+        result["peak_rss_mib"] = round(peak_rss_bytes() / 2**20)
+        result["data_file_mib"] = round(os.path.getsize(os.path.join(path, "data.mdb")) / 2**20)
+    print(f"\n{args.accounts:,} accounts")
+    print(f"create_accounts                 {result['create_s']:>8} s")
+    print(f"fund each once (transfer_many)  {result['touch_each_s']:>8} s")
+    lo = result["load"]
+    print(f"load, {CLIENTS} clients              {lo['transfers_per_s']:>8,}/s  p50 {lo['p50_ms']} ms  p99 {lo['p99_ms']} ms"
+          f"  max {lo['max_ms']} ms")
+    print(f"  checkpoints during load       {lo['checkpoints']:>8}  longest pause {lo['checkpoint_pause_max_ms']} ms")
+    print(f"reopen                          {result['reopen_s']:>8} s")
+    print(f"peak resident memory            {result['peak_rss_mib']:>8} MiB")
+    print(f"data file                       {result['data_file_mib']:>8} MiB")
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
