@@ -209,6 +209,30 @@ def stamped_transfer(id: str, source: str, destination: str, amount: int, lsn: i
     return made  # type: ignore[return-value]
 
 
+class _Opening:
+    """An `Account` while it is being made (as `_Stamping` for a `Transfer`)."""
+
+    __slots__ = Account.__slots__  # type: ignore[attr-defined]
+    id: str
+    currency: str
+    overdraft_limit: int | None
+    code: int
+    metadata: Metadata | None
+
+
+def opened_account(id: str, currency: str, overdraft_limit: int | None, code: int,
+                   metadata: Metadata | None) -> Account:
+    """`Account(...)` at half the cost, for opening a ledger (once per account)."""
+    made = _new(_Opening)
+    made.id = id
+    made.currency = currency
+    made.overdraft_limit = overdraft_limit
+    made.code = code
+    made.metadata = metadata
+    made.__class__ = Account  # type: ignore[assignment]
+    return made  # type: ignore[return-value]
+
+
 class _Requesting:
     """A `TransferRequest` while it is being made (as `_Stamping` for a `Transfer`)."""
 

@@ -35,6 +35,7 @@ from journal._limits import FORMAT_VERSION, FORMAT_VERSIONS_READ, RACE_TRIES_MAX
 from journal._meta import Meta, committed_meta, read_metas
 from journal._names import FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB
 from journal._pages import Layout, walk
+from journal._seal import sealed_layout
 
 
 @dataclass(frozen=True)
@@ -119,10 +120,11 @@ class _Visitor:
 
 
 def check_snapshot(env: lmdb.Environment, data_file: str, index_names: Sequence[str],
-                   anchor: AnchorState | None) -> tuple[dict[bytes, Any], Opened]:
+                   anchor: AnchorState | None, sealed_in: str | None = None) -> tuple[dict[bytes, Any], Opened]:
     """Walk every page of the snapshot a read transaction holds, then open the databases and
     read the format and id (see the module docstring). A map another process grew meanwhile is
-    taken at its new size (with no transaction open) and the check begun again.
+    taken at its new size (with no transaction open) and the check begun again. `sealed_in`:
+    the directory whose seal may stand in for the walk (`journal._seal`).
 
     py-lmdb opens a database handle in a transaction of its own, a write one unless the
     environment is read-only; opening an existing database changes nothing, so that
@@ -131,7 +133,7 @@ def check_snapshot(env: lmdb.Environment, data_file: str, index_names: Sequence[
     for _ in range(SNAPSHOT_TRIES_MAX):
         try:
             with env.begin(write=False, buffers=False) as snapshot:
-                layout = _walk_snapshot(snapshot.id(), data_file, _Visitor(index_names))
+                layout = _walk_snapshot(snapshot.id(), data_file, _Visitor(index_names), sealed_in)
                 if layout is None:
                     continue  # a live writer committed twice since the snapshot began: its meta is gone
                 _check_databases(set(layout.trees), expected, data_file)
@@ -155,8 +157,9 @@ def _check_databases(found: set[bytes], expected: set[bytes], data_file: str) ->
         raise JournalCorruptedError(f"it holds the databases {shown}, missing {missing}", where=data_file)
 
 
-def _walk_snapshot(txnid: int, data_file: str, visit: _Visitor) -> Layout | None:
-    """`walk` from the meta of transaction `txnid`, or None if neither meta page holds it now."""
+def _walk_snapshot(txnid: int, data_file: str, visit: _Visitor, sealed_in: str | None = None) -> Layout | None:
+    """`walk` from the meta of transaction `txnid` (or, from `sealed_in`, the layout a seal of
+    exactly these bytes vouches for), or None if neither meta page holds it now."""
     meta = _read_committed(data_file, txnid)
     if meta is None:
         return None
@@ -165,7 +168,9 @@ def _walk_snapshot(txnid: int, data_file: str, visit: _Visitor) -> Layout | None
     except OSError as error:
         raise os_read_error(error, data_file) from error
     try:
-        layout = walk(fd, meta, data_file, visit, visit.names, first=META_DB, key_bytes={RECORDS_DB: 8})
+        layout = None if sealed_in is None else sealed_layout(sealed_in, fd, meta, data_file)
+        if layout is None:
+            layout = walk(fd, meta, data_file, visit, visit.names, first=META_DB, key_bytes={RECORDS_DB: 8})
         layout.file_bytes = os.fstat(fd).st_size
         return layout
     except OSError as error:

@@ -16,9 +16,10 @@ import shutil
 from journal._anchor import ANCHOR_FILE, AnchorState, read_anchor
 from journal._errors import JournalCorruptedError, JournalError, JournalLockedError, JournalNotFoundError
 from journal._names import DATA_FILE, LMDB_LOCK_FILE, STAGING_DIR
+from journal._seal import SEAL_FILE
 
 LOCK_FILE = "tally.lock"
-_OURS = {LOCK_FILE, DATA_FILE, LMDB_LOCK_FILE, ANCHOR_FILE}
+_OURS = {LOCK_FILE, DATA_FILE, LMDB_LOCK_FILE, ANCHOR_FILE, SEAL_FILE, SEAL_FILE + ".new"}
 """A journal's files (`data.mdb` too: another opener may be making it right now)."""
 
 _PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.EACCES, errno.EPERM,

@@ -11,6 +11,7 @@ the writer, ever opens a write transaction.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,9 +32,13 @@ from journal._errors import (
 from journal._format import index_seed, key_lsn, lsn_key, unframe, unframe_index_value, unframe_keyed
 from journal._limits import MAP_SIZE_BYTES_DEFAULT
 from journal._check import check_records
+from journal._meta import committed_meta, read_metas
 from journal._names import DATA_FILE, RECORDS_DB
+from journal._seal import lmdb_trees, write_seal
 from journal._store import Store
 from journal._writer import IndexPut, IndexPuts, Writer
+
+logger = logging.getLogger("tally.journal")
 
 
 class Journal:
@@ -372,12 +377,32 @@ class Journal:
         try:
             if self._writer is not None:
                 self._writer.close()
+                if self._writer.failure is None:
+                    self._seal()
         finally:
             self._store.close()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
 
+
+
+    def _seal(self) -> None:
+        """Write the seal of a data file this journal wrote and closed cleanly (`journal._seal`);
+        a seal that cannot be written only costs the next open its full check."""
+        store = self._store
+        data_file = os.path.join(store.path, DATA_FILE)
+        try:
+            with store.reading() as txn:
+                trees = lmdb_trees(txn, store.dbs)
+            fd = os.open(data_file, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                meta = committed_meta(*read_metas(fd, data_file), data_file)
+            finally:
+                os.close(fd)
+            write_seal(store.path, data_file, meta, store.ledger_id, trees)
+        except (OSError, JournalError, lmdb.Error) as error:
+            logger.warning("the seal of %s was not written (%s): the next open checks every page", data_file, error)
 
 
 def _first_gap(store: Store) -> int:

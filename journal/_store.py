@@ -78,6 +78,8 @@ class Store:
         self.path = path
         self.env = env
         self.readonly = readonly
+        self.dbs = dbs
+        """Every database by name (b"records", b"meta", and the indexes)."""
         self.records = dbs[RECORDS_DB]
         self.meta = dbs[META_DB]
         self.indexes = {name.decode(): db for name, db in dbs.items() if name not in (RECORDS_DB, META_DB)}
@@ -140,7 +142,7 @@ class Store:
             raise os_error(path, error) from error
         env = _lmdb_open(path, map_size_bytes=map_size_bytes, sync=sync, readonly=readonly, create=False)
         try:
-            dbs, opened = check_snapshot(env, data_file, index_names, anchor)
+            dbs, opened = check_snapshot(env, data_file, index_names, anchor, None if readonly else path)
         except BaseException:
             env.close()
             raise

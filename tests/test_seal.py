@@ -1,0 +1,107 @@
+"""The seal a clean close leaves (`journal._seal`): the next open of exactly those bytes takes
+the layout from it instead of walking every page; anything else walks, as before."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import lmdb
+import pytest
+
+import journal._check
+from engine import JournalCorrupted, Ledger
+from engine._tools import verify
+from journal._seal import SEAL_FILE
+
+
+@pytest.fixture
+def walks(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Count the full page walks opening makes."""
+    counted: list[int] = []
+    real = journal._check.walk
+
+    def walk(*args: object, **kwargs: object) -> object:
+        counted.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(journal._check, "walk", walk)
+    yield counted
+
+
+def build(path: Path) -> str:
+    with Ledger.open(path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        for k in range(20):
+            ledger.transfer(f"t{k}", source="bank", destination="alice", amount=1 + k)
+        return ledger.state_hash()
+
+
+def test_a_clean_close_seals_the_file_and_the_next_open_needs_no_walk(ledger_path: Path, walks: list[int]) -> None:
+    state_hash = build(ledger_path)
+    assert (ledger_path / SEAL_FILE).exists()
+    walks.clear()
+    with Ledger.open(ledger_path) as reopened:
+        assert walks == []
+        assert reopened.state_hash() == state_hash
+        reopened.transfer("after", source="bank", destination="alice", amount=1)
+    walks.clear()
+    with Ledger.open(ledger_path) as again:  # sealed again at that close
+        assert walks == []
+        assert again.balance("alice").posted == sum(range(1, 21)) + 1
+
+
+def test_a_file_committed_to_since_its_seal_is_walked(
+    ledger_path: Path, walks: list[int], raw_lmdb: Callable[[Path], AbstractContextManager[lmdb.Environment]]
+) -> None:
+    state_hash = build(ledger_path)
+    with raw_lmdb(ledger_path) as env:  # a commit that changes nothing Tally reads: a new snapshot all the same
+        with env.begin(write=True) as txn:
+            txn.put(b"seal-test", b"x")
+            txn.delete(b"seal-test")
+    walks.clear()
+    with Ledger.open(ledger_path) as reopened:
+        assert walks == [1]
+        assert reopened.state_hash() == state_hash
+
+
+def test_a_damaged_seal_is_ignored_and_the_file_walked(ledger_path: Path, walks: list[int]) -> None:
+    state_hash = build(ledger_path)
+    seal = ledger_path / SEAL_FILE
+    damaged = bytearray(seal.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x40
+    seal.write_bytes(bytes(damaged))
+    walks.clear()
+    with Ledger.open(ledger_path) as reopened:
+        assert walks == [1]
+        assert reopened.state_hash() == state_hash
+
+
+def test_a_byte_changed_since_the_seal_without_a_commit_means_the_walk(ledger_path: Path, walks: list[int]) -> None:
+    """Damage, not a commit: the snapshot is the sealed one, but a sum differs."""
+    build(ledger_path)
+    data = ledger_path / "data.mdb"
+    content = bytearray(data.read_bytes())
+    at = content.index(b"t17")  # inside a record's payload
+    content[at + 1] ^= 0x01
+    data.write_bytes(bytes(content))
+    walks.clear()
+    with pytest.raises(JournalCorrupted):
+        Ledger.open(ledger_path)
+    assert walks == [1]
+
+
+def test_the_audit_walks_a_sealed_file_all_the_same(ledger_path: Path, walks: list[int]) -> None:
+    build(ledger_path)
+    walks.clear()
+    assert verify(str(ledger_path))["verdict"] == "whole"
+    assert walks
+
+
+def test_a_ledger_whose_journal_failed_is_not_sealed(ledger_path: Path) -> None:
+    with Ledger.open(ledger_path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger._journal.refuse_writes("a stand-in for a bug met halfway")
+    assert not (ledger_path / SEAL_FILE).exists()
