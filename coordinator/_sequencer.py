@@ -504,16 +504,17 @@ class Sequencer:
 
     # --- appending -------------------------------------------------------------------------
 
-    def append_chunk(self, chunk: Chunk) -> int:
+    def append_chunk(self, chunk: Chunk, wake_writer: bool = True) -> int:
         """Journal the records stamped in `chunk` (under `lock`, at consecutive LSNs from
         `last_lsn + 1`, the projection already past them); return the first LSN. The
         caller made room with `journal.wait_room` under this same hold of `lock`, so this
-        never waits: it raises only if the journal failed, and then nothing was queued."""
-        first = self._append(chunk, room_made=True)
+        never waits: it raises only if the journal failed, and then nothing was queued.
+        `wake_writer` False: the caller commits them itself (`Journal.commit_inline`)."""
+        first = self._append(chunk, room_made=True, wake_writer=wake_writer)
         self._appended(len(chunk))
         return first
 
-    def _append(self, chunk: Chunk, room_made: bool = False) -> int:
+    def _append(self, chunk: Chunk, room_made: bool = False, wake_writer: bool = True) -> int:
         """Queue the chunk's records, their entries unindexed ones from before the records are
         queued (the writer may make them durable at once); a chunk the journal refuses leaves
         no entry behind, and its LSNs go to the next records."""
@@ -521,7 +522,7 @@ class Sequencer:
         self.unindexed.add(chunk.accounts, chunk.entries)
         try:
             return self._journal.append_block(chunk.payloads, {TRANSFERS_INDEX: chunk.transfers}, chunk.completions,
-                                              room_made)
+                                              room_made, wake_writer)
         except BaseException:
             self.unindexed.remove(chunk.accounts)
             raise

@@ -136,14 +136,15 @@ class TurnBatch:
         return [result_of(request, result) for request, result in zip(self._requests, self._results, strict=True)]
 
 
-def decide_all(coordinator: Coordinator, tickets: list[Ticket], turns: Mapping[str, TurnAccount]) -> list[Ticket]:
+def decide_all(coordinator: Coordinator, tickets: list[Ticket], turns: Mapping[str, TurnAccount],
+               wake_writer: bool = True) -> list[Ticket]:
     """`decide_in_turn` chunk by chunk; the tickets it left. If the journal fails, every ticket
     not yet appended is released with the failure (the writer releases the appended ones),
-    and it raises."""
+    and it raises. `wake_writer` False: the caller commits the records itself."""
     left: list[Ticket] = []
     for first in range(0, len(tickets), CHUNK_REQUESTS_MAX):
         try:
-            left += decide_in_turn(coordinator, tickets[first : first + CHUNK_REQUESTS_MAX], turns)
+            left += decide_in_turn(coordinator, tickets[first : first + CHUNK_REQUESTS_MAX], turns, wake_writer)
         except JournalError as error:  # that chunk is failed; the later ones never started
             _fail(coordinator, tickets[first + CHUNK_REQUESTS_MAX :], error)
             raise
@@ -172,7 +173,8 @@ class _Reserved(Mapping[str, int]):
         return len(self._turns)
 
 
-def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mapping[str, TurnAccount]) -> list[Ticket]:
+def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mapping[str, TurnAccount],
+                   wake_writer: bool = True) -> list[Ticket]:
     """Decide claimed tickets in order, on this thread, which holds the turn of every account
     they name that exists, and journal them all in one block; return those it could not
     decide (one names an account whose turn it does not hold: made, or for a post or a
@@ -278,7 +280,7 @@ def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mappi
             return left
         decided_tickets = [ticket for ticket in tickets if ticket not in left] if left else tickets
         try:
-            first = sequencer.append_chunk(chunk)
+            first = sequencer.append_chunk(chunk, wake_writer)
         except JournalError as error:  # the journal failed: nothing more is written until reopen
             # The accounts and the projection already hold this chunk's entries, which
             # will never be durable: the ledger is unusable until reopened, and it is,

@@ -174,14 +174,21 @@ class Journal:
         index: IndexPuts,
         completions: Sequence[Completion | None],
         room_made: bool = False,
+        wake: bool = True,
     ) -> int:
         """Queue records under consecutive LSNs, with their index entries (by index name)
         and one completion (or None) each; return the first LSN. See `Writer.append_block`."""
-        return self._writing.append_block(payloads, index, completions, room_made)
+        return self._writing.append_block(payloads, index, completions, room_made, wake)
 
     def wait_room(self, records: int) -> None:
         """Block (bounded) until `records` more can be queued without waiting."""
         self._writing.wait_room(records)
+
+    def commit_inline(self) -> bool:
+        """Write what is queued on this thread if no one is writing (see `Writer.commit_inline`);
+        True if it did. For a caller about to wait for its records: a lone one then waits
+        for no thread hand-off."""
+        return self._writer is not None and self._writer.commit_inline()
 
     def wait_durable(self, lsn: int, timeout_s: float) -> None:
         """Block (at most `timeout_s`) until every record up to `lsn` is on disk."""

@@ -106,6 +106,9 @@ class Writer:
         self._room = threading.Condition(self._cond._lock)  # type: ignore[attr-defined]
         """Same lock; appenders wait on it when the pending list is full."""
         self._writer_waiting = False
+        self._writing = False
+        """Someone (the writer thread, or a caller in `commit_inline`) is writing a batch:
+        one at a time, so batches reach LMDB in LSN order."""
         self._pending: list[_Block] = []
         self._pending_records = 0
         self._last_lsn = last_lsn
@@ -151,18 +154,21 @@ class Writer:
         index: IndexPuts,
         completions: Sequence[Completion | None],
         room_made: bool = False,
+        wake: bool = True,
     ) -> int:
         """Queue several records under consecutive LSNs, with all their index entries and
         one completion (or None) per record; return the first LSN. Waits for room as
         `append` does; with `room_made` (the caller, the only appender, called `wait_room`)
-        it never waits, and fails only if the journal failed or is closing."""
+        it never waits, and fails only if the journal failed or is closing. With `wake`
+        False the writer thread is not woken for them: the caller calls `commit_inline`
+        once it holds no lock (the writer thread finds them within `WRITER_IDLE_WAIT_S` if not)."""
         with self._cond:
             if room_made:
                 self._check_open()
                 assert self._pending_records + len(payloads) <= max(PENDING_RECORDS_MAX, len(payloads)), "no room made"
             else:
                 self._make_room(len(payloads), APPEND_WAIT_S_MAX)
-            return self._queue(payloads, index, completions)
+            return self._queue(payloads, index, completions, wake)
 
     def _make_room(self, records: int, timeout_s: float) -> None:
         """With `_cond` held: wait (bounded) until `records` more fit; raise if not open."""
@@ -176,14 +182,15 @@ class Writer:
                 raise JournalTimeoutError("the journal writer is not keeping up")
             self._check_open()
 
-    def _queue(self, payloads: Sequence[bytes], index: IndexPuts, completions: Sequence[Completion | None]) -> int:
+    def _queue(self, payloads: Sequence[bytes], index: IndexPuts, completions: Sequence[Completion | None],
+               wake: bool = True) -> int:
         """With `_cond` held and the journal open: give the records the next LSNs, queue
         them as one block, wake the writer; return the first LSN."""
         block = _Block(self._last_lsn + 1, payloads, index, completions)
         self._pending.append(block)
         self._pending_records += len(payloads)
         self._last_lsn = block.last_lsn
-        if self._writer_waiting:
+        if wake and self._writer_waiting:
             self._cond.notify()
         return block.first_lsn
 
@@ -229,10 +236,11 @@ class Writer:
         while True:
             with self._cond:
                 self._writer_waiting = True
-                while not self._pending and not self._closing:
+                while self._writing or not self._pending:  # idle, or a caller is writing inline
+                    if self._closing and not self._writing:
+                        return
                     self._cond.wait(timeout=WRITER_IDLE_WAIT_S)
-                if not self._pending:
-                    return
+                self._writing = True  # before the delay, which lets go of the lock: no one writes meanwhile
                 if self._pending_records < batch_size_last // 2 and not self._closing:
                     # Commit delay: the callers released by the last commit are still
                     # on their way back; give them a moment to join this batch.
@@ -247,26 +255,58 @@ class Writer:
                 batch_size_last = batch[-1].last_lsn - batch[0].first_lsn + 1
                 self._room.notify_all()
             try:
-                self._commit(batch)
-            except Exception as error:  # the writer's loop: any failure fails the journal
-                logger.exception("journal write failed")
-                self._fail(batch, error)
+                written = self._write(batch)
+            finally:
+                with self._cond:
+                    self._writing = False
+            if not written:
                 return
-            try:
-                self._advance_anchor(batch[-1].last_lsn)
-                anchor_failure = None
-            except OSError as error:  # the batch is durable all the same: release it, then stop
-                logger.exception("the anchor cannot be written")
-                anchor_failure = JournalWriteError(f"the anchor cannot be written, so no more records are: {error}")
-            try:
-                self._publish(batch)
-            except Exception as error:  # a bug after a durable commit: stop, and say so to all
-                logger.exception("releasing a durable group commit failed")
-                self._fail(batch, error)
-                return
-            if anchor_failure is not None:
-                self._fail([], anchor_failure)
-                return
+
+    def commit_inline(self) -> bool:
+        """Write what is queued on the calling thread, if no one is writing: one group commit,
+        as the writer thread would make it, without the two thread wake-ups of handing it
+        over and back (most of a lone caller's wait, beside the device's flushes). True if it
+        wrote. Call with no lock held that an appender may need: it blocks for the commit."""
+        with self._cond:
+            if self._writing or not self._pending or self._failure is not None:
+                return False
+            batch = self._take()
+            self._writing = True
+            self._room.notify_all()
+        try:
+            self._write(batch)
+        finally:
+            with self._cond:
+                self._writing = False
+                if self._pending or self._closing:
+                    self._cond.notify()  # the writer thread takes what queued meanwhile, or ends
+        return True
+
+    def _write(self, batch: list[_Block]) -> bool:
+        """Commit `batch`, advance the anchor, release its completions; False if the journal
+        failed (then everything queued is failed too). The caller holds the right to write."""
+        try:
+            self._commit(batch)
+        except Exception as error:  # any failure fails the journal
+            logger.exception("journal write failed")
+            self._fail(batch, error)
+            return False
+        try:
+            self._advance_anchor(batch[-1].last_lsn)
+            anchor_failure = None
+        except OSError as error:  # the batch is durable all the same: release it, then stop
+            logger.exception("the anchor cannot be written")
+            anchor_failure = JournalWriteError(f"the anchor cannot be written, so no more records are: {error}")
+        try:
+            self._publish(batch)
+        except Exception as error:  # a bug after a durable commit: stop, and say so to all
+            logger.exception("releasing a durable group commit failed")
+            self._fail(batch, error)
+            return False
+        if anchor_failure is not None:
+            self._fail([], anchor_failure)
+            return False
+        return True
 
     def _commit(self, batch: list[_Block]) -> None:
         assert batch[0].first_lsn == self.durable_lsn + 1, (batch[0].first_lsn, self.durable_lsn)
