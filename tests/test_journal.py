@@ -489,3 +489,30 @@ def test_writing_records_out_of_key_order_fails_instead_of_skipping_one(tmp_path
             _put_all(txn, db, [[lsn_key(4), b"four", lsn_key(2), b"two"]], append=True)
     finally:
         env.close()
+
+
+def test_a_lone_caller_commits_its_own_record_and_a_crowd_is_left_to_the_writer_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine import Ledger
+    from journal._writer import Writer
+
+    committers: list[str] = []
+    real = Writer._commit
+
+    def commit(self: Writer, batch: list[object]) -> None:
+        committers.append(threading.current_thread().name)
+        real(self, batch)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Writer, "_commit", commit)
+    with Ledger.open(tmp_path / "ledger") as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        committers.clear()
+        for k in range(5):
+            ledger.transfer(f"t{k}", source="bank", destination="alice", amount=1)
+        assert committers == ["MainThread"] * 5  # no hand-off to the writer thread and back
+        committers.clear()
+        ledger.create_account("bob", currency="USD")  # not a transfer: the writer thread's
+        assert committers == ["tally-journal-writer"]
+        assert ledger.balance("alice").posted == 5
