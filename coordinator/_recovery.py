@@ -23,7 +23,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import starmap
+from itertools import filterfalse, starmap
 from operator import itemgetter
 from typing import Any
 
@@ -211,12 +211,11 @@ def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> list[list[Any]]
     one of the checkpoints before it (each names the one before, `previous_lsn`), in
     creation order (opening LSN)."""
     total = record[4]
-    parts = [{row[0]: row for row in record[6]}]  # newest first
-    seen = set(parts[0])
+    found: dict[str, list[Any]] = {row[0]: row for row in record[6]}
     at = lsn
     while True:
         previous = record[3]
-        if len(seen) >= total or previous == 0:
+        if len(found) >= total or previous == 0:
             break
         if not 0 < previous < at:
             raise _corrupt(at, f"the checkpoint names LSN {previous!r} as the one before it")
@@ -230,11 +229,9 @@ def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> list[list[Any]]
         record = decode(at, payload)
         if record[0] != CHECKPOINT4:
             raise _corrupt(at, "a checkpoint names it as the one before, but it is not a CHECKPOINT4")
-        parts.append({row[0]: row for row in record[6]})
-        seen.update(parts[-1])
-    found: dict[str, list[Any]] = {}
-    for part in reversed(parts):  # oldest first: the newer row of an account wins
-        found.update(part)
+        older = {row[0]: row for row in record[6]}
+        missing = list(filterfalse(found.__contains__, older))  # the loops run in C; each account is added once
+        found.update(zip(missing, map(older.__getitem__, missing), strict=True))
     if len(found) != total:
         raise _corrupt(lsn, f"the checkpoint and those before it hold {len(found)} accounts, not {total}")
     return sorted(found.values(), key=itemgetter(5))  # creation order: by opening LSN
