@@ -1,4 +1,4 @@
-"""Activation and passivation of account actors.
+"""Activation and passivation of account actors, and the turns of accounts that have none.
 
 An account's actor is live while something uses it (it is pinned) and stays
 live, idle, until more than `live_max` actors are live; then idle ones not used
@@ -12,6 +12,12 @@ until its decision has queued the entries, so no decision is ever taken by an
 actor being passivated. A passivated actor still handles the entries already in
 its mailbox before it stops (the stop is queued behind them), and those entries
 are already part of the projection the next actor starts from.
+
+A batch or a combiner needs an account's turn, not its actor: an account with no live
+actor lends its turn as a `_Dormant`, which runs the same handlers on the projection's
+values, so touching a million accounts once makes no actor at all. Something that pins
+the account meanwhile wakes its actor with that turn still held; the holder hands its
+state over when it gives the turn back.
 
 Threads: any. One lock guards the live table; it is held for dictionary work
 only, never while waiting.
@@ -133,10 +139,11 @@ class Directory:
 
     def take_turns(self, account_ids: Iterable[str], all_or_none: bool = False,
                    into: Mapping[str, TurnAccount] | None = None) -> Mapping[str, TurnAccount] | None:
-        """Pin each account and take its turn if it is idle; busy ones are left unpinned
-        (with `all_or_none`, one busy account gives everything back: None). Repeated and
-        unknown ids are skipped. One lock for the lot (taking a turn never waits, so none
-        is held while waiting). The holder gets the actors themselves: it runs their
+        """Pin each live account and take its turn if it is idle; busy ones are left unpinned
+        (with `all_or_none`, one busy account gives everything back: None). An account with
+        no live actor lends its turn without one (`_Dormant`). Repeated and unknown ids are
+        skipped. One lock for the lot (taking a turn never waits, so none is held while
+        waiting). The holder gets the actors (or dormant turns) themselves: it runs their
         handlers in their turn. With `into` (what an earlier call returned), the turns
         taken are added to it, and it is returned."""
         if into is None:
