@@ -55,7 +55,7 @@ from coordinator._errors import (
     LedgerUnavailable,
 )
 from coordinator._history import Refused
-from coordinator._turns import TurnBatch, decide_all, give_back_turns
+from coordinator._turns import Lane, TurnBatch, decide_all, give_back_turns
 from coordinator._participant import DebitStep, Participant, Participants
 from coordinator._rules import Refusal
 from coordinator._sequencer import Sequencer
@@ -75,10 +75,8 @@ class Coordinator:
         self.claims = Claims(journal)
         self.admission = Admission(inflight_max)
         self.participants = participants
-        self.lane = threading.Lock()
-        """Held by the batch deciding in turn (`coordinator._turns`): batches decide one at a
-        time, each while the one before it is made durable, and only its holder waits for
-        a busy account's turn."""
+        self.lane = Lane(self)
+        """Where batches decide in turn, a group at a time (`coordinator._turns.Lane`)."""
         self._combining_lock = threading.Lock()
         self._combining_queue: list[Ticket] = []
         self._combining = False

@@ -179,6 +179,11 @@ class Sequencer:
 
     # --- the rules' view of the books ------------------------------------------------
 
+    @property
+    def last_lsn(self) -> int:
+        """The journal's last LSN, appended if not yet durable (read without `lock`: it only grows)."""
+        return self._journal.last_lsn
+
     def resolution(self, pending_id: str) -> TransferStatus | None:
         """What resolved a pending transfer no longer open; call under `lock`."""
         status = self._resolved.get(pending_id)

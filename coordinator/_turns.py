@@ -21,13 +21,14 @@ combined single transfers (`Coordinator._combine`) are decided the same way.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from coordinator._claims import Prior, Ticket, lsn_of, result_of
 from coordinator._errors import LedgerError, LedgerTimeout
-from coordinator._limits import CHUNK_REQUESTS_MAX, TURN_POLL_S, TURN_WAIT_S_MAX
+from coordinator._limits import CHUNK_REQUESTS_MAX, LANE_GROUP_REQUESTS_MAX, TURN_POLL_S, TURN_WAIT_S_MAX
 from coordinator._participant import TurnAccount
 from coordinator._rules import Refusal
 from coordinator._sequencer import Chunk
@@ -55,15 +56,22 @@ class TurnBatch:
         """Fresh tickets the turns could not decide (an account made meanwhile): started in the mailboxes."""
         self._prior: list[Prior] = []
         """Claims this batch found made already: outcomes, and tickets in flight elsewhere."""
+        self.valid: list[int] = []
+        self.names: list[str] = []
+        self.permits = 1
+        self.decided = False
+        """Set by the lane: the batch was decided (or fell back, or failed), and its permits returned."""
+        self.fell_back = False
+        self.failure: BaseException | None = None
 
-    def _remaining(self) -> float:
+    def remaining(self) -> float:
         return max(0.0, self._deadline - time.monotonic())
+
+    _remaining = remaining
 
     def run(self) -> list[Result] | None:
         """The results, or None (nothing done) if some account's turn could not be taken."""
         coordinator = self._coordinator
-        valid: list[int] = []
-        names: list[str] = []
         requests, results = self._requests, self._results
         for i, request in enumerate(requests):
             try:
@@ -71,32 +79,15 @@ class TurnBatch:
             except LedgerError as error:
                 results[i] = error
                 continue
-            valid.append(i)
-            names += (request.source, request.destination)
-        permits = len(valid) or 1
-        lane = coordinator.lane
-        if not lane.acquire(timeout=self._remaining()):
-            raise LedgerTimeout("transfer_many: other batches kept the ledger busy; nothing was done, retry")
-        try:
-            coordinator.admission.admit(permits, self._remaining())  # before any turn is taken
-            try:
-                turns = take_turns(coordinator, names, min(TURN_WAIT_S_MAX, self._remaining()))
-            except BaseException:
-                coordinator.admission.release(permits)
-                raise
-            if turns is None:
-                coordinator.admission.release(permits)
-                return None
-            try:
-                self._claim(valid)
-                self._late = decide_all(coordinator, self._fresh, turns)
-            finally:
-                give_back_turns(coordinator, turns)
-                coordinator.admission.release(permits - len(self._late))  # a started ticket's returns when decided
-        finally:
-            lane.release()  # the next batch decides while this one is made durable
-        for ticket in self._late:
-            coordinator.start(ticket)
+            self.valid.append(i)
+            self.names += (request.source, request.destination)
+        self.permits = len(self.valid) or 1
+        coordinator.admission.admit(self.permits, self.remaining())  # returned by the lane once decided
+        coordinator.lane.decide(self)
+        if self.failure is not None:
+            raise self.failure
+        if self.fell_back:
+            return None
         return self._settle()
 
     def _claim(self, valid: list[int]) -> None:
@@ -134,6 +125,110 @@ class TurnBatch:
 
     def _answers(self) -> list[Result]:
         return [result_of(request, result) for request, result in zip(self._requests, self._results, strict=True)]
+
+
+class Lane:
+    """Where `transfer_many` batches decide in turn: one group of them at a time, each group
+    while the one before it is made durable (flat combining, as `Coordinator._combine` does
+    for single transfers). The first caller to find no one deciding becomes the runner: it
+    takes every batch queued (up to `LANE_GROUP_REQUESTS_MAX` requests), takes the turns of
+    all their accounts (waiting, bounded, for busy ones: only the runner waits, so no two
+    waiters hold what the other wants), claims each batch's ids and decides them all in
+    order, batch after batch, and goes on while its own batch is not decided. The others
+    sleep until theirs is, or until the runner leaves and one of them takes over. Deciding
+    the batches that wait in one run takes and gives back their turns once."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self._coordinator = coordinator
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: list[TurnBatch] = []
+        self._running = False
+
+    @property
+    def busy(self) -> bool:
+        """A hint: a batch is being decided."""
+        return self._running
+
+    def decide(self, batch: TurnBatch) -> None:
+        """Decide `batch` in turn, with whatever batches queue meanwhile; return once it is
+        decided (`batch.decided`; `batch.fell_back` if its turns could not be taken, then
+        nothing was done; `batch.failure` if deciding raised). `LedgerTimeout` if its
+        deadline passes first: if it was not started, nothing was done; else it is decided
+        all the same, and a retry with the same ids learns each outcome."""
+        cond = self._cond
+        with cond:
+            self._queue.append(batch)
+            while not batch.decided:
+                if not self._running:
+                    self._running = True
+                    break
+                if not cond.wait(batch.remaining()) and not batch.decided and batch.remaining() <= 0:
+                    if batch in self._queue:  # never started: take it back
+                        self._queue.remove(batch)
+                        self._coordinator.admission.release(batch.permits)
+                        raise LedgerTimeout("transfer_many: other batches kept the ledger busy; nothing was "
+                                            "done, retry")
+                    raise LedgerTimeout("transfer_many: not decided in time; retry with the same ids to learn "
+                                        "each outcome")
+            else:
+                return
+        try:
+            while not batch.decided:
+                with cond:
+                    group: list[TurnBatch] = []
+                    size = 0
+                    while self._queue and (not group or size + len(self._queue[0].valid) <= LANE_GROUP_REQUESTS_MAX):
+                        size += len(self._queue[0].valid)
+                        group.append(self._queue.pop(0))
+                self._decide_group(group)
+                with cond:
+                    cond.notify_all()
+        finally:
+            with cond:
+                self._running = False
+                cond.notify_all()  # a batch still queued has a waiting owner: one of them runs next
+
+    def _decide_group(self, group: list[TurnBatch]) -> None:
+        """Decide the batches of `group` in order, in one hold of their turns; mark each decided."""
+        coordinator = self._coordinator
+        admission = coordinator.admission
+        late: list[Ticket] = []
+        try:
+            names = [name for batch in group for name in batch.names]
+            try:
+                turns = take_turns(coordinator, names, min(TURN_WAIT_S_MAX, group[0].remaining()))
+            except BaseException:
+                turns = None
+                raise
+            finally:
+                if turns is None:  # nothing was done: the owners go the mailbox path, or raise
+                    for batch in group:
+                        batch.fell_back = True
+                        admission.release(batch.permits)
+            if turns is None:
+                return
+            tickets: list[Ticket] = []
+            try:
+                for batch in group:
+                    batch._claim(batch.valid)
+                    tickets += batch._fresh
+                late = decide_all(coordinator, tickets, turns)
+            finally:
+                give_back_turns(coordinator, turns)
+                if late:  # a started ticket's permit returns when it is decided
+                    left = set(map(id, late))
+                    for batch in group:
+                        batch._late = [ticket for ticket in batch._fresh if id(ticket) in left]
+                for batch in group:
+                    admission.release(batch.permits - len(batch._late))
+            for ticket in late:
+                coordinator.start(ticket)
+        except BaseException as error:  # the owners raise it (the permits went back above)
+            for batch in group:
+                batch.failure = error
+        finally:
+            for batch in group:
+                batch.decided = True
 
 
 def decide_all(coordinator: Coordinator, tickets: list[Ticket], turns: Mapping[str, TurnAccount],

@@ -69,7 +69,7 @@ class AccountBooks:
 
 
 class AccountActor(PooledActor, AccountBooks):
-    def __init__(self, account: Account, state: AccountState, held: int, incoming: int) -> None:
+    def __init__(self, account: Account, state: AccountState, held: int, incoming: int, held_lsn: int) -> None:
         super().__init__()
         self.account = account
         """Its id, currency and overdraft limit (`coordinator.TurnAccount.account`)."""
@@ -81,8 +81,10 @@ class AccountActor(PooledActor, AccountBooks):
         """Funds its open pending transfers hold (`coordinator.TurnAccount.held`)."""
         self.incoming = incoming
         """Funds of the open pending transfers toward it."""
-        self.held_lsn = 0
-        """LSN of the last record that changed `held` or `incoming`."""
+        self.held_lsn = held_lsn
+        """LSN of the last record that changed `held` or `incoming` (or a bound above it: an
+        actor made from the projection starts at the journal's last LSN, since the record
+        behind the holds it starts from may not be durable yet)."""
 
     def on_receive(self, message: Any) -> Any:
         kind = type(message)

@@ -99,14 +99,15 @@ class _Dormant(AccountBooks):
 
     __slots__ = ("account", "state", "reserved", "held", "incoming", "held_lsn", "woken")
 
-    def __init__(self, account: Account, state: AccountState, held: int, incoming: int) -> None:
+    def __init__(self, account: Account, state: AccountState, held: int, incoming: int, held_lsn: int) -> None:
         self.account = account
         self.state = state
         self.reserved = 0
         """Always 0: reservations are made in the mailbox, and this account's wait there."""
         self.held = held
         self.incoming = incoming
-        self.held_lsn = 0
+        self.held_lsn = held_lsn
+        """As `AccountActor.held_lsn`: handed to the actor woken meanwhile, if one is."""
         self.woken: AccountHandle | None = None
 
     def catch_up(self) -> None:
@@ -214,7 +215,7 @@ class Directory:
         sequencer = self._sequencer
         dormant = self._dormant[account_id] = _Dormant(sequencer.accounts[account_id], sequencer.states[account_id],
                                                        sequencer.held.get(account_id, 0),
-                                                       sequencer.incoming.get(account_id, 0))
+                                                       sequencer.incoming.get(account_id, 0), sequencer.last_lsn)
         return dormant
 
     def _wake(self, dormant: _Dormant) -> None:
@@ -239,7 +240,7 @@ class Directory:
             sequencer = self._sequencer
             live = AccountHandle(AccountActor.spawn(self._dispatcher, sequencer.accounts[account_id],
                                                     sequencer.states[account_id], sequencer.held.get(account_id, 0),
-                                                    sequencer.incoming.get(account_id, 0)))
+                                                    sequencer.incoming.get(account_id, 0), sequencer.last_lsn))
             self._live[account_id] = live
             self.activations += 1
             live.pins += 1  # pinned before anything is passivated: never itself

@@ -166,7 +166,7 @@ class Ledger:
                            actors_live_max=actors_live_max, inflight_max=inflight_max,
                            checkpoint_interval=checkpoint_interval, clock_ns=clock_ns)
         except BaseException:
-            journal.close()
+            journal.close(seal=False)  # what went wrong is found again by the next open
             raise
 
     def __enter__(self) -> Ledger:

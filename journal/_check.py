@@ -150,6 +150,15 @@ def check_snapshot(env: lmdb.Environment, data_file: str, index_names: Sequence[
     raise JournalError(f"{data_file} changed too fast to be checked ({SNAPSHOT_TRIES_MAX} tries)")
 
 
+def walk_to_seal(data_file: str, index_names: Sequence[str]) -> Layout:
+    """Walk every page of the committed snapshot of a data file no one writes now, exactly as
+    opening does (every page, every index entry's checksum); its layout, for a seal.
+    Raises `JournalCorruptedError` where it finds damage."""
+    layout = _walk_snapshot(None, data_file, _Visitor(index_names))
+    assert layout is not None
+    return layout
+
+
 def _check_databases(found: set[bytes], expected: set[bytes], data_file: str) -> None:
     if found != expected:
         shown = sorted(name.decode(errors="replace") for name in found)
@@ -157,9 +166,10 @@ def _check_databases(found: set[bytes], expected: set[bytes], data_file: str) ->
         raise JournalCorruptedError(f"it holds the databases {shown}, missing {missing}", where=data_file)
 
 
-def _walk_snapshot(txnid: int, data_file: str, visit: _Visitor, sealed_in: str | None = None) -> Layout | None:
-    """`walk` from the meta of transaction `txnid` (or, from `sealed_in`, the layout a seal of
-    exactly these bytes vouches for), or None if neither meta page holds it now."""
+def _walk_snapshot(txnid: int | None, data_file: str, visit: _Visitor, sealed_in: str | None = None) -> Layout | None:
+    """`walk` from the meta of transaction `txnid` (None: the committed one) (or, from
+    `sealed_in`, the layout a seal of exactly these bytes vouches for), or None if neither
+    meta page holds it now."""
     meta = _read_committed(data_file, txnid)
     if meta is None:
         return None

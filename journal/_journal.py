@@ -31,10 +31,9 @@ from journal._errors import (
 )
 from journal._format import index_seed, key_lsn, lsn_key, unframe, unframe_index_value, unframe_keyed
 from journal._limits import MAP_SIZE_BYTES_DEFAULT
-from journal._check import check_records
-from journal._meta import committed_meta, read_metas
+from journal._check import check_records, walk_to_seal
 from journal._names import DATA_FILE, RECORDS_DB
-from journal._seal import lmdb_trees, write_seal
+from journal._seal import SEAL_FILE, write_seal
 from journal._store import Store
 from journal._writer import IndexPut, IndexPuts, Writer
 
@@ -376,15 +375,16 @@ class Journal:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def close(self) -> None:
-        """Drain the writer, close LMDB and release the directory lock. Idempotent."""
+    def close(self, seal: bool = True) -> None:
+        """Drain the writer, seal the data file (unless `seal` is False: say, an open that
+        failed), close LMDB and release the directory lock. Idempotent."""
         if not self._open:
             return
         self._open = False
         try:
             if self._writer is not None:
                 self._writer.close()
-                if self._writer.failure is None:
+                if seal and self._writer.failure is None:
                     self._seal()
         finally:
             self._store.close()
@@ -395,20 +395,25 @@ class Journal:
 
 
     def _seal(self) -> None:
-        """Write the seal of a data file this journal wrote and closed cleanly (`journal._seal`);
-        a seal that cannot be written only costs the next open its full check."""
+        """Walk every page of a data file this journal wrote and closed cleanly, as an open
+        would, and seal what it checked (`journal._seal`). Damage found here (a page that
+        changed on disk while the ledger was open) is logged and left unsealed: the next open
+        walks and reports it. A seal that cannot be written only costs the next open its walk."""
         store = self._store
         data_file = os.path.join(store.path, DATA_FILE)
         try:
-            with store.reading() as txn:
-                trees = lmdb_trees(txn, store.dbs)
-            fd = os.open(data_file, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                meta = committed_meta(*read_metas(fd, data_file), data_file)
-            finally:
-                os.close(fd)
-            write_seal(store.path, data_file, meta, store.ledger_id, trees)
-        except (OSError, JournalError, lmdb.Error) as error:
+            os.unlink(os.path.join(store.path, SEAL_FILE))  # never a seal of other bytes than those walked here
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            logger.warning("the old seal of %s cannot be removed (%s)", data_file, error)
+            return
+        try:
+            layout = walk_to_seal(data_file, list(store.indexes))
+            write_seal(store.path, data_file, layout.meta, store.ledger_id, layout.trees)
+        except JournalCorruptedError as error:
+            logger.error("closing %s found damage; not sealed, so the next open reports it: %s", data_file, error)
+        except (OSError, JournalError) as error:
             logger.warning("the seal of %s was not written (%s): the next open checks every page", data_file, error)
 
 

@@ -2,21 +2,21 @@
 
 Opening checks the data file as raw bytes before LMDB follows a page number
 (`journal._pages`): one pass over every reachable page, about half a microsecond a node,
-which is most of opening a large ledger (~4.5 s for a million accounts). Between a clean
-close and the next open nothing writes the file, so that pass finds exactly what the bytes
-held at close. A clean close (`Journal.close` of a ledger it wrote, with no failure) writes
-`tally.seal`, beside the data file: the transaction id of the committed snapshot, its high-
-water page, a CRC-32 of every MiB of the file up to that page, and the layout the walk would
-find (each database's counters and first and last keys, as LMDB reports them), the whole
-framed by its own CRC-32.
+which is most of opening a large ledger (~4.5 s for a million accounts). A clean close
+(`Journal.close` of a ledger it wrote, with no failure) makes that same pass, once nothing
+writes the file any more, and if it finds nothing wrong writes `tally.seal` beside the data
+file: the transaction id of the committed snapshot, its high-water page, a CRC-32 of every
+MiB of the file up to that page, and the layout the walk found, the whole framed by its own
+CRC-32. (The old seal is removed first, so no seal ever stands for bytes other than those
+its close walked.) So the walk moves from the next open to this close: the time is the
+same, but a restarting host waits for it before the old process lets go, not after.
 
 An open that finds a seal whose snapshot is the committed one and whose every CRC matches
-the file as it is now takes the layout from it instead of walking: the bytes are those a
-walk would have passed (LMDB wrote them, or the last walk checked them). Anything else (no
-seal, a damaged or foreign one, another snapshot, one changed MiB) means the full walk, as
-before: a seal can only save time, never vouch for a byte it did not see. `tally verify`,
-the tools and read-only opens always walk. Reading and summing the file costs about a tenth
-of walking it.
+the file as it is now takes the layout from it instead of walking: those are the bytes the
+close walked. Anything else (no seal, a damaged or foreign one, another snapshot, one
+changed MiB) means the full walk, as before. Damage found by the walk at close is logged and
+left unsealed, so the next open reports it. `tally verify`, the tools and read-only opens
+always walk. Reading and summing the file costs about a tenth of walking it.
 """
 
 from __future__ import annotations
@@ -54,8 +54,9 @@ def file_sums(fd: int, end: int) -> bytes:
 
 
 def write_seal(path: str, data_file: str, meta: Meta, ledger_id: bytes | None, trees: dict[bytes, Tree]) -> None:
-    """Write the seal of the data file as it is now (no writer may be running). Durable
-    before it returns (written aside, synced, renamed, the directory synced)."""
+    """Write the seal of the data file as it is now, whose snapshot `meta` a walk just found
+    laid out as `trees` (no writer may be running). Durable before it returns (written aside,
+    synced, renamed, the directory synced)."""
     end = (meta.last_page + 1) * meta.page_bytes
     fd = os.open(data_file, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -117,16 +118,3 @@ def _unframe(framed: bytes) -> list[Any] | None:
     if not isinstance(fields, list) or len(fields) != 7:
         return None
     return fields
-
-
-def lmdb_trees(txn: Any, dbs: dict[bytes, Any]) -> dict[bytes, Tree]:
-    """What a walk would find in each named database, as LMDB reports it in `txn`."""
-    trees = {}
-    for name, db in dbs.items():
-        stat = txn.stat(db)
-        cursor = txn.cursor(db=db)
-        first_key = cursor.key() if cursor.first() else None
-        last_key = cursor.key() if cursor.last() else None
-        trees[name] = Tree(stat["entries"], stat["branch_pages"], stat["leaf_pages"], stat["overflow_pages"],
-                           stat["depth"], first_key, last_key)
-    return trees

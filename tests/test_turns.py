@@ -452,3 +452,42 @@ def test_an_account_woken_while_a_batch_holds_its_turn_without_an_actor_gets_its
     assert ledger.balance("a") == Balance(2, 0, 2) and ledger.balance("b").posted == 5
     assert [entry.transfer_id for entry in ledger.entries("a")] == ["credit", "spend"]
     assert gapless(ledger, "a") and not directory._dormant
+
+
+def test_a_balance_never_shows_a_hold_decided_on_a_dormant_turn_before_it_is_durable(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pending transfer decided on the dormant turns of accounts with no live actor leaves
+    its hold in the projection only; a balance asked then activates an actor from it, which
+    must wait until the hold's record is durable (a crash before would take the hold back)."""
+    import journal._writer
+
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    ledger.create_account("a", currency="USD")
+    ledger.create_account("b", currency="USD")
+    ledger.transfer("fund", source="bank", destination="a", amount=100)
+    assert "a" not in ledger._directory._live and "b" not in ledger._directory._live
+    gate, writing = threading.Event(), threading.Event()
+    real = journal._writer.Writer._commit
+
+    def held_commit(self: Any, batch: Any) -> None:
+        writing.set()
+        assert gate.wait(WAIT_S)
+        real(self, batch)
+
+    monkeypatch.setattr(journal._writer.Writer, "_commit", held_commit)
+    made: list[Transfer] = []
+    pending = threading.Thread(target=lambda: made.append(
+        ledger.transfer("hold", source="a", destination="b", amount=40, pending=True)))
+    pending.start()
+    assert writing.wait(WAIT_S)  # decided, its record being written, not durable
+    seen: list[Balance] = []
+    asking = threading.Thread(target=lambda: seen.append(ledger.balance("a")))
+    asking.start()
+    asking.join(0.2)
+    durable_then = ledger._journal.durable_lsn
+    assert not seen or durable_then >= ledger._journal.last_lsn  # no hold shown before it is durable
+    gate.set()
+    pending.join(WAIT_S)
+    asking.join(WAIT_S)
+    assert made and seen == [Balance(100, 40, 60, 0)]
