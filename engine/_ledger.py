@@ -467,7 +467,10 @@ class Ledger:
         A call still under way after that bound ends with a `LedgerError`: `LedgerClosed` if
         nothing was written for it, or its outcome as the journal made it durable. What was
         journaled is written before this returns (bounded; `LedgerTimeout` if the writer
-        cannot drain, and then a retry after reopening learns each outcome)."""
+        cannot drain, and then a retry after reopening learns each outcome). Then, if the
+        journal never failed, it checks every page of the data file as an open would and
+        seals what it checked, so the next open of those bytes need not (README.md,
+        "Damage"): about half a microsecond a B-tree node, seconds for a million accounts."""
         with self._state:
             if self._closed:
                 return
