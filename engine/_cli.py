@@ -330,7 +330,10 @@ def _render_inspect(report: dict[str, Any]) -> None:
             code = f"  code {row['code']}" if row["code"] else ""
             print(f"{lsn}  account     {row['account']}  {row['currency']}  limit {row['overdraft_limit']}{code}")
         elif kind == "checkpoint":
-            print(f"{lsn}  checkpoint  {row['accounts']} accounts, {row['pending']} pending transfers open")
+            held = (f"{row['accounts']} of {row['ledger_accounts']} accounts (those changed, and its sweep's)"
+                    if "ledger_accounts" in row and row["accounts"] < row["ledger_accounts"]
+                    else f"{row['accounts']} accounts")
+            print(f"{lsn}  checkpoint  {held}, {row['pending']} pending transfers open")
         elif kind == "expiry":
             print(f"{lsn}  expiry      {', '.join(row['pending_ids'])}")
         elif row.get("linked"):
