@@ -574,11 +574,11 @@ class Sequencer:
         rows = [fixed[account_id] + states[account_id] for account_id in included]
         pendings = [list(pending) for pending in self.pending.values()]
         lsn = self._journal.last_lsn + 1
-        self.index_entries += 1
         index: IndexPuts = {CHECKPOINTS_INDEX: [lsn_value(lsn), b""], ENTRIES_INDEX: self.unindexed.ordered()}
-        payload = encode([CHECKPOINT4, self.last_timestamp, self.index_entries, previous, total, sweep_next, rows,
+        payload = encode([CHECKPOINT4, self.last_timestamp, self.index_entries + 1, previous, total, sweep_next, rows,
                           pendings])
-        appended = self._journal.append_block([payload], index, [None])
+        appended = self._journal.append_block([payload], index, [None])  # may time out: then nothing changed
+        self.index_entries += 1
         assert appended == lsn, (appended, lsn)
         self.unindexed.carry(lsn)
         crash_point("during-checkpoint")

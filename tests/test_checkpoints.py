@@ -109,3 +109,30 @@ def test_a_checkpoint_missing_an_account_that_changed_is_damage_at_its_lsn(
     report = verify(str(ledger_path))
     assert report["verdict"] == "NOT WHOLE"
     assert dropped and f"LSN {dropped[0]}" in str(report["problem"]) and "checkpoint" in str(report["problem"])
+
+
+def test_a_checkpoint_the_journal_had_no_room_for_changes_nothing_and_comes_again(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint that cannot be queued in time (the writer not keeping up) must leave the
+    books as they were, its index entry uncounted, or every later checkpoint would count one
+    entry the indexes never got, and the next open would call the ledger damaged."""
+    from coordinator._records import CHECKPOINTS_INDEX
+    from journal import Journal as JournalClass
+    from journal import JournalTimeoutError
+
+    real = JournalClass.append_block
+    refused: list[int] = []
+
+    def no_room_once(self: JournalClass, payloads: object, index: dict[str, object], *args: object) -> int:
+        if CHECKPOINTS_INDEX in index and not refused:
+            refused.append(1)
+            raise JournalTimeoutError("the journal writer is not keeping up")
+        return real(self, payloads, index, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(JournalClass, "append_block", no_room_once)
+    balances, state_hash = build(ledger_path)
+    assert refused
+    with Ledger.open(ledger_path) as reopened:
+        assert reopened.state_hash() == state_hash
+    assert verify(str(ledger_path))["verdict"] == "whole"
