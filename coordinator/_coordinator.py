@@ -148,30 +148,40 @@ class Coordinator:
             if self._combining:
                 return False
             self._combining = True
-        alone = False
-        first = True
-        while True:
+        alone = None  # decided by the first round: later rounds hand their records to the writer
+        try:
+            while True:
+                with self._combining_lock:
+                    batch = self._combining_queue
+                    self._combining_queue = []
+                    if not batch:
+                        self._combining = False
+                        return bool(alone)
+                self._combine_round(batch, wake_writer=alone is not None or len(batch) > 1)
+                if alone is None:
+                    alone = len(batch) == 1
+        except BaseException as error:  # not a bug a round survives (an interrupt): fail what queued, let go
             with self._combining_lock:
-                batch = self._combining_queue
-                self._combining_queue = []
-                if not batch:
-                    self._combining = False
-                    return alone
-            if first:
-                alone = len(batch) == 1
-                first = False
+                stranded, self._combining_queue = self._combining_queue, []
+                self._combining = False
+            for queued in stranded:
+                queued.resolve(LedgerUnavailable(f"transfer {queued.request.id!r} was not started: {error!r}"))
+            raise
+
+    def _combine_round(self, batch: list[Ticket], wake_writer: bool) -> None:
+        """One round of `_combine`: start every ticket of `batch`, in turn or in the mailboxes."""
+        try:
+            rest = self._start_in_turn(batch, wake_writer=wake_writer)
+        except Exception as error:  # a bug must not strand the queue or its callers
+            logger.exception("deciding %d combined transfers failed", len(batch))
+            for queued in batch:
+                queued.resolve(LedgerUnavailable(f"transfer {queued.request.id!r} failed: {error!r}"))
+            return
+        for queued in rest:
             try:
-                rest = self._start_in_turn(batch, wake_writer=not alone)
-            except Exception as error:  # a bug must not strand the queue or its callers
-                logger.exception("deciding %d combined transfers failed", len(batch))
-                for queued in batch:
-                    queued.resolve(LedgerUnavailable(f"transfer {queued.request.id!r} failed: {error!r}"))
-                continue
-            for queued in rest:
-                try:
-                    self.start(queued)
-                except Exception as error:  # a bug in one protocol must not strand the queue
-                    queued.resolve(LedgerUnavailable(f"transfer {queued.request.id!r} failed to start: {error!r}"))
+                self.start(queued)
+            except Exception as error:  # a bug in one protocol must not strand the queue
+                queued.resolve(LedgerUnavailable(f"transfer {queued.request.id!r} failed to start: {error!r}"))
 
     def _start_in_turn(self, tickets: list[Ticket], wake_writer: bool = True) -> list[Ticket]:
         """Decide at once, on this thread, every ticket whose accounts' turns it can take

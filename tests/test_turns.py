@@ -491,3 +491,25 @@ def test_a_balance_never_shows_a_hold_decided_on_a_dormant_turn_before_it_is_dur
     pending.join(WAIT_S)
     asking.join(WAIT_S)
     assert made and seen == [Balance(100, 40, 60, 0)]
+
+
+def test_an_interrupt_in_the_combiner_lets_go_of_combining(ledger_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `BaseException` (an interrupt) out of a combining round reaches its caller, and the
+    next caller becomes the combiner: nobody waits on a combiner that is gone."""
+    with Ledger.open(ledger_path, timeout_s=TIMEOUT_S) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        real = ledger._coordinator._start_in_turn
+        calls: list[int] = []
+
+        def interrupted_once(*args: Any, **kwargs: Any) -> Any:
+            calls.append(1)
+            if len(calls) == 1:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(ledger._coordinator, "_start_in_turn", interrupted_once)
+        with pytest.raises(KeyboardInterrupt):
+            ledger.transfer("t-1", source="bank", destination="alice", amount=1)
+        assert not ledger._coordinator._combining
+        assert isinstance(ledger.transfer("t-2", source="bank", destination="alice", amount=1), Transfer)
