@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from coordinator._claims import Prior, Ticket, lsn_of, result_of
-from coordinator._errors import LedgerError, LedgerTimeout
+from coordinator._errors import LedgerError, LedgerTimeout, LedgerUnavailable
 from coordinator._limits import CHUNK_REQUESTS_MAX, LANE_GROUP_REQUESTS_MAX, TURN_POLL_S, TURN_WAIT_S_MAX
 from coordinator._participant import TurnAccount
 from coordinator._rules import Refusal
@@ -189,17 +189,17 @@ class Lane:
                 cond.notify_all()  # a batch still queued has a waiting owner: one of them runs next
 
     def _decide_group(self, group: list[TurnBatch]) -> None:
-        """Decide the batches of `group` in order, in one hold of their turns; mark each decided."""
+        """Decide the batches of `group` in order, in one hold of their turns; mark each decided.
+        What goes wrong stays with the batches it touches: a batch whose ids cannot be claimed
+        fails alone (its claims let go); a failure while deciding fails the batches that have
+        a ticket it failed, and the others settle as usual (their records were journaled)."""
         coordinator = self._coordinator
         admission = coordinator.admission
-        late: list[Ticket] = []
         try:
             names = [name for batch in group for name in batch.names]
+            turns = None
             try:
                 turns = take_turns(coordinator, names, min(TURN_WAIT_S_MAX, group[0].remaining()))
-            except BaseException:
-                turns = None
-                raise
             finally:
                 if turns is None:  # nothing was done: the owners go the mailbox path, or raise
                     for batch in group:
@@ -207,28 +207,48 @@ class Lane:
                         admission.release(batch.permits)
             if turns is None:
                 return
-            tickets: list[Ticket] = []
+            late: list[Ticket] = []
+            failure: BaseException | None = None
             try:
+                tickets: list[Ticket] = []
                 for batch in group:
-                    batch._claim(batch.valid)
+                    try:
+                        batch._claim(batch.valid)
+                    except Exception as error:  # say, an index entry found damaged: this batch only
+                        _let_go(coordinator, batch._fresh, error)
+                        batch._fresh, batch.failure = [], error
+                        continue
                     tickets += batch._fresh
                 late = decide_all(coordinator, tickets, turns)
+            except Exception as error:  # `decide_all` failed every ticket it did not journal
+                failure = error
             finally:
                 give_back_turns(coordinator, turns)
-                if late:  # a started ticket's permit returns when it is decided
-                    left = set(map(id, late))
-                    for batch in group:
-                        batch._late = [ticket for ticket in batch._fresh if id(ticket) in left]
+            if late:  # a started ticket's permit returns when it is decided
+                left = set(map(id, late))
                 for batch in group:
-                    admission.release(batch.permits - len(batch._late))
-            for ticket in late:
-                coordinator.start(ticket)
-        except BaseException as error:  # the owners raise it (the permits went back above)
+                    batch._late = [ticket for ticket in batch._fresh if id(ticket) in left]
             for batch in group:
-                batch.failure = error
+                admission.release(batch.permits - len(batch._late))
+                if failure is not None and batch.failure is None and any(
+                        ticket.error is not None for ticket in batch._fresh):
+                    batch.failure = failure
+            for ticket in late:
+                try:
+                    coordinator.start(ticket)
+                except Exception as error:  # a bug in one protocol must not strand the others
+                    ticket.resolve(LedgerUnavailable(f"transfer {ticket.request.id!r} failed to start: {error!r}"))
+                    coordinator._decided(ticket)  # its permit
         finally:
             for batch in group:
                 batch.decided = True
+
+
+def _let_go(coordinator: Coordinator, tickets: list[Ticket], error: BaseException) -> None:
+    """Release claimed tickets that will never be decided, and their claims (a retry runs afresh)."""
+    for ticket in tickets:
+        if ticket.resolve(LedgerUnavailable(f"transfer {ticket.request.id!r} was not started: {error!r}")):
+            coordinator.claims.abandon(ticket)
 
 
 def decide_all(coordinator: Coordinator, tickets: list[Ticket], turns: Mapping[str, TurnAccount],
@@ -240,8 +260,9 @@ def decide_all(coordinator: Coordinator, tickets: list[Ticket], turns: Mapping[s
     for first in range(0, len(tickets), CHUNK_REQUESTS_MAX):
         try:
             left += decide_in_turn(coordinator, tickets[first : first + CHUNK_REQUESTS_MAX], turns, wake_writer)
-        except JournalError as error:  # that chunk is failed; the later ones never started
-            _fail(coordinator, tickets[first + CHUNK_REQUESTS_MAX :], error)
+        except Exception as error:  # that chunk is failed; the later ones never started
+            _fail(coordinator, tickets[first + CHUNK_REQUESTS_MAX :],
+                  error if isinstance(error, JournalError) else JournalError(f"the ledger stopped writing: {error!r}"))
             raise
     return left
 

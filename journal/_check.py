@@ -150,13 +150,11 @@ def check_snapshot(env: lmdb.Environment, data_file: str, index_names: Sequence[
     raise JournalError(f"{data_file} changed too fast to be checked ({SNAPSHOT_TRIES_MAX} tries)")
 
 
-def walk_to_seal(data_file: str, index_names: Sequence[str]) -> Layout:
-    """Walk every page of the committed snapshot of a data file no one writes now, exactly as
-    opening does (every page, every index entry's checksum); its layout, for a seal.
-    Raises `JournalCorruptedError` where it finds damage."""
-    layout = _walk_snapshot(None, data_file, _Visitor(index_names))
-    assert layout is not None
-    return layout
+def walk_to_seal(data_file: str, index_names: Sequence[str], txnid: int) -> Layout | None:
+    """Walk every page of snapshot `txnid` of a data file no one writes now, exactly as opening
+    does (every page, every index entry's checksum); its layout, for a seal (None: neither
+    meta page holds that snapshot). Raises `JournalCorruptedError` where it finds damage."""
+    return _walk_snapshot(txnid, data_file, _Visitor(index_names))
 
 
 def _check_databases(found: set[bytes], expected: set[bytes], data_file: str) -> None:

@@ -53,16 +53,10 @@ def file_sums(fd: int, end: int) -> bytes:
     return bytes(sums)
 
 
-def write_seal(path: str, data_file: str, meta: Meta, ledger_id: bytes | None, trees: dict[bytes, Tree]) -> None:
-    """Write the seal of the data file as it is now, whose snapshot `meta` a walk just found
-    laid out as `trees` (no writer may be running). Durable before it returns (written aside,
-    synced, renamed, the directory synced)."""
-    end = (meta.last_page + 1) * meta.page_bytes
-    fd = os.open(data_file, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        sums = file_sums(fd, end)
-    finally:
-        os.close(fd)
+def write_seal(path: str, meta: Meta, sums: bytes, ledger_id: bytes | None, trees: dict[bytes, Tree]) -> None:
+    """Write the seal of the snapshot `meta`, whose file summed to `sums` before a walk found it
+    laid out as `trees` (so a byte changed during the walk fails the sums, and the next open
+    walks). Durable before it returns (written aside, synced, renamed, the directory synced)."""
     body = msgpack.packb([SEAL_VERSION, ledger_id, meta.txnid, meta.last_page, meta.page_bytes, sums,
                           [[name, tree.entries, tree.branch_pages, tree.leaf_pages, tree.overflow_pages, tree.depth,
                             tree.first_key, tree.last_key] for name, tree in sorted(trees.items())]],

@@ -140,3 +140,41 @@ def test_damage_that_lands_while_the_ledger_is_open_is_never_sealed(ledger_path:
     with pytest.raises(JournalCorrupted, match="page"):
         Ledger.open(ledger_path)
     assert walks == [1]
+
+
+def test_a_byte_changed_while_the_close_walks_is_not_sealed(
+    ledger_path: Path, walks: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The close sums the file before it walks: a stray write that lands on a page the walk
+    has passed fails the sums, so the next open walks and reports it."""
+    import struct
+
+    import journal._journal
+
+    with Ledger.open(ledger_path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        for k in range(3000):
+            ledger.transfer(f"xfer-{k:05d}", source="bank", destination="alice", amount=1)
+    data = ledger_path / "data.mdb"
+    real = journal._journal.walk_to_seal
+
+    def walk_then_stray_write(data_file: str, names: object, txnid: int) -> object:
+        layout = real(data_file, names, txnid)  # type: ignore[arg-type]
+        content = data.read_bytes()
+        header = content.index(b"xfer-00010") // 4096 * 4096  # an old records leaf: never rewritten
+        number = struct.unpack_from("<Q", content, header)[0]
+        with open(data, "r+b") as handle:
+            handle.seek(header)
+            handle.write(struct.pack("<Q", number ^ 0x100))
+        return layout
+
+    with Ledger.open(ledger_path) as ledger:
+        ledger.transfer("after", source="bank", destination="alice", amount=1)
+        monkeypatch.setattr(journal._journal, "walk_to_seal", walk_then_stray_write)
+    monkeypatch.setattr(journal._journal, "walk_to_seal", real)
+    assert (ledger_path / SEAL_FILE).exists()  # written, but for the bytes summed before the walk
+    walks.clear()
+    with pytest.raises(JournalCorrupted, match="page"):
+        Ledger.open(ledger_path)
+    assert walks == [1]

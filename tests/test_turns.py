@@ -513,3 +513,66 @@ def test_an_interrupt_in_the_combiner_lets_go_of_combining(ledger_path: Path, mo
             ledger.transfer("t-1", source="bank", destination="alice", amount=1)
         assert not ledger._coordinator._combining
         assert isinstance(ledger.transfer("t-2", source="bank", destination="alice", amount=1), Transfer)
+
+
+def test_a_batch_whose_ids_cannot_be_claimed_fails_alone_in_its_lane_group(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three batches decided in one lane run; the last one's claim raises (a damaged index
+    record for an id it reuses): it alone gets the error; the others are decided and
+    durable, no permit or claim is left behind, and a retry of its ids runs afresh."""
+    from coordinator import _turns
+    from engine import JournalCorrupted
+
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    ledger.create_account("a", currency="USD")
+    ledger.transfer("old", source="bank", destination="a", amount=1)
+    claims = ledger._coordinator.claims
+    assert claims.wait_warm(WAIT_S)
+    real_lookup = claims.lookup
+
+    def damaged(transfer_id: str, txn: Any = None) -> Any:
+        if transfer_id == "old":
+            raise JournalCorrupted("stand-in: the record of 'old' is damaged", where="LSN 3")
+        return real_lookup(transfer_id, txn)
+
+    monkeypatch.setattr(claims, "lookup", damaged)
+    real_take, entered, go = _turns.take_turns, threading.Event(), threading.Event()
+
+    def held_first(coordinator: Any, names: list[str], wait_s: float = 0.0) -> Any:
+        if wait_s > 0 and not entered.is_set():  # the first group waits: the next batches queue behind it
+            entered.set()
+            assert go.wait(WAIT_S)
+        return real_take(coordinator, names, wait_s)
+
+    monkeypatch.setattr(_turns, "take_turns", held_first)
+    out: dict[str, Any] = {}
+
+    def run(key: str, requests: list[TransferRequest]) -> threading.Thread:
+        def body() -> None:
+            try:
+                out[key] = ledger.transfer_many(requests)
+            except Exception as error:  # the outcome under test
+                out[key] = error
+        thread = threading.Thread(target=body)
+        thread.start()
+        return thread
+
+    lane = ledger._coordinator.lane
+    first = run("first", [TransferRequest("z1", "bank", "a", 1)])
+    assert entered.wait(WAIT_S)
+    second = run("second", [TransferRequest("a1", "bank", "a", 1), TransferRequest("a2", "bank", "a", 1)])
+    assert _wait_until(lambda: len(lane._queue) == 1)
+    third = run("third", [TransferRequest("b1", "bank", "a", 1), TransferRequest("old", "bank", "a", 1)])
+    assert _wait_until(lambda: len(lane._queue) == 2)
+    go.set()
+    for thread in (first, second, third):
+        thread.join(WAIT_S)
+    assert isinstance(out["third"], JournalCorrupted)
+    assert [type(result) for result in out["second"]] == [Transfer, Transfer]
+    assert [type(result) for result in out["first"]] == [Transfer]
+    assert ledger._coordinator.admission.in_flight == 0
+    assert not [ticket for ticket in claims.in_flight() if not ticket.done]
+    assert ledger.balance("a").posted == 4
+    monkeypatch.setattr(claims, "lookup", real_lookup)
+    assert isinstance(ledger.transfer("b1", source="bank", destination="a", amount=1), Transfer)  # afresh
