@@ -1,11 +1,14 @@
-"""`transfer_many`'s fast path: the caller's thread takes the turns of every account in
-the batch, then runs each account's own handlers for the requests in list order.
+"""`transfer_many`'s fast path: a thread takes the turns of every account in the batch,
+then runs each account's own handlers for the requests in list order.
 
 A turn is the right to handle an account's messages; whoever holds it is that
-account's single thread for the moment. Taking a turn never waits: if any account
-of the batch is busy (its turn held elsewhere, or messages queued), the whole
-batch falls back to the message-passing `Batch`. A turn is taken only from an idle
-account with an empty mailbox; while it is held, other threads' messages to the
+account's single thread for the moment. Batches decide in the `Lane`, a group at a
+time; its runner takes the turns of the group's accounts, waiting (bounded) for one
+held elsewhere, and only it ever waits, so no two waiters hold what the other wants.
+If a turn stays busy, the group falls back to the message-passing `Batch`. Other
+takers (the combiner of single transfers) never wait. A turn is taken only from an
+idle account with an empty mailbox (or, with no live actor, without one: a dormant
+turn, see `engine._directory`); while it is held, other threads' messages to the
 account queue in its mailbox. Entries queued meanwhile (a concurrent commit
 crediting it) are applied before the account decides again; everything else is
 handed to the dispatcher when the holder lets go. So each account still handles
