@@ -68,9 +68,8 @@ class TurnBatch:
         self.failure: BaseException | None = None
 
     def remaining(self) -> float:
+        """Seconds left before the batch's deadline."""
         return max(0.0, self._deadline - time.monotonic())
-
-    _remaining = remaining
 
     def run(self) -> list[Result] | None:
         """The results, or None (nothing done) if some account's turn could not be taken."""
@@ -110,16 +109,16 @@ class TurnBatch:
         # (after a failure nothing more is written). Claims found made wait to be decided.
         answers = None if prior else self._answers()
         for claim in prior:
-            if type(claim) is Ticket and not claim.done and not claim.wait(self._remaining()):
+            if type(claim) is Ticket and not claim.done and not claim.wait(self.remaining()):
                 raise LedgerTimeout(f"transfer {claim.request.id!r} is still in flight elsewhere; retry later")
         fresh = self._fresh
         # The writer releases completions in LSN order: once the last of ours is, all are
         # (but for the late ones, decided after).
         for ticket in (*fresh[-1:], *self._late):
-            if not ticket.wait(self._remaining()):
+            if not ticket.wait(self.remaining()):
                 raise LedgerTimeout(f"transfer {ticket.request.id!r} is not durable yet; retry later")
         if prior:  # what others decided must be durable too before it is answered
-            coordinator.journal.wait_durable(max(map(lsn_of, prior)), self._remaining())
+            coordinator.journal.wait_durable(max(map(lsn_of, prior)), self.remaining())
         assert all(ticket.done for ticket in fresh)
         coordinator.claims.release_many(fresh)
         if answers is None or (fresh and fresh[-1].error is not None):
