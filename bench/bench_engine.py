@@ -289,10 +289,15 @@ def main() -> int:
               "transfer_many_1000": batched, "durable_floor_1000": floor, "ledger_stats": stats,
               "python": sys.version.split()[0]}
     print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    write_json(args.json, result)
     return 0
+
+
+def write_json(path: str | None, result: dict) -> None:
+    """Write a bench's results to `path` (`--json`), if one was given."""
+    if path:
+        with open(path, "w") as handle:
+            json.dump(result, handle, indent=2)
 
 
 if __name__ == "__main__":

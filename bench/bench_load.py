@@ -29,7 +29,7 @@ from collections.abc import Callable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_engine import TallyBench, collect_before_timing, durable_floor, workload  # noqa: E402
+from bench_engine import TallyBench, collect_before_timing, durable_floor, workload, write_json  # noqa: E402
 
 from engine import LedgerError, TransferRequest  # noqa: E402
 
@@ -191,9 +191,7 @@ def main() -> int:
     show("  singles p99 latency", rows["mixed-single-p99-ms"], " ms", digits=1)
     result = {"accounts": args.accounts, "transfers": args.transfers, "rounds": args.rounds,
               "rows": {key: summary(values) for key, values in rows.items()}, "ledger_stats": stats}
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    write_json(args.json, result)
     return 0
 
 

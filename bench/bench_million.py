@@ -28,6 +28,9 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_engine import write_json  # noqa: E402
 
 import coordinator._sequencer as sequencer_module  # noqa: E402
 from engine import Account, Ledger, LedgerError, TransferRequest  # noqa: E402
@@ -167,9 +170,7 @@ def main() -> int:
     print(f"peak resident memory (1.-3.)    {result['peak_rss_mib']:>8} MiB")
     print(f"data file                       {result['data_file_mib']:>8} MiB")
     print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+    write_json(args.json, result)
     return 0
 
 

@@ -177,11 +177,7 @@ class Coordinator:
             for queued in batch:
                 queued.resolve(LedgerUnavailable(f"transfer {queued.request.id!r} failed: {error!r}"))
             return
-        for queued in rest:
-            try:
-                self.start(queued)
-            except Exception as error:  # a bug in one protocol must not strand the queue
-                queued.resolve(LedgerUnavailable(f"transfer {queued.request.id!r} failed to start: {error!r}"))
+        self.start_all(rest)
 
     def _start_in_turn(self, tickets: list[Ticket], wake_writer: bool = True) -> list[Ticket]:
         """Decide at once, on this thread, every ticket whose accounts' turns it can take
@@ -228,6 +224,17 @@ class Coordinator:
                 if ticket not in left:
                     self._decided(ticket)
         return others + left
+
+    def start_all(self, tickets: list[Ticket]) -> None:
+        """`start` each ticket. One that fails to start (a bug in one protocol) is released with
+        the failure and its permit returned; it never strands the others."""
+        for ticket in tickets:
+            try:
+                self.start(ticket)
+            except Exception as error:
+                logger.exception("starting transfer %r failed", ticket.request.id)
+                ticket.resolve(LedgerUnavailable(f"transfer {ticket.request.id!r} failed to start: {error!r}"))
+                self._decided(ticket)
 
     def start(self, ticket: Ticket) -> None:
         """Begin the mailbox path for a claimed, admitted ticket. Never waits."""
@@ -329,14 +336,17 @@ class Coordinator:
         except JournalError as error:
             self.fail(ticket, error)
 
-    def fail(self, ticket: Ticket, error: JournalError) -> None:
+    def fail(self, ticket: Ticket, error: Exception) -> None:
         """Release a ticket whose record never reached the journal (a no-op if released),
-        and drop its claim: nothing was written, so a retry of its ids runs afresh."""
+        and drop its claim: nothing was written, so a retry of its ids runs afresh. `error`:
+        the journal's failure, or what else kept it from being decided."""
         if isinstance(error, JournalClosedError):
             failure: LedgerError = LedgerClosed(f"the ledger closed before transfer {ticket.request.id!r} was "
                                                 "decided; nothing was written for it")
-        else:
+        elif isinstance(error, JournalError):
             failure = LedgerUnavailable(f"the journal cannot be written: {error}")
+        else:
+            failure = LedgerUnavailable(f"transfer {ticket.request.id!r} was not decided: {error!r}")
         if ticket.resolve(failure):
             self.claims.abandon(ticket)
 

@@ -21,7 +21,7 @@ reserves nothing once the ledger is open again; a retry with its id runs afresh.
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import filterfalse, starmap
 from operator import itemgetter
@@ -58,9 +58,9 @@ from coordinator._records import (
     decode,
     value_lsn,
 )
-from coordinator._rules import Leg, Refusal, decide, due, enter, expire
+from coordinator._rules import Leg, Overlay, Refusal, decide, due, enter, expire
 from coordinator._sequencer import Sequencer
-from coordinator._state import NO_ENTRIES, Pending, Projection, SequenceError, post
+from coordinator._state import NO_ENTRIES, AccountState, Pending, Projection, SequenceError, post
 from coordinator._values import Account, Metadata, TransferRequest, opened_account
 
 
@@ -410,7 +410,9 @@ def _apply_transfer(books: Recovered, lsn: int, record: list[Any]) -> None:
 def _check_legs(books: Recovered, lsn: int, legs: list[list[Any]], decided: list[Leg]) -> None:
     """Each journaled leg must be what the decision made: the same accounts and amount, and
     entries stamped as `post` applies them (next seq, running balance) and as decided."""
-    states = _Overlay(books.states)  # the legs' entries, over the books (a chain's legs build on each other)
+    written: dict[str, AccountState] = {}
+    # The legs' entries over the books (a chain's legs build on each other).
+    states: Mapping[str, AccountState] = Overlay(written, books.states)  # type: ignore[assignment]
     for leg, made in zip(legs, decided, strict=True):
         kind, tid, source, destination, amount = leg[0], leg[1], leg[2], leg[3], leg[4]
         made_kind, made_source, made_destination, made_amount, stamp, pending = made
@@ -424,26 +426,13 @@ def _check_legs(books: Recovered, lsn: int, legs: list[list[Any]], decided: list
                 raise _corrupt(lsn, f"transfer {tid!r} moves no money, yet its record stamps entries {journaled!r}")
             continue
         try:  # `post` checks each entry is the next and adds up: so the record stamps what `decide` does
-            states[source] = post(states[source], leg[11], -amount, leg[12], lsn)
-            states[destination] = post(states[destination], leg[13], amount, leg[14], lsn)
+            written[source] = post(states[source], leg[11], -amount, leg[12], lsn)
+            written[destination] = post(states[destination], leg[13], amount, leg[14], lsn)
         except SequenceError as error:
             raise _corrupt(lsn, f"transfer {tid!r}: {error}") from error
         except TypeError as error:
             raise _corrupt(lsn, f"transfer {tid!r} stamps entries {journaled!r}") from error
         assert journaled == stamp, (journaled, stamp)
-
-
-class _Overlay(dict[str, Any]):
-    """A few states written over the books' without copying them all: reads fall through."""
-
-    __slots__ = ("_under",)
-
-    def __init__(self, under: dict[str, Any]) -> None:
-        super().__init__()
-        self._under = under
-
-    def __missing__(self, key: str) -> Any:
-        return self._under[key]
 
 
 def _apply_commit(books: Recovered, lsn: int, record: list[Any]) -> None:

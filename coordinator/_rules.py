@@ -111,9 +111,9 @@ def decide(requests: Sequence[Request], book: Book, timestamp: int,
     states: dict[str, AccountState] = {}
     held: dict[str, int] = {}
     incoming: dict[str, int] = {}
-    seen_states: Mapping[str, AccountState] = _Overlay(states, book.states)  # type: ignore[assignment]
-    seen_held: Mapping[str, int] = _Overlay(held, book.held)  # type: ignore[assignment]
-    seen_incoming: Mapping[str, int] = _Overlay(incoming, book.incoming)  # type: ignore[assignment]
+    seen_states: Mapping[str, AccountState] = Overlay(states, book.states)  # type: ignore[assignment]
+    seen_held: Mapping[str, int] = Overlay(held, book.held)  # type: ignore[assignment]
+    seen_incoming: Mapping[str, int] = Overlay(incoming, book.incoming)  # type: ignore[assignment]
     legs: list[Leg] = []
     for index, request in enumerate(requests):
         if type(request) is TransferRequest:
@@ -214,8 +214,9 @@ class _Resolving(Protocol):
     void: bool
 
 
-class _Overlay(Mapping[str, object]):
-    """`top` over `base`: what a chain sees of the books, its own legs' effects first."""
+class Overlay(Mapping[str, object]):
+    """`top` over `base`: what a chain sees of the books, its own legs' effects first (replay
+    checks a record's stamps over the books the same way)."""
 
     __slots__ = ("top", "base")
 

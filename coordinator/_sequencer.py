@@ -556,7 +556,7 @@ class Sequencer:
         the others (the sweep, see `coordinator._records`); every open pending transfer; the
         last timestamp; and with it, in its transaction, the entry index rows of every commit
         since the last. The first checkpoint a sequencer writes without knowing the one
-        before it (`Projection.checkpoint_accounts` is None) holds every account.
+        before it (`Projection.checkpoint_chain` is None) holds every account.
 
         Opening the ledger starts from the newest checkpoint and replays only the
         records after it; a full replay checks every checkpoint it passes.
@@ -605,10 +605,6 @@ class Sequencer:
             end -= total
             changed.update(dict.fromkeys(ids[:end]))
         return changed, previous, end % total
-
-    def whole_checkpoint_next(self) -> None:
-        """Make the next checkpoint hold every account."""
-        self._checkpoint = None
 
 
 def request_fields(request: Request) -> list[Any]:

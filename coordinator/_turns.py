@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from coordinator._claims import Prior, Ticket, lsn_of, result_of
-from coordinator._errors import LedgerError, LedgerTimeout, LedgerUnavailable
+from coordinator._errors import LedgerError, LedgerTimeout
 from coordinator._limits import CHUNK_REQUESTS_MAX, LANE_GROUP_REQUESTS_MAX, TURN_POLL_S, TURN_WAIT_S_MAX
 from coordinator._participant import TurnAccount
 from coordinator._rules import Refusal
@@ -146,11 +146,6 @@ class Lane:
         self._queue: list[TurnBatch] = []
         self._running = False
 
-    @property
-    def busy(self) -> bool:
-        """A hint: a batch is being decided."""
-        return self._running
-
     def decide(self, batch: TurnBatch) -> None:
         """Decide `batch` in turn, with whatever batches queue meanwhile; return once it is
         decided (`batch.decided`; `batch.fell_back` if its turns could not be taken, then
@@ -217,7 +212,8 @@ class Lane:
                     try:
                         batch._claim(batch.valid)
                     except Exception as error:  # say, an index entry found damaged: this batch only
-                        _let_go(coordinator, batch._fresh, error)
+                        for ticket in batch._fresh:
+                            coordinator.fail(ticket, error)
                         batch._fresh, batch.failure = [], error
                         continue
                     tickets += batch._fresh
@@ -235,22 +231,10 @@ class Lane:
                 if failure is not None and batch.failure is None and any(
                         ticket.error is not None for ticket in batch._fresh):
                     batch.failure = failure
-            for ticket in late:
-                try:
-                    coordinator.start(ticket)
-                except Exception as error:  # a bug in one protocol must not strand the others
-                    ticket.resolve(LedgerUnavailable(f"transfer {ticket.request.id!r} failed to start: {error!r}"))
-                    coordinator._decided(ticket)  # its permit
+            coordinator.start_all(late)
         finally:
             for batch in group:
                 batch.decided = True
-
-
-def _let_go(coordinator: Coordinator, tickets: list[Ticket], error: BaseException) -> None:
-    """Release claimed tickets that will never be decided, and their claims (a retry runs afresh)."""
-    for ticket in tickets:
-        if ticket.resolve(LedgerUnavailable(f"transfer {ticket.request.id!r} was not started: {error!r}")):
-            coordinator.claims.abandon(ticket)
 
 
 def decide_all(coordinator: Coordinator, tickets: list[Ticket], turns: Mapping[str, TurnAccount],

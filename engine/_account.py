@@ -37,11 +37,24 @@ class AccountBooks:
     Only the holder of the account's turn calls them."""
 
     account: Account
+    """Its id, currency and overdraft limit (`coordinator.TurnAccount.account`)."""
     state: AccountState
+    """What its entries add up to, as applied so far (`coordinator.TurnAccount.state`)."""
     reserved: int
+    """Funds reserved for transfers in flight (`coordinator.TurnAccount.reserved`)."""
     held: int
+    """Funds its open pending transfers hold (`coordinator.TurnAccount.held`)."""
     incoming: int
+    """Funds of the open pending transfers toward it."""
     held_lsn: int
+    """LSN of the last record that changed `held` or `incoming` (or a bound above it: one made
+    from the projection starts at the journal's last LSN, since the record behind the holds
+    it starts from may not be durable yet)."""
+
+    def _open_books(self, account: Account, state: AccountState, held: int, incoming: int, held_lsn: int) -> None:
+        """Start from the projection's values, with nothing reserved."""
+        self.account, self.state, self.reserved = account, state, 0
+        self.held, self.incoming, self.held_lsn = held, incoming, held_lsn
 
     def apply(self, seq: int, amount: int, balance: int, lsn: int) -> AccountState:
         """Post a stamped entry; the new state."""
@@ -71,20 +84,7 @@ class AccountBooks:
 class AccountActor(PooledActor, AccountBooks):
     def __init__(self, account: Account, state: AccountState, held: int, incoming: int, held_lsn: int) -> None:
         super().__init__()
-        self.account = account
-        """Its id, currency and overdraft limit (`coordinator.TurnAccount.account`)."""
-        self.state = state
-        """What its entries add up to, as applied so far (`coordinator.TurnAccount.state`)."""
-        self.reserved = 0
-        """Funds reserved for transfers in flight (`coordinator.TurnAccount.reserved`)."""
-        self.held = held
-        """Funds its open pending transfers hold (`coordinator.TurnAccount.held`)."""
-        self.incoming = incoming
-        """Funds of the open pending transfers toward it."""
-        self.held_lsn = held_lsn
-        """LSN of the last record that changed `held` or `incoming` (or a bound above it: an
-        actor made from the projection starts at the journal's last LSN, since the record
-        behind the holds it starts from may not be durable yet)."""
+        self._open_books(account, state, held, incoming, held_lsn)
 
     def on_receive(self, message: Any) -> Any:
         kind = type(message)

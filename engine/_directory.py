@@ -100,14 +100,8 @@ class _Dormant(AccountBooks):
     __slots__ = ("account", "state", "reserved", "held", "incoming", "held_lsn", "woken")
 
     def __init__(self, account: Account, state: AccountState, held: int, incoming: int, held_lsn: int) -> None:
-        self.account = account
-        self.state = state
-        self.reserved = 0
-        """Always 0: reservations are made in the mailbox, and this account's wait there."""
-        self.held = held
-        self.incoming = incoming
-        self.held_lsn = held_lsn
-        """As `AccountActor.held_lsn`: handed to the actor woken meanwhile, if one is."""
+        # `reserved` stays 0: reservations are made in the mailbox, which waits for the turn.
+        self._open_books(account, state, held, incoming, held_lsn)
         self.woken: AccountHandle | None = None
 
     def catch_up(self) -> None:

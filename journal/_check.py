@@ -35,7 +35,7 @@ from journal._limits import FORMAT_VERSION, FORMAT_VERSIONS_READ, RACE_TRIES_MAX
 from journal._meta import Meta, committed_meta, read_metas
 from journal._names import FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB
 from journal._pages import Layout, walk
-from journal._seal import sealed_layout
+from journal._seal import file_sums, sealed_layout
 
 
 @dataclass(frozen=True)
@@ -150,11 +150,21 @@ def check_snapshot(env: lmdb.Environment, data_file: str, index_names: Sequence[
     raise JournalError(f"{data_file} changed too fast to be checked ({SNAPSHOT_TRIES_MAX} tries)")
 
 
-def walk_to_seal(data_file: str, index_names: Sequence[str], txnid: int) -> Layout | None:
-    """Walk every page of snapshot `txnid` of a data file no one writes now, exactly as opening
-    does (every page, every index entry's checksum); its layout, for a seal (None: neither
-    meta page holds that snapshot). Raises `JournalCorruptedError` where it finds damage."""
-    return _walk_snapshot(txnid, data_file, _Visitor(index_names))
+def check_to_seal(data_file: str, index_names: Sequence[str]) -> tuple[Meta, bytes, Layout] | None:
+    """For the seal of a data file no one writes now (`journal._seal`): its committed meta, the
+    sums of its bytes up to that snapshot's last page, then a walk of every page exactly as
+    opening does (the sums first: a byte that changes during the walk fails them). None if
+    another snapshot was committed meanwhile. Raises `JournalCorruptedError` where it finds
+    damage, `OSError` if the file cannot be read."""
+    meta = _read_committed(data_file)
+    assert meta is not None
+    fd = os.open(data_file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        sums = file_sums(fd, (meta.last_page + 1) * meta.page_bytes)
+    finally:
+        os.close(fd)
+    layout = _walk_snapshot(meta.txnid, data_file, _Visitor(index_names))
+    return None if layout is None else (meta, sums, layout)
 
 
 def _check_databases(found: set[bytes], expected: set[bytes], data_file: str) -> None:

@@ -31,10 +31,9 @@ from journal._errors import (
 )
 from journal._format import index_seed, key_lsn, lsn_key, unframe, unframe_index_value, unframe_keyed
 from journal._limits import MAP_SIZE_BYTES_DEFAULT
-from journal._check import check_records, walk_to_seal
+from journal._check import check_records, check_to_seal
 from journal._names import DATA_FILE, RECORDS_DB
-from journal._meta import committed_meta, read_metas
-from journal._seal import SEAL_FILE, file_sums, write_seal
+from journal._seal import SEAL_FILE, write_seal
 from journal._store import Store
 from journal._writer import IndexPut, IndexPuts, Writer
 
@@ -410,16 +409,10 @@ class Journal:
             logger.warning("the old seal of %s cannot be removed (%s)", data_file, error)
             return
         try:
-            fd = os.open(data_file, os.O_RDONLY | os.O_CLOEXEC)
-            try:  # the sums first, then the walk: a byte that changes meanwhile fails them
-                meta = committed_meta(*read_metas(fd, data_file), data_file)
-                sums = file_sums(fd, (meta.last_page + 1) * meta.page_bytes)
-            finally:
-                os.close(fd)
-            layout = walk_to_seal(data_file, list(store.indexes), meta.txnid)
-            if layout is None:
-                return  # another snapshot since the sums: not this close's to seal
-            write_seal(store.path, meta, sums, store.ledger_id, layout.trees)
+            checked = check_to_seal(data_file, list(store.indexes))
+            if checked is not None:  # (None: another snapshot since the sums, not this close's to seal)
+                meta, sums, layout = checked
+                write_seal(store.path, meta, sums, store.ledger_id, layout.trees)
         except JournalCorruptedError as error:
             logger.error("closing %s found damage; not sealed, so the next open reports it: %s", data_file, error)
         except (OSError, JournalError) as error:

@@ -3,9 +3,11 @@ the layout from it instead of walking every page; anything else walks, as before
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import pytest
@@ -37,6 +39,27 @@ def build(path: Path) -> str:
         for k in range(20):
             ledger.transfer(f"t{k}", source="bank", destination="alice", amount=1 + k)
         return ledger.state_hash()
+
+
+def build_long(path: Path) -> Path:
+    """A ledger long enough that its first records' leaf is never rewritten; its data file."""
+    with Ledger.open(path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        for k in range(3000):
+            ledger.transfer(f"xfer-{k:05d}", source="bank", destination="alice", amount=1)
+    return path / "data.mdb"
+
+
+def damage_an_old_leaf(data: Path) -> None:
+    """A stray write: flip the page number in the header of the records leaf holding
+    `xfer-00010` (an old one, never rewritten), which the page walk checks."""
+    content = data.read_bytes()
+    header = content.index(b"xfer-00010") // 4096 * 4096
+    number = struct.unpack_from("<Q", content, header)[0]
+    with open(data, "r+b") as handle:
+        handle.seek(header)
+        handle.write(struct.pack("<Q", number ^ 0x100))
 
 
 def test_a_clean_close_seals_the_file_and_the_next_open_needs_no_walk(ledger_path: Path, walks: list[int]) -> None:
@@ -116,22 +139,10 @@ def test_damage_that_lands_while_the_ledger_is_open_is_never_sealed(ledger_path:
     """A page LMDB does not rewrite is damaged while the ledger is open (a stray write): the
     clean close walks before it seals, finds it, and leaves no seal, so the next open walks
     and reports it."""
-    import struct
-
-    with Ledger.open(ledger_path) as ledger:
-        ledger.create_account("bank", currency="USD", overdraft_limit=None)
-        ledger.create_account("alice", currency="USD")
-        for k in range(3000):
-            ledger.transfer(f"xfer-{k:05d}", source="bank", destination="alice", amount=1)
-    data = ledger_path / "data.mdb"
+    data = build_long(ledger_path)
     ledger = Ledger.open(ledger_path)  # sealed: no walk
     try:
-        content = data.read_bytes()
-        header = content.index(b"xfer-00010") // 4096 * 4096  # an old records leaf: never rewritten
-        number = struct.unpack_from("<Q", content, header)[0]
-        with open(data, "r+b") as handle:  # its page number, as the walk checks it
-            handle.seek(header)
-            handle.write(struct.pack("<Q", number ^ 0x100))
+        damage_an_old_leaf(data)
         ledger.transfer("after", source="bank", destination="alice", amount=1)
     finally:
         ledger.close()
@@ -147,32 +158,18 @@ def test_a_byte_changed_while_the_close_walks_is_not_sealed(
 ) -> None:
     """The close sums the file before it walks: a stray write that lands on a page the walk
     has passed fails the sums, so the next open walks and reports it."""
-    import struct
+    data = build_long(ledger_path)
+    real = journal._check._walk_snapshot
 
-    import journal._journal
-
-    with Ledger.open(ledger_path) as ledger:
-        ledger.create_account("bank", currency="USD", overdraft_limit=None)
-        ledger.create_account("alice", currency="USD")
-        for k in range(3000):
-            ledger.transfer(f"xfer-{k:05d}", source="bank", destination="alice", amount=1)
-    data = ledger_path / "data.mdb"
-    real = journal._journal.walk_to_seal
-
-    def walk_then_stray_write(data_file: str, names: object, txnid: int) -> object:
-        layout = real(data_file, names, txnid)  # type: ignore[arg-type]
-        content = data.read_bytes()
-        header = content.index(b"xfer-00010") // 4096 * 4096  # an old records leaf: never rewritten
-        number = struct.unpack_from("<Q", content, header)[0]
-        with open(data, "r+b") as handle:
-            handle.seek(header)
-            handle.write(struct.pack("<Q", number ^ 0x100))
+    def walk_then_stray_write(*args: Any) -> Any:
+        layout = real(*args)
+        damage_an_old_leaf(data)
         return layout
 
     with Ledger.open(ledger_path) as ledger:
         ledger.transfer("after", source="bank", destination="alice", amount=1)
-        monkeypatch.setattr(journal._journal, "walk_to_seal", walk_then_stray_write)
-    monkeypatch.setattr(journal._journal, "walk_to_seal", real)
+        monkeypatch.setattr(journal._check, "_walk_snapshot", walk_then_stray_write)  # the close's walk
+    monkeypatch.setattr(journal._check, "_walk_snapshot", real)
     assert (ledger_path / SEAL_FILE).exists()  # written, but for the bytes summed before the walk
     walks.clear()
     with pytest.raises(JournalCorrupted, match="page"):
