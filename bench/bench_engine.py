@@ -87,7 +87,20 @@ def run_clients(clients: int, work: list[tuple[int, int, int]], call: Callable[[
         "transfers_per_s": round(len(work) / elapsed, 1),
         "p50_ms": round(latencies[len(latencies) // 2] * 1000, 2),
         "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 2),
+        "max_ms": round(latencies[-1] * 1000, 2),
     }
+
+
+def transfer_call(ledger: Ledger, names: list[str], prefix: str) -> Callable[[int, int, int, int], None]:
+    """`run_clients`' call for a Tally ledger: transfer k, ids `{prefix}-{k}`; a refusal is an outcome too."""
+
+    def transfer(k: int, source: int, destination: int, amount: int) -> None:
+        try:
+            ledger.transfer(f"{prefix}-{k}", source=names[source], destination=names[destination], amount=amount)
+        except LedgerError:
+            pass
+
+    return transfer
 
 
 class TallyBench:
@@ -103,15 +116,7 @@ class TallyBench:
         self.run = 0
 
     def call(self, prefix: str) -> Callable[[int, int, int, int], None]:
-        names, ledger = self.names, self.ledger
-
-        def transfer(k: int, source: int, destination: int, amount: int) -> None:
-            try:
-                ledger.transfer(f"{prefix}-{k}", source=names[source], destination=names[destination], amount=amount)
-            except LedgerError:
-                pass
-
-        return transfer
+        return transfer_call(self.ledger, self.names, prefix)
 
     def batches(self, work: list[tuple[int, int, int]], prefix: str) -> dict:
         names = self.names

@@ -19,21 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_engine import write_json  # noqa: E402
+from bench_engine import run_clients, transfer_call, workload, write_json  # noqa: E402
 
 import coordinator._sequencer as sequencer_module  # noqa: E402
-from engine import Account, Ledger, LedgerError, TransferRequest  # noqa: E402
+from engine import Account, Ledger, TransferRequest  # noqa: E402
 
 CLIENTS = 64
 LIST = 10_000
@@ -59,39 +57,6 @@ def timed_checkpoints() -> list[float]:
 
     sequencer_module.Sequencer.checkpoint = checkpoint  # type: ignore[method-assign]
     return pauses
-
-
-def load(ledger: Ledger, names: list[str], transfers: int, seed: int) -> dict:
-    rng = random.Random(seed)
-    work = [(rng.randrange(len(names)), rng.randrange(len(names)), rng.randint(1, 100)) for _ in range(transfers)]
-    latencies: list[list[float]] = [[] for _ in range(CLIENTS)]
-    barrier = threading.Barrier(CLIENTS + 1)
-
-    def client(n: int) -> None:
-        mine = latencies[n]
-        barrier.wait(timeout=60)
-        for k in range(n, transfers, CLIENTS):
-            source, destination, amount = work[k]
-            if source == destination:
-                continue
-            started = time.perf_counter()
-            try:
-                ledger.transfer(f"load-{k}", source=names[source], destination=names[destination], amount=amount)
-            except LedgerError:
-                pass
-            mine.append(time.perf_counter() - started)
-
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
-    for thread in threads:
-        thread.start()
-    barrier.wait(timeout=60)
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join(3600)
-    elapsed = time.perf_counter() - started
-    every = sorted(latency for part in latencies for latency in part)
-    return {"transfers_per_s": round(len(every) / elapsed), "p50_ms": round(every[len(every) // 2] * 1e3, 2),
-            "p99_ms": round(every[int(len(every) * 0.99)] * 1e3, 2), "max_ms": round(every[-1] * 1e3, 2)}
 
 
 REOPEN = """
@@ -148,7 +113,8 @@ def main() -> int:
         print(f"funded each once in {result['touch_each_s']} s", file=sys.stderr)
 
         pauses.clear()
-        result["load"] = load(ledger, names, args.load_transfers, args.seed)
+        work = workload(args.accounts, args.load_transfers, "uniform", args.seed)
+        result["load"] = run_clients(CLIENTS, work, transfer_call(ledger, names, "load"))
         result["load"]["checkpoints"] = len(pauses)
         result["load"]["checkpoint_pause_max_ms"] = round(max(pauses, default=0) * 1e3, 1)
         print(f"load: {result['load']}", file=sys.stderr)
@@ -163,7 +129,7 @@ def main() -> int:
     print(f"create_accounts                 {result['create_s']:>8} s")
     print(f"fund each once (transfer_many)  {result['touch_each_s']:>8} s")
     lo = result["load"]
-    print(f"load, {CLIENTS} clients              {lo['transfers_per_s']:>8,}/s  p50 {lo['p50_ms']} ms  p99 {lo['p99_ms']} ms"
+    print(f"load, {CLIENTS} clients              {lo['transfers_per_s']:>8,.0f}/s  p50 {lo['p50_ms']} ms  p99 {lo['p99_ms']} ms"
           f"  max {lo['max_ms']} ms")
     print(f"  checkpoints during load       {lo['checkpoints']:>8}  longest pause {lo['checkpoint_pause_max_ms']} ms")
     print(f"reopen (a new process)          {result['reopen_s']:>8} s   peak memory {result['reopen_peak_rss_mib']} MiB")

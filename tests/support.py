@@ -1,6 +1,8 @@
-"""What several test files share: a clock the test moves."""
+"""What several test files share: a clock the test moves, and a look at a ledger's books."""
 
 from __future__ import annotations
+
+from engine import Balance, Ledger
 
 NS_PER_S = 1_000_000_000
 START_NS = 1_700_000_000 * NS_PER_S
@@ -18,3 +20,13 @@ class Clock:
 
     def advance(self, seconds: int) -> None:
         self.now_ns += seconds * NS_PER_S
+
+
+def balances(ledger: Ledger, *accounts: str) -> dict[str, Balance]:
+    return {account: ledger.balance(account) for account in accounts}
+
+
+def written(ledger: Ledger) -> tuple[int, int]:
+    """(records written, durable LSN): what a request that writes nothing leaves as it was."""
+    stats = ledger.stats()
+    return stats["records_written"], stats["durable_lsn"]

@@ -37,7 +37,7 @@ from engine import (
     Transfer,
     TransferRequest,
 )
-from support import NS_PER_S, START_NS, Clock
+from support import NS_PER_S, START_NS, Clock, balances, written
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 60.0
@@ -71,15 +71,6 @@ def clocked(ledger_path: Path, clock: Clock) -> Iterator[Ledger]:
     with Ledger.open(ledger_path, clock_ns=clock) as opened:
         open_accounts(opened)
         yield opened
-
-
-def balances(ledger: Ledger, *accounts: str) -> dict[str, Balance]:
-    return {account: ledger.balance(account) for account in accounts}
-
-
-def written(ledger: Ledger) -> tuple[int, int]:
-    stats = ledger.stats()
-    return stats["records_written"], stats["durable_lsn"]
 
 
 def leg(tid: str, source: str, destination: str, amount: int, **fields: Any) -> TransferRequest:

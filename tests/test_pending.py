@@ -44,7 +44,7 @@ from engine import (
     Transfer,
     TransferRequest,
 )
-from support import NS_PER_S, START_NS, Clock
+from support import NS_PER_S, START_NS, Clock, balances, written
 
 ROOT = Path(__file__).resolve().parents[1]
 AMOUNT_MAX = 2**63 - 1
@@ -83,16 +83,6 @@ def funded(ledger: Ledger) -> Ledger:
     """A funded ledger on the wall clock (its expirer thread runs)."""
     fund(ledger)
     return ledger
-
-
-def balances(ledger: Ledger, *accounts: str) -> dict[str, Balance]:
-    return {account: ledger.balance(account) for account in accounts}
-
-
-def written(ledger: Ledger) -> tuple[int, int]:
-    """(records written, durable LSN): what a request that writes nothing leaves as it was."""
-    stats = ledger.stats()
-    return stats["records_written"], stats["durable_lsn"]
 
 
 def entry_ids(ledger: Ledger, account: str) -> list[str]:
