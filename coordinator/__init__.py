@@ -4,6 +4,17 @@ It knows the journal and talks to accounts only through `Participant` (and, whil
 an account's turn, `TurnAccount`).
 """
 
+from coordinator._asof import (
+    account_lsns,
+    balance_at,
+    check_kind,
+    entries_at,
+    lsn_at_timestamp,
+    opened_lsn,
+    record_timestamp,
+    transfer_at,
+    transfers_page,
+)
 from coordinator._audit import CHECKS, AuditReport, audit, state_hash, unopened
 from coordinator._claims import check_ids_against_records
 from coordinator._history import (
@@ -23,7 +34,7 @@ from coordinator._history import (
     transfer_of,
 )
 from coordinator._coordinator import Coordinator
-from coordinator._entries import decode_entry, last_row
+from coordinator._entries import Row, decode_entry, last_row, unindexed_entries
 from coordinator._errors import (
     REJECTIONS,
     AccountExists,
@@ -46,6 +57,7 @@ from coordinator._errors import (
     PendingTransferAlreadyVoided,
     PendingTransferExpired,
     PendingTransferNotFound,
+    SnapshotExpired,
 )
 from coordinator._limits import (
     AMOUNT_MAX,
@@ -54,7 +66,10 @@ from coordinator._limits import (
     EXPIRY_INTERVAL_S,
     INFLIGHT_TRANSFERS_MAX,
     LINKED_LEGS_MAX,
+    SNAPSHOT_AGE_S_DEFAULT,
+    SNAPSHOT_AGE_S_MAX,
     TIMEOUT_S_DEFAULT,
+    TRANSFERS_PAGE_MAX,
 )
 from coordinator._participant import DebitStep, TurnAccount, Participant, Participants
 from coordinator._records import INDEX_NAMES
@@ -138,6 +153,20 @@ __all__ = [
     "Refusal",
     "Refused",
     "Resolution",
+    "Row",
+    "SNAPSHOT_AGE_S_DEFAULT",
+    "SNAPSHOT_AGE_S_MAX",
+    "SnapshotExpired",
+    "TRANSFERS_PAGE_MAX",
+    "account_lsns",
+    "balance_at",
+    "check_kind",
+    "entries_at",
+    "lsn_at_timestamp",
+    "opened_lsn",
+    "record_timestamp",
+    "transfer_at",
+    "transfers_page",
     "SequenceError",
     "Sequencer",
     "TIMEOUT_S_DEFAULT",
@@ -175,6 +204,7 @@ __all__ = [
     "state_hash",
     "transfer_now",
     "transfer_of",
+    "unindexed_entries",
     "unopened",
     "write_checkpoint",
 ]

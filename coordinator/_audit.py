@@ -36,14 +36,19 @@ from journal import Journal, JournalCorruptedError
 from coordinator._entries import Rows, commit_rows, decode_entry, entry_rows, newest_checkpoint_lsn, unindexed_entries
 from coordinator._errors import JournalCorrupted
 from coordinator._history import Checkpointed, Committed, Expired, Refused, named_record, typed
+from coordinator._asof import holds_from
 from coordinator._records import (
     ACCOUNTS_INDEX,
     DIGEST_MARK,
     ENTRIES_INDEX,
+    HOLDS_FROM_KEY,
     RESOLUTION_MARK,
     TRANSFERS_INDEX,
     decode,
+    encode_holds,
+    holds_key,
     id_key,
+    is_hold_key,
     resolution_key,
     value_lsn,
 )
@@ -142,9 +147,13 @@ def _cross_check(journal: Journal, books: Recovered) -> tuple[str | None, str | 
     missing: list[str] = []
     """Entries absent from the index, since the last checkpoint record met."""
     with journal.snapshot() as txn:
+        holds = _HoldRows(journal, txn)
         for lsn, payload in journal.scan(0, txn):
             raw = decode(lsn, payload)
             record = typed(lsn, raw)
+            wrong = holds.check(record)
+            if wrong is not None:
+                return None, wrong
             if isinstance(record, Checkpointed):
                 if missing:
                     return missing[0], None
@@ -176,7 +185,9 @@ def _cross_check(journal: Journal, books: Recovered) -> tuple[str | None, str | 
                     return f"transfer {tid!r} at LSN {lsn} has a wrong entry {key!r}", None
                 else:
                     indexed += 1
-        entries = sum(1 for _ in journal.index_keys(ENTRIES_INDEX, txn))
+        entries = sum(1 for key in journal.index_keys(ENTRIES_INDEX, txn) if not is_hold_key(key))
+        if holds.stored != holds.checked:
+            return None, f"the entry index holds {holds.stored} hold rows; the records make {holds.checked}"
         transfers = sum(1 for _ in journal.index_keys(TRANSFERS_INDEX, txn))
         accounts = sum(1 for _ in journal.index_keys(ACCOUNTS_INDEX, txn))
         checkpoint_lsn = newest_checkpoint_lsn(journal, txn)
@@ -188,6 +199,54 @@ def _cross_check(journal: Journal, books: Recovered) -> tuple[str | None, str | 
     if checkpoint_lsn != last_checkpoint:
         return None, f"the checkpoints index names LSN {checkpoint_lsn}, the last checkpoint record is at LSN {last_checkpoint}"
     return None, None
+
+
+class _HoldRows:
+    """The audit of hold rows (`coordinator._asof`): every record from `holds_from` on that
+    changes an account's pending amounts has its row, holding what the records before it and
+    it leave; and there are no others."""
+
+    def __init__(self, journal: Journal, txn: Any) -> None:
+        self._journal, self._txn = journal, txn
+        self._start = holds_from(journal, txn)
+        self._held: dict[str, int] = {}
+        self._incoming: dict[str, int] = {}
+        self._open: dict[str, tuple[str, str, int]] = {}
+        self.checked = 0
+        self.stored = sum(1 for key in journal.index_keys(ENTRIES_INDEX, txn) if is_hold_key(key)
+                          and key != HOLDS_FROM_KEY)
+
+    def check(self, record: object) -> str | None:
+        touched: dict[str, None] = {}
+        if isinstance(record, Committed):
+            for transfer in record.transfers:
+                if transfer.kind == "pending":
+                    self._open[transfer.id] = (transfer.source, transfer.destination, transfer.amount)
+                    self._move(transfer.source, transfer.destination, transfer.amount)
+                elif transfer.kind != "single":
+                    source, destination, amount = self._open.pop(transfer.pending_id or "", ("", "", 0))
+                    self._move(source, destination, -amount)
+                else:
+                    continue
+                touched[transfer.source] = touched[transfer.destination] = None
+        elif isinstance(record, Expired):
+            for pending_id in record.pending_ids:
+                source, destination, amount = self._open.pop(pending_id, ("", "", 0))
+                self._move(source, destination, -amount)
+                touched[source] = touched[destination] = None
+        if not touched or self._start is None or record.lsn < self._start:  # type: ignore[attr-defined]
+            return None
+        lsn: int = record.lsn  # type: ignore[attr-defined]
+        for account in touched:
+            stored = self._journal.index_get(ENTRIES_INDEX, holds_key(account, lsn), self._txn)
+            if stored != encode_holds(self._held.get(account, 0), self._incoming.get(account, 0)):
+                return f"the hold row of {account!r} at LSN {lsn} is {'missing' if stored is None else 'wrong'}"
+            self.checked += 1
+        return None
+
+    def _move(self, source: str, destination: str, amount: int) -> None:
+        self._held[source] = self._held.get(source, 0) + amount
+        self._incoming[destination] = self._incoming.get(destination, 0) + amount
 
 
 def state_hash(journal: Journal, accounts: Iterable[Account], pending: Iterable[Pending], txn: Any | None = None,

@@ -150,6 +150,12 @@ class LedgerUnavailable(LedgerError):
     code = "ledger_unavailable"
 
 
+class SnapshotExpired(LedgerError):
+    """A snapshot was used after its `max_age_s` (or after its ledger closed): take a new one."""
+
+    code = "snapshot_expired"
+
+
 REJECTIONS: dict[str, type[LedgerError]] = {
     cls.code: cls for cls in (AccountNotFound, CurrencyMismatch, InsufficientFunds, BalanceOverflow,
                               PendingTransferNotFound, PendingTransferAlreadyPosted, PendingTransferAlreadyVoided,

@@ -22,6 +22,7 @@ from coordinator._errors import JournalCorrupted
 from coordinator._records import (
     ACCOUNT,
     ACCOUNT3,
+    ACCOUNT4,
     ACCOUNTS_INDEX,
     CHECKPOINT,
     CHECKPOINT3,
@@ -60,6 +61,8 @@ class Opened(NamedTuple):
 
     lsn: int
     account: Account
+    timestamp: int = 0
+    """When (0: a record from before accounts had timestamps)."""
 
 
 class Committed(NamedTuple):
@@ -146,6 +149,8 @@ def typed(lsn: int, record: list[Any]) -> Record:
     kind = record[0]
     if kind == TRANSFER3:
         return _committed(lsn, record)
+    if kind == ACCOUNT4:
+        return Opened(lsn, Account(record[2], record[3], record[4], record[5], metadata_of(record[6])), record[1])
     if kind == ACCOUNT3:
         return Opened(lsn, Account(record[1], record[2], record[3], record[4], metadata_of(record[5])))
     if kind == REFUSAL3:

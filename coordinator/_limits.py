@@ -89,3 +89,12 @@ within a second of it)."""
 
 EXPIRY_RECORD_IDS_MAX = 1_000
 """Most pending transfers one expiry record ends (more due make more records)."""
+
+SNAPSHOT_AGE_S_DEFAULT = 60.0
+"""How long a snapshot answers by default (`Ledger.snapshot(max_age_s=...)`)."""
+
+SNAPSHOT_AGE_S_MAX = 3600.0
+"""The longest a snapshot may be asked to answer."""
+
+TRANSFERS_PAGE_MAX = 10_000
+"""The largest `limit` of a page of transfers (`Ledger.transfers`)."""

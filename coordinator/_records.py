@@ -2,7 +2,10 @@
 
 A record is a msgpack array whose first element is its kind. Format 3 writes:
 
-    ACCOUNT3 [5, account, currency, overdraft_limit, code, metadata]
+    ACCOUNT4 [12, timestamp, account, currency, overdraft_limit, code, metadata]
+        an account opened, at a timestamp of the same sequence as the transfers' (since
+        point-in-time reads: before, ACCOUNT3 [5, account, currency, overdraft_limit, code,
+        metadata], still read)
     TRANSFER3 [6, timestamp, linked, leg, leg...]
         leg: [kind, id, source, destination, amount, code, reference, metadata, timeout_s,
               pending_id, requested, source_seq, source_balance, destination_seq, destination_balance]
@@ -77,6 +80,7 @@ EXPIRY3 = 8
 CHECKPOINT3 = 9
 PLAIN3 = 10
 CHECKPOINT4 = 11
+ACCOUNT4 = 12
 LEG_FIELDS = 15
 REQUEST_FIELDS = 11
 RESOLUTION_MARK = b"\xfe"
@@ -116,6 +120,40 @@ ENTRY_SEQ_END = 2**64 - 1
 
 def entry_key(account: str, seq: int) -> bytes:
     return entry_prefix(account) + _U64.pack(seq)
+
+
+HOLDS_MARK = _U64.pack(ENTRY_SEQ_END)
+"""After an account's entry key prefix, the start of its hold rows' keys: past every entry key
+of the account (`entry_key(account, ENTRY_SEQ_END)` ends those), before the next account's."""
+
+
+def holds_key(account: str, lsn: int) -> bytes:
+    """The entry index key of the account's hold row for the record at `lsn`: what its pending
+    transfers hold on it and bring it after that record (`encode_holds`). Hold rows are written
+    with their record, by the records that change them (a pending transfer, a post, a void,
+    an expiry), so an account's hold rows in LSN order are the history of its pending
+    amounts; `coordinator._asof` reads the one at or before an LSN."""
+    return entry_prefix(account) + HOLDS_MARK + _U64.pack(lsn)
+
+
+HOLDS_FROM_KEY = _U16.pack(0xFFFF) + b"holds-from"
+"""The entry index key whose value is the LSN from which every record that changes an
+account's pending amounts has its hold rows: the first record a release that writes them
+appended to the ledger (1 for a ledger it made). No account's key starts like it (an id's key
+is at most `KEY_BYTES_MAX` bytes), so it sorts after every account's rows."""
+
+
+def is_hold_key(key: bytes) -> bool:
+    """Whether an entry index key is a hold row's or `HOLDS_FROM_KEY` (not an entry's)."""
+    if key == HOLDS_FROM_KEY:
+        return True
+    end = 2 + int.from_bytes(key[:2], "big")
+    return len(key) == end + 16 and key[end:end + 8] == HOLDS_MARK
+
+
+def encode_holds(held: int, incoming: int) -> bytes:
+    """A hold row's value: [held, incoming] after its record."""
+    return _pack([held, incoming])
 
 
 def lsn_value(lsn: int) -> bytes:
@@ -160,7 +198,7 @@ def decode(lsn: int, payload: bytes) -> list[Any]:
 
 
 
-_ARITY = {ACCOUNT: 4, COMMIT: 9, REJECT: 6, CHECKPOINT: 2, ACCOUNT3: 6, EXPIRY3: 3, CHECKPOINT3: 5, PLAIN3: 10, CHECKPOINT4: 8}
+_ARITY = {ACCOUNT: 4, COMMIT: 9, REJECT: 6, CHECKPOINT: 2, ACCOUNT3: 6, ACCOUNT4: 7, EXPIRY3: 3, CHECKPOINT3: 5, PLAIN3: 10, CHECKPOINT4: 8}
 _LISTS = {TRANSFER3: (3, LEG_FIELDS), REFUSAL3: (5, REQUEST_FIELDS)}
 """Kinds of any length: (where the lists start, the length of each)."""
 

@@ -45,6 +45,7 @@ from coordinator._limits import AMOUNT_MAX
 from coordinator._records import (
     ACCOUNT,
     ACCOUNT3,
+    ACCOUNT4,
     ACCOUNTS_INDEX,
     CHECKPOINT,
     CHECKPOINT3,
@@ -298,7 +299,10 @@ def replay(
                 changed.add(record[3])
                 if books.unindexed is not None:
                     add_commit(books.unindexed, books.prefixes, lsn, record)
-            elif kind == ACCOUNT or kind == ACCOUNT3:
+            elif kind == ACCOUNT or kind == ACCOUNT3 or kind == ACCOUNT4:
+                if kind == ACCOUNT4:
+                    _stamped_at(books, lsn, record[1], 1)
+                    record = record[1:]
                 account = (Account(record[1], record[2], record[3]) if kind == ACCOUNT
                            else Account(record[1], record[2], record[3], record[4], _metadata(record[5])))
                 if account.id in accounts:

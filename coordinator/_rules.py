@@ -255,6 +255,37 @@ def _enter_leg(leg: Leg, states: MutableMapping[str, AccountState], held: Mutabl
         incoming[destination] = seen_incoming.get(destination, 0) - pending.amount
 
 
+def holds_after(legs: Sequence[Leg], held: Mapping[str, int],
+                incoming: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+    """What the pending transfers hold on and bring to each account whose pending amounts the
+    legs change, (held, incoming) after them, from `held` and `incoming` before them: the
+    accounts of every pending, post and void leg, in the order met (a record's hold rows,
+    `coordinator._records.holds_key`). Empty for legs of single transfers only."""
+    top_held: dict[str, int] = {}
+    top_incoming: dict[str, int] = {}
+    touched: dict[str, None] = {}
+    seen_held, seen_incoming = Overlay(top_held, held), Overlay(top_incoming, incoming)
+    for leg in legs:
+        if leg[0] != SINGLE:
+            _enter_leg(leg, {}, top_held, top_incoming, {}, seen_held, seen_incoming)  # type: ignore[arg-type]
+            touched[leg[1]] = touched[leg[2]] = None
+    return {account: (seen_held.get(account, 0), seen_incoming.get(account, 0))  # type: ignore[misc]
+            for account in touched}
+
+
+def holds_expired(expired: Sequence[Pending], held: Mapping[str, int],
+                  incoming: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+    """`holds_after` of an expiry of the pending transfers `expired` (each open)."""
+    after: dict[str, list[int]] = {}
+    for pending in expired:
+        source = after.setdefault(pending.source, [held.get(pending.source, 0), incoming.get(pending.source, 0)])
+        source[0] -= pending.amount
+        target = after.setdefault(pending.destination,
+                                  [held.get(pending.destination, 0), incoming.get(pending.destination, 0)])
+        target[1] -= pending.amount
+    return {account: (values[0], values[1]) for account, values in after.items()}
+
+
 class Books(Protocol):
     """A book `enter` writes into."""
 

@@ -46,19 +46,22 @@ from coordinator._limits import (
     UNINDEXED_ENTRIES_MAX,
 )
 from coordinator._records import (
-    ACCOUNT3,
+    ACCOUNT4,
     ACCOUNTS_INDEX,
     CHECKPOINT4,
     CHECKPOINTS_INDEX,
     ENTRIES_INDEX,
     EXPIRY3,
+    HOLDS_FROM_KEY,
     PLAIN3,
     REFUSAL3,
     TRANSFER3,
     TRANSFERS_INDEX,
     encode,
     encode_entry_value,
+    encode_holds,
     entry_prefix,
+    holds_key,
     id_key,
     lsn_value,
     resolution_key,
@@ -73,6 +76,8 @@ from coordinator._rules import (
     decide_transfer,
     enter,
     expire,
+    holds_after,
+    holds_expired,
     resolve,
 )
 from coordinator._state import NO_ENTRIES, AccountState, Pending, Posting, Projection
@@ -107,7 +112,7 @@ class Chunk:
     as one block (`Sequencer.append_chunk`): a payload and a completion per record, and
     the transfer index entries of all of them (their entries wait for a checkpoint)."""
 
-    __slots__ = ("payloads", "completions", "transfers", "accounts", "entries")
+    __slots__ = ("payloads", "completions", "transfers", "accounts", "entries", "holds")
 
     def __init__(self) -> None:
         self.payloads: list[bytes] = []
@@ -118,6 +123,8 @@ class Chunk:
         self.entries: list[bytes] = []
         """The entries stamped, each its account's in `accounts`, then its key and value
         here: unindexed entries as the chunk is queued (`Sequencer._append`)."""
+        self.holds: list[bytes] = []
+        """Hold rows (`coordinator._records.holds_key`), flat: written with the records."""
 
     def __len__(self) -> int:
         return len(self.payloads)
@@ -176,6 +183,10 @@ class Sequencer:
         """The ids of `_fixed_rows`, in creation order (where the sweep walks)."""
         self._checkpoint: tuple[int, int, int] | None = books.checkpoint_chain
         """The newest checkpoint's (LSN, accounts, sweep_next), if the next one may build on it."""
+        with journal.snapshot() as txn:
+            self._holds_from_due = journal.index_get(ENTRIES_INDEX, HOLDS_FROM_KEY, txn) is None
+        """No `HOLDS_FROM_KEY` yet: the next block appended (never a checkpoint: one follows
+        another record) carries it, with its own LSN."""
 
     # --- the rules' view of the books ------------------------------------------------
 
@@ -208,11 +219,15 @@ class Sequencer:
         assert self.lock.locked()
         assert account.id not in self.accounts, account.id
         metadata = None if account.metadata is None else account.metadata.as_dict()
-        payload = encode([ACCOUNT3, account.id, account.currency, account.overdraft_limit, account.code, metadata])
+        payload = encode([ACCOUNT4, self.timestamp(), account.id, account.currency, account.overdraft_limit,
+                          account.code, metadata])
         lsn = self._journal.last_lsn + 1
         index = [(ACCOUNTS_INDEX, id_key(account.id), lsn_value(lsn))]
+        if self._holds_from_due:
+            index.append((ENTRIES_INDEX, HOLDS_FROM_KEY, lsn_value(lsn)))
         appended = self._journal.append(payload, index, completion)
         assert appended == lsn, (appended, lsn)
+        self._holds_from_due = False
         self.index_entries += 1
         # `accounts` last: threads that find the account there (without the lock) find the rest.
         self.account_lsns[account.id] = lsn
@@ -230,12 +245,14 @@ class Sequencer:
         first = lsn = self._journal.last_lsn + 1
         for account in accounts:
             metadata = None if account.metadata is None else account.metadata.as_dict()
-            payloads.append(encode([ACCOUNT3, account.id, account.currency, account.overdraft_limit, account.code,
-                                    metadata]))
+            payloads.append(encode([ACCOUNT4, self.timestamp(), account.id, account.currency, account.overdraft_limit,
+                                    account.code, metadata]))
             keys += (id_key(account.id), lsn_value(lsn))
             lsn += 1
-        appended = self._journal.append_block(payloads, {ACCOUNTS_INDEX: keys}, [None] * len(payloads))
+        appended = self._journal.append_block(payloads, self._marked({ACCOUNTS_INDEX: keys}, first),
+                                              [None] * len(payloads))
         assert appended == first, (appended, first)
+        self._holds_from_due = False
         self.index_entries += len(payloads)
         account_lsns, states, known = self.account_lsns, self.states, self.accounts
         for lsn, account in enumerate(accounts, first):
@@ -334,6 +351,13 @@ class Sequencer:
         while len(self._resolved_at) > resolved:
             self._resolved.pop(self._resolved_at.pop()[1], None)
 
+    def _marked(self, index: dict[str, Any], lsn: int) -> dict[str, Any]:
+        """`index` (the puts of a block starting at `lsn`), with `HOLDS_FROM_KEY` if still due."""
+        if self._holds_from_due:
+            holds = index.get(ENTRIES_INDEX)
+            index[ENTRIES_INDEX] = [*(holds or ()), HOLDS_FROM_KEY, lsn_value(lsn)]
+        return index
+
     def _stamp_legs(self, chunk: Chunk, ticket: Ticket, lsn: int, timestamp: int, legs: list[Leg]) -> None:
         requests = ticket.requests
         fields: list[Any] = [TRANSFER3, timestamp, ticket.linked]
@@ -342,6 +366,9 @@ class Sequencer:
         index = chunk.transfers
         prefixes = self._prefixes
         resolved = 0
+        if legs[0][0] != SINGLE or (len(legs) > 1 and any(leg[0] != SINGLE for leg in legs)):
+            for account, (held, incoming) in holds_after(legs, self.held, self.incoming).items():
+                chunk.holds += (holds_key(account, lsn), encode_holds(held, incoming))
         for i, leg in enumerate(legs):
             request = requests[i]
             kind, source, destination, amount, stamp, pending = leg
@@ -477,14 +504,19 @@ class Sequencer:
                 key_lsn = lsn_value(lsn)
                 for pending_id in ids:
                     index += (resolution_key(pending_id), key_lsn)
+                holds: list[bytes] = []
+                for account, (held, incoming) in holds_expired(due, self.held, self.incoming).items():
+                    holds += (holds_key(account, lsn), encode_holds(held, incoming))
                 try:
-                    appended = self._journal.append_block([encode([EXPIRY3, now, ids])], {TRANSFERS_INDEX: index},
-                                                          [None])
+                    appended = self._journal.append_block(
+                        [encode([EXPIRY3, now, ids])],
+                        self._marked({TRANSFERS_INDEX: index, ENTRIES_INDEX: holds}, lsn), [None])
                 except BaseException:
                     for found in due:  # not expired after all: due again next time
                         heapq.heappush(deadlines, (found.deadline, found.id))
                     raise
                 assert appended == lsn, (appended, lsn)
+                self._holds_from_due = False
                 for pending_id in ids:
                     self._resolved[pending_id] = "expired"
                     self._resolved_at.append((lsn, pending_id))
@@ -525,12 +557,18 @@ class Sequencer:
         no entry behind, and its LSNs go to the next records."""
         assert self.lock.locked()
         self.unindexed.add(chunk.accounts, chunk.entries)
+        index: dict[str, Any] = {TRANSFERS_INDEX: chunk.transfers}
+        if chunk.holds:
+            index[ENTRIES_INDEX] = chunk.holds
+        if self._holds_from_due:
+            self._marked(index, self._journal.last_lsn + 1)
         try:
-            return self._journal.append_block(chunk.payloads, {TRANSFERS_INDEX: chunk.transfers}, chunk.completions,
-                                              room_made, wake_writer)
+            appended = self._journal.append_block(chunk.payloads, index, chunk.completions, room_made, wake_writer)
         except BaseException:
             self.unindexed.remove(chunk.accounts)
             raise
+        self._holds_from_due = False
+        return appended
 
     def _appended(self, records: int = 1) -> None:
         """Count records appended; journal a checkpoint when one is due. The records are

@@ -32,10 +32,12 @@ from coordinator import (
     PendingTransferAlreadyVoided,
     PendingTransferExpired,
     PendingTransferNotFound,
+    SnapshotExpired,
     Transfer,
     TransferRequest,
 )
 
+from engine._history import Snapshot
 from engine._ledger import Ledger
 
 __version__ = "0.1.0"
@@ -66,6 +68,8 @@ __all__ = [
     "PendingTransferAlreadyVoided",
     "PendingTransferExpired",
     "PendingTransferNotFound",
+    "Snapshot",
+    "SnapshotExpired",
     "Transfer",
     "TransferRequest",
     "__version__",

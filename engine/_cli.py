@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from coordinator import AMOUNT_MAX, InvalidRequest, JournalCorrupted, LedgerError, check_path
@@ -74,6 +75,28 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _instant(text: str) -> int:
+    """An ISO 8601 time as nanoseconds since the epoch (UTC when it gives no offset)."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time (e.g. 2026-12-05T10:00:00Z)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    since = moment - datetime(1970, 1, 1, tzinfo=timezone.utc)
+    if since < timedelta(0):
+        raise argparse.ArgumentTypeError(f"{text!r} is before 1970")
+    return since // timedelta(microseconds=1) * 1000
+
+
+def _shown_instant(timestamp: int) -> str:
+    """Nanoseconds since the epoch as an ISO 8601 UTC time (to the microsecond)."""
+    if not timestamp:
+        return "no timestamp"
+    moment = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=timestamp // 1000)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tally", description="Tally: an embeddable, actor-based, journaled ledger engine.")
     parser.add_argument("--version", action="version", version=f"tally {__version__}")
@@ -121,9 +144,14 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--limit", type=_count(1), default=None, metavar="N", help="show at most N records")
     inspect.add_argument("--transfer", metavar="ID", help="only records of this transfer")
     inspect.add_argument("--account", metavar="ID", help="only records touching this account")
-    balance = command("balance", "an account's posted balance, read-only")
+    balance = command("balance", "an account's balance (now, or at an LSN or a time), read-only")
     balance.add_argument("account", metavar="ACCOUNT")
-    history = command("history", "an account's latest entries, read-only")
+    at = balance.add_mutually_exclusive_group()
+    at.add_argument("--at-lsn", type=_count(0, LSN_MAX), default=None, metavar="N",
+                    help="the balance after the record at LSN N")
+    at.add_argument("--at", type=_instant, default=None, metavar="TIME",
+                    help="the balance at TIME, ISO 8601 (e.g. 2026-12-05T10:00:00Z; UTC if no offset is given)")
+    history = command("history", "an account's latest entries and transfers, read-only")
     history.add_argument("account", metavar="ACCOUNT")
     history.add_argument("--limit", type=_count(1), default=20, metavar="N", help="latest N entries (default 20)")
     return parser
@@ -189,11 +217,12 @@ def _run(args: argparse.Namespace) -> int:
         _emit(args, report, lambda: _render_inspect(report))
         return 1 if report["problem"] else 0
     if args.command == "balance":
-        report = _tools.balance(args.path, args.account)
+        report = _tools.balance(args.path, args.account, args.at_lsn, args.at)
+        where = (f" ({report['entries']} entries, last LSN {report['last_lsn']})" if "at_lsn" not in report else
+                 f" at LSN {report['at_lsn']} ({_shown_instant(report['at_timestamp'])})")
         _emit(args, report, lambda: print(
             f"{report['account']}: posted {report['posted']} {report['currency']}, pending {report['pending']}, "
-            f"available {report['available']}, incoming {report['incoming']}"
-            f" ({report['entries']} entries, last LSN {report['last_lsn']})"))
+            f"available {report['available']}, incoming {report['incoming']}{where}"))
         return 0
     report = _tools.history(args.path, args.account, args.limit)
     _emit(args, report, lambda: _render_history(report))
@@ -364,6 +393,10 @@ def _render_history(report: dict[str, Any]) -> None:
     print(f"{report['account']} ({report['currency']}), {report['entries_total']} entries; latest:")
     for entry in report["entries"]:
         print(f"  seq {entry['seq']:>6}  LSN {entry['lsn']:>8}  {entry['transfer']:<24} {entry['amount']:>14}  balance {entry['balance']}")
+    print("latest transfers, newest first:")
+    for made in report["transfers"]:
+        print(f"  LSN {made['lsn']:>8}  {made['kind']:<7} {made['status']:<7}  {made['id']:<24} {made['source']} -> "
+              f"{made['destination']}  {made['amount']}")
 
 
 def _render_salvage(report: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from coordinator import (
     CHECKPOINT_RECORDS_INTERVAL,
     EXPIRY_INTERVAL_S,
     INFLIGHT_TRANSFERS_MAX,
+    SNAPSHOT_AGE_S_DEFAULT,
     TIMEOUT_S_DEFAULT,
     Account,
     AccountExists,
@@ -59,6 +60,7 @@ from coordinator import (
 from journal import Completion, Journal, JournalError, JournalWriteError
 
 from engine._directory import Directory
+from engine._history import History, Snapshot, check_max_age
 from engine._runtime import Dispatcher
 
 ACTORS_LIVE_MAX_DEFAULT = 65_536
@@ -93,6 +95,8 @@ class Ledger:
         self._dispatcher = Dispatcher(dispatcher_threads)
         self._directory = Directory(self._sequencer, self._dispatcher, actors_live_max)
         self._coordinator = Coordinator(journal, self._sequencer, self._directory, inflight_max)
+        self._history = History(journal, lambda: journal.durable_lsn, self._sequencer.unindexed.rows,
+                                self._sequencer.clock)
         self._state = threading.Condition()
         self._calls: deque[None] = deque()
         """One item per call under way: appends and pops are atomic, so calls take no lock."""
@@ -381,13 +385,24 @@ class Ledger:
 
     # --- reads ---------------------------------------------------------------------
 
-    def balance(self, account_id: str) -> Balance:
+    def balance(self, account_id: str, *, at_lsn: int | None = None, at_timestamp: int | None = None) -> Balance:
         """Posted; pending (held by its pending transfers and for outgoing transfers in
         flight); available (posted - pending); incoming (its pending transfers toward it).
 
         Asks the account's actor, then waits until what it saw is durable, so a
         balance never shows money a crash could take back.
+
+        With `at_lsn` or `at_timestamp` (at most one; nanoseconds since the epoch, as
+        `Transfer.timestamp`): the balance after the last record at or before it, counting the
+        pending transfers open then (reservations for transfers in flight are not history:
+        none is counted). Read from the journal in a time logarithmic in the account's entries;
+        `InvalidRequest` for an LSN past the durable end or a time still to come,
+        `AccountNotFound` if the account was opened after it.
         """
+        if at_lsn is not None or at_timestamp is not None:
+            with self._call():
+                history = self._history
+                return history.balance(account_id, history.lsn_of(at_lsn, at_timestamp))
         with self._call():
             self._account(account_id)
             journal = self._journal
@@ -425,6 +440,41 @@ class Ledger:
             journal = self._journal
             unindexed = self._sequencer.unindexed.rows(account_id, journal.durable_lsn)  # before the snapshot
             return entries_of(journal, account_id, after, limit, unindexed)
+
+    def snapshot(self, *, max_age_s: float = SNAPSHOT_AGE_S_DEFAULT) -> Snapshot:
+        """A consistent view of the ledger at the durable end of its journal now (`.lsn`,
+        `.timestamp`), unaffected by what lands while it is open: `.balance(account)`,
+        `.balances(accounts=None)` (None: every account open then), `.entries(account, after,
+        limit)`, `.get_transfer(id)`, `.transfers(...)`. Use it as a context manager.
+
+        Each of its reads opens an LMDB read transaction for that read alone: it reads history,
+        which never changes, so it holds no reader while idle and stalls neither the writer nor
+        the growth of the map. It answers for `max_age_s` seconds (in (0, 3600]; 60 by default),
+        then raises `SnapshotExpired`, as it does once left, and `LedgerClosed` once the
+        ledger closes: a view of the past used as if it were current is a bug to hear of."""
+        max_age_s = check_max_age(max_age_s)
+        with self._call():
+            history, sequencer = self._history, self._sequencer
+            return Snapshot(history, history.end(), max_age_s, self._call, lambda: sequencer.account_lsns)
+
+    def transfers(self, *, account: str | None = None, code: int | None = None, kind: str | None = None,
+                  after_lsn: int = 0, until_lsn: int | None = None, limit: int = 100,
+                  reverse: bool = False) -> list[Transfer]:
+        """Durable transfers in LSN order (newest first with `reverse`) made by the records in
+        (`after_lsn`, `until_lsn`] (`until_lsn` None: the durable end): those of `account` (as
+        source or destination), of `code`, of `kind` ("single", "pending", "post", "void")
+        only, when given; each with its status as of now (as `get_transfer` gives it).
+
+        A page holds at most `limit` (1..10,000) transfers, and never splits the legs of one
+        linked chain (which share an LSN): it ends before a chain that would take it past
+        `limit`, unless the chain alone is longer. Paging: the next page forward is
+        `after_lsn=page[-1].lsn`; backward (`reverse`), `until_lsn=page[-1].lsn - 1`. With
+        `account` it reads the account's own entries and hold rows, never the whole journal;
+        without, the journal's records from the cursor on. Raises `InvalidRequest`, and
+        `AccountNotFound` for an unknown `account`."""
+        with self._call():
+            return self._history.transfers(account=account, code=code, kind=kind, after_lsn=after_lsn,
+                                           until_lsn=until_lsn, limit=limit, reverse=reverse)
 
     def state_hash(self) -> str:
         """SHA-256 over every account and all its entries (seq, transfer, amount, balance).

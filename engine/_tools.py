@@ -31,11 +31,15 @@ from coordinator import (
     Recovered,
     Refused,
     Resolution,
+    Row,
     Sequencer,
+    TRANSFERS_PAGE_MAX,
     Transfer,
     TransferRequest,
+    account_lsns,
     account_of,
     audit,
+    opened_lsn,
     check_id,
     copy_record,
     entries_of,
@@ -46,12 +50,14 @@ from coordinator import (
     records,
     state_hash,
     transfer_of,
+    unindexed_entries,
     unopened,
     write_checkpoint,
 )
 from coordinator import recover as recover_books
 from journal import Journal, JournalAnchorMissingError, JournalFormatError, reanchor
 
+from engine._history import History
 from engine._ledger import Ledger
 
 Progress = Callable[[int], None] | None
@@ -377,10 +383,10 @@ def inspect(path: str, start: int, limit: int | None, transfer: str | None, acco
                 found = transfer_of(journal, transfer)
                 if found is not None and found.lsn >= start and (account is None or _touches(found, account, journal)):
                     rows.append(_row(found))
+            elif account is not None:
+                rows += _account_rows(journal, account, start, limit)
             else:
                 for record in records(journal, max(0, start - 1)):
-                    if account is not None and not _touches(record, account, journal):
-                        continue
                     rows.append(_row(record))
                     if limit is not None and len(rows) >= limit:
                         break
@@ -389,6 +395,35 @@ def inspect(path: str, start: int, limit: int | None, transfer: str | None, acco
         if problem is None and journal.problem is not None:
             problem = str(journal.problem)
     return {"path": path, "records": rows, "problem": problem}
+
+
+def _account_rows(journal: Journal, account: str, start: int, limit: int | None) -> list[dict[str, Any]]:
+    """The account's opening and the records of its history from LSN `start` on (`Ledger.transfers`'
+    walk: its entries and hold rows, not a scan); a refusal moved nothing and is not among them."""
+    check_id(account, "account")
+    unindexed = _unindexed(journal)
+    end = journal.last_lsn
+    with journal.snapshot() as txn:
+        _account(journal, account, txn)
+        opening = opened_lsn(journal, account, end, txn)
+        lsns = [opening] if opening >= start else []
+        for lsn in account_lsns(journal, account, max(0, start - 1), end, False, unindexed.get(account, []), txn):
+            if limit is not None and len(lsns) >= limit:
+                break
+            lsns.append(lsn)
+        return [_row(record) for lsn in lsns if (record := record_at(journal, lsn, txn)) is not None]
+
+
+def _unindexed(journal: Journal) -> dict[str, list[Row]]:
+    with journal.snapshot() as txn:
+        return unindexed_entries(journal, txn)
+
+
+def _history(journal: Journal) -> History:
+    """The reads of `Ledger`'s history over a journal open read-only."""
+    unindexed = _unindexed(journal)
+    end = journal.last_lsn
+    return History(journal, lambda: end, lambda account, _end: unindexed.get(account, []), time.time_ns)
 
 
 def _touches(record: Record, account: str, journal: Journal) -> bool:
@@ -468,9 +503,20 @@ def _account(journal: Journal, account_id: str, txn: Any) -> Account:
     return account
 
 
-def balance(path: str, account_id: str) -> dict[str, Any]:
+def balance(path: str, account_id: str, at_lsn: int | None = None, at_timestamp: int | None = None) -> dict[str, Any]:
     """The account's durable balance: posted, held by its open pending transfers (`pending`;
-    no reservation survives the process that made it), available, incoming."""
+    no reservation survives the process that made it), available, incoming; with `at_lsn` or
+    `at_timestamp`, as of then (`Ledger.balance`)."""
+    if at_lsn is not None or at_timestamp is not None:
+        with _reading(path) as journal:
+            with journal.snapshot() as txn:
+                account = _account(journal, account_id, txn)
+            history = _history(journal)
+            lsn = history.lsn_of(at_lsn, at_timestamp)
+            found = history.balance(account_id, lsn)
+            return {"account": account_id, "currency": account.currency, "at_lsn": lsn,
+                    "at_timestamp": history.timestamp(lsn), "posted": found.posted, "pending": found.pending,
+                    "available": found.available, "incoming": found.incoming}
     with _reading(path) as journal:
         books = recover_books(journal)
         with journal.snapshot() as txn:
@@ -485,14 +531,28 @@ def balance(path: str, account_id: str) -> dict[str, Any]:
 
 
 def history(path: str, account_id: str, limit: int) -> dict[str, Any]:
-    with _reading(path) as journal, journal.snapshot() as txn:
-        account = _account(journal, account_id, txn)
-        entries = entries_of(journal, account_id, txn=txn)
-        shown = entries[-limit:] if limit else entries
-        return {"account": account_id, "currency": account.currency, "entries_total": len(entries),
+    """The account's latest `limit` entries (0: all), and its latest `limit` transfers, newest first
+    (`Ledger.transfers(account=..., reverse=True)`: pending transfers and voids too)."""
+    with _reading(path) as journal:
+        with journal.snapshot() as txn:
+            account = _account(journal, account_id, txn)
+        transfers = _history(journal).transfers(account=account_id, limit=limit or TRANSFERS_PAGE_MAX, reverse=True)
+        with journal.snapshot() as txn:
+            last = last_entry(journal, account_id, None, txn)
+            total = 0 if last is None else last.seq
+            entries = entries_of(journal, account_id, max(0, total - limit) if limit else 0, txn=txn)
+        return {"account": account_id, "currency": account.currency, "entries_total": total,
                 "entries": [{"seq": entry.seq, "lsn": entry.lsn, "timestamp": entry.timestamp,
                              "transfer": entry.transfer_id, "amount": entry.amount, "balance": entry.balance}
-                            for entry in shown]}
+                            for entry in entries],
+                "transfers": [_transfer_dict(transfer) for transfer in transfers]}
+
+
+def _transfer_dict(transfer: Transfer) -> dict[str, Any]:
+    return {"id": transfer.id, "lsn": transfer.lsn, "timestamp": transfer.timestamp, "kind": transfer.kind,
+            "status": transfer.status, "source": transfer.source, "destination": transfer.destination,
+            "amount": transfer.amount, "code": transfer.code, "reference": transfer.reference,
+            "pending_id": transfer.pending_id}
 
 
 __all__ = ["balance", "history", "inspect", "recover", "replay", "salvage", "verify"]

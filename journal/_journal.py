@@ -360,6 +360,29 @@ class Journal:
             found = [(key, value(name, key, stored)) for key, stored in found]
         return found
 
+    def index_range_reverse(
+        self, name: str, start: bytes, stop: bytes, limit: int | None = None, txn: Any | None = None
+    ) -> list[tuple[bytes, bytes]]:
+        """`index_range`, in descending key order: the entries with `start <= key < stop`,
+        greatest first, at most `limit`, verified."""
+        if txn is None:
+            with self.snapshot() as txn:
+                return self.index_range_reverse(name, start, stop, limit, txn)
+        found: list[tuple[bytes, bytes]] = []
+        try:
+            cursor = txn.cursor(db=self._store.indexes[name])
+            more = cursor.prev() if cursor.set_range(stop) else cursor.last()
+            while more and (limit is None or len(found) < limit):
+                key, stored = cursor.item()
+                if key < start:
+                    break
+                found.append((bytes(key), bytes(stored)))
+                more = cursor.prev()
+        except lmdb.Error as error:
+            raise lmdb_read_error(error, f"the {name} index") from error
+        value = self._value
+        return [(key, value(name, key, stored)) for key, stored in found]
+
     def _check_open(self) -> None:
         if not self._open:
             raise JournalClosedError("the journal is closed")

@@ -252,7 +252,10 @@ def test_history_without_a_limit_shows_every_entry_of_a_short_history(built: Bui
     assert done.returncode == 0
     lines = done.stdout.splitlines()
     assert lines[0].startswith(f"bob (USD), {len(built.entries['bob'])} entries")
-    assert [line.split()[4] for line in lines[1:]] == [tid for _, tid, *_ in built.entries["bob"]]
+    transfers_at = lines.index("latest transfers, newest first:")
+    assert [line.split()[4] for line in lines[1:transfers_at]] == [tid for _, tid, *_ in built.entries["bob"]]
+    touching = [tid for tid, (source, destination, *_) in built.committed.items() if "bob" in (source, destination)]
+    assert sorted(line.split()[4] for line in lines[transfers_at + 1:]) == sorted(touching)
 
 
 # --- replay ----------------------------------------------------------------------

@@ -12,7 +12,14 @@ import pytest
 
 from coordinator import INDEX_NAMES, AuditReport, _sequencer, audit
 from coordinator._entries import Row, UnindexedEntries, newest_checkpoint_lsn, unindexed_entries, with_unindexed
-from coordinator._records import CHECKPOINTS_INDEX, ENTRIES_INDEX, encode_entry_value, entry_key, lsn_value
+from coordinator._records import (
+    CHECKPOINTS_INDEX,
+    ENTRIES_INDEX,
+    encode_entry_value,
+    entry_key,
+    is_hold_key,
+    lsn_value,
+)
 from engine import Entry, Ledger, LedgerUnavailable, Transfer, TransferRequest
 from engine._tools import balance, history
 from journal import Journal, JournalTimeoutError
@@ -54,7 +61,8 @@ def indexed_count(path: Path) -> tuple[int, int]:
     journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
     try:
         with journal.snapshot() as txn:
-            return sum(1 for _ in journal.index_keys(ENTRIES_INDEX, txn)), newest_checkpoint_lsn(journal, txn)
+            entries = sum(1 for key in journal.index_keys(ENTRIES_INDEX, txn) if not is_hold_key(key))
+            return entries, newest_checkpoint_lsn(journal, txn)
     finally:
         journal.close()
 

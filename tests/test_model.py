@@ -213,6 +213,7 @@ class Model:
         existing = self.accounts.get(account.id)
         if existing is not None:
             return None if existing == account else AccountExists
+        self.stamp()  # an opening takes a timestamp of the same sequence
         self.accounts[account.id] = account
         self.posted[account.id] = 0
         self.held[account.id] = 0

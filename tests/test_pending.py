@@ -719,7 +719,8 @@ def test_timestamps_keep_increasing_across_a_reopen_with_a_clock_behind_the_last
     with Ledger.open(ledger_path, clock_ns=ahead, checkpoint_interval=checkpoint_interval) as ledger:
         fund(ledger)
         last = ledger.transfer("t-1", source="alice", destination="bob", amount=1)
-        assert last.timestamp == ahead.now_ns + 1  # the funding transfer had the clock's reading
+        # the openings and the funding took the clock's reading and the nanoseconds after it
+        assert last.timestamp == ledger.get_transfer("fund-alice").timestamp + 1 == ahead.now_ns + 6
 
     with Ledger.open(ledger_path, checkpoint_interval=checkpoint_interval) as reopened:  # the wall clock: an hour behind
         after = [reopened.transfer(f"t-{n}", source="alice", destination="bob", amount=1) for n in range(2, 6)]
@@ -767,7 +768,8 @@ def test_a_pending_deadline_counts_from_its_own_timestamp_when_the_clock_stepped
     books.transfer("t-1", source="bank", destination="bob", amount=1)
     clock.now_ns -= 100 * NS_PER_S
     held = books.transfer("p-1", source="alice", destination="bob", amount=10, pending=True, timeout_s=5)
-    assert held.timestamp == START_NS + 2  # after fund-alice and t-1; not the clock's reading, which was behind
+    # after the five openings, fund-alice and t-1; not the clock's reading, which was behind
+    assert held.timestamp == books.get_transfer("t-1").timestamp + 1 == START_NS + 7
 
     clock.now_ns = held.timestamp + 5 * NS_PER_S - 1
     assert books.expire_pending() == 0

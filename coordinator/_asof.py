@@ -1,0 +1,414 @@
+"""History as of an LSN: an account's balance, its entries and a transfer as they were after
+the record at that LSN, and pages of transfers in LSN order.
+
+Every read here is of immutable history: what the journal held after record `lsn` never
+changes, so two reads at one LSN agree however far apart they run, with no reader held in
+between (`engine` builds its snapshots on that). None scans the journal but the two that say
+so: an account's reads bisect its entries (seq order is LSN order) and seek its hold rows.
+
+An account's pending amounts (what its pending transfers hold on it and bring it) change only
+by records that open, post, void or expire pending transfers; each such record writes a *hold
+row* per account it changes, in the same transaction (`coordinator._records.holds_key`). A
+ledger older than hold rows has them from `HOLDS_FROM_KEY`'s LSN on; before it, the pending
+amounts are found by reading the records (the one scan, and only for such a ledger's past).
+
+`unindexed` is as for `coordinator._history.entries_of`: the account's entries past the
+newest checkpoint, durable ones, read before the snapshot `txn` opened.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Iterator
+from heapq import merge
+from typing import Any
+
+import msgpack
+from journal import Journal
+
+from coordinator._entries import Row, decode_entry, entry_rows, last_row
+from coordinator._errors import AccountNotFound, InvalidRequest, JournalCorrupted
+from coordinator._history import (
+    Committed,
+    Expired,
+    Record,
+    _index_lsn,
+    account_of,
+    named_record,
+    record_at,
+    records,
+    transfer_record,
+    transfer_with_status,
+)
+from coordinator._records import (
+    ACCOUNT4,
+    ACCOUNTS_INDEX,
+    CHECKPOINT3,
+    CHECKPOINT4,
+    ENTRIES_INDEX,
+    EXPIRY3,
+    HOLDS_FROM_KEY,
+    REFUSAL3,
+    TRANSFER3,
+    decode,
+    entry_key,
+    holds_key,
+    id_key,
+    resolution_key,
+    value_lsn,
+)
+from coordinator._values import KINDS, Balance, Entry, Resolution, Transfer, TransferStatus
+
+PAGE_CHUNK = 256
+"""Entries or hold rows read at a time while a page of an account's transfers is gathered."""
+
+
+# --- an account's balance -------------------------------------------------------------------
+
+
+def opened_lsn(journal: Journal, account_id: str, lsn: int, txn: Any) -> int:
+    """The LSN of the account's opening; `AccountNotFound` if it did not exist at `lsn`."""
+    if account_of(journal, account_id, txn) is None:  # (checks the index entry against the record)
+        raise AccountNotFound(f"no account {account_id!r}")
+    opened = value_lsn(journal.index_get(ACCOUNTS_INDEX, id_key(account_id), txn) or b"")
+    if opened > lsn:
+        raise AccountNotFound(f"account {account_id!r} was opened at LSN {opened}, after LSN {lsn}")
+    return opened
+
+
+def balance_at(journal: Journal, account_id: str, lsn: int, unindexed: list[Row], txn: Any) -> Balance:
+    """The account's balance after the record at `lsn` (durable: the caller checked), counting
+    the pending transfers open then; `AccountNotFound` if it did not exist then."""
+    opened_lsn(journal, account_id, lsn, txn)
+    row = entry_row_at(journal, account_id, lsn, unindexed, txn)
+    posted = 0 if row is None else decode_entry(account_id, row)[3]
+    held, incoming = holds_at(journal, account_id, lsn, txn)
+    return Balance(posted, held, posted - held, incoming)
+
+
+def entry_row_at(journal: Journal, account_id: str, lsn: int, unindexed: list[Row], txn: Any) -> Row | None:
+    """The account's last entry made by a record at or before `lsn`, or None: bisected in its
+    unindexed entries if it is among them, else in the index (one read a step)."""
+    if unindexed and _row_lsn(unindexed[0]) <= lsn:
+        return unindexed[bisect_right(unindexed, lsn, key=_row_lsn) - 1]
+    last = last_row(journal, account_id, [], txn)
+    if last is None:
+        return None
+    low, high = 1, decode_entry(account_id, last)[0]  # the index holds seqs 1..high
+    if _row_lsn(last) <= lsn:
+        return last
+    found: Row | None = None
+    while low <= high:
+        middle = (low + high) // 2
+        key = entry_key(account_id, middle)
+        value = journal.index_get(ENTRIES_INDEX, key, txn)
+        if value is None:
+            raise JournalCorrupted(f"journal corrupted: account {account_id!r} lacks its entry {middle} in the index, "
+                                   f"which holds its entry {high}", where="the entries index")
+        if _row_lsn((key, value)) <= lsn:
+            found, low = (key, value), middle + 1
+        else:
+            high = middle - 1
+    return found
+
+
+def _row_lsn(row: Row) -> int:
+    try:
+        return int(msgpack.unpackb(row[1])[3])
+    except Exception as error:  # msgpack raises several unrelated types on bad input
+        raise JournalCorrupted(f"journal corrupted: the entry {row[0]!r} does not decode: {error}",
+                               where="the entries index") from error
+
+
+def holds_from(journal: Journal, txn: Any) -> int | None:
+    """The LSN from which every record that changes pending amounts has its hold rows (None:
+    no release that writes them has written to this ledger)."""
+    value = journal.index_get(ENTRIES_INDEX, HOLDS_FROM_KEY, txn)
+    if value is None:
+        return None
+    if len(value) != 8:
+        raise JournalCorrupted("journal corrupted: the entry index's hold rows mark does not hold an LSN",
+                               where="the entries index")
+    return value_lsn(value)
+
+
+def holds_at(journal: Journal, account_id: str, lsn: int, txn: Any) -> tuple[int, int]:
+    """(held, incoming): what the account's pending transfers held on it and brought it after
+    the record at `lsn`, from its hold row at or before `lsn` (checked against its record)."""
+    start = holds_from(journal, txn)
+    if start is None or lsn < start:
+        return _holds_read(journal, account_id, lsn, txn)
+    found = journal.index_last_before(ENTRIES_INDEX, holds_key(account_id, lsn + 1), txn)
+    prefix = holds_key(account_id, 0)[:-8]
+    if found is None or not found[0].startswith(prefix):
+        return (0, 0) if start == 1 else _holds_read(journal, account_id, start - 1, txn)
+    key, value = found
+    row_lsn = int.from_bytes(key[-8:], "big")
+    record = record_at(journal, row_lsn, txn)
+    if not _changes_holds(record, account_id):
+        raise JournalCorrupted(f"journal corrupted: account {account_id!r} has a hold row at LSN {row_lsn}, whose "
+                               "record changes no pending transfer of it", row_lsn, "the entries index")
+    try:
+        held, incoming = msgpack.unpackb(value)
+        return int(held), int(incoming)
+    except Exception as error:  # msgpack raises several unrelated types on bad input
+        raise JournalCorrupted(f"journal corrupted: the hold row of {account_id!r} at LSN {row_lsn} does not decode",
+                               row_lsn, "the entries index") from error
+
+
+def _changes_holds(record: Record | None, account_id: str) -> bool:
+    if isinstance(record, Expired):
+        return True  # its pending transfers' accounts are in their own records
+    return isinstance(record, Committed) and any(
+        transfer.kind != "single" and account_id in (transfer.source, transfer.destination)
+        for transfer in record.transfers)
+
+
+def _holds_read(journal: Journal, account_id: str, lsn: int, txn: Any) -> tuple[int, int]:
+    """`holds_at` from the records 1..`lsn` (a ledger's past from before hold rows)."""
+    held = incoming = 0
+    amounts: dict[str, tuple[str, str, int]] = {}
+    for record in records(journal, 0, txn):
+        if record.lsn > lsn:
+            break
+        if isinstance(record, Committed):
+            for transfer in record.transfers:
+                if transfer.kind == "pending":
+                    amounts[transfer.id] = (transfer.source, transfer.destination, transfer.amount)
+                    held += transfer.amount if transfer.source == account_id else 0
+                    incoming += transfer.amount if transfer.destination == account_id else 0
+                elif transfer.kind != "single" and transfer.pending_id is not None:
+                    held, incoming = _released(amounts.pop(transfer.pending_id, None), account_id, held, incoming)
+        elif isinstance(record, Expired):
+            for pending_id in record.pending_ids:
+                held, incoming = _released(amounts.pop(pending_id, None), account_id, held, incoming)
+    return held, incoming
+
+
+def _released(pending: tuple[str, str, int] | None, account_id: str, held: int, incoming: int) -> tuple[int, int]:
+    if pending is None:
+        return held, incoming
+    source, destination, amount = pending
+    return held - (amount if source == account_id else 0), incoming - (amount if destination == account_id else 0)
+
+
+# --- entries, transfers ---------------------------------------------------------------------
+
+
+def entries_at(journal: Journal, account_id: str, lsn: int, after: int, limit: int | None, unindexed: list[Row],
+               txn: Any) -> list[Entry]:
+    """The account's entries made at or before `lsn`, with seq > `after`, at most `limit`."""
+    opened_lsn(journal, account_id, lsn, txn)
+    rows = entry_rows(journal, account_id, unindexed, after, limit, txn)
+    entries = [Entry(account_id, *decode_entry(account_id, row)) for row in rows]
+    while entries and entries[-1].lsn > lsn:  # seq order is LSN order
+        entries.pop()
+    return entries
+
+
+def status_at(journal: Journal, transfer: Transfer, lsn: int, txn: Any) -> Transfer:
+    """A committed `transfer` with its status as of the record at `lsn` (a pending transfer's:
+    posted, voided or expired once a record at or before `lsn` resolved it)."""
+    if transfer.kind != "pending":
+        return transfer
+    key = resolution_key(transfer.id)
+    resolved_at = _index_lsn(journal, key, txn, f"the resolution of {transfer.id!r}")
+    if resolved_at is None or resolved_at > lsn:
+        return transfer
+    record = named_record(journal, key, resolved_at, txn)
+    status: TransferStatus = "expired"
+    if isinstance(record, Committed):
+        resolution = next(request for request in record.requests
+                          if type(request) is Resolution and request.pending_id == transfer.id)
+        status = "voided" if resolution.void else "posted"
+    return transfer_with_status(transfer, status)
+
+
+def transfer_at(journal: Journal, transfer_id: str, lsn: int, txn: Any) -> Transfer | None:
+    """The committed transfer `transfer_id` if a record at or before `lsn` made it, with its
+    status as of then; None otherwise (unknown, refused, or later)."""
+    record = transfer_record(journal, transfer_id, txn)
+    if not isinstance(record, Committed) or record.lsn > lsn:
+        return None
+    transfer = next(transfer for transfer in record.transfers if transfer.id == transfer_id)
+    return status_at(journal, transfer, lsn, txn)
+
+
+# --- timestamps -------------------------------------------------------------------------------
+
+
+def record_timestamp(journal: Journal, lsn: int, txn: Any) -> int:
+    """The timestamp of the record at `lsn`: its own (a checkpoint's: the last before it), or for
+    a record that has none (an account opened before accounts had timestamps, a record of format
+    1 or 2) that of the nearest one before it that has (0: none)."""
+    while lsn > 0:
+        payload = journal.read(lsn, txn)
+        if payload is None:
+            raise JournalCorrupted(f"journal corrupted: the record at LSN {lsn} is missing", lsn)
+        record = decode(lsn, payload)
+        if record[0] in (TRANSFER3, REFUSAL3, EXPIRY3, CHECKPOINT3, CHECKPOINT4, ACCOUNT4):
+            return int(record[1])
+        lsn -= 1
+    return 0
+
+
+def lsn_at_timestamp(journal: Journal, timestamp: int, end: int, txn: Any) -> int:
+    """The last LSN up to `end` whose record's timestamp (`record_timestamp`) is at most
+    `timestamp`; 0 if none is. Timestamps never decrease in LSN order, so this bisects."""
+    low, high, found = 1, end, 0
+    while low <= high:
+        middle = (low + high) // 2
+        if record_timestamp(journal, middle, txn) <= timestamp:
+            found, low = middle, middle + 1
+        else:
+            high = middle - 1
+    return found
+
+
+# --- pages of transfers -------------------------------------------------------------------------
+
+
+def transfers_page(journal: Journal, *, account: str | None, code: int | None, kind: str | None, after_lsn: int,
+                   until_lsn: int, limit: int, reverse: bool, unindexed: list[Row], txn: Any,
+                   as_of: int) -> list[Transfer]:
+    """Transfers made by the records in (`after_lsn`, `until_lsn`], in LSN order (newest first
+    with `reverse`), those of `account` (as source or destination), `code` and `kind` only
+    (None: any), each with its status as of `as_of` (at least `until_lsn`: the view's LSN, so
+    that every page of a walk shows the statuses of one moment). At most `limit`, except that the legs
+    of one linked chain (one record) are never split: a page ends before a record whose
+    transfers would take it past `limit`, unless that record alone is more than a page.
+
+    With `account` it reads the account's entries and hold rows (no scan); without, the
+    records of the window, one after another."""
+    page: list[Transfer] = []
+    for lsn in _candidates(journal, account, after_lsn, until_lsn, reverse, unindexed, txn):
+        record = record_at(journal, lsn, txn)
+        if not isinstance(record, Committed):
+            continue
+        found = [status_at(journal, transfer, as_of, txn) for transfer in record.transfers
+                 if (account is None or account in (transfer.source, transfer.destination))
+                 and (code is None or transfer.code == code) and (kind is None or transfer.kind == kind)]
+        if not found:
+            continue
+        if page and len(page) + len(found) > limit:
+            break
+        page += found
+        if len(page) >= limit:
+            break
+    return page
+
+
+def _candidates(journal: Journal, account: str | None, after_lsn: int, until_lsn: int, reverse: bool,
+                unindexed: list[Row], txn: Any) -> Iterator[int]:
+    """The LSNs of the records that may hold the page's transfers, in page order."""
+    if account is None:
+        if reverse:
+            return iter(range(until_lsn, after_lsn, -1))
+        return (record.lsn for record in _window(journal, after_lsn, until_lsn, txn))
+    return account_lsns(journal, account, after_lsn, until_lsn, reverse, unindexed, txn)
+
+
+def account_lsns(journal: Journal, account: str, after_lsn: int, until_lsn: int, reverse: bool,
+                 unindexed: list[Row], txn: Any) -> Iterator[int]:
+    """The LSNs in (`after_lsn`, `until_lsn`] of the records that moved the account's money or
+    changed its pending amounts (its transfers, posts, voids and expiries), in LSN order
+    (descending with `reverse`), from its entries and hold rows."""
+    start = holds_from(journal, txn)
+    start = until_lsn + 1 if start is None else start
+    if start > after_lsn + 1:  # the ledger's past from before hold rows: its records, read
+        legacy_until = min(until_lsn, start - 1)
+        legacy = _legacy_candidates(journal, account, after_lsn, legacy_until, reverse, txn)
+        indexed = _indexed_candidates(journal, account, legacy_until, until_lsn, reverse, unindexed, txn)
+        return (lsn for part in ((indexed, legacy) if reverse else (legacy, indexed)) for lsn in part)
+    return _indexed_candidates(journal, account, after_lsn, until_lsn, reverse, unindexed, txn)
+
+
+def _legacy_candidates(journal: Journal, account: str, after_lsn: int, until_lsn: int, reverse: bool,
+                       txn: Any) -> Iterator[int]:
+    found: list[int] = []
+    pending: dict[str, tuple[str, str]] = {}
+    for record in _window(journal, 0, until_lsn, txn):  # from the start: an expiry names earlier transfers
+        if record.lsn <= after_lsn and not isinstance(record, Committed):
+            continue
+        if isinstance(record, Committed):
+            pending.update((transfer.id, (transfer.source, transfer.destination))
+                           for transfer in record.transfers if transfer.kind == "pending")
+            if record.lsn > after_lsn and any(account in (transfer.source, transfer.destination)
+                                              for transfer in record.transfers):
+                found.append(record.lsn)
+        elif isinstance(record, Expired) and any(account in pending.get(pending_id, ())
+                                                 for pending_id in record.pending_ids):
+            found.append(record.lsn)
+    return reversed(found) if reverse else iter(found)
+
+
+def _window(journal: Journal, after_lsn: int, until_lsn: int, txn: Any) -> Iterator[Record]:
+    for record in records(journal, after_lsn, txn):
+        if record.lsn > until_lsn:
+            return
+        yield record
+
+
+def _indexed_candidates(journal: Journal, account: str, after_lsn: int, until_lsn: int, reverse: bool,
+                        unindexed: list[Row], txn: Any) -> Iterator[int]:
+    """The LSNs of the account's entries and hold rows in the window, merged, each once."""
+    entries = _entry_lsns(journal, account, after_lsn, until_lsn, reverse, unindexed, txn)
+    holds = _hold_lsns(journal, account, after_lsn, until_lsn, reverse, txn)
+    last = None
+    for lsn in merge(entries, holds, reverse=reverse):
+        if lsn != last:
+            yield lsn
+            last = lsn
+
+
+def _entry_lsns(journal: Journal, account: str, after_lsn: int, until_lsn: int, reverse: bool,
+                unindexed: list[Row], txn: Any) -> Iterator[int]:
+    if reverse:
+        row = entry_row_at(journal, account, until_lsn, unindexed, txn)
+        seq = 0 if row is None else decode_entry(account, row)[0]
+        while seq > 0:
+            first = max(0, seq - PAGE_CHUNK)
+            rows = entry_rows(journal, account, unindexed, first, seq - first, txn)
+            for row in reversed(rows):
+                lsn = _row_lsn(row)
+                if lsn <= after_lsn:
+                    return
+                yield lsn
+            seq = first
+        return
+    row = entry_row_at(journal, account, after_lsn, unindexed, txn)
+    seq = 0 if row is None else decode_entry(account, row)[0]
+    while True:
+        rows = entry_rows(journal, account, unindexed, seq, PAGE_CHUNK, txn)
+        for row in rows:
+            lsn = _row_lsn(row)
+            if lsn > until_lsn:
+                return
+            yield lsn
+        if len(rows) < PAGE_CHUNK:
+            return
+        seq = decode_entry(account, rows[-1])[0]
+
+
+def _hold_lsns(journal: Journal, account: str, after_lsn: int, until_lsn: int, reverse: bool,
+               txn: Any) -> Iterator[int]:
+    low, high = holds_key(account, after_lsn + 1), holds_key(account, until_lsn + 1)
+    while True:
+        rows = (journal.index_range_reverse if reverse else journal.index_range)(
+            ENTRIES_INDEX, low, high, PAGE_CHUNK, txn)
+        for key, _ in rows:
+            yield int.from_bytes(key[-8:], "big")
+        if len(rows) < PAGE_CHUNK:
+            return
+        if reverse:
+            high = rows[-1][0]
+        else:
+            low = rows[-1][0] + b"\x00"
+
+
+def check_kind(kind: object) -> str | None:
+    """A transfers query's `kind`: None or one of `KINDS`; `InvalidRequest` otherwise."""
+    if kind is not None and kind not in KINDS:
+        raise InvalidRequest(f"kind must be None or one of {', '.join(KINDS)}, got {kind!r}")
+    return kind  # type: ignore[return-value]
+

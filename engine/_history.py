@@ -1,0 +1,215 @@
+"""Reading a ledger's history: point-in-time balances, snapshots and pages of transfers.
+
+Every read here is of durable history as of an LSN (`coordinator._asof`), which never
+changes: so a `Snapshot` holds no LMDB reader between its calls (each opens its own, for the
+length of the call) and stalls neither the journal's writer nor the growth of its map, however
+long it lives. It is bounded all the same, by `max_age_s`: a view of the past used as if it
+were current is a bug a host should hear of.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from coordinator import (
+    SNAPSHOT_AGE_S_MAX,
+    TRANSFERS_PAGE_MAX,
+    AccountNotFound,
+    Balance,
+    Entry,
+    InvalidRequest,
+    Row,
+    SnapshotExpired,
+    Transfer,
+    account_of,
+    balance_at,
+    check_code,
+    check_id,
+    check_kind,
+    entries_at,
+    lsn_at_timestamp,
+    record_timestamp,
+    shown,
+    transfer_at,
+    transfers_page,
+)
+from journal import Journal
+
+
+def _count(name: str, value: object, low: int = 0) -> int:
+    if type(value) is not int or value < low:
+        raise InvalidRequest(f"{name} must be an int >= {low}, got {shown(value)}")
+    return value
+
+
+class History:
+    """A ledger's durable history, read as of an LSN. `end()` is the durable LSN, `rows(account,
+    end)` the account's durable entries past the newest checkpoint, from memory (read before
+    each read's snapshot opens), `clock()` the ledger's time in nanoseconds since the epoch.
+    Safe from any thread; blocks only on LMDB reads."""
+
+    def __init__(self, journal: Journal, end: Callable[[], int], rows: Callable[[str, int], list[Row]],
+                 clock: Callable[[], int]) -> None:
+        self._journal = journal
+        self.end = end
+        self._rows = rows
+        self._clock = clock
+
+    def lsn_of(self, at_lsn: object = None, at_timestamp: object = None) -> int:
+        """The LSN a read `at_lsn` or `at_timestamp` (at most one; neither: the durable end)
+        is of. `InvalidRequest` for an LSN past the durable end or a time still to come."""
+        end = self.end()
+        if at_lsn is not None and at_timestamp is not None:
+            raise InvalidRequest("give at most one of at_lsn and at_timestamp")
+        if at_lsn is not None:
+            lsn = _count("at_lsn", at_lsn)
+            if lsn > end:
+                raise InvalidRequest(f"at_lsn {lsn} is past the durable end of the journal (LSN {end})")
+            return lsn
+        if at_timestamp is not None:
+            timestamp = _count("at_timestamp", at_timestamp)
+            now = self._clock()
+            if timestamp > now:
+                raise InvalidRequest(f"at_timestamp {timestamp} is still to come (the ledger's clock reads {now})")
+            with self._journal.snapshot() as txn:
+                return lsn_at_timestamp(self._journal, timestamp, end, txn)
+        return end
+
+    def timestamp(self, lsn: int) -> int:
+        """The timestamp of the record at `lsn` (`coordinator.record_timestamp`; 0 at LSN 0)."""
+        with self._journal.snapshot() as txn:
+            return record_timestamp(self._journal, lsn, txn)
+
+    def balance(self, account_id: str, lsn: int) -> Balance:
+        check_id(account_id, "account id")
+        rows = self._rows(account_id, self.end())
+        with self._journal.snapshot() as txn:
+            return balance_at(self._journal, account_id, lsn, rows, txn)
+
+    def balances(self, lsn: int, accounts: Iterable[str]) -> dict[str, Balance]:
+        """`balance` of each account, in one LMDB read transaction."""
+        journal, end = self._journal, self.end()
+        rows = {account_id: self._rows(check_id(account_id, "account id"), end) for account_id in accounts}
+        with journal.snapshot() as txn:
+            return {account_id: balance_at(journal, account_id, lsn, found, txn) for account_id, found in rows.items()}
+
+    def entries(self, account_id: str, lsn: int, after: object = 0, limit: object = None) -> list[Entry]:
+        check_id(account_id, "account id")
+        after = _count("after", after)
+        if limit is not None:
+            limit = _count("limit", limit)
+        rows = self._rows(account_id, self.end())
+        with self._journal.snapshot() as txn:
+            return entries_at(self._journal, account_id, lsn, after, limit, rows, txn)  # type: ignore[arg-type]
+
+    def transfer(self, transfer_id: str, lsn: int) -> Transfer | None:
+        check_id(transfer_id, "transfer id")
+        with self._journal.snapshot() as txn:
+            return transfer_at(self._journal, transfer_id, lsn, txn)
+
+    def transfers(self, *, account: object = None, code: object = None, kind: object = None, after_lsn: object = 0,
+                  until_lsn: object = None, limit: object = 100, reverse: object = False,
+                  end: int | None = None) -> list[Transfer]:
+        """`Ledger.transfers`, its arguments checked; `end`: the LSN the page may not pass
+        (a snapshot's; by default the durable end)."""
+        end = self.end() if end is None else end
+        if account is not None:
+            check_id(account, "account")
+        if code is not None:
+            check_code(code)
+        check_kind(kind)
+        after = _count("after_lsn", after_lsn)
+        until = end if until_lsn is None else _count("until_lsn", until_lsn)
+        if until > end:
+            raise InvalidRequest(f"until_lsn {until} is past the durable end of the journal (LSN {end})")
+        if type(limit) is not int or not 1 <= limit <= TRANSFERS_PAGE_MAX:
+            raise InvalidRequest(f"limit must be an int in 1..{TRANSFERS_PAGE_MAX}, got {shown(limit)}")
+        if type(reverse) is not bool:
+            raise InvalidRequest(f"reverse must be a bool, got {shown(reverse)}")
+        if after >= until:
+            return []
+        rows = [] if account is None else self._rows(account, self.end())  # type: ignore[arg-type]
+        with self._journal.snapshot() as txn:
+            if account is not None and account_of(self._journal, account, txn) is None:  # type: ignore[arg-type]
+                raise AccountNotFound(f"no account {account!r}")
+            return transfers_page(self._journal, account=account, code=code, kind=kind,  # type: ignore[arg-type]
+                                  after_lsn=after, until_lsn=until, limit=limit, reverse=reverse, unindexed=rows,
+                                  txn=txn, as_of=end)
+
+
+class Snapshot:
+    """A consistent view of a ledger at one LSN (`Ledger.snapshot()`): every read answers as of
+    `lsn`, whatever lands meanwhile. Use it as a context manager; it answers until it is left,
+    its ledger closes (`LedgerClosed`) or `max_age_s` passes (`SnapshotExpired`)."""
+
+    def __init__(self, history: History, lsn: int, max_age_s: float, call: Callable[[], Any],
+                 opened: Callable[[], Mapping[str, int]]) -> None:
+        self._history = history
+        self.lsn = lsn
+        """The LSN it is a view at: the durable end when it was taken."""
+        self.timestamp = history.timestamp(lsn)
+        """The timestamp of the record at `lsn` (`coordinator.record_timestamp`)."""
+        self._deadline = time.monotonic() + max_age_s
+        self._max_age_s = max_age_s
+        self._call = call
+        self._opened = opened
+        self._left = False
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._left = True
+
+    def _check(self) -> None:
+        if self._left:
+            raise SnapshotExpired(f"the snapshot at LSN {self.lsn} was closed")
+        if time.monotonic() > self._deadline:
+            raise SnapshotExpired(f"the snapshot at LSN {self.lsn} is older than its max_age_s ({self._max_age_s} s)")
+
+    def balance(self, account_id: str) -> Balance:
+        """The account's balance at `lsn` (its pending transfers open then; no reservation)."""
+        with self._call():
+            self._check()
+            return self._history.balance(account_id, self.lsn)
+
+    def balances(self, accounts: Iterable[str] | None = None) -> dict[str, Balance]:
+        """The balance of each of `accounts` at `lsn`; None: of every account open then."""
+        with self._call():
+            self._check()
+            if accounts is None:
+                accounts = [account for account, opened in self._opened().items() if opened <= self.lsn]
+            elif isinstance(accounts, (str, bytes)):
+                raise InvalidRequest(f"accounts must be None or an iterable of account ids, got {shown(accounts)}")
+            return self._history.balances(self.lsn, accounts)
+
+    def entries(self, account_id: str, after: int = 0, limit: int | None = None) -> list[Entry]:
+        """The account's entries made at or before `lsn`, with seq > `after`, at most `limit`."""
+        with self._call():
+            self._check()
+            return self._history.entries(account_id, self.lsn, after, limit)
+
+    def get_transfer(self, transfer_id: str) -> Transfer | None:
+        """The transfer as of `lsn` (None if not committed by then), its status then."""
+        with self._call():
+            self._check()
+            return self._history.transfer(transfer_id, self.lsn)
+
+    def transfers(self, *, account: str | None = None, code: int | None = None, kind: str | None = None,
+                  after_lsn: int = 0, until_lsn: int | None = None, limit: int = 100,
+                  reverse: bool = False) -> list[Transfer]:
+        """`Ledger.transfers` as of `lsn`: `until_lsn` at most `lsn` (by default, `lsn`)."""
+        with self._call():
+            self._check()
+            return self._history.transfers(account=account, code=code, kind=kind, after_lsn=after_lsn,
+                                           until_lsn=until_lsn, limit=limit, reverse=reverse, end=self.lsn)
+
+
+def check_max_age(max_age_s: object) -> float:
+    if not (isinstance(max_age_s, (int, float)) and not isinstance(max_age_s, bool)
+            and 0 < max_age_s <= SNAPSHOT_AGE_S_MAX):  # False for NaN
+        raise InvalidRequest(f"max_age_s must be a number of seconds in (0, {SNAPSHOT_AGE_S_MAX:.0f}], "
+                             f"got {shown(max_age_s)}")
+    return float(max_age_s)
