@@ -13,12 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from coordinator._records import ENTRIES_INDEX, HOLDS_FROM_KEY, is_hold_key
+from coordinator import INDEX_NAMES, AuditReport, audit
+from coordinator._audit import CHECK_INDEXES
+from coordinator._records import ENTRIES_INDEX, HOLDS_FROM_KEY, encode_holds, holds_key, is_hold_key
 from engine import (
     AccountNotFound,
     Balance,
     InsufficientFunds,
     InvalidRequest,
+    JournalCorrupted,
     Ledger,
     LedgerClosed,
     LedgerError,
@@ -27,6 +30,7 @@ from engine import (
     TransferRequest,
 )
 from journal import Journal
+from journal._format import frame_index_value, index_seed
 
 from tests.support import START_NS, Clock
 
@@ -402,3 +406,52 @@ def test_a_ledger_from_before_hold_rows_reads_its_past_from_its_records(tmp_path
         assert ledger.balance("a", at_lsn=made.lsn).pending == ledger.balance("a").pending
         old = [t.id for page in _paged(ledger, 5, account="b") for t in page]
         assert old == [t.id for t in _all(ledger, walk) if "b" in (t.source, t.destination)] + ["after"]
+
+
+# --- damaged hold rows ---------------------------------------------------------------------------
+
+
+def _hold_rows(raw_lmdb: Callable, path: Path) -> list[tuple[bytes, bytes]]:
+    with raw_lmdb(path) as env, env.begin() as txn:
+        entries = env.open_db(ENTRIES_INDEX.encode(), txn=txn, create=False)
+        return [(bytes(k), bytes(v)) for k, v in txn.cursor(db=entries) if is_hold_key(k) and k != HOLDS_FROM_KEY]
+
+
+def _put_framed(raw_lmdb: Callable, path: Path, key: bytes, value: bytes | None) -> None:
+    """Write (or with None delete) an entry index entry, its checksum valid: damage only the
+    records can tell."""
+    with raw_lmdb(path) as env, env.begin(write=True) as txn:
+        entries = env.open_db(ENTRIES_INDEX.encode(), txn=txn, create=False)
+        if value is None:
+            assert txn.delete(key, db=entries)
+        else:
+            txn.put(key, frame_index_value(index_seed(ENTRIES_INDEX), key, value), db=entries)
+
+
+def _audited(path: Path) -> AuditReport:
+    journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
+    try:
+        return audit(journal)
+    finally:
+        journal.close()
+
+
+@pytest.mark.parametrize("damage", ["wrong", "missing", "extra"])
+def test_a_hold_row_that_disagrees_with_the_records_fails_the_audit(tmp_path: Path, raw_lmdb: Callable,
+                                                                    damage: str) -> None:
+    walk = walk_ledger(tmp_path / "ledger", steps=30, seed=5)
+    key, value = _hold_rows(raw_lmdb, walk.path)[3]
+    if damage == "wrong":
+        _put_framed(raw_lmdb, walk.path, key, encode_holds(7, 7))
+    elif damage == "missing":
+        _put_framed(raw_lmdb, walk.path, key, None)
+    else:
+        plain = next(t for t in walk.transfers.values() if t.kind == "single" and t.source == "a")
+        _put_framed(raw_lmdb, walk.path, holds_key("a", plain.lsn), encode_holds(0, 0))
+    report = _audited(walk.path)
+    assert report.checks[CHECK_INDEXES] is False
+    assert "hold row" in (report.problem or ""), report.problem
+    if damage == "extra":  # read, it is refused: its record changes no pending transfer of the account
+        with Ledger.open(walk.path, clock_ns=walk.clock) as ledger, pytest.raises(JournalCorrupted,
+                                                                                  match="hold row"):
+            ledger.balance("a", at_lsn=plain.lsn)
