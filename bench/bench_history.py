@@ -19,7 +19,6 @@ memory: both halves of the read path are measured).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
