@@ -180,7 +180,9 @@ class Snapshot:
         with self._call():
             self._check()
             if accounts is None:
-                accounts = [account for account, opened in self._opened().items() if opened <= self.lsn]
+                opened = self._opened()
+                accounts = [account for account, lsn in list(opened.items()) if lsn <= self.lsn]  # (one step: a
+                # dict another thread adds to meanwhile is copied whole, never iterated as it grows)
             elif isinstance(accounts, (str, bytes)):
                 raise InvalidRequest(f"accounts must be None or an iterable of account ids, got {shown(accounts)}")
             return self._history.balances(self.lsn, accounts)

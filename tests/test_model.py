@@ -440,6 +440,8 @@ class LedgerMachine(RuleBasedStateMachine):
         """Consumed ids and the clock at the last reopen: reopen again only once something changed."""
         self.transfers: dict[str, Transfer] = {}
         """The Transfer the ledger first returned for each committed id (with its LSN)."""
+        self.past: list[tuple[int, dict[str, Balance]]] = []
+        """(durable LSN, every account's balance) at each check of the invariants."""
 
     @initialize(
         specs=st.lists(st.tuples(currencies, limits), min_size=3, max_size=3),
@@ -749,6 +751,27 @@ class LedgerMachine(RuleBasedStateMachine):
                 assert made.kind in ("single", "post")
 
     @invariant()
+    def the_past_reads_as_it_was_and_a_snapshot_as_it_is(self) -> None:
+        """Every balance seen at a check reads again at its LSN (`balance(at_lsn=...)`: a sample
+        of the earlier checks, every one eventually), and a snapshot shows the balances of now."""
+        model = self.model
+        now = {account: Balance(posted, model.held[account], posted - model.held[account], model.incoming[account])
+               for account, posted in model.posted.items()}
+        self.past.append((self.ledger.stats()["durable_lsn"], now))
+        with self.ledger.snapshot() as snapshot:
+            assert snapshot.balances() == now
+        seen = len(self.past)
+        for lsn, then in (self.past[i] for i in sorted({*range(max(0, seen - 3), seen), *range(seen % 5, seen, 5)})):
+            assert {account: self.ledger.balance(account, at_lsn=lsn) for account in then} == then, lsn
+
+    @invariant()
+    def transfers_lists_every_committed_transfer_in_lsn_order(self) -> None:
+        listed = self.ledger.transfers(limit=10_000)
+        assert [made.id for made in listed] == [
+            made.id for made in sorted(self.transfers.values(), key=lambda made: (made.lsn, made.timestamp))]
+        assert listed == [self.ledger.get_transfer(made.id) for made in listed]
+
+    @invariant()
     def timestamps_strictly_increase_in_lsn_order(self) -> None:
         """Across the ledger (and its reopenings); a chain's legs share an LSN, a nanosecond apart."""
         stamps = sorted((made.lsn, made.timestamp) for made in self.transfers.values())
@@ -790,6 +813,8 @@ INVARIANTS = (
     "entries_are_gapless_running_sums_equal_to_the_model",
     "timestamps_strictly_increase_in_lsn_order",
     "get_transfer_agrees_with_the_model",
+    "the_past_reads_as_it_was_and_a_snapshot_as_it_is",
+    "transfers_lists_every_committed_transfer_in_lsn_order",
 )
 
 
