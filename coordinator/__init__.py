@@ -14,6 +14,7 @@ from coordinator._asof import (
     record_timestamp,
     transfer_at,
     transfers_page,
+    unindexed_holds_flat,
 )
 from coordinator._audit import CHECKS, AuditReport, audit, state_hash, unopened
 from coordinator._claims import check_ids_against_records
@@ -34,7 +35,7 @@ from coordinator._history import (
     transfer_of,
 )
 from coordinator._coordinator import Coordinator
-from coordinator._entries import Row, decode_entry, last_row, unindexed_entries
+from coordinator._entries import Row, decode_entry, last_row, pairs, unindexed_entries
 from coordinator._errors import (
     REJECTIONS,
     AccountExists,
@@ -204,7 +205,9 @@ __all__ = [
     "state_hash",
     "transfer_now",
     "transfer_of",
+    "pairs",
     "unindexed_entries",
+    "unindexed_holds_flat",
     "unopened",
     "write_checkpoint",
 ]

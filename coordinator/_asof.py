@@ -7,13 +7,15 @@ between (`engine` builds its snapshots on that). None scans the journal but the 
 so: an account's reads bisect its entries (seq order is LSN order) and seek its hold rows.
 
 An account's pending amounts (what its pending transfers hold on it and bring it) change only
-by records that open, post, void or expire pending transfers; each such record writes a *hold
-row* per account it changes, in the same transaction (`coordinator._records.holds_key`). A
-ledger older than hold rows has them from `HOLDS_FROM_KEY`'s LSN on; before it, the pending
-amounts are found by reading the records (the one scan, and only for such a ledger's past).
+by records that open, post, void or expire pending transfers; each such record makes a *hold
+row* per account it changes (`coordinator._records.holds_key`), which reaches the entry index
+with the next checkpoint, as entries do. A ledger older than hold rows has them from
+`HOLDS_FROM_KEY`'s LSN on; before it, the pending amounts are found by reading the records
+(the one scan, and only for such a ledger's past).
 
 `unindexed` is as for `coordinator._history.entries_of`: the account's entries past the
-newest checkpoint, durable ones, read before the snapshot `txn` opened.
+newest checkpoint, durable ones, read before the snapshot `txn` opened; `holds` likewise its
+hold rows.
 """
 
 from __future__ import annotations
@@ -26,7 +28,16 @@ from typing import Any
 import msgpack
 from journal import Journal
 
-from coordinator._entries import Row, decode_entry, entry_rows, last_row
+from coordinator._entries import (
+    Flat,
+    Row,
+    add_holds,
+    decode_entry,
+    entry_rows,
+    hold_row_lsn,
+    last_row,
+    newest_checkpoint_lsn,
+)
 from coordinator._errors import AccountNotFound, InvalidRequest, JournalCorrupted
 from coordinator._history import (
     Committed,
@@ -76,13 +87,15 @@ def opened_lsn(journal: Journal, account_id: str, lsn: int, txn: Any) -> int:
     return opened
 
 
-def balance_at(journal: Journal, account_id: str, lsn: int, unindexed: list[Row], txn: Any) -> Balance:
+def balance_at(journal: Journal, account_id: str, lsn: int, unindexed: list[Row], holds: list[Row],
+               txn: Any) -> Balance:
     """The account's balance after the record at `lsn` (durable: the caller checked), counting
-    the pending transfers open then; `AccountNotFound` if it did not exist then."""
+    the pending transfers open then; `AccountNotFound` if it did not exist then. `holds`: its
+    unindexed hold rows, as `unindexed` its entries."""
     opened_lsn(journal, account_id, lsn, txn)
     row = entry_row_at(journal, account_id, lsn, unindexed, txn)
     posted = 0 if row is None else decode_entry(account_id, row)[3]
-    held, incoming = holds_at(journal, account_id, lsn, txn)
+    held, incoming = holds_at(journal, account_id, lsn, holds, txn)
     return Balance(posted, held, posted - held, incoming)
 
 
@@ -132,64 +145,119 @@ def holds_from(journal: Journal, txn: Any) -> int | None:
     return value_lsn(value)
 
 
-def holds_at(journal: Journal, account_id: str, lsn: int, txn: Any) -> tuple[int, int]:
+def holds_at(journal: Journal, account_id: str, lsn: int, unindexed_holds: list[Row], txn: Any) -> tuple[int, int]:
     """(held, incoming): what the account's pending transfers held on it and brought it after
-    the record at `lsn`, from its hold row at or before `lsn` (checked against its record)."""
+    the record at `lsn`: from its last hold row at or before `lsn`, among `unindexed_holds` (its
+    hold rows past the newest checkpoint, durable ones, read before `txn` opened) or else in
+    the index (checked against its record)."""
     start = holds_from(journal, txn)
     if start is None or lsn < start:
         return _holds_read(journal, account_id, lsn, txn)
+    if unindexed_holds and hold_row_lsn(unindexed_holds[0]) <= lsn:
+        row = unindexed_holds[bisect_right(unindexed_holds, lsn, key=hold_row_lsn) - 1]
+        return _hold_values(account_id, row)
     found = journal.index_last_before(ENTRIES_INDEX, holds_key(account_id, lsn + 1), txn)
     prefix = holds_key(account_id, 0)[:-8]
     if found is None or not found[0].startswith(prefix):
         return (0, 0) if start == 1 else _holds_read(journal, account_id, start - 1, txn)
-    key, value = found
-    row_lsn = int.from_bytes(key[-8:], "big")
-    record = record_at(journal, row_lsn, txn)
-    if not _changes_holds(record, account_id):
+    row_lsn = hold_row_lsn(found)
+    tracker = HoldTracker()
+    if account_id not in tracker.rows(record_at(journal, row_lsn, txn), for_expiry=True):
         raise JournalCorrupted(f"journal corrupted: account {account_id!r} has a hold row at LSN {row_lsn}, whose "
                                "record changes no pending transfer of it", row_lsn, "the entries index")
+    return _hold_values(account_id, found)
+
+
+def _hold_values(account_id: str, row: Row) -> tuple[int, int]:
     try:
-        held, incoming = msgpack.unpackb(value)
+        held, incoming = msgpack.unpackb(row[1])
         return int(held), int(incoming)
     except Exception as error:  # msgpack raises several unrelated types on bad input
-        raise JournalCorrupted(f"journal corrupted: the hold row of {account_id!r} at LSN {row_lsn} does not decode",
-                               row_lsn, "the entries index") from error
+        lsn = hold_row_lsn(row)
+        raise JournalCorrupted(f"journal corrupted: the hold row of {account_id!r} at LSN {lsn} does not decode",
+                               lsn, "the entries index") from error
 
 
-def _changes_holds(record: Record | None, account_id: str) -> bool:
-    if isinstance(record, Expired):
-        return True  # its pending transfers' accounts are in their own records
-    return isinstance(record, Committed) and any(
-        transfer.kind != "single" and account_id in (transfer.source, transfer.destination)
-        for transfer in record.transfers)
+class HoldTracker:
+    """Every account's pending amounts, followed record by record from the open pending
+    transfers at a point (a checkpoint's, or none at LSN 0): `rows` of each record in turn
+    gives its hold rows. Independent of the rules' own bookkeeping (`rules.holds_after`), so
+    the audit that uses it checks them."""
+
+    def __init__(self, pendings: list[list[Any]] | None = None) -> None:
+        self.open: dict[str, tuple[str, str, int]] = {}
+        self.held: dict[str, int] = {}
+        self.incoming: dict[str, int] = {}
+        for pending_id, source, destination, amount, *_ in pendings or ():
+            self._open(pending_id, source, destination, amount)
+
+    def rows(self, record: Record | None, for_expiry: bool = False) -> dict[str, tuple[int, int]]:
+        """The hold rows of `record` (each account's pending amounts after it), moving past it.
+        `for_expiry`: an expiry of pending transfers this tracker never saw opened names every
+        account of the ledger (a pair check of one row against its record, no more)."""
+        touched: list[str] = []
+        if isinstance(record, Committed):
+            for transfer in record.transfers:
+                if transfer.kind == "pending":
+                    self._open(transfer.id, transfer.source, transfer.destination, transfer.amount)
+                elif transfer.kind != "single":
+                    self._close(transfer.pending_id or "")
+                else:
+                    continue
+                touched += (transfer.source, transfer.destination)
+        elif isinstance(record, Expired):
+            if for_expiry:
+                return _EVERY_ACCOUNT
+            for pending_id in record.pending_ids:
+                touched += self._close(pending_id)
+        return {account: (self.held.get(account, 0), self.incoming.get(account, 0)) for account in touched if account}
+
+    def _open(self, pending_id: str, source: str, destination: str, amount: int) -> None:
+        self.open[pending_id] = (source, destination, amount)
+        self.held[source] = self.held.get(source, 0) + amount
+        self.incoming[destination] = self.incoming.get(destination, 0) + amount
+
+    def _close(self, pending_id: str) -> tuple[str, str]:
+        source, destination, amount = self.open.pop(pending_id, ("", "", 0))
+        self.held[source] = self.held.get(source, 0) - amount
+        self.incoming[destination] = self.incoming.get(destination, 0) - amount
+        return source, destination
+
+
+class _Every(dict):  # type: ignore[type-arg]
+    def __contains__(self, key: object) -> bool:
+        return True
+
+
+_EVERY_ACCOUNT: dict[str, tuple[int, int]] = _Every()
 
 
 def _holds_read(journal: Journal, account_id: str, lsn: int, txn: Any) -> tuple[int, int]:
     """`holds_at` from the records 1..`lsn` (a ledger's past from before hold rows)."""
-    held = incoming = 0
-    amounts: dict[str, tuple[str, str, int]] = {}
-    for record in records(journal, 0, txn):
-        if record.lsn > lsn:
-            break
-        if isinstance(record, Committed):
-            for transfer in record.transfers:
-                if transfer.kind == "pending":
-                    amounts[transfer.id] = (transfer.source, transfer.destination, transfer.amount)
-                    held += transfer.amount if transfer.source == account_id else 0
-                    incoming += transfer.amount if transfer.destination == account_id else 0
-                elif transfer.kind != "single" and transfer.pending_id is not None:
-                    held, incoming = _released(amounts.pop(transfer.pending_id, None), account_id, held, incoming)
-        elif isinstance(record, Expired):
-            for pending_id in record.pending_ids:
-                held, incoming = _released(amounts.pop(pending_id, None), account_id, held, incoming)
-    return held, incoming
+    tracker = HoldTracker()
+    for record in _window(journal, 0, lsn, txn):
+        tracker.rows(record)
+    return tracker.held.get(account_id, 0), tracker.incoming.get(account_id, 0)
 
 
-def _released(pending: tuple[str, str, int] | None, account_id: str, held: int, incoming: int) -> tuple[int, int]:
-    if pending is None:
-        return held, incoming
-    source, destination, amount = pending
-    return held - (amount if source == account_id else 0), incoming - (amount if destination == account_id else 0)
+def unindexed_holds_flat(journal: Journal, txn: Any) -> Flat:
+    """The hold rows of the records after the newest checkpoint, derived from the records of
+    snapshot `txn` and the open pending transfers that checkpoint carries (for readers other
+    than the writing process, as `coordinator._entries.unindexed_flat` for entries)."""
+    checkpoint = newest_checkpoint_lsn(journal, txn)
+    pendings: list[list[Any]] = []
+    if checkpoint:
+        payload = journal.read(checkpoint, txn)
+        fields = decode(checkpoint, payload) if payload is not None else []
+        if fields and fields[0] in (CHECKPOINT3, CHECKPOINT4):
+            pendings = fields[-1]
+    tracker = HoldTracker(pendings)
+    holds: Flat = {}
+    for record in records(journal, checkpoint, txn):
+        rows = tracker.rows(record)
+        if rows:
+            add_holds(holds, record.lsn, rows)
+    return holds
 
 
 # --- entries, transfers ---------------------------------------------------------------------
@@ -269,8 +337,8 @@ def lsn_at_timestamp(journal: Journal, timestamp: int, end: int, txn: Any) -> in
 
 
 def transfers_page(journal: Journal, *, account: str | None, code: int | None, kind: str | None, after_lsn: int,
-                   until_lsn: int, limit: int, reverse: bool, unindexed: list[Row], txn: Any,
-                   as_of: int) -> list[Transfer]:
+                   until_lsn: int, limit: int, reverse: bool, unindexed: list[Row], holds: list[Row],
+                   txn: Any, as_of: int) -> list[Transfer]:
     """Transfers made by the records in (`after_lsn`, `until_lsn`], in LSN order (newest first
     with `reverse`), those of `account` (as source or destination), `code` and `kind` only
     (None: any), each with its status as of `as_of` (at least `until_lsn`: the view's LSN, so
@@ -281,7 +349,7 @@ def transfers_page(journal: Journal, *, account: str | None, code: int | None, k
     With `account` it reads the account's entries and hold rows (no scan); without, the
     records of the window, one after another."""
     page: list[Transfer] = []
-    for lsn in _candidates(journal, account, after_lsn, until_lsn, reverse, unindexed, txn):
+    for lsn in _candidates(journal, account, after_lsn, until_lsn, reverse, unindexed, holds, txn):
         record = record_at(journal, lsn, txn)
         if not isinstance(record, Committed):
             continue
@@ -299,17 +367,17 @@ def transfers_page(journal: Journal, *, account: str | None, code: int | None, k
 
 
 def _candidates(journal: Journal, account: str | None, after_lsn: int, until_lsn: int, reverse: bool,
-                unindexed: list[Row], txn: Any) -> Iterator[int]:
+                unindexed: list[Row], holds: list[Row], txn: Any) -> Iterator[int]:
     """The LSNs of the records that may hold the page's transfers, in page order."""
     if account is None:
         if reverse:
             return iter(range(until_lsn, after_lsn, -1))
         return (record.lsn for record in _window(journal, after_lsn, until_lsn, txn))
-    return account_lsns(journal, account, after_lsn, until_lsn, reverse, unindexed, txn)
+    return account_lsns(journal, account, after_lsn, until_lsn, reverse, unindexed, holds, txn)
 
 
 def account_lsns(journal: Journal, account: str, after_lsn: int, until_lsn: int, reverse: bool,
-                 unindexed: list[Row], txn: Any) -> Iterator[int]:
+                 unindexed: list[Row], holds: list[Row], txn: Any) -> Iterator[int]:
     """The LSNs in (`after_lsn`, `until_lsn`] of the records that moved the account's money or
     changed its pending amounts (its transfers, posts, voids and expiries), in LSN order
     (descending with `reverse`), from its entries and hold rows."""
@@ -318,26 +386,19 @@ def account_lsns(journal: Journal, account: str, after_lsn: int, until_lsn: int,
     if start > after_lsn + 1:  # the ledger's past from before hold rows: its records, read
         legacy_until = min(until_lsn, start - 1)
         legacy = _legacy_candidates(journal, account, after_lsn, legacy_until, reverse, txn)
-        indexed = _indexed_candidates(journal, account, legacy_until, until_lsn, reverse, unindexed, txn)
+        indexed = _indexed_candidates(journal, account, legacy_until, until_lsn, reverse, unindexed, holds, txn)
         return (lsn for part in ((indexed, legacy) if reverse else (legacy, indexed)) for lsn in part)
-    return _indexed_candidates(journal, account, after_lsn, until_lsn, reverse, unindexed, txn)
+    return _indexed_candidates(journal, account, after_lsn, until_lsn, reverse, unindexed, holds, txn)
 
 
 def _legacy_candidates(journal: Journal, account: str, after_lsn: int, until_lsn: int, reverse: bool,
                        txn: Any) -> Iterator[int]:
     found: list[int] = []
-    pending: dict[str, tuple[str, str]] = {}
+    tracker = HoldTracker()
     for record in _window(journal, 0, until_lsn, txn):  # from the start: an expiry names earlier transfers
-        if record.lsn <= after_lsn and not isinstance(record, Committed):
-            continue
-        if isinstance(record, Committed):
-            pending.update((transfer.id, (transfer.source, transfer.destination))
-                           for transfer in record.transfers if transfer.kind == "pending")
-            if record.lsn > after_lsn and any(account in (transfer.source, transfer.destination)
-                                              for transfer in record.transfers):
-                found.append(record.lsn)
-        elif isinstance(record, Expired) and any(account in pending.get(pending_id, ())
-                                                 for pending_id in record.pending_ids):
+        touched = tracker.rows(record)
+        if record.lsn > after_lsn and (account in touched or isinstance(record, Committed) and any(
+                account in (transfer.source, transfer.destination) for transfer in record.transfers)):
             found.append(record.lsn)
     return reversed(found) if reverse else iter(found)
 
@@ -350,12 +411,13 @@ def _window(journal: Journal, after_lsn: int, until_lsn: int, txn: Any) -> Itera
 
 
 def _indexed_candidates(journal: Journal, account: str, after_lsn: int, until_lsn: int, reverse: bool,
-                        unindexed: list[Row], txn: Any) -> Iterator[int]:
+                        unindexed: list[Row], holds: list[Row], txn: Any) -> Iterator[int]:
     """The LSNs of the account's entries and hold rows in the window, merged, each once."""
     entries = _entry_lsns(journal, account, after_lsn, until_lsn, reverse, unindexed, txn)
-    holds = _hold_lsns(journal, account, after_lsn, until_lsn, reverse, txn)
+    held = _hold_lsns(journal, account, after_lsn, until_lsn, reverse, txn)
+    remembered = [lsn for lsn in map(hold_row_lsn, holds) if after_lsn < lsn <= until_lsn]
     last = None
-    for lsn in merge(entries, holds, reverse=reverse):
+    for lsn in merge(entries, held, reversed(remembered) if reverse else remembered, reverse=reverse):
         if lsn != last:
             yield lsn
             last = lsn

@@ -36,7 +36,7 @@ from journal import Journal, JournalCorruptedError
 from coordinator._entries import Rows, commit_rows, decode_entry, entry_rows, newest_checkpoint_lsn, unindexed_entries
 from coordinator._errors import JournalCorrupted
 from coordinator._history import Checkpointed, Committed, Expired, Refused, named_record, typed
-from coordinator._asof import holds_from
+from coordinator._asof import HoldTracker, holds_from
 from coordinator._records import (
     ACCOUNTS_INDEX,
     DIGEST_MARK,
@@ -186,6 +186,9 @@ def _cross_check(journal: Journal, books: Recovered) -> tuple[str | None, str | 
                 else:
                     indexed += 1
         entries = sum(1 for key in journal.index_keys(ENTRIES_INDEX, txn) if not is_hold_key(key))
+        wrong = holds.finish()
+        if wrong is not None:
+            return None, wrong
         if holds.stored != holds.checked:
             return None, f"the entry index holds {holds.stored} hold rows; the records make {holds.checked}"
         transfers = sum(1 for _ in journal.index_keys(TRANSFERS_INDEX, txn))
@@ -202,51 +205,49 @@ def _cross_check(journal: Journal, books: Recovered) -> tuple[str | None, str | 
 
 
 class _HoldRows:
-    """The audit of hold rows (`coordinator._asof`): every record from `holds_from` on that
-    changes an account's pending amounts has its row, holding what the records before it and
-    it leave; and there are no others."""
+    """The audit of hold rows (`coordinator._asof`). Like entries, a record's hold rows reach
+    the index with the first checkpoint after it: every record before the last checkpoint
+    record that changed pending amounts has its rows there (from `holds_from` on; before it,
+    a row may be absent, and one present must be right), each holding what the records up to
+    its own leave (`HoldTracker`, which follows the records independently of the rules); no
+    record after it has any; and there are no others."""
 
     def __init__(self, journal: Journal, txn: Any) -> None:
         self._journal, self._txn = journal, txn
         self._start = holds_from(journal, txn)
-        self._held: dict[str, int] = {}
-        self._incoming: dict[str, int] = {}
-        self._open: dict[str, tuple[str, str, int]] = {}
+        self._tracker = HoldTracker()
+        self._since: list[tuple[int, str, tuple[int, int]]] = []
+        """(LSN, account, its (held, incoming)) of the rows since the last checkpoint record."""
         self.checked = 0
         self.stored = sum(1 for key in journal.index_keys(ENTRIES_INDEX, txn) if is_hold_key(key)
                           and key != HOLDS_FROM_KEY)
 
     def check(self, record: object) -> str | None:
-        touched: dict[str, None] = {}
-        if isinstance(record, Committed):
-            for transfer in record.transfers:
-                if transfer.kind == "pending":
-                    self._open[transfer.id] = (transfer.source, transfer.destination, transfer.amount)
-                    self._move(transfer.source, transfer.destination, transfer.amount)
-                elif transfer.kind != "single":
-                    source, destination, amount = self._open.pop(transfer.pending_id or "", ("", "", 0))
-                    self._move(source, destination, -amount)
-                else:
-                    continue
-                touched[transfer.source] = touched[transfer.destination] = None
-        elif isinstance(record, Expired):
-            for pending_id in record.pending_ids:
-                source, destination, amount = self._open.pop(pending_id, ("", "", 0))
-                self._move(source, destination, -amount)
-                touched[source] = touched[destination] = None
-        if not touched or self._start is None or record.lsn < self._start:  # type: ignore[attr-defined]
-            return None
         lsn: int = record.lsn  # type: ignore[attr-defined]
-        for account in touched:
-            stored = self._journal.index_get(ENTRIES_INDEX, holds_key(account, lsn), self._txn)
-            if stored != encode_holds(self._held.get(account, 0), self._incoming.get(account, 0)):
-                return f"the hold row of {account!r} at LSN {lsn} is {'missing' if stored is None else 'wrong'}"
-            self.checked += 1
+        if isinstance(record, Checkpointed):
+            since, self._since = self._since, []
+            for row_lsn, account, values in since:
+                stored = self._stored(account, row_lsn)
+                required = self._start is not None and row_lsn >= self._start
+                if stored is None and not required:
+                    continue
+                if stored != encode_holds(*values):
+                    return (f"the hold row of {account!r} at LSN {row_lsn} is {'missing' if stored is None else 'wrong'}"
+                            f" (the checkpoint at LSN {lsn} indexes it)")
+                self.checked += 1
+            return None
+        self._since += ((lsn, account, values) for account, values in self._tracker.rows(record).items())  # type: ignore[arg-type]
         return None
 
-    def _move(self, source: str, destination: str, amount: int) -> None:
-        self._held[source] = self._held.get(source, 0) + amount
-        self._incoming[destination] = self._incoming.get(destination, 0) + amount
+    def finish(self) -> str | None:
+        """After the last record: the rows since the last checkpoint are not in the index yet."""
+        for row_lsn, account, _ in self._since:
+            if self._stored(account, row_lsn) is not None:
+                return f"the hold row of {account!r} at LSN {row_lsn} is indexed, and no checkpoint follows its record"
+        return None
+
+    def _stored(self, account: str, lsn: int) -> bytes | None:
+        return self._journal.index_get(ENTRIES_INDEX, holds_key(account, lsn), self._txn)
 
 
 def state_hash(journal: Journal, accounts: Iterable[Account], pending: Iterable[Pending], txn: Any | None = None,

@@ -21,7 +21,7 @@ indexed every entry with its commit; for them the union is the same.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
 from typing import Any
 
@@ -37,8 +37,10 @@ from coordinator._records import (
     ENTRY_SEQ_END,
     decode,
     encode_entry_value,
+    encode_holds,
     entry_key,
     entry_prefix,
+    holds_key,
     value_lsn,
 )
 
@@ -77,6 +79,11 @@ def row_lsn(row: Row) -> int:
     return int(msgpack.unpackb(row[1])[3])
 
 
+def hold_row_lsn(row: Row) -> int:
+    """The LSN of the record that wrote a hold row (`coordinator._records.holds_key`: its key ends with it)."""
+    return int.from_bytes(row[0][-8:], "big")
+
+
 Flat = dict[str, list[bytes]]
 """Entries by account as flat lists, key, value, key, value...: no tuple per entry, so
 nothing per entry for the garbage collector to track."""
@@ -98,6 +105,15 @@ def add_commit(entries: Flat, prefixes: dict[str, bytes], lsn: int, record: list
         if flat is None:
             entries[account] = flat = []
         flat += (prefix + _U64.pack(seq), value)
+
+
+def add_holds(holds: Flat, lsn: int, rows: dict[str, tuple[int, int]]) -> None:
+    """Add the hold rows of the record at `lsn` (each account's (held, incoming) after it) to `holds`."""
+    for account, (held, incoming) in rows.items():
+        flat = holds.get(account)
+        if flat is None:
+            holds[account] = flat = []
+        flat += (holds_key(account, lsn), encode_holds(held, incoming))
 
 
 def newest_checkpoint_lsn(journal: Journal, txn: Any) -> int:
@@ -208,11 +224,16 @@ class UnindexedEntries:
     take `current` before `carried` and open their snapshot after both, so an entry
     missed in memory was already dropped, which happens only once its checkpoint is
     durable: the snapshot then has it in the index.
+
+    The hold rows of the records since the newest checkpoint wait in one of their own, which
+    the checkpoints write just the same (`lsn_of`: `hold_row_lsn`).
     """
 
-    __slots__ = ("current", "_carried", "count")
+    __slots__ = ("current", "_carried", "count", "_lsn_of")
 
-    def __init__(self, current: Flat | None = None) -> None:
+    def __init__(self, current: Flat | None = None, lsn_of: Callable[[Row], int] = row_lsn) -> None:
+        self._lsn_of = lsn_of
+        """The LSN of the record that made a row."""
         self.current: Flat = current if current is not None else {}
         """Appended to under the sequencer lock, a key and its value in one step (`add`)."""
         self.count = sum(len(flat) for flat in self.current.values()) // 2
@@ -251,7 +272,11 @@ class UnindexedEntries:
         # is a prefix of: ordering accounts by their first key orders all their keys. Sorted
         # here, for what changed since the last checkpoint only, not kept in order for every
         # account ever seen (an insertion into a list of a million costs a millisecond).
-        return Joined(sorted(self.current.values(), key=_first))
+        return Joined(self.ordered_parts())
+
+    def ordered_parts(self) -> list[list[bytes]]:
+        """`ordered`, as the list of each account's flat list."""
+        return sorted(self.current.values(), key=_first)
 
     def carry(self, checkpoint_lsn: int) -> None:
         """The rows of `current` are now queued with the checkpoint at `checkpoint_lsn`."""
@@ -271,7 +296,8 @@ class UnindexedEntries:
         found = [row for _, flat in self._carried for row in pairs(flat.get(account, []))]
         found += pairs(current)
         found = sorted(set(found))  # a checkpoint queued between the two reads shows its rows twice
-        while found and row_lsn(found[-1]) > durable_lsn:
+        lsn_of = self._lsn_of
+        while found and lsn_of(found[-1]) > durable_lsn:
             found.pop()
         return found
 

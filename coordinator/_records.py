@@ -129,17 +129,18 @@ of the account (`entry_key(account, ENTRY_SEQ_END)` ends those), before the next
 
 def holds_key(account: str, lsn: int) -> bytes:
     """The entry index key of the account's hold row for the record at `lsn`: what its pending
-    transfers hold on it and bring it after that record (`encode_holds`). Hold rows are written
-    with their record, by the records that change them (a pending transfer, a post, a void,
-    an expiry), so an account's hold rows in LSN order are the history of its pending
-    amounts; `coordinator._asof` reads the one at or before an LSN."""
+    transfers hold on it and bring it after that record (`encode_holds`). The records that
+    change them (a pending transfer, a post, a void, an expiry) make hold rows, which reach the
+    index as entries do, with the next checkpoint (`coordinator._entries`), so an account's
+    hold rows in LSN order are the history of its pending amounts; `coordinator._asof` reads
+    the one at or before an LSN."""
     return entry_prefix(account) + HOLDS_MARK + _U64.pack(lsn)
 
 
 HOLDS_FROM_KEY = _U16.pack(0xFFFF) + b"holds-from"
 """The entry index key whose value is the LSN from which every record that changes an
-account's pending amounts has its hold rows: the first record a release that writes them
-appended to the ledger (1 for a ledger it made). No account's key starts like it (an id's key
+account's pending amounts has its hold rows: the first record a release that makes them
+appended to the ledger (1 for a ledger it made), with which it is written. No account's key starts like it (an id's key
 is at most `KEY_BYTES_MAX` bytes), so it sorts after every account's rows."""
 
 

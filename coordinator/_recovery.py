@@ -29,7 +29,8 @@ from typing import Any
 
 from journal import Completion, Journal, JournalCorruptedError
 
-from coordinator._entries import Flat, add_commit, unindexed_flat
+from coordinator._asof import unindexed_holds_flat
+from coordinator._entries import Flat, add_commit, add_holds, unindexed_flat
 from coordinator._errors import (
     BalanceOverflow,
     CurrencyMismatch,
@@ -59,10 +60,10 @@ from coordinator._records import (
     decode,
     value_lsn,
 )
-from coordinator._rules import Leg, Overlay, Refusal, decide, due, enter, expire
+from coordinator._rules import Leg, Overlay, Refusal, decide, due, enter, expire, holds_after, holds_expired
 from coordinator._sequencer import Sequencer
 from coordinator._state import NO_ENTRIES, AccountState, Pending, Projection, SequenceError, post
-from coordinator._values import Account, Metadata, TransferRequest, opened_account
+from coordinator._values import SINGLE, Account, Metadata, TransferRequest, opened_account
 
 
 @dataclass
@@ -84,6 +85,8 @@ class Recovered(Projection):
     unindexed: Flat | None = None
     """If not None, replay collects here the entries of the commits after the last
     checkpoint it meets (the ones the entry index does not hold)."""
+    unindexed_holds: Flat | None = None
+    """Likewise, the hold rows of the records after the last checkpoint it meets."""
     prefixes: dict[str, bytes] = field(default_factory=dict)
     """Entry key prefix per account, for `unindexed`."""
     changed: set[str] = field(default_factory=set)
@@ -251,6 +254,7 @@ def recover(journal: Journal) -> Recovered:
     try:
         books = load_checkpoint(journal)
         books.unindexed = {}
+        books.unindexed_holds = {}
         replay(journal, books)
     finally:
         if collecting:
@@ -320,6 +324,8 @@ def replay(
                 changed = books.changed = set()
                 if books.unindexed is not None:
                     books.unindexed = {}  # the checkpoint indexed them
+                if books.unindexed_holds is not None:
+                    books.unindexed_holds = {}
             elif kind == REFUSAL3:
                 _, timestamp, _, index, _, *requests = record
                 _stamped_at(books, lsn, timestamp, len(requests))
@@ -334,6 +340,10 @@ def replay(
                 if reason is not None or len(set(ids)) != len(ids) or not ids:
                     raise _corrupt(lsn, f"the expiry of {ids!r}: {reason or 'ids repeated or none'}: the rules do "
                                         "not allow it")
+                if books.unindexed_holds is not None:
+                    add_holds(books.unindexed_holds, lsn,
+                              holds_expired([books.pending[pending_id] for pending_id in ids], books.held,
+                                            books.incoming))
                 expire(books, ids)
                 books.expiries += len(ids)
                 books.index_entries += len(ids)
@@ -406,6 +416,8 @@ def _apply_transfer(books: Recovered, lsn: int, record: list[Any]) -> None:
     if type(decided) is Refusal:
         raise _refused(lsn, requests[decided.index].id, decided)
     _check_legs(books, lsn, legs, decided)  # type: ignore[arg-type]
+    if books.unindexed_holds is not None and any(leg[0] != SINGLE for leg in decided):  # type: ignore[index]
+        add_holds(books.unindexed_holds, lsn, holds_after(decided, books.held, books.incoming))  # type: ignore[arg-type]
     enter(books, requests, decided, lsn, timestamp)  # type: ignore[arg-type]
     books.commits += len(legs)
     books.index_entries += len(legs) + sum(1 for request in requests if type(request) is not TransferRequest)
@@ -463,7 +475,8 @@ def write_checkpoint(journal: Journal, books: Recovered, timeout_s: float) -> in
     last record) and wait until it is durable; its LSN. For a journal no ledger has open."""
     with journal.snapshot() as txn:
         unindexed = unindexed_flat(journal, txn)
-    sequencer = Sequencer(journal, books, unindexed=unindexed)
+        unindexed_holds = unindexed_holds_flat(journal, txn)
+    sequencer = Sequencer(journal, books, unindexed=unindexed, unindexed_holds=unindexed_holds)
     with sequencer.lock:
         lsn = sequencer.checkpoint()
     journal.wait_durable(lsn, timeout_s)

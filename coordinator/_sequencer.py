@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from journal import CRASH_POINT_ARMED, Completion, IndexPuts, Journal, JournalError, crash_point
 
-from coordinator._entries import Flat, UnindexedEntries
+from coordinator._entries import Flat, Joined, UnindexedEntries, hold_row_lsn
 from coordinator._history import Refused, resolution_of
 from coordinator._limits import (
     CHECKPOINT_ACCOUNTS_MAX,
@@ -112,7 +112,7 @@ class Chunk:
     as one block (`Sequencer.append_chunk`): a payload and a completion per record, and
     the transfer index entries of all of them (their entries wait for a checkpoint)."""
 
-    __slots__ = ("payloads", "completions", "transfers", "accounts", "entries", "holds")
+    __slots__ = ("payloads", "completions", "transfers", "accounts", "entries", "holders", "holds")
 
     def __init__(self) -> None:
         self.payloads: list[bytes] = []
@@ -123,8 +123,10 @@ class Chunk:
         self.entries: list[bytes] = []
         """The entries stamped, each its account's in `accounts`, then its key and value
         here: unindexed entries as the chunk is queued (`Sequencer._append`)."""
+        self.holders: list[str] = []
         self.holds: list[bytes] = []
-        """Hold rows (`coordinator._records.holds_key`), flat: written with the records."""
+        """Hold rows (`coordinator._records.holds_key`), each its account's in `holders`,
+        flat: unindexed, as the entries."""
 
     def __len__(self) -> int:
         return len(self.payloads)
@@ -143,6 +145,7 @@ class Sequencer:
         books: Projection,
         checkpoint_interval: int = CHECKPOINT_RECORDS_INTERVAL,
         unindexed: Flat | None = None,
+        unindexed_holds: Flat | None = None,
         since_checkpoint: int = 0,
         clock: Callable[[], int] = time.time_ns,
     ) -> None:
@@ -154,6 +157,9 @@ class Sequencer:
         self.checkpoint_interval = checkpoint_interval
         self._since_checkpoint = since_checkpoint
         self.unindexed = UnindexedEntries(unindexed)
+        self.unindexed_holds = UnindexedEntries(unindexed_holds, hold_row_lsn)
+        """The hold rows of the records since the newest checkpoint (which `unindexed_holds`
+        holds for a sequencer taking over from recovery), written by the next one."""
         self._prefixes: dict[str, bytes] = {}
         """Entry-index key prefix per account, computed once."""
         self._journal = journal
@@ -368,6 +374,7 @@ class Sequencer:
         resolved = 0
         if legs[0][0] != SINGLE or (len(legs) > 1 and any(leg[0] != SINGLE for leg in legs)):
             for account, (held, incoming) in holds_after(legs, self.held, self.incoming).items():
+                chunk.holders.append(account)
                 chunk.holds += (holds_key(account, lsn), encode_holds(held, incoming))
         for i, leg in enumerate(legs):
             request = requests[i]
@@ -504,14 +511,17 @@ class Sequencer:
                 key_lsn = lsn_value(lsn)
                 for pending_id in ids:
                     index += (resolution_key(pending_id), key_lsn)
+                holders: list[str] = []
                 holds: list[bytes] = []
                 for account, (held, incoming) in holds_expired(due, self.held, self.incoming).items():
+                    holders.append(account)
                     holds += (holds_key(account, lsn), encode_holds(held, incoming))
+                self.unindexed_holds.add(holders, holds)
                 try:
-                    appended = self._journal.append_block(
-                        [encode([EXPIRY3, now, ids])],
-                        self._marked({TRANSFERS_INDEX: index, ENTRIES_INDEX: holds}, lsn), [None])
+                    appended = self._journal.append_block([encode([EXPIRY3, now, ids])],
+                                                          self._marked({TRANSFERS_INDEX: index}, lsn), [None])
                 except BaseException:
+                    self.unindexed_holds.remove(holders)
                     for found in due:  # not expired after all: due again next time
                         heapq.heappush(deadlines, (found.deadline, found.id))
                     raise
@@ -557,15 +567,17 @@ class Sequencer:
         no entry behind, and its LSNs go to the next records."""
         assert self.lock.locked()
         self.unindexed.add(chunk.accounts, chunk.entries)
-        index: dict[str, Any] = {TRANSFERS_INDEX: chunk.transfers}
         if chunk.holds:
-            index[ENTRIES_INDEX] = chunk.holds
+            self.unindexed_holds.add(chunk.holders, chunk.holds)
+        index: dict[str, Any] = {TRANSFERS_INDEX: chunk.transfers}
         if self._holds_from_due:
             self._marked(index, self._journal.last_lsn + 1)
         try:
             appended = self._journal.append_block(chunk.payloads, index, chunk.completions, room_made, wake_writer)
         except BaseException:
             self.unindexed.remove(chunk.accounts)
+            if chunk.holds:
+                self.unindexed_holds.remove(chunk.holders)
             raise
         self._holds_from_due = False
         return appended
@@ -577,6 +589,7 @@ class Sequencer:
         self._since_checkpoint += records
         durable = self._journal.durable_lsn
         self.unindexed.release(durable)
+        self.unindexed_holds.release(durable)
         resolved_at = self._resolved_at
         while resolved_at and resolved_at[0][0] <= durable:  # the index answers for these now
             self._resolved.pop(resolved_at.popleft()[1], None)
@@ -592,8 +605,8 @@ class Sequencer:
         """Journal the projection as of now (call with `lock` held), as a CHECKPOINT4: the rows
         of the accounts that changed or opened since the last checkpoint, and of a slice of
         the others (the sweep, see `coordinator._records`); every open pending transfer; the
-        last timestamp; and with it, in its transaction, the entry index rows of every commit
-        since the last. The first checkpoint a sequencer writes without knowing the one
+        last timestamp; and with it, in its transaction, the entry index rows of every record
+        since the last (their entries, and their hold rows). The first checkpoint a sequencer writes without knowing the one
         before it (`Projection.checkpoint_chain` is None) holds every account.
 
         Opening the ledger starts from the newest checkpoint and replays only the
@@ -612,13 +625,15 @@ class Sequencer:
         rows = [fixed[account_id] + states[account_id] for account_id in included]
         pendings = [list(pending) for pending in self.pending.values()]
         lsn = self._journal.last_lsn + 1
-        index: IndexPuts = {CHECKPOINTS_INDEX: [lsn_value(lsn), b""], ENTRIES_INDEX: self.unindexed.ordered()}
+        index: IndexPuts = {CHECKPOINTS_INDEX: [lsn_value(lsn), b""],
+                            ENTRIES_INDEX: Joined(self.unindexed.ordered_parts() + self.unindexed_holds.ordered_parts())}
         payload = encode([CHECKPOINT4, self.last_timestamp, self.index_entries + 1, previous, total, sweep_next, rows,
                           pendings])
         appended = self._journal.append_block([payload], index, [None])  # may time out: then nothing changed
         self.index_entries += 1
         assert appended == lsn, (appended, lsn)
         self.unindexed.carry(lsn)
+        self.unindexed_holds.carry(lsn)
         crash_point("during-checkpoint")
         self._since_checkpoint = 0
         self._checkpoint = (lsn, total, sweep_next)

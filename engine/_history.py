@@ -46,15 +46,16 @@ def _count(name: str, value: object, low: int = 0) -> int:
 
 class History:
     """A ledger's durable history, read as of an LSN. `end()` is the durable LSN, `rows(account,
-    end)` the account's durable entries past the newest checkpoint, from memory (read before
-    each read's snapshot opens), `clock()` the ledger's time in nanoseconds since the epoch.
-    Safe from any thread; blocks only on LMDB reads."""
+    end)` the account's durable entries past the newest checkpoint and `holds(account, end)`
+    its hold rows, from memory (read before each read's snapshot opens), `clock()` the ledger's
+    time in nanoseconds since the epoch. Safe from any thread; blocks only on LMDB reads."""
 
     def __init__(self, journal: Journal, end: Callable[[], int], rows: Callable[[str, int], list[Row]],
-                 clock: Callable[[], int]) -> None:
+                 holds: Callable[[str, int], list[Row]], clock: Callable[[], int]) -> None:
         self._journal = journal
         self.end = end
         self._rows = rows
+        self._holds = holds
         self._clock = clock
 
     def lsn_of(self, at_lsn: object = None, at_timestamp: object = None) -> int:
@@ -84,16 +85,19 @@ class History:
 
     def balance(self, account_id: str, lsn: int) -> Balance:
         check_id(account_id, "account id")
-        rows = self._rows(account_id, self.end())
+        end = self.end()
+        rows, holds = self._rows(account_id, end), self._holds(account_id, end)
         with self._journal.snapshot() as txn:
-            return balance_at(self._journal, account_id, lsn, rows, txn)
+            return balance_at(self._journal, account_id, lsn, rows, holds, txn)
 
     def balances(self, lsn: int, accounts: Iterable[str]) -> dict[str, Balance]:
         """`balance` of each account, in one LMDB read transaction."""
         journal, end = self._journal, self.end()
-        rows = {account_id: self._rows(check_id(account_id, "account id"), end) for account_id in accounts}
+        rows = {account_id: (self._rows(check_id(account_id, "account id"), end), self._holds(account_id, end))
+                for account_id in accounts}
         with journal.snapshot() as txn:
-            return {account_id: balance_at(journal, account_id, lsn, found, txn) for account_id, found in rows.items()}
+            return {account_id: balance_at(journal, account_id, lsn, found, holds, txn)
+                    for account_id, (found, holds) in rows.items()}
 
     def entries(self, account_id: str, lsn: int, after: object = 0, limit: object = None) -> list[Entry]:
         check_id(account_id, "account id")
@@ -131,12 +135,13 @@ class History:
         if after >= until:
             return []
         rows = [] if account is None else self._rows(account, self.end())  # type: ignore[arg-type]
+        holds = [] if account is None else self._holds(account, self.end())  # type: ignore[arg-type]
         with self._journal.snapshot() as txn:
             if account is not None and account_of(self._journal, account, txn) is None:  # type: ignore[arg-type]
                 raise AccountNotFound(f"no account {account!r}")
             return transfers_page(self._journal, account=account, code=code, kind=kind,  # type: ignore[arg-type]
                                   after_lsn=after, until_lsn=until, limit=limit, reverse=reverse, unindexed=rows,
-                                  txn=txn, as_of=end)
+                                  holds=holds, txn=txn, as_of=end)
 
 
 class Snapshot:

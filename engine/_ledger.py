@@ -91,12 +91,13 @@ class Ledger:
             check_ids_against_records(journal)
         self.recovered = books
         self._sequencer = Sequencer(journal, books, checkpoint_interval, unindexed=books.unindexed,
+                                    unindexed_holds=books.unindexed_holds,
                                     since_checkpoint=books.records, clock=clock_ns or time.time_ns)
         self._dispatcher = Dispatcher(dispatcher_threads)
         self._directory = Directory(self._sequencer, self._dispatcher, actors_live_max)
         self._coordinator = Coordinator(journal, self._sequencer, self._directory, inflight_max)
         self._history = History(journal, lambda: journal.durable_lsn, self._sequencer.unindexed.rows,
-                                self._sequencer.clock)
+                                self._sequencer.unindexed_holds.rows, self._sequencer.clock)
         self._state = threading.Condition()
         self._calls: deque[None] = deque()
         """One item per call under way: appends and pops are atomic, so calls take no lock."""

@@ -50,7 +50,9 @@ from coordinator import (
     records,
     state_hash,
     transfer_of,
+    pairs,
     unindexed_entries,
+    unindexed_holds_flat,
     unopened,
     write_checkpoint,
 )
@@ -401,29 +403,33 @@ def _account_rows(journal: Journal, account: str, start: int, limit: int | None)
     """The account's opening and the records of its history from LSN `start` on (`Ledger.transfers`'
     walk: its entries and hold rows, not a scan); a refusal moved nothing and is not among them."""
     check_id(account, "account")
-    unindexed = _unindexed(journal)
+    unindexed, holds = _unindexed(journal)
     end = journal.last_lsn
     with journal.snapshot() as txn:
         _account(journal, account, txn)
         opening = opened_lsn(journal, account, end, txn)
         lsns = [opening] if opening >= start else []
-        for lsn in account_lsns(journal, account, max(0, start - 1), end, False, unindexed.get(account, []), txn):
+        for lsn in account_lsns(journal, account, max(0, start - 1), end, False, unindexed.get(account, []),
+                                holds.get(account, []), txn):
             if limit is not None and len(lsns) >= limit:
                 break
             lsns.append(lsn)
         return [_row(record) for lsn in lsns if (record := record_at(journal, lsn, txn)) is not None]
 
 
-def _unindexed(journal: Journal) -> dict[str, list[Row]]:
+def _unindexed(journal: Journal) -> tuple[dict[str, list[Row]], dict[str, list[Row]]]:
+    """The entries and hold rows of the records past the newest checkpoint, by account."""
     with journal.snapshot() as txn:
-        return unindexed_entries(journal, txn)
+        holds = {account: pairs(flat) for account, flat in unindexed_holds_flat(journal, txn).items()}
+        return unindexed_entries(journal, txn), holds
 
 
 def _history(journal: Journal) -> History:
     """The reads of `Ledger`'s history over a journal open read-only."""
-    unindexed = _unindexed(journal)
+    unindexed, holds = _unindexed(journal)
     end = journal.last_lsn
-    return History(journal, lambda: end, lambda account, _end: unindexed.get(account, []), time.time_ns)
+    return History(journal, lambda: end, lambda account, _end: unindexed.get(account, []),
+                   lambda account, _end: holds.get(account, []), time.time_ns)
 
 
 def _touches(record: Record, account: str, journal: Journal) -> bool:

@@ -455,3 +455,41 @@ def test_a_hold_row_that_disagrees_with_the_records_fails_the_audit(tmp_path: Pa
         with Ledger.open(walk.path, clock_ns=walk.clock) as ledger, pytest.raises(JournalCorrupted,
                                                                                   match="hold row"):
             ledger.balance("a", at_lsn=plain.lsn)
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+
+def _tally_json(*args: object) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "engine", *map(str, args), "--json"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_tally_balance_at_an_lsn_or_a_time_reads_what_the_api_reads(walked: Walk) -> None:
+    from datetime import datetime, timezone
+
+    sample = walked.seen[:: max(1, len(walked.seen) // 6)] + [walked.seen[-1]]
+    for lsn, shown in sample:
+        for account in ("a", "d"):
+            if account not in shown:
+                continue
+            report = _tally_json("balance", walked.path, account, "--at-lsn", lsn)
+            want = shown[account]
+            assert (report["posted"], report["pending"], report["available"], report["incoming"], report["at_lsn"]) \
+                == (want.posted, want.pending, want.available, want.incoming, lsn)
+    made = next(t for t in walked.transfers.values() if t.kind == "pending")
+    moment = datetime.fromtimestamp(made.timestamp // 10**9, tz=timezone.utc).isoformat()  # whole seconds: at
+    report = _tally_json("balance", walked.path, made.source, "--at", moment)  # or before the transfer
+    with Ledger.open(walked.path, clock_ns=walked.clock) as ledger:
+        at = ledger.balance(made.source, at_timestamp=made.timestamp // 10**9 * 10**9)
+    assert (report["posted"], report["pending"]) == (at.posted, at.pending)
+    history = _tally_json("history", walked.path, "b", "--limit", "5")
+    with Ledger.open(walked.path, clock_ns=walked.clock) as ledger:
+        assert [row["id"] for row in history["transfers"]] == [
+            t.id for t in ledger.transfers(account="b", reverse=True, limit=5)]
