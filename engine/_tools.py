@@ -453,7 +453,8 @@ def _row(record: Record) -> dict[str, Any]:
     with its fields; a linked chain's carries each in `legs`."""
     if isinstance(record, Opened):
         account = record.account
-        return {"lsn": record.lsn, "kind": "account", "account": account.id, "currency": account.currency,
+        return {"lsn": record.lsn, "kind": "account", "timestamp": record.timestamp, "account": account.id,
+                "currency": account.currency,
                 "overdraft_limit": account.overdraft_limit, "code": account.code,
                 "metadata": None if account.metadata is None else account.metadata.as_dict()}
     if isinstance(record, Checkpointed):
