@@ -23,6 +23,7 @@ from coordinator._history import (
     transfer_of,
 )
 from coordinator._coordinator import Coordinator
+from coordinator._events import Event, EventKind, EventReader, account_timestamp
 from coordinator._entries import decode_entry, last_row
 from coordinator._errors import (
     REJECTIONS,
@@ -46,6 +47,7 @@ from coordinator._errors import (
     PendingTransferAlreadyVoided,
     PendingTransferExpired,
     PendingTransferNotFound,
+    ReadOnlyLedger,
 )
 from coordinator._limits import (
     AMOUNT_MAX,
@@ -58,7 +60,7 @@ from coordinator._limits import (
 )
 from coordinator._participant import DebitStep, TurnAccount, Participant, Participants
 from coordinator._records import INDEX_NAMES
-from coordinator._recovery import Recovered, copy_record, load_checkpoint, recover, replay, write_checkpoint
+from coordinator._recovery import Recovered, check_index_counts, copy_record, load_checkpoint, recover, replay, write_checkpoint
 from coordinator._sequencer import Sequencer
 from coordinator._rules import Refusal
 from coordinator._state import AccountState, Pending, Posting, Projection, SequenceError, post
@@ -105,6 +107,9 @@ __all__ = [
     "DebitStep",
     "EXPIRY_INTERVAL_S",
     "Entry",
+    "Event",
+    "EventKind",
+    "EventReader",
     "ExceedsPendingAmount",
     "Expired",
     "INDEX_NAMES",
@@ -133,6 +138,7 @@ __all__ = [
     "Posting",
     "Projection",
     "REJECTIONS",
+    "ReadOnlyLedger",
     "Record",
     "Recovered",
     "Refusal",
@@ -145,11 +151,13 @@ __all__ = [
     "TransferRequest",
     "TurnAccount",
     "account_of",
+    "account_timestamp",
     "audit",
     "check_amount",
     "check_code",
     "check_currency",
     "check_id",
+    "check_index_counts",
     "check_ids_against_records",
     "check_metadata",
     "check_overdraft_limit",

@@ -89,3 +89,10 @@ within a second of it)."""
 
 EXPIRY_RECORD_IDS_MAX = 1_000
 """Most pending transfers one expiry record ends (more due make more records)."""
+
+EVENTS_PER_READ_MAX = 1_024
+"""Records an event reader reads per read transaction (`coordinator._events`): short, so a
+follower never holds an LMDB reader open for long (which would stall page reuse and map growth)."""
+
+STAMP_LOOKBACK_PER_READ = 4_096
+"""Records read back per read transaction looking for the timestamp of an account event."""

@@ -14,7 +14,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from coordinator import (
@@ -30,6 +30,7 @@ from coordinator import (
     Balance,
     Coordinator,
     Entry,
+    Event,
     InvalidRequest,
     LedgerClosed,
     LedgerError,
@@ -59,6 +60,7 @@ from coordinator import (
 from journal import Completion, Journal, JournalError, JournalWriteError
 
 from engine._directory import Directory
+from engine._follow import follow_events
 from engine._runtime import Dispatcher
 
 ACTORS_LIVE_MAX_DEFAULT = 65_536
@@ -120,6 +122,7 @@ class Ledger:
         checkpoint_interval: int = CHECKPOINT_RECORDS_INTERVAL,
         map_size_bytes: int | None = None,
         clock_ns: Callable[[], int] | None = None,
+        readonly: bool = False,
     ) -> Ledger:
         """Open (creating if missing) the ledger in directory `path` and recover it.
 
@@ -132,6 +135,10 @@ class Ledger:
         as their deadlines pass (within `EXPIRY_INTERVAL_S`); with a clock of your own (a
         test's, a replay's) nothing runs behind your back: call `expire_pending()`. Either
         way, what expired while the ledger was closed expires as it opens.
+
+        With `readonly=True` the ledger must exist; it is read beside whatever process writes
+        it, without its lock, and every write raises `ReadOnlyLedger` (`engine._readonly`;
+        the options that concern writing are checked, then unused).
 
         Raises `LedgerLocked` if another live holder has the directory, `JournalCorrupted`
         (naming the LSN) if a record fails verification, and `NotALedger` if `path` is a file.
@@ -155,6 +162,12 @@ class Ledger:
         ):
             if type(value) is not int or not low <= value <= high:
                 raise InvalidRequest(f"{name} must be an int in {low}..{high}, got {shown(value)}")
+        if readonly is not False:
+            if readonly is not True:
+                raise InvalidRequest(f"readonly must be a bool, got {shown(readonly)}")
+            from engine._readonly import open_readonly  # it subclasses Ledger
+
+            return open_readonly(path, float(timeout_s))
         options: dict[str, Any] = {"index_names": INDEX_NAMES}
         if map_size_bytes is not None:
             options["map_size_bytes"] = map_size_bytes
@@ -380,6 +393,40 @@ class Ledger:
             return transfer_now(self._journal, transfer_id)
 
     # --- reads ---------------------------------------------------------------------
+
+    def events(self, after_lsn: int = 0, *, follow: bool = False, timeout_s: float | None = None) -> Iterator[Event]:
+        """Every business event after `after_lsn`, in LSN order: one per journal record, a
+        checkpoint's excepted (`Event`). Only durable records are read; a consumer resumes,
+        after any restart of either side, with the LSN of the last event it processed.
+
+        Without `follow` it ends at the last durable record. With `follow` it then waits for
+        new ones, each wait bounded, and ends when the ledger closes or when `timeout_s`
+        (None: never) passes without a new record. Nothing is held between two events (the
+        iterator reads a chunk at a time, in short read transactions). Raises `LedgerClosed`
+        now if the ledger is closed, and (not following) if it closes before the end;
+        `JournalCorrupted` at a record that fails its checks."""
+        if type(after_lsn) is not int or after_lsn < 0:
+            raise InvalidRequest(f"after_lsn must be an int >= 0, got {shown(after_lsn)}")
+        if type(follow) is not bool:
+            raise InvalidRequest(f"follow must be a bool, got {shown(follow)}")
+        if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool)
+                                          and 0 <= timeout_s <= threading.TIMEOUT_MAX):
+            raise InvalidRequest(f"timeout_s must be None or a number of seconds in [0, "
+                                 f"{threading.TIMEOUT_MAX:.0f}], got {shown(timeout_s)}")
+        with self._call():
+            pass  # a closed ledger says so here, not at the first event
+        return follow_events(self, after_lsn, follow, None if timeout_s is None else float(timeout_s))
+
+    def _events_last_lsn(self) -> int | None:
+        """The last LSN `events` may read (None: the end of the snapshot)."""
+        return self._journal.durable_lsn
+
+    def _await_records(self, after_lsn: int, wait_s: float) -> None:
+        """Wait (at most `wait_s`, less once the journal closes) for a durable record after
+        `after_lsn`; `LedgerUnavailable` if the journal failed (no record will come)."""
+        journal = self._journal
+        if not journal.wait_past(after_lsn, wait_s) and isinstance(journal.failure, JournalError):
+            raise ledger_error(journal.failure) from journal.failure
 
     def balance(self, account_id: str) -> Balance:
         """Posted; pending (held by its pending transfers and for outgoing transfers in
