@@ -23,6 +23,7 @@ from engine import (
     InsufficientFunds,
     Ledger,
     LedgerClosed,
+    LedgerLocked,
     LinkedTransferFailed,
     NotALedger,
     ReadOnlyLedger,
@@ -34,6 +35,7 @@ from engine._follow import event_dict
 from tests.support import Clock
 
 ROOT = Path(__file__).resolve().parents[1]
+MAP_SIZE_BYTES_SMALL = 1 << 20
 WAIT_S = 30.0
 """Bound on every wait for a follower (never reached when all is well)."""
 
@@ -243,6 +245,43 @@ def test_opening_readonly_where_no_ledger_is_raises_not_a_ledger(tmp_path: Path)
         Ledger.open(tmp_path / "file", readonly=True)
 
 
+def test_one_process_opens_a_ledger_once_whether_read_only_or_not(tmp_path: Path) -> None:
+    with Ledger.open(tmp_path / "l") as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        with pytest.raises(LedgerLocked):
+            Ledger.open(tmp_path / "l", readonly=True)
+    with Ledger.open(tmp_path / "l", readonly=True) as reader:
+        with pytest.raises(LedgerLocked):
+            Ledger.open(tmp_path / "l")
+        with pytest.raises(LedgerLocked):
+            Ledger.open(tmp_path / "l", readonly=True)
+        assert [a.id for a in reader.accounts()] == ["bank"]
+
+
+def test_the_journal_wakes_a_follower_when_a_record_is_durable_and_when_it_closes(tmp_path: Path) -> None:
+    ledger = Ledger.open(tmp_path / "l")
+    journal = ledger._journal
+    assert not journal.wait_past(0, 0.01)
+    woken = threading.Event()
+
+    def wait() -> None:
+        if journal.wait_past(0, WAIT_S):
+            woken.set()
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    assert woken.wait(WAIT_S)
+    waiter.join(timeout=WAIT_S)
+    closing = threading.Thread(target=lambda: journal.wait_past(1, WAIT_S), daemon=True)
+    closing.start()
+    started = time.monotonic()
+    ledger.close()
+    closing.join(timeout=WAIT_S)
+    assert not closing.is_alive() and time.monotonic() - started < WAIT_S / 2
+    assert not journal.wait_past(1, WAIT_S)  # closed: at once
+
+
 READER = """
 import json, sys
 from engine import Ledger
@@ -260,9 +299,10 @@ with Ledger.open(sys.argv[1], readonly=True) as reader:
 
 def test_a_readonly_ledger_in_another_process_follows_a_live_writer(tmp_path: Path) -> None:
     path = tmp_path / "l"
-    with Ledger.open(path) as ledger:
+    with Ledger.open(path, map_size_bytes=MAP_SIZE_BYTES_SMALL, checkpoint_interval=500) as ledger:
         ledger.create_account("bank", currency="USD", overdraft_limit=None)
         ledger.create_account("alice", currency="USD")
+        ledger.create_account("bob", currency="USD")
         reader = subprocess.Popen([sys.executable, "-c", READER, str(path)], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
         try:
@@ -270,10 +310,13 @@ def test_a_readonly_ledger_in_another_process_follows_a_live_writer(tmp_path: Pa
             assert reader.stdout.readline() == "ready\n", reader.stderr.read() if reader.stderr else ""
             for n in range(20):
                 ledger.transfer(f"t{n}", source="bank", destination="alice", amount=n + 1)
+            for first in range(0, 6_000, 1_000):  # enough to grow the map under the reader, past checkpoints
+                ledger.transfer_many([TransferRequest(f"m{k}", "bank", "bob", 1) for k in range(first, first + 1_000)])
             ledger.create_account("carol", currency="USD")
             ledger.transfer("last", source="bank", destination="alice", amount=1)
             out, err = reader.communicate(timeout=WAIT_S)
             expected_hash = ledger.state_hash()
+            assert ledger._journal._store.env.info()["map_size"] > MAP_SIZE_BYTES_SMALL, "meant to grow the map"
         finally:
             if reader.poll() is None:
                 reader.kill()
@@ -281,8 +324,8 @@ def test_a_readonly_ledger_in_another_process_follows_a_live_writer(tmp_path: Pa
         assert reader.returncode == 0, err
         lines = [json.loads(line) for line in out.splitlines()]
         followed = [i for line in lines[:-1] for i in line["ids"]]
-        assert followed == [f"t{n}" for n in range(20)] + ["last"]
-        assert lines[-1] == {"balance": 211, "hash": expected_hash, "accounts": ["bank", "alice", "carol"]}
+        assert followed == [f"t{n}" for n in range(20)] + [f"m{k}" for k in range(6_000)] + ["last"]
+        assert lines[-1] == {"balance": 211, "hash": expected_hash, "accounts": ["bank", "alice", "bob", "carol"]}
 
 
 def test_tally_tail_prints_each_event_as_a_json_line(tmp_path: Path) -> None:
