@@ -34,7 +34,6 @@ from coordinator import (
     InvalidRequest,
     LedgerClosed,
     LedgerError,
-    LedgerLocked,
     Resolution,
     Sequencer,
     Transfer,
@@ -165,7 +164,6 @@ class Ledger:
                 raise InvalidRequest(f"{name} must be an int in {low}..{high}, got {shown(value)}")
         if readonly is not True and readonly is not False:
             raise InvalidRequest(f"readonly must be a bool, got {shown(readonly)}")
-        _refuse_open_here(path, readonly)
         if readonly:
             from engine._readonly import open_readonly  # it subclasses Ledger
 
@@ -547,18 +545,6 @@ class Ledger:
 
 _OPEN: weakref.WeakSet[Ledger] = weakref.WeakSet()
 """Every ledger open in this process, for `_after_fork`."""
-
-
-def _refuse_open_here(path: str, readonly: bool) -> None:
-    """`LedgerLocked` if this process has the ledger at `path` open read-only, or is opening it
-    read-only while it has it open at all: LMDB must never open one environment twice in a
-    process (closing one would drop the other's locks). (Two writers are refused by the
-    directory lock.)"""
-    where = os.path.realpath(path)
-    for ledger in list(_OPEN):
-        if (readonly or ledger._journal.readonly) and os.path.realpath(ledger.path) == where:
-            raise LedgerLocked(f"the ledger at {path} is open in this process already: use that Ledger (one process "
-                               "opens a ledger once)")
 
 
 def _after_fork() -> None:

@@ -233,6 +233,20 @@ def test_a_readonly_ledger_refuses_every_write_and_writes_nothing(tmp_path: Path
         assert list(ledger.events()) == readonly_events
 
 
+READS_INHERITED = {"open", "close", "closed", "events", "get_transfer"}
+"""Public `Ledger` methods a read-only ledger inherits as they are: each reads only the journal."""
+
+
+def test_every_other_public_ledger_method_is_answered_or_refused_by_the_readonly_ledger() -> None:
+    """A method added to `Ledger` must be decided for read-only ledgers: inherited (a read of the
+    journal alone: add it above), or overridden (a read from the books it keeps, or a refusal)."""
+    from engine._readonly import ReadingLedger
+
+    public = {name for name in dir(Ledger) if not name.startswith("_")}
+    undecided = public - READS_INHERITED - set(vars(ReadingLedger))
+    assert not undecided, f"decide these for ReadingLedger: {sorted(undecided)}"
+
+
 def test_opening_readonly_where_no_ledger_is_raises_not_a_ledger(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(NotALedger):
@@ -246,6 +260,7 @@ def test_opening_readonly_where_no_ledger_is_raises_not_a_ledger(tmp_path: Path)
 
 
 def test_one_process_opens_a_ledger_once_whether_read_only_or_not(tmp_path: Path) -> None:
+    """LMDB must not open one environment twice in a process (py-lmdb refuses it: `LedgerLocked`)."""
     with Ledger.open(tmp_path / "l") as ledger:
         ledger.create_account("bank", currency="USD", overdraft_limit=None)
         with pytest.raises(LedgerLocked):
