@@ -326,7 +326,8 @@ def test_a_readonly_ledger_in_another_process_follows_a_live_writer(tmp_path: Pa
             for n in range(20):
                 ledger.transfer(f"t{n}", source="bank", destination="alice", amount=n + 1)
             for first in range(0, 6_000, 1_000):  # enough to grow the map under the reader, past checkpoints
-                ledger.transfer_many([TransferRequest(f"m{k}", "bank", "bob", 1) for k in range(first, first + 1_000)])
+                made = ledger.transfer_many([TransferRequest(f"m{k}", "bank", "bob", 1) for k in range(first, first + 1_000)])
+                assert all(isinstance(outcome, Transfer) for outcome in made), made
             ledger.create_account("carol", currency="USD")
             ledger.transfer("last", source="bank", destination="alice", amount=1)
             out, err = reader.communicate(timeout=WAIT_S)
@@ -339,8 +340,8 @@ def test_a_readonly_ledger_in_another_process_follows_a_live_writer(tmp_path: Pa
         assert reader.returncode == 0, err
         lines = [json.loads(line) for line in out.splitlines()]
         followed = [i for line in lines[:-1] for i in line["ids"]]
-        assert followed == [f"t{n}" for n in range(20)] + [f"m{k}" for k in range(6_000)] + ["last"]
-        assert lines[-1] == {"balance": 211, "hash": expected_hash, "accounts": ["bank", "alice", "bob", "carol"]}
+        assert followed == [f"t{n}" for n in range(20)] + [f"m{k}" for k in range(6_000)] + ["last"], (out[-2000:], err)
+        assert lines[-1] == {"balance": 211, "hash": expected_hash, "accounts": ["bank", "alice", "bob", "carol"]}, err
 
 
 def test_tally_tail_prints_each_event_as_a_json_line(tmp_path: Path) -> None:
