@@ -9,9 +9,11 @@ replays the records that became durable since (only those). So `balance`, `accou
 the call. Nothing is ever written to the ledger's files; every write method raises
 `ReadOnlyLedger` before it does anything, and no expiry runs here (the writer's does).
 
-What "durable" means here: a record is read once its LMDB transaction is committed, which
-the writer does with an fsync of the data (LMDB's meta page, which makes it visible, is
-written and synced last). A crash of the writer's process never takes such a record back.
+What "durable" means here: another process sees a commit once LMDB's reader table
+(`lock.mdb`) names it, which the writer's LMDB does after the commit's data and then its
+meta page are synced: a crash never takes back a record read here. (A writer killed
+between those two steps leaves its last commit unnamed, so unseen here until the next
+writer opens: that commit was never acknowledged; see `journal._store._settle_last_writer`.)
 
 Threads: any. The replay that catches up runs under one lock, on the caller's thread.
 """
