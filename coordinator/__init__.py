@@ -24,7 +24,7 @@ from coordinator._history import (
 )
 from coordinator._coordinator import Coordinator
 from coordinator._events import Event, EventKind, EventReader, account_timestamp
-from coordinator._entries import decode_entry, last_row
+from coordinator._entries import decode_entry, last_row, pairs
 from coordinator._errors import (
     REJECTIONS,
     AccountExists,
@@ -172,6 +172,7 @@ __all__ = [
     "ledger_error",
     "ledger_errors",
     "load_checkpoint",
+    "pairs",
     "post",
     "record_at",
     "records",

@@ -23,8 +23,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
-from typing import NoReturn
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn, TypeVar
 
 from coordinator import (
     INDEX_NAMES,
@@ -47,6 +47,7 @@ from coordinator import (
     ledger_error,
     ledger_errors,
     load_checkpoint,
+    pairs,
     replay,
     shown,
     state_hash,
@@ -60,8 +61,11 @@ OPEN_TRIES_MAX = 100
 """Times a read-only open replays again because the writer moved between its replay and its
 count of the index entries (each try is short; a writer would have to outrun it 100 times)."""
 
-HASH_TRIES_MAX = 100
-"""Times `state_hash` catches up again because the writer moved before its snapshot opened."""
+SNAPSHOT_TRIES_MAX = 100
+"""Times a read that needs the projection and a snapshot in step (`entries`, `state_hash`)
+catches up again because the writer moved before its snapshot opened."""
+
+T = TypeVar("T")
 
 
 def open_readonly(path: str, timeout_s: float) -> ReadingLedger:
@@ -86,6 +90,7 @@ def _recover(journal: Journal) -> Recovered:
     if journal.format_version < 2:
         check_ids_against_records(journal)
     books = load_checkpoint(journal)
+    books.unindexed = {}  # replay collects the entries past the newest checkpoint here
     for _ in range(OPEN_TRIES_MAX):
         replay(journal, books)
         try:
@@ -106,7 +111,8 @@ class ReadingLedger(Ledger):
         self.timeout_s = timeout_s
         self._journal = journal
         self._books = self.recovered = _recover(journal)
-        self._books.unindexed = None  # `entries` reads them from the records
+        """The projection as of `_books.last_lsn`, with the entries past its newest checkpoint
+        (`unindexed`, as the writer keeps them: the entry index does not hold them yet)."""
         self._catching_up = threading.Lock()
         self._state = threading.Condition()
         self._calls: deque[None] = deque()
@@ -192,19 +198,28 @@ class ReadingLedger(Ledger):
             raise InvalidRequest(f"limit must be None or an int >= 0, got {shown(limit)}")
         with self._call():
             self._account(account_id)
-            return entries_of(self._journal, account_id, after, limit)
+            return self._consistent(lambda books, txn: entries_of(
+                self._journal, account_id, after, limit, pairs(_unindexed(books).get(account_id, [])), txn))
 
     def state_hash(self) -> str:
-        """As `Ledger.state_hash`, of the durable journal: the projection caught up to exactly
-        the snapshot the entries are read from (retried, bounded, while the writer moves)."""
-        journal = self._journal
+        """As `Ledger.state_hash`, of the durable journal."""
         with self._call():
-            for _ in range(HASH_TRIES_MAX):
-                books = self._catch_up()
-                with self._catching_up, journal.snapshot() as txn:
-                    if journal.read(books.last_lsn + 1, txn) is None:
-                        return state_hash(journal, list(books.accounts.values()), list(books.pending.values()), txn)
-        raise LedgerTimeout(f"the ledger at {self.path} kept moving: {HASH_TRIES_MAX} tries to hash it failed")
+            return self._consistent(lambda books, txn: state_hash(
+                self._journal, list(books.accounts.values()), list(books.pending.values()), txn,
+                {account: pairs(flat) for account, flat in _unindexed(books).items()}))
+
+    def _consistent(self, read: Callable[[Recovered, Any], T]) -> T:
+        """`read(books, txn)`, with the projection caught up to exactly snapshot `txn` (so its
+        unindexed entries are those the snapshot's entry index lacks): retried, bounded,
+        while the writer moves between the two."""
+        journal = self._journal
+        for _ in range(SNAPSHOT_TRIES_MAX):
+            books = self._catch_up()
+            with self._catching_up, journal.snapshot() as txn:
+                if journal.read(books.last_lsn + 1, txn) is None:
+                    return read(books, txn)
+        raise LedgerTimeout(f"the ledger at {self.path} kept moving: {SNAPSHOT_TRIES_MAX} tries to read it "
+                            "in step failed")
 
     def stats(self) -> dict[str, int]:
         """What this reader has read: `durable_lsn` (the last record replayed) and `accounts`."""
@@ -248,3 +263,8 @@ class ReadingLedger(Ledger):
     def __repr__(self) -> str:
         return f"<ReadingLedger {self.path!r} (read-only)>"
 
+
+def _unindexed(books: Recovered) -> dict[str, list[bytes]]:
+    """The entries past the newest checkpoint replayed (`recover` collects them)."""
+    assert books.unindexed is not None
+    return books.unindexed

@@ -307,7 +307,9 @@ with Ledger.open(sys.argv[1], readonly=True) as reader:
         print(json.dumps({"lsn": event.lsn, "ids": ids}), flush=True)
         if "last" in ids:
             break
+    bob = reader.entries("bob")
     print(json.dumps({"balance": reader.balance("alice").posted, "hash": reader.state_hash(),
+                      "bob": [len(bob), bob[-1].balance, [e.seq for e in bob] == list(range(1, len(bob) + 1))],
                       "accounts": [a.id for a in reader.accounts()]}), flush=True)
 """
 
@@ -341,7 +343,8 @@ def test_a_readonly_ledger_in_another_process_follows_a_live_writer(tmp_path: Pa
         lines = [json.loads(line) for line in out.splitlines()]
         followed = [i for line in lines[:-1] for i in line["ids"]]
         assert followed == [f"t{n}" for n in range(20)] + [f"m{k}" for k in range(6_000)] + ["last"], (out[-2000:], err)
-        assert lines[-1] == {"balance": 211, "hash": expected_hash, "accounts": ["bank", "alice", "bob", "carol"]}, err
+        assert lines[-1] == {"balance": 211, "hash": expected_hash, "bob": [6_000, 6_000, True],
+                             "accounts": ["bank", "alice", "bob", "carol"]}, err
 
 
 def test_tally_tail_prints_each_event_as_a_json_line(tmp_path: Path) -> None:
