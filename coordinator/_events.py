@@ -51,7 +51,8 @@ class Event:
       - "refusal": the refused request as the caller made it (a `TransferRequest`, or a
         `Resolution` for a post or a void), or, for a refused linked chain, every request of
         the chain (the refusal is final for all of them); `code` is the refusal's error code
-        (`LedgerError.code`, e.g. "insufficient_funds");
+        (`LedgerError.code`, e.g. "insufficient_funds"; for a chain, the refused leg's own,
+        which `LinkedTransferFailed.cause` carries);
       - "account": empty (`account` is the account opened).
     `entries`: the `Entry`s the record made (debit then credit of each transfer that moved
     money), each with the posted balance after it; empty when it made none.
