@@ -3,7 +3,8 @@
 The writer is `bench/bench_kills.py`'s child (the same workload and kill loop as
 `test_kills.py`, fewer rounds); the consumer is `tally tail --follow --json`, a read-only
 ledger in its own process, kept across the writer's kills and reopenings, and itself
-SIGKILLed once and restarted after the last event it printed. The test
+SIGKILLed once and restarted after the last event it printed; beside it, a Python consumer
+(`Ledger.open(path, readonly=True).events(follow=True)`) rebuilds every balance itself. The test
 rebuilds every balance from the consumer's lines alone: at the end they equal the ledger's,
 and every acknowledged transfer and refusal was seen exactly once. No sleeps: the children's
 own output is the clock. Set `TALLY_KILL_SEED` to replay a failing run.
@@ -57,6 +58,36 @@ def _consumer(path: Path, after_lsn: int) -> tuple[subprocess.Popen[str], queue.
     return process, lines
 
 
+REBUILDER = """
+import json, sys, threading
+from collections import Counter
+from engine import Ledger
+
+target: list[int] = []  # the last LSN to wait for, once the parent writes it on stdin
+threading.Thread(target=lambda: target.append(int(sys.stdin.readline())), daemon=True).start()
+balances: dict[str, int] = {}
+seen: Counter[str] = Counter()
+wrong = []
+last = 0
+with Ledger.open(sys.argv[1], readonly=True) as reader:
+    print("ready", flush=True)
+    while not target or last < target[0]:
+        for event in reader.events(last, follow=True, timeout_s=0.1):
+            if event.kind == "account":
+                balances[event.account.id] = 0
+            for entry in event.entries:
+                balances[entry.account] += entry.amount
+                if balances[entry.account] != entry.balance:
+                    wrong.append(event.lsn)
+            if event.kind in ("transfer", "refusal"):
+                seen.update(t.id for t in event.transfers)
+            last = event.lsn
+    print(json.dumps({"balances": balances, "seen": seen, "wrong": wrong}), flush=True)
+"""
+"""A consumer that rebuilds every balance itself, from `Ledger.open(path, readonly=True).events`,
+until the LSN the parent writes on its stdin; then prints what it rebuilt."""
+
+
 def _stop(process: subprocess.Popen[str]) -> None:
     if process.poll() is None:
         process.kill()
@@ -69,8 +100,12 @@ def test_a_consumer_in_another_process_rebuilds_every_balance_across_sigkills_of
     books = bench_kills.Books(seed=SEED, threads=3)
     bench_kills.run_round(path, books, rng.randint(1, ACKS_MAX), tmp_path)  # makes the ledger
     consumer, lines = _consumer(path, 0)
+    rebuilder = subprocess.Popen([sys.executable, "-c", REBUILDER, str(path)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                 env=dict(os.environ, PYTHONPATH=str(ROOT)))
     seen: list[dict] = []
     try:
+        assert rebuilder.stdout is not None and rebuilder.stdout.readline() == "ready\n"
         for round_ in range(KILLS - 1):
             bench_kills.run_round(path, books, rng.randint(1, ACKS_MAX), tmp_path)
             if round_ == 1:  # the consumer dies too, and resumes after the last event it processed
@@ -87,12 +122,15 @@ def test_a_consumer_in_another_process_rebuilds_every_balance_across_sigkills_of
             line = lines.get(timeout=WAIT_S)
             assert line is not None, f"seed {SEED}: the consumer ended early"
             seen.append(json.loads(line))
+        rebuilt_there, rebuilder_errors = rebuilder.communicate(f"{expected[-1]['lsn']}\n", timeout=WAIT_S)
+        assert rebuilder.returncode == 0, rebuilder_errors
         consumer.send_signal(signal.SIGINT)  # Ctrl-C: ends quietly, exit 0
         consumer.wait(timeout=WAIT_S)
         assert consumer.stderr is not None
         assert (consumer.returncode, consumer.stderr.read()) == (0, ""), f"seed {SEED}"
     finally:
         _stop(consumer)
+        _stop(rebuilder)
 
     assert books.kills == KILLS and len(books.acknowledged) > KILLS
     assert seen == expected, f"seed {SEED}: the consumer's stream differs from the ledger's"
@@ -112,3 +150,6 @@ def test_a_consumer_in_another_process_rebuilds_every_balance_across_sigkills_of
     assert all((transfers[tid]["source"], transfers[tid]["destination"], transfers[tid]["amount"]) == fields
                for tid, fields in books.acknowledged.items())
     assert books.refused and all(refused[tid] == 1 for tid in books.refused), f"seed {SEED}"
+    there = json.loads(rebuilt_there)  # the Python consumer's own rebuild, across the same kills
+    assert there["wrong"] == [] and there["balances"] == final, f"seed {SEED}: {there['wrong'][:5]}"
+    assert there["seen"] == dict(committed + refused), f"seed {SEED}"
