@@ -34,6 +34,7 @@ from coordinator import (
     InvalidRequest,
     LedgerClosed,
     LedgerError,
+    LedgerLocked,
     Resolution,
     Sequencer,
     Transfer,
@@ -164,6 +165,7 @@ class Ledger:
                 raise InvalidRequest(f"{name} must be an int in {low}..{high}, got {shown(value)}")
         if readonly is not True and readonly is not False:
             raise InvalidRequest(f"readonly must be a bool, got {shown(readonly)}")
+        _refuse_open_here(path, readonly)
         if readonly:
             from engine._readonly import open_readonly  # it subclasses Ledger
 
@@ -545,6 +547,18 @@ class Ledger:
 
 _OPEN: weakref.WeakSet[Ledger] = weakref.WeakSet()
 """Every ledger open in this process, for `_after_fork`."""
+
+
+def _refuse_open_here(path: str, readonly: bool) -> None:
+    """`LedgerLocked` if the ledger at `path` is open in this process and one of the two opens
+    is read-only (two writers meet the directory lock), before any file of it is touched: a
+    second open of one LMDB environment in a process, even one refused, closes a descriptor
+    of `lock.mdb`, which drops the locks that tell other processes this one reads it (and a
+    writer opening next would then reset the table of readers under it)."""
+    where = os.path.realpath(path)
+    for ledger in list(_OPEN):
+        if (readonly or ledger._journal.readonly) and os.path.realpath(ledger.path) == where:
+            raise LedgerLocked(f"the ledger at {path} is open in this process already: use that Ledger")
 
 
 def _after_fork() -> None:

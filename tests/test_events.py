@@ -260,7 +260,8 @@ def test_opening_readonly_where_no_ledger_is_raises_not_a_ledger(tmp_path: Path)
 
 
 def test_one_process_opens_a_ledger_once_whether_read_only_or_not(tmp_path: Path) -> None:
-    """LMDB must not open one environment twice in a process (py-lmdb refuses it: `LedgerLocked`)."""
+    """Refused before a file is touched: a second open of one LMDB environment in a process
+    would drop the locks of the first."""
     with Ledger.open(tmp_path / "l") as ledger:
         ledger.create_account("bank", currency="USD", overdraft_limit=None)
         with pytest.raises(LedgerLocked):
@@ -270,6 +271,8 @@ def test_one_process_opens_a_ledger_once_whether_read_only_or_not(tmp_path: Path
             Ledger.open(tmp_path / "l")
         with pytest.raises(LedgerLocked):
             Ledger.open(tmp_path / "l", readonly=True)
+        with pytest.raises(LedgerLocked):
+            Ledger.open(tmp_path / "l" / ".." / "l", readonly=True)
         assert [a.id for a in reader.accounts()] == ["bank"]
 
 
