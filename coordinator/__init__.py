@@ -35,6 +35,7 @@ from coordinator._history import (
     transfer_of,
 )
 from coordinator._coordinator import Coordinator
+from coordinator._events import Event, EventKind, EventReader, account_timestamp
 from coordinator._entries import Row, decode_entry, last_row, pairs, unindexed_entries
 from coordinator._errors import (
     REJECTIONS,
@@ -59,6 +60,7 @@ from coordinator._errors import (
     PendingTransferExpired,
     PendingTransferNotFound,
     SnapshotExpired,
+    ReadOnlyLedger,
 )
 from coordinator._limits import (
     AMOUNT_MAX,
@@ -74,7 +76,7 @@ from coordinator._limits import (
 )
 from coordinator._participant import DebitStep, TurnAccount, Participant, Participants
 from coordinator._records import INDEX_NAMES
-from coordinator._recovery import Recovered, copy_record, load_checkpoint, recover, replay, write_checkpoint
+from coordinator._recovery import Recovered, check_index_counts, copy_record, load_checkpoint, recover, replay, write_checkpoint
 from coordinator._sequencer import Sequencer
 from coordinator._rules import Refusal
 from coordinator._state import AccountState, Pending, Posting, Projection, SequenceError, post
@@ -121,6 +123,9 @@ __all__ = [
     "DebitStep",
     "EXPIRY_INTERVAL_S",
     "Entry",
+    "Event",
+    "EventKind",
+    "EventReader",
     "ExceedsPendingAmount",
     "Expired",
     "INDEX_NAMES",
@@ -149,6 +154,7 @@ __all__ = [
     "Posting",
     "Projection",
     "REJECTIONS",
+    "ReadOnlyLedger",
     "Record",
     "Recovered",
     "Refusal",
@@ -175,11 +181,13 @@ __all__ = [
     "TransferRequest",
     "TurnAccount",
     "account_of",
+    "account_timestamp",
     "audit",
     "check_amount",
     "check_code",
     "check_currency",
     "check_id",
+    "check_index_counts",
     "check_ids_against_records",
     "check_metadata",
     "check_overdraft_limit",
@@ -194,6 +202,7 @@ __all__ = [
     "ledger_error",
     "ledger_errors",
     "load_checkpoint",
+    "pairs",
     "post",
     "record_at",
     "records",

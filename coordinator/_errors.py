@@ -144,6 +144,13 @@ class LedgerTimeout(LedgerError):
     code = "timeout"
 
 
+class ReadOnlyLedger(LedgerError):
+    """A write to a ledger opened with `Ledger.open(path, readonly=True)`: refused before
+    anything was done. Write through the process that has the ledger open for writing."""
+
+    code = "read_only_ledger"
+
+
 class LedgerUnavailable(LedgerError):
     """The journal could not be written (disk full, I/O error). Reopen the ledger to recover."""
 

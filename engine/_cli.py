@@ -154,6 +154,10 @@ def _parser() -> argparse.ArgumentParser:
     history = command("history", "an account's latest entries and transfers, read-only")
     history.add_argument("account", metavar="ACCOUNT")
     history.add_argument("--limit", type=_count(1), default=20, metavar="N", help="latest N entries (default 20)")
+    tail = command("tail", "the stream of events as lines, read-only: beside a live writer, never taking its lock")
+    tail.add_argument("--from-lsn", dest="from_lsn", type=_count(0, LSN_MAX), default=0, metavar="N",
+                      help="the events after LSN N (default 0: all); resume with the LSN of the last one processed")
+    tail.add_argument("--follow", action="store_true", help="then wait for new events, until interrupted")
     return parser
 
 
@@ -216,6 +220,8 @@ def _run(args: argparse.Namespace) -> int:
         report = _tools.inspect(args.path, args.start, args.limit, args.transfer, args.account)
         _emit(args, report, lambda: _render_inspect(report))
         return 1 if report["problem"] else 0
+    if args.command == "tail":
+        return _tail(args)
     if args.command == "balance":
         report = _tools.balance(args.path, args.account, args.at_lsn, args.at)
         where = (f" ({report['entries']} entries, last LSN {report['last_lsn']})" if "at_lsn" not in report else
@@ -226,6 +232,22 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     report = _tools.history(args.path, args.account, args.limit)
     _emit(args, report, lambda: _render_history(report))
+    return 0
+
+
+def _tail(args: argparse.Namespace) -> int:
+    """`tally tail`: one line per event (one JSON object with `--json`), each flushed as it is
+    written, for a pipe. Ctrl-C ends it quietly, exit 0."""
+    from engine import Ledger
+    from engine._follow import event_dict, event_line
+
+    try:
+        with Ledger.open(args.path, readonly=True) as ledger:
+            for event in ledger.events(args.from_lsn, follow=args.follow):
+                line = json.dumps(event_dict(event), separators=(",", ":")) if args.json else event_line(event)
+                print(line, flush=True)
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

@@ -14,7 +14,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from coordinator import (
@@ -31,9 +31,11 @@ from coordinator import (
     Balance,
     Coordinator,
     Entry,
+    Event,
     InvalidRequest,
     LedgerClosed,
     LedgerError,
+    LedgerLocked,
     Resolution,
     Sequencer,
     Transfer,
@@ -61,6 +63,7 @@ from journal import Completion, Journal, JournalError, JournalWriteError
 
 from engine._directory import Directory
 from engine._history import History, Snapshot, check_max_age
+from engine._follow import follow_events
 from engine._runtime import Dispatcher
 
 ACTORS_LIVE_MAX_DEFAULT = 65_536
@@ -125,6 +128,7 @@ class Ledger:
         checkpoint_interval: int = CHECKPOINT_RECORDS_INTERVAL,
         map_size_bytes: int | None = None,
         clock_ns: Callable[[], int] | None = None,
+        readonly: bool = False,
     ) -> Ledger:
         """Open (creating if missing) the ledger in directory `path` and recover it.
 
@@ -137,6 +141,10 @@ class Ledger:
         as their deadlines pass (within `EXPIRY_INTERVAL_S`); with a clock of your own (a
         test's, a replay's) nothing runs behind your back: call `expire_pending()`. Either
         way, what expired while the ledger was closed expires as it opens.
+
+        With `readonly=True` the ledger must exist; it is read beside whatever process writes
+        it, without its lock, and every write raises `ReadOnlyLedger` (`engine._readonly`;
+        the options that concern writing are checked, then unused).
 
         Raises `LedgerLocked` if another live holder has the directory, `JournalCorrupted`
         (naming the LSN) if a record fails verification, and `NotALedger` if `path` is a file.
@@ -160,6 +168,13 @@ class Ledger:
         ):
             if type(value) is not int or not low <= value <= high:
                 raise InvalidRequest(f"{name} must be an int in {low}..{high}, got {shown(value)}")
+        if readonly is not True and readonly is not False:
+            raise InvalidRequest(f"readonly must be a bool, got {shown(readonly)}")
+        _refuse_open_here(path, readonly)
+        if readonly:
+            from engine._readonly import open_readonly  # it subclasses Ledger
+
+            return open_readonly(path, float(timeout_s))
         options: dict[str, Any] = {"index_names": INDEX_NAMES}
         if map_size_bytes is not None:
             options["map_size_bytes"] = map_size_bytes
@@ -386,6 +401,40 @@ class Ledger:
 
     # --- reads ---------------------------------------------------------------------
 
+    def events(self, after_lsn: int = 0, *, follow: bool = False, timeout_s: float | None = None) -> Iterator[Event]:
+        """Every business event after `after_lsn`, in LSN order: one per journal record, a
+        checkpoint's excepted (`Event`). Only durable records are read; a consumer resumes,
+        after any restart of either side, with the LSN of the last event it processed.
+
+        Without `follow` it ends at the last durable record. With `follow` it then waits for
+        new ones, each wait bounded, and ends when the ledger closes or when `timeout_s`
+        (None: never) passes without a new record. Nothing is held between two events (the
+        iterator reads a chunk at a time, in short read transactions). Raises `LedgerClosed`
+        now if the ledger is closed, and (not following) if it closes before the end;
+        `JournalCorrupted` at a record that fails its checks."""
+        if type(after_lsn) is not int or after_lsn < 0:
+            raise InvalidRequest(f"after_lsn must be an int >= 0, got {shown(after_lsn)}")
+        if type(follow) is not bool:
+            raise InvalidRequest(f"follow must be a bool, got {shown(follow)}")
+        if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool)
+                                          and 0 <= timeout_s <= threading.TIMEOUT_MAX):
+            raise InvalidRequest(f"timeout_s must be None or a number of seconds in [0, "
+                                 f"{threading.TIMEOUT_MAX:.0f}], got {shown(timeout_s)}")
+        with self._call():
+            pass  # a closed ledger says so here, not at the first event
+        return follow_events(self, after_lsn, follow, None if timeout_s is None else float(timeout_s))
+
+    def _events_last_lsn(self) -> int | None:
+        """The last LSN `events` may read (None: the end of the snapshot)."""
+        return self._journal.durable_lsn
+
+    def _await_records(self, after_lsn: int, wait_s: float) -> None:
+        """Wait (at most `wait_s`, less once the journal closes) for a durable record after
+        `after_lsn`; `LedgerUnavailable` if the journal failed (no record will come)."""
+        journal = self._journal
+        if not journal.wait_past(after_lsn, wait_s) and isinstance(journal.failure, JournalError):
+            raise ledger_error(journal.failure) from journal.failure
+
     def balance(self, account_id: str, *, at_lsn: int | None = None, at_timestamp: int | None = None) -> Balance:
         """Posted; pending (held by its pending transfers and for outgoing transfers in
         flight); available (posted - pending); incoming (its pending transfers toward it).
@@ -455,8 +504,12 @@ class Ledger:
         ledger closes: a view of the past used as if it were current is a bug to hear of."""
         max_age_s = check_max_age(max_age_s)
         with self._call():
-            history, sequencer = self._history, self._sequencer
-            return Snapshot(history, history.end(), max_age_s, self._call, lambda: sequencer.account_lsns)
+            history = self._history
+            return Snapshot(history, history.end(), max_age_s, self._call, self._opened_lsns)
+
+    def _opened_lsns(self) -> Mapping[str, int]:
+        """Each account's opening LSN (read without a lock; it only grows)."""
+        return self._sequencer.account_lsns
 
     def transfers(self, *, account: str | None = None, code: int | None = None, kind: str | None = None,
                   after_lsn: int = 0, until_lsn: int | None = None, limit: int = 100,
@@ -549,6 +602,18 @@ class Ledger:
 
 _OPEN: weakref.WeakSet[Ledger] = weakref.WeakSet()
 """Every ledger open in this process, for `_after_fork`."""
+
+
+def _refuse_open_here(path: str, readonly: bool) -> None:
+    """`LedgerLocked` if the ledger at `path` is open in this process and one of the two opens
+    is read-only (two writers meet the directory lock), before any file of it is touched: a
+    second open of one LMDB environment in a process, even one refused, closes a descriptor
+    of `lock.mdb`, which drops the locks that tell other processes this one reads it (and a
+    writer opening next would then reset the table of readers under it)."""
+    where = os.path.realpath(path)
+    for ledger in list(_OPEN):
+        if (readonly or ledger._journal.readonly) and os.path.realpath(ledger.path) == where:
+            raise LedgerLocked(f"the ledger at {path} is open in this process already: use that Ledger")
 
 
 def _after_fork() -> None:

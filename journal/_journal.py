@@ -195,6 +195,12 @@ class Journal:
             return
         self._writer.wait_durable(lsn, timeout_s)
 
+    def wait_past(self, lsn: int, timeout_s: float) -> bool:
+        """Block (at most `timeout_s`, less once the journal closes) until a record after `lsn`
+        is durable; True if one is. A read-only journal returns False at once: the process
+        that writes it cannot notify this one, so its followers poll."""
+        return self._writer is not None and self._writer.wait_past(lsn, timeout_s)
+
     @property
     def last_lsn(self) -> int:
         """The LSN most recently assigned (possibly not yet durable)."""

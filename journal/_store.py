@@ -142,6 +142,8 @@ class Store:
             raise os_error(path, error) from error
         env = _lmdb_open(path, map_size_bytes=map_size_bytes, sync=sync, readonly=readonly, create=False)
         try:
+            if not readonly:
+                _settle_last_writer(env)
             dbs, opened = check_snapshot(env, data_file, index_names, anchor, None if readonly else path)
         except BaseException:
             env.close()
@@ -243,6 +245,24 @@ def _lmdb_open(path: str, *, map_size_bytes: int, sync: bool, readonly: bool, cr
         if isinstance(error, (lmdb.CorruptedError, lmdb.InvalidError, lmdb.VersionMismatchError)):
             raise JournalCorruptedError(f"LMDB cannot open it: {error}", where=os.path.join(path, DATA_FILE)) from error
         raise JournalError(f"cannot open the journal in {path}: {error}") from error
+
+
+def _settle_last_writer(env: lmdb.Environment) -> None:
+    """Begin and abort a write transaction before the writer reads anything: it writes nothing,
+    and makes LMDB's reader table name the newest commit in the data file.
+
+    Why: a writer killed inside a commit after its meta page was written but before the table
+    (`lock.mdb`) learnt the new transaction id leaves the table one commit behind the file.
+    When no other process has the ledger open, the next open rebuilds the table from the
+    file; but while another process does (a read-only follower, `tally tail`, `tally
+    balance`), the table lives on, and read transactions, which take the id from the table,
+    see the commit before. Opening would then recover from it and write its own records over
+    LSNs that the newest commit holds. LMDB repairs the table when the next write
+    transaction takes the lock that the killed writer held; this takes it first."""
+    try:
+        env.begin(write=True).abort()
+    except lmdb.Error as error:
+        raise lmdb_read_error(error, "the journal, settling after its last writer") from error
 
 
 def allocate_lock_file(path: str, readonly: bool = False) -> None:

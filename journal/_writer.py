@@ -23,6 +23,7 @@ from journal._anchor import Anchor, create_anchor, new_ledger_id
 from journal._completion import Completion, resolve_all
 from journal._crash import crash_point
 from journal._errors import JournalClosedError, JournalTimeoutError, JournalWriteError
+from journal._follow import Progress
 from journal._format import frame_all, framed_pairs
 from journal._limits import (
     APPEND_WAIT_S_MAX,
@@ -119,6 +120,8 @@ class Writer:
         self._closing = False
         self.commits = 0
         self.records_written = 0
+        self.progress = Progress()
+        """Followers wait on it for the durable LSN to move (`wait_past`)."""
         self._thread = threading.Thread(target=self._run, name="tally-journal-writer", daemon=True)
         self._thread.start()
 
@@ -216,6 +219,11 @@ class Writer:
             raise JournalTimeoutError(f"LSN {lsn} not durable within {timeout_s} s")
         if completion.error is not None:
             raise completion.error
+
+    def wait_past(self, lsn: int, timeout_s: float) -> bool:
+        """Block (at most `timeout_s`; less once the journal closes or fails) until a record
+        after `lsn` is durable; True if one is. For followers of the stream of records."""
+        return self.durable_lsn > lsn or self.progress.wait(lambda: self.durable_lsn > lsn, timeout_s)
 
     def _take(self) -> list[_Block]:
         """With `_cond` held: the blocks of the next group commit, at least one, then as
@@ -391,6 +399,7 @@ class Writer:
             while self._waiters and self._waiters[0][0] <= last:
                 ready.append(heapq.heappop(self._waiters)[2])
         resolve_all(chain(chain.from_iterable(block.completions for block in batch), ready))
+        self.progress.advanced()
 
     def _fail(self, batch: list[_Block], error: Exception) -> None:
         failure = error if isinstance(error, JournalWriteError) else space_error(self._store.path, error)
@@ -411,6 +420,7 @@ class Writer:
                     completion.resolve(failure)
         for completion in waiters:
             completion.resolve(failure)
+        self.progress.end()
 
     @property
     def failure(self) -> JournalWriteError | None:
@@ -428,6 +438,7 @@ class Writer:
             self._cond.notify_all()
             self._room.notify_all()
         self._thread.join(timeout=CLOSE_WAIT_S_MAX)
+        self.progress.end()
         if self._thread.is_alive():
             raise JournalTimeoutError("the journal writer did not drain in time")
         if self._anchor is not None:
