@@ -10,8 +10,10 @@ An account's pending amounts (what its pending transfers hold on it and bring it
 by records that open, post, void or expire pending transfers; each such record makes a *hold
 row* per account it changes (`coordinator._records.holds_key`), which reaches the entry index
 with the next checkpoint, as entries do. A ledger older than hold rows has them from
-`HOLDS_FROM_KEY`'s LSN on; before it, the pending amounts are found by reading the records
-(the one scan, and only for such a ledger's past).
+`HOLDS_FROM_KEY`'s LSN on, and *baseline* rows (at LSN 0) of every account's pending amounts
+when the mark was written; before the mark, the pending amounts are found by reading the
+records from the checkpoint before (a scan, at most a checkpoint interval long, and only for
+such a ledger's past).
 
 `unindexed` is as for `coordinator._history.entries_of`: the account's entries past the
 newest checkpoint, durable ones, read before the snapshot `txn` opened; `holds` likewise its
@@ -54,9 +56,12 @@ from coordinator._history import (
 from coordinator._records import (
     ACCOUNT4,
     ACCOUNTS_INDEX,
+    CHECKPOINT,
     CHECKPOINT3,
     CHECKPOINT4,
+    CHECKPOINTS_INDEX,
     ENTRIES_INDEX,
+    ENTRY_SEQ_END,
     EXPIRY3,
     HOLDS_FROM_KEY,
     REFUSAL3,
@@ -65,6 +70,7 @@ from coordinator._records import (
     entry_key,
     holds_key,
     id_key,
+    lsn_value,
     resolution_key,
     value_lsn,
 )
@@ -159,10 +165,9 @@ def holds_at(journal: Journal, account_id: str, lsn: int, unindexed_holds: list[
     found = journal.index_last_before(ENTRIES_INDEX, holds_key(account_id, lsn + 1), txn)
     prefix = holds_key(account_id, 0)[:-8]
     if found is None or not found[0].startswith(prefix):
-        return (0, 0) if start == 1 else _holds_read(journal, account_id, start - 1, txn)
+        return 0, 0  # none since the mark, nor in the baseline: nothing pending
     row_lsn = hold_row_lsn(found)
-    tracker = HoldTracker()
-    if account_id not in tracker.rows(record_at(journal, row_lsn, txn), for_expiry=True):
+    if row_lsn and account_id not in HoldTracker().rows(record_at(journal, row_lsn, txn), for_expiry=True):
         raise JournalCorrupted(f"journal corrupted: account {account_id!r} has a hold row at LSN {row_lsn}, whose "
                                "record changes no pending transfer of it", row_lsn, "the entries index")
     return _hold_values(account_id, found)
@@ -233,24 +238,35 @@ _EVERY_ACCOUNT: dict[str, tuple[int, int]] = _Every()
 
 
 def _holds_read(journal: Journal, account_id: str, lsn: int, txn: Any) -> tuple[int, int]:
-    """`holds_at` from the records 1..`lsn` (a ledger's past from before hold rows)."""
-    tracker = HoldTracker()
-    for record in _window(journal, 0, lsn, txn):
+    """`holds_at` from the records (a ledger's past from before hold rows): the open pending
+    transfers of the newest checkpoint at or before `lsn`, then the records after it up to
+    `lsn` (at most a checkpoint interval of them)."""
+    checkpoint, pendings = _checkpoint_before(journal, lsn + 1, txn)
+    tracker = HoldTracker(pendings)
+    for record in _window(journal, checkpoint, lsn, txn):
         tracker.rows(record)
     return tracker.held.get(account_id, 0), tracker.incoming.get(account_id, 0)
+
+
+def _checkpoint_before(journal: Journal, lsn: int, txn: Any) -> tuple[int, list[list[Any]]]:
+    """The newest checkpoint before `lsn` (0 if none) and the open pending transfers it carries."""
+    found = journal.index_last_before(CHECKPOINTS_INDEX, lsn_value(lsn), txn)
+    checkpoint = 0 if found is None else value_lsn(found[0])
+    if not checkpoint:
+        return 0, []
+    payload = journal.read(checkpoint, txn)
+    fields = decode(checkpoint, payload) if payload is not None else []
+    if not fields or fields[0] not in (CHECKPOINT, CHECKPOINT3, CHECKPOINT4):
+        raise JournalCorrupted(f"journal corrupted: the checkpoints index names LSN {checkpoint}, which is not a "
+                               "checkpoint", checkpoint, "the checkpoints index")
+    return checkpoint, [] if fields[0] == CHECKPOINT else fields[-1]
 
 
 def unindexed_holds_flat(journal: Journal, txn: Any) -> Flat:
     """The hold rows of the records after the newest checkpoint, derived from the records of
     snapshot `txn` and the open pending transfers that checkpoint carries (for readers other
     than the writing process, as `coordinator._entries.unindexed_flat` for entries)."""
-    checkpoint = newest_checkpoint_lsn(journal, txn)
-    pendings: list[list[Any]] = []
-    if checkpoint:
-        payload = journal.read(checkpoint, txn)
-        fields = decode(checkpoint, payload) if payload is not None else []
-        if fields and fields[0] in (CHECKPOINT3, CHECKPOINT4):
-            pendings = fields[-1]
+    checkpoint, pendings = _checkpoint_before(journal, newest_checkpoint_lsn(journal, txn) + 1, txn)
     tracker = HoldTracker(pendings)
     holds: Flat = {}
     for record in records(journal, checkpoint, txn):
@@ -267,6 +283,8 @@ def entries_at(journal: Journal, account_id: str, lsn: int, after: int, limit: i
                txn: Any) -> list[Entry]:
     """The account's entries made at or before `lsn`, with seq > `after`, at most `limit`."""
     opened_lsn(journal, account_id, lsn, txn)
+    if after >= ENTRY_SEQ_END - 1:
+        return []  # no seq can be that large
     rows = entry_rows(journal, account_id, unindexed, after, limit, txn)
     entries = [Entry(account_id, *decode_entry(account_id, row)) for row in rows]
     while entries and entries[-1].lsn > lsn:  # seq order is LSN order
@@ -393,14 +411,22 @@ def account_lsns(journal: Journal, account: str, after_lsn: int, until_lsn: int,
 
 def _legacy_candidates(journal: Journal, account: str, after_lsn: int, until_lsn: int, reverse: bool,
                        txn: Any) -> Iterator[int]:
+    """`account_lsns` of a ledger's past from before hold rows, read from the records (from the
+    checkpoint before the window, so that an expiry's pending transfers are known). A generator:
+    nothing is read unless a page needs it."""
+    checkpoint, pendings = _checkpoint_before(journal, after_lsn + 1, txn)
+    tracker = HoldTracker(pendings)
     found: list[int] = []
-    tracker = HoldTracker()
-    for record in _window(journal, 0, until_lsn, txn):  # from the start: an expiry names earlier transfers
+    for record in _window(journal, checkpoint, until_lsn, txn):
         touched = tracker.rows(record)
         if record.lsn > after_lsn and (account in touched or isinstance(record, Committed) and any(
                 account in (transfer.source, transfer.destination) for transfer in record.transfers)):
-            found.append(record.lsn)
-    return reversed(found) if reverse else iter(found)
+            if reverse:
+                found.append(record.lsn)
+            else:
+                yield record.lsn
+    if reverse:
+        yield from reversed(found)
 
 
 def _window(journal: Journal, after_lsn: int, until_lsn: int, txn: Any) -> Iterator[Record]:

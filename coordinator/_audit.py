@@ -113,7 +113,7 @@ def audit(journal: Journal, progress: Callable[[int], None] | None = None) -> Au
         report.checks[check] = True
     try:
         pairs, indexes = _cross_check(journal, books)
-    except JournalCorruptedError as error:  # an index entry fails its checksum
+    except (JournalCorruptedError, JournalCorrupted) as error:  # an index entry fails its checksum, or its shape
         pairs, indexes = (str(error), None) if error.where == f"the {ENTRIES_INDEX} index" else (None, str(error))
     report.checks[CHECK_PAIRS] = pairs is None
     report.checks[CHECK_INDEXES] = indexes is None
@@ -210,7 +210,8 @@ class _HoldRows:
     record that changed pending amounts has its rows there (from `holds_from` on; before it,
     a row may be absent, and one present must be right), each holding what the records up to
     its own leave (`HoldTracker`, which follows the records independently of the rules); no
-    record after it has any; and there are no others."""
+    record after it has any; a ledger marked after it had records has the baseline rows of
+    the accounts with pending amounts when it was marked (at LSN 0); and there are no others."""
 
     def __init__(self, journal: Journal, txn: Any) -> None:
         self._journal, self._txn = journal, txn
@@ -224,19 +225,39 @@ class _HoldRows:
 
     def check(self, record: object) -> str | None:
         lsn: int = record.lsn  # type: ignore[attr-defined]
+        wrong = None
         if isinstance(record, Checkpointed):
-            since, self._since = self._since, []
-            for row_lsn, account, values in since:
-                stored = self._stored(account, row_lsn)
-                required = self._start is not None and row_lsn >= self._start
-                if stored is None and not required:
-                    continue
+            wrong = self._indexed(lsn)
+        else:
+            self._since += ((lsn, account, values) for account, values in self._tracker.rows(record).items())  # type: ignore[arg-type]
+        if wrong is None and self._start is not None and lsn == self._start - 1:
+            wrong = self._baseline()
+        return wrong
+
+    def _indexed(self, checkpoint: int) -> str | None:
+        """The rows since the last checkpoint record, which the one at `checkpoint` indexed."""
+        since, self._since = self._since, []
+        for row_lsn, account, values in since:
+            stored = self._stored(account, row_lsn)
+            required = self._start is not None and row_lsn >= self._start
+            if stored is None and not required:
+                continue
+            if stored != encode_holds(*values):
+                return (f"the hold row of {account!r} at LSN {row_lsn} is {'missing' if stored is None else 'wrong'}"
+                        f" (the checkpoint at LSN {checkpoint} indexes it)")
+            self.checked += 1
+        return None
+
+    def _baseline(self) -> str | None:
+        """The baseline rows: the pending amounts the records before the mark left."""
+        tracker = self._tracker
+        for account in {**tracker.held, **tracker.incoming}:
+            values = tracker.held.get(account, 0), tracker.incoming.get(account, 0)
+            if account and values != (0, 0):
+                stored = self._stored(account, 0)
                 if stored != encode_holds(*values):
-                    return (f"the hold row of {account!r} at LSN {row_lsn} is {'missing' if stored is None else 'wrong'}"
-                            f" (the checkpoint at LSN {lsn} indexes it)")
+                    return f"the baseline hold row of {account!r} is {'missing' if stored is None else 'wrong'}"
                 self.checked += 1
-            return None
-        self._since += ((lsn, account, values) for account, values in self._tracker.rows(record).items())  # type: ignore[arg-type]
         return None
 
     def finish(self) -> str | None:

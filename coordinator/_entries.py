@@ -212,7 +212,8 @@ class Joined:
         return any(item in part for part in self._parts)
 
 
-def _first(flat: list[bytes]) -> bytes:
+def first_key(flat: list[bytes]) -> bytes:
+    """A flat list's first key (an account's rows sort by it: see `UnindexedEntries.ordered`)."""
     return flat[0]
 
 
@@ -276,7 +277,7 @@ class UnindexedEntries:
 
     def ordered_parts(self) -> list[list[bytes]]:
         """`ordered`, as the list of each account's flat list."""
-        return sorted(self.current.values(), key=_first)
+        return sorted(self.current.values(), key=first_key)
 
     def carry(self, checkpoint_lsn: int) -> None:
         """The rows of `current` are now queued with the checkpoint at `checkpoint_lsn`."""

@@ -39,8 +39,8 @@ CHECKPOINT_SWEEP_MIN = 1_000
 `coordinator._records`): opening walks back at most about (accounts / this) checkpoints."""
 
 UNINDEXED_ENTRIES_MAX = 400_000
-"""Entries waiting in memory for the checkpoint that indexes them (~50 MB): at this many a
-checkpoint is due, whatever the checkpoint interval."""
+"""Entries and hold rows waiting in memory for the checkpoint that indexes them (~50 MB): at
+this many a checkpoint is due, whatever the checkpoint interval."""
 
 CHUNK_REQUESTS_MAX = 256
 """Requests a batch in turn decides per hold of the sequencer lock, journaled as one block:

@@ -140,7 +140,9 @@ def holds_key(account: str, lsn: int) -> bytes:
 HOLDS_FROM_KEY = _U16.pack(0xFFFF) + b"holds-from"
 """The entry index key whose value is the LSN from which every record that changes an
 account's pending amounts has its hold rows: the first record a release that makes them
-appended to the ledger (1 for a ledger it made), with which it is written. No account's key starts like it (an id's key
+appended to the ledger (1 for a ledger it made), with which it is written, beside a
+*baseline* row (at LSN 0) for each account with pending amounts then: what the records before
+the mark left them. No account's key starts like it (an id's key
 is at most `KEY_BYTES_MAX` bytes), so it sorts after every account's rows."""
 
 

@@ -489,6 +489,7 @@ def copy_record(sequencer: Sequencer, record: Record) -> str | None:
     entries stamped anew (salvage's copy); why the copy is not what the original was, or
     None. A checkpoint is not copied (the copy makes its own)."""
     if isinstance(record, Opened):
+        sequencer.clock = _stopped_at(record.timestamp)  # (0, an opening of old: the last timestamp + 1)
         with sequencer.lock:
             sequencer.open_account(record.account, Completion())
     elif isinstance(record, (Committed, Refused)):

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from journal import CRASH_POINT_ARMED, Completion, IndexPuts, Journal, JournalError, crash_point
 
-from coordinator._entries import Flat, Joined, UnindexedEntries, hold_row_lsn
+from coordinator._entries import Flat, Joined, UnindexedEntries, first_key, hold_row_lsn
 from coordinator._history import Refused, resolution_of
 from coordinator._limits import (
     CHECKPOINT_ACCOUNTS_MAX,
@@ -192,7 +192,16 @@ class Sequencer:
         with journal.snapshot() as txn:
             self._holds_from_due = journal.index_get(ENTRIES_INDEX, HOLDS_FROM_KEY, txn) is None
         """No `HOLDS_FROM_KEY` yet: the next block appended (never a checkpoint: one follows
-        another record) carries it, with its own LSN."""
+        another record) carries it, with its own LSN, and the baseline hold rows."""
+        self._baseline: list[bytes] = []
+        """The baseline hold rows (`coordinator._records.holds_key` at LSN 0) of a ledger from
+        before hold rows: every account's pending amounts as the records before the mark leave
+        them, which are the projection's now, before anything is appended."""
+        if self._holds_from_due:
+            for account in {**self.held, **self.incoming}:
+                held, incoming = self.held.get(account, 0), self.incoming.get(account, 0)
+                if held or incoming:
+                    self._baseline += (holds_key(account, 0), encode_holds(held, incoming))
 
     # --- the rules' view of the books ------------------------------------------------
 
@@ -230,7 +239,8 @@ class Sequencer:
         lsn = self._journal.last_lsn + 1
         index = [(ACCOUNTS_INDEX, id_key(account.id), lsn_value(lsn))]
         if self._holds_from_due:
-            index.append((ENTRIES_INDEX, HOLDS_FROM_KEY, lsn_value(lsn)))
+            marks = iter(self._marked({}, lsn)[ENTRIES_INDEX])
+            index += ((ENTRIES_INDEX, key, value) for key, value in zip(marks, marks, strict=True))
         appended = self._journal.append(payload, index, completion)
         assert appended == lsn, (appended, lsn)
         self._holds_from_due = False
@@ -358,10 +368,11 @@ class Sequencer:
             self._resolved.pop(self._resolved_at.pop()[1], None)
 
     def _marked(self, index: dict[str, Any], lsn: int) -> dict[str, Any]:
-        """`index` (the puts of a block starting at `lsn`), with `HOLDS_FROM_KEY` if still due."""
+        """`index` (the puts of a block starting at `lsn`), with `HOLDS_FROM_KEY` and the
+        baseline hold rows if still due (written at once, in the block's transaction)."""
         if self._holds_from_due:
             holds = index.get(ENTRIES_INDEX)
-            index[ENTRIES_INDEX] = [*(holds or ()), HOLDS_FROM_KEY, lsn_value(lsn)]
+            index[ENTRIES_INDEX] = [*(holds or ()), HOLDS_FROM_KEY, lsn_value(lsn), *self._baseline]
         return index
 
     def _stamp_legs(self, chunk: Chunk, ticket: Ticket, lsn: int, timestamp: int, legs: list[Leg]) -> None:
@@ -594,8 +605,10 @@ class Sequencer:
         while resolved_at and resolved_at[0][0] <= durable:  # the index answers for these now
             self._resolved.pop(resolved_at.popleft()[1], None)
         unindexed = self.unindexed
-        if (self._since_checkpoint >= self.checkpoint_interval or unindexed.count >= UNINDEXED_ENTRIES_MAX
-                or len(unindexed.current) >= CHECKPOINT_ACCOUNTS_MAX):
+        holds = self.unindexed_holds
+        if (self._since_checkpoint >= self.checkpoint_interval
+                or unindexed.count + holds.count >= UNINDEXED_ENTRIES_MAX
+                or len(unindexed.current) + len(holds.current) >= CHECKPOINT_ACCOUNTS_MAX):
             try:
                 self.checkpoint()
             except JournalError:
@@ -626,7 +639,8 @@ class Sequencer:
         pendings = [list(pending) for pending in self.pending.values()]
         lsn = self._journal.last_lsn + 1
         index: IndexPuts = {CHECKPOINTS_INDEX: [lsn_value(lsn), b""],
-                            ENTRIES_INDEX: Joined(self.unindexed.ordered_parts() + self.unindexed_holds.ordered_parts())}
+                            ENTRIES_INDEX: Joined(sorted(self.unindexed.ordered_parts() +
+                                                         self.unindexed_holds.ordered_parts(), key=first_key))}
         payload = encode([CHECKPOINT4, self.last_timestamp, self.index_entries + 1, previous, total, sweep_next, rows,
                           pendings])
         appended = self._journal.append_block([payload], index, [None])  # may time out: then nothing changed

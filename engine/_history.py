@@ -71,10 +71,12 @@ class History:
             return lsn
         if at_timestamp is not None:
             timestamp = _count("at_timestamp", at_timestamp)
-            now = self._clock()
-            if timestamp > now:
-                raise InvalidRequest(f"at_timestamp {timestamp} is still to come (the ledger's clock reads {now})")
             with self._journal.snapshot() as txn:
+                now = max(self._clock(), record_timestamp(self._journal, end, txn))  # (a ledger's timestamps
+                # may run ahead of its clock: the clock stepped back, or one reading stamped a batch)
+                if timestamp > now:
+                    raise InvalidRequest(f"at_timestamp {timestamp} is still to come (the ledger's clock reads "
+                                         f"{now})")
                 return lsn_at_timestamp(self._journal, timestamp, end, txn)
         return end
 
@@ -188,7 +190,7 @@ class Snapshot:
                 opened = self._opened()
                 accounts = [account for account, lsn in list(opened.items()) if lsn <= self.lsn]  # (one step: a
                 # dict another thread adds to meanwhile is copied whole, never iterated as it grows)
-            elif isinstance(accounts, (str, bytes)):
+            elif isinstance(accounts, (str, bytes)) or not isinstance(accounts, Iterable):
                 raise InvalidRequest(f"accounts must be None or an iterable of account ids, got {shown(accounts)}")
             return self._history.balances(self.lsn, accounts)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from itertools import islice
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -386,7 +387,7 @@ def inspect(path: str, start: int, limit: int | None, transfer: str | None, acco
                 if found is not None and found.lsn >= start and (account is None or _touches(found, account, journal)):
                     rows.append(_row(found))
             elif account is not None:
-                rows += _account_rows(journal, account, start, limit)
+                _account_rows(journal, account, start, limit, rows)
             else:
                 for record in records(journal, max(0, start - 1)):
                     rows.append(_row(record))
@@ -399,9 +400,10 @@ def inspect(path: str, start: int, limit: int | None, transfer: str | None, acco
     return {"path": path, "records": rows, "problem": problem}
 
 
-def _account_rows(journal: Journal, account: str, start: int, limit: int | None) -> list[dict[str, Any]]:
-    """The account's opening and the records of its history from LSN `start` on (`Ledger.transfers`'
-    walk: its entries and hold rows, not a scan); a refusal moved nothing and is not among them."""
+def _account_rows(journal: Journal, account: str, start: int, limit: int | None, rows: list[dict[str, Any]]) -> None:
+    """Append to `rows` the account's opening and the records of its history from LSN `start`
+    on, up to damage (`Ledger.transfers`' walk: its entries and hold rows, not a scan of the
+    journal). A refusal moved nothing: none is among them (`tally tail` shows them)."""
     check_id(account, "account")
     unindexed, holds = _unindexed(journal)
     end = journal.last_lsn
@@ -409,12 +411,12 @@ def _account_rows(journal: Journal, account: str, start: int, limit: int | None)
         _account(journal, account, txn)
         opening = opened_lsn(journal, account, end, txn)
         lsns = [opening] if opening >= start else []
-        for lsn in account_lsns(journal, account, max(0, start - 1), end, False, unindexed.get(account, []),
-                                holds.get(account, []), txn):
-            if limit is not None and len(lsns) >= limit:
-                break
-            lsns.append(lsn)
-        return [_row(record) for lsn in lsns if (record := record_at(journal, lsn, txn)) is not None]
+        lsns += islice(account_lsns(journal, account, max(0, start - 1), end, False, unindexed.get(account, []),
+                                    holds.get(account, []), txn), None if limit is None else max(0, limit - len(lsns)))
+        for lsn in lsns:
+            record = record_at(journal, lsn, txn)
+            if record is not None:
+                rows.append(_row(record))
 
 
 def _unindexed(journal: Journal) -> tuple[dict[str, list[Row]], dict[str, list[Row]]]:
@@ -543,7 +545,8 @@ def history(path: str, account_id: str, limit: int) -> dict[str, Any]:
     with _reading(path) as journal:
         with journal.snapshot() as txn:
             account = _account(journal, account_id, txn)
-        transfers = _history(journal).transfers(account=account_id, limit=limit or TRANSFERS_PAGE_MAX, reverse=True)
+        transfers = _history(journal).transfers(account=account_id, limit=min(limit, TRANSFERS_PAGE_MAX) or TRANSFERS_PAGE_MAX,
+                                                reverse=True)
         with journal.snapshot() as txn:
             last = last_entry(journal, account_id, None, txn)
             total = 0 if last is None else last.seq

@@ -17,6 +17,7 @@ from coordinator import INDEX_NAMES, AuditReport, audit
 from coordinator._audit import CHECK_INDEXES
 from coordinator._records import ENTRIES_INDEX, HOLDS_FROM_KEY, encode_holds, holds_key, is_hold_key
 from engine import (
+    Account,
     AccountNotFound,
     Balance,
     InsufficientFunds,
@@ -493,3 +494,85 @@ def test_tally_balance_at_an_lsn_or_a_time_reads_what_the_api_reads(walked: Walk
     with Ledger.open(walked.path, clock_ns=walked.clock) as ledger:
         assert [row["id"] for row in history["transfers"]] == [
             t.id for t in ledger.transfers(account="b", reverse=True, limit=5)]
+
+
+# --- found in review ---------------------------------------------------------------------------------
+
+
+def test_salvage_copies_openings_and_expiries_at_their_own_timestamps(tmp_path: Path) -> None:
+    from engine import _tools
+
+    clock = Clock()  # the records are from the past: a copy made now must not restamp them
+    with Ledger.open(tmp_path / "l", clock_ns=clock) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("a", currency="USD")
+        made = ledger.transfer("t1", source="bank", destination="a", amount=100)
+        ledger.transfer("p1", source="a", destination="bank", amount=5, pending=True, timeout_s=60)
+        clock.advance(61)
+        assert ledger.expire_pending() == 1
+        events = [(e.lsn, e.timestamp, e.kind) for e in ledger.events()]
+    report = _tools.salvage(str(tmp_path / "l"), str(tmp_path / "copy"))
+    assert report["lost"] == []
+    with Ledger.open(tmp_path / "copy", clock_ns=clock) as copy:
+        assert copy.get_transfer("t1").timestamp == made.timestamp  # type: ignore[union-attr]
+        assert [(e.lsn, e.timestamp, e.kind) for e in copy.events()] == events
+
+
+def test_hold_rows_waiting_in_memory_make_a_checkpoint_due_as_entries_do(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import coordinator._sequencer
+
+    monkeypatch.setattr(coordinator._sequencer, "UNINDEXED_ENTRIES_MAX", 2_000)
+    with Ledger.open(tmp_path / "l") as ledger:  # the default checkpoint interval: only the bound checkpoints
+        ledger.create_accounts([Account(f"s{i}", "USD", None) for i in range(100)]
+                               + [Account(f"d{i}", "USD", 0) for i in range(100)])
+        for chain in range(30):  # pending legs make hold rows and no entries
+            ledger.transfer_linked([TransferRequest(f"c{chain}-{i}", f"s{i}", f"d{i}", 1, pending=True)
+                                    for i in range(100)])
+            assert ledger._sequencer.unindexed_holds.count <= 2_000 + 200
+        assert ledger.balance("s7", at_lsn=ledger.stats()["durable_lsn"]).pending == 30
+
+
+def test_at_timestamp_takes_every_timestamp_the_ledger_gave_though_its_clock_is_behind(tmp_path: Path) -> None:
+    clock = Clock()
+    with Ledger.open(tmp_path / "l", clock_ns=clock) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("a", currency="USD")
+        first = ledger.transfer("t1", source="bank", destination="a", amount=5)
+        clock.advance(-60)  # the clock steps back a minute
+        second = ledger.transfer("t2", source="bank", destination="a", amount=7)
+        assert second.timestamp > first.timestamp > clock.now_ns
+        assert ledger.balance("a", at_timestamp=first.timestamp).posted == 5
+        assert ledger.balance("a", at_timestamp=second.timestamp).posted == 12
+        with pytest.raises(InvalidRequest, match="still to come"):
+            ledger.balance("a", at_timestamp=second.timestamp + 1)
+
+
+def test_odd_arguments_to_a_snapshot_and_a_long_history_limit(tmp_path: Path) -> None:
+    with Ledger.open(tmp_path / "l") as ledger:
+        ledger.create_account("a", currency="USD")
+        with ledger.snapshot() as snapshot:
+            assert snapshot.entries("a", after=2**64 - 1) == []
+            with pytest.raises(InvalidRequest):
+                snapshot.balances(5)  # type: ignore[arg-type]
+    assert _tally_json("history", tmp_path / "l", "a", "--limit", "20000")["transfers"] == []
+
+
+def test_a_ledger_from_before_hold_rows_reads_recent_balances_without_reading_its_records(
+        tmp_path: Path, raw_lmdb: Callable) -> None:
+    walk = walk_ledger(tmp_path / "ledger", steps=60, seed=3, checkpoint_interval=10**6)
+    with raw_lmdb(walk.path) as env, env.begin(write=True) as txn:  # as a release before hold rows left it
+        entries = env.open_db(ENTRIES_INDEX.encode(), txn=txn, create=False)
+        for key in [bytes(key) for key in txn.cursor(db=entries).iternext(values=False) if is_hold_key(key)]:
+            assert txn.delete(key, db=entries)
+    with Ledger.open(walk.path, clock_ns=walk.clock) as ledger:
+        ledger.create_account("late", currency="USD")  # the first record this release writes: the mark
+        end = ledger.stats()["durable_lsn"]
+        scan = Journal.scan
+        try:
+            Journal.scan = None  # type: ignore[assignment,method-assign]  # the baseline rows answer
+            for account in ACCOUNTS:
+                assert ledger.balance(account, at_lsn=end) == ledger.balance(account)
+        finally:
+            Journal.scan = scan  # type: ignore[method-assign]
+    assert _audited(walk.path).whole
