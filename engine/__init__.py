@@ -36,6 +36,7 @@ from coordinator import (
     TransferRequest,
 )
 
+from engine._head import Head
 from engine._ledger import Ledger
 
 __version__ = "0.1.0"
@@ -48,6 +49,7 @@ __all__ = [
     "BalanceOverflow",
     "CurrencyMismatch",
     "Entry",
+    "Head",
     "ExceedsPendingAmount",
     "IdempotencyConflict",
     "InsufficientFunds",

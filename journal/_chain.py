@@ -29,7 +29,7 @@ and hashing every record (`tally verify`, the audit).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from journal._errors import JournalCorruptedError
 from journal._format import GENESIS, chain_digest, key_lsn, lsn_key, unframe_chained
@@ -65,10 +65,9 @@ class ChainReport:
     divergence: str | None = None
     """Why it does not extend the expected head."""
 
-    @property
-    def unchained_through(self) -> int:
-        """The last LSN that predates the chain (0: none does)."""
-        return self.head.lsn if self.chained_from is None else self.chained_from - 1
+    unchained_through: int = 0
+    """The last LSN that predates the chain (0: none does; always 0 in format 4, whose every
+    record is chained from LSN 1)."""
 
 
 def _unchained(format_version: int) -> str:
@@ -150,8 +149,9 @@ def walk_chain(records: Iterable[tuple[bytes, bytes]], format_version: int,
         if expected is not None and lsn == expected.lsn:
             at_expected = GENESIS if digest is None else digest
     head = ChainHead(last, GENESIS if digest is None else digest)
+    unchained = 0 if format_version >= CHAIN_FROM_FORMAT else last if chained_from is None else chained_from - 1
     report = ChainReport(head, chained_from, break_lsn, f"the chain breaks at LSN {break_lsn}: {problem}"
-                         if break_lsn is not None else None)
+                         if break_lsn is not None else None, unchained_through=unchained)
     if expected is None or expected.lsn == 0:
         return report
     return _against(report, expected, at_expected)
@@ -160,18 +160,14 @@ def walk_chain(records: Iterable[tuple[bytes, bytes]], format_version: int,
 def _against(report: ChainReport, expected: ChainHead, at_expected: bytes | None) -> ChainReport:
     """`report`, with where (if anywhere) the journal stops extending the `expected` head."""
     lsn = expected.lsn
-    noted = f"the head noted, LSN {lsn} digest {expected.digest.hex()}"
     if report.break_lsn is not None and report.break_lsn <= lsn:
-        where, why = report.break_lsn, (f"the chain breaks at LSN {report.break_lsn}, at or before {noted}: "
-                                        "the history up to it was changed")
+        where, why = report.break_lsn, f"{report.problem} (at or before the head): the history up to it was changed"
     elif at_expected is None:
         where = min(report.head.lsn, lsn - 1) + 1
-        why = (f"the journal ends at LSN {report.head.lsn}, before {noted}: LSN {where} on are gone "
-               "(truncated)")
+        why = f"the journal ends at LSN {report.head.lsn}: LSN {where} to {lsn} are gone (truncated)"
     elif at_expected != expected.digest:
-        where, why = lsn, (f"its digest at LSN {lsn} is {at_expected.hex()}, not that of {noted}: the history up "
-                           f"to LSN {lsn} was rewritten")
+        where, why = lsn, f"its digest at LSN {lsn} is {at_expected.hex()}: the history up to LSN {lsn} was rewritten"
     else:
         return report
-    return ChainReport(report.head, report.chained_from, report.break_lsn, report.problem, where,
-                       f"the ledger does not extend {noted}: it diverges at LSN {where}: {why}")
+    return replace(report, diverges_at=where, divergence=f"the ledger does not extend the head noted "
+                   f"({lsn}:{expected.digest.hex()}): it diverges at LSN {where}: {why}")
