@@ -2,8 +2,9 @@
 
 It knows nothing about accounts or money. A record is bytes the caller made;
 the journal gives it the next LSN (strictly increasing, gapless from 1), stores
-it framed with a checksum, and writes the caller's index entries in the same
-LMDB transaction, so an index never points at a record that is not there.
+it framed with a checksum and chained by its digest to the record before it
+(`journal._chain`: `head`, `verify_chain`), and writes the caller's index entries in
+the same LMDB transaction, so an index never points at a record that is not there.
 
 Threads: any thread may `append`, `wait_durable` and read. Exactly one thread,
 the writer, ever opens a write transaction.

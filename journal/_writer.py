@@ -7,6 +7,12 @@ publishes the new durable LSN, runs the batch's after-commit hook, and releases
 the completions in LSN order. One fsync serves the whole batch: the more callers
 wait, the larger the batch, which is what keeps the commit rate up when the GIL is
 busy elsewhere.
+
+The hash chain (`journal._chain`): whoever writes a batch (the writer thread, or a caller
+in `commit_inline`; one at a time, under `_writing`) frames it, a SHA-256 a record, chained
+from the digest of the last record written, before it takes the append lock, so appenders
+are not held up by the hashing. The digest moves on only once the batch is committed, and
+`durable_head` (LSN and digest, one value) with the durable LSN.
 """
 
 from __future__ import annotations
