@@ -16,6 +16,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import takewhile
 from typing import Any
 
 import lmdb
@@ -244,15 +245,19 @@ class Journal:
     def verify_chain(self, expected: ChainHead | None = None, txn: Any | None = None) -> ChainReport:
         """Walk the whole chain of the snapshot (every record read, its checksum and link
         checked: `journal._chain.walk_chain`); with `expected`, whether the journal extends
-        that head. Reads only; costs a hash a record (about a second a million records).
-        Raises `JournalCorruptedError` only for a data file LMDB cannot read."""
+        that head. Up to `durable_lsn` (so, read-only, up to the LSN the rest of the reading
+        sees, while a live writer elsewhere may go on). Reads only; costs a hash a record
+        (about a second a million records). Raises `JournalCorruptedError` only for a data
+        file LMDB cannot read."""
         if txn is None:
             with self.snapshot() as txn:
                 return self.verify_chain(expected, txn)
+        last_key = lsn_key(self.durable_lsn)
         try:
             cursor = txn.cursor(db=self._store.records)
             cursor.first()
-            return walk_chain(cursor.iternext(keys=True, values=True), self.format_version, expected)
+            stored = takewhile(lambda item: item[0] <= last_key, cursor.iternext(keys=True, values=True))
+            return walk_chain(stored, self.format_version, expected)
         except lmdb.Error as error:
             raise lmdb_read_error(error, "the records") from error
 
