@@ -64,7 +64,6 @@ class ChainReport:
     """With an expected head: the LSN where the ledger stops extending it (None: it extends it)."""
     divergence: str | None = None
     """Why it does not extend the expected head."""
-
     unchained_through: int = 0
     """The last LSN that predates the chain (0: none does; always 0 in format 4, whose every
     record is chained from LSN 1)."""

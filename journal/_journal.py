@@ -247,7 +247,7 @@ class Journal:
         checked: `journal._chain.walk_chain`); with `expected`, whether the journal extends
         that head. Up to `durable_lsn` (so, read-only, up to the LSN the rest of the reading
         sees, while a live writer elsewhere may go on). Reads only; costs a hash a record
-        (about a second a million records). Raises `JournalCorruptedError` only for a data
+        (about 1.7 s a million records). Raises `JournalCorruptedError` only for a data
         file LMDB cannot read."""
         if txn is None:
             with self.snapshot() as txn:
