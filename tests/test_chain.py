@@ -232,18 +232,22 @@ def test_an_expected_head_is_extended_by_a_longer_journal_and_not_by_a_truncated
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(sessions=st.lists(st.lists(st.integers(1, 40), min_size=1, max_size=6), min_size=1, max_size=4))
+@given(sessions=st.lists(st.lists(st.tuples(st.integers(1, 40), st.booleans()), min_size=1, max_size=6),
+                        min_size=1, max_size=4))
 def test_the_chain_continues_across_group_commits_blocks_and_reopens(tmp_path_factory, sessions) -> None:
-    """Blocks of records, queued at once (several a group commit) or one by one, over several
-    opens: the stored chain is the one computed from the payloads alone."""
+    """Blocks of records, queued at once (several a group commit, by the writer thread) or
+    written by the caller (`commit_inline`), over several opens: the stored chain is the one
+    computed from the payloads alone."""
     path = tmp_path_factory.mktemp("chain") / "journal"
     payloads: list[bytes] = []
     for session in sessions:
         journal = Journal.open(path)
         try:
-            for size in session:
+            for size, inline in session:
                 block = [f"{len(payloads) + k}:{'x' * (k % 7)}".encode() for k in range(size)]
-                journal.append_block(block, {}, [None] * size)
+                journal.append_block(block, {}, [None] * size, wake=not inline)
+                if inline:
+                    journal.commit_inline()
                 payloads += block
             journal.wait_durable(len(payloads), 10)
             head = journal.head()
