@@ -401,13 +401,14 @@ def test_an_unchained_record_after_a_chained_one_in_an_older_ledger_breaks_the_c
     assert report["verdict"] == "NOT WHOLE"
 
 
-def test_salvage_copies_come_out_chained_in_the_new_ledger(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [["recover", "--salvage"], ["replay"]])
+def test_salvage_and_replay_copies_come_out_chained_in_the_new_ledger(tmp_path: Path, command: list[str]) -> None:
     source = tmp_path / "format-1"
     shutil.copytree(FORMAT_1, source)
     (source / "expected.json").unlink()
-    done = tally("recover", source, "--salvage", "--into", tmp_path / "new")
+    done = tally(command[0], source, *command[1:], "--into", tmp_path / "new")
     assert done.returncode == 0, (done.stdout, done.stderr)
 
     code, report = tally_json("verify", tmp_path / "new")
     assert code == 0 and report["chain"]["chained_from"] == 1 and report["chain"]["unchained_lsns"] is None
-    assert report["chain"]["format_version"] == 4
+    assert report["chain"]["format_version"] == 4 and report["head"]["lsn"] == report["last_lsn"] > 0
