@@ -225,18 +225,25 @@ class Journal:
         """The durable head: the last durable LSN and the chain's digest there (`GENESIS` if no
         record is chained yet). Writing, from memory (never blocks on the writer; it moves once
         a group commit is durable); read-only, from the last record of the snapshot opened
-        (its checksum verified, its link not: `verify_chain` walks the whole chain)."""
+        (`head_at`)."""
         if self._writer is not None:
             return self._writer.durable_head
-        self._check_open()
-        lsn = self._last_lsn_read
+        return self.head_at(self._last_lsn_read)
+
+    def head_at(self, lsn: int, txn: Any | None = None) -> ChainHead:
+        """The chain's head at `lsn`, as its record carries it (`GENESIS` at 0, or where the
+        record predates the chain): its checksum verified, its link not (`verify_chain` walks
+        the whole chain). For a reader following a live writer elsewhere, past the LSN it
+        opened at. Raises `JournalCorruptedError` if no record `lsn` is stored."""
         if lsn == 0:
             return ChainHead(0, GENESIS)
-        with self.snapshot() as txn:
-            try:
-                value = txn.get(lsn_key(lsn), db=self._store.records)
-            except lmdb.Error as error:
-                raise lmdb_read_error(error, f"the record at LSN {lsn}") from error
+        if txn is None:
+            with self.snapshot() as txn:
+                return self.head_at(lsn, txn)
+        try:
+            value = txn.get(lsn_key(lsn), db=self._store.records)
+        except lmdb.Error as error:
+            raise lmdb_read_error(error, f"the record at LSN {lsn}") from error
         if value is None:
             raise JournalCorruptedError(f"LSN {lsn} is missing", lsn)
         digest = unframe_chained(lsn, bytes(value))[0]

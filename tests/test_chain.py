@@ -124,6 +124,10 @@ def test_the_head_is_the_durable_lsn_and_its_digest_in_the_writer_and_after_reop
     reader = Journal.open_readonly(ledger_path)
     try:
         assert reader.head() == head
+        assert reader.head_at(0) == ChainHead(0, GENESIS)
+        assert reader.head_at(1) == ChainHead(1, digest_of(GENESIS, 1, b"record 0"))
+        with pytest.raises(JournalCorruptedError):
+            reader.head_at(4)
     finally:
         reader.close()
     journal = Journal.open(ledger_path)
@@ -264,6 +268,14 @@ def test_the_chain_continues_across_group_commits_blocks_and_reopens(tmp_path_fa
 # --- the ledger and `tally verify` --------------------------------------------------
 
 
+def renamed(payload: bytes) -> bytes:
+    """Alice's account opening (LSN 2 of `build`) with its metadata rewritten: nothing else in
+    the books says otherwise, so only the chain can tell."""
+    record = msgpack.unpackb(payload)
+    assert "alice" in record and {"name": "Alice"} in record, record
+    return msgpack.packb([{"name": "Mallory"} if field == {"name": "Alice"} else field for field in record])
+
+
 def test_ledger_head_is_what_verify_prints_and_survives_reopening(ledger_path: Path) -> None:
     head = build(ledger_path)
     assert isinstance(head, Head) and len(head.digest) == 64
@@ -282,10 +294,7 @@ def test_ledger_head_is_what_verify_prints_and_survives_reopening(ledger_path: P
 def test_verify_reports_a_record_rewritten_with_a_valid_crc_at_its_lsn(ledger_path: Path, raw_lmdb) -> None:
     build(ledger_path)
     digest, payload = split(stored(raw_lmdb, ledger_path)[2])
-    record = msgpack.unpackb(payload)
-    assert record[1] == "alice"
-    record[-1] = {"name": "Mallory"}  # the account's metadata: nothing else in the books says otherwise
-    rewrite(raw_lmdb, ledger_path, {2: reframe(2, digest, msgpack.packb(record))})
+    rewrite(raw_lmdb, ledger_path, {2: reframe(2, digest, renamed(payload))})
 
     done = tally("verify", ledger_path)
     report = verify(str(ledger_path))
@@ -326,9 +335,7 @@ def test_expect_head_fails_on_a_history_rewritten_with_every_digest_recomputed(l
     for lsn in range(2, noted.lsn + 1):
         payload = split(values[lsn])[1]
         if lsn == 2:
-            record = msgpack.unpackb(payload)
-            record[-1] = {"name": "Mallory"}
-            payload = msgpack.packb(record)
+            payload = renamed(payload)
         previous = digest_of(previous, lsn, payload)
         forged[lsn] = reframe(lsn, previous, payload)
     rewrite(raw_lmdb, ledger_path, forged)
