@@ -8,6 +8,11 @@ the engine reports. The checks, each named in the report:
    names;
 1. every record's checksum is valid; every LSN present once, in order (the scan), up to
    the LSN the anchor saw durable;
+1a. the hash chain holds: each chained record's digest follows from the record before it, and
+   no unchained record comes after a chained one (or at all, in a format-4 ledger)
+   (`Journal.verify_chain`, a walk of its own: a SHA-256 a record). Records of a format-1-3
+   ledger from before its first write by a chaining Tally predate the chain: the report
+   (`AuditReport.chain`) says which; they are checked by 1 only;
 2. per-account seq gapless from 1, each entry's balance the running sum (replay with the
    pure `post`), and every commit one the rules allow: replay decides it again
    (`rules.decide`) and it must be what was stamped;
@@ -31,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
-from journal import Journal, JournalCorruptedError
+from journal import ChainHead, ChainReport, Journal, JournalCorruptedError
 
 from coordinator._entries import Rows, commit_rows, decode_entry, entry_rows, newest_checkpoint_lsn, unindexed_entries
 from coordinator._errors import JournalCorrupted
@@ -58,6 +63,7 @@ from coordinator._values import Account, Resolution
 
 CHECK_FILE = "the data file is sound (meta pages, every page, the free list, every index entry) and is the one its anchor names"
 CHECK_RECORDS = "every record's checksum is valid and every LSN is present once, in order"
+CHECK_CHAIN = "the hash chain holds: every chained record extends the one before it (SHA-256)"
 CHECK_ENTRIES = "per-account seq is gapless from 1 and each balance is the running sum"
 CHECK_LIMITS = "every commit is one the rules allow (one currency, no balance below its limit or out of range)"
 CHECK_CHECKPOINTS = "checkpoints agree with the records before them"
@@ -65,7 +71,7 @@ CHECK_CONSERVED = "money is conserved (posted balances sum to 0)"
 CHECK_PAIRS = "each committed transfer has exactly two entries, on its source and destination, summing to 0"
 CHECK_INDEXES = "the transfer and account indexes point at the records that made them"
 CHECK_RESERVATIONS = "no reservation is left (reservations are never journaled)"
-CHECKS = (CHECK_FILE, CHECK_RECORDS, CHECK_ENTRIES, CHECK_LIMITS, CHECK_CHECKPOINTS, CHECK_CONSERVED,
+CHECKS = (CHECK_FILE, CHECK_RECORDS, CHECK_CHAIN, CHECK_ENTRIES, CHECK_LIMITS, CHECK_CHECKPOINTS, CHECK_CONSERVED,
           CHECK_PAIRS, CHECK_INDEXES, CHECK_RESERVATIONS)
 
 
@@ -76,6 +82,8 @@ class AuditReport:
     """Each check: True passed, False failed, None not reached (an earlier one failed)."""
     problem: str | None = None
     corrupt_lsn: int | None = None
+    chain: ChainReport | None = None
+    """The walk of the hash chain (None: the data file could not be read)."""
 
     @property
     def whole(self) -> bool:
@@ -95,18 +103,22 @@ def _replay_failure(error: JournalCorrupted) -> str:
     return CHECK_ENTRIES
 
 
-def audit(journal: Journal, progress: Callable[[int], None] | None = None) -> AuditReport:
-    """Run every check over the whole journal; never writes."""
+def audit(journal: Journal, progress: Callable[[int], None] | None = None,
+          expected: ChainHead | None = None) -> AuditReport:
+    """Run every check over the whole journal; never writes. With `expected` (a head an
+    auditor noted), the chain's report says whether the journal still extends it (that is
+    not one of `CHECKS`: the caller judges it)."""
     report = AuditReport(checks=dict.fromkeys(CHECKS))
     found = journal.problem
     if found is not None and found.lsn is None:  # the data file is not the one its anchor names
         return failed(report, CHECK_FILE, str(found), None)
+    report.chain = journal.verify_chain(expected)
     try:
         books = replay(journal, progress=progress)
     except JournalCorrupted as error:
-        return failed(report, _replay_failure(error), str(error), error.lsn)
+        return _chained(failed(report, _replay_failure(error), str(error), error.lsn))
     if found is not None:  # records missing past the last one (the anchor saw them durable)
-        return failed(report, CHECK_RECORDS, str(found), found.lsn)
+        return _chained(failed(report, CHECK_RECORDS, str(found), found.lsn))
     report.books = books
     for check in (CHECK_FILE, CHECK_RECORDS, CHECK_ENTRIES, CHECK_LIMITS, CHECK_CHECKPOINTS, CHECK_CONSERVED,
                   CHECK_RESERVATIONS):
@@ -118,6 +130,17 @@ def audit(journal: Journal, progress: Callable[[int], None] | None = None) -> Au
     report.checks[CHECK_PAIRS] = pairs is None
     report.checks[CHECK_INDEXES] = indexes is None
     report.problem = pairs or indexes
+    return _chained(report)
+
+
+def _chained(report: AuditReport) -> AuditReport:
+    """`report` with the chain's check; where the chain breaks first (a record rewritten with
+    a valid checksum, one deleted or moved), that is the first damage it names."""
+    chain = report.chain
+    assert chain is not None
+    report.checks[CHECK_CHAIN] = chain.break_lsn is None
+    if chain.break_lsn is not None and (report.corrupt_lsn is None or chain.break_lsn < report.corrupt_lsn):
+        report.problem, report.corrupt_lsn = chain.problem, chain.break_lsn
     return report
 
 

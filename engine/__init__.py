@@ -40,6 +40,7 @@ from coordinator import (
 )
 
 from engine._history import Snapshot
+from engine._head import Head
 from engine._ledger import Ledger
 
 __version__ = "0.1.0"
@@ -53,6 +54,7 @@ __all__ = [
     "CurrencyMismatch",
     "Entry",
     "Event",
+    "Head",
     "ExceedsPendingAmount",
     "IdempotencyConflict",
     "InsufficientFunds",

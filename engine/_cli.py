@@ -97,6 +97,16 @@ def _shown_instant(timestamp: int) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
 
+def _head(text: str) -> Any:
+    """A head, `LSN:DIGEST` (see `engine._tools.parse_head`)."""
+    from engine._tools import parse_head
+
+    try:
+        return parse_head(text)
+    except InvalidRequest as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tally", description="Tally: an embeddable, actor-based, journaled ledger engine.")
     parser.add_argument("--version", action="version", version=f"tally {__version__}")
@@ -131,7 +141,9 @@ def _parser() -> argparse.ArgumentParser:
     stress.add_argument("--kills", type=_count(1), default=20, metavar="N", help="with --chaos: kills (default 20)")
     stress.add_argument("--report", metavar="FILE", type=_path, help="write a throughput and latency plot (.html or .png)")
 
-    command("verify", "read-only audit of every journal record and every invariant; never writes")
+    verify = command("verify", "read-only audit of every journal record, the hash chain and every invariant; never writes")
+    verify.add_argument("--expect-head", metavar="LSN:DIGEST", type=_head, default=None,
+                        help="also prove the ledger still extends this head (as an earlier verify printed it)")
     recover = command("recover", "after a crash: verify, rebuild, resolve, checkpoint, and report")
     recover.add_argument("--dry-run", action="store_true", help="change nothing; say what would be done")
     recover.add_argument("--salvage", action="store_true", help="copy the verifiable records before the first corrupt one")
@@ -181,6 +193,33 @@ def _print_checks(report: dict[str, Any]) -> None:
         print(f"  {mark} {check}")
 
 
+def _print_chain(report: dict[str, Any]) -> None:
+    """The head and the chain's status (which records predate it, where it breaks)."""
+    head, chain = report.get("head"), report.get("chain")
+    if head is not None and chain is not None:
+        _print_head(head, chain)
+    expected = report.get("expect_head")
+    if expected is not None:
+        if expected["extends"]:
+            print(f"  expected head {expected['lsn']}:{expected['digest']}: extended (the history up to it is unchanged)")
+        else:
+            print(f"  expected head: NOT extended: {expected['problem']}")
+
+
+def _print_head(head: dict[str, Any], chain: dict[str, Any]) -> None:
+    print(f"  head: {head['lsn']}:{head['digest']}  (LSN:DIGEST; note it, and pass it to --expect-head later)")
+    unchained = chain["unchained_lsns"]
+    if unchained:
+        print(f"  chain: LSN {unchained[0]} to {unchained[1]} predate the chain (written before it, this ledger being"
+              f" of format {chain['format_version']}): their checksums are checked, they are not chained")
+    if chain["chained_from"] is None:
+        print("  chain: no record is chained yet (the next one written starts it)")
+    elif chain["break_lsn"] is None:
+        print(f"  chain: intact ({chain['hash']}) from LSN {chain['chained_from']} to {head['lsn']}")
+    else:
+        print(f"  chain: BROKEN at LSN {chain['break_lsn']}: {chain['problem']}")
+
+
 def _render_audit(title: str, report: dict[str, Any]) -> None:
     print(f"{title} {report['path']}")
     if report["last_lsn"] is None:
@@ -188,6 +227,7 @@ def _render_audit(title: str, report: dict[str, Any]) -> None:
     else:
         print(f"  records scanned {report['records_scanned']}, last LSN {report['last_lsn']}, accounts {report['accounts']}")
         print(f"  transfers: committed {report['transfers_committed']}, rejected {report['transfers_rejected']}")
+    _print_chain(report)
     _print_checks(report)
     if report["problem"]:
         print(f"  problem: {report['problem']}")
@@ -202,7 +242,7 @@ def _run(args: argparse.Namespace) -> int:
         return _stress(args)
     if args.command == "verify":
         with _progress("verifying", not args.json) as progress:
-            report = _tools.verify(args.path, progress)
+            report = _tools.verify(args.path, progress, args.expect_head)
         _emit(args, report, lambda: _render_audit("verify", report))
         return 0 if report["verdict"] == "whole" else 1
     if args.command == "recover":

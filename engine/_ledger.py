@@ -61,6 +61,7 @@ from coordinator import (
 )
 from journal import Completion, Journal, JournalError, JournalWriteError
 
+from engine._head import Head, head_of
 from engine._directory import Directory
 from engine._history import History, Snapshot, check_max_age
 from engine._follow import follow_events
@@ -548,6 +549,16 @@ class Ledger:
                 pending = list(replay(journal, load_checkpoint(journal)).pending.values())
             unindexed = sequencer.unindexed.all_rows(journal.durable_lsn)
             return state_hash(journal, self.accounts(), pending, unindexed=unindexed)
+
+    def head(self) -> Head:
+        """The durable head of the journal's hash chain: the last durable LSN and the chain's
+        digest there (`Head`). Note it down outside the ledger: `tally verify --expect-head
+        LSN:DIGEST` proves later that the ledger still extends it.
+
+        Read from memory, in any thread: it never blocks, and moves once a group commit is
+        durable (a call decided and not yet durable is not in it). Raises `LedgerClosed`."""
+        with self._call():
+            return head_of(self._journal.head())
 
     def stats(self) -> dict[str, int]:
         """Counters for operators and benchmarks (commits, records, live actors...)."""

@@ -55,6 +55,7 @@ from coordinator import (
 from journal import Journal
 
 from engine._follow import FOLLOW_POLL_S
+from engine._head import Head, head_of
 from engine._history import History
 from engine._ledger import _OPEN, Ledger
 
@@ -238,6 +239,13 @@ class ReadingLedger(Ledger):
         with self._call():
             books = self._catch_up()
             return {"durable_lsn": books.last_lsn, "accounts": len(books.accounts)}
+
+    def head(self) -> Head:
+        """The hash chain's head as of the last record this reader has read (it catches up
+        with a live writer first), as that record carries it."""
+        with self._call():
+            books = self._catch_up()
+            return head_of(self._journal.head_at(books.last_lsn))
 
     # --- events ------------------------------------------------------------------
 

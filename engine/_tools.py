@@ -58,7 +58,7 @@ from coordinator import (
     write_checkpoint,
 )
 from coordinator import recover as recover_books
-from journal import Journal, JournalAnchorMissingError, JournalFormatError, reanchor
+from journal import ChainHead, ChainReport, Journal, JournalAnchorMissingError, JournalFormatError, reanchor
 
 from engine._history import History
 from engine._ledger import Ledger
@@ -116,19 +116,67 @@ def _audit_dict(report: AuditReport, elapsed_s: float, journal: Journal | None, 
         "state_hash": (state_hash(journal, books.accounts.values(), books.pending.values())
                        if journal and books and report.whole else None),
         "verdict": "whole" if report.whole else "NOT WHOLE",
+        "head": None if report.chain is None else _head_dict(report.chain.head),
+        "chain": None if report.chain is None or journal is None else _chain_dict(report.chain, journal.format_version),
     }
     return result
 
 
-def verify(path: str, progress: Progress = None) -> dict[str, Any]:
-    """The read-only audit. Never writes; a live process may keep using the ledger."""
+def _head_dict(head: ChainHead) -> dict[str, Any]:
+    return {"lsn": head.lsn, "digest": head.digest.hex()}
+
+
+def _chain_dict(chain: ChainReport, format_version: int) -> dict[str, Any]:
+    """The chain's part of the report: where it starts (the records of an older format's
+    ledger before it predate it), and where it breaks, if it does."""
+    unchained = chain.unchained_through
+    return {"hash": "SHA-256", "format_version": format_version, "chained_from": chain.chained_from,
+            "unchained_lsns": [1, unchained] if unchained else None, "break_lsn": chain.break_lsn,
+            "problem": chain.problem, "status": "intact" if chain.break_lsn is None else "BROKEN"}
+
+
+def parse_head(text: str) -> ChainHead:
+    """A head as `LSN:DIGEST` (what `tally verify` prints and `Head` shows); `InvalidRequest`
+    if it is not one."""
+    lsn, colon, digest = text.strip().partition(":")
+    if (not colon or not lsn.isdigit() or not lsn.isascii() or int(lsn) >= 2**64 or len(digest) != 64
+            or any(c not in "0123456789abcdefABCDEF" for c in digest)):
+        raise InvalidRequest(f"a head is LSN:DIGEST (a whole number, a colon, 64 hex digits), not {text[:100]!r}")
+    return ChainHead(int(lsn), bytes.fromhex(digest))
+
+
+def verify(path: str, progress: Progress = None, expected: ChainHead | None = None) -> dict[str, Any]:
+    """The read-only audit. Never writes; a live process may keep using the ledger. With
+    `expected` (a head noted earlier), the ledger is whole only if it still extends it: the
+    report's `expect_head` says where it diverges if it does not."""
     started = time.perf_counter()
     try:
         with _reading(path, audited=True) as journal:
-            report = audit(journal, progress)
-            return _audit_dict(report, time.perf_counter() - started, journal, path)
+            report = audit(journal, progress, expected)
+            result = _audit_dict(report, time.perf_counter() - started, journal, path)
     except JournalCorrupted as error:  # the data file cannot be read at all
-        return _audit_dict(unopened(error), time.perf_counter() - started, None, path)
+        report = unopened(error)
+        result = _audit_dict(report, time.perf_counter() - started, None, path)
+    if expected is not None:
+        _judge_head(result, report.chain, expected)
+    return result
+
+
+def _judge_head(result: dict[str, Any], chain: ChainReport | None, expected: ChainHead) -> None:
+    """Add to `result` whether the ledger extends the `expected` head (a check of its own)."""
+    diverges_at: int | None
+    why: str | None
+    if chain is None:
+        diverges_at, why = None, "the journal could not be read"
+    else:
+        diverges_at, why = chain.diverges_at, chain.divergence
+    extends = chain is not None and diverges_at is None
+    result["expect_head"] = {**_head_dict(expected), "extends": extends, "diverges_at": diverges_at, "problem": why}
+    result["checks"][f"the ledger extends the head noted earlier, LSN {expected.lsn}"] = extends
+    if not extends:
+        result["verdict"] = "NOT WHOLE"
+        result["state_hash"] = None
+        result["problem"] = result["problem"] or why
 
 
 def recover(path: str, dry_run: bool, progress: Progress = None) -> dict[str, Any]:

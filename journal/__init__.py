@@ -18,7 +18,8 @@ from journal._errors import (
     JournalTimeoutError,
     JournalWriteError,
 )
-from journal._format import lsn_key
+from journal._chain import ChainHead, ChainReport
+from journal._format import GENESIS, lsn_key
 from journal._anchor import ANCHOR_FILE
 from journal._directory import LOCK_FILE, refuse_foreign
 from journal._journal import Journal, reanchor
@@ -27,6 +28,9 @@ from journal._writer import IndexPut, IndexPuts
 
 __all__ = [
     "ANCHOR_FILE",
+    "ChainHead",
+    "ChainReport",
+    "GENESIS",
     "FORMAT_VERSION",
     "LOCK_FILE",
     "CRASH_POINTS",

@@ -1,13 +1,34 @@
-"""Record framing: one version byte, a CRC-32, then the caller's payload.
+"""Record framing: one version byte, a CRC-32, the chain digest (version 2), then the payload.
 
-The checksum covers the LSN as well as the payload, so a record copied under
-another key fails verification just as a flipped byte does. Framing is checked
-before a record is written (`frame_all` asserts its inputs) and again whenever it is
-read back (`unframe`), the pair of checks of house style 8.
+Two record versions are read:
+
+- version 1 (formats 1-3, before the chain): `version | crc32 | payload`;
+- version 2 (every record written by this code): `version | crc32 | digest | payload`, where
+  `digest` (32 bytes) is the record's link in the journal's hash chain:
+  `digest_n = SHA-256(digest_{n-1} || LSN key_n || payload_n)`, and `digest_{n-1}` is
+  `GENESIS` (32 zero bytes) for the first chained record (LSN 1 of a format-4 ledger, or the
+  first record this code wrote into an older one).
+
+The checksum covers the LSN, the version and the digest as well as the payload, so a record
+copied under another key fails verification just as a flipped byte does. A CRC catches a
+flipped bit, not a rewrite: anyone with the file can recompute it. The digest is what makes
+a rewrite evident: changing, deleting or reordering a record changes every digest from it
+on, so the chain no longer reaches the head an auditor noted (`journal._chain`). Reads check
+the CRC only (cheap); the chain is walked by `Journal.verify_chain` (`tally verify`).
+
+Why SHA-256: it is a cryptographic hash (no one can make two records with one digest), in
+the standard library, and on these inputs (a digest, a key and a 100-300 byte payload) the
+faster of the two candidates here: measured with `hashlib` on this machine (OpenSSL 3.0 with
+the SHA extensions), 285-363 ns a record against BLAKE2b-256's 405-467 ns. (Without SHA
+instructions in the CPU, BLAKE2b would win; the format names one hash, so it stays SHA-256.)
+
+Framing is checked before a record is written (`frame_all` asserts its inputs) and again
+whenever it is read back (`unframe`), the pair of checks of house style 8.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -15,13 +36,20 @@ from itertools import islice, repeat
 from operator import add
 
 from journal._errors import JournalCorruptedError
-from journal._limits import RECORD_VERSION
+from journal._limits import RECORD_VERSION, RECORD_VERSION_UNCHAINED
 
 _HEADER = struct.Struct(">BI")
 HEADER_SIZE = _HEADER.size
+"""Bytes before the payload of an unchained (version 1) record."""
+DIGEST_SIZE = 32
+CHAINED_HEADER_SIZE = HEADER_SIZE + DIGEST_SIZE
+"""Bytes before the payload of a chained (version 2) record."""
+GENESIS = bytes(DIGEST_SIZE)
+"""The digest the first chained record links to."""
 _LSN = struct.Struct(">Q")
 _CRC = struct.Struct(">I")
 _VERSION_BYTE = bytes((RECORD_VERSION,))
+_UNCHAINED_BYTE = bytes((RECORD_VERSION_UNCHAINED,))
 
 
 def lsn_key(lsn: int) -> bytes:
@@ -34,44 +62,71 @@ def key_lsn(key: bytes) -> int:
     return _LSN.unpack(key)[0]
 
 
-def _checksum(lsn_bytes: bytes, version: int, payload: bytes) -> int:
-    return zlib.crc32(payload, zlib.crc32(lsn_bytes + bytes((version,))))
+def _checksum(lsn_bytes: bytes, version: int, body: bytes) -> int:
+    """CRC-32 of the key, the version byte and the rest (the digest, if any, and the payload)."""
+    return zlib.crc32(body, zlib.crc32(lsn_bytes + bytes((version,))))
 
 
-def frame_all(first_lsn: int, payloads: Sequence[bytes]) -> list[bytes]:
-    """The LSN key and the framed record of each payload, flat (key, record, key, record...),
-    at consecutive LSNs from `first_lsn`: what a group commit writes. The checksum is
-    `_checksum`'s, computed inline."""
+def chain_digest(previous: bytes, key: bytes, payload: bytes) -> bytes:
+    """The chain digest of the record `payload` stored under `key`, after one of digest `previous`."""
+    return hashlib.sha256(previous + key + payload).digest()
+
+
+def frame_all(first_lsn: int, payloads: Sequence[bytes], previous: bytes) -> tuple[list[bytes], bytes]:
+    """The LSN key and the framed, chained record of each payload, flat (key, record, key,
+    record...), at consecutive LSNs from `first_lsn`, chained from `previous` (the digest of
+    record `first_lsn - 1`, or `GENESIS`): what a group commit writes; and the last digest.
+    The digest and checksum are `chain_digest`'s and `_checksum`'s, computed inline (this
+    loop runs once a record on the write path)."""
     assert first_lsn >= 1, first_lsn
-    pack_lsn, pack_header, crc32, version = _LSN.pack, _HEADER.pack, zlib.crc32, _VERSION_BYTE
+    assert len(previous) == DIGEST_SIZE, previous
+    pack_lsn, pack_header, crc32, version, sha256 = _LSN.pack, _HEADER.pack, zlib.crc32, _VERSION_BYTE, hashlib.sha256
     framed: list[bytes] = []
     for lsn, payload in enumerate(payloads, first_lsn):
         assert type(payload) is bytes and payload, "a record carries a non-empty payload"
         key = pack_lsn(lsn)
-        framed += (key, pack_header(RECORD_VERSION, crc32(payload, crc32(key + version))) + payload)
-    return framed
+        previous = sha256(previous + key + payload).digest()
+        body = previous + payload
+        framed += (key, pack_header(RECORD_VERSION, crc32(body, crc32(key + version))) + body)
+    return framed, previous
+
+
+def frame_unchained(lsn: int, payload: bytes) -> bytes:
+    """A version-1 record, as formats 1-3 wrote them: for tests and tools that build such a ledger."""
+    return _HEADER.pack(RECORD_VERSION_UNCHAINED, _checksum(_LSN.pack(lsn), RECORD_VERSION_UNCHAINED, payload)) + payload
 
 
 def unframe_keyed(key: bytes, value: bytes, lsn: int) -> bytes:
     """`unframe` for a record read with its key (the LSN's bytes) at hand: the scan's fast path."""
-    if len(value) > HEADER_SIZE and value[0] == RECORD_VERSION:
-        payload = value[HEADER_SIZE:]
-        if zlib.crc32(payload, zlib.crc32(key + _VERSION_BYTE)) == _CRC.unpack_from(value, 1)[0]:
-            return payload
-    return unframe(lsn, value)  # says precisely what is wrong
+    if len(value) > CHAINED_HEADER_SIZE and value[0] == RECORD_VERSION:
+        body = value[HEADER_SIZE:]
+        if zlib.crc32(body, zlib.crc32(key + _VERSION_BYTE)) == _CRC.unpack_from(value, 1)[0]:
+            return body[DIGEST_SIZE:]
+    return unframe(lsn, value)  # says precisely what is wrong (or reads a version-1 record)
 
 
 def unframe(lsn: int, value: bytes) -> bytes:
     """Verify a stored record and return its payload; raise `JournalCorruptedError` naming `lsn`."""
+    return unframe_chained(lsn, value)[1]
+
+
+def unframe_chained(lsn: int, value: bytes) -> tuple[bytes | None, bytes]:
+    """Verify a stored record's checksum; return its chain digest (None for an unchained,
+    version-1 record) and its payload. Raise `JournalCorruptedError` naming `lsn`."""
     if len(value) <= HEADER_SIZE:
         raise JournalCorruptedError(f"record is truncated ({len(value)} bytes)", lsn)
     version, crc = _HEADER.unpack_from(value)
-    if version != RECORD_VERSION:
+    if version == RECORD_VERSION:
+        if len(value) <= CHAINED_HEADER_SIZE:
+            raise JournalCorruptedError(f"record is truncated ({len(value)} bytes)", lsn)
+    elif version != RECORD_VERSION_UNCHAINED:
         raise JournalCorruptedError(f"unknown record version {version}", lsn)
-    payload = bytes(value[HEADER_SIZE:])
-    if _checksum(_LSN.pack(lsn), version, payload) != crc:
+    body = bytes(value[HEADER_SIZE:])
+    if _checksum(_LSN.pack(lsn), version, body) != crc:
         raise JournalCorruptedError("checksum mismatch", lsn)
-    return payload
+    if version == RECORD_VERSION_UNCHAINED:
+        return None, body
+    return body[:DIGEST_SIZE], body[DIGEST_SIZE:]
 
 
 def index_seed(name: str) -> int:

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """Version of the on-disk layout. Written once at creation, checked on every open.
 Version 2 adds a CRC-32 to every index entry and a ledger id (and the anchor file).
 Version 3 has version 2's layout; its records may be of the kinds pending and linked
 transfers brought (the coordinator's), which a release that reads only 1 and 2 must
-refuse by its version rather than meet as damage."""
+refuse by its version rather than meet as damage. Version 4 has version 3's layout, and
+every one of its records is chained (record version 2, `journal._format`): an unchained
+record anywhere in it is a break of the chain."""
 
-FORMAT_VERSIONS_READ = (1, 2, 3)
-"""Versions this code opens. A version-1 or -2 ledger keeps its format (a version-1 one:
+FORMAT_VERSIONS_READ = (1, 2, 3, 4)
+"""Versions this code opens. A version-1, -2 or -3 ledger keeps its format (a version-1 one:
 its index entries have no checksums, and it gets its ledger id and anchor with its first
-commit here); the records written into it from now on may be of the new kinds."""
+commit here); the records written into it from now on may be of the new kinds, and are
+chained, from `GENESIS` at the first of them: the records before it predate the chain."""
+
+CHAIN_FROM_FORMAT = 4
+"""The first format whose records are all chained, from LSN 1."""
 
 SNAPSHOT_TRIES_MAX = 100
 """Times an open retries checking a snapshot that a live writer elsewhere moved past."""
@@ -24,8 +30,12 @@ a live writer in another process can see a page half written)."""
 RACE_WAIT_S = 0.002
 """Between those reads."""
 
-RECORD_VERSION = 1
-"""Version byte carried by every record; checked on every read."""
+RECORD_VERSION = 2
+"""Version byte of every record written (chained: it carries its chain digest); checked on
+every read."""
+
+RECORD_VERSION_UNCHAINED = 1
+"""Version byte of the records formats 1-3 wrote before the chain; still read."""
 
 MAP_SIZE_BYTES_DEFAULT = 256 * 1024 * 1024
 """Initial LMDB map size. The data file is sparse, so this costs address space, not disk."""

@@ -7,6 +7,12 @@ publishes the new durable LSN, runs the batch's after-commit hook, and releases
 the completions in LSN order. One fsync serves the whole batch: the more callers
 wait, the larger the batch, which is what keeps the commit rate up when the GIL is
 busy elsewhere.
+
+The hash chain (`journal._chain`): whoever writes a batch (the writer thread, or a caller
+in `commit_inline`; one at a time, under `_writing`) frames it, a SHA-256 a record, chained
+from the digest of the last record written, before it takes the append lock, so appenders
+are not held up by the hashing. The digest moves on only once the batch is committed, and
+`durable_head` (LSN and digest, one value) with the durable LSN.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from itertools import chain
 import lmdb
 
 from journal._anchor import Anchor, create_anchor, new_ledger_id
+from journal._chain import ChainHead
 from journal._completion import Completion, resolve_all
 from journal._crash import crash_point
 from journal._errors import JournalClosedError, JournalTimeoutError, JournalWriteError
@@ -95,7 +102,7 @@ def _put_all(txn: lmdb.Transaction, db: lmdb._Database, parts: Sequence[Collecti
 class Writer:
     """Owns LSN assignment and the one thread that writes LMDB."""
 
-    def __init__(self, store: Store, last_lsn: int, anchor: Anchor | None, seeds: Mapping[str, int] | None) -> None:
+    def __init__(self, store: Store, head: ChainHead, anchor: Anchor | None, seeds: Mapping[str, int] | None) -> None:
         self._store = store
         self._anchor = anchor
         """None until a ledger made before anchors gets one, with its first commit here."""
@@ -112,8 +119,15 @@ class Writer:
         one at a time, so batches reach LMDB in LSN order."""
         self._pending: list[_Block] = []
         self._pending_records = 0
+        last_lsn = head.lsn
         self._last_lsn = last_lsn
         self.durable_lsn = last_lsn
+        self.durable_head = head
+        """The durable LSN and the chain's digest there, replaced (never changed) with
+        `durable_lsn`, so a reader on any thread gets a matching pair."""
+        self._chain_digest = head.digest
+        """The digest of the last record written: the next batch chains from it. Only the
+        one writing (`_writing`) reads or sets it."""
         self._waiters: list[tuple[int, int, Completion]] = []
         self._waiter_ids = 0
         self._failure: JournalWriteError | None = None
@@ -321,6 +335,10 @@ class Writer:
         store = self._store
         if self._anchor is None:
             self._make_anchor()
+        # Framed (and hashed, a SHA-256 a record) before the append lock is taken: appenders
+        # go on queueing meanwhile. Only the one writing frames, in LSN order, so each batch
+        # chains from the last record of the one before.
+        records, digest = self._frame(batch)
         while True:
             txn = store.env.begin(write=True)
             try:
@@ -330,11 +348,12 @@ class Writer:
                 # interpreter back and forth once per put. The fsync below runs
                 # unlocked, while callers prepare the next batch.
                 with self._cond:
-                    self._stage(txn, batch)
+                    self._stage(txn, batch, records)
                 if store.ledger_id is None:
                     assert self._anchor is not None
                     txn.put(LEDGER_ID_KEY, self._anchor.state.ledger_id, db=store.meta)
                 txn.commit()
+                self._chain_digest = digest
                 crash_point("after-commit-durable")
                 return
             except lmdb.MapFullError:
@@ -345,8 +364,22 @@ class Writer:
                 txn.abort()
                 raise
 
-    def _stage(self, txn: lmdb.Transaction, batch: list[_Block]) -> None:
-        """Write the batch's records and index entries: one `putmulti` per database.
+    def _frame(self, batch: list[_Block]) -> tuple[list[bytes], bytes]:
+        """The batch's records framed and chained from the last one written, flat (key, record,
+        key, record...), and the digest of its last record. Any thread, no lock: the batch's
+        blocks were taken off the pending list."""
+        records: list[bytes] = []
+        digest = self._chain_digest
+        expected = batch[0].first_lsn
+        for block in batch:
+            assert block.first_lsn == expected, (block.first_lsn, expected)
+            framed, digest = frame_all(block.first_lsn, block.payloads, digest)
+            records += framed
+            expected = block.last_lsn + 1
+        return records, digest
+
+    def _stage(self, txn: lmdb.Transaction, batch: list[_Block], records: list[bytes]) -> None:
+        """Write the batch's records (framed by `_frame`) and index entries: one `putmulti` per database.
 
         A single `put` releases and retakes the GIL; with any other thread runnable that
         costs a hand-off per put (measured ~20 us a put here, against ~3 us an item for
@@ -354,13 +387,8 @@ class Writer:
         commits as a whole, and no two puts of a batch share a key.
         """
         store = self._store
-        records: list[bytes] = []
         by_index: dict[str, list[Collection[bytes]]] = {}
-        expected = batch[0].first_lsn
         for block in batch:
-            assert block.first_lsn == expected, (block.first_lsn, expected)
-            records += frame_all(block.first_lsn, block.payloads)
-            expected = block.last_lsn + 1
             for name, puts in block.index.items():
                 by_index.setdefault(name, []).append(puts)
         split = len(records) // 4 * 2  # about half the records, at a key
@@ -395,6 +423,7 @@ class Writer:
         self.records_written += last - batch[0].first_lsn + 1
         with self._cond:
             self.durable_lsn = last
+            self.durable_head = ChainHead(last, self._chain_digest)
             ready: list[Completion] = []
             while self._waiters and self._waiters[0][0] <= last:
                 ready.append(heapq.heappop(self._waiters)[2])

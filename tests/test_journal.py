@@ -176,7 +176,7 @@ def test_a_flipped_byte_makes_scan_raise_corrupted_naming_the_lsn(ledger_path: P
 
 
 def test_a_flipped_byte_makes_read_raise_corrupted_naming_the_lsn(ledger_path: Path, flip_record_byte) -> None:
-    write_and_close(ledger_path, 5)
+    write_and_close(ledger_path, 6)  # not in the last two records, whose link an open checks
     flip_record_byte(ledger_path, 4)
 
     journal = Journal.open(ledger_path)
@@ -191,7 +191,7 @@ def test_a_flipped_byte_makes_read_raise_corrupted_naming_the_lsn(ledger_path: P
 
 
 def test_a_record_copied_under_another_lsn_fails_its_checksum(ledger_path: Path, raw_lmdb) -> None:
-    write_and_close(ledger_path, 3)
+    write_and_close(ledger_path, 4)  # LSN 2 not in the last two records, whose link an open checks
     with raw_lmdb(ledger_path) as env:
         records = env.open_db(b"records", create=False)
         with env.begin(write=True, db=records) as txn:
