@@ -167,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     history.add_argument("account", metavar="ACCOUNT")
     history.add_argument("--limit", type=_count(1), default=20, metavar="N", help="latest N entries (default 20)")
     tail = command("tail", "the stream of events as lines, read-only: beside a live writer, never taking its lock")
-    tail.add_argument("--from-lsn", dest="from_lsn", type=_count(0, LSN_MAX), default=0, metavar="N",
+    tail.add_argument("--from-lsn", dest="from_lsn", type=_count(0, LSN_MAX - 1), default=0, metavar="N",
                       help="the events after LSN N (default 0: all); resume with the LSN of the last one processed")
     tail.add_argument("--follow", action="store_true", help="then wait for new events, until interrupted")
     return parser

@@ -68,6 +68,8 @@ from engine._follow import follow_events
 from engine._runtime import Dispatcher
 
 ACTORS_LIVE_MAX_DEFAULT = 65_536
+LSN_END = 2**64 - 1
+"""Past every LSN a journal key can hold."""
 DISPATCHER_THREADS_DEFAULT = 1
 
 logger = logging.getLogger("tally.engine")
@@ -413,8 +415,8 @@ class Ledger:
         iterator reads a chunk at a time, in short read transactions). Raises `LedgerClosed`
         now if the ledger is closed, and (not following) if it closes before the end;
         `JournalCorrupted` at a record that fails its checks."""
-        if type(after_lsn) is not int or after_lsn < 0:
-            raise InvalidRequest(f"after_lsn must be an int >= 0, got {shown(after_lsn)}")
+        if type(after_lsn) is not int or not 0 <= after_lsn < LSN_END:
+            raise InvalidRequest(f"after_lsn must be an int in 0..{LSN_END - 1}, got {shown(after_lsn)}")
         if type(follow) is not bool:
             raise InvalidRequest(f"follow must be a bool, got {shown(follow)}")
         if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool)

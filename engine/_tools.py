@@ -337,6 +337,11 @@ def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
     clock set to the record's timestamp. Refusals are not: one can depend on reservations
     that were in flight at the time, and refused transfers leave no entries, so the state
     hash does not cover them.
+
+    The copy is a new ledger: its LSNs are its own (no refusal, no checkpoint of the original
+    is copied), so are its chain and head. Its timestamps are the original's, except inside a
+    batch: the fresh ledger's clock is set to the batch's first timestamp, and the transfers
+    after it get the nanoseconds that follow (never later than their original ones).
     """
     _new_directory(into)
     started = time.perf_counter()
@@ -346,10 +351,11 @@ def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
         replayed = rejected = 0
         now = [0]
         with Ledger.open(into, clock_ns=lambda: now[0]) as ledger:
-            batch: list[TransferRequest] = []
+            batch: list[tuple[TransferRequest, int]] = []
             for record in records(source):
                 if isinstance(record, Opened):
-                    _flush(ledger, batch)
+                    _flush(ledger, batch, now)
+                    now[0] = record.timestamp  # (0, an opening of old: the last timestamp + 1)
                     account = record.account
                     ledger.create_account(account.id, currency=account.currency, overdraft_limit=account.overdraft_limit,
                                           code=account.code, metadata=account.metadata)
@@ -357,15 +363,15 @@ def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
                     replayed += len(record.transfers)
                     request = record.requests[0]
                     if not record.linked and type(request) is TransferRequest and not request.pending:
-                        batch.append(request)
+                        batch.append((request, record.timestamp))
                         if len(batch) >= 1000:
-                            _flush(ledger, batch)
+                            _flush(ledger, batch, now)
                         continue
-                    _flush(ledger, batch)
+                    _flush(ledger, batch, now)
                     now[0] = record.timestamp
                     _replay_alone(ledger, record)
                 elif isinstance(record, Expired):
-                    _flush(ledger, batch)
+                    _flush(ledger, batch, now)
                     now[0] = record.timestamp
                     ledger.expire_pending()  # what is due by then: this record's (and the next ones' of one reading)
                     left = [pending_id for pending_id in record.pending_ids
@@ -377,7 +383,7 @@ def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
                     rejected += 1
                 if progress is not None and not record.lsn % 10_000:
                     progress(record.lsn)
-            _flush(ledger, batch)
+            _flush(ledger, batch, now)
             fresh = ledger.state_hash()
     return {"path": path, "into": into, "transfers_replayed": replayed, "rejections_not_replayed": rejected,
             "state_hash_original": original, "state_hash_replayed": fresh, "elapsed_s": round(time.perf_counter() - started, 3),
@@ -412,10 +418,13 @@ def _current_accounts(journal: Journal) -> list[Account]:
     return list(recover_books(journal).accounts.values())
 
 
-def _flush(ledger: Ledger, batch: list[TransferRequest]) -> None:
+def _flush(ledger: Ledger, batch: list[tuple[TransferRequest, int]], now: list[int]) -> None:
+    """Replay a batch of single transfers, the clock set to the first one's timestamp."""
     if not batch:
         return
-    for request, outcome in zip(batch, ledger.transfer_many(batch), strict=True):
+    now[0] = batch[0][1]
+    requests = [request for request, _ in batch]
+    for request, outcome in zip(requests, ledger.transfer_many(requests), strict=True):
         if isinstance(outcome, LedgerError):
             raise NotALedger(f"replay diverged: transfer {request.id!r} now fails with {outcome.code}")
     batch.clear()

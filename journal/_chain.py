@@ -159,6 +159,11 @@ def walk_chain(records: Iterable[tuple[bytes, bytes]], format_version: int,
 def _against(report: ChainReport, expected: ChainHead, at_expected: bytes | None) -> ChainReport:
     """`report`, with where (if anywhere) the journal stops extending the `expected` head."""
     lsn = expected.lsn
+    if lsn <= report.unchained_through:  # its digest is GENESIS whatever the records up to it hold
+        return replace(report, diverges_at=lsn, divergence=(
+            f"nothing shows the ledger extends the head noted ({lsn}:{expected.digest.hex()}): LSN {lsn} predates "
+            f"the chain (LSN 1 to {report.unchained_through} were written unchained, before format 4), so no digest "
+            f"vouches for the history up to it; note a head past LSN {report.unchained_through}"))
     if report.break_lsn is not None and report.break_lsn <= lsn:
         where, why = report.break_lsn, f"{report.problem} (at or before the head): the history up to it was changed"
     elif at_expected is None:

@@ -372,7 +372,9 @@ def test_a_format_1_ledger_opens_gets_chained_records_and_verify_names_the_uncha
     finally:
         journal.close()
 
-    done = tally("verify", path, "--expect-head", str(before))
+    unvouched = tally("verify", path, "--expect-head", str(before))  # all zeros: nothing chains it
+    assert unvouched.returncode == 1 and f"LSN {before.lsn} predates the chain" in unvouched.stdout
+    done = tally("verify", path, "--expect-head", str(after))
     code, report = tally_json("verify", path)
     assert done.returncode == 0 and code == 0, done.stdout
     assert f"chain: LSN 1 to {before.lsn} predate the chain" in done.stdout and "format 1" in done.stdout

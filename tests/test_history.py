@@ -576,3 +576,22 @@ def test_a_ledger_from_before_hold_rows_reads_recent_balances_without_reading_it
         finally:
             Journal.scan = scan  # type: ignore[method-assign]
     assert _audited(walk.path).whole
+
+
+def test_replay_keeps_the_timestamps_of_openings_and_of_each_batchs_first_transfer(tmp_path: Path) -> None:
+    from engine import _tools
+
+    clock = Clock()
+    with Ledger.open(tmp_path / "l", clock_ns=clock) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("a", currency="USD")
+        clock.advance(5)
+        first = ledger.transfer("t1", source="bank", destination="a", amount=100)
+        original = [(e.kind, e.timestamp) for e in ledger.events()]
+        with pytest.raises(InvalidRequest):
+            next(iter(ledger.events(2**64 - 1)))
+    assert _tools.replay(str(tmp_path / "l"), str(tmp_path / "copy"))["verdict"] == "identical"
+    with Ledger.open(tmp_path / "copy", clock_ns=clock) as copy:
+        assert [(e.kind, e.timestamp) for e in copy.events()] == original
+        assert copy.balance("a", at_timestamp=first.timestamp - 1).posted == 0
+        assert copy.balance("a", at_timestamp=first.timestamp).posted == 100
