@@ -36,6 +36,7 @@ from coordinator import (
     LedgerClosed,
     LedgerError,
     LedgerLocked,
+    Projection,
     Resolution,
     Sequencer,
     Transfer,
@@ -477,17 +478,11 @@ class Ledger:
         """The balance as the journal holds it, for reads after the journal failed (the actors
         may have applied entries that never became durable): replayed from the newest
         checkpoint. No reservation is left: no transfer can be decided any more."""
-        books = replay(self._journal, load_checkpoint(self._journal))
-        _, posted, _ = books.states[account_id]
-        held = books.held.get(account_id, 0)
-        return Balance(posted, held, posted - held, books.incoming.get(account_id, 0))
+        return balance_of(replay(self._journal, load_checkpoint(self._journal)), account_id)
 
     def entries(self, account_id: str, after: int = 0, limit: int | None = None) -> list[Entry]:
         """The account's durable entries with seq > `after`, in seq order, at most `limit`."""
-        if type(after) is not int or after < 0:
-            raise InvalidRequest(f"after must be an int >= 0, got {shown(after)}")
-        if limit is not None and (type(limit) is not int or limit < 0):
-            raise InvalidRequest(f"limit must be None or an int >= 0, got {shown(limit)}")
+        check_page(after, limit)
         with self._call():
             self._account(account_id)
             journal = self._journal
@@ -611,6 +606,21 @@ class Ledger:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+def balance_of(books: Projection, account_id: str) -> Balance:
+    """The account's balance in a projection of the journal (no reservation: none is journaled)."""
+    _, posted, _ = books.states[account_id]
+    held = books.held.get(account_id, 0)
+    return Balance(posted, held, posted - held, books.incoming.get(account_id, 0))
+
+
+def check_page(after: object, limit: object) -> None:
+    """`entries`' `after` and `limit`; `InvalidRequest` if malformed."""
+    if type(after) is not int or after < 0:
+        raise InvalidRequest(f"after must be an int >= 0, got {shown(after)}")
+    if limit is not None and (type(limit) is not int or limit < 0):
+        raise InvalidRequest(f"limit must be None or an int >= 0, got {shown(limit)}")
 
 
 _OPEN: weakref.WeakSet[Ledger] = weakref.WeakSet()

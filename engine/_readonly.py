@@ -32,7 +32,6 @@ from coordinator import (
     AccountNotFound,
     Balance,
     Entry,
-    InvalidRequest,
     JournalCorrupted,
     LedgerError,
     LedgerTimeout,
@@ -49,7 +48,6 @@ from coordinator import (
     load_checkpoint,
     pairs,
     replay,
-    shown,
     state_hash,
 )
 from journal import Journal
@@ -57,7 +55,7 @@ from journal import Journal
 from engine._follow import FOLLOW_POLL_S
 from engine._head import Head, head_of
 from engine._history import History
-from engine._ledger import _OPEN, Ledger
+from engine._ledger import _OPEN, Ledger, balance_of, check_page
 
 OPEN_TRIES_MAX = 100
 """Times a read-only open replays again because the writer moved between its replay and its
@@ -195,17 +193,11 @@ class ReadingLedger(Ledger):
             return super().balance(account_id, at_lsn=at_lsn, at_timestamp=at_timestamp)
         with self._call():
             self._account(account_id)
-            books = self._books
             with self._catching_up:
-                _, posted, _ = books.states[account_id]
-                held = books.held.get(account_id, 0)
-                return Balance(posted, held, posted - held, books.incoming.get(account_id, 0))
+                return balance_of(self._books, account_id)
 
     def entries(self, account_id: str, after: int = 0, limit: int | None = None) -> list[Entry]:
-        if type(after) is not int or after < 0:
-            raise InvalidRequest(f"after must be an int >= 0, got {shown(after)}")
-        if limit is not None and (type(limit) is not int or limit < 0):
-            raise InvalidRequest(f"limit must be None or an int >= 0, got {shown(limit)}")
+        check_page(after, limit)
         with self._call():
             self._account(account_id)
             return self._consistent(lambda books, txn: entries_of(

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from coordinator import INDEX_NAMES, AuditReport, audit
 from engine import Balance, Ledger
+from journal import Journal
 
 NS_PER_S = 1_000_000_000
 START_NS = 1_700_000_000 * NS_PER_S
@@ -30,3 +34,12 @@ def written(ledger: Ledger) -> tuple[int, int]:
     """(records written, durable LSN): what a request that writes nothing leaves as it was."""
     stats = ledger.stats()
     return stats["records_written"], stats["durable_lsn"]
+
+
+def audit_of(path: Path) -> AuditReport:
+    """The audit of a closed ledger (`tally verify`'s, in-process)."""
+    journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
+    try:
+        return audit(journal)
+    finally:
+        journal.close()

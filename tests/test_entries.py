@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import INDEX_NAMES, AuditReport, _sequencer, audit
+from coordinator import INDEX_NAMES, _sequencer, audit
 from coordinator._entries import Row, UnindexedEntries, newest_checkpoint_lsn, unindexed_entries, with_unindexed
 from coordinator._records import (
     CHECKPOINTS_INDEX,
@@ -26,6 +26,8 @@ from journal import Journal, JournalTimeoutError
 from journal._format import frame_index_value, index_seed
 
 ACCOUNTS = ("alice", "bob", "carol", "dave")
+
+from tests.support import audit_of
 
 
 def row(account: str, seq: int, lsn: int) -> Row:
@@ -78,14 +80,6 @@ def delete_key(raw_lmdb: object, path: Path, index: str, key: bytes) -> None:
     with raw_lmdb(path) as env:  # type: ignore[operator]
         with env.begin(write=True) as txn:
             assert txn.delete(key, db=env.open_db(index.encode(), txn=txn, create=False))
-
-
-def audit_of(path: Path) -> AuditReport:
-    journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
-    try:
-        return audit(journal)
-    finally:
-        journal.close()
 
 
 @pytest.mark.parametrize("checkpoint_interval", [1, 4, 7, 10**6])

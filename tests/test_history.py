@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from coordinator import INDEX_NAMES, AuditReport, audit
 from coordinator._audit import CHECK_INDEXES
 from coordinator._records import ENTRIES_INDEX, HOLDS_FROM_KEY, encode_holds, holds_key, is_hold_key
 from engine import (
@@ -33,7 +32,7 @@ from engine import (
 from journal import Journal
 from journal._format import frame_index_value, index_seed
 
-from tests.support import START_NS, Clock
+from tests.support import START_NS, Clock, audit_of
 
 ACCOUNTS = ("a", "b", "c", "d")
 
@@ -429,14 +428,6 @@ def _put_framed(raw_lmdb: Callable, path: Path, key: bytes, value: bytes | None)
             txn.put(key, frame_index_value(index_seed(ENTRIES_INDEX), key, value), db=entries)
 
 
-def _audited(path: Path) -> AuditReport:
-    journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
-    try:
-        return audit(journal)
-    finally:
-        journal.close()
-
-
 @pytest.mark.parametrize("damage", ["wrong", "missing", "extra"])
 def test_a_hold_row_that_disagrees_with_the_records_fails_the_audit(tmp_path: Path, raw_lmdb: Callable,
                                                                     damage: str) -> None:
@@ -449,7 +440,7 @@ def test_a_hold_row_that_disagrees_with_the_records_fails_the_audit(tmp_path: Pa
     else:
         plain = next(t for t in walk.transfers.values() if t.kind == "single" and t.source == "a")
         _put_framed(raw_lmdb, walk.path, holds_key("a", plain.lsn), encode_holds(0, 0))
-    report = _audited(walk.path)
+    report = audit_of(walk.path)
     assert report.checks[CHECK_INDEXES] is False
     assert "hold row" in (report.problem or ""), report.problem
     if damage == "extra":  # read, it is refused: its record changes no pending transfer of the account
@@ -575,7 +566,7 @@ def test_a_ledger_from_before_hold_rows_reads_recent_balances_without_reading_it
                 assert ledger.balance(account, at_lsn=end) == ledger.balance(account)
         finally:
             Journal.scan = scan  # type: ignore[method-assign]
-    assert _audited(walk.path).whole
+    assert audit_of(walk.path).whole
 
 
 def test_replay_keeps_the_timestamps_of_openings_and_of_each_batchs_first_transfer(tmp_path: Path) -> None:
