@@ -261,6 +261,14 @@ def holds_after(legs: Sequence[Leg], held: Mapping[str, int],
     legs change, (held, incoming) after them, from `held` and `incoming` before them: the
     accounts of every pending, post and void leg, in the order met (a record's hold rows,
     `coordinator._records.holds_key`). Empty for legs of single transfers only."""
+    if len(legs) == 1:  # one leg (once per pending transfer, post or void): inline
+        kind, source, destination, amount, _, pending = legs[0]
+        if kind == SINGLE:
+            return {}
+        if source != destination:
+            change = amount if kind == PENDING else -pending.amount  # type: ignore[union-attr]
+            return {source: (held.get(source, 0) + change, incoming.get(source, 0)),
+                    destination: (held.get(destination, 0), incoming.get(destination, 0) + change)}
     top_held: dict[str, int] = {}
     top_incoming: dict[str, int] = {}
     touched: dict[str, None] = {}

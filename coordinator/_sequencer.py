@@ -53,6 +53,7 @@ from coordinator._records import (
     ENTRIES_INDEX,
     EXPIRY3,
     HOLDS_FROM_KEY,
+    HOLDS_MARK,
     PLAIN3,
     REFUSAL3,
     TRANSFER3,
@@ -384,9 +385,11 @@ class Sequencer:
         prefixes = self._prefixes
         resolved = 0
         if legs[0][0] != SINGLE or (len(legs) > 1 and any(leg[0] != SINGLE for leg in legs)):
+            mark_lsn = HOLDS_MARK + key_lsn  # a hold row's key: the account's entry prefix, then this
             for account, (held, incoming) in holds_after(legs, self.held, self.incoming).items():
                 chunk.holders.append(account)
-                chunk.holds += (holds_key(account, lsn), encode_holds(held, incoming))
+                prefix = prefixes.get(account) or prefixes.setdefault(account, entry_prefix(account))
+                chunk.holds += (prefix + mark_lsn, encode_holds(held, incoming))
         for i, leg in enumerate(legs):
             request = requests[i]
             kind, source, destination, amount, stamp, pending = leg
