@@ -14,8 +14,8 @@ from coordinator._asof import (
     record_timestamp,
     transfer_at,
     transfers_page,
-    unindexed_holds_flat,
 )
+from coordinator._holds import unindexed_holds_flat
 from coordinator._audit import CHECKS, AuditReport, audit, state_hash, unopened
 from coordinator._claims import check_ids_against_records
 from coordinator._history import (

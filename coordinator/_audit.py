@@ -41,7 +41,7 @@ from journal import ChainHead, ChainReport, Journal, JournalCorruptedError
 from coordinator._entries import Rows, commit_rows, decode_entry, entry_rows, newest_checkpoint_lsn, unindexed_entries
 from coordinator._errors import JournalCorrupted
 from coordinator._history import Checkpointed, Committed, Expired, Refused, named_record, typed
-from coordinator._asof import HoldTracker, holds_from
+from coordinator._holds import HoldTracker, holds_from
 from coordinator._records import (
     ACCOUNTS_INDEX,
     DIGEST_MARK,

@@ -29,7 +29,7 @@ from typing import Any
 
 from journal import Completion, Journal, JournalCorruptedError
 
-from coordinator._asof import unindexed_holds_flat
+from coordinator._holds import unindexed_holds_flat
 from coordinator._entries import Flat, add_commit, add_holds, unindexed_flat
 from coordinator._errors import (
     BalanceOverflow,
