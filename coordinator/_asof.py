@@ -170,16 +170,23 @@ def transfer_at(journal: Journal, transfer_id: str, lsn: int, txn: Any) -> Trans
 # --- timestamps -------------------------------------------------------------------------------
 
 
-def record_timestamp(journal: Journal, lsn: int, txn: Any) -> int:
+def record_timestamp(journal: Journal, lsn: int, txn: Any, last: bool = False) -> int:
     """The timestamp of the record at `lsn`: its own (a checkpoint's: the last before it), or for
     a record that has none (an account opened before accounts had timestamps, a record of format
-    1 or 2) that of the nearest one before it that has (0: none)."""
+    1 or 2) that of the nearest one before it that has (0: none). With `last`, the last one it
+    stamped (a record of k requests stamps its timestamp and the k - 1 nanoseconds after). The
+    walk back ends at the latest checkpoint at the furthest."""
     while lsn > 0:
         payload = journal.read(lsn, txn)
         if payload is None:
             raise JournalCorrupted(f"journal corrupted: the record at LSN {lsn} is missing", lsn)
         record = decode(lsn, payload)
-        if record[0] in (TRANSFER3, REFUSAL3, EXPIRY3, CHECKPOINT3, CHECKPOINT4, ACCOUNT4):
+        kind = record[0]
+        if kind in (TRANSFER3, REFUSAL3, EXPIRY3, CHECKPOINT3, CHECKPOINT4, ACCOUNT4):
+            if last and kind == TRANSFER3:
+                return int(record[1]) + len(record) - 4  # the legs are record[3:]
+            if last and kind == REFUSAL3:
+                return int(record[1]) + len(record) - 6  # the requests are record[5:]
             return int(record[1])
         lsn -= 1
     return 0

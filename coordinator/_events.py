@@ -20,6 +20,7 @@ from typing import Any, Literal, cast
 
 from journal import Journal, JournalCorruptedError
 
+from coordinator._asof import record_timestamp
 from coordinator._errors import JournalCorrupted
 from coordinator._history import (
     Checkpointed,
@@ -31,10 +32,8 @@ from coordinator._history import (
     records,
     transfer_record,
     transfer_with_status,
-    typed,
 )
-from coordinator._limits import EVENTS_PER_READ_MAX, STAMP_LOOKBACK_PER_READ
-from coordinator._records import CHECKPOINT3, CHECKPOINT4, decode
+from coordinator._limits import EVENTS_PER_READ_MAX
 from coordinator._values import Account, Entry, Resolution, Transfer, TransferRequest
 
 EventKind = Literal["account", "transfer", "expiry", "refusal"]
@@ -86,29 +85,13 @@ def stamped_last(record: Record) -> int | None:
 
 def account_timestamp(journal: Journal, lsn: int) -> int:
     """The timestamp of the event of an account opened at `lsn` by a release before accounts had
-    timestamps: the latest timestamp stamped before it, or 0. Walks back from `lsn` to the nearest record that stamped one, or to a
-    checkpoint, which holds the latest so far: a checkpoint comes at least every checkpoint
-    interval, so the walk is bounded by it. Reads in short snapshots."""
-    at = lsn - 1
-    while at > 0:
+    timestamps: the latest timestamp stamped before it, or 0 (`record_timestamp`, whose walk
+    back a checkpoint bounds: one comes at least every checkpoint interval)."""
+    try:
         with journal.snapshot() as txn:
-            for _ in range(STAMP_LOOKBACK_PER_READ):
-                if at <= 0:
-                    break
-                try:
-                    payload = journal.read(at, txn)
-                except JournalCorruptedError as error:
-                    raise JournalCorrupted(str(error), error.lsn, error.where) from error
-                if payload is None:
-                    raise JournalCorrupted(f"journal corrupted: LSN {at} is missing", at)
-                raw = decode(at, payload)
-                if raw[0] == CHECKPOINT3 or raw[0] == CHECKPOINT4:
-                    return int(raw[1])  # the latest timestamp when it was written
-                stamped = stamped_last(typed(at, raw))
-                if stamped is not None:
-                    return stamped
-                at -= 1
-    return 0
+            return record_timestamp(journal, lsn - 1, txn, last=True)
+    except JournalCorruptedError as error:
+        raise JournalCorrupted(str(error), error.lsn, error.where) from error
 
 
 class EventReader:

@@ -103,5 +103,3 @@ EVENTS_PER_READ_MAX = 1_024
 """Records an event reader reads per read transaction (`coordinator._events`): short, so a
 follower never holds an LMDB reader open for long (which would stall page reuse and map growth)."""
 
-STAMP_LOOKBACK_PER_READ = 4_096
-"""Records read back per read transaction looking for the timestamp of an account event."""

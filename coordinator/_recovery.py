@@ -63,7 +63,7 @@ from coordinator._records import (
 from coordinator._rules import Leg, Overlay, Refusal, decide, due, enter, expire, holds_after, holds_expired
 from coordinator._sequencer import Sequencer
 from coordinator._state import NO_ENTRIES, AccountState, Pending, Projection, SequenceError, post
-from coordinator._values import SINGLE, Account, Metadata, TransferRequest, opened_account
+from coordinator._values import Account, Metadata, TransferRequest, opened_account
 
 
 @dataclass
@@ -416,7 +416,7 @@ def _apply_transfer(books: Recovered, lsn: int, record: list[Any]) -> None:
     if type(decided) is Refusal:
         raise _refused(lsn, requests[decided.index].id, decided)
     _check_legs(books, lsn, legs, decided)  # type: ignore[arg-type]
-    if books.unindexed_holds is not None and any(leg[0] != SINGLE for leg in decided):  # type: ignore[index]
+    if books.unindexed_holds is not None:
         add_holds(books.unindexed_holds, lsn, holds_after(decided, books.held, books.incoming))  # type: ignore[arg-type]
     enter(books, requests, decided, lsn, timestamp)  # type: ignore[arg-type]
     books.commits += len(legs)

@@ -376,6 +376,16 @@ class Sequencer:
             index[ENTRIES_INDEX] = [*(holds or ()), HOLDS_FROM_KEY, lsn_value(lsn), *self._baseline]
         return index
 
+    def _hold_rows(self, rows: dict[str, tuple[int, int]], key_lsn: bytes, holders: list[str],
+                   holds: list[bytes]) -> None:
+        """Add the hold rows `rows` of the record whose LSN packs to `key_lsn` (each account's
+        (held, incoming) after it) to `holders` (their accounts) and `holds` (flat)."""
+        prefixes, mark_lsn = self._prefixes, HOLDS_MARK + key_lsn  # a key: the entry prefix, then this
+        for account, (held, incoming) in rows.items():
+            holders.append(account)
+            prefix = prefixes.get(account) or prefixes.setdefault(account, entry_prefix(account))
+            holds += (prefix + mark_lsn, encode_holds(held, incoming))
+
     def _stamp_legs(self, chunk: Chunk, ticket: Ticket, lsn: int, timestamp: int, legs: list[Leg]) -> None:
         requests = ticket.requests
         fields: list[Any] = [TRANSFER3, timestamp, ticket.linked]
@@ -385,11 +395,7 @@ class Sequencer:
         prefixes = self._prefixes
         resolved = 0
         if legs[0][0] != SINGLE or (len(legs) > 1 and any(leg[0] != SINGLE for leg in legs)):
-            mark_lsn = HOLDS_MARK + key_lsn  # a hold row's key: the account's entry prefix, then this
-            for account, (held, incoming) in holds_after(legs, self.held, self.incoming).items():
-                chunk.holders.append(account)
-                prefix = prefixes.get(account) or prefixes.setdefault(account, entry_prefix(account))
-                chunk.holds += (prefix + mark_lsn, encode_holds(held, incoming))
+            self._hold_rows(holds_after(legs, self.held, self.incoming), key_lsn, chunk.holders, chunk.holds)
         for i, leg in enumerate(legs):
             request = requests[i]
             kind, source, destination, amount, stamp, pending = leg
@@ -527,9 +533,7 @@ class Sequencer:
                     index += (resolution_key(pending_id), key_lsn)
                 holders: list[str] = []
                 holds: list[bytes] = []
-                for account, (held, incoming) in holds_expired(due, self.held, self.incoming).items():
-                    holders.append(account)
-                    holds += (holds_key(account, lsn), encode_holds(held, incoming))
+                self._hold_rows(holds_expired(due, self.held, self.incoming), key_lsn, holders, holds)
                 self.unindexed_holds.add(holders, holds)
                 try:
                     appended = self._journal.append_block([encode([EXPIRY3, now, ids])],

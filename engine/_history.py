@@ -58,6 +58,12 @@ class History:
         self._holds = holds
         self._clock = clock
 
+    def _memory(self, account_id: str) -> tuple[list[Row], list[Row]]:
+        """The account's entries and hold rows past the newest checkpoint that are durable, from
+        memory: read before the caller's snapshot opens."""
+        end = self.end()
+        return self._rows(account_id, end), self._holds(account_id, end)
+
     def lsn_of(self, at_lsn: object = None, at_timestamp: object = None) -> int:
         """The LSN a read `at_lsn` or `at_timestamp` (at most one; neither: the durable end)
         is of. `InvalidRequest` for an LSN past the durable end or a time still to come."""
@@ -87,8 +93,7 @@ class History:
 
     def balance(self, account_id: str, lsn: int) -> Balance:
         check_id(account_id, "account id")
-        end = self.end()
-        rows, holds = self._rows(account_id, end), self._holds(account_id, end)
+        rows, holds = self._memory(account_id)
         with self._journal.snapshot() as txn:
             return balance_at(self._journal, account_id, lsn, rows, holds, txn)
 
@@ -96,7 +101,7 @@ class History:
         """`balance` of each account, in one LMDB read transaction."""
         journal, end = self._journal, self.end()
         rows = {account_id: (self._rows(check_id(account_id, "account id"), end), self._holds(account_id, end))
-                for account_id in accounts}
+                for account_id in accounts}  # (one `end` for all, not `_memory`'s each)
         with journal.snapshot() as txn:
             return {account_id: balance_at(journal, account_id, lsn, found, holds, txn)
                     for account_id, (found, holds) in rows.items()}
@@ -106,7 +111,7 @@ class History:
         after = _count("after", after)
         if limit is not None:
             limit = _count("limit", limit)
-        rows = self._rows(account_id, self.end())
+        rows, _ = self._memory(account_id)
         with self._journal.snapshot() as txn:
             return entries_at(self._journal, account_id, lsn, after, limit, rows, txn)  # type: ignore[arg-type]
 
@@ -136,8 +141,7 @@ class History:
             raise InvalidRequest(f"reverse must be a bool, got {shown(reverse)}")
         if after >= until:
             return []
-        rows = [] if account is None else self._rows(account, self.end())  # type: ignore[arg-type]
-        holds = [] if account is None else self._holds(account, self.end())  # type: ignore[arg-type]
+        rows, holds = ([], []) if account is None else self._memory(account)  # type: ignore[arg-type]
         with self._journal.snapshot() as txn:
             if account is not None and account_of(self._journal, account, txn) is None:  # type: ignore[arg-type]
                 raise AccountNotFound(f"no account {account!r}")
