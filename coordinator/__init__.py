@@ -17,7 +17,7 @@ from coordinator._asof import (
 )
 from coordinator._holds import unindexed_holds_flat
 from coordinator._audit import CHECKS, AuditReport, audit, state_hash, unopened
-from coordinator._claims import check_ids_against_records
+from coordinator._claims import check_ids_against_records, outcome_now
 from coordinator._history import (
     Checkpointed,
     Committed,
@@ -166,6 +166,7 @@ __all__ = [
     "SnapshotExpired",
     "TRANSFERS_PAGE_MAX",
     "account_lsns",
+    "outcome_now",
     "balance_at",
     "check_kind",
     "entries_at",

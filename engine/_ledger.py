@@ -53,6 +53,7 @@ from coordinator import (
     ledger_error,
     ledger_errors,
     load_checkpoint,
+    outcome_now,
     recover,
     replay,
     shown,
@@ -294,6 +295,12 @@ class Ledger:
             durable = self._journal.durable_lsn
             return [account for lsn, account in listed if lsn <= durable]
 
+    def account(self, account_id: str) -> Account:
+        """The durable account `account_id`. Raises `InvalidRequest` for a malformed id and
+        `AccountNotFound` for an unknown one."""
+        with self._call():
+            return self._account(account_id)
+
     def _account(self, account_id: str) -> Account:
         check_id(account_id, "account id")
         account = self._sequencer.accounts.get(account_id)
@@ -402,6 +409,16 @@ class Ledger:
         check_id(transfer_id, "transfer id")
         with self._call():
             return transfer_now(self._journal, transfer_id)
+
+    def outcome(self, transfer_id: str) -> Transfer | LedgerError | None:
+        """What became of the id `transfer_id`, as far as it is durable: its Transfer (as
+        `get_transfer` gives it), the `LedgerError` its refusal raises (for a leg of a refused
+        linked chain, the chain's `LinkedTransferFailed`), or None if no outcome of it is
+        durable (never used, or still in flight). Never scans, never submits anything: after a
+        `LedgerTimeout` it tells a host what happened without a retry."""
+        check_id(transfer_id, "transfer id")
+        with self._call():
+            return outcome_now(self._journal, transfer_id)
 
     # --- reads ---------------------------------------------------------------------
 
