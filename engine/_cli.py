@@ -55,6 +55,15 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _url(text: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/") or parts.query:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a server's URL (http://HOST:PORT)")
+    return text
+
+
 def _rate(text: str) -> float:
     try:
         value = float(text)
@@ -138,7 +147,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="share of transfers made linked chains of 2 or 3 legs (default 0)")
     stress.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
     stress.add_argument("--chaos", action="store_true", help="run the engine in a child process and SIGKILL it")
-    stress.add_argument("--kills", type=_count(1), default=20, metavar="N", help="with --chaos: kills (default 20)")
+    stress.add_argument("--kills", type=_count(1), default=None, metavar="N", help="with --chaos: kills (default 20)")
+    stress.add_argument("--url", type=_url, default=None, metavar="URL",
+                        help="drive the `tally serve` at URL over HTTP instead (e.g. http://127.0.0.1:8000); the audit"
+                             " covers the accounts and transfers this run makes")
+    stress.add_argument("--token-file", type=_path, default=None, metavar="F",
+                        help="with --url: a file holding the server's bearer token")
     stress.add_argument("--report", metavar="FILE", type=_path, help="write a throughput and latency plot (.html or .png)")
 
     verify = command("verify", "read-only audit of every journal record, the hash chain and every invariant; never writes")
@@ -343,6 +357,7 @@ def _stress(args: argparse.Namespace) -> int:
 
     from engine._stress import StressConfig, run_stress
 
+    _refuse_remote_misfits(args)
     if args.path is not None and os.path.exists(args.path):
         if not os.path.isdir(args.path):
             raise NotALedger(f"{args.path} is a file, not a ledger directory")
@@ -363,20 +378,25 @@ def _stress(args: argparse.Namespace) -> int:
                           transfers=transfers if transfers is not None or args.duration else 30_000,
                           duration_s=args.duration, mix=args.mix, amount_max=args.amount_max, batch=args.batch,
                           retry_rate=args.retry_rate, pending_rate=args.pending_rate, linked_rate=args.linked_rate,
-                          seed=args.seed)
+                          seed=args.seed, url=args.url)
     chaos = None
-    if args.chaos:
+    if args.url is not None:
+        from engine._stress import run_remote_stress
+
+        report = run_remote_stress(config, _token(args.token_file), progress=not args.json)
+    elif args.chaos:
         import tempfile
 
         from engine._chaos import run_chaos
 
+        kills = 20 if args.kills is None else args.kills
         if config.path is None:
             with tempfile.TemporaryDirectory(prefix="tally-chaos-") as scratch:
                 config.path = scratch
-                report, chaos = run_chaos(config, args.kills, progress=not args.json)
+                report, chaos = run_chaos(config, kills, progress=not args.json)
                 config.path = None
         else:
-            report, chaos = run_chaos(config, args.kills, progress=not args.json)
+            report, chaos = run_chaos(config, kills, progress=not args.json)
     else:
         report = run_stress(config, progress=not args.json)
     summary = report.summary()
@@ -388,6 +408,40 @@ def _stress(args: argparse.Namespace) -> int:
         write_report(report.samples, summary, args.report)
     _emit(args, summary, lambda: _render_stress(summary, args))
     return 0 if summary["verdict"] == "ok" else 1
+
+
+def _refuse_remote_misfits(args: argparse.Namespace) -> None:
+    """The options `--url` cannot honour, refused before anything is sent; `--token-file` without it."""
+    from coordinator import InvalidRequest
+
+    if args.url is None:
+        if args.token_file is not None:
+            raise InvalidRequest("--token-file goes with --url (the token of the server it drives)")
+        return
+    misfits = {"--chaos": "it kills the engine's process, and a server's is not ours to kill (SIGKILL the server"
+                          " and restart it yourself)",
+               "--kills": "it goes with --chaos",
+               "--path": "the ledger is the server's",
+               "--batch": "the HTTP API has no batch route: every transfer is a request of its own"}
+    given = {"--chaos": args.chaos, "--kills": args.kills is not None, "--path": args.path is not None,
+             "--batch": args.batch != 1}
+    for option, reason in misfits.items():
+        if given[option]:
+            raise InvalidRequest(f"{option} cannot be used with --url: {reason}")
+
+
+def _token(path: str | None) -> str | None:
+    """The bearer token in `path` (surrounding whitespace dropped), or None."""
+    from coordinator import InvalidRequest
+
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as file:
+        token = file.read().strip()
+    if not token or any(c.isspace() for c in token):
+        raise InvalidRequest(f"--token-file {path}: the file must hold one token (no spaces), and holds "
+                             + ("nothing" if not token else "more than one word"))
+    return token
 
 
 def _render_stress(summary: dict[str, Any], args: argparse.Namespace) -> None:
@@ -407,8 +461,16 @@ def _render_stress(summary: dict[str, Any], args: argparse.Namespace) -> None:
         chaos = summary["chaos"]
         print(f"  chaos: {chaos['kills']} kills, survived {chaos['kills_survived']},"
               f" acknowledged {chaos['acknowledged']:,}, lost {chaos['lost']}")
+    remote = summary.get("remote")
+    if remote is not None:
+        print(f"  server {remote['url']}, ids of this run start {remote['run_prefix']}-")
+        for fault in remote["faults"]:
+            print(f"  outside the HTTP contract: {fault}")
+        if remote["fault_count"] > len(remote["faults"]):
+            print(f"  ... and {remote['fault_count'] - len(remote['faults'])} more replies outside it")
     _print_checks(summary)
-    print(f"  state hash {summary['state_hash']}")
+    if summary["state_hash"]:
+        print(f"  state hash {summary['state_hash']}")
     if args.report:
         print(f"  report written to {args.report}")
     print(f"  verdict: {summary['verdict']}")

@@ -4,12 +4,18 @@ Clients are threads; each runs its own seeded workload (`engine._workload`) and
 records every reply. A reporter prints progress. At the end the auditor
 (`engine._auditor`) checks every reply against the ledger and the invariants,
 then the ledger is closed, reopened, and its state hash compared.
+
+`run_remote_stress` does the same to a `tally serve` over HTTP (`tally stress --url`): the
+workload and the auditor drive an `engine._remote.RemoteLedger`, which has the `Ledger`
+methods they call. Its accounts and transfer ids start with a prefix of its own, so a server
+holding other books is not disturbed, and the audit covers the accounts the run opened.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import secrets
 import sys
 import tempfile
 import threading
@@ -18,7 +24,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator import AMOUNT_MAX, REJECTIONS, LedgerError, LinkedTransferFailed, Transfer, TransferRequest
+from coordinator import (
+    AMOUNT_MAX,
+    REJECTIONS,
+    Account,
+    AccountNotFound,
+    LedgerError,
+    LinkedTransferFailed,
+    Transfer,
+    TransferRequest,
+)
 
 from engine._auditor import Replies, audit_replies
 from engine._ledger import Ledger
@@ -60,6 +75,14 @@ class StressConfig:
     linked_rate: float = 0.0
     """Share of the new transfers that are linked chains of 2 or 3 legs."""
     seed: int = 1
+    url: str | None = None
+    """A `tally serve` to drive over HTTP instead of a ledger at `path`."""
+
+
+CHECK_CONTRACT = "every reply kept the HTTP contract (JSON, a status fitting its code, replays marked)"
+RUN_PREFIX_BYTES = 4
+"""Random bytes in a remote run's prefix (8 hex digits): its ids collide with another run's
+one time in 4 billion."""
 
 
 @dataclass
@@ -73,6 +96,8 @@ class StressReport:
     """(seconds since start, latency ms) per reply, for the plots."""
     checks: dict[str, bool] = field(default_factory=dict)
     state_hash: str = ""
+    remote: dict[str, Any] | None = None
+    """A remote run's server, the prefix of its ids, and the replies outside the contract."""
 
     @property
     def ok(self) -> bool:
@@ -93,6 +118,7 @@ class StressReport:
             "outcomes": self.outcomes,
             "checks": self.checks,
             "state_hash": self.state_hash,
+            **({"remote": self.remote} if self.remote is not None else {}),
             "verdict": "ok" if self.ok else "FAILED",
         }
 
@@ -132,7 +158,7 @@ def run_stress(
     picker = Picker(names, config.mix)
     with open_ledger(config.path) as ledger:
         _open_accounts(ledger, names, config)
-        replies = _fire(ledger, picker, config, report, progress)
+        replies = _fire(ledger, picker, config, report, progress, f"s{config.seed}-{os.getpid()}-{int(time.time())}")
         _await_expiries(ledger, replies)
         report.state_hash = ledger.state_hash()
         report.checks = audit_replies(ledger, replies)
@@ -141,22 +167,54 @@ def run_stress(
     return report
 
 
-def _open_accounts(ledger: Any, names: list[str], config: StressConfig) -> None:
-    ledger.create_account("stress-bank", currency="USD", overdraft_limit=None)
-    for name in names:
-        ledger.create_account(name, currency="USD")
+def run_remote_stress(config: StressConfig, token: str | None = None, progress: bool = True) -> StressReport:
+    """Run the workload at the `tally serve` at `config.url` and audit what the run made; blocks
+    until both are done. Nothing is closed or reopened: the server's state hash is not read.
+
+    Raises `engine._remote.ServerUnreachable` (or `UnexpectedReply`, e.g. a 401) if the server
+    does not answer the first read as its contract says; a fault met later fails the verdict.
+    """
+    from engine._remote import REMOTE_CONNECTIONS_DEFAULT, RemoteLedger
+
+    assert config.url is not None and config.batch == 1
+    run = f"r{secrets.token_hex(RUN_PREFIX_BYTES)}"
+    report = StressReport(config)
+    names = [f"{run}-acct-{n:06d}" for n in range(config.accounts)]
+    picker = Picker(names, config.mix)
+    with RemoteLedger(config.url, token=token, connections=max(config.clients, REMOTE_CONNECTIONS_DEFAULT)) as ledger:
+        try:
+            ledger.account(f"{run}-bank")  # before the run: is it there, does it take the token?
+        except AccountNotFound:
+            pass
+        _open_accounts(ledger, names, config, bank=f"{run}-bank")
+        replies = _fire(ledger, picker, config, report, progress, run)
+        _await_expiries(ledger, replies)
+        report.checks = audit_replies(ledger, replies)
+        report.checks[CHECK_CONTRACT] = not ledger.fault_count
+        report.remote = {"url": ledger.url, "run_prefix": run, "faults": ledger.faults,
+                         "fault_count": ledger.fault_count}
+    return report
+
+
+def _open_accounts(ledger: Any, names: list[str], config: StressConfig, bank: str = "stress-bank") -> None:
+    accounts = [Account(bank, "USD", None)] + [Account(name, "USD", 0) for name in names]
+    for first in range(0, len(accounts), 1000):
+        for outcome in ledger.create_accounts(accounts[first : first + 1000]):
+            if isinstance(outcome, LedgerError):
+                raise outcome
     # Each account starts with a few of the largest amounts, but all of them together never more
     # than a balance can hold: money only moves between them, so none can overflow.
     each = min(config.amount_max * FUNDING_PER_ACCOUNT_AMOUNTS, AMOUNT_MAX // len(names))
-    funding = [TransferRequest(f"fund-{name}", "stress-bank", name, each) for name in names]
+    funding = [TransferRequest(f"fund-{name}", bank, name, each) for name in names]
     for first in range(0, len(funding), 1000):
         for outcome in ledger.transfer_many(funding[first : first + 1000]):
             if isinstance(outcome, LedgerError):
                 raise outcome
 
 
-def _fire(ledger: Any, picker: Picker, config: StressConfig, report: StressReport, progress: bool) -> Replies:
-    tag = f"s{config.seed}-{os.getpid()}-{int(time.time())}"
+def _fire(ledger: Any, picker: Picker, config: StressConfig, report: StressReport, progress: bool,
+          tag: str) -> Replies:
+    """Run the clients; what each was told. `tag` starts every transfer id."""
     quota = threading.Semaphore(config.transfers) if config.transfers is not None else None
     stop = threading.Event()
     tally = _Tally()

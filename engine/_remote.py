@@ -1,0 +1,387 @@
+"""`RemoteLedger`: a ledger served by `tally serve`, driven over HTTP with `Ledger`'s method names.
+
+`tally stress --url` hands one to the same workload and auditor that drive an in-process
+`Ledger` (`engine._stress`, `engine._auditor`), so a deployed host is proven the way the
+library is. It speaks the HTTP contract of issue 16 and nothing else: `POST /accounts`,
+`GET /accounts/{id}`, `GET /accounts/{id}/balance`, `GET /accounts/{id}/entries`,
+`POST /transfers`, `POST /transfers/linked`, `POST /transfers/{pending_id}/post` and `/void`,
+`GET /transfers/{id}`, each write keyed by an `Idempotency-Key` header (its transfer or
+account id).
+
+Threads: one `httpx.Client` (which may be shared between threads) with a pool of
+`connections` keep-alive connections; a method blocks its caller until the reply, at most
+`timeout_s` (a pool slot, the connection and the reply each). `create_accounts` and
+`transfer_many` send one request an item, `connections` at a time, and return the outcomes in
+order (the HTTP API has no batch route; unlike `Ledger.transfer_many` they are not decided in
+list order).
+
+Errors: a `{"error": {"code", "message"}}` reply is raised as the `LedgerError` subclass of its
+code (`LinkedTransferFailed` with its `index` and `cause`), so a caller catches what it catches
+from a `Ledger`. What the contract does not allow is raised as `UnexpectedReply` and kept in
+`faults`: a status that does not fit the code, an unknown code, a body that is not the
+documented JSON, a 5xx without an error body. A write sent again after a 2xx answer whose reply
+is not marked `Idempotency-Replayed: true` is kept in `faults` (its reply is still returned). A
+request that gets no answer (refused or broken connection, no reply in `timeout_s`) raises
+`ServerUnreachable`: the outcome of a write is unknown, and resending the same id tells it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
+from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit
+
+import httpx
+
+from coordinator import (
+    REJECTIONS,
+    Account,
+    AccountExists,
+    AccountNotFound,
+    Balance,
+    Entry,
+    IdempotencyConflict,
+    InvalidRequest,
+    LedgerClosed,
+    LedgerError,
+    LedgerTimeout,
+    LedgerUnavailable,
+    LinkedTransferFailed,
+    Metadata,
+    PendingTransferNotFound,
+    Transfer,
+    TransferRequest,
+)
+
+REMOTE_TIMEOUT_S_DEFAULT = 60.0
+"""Longest wait for a pool slot, a connection or a reply: above the server's own bound on a
+ledger call (30 s by default, then 503 `timeout`), so the server's answer comes first."""
+REMOTE_CONNECTIONS_DEFAULT = 16
+ENTRIES_PAGE_SIZE = 1000
+"""Entries asked for per `GET /accounts/{id}/entries`; `entries` pages until a page is empty."""
+FAULTS_KEPT_MAX = 20
+"""Faults described in `faults`; beyond it they are only counted (`fault_count`)."""
+BODY_SHOWN_CHARS = 200
+
+_ERRORS: dict[str, type[LedgerError]] = {
+    **REJECTIONS,
+    **{cls.code: cls for cls in (InvalidRequest, AccountExists, IdempotencyConflict, LedgerTimeout, LedgerUnavailable,
+                                 LedgerClosed)},
+}
+"""The error classes a reply's code names (`LinkedTransferFailed` is built apart: it has a cause)."""
+_STATUSES: dict[str, frozenset[int]] = {
+    **{code: frozenset({422}) for code in REJECTIONS},
+    AccountNotFound.code: frozenset({404, 422}),
+    PendingTransferNotFound.code: frozenset({404, 422}),
+    LinkedTransferFailed.code: frozenset({422}),
+    InvalidRequest.code: frozenset({400, 413, 422}),
+    AccountExists.code: frozenset({409}),
+    IdempotencyConflict.code: frozenset({409}),
+    LedgerTimeout.code: frozenset({503}),
+    LedgerUnavailable.code: frozenset({503}),
+    LedgerClosed.code: frozenset({503}),
+}
+"""The statuses issue 16 allows for each code: 400 invalid, 404 unknown account or transfer, 409
+conflicts, 422 business refusals, 503 unavailable or timed out."""
+
+_Value = TypeVar("_Value", Account, Balance, Entry, Transfer)
+
+
+class UnexpectedReply(LedgerError):
+    """The server answered outside its HTTP contract (see the module docstring). The outcome of
+    a write is unknown; the reply is described in the message."""
+
+    code = "unexpected_reply"
+
+
+class ServerUnreachable(LedgerError):
+    """No answer: the connection was refused or broke, or no reply came in time. The outcome of
+    a write is unknown: send it again with the same id to learn it."""
+
+    code = "server_unreachable"
+
+
+class RemoteLedger:
+    """A `tally serve` at `url`, with the `Ledger` methods the stress harness and its auditor call."""
+
+    def __init__(self, url: str, *, token: str | None = None, connections: int = REMOTE_CONNECTIONS_DEFAULT,
+                 timeout_s: float = REMOTE_TIMEOUT_S_DEFAULT) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidRequest(f"{url!r} is not an http:// or https:// URL with a host")
+        assert connections >= 1 and timeout_s > 0
+        self.url = url.rstrip("/")
+        self._connections = connections
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        self._client = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout_s),
+                                    limits=httpx.Limits(max_connections=connections,
+                                                        max_keepalive_connections=connections))
+        self._timeout_s = timeout_s
+        self._token = token is not None
+        self._lock = threading.Lock()
+        self._created: dict[str, None] = {}
+        self._answered: set[str] = set()
+        self.faults: list[str] = []
+        self.fault_count = 0
+
+    def __enter__(self) -> RemoteLedger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the pooled connections. Blocks until they are closed."""
+        self._client.close()
+
+    # --- accounts ------------------------------------------------------------------
+
+    def create_account(self, account_id: str, *, currency: str, overdraft_limit: int | None = 0, code: int = 0,
+                       metadata: Mapping[str, str | int] | None = None) -> Account:
+        """`POST /accounts`; the account as the server made it. Raises as `Ledger.create_account`."""
+        body: dict[str, Any] = {"id": account_id, "currency": currency, "overdraft_limit": overdraft_limit}
+        if code:
+            body["code"] = code
+        if metadata is not None:
+            body["metadata"] = dict(metadata)
+        made = self._read(Account, self._send("POST", "/accounts", key=account_id, body=body))
+        with self._lock:
+            self._created[made.id] = None
+        return made
+
+    def create_accounts(self, accounts: Sequence[Account]) -> list[Account | LedgerError]:
+        """`create_account` for each, `connections` at a time: one outcome per item, in order."""
+        return self._each(accounts, lambda a: self.create_account(a.id, currency=a.currency,
+                                                                  overdraft_limit=a.overdraft_limit, code=a.code,
+                                                                  metadata=a.metadata))
+
+    def account(self, account_id: str) -> Account:
+        """`GET /accounts/{id}`. Raises `AccountNotFound`."""
+        return self._read(Account, self._send("GET", f"/accounts/{_part(account_id)}"))
+
+    def accounts(self) -> list[Account]:
+        """The accounts this client created, in the order their creations were answered, each read
+        from the server: not every account the server holds (a server is shared; an audit proves
+        what its run made)."""
+        with self._lock:
+            created = list(self._created)
+        return [self.account(account_id) for account_id in created]
+
+    def balance(self, account_id: str) -> Balance:
+        """`GET /accounts/{id}/balance`. Raises `AccountNotFound`."""
+        return self._read(Balance, self._send("GET", f"/accounts/{_part(account_id)}/balance"))
+
+    def entries(self, account_id: str, after: int = 0, limit: int | None = None) -> list[Entry]:
+        """The account's entries with seq > `after`, at most `limit`, a page of
+        `ENTRIES_PAGE_SIZE` per `GET /accounts/{id}/entries` until a page comes back empty."""
+        found: list[Entry] = []
+        while limit is None or len(found) < limit:
+            asked = ENTRIES_PAGE_SIZE if limit is None else min(ENTRIES_PAGE_SIZE, limit - len(found))
+            page = self._send("GET", f"/accounts/{_part(account_id)}/entries", params={"after": after, "limit": asked})
+            rows = [self._read(Entry, row) for row in self._rows(page, "entries")]
+            if not rows:
+                break
+            found.extend(rows)
+            after = rows[-1].seq
+        return found
+
+    # --- transfers -----------------------------------------------------------------
+
+    def transfer(self, transfer_id: str, *, source: str, destination: str, amount: int, code: int = 0,
+                 reference: str | None = None, metadata: Mapping[str, str | int] | None = None,
+                 pending: bool = False, timeout_s: int | None = None) -> Transfer:
+        """`POST /transfers` keyed by `transfer_id`. Raises as `Ledger.transfer`."""
+        body = _transfer_body(TransferRequest(transfer_id, source, destination, amount, code, reference, metadata,
+                                              pending, timeout_s))
+        return self._read(Transfer, self._send("POST", "/transfers", key=transfer_id, body=body))
+
+    def transfer_many(self, requests: Sequence[TransferRequest]) -> list[Transfer | LedgerError]:
+        """`transfer` for each, `connections` at a time: one outcome per request, in order."""
+        return self._each(requests, lambda r: self.transfer(r.id, source=r.source, destination=r.destination,
+                                                            amount=r.amount, code=r.code, reference=r.reference,
+                                                            metadata=r.metadata, pending=r.pending,
+                                                            timeout_s=r.timeout_s))
+
+    def transfer_linked(self, requests: Sequence[TransferRequest]) -> list[Transfer]:
+        """`POST /transfers/linked` keyed by the first leg's id. Raises `LinkedTransferFailed`."""
+        assert requests, "a chain has at least one leg"
+        body = {"transfers": [{"id": r.id, **_transfer_body(r)} for r in requests]}
+        reply = self._send("POST", "/transfers/linked", key=requests[0].id, body=body)
+        return [self._read(Transfer, row) for row in self._rows(reply, "transfers")]
+
+    def post_pending(self, transfer_id: str, *, pending_id: str, amount: int | None = None,
+                     reference: str | None = None, metadata: Mapping[str, str | int] | None = None) -> Transfer:
+        """`POST /transfers/{pending_id}/post` keyed by `transfer_id`. Raises as `Ledger.post_pending`."""
+        body = _optional(amount=amount, reference=reference, metadata=metadata)
+        reply = self._send("POST", f"/transfers/{_part(pending_id)}/post", key=transfer_id, body=body)
+        return self._read(Transfer, reply)
+
+    def void_pending(self, transfer_id: str, *, pending_id: str, reference: str | None = None,
+                     metadata: Mapping[str, str | int] | None = None) -> Transfer:
+        """`POST /transfers/{pending_id}/void` keyed by `transfer_id`. Raises as `Ledger.void_pending`."""
+        body = _optional(reference=reference, metadata=metadata)
+        reply = self._send("POST", f"/transfers/{_part(pending_id)}/void", key=transfer_id, body=body)
+        return self._read(Transfer, reply)
+
+    def get_transfer(self, transfer_id: str) -> Transfer | None:
+        """`GET /transfers/{id}`; None on a 404."""
+        try:
+            return self._read(Transfer, self._send("GET", f"/transfers/{_part(transfer_id)}", missing_ok=True))
+        except _Missing:
+            return None
+
+    # --- the wire ------------------------------------------------------------------
+
+    def _each(self, items: Sequence[Any], call: Any) -> list[Any]:
+        def one(item: Any) -> Any:
+            try:
+                return call(item)
+            except LedgerError as error:
+                return error
+
+        if len(items) <= 1:
+            return [one(item) for item in items]
+        with ThreadPoolExecutor(max_workers=min(self._connections, len(items)),
+                                thread_name_prefix="remote-ledger") as pool:
+            return list(pool.map(one, items))
+
+    def _send(self, method: str, path: str, *, key: str | None = None, body: dict[str, Any] | None = None,
+              params: dict[str, Any] | None = None, missing_ok: bool = False) -> Any:
+        """One request; the JSON of a 2xx reply, else the error it names raised."""
+        where = f"{method} {path}"
+        try:
+            response = self._client.request(method, path, json=body, params=params,
+                                            headers={"Idempotency-Key": key} if key is not None else None)
+        except httpx.TimeoutException as error:
+            raise ServerUnreachable(f"{where}: no reply within {self._timeout_s:g} s ({error!r}): the outcome is"
+                                    " unknown") from error
+        except httpx.TransportError as error:
+            raise ServerUnreachable(f"{where}: {error!r}: is `tally serve` running at {self.url}?") from error
+        status = response.status_code
+        if 200 <= status < 300:
+            data = self._json(response, where)
+            if key is not None:
+                self._check_replay(key, response, where)
+            return data
+        if status == 401:
+            raise self._unexpected(f"{where}: 401: the server " + (
+                "refused the bearer token given" if self._token else "wants a bearer token (tally stress --token-file F)"))
+        if status == 404 and missing_ok:
+            self._json(response, where)  # a 404 still has its error body
+            raise _Missing
+        raise self._error(response, where)
+
+    def _check_replay(self, key: str, response: httpx.Response, where: str) -> None:
+        with self._lock:
+            again = key in self._answered
+            self._answered.add(key)
+        if again and response.headers.get("Idempotency-Replayed", "").lower() != "true":
+            self._fault(f"{where}: the write keyed {key!r} was answered before, and its replay is not marked"
+                        " Idempotency-Replayed: true")
+
+    def _json(self, response: httpx.Response, where: str) -> Any:
+        try:
+            return response.json()
+        except ValueError:
+            raise self._unexpected(f"{where}: {response.status_code} with a body that is not JSON: "
+                                   f"{response.text[:BODY_SHOWN_CHARS]!r}") from None
+
+    def _error(self, response: httpx.Response, where: str) -> LedgerError:
+        status = response.status_code
+        data = self._json(response, where)
+        error = data.get("error") if isinstance(data, dict) else None
+        code = error.get("code") if isinstance(error, dict) else None
+        message = error.get("message") if isinstance(error, dict) else None
+        if not isinstance(code, str) or not isinstance(message, str):
+            return self._unexpected(f"{where}: {status} without an error body {{\"error\": {{\"code\", \"message\"}}}}:"
+                                    f" {response.text[:BODY_SHOWN_CHARS]!r}")
+        if status not in _STATUSES.get(code, ()):
+            known = "an unknown code" if code not in _STATUSES else f"not a status for {code!r}"
+            return self._unexpected(f"{where}: {status} {code!r} ({known}): {message}")
+        assert isinstance(error, dict)
+        if code == LinkedTransferFailed.code:
+            return self._linked_failure(error, message, where)
+        return _ERRORS[code](message)
+
+    def _linked_failure(self, error: dict[str, Any], message: str, where: str) -> LedgerError:
+        index, cause = error.get("index"), error.get("cause")
+        cause_code = cause.get("code") if isinstance(cause, dict) else None
+        if not isinstance(index, int) or cause_code not in REJECTIONS:
+            return self._unexpected(f"{where}: a linked_transfer_failed error without an index and a cause:"
+                                    f" {error!r}")
+        assert isinstance(cause, dict) and isinstance(cause_code, str)
+        return LinkedTransferFailed(message, index, REJECTIONS[cause_code](str(cause.get("message", ""))))
+
+    def _read(self, cls: type[_Value], data: Any) -> _Value:
+        try:
+            return _value(cls, data)
+        except UnexpectedReply as error:
+            self._fault(str(error))
+            raise
+
+    def _rows(self, data: Any, name: str) -> list[Any]:
+        try:
+            return _listed(data, name)
+        except UnexpectedReply as error:
+            self._fault(str(error))
+            raise
+
+    def _unexpected(self, description: str) -> UnexpectedReply:
+        self._fault(description)
+        return UnexpectedReply(description)
+
+    def _fault(self, description: str) -> None:
+        with self._lock:
+            self.fault_count += 1
+            if len(self.faults) < FAULTS_KEPT_MAX:
+                self.faults.append(description)
+
+
+class _Missing(Exception):
+    """A 404 that `get_transfer` answers as None."""
+
+
+def _part(identifier: str) -> str:
+    """An id as one path segment."""
+    return quote(identifier, safe="")
+
+
+def _optional(**fields_: Any) -> dict[str, Any]:
+    return {name: dict(value) if isinstance(value, Mapping) else value
+            for name, value in fields_.items() if value is not None}
+
+
+def _transfer_body(request: TransferRequest) -> dict[str, Any]:
+    """The body of `POST /transfers` (the id travels as the Idempotency-Key)."""
+    body: dict[str, Any] = {"source": request.source, "destination": request.destination, "amount": request.amount}
+    if request.code:
+        body["code"] = request.code
+    if request.pending:
+        body["pending"] = True
+    return body | _optional(reference=request.reference, metadata=request.metadata, timeout_s=request.timeout_s)
+
+
+def _listed(data: Any, name: str) -> list[Any]:
+    """A reply that is a list, or an object holding one under `name`."""
+    rows = data.get(name) if isinstance(data, dict) else data
+    if not isinstance(rows, list):
+        raise UnexpectedReply(f"expected a list of {name}, got {str(data)[:BODY_SHOWN_CHARS]!r}")
+    return rows
+
+
+def _value(cls: type[_Value], data: Any) -> _Value:
+    """The `cls` a reply's JSON object describes (fields by name; extra fields ignored)."""
+    if not isinstance(data, dict):
+        raise UnexpectedReply(f"expected a JSON object of {cls.__name__}, got {str(data)[:BODY_SHOWN_CHARS]!r}")
+    names = {f.name for f in fields(cls)}
+    given = {name: value for name, value in data.items() if name in names}
+    if given.get("metadata") is not None:
+        given["metadata"] = Metadata(given["metadata"])
+    try:
+        return cls(**given)
+    except TypeError as error:
+        raise UnexpectedReply(f"a {cls.__name__} reply lacks a field ({error}): {str(data)[:BODY_SHOWN_CHARS]!r}") \
+            from None

@@ -1,0 +1,262 @@
+"""`tally stress --url`: the workload and the auditor drive a `tally serve` over HTTP.
+
+A real server (a `tally serve` subprocess on a free loopback port) passes the audit; a
+stand-in server that lies (one balance off by one) fails it with a clear line; the options that
+make no sense remotely are refused; the client turns error bodies back into `LedgerError`s.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import httpx
+import pytest
+
+from engine import (
+    Account,
+    InsufficientFunds,
+    Ledger,
+    LedgerError,
+    LinkedTransferFailed,
+    Transfer,
+    TransferRequest,
+)
+from engine._remote import RemoteLedger, UnexpectedReply
+from engine._stress import CHECK_CONTRACT, StressConfig, run_remote_stress
+
+STARTUP_S = 30.0
+SMALL = ["--accounts", "20", "--clients", "4", "--transfers", "300", "--amount-max", "50", "--seed", "5"]
+
+
+def tally(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_healthy(url: str, server: subprocess.Popen[str] | None = None) -> None:
+    """Poll `GET /health` until it answers 200, within `STARTUP_S`."""
+    deadline = time.monotonic() + STARTUP_S
+    while time.monotonic() < deadline:
+        if server is not None and server.poll() is not None:
+            raise AssertionError(f"the server exited with {server.returncode}: {server.communicate()[1]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.02)  # polling another process's startup: no event to wait on
+    raise AssertionError(f"{url} not healthy within {STARTUP_S} s")
+
+
+# --- a stand-in server over an in-process Ledger, which can be told to lie ------------------------
+
+_STATUS = {"invalid_request": 400, "account_not_found": 404, "account_exists": 409, "idempotency_conflict": 409}
+
+
+class StandIn(ThreadingHTTPServer):
+    """The routes `tally stress --url` uses, over an in-process `Ledger`. `lie_about` ends the
+    name of an account whose posted balance it reports one too high; `statuses` maps an error
+    code to its HTTP status (422 if absent)."""
+
+    daemon_threads = True
+
+    def __init__(self, ledger: Ledger, lie_about: str | None = None) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.ledger = ledger
+        self.lie_about = lie_about
+        self.answered: set[str] = set()
+        self.statuses = dict(_STATUS)
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go in two writes: no 40 ms delayed-ACK stall
+    server: StandIn
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._answer(lambda: self._read(urlsplit(self.path)))
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        self._answer(lambda: self._write(urlsplit(self.path).path, body, self.headers["Idempotency-Key"]))
+
+    def _read(self, parts: Any) -> Any:
+        ledger, path = self.server.ledger, [unquote(p) for p in parts.path.strip("/").split("/")]
+        if path[0] == "health":
+            return {"status": "ok"}
+        if path[0] == "transfers":
+            found = ledger.get_transfer(path[1])
+            return _plain(found) if found is not None else (404, "transfer_not_found", f"no transfer {path[1]!r}")
+        if len(path) == 2:
+            return _plain(ledger.account(path[1]))
+        if path[2] == "entries":
+            query = {name: int(values[0]) for name, values in parse_qs(parts.query).items()}
+            return [_plain(entry) for entry in ledger.entries(path[1], query.get("after", 0), query.get("limit"))]
+        balance = _plain(ledger.balance(path[1]))
+        if self.server.lie_about is not None and path[1].endswith(self.server.lie_about):
+            balance["posted"] += 1
+            balance["available"] += 1
+        return balance
+
+    def _write(self, path: str, body: dict[str, Any], key: str) -> Any:
+        ledger = self.server.ledger
+        if path == "/accounts":
+            return _plain(ledger.create_account(body.pop("id"), **body))
+        if path == "/transfers":
+            made: Any = ledger.transfer(key, **body)
+        elif path == "/transfers/linked":
+            made = ledger.transfer_linked([TransferRequest(**leg) for leg in body["transfers"]])
+        elif path.endswith("/post"):
+            made = ledger.post_pending(key, pending_id=unquote(path.split("/")[2]), **body)
+        else:
+            made = ledger.void_pending(key, pending_id=unquote(path.split("/")[2]), **body)
+        with self.server.lock:
+            replayed = key in self.server.answered
+            self.server.answered.add(key)
+        return (201, made, replayed)
+
+    def _answer(self, reply: Any) -> None:
+        headers = {}
+        try:
+            answer = reply()
+        except LinkedTransferFailed as error:
+            answer = (422, error.code, str(error), {"index": error.index,
+                                                     "cause": {"code": error.cause.code, "message": str(error.cause)}})
+        except LedgerError as error:
+            answer = (self.server.statuses.get(error.code, 422), error.code, str(error))
+        if isinstance(answer, tuple) and len(answer) == 3 and answer[0] == 201:
+            status, made, replayed = answer
+            data = [_plain(t) for t in made] if isinstance(made, list) else _plain(made)
+            headers = {"Idempotency-Replayed": "true"} if replayed else {}
+        elif isinstance(answer, tuple):
+            status, code, message, *more = answer
+            data = {"error": {"code": code, "message": message, **(more[0] if more else {})}}
+        else:
+            status, data = 200, answer
+        payload = json.dumps(data).encode()
+        self.send_response(status)
+        for name, value in {"Content-Type": "application/json", "Content-Length": str(len(payload)), **headers}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+def _plain(value: Any) -> Any:
+    data = asdict(value)
+    if data.get("metadata") is not None:
+        data["metadata"] = dict(value.metadata)
+    return data
+
+
+@pytest.fixture
+def stand_in(tmp_path: Path) -> Iterator[StandIn]:
+    with Ledger.open(tmp_path / "stand-in") as ledger:
+        server = StandIn(ledger)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        try:
+            yield server
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=10)
+
+
+# --- the tests ---------------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_a_run_against_an_honest_stand_in_passes(stand_in: StandIn) -> None:
+    config = StressConfig(accounts=10, clients=3, transfers=200, amount_max=40, retry_rate=0.05, pending_rate=0.1,
+                          linked_rate=0.1, seed=7, url=stand_in.url)
+    report = run_remote_stress(config, progress=False)
+    assert report.ok, report.checks
+    assert report.checks[CHECK_CONTRACT] is True
+    assert report.remote is not None and report.remote["fault_count"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_server_that_reports_a_wrong_balance_fails_the_run_with_a_clear_line(stand_in: StandIn) -> None:
+    stand_in.lie_about = "-acct-000003"
+    done = tally("stress", "--url", stand_in.url, "--accounts", "10", "--clients", "2", "--transfers", "100")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "✗ money is conserved (posted balances sum to 0)" in done.stdout
+    assert "verdict: FAILED" in done.stdout
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("extra", "says"), [
+    (["--chaos"], "--chaos cannot be used with --url"),
+    (["--chaos", "--kills", "3"], "--chaos cannot be used with --url"),
+    (["--path", "somewhere"], "--path cannot be used with --url"),
+    (["--batch", "8"], "--batch cannot be used with --url: the HTTP API has no batch route"),
+])
+def test_options_that_make_no_sense_remotely_are_refused(extra: list[str], says: str) -> None:
+    done = tally("stress", "--url", "http://127.0.0.1:9", *extra)
+    assert done.returncode == 2 and says in done.stderr, done.stderr
+
+
+@pytest.mark.timeout(30)
+def test_a_token_file_without_a_url_and_a_url_with_a_path_are_refused(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("t")
+    done = tally("stress", "--token-file", str(token), "--transfers", "5")
+    assert done.returncode == 2 and "--token-file goes with --url" in done.stderr
+    done = tally("stress", "--url", "http://127.0.0.1:9/accounts")
+    assert done.returncode == 2 and "not a server's URL" in done.stderr
+
+
+@pytest.mark.timeout(30)
+def test_a_server_that_is_not_there_is_one_line_and_exit_2() -> None:
+    done = tally("stress", "--url", f"http://127.0.0.1:{free_port()}", "--transfers", "5")
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "is `tally serve` running at" in done.stderr
+
+
+@pytest.mark.timeout(30)
+def test_the_client_raises_the_error_class_a_reply_names(stand_in: StandIn) -> None:
+    with RemoteLedger(stand_in.url) as remote:
+        remote.create_accounts([Account("bank", "USD", None), Account("a", "USD", 0), Account("b", "USD", 0)])
+        remote.transfer("fund", source="bank", destination="a", amount=10)
+        with pytest.raises(InsufficientFunds):
+            remote.transfer("big", source="a", destination="b", amount=11)
+        with pytest.raises(LinkedTransferFailed) as failed:
+            remote.transfer_linked([TransferRequest("l0", "a", "b", 5), TransferRequest("l1", "b", "a", 50)])
+        assert failed.value.index == 1 and isinstance(failed.value.cause, InsufficientFunds)
+        assert remote.get_transfer("big") is None and remote.get_transfer("nothing") is None
+        assert isinstance(remote.get_transfer("fund"), Transfer)
+        assert sorted(a.id for a in remote.accounts()) == ["a", "b", "bank"]
+        assert remote.fault_count == 0
+
+
+@pytest.mark.timeout(30)
+def test_the_client_counts_a_status_that_does_not_fit_its_code_as_a_fault(stand_in: StandIn) -> None:
+    stand_in.statuses["insufficient_funds"] = 500
+    with RemoteLedger(stand_in.url) as remote:
+        remote.create_accounts([Account("bank", "USD", None), Account("a", "USD", 0)])
+        with pytest.raises(UnexpectedReply, match="500 'insufficient_funds'"):
+            remote.transfer("big", source="a", destination="bank", amount=1)
+        assert remote.fault_count == 1
