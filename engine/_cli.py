@@ -383,6 +383,11 @@ def _stress(args: argparse.Namespace) -> int:
     if args.url is not None:
         from engine._stress import run_remote_stress
 
+        try:
+            import httpx  # noqa: F401 - only to say what is missing before the run
+        except ModuleNotFoundError:
+            raise InvalidRequest("--url needs httpx: pip install 'tally-ledger[serve]'") from None
+
         report = run_remote_stress(config, _token(args.token_file), progress=not args.json)
     elif args.chaos:
         import tempfile
