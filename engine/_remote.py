@@ -45,8 +45,10 @@ from coordinator import (
     Entry,
     IdempotencyConflict,
     InvalidRequest,
+    JournalCorrupted,
     LedgerClosed,
     LedgerError,
+    LedgerLocked,
     LedgerTimeout,
     LedgerUnavailable,
     LinkedTransferFailed,
@@ -66,28 +68,12 @@ FAULTS_KEPT_MAX = 20
 """Faults described in `faults`; beyond it they are only counted (`fault_count`)."""
 BODY_SHOWN_CHARS = 200
 
-_ERRORS: dict[str, type[LedgerError]] = {
-    **REJECTIONS,
-    **{cls.code: cls for cls in (InvalidRequest, AccountExists, IdempotencyConflict, LedgerTimeout, LedgerUnavailable,
-                                 LedgerClosed)},
-}
-"""The error classes a reply's code names (`LinkedTransferFailed` is built apart: it has a cause)."""
-_STATUSES: dict[str, frozenset[int]] = {
-    **{code: frozenset({422}) for code in REJECTIONS},
-    AccountNotFound.code: frozenset({404, 422}),
-    PendingTransferNotFound.code: frozenset({404, 422}),
-    LinkedTransferFailed.code: frozenset({422}),
-    InvalidRequest.code: frozenset({400, 413, 422}),
-    AccountExists.code: frozenset({409}),
-    IdempotencyConflict.code: frozenset({409}),
-    LedgerTimeout.code: frozenset({503}),
-    LedgerUnavailable.code: frozenset({503}),
-    LedgerClosed.code: frozenset({503}),
-}
-"""The statuses issue 16 allows for each code: 400 invalid, 404 unknown account or transfer, 409
-conflicts, 422 business refusals, 503 unavailable or timed out."""
 
-_Value = TypeVar("_Value", Account, Balance, Entry, Transfer)
+class ServerOverloaded(LedgerError):
+    """503 `overloaded`: the server turned the request away before it reached the ledger.
+    Nothing was written; send it again later."""
+
+    code = "overloaded"
 
 
 class UnexpectedReply(LedgerError):
@@ -102,6 +88,35 @@ class ServerUnreachable(LedgerError):
     a write is unknown: send it again with the same id to learn it."""
 
     code = "server_unreachable"
+
+
+_ERRORS: dict[str, type[LedgerError]] = {
+    **REJECTIONS,
+    **{cls.code: cls for cls in (InvalidRequest, AccountExists, IdempotencyConflict, LedgerTimeout, LedgerUnavailable,
+                                 LedgerClosed, LedgerLocked, JournalCorrupted, ServerOverloaded)},
+}
+"""The error classes a reply's code names (`LinkedTransferFailed` is built apart: it has a cause)."""
+_STATUSES: dict[str, frozenset[int]] = {
+    **{code: frozenset({422}) for code in REJECTIONS},
+    AccountNotFound.code: frozenset({404, 422}),
+    PendingTransferNotFound.code: frozenset({404, 422}),
+    LinkedTransferFailed.code: frozenset({422}),
+    InvalidRequest.code: frozenset({400, 413, 422}),
+    AccountExists.code: frozenset({409}),
+    IdempotencyConflict.code: frozenset({409}),
+    LedgerTimeout.code: frozenset({503}),
+    LedgerUnavailable.code: frozenset({503}),
+    LedgerClosed.code: frozenset({503}),
+    LedgerLocked.code: frozenset({503}),
+    JournalCorrupted.code: frozenset({503}),
+    ServerOverloaded.code: frozenset({503}),
+}
+"""The statuses issue 16 allows for each code: 400 invalid, 404 unknown account or transfer, 409
+conflicts, 422 business refusals, 503 unavailable or timed out. The server's own codes for what
+this client never sends (an unknown route, a body too large) or must never meet (500
+`internal_error`) are outside the contract here."""
+
+_Value = TypeVar("_Value", Account, Balance, Entry, Transfer)
 
 
 class RemoteLedger:
@@ -206,9 +221,10 @@ class RemoteLedger:
                                                             timeout_s=r.timeout_s))
 
     def transfer_linked(self, requests: Sequence[TransferRequest]) -> list[Transfer]:
-        """`POST /transfers/linked` keyed by the first leg's id. Raises `LinkedTransferFailed`."""
+        """`POST /transfers/linked` keyed by the first leg's id, every leg naming its own.
+        Raises `LinkedTransferFailed`."""
         assert requests, "a chain has at least one leg"
-        body = {"transfers": [{"id": r.id, **_transfer_body(r)} for r in requests]}
+        body = {"legs": [{"id": r.id, **_transfer_body(r)} for r in requests]}
         reply = self._send("POST", "/transfers/linked", key=requests[0].id, body=body)
         return [self._read(Transfer, row) for row in self._rows(reply, "transfers")]
 
@@ -365,8 +381,8 @@ def _transfer_body(request: TransferRequest) -> dict[str, Any]:
 
 
 def _listed(data: Any, name: str) -> list[Any]:
-    """A reply that is a list, or an object holding one under `name`."""
-    rows = data.get(name) if isinstance(data, dict) else data
+    """The list a reply holds under `name` (`{"entries": [...]}`)."""
+    rows = data.get(name) if isinstance(data, dict) else None
     if not isinstance(rows, list):
         raise UnexpectedReply(f"expected a list of {name}, got {str(data)[:BODY_SHOWN_CHARS]!r}")
     return rows

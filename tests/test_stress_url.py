@@ -115,7 +115,7 @@ class _Handler(BaseHTTPRequestHandler):
             return _plain(ledger.account(path[1]))
         if path[2] == "entries":
             query = {name: int(values[0]) for name, values in parse_qs(parts.query).items()}
-            return [_plain(entry) for entry in ledger.entries(path[1], query.get("after", 0), query.get("limit"))]
+            return {"entries": [_plain(e) for e in ledger.entries(path[1], query.get("after", 0), query.get("limit"))]}
         balance = _plain(ledger.balance(path[1]))
         if self.server.lie_about is not None and path[1].endswith(self.server.lie_about):
             balance["posted"] += 1
@@ -129,7 +129,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/transfers":
             made: Any = ledger.transfer(key, **body)
         elif path == "/transfers/linked":
-            made = ledger.transfer_linked([TransferRequest(**leg) for leg in body["transfers"]])
+            made = ledger.transfer_linked([TransferRequest(**leg) for leg in body["legs"]])
         elif path.endswith("/post"):
             made = ledger.post_pending(key, pending_id=unquote(path.split("/")[2]), **body)
         else:
@@ -150,7 +150,7 @@ class _Handler(BaseHTTPRequestHandler):
             answer = (self.server.statuses.get(error.code, 422), error.code, str(error))
         if isinstance(answer, tuple) and len(answer) == 3 and answer[0] == 201:
             status, made, replayed = answer
-            data = [_plain(t) for t in made] if isinstance(made, list) else _plain(made)
+            data = {"transfers": [_plain(t) for t in made]} if isinstance(made, list) else _plain(made)
             headers = {"Idempotency-Replayed": "true"} if replayed else {}
         elif isinstance(answer, tuple):
             status, code, message, *more = answer
