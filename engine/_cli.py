@@ -356,8 +356,9 @@ def _stress(args: argparse.Namespace) -> int:
     from journal import refuse_foreign
 
     from engine._stress import StressConfig, run_stress
+    from engine._stress_remote import read_token, refuse_remote_misfits, run_remote_stress
 
-    _refuse_remote_misfits(args)
+    refuse_remote_misfits(args)
     if args.path is not None and os.path.exists(args.path):
         if not os.path.isdir(args.path):
             raise NotALedger(f"{args.path} is a file, not a ledger directory")
@@ -381,14 +382,12 @@ def _stress(args: argparse.Namespace) -> int:
                           seed=args.seed, url=args.url)
     chaos = None
     if args.url is not None:
-        from engine._stress import run_remote_stress
-
         try:
             import httpx  # noqa: F401 - only to say what is missing before the run
         except ModuleNotFoundError:
             raise InvalidRequest("--url needs httpx: pip install 'tally-ledger[serve]'") from None
 
-        report = run_remote_stress(config, _token(args.token_file), progress=not args.json)
+        report = run_remote_stress(config, read_token(args.token_file), progress=not args.json)
     elif args.chaos:
         import tempfile
 
@@ -413,40 +412,6 @@ def _stress(args: argparse.Namespace) -> int:
         write_report(report.samples, summary, args.report)
     _emit(args, summary, lambda: _render_stress(summary, args))
     return 0 if summary["verdict"] == "ok" else 1
-
-
-def _refuse_remote_misfits(args: argparse.Namespace) -> None:
-    """The options `--url` cannot honour, refused before anything is sent; `--token-file` without it."""
-    from coordinator import InvalidRequest
-
-    if args.url is None:
-        if args.token_file is not None:
-            raise InvalidRequest("--token-file goes with --url (the token of the server it drives)")
-        return
-    misfits = {"--chaos": "it kills the engine's process, and a server's is not ours to kill (SIGKILL the server"
-                          " and restart it yourself)",
-               "--kills": "it goes with --chaos",
-               "--path": "the ledger is the server's",
-               "--batch": "the HTTP API has no batch route: every transfer is a request of its own"}
-    given = {"--chaos": args.chaos, "--kills": args.kills is not None, "--path": args.path is not None,
-             "--batch": args.batch != 1}
-    for option, reason in misfits.items():
-        if given[option]:
-            raise InvalidRequest(f"{option} cannot be used with --url: {reason}")
-
-
-def _token(path: str | None) -> str | None:
-    """The bearer token in `path` (surrounding whitespace dropped), or None."""
-    from coordinator import InvalidRequest
-
-    if path is None:
-        return None
-    with open(path, encoding="utf-8") as file:
-        token = file.read().strip()
-    if not token or any(c.isspace() for c in token):
-        raise InvalidRequest(f"--token-file {path}: the file must hold one token (no spaces), and holds "
-                             + ("nothing" if not token else "more than one word"))
-    return token
 
 
 def _render_stress(summary: dict[str, Any], args: argparse.Namespace) -> None:

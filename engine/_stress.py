@@ -5,17 +5,13 @@ records every reply. A reporter prints progress. At the end the auditor
 (`engine._auditor`) checks every reply against the ledger and the invariants,
 then the ledger is closed, reopened, and its state hash compared.
 
-`run_remote_stress` does the same to a `tally serve` over HTTP (`tally stress --url`): the
-workload and the auditor drive an `engine._remote.RemoteLedger`, which has the `Ledger`
-methods they call. Its accounts and transfer ids start with a prefix of its own, so a server
-holding other books is not disturbed, and the audit covers the accounts the run opened.
+`engine._stress_remote` runs the same workload and audit at a `tally serve` over HTTP.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import secrets
 import sys
 import tempfile
 import threading
@@ -28,7 +24,6 @@ from coordinator import (
     AMOUNT_MAX,
     REJECTIONS,
     Account,
-    AccountNotFound,
     LedgerError,
     LinkedTransferFailed,
     Transfer,
@@ -77,12 +72,6 @@ class StressConfig:
     seed: int = 1
     url: str | None = None
     """A `tally serve` to drive over HTTP instead of a ledger at `path`."""
-
-
-CHECK_CONTRACT = "every reply kept the HTTP contract (JSON, a status fitting its code, replays marked)"
-RUN_PREFIX_BYTES = 4
-"""Random bytes in a remote run's prefix (8 hex digits): its ids collide with another run's
-one time in 4 billion."""
 
 
 @dataclass
@@ -164,35 +153,6 @@ def run_stress(
         report.checks = audit_replies(ledger, replies)
     with open_ledger(config.path) as reopened:
         report.checks["close and reopen give the same state hash"] = reopened.state_hash() == report.state_hash
-    return report
-
-
-def run_remote_stress(config: StressConfig, token: str | None = None, progress: bool = True) -> StressReport:
-    """Run the workload at the `tally serve` at `config.url` and audit what the run made; blocks
-    until both are done. Nothing is closed or reopened: the server's state hash is not read.
-
-    Raises `engine._remote.ServerUnreachable` (or `UnexpectedReply`, e.g. a 401) if the server
-    does not answer the first read as its contract says; a fault met later fails the verdict.
-    """
-    from engine._remote import REMOTE_CONNECTIONS_DEFAULT, RemoteLedger
-
-    assert config.url is not None and config.batch == 1
-    run = f"r{secrets.token_hex(RUN_PREFIX_BYTES)}"
-    report = StressReport(config)
-    names = [f"{run}-acct-{n:06d}" for n in range(config.accounts)]
-    picker = Picker(names, config.mix)
-    with RemoteLedger(config.url, token=token, connections=max(config.clients, REMOTE_CONNECTIONS_DEFAULT)) as ledger:
-        try:
-            ledger.account(f"{run}-bank")  # before the run: is it there, does it take the token?
-        except AccountNotFound:
-            pass
-        _open_accounts(ledger, names, config, bank=f"{run}-bank")
-        replies = _fire(ledger, picker, config, report, progress, run)
-        _await_expiries(ledger, replies)
-        report.checks = audit_replies(ledger, replies)
-        report.checks[CHECK_CONTRACT] = not ledger.fault_count
-        report.remote = {"url": ledger.url, "run_prefix": run, "faults": ledger.faults,
-                         "fault_count": ledger.fault_count}
     return report
 
 

@@ -33,7 +33,8 @@ from engine import (
     TransferRequest,
 )
 from engine._remote import RemoteLedger, UnexpectedReply
-from engine._stress import CHECK_CONTRACT, StressConfig, run_remote_stress
+from engine._stress import StressConfig
+from engine._stress_remote import CHECK_CONTRACT, run_remote_stress
 
 STARTUP_S = 30.0
 SMALL = ["--accounts", "20", "--clients", "4", "--transfers", "300", "--amount-max", "50", "--seed", "5"]

@@ -1,0 +1,88 @@
+"""`tally stress --url`: the stress harness's workload and audit, at a `tally serve` over HTTP.
+
+The workload (`engine._workload`) and the auditor (`engine._auditor`) drive an
+`engine._remote.RemoteLedger`, which has the `Ledger` methods they call, through the same
+clients, progress and report as a local run (`engine._stress`). The run's accounts and transfer
+ids start with a prefix of its own (`rXXXXXXXX-`), so a server holding other books is not
+disturbed, and the audit covers the accounts the run opened: their entries, balances and sum
+(money is conserved among them, since the run moves money only between them), and every reply
+it got. Replies outside the HTTP contract fail the verdict (`CHECK_CONTRACT`). Nothing is
+closed or reopened: the server's state hash is not read.
+
+A run needs httpx (through `engine._remote`: the `serve` extra); the option checks do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+
+from coordinator import AccountNotFound, InvalidRequest
+
+from engine._auditor import audit_replies
+from engine._stress import StressConfig, StressReport, _await_expiries, _fire, _open_accounts
+from engine._workload import Picker
+
+CHECK_CONTRACT = "every reply kept the HTTP contract (JSON, a status fitting its code, replays marked)"
+RUN_PREFIX_BYTES = 4
+"""Random bytes in a run's prefix (8 hex digits): its ids collide with another run's one time
+in 4 billion."""
+
+
+def run_remote_stress(config: StressConfig, token: str | None = None, progress: bool = True) -> StressReport:
+    """Run the workload at the `tally serve` at `config.url` and audit what the run made; blocks
+    until both are done. Nothing is closed or reopened: the server's state hash is not read.
+
+    Raises `engine._remote.ServerUnreachable` (or `UnexpectedReply`, e.g. a 401) if the server
+    does not answer the first read as its contract says; a fault met later fails the verdict.
+    """
+    from engine._remote import REMOTE_CONNECTIONS_DEFAULT, RemoteLedger  # httpx: only when a run starts
+
+    assert config.url is not None and config.batch == 1
+    run = f"r{secrets.token_hex(RUN_PREFIX_BYTES)}"
+    report = StressReport(config)
+    names = [f"{run}-acct-{n:06d}" for n in range(config.accounts)]
+    picker = Picker(names, config.mix)
+    with RemoteLedger(config.url, token=token, connections=max(config.clients, REMOTE_CONNECTIONS_DEFAULT)) as ledger:
+        try:
+            ledger.account(f"{run}-bank")  # before the run: is it there, does it take the token?
+        except AccountNotFound:
+            pass
+        _open_accounts(ledger, names, config, bank=f"{run}-bank")
+        replies = _fire(ledger, picker, config, report, progress, run)
+        _await_expiries(ledger, replies)
+        report.checks = audit_replies(ledger, replies)
+        report.checks[CHECK_CONTRACT] = not ledger.fault_count
+        report.remote = {"url": ledger.url, "run_prefix": run, "faults": ledger.faults,
+                         "fault_count": ledger.fault_count}
+    return report
+
+
+def refuse_remote_misfits(args: argparse.Namespace) -> None:
+    """The options `--url` cannot honour, refused before anything is sent; `--token-file` without it."""
+    if args.url is None:
+        if args.token_file is not None:
+            raise InvalidRequest("--token-file goes with --url (the token of the server it drives)")
+        return
+    misfits = {"--chaos": "it kills the engine's process, and a server's is not ours to kill (SIGKILL the server"
+                          " and restart it yourself)",
+               "--kills": "it goes with --chaos",
+               "--path": "the ledger is the server's",
+               "--batch": "the HTTP API has no batch route: every transfer is a request of its own"}
+    given = {"--chaos": args.chaos, "--kills": args.kills is not None, "--path": args.path is not None,
+             "--batch": args.batch != 1}
+    for option, reason in misfits.items():
+        if given[option]:
+            raise InvalidRequest(f"{option} cannot be used with --url: {reason}")
+
+
+def read_token(path: str | None) -> str | None:
+    """The bearer token in `path` (surrounding whitespace dropped), or None."""
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as file:
+        token = file.read().strip()
+    if not token or any(c.isspace() for c in token):
+        raise InvalidRequest(f"--token-file {path}: the file must hold one token (no spaces), and holds "
+                             + ("nothing" if not token else "more than one word"))
+    return token
