@@ -79,9 +79,9 @@ T = TypeVar("T")
 
 ASYNC_WORKER_THREADS = 4
 """Threads an `AsyncLedger` runs its reads and batches on (never its single writes)."""
-FLUSH_TICKETS_MAX = 32
+FLUSH_TICKETS_MAX = 16
 """Most tickets one flush decides on the loop before it lets other callbacks run."""
-WAKE_FUTURES_MAX = 32
+WAKE_FUTURES_MAX = 16
 """Most coroutines one drain wakes: each then runs a step on the loop, so a group commit of
 hundreds is woken over several turns of the loop, and a timer waits for a few at most."""
 ADMISSION_RETRY_S = 0.001
