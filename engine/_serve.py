@@ -17,6 +17,7 @@ sent only once its outcome is durable.
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import signal
 import socket
@@ -148,7 +149,11 @@ def serve(path: str, *, host: str, port: int, token_file: str | None, insecure: 
             if loop is not None and stopping is not None:
                 loop.call_soon_threadsafe(stopping.set)  # the event streams end, so the drain can
 
-    config = uvicorn.Config(_announcing(app, lambda: print(ready, flush=True)), lifespan="on",
+    def on_ready() -> None:
+        gc.freeze()  # the ledger's accounts, just loaded, stay out of every full collection (README, AsyncLedger)
+        print(ready, flush=True)
+
+    config = uvicorn.Config(_announcing(app, on_ready), lifespan="on",
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=access_log,
                             log_level="info", backlog=BACKLOG)
     # uvicorn raises the signal that stopped it again once it has shut down; these handlers

@@ -166,12 +166,15 @@ def _problem(found: Mapping[str, Any]) -> str:
     return f"{where}: {found.get('msg', 'invalid')}"
 
 
-async def _http_error(_request: Request, error: Exception) -> JSONResponse:
+async def _http_error(request: Request, error: Exception) -> JSONResponse:
+    """Starlette's own refusals: no such route (404), a method the route has not (405), the
+    body limit met while reading (413); anything else it raises is a bad request (400)."""
     assert isinstance(error, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(error.status_code,
                                                                                   "invalid_request")
-    status = error.status_code if code != "invalid_request" else 400
-    return JSONResponse(error_body(code, str(error.detail)), status, headers=error.headers)
+    message = {"not_found": f"no route {request.method} {request.url.path}",
+               "method_not_allowed": f"{request.url.path} does not take {request.method}"}.get(code, str(error.detail))
+    return JSONResponse(error_body(code, message), status_of(code), headers=error.headers)
 
 
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -259,10 +259,7 @@ async def get_transfer(request: Request, transfer_id: str) -> Response:
     found = await _ledger(request).outcome(transfer_id)
     if isinstance(found, Transfer):
         return JSONResponse(plain(found))
-    if found is None:
-        message = f"no transfer {transfer_id!r}"
-    else:
-        message = f"transfer {transfer_id!r} was refused ({found.code}): {found}"
+    message = f"no transfer {transfer_id!r}" if found is None else str(found)  # "... was refused: <code>"
     return JSONResponse(error_body("transfer_not_found", message), 404)
 
 

@@ -74,9 +74,10 @@ class Server:
         return self.err.read_text()
 
 
-def write(client: httpx.Client, path: str, key: str | None, body: object = None) -> httpx.Response:
-    """A POST with its Idempotency-Key (None: without one) and a JSON body (None: none)."""
-    headers = {} if key is None else {"Idempotency-Key": key}
+def write(client: httpx.Client, path: str, key: str | bytes | None, body: object = None) -> httpx.Response:
+    """A POST with its Idempotency-Key (None: without one; bytes: as they are, e.g. UTF-8) and a
+    JSON body (None: none)."""
+    headers: dict[str, str | bytes] = {} if key is None else {"Idempotency-Key": key}
     if body is None:
         return client.post(path, headers=headers)
     return client.post(path, headers=headers, json=body)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -296,6 +298,28 @@ def test_a_write_needs_an_idempotency_key_that_agrees_with_the_body(client: http
     assert client.get(f"/accounts/{alice}/balance").json()["posted"] == 10
 
 
+def test_ids_may_hold_any_character_a_percent_encoded_path_carries(client: httpx.Client) -> None:
+    bank, alice = funded(client, 10)
+    odd = "a/b c?d%e#\N{SNOWMAN}"
+    assert write(client, "/accounts", odd.encode(), {"id": odd, "currency": "USD"}).status_code == 201
+    assert client.get(f"/accounts/{quote(odd, safe='')}").json()["id"] == odd
+    assert client.get(f"/accounts/{quote(odd, safe='')}/balance").json()["posted"] == 0
+    hold = write(client, "/transfers", odd.encode(), {"source": alice, "destination": bank, "amount": 1,
+                                                      "pending": True})
+    assert hold.status_code == 201 and hold.json()["id"] == odd
+    path = f"/transfers/{quote(odd, safe='')}"
+    assert client.get(path).json()["id"] == odd
+    assert write(client, path + "/void", fresh("v")).json()["pending_id"] == odd
+
+
+def test_a_key_that_is_no_id_is_400(client: httpx.Client) -> None:
+    bank, alice = funded(client, 10)
+    body = {"source": bank, "destination": alice, "amount": 1}
+    for key in ("k" * 129, b"\xff\xfe"):  # too long; not UTF-8
+        refused = write(client, "/transfers", key, body)
+        assert refused.status_code == 400 and error_of(refused)["code"] == "invalid_request"
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 
@@ -398,7 +422,6 @@ def test_malformed_linked_post_and_account_bodies_are_400(client: httpx.Client) 
 
 
 def test_a_body_over_the_limit_is_413_and_a_chain_of_1000_legs_fits(client: httpx.Client) -> None:
-    bank, alice = funded(client, 0)
     oversized = client.post("/transfers", headers={"Idempotency-Key": fresh("big"), "Content-Type":
                                                    "application/json"}, content=b" " * (1 << 20) + b"{}")
     assert oversized.status_code == 413 and error_of(oversized)["code"] == "body_too_large"
@@ -406,11 +429,38 @@ def test_a_body_over_the_limit_is_413_and_a_chain_of_1000_legs_fits(client: http
                                                   "application/json"},
                            content=iter([b" " * (1 << 19)] * 3))  # chunked: no Content-Length
     assert streamed.status_code == 413 and error_of(streamed)["code"] == "body_too_large"
-    key = "c" * 100
-    legs = [{"id": f"{key}-{i:04}", "source": bank, "destination": alice, "amount": 1,
-             "reference": "r" * 200} for i in range(1000)]
+    source, destination = (open_account(client, "s" * 120, overdraft_limit=None), open_account(client, "d" * 120))
+    assert 120 < len(source) <= 128
+    key = "c" * 123
+    legs = [{"id": f"{key}.{i:04}", "source": source, "destination": destination, "amount": 1,
+             "reference": "r" * 256} for i in range(1000)]
     legs[0]["id"] = key
     chain = write(client, "/transfers/linked", key, {"legs": legs})
-    assert len(chain.request.content) > 300_000
+    assert len(chain.request.content) > 680_000  # about 700 bytes a leg
     assert chain.status_code == 201, chain.text
     assert len(chain.json()["transfers"]) == 1000
+
+
+def test_the_server_uses_only_the_public_names_of_engine() -> None:
+    """It is the reference host: what it does, any host can do with `from engine import ...`."""
+    import ast
+
+    import engine
+
+    root = Path(engine.__file__).parent
+    modules = sorted(root.glob("_serve*.py"))
+    assert len(modules) >= 4
+    for module in modules:
+        tree = ast.parse(module.read_text(), filename=str(module))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert node.module.split(".")[0] not in ("coordinator", "journal"), (module.name, node.module)
+                if node.module == "engine":
+                    assert {alias.name for alias in node.names} <= set(engine.__all__), module.name
+                elif node.module.startswith("engine"):
+                    assert node.module.startswith("engine._serve"), (module.name, node.module)
+            elif isinstance(node, ast.Import):
+                assert not {alias.name.split(".")[0] for alias in node.names} & {"coordinator", "journal"}
+            elif (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                  and not (isinstance(node.value, ast.Name) and node.value.id == "self")):
+                raise AssertionError(f"{module.name}:{node.lineno} reads a private name, .{node.attr}")
