@@ -53,10 +53,12 @@ class Guard:
     `OPEN_PATHS`, compared in constant time), the body limit (by `Content-Length` at once, and
     by the bytes read for a body without one), and the bound on requests in flight."""
 
-    def __init__(self, app: ASGIApp, token: str | None, body_bytes_max: int) -> None:
+    def __init__(self, app: ASGIApp, token: str | None, body_bytes_max: int,
+                 requests_in_flight_max: int = REQUESTS_IN_FLIGHT_MAX) -> None:
         self.app = app
         self.expected = None if token is None else b"Bearer " + token.encode()
         self.body_bytes_max = body_bytes_max
+        self.requests_in_flight_max = requests_in_flight_max
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -74,9 +76,9 @@ class Guard:
             await _send_error(send, "body_too_large", str(_BodyTooLarge(self.body_bytes_max).detail)
                               if length.isdigit() else "the Content-Length header is not a whole number")
             return
-        if self.in_flight >= REQUESTS_IN_FLIGHT_MAX:
-            await _send_error(send, "overloaded", f"this server is serving its limit of {REQUESTS_IN_FLIGHT_MAX:,}"
-                                                  " requests at once: retry later")
+        if self.in_flight >= self.requests_in_flight_max:
+            await _send_error(send, "overloaded", f"this server is serving its limit of "
+                                                  f"{self.requests_in_flight_max:,} requests at once: retry later")
             return
         received = 0
 

@@ -334,3 +334,35 @@ def test_a_closed_ledger_is_503_and_health_says_so(tmp_path: Path) -> None:
         assert (await client.get("/health")).status_code == 503
 
     _in_process(tmp_path, work)
+
+
+def test_the_guard_answers_503_overloaded_past_its_requests_in_flight() -> None:
+    from engine._serve_app import Guard
+
+    release = asyncio.Event()
+    answers: list[dict[str, Any]] = []
+
+    async def held(_scope: Any, _receive: Any, _send: Any) -> None:
+        await release.wait()
+
+    async def send(message: dict[str, Any]) -> None:
+        answers.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def run() -> None:
+        guard = Guard(held, token=None, body_bytes_max=1024, requests_in_flight_max=2)
+        scope = {"type": "http", "path": "/health", "headers": []}
+        first = [asyncio.ensure_future(guard(scope, receive, send)) for _ in range(2)]
+        await asyncio.sleep(0)  # both enter the application and hold there
+        await guard(scope, receive, send)
+        assert answers[0]["status"] == 503 and json.loads(answers[1]["body"])["error"]["code"] == "overloaded"
+        release.set()
+        await asyncio.gather(*first)
+        assert guard.in_flight == 0
+        answers.clear()
+        await guard(scope, receive, send)
+        assert answers == []  # the application answered (here: nothing), not the guard
+
+    asyncio.run(run())
