@@ -17,7 +17,15 @@ from coordinator._asof import (
 )
 from coordinator._holds import unindexed_holds_flat
 from coordinator._audit import CHECKS, AuditReport, audit, state_hash, unopened
-from coordinator._claims import check_ids_against_records, outcome_now
+from coordinator._claims import (
+    Ticket,
+    check_ids_against_records,
+    outcome_now,
+    refusal_error,
+    settle,
+    settle_chain,
+    ticket_outcome,
+)
 from coordinator._history import (
     Checkpointed,
     Committed,
@@ -88,7 +96,9 @@ from coordinator._validate import (
     check_id,
     check_metadata,
     check_overdraft_limit,
+    check_chain,
     check_path,
+    check_resolution,
     check_transfer,
     checked_clock,
     shown,
@@ -167,6 +177,13 @@ __all__ = [
     "TRANSFERS_PAGE_MAX",
     "account_lsns",
     "outcome_now",
+    "refusal_error",
+    "settle",
+    "settle_chain",
+    "ticket_outcome",
+    "Ticket",
+    "check_chain",
+    "check_resolution",
     "balance_at",
     "check_kind",
     "entries_at",

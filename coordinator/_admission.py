@@ -32,6 +32,15 @@ class Admission:
                     self._waiting -= 1
             self._free -= permits
 
+    def try_admit(self, permits: int) -> bool:
+        """Take `permits` if they are free now; never waits. False if not (take none)."""
+        assert 1 <= permits <= self.permits_max, permits
+        with self._cond:
+            if self._free < permits:
+                return False
+            self._free -= permits
+            return True
+
     def release(self, permits: int = 1) -> None:
         with self._cond:
             self._free += permits

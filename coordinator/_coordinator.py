@@ -114,12 +114,22 @@ class Coordinator:
         except LedgerError:
             self.claims.abandon(ticket)
             raise
-        if self._combine(ticket):
+        if self._combine([ticket]):
             self.journal.commit_inline()  # alone: its record was not handed to the writer; no hand-off
         if not ticket.wait(timeout_s):
             raise LedgerTimeout(f"transfer {ticket.request.id!r}: no durable outcome within {timeout_s} s; "
                                 "retry with the same id")
         self.claims.release(ticket)
+
+    def submit(self, tickets: list[Ticket]) -> None:
+        """Start claimed, admitted tickets and return without waiting for their outcome: each
+        is resolved (a `Completion`) once durable, by the journal writer. For callers that
+        must not block (an event loop: `Completion.add_callback`). Decides them on this thread
+        as a combiner does, unless another thread is combining (then they join its queue);
+        never writes to LMDB here (the writer thread does), so it waits only for the locks
+        a decision takes, for a few microseconds a ticket. The caller releases each ticket's
+        claim once resolved (`claims.release`)."""
+        self._combine(tickets, inline=False)
 
     def _await_prior(self, claim: Prior, timeout_s: float) -> Prior:
         if not isinstance(claim, Ticket):
@@ -129,10 +139,10 @@ class Coordinator:
         self.claims.release(claim)
         return claim
 
-    def _combine(self, ticket: Ticket) -> bool:
-        """Start `ticket`, combining with concurrent callers (flat combining). True if the
-        caller found itself alone: then the record it queued was not handed to the journal
-        writer, and the caller commits it (`Journal.commit_inline`).
+    def _combine(self, tickets: list[Ticket], inline: bool = True) -> bool:
+        """Start `tickets`, combining with concurrent callers (flat combining). True if the
+        caller found itself alone (and `inline`): then the record it queued was not handed to
+        the journal writer, and the caller commits it (`Journal.commit_inline`).
 
         The first caller to find no combiner at work becomes it and starts every
         ticket queued meanwhile, its own first; the others only queue theirs and
@@ -144,11 +154,11 @@ class Coordinator:
         and back; with company, the writer thread's group commits are the better deal.
         """
         with self._combining_lock:
-            self._combining_queue.append(ticket)
+            self._combining_queue += tickets
             if self._combining:
                 return False
             self._combining = True
-        alone = None  # decided by the first round: later rounds hand their records to the writer
+        alone = None if inline else False  # decided by the first round: later rounds hand their records to the writer
         try:
             while True:
                 with self._combining_lock:

@@ -39,6 +39,7 @@ from coordinator import (
     TransferRequest,
 )
 
+from engine._async import AsyncLedger
 from engine._history import Snapshot
 from engine._head import Head
 from engine._ledger import Ledger
@@ -49,6 +50,7 @@ __all__ = [
     "Account",
     "AccountExists",
     "AccountNotFound",
+    "AsyncLedger",
     "Balance",
     "BalanceOverflow",
     "CurrencyMismatch",

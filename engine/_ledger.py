@@ -214,23 +214,24 @@ class Ledger:
         Raises `InvalidRequest` for a malformed id, currency, limit, code or metadata, and
         `AccountExists` if the id exists with different parameters.
         """
-        check_id(account_id, "account id")
-        check_currency(currency)
-        check_overdraft_limit(overdraft_limit)
-        account = Account(account_id, currency, overdraft_limit, check_code(code), check_metadata(metadata))
+        account = Account(check_id(account_id, "account id"), check_currency(currency),
+                          check_overdraft_limit(overdraft_limit), check_code(code), check_metadata(metadata))
         with self._call():
-            sequencer = self._sequencer
-            completion = Completion(account)
-            with sequencer.lock:
-                existing = sequencer.accounts.get(account_id)
-                if existing is None:
-                    lsn = sequencer.open_account(account, completion)
-                else:
-                    lsn = sequencer.account_lsns[account_id]
-            if existing is not None and existing != account:
-                raise _exists(existing)
-            self._journal.wait_durable(lsn, self.timeout_s)
+            self._journal.wait_durable(self._open_account(account), self.timeout_s)
             return account
+
+    def _open_account(self, account: Account) -> int:
+        """`create_account` up to its wait: journal a new account (or find it); the LSN to wait
+        for. Never waits but for the sequencer lock. Raises `AccountExists`."""
+        sequencer = self._sequencer
+        with sequencer.lock:
+            existing = sequencer.accounts.get(account.id)
+            if existing is None:
+                return sequencer.open_account(account, Completion(account))
+            lsn = sequencer.account_lsns[account.id]
+        if existing != account:
+            raise _exists(existing)
+        return lsn
 
     def create_accounts(self, accounts: Sequence[Account]) -> list[Account | LedgerError]:
         """Open many accounts at once: one outcome per item, in order, as if `create_account`
@@ -243,25 +244,19 @@ class Ledger:
         Accounts are journaled in blocks of `ACCOUNTS_PER_BLOCK_MAX`, each under one hold of
         the sequencer lock. Raises `InvalidRequest` if `accounts` is not a sequence.
         """
-        if not isinstance(accounts, Sequence) or isinstance(accounts, (str, bytes)):
-            raise InvalidRequest(f"create_accounts takes a sequence of Account, got {type(accounts).__name__}")
-        results: list[Account | LedgerError] = []
-        for item in accounts:
-            try:
-                if not isinstance(item, Account):
-                    raise InvalidRequest(f"create_accounts takes Account items, got {type(item).__name__}")
-                results.append(Account(check_id(item.id, "account id"), check_currency(item.currency),
-                                       check_overdraft_limit(item.overdraft_limit), check_code(item.code),
-                                       check_metadata(item.metadata)))
-            except LedgerError as error:
-                results.append(error)
+        results = checked_accounts(accounts)
         with self._call():
-            sequencer, last = self._sequencer, 0
-            for first in range(0, len(results), ACCOUNTS_PER_BLOCK_MAX):
-                with sequencer.lock:
-                    last = max(last, self._open_block(results, first))
-            self._journal.wait_durable(last, self.timeout_s)
+            self._journal.wait_durable(self._open_accounts(results), self.timeout_s)
         return results
+
+    def _open_accounts(self, results: list[Account | LedgerError]) -> int:
+        """`create_accounts` up to its wait: journal the new accounts of `results`, block by
+        block, turning each that exists otherwise into `AccountExists`; the LSN to wait for."""
+        sequencer, last = self._sequencer, 0
+        for first in range(0, len(results), ACCOUNTS_PER_BLOCK_MAX):
+            with sequencer.lock:
+                last = max(last, self._open_block(results, first))
+        return last
 
     def _open_block(self, results: list[Account | LedgerError], first: int) -> int:
         """`create_accounts` of `results[first:first + ACCOUNTS_PER_BLOCK_MAX]` (call under the
@@ -630,6 +625,24 @@ def balance_of(books: Projection, account_id: str) -> Balance:
     _, posted, _ = books.states[account_id]
     held = books.held.get(account_id, 0)
     return Balance(posted, held, posted - held, books.incoming.get(account_id, 0))
+
+
+def checked_accounts(accounts: object) -> list[Account | LedgerError]:
+    """`create_accounts`' items, each checked: the Account, or the `InvalidRequest` it is.
+    Raises `InvalidRequest` if `accounts` is not a sequence."""
+    if not isinstance(accounts, Sequence) or isinstance(accounts, (str, bytes)):
+        raise InvalidRequest(f"create_accounts takes a sequence of Account, got {type(accounts).__name__}")
+    results: list[Account | LedgerError] = []
+    for item in accounts:
+        try:
+            if not isinstance(item, Account):
+                raise InvalidRequest(f"create_accounts takes Account items, got {type(item).__name__}")
+            results.append(Account(check_id(item.id, "account id"), check_currency(item.currency),
+                                   check_overdraft_limit(item.overdraft_limit), check_code(item.code),
+                                   check_metadata(item.metadata)))
+        except LedgerError as error:
+            results.append(error)
+    return results
 
 
 def check_page(after: object, limit: object) -> None:

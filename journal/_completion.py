@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 class Completion:
@@ -27,7 +27,7 @@ class Completion:
     that safe, as the engine's other shared counters.)
     """
 
-    __slots__ = ("_lock", "done", "value", "error", "_relay", "_waiting")
+    __slots__ = ("_lock", "done", "value", "error", "_relay", "_waiting", "_callbacks")
 
     def __init__(self, value: object = None, relayed: bool = False) -> None:
         self.done = False
@@ -37,6 +37,21 @@ class Completion:
         self._lock: threading.Lock | None = _held_lock() if relayed else None
         self._relay: deque[Completion] | None = _NO_RELAY if relayed else None
         self._waiting = 0
+        self._callbacks: list[Callable[[Completion], None]] | None = None
+
+    def add_callback(self, callback: Callable[[Completion], None]) -> bool:
+        """Call `callback(self)` once this is resolved, on the resolving thread (the writer's,
+        for a durable record), right after its waiters are released: it must be quick and
+        must not raise (an event loop's waker: `call_soon_threadsafe`). False if it is
+        resolved already: then it is not called, and the caller goes on itself."""
+        with _RESOLVING:
+            if self.done:
+                return False
+            if self._callbacks is None:
+                self._callbacks = [callback]
+            else:
+                self._callbacks.append(callback)
+            return True
 
     @property
     def relayed(self) -> bool:
@@ -53,10 +68,15 @@ class Completion:
                 self.error = error
             self.done = True
             lock = self._lock
+            callbacks = self._callbacks
+            self._callbacks = None  # a callback often holds its completion: no cycle left for the collector
         finally:
             _RESOLVING.release()
         if lock is not None:  # else nobody waits yet, and a later waiter finds it done
             lock.release()
+        if callbacks is not None:
+            for callback in callbacks:
+                callback(self)
         return True
 
     def wait(self, timeout_s: float) -> bool:
@@ -108,6 +128,7 @@ def resolve_all(completions: Iterable[Completion | None]) -> None:
     marked done before any waiter wakes; relayed ones are then released in a relay."""
     locks: list[threading.Lock] = []
     relayed: list[Completion] = []
+    called: list[Completion] = []
     with _RESOLVING:
         for completion in completions:
             if completion is None or completion.done:
@@ -118,16 +139,28 @@ def resolve_all(completions: Iterable[Completion | None]) -> None:
             completion.done = True
             if completion._lock is not None:  # else nobody waits yet, and a later waiter finds it done
                 locks.append(completion._lock)
+            if completion._callbacks is not None:
+                called.append(completion)
     for lock in locks:
         lock.release()
     if relayed:
         relay(relayed)
+    _call_back(called)
+
+
+def _call_back(completions: list[Completion]) -> None:
+    """Run the callbacks of completions just marked done (no lock held)."""
+    for completion in completions:
+        callbacks, completion._callbacks = completion._callbacks, None  # no cycle left (see `resolve`)
+        for callback in callbacks:  # type: ignore[union-attr]
+            callback(completion)
 
 
 def relay(completions: list[Completion]) -> None:
     """Release relayed completions (all already durable) one waiter at a time: mark every
     one done, then wake the first that has a waiter; each waiter passes it on."""
     line: deque[Completion] = deque()
+    called: list[Completion] = []
     with _RESOLVING:
         for completion in completions:
             if completion.done:
@@ -135,7 +168,10 @@ def relay(completions: list[Completion]) -> None:
             completion.done = True
             completion._relay = line
             line.append(completion)
+            if completion._callbacks is not None:
+                called.append(completion)
     pass_on(line)
+    _call_back(called)
 
 
 def pass_on(line: deque[Completion]) -> None:

@@ -206,6 +206,13 @@ class Journal:
         for no thread hand-off."""
         return self._writer is not None and self._writer.commit_inline()
 
+    def durable_completion(self, lsn: int) -> Completion | None:
+        """A completion resolved once every record up to `lsn` is durable (with the failure if
+        the journal fails first), for a waiter that must not block (an event loop: see
+        `Completion.add_callback`); None if they are durable already. Raises the journal's
+        failure."""
+        return None if self._writer is None else self._writer.durable_completion(lsn)
+
     def wait_durable(self, lsn: int, timeout_s: float) -> None:
         """Block (at most `timeout_s`) until every record up to `lsn` is on disk."""
         if self._writer is None:

@@ -217,18 +217,26 @@ class Writer:
         if self._closing:
             raise JournalClosedError("the journal is closed")
 
-    def wait_durable(self, lsn: int, timeout_s: float) -> None:
-        """Block until every record up to `lsn` is durable (bounded by `timeout_s`)."""
+    def durable_completion(self, lsn: int) -> Completion | None:
+        """A completion the writer resolves once every record up to `lsn` is durable (or with
+        the journal's failure); None if they are already. Never blocks but for a lock."""
         if self.durable_lsn >= lsn:
-            return
+            return None
         completion = Completion()
         with self._cond:
             if self.durable_lsn >= lsn:
-                return
+                return None
             if self._failure is not None:
                 raise self._failure
             self._waiter_ids += 1
             heapq.heappush(self._waiters, (lsn, self._waiter_ids, completion))
+        return completion
+
+    def wait_durable(self, lsn: int, timeout_s: float) -> None:
+        """Block until every record up to `lsn` is durable (bounded by `timeout_s`)."""
+        completion = self.durable_completion(lsn)
+        if completion is None:
+            return
         if not completion.wait(timeout_s):
             raise JournalTimeoutError(f"LSN {lsn} not durable within {timeout_s} s")
         if completion.error is not None:

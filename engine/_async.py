@@ -1,0 +1,511 @@
+"""`AsyncLedger`: the engine for an asyncio host, on one event loop, without blocking it.
+
+Data flow of a transfer (threads in brackets):
+
+1. [loop] the coroutine validates the request and claims its id (or finds the id's earlier
+   outcome), as `Ledger.transfer` does; it registers a waker on the ticket, queues it in
+   the *outbox* and sleeps on a future.
+2. [loop, once per turn of the loop] the flush takes permits for the tickets queued
+   meanwhile and hands them all to the coordinator (`Coordinator.submit`), which decides
+   them as one combined round and queues their records for the journal writer. It never
+   writes LMDB on the loop: no fsync ever runs there.
+3. [writer] one group commit makes the records durable, then resolves each ticket; its
+   waker appends it to a queue and, if none is scheduled, schedules one drain with
+   `loop.call_soon_threadsafe`: a group commit of hundreds wakes the loop once.
+4. [loop] the drain releases the tickets' claims and sets their futures; each coroutine
+   returns its durable outcome.
+
+No thread is parked per call. What still runs on worker threads (`ASYNC_WORKER_THREADS`):
+reads (an account's actor may have a queue to get through; a cold page of the data file is
+a disk read) and `transfer_many` (a batch waits its turn in the batch lane, see
+`coordinator._turns`), each call on one worker for its duration.
+
+Cancellation: cancelling a coroutine that awaits a write never cancels the write halfway.
+Before the flush has handed its ticket to the coordinator, the ticket is withdrawn and
+nothing is written (a retry runs afresh); after, the write goes on to its durable outcome,
+its claim is released when that comes, and a retry with the same id returns that outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, TypeVar
+
+from coordinator import (
+    Account,
+    Balance,
+    Entry,
+    Event,
+    EventReader,
+    InvalidRequest,
+    LedgerClosed,
+    LedgerError,
+    LedgerTimeout,
+    LedgerUnavailable,
+    ReadOnlyLedger,
+    Refused,
+    Resolution,
+    Ticket,
+    Transfer,
+    TransferRequest,
+    check_chain,
+    check_code,
+    check_currency,
+    check_id,
+    check_metadata,
+    check_overdraft_limit,
+    check_resolution,
+    check_transfer,
+    ledger_error,
+    refusal_error,
+    settle,
+    settle_chain,
+    ticket_outcome,
+    transfer_request,
+)
+from journal import Completion, JournalError
+
+from engine._head import Head
+from engine._follow import FOLLOW_POLL_S
+from engine._ledger import Ledger, checked_accounts
+
+T = TypeVar("T")
+
+ASYNC_WORKER_THREADS = 4
+"""Threads an `AsyncLedger` runs its reads and batches on (never its single writes)."""
+FLUSH_TICKETS_MAX = 16
+"""Most tickets one flush decides on the loop before it lets other callbacks run."""
+WAKE_FUTURES_MAX = 16
+"""Most coroutines one drain wakes: each then runs a step on the loop, so a group commit of
+hundreds is woken over several turns of the loop, and a timer waits for a few at most."""
+ADMISSION_RETRY_S = 0.001
+"""Pause before a flush tries again when the ledger is at its bound of transfers in flight."""
+FOLLOW_SLICE_S = 1.0
+"""Longest one wait of an `events` follower before it looks again whether the ledger closed."""
+
+logger = logging.getLogger("tally.engine")
+
+
+class AsyncLedger:
+    """An open ledger for asyncio: every `Ledger` method as a coroutine of the same name,
+    arguments and errors, bound to the event loop that opened it. Open it with
+    `async with AsyncLedger.open(path, **options) as ledger` (or `await AsyncLedger.open`).
+
+    Writes (`transfer`, `post_pending`, `void_pending`, `transfer_linked`, `create_account`,
+    `create_accounts`, `expire_pending`) are decided on the loop, a loop turn's worth at a
+    time, and the coroutine sleeps until the journal writer wakes it through the loop once
+    its outcome is durable (module docstring). Each wait is bounded by the ledger's
+    `timeout_s` (`LedgerTimeout`: retry with the same id). Cancelling an awaited write never
+    cancels it halfway: it was not submitted and nothing was written, or it completes, and a
+    retry with the same id returns its outcome."""
+
+    def __init__(self, ledger: Ledger, loop: asyncio.AbstractEventLoop) -> None:
+        self._ledger = ledger
+        self._loop = loop
+        self.path = ledger.path
+        self.timeout_s = ledger.timeout_s
+        self._workers = ThreadPoolExecutor(ASYNC_WORKER_THREADS, thread_name_prefix="tally-async")
+        self._outbox: dict[Ticket, None] = {}
+        """Tickets claimed on the loop and not yet handed to the coordinator, in order."""
+        self._flushing = False
+        self._woken: deque[tuple[asyncio.Future[None], Ticket | None]] = deque()
+        """Filled by the resolving thread (the writer's), emptied by `_drain` on the loop."""
+        self._draining = False
+
+    @staticmethod
+    def open(path: str | os.PathLike[str], **options: Any) -> _Opening:
+        """Open (creating if missing) the ledger at `path` with `Ledger.open`'s options, on a
+        worker thread (recovery may take a while), bound to the running loop. Use the result
+        with `async with`, or await it and `close()` the ledger yourself."""
+        return _Opening(path, options)
+
+    async def __aenter__(self) -> AsyncLedger:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # --- writes ------------------------------------------------------------------------
+
+    async def create_account(self, account_id: str, *, currency: str, overdraft_limit: int | None = 0,
+                             code: int = 0, metadata: Mapping[str, str | int] | None = None) -> Account:
+        """`Ledger.create_account`: returns once the account is durable."""
+        account = Account(check_id(account_id, "account id"), check_currency(currency),
+                          check_overdraft_limit(overdraft_limit), check_code(code), check_metadata(metadata))
+        if self._readonly:
+            return self._ledger.create_account(account_id, currency=currency)  # raises ReadOnlyLedger
+        with self._call():
+            await self._durable(self._ledger._open_account(account))
+            return account
+
+    async def create_accounts(self, accounts: Sequence[Account]) -> list[Account | LedgerError]:
+        """`Ledger.create_accounts`: returns once every outcome is durable."""
+        if self._readonly:
+            return self._ledger.create_accounts(accounts)  # raises ReadOnlyLedger
+        results = checked_accounts(accounts)
+        with self._call():
+            await self._durable(self._ledger._open_accounts(results))
+        return results
+
+    async def transfer(self, transfer_id: str, *, source: str, destination: str, amount: int, code: int = 0,
+                       reference: str | None = None, metadata: Mapping[str, str | int] | None = None,
+                       pending: bool = False, timeout_s: int | None = None) -> Transfer:
+        """`Ledger.transfer`: returns once the outcome is durable (see the class docstring on
+        cancellation)."""
+        return await self._decide(transfer_request(transfer_id, source, destination, amount, code, reference,
+                                                   metadata, pending, timeout_s))
+
+    async def post_pending(self, transfer_id: str, *, pending_id: str, amount: int | None = None,
+                           reference: str | None = None, metadata: Mapping[str, str | int] | None = None) -> Transfer:
+        """`Ledger.post_pending`."""
+        return await self._decide(Resolution(transfer_id, pending_id, amount, reference, metadata))
+
+    async def void_pending(self, transfer_id: str, *, pending_id: str, reference: str | None = None,
+                           metadata: Mapping[str, str | int] | None = None) -> Transfer:
+        """`Ledger.void_pending`."""
+        return await self._decide(Resolution(transfer_id, pending_id, None, reference, metadata, void=True))
+
+    async def transfer_linked(self, requests: Sequence[TransferRequest]) -> list[Transfer]:
+        """`Ledger.transfer_linked`: every leg, or none (`LinkedTransferFailed`)."""
+        if self._readonly:
+            return self._ledger.transfer_linked(requests)  # raises ReadOnlyLedger at once
+        with self._call():
+            chain = tuple(check_chain(requests))
+            claimed = self._ledger._coordinator.claims.claim_chain(chain)
+            if type(claimed) is not Ticket:
+                priors = [None if prior is None else await self._prior(prior) for prior in claimed]  # type: ignore[union-attr]
+                return settle_chain(chain, priors)
+            await self._run(claimed)
+            outcome = ticket_outcome(claimed)
+            if isinstance(outcome, Refused):
+                raise refusal_error(outcome)
+            return list(outcome)  # type: ignore[arg-type]
+
+    async def transfer_many(self, requests: Sequence[TransferRequest]) -> list[Transfer | LedgerError]:
+        """`Ledger.transfer_many`, on a worker thread (the batch waits its turn in the lane)."""
+        return await self._on_worker(self._ledger.transfer_many, requests)
+
+    async def expire_pending(self) -> int:
+        """`Ledger.expire_pending`: returns once the expiries are durable."""
+        if self._readonly:
+            return self._ledger.expire_pending()  # raises ReadOnlyLedger
+        with self._call():
+            expired, lsn = self._ledger._coordinator.expire_due()
+            await self._durable(lsn)
+            return expired
+
+    # --- reads (on a worker thread) ----------------------------------------------------
+
+    async def account(self, account_id: str) -> Account:
+        return await self._on_worker(self._ledger.account, account_id)
+
+    async def accounts(self) -> list[Account]:
+        return await self._on_worker(self._ledger.accounts)
+
+    async def balance(self, account_id: str, *, at_lsn: int | None = None, at_timestamp: int | None = None) -> Balance:
+        return await self._on_worker(partial(self._ledger.balance, account_id, at_lsn=at_lsn,
+                                             at_timestamp=at_timestamp))
+
+    async def entries(self, account_id: str, after: int = 0, limit: int | None = None) -> list[Entry]:
+        return await self._on_worker(self._ledger.entries, account_id, after, limit)
+
+    async def get_transfer(self, transfer_id: str) -> Transfer | None:
+        return await self._on_worker(self._ledger.get_transfer, transfer_id)
+
+    async def outcome(self, transfer_id: str) -> Transfer | LedgerError | None:
+        return await self._on_worker(self._ledger.outcome, transfer_id)
+
+    async def transfers(self, *, account: str | None = None, code: int | None = None, kind: str | None = None,
+                        after_lsn: int = 0, until_lsn: int | None = None, limit: int = 100,
+                        reverse: bool = False) -> list[Transfer]:
+        return await self._on_worker(partial(self._ledger.transfers, account=account, code=code, kind=kind,
+                                             after_lsn=after_lsn, until_lsn=until_lsn, limit=limit, reverse=reverse))
+
+    async def state_hash(self) -> str:
+        return await self._on_worker(self._ledger.state_hash)
+
+    async def head(self) -> Head:
+        return self._ledger.head()  # from memory: never blocks
+
+    async def stats(self) -> dict[str, int]:
+        return self._ledger.stats()  # from memory: never blocks
+
+    def events(self, after_lsn: int = 0, *, follow: bool = True,
+               timeout_s: float | None = None) -> AsyncIterator[Event]:
+        """`Ledger.events` as an async iterator, following by default: each chunk of records
+        is read on a worker thread, and a follower sleeps until the writer's next group
+        commit wakes it through the loop (a read-only ledger's follower polls). Arguments are
+        checked, and a closed ledger raises `LedgerClosed`, here, not at the first event."""
+        self._ledger.events(after_lsn, follow=follow, timeout_s=timeout_s)  # checks, reads nothing
+        return self._follow(after_lsn, follow, timeout_s)
+
+    # --- closing -----------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """`Ledger.close`, on a thread of its own: the writes under way finish (bounded by
+        `timeout_s`); those still in the outbox are withdrawn with `LedgerClosed`, nothing
+        written for them. Idempotent."""
+        for ticket in list(self._outbox):
+            self._withdraw(ticket, LedgerClosed(f"the ledger closed before transfer {ticket.request.id!r} was "
+                                                "submitted; nothing was written for it"))
+        await asyncio.to_thread(self._ledger.close)
+        self._workers.shutdown(wait=False)
+
+    @property
+    def closed(self) -> bool:
+        return self._ledger.closed
+
+    def __repr__(self) -> str:
+        return f"AsyncLedger({self.path!r}{', closed' if self.closed else ''})"
+
+    # --- the write path ----------------------------------------------------------------
+
+    @property
+    def _readonly(self) -> bool:
+        return self._ledger._journal.readonly
+
+    def _call(self) -> Any:
+        """`Ledger._call`, checked to be on this ledger's loop."""
+        if asyncio.get_running_loop() is not self._loop:
+            raise InvalidRequest("an AsyncLedger is bound to the event loop that opened it")
+        return self._ledger._call()
+
+    async def _decide(self, request: TransferRequest | Resolution) -> Transfer:
+        """Run one request to its durable outcome (steps 1 and 4 of the module docstring)."""
+        if self._readonly:
+            raise ReadOnlyLedger(f"the ledger at {self.path} is open read-only: it cannot decide transfers")
+        with self._call():
+            request = check_transfer(request) if type(request) is not Resolution else check_resolution(request)
+            claim, fresh = self._ledger._coordinator.claims.claim(request)
+            if not fresh:
+                return settle(request, await self._prior(claim))
+            assert type(claim) is Ticket
+            await self._run(claim)
+            return settle(request, claim)
+
+    async def _run(self, ticket: Ticket) -> None:
+        """Queue a fresh ticket for the next flush and sleep until it is durable."""
+        future: asyncio.Future[None] = self._loop.create_future()
+        ticket.add_callback(partial(self._wake, future, ticket))  # fresh: never resolved yet
+        self._outbox[ticket] = None
+        if not self._flushing:
+            self._flushing = True
+            self._loop.call_soon(self._flush)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await future
+        except TimeoutError:
+            if self._withdraw(ticket, LedgerTimeout(f"transfer {ticket.request.id!r} was not submitted within "
+                                                    f"{self.timeout_s} s; nothing was written for it")):
+                raise ticket.error from None  # type: ignore[misc]
+            raise LedgerTimeout(f"transfer {ticket.request.id!r}: no durable outcome within {self.timeout_s} s; "
+                                "retry with the same id") from None
+        except asyncio.CancelledError:
+            self._withdraw(ticket, LedgerUnavailable(f"transfer {ticket.request.id!r} was cancelled before it was "
+                                                     "submitted; nothing was written for it: retry it"))
+            raise
+
+    def _withdraw(self, ticket: Ticket, error: LedgerError) -> bool:
+        """Take a ticket out of the outbox, if the flush has not handed it over yet: it is
+        resolved with `error` (for anyone else waiting on its id) and its claim dropped.
+        True if it was withdrawn."""
+        if ticket not in self._outbox:
+            return False
+        del self._outbox[ticket]
+        if ticket.resolve(error):
+            self._ledger._coordinator.claims.abandon(ticket)
+        return True
+
+    def _flush(self) -> None:
+        """Hand the outbox to the coordinator (step 2): as many tickets as permits allow, at
+        most `FLUSH_TICKETS_MAX`; the rest at the next turn of the loop."""
+        outbox = self._outbox
+        coordinator = self._ledger._coordinator
+        admission = coordinator.admission
+        tickets: list[Ticket] = []
+        for ticket in outbox:
+            if len(tickets) == FLUSH_TICKETS_MAX or not admission.try_admit(1):
+                break
+            tickets.append(ticket)
+        for ticket in tickets:
+            del outbox[ticket]
+        if outbox:
+            if tickets:
+                self._loop.call_soon(self._flush)
+            else:  # at the bound of transfers in flight: each ticket's own timeout bounds this
+                self._loop.call_later(ADMISSION_RETRY_S, self._flush)
+        else:
+            self._flushing = False
+        if not tickets:
+            return
+        try:
+            coordinator.submit(tickets)
+        except Exception as error:  # a bug must not strand the tickets' coroutines
+            logger.exception("submitting %d transfers failed", len(tickets))
+            for ticket in tickets:  # (a permit not given back is safer than one given back twice)
+                if ticket.resolve(LedgerUnavailable(f"transfer {ticket.request.id!r} failed: {error!r}")):
+                    coordinator.claims.abandon(ticket)
+
+    def _wake(self, future: asyncio.Future[None], ticket: Ticket | None, _completion: Completion) -> None:
+        """A completion's callback (step 3), on the thread that resolved it. It schedules a
+        drain unless one is scheduled (`_draining`); the drain clears that flag only once
+        `_woken` is empty and then looks again, so an item appended beside it is never left
+        behind (the GIL orders the appends and the flag's reads and writes)."""
+        self._woken.append((future, ticket))
+        if not self._draining:
+            self._draining = True
+            try:
+                self._loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop is closed: nobody is left to wake
+                pass
+
+    def _drain(self) -> None:
+        """Wake every coroutine whose completion was resolved (step 4), releasing claims."""
+        woken = self._woken
+        released: list[Ticket] = []
+        for _ in range(min(len(woken), WAKE_FUTURES_MAX)):
+            future, ticket = woken.popleft()
+            if ticket is not None:
+                released.append(ticket)
+            if not future.done():  # a cancelled waiter's write still gets its claim released
+                future.set_result(None)
+        if woken:
+            self._loop.call_soon(self._drain)  # the rest at the next turn
+        else:
+            self._draining = False  # before a look at `woken` by `_wake`: see its docstring
+            if woken:  # appended meanwhile, by a waker that saw `_draining` still set
+                self._draining = True
+                self._loop.call_soon(self._drain)
+        if released:
+            self._ledger._coordinator.claims.release_many(released)
+
+    async def _prior(self, claim: Any) -> Any:
+        """What an id already has, once decided: its durable outcome, or its ticket in flight
+        (another caller's) once that is durable."""
+        if type(claim) is not Ticket:
+            return claim
+        if not claim.done:
+            await self._completed(claim, f"transfer {claim.request.id!r} is still in flight; retry later")
+        self._ledger._coordinator.claims.release(claim)
+        return claim
+
+    async def _durable(self, lsn: int) -> None:
+        """Sleep until every record up to `lsn` is durable (bounded by `timeout_s`)."""
+        try:
+            completion = self._ledger._journal.durable_completion(lsn)
+        except JournalError as error:
+            raise ledger_error(error) from error
+        if completion is None:
+            return
+        await self._completed(completion, f"LSN {lsn} not durable within {self.timeout_s} s")
+        failure = completion.error
+        if failure is not None:
+            raise (ledger_error(failure) if isinstance(failure, JournalError) else failure) from failure
+
+    async def _completed(self, completion: Completion, late: str) -> None:
+        """Sleep until `completion` is resolved; `LedgerTimeout(late)` after `timeout_s`."""
+        future: asyncio.Future[None] = self._loop.create_future()
+        if not completion.add_callback(partial(self._wake, future, None)):
+            return
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await future
+        except TimeoutError:
+            raise LedgerTimeout(late) from None
+
+    async def _on_worker(self, call: Callable[..., T], *args: Any) -> T:
+        if asyncio.get_running_loop() is not self._loop:
+            raise InvalidRequest("an AsyncLedger is bound to the event loop that opened it")
+        try:
+            return await self._loop.run_in_executor(self._workers, call, *args)
+        except RuntimeError:  # the workers were shut down: the ledger closed
+            if self.closed:
+                raise LedgerClosed(f"the ledger at {self.path} is closed") from None
+            raise
+
+    # --- the event stream --------------------------------------------------------------
+
+    async def _follow(self, after_lsn: int, follow: bool, timeout_s: float | None) -> AsyncIterator[Event]:
+        """`events`' iterator: `engine._follow.follow_events`, with the waits on the loop."""
+        ledger, loop = self._ledger, self._loop
+        reader = EventReader(ledger._journal, after_lsn)
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while True:
+            try:
+                chunk = await self._on_worker(self._read_chunk, reader)
+            except LedgerClosed:
+                if follow:
+                    return
+                raise
+            for event in chunk:
+                yield event
+            if chunk and timeout_s is not None:
+                deadline = loop.time() + timeout_s  # the time without a new event counts from here
+            if not reader.caught_up:
+                continue
+            if not follow or ledger.closed or not await self._next_record(reader.after_lsn, deadline):
+                return
+
+    def _read_chunk(self, reader: EventReader) -> list[Event]:
+        ledger = self._ledger
+        with ledger._call():
+            return reader.read(ledger._events_last_lsn())
+
+    async def _next_record(self, after_lsn: int, deadline: float | None) -> bool:
+        """Sleep until a record after `after_lsn` is durable; False once the ledger closed,
+        the journal failed, or the loop's clock passed `deadline` without one."""
+        ledger, loop = self._ledger, self._loop
+        if self._readonly:  # another process writes it: poll
+            if deadline is not None and loop.time() >= deadline:
+                return False
+            await asyncio.sleep(FOLLOW_POLL_S[1])
+            return not ledger.closed
+        try:
+            completion = ledger._journal.durable_completion(after_lsn + 1)
+        except JournalError:
+            return False  # the journal failed: no record will come
+        if completion is None:
+            return True
+        future: asyncio.Future[None] = loop.create_future()
+        if completion.add_callback(partial(self._wake, future, None)):
+            while True:
+                wait_s = FOLLOW_SLICE_S if deadline is None else min(FOLLOW_SLICE_S, deadline - loop.time())
+                if wait_s <= 0:
+                    return False
+                done, _ = await asyncio.wait((future,), timeout=wait_s)
+                if done:
+                    break
+                if ledger.closed:
+                    return False
+        return not ledger.closed and completion.error is None
+
+
+class _Opening:
+    """`AsyncLedger.open`'s result: awaitable, and an async context manager."""
+
+    def __init__(self, path: str | os.PathLike[str], options: dict[str, Any]) -> None:
+        self._path = path
+        self._options = options
+        self._ledger: AsyncLedger | None = None
+
+    async def _open(self) -> AsyncLedger:
+        loop = asyncio.get_running_loop()
+        ledger = await asyncio.to_thread(partial(Ledger.open, self._path, **self._options))
+        return AsyncLedger(ledger, loop)
+
+    def __await__(self) -> Generator[Any, None, AsyncLedger]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> AsyncLedger:
+        self._ledger = await self._open()
+        return self._ledger
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._ledger is not None:
+            await self._ledger.close()

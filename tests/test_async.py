@@ -1,0 +1,296 @@
+"""`AsyncLedger`: the Ledger's methods as coroutines on one event loop, woken by the writer."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from engine import (
+    Account,
+    AccountExists,
+    AsyncLedger,
+    Balance,
+    Event,
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidRequest,
+    Ledger,
+    LedgerClosed,
+    LinkedTransferFailed,
+    PendingTransferAlreadyPosted,
+    ReadOnlyLedger,
+    TransferRequest,
+)
+from journal import Completion
+
+T = TypeVar("T")
+
+COROUTINES = ("transfer", "transfer_many", "transfer_linked", "post_pending", "void_pending", "create_account",
+              "create_accounts", "account", "balance", "entries", "get_transfer", "outcome", "transfers",
+              "accounts", "state_hash", "head", "stats", "expire_pending", "close")
+
+
+def run(path: Path, body: Callable[[AsyncLedger], Awaitable[T]], **options: object) -> T:
+    """Open an AsyncLedger at `path` on a fresh loop, run `body` with it, close it."""
+
+    async def main() -> T:
+        async with AsyncLedger.open(path, **options) as ledger:
+            return await body(ledger)
+
+    return asyncio.run(main())
+
+
+async def funded(ledger: AsyncLedger, accounts: int = 4, amount: int = 1_000) -> list[str]:
+    await ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    names = [f"a{n}" for n in range(accounts)]
+    for name in names:
+        await ledger.create_account(name, currency="USD")
+        await ledger.transfer(f"fund-{name}", source="bank", destination=name, amount=amount)
+    return names
+
+
+def test_every_ledger_method_named_by_the_issue_is_a_coroutine_with_the_same_signature() -> None:
+    for name in COROUTINES:
+        mine, theirs = getattr(AsyncLedger, name), getattr(Ledger, name)
+        assert inspect.iscoroutinefunction(mine), name
+        assert inspect.signature(mine).parameters.keys() == inspect.signature(theirs).parameters.keys(), name
+        for parameter in inspect.signature(theirs).parameters.values():
+            assert inspect.signature(mine).parameters[parameter.name].default == parameter.default, (name, parameter)
+    assert not inspect.iscoroutinefunction(AsyncLedger.events)  # an async iterator, not a coroutine
+    assert inspect.signature(AsyncLedger.events).parameters["follow"].default is True
+
+
+def test_transfers_posts_voids_and_linked_chains_give_what_the_ledger_gives(tmp_path: Path) -> None:
+    async def body(ledger: AsyncLedger) -> None:
+        a0, a1, a2, _ = await funded(ledger)
+        moved = await ledger.transfer("t1", source=a0, destination=a1, amount=100, code=7, reference="req-1")
+        assert (moved.amount, moved.code, moved.reference, moved.status) == (100, 7, "req-1", "posted")
+        assert await ledger.transfer("t1", source=a0, destination=a1, amount=100, code=7, reference="req-1") == moved
+        with pytest.raises(IdempotencyConflict):
+            await ledger.transfer("t1", source=a0, destination=a1, amount=101, code=7, reference="req-1")
+        with pytest.raises(InsufficientFunds):
+            await ledger.transfer("t2", source=a0, destination=a1, amount=10_000)
+        with pytest.raises(InsufficientFunds):  # a retry of a refusal is refused again
+            await ledger.transfer("t2", source=a0, destination=a1, amount=10_000)
+        pending = await ledger.transfer("p1", source=a1, destination=a2, amount=300, pending=True)
+        assert pending.status == "pending"
+        assert await ledger.balance(a1) == Balance(1_100, 300, 800, 0)
+        posted = await ledger.post_pending("p1-post", pending_id="p1", amount=200)
+        assert (posted.kind, posted.amount) == ("post", 200)
+        with pytest.raises(PendingTransferAlreadyPosted):
+            await ledger.void_pending("p1-void", pending_id="p1")
+        await ledger.transfer("p2", source=a2, destination=a0, amount=50, pending=True)
+        voided = await ledger.void_pending("p2-void", pending_id="p2")
+        assert (voided.kind, voided.amount) == ("void", 50)
+        chain = await ledger.transfer_linked([TransferRequest("l1", "bank", a2, 5), TransferRequest("l2", a2, a0, 5)])
+        assert [t.id for t in chain] == ["l1", "l2"] and chain[0].lsn == chain[1].lsn
+        assert await ledger.transfer_linked([TransferRequest("l1", "bank", a2, 5),
+                                             TransferRequest("l2", a2, a0, 5)]) == chain
+        with pytest.raises(LinkedTransferFailed) as failed:
+            await ledger.transfer_linked([TransferRequest("l3", "bank", a2, 5), TransferRequest("l4", a2, a0, 10**9)])
+        assert failed.value.index == 1 and isinstance(failed.value.cause, InsufficientFunds)
+        assert await ledger.outcome("t1") == moved
+        assert isinstance(await ledger.outcome("t2"), InsufficientFunds)
+        assert isinstance(await ledger.outcome("l4"), LinkedTransferFailed)
+        assert await ledger.outcome("never") is None
+        assert await ledger.get_transfer("p1") is not None and (await ledger.get_transfer("p1")).status == "posted"
+        many = await ledger.transfer_many([TransferRequest("m1", a0, a1, 1), TransferRequest("m2", a1, a0, 10**9)])
+        assert many[0].id == "m1" and isinstance(many[1], InsufficientFunds)
+        assert [t.id for t in await ledger.transfers(account=a2, kind="pending")] == ["p1", "p2"]
+        assert [e.seq for e in await ledger.entries(a0, after=0, limit=2)] == [1, 2]
+        return None
+
+    run(tmp_path / "l", body)
+    with Ledger.open(tmp_path / "l") as ledger:  # what the coroutines made is what the ledger reads
+        assert ledger.get_transfer("t1").reference == "req-1"
+        assert ledger.balance("a1") == Balance(901, 0, 901, 0)
+
+
+def test_accounts_are_created_read_and_refused_as_the_ledger_does(tmp_path: Path) -> None:
+    async def body(ledger: AsyncLedger) -> None:
+        made = await ledger.create_account("x", currency="EUR", overdraft_limit=5, code=3, metadata={"k": "v"})
+        assert await ledger.create_account("x", currency="EUR", overdraft_limit=5, code=3, metadata={"k": "v"}) == made
+        with pytest.raises(AccountExists):
+            await ledger.create_account("x", currency="USD")
+        with pytest.raises(InvalidRequest):
+            await ledger.create_account("", currency="USD")
+        outcomes = await ledger.create_accounts([Account("y", "EUR", 0, 0, None), Account("x", "USD", 0, 0, None)])
+        assert outcomes[0] == Account("y", "EUR", 0, 0, None) and isinstance(outcomes[1], AccountExists)
+        assert await ledger.account("x") == made
+        assert [a.id for a in await ledger.accounts()] == ["x", "y"]
+        assert (await ledger.head()).lsn == (await ledger.stats())["durable_lsn"]
+
+    run(tmp_path / "l", body)
+
+
+def test_a_thousand_concurrent_transfers_conserve_money_and_replay_to_the_same_state(tmp_path: Path) -> None:
+    async def body(ledger: AsyncLedger) -> tuple[str, int]:
+        names = await funded(ledger, accounts=20, amount=500)
+
+        async def client(n: int) -> int:
+            moved = 0
+            for k in range(5):
+                source, destination = names[(n + k) % 20], names[(n * 7 + k + 1) % 20]
+                if source == destination:
+                    continue
+                try:
+                    await ledger.transfer(f"c{n}-{k}", source=source, destination=destination, amount=1 + n % 97)
+                    moved += 1
+                except InsufficientFunds:
+                    pass
+            return moved
+
+        moved = sum(await asyncio.gather(*(client(n) for n in range(1_000))))
+        balances = [await ledger.balance(name) for name in names]
+        assert sum(b.posted for b in balances) == 20 * 500
+        assert all(b.posted >= 0 for b in balances)
+        return await ledger.state_hash(), moved
+
+    digest, moved = run(tmp_path / "l", body)
+    assert moved > 1_000
+    with Ledger.open(tmp_path / "l") as ledger:
+        assert ledger.state_hash() == digest
+
+
+def test_writes_are_woken_by_the_writer_not_by_a_thread_per_call(tmp_path: Path) -> None:
+    """No worker thread runs a write, and the threads alive stay the ledger's own."""
+
+    async def body(ledger: AsyncLedger) -> None:
+        names = await funded(ledger)
+
+        def refuse(*_: object) -> None:
+            raise AssertionError("a write ran on a worker thread")
+
+        ledger._workers.submit = refuse  # type: ignore[method-assign]
+        before = threading.active_count()
+        await asyncio.gather(*(ledger.transfer(f"w{n}", source=names[n % 4], destination=names[(n + 1) % 4],
+                                               amount=1) for n in range(500)))
+        assert threading.active_count() <= before + 1  # (the writer may be between two of its own)
+
+    run(tmp_path / "l", body)
+
+
+def test_a_transfer_cancelled_before_it_is_submitted_writes_nothing_and_a_retry_runs_afresh(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body(ledger: AsyncLedger) -> None:
+        a0, a1, _, _ = await funded(ledger)
+        admission = ledger._ledger._coordinator.admission
+        monkeypatch.setattr(admission, "try_admit", lambda permits: False)  # the ledger at its bound
+        task = asyncio.create_task(ledger.transfer("c1", source=a0, destination=a1, amount=10))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        monkeypatch.undo()
+        assert await ledger.outcome("c1") is None
+        assert (await ledger.balance(a0)).posted == 1_000
+        again = await ledger.transfer("c1", source=a0, destination=a1, amount=10)
+        assert again.amount == 10 and (await ledger.balance(a0)).posted == 990
+
+    run(tmp_path / "l", body)
+
+
+def test_a_transfer_cancelled_after_it_is_submitted_completes_and_a_retry_returns_its_outcome(tmp_path: Path) -> None:
+    async def body(ledger: AsyncLedger) -> None:
+        a0, a1, _, _ = await funded(ledger)
+        task = asyncio.create_task(ledger.transfer("c2", source=a0, destination=a1, amount=10))
+        while not ledger._outbox:
+            await asyncio.sleep(0)  # claimed and queued,
+        while ledger._outbox:
+            await asyncio.sleep(0)  # then handed to the coordinator: its record is queued
+        if task.cancel():  # (not if it was durable already: the fsync takes far longer than a loop turn)
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        again = await ledger.transfer("c2", source=a0, destination=a1, amount=10)
+        assert await ledger.outcome("c2") == again
+        assert (await ledger.balance(a0)).posted == 990  # moved once
+        assert not ledger._ledger._coordinator.claims.in_flight()  # every claim released
+
+    run(tmp_path / "l", body)
+
+
+def test_events_follow_new_records_resume_from_an_lsn_and_end_when_the_ledger_closes(tmp_path: Path) -> None:
+    async def body(ledger: AsyncLedger) -> None:
+        a0, a1 = await funded(ledger, accounts=2)
+        seen: list[Event] = []
+        first_transfer = asyncio.Event()
+
+        async def follow() -> None:
+            async for event in ledger.events(0):
+                seen.append(event)
+                if event.kind == "transfer" and event.transfers[0].id == "e2":
+                    first_transfer.set()
+
+        follower = asyncio.create_task(follow())
+        await ledger.transfer("e1", source=a0, destination=a1, amount=1)
+        await ledger.transfer("e2", source=a0, destination=a1, amount=1)
+        await asyncio.wait_for(first_transfer.wait(), 10)
+        lsns = [event.lsn for event in seen]
+        assert lsns == sorted(lsns) and len(set(lsns)) == len(lsns)
+        resumed = [event async for event in ledger.events(seen[-2].lsn, follow=False)]
+        assert [event.lsn for event in resumed] == [seen[-1].lsn]
+        quiet = [event async for event in ledger.events(seen[-1].lsn, timeout_s=0.05)]
+        assert quiet == []
+        with pytest.raises(InvalidRequest):
+            ledger.events(-1)
+        await ledger.close()
+        await asyncio.wait_for(follower, 10)  # the follower ends once the ledger closes
+
+    run(tmp_path / "l", body)
+
+
+def test_a_closed_or_foreign_loop_call_is_refused(tmp_path: Path) -> None:
+    async def opened() -> AsyncLedger:
+        return await AsyncLedger.open(tmp_path / "l")
+
+    ledger = asyncio.run(opened())
+    try:
+        with pytest.raises(InvalidRequest, match="event loop"):
+            asyncio.run(ledger.create_account("x", currency="USD"))
+    finally:
+        ledger._ledger.close()
+
+    async def closed(ledger: AsyncLedger) -> None:
+        await ledger.close()
+        await ledger.close()  # idempotent
+        assert ledger.closed
+        with pytest.raises(LedgerClosed):
+            await ledger.transfer("t", source="a", destination="b", amount=1)
+        with pytest.raises(LedgerClosed):
+            await ledger.balance("a")
+
+    run(tmp_path / "l", closed)
+
+
+def test_a_read_only_async_ledger_reads_and_refuses_writes(tmp_path: Path) -> None:
+    with Ledger.open(tmp_path / "l") as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+
+    async def body(ledger: AsyncLedger) -> None:
+        assert [a.id for a in await ledger.accounts()] == ["bank"]
+        assert [e.kind async for e in ledger.events(0, follow=False)] == ["account"]
+        for write in (ledger.transfer("t", source="bank", destination="bank", amount=1),
+                      ledger.create_account("x", currency="USD"), ledger.void_pending("v", pending_id="p")):
+            with pytest.raises(ReadOnlyLedger):
+                await write
+
+    run(tmp_path / "l", body, readonly=True)
+
+
+def test_a_completion_calls_back_once_and_keeps_no_reference_to_its_callbacks() -> None:
+    calls: list[Completion] = []
+    completion = Completion()
+    assert completion.add_callback(calls.append)
+    assert completion.resolve()
+    assert not completion.resolve()
+    assert calls == [completion] and completion._callbacks is None
+    assert not completion.add_callback(calls.append)  # resolved: the caller goes on itself
+    assert calls == [completion]
