@@ -8,6 +8,8 @@ make no sense remotely are refused; the client turns error bodies back into `Led
 from __future__ import annotations
 
 import json
+import queue
+import re
 import socket
 import subprocess
 import sys
@@ -20,7 +22,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import httpx
 import pytest
 
 from engine import (
@@ -50,19 +51,51 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def wait_healthy(url: str, server: subprocess.Popen[str] | None = None) -> None:
-    """Poll `GET /health` until it answers 200, within `STARTUP_S`."""
+def announced_url(server: subprocess.Popen[str]) -> str:
+    """The URL `tally serve` prints once it is ready, read within `STARTUP_S`; the rest of its
+    stdout is drained by a thread."""
+    assert server.stdout is not None
+    lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+
+    def drain() -> None:
+        assert server.stdout is not None
+        for line in server.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=drain, daemon=True).start()
     deadline = time.monotonic() + STARTUP_S
-    while time.monotonic() < deadline:
-        if server is not None and server.poll() is not None:
-            raise AssertionError(f"the server exited with {server.returncode}: {server.communicate()[1]}")
+    while True:
         try:
-            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.02)  # polling another process's startup: no event to wait on
-    raise AssertionError(f"{url} not healthy within {STARTUP_S} s")
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"tally serve did not say it was ready within {STARTUP_S} s") from None
+        if line is None:
+            raise AssertionError(f"tally serve exited with {server.wait(timeout=STARTUP_S)} before it was ready")
+        found = re.search(r"serving .* on (http://\S+)", line)
+        if found:
+            return found.group(1)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A `tally serve` subprocess on a free loopback port (`--port 0`) with a token; its URL and
+    token file. Its log goes to a file (a pipe nobody reads would fill and stall it)."""
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    with open(tmp_path / "serve.log", "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "engine", "serve", str(tmp_path / "ledger"), "--host",
+                                   "127.0.0.1", "--port", "0", "--token-file", str(token_file)],
+                                  cwd=tmp_path, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        yield announced_url(server), token_file
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=30)
 
 
 # --- a stand-in server over an in-process Ledger, which can be told to lie ------------------------
@@ -72,8 +105,9 @@ _STATUS = {"invalid_request": 400, "account_not_found": 404, "account_exists": 4
 
 class StandIn(ThreadingHTTPServer):
     """The routes `tally stress --url` uses, over an in-process `Ledger`. `lie_about` ends the
-    name of an account whose posted balance it reports one too high; `statuses` maps an error
-    code to its HTTP status (422 if absent)."""
+    name of an account whose posted balance it reports one too high, or of a transfer it reads
+    back with an amount one too high; `statuses` maps an error code to its HTTP status (422 if
+    absent)."""
 
     daemon_threads = True
 
@@ -111,7 +145,12 @@ class _Handler(BaseHTTPRequestHandler):
             return {"status": "ok"}
         if path[0] == "transfers":
             found = ledger.get_transfer(path[1])
-            return _plain(found) if found is not None else (404, "transfer_not_found", f"no transfer {path[1]!r}")
+            if found is None:
+                return 404, "transfer_not_found", f"no transfer {path[1]!r}"
+            read = _plain(found)
+            if self.server.lie_about is not None and path[1].endswith(self.server.lie_about):
+                read["amount"] += 1
+            return read
         if len(path) == 2:
             return _plain(ledger.account(path[1]))
         if path[2] == "entries":
@@ -189,6 +228,38 @@ def stand_in(tmp_path: Path) -> Iterator[StandIn]:
 
 # --- the tests ---------------------------------------------------------------------------------
 
+@pytest.mark.timeout(120)
+def test_a_run_against_a_real_server_passes_its_audit(served: tuple[str, Path]) -> None:
+    url, token_file = served
+    done = tally("stress", "--url", url, "--token-file", str(token_file), *SMALL, "--retry-rate", "0.05",
+                 "--pending-rate", "0.1", "--linked-rate", "0.1", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["verdict"] == "ok"
+    assert summary["checks"][CHECK_CONTRACT] is True
+    assert summary["transfers_sent"] == 300 and summary["remote"]["fault_count"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_second_run_on_the_same_server_audits_only_its_own_accounts(served: tuple[str, Path]) -> None:
+    url, token_file = served
+    runs = [tally("stress", "--url", url, "--token-file", str(token_file), *SMALL) for _ in range(2)]
+    prefixes = set()
+    for done in runs:
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "verdict: ok" in done.stdout
+        prefixes.update(re.findall(r"ids of this run start (\S+)-", done.stdout))
+    assert len(prefixes) == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_run_without_the_servers_token_is_refused_before_it_starts(served: tuple[str, Path]) -> None:
+    url, _ = served
+    done = tally("stress", "--url", url, *SMALL)
+    assert done.returncode == 2
+    assert "401" in done.stderr and "--token-file" in done.stderr
+
+
 @pytest.mark.timeout(60)
 def test_a_run_against_an_honest_stand_in_passes(stand_in: StandIn) -> None:
     config = StressConfig(accounts=10, clients=3, transfers=200, amount_max=40, retry_rate=0.05, pending_rate=0.1,
@@ -200,11 +271,15 @@ def test_a_run_against_an_honest_stand_in_passes(stand_in: StandIn) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_a_server_that_reports_a_wrong_balance_fails_the_run_with_a_clear_line(stand_in: StandIn) -> None:
-    stand_in.lie_about = "-acct-000003"
+@pytest.mark.parametrize(("lie", "failed"), [
+    ("-acct-000003", "✗ money is conserved (posted balances sum to 0)"),
+    ("-c1-7", "✗ every acknowledged transfer is present exactly once with its fields"),
+], ids=["a wrong balance", "a transfer read back wrong"])
+def test_a_server_that_lies_fails_the_run_with_a_clear_line(stand_in: StandIn, lie: str, failed: str) -> None:
+    stand_in.lie_about = lie  # a balance, or the amount of transfer 7 of client 1 when read back
     done = tally("stress", "--url", stand_in.url, "--accounts", "10", "--clients", "2", "--transfers", "100")
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "✗ money is conserved (posted balances sum to 0)" in done.stdout
+    assert failed in done.stdout
     assert "verdict: FAILED" in done.stdout
 
 
