@@ -1,6 +1,7 @@
 """HTTP transfers/s at 64 clients: `tally serve` vs in-process `Ledger` vs FastAPI + SQLite, in one run.
 
-    python bench/bench_serve.py [--clients 64] [--transfers 4000] [--accounts 1000] [--rounds 5] [--json out.json]
+    python bench/bench_serve.py [--clients 64] [--transfers 4000] [--accounts 1000] [--rounds 5]
+                                [--client httpx|stdlib] [--json out.json]
 
 Three services get the same seeded workload of uniform random pairs, a round at a time, one
 after another (their order turns round by round):
@@ -13,7 +14,8 @@ after another (their order turns round by round):
   subprocess, run as `tally serve` runs uvicorn (one worker, no access log).
 Both HTTP services are driven by the same client: one thread per client, each with its own
 `httpx.Client` (one keep-alive connection, opened and warmed before the clock starts), in this
-process. That client is Python too and shares the machine with the servers, so the HTTP rates
+process; `--client stdlib` gives each thread an `http.client.HTTPConnection` instead, which
+costs a fraction of httpx's CPU a request. That client is Python too and shares the machine with the servers, so the HTTP rates
 are of the client and the server together; read the ratios of the same round: `tally-http /
 ledger` (what HTTP costs) and `tally-http / sqlite-http` (against the plain service). Medians
 over the rounds, with their range; latency is per request (the medians of the rounds' p50 and
@@ -24,6 +26,8 @@ engine) and for the server's process (from /proc), to say which side a rate is b
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import os
 import socket
 import statistics
@@ -33,6 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -94,24 +99,64 @@ def server(command: list[str], env: dict[str, str] | None = None) -> Iterator[tu
             process.wait(timeout=60)
 
 
-class HttpClients:
-    """`clients` httpx clients of one connection each, warmed; client n serves `run_clients`' thread n."""
+class HttpxConnection:
+    """An `httpx.Client` holding one keep-alive connection."""
 
-    def __init__(self, url: str, clients: int) -> None:
+    def __init__(self, url: str) -> None:
         limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        self.pool = [httpx.Client(base_url=url, limits=limits, timeout=REQUEST_TIMEOUT_S) for _ in range(clients)]
-        for client in self.pool:
-            client.get("/health").raise_for_status()
+        self.client = httpx.Client(base_url=url, limits=limits, timeout=REQUEST_TIMEOUT_S)
+        self.client.get("/health").raise_for_status()
+
+    def post(self, path: str, key: str, body: dict) -> tuple[int, str]:
+        response = self.client.post(path, json=body, headers={"Idempotency-Key": key})
+        return response.status_code, response.text
 
     def close(self) -> None:
-        for client in self.pool:
-            client.close()
+        self.client.close()
+
+
+class StdlibConnection:
+    """One keep-alive `http.client.HTTPConnection`: the lightest Python client (`--client stdlib`)."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port,
+                                                     timeout=REQUEST_TIMEOUT_S)
+        self.connection.request("GET", "/health")
+        response = self.connection.getresponse()
+        response.read()
+        if response.status != 200:
+            raise RuntimeError(f"{url}/health: {response.status}")
+
+    def post(self, path: str, key: str, body: dict) -> tuple[int, str]:
+        # bytes, so headers and body leave in one send (no Nagle and delayed-ACK stall)
+        self.connection.request("POST", path, json.dumps(body).encode(),
+                                {"Content-Type": "application/json", "Idempotency-Key": key})
+        response = self.connection.getresponse()
+        return response.status, response.read().decode()
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+CLIENTS = {"httpx": HttpxConnection, "stdlib": StdlibConnection}
+
+
+class HttpClients:
+    """`clients` connections of one kind (`CLIENTS`), warmed; connection n serves `run_clients`' thread n."""
+
+    def __init__(self, url: str, clients: int, kind: str) -> None:
+        self.pool = [CLIENTS[kind](url) for _ in range(clients)]
+
+    def close(self) -> None:
+        for connection in self.pool:
+            connection.close()
 
     def post(self, k: int, path: str, key: str, body: dict) -> int:
-        response = self.pool[k % len(self.pool)].post(path, json=body, headers={"Idempotency-Key": key})
-        if response.status_code >= 500 or response.status_code in (400, 401, 404, 409):
-            raise RuntimeError(f"POST {path} {key}: {response.status_code} {response.text[:200]}")
-        return response.status_code
+        status, text = self.pool[k % len(self.pool)].post(path, key, body)
+        if status >= 500 or status in (400, 401, 404, 409):
+            raise RuntimeError(f"POST {path} {key}: {status} {text[:200]}")
+        return status
 
     def setup(self, names: list[str]) -> None:
         """Open the accounts and fund them, every client at work."""
@@ -137,6 +182,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--client", choices=sorted(CLIENTS), default="httpx",
+                        help="the HTTP client of both servers (default httpx; stdlib: http.client, lighter)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
     names = [f"a{n}" for n in range(args.accounts)]
@@ -149,7 +196,8 @@ def main() -> int:
                     "127.0.0.1", "--no-access-log"]) as (tally_url, tally_pid), \
             server(uvicorn, {"TALLY_BENCH_SQLITE": os.path.join(scratch, "ledger.sqlite")}) as (sqlite_url, sqlite_pid):
         print(f"setting up {args.accounts} accounts in each service...", file=sys.stderr, flush=True)
-        tally_http, sqlite_http = HttpClients(tally_url, args.clients), HttpClients(sqlite_url, args.clients)
+        tally_http = HttpClients(tally_url, args.clients, args.client)
+        sqlite_http = HttpClients(sqlite_url, args.clients, args.client)
         tally_http.setup(names)
         sqlite_http.setup(names)
         ledger = TallyBench(os.path.join(scratch, "ledger"), args.accounts)
@@ -182,8 +230,8 @@ def main() -> int:
 
 def summarize(args: argparse.Namespace, rates: dict[str, list[float]], latencies: dict[str, list[dict]]) -> dict:
     """Print the table, and return it as a dict: medians [ranges], and the per-round ratios."""
-    print(f"\n{args.clients} clients, {args.transfers:,} transfers per service and round, {args.rounds} rounds,"
-          f" {args.accounts:,} accounts, uniform pairs")
+    print(f"\n{args.clients} clients ({args.client}), {args.transfers:,} transfers per service and round,"
+          f" {args.rounds} rounds, {args.accounts:,} accounts, uniform pairs")
     print(f"{'service':<12} {'transfers/s':>11} {'range':>17} {'p50 ms':>7} {'p99 ms':>7} {'client CPU us':>14}"
           f" {'server CPU us':>14}   (medians of the rounds; CPU a transfer)")
     services = {}
@@ -205,7 +253,7 @@ def summarize(args: argparse.Namespace, rates: dict[str, list[float]], latencies
         ratios[f"{top} / {bottom}"] = {"per_round": paired, "median": statistics.median(paired)}
         print(f"{top + ' / ' + bottom:<26} {statistics.median(paired):>6.2f} [{min(paired):.2f}-{max(paired):.2f}]"
               "  (median of the per-round ratios [range])")
-    return {"clients": args.clients, "transfers": args.transfers, "accounts": args.accounts, "rounds": args.rounds,
+    return {"clients": args.clients, "client": args.client, "transfers": args.transfers, "accounts": args.accounts, "rounds": args.rounds,
             "services": services, "ratios": ratios, "python": sys.version.split()[0], "time": time.time()}
 
 
