@@ -253,11 +253,17 @@ def test_a_second_run_on_the_same_server_audits_only_its_own_accounts(served: tu
 
 
 @pytest.mark.timeout(60)
-def test_a_run_without_the_servers_token_is_refused_before_it_starts(served: tuple[str, Path]) -> None:
+def test_a_run_without_the_servers_token_or_with_another_is_refused_before_it_starts(
+        served: tuple[str, Path], tmp_path: Path) -> None:
     url, _ = served
     done = tally("stress", "--url", url, *SMALL)
     assert done.returncode == 2
     assert "401" in done.stderr and "--token-file" in done.stderr
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("not-the-token")
+    done = tally("stress", "--url", url, "--token-file", str(wrong), *SMALL)
+    assert done.returncode == 2
+    assert "401: the server refused the bearer token given" in done.stderr
 
 
 @pytest.mark.timeout(60)
