@@ -290,6 +290,16 @@ def test_sigterm_drains_ends_the_streams_closes_the_ledger_and_exits_0(tmp_path:
     assert verified.returncode == 0 and json.loads(verified.stdout)["verdict"] == "whole"
 
 
+def test_ctrl_c_stops_it_as_sigterm_does(tmp_path: Path) -> None:
+    server = Server(tmp_path / "books", tmp_path)
+    with server.client() as client:
+        assert write(client, "/accounts", "bank", {"currency": "USD"}).status_code == 201
+    assert server.stop(signal.SIGINT) == 0
+    assert "Traceback" not in server.stderr
+    with Ledger.open(tmp_path / "books") as ledger:
+        assert [account.id for account in ledger.accounts()] == ["bank"]
+
+
 # --- in process: a bug, a closed ledger --------------------------------------------------------
 
 
