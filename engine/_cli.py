@@ -170,7 +170,26 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--from-lsn", dest="from_lsn", type=_count(0, LSN_MAX - 1), default=0, metavar="N",
                       help="the events after LSN N (default 0: all); resume with the LSN of the last one processed")
     tail.add_argument("--follow", action="store_true", help="then wait for new events, until interrupted")
+    _serve_parser(commands)
     return parser
+
+
+def _serve_parser(commands: Any) -> None:
+    from engine._serve import BODY_BYTES_MAX
+
+    text = "serve the ledger over HTTP (JSON; FastAPI and uvicorn: pip install 'tally-ledger[serve]')"
+    serve = commands.add_parser("serve", help=text, description=text)
+    serve.add_argument("path", metavar="PATH", type=_path, help="the ledger directory (created if missing)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=_count(0, 65535), default=8000, help="port (default 8000; 0: a free one)")
+    serve.add_argument("--token-file", metavar="F", type=_path, default=None,
+                       help="a file holding a bearer token that every request but /health must send")
+    serve.add_argument("--insecure", action="store_true",
+                       help="allow a non-loopback --host without --token-file (anyone who reaches it can move money)")
+    serve.add_argument("--body-bytes-max", type=_count(1024, 1 << 30), default=BODY_BYTES_MAX, metavar="N",
+                       help=f"largest request body in bytes (default {BODY_BYTES_MAX:,}); larger is 413")
+    serve.add_argument("--no-access-log", action="store_true", help="do not log a line per request")
 
 
 @contextmanager
@@ -240,6 +259,10 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "stress":
         return _stress(args)
+    if args.command == "serve":
+        from engine._serve import run_command
+
+        return run_command(args)
     if args.command == "verify":
         with _progress("verifying", not args.json) as progress:
             report = _tools.verify(args.path, progress, args.expect_head)

@@ -1,0 +1,215 @@
+"""`tally serve`: an HTTP JSON service on a ledger, the reference host (README.md, "Serving
+over HTTP").
+
+It uses the public `AsyncLedger` API alone. `make_app` builds the FastAPI application (a
+host may run it under an ASGI server of its own); `serve` runs it under uvicorn on one event
+loop in this process, which holds the ledger's directory lock while it runs.
+
+FastAPI and uvicorn are the optional extra `serve`; this module imports them only when called,
+so `import engine` never needs them, and without them it raises `ServeExtraMissing`.
+
+Stopping: SIGTERM or SIGINT (Ctrl-C) stops accepting connections, ends the event streams,
+lets the requests under way finish (a write returns once durable; bounded by
+`GRACEFUL_SHUTDOWN_S`), then closes the ledger (which seals its data file), and the process
+exits 0. A second Ctrl-C stops at once. SIGKILL loses nothing acknowledged: a 2xx answer is
+sent only once its outcome is durable.
+"""
+
+from __future__ import annotations
+
+import gc
+import ipaddress
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from engine import InvalidRequest
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from starlette.types import Message, Receive, Scope, Send
+
+BODY_BYTES_MAX = 1 << 20
+"""The largest request body, 1 MiB (413 `body_too_large` above it): a linked chain of 1,000
+legs with 128-character ids, a reference and a little metadata each fits."""
+GRACEFUL_SHUTDOWN_S = 35
+"""Longest wait, once stopping, for the requests under way (a write waits at most the ledger's
+`timeout_s`, 30 s by default); then they are cancelled and the ledger closes."""
+BACKLOG = 2048
+"""Connections the listening socket queues before they are accepted."""
+SERVE_EXTRA = "pip install 'tally-ledger[serve]'"
+
+
+class ServeExtraMissing(ImportError):
+    """FastAPI or uvicorn is not installed."""
+
+
+def _require_extra() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as error:
+        raise ServeExtraMissing(f"tally serve needs FastAPI and uvicorn ({error.name} is missing): {SERVE_EXTRA}"
+                                ) from error
+
+
+def make_app(ledger_path: str | Path, *, token: str | None = None, body_bytes_max: int = BODY_BYTES_MAX,
+             **ledger_options: Any) -> FastAPI:
+    """The FastAPI application serving the ledger at `ledger_path`: its lifespan opens it with
+    `AsyncLedger.open(ledger_path, **ledger_options)` and closes it on shutdown. With `token`,
+    every route but `/health` needs `Authorization: Bearer <token>`. Raises
+    `ServeExtraMissing` without FastAPI, `InvalidRequest` for a bad token or limit; the
+    ledger's own errors come when the server starts it."""
+    _require_extra()
+    from engine._serve_app import build_app
+
+    if token is not None and not _token_ok(token):
+        raise InvalidRequest("the token must be 1 to 4096 visible ASCII characters, without spaces")
+    if type(body_bytes_max) is not int or not 1024 <= body_bytes_max <= 1 << 30:
+        raise InvalidRequest(f"body_bytes_max must be an int in 1024..{1 << 30}, got {body_bytes_max!r}")
+    return build_app(str(ledger_path), token, body_bytes_max, ledger_options)
+
+
+def _token_ok(token: str) -> bool:
+    return 0 < len(token) <= 4096 and token.isascii() and token.isprintable() and " " not in token
+
+
+def read_token(path: str) -> str:
+    """The token in the file at `path` (surrounding whitespace ignored)."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeError) as error:
+        raise InvalidRequest(f"--token-file {path}: cannot be read ({error})") from None
+    if not _token_ok(token):
+        raise InvalidRequest(f"--token-file {path}: the token must be 1 to 4096 visible ASCII characters, "
+                             "without spaces")
+    return token
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` names is a loopback address."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    return bool(found) and all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in found)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on `host`:`port` (port 0: a free one), bound before the ledger opens
+    so that an address in use is said at once and changes nothing."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        listening = socket.socket(family, kind, proto)
+    except OSError as error:
+        raise InvalidRequest(f"cannot listen on {host}:{port}: {error}") from None
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind(address)
+        listening.listen(BACKLOG)
+    except OSError as error:
+        listening.close()
+        raise InvalidRequest(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return listening
+
+
+def serve(path: str, *, host: str, port: int, token_file: str | None, insecure: bool, body_bytes_max: int,
+          access_log: bool) -> int:
+    """Run the service until SIGTERM or SIGINT; the exit status (0 after a clean stop).
+    Prints one line on stdout once it serves: `tally serve: serving PATH on http://HOST:PORT`.
+    Raises `InvalidRequest` for a non-loopback `host` without a token (unless `insecure`), an
+    unreadable token or an address it cannot listen on, and the ledger's own errors."""
+    _require_extra()
+    import uvicorn
+
+    token = read_token(token_file) if token_file is not None else None
+    if token is None and not insecure and not is_loopback(host):
+        raise InvalidRequest(f"--host {host} is not a loopback address: anyone who can reach it could move money. "
+                             "Give --token-file F (a bearer token), or --insecure to serve it without one")
+    app = make_app(path, token=token, body_bytes_max=body_bytes_max)
+    listening = _bind(host, port)
+    bound = listening.getsockname()
+    shown = f"[{bound[0]}]" if listening.family == socket.AF_INET6 else bound[0]
+    ready = f"tally serve: serving {path} on http://{shown}:{bound[1]} (docs at /docs; SIGTERM or Ctrl-C stops it)"
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            super().handle_exit(sig, frame)
+            loop = getattr(app.state, "loop", None)
+            stopping = getattr(app.state, "stopping", None)
+            if loop is not None and stopping is not None:
+                loop.call_soon_threadsafe(stopping.set)  # the event streams end, so the drain can
+
+    def on_ready() -> None:
+        gc.freeze()  # the ledger's accounts, just loaded, stay out of every full collection (README, AsyncLedger)
+        print(ready, flush=True)
+
+    config = uvicorn.Config(_announcing(app, on_ready), lifespan="on",
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=access_log,
+                            log_level="info", backlog=BACKLOG)
+    server = Server(config)
+
+    def stopped(_sig: int, _frame: FrameType | None) -> None:
+        server.should_exit = True  # before uvicorn takes the signals: it stops as soon as it starts
+
+    # uvicorn handles SIGINT and SIGTERM while it runs, and raises the signal that stopped it
+    # again once it has shut down; these handlers take that one, so a stop asked for is a
+    # clean exit (0), not a death by the signal.
+    previous = {sig: signal.signal(sig, stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run(sockets=[listening])
+    except SystemExit:  # uvicorn's own exit when the startup failed (some releases exit, others return)
+        if app.state.startup_error is None:
+            raise
+    finally:
+        listening.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    failure = app.state.startup_error or app.state.shutdown_error
+    if failure is not None:
+        raise failure
+    return 0
+
+
+def _announcing(app: FastAPI, on_ready: Callable[[], None]) -> Callable[[Scope, Receive, Send], Any]:
+    """`app`, calling `on_ready` once its lifespan has started (the ledger is open and the
+    socket listening), and turning a `LedgerError` at startup or shutdown into a line the
+    command prints (not a traceback in uvicorn's log)."""
+
+    async def announced(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await app(scope, receive, send)
+            return
+
+        async def watched(message: Message) -> None:
+            kind = message["type"]
+            if kind == "lifespan.startup.complete":
+                on_ready()
+            elif kind == "lifespan.startup.failed" and app.state.startup_error is not None:
+                message = {"type": kind, "message": ""}
+            elif kind == "lifespan.shutdown.failed" and app.state.shutdown_error is not None:
+                message = {"type": kind, "message": ""}
+            await send(message)
+
+        await app(scope, receive, watched)
+
+    return announced
+
+
+def run_command(args: Any) -> int:
+    """`tally serve` from its parsed arguments (`engine._cli`)."""
+    try:
+        return serve(args.path, host=args.host, port=args.port, token_file=args.token_file, insecure=args.insecure,
+                     body_bytes_max=args.body_bytes_max, access_log=not args.no_access_log)
+    except ServeExtraMissing as error:
+        print(f"tally serve: {error}", file=sys.stderr)
+        return 2

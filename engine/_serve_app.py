@@ -1,0 +1,184 @@
+"""`tally serve`'s FastAPI application: the lifespan that opens the ledger, the guard in front
+of every route (token, body size, requests in flight), and the handlers that make every
+failure a JSON error (`engine._serve_errors`).
+
+Imported by `engine._serve.make_app` only, once it knows FastAPI is installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from engine import AsyncLedger, LedgerError, __version__
+from engine._serve_errors import error_body, error_response, status_of
+from engine._serve_routes import KeyLocks, router
+
+REQUESTS_IN_FLIGHT_MAX = 4_096
+"""Most requests served at once (event streams included); one more is 503 `overloaded`."""
+VALIDATION_ERRORS_SHOWN_MAX = 10
+"""Most validation errors one 400 names (a linked chain of 1,000 bad legs would name 1,000)."""
+
+OPEN_PATHS = frozenset({"/health"})
+"""Paths served without the bearer token."""
+
+logger = logging.getLogger("tally.serve")
+
+DESCRIPTION = """An HTTP JSON service on a Tally ledger (`tally serve`).
+
+Every write takes an `Idempotency-Key` header: the id of what it writes. The same key and body
+again return the original answer with `Idempotency-Replayed: true`; a different body under the
+key is 409 `idempotency_conflict`. Amounts are JSON integers of minor units. Every error is
+`{"error": {"code": ..., "message": ...}}`.
+"""
+
+
+class _BodyTooLarge(HTTPException):
+    def __init__(self, body_bytes_max: int) -> None:
+        super().__init__(413, f"the body is larger than this server's limit of {body_bytes_max:,} bytes")
+
+
+class Guard:
+    """Pure ASGI middleware run before any route: the bearer token (every path but
+    `OPEN_PATHS`, compared in constant time), the body limit (by `Content-Length` at once, and
+    by the bytes read for a body without one), and the bound on requests in flight."""
+
+    def __init__(self, app: ASGIApp, token: str | None, body_bytes_max: int,
+                 requests_in_flight_max: int = REQUESTS_IN_FLIGHT_MAX) -> None:
+        self.app = app
+        self.expected = None if token is None else b"Bearer " + token.encode()
+        self.body_bytes_max = body_bytes_max
+        self.requests_in_flight_max = requests_in_flight_max
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers: Mapping[bytes, bytes] = dict(scope["headers"])
+        if self.expected is not None and scope["path"] not in OPEN_PATHS and not hmac.compare_digest(
+                headers.get(b"authorization", b""), self.expected):
+            await _send_error(send, "unauthorized", "this server needs the header `Authorization: Bearer <token>` "
+                                                    "with its token", [(b"www-authenticate", b"Bearer")])
+            return
+        length = headers.get(b"content-length", b"0")  # a malformed one never gets here: the HTTP parser refuses it
+        if length.isdigit() and int(length) > self.body_bytes_max:
+            await _send_error(send, "body_too_large", str(_BodyTooLarge(self.body_bytes_max).detail))
+            return
+        if self.in_flight >= self.requests_in_flight_max:
+            await _send_error(send, "overloaded", f"this server is serving its limit of "
+                                                  f"{self.requests_in_flight_max:,} requests at once: retry later")
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.body_bytes_max:
+                    raise _BodyTooLarge(self.body_bytes_max)
+            return message
+
+        self.in_flight += 1
+        try:
+            await self.app(scope, counted, send)
+        finally:
+            self.in_flight -= 1
+
+
+async def _send_error(send: Send, code: str, message: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    response = JSONResponse(error_body(code, message), status_of(code))
+    response.raw_headers.extend(headers)
+    await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+def build_app(ledger_path: str, token: str | None, body_bytes_max: int, ledger_options: dict[str, Any]) -> FastAPI:
+    """The application (see `engine._serve.make_app`)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.stopping = asyncio.Event()
+        app.state.loop = asyncio.get_running_loop()
+        app.state.keys = KeyLocks()
+        try:
+            opened = await AsyncLedger.open(ledger_path, **ledger_options)
+        except LedgerError as error:
+            app.state.startup_error = error
+            raise
+        app.state.ledger = opened
+        try:
+            yield
+        finally:
+            app.state.stopping.set()
+            try:
+                await opened.close()
+            except LedgerError as error:
+                app.state.shutdown_error = error
+                raise
+
+    app = FastAPI(title="Tally", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.startup_error = None
+    app.state.shutdown_error = None
+    app.include_router(router)
+    app.add_exception_handler(LedgerError, _ledger_error)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(Guard, token=token, body_bytes_max=body_bytes_max)
+    return app
+
+
+async def _ledger_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, LedgerError)
+    return error_response(error)
+
+
+async def _invalid(_request: Request, error: Exception) -> JSONResponse:
+    """A body or a parameter of the wrong shape: 400 invalid_request naming each problem
+    (never echoing the input)."""
+    assert isinstance(error, RequestValidationError)
+    problems = [_problem(found) for found in error.errors()]
+    shown = "; ".join(problems[:VALIDATION_ERRORS_SHOWN_MAX])
+    if len(problems) > VALIDATION_ERRORS_SHOWN_MAX:
+        shown += f"; and {len(problems) - VALIDATION_ERRORS_SHOWN_MAX} more"
+    return JSONResponse(error_body("invalid_request", shown), 400)
+
+
+def _problem(found: Mapping[str, Any]) -> str:
+    where = ".".join(str(part) for part in found.get("loc", ()))
+    if found.get("type") == "json_invalid":
+        return f"the body is not valid JSON: {found.get('ctx', {}).get('error', 'decode error')}"
+    if found.get("type") == "missing" and where == "body":
+        return "a JSON body is required (with Content-Type: application/json)"
+    if found.get("type") in ("model_type", "dict_type") and where == "body":
+        return "the body must be a JSON object, sent with Content-Type: application/json"
+    return f"{where}: {found.get('msg', 'invalid')}"
+
+
+async def _http_error(request: Request, error: Exception) -> JSONResponse:
+    """Starlette's own refusals: no such route (404), a method the route has not (405), the
+    body limit met while reading (413); anything else it raises is a bad request (400)."""
+    assert isinstance(error, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(error.status_code,
+                                                                                  "invalid_request")
+    message = {"not_found": f"no route {request.method} {request.url.path}",
+               "method_not_allowed": f"{request.url.path} does not take {request.method}"}.get(code, str(error.detail))
+    return JSONResponse(error_body(code, message), status_of(code), headers=error.headers)
+
+
+async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+    """A bug: logged with its traceback; the client gets a JSON 500 that says nothing of it."""
+    logger.error("unexpected error serving %s %s", request.method, request.url.path, exc_info=error)
+    return JSONResponse(error_body("internal_error", "the server met an unexpected error; it is logged"), 500)

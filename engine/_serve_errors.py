@@ -1,0 +1,83 @@
+"""`tally serve`'s errors: every one is JSON `{"error": {"code": ..., "message": ...}}`.
+
+`code` is the `LedgerError` code (README.md lists them), or one of the server's own:
+`transfer_not_found`, `not_found` (no such route), `method_not_allowed`, `unauthorized`,
+`body_too_large`, `overloaded`, `internal_error`. The status follows the code
+(`STATUS_BY_CODE`): 400 an invalid request, 404 an unknown account or transfer, 409 a
+conflict, 422 a refusal, 503 the ledger cannot answer now (a retry with the same
+Idempotency-Key learns the outcome).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from engine import LedgerError, LinkedTransferFailed
+from engine._serve_models import ErrorJSON
+
+STATUS_BY_CODE: dict[str, int] = {
+    "invalid_request": 400,
+    "account_not_found": 404,
+    "transfer_not_found": 404,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "body_too_large": 413,
+    "account_exists": 409,
+    "idempotency_conflict": 409,
+    "currency_mismatch": 422,
+    "insufficient_funds": 422,
+    "balance_overflow": 422,
+    "pending_transfer_not_found": 422,
+    "pending_transfer_already_posted": 422,
+    "pending_transfer_already_voided": 422,
+    "pending_transfer_expired": 422,
+    "exceeds_pending_amount": 422,
+    "linked_transfer_failed": 422,
+    "ledger_unavailable": 503,
+    "timeout": 503,
+    "ledger_closed": 503,
+    "ledger_locked": 503,
+    "journal_corrupted": 503,
+    "overloaded": 503,
+    "unauthorized": 401,
+    "internal_error": 500,
+}
+"""The HTTP status of each error code; a `LedgerError` code not listed is a refusal, 422."""
+
+REPLAYED = "Idempotency-Replayed"
+"""The header that marks a replayed answer (its value is `true`)."""
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorJSON, "description": description} for status, description in (
+        (400, "invalid request: a malformed body or parameter, a missing Idempotency-Key, a key and an id that "
+              "disagree"),
+        (401, "no valid bearer token (the server was given --token-file)"),
+        (404, "unknown account or transfer"),
+        (409, "idempotency_conflict (the key was used for a different request) or account_exists"),
+        (413, "body larger than the server's limit"),
+        (422, "refused: insufficient funds, currency mismatch, a pending transfer's state, a linked chain's leg"),
+        (503, "the ledger is unavailable, closed, or timed out (retry with the same Idempotency-Key)"),
+    )
+}
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    """The JSON of an error."""
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+def error_response(error: LedgerError, replayed: bool = False) -> JSONResponse:
+    """The JSON answer to `error`: `{"error": {"code", "message"}}`, and for a refused linked
+    chain the refused leg's `index` and its own refusal as `cause`."""
+    extra: dict[str, Any] = {}
+    if isinstance(error, LinkedTransferFailed):
+        extra = {"index": error.index, "cause": {"code": error.cause.code, "message": str(error.cause)}}
+    return JSONResponse(error_body(error.code, str(error), **extra), status_of(error.code),
+                        headers={REPLAYED: "true"} if replayed else None)
+
+
+def status_of(code: str) -> int:
+    """The HTTP status of an error code (an unlisted `LedgerError` code is a refusal: 422)."""
+    return STATUS_BY_CODE.get(code, 422)

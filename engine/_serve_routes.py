@@ -1,0 +1,293 @@
+"""`tally serve`'s routes: each one call of the public `AsyncLedger` API (README.md,
+"Serving over HTTP").
+
+Runs on the server's event loop; a route awaits the ledger and never blocks the loop.
+
+Idempotency (as Stripe and Formance do it): every write takes an `Idempotency-Key` header,
+which is the id of what it writes (the transfer, the post or void, the account, a linked
+chain's first leg). The ledger itself is idempotent by id: a retry with the same fields
+returns the original outcome (the transfer, or the same refusal again), and one that differs
+raises `IdempotencyConflict` (`AccountExists` for an account). A route asks what became of the
+key before it submits (`outcome`, or `account` for an account) to know whether its answer is a
+replay (`Idempotency-Replayed: true`); requests of one key are served one at a time in this
+process (`KeyLocks`), so two concurrent requests of a key are an original and a replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from engine import (
+    Account,
+    AccountNotFound,
+    AsyncLedger,
+    IdempotencyConflict,
+    InvalidRequest,
+    LedgerClosed,
+    LedgerError,
+    Transfer,
+    TransferRequest,
+)
+from engine._serve_errors import ERRORS, REPLAYED, error_body, error_response, status_of
+from engine._serve_events import event_stream
+from engine._serve_models import (
+    AccountBody,
+    AccountJSON,
+    BalanceJSON,
+    EntriesJSON,
+    ErrorJSON,
+    HealthJSON,
+    LinkedBody,
+    PostBody,
+    TransferBody,
+    TransferJSON,
+    TransfersJSON,
+    VoidBody,
+    plain,
+)
+
+ENTRIES_PAGE_MAX = 10_000
+"""Most entries `GET /accounts/{id}/entries` returns at once (as `transfers`' page)."""
+ENTRIES_PAGE_DEFAULT = 100
+
+KeyHeader = Annotated[str | None, Header(
+    alias="Idempotency-Key",
+    description="The id of what this writes (required); the same key and body again replays the answer.")]
+
+router = APIRouter()
+
+
+class KeyLocks:
+    """One `asyncio.Lock` per idempotency key in use, dropped once no request holds or waits
+    for it (so it holds as many keys as there are requests in flight). Loop thread only."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+def _created(value: Any, replayed: bool) -> JSONResponse:
+    return JSONResponse(value, 201, headers={REPLAYED: "true"} if replayed else None)
+
+
+def _ledger(request: Request) -> AsyncLedger:
+    ledger: AsyncLedger = request.app.state.ledger
+    return ledger
+
+
+def _key(header: str | None, body_id: str | None) -> str:
+    """The request's idempotency key: the header, as UTF-8; `InvalidRequest` if it is missing
+    or the body names another id."""
+    if header is None:
+        raise InvalidRequest("the Idempotency-Key header is required: it is the id of what this request writes, "
+                             "and a retry with the same key and body replays the answer")
+    try:
+        key = header.encode("latin-1").decode("utf-8")  # the header's bytes, as HTTP carries them
+    except UnicodeError:
+        raise InvalidRequest("the Idempotency-Key header is not UTF-8") from None
+    if body_id is not None and body_id != key:
+        raise InvalidRequest(f"the body's id {body_id!r} differs from the Idempotency-Key {key!r}: omit it, or "
+                             "give the same")
+    return key
+
+
+async def _written(request: Request, key: str, write: Callable[[], Awaitable[Account | Transfer | list[Transfer]]],
+                   prior_of: Callable[[str], Awaitable[object]]) -> Response:
+    """Run `write()` for `key` once the key's earlier requests are done: its answer, marked a
+    replay when `prior_of(key)` found the key already had a durable outcome and the ledger
+    gave that outcome again (not an `IdempotencyConflict`)."""
+    async with request.app.state.keys.hold(key):
+        prior = await prior_of(key)
+        try:
+            made = await write()
+        except IdempotencyConflict as error:
+            return error_response(error)
+        except LedgerError as error:
+            return error_response(error, replayed=prior is not None and _journaled(error))
+        return _created(plain(made) if not isinstance(made, list) else {"transfers": plain(made)},
+                        replayed=prior is not None)
+
+
+def _journaled(error: LedgerError) -> bool:
+    """Whether `error` is a refusal the journal keeps (so a retry is a replay), not an
+    operating error (timeout, closed...) or an invalid request, which record nothing."""
+    return status_of(error.code) in (404, 422)
+
+
+@router.post("/accounts", status_code=201, response_model=None,
+             responses={201: {"model": AccountJSON}, **ERRORS})
+async def create_account(request: Request, body: AccountBody, idempotency_key: KeyHeader = None) -> Response:
+    """Open an account; the Idempotency-Key is its id. The same key and body again replays the
+    answer; different parameters are 409 account_exists."""
+    ledger = _ledger(request)
+    key = _key(idempotency_key, body.id)
+
+    async def prior_of(account_id: str) -> Account | None:
+        try:
+            return await ledger.account(account_id)
+        except AccountNotFound:
+            return None
+
+    return await _written(request, key, lambda: ledger.create_account(
+        key, currency=body.currency, overdraft_limit=body.overdraft_limit, code=body.code,
+        metadata=body.metadata), prior_of)
+
+
+@router.get("/accounts/{account_id:path}/balance", response_model=None,
+            responses={200: {"model": BalanceJSON}, **ERRORS})
+async def balance(request: Request, account_id: str, at_lsn: int | None = None,
+                  at_timestamp: int | None = None) -> Response:
+    """Its balance now, or after the record at `at_lsn`, or at `at_timestamp` (nanoseconds
+    since the epoch): at most one of the two."""
+    found = await _ledger(request).balance(account_id, at_lsn=at_lsn, at_timestamp=at_timestamp)
+    return JSONResponse(plain(found))
+
+
+@router.get("/accounts/{account_id:path}/entries", response_model=None,
+            responses={200: {"model": EntriesJSON}, **ERRORS})
+async def entries(request: Request, account_id: str, after: int = 0,
+                  limit: Annotated[int, Query(ge=0, le=ENTRIES_PAGE_MAX)] = ENTRIES_PAGE_DEFAULT) -> Response:
+    """Its entries with seq > `after`, in seq order, at most `limit`; the next page is
+    `after` = the last one's seq."""
+    found = await _ledger(request).entries(account_id, after, limit)
+    return JSONResponse({"entries": plain(found)})
+
+
+@router.get("/accounts/{account_id:path}", response_model=None,
+            responses={200: {"model": AccountJSON}, **ERRORS})
+async def account(request: Request, account_id: str) -> Response:
+    """The account."""
+    return JSONResponse(plain(await _ledger(request).account(account_id)))
+
+
+@router.post("/transfers", status_code=201, response_model=None,
+             responses={201: {"model": TransferJSON}, **ERRORS})
+async def transfer(request: Request, body: TransferBody, idempotency_key: KeyHeader = None) -> Response:
+    """Move `amount` from `source` to `destination` (with `pending`, hold it); the
+    Idempotency-Key is the transfer's id. Answers once the outcome is durable."""
+    ledger = _ledger(request)
+    key = _key(idempotency_key, body.id)
+    return await _written(request, key, lambda: ledger.transfer(
+        key, source=body.source, destination=body.destination, amount=body.amount, code=body.code,
+        reference=body.reference, metadata=body.metadata, pending=body.pending, timeout_s=body.timeout_s),
+        ledger.outcome)
+
+
+@router.post("/transfers/linked", status_code=201, response_model=None,
+             responses={201: {"model": TransfersJSON}, **ERRORS})
+async def transfer_linked(request: Request, body: LinkedBody, idempotency_key: KeyHeader = None) -> Response:
+    """Apply the legs all or none, in order. The Idempotency-Key is the first leg's id
+    (`legs[0].id` omitted or equal to it); a later leg `i` without an id gets `{key}.{i}`.
+    A refusal is 422 linked_transfer_failed with the leg's `index` and its `cause`."""
+    ledger = _ledger(request)
+    key = _key(idempotency_key, body.legs[0].id)
+    requests = [TransferRequest(key if i == 0 else leg.id if leg.id is not None else f"{key}.{i}", leg.source,
+                                leg.destination, leg.amount, leg.code, leg.reference, leg.metadata, leg.pending,
+                                leg.timeout_s)
+                for i, leg in enumerate(body.legs)]
+    return await _written(request, key, lambda: ledger.transfer_linked(requests), ledger.outcome)
+
+
+@router.post("/transfers/{pending_id:path}/post", status_code=201, response_model=None,
+             responses={201: {"model": TransferJSON}, **ERRORS})
+async def post_pending(request: Request, pending_id: str, body: PostBody | None = None,
+                       idempotency_key: KeyHeader = None) -> Response:
+    """Post `amount` (absent: all) of the pending transfer; the Idempotency-Key is the post's
+    own transfer id. The body may be empty."""
+    ledger = _ledger(request)
+    body = body or PostBody()
+    key = _key(idempotency_key, body.id)
+    return await _written(request, key, lambda: ledger.post_pending(
+        key, pending_id=pending_id, amount=body.amount, reference=body.reference, metadata=body.metadata),
+        ledger.outcome)
+
+
+@router.post("/transfers/{pending_id:path}/void", status_code=201, response_model=None,
+             responses={201: {"model": TransferJSON}, **ERRORS})
+async def void_pending(request: Request, pending_id: str, body: VoidBody | None = None,
+                       idempotency_key: KeyHeader = None) -> Response:
+    """Release the whole hold of the pending transfer; the Idempotency-Key is the void's own
+    transfer id. The body may be empty."""
+    ledger = _ledger(request)
+    body = body or VoidBody()
+    key = _key(idempotency_key, body.id)
+    return await _written(request, key, lambda: ledger.void_pending(
+        key, pending_id=pending_id, reference=body.reference, metadata=body.metadata), ledger.outcome)
+
+
+@router.get("/transfers", response_model=None, responses={200: {"model": TransfersJSON}, **ERRORS})
+async def transfers(request: Request, account: str | None = None, code: int | None = None,
+                    kind: Literal["single", "pending", "post", "void"] | None = None, after_lsn: int = 0,
+                    until_lsn: int | None = None, limit: int = 100, reverse: bool = False) -> Response:
+    """Durable transfers made by the records in (`after_lsn`, `until_lsn`], in LSN order
+    (newest first with `reverse`), filtered; `limit` 1..10,000. The next page: `after_lsn` =
+    the last one's lsn (backward: `until_lsn` = its lsn - 1)."""
+    found = await _ledger(request).transfers(account=account, code=code, kind=kind, after_lsn=after_lsn,
+                                             until_lsn=until_lsn, limit=limit, reverse=reverse)
+    return JSONResponse({"transfers": plain(found)})
+
+
+@router.get("/transfers/{transfer_id:path}", response_model=None,
+            responses={200: {"model": TransferJSON}, **ERRORS})
+async def get_transfer(request: Request, transfer_id: str) -> Response:
+    """The transfer with its status as of now; 404 transfer_not_found if the id is unknown,
+    still in flight, or was refused (the message says which refusal)."""
+    found = await _ledger(request).outcome(transfer_id)
+    if isinstance(found, Transfer):
+        return JSONResponse(plain(found))
+    message = f"no transfer {transfer_id!r}" if found is None else str(found)  # "... was refused: <code>"
+    return JSONResponse(error_body("transfer_not_found", message), 404)
+
+
+@router.get("/events", response_model=None, responses={
+    200: {"content": {"text/event-stream": {}},
+          "description": "one `id: <lsn>` and one `data: <event as JSON>` per event"}, **ERRORS})
+async def events(request: Request, after_lsn: int = 0, follow: bool = True,
+                 last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None) -> Response:
+    """The ledger's events as Server-Sent Events, after `after_lsn`, or after the
+    `Last-Event-ID` header's LSN (a reconnecting client's; it wins over `after_lsn`).
+    Following by default: it waits for new events, with a comment line as a keep-alive; with
+    `follow=false` it ends at the last durable event. An LSN past the last durable one is 400."""
+    if last_event_id is not None:
+        try:
+            after_lsn = int(last_event_id.strip())
+        except ValueError:
+            raise InvalidRequest(f"Last-Event-ID must be an LSN (a whole number), got {last_event_id!r}") from None
+    ledger = _ledger(request)
+    end = (await ledger.head()).lsn
+    if after_lsn > end:  # an id from another ledger (or a restored copy): waiting would never end
+        raise InvalidRequest(f"after LSN {after_lsn}: this ledger's last durable LSN is {end}")
+    return await event_stream(request, ledger, after_lsn, follow)
+
+
+@router.get("/health", response_model=None, responses={200: {"model": HealthJSON}, 503: {"model": ErrorJSON}})
+async def health(request: Request) -> Response:
+    """200 while the ledger is open (no token needed)."""
+    ledger: AsyncLedger | None = getattr(request.app.state, "ledger", None)
+    if ledger is None or ledger.closed:
+        return error_response(LedgerClosed("the ledger is not open"))
+    return JSONResponse({"status": "ok"})

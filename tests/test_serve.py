@@ -1,0 +1,478 @@
+"""`tally serve` over real HTTP: a uvicorn server process on a free loopback port, driven by
+httpx. Every route, every error status, idempotent replay and conflict, the body rules, the
+event stream and its resumption. (Processes stopped and killed: test_serve_process.py.)"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pytest
+from serve_support import Server, error_of, write
+
+pytestmark = pytest.mark.timeout(120)
+
+_ids = itertools.count(1)
+
+
+def fresh(prefix: str) -> str:
+    """An id no other test of the module uses (they share one server)."""
+    return f"{prefix}-{next(_ids)}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    home = tmp_path_factory.mktemp("serve")
+    running = Server(home / "books", home)
+    try:
+        yield running
+    finally:
+        assert running.stop() == 0
+        assert "Traceback" not in running.stderr, running.stderr
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[httpx.Client]:
+    with server.client() as opened:
+        yield opened
+
+
+def open_account(client: httpx.Client, prefix: str, currency: str = "USD", **fields: object) -> str:
+    account = fresh(prefix)
+    response = write(client, "/accounts", account, {"currency": currency, **fields})
+    assert response.status_code == 201, response.text
+    return account
+
+
+def funded(client: httpx.Client, amount: int = 1_000) -> tuple[str, str]:
+    """A bank (no overdraft bound) and a customer holding `amount` from it."""
+    bank = open_account(client, "bank", overdraft_limit=None)
+    customer = open_account(client, "alice")
+    if amount:
+        assert write(client, "/transfers", fresh("fund"),
+                     {"source": bank, "destination": customer, "amount": amount}).status_code == 201
+    return bank, customer
+
+
+# --- every route ---------------------------------------------------------------------------
+
+
+def test_accounts_are_opened_and_read_with_the_python_apis_fields(client: httpx.Client) -> None:
+    response = write(client, "/accounts", "shop-1", {"currency": "EUR", "overdraft_limit": 50, "code": 7,
+                                                     "metadata": {"mcc": 5411, "name": "corner"}})
+    assert response.status_code == 201
+    assert "idempotency-replayed" not in response.headers
+    expected = {"id": "shop-1", "currency": "EUR", "overdraft_limit": 50, "code": 7,
+                "metadata": {"mcc": 5411, "name": "corner"}}
+    assert response.json() == expected
+    assert client.get("/accounts/shop-1").json() == expected
+
+
+def test_a_transfer_answers_with_the_transfer_once_durable_and_reads_back(client: httpx.Client) -> None:
+    bank, alice = funded(client, 0)
+    response = write(client, "/transfers", "pay-1", {"source": bank, "destination": alice, "amount": 250, "code": 3,
+                                                     "reference": "order-9", "metadata": {"k": "v"}})
+    assert response.status_code == 201
+    made = response.json()
+    assert set(made) == {"id", "source", "destination", "amount", "lsn", "timestamp", "code", "reference",
+                         "metadata", "kind", "pending_id", "status", "timeout_s"}
+    assert made["id"] == "pay-1" and made["amount"] == 250 and made["kind"] == "single"
+    assert made["status"] == "posted" and made["reference"] == "order-9" and made["metadata"] == {"k": "v"}
+    assert client.get("/transfers/pay-1").json() == made
+    assert client.get(f"/accounts/{alice}/balance").json() == {"posted": 250, "pending": 0, "available": 250,
+                                                              "incoming": 0}
+    before = client.get(f"/accounts/{alice}/balance", params={"at_lsn": made["lsn"] - 1}).json()
+    assert before["posted"] == 0
+    at = client.get(f"/accounts/{alice}/balance", params={"at_timestamp": made["timestamp"]}).json()
+    assert at["posted"] == 250
+
+
+def test_entries_page_by_seq(client: httpx.Client) -> None:
+    bank, alice = funded(client, 0)
+    for amount in (1, 2, 3):
+        assert write(client, "/transfers", fresh("e"), {"source": bank, "destination": alice,
+                                                        "amount": amount}).status_code == 201
+    first = client.get(f"/accounts/{alice}/entries", params={"limit": 2}).json()["entries"]
+    assert [(e["seq"], e["amount"], e["balance"]) for e in first] == [(1, 1, 1), (2, 2, 3)]
+    rest = client.get(f"/accounts/{alice}/entries", params={"after": first[-1]["seq"]}).json()["entries"]
+    assert [(e["seq"], e["amount"]) for e in rest] == [(3, 3)]
+    assert set(rest[0]) == {"account", "seq", "transfer_id", "amount", "balance", "lsn", "timestamp"}
+
+
+def test_transfers_are_listed_with_the_querys_filters(client: httpx.Client) -> None:
+    bank, alice = funded(client, 0)
+    ids = [fresh("q") for _ in range(3)]
+    for i, transfer_id in enumerate(ids):
+        assert write(client, "/transfers", transfer_id, {"source": bank, "destination": alice, "amount": 1,
+                                                         "code": 40 + i % 2}).status_code == 201
+    listed = client.get("/transfers", params={"account": alice}).json()["transfers"]
+    assert [t["id"] for t in listed][-3:] == ids
+    newest = client.get("/transfers", params={"account": alice, "reverse": "true", "limit": 1}).json()["transfers"]
+    assert [t["id"] for t in newest] == [ids[-1]]
+    coded = client.get("/transfers", params={"account": alice, "code": 41}).json()["transfers"]
+    assert [t["id"] for t in coded] == [ids[1]]
+    after = client.get("/transfers", params={"account": alice, "after_lsn": listed[-2]["lsn"]}).json()["transfers"]
+    assert [t["id"] for t in after] == [ids[-1]]
+    until = client.get("/transfers", params={"account": alice, "until_lsn": listed[-2]["lsn"]}).json()["transfers"]
+    assert ids[-1] not in [t["id"] for t in until]
+    assert client.get("/transfers", params={"kind": "pending", "account": alice}).json() == {"transfers": []}
+
+
+def test_a_pending_transfer_is_posted_in_part_or_voided(client: httpx.Client) -> None:
+    bank, alice = funded(client, 1_000)
+    shop = open_account(client, "shop")
+    hold = write(client, "/transfers", fresh("auth"), {"source": alice, "destination": shop, "amount": 600,
+                                                       "pending": True, "timeout_s": 3600}).json()
+    assert hold["kind"] == "pending" and hold["status"] == "pending" and hold["timeout_s"] == 3600
+    assert client.get(f"/accounts/{alice}/balance").json()["available"] == 400
+    posted = write(client, f"/transfers/{hold['id']}/post", fresh("capture"), {"amount": 450, "reference": "r"})
+    assert posted.status_code == 201
+    assert posted.json()["kind"] == "post" and posted.json()["pending_id"] == hold["id"]
+    assert posted.json()["amount"] == 450
+    assert client.get(f"/transfers/{hold['id']}").json()["status"] == "posted"
+    assert client.get(f"/accounts/{alice}/balance").json() == {"posted": 550, "pending": 0, "available": 550,
+                                                              "incoming": 0}
+    second = write(client, "/transfers", fresh("auth"), {"source": alice, "destination": shop, "amount": 50,
+                                                         "pending": True}).json()
+    voided = write(client, f"/transfers/{second['id']}/void", fresh("void"))  # an empty body
+    assert voided.status_code == 201 and voided.json()["kind"] == "void" and voided.json()["amount"] == 50
+    assert client.get(f"/transfers/{second['id']}").json()["status"] == "voided"
+    everything = write(client, "/transfers", fresh("auth"), {"source": alice, "destination": shop, "amount": 5,
+                                                             "pending": True}).json()
+    assert write(client, f"/transfers/{everything['id']}/post", fresh("capture")).json()["amount"] == 5
+
+
+def test_a_linked_chain_moves_every_leg_with_ids_from_its_key(client: httpx.Client) -> None:
+    bank, alice = funded(client, 100)
+    shop = open_account(client, "shop")
+    key = fresh("chain")
+    response = write(client, "/transfers/linked", key, {"legs": [
+        {"source": alice, "destination": shop, "amount": 100},
+        {"source": shop, "destination": bank, "amount": 10},
+        {"id": f"{key}-fee", "source": shop, "destination": bank, "amount": 1}]})
+    assert response.status_code == 201, response.text
+    legs = response.json()["transfers"]
+    assert [leg["id"] for leg in legs] == [key, f"{key}.1", f"{key}-fee"]
+    assert len({leg["lsn"] for leg in legs}) == 1
+    assert client.get(f"/accounts/{shop}/balance").json()["posted"] == 89
+
+
+def test_the_event_stream_ends_at_the_durable_end_without_follow(client: httpx.Client) -> None:
+    bank, alice = funded(client, 7)
+    lines = client.get("/events", params={"follow": "false"}).text.split("\n\n")
+    messages = [block for block in lines if block]
+    assert all(block.startswith("id: ") for block in messages)
+    events = [json.loads(block.split("\ndata: ", 1)[1]) for block in messages]
+    assert [int(block.split("\n", 1)[0][4:]) for block in messages] == [event["lsn"] for event in events]
+    assert {"account": {"id": alice, "currency": "USD", "overdraft_limit": 0, "code": 0, "metadata": None}} \
+        .items() <= next(e for e in events if e["kind"] == "account" and e["account"]["id"] == alice).items()
+    moved = [e for e in events if e["kind"] == "transfer" and e["transfers"][0]["destination"] == alice]
+    assert moved[-1]["transfers"][0]["amount"] == 7
+    assert [entry["amount"] for entry in moved[-1]["entries"]] == [-7, 7]
+
+
+def test_the_event_stream_follows_and_resumes_from_last_event_id(server: Server, client: httpx.Client) -> None:
+    bank, alice = funded(client, 1)
+    end = client.get("/transfers", params={"account": alice}).json()["transfers"][-1]["lsn"]
+    first = fresh("sse")
+    with client.stream("GET", "/events", params={"after_lsn": end}) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        assert write(client, "/transfers", first, {"source": bank, "destination": alice, "amount": 3}
+                     ).status_code == 201
+        event_id, data = _next_message(stream.iter_lines())
+    assert json.loads(data)["transfers"][0]["id"] == first
+    second = fresh("sse")
+    assert write(client, "/transfers", second, {"source": bank, "destination": alice, "amount": 4}).status_code == 201
+    with client.stream("GET", "/events", params={"after_lsn": 0},  # the header wins over after_lsn
+                       headers={"Last-Event-ID": event_id}) as stream:
+        _, data = _next_message(stream.iter_lines())
+    assert json.loads(data)["transfers"][0]["id"] == second
+
+
+def _next_message(lines: Iterator[str]) -> tuple[str, str]:
+    """The `id` and `data` of the next SSE message (comment lines skipped)."""
+    event_id = data = None
+    for line in lines:
+        if line.startswith("id: "):
+            event_id = line[4:]
+        elif line.startswith("data: "):
+            data = line[6:]
+        elif line == "" and data is not None:
+            break
+    assert event_id is not None and data is not None
+    return event_id, data
+
+
+def test_health_and_the_openapi_document_are_served(client: httpx.Client) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    schema = client.get("/openapi.json").json()
+    assert {"/accounts", "/transfers", "/transfers/linked", "/events", "/health"} <= set(schema["paths"])
+    assert client.get("/docs").status_code == 200
+
+
+# --- idempotency -----------------------------------------------------------------------------
+
+
+def test_a_retry_with_the_same_key_and_body_replays_the_original_answer(client: httpx.Client) -> None:
+    bank, alice = funded(client, 0)
+    key = fresh("retry")
+    body = {"source": bank, "destination": alice, "amount": 5}
+    original = write(client, "/transfers", key, body)
+    replay = write(client, "/transfers", key, dict(body, id=key))
+    assert (replay.status_code, replay.json()) == (original.status_code, original.json())
+    assert replay.headers["idempotency-replayed"] == "true"
+    assert client.get(f"/accounts/{alice}/balance").json()["posted"] == 5  # moved once
+    hold = write(client, "/transfers", fresh("hold"), {"source": bank, "destination": alice, "amount": 9,
+                                                       "pending": True}).json()["id"]
+    chain = {"legs": [{"source": bank, "destination": alice, "amount": 1},
+                      {"source": alice, "destination": bank, "amount": 1}]}
+    for path, key, sent in ((f"/transfers/{hold}/post", fresh("capture"), {"amount": 4}),
+                            ("/transfers/linked", fresh("chain"), chain)):
+        original = write(client, path, key, sent)
+        replay = write(client, path, key, sent)
+        assert original.status_code == 201 and "idempotency-replayed" not in original.headers
+        assert (replay.status_code, replay.json(), replay.headers["idempotency-replayed"]) == (
+            201, original.json(), "true")
+    assert client.get(f"/accounts/{alice}/balance").json()["posted"] == 5 + 4  # each moved once
+    account = fresh("acct")
+    assert "idempotency-replayed" not in write(client, "/accounts", account, {"currency": "USD"}).headers
+    again = write(client, "/accounts", account, {"currency": "USD"})
+    assert again.status_code == 201 and again.headers["idempotency-replayed"] == "true"
+
+
+def test_a_replayed_refusal_has_the_same_status_and_body(client: httpx.Client) -> None:
+    bank, alice = funded(client, 10)
+    for path, key, body in (
+        ("/transfers", fresh("broke"), {"source": alice, "destination": bank, "amount": 11}),
+        ("/transfers", fresh("nobody"), {"source": alice, "destination": "no-such-account", "amount": 1}),
+        ("/transfers/linked", fresh("chain"), {"legs": [{"source": bank, "destination": alice, "amount": 1},
+                                                        {"source": alice, "destination": bank, "amount": 99}]}),
+        ("/transfers/no-such-hold/post", fresh("post"), None),
+    ):
+        original = write(client, path, key, body)
+        replay = write(client, path, key, body)
+        assert original.status_code in (404, 422)
+        assert (replay.status_code, replay.json()) == (original.status_code, original.json())
+        assert "idempotency-replayed" not in original.headers
+        assert replay.headers["idempotency-replayed"] == "true"
+
+
+def test_a_different_body_under_a_used_key_is_a_409_conflict(client: httpx.Client) -> None:
+    bank, alice = funded(client, 10)
+    key = fresh("once")
+    assert write(client, "/transfers", key, {"source": bank, "destination": alice, "amount": 1}).status_code == 201
+    for path, body in (("/transfers", {"source": bank, "destination": alice, "amount": 2}),
+                       ("/transfers/linked", {"legs": [{"source": bank, "destination": alice, "amount": 1}]}),
+                       (f"/transfers/{key}/void", None)):
+        conflict = write(client, path, key, body)
+        assert conflict.status_code == 409 and error_of(conflict)["code"] == "idempotency_conflict"
+        assert "idempotency-replayed" not in conflict.headers
+    refused = fresh("refused")
+    assert write(client, "/transfers", refused, {"source": alice, "destination": bank, "amount": 99}
+                 ).status_code == 422
+    conflict = write(client, "/transfers", refused, {"source": alice, "destination": bank, "amount": 1})
+    assert error_of(conflict)["code"] == "idempotency_conflict"
+    account = open_account(client, "acct")
+    exists = write(client, "/accounts", account, {"currency": "EUR"})
+    assert exists.status_code == 409 and error_of(exists)["code"] == "account_exists"
+
+
+def test_concurrent_requests_with_one_key_are_an_original_and_replays(server: Server, client: httpx.Client) -> None:
+    import concurrent.futures
+
+    bank, alice = funded(client, 0)
+    key = fresh("race")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: write(client, "/transfers", key,
+                                                {"source": bank, "destination": alice, "amount": 1}), range(8)))
+    assert {answer.status_code for answer in answers} == {201}
+    assert sorted(answer.headers.get("idempotency-replayed", "false") for answer in answers) == ["false"] + ["true"] * 7
+    assert client.get(f"/accounts/{alice}/balance").json()["posted"] == 1
+
+
+def test_a_write_needs_an_idempotency_key_that_agrees_with_the_body(client: httpx.Client) -> None:
+    bank, alice = funded(client, 10)
+    body = {"source": bank, "destination": alice, "amount": 1}
+    for path, key, sent in (("/transfers", None, body), ("/accounts", None, {"currency": "USD"}),
+                            ("/transfers/linked", None, {"legs": [body]}), ("/transfers/x/post", None, None),
+                            ("/transfers/x/void", None, None),
+                            ("/transfers", "k-1", dict(body, id="k-2")),
+                            ("/accounts", "a-1", {"id": "a-2", "currency": "USD"}),
+                            ("/transfers/linked", "c-1", {"legs": [dict(body, id="c-2")]})):
+        refused = write(client, path, key, sent)
+        assert refused.status_code == 400, (path, refused.text)
+        assert error_of(refused)["code"] == "invalid_request"
+        assert "Idempotency-Key" in str(error_of(refused)["message"])
+    assert client.get(f"/accounts/{alice}/balance").json()["posted"] == 10
+
+
+def test_ids_may_hold_any_character_a_percent_encoded_path_carries(client: httpx.Client) -> None:
+    bank, alice = funded(client, 10)
+    odd = "a/b c?d%e#\N{SNOWMAN}"
+    assert write(client, "/accounts", odd.encode(), {"id": odd, "currency": "USD"}).status_code == 201
+    assert client.get(f"/accounts/{quote(odd, safe='')}").json()["id"] == odd
+    assert client.get(f"/accounts/{quote(odd, safe='')}/balance").json()["posted"] == 0
+    hold = write(client, "/transfers", odd.encode(), {"source": alice, "destination": bank, "amount": 1,
+                                                      "pending": True})
+    assert hold.status_code == 201 and hold.json()["id"] == odd
+    path = f"/transfers/{quote(odd, safe='')}"
+    assert client.get(path).json()["id"] == odd
+    assert write(client, path + "/void", fresh("v")).json()["pending_id"] == odd
+
+
+def test_a_key_that_is_no_id_is_400(client: httpx.Client) -> None:
+    bank, alice = funded(client, 10)
+    body = {"source": bank, "destination": alice, "amount": 1}
+    for key in ("k" * 129, b"\xff\xfe"):  # too long; not UTF-8
+        refused = write(client, "/transfers", key, body)
+        assert refused.status_code == 400 and error_of(refused)["code"] == "invalid_request"
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def test_each_failure_has_its_status_and_code(client: httpx.Client) -> None:
+    bank, alice = funded(client, 10)
+    euro = open_account(client, "euro", currency="EUR")
+    hold = write(client, "/transfers", fresh("h"), {"source": alice, "destination": bank, "amount": 5,
+                                                    "pending": True}).json()["id"]
+    assert write(client, f"/transfers/{hold}/void", fresh("v")).status_code == 201
+    cases = [
+        (client.get("/accounts/nobody"), 404, "account_not_found"),
+        (client.get("/accounts/nobody/balance"), 404, "account_not_found"),
+        (client.get("/accounts/nobody/entries"), 404, "account_not_found"),
+        (client.get("/transfers/nothing"), 404, "transfer_not_found"),
+        (client.get("/no/such/route"), 404, "not_found"),
+        (client.delete("/accounts"), 405, "method_not_allowed"),
+        (write(client, "/transfers", fresh("t"), {"source": bank, "destination": "nobody", "amount": 1}), 404,
+         "account_not_found"),
+        (write(client, "/transfers", fresh("t"), {"source": alice, "destination": bank, "amount": 11}), 422,
+         "insufficient_funds"),
+        (write(client, "/transfers", fresh("t"), {"source": bank, "destination": euro, "amount": 1}), 422,
+         "currency_mismatch"),
+        (write(client, "/transfers/nothing/post", fresh("p")), 422, "pending_transfer_not_found"),
+        (write(client, f"/transfers/{hold}/post", fresh("p")), 422, "pending_transfer_already_voided"),
+        (write(client, "/transfers", fresh("t"), {"source": bank, "destination": alice, "amount": 0}), 400,
+         "invalid_request"),
+        (client.get("/transfers", params={"kind": "sideways"}), 400, "invalid_request"),
+        (client.get("/transfers", params={"limit": 0}), 400, "invalid_request"),
+        (client.get(f"/accounts/{alice}/balance", params={"at_lsn": 1, "at_timestamp": 1}), 400, "invalid_request"),
+        (client.get(f"/accounts/{alice}/balance", params={"at_lsn": 2**62}), 400, "invalid_request"),
+        (client.get("/events", params={"after_lsn": 2**62}), 400, "invalid_request"),
+        (client.get("/events", headers={"Last-Event-ID": "yesterday"}), 400, "invalid_request"),
+    ]
+    for response, status, code in cases:
+        assert (response.status_code, error_of(response)["code"]) == (status, code), response.request.url
+
+
+def test_a_refused_linked_chain_names_the_leg_and_its_cause(client: httpx.Client) -> None:
+    bank, alice = funded(client, 10)
+    refused = write(client, "/transfers/linked", fresh("chain"), {"legs": [
+        {"source": bank, "destination": alice, "amount": 1},
+        {"source": alice, "destination": bank, "amount": 1_000}]})
+    assert refused.status_code == 422
+    error = error_of(refused)
+    assert error["code"] == "linked_transfer_failed" and error["index"] == 1
+    assert isinstance(error["cause"], dict) and error["cause"]["code"] == "insufficient_funds"
+    assert client.get(f"/accounts/{alice}/balance").json()["posted"] == 10  # nothing moved
+
+
+MALFORMED: list[tuple[str, str | bytes, dict[str, str]]] = [
+    ("a float amount", '{"source": "s", "destination": "d", "amount": 10.0}', {}),
+    ("a string amount", '{"source": "s", "destination": "d", "amount": "10"}', {}),
+    ("a bool amount", '{"source": "s", "destination": "d", "amount": true}', {}),
+    ("a null amount", '{"source": "s", "destination": "d", "amount": null}', {}),
+    ("a NaN amount", '{"source": "s", "destination": "d", "amount": NaN}', {}),
+    ("a huge amount", '{"source": "s", "destination": "d", "amount": 18446744073709551616}', {}),
+    ("a negative amount", '{"source": "s", "destination": "d", "amount": -1}', {}),
+    ("an unknown field", '{"source": "s", "destination": "d", "amount": 1, "amonut": 1}', {}),
+    ("a missing field", '{"source": "s", "amount": 1}', {}),
+    ("a number for an id", '{"source": 1, "destination": "d", "amount": 1}', {}),
+    ("a nested metadata value", '{"source": "s", "destination": "d", "amount": 1, "metadata": {"a": {}}}', {}),
+    ("a float metadata value", '{"source": "s", "destination": "d", "amount": 1, "metadata": {"a": 1.5}}', {}),
+    ("a string pending", '{"source": "s", "destination": "d", "amount": 1, "pending": "yes"}', {}),
+    ("broken JSON", '{"source": "s", ', {}),
+    ("not JSON", "amount=1", {}),
+    ("an array", "[1, 2]", {}),
+    ("a bare string", '"transfer"', {}),
+    ("null", "null", {}),
+    ("an empty body", "", {}),
+    ("invalid UTF-8", b'{"source": "\xff"}', {}),
+    ("a form's content type", '{"source": "s", "destination": "d", "amount": 1}',
+     {"Content-Type": "application/x-www-form-urlencoded"}),
+    ("no content type", '{"source": "s", "destination": "d", "amount": 1}', {"Content-Type": ""}),
+    ("deep nesting", "[" * 10_000 + "]" * 10_000, {}),
+]
+
+
+@pytest.mark.parametrize("what, body, headers", MALFORMED, ids=[case[0] for case in MALFORMED])
+def test_a_malformed_transfer_is_400_and_changes_nothing(client: httpx.Client, what: str, body: str | bytes,
+                                                         headers: dict[str, str]) -> None:
+    key = fresh("bad")
+    sent = {"Content-Type": "application/json", "Idempotency-Key": key, **headers}
+    response = client.post("/transfers", content=body, headers={k: v for k, v in sent.items() if v})
+    assert response.status_code == 400, response.text
+    assert error_of(response)["code"] == "invalid_request"
+    assert "Traceback" not in response.text
+    assert client.get(f"/transfers/{key}").status_code == 404
+
+
+def test_malformed_linked_post_and_account_bodies_are_400(client: httpx.Client) -> None:
+    for path, body in (("/transfers/linked", {"legs": []}), ("/transfers/linked", {"legs": "all"}),
+                       ("/transfers/linked", [{"source": "s", "destination": "d", "amount": 1}]),
+                       ("/transfers/linked", {"legs": [{"source": "s", "destination": "d", "amount": 1.5}]}),
+                       ("/transfers/x/post", {"amount": "all"}), ("/transfers/x/post", {"pending_id": "y"}),
+                       ("/transfers/x/void", {"amount": 1}), ("/accounts", {"currency": "USD", "limit": 1}),
+                       ("/accounts", {"currency": "USD", "overdraft_limit": 1.0}), ("/accounts", {})):
+        response = write(client, path, fresh("bad"), body)
+        assert response.status_code == 400, (path, body, response.text)
+        assert error_of(response)["code"] == "invalid_request"
+
+
+def test_a_body_over_the_limit_is_413_and_a_chain_of_1000_legs_fits(client: httpx.Client) -> None:
+    oversized = client.post("/transfers", headers={"Idempotency-Key": fresh("big"), "Content-Type":
+                                                   "application/json"}, content=b" " * (1 << 20) + b"{}")
+    assert oversized.status_code == 413 and error_of(oversized)["code"] == "body_too_large"
+    streamed = client.post("/transfers", headers={"Idempotency-Key": fresh("big"), "Content-Type":
+                                                  "application/json"},
+                           content=iter([b" " * (1 << 19)] * 3))  # chunked: no Content-Length
+    assert streamed.status_code == 413 and error_of(streamed)["code"] == "body_too_large"
+    source, destination = (open_account(client, "s" * 120, overdraft_limit=None), open_account(client, "d" * 120))
+    assert 120 < len(source) <= 128
+    key = "c" * 123
+    legs = [{"id": f"{key}.{i:04}", "source": source, "destination": destination, "amount": 1,
+             "reference": "r" * 256} for i in range(1000)]
+    legs[0]["id"] = key
+    chain = write(client, "/transfers/linked", key, {"legs": legs})
+    assert len(chain.request.content) > 680_000  # about 700 bytes a leg
+    assert chain.status_code == 201, chain.text
+    assert len(chain.json()["transfers"]) == 1000
+
+
+def test_the_server_uses_only_the_public_names_of_engine() -> None:
+    """It is the reference host: what it does, any host can do with `from engine import ...`."""
+    import ast
+
+    import engine
+
+    root = Path(engine.__file__).parent
+    modules = sorted(root.glob("_serve*.py"))
+    assert len(modules) >= 4
+    for module in modules:
+        tree = ast.parse(module.read_text(), filename=str(module))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert node.module.split(".")[0] not in ("coordinator", "journal"), (module.name, node.module)
+                if node.module == "engine":
+                    assert {alias.name for alias in node.names} <= set(engine.__all__), module.name
+                elif node.module.startswith("engine"):
+                    assert node.module.startswith("engine._serve"), (module.name, node.module)
+            elif isinstance(node, ast.Import):
+                assert not {alias.name.split(".")[0] for alias in node.names} & {"coordinator", "journal"}
+            elif (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                  and not (isinstance(node.value, ast.Name) and node.value.id == "self")):
+                raise AssertionError(f"{module.name}:{node.lineno} reads a private name, .{node.attr}")
