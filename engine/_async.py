@@ -5,25 +5,29 @@ Data flow of a transfer (threads in brackets):
 1. [loop] the coroutine validates the request and claims its id (or finds the id's earlier
    outcome), as `Ledger.transfer` does; it registers a waker on the ticket, queues it in
    the *outbox* and sleeps on a future.
-2. [loop, once per turn of the loop] the flush takes permits for the tickets queued
-   meanwhile and hands them all to the coordinator (`Coordinator.submit`), which decides
-   them as one combined round and queues their records for the journal writer. It never
-   writes LMDB on the loop: no fsync ever runs there.
+2. [loop, then the decider] once a turn of the loop, the flush takes permits for the
+   tickets queued meanwhile and hands them, together, to the ledger's one *decider* thread,
+   which decides them as one combined round (`Coordinator.submit`) and queues their records
+   for the journal writer. The loop never takes the sequencer's or the journal's locks
+   (the writer holds the journal's while it stages a group commit), and no fsync runs on it.
+   While the decider works, the outbox fills; its next round takes what came meanwhile.
 3. [writer] one group commit makes the records durable, then resolves each ticket; its
    waker appends it to a queue and, if none is scheduled, schedules one drain with
    `loop.call_soon_threadsafe`: a group commit of hundreds wakes the loop once.
-4. [loop] the drain releases the tickets' claims and sets their futures; each coroutine
-   returns its durable outcome.
+4. [loop] the drain releases the tickets' claims and sets their futures, at most
+   `WAKE_FUTURES_MAX` a turn; each coroutine returns its durable outcome.
 
-No thread is parked per call. What still runs on worker threads (`ASYNC_WORKER_THREADS`):
-reads (an account's actor may have a queue to get through; a cold page of the data file is
-a disk read) and `transfer_many` (a batch waits its turn in the batch lane, see
-`coordinator._turns`), each call on one worker for its duration.
+No thread is parked per call: one decider for every write, and the writer. Reads (an
+account's actor may have a queue to get through; a cold page of the data file is a disk
+read), account openings and `transfer_many` (a batch waits its turn in the batch lane, see
+`coordinator._turns`) run on worker threads (`ASYNC_WORKER_THREADS`), a call on one worker
+for its duration.
 
-Cancellation: cancelling a coroutine that awaits a write never cancels the write halfway.
-Before the flush has handed its ticket to the coordinator, the ticket is withdrawn and
-nothing is written (a retry runs afresh); after, the write goes on to its durable outcome,
-its claim is released when that comes, and a retry with the same id returns that outcome.
+Cancellation: cancelling a coroutine that awaits a write never cancels the write. A task
+cancelled before its first step submitted nothing; once it has made its request, the write
+goes on to its durable outcome (its claim is released when that comes), and a retry with the
+same id returns that outcome. Only a timeout withdraws a request still in the outbox (the
+ledger at its bound of transfers in flight for `timeout_s`): nothing is written for it.
 """
 
 from __future__ import annotations
@@ -47,7 +51,6 @@ from coordinator import (
     LedgerClosed,
     LedgerError,
     LedgerTimeout,
-    LedgerUnavailable,
     ReadOnlyLedger,
     Refused,
     Resolution,
@@ -79,8 +82,8 @@ T = TypeVar("T")
 
 ASYNC_WORKER_THREADS = 4
 """Threads an `AsyncLedger` runs its reads and batches on (never its single writes)."""
-FLUSH_TICKETS_MAX = 16
-"""Most tickets one flush decides on the loop before it lets other callbacks run."""
+FLUSH_TICKETS_MAX = 64
+"""Most tickets one round of the decider decides (it holds the interpreter meanwhile)."""
 WAKE_FUTURES_MAX = 16
 """Most coroutines one drain wakes: each then runs a step on the loop, so a group commit of
 hundreds is woken over several turns of the loop, and a timer waits for a few at most."""
@@ -97,13 +100,13 @@ class AsyncLedger:
     arguments and errors, bound to the event loop that opened it. Open it with
     `async with AsyncLedger.open(path, **options) as ledger` (or `await AsyncLedger.open`).
 
-    Writes (`transfer`, `post_pending`, `void_pending`, `transfer_linked`, `create_account`,
-    `create_accounts`, `expire_pending`) are decided on the loop, a loop turn's worth at a
-    time, and the coroutine sleeps until the journal writer wakes it through the loop once
-    its outcome is durable (module docstring). Each wait is bounded by the ledger's
-    `timeout_s` (`LedgerTimeout`: retry with the same id). Cancelling an awaited write never
-    cancels it halfway: it was not submitted and nothing was written, or it completes, and a
-    retry with the same id returns its outcome."""
+    Writes (`transfer`, `post_pending`, `void_pending`, `transfer_linked`) are claimed on the
+    loop and decided by the ledger's decider thread, a loop turn's worth at a time; the
+    coroutine sleeps until the journal writer wakes it through the loop once its outcome is
+    durable (module docstring). Each wait is bounded by the ledger's `timeout_s`
+    (`LedgerTimeout`: retry with the same id). Cancelling an awaited write never cancels it
+    halfway: a task cancelled before its first step submitted nothing; after, the write
+    completes, and a retry with the same id returns its outcome."""
 
     def __init__(self, ledger: Ledger, loop: asyncio.AbstractEventLoop) -> None:
         self._ledger = ledger
@@ -113,7 +116,12 @@ class AsyncLedger:
         self._workers = ThreadPoolExecutor(ASYNC_WORKER_THREADS, thread_name_prefix="tally-async")
         self._outbox: dict[Ticket, None] = {}
         """Tickets claimed on the loop and not yet handed to the coordinator, in order."""
+        self._decider = ThreadPoolExecutor(1, thread_name_prefix="tally-async-decider")
         self._flushing = False
+        """A flush is scheduled on the loop, or the decider is at work (it schedules the next)."""
+        self._next_records: dict[int, asyncio.Future[None]] = {}
+        """Per LSN that followers wait past: one future, set once a later record is durable."""
+        self._closing: asyncio.Future[None] | None = None
         self._woken: deque[tuple[asyncio.Future[None], Ticket | None]] = deque()
         """Filled by the resolving thread (the writer's), emptied by `_drain` on the loop."""
         self._draining = False
@@ -141,7 +149,7 @@ class AsyncLedger:
         if self._readonly:
             return self._ledger.create_account(account_id, currency=currency)  # raises ReadOnlyLedger
         with self._call():
-            await self._durable(self._ledger._open_account(account))
+            await self._durable(await self._on_worker(self._ledger._open_account, account))
             return account
 
     async def create_accounts(self, accounts: Sequence[Account]) -> list[Account | LedgerError]:
@@ -150,7 +158,7 @@ class AsyncLedger:
             return self._ledger.create_accounts(accounts)  # raises ReadOnlyLedger
         results = checked_accounts(accounts)
         with self._call():
-            await self._durable(self._ledger._open_accounts(results))
+            await self._durable(await self._on_worker(self._ledger._open_accounts, results))
         return results
 
     async def transfer(self, transfer_id: str, *, source: str, destination: str, amount: int, code: int = 0,
@@ -196,7 +204,7 @@ class AsyncLedger:
         if self._readonly:
             return self._ledger.expire_pending()  # raises ReadOnlyLedger
         with self._call():
-            expired, lsn = self._ledger._coordinator.expire_due()
+            expired, lsn = await self._on_worker(self._ledger._coordinator.expire_due)
             await self._durable(lsn)
             return expired
 
@@ -249,13 +257,21 @@ class AsyncLedger:
 
     async def close(self) -> None:
         """`Ledger.close`, on a thread of its own: the writes under way finish (bounded by
-        `timeout_s`); those still in the outbox are withdrawn with `LedgerClosed`, nothing
-        written for them. Idempotent."""
-        for ticket in list(self._outbox):
-            self._withdraw(ticket, LedgerClosed(f"the ledger closed before transfer {ticket.request.id!r} was "
-                                                "submitted; nothing was written for it"))
-        await asyncio.to_thread(self._ledger.close)
-        self._workers.shutdown(wait=False)
+        `timeout_s`), those in the outbox too; followers of `events` end. Idempotent: a second
+        call waits for the first to finish."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        try:
+            await asyncio.to_thread(self._ledger.close)  # the outbox drains meanwhile: its writes complete
+        finally:
+            self._decider.shutdown(wait=False)
+            self._workers.shutdown(wait=False)
+            for future in self._next_records.values():
+                if not future.done():
+                    future.set_result(None)  # followers look again, and find the ledger closed
 
     @property
     def closed(self) -> bool:
@@ -306,10 +322,6 @@ class AsyncLedger:
                 raise ticket.error from None  # type: ignore[misc]
             raise LedgerTimeout(f"transfer {ticket.request.id!r}: no durable outcome within {self.timeout_s} s; "
                                 "retry with the same id") from None
-        except asyncio.CancelledError:
-            self._withdraw(ticket, LedgerUnavailable(f"transfer {ticket.request.id!r} was cancelled before it was "
-                                                     "submitted; nothing was written for it: retry it"))
-            raise
 
     def _withdraw(self, ticket: Ticket, error: LedgerError) -> bool:
         """Take a ticket out of the outbox, if the flush has not handed it over yet: it is
@@ -323,34 +335,51 @@ class AsyncLedger:
         return True
 
     def _flush(self) -> None:
-        """Hand the outbox to the coordinator (step 2): as many tickets as permits allow, at
-        most `FLUSH_TICKETS_MAX`; the rest at the next turn of the loop."""
+        """Hand the outbox to the decider (step 2): as many tickets as permits allow, at most
+        `FLUSH_TICKETS_MAX`; the decider's end schedules the next flush."""
         outbox = self._outbox
-        coordinator = self._ledger._coordinator
-        admission = coordinator.admission
+        admission = self._ledger._coordinator.admission
         tickets: list[Ticket] = []
         for ticket in outbox:
             if len(tickets) == FLUSH_TICKETS_MAX or not admission.try_admit(1):
                 break
             tickets.append(ticket)
+        if not tickets:
+            if outbox:  # at the bound of transfers in flight: each ticket's own timeout bounds this
+                self._loop.call_later(ADMISSION_RETRY_S, self._flush)
+            else:
+                self._flushing = False
+            return
         for ticket in tickets:
             del outbox[ticket]
-        if outbox:
-            if tickets:
-                self._loop.call_soon(self._flush)
-            else:  # at the bound of transfers in flight: each ticket's own timeout bounds this
-                self._loop.call_later(ADMISSION_RETRY_S, self._flush)
-        else:
+        try:
+            self._decider.submit(self._decide_round, tickets)
+        except RuntimeError:  # shut down: the ledger closed under them
+            for ticket in tickets:
+                self._ledger._coordinator.fail(ticket, LedgerClosed("the ledger closed"))
             self._flushing = False
-        if not tickets:
-            return
+
+    def _decide_round(self, tickets: list[Ticket]) -> None:
+        """On the decider thread: decide `tickets` (`Coordinator.submit`), then have the loop
+        flush what queued meanwhile."""
+        coordinator = self._ledger._coordinator
         try:
             coordinator.submit(tickets)
-        except Exception as error:  # a bug must not strand the tickets' coroutines
+        except BaseException as error:  # a bug must not strand the tickets' coroutines
             logger.exception("submitting %d transfers failed", len(tickets))
             for ticket in tickets:  # (a permit not given back is safer than one given back twice)
-                if ticket.resolve(LedgerUnavailable(f"transfer {ticket.request.id!r} failed: {error!r}")):
-                    coordinator.claims.abandon(ticket)
+                coordinator.fail(ticket, error if isinstance(error, Exception) else RuntimeError(repr(error)))
+        finally:
+            try:
+                self._loop.call_soon_threadsafe(self._flush_next)
+            except RuntimeError:  # the loop is closed: nobody is left to flush for
+                pass
+
+    def _flush_next(self) -> None:
+        if self._outbox:
+            self._flush()
+        else:
+            self._flushing = False
 
     def _wake(self, future: asyncio.Future[None], ticket: Ticket | None, _completion: Completion) -> None:
         """A completion's callback (step 3), on the thread that resolved it. It schedules a
@@ -458,32 +487,45 @@ class AsyncLedger:
             return reader.read(ledger._events_last_lsn())
 
     async def _next_record(self, after_lsn: int, deadline: float | None) -> bool:
-        """Sleep until a record after `after_lsn` is durable; False once the ledger closed,
-        the journal failed, or the loop's clock passed `deadline` without one."""
+        """Sleep until a record after `after_lsn` is durable; False once the ledger closed, or
+        the loop's clock passed `deadline` without one. `LedgerUnavailable` if the journal
+        failed (no record will come), as `Ledger.events` raises it."""
         ledger, loop = self._ledger, self._loop
         if self._readonly:  # another process writes it: poll
             if deadline is not None and loop.time() >= deadline:
                 return False
             await asyncio.sleep(FOLLOW_POLL_S[1])
             return not ledger.closed
+        future = self._record_after(after_lsn)
+        while not future.done():
+            wait_s = FOLLOW_SLICE_S if deadline is None else min(FOLLOW_SLICE_S, deadline - loop.time())
+            if wait_s <= 0:
+                return False
+            await asyncio.wait((future,), timeout=wait_s)  # a timeout leaves nothing behind
+            if ledger.closed:
+                return False
+        failure = ledger._journal.failure
+        if isinstance(failure, JournalError):
+            raise ledger_error(failure) from failure
+        return not ledger.closed
+
+    def _record_after(self, after_lsn: int) -> asyncio.Future[None]:
+        """The future set once a record after `after_lsn` is durable (or the journal failed or
+        closed), one per LSN for every follower waiting there."""
+        waiting = self._next_records
+        future = waiting.get(after_lsn)
+        if future is not None:
+            return future
+        for lsn in [lsn for lsn, done in waiting.items() if done.done()]:
+            del waiting[lsn]
+        future = waiting[after_lsn] = self._loop.create_future()
         try:
-            completion = ledger._journal.durable_completion(after_lsn + 1)
+            completion = self._ledger._journal.durable_completion(after_lsn + 1)
         except JournalError:
-            return False  # the journal failed: no record will come
-        if completion is None:
-            return True
-        future: asyncio.Future[None] = loop.create_future()
-        if completion.add_callback(partial(self._wake, future, None)):
-            while True:
-                wait_s = FOLLOW_SLICE_S if deadline is None else min(FOLLOW_SLICE_S, deadline - loop.time())
-                if wait_s <= 0:
-                    return False
-                done, _ = await asyncio.wait((future,), timeout=wait_s)
-                if done:
-                    break
-                if ledger.closed:
-                    return False
-        return not ledger.closed and completion.error is None
+            completion = None  # failed: the follower finds the failure
+        if completion is None or not completion.add_callback(partial(self._wake, future, None)):
+            future.set_result(None)
+        return future
 
 
 class _Opening:

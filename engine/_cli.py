@@ -194,7 +194,8 @@ def _serve_parser(commands: Any) -> None:
     text = "serve the ledger over HTTP (JSON; FastAPI and uvicorn: pip install 'tally-ledger[serve]')"
     serve = commands.add_parser("serve", help=text, description=text)
     serve.add_argument("path", metavar="PATH", type=_path, help="the ledger directory (created if missing)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=_count(0, 65535), default=8000, help="port (default 8000; 0: a free one)")
     serve.add_argument("--token-file", metavar="F", type=_path, default=None,
                        help="a file holding a bearer token that every request but /health must send")

@@ -156,11 +156,17 @@ def serve(path: str, *, host: str, port: int, token_file: str | None, insecure: 
     config = uvicorn.Config(_announcing(app, on_ready), lifespan="on",
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=access_log,
                             log_level="info", backlog=BACKLOG)
-    # uvicorn raises the signal that stopped it again once it has shut down; these handlers
-    # take it, so a stop asked for is a clean exit (0), not a death by the signal.
-    previous = {sig: signal.signal(sig, _stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
+    server = Server(config)
+
+    def stopped(_sig: int, _frame: FrameType | None) -> None:
+        server.should_exit = True  # before uvicorn takes the signals: it stops as soon as it starts
+
+    # uvicorn handles SIGINT and SIGTERM while it runs, and raises the signal that stopped it
+    # again once it has shut down; these handlers take that one, so a stop asked for is a
+    # clean exit (0), not a death by the signal.
+    previous = {sig: signal.signal(sig, stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        Server(config).run(sockets=[listening])
+        server.run(sockets=[listening])
     except SystemExit:  # uvicorn's own exit when the startup failed (some releases exit, others return)
         if app.state.startup_error is None:
             raise
@@ -172,10 +178,6 @@ def serve(path: str, *, host: str, port: int, token_file: str | None, insecure: 
     if failure is not None:
         raise failure
     return 0
-
-
-def _stopped(_sig: int, _frame: FrameType | None) -> None:
-    """A stop signal after uvicorn let go of it: it has shut down already."""
 
 
 def _announcing(app: FastAPI, on_ready: Callable[[], None]) -> Callable[[Scope, Receive, Send], Any]:

@@ -281,6 +281,9 @@ class Writer:
 
                     self._cond.wait_for(rejoined, COMMIT_DELAY_S_MAX)
                 self._writer_waiting = False
+                if not self._pending:  # failed meanwhile (`_fail` took the queue): nothing to write
+                    self._writing = False
+                    continue
                 batch = self._take()
                 batch_size_last = batch[-1].last_lsn - batch[0].first_lsn + 1
                 self._room.notify_all()
@@ -478,6 +481,11 @@ class Writer:
         self.progress.end()
         if self._thread.is_alive():
             raise JournalTimeoutError("the journal writer did not drain in time")
+        with self._cond:  # what was never appended will never be durable: release its waiters now
+            waiters, self._waiters = self._waiters, []
+        closed = JournalClosedError("the journal closed before those records were written")
+        for _, _, completion in waiters:
+            completion.resolve(closed)
         if self._anchor is not None:
             try:
                 self._anchor.close()

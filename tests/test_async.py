@@ -22,6 +22,8 @@ from engine import (
     InvalidRequest,
     Ledger,
     LedgerClosed,
+    LedgerTimeout,
+    LedgerUnavailable,
     LinkedTransferFailed,
     PendingTransferAlreadyPosted,
     ReadOnlyLedger,
@@ -176,26 +178,54 @@ def test_writes_are_woken_by_the_writer_not_by_a_thread_per_call(tmp_path: Path)
     run(tmp_path / "l", body)
 
 
-def test_a_transfer_cancelled_before_it_is_submitted_writes_nothing_and_a_retry_runs_afresh(
+def test_a_transfer_cancelled_before_its_first_step_submits_nothing_and_a_retry_runs_afresh(tmp_path: Path) -> None:
+    async def body(ledger: AsyncLedger) -> None:
+        a0, a1, _, _ = await funded(ledger)
+        task = asyncio.create_task(ledger.transfer("c0", source=a0, destination=a1, amount=10))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await ledger.outcome("c0") is None and not ledger._outbox
+        assert (await ledger.transfer("c0", source=a0, destination=a1, amount=10)).amount == 10
+        assert (await ledger.balance(a0)).posted == 990
+
+    run(tmp_path / "l", body)
+
+
+def test_a_transfer_cancelled_while_it_waits_to_be_submitted_completes_and_a_retry_returns_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(ledger: AsyncLedger) -> None:
         a0, a1, _, _ = await funded(ledger)
         admission = ledger._ledger._coordinator.admission
         monkeypatch.setattr(admission, "try_admit", lambda permits: False)  # the ledger at its bound
         task = asyncio.create_task(ledger.transfer("c1", source=a0, destination=a1, amount=10))
-        for _ in range(3):
+        while not ledger._outbox:
             await asyncio.sleep(0)
-        assert not task.done()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        assert list(ledger._outbox)[0].request.id == "c1"  # still queued: it will be submitted
         monkeypatch.undo()
-        assert await ledger.outcome("c1") is None
-        assert (await ledger.balance(a0)).posted == 1_000
-        again = await ledger.transfer("c1", source=a0, destination=a1, amount=10)
-        assert again.amount == 10 and (await ledger.balance(a0)).posted == 990
+        again = await ledger.transfer("c1", source=a0, destination=a1, amount=10)  # waits on the same ticket
+        assert await ledger.outcome("c1") == again
+        assert (await ledger.balance(a0)).posted == 990  # moved once
 
     run(tmp_path / "l", body)
+
+
+def test_a_transfer_that_times_out_before_it_is_submitted_writes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body(ledger: AsyncLedger) -> None:
+        a0, a1, _, _ = await funded(ledger)
+        admission = ledger._ledger._coordinator.admission
+        monkeypatch.setattr(admission, "try_admit", lambda permits: False)
+        with pytest.raises(LedgerTimeout, match="nothing was written"):
+            await ledger.transfer("c3", source=a0, destination=a1, amount=10)
+        monkeypatch.undo()
+        assert await ledger.outcome("c3") is None and not ledger._ledger._coordinator.claims.in_flight()
+        assert (await ledger.transfer("c3", source=a0, destination=a1, amount=10)).amount == 10
+
+    run(tmp_path / "l", body, timeout_s=0.3)
 
 
 def test_a_transfer_cancelled_after_it_is_submitted_completes_and_a_retry_returns_its_outcome(tmp_path: Path) -> None:
@@ -242,7 +272,7 @@ def test_events_follow_new_records_resume_from_an_lsn_and_end_when_the_ledger_cl
         with pytest.raises(InvalidRequest):
             ledger.events(-1)
         await ledger.close()
-        await asyncio.wait_for(follower, 10)  # the follower ends once the ledger closes
+        await asyncio.wait_for(follower, 0.5)  # the follower ends as the ledger closes, not a poll later
 
     run(tmp_path / "l", body)
 
@@ -294,3 +324,28 @@ def test_a_completion_calls_back_once_and_keeps_no_reference_to_its_callbacks() 
     assert calls == [completion] and completion._callbacks is None
     assert not completion.add_callback(calls.append)  # resolved: the caller goes on itself
     assert calls == [completion]
+
+
+def test_an_async_follower_hears_of_a_failed_journal_as_the_ledger_says_it(tmp_path: Path) -> None:
+    async def body(ledger: AsyncLedger) -> None:
+        await funded(ledger, accounts=1)
+        events = ledger.events(0)
+        async for _ in events:
+            break  # caught up far enough: the rest follows
+        ledger._ledger._journal.refuse_writes("a test fails the journal")
+        with pytest.raises(LedgerUnavailable):
+            async for _ in events:
+                pass
+
+    run(tmp_path / "l", body)
+
+
+def test_two_closes_at_once_both_return_once_the_ledger_is_closed(tmp_path: Path) -> None:
+    async def body(ledger: AsyncLedger) -> None:
+        await funded(ledger, accounts=1)
+        await asyncio.gather(ledger.close(), ledger.close())
+        assert ledger.closed
+        with Ledger.open(tmp_path / "l") as reopened:  # the directory lock is free
+            assert reopened.balance("a0").posted == 1_000
+
+    run(tmp_path / "l", body)

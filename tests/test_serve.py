@@ -226,6 +226,18 @@ def test_a_retry_with_the_same_key_and_body_replays_the_original_answer(client: 
     assert (replay.status_code, replay.json()) == (original.status_code, original.json())
     assert replay.headers["idempotency-replayed"] == "true"
     assert client.get(f"/accounts/{alice}/balance").json()["posted"] == 5  # moved once
+    hold = write(client, "/transfers", fresh("hold"), {"source": bank, "destination": alice, "amount": 9,
+                                                       "pending": True}).json()["id"]
+    chain = {"legs": [{"source": bank, "destination": alice, "amount": 1},
+                      {"source": alice, "destination": bank, "amount": 1}]}
+    for path, key, sent in ((f"/transfers/{hold}/post", fresh("capture"), {"amount": 4}),
+                            ("/transfers/linked", fresh("chain"), chain)):
+        original = write(client, path, key, sent)
+        replay = write(client, path, key, sent)
+        assert original.status_code == 201 and "idempotency-replayed" not in original.headers
+        assert (replay.status_code, replay.json(), replay.headers["idempotency-replayed"]) == (
+            201, original.json(), "true")
+    assert client.get(f"/accounts/{alice}/balance").json()["posted"] == 5 + 4  # each moved once
     account = fresh("acct")
     assert "idempotency-replayed" not in write(client, "/accounts", account, {"currency": "USD"}).headers
     again = write(client, "/accounts", account, {"currency": "USD"})

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter
+from dataclasses import fields
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from engine import Ledger
+from journal._seal import SEAL_FILE
 from serve_support import HTTP_TIMEOUT_S, ROOT, Server, error_of, run_tally, write
 
 pytestmark = pytest.mark.timeout(180)
@@ -236,9 +238,7 @@ def _check_acknowledged_survive(path: Path, acknowledged: list[dict[str, Any]], 
         for made in acknowledged:
             found = ledger.get_transfer(made["id"])
             assert found is not None, made
-            assert (found.source, found.destination, found.amount, found.lsn, found.timestamp, found.kind,
-                    found.status) == (made["source"], made["destination"], made["amount"], made["lsn"],
-                                      made["timestamp"], made["kind"], made["status"])
+            assert {field.name: getattr(found, field.name) for field in fields(found)} == made
         total = sum(ledger.balance(name).posted for name in customers) + ledger.balance("bank").posted
         assert total == 0
 
@@ -285,9 +285,20 @@ def test_sigterm_drains_ends_the_streams_closes_the_ledger_and_exits_0(tmp_path:
     assert any(line.startswith("id: ") for line in streamed)
     assert set(load.statuses) <= {201, 422}, load.statuses  # in flight at the signal: finished, not failed
     assert "Traceback" not in server.stderr and "ERROR" not in server.stderr, server.stderr
+    assert (tmp_path / "books" / SEAL_FILE).exists()  # closed cleanly: the next open need not walk the file
     _check_acknowledged_survive(tmp_path / "books", load.acknowledged, customers)
     verified = run_tally("verify", tmp_path / "books", "--json")
     assert verified.returncode == 0 and json.loads(verified.stdout)["verdict"] == "whole"
+
+
+def test_ctrl_c_stops_it_as_sigterm_does(tmp_path: Path) -> None:
+    server = Server(tmp_path / "books", tmp_path)
+    with server.client() as client:
+        assert write(client, "/accounts", "bank", {"currency": "USD"}).status_code == 201
+    assert server.stop(signal.SIGINT) == 0
+    assert "Traceback" not in server.stderr
+    with Ledger.open(tmp_path / "books") as ledger:
+        assert [account.id for account in ledger.accounts()] == ["bank"]
 
 
 # --- in process: a bug, a closed ledger --------------------------------------------------------
