@@ -342,3 +342,15 @@ def test_the_client_counts_a_status_that_does_not_fit_its_code_as_a_fault(stand_
         with pytest.raises(UnexpectedReply, match="500 'insufficient_funds'"):
             remote.transfer("big", source="a", destination="bank", amount=1)
         assert remote.fault_count == 1
+
+
+@pytest.mark.timeout(30)
+def test_the_client_reads_an_accounts_entries_a_page_at_a_time(stand_in: StandIn,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("engine._remote.ENTRIES_PAGE_SIZE", 2)
+    with RemoteLedger(stand_in.url) as remote:
+        remote.create_accounts([Account("bank", "USD", None), Account("a", "USD", 0)])
+        for k in range(5):
+            remote.transfer(f"t{k}", source="bank", destination="a", amount=k + 1)
+        assert remote.entries("a") == stand_in.ledger.entries("a") and len(remote.entries("a")) == 5
+        assert remote.entries("a", after=1, limit=3) == stand_in.ledger.entries("a", 1, 3)
