@@ -19,8 +19,9 @@ Errors: a `{"error": {"code", "message"}}` reply is raised as the `LedgerError` 
 code (`LinkedTransferFailed` with its `index` and `cause`), so a caller catches what it catches
 from a `Ledger`. What the contract does not allow is raised as `UnexpectedReply` and kept in
 `faults`: a status that does not fit the code, an unknown code, a body that is not the
-documented JSON, a 5xx without an error body. A write sent again after a 2xx answer whose reply
-is not marked `Idempotency-Replayed: true` is kept in `faults` (its reply is still returned). A
+documented JSON, a 5xx without an error body. A write sent again after a 2xx answer or a
+journaled refusal (one of `REJECTIONS`, or a refused chain), whose reply is not marked
+`Idempotency-Replayed: true`, is kept in `faults` (its reply is still returned or raised). A
 request that gets no answer (refused or broken connection, no reply in `timeout_s`) raises
 `ServerUnreachable`: the outcome of a write is unknown, and resending the same id tells it.
 """
@@ -288,9 +289,13 @@ class RemoteLedger:
         if status == 404 and missing_ok:
             self._json(response, where)  # a 404 still has its error body
             raise _Missing
-        raise self._error(response, where)
+        refusal = self._error(response, where)
+        if key is not None and (refusal.code in REJECTIONS or refusal.code == LinkedTransferFailed.code):
+            self._check_replay(key, response, where)  # a journaled refusal is replayed as an answer is
+        raise refusal
 
     def _check_replay(self, key: str, response: httpx.Response, where: str) -> None:
+        """Note `key` answered; a fault if it was answered before and this reply is not marked a replay."""
         with self._lock:
             again = key in self._answered
             self._answered.add(key)

@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
+from coordinator import REJECTIONS
 from engine import (
     Account,
     InsufficientFunds,
@@ -107,7 +108,7 @@ class StandIn(ThreadingHTTPServer):
     """The routes `tally stress --url` uses, over an in-process `Ledger`. `lie_about` ends the
     name of an account whose posted balance it reports one too high, or of a transfer it reads
     back with an amount one too high; `statuses` maps an error code to its HTTP status (422 if
-    absent)."""
+    absent); `marks_replays` False leaves the Idempotency-Replayed header off."""
 
     daemon_threads = True
 
@@ -117,6 +118,7 @@ class StandIn(ThreadingHTTPServer):
         self.lie_about = lie_about
         self.answered: set[str] = set()
         self.statuses = dict(_STATUS)
+        self.marks_replays = True
         self.lock = threading.Lock()
 
     @property
@@ -137,7 +139,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-        self._answer(lambda: self._write(urlsplit(self.path).path, body, self.headers["Idempotency-Key"]))
+        key = self.headers["Idempotency-Key"]
+        self._answer(lambda: self._write(urlsplit(self.path).path, body, key), key)
 
     def _read(self, parts: Any) -> Any:
         ledger, path = self.server.ledger, [unquote(p) for p in parts.path.strip("/").split("/")]
@@ -174,13 +177,13 @@ class _Handler(BaseHTTPRequestHandler):
             made = ledger.post_pending(key, pending_id=unquote(path.split("/")[2]), **body)
         else:
             made = ledger.void_pending(key, pending_id=unquote(path.split("/")[2]), **body)
-        with self.server.lock:
-            replayed = key in self.server.answered
-            self.server.answered.add(key)
-        return (201, made, replayed)
+        return {"transfers": [_plain(t) for t in made]} if isinstance(made, list) else _plain(made)
 
-    def _answer(self, reply: Any) -> None:
-        headers = {}
+    def _answer(self, reply: Any, key: str | None = None) -> None:
+        """Send what `reply()` gives: a value (200, or 201 for a write), or a tuple (status, code,
+        message[, more]) or a `LedgerError` as an error. A write's answer, or a journaled
+        refusal, given for a key answered before is marked a replay."""
+        replayable = True
         try:
             answer = reply()
         except LinkedTransferFailed as error:
@@ -188,15 +191,18 @@ class _Handler(BaseHTTPRequestHandler):
                                                      "cause": {"code": error.cause.code, "message": str(error.cause)}})
         except LedgerError as error:
             answer = (self.server.statuses.get(error.code, 422), error.code, str(error))
-        if isinstance(answer, tuple) and len(answer) == 3 and answer[0] == 201:
-            status, made, replayed = answer
-            data = {"transfers": [_plain(t) for t in made]} if isinstance(made, list) else _plain(made)
-            headers = {"Idempotency-Replayed": "true"} if replayed else {}
-        elif isinstance(answer, tuple):
+            replayable = error.code in REJECTIONS
+        if isinstance(answer, tuple):
             status, code, message, *more = answer
             data = {"error": {"code": code, "message": message, **(more[0] if more else {})}}
         else:
-            status, data = 200, answer
+            status, data = (200 if key is None else 201), answer
+        headers = {}
+        if key is not None and replayable:
+            with self.server.lock:
+                if key in self.server.answered and self.server.marks_replays:
+                    headers = {"Idempotency-Replayed": "true"}
+                self.server.answered.add(key)
         payload = json.dumps(data).encode()
         self.send_response(status)
         for name, value in {"Content-Type": "application/json", "Content-Length": str(len(payload)), **headers}.items():
@@ -354,3 +360,13 @@ def test_the_client_reads_an_accounts_entries_a_page_at_a_time(stand_in: StandIn
             remote.transfer(f"t{k}", source="bank", destination="a", amount=k + 1)
         assert remote.entries("a") == stand_in.ledger.entries("a") and len(remote.entries("a")) == 5
         assert remote.entries("a", after=1, limit=3) == stand_in.ledger.entries("a", 1, 3)
+
+
+@pytest.mark.timeout(60)
+def test_a_server_that_does_not_mark_its_replays_fails_the_contract_check(stand_in: StandIn) -> None:
+    stand_in.marks_replays = False
+    done = tally("stress", "--url", stand_in.url, "--accounts", "10", "--clients", "2", "--transfers", "100",
+                 "--retry-rate", "0.2")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "✗ every reply kept the HTTP contract" in done.stdout
+    assert "its replay is not marked Idempotency-Replayed: true" in done.stdout
