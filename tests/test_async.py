@@ -349,3 +349,21 @@ def test_two_closes_at_once_both_return_once_the_ledger_is_closed(tmp_path: Path
             assert reopened.balance("a0").posted == 1_000
 
     run(tmp_path / "l", body)
+
+
+def test_an_async_ledger_on_uvloop_moves_money_as_on_asyncio(tmp_path: Path) -> None:
+    """`tally serve` runs on uvloop when it is installed (the `serve` extra brings it)."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def body() -> tuple[int, str]:
+        async with AsyncLedger.open(tmp_path / "l") as ledger:
+            names = await funded(ledger, accounts=4)
+            await asyncio.gather(*(ledger.transfer(f"u{n}", source=names[n % 4], destination=names[(n + 1) % 4],
+                                                   amount=1) for n in range(400)))
+            return sum([(await ledger.balance(name)).posted for name in names]), await ledger.state_hash()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        total, digest = runner.run(body())
+    assert total == 4_000
+    with Ledger.open(tmp_path / "l") as ledger:
+        assert ledger.state_hash() == digest
