@@ -36,6 +36,7 @@ from typing import Any
 from coordinator import (
     REJECTIONS,
     IdempotencyConflict,
+    InsufficientFunds,
     InvalidRequest,
     LedgerError,
     Transfer,
@@ -224,7 +225,7 @@ class Router:
         credit = self.call(peer[0], "outcome", outcome.id + "\x1fcredit")
         if outcome.status == "posted" and isinstance(credit, Transfer):
             return user_transfer(outcome, credit.destination)
-        if isinstance(credit, LedgerError):
+        if isinstance(credit, LedgerError) and not isinstance(credit, InsufficientFunds):  # that one: a fence's
             return credit
         return CrossShardAborted(f"transfer {transfer_id!r} was aborted by recovery: nothing moved")
 
