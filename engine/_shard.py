@@ -111,6 +111,12 @@ class Shard:
     def pid(self) -> int:
         return os.getpid()
 
+    def node(self) -> str:
+        """The Ray node this actor runs on."""
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+
     def call(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[bool, Any]:
         """The `Ledger` method `name` (one of `CALLS`): `(True, result)` or `(False, error)`."""
         assert name in CALLS, name

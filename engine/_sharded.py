@@ -307,6 +307,10 @@ class ShardedLedger:
         """The process id of each shard's actor (for operators and crash tests)."""
         return _ray.gather([actor.pid.remote() for actor in self._actors], self.timeout_s)
 
+    def nodes(self) -> list[str]:
+        """The Ray node id each shard's actor runs on."""
+        return _ray.gather([actor.node.remote() for actor in self._actors], self.timeout_s)
+
     def close(self) -> None:
         """Close every shard's ledger (each finishes its calls under way, bounded), stop the
         actors, and shut Ray down if the open started it. Idempotent."""
