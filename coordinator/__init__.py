@@ -112,6 +112,7 @@ from coordinator._values import (
     Resolution,
     Transfer,
     TransferRequest,
+    stamped_transfer,
     transfer_request,
 )
 
@@ -230,6 +231,7 @@ __all__ = [
     "replay",
     "resolution_of",
     "shown",
+    "stamped_transfer",
     "transfer_request",
     "state_hash",
     "transfer_now",

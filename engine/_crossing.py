@@ -46,6 +46,7 @@ from coordinator import (
 
 from engine._placement import (
     POST,
+    SEPARATOR,
     USER_ID_LENGTH_MAX,
     VOID,
     CrossShardAborted,
@@ -55,7 +56,8 @@ from engine._placement import (
     shard_of,
 )
 from engine._ray import gather
-from engine._shard import Credit, Doubt, Prepare
+from engine._shard import Doubt, credit_row, prepare_row
+from engine._wire import Row, outcomes_of, pack, request_row, unpack
 
 Gather = Callable[[Sequence[Any], float], list[Any]]
 
@@ -101,7 +103,8 @@ class Router:
             for index, found in enumerate(self.everywhere("find", missing)):
                 for account_id in found:
                     self.where[account_id] = index
-        return {a: self.where.get(a, shard_of(a, self.shards)) for a in account_ids}
+        where, shards = self.where, self.shards
+        return {a: where[a] if a in where else shard_of(a, shards) for a in account_ids}
 
     # --- transfer_many ------------------------------------------------------------------
 
@@ -115,24 +118,24 @@ class Router:
             except LedgerError as error:
                 results[i] = error
         where = self.locate([name for _, r in checked for name in (r.source, r.destination)])
-        parts: dict[int, list[tuple[int, TransferRequest | Prepare]]] = defaultdict(list)
+        parts: dict[int, list[tuple[int, Row]]] = defaultdict(list)
         crossing: dict[int, TransferRequest] = {}
         for i, request in checked:
             a, b = where[request.source], where[request.destination]
             if a == b:
-                parts[a].append((i, request))
+                parts[a].append((i, request_row(request)))
             elif request.pending:
                 results[i] = CrossShardRefused(
                     f"pending transfer {request.id!r}: {request.source!r} and {request.destination!r} live on "
                     f"shards {a} and {b}; a pending transfer runs within one shard (colocate with placement)")
             else:
                 crossing[i] = request
-                parts[a].append((i, Prepare(request.id, request.source, b, request.amount, request.code,
-                                            request.reference, request.metadata)))
-        replies = self.on({a: ("batch", [item for _, item in part]) for a, part in parts.items()})
+                parts[a].append((i, prepare_row(request.id, request.source, b, request.amount, request.code,
+                                                request.reference, request.metadata)))
+        replies = self.on({a: ("batch", pack([item for _, item in part])) for a, part in parts.items()})
         prepared: dict[int, Transfer] = {}
         for a, part in parts.items():
-            for (i, _), outcome in zip(part, replies[a], strict=True):
+            for (i, _), outcome in zip(part, outcomes_of(unpack(replies[a])), strict=True):
                 if i in crossing and isinstance(outcome, Transfer):
                     prepared[i] = outcome
                 else:
@@ -145,29 +148,29 @@ class Router:
                results: list[Transfer | LedgerError | None]) -> None:
         """Steps 2 and 3 of the prepared cross-shard transfers: credits (one call per
         destination shard), then posts and voids (one call per source shard)."""
-        credits: dict[int, list[tuple[int, Credit]]] = defaultdict(list)
+        credits: dict[int, list[tuple[int, Row]]] = defaultdict(list)
         for i, hold in prepared.items():
             request = crossing[i]
             peer = peer_of(hold.destination)
             assert peer is not None, hold
-            credits[peer[0]].append((i, Credit(request.id, where[request.source], peer[1], request.destination,
-                                               hold.amount, hold.code, hold.reference, hold.metadata)))
-        replies = self.on({b: ("credit", [credit for _, credit in part]) for b, part in credits.items()})
+            credits[peer[0]].append((i, credit_row(request.id, where[request.source], peer[1], request.destination,
+                                                   hold.amount, hold.code, hold.reference, hold.metadata)))
+        replies = self.on({b: ("credit", pack([credit for _, credit in part])) for b, part in credits.items()})
         steps: dict[int, list[tuple[int, tuple[str, str, bool]]]] = defaultdict(list)
         for b, part in credits.items():
-            for (i, credit), outcome in zip(part, replies[b], strict=True):
-                hold = prepared[i]
+            for (i, _), outcome in zip(part, outcomes_of(unpack(replies[b])), strict=True):
+                hold, a = prepared[i], where[crossing[i].source]
                 if isinstance(outcome, Transfer):
                     results[i] = user_transfer(hold, outcome.destination)
                     if hold.status != "posted":
-                        steps[credit.peer].append((i, (hold.id + POST, hold.id, False)))
+                        steps[a].append((i, (hold.id + POST, hold.id, False)))
                     continue
                 results[i] = outcome
                 if isinstance(outcome, (CrossShardAborted, *REJECTIONS.values())) and hold.status == "pending":
-                    steps[credit.peer].append((i, (hold.id + VOID, hold.id, True)))
+                    steps[a].append((i, (hold.id + VOID, hold.id, True)))
         replies = self.on({a: ("resolve", [step for _, step in stepped]) for a, stepped in steps.items()})
         for a, stepped in steps.items():
-            for (i, _), outcome in zip(stepped, replies[a], strict=True):
+            for (i, _), outcome in zip(stepped, outcomes_of(unpack(replies[a])), strict=True):
                 if isinstance(outcome, LedgerError):  # the post is not durable: not acknowledged
                     results[i] = outcome
 
@@ -189,8 +192,8 @@ class Router:
                     raise committed
                 step = (doubt.id + POST, doubt.id, False) if committed else (doubt.id + VOID, doubt.id, True)
                 steps[doubt.source_shard].append(step)
-        for outcomes in self.on(dict((a, ("resolve", part)) for a, part in steps.items())).values():
-            for outcome in outcomes:
+        for rows in self.on(dict((a, ("resolve", part)) for a, part in steps.items())).values():
+            for outcome in outcomes_of(unpack(rows)):
                 if isinstance(outcome, LedgerError):
                     raise outcome
         return len(doubts)
@@ -253,9 +256,11 @@ def checked_request(request: object) -> TransferRequest:
     if not isinstance(request, TransferRequest):
         raise InvalidRequest(f"transfer_many takes TransferRequest items, got {type(request).__name__}")
     checked = check_transfer(request)
-    check_user_id(checked.id, "transfer id", USER_ID_LENGTH_MAX)
-    check_user_id(checked.source, "source")
-    check_user_id(checked.destination, "destination")
+    if SEPARATOR in checked.id or SEPARATOR in checked.source or SEPARATOR in checked.destination \
+            or len(checked.id) > USER_ID_LENGTH_MAX:
+        check_user_id(checked.id, "transfer id", USER_ID_LENGTH_MAX)
+        check_user_id(checked.source, "source")
+        check_user_id(checked.destination, "destination")
     return checked
 
 

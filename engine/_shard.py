@@ -39,12 +39,12 @@ from coordinator import (
     IdempotencyConflict,
     InsufficientFunds,
     LedgerError,
-    Metadata,
     Transfer,
     TransferRequest,
 )
 
 from engine._ledger import Ledger
+from engine._wire import Row, outcome_rows, pack, request_of, unpack_rows
 from engine._placement import CREDIT, SEPARATOR, CrossShardAborted, clearing_from, clearing_to, fence, peer_of
 
 RESOLVE_THREADS = 32
@@ -56,34 +56,19 @@ CALLS = frozenset({"create_account", "account", "balance", "entries", "get_trans
 """The `Ledger` methods `call` runs."""
 
 
-@dataclass(frozen=True, slots=True)
-class Prepare:
-    """A cross-shard transfer's first step, on its source's shard (`Shard.batch`)."""
-
-    id: str
-    source: str
-    peer: int
-    """The destination's shard."""
-    amount: int
-    code: int = 0
-    reference: str | None = None
-    metadata: Mapping[str, str | int] | None = None
+def prepare_row(transfer_id: str, source: str, peer: int, amount: int, code: int = 0, reference: str | None = None,
+                metadata: Mapping[str, str | int] | None = None) -> Row:
+    """A cross-shard transfer's first step, on its source's shard (`Shard.batch`); `peer` is
+    the destination's shard. (None first: no request row starts so.)"""
+    return (None, transfer_id, source, peer, amount, code, reference, None if metadata is None else dict(metadata))
 
 
-@dataclass(frozen=True, slots=True)
-class Credit:
-    """A cross-shard transfer's second step, on its destination's shard (`Shard.credit`)."""
-
-    id: str
-    """The user's transfer id `T` (the step's id is `T` + CREDIT)."""
-    peer: int
-    """The source's shard."""
-    currency: str
-    destination: str
-    amount: int
-    code: int = 0
-    reference: str | None = None
-    metadata: Metadata | None = None
+def credit_row(transfer_id: str, peer: int, currency: str, destination: str, amount: int, code: int = 0,
+               reference: str | None = None, metadata: Mapping[str, str | int] | None = None) -> Row:
+    """A cross-shard transfer's second step, on its destination's shard (`Shard.credit`):
+    `transfer_id` is the user's `T` (the step's id is `T` + CREDIT), `peer` the source's shard."""
+    return (transfer_id, peer, currency, destination, amount, code, reference,
+            None if metadata is None else dict(metadata))
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,37 +132,39 @@ class Shard:
     def create_accounts(self, accounts: Sequence[Account]) -> list[Account | LedgerError]:
         return self.ledger.create_accounts(accounts)
 
-    def batch(self, requests: Sequence[TransferRequest | Prepare]) -> list[Transfer | LedgerError]:
-        """The shard's part of a `transfer_many`, in list order, each prepare made a pending
-        transfer to its clearing account (created first if new). Durable when it returns."""
-        made = [self._prepared(request) if type(request) is Prepare else request for request in requests]
-        return self.ledger.transfer_many(made)  # type: ignore[arg-type]
+    def batch(self, blob: bytes) -> bytes:
+        """The shard's part of a `transfer_many` (request rows and prepare rows, `engine._wire`),
+        in list order, each prepare made a pending transfer to its clearing account (created
+        first if new). Rows in, outcome rows out, each list one blob (`engine._wire.pack`);
+        durable when it returns."""
+        requests = [self._prepared(row) if row[0] is None else request_of(row) for row in unpack_rows(blob)]
+        return pack(outcome_rows(self.ledger.transfer_many(requests)))
 
-    def _prepared(self, prepare: Prepare) -> TransferRequest:
-        currency = self._currency(prepare.source)
-        clearing = clearing_to(prepare.peer, currency if currency is not None else "")
+    def _prepared(self, row: Row) -> TransferRequest:
+        _, transfer_id, source, peer, amount, code, reference, metadata = row
+        currency = self._currency(source)
+        clearing = clearing_to(peer, currency if currency is not None else "")
         if currency is not None:
             self._internal(clearing, currency, None)
         # Without an expiry: a hold that expired after its credit landed would create money.
-        return TransferRequest(prepare.id, prepare.source, clearing, prepare.amount, prepare.code, prepare.reference,
-                               prepare.metadata, pending=True)
+        return TransferRequest(transfer_id, source, clearing, amount, code, reference, metadata, pending=True)
 
-    def credit(self, credits: Sequence[Credit]) -> list[Transfer | LedgerError]:
-        """Each credit, in list order; durable when it returns. A credit whose id a fence took
-        gives `CrossShardAborted`."""
-        requests = []
-        for credit in credits:
-            source = clearing_from(credit.peer, credit.currency)
-            self._internal(source, credit.currency, None)
-            requests.append(TransferRequest(credit.id + CREDIT, source, credit.destination, credit.amount, credit.code,
-                                            credit.reference, credit.metadata))
+    def credit(self, blob: bytes) -> bytes:
+        """Each credit (`credit_row`), in list order: outcome rows, durable when it returns. A
+        credit whose id a fence took gives `CrossShardAborted`."""
+        requests, rows = [], unpack_rows(blob)
+        for transfer_id, peer, currency, destination, amount, code, reference, metadata in rows:
+            source = clearing_from(peer, currency)
+            self._internal(source, currency, None)
+            requests.append(TransferRequest(transfer_id + CREDIT, source, destination, amount, code, reference,
+                                            metadata))
         results = self.ledger.transfer_many(requests)
         for i, result in enumerate(results):
             if isinstance(result, IdempotencyConflict) and isinstance(self.ledger.outcome(requests[i].id),
                                                                       InsufficientFunds):
-                results[i] = CrossShardAborted(f"transfer {credits[i].id!r} was in doubt after a crash and was "
+                results[i] = CrossShardAborted(f"transfer {rows[i][0]!r} was in doubt after a crash and was "
                                                "aborted by recovery: nothing moved")
-        return results
+        return pack(outcome_rows(results))
 
     def fence(self, doubts: Sequence[Doubt]) -> list[bool | LedgerError]:
         """For each in-doubt transfer toward this shard: make its credit's id final, and say
@@ -200,9 +187,9 @@ class Shard:
                 decided.append(result)
         return decided
 
-    def resolve(self, steps: Sequence[tuple[str, str, bool]]) -> list[Transfer | LedgerError]:
+    def resolve(self, steps: Sequence[tuple[str, str, bool]]) -> bytes:
         """Each `(step id, pending id, void)`: post (or void) the pending transfer, all at once
-        on `RESOLVE_THREADS` threads; outcomes in list order, durable when it returns."""
+        on `RESOLVE_THREADS` threads; outcome rows (a blob) in list order, durable when it returns."""
         def run(step: tuple[str, str, bool]) -> Transfer | LedgerError:
             step_id, pending_id, void = step
             try:
@@ -211,7 +198,7 @@ class Shard:
                 return self.ledger.post_pending(step_id, pending_id=pending_id)
             except LedgerError as error:
                 return error
-        return list(self._pool.map(run, steps))
+        return pack(outcome_rows(list(self._pool.map(run, steps))))
 
     def in_doubt(self) -> list[Doubt]:
         """The prepares here still pending. Reads only clearing accounts with pending amounts

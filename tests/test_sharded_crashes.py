@@ -28,7 +28,8 @@ from engine import (
     Transfer,
     TransferRequest,
 )
-from engine._shard import Credit, Prepare
+from engine._shard import credit_row, prepare_row
+from engine._wire import outcomes_of, pack, unpack
 from tests.sharded_support import SHARDS, accounts_on, books, poll, ray_for_module, shard_dirs
 from tests.test_cli import tally_json
 
@@ -46,7 +47,8 @@ def _step(ledger: ShardedLedger, shard: int, method: str, *items: object) -> lis
     """One protocol step called on a shard's actor directly, as a caller that dies after it."""
     import ray
 
-    return list(ray.get(getattr(ledger._router.actors[shard], method).remote(list(items)), timeout=60))
+    blob = ray.get(getattr(ledger._router.actors[shard], method).remote(pack(list(items))), timeout=60)  # type: ignore[arg-type]
+    return list(outcomes_of(unpack(blob)))
 
 
 def _settled(ledger: ShardedLedger) -> None:
@@ -66,13 +68,13 @@ def test_a_transfer_left_prepared_is_aborted_at_open_and_a_late_credit_never_lan
     with ShardedLedger.open(path, shards=SHARDS) as ledger:
         source = accounts_on(ledger, "s", 1, shard=0, balance=100)[0]
         destination = accounts_on(ledger, "d", 1, shard=1)[0]
-        [hold] = _step(ledger, 0, "batch", Prepare("T", source, 1, 40))  # then the caller dies
+        [hold] = _step(ledger, 0, "batch", prepare_row("T", source, 1, 40))  # then the caller dies
         assert isinstance(hold, Transfer) and hold.status == "pending"
         assert ledger.balance(source).available == 60 and ledger.outcome("T") is None
     with ShardedLedger.open(path, shards=SHARDS) as ledger:
         assert ledger.recovered_in_doubt == 1
         assert ledger.balance(source) == Balance(100, 0, 100, 0) and ledger.balance(destination).posted == 0
-        [late] = _step(ledger, 1, "credit", Credit("T", 0, "USD", destination, 40))  # the dead caller's credit
+        [late] = _step(ledger, 1, "credit", credit_row("T", 0, "USD", destination, 40))  # the dead caller's credit
         assert isinstance(late, CrossShardAborted) and ledger.balance(destination).posted == 0
         with pytest.raises(CrossShardAborted):
             ledger.transfer("T", source=source, destination=destination, amount=40)
@@ -86,8 +88,8 @@ def test_a_transfer_whose_credit_landed_is_posted_by_recovery(tmp_path: Path) ->
     with ShardedLedger.open(tmp_path / "books", shards=SHARDS) as ledger:
         source = accounts_on(ledger, "s", 1, shard=0, balance=100)[0]
         destination = accounts_on(ledger, "d", 1, shard=1)[0]
-        _step(ledger, 0, "batch", Prepare("T", source, 1, 40))
-        [credit] = _step(ledger, 1, "credit", Credit("T", 0, "USD", destination, 40))
+        _step(ledger, 0, "batch", prepare_row("T", source, 1, 40))
+        [credit] = _step(ledger, 1, "credit", credit_row("T", 0, "USD", destination, 40))
         assert isinstance(credit, Transfer)  # then the caller dies before the post
         assert ledger.recover_in_doubt() == 1
         made = ledger.get_transfer("T")
