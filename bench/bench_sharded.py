@@ -13,7 +13,9 @@ shards in Ray actors, one process each, on this machine's local Ray) with two wo
 
 Accounts have no overdraft limit, so nothing is refused. `--callers` threads send batches of
 `--batch` transfers at once (the same for the `Ledger`), `--transfers` per round; each row
-gives the median and the range over `--rounds` rounds of transfers/s. It also prints the
+gives the median and the range over `--rounds` rounds of transfers/s, and the median CPU a
+transfer cost the calling process (the `Ledger` itself, or the router) and the shards'
+processes together (read from /proc: Linux only). It also prints the
 round trip of an empty Ray actor call (p50, p99), the figure the capacity model in
 bench/README.md is built from.
 """
@@ -73,9 +75,21 @@ def workload(groups: list[list[str]], transfers: int, batch: int, local: float, 
     return batches
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used so far (Linux: /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+CPU: dict[str, list[float]] = {}
+"""CPU microseconds a transfer, by process ("caller", "shards"), over the rounds of a row."""
+
+
 def timed_round(run: Callable[[Batch], list[Transfer | Any]], batches: list[list[TransferRequest]],
-                callers: int) -> float:
-    """Transfers/s of `batches` sent by `callers` threads at once; every outcome a Transfer."""
+                callers: int, shard_pids: Sequence[int] = ()) -> float:
+    """Transfers/s of `batches` sent by `callers` threads at once; every outcome a Transfer.
+    Adds the CPU a transfer cost this process and the `shard_pids` to `CPU`."""
     queue = list(reversed(batches))
     lock = threading.Lock()
     failures: list[object] = []
@@ -90,18 +104,27 @@ def timed_round(run: Callable[[Batch], list[Transfer | Any]], batches: list[list
             failures.extend(o for o in outcomes if not isinstance(o, Transfer))
 
     threads = [threading.Thread(target=caller) for _ in range(callers)]
+    cpu_before = cpu_s(os.getpid()), sum(cpu_s(pid) for pid in shard_pids)
     started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=600)
     elapsed = time.perf_counter() - started
+    count = sum(len(b) for b in batches)
+    CPU.setdefault("caller", []).append((cpu_s(os.getpid()) - cpu_before[0]) / count * 1e6)
+    CPU.setdefault("shards", []).append((sum(cpu_s(pid) for pid in shard_pids) - cpu_before[1]) / count * 1e6)
     assert not failures, failures[:3]
-    return sum(len(b) for b in batches) / elapsed
+    return count / elapsed
 
 
 def summary(rates: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(rates), "low": min(rates), "high": max(rates)}
+    """Median and range of the rates, and the median CPU a transfer cost (then forgets it)."""
+    found = {"median": statistics.median(rates), "low": min(rates), "high": max(rates),
+             "caller cpu us": statistics.median(CPU.get("caller", [0.0])),
+             "shards cpu us": statistics.median(CPU.get("shards", [0.0]))}
+    CPU.clear()
+    return found
 
 
 def ray_round_trip(ledger: ShardedLedger, calls: int = 2_000) -> tuple[float, float]:
@@ -135,9 +158,10 @@ def bench_sharded(root: Path, shards: int, args: argparse.Namespace) -> dict[str
         for label, local in (("90% local", 0.9), ("all cross-shard", 0.0)):
             if shards == 1 and local == 0.0:
                 continue
+            pids = ledger.pids()
             rates = [timed_round(ledger.transfer_many,
                                  workload(groups, args.transfers, args.batch, local, r, f"{label[:3]}{r}"),
-                                 args.callers) for r in range(args.rounds)]
+                                 args.callers, pids) for r in range(args.rounds)]
             found[label] = summary(rates)
         if shards == 1:
             found["ray call ms"] = dict(zip(("p50", "p99"), ray_round_trip(ledger), strict=True))
@@ -173,7 +197,8 @@ def main() -> None:
 
 def _show(label: str, figures: dict[str, float], baseline: dict[str, float]) -> None:
     print(f"{label:<34} {figures['median']:>9,.0f} /s [{figures['low']:,.0f}-{figures['high']:,.0f}]"
-          f"   x{figures['median'] / baseline['median']:.2f} of one Ledger", flush=True)
+          f"   x{figures['median'] / baseline['median']:.2f} of one Ledger   CPU a transfer: "
+          f"{figures['caller cpu us']:.1f} us caller + {figures['shards cpu us']:.1f} us shards", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 It owns one ordinary `Ledger` (its directory on this node's disk) and runs the steps of the
 cross-shard protocol on it; it never calls another shard (house style 9: an actor never waits
 on another). Ray runs it as a threaded actor (`max_concurrency`), so calls run at once on
-Ray's threads and meet in the thread-safe `Ledger`, whose group commit batches them.
+Ray's threads and meet in the thread-safe `Ledger`, whose group commit batches them; posts
+and voids go through an `AsyncLedger` on a loop thread of the shard's own, which decides a
+call's many in one turn.
 
 Every method is idempotent, because Ray retries a call whose actor died (`max_task_retries`)
 and restarts the actor (`max_restarts`), which reopens and recovers the ledger: a local
@@ -27,9 +29,11 @@ Steps (the router in `engine._crossing` names them; `engine._placement` builds t
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
+import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,17 +43,16 @@ from coordinator import (
     IdempotencyConflict,
     InsufficientFunds,
     LedgerError,
+    LedgerTimeout,
     Transfer,
     TransferRequest,
 )
 
+from engine._async import AsyncLedger
 from engine._ledger import Ledger
 from engine._wire import Row, outcome_rows, pack, request_of, unpack_rows
 from engine._placement import CREDIT, SEPARATOR, CrossShardAborted, clearing_from, clearing_to, fence, peer_of
 
-RESOLVE_THREADS = 32
-"""Posts and voids of one `resolve` call run on this many threads at once, so the ledger's
-group commit makes one fsync for many of them."""
 IN_DOUBT_PAGE = 1_000
 CALLS = frozenset({"create_account", "account", "balance", "entries", "get_transfer", "outcome", "post_pending",
                    "void_pending", "transfer_linked", "transfers", "state_hash", "stats", "head"})
@@ -91,7 +94,12 @@ class Shard:
         self.ledger = Ledger.open(path, **options)
         self._made: set[str] = set()
         """The protocol's accounts known to exist here (created at most once per process)."""
-        self._pool = ThreadPoolExecutor(RESOLVE_THREADS, thread_name_prefix=f"tally-shard-{index}")
+        self._loop = asyncio.new_event_loop()
+        self._looper = threading.Thread(target=self._loop.run_forever, name=f"tally-shard-{index}-loop", daemon=True)
+        self._looper.start()
+        self._async = AsyncLedger(self.ledger, self._loop)
+        """Posts and voids go through it: a call's many are decided in one turn of its loop and
+        made durable by one group commit (`Ledger` has no batch of them)."""
 
     def pid(self) -> int:
         return os.getpid()
@@ -189,16 +197,27 @@ class Shard:
 
     def resolve(self, steps: Sequence[tuple[str, str, bool]]) -> bytes:
         """Each `(step id, pending id, void)`: post (or void) the pending transfer, all at once
-        on `RESOLVE_THREADS` threads; outcome rows (a blob) in list order, durable when it returns."""
-        def run(step: tuple[str, str, bool]) -> Transfer | LedgerError:
-            step_id, pending_id, void = step
+        (on the shard's event loop, `AsyncLedger`); outcome rows (a blob) in list order, durable
+        when it returns. Waits at most twice the ledger's `timeout_s`, then raises `LedgerTimeout`."""
+        ledger = self._async
+
+        async def run(step_id: str, pending_id: str, void: bool) -> Transfer | LedgerError:
             try:
                 if void:
-                    return self.ledger.void_pending(step_id, pending_id=pending_id)
-                return self.ledger.post_pending(step_id, pending_id=pending_id)
+                    return await ledger.void_pending(step_id, pending_id=pending_id)
+                return await ledger.post_pending(step_id, pending_id=pending_id)
             except LedgerError as error:
                 return error
-        return pack(outcome_rows(list(self._pool.map(run, steps))))
+
+        async def run_all() -> list[Transfer | LedgerError]:
+            return list(await asyncio.gather(*(run(*step) for step in steps)))
+
+        running = asyncio.run_coroutine_threadsafe(run_all(), self._loop)
+        try:
+            return pack(outcome_rows(running.result(timeout=2 * self.ledger.timeout_s)))
+        except concurrent.futures.TimeoutError:
+            raise LedgerTimeout(f"posting or voiding {len(steps)} transfers took over "
+                                f"{2 * self.ledger.timeout_s} s: retry") from None
 
     def in_doubt(self) -> list[Doubt]:
         """The prepares here still pending. Reads only clearing accounts with pending amounts
@@ -222,8 +241,10 @@ class Shard:
         return doubts
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        self.ledger.close()
+        """Close the ledger (and its `AsyncLedger`), then stop the loop."""
+        asyncio.run_coroutine_threadsafe(self._async.close(), self._loop).result(timeout=2 * self.ledger.timeout_s)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._looper.join(timeout=self.ledger.timeout_s)
 
     def _currency(self, account_id: str) -> str | None:
         try:
