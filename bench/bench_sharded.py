@@ -1,7 +1,7 @@
 """`transfer_many` on a `ShardedLedger` of 1, 2 and 4 shards beside one in-process `Ledger`.
 
-    python bench/bench_sharded.py [--accounts 10000] [--transfers 40000] [--rounds 5]
-                                  [--batch 1000] [--callers 4] [--shards 1,2,4] [--json FILE]
+    python bench/bench_sharded.py [--accounts 10000] [--transfers 20000] [--rounds 5]
+                                  [--batch 1000] [--callers 8] [--shards 1,2,4] [--json FILE]
 
 Every configuration runs in this one process, in turn, on fresh ledgers in a temporary
 directory: first the in-process `Ledger`, then for each shard count a `ShardedLedger` (its
@@ -156,8 +156,10 @@ def bench_sharded(root: Path, shards: int, args: argparse.Namespace) -> dict[str
     with ShardedLedger.open(root / f"sharded-{shards}", shards=shards, map_size_bytes=1 << 32) as ledger:
         ledger.create_accounts([Account(name, "USD", None) for group in groups for name in group])
         for label, local in (("90% local", 0.9), ("all cross-shard", 0.0)):
-            if shards == 1 and local == 0.0:
-                continue
+            if shards == 1:
+                if local == 0.0:
+                    continue
+                label = "all local"
             pids = ledger.pids()
             rates = [timed_round(ledger.transfer_many,
                                  workload(groups, args.transfers, args.batch, local, r, f"{label[:3]}{r}"),
@@ -171,10 +173,10 @@ def bench_sharded(root: Path, shards: int, args: argparse.Namespace) -> dict[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accounts", type=int, default=10_000)
-    parser.add_argument("--transfers", type=int, default=40_000)
+    parser.add_argument("--transfers", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=1_000)
-    parser.add_argument("--callers", type=int, default=4)
+    parser.add_argument("--callers", type=int, default=8)
     parser.add_argument("--shards", default="1,2,4")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()

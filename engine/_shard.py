@@ -91,7 +91,12 @@ class Shard:
 
     def __init__(self, path: str, index: int, options: Mapping[str, Any]) -> None:
         self.index = index
-        self.ledger = Ledger.open(path, **options)
+        self._opened: Ledger | LedgerError
+        try:
+            self._opened = Ledger.open(path, **options)
+        except LedgerError as error:  # kept, so the router can raise it as itself (`failure`)
+            self._opened = error
+            return
         self._made: set[str] = set()
         """The protocol's accounts known to exist here (created at most once per process)."""
         self._loop = asyncio.new_event_loop()
@@ -100,6 +105,18 @@ class Shard:
         self._async = AsyncLedger(self.ledger, self._loop)
         """Posts and voids go through it: a call's many are decided in one turn of its loop and
         made durable by one group commit (`Ledger` has no batch of them)."""
+
+    @property
+    def ledger(self) -> Ledger:
+        """The shard's ledger; raises what its open raised if it did not open."""
+        if isinstance(self._opened, LedgerError):
+            raise self._opened
+        return self._opened
+
+    def failure(self) -> LedgerError | None:
+        """What the shard's `Ledger.open` raised (`LedgerLocked`, `JournalCorrupted`...), or None.
+        (Raised in `__init__`, it would only reach the router as Ray's message.)"""
+        return self._opened if isinstance(self._opened, LedgerError) else None
 
     def pid(self) -> int:
         return os.getpid()
@@ -242,6 +259,8 @@ class Shard:
 
     def close(self) -> None:
         """Close the ledger (and its `AsyncLedger`), then stop the loop."""
+        if isinstance(self._opened, LedgerError):
+            return
         asyncio.run_coroutine_threadsafe(self._async.close(), self._loop).result(timeout=2 * self.ledger.timeout_s)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._looper.join(timeout=self.ledger.timeout_s)

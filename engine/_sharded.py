@@ -29,6 +29,7 @@ the outcome is unknown, retry with the same id). Thread-safe: call it from any t
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -55,6 +56,7 @@ from coordinator import (
 )
 
 from engine import _ray
+from engine._ledger import Ledger
 from engine._crossing import Router, checked_request
 from engine._placement import CrossShardRefused, check_user_id, open_manifest, peer_of, shard_of
 
@@ -92,6 +94,7 @@ class ShardedLedger:
         `ShardCountMismatch` if `shards` differs from the count the directory was made with,
         and whatever a shard's `Ledger.open` raises.
         """
+        _check_options(ledger_options)
         root = Path(os.fspath(path)).absolute()
         count = open_manifest(root, shards)
         if nodes is not None and (isinstance(nodes, str) or len(nodes) != count):
@@ -104,6 +107,9 @@ class ShardedLedger:
             actors = [_ray.start_shard(str(root / f"{SHARD_PREFIX}{i}"), i, placed[i], dict(ledger_options))
                       for i in range(count)]
             router = Router(actors, float(timeout_s))
+            for failure in router.everywhere("failure"):
+                if failure is not None:
+                    raise failure
             router.fill()
             ledger = cls(root, router, actors, started)
             ledger.recovered_in_doubt = router.recover()
@@ -328,3 +334,14 @@ class ShardedLedger:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    """`InvalidRequest` for an option `Ledger.open` does not take, or `readonly` (a shard is
+    written through its actor only); the values are checked by each shard's open."""
+    try:
+        inspect.signature(Ledger.open).bind("path", **options)
+    except TypeError as error:
+        raise InvalidRequest(f"ShardedLedger.open: {error} (ledger_options go to each shard's Ledger.open)") from None
+    if options.get("readonly"):
+        raise InvalidRequest("a sharded ledger opens its shards for writing: readonly is not supported")

@@ -25,6 +25,7 @@ from engine import (
     InsufficientFunds,
     InvalidRequest,
     LedgerClosed,
+    LedgerLocked,
     LinkedTransferFailed,
     PendingTransferNotFound,
     ShardCountMismatch,
@@ -78,6 +79,18 @@ def test_a_directory_that_is_not_a_sharded_ledger_is_refused(tmp_path: Path) -> 
         ShardedLedger.open(tmp_path / "other", shards=2)
     with pytest.raises(InvalidRequest):
         ShardedLedger.open(tmp_path / "books", shards=0)
+
+
+def test_a_second_open_of_one_directory_raises_ledger_locked_and_bad_options_are_invalid(
+        sharded: ShardedLedger) -> None:
+    with pytest.raises(LedgerLocked):
+        ShardedLedger.open(sharded.path, shards=SHARDS)
+    sharded.create_account("still", currency="USD")  # the first is untouched
+    with pytest.raises(InvalidRequest, match="colour"):
+        ShardedLedger.open(sharded.path.parent / "other", shards=SHARDS, colour="red")
+    with pytest.raises(InvalidRequest, match="readonly"):
+        ShardedLedger.open(sharded.path.parent / "other", shards=SHARDS, readonly=True)
+    assert not (sharded.path.parent / "other").exists()  # refused before anything was written
 
 
 def test_an_account_lives_on_its_hash_shard_or_on_its_placement_keys_shard(sharded: ShardedLedger) -> None:
