@@ -318,8 +318,11 @@ class ShardedLedger:
         return _ray.gather([actor.node.remote() for actor in self._actors], self.timeout_s)
 
     def close(self) -> None:
-        """Close every shard's ledger (each finishes its calls under way, bounded), stop the
-        actors, and shut Ray down if the open started it. Idempotent."""
+        """Close every shard's ledger (each finishes the calls it is running, bounded by
+        `timeout_s`), stop the actors, and shut Ray down if the open started it. Idempotent.
+        Unlike `Ledger.close`, it does not wait for this object's calls under way in other
+        threads: one between two steps fails (`LedgerClosed` or `LedgerUnavailable`), and what
+        it left in doubt is resolved by the next open."""
         if self._closed:
             return
         self._closed = True

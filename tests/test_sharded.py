@@ -252,3 +252,22 @@ def test_every_ray_listener_is_on_loopback(sharded: ShardedLedger) -> None:
     assert ray_lines, listing
     local = [line.split()[3] for line in ray_lines]
     assert all(address.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")) for address in local), ray_lines
+
+
+def test_transfer_many_makes_one_ray_call_per_shard_per_round(sharded: ShardedLedger,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    left = accounts_on(sharded, "l", 4, shard=0, balance=100)
+    right = accounts_on(sharded, "r", 4, shard=1, balance=100)
+    rounds: list[tuple[str, ...]] = []
+    on = sharded._router.on
+
+    def counted(calls: dict[int, tuple[str, object]]) -> dict[int, object]:
+        rounds.append(tuple(calls[shard][0] for shard in sorted(calls)))
+        return on(calls)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sharded._router, "on", counted)
+    pairs = [(left[i % 4], left[(i + 1) % 4]) if i % 3 == 0 else (left[i % 4], right[i % 4]) if i % 3 == 1
+             else (right[i % 4], left[(i + 2) % 4]) for i in range(200)]
+    requests = [TransferRequest(f"m{i}", source, destination, 1) for i, (source, destination) in enumerate(pairs)]
+    assert all(isinstance(o, Transfer) for o in sharded.transfer_many(requests))
+    assert rounds == [("batch", "batch"), ("credit", "credit"), ("resolve", "resolve")]

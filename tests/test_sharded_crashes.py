@@ -99,6 +99,19 @@ def test_a_transfer_whose_credit_landed_is_posted_by_recovery(tmp_path: Path) ->
         _settled(ledger)
 
 
+def test_a_transfer_whose_credit_was_refused_before_the_caller_died_is_voided_by_recovery(tmp_path: Path) -> None:
+    with ShardedLedger.open(tmp_path / "books", shards=SHARDS) as ledger:
+        source = accounts_on(ledger, "s", 1, shard=0, balance=100)[0]
+        euros = accounts_on(ledger, "e", 1, shard=1, currency="EUR")[0]
+        _step(ledger, 0, "batch", prepare_row("T", source, 1, 40))
+        [refused] = _step(ledger, 1, "credit", credit_row("T", 0, "USD", euros, 40))
+        assert refused.code == "currency_mismatch"  # type: ignore[attr-defined]  # then the caller dies
+        assert ledger.recover_in_doubt() == 1 and ledger.recover_in_doubt() == 0
+        assert ledger.balance(source) == Balance(100, 0, 100, 0)
+        assert ledger.outcome("T").code == "currency_mismatch"  # type: ignore[union-attr]
+        _settled(ledger)
+
+
 def test_two_callers_retrying_one_cross_shard_transfer_at_once_move_the_money_once(tmp_path: Path) -> None:
     with ShardedLedger.open(tmp_path / "books", shards=SHARDS) as ledger:
         source = accounts_on(ledger, "s", 1, shard=0, balance=100)[0]
