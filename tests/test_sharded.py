@@ -271,3 +271,33 @@ def test_transfer_many_makes_one_ray_call_per_shard_per_round(sharded: ShardedLe
     requests = [TransferRequest(f"m{i}", source, destination, 1) for i, (source, destination) in enumerate(pairs)]
     assert all(isinstance(o, Transfer) for o in sharded.transfer_many(requests))
     assert rounds == [("batch", "batch"), ("credit", "credit"), ("resolve", "resolve")]
+
+
+def test_every_ledger_error_pickles_whole() -> None:
+    import pickle
+
+    import engine
+
+    classes = [getattr(engine, name) for name in engine.__all__ if isinstance(getattr(engine, name), type)
+               and issubclass(getattr(engine, name), engine.LedgerError)]
+    assert len(classes) >= 20
+    for cls in classes:
+        made = cls("what happened", 3, InsufficientFunds("no")) if cls is LinkedTransferFailed else \
+            cls("what happened", 7, "page 4") if cls.__name__ == "JournalCorrupted" else cls("what happened")
+        again = pickle.loads(pickle.dumps(made))
+        assert (type(again), str(again), again.code, vars(again).keys()) == (cls, "what happened", cls.code,
+                                                                             vars(made).keys())
+
+
+def test_a_ledger_error_raised_in_an_actor_comes_back_as_itself() -> None:
+    import ray
+
+    from engine._ray import gather
+
+    @ray.remote
+    def refuse() -> None:
+        raise LinkedTransferFailed("chain refused", 2, InsufficientFunds("leg 2"))
+
+    with pytest.raises(LinkedTransferFailed) as raised:
+        gather([refuse.remote()], 30)
+    assert raised.value.index == 2 and isinstance(raised.value.cause, InsufficientFunds)
