@@ -3,9 +3,8 @@
 It owns one ordinary `Ledger` (its directory on this node's disk) and runs the steps of the
 cross-shard protocol on it; it never calls another shard (house style 9: an actor never waits
 on another). Ray runs it as a threaded actor (`max_concurrency`), so calls run at once on
-Ray's threads and meet in the thread-safe `Ledger`, whose group commit batches them; posts
-and voids go through an `AsyncLedger` on a loop thread of the shard's own, which decides a
-call's many in one turn.
+Ray's threads and meet in the thread-safe `Ledger`, whose group commit batches them; a call's
+posts and voids are decided as one batch too (`Ledger._decide_many`).
 
 Every method is idempotent, because Ray retries a call whose actor died (`max_task_retries`)
 and restarts the actor (`max_restarts`), which reopens and recovers the ledger: a local
@@ -29,10 +28,7 @@ Steps (the router in `engine._crossing` names them; `engine._placement` builds t
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import os
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,12 +39,11 @@ from coordinator import (
     IdempotencyConflict,
     InsufficientFunds,
     LedgerError,
-    LedgerTimeout,
+    Resolution,
     Transfer,
     TransferRequest,
 )
 
-from engine._async import AsyncLedger
 from engine._ledger import Ledger
 from engine._wire import Row, outcome_rows, pack, request_of, unpack_rows
 from engine._placement import CREDIT, SEPARATOR, CrossShardAborted, clearing_from, clearing_to, fence, peer_of
@@ -99,12 +94,6 @@ class Shard:
             return
         self._made: set[str] = set()
         """The protocol's accounts known to exist here (created at most once per process)."""
-        self._loop = asyncio.new_event_loop()
-        self._looper = threading.Thread(target=self._loop.run_forever, name=f"tally-shard-{index}-loop", daemon=True)
-        self._looper.start()
-        self._async = AsyncLedger(self.ledger, self._loop)
-        """Posts and voids go through it: a call's many are decided in one turn of its loop and
-        made durable by one group commit (`Ledger` has no batch of them)."""
 
     @property
     def ledger(self) -> Ledger:
@@ -213,28 +202,11 @@ class Shard:
         return decided
 
     def resolve(self, steps: Sequence[tuple[str, str, bool]]) -> bytes:
-        """Each `(step id, pending id, void)`: post (or void) the pending transfer, all at once
-        (on the shard's event loop, `AsyncLedger`); outcome rows (a blob) in list order, durable
-        when it returns. Waits at most twice the ledger's `timeout_s`, then raises `LedgerTimeout`."""
-        ledger = self._async
-
-        async def run(step_id: str, pending_id: str, void: bool) -> Transfer | LedgerError:
-            try:
-                if void:
-                    return await ledger.void_pending(step_id, pending_id=pending_id)
-                return await ledger.post_pending(step_id, pending_id=pending_id)
-            except LedgerError as error:
-                return error
-
-        async def run_all() -> list[Transfer | LedgerError]:
-            return list(await asyncio.gather(*(run(*step) for step in steps)))
-
-        running = asyncio.run_coroutine_threadsafe(run_all(), self._loop)
-        try:
-            return pack(outcome_rows(running.result(timeout=2 * self.ledger.timeout_s)))
-        except concurrent.futures.TimeoutError:
-            raise LedgerTimeout(f"posting or voiding {len(steps)} transfers took over "
-                                f"{2 * self.ledger.timeout_s} s: retry") from None
+        """Each `(step id, pending id, void)`: post (or void) the pending transfer, all in one
+        batch of the ledger (`Ledger._decide_many`); outcome rows (a blob) in list order,
+        durable when it returns."""
+        resolutions = [Resolution(step_id, pending_id, None, void=void) for step_id, pending_id, void in steps]
+        return pack(outcome_rows(self.ledger._decide_many(resolutions)))
 
     def in_doubt(self) -> list[Doubt]:
         """The prepares here still pending. Reads only clearing accounts with pending amounts
@@ -258,12 +230,8 @@ class Shard:
         return doubts
 
     def close(self) -> None:
-        """Close the ledger (and its `AsyncLedger`), then stop the loop."""
-        if isinstance(self._opened, LedgerError):
-            return
-        asyncio.run_coroutine_threadsafe(self._async.close(), self._loop).result(timeout=2 * self.ledger.timeout_s)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._looper.join(timeout=self.ledger.timeout_s)
+        if isinstance(self._opened, Ledger):
+            self._opened.close()
 
     def _currency(self, account_id: str) -> str | None:
         try:
