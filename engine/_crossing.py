@@ -78,9 +78,11 @@ class Router:
     def shards(self) -> int:
         return len(self.actors)
 
-    def everywhere(self, method: str, *args: Any) -> list[Any]:
-        """`method(*args)` on every shard at once: the replies in shard order."""
-        return gather([getattr(actor, method).remote(*args) for actor in self.actors], self.timeout_s)
+    def everywhere(self, method: str, *args: Any, timeout_s: float | None = None) -> list[Any]:
+        """`method(*args)` on every shard at once: the replies in shard order (waiting at most
+        `timeout_s`, by default the ledger's)."""
+        return gather([getattr(actor, method).remote(*args) for actor in self.actors],
+                      self.timeout_s if timeout_s is None else timeout_s)
 
     def on(self, calls: dict[int, tuple[str, Any]]) -> dict[int, Any]:
         """One call per shard named in `calls` (shard -> (method, argument)), all at once."""

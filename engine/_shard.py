@@ -10,8 +10,10 @@ Every method is idempotent, because Ray retries a call whose actor died (`max_ta
 and restarts the actor (`max_restarts`), which reopens and recovers the ledger: a local
 transfer and every step are keyed by a transfer id the ledger keeps once, and the protocol's
 own accounts are created idempotently. Every method returns its business outcomes as values
-(a `LedgerError` in place of a result), never raises them, so Ray neither wraps nor retries
-them; `call` returns `(True, value)` or `(False, error)`.
+(a `LedgerError` in place of a result), so Ray neither wraps nor retries them; `call` returns
+`(True, value)` or `(False, error)`. Operating errors raise (`LedgerTimeout`, or what the
+ledger's open raised: `failure` says it once, then every call raises it), and the router
+unwraps them from Ray's exception (`engine._ray.gather`).
 
 Steps (the router in `engine._crossing` names them; `engine._placement` builds the ids):
 - `batch`: the shard's part of a `transfer_many`, in list order: local transfers, and each

@@ -61,6 +61,9 @@ from engine._crossing import Router, checked_request
 from engine._placement import CrossShardRefused, check_user_id, open_manifest, peer_of, shard_of
 
 SHARD_PREFIX = "shard-"
+OPEN_WAIT_S = 600.0
+"""The longest `open` waits for the shards' actors to start and their ledgers to recover
+(each recovers its journal as `Ledger.open` does, at once; then `LedgerTimeout`)."""
 
 
 class ShardedLedger:
@@ -88,7 +91,7 @@ class ShardedLedger:
         each shard (default: this process's node); a shard's directory is `path/shard-i` on
         its node's disk, so give a path every node has. `ledger_options` go to each shard's
         `Ledger.open` (`timeout_s` also bounds every wait here). Blocks while the shards
-        open and recover (each in its own process, at once).
+        open and recover (each in its own process, at once; at most `OPEN_WAIT_S`).
 
         Raises `InvalidRequest` (bad arguments, or a directory that is not a sharded ledger),
         `ShardCountMismatch` if `shards` differs from the count the directory was made with,
@@ -107,7 +110,7 @@ class ShardedLedger:
             actors = [_ray.start_shard(str(root / f"{SHARD_PREFIX}{i}"), i, placed[i], dict(ledger_options))
                       for i in range(count)]
             router = Router(actors, float(timeout_s))
-            for failure in router.everywhere("failure"):
+            for failure in router.everywhere("failure", timeout_s=max(OPEN_WAIT_S, router.timeout_s)):
                 if failure is not None:
                     raise failure
             router.fill()
