@@ -45,6 +45,7 @@ from coordinator import (
 )
 
 from engine._placement import (
+    CREDIT,
     POST,
     SEPARATOR,
     USER_ID_LENGTH_MAX,
@@ -211,7 +212,7 @@ class Router:
         hold = found[1]
         peer = peer_of(hold.destination)
         assert peer is not None
-        credit = self.call(peer[0], "get_transfer", hold.id + "\x1fcredit")
+        credit = self.call(peer[0], "get_transfer", hold.id + CREDIT)
         return user_transfer(hold, credit.destination) if credit is not None and hold.status == "posted" else None
 
     def outcome(self, transfer_id: str) -> Transfer | LedgerError | None:
@@ -227,7 +228,7 @@ class Router:
         assert peer is not None
         if outcome.status == "pending":
             return None
-        credit = self.call(peer[0], "outcome", outcome.id + "\x1fcredit")
+        credit = self.call(peer[0], "outcome", outcome.id + CREDIT)
         if outcome.status == "posted" and isinstance(credit, Transfer):
             return user_transfer(outcome, credit.destination)
         if isinstance(credit, LedgerError) and not isinstance(credit, InsufficientFunds):  # that one: a fence's
