@@ -106,10 +106,10 @@ def stop_shard(actor: Any) -> None:
 def gather(refs: Sequence[Any], timeout_s: float) -> list[Any]:
     """The replies to `refs`, in order, waiting at most `timeout_s` in all. A `LedgerError`
     raised inside an actor comes back as itself (Ray wraps it: unwrapped here). Raises
-    `LedgerTimeout` (the outcomes are unknown: retry with the same ids) and
-    `LedgerUnavailable` if a shard's actor is gone for good."""
+    `LedgerTimeout` (the outcomes are unknown: retry with the same ids), also while a shard
+    is unavailable for a moment, and `LedgerUnavailable` if a shard's actor is gone for good."""
     import ray
-    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+    from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
     try:
         return list(ray.get(list(refs), timeout=timeout_s))
@@ -120,6 +120,8 @@ def gather(refs: Sequence[Any], timeout_s: float) -> list[Any]:
         if isinstance(cause, LedgerError):
             raise cause from None
         raise
+    except ActorUnavailableError as error:  # restarting, or out of reach for now
+        raise LedgerTimeout(f"a shard is unavailable for now ({error}): retry with the same ids") from error
     except RayActorError as error:
         raise LedgerUnavailable(f"a shard's actor is gone: {error}") from error
 
