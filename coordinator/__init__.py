@@ -75,6 +75,7 @@ from coordinator._limits import (
     ACCOUNTS_PER_BLOCK_MAX,
     CHECKPOINT_RECORDS_INTERVAL,
     EXPIRY_INTERVAL_S,
+    ID_LENGTH_MAX,
     INFLIGHT_TRANSFERS_MAX,
     LINKED_LEGS_MAX,
     SNAPSHOT_AGE_S_DEFAULT,
@@ -111,6 +112,7 @@ from coordinator._values import (
     Resolution,
     Transfer,
     TransferRequest,
+    stamped_transfer,
     transfer_request,
 )
 
@@ -132,6 +134,7 @@ __all__ = [
     "CurrencyMismatch",
     "DebitStep",
     "EXPIRY_INTERVAL_S",
+    "ID_LENGTH_MAX",
     "Entry",
     "Event",
     "EventKind",
@@ -228,6 +231,7 @@ __all__ = [
     "replay",
     "resolution_of",
     "shown",
+    "stamped_transfer",
     "transfer_request",
     "state_hash",
     "transfer_now",

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 
 from coordinator._claims import Prior, Ticket, lsn_of, result_of
 from coordinator._errors import LedgerError, LedgerTimeout
-from coordinator._validate import check_transfer
-from coordinator._values import Transfer, TransferRequest
+from coordinator._validate import check_resolution, check_transfer
+from coordinator._values import Request, Resolution, Transfer
 
 if TYPE_CHECKING:
     from coordinator._coordinator import Coordinator
@@ -33,7 +33,7 @@ _DONE = -1
 
 
 class Batch:
-    def __init__(self, coordinator: Coordinator, requests: Sequence[TransferRequest], timeout_s: float) -> None:
+    def __init__(self, coordinator: Coordinator, requests: Sequence[Request], timeout_s: float) -> None:
         self._coordinator = coordinator
         self._requests = list(requests)
         self._deadline = time.monotonic() + timeout_s
@@ -65,13 +65,18 @@ class Batch:
             self._dependents.append([])
             self._waiting.append(0)
             try:
-                request = self._requests[i] = check_transfer(request)
+                if type(request) is Resolution:
+                    request = self._requests[i] = check_resolution(request)
+                    keys = self._resolution_keys(request)
+                else:
+                    request = self._requests[i] = check_transfer(request)
+                    keys = ((0, request.source), (0, request.destination), (1, request.id))
             except LedgerError as error:
                 self._results[i] = error
                 continue
             self._undecided += 1
             predecessors = set()
-            for key in ((0, request.source), (0, request.destination), (1, request.id)):
+            for key in keys:
                 before = last.get(key)
                 if before is not None:
                     predecessors.add(before)
@@ -82,6 +87,13 @@ class Batch:
             if not predecessors:
                 self._ready.append(i)
         return self._undecided
+
+    def _resolution_keys(self, request: Resolution) -> tuple[tuple[int, str], ...]:
+        """What a post or a void must follow: its own id, its pending transfer's (made earlier
+        in the batch, maybe), and that transfer's accounts if it is open now."""
+        found = self._coordinator.sequencer.pending.get(request.pending_id)
+        accounts = () if found is None else ((0, found.source), (0, found.destination))
+        return ((1, request.id), (1, request.pending_id), *accounts)
 
     def _pump(self) -> None:
         """Start every ready request. One thread pumps at a time; others just enqueue."""

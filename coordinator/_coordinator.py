@@ -395,8 +395,9 @@ class Coordinator:
 
     # --- batches -------------------------------------------------------------------
 
-    def transfer_many(self, requests: list[TransferRequest], timeout_s: float) -> list[Transfer | LedgerError]:
-        """Outcomes as if applied one after another in list order; see `Batch`."""
+    def transfer_many(self, requests: list[Request], timeout_s: float) -> list[Transfer | LedgerError]:
+        """Outcomes as if applied one after another in list order; see `Batch`. Items are
+        transfers, or posts and voids (`Resolution`)."""
         results: list[Transfer | LedgerError] = []
         chunk = self.admission.permits_max
         for first in range(0, len(requests), chunk):

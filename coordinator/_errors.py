@@ -93,6 +93,10 @@ class LinkedTransferFailed(LedgerError):
         self.index = index
         self.cause = cause
 
+    def __reduce__(self) -> tuple[type, tuple[str, int, LedgerError]]:
+        """Pickle with every field (another process gets the same error: `ShardedLedger`)."""
+        return type(self), (str(self), self.index, self.cause)
+
 
 class IdempotencyConflict(LedgerError):
     """A transfer id was reused for a request that differs in some field (source,
@@ -124,6 +128,10 @@ class JournalCorrupted(LedgerError):
         super().__init__(message)
         self.lsn = lsn
         self.where = where if where is not None else (f"LSN {lsn}" if lsn is not None else None)
+
+    def __reduce__(self) -> tuple[type, tuple[str, int | None, str | None]]:
+        """Pickle with every field (another process gets the same error: `ShardedLedger`)."""
+        return type(self), (str(self), self.lsn, self.where)
 
 
 class NotALedger(LedgerError):

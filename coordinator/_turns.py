@@ -36,8 +36,8 @@ from coordinator._participant import TurnAccount
 from coordinator._rules import Refusal
 from coordinator._sequencer import Chunk
 from coordinator._state import AccountState
-from coordinator._validate import check_transfer
-from coordinator._values import PENDING, Transfer, TransferRequest
+from coordinator._validate import check_resolution, check_transfer
+from coordinator._values import PENDING, Request, Resolution, Transfer, TransferRequest
 from journal import CRASH_POINT_ARMED, JournalError, crash_point
 
 if TYPE_CHECKING:
@@ -47,9 +47,10 @@ Result = Transfer | LedgerError
 
 
 class TurnBatch:
-    def __init__(self, coordinator: Coordinator, requests: list[TransferRequest], timeout_s: float) -> None:
+    def __init__(self, coordinator: Coordinator, requests: list[Request], timeout_s: float) -> None:
         """`requests` is the batch's own list: validation replaces a subclass's item in it with
-        the plain request it checked."""
+        the plain request it checked. Posts and voids (`Resolution`) may be among them (for
+        `engine._shard`); `Ledger.transfer_many` passes transfers only."""
         self._coordinator = coordinator
         self._requests = requests
         self._deadline = time.monotonic() + timeout_s
@@ -75,14 +76,21 @@ class TurnBatch:
         """The results, or None (nothing done) if some account's turn could not be taken."""
         coordinator = self._coordinator
         requests, results = self._requests, self._results
+        pending = coordinator.sequencer.pending
         for i, request in enumerate(requests):
             try:
-                request = requests[i] = check_transfer(request)  # a subclass becomes a plain one
+                if type(request) is Resolution:  # a post or a void: its pending transfer's accounts
+                    request = requests[i] = check_resolution(request)
+                    found = pending.get(request.pending_id)  # a hint: the decision reads it again in turn
+                    if found is not None:
+                        self.names += (found.source, found.destination)
+                else:
+                    request = requests[i] = check_transfer(request)  # a subclass becomes a plain one
+                    self.names += (request.source, request.destination)
             except LedgerError as error:
                 results[i] = error
                 continue
             self.valid.append(i)
-            self.names += (request.source, request.destination)
         self.permits = len(self.valid) or 1
         coordinator.admission.admit(self.permits, self.remaining())  # returned by the lane once decided
         coordinator.lane.decide(self)

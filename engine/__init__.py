@@ -43,6 +43,8 @@ from engine._async import AsyncLedger
 from engine._history import Snapshot
 from engine._head import Head
 from engine._ledger import Ledger
+from engine._placement import CrossShardAborted, CrossShardRefused, ShardCountMismatch
+from engine._sharded import ShardedLedger
 
 __version__ = "0.1.0"
 
@@ -53,6 +55,8 @@ __all__ = [
     "AsyncLedger",
     "Balance",
     "BalanceOverflow",
+    "CrossShardAborted",
+    "CrossShardRefused",
     "CurrencyMismatch",
     "Entry",
     "Event",
@@ -76,6 +80,8 @@ __all__ = [
     "PendingTransferExpired",
     "PendingTransferNotFound",
     "ReadOnlyLedger",
+    "ShardCountMismatch",
+    "ShardedLedger",
     "Snapshot",
     "SnapshotExpired",
     "Transfer",

@@ -398,6 +398,12 @@ class Ledger:
         with self._call():
             return self._coordinator.transfer_many(list(requests), self.timeout_s)
 
+    def _decide_many(self, requests: Sequence[TransferRequest | Resolution]) -> list[Transfer | LedgerError]:
+        """`transfer_many` whose items may also be posts and voids (`Resolution`), decided in
+        one batch (engine-internal: `engine._shard` posts a batch's cross-shard transfers so)."""
+        with self._call():
+            return self._coordinator.transfer_many(list(requests), self.timeout_s)
+
     def get_transfer(self, transfer_id: str) -> Transfer | None:
         """The durable committed Transfer with this id, or None (unknown or refused), with its
         status as of now (a pending transfer's: pending, posted, voided or expired). Never scans."""

@@ -1190,3 +1190,41 @@ def test_inspect_of_an_account_shows_the_expiry_that_released_its_hold(built: Bu
         assert [row["pending_ids"] for row in report["records"] if row["kind"] == "expiry"] == [["p-exp"]]
     code, report = tally_json("inspect", built.path, "--account", "dave")
     assert not [row for row in report["records"] if row["kind"] == "expiry"]
+
+
+# --- posts and voids in one batch (Ledger._decide_many, for the sharded ledger's shards) -----
+
+
+@pytest.mark.parametrize("path", ["turns", "mailboxes"])
+def test_posts_and_voids_decide_in_one_batch_in_list_order_on_either_path(
+        books: Ledger, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from coordinator import Resolution
+
+    if path == "mailboxes":  # the batch falls back as when its turns cannot be taken
+        import coordinator._coordinator
+
+        class NoTurns:
+            def __init__(self, *args: object) -> None:
+                pass
+
+            def run(self) -> None:
+                return None
+
+        monkeypatch.setattr(coordinator._coordinator, "TurnBatch", NoTurns)
+    books.transfer("h1", source="alice", destination="bob", amount=30, pending=True)
+    books.transfer("h2", source="alice", destination="carol", amount=20, pending=True)
+    outcomes = books._decide_many([
+        Resolution("p1", "h1"),
+        TransferRequest("h3", "alice", "bob", 10, pending=True),
+        Resolution("p3", "h3", amount=4),  # a pending transfer made earlier in the same batch
+        Resolution("v2", "h2", void=True),
+        Resolution("p2", "h2"),  # voided just before
+        Resolution("x", "nothing"),
+        Resolution("p4", "h1", amount=5),
+    ])
+    assert [o.kind if isinstance(o, Transfer) else o.code for o in outcomes] == [
+        "post", "pending", "post", "void", "pending_transfer_already_voided", "pending_transfer_not_found",
+        "pending_transfer_already_posted"]
+    assert balances(books, "alice", "bob", "carol") == {
+        "alice": Balance(FUNDING - 34, 0, FUNDING - 34, 0), "bob": Balance(34, 0, 34, 0), "carol": Balance(0, 0, 0, 0)}
+    assert books._decide_many([Resolution("p1", "h1")]) == outcomes[:1]  # a retry: the same post

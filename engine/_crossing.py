@@ -1,0 +1,288 @@
+"""The router of a sharded ledger: where each account lives, and transfers across shards.
+
+A cross-shard transfer `T` from `s` (on shard a) to `d` (on shard b) runs in three steps
+(correspondent banking; `engine._shard` runs each):
+
+1. prepare, on a: the pending transfer `T`, `s` -> `clearing_to(b)`: the debit is decided and
+   held, durably;
+2. credit, on b: `T\\x1fcredit`, `clearing_from(a)` -> `d` (the clearing account has no limit);
+3. post, on a: `T\\x1fpost` posts `T`. The transfer is acknowledged once the post is durable,
+   so every read of either side already shows it.
+
+If the credit is refused (unknown destination, another currency...), the refusal is journaled
+on b, final for `T\\x1fcredit`, and `T\\x1fvoid` voids `T`: the caller gets the credit's error.
+Every step is idempotent by its id, so a retry of `T` from any caller runs the steps again and
+gets the same outcome; one that differs in a field gets `IdempotencyConflict` (from the
+prepare, or for another destination on the same shard, from the credit) and changes nothing.
+
+A caller that dies between the steps leaves `T` pending on a: *in doubt*. `recover` (run by
+every open, and `ShardedLedger.recover_in_doubt`) resolves each one by presumed abort, fenced:
+it first makes `T\\x1fcredit` final on b with a refusal (`Shard.fence`), so a late credit can
+never land, then voids `T`; if the fence finds the credit committed already, it posts `T`.
+
+Batching: a `transfer_many` makes one Ray call per shard per round (at most three rounds:
+local transfers and prepares, credits, posts and voids), never one per transfer. Order: each
+shard applies its part in list order (its local transfers and its prepares interleaved as
+listed); credits land after every local transfer of the same batch on their shard.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from coordinator import (
+    REJECTIONS,
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidRequest,
+    LedgerError,
+    Transfer,
+    TransferRequest,
+    check_transfer,
+)
+
+from engine._placement import (
+    CREDIT,
+    POST,
+    SEPARATOR,
+    USER_ID_LENGTH_MAX,
+    VOID,
+    CrossShardAborted,
+    CrossShardRefused,
+    check_user_id,
+    peer_of,
+    shard_of,
+)
+from engine._ray import gather
+from engine._shard import Doubt, credit_row, prepare_row
+from engine._wire import Row, outcomes_of, pack, request_row, unpack
+
+Gather = Callable[[Sequence[Any], float], list[Any]]
+
+
+class Router:
+    """Where accounts live, and the rounds of Ray calls that carry a batch. Thread-safe: the
+    map of accounts only grows, and a dict's item assignment is atomic."""
+
+    def __init__(self, actors: Sequence[Any], timeout_s: float) -> None:
+        self.actors = list(actors)
+        self.timeout_s = timeout_s
+        self.where: dict[str, int] = {}
+        """Account id -> shard, for every account found so far."""
+        self.creating = threading.Lock()
+        """Held while an account is created, so one id is never made on two shards."""
+
+    @property
+    def shards(self) -> int:
+        return len(self.actors)
+
+    def everywhere(self, method: str, *args: Any, timeout_s: float | None = None) -> list[Any]:
+        """`method(*args)` on every shard at once: the replies in shard order (waiting at most
+        `timeout_s`, by default the ledger's)."""
+        return gather([getattr(actor, method).remote(*args) for actor in self.actors],
+                      self.timeout_s if timeout_s is None else timeout_s)
+
+    def on(self, calls: dict[int, tuple[str, Any]]) -> dict[int, Any]:
+        """One call per shard named in `calls` (shard -> (method, argument)), all at once."""
+        shards = list(calls)
+        refs = [getattr(self.actors[i], calls[i][0]).remote(calls[i][1]) for i in shards]
+        return dict(zip(shards, gather(refs, self.timeout_s), strict=True))
+
+    def fill(self) -> None:
+        """The map of accounts, from every shard's list (one call each)."""
+        for index, accounts in enumerate(self.everywhere("accounts")):
+            for account in accounts:
+                self.where[account.id] = index
+
+    def locate(self, account_ids: Sequence[str]) -> dict[str, int]:
+        """The shard of each id: from the map; the misses asked of every shard at once (one
+        call each); an id no shard has lives on its hash shard (where a transfer naming it is
+        refused `AccountNotFound` as a ledger refuses it)."""
+        missing = sorted({a for a in account_ids if a not in self.where})
+        if missing:
+            for index, found in enumerate(self.everywhere("find", missing)):
+                for account_id in found:
+                    self.where[account_id] = index
+        where, shards = self.where, self.shards
+        return {a: where[a] if a in where else shard_of(a, shards) for a in account_ids}
+
+    # --- transfer_many ------------------------------------------------------------------
+
+    def transfer_many(self, requests: Sequence[object]) -> list[Transfer | LedgerError]:
+        """`ShardedLedger.transfer_many`: one outcome per request, in request order."""
+        results: list[Transfer | LedgerError | None] = [None] * len(requests)
+        checked: list[tuple[int, TransferRequest]] = []
+        for i, request in enumerate(requests):
+            try:
+                checked.append((i, checked_request(request)))
+            except LedgerError as error:
+                results[i] = error
+        where = self.locate([name for _, r in checked for name in (r.source, r.destination)])
+        parts: dict[int, list[tuple[int, Row]]] = defaultdict(list)
+        crossing: dict[int, TransferRequest] = {}
+        for i, request in checked:
+            a, b = where[request.source], where[request.destination]
+            if a == b:
+                parts[a].append((i, request_row(request)))
+            elif request.pending:
+                results[i] = CrossShardRefused(
+                    f"pending transfer {request.id!r}: {request.source!r} and {request.destination!r} live on "
+                    f"shards {a} and {b}; a pending transfer runs within one shard (colocate with placement)")
+            else:
+                crossing[i] = request
+                parts[a].append((i, prepare_row(request.id, request.source, b, request.amount, request.code,
+                                                request.reference, request.metadata)))
+        replies = self.on({a: ("batch", pack([item for _, item in part])) for a, part in parts.items()})
+        prepared: dict[int, Transfer] = {}
+        for a, part in parts.items():
+            for (i, _), outcome in zip(part, outcomes_of(unpack(replies[a])), strict=True):
+                if i in crossing and isinstance(outcome, Transfer):
+                    prepared[i] = outcome
+                else:
+                    results[i] = restated(outcome, crossing[i]) if i in crossing else outcome
+        self._cross(crossing, prepared, where, results)
+        assert all(result is not None for result in results)
+        return results  # type: ignore[return-value]
+
+    def _cross(self, crossing: dict[int, TransferRequest], prepared: dict[int, Transfer], where: dict[str, int],
+               results: list[Transfer | LedgerError | None]) -> None:
+        """Steps 2 and 3 of the prepared cross-shard transfers: credits (one call per
+        destination shard), then posts and voids (one call per source shard)."""
+        credits: dict[int, list[tuple[int, Row]]] = defaultdict(list)
+        for i, hold in prepared.items():
+            request = crossing[i]
+            peer = peer_of(hold.destination)
+            assert peer is not None, hold
+            credits[peer[0]].append((i, credit_row(request.id, where[request.source], peer[1], request.destination,
+                                                   hold.amount, hold.code, hold.reference, hold.metadata)))
+        replies = self.on({b: ("credit", pack([credit for _, credit in part])) for b, part in credits.items()})
+        steps: dict[int, list[tuple[int, tuple[str, str, bool]]]] = defaultdict(list)
+        for b, part in credits.items():
+            for (i, _), outcome in zip(part, outcomes_of(unpack(replies[b])), strict=True):
+                hold, a = prepared[i], where[crossing[i].source]
+                if isinstance(outcome, Transfer):
+                    results[i] = user_transfer(hold, outcome.destination)
+                    if hold.status != "posted":
+                        steps[a].append((i, (hold.id + POST, hold.id, False)))
+                    continue
+                results[i] = outcome
+                if isinstance(outcome, (CrossShardAborted, *REJECTIONS.values())) and hold.status == "pending":
+                    steps[a].append((i, (hold.id + VOID, hold.id, True)))
+        replies = self.on({a: ("resolve", [step for _, step in stepped]) for a, stepped in steps.items()})
+        for a, stepped in steps.items():
+            for (i, _), outcome in zip(stepped, outcomes_of(unpack(replies[a])), strict=True):
+                if isinstance(outcome, LedgerError):  # the post is not durable: not acknowledged
+                    results[i] = outcome
+
+    # --- recovery ------------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Resolve every in-doubt cross-shard transfer (see the module docstring); how many.
+        Three rounds of one call per shard at most. Raises `LedgerTimeout` if a shard does not
+        answer (run it again: each step is idempotent)."""
+        doubts = [doubt for found in self.everywhere("in_doubt") for doubt in found]
+        toward: dict[int, list[Doubt]] = defaultdict(list)
+        for doubt in doubts:
+            toward[doubt.peer].append(doubt)
+        decided = self.on({b: ("fence", part) for b, part in toward.items()})
+        steps: dict[int, list[tuple[str, str, bool]]] = defaultdict(list)
+        for b, part in toward.items():
+            for doubt, committed in zip(part, decided[b], strict=True):
+                if isinstance(committed, LedgerError):
+                    raise committed
+                step = (doubt.id + POST, doubt.id, False) if committed else (doubt.id + VOID, doubt.id, True)
+                steps[doubt.source_shard].append(step)
+        for rows in self.on(dict((a, ("resolve", part)) for a, part in steps.items())).values():
+            for outcome in outcomes_of(unpack(rows)):
+                if isinstance(outcome, LedgerError):
+                    raise outcome
+        return len(doubts)
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def get_transfer(self, transfer_id: str) -> Transfer | None:
+        """The transfer `transfer_id` as its user made it (a cross-shard one: once posted),
+        from whichever shard holds it (every shard asked at once), or None."""
+        found = self._found(transfer_id, "get_transfer")
+        if found is None or peer_of(found[1].destination) is None:
+            return found[1] if found is not None else None
+        hold = found[1]
+        peer = peer_of(hold.destination)
+        assert peer is not None
+        credit = self.call(peer[0], "get_transfer", hold.id + CREDIT)
+        return user_transfer(hold, credit.destination) if credit is not None and hold.status == "posted" else None
+
+    def outcome(self, transfer_id: str) -> Transfer | LedgerError | None:
+        """`Ledger.outcome` across shards: a cross-shard transfer's is its Transfer once posted,
+        its credit's refusal once voided, and None while it is in flight or in doubt."""
+        found = self._found(transfer_id, "outcome")
+        if found is None:
+            return None
+        outcome = found[1]
+        if not isinstance(outcome, Transfer) or peer_of(outcome.destination) is None:
+            return outcome
+        peer = peer_of(outcome.destination)
+        assert peer is not None
+        if outcome.status == "pending":
+            return None
+        credit = self.call(peer[0], "outcome", outcome.id + CREDIT)
+        if outcome.status == "posted" and isinstance(credit, Transfer):
+            return user_transfer(outcome, credit.destination)
+        if isinstance(credit, LedgerError) and not isinstance(credit, InsufficientFunds):  # that one: a fence's
+            return credit
+        return CrossShardAborted(f"transfer {transfer_id!r} was aborted by recovery: nothing moved")
+
+    def _found(self, transfer_id: str, method: str) -> tuple[int, Any] | None:
+        """(shard, reply) of the first shard whose `method(transfer_id)` is not None."""
+        replies = self.everywhere("call", method, (transfer_id,), {})
+        for index, (ok, value) in enumerate(replies):
+            if not ok:
+                raise value
+            if value is not None:
+                return index, value
+        return None
+
+    def call(self, shard: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        """`Ledger.method(*args, **kwargs)` on one shard; its error raised here."""
+        ok, value = gather([self.actors[shard].call.remote(method, args, kwargs)], self.timeout_s)[0]
+        if not ok:
+            raise value
+        return value
+
+
+def checked_request(request: object) -> TransferRequest:
+    """A `transfer_many` item checked as the ledger checks it, and its ids free of the
+    separator; `InvalidRequest` otherwise."""
+    if not isinstance(request, TransferRequest):
+        raise InvalidRequest(f"transfer_many takes TransferRequest items, got {type(request).__name__}")
+    checked = check_transfer(request)
+    if SEPARATOR in checked.id or SEPARATOR in checked.source or SEPARATOR in checked.destination \
+            or len(checked.id) > USER_ID_LENGTH_MAX:
+        check_user_id(checked.id, "transfer id", USER_ID_LENGTH_MAX)
+        check_user_id(checked.source, "source")
+        check_user_id(checked.destination, "destination")
+    return checked
+
+
+def restated(error: Transfer | LedgerError, request: TransferRequest) -> Transfer | LedgerError:
+    """A prepare's refusal, as its user's transfer would have been refused: the same class and
+    code, a message naming the user's destination rather than the clearing account."""
+    if isinstance(error, LedgerError) and type(error) in REJECTIONS.values():
+        return type(error)(f"transfer {request.id!r} ({request.amount} from {request.source!r} to "
+                           f"{request.destination!r}) was refused: {error.code}")
+    if isinstance(error, IdempotencyConflict):
+        return IdempotencyConflict(f"transfer id {request.id!r} was already used for a transfer that differs from "
+                                   f"this one ({request.amount} from {request.source!r} to {request.destination!r})")
+    return error
+
+
+def user_transfer(hold: Transfer, destination: str) -> Transfer:
+    """The Transfer a cross-shard transfer's user sees: the prepare's id, source, amount, code,
+    reference, metadata, LSN and timestamp (positions in the source shard's journal), the
+    credit's destination, a single transfer, posted."""
+    return Transfer(hold.id, hold.source, destination, hold.amount, hold.lsn, hold.timestamp, hold.code,
+                    hold.reference, hold.metadata, kind="single", status="posted")
+

@@ -1,0 +1,138 @@
+"""Where an account lives in a sharded ledger, the manifest that fixes it, and the reserved names.
+
+A sharded ledger's directory holds `shard-0` .. `shard-{N-1}` (each an ordinary Tally ledger)
+and `tally-shards.json`, the manifest: the shard count, the placement rule and the format
+version. It is written once, atomically (a temporary file, fsynced, renamed, the directory
+fsynced), by the first open; every later open reads it and refuses another shard count
+(`ShardCountMismatch`): resharding is out of scope.
+
+Placement: an account lives on shard `int(sha256(key)) % N`, where `key` is the account id, or
+the `placement` key given to `create_account` (accounts that share a key share a shard, so
+their transfers stay local).
+
+Reserved names: the ids a cross-shard transfer's steps use are the user's transfer id `T`
+followed by `SEPARATOR` ("\\x1f") and a step name, and the accounts the protocol keeps on each
+shard start with `SEPARATOR`; so no user id may contain it (`check_user_id`), and a user's
+transfer id is at most `USER_ID_LENGTH_MAX` characters (room for the longest step suffix).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from coordinator import ID_LENGTH_MAX, InvalidRequest, LedgerError, check_id
+
+SEPARATOR = "\x1f"
+CREDIT, POST, VOID = SEPARATOR + "credit", SEPARATOR + "post", SEPARATOR + "void"
+USER_ID_LENGTH_MAX = ID_LENGTH_MAX - max(len(CREDIT), len(POST), len(VOID))
+MANIFEST_NAME = "tally-shards.json"
+MANIFEST_FORMAT = 1
+PLACEMENT_RULE = "sha256-mod"
+SHARDS_MAX = 1024
+
+
+class ShardCountMismatch(LedgerError):
+    """`ShardedLedger.open` asked for a shard count other than the one the directory's
+    manifest fixes. Nothing was opened; open it with the manifest's count (resharding is not
+    supported)."""
+
+    code = "shard_count_mismatch"
+
+
+class CrossShardRefused(LedgerError):
+    """A request whose accounts live on different shards, of a kind that only runs within one
+    shard: a linked chain, or a pending transfer. Nothing was written and the id is not
+    consumed. Colocate the accounts with `create_account(..., placement=KEY)`."""
+
+    code = "cross_shard_refused"
+
+
+class CrossShardAborted(LedgerError):
+    """A cross-shard transfer was in doubt after a crash (its caller died between its steps)
+    and recovery aborted it: nothing moved, and its id is consumed (a retry raises this again)."""
+
+    code = "cross_shard_aborted"
+
+
+def shard_of(key: str, shards: int) -> int:
+    """The shard of placement key `key` among `shards`: stable across processes and versions."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % shards
+
+
+def check_user_id(value: object, what: str, length_max: int = ID_LENGTH_MAX) -> str:
+    """`check_id`, and no `SEPARATOR` in it, and at most `length_max` characters: else
+    `InvalidRequest`."""
+    checked = check_id(value, what)
+    if SEPARATOR in checked or len(checked) > length_max:
+        raise InvalidRequest(f"{what} must have at most {length_max} characters and no \\x1f (reserved by "
+                             f"the sharded ledger's steps), got {checked!r}")
+    return checked
+
+
+def clearing_to(peer: int, currency: str) -> str:
+    """On shard a: the account a cross-shard transfer toward shard `peer` is held for, then posted to."""
+    return f"{SEPARATOR}clearing-to-{peer}{SEPARATOR}{currency}"
+
+
+def clearing_from(peer: int, currency: str) -> str:
+    """On shard b: the account credits from shard `peer` come from (no overdraft limit)."""
+    return f"{SEPARATOR}clearing-from-{peer}{SEPARATOR}{currency}"
+
+
+def fence(currency: str) -> str:
+    """On each shard: the empty account (overdraft limit 0) whose refused transfer fences a
+    credit's id when recovery aborts an in-doubt transfer."""
+    return f"{SEPARATOR}fence{SEPARATOR}{currency}"
+
+
+def peer_of(clearing_account: str) -> tuple[int, str] | None:
+    """(peer shard, currency) of a `clearing_to` account id; None for any other id."""
+    prefix = f"{SEPARATOR}clearing-to-"
+    if not clearing_account.startswith(prefix):
+        return None
+    peer, _, currency = clearing_account[len(prefix):].partition(SEPARATOR)
+    return int(peer), currency
+
+
+def open_manifest(path: Path, shards: object) -> int:
+    """Read the manifest in `path` (creating the directory and writing it if it has none);
+    the shard count. Raises `InvalidRequest` for a bad `shards`, `ShardCountMismatch` if it
+    differs from the manifest's, `NotALedger`-style `InvalidRequest` for a foreign manifest."""
+    if type(shards) is not int or not 1 <= shards <= SHARDS_MAX:
+        raise InvalidRequest(f"shards must be an int in 1..{SHARDS_MAX}, got {shards!r}")
+    manifest = path / MANIFEST_NAME
+    if not manifest.exists():
+        if path.exists() and any(path.iterdir()):
+            raise InvalidRequest(f"{path} is not empty and holds no {MANIFEST_NAME}: not a sharded ledger")
+        path.mkdir(parents=True, exist_ok=True)
+        _write_atomically(manifest, {"format": MANIFEST_FORMAT, "shards": shards, "placement": PLACEMENT_RULE})
+    try:
+        found = json.loads(manifest.read_text())
+        count, rule, version = found["shards"], found["placement"], found["format"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise InvalidRequest(f"{manifest} is not a readable sharded-ledger manifest: {error}") from error
+    if version != MANIFEST_FORMAT or rule != PLACEMENT_RULE:
+        raise InvalidRequest(f"{manifest} has format {version!r} and placement {rule!r}; this version reads "
+                             f"format {MANIFEST_FORMAT}, placement {PLACEMENT_RULE!r}")
+    if count != shards:
+        raise ShardCountMismatch(f"{path} holds {count} shards (its manifest says so), not {shards}: open it "
+                                 f"with shards={count}")
+    return count
+
+
+def _write_atomically(target: Path, content: dict[str, object]) -> None:
+    """Write `content` as JSON to `target` so a crash leaves either no file or the whole one."""
+    temporary = target.with_name(target.name + ".tmp")
+    with open(temporary, "w") as file:
+        json.dump(content, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, target)
+    directory = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

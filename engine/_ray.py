@@ -1,0 +1,134 @@
+"""Ray, as the sharded ledger uses it: starting or joining it, placing the shard actors, and
+waiting for their replies. The only module that imports `ray` (an optional dependency: the
+`cluster` extra), and only when a `ShardedLedger` opens.
+
+Loopback only. `ray.init(_node_ip_address="127.0.0.1")` alone is not enough: Ray turns a
+loopback node address into the machine's routable one (`resolve_ip_for_localhost`), and its
+servers then listen on every interface. With `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` Ray takes
+the node's address to be the loopback one (as it does on a laptop), and since its servers bind
+the node's address, every listener (GCS, raylet, object manager, workers, runtime-env agent)
+is on 127.0.0.1; the dashboard is not started. `start_local` sets that and
+`RAY_USAGE_STATS_ENABLED=0` (nothing is reported anywhere) in this process's environment
+before Ray starts, so Ray's child processes inherit them (and, if Ray was imported already, the
+value Ray read from it), then checks that Ray's node address is 127.0.0.1. (Checked with `ss -ltnp` while it
+runs: tests/test_sharded_ray.py asserts it.) With an `address`, the cluster's own settings
+rule: Tally joins it and changes nothing.
+
+Actors: one per shard, threaded (`max_concurrency`), pinned to a node (hard node affinity:
+Ray restarts it there, where its disk is), restarted without limit and with every call retried
+(`max_restarts=-1`, `max_task_retries=-1`), which is why every shard method is idempotent.
+They take no CPU from Ray's accounting (`num_cpus=0`): a shard's cost is its disk and its
+share of the machine, and N shards must fit on a node with fewer cores.
+
+Waiting: every wait is bounded by the ledger's `timeout_s` (a shard restarting recovers its
+ledger within it, or the caller gets `LedgerTimeout` and retries with the same ids).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from coordinator import LedgerError, LedgerTimeout, LedgerUnavailable
+
+SHARD_CONCURRENCY = 64
+"""Calls one shard actor runs at once (its Ray threads)."""
+LOOPBACK_ENVIRONMENT = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def join(address: str | None) -> bool:
+    """Make this process a Ray driver: with `address` None, the Ray it already joined, else a
+    new local one on loopback; with an address, that cluster. True if this call started Ray
+    (so `ShardedLedger.close` shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is None:
+        os.environ.update(LOOPBACK_ENVIRONMENT)
+        _loopback_in_this_process()
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=False, configure_logging=False)
+        if ray.util.get_node_ip_address() != "127.0.0.1":  # pair the check: what Ray made of it
+            ray.shutdown()
+            raise LedgerUnavailable("Ray chose a node address other than 127.0.0.1, so it would listen beyond "
+                                    "loopback: not started")
+    else:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    return True
+
+
+def _loopback_in_this_process() -> None:
+    """Ray reads `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER` once, when `ray._private.ray_constants` is
+    first imported; if this process imported Ray before, set what it read (the one private name
+    of Ray this module touches; `join` checks the result)."""
+    import sys
+
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False  # type: ignore[attr-defined]
+
+
+def leave() -> None:
+    import ray
+
+    ray.shutdown()
+
+
+def local_node() -> str:
+    import ray
+
+    return str(ray.get_runtime_context().get_node_id())
+
+
+def start_shard(path: str, index: int, node_id: str, options: dict[str, Any]) -> Any:
+    """A new shard actor for `path` pinned to node `node_id` (its handle)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from engine._shard import Shard
+
+    remote = ray.remote(Shard).options(  # type: ignore[attr-defined]
+        max_concurrency=SHARD_CONCURRENCY, max_restarts=-1, max_task_retries=-1, num_cpus=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        name=None,
+    )
+    return remote.remote(path, index, options)
+
+
+def stop_shard(actor: Any) -> None:
+    import ray
+
+    ray.kill(actor, no_restart=True)
+
+
+def gather(refs: Sequence[Any], timeout_s: float) -> list[Any]:
+    """The replies to `refs`, in order, waiting at most `timeout_s` in all. A `LedgerError`
+    raised inside an actor comes back as itself (Ray wraps it: unwrapped here). Raises
+    `LedgerTimeout` (the outcomes are unknown: retry with the same ids), also while a shard
+    is unavailable for a moment, and `LedgerUnavailable` if a shard's actor is gone for good."""
+    import ray
+    from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+
+    try:
+        return list(ray.get(list(refs), timeout=timeout_s))
+    except GetTimeoutError as error:
+        raise LedgerTimeout(f"a shard did not answer within {timeout_s} s: retry with the same ids") from error
+    except RayTaskError as error:
+        cause = error.cause
+        if isinstance(cause, LedgerError):
+            raise cause from None
+        raise
+    except ActorUnavailableError as error:  # restarting, or out of reach for now
+        raise LedgerTimeout(f"a shard is unavailable for now ({error}): retry with the same ids") from error
+    except RayActorError as error:
+        raise LedgerUnavailable(f"a shard's actor is gone: {error}") from error
+
+
+def unwrap(reply: tuple[bool, Any]) -> Any:
+    """A `Shard.call` reply: its value, or its error raised."""
+    ok, value = reply
+    if not ok:
+        raise value
+    return value

@@ -1,0 +1,248 @@
+"""`Shard`: one shard of a `ShardedLedger`, the body of its Ray actor.
+
+It owns one ordinary `Ledger` (its directory on this node's disk) and runs the steps of the
+cross-shard protocol on it; it never calls another shard (house style 9: an actor never waits
+on another). Ray runs it as a threaded actor (`max_concurrency`), so calls run at once on
+Ray's threads and meet in the thread-safe `Ledger`, whose group commit batches them; a call's
+posts and voids are decided as one batch too (`Ledger._decide_many`).
+
+Every method is idempotent, because Ray retries a call whose actor died (`max_task_retries`)
+and restarts the actor (`max_restarts`), which reopens and recovers the ledger: a local
+transfer and every step are keyed by a transfer id the ledger keeps once, and the protocol's
+own accounts are created idempotently. Every method returns its business outcomes as values
+(a `LedgerError` in place of a result), so Ray neither wraps nor retries them; `call` returns
+`(True, value)` or `(False, error)`. Operating errors raise (`LedgerTimeout`, or what the
+ledger's open raised: `failure` says it once, then every call raises it), and the router
+unwraps them from Ray's exception (`engine._ray.gather`).
+
+Steps (the router in `engine._crossing` names them; `engine._placement` builds the ids):
+- `batch`: the shard's part of a `transfer_many`, in list order: local transfers, and each
+  cross-shard transfer's *prepare*, a pending transfer `T` from the source to
+  `clearing_to(b, currency)` (never expiring: its hold must outlive any crash).
+- `credit`: on the destination's shard, `T\\x1fcredit` from `clearing_from(a, currency)`.
+- `resolve`: `post_pending` `T\\x1fpost` or `void_pending` `T\\x1fvoid` of `T`.
+- `fence`: recovery's presumed abort, made final: `T\\x1fcredit` from the empty `fence`
+  account (overdraft limit 0), which the ledger refuses with `InsufficientFunds` and keeps as
+  that id's final outcome, so a late credit with that id can never apply. A real credit is
+  never refused for funds (its source has no limit), so that refusal names a fence.
+- `in_doubt`: the prepares still pending, for recovery.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from coordinator import (
+    Account,
+    Balance,
+    IdempotencyConflict,
+    InsufficientFunds,
+    LedgerError,
+    Resolution,
+    Transfer,
+    TransferRequest,
+)
+
+from engine._ledger import Ledger
+from engine._wire import Row, outcome_rows, pack, request_of, unpack_rows
+from engine._placement import CREDIT, SEPARATOR, CrossShardAborted, clearing_from, clearing_to, fence, peer_of
+
+IN_DOUBT_PAGE = 1_000
+CALLS = frozenset({"create_account", "account", "balance", "entries", "get_transfer", "outcome", "post_pending",
+                   "void_pending", "transfer_linked", "transfers", "state_hash", "stats", "head"})
+"""The `Ledger` methods `call` runs."""
+
+
+def prepare_row(transfer_id: str, source: str, peer: int, amount: int, code: int = 0, reference: str | None = None,
+                metadata: Mapping[str, str | int] | None = None) -> Row:
+    """A cross-shard transfer's first step, on its source's shard (`Shard.batch`); `peer` is
+    the destination's shard. (None first: no request row starts so.)"""
+    return (None, transfer_id, source, peer, amount, code, reference, None if metadata is None else dict(metadata))
+
+
+def credit_row(transfer_id: str, peer: int, currency: str, destination: str, amount: int, code: int = 0,
+               reference: str | None = None, metadata: Mapping[str, str | int] | None = None) -> Row:
+    """A cross-shard transfer's second step, on its destination's shard (`Shard.credit`):
+    `transfer_id` is the user's `T` (the step's id is `T` + CREDIT), `peer` the source's shard."""
+    return (transfer_id, peer, currency, destination, amount, code, reference,
+            None if metadata is None else dict(metadata))
+
+
+@dataclass(frozen=True, slots=True)
+class Doubt:
+    """A prepare still pending on shard `source_shard`: recovery resolves it."""
+
+    id: str
+    source_shard: int
+    peer: int
+    currency: str
+    amount: int
+
+
+class Shard:
+    """One shard's ledger and its steps. Ray constructs it in the actor's process (and again
+    after a restart): opening recovers the ledger from its journal."""
+
+    def __init__(self, path: str, index: int, options: Mapping[str, Any]) -> None:
+        self.index = index
+        self._opened: Ledger | LedgerError
+        try:
+            self._opened = Ledger.open(path, **options)
+        except LedgerError as error:  # kept, so the router can raise it as itself (`failure`)
+            self._opened = error
+            return
+        self._made: set[str] = set()
+        """The protocol's accounts known to exist here (created at most once per process)."""
+
+    @property
+    def ledger(self) -> Ledger:
+        """The shard's ledger; raises what its open raised if it did not open."""
+        if isinstance(self._opened, LedgerError):
+            raise self._opened
+        return self._opened
+
+    def failure(self) -> LedgerError | None:
+        """What the shard's `Ledger.open` raised (`LedgerLocked`, `JournalCorrupted`...), or None.
+        (Raised in `__init__`, it would only reach the router as Ray's message.)"""
+        return self._opened if isinstance(self._opened, LedgerError) else None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def node(self) -> str:
+        """The Ray node this actor runs on."""
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+
+    def call(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[bool, Any]:
+        """The `Ledger` method `name` (one of `CALLS`): `(True, result)` or `(False, error)`."""
+        assert name in CALLS, name
+        try:
+            return True, getattr(self.ledger, name)(*args, **kwargs)
+        except LedgerError as error:
+            return False, error
+
+    def accounts(self) -> list[Account]:
+        """The users' accounts here, in creation order (the protocol's are left out)."""
+        return [account for account in self.ledger.accounts() if not account.id.startswith(SEPARATOR)]
+
+    def balances(self) -> dict[str, Balance]:
+        """Every account's balance here, the protocol's included."""
+        return {account.id: self.ledger.balance(account.id) for account in self.ledger.accounts()}
+
+    def find(self, account_ids: Sequence[str]) -> list[str]:
+        """Those of `account_ids` that are accounts here."""
+        found = []
+        for account_id in account_ids:
+            try:
+                self.ledger.account(account_id)
+                found.append(account_id)
+            except LedgerError:
+                continue
+        return found
+
+    def create_accounts(self, accounts: Sequence[Account]) -> list[Account | LedgerError]:
+        return self.ledger.create_accounts(accounts)
+
+    def batch(self, blob: bytes) -> bytes:
+        """The shard's part of a `transfer_many` (request rows and prepare rows, `engine._wire`),
+        in list order, each prepare made a pending transfer to its clearing account (created
+        first if new). Rows in, outcome rows out, each list one blob (`engine._wire.pack`);
+        durable when it returns."""
+        requests = [self._prepared(row) if row[0] is None else request_of(row) for row in unpack_rows(blob)]
+        return pack(outcome_rows(self.ledger.transfer_many(requests)))
+
+    def _prepared(self, row: Row) -> TransferRequest:
+        _, transfer_id, source, peer, amount, code, reference, metadata = row
+        currency = self._currency(source)
+        clearing = clearing_to(peer, currency if currency is not None else "")
+        if currency is not None:
+            self._internal(clearing, currency, None)
+        # Without an expiry: a hold that expired after its credit landed would create money.
+        return TransferRequest(transfer_id, source, clearing, amount, code, reference, metadata, pending=True)
+
+    def credit(self, blob: bytes) -> bytes:
+        """Each credit (`credit_row`), in list order: outcome rows, durable when it returns. A
+        credit whose id a fence took gives `CrossShardAborted`."""
+        requests, rows = [], unpack_rows(blob)
+        for transfer_id, peer, currency, destination, amount, code, reference, metadata in rows:
+            source = clearing_from(peer, currency)
+            self._internal(source, currency, None)
+            requests.append(TransferRequest(transfer_id + CREDIT, source, destination, amount, code, reference,
+                                            metadata))
+        results = self.ledger.transfer_many(requests)
+        for i, result in enumerate(results):
+            if isinstance(result, IdempotencyConflict) and isinstance(self.ledger.outcome(requests[i].id),
+                                                                      InsufficientFunds):
+                results[i] = CrossShardAborted(f"transfer {rows[i][0]!r} was in doubt after a crash and was "
+                                               "aborted by recovery: nothing moved")
+        return pack(outcome_rows(results))
+
+    def fence(self, doubts: Sequence[Doubt]) -> list[bool | LedgerError]:
+        """For each in-doubt transfer toward this shard: make its credit's id final, and say
+        whether the credit committed (True: post it) or not (False: void it); a `LedgerError`
+        if neither is known yet (a timeout: try again)."""
+        requests = []
+        for doubt in doubts:
+            destination = clearing_from(doubt.source_shard, doubt.currency)
+            self._internal(destination, doubt.currency, None)
+            self._internal(fence(doubt.currency), doubt.currency, 0)
+            requests.append(TransferRequest(doubt.id + CREDIT, fence(doubt.currency), destination, doubt.amount))
+        decided: list[bool | LedgerError] = []
+        for request, result in zip(requests, self.ledger.transfer_many(requests), strict=True):
+            if isinstance(result, InsufficientFunds):
+                decided.append(False)  # fenced now, or by an earlier recovery
+            elif isinstance(result, IdempotencyConflict):
+                decided.append(self.ledger.get_transfer(request.id) is not None)  # committed, or refused
+            else:
+                assert not isinstance(result, Transfer), "the fence account has no funds"
+                decided.append(result)
+        return decided
+
+    def resolve(self, steps: Sequence[tuple[str, str, bool]]) -> bytes:
+        """Each `(step id, pending id, void)`: post (or void) the pending transfer, all in one
+        batch of the ledger (`Ledger._decide_many`); outcome rows (a blob) in list order,
+        durable when it returns."""
+        resolutions = [Resolution(step_id, pending_id, None, void=void) for step_id, pending_id, void in steps]
+        return pack(outcome_rows(self.ledger._decide_many(resolutions)))
+
+    def in_doubt(self) -> list[Doubt]:
+        """The prepares here still pending. Reads only clearing accounts with pending amounts
+        toward them, newest first, and stops once it has found all of each one's amount."""
+        doubts = []
+        for account in self.ledger.accounts():
+            peer = peer_of(account.id)
+            incoming = self.ledger.balance(account.id).incoming if peer is not None else 0
+            until: int | None = None
+            while incoming > 0:
+                page = self.ledger.transfers(account=account.id, kind="pending", until_lsn=until,
+                                             limit=IN_DOUBT_PAGE, reverse=True)
+                for transfer in page:
+                    if transfer.status == "pending" and transfer.destination == account.id:
+                        assert peer is not None
+                        doubts.append(Doubt(transfer.id, self.index, peer[0], peer[1], transfer.amount))
+                        incoming -= transfer.amount
+                if not page or page[-1].lsn <= 1:
+                    break
+                until = page[-1].lsn - 1
+        return doubts
+
+    def close(self) -> None:
+        if isinstance(self._opened, Ledger):
+            self._opened.close()
+
+    def _currency(self, account_id: str) -> str | None:
+        try:
+            return self.ledger.account(account_id).currency
+        except LedgerError:
+            return None
+
+    def _internal(self, account_id: str, currency: str, overdraft_limit: int | None) -> None:
+        """Create the protocol's account `account_id` unless known to exist (idempotent)."""
+        if account_id not in self._made:
+            self.ledger.create_account(account_id, currency=currency, overdraft_limit=overdraft_limit)
+            self._made.add(account_id)

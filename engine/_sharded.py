@@ -1,0 +1,353 @@
+"""`ShardedLedger`: one ledger spread over N shards, each an ordinary Tally ledger in a Ray actor.
+
+    from engine import ShardedLedger
+    with ShardedLedger.open("books", shards=2) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        ledger.transfer("t-1", source="bank", destination="alice", amount=10_000)
+
+Same methods and errors as `Ledger`; what differs, a user sees here:
+- An account lives on one shard, by a hash of its id or of `create_account(..., placement=KEY)`
+  (`engine._placement`). A transfer within a shard runs as in a `Ledger`; across shards it
+  runs in three durable steps and is acknowledged once all are durable (`engine._crossing`).
+- Ids: no user id may contain "\\x1f" (the steps' ids and the protocol's accounts use it), and
+  a transfer id is at most 121 characters. Transfer ids are kept once *per source shard*: an id
+  reused with a source on another shard is not detected (use ids unique to the whole ledger,
+  as a host generating UUIDs does).
+- A pending transfer and a linked chain run within one shard; across shards they raise
+  `CrossShardRefused` (nothing written: colocate the accounts with `placement`).
+- `Transfer.lsn` and `Entry.lsn` are positions in a shard's journal; a cross-shard transfer's
+  `lsn` and `timestamp` are its prepare's, on the source's shard. `balance(at_lsn=...)` reads
+  the account's shard's journal.
+- `state_hash` is the SHA-256 of the shards' state hashes in shard order (the protocol's
+  clearing accounts included).
+
+Blocking: every call waits on Ray replies, each wait bounded by `timeout_s` (`LedgerTimeout`:
+the outcome is unknown, retry with the same id). Thread-safe: call it from any threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from coordinator import (
+    TIMEOUT_S_DEFAULT,
+    Account,
+    AccountExists,
+    Balance,
+    Entry,
+    InvalidRequest,
+    LedgerClosed,
+    LedgerError,
+    PendingTransferNotFound,
+    Transfer,
+    TransferRequest,
+    check_chain,
+    check_code,
+    check_currency,
+    check_metadata,
+    check_overdraft_limit,
+    transfer_request,
+)
+
+from engine import _ray
+from engine._ledger import Ledger
+from engine._crossing import Router, checked_request
+from engine._placement import CrossShardRefused, check_user_id, open_manifest, peer_of, shard_of
+
+SHARD_PREFIX = "shard-"
+OPEN_WAIT_S = 600.0
+"""The longest `open` waits for the shards' actors to start and their ledgers to recover
+(each recovers its journal as `Ledger.open` does, at once; then `LedgerTimeout`)."""
+
+
+class ShardedLedger:
+    """An open sharded ledger. Use `ShardedLedger.open(path, shards=N)`, preferably as a
+    context manager."""
+
+    def __init__(self, path: Path, router: Router, actors: list[Any], started_ray: bool) -> None:
+        self.path = path
+        self.timeout_s = router.timeout_s
+        self._router = router
+        self._actors = actors
+        self._started_ray = started_ray
+        self._closed = False
+        self.recovered_in_doubt = 0
+        """How many in-doubt cross-shard transfers the open resolved."""
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, shards: int, address: str | None = None,
+             nodes: Sequence[str] | None = None, **ledger_options: Any) -> ShardedLedger:
+        """Open (creating if missing) the sharded ledger in directory `path`, with `shards`
+        shards, and resolve every cross-shard transfer left in doubt by a crash.
+
+        `address` None: join the Ray this process already joined, or start a local one bound to
+        127.0.0.1 (`engine._ray`); else join the Ray cluster there. `nodes`: the Ray node id of
+        each shard (default: this process's node); a shard's directory is `path/shard-i` on
+        its node's disk, so give a path every node has. `ledger_options` go to each shard's
+        `Ledger.open` (`timeout_s` also bounds every wait here). Blocks while the shards
+        open and recover (each in its own process, at once; at most `OPEN_WAIT_S`).
+
+        Raises `InvalidRequest` (bad arguments, or a directory that is not a sharded ledger),
+        `ShardCountMismatch` if `shards` differs from the count the directory was made with,
+        and whatever a shard's `Ledger.open` raises.
+        """
+        _check_options(ledger_options)
+        root = Path(os.fspath(path)).absolute()
+        count = open_manifest(root, shards)
+        if nodes is not None and (isinstance(nodes, str) or len(nodes) != count):
+            raise InvalidRequest(f"nodes must list one Ray node id per shard ({count}), got {nodes!r}")
+        timeout_s = ledger_options.get("timeout_s", TIMEOUT_S_DEFAULT)
+        started = _ray.join(address)
+        actors: list[Any] = []
+        try:
+            placed = list(nodes) if nodes is not None else [_ray.local_node()] * count
+            actors = [_ray.start_shard(str(root / f"{SHARD_PREFIX}{i}"), i, placed[i], dict(ledger_options))
+                      for i in range(count)]
+            router = Router(actors, float(timeout_s))
+            for failure in router.everywhere("failure", timeout_s=max(OPEN_WAIT_S, router.timeout_s)):
+                if failure is not None:
+                    raise failure
+            router.fill()
+            ledger = cls(root, router, actors, started)
+            ledger.recovered_in_doubt = router.recover()
+            return ledger
+        except BaseException:
+            for actor in actors:
+                _ray.stop_shard(actor)
+            if started:
+                _ray.leave()
+            raise
+
+    def __enter__(self) -> ShardedLedger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def shards(self) -> int:
+        return self._router.shards
+
+    def _live(self) -> Router:
+        if self._closed:
+            raise LedgerClosed(f"the sharded ledger at {self.path} is closed")
+        return self._router
+
+    def shard_of(self, account_id: str) -> int:
+        """The shard account `account_id` lives on (its hash shard if no shard has it)."""
+        check_user_id(account_id, "account id")
+        return self._live().locate([account_id])[account_id]
+
+    # --- accounts ------------------------------------------------------------------------
+
+    def create_account(self, account_id: str, *, currency: str, overdraft_limit: int | None = 0, code: int = 0,
+                       metadata: Mapping[str, str | int] | None = None, placement: str | None = None) -> Account:
+        """`Ledger.create_account` on shard `shard_of(placement or account_id)`; idempotent
+        for identical parameters. Raises `AccountExists` also if the id lives on another shard
+        (made with another placement), and `InvalidRequest` for an id or a placement key with
+        "\x1f" in it."""
+        check_user_id(account_id, "account id")
+        if placement is not None:
+            check_user_id(placement, "placement")
+        account = Account(account_id, check_currency(currency), check_overdraft_limit(overdraft_limit),
+                          check_code(code), check_metadata(metadata))
+        outcome = self.create_accounts([account], placements=[placement])[0]
+        if isinstance(outcome, LedgerError):
+            raise outcome
+        return outcome
+
+    def create_accounts(self, accounts: Sequence[Account], *,
+                        placements: Sequence[str | None] | None = None) -> list[Account | LedgerError]:
+        """`Ledger.create_accounts` across shards (one call per shard): one outcome per item,
+        in order; `placements`, if given, one placement key (or None) per account."""
+        router = self._live()
+        keys = list(placements) if placements is not None else [None] * len(accounts)
+        if len(keys) != len(accounts):
+            raise InvalidRequest("placements must give one key (or None) per account")
+        results: list[Account | LedgerError | None] = [None] * len(accounts)
+        with router.creating:  # one id is never created on two shards
+            where = router.locate([account.id for account in accounts if isinstance(account, Account)])
+            parts: dict[int, list[tuple[int, Account]]] = {}
+            for i, (account, key) in enumerate(zip(accounts, keys, strict=True)):
+                try:
+                    check_user_id(getattr(account, "id", None), "account id")
+                    shard = shard_of(key if key is not None else account.id, router.shards)
+                    if account.id in router.where and router.where[account.id] != shard:
+                        raise AccountExists(f"account {account.id!r} exists on shard {where[account.id]}, not "
+                                            f"on shard {shard} where this placement puts it")
+                    parts.setdefault(shard, []).append((i, account))
+                except LedgerError as error:
+                    results[i] = error
+            replies = router.on({s: ("create_accounts", [a for _, a in part]) for s, part in parts.items()})
+            for shard, part in parts.items():
+                for (i, account), outcome in zip(part, replies[shard], strict=True):
+                    results[i] = outcome
+                    if isinstance(outcome, Account):
+                        router.where[account.id] = shard
+        return results  # type: ignore[return-value]
+
+    def accounts(self) -> list[Account]:
+        """Every durable account, shard by shard, each shard's in creation order (the
+        protocol's clearing accounts are left out)."""
+        return [account for found in self._live().everywhere("accounts") for account in found]
+
+    def account(self, account_id: str) -> Account:
+        """`Ledger.account`, from the account's shard."""
+        return self._on_account(account_id, "account", account_id)  # type: ignore[no-any-return]
+
+    def _on_account(self, account_id: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        router = self._live()
+        check_user_id(account_id, "account id")
+        return router.call(router.locate([account_id])[account_id], method, *args, **kwargs)
+
+    # --- transfers -----------------------------------------------------------------------
+
+    def transfer(self, transfer_id: str, *, source: str, destination: str, amount: int, code: int = 0,
+                 reference: str | None = None, metadata: Mapping[str, str | int] | None = None,
+                 pending: bool = False, timeout_s: int | None = None) -> Transfer:
+        """`Ledger.transfer`; across shards, acknowledged once every step is durable (a
+        pending one across shards raises `CrossShardRefused`). Raises as `Ledger.transfer`
+        does, and `CrossShardAborted` for a transfer that recovery aborted."""
+        request = transfer_request(transfer_id, source, destination, amount, code, reference, metadata, pending,
+                                   timeout_s)
+        outcome = self._live().transfer_many([request])[0]
+        if isinstance(outcome, LedgerError):
+            raise outcome
+        return outcome
+
+    def transfer_many(self, requests: Sequence[TransferRequest]) -> list[Transfer | LedgerError]:
+        """One outcome per request, in request order, as `Ledger.transfer_many`, with one Ray
+        call per shard per step (at most three rounds). Each shard applies its part in list
+        order; a cross-shard credit lands after its shard's local transfers of the batch, and
+        two concurrent batches interleave as their calls reach each shard. Returns once every
+        outcome is durable."""
+        if not isinstance(requests, Sequence) or isinstance(requests, (str, bytes)):
+            raise InvalidRequest(f"transfer_many takes a sequence of TransferRequest, got {type(requests).__name__}")
+        return self._live().transfer_many(requests)
+
+    def post_pending(self, transfer_id: str, *, pending_id: str, amount: int | None = None,
+                     reference: str | None = None, metadata: Mapping[str, str | int] | None = None) -> Transfer:
+        """`Ledger.post_pending`, on the shard of the pending transfer (every shard asked)."""
+        shard = self._pending_shard(transfer_id, pending_id)
+        return self._live().call(shard, "post_pending", transfer_id, pending_id=pending_id,  # type: ignore[no-any-return]
+                                 amount=amount, reference=reference, metadata=metadata)
+
+    def void_pending(self, transfer_id: str, *, pending_id: str, reference: str | None = None,
+                     metadata: Mapping[str, str | int] | None = None) -> Transfer:
+        """`Ledger.void_pending`, on the shard of the pending transfer (every shard asked)."""
+        shard = self._pending_shard(transfer_id, pending_id)
+        return self._live().call(shard, "void_pending", transfer_id, pending_id=pending_id,  # type: ignore[no-any-return]
+                                 reference=reference, metadata=metadata)
+
+    def _pending_shard(self, transfer_id: str, pending_id: str) -> int:
+        """The shard holding pending transfer `pending_id`; for an unknown one, the hash shard of
+        `transfer_id` (where the ledger journals the refusal). A cross-shard transfer's own
+        prepare is no user's pending transfer: `PendingTransferNotFound`, nothing written."""
+        router = self._live()
+        check_user_id(transfer_id, "transfer id")
+        check_user_id(pending_id, "pending id")
+        found = router._found(pending_id, "get_transfer")
+        if found is None:
+            return shard_of(transfer_id, router.shards)
+        if peer_of(found[1].destination) is not None:
+            raise PendingTransferNotFound(f"{pending_id!r} is a transfer across shards, not a pending transfer")
+        return found[0]
+
+    def transfer_linked(self, requests: Sequence[TransferRequest]) -> list[Transfer]:
+        """`Ledger.transfer_linked` on the one shard every leg's accounts live on; legs on more
+        than one shard raise `CrossShardRefused` (nothing written: colocate with `placement`)."""
+        router = self._live()
+        checked = [checked_request(request) for request in check_chain(requests)]
+        where = router.locate([name for r in checked for name in (r.source, r.destination)])
+        shards = set(where.values())
+        if len(shards) != 1:
+            raise CrossShardRefused(f"the legs of this linked chain touch shards {sorted(shards)}: a linked chain "
+                                    "runs within one shard (colocate its accounts with placement)")
+        return router.call(shards.pop(), "transfer_linked", checked)  # type: ignore[no-any-return]
+
+    def recover_in_doubt(self) -> int:
+        """Resolve every cross-shard transfer left in doubt (its caller died between steps):
+        post it if its credit committed, else fence the credit's id and void it. How many.
+        Run by every open; safe at any time, but a transfer in flight from a live caller is
+        resolved too (aborted if its credit has not landed: that caller then gets
+        `CrossShardAborted`)."""
+        return self._live().recover()
+
+    def get_transfer(self, transfer_id: str) -> Transfer | None:
+        """`Ledger.get_transfer` across shards (every shard asked at once); a cross-shard
+        transfer as its user made it, once posted."""
+        check_user_id(transfer_id, "transfer id")
+        return self._live().get_transfer(transfer_id)
+
+    def outcome(self, transfer_id: str) -> Transfer | LedgerError | None:
+        """`Ledger.outcome` across shards (None while a cross-shard transfer is in flight)."""
+        check_user_id(transfer_id, "transfer id")
+        return self._live().outcome(transfer_id)
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def balance(self, account_id: str, *, at_lsn: int | None = None, at_timestamp: int | None = None) -> Balance:
+        """`Ledger.balance` from the account's shard (`at_lsn`: a position in that shard's journal)."""
+        return self._on_account(account_id, "balance", account_id,  # type: ignore[no-any-return]
+                                at_lsn=at_lsn, at_timestamp=at_timestamp)
+
+    def entries(self, account_id: str, after: int = 0, limit: int | None = None) -> list[Entry]:
+        """`Ledger.entries` from the account's shard."""
+        return self._on_account(account_id, "entries", account_id, after, limit)  # type: ignore[no-any-return]
+
+    def state_hash(self) -> str:
+        """SHA-256 over the shards' state hashes, in shard order."""
+        hashes = [self._live().call(i, "state_hash") for i in range(self.shards)]
+        return hashlib.sha256("".join(hashes).encode()).hexdigest()
+
+    def shard_balances(self, shard: int) -> dict[str, Balance]:
+        """Every account's balance on shard `shard`, the protocol's clearing accounts included
+        (for audits: each shard's posted balances sum to zero)."""
+        router = self._live()
+        return _ray.gather([router.actors[shard].balances.remote()], self.timeout_s)[0]  # type: ignore[no-any-return]
+
+    def pids(self) -> list[int]:
+        """The process id of each shard's actor (for operators and crash tests)."""
+        return _ray.gather([actor.pid.remote() for actor in self._actors], self.timeout_s)
+
+    def nodes(self) -> list[str]:
+        """The Ray node id each shard's actor runs on."""
+        return _ray.gather([actor.node.remote() for actor in self._actors], self.timeout_s)
+
+    def close(self) -> None:
+        """Close every shard's ledger (each finishes the calls it is running, bounded by
+        `timeout_s`), stop the actors, and shut Ray down if the open started it. Idempotent.
+        Unlike `Ledger.close`, it does not wait for this object's calls under way in other
+        threads: one between two steps fails (`LedgerClosed` or `LedgerUnavailable`), and what
+        it left in doubt is resolved by the next open."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            _ray.gather([actor.close.remote() for actor in self._actors], self.timeout_s)
+        finally:
+            for actor in self._actors:
+                _ray.stop_shard(actor)
+            if self._started_ray:
+                _ray.leave()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    """`InvalidRequest` for an option `Ledger.open` does not take, or `readonly` (a shard is
+    written through its actor only); the values are checked by each shard's open."""
+    try:
+        inspect.signature(Ledger.open).bind("path", **options)
+    except TypeError as error:
+        raise InvalidRequest(f"ShardedLedger.open: {error} (ledger_options go to each shard's Ledger.open)") from None
+    if options.get("readonly"):
+        raise InvalidRequest("a sharded ledger opens its shards for writing: readonly is not supported")

@@ -1,0 +1,303 @@
+"""`ShardedLedger` (engine._sharded, engine._crossing, engine._placement): one ledger over shards.
+
+Placement and the manifest; local and cross-shard transfers with `Ledger`'s results and errors;
+retries; refusals across shards; what runs within one shard only; loopback-only Ray. One real
+Ray (local, loopback) serves the whole module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine import (
+    AccountExists,
+    AccountNotFound,
+    CrossShardRefused,
+    CurrencyMismatch,
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidRequest,
+    LedgerClosed,
+    LedgerLocked,
+    LinkedTransferFailed,
+    PendingTransferNotFound,
+    ShardCountMismatch,
+    ShardedLedger,
+    Transfer,
+    TransferRequest,
+)
+from engine._placement import shard_of
+from tests.sharded_support import SHARDS, accounts_on, books, ray_for_module
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray() -> Iterator[None]:
+    with ray_for_module():
+        yield
+
+
+@pytest.fixture
+def sharded(tmp_path: Path) -> Iterator[ShardedLedger]:
+    ledger = ShardedLedger.open(tmp_path / "books", shards=SHARDS)
+    try:
+        yield ledger
+    finally:
+        ledger.close()
+
+
+def test_the_first_open_writes_a_manifest_and_one_ledger_per_shard(tmp_path: Path) -> None:
+    with ShardedLedger.open(tmp_path / "books", shards=3) as ledger:
+        assert ledger.shards == 3
+    assert json.loads((tmp_path / "books" / "tally-shards.json").read_text()) == {
+        "format": 1, "shards": 3, "placement": "sha256-mod"}
+    assert sorted(p.name for p in (tmp_path / "books").iterdir()) == ["shard-0", "shard-1", "shard-2",
+                                                                       "tally-shards.json"]
+
+
+def test_opening_with_another_shard_count_raises_shard_count_mismatch(tmp_path: Path) -> None:
+    ShardedLedger.open(tmp_path / "books", shards=2).close()
+    with pytest.raises(ShardCountMismatch, match="shards=2") as raised:
+        ShardedLedger.open(tmp_path / "books", shards=3)
+    assert raised.value.code == "shard_count_mismatch"
+    with ShardedLedger.open(tmp_path / "books", shards=2) as ledger:  # nothing was changed
+        assert ledger.shards == 2
+
+
+def test_a_directory_that_is_not_a_sharded_ledger_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "file").write_text("x")
+    with pytest.raises(InvalidRequest, match="not a sharded ledger"):
+        ShardedLedger.open(tmp_path / "other", shards=2)
+    with pytest.raises(InvalidRequest):
+        ShardedLedger.open(tmp_path / "books", shards=0)
+
+
+def test_a_second_open_of_one_directory_raises_ledger_locked_and_bad_options_are_invalid(
+        sharded: ShardedLedger) -> None:
+    with pytest.raises(LedgerLocked):
+        ShardedLedger.open(sharded.path, shards=SHARDS)
+    sharded.create_account("still", currency="USD")  # the first is untouched
+    with pytest.raises(InvalidRequest, match="colour"):
+        ShardedLedger.open(sharded.path.parent / "other", shards=SHARDS, colour="red")
+    with pytest.raises(InvalidRequest, match="readonly"):
+        ShardedLedger.open(sharded.path.parent / "other", shards=SHARDS, readonly=True)
+    assert not (sharded.path.parent / "other").exists()  # refused before anything was written
+
+
+def test_an_account_lives_on_its_hash_shard_or_on_its_placement_keys_shard(sharded: ShardedLedger) -> None:
+    for i in range(8):
+        sharded.create_account(f"a{i}", currency="USD")
+        assert sharded.shard_of(f"a{i}") == shard_of(f"a{i}", SHARDS)
+        sharded.create_account(f"w{i}", currency="USD", placement="customer-7")
+        assert sharded.shard_of(f"w{i}") == shard_of("customer-7", SHARDS)
+    assert {a.id for a in sharded.accounts()} == {f"{p}{i}" for p in "aw" for i in range(8)}
+    assert sharded.account("w3").currency == "USD"
+
+
+def test_an_account_id_is_one_account_across_shards(sharded: ShardedLedger) -> None:
+    key = next(k for k in (f"k{i}" for i in range(100)) if shard_of(k, SHARDS) != shard_of("acc", SHARDS))
+    sharded.create_account("acc", currency="USD")
+    assert sharded.create_account("acc", currency="USD") .id == "acc"  # idempotent
+    with pytest.raises(AccountExists):
+        sharded.create_account("acc", currency="USD", placement=key)
+    with pytest.raises(AccountExists):
+        sharded.create_account("acc", currency="EUR")
+
+
+def test_ids_holding_the_reserved_separator_are_invalid_and_nothing_is_written(sharded: ShardedLedger) -> None:
+    with pytest.raises(InvalidRequest, match="x1f"):
+        sharded.create_account("a\x1fb", currency="USD")
+    sharded.create_account("a", currency="USD", overdraft_limit=None)
+    sharded.create_account("b", currency="USD")
+    with pytest.raises(InvalidRequest):
+        sharded.transfer("t\x1fcredit", source="a", destination="b", amount=1)
+    with pytest.raises(InvalidRequest):
+        sharded.transfer("t" * 125, source="a", destination="b", amount=1)  # no room for a step's suffix
+    with pytest.raises(InvalidRequest):
+        sharded.get_transfer("t\x1fpost")
+    assert sharded.transfer_many([TransferRequest("ok", "a", "b", 1), TransferRequest("x\x1f", "a", "b", 1)])[1] \
+        .code == "invalid_request"
+
+
+def test_a_transfer_within_a_shard_and_its_retry_are_a_ledgers(sharded: ShardedLedger) -> None:
+    bank, alice = accounts_on(sharded, "", 1, shard=0, balance=100)[0], "0-extra"
+    sharded.create_account(alice, currency="USD", placement=next(
+        k for k in (f"p{i}" for i in range(100)) if shard_of(k, SHARDS) == 0))
+    made = sharded.transfer("t1", source=bank, destination=alice, amount=40, reference="r")
+    assert (made.source, made.destination, made.amount, made.kind, made.status) == (bank, alice, 40, "single", "posted")
+    assert sharded.transfer("t1", source=bank, destination=alice, amount=40, reference="r") == made
+    assert sharded.get_transfer("t1") == made
+    with pytest.raises(IdempotencyConflict):
+        sharded.transfer("t1", source=bank, destination=alice, amount=41, reference="r")
+    with pytest.raises(InsufficientFunds):
+        sharded.transfer("t2", source=bank, destination=alice, amount=61)
+    assert sharded.balance(alice).posted == 40 and sharded.entries(alice)[0].transfer_id == "t1"
+
+
+def test_a_cross_shard_transfer_moves_the_money_and_a_retry_returns_the_same_transfer(sharded: ShardedLedger) -> None:
+    source = accounts_on(sharded, "s", 1, shard=0, balance=100)[0]
+    destination = accounts_on(sharded, "d", 1, shard=1)[0]
+    made = sharded.transfer("x1", source=source, destination=destination, amount=30, code=7, metadata={"k": 1})
+    assert (made.id, made.source, made.destination, made.amount, made.code, made.kind, made.status) == \
+        ("x1", source, destination, 30, 7, "single", "posted")
+    assert dict(made.metadata or {}) == {"k": 1}
+    assert sharded.transfer("x1", source=source, destination=destination, amount=30, code=7,
+                            metadata={"k": 1}) == made
+    assert sharded.get_transfer("x1") == made and sharded.outcome("x1") == made
+    assert sharded.balance(source).posted == 70 and sharded.balance(destination).posted == 30
+    assert sharded.balance(source).pending == 0 and [e.amount for e in sharded.entries(destination)] == [30]
+    for changed in ({"amount": 31}, {"code": 8}, {"metadata": {"k": 2}}, {"destination": source + "-other"}):
+        fields = {"source": source, "destination": destination, "amount": 30, "code": 7, "metadata": {"k": 1}}
+        with pytest.raises(IdempotencyConflict, match="x1"):
+            sharded.transfer("x1", **{**fields, **changed})  # type: ignore[arg-type]
+    assert sharded.balance(source).posted == 70 and sharded.balance(destination).posted == 30
+
+
+def test_a_refused_credit_voids_the_prepare_and_its_retry_raises_the_same(sharded: ShardedLedger) -> None:
+    source = accounts_on(sharded, "s", 1, shard=0, balance=100)[0]
+    euros = accounts_on(sharded, "e", 1, shard=1, currency="EUR")[0]
+    with pytest.raises(CurrencyMismatch, match="x2"):
+        sharded.transfer("x2", source=source, destination=euros, amount=5)
+    with pytest.raises(CurrencyMismatch):
+        sharded.transfer("x2", source=source, destination=euros, amount=5)
+    assert isinstance(sharded.outcome("x2"), CurrencyMismatch) and sharded.get_transfer("x2") is None
+    nowhere = next(n for n in (f"n{i}" for i in range(100)) if shard_of(n, SHARDS) == 1)
+    with pytest.raises(AccountNotFound):
+        sharded.transfer("x3", source=source, destination=nowhere, amount=5)
+    with pytest.raises(InsufficientFunds, match=euros):
+        sharded.transfer("x4", source=source, destination=euros, amount=500)
+    assert sharded.balance(source) == sharded.balance(source).__class__(100, 0, 100, 0)
+    assert books(sharded)[2] == 0  # nothing left held
+
+
+def test_transfer_many_mixes_local_and_cross_shard_requests_and_answers_in_request_order(
+        sharded: ShardedLedger) -> None:
+    left = accounts_on(sharded, "l", 3, shard=0, balance=10)
+    right = accounts_on(sharded, "r", 3, shard=1, balance=10)
+    requests = [TransferRequest(f"m{i}", (left + right)[i % 6], (right + left)[(i * 5) % 6], 1 + i % 3)
+                for i in range(30)]
+    requests.insert(7, TransferRequest("big", left[0], right[0], 1_000))
+    outcomes = sharded.transfer_many(requests)
+    assert [o.id if isinstance(o, Transfer) else o.code for o in outcomes] == [
+        r.id if r.id != "big" else "insufficient_funds" for r in requests]
+    shown = [o if isinstance(o, Transfer) else (type(o), str(o)) for o in outcomes]
+    assert [o if isinstance(o, Transfer) else (type(o), str(o)) for o in sharded.transfer_many(requests)] == shown
+    sums, pairs, in_flight, users = books(sharded)
+    assert sums == [0, 0] and set(pairs.values()) == {0} and in_flight == 0 and users == 0
+    assert sum(sharded.balance(name).posted for name in left + right) == 60
+
+
+def test_a_pending_transfer_runs_within_one_shard_and_is_refused_across_shards(sharded: ShardedLedger) -> None:
+    left = accounts_on(sharded, "l", 2, shard=0, balance=50)
+    right = accounts_on(sharded, "r", 1, shard=1)
+    hold = sharded.transfer("h1", source=left[0], destination=left[1], amount=20, pending=True, timeout_s=3600)
+    assert hold.status == "pending" and sharded.balance(left[0]).pending == 20
+    assert sharded.post_pending("p1", pending_id="h1", amount=15).amount == 15
+    assert sharded.get_transfer("h1").status == "posted"  # type: ignore[union-attr]
+    with pytest.raises(CrossShardRefused) as refused:
+        sharded.transfer("h2", source=left[0], destination=right[0], amount=5, pending=True)
+    assert refused.value.code == "cross_shard_refused"
+    with pytest.raises(PendingTransferNotFound):
+        sharded.void_pending("v1", pending_id="nothing")
+    sharded.transfer("x1", source=left[0], destination=right[0], amount=5)
+    with pytest.raises(PendingTransferNotFound):  # a cross-shard transfer's prepare is not the user's
+        sharded.void_pending("v2", pending_id="x1")
+    assert sharded.balance(right[0]).posted == 5
+
+
+def test_a_linked_chain_runs_within_one_shard_and_is_refused_across_shards(sharded: ShardedLedger) -> None:
+    left = accounts_on(sharded, "l", 3, shard=0, balance=10)
+    right = accounts_on(sharded, "r", 1, shard=1)
+    legs = [TransferRequest("k1", left[0], left[1], 10), TransferRequest("k2", left[1], left[2], 10)]
+    assert [t.id for t in sharded.transfer_linked(legs)] == ["k1", "k2"]
+    with pytest.raises(LinkedTransferFailed) as failed:  # the error crosses the process boundary whole
+        sharded.transfer_linked([TransferRequest("k3", left[2], left[0], 5),
+                                 TransferRequest("k4", left[1], left[0], 50)])
+    assert failed.value.index == 1 and isinstance(failed.value.cause, InsufficientFunds)
+    with pytest.raises(CrossShardRefused, match="placement"):
+        sharded.transfer_linked([TransferRequest("k5", left[2], right[0], 1)])
+    assert sharded.outcome("k5") is None  # nothing written
+
+
+def test_the_state_hash_covers_every_shard_and_survives_a_reopen(tmp_path: Path) -> None:
+    with ShardedLedger.open(tmp_path / "books", shards=SHARDS) as ledger:
+        source = accounts_on(ledger, "s", 2, shard=0, balance=10)
+        destination = accounts_on(ledger, "d", 1, shard=1)[0]
+        ledger.transfer("x", source=source[0], destination=destination, amount=3)
+        before = ledger.state_hash()
+    with pytest.raises(LedgerClosed):
+        ledger.balance(destination)
+    with ShardedLedger.open(tmp_path / "books", shards=SHARDS) as ledger:
+        assert ledger.state_hash() == before and ledger.recovered_in_doubt == 0
+        assert ledger.balance(destination).posted == 3
+        ledger.transfer("y", source=source[1], destination=destination, amount=1)
+        assert ledger.state_hash() != before
+
+
+def test_every_ray_listener_is_on_loopback(sharded: ShardedLedger) -> None:
+    listing = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, timeout=30).stdout
+    ours = {str(os.getpid()), *map(str, sharded.pids())}
+    ray_lines = [line for line in listing.splitlines()
+                 if re.search(r'"(raylet|gcs_server|ray::[^"]*)"', line) or
+                 any(f"pid={pid}," in line for pid in ours)]
+    assert ray_lines, listing
+    local = [line.split()[3] for line in ray_lines]
+    assert all(address.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")) for address in local), ray_lines
+
+
+def test_transfer_many_makes_one_ray_call_per_shard_per_round(sharded: ShardedLedger,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    left = accounts_on(sharded, "l", 4, shard=0, balance=100)
+    right = accounts_on(sharded, "r", 4, shard=1, balance=100)
+    rounds: list[tuple[str, ...]] = []
+    on = sharded._router.on
+
+    def counted(calls: dict[int, tuple[str, object]]) -> dict[int, object]:
+        rounds.append(tuple(calls[shard][0] for shard in sorted(calls)))
+        return on(calls)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sharded._router, "on", counted)
+    pairs = [(left[i % 4], left[(i + 1) % 4]) if i % 3 == 0 else (left[i % 4], right[i % 4]) if i % 3 == 1
+             else (right[i % 4], left[(i + 2) % 4]) for i in range(200)]
+    requests = [TransferRequest(f"m{i}", source, destination, 1) for i, (source, destination) in enumerate(pairs)]
+    assert all(isinstance(o, Transfer) for o in sharded.transfer_many(requests))
+    assert rounds == [("batch", "batch"), ("credit", "credit"), ("resolve", "resolve")]
+
+
+def test_every_ledger_error_pickles_whole() -> None:
+    import pickle
+
+    import engine
+
+    classes = [getattr(engine, name) for name in engine.__all__ if isinstance(getattr(engine, name), type)
+               and issubclass(getattr(engine, name), engine.LedgerError)]
+    assert len(classes) >= 20
+    for cls in classes:
+        made = cls("what happened", 3, InsufficientFunds("no")) if cls is LinkedTransferFailed else \
+            cls("what happened", 7, "page 4") if cls.__name__ == "JournalCorrupted" else cls("what happened")
+        again = pickle.loads(pickle.dumps(made))
+        assert (type(again), str(again), again.code, vars(again).keys()) == (cls, "what happened", cls.code,
+                                                                             vars(made).keys())
+
+
+def test_a_ledger_error_raised_in_an_actor_comes_back_as_itself() -> None:
+    import ray
+
+    from engine._ray import gather
+
+    @ray.remote
+    def refuse() -> None:
+        raise LinkedTransferFailed("chain refused", 2, InsufficientFunds("leg 2"))
+
+    with pytest.raises(LinkedTransferFailed) as raised:
+        gather([refuse.remote()], 30)
+    assert raised.value.index == 2 and isinstance(raised.value.cause, InsufficientFunds)

@@ -1,0 +1,251 @@
+"""Cross-shard transfers under failure (engine._crossing, engine._shard): in-doubt recovery with a
+fenced presumed abort, retries from two callers at once, conservation under concurrent load, and
+SIGKILL of a shard's process and of the caller mid-load, then every acknowledged transfer
+present, nothing left in doubt, and every shard's `tally verify` whole. One real Ray (local,
+loopback) serves the module; the caller-kill test's caller starts a Ray of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine import (
+    Balance,
+    CrossShardAborted,
+    LedgerError,
+    LedgerTimeout,
+    ShardedLedger,
+    Transfer,
+    TransferRequest,
+)
+from engine._shard import credit_row, prepare_row
+from engine._wire import outcomes_of, pack, unpack
+from tests.sharded_support import SHARDS, accounts_on, books, poll, ray_for_module, shard_dirs
+from tests.test_cli import tally_json
+
+pytestmark = pytest.mark.timeout(120)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray() -> Iterator[None]:
+    with ray_for_module():
+        yield
+
+
+def _step(ledger: ShardedLedger, shard: int, method: str, *items: object) -> list[object]:
+    """One protocol step called on a shard's actor directly, as a caller that dies after it."""
+    import ray
+
+    blob = ray.get(getattr(ledger._router.actors[shard], method).remote(pack(list(items))), timeout=60)  # type: ignore[arg-type]
+    return list(outcomes_of(unpack(blob)))
+
+
+def _settled(ledger: ShardedLedger) -> None:
+    """Every shard's books sum to zero, every clearing pair nets to zero, nothing is held."""
+    sums, pairs, in_flight, users = books(ledger)
+    assert sums == [0] * ledger.shards and set(pairs.values()) <= {0} and in_flight == 0 and users == 0
+
+
+def _verified(path: Path) -> None:
+    for directory in shard_dirs(path):
+        code, report = tally_json("verify", directory)
+        assert (code, report["verdict"]) == (0, "whole"), report
+
+
+def test_a_transfer_left_prepared_is_aborted_at_open_and_a_late_credit_never_lands(tmp_path: Path) -> None:
+    path = tmp_path / "books"
+    with ShardedLedger.open(path, shards=SHARDS) as ledger:
+        source = accounts_on(ledger, "s", 1, shard=0, balance=100)[0]
+        destination = accounts_on(ledger, "d", 1, shard=1)[0]
+        [hold] = _step(ledger, 0, "batch", prepare_row("T", source, 1, 40))  # then the caller dies
+        assert isinstance(hold, Transfer) and hold.status == "pending"
+        assert ledger.balance(source).available == 60 and ledger.outcome("T") is None
+    with ShardedLedger.open(path, shards=SHARDS) as ledger:
+        assert ledger.recovered_in_doubt == 1
+        assert ledger.balance(source) == Balance(100, 0, 100, 0) and ledger.balance(destination).posted == 0
+        [late] = _step(ledger, 1, "credit", credit_row("T", 0, "USD", destination, 40))  # the dead caller's credit
+        assert isinstance(late, CrossShardAborted) and ledger.balance(destination).posted == 0
+        with pytest.raises(CrossShardAborted):
+            ledger.transfer("T", source=source, destination=destination, amount=40)
+        assert isinstance(ledger.outcome("T"), CrossShardAborted) and ledger.get_transfer("T") is None
+        assert ledger.recover_in_doubt() == 0
+        _settled(ledger)
+    _verified(path)
+
+
+def test_a_transfer_whose_credit_landed_is_posted_by_recovery(tmp_path: Path) -> None:
+    with ShardedLedger.open(tmp_path / "books", shards=SHARDS) as ledger:
+        source = accounts_on(ledger, "s", 1, shard=0, balance=100)[0]
+        destination = accounts_on(ledger, "d", 1, shard=1)[0]
+        _step(ledger, 0, "batch", prepare_row("T", source, 1, 40))
+        [credit] = _step(ledger, 1, "credit", credit_row("T", 0, "USD", destination, 40))
+        assert isinstance(credit, Transfer)  # then the caller dies before the post
+        assert ledger.recover_in_doubt() == 1
+        made = ledger.get_transfer("T")
+        assert made is not None and (made.source, made.destination, made.amount) == (source, destination, 40)
+        assert ledger.transfer("T", source=source, destination=destination, amount=40) == made
+        assert ledger.balance(source).posted == 60 and ledger.balance(destination).posted == 40
+        _settled(ledger)
+
+
+def test_a_transfer_whose_credit_was_refused_before_the_caller_died_is_voided_by_recovery(tmp_path: Path) -> None:
+    with ShardedLedger.open(tmp_path / "books", shards=SHARDS) as ledger:
+        source = accounts_on(ledger, "s", 1, shard=0, balance=100)[0]
+        euros = accounts_on(ledger, "e", 1, shard=1, currency="EUR")[0]
+        _step(ledger, 0, "batch", prepare_row("T", source, 1, 40))
+        [refused] = _step(ledger, 1, "credit", credit_row("T", 0, "USD", euros, 40))
+        assert refused.code == "currency_mismatch"  # type: ignore[attr-defined]  # then the caller dies
+        assert ledger.recover_in_doubt() == 1 and ledger.recover_in_doubt() == 0
+        assert ledger.balance(source) == Balance(100, 0, 100, 0)
+        assert ledger.outcome("T").code == "currency_mismatch"  # type: ignore[union-attr]
+        _settled(ledger)
+
+
+def test_two_callers_retrying_one_cross_shard_transfer_at_once_move_the_money_once(tmp_path: Path) -> None:
+    with ShardedLedger.open(tmp_path / "books", shards=SHARDS) as ledger:
+        source = accounts_on(ledger, "s", 1, shard=0, balance=100)[0]
+        destination = accounts_on(ledger, "d", 1, shard=1)[0]
+        start = threading.Barrier(8)
+        outcomes: list[Transfer | LedgerError] = []
+
+        def caller(i: int) -> None:
+            start.wait(timeout=30)
+            for round_ in range(5):
+                try:
+                    outcomes.append(ledger.transfer(f"T{round_}", source=source, destination=destination, amount=7))
+                except LedgerError as error:
+                    outcomes.append(error)
+
+        threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert len(outcomes) == 40 and all(isinstance(o, Transfer) for o in outcomes)
+        assert len({o for o in outcomes}) == 5  # type: ignore[misc]
+        assert ledger.balance(source).posted == 65 and ledger.balance(destination).posted == 35
+        _settled(ledger)
+
+
+def _load(ledger: ShardedLedger, names: list[str], seed: int, count: int, acked: dict[str, TransferRequest],
+          errors: list[LedgerError]) -> None:
+    """`count` transfers between random `names`, singles and batches of 10; each acknowledged
+    one is recorded in `acked`; outcomes other than refusals for funds in `errors`."""
+    chance = random.Random(seed)
+    done = 0
+    while done < count:
+        batch = [TransferRequest(f"{seed}-{done + i}", *chance.sample(names, 2), chance.randint(1, 40))
+                 for i in range(1 if chance.random() < 0.3 else 10)]
+        try:
+            outcomes: list[Transfer | LedgerError] = ledger.transfer_many(batch)
+        except LedgerTimeout as error:
+            outcomes = [error] * len(batch)
+        for request, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, Transfer):
+                acked[request.id] = request
+            elif outcome.code != "insufficient_funds":
+                errors.append(outcome)
+        done += len(batch)
+
+
+def test_concurrent_cross_shard_load_conserves_money_on_every_shard_and_across(tmp_path: Path) -> None:
+    with ShardedLedger.open(tmp_path / "books", shards=SHARDS) as ledger:
+        names = [n for shard in range(SHARDS) for n in accounts_on(ledger, "a", 4, shard=shard, balance=500)]
+        acked: dict[str, TransferRequest] = {}
+        errors: list[LedgerError] = []
+        threads = [threading.Thread(target=_load, args=(ledger, names, seed, 120, acked, errors)) for seed in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=90)
+        assert errors == [] and len(acked) > 300
+        _settled(ledger)
+        assert sum(ledger.balance(name).posted for name in names) == 500 * len(names)
+        for transfer_id, request in acked.items():
+            made = ledger.get_transfer(transfer_id)
+            assert made is not None and (made.source, made.destination, made.amount) == \
+                (request.source, request.destination, request.amount)
+
+
+def test_a_shard_process_killed_mid_load_loses_no_acknowledged_transfer(tmp_path: Path) -> None:
+    path = tmp_path / "books"
+    with ShardedLedger.open(path, shards=SHARDS) as ledger:
+        names = [n for shard in range(SHARDS) for n in accounts_on(ledger, "a", 4, shard=shard, balance=500)]
+        acked: dict[str, TransferRequest] = {}
+        errors: list[LedgerError] = []
+        threads = [threading.Thread(target=_load, args=(ledger, names, seed, 150, acked, errors)) for seed in range(4)]
+        for thread in threads:
+            thread.start()
+        poll(lambda: len(acked) >= 100, 60, "the load to get going")
+        victim = ledger.pids()[1]
+        os.kill(victim, signal.SIGKILL)
+        for thread in threads:
+            thread.join(timeout=100)
+        assert ledger.pids()[1] != victim  # Ray restarted it; its calls were retried
+        assert all(isinstance(e, LedgerTimeout) for e in errors), errors
+        ledger.recover_in_doubt()
+        _settled(ledger)
+        for transfer_id, request in acked.items():
+            made = ledger.get_transfer(transfer_id)
+            assert made is not None and made.amount == request.amount, transfer_id
+    _verified(path)
+
+
+CALLER = textwrap.dedent("""
+    import sys
+    from engine import ShardedLedger, TransferRequest, Transfer
+    ledger = ShardedLedger.open(sys.argv[1], shards=2)
+    print("pids", *ledger.pids(), flush=True)
+    names = sys.argv[2].split(",")
+    for i in range(100_000):
+        batch = [TransferRequest(f"c{i}-{j}", names[(i + j) % len(names)], names[(i + 2 * j + 1) % len(names)], 1)
+                 for j in range(5)]
+        for request, outcome in zip(batch, ledger.transfer_many(batch)):
+            if isinstance(outcome, Transfer):
+                print("acked", request.id, flush=True)
+""")
+
+
+def test_the_caller_killed_mid_load_leaves_every_acknowledged_transfer_and_nothing_in_doubt(tmp_path: Path) -> None:
+    path = tmp_path / "books"
+    with ShardedLedger.open(path, shards=SHARDS) as ledger:
+        names = [n for shard in range(SHARDS) for n in accounts_on(ledger, "a", 3, shard=shard, balance=10_000)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    caller = subprocess.Popen([sys.executable, "-c", CALLER, str(path), ",".join(names)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env)
+    acked: list[str] = []
+    try:
+        assert caller.stdout is not None
+        pids = [int(p) for p in caller.stdout.readline().split()[1:]]
+        while len(acked) < 200:
+            line = caller.stdout.readline()
+            assert line, "the caller ended early"
+            if line.startswith("acked"):
+                acked.append(line.split()[1])
+    finally:
+        caller.send_signal(signal.SIGKILL)
+        caller.wait(timeout=30)
+    poll(lambda: not any(_alive(pid) for pid in pids), 60, "the dead caller's shard processes to go")
+    with ShardedLedger.open(path, shards=SHARDS) as ledger:
+        _settled(ledger)
+        assert all(ledger.get_transfer(transfer_id) is not None for transfer_id in acked)
+    _verified(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
