@@ -67,7 +67,7 @@ class Batch:
             try:
                 if type(request) is Resolution:
                     request = self._requests[i] = check_resolution(request)
-                    keys = self._resolution_keys(request)
+                    keys = self._resolution_keys(request, i)
                 else:
                     request = self._requests[i] = check_transfer(request)
                     keys = ((0, request.source), (0, request.destination), (1, request.id))
@@ -88,11 +88,16 @@ class Batch:
                 self._ready.append(i)
         return self._undecided
 
-    def _resolution_keys(self, request: Resolution) -> tuple[tuple[int, str], ...]:
-        """What a post or a void must follow: its own id, its pending transfer's (made earlier
-        in the batch, maybe), and that transfer's accounts if it is open now."""
-        found = self._coordinator.sequencer.pending.get(request.pending_id)
-        accounts = () if found is None else ((0, found.source), (0, found.destination))
+    def _resolution_keys(self, request: Resolution, i: int) -> tuple[tuple[int, str], ...]:
+        """What a post or a void (item `i`) must follow: its own id, its pending transfer's,
+        and that transfer's accounts: as open now, or as an earlier item of the batch makes
+        it (the newest such item: list order decides which one a post meets)."""
+        found: object = self._coordinator.sequencer.pending.get(request.pending_id)
+        for earlier in reversed(self._requests[:i]):
+            if type(earlier) is not Resolution and earlier.id == request.pending_id:
+                found = earlier
+                break
+        accounts = () if found is None else ((0, found.source), (0, found.destination))  # type: ignore[attr-defined]
         return ((1, request.id), (1, request.pending_id), *accounts)
 
     def _pump(self) -> None:

@@ -43,9 +43,7 @@ from coordinator import (
     TransferRequest,
     check_transfer,
 )
-
 from engine._placement import (
-    CREDIT,
     POST,
     SEPARATOR,
     USER_ID_LENGTH_MAX,
@@ -53,6 +51,7 @@ from engine._placement import (
     CrossShardAborted,
     CrossShardRefused,
     check_user_id,
+    credit_id,
     peer_of,
     shard_of,
 )
@@ -168,7 +167,7 @@ class Router:
                     if hold.status != "posted":
                         steps[a].append((i, (hold.id + POST, hold.id, False)))
                     continue
-                results[i] = outcome
+                results[i] = restated(outcome, crossing[i])  # named as its user's transfer, not the credit step
                 if isinstance(outcome, (CrossShardAborted, *REJECTIONS.values())) and hold.status == "pending":
                     steps[a].append((i, (hold.id + VOID, hold.id, True)))
         replies = self.on({a: ("resolve", [step for _, step in stepped]) for a, stepped in steps.items()})
@@ -212,7 +211,7 @@ class Router:
         hold = found[1]
         peer = peer_of(hold.destination)
         assert peer is not None
-        credit = self.call(peer[0], "get_transfer", hold.id + CREDIT)
+        credit = self.call(peer[0], "get_transfer", credit_id(hold.id, found[0]))
         return user_transfer(hold, credit.destination) if credit is not None and hold.status == "posted" else None
 
     def outcome(self, transfer_id: str) -> Transfer | LedgerError | None:
@@ -228,7 +227,7 @@ class Router:
         assert peer is not None
         if outcome.status == "pending":
             return None
-        credit = self.call(peer[0], "outcome", outcome.id + CREDIT)
+        credit = self.call(peer[0], "outcome", credit_id(outcome.id, found[0]))
         if outcome.status == "posted" and isinstance(credit, Transfer):
             return user_transfer(outcome, credit.destination)
         if isinstance(credit, LedgerError) and not isinstance(credit, InsufficientFunds):  # that one: a fence's

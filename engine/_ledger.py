@@ -395,8 +395,16 @@ class Ledger:
         """
         if not isinstance(requests, Sequence) or isinstance(requests, (str, bytes)):
             raise InvalidRequest(f"transfer_many takes a sequence of TransferRequest, got {type(requests).__name__}")
+        items: list[TransferRequest | Resolution] = list(requests)
+        refused = {i: InvalidRequest(f"transfer_many takes TransferRequest items, not a post or a void of pending "
+                                     f"transfer {item.pending_id!r}: call post_pending or void_pending")
+                   for i, item in enumerate(items) if type(item) is Resolution}
         with self._call():
-            return self._coordinator.transfer_many(list(requests), self.timeout_s)
+            if not refused:
+                return self._coordinator.transfer_many(items, self.timeout_s)
+            rest = iter(self._coordinator.transfer_many([item for i, item in enumerate(items) if i not in refused],
+                                                        self.timeout_s))
+            return [refused[i] if i in refused else next(rest) for i in range(len(items))]
 
     def _decide_many(self, requests: Sequence[TransferRequest | Resolution]) -> list[Transfer | LedgerError]:
         """`transfer_many` whose items may also be posts and voids (`Resolution`), decided in

@@ -13,7 +13,8 @@ their transfers stay local).
 Reserved names: the ids a cross-shard transfer's steps use are the user's transfer id `T`
 followed by `SEPARATOR` ("\\x1f") and a step name, and the accounts the protocol keeps on each
 shard start with `SEPARATOR`; so no user id may contain it (`check_user_id`), and a user's
-transfer id is at most `USER_ID_LENGTH_MAX` characters (room for the longest step suffix).
+transfer id is at most `USER_ID_LENGTH_MAX` characters (room for the longest step suffix: a
+credit's names the source's shard too, `credit_id`).
 """
 
 from __future__ import annotations
@@ -27,11 +28,19 @@ from coordinator import ID_LENGTH_MAX, InvalidRequest, LedgerError, check_id
 
 SEPARATOR = "\x1f"
 CREDIT, POST, VOID = SEPARATOR + "credit", SEPARATOR + "post", SEPARATOR + "void"
-USER_ID_LENGTH_MAX = ID_LENGTH_MAX - max(len(CREDIT), len(POST), len(VOID))
 MANIFEST_NAME = "tally-shards.json"
 MANIFEST_FORMAT = 1
+TEMPORARY_PREFIX = MANIFEST_NAME + ".tmp-"
 PLACEMENT_RULE = "sha256-mod"
 SHARDS_MAX = 1024
+USER_ID_LENGTH_MAX = ID_LENGTH_MAX - max(len(CREDIT) + len(str(SHARDS_MAX - 1)), len(POST), len(VOID))
+
+
+def credit_id(transfer_id: str, source_shard: int) -> str:
+    """The id of a cross-shard transfer's credit on its destination's shard: the user's id,
+    the step, and the source's shard. A transfer id is claimed per source shard, so two
+    transfers from two shards may share one toward a third: their credits must not."""
+    return transfer_id + CREDIT + str(source_shard)
 
 
 class ShardCountMismatch(LedgerError):
@@ -105,10 +114,10 @@ def open_manifest(path: Path, shards: object) -> int:
         raise InvalidRequest(f"shards must be an int in 1..{SHARDS_MAX}, got {shards!r}")
     manifest = path / MANIFEST_NAME
     if not manifest.exists():
-        if path.exists() and any(path.iterdir()):
+        if path.exists() and any(not entry.name.startswith(TEMPORARY_PREFIX) for entry in path.iterdir()):
             raise InvalidRequest(f"{path} is not empty and holds no {MANIFEST_NAME}: not a sharded ledger")
         path.mkdir(parents=True, exist_ok=True)
-        _write_atomically(manifest, {"format": MANIFEST_FORMAT, "shards": shards, "placement": PLACEMENT_RULE})
+        _write_once(manifest, {"format": MANIFEST_FORMAT, "shards": shards, "placement": PLACEMENT_RULE})
     try:
         found = json.loads(manifest.read_text())
         count, rule, version = found["shards"], found["placement"], found["format"]
@@ -123,14 +132,22 @@ def open_manifest(path: Path, shards: object) -> int:
     return count
 
 
-def _write_atomically(target: Path, content: dict[str, object]) -> None:
-    """Write `content` as JSON to `target` so a crash leaves either no file or the whole one."""
-    temporary = target.with_name(target.name + ".tmp")
-    with open(temporary, "w") as file:
-        json.dump(content, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, target)
+def _write_once(target: Path, content: dict[str, object]) -> None:
+    """Write `content` as JSON to `target` unless it exists, so a crash leaves either no file or
+    the whole one, and of two processes creating it at once one writes it and the other reads
+    it (a temporary file of its own, linked into place: `link` never replaces)."""
+    temporary = target.with_name(f"{TEMPORARY_PREFIX}{os.getpid()}-{os.urandom(4).hex()}")
+    try:
+        with open(temporary, "w") as file:
+            json.dump(content, file)
+            file.flush()
+            os.fsync(file.fileno())
+        try:
+            os.link(temporary, target)
+        except FileExistsError:
+            return  # another process wrote it first: the caller reads that one
+    finally:
+        temporary.unlink(missing_ok=True)
     directory = os.open(target.parent, os.O_RDONLY)
     try:
         os.fsync(directory)

@@ -7,11 +7,11 @@ loopback node address into the machine's routable one (`resolve_ip_for_localhost
 servers then listen on every interface. With `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` Ray takes
 the node's address to be the loopback one (as it does on a laptop), and since its servers bind
 the node's address, every listener (GCS, raylet, object manager, workers, runtime-env agent)
-is on 127.0.0.1; the dashboard is not started. `start_local` sets that and
+is on 127.0.0.1; the dashboard is not started. `join` sets that and
 `RAY_USAGE_STATS_ENABLED=0` (nothing is reported anywhere) in this process's environment
 before Ray starts, so Ray's child processes inherit them (and, if Ray was imported already, the
 value Ray read from it), then checks that Ray's node address is 127.0.0.1. (Checked with `ss -ltnp` while it
-runs: tests/test_sharded_ray.py asserts it.) With an `address`, the cluster's own settings
+runs: tests/test_sharded.py asserts it.) With an `address`, the cluster's own settings
 rule: Tally joins it and changes nothing.
 
 Actors: one per shard, threaded (`max_concurrency`), pinned to a node (hard node affinity:
@@ -27,6 +27,7 @@ ledger within it, or the caller gets `LedgerTimeout` and retries with the same i
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,14 +38,33 @@ SHARD_CONCURRENCY = 64
 LOOPBACK_ENVIRONMENT = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
+_STARTED = threading.Lock()
+_users = 0
+"""Sharded ledgers open on the Ray this module started (0: none, or Ray is someone else's):
+the last of them to close shuts it down."""
+
+
 def join(address: str | None) -> bool:
     """Make this process a Ray driver: with `address` None, the Ray it already joined, else a
-    new local one on loopback; with an address, that cluster. True if this call started Ray
-    (so `ShardedLedger.close` shuts it down)."""
+    new local one on loopback; with an address, that cluster. True if the ledger must `leave`
+    when it closes: this module started the Ray it is on (the last to leave shuts it down)."""
     import ray
 
-    if ray.is_initialized():
-        return False
+    global _users
+    with _STARTED:
+        if ray.is_initialized():
+            if _users == 0:
+                return False  # the host's own Ray: it shuts it down
+            _users += 1
+            return True
+        _start(address)
+        _users = 1
+        return True
+
+
+def _start(address: str | None) -> None:
+    import ray
+
     if address is None:
         os.environ.update(LOOPBACK_ENVIRONMENT)
         _loopback_in_this_process()
@@ -56,7 +76,6 @@ def join(address: str | None) -> bool:
                                     "loopback: not started")
     else:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
-    return True
 
 
 def _loopback_in_this_process() -> None:
@@ -71,9 +90,14 @@ def _loopback_in_this_process() -> None:
 
 
 def leave() -> None:
+    """A ledger that `join` started Ray for closes: shut Ray down if it was the last."""
     import ray
 
-    ray.shutdown()
+    global _users
+    with _STARTED:
+        _users -= 1
+        if _users == 0:
+            ray.shutdown()
 
 
 def local_node() -> str:

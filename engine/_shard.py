@@ -19,7 +19,7 @@ Steps (the router in `engine._crossing` names them; `engine._placement` builds t
 - `batch`: the shard's part of a `transfer_many`, in list order: local transfers, and each
   cross-shard transfer's *prepare*, a pending transfer `T` from the source to
   `clearing_to(b, currency)` (never expiring: its hold must outlive any crash).
-- `credit`: on the destination's shard, `T\\x1fcredit` from `clearing_from(a, currency)`.
+- `credit`: on the destination's shard, `T\\x1fcredit` + a (`credit_id`) from `clearing_from(a, currency)`.
 - `resolve`: `post_pending` `T\\x1fpost` or `void_pending` `T\\x1fvoid` of `T`.
 - `fence`: recovery's presumed abort, made final: `T\\x1fcredit` from the empty `fence`
   account (overdraft limit 0), which the ledger refuses with `InsufficientFunds` and keeps as
@@ -45,10 +45,17 @@ from coordinator import (
     Transfer,
     TransferRequest,
 )
-
 from engine._ledger import Ledger
+from engine._placement import (
+    SEPARATOR,
+    CrossShardAborted,
+    clearing_from,
+    clearing_to,
+    credit_id,
+    fence,
+    peer_of,
+)
 from engine._wire import Row, outcome_rows, pack, request_of, unpack_rows
-from engine._placement import CREDIT, SEPARATOR, CrossShardAborted, clearing_from, clearing_to, fence, peer_of
 
 IN_DOUBT_PAGE = 1_000
 CALLS = frozenset({"create_account", "account", "balance", "entries", "get_transfer", "outcome", "post_pending",
@@ -66,7 +73,7 @@ def prepare_row(transfer_id: str, source: str, peer: int, amount: int, code: int
 def credit_row(transfer_id: str, peer: int, currency: str, destination: str, amount: int, code: int = 0,
                reference: str | None = None, metadata: Mapping[str, str | int] | None = None) -> Row:
     """A cross-shard transfer's second step, on its destination's shard (`Shard.credit`):
-    `transfer_id` is the user's `T` (the step's id is `T` + CREDIT), `peer` the source's shard."""
+    `transfer_id` is the user's `T` (the step's id is `credit_id(T, peer)`), `peer` the source's shard."""
     return (transfer_id, peer, currency, destination, amount, code, reference,
             None if metadata is None else dict(metadata))
 
@@ -172,7 +179,7 @@ class Shard:
         for transfer_id, peer, currency, destination, amount, code, reference, metadata in rows:
             source = clearing_from(peer, currency)
             self._internal(source, currency, None)
-            requests.append(TransferRequest(transfer_id + CREDIT, source, destination, amount, code, reference,
+            requests.append(TransferRequest(credit_id(transfer_id, peer), source, destination, amount, code, reference,
                                             metadata))
         results = self.ledger.transfer_many(requests)
         for i, result in enumerate(results):
@@ -191,7 +198,8 @@ class Shard:
             destination = clearing_from(doubt.source_shard, doubt.currency)
             self._internal(destination, doubt.currency, None)
             self._internal(fence(doubt.currency), doubt.currency, 0)
-            requests.append(TransferRequest(doubt.id + CREDIT, fence(doubt.currency), destination, doubt.amount))
+            requests.append(TransferRequest(credit_id(doubt.id, doubt.source_shard), fence(doubt.currency), destination,
+                                            doubt.amount))
         decided: list[bool | LedgerError] = []
         for request, result in zip(requests, self.ledger.transfer_many(requests), strict=True):
             if isinstance(result, InsufficientFunds):

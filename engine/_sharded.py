@@ -28,6 +28,7 @@ the outcome is unknown, retry with the same id). Thread-safe: call it from any t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import os
@@ -58,7 +59,7 @@ from coordinator import (
 from engine import _ray
 from engine._ledger import Ledger
 from engine._crossing import Router, checked_request
-from engine._placement import CrossShardRefused, check_user_id, open_manifest, peer_of, shard_of
+from engine._placement import SEPARATOR, CrossShardRefused, check_user_id, open_manifest, peer_of, shard_of
 
 SHARD_PREFIX = "shard-"
 OPEN_WAIT_S = 600.0
@@ -298,8 +299,11 @@ class ShardedLedger:
                                 at_lsn=at_lsn, at_timestamp=at_timestamp)
 
     def entries(self, account_id: str, after: int = 0, limit: int | None = None) -> list[Entry]:
-        """`Ledger.entries` from the account's shard."""
-        return self._on_account(account_id, "entries", account_id, after, limit)  # type: ignore[no-any-return]
+        """`Ledger.entries` from the account's shard; a cross-shard transfer's entry names its
+        user's transfer id (the shard journals it under a step's id: `T` and a suffix)."""
+        found: list[Entry] = self._on_account(account_id, "entries", account_id, after, limit)
+        return [entry if SEPARATOR not in entry.transfer_id else
+                dataclasses.replace(entry, transfer_id=entry.transfer_id.split(SEPARATOR, 1)[0]) for entry in found]
 
     def state_hash(self) -> str:
         """SHA-256 over the shards' state hashes, in shard order."""

@@ -1228,3 +1228,41 @@ def test_posts_and_voids_decide_in_one_batch_in_list_order_on_either_path(
     assert balances(books, "alice", "bob", "carol") == {
         "alice": Balance(FUNDING - 34, 0, FUNDING - 34, 0), "bob": Balance(34, 0, 34, 0), "carol": Balance(0, 0, 0, 0)}
     assert books._decide_many([Resolution("p1", "h1")]) == outcomes[:1]  # a retry: the same post
+
+
+def test_transfer_many_refuses_a_post_or_a_void_among_its_items_and_moves_the_rest(tmp_path: Path) -> None:
+    from coordinator import Resolution
+
+    with Ledger.open(tmp_path / "l") as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("a", currency="USD")
+        ledger.transfer("p", source="bank", destination="a", amount=5, pending=True)
+        out = ledger.transfer_many([Resolution("q", "p"), TransferRequest("t", "bank", "a", 7)])  # type: ignore[list-item]
+        assert isinstance(out[0], InvalidRequest) and "post_pending" in str(out[0])
+        assert out[1].amount == 7
+        assert ledger.get_transfer("p").status == "pending" and ledger.outcome("q") is None
+
+
+@pytest.mark.parametrize("path", ["turns", "mailboxes"])
+def test_a_post_of_a_pending_transfer_made_earlier_in_a_batch_keeps_list_order_on_either_path(
+        tmp_path: Path, path: str) -> None:
+    """`Ledger._decide_many` (the sharded ledger's batches): the post follows every item listed
+    before it on the pending transfer's accounts, whichever path decides the batch."""
+    from coordinator import Resolution
+    from coordinator._batch import Batch
+
+    with Ledger.open(tmp_path / "l") as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        for name in "abcd":
+            ledger.create_account(name, currency="USD")
+        for name in "ac":
+            ledger.transfer("f" + name, source="bank", destination=name, amount=100)
+        batch = [TransferRequest("P", "c", "d", 50, pending=True), TransferRequest("Y", "a", "b", 10),
+                 TransferRequest("X", "d", "a", 50), Resolution("Q", "P")]  # X comes before Q: d has nothing yet
+        if path == "turns":
+            out = ledger._decide_many(batch)
+        else:  # the batch path that starts each item through the mailboxes, in dependency order
+            out = Batch(ledger._coordinator, batch, 10.0).run()
+        assert [type(o).__name__ if isinstance(o, Exception) else o.status for o in out] == \
+            ["pending", "posted", "InsufficientFunds", "posted"]
+        assert ledger.balance("d").posted == 50

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -301,3 +302,38 @@ def test_a_ledger_error_raised_in_an_actor_comes_back_as_itself() -> None:
     with pytest.raises(LinkedTransferFailed) as raised:
         gather([refuse.remote()], 30)
     assert raised.value.index == 2 and isinstance(raised.value.cause, InsufficientFunds)
+
+
+def test_one_transfer_id_from_two_source_shards_toward_a_third_makes_two_transfers_and_loses_nothing(
+        tmp_path: Path) -> None:
+    """A transfer id is claimed per source shard: reused from another shard toward the same
+    destination shard, its credit must not meet the first one's (their ids name the source)."""
+    with ShardedLedger.open(tmp_path / "books", shards=3) as ledger:
+        sources = [accounts_on(ledger, f"s{shard}-", 1, shard=shard, balance=100)[0] for shard in (0, 1)]
+        destinations = accounts_on(ledger, "d", 2, shard=2)
+        first = ledger.transfer("T", source=sources[0], destination=destinations[0], amount=10)
+        second = ledger.transfer("T", source=sources[1], destination=destinations[1], amount=30)
+        assert (first.amount, second.amount) == (10, 30)
+        assert ledger.recover_in_doubt() == 0
+        assert [ledger.balance(name).posted for name in (*sources, *destinations)] == [90, 70, 10, 30]
+        sums, pairs, in_flight, _ = books(ledger)
+        assert sums == [0, 0, 0] and set(pairs.values()) == {0} and in_flight == 0
+
+
+def test_two_sharded_ledgers_in_one_process_share_its_ray_until_the_last_closes(tmp_path: Path) -> None:
+    """In a process of its own: the module's Ray here is the host's, which no ledger shuts down."""
+    script = f"""
+import ray
+from engine import ShardedLedger
+first = ShardedLedger.open({str(tmp_path / 'a')!r}, shards=2)
+second = ShardedLedger.open({str(tmp_path / 'b')!r}, shards=2)
+second.create_account("x", currency="USD")
+first.close()
+assert [account.id for account in second.accounts()] == ["x"]
+assert ray.is_initialized()
+second.close()
+assert not ray.is_initialized()
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=110)
+    assert done.stdout.strip().endswith("ok"), done.stderr[-2000:]
