@@ -70,6 +70,9 @@ def test_with_a_token_every_route_but_health_needs_it(tmp_path: Path) -> None:
                           headers={"Authorization": "Bearer s3cret-token"}) as client:
             assert write(client, "/accounts", "bank", {"currency": "USD"}).status_code == 201
             assert client.get("/accounts/bank").status_code == 200
+            schema = client.get("/openapi.json").json()  # says so, for generated clients
+            assert schema["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+            assert schema["security"] == [{"bearer": []}] and schema["paths"]["/health"]["get"]["security"] == []
     finally:
         assert server.stop() == 0
 
