@@ -51,6 +51,7 @@ from coordinator import (
     LedgerClosed,
     LedgerError,
     LedgerTimeout,
+    LedgerUnavailable,
     ReadOnlyLedger,
     Refused,
     Resolution,
@@ -115,8 +116,14 @@ class AsyncLedger:
         self.path = ledger.path
         self.timeout_s = ledger.timeout_s
         self._workers = ThreadPoolExecutor(ASYNC_WORKER_THREADS, thread_name_prefix="tally-async")
-        self._outbox: dict[Ticket, None] = {}
-        """Tickets claimed on the loop and not yet handed to the coordinator, in order."""
+        self._outbox: dict[Ticket, float] = {}
+        """Tickets claimed on the loop and not yet handed to the coordinator, in order, each with
+        the loop time after which it is withdrawn if still here (`timeout_s` after its claim)."""
+        self._unsettled: set[Ticket] = set()
+        """Tickets claimed here whose outcome has not reached the loop yet (a cancelled
+        coroutine's included): `close` lets them finish first."""
+        self._settled: asyncio.Future[None] | None = None
+        """Set once `_unsettled` empties, while `close` waits for it."""
         self._decider = ThreadPoolExecutor(1, thread_name_prefix="tally-async-decider")
         self._flushing = False
         """A flush is scheduled on the loop, or the decider is at work (it schedules the next)."""
@@ -266,8 +273,14 @@ class AsyncLedger:
 
     async def _close(self) -> None:
         try:
-            await asyncio.to_thread(self._ledger.close)  # the outbox drains meanwhile: its writes complete
+            if self._unsettled:  # writes made here complete first, those of cancelled coroutines too
+                self._settled = self._loop.create_future()
+                await asyncio.wait((self._settled,), timeout=self.timeout_s)
+            await asyncio.to_thread(self._ledger.close)
         finally:
+            for ticket in list(self._outbox):  # only if the ledger could not drain them in time
+                self._withdraw(ticket, LedgerClosed(f"the ledger closed before transfer {ticket.request.id!r} was "
+                                                    "submitted; nothing was written for it"))
             self._decider.shutdown(wait=False)
             self._workers.shutdown(wait=False)
             for future in self._next_records.values():
@@ -310,7 +323,8 @@ class AsyncLedger:
         """Queue a fresh ticket for the next flush and sleep until it is durable."""
         future: asyncio.Future[None] = self._loop.create_future()
         ticket.add_callback(partial(self._wake, future, ticket))  # fresh: never resolved yet
-        self._outbox[ticket] = None
+        self._outbox[ticket] = self._loop.time() + self.timeout_s
+        self._unsettled.add(ticket)
         if not self._flushing:
             self._flushing = True
             self._loop.call_soon(self._flush)
@@ -318,9 +332,10 @@ class AsyncLedger:
             async with asyncio.timeout(self.timeout_s):
                 await future
         except TimeoutError:
-            if self._withdraw(ticket, LedgerTimeout(f"transfer {ticket.request.id!r} was not submitted within "
-                                                    f"{self.timeout_s} s; nothing was written for it")):
-                raise ticket.error from None  # type: ignore[misc]
+            self._withdraw(ticket, LedgerTimeout(f"transfer {ticket.request.id!r} was not submitted within "
+                                                 f"{self.timeout_s} s; nothing was written for it"))
+            if ticket.done:  # withdrawn (now or by a flush), or decided meanwhile: `settle` says which
+                return
             raise LedgerTimeout(f"transfer {ticket.request.id!r}: no durable outcome within {self.timeout_s} s; "
                                 "retry with the same id") from None
 
@@ -339,14 +354,25 @@ class AsyncLedger:
         """Hand the outbox to the decider (step 2): as many tickets as permits allow, at most
         `FLUSH_TICKETS_MAX`; the decider's end schedules the next flush."""
         outbox = self._outbox
-        admission = self._ledger._coordinator.admission
+        coordinator = self._ledger._coordinator
+        failure = self._ledger._journal.failure
+        if failure is not None:  # nothing more will be written: fail the whole outbox now
+            for ticket in list(outbox):
+                self._withdraw(ticket, LedgerUnavailable(f"the journal cannot be written: {failure}"))
+            self._flushing = False
+            return
+        admission = coordinator.admission
         tickets: list[Ticket] = []
         for ticket in outbox:
             if len(tickets) == FLUSH_TICKETS_MAX or not admission.try_admit(1):
                 break
             tickets.append(ticket)
-        if not tickets:
-            if outbox:  # at the bound of transfers in flight: each ticket's own timeout bounds this
+        if not tickets:  # at the bound of transfers in flight (or empty)
+            now = self._loop.time()
+            for ticket in [ticket for ticket, deadline in outbox.items() if deadline <= now]:
+                self._withdraw(ticket, LedgerTimeout(f"transfer {ticket.request.id!r} was not submitted within "
+                                                     f"{self.timeout_s} s; nothing was written for it"))
+            if outbox:
                 self._loop.call_later(ADMISSION_RETRY_S, self._flush)
             else:
                 self._flushing = False
@@ -356,8 +382,9 @@ class AsyncLedger:
         try:
             self._decider.submit(self._decide_round, tickets)
         except RuntimeError:  # shut down: the ledger closed under them
+            admission.release(len(tickets))
             for ticket in tickets:
-                self._ledger._coordinator.fail(ticket, LedgerClosed("the ledger closed"))
+                coordinator.fail(ticket, LedgerClosed("the ledger closed"))
             self._flushing = False
 
     def _decide_round(self, tickets: list[Ticket]) -> None:
@@ -414,6 +441,9 @@ class AsyncLedger:
                 self._loop.call_soon(self._drain)
         if released:
             self._ledger._coordinator.claims.release_many(released)
+            self._unsettled.difference_update(released)
+            if not self._unsettled and self._settled is not None and not self._settled.done():
+                self._settled.set_result(None)
 
     async def _prior(self, claim: Any) -> Any:
         """What an id already has, once decided: its durable outcome, or its ticket in flight
@@ -497,7 +527,7 @@ class AsyncLedger:
                 return False
             await asyncio.sleep(FOLLOW_POLL_S[1])
             return not ledger.closed
-        future = self._record_after(after_lsn)
+        future = self._record_after(min(after_lsn, ledger._journal.durable_lsn))  # (an LSN still to come: the next)
         while not future.done():
             wait_s = FOLLOW_SLICE_S if deadline is None else min(FOLLOW_SLICE_S, deadline - loop.time())
             if wait_s <= 0:

@@ -367,3 +367,51 @@ def test_an_async_ledger_on_uvloop_moves_money_as_on_asyncio(tmp_path: Path) -> 
     assert total == 4_000
     with Ledger.open(tmp_path / "l") as ledger:
         assert ledger.state_hash() == digest
+
+
+def test_writes_whose_coroutines_were_cancelled_complete_before_the_ledger_closes(tmp_path: Path) -> None:
+    async def body(ledger: AsyncLedger) -> None:
+        a0, a1, _, _ = await funded(ledger)
+        tasks = [asyncio.create_task(ledger.transfer(f"k{n}", source=a0, destination=a1, amount=1))
+                 for n in range(200)]
+        await asyncio.sleep(0)  # every one has made its request
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # (closing on leaving `run`: it lets the 200 writes finish first)
+
+    run(tmp_path / "l", body)
+    with Ledger.open(tmp_path / "l") as ledger:
+        assert all(ledger.get_transfer(f"k{n}") is not None for n in range(200))
+        assert ledger.balance("a1").posted == 1_200
+
+
+def test_a_cancelled_write_that_never_gets_a_permit_is_withdrawn_at_its_deadline(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body(ledger: AsyncLedger) -> None:
+        a0, a1, _, _ = await funded(ledger)
+        monkeypatch.setattr(ledger._ledger._coordinator.admission, "try_admit", lambda permits: False)
+        task = asyncio.create_task(ledger.transfer("w1", source=a0, destination=a1, amount=1))
+        while not ledger._outbox:
+            await asyncio.sleep(0)
+        task.cancel()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while ledger._outbox and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        assert not ledger._outbox and not ledger._ledger._coordinator.claims.in_flight()
+        monkeypatch.undo()
+        assert await ledger.outcome("w1") is None
+
+    run(tmp_path / "l", body, timeout_s=0.3)
+
+
+def test_following_from_an_lsn_still_to_come_keeps_one_waiter_however_many_follow(tmp_path: Path) -> None:
+    async def body(ledger: AsyncLedger) -> None:
+        await funded(ledger, accounts=1)
+        for n in range(50):
+            assert [event async for event in ledger.events(10**6 + n, timeout_s=0.01)] == []
+        assert len(ledger._ledger._journal._writer._waiters) <= 1  # type: ignore[union-attr]
+        assert len([f for f in ledger._next_records.values() if not f.done()]) <= 1
+
+    run(tmp_path / "l", body)
