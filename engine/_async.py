@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -46,12 +45,9 @@ from coordinator import (
     Balance,
     Entry,
     Event,
-    EventReader,
     InvalidRequest,
     LedgerClosed,
     LedgerError,
-    LedgerTimeout,
-    LedgerUnavailable,
     ReadOnlyLedger,
     Refused,
     Resolution,
@@ -66,38 +62,27 @@ from coordinator import (
     check_overdraft_limit,
     check_resolution,
     check_transfer,
-    ledger_error,
     refusal_error,
     settle,
     settle_chain,
     ticket_outcome,
     transfer_request,
 )
-from journal import Completion, JournalError
 
 from engine._head import Head
-from engine._follow import FOLLOW_POLL_S
+from engine._async_follow import LoopFollowing
+from engine._async_writes import LoopWrites
 from engine._ledger import Ledger, checked_accounts
 
 T = TypeVar("T")
 
 ASYNC_WORKER_THREADS = 4
 """Threads an `AsyncLedger` runs its reads and batches on (never its single writes)."""
-FLUSH_TICKETS_MAX = 16
-"""Most tickets one round of the decider decides: it holds the interpreter meanwhile, and the
-loop waits for it (16: ~0.3 ms; 64 measured a loop lag p99 three times as long)."""
-WAKE_FUTURES_MAX = 16
-"""Most coroutines one drain wakes: each then runs a step on the loop, so a group commit of
-hundreds is woken over several turns of the loop, and a timer waits for a few at most."""
-ADMISSION_RETRY_S = 0.001
-"""Pause before a flush tries again when the ledger is at its bound of transfers in flight."""
-FOLLOW_SLICE_S = 1.0
-"""Longest one wait of an `events` follower before it looks again whether the ledger closed."""
 
 logger = logging.getLogger("tally.engine")
 
 
-class AsyncLedger:
+class AsyncLedger(LoopWrites, LoopFollowing):
     """An open ledger for asyncio: every `Ledger` method as a coroutine of the same name,
     arguments and errors, bound to the event loop that opened it. Open it with
     `async with AsyncLedger.open(path, **options) as ledger` (or `await AsyncLedger.open`).
@@ -116,23 +101,10 @@ class AsyncLedger:
         self.path = ledger.path
         self.timeout_s = ledger.timeout_s
         self._workers = ThreadPoolExecutor(ASYNC_WORKER_THREADS, thread_name_prefix="tally-async")
-        self._outbox: dict[Ticket, float] = {}
-        """Tickets claimed on the loop and not yet handed to the coordinator, in order, each with
-        the loop time after which it is withdrawn if still here (`timeout_s` after its claim)."""
-        self._unsettled: set[Ticket] = set()
-        """Tickets claimed here whose outcome has not reached the loop yet (a cancelled
-        coroutine's included): `close` lets them finish first."""
-        self._settled: asyncio.Future[None] | None = None
-        """Set once `_unsettled` empties, while `close` waits for it."""
-        self._decider = ThreadPoolExecutor(1, thread_name_prefix="tally-async-decider")
-        self._flushing = False
-        """A flush is scheduled on the loop, or the decider is at work (it schedules the next)."""
+        self._closing: asyncio.Future[None] | None = None
+        self._start_writes()
         self._next_records: dict[int, asyncio.Future[None]] = {}
         """Per LSN that followers wait past: one future, set once a later record is durable."""
-        self._closing: asyncio.Future[None] | None = None
-        self._woken: deque[tuple[asyncio.Future[None], Ticket | None]] = deque()
-        """Filled by the resolving thread (the writer's), emptied by `_drain` on the loop."""
-        self._draining = False
 
     @staticmethod
     def open(path: str | os.PathLike[str], **options: Any) -> _Opening:
@@ -296,10 +268,6 @@ class AsyncLedger:
 
     # --- the write path ----------------------------------------------------------------
 
-    @property
-    def _readonly(self) -> bool:
-        return self._ledger._journal.readonly
-
     def _call(self) -> Any:
         """`Ledger._call`, checked to be on this ledger's loop."""
         if asyncio.get_running_loop() is not self._loop:
@@ -319,166 +287,6 @@ class AsyncLedger:
             await self._run(claim)
             return settle(request, claim)
 
-    async def _run(self, ticket: Ticket) -> None:
-        """Queue a fresh ticket for the next flush and sleep until it is durable."""
-        future: asyncio.Future[None] = self._loop.create_future()
-        ticket.add_callback(partial(self._wake, future, ticket))  # fresh: never resolved yet
-        self._outbox[ticket] = self._loop.time() + self.timeout_s
-        self._unsettled.add(ticket)
-        if not self._flushing:
-            self._flushing = True
-            self._loop.call_soon(self._flush)
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                await future
-        except TimeoutError:
-            self._withdraw(ticket, LedgerTimeout(f"transfer {ticket.request.id!r} was not submitted within "
-                                                 f"{self.timeout_s} s; nothing was written for it"))
-            if ticket.done:  # withdrawn (now or by a flush), or decided meanwhile: `settle` says which
-                return
-            raise LedgerTimeout(f"transfer {ticket.request.id!r}: no durable outcome within {self.timeout_s} s; "
-                                "retry with the same id") from None
-
-    def _withdraw(self, ticket: Ticket, error: LedgerError) -> bool:
-        """Take a ticket out of the outbox, if the flush has not handed it over yet: it is
-        resolved with `error` (for anyone else waiting on its id) and its claim dropped.
-        True if it was withdrawn."""
-        if ticket not in self._outbox:
-            return False
-        del self._outbox[ticket]
-        if ticket.resolve(error):
-            self._ledger._coordinator.claims.abandon(ticket)
-        return True
-
-    def _flush(self) -> None:
-        """Hand the outbox to the decider (step 2): as many tickets as permits allow, at most
-        `FLUSH_TICKETS_MAX`; the decider's end schedules the next flush."""
-        outbox = self._outbox
-        coordinator = self._ledger._coordinator
-        failure = self._ledger._journal.failure
-        if failure is not None:  # nothing more will be written: fail the whole outbox now
-            for ticket in list(outbox):
-                self._withdraw(ticket, LedgerUnavailable(f"the journal cannot be written: {failure}"))
-            self._flushing = False
-            return
-        admission = coordinator.admission
-        tickets: list[Ticket] = []
-        for ticket in outbox:
-            if len(tickets) == FLUSH_TICKETS_MAX or not admission.try_admit(1):
-                break
-            tickets.append(ticket)
-        if not tickets:  # at the bound of transfers in flight (or empty)
-            now = self._loop.time()
-            for ticket in [ticket for ticket, deadline in outbox.items() if deadline <= now]:
-                self._withdraw(ticket, LedgerTimeout(f"transfer {ticket.request.id!r} was not submitted within "
-                                                     f"{self.timeout_s} s; nothing was written for it"))
-            if outbox:
-                self._loop.call_later(ADMISSION_RETRY_S, self._flush)
-            else:
-                self._flushing = False
-            return
-        for ticket in tickets:
-            del outbox[ticket]
-        try:
-            self._decider.submit(self._decide_round, tickets)
-        except RuntimeError:  # shut down: the ledger closed under them
-            admission.release(len(tickets))
-            for ticket in tickets:
-                coordinator.fail(ticket, LedgerClosed("the ledger closed"))
-            self._flushing = False
-
-    def _decide_round(self, tickets: list[Ticket]) -> None:
-        """On the decider thread: decide `tickets` (`Coordinator.submit`), then have the loop
-        flush what queued meanwhile."""
-        coordinator = self._ledger._coordinator
-        try:
-            coordinator.submit(tickets)
-        except BaseException as error:  # a bug must not strand the tickets' coroutines
-            logger.exception("submitting %d transfers failed", len(tickets))
-            for ticket in tickets:  # (a permit not given back is safer than one given back twice)
-                coordinator.fail(ticket, error if isinstance(error, Exception) else RuntimeError(repr(error)))
-        finally:
-            try:
-                self._loop.call_soon_threadsafe(self._flush_next)
-            except RuntimeError:  # the loop is closed: nobody is left to flush for
-                pass
-
-    def _flush_next(self) -> None:
-        if self._outbox:
-            self._flush()
-        else:
-            self._flushing = False
-
-    def _wake(self, future: asyncio.Future[None], ticket: Ticket | None, _completion: Completion) -> None:
-        """A completion's callback (step 3), on the thread that resolved it. It schedules a
-        drain unless one is scheduled (`_draining`); the drain clears that flag only once
-        `_woken` is empty and then looks again, so an item appended beside it is never left
-        behind (the GIL orders the appends and the flag's reads and writes)."""
-        self._woken.append((future, ticket))
-        if not self._draining:
-            self._draining = True
-            try:
-                self._loop.call_soon_threadsafe(self._drain)
-            except RuntimeError:  # the loop is closed: nobody is left to wake
-                pass
-
-    def _drain(self) -> None:
-        """Wake every coroutine whose completion was resolved (step 4), releasing claims."""
-        woken = self._woken
-        released: list[Ticket] = []
-        for _ in range(min(len(woken), WAKE_FUTURES_MAX)):
-            future, ticket = woken.popleft()
-            if ticket is not None:
-                released.append(ticket)
-            if not future.done():  # a cancelled waiter's write still gets its claim released
-                future.set_result(None)
-        if woken:
-            self._loop.call_soon(self._drain)  # the rest at the next turn
-        else:
-            self._draining = False  # before a look at `woken` by `_wake`: see its docstring
-            if woken:  # appended meanwhile, by a waker that saw `_draining` still set
-                self._draining = True
-                self._loop.call_soon(self._drain)
-        if released:
-            self._ledger._coordinator.claims.release_many(released)
-            self._unsettled.difference_update(released)
-            if not self._unsettled and self._settled is not None and not self._settled.done():
-                self._settled.set_result(None)
-
-    async def _prior(self, claim: Any) -> Any:
-        """What an id already has, once decided: its durable outcome, or its ticket in flight
-        (another caller's) once that is durable."""
-        if type(claim) is not Ticket:
-            return claim
-        if not claim.done:
-            await self._completed(claim, f"transfer {claim.request.id!r} is still in flight; retry later")
-        self._ledger._coordinator.claims.release(claim)
-        return claim
-
-    async def _durable(self, lsn: int) -> None:
-        """Sleep until every record up to `lsn` is durable (bounded by `timeout_s`)."""
-        try:
-            completion = self._ledger._journal.durable_completion(lsn)
-        except JournalError as error:
-            raise ledger_error(error) from error
-        if completion is None:
-            return
-        await self._completed(completion, f"LSN {lsn} not durable within {self.timeout_s} s")
-        failure = completion.error
-        if failure is not None:
-            raise (ledger_error(failure) if isinstance(failure, JournalError) else failure) from failure
-
-    async def _completed(self, completion: Completion, late: str) -> None:
-        """Sleep until `completion` is resolved; `LedgerTimeout(late)` after `timeout_s`."""
-        future: asyncio.Future[None] = self._loop.create_future()
-        if not completion.add_callback(partial(self._wake, future, None)):
-            return
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                await future
-        except TimeoutError:
-            raise LedgerTimeout(late) from None
-
     async def _on_worker(self, call: Callable[..., T], *args: Any) -> T:
         if asyncio.get_running_loop() is not self._loop:
             raise InvalidRequest("an AsyncLedger is bound to the event loop that opened it")
@@ -488,76 +296,6 @@ class AsyncLedger:
             if self.closed:
                 raise LedgerClosed(f"the ledger at {self.path} is closed") from None
             raise
-
-    # --- the event stream --------------------------------------------------------------
-
-    async def _follow(self, after_lsn: int, follow: bool, timeout_s: float | None) -> AsyncIterator[Event]:
-        """`events`' iterator: `engine._follow.follow_events`, with the waits on the loop."""
-        ledger, loop = self._ledger, self._loop
-        reader = EventReader(ledger._journal, after_lsn)
-        deadline = None if timeout_s is None else loop.time() + timeout_s
-        while True:
-            try:
-                chunk = await self._on_worker(self._read_chunk, reader)
-            except LedgerClosed:
-                if follow:
-                    return
-                raise
-            for event in chunk:
-                yield event
-            if chunk and timeout_s is not None:
-                deadline = loop.time() + timeout_s  # the time without a new event counts from here
-            if not reader.caught_up:
-                continue
-            if not follow or ledger.closed or not await self._next_record(reader.after_lsn, deadline):
-                return
-
-    def _read_chunk(self, reader: EventReader) -> list[Event]:
-        ledger = self._ledger
-        with ledger._call():
-            return reader.read(ledger._events_last_lsn())
-
-    async def _next_record(self, after_lsn: int, deadline: float | None) -> bool:
-        """Sleep until a record after `after_lsn` is durable; False once the ledger closed, or
-        the loop's clock passed `deadline` without one. `LedgerUnavailable` if the journal
-        failed (no record will come), as `Ledger.events` raises it."""
-        ledger, loop = self._ledger, self._loop
-        if self._readonly:  # another process writes it: poll
-            if deadline is not None and loop.time() >= deadline:
-                return False
-            await asyncio.sleep(FOLLOW_POLL_S[1])
-            return not ledger.closed
-        future = self._record_after(min(after_lsn, ledger._journal.durable_lsn))  # (an LSN still to come: the next)
-        while not future.done():
-            wait_s = FOLLOW_SLICE_S if deadline is None else min(FOLLOW_SLICE_S, deadline - loop.time())
-            if wait_s <= 0:
-                return False
-            await asyncio.wait((future,), timeout=wait_s)  # a timeout leaves nothing behind
-            if ledger.closed:
-                return False
-        failure = ledger._journal.failure
-        if isinstance(failure, JournalError):
-            raise ledger_error(failure) from failure
-        return not ledger.closed
-
-    def _record_after(self, after_lsn: int) -> asyncio.Future[None]:
-        """The future set once a record after `after_lsn` is durable (or the journal failed or
-        closed), one per LSN for every follower waiting there."""
-        waiting = self._next_records
-        future = waiting.get(after_lsn)
-        if future is not None:
-            return future
-        for lsn in [lsn for lsn, done in waiting.items() if done.done()]:
-            del waiting[lsn]
-        future = waiting[after_lsn] = self._loop.create_future()
-        try:
-            completion = self._ledger._journal.durable_completion(after_lsn + 1)
-        except JournalError:
-            completion = None  # failed: the follower finds the failure
-        if completion is None or not completion.add_callback(partial(self._wake, future, None)):
-            future.set_result(None)
-        return future
-
 
 class _Opening:
     """`AsyncLedger.open`'s result: awaitable, and an async context manager."""
