@@ -42,6 +42,7 @@ from coordinator import (
 from engine._async import AsyncLedger
 from engine._history import Snapshot
 from engine._head import Head
+from engine._json import jsonable
 from engine._ledger import Ledger
 from engine._placement import CrossShardAborted, CrossShardRefused, ShardCountMismatch
 from engine._sharded import ShardedLedger
@@ -87,4 +88,5 @@ __all__ = [
     "Transfer",
     "TransferRequest",
     "__version__",
+    "jsonable",
 ]

@@ -55,11 +55,6 @@ from coordinator import (
     Transfer,
     TransferRequest,
     check_chain,
-    check_code,
-    check_currency,
-    check_id,
-    check_metadata,
-    check_overdraft_limit,
     check_resolution,
     check_transfer,
     refusal_error,
@@ -72,7 +67,7 @@ from coordinator import (
 from engine._head import Head
 from engine._async_follow import LoopFollowing
 from engine._async_writes import LoopWrites
-from engine._ledger import Ledger, checked_accounts
+from engine._ledger import Ledger, checked_account, checked_accounts
 
 T = TypeVar("T")
 
@@ -124,8 +119,7 @@ class AsyncLedger(LoopWrites, LoopFollowing):
     async def create_account(self, account_id: str, *, currency: str, overdraft_limit: int | None = 0,
                              code: int = 0, metadata: Mapping[str, str | int] | None = None) -> Account:
         """`Ledger.create_account`: returns once the account is durable."""
-        account = Account(check_id(account_id, "account id"), check_currency(currency),
-                          check_overdraft_limit(overdraft_limit), check_code(code), check_metadata(metadata))
+        account = checked_account(account_id, currency, overdraft_limit, code, metadata)
         if self._readonly:
             return self._ledger.create_account(account_id, currency=currency)  # raises ReadOnlyLedger
         with self._call():

@@ -316,12 +316,13 @@ def _tail(args: argparse.Namespace) -> int:
     """`tally tail`: one line per event (one JSON object with `--json`), each flushed as it is
     written, for a pipe. Ctrl-C ends it quietly, exit 0."""
     from engine import Ledger
-    from engine._follow import event_dict, event_line
+    from engine._follow import event_line
+    from engine._json import jsonable
 
     try:
         with Ledger.open(args.path, readonly=True) as ledger:
             for event in ledger.events(args.from_lsn, follow=args.follow):
-                line = json.dumps(event_dict(event), separators=(",", ":")) if args.json else event_line(event)
+                line = json.dumps(jsonable(event), separators=(",", ":")) if args.json else event_line(event)
                 print(line, flush=True)
     except KeyboardInterrupt:
         pass

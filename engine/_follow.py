@@ -12,9 +12,8 @@ reader). Following, it waits for the next durable record in bounded slices of
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import fields, is_dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from coordinator import Event, EventReader, LedgerClosed, Resolution, Transfer
 
@@ -63,22 +62,6 @@ def follow_events(ledger: Ledger, after_lsn: int, follow: bool, timeout_s: float
             return
         if ledger.closed:
             return
-
-
-def event_dict(event: Event) -> dict[str, Any]:
-    """An event as plain JSON values (`tally tail --json`): its fields, each value made of
-    dicts (its own fields, metadata a dict), lists, str, int and None."""
-    return _plain(event)
-
-
-def _plain(value: Any) -> Any:
-    if is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
-    if isinstance(value, Mapping):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, (tuple, list)):
-        return [_plain(item) for item in value]
-    return value
 
 
 def event_line(event: Event) -> str:

@@ -214,8 +214,7 @@ class Ledger:
         Raises `InvalidRequest` for a malformed id, currency, limit, code or metadata, and
         `AccountExists` if the id exists with different parameters.
         """
-        account = Account(check_id(account_id, "account id"), check_currency(currency),
-                          check_overdraft_limit(overdraft_limit), check_code(code), check_metadata(metadata))
+        account = checked_account(account_id, currency, overdraft_limit, code, metadata)
         with self._call():
             self._journal.wait_durable(self._open_account(account), self.timeout_s)
             return account
@@ -641,6 +640,14 @@ def balance_of(books: Projection, account_id: str) -> Balance:
     return Balance(posted, held, posted - held, books.incoming.get(account_id, 0))
 
 
+def checked_account(account_id: object, currency: object, overdraft_limit: object, code: object,
+                    metadata: object) -> Account:
+    """`create_account`'s arguments, each checked (in this order), as an Account; raises
+    `InvalidRequest` for the first malformed one."""
+    return Account(check_id(account_id, "account id"), check_currency(currency),
+                   check_overdraft_limit(overdraft_limit), check_code(code), check_metadata(metadata))
+
+
 def checked_accounts(accounts: object) -> list[Account | LedgerError]:
     """`create_accounts`' items, each checked: the Account, or the `InvalidRequest` it is.
     Raises `InvalidRequest` if `accounts` is not a sequence."""
@@ -651,9 +658,7 @@ def checked_accounts(accounts: object) -> list[Account | LedgerError]:
         try:
             if not isinstance(item, Account):
                 raise InvalidRequest(f"create_accounts takes Account items, got {type(item).__name__}")
-            results.append(Account(check_id(item.id, "account id"), check_currency(item.currency),
-                                   check_overdraft_limit(item.overdraft_limit), check_code(item.code),
-                                   check_metadata(item.metadata)))
+            results.append(checked_account(item.id, item.currency, item.overdraft_limit, item.code, item.metadata))
         except LedgerError as error:
             results.append(error)
     return results

@@ -23,7 +23,7 @@ from fastapi.responses import StreamingResponse
 
 from engine import AsyncLedger, Event, LedgerError
 from engine._serve_errors import error_body, error_response
-from engine._serve_models import plain
+from engine import jsonable
 
 KEEPALIVE_S = 15.0
 """Longest silence on a following stream: then a comment line, which keeps proxies from
@@ -34,7 +34,7 @@ FIRST_EVENT_WAIT_S = 0.05
 
 
 def _message(event: Event) -> bytes:
-    return f"id: {event.lsn}\ndata: {json.dumps(plain(event), separators=(',', ':'))}\n\n".encode()
+    return f"id: {event.lsn}\ndata: {json.dumps(jsonable(event), separators=(',', ':'))}\n\n".encode()
 
 
 async def event_stream(request: Request, ledger: AsyncLedger, after_lsn: int, follow: bool) -> Response:

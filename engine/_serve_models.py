@@ -11,10 +11,7 @@ Imported by `engine._serve` only, after it has imported pydantic (the `serve` ex
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import fields, is_dataclass
-from functools import cache
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -147,21 +144,3 @@ class HealthJSON(BaseModel):
 
 
 # --- values as JSON ------------------------------------------------------------------------
-
-
-@cache
-def _field_names(kind: type) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(kind))
-
-
-def plain(value: Any) -> Any:
-    """A value of the engine (`Transfer`, `Account`, `Balance`, `Entry`, `Event`, and the
-    requests an `Event` of a refusal carries) as JSON values: a dataclass as an object of its
-    fields, metadata as an object, a tuple as a list."""
-    if is_dataclass(value) and not isinstance(value, type):
-        return {name: plain(getattr(value, name)) for name in _field_names(type(value))}
-    if isinstance(value, Mapping):
-        return {key: plain(item) for key, item in value.items()}
-    if isinstance(value, (tuple, list)):
-        return [plain(item) for item in value]
-    return value

@@ -33,6 +33,7 @@ from engine import (
     LedgerError,
     Transfer,
     TransferRequest,
+    jsonable,
 )
 from engine._serve_errors import ERRORS, REPLAYED, error_body, error_response, status_of
 from engine._serve_events import event_stream
@@ -49,7 +50,6 @@ from engine._serve_models import (
     TransferJSON,
     TransfersJSON,
     VoidBody,
-    plain,
 )
 
 ENTRIES_PAGE_MAX = 10_000
@@ -128,7 +128,7 @@ async def _written(request: Request, key: str, write: Callable[[], Awaitable[Acc
             return error_response(error)
         except LedgerError as error:
             return error_response(error, replayed=prior is not None and _journaled(error))
-        return _created(plain(made) if not isinstance(made, list) else {"transfers": plain(made)},
+        return _created(jsonable(made) if not isinstance(made, list) else {"transfers": jsonable(made)},
                         replayed=prior is not None)
 
 
@@ -164,7 +164,7 @@ async def balance(request: Request, account_id: str, at_lsn: int | None = None,
     """Its balance now, or after the record at `at_lsn`, or at `at_timestamp` (nanoseconds
     since the epoch): at most one of the two."""
     found = await _ledger(request).balance(account_id, at_lsn=at_lsn, at_timestamp=at_timestamp)
-    return JSONResponse(plain(found))
+    return JSONResponse(jsonable(found))
 
 
 @router.get("/accounts/{account_id:path}/entries", response_model=None,
@@ -174,14 +174,14 @@ async def entries(request: Request, account_id: str, after: int = 0,
     """Its entries with seq > `after`, in seq order, at most `limit`; the next page is
     `after` = the last one's seq."""
     found = await _ledger(request).entries(account_id, after, limit)
-    return JSONResponse({"entries": plain(found)})
+    return JSONResponse({"entries": jsonable(found)})
 
 
 @router.get("/accounts/{account_id:path}", response_model=None,
             responses={200: {"model": AccountJSON}, **ERRORS})
 async def account(request: Request, account_id: str) -> Response:
     """The account."""
-    return JSONResponse(plain(await _ledger(request).account(account_id)))
+    return JSONResponse(jsonable(await _ledger(request).account(account_id)))
 
 
 @router.post("/transfers", status_code=201, response_model=None,
@@ -248,7 +248,7 @@ async def transfers(request: Request, account: str | None = None, code: int | No
     the last one's lsn (backward: `until_lsn` = its lsn - 1)."""
     found = await _ledger(request).transfers(account=account, code=code, kind=kind, after_lsn=after_lsn,
                                              until_lsn=until_lsn, limit=limit, reverse=reverse)
-    return JSONResponse({"transfers": plain(found)})
+    return JSONResponse({"transfers": jsonable(found)})
 
 
 @router.get("/transfers/{transfer_id:path}", response_model=None,
@@ -258,7 +258,7 @@ async def get_transfer(request: Request, transfer_id: str) -> Response:
     still in flight, or was refused (the message says which refusal)."""
     found = await _ledger(request).outcome(transfer_id)
     if isinstance(found, Transfer):
-        return JSONResponse(plain(found))
+        return JSONResponse(jsonable(found))
     message = f"no transfer {transfer_id!r}" if found is None else str(found)  # "... was refused: <code>"
     return JSONResponse(error_body("transfer_not_found", message), 404)
 

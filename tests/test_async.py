@@ -57,6 +57,20 @@ async def funded(ledger: AsyncLedger, accounts: int = 4, amount: int = 1_000) ->
     return names
 
 
+def at_its_bound(ledger: AsyncLedger, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ledger at its bound of transfers in flight: no flush gets a permit (until undone)."""
+    monkeypatch.setattr(ledger._ledger._coordinator.admission, "try_admit", lambda permits: False)
+
+
+async def queued(ledger: AsyncLedger, transfer_id: str, source: str, destination: str) -> asyncio.Task[object]:
+    """A task transferring 10 from `source` to `destination`, once its request waits in the outbox."""
+    task: asyncio.Task[object] = asyncio.create_task(
+        ledger.transfer(transfer_id, source=source, destination=destination, amount=10))
+    while not ledger._outbox:
+        await asyncio.sleep(0)
+    return task
+
+
 def test_every_ledger_method_named_by_the_issue_is_a_coroutine_with_the_same_signature() -> None:
     for name in COROUTINES:
         mine, theirs = getattr(AsyncLedger, name), getattr(Ledger, name)
@@ -196,11 +210,8 @@ def test_a_transfer_cancelled_while_it_waits_to_be_submitted_completes_and_a_ret
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(ledger: AsyncLedger) -> None:
         a0, a1, _, _ = await funded(ledger)
-        admission = ledger._ledger._coordinator.admission
-        monkeypatch.setattr(admission, "try_admit", lambda permits: False)  # the ledger at its bound
-        task = asyncio.create_task(ledger.transfer("c1", source=a0, destination=a1, amount=10))
-        while not ledger._outbox:
-            await asyncio.sleep(0)
+        at_its_bound(ledger, monkeypatch)
+        task = await queued(ledger, "c1", a0, a1)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -217,8 +228,7 @@ def test_a_transfer_that_times_out_before_it_is_submitted_writes_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(ledger: AsyncLedger) -> None:
         a0, a1, _, _ = await funded(ledger)
-        admission = ledger._ledger._coordinator.admission
-        monkeypatch.setattr(admission, "try_admit", lambda permits: False)
+        at_its_bound(ledger, monkeypatch)
         with pytest.raises(LedgerTimeout, match="nothing was written"):
             await ledger.transfer("c3", source=a0, destination=a1, amount=10)
         monkeypatch.undo()
@@ -390,10 +400,8 @@ def test_a_cancelled_write_that_never_gets_a_permit_is_withdrawn_at_its_deadline
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(ledger: AsyncLedger) -> None:
         a0, a1, _, _ = await funded(ledger)
-        monkeypatch.setattr(ledger._ledger._coordinator.admission, "try_admit", lambda permits: False)
-        task = asyncio.create_task(ledger.transfer("w1", source=a0, destination=a1, amount=1))
-        while not ledger._outbox:
-            await asyncio.sleep(0)
+        at_its_bound(ledger, monkeypatch)
+        task = await queued(ledger, "w1", a0, a1)
         task.cancel()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10

@@ -30,7 +30,7 @@ from engine import (
     Transfer,
     TransferRequest,
 )
-from engine._follow import event_dict
+from engine import jsonable
 
 from tests.support import Clock
 
@@ -360,7 +360,7 @@ def test_tally_tail_prints_each_event_as_a_json_line(tmp_path: Path) -> None:
     clock = Clock()
     _every_kind(tmp_path / "l", clock).close()
     with Ledger.open(tmp_path / "l", readonly=True) as reader:
-        expected = [event_dict(event) for event in reader.events()]
+        expected = [jsonable(event) for event in reader.events()]
     done = subprocess.run([sys.executable, "-m", "engine", "tail", str(tmp_path / "l"), "--json"],
                           capture_output=True, text=True, timeout=WAIT_S, env=_env(), cwd=ROOT)
     assert done.returncode == 0 and done.stderr == "", done.stderr

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from engine import Ledger
-from engine._follow import event_dict
+from engine import jsonable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -116,7 +116,7 @@ def test_a_consumer_in_another_process_rebuilds_every_balance_across_sigkills_of
                         seen.append(json.loads(line))
                 consumer, lines = _consumer(path, seen[-1]["lsn"] if seen else 0)
         with Ledger.open(path) as ledger:
-            expected = [event_dict(event) for event in ledger.events()]
+            expected = [jsonable(event) for event in ledger.events()]
             final = {account.id: ledger.balance(account.id).posted for account in ledger.accounts()}
         while not seen or seen[-1]["lsn"] < expected[-1]["lsn"]:
             line = lines.get(timeout=WAIT_S)
