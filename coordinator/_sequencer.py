@@ -12,7 +12,10 @@ protocol before it (reserving funds in the sources' mailboxes) runs in parallel.
 
 Timestamps: nanoseconds since the epoch from `clock`, made strictly increasing in LSN order
 (a clock that steps back, or repeats, gets the last timestamp + 1), also across a reopen:
-the projection carries the last one journaled.
+the projection carries the last one journaled. The wall clock is read once for a chunk of
+decisions made together (each after the first gets the last timestamp + 1); a clock of the
+caller's own (a test's, a replay's) is read once per decision, so it gives each decision the
+time it says (`tally replay` sets every copied transfer's original timestamp so).
 
 The sequencer keeps the journal-order projection (`Projection`: every account's state, the
 open pending transfers and what they hold). It only grows by appending; the account actors
@@ -211,6 +214,12 @@ class Sequencer:
         """The journal's last LSN, appended if not yet durable (read without `lock`: it only grows)."""
         return self._journal.last_lsn
 
+    @property
+    def clock_per_decision(self) -> bool:
+        """Whether `clock` is read for each decision, not once a chunk: a clock other than
+        the wall clock (see the module docstring)."""
+        return self.clock is not time.time_ns
+
     def resolution(self, pending_id: str) -> TransferStatus | None:
         """What resolved a pending transfer no longer open; call under `lock`."""
         status = self._resolved.get(pending_id)
@@ -321,7 +330,7 @@ class Sequencer:
         (`rules.decide_single`; `unspendable`: what the source has reserved for transfers in
         flight), recorded as a plain leg: its entries, or the code of its refusal. The caller
         moves the projection (`states`) past the entries. `now`: the clock, read by the
-        caller (once for a chunk of decisions: each gets the last timestamp + 1 after the first)."""
+        caller (for a chunk of decisions, once, or once each with `clock_per_decision`)."""
         timestamp = self.last_timestamp = now if now > self.last_timestamp else self.last_timestamp + 1
         tid, source_id, destination_id, amount = request.id, request.source, request.destination, request.amount
         held, incoming = self.held, self.incoming

@@ -313,7 +313,8 @@ def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mappi
             raise
         lsn = coordinator.journal.last_lsn
         try:  # from the first stamp on, memory runs ahead of the journal until the chunk is appended
-            now = sequencer.clock()  # one reading for the chunk: its decisions' timestamps follow it
+            clock, per_decision = sequencer.clock, sequencer.clock_per_decision
+            now = 0 if per_decision else clock()  # the wall clock: one reading for the chunk
             for ticket in tickets:
                 request = ticket.request
                 if (not ticket.linked and type(request) is TransferRequest and request.code == 0  # one request,
@@ -330,6 +331,8 @@ def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mappi
                         if paid.state is not target and paid.state != target:
                             _catch_up(paid, target, held.get(destination_id, 0), incoming.get(destination_id, 0))
                         lsn += 1
+                        if per_decision:
+                            now = clock()
                         made: Any = stamp_plain(chunk, ticket, request, lsn, paying.account, paid.account, origin, target,
                                                 paying.reserved, now)  # Stamp | str
                         if type(made) is str:

@@ -142,7 +142,8 @@ class Ledger:
         most an open replays; a checkpoint also writes the entry index, so one comes at the
         latest once `UNINDEXED_ENTRIES_MAX` (400,000) entries wait in memory for it.
         `clock_ns`: where timestamps come from, nanoseconds since the epoch (the wall clock,
-        `time.time_ns`, by default). With the wall clock a thread expires pending transfers
+        `time.time_ns`, by default); a clock of your own is read once for each decision, so
+        each gets the time it gives (made strictly increasing). With the wall clock a thread expires pending transfers
         as their deadlines pass (within `EXPIRY_INTERVAL_S`); with a clock of your own (a
         test's, a replay's) nothing runs behind your back: call `expire_pending()`. Either
         way, what expired while the ledger was closed expires as it opens.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from itertools import islice
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -339,9 +340,10 @@ def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
     hash does not cover them.
 
     The copy is a new ledger: its LSNs are its own (no refusal, no checkpoint of the original
-    is copied), so are its chain and head. Its timestamps are the original's, except inside a
-    batch: the fresh ledger's clock is set to the batch's first timestamp, and the transfers
-    after it get the nanoseconds that follow (never later than their original ones).
+    is copied), so are its chain and head. Its timestamps are the original's: the fresh
+    ledger's clock gives each decision its record's timestamp (a clock of one's own is read
+    once a decision), and a copied transfer stamped otherwise is a divergence. (A record of a
+    release before timestamps has 0: its copy gets the last timestamp + 1.)
     """
     _new_directory(into)
     started = time.perf_counter()
@@ -350,11 +352,17 @@ def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
         original = state_hash(source, books.accounts.values(), books.pending.values())
         replayed = rejected = 0
         now = [0]
-        with Ledger.open(into, clock_ns=lambda: now[0]) as ledger:
+        script: deque[int] = deque()
+        """The timestamps of the batch being replayed, one for each decision in order."""
+
+        def clock() -> int:
+            return script.popleft() if script else now[0]
+
+        with Ledger.open(into, clock_ns=clock) as ledger:
             batch: list[tuple[TransferRequest, int]] = []
             for record in records(source):
                 if isinstance(record, Opened):
-                    _flush(ledger, batch, now)
+                    _flush(ledger, batch, script)
                     now[0] = record.timestamp  # (0, an opening of old: the last timestamp + 1)
                     account = record.account
                     ledger.create_account(account.id, currency=account.currency, overdraft_limit=account.overdraft_limit,
@@ -365,13 +373,13 @@ def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
                     if not record.linked and type(request) is TransferRequest and not request.pending:
                         batch.append((request, record.timestamp))
                         if len(batch) >= 1000:
-                            _flush(ledger, batch, now)
+                            _flush(ledger, batch, script)
                         continue
-                    _flush(ledger, batch, now)
+                    _flush(ledger, batch, script)
                     now[0] = record.timestamp
                     _replay_alone(ledger, record)
                 elif isinstance(record, Expired):
-                    _flush(ledger, batch, now)
+                    _flush(ledger, batch, script)
                     now[0] = record.timestamp
                     ledger.expire_pending()  # what is due by then: this record's (and the next ones' of one reading)
                     left = [pending_id for pending_id in record.pending_ids
@@ -383,7 +391,7 @@ def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
                     rejected += 1
                 if progress is not None and not record.lsn % 10_000:
                     progress(record.lsn)
-            _flush(ledger, batch, now)
+            _flush(ledger, batch, script)
             fresh = ledger.state_hash()
     return {"path": path, "into": into, "transfers_replayed": replayed, "rejections_not_replayed": rejected,
             "state_hash_original": original, "state_hash_replayed": fresh, "elapsed_s": round(time.perf_counter() - started, 3),
@@ -418,15 +426,21 @@ def _current_accounts(journal: Journal) -> list[Account]:
     return list(recover_books(journal).accounts.values())
 
 
-def _flush(ledger: Ledger, batch: list[tuple[TransferRequest, int]], now: list[int]) -> None:
-    """Replay a batch of single transfers, the clock set to the first one's timestamp."""
+def _flush(ledger: Ledger, batch: list[tuple[TransferRequest, int]], script: deque[int]) -> None:
+    """Replay a batch of single transfers, `script` giving the clock each one's timestamp."""
     if not batch:
         return
-    now[0] = batch[0][1]
-    requests = [request for request, _ in batch]
-    for request, outcome in zip(requests, ledger.transfer_many(requests), strict=True):
+    script.extend(timestamp for _, timestamp in batch)
+    try:
+        outcomes = ledger.transfer_many([request for request, _ in batch])
+    finally:
+        script.clear()
+    for (request, timestamp), outcome in zip(batch, outcomes, strict=True):
         if isinstance(outcome, LedgerError):
             raise NotALedger(f"replay diverged: transfer {request.id!r} now fails with {outcome.code}")
+        if timestamp and outcome.timestamp != timestamp:  # (0: a record of old, before timestamps)
+            raise NotALedger(f"replay diverged: transfer {request.id!r} was stamped {outcome.timestamp}, "
+                             f"not {timestamp} as in the original")
     batch.clear()
 
 

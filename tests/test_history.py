@@ -569,7 +569,10 @@ def test_a_ledger_from_before_hold_rows_reads_recent_balances_without_reading_it
     assert audit_of(walk.path).whole
 
 
-def test_replay_keeps_the_timestamps_of_openings_and_of_each_batchs_first_transfer(tmp_path: Path) -> None:
+def test_replay_keeps_every_timestamp(tmp_path: Path) -> None:
+    """Openings, single transfers (which replay copies in batches) each at its own time, a
+    batch's consecutive ones, pending transfers, posts, a chain and an expiry: the copy's
+    events carry the original's timestamps, every one."""
     from engine import _tools
 
     clock = Clock()
@@ -578,7 +581,22 @@ def test_replay_keeps_the_timestamps_of_openings_and_of_each_batchs_first_transf
         ledger.create_account("a", currency="USD")
         clock.advance(5)
         first = ledger.transfer("t1", source="bank", destination="a", amount=100)
+        for k in range(2, 6):  # apart in time: one batch of the replay
+            clock.advance(k)
+            ledger.transfer(f"t{k}", source="bank", destination="a", amount=k, code=k)
+        ledger.transfer_many([TransferRequest(f"m{k}", "a", "bank", 1) for k in range(3)])
+        clock.advance(1)
+        ledger.transfer("p1", source="a", destination="bank", amount=7, pending=True, timeout_s=60)
+        ledger.transfer("p2", source="a", destination="bank", amount=8, pending=True)
+        clock.advance(1)
+        ledger.transfer("t6", source="bank", destination="a", amount=6)
+        ledger.post_pending("q2", pending_id="p2")
+        ledger.transfer_linked([TransferRequest("l1", "bank", "a", 1), TransferRequest("l2", "a", "bank", 1)])
+        clock.advance(120)
+        assert ledger.expire_pending() == 1
+        ledger.transfer("t7", source="bank", destination="a", amount=7)
         original = [(e.kind, e.timestamp) for e in ledger.events()]
+        assert len({timestamp for _, timestamp in original}) == len(original) > 15
         with pytest.raises(InvalidRequest):
             next(iter(ledger.events(2**64 - 1)))
     assert _tools.replay(str(tmp_path / "l"), str(tmp_path / "copy"))["verdict"] == "identical"
