@@ -3,17 +3,27 @@
 A cross-shard transfer `T` from `s` (on shard a) to `d` (on shard b) runs in three steps
 (correspondent banking; `engine._shard` runs each):
 
-1. prepare, on a: the pending transfer `T`, `s` -> `clearing_to(b)`: the debit is decided and
-   held, durably;
-2. credit, on b: `T\\x1fcredit`, `clearing_from(a)` -> `d` (the clearing account has no limit);
+1. prepare, on a: the pending transfer `T`, `s` -> `clearing_to(b)`, with the user's amount,
+   code and reference, and as metadata the destination `d` and a digest of the user's metadata
+   under reserved keys (`engine._shard.prepare_row`): the debit is decided and held, durably;
+2. credit, on b: `T\\x1fcredit`, `clearing_from(a)` -> `d` (the clearing account has no limit),
+   with the user's code, reference and metadata: the durable record of the user's metadata;
 3. post, on a: `T\\x1fpost` posts `T`. The transfer is acknowledged once the post is durable,
    so every read of either side already shows it.
 
 If the credit is refused (unknown destination, another currency...), the refusal is journaled
 on b, final for `T\\x1fcredit`, and `T\\x1fvoid` voids `T`: the caller gets the credit's error.
 Every step is idempotent by its id, so a retry of `T` from any caller runs the steps again and
-gets the same outcome; one that differs in a field gets `IdempotencyConflict` (from the
-prepare, or for another destination on the same shard, from the credit) and changes nothing.
+gets the same outcome. One that differs in any field gets `IdempotencyConflict` from the
+prepare, whose ledger compares every field with the pending transfer it keeps: the destination
+and the metadata too, through the prepare's metadata, so also after a caller died between the
+steps (restated with the user's names, `engine._shard.restated`, also when the retry names an
+account on the source's shard and so comes as a local transfer). Nothing changes, and the
+credit is never sent.
+
+What the user sees of `T` (`user_transfer`: `transfer_many`'s and `transfer`'s result,
+`get_transfer`, `outcome`) is the prepare's id, source, amount, code, reference, LSN and
+timestamp with the credit's destination and metadata: never the prepare's reserved keys.
 
 A caller that dies between the steps leaves `T` pending on a: *in doubt*. `recover` (run by
 every open, and `ShardedLedger.recover_in_doubt`) resolves each one by presumed abort, fenced:
@@ -35,7 +45,6 @@ from typing import Any
 
 from coordinator import (
     REJECTIONS,
-    IdempotencyConflict,
     InsufficientFunds,
     InvalidRequest,
     LedgerError,
@@ -56,7 +65,7 @@ from engine._placement import (
     shard_of,
 )
 from engine._ray import gather
-from engine._shard import Doubt, credit_row, prepare_row
+from engine._shard import Doubt, credit_row, prepare_row, restated
 from engine._wire import Row, outcomes_of, pack, request_row, unpack
 
 Gather = Callable[[Sequence[Any], float], list[Any]]
@@ -132,8 +141,7 @@ class Router:
                     f"shards {a} and {b}; a pending transfer runs within one shard (colocate with placement)")
             else:
                 crossing[i] = request
-                parts[a].append((i, prepare_row(request.id, request.source, b, request.amount, request.code,
-                                                request.reference, request.metadata)))
+                parts[a].append((i, prepare_row(request, b)))
         replies = self.on({a: ("batch", pack([item for _, item in part])) for a, part in parts.items()})
         prepared: dict[int, Transfer] = {}
         for a, part in parts.items():
@@ -155,15 +163,14 @@ class Router:
             request = crossing[i]
             peer = peer_of(hold.destination)
             assert peer is not None, hold
-            credits[peer[0]].append((i, credit_row(request.id, where[request.source], peer[1], request.destination,
-                                                   hold.amount, hold.code, hold.reference, hold.metadata)))
+            credits[peer[0]].append((i, credit_row(request, where[request.source], peer[1])))
         replies = self.on({b: ("credit", pack([credit for _, credit in part])) for b, part in credits.items()})
         steps: dict[int, list[tuple[int, tuple[str, str, bool]]]] = defaultdict(list)
         for b, part in credits.items():
             for (i, _), outcome in zip(part, outcomes_of(unpack(replies[b])), strict=True):
                 hold, a = prepared[i], where[crossing[i].source]
                 if isinstance(outcome, Transfer):
-                    results[i] = user_transfer(hold, outcome.destination)
+                    results[i] = user_transfer(hold, outcome)
                     if hold.status != "posted":
                         steps[a].append((i, (hold.id + POST, hold.id, False)))
                     continue
@@ -212,7 +219,7 @@ class Router:
         peer = peer_of(hold.destination)
         assert peer is not None
         credit = self.call(peer[0], "get_transfer", credit_id(hold.id, found[0]))
-        return user_transfer(hold, credit.destination) if credit is not None and hold.status == "posted" else None
+        return user_transfer(hold, credit) if credit is not None and hold.status == "posted" else None
 
     def outcome(self, transfer_id: str) -> Transfer | LedgerError | None:
         """`Ledger.outcome` across shards: a cross-shard transfer's is its Transfer once posted,
@@ -229,7 +236,7 @@ class Router:
             return None
         credit = self.call(peer[0], "outcome", credit_id(outcome.id, found[0]))
         if outcome.status == "posted" and isinstance(credit, Transfer):
-            return user_transfer(outcome, credit.destination)
+            return user_transfer(outcome, credit)
         if isinstance(credit, LedgerError) and not isinstance(credit, InsufficientFunds):  # that one: a fence's
             return credit
         return CrossShardAborted(f"transfer {transfer_id!r} was aborted by recovery: nothing moved")
@@ -266,22 +273,11 @@ def checked_request(request: object) -> TransferRequest:
     return checked
 
 
-def restated(error: Transfer | LedgerError, request: TransferRequest) -> Transfer | LedgerError:
-    """A prepare's refusal, as its user's transfer would have been refused: the same class and
-    code, a message naming the user's destination rather than the clearing account."""
-    if isinstance(error, LedgerError) and type(error) in REJECTIONS.values():
-        return type(error)(f"transfer {request.id!r} ({request.amount} from {request.source!r} to "
-                           f"{request.destination!r}) was refused: {error.code}")
-    if isinstance(error, IdempotencyConflict):
-        return IdempotencyConflict(f"transfer id {request.id!r} was already used for a transfer that differs from "
-                                   f"this one ({request.amount} from {request.source!r} to {request.destination!r})")
-    return error
-
-
-def user_transfer(hold: Transfer, destination: str) -> Transfer:
+def user_transfer(hold: Transfer, credit: Transfer) -> Transfer:
     """The Transfer a cross-shard transfer's user sees: the prepare's id, source, amount, code,
-    reference, metadata, LSN and timestamp (positions in the source shard's journal), the
-    credit's destination, a single transfer, posted."""
-    return Transfer(hold.id, hold.source, destination, hold.amount, hold.lsn, hold.timestamp, hold.code,
-                    hold.reference, hold.metadata, kind="single", status="posted")
+    reference, LSN and timestamp (positions in the source shard's journal), the credit's
+    destination and metadata (the user's: the prepare's is the protocol's), a single transfer,
+    posted."""
+    return Transfer(hold.id, hold.source, credit.destination, hold.amount, hold.lsn, hold.timestamp, hold.code,
+                    hold.reference, credit.metadata, kind="single", status="posted")
 

@@ -14,7 +14,11 @@ Reserved names: the ids a cross-shard transfer's steps use are the user's transf
 followed by `SEPARATOR` ("\\x1f") and a step name, and the accounts the protocol keeps on each
 shard start with `SEPARATOR`; so no user id may contain it (`check_user_id`), and a user's
 transfer id is at most `USER_ID_LENGTH_MAX` characters (room for the longest step suffix: a
-credit's names the source's shard too, `credit_id`).
+credit's names the source's shard too, `credit_id`). A prepare's metadata is the protocol's,
+under keys that start with `SEPARATOR` too: `DESTINATION_KEY` (the user's destination) and
+`METADATA_DIGEST_KEY` (a digest of the user's metadata, when given), so that the prepare's own
+idempotency check refuses a retry that names another destination or other metadata
+(`engine._shard.prepare_row`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from coordinator import ID_LENGTH_MAX, InvalidRequest, LedgerError, check_id
 
 SEPARATOR = "\x1f"
 CREDIT, POST, VOID = SEPARATOR + "credit", SEPARATOR + "post", SEPARATOR + "void"
+DESTINATION_KEY, METADATA_DIGEST_KEY = SEPARATOR + "destination", SEPARATOR + "metadata-sha256"
 MANIFEST_NAME = "tally-shards.json"
 MANIFEST_FORMAT = 1
 TEMPORARY_PREFIX = MANIFEST_NAME + ".tmp-"

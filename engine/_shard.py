@@ -18,7 +18,8 @@ unwraps them from Ray's exception (`engine._ray.gather`).
 Steps (the router in `engine._crossing` names them; `engine._placement` builds the ids):
 - `batch`: the shard's part of a `transfer_many`, in list order: local transfers, and each
   cross-shard transfer's *prepare*, a pending transfer `T` from the source to
-  `clearing_to(b, currency)` (never expiring: its hold must outlive any crash).
+  `clearing_to(b, currency)` (never expiring: its hold must outlive any crash), whose metadata
+  names the destination and digests the user's metadata (`prepare_row`).
 - `credit`: on the destination's shard, `T\\x1fcredit` + a (`credit_id`) from `clearing_from(a, currency)`.
 - `resolve`: `post_pending` `T\\x1fpost` or `void_pending` `T\\x1fvoid` of `T`.
 - `fence`: recovery's presumed abort, made final: `T\\x1fcredit` from the empty `fence`
@@ -30,12 +31,16 @@ Steps (the router in `engine._crossing` names them; `engine._placement` builds t
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
+
 from coordinator import (
+    REJECTIONS,
     Account,
     Balance,
     IdempotencyConflict,
@@ -47,6 +52,8 @@ from coordinator import (
 )
 from engine._ledger import Ledger
 from engine._placement import (
+    DESTINATION_KEY,
+    METADATA_DIGEST_KEY,
     SEPARATOR,
     CrossShardAborted,
     clearing_from,
@@ -55,7 +62,7 @@ from engine._placement import (
     fence,
     peer_of,
 )
-from engine._wire import Row, outcome_rows, pack, request_of, unpack_rows
+from engine._wire import Row, outcome_rows, pack, plain_metadata, request_of, unpack_rows
 
 IN_DOUBT_PAGE = 1_000
 CALLS = frozenset({"create_account", "account", "balance", "entries", "get_transfer", "outcome", "post_pending",
@@ -63,19 +70,47 @@ CALLS = frozenset({"create_account", "account", "balance", "entries", "get_trans
 """The `Ledger` methods `call` runs."""
 
 
-def prepare_row(transfer_id: str, source: str, peer: int, amount: int, code: int = 0, reference: str | None = None,
-                metadata: Mapping[str, str | int] | None = None) -> Row:
-    """A cross-shard transfer's first step, on its source's shard (`Shard.batch`); `peer` is
-    the destination's shard. (None first: no request row starts so.)"""
-    return (None, transfer_id, source, peer, amount, code, reference, None if metadata is None else dict(metadata))
+def prepare_row(request: TransferRequest, peer: int) -> Row:
+    """The first step of cross-shard transfer `request`, on its source's shard (`Shard.batch`);
+    `peer` is the destination's shard. It carries the user's id, source, amount, code and
+    reference, and as metadata the protocol's, never the user's (which the credit carries):
+    the destination under `DESTINATION_KEY` and, if the user gave metadata, its
+    `metadata_digest` under `METADATA_DIGEST_KEY`. The ledger compares every field of a retry
+    with the pending transfer it keeps, so a retry of `T` that differs in any field, the
+    destination and the metadata included, is refused there, before anything moves. (None
+    first: no request row starts so.)"""
+    protocol: dict[str, str | int] = {DESTINATION_KEY: request.destination}
+    if request.metadata:
+        protocol[METADATA_DIGEST_KEY] = metadata_digest(request.metadata)
+    return (None, request.id, request.source, peer, request.amount, request.code, request.reference, protocol)
 
 
-def credit_row(transfer_id: str, peer: int, currency: str, destination: str, amount: int, code: int = 0,
-               reference: str | None = None, metadata: Mapping[str, str | int] | None = None) -> Row:
-    """A cross-shard transfer's second step, on its destination's shard (`Shard.credit`):
-    `transfer_id` is the user's `T` (the step's id is `credit_id(T, peer)`), `peer` the source's shard."""
-    return (transfer_id, peer, currency, destination, amount, code, reference,
-            None if metadata is None else dict(metadata))
+def metadata_digest(metadata: Mapping[str, str | int]) -> str:
+    """SHA-256, in hex, of the canonical encoding of `metadata`: msgpack of its (key, value)
+    items sorted by key (as `state_hash` encodes an account's metadata), so equal mappings
+    digest alike in any order, and a str value never digests as an int."""
+    return hashlib.sha256(msgpack.packb(sorted(metadata.items()))).hexdigest()
+
+
+def credit_row(request: TransferRequest, peer: int, currency: str) -> Row:
+    """The second step of cross-shard transfer `request`, on its destination's shard
+    (`Shard.credit`), with all the user's fields but the source (its metadata is the durable
+    record of the user's); `peer` is the source's shard (the step's id is `credit_id(T, peer)`)."""
+    return (request.id, peer, currency, request.destination, request.amount, request.code, request.reference,
+            plain_metadata(request.metadata))
+
+
+def restated(error: Transfer | LedgerError, request: TransferRequest) -> Transfer | LedgerError:
+    """A prepare's refusal (or a local transfer's conflict with one), as its user's transfer would
+    have been refused: the same class and code, a message naming the user's destination rather
+    than the clearing account."""
+    if isinstance(error, LedgerError) and type(error) in REJECTIONS.values():
+        return type(error)(f"transfer {request.id!r} ({request.amount} from {request.source!r} to "
+                           f"{request.destination!r}) was refused: {error.code}")
+    if isinstance(error, IdempotencyConflict):
+        return IdempotencyConflict(f"transfer id {request.id!r} was already used for a transfer that differs from "
+                                   f"this one ({request.amount} from {request.source!r} to {request.destination!r})")
+    return error
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,9 +194,17 @@ class Shard:
         """The shard's part of a `transfer_many` (request rows and prepare rows, `engine._wire`),
         in list order, each prepare made a pending transfer to its clearing account (created
         first if new). Rows in, outcome rows out, each list one blob (`engine._wire.pack`);
-        durable when it returns."""
-        requests = [self._prepared(row) if row[0] is None else request_of(row) for row in unpack_rows(blob)]
-        return pack(outcome_rows(self.ledger.transfer_many(requests)))
+        durable when it returns. A local transfer whose id is a cross-shard transfer's prepare
+        here gets that `IdempotencyConflict` `restated`, so it names no clearing account."""
+        rows = unpack_rows(blob)
+        requests = [self._prepared(row) if row[0] is None else request_of(row) for row in rows]
+        outcomes = self.ledger.transfer_many(requests)
+        for i, outcome in enumerate(outcomes):
+            if isinstance(outcome, IdempotencyConflict) and rows[i][0] is not None:
+                kept = self.ledger.get_transfer(requests[i].id)
+                if kept is not None and peer_of(kept.destination) is not None:
+                    outcomes[i] = restated(outcome, requests[i])
+        return pack(outcome_rows(outcomes))
 
     def _prepared(self, row: Row) -> TransferRequest:
         _, transfer_id, source, peer, amount, code, reference, metadata = row

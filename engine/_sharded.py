@@ -11,9 +11,12 @@ Same methods and errors as `Ledger`; what differs, a user sees here:
   (`engine._placement`). A transfer within a shard runs as in a `Ledger`; across shards it
   runs in three durable steps and is acknowledged once all are durable (`engine._crossing`).
 - Ids: no user id may contain "\\x1f" (the steps' ids and the protocol's accounts use it), and
-  a transfer id is at most 121 characters. Transfer ids are kept once *per source shard*: an id
-  reused with a source on another shard is not detected (use ids unique to the whole ledger,
-  as a host generating UUIDs does).
+  a transfer id is at most 117 characters (`USER_ID_LENGTH_MAX`). Transfer ids are kept once
+  *per source shard*: an id reused with a source on another shard is not detected (use ids
+  unique to the whole ledger, as a host generating UUIDs does).
+- A retry that differs in any field is `IdempotencyConflict` even if its first caller died
+  between a cross-shard transfer's steps (the first step keeps the destination and a digest of
+  the metadata; the user's metadata is the credit's: `engine._crossing`).
 - A pending transfer and a linked chain run within one shard; across shards they raise
   `CrossShardRefused` (nothing written: colocate the accounts with `placement`).
 - `Transfer.lsn` and `Entry.lsn` are positions in a shard's journal; a cross-shard transfer's

@@ -12,7 +12,8 @@ Ray, and msgpack's C code packs and unpacks a row in well under a microsecond. I
 a `LedgerError` is its pickle (bytes).
 
 Rows: a request `(id, source, destination, amount, code, reference, metadata, pending,
-timeout_s)`, a prepare `("prepare", id, source, peer, amount, code, reference, metadata)`,
+timeout_s)`, a prepare `(None, id, source, peer, amount, code, reference, metadata)` (its
+metadata the protocol's: `engine._shard.prepare_row`), a credit (`engine._shard.credit_row`),
 and a transfer the 13 fields of `Transfer` in order; metadata as a plain dict or None.
 """
 
@@ -30,13 +31,14 @@ Row = tuple[Any, ...]
 Outcome = Row | LedgerError
 
 
-def _plain(metadata: Mapping[str, str | int] | None) -> dict[str, str | int] | None:
+def plain_metadata(metadata: Mapping[str, str | int] | None) -> dict[str, str | int] | None:
+    """Metadata as a row carries it: a plain dict (msgpack packs no `Metadata`), or None."""
     return None if metadata is None else dict(metadata)
 
 
 def request_row(request: TransferRequest) -> Row:
     return (request.id, request.source, request.destination, request.amount, request.code, request.reference,
-            _plain(request.metadata), request.pending, request.timeout_s)
+            plain_metadata(request.metadata), request.pending, request.timeout_s)
 
 
 def request_of(row: Row) -> TransferRequest:
@@ -45,7 +47,7 @@ def request_of(row: Row) -> TransferRequest:
 
 def transfer_row(transfer: Transfer) -> Row:
     return (transfer.id, transfer.source, transfer.destination, transfer.amount, transfer.lsn, transfer.timestamp,
-            transfer.code, transfer.reference, _plain(transfer.metadata), transfer.kind, transfer.pending_id,
+            transfer.code, transfer.reference, plain_metadata(transfer.metadata), transfer.kind, transfer.pending_id,
             transfer.status, transfer.timeout_s)
 
 

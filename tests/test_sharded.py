@@ -34,7 +34,8 @@ from engine import (
     Transfer,
     TransferRequest,
 )
-from engine._placement import shard_of
+from engine._placement import DESTINATION_KEY, METADATA_DIGEST_KEY, shard_of
+from engine._shard import metadata_digest
 from tests.sharded_support import SHARDS, accounts_on, books, ray_for_module
 
 pytestmark = pytest.mark.timeout(120)
@@ -161,6 +162,22 @@ def test_a_cross_shard_transfer_moves_the_money_and_a_retry_returns_the_same_tra
         with pytest.raises(IdempotencyConflict, match="x1"):
             sharded.transfer("x1", **{**fields, **changed})  # type: ignore[arg-type]
     assert sharded.balance(source).posted == 70 and sharded.balance(destination).posted == 30
+
+
+def test_a_cross_shard_transfer_shows_its_users_metadata_and_none_of_its_prepares(sharded: ShardedLedger) -> None:
+    """The prepare's metadata is the protocol's (the destination, a digest of the user's); the
+    user sees the credit's, theirs, all 16 keys of it (the most)."""
+    source = accounts_on(sharded, "s", 1, shard=0, balance=100)[0]
+    destination = accounts_on(sharded, "d", 1, shard=1)[0]
+    metadata: dict[str, str | int] = {f"k{i}": "v" * i if i % 2 else i for i in range(16)}
+    made = sharded.transfer_many([TransferRequest("x16", source, destination, 5, metadata=metadata),
+                                  TransferRequest("x0", source, destination, 5)])
+    assert all(isinstance(transfer, Transfer) for transfer in made), made
+    assert [None if t.metadata is None else dict(t.metadata) for t in made] == [metadata, None]  # type: ignore[union-attr]
+    for transfer in made:
+        assert sharded.get_transfer(transfer.id) == transfer and sharded.outcome(transfer.id) == transfer  # type: ignore[union-attr]
+    prepare = sharded._router.call(0, "get_transfer", "x16")
+    assert prepare.metadata == {DESTINATION_KEY: destination, METADATA_DIGEST_KEY: metadata_digest(metadata)}
 
 
 def test_a_refused_credit_voids_the_prepare_and_its_retry_raises_the_same(sharded: ShardedLedger) -> None:

@@ -22,6 +22,7 @@ import pytest
 from engine import (
     Balance,
     CrossShardAborted,
+    IdempotencyConflict,
     LedgerError,
     LedgerTimeout,
     ShardedLedger,
@@ -57,6 +58,11 @@ def _settled(ledger: ShardedLedger) -> None:
     assert sums == [0] * ledger.shards and set(pairs.values()) <= {0} and in_flight == 0 and users == 0
 
 
+def _balances(ledger: ShardedLedger) -> list[dict[str, Balance]]:
+    """Every shard's balances, the protocol's accounts included: what a refused retry must leave."""
+    return [ledger.shard_balances(shard) for shard in range(ledger.shards)]
+
+
 def _verified(path: Path) -> None:
     for directory in shard_dirs(path):
         code, report = tally_json("verify", directory)
@@ -68,13 +74,14 @@ def test_a_transfer_left_prepared_is_aborted_at_open_and_a_late_credit_never_lan
     with ShardedLedger.open(path, shards=SHARDS) as ledger:
         source = accounts_on(ledger, "s", 1, shard=0, balance=100)[0]
         destination = accounts_on(ledger, "d", 1, shard=1)[0]
-        [hold] = _step(ledger, 0, "batch", prepare_row("T", source, 1, 40))  # then the caller dies
+        request = TransferRequest("T", source, destination, 40)
+        [hold] = _step(ledger, 0, "batch", prepare_row(request, 1))  # then the caller dies
         assert isinstance(hold, Transfer) and hold.status == "pending"
         assert ledger.balance(source).available == 60 and ledger.outcome("T") is None
     with ShardedLedger.open(path, shards=SHARDS) as ledger:
         assert ledger.recovered_in_doubt == 1
         assert ledger.balance(source) == Balance(100, 0, 100, 0) and ledger.balance(destination).posted == 0
-        [late] = _step(ledger, 1, "credit", credit_row("T", 0, "USD", destination, 40))  # the dead caller's credit
+        [late] = _step(ledger, 1, "credit", credit_row(request, 0, "USD"))  # the dead caller's credit
         assert isinstance(late, CrossShardAborted) and ledger.balance(destination).posted == 0
         with pytest.raises(CrossShardAborted):
             ledger.transfer("T", source=source, destination=destination, amount=40)
@@ -88,8 +95,9 @@ def test_a_transfer_whose_credit_landed_is_posted_by_recovery(tmp_path: Path) ->
     with ShardedLedger.open(tmp_path / "books", shards=SHARDS) as ledger:
         source = accounts_on(ledger, "s", 1, shard=0, balance=100)[0]
         destination = accounts_on(ledger, "d", 1, shard=1)[0]
-        _step(ledger, 0, "batch", prepare_row("T", source, 1, 40))
-        [credit] = _step(ledger, 1, "credit", credit_row("T", 0, "USD", destination, 40))
+        request = TransferRequest("T", source, destination, 40)
+        _step(ledger, 0, "batch", prepare_row(request, 1))
+        [credit] = _step(ledger, 1, "credit", credit_row(request, 0, "USD"))
         assert isinstance(credit, Transfer)  # then the caller dies before the post
         assert ledger.recover_in_doubt() == 1
         made = ledger.get_transfer("T")
@@ -103,12 +111,59 @@ def test_a_transfer_whose_credit_was_refused_before_the_caller_died_is_voided_by
     with ShardedLedger.open(tmp_path / "books", shards=SHARDS) as ledger:
         source = accounts_on(ledger, "s", 1, shard=0, balance=100)[0]
         euros = accounts_on(ledger, "e", 1, shard=1, currency="EUR")[0]
-        _step(ledger, 0, "batch", prepare_row("T", source, 1, 40))
-        [refused] = _step(ledger, 1, "credit", credit_row("T", 0, "USD", euros, 40))
+        request = TransferRequest("T", source, euros, 40)
+        _step(ledger, 0, "batch", prepare_row(request, 1))
+        [refused] = _step(ledger, 1, "credit", credit_row(request, 0, "USD"))
         assert refused.code == "currency_mismatch"  # type: ignore[attr-defined]  # then the caller dies
         assert ledger.recover_in_doubt() == 1 and ledger.recover_in_doubt() == 0
         assert ledger.balance(source) == Balance(100, 0, 100, 0)
         assert ledger.outcome("T").code == "currency_mismatch"  # type: ignore[union-attr]
+        _settled(ledger)
+
+
+def test_a_retry_after_the_caller_died_naming_another_destination_is_a_conflict_and_changes_nothing(
+        tmp_path: Path) -> None:
+    """The prepare names the destination, not only its shard: a retry toward another account on
+    that shard (or on another) is refused by the prepare, and the exact retry lands where the
+    dead caller meant."""
+    with ShardedLedger.open(tmp_path / "books", shards=SHARDS) as ledger:
+        source, near = accounts_on(ledger, "s", 2, shard=0, balance=100)
+        destination, other = accounts_on(ledger, "d", 2, shard=1)
+        _step(ledger, 0, "batch", prepare_row(TransferRequest("T", source, destination, 40), 1))  # then it dies
+        before = _balances(ledger)
+        for elsewhere in (other, near):  # on the destination's shard; on the source's (a local transfer)
+            with pytest.raises(IdempotencyConflict, match=f"'T'.*'{elsewhere}'") as refused:
+                ledger.transfer("T", source=source, destination=elsewhere, amount=40)
+            assert "x1f" not in str(refused.value)  # named as the user's transfer, no clearing account
+        assert _balances(ledger) == before
+        assert ledger.entries(other) == [] and ledger.outcome("T") is None
+        assert ledger.transfer("T", source=source, destination=destination, amount=40).destination == destination
+        assert [ledger.balance(name).posted for name in (source, near, destination, other)] == [60, 100, 40, 0]
+        _settled(ledger)
+
+
+def test_a_retry_after_the_caller_died_with_other_metadata_is_a_conflict_and_the_exact_one_keeps_16_keys(
+        tmp_path: Path) -> None:
+    """The prepare holds a digest of the user's metadata (16 keys, the most, leave no room for
+    more): a retry with other metadata is refused by the prepare; the exact retry's transfer
+    shows the user's keys, which the credit carries."""
+    metadata: dict[str, str | int] = {f"key-{i}": i if i % 2 else f"value-{i}" for i in range(16)}
+    with ShardedLedger.open(tmp_path / "books", shards=SHARDS) as ledger:
+        source = accounts_on(ledger, "s", 1, shard=0, balance=100)[0]
+        destination = accounts_on(ledger, "d", 1, shard=1)[0]
+        request = TransferRequest("T", source, destination, 40, metadata=metadata)
+        _step(ledger, 0, "batch", prepare_row(request, 1))  # then the caller dies
+        before = _balances(ledger)
+        for changed in ({**metadata, "key-0": "other"}, {**metadata, "key-1": "1"}, None,
+                        {key: metadata[key] for key in list(metadata)[:15]}):
+            with pytest.raises(IdempotencyConflict, match="'T'"):
+                ledger.transfer("T", source=source, destination=destination, amount=40, metadata=changed)
+        assert _balances(ledger) == before
+        assert ledger.entries(destination) == [] and ledger.outcome("T") is None
+        [made] = ledger.transfer_many([request])
+        assert isinstance(made, Transfer) and dict(made.metadata or {}) == metadata
+        assert ledger.get_transfer("T") == made and ledger.outcome("T") == made
+        assert ledger.balance(source).posted == 60 and ledger.balance(destination).posted == 40
         _settled(ledger)
 
 
