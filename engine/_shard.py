@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgpack
@@ -111,6 +111,17 @@ def restated(error: Transfer | LedgerError, request: TransferRequest) -> Transfe
         return IdempotencyConflict(f"transfer id {request.id!r} was already used for a transfer that differs from "
                                    f"this one ({request.amount} from {request.source!r} to {request.destination!r})")
     return error
+
+
+def _named_no_destination(kept: Transfer, prepare: TransferRequest) -> bool:
+    """Whether `kept` is a prepare of the sharded ledger's first release, whose metadata was
+    the user's and named no destination, and `prepare` carries the digest of that metadata:
+    then its retry is checked against `kept` as that release checked it (the user's metadata
+    compared, the destination's shard but not the destination)."""
+    if kept.metadata is not None and DESTINATION_KEY in kept.metadata:
+        return False
+    digest = None if kept.metadata is None else metadata_digest(kept.metadata)
+    return (prepare.metadata or {}).get(METADATA_DIGEST_KEY) == digest
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,10 +211,15 @@ class Shard:
         requests = [self._prepared(row) if row[0] is None else request_of(row) for row in rows]
         outcomes = self.ledger.transfer_many(requests)
         for i, outcome in enumerate(outcomes):
-            if isinstance(outcome, IdempotencyConflict) and rows[i][0] is not None:
-                kept = self.ledger.get_transfer(requests[i].id)
-                if kept is not None and peer_of(kept.destination) is not None:
-                    outcomes[i] = restated(outcome, requests[i])
+            if not isinstance(outcome, IdempotencyConflict):
+                continue
+            kept = self.ledger.get_transfer(requests[i].id)
+            if kept is None or peer_of(kept.destination) is None:
+                continue
+            if rows[i][0] is not None:
+                outcomes[i] = restated(outcome, requests[i])
+            elif _named_no_destination(kept, requests[i]):
+                outcomes[i] = self.ledger.transfer_many([replace(requests[i], metadata=kept.metadata)])[0]
         return pack(outcome_rows(outcomes))
 
     def _prepared(self, row: Row) -> TransferRequest:

@@ -142,6 +142,25 @@ def test_a_retry_after_the_caller_died_naming_another_destination_is_a_conflict_
         _settled(ledger)
 
 
+def test_a_prepare_of_the_first_release_still_takes_its_exact_retry(tmp_path: Path) -> None:
+    """A prepare the sharded ledger's first release wrote (the user's metadata, no destination)
+    and left in doubt: its exact retry completes it, one with other metadata is refused."""
+    metadata = {"order": "A-1"}
+    with ShardedLedger.open(tmp_path / "books", shards=SHARDS) as ledger:
+        source = accounts_on(ledger, "s", 1, shard=0, balance=100)[0]
+        destination = accounts_on(ledger, "d", 1, shard=1)[0]
+        for transfer_id, given in (("T", metadata), ("U", None)):  # then the caller dies
+            [prepared] = _step(ledger, 0, "batch", (None, transfer_id, source, 1, 10, 0, None, given))
+            assert isinstance(prepared, Transfer) and prepared.status == "pending"
+        with pytest.raises(IdempotencyConflict, match="'T'"):
+            ledger.transfer("T", source=source, destination=destination, amount=10, metadata={"order": "B-2"})
+        made = ledger.transfer("T", source=source, destination=destination, amount=10, metadata=metadata)
+        assert dict(made.metadata or {}) == metadata and ledger.get_transfer("T") == made
+        assert ledger.transfer("U", source=source, destination=destination, amount=10).status == "posted"
+        assert ledger.balance(source).posted == 80 and ledger.balance(destination).posted == 20
+        _settled(ledger)
+
+
 def test_a_retry_after_the_caller_died_with_other_metadata_is_a_conflict_and_the_exact_one_keeps_16_keys(
         tmp_path: Path) -> None:
     """The prepare holds a digest of the user's metadata (16 keys, the most, leave no room for
