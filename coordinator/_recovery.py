@@ -23,8 +23,8 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from itertools import filterfalse, starmap
-from operator import itemgetter
+from itertools import compress, starmap
+from operator import itemgetter, not_
 from typing import Any
 
 from journal import Completion, Journal, JournalCorruptedError
@@ -215,7 +215,8 @@ def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> list[list[Any]]
     one of the checkpoints before it (each names the one before, `previous_lsn`), in
     creation order (opening LSN)."""
     total = record[4]
-    found: dict[str, list[Any]] = {row[0]: row for row in record[6]}
+    rows = record[6]
+    found: dict[str, list[Any]] = dict(zip(map(_FIRST, rows), rows, strict=True))
     at = lsn
     while True:
         previous = record[3]
@@ -233,9 +234,9 @@ def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> list[list[Any]]
         record = decode(at, payload)
         if record[0] != CHECKPOINT4:
             raise _corrupt(at, "a checkpoint names it as the one before, but it is not a CHECKPOINT4")
-        older = {row[0]: row for row in record[6]}
-        missing = list(filterfalse(found.__contains__, older))  # the loops run in C; each account is added once
-        found.update(zip(missing, map(older.__getitem__, missing), strict=True))
+        rows = record[6]
+        ids = list(map(_FIRST, rows))  # the rows of accounts not found yet, added: the loops run in C
+        found.update(compress(zip(ids, rows, strict=True), map(not_, map(found.__contains__, ids))))
     if len(found) != total:
         raise _corrupt(lsn, f"the checkpoint and those before it hold {len(found)} accounts, not {total}")
     return sorted(found.values(), key=itemgetter(5))  # creation order: by opening LSN
