@@ -60,7 +60,7 @@ from coordinator import (
 )
 
 from engine import _ray
-from engine._ledger import Ledger
+from engine._ledger import Ledger, checked_accounts
 from engine._crossing import Router, checked_request
 from engine._placement import SEPARATOR, CrossShardRefused, check_user_id, open_manifest, peer_of, shard_of
 
@@ -171,23 +171,36 @@ class ShardedLedger:
         """`Ledger.create_accounts` across shards (one call per shard): one outcome per item,
         in order; `placements`, if given, one placement key (or None) per account."""
         router = self._live()
-        keys = list(placements) if placements is not None else [None] * len(accounts)
-        if len(keys) != len(accounts):
+        checked = checked_accounts(accounts)
+        if placements is not None and (not isinstance(placements, Sequence) or isinstance(placements, (str, bytes))):
+            raise InvalidRequest(f"placements must be a sequence of keys (or None), got {type(placements).__name__}")
+        keys = list(placements) if placements is not None else [None] * len(checked)
+        if len(keys) != len(checked):
             raise InvalidRequest("placements must give one key (or None) per account")
-        results: list[Account | LedgerError | None] = [None] * len(accounts)
-        with router.creating:  # one id is never created on two shards
-            where = router.locate([account.id for account in accounts if isinstance(account, Account)])
+        results: list[Account | LedgerError] = list(checked)
+        for i, (account, key) in enumerate(zip(checked, keys, strict=True)):
+            try:
+                if isinstance(account, Account):
+                    check_user_id(account.id, "account id")
+                    if key is not None:
+                        check_user_id(key, "placement")
+            except LedgerError as error:
+                results[i] = error
+        with router.creating:  # one id is never created on two shards (nor placed twice by one list)
+            router.locate([account.id for account in results if isinstance(account, Account)])
+            placed: dict[str, int] = {}  # the shard of each id earlier in this list
             parts: dict[int, list[tuple[int, Account]]] = {}
-            for i, (account, key) in enumerate(zip(accounts, keys, strict=True)):
-                try:
-                    check_user_id(getattr(account, "id", None), "account id")
-                    shard = shard_of(key if key is not None else account.id, router.shards)
-                    if account.id in router.where and router.where[account.id] != shard:
-                        raise AccountExists(f"account {account.id!r} exists on shard {where[account.id]}, not "
-                                            f"on shard {shard} where this placement puts it")
-                    parts.setdefault(shard, []).append((i, account))
-                except LedgerError as error:
-                    results[i] = error
+            for i, (account, key) in enumerate(zip(results, keys, strict=True)):
+                if not isinstance(account, Account):
+                    continue
+                shard = shard_of(key if key is not None else account.id, router.shards)
+                home = router.where.get(account.id, placed.get(account.id))
+                if home is not None and home != shard:
+                    results[i] = AccountExists(f"account {account.id!r} exists (or comes earlier in this list) on "
+                                               f"shard {home}, not on shard {shard} where this placement puts it")
+                    continue
+                placed[account.id] = shard
+                parts.setdefault(shard, []).append((i, account))
             replies = router.on({s: ("create_accounts", [a for _, a in part]) for s, part in parts.items()})
             for shard, part in parts.items():
                 for (i, account), outcome in zip(part, replies[shard], strict=True):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from engine import (
+    Account,
     AccountExists,
     AccountNotFound,
     CrossShardRefused,
@@ -113,6 +114,28 @@ def test_an_account_id_is_one_account_across_shards(sharded: ShardedLedger) -> N
         sharded.create_account("acc", currency="USD", placement=key)
     with pytest.raises(AccountExists):
         sharded.create_account("acc", currency="EUR")
+
+
+def test_one_id_placed_on_two_shards_in_one_create_accounts_is_made_once(sharded: ShardedLedger) -> None:
+    keys = [next(k for k in (f"k{i}" for i in range(100)) if shard_of(k, SHARDS) == shard) for shard in range(SHARDS)]
+    made, refused = sharded.create_accounts([Account("x", "USD", 0, 0, None)] * 2, placements=keys)
+    assert isinstance(made, Account) and isinstance(refused, AccountExists)
+    assert [a.id for a in sharded.accounts()] == ["x"] and sharded.shard_of("x") == shard_of(keys[0], SHARDS)
+
+
+def test_create_accounts_answers_malformed_items_and_placements_as_outcomes_as_a_ledger_does(
+        sharded: ShardedLedger) -> None:
+    items: list[object] = [Account(5, "USD", 0, 0, None), Account(["a"], "USD", 0, 0, None), 5,  # type: ignore[arg-type]
+                           Account("p1", "USD", 0, 0, None), Account("p2", "USD", 0, 0, None),
+                           Account("ok", "USD", 0, 0, None)]
+    outcomes = sharded.create_accounts(items, placements=[None, None, None, 7, "k\x1f", None])  # type: ignore[arg-type,list-item]
+    assert [type(outcome) for outcome in outcomes] == [InvalidRequest] * 5 + [Account]
+    for malformed in ("abc", None, 5):
+        with pytest.raises(InvalidRequest, match="sequence"):
+            sharded.create_accounts(malformed)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match="placements"):
+        sharded.create_accounts([Account("q", "USD", 0, 0, None)], placements="k")  # type: ignore[arg-type]
+    assert [a.id for a in sharded.accounts()] == ["ok"]
 
 
 def test_ids_holding_the_reserved_separator_are_invalid_and_nothing_is_written(sharded: ShardedLedger) -> None:
