@@ -62,7 +62,15 @@ from coordinator import (
 from engine import _ray
 from engine._ledger import Ledger, checked_accounts
 from engine._crossing import Router, checked_request
-from engine._placement import SEPARATOR, CrossShardRefused, check_user_id, open_manifest, peer_of, shard_of
+from engine._placement import (
+    SEPARATOR,
+    CrossShardRefused,
+    check_user_id,
+    peer_of,
+    read_manifest,
+    shard_of,
+    write_manifest,
+)
 
 SHARD_PREFIX = "shard-"
 OPEN_WAIT_S = 600.0
@@ -99,11 +107,13 @@ class ShardedLedger:
 
         Raises `InvalidRequest` (bad arguments, or a directory that is not a sharded ledger),
         `ShardCountMismatch` if `shards` differs from the count the directory was made with,
-        and whatever a shard's `Ledger.open` raises.
+        `NotALedger` if a shard's directory is missing or empty (restore it: it is not made
+        anew, empty, once the manifest exists), and whatever a shard's `Ledger.open` raises.
         """
         _check_options(ledger_options)
         root = Path(os.fspath(path)).absolute()
-        count = open_manifest(root, shards)
+        made = read_manifest(root, shards)
+        count: int = shards
         if nodes is not None and (isinstance(nodes, str) or len(nodes) != count):
             raise InvalidRequest(f"nodes must list one Ray node id per shard ({count}), got {nodes!r}")
         timeout_s = ledger_options.get("timeout_s", TIMEOUT_S_DEFAULT)
@@ -114,9 +124,13 @@ class ShardedLedger:
             actors = [_ray.start_shard(str(root / f"{SHARD_PREFIX}{i}"), i, placed[i], dict(ledger_options))
                       for i in range(count)]
             router = Router(actors, float(timeout_s))
-            for failure in router.everywhere("failure", timeout_s=max(OPEN_WAIT_S, router.timeout_s)):
+            # A shard's ledger is made only by the open that writes the manifest, once all are made.
+            for failure in router.everywhere("failure" if made else "create",
+                                             timeout_s=max(OPEN_WAIT_S, router.timeout_s)):
                 if failure is not None:
                     raise failure
+            if not made:
+                write_manifest(root, count)
             router.fill()
             ledger = cls(root, router, actors, started)
             ledger.recovered_in_doubt = router.recover()

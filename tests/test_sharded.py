@@ -27,8 +27,10 @@ from engine import (
     InsufficientFunds,
     InvalidRequest,
     LedgerClosed,
+    Ledger,
     LedgerLocked,
     LinkedTransferFailed,
+    NotALedger,
     PendingTransferNotFound,
     ShardCountMismatch,
     ShardedLedger,
@@ -82,6 +84,50 @@ def test_a_directory_that_is_not_a_sharded_ledger_is_refused(tmp_path: Path) -> 
         ShardedLedger.open(tmp_path / "other", shards=2)
     with pytest.raises(InvalidRequest):
         ShardedLedger.open(tmp_path / "books", shards=0)
+
+
+def test_a_missing_or_emptied_shard_is_refused_not_made_anew_and_a_foreign_manifest_is_invalid(tmp_path: Path) -> None:
+    path = tmp_path / "books"
+    with ShardedLedger.open(path, shards=SHARDS) as ledger:
+        source = accounts_on(ledger, "s", 1, shard=0, balance=100)[0]
+        destination = accounts_on(ledger, "d", 1, shard=1)[0]
+        ledger.transfer("T", source=source, destination=destination, amount=40)
+    kept = tmp_path / "kept"
+    (path / "shard-1").rename(kept)
+    with pytest.raises(NotALedger, match="shard 1"):
+        ShardedLedger.open(path, shards=SHARDS)
+    assert not (path / "shard-1").exists()  # not made anew
+    (path / "shard-1").mkdir()
+    with pytest.raises(NotALedger, match="shard 1"):
+        ShardedLedger.open(path, shards=SHARDS)
+    (path / "shard-1").rmdir()
+    kept.rename(path / "shard-1")
+    with ShardedLedger.open(path, shards=SHARDS) as ledger:  # restored: whole again
+        assert ledger.balance(destination).posted == 40
+    manifest = path / "tally-shards.json"
+    for foreign in ({"format": 1, "shards": 2.0, "placement": "sha256-mod"}, [1, 2], "x"):
+        manifest.write_text(json.dumps(foreign))
+        with pytest.raises(InvalidRequest, match="tally-shards.json"):
+            ShardedLedger.open(path, shards=SHARDS)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InvalidRequest, match="not a directory"):
+        ShardedLedger.open(tmp_path / "file", shards=SHARDS)
+
+
+def test_an_open_that_crashed_before_writing_the_manifest_is_completed_but_a_used_shard_is_not_taken_over(
+        tmp_path: Path) -> None:
+    path = tmp_path / "books"
+    Ledger.open(path / "shard-0").close()  # made, then the open died before the manifest
+    (path / "tally-shards.json.tmp-1-ab").write_text("{")
+    with ShardedLedger.open(path, shards=SHARDS) as ledger:
+        assert ledger.shards == SHARDS
+    assert json.loads((path / "tally-shards.json").read_text())["shards"] == SHARDS
+    used = tmp_path / "used"
+    with Ledger.open(used / "shard-0") as shard:
+        shard.create_account("a", currency="USD")
+    with pytest.raises(NotALedger, match="no manifest"):
+        ShardedLedger.open(used, shards=SHARDS)
+    assert not (used / "tally-shards.json").exists()
 
 
 def test_a_second_open_of_one_directory_raises_ledger_locked_and_bad_options_are_invalid(
