@@ -224,7 +224,9 @@ class Shard:
         in list order, each prepare made a pending transfer to its clearing account (created
         first if new). Rows in, outcome rows out, each list one blob (`engine._wire.pack`);
         durable when it returns. A local transfer whose id is a cross-shard transfer's prepare
-        here gets that `IdempotencyConflict` `restated`, so it names no clearing account."""
+        here gets that `IdempotencyConflict` `restated`, so it names no clearing account; a
+        prepare whose id was refused while its source was unknown (toward the clearing account
+        of no currency) is compared with that refusal, so its exact retry gets it again."""
         rows = unpack_rows(blob)
         requests = [self._prepared(row) if row[0] is None else request_of(row) for row in rows]
         outcomes = self.ledger.transfer_many(requests)
@@ -232,6 +234,8 @@ class Shard:
             if not isinstance(outcome, IdempotencyConflict):
                 continue
             kept = self.ledger.get_transfer(requests[i].id)
+            if kept is None and rows[i][0] is None:  # refused: maybe while its source was unknown (no currency)
+                outcomes[i] = self.ledger.transfer_many([replace(requests[i], destination=clearing_to(rows[i][3], ""))])[0]
             if kept is None or peer_of(kept.destination) is None:
                 continue
             if rows[i][0] is not None:
