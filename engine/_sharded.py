@@ -60,7 +60,7 @@ from coordinator import (
 )
 
 from engine import _ray
-from engine._ledger import Ledger, checked_accounts
+from engine._ledger import Ledger, check_timeout_s, checked_accounts
 from engine._crossing import Router, checked_request
 from engine._placement import (
     SEPARATOR,
@@ -114,7 +114,8 @@ class ShardedLedger:
         root = Path(os.fspath(path)).absolute()
         made = read_manifest(root, shards)
         count: int = shards
-        if nodes is not None and (isinstance(nodes, str) or len(nodes) != count):
+        if nodes is not None and (not isinstance(nodes, Sequence) or isinstance(nodes, str) or len(nodes) != count
+                                  or not all(isinstance(node, str) for node in nodes)):
             raise InvalidRequest(f"nodes must list one Ray node id per shard ({count}), got {nodes!r}")
         timeout_s = ledger_options.get("timeout_s", TIMEOUT_S_DEFAULT)
         started = _ray.join(address)
@@ -377,11 +378,13 @@ class ShardedLedger:
 
 
 def _check_options(options: dict[str, Any]) -> None:
-    """`InvalidRequest` for an option `Ledger.open` does not take, or `readonly` (a shard is
-    written through its actor only); the values are checked by each shard's open."""
+    """`InvalidRequest` for an option `Ledger.open` does not take, `readonly` (a shard is
+    written through its actor only), or a bad `timeout_s`; the other values are checked by
+    each shard's open."""
     try:
         inspect.signature(Ledger.open).bind("path", **options)
     except TypeError as error:
         raise InvalidRequest(f"ShardedLedger.open: {error} (ledger_options go to each shard's Ledger.open)") from None
     if options.get("readonly"):
         raise InvalidRequest("a sharded ledger opens its shards for writing: readonly is not supported")
+    check_timeout_s(options.get("timeout_s", TIMEOUT_S_DEFAULT))  # it bounds the router's waits too

@@ -142,6 +142,14 @@ def test_a_second_open_of_one_directory_raises_ledger_locked_and_bad_options_are
     assert not (sharded.path.parent / "other").exists()  # refused before anything was written
 
 
+def test_a_bad_timeout_or_node_list_is_invalid_request_and_nothing_is_written(tmp_path: Path) -> None:
+    for options in ({"timeout_s": "5"}, {"timeout_s": None}, {"nodes": ["zz"] * SHARDS}, {"nodes": [1] * SHARDS},
+                    {"nodes": "zz"}):
+        with pytest.raises(InvalidRequest, match="timeout_s|node"):
+            ShardedLedger.open(tmp_path / "books", shards=SHARDS, **options)  # type: ignore[arg-type]
+        assert not (tmp_path / "books" / "tally-shards.json").exists()
+
+
 def test_an_account_lives_on_its_hash_shard_or_on_its_placement_keys_shard(sharded: ShardedLedger) -> None:
     for i in range(8):
         sharded.create_account(f"a{i}", currency="USD")
