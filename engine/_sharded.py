@@ -293,11 +293,15 @@ class ShardedLedger:
 
     def transfer_linked(self, requests: Sequence[TransferRequest]) -> list[Transfer]:
         """`Ledger.transfer_linked` on the one shard every leg's accounts live on; legs on more
-        than one shard raise `CrossShardRefused` (nothing written: colocate with `placement`)."""
+        than one shard raise `CrossShardRefused` (nothing written: colocate with `placement`).
+        An account that no shard has does not count: the chain's shard refuses it, as a
+        `Ledger` does (`LinkedTransferFailed`, its cause `AccountNotFound`)."""
         router = self._live()
         checked = [checked_request(request) for request in check_chain(requests)]
-        where = router.locate([name for r in checked for name in (r.source, r.destination)])
-        shards = set(where.values())
+        names = [name for r in checked for name in (r.source, r.destination)]
+        where = router.locate(names)
+        # An account no shard has is refused AccountNotFound by the shard of the others.
+        shards = {where[name] for name in names if name in router.where} or {where[names[0]]}
         if len(shards) != 1:
             raise CrossShardRefused(f"the legs of this linked chain touch shards {sorted(shards)}: a linked chain "
                                     "runs within one shard (colocate its accounts with placement)")

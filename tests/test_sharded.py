@@ -354,6 +354,23 @@ def test_a_linked_chain_runs_within_one_shard_and_is_refused_across_shards(shard
     assert sharded.outcome("k5") is None  # nothing written
 
 
+def test_a_pending_transfer_or_a_linked_chain_naming_an_unknown_account_is_refused_as_a_ledger_refuses_it(
+        sharded: ShardedLedger) -> None:
+    """An account no shard has lives nowhere: naming it is `AccountNotFound` (in a chain,
+    `LinkedTransferFailed`), journaled as a Ledger journals it, not `CrossShardRefused`."""
+    left = accounts_on(sharded, "l", 2, shard=0, balance=10)
+    ghost = next(f"g{i}" for i in range(100) if shard_of(f"g{i}", SHARDS) == 1)
+    with pytest.raises(AccountNotFound):
+        sharded.transfer("h1", source=left[0], destination=ghost, amount=5, pending=True)
+    with pytest.raises(AccountNotFound):
+        sharded.transfer("h2", source=ghost, destination=left[0], amount=5, pending=True)
+    with pytest.raises(LinkedTransferFailed) as failed:
+        sharded.transfer_linked([TransferRequest("k1", left[0], left[1], 5), TransferRequest("k2", left[1], ghost, 5)])
+    assert failed.value.index == 1 and isinstance(failed.value.cause, AccountNotFound)
+    assert [sharded.balance(name).available for name in left] == [10, 10]
+    assert isinstance(sharded.outcome("h1"), AccountNotFound)
+
+
 def test_the_state_hash_covers_every_shard_and_survives_a_reopen(tmp_path: Path) -> None:
     with ShardedLedger.open(tmp_path / "books", shards=SHARDS) as ledger:
         source = accounts_on(ledger, "s", 2, shard=0, balance=10)
