@@ -349,6 +349,8 @@ class ShardedLedger:
         """Every account's balance on shard `shard`, the protocol's clearing accounts included
         (for audits: each shard's posted balances sum to zero)."""
         router = self._live()
+        if type(shard) is not int or not 0 <= shard < router.shards:
+            raise InvalidRequest(f"shard must be an int in 0..{router.shards - 1}, got {shard!r}")
         return _ray.gather([router.actors[shard].balances.remote()], self.timeout_s)[0]  # type: ignore[no-any-return]
 
     def pids(self) -> list[int]:

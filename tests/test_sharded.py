@@ -371,6 +371,13 @@ def test_a_pending_transfer_or_a_linked_chain_naming_an_unknown_account_is_refus
     assert isinstance(sharded.outcome("h1"), AccountNotFound)
 
 
+def test_a_shard_out_of_range_is_invalid_request(sharded: ShardedLedger) -> None:
+    for shard in (-1, SHARDS, True, "0", 0.0):
+        with pytest.raises(InvalidRequest, match="shard"):
+            sharded.shard_balances(shard)  # type: ignore[arg-type]
+    assert sharded.shard_balances(SHARDS - 1) == {}
+
+
 def test_the_state_hash_covers_every_shard_and_survives_a_reopen(tmp_path: Path) -> None:
     with ShardedLedger.open(tmp_path / "books", shards=SHARDS) as ledger:
         source = accounts_on(ledger, "s", 2, shard=0, balance=10)
