@@ -133,6 +133,8 @@ class Router:
         crossing: dict[int, TransferRequest] = {}
         for i, request in checked:
             a, b = where[request.source], where[request.destination]
+            if request.pending and a != b and not (request.source in self.where and request.destination in self.where):
+                a = b = a if request.source in self.where else b  # refused AccountNotFound, by the known one's shard
             if a == b:
                 parts[a].append((i, request_row(request)))
             elif request.pending:

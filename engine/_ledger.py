@@ -160,10 +160,7 @@ class Ledger:
                 raise InvalidRequest(f"clock_ns must be None or a function returning nanoseconds, got {shown(clock_ns)}")
             clock_ns = checked_clock(clock_ns)
             clock_ns()  # a clock that gives no int fails here, before anything is opened
-        if not (isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool)
-                and 0 < timeout_s <= threading.TIMEOUT_MAX):  # False for NaN
-            raise InvalidRequest(f"timeout_s must be a number of seconds in (0, {threading.TIMEOUT_MAX:.0f}] "
-                                 f"(the most a lock can wait), got {shown(timeout_s)}")
+        check_timeout_s(timeout_s)
         path = check_path(path)
         for name, value, low, high in (
             ("dispatcher_threads", dispatcher_threads, 1, 64),
@@ -647,6 +644,14 @@ def checked_account(account_id: object, currency: object, overdraft_limit: objec
     `InvalidRequest` for the first malformed one."""
     return Account(check_id(account_id, "account id"), check_currency(currency),
                    check_overdraft_limit(overdraft_limit), check_code(code), check_metadata(metadata))
+
+
+def check_timeout_s(timeout_s: object) -> None:
+    """`Ledger.open`'s `timeout_s`; `InvalidRequest` unless a number of seconds a lock can wait."""
+    if not (isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool)
+            and 0 < timeout_s <= threading.TIMEOUT_MAX):  # False for NaN
+        raise InvalidRequest(f"timeout_s must be a number of seconds in (0, {threading.TIMEOUT_MAX:.0f}] "
+                             f"(the most a lock can wait), got {shown(timeout_s)}")
 
 
 def checked_accounts(accounts: object) -> list[Account | LedgerError]:

@@ -2,9 +2,11 @@
 
 A sharded ledger's directory holds `shard-0` .. `shard-{N-1}` (each an ordinary Tally ledger)
 and `tally-shards.json`, the manifest: the shard count, the placement rule and the format
-version. It is written once, atomically (a temporary file, fsynced, renamed, the directory
-fsynced), by the first open; every later open reads it and refuses another shard count
-(`ShardCountMismatch`): resharding is out of scope.
+version. It is written once, atomically (a temporary file, fsynced, linked into place, the
+directory fsynced), by the first open once every shard's ledger is made; every later open reads
+it and refuses another shard count (`ShardCountMismatch`: resharding is out of scope), and a
+shard whose directory is missing or empty (`NotALedger`: opening it would make it anew, empty,
+and lose what it held).
 
 Placement: an account lives on shard `int(sha256(key)) % N`, where `key` is the account id, or
 the `placement` key given to `create_account` (accounts that share a key share a shard, so
@@ -26,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from coordinator import ID_LENGTH_MAX, InvalidRequest, LedgerError, check_id
@@ -111,30 +114,49 @@ def peer_of(clearing_account: str) -> tuple[int, str] | None:
     return int(peer), currency
 
 
-def open_manifest(path: Path, shards: object) -> int:
-    """Read the manifest in `path` (creating the directory and writing it if it has none);
-    the shard count. Raises `InvalidRequest` for a bad `shards`, `ShardCountMismatch` if it
-    differs from the manifest's, `NotALedger`-style `InvalidRequest` for a foreign manifest."""
+def read_manifest(path: Path, shards: object) -> bool:
+    """Check `shards` against the manifest in `path`: True if it has one, False if `path` is
+    a sharded ledger not made yet (missing, empty, or holding only what an open that crashed
+    before writing the manifest left: its temporary files and `shard-i` directories, whose
+    ledgers `engine._shard.Shard.create` checks are empty). Raises `InvalidRequest` for a bad
+    `shards`, a path that is not a directory, a directory that holds something else, or a
+    foreign or damaged manifest; `ShardCountMismatch` if `shards` differs from the manifest's."""
     if type(shards) is not int or not 1 <= shards <= SHARDS_MAX:
         raise InvalidRequest(f"shards must be an int in 1..{SHARDS_MAX}, got {shards!r}")
     manifest = path / MANIFEST_NAME
-    if not manifest.exists():
-        if path.exists() and any(not entry.name.startswith(TEMPORARY_PREFIX) for entry in path.iterdir()):
-            raise InvalidRequest(f"{path} is not empty and holds no {MANIFEST_NAME}: not a sharded ledger")
-        path.mkdir(parents=True, exist_ok=True)
-        _write_once(manifest, {"format": MANIFEST_FORMAT, "shards": shards, "placement": PLACEMENT_RULE})
     try:
+        if path.exists() and not path.is_dir():
+            raise InvalidRequest(f"{path} is not a directory: not a sharded ledger")
+        if not manifest.exists():
+            if path.exists() and any(not _made_by_an_open(entry.name) for entry in path.iterdir()):
+                raise InvalidRequest(f"{path} is not empty and holds no {MANIFEST_NAME}: not a sharded ledger")
+            return False
         found = json.loads(manifest.read_text())
         count, rule, version = found["shards"], found["placement"], found["format"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise InvalidRequest(f"{manifest} is not a readable sharded-ledger manifest: {error}") from error
-    if version != MANIFEST_FORMAT or rule != PLACEMENT_RULE:
-        raise InvalidRequest(f"{manifest} has format {version!r} and placement {rule!r}; this version reads "
-                             f"format {MANIFEST_FORMAT}, placement {PLACEMENT_RULE!r}")
+    if version != MANIFEST_FORMAT or rule != PLACEMENT_RULE or type(count) is not int:
+        raise InvalidRequest(f"{manifest} has format {version!r}, placement {rule!r} and shards {count!r}; this "
+                             f"version reads format {MANIFEST_FORMAT}, placement {PLACEMENT_RULE!r} and an int")
     if count != shards:
         raise ShardCountMismatch(f"{path} holds {count} shards (its manifest says so), not {shards}: open it "
                                  f"with shards={count}")
-    return count
+    return True
+
+
+def write_manifest(path: Path, shards: int) -> None:
+    """Write the manifest of a sharded ledger of `shards` shards in `path`, once every shard's
+    ledger is made (`ShardedLedger.open`); `read_manifest`'s errors if another process wrote
+    one meanwhile that differs."""
+    path.mkdir(parents=True, exist_ok=True)
+    _write_once(path / MANIFEST_NAME, {"format": MANIFEST_FORMAT, "shards": shards, "placement": PLACEMENT_RULE})
+    read_manifest(path, shards)
+
+
+def _made_by_an_open(name: str) -> bool:
+    """Whether an entry of a sharded ledger's directory may be left by an open that made it
+    and crashed before writing the manifest."""
+    return name.startswith(TEMPORARY_PREFIX) or re.fullmatch(r"shard-(0|[1-9][0-9]*)", name) is not None
 
 
 def _write_once(target: Path, content: dict[str, object]) -> None:

@@ -31,7 +31,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from coordinator import LedgerError, LedgerTimeout, LedgerUnavailable
+from coordinator import InvalidRequest, LedgerError, LedgerTimeout, LedgerUnavailable
 
 SHARD_CONCURRENCY = 64
 """Calls one shard actor runs at once (its Ray threads)."""
@@ -113,12 +113,15 @@ def start_shard(path: str, index: int, node_id: str, options: dict[str, Any]) ->
 
     from engine._shard import Shard
 
-    remote = ray.remote(Shard).options(  # type: ignore[attr-defined]
-        max_concurrency=SHARD_CONCURRENCY, max_restarts=-1, max_task_retries=-1, num_cpus=0,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        name=None,
-    )
-    return remote.remote(path, index, options)
+    try:
+        strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
+        remote = ray.remote(Shard).options(  # type: ignore[attr-defined]
+            max_concurrency=SHARD_CONCURRENCY, max_restarts=-1, max_task_retries=-1, num_cpus=0,
+            scheduling_strategy=strategy, name=None,
+        )
+        return remote.remote(path, index, options)
+    except ValueError as error:  # Ray's word for a node id that is not one
+        raise InvalidRequest(f"shard {index}: {node_id!r} is not a Ray node id ({error})") from None
 
 
 def stop_shard(actor: Any) -> None:

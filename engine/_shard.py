@@ -46,6 +46,7 @@ from coordinator import (
     IdempotencyConflict,
     InsufficientFunds,
     LedgerError,
+    NotALedger,
     Resolution,
     Transfer,
     TransferRequest,
@@ -141,14 +142,20 @@ class Shard:
 
     def __init__(self, path: str, index: int, options: Mapping[str, Any]) -> None:
         self.index = index
-        self._opened: Ledger | LedgerError
-        try:
-            self._opened = Ledger.open(path, **options)
-        except LedgerError as error:  # kept, so the router can raise it as itself (`failure`)
-            self._opened = error
-            return
+        self._path, self._options = path, options
         self._made: set[str] = set()
         """The protocol's accounts known to exist here (created at most once per process)."""
+        self._opened: Ledger | LedgerError = NotALedger(
+            f"{path}: shard {index} of this sharded ledger is missing or empty, though its manifest names it (restore "
+            "it: opening would make it anew, empty)")
+        if os.path.isdir(path) and any(os.scandir(path)):  # a ledger is made only by `create`
+            self._open()
+
+    def _open(self) -> None:
+        try:
+            self._opened = Ledger.open(self._path, **self._options)
+        except LedgerError as error:  # kept, so the router can raise it as itself (`failure`)
+            self._opened = error
 
     @property
     def ledger(self) -> Ledger:
@@ -161,6 +168,17 @@ class Shard:
         """What the shard's `Ledger.open` raised (`LedgerLocked`, `JournalCorrupted`...), or None.
         (Raised in `__init__`, it would only reach the router as Ray's message.)"""
         return self._opened if isinstance(self._opened, LedgerError) else None
+
+    def create(self) -> LedgerError | None:
+        """For the open that makes the sharded ledger (it has no manifest yet): make this
+        shard's ledger if it is missing; `failure()`. One made already (by an open that
+        crashed before the manifest) must be empty: else `NotALedger`, not taken over."""
+        if not isinstance(self._opened, Ledger):
+            self._open()
+        elif self._opened.accounts():
+            return NotALedger(f"{self._path} holds a ledger with accounts, but its sharded ledger has no manifest: "
+                              "not made by an open of this sharded ledger")
+        return self.failure()
 
     def pid(self) -> int:
         return os.getpid()
@@ -206,7 +224,9 @@ class Shard:
         in list order, each prepare made a pending transfer to its clearing account (created
         first if new). Rows in, outcome rows out, each list one blob (`engine._wire.pack`);
         durable when it returns. A local transfer whose id is a cross-shard transfer's prepare
-        here gets that `IdempotencyConflict` `restated`, so it names no clearing account."""
+        here gets that `IdempotencyConflict` `restated`, so it names no clearing account; a
+        prepare whose id was refused while its source was unknown (toward the clearing account
+        of no currency) is compared with that refusal, so its exact retry gets it again."""
         rows = unpack_rows(blob)
         requests = [self._prepared(row) if row[0] is None else request_of(row) for row in rows]
         outcomes = self.ledger.transfer_many(requests)
@@ -214,6 +234,8 @@ class Shard:
             if not isinstance(outcome, IdempotencyConflict):
                 continue
             kept = self.ledger.get_transfer(requests[i].id)
+            if kept is None and rows[i][0] is None:  # refused: maybe while its source was unknown (no currency)
+                outcomes[i] = self.ledger.transfer_many([replace(requests[i], destination=clearing_to(rows[i][3], ""))])[0]
             if kept is None or peer_of(kept.destination) is None:
                 continue
             if rows[i][0] is not None:

@@ -60,9 +60,17 @@ from coordinator import (
 )
 
 from engine import _ray
-from engine._ledger import Ledger
+from engine._ledger import Ledger, check_timeout_s, checked_accounts
 from engine._crossing import Router, checked_request
-from engine._placement import SEPARATOR, CrossShardRefused, check_user_id, open_manifest, peer_of, shard_of
+from engine._placement import (
+    SEPARATOR,
+    CrossShardRefused,
+    check_user_id,
+    peer_of,
+    read_manifest,
+    shard_of,
+    write_manifest,
+)
 
 SHARD_PREFIX = "shard-"
 OPEN_WAIT_S = 600.0
@@ -99,12 +107,15 @@ class ShardedLedger:
 
         Raises `InvalidRequest` (bad arguments, or a directory that is not a sharded ledger),
         `ShardCountMismatch` if `shards` differs from the count the directory was made with,
-        and whatever a shard's `Ledger.open` raises.
+        `NotALedger` if a shard's directory is missing or empty (restore it: it is not made
+        anew, empty, once the manifest exists), and whatever a shard's `Ledger.open` raises.
         """
         _check_options(ledger_options)
         root = Path(os.fspath(path)).absolute()
-        count = open_manifest(root, shards)
-        if nodes is not None and (isinstance(nodes, str) or len(nodes) != count):
+        made = read_manifest(root, shards)
+        count: int = shards
+        if nodes is not None and (not isinstance(nodes, Sequence) or isinstance(nodes, str) or len(nodes) != count
+                                  or not all(isinstance(node, str) for node in nodes)):
             raise InvalidRequest(f"nodes must list one Ray node id per shard ({count}), got {nodes!r}")
         timeout_s = ledger_options.get("timeout_s", TIMEOUT_S_DEFAULT)
         started = _ray.join(address)
@@ -114,9 +125,13 @@ class ShardedLedger:
             actors = [_ray.start_shard(str(root / f"{SHARD_PREFIX}{i}"), i, placed[i], dict(ledger_options))
                       for i in range(count)]
             router = Router(actors, float(timeout_s))
-            for failure in router.everywhere("failure", timeout_s=max(OPEN_WAIT_S, router.timeout_s)):
+            # A shard's ledger is made only by the open that writes the manifest, once all are made.
+            for failure in router.everywhere("failure" if made else "create",
+                                             timeout_s=max(OPEN_WAIT_S, router.timeout_s)):
                 if failure is not None:
                     raise failure
+            if not made:
+                write_manifest(root, count)
             router.fill()
             ledger = cls(root, router, actors, started)
             ledger.recovered_in_doubt = router.recover()
@@ -171,23 +186,36 @@ class ShardedLedger:
         """`Ledger.create_accounts` across shards (one call per shard): one outcome per item,
         in order; `placements`, if given, one placement key (or None) per account."""
         router = self._live()
-        keys = list(placements) if placements is not None else [None] * len(accounts)
-        if len(keys) != len(accounts):
+        checked = checked_accounts(accounts)
+        if placements is not None and (not isinstance(placements, Sequence) or isinstance(placements, (str, bytes))):
+            raise InvalidRequest(f"placements must be a sequence of keys (or None), got {type(placements).__name__}")
+        keys = list(placements) if placements is not None else [None] * len(checked)
+        if len(keys) != len(checked):
             raise InvalidRequest("placements must give one key (or None) per account")
-        results: list[Account | LedgerError | None] = [None] * len(accounts)
-        with router.creating:  # one id is never created on two shards
-            where = router.locate([account.id for account in accounts if isinstance(account, Account)])
+        results: list[Account | LedgerError] = list(checked)
+        for i, (account, key) in enumerate(zip(checked, keys, strict=True)):
+            try:
+                if isinstance(account, Account):
+                    check_user_id(account.id, "account id")
+                    if key is not None:
+                        check_user_id(key, "placement")
+            except LedgerError as error:
+                results[i] = error
+        with router.creating:  # one id is never created on two shards (nor placed twice by one list)
+            router.locate([account.id for account in results if isinstance(account, Account)])
+            placed: dict[str, int] = {}  # the shard of each id earlier in this list
             parts: dict[int, list[tuple[int, Account]]] = {}
-            for i, (account, key) in enumerate(zip(accounts, keys, strict=True)):
-                try:
-                    check_user_id(getattr(account, "id", None), "account id")
-                    shard = shard_of(key if key is not None else account.id, router.shards)
-                    if account.id in router.where and router.where[account.id] != shard:
-                        raise AccountExists(f"account {account.id!r} exists on shard {where[account.id]}, not "
-                                            f"on shard {shard} where this placement puts it")
-                    parts.setdefault(shard, []).append((i, account))
-                except LedgerError as error:
-                    results[i] = error
+            for i, (account, key) in enumerate(zip(results, keys, strict=True)):
+                if not isinstance(account, Account):
+                    continue
+                shard = shard_of(key if key is not None else account.id, router.shards)
+                home = router.where.get(account.id, placed.get(account.id))
+                if home is not None and home != shard:
+                    results[i] = AccountExists(f"account {account.id!r} exists (or comes earlier in this list) on "
+                                               f"shard {home}, not on shard {shard} where this placement puts it")
+                    continue
+                placed[account.id] = shard
+                parts.setdefault(shard, []).append((i, account))
             replies = router.on({s: ("create_accounts", [a for _, a in part]) for s, part in parts.items()})
             for shard, part in parts.items():
                 for (i, account), outcome in zip(part, replies[shard], strict=True):
@@ -265,11 +293,15 @@ class ShardedLedger:
 
     def transfer_linked(self, requests: Sequence[TransferRequest]) -> list[Transfer]:
         """`Ledger.transfer_linked` on the one shard every leg's accounts live on; legs on more
-        than one shard raise `CrossShardRefused` (nothing written: colocate with `placement`)."""
+        than one shard raise `CrossShardRefused` (nothing written: colocate with `placement`).
+        An account that no shard has does not count: the chain's shard refuses it, as a
+        `Ledger` does (`LinkedTransferFailed`, its cause `AccountNotFound`)."""
         router = self._live()
         checked = [checked_request(request) for request in check_chain(requests)]
-        where = router.locate([name for r in checked for name in (r.source, r.destination)])
-        shards = set(where.values())
+        names = [name for r in checked for name in (r.source, r.destination)]
+        where = router.locate(names)
+        # An account no shard has is refused AccountNotFound by the shard of the others.
+        shards = {where[name] for name in names if name in router.where} or {where[names[0]]}
         if len(shards) != 1:
             raise CrossShardRefused(f"the legs of this linked chain touch shards {sorted(shards)}: a linked chain "
                                     "runs within one shard (colocate its accounts with placement)")
@@ -317,6 +349,8 @@ class ShardedLedger:
         """Every account's balance on shard `shard`, the protocol's clearing accounts included
         (for audits: each shard's posted balances sum to zero)."""
         router = self._live()
+        if type(shard) is not int or not 0 <= shard < router.shards:
+            raise InvalidRequest(f"shard must be an int in 0..{router.shards - 1}, got {shard!r}")
         return _ray.gather([router.actors[shard].balances.remote()], self.timeout_s)[0]  # type: ignore[no-any-return]
 
     def pids(self) -> list[int]:
@@ -350,11 +384,13 @@ class ShardedLedger:
 
 
 def _check_options(options: dict[str, Any]) -> None:
-    """`InvalidRequest` for an option `Ledger.open` does not take, or `readonly` (a shard is
-    written through its actor only); the values are checked by each shard's open."""
+    """`InvalidRequest` for an option `Ledger.open` does not take, `readonly` (a shard is
+    written through its actor only), or a bad `timeout_s`; the other values are checked by
+    each shard's open."""
     try:
         inspect.signature(Ledger.open).bind("path", **options)
     except TypeError as error:
         raise InvalidRequest(f"ShardedLedger.open: {error} (ledger_options go to each shard's Ledger.open)") from None
     if options.get("readonly"):
         raise InvalidRequest("a sharded ledger opens its shards for writing: readonly is not supported")
+    check_timeout_s(options.get("timeout_s", TIMEOUT_S_DEFAULT))  # it bounds the router's waits too
