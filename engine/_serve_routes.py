@@ -143,7 +143,8 @@ def _spelled_out(request: Request, route: str) -> bool:
     raw: bytes | None = request.scope.get("raw_path")
     if raw is None:  # a server that does not say: trust the decoded path
         return True
-    return unquote_to_bytes(raw.rsplit(b"/", 1)[-1]) == route.encode()
+    path = raw.split(b"?", 1)[0]  # (a query, should a server leave it there: a path carries `?` encoded)
+    return unquote_to_bytes(path.rsplit(b"/", 1)[-1]) == route.encode()
 
 
 def _journaled(error: LedgerError) -> bool:

@@ -281,6 +281,19 @@ def test_a_different_body_under_a_used_key_is_a_409_conflict(client: httpx.Clien
     assert exists.status_code == 409 and error_of(exists)["code"] == "account_exists"
 
 
+def test_a_conflicts_message_says_what_differs_when_only_the_chain_does(client: httpx.Client) -> None:
+    bank, alice = funded(client, 10)
+    leg = {"source": bank, "destination": alice, "amount": 1}
+    single, chained = fresh("single"), fresh("chained")
+    assert write(client, "/transfers", single, leg).status_code == 201
+    assert write(client, "/transfers/linked", chained, {"legs": [leg, leg]}).status_code == 201
+    for key, legs in ((single, [leg]), (chained, [leg])):  # the same first leg, in another chain or none
+        conflict = write(client, "/transfers/linked", key, {"legs": legs})
+        assert conflict.status_code == 409 and error_of(conflict)["code"] == "idempotency_conflict"
+        message = str(error_of(conflict)["message"])
+        assert not message.rstrip().endswith("differs in") and "linked chain" in message, message
+
+
 def test_concurrent_requests_with_one_key_are_an_original_and_replays(server: Server, client: httpx.Client) -> None:
     import concurrent.futures
 
