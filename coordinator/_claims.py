@@ -105,6 +105,8 @@ def _differs(prior: Request, request: Request) -> str:
     if type(prior) is not type(request):
         return f"another kind of request ({_shown_request(prior)})"
     changed = [name for name in prior.__slots__ if getattr(prior, name) != getattr(request, name)]  # type: ignore[union-attr]
+    if not changed:  # the very request, in another linked chain or in none
+        return f"{_shown_request(prior)}; the retry is the same request in another linked chain (or in none)"
     return f"{_shown_request(prior)}; the retry differs in {', '.join(changed)}"
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -291,6 +292,13 @@ class AsyncLedger(LoopWrites, LoopFollowing):
                 raise LedgerClosed(f"the ledger at {self.path} is closed") from None
             raise
 
+def _close_unclaimed(opening: asyncio.Future[Ledger]) -> None:
+    """Close the ledger an `AsyncLedger.open` whose caller was cancelled went on to open."""
+    if opening.cancelled() or opening.exception() is not None:
+        return
+    threading.Thread(target=opening.result().close, name="tally-async-unclaimed-close").start()
+
+
 class _Opening:
     """`AsyncLedger.open`'s result: awaitable, and an async context manager."""
 
@@ -300,8 +308,16 @@ class _Opening:
         self._ledger: AsyncLedger | None = None
 
     async def _open(self) -> AsyncLedger:
+        """Open on a worker thread. Cancelled meanwhile (`asyncio.wait_for` on a ledger slow to
+        recover), the open goes on there: the ledger it opens for nobody is closed, on a thread
+        of its own, rather than left open holding the directory for the life of the process."""
         loop = asyncio.get_running_loop()
-        ledger = await asyncio.to_thread(partial(Ledger.open, self._path, **self._options))
+        opening = loop.run_in_executor(None, partial(Ledger.open, self._path, **self._options))
+        try:
+            ledger = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(_close_unclaimed)
+            raise
         return AsyncLedger(ledger, loop)
 
     def __await__(self) -> Generator[Any, None, AsyncLedger]:

@@ -8,7 +8,7 @@ hand it a double with a fault injected and watch it fail.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -54,14 +54,19 @@ CHECK_HOLDS = "no reservation is left: each account's pending and incoming are i
 CHECK_PENDING_ENDED = "every pending transfer ended posted, voided or expired, or is still pending with its hold counted"
 CHECK_LINKED = "every linked chain is all-or-nothing"
 CHECK_REOPEN = "close and reopen give the same state hash"
+CHECK_EXPLAINED = "every entry is of a transfer the run sent (no money moved twice, or unasked)"
 
 _MOVES = ("single", "post")
 """The kinds of transfer that make entries (a debit and a credit)."""
 _ENDED = {"post": "posted", "post-part": "posted", "void": "voided"}
 
 
-def audit_replies(ledger: AuditedLedger, replies: Replies, reopen: Callable[[], bool] | None = None) -> dict[str, bool]:
-    """Every check, by name: True passed. `reopen` closes, reopens and compares hashes."""
+def audit_replies(ledger: AuditedLedger, replies: Replies, reopen: Callable[[], bool] | None = None,
+                  sent: Collection[str] | None = None) -> dict[str, bool]:
+    """Every check, by name: True passed. `reopen` closes, reopens and compares hashes. `sent`,
+    every transfer id the run sent (whatever its reply, or none): each entry must be of one of
+    them, else money moved that no request of the run asked for (a retry applied again under
+    an id of the server's own, say), which every other check can miss: the moves balance."""
     checks: dict[str, bool] = {}
     appearances: Counter[str] = Counter()
     placements: dict[str, set[tuple[str, int]]] = {}
@@ -103,6 +108,8 @@ def audit_replies(ledger: AuditedLedger, replies: Replies, reopen: Callable[[], 
         all(ledger.get_transfer(leg.id) is not None and appearances[leg.id] == 2 for leg in legs) if code is None
         else all(ledger.get_transfer(leg.id) is None and not appearances[leg.id] for leg in legs)
         for legs, code in replies.chains)
+    if sent is not None:
+        checks[CHECK_EXPLAINED] = all(tid in sent for tid in appearances)
     if reopen is not None:
         checks[CHECK_REOPEN] = reopen()
     return checks

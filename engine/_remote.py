@@ -140,6 +140,7 @@ class RemoteLedger:
         self._lock = threading.Lock()
         self._created: dict[str, None] = {}
         self._answered: set[str] = set()
+        self._sent: set[str] = set()
         self.faults: list[str] = []
         self.fault_count = 0
 
@@ -212,6 +213,7 @@ class RemoteLedger:
         """`POST /transfers` keyed by `transfer_id`. Raises as `Ledger.transfer`."""
         body = _transfer_body(TransferRequest(transfer_id, source, destination, amount, code, reference, metadata,
                                               pending, timeout_s))
+        self._sending(transfer_id)
         return self._read(Transfer, self._send("POST", "/transfers", key=transfer_id, body=body))
 
     def transfer_many(self, requests: Sequence[TransferRequest]) -> list[Transfer | LedgerError]:
@@ -226,6 +228,7 @@ class RemoteLedger:
         Raises `LinkedTransferFailed`."""
         assert requests, "a chain has at least one leg"
         body = {"legs": [{"id": r.id, **_transfer_body(r)} for r in requests]}
+        self._sending(*(r.id for r in requests))
         reply = self._send("POST", "/transfers/linked", key=requests[0].id, body=body)
         return [self._read(Transfer, row) for row in self._rows(reply, "transfers")]
 
@@ -233,6 +236,7 @@ class RemoteLedger:
                      reference: str | None = None, metadata: Mapping[str, str | int] | None = None) -> Transfer:
         """`POST /transfers/{pending_id}/post` keyed by `transfer_id`. Raises as `Ledger.post_pending`."""
         body = _optional(amount=amount, reference=reference, metadata=metadata)
+        self._sending(transfer_id)
         reply = self._send("POST", f"/transfers/{_part(pending_id)}/post", key=transfer_id, body=body)
         return self._read(Transfer, reply)
 
@@ -240,6 +244,7 @@ class RemoteLedger:
                      metadata: Mapping[str, str | int] | None = None) -> Transfer:
         """`POST /transfers/{pending_id}/void` keyed by `transfer_id`. Raises as `Ledger.void_pending`."""
         body = _optional(reference=reference, metadata=metadata)
+        self._sending(transfer_id)
         reply = self._send("POST", f"/transfers/{_part(pending_id)}/void", key=transfer_id, body=body)
         return self._read(Transfer, reply)
 
@@ -249,6 +254,16 @@ class RemoteLedger:
             return self._read(Transfer, self._send("GET", f"/transfers/{_part(transfer_id)}", missing_ok=True))
         except _Missing:
             return None
+
+    def sent(self) -> frozenset[str]:
+        """Every transfer id this client has sent (a transfer, a chain's legs, a post, a void),
+        whatever the reply: the ids whose entries an audit can explain."""
+        with self._lock:
+            return frozenset(self._sent)
+
+    def _sending(self, *transfer_ids: str) -> None:
+        with self._lock:
+            self._sent.update(transfer_ids)
 
     # --- the wire ------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote_to_bytes
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -99,12 +100,15 @@ def _ledger(request: Request) -> AsyncLedger:
     return ledger
 
 
-def _key(header: str | None, body_id: str | None) -> str:
-    """The request's idempotency key: the header, as UTF-8; `InvalidRequest` if it is missing
-    or the body names another id."""
+def _key(request: Request, header: str | None, body_id: str | None) -> str:
+    """The request's idempotency key: the header, as UTF-8; `InvalidRequest` if it is missing,
+    given more than once (which would be the id?), or the body names another id."""
     if header is None:
         raise InvalidRequest("the Idempotency-Key header is required: it is the id of what this request writes, "
                              "and a retry with the same key and body replays the answer")
+    if len(request.headers.getlist("idempotency-key")) > 1:
+        raise InvalidRequest("the Idempotency-Key header is given more than once: give it once, the id of what "
+                             "this request writes")
     try:
         key = header.encode("latin-1").decode("utf-8")  # the header's bytes, as HTTP carries them
     except UnicodeError:
@@ -132,6 +136,17 @@ async def _written(request: Request, key: str, write: Callable[[], Awaitable[Acc
                         replayed=prior is not None)
 
 
+def _spelled_out(request: Request, route: str) -> bool:
+    """Whether the path's last segment, as the client sent it, is `route` (percent-encoded or
+    not): routes match the decoded path, where `/accounts/x%2Fbalance`, the account
+    "x/balance", looks like the balance route of the account "x"."""
+    raw: bytes | None = request.scope.get("raw_path")
+    if raw is None:  # a server that does not say: trust the decoded path
+        return True
+    path = raw.split(b"?", 1)[0]  # (a query, should a server leave it there: a path carries `?` encoded)
+    return unquote_to_bytes(path.rsplit(b"/", 1)[-1]) == route.encode()
+
+
 def _journaled(error: LedgerError) -> bool:
     """Whether `error` is a refusal the journal keeps (so a retry is a replay), not an
     operating error (timeout, closed...) or an invalid request, which record nothing."""
@@ -144,7 +159,7 @@ async def create_account(request: Request, body: AccountBody, idempotency_key: K
     """Open an account; the Idempotency-Key is its id. The same key and body again replays the
     answer; different parameters are 409 account_exists."""
     ledger = _ledger(request)
-    key = _key(idempotency_key, body.id)
+    key = _key(request, idempotency_key, body.id)
 
     async def prior_of(account_id: str) -> Account | None:
         try:
@@ -163,6 +178,8 @@ async def balance(request: Request, account_id: str, at_lsn: int | None = None,
                   at_timestamp: int | None = None) -> Response:
     """Its balance now, or after the record at `at_lsn`, or at `at_timestamp` (nanoseconds
     since the epoch): at most one of the two."""
+    if not _spelled_out(request, "balance"):  # the account whose id ends in "/balance"
+        return await account(request, f"{account_id}/balance")
     found = await _ledger(request).balance(account_id, at_lsn=at_lsn, at_timestamp=at_timestamp)
     return JSONResponse(jsonable(found))
 
@@ -173,6 +190,8 @@ async def entries(request: Request, account_id: str, after: int = 0,
                   limit: Annotated[int, Query(ge=0, le=ENTRIES_PAGE_MAX)] = ENTRIES_PAGE_DEFAULT) -> Response:
     """Its entries with seq > `after`, in seq order, at most `limit`; the next page is
     `after` = the last one's seq."""
+    if not _spelled_out(request, "entries"):  # the account whose id ends in "/entries"
+        return await account(request, f"{account_id}/entries")
     found = await _ledger(request).entries(account_id, after, limit)
     return JSONResponse({"entries": jsonable(found)})
 
@@ -190,7 +209,7 @@ async def transfer(request: Request, body: TransferBody, idempotency_key: KeyHea
     """Move `amount` from `source` to `destination` (with `pending`, hold it); the
     Idempotency-Key is the transfer's id. Answers once the outcome is durable."""
     ledger = _ledger(request)
-    key = _key(idempotency_key, body.id)
+    key = _key(request, idempotency_key, body.id)
     return await _written(request, key, lambda: ledger.transfer(
         key, source=body.source, destination=body.destination, amount=body.amount, code=body.code,
         reference=body.reference, metadata=body.metadata, pending=body.pending, timeout_s=body.timeout_s),
@@ -204,7 +223,7 @@ async def transfer_linked(request: Request, body: LinkedBody, idempotency_key: K
     (`legs[0].id` omitted or equal to it); a later leg `i` without an id gets `{key}.{i}`.
     A refusal is 422 linked_transfer_failed with the leg's `index` and its `cause`."""
     ledger = _ledger(request)
-    key = _key(idempotency_key, body.legs[0].id)
+    key = _key(request, idempotency_key, body.legs[0].id)
     requests = [TransferRequest(key if i == 0 else leg.id if leg.id is not None else f"{key}.{i}", leg.source,
                                 leg.destination, leg.amount, leg.code, leg.reference, leg.metadata, leg.pending,
                                 leg.timeout_s)
@@ -220,7 +239,7 @@ async def post_pending(request: Request, pending_id: str, body: PostBody | None 
     own transfer id. The body may be empty."""
     ledger = _ledger(request)
     body = body or PostBody()
-    key = _key(idempotency_key, body.id)
+    key = _key(request, idempotency_key, body.id)
     return await _written(request, key, lambda: ledger.post_pending(
         key, pending_id=pending_id, amount=body.amount, reference=body.reference, metadata=body.metadata),
         ledger.outcome)
@@ -234,7 +253,7 @@ async def void_pending(request: Request, pending_id: str, body: VoidBody | None 
     transfer id. The body may be empty."""
     ledger = _ledger(request)
     body = body or VoidBody()
-    key = _key(idempotency_key, body.id)
+    key = _key(request, idempotency_key, body.id)
     return await _written(request, key, lambda: ledger.void_pending(
         key, pending_id=pending_id, reference=body.reference, metadata=body.metadata), ledger.outcome)
 

@@ -24,6 +24,8 @@ from coordinator import (
     AMOUNT_MAX,
     REJECTIONS,
     Account,
+    IdempotencyConflict,
+    InvalidRequest,
     LedgerError,
     LinkedTransferFailed,
     Transfer,
@@ -292,16 +294,34 @@ def _record(state: tuple[Replies, dict[str, int], list[float], list[tuple[float,
                 replies.acknowledged.update((made.id, made) for made in outcome)
         elif op.retry:
             replies.retries += 1
-            before = replies.acknowledged.get(op.transfer_id) or replies.refused.get(op.transfer_id)
-            same = (before == outcome) if isinstance(outcome, Transfer) else (
-                isinstance(before, tuple) and isinstance(outcome, LedgerError) and before[3] == outcome.code)
-            if not same:
-                replies.retry_mismatches.append(op.transfer_id)
-        elif isinstance(outcome, Transfer):
-            replies.acknowledged[op.transfer_id] = outcome
-        elif outcome.code in REJECTIONS:  # journaled refusals: the id stays refused
-            replies.refused[op.transfer_id] = (op.source, op.destination, op.amount, outcome.code)
+            _record_retry(replies, op, outcome)
+        else:
+            _record_single(replies, op, outcome)
     return refused
+
+
+def _record_single(replies: Replies, op: Op, outcome: Transfer | LedgerError) -> None:
+    if isinstance(outcome, Transfer):
+        replies.acknowledged[op.transfer_id] = outcome
+    elif outcome.code in REJECTIONS:  # journaled refusals: the id stays refused
+        replies.refused[op.transfer_id] = (op.source, op.destination, op.amount, outcome.code)
+
+
+def _record_retry(replies: Replies, op: Op, outcome: Transfer | LedgerError) -> None:
+    """A retry's reply, compared with the first outcome told for its id. A reply that tells
+    none (a timeout, a ledger unavailable or closed, a server overloaded or not answering) is
+    no mismatch; one after replies that told none is the first outcome told."""
+    if not isinstance(outcome, Transfer) and outcome.code not in REJECTIONS and not isinstance(
+            outcome, (IdempotencyConflict, InvalidRequest)):
+        return
+    before = replies.acknowledged.get(op.transfer_id) or replies.refused.get(op.transfer_id)
+    if before is None and (isinstance(outcome, Transfer) or outcome.code in REJECTIONS):
+        _record_single(replies, op, outcome)
+        return
+    same = (before == outcome) if isinstance(outcome, Transfer) else (
+        isinstance(before, tuple) and before[3] == outcome.code)
+    if not same:
+        replies.retry_mismatches.append(op.transfer_id)
 
 
 def _record_pending(replies: Replies, op: Op, made: Transfer | LedgerError,

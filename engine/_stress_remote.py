@@ -6,7 +6,9 @@ clients, progress and report as a local run (`engine._stress`). The run's accoun
 ids start with a prefix of its own (`rXXXXXXXX-`), so a server holding other books is not
 disturbed, and the audit covers the accounts the run opened: their entries, balances and sum
 (money is conserved among them, since the run moves money only between them), and every reply
-it got. Replies outside the HTTP contract fail the verdict (`CHECK_CONTRACT`). Nothing is
+it got, and that no entry is of a transfer the run did not send (a server may move money of
+its own accord, or twice for a retry, in moves that balance). Replies outside the HTTP
+contract fail the verdict (`CHECK_CONTRACT`). Nothing is
 closed or reopened: the server's state hash is not read.
 
 A run needs httpx (through `engine._remote`: the `serve` extra); the option checks do not.
@@ -51,7 +53,7 @@ def run_remote_stress(config: StressConfig, token: str | None = None, progress: 
         _open_accounts(ledger, names, config, bank=f"{run}-bank")
         replies = _fire(ledger, picker, config, report, progress, run)
         _await_expiries(ledger, replies)
-        report.checks = audit_replies(ledger, replies)
+        report.checks = audit_replies(ledger, replies, sent=ledger.sent())
         report.checks[CHECK_CONTRACT] = not ledger.fault_count
         report.remote = {"url": ledger.url, "run_prefix": run, "faults": ledger.faults,
                          "fault_count": ledger.fault_count}

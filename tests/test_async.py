@@ -33,6 +33,9 @@ from journal import Completion
 
 T = TypeVar("T")
 
+WAIT_S = 30.0
+"""Longest a test waits for a thread's event."""
+
 COROUTINES = ("transfer", "transfer_many", "transfer_linked", "post_pending", "void_pending", "create_account",
               "create_accounts", "account", "balance", "entries", "get_transfer", "outcome", "transfers",
               "accounts", "state_hash", "head", "stats", "expire_pending", "close")
@@ -308,6 +311,40 @@ def test_a_closed_or_foreign_loop_call_is_refused(tmp_path: Path) -> None:
             await ledger.balance("a")
 
     run(tmp_path / "l", closed)
+
+
+def test_an_open_cancelled_while_the_ledger_opens_leaves_it_closed_not_locked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`asyncio.wait_for(AsyncLedger.open(p), 5)` on a ledger slow to recover: the open goes on
+    on its thread; the ledger it opens must be closed, not left holding the directory."""
+    Ledger.open(tmp_path / "l").close()
+    opening, go_on, closed = threading.Event(), threading.Event(), threading.Event()
+    real_open, real_close = Ledger.open, Ledger.close
+
+    def slow_open(path: Path, **options: object) -> Ledger:
+        opening.set()
+        assert go_on.wait(WAIT_S)
+        return real_open(path, **options)  # type: ignore[arg-type]
+
+    def noted_close(self: Ledger) -> None:
+        real_close(self)
+        closed.set()
+
+    async def main() -> None:
+        monkeypatch.setattr(Ledger, "open", staticmethod(slow_open))
+        monkeypatch.setattr(Ledger, "close", noted_close)
+        task = asyncio.ensure_future(AsyncLedger.open(tmp_path / "l"))
+        assert await asyncio.to_thread(opening.wait, WAIT_S)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        monkeypatch.setattr(Ledger, "open", real_open)
+        go_on.set()
+        assert await asyncio.to_thread(closed.wait, WAIT_S)  # the ledger opened for nobody is closed
+        async with AsyncLedger.open(tmp_path / "l") as ledger:  # not LedgerLocked
+            assert await ledger.accounts() == []
+
+    asyncio.run(main())
 
 
 def test_a_read_only_async_ledger_reads_and_refuses_writes(tmp_path: Path) -> None:

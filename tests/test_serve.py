@@ -281,6 +281,19 @@ def test_a_different_body_under_a_used_key_is_a_409_conflict(client: httpx.Clien
     assert exists.status_code == 409 and error_of(exists)["code"] == "account_exists"
 
 
+def test_a_conflicts_message_says_what_differs_when_only_the_chain_does(client: httpx.Client) -> None:
+    bank, alice = funded(client, 10)
+    leg = {"source": bank, "destination": alice, "amount": 1}
+    single, chained = fresh("single"), fresh("chained")
+    assert write(client, "/transfers", single, leg).status_code == 201
+    assert write(client, "/transfers/linked", chained, {"legs": [leg, leg]}).status_code == 201
+    for key, legs in ((single, [leg]), (chained, [leg])):  # the same first leg, in another chain or none
+        conflict = write(client, "/transfers/linked", key, {"legs": legs})
+        assert conflict.status_code == 409 and error_of(conflict)["code"] == "idempotency_conflict"
+        message = str(error_of(conflict)["message"])
+        assert not message.rstrip().endswith("differs in") and "linked chain" in message, message
+
+
 def test_concurrent_requests_with_one_key_are_an_original_and_replays(server: Server, client: httpx.Client) -> None:
     import concurrent.futures
 
@@ -322,6 +335,32 @@ def test_ids_may_hold_any_character_a_percent_encoded_path_carries(client: httpx
     path = f"/transfers/{quote(odd, safe='')}"
     assert client.get(path).json()["id"] == odd
     assert write(client, path + "/void", fresh("v")).json()["pending_id"] == odd
+
+
+def test_an_account_whose_id_ends_in_a_routes_name_is_read_as_itself(client: httpx.Client) -> None:
+    """`/accounts/x%2Fbalance` is the account "x/balance", not the balance of "x": the routes
+    match the decoded path, where the encoded `/` looks like the route's own."""
+    bank, alice = funded(client, 10)
+    for route in ("balance", "entries"):
+        odd = f"{alice}/{route}"
+        assert write(client, "/accounts", odd.encode(), {"currency": "EUR"}).status_code == 201
+        read = client.get(f"/accounts/{quote(odd, safe='')}")
+        assert read.status_code == 200 and read.json()["id"] == odd and read.json()["currency"] == "EUR", read.text
+        assert client.get(f"/accounts/{quote(odd, safe='')}/{route}").status_code == 200
+    assert client.get(f"/accounts/{quote(alice, safe='')}/balance").json()["posted"] == 10  # the route, spelled out
+    assert client.get(f"/accounts/{alice}/%65ntries").json()["entries"][0]["amount"] == 10  # the route, encoded
+
+
+def test_two_different_idempotency_keys_are_400_and_write_nothing(client: httpx.Client) -> None:
+    bank, alice = funded(client, 10)
+    first, second = fresh("two"), fresh("two")
+    refused = client.post("/transfers", json={"source": alice, "destination": bank, "amount": 1},
+                          headers=[("Idempotency-Key", first), ("Idempotency-Key", second)])
+    assert refused.status_code == 400 and error_of(refused)["code"] == "invalid_request", refused.text
+    assert "Idempotency-Key" in str(error_of(refused)["message"])
+    assert client.get(f"/transfers/{first}").status_code == 404
+    assert client.get(f"/transfers/{second}").status_code == 404
+    assert client.get(f"/accounts/{alice}/balance").json()["posted"] == 10
 
 
 def test_a_key_that_is_no_id_is_400(client: httpx.Client) -> None:

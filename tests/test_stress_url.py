@@ -7,6 +7,7 @@ make no sense remotely are refused; the client turns error bodies back into `Led
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import re
@@ -34,7 +35,8 @@ from engine import (
     Transfer,
     TransferRequest,
 )
-from engine._remote import RemoteLedger, UnexpectedReply
+from engine._auditor import CHECK_EXPLAINED
+from engine._remote import RemoteLedger, ServerOverloaded, UnexpectedReply
 from engine._stress import StressConfig
 from engine._stress_remote import CHECK_CONTRACT, run_remote_stress
 
@@ -108,7 +110,10 @@ class StandIn(ThreadingHTTPServer):
     """The routes `tally stress --url` uses, over an in-process `Ledger`. `lie_about` ends the
     name of an account whose posted balance it reports one too high, or of a transfer it reads
     back with an amount one too high; `statuses` maps an error code to its HTTP status (422 if
-    absent); `marks_replays` False leaves the Idempotency-Replayed header off."""
+    absent); `marks_replays` False leaves the Idempotency-Replayed header off; `doubles_retries`
+    applies a `POST /transfers` sent again a second time (under an id of its own), answering it
+    as the replay it should be; `overloads_retries` turns away such a retry of a transfer made,
+    503 `overloaded`, as an honest server at its bound of requests does (nothing written)."""
 
     daemon_threads = True
 
@@ -119,6 +124,8 @@ class StandIn(ThreadingHTTPServer):
         self.answered: set[str] = set()
         self.statuses = dict(_STATUS)
         self.marks_replays = True
+        self.doubles_retries = False
+        self.overloads_retries = False
         self.lock = threading.Lock()
 
     @property
@@ -169,8 +176,14 @@ class _Handler(BaseHTTPRequestHandler):
         ledger = self.server.ledger
         if path == "/accounts":
             return _plain(ledger.create_account(body.pop("id"), **body))
+        if (path == "/transfers" and self.server.overloads_retries and key in self.server.answered
+                and ledger.get_transfer(key) is not None):  # a transfer made (not a refusal the audit sends again)
+            raise ServerOverloaded("this server is serving its limit of requests at once: retry later")
         if path == "/transfers":
             made: Any = ledger.transfer(key, **body)
+            if self.server.doubles_retries and key in self.server.answered:
+                with contextlib.suppress(LedgerError):
+                    ledger.transfer(f"{key}-again", **body)  # the money moves a second time
         elif path == "/transfers/linked":
             made = ledger.transfer_linked([TransferRequest(**leg) for leg in body["legs"]])
         elif path.endswith("/post"):
@@ -293,6 +306,33 @@ def test_a_server_that_lies_fails_the_run_with_a_clear_line(stand_in: StandIn, l
     assert done.returncode == 1, done.stdout + done.stderr
     assert failed in done.stdout
     assert "verdict: FAILED" in done.stdout
+
+
+@pytest.mark.timeout(60)
+def test_a_server_that_moves_retried_money_twice_fails_the_run(stand_in: StandIn) -> None:
+    """Each retry answered as a replay (same transfer, marked), but the money moved again under an
+    id the run never sent: every acknowledged transfer is there once, money is conserved among
+    the run's accounts, balances run gaplessly; only entries the run cannot explain show it."""
+    stand_in.doubles_retries = True
+    config = StressConfig(accounts=10, clients=2, transfers=300, amount_max=40, retry_rate=0.2, seed=7,
+                          url=stand_in.url)
+    report = run_remote_stress(config, progress=False)
+    assert any(made.id.endswith("-again") for made in stand_in.ledger.transfers(limit=10_000))
+    assert report.checks[CHECK_EXPLAINED] is False, report.checks
+    assert not report.ok
+
+
+@pytest.mark.timeout(60)
+def test_a_retry_turned_away_by_an_overloaded_server_is_no_mismatch(stand_in: StandIn) -> None:
+    """503 `overloaded` (or `timeout`, or no answer) to a retry is no outcome: it neither differs
+    from the original nor fails the run, whose books are whole."""
+    stand_in.overloads_retries = True
+    stand_in.statuses["overloaded"] = 503
+    config = StressConfig(accounts=10, clients=2, transfers=200, amount_max=40, retry_rate=0.2, seed=7,
+                          url=stand_in.url)
+    report = run_remote_stress(config, progress=False)
+    assert report.outcomes.get("overloaded", 0) > 0, report.outcomes
+    assert report.ok, report.checks
 
 
 @pytest.mark.timeout(30)
