@@ -355,6 +355,8 @@ class Coordinator:
                                                 "decided; nothing was written for it")
         elif isinstance(error, JournalError):
             failure = LedgerUnavailable(f"the journal cannot be written: {error}")
+        elif isinstance(error, LedgerError):  # e.g. a bad reading of a clock of the caller's own
+            failure = error
         else:
             failure = LedgerUnavailable(f"transfer {ticket.request.id!r} was not decided: {error!r}")
         if ticket.resolve(failure):

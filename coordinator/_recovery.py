@@ -234,7 +234,7 @@ def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> list[list[Any]]
         record = decode(at, payload)
         if record[0] != CHECKPOINT4:
             raise _corrupt(at, "a checkpoint names it as the one before, but it is not a CHECKPOINT4")
-        rows = record[6]
+        rows = record[6][::-1]  # (from its end: of two rows of one account, the last is kept, as a dict keeps it)
         ids = list(map(_FIRST, rows))  # the rows of accounts not found yet, added: the loops run in C
         found.update(compress(zip(ids, rows, strict=True), map(not_, map(found.__contains__, ids))))
     if len(found) != total:

@@ -13,9 +13,11 @@ protocol before it (reserving funds in the sources' mailboxes) runs in parallel.
 Timestamps: nanoseconds since the epoch from `clock`, made strictly increasing in LSN order
 (a clock that steps back, or repeats, gets the last timestamp + 1), also across a reopen:
 the projection carries the last one journaled. The wall clock is read once for a chunk of
-decisions made together (each after the first gets the last timestamp + 1); a clock of the
-caller's own (a test's, a replay's) is read once per decision, so it gives each decision the
-time it says (`tally replay` sets every copied transfer's original timestamp so).
+plain transfers decided together (each after the first gets the last timestamp + 1); a clock
+of the caller's own (a test's, a replay's) is read once per decision, so it gives each
+decision the time it says (`tally replay` sets every copied transfer's original timestamp so),
+and a bad reading of it fails that decision alone (`InvalidRequest`, `checked_clock`), before
+anything moved for it.
 
 The sequencer keeps the journal-order projection (`Projection`: every account's state, the
 open pending transfers and what they hold). It only grows by appending; the account actors
@@ -228,10 +230,11 @@ class Sequencer:
         with self._journal.snapshot() as txn:
             return resolution_of(self._journal, pending_id, txn)
 
-    def timestamp(self, count: int = 1) -> int:
-        """The timestamp of the next decision, of `count` requests (the i-th gets it + i);
-        call under `lock`."""
-        now = self.clock()
+    def timestamp(self, count: int = 1, now: int | None = None) -> int:
+        """The timestamp of the next decision, of `count` requests (the i-th gets it + i), from
+        the clock's reading `now` (read here if None); call under `lock`."""
+        if now is None:
+            now = self.clock()
         last = self.last_timestamp
         stamp = now if now > last else last + 1
         self.last_timestamp = stamp + count - 1
@@ -291,20 +294,21 @@ class Sequencer:
     # --- decisions -----------------------------------------------------------------------
 
     def stamp(self, chunk: Chunk, ticket: Ticket, lsn: int, reserved: Mapping[str, int] = NOTHING,
-              pin: Pin | None = None, enter_now: bool = True) -> list[Leg] | Refusal:
+              pin: Pin | None = None, enter_now: bool = True, now: int | None = None) -> list[Leg] | Refusal:
         """Decide `ticket`'s requests at `lsn` (`rules.decide`, from the projection and
         `reserved`), add the record, committed or refused, to `chunk`, and move the projection
         past it (with `enter_now`; else the caller calls `enter_stamped` once the chunk is
         queued). Call under `lock`; the caller appends the chunk and delivers the legs.
         `ticket.value` becomes the Transfer (a chain: the tuple of them) or the `Refused`.
         `pin`: called with the accounts the legs touch before the projection moves (see
-        `commit`)."""
+        `commit`). `now`: the clock's reading for it, if the caller read it (else read here)."""
         requests = ticket.requests
         if ticket.linked:
-            timestamp = self.timestamp(len(requests))
+            timestamp = self.timestamp(len(requests), now)
             decided = decide(requests, self, timestamp, reserved)
         else:  # one request: `timestamp` and `decide`, inline (once per transfer)
-            now = self.clock()
+            if now is None:
+                now = self.clock()
             timestamp = self.last_timestamp = now if now > self.last_timestamp else self.last_timestamp + 1
             request = ticket.request
             leg = (decide_transfer(request, self.accounts, self.states, self.held, self.incoming, reserved)

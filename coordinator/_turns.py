@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from coordinator._claims import Prior, Ticket, lsn_of, result_of
-from coordinator._errors import LedgerError, LedgerTimeout
+from coordinator._errors import InvalidRequest, LedgerError, LedgerTimeout
 from coordinator._limits import CHUNK_REQUESTS_MAX, LANE_GROUP_REQUESTS_MAX, TURN_POLL_S, TURN_WAIT_S_MAX
 from coordinator._participant import TurnAccount
 from coordinator._rules import Refusal
@@ -127,7 +127,9 @@ class TurnBatch:
                 raise LedgerTimeout(f"transfer {ticket.request.id!r} is not durable yet; retry later")
         if prior:  # what others decided must be durable too before it is answered
             coordinator.journal.wait_durable(max(map(lsn_of, prior)), self.remaining())
-        assert all(ticket.done for ticket in fresh)
+        for ticket in fresh:  # done, unless the last failed alone (a bad clock reading) before the others were
+            if not ticket.done and not ticket.wait(self.remaining()):
+                raise LedgerTimeout(f"transfer {ticket.request.id!r} is not durable yet; retry later")
         coordinator.claims.release_many(fresh)
         if answers is None or (fresh and fresh[-1].error is not None):
             answers = self._answers()
@@ -330,9 +332,11 @@ def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mappi
                             _catch_up(paying, origin, held.get(source_id, 0), incoming.get(source_id, 0))
                         if paid.state is not target and paid.state != target:
                             _catch_up(paid, target, held.get(destination_id, 0), incoming.get(destination_id, 0))
-                        lsn += 1
                         if per_decision:
-                            now = clock()
+                            now = _reading(clock, coordinator, ticket)
+                            if now < 0:
+                                continue
+                        lsn += 1
                         made: Any = stamp_plain(chunk, ticket, request, lsn, paying.account, paid.account, origin, target,
                                                 paying.reserved, now)  # Stamp | str
                         if type(made) is str:
@@ -364,8 +368,12 @@ def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mappi
                 if not ready:
                     left.append(ticket)
                     continue
+                if per_decision:
+                    now = _reading(clock, coordinator, ticket)
+                    if now < 0:
+                        continue
                 lsn += 1
-                decided = stamp(chunk, ticket, lsn, reserved)
+                decided = stamp(chunk, ticket, lsn, reserved, now=now if per_decision else None)
                 if isinstance(decided, Refusal):
                     continue
                 if CRASH_POINT_ARMED:
@@ -432,6 +440,17 @@ def _names(ticket: Ticket, accounts: Mapping[str, object], pending: Mapping[str,
             if found is not None:
                 names += (found.source, found.destination)  # type: ignore[attr-defined]
     return tuple(name for name in dict.fromkeys(names) if name in accounts)
+
+
+def _reading(clock: Callable[[], int], coordinator: Coordinator, ticket: Ticket) -> int:
+    """A reading of a clock of the caller's own, for `ticket`'s decision; -1 if it gave a bad
+    one (`InvalidRequest`, `checked_clock`): then `ticket` fails with that error, before
+    anything moved for it, and the decisions around it go on."""
+    try:
+        return clock()
+    except InvalidRequest as error:
+        coordinator.fail(ticket, error)
+        return -1
 
 
 def _fail(coordinator: Coordinator, tickets: list[Ticket], error: JournalError) -> None:

@@ -399,26 +399,29 @@ def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
 
 
 def _replay_alone(ledger: Ledger, record: Committed) -> None:
-    """Replay a time-sensitive commit through the public API (the clock set to its time)."""
+    """Replay a time-sensitive commit through the public API (the clock set to its time),
+    and check the copy's timestamps are the record's."""
     try:
         if record.linked:
-            ledger.transfer_linked([request for request in record.requests if type(request) is TransferRequest])
-            return
-        request = record.requests[0]
-        if type(request) is TransferRequest:
-            ledger.transfer(request.id, source=request.source, destination=request.destination, amount=request.amount,
-                            code=request.code, reference=request.reference, metadata=request.metadata,
-                            pending=request.pending, timeout_s=request.timeout_s)
-        elif type(request) is Resolution and request.void:
-            ledger.void_pending(request.id, pending_id=request.pending_id, reference=request.reference,
-                                metadata=request.metadata)
+            made = ledger.transfer_linked([request for request in record.requests if type(request) is TransferRequest])
         else:
-            assert type(request) is Resolution
-            ledger.post_pending(request.id, pending_id=request.pending_id, amount=request.amount,
-                                reference=request.reference, metadata=request.metadata)
+            request = record.requests[0]
+            if type(request) is TransferRequest:
+                made = [ledger.transfer(request.id, source=request.source, destination=request.destination,
+                                        amount=request.amount, code=request.code, reference=request.reference,
+                                        metadata=request.metadata, pending=request.pending, timeout_s=request.timeout_s)]
+            elif type(request) is Resolution and request.void:
+                made = [ledger.void_pending(request.id, pending_id=request.pending_id, reference=request.reference,
+                                            metadata=request.metadata)]
+            else:
+                assert type(request) is Resolution
+                made = [ledger.post_pending(request.id, pending_id=request.pending_id, amount=request.amount,
+                                            reference=request.reference, metadata=request.metadata)]
     except LedgerError as error:
         raise NotALedger(f"replay diverged at LSN {record.lsn}: {record.transfer.id!r} now fails with "
                          f"{error.code}") from error
+    for transfer, original in zip(made, record.transfers, strict=True):
+        _check_timestamp(transfer, original.timestamp)
 
 
 def _current_accounts(journal: Journal) -> list[Account]:
@@ -438,10 +441,16 @@ def _flush(ledger: Ledger, batch: list[tuple[TransferRequest, int]], script: deq
     for (request, timestamp), outcome in zip(batch, outcomes, strict=True):
         if isinstance(outcome, LedgerError):
             raise NotALedger(f"replay diverged: transfer {request.id!r} now fails with {outcome.code}")
-        if timestamp and outcome.timestamp != timestamp:  # (0: a record of old, before timestamps)
-            raise NotALedger(f"replay diverged: transfer {request.id!r} was stamped {outcome.timestamp}, "
-                             f"not {timestamp} as in the original")
+        _check_timestamp(outcome, timestamp)
     batch.clear()
+
+
+def _check_timestamp(copied: Transfer, timestamp: int) -> None:
+    """`NotALedger` unless the copy of a transfer has its original's `timestamp` (0: a record
+    of a release before timestamps, whose copy gets the last timestamp + 1)."""
+    if timestamp and copied.timestamp != timestamp:
+        raise NotALedger(f"replay diverged: transfer {copied.id!r} was stamped {copied.timestamp}, not {timestamp} "
+                         "as in the original")
 
 
 def inspect(path: str, start: int, limit: int | None, transfer: str | None, account: str | None) -> dict[str, Any]:

@@ -1167,6 +1167,34 @@ def test_a_clock_that_gives_no_int_of_nanoseconds_is_refused_as_the_ledger_opens
     assert not (tmp_path / "ledger").exists() or not any((tmp_path / "ledger").iterdir())
 
 
+@pytest.mark.parametrize("bad", [0, 2, 4])
+def test_a_bad_reading_of_the_ledgers_clock_fails_that_decision_alone(tmp_path: Path, bad: int) -> None:
+    """A clock of one's own is read once per decision: a reading that is no timestamp fails
+    the decision it was for with InvalidRequest, writing nothing for it; the decisions beside
+    it go on, and so does the ledger."""
+    clock = Clock()
+    readings = [0]
+    bad_at = [-1]
+
+    def reading() -> int:
+        readings[0] += 1
+        return -1 if readings[0] == bad_at[0] else clock()
+
+    with Ledger.open(tmp_path / "ledger", clock_ns=reading) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("a", currency="USD")
+        bad_at[0] = readings[0] + 1 + bad
+        outcomes = ledger.transfer_many([TransferRequest(f"m{i}", "bank", "a", 1, code=i % 2) for i in range(5)])
+        assert [isinstance(outcome, InvalidRequest) for outcome in outcomes] == [i == bad for i in range(5)]
+        assert ledger.get_transfer(f"m{bad}") is None and ledger.balance("a").posted == 4
+        bad_at[0] = readings[0] + 1
+        with pytest.raises(InvalidRequest, match="clock_ns must return an int"):
+            ledger.transfer("t", source="bank", destination="a", amount=1)
+        assert ledger.transfer("t", source="bank", destination="a", amount=1).status == "posted"
+        assert ledger.transfer_many([TransferRequest(f"m{bad}", "bank", "a", 1, code=bad % 2)])[0].amount == 1
+        assert ledger.balance("a").posted == 6
+
+
 def test_a_single_transfer_leaves_the_room_a_pending_transfer_toward_its_destination_needs(tmp_path: Path) -> None:
     """A pending transfer was accepted because its credit fits; a later single transfer may not
     take that room, or the pending one could never be posted."""
