@@ -27,12 +27,23 @@ Steps (the router in `engine._crossing` names them; `engine._placement` builds t
   that id's final outcome, so a late credit with that id can never apply. A real credit is
   never refused for funds (its source has no limit), so that refusal names a fence.
 - `in_doubt`: the prepares still pending, for recovery.
+
+Netting: `clearing_to(b)` here only grows by what crosses toward b, and `clearing_from(b)` only
+falls by what comes from b, so money that goes and comes back would in time overflow them (an
+account holds at most `AMOUNT_MAX`) and block the pair of shards, where a `Ledger` moves it
+freely. So once either passes `NET_AT` after a credit or a post, a local transfer moves what
+they have in common from one to the other (`_net`): the shard's sum and the four clearing
+accounts of a pair of shards (two here, two on b) keep their sums, which are zero once nothing
+is in flight. What stays is the net flow between the two shards, which, as one account's
+balance, may not pass `AMOUNT_MAX`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -40,6 +51,7 @@ from typing import Any
 import msgpack
 
 from coordinator import (
+    AMOUNT_MAX,
     REJECTIONS,
     Account,
     Balance,
@@ -65,7 +77,10 @@ from engine._placement import (
 )
 from engine._wire import Row, outcome_rows, pack, plain_metadata, request_of, unpack_rows
 
+logger = logging.getLogger("tally.sharded")
 IN_DOUBT_PAGE = 1_000
+NET_AT = AMOUNT_MAX // 4
+"""A clearing account's balance (either way) past which its pair is netted (see the module docstring)."""
 CALLS = frozenset({"create_account", "account", "balance", "entries", "get_transfer", "outcome", "post_pending",
                    "void_pending", "transfer_linked", "transfers", "state_hash", "stats", "head"})
 """The `Ledger` methods `call` runs."""
@@ -144,6 +159,8 @@ class Shard:
         self.index = index
         self._path, self._options = path, options
         self._made: set[str] = set()
+        self._netting = threading.Lock()
+        """Held while a pair of clearing accounts is netted: one netting at a time reads their balances."""
         """The protocol's accounts known to exist here (created at most once per process)."""
         self._opened: Ledger | LedgerError = NotALedger(
             f"{path}: shard {index} of this sharded ledger is missing or empty, though its manifest names it (restore "
@@ -263,6 +280,7 @@ class Shard:
             requests.append(TransferRequest(credit_id(transfer_id, peer), source, destination, amount, code, reference,
                                             metadata))
         results = self.ledger.transfer_many(requests)
+        self._net({(peer, currency) for _, peer, currency, *_ in rows})
         for i, result in enumerate(results):
             if isinstance(result, IdempotencyConflict) and isinstance(self.ledger.outcome(requests[i].id),
                                                                       InsufficientFunds):
@@ -297,7 +315,31 @@ class Shard:
         batch of the ledger (`Ledger._decide_many`); outcome rows (a blob) in list order,
         durable when it returns."""
         resolutions = [Resolution(step_id, pending_id, None, void=void) for step_id, pending_id, void in steps]
-        return pack(outcome_rows(self.ledger._decide_many(resolutions)))
+        outcomes = self.ledger._decide_many(resolutions)
+        self._net({peer for outcome in outcomes if isinstance(outcome, Transfer) and outcome.kind == "post"
+                   and (peer := peer_of(outcome.destination)) is not None})
+        return pack(outcome_rows(outcomes))
+
+    def _net(self, peers: set[tuple[int, str]]) -> None:
+        """Net each (peer shard, currency) pair of clearing accounts here whose balance either
+        way is past `NET_AT`: move what they have in common from `clearing_to(peer)` to
+        `clearing_from(peer)` (see the module docstring). Neither can pass the other meanwhile:
+        the one only grows and the other only falls but by netting, which runs one at a time."""
+        for peer, currency in sorted(peers):
+            owed, owing = clearing_to(peer, currency), clearing_from(peer, currency)
+            with self._netting:
+                try:
+                    sent, came = self.ledger.balance(owed).posted, -self.ledger.balance(owing).posted
+                except LedgerError:  # one of them not made yet: nothing came back
+                    continue
+                if max(sent, came) < NET_AT or min(sent, came) <= 0:
+                    continue
+                netting = f"{SEPARATOR}net{SEPARATOR}{peer}{SEPARATOR}{currency}{SEPARATOR}{self.ledger.head().lsn}"
+                try:
+                    self.ledger.transfer(netting, source=owed, destination=owing, amount=min(sent, came))
+                except LedgerError as error:  # (a timeout): the step it follows is durable; the next nets
+                    logger.warning("shard %d: netting the clearing accounts of shard %d in %s failed: %r; the next "
+                                   "credit or post from there tries again", self.index, peer, currency, error)
 
     def in_doubt(self) -> list[Doubt]:
         """The prepares here still pending. Reads only clearing accounts with pending amounts

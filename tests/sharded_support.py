@@ -49,9 +49,10 @@ def _shard_of(ledger: ShardedLedger, key: str) -> int:
 
 
 def books(ledger: ShardedLedger) -> tuple[list[int], dict[tuple[int, int, str], int], int, int]:
-    """(each shard's sum of posted balances, each clearing pair's net position (posted +
-    incoming, which is 0 once nothing is in doubt), the sum of incoming on clearing accounts
-    (what is in doubt or in flight), the users' total posted)."""
+    """(each shard's sum of posted balances, the net position of each pair of shards' four
+    clearing accounts (posted, by the lower shard, the higher, the currency: 0 once nothing is
+    in doubt or in flight, netted or not), the sum of incoming on clearing accounts (what is in
+    doubt or in flight), the users' total posted)."""
     sums, pairs, users, in_flight = [], {}, 0, 0
     for shard in range(ledger.shards):
         balances = ledger.shard_balances(shard)
@@ -59,12 +60,12 @@ def books(ledger: ShardedLedger) -> tuple[list[int], dict[tuple[int, int, str], 
         for name, balance in balances.items():
             if name.startswith("\x1fclearing-to-"):
                 peer, _, currency = name[len("\x1fclearing-to-"):].partition("\x1f")
-                key = (shard, int(peer), currency)
+                key = (min(shard, int(peer)), max(shard, int(peer)), currency)
                 pairs[key] = pairs.get(key, 0) + balance.posted
                 in_flight += balance.incoming
             elif name.startswith("\x1fclearing-from-"):
                 peer, _, currency = name[len("\x1fclearing-from-"):].partition("\x1f")
-                key = (int(peer), shard, currency)
+                key = (min(shard, int(peer)), max(shard, int(peer)), currency)
                 pairs[key] = pairs.get(key, 0) + balance.posted
             elif not name.startswith("\x1f"):
                 users += balance.posted
