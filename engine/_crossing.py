@@ -231,7 +231,7 @@ class Router:
             return None
         outcome = found[1]
         if not isinstance(outcome, Transfer) or peer_of(outcome.destination) is None:
-            return outcome
+            return _named(outcome, transfer_id)
         peer = peer_of(outcome.destination)
         assert peer is not None
         if outcome.status == "pending":
@@ -240,7 +240,7 @@ class Router:
         if outcome.status == "posted" and isinstance(credit, Transfer):
             return user_transfer(outcome, credit)
         if isinstance(credit, LedgerError) and not isinstance(credit, InsufficientFunds):  # that one: a fence's
-            return credit
+            return _named(credit, transfer_id)
         return CrossShardAborted(f"transfer {transfer_id!r} was aborted by recovery: nothing moved")
 
     def _found(self, transfer_id: str, method: str) -> tuple[int, Any] | None:
@@ -273,6 +273,16 @@ def checked_request(request: object) -> TransferRequest:
         check_user_id(checked.source, "source")
         check_user_id(checked.destination, "destination")
     return checked
+
+
+def _named(outcome: Transfer | LedgerError, transfer_id: str) -> Transfer | LedgerError:
+    """`outcome`, but a refusal of one of a cross-shard transfer's steps, whose message names
+    the protocol's accounts, named as its user's transfer instead (the same class and code)."""
+    message = str(outcome)
+    if isinstance(outcome, LedgerError) and type(outcome) in REJECTIONS.values() and (
+            SEPARATOR in message or repr(SEPARATOR)[1:-1] in message):  # (ids are shown as their repr)
+        return type(outcome)(f"transfer {transfer_id!r} was refused: {outcome.code}")
+    return outcome
 
 
 def user_transfer(hold: Transfer, credit: Transfer) -> Transfer:

@@ -49,6 +49,12 @@ class _BodyTooLarge(HTTPException):
         super().__init__(413, f"the body is larger than this server's limit of {body_bytes_max:,} bytes")
 
 
+def _bearing(authorization: bytes, token: bytes) -> bool:
+    """Whether an `Authorization` header's value is `Bearer <token>` (the scheme in any case)."""
+    scheme, _, credentials = authorization.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(credentials, token)
+
+
 class Guard:
     """Pure ASGI middleware run before any route: the bearer token (every path but
     `OPEN_PATHS`, compared in constant time), the body limit (by `Content-Length` at once, and
@@ -57,7 +63,9 @@ class Guard:
     def __init__(self, app: ASGIApp, token: str | None, body_bytes_max: int,
                  requests_in_flight_max: int = REQUESTS_IN_FLIGHT_MAX) -> None:
         self.app = app
-        self.expected = None if token is None else b"Bearer " + token.encode()
+        self.expected = None if token is None else token.encode()
+        """The credentials after the scheme, `Bearer` in any case (RFC 9110 11.1: a scheme is
+        case-insensitive), compared in constant time."""
         self.body_bytes_max = body_bytes_max
         self.requests_in_flight_max = requests_in_flight_max
         self.in_flight = 0
@@ -67,7 +75,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers: Mapping[bytes, bytes] = dict(scope["headers"])
-        if self.expected is not None and scope["path"] not in OPEN_PATHS and not hmac.compare_digest(
+        if self.expected is not None and scope["path"] not in OPEN_PATHS and not _bearing(
                 headers.get(b"authorization", b""), self.expected):
             await _send_error(send, "unauthorized", "this server needs the header `Authorization: Bearer <token>` "
                                                     "with its token", [(b"www-authenticate", b"Bearer")])

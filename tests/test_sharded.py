@@ -272,6 +272,9 @@ def test_a_refused_credit_voids_the_prepare_and_its_retry_raises_the_same(sharde
         sharded.transfer("x4", source=source, destination=euros, amount=500)
     assert sharded.balance(source) == sharded.balance(source).__class__(100, 0, 100, 0)
     assert books(sharded)[2] == 0  # nothing left held
+    for transfer_id, refused in (("x2", CurrencyMismatch), ("x3", AccountNotFound), ("x4", InsufficientFunds)):
+        outcome = sharded.outcome(transfer_id)  # refused at the credit, and at the prepare
+        assert type(outcome) is refused and transfer_id in str(outcome) and "x1f" not in str(outcome), outcome
 
 
 def test_money_that_crossed_shards_and_came_back_can_cross_again_as_in_a_ledger(sharded: ShardedLedger) -> None:
