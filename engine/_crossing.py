@@ -26,7 +26,8 @@ What the user sees of `T` (`user_transfer`: `transfer_many`'s and `transfer`'s r
 timestamp with the credit's destination and metadata: never the prepare's reserved keys.
 
 A caller that dies between the steps leaves `T` pending on a: *in doubt*. `recover` (run by
-every open, and `ShardedLedger.recover_in_doubt`) resolves each one by presumed abort, fenced:
+every open, by the open ledger's sweeper for those `in_doubt_after_s` old, and by
+`ShardedLedger.recover_in_doubt`) resolves each one by presumed abort, fenced:
 it first makes `T\\x1fcredit` final on b with a refusal (`Shard.fence`), so a late credit can
 never land, then voids `T`; if the fence finds the credit committed already, it posts `T`.
 
@@ -187,11 +188,12 @@ class Router:
 
     # --- recovery ------------------------------------------------------------------------
 
-    def recover(self) -> int:
-        """Resolve every in-doubt cross-shard transfer (see the module docstring); how many.
-        Three rounds of one call per shard at most. Raises `LedgerTimeout` if a shard does not
-        answer (run it again: each step is idempotent)."""
-        doubts = [doubt for found in self.everywhere("in_doubt") for doubt in found]
+    def recover(self, older_than_s: float = 0.0) -> int:
+        """Resolve every in-doubt cross-shard transfer (see the module docstring), or with
+        `older_than_s` those prepared at least that long ago; how many. Three rounds of one
+        call per shard at most. Raises `LedgerTimeout` if a shard does not answer (run it
+        again: each step is idempotent)."""
+        doubts = [doubt for found in self.everywhere("in_doubt", int(older_than_s * 1e9)) for doubt in found]
         toward: dict[int, list[Doubt]] = defaultdict(list)
         for doubt in doubts:
             toward[doubt.peer].append(doubt)

@@ -44,6 +44,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -341,9 +342,12 @@ class Shard:
                     logger.warning("shard %d: netting the clearing accounts of shard %d in %s failed: %r; the next "
                                    "credit or post from there tries again", self.index, peer, currency, error)
 
-    def in_doubt(self) -> list[Doubt]:
-        """The prepares here still pending. Reads only clearing accounts with pending amounts
-        toward them, newest first, and stops once it has found all of each one's amount."""
+    def in_doubt(self, older_than_ns: int = 0) -> list[Doubt]:
+        """The prepares here still pending (of those, with `older_than_ns`, the ones made at
+        least that long ago by this node's wall clock). Reads only clearing accounts with
+        pending amounts toward them, newest first, and stops once it has found all of each
+        one's amount."""
+        made_by = time.time_ns() - older_than_ns if older_than_ns else None
         doubts = []
         for account in self.ledger.accounts():
             peer = peer_of(account.id)
@@ -355,7 +359,8 @@ class Shard:
                 for transfer in page:
                     if transfer.status == "pending" and transfer.destination == account.id:
                         assert peer is not None
-                        doubts.append(Doubt(transfer.id, self.index, peer[0], peer[1], transfer.amount))
+                        if made_by is None or transfer.timestamp <= made_by:
+                            doubts.append(Doubt(transfer.id, self.index, peer[0], peer[1], transfer.amount))
                         incoming -= transfer.amount
                 if not page or page[-1].lsn <= 1:
                     break

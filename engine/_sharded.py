@@ -34,7 +34,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import logging
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,7 +74,10 @@ from engine._placement import (
     write_manifest,
 )
 
+logger = logging.getLogger("tally.sharded")
 SHARD_PREFIX = "shard-"
+IN_DOUBT_AFTER_S_MIN = 120.0
+"""The least default age at which the sweeper resolves a cross-shard transfer in doubt."""
 OPEN_WAIT_S = 600.0
 """The longest `open` waits for the shards' actors to start and their ledgers to recover
 (each recovers its journal as `Ledger.open` does, at once; then `LedgerTimeout`)."""
@@ -82,21 +87,32 @@ class ShardedLedger:
     """An open sharded ledger. Use `ShardedLedger.open(path, shards=N)`, preferably as a
     context manager."""
 
-    def __init__(self, path: Path, router: Router, actors: list[Any], started_ray: bool) -> None:
+    def __init__(self, path: Path, router: Router, actors: list[Any], started_ray: bool,
+                 in_doubt_after_s: float) -> None:
         self.path = path
         self.timeout_s = router.timeout_s
+        self.in_doubt_after_s = in_doubt_after_s
         self._router = router
         self._actors = actors
         self._started_ray = started_ray
         self._closed = False
         self.recovered_in_doubt = 0
         """How many in-doubt cross-shard transfers the open resolved."""
+        self.swept_in_doubt = 0
+        """How many the sweeper resolved since (`_sweep`)."""
+        self._stopping = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep, name="tally-in-doubt-sweeper", daemon=True)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, shards: int, address: str | None = None,
-             nodes: Sequence[str] | None = None, **ledger_options: Any) -> ShardedLedger:
+             nodes: Sequence[str] | None = None, in_doubt_after_s: float | None = None,
+             **ledger_options: Any) -> ShardedLedger:
         """Open (creating if missing) the sharded ledger in directory `path`, with `shards`
-        shards, and resolve every cross-shard transfer left in doubt by a crash.
+        shards, and resolve every cross-shard transfer left in doubt by a crash. While it is
+        open, a thread resolves those whose first step is `in_doubt_after_s` old (default:
+        4 x `timeout_s`, at least `IN_DOUBT_AFTER_S_MIN`), so the funds a caller that died left
+        held are freed without waiting for the next open; it must be more than 3 x `timeout_s`
+        (a live caller's steps take at most that), else `InvalidRequest`.
 
         `address` None: join the Ray this process already joined, or start a local one bound to
         127.0.0.1 (`engine._ray`); else join the Ray cluster there. `nodes`: the Ray node id of
@@ -118,6 +134,7 @@ class ShardedLedger:
                                   or not all(isinstance(node, str) for node in nodes)):
             raise InvalidRequest(f"nodes must list one Ray node id per shard ({count}), got {nodes!r}")
         timeout_s = ledger_options.get("timeout_s", TIMEOUT_S_DEFAULT)
+        after_s = _in_doubt_after_s(in_doubt_after_s, float(timeout_s))
         started = _ray.join(address)
         actors: list[Any] = []
         try:
@@ -133,8 +150,9 @@ class ShardedLedger:
             if not made:
                 write_manifest(root, count)
             router.fill()
-            ledger = cls(root, router, actors, started)
+            ledger = cls(root, router, actors, started, after_s)
             ledger.recovered_in_doubt = router.recover()
+            ledger._sweeper.start()
             return ledger
         except BaseException:
             for actor in actors:
@@ -307,13 +325,27 @@ class ShardedLedger:
                                     "runs within one shard (colocate its accounts with placement)")
         return router.call(shards.pop(), "transfer_linked", checked)  # type: ignore[no-any-return]
 
-    def recover_in_doubt(self) -> int:
-        """Resolve every cross-shard transfer left in doubt (its caller died between steps):
-        post it if its credit committed, else fence the credit's id and void it. How many.
-        Run by every open; safe at any time, but a transfer in flight from a live caller is
-        resolved too (aborted if its credit has not landed: that caller then gets
-        `CrossShardAborted`)."""
-        return self._live().recover()
+    def recover_in_doubt(self, older_than_s: float = 0.0) -> int:
+        """Resolve every cross-shard transfer left in doubt (its caller died between steps),
+        or those whose first step is at least `older_than_s` old: post it if its credit
+        committed, else fence the credit's id and void it. How many. Run by every open, and
+        while open by the sweeper (`in_doubt_after_s`); safe at any time, but a transfer in
+        flight from a live caller is resolved too (aborted if its credit has not landed: that
+        caller then gets `CrossShardAborted`)."""
+        if isinstance(older_than_s, bool) or not isinstance(older_than_s, (int, float)) or not older_than_s >= 0:
+            raise InvalidRequest(f"older_than_s must be a number of seconds >= 0, got {older_than_s!r}")
+        return self._live().recover(older_than_s)
+
+    def _sweep(self) -> None:
+        """The sweeper: every quarter of `in_doubt_after_s`, resolve the cross-shard transfers
+        in doubt that long (a shard that does not answer is tried again next time)."""
+        while not self._stopping.wait(self.in_doubt_after_s / 4):
+            try:
+                self.swept_in_doubt += self._router.recover(self.in_doubt_after_s)
+            except Exception as error:  # a shard unavailable for now, or closing: the next sweep tries again
+                if not self._stopping.is_set():
+                    logger.warning("resolving in-doubt cross-shard transfers failed: %r; trying again in %.0f s",
+                                   error, self.in_doubt_after_s / 4)
 
     def get_transfer(self, transfer_id: str) -> Transfer | None:
         """`Ledger.get_transfer` across shards (every shard asked at once); a cross-shard
@@ -370,6 +402,9 @@ class ShardedLedger:
         if self._closed:
             return
         self._closed = True
+        self._stopping.set()
+        if self._sweeper.is_alive():  # a sweep under way ends within its calls' timeouts
+            self._sweeper.join(3 * self.timeout_s)
         try:
             _ray.gather([actor.close.remote() for actor in self._actors], self.timeout_s)
         finally:
@@ -381,6 +416,16 @@ class ShardedLedger:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+def _in_doubt_after_s(value: object, timeout_s: float) -> float:
+    """`open`'s `in_doubt_after_s`, checked (None: the default for `timeout_s`)."""
+    if value is None:
+        return max(IN_DOUBT_AFTER_S_MIN, 4 * timeout_s)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 3 * timeout_s < value < float("inf"):
+        raise InvalidRequest(f"in_doubt_after_s must be a number of seconds above 3 x timeout_s ({3 * timeout_s:g}): "
+                             f"a live caller's steps may take that long; got {value!r}")
+    return float(value)
 
 
 def _check_options(options: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from engine import (
     Balance,
     CrossShardAborted,
     IdempotencyConflict,
+    InvalidRequest,
     LedgerError,
     LedgerTimeout,
     ShardedLedger,
@@ -89,6 +90,29 @@ def test_a_transfer_left_prepared_is_aborted_at_open_and_a_late_credit_never_lan
         assert ledger.recover_in_doubt() == 0
         _settled(ledger)
     _verified(path)
+
+
+def test_while_open_a_transfer_in_doubt_long_enough_is_aborted_and_a_young_one_is_left(tmp_path: Path) -> None:
+    """The sweeper frees what a dead caller left held without waiting for the next open,
+    once its first step is `in_doubt_after_s` old; `recover_in_doubt(older_than_s)` leaves
+    younger ones alone."""
+    with ShardedLedger.open(tmp_path / "books", shards=SHARDS, timeout_s=1.0, in_doubt_after_s=3.5) as ledger:
+        source = accounts_on(ledger, "s", 1, shard=0, balance=100)[0]
+        destination = accounts_on(ledger, "d", 1, shard=1)[0]
+        _step(ledger, 0, "batch", prepare_row(TransferRequest("T", source, destination, 40), 1))  # then it dies
+        assert ledger.recover_in_doubt(older_than_s=3600) == 0 and ledger.balance(source).available == 60
+        poll(lambda: isinstance(ledger.outcome("T"), CrossShardAborted), 60, "the sweeper to abort T")
+        assert ledger.swept_in_doubt == 1 and ledger.balance(source) == Balance(100, 0, 100, 0)
+        with pytest.raises(CrossShardAborted):
+            ledger.transfer("T", source=source, destination=destination, amount=40)
+        _settled(ledger)
+
+
+@pytest.mark.parametrize("after_s", [3.0, 0, -1, True, "60", float("nan"), float("inf")])
+def test_an_in_doubt_age_a_live_caller_could_reach_is_refused(tmp_path: Path, after_s: object) -> None:
+    with pytest.raises(InvalidRequest, match="in_doubt_after_s"):
+        ShardedLedger.open(tmp_path / "books", shards=SHARDS, timeout_s=1.0, in_doubt_after_s=after_s)  # type: ignore[arg-type]
+    assert not (tmp_path / "books").exists()
 
 
 def test_a_transfer_whose_credit_landed_is_posted_by_recovery(tmp_path: Path) -> None:
