@@ -46,7 +46,7 @@ class Replies:
 
 CHECK_PRESENT = "every acknowledged transfer is present exactly once with its fields"
 CHECK_REFUSED = "every refused id stays refused with the same error"
-CHECK_RETRIES = "every retry returned the original outcome"
+CHECK_RETRIES = "every retry returned the original outcome (one that differs: idempotency_conflict)"
 CHECK_CONSERVED = "money is conserved (posted balances sum to 0)"
 CHECK_LIMITS = "no balance is below its overdraft limit"
 CHECK_GAPLESS = "seq is gapless and each balance is the running sum"

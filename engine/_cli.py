@@ -139,7 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     stress.add_argument("--amount-max", type=_count(1, AMOUNT_MAX), default=500, help="largest amount (default 500)")
     stress.add_argument("--batch", type=_count(1), default=1, metavar="N", help="send transfer_many batches of N")
     stress.add_argument("--retry-rate", type=_rate, default=0.02, metavar="R",
-                        help="resubmit this fraction with the same id (default 0.02)")
+                        help="resubmit this fraction with the same id (default 0.02); a quarter of them with "
+                             "another amount, which must be refused idempotency_conflict")
     stress.add_argument("--pending-rate", type=_rate, default=0.0, metavar="R",
                         help="share of transfers made pending, then posted (all or part), voided, let expire "
                              "or left open (default 0)")

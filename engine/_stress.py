@@ -308,9 +308,10 @@ def _record_single(replies: Replies, op: Op, outcome: Transfer | LedgerError) ->
 
 
 def _record_retry(replies: Replies, op: Op, outcome: Transfer | LedgerError) -> None:
-    """A retry's reply, compared with the first outcome told for its id. A reply that tells
-    none (a timeout, a ledger unavailable or closed, a server overloaded or not answering) is
-    no mismatch; one after replies that told none is the first outcome told."""
+    """A retry's reply, compared with the first outcome told for its id (one that differs
+    from its original must get `IdempotencyConflict`). A reply that tells none (a timeout, a
+    ledger unavailable or closed, a server overloaded or not answering) is no mismatch; one
+    after replies that told none is the first outcome told."""
     if not isinstance(outcome, Transfer) and outcome.code not in REJECTIONS and not isinstance(
             outcome, (IdempotencyConflict, InvalidRequest)):
         return
@@ -318,8 +319,11 @@ def _record_retry(replies: Replies, op: Op, outcome: Transfer | LedgerError) -> 
     if before is None and (isinstance(outcome, Transfer) or outcome.code in REJECTIONS):
         _record_single(replies, op, outcome)
         return
-    same = (before == outcome) if isinstance(outcome, Transfer) else (
-        isinstance(before, tuple) and before[3] == outcome.code)
+    if op.differs:
+        same = isinstance(outcome, IdempotencyConflict)
+    else:
+        same = (before == outcome) if isinstance(outcome, Transfer) else (
+            isinstance(before, tuple) and before[3] == outcome.code)
     if not same:
         replies.retry_mismatches.append(op.transfer_id)
 

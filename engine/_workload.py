@@ -23,6 +23,8 @@ RESOLUTIONS = ("post", "post-part", "void", "expire", "open")
 """What a client does with a pending transfer it made: post all of it, post part, void it,
 let it expire (a 1 s timeout), or leave it open (no timeout)."""
 RESOLUTION_WEIGHTS = (35, 20, 20, 15, 10)
+RETRIES_DIFFERING = 0.25
+"""The share of retries that differ from their original (`Op.differs`)."""
 PENDING_EXPIRY_S = 1
 """The timeout of a pending transfer the client lets expire."""
 PENDING_TIMEOUT_S = 3600
@@ -36,7 +38,7 @@ class Op:
     destination: str
     amount: int
     retry: bool
-    """True: a resubmission of an earlier id with the same fields."""
+    """True: a resubmission of an earlier id, with the same fields unless `differs`."""
     kind: str = "single"
     """single; pending (then resolved as `resolution` says); linked (the chain of `legs`)."""
     resolution: str = ""
@@ -44,6 +46,8 @@ class Op:
     legs: tuple[tuple[str, str, str, int], ...] = ()
     """A linked chain's transfers: (id, source, destination, amount), each leg's source the
     destination of the one before."""
+    differs: bool = False
+    """A retry whose amount is not its original's: the ledger must refuse it `IdempotencyConflict`."""
 
 
 class Picker:
@@ -96,7 +100,9 @@ class ClientWorkload:
         rng = self._rng
         if self._sent and rng.random() < self._retry_rate:
             earlier = self._sent[rng.randrange(len(self._sent))]
-            return Op(earlier.transfer_id, earlier.source, earlier.destination, earlier.amount, True)
+            differs = rng.random() < RETRIES_DIFFERING
+            amount = earlier.amount if not differs else earlier.amount - 1 if earlier.amount > 1 else 2
+            return Op(earlier.transfer_id, earlier.source, earlier.destination, amount, True, differs=differs)
         source, destination = self._picker.pair(rng)
         tid, amount = f"{self._prefix}{self._count}", rng.randint(1, self._amount_max)
         self._count += 1

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from engine import Balance, Entry, Ledger, LinkedTransferFailed, Transfer, TransferRequest
+from engine import Balance, Entry, IdempotencyConflict, Ledger, LinkedTransferFailed, Transfer, TransferRequest
 from engine._auditor import (
     CHECK_CONSERVED,
     CHECK_GAPLESS,
@@ -23,6 +23,7 @@ from engine._auditor import (
     CHECK_PENDING_ENDED,
     CHECK_PRESENT,
     CHECK_REFUSED,
+    CHECK_RETRIES,
     Replies,
     audit_replies,
 )
@@ -142,6 +143,28 @@ def test_the_harness_fails_its_verdict_when_the_ledger_lies(tmp_path: Path, faul
     report = run_stress(StressConfig(path=str(tmp_path / "ledger"), **SMALL), progress=False, open_ledger=open_faulty)
     assert not report.ok
     assert report.summary()["verdict"] == "FAILED"
+
+
+def test_the_harness_fails_its_verdict_when_a_retry_that_differs_gets_the_original(tmp_path: Path) -> None:
+    """A quarter of the retries change the amount: a ledger that answers one with the
+    original transfer (idempotency by id alone) fails the retries check."""
+    def open_lax(path: str) -> _Lax:
+        return _Lax(Ledger.open(path), "", "")
+
+    config = StressConfig(path=str(tmp_path / "ledger"), retry_rate=0.3, **SMALL)
+    assert run_stress(StressConfig(path=str(tmp_path / "honest"), retry_rate=0.3, **SMALL), progress=False).ok
+    report = run_stress(config, progress=False, open_ledger=open_lax)
+    assert report.checks[CHECK_RETRIES] is False and report.summary()["verdict"] == "FAILED"
+
+
+class _Lax(Faulty):
+    def transfer(self, transfer_id: str, **fields: Any) -> Transfer:
+        try:
+            return self._ledger.transfer(transfer_id, **fields)
+        except IdempotencyConflict:
+            found = self._ledger.get_transfer(transfer_id)
+            assert found is not None
+            return found
 
 
 class _LoseFirstAcknowledged(Faulty):
