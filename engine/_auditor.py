@@ -42,6 +42,8 @@ class Replies:
     retry_mismatches: list[str] = field(default_factory=list)
     """Retries whose outcome differed from the first reply for the id."""
     retries: int = 0
+    retries_differing: int = 0
+    """Of `retries`, those that changed the amount (each must be refused `IdempotencyConflict`)."""
 
 
 CHECK_PRESENT = "every acknowledged transfer is present exactly once with its fields"

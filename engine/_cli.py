@@ -452,6 +452,10 @@ def _render_stress(summary: dict[str, Any], args: argparse.Namespace) -> None:
     if "chaos" not in summary:
         print(f"  latency ms: p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}")
     print("  outcomes: " + ", ".join(f"{code} {count:,}" for code, count in sorted(summary["outcomes"].items())))
+    retries = summary.get("retries")
+    if retries and retries["sent"]:
+        print(f"  retries: {retries['sent']:,}, of which {retries['differing']:,} with another amount "
+              "(each must be refused idempotency_conflict)")
     if "chaos" in summary:
         chaos = summary["chaos"]
         print(f"  chaos: {chaos['kills']} kills, survived {chaos['kills_survived']},"

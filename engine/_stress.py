@@ -87,6 +87,8 @@ class StressReport:
     """(seconds since start, latency ms) per reply, for the plots."""
     checks: dict[str, bool] = field(default_factory=dict)
     state_hash: str = ""
+    retries: tuple[int, int] = (0, 0)
+    """Retries sent, and of them those that changed the amount (refused idempotency_conflict)."""
     remote: dict[str, Any] | None = None
     """A remote run's server, the prefix of its ids, and the replies outside the contract."""
 
@@ -107,6 +109,7 @@ class StressReport:
             "latency_ms": {name: round(self.percentile_ms(q), 3) for name, q in
                            (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))},
             "outcomes": self.outcomes,
+            "retries": {"sent": self.retries[0], "differing": self.retries[1]},
             "checks": self.checks,
             "state_hash": self.state_hash,
             **({"remote": self.remote} if self.remote is not None else {}),
@@ -294,6 +297,7 @@ def _record(state: tuple[Replies, dict[str, int], list[float], list[tuple[float,
                 replies.acknowledged.update((made.id, made) for made in outcome)
         elif op.retry:
             replies.retries += 1
+            replies.retries_differing += op.differs
             _record_retry(replies, op, outcome)
         else:
             _record_single(replies, op, outcome)
@@ -368,12 +372,14 @@ def _merge(per_client: list[Any], report: StressReport) -> Replies:
         merged.chains.extend(replies.chains)
         merged.retry_mismatches.extend(replies.retry_mismatches)
         merged.retries += replies.retries
+        merged.retries_differing += replies.retries_differing
         for code, count in counts.items():
             report.outcomes[code] = report.outcomes.get(code, 0) + count
         report.latencies_ms.extend(latencies)
         report.samples.extend(samples)
     report.sent = len(report.latencies_ms)
     report.samples.sort()
+    report.retries = (merged.retries, merged.retries_differing)
     return merged
 
 

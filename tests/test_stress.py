@@ -183,6 +183,8 @@ def test_a_short_run_ends_with_every_check_passing(tmp_path: Path) -> None:
     assert report.ok, report.checks
     assert report.sent == SMALL["transfers"]
     assert sum(report.outcomes.values()) == SMALL["transfers"]
+    retries = report.summary()["retries"]
+    assert 0 < retries["differing"] < retries["sent"] and report.outcomes["idempotency_conflict"] == retries["differing"]
 
 
 def test_a_run_with_pending_and_linked_transfers_passes_every_check(tmp_path: Path) -> None:
