@@ -49,6 +49,7 @@ from coordinator._claims import (
 )
 from coordinator._batch import Batch
 from coordinator._errors import (
+    InvalidRequest,
     LedgerClosed,
     LedgerError,
     LedgerTimeout,
@@ -64,6 +65,11 @@ from coordinator._state import Pending, Posting
 from coordinator._values import Request, Resolution, Transfer, TransferRequest
 
 logger = logging.getLogger("tally.coordinator")
+
+UNDECIDED = (JournalError, InvalidRequest)
+"""What keeps the sequencer from deciding a ticket, before anything moved for it: the journal
+failing, or a bad reading of a clock of the caller's own (`checked_clock`). The ticket fails
+with it (`Coordinator.fail`); nothing was written for it."""
 
 
 class Coordinator:
@@ -274,7 +280,7 @@ class Coordinator:
         pinned: dict[str, Participant] = {}
         try:
             self.sequencer.commit(ticket, self._deliverer(pinned, turns), False, self._pinner(pinned))
-        except JournalError as error:
+        except UNDECIDED as error:
             self.fail(ticket, error)
         finally:
             self._unpin(pinned)
@@ -325,7 +331,7 @@ class Coordinator:
             else:
                 decided = self.sequencer.commit(ticket, self._deliverer(step.participants, turns), reserved=True)
                 committed = type(decided) is not Refusal
-        except JournalError as error:
+        except UNDECIDED as error:
             self.fail(ticket, error)
         finally:
             if not committed:
@@ -343,7 +349,7 @@ class Coordinator:
         """Journal a refusal for `ticket`; the writer releases it once durable."""
         try:
             self.sequencer.reject(ticket, refusal.index, refusal.code)
-        except JournalError as error:
+        except UNDECIDED as error:
             self.fail(ticket, error)
 
     def fail(self, ticket: Ticket, error: Exception) -> None:

@@ -221,7 +221,11 @@ def checked_clock(clock: Callable[[], int]) -> Callable[[], int]:
     was for with `InvalidRequest`, and nothing bad is journaled."""
 
     def checked() -> int:
-        now = clock()
+        try:
+            now = clock()
+        except Exception as error:  # a clock that fails: a bad reading too
+            raise InvalidRequest(f"clock_ns must return an int of nanoseconds in 0..{TIMESTAMP_MAX}, but it raised "
+                                 f"{error!r}") from error
         if type(now) is not int or not 0 <= now <= TIMESTAMP_MAX:
             raise InvalidRequest(f"clock_ns must return an int of nanoseconds in 0..{TIMESTAMP_MAX}, got {shown(now)}")
         return now

@@ -44,6 +44,8 @@ class Replies:
     retries: int = 0
     retries_differing: int = 0
     """Of `retries`, those that changed the amount (each must be refused `IdempotencyConflict`)."""
+    differed: set[str] = field(default_factory=set)
+    """The ids those were sent for."""
 
 
 CHECK_PRESENT = "every acknowledged transfer is present exactly once with its fields"

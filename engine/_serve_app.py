@@ -50,9 +50,10 @@ class _BodyTooLarge(HTTPException):
 
 
 def _bearing(authorization: bytes, token: bytes) -> bool:
-    """Whether an `Authorization` header's value is `Bearer <token>` (the scheme in any case)."""
+    """Whether an `Authorization` header's value is `Bearer <token>` (the scheme in any case,
+    one or more spaces after it: RFC 9110 11.4)."""
     scheme, _, credentials = authorization.partition(b" ")
-    return scheme.lower() == b"bearer" and hmac.compare_digest(credentials, token)
+    return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.lstrip(b" "), token)
 
 
 class Guard:

@@ -102,6 +102,8 @@ class ShardedLedger:
         """How many the sweeper resolved since (`_sweep`)."""
         self._stopping = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep, name="tally-in-doubt-sweeper", daemon=True)
+        self._own_clock = False
+        """The shards' ledgers run on a `clock_ns` of the caller's: no sweeper, no age."""
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, shards: int, address: str | None = None,
@@ -112,7 +114,9 @@ class ShardedLedger:
         open, a thread resolves those whose first step is `in_doubt_after_s` old (default:
         4 x `timeout_s`, at least `IN_DOUBT_AFTER_S_MIN`), so the funds a caller that died left
         held are freed without waiting for the next open; it must be more than 3 x `timeout_s`
-        (a live caller's steps take at most that), else `InvalidRequest`.
+        (a live caller's steps take at most that), else `InvalidRequest`. Ages are read on the
+        wall clock: with a `clock_ns` of one's own no thread runs (as in a `Ledger`): call
+        `recover_in_doubt()`.
 
         `address` None: join the Ray this process already joined, or start a local one bound to
         127.0.0.1 (`engine._ray`); else join the Ray cluster there. `nodes`: the Ray node id of
@@ -152,7 +156,9 @@ class ShardedLedger:
             router.fill()
             ledger = cls(root, router, actors, started, after_s)
             ledger.recovered_in_doubt = router.recover()
-            ledger._sweeper.start()
+            ledger._own_clock = ledger_options.get("clock_ns") is not None
+            if not ledger._own_clock:  # with a clock of one's own nothing runs behind one's back (as in a Ledger)
+                ledger._sweeper.start()
             return ledger
         except BaseException:
             for actor in actors:
@@ -332,8 +338,12 @@ class ShardedLedger:
         while open by the sweeper (`in_doubt_after_s`); safe at any time, but a transfer in
         flight from a live caller is resolved too (aborted if its credit has not landed: that
         caller then gets `CrossShardAborted`)."""
-        if isinstance(older_than_s, bool) or not isinstance(older_than_s, (int, float)) or not older_than_s >= 0:
-            raise InvalidRequest(f"older_than_s must be a number of seconds >= 0, got {older_than_s!r}")
+        if isinstance(older_than_s, bool) or not isinstance(older_than_s, (int, float)) or not (
+                0 <= older_than_s < float("inf")):
+            raise InvalidRequest(f"older_than_s must be a finite number of seconds >= 0, got {older_than_s!r}")
+        if older_than_s and self._own_clock:
+            raise InvalidRequest("older_than_s needs the shards on the wall clock (their transfers' timestamps are "
+                                 "compared with it); with clock_ns, call recover_in_doubt() when you decide")
         return self._live().recover(older_than_s)
 
     def _sweep(self) -> None:

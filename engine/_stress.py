@@ -297,7 +297,9 @@ def _record(state: tuple[Replies, dict[str, int], list[float], list[tuple[float,
                 replies.acknowledged.update((made.id, made) for made in outcome)
         elif op.retry:
             replies.retries += 1
-            replies.retries_differing += op.differs
+            if op.differs:
+                replies.retries_differing += 1
+                replies.differed.add(op.transfer_id)
             _record_retry(replies, op, outcome)
         else:
             _record_single(replies, op, outcome)
@@ -312,22 +314,33 @@ def _record_single(replies: Replies, op: Op, outcome: Transfer | LedgerError) ->
 
 
 def _record_retry(replies: Replies, op: Op, outcome: Transfer | LedgerError) -> None:
-    """A retry's reply, compared with the first outcome told for its id (one that differs
-    from its original must get `IdempotencyConflict`). A reply that tells none (a timeout, a
-    ledger unavailable or closed, a server overloaded or not answering) is no mismatch; one
-    after replies that told none is the first outcome told."""
+    """A retry's reply, compared with the first outcome told for its id: the same, or
+    `IdempotencyConflict` if the retry's fields differ from those of the request that outcome
+    was for (an `Op.differs` retry's, or the original's after a differing retry was the first
+    to land). A reply that tells none (a timeout, a ledger unavailable or closed, a server
+    overloaded or not answering) is no mismatch; one after replies that told none is the
+    first outcome told, and must be of this retry's fields."""
     if not isinstance(outcome, Transfer) and outcome.code not in REJECTIONS and not isinstance(
             outcome, (IdempotencyConflict, InvalidRequest)):
         return
+    fields = (op.source, op.destination, op.amount)
     before = replies.acknowledged.get(op.transfer_id) or replies.refused.get(op.transfer_id)
     if before is None and (isinstance(outcome, Transfer) or outcome.code in REJECTIONS):
+        if isinstance(outcome, Transfer) and (outcome.source, outcome.destination, outcome.amount) != fields:
+            replies.retry_mismatches.append(op.transfer_id)  # the answer is another request's
         _record_single(replies, op, outcome)
         return
-    if op.differs:
+    if before is None:  # a conflict, no outcome told yet: right if a request with other fields may have landed
+        if isinstance(outcome, IdempotencyConflict) and not op.differs and op.transfer_id not in replies.differed:
+            replies.retry_mismatches.append(op.transfer_id)
+        return
+    told_for = (before.source, before.destination, before.amount) if isinstance(before, Transfer) else before[:3]
+    if fields != told_for:
         same = isinstance(outcome, IdempotencyConflict)
+    elif isinstance(outcome, Transfer):
+        same = before == outcome
     else:
-        same = (before == outcome) if isinstance(outcome, Transfer) else (
-            isinstance(before, tuple) and before[3] == outcome.code)
+        same = isinstance(before, tuple) and before[3] == outcome.code
     if not same:
         replies.retry_mismatches.append(op.transfer_id)
 

@@ -1195,6 +1195,40 @@ def test_a_bad_reading_of_the_ledgers_clock_fails_that_decision_alone(tmp_path: 
         assert ledger.balance("a").posted == 6
 
 
+def test_a_bad_clock_reading_off_the_accounts_turns_fails_that_decision_alone(tmp_path: Path) -> None:
+    """The same where the decision is made in the mailboxes: a void of no open pending
+    transfer (nothing to reserve), and a transfer whose accounts' turns are held elsewhere
+    (its source reserves, then the sequencer reads the clock): each fails with
+    InvalidRequest, its claim, permit and reservation released; the ledger goes on."""
+    clock = Clock()
+    bad = [False]
+    with Ledger.open(tmp_path / "ledger", clock_ns=lambda: -1 if bad[0] else clock()) as ledger:
+        ledger.create_account("a", currency="USD", overdraft_limit=None)
+        ledger.create_account("b", currency="USD")
+        coordinator = ledger._coordinator
+        bad[0] = True
+        with pytest.raises(InvalidRequest, match="clock_ns must return an int"):
+            ledger.void_pending("v", pending_id="none")
+        turns = coordinator.participants.take_turns(["a", "b"], all_or_none=True)
+        outcome: list[object] = []
+        caller = threading.Thread(target=lambda: outcome.append(ledger.transfer_many([TransferRequest("t", "a", "b", 1)])))
+        caller.start()
+        deadline = time.monotonic() + WAIT_S
+        while ledger.stats()["activations"] < 1:  # its source pinned: its reservation is in the mailbox
+            assert time.monotonic() < deadline, "the transfer never reached the mailboxes"
+            time.sleep(0.01)
+        coordinator.participants.give_back_turns(turns)
+        caller.join(WAIT_S)
+        assert isinstance(outcome[0][0], InvalidRequest)  # type: ignore[index]
+        bad[0] = False
+        assert coordinator.admission._free == coordinator.admission.permits_max and not coordinator.claims.in_flight()
+        assert ledger.balance("a") == Balance(0, 0, 0, 0)
+        assert ledger.transfer("t", source="a", destination="b", amount=1).status == "posted"
+        with pytest.raises(PendingTransferNotFound):
+            ledger.void_pending("v", pending_id="none")
+        assert ledger.balance("b").posted == 1
+
+
 def test_a_single_transfer_leaves_the_room_a_pending_transfer_toward_its_destination_needs(tmp_path: Path) -> None:
     """A pending transfer was accepted because its credit fits; a later single transfer may not
     take that room, or the pending one could never be posted."""

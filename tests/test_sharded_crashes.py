@@ -105,7 +105,19 @@ def test_while_open_a_transfer_in_doubt_long_enough_is_aborted_and_a_young_one_i
         assert ledger.swept_in_doubt == 1 and ledger.balance(source) == Balance(100, 0, 100, 0)
         with pytest.raises(CrossShardAborted):
             ledger.transfer("T", source=source, destination=destination, amount=40)
+        with pytest.raises(InvalidRequest, match="older_than_s"):
+            ledger.recover_in_doubt(float("inf"))
         _settled(ledger)
+
+
+def test_with_a_clock_of_ones_own_no_sweeper_runs_and_ages_are_refused(tmp_path: Path) -> None:
+    """As in a Ledger, a clock of one's own means nothing runs behind one's back: a day-old
+    clock must not make a fresh prepare look old."""
+    with ShardedLedger.open(tmp_path / "books", shards=SHARDS, clock_ns=lambda: 10**18) as ledger:
+        assert not ledger._sweeper.is_alive()
+        with pytest.raises(InvalidRequest, match="wall clock"):
+            ledger.recover_in_doubt(older_than_s=60)
+        assert ledger.recover_in_doubt() == 0
 
 
 @pytest.mark.parametrize("after_s", [3.0, 0, -1, True, "60", float("nan"), float("inf")])

@@ -14,7 +14,17 @@ from typing import Any
 
 import pytest
 
-from engine import Balance, Entry, IdempotencyConflict, Ledger, LinkedTransferFailed, Transfer, TransferRequest
+from engine import (
+    Balance,
+    Entry,
+    IdempotencyConflict,
+    Ledger,
+    LedgerError,
+    LedgerTimeout,
+    LinkedTransferFailed,
+    Transfer,
+    TransferRequest,
+)
 from engine._auditor import (
     CHECK_CONSERVED,
     CHECK_GAPLESS,
@@ -27,7 +37,8 @@ from engine._auditor import (
     Replies,
     audit_replies,
 )
-from engine._stress import StressConfig, run_stress
+from engine._stress import StressConfig, _record, run_stress
+from engine._workload import Op
 
 SMALL = dict(accounts=20, clients=4, transfers=400, amount_max=50, seed=3)
 
@@ -155,6 +166,30 @@ def test_the_harness_fails_its_verdict_when_a_retry_that_differs_gets_the_origin
     assert run_stress(StressConfig(path=str(tmp_path / "honest"), retry_rate=0.3, **SMALL), progress=False).ok
     report = run_stress(config, progress=False, open_ledger=open_lax)
     assert report.checks[CHECK_RETRIES] is False and report.summary()["verdict"] == "FAILED"
+
+
+def test_a_retry_is_judged_against_the_request_that_landed_first(tmp_path: Path) -> None:
+    """The original told nothing (a timeout) and never landed; a retry with another amount
+    lands first: a retry of the original amount must then be refused, and is no mismatch.
+    Answers of another request's fields, or a conflict no request with other fields could
+    cause, are."""
+    def replies_after(*sent: tuple[Op, Transfer | LedgerError]) -> list[str]:
+        state: Any = (Replies(), {}, [], [])
+        for op, outcome in sent:
+            _record(state, [op], [outcome], 1.0, 0.0)
+        return state[0].retry_mismatches
+
+    with Ledger.open(tmp_path / "ledger") as ledger:
+        ledger.create_account("a", currency="USD", overdraft_limit=None)
+        ledger.create_account("b", currency="USD")
+        original, differing, plain = Op("t", "a", "b", 5, False), Op("t", "a", "b", 4, True, differs=True), Op(
+            "t", "a", "b", 5, True)
+        landed = ledger.transfer("t", source="a", destination="b", amount=4)
+        conflict = IdempotencyConflict("another request")
+        assert replies_after((original, LedgerTimeout("no reply")), (differing, landed), (plain, conflict)) == []
+        assert replies_after((original, LedgerTimeout("no reply")), (plain, landed)) == ["t"]
+        assert replies_after((original, LedgerTimeout("no reply")), (plain, conflict)) == ["t"]
+        assert replies_after((original, landed), (plain, landed)) == ["t"]  # the original's answer was not its own
 
 
 class _Lax(Faulty):

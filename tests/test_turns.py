@@ -281,18 +281,10 @@ def test_a_bug_met_midway_through_a_chunk_stops_writes_and_reopening_rebuilds_fr
     ledger_path: Path,
 ) -> None:
     """The first transfer of a combined chunk is stamped and applied in memory; deciding the
-    second raises (here: the host's clock). Nothing of the chunk was journaled, so the ledger
-    must not write on top of that memory: it refuses writes until reopened, and reopens as
-    the journal has it."""
-    readings = {"left": -1}
-
-    def clock() -> int:
-        readings["left"] -= 1
-        if readings["left"] == 0:
-            raise OSError("clock source unavailable")
-        return time.time_ns()
-
-    ledger = Ledger.open(ledger_path, timeout_s=TIMEOUT_S, clock_ns=clock)
+    second raises (here: a fault injected into its stamp). Nothing of the chunk was journaled,
+    so the ledger must not write on top of that memory: it refuses writes until reopened, and
+    reopens as the journal has it."""
+    ledger = Ledger.open(ledger_path, timeout_s=TIMEOUT_S)
     try:
         for name in ("a", "b", "c"):
             ledger.create_account(name, currency="USD", overdraft_limit=None)
@@ -300,7 +292,11 @@ def test_a_bug_met_midway_through_a_chunk_stops_writes_and_reopening_rebuilds_fr
         requests = [TransferRequest("t-1", "a", "b", 10), TransferRequest("p-2", "b", "c", 3, pending=True)]
         tickets = [coordinator.claims.claim(request, relayed=True)[0] for request in requests]
         coordinator.admission.admit(len(tickets), TIMEOUT_S)
-        readings["left"] = 2  # the chunk's reading, then the pending transfer's: that one raises
+
+        def stamp(*args: Any, **kwargs: Any) -> None:  # the pending transfer's (the plain one has its own)
+            raise OSError("a bug in deciding")
+
+        coordinator.sequencer.stamp = stamp  # type: ignore[method-assign]
         with pytest.raises(OSError):
             coordinator._start_in_turn(tickets)  # type: ignore[arg-type]
         assert all(isinstance(ticket.error, LedgerUnavailable) for ticket in tickets)  # type: ignore[union-attr]
