@@ -325,6 +325,7 @@ class Coordinator:
         ticket = step.ticket
         turns: list[Participant] = []
         committed = False
+        undecided: Exception | None = None
         try:
             if refusal is not None:
                 self.refuse(ticket, refusal)
@@ -332,7 +333,7 @@ class Coordinator:
                 decided = self.sequencer.commit(ticket, self._deliverer(step.participants, turns), reserved=True)
                 committed = type(decided) is not Refusal
         except UNDECIDED as error:
-            self.fail(ticket, error)
+            undecided = error
         finally:
             if not committed:
                 for source, amount in step.released_elsewhere(account).items():
@@ -341,6 +342,8 @@ class Coordinator:
                         turns.append(participant)
             self._unpin(step.participants)
             self._decided(ticket)
+        if undecided is not None:  # failed once the other sources' reservations are on their way back
+            self.fail(ticket, undecided)
         for participant in turns:
             participant.run()
         return committed

@@ -272,9 +272,16 @@ class Sequencer:
         payloads: list[bytes] = []
         keys: list[bytes] = []
         first = lsn = self._journal.last_lsn + 1
-        for account in accounts:
+        last = self.last_timestamp
+        stamps = []
+        for _ in accounts:  # every reading first: a bad one raises before anything moved
+            now = self.clock()
+            last = now if now > last else last + 1
+            stamps.append(last)
+        self.last_timestamp = last
+        for account, timestamp in zip(accounts, stamps, strict=True):
             metadata = None if account.metadata is None else account.metadata.as_dict()
-            payloads.append(encode([ACCOUNT4, self.timestamp(), account.id, account.currency, account.overdraft_limit,
+            payloads.append(encode([ACCOUNT4, timestamp, account.id, account.currency, account.overdraft_limit,
                                     account.code, metadata]))
             keys += (id_key(account.id), lsn_value(lsn))
             lsn += 1

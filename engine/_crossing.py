@@ -49,6 +49,7 @@ from coordinator import (
     InsufficientFunds,
     InvalidRequest,
     LedgerError,
+    LedgerTimeout,
     Transfer,
     TransferRequest,
     check_transfer,
@@ -177,14 +178,16 @@ class Router:
                     if hold.status != "posted":
                         steps[a].append((i, (hold.id + POST, hold.id, False)))
                     continue
-                results[i] = restated(outcome, crossing[i])  # named as its user's transfer, not the credit step
+                results[i] = restated(outcome, crossing[i]) if not isinstance(outcome, InvalidRequest) else _unknown(
+                    crossing[i], "credit", outcome)  # named as its user's transfer, not the credit step
                 if isinstance(outcome, (CrossShardAborted, *REJECTIONS.values())) and hold.status == "pending":
                     steps[a].append((i, (hold.id + VOID, hold.id, True)))
         replies = self.on({a: ("resolve", [step for _, step in stepped]) for a, stepped in steps.items()})
         for a, stepped in steps.items():
             for (i, _), outcome in zip(stepped, outcomes_of(unpack(replies[a])), strict=True):
                 if isinstance(outcome, LedgerError):  # the post is not durable: not acknowledged
-                    results[i] = outcome
+                    results[i] = outcome if not isinstance(outcome, InvalidRequest) else _unknown(
+                        crossing[i], "post or void", outcome)
 
     # --- recovery ------------------------------------------------------------------------
 
@@ -275,6 +278,13 @@ def checked_request(request: object) -> TransferRequest:
         check_user_id(checked.source, "source")
         check_user_id(checked.destination, "destination")
     return checked
+
+
+def _unknown(request: TransferRequest, step: str, error: LedgerError) -> LedgerTimeout:
+    """A cross-shard transfer whose later step failed undecided (`InvalidRequest` there is a
+    bad clock reading: the rows were checked): in flight, its outcome unknown."""
+    return LedgerTimeout(f"transfer {request.id!r} is in flight: its {step} step failed ({error}); retry it with the "
+                         "same id to learn its outcome (recover_in_doubt() resolves it meanwhile)")
 
 
 def _named(outcome: Transfer | LedgerError, transfer_id: str) -> Transfer | LedgerError:

@@ -1195,6 +1195,31 @@ def test_a_bad_reading_of_the_ledgers_clock_fails_that_decision_alone(tmp_path: 
         assert ledger.balance("a").posted == 6
 
 
+def test_a_bad_clock_reading_while_accounts_open_opens_none_of_their_block(tmp_path: Path) -> None:
+    """`create_accounts` reads the clock for every account of a block before it opens any:
+    a bad reading (here, a clock that raises) is each one's outcome, and nothing moved."""
+    clock = Clock()
+    readings = [0]
+    bad_at = [-1]
+
+    def reading() -> int:
+        readings[0] += 1
+        if readings[0] == bad_at[0]:
+            raise OSError("no clock")
+        return clock()
+
+    with Ledger.open(tmp_path / "ledger", clock_ns=reading) as ledger:
+        ledger.create_account("bank", currency="USD")
+        bad_at[0] = readings[0] + 2
+        made = ledger.create_accounts([Account(name, "USD", 0) for name in ("a", "b", "a", "c")])
+        assert all(isinstance(outcome, InvalidRequest) and "no clock" in str(outcome) for outcome in made), made
+        assert [account.id for account in ledger.accounts()] == ["bank"]
+        assert ledger.create_accounts([Account(name, "USD", 0) for name in ("a", "b", "c")]) == [
+            Account(name, "USD", 0) for name in ("a", "b", "c")]
+        stamps = [event.timestamp for event in ledger.events()]
+        assert stamps == sorted(set(stamps)) and stamps[-1] - stamps[0] == 3  # the clock's, one apart
+
+
 def test_a_bad_clock_reading_off_the_accounts_turns_fails_that_decision_alone(tmp_path: Path) -> None:
     """The same where the decision is made in the mailboxes: a void of no open pending
     transfer (nothing to reserve), and a transfer whose accounts' turns are held elsewhere
