@@ -168,7 +168,7 @@ class Router:
             peer = peer_of(hold.destination)
             assert peer is not None, hold
             credits[peer[0]].append((i, credit_row(request, where[request.source], peer[1])))
-        replies = self.on({b: ("credit", pack([credit for _, credit in part])) for b, part in credits.items()})
+        replies = self._in_flight({b: ("credit", pack([credit for _, credit in part])) for b, part in credits.items()})
         steps: dict[int, list[tuple[int, tuple[str, str, bool]]]] = defaultdict(list)
         for b, part in credits.items():
             for (i, _), outcome in zip(part, outcomes_of(unpack(replies[b])), strict=True):
@@ -182,12 +182,22 @@ class Router:
                     crossing[i], "credit", outcome)  # named as its user's transfer, not the credit step
                 if isinstance(outcome, (CrossShardAborted, *REJECTIONS.values())) and hold.status == "pending":
                     steps[a].append((i, (hold.id + VOID, hold.id, True)))
-        replies = self.on({a: ("resolve", [step for _, step in stepped]) for a, stepped in steps.items()})
+        replies = self._in_flight({a: ("resolve", [step for _, step in stepped]) for a, stepped in steps.items()})
         for a, stepped in steps.items():
             for (i, _), outcome in zip(stepped, outcomes_of(unpack(replies[a])), strict=True):
                 if isinstance(outcome, LedgerError):  # the post is not durable: not acknowledged
                     results[i] = outcome if not isinstance(outcome, InvalidRequest) else _unknown(
                         crossing[i], "post or void", outcome)
+
+    def _in_flight(self, calls: dict[int, tuple[str, Any]]) -> dict[int, Any]:
+        """`on` for a round after the prepares: a step that raised `InvalidRequest` (a bad
+        clock reading: the rows were checked) leaves the batch's transfers in flight, their
+        outcomes unknown, so it is `LedgerTimeout` (retry with the same ids)."""
+        try:
+            return self.on(calls)
+        except InvalidRequest as error:
+            raise LedgerTimeout(f"this batch's cross-shard transfers are in flight: a step failed ({error}); retry "
+                                "them with the same ids to learn their outcomes") from error
 
     # --- recovery ------------------------------------------------------------------------
 

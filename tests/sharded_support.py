@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -82,3 +83,16 @@ def poll(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
 
 def shard_dirs(path: Path, shards: int = SHARDS) -> list[Path]:
     return [path / f"shard-{i}" for i in range(shards)]
+
+
+class ClockFailingIn:
+    """A clock of one's own (the wall clock's readings) that gives a bad reading in the shard
+    process whose pid the file `flag` names (a shard's clock runs in its own process)."""
+
+    def __init__(self, flag: Path) -> None:
+        self.flag = flag
+
+    def __call__(self) -> int:
+        if self.flag.exists() and self.flag.read_text() == str(os.getpid()):
+            return -1
+        return time.time_ns()

@@ -32,7 +32,7 @@ from engine import (
 )
 from engine._shard import credit_row, prepare_row
 from engine._wire import outcomes_of, pack, unpack
-from tests.sharded_support import SHARDS, accounts_on, books, poll, ray_for_module, shard_dirs
+from tests.sharded_support import SHARDS, ClockFailingIn, accounts_on, books, poll, ray_for_module, shard_dirs
 from tests.test_cli import tally_json
 
 pytestmark = pytest.mark.timeout(120)
@@ -118,6 +118,23 @@ def test_with_a_clock_of_ones_own_no_sweeper_runs_and_ages_are_refused(tmp_path:
         with pytest.raises(InvalidRequest, match="wall clock"):
             ledger.recover_in_doubt(older_than_s=60)
         assert ledger.recover_in_doubt() == 0
+
+
+def test_a_credit_that_fails_on_a_bad_clock_reading_leaves_the_transfer_in_flight(tmp_path: Path) -> None:
+    """Its outcome is unknown, not refused: LedgerTimeout, and the retry completes it."""
+    flag = tmp_path / "bad-clock-pid"
+    with ShardedLedger.open(tmp_path / "books", shards=SHARDS, clock_ns=ClockFailingIn(flag)) as ledger:
+        source = accounts_on(ledger, "s", 1, shard=0, balance=100)[0]
+        destination = accounts_on(ledger, "d", 1, shard=1)[0]
+        for transfer_id in ("T1", "T2"):  # the first makes the clearing accounts; the second finds them made
+            flag.write_text(str(ledger.pids()[1]))  # the destination's shard: the credit's reading fails
+            with pytest.raises(LedgerTimeout, match="step failed"):
+                ledger.transfer(transfer_id, source=source, destination=destination, amount=20)
+            assert ledger.balance(source).pending == 20 and ledger.outcome(transfer_id) is None  # in flight
+            flag.unlink()
+            assert ledger.transfer(transfer_id, source=source, destination=destination, amount=20).status == "posted"
+        assert ledger.balance(source) == Balance(60, 0, 60, 0) and ledger.balance(destination).posted == 40
+        _settled(ledger)
 
 
 @pytest.mark.parametrize("after_s", [3.0, 0, -1, True, "60", float("nan"), float("inf")])
