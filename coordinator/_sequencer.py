@@ -272,14 +272,9 @@ class Sequencer:
         payloads: list[bytes] = []
         keys: list[bytes] = []
         first = lsn = self._journal.last_lsn + 1
-        last = self.last_timestamp
-        stamps = []
-        for _ in accounts:  # every reading first: a bad one raises before anything moved
-            now = self.clock()
-            last = now if now > last else last + 1
-            stamps.append(last)
-        self.last_timestamp = last
-        for account, timestamp in zip(accounts, stamps, strict=True):
+        readings = [self.clock() for _ in accounts]  # every reading first: a bad one raises before anything moved
+        for account, now in zip(accounts, readings, strict=True):
+            timestamp = self.timestamp(1, now)
             metadata = None if account.metadata is None else account.metadata.as_dict()
             payloads.append(encode([ACCOUNT4, timestamp, account.id, account.currency, account.overdraft_limit,
                                     account.code, metadata]))

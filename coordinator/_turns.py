@@ -127,9 +127,10 @@ class TurnBatch:
                 raise LedgerTimeout(f"transfer {ticket.request.id!r} is not durable yet; retry later")
         if prior:  # what others decided must be durable too before it is answered
             coordinator.journal.wait_durable(max(map(lsn_of, prior)), self.remaining())
-        for ticket in fresh:  # done, unless the last failed alone (a bad clock reading) before the others were
-            if not ticket.done and not ticket.wait(self.remaining()):
-                raise LedgerTimeout(f"transfer {ticket.request.id!r} is not durable yet; retry later")
+        if fresh and fresh[-1].error is not None:  # the last may have failed alone (a bad clock reading), early
+            for ticket in fresh:
+                if not ticket.done and not ticket.wait(self.remaining()):
+                    raise LedgerTimeout(f"transfer {ticket.request.id!r} is not durable yet; retry later")
         coordinator.claims.release_many(fresh)
         if answers is None or (fresh and fresh[-1].error is not None):
             answers = self._answers()

@@ -130,6 +130,19 @@ def restated(error: Transfer | LedgerError, request: TransferRequest) -> Transfe
     return error
 
 
+def _as_recorded(prepare: TransferRequest, peer: int, kept: Transfer | None) -> TransferRequest | None:
+    """A prepare whose id conflicts, as the recorded one would have been written, if it was
+    written otherwise for the same transfer: refused while its source was unknown (`kept`
+    None: toward the clearing account of no currency), or by the first release
+    (`_named_no_destination`: with the user's metadata). Asked again so, its exact retry gets
+    the recorded outcome; None if neither applies."""
+    if kept is None:
+        return replace(prepare, destination=clearing_to(peer, ""))
+    if peer_of(kept.destination) is not None and _named_no_destination(kept, prepare):
+        return replace(prepare, metadata=kept.metadata)
+    return None
+
+
 def _named_no_destination(kept: Transfer, prepare: TransferRequest) -> bool:
     """Whether `kept` is a prepare of the sharded ledger's first release, whose metadata was
     the user's and named no destination, and `prepare` carries the digest of that metadata:
@@ -248,18 +261,21 @@ class Shard:
         rows = unpack_rows(blob)
         requests = [self._prepared(row) if row[0] is None else request_of(row) for row in rows]
         outcomes = self.ledger.transfer_many(requests)
+        again: dict[int, TransferRequest] = {}
         for i, outcome in enumerate(outcomes):
             if not isinstance(outcome, IdempotencyConflict):
                 continue
             kept = self.ledger.get_transfer(requests[i].id)
-            if kept is None and rows[i][0] is None:  # refused: maybe while its source was unknown (no currency)
-                outcomes[i] = self.ledger.transfer_many([replace(requests[i], destination=clearing_to(rows[i][3], ""))])[0]
-            if kept is None or peer_of(kept.destination) is None:
+            if rows[i][0] is not None:  # a local transfer
+                if kept is not None and peer_of(kept.destination) is not None:
+                    outcomes[i] = restated(outcome, requests[i])
                 continue
-            if rows[i][0] is not None:
-                outcomes[i] = restated(outcome, requests[i])
-            elif _named_no_destination(kept, requests[i]):
-                outcomes[i] = self.ledger.transfer_many([replace(requests[i], metadata=kept.metadata)])[0]
+            recorded = _as_recorded(requests[i], rows[i][3], kept)
+            if recorded is not None:
+                again[i] = recorded
+        if again:  # each id's first outcome, asked as it was recorded (all at once)
+            for i, outcome in zip(again, self.ledger.transfer_many(list(again.values())), strict=True):
+                outcomes[i] = outcome
         return pack(outcome_rows(outcomes))
 
     def _prepared(self, row: Row) -> TransferRequest:

@@ -88,7 +88,7 @@ class ShardedLedger:
     context manager."""
 
     def __init__(self, path: Path, router: Router, actors: list[Any], started_ray: bool,
-                 in_doubt_after_s: float) -> None:
+                 in_doubt_after_s: float, own_clock: bool) -> None:
         self.path = path
         self.timeout_s = router.timeout_s
         self.in_doubt_after_s = in_doubt_after_s
@@ -102,7 +102,7 @@ class ShardedLedger:
         """How many the sweeper resolved since (`_sweep`)."""
         self._stopping = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep, name="tally-in-doubt-sweeper", daemon=True)
-        self._own_clock = False
+        self._own_clock = own_clock
         """The shards' ledgers run on a `clock_ns` of the caller's: no sweeper, no age."""
 
     @classmethod
@@ -154,9 +154,8 @@ class ShardedLedger:
             if not made:
                 write_manifest(root, count)
             router.fill()
-            ledger = cls(root, router, actors, started, after_s)
+            ledger = cls(root, router, actors, started, after_s, ledger_options.get("clock_ns") is not None)
             ledger.recovered_in_doubt = router.recover()
-            ledger._own_clock = ledger_options.get("clock_ns") is not None
             if not ledger._own_clock:  # with a clock of one's own nothing runs behind one's back (as in a Ledger)
                 ledger._sweeper.start()
             return ledger

@@ -286,14 +286,23 @@ def _load(ledger: ShardedLedger, names: list[str], seed: int, count: int, acked:
         done += len(batch)
 
 
+def _loaded(ledger: ShardedLedger, callers: int, batches: int) -> tuple[
+        list[str], dict[str, TransferRequest], list[LedgerError], list[threading.Thread]]:
+    """Four funded accounts on each shard, and `callers` threads running `_load` of `batches`
+    on them, started: (the accounts, what they acknowledge, the errors they meet, the threads)."""
+    names = [n for shard in range(SHARDS) for n in accounts_on(ledger, "a", 4, shard=shard, balance=500)]
+    acked: dict[str, TransferRequest] = {}
+    errors: list[LedgerError] = []
+    threads = [threading.Thread(target=_load, args=(ledger, names, seed, batches, acked, errors))
+               for seed in range(callers)]
+    for thread in threads:
+        thread.start()
+    return names, acked, errors, threads
+
+
 def test_concurrent_cross_shard_load_conserves_money_on_every_shard_and_across(tmp_path: Path) -> None:
     with ShardedLedger.open(tmp_path / "books", shards=SHARDS) as ledger:
-        names = [n for shard in range(SHARDS) for n in accounts_on(ledger, "a", 4, shard=shard, balance=500)]
-        acked: dict[str, TransferRequest] = {}
-        errors: list[LedgerError] = []
-        threads = [threading.Thread(target=_load, args=(ledger, names, seed, 120, acked, errors)) for seed in range(6)]
-        for thread in threads:
-            thread.start()
+        names, acked, errors, threads = _loaded(ledger, callers=6, batches=120)
         for thread in threads:
             thread.join(timeout=90)
         assert errors == [] and len(acked) > 300
@@ -308,12 +317,7 @@ def test_concurrent_cross_shard_load_conserves_money_on_every_shard_and_across(t
 def test_a_shard_process_killed_mid_load_loses_no_acknowledged_transfer(tmp_path: Path) -> None:
     path = tmp_path / "books"
     with ShardedLedger.open(path, shards=SHARDS) as ledger:
-        names = [n for shard in range(SHARDS) for n in accounts_on(ledger, "a", 4, shard=shard, balance=500)]
-        acked: dict[str, TransferRequest] = {}
-        errors: list[LedgerError] = []
-        threads = [threading.Thread(target=_load, args=(ledger, names, seed, 150, acked, errors)) for seed in range(4)]
-        for thread in threads:
-            thread.start()
+        _, acked, errors, threads = _loaded(ledger, callers=4, batches=150)
         poll(lambda: len(acked) >= 100, 60, "the load to get going")
         victim = ledger.pids()[1]
         os.kill(victim, signal.SIGKILL)
