@@ -80,15 +80,14 @@ def frame_all(first_lsn: int, payloads: Sequence[bytes], previous: bytes) -> tup
     loop runs once a record on the write path)."""
     assert first_lsn >= 1, first_lsn
     assert len(previous) == DIGEST_SIZE, previous
-    pack_header, crc32, version, sha256 = _HEADER.pack, zlib.crc32, _VERSION_BYTE, hashlib.sha256
+    pack_lsn, pack_header, crc32, version, sha256 = _LSN.pack, _HEADER.pack, zlib.crc32, _VERSION_BYTE, hashlib.sha256
     framed: list[bytes] = []
-    put = framed.append
-    for key, payload in zip(map(_LSN.pack, range(first_lsn, first_lsn + len(payloads))), payloads, strict=True):
+    for lsn, payload in enumerate(payloads, first_lsn):
         assert type(payload) is bytes and payload, "a record carries a non-empty payload"
+        key = pack_lsn(lsn)
         previous = sha256(previous + key + payload).digest()
         body = previous + payload
-        put(key)
-        put(pack_header(RECORD_VERSION, crc32(body, crc32(key + version))) + body)
+        framed += (key, pack_header(RECORD_VERSION, crc32(body, crc32(key + version))) + body)
     return framed, previous
 
 
