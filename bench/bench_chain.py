@@ -33,19 +33,18 @@ BATCH = 1_000
 
 
 def unchained(first_lsn: int, payloads: Sequence[bytes], previous: bytes) -> tuple[list[bytes], bytes]:
-    """`journal._format.frame_all` without the chain: the same framing, the digest not advanced."""
+    """`journal._format.frame_all` without the chain: the same loop, the digest not advanced."""
     import zlib
 
     from journal import _format
 
-    pack_header, crc32, version = _format._HEADER.pack, zlib.crc32, _format._VERSION_BYTE
+    pack_lsn, pack_header, crc32, version = _format._LSN.pack, _format._HEADER.pack, zlib.crc32, _format._VERSION_BYTE
     framed: list[bytes] = []
-    put = framed.append
-    for key, payload in zip(map(_format._LSN.pack, range(first_lsn, first_lsn + len(payloads))), payloads,
-                            strict=True):
+    for lsn, payload in enumerate(payloads, first_lsn):
+        assert type(payload) is bytes and payload, "a record carries a non-empty payload"
+        key = pack_lsn(lsn)
         body = previous + payload
-        put(key)
-        put(pack_header(_format.RECORD_VERSION, crc32(body, crc32(key + version))) + body)
+        framed += (key, pack_header(_format.RECORD_VERSION, crc32(body, crc32(key + version))) + body)
     return framed, previous
 
 
