@@ -213,33 +213,60 @@ def load_checkpoint(journal: Journal) -> Recovered:
 def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> list[list[Any]]:
     """Every account's row as of the CHECKPOINT4 `record` at `lsn`: its own, or the newest
     one of the checkpoints before it (each names the one before, `previous_lsn`), in
-    creation order (opening LSN)."""
+    creation order (opening LSN).
+
+    The chain is read newest first until its sweeps have passed over every account (each
+    checkpoint's sweep goes on, in creation order, from where the one before it stopped),
+    then its rows are laid into one dict oldest first, a newer row of an account replacing
+    the older: one dict write a row, the loop in C. Should accounts still have no row (the
+    sweeps are a guide, not a proof), the walk goes on back, adding only theirs."""
     total = record[4]
-    rows = record[6]
-    found: dict[str, list[Any]] = dict(zip(map(_FIRST, rows), rows, strict=True))
+    chain = [record[6]]
+    swept = 0
     at = lsn
-    while True:
-        previous = record[3]
-        if len(found) >= total or previous == 0:
-            break
-        if not 0 < previous < at:
-            raise _corrupt(at, f"the checkpoint names LSN {previous!r} as the one before it")
-        at = previous
-        try:
-            payload = journal.read(at)
-        except JournalCorruptedError as error:
-            raise JournalCorrupted(str(error), error.lsn) from error
-        if payload is None:
-            raise _corrupt(lsn, f"the checkpoint before it, at LSN {at}, is not there")
-        record = decode(at, payload)
-        if record[0] != CHECKPOINT4:
-            raise _corrupt(at, "a checkpoint names it as the one before, but it is not a CHECKPOINT4")
-        rows = record[6][::-1]  # (from its end: of two rows of one account, the last is kept, as a dict keeps it)
+    while record[3] != 0 and swept < total and len(chain[0]) < total:
+        older = _checkpoint_before(journal, lsn, at, record[3])
+        swept += _sweep_length(record, older)
+        at, record = record[3], older
+        chain.append(record[6])
+    found: dict[str, list[Any]] = {}
+    for rows in reversed(chain):  # oldest first (of two rows of one account in a checkpoint, the last is kept)
+        found.update(zip(map(_FIRST, rows), rows, strict=True))
+    while len(found) < total and record[3] != 0:
+        older = _checkpoint_before(journal, lsn, at, record[3])
+        at, record = record[3], older
+        rows = record[6][::-1]  # from its end: of two rows of one account, the last is kept, as above
         ids = list(map(_FIRST, rows))  # the rows of accounts not found yet, added: the loops run in C
         found.update(compress(zip(ids, rows, strict=True), map(not_, map(found.__contains__, ids))))
     if len(found) != total:
         raise _corrupt(lsn, f"the checkpoint and those before it hold {len(found)} accounts, not {total}")
     return sorted(found.values(), key=itemgetter(5))  # creation order: by opening LSN
+
+
+def _checkpoint_before(journal: Journal, lsn: int, at: int, previous: Any) -> list[Any]:
+    """The CHECKPOINT4 that the one at `at` (on the walk back from the one at `lsn`) names as
+    the one before it, at `previous`."""
+    if type(previous) is not int or not 0 < previous < at:
+        raise _corrupt(at, f"the checkpoint names LSN {previous!r} as the one before it")
+    try:
+        payload = journal.read(previous)
+    except JournalCorruptedError as error:
+        raise JournalCorrupted(str(error), error.lsn) from error
+    if payload is None:
+        raise _corrupt(lsn, f"the checkpoint before it, at LSN {previous}, is not there")
+    record = decode(previous, payload)
+    if record[0] != CHECKPOINT4:
+        raise _corrupt(previous, "a checkpoint names it as the one before, but it is not a CHECKPOINT4")
+    return record
+
+
+def _sweep_length(record: list[Any], older: list[Any]) -> int:
+    """How many accounts the sweep of CHECKPOINT4 `record` passed over: from where the sweep of
+    `older`, the one before it, stopped to where its own did (0 if the two do not say)."""
+    total, sweep_next, sweep_from = record[4], record[5], older[5]
+    if type(total) is not int or type(sweep_next) is not int or type(sweep_from) is not int or total <= 0:
+        return 0
+    return (sweep_next - sweep_from) % total
 
 
 def recover(journal: Journal) -> Recovered:

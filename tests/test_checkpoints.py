@@ -79,6 +79,46 @@ def test_opening_takes_each_accounts_row_from_the_newest_checkpoint_holding_it(l
     assert verify(str(ledger_path))["verdict"] == "whole"
 
 
+def test_opening_reads_the_chain_back_only_as_far_as_the_sweeps_reach(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk back stops once the sweeps have passed over every account, well before the
+    first checkpoint, and still finds each account's newest row."""
+    from coordinator import _recovery
+
+    balances, state_hash = build(ledger_path, transfers=400)
+    made = checkpoints(ledger_path)
+    read: list[int] = []
+    real = _recovery._checkpoint_before
+
+    def counted(journal: Journal, lsn: int, at: int, previous: object) -> list[object]:
+        read.append(at)
+        return real(journal, lsn, at, previous)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_recovery, "_checkpoint_before", counted)
+    with Ledger.open(ledger_path) as reopened:
+        assert {account.id: reopened.balance(account.id) for account in reopened.accounts()} == balances
+        assert reopened.state_hash() == state_hash
+    assert 0 < len(read) < len(made) - 2
+
+
+@pytest.mark.parametrize("sweeps_say", ["all", "nothing"])
+def test_when_the_sweeps_misguide_the_walk_it_still_finds_every_row(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch, sweeps_say: str
+) -> None:
+    """The sweeps only tell the walk where to stop reading ahead: told every account was swept
+    after one checkpoint, it goes on back for the accounts still missing a row; told none
+    ever was, it reads back to a checkpoint of every account. Either way, the same books."""
+    from coordinator import _recovery
+
+    balances, state_hash = build(ledger_path, transfers=400)
+    monkeypatch.setattr(_recovery, "_sweep_length", lambda record, older: record[4] if sweeps_say == "all" else 0)
+    with Ledger.open(ledger_path) as reopened:
+        assert {account.id: reopened.balance(account.id) for account in reopened.accounts()} == balances
+        assert [account.id for account in reopened.accounts()] == ["bank", *(f"a{n}" for n in range(ACCOUNTS))]
+        assert reopened.state_hash() == state_hash
+
+
 def test_with_a_large_sweep_every_checkpoint_holds_every_account(
     ledger_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
