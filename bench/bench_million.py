@@ -11,7 +11,9 @@ Takes minutes; not part of the test suite. In one ledger, in order:
    latency, and the longest pause the sequencer lock took for a checkpoint;
 4. the process's peak resident memory so far; close; the data file's size;
 5. reopen in a new process, as a restart does: the time `Ledger.open` takes to return, that
-   process's peak resident memory, and one balance read.
+   process's peak resident memory, and one balance read; then `--after-transfers` more from
+   64 threads in that process (rate, p99, and the longest checkpoint pause: the first
+   checkpoint after an open is the one that once paused longest).
 """
 
 from __future__ import annotations
@@ -62,25 +64,37 @@ def timed_checkpoints() -> list[float]:
 REOPEN = """
 import json, sys, time
 sys.path.insert(0, sys.argv[3])
+sys.path.insert(0, sys.argv[3] + "/bench")
+from bench_engine import run_clients, transfer_call, workload
+from bench_million import timed_checkpoints
 from engine import Ledger
 started = time.perf_counter()
 ledger = Ledger.open(sys.argv[1])
 open_s = time.perf_counter() - started
 balance = ledger.balance(sys.argv[2])
+accounts, transfers = int(sys.argv[4]), int(sys.argv[5])
+after = None
+if transfers:
+    pauses = timed_checkpoints()
+    names = [f"acct-{n:07d}" for n in range(accounts)]
+    after = run_clients(64, workload(accounts, transfers, "uniform", 11), transfer_call(ledger, names, "after"))
+    after["checkpoints"] = len(pauses)
+    after["checkpoint_pauses_ms"] = [round(pause * 1e3, 1) for pause in pauses]
 ledger.close()
 with open("/proc/self/status") as status:  # VmHWM: this process's peak (ru_maxrss starts at the parent's)
     peak_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
 print(json.dumps({"open_s": round(open_s, 2), "balance": [balance.posted, balance.pending],
-                  "peak_rss_mib": round(peak_kib / 1024)}))
+                  "peak_rss_mib": round(peak_kib / 1024), "after": after}))
 """
 
 
-def reopen(path: str, account: str) -> dict:
+def reopen(path: str, account: str, accounts: int = 0, transfers: int = 0) -> dict:
     """Open the ledger in a new process, as a restart does: how long `Ledger.open` takes, that
-    process's peak resident memory, and one balance."""
+    process's peak resident memory, and one balance; then, with `transfers`, that many from 64
+    threads between the `accounts` accounts (`after`: rate, latencies, checkpoint pauses)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", REOPEN, path, account, root], capture_output=True, text=True,
-                          check=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", REOPEN, path, account, root, str(accounts), str(transfers)],
+                          capture_output=True, text=True, check=True, timeout=900)
     return json.loads(done.stdout)  # type: ignore[no-any-return]
 
 
@@ -88,6 +102,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accounts", type=int, default=1_000_000)
     parser.add_argument("--load-transfers", type=int, default=100_000)
+    parser.add_argument("--after-transfers", type=int, default=40_000,
+                        help="transfers from 64 threads after reopening (0: none)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
@@ -122,9 +138,10 @@ def main() -> int:
         result["peak_rss_mib"] = round(peak_rss_bytes() / 2**20)
         ledger.close()
         result["data_file_mib"] = round(os.path.getsize(os.path.join(path, "data.mdb")) / 2**20)
-        reopened = reopen(path, names[-1])
+        reopened = reopen(path, names[-1], args.accounts, args.after_transfers)
         assert reopened["balance"] == [balance.posted, balance.pending], (reopened, balance)
         result["reopen_s"], result["reopen_peak_rss_mib"] = reopened["open_s"], reopened["peak_rss_mib"]
+        result["after_reopen"] = reopened["after"]
     print(f"\n{args.accounts:,} accounts")
     print(f"create_accounts                 {result['create_s']:>8} s")
     print(f"fund each once (transfer_many)  {result['touch_each_s']:>8} s")
@@ -133,6 +150,12 @@ def main() -> int:
           f"  max {lo['max_ms']} ms")
     print(f"  checkpoints during load       {lo['checkpoints']:>8}  longest pause {lo['checkpoint_pause_max_ms']} ms")
     print(f"reopen (a new process)          {result['reopen_s']:>8} s   peak memory {result['reopen_peak_rss_mib']} MiB")
+    after = result["after_reopen"]
+    if after is not None:
+        print(f"load after reopening            {after['transfers_per_s']:>8,.0f}/s  p50 {after['p50_ms']} ms  "
+              f"p99 {after['p99_ms']} ms  max {after['max_ms']} ms")
+        print(f"  checkpoints                   {after['checkpoints']:>8}  pauses "
+              f"{', '.join(f'{pause:g}' for pause in after['checkpoint_pauses_ms'])} ms")
     print(f"peak resident memory (1.-3.)    {result['peak_rss_mib']:>8} MiB")
     print(f"data file                       {result['data_file_mib']:>8} MiB")
     print(json.dumps(result))

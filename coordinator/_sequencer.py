@@ -189,10 +189,12 @@ class Sequencer:
         self._unentered: tuple[Sequence[Request], list[Leg], int, int] = ((), [], 0, 0)
         """What `stamp` decided without entering it (`enter_stamped`)."""
         self._fixed_rows: dict[str, tuple[Any, ...]] = {}
-        """The unchanging start of each account's checkpoint row (id, currency, overdraft
-        limit, code, metadata, opening LSN), in creation order; filled by `checkpoint`."""
+        """The unchanging start of an account's checkpoint row (id, currency, overdraft limit,
+        code, metadata, opening LSN), made the first time a checkpoint holds its row
+        (`_fixed_row`): never all at once, which for a million accounts reopened would hold
+        the lock through the first checkpoint for most of a second."""
         self._ids: list[str] = []
-        """The ids of `_fixed_rows`, in creation order (where the sweep walks)."""
+        """Every account's id, in creation order (where the sweep walks); `checkpoint` adds the new ones."""
         self._checkpoint: tuple[int, int, int] | None = books.checkpoint_chain
         """The newest checkpoint's (LSN, accounts, sweep_next), if the next one may build on it."""
         with journal.snapshot() as txn:
@@ -648,16 +650,12 @@ class Sequencer:
         records after it; a full replay checks every checkpoint it passes.
         """
         assert self.lock.locked()
-        fixed, states, ids = self._fixed_rows, self.states, self._ids
-        if len(fixed) < len(self.accounts):  # accounts only grow, in order: add the new ones
-            for account in islice(self.accounts.values(), len(fixed), None):
-                metadata = None if account.metadata is None else account.metadata.as_dict()
-                fixed[account.id] = (account.id, account.currency, account.overdraft_limit, account.code, metadata,
-                                     self.account_lsns[account.id])
-                ids.append(account.id)
+        fixed, states, ids, made = self._fixed_rows, self.states, self._ids, self._fixed_row
+        if len(ids) < len(self.accounts):  # accounts only grow, in order: add the new ones
+            ids += islice(self.accounts, len(ids), None)
         total = len(ids)
         included, previous, sweep_next = self._included(total)
-        rows = [fixed[account_id] + states[account_id] for account_id in included]
+        rows = [(fixed.get(account_id) or made(account_id)) + states[account_id] for account_id in included]
         pendings = [list(pending) for pending in self.pending.values()]
         lsn = self._journal.last_lsn + 1
         index: IndexPuts = {CHECKPOINTS_INDEX: [lsn_value(lsn), b""],
@@ -674,6 +672,14 @@ class Sequencer:
         self._since_checkpoint = 0
         self._checkpoint = (lsn, total, sweep_next)
         return lsn
+
+    def _fixed_row(self, account_id: str) -> tuple[Any, ...]:
+        """Make and keep the unchanging start of an account's checkpoint row (`_fixed_rows`)."""
+        account = self.accounts[account_id]
+        metadata = None if account.metadata is None else account.metadata.as_dict()
+        row = self._fixed_rows[account_id] = (account_id, account.currency, account.overdraft_limit, account.code,
+                                              metadata, self.account_lsns[account_id])
+        return row
 
     def _included(self, total: int) -> tuple[Iterable[str], int, int]:
         """The accounts the next checkpoint holds rows of, the previous checkpoint's LSN (0:

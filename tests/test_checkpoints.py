@@ -119,6 +119,25 @@ def test_when_the_sweeps_misguide_the_walk_it_still_finds_every_row(
         assert reopened.state_hash() == state_hash
 
 
+def test_a_checkpoint_after_reopening_makes_the_rows_of_the_accounts_it_holds_only(ledger_path: Path) -> None:
+    """Reopened, the first checkpoint must not build a row start for every account under
+    the lock (most of a second at a million), only for those it holds."""
+    build(ledger_path)
+    with Ledger.open(ledger_path, checkpoint_interval=10) as reopened:
+        sequencer = reopened._sequencer
+        opened_at = sequencer.last_lsn
+        for k in range(12):
+            reopened.transfer(f"after-{k}", source="bank", destination=f"a{k % BUSY}", amount=1)
+        assert sequencer._checkpoint is not None and sequencer._checkpoint[0] > opened_at  # one was written
+        assert 0 < len(sequencer._fixed_rows) < ACCOUNTS // 2
+        balances = {account.id: reopened.balance(account.id) for account in reopened.accounts()}
+        state_hash = reopened.state_hash()
+    with Ledger.open(ledger_path) as again:
+        assert {account.id: again.balance(account.id) for account in again.accounts()} == balances
+        assert again.state_hash() == state_hash
+    assert verify(str(ledger_path))["verdict"] == "whole"
+
+
 def test_with_a_large_sweep_every_checkpoint_holds_every_account(
     ledger_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
