@@ -23,8 +23,8 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from itertools import compress, starmap
-from operator import itemgetter, not_
+from itertools import compress, repeat, starmap
+from operator import is_not, itemgetter, not_
 from typing import Any
 
 from journal import Completion, Journal, JournalCorruptedError
@@ -106,6 +106,7 @@ def _metadata(value: Any) -> Metadata | None:
 
 _FIRST = itemgetter(0)
 _ACCOUNT_FIELDS = itemgetter(0, 1, 2, 3, 4)
+_METADATA = itemgetter(4)
 _OPENED_LSN = itemgetter(5)
 _STATE_FIELDS = itemgetter(6, 7, 8)
 
@@ -193,11 +194,11 @@ def load_checkpoint(journal: Journal) -> Recovered:
         books.accounts.update(zip(ids, starmap(opened_account, map(_ACCOUNT_FIELDS, rows)), strict=True))
         books.account_lsns.update(zip(ids, map(_OPENED_LSN, rows), strict=True))
         books.states.update(zip(ids, map(_STATE_FIELDS, rows), strict=True))
-        for row in rows:
-            if row[4] is not None:  # metadata: a plain dict decoded, made a `Metadata`
-                account = books.accounts[row[0]]
-                books.accounts[row[0]] = opened_account(account.id, account.currency, account.overdraft_limit,
-                                                        account.code, Metadata(row[4]))
+        # The rows with metadata (a plain dict decoded, made a `Metadata`), found in C.
+        for row in compress(rows, map(is_not, map(_METADATA, rows), repeat(None))):
+            account = books.accounts[row[0]]
+            books.accounts[row[0]] = opened_account(account.id, account.currency, account.overdraft_limit,
+                                                    account.code, Metadata(row[4]))
         for fields in pendings:
             pending = Pending(*fields)
             books.pending[pending.id] = pending

@@ -138,6 +138,28 @@ def test_a_checkpoint_after_reopening_makes_the_rows_of_the_accounts_it_holds_on
     assert verify(str(ledger_path))["verdict"] == "whole"
 
 
+def test_accounts_keep_their_code_and_metadata_through_the_chain(ledger_path: Path) -> None:
+    """Rows made on demand (`Sequencer._fixed_row`) and loaded back from several checkpoints
+    keep every field of the account, metadata a read-only mapping again."""
+    from engine import Account
+
+    with Ledger.open(ledger_path, checkpoint_interval=5) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        for n in range(20):
+            ledger.create_account(f"m{n}", currency="USD", code=n, metadata={"n": n, "tier": "gold"} if n % 3 else None)
+        for k in range(60):
+            ledger.transfer(f"t{k}", source="bank", destination=f"m{k % 20}", amount=k + 1)
+        made = list(ledger.accounts())
+    assert len(checkpoints(ledger_path)) > 3
+    with Ledger.open(ledger_path) as reopened:
+        again = list(reopened.accounts())
+        assert again == made
+        assert all(isinstance(account, Account) for account in again)
+        assert again[2].metadata == {"n": 1, "tier": "gold"} and again[1].metadata is None
+        with pytest.raises(TypeError):
+            again[2].metadata["n"] = 2  # type: ignore[index]
+
+
 def test_with_a_large_sweep_every_checkpoint_holds_every_account(
     ledger_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
