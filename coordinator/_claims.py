@@ -228,7 +228,9 @@ class Claims:
     def __init__(self, journal: Journal) -> None:
         self._journal = journal
         self._locks = [threading.Lock() for _ in range(CLAIM_STRIPES)]
-        self._filters = [IdFilter() for _ in range(CLAIM_STRIPES)]
+        with journal.snapshot() as txn:  # the ids journaled already, about (resolutions count too)
+            expected = journal.index_count(TRANSFERS_INDEX, txn) * 5 // 4 // CLAIM_STRIPES
+        self._filters = [IdFilter(expected) for _ in range(CLAIM_STRIPES)]
         self._inflight: dict[str, Ticket] = {}
         self._warm = False
         self._stopping = False
@@ -254,13 +256,16 @@ class Claims:
                     return
                 with journal.snapshot() as txn:
                     keys = list(islice(journal.index_keys(TRANSFERS_INDEX, txn, after), INDEX_KEYS_PER_SNAPSHOT))
+                by_stripe: list[list[int]] = [[] for _ in range(CLAIM_STRIPES)]
                 for key in keys:
                     if key[:1] == RESOLUTION_MARK:
                         continue  # what resolved a pending transfer: not an id
                     h = key_hash(key)
-                    stripe = h & _STRIPE_MASK
-                    with self._locks[stripe]:
-                        self._filters[stripe].add(h >> 6)
+                    by_stripe[h & _STRIPE_MASK].append(h >> 6)
+                for stripe, hashes in enumerate(by_stripe):  # each stripe's lock once a chunk
+                    if hashes:
+                        with self._locks[stripe]:
+                            self._filters[stripe].add_all(hashes)
                 after = keys[-1]  # the index only grows: there is a key up to `end`
         except JournalError:  # closed while warming: claims keep asking the index
             return

@@ -32,16 +32,20 @@ def _probe(h: int) -> tuple[int, int]:
 
 
 class IdFilter:
-    __slots__ = ("_layers", "_count", "_capacity")
+    __slots__ = ("_layers", "_count", "_capacity", "_first")
 
-    def __init__(self) -> None:
+    def __init__(self, expected: int = 0) -> None:
+        """`expected`: how many ids it will hold soon (those journaled already): the first
+        layer is made that large, so a ledger of a million ids checks one layer per id, not
+        the seven that doubling from the smallest would have made."""
         self._layers: list[memoryview] = []
         """64-bit words (memoryview of format 'Q'), oldest first."""
         self._count = 0
         self._capacity = 0
+        self._first = max(_CAPACITY_FIRST, expected)
 
     def _grow(self) -> None:
-        capacity = max(_CAPACITY_FIRST, self._capacity * 2)
+        capacity = max(self._first, self._capacity * 2)
         words = capacity * _BITS_PER_ID // _WORD_BITS
         self._layers.append(memoryview(bytearray(words * 8)).cast("Q"))
         self._capacity += capacity
@@ -49,6 +53,24 @@ class IdFilter:
     def add(self, h: int) -> None:
         """Add an id by its hash (any int: `hash(id_key)`)."""
         self.check_and_add(h)
+
+    def add_all(self, hashes: list[int]) -> None:
+        """`add` each of `hashes`, asking nothing back: no older layer is looked at (loading
+        the ids journaled already, a million of them at open)."""
+        pairs = _PAIRS
+        done = 0
+        while done < len(hashes):
+            if self._count >= self._capacity:
+                self._grow()
+            room = self._capacity - self._count
+            part = hashes[done : done + room] if done or room < len(hashes) else hashes
+            words = self._layers[-1]
+            size = len(words)
+            for h in part:  # `_probe` and the write of `check_and_add`, inline
+                i = (h & 0xFFFFFFFF) % size
+                words[i] |= pairs[(h >> 32) & 0xFFF] | pairs[(h >> 44) & 0xFFF]
+            self._count += len(part)
+            done += len(part)
 
     def check_and_add(self, h: int) -> bool:
         """Add `h`; True if it may have been added before (`might_contain` first, in one pass)."""

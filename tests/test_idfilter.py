@@ -17,7 +17,7 @@ from coordinator._claims import Claims, id_hash, key_hash
 from coordinator._idfilter import IdFilter
 from coordinator._limits import CLAIM_STRIPES
 from coordinator._records import id_key
-from engine import Balance, Ledger, Transfer, TransferRequest
+from engine import Balance, IdempotencyConflict, Ledger, Transfer, TransferRequest
 from journal import Journal
 
 WAIT_S = 10.0
@@ -62,6 +62,44 @@ def test_every_id_added_is_remembered_and_few_unseen_ids_look_seen() -> None:
     unseen = [rng.getrandbits(58) for _ in range(60_000)]
     false_positives = sum(seen.might_contain(h) for h in unseen)
     assert false_positives < len(unseen) * 0.02, false_positives  # each one costs an index read
+
+
+@pytest.mark.parametrize("expected", [0, 50_000, 100_000])
+def test_add_all_remembers_every_id_across_every_layer_it_fills(expected: int) -> None:
+    """The warm-up's bulk add grows layers as `add` does (with no size given, 60,000 ids
+    fill three), a filter sized for what it will hold makes fewer, every id added is
+    remembered, and within one layer it sets exactly the bits one `add` each would."""
+    rng = random.Random(13)
+    added = [rng.getrandbits(58) - (1 << 57) for _ in range(60_000)]  # negative hashes too
+    in_bulk = IdFilter(expected)
+    for first in range(0, len(added), 7_000):  # in parts, as the warm-up hands them over
+        in_bulk.add_all(added[first : first + 7_000])
+    assert len(in_bulk) == len(added)
+    assert len(in_bulk._layers) == {0: 3, 50_000: 2, 100_000: 1}[expected]
+    assert all(in_bulk.might_contain(h) for h in added)
+    unseen = [rng.getrandbits(58) for _ in range(60_000)]
+    assert sum(in_bulk.might_contain(h) for h in unseen) < len(unseen) * 0.02
+    if expected == 100_000:
+        one_by_one = IdFilter(expected)
+        for h in added:
+            one_by_one.add(h)
+        assert bytes(in_bulk._layers[0]) == bytes(one_by_one._layers[0])
+    assert all(in_bulk.check_and_add(h) for h in added)
+
+
+def test_a_reopened_ledger_sizes_its_filters_for_the_ids_it_holds(ledger_path: Path) -> None:
+    with Ledger.open(ledger_path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        ledger.transfer_many([TransferRequest(f"t-{n}", "bank", "alice", 1) for n in range(3_000)])
+    with Ledger.open(ledger_path) as reopened:
+        claims = reopened._coordinator.claims
+        assert claims.wait_warm(WAIT_S)
+        assert all(len(stripe._layers) == 1 for stripe in claims._filters)
+        assert sum(len(stripe) for stripe in claims._filters) == 3_000
+        assert reopened.transfer("t-7", source="bank", destination="alice", amount=1).lsn < 3_100  # a retry
+        with pytest.raises(IdempotencyConflict):
+            reopened.transfer("t-7", source="bank", destination="alice", amount=2)  # differs
 
 
 def test_ids_hashed_as_the_claims_hash_them_negative_ones_included_are_remembered() -> None:
