@@ -106,6 +106,9 @@ def _metadata(value: Any) -> Metadata | None:
 
 _FIRST = itemgetter(0)
 _ACCOUNT_FIELDS = itemgetter(0, 1, 2, 3, 4)
+ROW_FIELDS = 9
+"""An account's row in a CHECKPOINT3 or CHECKPOINT4: id, currency, limit, code, metadata,
+opening LSN, seq, posted, last LSN."""
 _METADATA = itemgetter(4)
 _OPENED_LSN = itemgetter(5)
 _STATE_FIELDS = itemgetter(6, 7, 8)
@@ -185,25 +188,18 @@ def load_checkpoint(journal: Journal) -> Recovered:
     elif record[0] == CHECKPOINT3 or record[0] == CHECKPOINT4:
         if record[0] == CHECKPOINT3:
             _, books.last_timestamp, books.index_entries, rows, pendings = record
+            _check_rows(lsn, rows)
+            chain = [lsn]
         else:
+            _check_checkpoint(lsn, record)
             _, books.last_timestamp, books.index_entries, _, total, sweep_next, _, pendings = record
-            rows = _walk_back(journal, lsn, record)
+            rows, chain = _walk_back(journal, lsn, record)
             books.checkpoint_chain = (lsn, total, sweep_next)
-        # `_account_row` of each row, a column at a time (a million rows: the loops run in C).
-        ids = list(map(_FIRST, rows))
-        books.accounts.update(zip(ids, starmap(opened_account, map(_ACCOUNT_FIELDS, rows)), strict=True))
-        books.account_lsns.update(zip(ids, map(_OPENED_LSN, rows), strict=True))
-        books.states.update(zip(ids, map(_STATE_FIELDS, rows), strict=True))
-        # The rows with metadata (a plain dict decoded, made a `Metadata`), found in C.
-        for row in compress(rows, map(is_not, map(_METADATA, rows), repeat(None))):
-            account = books.accounts[row[0]]
-            books.accounts[row[0]] = opened_account(account.id, account.currency, account.overdraft_limit,
-                                                    account.code, Metadata(row[4]))
-        for fields in pendings:
-            pending = Pending(*fields)
-            books.pending[pending.id] = pending
-            books.held[pending.source] = books.held.get(pending.source, 0) + pending.amount
-            books.incoming[pending.destination] = books.incoming.get(pending.destination, 0) + pending.amount
+        try:
+            _load_rows(books, rows, pendings)
+        except (TypeError, ValueError, KeyError, IndexError) as error:  # what a checkpoint never holds
+            _find_bad_rows(journal, chain)
+            raise _corrupt(lsn, f"the checkpoint's accounts or pending transfers do not load: {error!r}") from error
     else:
         raise _corrupt(lsn, "the checkpoint index names a record that is not a checkpoint")
     books.checkpoint_met = lsn
@@ -211,37 +207,70 @@ def load_checkpoint(journal: Journal) -> Recovered:
     return books
 
 
-def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> list[list[Any]]:
+def _load_rows(books: Recovered, rows: list[list[Any]], pendings: list[Any]) -> None:
+    """Put the checkpoint's rows (in creation order) and open pending transfers into `books`."""
+    # `_account_row` of each row, a column at a time (a million rows: the loops run in C).
+    ids = list(map(_FIRST, rows))
+    books.accounts.update(zip(ids, starmap(opened_account, map(_ACCOUNT_FIELDS, rows)), strict=True))
+    books.account_lsns.update(zip(ids, map(_OPENED_LSN, rows), strict=True))
+    books.states.update(zip(ids, map(_STATE_FIELDS, rows), strict=True))
+    # The rows with metadata (a plain dict decoded, made a `Metadata`), found in C.
+    for row in compress(rows, map(is_not, map(_METADATA, rows), repeat(None))):
+        account = books.accounts[row[0]]
+        books.accounts[row[0]] = opened_account(account.id, account.currency, account.overdraft_limit,
+                                                account.code, Metadata(row[4]))
+    for fields in pendings:
+        pending = Pending(*fields)
+        books.pending[pending.id] = pending
+        books.held[pending.source] = books.held.get(pending.source, 0) + pending.amount
+        books.incoming[pending.destination] = books.incoming.get(pending.destination, 0) + pending.amount
+
+
+def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> tuple[list[list[Any]], list[int]]:
     """Every account's row as of the CHECKPOINT4 `record` at `lsn`: its own, or the newest
     one of the checkpoints before it (each names the one before, `previous_lsn`), in
-    creation order (opening LSN).
+    creation order (opening LSN); and the LSNs of the checkpoints read.
 
     The chain is read newest first until its sweeps have passed over every account (each
     checkpoint's sweep goes on, in creation order, from where the one before it stopped),
     then its rows are laid into one dict oldest first, a newer row of an account replacing
     the older: one dict write a row, the loop in C. Should accounts still have no row (the
-    sweeps are a guide, not a proof), the walk goes on back, adding only theirs."""
+    sweeps are a guide, not a proof), the walk goes on back, adding only theirs. A row that
+    is no row stops it; the checkpoint holding it is then looked for, to say where it is."""
     total = record[4]
-    chain = [record[6]]
+    chain = [(lsn, record[6])]
     swept = 0
     at = lsn
-    while record[3] != 0 and swept < total and len(chain[0]) < total:
+    while record[3] != 0 and swept < total and len(chain[0][1]) < total:
         older = _checkpoint_before(journal, lsn, at, record[3])
         swept += _sweep_length(record, older)
         at, record = record[3], older
-        chain.append(record[6])
+        chain.append((at, record[6]))
     found: dict[str, list[Any]] = {}
-    for rows in reversed(chain):  # oldest first (of two rows of one account in a checkpoint, the last is kept)
-        found.update(zip(map(_FIRST, rows), rows, strict=True))
-    while len(found) < total and record[3] != 0:
-        older = _checkpoint_before(journal, lsn, at, record[3])
-        at, record = record[3], older
-        rows = record[6][::-1]  # from its end: of two rows of one account, the last is kept, as above
-        ids = list(map(_FIRST, rows))  # the rows of accounts not found yet, added: the loops run in C
-        found.update(compress(zip(ids, rows, strict=True), map(not_, map(found.__contains__, ids))))
-    if len(found) != total:
-        raise _corrupt(lsn, f"the checkpoint and those before it hold {len(found)} accounts, not {total}")
-    return sorted(found.values(), key=itemgetter(5))  # creation order: by opening LSN
+    try:
+        for _, rows in reversed(chain):  # oldest first (of two rows of one account in one, the last is kept)
+            found.update(zip(map(_FIRST, rows), rows, strict=True))
+        while len(found) < total and record[3] != 0:
+            older = _checkpoint_before(journal, lsn, at, record[3])
+            at, record = record[3], older
+            chain.append((at, record[6]))
+            rows = record[6][::-1]  # from its end: of two rows of one account, the last is kept, as above
+            ids = list(map(_FIRST, rows))  # the rows of accounts not found yet, added: the loops run in C
+            found.update(compress(zip(ids, rows, strict=True), map(not_, map(found.__contains__, ids))))
+        if len(found) != total:
+            raise _corrupt(lsn, f"the checkpoint and those before it hold {len(found)} accounts, not {total}")
+        return sorted(found.values(), key=itemgetter(5)), [at for at, _ in chain]  # creation order
+    except (TypeError, KeyError, IndexError) as error:  # a row that is no row
+        _find_bad_rows(journal, [at for at, _ in chain])
+        raise _corrupt(lsn, f"the checkpoint, or one before it, holds rows that do not load: {error!r}") from error
+
+
+def _find_bad_rows(journal: Journal, chain: list[int]) -> None:
+    """Raise `JournalCorrupted` at the first checkpoint of `chain` (LSNs) whose rows are not all
+    accounts' rows, if one is (after a row failed to load: read again, to say where)."""
+    for at in chain:
+        record = decode(at, journal.read(at) or b"")
+        _check_rows(at, record[3] if record[0] == CHECKPOINT3 else record[6])
 
 
 def _checkpoint_before(journal: Journal, lsn: int, at: int, previous: Any) -> list[Any]:
@@ -258,7 +287,35 @@ def _checkpoint_before(journal: Journal, lsn: int, at: int, previous: Any) -> li
     record = decode(previous, payload)
     if record[0] != CHECKPOINT4:
         raise _corrupt(previous, "a checkpoint names it as the one before, but it is not a CHECKPOINT4")
+    _check_checkpoint(previous, record)
     return record
+
+
+def _check_checkpoint(lsn: int, record: list[Any]) -> None:
+    """What opening takes from the CHECKPOINT4 `record` at `lsn` must have a checkpoint's
+    shape (its sum says the bytes are as written; this, that what was written is one). Its
+    rows are checked as they are taken (`_walk_back`)."""
+    _, _, _, previous, total, sweep_next, rows, _ = record
+    if type(total) is not int or total < 0 or type(previous) is not int or previous < 0:
+        raise _corrupt(lsn, f"the checkpoint's account count {total!r} or previous LSN {previous!r} is not one")
+    if type(sweep_next) is not int or not 0 <= sweep_next < max(total, 1):
+        raise _corrupt(lsn, f"the checkpoint's sweep position {sweep_next!r} is not one of its {total} accounts")
+    if type(rows) is not list:
+        raise _corrupt(lsn, "the checkpoint's rows are not a list")
+
+
+def _check_rows(lsn: int, rows: Any) -> None:
+    """Raise `JournalCorrupted` at `lsn` unless `rows` are accounts' rows (`_rows_shaped`)."""
+    if not _rows_shaped(rows):
+        raise _corrupt(lsn, "the checkpoint's rows are not accounts' rows")
+
+
+def _rows_shaped(rows: Any) -> bool:
+    """Whether `rows` is a list of lists of `ROW_FIELDS`, each led by an id (checked in C, a
+    column at a time: a million rows in about 0.15 s, so only where a row failed to load, or
+    for a CHECKPOINT3)."""
+    return type(rows) is list and set(map(type, rows)) <= {list} and set(map(len, rows)) <= {ROW_FIELDS} and (
+        set(map(type, map(_FIRST, rows))) <= {str})
 
 
 def _sweep_length(record: list[Any], older: list[Any]) -> int:
@@ -300,6 +357,11 @@ def check_index_counts(journal: Journal, books: Recovered) -> None:
     its id look unused, and a retry of it would run again."""
     with journal.snapshot() as txn:
         counts = {name: journal.index_count(name, txn) for name in (ACCOUNTS_INDEX, TRANSFERS_INDEX, CHECKPOINTS_INDEX)}
+    if counts[ACCOUNTS_INDEX] != len(books.accounts):  # each account opened has its entry there
+        raise JournalCorrupted(f"journal corrupted: the accounts index holds {counts[ACCOUNTS_INDEX]} accounts; the "
+                               f"checkpoint at LSN {books.checkpoint_lsn} and the records after it, "
+                               f"{len(books.accounts)}", books.checkpoint_lsn or None,
+                               where=None if books.checkpoint_lsn else "the indexes")
     if sum(counts.values()) != books.index_entries:
         shown = ", ".join(f"{count} in the {name} index" for name, count in counts.items())
         raise JournalCorrupted(f"journal corrupted: the indexes hold {sum(counts.values())} entries ({shown}); the "

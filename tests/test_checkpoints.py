@@ -160,6 +160,66 @@ def test_accounts_keep_their_code_and_metadata_through_the_chain(ledger_path: Pa
             again[2].metadata["n"] = 2  # type: ignore[index]
 
 
+def _rewritten_newest_checkpoint(raw_lmdb, path: Path, change) -> int:  # type: ignore[no-untyped-def]
+    """Rewrite the newest checkpoint's payload by `change(record)` (under a valid CRC, as
+    anyone with the file could); its LSN."""
+    import msgpack
+
+    from tests.test_chain import reframe, rewrite, split, stored
+
+    lsn, record = checkpoints(path)[-1]
+    digest, _ = split(stored(raw_lmdb, path)[lsn])
+    rewrite(raw_lmdb, path, {lsn: reframe(lsn, digest, msgpack.packb(change(list(record)), use_bin_type=True))})
+    return lsn
+
+
+@pytest.mark.parametrize("field, value", [(4, "31"), (5, None), (6, None), (6, [["a1", 1]]), (3, -1)])
+def test_a_checkpoint_of_the_wrong_shape_is_damage_at_its_lsn(
+    ledger_path: Path, raw_lmdb, field: int, value: object  # type: ignore[no-untyped-def]
+) -> None:
+    """An account count, a sweep position, rows or a previous LSN that no checkpoint could
+    hold is `JournalCorrupted` naming the checkpoint, not a `TypeError` at open or later."""
+    from engine import JournalCorrupted
+
+    build(ledger_path)
+
+    def damage(record: list[object]) -> list[object]:
+        record[field] = value
+        return record
+
+    lsn = _rewritten_newest_checkpoint(raw_lmdb, ledger_path, damage)
+    with pytest.raises(JournalCorrupted) as caught:
+        Ledger.open(ledger_path)
+    assert caught.value.lsn == lsn and "checkpoint" in str(caught.value)
+
+
+def test_a_checkpoint_that_drops_an_account_and_says_so_is_damage_at_its_lsn(
+    ledger_path: Path, raw_lmdb  # type: ignore[no-untyped-def]
+) -> None:
+    """A checkpoint whose rows and count agree without one account (every field in shape)
+    would open as a ledger without it: the accounts index, which holds every account
+    opened, disagrees, and opening says so."""
+    from engine import JournalCorrupted
+
+    with Ledger.open(ledger_path, checkpoint_interval=5) as ledger:  # full checkpoints: no chain to walk
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        for n in range(4):
+            ledger.create_account(f"a{n}", currency="USD")
+        for k in range(12):
+            ledger.transfer(f"t{k}", source="bank", destination=f"a{k % 3}", amount=1)  # a3 never moves
+
+    def drop_one(record: list[object]) -> list[object]:
+        rows = [row for row in record[6] if row[0] != "a3"]  # type: ignore[attr-defined, index]
+        assert len(rows) == record[4] - 1 and record[3] == 0  # type: ignore[operator]
+        record[6], record[4], record[5] = rows, len(rows), 0
+        return record
+
+    lsn = _rewritten_newest_checkpoint(raw_lmdb, ledger_path, drop_one)
+    with pytest.raises(JournalCorrupted) as caught:
+        Ledger.open(ledger_path)
+    assert caught.value.lsn == lsn and "accounts index holds 5 accounts" in str(caught.value)
+
+
 def test_with_a_large_sweep_every_checkpoint_holds_every_account(
     ledger_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
