@@ -259,6 +259,8 @@ def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> tuple[list[list
             found.update(compress(zip(ids, rows, strict=True), map(not_, map(found.__contains__, ids))))
         if len(found) != total:
             raise _corrupt(lsn, f"the checkpoint and those before it hold {len(found)} accounts, not {total}")
+        if not set(map(type, found)) <= {str}:  # an id that is no id (one pass in C)
+            raise TypeError("an account id that is not a str")
         return sorted(found.values(), key=itemgetter(5)), [at for at, _ in chain]  # creation order
     except (TypeError, KeyError, IndexError) as error:  # a row that is no row
         _find_bad_rows(journal, [at for at, _ in chain])
@@ -266,11 +268,17 @@ def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> tuple[list[list
 
 
 def _find_bad_rows(journal: Journal, chain: list[int]) -> None:
-    """Raise `JournalCorrupted` at the first checkpoint of `chain` (LSNs) whose rows are not all
-    accounts' rows, if one is (after a row failed to load: read again, to say where)."""
+    """Raise `JournalCorrupted` at the first checkpoint of `chain` (LSNs) whose rows or pending
+    transfers do not load on their own, if one does not (after loading them together failed:
+    each is read again, to say where)."""
     for at in chain:
         record = decode(at, journal.read(at) or b"")
-        _check_rows(at, record[3] if record[0] == CHECKPOINT3 else record[6])
+        rows, pendings = (record[3], record[4]) if record[0] == CHECKPOINT3 else (record[6], record[7])
+        _check_rows(at, rows)
+        try:
+            _load_rows(Recovered(), sorted(rows, key=itemgetter(5)), pendings)
+        except (TypeError, ValueError, KeyError, IndexError) as error:
+            raise _corrupt(at, f"the checkpoint's accounts or pending transfers do not load: {error!r}") from error
 
 
 def _checkpoint_before(journal: Journal, lsn: int, at: int, previous: Any) -> list[Any]:
@@ -357,16 +365,20 @@ def check_index_counts(journal: Journal, books: Recovered) -> None:
     its id look unused, and a retry of it would run again."""
     with journal.snapshot() as txn:
         counts = {name: journal.index_count(name, txn) for name in (ACCOUNTS_INDEX, TRANSFERS_INDEX, CHECKPOINTS_INDEX)}
-    if counts[ACCOUNTS_INDEX] != len(books.accounts):  # each account opened has its entry there
-        raise JournalCorrupted(f"journal corrupted: the accounts index holds {counts[ACCOUNTS_INDEX]} accounts; the "
-                               f"checkpoint at LSN {books.checkpoint_lsn} and the records after it, "
-                               f"{len(books.accounts)}", books.checkpoint_lsn or None,
-                               where=None if books.checkpoint_lsn else "the indexes")
     if sum(counts.values()) != books.index_entries:
         shown = ", ".join(f"{count} in the {name} index" for name, count in counts.items())
         raise JournalCorrupted(f"journal corrupted: the indexes hold {sum(counts.values())} entries ({shown}); the "
                                f"records up to LSN {books.last_lsn} put {books.index_entries} there",
                                where="the indexes")
+    # The indexes add up, so each account opened has its entry there: more entries than
+    # accounts loaded is a checkpoint that left accounts out (fewer, the index again).
+    held, loaded = counts[ACCOUNTS_INDEX], len(books.accounts)
+    if held > loaded and books.checkpoint_lsn:
+        raise _corrupt(books.checkpoint_lsn, f"the accounts index holds {held} accounts, but this checkpoint, the "
+                                             f"ones it builds on and the records after it hold {loaded}")
+    if held != loaded:
+        raise JournalCorrupted(f"journal corrupted: the accounts index holds {held} accounts; the records up to "
+                               f"LSN {books.last_lsn} opened {loaded}", where="the indexes")
 
 
 def replay(

@@ -160,14 +160,14 @@ def test_accounts_keep_their_code_and_metadata_through_the_chain(ledger_path: Pa
             again[2].metadata["n"] = 2  # type: ignore[index]
 
 
-def _rewritten_newest_checkpoint(raw_lmdb, path: Path, change) -> int:  # type: ignore[no-untyped-def]
-    """Rewrite the newest checkpoint's payload by `change(record)` (under a valid CRC, as
-    anyone with the file could); its LSN."""
+def _rewritten_newest_checkpoint(raw_lmdb, path: Path, change, back: int = 0) -> int:  # type: ignore[no-untyped-def]
+    """Rewrite the payload of the newest checkpoint (or the one `back` before it) by
+    `change(record)` (under a valid CRC, as anyone with the file could); its LSN."""
     import msgpack
 
     from tests.test_chain import reframe, rewrite, split, stored
 
-    lsn, record = checkpoints(path)[-1]
+    lsn, record = checkpoints(path)[-1 - back]
     digest, _ = split(stored(raw_lmdb, path)[lsn])
     rewrite(raw_lmdb, path, {lsn: reframe(lsn, digest, msgpack.packb(change(list(record)), use_bin_type=True))})
     return lsn
@@ -218,6 +218,50 @@ def test_a_checkpoint_that_drops_an_account_and_says_so_is_damage_at_its_lsn(
     with pytest.raises(JournalCorrupted) as caught:
         Ledger.open(ledger_path)
     assert caught.value.lsn == lsn and "accounts index holds 5 accounts" in str(caught.value)
+
+
+@pytest.mark.parametrize("field, value", [(5, "x"), (4, 5), (0, 12345)])
+def test_a_row_that_does_not_load_is_damage_at_the_checkpoint_holding_it(
+    ledger_path: Path, raw_lmdb, field: int, value: object  # type: ignore[no-untyped-def]
+) -> None:
+    """A row of the right length whose opening LSN, metadata or id no checkpoint holds, in a
+    checkpoint before the newest, is reported there, not at the newest."""
+    from engine import JournalCorrupted
+
+    build(ledger_path)
+    made = checkpoints(ledger_path)
+    seen = {row[0] for row in made[-1][1][6]}  # type: ignore[attr-defined, index]
+    for back, (older_lsn, older) in enumerate(made[-2::-1], 1):  # the first before the newest with a row it takes
+        unseen = [row[0] for row in older[6] if row[0] not in seen]  # type: ignore[attr-defined, index]
+        if unseen:
+            taken = unseen[0]
+            break
+    assert older[3] != 0 and made[-back][1][3] == older_lsn  # in the chain the newest builds on
+
+    def damage(record: list[object]) -> list[object]:
+        for row in record[6]:  # type: ignore[attr-defined]
+            if row[0] == taken:
+                row[field] = value
+        return record
+
+    assert _rewritten_newest_checkpoint(raw_lmdb, ledger_path, damage, back=back) == older_lsn
+    with pytest.raises(JournalCorrupted) as caught:
+        Ledger.open(ledger_path)
+    assert caught.value.lsn == older_lsn, caught.value
+
+
+def test_a_lost_accounts_index_entry_is_damage_in_the_indexes_not_the_checkpoint(
+    ledger_path: Path, raw_lmdb  # type: ignore[no-untyped-def]
+) -> None:
+    from coordinator._records import id_key
+    from engine import JournalCorrupted
+    from tests.test_entries import delete_key
+
+    build(ledger_path)
+    delete_key(raw_lmdb, ledger_path, "accounts", id_key("a3"))
+    with pytest.raises(JournalCorrupted) as caught:
+        Ledger.open(ledger_path)
+    assert caught.value.where == "the indexes" and caught.value.lsn is None
 
 
 def test_with_a_large_sweep_every_checkpoint_holds_every_account(
