@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -313,20 +315,41 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+TAIL_IDLE_S = 0.25
+"""How long `tally tail --follow` waits for an event before it looks whether Ctrl-C was pressed."""
+
+
 def _tail(args: argparse.Namespace) -> int:
     """`tally tail`: one line per event (one JSON object with `--json`), each flushed as it is
-    written, for a pipe. Ctrl-C ends it quietly, exit 0."""
+    written, for a pipe. Ctrl-C ends it quietly, exit 0, after the line it is writing (or
+    within `TAIL_IDLE_S` of waiting). Ctrl-C only sets a flag here: raised as an exception
+    wherever the interpreter happened to be, it could land inside a lock's acquire or
+    release and leave the lock held, and closing the ledger would then wait for it forever."""
     from engine import Ledger
     from engine._follow import event_line
     from engine._json import jsonable
 
+    interrupted: list[bool] = []
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, lambda _signal, _frame: interrupted.append(True))
     try:
         with Ledger.open(args.path, readonly=True) as ledger:
-            for event in ledger.events(args.from_lsn, follow=args.follow):
-                line = json.dumps(jsonable(event), separators=(",", ":")) if args.json else event_line(event)
-                print(line, flush=True)
-    except KeyboardInterrupt:
+            after = args.from_lsn
+            while not interrupted:
+                for event in ledger.events(after, follow=args.follow, timeout_s=TAIL_IDLE_S if args.follow else None):
+                    line = json.dumps(jsonable(event), separators=(",", ":")) if args.json else event_line(event)
+                    print(line, flush=True)
+                    after = event.lsn
+                    if interrupted:
+                        break
+                if not args.follow:
+                    break
+    except KeyboardInterrupt:  # not the main thread: the interpreter's own handling
         pass
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return 0
 
 

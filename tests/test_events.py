@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import queue
+import random
+import signal
 import subprocess
 import sys
 import threading
@@ -375,3 +377,31 @@ def test_tally_tail_prints_each_event_as_a_json_line(tmp_path: Path) -> None:
     assert resumed.returncode == 0, resumed.stderr
     assert [line.split()[0] for line in resumed.stdout.splitlines()] == ["11", "12"]
     assert "l-1 bank -> alice 5; l-2 alice -> bank 7" in resumed.stdout
+
+
+def test_tally_tail_follow_ends_on_ctrl_c_every_time_while_events_arrive_and_while_idle(tmp_path: Path) -> None:
+    """Ctrl-C at any moment (mid-stream, or while it waits) ends `tally tail --follow` with
+    exit 0 and nothing on stderr: the interrupt sets a flag, never an exception landing
+    inside a lock, which once left closing waiting forever."""
+    path = tmp_path / "l"
+    with Ledger.open(path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+    rng = random.Random(5)
+    for attempt in range(8):
+        tail = subprocess.Popen([sys.executable, "-m", "engine", "tail", str(path), "--follow", "--json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+        try:
+            assert tail.stdout is not None and json.loads(tail.stdout.readline())["lsn"] == 1
+            if attempt % 2:  # events arriving as Ctrl-C comes
+                with Ledger.open(path) as ledger:
+                    for k in range(rng.randint(1, 40)):
+                        ledger.transfer(f"t-{attempt}-{k}", source="bank", destination="alice", amount=1)
+            time.sleep(rng.random() / 20)
+            tail.send_signal(signal.SIGINT)
+            _, err = tail.communicate(timeout=WAIT_S)
+            assert (tail.returncode, err) == (0, ""), (attempt, err)
+        finally:
+            if tail.poll() is None:
+                tail.kill()
+                tail.wait(timeout=WAIT_S)
