@@ -231,11 +231,14 @@ def test_a_row_that_does_not_load_is_damage_at_the_checkpoint_holding_it(
     build(ledger_path)
     made = checkpoints(ledger_path)
     seen = {row[0] for row in made[-1][1][6]}  # type: ignore[attr-defined, index]
-    for back, (older_lsn, older) in enumerate(made[-2::-1], 1):  # the first before the newest with a row it takes
-        unseen = [row[0] for row in older[6] if row[0] not in seen]  # type: ignore[attr-defined, index]
+    chosen = None
+    for back_by, (at, record) in enumerate(made[-2::-1], 1):  # the first before the newest with a row it takes
+        unseen = [row[0] for row in record[6] if row[0] not in seen]  # type: ignore[attr-defined, index]
         if unseen:
-            taken = unseen[0]
+            chosen = (back_by, at, record, unseen[0])
             break
+    assert chosen is not None
+    back, older_lsn, older, taken = chosen
     assert older[3] != 0 and made[-back][1][3] == older_lsn  # in the chain the newest builds on
 
     def damage(record: list[object]) -> list[object]:
