@@ -107,6 +107,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    if args.accounts < 2 or args.load_transfers < 0 or args.after_transfers < 0:
+        parser.error("--accounts must be at least 2, and the transfer counts at least 0")
     result: dict = {"accounts": args.accounts}
     pauses = timed_checkpoints()
     with tempfile.TemporaryDirectory(prefix="tally-bench-", dir=os.environ.get("TALLY_BENCH_DIR")) as scratch:

@@ -173,9 +173,9 @@ class Shard:
         self.index = index
         self._path, self._options = path, options
         self._made: set[str] = set()
+        """The protocol's accounts known to exist here (created at most once per process)."""
         self._netting = threading.Lock()
         """Held while a pair of clearing accounts is netted: one netting at a time reads their balances."""
-        """The protocol's accounts known to exist here (created at most once per process)."""
         self._opened: Ledger | LedgerError = NotALedger(
             f"{path}: shard {index} of this sharded ledger is missing or empty, though its manifest names it (restore "
             "it: opening would make it anew, empty)")

@@ -225,7 +225,7 @@ class ShardedLedger:
             except LedgerError as error:
                 results[i] = error
         with router.creating:  # one id is never created on two shards (nor placed twice by one list)
-            router.locate([account.id for account in results if isinstance(account, Account)])
+            router.locate([account.id for account in results if isinstance(account, Account)])  # fills `where`
             placed: dict[str, int] = {}  # the shard of each id earlier in this list
             parts: dict[int, list[tuple[int, Account]]] = {}
             for i, (account, key) in enumerate(zip(results, keys, strict=True)):
