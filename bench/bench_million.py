@@ -10,16 +10,18 @@ Takes minutes; not part of the test suite. In one ledger, in order:
    while checkpoints fall every 20,000 changed accounts: rate, p50, p99 and the longest
    latency, and the longest pause the sequencer lock took for a checkpoint;
 4. the process's peak resident memory so far; close; the data file's size;
-5. reopen in a new process, as a restart does: the time `Ledger.open` takes to return, that
-   process's peak resident memory, and one balance read; then `--after-transfers` more from
-   64 threads in that process (rate, p99, and the longest checkpoint pause: the first
-   checkpoint after an open is the one that once paused longest).
+5. reopen in a new process, as a restart does (steps 1-4 ran in one that has ended since):
+   the time `Ledger.open` takes to return, that process's peak resident memory, and one
+   balance read; then `--after-transfers` more from 64 threads in that process (rate, p99,
+   and the longest checkpoint pause: the first checkpoint after an open is the one that
+   once paused longest).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import subprocess
@@ -98,6 +100,43 @@ def reopen(path: str, account: str, accounts: int = 0, transfers: int = 0) -> di
     return json.loads(done.stdout)  # type: ignore[no-any-return]
 
 
+def build(path: str, accounts: int, load_transfers: int, seed: int) -> dict:
+    """Steps 1 to 4 into a new ledger at `path`; the figures, with the last account's
+    balance (posted, pending) under "balance". Run in a process of its own, which then ends,
+    so that the reopen that follows finds the machine as a restart does."""
+    result: dict = {"accounts": accounts}
+    pauses = timed_checkpoints()
+    names = [f"acct-{n:07d}" for n in range(accounts)]
+    ledger = Ledger.open(path)
+    started = time.perf_counter()
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    for first in range(0, len(names), LIST):
+        made = ledger.create_accounts([Account(name, "USD", 0) for name in names[first : first + LIST]])
+        assert all(isinstance(account, Account) for account in made), made
+    result["create_s"] = round(time.perf_counter() - started, 1)
+    print(f"created {accounts:,} accounts in {result['create_s']} s", file=sys.stderr)
+
+    started = time.perf_counter()
+    for first in range(0, len(names), BATCH):
+        ledger.transfer_many([TransferRequest(f"fund-{name}", "bank", name, FUNDING)
+                              for name in names[first : first + BATCH]])
+    result["touch_each_s"] = round(time.perf_counter() - started, 1)
+    print(f"funded each once in {result['touch_each_s']} s", file=sys.stderr)
+
+    pauses.clear()
+    work = workload(accounts, load_transfers, "uniform", seed)
+    result["load"] = run_clients(CLIENTS, work, transfer_call(ledger, names, "load"))
+    result["load"]["checkpoints"] = len(pauses)
+    result["load"]["checkpoint_pause_max_ms"] = round(max(pauses, default=0) * 1e3, 1)
+    print(f"load: {result['load']}", file=sys.stderr)
+    balance = ledger.balance(names[-1])
+    result["balance"] = [balance.posted, balance.pending]
+    result["peak_rss_mib"] = round(peak_rss_bytes() / 2**20)
+    ledger.close()
+    result["data_file_mib"] = round(os.path.getsize(os.path.join(path, "data.mdb")) / 2**20)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accounts", type=int, default=1_000_000)
@@ -109,39 +148,12 @@ def main() -> int:
     args = parser.parse_args()
     if args.accounts < 2 or args.load_transfers < 0 or args.after_transfers < 0:
         parser.error("--accounts must be at least 2, and the transfer counts at least 0")
-    result: dict = {"accounts": args.accounts}
-    pauses = timed_checkpoints()
     with tempfile.TemporaryDirectory(prefix="tally-bench-", dir=os.environ.get("TALLY_BENCH_DIR")) as scratch:
         path = os.path.join(scratch, "ledger")
-        names = [f"acct-{n:07d}" for n in range(args.accounts)]
-        ledger = Ledger.open(path)
-        started = time.perf_counter()
-        ledger.create_account("bank", currency="USD", overdraft_limit=None)
-        for first in range(0, len(names), LIST):
-            made = ledger.create_accounts([Account(name, "USD", 0) for name in names[first : first + LIST]])
-            assert all(isinstance(account, Account) for account in made), made
-        result["create_s"] = round(time.perf_counter() - started, 1)
-        print(f"created {args.accounts:,} accounts in {result['create_s']} s", file=sys.stderr)
-
-        started = time.perf_counter()
-        for first in range(0, len(names), BATCH):
-            ledger.transfer_many([TransferRequest(f"fund-{name}", "bank", name, FUNDING)
-                                  for name in names[first : first + BATCH]])
-        result["touch_each_s"] = round(time.perf_counter() - started, 1)
-        print(f"funded each once in {result['touch_each_s']} s", file=sys.stderr)
-
-        pauses.clear()
-        work = workload(args.accounts, args.load_transfers, "uniform", args.seed)
-        result["load"] = run_clients(CLIENTS, work, transfer_call(ledger, names, "load"))
-        result["load"]["checkpoints"] = len(pauses)
-        result["load"]["checkpoint_pause_max_ms"] = round(max(pauses, default=0) * 1e3, 1)
-        print(f"load: {result['load']}", file=sys.stderr)
-        balance = ledger.balance(names[-1])
-        result["peak_rss_mib"] = round(peak_rss_bytes() / 2**20)
-        ledger.close()
-        result["data_file_mib"] = round(os.path.getsize(os.path.join(path, "data.mdb")) / 2**20)
-        reopened = reopen(path, names[-1], args.accounts, args.after_transfers)
-        assert reopened["balance"] == [balance.posted, balance.pending], (reopened, balance)
+        with multiprocessing.get_context("fork").Pool(1) as builder:  # this process holds nothing
+            result = builder.apply_async(build, (path, args.accounts, args.load_transfers, args.seed)).get(3600)
+        reopened = reopen(path, f"acct-{args.accounts - 1:07d}", args.accounts, args.after_transfers)
+        assert reopened["balance"] == result.pop("balance"), (reopened, result)
         result["reopen_s"], result["reopen_peak_rss_mib"] = reopened["open_s"], reopened["peak_rss_mib"]
         result["after_reopen"] = reopened["after"]
     print(f"\n{args.accounts:,} accounts")
