@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -150,10 +151,13 @@ def main() -> int:
         parser.error("--accounts must be at least 2, and the transfer counts at least 0")
     with tempfile.TemporaryDirectory(prefix="tally-bench-", dir=os.environ.get("TALLY_BENCH_DIR")) as scratch:
         path = os.path.join(scratch, "ledger")
-        with multiprocessing.get_context("fork").Pool(1) as builder:  # this process holds nothing
-            result = builder.apply_async(build, (path, args.accounts, args.load_transfers, args.seed)).get(3600)
+        # This process holds nothing; a builder that dies (the OOM killer) raises BrokenProcessPool.
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as builder:
+            result = builder.submit(build, path, args.accounts, args.load_transfers, args.seed).result()
         reopened = reopen(path, f"acct-{args.accounts - 1:07d}", args.accounts, args.after_transfers)
-        assert reopened["balance"] == result.pop("balance"), (reopened, result)
+        balance = result.pop("balance")
+        if reopened["balance"] != balance:
+            raise SystemExit(f"the reopened ledger's balance {reopened['balance']} is not {balance}")
         result["reopen_s"], result["reopen_peak_rss_mib"] = reopened["open_s"], reopened["peak_rss_mib"]
         result["after_reopen"] = reopened["after"]
     print(f"\n{args.accounts:,} accounts")

@@ -42,6 +42,12 @@ UNINDEXED_ENTRIES_MAX = 400_000
 """Entries and hold rows waiting in memory for the checkpoint that indexes them (~50 MB): at
 this many a checkpoint is due, whatever the checkpoint interval."""
 
+AGED_AFTER_OPEN_MIN = 100_000
+"""Objects an open must have made (counted while the collector is paused) before it moves
+everything young to the collector's oldest generation (`coordinator._recovery.recover`):
+a large ledger's load. A small ledger opened often must not send the host's young garbage
+there, where only a full collection frees it."""
+
 CHUNK_REQUESTS_MAX = 256
 """Requests a batch in turn decides per hold of the sequencer lock, journaled as one block:
 long enough to amortise taking the lock, short enough that concurrent single transfers

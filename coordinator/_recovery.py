@@ -21,6 +21,7 @@ reserves nothing once the ledger is open again; a retry with its id runs afresh.
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import compress, repeat, starmap
@@ -42,7 +43,7 @@ from coordinator._errors import (
 )
 from coordinator._claims import Ticket
 from coordinator._history import Committed, Expired, Opened, Record, Refused, request_of
-from coordinator._limits import AMOUNT_MAX
+from coordinator._limits import AGED_AFTER_OPEN_MIN, AMOUNT_MAX
 from coordinator._records import (
     ACCOUNT,
     ACCOUNT3,
@@ -342,13 +343,8 @@ def recover(journal: Journal) -> Recovered:
 
     The cyclic garbage collector is paused meanwhile: a million accounts are millions of
     new lists, tuples and values, none of them in a cycle, and each collection it would
-    start on the way walks every one made so far (two thirds of the time, measured). They
-    then go straight to its oldest generation (`gc.freeze` and `gc.unfreeze`, moving lists,
-    walking nothing): left young, the first collections after opening walked all of them
-    twice more, 0.4 s in `Ledger.open` and 0.3 s in the load after it, at a million. Only a
-    full collection walks them, once, whenever CPython next makes one; the host's own young
-    objects go there too, and a cycle among them waits for that collection. (Not when the
-    host has frozen objects itself: unfreezing would let go of them too.)"""
+    start on the way walks every one made so far (two thirds of the time, measured). After
+    a large load they then go to its oldest generation at once (`_age_loaded`)."""
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -357,13 +353,36 @@ def recover(journal: Journal) -> Recovered:
         books.unindexed_holds = {}
         replay(journal, books)
     finally:
-        if not gc.get_freeze_count():  # a host's own frozen objects stay frozen: then, left young
-            gc.freeze()
-            gc.unfreeze()
+        _age_loaded()
         if collecting:
             gc.enable()
     check_index_counts(journal, books)
     return books
+
+
+_UNWALKED_MOVES = sys.version_info < (3, 14) and getattr(sys, "_is_gil_enabled", lambda: True)()
+"""Whether `gc.freeze` then `gc.unfreeze` move every young object to the oldest generation
+without walking them: CPython 3.11 to 3.13 with the GIL. (3.14's incremental collector
+walks them; a free-threaded build has no generations.)"""
+
+
+def _age_loaded() -> bool:
+    """Move every young object to the collector's oldest generation, after an open that made
+    at least `AGED_AFTER_OPEN_MIN` with the collector paused; True if it did.
+
+    Left young, the first collections after opening walked all of them twice more: 0.4 s
+    in `Ledger.open` and 0.3 s in the load after it, at a million accounts. Moved, only a
+    full collection walks them, once, whenever CPython next makes one. The host's young
+    objects go too (a cycle among them then waits for that collection) and the collector's
+    counts start again, so a small open does nothing. Nor does it when objects are frozen
+    already, as a host's `gc.freeze()` leaves them (unfreezing would let go of them too), which
+    a host should call only once every open has returned. CPython 3.12 keeps objects of its
+    own frozen, so there it never moves anything."""
+    if not _UNWALKED_MOVES or gc.get_count()[0] < AGED_AFTER_OPEN_MIN or gc.get_freeze_count():
+        return False
+    gc.freeze()
+    gc.unfreeze()
+    return True
 
 
 def check_index_counts(journal: Journal, books: Recovered) -> None:
