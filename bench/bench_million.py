@@ -153,7 +153,7 @@ def main() -> int:
         path = os.path.join(scratch, "ledger")
         # This process holds nothing; a builder that dies (the OOM killer) raises BrokenProcessPool.
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as builder:
-            result = builder.submit(build, path, args.accounts, args.load_transfers, args.seed).result()
+            result = builder.submit(build, path, args.accounts, args.load_transfers, args.seed).result(3600)
         reopened = reopen(path, f"acct-{args.accounts - 1:07d}", args.accounts, args.after_transfers)
         balance = result.pop("balance")
         if reopened["balance"] != balance:

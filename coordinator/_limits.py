@@ -43,10 +43,10 @@ UNINDEXED_ENTRIES_MAX = 400_000
 this many a checkpoint is due, whatever the checkpoint interval."""
 
 AGED_AFTER_OPEN_MIN = 100_000
-"""Objects an open must have made (counted while the collector is paused) before it moves
-everything young to the collector's oldest generation (`coordinator._recovery.recover`):
-a large ledger's load. A small ledger opened often must not send the host's young garbage
-there, where only a full collection frees it."""
+"""Objects an open must have made (tracked by the collector, net, while it is paused: one or
+two an account, so about 50,000 accounts and up) before it moves everything young to the
+collector's oldest generation (`coordinator._recovery.recover`). A small ledger opened often
+must not send the host's young garbage there, where only a full collection frees it."""
 
 CHUNK_REQUESTS_MAX = 256
 """Requests a batch in turn decides per hold of the sequencer lock, journaled as one block:

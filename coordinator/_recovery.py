@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import sys
+import sysconfig
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import compress, repeat, starmap
@@ -347,28 +348,31 @@ def recover(journal: Journal) -> Recovered:
     a large load they then go to its oldest generation at once (`_age_loaded`)."""
     collecting = gc.isenabled()
     gc.disable()
+    young = gc.get_count()[0]
     try:
         books = load_checkpoint(journal)
         books.unindexed = {}
         books.unindexed_holds = {}
         replay(journal, books)
     finally:
-        _age_loaded()
+        _age_loaded(gc.get_count()[0] - young)
         if collecting:
             gc.enable()
     check_index_counts(journal, books)
     return books
 
 
-_UNWALKED_MOVES = sys.version_info < (3, 14) and getattr(sys, "_is_gil_enabled", lambda: True)()
+_UNWALKED_MOVES = sys.version_info < (3, 14) and not sysconfig.get_config_var("Py_GIL_DISABLED")
 """Whether `gc.freeze` then `gc.unfreeze` move every young object to the oldest generation
-without walking them: CPython 3.11 to 3.13 with the GIL. (3.14's incremental collector
-walks them; a free-threaded build has no generations.)"""
+without walking them: CPython 3.11 to 3.13 built with the GIL. (3.14's incremental collector
+walks them; a free-threaded build has no generations, and walks its whole heap for each of
+those calls, even with its GIL turned back on.)"""
 
 
-def _age_loaded() -> bool:
-    """Move every young object to the collector's oldest generation, after an open that made
-    at least `AGED_AFTER_OPEN_MIN` with the collector paused; True if it did.
+def _age_loaded(made: int) -> bool:
+    """Move every young object to the collector's oldest generation after an open that made
+    `made` (the collector's young count, net, since it was paused) of at least
+    `AGED_AFTER_OPEN_MIN`; True if it did.
 
     Left young, the first collections after opening walked all of them twice more: 0.4 s
     in `Ledger.open` and 0.3 s in the load after it, at a million accounts. Moved, only a
@@ -378,7 +382,7 @@ def _age_loaded() -> bool:
     already, as a host's `gc.freeze()` leaves them (unfreezing would let go of them too), which
     a host should call only once every open has returned. CPython 3.12 keeps objects of its
     own frozen, so there it never moves anything."""
-    if not _UNWALKED_MOVES or gc.get_count()[0] < AGED_AFTER_OPEN_MIN or gc.get_freeze_count():
+    if not _UNWALKED_MOVES or made < AGED_AFTER_OPEN_MIN or gc.get_freeze_count():
         return False
     gc.freeze()
     gc.unfreeze()
