@@ -22,6 +22,7 @@ import gc
 import json
 import os
 import random
+import resource
 import sqlite3
 import sys
 import tempfile
@@ -78,16 +79,19 @@ def run_clients(clients: int, work: list[tuple[int, int, int]], call: Callable[[
         thread.start()
     collect_before_timing()
     barrier.wait(timeout=120)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     for thread in threads:
         thread.join()
-    elapsed = time.perf_counter() - started
+    elapsed, cpu_after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF)
     latencies.sort()
     return {
         "transfers_per_s": round(len(work) / elapsed, 1),
         "p50_ms": round(latencies[len(latencies) // 2] * 1000, 2),
         "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 2),
         "max_ms": round(latencies[-1] * 1000, 2),
+        # the whole process's CPU a call (every thread: the clients', the writer's, the actors')
+        "cpu_user_us_per_call": round((cpu_after.ru_utime - cpu.ru_utime) / len(work) * 1e6, 1),
+        "cpu_system_us_per_call": round((cpu_after.ru_stime - cpu.ru_stime) / len(work) * 1e6, 1),
     }
 
 

@@ -9,7 +9,8 @@ client threads count and uniform random pairs of accounts:
   operation is the pair;
 - `linked-2`: `ledger.transfer_linked` of two legs (A -> B, B -> C): one operation is the chain.
 Rates are operations per second; read the ratios to `single` of the same round (the machine is
-shared and noisy), as medians over the rounds with their range.
+shared and noisy), as medians over the rounds with their range. Then the process's CPU (user
+and system) an operation of each mode.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     rates: dict[str, list[float]] = {mode: [] for mode in MODES}
+    user: dict[str, list[float]] = {mode: [] for mode in MODES}
+    system: dict[str, list[float]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory(dir=os.environ.get("TALLY_BENCH_DIR")) as directory:
         print(f"setting up {args.accounts} accounts...", flush=True)
         bench = TallyBench(os.path.join(directory, "ledger"), args.accounts)
@@ -81,6 +84,8 @@ def main() -> None:
                 for mode in MODES:
                     result = run_clients(args.clients, load, caller(bench, mode, f"r{round_}-{mode}"))
                     rates[mode].append(result["transfers_per_s"])
+                    user[mode].append(result["cpu_user_us_per_call"])
+                    system[mode].append(result["cpu_system_us_per_call"])
                 print(f"round {round_ + 1}: " + ", ".join(f"{mode} {rates[mode][-1]:,.0f}/s" for mode in MODES),
                       flush=True)
         finally:
@@ -95,6 +100,13 @@ def main() -> None:
                          "ratio_to_single": ratios, "ratio_median": statistics.median(ratios)}
         print(f"{mode:<14} {statistics.median(rates[mode]):>13,.0f} {min(rates[mode]):>9,.0f}-{max(rates[mode]):<9,.0f} "
               f"{statistics.median(ratios):>20.2f} [{min(ratios):.2f}-{max(ratios):.2f}]")
+    print("\nCPU of the whole process an operation (a pair or a chain is one), medians [range]; user CPU is")
+    print("mostly the interpreter's, which one thread at a time runs: what bounds the rate here")
+    print(f"{'mode':<14} {'user us':>22} {'system us':>22}")
+    for mode in MODES:
+        summary[mode]["cpu_user_us"], summary[mode]["cpu_system_us"] = user[mode], system[mode]
+        print(f"{mode:<14} {statistics.median(user[mode]):>8.1f} [{min(user[mode]):.1f}-{max(user[mode]):.1f}]"
+              f"{statistics.median(system[mode]):>10.1f} [{min(system[mode]):.1f}-{max(system[mode]):.1f}]")
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"clients": args.clients, "operations": args.operations, "modes": summary,
