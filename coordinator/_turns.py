@@ -114,8 +114,9 @@ class TurnBatch:
         prior = self._prior
         # The answers, while the writer makes the last records durable: a fresh ticket's
         # outcome is its decision unless the journal fails it, which the last one shows
-        # (after a failure nothing more is written). Claims found made wait to be decided.
-        answers = None if prior else self._answers()
+        # (after a failure nothing more is written). Claims found made, and late tickets
+        # (the mailboxes may not have decided them yet), wait to be decided first.
+        answers = None if prior or self._late else self._answers()
         for claim in prior:
             if type(claim) is Ticket and not claim.done and not claim.wait(self.remaining()):
                 raise LedgerTimeout(f"transfer {claim.request.id!r} is still in flight elsewhere; retry later")

@@ -572,3 +572,39 @@ def test_a_batch_whose_ids_cannot_be_claimed_fails_alone_in_its_lane_group(
     assert ledger.balance("a").posted == 4
     monkeypatch.setattr(claims, "lookup", real_lookup)
     assert isinstance(ledger.transfer("b1", source="bank", destination="a", amount=1), Transfer)  # afresh
+
+
+def test_a_batch_answers_a_transfer_the_mailboxes_decide_late_only_once_it_is_decided(
+        ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An account a batch names may be made after the lane took its turns: that transfer
+    goes to the mailboxes, whose decision can come after the batch is otherwise decided.
+    The batch must answer it with that decision, not read it before."""
+    from coordinator import _turns
+    from engine import _runtime
+
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    real_take_turns = _turns.take_turns
+    made: list[str] = []
+
+    def take_then_make(*args: Any, **kwargs: Any) -> Any:
+        turns = real_take_turns(*args, **kwargs)
+        if not made:
+            made.append("late")
+            ledger.create_account("late", currency="USD")  # after the turns: its own is not among them
+        return turns
+
+    real_put_adaptive = _runtime._Inbox.put_adaptive
+
+    def slow_debits(self: Any, message: Any) -> None:  # the mailboxes decide 0.2 s later
+        if type(message).__name__ == "DebitStep":
+            threading.Timer(0.2, real_put_adaptive, (self, message)).start()
+        else:
+            real_put_adaptive(self, message)
+
+    monkeypatch.setattr(_turns, "take_turns", take_then_make)
+    monkeypatch.setattr(_runtime._Inbox, "put_adaptive", slow_debits)
+    results = ledger.transfer_many([TransferRequest("t1", "bank", "late", 5), TransferRequest("t2", "bank", "late", 7)])
+    assert made == ["late"]
+    assert [type(result) for result in results] == [Transfer, Transfer]
+    assert [result.amount for result in results] == [5, 7]  # type: ignore[union-attr]
+    assert ledger.balance("late").posted == 12
