@@ -81,6 +81,7 @@ from coordinator._limits import (
     SNAPSHOT_AGE_S_DEFAULT,
     SNAPSHOT_AGE_S_MAX,
     TIMEOUT_S_DEFAULT,
+    TIMESTAMP_MAX,
     TRANSFERS_PAGE_MAX,
 )
 from coordinator._participant import DebitStep, TurnAccount, Participant, Participants
@@ -198,6 +199,7 @@ __all__ = [
     "SequenceError",
     "Sequencer",
     "TIMEOUT_S_DEFAULT",
+    "TIMESTAMP_MAX",
     "Transfer",
     "TransferRequest",
     "TurnAccount",

@@ -35,6 +35,7 @@ from coordinator import (
     Resolution,
     Row,
     Sequencer,
+    TIMESTAMP_MAX,
     TRANSFERS_PAGE_MAX,
     Transfer,
     TransferRequest,
@@ -356,7 +357,9 @@ def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
         """The timestamps of the batch being replayed, one for each decision in order."""
 
         def clock() -> int:
-            return script.popleft() if script else now[0]
+            # A timestamp past the clock's range was stamped the last + 1 from a clock at its
+            # end (the ledger's timestamps only rise): a reading at the end stamps it so again.
+            return min(script.popleft() if script else now[0], TIMESTAMP_MAX)
 
         with Ledger.open(into, clock_ns=clock) as ledger:
             batch: list[tuple[TransferRequest, int]] = []

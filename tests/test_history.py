@@ -604,3 +604,24 @@ def test_replay_keeps_every_timestamp(tmp_path: Path) -> None:
         assert [(e.kind, e.timestamp) for e in copy.events()] == original
         assert copy.balance("a", at_timestamp=first.timestamp - 1).posted == 0
         assert copy.balance("a", at_timestamp=first.timestamp).posted == 100
+
+
+def test_replay_keeps_the_timestamps_a_clock_at_its_end_stamped_past_it(tmp_path: Path) -> None:
+    """A clock stuck at the last nanosecond it may read: each decision is stamped the last
+    + 1, past the clock's range. The replay's clock cannot read those; it reads the end, and
+    the copy stamps them the same way."""
+    from engine import _tools
+
+    end = 2**63 - 1
+    with Ledger.open(tmp_path / "l", clock_ns=lambda: end) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("a", currency="USD")
+        ledger.transfer("t1", source="bank", destination="a", amount=5)
+        ledger.transfer("p1", source="bank", destination="a", amount=3, pending=True, timeout_s=60)
+        ledger.post_pending("q1", pending_id="p1")
+        ledger.transfer_many([TransferRequest(f"m{k}", "a", "bank", 1) for k in range(3)])
+        original = [(e.kind, e.timestamp) for e in ledger.events()]
+        assert original[-1][1] > end
+    assert _tools.replay(str(tmp_path / "l"), str(tmp_path / "copy"))["verdict"] == "identical"
+    with Ledger.open(tmp_path / "copy", clock_ns=lambda: end) as copy:
+        assert [(e.kind, e.timestamp) for e in copy.events()] == original
