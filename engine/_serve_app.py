@@ -30,8 +30,14 @@ REQUESTS_IN_FLIGHT_MAX = 4_096
 VALIDATION_ERRORS_SHOWN_MAX = 10
 """Most validation errors one 400 names (a linked chain of 1,000 bad legs would name 1,000)."""
 
+BODY_READ_S = 30.0
+"""Longest a request's body may take to arrive, from its headers on (shorter than the
+graceful shutdown's wait, `engine._serve.GRACEFUL_SHUTDOWN_S`); then 408 `request_timeout`
+and its place among the requests in flight is free again."""
+
 OPEN_PATHS = frozenset({"/health"})
-"""Paths served without the bearer token."""
+"""Paths served without the bearer token, and whatever the requests in flight (a liveness
+probe answers while the server is busy)."""
 
 logger = logging.getLogger("tally.serve")
 
@@ -49,6 +55,11 @@ class _BodyTooLarge(HTTPException):
         super().__init__(413, f"the body is larger than this server's limit of {body_bytes_max:,} bytes")
 
 
+class _BodyTooSlow(HTTPException):
+    def __init__(self) -> None:
+        super().__init__(408, f"the body did not arrive within {BODY_READ_S:g} s of the request's headers")
+
+
 def _bearing(authorization: bytes, token: bytes) -> bool:
     """Whether an `Authorization` header's value is `Bearer <token>` (the scheme in any case,
     one or more spaces after it: RFC 9110 11.4)."""
@@ -59,7 +70,8 @@ def _bearing(authorization: bytes, token: bytes) -> bool:
 class Guard:
     """Pure ASGI middleware run before any route: the bearer token (every path but
     `OPEN_PATHS`, compared in constant time), the body limit (by `Content-Length` at once, and
-    by the bytes read for a body without one), and the bound on requests in flight."""
+    by the bytes read for a body without one), the time a body may take (`BODY_READ_S`), and
+    the bound on requests in flight (but for `OPEN_PATHS`)."""
 
     def __init__(self, app: ASGIApp, token: str | None, body_bytes_max: int,
                  requests_in_flight_max: int = REQUESTS_IN_FLIGHT_MAX) -> None:
@@ -85,19 +97,29 @@ class Guard:
         if length.isdigit() and int(length) > self.body_bytes_max:
             await _send_error(send, "body_too_large", str(_BodyTooLarge(self.body_bytes_max).detail))
             return
-        if self.in_flight >= self.requests_in_flight_max:
+        if self.in_flight >= self.requests_in_flight_max and scope["path"] not in OPEN_PATHS:
             await _send_error(send, "overloaded", f"this server is serving its limit of "
                                                   f"{self.requests_in_flight_max:,} requests at once: retry later")
             return
         received = 0
+        deadline: float | None = asyncio.get_running_loop().time() + BODY_READ_S
+        """Until the body is whole (after it, `receive` waits for the client to leave: no limit)."""
 
         async def counted() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, deadline
+            if deadline is None:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise _BodyTooSlow() from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.body_bytes_max:
                     raise _BodyTooLarge(self.body_bytes_max)
+                if not message.get("more_body", False):
+                    deadline = None
             return message
 
         self.in_flight += 1
@@ -199,11 +221,12 @@ def _problem(found: Mapping[str, Any]) -> str:
 
 
 async def _http_error(request: Request, error: Exception) -> JSONResponse:
-    """Starlette's own refusals: no such route (404), a method the route has not (405), the
-    body limit met while reading (413); anything else it raises is a bad request (400)."""
+    """Starlette's own refusals: no such route (404), a method the route has not (405), a
+    body too slow (408) or too large (413) met while reading; anything else it raises is a
+    bad request (400)."""
     assert isinstance(error, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(error.status_code,
-                                                                                  "invalid_request")
+    code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 413: "body_too_large"}.get(
+        error.status_code, "invalid_request")
     message = {"not_found": f"no route {request.method} {request.url.path}",
                "method_not_allowed": f"{request.url.path} does not take {request.method}"}.get(code, str(error.detail))
     return JSONResponse(error_body(code, message), status_of(code), headers=error.headers)

@@ -2,7 +2,7 @@
 
 `code` is the `LedgerError` code (README.md lists them), or one of the server's own:
 `transfer_not_found`, `not_found` (no such route), `method_not_allowed`, `unauthorized`,
-`body_too_large`, `overloaded`, `internal_error`. The status follows the code
+`request_timeout`, `body_too_large`, `overloaded`, `internal_error`. The status follows the code
 (`STATUS_BY_CODE`): 400 an invalid request, 404 an unknown account or transfer, 409 a
 conflict, 422 a refusal, 503 the ledger cannot answer now (a retry with the same
 Idempotency-Key learns the outcome).
@@ -23,6 +23,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "transfer_not_found": 404,
     "not_found": 404,
     "method_not_allowed": 405,
+    "request_timeout": 408,
     "body_too_large": 413,
     "account_exists": 409,
     "idempotency_conflict": 409,
@@ -55,6 +56,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
               "disagree"),
         (401, "no valid bearer token (the server was given --token-file)"),
         (404, "unknown account or transfer"),
+        (408, "the body did not arrive in time (request_timeout): nothing was done"),
         (409, "idempotency_conflict (the key was used for a different request) or account_exists"),
         (413, "body larger than the server's limit"),
         (422, "refused: insufficient funds, currency mismatch, a pending transfer's state, a linked chain's leg"),

@@ -4,6 +4,7 @@ event stream and its resumption. (Processes stopped and killed: test_serve_proce
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from collections.abc import Iterator
@@ -515,3 +516,39 @@ def test_the_server_uses_only_the_public_names_of_engine() -> None:
             elif (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
                   and not (isinstance(node.value, ast.Name) and node.value.id == "self")):
                 raise AssertionError(f"{module.name}:{node.lineno} reads a private name, .{node.attr}")
+
+
+# --- the guard in front of every route, in process -------------------------------------------
+
+def _scope(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, object]:
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+            "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "headers": headers,
+            "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}
+
+
+def _served(app: object, scope: dict[str, object], receive: object) -> list[dict[str, object]]:
+    sent: list[dict[str, object]] = []
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))  # type: ignore[operator]
+    return sent
+
+
+def test_a_body_that_does_not_arrive_in_time_is_a_408(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that sends a write's headers and never its body must not hold its place among
+    the requests in flight for ever (enough of them and every request is 503)."""
+    from engine import _serve_app
+
+    monkeypatch.setattr(_serve_app, "BODY_READ_S", 0.2)
+    app = _serve_app.build_app("unopened", None, 1 << 20, {})  # no lifespan: the body never reaches a route
+
+    async def never() -> dict[str, object]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"50"), (b"idempotency-key", b"t1")]
+    sent = _served(app, _scope("POST", "/transfers", headers), never)
+    assert sent[0]["status"] == 408
+    assert json.loads(sent[1]["body"])["error"]["code"] == "request_timeout"  # type: ignore[arg-type]

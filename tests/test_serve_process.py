@@ -370,12 +370,17 @@ def test_the_guard_answers_503_overloaded_past_its_requests_in_flight() -> None:
 
     async def run() -> None:
         guard = Guard(held, token=None, body_bytes_max=1024, requests_in_flight_max=2)
-        scope = {"type": "http", "path": "/health", "headers": []}
+        scope = {"type": "http", "path": "/accounts", "headers": []}
         first = [asyncio.ensure_future(guard(scope, receive, send)) for _ in range(2)]
         await asyncio.sleep(0)  # both enter the application and hold there
         await guard(scope, receive, send)
         assert answers[0]["status"] == 503 and json.loads(answers[1]["body"])["error"]["code"] == "overloaded"
+        answers.clear()
+        health = asyncio.ensure_future(guard({"type": "http", "path": "/health", "headers": []}, receive, send))
+        await asyncio.sleep(0)
+        assert answers == [] and not health.done()  # the liveness probe reached the application all the same
         release.set()
+        await health
         await asyncio.gather(*first)
         assert guard.in_flight == 0
         answers.clear()
