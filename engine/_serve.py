@@ -131,6 +131,8 @@ def serve(path: str, *, host: str, port: int, token_file: str | None, insecure: 
     _require_extra()
     import uvicorn
 
+    from engine._serve_app import stop_serving
+
     token = read_token(token_file) if token_file is not None else None
     if token is None and not insecure and not is_loopback(host):
         raise InvalidRequest(f"--host {host} is not a loopback address: anyone who can reach it could move money. "
@@ -145,9 +147,8 @@ def serve(path: str, *, host: str, port: int, token_file: str | None, insecure: 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             super().handle_exit(sig, frame)
             loop = getattr(app.state, "loop", None)
-            stopping = getattr(app.state, "stopping", None)
-            if loop is not None and stopping is not None:
-                loop.call_soon_threadsafe(stopping.set)  # the event streams end, so the drain can
+            if loop is not None and getattr(app.state, "stopping", None) is not None:
+                loop.call_soon_threadsafe(stop_serving, app)  # the event streams end, so the drain can
 
     def on_ready() -> None:
         gc.freeze()  # the ledger's accounts, just loaded, stay out of every full collection (README, AsyncLedger)

@@ -35,6 +35,10 @@ BODY_READ_S = 30.0
 graceful shutdown's wait, `engine._serve.GRACEFUL_SHUTDOWN_S`); then 408 `request_timeout`
 and its place among the requests in flight is free again."""
 
+BODY_READ_STOPPING_S = 1.0
+"""Once the server is stopping, the longest a body still awaited may take (one on its way
+arrives; a client that stalled is answered 503 and the stop goes on)."""
+
 OPEN_PATHS = frozenset({"/health"})
 """Paths served without the bearer token, and whatever the requests in flight (a liveness
 probe answers while the server is busy)."""
@@ -58,6 +62,24 @@ class _BodyTooLarge(HTTPException):
 class _BodyTooSlow(HTTPException):
     def __init__(self) -> None:
         super().__init__(408, f"the body did not arrive within {BODY_READ_S:g} s of the request's headers")
+
+
+class _Stopping(HTTPException):
+    def __init__(self) -> None:
+        super().__init__(503, "the server is stopping and the body had not arrived: nothing was done, retry with "
+                              "the same Idempotency-Key")
+
+
+def stop_serving(app: FastAPI) -> None:
+    """On the loop, once the server is told to stop: the event streams end (`stopping`), and
+    a request still waiting for its body waits at most `BODY_READ_STOPPING_S` more (then 503),
+    rather than holding the graceful shutdown for up to `BODY_READ_S`."""
+    app.state.stopping.set()
+    soon = asyncio.get_running_loop().time() + BODY_READ_STOPPING_S
+    for waiting in list(app.state.body_waits):
+        when = waiting.when()
+        if when is None or when > soon:
+            waiting.reschedule(soon)
 
 
 def _bearing(authorization: bytes, token: bytes) -> bool:
@@ -104,16 +126,25 @@ class Guard:
         received = 0
         deadline: float | None = asyncio.get_running_loop().time() + BODY_READ_S
         """Until the body is whole (after it, `receive` waits for the client to leave: no limit)."""
+        state = getattr(scope.get("app"), "state", None)  # the application's, once its lifespan ran
+        waits: set[asyncio.Timeout] | None = getattr(state, "body_waits", None)
 
         async def counted() -> Message:
             nonlocal received, deadline
             if deadline is None:
                 return await receive()
             try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
+                async with asyncio.timeout_at(deadline) as waiting:
+                    if waits is not None:
+                        waits.add(waiting)  # `stop_serving` cuts it short
+                    try:
+                        message = await receive()
+                    finally:
+                        if waits is not None:
+                            waits.discard(waiting)
             except TimeoutError:
-                raise _BodyTooSlow() from None
+                stopping = getattr(state, "stopping", None)
+                raise (_Stopping() if stopping is not None and stopping.is_set() else _BodyTooSlow()) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.body_bytes_max:
@@ -142,6 +173,7 @@ def build_app(ledger_path: str, token: str | None, body_bytes_max: int, ledger_o
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.stopping = asyncio.Event()
+        app.state.body_waits = set()
         app.state.loop = asyncio.get_running_loop()
         app.state.keys = KeyLocks()
         try:
@@ -222,11 +254,11 @@ def _problem(found: Mapping[str, Any]) -> str:
 
 async def _http_error(request: Request, error: Exception) -> JSONResponse:
     """Starlette's own refusals: no such route (404), a method the route has not (405), a
-    body too slow (408) or too large (413) met while reading; anything else it raises is a
-    bad request (400)."""
+    body too slow (408) or too large (413) met while reading, or still awaited when the server
+    stops (503 `ledger_closed`); anything else it raises is a bad request (400)."""
     assert isinstance(error, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 413: "body_too_large"}.get(
-        error.status_code, "invalid_request")
+    code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 413: "body_too_large",
+            503: "ledger_closed"}.get(error.status_code, "invalid_request")
     message = {"not_found": f"no route {request.method} {request.url.path}",
                "method_not_allowed": f"{request.url.path} does not take {request.method}"}.get(code, str(error.detail))
     return JSONResponse(error_body(code, message), status_of(code), headers=error.headers)

@@ -297,6 +297,27 @@ def test_sigterm_drains_ends_the_streams_closes_the_ledger_and_exits_0(tmp_path:
     assert verified.returncode == 0 and json.loads(verified.stdout)["verdict"] == "whole"
 
 
+def test_sigterm_answers_a_request_still_waiting_for_its_body_at_once(tmp_path: Path) -> None:
+    """A client that sent a write's headers and not its body must not hold the stop for the
+    graceful wait: it is answered 503 (JSON, nothing done) and the server exits 0."""
+    server = Server(tmp_path / "books", tmp_path)
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=WAIT_S_MAX) as stalled:
+        stalled.sendall(b"POST /accounts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Idempotency-Key: a1\r\nContent-Length: 20\r\n\r\n")
+        with server.client() as client:  # the stalled request is in: the server answers others meanwhile
+            assert client.get("/health").status_code == 200
+        assert server.stop(signal.SIGTERM) == 0
+        answer = b""
+        while chunk := stalled.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503"), answer
+    assert json.loads(body)["error"]["code"] == "ledger_closed"
+    with Ledger.open(tmp_path / "books") as ledger:
+        assert ledger.accounts() == []
+
+
 def test_ctrl_c_stops_it_as_sigterm_does(tmp_path: Path) -> None:
     server = Server(tmp_path / "books", tmp_path)
     with server.client() as client:
