@@ -61,7 +61,8 @@ class _BodyTooLarge(HTTPException):
 
 class _BodyTooSlow(HTTPException):
     def __init__(self) -> None:
-        super().__init__(408, f"the body did not arrive within {BODY_READ_S:g} s of the request's headers")
+        super().__init__(408, f"the body did not arrive within {BODY_READ_S:g} s of the request's headers",
+                         headers={"Connection": "close"})  # RFC 9110 15.5.9: the connection is done with
 
 
 class _Stopping(HTTPException):
@@ -75,10 +76,10 @@ def stop_serving(app: FastAPI) -> None:
     a request still waiting for its body waits at most `BODY_READ_STOPPING_S` more (then 503),
     rather than holding the graceful shutdown for up to `BODY_READ_S`."""
     app.state.stopping.set()
-    soon = asyncio.get_running_loop().time() + BODY_READ_STOPPING_S
+    soon = app.state.body_deadline = asyncio.get_running_loop().time() + BODY_READ_STOPPING_S  # for later reads too
     for waiting in list(app.state.body_waits):
         when = waiting.when()
-        if when is None or when > soon:
+        if when is not None and when > soon:  # None: answered already, waiting only for the client to leave
             waiting.reschedule(soon)
 
 
@@ -129,20 +130,29 @@ class Guard:
         state = getattr(scope.get("app"), "state", None)  # the application's, once its lifespan ran
         waits: set[asyncio.Timeout] | None = getattr(state, "body_waits", None)
 
+        current: asyncio.Timeout | None = None
+        """The bound of the body read under way, if one is."""
+
         async def counted() -> Message:
-            nonlocal received, deadline
+            nonlocal received, deadline, current
             if deadline is None:
                 return await receive()
+            stopping_by = getattr(state, "body_deadline", None)  # set by `stop_serving`
+            waiting = asyncio.timeout_at(deadline if stopping_by is None else min(deadline, stopping_by))
             try:
-                async with asyncio.timeout_at(deadline) as waiting:
+                async with waiting:
+                    current = waiting
                     if waits is not None:
                         waits.add(waiting)  # `stop_serving` cuts it short
                     try:
                         message = await receive()
                     finally:
+                        current = None
                         if waits is not None:
                             waits.discard(waiting)
             except TimeoutError:
+                if not waiting.expired():
+                    raise
                 stopping = getattr(state, "stopping", None)
                 raise (_Stopping() if stopping is not None and stopping.is_set() else _BodyTooSlow()) from None
             if message["type"] == "http.request":
@@ -153,9 +163,19 @@ class Guard:
                     deadline = None
             return message
 
+        async def answering(message: Message) -> None:
+            nonlocal deadline
+            if deadline is not None and message["type"] == "http.response.start":
+                # Answered (an event stream, say, of a request that declared a body it never
+                # sent): what `receive` waits for now is the client leaving, without a bound.
+                deadline = None
+                if current is not None and current.when() is not None and not current.expired():
+                    current.reschedule(None)  # (the read runs in a task of its own: this is another)
+            await send(message)
+
         self.in_flight += 1
         try:
-            await self.app(scope, counted, send)
+            await self.app(scope, counted, answering)
         finally:
             self.in_flight -= 1
 

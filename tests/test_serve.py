@@ -9,6 +9,7 @@ import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -551,4 +552,72 @@ def test_a_body_that_does_not_arrive_in_time_is_a_408(monkeypatch: pytest.Monkey
     headers = [(b"content-type", b"application/json"), (b"content-length", b"50"), (b"idempotency-key", b"t1")]
     sent = _served(app, _scope("POST", "/transfers", headers), never)
     assert sent[0]["status"] == 408
+    assert (b"connection", b"close") in sent[0]["headers"]  # type: ignore[operator]
     assert json.loads(sent[1]["body"])["error"]["code"] == "request_timeout"  # type: ignore[arg-type]
+
+
+def test_once_answered_a_request_waits_for_its_client_to_leave_without_a_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An event stream answers before reading a body its request declared and never sent;
+    what it then waits for is the client leaving: no 408 may cut it."""
+    from engine import _serve_app
+
+    monkeypatch.setattr(_serve_app, "BODY_READ_S", 0.1)
+    left = asyncio.Event()
+
+    async def stream(scope: object, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        waiting = asyncio.ensure_future(receive())
+        await asyncio.sleep(0.3)  # past the body's bound
+        assert not waiting.done()
+        left.set()
+        assert (await waiting)["type"] == "http.disconnect"
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def client_leaves_late() -> dict[str, object]:
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    guard = _serve_app.Guard(stream, token=None, body_bytes_max=100)  # type: ignore[arg-type]
+    headers = [(b"content-length", b"10")]
+    assert [m["type"] for m in _served(guard, _scope("GET", "/events", headers), client_leaves_late)] == [
+        "http.response.start", "http.response.body"]
+
+
+def test_once_stopping_a_body_sent_in_pieces_gets_the_stops_bound_on_every_later_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client trickling its body must not keep the stop waiting for the whole body bound:
+    the read after the signal is bounded by the stop's, not only the one under way then."""
+    from types import SimpleNamespace
+
+    from starlette.exceptions import HTTPException
+
+    from engine import _serve_app
+
+    monkeypatch.setattr(_serve_app, "BODY_READ_STOPPING_S", 0.2)
+    app = SimpleNamespace(state=SimpleNamespace(stopping=asyncio.Event(), body_waits=set()))
+    pieces = 0
+
+    async def trickle() -> dict[str, object]:
+        nonlocal pieces
+        pieces += 1
+        if pieces == 1:
+            return {"type": "http.request", "body": b"{", "more_body": True}
+        await asyncio.Event().wait()  # the rest never comes
+        raise AssertionError("unreachable")
+
+    async def reads_the_body(scope: object, receive: Any, send: Any) -> None:
+        await receive()
+        _serve_app.stop_serving(app)  # type: ignore[arg-type]  # SIGTERM between two pieces
+        await receive()
+
+    async def run() -> float:
+        guard = _serve_app.Guard(reads_the_body, token=None, body_bytes_max=100)  # type: ignore[arg-type]
+        scope = {**_scope("POST", "/transfers", [(b"transfer-encoding", b"chunked")]), "app": app}
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(HTTPException) as raised:
+            await asyncio.wait_for(guard(scope, trickle, lambda message: asyncio.sleep(0)), 10)
+        assert raised.value.status_code == 503
+        return asyncio.get_running_loop().time() - started
+
+    assert asyncio.run(run()) < 5  # the stop's 0.2 s, not the body's 30
