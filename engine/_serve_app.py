@@ -153,8 +153,8 @@ class Guard:
             except TimeoutError:
                 if not waiting.expired():
                     raise
-                stopping = getattr(state, "stopping", None)
-                raise (_Stopping() if stopping is not None and stopping.is_set() else _BodyTooSlow()) from None
+                stopped = getattr(state, "body_deadline", None) is not None  # read again: it may have come meanwhile
+                raise (_Stopping() if stopped else _BodyTooSlow()) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.body_bytes_max:
