@@ -38,7 +38,15 @@ from typing import Any
 import msgpack
 from journal import ChainHead, ChainReport, Journal, JournalCorruptedError
 
-from coordinator._entries import Rows, commit_rows, decode_entry, entry_rows, newest_checkpoint_lsn, unindexed_entries
+from coordinator._entries import (
+    Rows,
+    commit_rows,
+    decode_entry,
+    entry_rows,
+    indexed_through,
+    newest_checkpoint_lsn,
+    unindexed_entries,
+)
 from coordinator._errors import JournalCorrupted
 from coordinator._history import Checkpointed, Committed, Expired, Refused, named_record, typed
 from coordinator._holds import HoldTracker, holds_from
@@ -53,6 +61,7 @@ from coordinator._records import (
     encode_holds,
     holds_key,
     id_key,
+    is_entry_key,
     is_hold_key,
     resolution_key,
     value_lsn,
@@ -161,16 +170,23 @@ def unopened(error: JournalCorrupted) -> AuditReport:
 def _cross_check(journal: Journal, books: Recovered) -> tuple[str | None, str | None]:
     """Compare the indexes with the records: (entry problem, index problem).
 
-    An entry may be missing from the index only if no checkpoint record follows its
-    commit (the next checkpoint writes it); the checkpoints index must name the last
-    checkpoint record, since readers trust it to tell where the unindexed entries start.
+    An entry may be missing from the index only if no checkpoint up to `indexed_through`
+    follows its commit (the rows are written behind a checkpoint, and that mark moves once
+    all are in), and then so are the account's later ones (the index holds a prefix of an
+    account's entries); the mark names a checkpoint record, and the checkpoints index the
+    last one, since readers trust them to tell where the unindexed entries start.
     The transfers index holds one key per id a commit or refusal used, and one per pending
     transfer resolved (posted, voided, expired), each naming that record."""
     named = indexed = last_checkpoint = commits = 0
     missing: list[str] = []
     """Entries absent from the index, since the last checkpoint record met."""
+    gaps: dict[bytes, str] = {}
+    """The accounts (their entry key prefix) with an entry absent from the index, and the first
+    one absent: none of their later ones may be there."""
+    checkpoints: set[int] = set()
     with journal.snapshot() as txn:
-        holds = _HoldRows(journal, txn)
+        through = indexed_through(journal, txn)
+        holds = _HoldRows(journal, txn, through)
         for lsn, payload in journal.scan(0, txn):
             raw = decode(lsn, payload)
             record = typed(lsn, raw)
@@ -178,9 +194,10 @@ def _cross_check(journal: Journal, books: Recovered) -> tuple[str | None, str | 
             if wrong is not None:
                 return None, wrong
             if isinstance(record, Checkpointed):
-                if missing:
+                if missing and lsn <= through:
                     return missing[0], None
                 last_checkpoint = lsn
+                checkpoints.add(lsn)
                 continue
             keys: list[tuple[bytes, str]] = []
             if isinstance(record, (Committed, Refused)):
@@ -204,11 +221,14 @@ def _cross_check(journal: Journal, books: Recovered) -> tuple[str | None, str | 
                 stored = journal.index_get(ENTRIES_INDEX, key, txn)
                 if stored is None:
                     missing.append(f"transfer {tid!r} at LSN {lsn} lacks its entry {key!r}")
+                    gaps.setdefault(key[:-8], missing[-1])
                 elif stored != value:
                     return f"transfer {tid!r} at LSN {lsn} has a wrong entry {key!r}", None
+                elif key[:-8] in gaps:
+                    return f"{gaps[key[:-8]]}, yet the later one of transfer {tid!r} at LSN {lsn} is indexed", None
                 else:
                     indexed += 1
-        entries = sum(1 for key in journal.index_keys(ENTRIES_INDEX, txn) if not is_hold_key(key))
+        entries = sum(1 for key in journal.index_keys(ENTRIES_INDEX, txn) if is_entry_key(key))
         wrong = holds.finish()
         if wrong is not None:
             return None, wrong
@@ -224,20 +244,25 @@ def _cross_check(journal: Journal, books: Recovered) -> tuple[str | None, str | 
                       f"{len(books.accounts)}")
     if checkpoint_lsn != last_checkpoint:
         return None, f"the checkpoints index names LSN {checkpoint_lsn}, the last checkpoint record is at LSN {last_checkpoint}"
+    if through and through not in checkpoints:
+        return None, f"the entry index says it holds the entries up to the checkpoint at LSN {through}, which is not one"
     return None, None
 
 
 class _HoldRows:
     """The audit of hold rows (`coordinator._asof`). Like entries, a record's hold rows reach
-    the index with the first checkpoint after it: every record before the last checkpoint
-    record that changed pending amounts has its rows there (from `holds_from` on; before it,
-    a row may be absent, and one present must be right), each holding what the records up to
+    the index behind the first checkpoint after it: every record before the checkpoint
+    `indexed_through` names that changed pending amounts has its rows there (from
+    `holds_from` on; before it, or behind a later checkpoint, a row may be absent, and one
+    present must be right), each holding what the records up to
     its own leave (`HoldTracker`, which follows the records independently of the rules); no
     record after it has any; a ledger marked after it had records has the baseline rows of
     the accounts with pending amounts when it was marked (at LSN 0); and there are no others."""
 
-    def __init__(self, journal: Journal, txn: Any) -> None:
+    def __init__(self, journal: Journal, txn: Any, through: int) -> None:
         self._journal, self._txn = journal, txn
+        self._through = through
+        """`indexed_through`: the rows of a checkpoint after it may be in the index, or not yet."""
         self._start = holds_from(journal, txn)
         self._tracker = HoldTracker()
         self._since: list[tuple[int, str, tuple[int, int]]] = []
@@ -262,7 +287,7 @@ class _HoldRows:
         since, self._since = self._since, []
         for row_lsn, account, values in since:
             stored = self._stored(account, row_lsn)
-            required = self._start is not None and row_lsn >= self._start
+            required = self._start is not None and row_lsn >= self._start and checkpoint <= self._through
             if stored is None and not required:
                 continue
             if stored != encode_holds(*values):

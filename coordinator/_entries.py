@@ -6,16 +6,24 @@ with each group commit, it cost more than everything else a commit writes: the
 index is sorted by account, so every entry lands on a leaf page of its own, and a
 group commit of 500 transfers rewrote ~1,000 of the index's 4 KiB pages.
 
-So the index is written in bulk, by the checkpoints. The rule, in every snapshot
+So the index is written in bulk, behind the checkpoints. The rule, in every snapshot
 of the journal: **the entry index holds the entries of every commit record before
-the newest checkpoint.** The entries of the commits after it are *unindexed*:
-the sequencer keeps them in memory (`UnindexedEntries`), and the next checkpoint
-record carries them all as its index entries, written in its own transaction in
-key order, each leaf page once. A reader takes an account's indexed entries and
-adds its unindexed ones: from memory in the process that writes the ledger,
-derived from the records after the newest checkpoint anywhere else
-(`unindexed_entries`), in the same snapshot. Journals written before this rule
-indexed every entry with its commit; for them the union is the same.
+the checkpoint `INDEXED_TO_KEY` names** (`indexed_through`; without the key, the
+newest checkpoint), and of the commits after it, for each account, a prefix of its
+entries or none. The entries of those commits are *unindexed*: the sequencer keeps
+them in memory (`UnindexedEntries`); each checkpoint takes those stamped before it and
+has the journal writer put them in the index in key order, each leaf page once, in
+slices that ride on the group commits after the checkpoint record
+(`journal.Behind`), the last with `INDEXED_TO_KEY`. (Written with the checkpoint
+record, as they were, all ~100,000 of them made one transaction of ~0.1 s that every
+record queued behind it waited for.) The first checkpoint a sequencer writes to a
+journal without the key writes them with its record, and the key first.
+
+A reader takes an account's indexed entries and adds its unindexed ones past them
+(`with_unindexed`): from memory in the process that writes the ledger, derived from
+the records after `indexed_through` anywhere else (`unindexed_entries`), in the same
+snapshot. Journals written before this rule indexed every entry with its commit; for
+them the union is the same. Hold rows (`coordinator._holds`) follow the same rule.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from coordinator._records import (
     CHECKPOINTS_INDEX,
     COMMIT,
     ENTRIES_INDEX,
+    INDEXED_TO_KEY,
     TRANSFER3,
     ENTRY_SEQ_END,
     decode,
@@ -89,6 +98,19 @@ Flat = dict[str, list[bytes]]
 nothing per entry for the garbage collector to track."""
 
 
+def drop_before(entries: Flat, lsn: int, lsn_of: Callable[[Row], int] = row_lsn) -> Flat:
+    """`entries` (or hold rows, with `hold_row_lsn`) without the rows of the records before
+    `lsn`: each account's are in LSN order."""
+    kept: Flat = {}
+    for account, flat in entries.items():
+        start = 0
+        while start < len(flat) and lsn_of((flat[start], flat[start + 1])) < lsn:
+            start += 2
+        if start < len(flat):
+            kept[account] = flat[start:] if start else flat
+    return kept
+
+
 def pairs(flat: list[bytes]) -> list[Row]:
     """A flat list's rows."""
     return list(zip(flat[::2], flat[1::2], strict=True))
@@ -117,16 +139,33 @@ def add_holds(holds: Flat, lsn: int, rows: dict[str, tuple[int, int]]) -> None:
 
 
 def newest_checkpoint_lsn(journal: Journal, txn: Any) -> int:
+    """The LSN of the newest checkpoint the checkpoints index names (0: none) in snapshot `txn`."""
     key = journal.index_last(CHECKPOINTS_INDEX, txn)
     return 0 if key is None else value_lsn(key)
 
 
-def unindexed_flat(journal: Journal, txn: Any) -> Flat:
-    """The entries of the commits after the newest checkpoint, derived from the records
-    of snapshot `txn` (for readers other than the writing process). Verifies what it scans."""
+def indexed_through(journal: Journal, txn: Any) -> int:
+    """The LSN of the newest checkpoint whose entries and hold rows the index holds in
+    snapshot `txn` (0: none): where the unindexed ones start. `JournalCorrupted` if its
+    mark does not decode."""
+    value = journal.index_get(ENTRIES_INDEX, INDEXED_TO_KEY, txn)
+    if value is None:
+        return newest_checkpoint_lsn(journal, txn)
+    if len(value) != 8:
+        raise JournalCorrupted(f"journal corrupted: the entry index's mark of what it holds is {value!r}",
+                               where="the entries index")
+    return value_lsn(value)
+
+
+def unindexed_flat(journal: Journal, txn: Any, until: int | None = None) -> Flat:
+    """The entries of the commits after `indexed_through` (up to LSN `until`, if given),
+    derived from the records of snapshot `txn` (for readers other than the writing
+    process, and for recovery). Verifies what it scans."""
     entries: Flat = {}
     prefixes: dict[str, bytes] = {}
-    for lsn, payload in journal.scan(newest_checkpoint_lsn(journal, txn), txn):
+    for lsn, payload in journal.scan(indexed_through(journal, txn), txn):
+        if until is not None and lsn > until:
+            break
         record = decode(lsn, payload)
         if record[0] == TRANSFER3 or record[0] == COMMIT:
             add_commit(entries, prefixes, lsn, record)
@@ -219,12 +258,13 @@ def first_key(flat: list[bytes]) -> bytes:
 
 class UnindexedEntries:
     """The entries stamped since the newest checkpoint was queued (`current`), and those
-    the checkpoints not yet durable carry, per account in seq order.
+    the checkpoints carry whose rows are not all durable in the index yet, per account in
+    seq order.
 
     Changed only under the sequencer lock; read from any thread without it. Readers
     take `current` before `carried` and open their snapshot after both, so an entry
-    missed in memory was already dropped, which happens only once its checkpoint is
-    durable: the snapshot then has it in the index.
+    missed in memory was already dropped, which happens only once its checkpoint's rows
+    are all durable (`release`): the snapshot then has it in the index.
 
     The hold rows of the records since the newest checkpoint wait in one of their own, which
     the checkpoints write just the same (`lsn_of`: `hold_row_lsn`).
@@ -280,16 +320,17 @@ class UnindexedEntries:
         return sorted(self.current.values(), key=first_key)
 
     def carry(self, checkpoint_lsn: int) -> None:
-        """The rows of `current` are now queued with the checkpoint at `checkpoint_lsn`."""
+        """The rows of `current` are now queued behind the checkpoint at `checkpoint_lsn`."""
         self._carried = (*self._carried, (checkpoint_lsn, self.current))
         self.current = {}
         self.count = 0
 
-    def release(self, durable_lsn: int) -> None:
-        """Forget the rows of every durable checkpoint (the index has them)."""
+    def release(self, indexed_lsn: int) -> None:
+        """Forget the rows of every checkpoint up to `indexed_lsn` (`journal.Journal.indexed_lsn`:
+        the index has them, durably)."""
         carried = self._carried
-        if carried and durable_lsn >= carried[0][0]:
-            self._carried = tuple(generation for generation in carried if generation[0] > durable_lsn)
+        if carried and indexed_lsn >= carried[0][0]:
+            self._carried = tuple(generation for generation in carried if generation[0] > indexed_lsn)
 
     def rows(self, account: str, durable_lsn: int) -> list[Row]:
         """The account's unindexed rows that are durable (LSN <= `durable_lsn`), in seq order."""

@@ -53,8 +53,8 @@ with `previous_lsn` 0 holds every account. `index_entries` counts the entries ev
 this one added to the accounts, transfers and checkpoints indexes (see
 `coordinator._recovery.check_index_counts`).
 
-The entry index is a projection of the records, written in bulk by each checkpoint for the
-records before it (see `coordinator._entries`).
+The entry index is a projection of the records, written in bulk behind each checkpoint for
+the records before it (see `coordinator._entries`).
 """
 
 from __future__ import annotations
@@ -144,6 +144,18 @@ appended to the ledger (1 for a ledger it made), with which it is written, besid
 *baseline* row (at LSN 0) for each account with pending amounts then: what the records before
 the mark left them. No account's key starts like it (an id's key
 is at most `KEY_BYTES_MAX` bytes), so it sorts after every account's rows."""
+
+
+INDEXED_TO_KEY = _U16.pack(0xFFFF) + b"indexed-to"
+"""The entry index key whose value is the LSN of the newest checkpoint whose entries and hold
+rows the index holds (they are written behind the checkpoint, in slices: see
+`coordinator._entries`). Absent, in a journal no release with slices wrote a checkpoint to:
+the newest checkpoint's. It sorts after every account's rows, as `HOLDS_FROM_KEY` does."""
+
+
+def is_entry_key(key: bytes) -> bool:
+    """Whether an entry index key is an entry's (not a hold row's, nor a mark's)."""
+    return key != INDEXED_TO_KEY and not is_hold_key(key)
 
 
 def is_hold_key(key: bytes) -> bool:

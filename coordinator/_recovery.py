@@ -32,7 +32,7 @@ from typing import Any
 from journal import Completion, Journal, JournalCorruptedError
 
 from coordinator._holds import unindexed_holds_flat
-from coordinator._entries import Flat, add_commit, add_holds, unindexed_flat
+from coordinator._entries import Flat, add_commit, add_holds, drop_before, hold_row_lsn, indexed_through, unindexed_flat
 from coordinator._errors import (
     BalanceOverflow,
     CurrencyMismatch,
@@ -86,7 +86,13 @@ class Recovered(Projection):
     """LSN of the checkpoint replay started from (0: from the beginning)."""
     unindexed: Flat | None = None
     """If not None, replay collects here the entries of the commits after the last
-    checkpoint it meets (the ones the entry index does not hold)."""
+    checkpoint it meets whose rows the index holds (`indexed_through`): the ones the entry
+    index may not hold."""
+    indexed_through: int = 0
+    """The newest checkpoint whose entries and hold rows the index held when replay last looked."""
+    unreleased: list[int] = field(default_factory=list)
+    """The checkpoints after it that replay met (or started from), oldest first: once the index
+    holds the rows of one, the next replay drops those it collected from before it."""
     unindexed_holds: Flat | None = None
     """Likewise, the hold rows of the records after the last checkpoint it meets."""
     prefixes: dict[str, bytes] = field(default_factory=dict)
@@ -167,8 +173,23 @@ def _holds_what_changed(rows: list[tuple[Account, int, Any]], previous: int, boo
     return True
 
 
-def load_checkpoint(journal: Journal) -> Recovered:
-    """The projection at the newest checkpoint (empty if there is none), verified."""
+def load_checkpoint(journal: Journal, unindexed: bool = False) -> Recovered:
+    """The projection at the newest checkpoint (empty if there is none), verified. With
+    `unindexed`, its `unindexed` and `unindexed_holds` start from `indexed_through`, for
+    replay to go on collecting (the rows of the records before the checkpoint may still be
+    being written behind it)."""
+    books = _load_checkpoint(journal)
+    if unindexed:
+        with journal.snapshot() as txn:
+            books.indexed_through = indexed = indexed_through(journal, txn)
+            behind = indexed < books.last_lsn
+            books.unindexed = unindexed_flat(journal, txn, books.last_lsn) if behind else {}
+            books.unindexed_holds = unindexed_holds_flat(journal, txn, books.last_lsn) if behind else {}
+            books.unreleased = [books.last_lsn] if behind else []
+    return books
+
+
+def _load_checkpoint(journal: Journal) -> Recovered:
     books = Recovered()
     key = journal.index_last(CHECKPOINTS_INDEX)
     if key is None:
@@ -350,9 +371,7 @@ def recover(journal: Journal) -> Recovered:
     gc.disable()
     young = gc.get_count()[0]
     try:
-        books = load_checkpoint(journal)
-        books.unindexed = {}
-        books.unindexed_holds = {}
+        books = load_checkpoint(journal, unindexed=True)
         replay(journal, books)
     finally:
         _age_loaded(gc.get_count()[0] - young)
@@ -389,6 +408,20 @@ def _age_loaded(made: int) -> bool:
     return True
 
 
+def _release(books: Recovered) -> None:
+    """Drop the collected rows of the records before the newest checkpoint met whose rows the
+    index now holds (`indexed_through`): a reader that replays as it goes met it before its
+    rows were all in."""
+    through = [lsn for lsn in books.unreleased if lsn <= books.indexed_through]
+    if not through:
+        return
+    books.unreleased = books.unreleased[len(through):]
+    assert books.unindexed is not None
+    books.unindexed = drop_before(books.unindexed, through[-1])
+    if books.unindexed_holds is not None:
+        books.unindexed_holds = drop_before(books.unindexed_holds, through[-1], hold_row_lsn)
+
+
 def check_index_counts(journal: Journal, books: Recovered) -> None:
     """Every record puts a known number of entries in the accounts, transfers and checkpoints
     indexes (an account, an id's outcome, what resolved a pending transfer, a checkpoint),
@@ -420,6 +453,10 @@ def replay(
     re-deciding each by the rules and checking it is what was journaled."""
     books = into if into is not None else Recovered()
     accounts, states, changed = books.accounts, books.states, books.changed
+    if books.unindexed is not None:  # read before the scan's snapshot: it holds at least that much
+        with journal.snapshot() as txn:
+            books.indexed_through = max(books.indexed_through, indexed_through(journal, txn))
+        _release(books)
     try:
         for lsn, payload in journal.scan(books.last_lsn):
             record = decode(lsn, payload)
@@ -457,10 +494,14 @@ def replay(
                 books.checkpoints += 1
                 books.checkpoint_met = lsn
                 changed = books.changed = set()
-                if books.unindexed is not None:
-                    books.unindexed = {}  # the checkpoint indexed them
-                if books.unindexed_holds is not None:
-                    books.unindexed_holds = {}
+                if lsn <= books.indexed_through:  # the index holds the rows of the records before it
+                    if books.unindexed is not None:
+                        books.unindexed = {}
+                    if books.unindexed_holds is not None:
+                        books.unindexed_holds = {}
+                    books.unreleased = []
+                elif books.unindexed is not None:
+                    books.unreleased.append(lsn)
             elif kind == REFUSAL3:
                 _, timestamp, _, index, _, *requests = record
                 _stamped_at(books, lsn, timestamp, len(requests))

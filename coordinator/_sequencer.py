@@ -23,8 +23,8 @@ The sequencer keeps the journal-order projection (`Projection`: every account's 
 open pending transfers and what they hold). It only grows by appending; the account actors
 apply the same entries with the same pure `post` and must agree with it, so the projection
 is both the stamp source and a cross-check. And it keeps the entries stamped since the
-newest checkpoint (`unindexed`), which the next checkpoint writes to the entry index (see
-`coordinator._entries`).
+newest checkpoint (`unindexed`), which the next checkpoint has written to the entry index
+behind it (see `coordinator._entries`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
-from journal import CRASH_POINT_ARMED, Completion, IndexPuts, Journal, JournalError, crash_point
+from journal import CRASH_POINT_ARMED, Behind, Completion, IndexPuts, Journal, JournalError, crash_point
 
 from coordinator._entries import Flat, Joined, UnindexedEntries, first_key, hold_row_lsn
 from coordinator._history import Refused, resolution_of
@@ -58,6 +58,7 @@ from coordinator._records import (
     ENTRIES_INDEX,
     EXPIRY3,
     HOLDS_FROM_KEY,
+    INDEXED_TO_KEY,
     HOLDS_MARK,
     PLAIN3,
     REFUSAL3,
@@ -199,6 +200,9 @@ class Sequencer:
         """The newest checkpoint's (LSN, accounts, sweep_next), if the next one may build on it."""
         with journal.snapshot() as txn:
             self._holds_from_due = journal.index_get(ENTRIES_INDEX, HOLDS_FROM_KEY, txn) is None
+            self._indexed_to_due = journal.index_get(ENTRIES_INDEX, INDEXED_TO_KEY, txn) is None
+        """No `INDEXED_TO_KEY` yet (readers take the newest checkpoint for it): the next
+        checkpoint writes its rows with its record, and the key, not behind it."""
         """No `HOLDS_FROM_KEY` yet: the next block appended (never a checkpoint: one follows
         another record) carries it, with its own LSN, and the baseline hold rows."""
         self._baseline: list[bytes] = []
@@ -622,9 +626,9 @@ class Sequencer:
         queued already, so a checkpoint that cannot be queued must not fail them: it is
         logged and tried again after the next record (the writer reports its own failure)."""
         self._since_checkpoint += records
-        durable = self._journal.durable_lsn
-        self.unindexed.release(durable)
-        self.unindexed_holds.release(durable)
+        durable, indexed = self._journal.durable_lsn, self._journal.indexed_lsn
+        self.unindexed.release(indexed)
+        self.unindexed_holds.release(indexed)
         resolved_at = self._resolved_at
         while resolved_at and resolved_at[0][0] <= durable:  # the index answers for these now
             self._resolved.pop(resolved_at.popleft()[1], None)
@@ -642,9 +646,11 @@ class Sequencer:
         """Journal the projection as of now (call with `lock` held), as a CHECKPOINT4: the rows
         of the accounts that changed or opened since the last checkpoint, and of a slice of
         the others (the sweep, see `coordinator._records`); every open pending transfer; the
-        last timestamp; and with it, in its transaction, the entry index rows of every record
-        since the last (their entries, and their hold rows). The first checkpoint a sequencer writes without knowing the one
-        before it (`Projection.checkpoint_chain` is None) holds every account.
+        last timestamp; and behind it, in slices over the group commits after it, the entry
+        index rows of every record since the last (their entries, and their hold rows), then
+        `INDEXED_TO_KEY` (see `coordinator._entries`). The first checkpoint a sequencer
+        writes without knowing the one before it (`Projection.checkpoint_chain` is None)
+        holds every account.
 
         Opening the ledger starts from the newest checkpoint and replays only the
         records after it; a full replay checks every checkpoint it passes.
@@ -658,16 +664,21 @@ class Sequencer:
         rows = [(fixed.get(account_id) or made(account_id)) + states[account_id] for account_id in included]
         pendings = [list(pending) for pending in self.pending.values()]
         lsn = self._journal.last_lsn + 1
-        index: IndexPuts = {CHECKPOINTS_INDEX: [lsn_value(lsn), b""],
-                            ENTRIES_INDEX: Joined(sorted(self.unindexed.ordered_parts() +
-                                                         self.unindexed_holds.ordered_parts(), key=first_key))}
+        index: IndexPuts = {CHECKPOINTS_INDEX: [lsn_value(lsn), b""]}
+        carried = Joined(sorted(self.unindexed.ordered_parts() + self.unindexed_holds.ordered_parts(), key=first_key))
+        behind: Behind | None = None
+        if len(carried):  # else the index holds what it must already: the mark may stay where it is
+            behind = (ENTRIES_INDEX, carried, {ENTRIES_INDEX: [INDEXED_TO_KEY, lsn_value(lsn)]}, self._indexed_to_due)
         payload = encode([CHECKPOINT4, self.last_timestamp, self.index_entries + 1, previous, total, sweep_next, rows,
                           pendings])
-        appended = self._journal.append_block([payload], index, [None])  # may time out: then nothing changed
+        appended = self._journal.append_block([payload], index, [None], behind=behind)  # may time out: nothing changed
+        if behind is not None:
+            self._indexed_to_due = False
         self.index_entries += 1
         assert appended == lsn, (appended, lsn)
-        self.unindexed.carry(lsn)
-        self.unindexed_holds.carry(lsn)
+        if behind is not None:  # else both are empty: nothing to carry, nor to release
+            self.unindexed.carry(lsn)
+            self.unindexed_holds.carry(lsn)
         crash_point("during-checkpoint")
         self._since_checkpoint = 0
         self._checkpoint = (lsn, total, sweep_next)

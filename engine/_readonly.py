@@ -89,9 +89,8 @@ def _recover(journal: Journal) -> Recovered:
         raise ledger_error(journal.problem) from journal.problem
     if journal.format_version < 2:
         check_ids_against_records(journal)
-    books = load_checkpoint(journal)
-    books.unindexed = {}  # replay collects the entries past the newest checkpoint here
-    books.unindexed_holds = {}  # and their hold rows
+    books = load_checkpoint(journal, unindexed=True)  # replay goes on collecting the entries the index
+    # may not hold (`coordinator.indexed_through`), and their hold rows
     for _ in range(OPEN_TRIES_MAX):
         replay(journal, books)
         try:

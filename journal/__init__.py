@@ -24,10 +24,11 @@ from journal._anchor import ANCHOR_FILE
 from journal._directory import LOCK_FILE, refuse_foreign
 from journal._journal import Journal, reanchor
 from journal._limits import FORMAT_VERSION
-from journal._writer import IndexPut, IndexPuts
+from journal._writer import Behind, IndexPut, IndexPuts
 
 __all__ = [
     "ANCHOR_FILE",
+    "Behind",
     "ChainHead",
     "ChainReport",
     "GENESIS",

@@ -12,6 +12,8 @@ The points, in the order a transfer meets them:
 - `mid-group-commit`: half of a group commit's records are staged;
 - `after-commit-durable`: the group commit is on disk, no caller acknowledged;
 - `during-checkpoint`: a checkpoint record is queued, not yet durable;
+- `mid-checkpoint-entries`: a slice of a checkpoint's entry index rows is durable, the rest
+  (and the mark that says they are all in) not yet;
 - `during-expiry`: an expiry record is queued, the holds it releases not yet delivered;
 - `mid-linked-chain`: a linked chain is decided and its first leg applied to (or, through the
   mailboxes, its record queued and its first leg delivered to) its accounts, the other legs
@@ -29,6 +31,7 @@ POINTS = (
     "mid-group-commit",
     "after-commit-durable",
     "during-checkpoint",
+    "mid-checkpoint-entries",
     "during-expiry",
     "mid-linked-chain",
 )

@@ -38,7 +38,7 @@ from journal._check import check_records, check_to_seal
 from journal._names import DATA_FILE, RECORDS_DB
 from journal._seal import SEAL_FILE, write_seal
 from journal._store import Store
-from journal._writer import IndexPut, IndexPuts, Writer
+from journal._writer import Behind, IndexPut, IndexPuts, Writer
 
 logger = logging.getLogger("tally.journal")
 
@@ -191,10 +191,12 @@ class Journal:
         completions: Sequence[Completion | None],
         room_made: bool = False,
         wake: bool = True,
+        behind: Behind | None = None,
     ) -> int:
         """Queue records under consecutive LSNs, with their index entries (by index name)
-        and one completion (or None) each; return the first LSN. See `Writer.append_block`."""
-        return self._writing.append_block(payloads, index, completions, room_made, wake)
+        and one completion (or None) each, and index entries to write behind them (`behind`);
+        return the first LSN. See `Writer.append_block`."""
+        return self._writing.append_block(payloads, index, completions, room_made, wake, behind)
 
     def wait_room(self, records: int) -> None:
         """Block (bounded) until `records` more can be queued without waiting."""
@@ -233,6 +235,12 @@ class Journal:
     @property
     def durable_lsn(self) -> int:
         return self._writer.durable_lsn if self._writer is not None else self._last_lsn_read
+
+    @property
+    def indexed_lsn(self) -> int:
+        """The LSN of the newest record whose index entries written behind it (`append_block`)
+        are all durable; 0 if this process wrote none (or has no writer)."""
+        return self._writer.indexed_lsn if self._writer is not None else 0
 
     def head(self) -> ChainHead:
         """The durable head: the last durable LSN and the chain's digest there (`GENESIS` if no

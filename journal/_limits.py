@@ -52,6 +52,21 @@ READERS_MAX = 1024
 BATCH_RECORDS_MAX = 8192
 """Most records one group commit writes in one transaction."""
 
+BEHIND_PAIRS_MIN = 4096
+"""Fewest index entries written behind their record (`Writer.append_block`'s `behind`: a
+checkpoint's) that one group commit carries, while any wait; the slices keep a group commit
+short beside the one big transaction they were (~100,000 entries, ~0.1 s, every later record
+waiting behind it)."""
+
+BEHIND_PAIRS_PER_RECORD = 4
+"""And at least this many a record the group commit writes: the slices drain at least twice
+as fast as commits of plain transfers make entries (two a transfer)."""
+
+BEHIND_SLICES_MAX = 16
+"""And at least this share of all that waits (1/16): however many index rows a record makes
+(a linked chain's legs, a post's hold rows), what waits goes in within about this many group
+commits, while the next checkpoint comes tens of thousands of records later."""
+
 PENDING_RECORDS_MAX = 65536
 """Most records waiting for the writer; `append` waits (bounded) beyond this."""
 

@@ -8,6 +8,14 @@ the completions in LSN order. One fsync serves the whole batch: the more callers
 wait, the larger the batch, which is what keeps the commit rate up when the GIL is
 busy elsewhere.
 
+Index entries may also go *behind* a record (`append_block`'s `behind`: a checkpoint's entry
+index rows): they are written in key order, in slices, with the group commits after it (at
+least `BEHIND_PAIRS_MIN` a commit, and `BEHIND_PAIRS_PER_RECORD` a record of it), and alone
+when no record waits; the slice that ends them also writes their `final` puts (the mark that
+says they are in), and `indexed_lsn` then moves to their record's LSN. Close writes what is
+left. So no group commit carries all of a checkpoint's ~100,000 entries, and no record waits
+behind them.
+
 The hash chain (`journal._chain`): whoever writes a batch (the writer thread, or a caller
 in `commit_inline`; one at a time, under `_writing`) frames it, a SHA-256 a record, chained
 from the digest of the last record written, before it takes the append lock, so appenders
@@ -20,8 +28,9 @@ from __future__ import annotations
 import heapq
 import logging
 import threading
+from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from itertools import chain
+from itertools import chain, islice
 
 import lmdb
 
@@ -35,6 +44,9 @@ from journal._format import frame_all, framed_pairs
 from journal._limits import (
     APPEND_WAIT_S_MAX,
     BATCH_RECORDS_MAX,
+    BEHIND_PAIRS_MIN,
+    BEHIND_PAIRS_PER_RECORD,
+    BEHIND_SLICES_MAX,
     COMMIT_DELAY_S_MAX,
     CLOSE_WAIT_S_MAX,
     PENDING_RECORDS_MAX,
@@ -53,6 +65,26 @@ IndexPuts = Mapping[str, Collection[bytes]]
 records. Flat, so that queueing and writing an entry allocates nothing per entry for the
 garbage collector to track (a tuple is tracked from its creation). Any sized iterable
 will do: the writer only counts and iterates it, never copies it."""
+
+
+Behind = tuple[str, Collection[bytes], IndexPuts, bool]
+"""Index entries to write behind a record: (index name, its entries flat and in key order,
+the `final` puts written with the last of them, `whole`: all in the record's own group
+commit, not in slices)."""
+
+
+class _Behind:
+    """Index entries being written behind the record at `lsn`, a slice a group commit."""
+
+    __slots__ = ("lsn", "name", "items", "left", "final", "whole")
+
+    def __init__(self, lsn: int, behind: Behind) -> None:
+        self.lsn = lsn
+        self.name, puts, self.final, self.whole = behind
+        assert len(puts) % 2 == 0, len(puts)
+        self.items = iter(puts)
+        self.left = len(puts) // 2
+        """Entries not yet taken for a slice."""
 
 
 class _Block:
@@ -128,6 +160,14 @@ class Writer:
         self._chain_digest = head.digest
         """The digest of the last record written: the next batch chains from it. Only the
         one writing (`_writing`) reads or sets it."""
+        self._behind: deque[_Behind] = deque()
+        """Index entries written behind their records, oldest first: appended under `_cond`,
+        taken from only by the one writing."""
+        self._behind_pairs = 0
+        """Index entries waiting in `_behind`, all items."""
+        self.indexed_lsn = 0
+        """The LSN of the newest record whose entries written behind it are all durable (0:
+        none this process wrote)."""
         self._waiters: list[tuple[int, int, Completion]] = []
         self._waiter_ids = 0
         self._failure: JournalWriteError | None = None
@@ -172,9 +212,11 @@ class Writer:
         completions: Sequence[Completion | None],
         room_made: bool = False,
         wake: bool = True,
+        behind: Behind | None = None,
     ) -> int:
         """Queue several records under consecutive LSNs, with all their index entries and
-        one completion (or None) per record; return the first LSN. Waits for room as
+        one completion (or None) per record; return the first LSN. `behind`: index entries
+        written in slices after the last of them (see the module docstring). Waits for room as
         `append` does; with `room_made` (the caller, the only appender, called `wait_room`)
         it never waits, and fails only if the journal failed or is closing. With `wake`
         False the writer thread is not woken for them: the caller calls `commit_inline`
@@ -185,7 +227,12 @@ class Writer:
                 assert self._pending_records + len(payloads) <= max(PENDING_RECORDS_MAX, len(payloads)), "no room made"
             else:
                 self._make_room(len(payloads), APPEND_WAIT_S_MAX)
-            return self._queue(payloads, index, completions, wake)
+            first = self._queue(payloads, index, completions, wake)
+            if behind is not None:
+                item = _Behind(first + len(payloads) - 1, behind)
+                self._behind.append(item)
+                self._behind_pairs += item.left
+            return first
 
     def _make_room(self, records: int, timeout_s: float) -> None:
         """With `_cond` held: wait (bounded) until `records` more fit; raise if not open."""
@@ -266,12 +313,12 @@ class Writer:
         while True:
             with self._cond:
                 self._writer_waiting = True
-                while self._writing or not self._pending:  # idle, or a caller is writing inline
+                while self._writing or not (self._pending or self._behind_due()):  # idle, or a caller writes
                     if self._closing and not self._writing:
                         return
                     self._cond.wait(timeout=WRITER_IDLE_WAIT_S)
                 self._writing = True  # before the delay, which lets go of the lock: no one writes meanwhile
-                if self._pending_records < batch_size_last // 2 and not self._closing:
+                if self._pending and self._pending_records < batch_size_last // 2 and not self._closing:
                     # Commit delay: the callers released by the last commit are still
                     # on their way back; give them a moment to join this batch.
                     target = batch_size_last // 2
@@ -281,11 +328,11 @@ class Writer:
 
                     self._cond.wait_for(rejoined, COMMIT_DELAY_S_MAX)
                 self._writer_waiting = False
-                if not self._pending:  # failed meanwhile (`_fail` took the queue): nothing to write
+                if not self._pending and not self._behind_due():  # failed meanwhile (`_fail` took the queue)
                     self._writing = False
                     continue
-                batch = self._take()
-                batch_size_last = batch[-1].last_lsn - batch[0].first_lsn + 1
+                batch = self._take() if self._pending else []  # else index entries behind their records only
+                batch_size_last = batch[-1].last_lsn - batch[0].first_lsn + 1 if batch else 0
                 self._room.notify_all()
             try:
                 written = self._write(batch)
@@ -311,19 +358,29 @@ class Writer:
         finally:
             with self._cond:
                 self._writing = False
-                if self._pending or self._closing:
+                if self._pending or self._behind or self._closing:
                     self._cond.notify()  # the writer thread takes what queued meanwhile, or ends
         return True
 
+    def _behind_due(self) -> bool:
+        """With `_cond` held: index entries wait behind a durable record (a commit with no
+        records may write them)."""
+        return bool(self._behind) and self._behind[0].lsn <= self.durable_lsn
+
     def _write(self, batch: list[_Block]) -> bool:
-        """Commit `batch`, advance the anchor, release its completions; False if the journal
-        failed (then everything queued is failed too). The caller holds the right to write."""
+        """Commit `batch` (empty: only index entries behind durable records), advance the
+        anchor, release its completions; False if the journal failed (then everything queued
+        is failed too). The caller holds the right to write."""
         try:
-            self._commit(batch)
+            indexed = self._commit(batch)
         except Exception as error:  # any failure fails the journal
             logger.exception("journal write failed")
             self._fail(batch, error)
             return False
+        if not batch:  # no record: no LSN moved, no one to tell
+            if indexed is not None:
+                self.indexed_lsn = indexed
+            return True
         try:
             self._advance_anchor(batch[-1].last_lsn)
             anchor_failure = None
@@ -331,7 +388,7 @@ class Writer:
             logger.exception("the anchor cannot be written")
             anchor_failure = JournalWriteError(f"the anchor cannot be written, so no more records are: {error}")
         try:
-            self._publish(batch)
+            self._publish(batch, indexed)
         except Exception as error:  # a bug after a durable commit: stop, and say so to all
             logger.exception("releasing a durable group commit failed")
             self._fail(batch, error)
@@ -341,8 +398,10 @@ class Writer:
             return False
         return True
 
-    def _commit(self, batch: list[_Block]) -> None:
-        assert batch[0].first_lsn == self.durable_lsn + 1, (batch[0].first_lsn, self.durable_lsn)
+    def _commit(self, batch: list[_Block]) -> int | None:
+        """Write and commit `batch` with the slices of index entries behind records it carries;
+        the LSN whose entries behind it are all in now (None: none are finished)."""
+        assert not batch or batch[0].first_lsn == self.durable_lsn + 1, (batch[0].first_lsn, self.durable_lsn)
         store = self._store
         if self._anchor is None:
             self._make_anchor()
@@ -350,6 +409,7 @@ class Writer:
         # go on queueing meanwhile. Only the one writing frames, in LSN order, so each batch
         # chains from the last record of the one before.
         records, digest = self._frame(batch)
+        behind, indexed, sliced = self._take_behind(batch, len(records) // 2)
         while True:
             txn = store.env.begin(write=True)
             try:
@@ -359,14 +419,17 @@ class Writer:
                 # interpreter back and forth once per put. The fsync below runs
                 # unlocked, while callers prepare the next batch.
                 with self._cond:
-                    self._stage(txn, batch, records)
+                    self._stage(txn, batch, records, behind)
                 if store.ledger_id is None:
                     assert self._anchor is not None
                     txn.put(LEDGER_ID_KEY, self._anchor.state.ledger_id, db=store.meta)
                 txn.commit()
                 self._chain_digest = digest
-                crash_point("after-commit-durable")
-                return
+                if batch:
+                    crash_point("after-commit-durable")
+                if sliced:
+                    crash_point("mid-checkpoint-entries")
+                return indexed
             except lmdb.MapFullError:
                 txn.abort()
                 size = store.grow()
@@ -375,12 +438,45 @@ class Writer:
                 txn.abort()
                 raise
 
+    def _take_behind(self, batch: list[_Block], records: int) -> tuple[dict[str, list[Collection[bytes]]], int | None,
+                                                                          bool]:
+        """The slices of index entries behind durable records that a commit of `batch` (of
+        `records` records) carries, by index name (the entries `whole` behind a record of the
+        batch too); the LSN whose entries they finish (None: none); whether they leave some
+        of a record's behind for later. Taken once, before the transaction, so a retry of it
+        (a full map) writes the same. Only the one writing calls it."""
+        budget = max(BEHIND_PAIRS_MIN, BEHIND_PAIRS_PER_RECORD * records, self._behind_pairs // BEHIND_SLICES_MAX)
+        durable, last_lsn = self.durable_lsn, batch[-1].last_lsn if batch else 0
+        puts: dict[str, list[Collection[bytes]]] = {}
+        indexed = None
+        queue = self._behind
+        while queue and budget > 0 and (queue[0].lsn <= durable or queue[0].whole and queue[0].lsn <= last_lsn):
+            item = queue[0]
+            take = item.left if item.whole else min(budget, item.left)
+            part = list(islice(item.items, 2 * take))
+            assert len(part) == 2 * take, (len(part), take)
+            item.left -= take
+            budget -= take
+            with self._cond:  # appenders add to it
+                self._behind_pairs -= take
+            if part:
+                puts.setdefault(item.name, []).append(part)
+            if item.left:
+                return puts, indexed, True
+            for name, flat in item.final.items():
+                puts.setdefault(name, []).append(flat)
+            queue.popleft()  # appenders only append, at the other end
+            indexed = item.lsn
+        return puts, indexed, False
+
     def _frame(self, batch: list[_Block]) -> tuple[list[bytes], bytes]:
         """The batch's records framed and chained from the last one written, flat (key, record,
         key, record...), and the digest of its last record. Any thread, no lock: the batch's
         blocks were taken off the pending list."""
         records: list[bytes] = []
         digest = self._chain_digest
+        if not batch:
+            return records, digest
         expected = batch[0].first_lsn
         for block in batch:
             assert block.first_lsn == expected, (block.first_lsn, expected)
@@ -389,8 +485,10 @@ class Writer:
             expected = block.last_lsn + 1
         return records, digest
 
-    def _stage(self, txn: lmdb.Transaction, batch: list[_Block], records: list[bytes]) -> None:
-        """Write the batch's records (framed by `_frame`) and index entries: one `putmulti` per database.
+    def _stage(self, txn: lmdb.Transaction, batch: list[_Block], records: list[bytes],
+               behind: Mapping[str, list[Collection[bytes]]]) -> None:
+        """Write the batch's records (framed by `_frame`), their index entries and the slices
+        `behind` (`_take_behind`): one `putmulti` per database.
 
         A single `put` releases and retakes the GIL; with any other thread runnable that
         costs a hand-off per put (measured ~20 us a put here, against ~3 us an item for
@@ -402,9 +500,12 @@ class Writer:
         for block in batch:
             for name, puts in block.index.items():
                 by_index.setdefault(name, []).append(puts)
+        for name, parts in behind.items():
+            by_index.setdefault(name, []).extend(parts)
         split = len(records) // 4 * 2  # about half the records, at a key
         _put_all(txn, store.records, (records[:split],), append=True)
-        crash_point("mid-group-commit")
+        if records:
+            crash_point("mid-group-commit")
         _put_all(txn, store.records, (records[split:],), append=True)
         seeds = self._seeds
         for name, parts in by_index.items():
@@ -428,11 +529,13 @@ class Writer:
         self._store.ledger_id = anchor.state.ledger_id
         anchor.advance(durable_lsn)
 
-    def _publish(self, batch: list[_Block]) -> None:
+    def _publish(self, batch: list[_Block], indexed: int | None) -> None:
         last = batch[-1].last_lsn
         self.commits += 1
         self.records_written += last - batch[0].first_lsn + 1
         with self._cond:
+            if indexed is not None:
+                self.indexed_lsn = indexed
             self.durable_lsn = last
             self.durable_head = ChainHead(last, self._chain_digest)
             ready: list[Completion] = []
@@ -449,6 +552,8 @@ class Writer:
             self._failure = failure
             failed = batch + self._pending
             self._pending = []
+            self._behind.clear()
+            self._behind_pairs = 0
             self._pending_records = 0
             waiters = [entry[2] for entry in self._waiters]
             self._waiters = []

@@ -361,11 +361,12 @@ def test_a_checkpoint_the_journal_had_no_room_for_changes_nothing_and_comes_agai
     real = JournalClass.append_block
     refused: list[int] = []
 
-    def no_room_once(self: JournalClass, payloads: object, index: dict[str, object], *args: object) -> int:
+    def no_room_once(self: JournalClass, payloads: object, index: dict[str, object], *args: object,
+                     **kwargs: object) -> int:
         if CHECKPOINTS_INDEX in index and not refused:
             refused.append(1)
             raise JournalTimeoutError("the journal writer is not keeping up")
-        return real(self, payloads, index, *args)  # type: ignore[arg-type]
+        return real(self, payloads, index, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(JournalClass, "append_block", no_room_once)
     balances, state_hash = build(ledger_path)

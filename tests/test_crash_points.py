@@ -64,7 +64,8 @@ CRASH_COUNTS = {point: (40, 200) for point in CRASH_POINTS} | {
 (the same workload to its end, ~2 s): 750 single transfers, thousands of pending transfers,
 posts and voids; a checkpoint every 50 records, ~115 in all, so the 16th is ~800 records in;
 ~370 expiry records, from a second in (the shortest timeout) to the end, the 80th ~0.45 s
-after the first; 300 chains, ~230 committed, the point met once per leg (~610 times) when a
+after the first; slices of a checkpoint's entries written behind it ~1,000 times (8 entries a
+group commit at least, ~100 a checkpoint); 300 chains, ~230 committed, the point met once per leg (~610 times) when a
 chain is decided in the accounts' turns, once per chain in the mailboxes, so the 150th comes
 before the end either way."""
 CRASH_SPECS = [f"{point}:{count}" for point in CRASH_POINTS for count in CRASH_COUNTS[point]]
@@ -83,6 +84,9 @@ import json, random, sys, threading
 from engine import InsufficientFunds, Ledger, LinkedTransferFailed, PendingTransferExpired, TransferRequest
 
 path, threads, per_thread, interval = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+import journal._writer
+journal._writer.BEHIND_PAIRS_MIN = 8  # a checkpoint's entries in slices of a few, over many group commits
+
 chains_wanted, expiries_wanted = int(sys.argv[5]), int(sys.argv[6])
 accounts = [f"acct-{n}" for n in range(8)]
 lock = threading.Lock()

@@ -11,16 +11,18 @@ from pathlib import Path
 import pytest
 
 from coordinator import INDEX_NAMES, _sequencer, audit
-from coordinator._entries import Row, UnindexedEntries, newest_checkpoint_lsn, unindexed_entries, with_unindexed
+from coordinator._entries import Row, UnindexedEntries, indexed_through, unindexed_entries, with_unindexed
 from coordinator._records import (
     CHECKPOINTS_INDEX,
     ENTRIES_INDEX,
+    INDEXED_TO_KEY,
     encode_entry_value,
     entry_key,
-    is_hold_key,
+    is_entry_key,
     lsn_value,
 )
-from engine import Entry, Ledger, LedgerUnavailable, Transfer, TransferRequest
+import journal._writer as journal_writer
+from engine import Entry, InsufficientFunds, Ledger, LedgerUnavailable, Transfer, TransferRequest
 from engine._tools import balance, history
 from journal import Journal, JournalTimeoutError
 from journal._format import frame_index_value, index_seed
@@ -59,12 +61,12 @@ def build(path: Path, checkpoint_interval: int, transfers: int = 60, seed: int =
 
 
 def indexed_count(path: Path) -> tuple[int, int]:
-    """(entries in the index, LSN of the newest checkpoint), read from the journal alone."""
+    """(entries in the index, LSN of the newest checkpoint whose entries it holds), read from the journal alone."""
     journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
     try:
         with journal.snapshot() as txn:
-            entries = sum(1 for key in journal.index_keys(ENTRIES_INDEX, txn) if not is_hold_key(key))
-            return entries, newest_checkpoint_lsn(journal, txn)
+            entries = sum(1 for key in journal.index_keys(ENTRIES_INDEX, txn) if is_entry_key(key))
+            return entries, indexed_through(journal, txn)
     finally:
         journal.close()
 
@@ -170,9 +172,9 @@ def test_unindexed_rows_are_durable_ones_in_seq_order_and_count_once_while_a_che
     unindexed.add(["a", "a"], [*row("a", 3, 13), *row("a", 4, 14)])
 
     assert unindexed.rows("a", durable_lsn=13) == [row("a", 1, 10), row("a", 2, 11), row("a", 3, 13)]
-    unindexed.release(durable_lsn=11)  # the checkpoint at 12 is not durable yet: its rows stay
+    unindexed.release(indexed_lsn=11)  # the rows of the checkpoint at 12 are not all in the index yet: they stay
     assert unindexed.rows("a", durable_lsn=14)[:2] == [row("a", 1, 10), row("a", 2, 11)]
-    unindexed.release(durable_lsn=12)
+    unindexed.release(indexed_lsn=12)
     assert unindexed.rows("a", durable_lsn=14) == [row("a", 3, 13), row("a", 4, 14)]
     assert unindexed.all_rows(durable_lsn=13) == {"a": [row("a", 3, 13)]}
     assert unindexed.rows("nobody", durable_lsn=14) == []
@@ -333,3 +335,104 @@ def test_entries_waiting_in_memory_bring_a_checkpoint_whatever_the_interval(
         assert [entry.balance for entry in ledger.entries("alice")] == list(range(1, 13))
     indexed, checkpoint_lsn = indexed_count(ledger_path)
     assert checkpoint_lsn > 0 and indexed >= 10
+
+
+def test_a_checkpoints_entries_go_to_the_index_behind_it_in_slices_and_every_reader_sees_them_all_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal_writer, "BEHIND_PAIRS_MIN", 4)  # a few a group commit: many commits a checkpoint
+    rng = random.Random(11)
+    behind_seen = 0
+    with Ledger.open(tmp_path / "reference", checkpoint_interval=10**6) as reference, \
+            Ledger.open(tmp_path / "ledger", checkpoint_interval=7) as ledger:
+        for each in (reference, ledger):
+            each.create_account("bank", currency="USD", overdraft_limit=None)
+            for name in ACCOUNTS:
+                each.create_account(name, currency="USD")
+        for n in range(120):
+            source, destination = rng.sample(("bank", *ACCOUNTS), 2)
+            amount = rng.randint(1, 50)
+            for each in (reference, ledger):
+                try:
+                    each.transfer(f"t{n}", source=source, destination=destination, amount=amount)
+                except InsufficientFunds:
+                    pass
+            checkpoint = ledger._sequencer._checkpoint
+            if checkpoint is not None and ledger._journal.indexed_lsn < checkpoint[0]:
+                behind_seen += 1  # read while a checkpoint's entries are still going in
+            expected = {account: facts(reference.entries(account)) for account in ("bank", *ACCOUNTS)}
+            assert {account: facts(ledger.entries(account)) for account in expected} == expected
+        assert ledger.state_hash() == reference.state_hash()
+        newest = ledger._sequencer._checkpoint
+    assert behind_seen > 10
+    assert newest is not None and indexed_count(tmp_path / "ledger")[1] == newest[0]  # the close wrote the last slices
+    with Ledger.open(tmp_path / "ledger") as reopened, Ledger.open(tmp_path / "reference") as reference:
+        assert reopened.state_hash() == reference.state_hash()
+    assert audit_of(tmp_path / "ledger").whole  # (readers without the writer's memory: the tests below)
+
+
+def behind(path: Path, raw_lmdb: object) -> tuple[int, dict[str, list[Entry]]]:
+    """A closed ledger whose newest checkpoint's entries are not all in the index yet, as a
+    crash between two slices leaves one: the mark set back to the checkpoint before, and the
+    last entry indexed for "alice" (from after that checkpoint) taken out. That checkpoint's
+    LSN, and the entries."""
+    entries = build(path, checkpoint_interval=7)
+    journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
+    try:
+        with journal.snapshot() as txn:
+            *_, before, newest = [int.from_bytes(key, "big") for key in journal.index_keys(CHECKPOINTS_INDEX, txn)]
+    finally:
+        journal.close()
+    with raw_lmdb(path) as env:  # type: ignore[operator]
+        index = env.open_db(ENTRIES_INDEX.encode(), create=False)
+        with env.begin(write=True, db=index) as txn:
+            txn.put(INDEXED_TO_KEY, frame_index_value(index_seed(ENTRIES_INDEX), INDEXED_TO_KEY, lsn_value(before)))
+            last = [entry for entry in entries["alice"] if before < entry.lsn < newest][-1]
+            assert txn.delete(entry_key("alice", last.seq))
+    return before, entries
+
+
+def test_entries_not_yet_written_behind_a_checkpoint_are_read_from_the_records_and_pass_the_audit(
+    tmp_path: Path, raw_lmdb: object
+) -> None:
+    path = tmp_path / "ledger"
+    _, entries = behind(path, raw_lmdb)
+
+    assert audit_of(path).whole
+    assert all(history(str(path), account, 0)["entries"][-1]["seq"] == entries[account][-1].seq
+               for account in entries if entries[account])
+    with Ledger.open(path, readonly=True) as reader:
+        assert {account: reader.entries(account) for account in entries} == entries
+    with Ledger.open(path) as reopened:
+        assert {account: reopened.entries(account) for account in entries} == entries
+        with reopened._sequencer.lock:
+            newest = reopened._sequencer.checkpoint()  # carries them again, with the ones after
+    assert audit_of(path).whole
+    assert indexed_count(path) == (sum(map(len, entries.values())), newest)
+
+
+def test_an_entry_missing_behind_a_checkpoint_before_a_later_one_of_its_account_fails_the_audit(
+    tmp_path: Path, raw_lmdb: object
+) -> None:
+    path = tmp_path / "ledger"
+    before, entries = behind(path, raw_lmdb)
+    first = [entry for entry in entries["bob"] if entry.lsn > before][0]
+    delete_key(raw_lmdb, path, ENTRIES_INDEX, entry_key("bob", first.seq))  # bob's later ones stay indexed
+
+    report = audit_of(path)
+
+    assert not report.whole
+    assert report.problem is not None and repr(first.transfer_id) in report.problem and "later" in report.problem
+
+
+def test_an_entry_missing_before_the_checkpoint_the_mark_names_fails_the_audit(tmp_path: Path, raw_lmdb: object) -> None:
+    path = tmp_path / "ledger"
+    before, entries = behind(path, raw_lmdb)
+    first = entries["carol"][0]
+    assert first.lsn < before
+    delete_key(raw_lmdb, path, ENTRIES_INDEX, entry_key("carol", first.seq))
+
+    report = audit_of(path)
+
+    assert not report.whole
+    assert report.problem is not None and repr(first.transfer_id) in report.problem

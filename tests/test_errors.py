@@ -856,7 +856,7 @@ def test_a_full_disk_fails_every_write_until_reopened_says_so_and_reads_show_wha
         ledger.create_account("alice", currency="USD")
         ledger.transfer("before", source="bank", destination="alice", amount=10)
 
-        def disk_full(self: Writer, txn: object, batch: object, records: object) -> None:
+        def disk_full(self: Writer, txn: object, batch: object, records: object, behind: object) -> None:
             raise OSError(28, "No space left on device")
 
         monkeypatch.setattr(Writer, "_stage", disk_full)

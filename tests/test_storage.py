@@ -673,8 +673,11 @@ def test_a_file_truncated_through_a_checkpoints_overflow_run_is_reported_not_a_s
             ledger.create_account(f"acct-{n:03d}-" + "x" * 40, currency="USD")
         for n in range(120):
             ledger.transfer(f"t{n}", source="bank", destination=f"acct-{n:03d}-" + "x" * 40, amount=5)
-        for n in range(80):  # the next checkpoints outgrow every run freed before: the file ends in one
-            ledger.create_account(f"late-{n:03d}-" + "y" * 80, currency="USD")  # (sizes tuned to the record frame)
+        for n in range(80):  # the next checkpoints outgrow every run freed before
+            ledger.create_account(f"late-{n:03d}-" + "y" * 80, currency="USD")
+        with ledger._sequencer.lock:  # and the last one, of every account (it builds on none), ends the file in one
+            ledger._sequencer._checkpoint = None
+            ledger._sequencer.checkpoint()
     data = (path / "data.mdb").read_bytes()
     last = len(data) // PAGE_BYTES - 1
     while struct.unpack_from("<H", data, last * PAGE_BYTES + 10)[0] not in (0x01, 0x02, 0x04):
