@@ -16,8 +16,9 @@ has the journal writer put them in the index in key order, each leaf page once, 
 slices that ride on the group commits after the checkpoint record
 (`journal.Behind`), the last with `INDEXED_TO_KEY`. (Written with the checkpoint
 record, as they were, all ~100,000 of them made one transaction of ~0.1 s that every
-record queued behind it waited for.) The first checkpoint a sequencer writes to a
-journal without the key writes them with its record, and the key first.
+record queued behind it waited for.) In a journal without the key yet, the first
+checkpoint with rows to write writes the key with its record, naming the checkpoint
+before it.
 
 A reader takes an account's indexed entries and adds its unindexed ones past them
 (`with_unindexed`): from memory in the process that writes the ledger, derived from

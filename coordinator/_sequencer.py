@@ -39,9 +39,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
-from journal import CRASH_POINT_ARMED, Behind, Completion, IndexPuts, Journal, JournalError, crash_point
+from journal import CRASH_POINT_ARMED, Behind, Completion, Journal, JournalError, crash_point
 
-from coordinator._entries import Flat, Joined, UnindexedEntries, first_key, hold_row_lsn
+from coordinator._entries import Flat, Joined, UnindexedEntries, first_key, hold_row_lsn, newest_checkpoint_lsn
 from coordinator._history import Refused, resolution_of
 from coordinator._limits import (
     CHECKPOINT_ACCOUNTS_MAX,
@@ -58,8 +58,8 @@ from coordinator._records import (
     ENTRIES_INDEX,
     EXPIRY3,
     HOLDS_FROM_KEY,
-    INDEXED_TO_KEY,
     HOLDS_MARK,
+    INDEXED_TO_KEY,
     PLAIN3,
     REFUSAL3,
     TRANSFER3,
@@ -200,11 +200,13 @@ class Sequencer:
         """The newest checkpoint's (LSN, accounts, sweep_next), if the next one may build on it."""
         with journal.snapshot() as txn:
             self._holds_from_due = journal.index_get(ENTRIES_INDEX, HOLDS_FROM_KEY, txn) is None
-            self._indexed_to_due = journal.index_get(ENTRIES_INDEX, INDEXED_TO_KEY, txn) is None
-        """No `INDEXED_TO_KEY` yet (readers take the newest checkpoint for it): the next
-        checkpoint writes its rows with its record, and the key, not behind it."""
-        """No `HOLDS_FROM_KEY` yet: the next block appended (never a checkpoint: one follows
-        another record) carries it, with its own LSN, and the baseline hold rows."""
+            """No `HOLDS_FROM_KEY` yet: the next block appended (never a checkpoint: one follows
+            another record) carries it, with its own LSN, and the baseline hold rows."""
+            marked = journal.index_get(ENTRIES_INDEX, INDEXED_TO_KEY, txn) is not None
+            self._indexed_to: int | None = None if marked else newest_checkpoint_lsn(journal, txn)
+            """No `INDEXED_TO_KEY` yet, so readers take the newest checkpoint for it: its LSN. The
+            first checkpoint with rows to write behind it writes the key with its record, naming
+            this one, before any of them."""
         self._baseline: list[bytes] = []
         """The baseline hold rows (`coordinator._records.holds_key` at LSN 0) of a ledger from
         before hold rows: every account's pending amounts as the records before the mark leave
@@ -664,19 +666,23 @@ class Sequencer:
         rows = [(fixed.get(account_id) or made(account_id)) + states[account_id] for account_id in included]
         pendings = [list(pending) for pending in self.pending.values()]
         lsn = self._journal.last_lsn + 1
-        index: IndexPuts = {CHECKPOINTS_INDEX: [lsn_value(lsn), b""]}
+        index: dict[str, list[bytes]] = {CHECKPOINTS_INDEX: [lsn_value(lsn), b""]}
         carried = Joined(sorted(self.unindexed.ordered_parts() + self.unindexed_holds.ordered_parts(), key=first_key))
         behind: Behind | None = None
-        if len(carried):  # else the index holds what it must already: the mark may stay where it is
-            behind = (ENTRIES_INDEX, carried, {ENTRIES_INDEX: [INDEXED_TO_KEY, lsn_value(lsn)]}, self._indexed_to_due)
+        if len(carried):  # else the index holds every row before it already: the mark may stay
+            behind = (ENTRIES_INDEX, carried, {ENTRIES_INDEX: [INDEXED_TO_KEY, lsn_value(lsn)]})
+            if self._indexed_to is not None:
+                index[ENTRIES_INDEX] = [INDEXED_TO_KEY, lsn_value(self._indexed_to)]
         payload = encode([CHECKPOINT4, self.last_timestamp, self.index_entries + 1, previous, total, sweep_next, rows,
                           pendings])
         appended = self._journal.append_block([payload], index, [None], behind=behind)  # may time out: nothing changed
-        if behind is not None:
-            self._indexed_to_due = False
         self.index_entries += 1
         assert appended == lsn, (appended, lsn)
-        if behind is not None:  # else both are empty: nothing to carry, nor to release
+        if behind is None:  # both empty: nothing to carry, nor to release
+            if self._indexed_to is not None:
+                self._indexed_to = lsn
+        else:
+            self._indexed_to = None
             self.unindexed.carry(lsn)
             self.unindexed_holds.carry(lsn)
         crash_point("during-checkpoint")

@@ -54,7 +54,7 @@ BATCH_RECORDS_MAX = 8192
 
 BEHIND_PAIRS_MIN = 4096
 """Fewest index entries written behind their record (`Writer.append_block`'s `behind`: a
-checkpoint's) that one group commit carries, while any wait; the slices keep a group commit
+checkpoint's) that one group commit after it carries, while any wait; the slices keep a group commit
 short beside the one big transaction they were (~100,000 entries, ~0.1 s, every later record
 waiting behind it)."""
 

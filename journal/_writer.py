@@ -9,9 +9,9 @@ wait, the larger the batch, which is what keeps the commit rate up when the GIL 
 busy elsewhere.
 
 Index entries may also go *behind* a record (`append_block`'s `behind`: a checkpoint's entry
-index rows): they are written in key order, in slices, with the group commits after it (at
-least `BEHIND_PAIRS_MIN` a commit, and `BEHIND_PAIRS_PER_RECORD` a record of it), and alone
-when no record waits; the slice that ends them also writes their `final` puts (the mark that
+index rows): they are written in key order, in slices, with the group commits after its own
+(at least `BEHIND_PAIRS_MIN` a commit, `BEHIND_PAIRS_PER_RECORD` a record of it, and
+1/`BEHIND_SLICES_MAX` of what waits), and alone when no record waits; the slice that ends them also writes their `final` puts (the mark that
 says they are in), and `indexed_lsn` then moves to their record's LSN. Close writes what is
 left. So no group commit carries all of a checkpoint's ~100,000 entries, and no record waits
 behind them.
@@ -67,20 +67,19 @@ garbage collector to track (a tuple is tracked from its creation). Any sized ite
 will do: the writer only counts and iterates it, never copies it."""
 
 
-Behind = tuple[str, Collection[bytes], IndexPuts, bool]
-"""Index entries to write behind a record: (index name, its entries flat and in key order,
-the `final` puts written with the last of them, `whole`: all in the record's own group
-commit, not in slices)."""
+Behind = tuple[str, Collection[bytes], IndexPuts]
+"""Index entries to write behind a record, in the group commits after its own: (index name,
+its entries flat and in key order, the `final` puts written with the last of them)."""
 
 
 class _Behind:
     """Index entries being written behind the record at `lsn`, a slice a group commit."""
 
-    __slots__ = ("lsn", "name", "items", "left", "final", "whole")
+    __slots__ = ("lsn", "name", "items", "left", "final")
 
     def __init__(self, lsn: int, behind: Behind) -> None:
         self.lsn = lsn
-        self.name, puts, self.final, self.whole = behind
+        self.name, puts, self.final = behind
         assert len(puts) % 2 == 0, len(puts)
         self.items = iter(puts)
         self.left = len(puts) // 2
@@ -163,8 +162,6 @@ class Writer:
         self._behind: deque[_Behind] = deque()
         """Index entries written behind their records, oldest first: appended under `_cond`,
         taken from only by the one writing."""
-        self._behind_pairs = 0
-        """Index entries waiting in `_behind`, all items."""
         self.indexed_lsn = 0
         """The LSN of the newest record whose entries written behind it are all durable (0:
         none this process wrote)."""
@@ -229,9 +226,7 @@ class Writer:
                 self._make_room(len(payloads), APPEND_WAIT_S_MAX)
             first = self._queue(payloads, index, completions, wake)
             if behind is not None:
-                item = _Behind(first + len(payloads) - 1, behind)
-                self._behind.append(item)
-                self._behind_pairs += item.left
+                self._behind.append(_Behind(first + len(payloads) - 1, behind))
             return first
 
     def _make_room(self, records: int, timeout_s: float) -> None:
@@ -332,7 +327,8 @@ class Writer:
                     self._writing = False
                     continue
                 batch = self._take() if self._pending else []  # else index entries behind their records only
-                batch_size_last = batch[-1].last_lsn - batch[0].first_lsn + 1 if batch else 0
+                if batch:
+                    batch_size_last = batch[-1].last_lsn - batch[0].first_lsn + 1
                 self._room.notify_all()
             try:
                 written = self._write(batch)
@@ -377,9 +373,9 @@ class Writer:
             logger.exception("journal write failed")
             self._fail(batch, error)
             return False
+        if indexed is not None:
+            self.indexed_lsn = indexed
         if not batch:  # no record: no LSN moved, no one to tell
-            if indexed is not None:
-                self.indexed_lsn = indexed
             return True
         try:
             self._advance_anchor(batch[-1].last_lsn)
@@ -388,7 +384,7 @@ class Writer:
             logger.exception("the anchor cannot be written")
             anchor_failure = JournalWriteError(f"the anchor cannot be written, so no more records are: {error}")
         try:
-            self._publish(batch, indexed)
+            self._publish(batch)
         except Exception as error:  # a bug after a durable commit: stop, and say so to all
             logger.exception("releasing a durable group commit failed")
             self._fail(batch, error)
@@ -409,7 +405,7 @@ class Writer:
         # go on queueing meanwhile. Only the one writing frames, in LSN order, so each batch
         # chains from the last record of the one before.
         records, digest = self._frame(batch)
-        behind, indexed, sliced = self._take_behind(batch, len(records) // 2)
+        behind, indexed, sliced = self._take_behind(len(records) // 2)
         while True:
             txn = store.env.begin(write=True)
             try:
@@ -438,27 +434,27 @@ class Writer:
                 txn.abort()
                 raise
 
-    def _take_behind(self, batch: list[_Block], records: int) -> tuple[dict[str, list[Collection[bytes]]], int | None,
-                                                                          bool]:
-        """The slices of index entries behind durable records that a commit of `batch` (of
-        `records` records) carries, by index name (the entries `whole` behind a record of the
-        batch too); the LSN whose entries they finish (None: none); whether they leave some
-        of a record's behind for later. Taken once, before the transaction, so a retry of it
-        (a full map) writes the same. Only the one writing calls it."""
-        budget = max(BEHIND_PAIRS_MIN, BEHIND_PAIRS_PER_RECORD * records, self._behind_pairs // BEHIND_SLICES_MAX)
-        durable, last_lsn = self.durable_lsn, batch[-1].last_lsn if batch else 0
+    def _take_behind(self, records: int) -> tuple[dict[str, list[Collection[bytes]]], int | None, bool]:
+        """The slices of index entries behind durable records that a commit of `records`
+        records carries, by index name; the LSN whose entries they finish (None: none);
+        whether they leave some of a record's behind for later. Taken once, before the
+        transaction, so a retry of it (a full map) writes the same. Only the one writing
+        calls it."""
+        queue = self._behind
+        if not queue:
+            return {}, None, False
+        with self._cond:  # appenders add to it
+            waiting = sum(item.left for item in queue)
+        budget = max(BEHIND_PAIRS_MIN, BEHIND_PAIRS_PER_RECORD * records, waiting // BEHIND_SLICES_MAX)
         puts: dict[str, list[Collection[bytes]]] = {}
         indexed = None
-        queue = self._behind
-        while queue and budget > 0 and (queue[0].lsn <= durable or queue[0].whole and queue[0].lsn <= last_lsn):
+        while queue and budget > 0 and queue[0].lsn <= self.durable_lsn:
             item = queue[0]
-            take = item.left if item.whole else min(budget, item.left)
+            take = min(budget, item.left)
             part = list(islice(item.items, 2 * take))
             assert len(part) == 2 * take, (len(part), take)
             item.left -= take
             budget -= take
-            with self._cond:  # appenders add to it
-                self._behind_pairs -= take
             if part:
                 puts.setdefault(item.name, []).append(part)
             if item.left:
@@ -529,13 +525,11 @@ class Writer:
         self._store.ledger_id = anchor.state.ledger_id
         anchor.advance(durable_lsn)
 
-    def _publish(self, batch: list[_Block], indexed: int | None) -> None:
+    def _publish(self, batch: list[_Block]) -> None:
         last = batch[-1].last_lsn
         self.commits += 1
         self.records_written += last - batch[0].first_lsn + 1
         with self._cond:
-            if indexed is not None:
-                self.indexed_lsn = indexed
             self.durable_lsn = last
             self.durable_head = ChainHead(last, self._chain_digest)
             ready: list[Completion] = []
@@ -553,7 +547,6 @@ class Writer:
             failed = batch + self._pending
             self._pending = []
             self._behind.clear()
-            self._behind_pairs = 0
             self._pending_records = 0
             waiters = [entry[2] for entry in self._waiters]
             self._waiters = []

@@ -436,3 +436,27 @@ def test_an_entry_missing_before_the_checkpoint_the_mark_names_fails_the_audit(t
 
     assert not report.whole
     assert report.problem is not None and repr(first.transfer_id) in report.problem
+
+
+def test_a_journal_without_the_mark_gets_it_with_the_first_checkpoint_that_writes_rows_behind_it(
+    tmp_path: Path, raw_lmdb: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "ledger"
+    build(path, checkpoint_interval=7)
+    delete_key(raw_lmdb, path, ENTRIES_INDEX, INDEXED_TO_KEY)  # as a release before the mark left it
+    with Ledger.open(path, checkpoint_interval=10**6) as ledger:
+        journal = ledger._journal
+        with journal.snapshot() as txn:
+            before = indexed_through(journal, txn)  # the newest checkpoint, without the mark
+        ledger.transfer("late", source="bank", destination="alice", amount=3)
+        monkeypatch.setattr(journal_writer.Writer, "_take_behind", lambda self, records: ({}, None, False))
+        with ledger._sequencer.lock:
+            newest = ledger._sequencer.checkpoint()
+        journal.wait_durable(newest, 10)
+        with journal.snapshot() as txn:  # its rows not written yet: the mark names the one before
+            assert journal.index_get(ENTRIES_INDEX, INDEXED_TO_KEY, txn) == lsn_value(before)
+            assert indexed_through(journal, txn) == before < newest
+        assert ledger.entries("alice")[-1].transfer_id == "late"
+        monkeypatch.undo()
+    assert indexed_count(path)[1] == newest  # the close wrote them
+    assert audit_of(path).whole
