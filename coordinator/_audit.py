@@ -43,7 +43,7 @@ from coordinator._entries import (
     commit_rows,
     decode_entry,
     entry_rows,
-    indexed_through,
+    marked_through,
     newest_checkpoint_lsn,
     unindexed_entries,
 )
@@ -185,7 +185,7 @@ def _cross_check(journal: Journal, books: Recovered) -> tuple[str | None, str | 
     one absent: none of their later ones may be there."""
     checkpoints: set[int] = set()
     with journal.snapshot() as txn:
-        through = indexed_through(journal, txn)
+        through = marked_through(journal, txn)
         holds = _HoldRows(journal, txn, through)
         for lsn, payload in journal.scan(0, txn):
             raw = decode(lsn, payload)
@@ -245,7 +245,7 @@ def _cross_check(journal: Journal, books: Recovered) -> tuple[str | None, str | 
     if checkpoint_lsn != last_checkpoint:
         return None, f"the checkpoints index names LSN {checkpoint_lsn}, the last checkpoint record is at LSN {last_checkpoint}"
     if through and through not in checkpoints:
-        return None, f"the entry index says it holds the entries up to the checkpoint at LSN {through}, which is not one"
+        return None, f"the entry index's mark of what it holds names LSN {through}, no checkpoint"
     return None, None
 
 

@@ -51,6 +51,7 @@ from coordinator._records import (
     entry_key,
     entry_prefix,
     holds_key,
+    lsn_value,
     value_lsn,
 )
 
@@ -148,7 +149,17 @@ def newest_checkpoint_lsn(journal: Journal, txn: Any) -> int:
 def indexed_through(journal: Journal, txn: Any) -> int:
     """The LSN of the newest checkpoint whose entries and hold rows the index holds in
     snapshot `txn` (0: none): where the unindexed ones start. `JournalCorrupted` if its
-    mark does not decode."""
+    mark does not name a checkpoint (readers would miss the entries after the one it should)."""
+    lsn = marked_through(journal, txn)
+    if lsn and journal.index_get(CHECKPOINTS_INDEX, lsn_value(lsn), txn) is None:
+        raise JournalCorrupted(f"journal corrupted: the entry index's mark of what it holds names LSN {lsn}, no "
+                               "checkpoint", where="the entries index")
+    return lsn
+
+
+def marked_through(journal: Journal, txn: Any) -> int:
+    """`indexed_through` as the mark says it, unchecked against the checkpoints (the audit
+    checks it last, after what it would hide)."""
     value = journal.index_get(ENTRIES_INDEX, INDEXED_TO_KEY, txn)
     if value is None:
         return newest_checkpoint_lsn(journal, txn)

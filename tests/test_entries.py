@@ -22,13 +22,14 @@ from coordinator._records import (
     lsn_value,
 )
 import journal._writer as journal_writer
-from engine import Entry, InsufficientFunds, Ledger, LedgerUnavailable, Transfer, TransferRequest
+from engine import Entry, InsufficientFunds, JournalCorrupted, Ledger, LedgerUnavailable, Transfer, TransferRequest
 from engine._tools import balance, history
 from journal import Journal, JournalTimeoutError
 from journal._format import frame_index_value, index_seed
 
 ACCOUNTS = ("alice", "bob", "carol", "dave")
 
+from tests.serve_support import run_tally
 from tests.support import audit_of
 
 
@@ -460,3 +461,25 @@ def test_a_journal_without_the_mark_gets_it_with_the_first_checkpoint_that_write
         monkeypatch.undo()
     assert indexed_count(path)[1] == newest  # the close wrote them
     assert audit_of(path).whole
+
+
+def test_a_mark_that_names_no_checkpoint_is_damage_in_the_entry_index_for_every_reader(
+    tmp_path: Path, raw_lmdb: object
+) -> None:
+    path = tmp_path / "ledger"
+    entries = build(path, checkpoint_interval=7)
+    lsn = entries["alice"][-1].lsn  # a commit's, not a checkpoint's
+    with raw_lmdb(path) as env:  # type: ignore[operator]
+        index = env.open_db(ENTRIES_INDEX.encode(), create=False)
+        with env.begin(write=True, db=index) as txn:  # well framed: only its meaning is wrong
+            txn.put(INDEXED_TO_KEY, frame_index_value(index_seed(ENTRIES_INDEX), INDEXED_TO_KEY, lsn_value(lsn)))
+
+    with pytest.raises(JournalCorrupted) as opening:
+        Ledger.open(path)
+    report = audit_of(path)
+    shown = run_tally("verify", path)
+
+    assert f"names LSN {lsn}, no checkpoint" in str(opening.value) and opening.value.where == "the entries index"
+    assert not report.whole and report.problem is not None and f"names LSN {lsn}, no checkpoint" in report.problem
+    assert shown.returncode != 0 and f"names LSN {lsn}, no checkpoint" in shown.stdout + shown.stderr
+    assert "Traceback" not in shown.stderr
