@@ -6,7 +6,7 @@ Opens a ledger like `bench_engine.py` does, then runs `--rounds` rounds of
 `--transfers` transfers in batches of 1,000 into the same (growing) ledger. Per
 round it prints the rate, the CPU each thread spent per transfer (the caller and
 the journal writer, read from /proc), the caller's CPU per phase of the batch path
-(`coordinator._turns`), the writer's staging CPU, the commit size, and the time
+(`coordinator._lane`), the writer's staging CPU, the commit size, and the time
 spent in garbage collection. The phases are timed by wrapping the functions with
 `time.thread_time`, which adds about a microsecond per batch and per phase: read
 the split, not the last digit. Linux only (per-thread CPU from /proc).
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_engine import TallyBench, workload  # noqa: E402
 
-import coordinator._turns as turns  # noqa: E402
+import coordinator._lane as lane  # noqa: E402
 import journal._writer as writer  # noqa: E402
 from engine import TransferRequest  # noqa: E402
 
@@ -51,12 +51,12 @@ def timed(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def instrument() -> None:
-    turns.check_transfer = timed("validate", turns.check_transfer)
-    turns.take_turns = timed("take", turns.take_turns)
-    turns.give_back_turns = timed("give back", turns.give_back_turns)
-    turns.decide_all = timed("decide", turns.decide_all)
-    turns.TurnBatch._claim = timed("claim", turns.TurnBatch._claim)  # type: ignore[method-assign]
-    turns.TurnBatch._settle = timed("settle", turns.TurnBatch._settle)  # type: ignore[method-assign]
+    lane.check_transfer = timed("validate", lane.check_transfer)
+    lane.take_turns = timed("take", lane.take_turns)
+    lane.give_back_turns = timed("give back", lane.give_back_turns)
+    lane.decide_all = timed("decide", lane.decide_all)
+    lane.TurnBatch._claim = timed("claim", lane.TurnBatch._claim)  # type: ignore[method-assign]
+    lane.TurnBatch._settle = timed("settle", lane.TurnBatch._settle)  # type: ignore[method-assign]
     writer.Writer._stage = timed("writer stage", writer.Writer._stage)  # type: ignore[method-assign]
     collecting: list[float] = []
 

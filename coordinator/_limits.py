@@ -59,7 +59,7 @@ mailbox work) before it takes the mailbox path instead (`coordinator._turns`). A
 is held for a handful of messages, so this is rarely reached."""
 
 LANE_GROUP_REQUESTS_MAX = 8_192
-"""Most requests of the batches the lane decides in one run (`coordinator._turns.Lane`)."""
+"""Most requests of the batches the lane decides in one run (`coordinator._lane.Lane`)."""
 
 TURN_POLL_S = (0.00005, 0.001)
 """The first and the longest pause between two looks at the turns a batch waits for (the

@@ -1,19 +1,19 @@
-"""`transfer_many`'s fast path: a thread takes the turns of every account in the batch,
-then runs each account's own handlers for the requests in list order.
+"""Deciding in turn: a thread takes the turns of every account a group of tickets names,
+then runs each account's own handlers for the tickets in order.
 
 A turn is the right to handle an account's messages; whoever holds it is that
-account's single thread for the moment. Batches decide in the `Lane`, a group at a
-time; its runner takes the turns of the group's accounts, waiting (bounded) for one
-held elsewhere, and only it ever waits, so no two waiters hold what the other wants.
-If a turn stays busy, the group falls back to the message-passing `Batch`. Other
-takers (the combiner of single transfers) never wait. A turn is taken only from an
-idle account with an empty mailbox (or, with no live actor, without one: a dormant
-turn, see `engine._directory`); while it is held, other threads' messages to the
-account queue in its mailbox. Entries queued meanwhile (a concurrent commit
-crediting it) are applied before the account decides again; everything else is
-handed to the dispatcher when the holder lets go. So each account still handles
-one message at a time, and its entries are applied in LSN order, while the batch
-costs no thread hop.
+account's single thread for the moment. Batches decide in the lane
+(`coordinator._lane`), a group at a time; its runner takes the turns of the group's
+accounts, waiting (bounded) for one held elsewhere, and only it ever waits, so no two
+waiters hold what the other wants. If a turn stays busy, the group falls back to the
+message-passing `Batch`. Other takers (the combiner of single transfers) never wait. A
+turn is taken only from an idle account with an empty mailbox (or, with no live actor,
+without one: a dormant turn, see `engine._directory`); while it is held, other threads'
+messages to the account queue in its mailbox. Entries queued meanwhile (a concurrent
+commit crediting it) are applied before the account decides again; everything else is
+handed to the dispatcher when the holder lets go. So each account still handles one
+message at a time, and its entries are applied in LSN order, while the batch costs no
+thread hop.
 
 The tickets are decided in chunks, each under one hold of the sequencer lock and
 journaled as one block (`decide_in_turn`): per ticket, the sequencer decides it by the
@@ -24,239 +24,35 @@ combined single transfers (`Coordinator._combine`) are decided the same way.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from coordinator._claims import Prior, Ticket, lsn_of, result_of
-from coordinator._errors import InvalidRequest, LedgerError, LedgerTimeout
-from coordinator._limits import CHUNK_REQUESTS_MAX, LANE_GROUP_REQUESTS_MAX, TURN_POLL_S, TURN_WAIT_S_MAX
+from coordinator._claims import Ticket
+from coordinator._errors import InvalidRequest
+from coordinator._limits import CHUNK_REQUESTS_MAX, TURN_POLL_S
 from coordinator._participant import TurnAccount
 from coordinator._rules import Refusal
 from coordinator._sequencer import Chunk
 from coordinator._state import AccountState
-from coordinator._validate import check_resolution, check_transfer
-from coordinator._values import PENDING, Request, Resolution, Transfer, TransferRequest
+from coordinator._values import PENDING, TransferRequest
 from journal import CRASH_POINT_ARMED, JournalError, crash_point
 
 if TYPE_CHECKING:
     from coordinator._coordinator import Coordinator
 
-Result = Transfer | LedgerError
-
-
-class TurnBatch:
-    def __init__(self, coordinator: Coordinator, requests: list[Request], timeout_s: float) -> None:
-        """`requests` is the batch's own list: validation replaces a subclass's item in it with
-        the plain request it checked. Posts and voids (`Resolution`) may be among them (for
-        `engine._shard`); `Ledger.transfer_many` passes transfers only."""
-        self._coordinator = coordinator
-        self._requests = requests
-        self._deadline = time.monotonic() + timeout_s
-        self._results: list[Prior | LedgerError | None] = [None] * len(requests)
-        self._fresh: list[Ticket] = []
-        self._late: list[Ticket] = []
-        """Fresh tickets the turns could not decide (an account made meanwhile): started in the mailboxes."""
-        self._prior: list[Prior] = []
-        """Claims this batch found made already: outcomes, and tickets in flight elsewhere."""
-        self.valid: list[int] = []
-        self.names: list[str] = []
-        self.permits = 1
-        self.decided = False
-        """Set by the lane: the batch was decided (or fell back, or failed), and its permits returned."""
-        self.fell_back = False
-        self.failure: BaseException | None = None
-
-    def remaining(self) -> float:
-        """Seconds left before the batch's deadline."""
-        return max(0.0, self._deadline - time.monotonic())
-
-    def run(self) -> list[Result] | None:
-        """The results, or None (nothing done) if some account's turn could not be taken."""
-        coordinator = self._coordinator
-        requests, results = self._requests, self._results
-        pending = coordinator.sequencer.pending
-        for i, request in enumerate(requests):
-            try:
-                if type(request) is Resolution:  # a post or a void: its pending transfer's accounts
-                    request = requests[i] = check_resolution(request)
-                    found = pending.get(request.pending_id)  # a hint: the decision reads it again in turn
-                    if found is not None:
-                        self.names += (found.source, found.destination)
-                else:
-                    request = requests[i] = check_transfer(request)  # a subclass becomes a plain one
-                    self.names += (request.source, request.destination)
-            except LedgerError as error:
-                results[i] = error
-                continue
-            self.valid.append(i)
-        self.permits = len(self.valid) or 1
-        coordinator.admission.admit(self.permits, self.remaining())  # returned by the lane once decided
-        coordinator.lane.decide(self)
-        if self.failure is not None:
-            raise self.failure
-        if self.fell_back:
-            return None
-        return self._settle()
-
-    def _claim(self, valid: list[int]) -> None:
-        requests, results, fresh = self._requests, self._results, self._fresh
-        claimed = self._coordinator.claims.claim_many([requests[i] for i in valid], fresh)
-        for i, ticket in zip(valid, claimed, strict=True):
-            results[i] = ticket
-        if len(fresh) < len(valid):  # some ids were claimed before: decided elsewhere (or earlier here)
-            mine = set(map(id, fresh))
-            self._prior = [claim for claim in claimed if id(claim) not in mine]
-
-    def _settle(self) -> list[Result]:
-        coordinator = self._coordinator
-        prior = self._prior
-        # The answers, while the writer makes the last records durable: a fresh ticket's
-        # outcome is its decision unless the journal fails it, which the last one shows
-        # (after a failure nothing more is written). Claims found made, and late tickets
-        # (the mailboxes may not have decided them yet), wait to be decided first.
-        answers = None if prior or self._late else self._answers()
-        for claim in prior:
-            if type(claim) is Ticket and not claim.done and not claim.wait(self.remaining()):
-                raise LedgerTimeout(f"transfer {claim.request.id!r} is still in flight elsewhere; retry later")
-        fresh = self._fresh
-        # The writer releases completions in LSN order: once the last of ours is, all are
-        # (but for the late ones, decided after).
-        for ticket in (*fresh[-1:], *self._late):
-            if not ticket.wait(self.remaining()):
-                raise LedgerTimeout(f"transfer {ticket.request.id!r} is not durable yet; retry later")
-        if prior:  # what others decided must be durable too before it is answered
-            coordinator.journal.wait_durable(max(map(lsn_of, prior)), self.remaining())
-        if fresh and fresh[-1].error is not None:  # the last may have failed alone (a bad clock reading), early
-            for ticket in fresh:
-                if not ticket.done and not ticket.wait(self.remaining()):
-                    raise LedgerTimeout(f"transfer {ticket.request.id!r} is not durable yet; retry later")
-        coordinator.claims.release_many(fresh)
-        if answers is None or (fresh and fresh[-1].error is not None):
-            answers = self._answers()
-        return answers
-
-    def _answers(self) -> list[Result]:
-        return [result_of(request, result) for request, result in zip(self._requests, self._results, strict=True)]
-
-
-class Lane:
-    """Where `transfer_many` batches decide in turn: one group of them at a time, each group
-    while the one before it is made durable (flat combining, as `Coordinator._combine` does
-    for single transfers). The first caller to find no one deciding becomes the runner: it
-    takes every batch queued (up to `LANE_GROUP_REQUESTS_MAX` requests), takes the turns of
-    all their accounts (waiting, bounded, for busy ones: only the runner waits, so no two
-    waiters hold what the other wants), claims each batch's ids and decides them all in
-    order, batch after batch, and goes on while its own batch is not decided. The others
-    sleep until theirs is, or until the runner leaves and one of them takes over. Deciding
-    the batches that wait in one run takes and gives back their turns once."""
-
-    def __init__(self, coordinator: Coordinator) -> None:
-        self._coordinator = coordinator
-        self._cond = threading.Condition(threading.Lock())
-        self._queue: list[TurnBatch] = []
-        self._running = False
-
-    def decide(self, batch: TurnBatch) -> None:
-        """Decide `batch` in turn, with whatever batches queue meanwhile; return once it is
-        decided (`batch.decided`; `batch.fell_back` if its turns could not be taken, then
-        nothing was done; `batch.failure` if deciding raised). `LedgerTimeout` if its
-        deadline passes first: if it was not started, nothing was done; else it is decided
-        all the same, and a retry with the same ids learns each outcome."""
-        cond = self._cond
-        with cond:
-            self._queue.append(batch)
-            while not batch.decided:
-                if not self._running:
-                    self._running = True
-                    break
-                if not cond.wait(batch.remaining()) and not batch.decided and batch.remaining() <= 0:
-                    if batch in self._queue:  # never started: take it back
-                        self._queue.remove(batch)
-                        self._coordinator.admission.release(batch.permits)
-                        raise LedgerTimeout("transfer_many: other batches kept the ledger busy; nothing was "
-                                            "done, retry")
-                    raise LedgerTimeout("transfer_many: not decided in time; retry with the same ids to learn "
-                                        "each outcome")
-            else:
-                return
-        try:
-            while not batch.decided:
-                with cond:
-                    group: list[TurnBatch] = []
-                    size = 0
-                    while self._queue and (not group or size + len(self._queue[0].valid) <= LANE_GROUP_REQUESTS_MAX):
-                        size += len(self._queue[0].valid)
-                        group.append(self._queue.pop(0))
-                self._decide_group(group)
-                with cond:
-                    cond.notify_all()
-        finally:
-            with cond:
-                self._running = False
-                cond.notify_all()  # a batch still queued has a waiting owner: one of them runs next
-
-    def _decide_group(self, group: list[TurnBatch]) -> None:
-        """Decide the batches of `group` in order, in one hold of their turns; mark each decided.
-        What goes wrong stays with the batches it touches: a batch whose ids cannot be claimed
-        fails alone (its claims let go); a failure while deciding fails the batches that have
-        a ticket it failed, and the others settle as usual (their records were journaled)."""
-        coordinator = self._coordinator
-        admission = coordinator.admission
-        try:
-            names = [name for batch in group for name in batch.names]
-            turns = None
-            try:
-                turns = take_turns(coordinator, names, min(TURN_WAIT_S_MAX, group[0].remaining()))
-            finally:
-                if turns is None:  # nothing was done: the owners go the mailbox path, or raise
-                    for batch in group:
-                        batch.fell_back = True
-                        admission.release(batch.permits)
-            if turns is None:
-                return
-            late: list[Ticket] = []
-            failure: BaseException | None = None
-            try:
-                tickets: list[Ticket] = []
-                for batch in group:
-                    try:
-                        batch._claim(batch.valid)
-                    except Exception as error:  # say, an index entry found damaged: this batch only
-                        for ticket in batch._fresh:
-                            coordinator.fail(ticket, error)
-                        batch._fresh, batch.failure = [], error
-                        continue
-                    tickets += batch._fresh
-                late = decide_all(coordinator, tickets, turns)
-            except Exception as error:  # `decide_all` failed every ticket it did not journal
-                failure = error
-            finally:
-                give_back_turns(coordinator, turns)
-            if late:  # a started ticket's permit returns when it is decided
-                left = set(map(id, late))
-                for batch in group:
-                    batch._late = [ticket for ticket in batch._fresh if id(ticket) in left]
-            for batch in group:
-                admission.release(batch.permits - len(batch._late))
-                if failure is not None and batch.failure is None and any(
-                        ticket.error is not None for ticket in batch._fresh):
-                    batch.failure = failure
-            coordinator.start_all(late)
-        finally:
-            for batch in group:
-                batch.decided = True
-
-
 def decide_all(coordinator: Coordinator, tickets: list[Ticket], turns: Mapping[str, TurnAccount],
-               wake_writer: bool = True) -> list[Ticket]:
+               wake_writer: bool = True, before_chunk: Callable[[], None] | None = None) -> list[Ticket]:
     """`decide_in_turn` chunk by chunk; the tickets it left. If the journal fails, every ticket
     not yet appended is released with the failure (the writer releases the appended ones),
-    and it raises. `wake_writer` False: the caller commits the records itself."""
+    and it raises. `wake_writer` False: the caller commits the records itself.
+    `before_chunk`, called before each chunk (the lane's: the single transfers it adopted);
+    what it raises fails the chunks not started, as a chunk's failure does."""
     left: list[Ticket] = []
     for first in range(0, len(tickets), CHUNK_REQUESTS_MAX):
         try:
+            if before_chunk is not None:
+                before_chunk()
             left += decide_in_turn(coordinator, tickets[first : first + CHUNK_REQUESTS_MAX], turns, wake_writer)
         except Exception as error:  # that chunk is failed; the later ones never started
             _fail(coordinator, tickets[first + CHUNK_REQUESTS_MAX :],
@@ -355,7 +151,7 @@ def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mappi
                         states[destination_id] = paid.apply(credit_seq, amount, credit_balance, lsn)
                         commits += 1
                         continue
-                names = _names(ticket, accounts, pending)
+                names = names_of(ticket, accounts, pending)
                 ready = True
                 for name in names:
                     turn = turns.get(name)
@@ -417,7 +213,7 @@ def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mappi
     return left
 
 
-def _names(ticket: Ticket, accounts: Mapping[str, object], pending: Mapping[str, object]) -> tuple[str, ...]:
+def names_of(ticket: Ticket, accounts: Mapping[str, object], pending: Mapping[str, object]) -> tuple[str, ...]:
     """The existing accounts a ticket's decision may touch (a post's or a void's: its pending
     transfer's, if it is open)."""
     requests = ticket.requests
@@ -504,3 +300,4 @@ def take_turns(coordinator: Coordinator, names: list[str], wait_s: float = 0.0) 
 def give_back_turns(coordinator: Coordinator, turns: Mapping[str, TurnAccount]) -> None:
     """Give back the turns taken by `take_turns` and unpin the accounts."""
     coordinator.participants.give_back_turns(turns)
+

@@ -517,7 +517,7 @@ def test_a_batch_whose_ids_cannot_be_claimed_fails_alone_in_its_lane_group(
     """Three batches decided in one lane run; the last one's claim raises (a damaged index
     record for an id it reuses): it alone gets the error; the others are decided and
     durable, no permit or claim is left behind, and a retry of its ids runs afresh."""
-    from coordinator import _turns
+    from coordinator import _lane
     from engine import JournalCorrupted
 
     ledger.create_account("bank", currency="USD", overdraft_limit=None)
@@ -533,7 +533,7 @@ def test_a_batch_whose_ids_cannot_be_claimed_fails_alone_in_its_lane_group(
         return real_lookup(transfer_id, txn)
 
     monkeypatch.setattr(claims, "lookup", damaged)
-    real_take, entered, go = _turns.take_turns, threading.Event(), threading.Event()
+    real_take, entered, go = _lane.take_turns, threading.Event(), threading.Event()
 
     def held_first(coordinator: Any, names: list[str], wait_s: float = 0.0) -> Any:
         if wait_s > 0 and not entered.is_set():  # the first group waits: the next batches queue behind it
@@ -541,7 +541,7 @@ def test_a_batch_whose_ids_cannot_be_claimed_fails_alone_in_its_lane_group(
             assert go.wait(WAIT_S)
         return real_take(coordinator, names, wait_s)
 
-    monkeypatch.setattr(_turns, "take_turns", held_first)
+    monkeypatch.setattr(_lane, "take_turns", held_first)
     out: dict[str, Any] = {}
 
     def run(key: str, requests: list[TransferRequest]) -> threading.Thread:
@@ -579,11 +579,11 @@ def test_a_batch_answers_a_transfer_the_mailboxes_decide_late_only_once_it_is_de
     """An account a batch names may be made after the lane took its turns: that transfer
     goes to the mailboxes, whose decision can come after the batch is otherwise decided.
     The batch must answer it with that decision, not read it before."""
-    from coordinator import _turns
+    from coordinator import _lane
     from engine import _runtime
 
     ledger.create_account("bank", currency="USD", overdraft_limit=None)
-    real_take_turns = _turns.take_turns
+    real_take_turns = _lane.take_turns
     made: list[str] = []
 
     def take_then_make(*args: Any, **kwargs: Any) -> Any:
@@ -601,7 +601,7 @@ def test_a_batch_answers_a_transfer_the_mailboxes_decide_late_only_once_it_is_de
         else:
             real_put_adaptive(self, message)
 
-    monkeypatch.setattr(_turns, "take_turns", take_then_make)
+    monkeypatch.setattr(_lane, "take_turns", take_then_make)
     monkeypatch.setattr(_runtime._Inbox, "put_adaptive", slow_debits)
     results = ledger.transfer_many([TransferRequest("t1", "bank", "late", 5), TransferRequest("t2", "bank", "late", 7)])
     assert made == ["late"]
