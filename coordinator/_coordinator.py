@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from journal import Journal, JournalClosedError, JournalError, crash_point
 
@@ -58,7 +58,7 @@ from coordinator._errors import (
 from coordinator._history import Refused
 from coordinator._lane import Lane, TurnBatch
 from coordinator._turns import decide_all, give_back_turns, names_of
-from coordinator._participant import DebitStep, Participant, Participants, TurnAccount
+from coordinator._participant import DebitStep, Participant, Participants
 from coordinator._rules import Refusal
 from coordinator._sequencer import Sequencer
 from coordinator._validate import check_chain, check_resolution, check_transfer
@@ -159,8 +159,6 @@ class Coordinator:
         empty. A lone caller (its own ticket the only one, the first time round) writes
         its record itself, sparing the two thread wake-ups of handing it to the writer
         and back; with company, the writer thread's group commits are the better deal.
-        While a group of batches holds its turns, the combiner hands the lane its round
-        instead (`Lane.adopt`): the lane's runner decides it before its next chunk.
         """
         with self._combining_lock:
             self._combining_queue += tickets
@@ -176,9 +174,9 @@ class Coordinator:
                     if not batch:
                         self._combining = False
                         return bool(alone)
-                adopted = self._combine_round(batch, wake_writer=alone is not None or len(batch) > 1)
+                self._combine_round(batch, wake_writer=alone is not None or len(batch) > 1)
                 if alone is None:
-                    alone = len(batch) == 1 and not adopted
+                    alone = len(batch) == 1
         except BaseException as error:  # not a bug a round survives (an interrupt): fail what queued, let go
             with self._combining_lock:
                 stranded, self._combining_queue = self._combining_queue, []
@@ -187,20 +185,10 @@ class Coordinator:
                 queued.resolve(LedgerUnavailable(f"transfer {queued.request.id!r} was not started: {error!r}"))
             raise
 
-    def _combine_round(self, batch: list[Ticket], wake_writer: bool) -> bool:
-        """One round of `_combine`: hand `batch` to the lane if a group of batches holds its
-        turns (True), else start every ticket of it, in turn or in the mailboxes."""
-        if self.lane.adopt(batch):
-            return True
-        self.start_round(batch, wake_writer)
-        return False
-
-    def start_round(self, batch: list[Ticket], wake_writer: bool = True,
-                    held: Mapping[str, TurnAccount] | None = None) -> None:
-        """Start every ticket of `batch`, in turn or in the mailboxes (see `_start_in_turn`).
-        Never raises: a bug releases the tickets with it, and is logged."""
+    def _combine_round(self, batch: list[Ticket], wake_writer: bool) -> None:
+        """One round of `_combine`: start every ticket of `batch`, in turn or in the mailboxes."""
         try:
-            rest = self._start_in_turn(batch, wake_writer, held)
+            rest = self._start_in_turn(batch, wake_writer=wake_writer)
         except Exception as error:  # a bug must not strand the queue or its callers
             logger.exception("deciding %d combined transfers failed", len(batch))
             for queued in batch:
@@ -208,13 +196,10 @@ class Coordinator:
             return
         self.start_all(rest)
 
-    def _start_in_turn(self, tickets: list[Ticket], wake_writer: bool = True,
-                       held: Mapping[str, TurnAccount] | None = None) -> list[Ticket]:
+    def _start_in_turn(self, tickets: list[Ticket], wake_writer: bool = True) -> list[Ticket]:
         """Decide at once, on this thread, every ticket whose accounts' turns it can take
         (see `coordinator._turns`); return the others, to start through the mailboxes.
-        `wake_writer` False: the caller commits their records (`Journal.commit_inline`).
-        `held`: turns this thread holds already (the lane's runner): the turns taken are
-        added to it, and its holder gives them back."""
+        `wake_writer` False: the caller commits their records (`Journal.commit_inline`)."""
         sequencer = self.sequencer
         accounts, pending = sequencer.accounts, sequencer.pending
         named: list[tuple[str, ...]] = []
@@ -222,16 +207,11 @@ class Coordinator:
             request = ticket.request
             if not ticket.linked and type(request) is TransferRequest:  # the common case, inline
                 named.append((request.source, request.destination))
-            else:
+            else:  # a chain's, a post's or a void's (its pending transfer's accounts, if it is open)
                 named.append(names_of(ticket, accounts, pending))
-        wanted = {name for names in named for name in names}
-        if held is None:
-            turns = self.participants.take_turns(wanted)
-            if not turns:
-                return tickets
-        else:
-            turns = self.participants.take_turns(wanted, into=held)
-            assert turns is not None
+        turns = self.participants.take_turns({name for names in named for name in names})
+        if not turns:
+            return tickets
         mine: list[Ticket] = []
         others: list[Ticket] = []
         for ticket, names in zip(tickets, named, strict=True):
@@ -253,8 +233,7 @@ class Coordinator:
                 self._decided(ticket)  # never started: its permit goes back here
             raise
         finally:
-            if held is None:
-                give_back_turns(self, turns)
+            give_back_turns(self, turns)
             for ticket in mine:
                 if ticket not in left:
                     self._decided(ticket)
@@ -435,4 +414,3 @@ class Coordinator:
             decided = TurnBatch(self, part, timeout_s).run()
             results.extend(decided if decided is not None else Batch(self, part, timeout_s).run())
         return results
-

@@ -42,20 +42,17 @@ if TYPE_CHECKING:
     from coordinator._coordinator import Coordinator
 
 def decide_all(coordinator: Coordinator, tickets: list[Ticket], turns: Mapping[str, TurnAccount],
-               wake_writer: bool = True, before_chunk: Callable[[], None] | None = None) -> list[Ticket]:
+               wake_writer: bool = True) -> list[Ticket]:
     """`decide_in_turn` chunk by chunk; the tickets it left. If the journal fails, every ticket
-    not yet appended is released with the failure (the writer releases the appended ones),
-    and it raises. `wake_writer` False: the caller commits the records itself.
-    `before_chunk`, called before each chunk (the lane's: the single transfers it adopted);
-    what it raises fails the chunks not started, as a chunk's failure does."""
+    not yet appended (the later chunks', and those the earlier chunks left) is released with
+    the failure (the writer releases the appended ones), and it raises. `wake_writer` False:
+    the caller commits the records itself."""
     left: list[Ticket] = []
     for first in range(0, len(tickets), CHUNK_REQUESTS_MAX):
         try:
-            if before_chunk is not None:
-                before_chunk()
             left += decide_in_turn(coordinator, tickets[first : first + CHUNK_REQUESTS_MAX], turns, wake_writer)
         except Exception as error:  # that chunk is failed; the later ones never started
-            _fail(coordinator, tickets[first + CHUNK_REQUESTS_MAX :],
+            _fail(coordinator, left + tickets[first + CHUNK_REQUESTS_MAX :],
                   error if isinstance(error, JournalError) else JournalError(f"the ledger stopped writing: {error!r}"))
             raise
     return left
@@ -124,9 +121,12 @@ def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mappi
                     paying, paid = turns.get(source_id), turns.get(destination_id)
                     if paying is not None and paid is not None:
                         origin, target = states[source_id], states[destination_id]
-                        # Only the entries matter here (`apply` checks them): holds queued for the
-                        # account commute with them, and the decision reads the projection's.
-                        if paying.state is not origin and paying.state != origin:
+                        # Only the entries matter here (`apply` checks them), and the source's
+                        # reservations: holds queued for the account commute with them, and the
+                        # decision reads the projection's. A reservation may be released by a
+                        # posting still queued (a chain another source refused): one still held
+                        # makes the source apply its queued postings first.
+                        if (paying.state is not origin and paying.state != origin) or paying.reserved:
                             _catch_up(paying, origin, held.get(source_id, 0), incoming.get(source_id, 0))
                         if paid.state is not target and paid.state != target:
                             _catch_up(paid, target, held.get(destination_id, 0), incoming.get(destination_id, 0))
@@ -161,8 +161,8 @@ def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mappi
                     state = states[name]
                     on_hold, on_its_way = held.get(name, 0), incoming.get(name, 0)
                     if (turn.state is not state and turn.state != state) or turn.held != on_hold or (
-                            turn.incoming != on_its_way):  # a post or void changes both holds: all must agree
-                        _catch_up(turn, state, on_hold, on_its_way)
+                            turn.incoming != on_its_way) or turn.reserved:  # all must agree (a post or
+                        _catch_up(turn, state, on_hold, on_its_way)  # void changes both holds), see above
                 if not ready:
                     left.append(ticket)
                     continue
