@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from journal import Journal, JournalClosedError, JournalError, crash_point
 
@@ -58,7 +58,7 @@ from coordinator._errors import (
 from coordinator._history import Refused
 from coordinator._lane import Lane, TurnBatch
 from coordinator._turns import decide_all, give_back_turns, names_of
-from coordinator._participant import DebitStep, Participant, Participants
+from coordinator._participant import DebitStep, Participant, Participants, TurnAccount
 from coordinator._rules import Refusal
 from coordinator._sequencer import Sequencer
 from coordinator._validate import check_chain, check_resolution, check_transfer
@@ -159,6 +159,8 @@ class Coordinator:
         empty. A lone caller (its own ticket the only one, the first time round) writes
         its record itself, sparing the two thread wake-ups of handing it to the writer
         and back; with company, the writer thread's group commits are the better deal.
+        While a group of batches holds its turns, the combiner hands the lane its round
+        instead (`Lane.adopt`): the lane's runner decides it before its next chunk.
         """
         with self._combining_lock:
             self._combining_queue += tickets
@@ -174,9 +176,9 @@ class Coordinator:
                     if not batch:
                         self._combining = False
                         return bool(alone)
-                self._combine_round(batch, wake_writer=alone is not None or len(batch) > 1)
+                adopted = self._combine_round(batch, wake_writer=alone is not None or len(batch) > 1)
                 if alone is None:
-                    alone = len(batch) == 1
+                    alone = len(batch) == 1 and not adopted
         except BaseException as error:  # not a bug a round survives (an interrupt): fail what queued, let go
             with self._combining_lock:
                 stranded, self._combining_queue = self._combining_queue, []
@@ -185,10 +187,20 @@ class Coordinator:
                 queued.resolve(LedgerUnavailable(f"transfer {queued.request.id!r} was not started: {error!r}"))
             raise
 
-    def _combine_round(self, batch: list[Ticket], wake_writer: bool) -> None:
-        """One round of `_combine`: start every ticket of `batch`, in turn or in the mailboxes."""
+    def _combine_round(self, batch: list[Ticket], wake_writer: bool) -> bool:
+        """One round of `_combine`: hand `batch` to the lane if a group of batches holds its
+        turns (True), else start every ticket of it, in turn or in the mailboxes."""
+        if self.lane.adopt(batch):
+            return True
+        self.start_round(batch, wake_writer)
+        return False
+
+    def start_round(self, batch: list[Ticket], wake_writer: bool = True,
+                    held: Mapping[str, TurnAccount] | None = None) -> None:
+        """Start every ticket of `batch`, in turn or in the mailboxes (see `_start_in_turn`).
+        Raises no `Exception`: a bug releases the tickets with it, and is logged."""
         try:
-            rest = self._start_in_turn(batch, wake_writer=wake_writer)
+            rest = self._start_in_turn(batch, wake_writer, held)
         except Exception as error:  # a bug must not strand the queue or its callers
             logger.exception("deciding %d combined transfers failed", len(batch))
             for queued in batch:
@@ -196,10 +208,15 @@ class Coordinator:
             return
         self.start_all(rest)
 
-    def _start_in_turn(self, tickets: list[Ticket], wake_writer: bool = True) -> list[Ticket]:
+    def _start_in_turn(self, tickets: list[Ticket], wake_writer: bool = True,
+                       held: Mapping[str, TurnAccount] | None = None) -> list[Ticket]:
         """Decide at once, on this thread, every ticket whose accounts' turns it can take
         (see `coordinator._turns`); return the others, to start through the mailboxes.
-        `wake_writer` False: the caller commits their records (`Journal.commit_inline`)."""
+        `wake_writer` False: the caller commits their records (`Journal.commit_inline`).
+        `held`: turns this thread holds already (the lane's runner); it takes the others the
+        tickets name, if they are free, and gives those back before it returns, so a group's
+        own tickets left for the mailboxes (an account made after it took its turns) stay
+        behind every later ticket of the group that names the same account."""
         sequencer = self.sequencer
         accounts, pending = sequencer.accounts, sequencer.pending
         named: list[tuple[str, ...]] = []
@@ -209,9 +226,17 @@ class Coordinator:
                 named.append((request.source, request.destination))
             else:  # a chain's, a post's or a void's (its pending transfer's accounts, if it is open)
                 named.append(names_of(ticket, accounts, pending))
-        turns = self.participants.take_turns({name for names in named for name in names})
-        if not turns:
-            return tickets
+        wanted = {name for names in named for name in names}
+        if held is None:
+            taken = self.participants.take_turns(wanted)
+            if not taken:
+                return tickets
+            turns = taken
+        else:
+            taken = self.participants.take_turns([name for name in wanted if name not in held])
+            assert taken is not None
+            turns = {name: held[name] if name in held else taken[name] for name in wanted
+                     if name in held or name in taken}
         mine: list[Ticket] = []
         others: list[Ticket] = []
         for ticket, names in zip(tickets, named, strict=True):
@@ -233,7 +258,7 @@ class Coordinator:
                 self._decided(ticket)  # never started: its permit goes back here
             raise
         finally:
-            give_back_turns(self, turns)
+            give_back_turns(self, taken)
             for ticket in mine:
                 if ticket not in left:
                     self._decided(ticket)

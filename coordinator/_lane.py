@@ -4,18 +4,24 @@ A batch (`TurnBatch`) is validated and admitted on its caller's thread, then que
 `Lane`. One caller at a time is the lane's runner: it takes the turns of every account of
 the batches queued (`coordinator._turns`), claims their ids and decides them chunk after
 chunk, each chunk journaled as one block, then gives the turns back; the group's callers
-wait for their last record to be durable and answer.
+wait for their last record to be durable and answer. While a group holds its turns, the
+single transfers that arrive (`Coordinator._combine`) are adopted: the runner decides them
+between two chunks, with the turns it holds, instead of leaving them to queue in the
+mailboxes of accounts it holds (or to wait for the sequencer lock it takes chunk after
+chunk) until the whole group is decided.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from coordinator._claims import Prior, Ticket, lsn_of, result_of
-from coordinator._errors import LedgerError, LedgerTimeout
-from coordinator._limits import LANE_GROUP_REQUESTS_MAX, TURN_WAIT_S_MAX
+from coordinator._errors import LedgerError, LedgerTimeout, LedgerUnavailable
+from coordinator._limits import LANE_GROUP_REQUESTS_MAX, LANE_PAUSE_S, TURN_WAIT_S_MAX
+from coordinator._participant import TurnAccount
 from coordinator._turns import decide_all, give_back_turns, take_turns
 from coordinator._validate import check_resolution, check_transfer
 from coordinator._values import Request, Resolution, Transfer
@@ -130,13 +136,51 @@ class Lane:
     waiters hold what the other wants), claims each batch's ids and decides them all in
     order, batch after batch, and goes on while its own batch is not decided. The others
     sleep until theirs is, or until the runner leaves and one of them takes over. Deciding
-    the batches that wait in one run takes and gives back their turns once."""
+    the batches that wait in one run takes and gives back their turns once.
+
+    While a group holds its turns, the lane adopts single transfers (`adopt`): the runner
+    decides them before each chunk of the group and once more after the last, taking the
+    turns it does not hold without waiting (`Coordinator.start_round`). A single transfer
+    then waits for at most one chunk, not for the whole group (up to
+    `LANE_GROUP_REQUESTS_MAX` requests, tens of milliseconds)."""
 
     def __init__(self, coordinator: Coordinator) -> None:
         self._coordinator = coordinator
         self._cond = threading.Condition(threading.Lock())
         self._queue: list[TurnBatch] = []
         self._running = False
+        self._adopting = False
+        """True while the runner holds a group's turns and decides adopted tickets."""
+        self._adopted: list[Ticket] = []
+        """Bounded by the admission permits: each ticket holds one."""
+
+    def adopt(self, tickets: list[Ticket]) -> bool:
+        """Hand claimed, admitted tickets to the runner, if a group holds its turns now: it
+        decides them (or starts them in the mailboxes, if it cannot take an account's turn)
+        before its next chunk, or after its last one. False, and nothing taken, if no group
+        holds its turns. Waits only for the lane's lock, and not even for it when no group
+        holds its turns (a read of the flag without it: a group starting meanwhile only
+        means these tickets take the combiner's path, which decides them just as well)."""
+        if not self._adopting:
+            return False
+        with self._cond:
+            if not self._adopting:
+                return False
+            self._adopted += tickets
+            return True
+
+    def _decide_adopted(self, turns: Mapping[str, TurnAccount]) -> None:
+        """Decide, with the group's turns, the tickets adopted since the last look."""
+        with self._cond:
+            tickets, self._adopted = self._adopted, []
+        if not tickets:
+            return
+        try:
+            self._coordinator.start_round(tickets, held=turns)  # raises no `Exception`
+        except BaseException as error:  # an interrupt: these are no one's once it leaves
+            for ticket in tickets:
+                ticket.resolve(LedgerUnavailable(f"transfer {ticket.request.id!r} was not started: {error!r}"))
+            raise
 
     def decide(self, batch: TurnBatch) -> None:
         """Decide `batch` in turn, with whatever batches queue meanwhile; return once it is
@@ -198,6 +242,8 @@ class Lane:
                 return
             late: list[Ticket] = []
             failure: BaseException | None = None
+            with self._cond:
+                self._adopting = True
             try:
                 tickets: list[Ticket] = []
                 for batch in group:
@@ -209,11 +255,25 @@ class Lane:
                         batch._fresh, batch.failure = [], error
                         continue
                     tickets += batch._fresh
-                late = decide_all(coordinator, tickets, turns)
+                chunks = 0
+
+                def between_chunks() -> None:
+                    nonlocal chunks
+                    chunks += 1
+                    if chunks > 1:
+                        time.sleep(LANE_PAUSE_S)  # see `LANE_PAUSE_S`
+                    self._decide_adopted(turns)
+
+                late = decide_all(coordinator, tickets, turns, before_chunk=between_chunks)
             except Exception as error:  # `decide_all` failed every ticket it did not journal
                 failure = error
             finally:
-                give_back_turns(coordinator, turns)
+                with self._cond:
+                    self._adopting = False
+                try:
+                    self._decide_adopted(turns)  # adopted after the last chunk: the turns are still held
+                finally:
+                    give_back_turns(coordinator, turns)
             if late:  # a started ticket's permit returns when it is decided
                 left = set(map(id, late))
                 for batch in group:

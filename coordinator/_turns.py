@@ -42,18 +42,24 @@ if TYPE_CHECKING:
     from coordinator._coordinator import Coordinator
 
 def decide_all(coordinator: Coordinator, tickets: list[Ticket], turns: Mapping[str, TurnAccount],
-               wake_writer: bool = True) -> list[Ticket]:
+               wake_writer: bool = True, before_chunk: Callable[[], None] | None = None) -> list[Ticket]:
     """`decide_in_turn` chunk by chunk; the tickets it left. If the journal fails, every ticket
     not yet appended (the later chunks', and those the earlier chunks left) is released with
     the failure (the writer releases the appended ones), and it raises. `wake_writer` False:
-    the caller commits the records itself."""
+    the caller commits the records itself. `before_chunk`, called before each chunk (the
+    lane's: the single transfers it adopted): what it raises fails this chunk and the later
+    ones, none of them started."""
     left: list[Ticket] = []
     for first in range(0, len(tickets), CHUNK_REQUESTS_MAX):
+        started = False
         try:
+            if before_chunk is not None:
+                before_chunk()
+            started = True
             left += decide_in_turn(coordinator, tickets[first : first + CHUNK_REQUESTS_MAX], turns, wake_writer)
-        except Exception as error:  # that chunk is failed; the later ones never started
-            _fail(coordinator, left + tickets[first + CHUNK_REQUESTS_MAX :],
-                  error if isinstance(error, JournalError) else JournalError(f"the ledger stopped writing: {error!r}"))
+        except BaseException as error:  # that chunk is failed (or not started); the later ones never started
+            failure = error if isinstance(error, JournalError) else JournalError(f"the ledger stopped writing: {error!r}")
+            _fail(coordinator, left + tickets[first + CHUNK_REQUESTS_MAX if started else first :], failure)
             raise
     return left
 
@@ -197,14 +203,14 @@ def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mappi
             raise
         if not chunk:
             return left
-        decided_tickets = [ticket for ticket in tickets if ticket not in left] if left else tickets
         try:
             first = sequencer.append_chunk(chunk, wake_writer)
         except JournalError as error:  # the journal failed: nothing more is written until reopen
             # The accounts and the projection already hold this chunk's entries, which
             # will never be durable: the ledger is unusable until reopened, and it is,
-            # since the failed journal refuses every later write and read.
-            _fail(coordinator, decided_tickets, error)
+            # since the failed journal refuses every later write and read. The tickets it
+            # left were never started: they fail too.
+            _fail(coordinator, tickets, error)
             raise
         assert first + len(chunk) - 1 == lsn, (first, len(chunk), lsn)
         if CRASH_POINT_ARMED:

@@ -1,15 +1,238 @@
-"""Deciding in turn: what a batch decided in turn reads of an account whose turn it holds
-while other threads' messages queue in that account's mailbox."""
+"""The lane: single transfers arriving while a group of batches holds its turns are adopted,
+decided by the lane's runner between two chunks of the group (or after its last), not left
+in the mailboxes until the whole group is decided; and what a ticket decided in turn reads of
+an account whose mailbox received messages meanwhile."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from typing import Any
 
+import pytest
+
+from coordinator import _lane
+from coordinator._limits import CHUNK_REQUESTS_MAX
 from coordinator._state import Posting
 from coordinator._turns import decide_in_turn, give_back_turns, take_turns
-from engine import Ledger, Transfer, TransferRequest
+from engine import (
+    InsufficientFunds,
+    Ledger,
+    LedgerUnavailable,
+    PendingTransferNotFound,
+    Transfer,
+    TransferRequest,
+)
+from engine._tools import verify
 
 WAIT_S = 10.0
+
+
+def _funded(ledger: Ledger) -> None:
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    for name in ("a", "b", "c"):
+        ledger.create_account(name, currency="USD")
+    ledger.transfer("fund-a", source="bank", destination="a", amount=10_000)
+
+
+def _batch(count: int) -> list[TransferRequest]:
+    """`count` transfers of 1 from a to b: each chunk of the lane touches a's turn."""
+    return [TransferRequest(f"m-{k}", "a", "b", 1) for k in range(count)]
+
+
+def _adoptions(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """An event set once the lane adopts a ticket."""
+    adopted = threading.Event()
+    real_adopt = _lane.Lane.adopt
+
+    def adopt(self: _lane.Lane, tickets: list[Any]) -> bool:
+        taken = real_adopt(self, tickets)
+        if taken:
+            adopted.set()
+        return taken
+
+    monkeypatch.setattr(_lane.Lane, "adopt", adopt)
+    return adopted
+
+
+def _in_thread(work: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            out["result"] = work()
+        except Exception as error:  # noqa: BLE001 - the outcome under test
+            out["result"] = error
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    return thread, out
+
+
+def _paused_at_second_chunk(monkeypatch: pytest.MonkeyPatch, adopted: threading.Event,
+                            go: threading.Event | None = None) -> threading.Event:
+    """Make the lane's runner stop before its second chunk (the first decided, the group's
+    turns held) until a ticket is adopted (and `go` is set); the event returned is set
+    once it stops there."""
+    mid = threading.Event()
+    real_decide_all = _lane.decide_all
+
+    def pausing(coordinator: Any, tickets: list[Any], turns: Any, wake_writer: bool = True,
+                before_chunk: Callable[[], None] | None = None) -> list[Any]:
+        assert before_chunk is not None
+        calls = [0]
+
+        def before() -> None:
+            calls[0] += 1
+            if calls[0] == 2:
+                mid.set()
+                assert adopted.wait(WAIT_S)
+                assert go is None or go.wait(WAIT_S)
+            before_chunk()
+
+        return real_decide_all(coordinator, tickets, turns, wake_writer, before)
+
+    monkeypatch.setattr(_lane, "decide_all", pausing)
+    return mid
+
+
+def test_a_transfer_arriving_mid_group_is_decided_between_two_chunks_of_it(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner stops before its second chunk until a single transfer on a (whose turn it
+    holds) is adopted: that transfer is journaled after the first chunk and before the
+    second, and sees the first chunk's debits."""
+    _funded(ledger)
+    mid = _paused_at_second_chunk(monkeypatch, _adoptions(monkeypatch))
+    count = CHUNK_REQUESTS_MAX + 10
+    batch, batch_out = _in_thread(lambda: ledger.transfer_many(_batch(count)))
+    assert mid.wait(WAIT_S)
+    # a holds 10,000 - CHUNK_REQUESTS_MAX now: the single transfer takes all of it but 5, so
+    # 5 of the second chunk's 10 debits go through and the other 5 are refused.
+    single = ledger.transfer("s", source="a", destination="c", amount=10_000 - CHUNK_REQUESTS_MAX - 5)
+    batch.join(WAIT_S)
+    assert not batch.is_alive()
+    results = batch_out["result"]
+    assert isinstance(single, Transfer)
+    first_chunk, second_chunk = results[:CHUNK_REQUESTS_MAX], results[CHUNK_REQUESTS_MAX:]
+    assert all(type(result) is Transfer for result in first_chunk)
+    assert max(result.lsn for result in first_chunk) < single.lsn
+    assert [type(result) for result in second_chunk] == [Transfer] * 5 + [InsufficientFunds] * 5
+    assert single.lsn < min(result.lsn for result in second_chunk if type(result) is Transfer)
+    assert ledger.balance("a").posted == 0
+    assert ledger.balance("c").posted == single.amount
+    assert ledger.stats()["in_flight"] == 0
+
+
+def test_a_transfer_adopted_after_the_last_chunk_is_decided_before_the_turns_go_back(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Adopted once the group's last chunk is decided: the runner decides it before it gives
+    back the turns, right after the batch's records."""
+    _funded(ledger)
+    adopted = _adoptions(monkeypatch)
+    done = threading.Event()
+    real_decide_all = _lane.decide_all
+
+    def then_wait(*args: Any, **kwargs: Any) -> list[Any]:
+        left = real_decide_all(*args, **kwargs)
+        done.set()
+        assert adopted.wait(WAIT_S)
+        return left
+
+    monkeypatch.setattr(_lane, "decide_all", then_wait)
+    journal, given_back_at = ledger._coordinator.journal, []
+    real_give_back = _lane.give_back_turns
+
+    def give_back(coordinator: Any, turns: Any) -> None:
+        given_back_at.append(journal.last_lsn)
+        real_give_back(coordinator, turns)
+
+    monkeypatch.setattr(_lane, "give_back_turns", give_back)
+    batch, batch_out = _in_thread(lambda: ledger.transfer_many(_batch(3)))
+    assert done.wait(WAIT_S)
+    single = ledger.transfer("s", source="a", destination="c", amount=7)
+    batch.join(WAIT_S)
+    assert not batch.is_alive()
+    assert isinstance(single, Transfer)
+    assert single.lsn == max(result.lsn for result in batch_out["result"]) + 1
+    assert given_back_at == [single.lsn]  # decided while the group held a's turn
+    assert ledger.balance("a").posted == 10_000 - 3 - 7
+    assert ledger.stats()["in_flight"] == 0
+
+
+def test_posts_voids_and_chains_adopted_mid_group_are_decided_with_the_groups_turns(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every kind of ticket can be adopted: a post and a void of pending transfers on a, a
+    linked chain through a, and a post of no pending transfer (refused); all while the
+    runner holds a's turn, each decided with the outcome the rules give it."""
+    _funded(ledger)
+    ledger.transfer("p1", source="a", destination="c", amount=100, pending=True)
+    ledger.transfer("p2", source="a", destination="c", amount=50, pending=True)
+    go = threading.Event()
+    mid = _paused_at_second_chunk(monkeypatch, _adoptions(monkeypatch), go)
+    batch, batch_out = _in_thread(lambda: ledger.transfer_many(_batch(CHUNK_REQUESTS_MAX + 1)))
+    assert mid.wait(WAIT_S)
+    calls = {
+        "post": lambda: ledger.post_pending("q1", pending_id="p1", amount=60),
+        "void": lambda: ledger.void_pending("v2", pending_id="p2"),
+        "chain": lambda: ledger.transfer_linked([TransferRequest("l1", "a", "b", 5), TransferRequest("l2", "b", "c", 5)]),
+        "missing": lambda: ledger.post_pending("q9", pending_id="nope"),
+    }
+    threads = {name: _in_thread(call) for name, call in calls.items()}
+    go.set()
+    batch.join(WAIT_S)
+    for thread, _ in threads.values():
+        thread.join(WAIT_S)
+    assert not batch.is_alive() and not any(thread.is_alive() for thread, _ in threads.values())
+    out = {name: result["result"] for name, (_, result) in threads.items()}
+    assert isinstance(out["post"], Transfer) and out["post"].amount == 60
+    assert isinstance(out["void"], Transfer) and out["void"].amount == 50
+    assert [leg.amount for leg in out["chain"]] == [5, 5]
+    assert isinstance(out["missing"], PendingTransferNotFound)
+    assert all(type(result) is Transfer for result in batch_out["result"])
+    moved = CHUNK_REQUESTS_MAX + 1
+    assert ledger.balance("a").posted == 10_000 - moved - 60 - 5
+    assert ledger.balance("a").pending == 0
+    assert ledger.balance("c").posted == 60 + 5
+    assert ledger.get_transfer("p1").status == "posted" and ledger.get_transfer("p2").status == "voided"
+    assert ledger.stats()["in_flight"] == 0
+    path = ledger.path
+    ledger.close()
+    assert verify(str(path))["verdict"] == "whole"
+
+
+def test_a_batch_ticket_left_for_the_mailboxes_is_not_overtaken_by_a_later_one_of_its_batch(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`x` is made after the group took its turns, so the batch's t1 (x -> c) is left for the
+    mailboxes. A transfer to x adopted before the second chunk takes x's turn for itself and
+    gives it back: the batch's t2 (x -> b), in the second chunk, is left too, and both are
+    decided in list order. Applied in list order, t1 goes through and t2 is refused (x may
+    go 5 below zero), wherever the adopted transfer falls."""
+    _funded(ledger)
+    real_take = _lane.take_turns
+
+    def take_then_make(*args: Any, **kwargs: Any) -> Any:
+        turns = real_take(*args, **kwargs)
+        if "x" not in ledger._coordinator.sequencer.accounts:
+            ledger.create_account("x", currency="USD", overdraft_limit=5)
+        return turns
+
+    monkeypatch.setattr(_lane, "take_turns", take_then_make)
+    mid = _paused_at_second_chunk(monkeypatch, _adoptions(monkeypatch))
+    requests = _batch(CHUNK_REQUESTS_MAX - 1) + [TransferRequest("t1", "x", "c", 5), TransferRequest("t2", "x", "b", 5)]
+    batch, batch_out = _in_thread(lambda: ledger.transfer_many(requests))
+    assert mid.wait(WAIT_S)
+    single = ledger.transfer("s", source="bank", destination="x", amount=1)
+    batch.join(WAIT_S)
+    assert not batch.is_alive()
+    first, second = batch_out["result"][-2:]
+    assert isinstance(single, Transfer)
+    assert isinstance(first, Transfer) and isinstance(second, InsufficientFunds), (first, second)
+    assert ledger.balance("x").posted == 1 - 5
+    assert ledger.stats()["in_flight"] == 0
 
 
 def test_a_reservation_released_in_the_mailbox_while_the_turn_is_held_is_not_spent_twice(ledger: Ledger) -> None:
@@ -45,3 +268,32 @@ def test_a_reservation_released_in_the_mailbox_while_the_turn_is_held_is_not_spe
     coordinator.claims.release(ticket)  # type: ignore[arg-type]
     assert ledger.balance("a").posted == 0 and ledger.balance("a").pending == 0
     assert ledger.balance("d").posted == 100
+
+
+def test_a_journal_failing_at_append_fails_the_tickets_the_chunk_left_too(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal fails between a chunk's room and its append; the chunk left a ticket for
+    the mailboxes (`x` was made after the turns were taken). That ticket was never started:
+    it fails with the rest, and no claim or permit is left in flight."""
+    _funded(ledger)
+    coordinator = ledger._coordinator
+    journal = coordinator.journal
+    real_take, real_wait_room = _lane.take_turns, journal.wait_room
+
+    def take_then_make(*args: Any, **kwargs: Any) -> Any:
+        turns = real_take(*args, **kwargs)
+        ledger.create_account("x", currency="USD", overdraft_limit=50)
+
+        def wait_then_fail(records: int) -> None:
+            real_wait_room(records)
+            journal.refuse_writes("stand-in: the disk failed right after the room was made")
+
+        monkeypatch.setattr(journal, "wait_room", wait_then_fail)
+        return turns
+
+    monkeypatch.setattr(_lane, "take_turns", take_then_make)
+    with pytest.raises(LedgerUnavailable):
+        ledger.transfer_many([TransferRequest("m1", "a", "b", 1), TransferRequest("t1", "x", "c", 5)])
+    assert coordinator.claims.in_flight() == []
+    assert coordinator.admission.in_flight == 0
