@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 
 from journal import Journal, JournalClosedError, JournalError, crash_point
@@ -56,6 +57,7 @@ from coordinator._errors import (
     LedgerUnavailable,
 )
 from coordinator._history import Refused
+from coordinator._limits import DECIDING_PAUSE_S
 from coordinator._lane import Lane, TurnBatch
 from coordinator._turns import decide_all, give_back_turns, names_of
 from coordinator._participant import DebitStep, Participant, Participants, TurnAccount
@@ -159,6 +161,8 @@ class Coordinator:
         empty. A lone caller (its own ticket the only one, the first time round) writes
         its record itself, sparing the two thread wake-ups of handing it to the writer
         and back; with company, the writer thread's group commits are the better deal.
+        Between two rounds the combiner lets go of the interpreter for a moment
+        (`DECIDING_PAUSE_S`), and the tickets that queue meanwhile make the next round.
         While a group of batches holds its turns, the combiner hands the lane its round
         instead (`Lane.adopt`): the lane's runner decides it before its next chunk.
         """
@@ -168,8 +172,16 @@ class Coordinator:
                 return False
             self._combining = True
         alone = None if inline else False  # decided by the first round: later rounds hand their records to the writer
+        first = True
         try:
             while True:
+                if not first:  # another round: let the writer and the woken callers have the GIL first
+                    with self._combining_lock:
+                        if not self._combining_queue:
+                            self._combining = False
+                            return bool(alone)
+                    time.sleep(DECIDING_PAUSE_S)  # and tickets queue meanwhile
+                first = False
                 with self._combining_lock:
                     batch = self._combining_queue
                     self._combining_queue = []

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from coordinator._claims import Prior, Ticket, lsn_of, result_of
 from coordinator._errors import LedgerError, LedgerTimeout, LedgerUnavailable
-from coordinator._limits import LANE_GROUP_REQUESTS_MAX, LANE_PAUSE_S, TURN_WAIT_S_MAX
+from coordinator._limits import LANE_GROUP_REQUESTS_MAX, DECIDING_PAUSE_S, TURN_WAIT_S_MAX
 from coordinator._participant import TurnAccount
 from coordinator._turns import decide_all, give_back_turns, take_turns
 from coordinator._validate import check_resolution, check_transfer
@@ -261,7 +261,7 @@ class Lane:
                     nonlocal chunks
                     chunks += 1
                     if chunks > 1:
-                        time.sleep(LANE_PAUSE_S)  # see `LANE_PAUSE_S`
+                        time.sleep(DECIDING_PAUSE_S)  # see `DECIDING_PAUSE_S`
                     self._decide_adopted(turns)
 
                 late = decide_all(coordinator, tickets, turns, before_chunk=between_chunks)

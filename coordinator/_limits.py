@@ -61,13 +61,14 @@ is held for a handful of messages, so this is rarely reached."""
 LANE_GROUP_REQUESTS_MAX = 8_192
 """Most requests of the batches the lane decides in one run (`coordinator._lane.Lane`)."""
 
-LANE_PAUSE_S = 0.0002
-"""How long the lane's runner lets go of the interpreter between two chunks of a group. A
-runner deciding chunk after chunk holds the GIL for the interpreter's whole switch interval
-(5 ms) at a time, and every thread that needs it meanwhile waits that long: the journal
-writer back from its fsync, callers woken by a group commit. Letting go for a moment lets
-them through; a switch (`time.sleep(0)`, `os.sched_yield`) alone does not, as the runner
-takes the GIL back before a woken thread can."""
+DECIDING_PAUSE_S = 0.0002
+"""How long a thread that decides round after round lets go of the interpreter between two
+rounds: the lane's runner between two chunks of a group, the combiner between two rounds of
+single transfers. Deciding back to back it would hold the GIL for the interpreter's whole
+switch interval (5 ms) at a time, and every thread that needs it meanwhile waits that long:
+the journal writer back from its fsync, callers woken by a group commit. Letting go for a
+moment lets them through; a switch alone (`os.sched_yield`) does not, as the decider takes
+the GIL back before a woken thread can."""
 
 TURN_POLL_S = (0.00005, 0.001)
 """The first and the longest pause between two looks at the turns a batch waits for (the
