@@ -32,9 +32,7 @@ No account ever waits on another; the only waits are callers' bounded waits.
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from journal import Journal, JournalClosedError, JournalError, crash_point
 
@@ -49,6 +47,7 @@ from coordinator._claims import (
     ticket_outcome,
 )
 from coordinator._batch import Batch
+from coordinator._combiner import Combiner
 from coordinator._errors import (
     InvalidRequest,
     LedgerClosed,
@@ -57,10 +56,8 @@ from coordinator._errors import (
     LedgerUnavailable,
 )
 from coordinator._history import Refused
-from coordinator._limits import DECIDING_PAUSE_S
 from coordinator._lane import Lane, TurnBatch
-from coordinator._turns import decide_all, give_back_turns, names_of
-from coordinator._participant import DebitStep, Participant, Participants, TurnAccount
+from coordinator._participant import DebitStep, Participant, Participants
 from coordinator._rules import Refusal
 from coordinator._sequencer import Sequencer
 from coordinator._validate import check_chain, check_resolution, check_transfer
@@ -86,9 +83,8 @@ class Coordinator:
         self.participants = participants
         self.lane = Lane(self)
         """Where batches decide in turn, a group at a time (`coordinator._lane.Lane`)."""
-        self._combining_lock = threading.Lock()
-        self._combining_queue: list[Ticket] = []
-        self._combining = False
+        self.combiner = Combiner(self)
+        """Where concurrent single transfers decide, one thread at a time (`coordinator._combiner`)."""
 
     # --- one decision ------------------------------------------------------------------
 
@@ -123,7 +119,7 @@ class Coordinator:
         except LedgerError:
             self.claims.abandon(ticket)
             raise
-        if self._combine([ticket]):
+        if self.combiner.combine([ticket]):
             self.journal.commit_inline()  # alone: its record was not handed to the writer; no hand-off
         if not ticket.wait(timeout_s):
             raise LedgerTimeout(f"transfer {ticket.request.id!r}: no durable outcome within {timeout_s} s; "
@@ -138,7 +134,7 @@ class Coordinator:
         never writes to LMDB here (the writer thread does), so it waits only for the locks
         a decision takes, for a few microseconds a ticket. The caller releases each ticket's
         claim once resolved (`claims.release`)."""
-        self._combine(tickets, inline=False)
+        self.combiner.combine(tickets, inline=False)
 
     def _await_prior(self, claim: Prior, timeout_s: float) -> Prior:
         if not isinstance(claim, Ticket):
@@ -147,134 +143,6 @@ class Coordinator:
             raise LedgerTimeout(f"transfer {claim.request.id!r} is still in flight; retry later")
         self.claims.release(claim)
         return claim
-
-    def _combine(self, tickets: list[Ticket], inline: bool = True) -> bool:
-        """Start `tickets`, combining with concurrent callers (flat combining). True if the
-        caller found itself alone (and `inline`): then the record it queued was not handed to
-        the journal writer, and the caller commits it (`Journal.commit_inline`).
-
-        The first caller to find no combiner at work becomes it and starts every
-        ticket queued meanwhile, its own first; the others only queue theirs and
-        go to sleep on it. One thread running many protocols back to back beats
-        many threads each taking the GIL for one: fewer hand-offs, larger group
-        commits. The combiner never waits on anyone; it stops when the queue is
-        empty. A lone caller (its own ticket the only one, the first time round) writes
-        its record itself, sparing the two thread wake-ups of handing it to the writer
-        and back; with company, the writer thread's group commits are the better deal.
-        Between two rounds the combiner lets go of the interpreter for a moment
-        (`DECIDING_PAUSE_S`), and the tickets that queue meanwhile make the next round.
-        While a group of batches holds its turns, the combiner hands the lane its round
-        instead (`Lane.adopt`): the lane's runner decides it before its next chunk.
-        """
-        with self._combining_lock:
-            self._combining_queue += tickets
-            if self._combining:
-                return False
-            self._combining = True
-        alone = None if inline else False  # decided by the first round: later rounds hand their records to the writer
-        first = True
-        try:
-            while True:
-                if not first:  # another round: let the writer and the woken callers have the GIL first
-                    with self._combining_lock:
-                        if not self._combining_queue:
-                            self._combining = False
-                            return bool(alone)
-                    time.sleep(DECIDING_PAUSE_S)  # and tickets queue meanwhile
-                first = False
-                with self._combining_lock:
-                    batch = self._combining_queue
-                    self._combining_queue = []
-                    if not batch:
-                        self._combining = False
-                        return bool(alone)
-                adopted = self._combine_round(batch, wake_writer=alone is not None or len(batch) > 1)
-                if alone is None:
-                    alone = len(batch) == 1 and not adopted
-        except BaseException as error:  # not a bug a round survives (an interrupt): fail what queued, let go
-            with self._combining_lock:
-                stranded, self._combining_queue = self._combining_queue, []
-                self._combining = False
-            for queued in stranded:
-                queued.resolve(LedgerUnavailable(f"transfer {queued.request.id!r} was not started: {error!r}"))
-            raise
-
-    def _combine_round(self, batch: list[Ticket], wake_writer: bool) -> bool:
-        """One round of `_combine`: hand `batch` to the lane if a group of batches holds its
-        turns (True), else start every ticket of it, in turn or in the mailboxes."""
-        if self.lane.adopt(batch):
-            return True
-        self.start_round(batch, wake_writer)
-        return False
-
-    def start_round(self, batch: list[Ticket], wake_writer: bool = True,
-                    held: Mapping[str, TurnAccount] | None = None) -> None:
-        """Start every ticket of `batch`, in turn or in the mailboxes (see `_start_in_turn`).
-        Raises no `Exception`: a bug releases the tickets with it, and is logged."""
-        try:
-            rest = self._start_in_turn(batch, wake_writer, held)
-        except Exception as error:  # a bug must not strand the queue or its callers
-            logger.exception("deciding %d combined transfers failed", len(batch))
-            for queued in batch:
-                queued.resolve(LedgerUnavailable(f"transfer {queued.request.id!r} failed: {error!r}"))
-            return
-        self.start_all(rest)
-
-    def _start_in_turn(self, tickets: list[Ticket], wake_writer: bool = True,
-                       held: Mapping[str, TurnAccount] | None = None) -> list[Ticket]:
-        """Decide at once, on this thread, every ticket whose accounts' turns it can take
-        (see `coordinator._turns`); return the others, to start through the mailboxes.
-        `wake_writer` False: the caller commits their records (`Journal.commit_inline`).
-        `held`: turns this thread holds already (the lane's runner); it takes the others the
-        tickets name, if they are free, and gives those back before it returns, so a group's
-        own tickets left for the mailboxes (an account made after it took its turns) stay
-        behind every later ticket of the group that names the same account."""
-        sequencer = self.sequencer
-        accounts, pending = sequencer.accounts, sequencer.pending
-        named: list[tuple[str, ...]] = []
-        for ticket in tickets:
-            request = ticket.request
-            if not ticket.linked and type(request) is TransferRequest:  # the common case, inline
-                named.append((request.source, request.destination))
-            else:  # a chain's, a post's or a void's (its pending transfer's accounts, if it is open)
-                named.append(names_of(ticket, accounts, pending))
-        wanted = {name for names in named for name in names}
-        if held is None:
-            taken = self.participants.take_turns(wanted)
-            if not taken:
-                return tickets
-            turns = taken
-        else:
-            taken = self.participants.take_turns([name for name in wanted if name not in held])
-            assert taken is not None
-            turns = {name: held[name] if name in held else taken[name] for name in wanted
-                     if name in held or name in taken}
-        mine: list[Ticket] = []
-        others: list[Ticket] = []
-        for ticket, names in zip(tickets, named, strict=True):
-            for name in names:
-                if name not in turns and name in accounts:
-                    others.append(ticket)
-                    break
-            else:
-                mine.append(ticket)
-        left: list[Ticket] = []
-        try:
-            left = decide_all(self, mine, turns, wake_writer)
-        except JournalError:
-            pass  # every ticket is released with the failure, by `decide_all` or the writer
-        except Exception as error:  # a bug: release every ticket not yet released, then say so
-            for ticket in tickets:
-                ticket.resolve(LedgerUnavailable(f"transfer {ticket.request.id!r} failed: {error!r}"))
-            for ticket in others:
-                self._decided(ticket)  # never started: its permit goes back here
-            raise
-        finally:
-            give_back_turns(self, taken)
-            for ticket in mine:
-                if ticket not in left:
-                    self._decided(ticket)
-        return others + left
 
     def start_all(self, tickets: list[Ticket]) -> None:
         """`start` each ticket. One that fails to start (a bug in one protocol) is released with
@@ -285,7 +153,7 @@ class Coordinator:
             except Exception as error:
                 logger.exception("starting transfer %r failed", ticket.request.id)
                 ticket.resolve(LedgerUnavailable(f"transfer {ticket.request.id!r} failed to start: {error!r}"))
-                self._decided(ticket)
+                self.decided(ticket)
 
     def start(self, ticket: Ticket) -> None:
         """Begin the mailbox path for a claimed, admitted ticket. Never waits."""
@@ -319,7 +187,7 @@ class Coordinator:
             self.fail(ticket, error)
         finally:
             self._unpin(pinned)
-            self._decided(ticket)
+            self.decided(ticket)
         for participant in turns:
             participant.run()
 
@@ -376,7 +244,7 @@ class Coordinator:
                     if participant.post(Posting(source, 0, 0, 0, 0, amount, 0, 0)):
                         turns.append(participant)
             self._unpin(step.participants)
-            self._decided(ticket)
+            self.decided(ticket)
         if undecided is not None:  # failed once the other sources' reservations are on their way back
             self.fail(ticket, undecided)
         for participant in turns:
@@ -433,7 +301,7 @@ class Coordinator:
                 ticket.resolve(LedgerUnavailable(f"the ledger closed before the outcome of transfer "
                                                  f"{ticket.request.id!r} was durable: retry with the same id"))
 
-    def _decided(self, ticket: Ticket) -> None:
+    def decided(self, ticket: Ticket) -> None:
         """Exactly once per started ticket, on whichever thread decided it."""
         self.admission.release(1)
         if ticket.on_decided is not None:

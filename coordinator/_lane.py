@@ -5,7 +5,7 @@ A batch (`TurnBatch`) is validated and admitted on its caller's thread, then que
 the batches queued (`coordinator._turns`), claims their ids and decides them chunk after
 chunk, each chunk journaled as one block, then gives the turns back; the group's callers
 wait for their last record to be durable and answer. While a group holds its turns, the
-single transfers that arrive (`Coordinator._combine`) are adopted: the runner decides them
+single transfers that arrive (`Combiner.combine`) are adopted: the runner decides them
 between two chunks, with the turns it holds, instead of leaving them to queue in the
 mailboxes of accounts it holds (or to wait for the sequencer lock it takes chunk after
 chunk) until the whole group is decided.
@@ -129,7 +129,7 @@ class TurnBatch:
 
 class Lane:
     """Where `transfer_many` batches decide in turn: one group of them at a time, each group
-    while the one before it is made durable (flat combining, as `Coordinator._combine` does
+    while the one before it is made durable (flat combining, as `Combiner.combine` does
     for single transfers). The first caller to find no one deciding becomes the runner: it
     takes every batch queued (up to `LANE_GROUP_REQUESTS_MAX` requests), takes the turns of
     all their accounts (waiting, bounded, for busy ones: only the runner waits, so no two
@@ -140,7 +140,7 @@ class Lane:
 
     While a group holds its turns, the lane adopts single transfers (`adopt`): the runner
     decides them before each chunk of the group and once more after the last, taking the
-    turns it does not hold without waiting (`Coordinator.start_round`). A single transfer
+    turns it does not hold without waiting (`Combiner.start_round`). A single transfer
     then waits for at most one chunk, not for the whole group (up to
     `LANE_GROUP_REQUESTS_MAX` requests, tens of milliseconds)."""
 
@@ -176,7 +176,7 @@ class Lane:
         if not tickets:
             return
         try:
-            self._coordinator.start_round(tickets, held=turns)  # raises no `Exception`
+            self._coordinator.combiner.start_round(tickets, held=turns)  # raises no `Exception`
         except BaseException as error:  # an interrupt: these are no one's once it leaves
             for ticket in tickets:
                 ticket.resolve(LedgerUnavailable(f"transfer {ticket.request.id!r} was not started: {error!r}"))

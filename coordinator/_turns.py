@@ -19,7 +19,7 @@ The tickets are decided in chunks, each under one hold of the sequencer lock and
 journaled as one block (`decide_in_turn`): per ticket, the sequencer decides it by the
 rules (no reservation is needed: nothing else can touch the accounts meanwhile) and stamps
 its record, and the accounts apply what it did at once, so the next ticket sees it. The
-combined single transfers (`Coordinator._combine`) are decided the same way.
+combined single transfers (`coordinator._combiner`) are decided the same way.
 """
 
 from __future__ import annotations

@@ -216,7 +216,7 @@ def test_a_transfer_the_journal_refused_to_queue_leaves_no_entry_behind(ledger: 
     ledger.create_account("bank", currency="USD", overdraft_limit=None)
     ledger.create_account("alice", currency="USD")
     ledger.transfer("t1", source="bank", destination="alice", amount=10)
-    ledger._coordinator._start_in_turn = lambda tickets, wake_writer=True, held=None: tickets  # type: ignore[method-assign] # the mailbox path
+    ledger._coordinator.combiner._start_in_turn = lambda tickets, wake_writer=True, held=None: tickets  # type: ignore[method-assign] # the mailbox path
     journal = ledger._journal
     append_block = journal.append_block
     refusals = [JournalTimeoutError("the journal writer is not keeping up")]

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from coordinator import _coordinator
+from coordinator import _combiner
 from coordinator._turns import decide_in_turn, give_back_turns, take_turns
 from coordinator._limits import CHUNK_REQUESTS_MAX
 from coordinator._sequencer import Sequencer
@@ -168,7 +168,7 @@ def test_a_bug_in_the_combiners_in_turn_path_does_not_strand_later_transfers(
     with Ledger.open(ledger_path, timeout_s=TIMEOUT_S) as ledger:
         ledger.create_account("bank", currency="USD", overdraft_limit=None)
         ledger.create_account("alice", currency="USD")
-        real = _coordinator.decide_all
+        real = _combiner.decide_all
         calls: list[int] = []
 
         def buggy_once(*args: object) -> list[object]:
@@ -177,7 +177,7 @@ def test_a_bug_in_the_combiners_in_turn_path_does_not_strand_later_transfers(
                 raise AssertionError("stand-in for a failed check in decide_in_turn (e.g. _catch_up)")
             return real(*args)  # type: ignore[arg-type,return-value]
 
-        monkeypatch.setattr(_coordinator, "decide_all", buggy_once)
+        monkeypatch.setattr(_combiner, "decide_all", buggy_once)
         with pytest.raises(Exception):  # noqa: B017 - whatever the first caller gets
             ledger.transfer("t-1", source="bank", destination="alice", amount=1)
         # The bug is gone; an unrelated transfer must go through.
@@ -298,7 +298,7 @@ def test_a_bug_met_midway_through_a_chunk_stops_writes_and_reopening_rebuilds_fr
 
         coordinator.sequencer.stamp = stamp  # type: ignore[method-assign]
         with pytest.raises(OSError):
-            coordinator._start_in_turn(tickets)  # type: ignore[arg-type]
+            coordinator.combiner._start_in_turn(tickets)  # type: ignore[arg-type]
         assert all(isinstance(ticket.error, LedgerUnavailable) for ticket in tickets)  # type: ignore[union-attr]
         with pytest.raises(LedgerUnavailable):
             ledger.transfer("t-3", source="a", destination="b", amount=1)
@@ -495,7 +495,7 @@ def test_an_interrupt_in_the_combiner_lets_go_of_combining(ledger_path: Path, mo
     with Ledger.open(ledger_path, timeout_s=TIMEOUT_S) as ledger:
         ledger.create_account("bank", currency="USD", overdraft_limit=None)
         ledger.create_account("alice", currency="USD")
-        real = ledger._coordinator._start_in_turn
+        real = ledger._coordinator.combiner._start_in_turn
         calls: list[int] = []
 
         def interrupted_once(*args: Any, **kwargs: Any) -> Any:
@@ -504,10 +504,10 @@ def test_an_interrupt_in_the_combiner_lets_go_of_combining(ledger_path: Path, mo
                 raise KeyboardInterrupt
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(ledger._coordinator, "_start_in_turn", interrupted_once)
+        monkeypatch.setattr(ledger._coordinator.combiner, "_start_in_turn", interrupted_once)
         with pytest.raises(KeyboardInterrupt):
             ledger.transfer("t-1", source="bank", destination="alice", amount=1)
-        assert not ledger._coordinator._combining
+        assert not ledger._coordinator.combiner.combining
         assert isinstance(ledger.transfer("t-2", source="bank", destination="alice", amount=1), Transfer)
 
 
