@@ -31,7 +31,8 @@ logger = logging.getLogger("tally.coordinator")
 
 
 class Combiner:
-    """Single transfers (posts, voids, chains) of concurrent callers, decided by one of them."""
+    """Single transfers (posts, voids, chains) of concurrent callers, decided by one of them
+    (or, while a group of batches holds its turns, by the lane's runner: `Lane.adopt`)."""
 
     def __init__(self, coordinator: Coordinator) -> None:
         self._coordinator = coordinator
@@ -87,8 +88,9 @@ class Combiner:
             with self._lock:
                 stranded, self._queue = self._queue, []
                 self.combining = False
-            for queued in stranded:
+            for queued in stranded:  # admitted, never started: their permits go back here
                 queued.resolve(LedgerUnavailable(f"transfer {queued.request.id!r} was not started: {error!r}"))
+                self._coordinator.decided(queued)
             raise
 
     def _round(self, batch: list[Ticket], wake_writer: bool) -> bool:

@@ -10,9 +10,11 @@ so how that reaches the accounts.
 Data flow of one ticket (threads in brackets):
 
 1. [caller] validate; claim the ids (or find their earlier outcome); take a permit.
-2. [caller, or a concurrent caller combining] if the turns of every account it names can be
-   taken at once, decide it in turn (`coordinator._turns`): decided, journaled and applied
-   to the accounts on this thread, with other tickets queued meanwhile. Else:
+2. [caller, or a concurrent caller combining (`coordinator._combiner`), or the lane's runner
+   while a group of batches holds its turns (`coordinator._lane`)] if the turns of every
+   account it names can be taken at once, decide it in turn (`coordinator._turns`):
+   decided, journaled and applied to the accounts on this thread, with other tickets queued
+   meanwhile. Else:
 3. [caller] the mailbox path: send a `DebitStep` to each source account (phase one of the
    protocol). A post, a void, or a ticket naming an unknown account has no debit to
    reserve: the sequencer decides it at once, on this thread.

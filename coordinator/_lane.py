@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from coordinator._claims import Prior, Ticket, lsn_of, result_of
-from coordinator._errors import LedgerError, LedgerTimeout, LedgerUnavailable
+from coordinator._errors import LedgerError, LedgerTimeout
 from coordinator._limits import LANE_GROUP_REQUESTS_MAX, DECIDING_PAUSE_S, TURN_WAIT_S_MAX
 from coordinator._participant import TurnAccount
 from coordinator._turns import decide_all, give_back_turns, take_turns
@@ -173,14 +173,11 @@ class Lane:
         """Decide, with the group's turns, the tickets adopted since the last look."""
         with self._cond:
             tickets, self._adopted = self._adopted, []
-        if not tickets:
-            return
-        try:
-            self._coordinator.combiner.start_round(tickets, held=turns)  # raises no `Exception`
-        except BaseException as error:  # an interrupt: these are no one's once it leaves
-            for ticket in tickets:
-                ticket.resolve(LedgerUnavailable(f"transfer {ticket.request.id!r} was not started: {error!r}"))
-            raise
+        if tickets:
+            # Raises no `Exception`. An interrupt is not caught: some of these may be decided
+            # and queued to the journal already (the writer answers them), and failing those
+            # would let a retry decide them twice; `decide_all` fails the ones it never started.
+            self._coordinator.combiner.start_round(tickets, held=turns)
 
     def decide(self, batch: TurnBatch) -> None:
         """Decide `batch` in turn, with whatever batches queue meanwhile; return once it is

@@ -197,7 +197,7 @@ def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mappi
                     if CRASH_POINT_ARMED and ticket.linked:
                         crash_point("mid-linked-chain")
                 commits += 1
-        except Exception as error:  # a bug: memory may be past what will never be journaled
+        except BaseException as error:  # a bug, or an interrupt: memory may be past what will never be journaled
             sequencer.broken(error)
             _fail(coordinator, tickets, JournalError(f"the ledger stopped writing: {error!r}"))
             raise

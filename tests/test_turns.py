@@ -277,13 +277,14 @@ def test_a_stamped_transfer_is_the_same_frozen_value_its_constructor_builds() ->
         stamped.amount = 11  # type: ignore[misc]
 
 
+@pytest.mark.parametrize("fault", [OSError("a bug in deciding"), KeyboardInterrupt()], ids=["bug", "interrupt"])
 def test_a_bug_met_midway_through_a_chunk_stops_writes_and_reopening_rebuilds_from_the_journal(
-    ledger_path: Path,
+    ledger_path: Path, fault: BaseException,
 ) -> None:
     """The first transfer of a combined chunk is stamped and applied in memory; deciding the
-    second raises (here: a fault injected into its stamp). Nothing of the chunk was journaled,
-    so the ledger must not write on top of that memory: it refuses writes until reopened, and
-    reopens as the journal has it."""
+    second raises (here: a fault injected into its stamp: a bug, or an interrupt landing
+    there). Nothing of the chunk was journaled, so the ledger must not write on top of that
+    memory: it refuses writes until reopened, and reopens as the journal has it."""
     ledger = Ledger.open(ledger_path, timeout_s=TIMEOUT_S)
     try:
         for name in ("a", "b", "c"):
@@ -294,10 +295,10 @@ def test_a_bug_met_midway_through_a_chunk_stops_writes_and_reopening_rebuilds_fr
         coordinator.admission.admit(len(tickets), TIMEOUT_S)
 
         def stamp(*args: Any, **kwargs: Any) -> None:  # the pending transfer's (the plain one has its own)
-            raise OSError("a bug in deciding")
+            raise fault
 
         coordinator.sequencer.stamp = stamp  # type: ignore[method-assign]
-        with pytest.raises(OSError):
+        with pytest.raises(type(fault)):
             coordinator.combiner._start_in_turn(tickets)  # type: ignore[arg-type]
         assert all(isinstance(ticket.error, LedgerUnavailable) for ticket in tickets)  # type: ignore[union-attr]
         with pytest.raises(LedgerUnavailable):
@@ -509,6 +510,31 @@ def test_an_interrupt_in_the_combiner_lets_go_of_combining(ledger_path: Path, mo
             ledger.transfer("t-1", source="bank", destination="alice", amount=1)
         assert not ledger._coordinator.combiner.combining
         assert isinstance(ledger.transfer("t-2", source="bank", destination="alice", amount=1), Transfer)
+
+
+def test_an_interrupt_in_the_combiner_fails_the_tickets_queued_behind_it_and_returns_their_permits(
+        ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another caller's ticket queues while the combiner's round runs; an interrupt ends the
+    round. The queued ticket was never started: it fails (`LedgerUnavailable`, nothing
+    written) and its permit goes back."""
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    ledger.create_account("alice", currency="USD")
+    coordinator = ledger._coordinator
+    combiner, admission = coordinator.combiner, coordinator.admission
+    first, second = (coordinator.claims.claim(TransferRequest(tid, "bank", "alice", 1), relayed=True)[0]
+                     for tid in ("t-1", "t-2"))
+    admission.admit(2, TIMEOUT_S)
+
+    def queued_behind_then_interrupted(*args: Any, **kwargs: Any) -> Any:
+        assert combiner.combine([second]) is False  # the other caller: queued behind the round
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(combiner, "_start_in_turn", queued_behind_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        combiner.combine([first])  # type: ignore[list-item]
+    assert isinstance(second.error, LedgerUnavailable)  # type: ignore[union-attr]
+    assert admission.in_flight == 1  # the second's permit is back (the interrupted round's own is its caller's)
+    assert not combiner.combining
 
 
 def test_a_batch_whose_ids_cannot_be_claimed_fails_alone_in_its_lane_group(
