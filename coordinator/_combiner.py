@@ -65,25 +65,18 @@ class Combiner:
                 return False
             self.combining = True
         alone = None if inline else False  # decided by the first round: later rounds hand their records to the writer
-        first = True
         try:
             while True:
-                if not first:  # another round: let the writer and the woken callers have the GIL first
-                    with self._lock:
-                        if not self._queue:
-                            self.combining = False
-                            return bool(alone)
-                    time.sleep(DECIDING_PAUSE_S)  # and tickets queue meanwhile
-                first = False
-                with self._lock:
-                    batch = self._queue
-                    self._queue = []
-                    if not batch:
-                        self.combining = False
-                        return bool(alone)
+                with self._lock:  # never empty here: only the combiner takes from the queue
+                    batch, self._queue = self._queue, []
                 adopted = self._round(batch, wake_writer=alone is not None or len(batch) > 1)
                 if alone is None:
                     alone = len(batch) == 1 and not adopted
+                with self._lock:
+                    if not self._queue:
+                        self.combining = False
+                        return bool(alone)
+                time.sleep(DECIDING_PAUSE_S)  # another round: the writer and the woken callers first
         except BaseException as error:  # not a bug a round survives (an interrupt): fail what queued, let go
             with self._lock:
                 stranded, self._queue = self._queue, []

@@ -139,7 +139,7 @@ class Lane:
     the batches that wait in one run takes and gives back their turns once.
 
     While a group holds its turns, the lane adopts single transfers (`adopt`): the runner
-    decides them before each chunk of the group and once more after the last, taking the
+    decides them between two chunks of the group and once more after the last, taking the
     turns it does not hold without waiting (`Combiner.start_round`). A single transfer
     then waits for at most one chunk, not for the whole group (up to
     `LANE_GROUP_REQUESTS_MAX` requests, tens of milliseconds)."""
@@ -168,6 +168,12 @@ class Lane:
                 return False
             self._adopted += tickets
             return True
+
+    def _between_chunks(self, turns: Mapping[str, TurnAccount]) -> None:
+        """Between two chunks of a group: let go of the interpreter (`DECIDING_PAUSE_S`), then
+        decide the tickets adopted meanwhile."""
+        time.sleep(DECIDING_PAUSE_S)
+        self._decide_adopted(turns)
 
     def _decide_adopted(self, turns: Mapping[str, TurnAccount]) -> None:
         """Decide, with the group's turns, the tickets adopted since the last look."""
@@ -252,16 +258,7 @@ class Lane:
                         batch._fresh, batch.failure = [], error
                         continue
                     tickets += batch._fresh
-                chunks = 0
-
-                def between_chunks() -> None:
-                    nonlocal chunks
-                    chunks += 1
-                    if chunks > 1:
-                        time.sleep(DECIDING_PAUSE_S)  # see `DECIDING_PAUSE_S`
-                    self._decide_adopted(turns)
-
-                late = decide_all(coordinator, tickets, turns, before_chunk=between_chunks)
+                late = decide_all(coordinator, tickets, turns, between_chunks=lambda: self._between_chunks(turns))
             except Exception as error:  # `decide_all` failed every ticket it did not journal
                 failure = error
             finally:

@@ -42,19 +42,19 @@ if TYPE_CHECKING:
     from coordinator._coordinator import Coordinator
 
 def decide_all(coordinator: Coordinator, tickets: list[Ticket], turns: Mapping[str, TurnAccount],
-               wake_writer: bool = True, before_chunk: Callable[[], None] | None = None) -> list[Ticket]:
+               wake_writer: bool = True, between_chunks: Callable[[], None] | None = None) -> list[Ticket]:
     """`decide_in_turn` chunk by chunk; the tickets it left. If the journal fails, every ticket
     not yet appended (the later chunks', and those the earlier chunks left) is released with
     the failure (the writer releases the appended ones), and it raises. `wake_writer` False:
-    the caller commits the records itself. `before_chunk`, called before each chunk (the
-    lane's: the single transfers it adopted): what it raises fails this chunk and the later
-    ones, none of them started."""
+    the caller commits the records itself. `between_chunks`, called between two chunks (the
+    lane's: a pause, and the single transfers it adopted): what it raises fails this chunk
+    and the later ones, none of them started."""
     left: list[Ticket] = []
     for first in range(0, len(tickets), CHUNK_REQUESTS_MAX):
         started = False
         try:
-            if before_chunk is not None:
-                before_chunk()
+            if first and between_chunks is not None:
+                between_chunks()
             started = True
             left += decide_in_turn(coordinator, tickets[first : first + CHUNK_REQUESTS_MAX], turns, wake_writer)
         except BaseException as error:  # that chunk is failed (or not started); the later ones never started
@@ -166,9 +166,11 @@ def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mappi
                         break
                     state = states[name]
                     on_hold, on_its_way = held.get(name, 0), incoming.get(name, 0)
+                    # All must agree (a post or a void changes both holds); a reservation may be
+                    # released by a posting still queued, as above.
                     if (turn.state is not state and turn.state != state) or turn.held != on_hold or (
-                            turn.incoming != on_its_way) or turn.reserved:  # all must agree (a post or
-                        _catch_up(turn, state, on_hold, on_its_way)  # void changes both holds), see above
+                            turn.incoming != on_its_way) or turn.reserved:
+                        _catch_up(turn, state, on_hold, on_its_way)
                 if not ready:
                     left.append(ticket)
                     continue
@@ -306,4 +308,3 @@ def take_turns(coordinator: Coordinator, names: list[str], wait_s: float = 0.0) 
 def give_back_turns(coordinator: Coordinator, turns: Mapping[str, TurnAccount]) -> None:
     """Give back the turns taken by `take_turns` and unpin the accounts."""
     coordinator.participants.give_back_turns(turns)
-

@@ -78,19 +78,19 @@ def _paused_at_second_chunk(monkeypatch: pytest.MonkeyPatch, adopted: threading.
     real_decide_all = _lane.decide_all
 
     def pausing(coordinator: Any, tickets: list[Any], turns: Any, wake_writer: bool = True,
-                before_chunk: Callable[[], None] | None = None) -> list[Any]:
-        assert before_chunk is not None
+                between_chunks: Callable[[], None] | None = None) -> list[Any]:
+        assert between_chunks is not None
         calls = [0]
 
-        def before() -> None:
+        def between() -> None:
             calls[0] += 1
-            if calls[0] == 2:
+            if calls[0] == 1:  # the first chunk is decided
                 mid.set()
                 assert adopted.wait(WAIT_S)
                 assert go is None or go.wait(WAIT_S)
-            before_chunk()
+            between_chunks()
 
-        return real_decide_all(coordinator, tickets, turns, wake_writer, before)
+        return real_decide_all(coordinator, tickets, turns, wake_writer, between)
 
     monkeypatch.setattr(_lane, "decide_all", pausing)
     return mid
