@@ -78,26 +78,38 @@ class Combiner:
                         return bool(alone)
                 time.sleep(DECIDING_PAUSE_S)  # another round: the writer and the woken callers first
         except BaseException as error:  # not a bug a round survives (an interrupt): fail what queued, let go
+            # The interrupted round answered its own tickets (`_round`); those queued behind
+            # it were admitted and never started.
             with self._lock:
                 stranded, self._queue = self._queue, []
                 self.combining = False
-            for queued in stranded:  # admitted, never started: their permits go back here
-                queued.resolve(LedgerUnavailable(f"transfer {queued.request.id!r} was not started: {error!r}"))
-                self._coordinator.decided(queued)
+            self._coordinator.fail_unstarted(stranded, error)
             raise
 
     def _round(self, batch: list[Ticket], wake_writer: bool) -> bool:
         """One round of `combine`: hand `batch` to the lane if a group of batches holds its
-        turns (True), else start every ticket of it, in turn or in the mailboxes."""
-        if self._coordinator.lane.adopt(batch):
-            return True
+        turns (True), else start every ticket of it, in turn or in the mailboxes. An interrupt
+        is raised once every ticket of `batch` is answered or on its way to be (see
+        `start_round`); a round the lane took is the lane's to decide."""
+        lane = self._coordinator.lane
+        try:
+            if lane.adopt(batch):
+                return True
+        except BaseException as error:
+            if not lane.took(batch):
+                self._coordinator.fail_unstarted(batch, error)
+            raise
         self.start_round(batch, wake_writer)
         return False
 
     def start_round(self, batch: list[Ticket], wake_writer: bool = True,
                     held: Mapping[str, TurnAccount] | None = None) -> None:
         """Start every ticket of `batch`, in turn or in the mailboxes (see `_start_in_turn`).
-        Raises no `Exception`: a bug releases the tickets with it, and is logged."""
+        Raises no `Exception`: a bug releases the tickets with it, and is logged. An interrupt
+        (a `BaseException`) is raised once the turns taken are given back and every ticket it
+        kept from being decided or started has failed (`LedgerUnavailable`, nothing written)
+        and returned its permit; a ticket decided or started before it is answered as usual."""
+        coordinator = self._coordinator
         try:
             rest = self._start_in_turn(batch, wake_writer, held)
         except Exception as error:  # a bug must not strand the queue or its callers
@@ -105,7 +117,16 @@ class Combiner:
             for queued in batch:
                 queued.resolve(LedgerUnavailable(f"transfer {queued.request.id!r} failed: {error!r}"))
             return
-        self._coordinator.start_all(rest)
+        except BaseException as error:
+            # No permit of `batch` went back yet (`_start_in_turn`). A decision sets its
+            # ticket's `value`: one without was never decided, and fails here (a no-op if
+            # `decide_all` failed it already); one with is journaled, and the writer answers it.
+            for ticket in batch:
+                if ticket.value is None:
+                    coordinator.fail(ticket, error)
+                coordinator.decided(ticket)
+            raise
+        coordinator.start_all(rest)
 
     def _start_in_turn(self, tickets: list[Ticket], wake_writer: bool = True,
                        held: Mapping[str, TurnAccount] | None = None) -> list[Ticket]:
@@ -115,7 +136,9 @@ class Combiner:
         `held`: turns this thread holds already (the lane's runner); it takes the others the
         tickets name, if they are free, and gives those back before it returns, so a group's
         own tickets left for the mailboxes (an account made after it took its turns) stay
-        behind every later ticket of the group that names the same account."""
+        behind every later ticket of the group that names the same account. An interrupt
+        (a `BaseException`) is raised with the turns it took given back and no permit of
+        `tickets` returned: `start_round` returns them."""
         coordinator = self._coordinator
         sequencer, participants = coordinator.sequencer, coordinator.participants
         accounts, pending = sequencer.accounts, sequencer.pending
@@ -131,35 +154,35 @@ class Combiner:
             taken = participants.take_turns(wanted)
             if not taken:
                 return tickets
-            turns = taken
         else:
             taken = participants.take_turns([name for name in wanted if name not in held])
             assert taken is not None
-            turns = {name: held[name] if name in held else taken[name] for name in wanted
-                     if name in held or name in taken}
         mine: list[Ticket] = []
         others: list[Ticket] = []
-        for ticket, names in zip(tickets, named, strict=True):
-            for name in names:
-                if name not in turns and name in accounts:
-                    others.append(ticket)
-                    break
-            else:
-                mine.append(ticket)
         left: list[Ticket] = []
         try:
+            turns = taken if held is None else {name: held[name] if name in held else taken[name] for name in wanted
+                                                if name in held or name in taken}
+            for ticket, names in zip(tickets, named, strict=True):
+                for name in names:
+                    if name not in turns and name in accounts:
+                        others.append(ticket)
+                        break
+                else:
+                    mine.append(ticket)
             left = decide_all(coordinator, mine, turns, wake_writer)
         except JournalError:
             pass  # every ticket is released with the failure, by `decide_all` or the writer
         except Exception as error:  # a bug: release every ticket not yet released, then say so
             for ticket in tickets:
                 ticket.resolve(LedgerUnavailable(f"transfer {ticket.request.id!r} failed: {error!r}"))
-            for ticket in others:
-                coordinator.decided(ticket)  # never started: its permit goes back here
+            for ticket in tickets:
+                coordinator.decided(ticket)
             raise
         finally:
             give_back_turns(coordinator, taken)
-            for ticket in mine:
-                if ticket not in left:
-                    coordinator.decided(ticket)
+        # Only now, not in `finally`: after an interrupt `start_round` returns every permit.
+        for ticket in mine:
+            if ticket not in left:
+                coordinator.decided(ticket)
         return others + left

@@ -148,14 +148,21 @@ class Coordinator:
 
     def start_all(self, tickets: list[Ticket]) -> None:
         """`start` each ticket. One that fails to start (a bug in one protocol) is released with
-        the failure and its permit returned; it never strands the others."""
-        for ticket in tickets:
-            try:
-                self.start(ticket)
-            except Exception as error:
-                logger.exception("starting transfer %r failed", ticket.request.id)
-                ticket.resolve(LedgerUnavailable(f"transfer {ticket.request.id!r} failed to start: {error!r}"))
-                self.decided(ticket)
+        the failure and its permit returned; it never strands the others. An interrupt (a
+        `BaseException`) fails the tickets after the one it landed in (`fail_unstarted`), then
+        is raised; that one may be under way already, and is left to its protocol."""
+        current = -1
+        try:
+            for current, ticket in enumerate(tickets):  # noqa: B007 - read by the handler below
+                try:
+                    self.start(ticket)
+                except Exception as error:
+                    logger.exception("starting transfer %r failed", ticket.request.id)
+                    ticket.resolve(LedgerUnavailable(f"transfer {ticket.request.id!r} failed to start: {error!r}"))
+                    self.decided(ticket)
+        except BaseException as error:
+            self.fail_unstarted(tickets[current + 1 :], error)
+            raise
 
     def start(self, ticket: Ticket) -> None:
         """Begin the mailbox path for a claimed, admitted ticket. Never waits."""
@@ -260,10 +267,10 @@ class Coordinator:
         except UNDECIDED as error:
             self.fail(ticket, error)
 
-    def fail(self, ticket: Ticket, error: Exception) -> None:
+    def fail(self, ticket: Ticket, error: BaseException) -> None:
         """Release a ticket whose record never reached the journal (a no-op if released),
         and drop its claim: nothing was written, so a retry of its ids runs afresh. `error`:
-        the journal's failure, or what else kept it from being decided."""
+        the journal's failure, or what else kept it from being decided (an interrupt)."""
         if isinstance(error, JournalClosedError):
             failure: LedgerError = LedgerClosed(f"the ledger closed before transfer {ticket.request.id!r} was "
                                                 "decided; nothing was written for it")
@@ -275,6 +282,13 @@ class Coordinator:
             failure = LedgerUnavailable(f"transfer {ticket.request.id!r} was not decided: {error!r}")
         if ticket.resolve(failure):
             self.claims.abandon(ticket)
+
+    def fail_unstarted(self, tickets: list[Ticket], error: BaseException) -> None:
+        """`fail` admitted tickets that were never started (an interrupt kept them from it)
+        and return their permits."""
+        for ticket in tickets:
+            self.fail(ticket, error)
+            self.decided(ticket)
 
     def expire_due(self) -> tuple[int, int]:
         """Journal the expiry of every pending transfer whose deadline has come, and release

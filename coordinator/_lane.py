@@ -153,6 +153,8 @@ class Lane:
         """True while the runner holds a group's turns and decides adopted tickets."""
         self._adopted: list[Ticket] = []
         """Bounded by the admission permits: each ticket holds one."""
+        self._adopted_last: list[Ticket] | None = None
+        """The tickets `adopt` took last (see `took`)."""
 
     def adopt(self, tickets: list[Ticket]) -> bool:
         """Hand claimed, admitted tickets to the runner, if a group holds its turns now: it
@@ -160,14 +162,21 @@ class Lane:
         before its next chunk, or after its last one. False, and nothing taken, if no group
         holds its turns. Waits only for the lane's lock, and not even for it when no group
         holds its turns (a read of the flag without it: a group starting meanwhile only
-        means these tickets take the combiner's path, which decides them just as well)."""
+        means these tickets take the combiner's path, which decides them just as well).
+        After an interrupt out of it, `took` says whether it took them."""
         if not self._adopting:
             return False
         with self._cond:
             if not self._adopting:
                 return False
             self._adopted += tickets
+            self._adopted_last = tickets  # with no call between the two, where an interrupt could land
             return True
+
+    def took(self, tickets: list[Ticket]) -> bool:
+        """Whether `adopt(tickets)` took them: asked by its caller (the only one: the combiner)
+        after an interrupt out of it, since the runner may have taken them from the lane already."""
+        return self._adopted_last is tickets
 
     def _between_chunks(self, turns: Mapping[str, TurnAccount]) -> None:
         """Between two chunks of a group: let go of the interpreter (`DECIDING_PAUSE_S`), then
@@ -180,9 +189,8 @@ class Lane:
         with self._cond:
             tickets, self._adopted = self._adopted, []
         if tickets:
-            # Raises no `Exception`. An interrupt is not caught: some of these may be decided
-            # and queued to the journal already (the writer answers them), and failing those
-            # would let a retry decide them twice; `decide_all` fails the ones it never started.
+            # Raises no `Exception`. An interrupt is raised once the ones it kept from being
+            # decided are failed (see `start_round`); those decided are the writer's to answer.
             self._coordinator.combiner.start_round(tickets, held=turns)
 
     def decide(self, batch: TurnBatch) -> None:

@@ -90,7 +90,8 @@ class Participants(Protocol):
         Never waits."""
 
     def give_back_turns(self, turns: Mapping[str, TurnAccount]) -> None:
-        """Give back the turns `take_turns` took and unpin those accounts: pass what it returned."""
+        """Give back the turns `take_turns` took and unpin those accounts: pass what it returned.
+        Each turn once: called again (after an interrupt), it gives back only the ones it had not."""
 
 
 class DebitStep:

@@ -306,5 +306,12 @@ def take_turns(coordinator: Coordinator, names: list[str], wait_s: float = 0.0) 
 
 
 def give_back_turns(coordinator: Coordinator, turns: Mapping[str, TurnAccount]) -> None:
-    """Give back the turns taken by `take_turns` and unpin the accounts."""
-    coordinator.participants.give_back_turns(turns)
+    """Give back the turns taken by `take_turns` and unpin the accounts. An interrupt meanwhile
+    is raised once the rest are given back too: a turn kept would hang its account."""
+    participants = coordinator.participants
+    try:
+        participants.give_back_turns(turns)
+    except BaseException as error:
+        if not isinstance(error, Exception):  # an interrupt; it resumes where that one stopped
+            participants.give_back_turns(turns)
+        raise

@@ -184,15 +184,19 @@ class Directory:
         return turns
 
     def give_back_turns(self, turns: Mapping[str, TurnAccount]) -> None:
-        """Give back the turns `take_turns` took (pass what it returned) and unpin the accounts."""
+        """Give back the turns `take_turns` took (pass what it returned) and unpin the accounts;
+        called again after an interrupt, the ones not given back yet."""
         assert type(turns) is _Turns, type(turns)
         with self._lock:
             self._release(turns)
 
     def _release(self, turns: _Turns, first: int = 0) -> None:
         """`give_back_turns` (from the `first` turn taken on: those are dropped from `turns`),
-        called with `_lock` held."""
-        for entry in turns.handles[first:]:
+        called with `_lock` held. Each turn leaves `turns.handles` as it is given back, so a
+        call again after an interrupt gives back only the ones not given back yet."""
+        handles = turns.handles
+        while len(handles) > first:
+            entry = handles.pop()  # before, not after: an interrupt may keep this turn, never give it back twice
             if isinstance(entry, _Dormant):
                 self._wake(entry)
                 continue
@@ -202,7 +206,6 @@ class Directory:
         if first:
             for account_id in list(turns)[first:]:
                 del turns[account_id]
-            del turns.handles[first:]
 
     def _doze(self, account_id: str) -> _Dormant:
         """Take the turn of an account with no live actor, as a `_Dormant` (`_lock` held)."""
