@@ -192,17 +192,21 @@ class Directory:
 
     def _release(self, turns: _Turns, first: int = 0) -> None:
         """`give_back_turns` (from the `first` turn taken on: those are dropped from `turns`),
-        called with `_lock` held. Each turn leaves `turns.handles` as it is given back, so a
-        call again after an interrupt gives back only the ones not given back yet."""
+        called with `_lock` held. The turns given back leave `turns.handles` (at the end, or
+        where an interrupt stops it), so a call again gives back only the others."""
         handles = turns.handles
-        while len(handles) > first:
-            entry = handles.pop()  # before, not after: an interrupt may keep this turn, never give it back twice
-            if isinstance(entry, _Dormant):
-                self._wake(entry)
-                continue
-            entry._inbox.give_back_turn()
-            entry.pins -= 1
-            assert entry.pins >= 0, entry
+        given = first
+        try:
+            for entry in handles[first:]:
+                given += 1  # before, not after: an interrupt may keep this turn, never give it back twice
+                if isinstance(entry, _Dormant):
+                    self._wake(entry)
+                    continue
+                entry._inbox.give_back_turn()
+                entry.pins -= 1
+                assert entry.pins >= 0, entry
+        finally:
+            del handles[first:given]
         if first:
             for account_id in list(turns)[first:]:
                 del turns[account_id]
