@@ -79,7 +79,7 @@ logger = logging.getLogger("tally.engine")
 
 
 class AsyncLedger(LoopWrites, LoopFollowing):
-    """An open ledger for asyncio: every `Ledger` method as a coroutine of the same name,
+    """An open ledger for asyncio: every `Ledger` method but `snapshot` as a coroutine of the same name,
     arguments and errors, bound to the event loop that opened it. Open it with
     `async with AsyncLedger.open(path, **options) as ledger` (or `await AsyncLedger.open`).
 

@@ -23,6 +23,13 @@ class AuditedLedger(Protocol):
     def transfer_many(self, requests: Sequence[TransferRequest]) -> list[Transfer | LedgerError]: ...
 
 
+class ListedLedger(Protocol):
+    def accounts(self) -> list[Account]: ...
+    def balance(self, account_id: str) -> Balance: ...
+    def transfers(self, *, account: str | None = None, kind: str | None = None, after_lsn: int = 0,
+                  limit: int = 100) -> list[Transfer]: ...
+
+
 @dataclass
 class Replies:
     """What the harness was told, collected from every client."""
@@ -60,17 +67,38 @@ CHECK_LINKED = "every linked chain is all-or-nothing"
 CHECK_REOPEN = "close and reopen give the same state hash"
 CHECK_EXPLAINED = "every entry is of a transfer the run sent (no money moved twice, or unasked)"
 
+PENDING_PAGE = 1_000
+"""Pending transfers `open_pending` reads a page."""
+
 _MOVES = ("single", "post")
 """The kinds of transfer that make entries (a debit and a credit)."""
 _ENDED = {"post": "posted", "post-part": "posted", "void": "voided"}
 
 
+def open_pending(ledger: ListedLedger) -> frozenset[str]:
+    """The ids of the pending transfers open in `ledger` (before a run: a ledger used before may
+    hold some, whose holds the run's audit then finds on its accounts; `audit_replies`'
+    `prior`). Found through the accounts holding funds for one: a pending transfer holds on
+    its source."""
+    found: set[str] = set()
+    for account in ledger.accounts():
+        if not ledger.balance(account.id).pending:
+            continue
+        after = 0
+        while page := ledger.transfers(account=account.id, kind="pending", after_lsn=after, limit=PENDING_PAGE):
+            found.update(t.id for t in page if t.status == "pending" and t.source == account.id)
+            after = page[-1].lsn
+    return frozenset(found)
+
+
 def audit_replies(ledger: AuditedLedger, replies: Replies, reopen: Callable[[], bool] | None = None,
-                  sent: Collection[str] | None = None) -> dict[str, bool]:
+                  sent: Collection[str] | None = None, prior: Collection[str] = ()) -> dict[str, bool]:
     """Every check, by name: True passed. `reopen` closes, reopens and compares hashes. `sent`,
     every transfer id the run sent (whatever its reply, or none): each entry must be of one of
     them, else money moved that no request of the run asked for (a retry applied again under
-    an id of the server's own, say), which every other check can miss: the moves balance."""
+    an id of the server's own, say), which every other check can miss: the moves balance.
+    `prior`: the pending transfers open before the run (`open_pending`); those still open hold
+    funds beside the run's own."""
     checks: dict[str, bool] = {}
     appearances: Counter[str] = Counter()
     placements: dict[str, set[tuple[str, int]]] = {}
@@ -103,7 +131,7 @@ def audit_replies(ledger: AuditedLedger, replies: Replies, reopen: Callable[[], 
     checks[CHECK_CONSERVED] = total == 0
     checks[CHECK_LIMITS] = above_limit
     checks[CHECK_GAPLESS] = gapless
-    ended, held, incoming = _pending_ended(ledger, replies)
+    ended, held, incoming = _pending_ended(ledger, replies, prior)
     checks[CHECK_HOLDS] = posted_is_sum and all(
         balance.pending == held.get(account, 0) and balance.incoming == incoming.get(account, 0)
         for account, balance in balances.items())
@@ -119,11 +147,18 @@ def audit_replies(ledger: AuditedLedger, replies: Replies, reopen: Callable[[], 
     return checks
 
 
-def _pending_ended(ledger: AuditedLedger, replies: Replies) -> tuple[bool, dict[str, int], dict[str, int]]:
+def _pending_ended(ledger: AuditedLedger, replies: Replies,
+                   prior: Collection[str]) -> tuple[bool, dict[str, int], dict[str, int]]:
     """Whether every acknowledged pending transfer is in the state its client's calls left it
-    in; and the holds of those still open, by source and by destination."""
+    in; and the holds of those still open, with those of the `prior` ones still open, by
+    source and by destination."""
     held: Counter[str] = Counter()
     incoming: Counter[str] = Counter()
+    for tid in prior:  # a run before this one left them open: they may have expired since
+        stored = ledger.get_transfer(tid)
+        if stored is not None and stored.status == "pending":
+            held[stored.source] += stored.amount
+            incoming[stored.destination] += stored.amount
     ended = True
     for tid, (plan, resolution) in replies.pendings.items():
         stored = ledger.get_transfer(tid)

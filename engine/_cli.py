@@ -20,7 +20,7 @@ from typing import Any
 from coordinator import AMOUNT_MAX, InvalidRequest, JournalCorrupted, LedgerError, check_path
 
 from engine import __version__
-from engine._workload import MIXES
+from engine._workload import MIXES, RETRY_RATE_DEFAULT
 
 LSN_MAX = 2**64 - 1
 """The largest LSN a journal key holds."""
@@ -140,8 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     stress.add_argument("--mix", choices=MIXES, default="uniform", help="account choice (hotspot: 10%% of accounts take 90%%)")
     stress.add_argument("--amount-max", type=_count(1, AMOUNT_MAX), default=500, help="largest amount (default 500)")
     stress.add_argument("--batch", type=_count(1), default=1, metavar="N", help="send transfer_many batches of N")
-    stress.add_argument("--retry-rate", type=_rate, default=0.02, metavar="R",
-                        help="resubmit this fraction with the same id (default 0.02); a quarter of them with "
+    stress.add_argument("--retry-rate", type=_rate, default=None, metavar="R",
+                        help=f"resubmit this fraction with the same id (default {RETRY_RATE_DEFAULT:g}); a quarter of them with "
                              "another amount, which must be refused idempotency_conflict")
     stress.add_argument("--pending-rate", type=_rate, default=0.0, metavar="R",
                         help="share of transfers made pending, then posted (all or part), voided, let expire "
@@ -149,7 +149,9 @@ def _parser() -> argparse.ArgumentParser:
     stress.add_argument("--linked-rate", type=_rate, default=0.0, metavar="R",
                         help="share of transfers made linked chains of 2 or 3 legs (default 0)")
     stress.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
-    stress.add_argument("--chaos", action="store_true", help="run the engine in a child process and SIGKILL it")
+    stress.add_argument("--chaos", action="store_true",
+                        help="run the engine in a child process and SIGKILL it, round after round (single transfers"
+                             " one at a time; --transfers N: the last round, unkilled, fires N / (kills + 1))")
     stress.add_argument("--kills", type=_count(1), default=None, metavar="N", help="with --chaos: kills (default 20)")
     stress.add_argument("--url", type=_url, default=None, metavar="URL",
                         help="drive the `tally serve` at URL over HTTP instead (e.g. http://127.0.0.1:8000); the audit"
@@ -267,7 +269,8 @@ def _render_audit(title: str, report: dict[str, Any]) -> None:
     _print_checks(report)
     if report["problem"]:
         print(f"  problem: {report['problem']}")
-    print(f"  elapsed {report['elapsed_s']} s, state hash {report['state_hash']}")
+    state_hash = report["state_hash"] or "none (the books were not rebuilt: see above)"
+    print(f"  elapsed {report['elapsed_s']} s, state hash {state_hash}")
     print(f"  verdict: {report['verdict']}")
 
 
@@ -374,8 +377,7 @@ def _recover(args: argparse.Namespace) -> int:
         _render_audit("recover" + (" (dry run)" if args.dry_run else ""), report)
         last = report.get("last_record")
         if last:
-            what = last.get("transfer") or last.get("account") or f"{last.get('accounts')} accounts"
-            print(f"  the last durable record: LSN {last['lsn']}, {last['kind']} {what}")
+            print(f"  the last durable record: LSN {last['lsn']}, {last['kind']} {_named(last)}")
         print("  in doubt: none on disk (reservations are never journaled; a commit record carries both entries);"
               " transfers in flight at the crash left no record, were never acknowledged, and run afresh if retried")
         print("  aborted by recovery: 0, finished by recovery: 0")
@@ -389,12 +391,27 @@ def _recover(args: argparse.Namespace) -> int:
             print(f"  would write a new anchor at LSN {report['would_write_anchor_at']} (the anchor is missing)")
         if "would_write_checkpoint_at" in report:
             print(f"  would write a checkpoint at LSN {report['would_write_checkpoint_at']}")
-        if report["verdict"] != "whole":
+        if "would_write_anchor_at" in report:  # the journal is whole: recovering in place mends it
+            print(f"  nothing was changed. `tally recover {args.path}` writes the anchor (the journal, as it is,"
+                  " becomes the ledger's)")
+        elif report["verdict"] != "whole":
             print(f"  the ledger is not whole: nothing was changed. `tally recover {args.path} --salvage --into NEW`"
                   " copies what precedes the damage.")
 
     _emit(args, report, render)
     return 0 if report["verdict"] == "whole" else 1
+
+
+def _named(row: dict[str, Any]) -> str:
+    """What a record of `tally inspect`'s rows is about, in a few words."""
+    if row.get("transfer") or row.get("account"):
+        return str(row.get("transfer") or row.get("account"))
+    if "legs" in row:
+        return f"of a linked chain of {len(row['legs'])} ({row['legs'][0]['transfer']}, ...)"
+    if "pending_ids" in row:
+        count = len(row["pending_ids"])
+        return f"of {count} pending transfer{'s' if count != 1 else ''}"
+    return f"of {row.get('accounts')} accounts"
 
 
 def _stress(args: argparse.Namespace) -> int:
@@ -412,12 +429,21 @@ def _stress(args: argparse.Namespace) -> int:
             raise NotALedger(f"{args.path} is a file, not a ledger directory")
         with ledger_errors():  # the rule `Ledger.open` applies, before the run starts
             refuse_foreign(args.path)
+    if args.kills is not None and not args.chaos:
+        raise InvalidRequest("--kills goes with --chaos")
+    if args.chaos:
+        misfits = [flag for flag, given in (("--pending-rate", args.pending_rate), ("--linked-rate", args.linked_rate),
+                                            ("--duration", args.duration is not None), ("--batch", args.batch != 1),
+                                            ("--retry-rate", args.retry_rate is not None)) if given]
+        if misfits:
+            raise InvalidRequest(f"--chaos fires single transfers one at a time, each once, for a number of kills: "
+                                 f"drop {', '.join(misfits)}, or --chaos")
+    if args.retry_rate is None:
+        args.retry_rate = RETRY_RATE_DEFAULT
     if args.pending_rate + args.linked_rate + args.retry_rate >= 1.0:
         raise InvalidRequest(f"--pending-rate, --linked-rate and --retry-rate add up to "
                              f"{args.pending_rate + args.linked_rate + args.retry_rate:g}: they must leave room for "
                              "single transfers (below 1)")
-    if args.chaos and (args.pending_rate or args.linked_rate):
-        raise InvalidRequest("--chaos runs single transfers only: drop --pending-rate and --linked-rate, or --chaos")
     if args.report and not args.report.endswith((".html", ".png")):
         raise InvalidRequest(f"--report takes a .html or .png file name, got {args.report!r}")
     if args.report and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
@@ -536,7 +562,7 @@ def _leg_line(leg: dict[str, Any]) -> str:
 
 
 def _render_history(report: dict[str, Any]) -> None:
-    print(f"{report['account']} ({report['currency']}), {report['entries_total']} entries; latest:")
+    print(f"{report['account']} ({report['currency']}), {report['entries_total']} entries; the latest, in seq order:")
     for entry in report["entries"]:
         print(f"  seq {entry['seq']:>6}  LSN {entry['lsn']:>8}  {entry['transfer']:<24} {entry['amount']:>14}  balance {entry['balance']}")
     print("latest transfers, newest first:")

@@ -47,8 +47,12 @@ the last of them to close shuts it down."""
 def join(address: str | None) -> bool:
     """Make this process a Ray driver: with `address` None, the Ray it already joined, else a
     new local one on loopback; with an address, that cluster. True if the ledger must `leave`
-    when it closes: this module started the Ray it is on (the last to leave shuts it down)."""
-    import ray
+    when it closes: this module started the Ray it is on (the last to leave shuts it down).
+    Raises `InvalidRequest` if Ray is not installed (the `cluster` extra)."""
+    try:
+        import ray
+    except ModuleNotFoundError:
+        raise InvalidRequest("a ShardedLedger needs Ray: pip install 'tally-ledger[cluster]'") from None
 
     global _users
     with _STARTED:

@@ -23,6 +23,8 @@ RESOLUTIONS = ("post", "post-part", "void", "expire", "open")
 """What a client does with a pending transfer it made: post all of it, post part, void it,
 let it expire (a 1 s timeout), or leave it open (no timeout)."""
 RESOLUTION_WEIGHTS = (35, 20, 20, 15, 10)
+RETRY_RATE_DEFAULT = 0.02
+"""The share of transfers `tally stress` sends again with the same id, unless told."""
 RETRIES_DIFFERING = 0.25
 """The share of retries that differ from their original (`Op.differs`)."""
 PENDING_EXPIRY_S = 1

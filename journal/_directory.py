@@ -49,7 +49,7 @@ def lock_directory(path: str) -> int:
         os.close(fd)
         if error.errno in (errno.EAGAIN, errno.EACCES):
             raise JournalLockedError(
-                f"{path} is open in another live process or another Ledger in this one"
+                f"{path} is open in another live process (or by another open ledger in this process)"
             ) from error
         raise
     return fd

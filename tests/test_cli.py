@@ -23,7 +23,7 @@ import pytest
 from coordinator import CHECKS, INDEX_NAMES
 from coordinator._audit import CHECK_RECORDS
 from engine import CurrencyMismatch, InsufficientFunds, Ledger, TransferRequest
-from journal import FORMAT_VERSION, Journal, lsn_key
+from journal import ANCHOR_FILE, FORMAT_VERSION, Journal, lsn_key
 from journal._anchor import create_anchor, read_anchor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def built(tmp_path: Path) -> Built:
         refused["refused-euro"] = raised.value.code
         batch = [TransferRequest(f"move-{n}", ("alice", "bob", "carol")[n % 3], ("bob", "carol", "alice")[n % 3], 7 + n)
                  for n in range(9)]
-        assert all(outcome.id == request.id for request, outcome in zip(batch, ledger.transfer_many(batch)))
+        assert all(outcome.id == request.id for request, outcome in zip(batch, ledger.transfer_many(batch), strict=True))
         ledger.transfer("last", source="carol", destination="bank", amount=3)
         for tid in [f"fund-{n}" for n in range(4)] + [request.id for request in batch] + ["last"]:
             transfer = ledger.get_transfer(tid)
@@ -179,7 +179,8 @@ def test_inspect_json_rows_carry_what_the_api_committed_and_refused(built: Built
     for account, entries in built.entries.items():
         for seq, tid, amount, balance, lsn in entries:
             side = "source" if amount < 0 else "destination"
-            assert (rows[lsn][f"{side}_seq"], rows[lsn][f"{side}_balance"], rows[lsn][side]) == (seq, balance, account)
+            assert (rows[lsn]["transfer"], rows[lsn][f"{side}_seq"], rows[lsn][f"{side}_balance"], rows[lsn][side]) == (
+                tid, seq, balance, account)
     rejects = {row["transfer"]: row["code"] for row in rows.values() if row["kind"] == "reject"}
     assert {tid: rejects[tid] for tid in built.refused} == built.refused
     opened = [row["account"] for row in rows.values() if row["kind"] == "account"]
@@ -302,6 +303,38 @@ def test_recover_dry_run_changes_no_byte_and_says_where_it_would_checkpoint(buil
     assert file_digest(built.path / "data.mdb") == before
     with Ledger.open(built.path) as ledger:
         assert ledger.recovered.records == built.last_lsn
+
+
+def test_recover_dry_run_of_a_whole_journal_without_its_anchor_points_to_recover_in_place(built: Built) -> None:
+    (built.path / ANCHOR_FILE).unlink()
+
+    dry = tally("recover", built.path, "--dry-run")
+
+    assert dry.returncode == 1, dry.stdout
+    assert f"`tally recover {built.path}` writes the anchor" in dry.stdout and "--salvage" not in dry.stdout
+    assert tally("recover", built.path).returncode == 0
+    assert (built.path / ANCHOR_FILE).exists()
+
+
+@pytest.mark.parametrize("last", ["expiry", "linked"])
+def test_recover_names_the_last_durable_record_of_every_kind(tmp_path: Path, last: str) -> None:
+    now = [1_700_000_000_000_000_000]
+    with Ledger.open(tmp_path / "ledger", clock_ns=lambda: now[0]) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("a", currency="USD")
+        ledger.create_account("b", currency="USD")
+        if last == "expiry":
+            ledger.transfer("hold", source="bank", destination="a", amount=5, pending=True, timeout_s=1)
+            now[0] += 2_000_000_000
+            assert ledger.expire_pending() == 1
+        else:
+            ledger.transfer_linked([TransferRequest("l-0", "bank", "a", 5), TransferRequest("l-1", "a", "b", 5)])
+
+    done = tally("recover", tmp_path / "ledger", "--dry-run")
+
+    assert done.returncode == 0, done.stdout
+    named = {"expiry": "expiry of 1 pending transfer\n", "linked": "commit of a linked chain of 2 (l-0, ...)\n"}
+    assert named[last] in done.stdout and "None" not in done.stdout
 
 
 def test_recover_writes_a_checkpoint_after_which_a_reopen_replays_no_record(built: Built) -> None:

@@ -896,3 +896,13 @@ def test_bad_open_options_raise_invalid_request_and_create_nothing(tmp_path: Pat
     with pytest.raises(InvalidRequest):
         Ledger.open(path, **option)
     assert not path.exists()
+
+
+def test_a_sharded_ledger_without_ray_installed_says_which_extra_to_install(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine import ShardedLedger
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as it does where Ray is not installed
+    with pytest.raises(InvalidRequest, match=r"pip install 'tally-ledger\[cluster\]'"):
+        ShardedLedger.open(tmp_path / "books", shards=2)
+    assert not (tmp_path / "books").exists(), "nothing is written before Ray is there"

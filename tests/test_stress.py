@@ -36,6 +36,7 @@ from engine._auditor import (
     CHECK_RETRIES,
     Replies,
     audit_replies,
+    open_pending,
 )
 from engine._stress import StressConfig, _record, run_stress
 from engine._workload import Op
@@ -272,6 +273,35 @@ def test_the_auditor_passes_pending_transfers_and_chains_and_reports_what_they_l
         ledger.close()
 
 
+def test_pending_transfers_a_run_before_left_open_count_as_holds_of_the_next(tmp_path: Path) -> None:
+    """A second run on the ledger finds the first's open pending transfer holding funds: its
+    audit counts them (`open_pending`), and still reports a hold that none explains."""
+    ledger, _ = pending_ledger(tmp_path)
+    try:
+        prior = open_pending(ledger)
+        assert prior == {"p-open"}
+        assert audit_replies(ledger, Replies())[CHECK_HOLDS] is False  # what the auditor did before
+        assert audit_replies(ledger, Replies(), prior=prior)[CHECK_HOLDS] is True
+        assert audit_replies(Faulty(ledger, "lost hold", "a"), Replies(), prior=prior)[CHECK_HOLDS] is False
+        ledger.void_pending("closed-since", pending_id="p-open")  # ended during the later run: no hold left
+        assert audit_replies(ledger, Replies(), prior=prior)[CHECK_HOLDS] is True
+    finally:
+        ledger.close()
+
+
+def test_a_second_run_on_the_same_ledger_passes_every_check(tmp_path: Path) -> None:
+    path = str(tmp_path / "ledger")
+    config = dict(SMALL, pending_rate=0.3, linked_rate=0.1)
+    first = run_stress(StressConfig(path=path, **config), progress=False)  # type: ignore[arg-type]
+    assert first.ok, first.checks
+    with Ledger.open(path) as ledger:
+        assert open_pending(ledger), "the first run left no pending transfer open: the second proves nothing"
+    second = run_stress(StressConfig(path=path, **config), progress=False)  # type: ignore[arg-type]
+    assert second.ok, second.checks
+    other_sizes = run_stress(StressConfig(path=path, **dict(config, amount_max=77)), progress=False)  # type: ignore[arg-type]
+    assert other_sizes.ok, other_sizes.checks
+
+
 def test_a_batched_zipf_run_with_retries_passes_from_the_command_line(tmp_path: Path) -> None:
     out = tally("stress", "--path", str(tmp_path / "ledger"), "--accounts", "30", "--clients", "3", "--transfers", "600",
                 "--batch", "25", "--mix", "zipf", "--retry-rate", "0.3", "--seed", "9", "--json")
@@ -320,6 +350,10 @@ def test_the_report_is_a_plot_a_person_can_open(tmp_path: Path, suffix: str) -> 
         ["--pending-rate", "-0.1"],
         ["--pending-rate", "0.6", "--linked-rate", "0.5", "--transfers", "10", "--accounts", "3"],
         ["--chaos", "--linked-rate", "0.1", "--transfers", "10", "--accounts", "3"],
+        ["--chaos", "--duration", "3"],  # options a chaos run would ignore: refused, not ignored
+        ["--chaos", "--batch", "8"],
+        ["--chaos", "--retry-rate", "0.5"],
+        ["--kills", "3", "--transfers", "10", "--accounts", "3"],
     ],
 )
 def test_bad_arguments_get_one_clear_line_and_a_non_zero_exit(args: list[str]) -> None:
