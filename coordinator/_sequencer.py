@@ -262,14 +262,17 @@ class Sequencer:
         if self._holds_from_due:
             marks = iter(self._marked({}, lsn)[ENTRIES_INDEX])
             index += ((ENTRIES_INDEX, key, value) for key, value in zip(marks, marks, strict=True))
-        appended = self._journal.append(payload, index, completion)
+        try:
+            appended = self._journal.append(payload, index, completion)
+        finally:  # queued, memory follows, even if an interrupt came out of the append: else
+            if self._journal.last_lsn >= lsn:  # a retry would find the id free and journal it twice
+                self._holds_from_due = False
+                self.index_entries += 1
+                # `accounts` last: threads that find the account there (without the lock) find the rest.
+                self.account_lsns[account.id] = lsn
+                self.states[account.id] = NO_ENTRIES
+                self.accounts[account.id] = account
         assert appended == lsn, (appended, lsn)
-        self._holds_from_due = False
-        self.index_entries += 1
-        # `accounts` last: threads that find the account there (without the lock) find the rest.
-        self.account_lsns[account.id] = lsn
-        self.states[account.id] = NO_ENTRIES
-        self.accounts[account.id] = account
         self._appended()
         return lsn
 
@@ -288,16 +291,19 @@ class Sequencer:
                                     account.code, metadata]))
             keys += (id_key(account.id), lsn_value(lsn))
             lsn += 1
-        appended = self._journal.append_block(payloads, self._marked({ACCOUNTS_INDEX: keys}, first),
-                                              [None] * len(payloads))
+        try:
+            appended = self._journal.append_block(payloads, self._marked({ACCOUNTS_INDEX: keys}, first),
+                                                  [None] * len(payloads))
+        finally:  # queued, memory follows, even if an interrupt came out of the append (see `open_account`)
+            if self._journal.last_lsn >= first:
+                self._holds_from_due = False
+                self.index_entries += len(payloads)
+                account_lsns, states, known = self.account_lsns, self.states, self.accounts
+                for lsn, account in enumerate(accounts, first):
+                    account_lsns[account.id] = lsn
+                    states[account.id] = NO_ENTRIES
+                    known[account.id] = account  # last: threads that find it there find the rest
         assert appended == first, (appended, first)
-        self._holds_from_due = False
-        self.index_entries += len(payloads)
-        account_lsns, states, known = self.account_lsns, self.states, self.accounts
-        for lsn, account in enumerate(accounts, first):
-            account_lsns[account.id] = lsn
-            states[account.id] = NO_ENTRIES
-            known[account.id] = account  # last: threads that find it there find the rest
         self._appended(len(payloads))
         return first + len(payloads) - 1
 
@@ -613,12 +619,14 @@ class Sequencer:
         index: dict[str, Any] = {TRANSFERS_INDEX: chunk.transfers}
         if self._holds_from_due:
             self._marked(index, self._journal.last_lsn + 1)
+        last_lsn = self._journal.last_lsn
         try:
             appended = self._journal.append_block(chunk.payloads, index, chunk.completions, room_made, wake_writer)
         except BaseException:
-            self.unindexed.remove(chunk.accounts)
-            if chunk.holds:
-                self.unindexed_holds.remove(chunk.holders)
+            if self._journal.last_lsn == last_lsn:  # not queued (an interrupt may land after it was)
+                self.unindexed.remove(chunk.accounts)
+                if chunk.holds:
+                    self.unindexed_holds.remove(chunk.holders)
             raise
         self._holds_from_due = False
         return appended

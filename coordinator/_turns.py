@@ -214,6 +214,14 @@ def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mappi
             # left were never started: they fail too.
             _fail(coordinator, tickets, error)
             raise
+        except BaseException as error:  # an interrupt: queued or not, the journal's last LSN says
+            if coordinator.journal.last_lsn < lsn:  # not: memory is past what will never be journaled
+                sequencer.broken(error)
+                _fail(coordinator, tickets, JournalError(f"the ledger stopped writing: {error!r}"))
+            else:  # queued: the writer answers them; the ones left for the mailboxes never started
+                for ticket in left:
+                    coordinator.fail(ticket, error)
+            raise
         assert first + len(chunk) - 1 == lsn, (first, len(chunk), lsn)
         if CRASH_POINT_ARMED:
             for _ in range(commits):

@@ -61,3 +61,36 @@ def test_create_accounts_refuses_what_is_not_a_sequence(ledger: Ledger, value: o
 def test_an_empty_list_creates_nothing(ledger: Ledger) -> None:
     assert ledger.create_accounts([]) == []
     assert ledger.accounts() == []
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["create_account", "create_accounts"])
+def test_an_interrupt_out_of_an_accounts_queued_record_leaves_it_opened_once(ledger_path: Path, many: bool) -> None:
+    """An interrupt comes out of the journal's append once the account's record is queued:
+    memory still takes the account, so the retry finds it (the same account: returned)
+    instead of journaling it a second time, which no reopen would accept."""
+    ledger = Ledger.open(ledger_path)
+    try:
+        journal = ledger._journal
+        name = "append_block" if many else "append"
+        real = getattr(journal, name)
+
+        def queued_then_interrupted(*args: object, **kwargs: object) -> int:
+            setattr(journal, name, real)  # once
+            real(*args, **kwargs)
+            raise KeyboardInterrupt
+
+        setattr(journal, name, queued_then_interrupted)
+        account = Account("x", "USD", 0)
+        with pytest.raises(KeyboardInterrupt):
+            if many:
+                ledger.create_accounts([account])
+            else:
+                ledger.create_account("x", currency="USD")
+        last_lsn = journal.last_lsn
+        assert (ledger.create_accounts([account]) if many else [ledger.create_account("x", currency="USD")]) == [account]
+        assert journal.last_lsn == last_lsn, "the retry journaled nothing"
+    finally:
+        ledger.close()
+    with Ledger.open(ledger_path) as reopened:
+        assert reopened.accounts() == [account]
+    assert verify(str(ledger_path))["verdict"] == "whole"

@@ -312,6 +312,46 @@ def test_a_bug_met_midway_through_a_chunk_stops_writes_and_reopening_rebuilds_fr
     assert verify(str(ledger_path))["verdict"] == "whole"
 
 
+@pytest.mark.parametrize("queued", [False, True], ids=["before-queued", "after-queued"])
+def test_an_interrupt_in_a_chunks_append_stops_writes_unless_its_records_were_queued(
+    ledger_path: Path, queued: bool,
+) -> None:
+    """An interrupt lands in the journal's append of a decided chunk. Before its records were
+    queued, memory holds a transfer the journal never will: writes stop until reopened, and
+    the journal is what reopens (a later transfer decided on that memory would have been
+    journaled on balances the journal never had). After, the transfer is durable and the
+    ledger goes on, its entries readable."""
+    ledger = Ledger.open(ledger_path, timeout_s=TIMEOUT_S)
+    try:
+        for name in ("a", "b"):
+            ledger.create_account(name, currency="USD", overdraft_limit=None)
+        journal = ledger._journal
+        append_block = journal.append_block
+
+        def interrupted(*args: Any, **kwargs: Any) -> int:
+            journal.append_block = append_block  # type: ignore[method-assign]  # once
+            if queued:
+                append_block(*args, **kwargs)
+            raise KeyboardInterrupt
+
+        journal.append_block = interrupted  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            ledger.transfer("t-1", source="a", destination="b", amount=10)
+        if queued:
+            assert _wait_until(lambda: ledger.get_transfer("t-1") is not None)
+            assert [entry.transfer_id for entry in ledger.entries("a")] == ["t-1"]
+            assert isinstance(ledger.transfer("t-2", source="a", destination="b", amount=5), Transfer)
+        else:
+            with pytest.raises(LedgerUnavailable):
+                ledger.transfer("t-2", source="a", destination="b", amount=5)
+    finally:
+        ledger.close()
+    with Ledger.open(ledger_path, timeout_s=TIMEOUT_S) as reopened:
+        assert reopened.balance("b").posted == (15 if queued else 0)
+        assert (reopened.get_transfer("t-1") is not None) is queued
+    assert verify(str(ledger_path))["verdict"] == "whole"
+
+
 def _wait_until(condition: Any, timeout_s: float = WAIT_S) -> bool:
     """Poll `condition` until it holds, at most `timeout_s` (for a state another thread reaches)."""
     deadline = time.monotonic() + timeout_s
