@@ -61,7 +61,7 @@ class Ticket(Completion):
     """The claim on the ids of a decision in flight: one request's, or every leg's of a linked
     chain. `value` becomes its `Decided`."""
 
-    __slots__ = ("request", "requests", "linked", "stripe", "on_decided")
+    __slots__ = ("request", "requests", "linked", "stripe", "on_decided", "permit")
 
     def __init__(self, requests: tuple[Request, ...], stripe: int, relayed: bool = False, linked: bool = False) -> None:
         _completion_init(self, None, relayed)  # not `super().__init__(relayed=...)`: half the cost, once a transfer
@@ -74,6 +74,8 @@ class Ticket(Completion):
         """The claims stripe of the first request's id."""
         self.on_decided: Callable[[Ticket], None] | None = None
         """Called once, on the deciding thread, when the outcome is known (not yet durable)."""
+        self.permit = True
+        """Whether its admission permit is still to go back (`Coordinator.decided`, once)."""
 
 
 def refusal_error(refused: Refused) -> LedgerError:

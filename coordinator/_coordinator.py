@@ -318,7 +318,11 @@ class Coordinator:
                                                  f"{ticket.request.id!r} was durable: retry with the same id"))
 
     def decided(self, ticket: Ticket) -> None:
-        """Exactly once per started ticket, on whichever thread decided it."""
+        """Once a started ticket is decided, on whichever thread decided it: its permit goes
+        back, once (a second call, from a path an interrupt took, does nothing)."""
+        if not ticket.permit:
+            return
+        ticket.permit = False  # first: an interrupt after it may keep a permit, never give one back twice
         self.admission.release(1)
         if ticket.on_decided is not None:
             ticket.on_decided(ticket)

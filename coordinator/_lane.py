@@ -252,7 +252,8 @@ class Lane:
             if turns is None:
                 return
             late: list[Ticket] = []
-            failure: BaseException | None = None
+            failure: Exception | None = None
+            interrupt: BaseException | None = None
             with self._cond:
                 self._adopting = True
             try:
@@ -269,6 +270,8 @@ class Lane:
                 late = decide_all(coordinator, tickets, turns, between_chunks=lambda: self._between_chunks(turns))
             except Exception as error:  # `decide_all` failed every ticket it did not journal
                 failure = error
+            except BaseException as error:  # an interrupt: as a failure, but the owners get their own errors
+                interrupt = error
             finally:
                 with self._cond:
                     self._adopting = False
@@ -285,6 +288,12 @@ class Lane:
                 if failure is not None and batch.failure is None and any(
                         ticket.error is not None for ticket in batch._fresh):
                     batch.failure = failure
+            if interrupt is not None:  # raised once the permits are back and the undecided tickets failed
+                for batch in group:
+                    for ticket in batch._fresh:
+                        if ticket.value is None:  # a decision sets it: this one was never decided
+                            coordinator.fail(ticket, interrupt)
+                raise interrupt
             coordinator.start_all(late)
         finally:
             for batch in group:

@@ -390,6 +390,15 @@ class Sequencer:
         requests, legs, lsn, timestamp = self._unentered
         enter(self, requests, legs, lsn, timestamp)
 
+    def _not_appended(self, error: BaseException, lsn: int, counts: tuple[int, int]) -> None:
+        """After `error` came out of appending the record stamped at `lsn`: forget what its
+        stamp counted (`_undo_counts`), unless it was queued all the same (an interrupt landing
+        after): then memory cannot follow it any more, and writes stop (`broken`)."""
+        if self._journal.last_lsn >= lsn:
+            self.broken(error)
+        else:
+            self._undo_counts(*counts)
+
     def _undo_counts(self, index_entries: int, resolved: int) -> None:
         """Forget what stamps counted for records the journal refused to queue: the index
         entries they would have put, the pending transfers they would have resolved."""
@@ -497,8 +506,8 @@ class Sequencer:
             decided = self.stamp(chunk, ticket, lsn, NOTHING, pin, enter_now=False)
             try:
                 appended = self._append(chunk)
-            except BaseException:
-                self._undo_counts(*counts)
+            except BaseException as error:
+                self._not_appended(error, lsn, counts)
                 raise
             assert appended == lsn, (appended, lsn)
             if type(decided) is not Refusal:
@@ -511,7 +520,7 @@ class Sequencer:
                         crash_point("mid-linked-chain")
                         made = made[2:]
                     deliver(made)
-                except Exception as error:
+                except BaseException as error:  # a bug, or an interrupt: memory is behind the queued record
                     self.broken(error)
                     raise
             self._appended()
@@ -527,8 +536,8 @@ class Sequencer:
             self.stamp_refusal(chunk, ticket, lsn, self.timestamp(len(ticket.requests)), index, code)
             try:
                 appended = self._append(chunk)
-            except BaseException:
-                self._undo_counts(*counts)
+            except BaseException as error:
+                self._not_appended(error, lsn, counts)
                 raise
             assert appended == lsn, (appended, lsn)
             self._appended()
@@ -567,7 +576,10 @@ class Sequencer:
                 try:
                     appended = self._journal.append_block([encode([EXPIRY3, now, ids])],
                                                           self._marked({TRANSFERS_INDEX: index}, lsn), [None])
-                except BaseException:
+                except BaseException as error:
+                    if self._journal.last_lsn >= lsn:  # queued all the same (an interrupt after it)
+                        self.broken(error)
+                        raise
                     self.unindexed_holds.remove(holders)
                     for found in due:  # not expired after all: due again next time
                         heapq.heappush(deadlines, (found.deadline, found.id))
@@ -583,7 +595,7 @@ class Sequencer:
                     pin([name for found in due for name in (found.source, found.destination)])
                     expire(self, ids)
                     deliver([posting for found in due for posting in _releasing(found, lsn)])
-                except Exception as error:
+                except BaseException as error:  # a bug, or an interrupt: memory is behind the queued record
                     self.broken(error)
                     raise
                 expired += len(ids)
@@ -683,7 +695,12 @@ class Sequencer:
                 index[ENTRIES_INDEX] = [INDEXED_TO_KEY, lsn_value(self._indexed_to)]
         payload = encode([CHECKPOINT4, self.last_timestamp, self.index_entries + 1, previous, total, sweep_next, rows,
                           pendings])
-        appended = self._journal.append_block([payload], index, [None], behind=behind)  # may time out: nothing changed
+        try:
+            appended = self._journal.append_block([payload], index, [None], behind=behind)  # may time out: nothing changed
+        except BaseException as error:
+            if self._journal.last_lsn >= lsn:  # queued all the same (an interrupt after it): the counts are behind it
+                self.broken(error)
+            raise
         self.index_entries += 1
         assert appended == lsn, (appended, lsn)
         if behind is None:  # both empty: nothing to carry, nor to release

@@ -58,8 +58,7 @@ def decide_all(coordinator: Coordinator, tickets: list[Ticket], turns: Mapping[s
             started = True
             left += decide_in_turn(coordinator, tickets[first : first + CHUNK_REQUESTS_MAX], turns, wake_writer)
         except BaseException as error:  # that chunk is failed (or not started); the later ones never started
-            failure = error if isinstance(error, JournalError) else JournalError(f"the ledger stopped writing: {error!r}")
-            _fail(coordinator, left + tickets[first + CHUNK_REQUESTS_MAX if started else first :], failure)
+            _fail(coordinator, left + tickets[first + CHUNK_REQUESTS_MAX if started else first :], error)
             raise
     return left
 
@@ -267,9 +266,10 @@ def _reading(clock: Callable[[], int], coordinator: Coordinator, ticket: Ticket)
         return -1
 
 
-def _fail(coordinator: Coordinator, tickets: list[Ticket], error: JournalError) -> None:
-    """Release tickets that were never appended with the journal's failure (waiters
-    elsewhere wake); the caller then raises it. Appended ones are the writer's to release."""
+def _fail(coordinator: Coordinator, tickets: list[Ticket], error: BaseException) -> None:
+    """Release tickets that were never appended with the journal's failure, or what else kept
+    them from it (waiters elsewhere wake; `Coordinator.fail` says which); the caller then
+    raises it. Appended ones are the writer's to release."""
     for ticket in tickets:
         coordinator.fail(ticket, error)
 

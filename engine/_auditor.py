@@ -67,7 +67,7 @@ CHECK_LINKED = "every linked chain is all-or-nothing"
 CHECK_REOPEN = "close and reopen give the same state hash"
 CHECK_EXPLAINED = "every entry is of a transfer the run sent (no money moved twice, or unasked)"
 
-PENDING_PAGE = 1_000
+PENDING_PAGE_TRANSFERS = 1_000
 """Pending transfers `open_pending` reads a page."""
 
 _MOVES = ("single", "post")
@@ -85,7 +85,7 @@ def open_pending(ledger: ListedLedger) -> frozenset[str]:
         if not ledger.balance(account.id).pending:
             continue
         after = 0
-        while page := ledger.transfers(account=account.id, kind="pending", after_lsn=after, limit=PENDING_PAGE):
+        while page := ledger.transfers(account=account.id, kind="pending", after_lsn=after, limit=PENDING_PAGE_TRANSFERS):
             found.update(t.id for t in page if t.status == "pending" and t.source == account.id)
             after = page[-1].lsn
     return frozenset(found)

@@ -297,3 +297,135 @@ def test_an_interrupt_handing_a_round_to_the_lane_fails_it_only_if_the_lane_did_
         assert sum(balances.values()) == 0, balances
         assert balances["carol"] == (7 if took else 0)
     assert verify(str(ledger_path))["verdict"] == "whole"
+
+
+# --- found by the second review: permits, the lane, appends queued before the interrupt ----------
+
+
+def test_a_permit_goes_back_once_when_an_interrupt_lands_between_two_permit_returns(
+        ledger_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interrupt comes right after the round's first permit went back: the handler gives
+    back the others, and the first not a second time (`Coordinator.decided` is once a ticket)."""
+    with Ledger.open(ledger_path, timeout_s=TIMEOUT_S) as ledger:
+        _accounts(ledger)
+        coordinator = ledger._coordinator
+        admission = coordinator.admission
+        admission.admit(1, TIMEOUT_S)  # a permit someone else holds meanwhile: it must stay taken
+        busy = take_turns(coordinator, ["bob"])
+        tickets = _claimed(ledger, ROUND)
+        real = coordinator.decided
+        returned: list[str] = []
+
+        def decided_then_interrupted(ticket: Any) -> None:
+            real(ticket)
+            returned.append(ticket.request.id)
+            if len(returned) == 1:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(coordinator, "decided", decided_then_interrupted)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                coordinator.combiner.combine(tickets)
+        finally:
+            give_back_turns(coordinator, busy)
+        assert admission.in_flight == 1, returned
+        admission.release(1)
+
+
+def test_an_interrupt_between_two_chunks_of_a_batch_gives_its_permits_back_and_fails_the_rest(
+        ledger_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The main thread runs `transfer_many` (it is the lane's runner); the interrupt lands
+    between two chunks. The first chunk is durable, the rest failed, and every permit is back:
+    the next batch goes through."""
+    with Ledger.open(ledger_path, timeout_s=TIMEOUT_S) as ledger:
+        _accounts(ledger)
+        ledger.transfer("fund", source="bank", destination="alice", amount=10_000)
+        coordinator = ledger._coordinator
+        real = _lane.decide_all
+
+        def interrupting(coordinator: Any, tickets: list[Any], turns: Any, wake_writer: bool = True,
+                         between_chunks: Any = None) -> list[Any]:
+            def between() -> None:
+                raise KeyboardInterrupt
+
+            return real(coordinator, tickets, turns, wake_writer, between)
+
+        monkeypatch.setattr(_lane, "decide_all", interrupting)
+        requests = [TransferRequest(f"m-{k}", "alice", "bob", 1) for k in range(CHUNK_REQUESTS_MAX + 1)]
+        with pytest.raises(KeyboardInterrupt):
+            ledger.transfer_many(requests)
+        monkeypatch.setattr(_lane, "decide_all", real)
+        assert coordinator.admission.in_flight == 0
+        outcomes = ledger.transfer_many(requests)  # the first chunk's answered as before, the last afresh
+        assert all(isinstance(outcome, Transfer) for outcome in outcomes), outcomes
+        assert ledger.balance("bob").posted == len(requests)
+    assert verify(str(ledger_path))["verdict"] == "whole"
+
+
+def _queued_then_interrupted(ledger: Ledger, wanted: Callable[[dict[str, Any]], bool] = lambda kwargs: True) -> None:
+    """The journal's next append (one `wanted` of its keyword arguments) queues its records,
+    then an interrupt comes out of it."""
+    journal = ledger._journal
+    real = journal.append_block
+
+    def append_block(*args: Any, **kwargs: Any) -> int:
+        if not wanted(kwargs):
+            return real(*args, **kwargs)
+        journal.append_block = real  # type: ignore[method-assign]  # once
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    journal.append_block = append_block  # type: ignore[method-assign]
+
+
+def test_an_interrupt_after_a_mailbox_decisions_record_was_queued_stops_writes(
+        ledger_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A post decided in the mailbox path on the caller's thread (the turns are busy); the
+    interrupt comes once its record is queued. Memory never entered it: writes stop (before,
+    a void of the same pending transfer was journaled too, and the ledger did not reopen)."""
+    ledger = Ledger.open(ledger_path, timeout_s=TIMEOUT_S)
+    try:
+        _accounts(ledger)
+        ledger.transfer("p", source="bank", destination="alice", amount=10, pending=True)
+        directory = ledger._directory
+        real_take = directory.take_turns
+        monkeypatch.setattr(directory, "take_turns", lambda *args, **kwargs: {})  # busy: the mailbox path
+        _queued_then_interrupted(ledger)
+        with pytest.raises(KeyboardInterrupt):
+            ledger.post_pending("post-1", pending_id="p")
+        monkeypatch.setattr(directory, "take_turns", real_take)
+        with pytest.raises(LedgerUnavailable):
+            ledger.void_pending("void-1", pending_id="p")
+    finally:
+        ledger.close()
+    with Ledger.open(ledger_path, timeout_s=TIMEOUT_S) as reopened:
+        # Durable or not (the writer may have committed it before writes stopped): never both
+        # the post and the void, and the books agree with what is there.
+        posted = reopened.get_transfer("post-1") is not None
+        assert reopened.get_transfer("void-1") is None
+        assert reopened.get_transfer("p").status == ("posted" if posted else "pending")  # type: ignore[union-attr]
+        assert reopened.balance("alice").posted == (10 if posted else 0)
+    assert verify(str(ledger_path))["verdict"] == "whole"
+
+
+def test_an_interrupt_after_a_checkpoint_was_queued_stops_writes(ledger_path: Path) -> None:
+    """A chunk's append makes a checkpoint due; the interrupt comes once the checkpoint is
+    queued. What it counts and carries never happened in memory: writes stop (before, the
+    ledger went on and the next checkpoint's counts did not reopen)."""
+    ledger = Ledger.open(ledger_path, timeout_s=TIMEOUT_S, checkpoint_interval=4)
+    try:
+        _accounts(ledger)
+        _queued_then_interrupted(ledger, lambda kwargs: "behind" in kwargs)  # a checkpoint's append
+        made = 0
+        with pytest.raises(KeyboardInterrupt):
+            for made in range(20):
+                ledger.transfer(f"t-{made}", source="bank", destination="alice", amount=1)
+        with pytest.raises(LedgerUnavailable):
+            ledger.transfer("u-0", source="bank", destination="bob", amount=1)
+    finally:
+        ledger.close()
+    with Ledger.open(ledger_path, timeout_s=TIMEOUT_S) as reopened:
+        last = reopened.get_transfer(f"t-{made}") is not None  # queued before writes stopped: either
+        assert reopened.balance("alice").posted == made + last
+        assert reopened.get_transfer("u-0") is None
+    assert verify(str(ledger_path))["verdict"] == "whole"
