@@ -46,14 +46,32 @@ class Batch:
         self._waiting: list[int] = []
         self._dependents: list[list[int]] = []
         self._undecided = 0
+        self._started = 0
+        """Items taken from `_ready` to start: each one's permit goes back through its start
+        (at once if its id had an outcome already, else once it is decided)."""
+        self._stopped = False
+        """An interrupt ended the run: nothing more is started."""
 
     def run(self) -> list[Result]:
         valid = self._plan()
         if valid:
             self._coordinator.admission.admit(valid, self._remaining())
-            self._pump()
-            self._await_decisions()
+            try:
+                self._pump()
+                self._await_decisions()
+            except BaseException:  # a timeout, or an interrupt on the caller's thread
+                self._stop(valid)
+                raise
         return self._settle()
+
+    def _stop(self, valid: int) -> None:
+        """After an interrupt or a timeout: start nothing more, and give back the permits of
+        the items never started (those started return theirs when decided)."""
+        with self._lock:
+            self._stopped = True
+            never = valid - self._started
+        if never:
+            self._coordinator.admission.release(never)
 
     def _remaining(self) -> float:
         return max(0.0, self._deadline - time.monotonic())
@@ -108,10 +126,11 @@ class Batch:
             self._pumping = True
         while True:
             with self._lock:
-                if not self._ready:
+                if not self._ready or self._stopped:
                     self._pumping = False
                     return
                 i = self._ready.popleft()
+                self._started += 1  # with the pop: `_stop` counts it, or it is never popped
             self._start(i)
 
     def _start(self, i: int) -> None:

@@ -194,6 +194,10 @@ class Coordinator:
             self.sequencer.commit(ticket, self._deliverer(pinned, turns), False, self._pinner(pinned))
         except UNDECIDED as error:
             self.fail(ticket, error)
+        except BaseException as error:  # an interrupt: one never queued is undecided (`commit` cleared its value)
+            if ticket.value is None:
+                self.fail(ticket, error)
+            raise
         finally:
             self._unpin(pinned)
             self.decided(ticket)

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from coordinator._claims import Prior, Ticket, lsn_of, result_of
-from coordinator._errors import LedgerError, LedgerTimeout
+from coordinator._errors import LedgerError, LedgerTimeout, LedgerUnavailable
 from coordinator._limits import LANE_GROUP_REQUESTS_MAX, DECIDING_PAUSE_S, TURN_WAIT_S_MAX
 from coordinator._participant import TurnAccount
 from coordinator._turns import decide_all, give_back_turns, take_turns
@@ -276,9 +276,13 @@ class Lane:
                 with self._cond:
                     self._adopting = False
                 try:
-                    self._decide_adopted(turns)  # adopted after the last chunk: the turns are still held
-                finally:
-                    give_back_turns(coordinator, turns)
+                    try:
+                        self._decide_adopted(turns)  # adopted after the last chunk: the turns are still held
+                    finally:
+                        give_back_turns(coordinator, turns)
+                except BaseException as error:  # an interrupt here too: the permits below go back all the same
+                    if interrupt is None:
+                        interrupt = error
             if late:  # a started ticket's permit returns when it is decided
                 left = set(map(id, late))
                 for batch in group:
@@ -289,7 +293,12 @@ class Lane:
                         ticket.error is not None for ticket in batch._fresh):
                     batch.failure = failure
             if interrupt is not None:  # raised once the permits are back and the undecided tickets failed
+                coordinator.fail_unstarted(late, interrupt)  # left for the mailboxes, never started: not in the release above
                 for batch in group:
+                    for i in batch.valid:  # a batch the interrupt kept from being claimed answers each item
+                        if batch._results[i] is None:
+                            batch._results[i] = LedgerUnavailable(
+                                f"transfer {batch._requests[i].id!r} was not decided: {interrupt!r}")
                     for ticket in batch._fresh:
                         if ticket.value is None:  # a decision sets it: this one was never decided
                             coordinator.fail(ticket, interrupt)

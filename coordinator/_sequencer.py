@@ -392,9 +392,10 @@ class Sequencer:
 
     def _not_appended(self, error: BaseException, lsn: int, counts: tuple[int, int]) -> None:
         """After `error` came out of appending the record stamped at `lsn`: forget what its
-        stamp counted (`_undo_counts`), unless it was queued all the same (an interrupt landing
-        after): then memory cannot follow it any more, and writes stop (`broken`)."""
-        if self._journal.last_lsn >= lsn:
+        stamp counted (`_undo_counts`), unless it was queued all the same, or `error` is an
+        interrupt, which may have landed partway through what `_append` puts in memory: then
+        memory cannot be trusted to follow the journal, and writes stop (`broken`)."""
+        if self._journal.last_lsn >= lsn or not isinstance(error, Exception):
             self.broken(error)
         else:
             self._undo_counts(*counts)
@@ -508,6 +509,8 @@ class Sequencer:
                 appended = self._append(chunk)
             except BaseException as error:
                 self._not_appended(error, lsn, counts)
+                if self._journal.last_lsn < lsn:  # not queued: undecided (its caller fails it)
+                    ticket.value = None
                 raise
             assert appended == lsn, (appended, lsn)
             if type(decided) is not Refusal:
@@ -538,6 +541,8 @@ class Sequencer:
                 appended = self._append(chunk)
             except BaseException as error:
                 self._not_appended(error, lsn, counts)
+                if self._journal.last_lsn < lsn:  # not queued: undecided (its caller fails it)
+                    ticket.value = None
                 raise
             assert appended == lsn, (appended, lsn)
             self._appended()
@@ -585,13 +590,13 @@ class Sequencer:
                         heapq.heappush(deadlines, (found.deadline, found.id))
                     raise
                 assert appended == lsn, (appended, lsn)
-                self._holds_from_due = False
-                for pending_id in ids:
-                    self._resolved[pending_id] = "expired"
-                    self._resolved_at.append((lsn, pending_id))
-                self.index_entries += len(ids)
-                crash_point("during-expiry")
-                try:
+                try:  # from the append on, memory follows the queued record, or writes stop
+                    self._holds_from_due = False
+                    for pending_id in ids:
+                        self._resolved[pending_id] = "expired"
+                        self._resolved_at.append((lsn, pending_id))
+                    self.index_entries += len(ids)
+                    crash_point("during-expiry")
                     pin([name for found in due for name in (found.source, found.destination)])
                     expire(self, ids)
                     deliver([posting for found in due for posting in _releasing(found, lsn)])
@@ -701,18 +706,22 @@ class Sequencer:
             if self._journal.last_lsn >= lsn:  # queued all the same (an interrupt after it): the counts are behind it
                 self.broken(error)
             raise
-        self.index_entries += 1
-        assert appended == lsn, (appended, lsn)
-        if behind is None:  # both empty: nothing to carry, nor to release
-            if self._indexed_to is not None:
-                self._indexed_to = lsn
-        else:
-            self._indexed_to = None
-            self.unindexed.carry(lsn)
-            self.unindexed_holds.carry(lsn)
-        crash_point("during-checkpoint")
-        self._since_checkpoint = 0
-        self._checkpoint = (lsn, total, sweep_next)
+        try:  # from the append on, memory follows the queued record, or writes stop
+            self.index_entries += 1
+            assert appended == lsn, (appended, lsn)
+            if behind is None:  # both empty: nothing to carry, nor to release
+                if self._indexed_to is not None:
+                    self._indexed_to = lsn
+            else:
+                self._indexed_to = None
+                self.unindexed.carry(lsn)
+                self.unindexed_holds.carry(lsn)
+            crash_point("during-checkpoint")
+            self._since_checkpoint = 0
+            self._checkpoint = (lsn, total, sweep_next)
+        except BaseException as error:
+            self.broken(error)
+            raise
         return lsn
 
     def _fixed_row(self, account_id: str) -> tuple[Any, ...]:
