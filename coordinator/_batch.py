@@ -177,6 +177,9 @@ class Batch:
 
     def _settle(self) -> list[Result]:
         journal = self._coordinator.journal
+        for result in self._results:  # a ticket found stamped may still fail to be journaled: wait for it
+            if type(result) is Ticket and not result.done and not result.wait(self._remaining()):
+                raise LedgerTimeout(f"transfer {result.request.id!r} is not durable yet; retry with the same ids")
         lsns = [lsn_of(result) for result in self._results]
         journal.wait_durable(max(lsns, default=0), self._remaining())
         for ticket in self._fresh:

@@ -126,7 +126,8 @@ class Combiner:
                     coordinator.fail(ticket, error)
                 coordinator.decided(ticket)
             raise
-        coordinator.start_all(rest)
+        if rest:
+            coordinator.start_all(rest)
 
     def _start_in_turn(self, tickets: list[Ticket], wake_writer: bool = True,
                        held: Mapping[str, TurnAccount] | None = None) -> list[Ticket]:

@@ -43,6 +43,7 @@ from coordinator._claims import (
     Claims,
     Prior,
     Ticket,
+    lsn_of,
     refusal_error,
     settle,
     settle_chain,
@@ -194,8 +195,8 @@ class Coordinator:
             self.sequencer.commit(ticket, self._deliverer(pinned, turns), False, self._pinner(pinned))
         except UNDECIDED as error:
             self.fail(ticket, error)
-        except BaseException as error:  # an interrupt: one never queued is undecided (`commit` cleared its value)
-            if ticket.value is None:
+        except BaseException as error:  # an interrupt: a record never queued is the caller's to fail
+            if ticket.value is None or self.journal.last_lsn < lsn_of(ticket):
                 self.fail(ticket, error)
             raise
         finally:

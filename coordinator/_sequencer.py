@@ -504,13 +504,11 @@ class Sequencer:
         with self.lock:
             lsn = self._journal.last_lsn + 1
             counts = self.index_entries, len(self._resolved_at)
-            decided = self.stamp(chunk, ticket, lsn, NOTHING, pin, enter_now=False)
-            try:
-                appended = self._append(chunk)
+            try:  # from the stamp on: an interrupt between it and the append moved the counts
+                decided = self.stamp(chunk, ticket, lsn, NOTHING, pin, enter_now=False)
+                appended = self._append(chunk, lsn)
             except BaseException as error:
                 self._not_appended(error, lsn, counts)
-                if self._journal.last_lsn < lsn:  # not queued: undecided (its caller fails it)
-                    ticket.value = None
                 raise
             assert appended == lsn, (appended, lsn)
             if type(decided) is not Refusal:
@@ -536,13 +534,11 @@ class Sequencer:
         with self.lock:
             lsn = self._journal.last_lsn + 1
             counts = self.index_entries, len(self._resolved_at)
-            self.stamp_refusal(chunk, ticket, lsn, self.timestamp(len(ticket.requests)), index, code)
-            try:
-                appended = self._append(chunk)
+            try:  # from the stamp on, as in `commit`
+                self.stamp_refusal(chunk, ticket, lsn, self.timestamp(len(ticket.requests)), index, code)
+                appended = self._append(chunk, lsn)
             except BaseException as error:
                 self._not_appended(error, lsn, counts)
-                if self._journal.last_lsn < lsn:  # not queued: undecided (its caller fails it)
-                    ticket.value = None
                 raise
             assert appended == lsn, (appended, lsn)
             self._appended()
@@ -615,20 +611,21 @@ class Sequencer:
 
     # --- appending -------------------------------------------------------------------------
 
-    def append_chunk(self, chunk: Chunk, wake_writer: bool = True) -> int:
-        """Journal the records stamped in `chunk` (under `lock`, at consecutive LSNs from
-        `last_lsn + 1`, the projection already past them); return the first LSN. The
+    def append_chunk(self, chunk: Chunk, last_lsn: int, wake_writer: bool = True) -> int:
+        """Journal the records stamped in `chunk` (under `lock`, at consecutive LSNs from the
+        journal's `last_lsn + 1` up to `last_lsn`, the projection already past them); return
+        the first LSN. The
         caller made room with `journal.wait_room` under this same hold of `lock`, so this
         never waits: it raises only if the journal failed, and then nothing was queued.
         `wake_writer` False: the caller commits them itself (`Journal.commit_inline`)."""
-        first = self._append(chunk, room_made=True, wake_writer=wake_writer)
+        first = self._append(chunk, last_lsn, room_made=True, wake_writer=wake_writer)
         self._appended(len(chunk))
         return first
 
-    def _append(self, chunk: Chunk, room_made: bool = False, wake_writer: bool = True) -> int:
-        """Queue the chunk's records, their entries unindexed ones from before the records are
-        queued (the writer may make them durable at once); a chunk the journal refuses leaves
-        no entry behind, and its LSNs go to the next records."""
+    def _append(self, chunk: Chunk, last_lsn: int, room_made: bool = False, wake_writer: bool = True) -> int:
+        """Queue the chunk's records (stamped up to `last_lsn`), their entries unindexed ones
+        from before the records are queued (the writer may make them durable at once); a chunk
+        the journal refuses leaves no entry behind, and its LSNs go to the next records."""
         assert self.lock.locked()
         self.unindexed.add(chunk.accounts, chunk.entries)
         if chunk.holds:
@@ -636,11 +633,10 @@ class Sequencer:
         index: dict[str, Any] = {TRANSFERS_INDEX: chunk.transfers}
         if self._holds_from_due:
             self._marked(index, self._journal.last_lsn + 1)
-        last_lsn = self._journal.last_lsn
         try:
             appended = self._journal.append_block(chunk.payloads, index, chunk.completions, room_made, wake_writer)
         except BaseException:
-            if self._journal.last_lsn == last_lsn:  # not queued (an interrupt may land after it was)
+            if self._journal.last_lsn < last_lsn:  # not queued (an interrupt may land after it was)
                 self.unindexed.remove(chunk.accounts)
                 if chunk.holds:
                     self.unindexed_holds.remove(chunk.holders)

@@ -205,7 +205,7 @@ def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mappi
         if not chunk:
             return left
         try:
-            first = sequencer.append_chunk(chunk, wake_writer)
+            first = sequencer.append_chunk(chunk, lsn, wake_writer)
         except JournalError as error:  # the journal failed: nothing more is written until reopen
             # The accounts and the projection already hold this chunk's entries, which
             # will never be durable: the ledger is unusable until reopened, and it is,

@@ -251,3 +251,36 @@ def test_an_interrupt_in_the_message_passing_batch_starts_nothing_more_and_gives
         monkeypatch.undo()
         assert [outcome.id for outcome in ledger.transfer_many(requests)] == [request.id for request in requests]  # type: ignore[union-attr]
         assert ledger.balance("bob").posted == 5
+
+
+def test_an_interrupt_between_a_mailbox_decisions_stamp_and_its_append_stops_writes(
+        ledger_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A post decided in the mailbox path; the interrupt lands right after its stamp, before the
+    append. Before, the counts the stamp moved stayed, writes went on and the next checkpoint
+    disagreed with the records; and the post's id stayed claimed. Now writes stop, the post
+    fails, and the books reopen whole."""
+    ledger = Ledger.open(ledger_path, timeout_s=TIMEOUT_S)
+    try:
+        _accounts(ledger)
+        ledger.transfer("p", source="bank", destination="alice", amount=10, pending=True)
+        sequencer, directory = ledger._sequencer, ledger._directory
+        monkeypatch.setattr(directory, "take_turns", lambda *args, **kwargs: {})  # busy: the mailbox path
+        real_stamp = sequencer.stamp
+
+        def stamp(*args: Any, **kwargs: Any) -> Any:
+            monkeypatch.setattr(sequencer, "stamp", real_stamp)
+            real_stamp(*args, **kwargs)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(sequencer, "stamp", stamp)
+        with pytest.raises(KeyboardInterrupt):
+            ledger.post_pending("post-1", pending_id="p")
+        monkeypatch.undo()
+        assert not [ticket for ticket in ledger._coordinator.claims.in_flight() if ticket.request.id == "post-1"]
+        with pytest.raises(LedgerUnavailable):
+            ledger.transfer("t-1", source="bank", destination="alice", amount=1)
+    finally:
+        ledger.close()
+    with Ledger.open(ledger_path, timeout_s=TIMEOUT_S) as reopened:
+        assert reopened.get_transfer("post-1") is None and reopened.get_transfer("p").status == "pending"  # type: ignore[union-attr]
+    assert verify(str(ledger_path))["verdict"] == "whole"
