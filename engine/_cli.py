@@ -301,7 +301,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0 if report["verdict"] == "identical" else 1
     if args.command == "inspect":
         report = _tools.inspect(args.path, args.start, args.limit, args.transfer, args.account)
-        _emit(args, report, lambda: _render_inspect(report))
+        _emit(args, report, lambda: _render_inspect(report, args.transfer, args.start))
         return 1 if report["problem"] else 0
     if args.command == "tail":
         return _tail(args)
@@ -524,7 +524,10 @@ def _render_stress(summary: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"  verdict: {summary['verdict']}")
 
 
-def _render_inspect(report: dict[str, Any]) -> None:
+def _render_inspect(report: dict[str, Any], transfer: str | None = None, start: int = 1) -> None:
+    if transfer is not None and not report["records"] and not report["problem"]:
+        since = f" at or after LSN {start}" if start > 1 else ""
+        print(f"no record of transfer {transfer!r}{since}: no such id, or it is still in flight")
     for row in report["records"]:
         lsn, kind = f"{row['lsn']:>10}", row["kind"]
         if kind == "account":

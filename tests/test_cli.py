@@ -291,6 +291,15 @@ def test_replay_into_a_directory_that_is_not_empty_is_refused_and_writes_nothing
 # --- recover ---------------------------------------------------------------------
 
 
+def test_inspect_of_a_transfer_id_with_no_record_says_so(built: Built) -> None:
+    done = tally("inspect", built.path, "--transfer", "nope")
+
+    assert done.returncode == 0 and done.stderr == ""
+    assert done.stdout == "no record of transfer 'nope': no such id, or it is still in flight\n"
+    code, report = tally_json("inspect", built.path, "--transfer", "nope")
+    assert code == 0 and report["records"] == []
+
+
 def test_recover_dry_run_changes_no_byte_and_says_where_it_would_checkpoint(built: Built) -> None:
     before = file_digest(built.path / "data.mdb")
 
