@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import threading
@@ -17,7 +18,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from coordinator import AMOUNT_MAX, InvalidRequest, JournalCorrupted, LedgerError, check_path
+from coordinator import AMOUNT_MAX, AccountNotFound, InvalidRequest, JournalCorrupted, LedgerError, check_path
 
 from engine import __version__
 from engine._workload import MIXES, RETRY_RATE_DEFAULT
@@ -98,6 +99,14 @@ def _instant(text: str) -> int:
     if since < timedelta(0):
         raise argparse.ArgumentTypeError(f"{text!r} is before 1970")
     return since // timedelta(microseconds=1) * 1000
+
+
+def _said_at(message: str, at: int, account: str, unknown: bool) -> str:
+    """The API's refusal of a balance at a time, as `--at` put it: its times in ISO 8601
+    rather than nanoseconds, the flag's name rather than the argument's."""
+    message = re.sub(r"\b\d{18,19}\b", lambda found: _shown_instant(int(found.group())), message)
+    message = message.replace(f"at_timestamp {_shown_instant(at)}", f"--at {_shown_instant(at)}")
+    return f"account {account!r} did not exist yet at {_shown_instant(at)} ({message})" if unknown else message
 
 
 def _shown_instant(timestamp: int) -> str:
@@ -306,7 +315,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "tail":
         return _tail(args)
     if args.command == "balance":
-        report = _tools.balance(args.path, args.account, args.at_lsn, args.at)
+        try:
+            report = _tools.balance(args.path, args.account, args.at_lsn, args.at)
+        except (InvalidRequest, AccountNotFound) as error:
+            opened_later = type(error) is AccountNotFound and "was opened at LSN" in str(error)
+            if args.at is None or (type(error) is AccountNotFound and not opened_later):
+                raise
+            raise type(error)(_said_at(str(error), args.at, args.account, opened_later)) from error
         where = (f" ({report['entries']} entries, last LSN {report['last_lsn']})" if "at_lsn" not in report else
                  f" at LSN {report['at_lsn']} ({_shown_instant(report['at_timestamp'])})")
         _emit(args, report, lambda: print(

@@ -291,6 +291,16 @@ def test_replay_into_a_directory_that_is_not_empty_is_refused_and_writes_nothing
 # --- recover ---------------------------------------------------------------------
 
 
+def test_balance_at_a_time_outside_an_accounts_life_is_refused_in_the_flags_terms(built: Built) -> None:
+    future = tally("balance", built.path, "alice", "--at", "2099-01-01")
+    past = tally("balance", built.path, "alice", "--at", "2020-01-01")
+
+    assert future.returncode == past.returncode == 2 and future.stdout == past.stdout == ""
+    assert future.stderr.startswith("tally balance: --at 2099-01-01T00:00:00Z is still to come (the ledger's clock reads 20")
+    assert past.stderr.startswith("tally balance: account 'alice' did not exist yet at 2020-01-01T00:00:00Z (")
+    assert "at_timestamp" not in future.stderr + past.stderr
+
+
 def test_inspect_of_a_transfer_id_with_no_record_says_so(built: Built) -> None:
     done = tally("inspect", built.path, "--transfer", "nope")
 
