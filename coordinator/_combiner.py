@@ -114,8 +114,9 @@ class Combiner:
             rest = self._start_in_turn(batch, wake_writer, held)
         except Exception as error:  # a bug must not strand the queue or its callers
             logger.exception("deciding %d combined transfers failed", len(batch))
-            for queued in batch:
+            for queued in batch:  # the first resolve wins: one the writer failed keeps its error
                 queued.resolve(LedgerUnavailable(f"transfer {queued.request.id!r} failed: {error!r}"))
+                coordinator.decided(queued)
             return
         except BaseException as error:
             # No permit of `batch` went back yet (`_start_in_turn`). A decision sets its
@@ -137,9 +138,9 @@ class Combiner:
         `held`: turns this thread holds already (the lane's runner); it takes the others the
         tickets name, if they are free, and gives those back before it returns, so a group's
         own tickets left for the mailboxes (an account made after it took its turns) stay
-        behind every later ticket of the group that names the same account. An interrupt
-        (a `BaseException`) is raised with the turns it took given back and no permit of
-        `tickets` returned: `start_round` returns them."""
+        behind every later ticket of the group that names the same account. A bug or an
+        interrupt is raised with the turns it took given back and no permit of `tickets`
+        returned: `start_round` answers the tickets and returns them."""
         coordinator = self._coordinator
         sequencer, participants = coordinator.sequencer, coordinator.participants
         accounts, pending = sequencer.accounts, sequencer.pending
@@ -174,13 +175,7 @@ class Combiner:
             left = decide_all(coordinator, mine, turns, wake_writer)
         except JournalError:
             pass  # every ticket is released with the failure, by `decide_all` or the writer
-        except Exception as error:  # a bug: release every ticket not yet released, then say so
-            for ticket in tickets:
-                ticket.resolve(LedgerUnavailable(f"transfer {ticket.request.id!r} failed: {error!r}"))
-            for ticket in tickets:
-                coordinator.decided(ticket)
-            raise
-        finally:
+        finally:  # a bug or an interrupt is raised with the turns given back: `start_round` answers
             give_back_turns(coordinator, taken)
         # Only now, not in `finally`: after an interrupt `start_round` returns every permit.
         for ticket in mine:

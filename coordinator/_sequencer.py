@@ -577,16 +577,7 @@ class Sequencer:
                 try:
                     appended = self._journal.append_block([encode([EXPIRY3, now, ids])],
                                                           self._marked({TRANSFERS_INDEX: index}, lsn), [None])
-                except BaseException as error:
-                    if self._journal.last_lsn >= lsn:  # queued all the same (an interrupt after it)
-                        self.broken(error)
-                        raise
-                    self.unindexed_holds.remove(holders)
-                    for found in due:  # not expired after all: due again next time
-                        heapq.heappush(deadlines, (found.deadline, found.id))
-                    raise
-                assert appended == lsn, (appended, lsn)
-                try:  # from the append on, memory follows the queued record, or writes stop
+                    assert appended == lsn, (appended, lsn)
                     self._holds_from_due = False
                     for pending_id in ids:
                         self._resolved[pending_id] = "expired"
@@ -596,8 +587,13 @@ class Sequencer:
                     pin([name for found in due for name in (found.source, found.destination)])
                     expire(self, ids)
                     deliver([posting for found in due for posting in _releasing(found, lsn)])
-                except BaseException as error:  # a bug, or an interrupt: memory is behind the queued record
-                    self.broken(error)
+                except BaseException as error:
+                    if self._journal.last_lsn >= lsn:  # queued (a bug, or an interrupt, after): memory is behind it
+                        self.broken(error)
+                        raise
+                    self.unindexed_holds.remove(holders)
+                    for found in due:  # not expired after all: due again next time
+                        heapq.heappush(deadlines, (found.deadline, found.id))
                     raise
                 expired += len(ids)
                 last = lsn
@@ -698,11 +694,6 @@ class Sequencer:
                           pendings])
         try:
             appended = self._journal.append_block([payload], index, [None], behind=behind)  # may time out: nothing changed
-        except BaseException as error:
-            if self._journal.last_lsn >= lsn:  # queued all the same (an interrupt after it): the counts are behind it
-                self.broken(error)
-            raise
-        try:  # from the append on, memory follows the queued record, or writes stop
             self.index_entries += 1
             assert appended == lsn, (appended, lsn)
             if behind is None:  # both empty: nothing to carry, nor to release
@@ -716,7 +707,8 @@ class Sequencer:
             self._since_checkpoint = 0
             self._checkpoint = (lsn, total, sweep_next)
         except BaseException as error:
-            self.broken(error)
+            if self._journal.last_lsn >= lsn:  # queued (an interrupt after it): memory is behind it
+                self.broken(error)
             raise
         return lsn
 

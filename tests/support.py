@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from coordinator import INDEX_NAMES, AuditReport, audit
 from engine import Balance, Ledger
@@ -43,3 +46,16 @@ def audit_of(path: Path) -> AuditReport:
         return audit(journal)
     finally:
         journal.close()
+
+
+def interrupt_after(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> None:
+    """The next call of `owner.name` runs as usual, then raises `KeyboardInterrupt`: an
+    interrupt landing right after it returned. Later calls are the real one again."""
+    real = getattr(owner, name)
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(owner, name, real)
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(owner, name, interrupted)

@@ -9,6 +9,7 @@ import pytest
 from coordinator import ACCOUNTS_PER_BLOCK_MAX
 from engine import Account, AccountExists, InvalidRequest, Ledger, Transfer
 from engine._tools import verify
+from support import interrupt_after
 
 
 def test_each_item_gets_the_outcome_create_account_would_give_it(ledger: Ledger) -> None:
@@ -64,22 +65,15 @@ def test_an_empty_list_creates_nothing(ledger: Ledger) -> None:
 
 
 @pytest.mark.parametrize("many", [False, True], ids=["create_account", "create_accounts"])
-def test_an_interrupt_out_of_an_accounts_queued_record_leaves_it_opened_once(ledger_path: Path, many: bool) -> None:
+def test_an_interrupt_out_of_an_accounts_queued_record_leaves_it_opened_once(
+        ledger_path: Path, monkeypatch: pytest.MonkeyPatch, many: bool) -> None:
     """An interrupt comes out of the journal's append once the account's record is queued:
     memory still takes the account, so the retry finds it (the same account: returned)
     instead of journaling it a second time, which no reopen would accept."""
     ledger = Ledger.open(ledger_path)
     try:
         journal = ledger._journal
-        name = "append_block" if many else "append"
-        real = getattr(journal, name)
-
-        def queued_then_interrupted(*args: object, **kwargs: object) -> int:
-            setattr(journal, name, real)  # once
-            real(*args, **kwargs)
-            raise KeyboardInterrupt
-
-        setattr(journal, name, queued_then_interrupted)
+        interrupt_after(monkeypatch, journal, "append_block" if many else "append")  # once the record is queued
         account = Account("x", "USD", 0)
         with pytest.raises(KeyboardInterrupt):
             if many:

@@ -17,6 +17,7 @@ from coordinator._limits import CHUNK_REQUESTS_MAX
 from coordinator._turns import give_back_turns, take_turns
 from engine import Ledger, LedgerError, LedgerUnavailable, Transfer, TransferRequest
 from engine._tools import verify
+from support import interrupt_after
 
 TIMEOUT_S = 3.0
 """The ledger's bound on a caller's wait: a ticket left behind fails a test in seconds."""
@@ -63,14 +64,7 @@ def _interrupt_entering_decide_all(ledger: Ledger, monkeypatch: pytest.MonkeyPat
 
 
 def _interrupt_once_decide_all_returns(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = _combiner.decide_all
-
-    def interrupted(*args: Any, **kwargs: Any) -> Any:
-        monkeypatch.setattr(_combiner, "decide_all", real)
-        real(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(_combiner, "decide_all", interrupted)
+    interrupt_after(monkeypatch, _combiner, "decide_all")
 
 
 def _interrupt_giving_back_turns(after: bool) -> Inject:

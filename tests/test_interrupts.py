@@ -14,6 +14,7 @@ from coordinator import _combiner, _lane, _sequencer
 from coordinator._lane import TurnBatch
 from engine import Ledger, LedgerError, LedgerUnavailable, TransferRequest
 from engine._tools import verify
+from support import interrupt_after
 
 TIMEOUT_S = 3.0
 
@@ -265,14 +266,7 @@ def test_an_interrupt_between_a_mailbox_decisions_stamp_and_its_append_stops_wri
         ledger.transfer("p", source="bank", destination="alice", amount=10, pending=True)
         sequencer, directory = ledger._sequencer, ledger._directory
         monkeypatch.setattr(directory, "take_turns", lambda *args, **kwargs: {})  # busy: the mailbox path
-        real_stamp = sequencer.stamp
-
-        def stamp(*args: Any, **kwargs: Any) -> Any:
-            monkeypatch.setattr(sequencer, "stamp", real_stamp)
-            real_stamp(*args, **kwargs)
-            raise KeyboardInterrupt
-
-        monkeypatch.setattr(sequencer, "stamp", stamp)
+        interrupt_after(monkeypatch, sequencer, "stamp")
         with pytest.raises(KeyboardInterrupt):
             ledger.post_pending("post-1", pending_id="p")
         monkeypatch.undo()
