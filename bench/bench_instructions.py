@@ -2,10 +2,14 @@
 the machine's noise does not move.
 
     python bench/bench_instructions.py [--transfers 5000] [--accounts 10000] [--tree PATH] [--clients N]
+                                       [--mode single|pending+post|linked-2]
 
 With `--clients N` it counts single transfers (`Ledger.transfer`) from N threads instead of
 batches (with N > 1 the counts move more between runs: how the threads interleave under
-valgrind decides how transfers combine).
+valgrind decides how transfers combine). With `--mode` and `--clients` it counts one of
+`bench_pending.py`'s operations instead, a pending transfer then its post, or a 2-leg
+`transfer_linked`: figures are then per operation (a pair, a chain), to set beside two
+single transfers.
 
 The other benchmarks time the engine on a shared machine whose speed moves by more than
 most single changes do. This one runs it under `valgrind --tool=callgrind --cache-sim=yes`
@@ -73,7 +77,7 @@ def child(args: argparse.Namespace) -> None:
         control = ["callgrind_control", "--instr=on", str(os.getpid())]
         subprocess.run(control, check=True, capture_output=True)
         if args.clients:
-            singles(ledger, measured, args.clients)
+            singles(ledger, measured, args.clients, args.mode)
         else:
             for first in range(0, len(measured), 1000):
                 ledger.transfer_many(measured[first : first + 1000])
@@ -83,13 +87,26 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps(collections))
 
 
-def singles(ledger: Any, requests: list[Any], clients: int) -> None:
-    """`ledger.transfer` of each request, from `clients` threads at once (each its share, in turn)."""
+def singles(ledger: Any, requests: list[Any], clients: int, mode: str) -> None:
+    """One operation of `mode` for each request, from `clients` threads at once (each its
+    share, in turn): `ledger.transfer`, a pending transfer then its post, or a 2-leg chain
+    (the request's transfer, then on from its destination to the source's neighbour)."""
     import threading
+
+    from engine import TransferRequest
 
     def client(number: int) -> None:
         for request in requests[number::clients]:
-            ledger.transfer(request.id, source=request.source, destination=request.destination, amount=request.amount)
+            tid, source, destination, amount = request.id, request.source, request.destination, request.amount
+            if mode == "single":
+                ledger.transfer(tid, source=source, destination=destination, amount=amount)
+            elif mode == "pending+post":
+                ledger.transfer(tid, source=source, destination=destination, amount=amount, pending=True,
+                                timeout_s=3600)
+                ledger.post_pending(tid + "-post", pending_id=tid)
+            else:
+                ledger.transfer_linked([TransferRequest(tid, source, destination, amount),
+                                        TransferRequest(tid + "-on", destination, source, amount)])
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
     for thread in threads:
@@ -115,11 +132,15 @@ def main() -> int:
     parser.add_argument("--transfers", type=int, default=5_000, help="measured transfers (default 5,000)")
     parser.add_argument("--clients", type=int, default=0,
                         help="measure single transfers (`transfer`) from this many threads instead of batches")
+    parser.add_argument("--mode", choices=("single", "pending+post", "linked-2"), default="single",
+                        help="with --clients: what one operation is (default: a single transfer)")
     parser.add_argument("--accounts", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--tree", default=REPO, help="checkout whose engine to run (default: this one)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.mode != "single" and not args.clients:
+        parser.error("--mode goes with --clients")
     if args.child:
         child(args)
         return 0
@@ -129,7 +150,7 @@ def main() -> int:
             "valgrind", "--tool=callgrind", "--cache-sim=yes", "--LL=4194304,16,64", "--instr-atstart=no",
             f"--callgrind-out-file={out}", sys.executable, os.path.abspath(__file__), "--child",
             "--transfers", str(args.transfers), "--accounts", str(args.accounts), "--seed", str(args.seed),
-            "--clients", str(args.clients),
+            "--clients", str(args.clients), "--mode", args.mode,
             "--tree", os.path.abspath(args.tree),
         ]
         try:
@@ -141,7 +162,7 @@ def main() -> int:
         collections = json.loads(run.stdout.strip().splitlines()[-1])
         counted = totals(out)
     per = {event: counted.get(event, 0) / args.transfers for event in EVENTS}
-    shape = f"single transfers from {args.clients} threads" if args.clients else "batches of 1,000"
+    shape = f"{args.mode} operations from {args.clients} threads" if args.clients else "batches of 1,000"
     print(f"tree {os.path.abspath(args.tree)}: {args.transfers:,} transfers in {shape}, {args.accounts:,} accounts")
     print(f"  per transfer: {per['Ir']:,.0f} instructions; first-level misses {per['D1mr']:,.0f} read, "
           f"{per['D1mw']:,.0f} write; last-level misses {per['DLmr']:,.0f} read, {per['DLmw']:,.0f} write")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import sys
@@ -18,7 +19,15 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from coordinator import AMOUNT_MAX, AccountNotFound, InvalidRequest, JournalCorrupted, LedgerError, check_path
+from coordinator import (
+    AMOUNT_MAX,
+    AccountNotFound,
+    InvalidRequest,
+    JournalCorrupted,
+    LedgerError,
+    NotALedger,
+    check_path,
+)
 
 from engine import __version__
 from engine._workload import MIXES, RETRY_RATE_DEFAULT
@@ -430,9 +439,7 @@ def _named(row: dict[str, Any]) -> str:
 
 
 def _stress(args: argparse.Namespace) -> int:
-    import os
-
-    from coordinator import InvalidRequest, NotALedger, ledger_errors
+    from coordinator import ledger_errors
     from journal import refuse_foreign
 
     from engine._stress import StressConfig, run_stress
@@ -608,6 +615,22 @@ def _emit(args: argparse.Namespace, report: dict[str, Any], render: Callable[[],
         render()
 
 
+def _shards_hint(args: argparse.Namespace, error: LedgerError) -> str:
+    """For a command given the directory of a sharded ledger, which holds no journal of its
+    own: which directories do (the tools work on one shard's ledger at a time)."""
+    path = getattr(args, "path", None)
+    if not isinstance(error, NotALedger) or path is None:
+        return ""
+    from engine._placement import MANIFEST_NAME
+
+    if not os.path.isfile(os.path.join(path, MANIFEST_NAME)):
+        return ""
+    shards = sorted(name for name in os.listdir(path) if re.fullmatch(r"shard-[0-9]+", name))
+    example = os.path.join(path, shards[0] if shards else "shard-0")
+    return (f"; it is a sharded ledger ({len(shards)} shard directories): give one shard's directory, "
+            f"e.g. `tally {args.command} {example}`")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command is None:
@@ -616,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except LedgerError as error:
-        print(f"tally {args.command}: {error}", file=sys.stderr)
+        print(f"tally {args.command}: {error}{_shards_hint(args, error)}", file=sys.stderr)
         from engine._tools import unreadable
 
         return 1 if isinstance(error, JournalCorrupted) and not unreadable(error) else 2

@@ -78,11 +78,10 @@ logger = logging.getLogger("tally.engine")
 
 
 def _exists(existing: Account) -> AccountExists:
-    return AccountExists(
-        f"account {existing.id!r} exists as {existing.currency} with overdraft_limit "
-        f"{existing.overdraft_limit!r}, code {existing.code} and metadata "
-        f"{None if existing.metadata is None else existing.metadata.as_dict()!r}"
-    )
+    metadata = "no metadata" if existing.metadata is None else f"metadata {existing.metadata.as_dict()!r}"
+    limit = "no overdraft limit" if existing.overdraft_limit is None else f"overdraft_limit {existing.overdraft_limit}"
+    return AccountExists(f"account {existing.id!r} exists with other fields: {existing.currency}, {limit}, "
+                         f"code {existing.code}, {metadata}")
 
 
 class Ledger:

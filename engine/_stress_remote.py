@@ -79,12 +79,8 @@ def refuse_remote_misfits(args: argparse.Namespace) -> None:
 
 
 def read_token(path: str | None) -> str | None:
-    """The bearer token in `path` (surrounding whitespace dropped), or None."""
-    if path is None:
-        return None
-    with open(path, encoding="utf-8") as file:
-        token = file.read().strip()
-    if not token or any(c.isspace() for c in token):
-        raise InvalidRequest(f"--token-file {path}: the file must hold one token (no spaces), and holds "
-                             + ("nothing" if not token else "more than one word"))
-    return token
+    """The bearer token in `path` (surrounding whitespace dropped), or None; by the rules
+    `tally serve --token-file` reads its own by."""
+    from engine._serve import read_token as read
+
+    return None if path is None else read(path)

@@ -29,8 +29,10 @@ def test_each_item_gets_the_outcome_create_account_would_give_it(ledger: Ledger)
     ])
     assert outcomes[0] == outcomes[1] == Account("a", "USD", 0)
     assert isinstance(outcomes[2], AccountExists)
+    assert str(outcomes[2]) == "account 'a' exists with other fields: USD, overdraft_limit 0, code 0, no metadata"
     assert outcomes[3] == Account("old", "USD", 0)
     assert isinstance(outcomes[4], AccountExists)
+    assert str(outcomes[4]) == "account 'old' exists with other fields: USD, overdraft_limit 0, code 0, no metadata"
     assert all(isinstance(outcome, InvalidRequest) for outcome in outcomes[5:9])
     made = outcomes[9]
     assert isinstance(made, Account) and made.metadata is not None and made.metadata.as_dict() == {"team": "ops", "n": 3}

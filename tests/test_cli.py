@@ -609,6 +609,27 @@ def test_a_wrong_path_gives_one_line_on_stderr_and_exit_2_without_a_traceback(
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_the_directory_of_a_sharded_ledger_is_refused_naming_a_shards_directory(tmp_path: Path, command: str) -> None:
+    """Each shard is an ordinary ledger the tools work on; the sharded ledger's own directory
+    holds the manifest and the shards' directories, no journal."""
+    from engine._placement import write_manifest
+
+    root = tmp_path / "books"
+    for shard in range(2):
+        Ledger.open(str(root / f"shard-{shard}")).close()
+    write_manifest(root, 2)
+    args = COMMANDS[command]
+    args = [arg.format(path=root) for arg in args] if "{path}" in args else [args[0], str(root), *args[1:]]
+
+    done = tally(*args)
+
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    assert done.stderr.splitlines() == [
+        f"tally {args[0]}: {root} is not a Tally ledger (it holds no journal); it is a sharded ledger (2 shard "
+        f"directories): give one shard's directory, e.g. `tally {args[0]} {root / 'shard-0'}`"]
+
+
 @pytest.mark.parametrize("command", ["balance", "history"])
 def test_an_unknown_account_gives_one_line_on_stderr_and_exit_2(built: Built, command: str) -> None:
     done = tally(command, built.path, "nobody")

@@ -358,6 +358,24 @@ def test_a_token_file_without_a_url_and_a_url_with_a_path_are_refused(tmp_path: 
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize(("content", "says"), [
+    (None, "cannot be read"),
+    ("", "1 to 4096 visible ASCII characters"),
+    ("two words", "without spaces"),
+])
+def test_a_token_file_that_is_missing_or_holds_no_single_token_is_one_line_and_exit_2(
+        tmp_path: Path, content: str | None, says: str) -> None:
+    """By the rules `tally serve --token-file` reads its own token by: before anything is sent."""
+    token = tmp_path / "token"
+    if content is not None:
+        token.write_text(content)
+    done = tally("stress", "--url", f"http://127.0.0.1:{free_port()}", "--token-file", str(token))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"tally stress: --token-file {token}: ") and says in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+@pytest.mark.timeout(30)
 def test_a_server_that_is_not_there_is_one_line_and_exit_2() -> None:
     done = tally("stress", "--url", f"http://127.0.0.1:{free_port()}", "--transfers", "5")
     assert done.returncode == 2
