@@ -114,6 +114,7 @@ from coordinator._values import (
     Transfer,
     TransferRequest,
     stamped_transfer,
+    resolution_request,
     transfer_request,
 )
 
@@ -234,6 +235,7 @@ __all__ = [
     "resolution_of",
     "shown",
     "stamped_transfer",
+    "resolution_request",
     "transfer_request",
     "state_hash",
     "transfer_now",

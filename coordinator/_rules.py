@@ -23,7 +23,7 @@ time a decision is made at is an input (`timestamp`), so expiry decided from it 
 from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping, Sequence
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from coordinator._errors import (
     AccountNotFound,
@@ -108,6 +108,9 @@ def decide(requests: Sequence[Request], book: Book, timestamp: int,
         else:
             leg = resolve(request, book, book.states, timestamp)  # type: ignore[arg-type]
         return Refusal(0, leg) if type(leg) is str else [leg]  # type: ignore[list-item]
+    singles = _decide_singles(requests, book, reserved)
+    if singles is not None:
+        return singles
     states: dict[str, AccountState] = {}
     held: dict[str, int] = {}
     incoming: dict[str, int] = {}
@@ -124,6 +127,31 @@ def decide(requests: Sequence[Request], book: Book, timestamp: int,
             return Refusal(index, leg)
         legs.append(leg)  # type: ignore[arg-type]
         _enter_leg(leg, states, held, incoming, seen_states, seen_held, seen_incoming)  # type: ignore[arg-type]
+    return legs
+
+
+def _decide_singles(requests: Sequence[Request], book: Book,
+                    reserved: Mapping[str, int]) -> list[Leg] | Refusal | None:
+    """`decide` of a chain of single transfers only (None if it holds another kind): the same
+    rule, `decide_single` of each leg over the states the legs before it left. Their holds
+    stay as the books have them (a single transfer changes none), so only the states need
+    a view over the books."""
+    accounts, states, held, incoming = book.accounts, book.states, book.held, book.incoming
+    seen: dict[str, AccountState] = {}
+    legs: list[Leg] = []
+    for index, request in enumerate(requests):
+        if type(request) is not TransferRequest or request.pending:
+            return None
+        source_id, destination_id, amount = request.source, request.destination, request.amount
+        stamp: Any = decide_single(accounts.get(source_id), accounts.get(destination_id), amount,  # Stamp | str
+                                   seen[source_id] if source_id in seen else states.get(source_id),
+                                   seen[destination_id] if destination_id in seen else states.get(destination_id),
+                                   reserved.get(source_id, 0) + held.get(source_id, 0), incoming.get(destination_id, 0))
+        if type(stamp) is str:
+            return Refusal(index, stamp)
+        legs.append((SINGLE, source_id, destination_id, amount, stamp, None))
+        seen[source_id] = (stamp[0], stamp[1], 0)  # as `_enter_leg` leaves them
+        seen[destination_id] = (stamp[2], stamp[3], 0)
     return legs
 
 

@@ -322,20 +322,26 @@ class Sequencer:
         if ticket.linked:
             timestamp = self.timestamp(len(requests), now)
             decided = decide(requests, self, timestamp, reserved)
+            if isinstance(decided, Refusal):
+                self.stamp_refusal(chunk, ticket, lsn, timestamp, decided.index, decided.code)
+                return decided
+            if pin is not None:
+                pin([name for leg in decided for name in (leg[1], leg[2])])
+            self._stamp_legs(chunk, ticket, lsn, timestamp, decided)
         else:  # one request: `timestamp` and `decide`, inline (once per transfer)
             if now is None:
                 now = self.clock()
             timestamp = self.last_timestamp = now if now > self.last_timestamp else self.last_timestamp + 1
             request = ticket.request
-            leg = (decide_transfer(request, self.accounts, self.states, self.held, self.incoming, reserved)
-                   if type(request) is TransferRequest else resolve(request, self, self.states, timestamp))  # type: ignore[arg-type]
-            decided = Refusal(0, leg) if type(leg) is str else [leg]  # type: ignore[list-item]
-        if isinstance(decided, Refusal):
-            self.stamp_refusal(chunk, ticket, lsn, timestamp, decided.index, decided.code)
-            return decided
-        if pin is not None:
-            pin([name for leg in decided for name in (leg[1], leg[2])])
-        self._stamp_legs(chunk, ticket, lsn, timestamp, decided)
+            leg: Any = (decide_transfer(request, self.accounts, self.states, self.held, self.incoming, reserved)
+                        if type(request) is TransferRequest else resolve(request, self, self.states, timestamp))  # type: ignore[arg-type]
+            if type(leg) is str:
+                self.stamp_refusal(chunk, ticket, lsn, timestamp, 0, leg)
+                return Refusal(0, leg)
+            if pin is not None:
+                pin([leg[1], leg[2]])
+            decided = [leg]
+            self._stamp_one(chunk, ticket, request, lsn, timestamp, leg)
         if enter_now:
             enter(self, requests, decided, lsn, timestamp)
         else:
@@ -424,6 +430,52 @@ class Sequencer:
             holders.append(account)
             prefix = prefixes.get(account) or prefixes.setdefault(account, entry_prefix(account))
             holds += (prefix + mark_lsn, encode_holds(held, incoming))
+
+    def _stamp_one(self, chunk: Chunk, ticket: Ticket, request: Request, lsn: int, timestamp: int, leg: Leg) -> None:
+        """`_stamp_legs` of the one leg of a request that is not a chain (once per pending
+        transfer, post or void, and single transfer the plain path does not take): the same
+        record, index keys, hold rows and `Transfer`, without the loops around them."""
+        kind, source, destination, amount, stamp, pending = leg
+        tid = request.id
+        key_lsn = _U64.pack(lsn)
+        prefixes = self._prefixes
+        source_prefix = prefixes.get(source) or prefixes.setdefault(source, entry_prefix(source))
+        target_prefix = prefixes.get(destination) or prefixes.setdefault(destination, entry_prefix(destination))
+        if kind != SINGLE:  # its hold rows (`holds_after` of one leg: `check_transfer` refuses one account twice)
+            held, incoming, mark = self.held, self.incoming, HOLDS_MARK + key_lsn
+            change = amount if kind == PENDING else -pending.amount  # type: ignore[union-attr]
+            chunk.holders += (source, destination)
+            chunk.holds += (
+                source_prefix + mark, encode_holds(held.get(source, 0) + change, incoming.get(source, 0)),
+                target_prefix + mark, encode_holds(held.get(destination, 0), incoming.get(destination, 0) + change),
+            )
+        if type(request) is TransferRequest:
+            code, reference, metadata, timeout_s = request.code, request.reference, request.metadata, request.timeout_s
+            pending_id = requested = None
+            chunk.transfers += (id_key(tid), key_lsn)
+            self.index_entries += 1
+        else:
+            code, reference, metadata, timeout_s = pending.code, request.reference, request.metadata, None  # type: ignore[union-attr]
+            pending_id, requested = request.pending_id, request.amount  # type: ignore[union-attr]
+            chunk.transfers += (resolution_key(pending_id), key_lsn, id_key(tid), key_lsn)
+            self._resolved[pending_id] = "voided" if kind == VOID else "posted"
+            self._resolved_at.append((lsn, pending_id))
+            self.index_entries += 2
+        chunk.payloads.append(encode([TRANSFER3, timestamp, False, [
+            kind, tid, source, destination, amount, code, reference, None if metadata is None else metadata.as_dict(),  # type: ignore[attr-defined]
+            timeout_s, pending_id, requested, *(stamp or _NO_STAMP)]]))
+        chunk.completions.append(ticket)
+        ticket.value = stamped_transfer(tid, source, destination, amount, lsn, timestamp, code, reference, metadata,  # type: ignore[arg-type]
+                                        KINDS[kind], pending_id, _STATUS[kind], timeout_s)
+        if stamp is not None:
+            debit_seq, debit_balance, credit_seq, credit_balance = stamp
+            chunk.accounts += (source, destination)
+            chunk.entries += (
+                source_prefix + _U64.pack(debit_seq), encode_entry_value(tid, -amount, debit_balance, lsn, timestamp),
+                target_prefix + _U64.pack(credit_seq), encode_entry_value(tid, amount, credit_balance, lsn, timestamp),
+            )
+        elif kind == PENDING and timeout_s is not None:
+            heapq.heappush(self._deadlines, (timestamp + timeout_s * 1_000_000_000, tid))
 
     def _stamp_legs(self, chunk: Chunk, ticket: Ticket, lsn: int, timestamp: int, legs: list[Leg]) -> None:
         requests = ticket.requests

@@ -62,6 +62,7 @@ from coordinator import (
     settle,
     settle_chain,
     ticket_outcome,
+    resolution_request,
     transfer_request,
 )
 
@@ -147,12 +148,12 @@ class AsyncLedger(LoopWrites, LoopFollowing):
     async def post_pending(self, transfer_id: str, *, pending_id: str, amount: int | None = None,
                            reference: str | None = None, metadata: Mapping[str, str | int] | None = None) -> Transfer:
         """`Ledger.post_pending`."""
-        return await self._decide(Resolution(transfer_id, pending_id, amount, reference, metadata))
+        return await self._decide(resolution_request(transfer_id, pending_id, amount, reference, metadata, False))
 
     async def void_pending(self, transfer_id: str, *, pending_id: str, reference: str | None = None,
                            metadata: Mapping[str, str | int] | None = None) -> Transfer:
         """`Ledger.void_pending`."""
-        return await self._decide(Resolution(transfer_id, pending_id, None, reference, metadata, void=True))
+        return await self._decide(resolution_request(transfer_id, pending_id, None, reference, metadata, True))
 
     async def transfer_linked(self, requests: Sequence[TransferRequest]) -> list[Transfer]:
         """`Ledger.transfer_linked`: every leg, or none (`LinkedTransferFailed`)."""

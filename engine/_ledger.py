@@ -59,6 +59,7 @@ from coordinator import (
     shown,
     state_hash,
     transfer_now,
+    resolution_request,
     transfer_request,
 )
 from journal import Completion, Journal, JournalError, JournalWriteError
@@ -340,8 +341,8 @@ class Ledger:
         (each journaled and final for `transfer_id`), and as `transfer` does.
         """
         with self._call():
-            return self._coordinator.transfer(Resolution(transfer_id, pending_id, amount, reference, metadata),
-                                              self.timeout_s)
+            return self._coordinator.transfer(
+                resolution_request(transfer_id, pending_id, amount, reference, metadata, False), self.timeout_s)
 
     def void_pending(self, transfer_id: str, *, pending_id: str, reference: str | None = None,
                      metadata: Mapping[str, str | int] | None = None) -> Transfer:
@@ -349,7 +350,7 @@ class Ledger:
         "void" carrying the amount released. Raises as `post_pending` does."""
         with self._call():
             return self._coordinator.transfer(
-                Resolution(transfer_id, pending_id, None, reference, metadata, void=True), self.timeout_s)
+                resolution_request(transfer_id, pending_id, None, reference, metadata, True), self.timeout_s)
 
     def transfer_linked(self, requests: Sequence[TransferRequest]) -> list[Transfer]:
         """Apply 1 to 1,000 transfers (distinct ids) as one atomic unit, in list order, each
