@@ -61,7 +61,9 @@ class Ticket(Completion):
     """The claim on the ids of a decision in flight: one request's, or every leg's of a linked
     chain. `value` becomes its `Decided`."""
 
-    __slots__ = ("request", "requests", "linked", "stripe", "on_decided", "permit")
+    __slots__ = ("request", "requests", "linked", "stripe", "on_decided", "permit", "locks")
+    locks: list[threading.Lock]
+    """A claimed chain's only (`Claims.claim_chain`): the stripe locks of its ids, in order."""
 
     def __init__(self, requests: tuple[Request, ...], stripe: int, relayed: bool = False, linked: bool = False) -> None:
         _completion_init(self, None, relayed)  # not `super().__init__(relayed=...)`: half the cost, once a transfer
@@ -359,6 +361,7 @@ class Claims:
             if not new:
                 return found
             ticket = Ticket(requests, hashes[0] & _STRIPE_MASK, relayed, linked=True)
+            ticket.locks = locks  # what releasing it takes again, not hashed again
             for request in requests:
                 inflight[request.id] = ticket
             return ticket
@@ -380,6 +383,9 @@ class Claims:
             return self._locks
         if not tickets:
             return ()
+        locks = getattr(tickets[0], "locks", None)  # a chain's, since it was claimed
+        if locks is not None:
+            return locks
         return [self._locks[stripe] for stripe in sorted({id_hash(request.id) & _STRIPE_MASK
                                                            for request in tickets[0].requests})]
 

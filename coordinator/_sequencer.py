@@ -37,6 +37,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import islice
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from journal import CRASH_POINT_ARMED, Behind, Completion, Journal, JournalError, crash_point
@@ -112,6 +113,8 @@ _U64 = struct.Struct(">Q")
 _STATUS: tuple[TransferStatus, ...] = ("posted", "pending", "posted", "voided")
 """A transfer's status as decided, by kind."""
 _NO_STAMP = (0, 0, 0, 0)
+_KIND = itemgetter(0)
+"""A leg's kind."""
 
 
 class Chunk:
@@ -485,7 +488,7 @@ class Sequencer:
         index = chunk.transfers
         prefixes = self._prefixes
         resolved = 0
-        if legs[0][0] != SINGLE or (len(legs) > 1 and any(leg[0] != SINGLE for leg in legs)):
+        if any(map(_KIND, legs)):  # a leg not SINGLE (0), found in C
             self._hold_rows(holds_after(legs, self.held, self.incoming), key_lsn, chunk.holders, chunk.holds)
         for i, leg in enumerate(legs):
             request = requests[i]

@@ -252,7 +252,7 @@ def names_of(ticket: Ticket, accounts: Mapping[str, object], pending: Mapping[st
             found = pending.get(request.pending_id)  # type: ignore[union-attr]
             if found is not None:
                 names += (found.source, found.destination)  # type: ignore[attr-defined]
-    return tuple(name for name in dict.fromkeys(names) if name in accounts)
+    return tuple(filter(accounts.__contains__, dict.fromkeys(names)))  # in order, once each, if it exists
 
 
 def _reading(clock: Callable[[], int], coordinator: Coordinator, ticket: Ticket) -> int:
