@@ -90,7 +90,7 @@ def child(args: argparse.Namespace) -> None:
 def singles(ledger: Any, requests: list[Any], clients: int, mode: str) -> None:
     """One operation of `mode` for each request, from `clients` threads at once (each its
     share, in turn): `ledger.transfer`, a pending transfer then its post, or a 2-leg chain
-    (the request's transfer, then on from its destination to the source's neighbour)."""
+    (the request's transfer, then the same amount from its destination back to its source)."""
     import threading
 
     from engine import TransferRequest

@@ -444,7 +444,9 @@ class Sequencer:
         prefixes = self._prefixes
         source_prefix = prefixes.get(source) or prefixes.setdefault(source, entry_prefix(source))
         target_prefix = prefixes.get(destination) or prefixes.setdefault(destination, entry_prefix(destination))
-        if kind != SINGLE:  # its hold rows (`holds_after` of one leg: `check_transfer` refuses one account twice)
+        if kind != SINGLE and source == destination:  # never live (`check_transfer`), but a journal's, salvaged
+            self._hold_rows(holds_after([leg], self.held, self.incoming), key_lsn, chunk.holders, chunk.holds)
+        elif kind != SINGLE:  # its hold rows: `holds_after` of one leg between two accounts, inline
             held, incoming, mark = self.held, self.incoming, HOLDS_MARK + key_lsn
             change = amount if kind == PENDING else -pending.amount  # type: ignore[union-attr]
             chunk.holders += (source, destination)

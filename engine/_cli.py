@@ -615,23 +615,37 @@ def _emit(args: argparse.Namespace, report: dict[str, Any], render: Callable[[],
         render()
 
 
-def _shards_hint(args: argparse.Namespace, error: LedgerError) -> str:
-    """For a command given the directory of a sharded ledger, which holds no journal of its
-    own: which directories do (the tools work on one shard's ledger at a time)."""
-    path = getattr(args, "path", None)
-    if not isinstance(error, NotALedger) or path is None:
-        return ""
-    from engine._placement import MANIFEST_NAME
+_SHARD_TOOLS = frozenset({"verify", "recover", "replay", "inspect", "balance", "history", "tail"})
+"""The commands that read or repair one ledger's journal: each shard of a sharded ledger is one."""
 
-    if not os.path.isfile(os.path.join(path, MANIFEST_NAME)):
+
+def _shards_hint(args: argparse.Namespace, error: LedgerError, argv: list[str]) -> str:
+    """For a tool given the directory of a sharded ledger, which holds no journal of its own:
+    the same command on a shard's directory (for an account's balance or history, the
+    shard its id places it on). `argv`: the command line, whose PATH it replaces."""
+    path = getattr(args, "path", None)
+    if not isinstance(error, NotALedger) or path is None or args.command not in _SHARD_TOOLS:
         return ""
-    shards = sorted(name for name in os.listdir(path) if re.fullmatch(r"shard-[0-9]+", name))
-    example = os.path.join(path, shards[0] if shards else "shard-0")
-    return (f"; it is a sharded ledger ({len(shards)} shard directories): give one shard's directory, "
-            f"e.g. `tally {args.command} {example}`")
+    from engine._placement import MANIFEST_NAME, shard_of
+
+    try:
+        with open(os.path.join(path, MANIFEST_NAME), encoding="utf-8") as file:
+            shards = json.load(file)["shards"]
+    except (OSError, ValueError, KeyError, TypeError):  # no manifest, or not one to read a hint from
+        return ""
+    if type(shards) is not int or shards < 1:
+        return ""
+    account = getattr(args, "account", None)
+    shard = 0 if account is None else shard_of(account, shards)
+    command = [os.path.join(path, f"shard-{shard}") if word == path else word for word in argv]
+    which = ("the shard its id places it on; one made with placement=KEY lives on the key's" if account is not None
+             else f"each of shard-0 to shard-{shards - 1} in turn")
+    return (f"; it is a sharded ledger of {shards} shards, each an ordinary ledger: give a shard's directory "
+            f"({which}), e.g. `tally {' '.join(command)}`")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     if args.command is None:
         _parser().print_help()
@@ -639,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except LedgerError as error:
-        print(f"tally {args.command}: {error}{_shards_hint(args, error)}", file=sys.stderr)
+        print(f"tally {args.command}: {error}{_shards_hint(args, error, argv)}", file=sys.stderr)
         from engine._tools import unreadable
 
         return 1 if isinstance(error, JournalCorrupted) and not unreadable(error) else 2

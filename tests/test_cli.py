@@ -609,25 +609,69 @@ def test_a_wrong_path_gives_one_line_on_stderr_and_exit_2_without_a_traceback(
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_the_directory_of_a_sharded_ledger_is_refused_naming_a_shards_directory(tmp_path: Path, command: str) -> None:
+SHARDED_ROOT_COMMANDS = {
+    "verify": (["verify", "{root}"], "each of shard-0 to shard-2 in turn", "verify {shard}"),
+    "recover --dry-run": (["recover", "{root}", "--dry-run"], "each of shard-0 to shard-2 in turn",
+                          "recover {shard} --dry-run"),
+    "replay": (["replay", "{root}", "--into", "{tmp}/copy"], "each of shard-0 to shard-2 in turn",
+               "replay {shard} --into {tmp}/copy"),
+    "inspect": (["inspect", "{root}"], "each of shard-0 to shard-2 in turn", "inspect {shard}"),
+    "tail": (["tail", "{root}"], "each of shard-0 to shard-2 in turn", "tail {shard}"),
+    "balance": (["balance", "{root}", "{account}"], "the shard its id places it on", "balance {shard} {account}"),
+    "history": (["history", "{root}", "{account}", "--limit", "3"], "the shard its id places it on",
+                "history {shard} {account} --limit 3"),
+}
+
+
+@pytest.fixture(scope="module")
+def sharded_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, int]:
+    """A sharded ledger's directory as `ShardedLedger.open` lays it out (three shards, each an
+    ordinary ledger, and the manifest), with an account on the shard its id places it on:
+    made without Ray, which these commands never start. (root, account, its shard)"""
+    from engine._placement import shard_of, write_manifest
+
+    root = tmp_path_factory.mktemp("sharded") / "books"
+    account = next(name for name in (f"acct-{n}" for n in range(100)) if shard_of(name, 3) != 0)
+    for shard in range(3):
+        with Ledger.open(str(root / f"shard-{shard}")) as ledger:
+            if shard == shard_of(account, 3):
+                ledger.create_account(account, currency="USD")
+    write_manifest(root, 3)
+    return root, account, shard_of(account, 3)
+
+
+@pytest.mark.parametrize("command", SHARDED_ROOT_COMMANDS)
+def test_a_tool_given_a_sharded_ledgers_directory_names_the_command_for_a_shard(
+        sharded_root: tuple[Path, str, int], tmp_path: Path, command: str) -> None:
     """Each shard is an ordinary ledger the tools work on; the sharded ledger's own directory
-    holds the manifest and the shards' directories, no journal."""
-    from engine._placement import write_manifest
+    holds the manifest and the shards' directories, no journal. The command it suggests is
+    the one given, on a shard's directory (for an account, its shard), and it works."""
+    root, account, shard = sharded_root
+    args, which, suggested = SHARDED_ROOT_COMMANDS[command]
+    fill = {"root": root, "tmp": tmp_path, "account": account}
+    shard_path = root / f"shard-{shard if '{account}' in args else 0}"
 
-    root = tmp_path / "books"
-    for shard in range(2):
-        Ledger.open(str(root / f"shard-{shard}")).close()
-    write_manifest(root, 2)
-    args = COMMANDS[command]
-    args = [arg.format(path=root) for arg in args] if "{path}" in args else [args[0], str(root), *args[1:]]
-
-    done = tally(*args)
+    done = tally(*[arg.format(**fill) for arg in args])
 
     assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    suggestion = suggested.format(shard=shard_path, **fill)
     assert done.stderr.splitlines() == [
-        f"tally {args[0]}: {root} is not a Tally ledger (it holds no journal); it is a sharded ledger (2 shard "
-        f"directories): give one shard's directory, e.g. `tally {args[0]} {root / 'shard-0'}`"]
+        f"tally {args[0]}: {root} is not a Tally ledger (it holds no journal); it is a sharded ledger of 3 shards, "
+        f"each an ordinary ledger: give a shard's directory ({which}"
+        + ("; one made with placement=KEY lives on the key's" if "{account}" in args else "")
+        + f"), e.g. `tally {suggestion}`"]
+    again = tally(*suggestion.split())
+    assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.parametrize("command", [["serve"], ["stress", "--path"]])
+def test_serve_and_stress_given_a_sharded_ledgers_directory_are_not_sent_to_one_shard(
+        sharded_root: tuple[Path, str, int], command: list[str]) -> None:
+    """They write: pointed at one shard they would go around the sharded ledger's placement."""
+    root, _, _ = sharded_root
+    done = tally(*command, root)
+    assert done.returncode == 2
+    assert "shard's directory" not in done.stderr and "holds other files" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("command", ["balance", "history"])

@@ -171,3 +171,72 @@ def test_a_commit_the_rules_refuse_is_damage_at_its_lsn_however_good_its_checksu
     report = json.loads(done.stdout)
     assert done.returncode == 1 and report["corrupt_lsn"] == lsn
     assert report["checks"][CHECK_LIMITS] is False
+
+
+# --- one leg's record: `_stamp_one` and `_stamp_legs` write the same --------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("same_account", [False, True])
+def test_one_requests_stamp_is_what_the_chains_stamp_writes_for_one_leg(tmp_path: Path, same_account: bool) -> None:
+    """A request alone is stamped by `Sequencer._stamp_one`, a chain by `_stamp_legs`: for one
+    leg of every kind (with code, reference, metadata, timeouts, holds already on the
+    accounts), both put the same record, index keys, hold rows, entries, `Transfer`,
+    deadlines and counts in the chunk. `same_account`: a leg no live request makes (one
+    account on both sides), which salvage copies from a journal as it finds it."""
+    import copy
+    import random
+
+    from coordinator._claims import Ticket
+    from coordinator._sequencer import Chunk
+    from coordinator._values import PENDING, POST, SINGLE, VOID, Metadata
+
+    rng = random.Random(7)
+    names = ["a", "b", "c"]
+    with Ledger.open(str(tmp_path / "l"), clock_ns=lambda: 10**18) as ledger:
+        sequencer = ledger._coordinator.sequencer
+
+        def stamped(alone: bool, request: TransferRequest | Resolution, lsn: int, timestamp: int,
+                    leg: tuple) -> tuple[object, ...]:
+            ticket = Ticket((request,), 0)
+            chunk = Chunk()
+            saved = (sequencer.index_entries, dict(sequencer._resolved), copy.copy(sequencer._resolved_at),
+                     list(sequencer._deadlines))
+            if alone:
+                sequencer._stamp_one(chunk, ticket, request, lsn, timestamp, leg)
+            else:
+                sequencer._stamp_legs(chunk, ticket, lsn, timestamp, [leg])
+            made = ({name: getattr(chunk, name) for name in Chunk.__slots__ if name != "completions"},
+                    chunk.completions == [ticket], ticket.value, sequencer.index_entries,
+                    dict(sequencer._resolved), list(sequencer._resolved_at), sorted(sequencer._deadlines))
+            (sequencer.index_entries, sequencer._resolved, sequencer._resolved_at, sequencer._deadlines) = saved
+            return made
+
+        with sequencer.lock:
+            for _ in range(3000):
+                sequencer.held.clear()
+                sequencer.incoming.clear()
+                for name in names:
+                    if rng.random() < 0.5:
+                        sequencer.held[name] = rng.randint(1, 500)
+                    if rng.random() < 0.5:
+                        sequencer.incoming[name] = rng.randint(1, 500)
+                source, destination = rng.sample(names, 2)
+                destination = source if same_account else destination
+                metadata = rng.choice([None, Metadata({"k": 1})])
+                kind, amount = rng.choice([SINGLE, PENDING, POST, VOID]), rng.randint(1, 100)
+                held = Pending("p", source, destination, amount + rng.randint(0, 50), 0, 3, rng.randint(0, 9))
+                entries = (rng.randint(0, 9), rng.randint(-9, 9), rng.randint(0, 9), rng.randint(-9, 9))
+                request: TransferRequest | Resolution
+                if kind in (SINGLE, PENDING):
+                    request = TransferRequest("t", source, destination, amount, rng.randint(0, 5),
+                                              rng.choice([None, "r"]), metadata, kind == PENDING,
+                                              rng.choice([None, 7]) if kind == PENDING else None)
+                    leg = (kind, source, destination, amount, entries if kind == SINGLE else None, None)
+                else:
+                    request = Resolution("t", "p", rng.choice([None, amount]), rng.choice([None, "r"]), metadata,
+                                         kind == VOID)
+                    leg = (kind, source, destination, held.amount if kind == VOID else amount,
+                           entries if kind == POST else None, held)
+                lsn, timestamp = rng.randint(1, 10**6), 10**18 + rng.randint(0, 10**9)
+                assert stamped(True, request, lsn, timestamp, leg) == stamped(False, request, lsn, timestamp, leg), leg
