@@ -792,6 +792,33 @@ def test_a_subclass_of_transfer_request_is_read_once_and_applied_as_it_was_check
     assert funded.balance("bob") == Balance(5, 0, 5)
 
 
+def test_a_transfer_request_is_made_fast_and_behaves_as_the_frozen_dataclass_it_is() -> None:
+    """`TransferRequest(...)` is built by `__new__`, not a frozen dataclass `__init__`: what a
+    host does with one (compare, hash, pickle, copy, `dataclasses.replace`) works as before."""
+    import copy
+    import dataclasses
+    import pickle
+
+    request = TransferRequest("t-1", "alice", "bob", 5, code=7, reference="r", metadata={"k": 1}, pending=True,
+                              timeout_s=60)
+    assert request == TransferRequest(id="t-1", source="alice", destination="bob", amount=5, code=7, reference="r",
+                                      metadata={"k": 1}, pending=True, timeout_s=60)
+    assert type(request) is TransferRequest and dataclasses.is_dataclass(request)
+    assert repr(TransferRequest("t", "a", "b", 1)) == ("TransferRequest(id='t', source='a', destination='b', amount=1, "
+                                                       "code=0, reference=None, metadata=None, pending=False, "
+                                                       "timeout_s=None)")
+    plain = TransferRequest("t", "a", "b", 1)
+    assert hash(plain) == hash(TransferRequest("t", "a", "b", 1)) and {plain: 1}[TransferRequest("t", "a", "b", 1)] == 1
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        assert pickle.loads(pickle.dumps(request, protocol)) == request
+    assert copy.copy(request) == request and copy.deepcopy(request) == request
+    assert dataclasses.replace(request, amount=6) == TransferRequest("t-1", "alice", "bob", 6, 7, "r", {"k": 1}, True, 60)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        request.amount = 6  # type: ignore[misc]
+    with pytest.raises(TypeError, match="amount"):
+        TransferRequest("t", "a", "b")  # type: ignore[call-arg]
+
+
 def test_an_amount_too_large_to_print_is_invalid_in_its_place(funded: Ledger) -> None:
     results = funded.transfer_many([TransferRequest("h-1", "alice", "bob", 10**5000), TransferRequest("h-2", "alice", "bob", 1)])
     assert type(results[0]) is InvalidRequest and "bits" in str(results[0])
