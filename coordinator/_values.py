@@ -122,12 +122,9 @@ class Transfer:
     """A pending transfer's timeout: it expires at `timestamp + timeout_s` seconds."""
 
 
-@dataclass(frozen=True, slots=True, init=False)
+@dataclass(frozen=True, slots=True)
 class TransferRequest:
-    """One transfer to make (`Ledger.transfer_many`, `transfer_linked`). Immutable; made by
-    `__new__` at a quarter of a frozen dataclass `__init__`'s cost (hosts make one for every
-    transfer of a batch): see `transfer_request`."""
-
+    # No docstring: the dataclass's, its signature, stays its `__doc__`.
     id: str
     source: str
     destination: str
@@ -138,21 +135,35 @@ class TransferRequest:
     pending: bool = False
     timeout_s: int | None = None
 
-    def __new__(cls, id: str, source: str, destination: str, amount: int, code: int = 0,
-                reference: str | None = None, metadata: Mapping[str, str | int] | None = None,
-                pending: bool = False, timeout_s: int | None = None) -> TransferRequest:
-        if cls is TransferRequest:
-            return transfer_request(id, source, destination, amount, code, reference, metadata, pending, timeout_s)
-        made = object.__new__(cls)  # a subclass's layout may differ: set each field as a frozen dataclass does
-        for name, value in zip(TransferRequest.__slots__, (id, source, destination, amount, code, reference,  # type: ignore[attr-defined]
-                                                            metadata, pending, timeout_s), strict=True):
-            object.__setattr__(made, name, value)
-        return made
+    def __init__(self, id: str, source: str, destination: str, amount: int, code: int = 0,
+                 reference: str | None = None, metadata: Mapping[str, str | int] | None = None,
+                 pending: bool = False, timeout_s: int | None = None):  # (-> None: below)
+        # The generated `__init__` of a frozen dataclass, at a third of its cost (a host makes
+        # one for every transfer of a batch): the fields are assigned plainly while it is its
+        # unfrozen twin (`_Requesting`, the same slots), not each through `object.__setattr__`.
+        # A subclass (its layout may differ) is set up as the generated one would.
+        if type(self) is TransferRequest:
+            _set(self, "__class__", _Requesting)
+            twin: Any = self
+            twin.id = id
+            twin.source = source
+            twin.destination = destination
+            twin.amount = amount
+            twin.code = code
+            twin.reference = reference
+            twin.metadata = metadata
+            twin.pending = pending
+            twin.timeout_s = timeout_s
+            twin.__class__ = TransferRequest
+            return
+        for name, value in zip(_REQUEST_FIELDS, (id, source, destination, amount, code, reference, metadata, pending,
+                                                 timeout_s), strict=True):
+            _set(self, name, value)
 
-    def __getnewargs__(self) -> tuple[object, ...]:
-        """What `__new__` takes to make it again (pickle, copy)."""
-        return (self.id, self.source, self.destination, self.amount, self.code, self.reference, self.metadata,
-                self.pending, self.timeout_s)
+
+_REQUEST_FIELDS = ("id", "source", "destination", "amount", "code", "reference", "metadata", "pending", "timeout_s")
+_set = object.__setattr__
+TransferRequest.__init__.__annotations__["return"] = None  # as generated (not the string this module's annotations are)
 
 
 @dataclass(frozen=True, slots=True)

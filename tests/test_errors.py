@@ -793,10 +793,12 @@ def test_a_subclass_of_transfer_request_is_read_once_and_applied_as_it_was_check
 
 
 def test_a_transfer_request_is_made_fast_and_behaves_as_the_frozen_dataclass_it_is() -> None:
-    """`TransferRequest(...)` is built by `__new__`, not a frozen dataclass `__init__`: what a
-    host does with one (compare, hash, pickle, copy, `dataclasses.replace`) works as before."""
+    """`TransferRequest.__init__` is written out (its fields set on an unfrozen twin), not the
+    frozen dataclass's generated one: what a host does with one (compare, hash, pickle, copy,
+    `dataclasses.replace`, subclass it, validate one with pydantic) works as before."""
     import copy
     import dataclasses
+    import inspect
     import pickle
 
     request = TransferRequest("t-1", "alice", "bob", 5, code=7, reference="r", metadata={"k": 1}, pending=True,
@@ -815,8 +817,25 @@ def test_a_transfer_request_is_made_fast_and_behaves_as_the_frozen_dataclass_it_
     assert dataclasses.replace(request, amount=6) == TransferRequest("t-1", "alice", "bob", 6, 7, "r", {"k": 1}, True, 60)
     with pytest.raises(dataclasses.FrozenInstanceError):
         request.amount = 6  # type: ignore[misc]
-    with pytest.raises(TypeError, match="amount"):
+    with pytest.raises(TypeError, match=r"__init__\(\) missing 1 required positional argument: 'amount'"):
         TransferRequest("t", "a", "b")  # type: ignore[call-arg]
+    assert str(inspect.signature(TransferRequest)).endswith("timeout_s: 'int | None' = None) -> None")
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Tagged(TransferRequest):
+        tag: str = "x"
+
+    tagged = Tagged("t", "a", "b", 1, tag="y")
+    assert (tagged.amount, tagged.tag) == (1, "y") and dataclasses.replace(tagged, amount=2).amount == 2
+
+    class Routed(TransferRequest):
+        def __init__(self, id: str, route: tuple[str, str], amount: int) -> None:
+            super().__init__(id, route[0], route[1], amount)
+
+    assert dataclasses.astuple(Routed("t", ("a", "b"), 3))[:4] == ("t", "a", "b", 3)
+    pydantic = pytest.importorskip("pydantic")
+    assert pydantic.TypeAdapter(TransferRequest).validate_python(
+        {"id": "t", "source": "a", "destination": "b", "amount": 5}) == TransferRequest("t", "a", "b", 5)
 
 
 def test_an_amount_too_large_to_print_is_invalid_in_its_place(funded: Ledger) -> None:
