@@ -126,6 +126,17 @@ class TurnBatch:
     def _answers(self) -> list[Result]:
         return [result_of(request, result) for request, result in zip(self._requests, self._results, strict=True)]
 
+    def interrupted(self, error: BaseException) -> None:
+        """After an interrupt in the lane's run of its group: an item never claimed answers
+        `LedgerUnavailable`, and a fresh ticket never decided fails (nothing was written for
+        either); the decided ones are the writer's to answer."""
+        for i in self.valid:
+            if self._results[i] is None:
+                self._results[i] = LedgerUnavailable(f"transfer {self._requests[i].id!r} was not decided: {error!r}")
+        for ticket in self._fresh:
+            if ticket.value is None:  # a decision sets it
+                self._coordinator.fail(ticket, error)
+
 
 class Lane:
     """Where `transfer_many` batches decide in turn: one group of them at a time, each group
@@ -295,13 +306,7 @@ class Lane:
             if interrupt is not None:  # raised once the permits are back and the undecided tickets failed
                 coordinator.fail_unstarted(late, interrupt)  # left for the mailboxes, never started: not in the release above
                 for batch in group:
-                    for i in batch.valid:  # a batch the interrupt kept from being claimed answers each item
-                        if batch._results[i] is None:
-                            batch._results[i] = LedgerUnavailable(
-                                f"transfer {batch._requests[i].id!r} was not decided: {interrupt!r}")
-                    for ticket in batch._fresh:
-                        if ticket.value is None:  # a decision sets it: this one was never decided
-                            coordinator.fail(ticket, interrupt)
+                    batch.interrupted(interrupt)
                 raise interrupt
             coordinator.start_all(late)
         finally:

@@ -267,14 +267,8 @@ class Sequencer:
             index += ((ENTRIES_INDEX, key, value) for key, value in zip(marks, marks, strict=True))
         try:
             appended = self._journal.append(payload, index, completion)
-        finally:  # queued, memory follows, even if an interrupt came out of the append: else
-            if self._journal.last_lsn >= lsn:  # a retry would find the id free and journal it twice
-                self._holds_from_due = False
-                self.index_entries += 1
-                # `accounts` last: threads that find the account there (without the lock) find the rest.
-                self.account_lsns[account.id] = lsn
-                self.states[account.id] = NO_ENTRIES
-                self.accounts[account.id] = account
+        finally:
+            self._opened((account,), lsn)
         assert appended == lsn, (appended, lsn)
         self._appended()
         return lsn
@@ -297,18 +291,25 @@ class Sequencer:
         try:
             appended = self._journal.append_block(payloads, self._marked({ACCOUNTS_INDEX: keys}, first),
                                                   [None] * len(payloads))
-        finally:  # queued, memory follows, even if an interrupt came out of the append (see `open_account`)
-            if self._journal.last_lsn >= first:
-                self._holds_from_due = False
-                self.index_entries += len(payloads)
-                account_lsns, states, known = self.account_lsns, self.states, self.accounts
-                for lsn, account in enumerate(accounts, first):
-                    account_lsns[account.id] = lsn
-                    states[account.id] = NO_ENTRIES
-                    known[account.id] = account  # last: threads that find it there find the rest
+        finally:
+            self._opened(accounts, first)
         assert appended == first, (appended, first)
         self._appended(len(payloads))
         return first + len(payloads) - 1
+
+    def _opened(self, accounts: Sequence[Account], first: int) -> None:
+        """The projection takes the accounts journaled from `first` on, if their records were
+        queued: also when an interrupt came out of the append after it queued them (else a
+        retry would find the ids free and journal them twice)."""
+        if self._journal.last_lsn < first:
+            return
+        self._holds_from_due = False
+        self.index_entries += len(accounts)
+        account_lsns, states, known = self.account_lsns, self.states, self.accounts
+        for lsn, account in enumerate(accounts, first):
+            account_lsns[account.id] = lsn
+            states[account.id] = NO_ENTRIES
+            known[account.id] = account  # last: threads that find it there (without the lock) find the rest
 
     # --- decisions -----------------------------------------------------------------------
 
@@ -667,9 +668,9 @@ class Sequencer:
     def append_chunk(self, chunk: Chunk, last_lsn: int, wake_writer: bool = True) -> int:
         """Journal the records stamped in `chunk` (under `lock`, at consecutive LSNs from the
         journal's `last_lsn + 1` up to `last_lsn`, the projection already past them); return
-        the first LSN. The
-        caller made room with `journal.wait_room` under this same hold of `lock`, so this
-        never waits: it raises only if the journal failed, and then nothing was queued.
+        the first LSN. The caller made room with `journal.wait_room` under this same hold of
+        `lock`, so this never waits: it raises only if the journal failed, and then nothing
+        was queued.
         `wake_writer` False: the caller commits them itself (`Journal.commit_inline`)."""
         first = self._append(chunk, last_lsn, room_made=True, wake_writer=wake_writer)
         self._appended(len(chunk))

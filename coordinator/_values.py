@@ -144,17 +144,9 @@ class TransferRequest:
         # A subclass (its layout may differ) is set up as the generated one would.
         if type(self) is TransferRequest:
             _set(self, "__class__", _Requesting)
-            twin: Any = self
-            twin.id = id
-            twin.source = source
-            twin.destination = destination
-            twin.amount = amount
-            twin.code = code
-            twin.reference = reference
-            twin.metadata = metadata
-            twin.pending = pending
-            twin.timeout_s = timeout_s
-            twin.__class__ = TransferRequest
+            _Requesting.__init__(self, id, source, destination, amount, code, reference, metadata, pending,  # type: ignore[arg-type]
+                                 timeout_s)
+            _set(self, "__class__", TransferRequest)
             return
         for name, value in zip(_REQUEST_FIELDS, (id, source, destination, amount, code, reference, metadata, pending,
                                                  timeout_s), strict=True):
@@ -265,7 +257,8 @@ def opened_account(id: str, currency: str, overdraft_limit: int | None, code: in
 
 
 class _Requesting:
-    """A `TransferRequest` while it is being made (as `_Stamping` for a `Transfer`)."""
+    """A `TransferRequest` while it is being made (as `_Stamping` for a `Transfer`): by
+    `transfer_request`, and by `TransferRequest.__init__` itself."""
 
     __slots__ = TransferRequest.__slots__  # type: ignore[attr-defined]
 

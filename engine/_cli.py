@@ -626,14 +626,15 @@ def _shards_hint(args: argparse.Namespace, error: LedgerError, argv: list[str]) 
     path = getattr(args, "path", None)
     if not isinstance(error, NotALedger) or path is None or args.command not in _SHARD_TOOLS:
         return ""
-    from engine._placement import MANIFEST_NAME, shard_of
+    from pathlib import Path
+
+    from engine._placement import manifest_shards, shard_of
 
     try:
-        with open(os.path.join(path, MANIFEST_NAME), encoding="utf-8") as file:
-            shards = json.load(file)["shards"]
-    except (OSError, ValueError, KeyError, TypeError):  # no manifest, or not one to read a hint from
+        shards = manifest_shards(Path(path))
+    except InvalidRequest:  # a manifest, but not one to read a hint from
         return ""
-    if type(shards) is not int or shards < 1:
+    if shards is None or shards < 1:
         return ""
     account = getattr(args, "account", None)
     shard = 0 if account is None else shard_of(account, shards)

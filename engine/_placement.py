@@ -131,17 +131,32 @@ def read_manifest(path: Path, shards: object) -> bool:
             if path.exists() and any(not _made_by_an_open(entry.name) for entry in path.iterdir()):
                 raise InvalidRequest(f"{path} is not empty and holds no {MANIFEST_NAME}: not a sharded ledger")
             return False
+    except OSError as error:
+        raise InvalidRequest(f"{manifest} is not a readable sharded-ledger manifest: {error}") from error
+    count = manifest_shards(path)
+    if count is None:  # gone since: as if never made
+        return False
+    if count != shards:
+        raise ShardCountMismatch(f"{path} holds {count} shards (its manifest says so), not {shards}: open it "
+                                 f"with shards={count}")
+    return True
+
+
+def manifest_shards(path: Path) -> int | None:
+    """The shard count the manifest in directory `path` fixes, or None if it holds none.
+    Raises `InvalidRequest` for a foreign or damaged manifest."""
+    manifest = path / MANIFEST_NAME
+    try:
         found = json.loads(manifest.read_text())
         count, rule, version = found["shards"], found["placement"], found["format"]
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise InvalidRequest(f"{manifest} is not a readable sharded-ledger manifest: {error}") from error
     if version != MANIFEST_FORMAT or rule != PLACEMENT_RULE or type(count) is not int:
         raise InvalidRequest(f"{manifest} has format {version!r}, placement {rule!r} and shards {count!r}; this "
                              f"version reads format {MANIFEST_FORMAT}, placement {PLACEMENT_RULE!r} and an int")
-    if count != shards:
-        raise ShardCountMismatch(f"{path} holds {count} shards (its manifest says so), not {shards}: open it "
-                                 f"with shards={count}")
-    return True
+    return count
 
 
 def write_manifest(path: Path, shards: int) -> None:
