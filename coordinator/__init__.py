@@ -39,7 +39,6 @@ from coordinator._history import (
     record_at,
     records,
     resolution_of,
-    transfer_now,
     transfer_of,
 )
 from coordinator._coordinator import Coordinator
@@ -238,7 +237,6 @@ __all__ = [
     "resolution_request",
     "transfer_request",
     "state_hash",
-    "transfer_now",
     "transfer_of",
     "pairs",
     "unindexed_entries",

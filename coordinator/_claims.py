@@ -23,7 +23,8 @@ from coordinator._errors import (
     LedgerUnavailable,
     LinkedTransferFailed,
 )
-from coordinator._history import Committed, Refused, named_record, transfer_now, transfer_record
+from coordinator._asof import transfer_at
+from coordinator._history import Committed, Refused, named_record, transfer_record
 from coordinator._idfilter import IdFilter
 from coordinator._limits import CLAIM_STRIPES, INDEX_KEYS_PER_SNAPSHOT, KEY_BYTES_MAX
 from coordinator._records import DIGEST_MARK, RESOLUTION_MARK, TRANSFERS_INDEX, id_key, value_lsn
@@ -169,14 +170,18 @@ def settle_chain(requests: tuple[Request, ...], priors: list[Prior | None]) -> l
     return list(_transfers(value))
 
 
-def outcome_now(journal: Journal, tid: str) -> Transfer | LedgerError | None:
-    """The durable outcome of `tid` now: its Transfer with its status as of now, the error its
-    refusal raises, or None (no durable outcome). One read transaction, no scan."""
+def outcome_now(journal: Journal, tid: str, durable_lsn: int) -> Transfer | LedgerError | None:
+    """The durable outcome of `tid` now: its Transfer with its status as of `durable_lsn`, the
+    error its refusal raises, or None (no outcome at or before `durable_lsn`, read before this
+    call: a record committed but not yet released to its callers is not shown). One read
+    transaction, no scan."""
     with journal.snapshot() as txn:
         record = transfer_record(journal, tid, txn)
+        if record is None or record.lsn > durable_lsn:
+            return None
         if isinstance(record, Refused):
             return refusal_error(record)
-        return None if record is None else transfer_now(journal, tid, txn)
+        return transfer_at(journal, tid, durable_lsn, txn)
 
 
 def lsn_of(result: Prior | LedgerError | None) -> int:

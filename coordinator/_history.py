@@ -320,23 +320,6 @@ def resolution_of(journal: Journal, pending_id: str, txn: Any) -> TransferStatus
     raise AssertionError(record)  # named_record checked it names pending_id
 
 
-def transfer_now(journal: Journal, tid: str, txn: Any | None = None) -> Transfer | None:
-    """The committed transfer `tid` with its status as of snapshot `txn` (a pending transfer's
-    resolution read from the index), or None (unknown or refused)."""
-    if txn is None:
-        with journal.snapshot() as txn:
-            return transfer_now(journal, tid, txn)
-    record = transfer_record(journal, tid, txn)
-    if not isinstance(record, Committed):
-        return None
-    transfer = next(transfer for transfer in record.transfers if transfer.id == tid)
-    if transfer.kind == "pending":
-        status = resolution_of(journal, tid, txn)
-        if status is not None:
-            return transfer_with_status(transfer, status)
-    return transfer
-
-
 def transfer_with_status(transfer: Transfer, status: TransferStatus) -> Transfer:
     return Transfer(transfer.id, transfer.source, transfer.destination, transfer.amount, transfer.lsn,
                     transfer.timestamp, transfer.code, transfer.reference, transfer.metadata, transfer.kind,

@@ -58,7 +58,7 @@ from coordinator import (
     replay,
     shown,
     state_hash,
-    transfer_now,
+    transfer_at,
     resolution_request,
     transfer_request,
 )
@@ -420,7 +420,11 @@ class Ledger:
         status as of now (a pending transfer's: pending, posted, voided or expired). Never scans."""
         check_id(transfer_id, "transfer id")
         with self._call():
-            return transfer_now(self._journal, transfer_id)
+            journal = self._journal
+            durable = journal.durable_lsn  # (before the snapshot: a record committed to LMDB but not
+            # yet released to its callers is not shown, as `entries` and `balance` do not show it)
+            with journal.snapshot() as txn:
+                return transfer_at(journal, transfer_id, durable, txn)
 
     def outcome(self, transfer_id: str) -> Transfer | LedgerError | None:
         """What became of the id `transfer_id`, as far as it is durable: its Transfer (as
@@ -430,7 +434,7 @@ class Ledger:
         `LedgerTimeout` it tells a host what happened without a retry."""
         check_id(transfer_id, "transfer id")
         with self._call():
-            return outcome_now(self._journal, transfer_id)
+            return outcome_now(self._journal, transfer_id, self._journal.durable_lsn)
 
     # --- reads ---------------------------------------------------------------------
 
