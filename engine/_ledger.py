@@ -36,6 +36,7 @@ from coordinator import (
     LedgerClosed,
     LedgerError,
     LedgerLocked,
+    LedgerTimeout,
     Projection,
     Resolution,
     Sequencer,
@@ -495,6 +496,16 @@ class Ledger:
             journal = self._journal
             if journal.failure is not None:
                 return self._durable_balance(account_id)
+            # A record durable now may have been queued by a thread still under the sequencer's
+            # lock, which delivers its postings to the accounts after queueing it (and the
+            # writer may make it durable at once): once that hold ends, the postings are in the
+            # mailboxes ahead of the ask below, so the balance shows every record a read before
+            # this call (`get_transfer`, `outcome`, `entries`, the caller's own write) showed.
+            lock = self._sequencer.lock
+            if not lock.acquire(timeout=self.timeout_s):
+                raise LedgerTimeout(f"balance of {account_id!r}: the ledger was deciding for {self.timeout_s} s; "
+                                    "retry")
+            lock.release()
             directory = self._directory
             handle = directory.pin(account_id)
             try:

@@ -533,6 +533,75 @@ def test_the_expirer_thread_expires_a_pending_transfer_on_the_wall_clock_within_
         funded.post_pending("post-1", pending_id="p-1")
 
 
+
+class _Watched:
+    """A lock that tells when the thread `asker` asks for it (`asked`)."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.lock = lock
+        self.asker: threading.Thread | None = None
+        self.asked = threading.Event()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if threading.current_thread() is self.asker:
+            self.asked.set()
+        return self.lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def locked(self) -> bool:
+        return self.lock.locked()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def test_a_balance_asked_once_an_expiry_is_durable_shows_the_hold_released(
+    funded: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The expirer queues an expiry record, then hands the accounts the holds it releases, in
+    one hold of the sequencer's lock; the writer may make the record durable in between. A
+    balance asked once `get_transfer` shows the expiry must not show the hold still there: it
+    waits for that hold of the lock to end (it found the hold there, on CI, once)."""
+    import coordinator._sequencer
+
+    real = coordinator._sequencer.expire
+    queued, go = threading.Event(), threading.Event()
+
+    def held(sequencer: Any, ids: list[str]) -> None:
+        real(sequencer, ids)
+        if threading.current_thread().name == "tally-expirer":  # its record queued, the holds not handed yet
+            queued.set()
+            assert go.wait(WAIT_S)
+
+    monkeypatch.setattr(coordinator._sequencer, "expire", held)
+    watched = _Watched(funded._sequencer.lock)
+    monkeypatch.setattr(funded._sequencer, "lock", watched)
+    funded.transfer("p-1", source="alice", destination="bob", amount=60, pending=True, timeout_s=1)
+    assert funded.balance("alice").pending == 60
+    seen: list[Balance] = []
+    asking = threading.Thread(target=lambda: seen.append(funded.balance("alice")))
+    watched.asker = asking
+    try:
+        assert queued.wait(WAIT_S)
+        funded._journal.wait_durable(funded._journal.last_lsn, WAIT_S)
+        assert funded.get_transfer("p-1").status == "expired"
+        asking.start()
+        deadline = time.monotonic() + WAIT_S
+        while not watched.asked.is_set() and asking.is_alive():  # it waits for the lock, or it answered
+            assert time.monotonic() < deadline
+            asking.join(0.001)
+    finally:
+        go.set()
+    asking.join(WAIT_S)
+    assert seen == [Balance(FUNDING, 0, FUNDING, 0)]
+    assert funded.balance("bob") == Balance(0, 0, 0, 0)
+
+
 # --- concurrency -----------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from tests.test_cli import tally_json
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[1]
+LOAD_S = 240.0
+"""How long a load of these tests may take on a loaded 2-core machine (about 25 s on a quiet one)."""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -96,13 +99,19 @@ def test_while_open_a_transfer_in_doubt_long_enough_is_aborted_and_a_young_one_i
     """The sweeper frees what a dead caller left held without waiting for the next open,
     once its first step is `in_doubt_after_s` old; `recover_in_doubt(older_than_s)` leaves
     younger ones alone."""
-    with ShardedLedger.open(tmp_path / "books", shards=SHARDS, timeout_s=1.0, in_doubt_after_s=3.5) as ledger:
+    # timeout_s bounds every Ray call of the test and of the sweeper: 1 s is too short on a loaded
+    # machine (a LedgerTimeout in `_settled`, or a sweep whose reply times out after it resolved T,
+    # which then never counts it); in_doubt_after_s must be above 3 x timeout_s.
+    with ShardedLedger.open(tmp_path / "books", shards=SHARDS, timeout_s=3.0, in_doubt_after_s=9.5) as ledger:
         source = accounts_on(ledger, "s", 1, shard=0, balance=100)[0]
         destination = accounts_on(ledger, "d", 1, shard=1)[0]
         _step(ledger, 0, "batch", prepare_row(TransferRequest("T", source, destination, 40), 1))  # then it dies
         assert ledger.recover_in_doubt(older_than_s=3600) == 0 and ledger.balance(source).available == 60
-        poll(lambda: isinstance(ledger.outcome("T"), CrossShardAborted), 60, "the sweeper to abort T")
-        assert ledger.swept_in_doubt == 1 and ledger.balance(source) == Balance(100, 0, 100, 0)
+        # The sweeper counts T once its steps have returned, after the void that makes `outcome`
+        # say aborted is durable: wait for the count, which comes last, not for the outcome.
+        poll(lambda: ledger.swept_in_doubt == 1, 60, "the sweeper to abort T")
+        assert isinstance(ledger.outcome("T"), CrossShardAborted)
+        assert ledger.balance(source) == Balance(100, 0, 100, 0)
         with pytest.raises(CrossShardAborted):
             ledger.transfer("T", source=source, destination=destination, amount=40)
         with pytest.raises(InvalidRequest, match="older_than_s"):
@@ -257,8 +266,7 @@ def test_two_callers_retrying_one_cross_shard_transfer_at_once_move_the_money_on
         threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
         for thread in threads:
             thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
+        _joined(threads)
         assert len(outcomes) == 40 and all(isinstance(o, Transfer) for o in outcomes)
         assert len({o for o in outcomes}) == 5  # type: ignore[misc]
         assert ledger.balance(source).posted == 65 and ledger.balance(destination).posted == 35
@@ -300,11 +308,20 @@ def _loaded(ledger: ShardedLedger, callers: int, batches: int) -> tuple[
     return names, acked, errors, threads
 
 
+def _joined(threads: list[threading.Thread], within_s: float = LOAD_S) -> None:
+    """Join every thread, all within `within_s`; fail if one is still running (the checks
+    after must not run beside the load)."""
+    deadline = time.monotonic() + within_s
+    for thread in threads:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads), "the load did not end in time"
+
+
+@pytest.mark.timeout(LOAD_S + 60)
 def test_concurrent_cross_shard_load_conserves_money_on_every_shard_and_across(tmp_path: Path) -> None:
     with ShardedLedger.open(tmp_path / "books", shards=SHARDS) as ledger:
         names, acked, errors, threads = _loaded(ledger, callers=6, batches=120)
-        for thread in threads:
-            thread.join(timeout=90)
+        _joined(threads)
         assert errors == [] and len(acked) > 300
         _settled(ledger)
         assert sum(ledger.balance(name).posted for name in names) == 500 * len(names)
@@ -314,6 +331,7 @@ def test_concurrent_cross_shard_load_conserves_money_on_every_shard_and_across(t
                 (request.source, request.destination, request.amount)
 
 
+@pytest.mark.timeout(LOAD_S + 60)
 def test_a_shard_process_killed_mid_load_loses_no_acknowledged_transfer(tmp_path: Path) -> None:
     path = tmp_path / "books"
     with ShardedLedger.open(path, shards=SHARDS) as ledger:
@@ -321,8 +339,7 @@ def test_a_shard_process_killed_mid_load_loses_no_acknowledged_transfer(tmp_path
         poll(lambda: len(acked) >= 100, 60, "the load to get going")
         victim = ledger.pids()[1]
         os.kill(victim, signal.SIGKILL)
-        for thread in threads:
-            thread.join(timeout=100)
+        _joined(threads)
         assert ledger.pids()[1] != victim  # Ray restarted it; its calls were retried
         assert all(isinstance(e, LedgerTimeout) for e in errors), errors
         ledger.recover_in_doubt()
@@ -348,6 +365,7 @@ CALLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.timeout(LOAD_S + 60)
 def test_the_caller_killed_mid_load_leaves_every_acknowledged_transfer_and_nothing_in_doubt(tmp_path: Path) -> None:
     path = tmp_path / "books"
     with ShardedLedger.open(path, shards=SHARDS) as ledger:
