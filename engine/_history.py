@@ -16,20 +16,19 @@ from typing import Any
 from coordinator import (
     SNAPSHOT_AGE_S_MAX,
     TRANSFERS_PAGE_MAX,
-    AccountNotFound,
     Balance,
     Entry,
     InvalidRequest,
     Row,
     SnapshotExpired,
     Transfer,
-    account_of,
     balance_at,
     check_code,
     check_id,
     check_kind,
     entries_at,
     lsn_at_timestamp,
+    opened_lsn,
     record_timestamp,
     shown,
     transfer_at,
@@ -51,9 +50,12 @@ class History:
     time in nanoseconds since the epoch. Safe from any thread; blocks only on LMDB reads."""
 
     def __init__(self, journal: Journal, end: Callable[[], int], rows: Callable[[str, int], list[Row]],
-                 holds: Callable[[str, int], list[Row]], clock: Callable[[], int]) -> None:
+                 holds: Callable[[str, int], list[Row]], clock: Callable[[], int],
+                 settled_end: Callable[[], int] | None = None) -> None:
         self._journal = journal
         self.end = end
+        self._settled_end = settled_end or end
+        """`end`, once every record stamped before the call is durable (for reads at a timestamp)."""
         self._rows = rows
         self._holds = holds
         self._clock = clock
@@ -67,9 +69,13 @@ class History:
     def lsn_of(self, at_lsn: object = None, at_timestamp: object = None) -> int:
         """The LSN a read `at_lsn` or `at_timestamp` (at most one; neither: the durable end)
         is of. `InvalidRequest` for an LSN past the durable end or a time still to come."""
-        end = self.end()
         if at_lsn is not None and at_timestamp is not None:
             raise InvalidRequest("give at most one of at_lsn and at_timestamp")
+        if at_timestamp is not None:
+            clock = self._clock()  # before the end is settled: every record stamped up to it is in
+            end = self._settled_end()
+        else:
+            end = self.end()
         if at_lsn is not None:
             lsn = _count("at_lsn", at_lsn)
             if lsn > end:
@@ -78,7 +84,7 @@ class History:
         if at_timestamp is not None:
             timestamp = _count("at_timestamp", at_timestamp)
             with self._journal.snapshot() as txn:
-                now = max(self._clock(), record_timestamp(self._journal, end, txn))  # (a ledger's timestamps
+                now = max(clock, record_timestamp(self._journal, end, txn))  # (a ledger's timestamps
                 # may run ahead of its clock: the clock stepped back, or one reading stamped a batch)
                 if timestamp > now:
                     raise InvalidRequest(f"at_timestamp {timestamp} is still to come (the ledger's clock reads "
@@ -139,12 +145,14 @@ class History:
             raise InvalidRequest(f"limit must be an int in 1..{TRANSFERS_PAGE_MAX}, got {shown(limit)}")
         if type(reverse) is not bool:
             raise InvalidRequest(f"reverse must be a bool, got {shown(reverse)}")
-        if after >= until:
+        if after >= until and account is None:
             return []
         rows, holds = ([], []) if account is None else self._memory(account)  # type: ignore[arg-type]
         with self._journal.snapshot() as txn:
-            if account is not None and account_of(self._journal, account, txn) is None:  # type: ignore[arg-type]
-                raise AccountNotFound(f"no account {account!r}")
+            if account is not None:  # as `balance` and `entries` at `end`: unknown, or opened after it
+                opened_lsn(self._journal, account, end, txn)  # type: ignore[arg-type]
+            if after >= until:
+                return []
             return transfers_page(self._journal, account=account, code=code, kind=kind,  # type: ignore[arg-type]
                                   after_lsn=after, until_lsn=until, limit=limit, reverse=reverse, unindexed=rows,
                                   holds=holds, txn=txn, as_of=end)

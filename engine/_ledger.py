@@ -106,7 +106,7 @@ class Ledger:
         self._directory = Directory(self._sequencer, self._dispatcher, actors_live_max)
         self._coordinator = Coordinator(journal, self._sequencer, self._directory, inflight_max)
         self._history = History(journal, lambda: journal.durable_lsn, self._sequencer.unindexed.rows,
-                                self._sequencer.unindexed_holds.rows, self._sequencer.clock)
+                                self._sequencer.unindexed_holds.rows, self._sequencer.clock, self._settled_end)
         self._state = threading.Condition()
         self._calls: deque[None] = deque()
         """One item per call under way: appends and pops are atomic, so calls take no lock."""
@@ -422,8 +422,9 @@ class Ledger:
         check_id(transfer_id, "transfer id")
         with self._call():
             journal = self._journal
-            durable = journal.durable_lsn  # (before the snapshot: a record committed to LMDB but not
-            # yet released to its callers is not shown, as `entries` and `balance` do not show it)
+            durable = self._history.end()  # (before the snapshot: a record committed to LMDB but not
+            # yet released to its callers is not shown, as `entries` and `balance` do not show it;
+            # read-only, the records this reader has caught up with)
             with journal.snapshot() as txn:
                 return transfer_at(journal, transfer_id, durable, txn)
 
@@ -435,7 +436,7 @@ class Ledger:
         `LedgerTimeout` it tells a host what happened without a retry."""
         check_id(transfer_id, "transfer id")
         with self._call():
-            return outcome_now(self._journal, transfer_id, self._journal.durable_lsn)
+            return outcome_now(self._journal, transfer_id, self._history.end())
 
     # --- reads ---------------------------------------------------------------------
 
@@ -549,6 +550,22 @@ class Ledger:
             history = self._history
             return Snapshot(history, history.end(), max_age_s, self._call, self._opened_lsns)
 
+    def _settled_end(self) -> int:
+        """The durable end once every record stamped before this call is durable (so a read at
+        a timestamp the clock has passed never changes again): the last LSN appended, read under
+        the sequencer's lock (a decision reads the clock and queues its record under it), waited
+        for (bounded by `timeout_s`)."""
+        journal, lock = self._journal, self._sequencer.lock
+        if not lock.acquire(timeout=self.timeout_s):
+            raise LedgerTimeout(f"the ledger was deciding for {self.timeout_s} s; retry")
+        try:
+            last = journal.last_lsn
+        finally:
+            lock.release()
+        if journal.failure is None:
+            journal.wait_durable(last, self.timeout_s)
+        return journal.durable_lsn
+
     def _opened_lsns(self) -> Mapping[str, int]:
         """Each account's opening LSN (read without a lock; it only grows)."""
         return self._sequencer.account_lsns
@@ -576,7 +593,9 @@ class Ledger:
         """SHA-256 over every account and all its entries (seq, transfer, amount, balance).
 
         Journal positions (LSNs) are left out, so a replay into a fresh ledger
-        hashes the same. Waits until everything already decided is durable.
+        hashes the same. Waits until everything already decided is durable. For a ledger at
+        rest (no write in flight, as after a run): while writes go on, its parts are read at
+        moments a few records apart, so the hash may be of no state the ledger was ever in.
         """
         with self._call():
             journal = self._journal

@@ -1,7 +1,9 @@
-"""What several test files share: a clock the test moves, and a look at a ledger's books."""
+"""What several test files share: a clock the test moves, a look at a ledger's books, and
+ways to stop the engine at a chosen point."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +61,22 @@ def interrupt_after(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -
         raise KeyboardInterrupt
 
     monkeypatch.setattr(owner, name, interrupted)
+
+
+def hold_after_commit(ledger: Ledger, wait_s: float = 10.0) -> tuple[threading.Event, threading.Event]:
+    """Hold the journal writer once, between LMDB's commit of a group and its release to its
+    callers (the durable LSN advanced past it): (`committed`, set once it is held there;
+    `release`, which the test sets to let it go on)."""
+    writer = ledger._journal._writer
+    assert writer is not None
+    advance_anchor = writer._advance_anchor
+    committed, release = threading.Event(), threading.Event()
+
+    def held(durable_lsn: int) -> None:
+        advance_anchor(durable_lsn)
+        writer._advance_anchor = advance_anchor  # type: ignore[method-assign]  # once
+        committed.set()
+        assert release.wait(wait_s)
+
+    writer._advance_anchor = held  # type: ignore[method-assign]
+    return committed, release
