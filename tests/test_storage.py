@@ -404,10 +404,11 @@ def test_close_while_calls_are_in_flight_ends_each_with_a_ledger_error_and_logs_
     names = [f"a{n}" for n in range(20)]
     for cycle in range(8):
         path = tmp_path / f"ledger-{cycle}"
+        with Ledger.open(path) as made:  # (its accounts with the usual timeout: the short one is for the load)
+            made.create_account("bank", currency="USD", overdraft_limit=None)
+            for name in names:
+                made.create_account(name, currency="USD")
         ledger = Ledger.open(path, timeout_s=0.05)
-        ledger.create_account("bank", currency="USD", overdraft_limit=None)
-        for name in names:
-            ledger.create_account(name, currency="USD")
         raised: list[BaseException] = []
         calls = threading.Semaphore(0)
 
