@@ -182,11 +182,10 @@ def test_a_follower_sees_new_events_and_ends_when_the_ledger_closes(tmp_path: Pa
         ledger.transfer(f"t{n}", source="bank", destination="alice", amount=1)
         event = seen.get(timeout=WAIT_S)
         assert event is not None and event.transfers[0].id == f"t{n}"
-    started = time.monotonic()
     ledger.close()
-    assert seen.get(timeout=WAIT_S) is None
+    assert seen.get(timeout=WAIT_S) is None  # ended by the close: it follows with no timeout_s
     follower.join(timeout=WAIT_S)
-    assert not follower.is_alive() and time.monotonic() - started < 2.0  # ended by the close, not a timeout
+    assert not follower.is_alive()
 
 
 def test_a_follower_ends_after_timeout_s_without_a_new_event(tmp_path: Path) -> None:
