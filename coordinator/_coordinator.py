@@ -62,7 +62,7 @@ from coordinator._history import Refused
 from coordinator._lane import Lane, TurnBatch
 from coordinator._participant import DebitStep, Participant, Participants
 from coordinator._rules import Refusal
-from coordinator._sequencer import Sequencer
+from coordinator._sequencer import Deliver, Sequencer
 from coordinator._validate import check_chain, check_resolution, check_transfer
 from coordinator._state import Posting
 from coordinator._values import Request, Resolution, Transfer, TransferRequest
@@ -241,22 +241,31 @@ class Coordinator:
         commit (the caller releases its own). True if it committed."""
         ticket = step.ticket
         turns: list[Participant] = []
+        releases = [Posting(source, 0, 0, 0, 0, amount, 0, 0)
+                    for source, amount in step.released_elsewhere(account).items()]
+        released: list[Posting] = []
+
+        def release(postings: list[Posting]) -> None:
+            released.extend(postings)  # (first: a failure partway leaves none handed back twice)
+            for posting in postings:
+                participant = step.participants[posting.account]
+                if participant.post(posting):
+                    turns.append(participant)
+
         committed = False
         undecided: Exception | None = None
         try:
             if refusal is not None:
-                self.refuse(ticket, refusal)
+                self.refuse(ticket, refusal, release, releases)
             else:
-                decided = self.sequencer.commit(ticket, self._deliverer(step.participants, turns), reserved=True)
+                decided = self.sequencer.commit(ticket, self._deliverer(step.participants, turns), reserved=True,
+                                                refused=(release, releases))
                 committed = type(decided) is not Refusal
         except UNDECIDED as error:
             undecided = error
         finally:
-            if not committed:
-                for source, amount in step.released_elsewhere(account).items():
-                    participant = step.participants[source]
-                    if participant.post(Posting(source, 0, 0, 0, 0, amount, 0, 0)):
-                        turns.append(participant)
+            if not committed and not released:  # no refusal queued (it releases them in its hold)
+                release(releases)
             self._unpin(step.participants)
             self.decided(ticket)
         if undecided is not None:  # failed once the other sources' reservations are on their way back
@@ -265,10 +274,11 @@ class Coordinator:
             participant.run()
         return committed
 
-    def refuse(self, ticket: Ticket, refusal: Refusal) -> None:
-        """Journal a refusal for `ticket`; the writer releases it once durable."""
+    def refuse(self, ticket: Ticket, refusal: Refusal, release: Deliver, releases: list[Posting]) -> None:
+        """Journal a refusal for `ticket`, and `release` the other sources' reservations
+        (`releases`) in the same hold of the sequencer lock; the writer releases it once durable."""
         try:
-            self.sequencer.reject(ticket, refusal.index, refusal.code)
+            self.sequencer.reject(ticket, refusal.index, refusal.code, release, releases)
         except UNDECIDED as error:
             self.fail(ticket, error)
 

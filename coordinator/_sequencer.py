@@ -164,6 +164,10 @@ class Sequencer:
         records follow (both from recovery; none for a new journal). `clock`: nanoseconds
         since the epoch."""
         self.lock = threading.Lock()
+        self.delivered_lsn = journal.last_lsn
+        """Every record up to it has had its postings handed to its accounts: set under `lock`,
+        once a record is queued and its postings are (`_appended`); a read that finds it behind
+        the durable LSN waits for the hold of `lock` in progress to end (`Ledger.balance`)."""
         self.checkpoint_interval = checkpoint_interval
         self._since_checkpoint = since_checkpoint
         self.unindexed = UnindexedEntries(unindexed)
@@ -546,7 +550,8 @@ class Sequencer:
         chunk.completions.append(ticket)
         self.index_entries += len(requests)
 
-    def commit(self, ticket: Ticket, deliver: Deliver, reserved: bool, pin: Pin | None = None) -> list[Leg] | Refusal:
+    def commit(self, ticket: Ticket, deliver: Deliver, reserved: bool, pin: Pin | None = None,
+               refused: tuple[Deliver, list[Posting]] | None = None) -> list[Leg] | Refusal:
         """The mailbox path's decision, once every source has reserved its debits (`reserved`;
         or a ticket with none to reserve): decide the ticket from the projection, journal it
         (committed or refused), and deliver what it does to each account (the postings, which
@@ -557,7 +562,10 @@ class Sequencer:
         (a post or a void: its pending transfer may have opened since it looked), pins the
         accounts the legs touch, under `lock` and before the projection moves: an account
         activated later starts from a projection past this decision, one activated earlier
-        gets its postings, never both."""
+        gets its postings, never both.
+
+        `refused`: `(release, releases)`, the sources' reservations to hand back if it is refused,
+        in the same hold of the lock as the refusal is queued (as `reject` does)."""
         chunk = Chunk()
         with self.lock:
             lsn = self._journal.last_lsn + 1
@@ -582,12 +590,17 @@ class Sequencer:
                 except BaseException as error:  # a bug, or an interrupt: memory is behind the queued record
                     self.broken(error)
                     raise
+            elif refused is not None and refused[1]:
+                refused[0](refused[1])
             self._appended()
         return decided
 
-    def reject(self, ticket: Ticket, index: int, code: str) -> int:
+    def reject(self, ticket: Ticket, index: int, code: str, release: Deliver | None = None,
+               releases: list[Posting] | None = None) -> int:
         """Journal a refusal decided before the sequencer (a source refused its debit in its
-        mailbox); it consumes every id of the ticket. The writer releases it once durable."""
+        mailbox); it consumes every id of the ticket. The writer releases it once durable.
+        `release(releases)`: the other sources' reservations handed back, once it is queued
+        and in the same hold (a balance that waits for the hold sees them gone)."""
         chunk = Chunk()
         with self.lock:
             lsn = self._journal.last_lsn + 1
@@ -599,6 +612,8 @@ class Sequencer:
                 self._not_appended(error, lsn, counts)
                 raise
             assert appended == lsn, (appended, lsn)
+            if release is not None and releases:
+                release(releases)  # (only queues: a reservation is not journaled, so the record does not wait on it)
             self._appended()
         return lsn
 
@@ -701,7 +716,10 @@ class Sequencer:
     def _appended(self, records: int = 1) -> None:
         """Count records appended; journal a checkpoint when one is due. The records are
         queued already, so a checkpoint that cannot be queued must not fail them: it is
-        logged and tried again after the next record (the writer reports its own failure)."""
+        logged and tried again after the next record (the writer reports its own failure).
+        Every path that queues a record calls it once it has handed over that record's
+        postings (`delivered_lsn`)."""
+        self.delivered_lsn = self._journal.last_lsn
         self._since_checkpoint += records
         durable, indexed = self._journal.durable_lsn, self._journal.indexed_lsn
         self.unindexed.release(indexed)
@@ -716,6 +734,7 @@ class Sequencer:
                 or len(unindexed.current) + len(holds.current) >= CHECKPOINT_ACCOUNTS_MAX):
             try:
                 self.checkpoint()
+                self.delivered_lsn = self._journal.last_lsn  # (a checkpoint has no postings)
             except JournalError:
                 logger.exception("checkpoint not journaled; trying again after the next record")
 

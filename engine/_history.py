@@ -68,29 +68,33 @@ class History:
 
     def lsn_of(self, at_lsn: object = None, at_timestamp: object = None) -> int:
         """The LSN a read `at_lsn` or `at_timestamp` (at most one; neither: the durable end)
-        is of. `InvalidRequest` for an LSN past the durable end or a time still to come."""
+        is of. `InvalidRequest` for an LSN past the durable end or a time still to come. A
+        time past the last durable stamp is read once every record stamped before the clock
+        was read is durable (`settled_end`), so the same question never gets another answer."""
         if at_lsn is not None and at_timestamp is not None:
             raise InvalidRequest("give at most one of at_lsn and at_timestamp")
-        if at_timestamp is not None:
-            clock = self._clock()  # before the end is settled: every record stamped up to it is in
-            end = self._settled_end()
-        else:
-            end = self.end()
         if at_lsn is not None:
             lsn = _count("at_lsn", at_lsn)
+            end = self.end()
             if lsn > end:
                 raise InvalidRequest(f"at_lsn {lsn} is past the durable end of the journal (LSN {end})")
             return lsn
-        if at_timestamp is not None:
-            timestamp = _count("at_timestamp", at_timestamp)
-            with self._journal.snapshot() as txn:
-                now = max(clock, record_timestamp(self._journal, end, txn))  # (a ledger's timestamps
-                # may run ahead of its clock: the clock stepped back, or one reading stamped a batch)
-                if timestamp > now:
-                    raise InvalidRequest(f"at_timestamp {timestamp} is still to come (the ledger's clock reads "
-                                         f"{now})")
-                return lsn_at_timestamp(self._journal, timestamp, end, txn)
-        return end
+        if at_timestamp is None:
+            return self.end()
+        timestamp = _count("at_timestamp", at_timestamp)
+        clock = self._clock()  # before the end is settled: every record stamped up to it is in then
+        end = self.end()
+        journal = self._journal
+        with journal.snapshot() as txn:
+            stamped = record_timestamp(journal, end, txn, last=True)
+        if timestamp > stamped:  # a record still to land may be stamped at or before it (stamps grow with LSNs)
+            end = self._settled_end()
+        with journal.snapshot() as txn:
+            now = max(clock, record_timestamp(journal, end, txn))  # (a ledger's timestamps may run ahead of
+            # its clock: the clock stepped back, or one reading stamped a batch)
+            if timestamp > now:
+                raise InvalidRequest(f"at_timestamp {timestamp} is still to come (the ledger's clock reads {now})")
+            return lsn_at_timestamp(journal, timestamp, end, txn)
 
     def timestamp(self, lsn: int) -> int:
         """The timestamp of the record at `lsn` (`coordinator.record_timestamp`; 0 at LSN 0)."""

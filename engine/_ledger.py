@@ -498,15 +498,16 @@ class Ledger:
             if journal.failure is not None:
                 return self._durable_balance(account_id)
             # A record durable now may have been queued by a thread still under the sequencer's
-            # lock, which delivers its postings to the accounts after queueing it (and the
-            # writer may make it durable at once): once that hold ends, the postings are in the
-            # mailboxes ahead of the ask below, so the balance shows every record a read before
-            # this call (`get_transfer`, `outcome`, `entries`, the caller's own write) showed.
-            lock = self._sequencer.lock
-            if not lock.acquire(timeout=self.timeout_s):
+            # lock, which hands the accounts its postings after queueing it (and the writer may
+            # make it durable at once): once that hold ends, the postings are in the mailboxes
+            # ahead of the ask below, so the balance shows every record a read before this call
+            # (`get_transfer`, `outcome`, `entries`, the caller's own write) showed. Only when
+            # the sequencer has not yet said it handed over everything durable is it waited for.
+            sequencer = self._sequencer
+            if sequencer.delivered_lsn < journal.durable_lsn and not _lock_free_within(sequencer.lock,
+                                                                                       self.timeout_s):
                 raise LedgerTimeout(f"balance of {account_id!r}: the ledger was deciding for {self.timeout_s} s; "
                                     "retry")
-            lock.release()
             directory = self._directory
             handle = directory.pin(account_id)
             try:
@@ -562,8 +563,10 @@ class Ledger:
             last = journal.last_lsn
         finally:
             lock.release()
-        if journal.failure is None:
+        try:
             journal.wait_durable(last, self.timeout_s)
+        except JournalWriteError:  # the journal failed: nothing past its durable end will land, so that is final
+            pass
         return journal.durable_lsn
 
     def _opened_lsns(self) -> Mapping[str, int]:
@@ -669,6 +672,14 @@ class Ledger:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+def _lock_free_within(lock: threading.Lock, timeout_s: float) -> bool:
+    """Wait, at most `timeout_s`, until no one holds `lock` (taken and given back at once)."""
+    if not lock.acquire(timeout=timeout_s):
+        return False
+    lock.release()
+    return True
 
 
 def balance_of(books: Projection, account_id: str) -> Balance:

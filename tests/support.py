@@ -4,6 +4,7 @@ ways to stop the engine at a chosen point."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +81,13 @@ def hold_after_commit(ledger: Ledger, wait_s: float = 10.0) -> tuple[threading.E
 
     writer._advance_anchor = held  # type: ignore[method-assign]
     return committed, release
+
+
+def wait_until(condition: Any, timeout_s: float = 10.0) -> bool:
+    """Poll `condition` until it holds, at most `timeout_s` (for a state another thread reaches)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True

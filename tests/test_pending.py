@@ -597,7 +597,9 @@ def test_a_balance_asked_once_an_expiry_is_durable_shows_the_hold_released(
             asking.join(0.001)
     finally:
         go.set()
-    asking.join(WAIT_S)
+    if asking.ident is not None:  # (started)
+        asking.join(WAIT_S)
+    assert not asking.is_alive()
     assert seen == [Balance(FUNDING, 0, FUNDING, 0)]
     assert funded.balance("bob") == Balance(0, 0, 0, 0)
 

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from engine import AccountNotFound, Ledger, Transfer
-from support import hold_after_commit
+from engine import AccountNotFound, Balance, Ledger, LinkedTransferFailed, Transfer, TransferRequest
+from engine._directory import SNAPSHOT, AccountHandle
+from support import hold_after_commit, wait_until
 
 WAIT_S = 10.0
 
@@ -101,26 +102,112 @@ def test_no_read_shows_an_account_committed_but_not_yet_released(ledger_path: Pa
         ledger.close()
 
 
-def test_a_balance_at_a_timestamp_the_clock_passed_never_changes(ledger_path: Path) -> None:
+def test_a_balance_at_a_timestamp_the_clock_passed_never_changes(ledger_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     ledger = Ledger.open(ledger_path)
     try:
         for name in ("a", "b"):
             ledger.create_account(name, currency="USD", overdraft_limit=None)
+        journal = ledger._journal
+        wait_durable, waiting = journal.wait_durable, threading.Event()
+        results: list[Any] = []
+        reading = threading.Thread(target=lambda: results.append(ledger.balance("b", at_timestamp=at)))
+
+        def watched(lsn: int, timeout_s: float) -> None:
+            if threading.current_thread() is reading:
+                waiting.set()
+            wait_durable(lsn, timeout_s)
+
+        monkeypatch.setattr(journal, "wait_durable", watched)
         committed, release = hold_after_commit(ledger)
         caller = threading.Thread(target=lambda: ledger.transfer("t-1", source="a", destination="b", amount=10))
         caller.start()
-        results: list[Any] = []
         try:
             assert committed.wait(WAIT_S)
             at = time.time_ns()  # after t-1 was stamped, before it is released
-            reading = threading.Thread(target=lambda: results.append(ledger.balance("b", at_timestamp=at)))
             reading.start()
-            reading.join(0.2)  # it waits for t-1, which was stamped before `at`
+            assert wait_until(lambda: waiting.is_set() or not reading.is_alive())  # it waits for t-1, or answered
         finally:
             release.set()
             caller.join(WAIT_S)
-        reading.join(WAIT_S)
+            if reading.ident is not None:  # (started)
+                reading.join(WAIT_S)
+        assert not caller.is_alive() and not reading.is_alive()
         assert [balance.posted for balance in results] == [10]
         assert ledger.balance("b", at_timestamp=at).posted == 10
+    finally:
+        ledger.close()
+
+
+def test_a_refused_chain_hands_back_its_reservations_before_a_balance_can_see_the_refusal(
+        ledger_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chain of two sources on the mailbox path, refused by the second: the first source's
+    reservation is handed back in the same hold of the sequencer lock as the refusal is
+    queued, so a balance asked once `outcome` shows the refusal does not still count it (it
+    waits for the hand-back, which the deciding thread runs once it is done)."""
+    ledger = Ledger.open(ledger_path, dispatcher_threads=2)
+    try:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        for name in ("a", "b", "c", "d"):
+            ledger.create_account(name, currency="USD")
+        for name in ("a", "b", "d"):
+            ledger.transfer(f"f-{name}", source="bank", destination=name, amount=100)
+        coordinator = ledger._coordinator
+        held = coordinator.participants.take_turns(["c", "d"], all_or_none=True)  # so chains go by the mailboxes
+        assert held is not None
+        outcomes: list[Any] = []
+
+        def chain(*requests: TransferRequest) -> None:
+            try:
+                outcomes.append(ledger.transfer_linked(list(requests)))
+            except LinkedTransferFailed as error:
+                outcomes.append(error)
+
+        # k: b's 100 reserved, waiting for d's vote (d's turn is held here)
+        keeping = threading.Thread(target=chain, args=(TransferRequest("k1", "b", "c", 100),
+                                                       TransferRequest("k2", "d", "c", 1)))
+        refused = threading.Thread(target=chain, args=(TransferRequest("l1", "a", "c", 10),
+                                                       TransferRequest("l2", "b", "c", 50)))
+        real = coordinator.refuse
+        paused, go = threading.Event(), threading.Event()
+
+        def refuse(ticket: Any, *args: Any) -> None:
+            real(ticket, *args)
+            if ticket.request.id == "l1":  # its refusal queued: hold the voter there
+                paused.set()
+                assert go.wait(WAIT_S)
+
+        seen: list[Balance] = []
+        asking = threading.Thread(target=lambda: seen.append(ledger.balance("a")))
+        asked = threading.Event()
+
+        def snapshot(handle: Any, timeout_s: float) -> tuple[int, int, int, int]:
+            answer = handle._ref.ask(SNAPSHOT, block=False)
+            if threading.current_thread() is asking:
+                asked.set()  # in a's mailbox now
+            return answer.get(timeout=timeout_s)  # type: ignore[no-any-return]
+
+        monkeypatch.setattr(coordinator, "refuse", refuse)
+        monkeypatch.setattr(AccountHandle, "snapshot", snapshot)
+        keeping.start()
+        try:
+            assert wait_until(lambda: ledger.balance("b").pending == 100)
+            refused.start()  # a reserves 10, then b refuses 50 (it has 0 available)
+            assert paused.wait(WAIT_S)
+            ledger._journal.wait_durable(ledger._journal.last_lsn, WAIT_S)
+            assert isinstance(ledger.outcome("l1"), LinkedTransferFailed)
+            asking.start()
+            assert asked.wait(WAIT_S)
+        finally:
+            go.set()
+            refused.join(WAIT_S)
+            coordinator.participants.give_back_turns(held)
+            keeping.join(WAIT_S)
+            if asking.ident is not None:  # (started)
+                asking.join(WAIT_S)
+        assert not refused.is_alive() and not keeping.is_alive() and not asking.is_alive()
+        assert seen == [Balance(100, 0, 100, 0)]
+        assert [type(outcome) for outcome in outcomes] == [LinkedTransferFailed, list]
+        assert ledger.balance("b") == Balance(0, 0, 0, 0) and ledger.balance("c").posted == 101
     finally:
         ledger.close()

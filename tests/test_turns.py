@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from engine import (
 from engine._runtime import Dispatcher
 from engine._tools import verify
 from journal import JournalTimeoutError
+from support import wait_until
 from tests.test_runtime import Log, Recorder
 
 WAIT_S = 10.0
@@ -338,7 +338,7 @@ def test_an_interrupt_in_a_chunks_append_stops_writes_unless_its_records_were_qu
         with pytest.raises(KeyboardInterrupt):
             ledger.transfer("t-1", source="a", destination="b", amount=10)
         if queued:
-            assert _wait_until(lambda: ledger.get_transfer("t-1") is not None)
+            assert wait_until(lambda: ledger.get_transfer("t-1") is not None)
             assert [entry.transfer_id for entry in ledger.entries("a")] == ["t-1"]
             assert isinstance(ledger.transfer("t-2", source="a", destination="b", amount=5), Transfer)
         else:
@@ -352,16 +352,6 @@ def test_an_interrupt_in_a_chunks_append_stops_writes_unless_its_records_were_qu
     assert verify(str(ledger_path))["verdict"] == "whole"
 
 
-def _wait_until(condition: Any, timeout_s: float = WAIT_S) -> bool:
-    """Poll `condition` until it holds, at most `timeout_s` (for a state another thread reaches)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
-    return True
-
-
 def test_a_batch_waiting_for_a_busy_turn_holds_the_others_and_takes_it_once_given_back(ledger: Ledger) -> None:
     for name in ("a", "b"):
         ledger.create_account(name, currency="USD")
@@ -373,7 +363,7 @@ def test_a_batch_waiting_for_a_busy_turn_holds_the_others_and_takes_it_once_give
     waiter.start()
     try:
         # The waiter holds a's turn while it waits for b's: nobody else can take a's.
-        assert _wait_until(lambda: _turn_is_busy(coordinator, "a"))
+        assert wait_until(lambda: _turn_is_busy(coordinator, "a"))
         assert waiter.is_alive()
     finally:
         give_back_turns(coordinator, held)
@@ -471,7 +461,7 @@ def test_an_account_woken_while_a_batch_holds_its_turn_without_an_actor_gets_its
     try:
         asking = threading.Thread(target=lambda: balances.append(ledger.balance("a")))
         asking.start()
-        assert _wait_until(lambda: directory._dormant["a"].woken is not None)  # its actor, waiting for the turn
+        assert wait_until(lambda: directory._dormant["a"].woken is not None)  # its actor, waiting for the turn
         crediting = threading.Thread(
             target=lambda: credited.append(ledger.transfer("credit", source="c", destination="a", amount=7)))
         crediting.start()
@@ -625,9 +615,9 @@ def test_a_batch_whose_ids_cannot_be_claimed_fails_alone_in_its_lane_group(
     first = run("first", [TransferRequest("z1", "bank", "a", 1)])
     assert entered.wait(WAIT_S)
     second = run("second", [TransferRequest("a1", "bank", "a", 1), TransferRequest("a2", "bank", "a", 1)])
-    assert _wait_until(lambda: len(lane._queue) == 1)
+    assert wait_until(lambda: len(lane._queue) == 1)
     third = run("third", [TransferRequest("b1", "bank", "a", 1), TransferRequest("old", "bank", "a", 1)])
-    assert _wait_until(lambda: len(lane._queue) == 2)
+    assert wait_until(lambda: len(lane._queue) == 2)
     go.set()
     for thread in (first, second, third):
         thread.join(WAIT_S)
