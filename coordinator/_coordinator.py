@@ -62,7 +62,7 @@ from coordinator._history import Refused
 from coordinator._lane import Lane, TurnBatch
 from coordinator._participant import DebitStep, Participant, Participants
 from coordinator._rules import Refusal
-from coordinator._sequencer import Deliver, Sequencer
+from coordinator._sequencer import Sequencer
 from coordinator._validate import check_chain, check_resolution, check_transfer
 from coordinator._state import Posting
 from coordinator._values import Request, Resolution, Transfer, TransferRequest
@@ -246,8 +246,8 @@ class Coordinator:
         released: list[Posting] = []
 
         def release(postings: list[Posting]) -> None:
-            released.extend(postings)  # (first: a failure partway leaves none handed back twice)
             for posting in postings:
+                released.append(posting)  # (before: one a failure lands in is never handed back twice)
                 participant = step.participants[posting.account]
                 if participant.post(posting):
                     turns.append(participant)
@@ -255,8 +255,8 @@ class Coordinator:
         committed = False
         undecided: Exception | None = None
         try:
-            if refusal is not None:
-                self.refuse(ticket, refusal, release, releases)
+            if refusal is not None:  # a refusal queued hands them back in the same hold of the lock
+                self.sequencer.reject(ticket, refusal.index, refusal.code, release, releases)
             else:
                 decided = self.sequencer.commit(ticket, self._deliverer(step.participants, turns), reserved=True,
                                                 refused=(release, releases))
@@ -264,8 +264,8 @@ class Coordinator:
         except UNDECIDED as error:
             undecided = error
         finally:
-            if not committed and not released:  # no refusal queued (it releases them in its hold)
-                release(releases)
+            if not committed:  # what no refusal handed back (none queued, or one cut short)
+                release(releases[len(released):])
             self._unpin(step.participants)
             self.decided(ticket)
         if undecided is not None:  # failed once the other sources' reservations are on their way back
@@ -273,14 +273,6 @@ class Coordinator:
         for participant in turns:
             participant.run()
         return committed
-
-    def refuse(self, ticket: Ticket, refusal: Refusal, release: Deliver, releases: list[Posting]) -> None:
-        """Journal a refusal for `ticket`, and `release` the other sources' reservations
-        (`releases`) in the same hold of the sequencer lock; the writer releases it once durable."""
-        try:
-            self.sequencer.reject(ticket, refusal.index, refusal.code, release, releases)
-        except UNDECIDED as error:
-            self.fail(ticket, error)
 
     def fail(self, ticket: Ticket, error: BaseException) -> None:
         """Release a ticket whose record never reached the journal (a no-op if released),

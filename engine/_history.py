@@ -88,10 +88,14 @@ class History:
         with journal.snapshot() as txn:
             stamped = record_timestamp(journal, end, txn, last=True)
         if timestamp > stamped:  # a record still to land may be stamped at or before it (stamps grow with LSNs)
-            end = self._settled_end()
+            settled = self._settled_end()
+            if settled != end:
+                end = settled
+                with journal.snapshot() as txn:
+                    stamped = record_timestamp(journal, end, txn, last=True)
         with journal.snapshot() as txn:
-            now = max(clock, record_timestamp(journal, end, txn))  # (a ledger's timestamps may run ahead of
-            # its clock: the clock stepped back, or one reading stamped a batch)
+            now = max(clock, stamped)  # (a ledger's timestamps may run ahead of its clock: the clock
+            # stepped back, or one reading stamped a batch: the last record's last stamp has come)
             if timestamp > now:
                 raise InvalidRequest(f"at_timestamp {timestamp} is still to come (the ledger's clock reads {now})")
             return lsn_at_timestamp(journal, timestamp, end, txn)

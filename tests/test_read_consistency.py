@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from engine import AccountNotFound, Balance, Ledger, LinkedTransferFailed, Transfer, TransferRequest
+from engine import AccountNotFound, Balance, InvalidRequest, Ledger, LinkedTransferFailed, Transfer, TransferRequest
 from engine._directory import SNAPSHOT, AccountHandle
-from support import hold_after_commit, wait_until
+from support import Clock, hold_after_commit, wait_until
 
 WAIT_S = 10.0
 
@@ -139,6 +139,21 @@ def test_a_balance_at_a_timestamp_the_clock_passed_never_changes(ledger_path: Pa
         ledger.close()
 
 
+def test_a_balance_at_any_stamp_of_a_chain_stamped_ahead_of_a_stopped_clock_is_answered(ledger_path: Path) -> None:
+    """A chain's legs are stamped one nanosecond apart, ahead of a clock that stands still: each
+    leg's timestamp has come (the last record's last stamp), and reads as after that leg."""
+    clock = Clock()
+    with Ledger.open(ledger_path, clock_ns=clock) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("a", currency="USD")
+        legs = ledger.transfer_linked([TransferRequest(f"t{i}", "bank", "a", 1) for i in range(3)])
+        assert [leg.timestamp for leg in legs] == [legs[0].timestamp + i for i in range(3)]
+        assert legs[-1].timestamp > clock()
+        assert [ledger.balance("a", at_timestamp=leg.timestamp).posted for leg in legs] == [3, 3, 3]  # one record
+        with pytest.raises(InvalidRequest, match="still to come"):
+            ledger.balance("a", at_timestamp=legs[-1].timestamp + 1)
+
+
 def test_a_refused_chain_hands_back_its_reservations_before_a_balance_can_see_the_refusal(
         ledger_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A chain of two sources on the mailbox path, refused by the second: the first source's
@@ -168,14 +183,15 @@ def test_a_refused_chain_hands_back_its_reservations_before_a_balance_can_see_th
                                                        TransferRequest("k2", "d", "c", 1)))
         refused = threading.Thread(target=chain, args=(TransferRequest("l1", "a", "c", 10),
                                                        TransferRequest("l2", "b", "c", 50)))
-        real = coordinator.refuse
+        real = coordinator.sequencer.reject
         paused, go = threading.Event(), threading.Event()
 
-        def refuse(ticket: Any, *args: Any) -> None:
-            real(ticket, *args)
+        def reject(ticket: Any, *args: Any) -> int:
+            lsn = real(ticket, *args)
             if ticket.request.id == "l1":  # its refusal queued: hold the voter there
                 paused.set()
                 assert go.wait(WAIT_S)
+            return lsn
 
         seen: list[Balance] = []
         asking = threading.Thread(target=lambda: seen.append(ledger.balance("a")))
@@ -187,7 +203,7 @@ def test_a_refused_chain_hands_back_its_reservations_before_a_balance_can_see_th
                 asked.set()  # in a's mailbox now
             return answer.get(timeout=timeout_s)  # type: ignore[no-any-return]
 
-        monkeypatch.setattr(coordinator, "refuse", refuse)
+        monkeypatch.setattr(coordinator.sequencer, "reject", reject)
         monkeypatch.setattr(AccountHandle, "snapshot", snapshot)
         keeping.start()
         try:
