@@ -87,15 +87,13 @@ class History:
         journal = self._journal
         with journal.snapshot() as txn:
             stamped = record_timestamp(journal, end, txn, last=True)
-        if timestamp > stamped:  # a record still to land may be stamped at or before it (stamps grow with LSNs)
-            settled = self._settled_end()
-            if settled != end:
-                end = settled
-                with journal.snapshot() as txn:
-                    stamped = record_timestamp(journal, end, txn, last=True)
+            if timestamp <= stamped:  # stamps grow with LSNs: no record still to land is stamped at or before it
+                return lsn_at_timestamp(journal, timestamp, end, txn)
+        end = self._settled_end()
         with journal.snapshot() as txn:
-            now = max(clock, stamped)  # (a ledger's timestamps may run ahead of its clock: the clock
-            # stepped back, or one reading stamped a batch: the last record's last stamp has come)
+            now = max(clock, record_timestamp(journal, end, txn, last=True))  # (a ledger's timestamps may run
+            # ahead of its clock: the clock stepped back, or one reading stamped a batch: the last record's
+            # last stamp has come)
             if timestamp > now:
                 raise InvalidRequest(f"at_timestamp {timestamp} is still to come (the ledger's clock reads {now})")
             return lsn_at_timestamp(journal, timestamp, end, txn)
