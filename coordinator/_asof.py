@@ -58,6 +58,7 @@ from coordinator._records import (
     resolution_key,
     value_lsn,
 )
+from coordinator._validate import shown
 from coordinator._values import KINDS, Balance, Entry, Resolution, Transfer, TransferStatus
 
 PAGE_CHUNK = 256
@@ -343,7 +344,7 @@ def _hold_lsns(journal: Journal, account: str, after_lsn: int, until_lsn: int, r
 
 def check_kind(kind: object) -> str | None:
     """A transfers query's `kind`: None or one of `KINDS`; `InvalidRequest` otherwise."""
-    if kind is not None and kind not in KINDS:
-        raise InvalidRequest(f"kind must be None or one of {', '.join(KINDS)}, got {kind!r}")
+    if kind is not None and (type(kind) is not str or kind not in KINDS):  # the type first: a value's `==` may raise
+        raise InvalidRequest(f"kind must be None or one of {', '.join(KINDS)}, got {shown(kind)}")
     return kind  # type: ignore[return-value]
 

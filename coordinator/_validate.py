@@ -136,7 +136,7 @@ def check_transfer(request: object) -> TransferRequest:
             and 0 < len(tid) <= ID_LENGTH_MAX and 0 < len(source) <= ID_LENGTH_MAX
             and 0 < len(destination) <= ID_LENGTH_MAX and 1 <= amount <= AMOUNT_MAX and source != destination
             and tid.isascii() and source.isascii() and destination.isascii()  # else `_utf8`, below
-            and request.code == 0 and type(request.code) is int and request.reference is None
+            and type(request.code) is int and request.code == 0 and request.reference is None
             and request.metadata is None
         ):
             pending, timeout_s = request.pending, request.timeout_s
@@ -209,6 +209,7 @@ def check_path(value: object) -> str:
     path = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
     if not isinstance(path, str):
         raise InvalidRequest(f"a path must be a str or an os.PathLike of str, got {type(value).__name__}")
+    path = str.__str__(path)  # a plain str (LMDB refuses a subclass), its own text whatever `__str__` it has
     if not path or "\x00" in path or not _utf8(path):
         raise InvalidRequest(f"a path must be non-empty, without NUL, and UTF-8 (no undecodable bytes), "
                              f"got {shown(path)}")

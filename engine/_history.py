@@ -77,7 +77,7 @@ class History:
             lsn = _count("at_lsn", at_lsn)
             end = self.end()
             if lsn > end:
-                raise InvalidRequest(f"at_lsn {lsn} is past the durable end of the journal (LSN {end})")
+                raise InvalidRequest(f"at_lsn {shown(lsn)} is past the durable end of the journal (LSN {end})")
             return lsn
         if at_timestamp is None:
             return self.end()
@@ -95,7 +95,7 @@ class History:
             # ahead of its clock: the clock stepped back, or one reading stamped a batch: the last record's
             # last stamp has come)
             if timestamp > now:
-                raise InvalidRequest(f"at_timestamp {timestamp} is still to come (the ledger's clock reads {now})")
+                raise InvalidRequest(f"at_timestamp {shown(timestamp)} is still to come (the ledger's clock reads {now})")
             return lsn_at_timestamp(journal, timestamp, end, txn)
 
     def timestamp(self, lsn: int) -> int:
@@ -146,7 +146,7 @@ class History:
         after = _count("after_lsn", after_lsn)
         until = end if until_lsn is None else _count("until_lsn", until_lsn)
         if until > end:
-            raise InvalidRequest(f"until_lsn {until} is past the durable end of the journal (LSN {end})")
+            raise InvalidRequest(f"until_lsn {shown(until)} is past the durable end of the journal (LSN {end})")
         if type(limit) is not int or not 1 <= limit <= TRANSFERS_PAGE_MAX:
             raise InvalidRequest(f"limit must be an int in 1..{TRANSFERS_PAGE_MAX}, got {shown(limit)}")
         if type(reverse) is not bool:

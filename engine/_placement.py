@@ -31,7 +31,7 @@ import os
 import re
 from pathlib import Path
 
-from coordinator import ID_LENGTH_MAX, InvalidRequest, LedgerError, check_id
+from coordinator import ID_LENGTH_MAX, InvalidRequest, LedgerError, check_id, shown
 
 SEPARATOR = "\x1f"
 CREDIT, POST, VOID = SEPARATOR + "credit", SEPARATOR + "post", SEPARATOR + "void"
@@ -122,7 +122,7 @@ def read_manifest(path: Path, shards: object) -> bool:
     `shards`, a path that is not a directory, a directory that holds something else, or a
     foreign or damaged manifest; `ShardCountMismatch` if `shards` differs from the manifest's."""
     if type(shards) is not int or not 1 <= shards <= SHARDS_MAX:
-        raise InvalidRequest(f"shards must be an int in 1..{SHARDS_MAX}, got {shards!r}")
+        raise InvalidRequest(f"shards must be an int in 1..{SHARDS_MAX}, got {shown(shards)}")
     manifest = path / MANIFEST_NAME
     try:
         if path.exists() and not path.is_dir():

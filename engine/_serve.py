@@ -70,7 +70,9 @@ def make_app(ledger_path: str | Path, *, token: str | None = None, body_bytes_ma
     if token is not None and not _token_ok(token):
         raise InvalidRequest("the token must be 1 to 4096 visible ASCII characters, without spaces")
     if type(body_bytes_max) is not int or not 1024 <= body_bytes_max <= 1 << 30:
-        raise InvalidRequest(f"body_bytes_max must be an int in 1024..{1 << 30}, got {body_bytes_max!r}")
+        got = (f"a {type(body_bytes_max).__name__}" if type(body_bytes_max) is not int  # (no int of 4,300 digits
+               else f"{body_bytes_max:,}" if body_bytes_max.bit_length() <= 64 else "a larger int")  # has a repr)
+        raise InvalidRequest(f"body_bytes_max must be an int in 1024..{1 << 30}, got {got}")
     return build_app(str(ledger_path), token, body_bytes_max, ledger_options)
 
 

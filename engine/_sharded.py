@@ -58,6 +58,7 @@ from coordinator import (
     check_currency,
     check_metadata,
     check_overdraft_limit,
+    shown,
     transfer_request,
 )
 
@@ -136,7 +137,7 @@ class ShardedLedger:
         count: int = shards
         if nodes is not None and (not isinstance(nodes, Sequence) or isinstance(nodes, str) or len(nodes) != count
                                   or not all(isinstance(node, str) for node in nodes)):
-            raise InvalidRequest(f"nodes must list one Ray node id per shard ({count}), got {nodes!r}")
+            raise InvalidRequest(f"nodes must list one Ray node id per shard ({count}), got {shown(nodes)}")
         timeout_s = ledger_options.get("timeout_s", TIMEOUT_S_DEFAULT)
         after_s = _in_doubt_after_s(in_doubt_after_s, float(timeout_s))
         started = _ray.join(address)
@@ -339,7 +340,7 @@ class ShardedLedger:
         caller then gets `CrossShardAborted`)."""
         if isinstance(older_than_s, bool) or not isinstance(older_than_s, (int, float)) or not (
                 0 <= older_than_s < float("inf")):
-            raise InvalidRequest(f"older_than_s must be a finite number of seconds >= 0, got {older_than_s!r}")
+            raise InvalidRequest(f"older_than_s must be a finite number of seconds >= 0, got {shown(older_than_s)}")
         if older_than_s and self._own_clock:
             raise InvalidRequest("older_than_s needs the shards on the wall clock (their transfers' timestamps are "
                                  "compared with it); with clock_ns, call recover_in_doubt() when you decide")
@@ -391,7 +392,7 @@ class ShardedLedger:
         (for audits: each shard's posted balances sum to zero)."""
         router = self._live()
         if type(shard) is not int or not 0 <= shard < router.shards:
-            raise InvalidRequest(f"shard must be an int in 0..{router.shards - 1}, got {shard!r}")
+            raise InvalidRequest(f"shard must be an int in 0..{router.shards - 1}, got {shown(shard)}")
         return _ray.gather([router.actors[shard].balances.remote()], self.timeout_s)[0]  # type: ignore[no-any-return]
 
     def pids(self) -> list[int]:
@@ -433,7 +434,7 @@ def _in_doubt_after_s(value: object, timeout_s: float) -> float:
         return max(IN_DOUBT_AFTER_S_MIN, 4 * timeout_s)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 3 * timeout_s < value < float("inf"):
         raise InvalidRequest(f"in_doubt_after_s must be a number of seconds above 3 x timeout_s ({3 * timeout_s:g}): "
-                             f"a live caller's steps may take that long; got {value!r}")
+                             f"a live caller's steps may take that long; got {shown(value)}")
     return float(value)
 
 

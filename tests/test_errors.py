@@ -952,3 +952,63 @@ def test_a_sharded_ledger_without_ray_installed_says_which_extra_to_install(tmp_
     with pytest.raises(InvalidRequest, match=r"pip install 'tally-ledger\[cluster\]'"):
         ShardedLedger.open(tmp_path / "books", shards=2)
     assert not (tmp_path / "books").exists(), "nothing is written before Ray is there"
+
+
+class _RaisingEq:
+    """A value whose `==` raises: validation must look at a value's type before comparing it."""
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("== raised")
+
+    __hash__ = object.__hash__
+
+
+@pytest.mark.parametrize("read", [
+    lambda ledger: ledger.balance("alice", at_lsn=10**5000),
+    lambda ledger: ledger.balance("alice", at_timestamp=10**5000),
+    lambda ledger: ledger.transfers(until_lsn=10**5000),
+    lambda ledger: ledger.transfers(kind=10**5000),
+    lambda ledger: ledger.transfers(kind=_RaisingEq()),
+], ids=["at_lsn", "at_timestamp", "until_lsn", "kind", "kind with a raising =="])
+def test_a_history_read_of_a_value_too_large_to_print_or_unsafe_to_compare_is_invalid(
+        funded: Ledger, read: Callable[[Ledger], object]) -> None:
+    with pytest.raises(InvalidRequest):
+        read(funded)
+    assert funded.balance("alice").posted == 100
+
+
+def test_a_code_whose_equality_raises_is_invalid_and_writes_nothing(funded: Ledger) -> None:
+    before = books(funded)
+    with pytest.raises(InvalidRequest, match="code"):
+        funded.transfer("t-eq", source="alice", destination="bob", amount=1, code=_RaisingEq())  # type: ignore[arg-type]
+    assert books(funded) == before
+    assert funded.transfer("t-eq", source="alice", destination="bob", amount=1).amount == 1  # its id is free
+
+
+class _Path(str):
+    """A str subclass as a path (LMDB takes only a plain str)."""
+
+
+class _Fspath:
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def __fspath__(self) -> str:
+        return _Path(self._path)
+
+
+@pytest.mark.parametrize("wrap", [_Path, _Fspath], ids=["str subclass", "PathLike of a str subclass"])
+def test_a_path_given_as_a_str_subclass_opens_the_ledger_at_that_path(tmp_path: Path, wrap: Callable[[str], Any]) -> None:
+    path = str(tmp_path / "ledger")
+    with Ledger.open(wrap(path)) as ledger:
+        ledger.create_account("a", currency="USD")
+    with Ledger.open(path) as reopened:
+        assert [account.id for account in reopened.accounts()] == ["a"]
+
+
+def test_a_shard_count_too_large_to_print_is_invalid_and_creates_nothing(tmp_path: Path) -> None:
+    from engine import ShardedLedger
+
+    with pytest.raises(InvalidRequest, match="an int of 16610 bits"):
+        ShardedLedger.open(tmp_path / "books", shards=10**5000)
+    assert not (tmp_path / "books").exists()
