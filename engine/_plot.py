@@ -26,10 +26,12 @@ def write_report(samples: list[tuple[float, float]], summary: dict[str, Any], pa
     figure, (top, bottom) = pyplot.subplots(2, 1, figsize=(10, 6), sharex=True)
     top.plot(seconds, rate, color="tab:blue")
     top.set_ylabel("transfers / s")
+    top.set_ylim(bottom=0)  # from zero: a dip of a tenth must not look like a stall
     top.set_title(f"tally stress: {summary['transfers_sent']:,} transfers, verdict {summary['verdict']}")
     bottom.plot(seconds, p50, label="p50", color="tab:green")
     bottom.plot(seconds, p99, label="p99", color="tab:red")
     bottom.set_ylabel("latency (ms)")
+    bottom.set_ylim(bottom=0)
     bottom.set_xlabel("seconds since start")
     bottom.legend()
     figure.tight_layout()
