@@ -194,14 +194,14 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--transfer", metavar="ID", help="only records of this transfer")
     inspect.add_argument("--account", metavar="ID", help="only records touching this account")
     balance = command("balance", "an account's balance (now, or at an LSN or a time), read-only")
-    balance.add_argument("account", metavar="ACCOUNT")
+    balance.add_argument("account", metavar="ACCOUNT", help="the account's id")
     at = balance.add_mutually_exclusive_group()
     at.add_argument("--at-lsn", type=_count(0, LSN_MAX), default=None, metavar="N",
                     help="the balance after the record at LSN N")
     at.add_argument("--at", type=_instant, default=None, metavar="TIME",
                     help="the balance at TIME, ISO 8601 (e.g. 2026-12-05T10:00:00Z; UTC if no offset is given)")
     history = command("history", "an account's latest entries and transfers, read-only")
-    history.add_argument("account", metavar="ACCOUNT")
+    history.add_argument("account", metavar="ACCOUNT", help="the account's id")
     history.add_argument("--limit", type=_count(1), default=20, metavar="N", help="latest N entries (default 20)")
     tail = command("tail", "the stream of events as lines, read-only: beside a live writer, never taking its lock")
     tail.add_argument("--from-lsn", dest="from_lsn", type=_count(0, LSN_MAX - 1), default=0, metavar="N",
@@ -588,11 +588,14 @@ def _leg_line(leg: dict[str, Any]) -> str:
 
 def _render_history(report: dict[str, Any]) -> None:
     print(f"{report['account']} ({report['currency']}), {report['entries_total']} entries; the latest, in seq order:")
+    width = max([24, *(len(entry["transfer"]) for entry in report["entries"])])  # the ids in one column
     for entry in report["entries"]:
-        print(f"  seq {entry['seq']:>6}  LSN {entry['lsn']:>8}  {entry['transfer']:<24} {entry['amount']:>14}  balance {entry['balance']}")
+        print(f"  seq {entry['seq']:>6}  LSN {entry['lsn']:>8}  {entry['transfer']:<{width}} {entry['amount']:>14}  "
+              f"balance {entry['balance']}")
     print("latest transfers, newest first:")
+    width = max([24, *(len(made["id"]) for made in report["transfers"])])
     for made in report["transfers"]:
-        print(f"  LSN {made['lsn']:>8}  {made['kind']:<7} {made['status']:<7}  {made['id']:<24} {made['source']} -> "
+        print(f"  LSN {made['lsn']:>8}  {made['kind']:<7} {made['status']:<7}  {made['id']:<{width}} {made['source']} -> "
               f"{made['destination']}  {made['amount']}")
 
 
