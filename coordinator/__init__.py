@@ -102,6 +102,8 @@ from coordinator._validate import (
     check_resolution,
     check_transfer,
     checked_clock,
+    items_of,
+    seconds_of,
     shown,
 )
 from coordinator._values import (
@@ -233,6 +235,8 @@ __all__ = [
     "replay",
     "resolution_of",
     "shown",
+    "items_of",
+    "seconds_of",
     "stamped_transfer",
     "resolution_request",
     "transfer_request",

@@ -6,6 +6,7 @@ import os
 import re
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from coordinator._errors import InvalidRequest
 from coordinator._limits import (
@@ -35,6 +36,29 @@ def shown(value: object) -> str:
     except Exception:  # a repr that raises is the caller's bug; say what the value is instead
         return f"a {type(value).__name__}"
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def seconds_of(value: object) -> int | float | None:
+    """`value` as a plain int or float if it is a number of seconds one may give (an int or a
+    float, a subclass read by its own value, not by methods of its own, which may raise); None
+    for anything else, a bool included. NaN stays NaN: the caller's range check refuses it."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        return float.__float__(value)  # a subclass's value, whatever it overrides
+    if isinstance(value, int):
+        return int.__int__(value)
+    return None
+
+
+def items_of(sequence: object, what: str) -> list[Any]:
+    """The items of a sequence the caller gave (already found to be one), read once into a
+    list; `InvalidRequest` if reading it raises (its `__len__` and `__iter__` are the caller's
+    code: an error of theirs is bad input, not ours)."""
+    try:
+        return list(sequence)  # type: ignore[call-overload]
+    except Exception as error:
+        raise InvalidRequest(f"{what}: its items could not be read ({shown(error)})") from None
 
 
 def check_id(value: object, what: str) -> str:
@@ -193,6 +217,7 @@ def check_chain(requests: object) -> list[TransferRequest]:
     distinct ids."""
     if isinstance(requests, (str, bytes)) or not isinstance(requests, (list, tuple)):
         raise InvalidRequest(f"transfer_linked takes a list of TransferRequest, got {type(requests).__name__}")
+    requests = items_of(requests, "transfer_linked")
     if not 1 <= len(requests) <= LINKED_LEGS_MAX:
         raise InvalidRequest(f"a linked chain has 1..{LINKED_LEGS_MAX} transfers, got {len(requests)}")
     checked = [check_transfer(request) for request in requests]

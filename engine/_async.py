@@ -59,6 +59,7 @@ from coordinator import (
     check_resolution,
     check_transfer,
     refusal_error,
+    seconds_of,
     settle,
     settle_chain,
     ticket_outcome,
@@ -227,7 +228,8 @@ class AsyncLedger(LoopWrites, LoopFollowing):
         commit wakes it through the loop (a read-only ledger's follower polls). Arguments are
         checked, and a closed ledger raises `LedgerClosed`, here, not at the first event."""
         self._ledger.events(after_lsn, follow=follow, timeout_s=timeout_s)  # checks, reads nothing
-        return self._follow(after_lsn, follow, timeout_s)
+        wait_s = seconds_of(timeout_s)  # a plain number: a subclass's own arithmetic may raise
+        return self._follow(after_lsn, follow, None if wait_s is None else float(wait_s))
 
     # --- closing -----------------------------------------------------------------------
 

@@ -26,7 +26,9 @@ from coordinator import (
     JournalCorrupted,
     LedgerError,
     NotALedger,
+    check_id,
     check_path,
+    shown,
 )
 
 from engine import __version__
@@ -34,6 +36,8 @@ from engine._workload import MIXES, RETRY_RATE_DEFAULT
 
 LSN_MAX = 2**64 - 1
 """The largest LSN a journal key holds."""
+STRESS_CLIENTS_MAX = 1024
+"""The most client threads `tally stress` starts (each a thread of this process)."""
 
 
 def _count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -41,11 +45,13 @@ def _count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+            if text.strip().lstrip("+-").isdigit():  # more digits than Python turns into an int
+                raise argparse.ArgumentTypeError(f"a number of {len(text.strip()):,} digits is out of range") from None
+            raise argparse.ArgumentTypeError(f"{shown(text)} is not a whole number") from None
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} is below the minimum of {minimum}")
+            raise argparse.ArgumentTypeError(f"{shown(value)} is below the minimum of {minimum}")
         if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"{value} is above the maximum of {maximum}")
+            raise argparse.ArgumentTypeError(f"{shown(value)} is above the maximum of {maximum}")
         return value
 
     return parse
@@ -70,9 +76,14 @@ class _Parser(argparse.ArgumentParser):
 def _url(text: str) -> str:
     from urllib.parse import urlsplit
 
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/") or parts.query:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a server's URL (http://HOST:PORT)")
+    try:
+        parts = urlsplit(text)
+        bad = parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/") or parts.query
+        parts.port  # noqa: B018 (a port out of range raises here)
+    except ValueError:  # e.g. an unclosed [IPv6 address
+        bad = True
+    if bad:
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a server's URL (http://HOST:PORT)")
     return text
 
 
@@ -113,7 +124,9 @@ def _instant(text: str) -> int:
 def _said_at(message: str, at: int, account: str, unknown: bool) -> str:
     """The API's refusal of a balance at a time, as `--at` put it: its times in ISO 8601
     rather than nanoseconds, the flag's name rather than the argument's."""
-    message = re.sub(r"\b\d{18,19}\b", lambda found: _shown_instant(int(found.group())), message)
+    named = repr(account)  # the account's id, kept as it is even if it looks like a timestamp
+    message = named.join(re.sub(r"\b\d{18,19}\b", lambda found: _shown_instant(int(found.group())), part)
+                         for part in message.split(named))
     message = message.replace(f"at_timestamp {_shown_instant(at)}", f"--at {_shown_instant(at)}")
     return f"account {account!r} did not exist yet at {_shown_instant(at)} ({message})" if unknown else message
 
@@ -151,7 +164,8 @@ def _parser() -> argparse.ArgumentParser:
     stress = command("stress", "fire concurrent transfers at a ledger and verify the books", path=False)
     stress.add_argument("--path", type=_path, help="ledger directory to use or create (default: a temporary one)")
     stress.add_argument("--accounts", type=_count(2), default=1000, help="accounts to open (default 1000)")
-    stress.add_argument("--clients", type=_count(1), default=16, help="concurrent client threads (default 16)")
+    stress.add_argument("--clients", type=_count(1, STRESS_CLIENTS_MAX), default=16,
+                        help=f"concurrent client threads (default 16, at most {STRESS_CLIENTS_MAX:,})")
     amount = stress.add_mutually_exclusive_group()
     amount.add_argument("--transfers", type=_count(1), default=None, help="transfers to fire (default 30000)")
     amount.add_argument("--duration", type=_seconds, default=None, metavar="S", help="fire for S seconds instead")
@@ -640,7 +654,10 @@ def _shards_hint(args: argparse.Namespace, error: LedgerError, argv: list[str]) 
     if shards is None or shards < 1:
         return ""
     account = getattr(args, "account", None)
-    shard = 0 if account is None else shard_of(account, shards)
+    try:
+        shard = 0 if account is None else shard_of(check_id(account, "account"), shards)
+    except InvalidRequest:  # no id a shard could hold: the error said what is wrong
+        return ""
     command = [os.path.join(path, f"shard-{shard}") if word == path else word for word in argv]
     which = ("the shard its id places it on; one made with placement=KEY lives on the key's" if account is not None
              else f"each of shard-0 to shard-{shards - 1} in turn")

@@ -53,6 +53,7 @@ from coordinator import (
     Transfer,
     TransferRequest,
     check_transfer,
+    shown,
 )
 from engine._placement import (
     POST,
@@ -269,8 +270,13 @@ class Router:
         return None
 
     def call(self, shard: int, method: str, *args: Any, **kwargs: Any) -> Any:
-        """`Ledger.method(*args, **kwargs)` on one shard; its error raised here."""
-        ok, value = gather([self.actors[shard].call.remote(method, args, kwargs)], self.timeout_s)[0]
+        """`Ledger.method(*args, **kwargs)` on one shard; its error raised here. Arguments Ray
+        cannot send (a lock, an open file) are `InvalidRequest`, as the shard would refuse them."""
+        try:
+            sent = self.actors[shard].call.remote(method, args, kwargs)
+        except TypeError as error:  # Ray's "Could not serialize the argument ..."
+            raise InvalidRequest(f"{method}: an argument cannot be sent to a shard ({shown(error)})") from None
+        ok, value = gather([sent], self.timeout_s)[0]
         if not ok:
             raise value
         return value

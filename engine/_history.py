@@ -30,6 +30,7 @@ from coordinator import (
     lsn_at_timestamp,
     opened_lsn,
     record_timestamp,
+    seconds_of,
     shown,
     transfer_at,
     transfers_page,
@@ -235,8 +236,8 @@ class Snapshot:
 
 
 def check_max_age(max_age_s: object) -> float:
-    if not (isinstance(max_age_s, (int, float)) and not isinstance(max_age_s, bool)
-            and 0 < max_age_s <= SNAPSHOT_AGE_S_MAX):  # False for NaN
+    age_s = seconds_of(max_age_s)
+    if not (age_s is not None and 0 < age_s <= SNAPSHOT_AGE_S_MAX):  # False for NaN
         raise InvalidRequest(f"max_age_s must be a number of seconds in (0, {SNAPSHOT_AGE_S_MAX:.0f}], "
                              f"got {shown(max_age_s)}")
-    return float(max_age_s)
+    return float(age_s)

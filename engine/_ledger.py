@@ -51,12 +51,14 @@ from coordinator import (
     check_overdraft_limit,
     check_path,
     entries_of,
+    items_of,
     ledger_error,
     ledger_errors,
     load_checkpoint,
     outcome_now,
     recover,
     replay,
+    seconds_of,
     shown,
     state_hash,
     transfer_at,
@@ -161,7 +163,7 @@ class Ledger:
                 raise InvalidRequest(f"clock_ns must be None or a function returning nanoseconds, got {shown(clock_ns)}")
             clock_ns = checked_clock(clock_ns)
             clock_ns()  # a clock that gives no int fails here, before anything is opened
-        check_timeout_s(timeout_s)
+        wait_s = check_timeout_s(timeout_s)
         path = check_path(path)
         for name, value, low, high in (
             ("dispatcher_threads", dispatcher_threads, 1, 64),
@@ -178,7 +180,7 @@ class Ledger:
         if readonly:
             from engine._readonly import open_readonly  # it subclasses Ledger
 
-            return open_readonly(path, float(timeout_s))
+            return open_readonly(path, wait_s)
         options: dict[str, Any] = {"index_names": INDEX_NAMES}
         if map_size_bytes is not None:
             options["map_size_bytes"] = map_size_bytes
@@ -186,7 +188,7 @@ class Ledger:
             journal = Journal.open(path, **options)
         try:
             with ledger_errors():
-                return cls(journal, timeout_s=float(timeout_s), dispatcher_threads=dispatcher_threads,
+                return cls(journal, timeout_s=wait_s, dispatcher_threads=dispatcher_threads,
                            actors_live_max=actors_live_max, inflight_max=inflight_max,
                            checkpoint_interval=checkpoint_interval, clock_ns=clock_ns)
         except BaseException:
@@ -399,7 +401,7 @@ class Ledger:
         """
         if not isinstance(requests, Sequence) or isinstance(requests, (str, bytes)):
             raise InvalidRequest(f"transfer_many takes a sequence of TransferRequest, got {type(requests).__name__}")
-        items: list[TransferRequest | Resolution] = list(requests)
+        items: list[TransferRequest | Resolution] = items_of(requests, "transfer_many")
         refused = {i: InvalidRequest(f"transfer_many takes TransferRequest items, not a post or a void of pending "
                                      f"transfer {item.pending_id!r}: call post_pending or void_pending")
                    for i, item in enumerate(items) if type(item) is Resolution}
@@ -455,13 +457,13 @@ class Ledger:
             raise InvalidRequest(f"after_lsn must be an int in 0..{LSN_END - 1}, got {shown(after_lsn)}")
         if type(follow) is not bool:
             raise InvalidRequest(f"follow must be a bool, got {shown(follow)}")
-        if timeout_s is not None and not (isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool)
-                                          and 0 <= timeout_s <= threading.TIMEOUT_MAX):
+        wait_s = seconds_of(timeout_s)
+        if timeout_s is not None and not (wait_s is not None and 0 <= wait_s <= threading.TIMEOUT_MAX):
             raise InvalidRequest(f"timeout_s must be None or a number of seconds in [0, "
                                  f"{threading.TIMEOUT_MAX:.0f}], got {shown(timeout_s)}")
         with self._call():
             pass  # a closed ledger says so here, not at the first event
-        return follow_events(self, after_lsn, follow, None if timeout_s is None else float(timeout_s))
+        return follow_events(self, after_lsn, follow, None if wait_s is None else float(wait_s))
 
     def _events_last_lsn(self) -> int | None:
         """The last LSN `events` may read (None: the end of the snapshot)."""
@@ -697,12 +699,14 @@ def checked_account(account_id: object, currency: object, overdraft_limit: objec
                    check_overdraft_limit(overdraft_limit), check_code(code), check_metadata(metadata))
 
 
-def check_timeout_s(timeout_s: object) -> None:
-    """`Ledger.open`'s `timeout_s`; `InvalidRequest` unless a number of seconds a lock can wait."""
-    if not (isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool)
-            and 0 < timeout_s <= threading.TIMEOUT_MAX):  # False for NaN
+def check_timeout_s(timeout_s: object) -> float:
+    """`Ledger.open`'s `timeout_s`, as a float; `InvalidRequest` unless a number of seconds a
+    lock can wait."""
+    wait_s = seconds_of(timeout_s)
+    if not (wait_s is not None and 0 < wait_s <= threading.TIMEOUT_MAX):  # False for NaN
         raise InvalidRequest(f"timeout_s must be a number of seconds in (0, {threading.TIMEOUT_MAX:.0f}] "
                              f"(the most a lock can wait), got {shown(timeout_s)}")
+    return float(wait_s)
 
 
 def checked_accounts(accounts: object) -> list[Account | LedgerError]:
@@ -711,7 +715,7 @@ def checked_accounts(accounts: object) -> list[Account | LedgerError]:
     if not isinstance(accounts, Sequence) or isinstance(accounts, (str, bytes)):
         raise InvalidRequest(f"create_accounts takes a sequence of Account, got {type(accounts).__name__}")
     results: list[Account | LedgerError] = []
-    for item in accounts:
+    for item in items_of(accounts, "create_accounts"):
         try:
             if not isinstance(item, Account):
                 raise InvalidRequest(f"create_accounts takes Account items, got {type(item).__name__}")

@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -116,6 +117,10 @@ class Guard:
             await _send_error(send, "unauthorized", "this server needs the header `Authorization: Bearer <token>` "
                                                     "with its token", [(b"www-authenticate", b"Bearer")])
             return
+        if not _utf8_path(scope):
+            await _send_error(send, "invalid_request", "the path is not UTF-8 once percent-decoded: an id in it "
+                                                       "would be read as another")
+            return
         length = headers.get(b"content-length", b"0")  # a malformed one never gets here: the HTTP parser refuses it
         if length.isdigit() and int(length) > self.body_bytes_max:
             await _send_error(send, "body_too_large", str(_BodyTooLarge(self.body_bytes_max).detail))
@@ -178,6 +183,19 @@ class Guard:
             await self.app(scope, counted, answering)
         finally:
             self.in_flight -= 1
+
+
+def _utf8_path(scope: Scope) -> bool:
+    """Whether the request's path, percent-decoded, is UTF-8 (the server decodes it with
+    replacement characters: `/accounts/%FF` would name the account "\\ufffd")."""
+    raw: bytes | None = scope.get("raw_path")
+    if raw is None:  # a server that does not say: the decoded path is all there is
+        return True
+    try:
+        unquote_to_bytes(raw.split(b"?", 1)[0]).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 async def _send_error(send: Send, code: str, message: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:

@@ -45,7 +45,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -59,7 +60,9 @@ from coordinator import (
     IdempotencyConflict,
     InsufficientFunds,
     LedgerError,
+    LedgerTimeout,
     NotALedger,
+    PendingTransferNotFound,
     Resolution,
     Transfer,
     TransferRequest,
@@ -154,6 +157,52 @@ def _named_no_destination(kept: Transfer, prepare: TransferRequest) -> bool:
     return (prepare.metadata or {}).get(METADATA_DIGEST_KEY) == digest
 
 
+class _Gate:
+    """Prepares pass together (`shared`: every `batch`); a user's post or void of a pending
+    transfer the shard does not hold passes alone (`alone`), and waiting to, it keeps new
+    batches out. So no prepare of that id can be decided between its look (none here) and
+    the ledger's refusal of it: the ledger would post or void the prepare, the protocol's
+    hold of a transfer whose credit may have landed. Waits are bounded (`LedgerTimeout`)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._sharing = 0
+        self._alone = False
+        self._waiting = 0
+
+    @contextmanager
+    def shared(self, timeout_s: float) -> Iterator[None]:
+        with self._changed:
+            if not self._changed.wait_for(lambda: not self._alone and not self._waiting, timeout_s):
+                raise LedgerTimeout(f"a post or a void held this shard for over {timeout_s:g} s: nothing was written")
+            self._sharing += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._sharing -= 1
+                self._changed.notify_all()
+
+    @contextmanager
+    def alone(self, timeout_s: float) -> Iterator[None]:
+        with self._changed:
+            self._waiting += 1
+            try:
+                if not self._changed.wait_for(lambda: not self._alone and not self._sharing, timeout_s):
+                    raise LedgerTimeout(f"this shard's transfers in flight did not end within {timeout_s:g} s: "
+                                        "nothing was written")
+            finally:
+                self._waiting -= 1
+                self._changed.notify_all()
+            self._alone = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._alone = False
+                self._changed.notify_all()
+
+
 @dataclass(frozen=True, slots=True)
 class Doubt:
     """A prepare still pending on shard `source_shard`: recovery resolves it."""
@@ -176,6 +225,8 @@ class Shard:
         """The protocol's accounts known to exist here (created at most once per process)."""
         self._netting = threading.Lock()
         """Held while a pair of clearing accounts is netted: one netting at a time reads their balances."""
+        self._gate = _Gate()
+        """Keeps a user's post or void of a pending transfer not here apart from the prepares (`_Gate`)."""
         self._opened: Ledger | LedgerError = NotALedger(
             f"{path}: shard {index} of this sharded ledger is missing or empty, though its manifest names it (restore "
             "it: opening would make it anew, empty)")
@@ -224,9 +275,28 @@ class Shard:
         """The `Ledger` method `name` (one of `CALLS`): `(True, result)` or `(False, error)`."""
         assert name in CALLS, name
         try:
+            if name in ("post_pending", "void_pending"):
+                return True, self._users_resolution(name, args, kwargs)
             return True, getattr(self.ledger, name)(*args, **kwargs)
         except LedgerError as error:
             return False, error
+
+    def _users_resolution(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Transfer:
+        """A user's `post_pending` or `void_pending`: of a pending transfer of theirs, as a
+        ledger does; of a cross-shard transfer's prepare, `PendingTransferNotFound` (nothing
+        written: the router refuses the same without asking a shard once it sees the prepare);
+        of one not here, decided with no prepare in flight (`_Gate`), so it is refused as not
+        found, as a ledger refuses it, and never posts or voids a prepare that lands meanwhile."""
+        ledger, pending_id = self.ledger, kwargs["pending_id"]
+        kept = ledger.get_transfer(pending_id)  # a durable prepare stays one, a user's pending transfer stays theirs
+        if kept is None:
+            with self._gate.alone(ledger.timeout_s):  # every prepare decided is durable now, and none comes
+                kept = ledger.get_transfer(pending_id)
+                if kept is None:
+                    return getattr(ledger, name)(*args, **kwargs)  # type: ignore[no-any-return]
+        if peer_of(kept.destination) is not None:
+            raise PendingTransferNotFound(f"{pending_id!r} is a transfer across shards, not a pending transfer")
+        return getattr(ledger, name)(*args, **kwargs)  # type: ignore[no-any-return]
 
     def accounts(self) -> list[Account]:
         """The users' accounts here, in creation order (the protocol's are left out)."""
@@ -259,6 +329,10 @@ class Shard:
         prepare whose id was refused while its source was unknown (toward the clearing account
         of no currency) is compared with that refusal, so its exact retry gets it again."""
         rows = unpack_rows(blob)
+        with self._gate.shared(self.ledger.timeout_s):  # (a user's post or void of an id not here waits)
+            return pack(outcome_rows(self._batch(rows)))
+
+    def _batch(self, rows: list[Row]) -> list[Transfer | LedgerError]:
         requests = [self._prepared(row) if row[0] is None else request_of(row) for row in rows]
         outcomes = self.ledger.transfer_many(requests)
         again: dict[int, TransferRequest] = {}
@@ -276,7 +350,7 @@ class Shard:
         if again:  # each id's first outcome, asked as it was recorded (all at once)
             for i, outcome in zip(again, self.ledger.transfer_many(list(again.values())), strict=True):
                 outcomes[i] = outcome
-        return pack(outcome_rows(outcomes))
+        return outcomes
 
     def _prepared(self, row: Row) -> TransferRequest:
         _, transfer_id, source, peer, amount, code, reference, metadata = row

@@ -43,6 +43,7 @@ from typing import Any
 
 from coordinator import (
     TIMEOUT_S_DEFAULT,
+    TIMESTAMP_MAX,
     Account,
     AccountExists,
     Balance,
@@ -58,6 +59,9 @@ from coordinator import (
     check_currency,
     check_metadata,
     check_overdraft_limit,
+    check_path,
+    items_of,
+    seconds_of,
     shown,
     transfer_request,
 )
@@ -76,6 +80,10 @@ from engine._placement import (
 )
 
 logger = logging.getLogger("tally.sharded")
+
+OLDER_THAN_S_MAX = TIMESTAMP_MAX / 1e9
+"""`recover_in_doubt`'s `older_than_s` past this is this: older than every timestamp a shard can hold."""
+
 SHARD_PREFIX = "shard-"
 IN_DOUBT_AFTER_S_MIN = 120.0
 """The least default age at which the sweeper resolves a cross-shard transfer in doubt."""
@@ -131,22 +139,24 @@ class ShardedLedger:
         `NotALedger` if a shard's directory is missing or empty (restore it: it is not made
         anew, empty, once the manifest exists), and whatever a shard's `Ledger.open` raises.
         """
-        _check_options(ledger_options)
-        root = Path(os.fspath(path)).absolute()
+        timeout_s = _check_options(ledger_options)
+        root = Path(check_path(path)).absolute()
         made = read_manifest(root, shards)
         count: int = shards
-        if nodes is not None and (not isinstance(nodes, Sequence) or isinstance(nodes, str) or len(nodes) != count
-                                  or not all(isinstance(node, str) for node in nodes)):
-            raise InvalidRequest(f"nodes must list one Ray node id per shard ({count}), got {shown(nodes)}")
-        timeout_s = ledger_options.get("timeout_s", TIMEOUT_S_DEFAULT)
-        after_s = _in_doubt_after_s(in_doubt_after_s, float(timeout_s))
+        if nodes is not None:
+            if not isinstance(nodes, Sequence) or isinstance(nodes, (str, bytes)):
+                raise InvalidRequest(f"nodes must list one Ray node id per shard ({count}), got {shown(nodes)}")
+            nodes = items_of(nodes, "nodes")
+            if len(nodes) != count or not all(type(node) is str for node in nodes):
+                raise InvalidRequest(f"nodes must list one Ray node id per shard ({count}), got {shown(nodes)}")
+        after_s = _in_doubt_after_s(in_doubt_after_s, timeout_s)
         started = _ray.join(address)
         actors: list[Any] = []
         try:
             placed = list(nodes) if nodes is not None else [_ray.local_node()] * count
             actors = [_ray.start_shard(str(root / f"{SHARD_PREFIX}{i}"), i, placed[i], dict(ledger_options))
                       for i in range(count)]
-            router = Router(actors, float(timeout_s))
+            router = Router(actors, timeout_s)
             # A shard's ledger is made only by the open that writes the manifest, once all are made.
             for failure in router.everywhere("failure" if made else "create",
                                              timeout_s=max(OPEN_WAIT_S, router.timeout_s)):
@@ -213,7 +223,7 @@ class ShardedLedger:
         checked = checked_accounts(accounts)
         if placements is not None and (not isinstance(placements, Sequence) or isinstance(placements, (str, bytes))):
             raise InvalidRequest(f"placements must be a sequence of keys (or None), got {type(placements).__name__}")
-        keys = list(placements) if placements is not None else [None] * len(checked)
+        keys = items_of(placements, "placements") if placements is not None else [None] * len(checked)
         if len(keys) != len(checked):
             raise InvalidRequest("placements must give one key (or None) per account")
         results: list[Account | LedgerError] = list(checked)
@@ -285,7 +295,7 @@ class ShardedLedger:
         outcome is durable."""
         if not isinstance(requests, Sequence) or isinstance(requests, (str, bytes)):
             raise InvalidRequest(f"transfer_many takes a sequence of TransferRequest, got {type(requests).__name__}")
-        return self._live().transfer_many(requests)
+        return self._live().transfer_many(items_of(requests, "transfer_many"))
 
     def post_pending(self, transfer_id: str, *, pending_id: str, amount: int | None = None,
                      reference: str | None = None, metadata: Mapping[str, str | int] | None = None) -> Transfer:
@@ -302,12 +312,18 @@ class ShardedLedger:
                                  reference=reference, metadata=metadata)
 
     def _pending_shard(self, transfer_id: str, pending_id: str) -> int:
-        """The shard holding pending transfer `pending_id`; for an unknown one, the hash shard of
+        """The shard that decided `transfer_id` already, if one did (its ledger answers a retry
+        with that first outcome, as a ledger does, even if the pending transfer turned up
+        elsewhere since: a post refused as not found is not made later by its retry); else the
+        shard holding pending transfer `pending_id`; for an unknown one, the hash shard of
         `transfer_id` (where the ledger journals the refusal). A cross-shard transfer's own
         prepare is no user's pending transfer: `PendingTransferNotFound`, nothing written."""
         router = self._live()
         check_user_id(transfer_id, "transfer id")
         check_user_id(pending_id, "pending id")
+        decided = router._found(transfer_id, "outcome")
+        if decided is not None:
+            return decided[0]
         found = router._found(pending_id, "get_transfer")
         if found is None:
             return shard_of(transfer_id, router.shards)
@@ -338,13 +354,13 @@ class ShardedLedger:
         while open by the sweeper (`in_doubt_after_s`); safe at any time, but a transfer in
         flight from a live caller is resolved too (aborted if its credit has not landed: that
         caller then gets `CrossShardAborted`)."""
-        if isinstance(older_than_s, bool) or not isinstance(older_than_s, (int, float)) or not (
-                0 <= older_than_s < float("inf")):
+        age_s = seconds_of(older_than_s)
+        if age_s is None or not 0 <= age_s < float("inf"):
             raise InvalidRequest(f"older_than_s must be a finite number of seconds >= 0, got {shown(older_than_s)}")
-        if older_than_s and self._own_clock:
+        if age_s and self._own_clock:
             raise InvalidRequest("older_than_s needs the shards on the wall clock (their transfers' timestamps are "
                                  "compared with it); with clock_ns, call recover_in_doubt() when you decide")
-        return self._live().recover(older_than_s)
+        return self._live().recover(min(age_s, OLDER_THAN_S_MAX))  # older than any timestamp: none of them
 
     def _sweep(self) -> None:
         """The sweeper: every quarter of `in_doubt_after_s`, resolve the cross-shard transfers
@@ -432,20 +448,24 @@ def _in_doubt_after_s(value: object, timeout_s: float) -> float:
     """`open`'s `in_doubt_after_s`, checked (None: the default for `timeout_s`)."""
     if value is None:
         return max(IN_DOUBT_AFTER_S_MIN, 4 * timeout_s)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 3 * timeout_s < value < float("inf"):
-        raise InvalidRequest(f"in_doubt_after_s must be a number of seconds above 3 x timeout_s ({3 * timeout_s:g}): "
-                             f"a live caller's steps may take that long; got {shown(value)}")
-    return float(value)
+    after_s = seconds_of(value)
+    if after_s is None or not 3 * timeout_s < after_s <= threading.TIMEOUT_MAX:
+        raise InvalidRequest(f"in_doubt_after_s must be a number of seconds above 3 x timeout_s ({3 * timeout_s:g}) "
+                             f"and at most {threading.TIMEOUT_MAX:.0f}: a live caller's steps may take that long; "
+                             f"got {shown(value)}")
+    return float(after_s)
 
 
-def _check_options(options: dict[str, Any]) -> None:
+def _check_options(options: dict[str, Any]) -> float:
     """`InvalidRequest` for an option `Ledger.open` does not take, `readonly` (a shard is
     written through its actor only), or a bad `timeout_s`; the other values are checked by
-    each shard's open."""
+    each shard's open. The `timeout_s` the shards get, as a float."""
     try:
         inspect.signature(Ledger.open).bind("path", **options)
     except TypeError as error:
         raise InvalidRequest(f"ShardedLedger.open: {error} (ledger_options go to each shard's Ledger.open)") from None
-    if options.get("readonly"):
-        raise InvalidRequest("a sharded ledger opens its shards for writing: readonly is not supported")
-    check_timeout_s(options.get("timeout_s", TIMEOUT_S_DEFAULT))  # it bounds the router's waits too
+    readonly = options.get("readonly", False)
+    if readonly is not False:
+        raise InvalidRequest("a sharded ledger opens its shards for writing: readonly is not supported"
+                             if readonly is True else f"readonly must be a bool, got {shown(readonly)}")
+    return check_timeout_s(options.get("timeout_s", TIMEOUT_S_DEFAULT))  # it bounds the router's waits too

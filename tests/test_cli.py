@@ -793,3 +793,36 @@ def test_verify_and_balance_read_a_ledger_a_live_process_holds(held: Built) -> N
     assert report["state_hash"] == held.state_hash
     assert balance_code == 0 and balance["posted"] == held.balances["alice"]
 
+
+
+@pytest.mark.parametrize("command", ["balance", "history"])
+def test_an_account_id_no_ledger_could_hold_on_a_sharded_ledgers_directory_is_one_line(
+        sharded_root: tuple[Path, str, int], command: str) -> None:
+    """Not UTF-8 (argv's bytes \\xff): the hint names no shard for it, and nothing is raised."""
+    root, _, _ = sharded_root
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "engine", command, str(root), b"\xff"], capture_output=True,
+                          text=True, timeout=CLI_TIMEOUT_S, cwd=ROOT, env=env)
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    assert done.stderr.splitlines() == [f"tally {command}: {root} is not a Tally ledger (it holds no journal)"]
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--clients", "40000"], "argument --clients: 40000 is above the maximum of 1024"),
+    (["--transfers", "9" * 5000], "argument --transfers: a number of 5,000 digits is out of range"),
+    (["--transfers", "x" * 500], "argument --transfers: '" + "x" * 76 + "... is not a whole number"),
+    (["--url", "http://[::1"], "argument --url: 'http://[::1' is not a server's URL (http://HOST:PORT)"),
+])
+def test_stress_arguments_out_of_range_or_malformed_are_one_line(args: list[str], said: str) -> None:
+    done = tally("stress", *args)
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    assert done.stderr.splitlines() == [f"tally stress: {said}"]
+
+
+def test_balance_at_a_time_keeps_an_account_id_that_looks_like_a_timestamp(tmp_path: Path) -> None:
+    with Ledger.open(tmp_path / "l") as ledger:
+        ledger.create_account("100000000000000000", currency="USD")
+    done = tally("balance", tmp_path / "l", "100000000000000000", "--at", "2000-01-01")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == ("tally balance: account '100000000000000000' did not exist yet at 2000-01-01T00:00:00Z "
+                           "(account '100000000000000000' was opened at LSN 1, after LSN 0)\n")

@@ -1012,3 +1012,46 @@ def test_a_shard_count_too_large_to_print_is_invalid_and_creates_nothing(tmp_pat
     with pytest.raises(InvalidRequest, match="an int of 16610 bits"):
         ShardedLedger.open(tmp_path / "books", shards=10**5000)
     assert not (tmp_path / "books").exists()
+
+
+class _RaisingList(list[Any]):
+    """A list whose length and iteration raise: the caller's code, so bad input."""
+
+    def __len__(self) -> int:
+        raise RuntimeError("len raised")
+
+    def __iter__(self) -> Any:
+        raise RuntimeError("iter raised")
+
+
+@pytest.mark.parametrize("call", [
+    lambda ledger: ledger.create_accounts(_RaisingList()),
+    lambda ledger: ledger.transfer_many(_RaisingList()),
+    lambda ledger: ledger.transfer_linked(_RaisingList()),
+], ids=["create_accounts", "transfer_many", "transfer_linked"])
+def test_a_sequence_that_cannot_be_read_is_invalid_and_writes_nothing(funded: Ledger,
+                                                                      call: Callable[[Ledger], object]) -> None:
+    before = books(funded)
+    with pytest.raises(InvalidRequest, match="could not be read"):
+        call(funded)
+    assert books(funded) == before
+
+
+class _Seconds(float):
+    """A float subclass whose own comparisons and conversion raise: read by its value."""
+
+    def __le__(self, other: object) -> bool:
+        raise RuntimeError("<= raised")
+
+    __lt__ = __ge__ = __gt__ = __le__
+
+    def __float__(self) -> float:
+        raise RuntimeError("float() raised")
+
+
+def test_a_number_of_seconds_given_as_a_subclass_is_read_by_its_value(ledger_path: Path) -> None:
+    with Ledger.open(ledger_path, timeout_s=_Seconds(5.0)) as ledger:
+        assert ledger.timeout_s == 5.0 and type(ledger.timeout_s) is float
+        assert list(ledger.events(follow=True, timeout_s=_Seconds(0.01))) == []
+    with pytest.raises(InvalidRequest, match="timeout_s"):
+        Ledger.open(ledger_path, timeout_s=_Seconds(-1.0))

@@ -621,3 +621,16 @@ def test_once_stopping_a_body_sent_in_pieces_gets_the_stops_bound_on_every_later
         return asyncio.get_running_loop().time() - started
 
     assert asyncio.run(run()) < 5  # the stop's 0.2 s, not the body's 30
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/accounts/%FF"), ("GET", "/accounts/%C0%80/balance"),
+                                              ("GET", "/transfers/%FF"), ("POST", "/transfers/%FF/post")])
+def test_a_path_that_is_not_utf8_once_decoded_is_refused_not_read_as_another_id(
+        client: httpx.Client, method: str, path: str) -> None:
+    """The server decodes a path with replacement characters: /accounts/%FF would be the account "\ufffd"."""
+    made = client.post("/accounts", headers=[("Idempotency-Key", "\ufffd".encode())], json={"currency": "USD"})
+    assert made.status_code == 201, made.text  # the id the path would be read as (a retry replays it: 201)
+    answer = client.request(method, path, headers={"Idempotency-Key": fresh("k")})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["code"] == "invalid_request"
+    assert "not UTF-8" in answer.json()["error"]["message"]

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,15 +32,19 @@ from engine import (
     LedgerLocked,
     LinkedTransferFailed,
     NotALedger,
+    LedgerTimeout,
     PendingTransferNotFound,
     ShardCountMismatch,
     ShardedLedger,
     Transfer,
     TransferRequest,
 )
+from engine import _ray as ray_calls
 from engine._placement import DESTINATION_KEY, METADATA_DIGEST_KEY, shard_of
-from engine._shard import metadata_digest
+from engine._shard import _Gate, metadata_digest, prepare_row
+from engine._wire import outcomes_of, pack, unpack
 from tests.sharded_support import SHARDS, accounts_on, books, ray_for_module
+from tests.support import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -148,6 +153,61 @@ def test_a_bad_timeout_or_node_list_is_invalid_request_and_nothing_is_written(tm
         with pytest.raises(InvalidRequest, match="timeout_s|node"):
             ShardedLedger.open(tmp_path / "books", shards=SHARDS, **options)  # type: ignore[arg-type]
         assert not (tmp_path / "books" / "tally-shards.json").exists()
+
+
+class _Raising:
+    """A value whose truth, iteration and length raise: checked by its type, never asked."""
+
+    def __bool__(self) -> bool:
+        raise RuntimeError("bool raised")
+
+    def __iter__(self) -> Iterator[str]:
+        raise RuntimeError("iter raised")
+
+    def __len__(self) -> int:
+        raise RuntimeError("len raised")
+
+
+def test_a_bad_path_or_a_value_too_large_for_its_option_is_invalid_request_and_nothing_is_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # an empty path must not mean here
+    for path in ("", b"books"):
+        with pytest.raises(InvalidRequest, match="path"):
+            ShardedLedger.open(path, shards=SHARDS)  # type: ignore[arg-type]
+    for options in ({"in_doubt_after_s": 10**5000}, {"in_doubt_after_s": 1e300}, {"readonly": _Raising()},
+                    {"nodes": _RaisingSequence()}):
+        with pytest.raises(InvalidRequest, match="in_doubt_after_s|readonly|nodes"):
+            ShardedLedger.open(tmp_path / "books", shards=SHARDS, **options)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
+class _RaisingSequence(list[str]):
+    """A list whose length and iteration raise."""
+
+    def __len__(self) -> int:
+        raise RuntimeError("len raised")
+
+    def __iter__(self) -> Iterator[str]:
+        raise RuntimeError("iter raised")
+
+
+def test_an_argument_ray_cannot_send_or_a_sequence_that_cannot_be_read_is_invalid_request(
+        sharded: ShardedLedger) -> None:
+    sharded.create_account("a", currency="USD")
+    for read in (lambda: sharded.balance("a", at_lsn=threading.Lock()), lambda: sharded.entries("a", threading.Lock()),
+                 lambda: sharded.post_pending("p-1", pending_id="a", amount=threading.Lock())):  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequest, match="sent to a shard"):
+            read()
+    with pytest.raises(InvalidRequest, match="transfer_many"):
+        sharded.transfer_many(_RaisingSequence())
+    with pytest.raises(InvalidRequest, match="placements"):
+        sharded.create_accounts([Account("b", "USD", 0)], placements=_RaisingSequence())
+    assert [account.id for account in sharded.accounts()] == ["a"]
+
+
+def test_recover_in_doubt_older_than_any_timestamp_resolves_none(sharded: ShardedLedger) -> None:
+    assert sharded.recover_in_doubt(10**5000) == 0
+    assert sharded.recover_in_doubt(1e300) == 0
 
 
 def test_an_account_lives_on_its_hash_shard_or_on_its_placement_keys_shard(sharded: ShardedLedger) -> None:
@@ -492,3 +552,65 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=110)
     assert done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_a_users_post_or_void_never_resolves_a_cross_shard_transfers_prepare(sharded: ShardedLedger) -> None:
+    """The router refuses a post or a void of a prepare it sees; the shard refuses one that
+    landed after the router looked (a user's post or void of that id raced the transfer), so
+    the protocol's hold of a transfer whose credit may have landed is never the user's to end."""
+    source = accounts_on(sharded, "s", 1, shard=0, balance=100)[0]
+    target = accounts_on(sharded, "t", 1, shard=1)[0]
+    router = sharded._live()
+    prepare = pack([prepare_row(TransferRequest("T-1", source, target, 7), 1)])
+    [replied] = ray_calls.gather([router.actors[0].batch.remote(prepare)], 60)  # as a caller that died after it leaves it
+    assert isinstance(outcomes_of(unpack(replied))[0], Transfer)
+    for name in ("void_pending", "post_pending"):
+        with pytest.raises(PendingTransferNotFound, match="across shards"):
+            router.call(0, name, f"X-{name}", pending_id="T-1")  # where the router sends an id it did not find
+        with pytest.raises(PendingTransferNotFound, match="across shards"):
+            getattr(sharded, name)(f"Y-{name}", pending_id="T-1")
+    assert sharded.recover_in_doubt() == 1  # its credit never came: voided
+    assert (sharded.balance(source).posted, sharded.balance(target).posted) == (100, 0)
+    sums, pairs, in_flight, _ = books(sharded)
+    assert sums == [0] * SHARDS and set(pairs.values()) <= {0} and in_flight == 0
+
+
+def test_a_post_refused_as_not_found_is_refused_again_once_the_pending_transfer_exists(
+        sharded: ShardedLedger) -> None:
+    """As a ledger keeps the refusal of an id: its retry does not post what turned up since."""
+    payer, payee = accounts_on(sharded, "p", 2, shard=1, balance=50)
+    post_id = next(f"X{i}" for i in range(10_000) if shard_of(f"X{i}", SHARDS) == 0)  # refused on shard 0
+    with pytest.raises(PendingTransferNotFound):
+        sharded.post_pending(post_id, pending_id="P")
+    sharded.transfer("P", source=payer, destination=payee, amount=9, pending=True)  # on shard 1
+    with pytest.raises(PendingTransferNotFound):
+        sharded.post_pending(post_id, pending_id="P")
+    assert sharded.get_transfer("P").status == "pending"  # type: ignore[union-attr]
+    assert sharded.balance(payee).posted == 50
+    assert isinstance(sharded.outcome(post_id), PendingTransferNotFound)
+
+
+def test_a_shards_gate_lets_prepares_pass_together_and_a_post_of_an_id_not_there_alone() -> None:
+    gate = _Gate()
+    with gate.shared(1.0), gate.shared(1.0):  # batches pass together
+        with pytest.raises(LedgerTimeout), gate.alone(0.05):
+            pass
+    leave = threading.Event()
+
+    def alone() -> None:
+        with gate.alone(10.0):
+            leave.wait(10.0)
+
+    with gate.shared(1.0):
+        worker = threading.Thread(target=alone)
+        worker.start()
+        assert wait_until(lambda: gate._waiting == 1)
+        with pytest.raises(LedgerTimeout), gate.shared(0.05):  # a post waits: new batches wait behind it
+            pass
+    assert wait_until(lambda: gate._alone)
+    with pytest.raises(LedgerTimeout), gate.shared(0.05):
+        pass
+    leave.set()
+    worker.join(10.0)
+    with gate.shared(1.0):
+        pass
