@@ -45,8 +45,9 @@ def _count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
         try:
             value = int(text)
         except ValueError:
-            if text.strip().lstrip("+-").isdigit():  # more digits than Python turns into an int
-                raise argparse.ArgumentTypeError(f"a number of {len(text.strip()):,} digits is out of range") from None
+            digits = text.strip().lstrip("+-").replace("_", "")
+            if digits.isdecimal():  # more digits than Python turns into an int
+                raise argparse.ArgumentTypeError(f"a number of {len(digits):,} digits is out of range") from None
             raise argparse.ArgumentTypeError(f"{shown(text)} is not a whole number") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{shown(value)} is below the minimum of {minimum}")

@@ -31,7 +31,7 @@ import os
 import re
 from pathlib import Path
 
-from coordinator import ID_LENGTH_MAX, InvalidRequest, LedgerError, check_id, shown
+from coordinator import ID_LENGTH_MAX, InvalidRequest, LedgerError, PendingTransferNotFound, check_id, shown
 
 SEPARATOR = "\x1f"
 CREDIT, POST, VOID = SEPARATOR + "credit", SEPARATOR + "post", SEPARATOR + "void"
@@ -195,3 +195,9 @@ def _write_once(target: Path, content: dict[str, object]) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def prepare_not_pending(pending_id: str) -> PendingTransferNotFound:
+    """The refusal of a user's post or void naming a cross-shard transfer's first step: the
+    protocol's hold, never a user's pending transfer."""
+    return PendingTransferNotFound(f"{pending_id!r} is a transfer across shards, not a pending transfer")

@@ -71,7 +71,8 @@ def make_app(ledger_path: str | Path, *, token: str | None = None, body_bytes_ma
         raise InvalidRequest("the token must be 1 to 4096 visible ASCII characters, without spaces")
     if type(body_bytes_max) is not int or not 1024 <= body_bytes_max <= 1 << 30:
         got = (f"a {type(body_bytes_max).__name__}" if type(body_bytes_max) is not int  # (no int of 4,300 digits
-               else f"{body_bytes_max:,}" if body_bytes_max.bit_length() <= 64 else "a larger int")  # has a repr)
+               else f"{body_bytes_max}" if body_bytes_max.bit_length() <= 256  # has a repr: as `shown` says it)
+               else f"an int of {body_bytes_max.bit_length()} bits")
         raise InvalidRequest(f"body_bytes_max must be an int in 1024..{1 << 30}, got {got}")
     return build_app(str(ledger_path), token, body_bytes_max, ledger_options)
 

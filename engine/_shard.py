@@ -45,7 +45,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -62,7 +63,6 @@ from coordinator import (
     LedgerError,
     LedgerTimeout,
     NotALedger,
-    PendingTransferNotFound,
     Resolution,
     Transfer,
     TransferRequest,
@@ -78,6 +78,7 @@ from engine._placement import (
     credit_id,
     fence,
     peer_of,
+    prepare_not_pending,
 )
 from engine._wire import Row, outcome_rows, pack, plain_metadata, request_of, unpack_rows
 
@@ -157,49 +158,68 @@ def _named_no_destination(kept: Transfer, prepare: TransferRequest) -> bool:
     return (prepare.metadata or {}).get(METADATA_DIGEST_KEY) == digest
 
 
-class _Gate:
-    """Prepares pass together (`shared`: every `batch`); a user's post or void of a pending
-    transfer the shard does not hold passes alone (`alone`), and waiting to, it keeps new
-    batches out. So no prepare of that id can be decided between its look (none here) and
-    the ledger's refusal of it: the ledger would post or void the prepare, the protocol's
-    hold of a transfer whose credit may have landed. Waits are bounded (`LedgerTimeout`)."""
+class _InFlight:
+    """The ids of the prepares this shard is deciding, and of the pending transfers users are
+    posting or voiding here, kept apart, id by id: a user's post or void never meets a prepare
+    of its pending id still being decided (the ledger would post or void the protocol's hold
+    of a transfer whose credit may land), and a prepare waits for a user's post or void of its
+    id to end. The ids of a batch whose `transfer_many` raised (`LedgerTimeout`: its prepares
+    may still be decided) stay in flight until the ledger has their outcome. Every wait is
+    bounded (`LedgerTimeout`, nothing written)."""
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
-        self._sharing = 0
-        self._alone = False
-        self._waiting = 0
+        self._preparing: Counter[str] = Counter()
+        self._unsure: set[str] = set()
+        """Prepares of batches that raised, whose outcome the ledger did not have yet when asked."""
+        self._resolving: set[str] = set()
 
     @contextmanager
-    def shared(self, timeout_s: float) -> Iterator[None]:
+    def preparing(self, ids: Sequence[str], timeout_s: float) -> Iterator[set[str]]:
+        """Mark `ids` in flight while the block runs, once no user's post or void of one of them
+        is under way, waiting at most `timeout_s`; yields those still under way then, which the
+        caller leaves out (their outcome: `LedgerTimeout`)."""
         with self._changed:
-            if not self._changed.wait_for(lambda: not self._alone and not self._waiting, timeout_s):
-                raise LedgerTimeout(f"a post or a void held this shard for over {timeout_s:g} s: nothing was written")
-            self._sharing += 1
+            self._changed.wait_for(lambda: self._resolving.isdisjoint(ids), timeout_s)
+            busy = self._resolving.intersection(ids)
+            taken = [prepare_id for prepare_id in ids if prepare_id not in busy]
+            self._preparing.update(taken)
+        ended = False
+        try:
+            yield busy
+            ended = True
+        finally:
+            with self._changed:
+                preparing = self._preparing
+                for prepare_id in taken:
+                    preparing[prepare_id] -= 1
+                    if not preparing[prepare_id]:
+                        del preparing[prepare_id]
+                if not ended:
+                    self._unsure.update(taken)
+                self._changed.notify_all()
+
+    @contextmanager
+    def resolving(self, pending_id: str, outcome: Callable[[str], object], timeout_s: float) -> Iterator[None]:
+        """Mark a user's post or void of `pending_id` under way while the block runs, once no
+        prepare of that id is in flight (at most `timeout_s`). `outcome`: the ledger's, for an id
+        whose batch raised."""
+        with self._changed:
+            if pending_id in self._unsure:
+                if outcome(pending_id) is None:
+                    raise LedgerTimeout(f"a transfer across shards with id {pending_id!r} may still be decided here: "
+                                        "nothing was written; retry")
+                self._unsure.discard(pending_id)
+            if not self._changed.wait_for(
+                    lambda: pending_id not in self._preparing and pending_id not in self._resolving, timeout_s):
+                raise LedgerTimeout(f"a transfer with id {pending_id!r} was being decided here for over {timeout_s:g} s: "
+                                    "nothing was written; retry")
+            self._resolving.add(pending_id)
         try:
             yield
         finally:
             with self._changed:
-                self._sharing -= 1
-                self._changed.notify_all()
-
-    @contextmanager
-    def alone(self, timeout_s: float) -> Iterator[None]:
-        with self._changed:
-            self._waiting += 1
-            try:
-                if not self._changed.wait_for(lambda: not self._alone and not self._sharing, timeout_s):
-                    raise LedgerTimeout(f"this shard's transfers in flight did not end within {timeout_s:g} s: "
-                                        "nothing was written")
-            finally:
-                self._waiting -= 1
-                self._changed.notify_all()
-            self._alone = True
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._alone = False
+                self._resolving.discard(pending_id)
                 self._changed.notify_all()
 
 
@@ -225,8 +245,8 @@ class Shard:
         """The protocol's accounts known to exist here (created at most once per process)."""
         self._netting = threading.Lock()
         """Held while a pair of clearing accounts is netted: one netting at a time reads their balances."""
-        self._gate = _Gate()
-        """Keeps a user's post or void of a pending transfer not here apart from the prepares (`_Gate`)."""
+        self._in_flight = _InFlight()
+        """Keeps a user's post or void of a pending id apart from a prepare of that id (`_InFlight`)."""
         self._opened: Ledger | LedgerError = NotALedger(
             f"{path}: shard {index} of this sharded ledger is missing or empty, though its manifest names it (restore "
             "it: opening would make it anew, empty)")
@@ -282,21 +302,17 @@ class Shard:
             return False, error
 
     def _users_resolution(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Transfer:
-        """A user's `post_pending` or `void_pending`: of a pending transfer of theirs, as a
-        ledger does; of a cross-shard transfer's prepare, `PendingTransferNotFound` (nothing
-        written: the router refuses the same without asking a shard once it sees the prepare);
-        of one not here, decided with no prepare in flight (`_Gate`), so it is refused as not
-        found, as a ledger refuses it, and never posts or voids a prepare that lands meanwhile."""
+        """A user's `post_pending` or `void_pending`, decided with no prepare of its pending id in
+        flight here (`_InFlight`): of a pending transfer of theirs, as a ledger does; of a
+        cross-shard transfer's prepare, `PendingTransferNotFound` (nothing written: the router
+        refuses the same once it sees the prepare); of one not here, refused as not found, as a
+        ledger refuses it, never posting or voiding a prepare that lands meanwhile."""
         ledger, pending_id = self.ledger, kwargs["pending_id"]
-        kept = ledger.get_transfer(pending_id)  # a durable prepare stays one, a user's pending transfer stays theirs
-        if kept is None:
-            with self._gate.alone(ledger.timeout_s):  # every prepare decided is durable now, and none comes
-                kept = ledger.get_transfer(pending_id)
-                if kept is None:
-                    return getattr(ledger, name)(*args, **kwargs)  # type: ignore[no-any-return]
-        if peer_of(kept.destination) is not None:
-            raise PendingTransferNotFound(f"{pending_id!r} is a transfer across shards, not a pending transfer")
-        return getattr(ledger, name)(*args, **kwargs)  # type: ignore[no-any-return]
+        with self._in_flight.resolving(pending_id, ledger.outcome, ledger.timeout_s):  # every prepare of it is durable
+            kept = ledger.get_transfer(pending_id)
+            if kept is not None and peer_of(kept.destination) is not None:
+                raise prepare_not_pending(pending_id)
+            return getattr(ledger, name)(*args, **kwargs)  # type: ignore[no-any-return]
 
     def accounts(self) -> list[Account]:
         """The users' accounts here, in creation order (the protocol's are left out)."""
@@ -329,10 +345,21 @@ class Shard:
         prepare whose id was refused while its source was unknown (toward the clearing account
         of no currency) is compared with that refusal, so its exact retry gets it again."""
         rows = unpack_rows(blob)
-        with self._gate.shared(self.ledger.timeout_s):  # (a user's post or void of an id not here waits)
-            return pack(outcome_rows(self._batch(rows)))
+        ledger = self.ledger
+        with self._in_flight.preparing([row[1] for row in rows if row[0] is None], ledger.timeout_s / 2) as busy:
+            if not busy:
+                return pack(outcome_rows(self._batch(rows)))
+            # A user's post or void of one of these ids is under way here: those wait for a retry.
+            kept = [row for row in rows if row[0] is not None or row[1] not in busy]
+            decided = iter(self._batch(kept))
+            timed_out = LedgerTimeout("a post or a void of this transfer's id was under way on its source's shard: "
+                                      "nothing was written; retry with the same id")
+            return pack(outcome_rows([timed_out if row[0] is None and row[1] in busy else next(decided)
+                                      for row in rows]))
 
     def _batch(self, rows: list[Row]) -> list[Transfer | LedgerError]:
+        if not rows:
+            return []
         requests = [self._prepared(row) if row[0] is None else request_of(row) for row in rows]
         outcomes = self.ledger.transfer_many(requests)
         again: dict[int, TransferRequest] = {}

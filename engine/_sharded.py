@@ -48,10 +48,10 @@ from coordinator import (
     AccountExists,
     Balance,
     Entry,
+    IdempotencyConflict,
     InvalidRequest,
     LedgerClosed,
     LedgerError,
-    PendingTransferNotFound,
     Transfer,
     TransferRequest,
     check_chain,
@@ -74,6 +74,7 @@ from engine._placement import (
     CrossShardRefused,
     check_user_id,
     peer_of,
+    prepare_not_pending,
     read_manifest,
     shard_of,
     write_manifest,
@@ -323,12 +324,16 @@ class ShardedLedger:
         check_user_id(pending_id, "pending id")
         decided = router._found(transfer_id, "outcome")
         if decided is not None:
+            first = decided[1]
+            if isinstance(first, Transfer) and peer_of(first.destination) is not None:  # named as its user's
+                raise IdempotencyConflict(f"transfer id {transfer_id!r} was already used for a transfer across shards "
+                                          f"({first.amount} from {first.source!r}), not a post or a void")
             return decided[0]
         found = router._found(pending_id, "get_transfer")
         if found is None:
             return shard_of(transfer_id, router.shards)
         if peer_of(found[1].destination) is not None:
-            raise PendingTransferNotFound(f"{pending_id!r} is a transfer across shards, not a pending transfer")
+            raise prepare_not_pending(pending_id)
         return found[0]
 
     def transfer_linked(self, requests: Sequence[TransferRequest]) -> list[Transfer]:

@@ -41,10 +41,9 @@ from engine import (
 )
 from engine import _ray as ray_calls
 from engine._placement import DESTINATION_KEY, METADATA_DIGEST_KEY, shard_of
-from engine._shard import _Gate, metadata_digest, prepare_row
+from engine._shard import _InFlight, metadata_digest, prepare_row
 from engine._wire import outcomes_of, pack, unpack
 from tests.sharded_support import SHARDS, accounts_on, books, ray_for_module
-from tests.support import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -590,27 +589,42 @@ def test_a_post_refused_as_not_found_is_refused_again_once_the_pending_transfer_
     assert isinstance(sharded.outcome(post_id), PendingTransferNotFound)
 
 
-def test_a_shards_gate_lets_prepares_pass_together_and_a_post_of_an_id_not_there_alone() -> None:
-    gate = _Gate()
-    with gate.shared(1.0), gate.shared(1.0):  # batches pass together
-        with pytest.raises(LedgerTimeout), gate.alone(0.05):
+def test_a_shard_keeps_a_users_post_or_void_apart_from_a_prepare_of_its_id_and_no_other() -> None:
+    in_flight = _InFlight()
+    with in_flight.preparing(["T-1", "T-2"], 1.0) as busy:  # a batch deciding two prepares
+        assert busy == set()
+        with pytest.raises(LedgerTimeout, match="T-1"), in_flight.resolving("T-1", lambda _: None, 0.05):
             pass
-    leave = threading.Event()
+        with in_flight.resolving("P-9", lambda _: None, 1.0):  # another id: at once
+            pass
+    with in_flight.resolving("T-1", lambda _: None, 1.0):  # once that batch ended
+        with in_flight.preparing(["T-1", "T-3"], 0.05) as busy:  # a batch meanwhile leaves T-1 out
+            assert busy == {"T-1"}
+    with pytest.raises(LedgerTimeout), in_flight.preparing(["T-4"], 1.0):  # a batch whose ledger call raised
+        raise LedgerTimeout("not durable yet")
+    with pytest.raises(LedgerTimeout, match="may still be decided"), in_flight.resolving("T-4", lambda _: None, 1.0):
+        pass  # its prepare may land yet: nothing is decided for the post
+    with in_flight.resolving("T-4", lambda _: "its outcome", 1.0):  # once the ledger has its outcome
+        pass
+    ended = threading.Event()
 
-    def alone() -> None:
-        with gate.alone(10.0):
-            leave.wait(10.0)
+    def post() -> None:
+        with in_flight.resolving("T-5", lambda _: None, 10.0):
+            ended.set()
 
-    with gate.shared(1.0):
-        worker = threading.Thread(target=alone)
+    with in_flight.preparing(["T-5"], 1.0):
+        worker = threading.Thread(target=post)
         worker.start()
-        assert wait_until(lambda: gate._waiting == 1)
-        with pytest.raises(LedgerTimeout), gate.shared(0.05):  # a post waits: new batches wait behind it
-            pass
-    assert wait_until(lambda: gate._alone)
-    with pytest.raises(LedgerTimeout), gate.shared(0.05):
-        pass
-    leave.set()
+        assert not ended.wait(0.05)  # (a wait that must not end: a short one)
+    assert ended.wait(10.0)
     worker.join(10.0)
-    with gate.shared(1.0):
-        pass
+
+
+def test_a_post_whose_id_is_a_cross_shard_transfers_is_a_conflict_named_as_the_users(
+        sharded: ShardedLedger) -> None:
+    source = accounts_on(sharded, "c", 1, shard=0, balance=10)[0]
+    target = accounts_on(sharded, "d", 1, shard=1)[0]
+    sharded.transfer("T-9", source=source, destination=target, amount=3)
+    with pytest.raises(IdempotencyConflict) as raised:
+        sharded.post_pending("T-9", pending_id="P")
+    assert "\x1f" not in str(raised.value) and "across shards" in str(raised.value)
