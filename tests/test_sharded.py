@@ -589,35 +589,74 @@ def test_a_post_refused_as_not_found_is_refused_again_once_the_pending_transfer_
     assert isinstance(sharded.outcome(post_id), PendingTransferNotFound)
 
 
+def _unknown(_: str) -> None:
+    """A ledger's `outcome` for an id it has no outcome for yet."""
+    return None
+
+
 def test_a_shard_keeps_a_users_post_or_void_apart_from_a_prepare_of_its_id_and_no_other() -> None:
     in_flight = _InFlight()
-    with in_flight.preparing(["T-1", "T-2"], 1.0) as busy:  # a batch deciding two prepares
+    with in_flight.preparing(["T-1", "T-2"], _unknown, 1.0) as busy:  # a batch deciding two prepares
         assert busy == set()
-        with pytest.raises(LedgerTimeout, match="T-1"), in_flight.resolving("T-1", lambda _: None, 0.05):
+        with pytest.raises(LedgerTimeout, match="T-1"), in_flight.resolving("T-1", "V-1", _unknown, 0.05):
             pass
-        with in_flight.resolving("P-9", lambda _: None, 1.0):  # another id: at once
+        with in_flight.resolving("P-9", "V-9", _unknown, 1.0):  # another id: at once
             pass
-    with in_flight.resolving("T-1", lambda _: None, 1.0):  # once that batch ended
-        with in_flight.preparing(["T-1", "T-3"], 0.05) as busy:  # a batch meanwhile leaves T-1 out
+    with in_flight.resolving("T-1", "V-1", _unknown, 1.0):  # once that batch ended
+        with in_flight.preparing(["T-1", "T-3"], _unknown, 0.05) as busy:  # a batch meanwhile leaves T-1 out
             assert busy == {"T-1"}
-    with pytest.raises(LedgerTimeout), in_flight.preparing(["T-4"], 1.0):  # a batch whose ledger call raised
-        raise LedgerTimeout("not durable yet")
-    with pytest.raises(LedgerTimeout, match="may still be decided"), in_flight.resolving("T-4", lambda _: None, 1.0):
-        pass  # its prepare may land yet: nothing is decided for the post
-    with in_flight.resolving("T-4", lambda _: "its outcome", 1.0):  # once the ledger has its outcome
-        pass
     ended = threading.Event()
 
     def post() -> None:
-        with in_flight.resolving("T-5", lambda _: None, 10.0):
+        with in_flight.resolving("T-5", "V-5", _unknown, 10.0):
             ended.set()
 
-    with in_flight.preparing(["T-5"], 1.0):
+    with in_flight.preparing(["T-5"], _unknown, 1.0):
         worker = threading.Thread(target=post)
         worker.start()
         assert not ended.wait(0.05)  # (a wait that must not end: a short one)
     assert ended.wait(10.0)
     worker.join(10.0)
+
+
+def test_a_ledger_call_that_timed_out_keeps_its_ids_in_flight_until_the_ledger_has_its_outcome() -> None:
+    """`LedgerTimeout` from the ledger: the call may be decided yet. A post of a prepare's id
+    waits for the prepare's outcome, also a post that was waiting when the batch timed out; a
+    prepare of a post's pending id waits for the post's outcome."""
+    in_flight = _InFlight()
+    known: set[str] = set()
+
+    def outcome(transfer_id: str) -> object:
+        return "its outcome" if transfer_id in known else None
+
+    told: list[BaseException] = []
+    started = threading.Event()
+
+    def post() -> None:
+        started.set()
+        try:
+            with in_flight.resolving("T-4", "V-4", outcome, 10.0):
+                pass
+        except LedgerTimeout as error:
+            told.append(error)
+
+    with pytest.raises(LedgerTimeout), in_flight.preparing(["T-4"], outcome, 1.0):
+        worker = threading.Thread(target=post)  # waits for the batch, then sees it raised
+        worker.start()
+        assert started.wait(10.0)
+        raise LedgerTimeout("not durable yet")
+    worker.join(10.0)
+    assert len(told) == 1 and "may still be decided" in str(told[0])
+    known.add("T-4")  # the ledger has the prepare's outcome now
+    with in_flight.resolving("T-4", "V-4", outcome, 1.0):
+        pass
+    with pytest.raises(LedgerTimeout), in_flight.resolving("T-6", "V-6", outcome, 1.0):  # a post that timed out
+        raise LedgerTimeout("not durable yet")
+    with in_flight.preparing(["T-6", "T-7"], outcome, 1.0) as busy:
+        assert busy == {"T-6"}  # its pending id's prepare waits for the post's outcome
+    known.add("V-6")
+    with in_flight.preparing(["T-6"], outcome, 1.0) as busy:
+        assert busy == set()
 
 
 def test_a_post_whose_id_is_a_cross_shard_transfers_is_a_conflict_named_as_the_users(
