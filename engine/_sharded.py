@@ -37,7 +37,8 @@ import inspect
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ from coordinator import (
     InvalidRequest,
     LedgerClosed,
     LedgerError,
+    LedgerTimeout,
     Transfer,
     TransferRequest,
     check_chain,
@@ -114,6 +116,8 @@ class ShardedLedger:
         self._sweeper = threading.Thread(target=self._sweep, name="tally-in-doubt-sweeper", daemon=True)
         self._own_clock = own_clock
         """The shards' ledgers run on a `clock_ns` of the caller's: no sweeper, no age."""
+        self._deciding = _OneAtATime()
+        """The ids of the posts and voids this process is deciding: one at a time an id."""
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, shards: int, address: str | None = None,
@@ -301,16 +305,18 @@ class ShardedLedger:
     def post_pending(self, transfer_id: str, *, pending_id: str, amount: int | None = None,
                      reference: str | None = None, metadata: Mapping[str, str | int] | None = None) -> Transfer:
         """`Ledger.post_pending`, on the shard of the pending transfer (every shard asked)."""
-        shard = self._pending_shard(transfer_id, pending_id)
-        return self._live().call(shard, "post_pending", transfer_id, pending_id=pending_id,  # type: ignore[no-any-return]
-                                 amount=amount, reference=reference, metadata=metadata)
+        with self._deciding.one(transfer_id, self.timeout_s):
+            shard = self._pending_shard(transfer_id, pending_id)
+            return self._live().call(shard, "post_pending", transfer_id, pending_id=pending_id,  # type: ignore[no-any-return]
+                                     amount=amount, reference=reference, metadata=metadata)
 
     def void_pending(self, transfer_id: str, *, pending_id: str, reference: str | None = None,
                      metadata: Mapping[str, str | int] | None = None) -> Transfer:
         """`Ledger.void_pending`, on the shard of the pending transfer (every shard asked)."""
-        shard = self._pending_shard(transfer_id, pending_id)
-        return self._live().call(shard, "void_pending", transfer_id, pending_id=pending_id,  # type: ignore[no-any-return]
-                                 reference=reference, metadata=metadata)
+        with self._deciding.one(transfer_id, self.timeout_s):
+            shard = self._pending_shard(transfer_id, pending_id)
+            return self._live().call(shard, "void_pending", transfer_id, pending_id=pending_id,  # type: ignore[no-any-return]
+                                     reference=reference, metadata=metadata)
 
     def _pending_shard(self, transfer_id: str, pending_id: str) -> int:
         """The shard that decided `transfer_id` already, if one did (its ledger answers a retry
@@ -447,6 +453,40 @@ class ShardedLedger:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+class _OneAtATime:
+    """Ids decided one at a time in this process: two first tries of one post or void, racing
+    the pending transfer's making, would otherwise go to two shards (the one where it is not
+    found yet, and the one where it is), and get two outcomes. The second waits (at most
+    `timeout_s`, then `LedgerTimeout`, nothing written) and then finds the first's outcome."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[str, list[Any]] = {}
+        """Id -> [its lock, how many callers hold or wait for it]."""
+
+    @contextmanager
+    def one(self, transfer_id: str, timeout_s: float) -> Iterator[None]:
+        if type(transfer_id) is not str:  # no id: the call refuses it (`InvalidRequest`)
+            yield
+            return
+        with self._lock:
+            entry = self._held.setdefault(transfer_id, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            if not entry[0].acquire(timeout=timeout_s):
+                raise LedgerTimeout(f"another post or void with id {transfer_id!r} was being decided for over "
+                                    f"{timeout_s:g} s: nothing was written; retry")
+            try:
+                yield
+            finally:
+                entry[0].release()
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._held[transfer_id]
 
 
 def _in_doubt_after_s(value: object, timeout_s: float) -> float:

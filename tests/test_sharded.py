@@ -28,6 +28,7 @@ from engine import (
     InsufficientFunds,
     InvalidRequest,
     LedgerClosed,
+    LedgerError,
     Ledger,
     LedgerLocked,
     LinkedTransferFailed,
@@ -667,3 +668,42 @@ def test_a_post_whose_id_is_a_cross_shard_transfers_is_a_conflict_named_as_the_u
     with pytest.raises(IdempotencyConflict) as raised:
         sharded.post_pending("T-9", pending_id="P")
     assert "\x1f" not in str(raised.value) and "across shards" in str(raised.value)
+
+
+def test_two_first_tries_of_one_post_racing_its_pending_transfers_making_get_one_outcome(
+        sharded: ShardedLedger) -> None:
+    """In one process a post's id is decided one at a time: the second try finds the first's
+    outcome instead of going to the shard where the pending transfer turned up meanwhile."""
+    payer, payee = accounts_on(sharded, "r", 2, shard=1, balance=50)
+    post_id = next(f"Z{i}" for i in range(10_000) if shard_of(f"Z{i}", SHARDS) == 0)
+    first_looked, made = threading.Event(), threading.Event()
+    real = sharded._pending_shard
+
+    def looked_then_made(transfer_id: str, pending_id: str) -> int:  # the first try looks, then P is made
+        shard = real(transfer_id, pending_id)
+        if not first_looked.is_set():
+            first_looked.set()
+            assert made.wait(30.0)
+        return shard
+
+    sharded._pending_shard = looked_then_made  # type: ignore[method-assign]
+    outcomes: list[object] = []
+
+    def post() -> None:
+        try:
+            outcomes.append(sharded.post_pending(post_id, pending_id="P"))
+        except LedgerError as error:
+            outcomes.append(error)
+
+    first = threading.Thread(target=post)
+    first.start()
+    assert first_looked.wait(30.0)
+    sharded.transfer("P", source=payer, destination=payee, amount=9, pending=True)
+    second = threading.Thread(target=post)
+    second.start()
+    second.join(2.0)  # (it waits for the first: a wait that must not end)
+    made.set()
+    first.join(30.0)
+    second.join(30.0)
+    assert [type(outcome) for outcome in outcomes] == [PendingTransferNotFound, PendingTransferNotFound]
+    assert sharded.get_transfer("P").status == "pending"  # type: ignore[union-attr]
