@@ -37,8 +37,7 @@ import inspect
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +52,7 @@ from coordinator import (
     InvalidRequest,
     LedgerClosed,
     LedgerError,
-    LedgerTimeout,
+    PendingTransferNotFound,
     Transfer,
     TransferRequest,
     check_chain,
@@ -116,8 +115,6 @@ class ShardedLedger:
         self._sweeper = threading.Thread(target=self._sweep, name="tally-in-doubt-sweeper", daemon=True)
         self._own_clock = own_clock
         """The shards' ledgers run on a `clock_ns` of the caller's: no sweeper, no age."""
-        self._deciding = _OneAtATime()
-        """The ids of the posts and voids this process is deciding: one at a time an id."""
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, shards: int, address: str | None = None,
@@ -305,26 +302,25 @@ class ShardedLedger:
     def post_pending(self, transfer_id: str, *, pending_id: str, amount: int | None = None,
                      reference: str | None = None, metadata: Mapping[str, str | int] | None = None) -> Transfer:
         """`Ledger.post_pending`, on the shard of the pending transfer (every shard asked)."""
-        with self._deciding.one(transfer_id, self.timeout_s):
-            shard = self._pending_shard(transfer_id, pending_id)
-            return self._live().call(shard, "post_pending", transfer_id, pending_id=pending_id,  # type: ignore[no-any-return]
-                                     amount=amount, reference=reference, metadata=metadata)
+        shard = self._pending_shard(transfer_id, pending_id, "post")
+        return self._live().call(shard, "post_pending", transfer_id, pending_id=pending_id,  # type: ignore[no-any-return]
+                                 amount=amount, reference=reference, metadata=metadata)
 
     def void_pending(self, transfer_id: str, *, pending_id: str, reference: str | None = None,
                      metadata: Mapping[str, str | int] | None = None) -> Transfer:
         """`Ledger.void_pending`, on the shard of the pending transfer (every shard asked)."""
-        with self._deciding.one(transfer_id, self.timeout_s):
-            shard = self._pending_shard(transfer_id, pending_id)
-            return self._live().call(shard, "void_pending", transfer_id, pending_id=pending_id,  # type: ignore[no-any-return]
-                                     reference=reference, metadata=metadata)
+        shard = self._pending_shard(transfer_id, pending_id, "void")
+        return self._live().call(shard, "void_pending", transfer_id, pending_id=pending_id,  # type: ignore[no-any-return]
+                                 reference=reference, metadata=metadata)
 
-    def _pending_shard(self, transfer_id: str, pending_id: str) -> int:
-        """The shard that decided `transfer_id` already, if one did (its ledger answers a retry
-        with that first outcome, as a ledger does, even if the pending transfer turned up
-        elsewhere since: a post refused as not found is not made later by its retry); else the
-        shard holding pending transfer `pending_id`; for an unknown one, the hash shard of
-        `transfer_id` (where the ledger journals the refusal). A cross-shard transfer's own
-        prepare is no user's pending transfer: `PendingTransferNotFound`, nothing written."""
+    def _pending_shard(self, transfer_id: str, pending_id: str, kind: str) -> int:
+        """The shard that decided `transfer_id` (a post or a `kind`) already, if one did (its
+        ledger answers a retry with that first outcome, as a ledger does); else the shard
+        holding pending transfer `pending_id`, which stays where it is made, so every try of the
+        post goes there. One that no shard holds (durably) is `PendingTransferNotFound` here,
+        nothing written: decided on a shard, the refusal could be decided again elsewhere by a
+        retry once the pending transfer is made, the first try not durable yet (it timed out).
+        A cross-shard transfer's own prepare is no user's pending transfer: the same."""
         router = self._live()
         check_user_id(transfer_id, "transfer id")
         check_user_id(pending_id, "pending id")
@@ -337,7 +333,9 @@ class ShardedLedger:
             return decided[0]
         found = router._found(pending_id, "get_transfer")
         if found is None:
-            return shard_of(transfer_id, router.shards)
+            raise PendingTransferNotFound(f"transfer {transfer_id!r} ({kind} of pending transfer {pending_id!r}) was "
+                                          "refused: pending_transfer_not_found (not kept: a retry once it is made "
+                                          "is decided afresh)")
         if peer_of(found[1].destination) is not None:
             raise prepare_not_pending(pending_id)
         return found[0]
@@ -453,40 +451,6 @@ class ShardedLedger:
     @property
     def closed(self) -> bool:
         return self._closed
-
-
-class _OneAtATime:
-    """Ids decided one at a time in this process: two first tries of one post or void, racing
-    the pending transfer's making, would otherwise go to two shards (the one where it is not
-    found yet, and the one where it is), and get two outcomes. The second waits (at most
-    `timeout_s`, then `LedgerTimeout`, nothing written) and then finds the first's outcome."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._held: dict[str, list[Any]] = {}
-        """Id -> [its lock, how many callers hold or wait for it]."""
-
-    @contextmanager
-    def one(self, transfer_id: str, timeout_s: float) -> Iterator[None]:
-        if type(transfer_id) is not str:  # no id: the call refuses it (`InvalidRequest`)
-            yield
-            return
-        with self._lock:
-            entry = self._held.setdefault(transfer_id, [threading.Lock(), 0])
-            entry[1] += 1
-        try:
-            if not entry[0].acquire(timeout=timeout_s):
-                raise LedgerTimeout(f"another post or void with id {transfer_id!r} was being decided for over "
-                                    f"{timeout_s:g} s: nothing was written; retry")
-            try:
-                yield
-            finally:
-                entry[0].release()
-        finally:
-            with self._lock:
-                entry[1] -= 1
-                if not entry[1]:
-                    del self._held[transfer_id]
 
 
 def _in_doubt_after_s(value: object, timeout_s: float) -> float:
