@@ -259,6 +259,16 @@ class Router:
             return _named(credit, transfer_id)
         return CrossShardAborted(f"transfer {transfer_id!r} was aborted by recovery: nothing moved")
 
+    def _held(self, transfer_id: str) -> dict[int, Transfer]:
+        """Every shard's durable transfer `transfer_id`, by shard (every shard asked at once)."""
+        held: dict[int, Transfer] = {}
+        for index, (ok, value) in enumerate(self.everywhere("call", "get_transfer", (transfer_id,), {})):
+            if not ok:
+                raise value
+            if value is not None:
+                held[index] = value
+        return held
+
     def _found(self, transfer_id: str, method: str) -> tuple[int, Any] | None:
         """(shard, reply) of the first shard whose `method(transfer_id)` is not None."""
         replies = self.everywhere("call", method, (transfer_id,), {})

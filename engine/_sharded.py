@@ -320,7 +320,9 @@ class ShardedLedger:
         post goes there. One that no shard holds (durably) is `PendingTransferNotFound` here,
         nothing written: decided on a shard, the refusal could be decided again elsewhere by a
         retry once the pending transfer is made, the first try not durable yet (it timed out).
-        A cross-shard transfer's own prepare is no user's pending transfer: the same."""
+        A cross-shard transfer's own prepare is no user's pending transfer: the same. A pending
+        id held on two shards (reused with sources on both) is `InvalidRequest`, nothing
+        written: once seen on one it stays there, so no two tries go to two shards."""
         router = self._live()
         check_user_id(transfer_id, "transfer id")
         check_user_id(pending_id, "pending id")
@@ -331,14 +333,19 @@ class ShardedLedger:
                 raise IdempotencyConflict(f"transfer id {transfer_id!r} was already used for a transfer across shards "
                                           f"({first.amount} from {first.source!r}), not a post or a void")
             return decided[0]
-        found = router._found(pending_id, "get_transfer")
-        if found is None:
+        holding = router._held(pending_id)
+        if not holding:
             raise PendingTransferNotFound(f"transfer {transfer_id!r} ({kind} of pending transfer {pending_id!r}) was "
                                           "refused: pending_transfer_not_found (not kept: a retry once it is made "
                                           "is decided afresh)")
-        if peer_of(found[1].destination) is not None:
+        if len(holding) > 1:  # one try here, its retry there: each shard would decide it (nothing written)
+            raise InvalidRequest(f"pending id {pending_id!r} names transfers on shards {sorted(holding)} (an id "
+                                 f"reused with sources on other shards): a {kind} of it is refused; use ids unique "
+                                 "to the whole ledger")
+        [(shard, held)] = holding.items()
+        if peer_of(held.destination) is not None:
             raise prepare_not_pending(pending_id)
-        return found[0]
+        return shard
 
     def transfer_linked(self, requests: Sequence[TransferRequest]) -> list[Transfer]:
         """`Ledger.transfer_linked` on the one shard every leg's accounts live on; legs on more

@@ -674,3 +674,19 @@ def test_a_post_whose_id_is_a_cross_shard_transfers_is_a_conflict_named_as_the_u
     with pytest.raises(IdempotencyConflict) as raised:
         sharded.post_pending("T-9", pending_id="P")
     assert "\x1f" not in str(raised.value) and "across shards" in str(raised.value)
+
+
+def test_a_pending_id_held_on_two_shards_cannot_be_posted_so_no_post_is_decided_on_two(
+        sharded: ShardedLedger) -> None:
+    """Ids are kept per source shard: a pending id reused on two shards names two transfers.
+    A try sent to the first (its answer late) and a retry to the other would post both."""
+    payer_0, payee_0 = accounts_on(sharded, "x", 2, shard=0, balance=100)
+    payer_1, payee_1 = accounts_on(sharded, "y", 2, shard=1, balance=100)
+    sharded.transfer("P", source=payer_1, destination=payee_1, amount=10, pending=True)
+    assert sharded._pending_shard("X", "P", "post") == 1  # where a first try of X goes now
+    sharded.transfer("P", source=payer_0, destination=payee_0, amount=10, pending=True)  # P reused on shard 0
+    for resolve in (sharded.post_pending, sharded.void_pending):
+        with pytest.raises(InvalidRequest, match=r"shards \[0, 1\]"):
+            resolve("X", pending_id="P")
+    assert sharded.outcome("X") is None
+    assert (sharded.balance(payee_0).posted, sharded.balance(payee_1).posted) == (100, 100)
