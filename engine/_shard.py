@@ -282,6 +282,8 @@ class Shard:
         """The protocol's accounts known to exist here (created at most once per process)."""
         self._netting = threading.Lock()
         """Held while a pair of clearing accounts is netted: one netting at a time reads their balances."""
+        self._opening = threading.Lock()
+        """Held while an open that timed out is tried again."""
         self._in_flight = _InFlight()
         """Keeps a user's post or void of a pending id apart from a prepare of that id (`_InFlight`)."""
         self._opened: Ledger | LedgerError = NotALedger(
@@ -298,10 +300,18 @@ class Shard:
 
     @property
     def ledger(self) -> Ledger:
-        """The shard's ledger; raises what its open raised if it did not open."""
-        if isinstance(self._opened, LedgerError):
-            raise self._opened
-        return self._opened
+        """The shard's ledger; raises what its open raised if it did not open. An open that timed
+        out (a slow disk: the expiries it journals were not durable in time) is tried again at
+        the next call: Ray restarts only a process that died, and this one did not."""
+        opened = self._opened
+        if isinstance(opened, LedgerTimeout):
+            with self._opening:
+                if isinstance(self._opened, LedgerTimeout):
+                    self._open()
+            opened = self._opened
+        if isinstance(opened, LedgerError):
+            raise opened
+        return opened
 
     def failure(self) -> LedgerError | None:
         """What the shard's `Ledger.open` raised (`LedgerLocked`, `JournalCorrupted`...), or None.

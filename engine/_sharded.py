@@ -340,8 +340,9 @@ class ShardedLedger:
                                           "is decided afresh)")
         if len(holding) > 1:  # one try here, its retry there: each shard would decide it (nothing written)
             raise InvalidRequest(f"pending id {pending_id!r} names transfers on shards {sorted(holding)} (an id "
-                                 f"reused with sources on other shards): a {kind} of it is refused; use ids unique "
-                                 "to the whole ledger")
+                                 f"reused with sources on other shards): a {kind} of it is refused, nothing written "
+                                 "(a try of this id that timed out earlier may still be decided where it went: "
+                                 "outcome() tells); use ids unique to the whole ledger")
         [(shard, held)] = holding.items()
         if peer_of(held.destination) is not None:
             raise prepare_not_pending(pending_id)

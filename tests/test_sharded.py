@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,7 +42,7 @@ from engine import (
 )
 from engine import _ray as ray_calls
 from engine._placement import DESTINATION_KEY, METADATA_DIGEST_KEY, shard_of
-from engine._shard import _InFlight, metadata_digest, prepare_row
+from engine._shard import Shard, _InFlight, metadata_digest, prepare_row
 from engine._wire import outcomes_of, pack, unpack
 from tests.sharded_support import SHARDS, accounts_on, books, ray_for_module
 
@@ -690,3 +691,29 @@ def test_a_pending_id_held_on_two_shards_cannot_be_posted_so_no_post_is_decided_
             resolve("X", pending_id="P")
     assert sharded.outcome("X") is None
     assert (sharded.balance(payee_0).posted, sharded.balance(payee_1).posted) == (100, 100)
+
+
+def test_a_shard_whose_open_timed_out_opens_again_at_its_next_call(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray restarts a shard's process only if it dies: an open that timed out (a slow disk) is
+    tried again by the next call, not kept as the shard's failure for good."""
+    path = str(tmp_path / "shard-0")
+    made = Shard(path, 0, {})
+    assert made.create() is None
+    made.close()
+    real, opens = Ledger.open, []
+
+    def slow_once(*args: Any, **kwargs: Any) -> Ledger:
+        opens.append(args)
+        if len(opens) == 1:
+            raise LedgerTimeout("LSN 7 not durable within 0.5 s")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(Ledger, "open", slow_once)
+    shard = Shard(path, 0, {})
+    try:
+        assert isinstance(shard.failure(), LedgerTimeout)
+        assert shard.call("stats", (), {})[0] is True
+        assert shard.failure() is None and len(opens) == 2
+    finally:
+        shard.close()
