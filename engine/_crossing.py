@@ -259,25 +259,20 @@ class Router:
             return _named(credit, transfer_id)
         return CrossShardAborted(f"transfer {transfer_id!r} was aborted by recovery: nothing moved")
 
-    def _held(self, transfer_id: str) -> dict[int, Transfer]:
-        """Every shard's durable transfer `transfer_id`, by shard (every shard asked at once)."""
-        held: dict[int, Transfer] = {}
-        for index, (ok, value) in enumerate(self.everywhere("call", "get_transfer", (transfer_id,), {})):
+    def _answers(self, transfer_id: str, method: str) -> dict[int, Any]:
+        """Each shard's `method(transfer_id)` that is not None, by shard, in shard order (every
+        shard asked at once); a shard's error raised here."""
+        answers: dict[int, Any] = {}
+        for index, (ok, value) in enumerate(self.everywhere("call", method, (transfer_id,), {})):
             if not ok:
                 raise value
             if value is not None:
-                held[index] = value
-        return held
+                answers[index] = value
+        return answers
 
     def _found(self, transfer_id: str, method: str) -> tuple[int, Any] | None:
         """(shard, reply) of the first shard whose `method(transfer_id)` is not None."""
-        replies = self.everywhere("call", method, (transfer_id,), {})
-        for index, (ok, value) in enumerate(replies):
-            if not ok:
-                raise value
-            if value is not None:
-                return index, value
-        return None
+        return next(iter(self._answers(transfer_id, method).items()), None)
 
     def call(self, shard: int, method: str, *args: Any, **kwargs: Any) -> Any:
         """`Ledger.method(*args, **kwargs)` on one shard; its error raised here. Arguments Ray

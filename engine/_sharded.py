@@ -333,7 +333,7 @@ class ShardedLedger:
                 raise IdempotencyConflict(f"transfer id {transfer_id!r} was already used for a transfer across shards "
                                           f"({first.amount} from {first.source!r}), not a post or a void")
             return decided[0]
-        holding = router._held(pending_id)
+        holding = router._answers(pending_id, "get_transfer")
         if not holding:
             raise PendingTransferNotFound(f"transfer {transfer_id!r} ({kind} of pending transfer {pending_id!r}) was "
                                           "refused: pending_transfer_not_found (not kept: a retry once it is made "
