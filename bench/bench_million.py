@@ -9,12 +9,15 @@ Takes minutes; not part of the test suite. In one ledger, in order:
 3. load: 64 threads calling `transfer` between random accounts, `--load-transfers` in all,
    while checkpoints fall every 20,000 changed accounts: rate, p50, p99 and the longest
    latency, and the longest pause the sequencer lock took for a checkpoint;
-4. the process's peak resident memory so far; close; the data file's size;
-5. reopen in a new process, as a restart does (steps 1-4 ran in one that has ended since):
-   the time `Ledger.open` takes to return, that process's peak resident memory, and one
-   balance read; then `--after-transfers` more from 64 threads in that process (rate, p99,
-   and the longest checkpoint pause: the first checkpoint after an open is the one that
-   once paused longest).
+4. the process's peak resident memory so far; the data file's size; then the process is
+   SIGKILLed, as a crash ends it (every transfer acknowledged, so durable);
+5. reopen after that crash in a new process: the time `Ledger.open` takes (it reads back the
+   chain of checkpoints and, with no seal, walks every page), then the time `close` takes
+   (it writes a checkpoint of every account, and the seal);
+6. reopen in a new process, as a restart after a clean close does: the time `Ledger.open`
+   takes to return, that process's peak resident memory, and one balance read; then
+   `--after-transfers` more from 64 threads in that process (rate, p99, and the longest
+   checkpoint pause: the first checkpoint after an open is the one that once paused longest).
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ import json
 import multiprocessing
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -53,10 +58,10 @@ def timed_checkpoints() -> list[float]:
     pauses: list[float] = []
     real = sequencer_module.Sequencer.checkpoint
 
-    def checkpoint(self: sequencer_module.Sequencer) -> int:
+    def checkpoint(self: sequencer_module.Sequencer, whole: bool = False) -> int:
         started = time.perf_counter()
         try:
-            return real(self)
+            return real(self, whole)
         finally:
             pauses.append(time.perf_counter() - started)
 
@@ -83,10 +88,12 @@ if transfers:
     after = run_clients(64, workload(accounts, transfers, "uniform", 11), transfer_call(ledger, names, "after"))
     after["checkpoints"] = len(pauses)
     after["checkpoint_pauses_ms"] = [round(pause * 1e3, 1) for pause in pauses]
+started = time.perf_counter()
 ledger.close()
+close_s = time.perf_counter() - started
 with open("/proc/self/status") as status:  # VmHWM: this process's peak (ru_maxrss starts at the parent's)
     peak_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
-print(json.dumps({"open_s": round(open_s, 2), "balance": [balance.posted, balance.pending],
+print(json.dumps({"open_s": round(open_s, 2), "close_s": round(close_s, 2), "balance": [balance.posted, balance.pending],
                   "peak_rss_mib": round(peak_kib / 1024), "after": after}))
 """
 
@@ -102,9 +109,9 @@ def reopen(path: str, account: str, accounts: int = 0, transfers: int = 0) -> di
 
 
 def build(path: str, accounts: int, load_transfers: int, seed: int) -> dict:
-    """Steps 1 to 4 into a new ledger at `path`; the figures, with the last account's
-    balance (posted, pending) under "balance". Run in a process of its own, which then ends,
-    so that the reopen that follows finds the machine as a restart does."""
+    """Steps 1 to 4 into a new ledger at `path`, in a process of its own, which then ends as a
+    crash does (SIGKILL): the figures, with the last account's balance (posted, pending)
+    under "balance", written to `path` + ".json" before."""
     result: dict = {"accounts": accounts}
     pauses = timed_checkpoints()
     names = [f"acct-{n:07d}" for n in range(accounts)]
@@ -133,9 +140,11 @@ def build(path: str, accounts: int, load_transfers: int, seed: int) -> dict:
     balance = ledger.balance(names[-1])
     result["balance"] = [balance.posted, balance.pending]
     result["peak_rss_mib"] = round(peak_rss_bytes() / 2**20)
-    ledger.close()
     result["data_file_mib"] = round(os.path.getsize(os.path.join(path, "data.mdb")) / 2**20)
-    return result
+    with open(path + ".json", "w") as out:
+        json.dump(result, out)
+    os.kill(os.getpid(), signal.SIGKILL)  # every transfer acknowledged is durable: a crash loses none
+    raise AssertionError("not killed")
 
 
 def main() -> int:
@@ -153,11 +162,21 @@ def main() -> int:
         path = os.path.join(scratch, "ledger")
         # This process holds nothing; a builder that dies (the OOM killer) raises BrokenProcessPool.
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as builder:
-            result = builder.submit(build, path, args.accounts, args.load_transfers, args.seed).result(3600)
-        reopened = reopen(path, f"acct-{args.accounts - 1:07d}", args.accounts, args.after_transfers)
+            try:
+                builder.submit(build, path, args.accounts, args.load_transfers, args.seed).result(3600)
+            except BrokenProcessPool:  # the builder's end, as planned, if it wrote its figures
+                if not os.path.exists(path + ".json"):
+                    raise
+        with open(path + ".json") as built:
+            result = json.load(built)
+        last = f"acct-{args.accounts - 1:07d}"
         balance = result.pop("balance")
-        if reopened["balance"] != balance:
-            raise SystemExit(f"the reopened ledger's balance {reopened['balance']} is not {balance}")
+        crashed = reopen(path, last)
+        reopened = reopen(path, last, args.accounts, args.after_transfers)
+        for after in (crashed, reopened):
+            if after["balance"] != balance:
+                raise SystemExit(f"the reopened ledger's balance {after['balance']} is not {balance}")
+        result["reopen_after_crash_s"], result["close_after_crash_s"] = crashed["open_s"], crashed["close_s"]
         result["reopen_s"], result["reopen_peak_rss_mib"] = reopened["open_s"], reopened["peak_rss_mib"]
         result["after_reopen"] = reopened["after"]
     print(f"\n{args.accounts:,} accounts")
@@ -167,7 +186,9 @@ def main() -> int:
     print(f"load, {CLIENTS} clients              {lo['transfers_per_s']:>8,.0f}/s  p50 {lo['p50_ms']} ms  p99 {lo['p99_ms']} ms"
           f"  max {lo['max_ms']} ms")
     print(f"  checkpoints during load       {lo['checkpoints']:>8}  longest pause {lo['checkpoint_pause_max_ms']} ms")
-    print(f"reopen (a new process)          {result['reopen_s']:>8} s   peak memory {result['reopen_peak_rss_mib']} MiB")
+    print(f"reopen after the crash          {result['reopen_after_crash_s']:>8} s   then close "
+          f"{result['close_after_crash_s']} s")
+    print(f"reopen after that close         {result['reopen_s']:>8} s   peak memory {result['reopen_peak_rss_mib']} MiB")
     after = result["after_reopen"]
     if after is not None:
         print(f"load after reopening            {after['transfers_per_s']:>8,.0f}/s  p50 {after['p50_ms']} ms  "

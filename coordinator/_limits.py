@@ -38,6 +38,10 @@ CHECKPOINT_SWEEP_MIN = 1_000
 """Fewest unchanged accounts a checkpoint holds rows of (its sweep, see
 `coordinator._records`): opening walks back at most about (accounts / this) checkpoints."""
 
+CLOSE_CHECKPOINT_ROWS = 1.25
+"""Closing a ledger journals a checkpoint of every account when an open would otherwise read
+more than this many rows an account (`Sequencer.checkpoint_on_close`)."""
+
 UNINDEXED_ENTRIES_MAX = 400_000
 """Entries and hold rows waiting in memory for the checkpoint that indexes them (~50 MB): at
 this many a checkpoint is due, whatever the checkpoint interval."""

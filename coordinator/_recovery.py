@@ -25,8 +25,8 @@ import sys
 import sysconfig
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from itertools import compress, repeat, starmap
-from operator import is_not, itemgetter, not_
+from itertools import compress, islice, repeat, starmap
+from operator import is_not, itemgetter, le, not_
 from typing import Any
 
 from journal import Completion, Journal, JournalCorruptedError
@@ -213,10 +213,11 @@ def _load_checkpoint(journal: Journal) -> Recovered:
             _, books.last_timestamp, books.index_entries, rows, pendings = record
             _check_rows(lsn, rows)
             chain = [lsn]
+            books.chain_rows = len(rows)
         else:
             _check_checkpoint(lsn, record)
             _, books.last_timestamp, books.index_entries, _, total, sweep_next, _, pendings = record
-            rows, chain = _walk_back(journal, lsn, record)
+            rows, chain, books.chain_rows = _walk_back(journal, lsn, record)
             books.checkpoint_chain = (lsn, total, sweep_next)
         try:
             _load_rows(books, rows, pendings)
@@ -249,10 +250,10 @@ def _load_rows(books: Recovered, rows: list[list[Any]], pendings: list[Any]) -> 
         books.incoming[pending.destination] = books.incoming.get(pending.destination, 0) + pending.amount
 
 
-def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> tuple[list[list[Any]], list[int]]:
+def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> tuple[list[list[Any]], list[int], int]:
     """Every account's row as of the CHECKPOINT4 `record` at `lsn`: its own, or the newest
     one of the checkpoints before it (each names the one before, `previous_lsn`), in
-    creation order (opening LSN); and the LSNs of the checkpoints read.
+    creation order (opening LSN); the LSNs of the checkpoints read, and how many rows they held.
 
     The chain is read newest first until its sweeps have passed over every account (each
     checkpoint's sweep goes on, in creation order, from where the one before it stopped),
@@ -261,6 +262,10 @@ def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> tuple[list[list
     sweeps are a guide, not a proof), the walk goes on back, adding only theirs. A row that
     is no row stops it; the checkpoint holding it is then looked for, to say where it is."""
     total = record[4]
+    if record[3] == 0:  # it holds every account (as closing writes one), in creation order: nothing to merge
+        whole = _in_creation_order(record[6], total)
+        if whole is not None:
+            return whole, [lsn], total
     chain = [(lsn, record[6])]
     swept = 0
     at = lsn
@@ -284,10 +289,27 @@ def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> tuple[list[list
             raise _corrupt(lsn, f"the checkpoint and those before it hold {len(found)} accounts, not {total}")
         if not set(map(type, found)) <= {str}:  # an id that is no id (one pass in C)
             raise TypeError("an account id that is not a str")
-        return sorted(found.values(), key=itemgetter(5)), [at for at, _ in chain]  # creation order
+        return (sorted(found.values(), key=itemgetter(5)), [at for at, _ in chain],  # creation order
+                sum(len(rows) for _, rows in chain))
     except (TypeError, KeyError, IndexError) as error:  # a row that is no row
         _find_bad_rows(journal, [at for at, _ in chain])
         raise _corrupt(lsn, f"the checkpoint, or one before it, holds rows that do not load: {error!r}") from error
+
+
+def _in_creation_order(rows: list[Any], total: int) -> list[list[Any]] | None:
+    """The rows of a checkpoint holding every account, if they are `total` rows of as many
+    ids, in the order of their opening LSNs, as `Sequencer.checkpoint` writes them (checked
+    a column at a time, in C); else None, and `_walk_back` merges and sorts them (and says
+    what is wrong with them)."""
+    try:
+        ids, opened = list(map(_FIRST, rows)), list(map(_OPENED_LSN, rows))
+    except (TypeError, KeyError, IndexError):  # a row that is no row
+        return None
+    if len(ids) != total or not set(map(type, ids)) <= {str} or len(set(ids)) != total:
+        return None
+    if not set(map(type, opened)) <= {int} or not all(map(le, opened, islice(opened, 1, None))):
+        return None
+    return rows
 
 
 def _find_bad_rows(journal: Journal, chain: list[int]) -> None:

@@ -99,6 +99,9 @@ class Projection:
     checkpoint_chain: tuple[int, int, int] | None = None
     """The newest checkpoint's (LSN, accounts, sweep_next) when the next may hold only what
     changed since (see `coordinator._records`, CHECKPOINT4); None: the next holds every account."""
+    chain_rows: int = 0
+    """The rows an open reads to rebuild the accounts from the newest checkpoint: those of the
+    checkpoints it walked back over (CHECKPOINT4), or all of the one it read."""
 
     def resolution(self, pending_id: str) -> TransferStatus | None:
         """Replay re-decides commits only, which never resolve a closed pending transfer."""

@@ -645,7 +645,9 @@ class Ledger:
         release the directory. Idempotent; every later call raises `LedgerClosed`.
 
         A call still under way after that bound ends with a `LedgerError`: `LedgerClosed` if
-        nothing was written for it, or its outcome as the journal made it durable. What was
+        nothing was written for it, or its outcome as the journal made it durable. If the
+        chain of checkpoints an open would read back has grown long, it journals a checkpoint
+        of every account (`Sequencer.checkpoint_on_close`). What was
         journaled is written before this returns (bounded; `LedgerTimeout` if the writer
         cannot drain, and then a retry after reopening learns each outcome). Then, if the
         journal never failed, it checks every page of the data file as an open would and
@@ -663,6 +665,7 @@ class Ledger:
         self._coordinator.claims.stop()
         self._directory.stop()
         self._dispatcher.stop()
+        self._checkpoint_on_close()
         drained = False
         try:
             with ledger_errors():
@@ -670,6 +673,17 @@ class Ledger:
             drained = True
         finally:
             self._coordinator.close(drained)
+
+    def _checkpoint_on_close(self) -> None:
+        """Journal a checkpoint of every account if the next open would otherwise read many
+        more rows (`Sequencer.checkpoint_on_close`). Nothing depends on it: one not written
+        (a failed journal, a timeout) leaves the open to walk back the checkpoints."""
+        if self._journal.failure is not None:
+            return
+        try:
+            self._sequencer.checkpoint_on_close(self.timeout_s)
+        except JournalError:
+            logger.exception("no checkpoint journaled at close: the next open walks back the checkpoints")
 
     @property
     def closed(self) -> bool:

@@ -4,6 +4,7 @@ back the chain, and how the pair checks catch one that misses an account."""
 from __future__ import annotations
 
 import gc
+import math
 import random
 import weakref
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from coordinator import _recovery, _sequencer
 from coordinator._history import Checkpointed, typed
+from coordinator._limits import CLOSE_CHECKPOINT_ROWS
 from coordinator._records import INDEX_NAMES, decode
 from engine import Ledger, LedgerError
 from engine._tools import verify
@@ -20,6 +22,19 @@ from journal import Journal
 ACCOUNTS = 60
 BUSY = 6
 """Transfers move among the first few accounts only: most accounts never change."""
+
+
+@pytest.fixture(autouse=True)
+def chain_left_at_close(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chain of checkpoints as a ledger that stopped without closing leaves it: closing
+    writes no checkpoint of every account here (`Sequencer.checkpoint_on_close`), but in the
+    tests of that checkpoint, which ask for it (`closing_checkpoints`)."""
+    monkeypatch.setattr(_sequencer, "CLOSE_CHECKPOINT_ROWS", math.inf)
+
+
+@pytest.fixture
+def closing_checkpoints(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_sequencer, "CLOSE_CHECKPOINT_ROWS", CLOSE_CHECKPOINT_ROWS)
 
 
 def build(path: Path, transfers: int = 150, interval: int = 10) -> tuple[dict[str, object], str]:
@@ -51,6 +66,19 @@ def checkpoints(path: Path) -> list[tuple[int, list[object]]]:
         return found
     finally:
         journal.close()
+
+
+def _walked_back(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The LSNs of the checkpoints the opens from now on read on their walk back."""
+    read: list[int] = []
+    real = _recovery._checkpoint_before
+
+    def counted(journal: Journal, lsn: int, at: int, previous: object) -> list[object]:
+        read.append(at)
+        return real(journal, lsn, at, previous)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_recovery, "_checkpoint_before", counted)
+    return read
 
 
 def test_a_checkpoint_holds_the_accounts_that_changed_and_a_slice_of_the_others(ledger_path: Path) -> None:
@@ -86,18 +114,9 @@ def test_opening_reads_the_chain_back_only_as_far_as_the_sweeps_reach(
 ) -> None:
     """The walk back stops once the sweeps have passed over every account, well before the
     first checkpoint, and still finds each account's newest row."""
-    from coordinator import _recovery
-
     balances, state_hash = build(ledger_path, transfers=400)
     made = checkpoints(ledger_path)
-    read: list[int] = []
-    real = _recovery._checkpoint_before
-
-    def counted(journal: Journal, lsn: int, at: int, previous: object) -> list[object]:
-        read.append(at)
-        return real(journal, lsn, at, previous)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(_recovery, "_checkpoint_before", counted)
+    read = _walked_back(monkeypatch)
     with Ledger.open(ledger_path) as reopened:
         assert {account.id: reopened.balance(account.id) for account in reopened.accounts()} == balances
         assert reopened.state_hash() == state_hash
@@ -374,3 +393,97 @@ def test_a_checkpoint_the_journal_had_no_room_for_changes_nothing_and_comes_agai
     with Ledger.open(ledger_path) as reopened:
         assert reopened.state_hash() == state_hash
     assert verify(str(ledger_path))["verdict"] == "whole"
+
+
+def test_closing_after_a_long_chain_writes_a_checkpoint_of_every_account_that_opening_reads_alone(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch, closing_checkpoints: None
+) -> None:
+    """Each checkpoint holds a few accounts, so an open would read back many; the close
+    writes one of every account, last, and the next open reads it alone, to the same books.
+    A close with no checkpoint since writes none."""
+    balances, state_hash = build(ledger_path, transfers=400)
+    made = checkpoints(ledger_path)
+    newest_lsn, newest = made[-1]
+    assert made[-2][1][3] != 0  # the chain a crash would have left
+    assert newest[3] == 0 and newest[5] == 0 and [row[0] for row in newest[6]] == [  # type: ignore[attr-defined, index]
+        "bank", *(f"a{n}" for n in range(ACCOUNTS))]
+    read = _walked_back(monkeypatch)
+    taken: list[bool] = []
+    in_order = _recovery._in_creation_order
+
+    def as_is(rows: list[object], total: int) -> object:
+        found = in_order(rows, total)
+        taken.append(found is not None)
+        return found
+
+    monkeypatch.setattr(_recovery, "_in_creation_order", as_is)
+    with Ledger.open(ledger_path) as reopened:
+        assert taken == [True]  # as it is: nothing merged, nothing sorted
+        assert reopened._journal.last_lsn == newest_lsn  # the close's checkpoint is the last record
+        assert reopened.recovered.chain_rows == ACCOUNTS + 1
+        assert [account.id for account in reopened.accounts()] == ["bank", *(f"a{n}" for n in range(ACCOUNTS))]
+        assert {account.id: reopened.balance(account.id) for account in reopened.accounts()} == balances
+        assert reopened.state_hash() == state_hash
+    assert read == []
+    assert checkpoints(ledger_path)[-1][0] == newest_lsn  # nothing to shorten: none written
+    assert verify(str(ledger_path))["verdict"] == "whole"
+
+
+def test_the_chain_goes_on_from_a_closing_checkpoint(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch, closing_checkpoints: None
+) -> None:
+    """Reopened from a checkpoint of every account, the next checkpoints build on it, hold what
+    changed, and the close after them writes a whole one again only once the chain is long."""
+    build(ledger_path, transfers=400)
+    whole_lsn = checkpoints(ledger_path)[-1][0]
+    with Ledger.open(ledger_path, checkpoint_interval=10) as reopened:
+        for k in range(40):
+            reopened.transfer(f"after-{k}", source="bank", destination=f"a{k % BUSY}", amount=1)
+        state_hash = reopened.state_hash()
+    after = [record for lsn, record in checkpoints(ledger_path) if lsn > whole_lsn]
+    assert after[0][3] == whole_lsn and len(after[0][6]) < ACCOUNTS // 2  # type: ignore[arg-type]
+    grown = [len(rows) for previous, _, _, rows, _ in (record[3:] for record in after) if previous]  # type: ignore[arg-type]
+    assert ACCOUNTS + 1 + sum(grown) > CLOSE_CHECKPOINT_ROWS * (ACCOUNTS + 1)  # the chain an open would read
+    assert after[-1][3] == 0 and len(after[-1][6]) == ACCOUNTS + 1  # type: ignore[arg-type]
+    with Ledger.open(ledger_path) as again:
+        assert again.state_hash() == state_hash
+    assert verify(str(ledger_path))["verdict"] == "whole"
+
+
+@pytest.mark.parametrize("damage", ["reversed", "an id twice", "a row short", "a row that is no row"])
+def test_a_closing_checkpoint_out_of_shape_is_merged_or_reported_as_any_other(
+    ledger_path: Path, raw_lmdb, closing_checkpoints: None, damage: str  # type: ignore[no-untyped-def]
+) -> None:
+    """Opening takes a checkpoint of every account as it is only if its rows are its accounts,
+    each once, in creation order; else it walks it as any other: the same books from rows
+    in another order, `JournalCorrupted` at its LSN from rows no checkpoint holds."""
+    from engine import JournalCorrupted
+
+    build(ledger_path, transfers=400)
+    with Ledger.open(ledger_path) as reopened:  # records after it (a rewritten last record breaks the hash chain)
+        for k in range(3):
+            reopened.transfer(f"after-{k}", source="bank", destination="a1", amount=1)
+        state_hash = reopened.state_hash()
+
+    def change(record: list[object]) -> list[object]:
+        rows = record[6]
+        assert record[3] == 0 and isinstance(rows, list)
+        if damage == "reversed":
+            rows.reverse()
+        elif damage == "an id twice":
+            rows[1] = list(rows[2])
+        elif damage == "a row short":
+            rows[3] = rows[3][:7]
+        else:
+            rows[3] = "a3"
+        return record
+
+    lsn = _rewritten_newest_checkpoint(raw_lmdb, ledger_path, change)
+    if damage == "reversed":
+        with Ledger.open(ledger_path) as reopened:
+            assert [account.id for account in reopened.accounts()] == ["bank", *(f"a{n}" for n in range(ACCOUNTS))]
+            assert reopened.state_hash() == state_hash
+        return
+    with pytest.raises(JournalCorrupted) as caught:
+        Ledger.open(ledger_path)
+    assert caught.value.lsn == lsn and "checkpoint" in str(caught.value)
