@@ -213,11 +213,11 @@ def _load_checkpoint(journal: Journal) -> Recovered:
             _, books.last_timestamp, books.index_entries, rows, pendings = record
             _check_rows(lsn, rows)
             chain = [lsn]
-            books.chain_rows = len(rows)
+            books.chain_read = ((len(rows), len(rows)),)
         else:
             _check_checkpoint(lsn, record)
             _, books.last_timestamp, books.index_entries, _, total, sweep_next, _, pendings = record
-            rows, chain, books.chain_rows = _walk_back(journal, lsn, record)
+            rows, chain, books.chain_read = _walk_back(journal, lsn, record)
             books.checkpoint_chain = (lsn, total, sweep_next)
         try:
             _load_rows(books, rows, pendings)
@@ -250,10 +250,12 @@ def _load_rows(books: Recovered, rows: list[list[Any]], pendings: list[Any]) -> 
         books.incoming[pending.destination] = books.incoming.get(pending.destination, 0) + pending.amount
 
 
-def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> tuple[list[list[Any]], list[int], int]:
+def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> tuple[list[list[Any]], list[int],
+                                                                    tuple[tuple[int, int], ...]]:
     """Every account's row as of the CHECKPOINT4 `record` at `lsn`: its own, or the newest
     one of the checkpoints before it (each names the one before, `previous_lsn`), in
-    creation order (opening LSN); the LSNs of the checkpoints read, and how many rows they held.
+    creation order (opening LSN); the LSNs of the checkpoints read, and their rows and sweep
+    lengths (`Projection.chain_read`).
 
     The chain is read newest first until its sweeps have passed over every account (each
     checkpoint's sweep goes on, in creation order, from where the one before it stopped),
@@ -265,13 +267,15 @@ def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> tuple[list[list
     if record[3] == 0:  # it holds every account (as closing writes one), in creation order: nothing to merge
         whole = _in_creation_order(record[6], total)
         if whole is not None:
-            return whole, [lsn], total
+            return whole, [lsn], ((total, total),)
     chain = [(lsn, record[6])]
+    sweeps: list[int] = []
     swept = 0
     at = lsn
     while record[3] != 0 and swept < total and len(chain[0][1]) < total:
         older = _checkpoint_before(journal, lsn, at, record[3])
-        swept += _sweep_length(record, older)
+        sweeps.append(_sweep_length(record, older))
+        swept += sweeps[-1]
         at, record = record[3], older
         chain.append((at, record[6]))
     found: dict[str, list[Any]] = {}
@@ -280,6 +284,7 @@ def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> tuple[list[list
             found.update(zip(map(_FIRST, rows), rows, strict=True))
         while len(found) < total and record[3] != 0:
             older = _checkpoint_before(journal, lsn, at, record[3])
+            sweeps.append(_sweep_length(record, older))
             at, record = record[3], older
             chain.append((at, record[6]))
             rows = record[6][::-1]  # from its end: of two rows of one account, the last is kept, as above
@@ -289,8 +294,9 @@ def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> tuple[list[list
             raise _corrupt(lsn, f"the checkpoint and those before it hold {len(found)} accounts, not {total}")
         if not set(map(type, found)) <= {str}:  # an id that is no id (one pass in C)
             raise TypeError("an account id that is not a str")
+        sweeps.append(total if record[3] == 0 else 0)  # the oldest read: every account, or not known
         return (sorted(found.values(), key=itemgetter(5)), [at for at, _ in chain],  # creation order
-                sum(len(rows) for _, rows in chain))
+                tuple(zip(map(len, (rows for _, rows in chain)), sweeps, strict=True)))
     except (TypeError, KeyError, IndexError) as error:  # a row that is no row
         _find_bad_rows(journal, [at for at, _ in chain])
         raise _corrupt(lsn, f"the checkpoint, or one before it, holds rows that do not load: {error!r}") from error

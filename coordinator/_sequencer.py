@@ -207,9 +207,9 @@ class Sequencer:
         """Every account's id, in creation order (where the sweep walks); `checkpoint` adds the new ones."""
         self._checkpoint: tuple[int, int, int] | None = books.checkpoint_chain
         """The newest checkpoint's (LSN, accounts, sweep_next), if the next one may build on it."""
-        self._chain_rows = books.chain_rows
-        """The rows an open would read (at most) to rebuild the accounts from the newest
-        checkpoint: those of every checkpoint since the last that held every account."""
+        self._chain: deque[tuple[int, int]] = deque(reversed(books.chain_read))
+        """(rows, sweep length) of each checkpoint an open may read back to, the newest last
+        (`_rows_an_open_reads`); first, those the open read."""
         with journal.snapshot() as txn:
             self._holds_from_due = journal.index_get(ENTRIES_INDEX, HOLDS_FROM_KEY, txn) is None
             """No `HOLDS_FROM_KEY` yet: the next block appended (never a checkpoint: one follows
@@ -792,8 +792,9 @@ class Sequencer:
                 self.unindexed_holds.carry(lsn)
             crash_point("during-checkpoint")
             self._since_checkpoint = 0
+            self._chained(len(rows), (sweep_next - self._checkpoint[2]) % total if self._checkpoint and previous else None,
+                          total)
             self._checkpoint = (lsn, total, sweep_next)
-            self._chain_rows = len(rows) + (self._chain_rows if previous else 0)
         except BaseException as error:
             if self._journal.last_lsn >= lsn:  # queued (an interrupt after it): memory is behind it
                 self.broken(error)
@@ -812,18 +813,42 @@ class Sequencer:
         return list(zip(ids, map(_CURRENCY, accounts), map(_OVERDRAFT_LIMIT, accounts), map(_CODE, accounts),
                         metadata, map(self.account_lsns.__getitem__, ids), seqs, posted, last_lsns, strict=True))
 
+    def _chained(self, rows: int, swept: int | None, total: int) -> None:
+        """Count a checkpoint just journaled, of `rows` rows and a sweep of `swept` accounts
+        (None: it holds every account, and starts the chain again), of `total`."""
+        chain = self._chain
+        if swept is None:
+            chain.clear()
+            swept = total
+        chain.append((rows, swept))
+        while len(chain) > 2 and sum(sweep for _, sweep in islice(chain, 2, None)) >= total:
+            chain.popleft()  # the walk back stops before it
+
+    def _rows_an_open_reads(self, total: int) -> int:
+        """The rows an open would read from the chain (`coordinator._recovery._walk_back`):
+        the newest checkpoint's, then those of each one before it until the sweeps of those
+        after it have passed over every account."""
+        rows = swept = 0
+        for held, sweep in reversed(self._chain):
+            rows += held
+            if swept >= total:
+                break
+            swept += sweep
+        return rows
+
     def checkpoint_on_close(self, timeout_s: float) -> int | None:
         """Journal a checkpoint of every account if an open would otherwise read more than
-        `CLOSE_CHECKPOINT_ROWS` times as many rows (the checkpoints since the last that held
-        every account: up to about twice as many, see `coordinator._records`); its LSN, or
-        None. What a database's shutdown checkpoint is: the close pays (~1 s a million
-        accounts) what the next open then need not (about a third of its time, measured)."""
+        `CLOSE_CHECKPOINT_ROWS` times as many rows (`_rows_an_open_reads`: up to about twice
+        as many, see `coordinator._records`); its LSN, or None. What a database's shutdown
+        checkpoint is: the close pays (~1 s a million accounts) what the next open then need
+        not (about a third of its time, measured). An open that read a long chain (after a
+        crash) is followed by one at close even if nothing was written meanwhile."""
         if not self.lock.acquire(timeout=timeout_s):
             return None
         collecting = gc.isenabled()
         gc.disable()  # millions of new tuples, in no cycle: each collection on the way walks all of them
         try:
-            if self._chain_rows <= CLOSE_CHECKPOINT_ROWS * len(self.accounts):
+            if self._rows_an_open_reads(len(self.accounts)) <= CLOSE_CHECKPOINT_ROWS * len(self.accounts):
                 return None
             return self.checkpoint(whole=True)
         finally:

@@ -99,9 +99,11 @@ class Projection:
     checkpoint_chain: tuple[int, int, int] | None = None
     """The newest checkpoint's (LSN, accounts, sweep_next) when the next may hold only what
     changed since (see `coordinator._records`, CHECKPOINT4); None: the next holds every account."""
-    chain_rows: int = 0
-    """The rows an open reads to rebuild the accounts from the newest checkpoint: those of the
-    checkpoints it walked back over (CHECKPOINT4), or all of the one it read."""
+    chain_read: tuple[tuple[int, int], ...] = ()
+    """(rows, sweep length) of each checkpoint the open read to rebuild the accounts, newest
+    first: those it walked back over (CHECKPOINT4s; of the oldest, the sweep is that of every
+    account if it holds every account, else unknown, 0), or the CHECKPOINT3 it read; none for
+    none (or an older format's: the next checkpoint holds every account)."""
 
     def resolution(self, pending_id: str) -> TransferStatus | None:
         """Replay re-decides commits only, which never resolve a closed pending transfer."""

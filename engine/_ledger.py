@@ -665,14 +665,16 @@ class Ledger:
         self._coordinator.claims.stop()
         self._directory.stop()
         self._dispatcher.stop()
-        self._checkpoint_on_close()
-        drained = False
         try:
-            with ledger_errors():
-                self._journal.close()
-            drained = True
-        finally:
-            self._coordinator.close(drained)
+            self._checkpoint_on_close()
+        finally:  # an interrupt in it too: the journal still closes, the directory is let go
+            drained = False
+            try:
+                with ledger_errors():
+                    self._journal.close()
+                drained = True
+            finally:
+                self._coordinator.close(drained)
 
     def _checkpoint_on_close(self) -> None:
         """Journal a checkpoint of every account if the next open would otherwise read many
@@ -682,7 +684,7 @@ class Ledger:
             return
         try:
             self._sequencer.checkpoint_on_close(self.timeout_s)
-        except JournalError:
+        except Exception:  # a failed journal, a timeout, no memory for the rows: the chain stays
             logger.exception("no checkpoint journaled at close: the next open walks back the checkpoints")
 
     @property

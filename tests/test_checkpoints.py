@@ -15,7 +15,7 @@ from coordinator import _recovery, _sequencer
 from coordinator._history import Checkpointed, typed
 from coordinator._limits import CLOSE_CHECKPOINT_ROWS
 from coordinator._records import INDEX_NAMES, decode
-from engine import Ledger, LedgerError
+from engine import Account, Ledger, LedgerError
 from engine._tools import verify
 from journal import Journal
 
@@ -420,7 +420,7 @@ def test_closing_after_a_long_chain_writes_a_checkpoint_of_every_account_that_op
     with Ledger.open(ledger_path) as reopened:
         assert taken == [True]  # as it is: nothing merged, nothing sorted
         assert reopened._journal.last_lsn == newest_lsn  # the close's checkpoint is the last record
-        assert reopened.recovered.chain_rows == ACCOUNTS + 1
+        assert reopened.recovered.chain_read == ((ACCOUNTS + 1, ACCOUNTS + 1),)
         assert [account.id for account in reopened.accounts()] == ["bank", *(f"a{n}" for n in range(ACCOUNTS))]
         assert {account.id: reopened.balance(account.id) for account in reopened.accounts()} == balances
         assert reopened.state_hash() == state_hash
@@ -487,3 +487,58 @@ def test_a_closing_checkpoint_out_of_shape_is_merged_or_reported_as_any_other(
     with pytest.raises(JournalCorrupted) as caught:
         Ledger.open(ledger_path)
     assert caught.value.lsn == lsn and "checkpoint" in str(caught.value)
+
+
+def test_closing_writes_no_checkpoint_of_every_account_when_the_open_would_read_few_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, closing_checkpoints: None
+) -> None:
+    """What counts is what the next open would read: the newest checkpoints back to where
+    their sweeps have passed over every account, not every checkpoint since the last open."""
+    monkeypatch.setattr(_sequencer, "CHECKPOINT_SWEEP_MIN", 1_000)
+    monkeypatch.setattr(_sequencer, "CLOSE_CHECKPOINT_ROWS", math.inf)
+    accounts = 5_000
+    with Ledger.open(tmp_path / "l", checkpoint_interval=10) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_accounts([Account(f"a{n}", "USD", 0) for n in range(accounts - 1)])
+        for k in range(200):  # twenty checkpoints of a few accounts and a sweep of 1,000 each
+            ledger.transfer(f"s{k}", source="bank", destination=f"a{k % 3}", amount=1)
+    monkeypatch.setattr(_sequencer, "CLOSE_CHECKPOINT_ROWS", CLOSE_CHECKPOINT_ROWS)
+    with Ledger.open(tmp_path / "l", checkpoint_interval=10) as ledger:
+        read = sum(rows for rows, _ in ledger.recovered.chain_read)
+        assert accounts < read <= CLOSE_CHECKPOINT_ROWS * accounts
+        for k in range(10):  # one more checkpoint
+            ledger.transfer(f"t{k}", source="bank", destination=f"a{k % 3}", amount=1)
+    newest = checkpoints(tmp_path / "l")[-1][1]
+    assert newest[3] != 0 and len(newest[6]) < accounts  # type: ignore[arg-type]
+    with Ledger.open(tmp_path / "l") as ledger:
+        assert sum(rows for rows, _ in ledger.recovered.chain_read) <= CLOSE_CHECKPOINT_ROWS * accounts
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, MemoryError])
+def test_a_close_whose_checkpoint_fails_still_closes_the_journal(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch, closing_checkpoints: None, raised: type[BaseException]
+) -> None:
+    """The checkpoint a close writes is for speed only: one that fails (no memory for its
+    rows) is logged and the close goes on; an interrupt in it goes up, after the journal
+    has closed and let go of the directory. Either way nothing is lost."""
+    build(ledger_path, transfers=400)
+    ledger = Ledger.open(ledger_path, checkpoint_interval=10)
+    for k in range(40):
+        ledger.transfer(f"after-{k}", source="bank", destination=f"a{k % BUSY}", amount=1)
+    state_hash = ledger.state_hash()
+
+    def failing(self: _sequencer.Sequencer) -> list[object]:
+        raise raised
+
+    real = _sequencer.Sequencer._every_row
+    monkeypatch.setattr(_sequencer.Sequencer, "_every_row", failing)
+    if raised is KeyboardInterrupt:
+        with pytest.raises(KeyboardInterrupt):
+            ledger.close()
+    else:
+        ledger.close()
+    assert ledger.closed and not ledger._journal._open
+    monkeypatch.setattr(_sequencer.Sequencer, "_every_row", real)
+    with Ledger.open(ledger_path) as reopened:  # the directory is free; the books as they were
+        assert reopened.state_hash() == state_hash
+    assert verify(str(ledger_path))["verdict"] == "whole"
