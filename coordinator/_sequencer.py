@@ -193,6 +193,8 @@ class Sequencer:
         self.index_entries = books.index_entries
         self._deadlines: list[tuple[int, str]] = [(p.deadline, p.id) for p in books.pending.values() if p.deadline]
         heapq.heapify(self._deadlines)
+        self._answered_at = -1
+        """The last time `answered_at` moved `last_timestamp` to (past every stamp then)."""
         self._resolved: dict[str, TransferStatus] = {}
         """Pending transfers resolved by records not yet durable (the index answers for the rest)."""
         self._resolved_at: deque[tuple[int, str]] = deque()
@@ -249,6 +251,13 @@ class Sequencer:
             return status
         with self._journal.snapshot() as txn:
             return resolution_of(self._journal, pending_id, txn)
+
+    def answered_at(self, timestamp: int) -> None:
+        """A read is answering for `timestamp` (call under `lock`, before it settles the end it
+        reads to): every decision from now on is stamped after it, whatever the clock reads
+        (it may step back), so the answer never changes."""
+        if timestamp > self.last_timestamp:
+            self.last_timestamp = self._answered_at = timestamp
 
     def timestamp(self, count: int = 1, now: int | None = None) -> int:
         """The timestamp of the next decision, of `count` requests (the i-th gets it + i), from
@@ -849,6 +858,8 @@ class Sequencer:
         gc.disable()  # millions of new tuples, in no cycle: each collection on the way walks all of them
         try:
             if self._rows_an_open_reads(len(self.accounts)) <= CLOSE_CHECKPOINT_ROWS * len(self.accounts):
+                return None
+            if self.last_timestamp == self._answered_at:  # a read's, not a record's: a checkpoint holds a record's
                 return None
             return self.checkpoint(whole=True)
         finally:

@@ -402,6 +402,10 @@ def _recover(args: argparse.Namespace) -> int:
         if not args.into:
             print("tally recover: --salvage needs --into NEW", file=sys.stderr)
             return 2
+        if args.dry_run:
+            print("tally recover: --dry-run does not go with --salvage, which writes a new ledger into NEW and "
+                  f"never changes {args.path}; `tally verify {args.path}` says where its damage starts", file=sys.stderr)
+            return 2
         with _progress("salvaging", not args.json) as progress:
             report = _tools.salvage(args.path, args.into, progress)
         _emit(args, report, lambda: _render_salvage(report))
@@ -672,6 +676,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         _parser().print_help()
         return 0
+    plain = sys.stdout
+    if not getattr(args, "json", False):
+        sys.stdout = _Escaped(plain)  # type: ignore[assignment]
     try:
         return _run(args)
     except LedgerError as error:
@@ -687,6 +694,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"tally {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        sys.stdout = plain
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+"""Control characters, and the invisible and bidirectional marks, that an id may hold."""
+
+
+class _Escaped:
+    """The standard output of a text report: each control character in what is printed (an id
+    may hold any) is written escaped (a newline as `\\n`), so that no id can forge a line or
+    drive the terminal; only the newline `print` ends each line with goes as it is."""
+
+    def __init__(self, out: Any) -> None:
+        self._out = out
+
+    def write(self, text: str) -> int:
+        return int(self._out.write(text if text == "\n" else _UNPRINTABLE.sub(_escaped, text)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._out, name)
+
+
+def _escaped(found: re.Match[str]) -> str:
+    return repr(found.group())[1:-1]
 
 
 if __name__ == "__main__":

@@ -52,11 +52,12 @@ class History:
 
     def __init__(self, journal: Journal, end: Callable[[], int], rows: Callable[[str, int], list[Row]],
                  holds: Callable[[str, int], list[Row]], clock: Callable[[], int],
-                 settled_end: Callable[[], int] | None = None) -> None:
+                 settled_end: Callable[[int], int] | None = None) -> None:
         self._journal = journal
         self.end = end
-        self._settled_end = settled_end or end
-        """`end`, once every record stamped before the call is durable (for reads at a timestamp)."""
+        self._settled_end = settled_end or (lambda _timestamp: end())
+        """`end`, once every record stamped before the call is durable, for a read at the
+        timestamp it is given (after which a ledger stamps nothing at or before that time)."""
         self._rows = rows
         self._holds = holds
         self._clock = clock
@@ -90,13 +91,11 @@ class History:
             stamped = record_timestamp(journal, end, txn, last=True)
             if timestamp <= stamped:  # stamps grow with LSNs: no record still to land is stamped at or before it
                 return lsn_at_timestamp(journal, timestamp, end, txn)
-        end = self._settled_end()
+        now = max(clock, stamped)  # (a ledger's timestamps may run ahead of its clock: the clock stepped back)
+        if timestamp > now:
+            raise InvalidRequest(f"at_timestamp {shown(timestamp)} is still to come (the ledger's clock reads {now})")
+        end = self._settled_end(timestamp)
         with journal.snapshot() as txn:
-            now = max(clock, record_timestamp(journal, end, txn, last=True))  # (a ledger's timestamps may run
-            # ahead of its clock: the clock stepped back, or one reading stamped a batch: the last record's
-            # last stamp has come)
-            if timestamp > now:
-                raise InvalidRequest(f"at_timestamp {shown(timestamp)} is still to come (the ledger's clock reads {now})")
             return lsn_at_timestamp(journal, timestamp, end, txn)
 
     def timestamp(self, lsn: int) -> int:

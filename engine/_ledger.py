@@ -65,7 +65,7 @@ from coordinator import (
     resolution_request,
     transfer_request,
 )
-from journal import Completion, Journal, JournalError, JournalWriteError
+from journal import Completion, Journal, JournalError, JournalTimeoutError, JournalWriteError
 
 from engine._head import Head, head_of
 from engine._directory import Directory
@@ -108,7 +108,7 @@ class Ledger:
         self._directory = Directory(self._sequencer, self._dispatcher, actors_live_max)
         self._coordinator = Coordinator(journal, self._sequencer, self._directory, inflight_max)
         self._history = History(journal, lambda: journal.durable_lsn, self._sequencer.unindexed.rows,
-                                self._sequencer.unindexed_holds.rows, self._sequencer.clock, self._settled_end)
+                                self._sequencer.unindexed_holds.rows, self._now, self._settled_end)
         self._state = threading.Condition()
         self._calls: deque[None] = deque()
         """One item per call under way: appends and pops are atomic, so calls take no lock."""
@@ -376,19 +376,26 @@ class Ledger:
             return expired
 
     def _expire_while_open(self) -> None:
-        """The expirer thread: every `EXPIRY_INTERVAL_S` at most (sooner for a nearer deadline)."""
+        """The expirer thread: every `EXPIRY_INTERVAL_S` at most (sooner for a nearer deadline).
+        A timeout (the writer not keeping up) is tried again after `EXPIRY_INTERVAL_S`; a
+        failed journal ends it (every call reports that failure)."""
         sequencer, stopping = self._sequencer, self._stopping
+        timed_out = False
         while True:
             deadline = sequencer.next_deadline()
-            wait_s = EXPIRY_INTERVAL_S if deadline is None else min(
+            wait_s = EXPIRY_INTERVAL_S if deadline is None or timed_out else min(
                 EXPIRY_INTERVAL_S, max(0.0, (deadline - sequencer.clock()) / 1e9))
             if stopping.wait(wait_s):
                 return
+            timed_out = False
             try:
                 with self._call():
                     self._coordinator.expire_due()
             except LedgerClosed:
                 return
+            except (LedgerTimeout, JournalTimeoutError):  # the writer not keeping up, for now: nothing written
+                logger.warning("expiring pending transfers timed out; trying again", exc_info=True)
+                timed_out = True
             except (LedgerError, JournalError):  # the journal failed: the ledger reports it to every call
                 logger.exception("expiring pending transfers failed")
                 return
@@ -553,15 +560,23 @@ class Ledger:
             history = self._history
             return Snapshot(history, history.end(), max_age_s, self._call, self._opened_lsns)
 
-    def _settled_end(self) -> int:
-        """The durable end once every record stamped before this call is durable (so a read at
-        a timestamp the clock has passed never changes again): the last LSN appended, read under
-        the sequencer's lock (a decision reads the clock and queues its record under it), waited
+    def _now(self) -> int:
+        """The ledger's time: its clock's, or the last time stamped or answered for if later
+        (the clock stepped back; `Sequencer.answered_at`)."""
+        sequencer = self._sequencer
+        return max(sequencer.clock(), sequencer.last_timestamp)
+
+    def _settled_end(self, timestamp: int) -> int:
+        """The durable end once every record stamped before this call is durable, for a read at
+        `timestamp`, which from then on no decision is stamped at or before (so the answer
+        never changes, even if the clock steps back): the last LSN appended, read under the
+        sequencer's lock (a decision reads the clock and queues its record under it), waited
         for (bounded by `timeout_s`)."""
         journal, lock = self._journal, self._sequencer.lock
         if not lock.acquire(timeout=self.timeout_s):
             raise LedgerTimeout(f"the ledger was deciding for {self.timeout_s} s; retry")
         try:
+            self._sequencer.answered_at(timestamp)
             last = journal.last_lsn
         finally:
             lock.release()

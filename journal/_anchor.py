@@ -9,10 +9,14 @@ its first commit after this version opens it), and it holds
 - the ledger's id, also stored in `data.mdb`, so a data file from another ledger is
   refused;
 - the journal's format version;
-- the highest LSN known to be durable. The journal writer refreshes it after each group
-  commit, once the commit is on disk and before any caller hears of it. A journal found
-  ending below it has lost acknowledged records (for example a damaged meta page made
-  LMDB open an older snapshot): that is reported, never served.
+- the highest LSN known to be durable, and the first 12 bytes of the hash chain's digest
+  at it (`journal._chain`). The journal writer refreshes both after each group commit,
+  once the commit is on disk and before any caller hears of it. A journal found ending
+  below that LSN has lost acknowledged records (for example a damaged meta page made LMDB
+  open an older snapshot); one whose record there has another digest holds another
+  history (the data file of a copy of this ledger that went on elsewhere, copied back):
+  both are reported, never served. (An anchor written before the digest was kept has
+  zeros there: its LSN is checked alone.)
 
 The refresh is one `pwrite` of 64 bytes into a file that already has its blocks, with no
 fsync: a process crash cannot lose it (the page cache keeps it), and a power loss can only
@@ -25,6 +29,7 @@ fsyncs it and renames it into place.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import uuid
 import zlib
@@ -35,7 +40,9 @@ from journal._errors import JournalCorruptedError, os_read_error
 ANCHOR_FILE = "tally.anchor"
 _MAGIC = b"TALLYANC"
 _LAYOUT = 1
-_SLOT = struct.Struct(">8sHHI16sQQ12x")  # magic, layout, format version, reserved, ledger id, LSN, generation
+_SLOT = struct.Struct(">8sHHI16sQQ12s")  # magic, layout, format version, reserved, ledger id, LSN, generation, digest
+DIGEST_BYTES = 12
+_NO_DIGEST = bytes(DIGEST_BYTES)
 _CRC = struct.Struct(">I")
 SLOT_BYTES = _SLOT.size + _CRC.size
 assert SLOT_BYTES == 64, SLOT_BYTES
@@ -50,6 +57,8 @@ class AnchorState:
     """A lower bound of the journal's durable end."""
     generation: int
     """Counts the anchor's writes: the copy with the higher one is the newer."""
+    digest: bytes = b""
+    """The first `DIGEST_BYTES` of the chain's digest at `durable_lsn` (empty: not known)."""
 
 
 def new_ledger_id() -> bytes:
@@ -57,7 +66,8 @@ def new_ledger_id() -> bytes:
 
 
 def _slot(state: AnchorState) -> bytes:
-    body = _SLOT.pack(_MAGIC, _LAYOUT, state.format_version, 0, state.ledger_id, state.durable_lsn, state.generation)
+    body = _SLOT.pack(_MAGIC, _LAYOUT, state.format_version, 0, state.ledger_id, state.durable_lsn, state.generation,
+                      state.digest or _NO_DIGEST)
     return body + _CRC.pack(zlib.crc32(body))
 
 
@@ -65,10 +75,23 @@ def _parse(data: bytes) -> AnchorState | None:
     body = data[: _SLOT.size]
     if len(data) != SLOT_BYTES or _CRC.unpack_from(data, _SLOT.size)[0] != zlib.crc32(body):
         return None
-    magic, layout, version, _reserved, ledger_id, lsn, generation = _SLOT.unpack(body)
+    magic, layout, version, _reserved, ledger_id, lsn, generation, digest = _SLOT.unpack(body)
     if magic != _MAGIC or layout != _LAYOUT:
         return None
-    return AnchorState(ledger_id, version, lsn, generation)
+    return AnchorState(ledger_id, version, lsn, generation, b"" if digest == _NO_DIGEST else digest)
+
+
+def read_small_file(path: str, limit: int) -> bytes:
+    """At most `limit` bytes of the regular file at `path`. Anything else there (a FIFO, a
+    device, a directory: what no open should block on, nor read without end) is
+    `JournalCorruptedError`; a missing file `FileNotFoundError`; other errors `OSError`."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise JournalCorruptedError("it is not a regular file", where=path)
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
 
 
 def read_anchor(directory: str) -> AnchorState | None:
@@ -76,12 +99,13 @@ def read_anchor(directory: str) -> AnchorState | None:
     one a power loss tore mid-write; the other is used. Both failing is damage."""
     path = os.path.join(directory, ANCHOR_FILE)
     try:
-        with open(path, "rb") as file:
-            data = file.read(2 * SLOT_BYTES + 1)
+        data = read_small_file(path, 2 * SLOT_BYTES + 1)
     except FileNotFoundError:
         return None
     except IsADirectoryError as error:
         raise JournalCorruptedError("the anchor is a directory, not a file", where=path) from error
+    except JournalCorruptedError as error:
+        raise JournalCorruptedError("the anchor is not a regular file", where=path) from error
     except OSError as error:
         raise os_read_error(error, path) from error
     copies = [_parse(data[i * SLOT_BYTES : (i + 1) * SLOT_BYTES]) for i in range(2)]
@@ -95,9 +119,11 @@ def read_anchor(directory: str) -> AnchorState | None:
     return max(valid, key=lambda copy: copy.generation)
 
 
-def create_anchor(directory: str, ledger_id: bytes, format_version: int, durable_lsn: int = 0) -> AnchorState:
-    """Write a new anchor durably (temporary file, fsync, rename, fsync of the directory)."""
-    state = AnchorState(ledger_id, format_version, durable_lsn, 1)
+def create_anchor(directory: str, ledger_id: bytes, format_version: int, durable_lsn: int = 0,
+                  digest: bytes = b"") -> AnchorState:
+    """Write a new anchor durably (temporary file, fsync, rename, fsync of the directory);
+    `digest`: the chain's at `durable_lsn` (`AnchorState.digest`), if known."""
+    state = AnchorState(ledger_id, format_version, durable_lsn, 1, digest[:DIGEST_BYTES])
     path = os.path.join(directory, ANCHOR_FILE)
     temporary = path + ".new"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -127,12 +153,14 @@ class Anchor:
         self.state = state
         self._fd = os.open(os.path.join(directory, ANCHOR_FILE), os.O_WRONLY | os.O_CLOEXEC)
 
-    def advance(self, durable_lsn: int) -> None:
-        """Record that every record up to `durable_lsn` is on disk (one pwrite, no fsync)."""
+    def advance(self, durable_lsn: int, digest: bytes) -> None:
+        """Record that every record up to `durable_lsn` is on disk, the chain's digest there
+        `digest` (one pwrite, no fsync)."""
         state = self.state
         if durable_lsn <= state.durable_lsn:
             return
-        state = AnchorState(state.ledger_id, state.format_version, durable_lsn, state.generation + 1)
+        state = AnchorState(state.ledger_id, state.format_version, durable_lsn, state.generation + 1,
+                            digest[:DIGEST_BYTES])
         os.pwrite(self._fd, _slot(state), (state.generation % 2) * SLOT_BYTES)
         self.state = state
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import lmdb
 
-from journal._anchor import Anchor, AnchorState, create_anchor
+from journal._anchor import DIGEST_BYTES, Anchor, AnchorState, create_anchor
 from journal._completion import Completion
 from journal._directory import clear_staging, lock_directory, prepare_directory, recognise, refuse_missing
 from journal._errors import (
@@ -63,6 +63,7 @@ class Journal:
         try:
             self._last_lsn_read = check_records(store.opened, anchor, lambda: _first_gap(store),
                                                 os.path.join(path, DATA_FILE))
+            self._check_anchor_digest()
         except JournalCorruptedError as error:
             if not store.readonly:
                 raise
@@ -77,6 +78,22 @@ class Journal:
             except OSError as error:
                 raise JournalError(f"cannot open the anchor of {path} for writing: {error}") from error
             self._writer = Writer(store, head, writing_anchor, self._seeds)
+
+    def _check_anchor_digest(self) -> None:
+        """The record at the anchor's durable LSN must be the one the anchor saw made durable
+        there: the chain's digest at it begins with the anchor's (`journal._anchor`). Raises
+        `JournalCorruptedError` naming that LSN if not."""
+        anchor = self.anchor
+        if anchor is None or not anchor.digest or not anchor.durable_lsn:
+            return
+        found = self.head_at(anchor.durable_lsn).digest[:DIGEST_BYTES]
+        if found != anchor.digest:
+            raise JournalCorruptedError(
+                f"the record at LSN {anchor.durable_lsn} is not the one this directory's anchor saw made durable "
+                f"there (the chain's digest at it begins {found.hex()}, the anchor's {anchor.digest.hex()}): the "
+                "data file holds another history than the one written here (a copy of this ledger that went on "
+                "elsewhere, copied back?), or it is damaged", lsn=anchor.durable_lsn,
+                where=os.path.join(self.path, DATA_FILE))
 
     def _tail_head(self) -> ChainHead:
         """The durable head, its last link checked (`journal._chain.tail_head`); raises
@@ -551,7 +568,8 @@ def reanchor(path: str | os.PathLike[str], *, index_names: Sequence[str] = ()) -
                                f"{journal.problem or 'its anchor is there'}")
         ledger_id = journal._store.ledger_id
         assert ledger_id is not None
-        create_anchor(journal.path, ledger_id, journal.format_version, journal.last_lsn)
+        create_anchor(journal.path, ledger_id, journal.format_version, journal.last_lsn,
+                      journal.head_at(journal.last_lsn).digest)
         return journal.last_lsn
     finally:
         journal.close()

@@ -29,6 +29,8 @@ from typing import Any
 
 import msgpack
 
+from journal._anchor import read_small_file
+from journal._errors import JournalCorruptedError
 from journal._meta import Meta
 from journal._pages import Layout, Tree
 
@@ -38,6 +40,10 @@ SEAL_FILE = "tally.seal"
 SEAL_VERSION = 1
 CHUNK_BYTES = 1 << 20
 """The file is summed in pieces of this size (one CRC-32 each)."""
+
+SEAL_BYTES_MAX = 1 << 24
+"""Most a seal is read of (one CRC a MiB and a few trees: a terabyte's seal is ~4 MiB); a
+longer one fails its frame's check."""
 
 _CRC = struct.Struct("<I")
 
@@ -79,11 +85,10 @@ def sealed_layout(path: str, fd: int, meta: Meta, data_file: str) -> Layout | No
     """The layout the seal in `path` vouches for, if it seals exactly the snapshot `meta`
     commits and the file's bytes up to its high-water page are those it summed; else None."""
     try:
-        with open(os.path.join(path, SEAL_FILE), "rb") as handle:
-            framed = handle.read()
+        framed = read_small_file(os.path.join(path, SEAL_FILE), SEAL_BYTES_MAX)
     except FileNotFoundError:
         return None
-    except OSError as error:
+    except (OSError, JournalCorruptedError) as error:  # (not a regular file: nothing it vouches for)
         logger.warning("the seal of %s cannot be read (%s): checking every page", data_file, error)
         return None
     fields = _unframe(framed)

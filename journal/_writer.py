@@ -514,7 +514,7 @@ class Writer:
         an id always had an anchor: one found without its anchor lost it. Raises `OSError`."""
         store = self._store
         ledger_id = store.ledger_id if store.ledger_id is not None else new_ledger_id()
-        state = create_anchor(store.path, ledger_id, store.format_version, self.durable_lsn)
+        state = create_anchor(store.path, ledger_id, store.format_version, self.durable_lsn, self._chain_digest)
         self._anchor = Anchor(store.path, state)
 
     def _advance_anchor(self, durable_lsn: int) -> None:
@@ -523,7 +523,7 @@ class Writer:
         anchor = self._anchor
         assert anchor is not None
         self._store.ledger_id = anchor.state.ledger_id
-        anchor.advance(durable_lsn)
+        anchor.advance(durable_lsn, self._chain_digest)  # (the digest of the batch just committed's last record)
 
     def _publish(self, batch: list[_Block]) -> None:
         last = batch[-1].last_lsn

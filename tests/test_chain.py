@@ -340,6 +340,10 @@ def test_expect_head_fails_on_a_history_rewritten_with_every_digest_recomputed(l
         forged[lsn] = reframe(lsn, previous, payload)
     rewrite(raw_lmdb, ledger_path, forged)
 
+    code, report = tally_json("verify", ledger_path)  # the anchor kept the start of the digest at its LSN
+    assert code == 1 and f"the record at LSN {noted.lsn} is not the one this directory's anchor saw" in report["problem"]
+    (ledger_path / "tally.anchor").unlink()  # a forger who also makes the anchor anew
+    assert tally("recover", ledger_path).returncode == 0
     assert tally("verify", ledger_path).returncode == 0  # a whole new history: only the noted head tells
     code, report = tally_json("verify", ledger_path, "--expect-head", str(noted))
     assert code == 1 and report["verdict"] == "NOT WHOLE"

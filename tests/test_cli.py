@@ -476,6 +476,32 @@ def test_salvage_copies_the_records_before_a_damaged_one_and_lists_every_transfe
                 assert found is None, tid
 
 
+def test_text_reports_show_control_characters_in_ids_escaped(tmp_path: Path) -> None:
+    """An id may hold any character: a newline in one must not forge a line of a report, nor
+    an escape sequence drive the terminal. The JSON reports keep them as they are."""
+    forged = "t-1\n         9  commit      FORGED  alice -> bank  1000000"
+    painted = "\x1b[2J\x1b[31mred\u202e"
+    with Ledger.open(tmp_path / "l") as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account(painted, currency="USD")
+        ledger.transfer(forged, source="bank", destination=painted, amount=5)
+    inspect = tally("inspect", tmp_path / "l")
+    assert inspect.returncode == 0 and len(inspect.stdout.splitlines()) == 3, inspect.stdout
+    assert "t-1\\n         9  commit      FORGED" in inspect.stdout
+    balance = tally("balance", tmp_path / "l", painted)
+    assert balance.returncode == 0 and balance.stdout.startswith("\\x1b[2J\\x1b[31mred\\u202e: posted 5 USD")
+    assert "\x1b" not in inspect.stdout + balance.stdout and "\u202e" not in balance.stdout
+    code, report = tally_json("balance", tmp_path / "l", painted)
+    assert code == 0 and report["account"] == painted
+
+
+def test_a_dry_run_of_a_salvage_is_refused_and_writes_nothing(built: Built, tmp_path: Path) -> None:
+    """--dry-run promises no change; a salvage's whole work is writing NEW: refused, not ignored."""
+    done = tally("recover", built.path, "--dry-run", "--salvage", "--into", tmp_path / "copy")
+    assert done.returncode == 2 and "--dry-run does not go with --salvage" in done.stderr, done.stderr
+    assert not (tmp_path / "copy").exists()
+
+
 def test_salvage_of_a_whole_ledger_reports_nothing_lost(built: Built, tmp_path: Path) -> None:
     code, report = tally_json("recover", built.path, "--salvage", "--into", tmp_path / "copy")
 

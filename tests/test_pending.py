@@ -534,6 +534,33 @@ def test_the_expirer_thread_expires_a_pending_transfer_on_the_wall_clock_within_
 
 
 
+def test_the_expirer_thread_goes_on_after_a_timeout(funded: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer that did not keep up once (a slow disk) leaves the expirer running: it tries
+    again, and the pending transfer expires (it stopped for good, and nothing expired)."""
+    from coordinator import _sequencer
+    from journal import JournalTimeoutError
+
+    real = _sequencer.Sequencer.expire
+    timed_out = threading.Event()
+
+    def slow_once(self: _sequencer.Sequencer, *args: object) -> object:
+        if not timed_out.is_set():
+            timed_out.set()
+            raise JournalTimeoutError("the journal writer is not keeping up")
+        return real(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_sequencer.Sequencer, "expire", slow_once)
+    funded.transfer("p-1", source="alice", destination="bob", amount=60, pending=True, timeout_s=1)
+    assert timed_out.wait(WAIT_S)
+    give_up = time.monotonic() + WAIT_S
+    status = funded.get_transfer("p-1").status
+    while status != "expired" and time.monotonic() < give_up:
+        timed_out.wait(0.02)  # polling, bounded by `give_up`
+        status = funded.get_transfer("p-1").status
+    assert status == "expired", f"still {status!r} {WAIT_S} s after the timeout"
+    assert funded.balance("alice") == Balance(100, 0, 100, 0)
+
+
 class _Watched:
     """A lock that tells when the thread `asker` asks for it (`asked`)."""
 

@@ -18,7 +18,7 @@ import pytest
 
 from engine import AccountNotFound, Balance, InvalidRequest, Ledger, LinkedTransferFailed, Transfer, TransferRequest
 from engine._directory import SNAPSHOT, AccountHandle
-from support import Clock, hold_after_commit, wait_until
+from support import NS_PER_S, Clock, hold_after_commit, wait_until
 
 WAIT_S = 10.0
 
@@ -137,6 +137,29 @@ def test_a_balance_at_a_timestamp_the_clock_passed_never_changes(ledger_path: Pa
         assert ledger.balance("b", at_timestamp=at).posted == 10
     finally:
         ledger.close()
+
+
+def test_a_balance_at_a_timestamp_answered_never_changes_when_the_clock_steps_back(ledger_path: Path) -> None:
+    """Answered for a time the clock had passed, then the clock steps back (NTP, a restored
+    VM): the next transfer is stamped after that time all the same, and the question gets
+    the same answer, at once and later (it was refused "still to come", then answered with
+    the new transfer in)."""
+    clock = Clock()
+    with Ledger.open(ledger_path, clock_ns=clock) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("a", currency="USD")
+        first = ledger.transfer("t-1", source="bank", destination="a", amount=100)
+        at = first.timestamp + 500 * NS_PER_S
+        clock.advance(1000)
+        answered = ledger.balance("a", at_timestamp=at)
+        assert answered.posted == 100
+        clock.advance(-990)  # back to 10 s after t-1
+        second = ledger.transfer("t-2", source="bank", destination="a", amount=7)
+        assert second.timestamp > at
+        assert ledger.balance("a", at_timestamp=at) == answered
+        clock.advance(990)
+        assert ledger.balance("a", at_timestamp=at) == answered
+        assert ledger.balance("a", at_timestamp=second.timestamp).posted == 107
 
 
 def test_a_balance_at_any_stamp_of_a_chain_stamped_ahead_of_a_stopped_clock_is_answered(ledger_path: Path) -> None:

@@ -3,6 +3,7 @@ the layout from it instead of walking every page; anything else walks, as before
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -100,6 +101,26 @@ def test_a_damaged_seal_is_ignored_and_the_file_walked(ledger_path: Path, walks:
     with Ledger.open(ledger_path) as reopened:
         assert walks == [1]
         assert reopened.state_hash() == state_hash
+
+
+@pytest.mark.parametrize("what", ["a FIFO", "endless bytes"])
+def test_a_seal_that_is_no_file_is_ignored_and_the_file_walked(
+    ledger_path: Path, walks: list[int], what: str
+) -> None:
+    """A FIFO (whose open would wait for a writer) or a link to /dev/zero (whose read would
+    never end) where the seal should be: the open reads no seal, walks, and its close seals."""
+    state_hash = build(ledger_path)
+    seal = ledger_path / SEAL_FILE
+    seal.unlink()
+    if what == "a FIFO":
+        os.mkfifo(seal)
+    else:
+        seal.symlink_to("/dev/zero")
+    walks.clear()
+    with Ledger.open(ledger_path) as reopened:
+        assert walks == [1]
+        assert reopened.state_hash() == state_hash
+    assert seal.is_file() and not seal.is_symlink()  # the close's own
 
 
 def test_a_byte_changed_since_the_seal_without_a_commit_means_the_walk(ledger_path: Path, walks: list[int]) -> None:
