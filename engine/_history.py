@@ -38,7 +38,7 @@ from coordinator import (
 from journal import Journal
 
 
-def _count(name: str, value: object, low: int = 0) -> int:
+def check_count(name: str, value: object, low: int = 0) -> int:
     if type(value) is not int or value < low:
         raise InvalidRequest(f"{name} must be an int >= {low}, got {shown(value)}")
     return value
@@ -76,14 +76,14 @@ class History:
         if at_lsn is not None and at_timestamp is not None:
             raise InvalidRequest("give at most one of at_lsn and at_timestamp")
         if at_lsn is not None:
-            lsn = _count("at_lsn", at_lsn)
+            lsn = check_count("at_lsn", at_lsn)
             end = self.end()
             if lsn > end:
                 raise InvalidRequest(f"at_lsn {shown(lsn)} is past the durable end of the journal (LSN {end})")
             return lsn
         if at_timestamp is None:
             return self.end()
-        timestamp = _count("at_timestamp", at_timestamp)
+        timestamp = check_count("at_timestamp", at_timestamp)
         clock = self._clock()  # before the end is settled: every record stamped up to it is in then
         end = self.end()
         journal = self._journal
@@ -120,9 +120,9 @@ class History:
 
     def entries(self, account_id: str, lsn: int, after: object = 0, limit: object = None) -> list[Entry]:
         check_id(account_id, "account id")
-        after = _count("after", after)
+        after = check_count("after", after)
         if limit is not None:
-            limit = _count("limit", limit)
+            limit = check_count("limit", limit)
         rows, _ = self._memory(account_id)
         with self._journal.snapshot() as txn:
             return entries_at(self._journal, account_id, lsn, after, limit, rows, txn)  # type: ignore[arg-type]
@@ -143,8 +143,8 @@ class History:
         if code is not None:
             check_code(code)
         check_kind(kind)
-        after = _count("after_lsn", after_lsn)
-        until = end if until_lsn is None else _count("until_lsn", until_lsn)
+        after = check_count("after_lsn", after_lsn)
+        until = end if until_lsn is None else check_count("until_lsn", until_lsn)
         if until > end:
             raise InvalidRequest(f"until_lsn {shown(until)} is past the durable end of the journal (LSN {end})")
         if type(limit) is not int or not 1 <= limit <= TRANSFERS_PAGE_MAX:

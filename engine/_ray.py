@@ -79,7 +79,12 @@ def _start(address: str | None) -> None:
             raise LedgerUnavailable("Ray chose a node address other than 127.0.0.1, so it would listen beyond "
                                     "loopback: not started")
     else:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except ConnectionError as error:  # after Ray's own retries (minutes, for an address no one answers)
+            raise LedgerUnavailable(f"cannot join the Ray cluster at {address!r}: {error}") from error
+        except ValueError as error:  # an address Ray cannot parse
+            raise InvalidRequest(f"address {address!r} is not a Ray cluster's address: {error}") from error
 
 
 def _loopback_in_this_process() -> None:

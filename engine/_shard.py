@@ -57,11 +57,14 @@ from coordinator import (
     AMOUNT_MAX,
     REJECTIONS,
     Account,
+    AccountNotFound,
     Balance,
     IdempotencyConflict,
     InsufficientFunds,
     LedgerError,
+    LedgerLocked,
     LedgerTimeout,
+    LedgerUnavailable,
     NotALedger,
     Resolution,
     Transfer,
@@ -87,7 +90,7 @@ IN_DOUBT_PAGE = 1_000
 NET_AT = AMOUNT_MAX // 4
 """A clearing account's balance (either way) past which its pair is netted (see the module docstring)."""
 CALLS = frozenset({"create_account", "account", "balance", "entries", "get_transfer", "outcome", "post_pending",
-                   "void_pending", "transfer_linked", "transfers", "state_hash", "stats", "head"})
+                   "void_pending", "transfer_linked", "transfers", "state_hash", "stats", "head", "expire_pending"})
 """The `Ledger` methods `call` runs."""
 
 
@@ -271,6 +274,10 @@ class Doubt:
     amount: int
 
 
+_OPENED_AGAIN = (LedgerTimeout, LedgerLocked, LedgerUnavailable)
+"""What a shard's open raises for a while only: it opens again at the next call (`Shard.ledger`)."""
+
+
 class Shard:
     """One shard's ledger and its steps. Ray constructs it in the actor's process (and again
     after a restart): opening recovers the ledger from its journal."""
@@ -300,13 +307,14 @@ class Shard:
 
     @property
     def ledger(self) -> Ledger:
-        """The shard's ledger; raises what its open raised if it did not open. An open that timed
-        out (a slow disk: the expiries it journals were not durable in time) is tried again at
-        the next call: Ray restarts only a process that died, and this one did not."""
+        """The shard's ledger; raises what its open raised if it did not open. An open that
+        failed for a while only (`_OPENED_AGAIN`: a slow disk, the expiries it journals not
+        durable in time; another process holding the directory as Ray restarted this one) is
+        tried again at the next call: Ray restarts only a process that died, and this one did not."""
         opened = self._opened
-        if isinstance(opened, LedgerTimeout):
+        if isinstance(opened, _OPENED_AGAIN):
             with self._opening:
-                if isinstance(self._opened, LedgerTimeout):
+                if isinstance(self._opened, _OPENED_AGAIN):
                     self._open()
             opened = self._opened
         if isinstance(opened, LedgerError):
@@ -370,13 +378,14 @@ class Shard:
         return {account.id: self.ledger.balance(account.id) for account in self.ledger.accounts()}
 
     def find(self, account_ids: Sequence[str]) -> list[str]:
-        """Those of `account_ids` that are accounts here."""
+        """Those of `account_ids` that are accounts here (a shard that cannot say raises)."""
         found = []
+        ledger = self.ledger
         for account_id in account_ids:
             try:
-                self.ledger.account(account_id)
+                ledger.account(account_id)
                 found.append(account_id)
-            except LedgerError:
+            except AccountNotFound:
                 continue
         return found
 

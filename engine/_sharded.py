@@ -53,6 +53,7 @@ from coordinator import (
     LedgerClosed,
     LedgerError,
     PendingTransferNotFound,
+    Resolution,
     Transfer,
     TransferRequest,
     check_chain,
@@ -61,14 +62,17 @@ from coordinator import (
     check_metadata,
     check_overdraft_limit,
     check_path,
+    check_resolution,
     items_of,
+    resolution_request,
     seconds_of,
     shown,
     transfer_request,
 )
 
 from engine import _ray
-from engine._ledger import Ledger, check_timeout_s, checked_accounts
+from engine._history import check_count
+from engine._ledger import Ledger, check_page, check_timeout_s, checked_accounts
 from engine._crossing import Router, checked_request
 from engine._placement import (
     SEPARATOR,
@@ -130,7 +134,8 @@ class ShardedLedger:
         `recover_in_doubt()`.
 
         `address` None: join the Ray this process already joined, or start a local one bound to
-        127.0.0.1 (`engine._ray`); else join the Ray cluster there. `nodes`: the Ray node id of
+        127.0.0.1 (`engine._ray`); else join the Ray cluster there (one that does not answer
+        takes Ray's own retries, minutes, then `LedgerUnavailable`). `nodes`: the Ray node id of
         each shard (default: this process's node); a shard's directory is `path/shard-i` on
         its node's disk, so give a path every node has. `ledger_options` go to each shard's
         `Ledger.open` (`timeout_s` also bounds every wait here). Blocks while the shards
@@ -142,6 +147,8 @@ class ShardedLedger:
         anew, empty, once the manifest exists), and whatever a shard's `Ledger.open` raises.
         """
         timeout_s = _check_options(ledger_options)
+        if address is not None and (type(address) is not str or not address):
+            raise InvalidRequest(f"address must be a Ray cluster's address (a str) or None, got {shown(address)}")
         root = Path(check_path(path)).absolute()
         made = read_manifest(root, shards)
         count: int = shards
@@ -302,16 +309,18 @@ class ShardedLedger:
     def post_pending(self, transfer_id: str, *, pending_id: str, amount: int | None = None,
                      reference: str | None = None, metadata: Mapping[str, str | int] | None = None) -> Transfer:
         """`Ledger.post_pending`, on the shard of the pending transfer (every shard asked)."""
+        checked = _plain(resolution_request(transfer_id, pending_id, amount, reference, metadata, False))
         shard = self._pending_shard(transfer_id, pending_id, "post")
         return self._live().call(shard, "post_pending", transfer_id, pending_id=pending_id,  # type: ignore[no-any-return]
-                                 amount=amount, reference=reference, metadata=metadata)
+                                 amount=checked.amount, reference=checked.reference, metadata=checked.metadata)
 
     def void_pending(self, transfer_id: str, *, pending_id: str, reference: str | None = None,
                      metadata: Mapping[str, str | int] | None = None) -> Transfer:
         """`Ledger.void_pending`, on the shard of the pending transfer (every shard asked)."""
+        checked = _plain(resolution_request(transfer_id, pending_id, None, reference, metadata, True))
         shard = self._pending_shard(transfer_id, pending_id, "void")
         return self._live().call(shard, "void_pending", transfer_id, pending_id=pending_id,  # type: ignore[no-any-return]
-                                 reference=reference, metadata=metadata)
+                                 reference=checked.reference, metadata=checked.metadata)
 
     def _pending_shard(self, transfer_id: str, pending_id: str, kind: str) -> int:
         """The shard that decided `transfer_id` (a post or a `kind`) already, if one did (its
@@ -405,12 +414,17 @@ class ShardedLedger:
 
     def balance(self, account_id: str, *, at_lsn: int | None = None, at_timestamp: int | None = None) -> Balance:
         """`Ledger.balance` from the account's shard (`at_lsn`: a position in that shard's journal)."""
+        if at_lsn is not None:
+            check_count("at_lsn", at_lsn)
+        if at_timestamp is not None:
+            check_count("at_timestamp", at_timestamp)
         return self._on_account(account_id, "balance", account_id,  # type: ignore[no-any-return]
                                 at_lsn=at_lsn, at_timestamp=at_timestamp)
 
     def entries(self, account_id: str, after: int = 0, limit: int | None = None) -> list[Entry]:
         """`Ledger.entries` from the account's shard; a cross-shard transfer's entry names its
         user's transfer id (the shard journals it under a step's id: `T` and a suffix)."""
+        check_page(after, limit)
         found: list[Entry] = self._on_account(account_id, "entries", account_id, after, limit)
         return [entry if SEPARATOR not in entry.transfer_id else
                 dataclasses.replace(entry, transfer_id=entry.transfer_id.split(SEPARATOR, 1)[0]) for entry in found]
@@ -428,12 +442,20 @@ class ShardedLedger:
             raise InvalidRequest(f"shard must be an int in 0..{router.shards - 1}, got {shown(shard)}")
         return _ray.gather([router.actors[shard].balances.remote()], self.timeout_s)[0]  # type: ignore[no-any-return]
 
+    def expire_pending(self) -> int:
+        """`Ledger.expire_pending` on every shard (needed with `clock_ns` only: on the wall
+        clock, each shard's ledger expires its own); how many expired in all."""
+        router = self._live()
+        return sum(router.call(i, "expire_pending") for i in range(self.shards))
+
     def pids(self) -> list[int]:
         """The process id of each shard's actor (for operators and crash tests)."""
+        self._live()
         return _ray.gather([actor.pid.remote() for actor in self._actors], self.timeout_s)
 
     def nodes(self) -> list[str]:
         """The Ray node id each shard's actor runs on."""
+        self._live()
         return _ray.gather([actor.node.remote() for actor in self._actors], self.timeout_s)
 
     def close(self) -> None:
@@ -459,6 +481,16 @@ class ShardedLedger:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+def _plain(request: Resolution) -> Resolution:
+    """A post or void's fields checked as a ledger checks them (`InvalidRequest`), its metadata
+    a plain dict: what any shard can take (a value of the caller's own type might not reach it)."""
+    checked = check_resolution(request)
+    if checked.metadata is None:
+        return checked
+    return Resolution(checked.id, checked.pending_id, checked.amount, checked.reference,
+                      checked.metadata.as_dict(), checked.void)  # type: ignore[attr-defined]
 
 
 def _in_doubt_after_s(value: object, timeout_s: float) -> float:

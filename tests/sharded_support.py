@@ -85,6 +85,17 @@ def shard_dirs(path: Path, shards: int = SHARDS) -> list[Path]:
     return [path / f"shard-{i}" for i in range(shards)]
 
 
+class ClockOffsetBy:
+    """The wall clock plus the offset in seconds the file `offset` holds: every shard's process
+    reads the same (each has its own copy of the clock)."""
+
+    def __init__(self, offset: Path) -> None:
+        self.offset = offset
+
+    def __call__(self) -> int:
+        return time.time_ns() + int(self.offset.read_text()) * 10**9
+
+
 class ClockFailingIn:
     """A clock of one's own (the wall clock's readings) that gives a bad reading in the shard
     process whose pid the file `flag` names (a shard's clock runs in its own process)."""

@@ -23,6 +23,7 @@ from engine import (
     Account,
     AccountExists,
     AccountNotFound,
+    Balance,
     CrossShardRefused,
     CurrencyMismatch,
     IdempotencyConflict,
@@ -30,10 +31,12 @@ from engine import (
     InvalidRequest,
     LedgerClosed,
     Ledger,
+    LedgerError,
     LedgerLocked,
     LinkedTransferFailed,
     NotALedger,
     LedgerTimeout,
+    LedgerUnavailable,
     PendingTransferNotFound,
     ShardCountMismatch,
     ShardedLedger,
@@ -44,7 +47,7 @@ from engine import _ray as ray_calls
 from engine._placement import DESTINATION_KEY, METADATA_DIGEST_KEY, shard_of
 from engine._shard import Shard, _InFlight, metadata_digest, prepare_row
 from engine._wire import outcomes_of, pack, unpack
-from tests.sharded_support import SHARDS, accounts_on, books, ray_for_module
+from tests.sharded_support import SHARDS, ClockOffsetBy, accounts_on, books, ray_for_module
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -197,8 +200,13 @@ def test_an_argument_ray_cannot_send_or_a_sequence_that_cannot_be_read_is_invali
     sharded.create_account("bank", currency="USD", overdraft_limit=None, placement="a")  # on a's shard
     sharded.transfer("held", source="bank", destination="a", amount=1, pending=True)
     for read in (lambda: sharded.balance("a", at_lsn=threading.Lock()), lambda: sharded.entries("a", threading.Lock()),
-                 lambda: sharded.post_pending("p-1", pending_id="held", amount=threading.Lock())):  # type: ignore[arg-type]
-        with pytest.raises(InvalidRequest, match="sent to a shard"):
+                 lambda: sharded.post_pending("p-1", pending_id="held", amount=threading.Lock()),  # type: ignore[arg-type]
+                 lambda: sharded.balance("a", at_timestamp=_Reloads(5)),
+                 lambda: sharded.entries("a", limit=_Reloads(5)),
+                 lambda: sharded.post_pending("p-1", pending_id="held", amount=_Reloads(5)),
+                 lambda: sharded.post_pending("p-1", pending_id="held", metadata=_ItemsRaise(k=1)),
+                 lambda: sharded.void_pending("p-1", pending_id="held", reference=_ItemsRaise(k=1))):  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequest):  # checked here, as a ledger checks them: nothing reaches a shard
             read()
     with pytest.raises(InvalidRequest, match="transfer_many"):
         sharded.transfer_many(_RaisingSequence())
@@ -206,6 +214,22 @@ def test_an_argument_ray_cannot_send_or_a_sequence_that_cannot_be_read_is_invali
         sharded.create_accounts([Account("b", "USD", 0)], placements=_RaisingSequence())
     assert sorted(account.id for account in sharded.accounts()) == ["a", "bank"]
     assert sharded.get_transfer("held").status == "pending"  # type: ignore[union-attr]
+
+
+class _Reloads(int):
+    """An int that pickles, but whose unpickling (in a shard's process) raises."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_no_load, ())
+
+
+def _no_load() -> None:
+    raise RuntimeError("not loaded")
+
+
+class _ItemsRaise(dict):  # type: ignore[type-arg]
+    def items(self) -> Any:
+        raise RuntimeError("items")
 
 
 def test_recover_in_doubt_older_than_any_timestamp_resolves_none(sharded: ShardedLedger) -> None:
@@ -453,8 +477,9 @@ def test_the_state_hash_covers_every_shard_and_survives_a_reopen(tmp_path: Path)
         destination = accounts_on(ledger, "d", 1, shard=1)[0]
         ledger.transfer("x", source=source[0], destination=destination, amount=3)
         before = ledger.state_hash()
-    with pytest.raises(LedgerClosed):
-        ledger.balance(destination)
+    for closed in (lambda: ledger.balance(destination), ledger.pids, ledger.nodes, ledger.expire_pending):
+        with pytest.raises(LedgerClosed):
+            closed()
     with ShardedLedger.open(tmp_path / "books", shards=SHARDS) as ledger:
         assert ledger.state_hash() == before and ledger.recovered_in_doubt == 0
         assert ledger.balance(destination).posted == 3
@@ -693,10 +718,12 @@ def test_a_pending_id_held_on_two_shards_cannot_be_posted_so_no_post_is_decided_
     assert (sharded.balance(payee_0).posted, sharded.balance(payee_1).posted) == (100, 100)
 
 
-def test_a_shard_whose_open_timed_out_opens_again_at_its_next_call(tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ray restarts a shard's process only if it dies: an open that timed out (a slow disk) is
-    tried again by the next call, not kept as the shard's failure for good."""
+@pytest.mark.parametrize("refusal", [LedgerTimeout, LedgerLocked, LedgerUnavailable])
+def test_a_shard_whose_open_failed_for_a_while_opens_again_at_its_next_call(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: type[LedgerError]) -> None:
+    """Ray restarts a shard's process only if it dies: an open that timed out (a slow disk),
+    or found the directory held by another process for a moment as Ray restarted this one,
+    is tried again by the next call, not kept as the shard's failure for good."""
     path = str(tmp_path / "shard-0")
     made = Shard(path, 0, {})
     assert made.create() is None
@@ -706,14 +733,56 @@ def test_a_shard_whose_open_timed_out_opens_again_at_its_next_call(tmp_path: Pat
     def slow_once(*args: Any, **kwargs: Any) -> Ledger:
         opens.append(args)
         if len(opens) == 1:
-            raise LedgerTimeout("LSN 7 not durable within 0.5 s")
+            raise refusal("LSN 7 not durable within 0.5 s, or the directory held elsewhere")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(Ledger, "open", slow_once)
     shard = Shard(path, 0, {})
     try:
-        assert isinstance(shard.failure(), LedgerTimeout)
+        assert isinstance(shard.failure(), refusal)
         assert shard.call("stats", (), {})[0] is True
         assert shard.failure() is None and len(opens) == 2
     finally:
         shard.close()
+
+
+def test_a_shard_that_cannot_say_whether_an_account_is_there_raises_rather_than_say_no(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard whose ledger is held elsewhere must not answer "not here": the router would
+    then place a new account with that id on another shard."""
+    path = str(tmp_path / "shard-0")
+    made = Shard(path, 0, {})
+    assert made.create() is None
+    made.ledger.create_account("a", currency="USD")
+    made.close()
+
+    def held(*args: Any, **kwargs: Any) -> Ledger:
+        raise LedgerLocked(f"{path} is open in another live process")
+
+    monkeypatch.setattr(Ledger, "open", held)
+    shard = Shard(path, 0, {})
+    with pytest.raises(LedgerLocked):
+        shard.find(["a"])
+
+
+def test_expire_pending_expires_on_every_shard_with_a_clock_of_ones_own(tmp_path: Path) -> None:
+    """With `clock_ns`, no shard expires by itself (as a ledger): `expire_pending` does, on each."""
+    offset = tmp_path / "offset"
+    offset.write_text("0")
+    with ShardedLedger.open(tmp_path / "books", shards=SHARDS, clock_ns=ClockOffsetBy(offset)) as ledger:
+        payers = [accounts_on(ledger, f"s{shard}", 2, shard=shard, balance=100) for shard in range(SHARDS)]
+        for shard, (payer, payee) in enumerate(payers):
+            ledger.transfer(f"P{shard}", source=payer, destination=payee, amount=60, pending=True, timeout_s=1)
+        offset.write_text("3600")
+        assert ledger.expire_pending() == SHARDS
+        for shard, (payer, _) in enumerate(payers):
+            assert ledger.get_transfer(f"P{shard}").status == "expired"  # type: ignore[union-attr]
+            assert ledger.balance(payer) == Balance(100, 0, 100, 0)
+        assert ledger.expire_pending() == 0
+
+
+def test_an_address_that_is_no_address_is_invalid_request(tmp_path: Path) -> None:
+    for address in (5, "", b"127.0.0.1:6379"):
+        with pytest.raises(InvalidRequest, match="address"):
+            ShardedLedger.open(tmp_path / "books", shards=SHARDS, address=address)  # type: ignore[arg-type]
+    assert not (tmp_path / "books").exists()
