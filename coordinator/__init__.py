@@ -16,7 +16,7 @@ from coordinator._asof import (
     transfers_page,
 )
 from coordinator._holds import unindexed_holds_flat
-from coordinator._audit import CHECKS, AuditReport, audit, state_hash, unopened
+from coordinator._audit import CHECK_FILE, CHECKS, AuditReport, audit, state_hash, unopened
 from coordinator._claims import (
     Ticket,
     check_ids_against_records,
@@ -131,6 +131,7 @@ __all__ = [
     "ACCOUNTS_PER_BLOCK_MAX",
     "CHECKPOINT_RECORDS_INTERVAL",
     "CHECKS",
+    "CHECK_FILE",
     "Checkpointed",
     "Committed",
     "Coordinator",

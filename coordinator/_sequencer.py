@@ -193,8 +193,9 @@ class Sequencer:
         self.index_entries = books.index_entries
         self._deadlines: list[tuple[int, str]] = [(p.deadline, p.id) for p in books.pending.values() if p.deadline]
         heapq.heapify(self._deadlines)
-        self._answered_at = -1
-        """The last time `answered_at` moved `last_timestamp` to (past every stamp then)."""
+        self._journaled_timestamp = books.last_timestamp
+        """The last stamp of a record queued (`_appended`), which a checkpoint holds: `last_timestamp`
+        may be past it (a read's `answered_at`, a stamp whose record was not queued)."""
         self._resolved: dict[str, TransferStatus] = {}
         """Pending transfers resolved by records not yet durable (the index answers for the rest)."""
         self._resolved_at: deque[tuple[int, str]] = deque()
@@ -257,7 +258,7 @@ class Sequencer:
         reads to): every decision from now on is stamped after it, whatever the clock reads
         (it may step back), so the answer never changes."""
         if timestamp > self.last_timestamp:
-            self.last_timestamp = self._answered_at = timestamp
+            self.last_timestamp = timestamp
 
     def timestamp(self, count: int = 1, now: int | None = None) -> int:
         """The timestamp of the next decision, of `count` requests (the i-th gets it + i), from
@@ -734,6 +735,7 @@ class Sequencer:
         Every path that queues a record calls it once it has handed over that record's
         postings (`delivered_lsn`)."""
         self.delivered_lsn = self._journal.last_lsn
+        self._journaled_timestamp = self.last_timestamp
         self._since_checkpoint += records
         durable, indexed = self._journal.durable_lsn, self._journal.indexed_lsn
         self.unindexed.release(indexed)
@@ -786,7 +788,7 @@ class Sequencer:
             behind = (ENTRIES_INDEX, carried, {ENTRIES_INDEX: [INDEXED_TO_KEY, lsn_value(lsn)]})
             if self._indexed_to is not None:
                 index[ENTRIES_INDEX] = [INDEXED_TO_KEY, lsn_value(self._indexed_to)]
-        payload = encode([CHECKPOINT4, self.last_timestamp, self.index_entries + 1, previous, total, sweep_next, rows,
+        payload = encode([CHECKPOINT4, self._journaled_timestamp, self.index_entries + 1, previous, total, sweep_next, rows,
                           pendings])
         try:
             appended = self._journal.append_block([payload], index, [None], behind=behind)  # may time out: nothing changed
@@ -858,8 +860,6 @@ class Sequencer:
         gc.disable()  # millions of new tuples, in no cycle: each collection on the way walks all of them
         try:
             if self._rows_an_open_reads(len(self.accounts)) <= CLOSE_CHECKPOINT_ROWS * len(self.accounts):
-                return None
-            if self.last_timestamp == self._answered_at:  # a read's, not a record's: a checkpoint holds a record's
                 return None
             return self.checkpoint(whole=True)
         finally:

@@ -21,6 +21,7 @@ from typing import Any
 
 from coordinator import (
     AMOUNT_MAX,
+    CHECK_FILE,
     AccountNotFound,
     InvalidRequest,
     JournalCorrupted,
@@ -326,11 +327,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "replay":
         with _progress("replaying", not args.json) as progress:
             report = _tools.replay(args.path, args.into, progress)
-        _emit(args, report, lambda: print(
-            f"replay {report['path']} -> {report['into']}: {report['transfers_replayed']} transfers"
-            f" ({report['rejections_not_replayed']} rejections not replayed) in {report['elapsed_s']} s\n"
-            f"  original {report['state_hash_original']}\n  replayed {report['state_hash_replayed']}\n"
-            f"  verdict: {report['verdict']}"))
+        _emit(args, report, lambda: _render_replay(report))
         return 0 if report["verdict"] == "identical" else 1
     if args.command == "inspect":
         report = _tools.inspect(args.path, args.start, args.limit, args.transfer, args.account)
@@ -437,6 +434,9 @@ def _recover(args: argparse.Namespace) -> int:
         if "would_write_anchor_at" in report:  # the journal is whole: recovering in place mends it
             print(f"  nothing was changed. `tally recover {args.path}` writes the anchor (the journal, as it is,"
                   " becomes the ledger's)")
+        elif report["verdict"] != "whole" and report["checks"].get(CHECK_FILE) is False:
+            print("  the data file is damaged, or is not the one its anchor names: nothing was changed, and nothing"
+                  " here can mend it; restore the ledger from a backup (README.md, \"Damage\")")
         elif report["verdict"] != "whole":
             print(f"  the ledger is not whole: nothing was changed. `tally recover {args.path} --salvage --into NEW`"
                   " copies what precedes the damage.")
@@ -618,6 +618,14 @@ def _render_history(report: dict[str, Any]) -> None:
               f"{made['destination']}  {made['amount']}")
 
 
+def _render_replay(report: dict[str, Any]) -> None:
+    print(f"replay {report['path']} -> {report['into']}: {report['transfers_replayed']} transfers"
+          f" ({report['rejections_not_replayed']} rejections not replayed) in {report['elapsed_s']} s")
+    print(f"  original {report['state_hash_original']}")
+    print(f"  replayed {report['state_hash_replayed']}")
+    print(f"  verdict: {report['verdict']}")
+
+
 def _render_salvage(report: dict[str, Any]) -> None:
     print(f"salvage {report['path']} -> {report['into']}: {report['verdict']}")
     if report["problem"]:
@@ -677,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return 0
     plain = sys.stdout
-    if not getattr(args, "json", False):
+    if args.command in _SHARD_TOOLS and not getattr(args, "json", False):  # (not serve: its log is uvicorn's)
         sys.stdout = _Escaped(plain)  # type: ignore[assignment]
     try:
         return _run(args)
@@ -698,8 +706,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = plain
 
 
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
-"""Control characters, and the invisible and bidirectional marks, that an id may hold."""
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+"""Control characters, line and paragraph separators, and the invisible and bidirectional
+marks, that an id may hold."""
 
 
 class _Escaped:
@@ -711,7 +720,8 @@ class _Escaped:
         self._out = out
 
     def write(self, text: str) -> int:
-        return int(self._out.write(text if text == "\n" else _UNPRINTABLE.sub(_escaped, text)))
+        self._out.write(text if text == "\n" else _UNPRINTABLE.sub(_escaped, text))
+        return len(text)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._out, name)

@@ -82,18 +82,18 @@ class Journal:
     def _check_anchor_digest(self) -> None:
         """The record at the anchor's durable LSN must be the one the anchor saw made durable
         there: the chain's digest at it begins with the anchor's (`journal._anchor`). Raises
-        `JournalCorruptedError` naming that LSN if not."""
+        `JournalCorruptedError` in the data file, naming that LSN in its reason, if not: the
+        file is not the one the anchor names."""
         anchor = self.anchor
         if anchor is None or not anchor.digest or not anchor.durable_lsn:
             return
         found = self.head_at(anchor.durable_lsn).digest[:DIGEST_BYTES]
-        if found != anchor.digest:
+        if found != anchor.digest:  # (no `lsn`: as for another ledger's file, nothing in it is this ledger's to copy)
             raise JournalCorruptedError(
                 f"the record at LSN {anchor.durable_lsn} is not the one this directory's anchor saw made durable "
                 f"there (the chain's digest at it begins {found.hex()}, the anchor's {anchor.digest.hex()}): the "
                 "data file holds another history than the one written here (a copy of this ledger that went on "
-                "elsewhere, copied back?), or it is damaged", lsn=anchor.durable_lsn,
-                where=os.path.join(self.path, DATA_FILE))
+                "elsewhere, copied back?), or it is damaged", where=os.path.join(self.path, DATA_FILE))
 
     def _tail_head(self) -> ChainHead:
         """The durable head, its last link checked (`journal._chain.tail_head`); raises

@@ -542,3 +542,40 @@ def test_a_close_whose_checkpoint_fails_still_closes_the_journal(
     with Ledger.open(ledger_path) as reopened:  # the directory is free; the books as they were
         assert reopened.state_hash() == state_hash
     assert verify(str(ledger_path))["verdict"] == "whole"
+
+
+def test_a_stamp_no_record_carries_never_reaches_a_checkpoint(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch, closing_checkpoints: None
+) -> None:
+    """A decision stamped and not queued (the writer not keeping up), or a time a read answered
+    for, moves the next stamp on, but a checkpoint holds the last stamp a record carries: the
+    audit pairs each checkpoint with the records before it."""
+    from journal import JournalTimeoutError
+    from support import Clock
+
+    monkeypatch.setattr(_sequencer, "CLOSE_CHECKPOINT_ROWS", 0)  # the close writes one, whatever the chain
+    clock = Clock()
+    with Ledger.open(ledger_path, checkpoint_interval=10, clock_ns=clock) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        for n in range(BUSY):
+            ledger.create_account(f"a{n}", currency="USD")
+        ledger.transfer("p", source="bank", destination="a0", amount=5, pending=True, timeout_s=1)
+        for k in range(30):
+            ledger.transfer(f"t{k}", source="bank", destination=f"a{k % BUSY}", amount=1)
+        clock.advance(5)
+        ledger.balance("a0", at_timestamp=clock())  # a read's time, past every stamp
+        journal, real = ledger._journal, ledger._journal.append_block
+
+        def timing_out(*args: object, **kwargs: object) -> int:
+            journal.append_block = real  # type: ignore[method-assign]
+            raise JournalTimeoutError("the journal writer is not keeping up")
+
+        journal.append_block = timing_out  # type: ignore[method-assign]
+        with pytest.raises(LedgerError):
+            ledger.expire_pending()  # stamped, not queued
+    journal = Journal.open_readonly(str(ledger_path), index_names=INDEX_NAMES)
+    last_lsn = journal.last_lsn
+    journal.close()
+    assert checkpoints(ledger_path)[-1][0] == last_lsn  # the close's
+    report = verify(str(ledger_path))
+    assert report["verdict"] == "whole", report["problem"]

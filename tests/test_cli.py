@@ -495,6 +495,11 @@ def test_text_reports_show_control_characters_in_ids_escaped(tmp_path: Path) -> 
     assert code == 0 and report["account"] == painted
 
 
+def test_replays_text_report_is_four_lines(built: Built, tmp_path: Path) -> None:
+    done = tally("replay", built.path, "--into", tmp_path / "copy")
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 4 and "\\n" not in done.stdout, done.stdout
+
+
 def test_a_dry_run_of_a_salvage_is_refused_and_writes_nothing(built: Built, tmp_path: Path) -> None:
     """--dry-run promises no change; a salvage's whole work is writing NEW: refused, not ignored."""
     done = tally("recover", built.path, "--dry-run", "--salvage", "--into", tmp_path / "copy")

@@ -34,6 +34,7 @@ from engine import (
     TransferRequest,
 )
 from journal import ANCHOR_FILE, FORMAT_VERSION, Journal, JournalCorruptedError
+from coordinator import CHECK_FILE
 from journal._seal import SEAL_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -562,10 +563,16 @@ def test_the_data_file_of_a_copy_that_went_on_elsewhere_is_refused_where_the_his
     (path / SEAL_FILE).unlink(missing_ok=True)
     before = {name: digest(path / name) for name in ("data.mdb", ANCHOR_FILE)}
     for readonly in (False, True):
-        with pytest.raises(JournalCorrupted, match="not the one this directory's anchor saw") as caught:
+        with pytest.raises(JournalCorrupted, match=f"the record at LSN {noted.lsn} is not the one this directory's "
+                                                   "anchor saw") as caught:
             Ledger.open(path, readonly=readonly)
-        assert caught.value.lsn == noted.lsn and caught.value.where == str(path / "data.mdb")
-    assert tally("verify", path).returncode == 1
+        assert caught.value.where == str(path / "data.mdb")
+    verified = tally("verify", path, "--json")
+    assert verified.returncode == 1 and json.loads(verified.stdout)["checks"][CHECK_FILE] is False
+    recovered = tally("recover", path)  # nothing in place mends it, and a salvage would mix two histories
+    assert recovered.returncode == 1 and "--salvage" not in recovered.stdout and "backup" in recovered.stdout
+    salvaged = tally("recover", path, "--salvage", "--into", tmp_path / "mixed")
+    assert salvaged.returncode == 1 and "nothing to salvage" in salvaged.stderr, salvaged.stderr
     assert {name: digest(path / name) for name in before} == before
     (path / ANCHOR_FILE).unlink()
     assert tally("recover", path).returncode == 0
