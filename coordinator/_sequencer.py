@@ -194,8 +194,9 @@ class Sequencer:
         self._deadlines: list[tuple[int, str]] = [(p.deadline, p.id) for p in books.pending.values() if p.deadline]
         heapq.heapify(self._deadlines)
         self._journaled_timestamp = books.last_timestamp
-        """The last stamp of a record queued (`_appended`), which a checkpoint holds: `last_timestamp`
-        may be past it (a read's `answered_at`, a stamp whose record was not queued)."""
+        """The last stamp of a record queued (set as each is: `_append`, `_opened`, `expire`),
+        which a checkpoint holds: `last_timestamp` may be past it (a read's `answered_at`, a
+        stamp whose record was not queued)."""
         self._resolved: dict[str, TransferStatus] = {}
         """Pending transfers resolved by records not yet durable (the index answers for the rest)."""
         self._resolved_at: deque[tuple[int, str]] = deque()
@@ -322,6 +323,7 @@ class Sequencer:
         retry would find the ids free and journal them twice)."""
         if self._journal.last_lsn < first:
             return
+        self._journaled_timestamp = self.last_timestamp
         self._holds_from_due = False
         self.index_entries += len(accounts)
         account_lsns, states, known = self.account_lsns, self.states, self.accounts
@@ -665,6 +667,7 @@ class Sequencer:
                 try:
                     appended = self._journal.append_block([encode([EXPIRY3, now, ids])],
                                                           self._marked({TRANSFERS_INDEX: index}, lsn), [None])
+                    self._journaled_timestamp = now
                     assert appended == lsn, (appended, lsn)
                     self._holds_from_due = False
                     for pending_id in ids:
@@ -724,7 +727,10 @@ class Sequencer:
                 self.unindexed.remove(chunk.accounts)
                 if chunk.holds:
                     self.unindexed_holds.remove(chunk.holders)
+            else:
+                self._journaled_timestamp = self.last_timestamp
             raise
+        self._journaled_timestamp = self.last_timestamp
         self._holds_from_due = False
         return appended
 
@@ -735,7 +741,6 @@ class Sequencer:
         Every path that queues a record calls it once it has handed over that record's
         postings (`delivered_lsn`)."""
         self.delivered_lsn = self._journal.last_lsn
-        self._journaled_timestamp = self.last_timestamp
         self._since_checkpoint += records
         durable, indexed = self._journal.durable_lsn, self._journal.indexed_lsn
         self.unindexed.release(indexed)

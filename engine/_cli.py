@@ -435,8 +435,9 @@ def _recover(args: argparse.Namespace) -> int:
             print(f"  nothing was changed. `tally recover {args.path}` writes the anchor (the journal, as it is,"
                   " becomes the ledger's)")
         elif report["verdict"] != "whole" and report["checks"].get(CHECK_FILE) is False:
-            print("  the data file is damaged, or is not the one its anchor names: nothing was changed, and nothing"
-                  " here can mend it; restore the ledger from a backup (README.md, \"Damage\")")
+            print("  the data file is damaged, or is not the one its anchor names: nothing was changed. Restore the"
+                  " ledger from a backup; or, if this file holds the history to keep (a copy that went on elsewhere),"
+                  f" remove {args.path}/tally.anchor and run `tally recover {args.path}` (README.md, \"Damage\")")
         elif report["verdict"] != "whole":
             print(f"  the ledger is not whole: nothing was changed. `tally recover {args.path} --salvage --into NEW`"
                   " copies what precedes the damage.")

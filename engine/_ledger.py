@@ -115,8 +115,14 @@ class Ledger:
         self._closed = False
         self._forked_from: int | None = None
         """Set in a child made by `fork()`: the process that opened this ledger (`_after_fork`)."""
-        _, expired_at = self._coordinator.expire_due()  # what expired while it was closed, before any call sees it
-        journal.wait_durable(expired_at, timeout_s)
+        try:
+            _, expired_at = self._coordinator.expire_due()  # what expired while it was closed, before any call sees it
+            journal.wait_durable(expired_at, timeout_s)
+        except BaseException:  # the open fails (`open` closes the journal): its threads end here
+            self._coordinator.claims.stop()
+            self._directory.stop()
+            self._dispatcher.stop()
+            raise
         self._stopping = threading.Event()
         self._expirer: threading.Thread | None = None
         if clock_ns is None:

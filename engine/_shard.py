@@ -61,6 +61,7 @@ from coordinator import (
     Balance,
     IdempotencyConflict,
     InsufficientFunds,
+    LedgerClosed,
     LedgerError,
     LedgerLocked,
     LedgerTimeout,
@@ -275,7 +276,11 @@ class Doubt:
 
 
 _OPENED_AGAIN = (LedgerTimeout, LedgerLocked, LedgerUnavailable)
-"""What a shard's open raises for a while only: it opens again at the next call (`Shard.ledger`)."""
+"""What a shard's open raises for a while only: it opens again at a later call (`Shard.ledger`)."""
+
+REOPEN_AFTER_S = 0.5
+"""Least time between two opens of a shard's ledger that failed for a while (each is a whole
+open: a full disk would otherwise make every call one)."""
 
 
 class Shard:
@@ -293,15 +298,23 @@ class Shard:
         """Held while an open that timed out is tried again."""
         self._in_flight = _InFlight()
         """Keeps a user's post or void of a pending id apart from a prepare of that id (`_InFlight`)."""
-        self._opened: Ledger | LedgerError = NotALedger(
-            f"{path}: shard {index} of this sharded ledger is missing or empty, though its manifest names it (restore "
-            "it: opening would make it anew, empty)")
-        if os.path.isdir(path) and any(os.scandir(path)):  # a ledger is made only by `create`
-            self._open()
+        self._opened: Ledger | LedgerError = LedgerUnavailable("not opened yet")
+        self._tried_at = 0.0
+        """When the last open that failed for a while was tried (`time.monotonic`)."""
+        self._open()
 
-    def _open(self) -> None:
+    def _open(self, make: bool = False) -> None:
+        """Open the shard's ledger (`make`: make it if missing, for `create` only: a ledger is
+        made only by the open that makes the sharded ledger, never anew by a later one)."""
+        self._tried_at = time.monotonic()
+        path = self._path
+        if not make and not (os.path.isdir(path) and any(os.scandir(path))):
+            self._opened = NotALedger(
+                f"{path}: shard {self.index} of this sharded ledger is missing or empty, though its manifest names "
+                "it (restore it: opening would make it anew, empty)")
+            return
         try:
-            self._opened = Ledger.open(self._path, **self._options)
+            self._opened = Ledger.open(path, **self._options)
         except LedgerError as error:  # kept, so the router can raise it as itself (`failure`)
             self._opened = error
 
@@ -310,11 +323,12 @@ class Shard:
         """The shard's ledger; raises what its open raised if it did not open. An open that
         failed for a while only (`_OPENED_AGAIN`: a slow disk, the expiries it journals not
         durable in time; another process holding the directory as Ray restarted this one) is
-        tried again at the next call: Ray restarts only a process that died, and this one did not."""
+        tried again at a later call (one open each `REOPEN_AFTER_S` at most; calls that waited
+        for one take its outcome): Ray restarts only a process that died, and this one did not."""
         opened = self._opened
-        if isinstance(opened, _OPENED_AGAIN):
+        if isinstance(opened, _OPENED_AGAIN) and time.monotonic() - self._tried_at >= REOPEN_AFTER_S:
             with self._opening:
-                if isinstance(self._opened, _OPENED_AGAIN):
+                if self._opened is opened:  # (else a call waited here while another tried: its outcome stands)
                     self._open()
             opened = self._opened
         if isinstance(opened, LedgerError):
@@ -331,7 +345,7 @@ class Shard:
         shard's ledger if it is missing; `failure()`. One made already (by an open that
         crashed before the manifest) must be empty: else `NotALedger`, not taken over."""
         if not isinstance(self._opened, Ledger):
-            self._open()
+            self._open(make=True)
         elif self._opened.accounts():
             return NotALedger(f"{self._path} holds a ledger with accounts, but its sharded ledger has no manifest: "
                               "not made by an open of this sharded ledger")
@@ -542,8 +556,10 @@ class Shard:
         return doubts
 
     def close(self) -> None:
-        if isinstance(self._opened, Ledger):
-            self._opened.close()
+        with self._opening:  # after an open under way; none after it
+            opened, self._opened = self._opened, LedgerClosed("the shard closed")
+        if isinstance(opened, Ledger):
+            opened.close()
 
     def _currency(self, account_id: str) -> str | None:
         try:

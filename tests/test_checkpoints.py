@@ -579,3 +579,34 @@ def test_a_stamp_no_record_carries_never_reaches_a_checkpoint(
     assert checkpoints(ledger_path)[-1][0] == last_lsn  # the close's
     report = verify(str(ledger_path))
     assert report["verdict"] == "whole", report["problem"]
+
+
+@pytest.mark.parametrize("where", ["transfer", "create_account"])
+def test_a_record_queued_as_an_interrupt_lands_counts_for_the_closing_checkpoints_timestamp(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch, closing_checkpoints: None, where: str
+) -> None:
+    """An interrupt right after a record was queued (its call raises, the record stands): the
+    checkpoint the close writes holds that record's stamp, not the one before it."""
+    from support import interrupt_after
+
+    ledger = Ledger.open(ledger_path, checkpoint_interval=1)
+    try:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        for n in range(20):
+            ledger.create_account(f"a{n}", currency="USD")
+        for n in range(20):
+            ledger.transfer(f"t{n}", source="bank", destination=f"a{n}", amount=1)
+        with pytest.MonkeyPatch.context() as patch:
+            if where == "transfer":
+                interrupt_after(patch, ledger._journal, "append_block")
+                with pytest.raises(KeyboardInterrupt):
+                    ledger.transfer("x", source="bank", destination="a0", amount=1)
+            else:
+                interrupt_after(patch, ledger._journal, "append")
+                with pytest.raises(KeyboardInterrupt):
+                    ledger.create_account("late", currency="USD")
+    finally:
+        ledger.close()
+    assert checkpoints(ledger_path)[-1][1][3] == 0  # the close's, of every account
+    report = verify(str(ledger_path))
+    assert report["verdict"] == "whole", report["problem"]

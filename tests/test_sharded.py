@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -44,6 +45,7 @@ from engine import (
     TransferRequest,
 )
 from engine import _ray as ray_calls
+from engine import _shard as shard_module
 from engine._placement import DESTINATION_KEY, METADATA_DIGEST_KEY, shard_of
 from engine._shard import Shard, _InFlight, metadata_digest, prepare_row
 from engine._wire import outcomes_of, pack, unpack
@@ -737,6 +739,7 @@ def test_a_shard_whose_open_failed_for_a_while_opens_again_at_its_next_call(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(Ledger, "open", slow_once)
+    monkeypatch.setattr(shard_module, "REOPEN_AFTER_S", 0.0)
     shard = Shard(path, 0, {})
     try:
         assert isinstance(shard.failure(), refusal)
@@ -744,6 +747,78 @@ def test_a_shard_whose_open_failed_for_a_while_opens_again_at_its_next_call(
         assert shard.failure() is None and len(opens) == 2
     finally:
         shard.close()
+
+
+def _shard_that_will_expire_at_open(path: str, now: list[int]) -> dict[str, Any]:
+    """A shard's ledger holding a pending transfer due by the next open (which journals its
+    expiry); the options to open it with."""
+    options = {"clock_ns": lambda: now[0], "timeout_s": 2.0}
+    made = Shard(path, 0, options)
+    assert made.create() is None
+    made.ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    made.ledger.create_account("a", currency="USD")
+    made.ledger.transfer("p", source="bank", destination="a", amount=5, pending=True, timeout_s=1)
+    made.close()
+    now[0] += 10 * 10**9
+    return options
+
+
+def _tally_threads() -> int:
+    return sum(thread.name.startswith("tally-") for thread in threading.enumerate())
+
+
+def test_a_shard_whose_disk_is_full_opens_again_at_most_so_often_and_leaves_no_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each open journals the expiries due, which a full disk fails: calls that wait for an
+    open take its outcome, a new open is tried at most each `REOPEN_AFTER_S`, and a failed open
+    leaves none of its threads behind."""
+    from journal._writer import Writer
+
+    now = [1_700_000_000 * 10**9]
+    path = str(tmp_path / "shard-0")
+    options = _shard_that_will_expire_at_open(path, now)
+    monkeypatch.setattr(Writer, "_stage", lambda self, *args: (_ for _ in ()).throw(OSError(28, "No space left")))
+    real, opens = Ledger.open, []
+
+    def counted(*args: Any, **kwargs: Any) -> Ledger:
+        opens.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(Ledger, "open", counted)
+    threads = _tally_threads()
+    shard = Shard(path, 0, options)
+    assert isinstance(shard.failure(), LedgerUnavailable) and len(opens) == 1
+    callers = [threading.Thread(target=shard.call, args=("balance", ("a",), {})) for _ in range(8)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(30)
+    assert len(opens) == 1  # within REOPEN_AFTER_S of the first: none again
+    shard._tried_at -= shard_module.REOPEN_AFTER_S
+    assert shard.call("balance", ("a",), {})[0] is False and len(opens) == 2
+    assert _tally_threads() == threads  # the two failed opens' dispatchers, directory and claims: stopped
+    shard.close()
+
+
+def test_a_shard_whose_directory_went_is_never_made_anew_by_a_later_open(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the open that makes the sharded ledger makes a shard's ledger: one whose directory
+    is gone when its open is tried again is `NotALedger`, not a new, empty ledger."""
+    path = str(tmp_path / "shard-0")
+    made = Shard(path, 0, {})
+    assert made.create() is None
+    made.ledger.create_account("a", currency="USD")
+    made.close()
+    monkeypatch.setattr(shard_module, "REOPEN_AFTER_S", 0.0)
+    holder = Ledger.open(path)  # another process's, as Ray restarted this one
+    shard = Shard(path, 0, {})
+    assert isinstance(shard.failure(), LedgerLocked)
+    holder.close()
+    shutil.rmtree(path)
+    with pytest.raises(NotALedger, match="missing or empty"):
+        shard.find(["a"])
+    assert not os.path.exists(path)
+    shard.close()
 
 
 def test_a_shard_that_cannot_say_whether_an_account_is_there_raises_rather_than_say_no(
