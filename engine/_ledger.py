@@ -105,23 +105,21 @@ class Ledger:
                                     unindexed_holds=books.unindexed_holds,
                                     since_checkpoint=books.records, clock=clock_ns or time.time_ns)
         self._dispatcher = Dispatcher(dispatcher_threads)
-        self._directory = Directory(self._sequencer, self._dispatcher, actors_live_max)
-        self._coordinator = Coordinator(journal, self._sequencer, self._directory, inflight_max)
-        self._history = History(journal, lambda: journal.durable_lsn, self._sequencer.unindexed.rows,
-                                self._sequencer.unindexed_holds.rows, self._now, self._settled_end)
-        self._state = threading.Condition()
-        self._calls: deque[None] = deque()
-        """One item per call under way: appends and pops are atomic, so calls take no lock."""
-        self._closed = False
-        self._forked_from: int | None = None
-        """Set in a child made by `fork()`: the process that opened this ledger (`_after_fork`)."""
         try:
+            self._directory = Directory(self._sequencer, self._dispatcher, actors_live_max)
+            self._coordinator = Coordinator(journal, self._sequencer, self._directory, inflight_max)
+            self._history = History(journal, lambda: journal.durable_lsn, self._sequencer.unindexed.rows,
+                                    self._sequencer.unindexed_holds.rows, self._now, self._settled_end)
+            self._state = threading.Condition()
+            self._calls: deque[None] = deque()
+            """One item per call under way: appends and pops are atomic, so calls take no lock."""
+            self._closed = False
+            self._forked_from: int | None = None
+            """Set in a child made by `fork()`: the process that opened this ledger (`_after_fork`)."""
             _, expired_at = self._coordinator.expire_due()  # what expired while it was closed, before any call sees it
             journal.wait_durable(expired_at, timeout_s)
         except BaseException:  # the open fails (`open` closes the journal): its threads end here
-            self._coordinator.claims.stop()
-            self._directory.stop()
-            self._dispatcher.stop()
+            self._stop_workers()
             raise
         self._stopping = threading.Event()
         self._expirer: threading.Thread | None = None
@@ -683,9 +681,7 @@ class Ledger:
         self._stopping.set()
         if self._expirer is not None:
             self._expirer.join(timeout=self.timeout_s)
-        self._coordinator.claims.stop()
-        self._directory.stop()
-        self._dispatcher.stop()
+        self._stop_workers()
         try:
             self._checkpoint_on_close()
         finally:  # an interrupt in it too: the journal still closes, the directory is let go
@@ -696,6 +692,14 @@ class Ledger:
                 drained = True
             finally:
                 self._coordinator.close(drained)
+
+    def _stop_workers(self) -> None:
+        """Stop the threads that run calls (those made so far, for an open that fails)."""
+        if hasattr(self, "_coordinator"):
+            self._coordinator.claims.stop()
+        if hasattr(self, "_directory"):
+            self._directory.stop()
+        self._dispatcher.stop()
 
     def _checkpoint_on_close(self) -> None:
         """Journal a checkpoint of every account if the next open would otherwise read many

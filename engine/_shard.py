@@ -300,31 +300,37 @@ class Shard:
         """Keeps a user's post or void of a pending id apart from a prepare of that id (`_InFlight`)."""
         self._opened: Ledger | LedgerError = LedgerUnavailable("not opened yet")
         self._tried_at = 0.0
-        """When the last open that failed for a while was tried (`time.monotonic`)."""
+        """When the last open that failed ended (`time.monotonic`): the next is tried
+        `REOPEN_AFTER_S` after it, but the first (Ray restarted this process; the calls it
+        retries come now, and the directory may be free by then)."""
         self._open()
+        self._tried_at = 0.0
 
     def _open(self, make: bool = False) -> None:
         """Open the shard's ledger (`make`: make it if missing, for `create` only: a ledger is
         made only by the open that makes the sharded ledger, never anew by a later one)."""
-        self._tried_at = time.monotonic()
         path = self._path
-        if not make and not (os.path.isdir(path) and any(os.scandir(path))):
-            self._opened = NotALedger(
-                f"{path}: shard {self.index} of this sharded ledger is missing or empty, though its manifest names "
-                "it (restore it: opening would make it anew, empty)")
-            return
         try:
-            self._opened = Ledger.open(path, **self._options)
+            if not make and not (os.path.isdir(path) and any(os.scandir(path))):
+                self._opened = NotALedger(
+                    f"{path}: shard {self.index} of this sharded ledger is missing or empty, though its manifest "
+                    "names it (restore it: opening would make it anew, empty)")
+            else:
+                self._opened = Ledger.open(path, **self._options)
         except LedgerError as error:  # kept, so the router can raise it as itself (`failure`)
             self._opened = error
+        except OSError as error:  # the directory cannot be read
+            self._opened = LedgerUnavailable(f"{path}: shard {self.index}'s directory cannot be read: {error}")
+        self._tried_at = time.monotonic()
 
     @property
     def ledger(self) -> Ledger:
         """The shard's ledger; raises what its open raised if it did not open. An open that
         failed for a while only (`_OPENED_AGAIN`: a slow disk, the expiries it journals not
         durable in time; another process holding the directory as Ray restarted this one) is
-        tried again at a later call (one open each `REOPEN_AFTER_S` at most; calls that waited
-        for one take its outcome): Ray restarts only a process that died, and this one did not."""
+        tried again at a later call (at once the first time, then `REOPEN_AFTER_S` after the
+        last ended; calls that waited for one take its outcome): Ray restarts only a process
+        that died, and this one did not."""
         opened = self._opened
         if isinstance(opened, _OPENED_AGAIN) and time.monotonic() - self._tried_at >= REOPEN_AFTER_S:
             with self._opening:
@@ -344,6 +350,8 @@ class Shard:
         """For the open that makes the sharded ledger (it has no manifest yet): make this
         shard's ledger if it is missing; `failure()`. One made already (by an open that
         crashed before the manifest) must be empty: else `NotALedger`, not taken over."""
+        if isinstance(self._opened, LedgerClosed):
+            return self._opened
         if not isinstance(self._opened, Ledger):
             self._open(make=True)
         elif self._opened.accounts():

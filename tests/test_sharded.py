@@ -739,7 +739,6 @@ def test_a_shard_whose_open_failed_for_a_while_opens_again_at_its_next_call(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(Ledger, "open", slow_once)
-    monkeypatch.setattr(shard_module, "REOPEN_AFTER_S", 0.0)
     shard = Shard(path, 0, {})
     try:
         assert isinstance(shard.failure(), refusal)
@@ -769,9 +768,9 @@ def _tally_threads() -> int:
 
 def test_a_shard_whose_disk_is_full_opens_again_at_most_so_often_and_leaves_no_thread(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each open journals the expiries due, which a full disk fails: calls that wait for an
-    open take its outcome, a new open is tried at most each `REOPEN_AFTER_S`, and a failed open
-    leaves none of its threads behind."""
+    """Each open journals the expiries due, which a full disk fails: the first call after the
+    restart opens again, calls that wait for an open take its outcome, a later open is tried
+    `REOPEN_AFTER_S` after the last failed, and a failed open leaves none of its threads behind."""
     from journal._writer import Writer
 
     now = [1_700_000_000 * 10**9]
@@ -793,9 +792,10 @@ def test_a_shard_whose_disk_is_full_opens_again_at_most_so_often_and_leaves_no_t
         caller.start()
     for caller in callers:
         caller.join(30)
-    assert len(opens) == 1  # within REOPEN_AFTER_S of the first: none again
+    assert len(opens) == 2  # the first call after the restart opens again; the others take its outcome
+    assert shard.call("balance", ("a",), {})[0] is False and len(opens) == 2  # within REOPEN_AFTER_S of it
     shard._tried_at -= shard_module.REOPEN_AFTER_S
-    assert shard.call("balance", ("a",), {})[0] is False and len(opens) == 2
+    assert shard.call("balance", ("a",), {})[0] is False and len(opens) == 3
     assert _tally_threads() == threads  # the two failed opens' dispatchers, directory and claims: stopped
     shard.close()
 
@@ -809,7 +809,6 @@ def test_a_shard_whose_directory_went_is_never_made_anew_by_a_later_open(
     assert made.create() is None
     made.ledger.create_account("a", currency="USD")
     made.close()
-    monkeypatch.setattr(shard_module, "REOPEN_AFTER_S", 0.0)
     holder = Ledger.open(path)  # another process's, as Ray restarted this one
     shard = Shard(path, 0, {})
     assert isinstance(shard.failure(), LedgerLocked)
@@ -819,6 +818,61 @@ def test_a_shard_whose_directory_went_is_never_made_anew_by_a_later_open(
         shard.find(["a"])
     assert not os.path.exists(path)
     shard.close()
+
+
+class _AskedLock:
+    """A lock that tells when a thread other than its first asks for it (`asked`)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.asked = threading.Event()
+        self.first: threading.Thread | None = None
+
+    def __enter__(self) -> bool:
+        if self.first is None:
+            self.first = threading.current_thread()
+        elif threading.current_thread() is not self.first:
+            self.asked.set()
+        return self.lock.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.lock.release()
+
+
+def test_a_call_that_comes_while_a_shard_opens_again_takes_that_opens_outcome(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused once (its directory held as Ray restarted it), the shard opens again at the
+    next call; another call meanwhile waits for that open, and is answered by the ledger."""
+    path = str(tmp_path / "shard-0")
+    made = Shard(path, 0, {})
+    assert made.create() is None
+    made.ledger.create_account("a", currency="USD")
+    made.close()
+    real, opening, release = Ledger.open, threading.Event(), threading.Event()
+
+    def held_once(*args: Any, **kwargs: Any) -> Ledger:
+        if not opening.is_set():
+            opening.set()
+            raise LedgerLocked(f"{path} is open in another live process")
+        assert release.wait(30)  # the open under way (recovering)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(Ledger, "open", held_once)
+    shard = Shard(path, 0, {})
+    shard._opening = _AskedLock()  # type: ignore[assignment]
+    answers: list[tuple[bool, Any]] = []
+    first = threading.Thread(target=lambda: answers.append(shard.call("balance", ("a",), {})))
+    first.start()
+    second = threading.Thread(target=lambda: answers.append(shard.call("balance", ("a",), {})))
+    second.start()
+    shard._opening.asked.wait(10)  # type: ignore[attr-defined]  # (bounded: a call that does not wait never asks)
+    release.set()
+    first.join(30)
+    second.join(30)
+    try:
+        assert [ok for ok, _ in answers] == [True, True], answers
+    finally:
+        shard.close()
 
 
 def test_a_shard_that_cannot_say_whether_an_account_is_there_raises_rather_than_say_no(
