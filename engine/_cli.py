@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -675,8 +676,9 @@ def _shards_hint(args: argparse.Namespace, error: LedgerError, argv: list[str]) 
     command = [os.path.join(path, f"shard-{shard}") if word == path else word for word in argv]
     which = ("the shard its id places it on; one made with placement=KEY lives on the key's" if account is not None
              else f"each of shard-0 to shard-{shards - 1} in turn")
+    shown_command = _UNPRINTABLE.sub(_escaped, shlex.join(command))  # (the words as a shell reads them)
     return (f"; it is a sharded ledger of {shards} shards, each an ordinary ledger: give a shard's directory "
-            f"({which}), e.g. `tally {' '.join(command)}`")
+            f"({which}), e.g. `tally {shown_command}`")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import select
 import subprocess
 import sys
@@ -693,6 +694,20 @@ def test_a_tool_given_a_sharded_ledgers_directory_names_the_command_for_a_shard(
         + f"), e.g. `tally {suggestion}`"]
     again = tally(*suggestion.split())
     assert again.returncode == 0, again.stderr
+
+
+def test_the_command_suggested_for_a_shard_quotes_the_id_and_escapes_what_it_cannot_show(
+        sharded_root: tuple[Path, str, int]) -> None:
+    """An id with a space is one word of the command suggested; one with an escape sequence
+    does not reach the terminal."""
+    from engine._placement import shard_of
+
+    root, _, _ = sharded_root
+    for account in ("my account", "red\x1b[31m"):
+        done = tally("balance", root, account)
+        assert done.returncode == 2 and "\x1b" not in done.stderr, done.stderr
+        shown = shlex.quote(account).replace("\x1b", "\\x1b")
+        assert f"`tally balance {root / f'shard-{shard_of(account, 3)}'} {shown}`" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("command", [["serve"], ["stress", "--path"]])
