@@ -727,10 +727,10 @@ class Sequencer:
                 self.unindexed.remove(chunk.accounts)
                 if chunk.holds:
                     self.unindexed_holds.remove(chunk.holders)
-            else:
-                self._journaled_timestamp = self.last_timestamp
             raise
-        self._journaled_timestamp = self.last_timestamp
+        finally:
+            if self._journal.last_lsn >= last_lsn:  # queued (also if an interrupt came out after)
+                self._journaled_timestamp = self.last_timestamp
         self._holds_from_due = False
         return appended
 

@@ -295,16 +295,15 @@ class Shard:
         self._netting = threading.Lock()
         """Held while a pair of clearing accounts is netted: one netting at a time reads their balances."""
         self._opening = threading.Lock()
-        """Held while an open that timed out is tried again."""
+        """Held while an open is tried again (`ledger`), and by `close`."""
         self._in_flight = _InFlight()
         """Keeps a user's post or void of a pending id apart from a prepare of that id (`_InFlight`)."""
         self._opened: Ledger | LedgerError = LedgerUnavailable("not opened yet")
         self._tried_at = 0.0
-        """When the last open that failed ended (`time.monotonic`): the next is tried
-        `REOPEN_AFTER_S` after it, but the first (Ray restarted this process; the calls it
-        retries come now, and the directory may be free by then)."""
+        """When the last open tried again by a call ended (`time.monotonic`): the next is tried
+        `REOPEN_AFTER_S` after it. The first is tried at once (Ray restarted this process; the
+        calls it retries come now, and the directory may be free by then)."""
         self._open()
-        self._tried_at = 0.0
 
     def _open(self, make: bool = False) -> None:
         """Open the shard's ledger (`make`: make it if missing, for `create` only: a ledger is
@@ -321,7 +320,6 @@ class Shard:
             self._opened = error
         except OSError as error:  # the directory cannot be read
             self._opened = LedgerUnavailable(f"{path}: shard {self.index}'s directory cannot be read: {error}")
-        self._tried_at = time.monotonic()
 
     @property
     def ledger(self) -> Ledger:
@@ -336,6 +334,7 @@ class Shard:
             with self._opening:
                 if self._opened is opened:  # (else a call waited here while another tried: its outcome stands)
                     self._open()
+                    self._tried_at = time.monotonic()
             opened = self._opened
         if isinstance(opened, LedgerError):
             raise opened

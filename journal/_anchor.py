@@ -102,9 +102,7 @@ def read_anchor(directory: str) -> AnchorState | None:
         data = read_small_file(path, 2 * SLOT_BYTES + 1)
     except FileNotFoundError:
         return None
-    except IsADirectoryError as error:
-        raise JournalCorruptedError("the anchor is a directory, not a file", where=path) from error
-    except JournalCorruptedError as error:
+    except JournalCorruptedError as error:  # a directory, a FIFO, a device
         raise JournalCorruptedError("the anchor is not a regular file", where=path) from error
     except OSError as error:
         raise os_read_error(error, path) from error
