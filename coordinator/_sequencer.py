@@ -731,7 +731,7 @@ class Sequencer:
         finally:
             if self._journal.last_lsn >= last_lsn:  # queued (also if an interrupt came out after)
                 self._journaled_timestamp = self.last_timestamp
-        self._holds_from_due = False
+                self._holds_from_due = False  # (the mark went with it)
         return appended
 
     def _appended(self, records: int = 1) -> None:

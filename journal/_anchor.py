@@ -85,9 +85,11 @@ def read_small_file(path: str, limit: int) -> bytes:
     """At most `limit` bytes of the regular file at `path`. Anything else there (a FIFO, a
     device, a directory: what no open should block on, nor read without end) is
     `JournalCorruptedError`; a missing file `FileNotFoundError`; other errors `OSError`."""
+    if not stat.S_ISREG(os.stat(path).st_mode):  # before opening it: opening some devices acts on them
+        raise JournalCorruptedError("it is not a regular file", where=path)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # (replaced since)
             raise JournalCorruptedError("it is not a regular file", where=path)
         return os.read(fd, limit)
     finally:

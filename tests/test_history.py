@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from coordinator import INDEX_NAMES
 from coordinator._audit import CHECK_INDEXES
+from coordinator._holds import holds_from
 from coordinator._records import ENTRIES_INDEX, HOLDS_FROM_KEY, encode_holds, holds_key, is_hold_key
 from engine import (
     Account,
@@ -406,6 +408,36 @@ def test_a_ledger_from_before_hold_rows_reads_its_past_from_its_records(tmp_path
         assert ledger.balance("a", at_lsn=made.lsn).pending == ledger.balance("a").pending
         old = [t.id for page in _paged(ledger, 5, account="b") for t in page]
         assert old == [t.id for t in _all(ledger, walk) if "b" in (t.source, t.destination)] + ["after"]
+
+
+def test_an_interrupt_after_the_first_block_is_queued_marks_hold_rows_from_that_block(
+        tmp_path: Path, raw_lmdb: Callable, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ledger from before hold rows marks where they start on the first block it appends.
+    An interrupt right after that block is queued (its call raises, the block stands) must
+    not leave the mark due: the next block would move it past rows already written."""
+    from tests.support import interrupt_after
+
+    walk = walk_ledger(tmp_path / "ledger", steps=40, seed=3)
+    with raw_lmdb(walk.path) as env, env.begin(write=True) as txn:  # as a release before hold rows left it
+        entries = env.open_db(ENTRIES_INDEX.encode(), txn=txn, create=False)
+        for key in [bytes(key) for key in txn.cursor(db=entries).iternext(values=False) if is_hold_key(key)]:
+            assert txn.delete(key, db=entries)
+    with Ledger.open(walk.path, clock_ns=walk.clock) as ledger:
+        with pytest.MonkeyPatch.context() as patch:
+            interrupt_after(patch, ledger._journal, "append_block")
+            with pytest.raises(KeyboardInterrupt):
+                ledger.transfer("first", source="a", destination="b", amount=1, pending=True)
+        first = ledger.transfer("first", source="a", destination="b", amount=1, pending=True)  # (the retry)
+        later = ledger.transfer("later", source="b", destination="c", amount=1, pending=True)
+        assert later.lsn > first.lsn
+        assert ledger.balance("a", at_lsn=first.lsn).pending == ledger.balance("a").pending
+    journal = Journal.open_readonly(walk.path, index_names=INDEX_NAMES)
+    try:
+        with journal.snapshot() as txn:
+            assert holds_from(journal, txn) == first.lsn
+    finally:
+        journal.close()
+    assert audit_of(walk.path).problem is None
 
 
 # --- damaged hold rows ---------------------------------------------------------------------------

@@ -612,6 +612,27 @@ def test_an_anchor_that_is_a_fifo_is_damage_not_a_hang(tmp_path: Path, readonly:
     assert caught.value.where == str(path / ANCHOR_FILE)
 
 
+def test_an_anchor_that_is_a_device_is_damage_and_never_opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening some devices acts on them (a tape rewinds): one in the anchor's place is damage,
+    named, found without opening it."""
+    path = tmp_path / "ledger"
+    build(path)
+    (path / ANCHOR_FILE).unlink()
+    (path / ANCHOR_FILE).symlink_to("/dev/null")
+    opened: list[str] = []
+    real = os.open
+
+    def recording(file: str, *args: object, **kwargs: object) -> int:
+        opened.append(os.fspath(file))
+        return real(file, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", recording)
+    with pytest.raises(JournalCorrupted, match="the anchor is not a regular file") as caught:
+        Ledger.open(path)
+    assert caught.value.where == str(path / ANCHOR_FILE)
+    assert str(path / ANCHOR_FILE) not in opened
+
+
 def test_opening_takes_the_size_of_a_map_another_process_grew_while_it_checked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
