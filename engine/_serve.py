@@ -17,8 +17,10 @@ sent only once its outcome is durable.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import ipaddress
+import logging
 import signal
 import socket
 import sys
@@ -36,12 +38,17 @@ if TYPE_CHECKING:
 BODY_BYTES_MAX = 1 << 20
 """The largest request body, 1 MiB (413 `body_too_large` above it): a linked chain of 1,000
 legs with 128-character ids, a reference and a little metadata each fits."""
+STALLED_S = 2.0
+"""Once stopping, how long the bytes a connection holds for its client may stay unread (not
+one taken) before the connection is closed: its client stopped reading."""
 GRACEFUL_SHUTDOWN_S = 35
 """Longest wait, once stopping, for the requests under way (a write waits at most the ledger's
 `timeout_s`, 30 s by default); then they are cancelled and the ledger closes."""
 BACKLOG = 2048
 """Connections the listening socket queues before they are accepted."""
 SERVE_EXTRA = "pip install 'tally-ledger[serve]'"
+
+logger = logging.getLogger("tally.serve")
 
 
 class ServeExtraMissing(ImportError):
@@ -147,11 +154,21 @@ def serve(path: str, *, host: str, port: int, token_file: str | None, insecure: 
     ready = f"tally serve: serving {path} on http://{shown}:{bound[1]} (docs at /docs; SIGTERM or Ctrl-C stops it)"
 
     class Server(uvicorn.Server):
+        closing_stalled: asyncio.Task[None] | None = None
+
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             super().handle_exit(sig, frame)
             loop = getattr(app.state, "loop", None)
             if loop is not None and getattr(app.state, "stopping", None) is not None:
                 loop.call_soon_threadsafe(stop_serving, app)  # the event streams end, so the drain can
+                loop.call_soon_threadsafe(self.close_stalled)
+
+        def close_stalled(self) -> None:
+            """Once stopping, close each connection whose client stopped reading (an event
+            stream's, say): uvicorn would wait until its graceful shutdown gave up for the
+            bytes it holds to drain, or for a send it blocks to end."""
+            if self.closing_stalled is None:
+                self.closing_stalled = asyncio.ensure_future(_close_stalled(self.server_state.connections))
 
     def on_ready() -> None:
         gc.freeze()  # the ledger's accounts, just loaded, stay out of every full collection (README, AsyncLedger)
@@ -182,6 +199,33 @@ def serve(path: str, *, host: str, port: int, token_file: str | None, insecure: 
     if failure is not None:
         raise failure
     return 0
+
+
+async def _close_stalled(connections: set[Any]) -> None:
+    """Until no connection is left: abort each whose unread bytes (what its transport holds
+    once the socket's own buffers are full) have not moved for `STALLED_S`."""
+    loop = asyncio.get_running_loop()
+    held: dict[Any, tuple[int, float]] = {}
+    while connections:
+        now = loop.time()
+        for connection in list(connections):
+            transport = getattr(connection, "transport", None)
+            if transport is None:
+                continue
+            unread = transport.get_write_buffer_size()
+            before = held.get(connection)
+            if not unread or before is None or before[0] != unread:
+                held[connection] = (unread, now)
+            elif now - before[1] >= STALLED_S:
+                logger.warning("closing the connection to %s as the server stops: its client stopped reading",
+                               _shown_client(getattr(connection, "client", None)))
+                transport.abort()
+                del held[connection]
+        await asyncio.sleep(STALLED_S / 4)
+
+
+def _shown_client(client: Any) -> str:
+    return f"{client[0]}:{client[1]}" if isinstance(client, tuple) and len(client) == 2 else "a client"
 
 
 def _announcing(app: FastAPI, on_ready: Callable[[], None]) -> Callable[[Scope, Receive, Send], Any]:

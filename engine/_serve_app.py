@@ -121,6 +121,10 @@ class Guard:
             await _send_error(send, "invalid_request", "the path is not UTF-8 once percent-decoded: an id in it "
                                                        "would be read as another")
             return
+        if not _utf8(scope.get("query_string", b"")):
+            await _send_error(send, "invalid_request", "the query is not UTF-8 once percent-decoded: an id in it "
+                                                       "would be read as another")
+            return
         length = headers.get(b"content-length", b"0")  # a malformed one never gets here: the HTTP parser refuses it
         if length.isdigit() and int(length) > self.body_bytes_max:
             await _send_error(send, "body_too_large", str(_BodyTooLarge(self.body_bytes_max).detail))
@@ -191,8 +195,13 @@ def _utf8_path(scope: Scope) -> bool:
     raw: bytes | None = scope.get("raw_path")
     if raw is None:  # a server that does not say: the decoded path is all there is
         return True
+    return _utf8(raw.split(b"?", 1)[0])
+
+
+def _utf8(raw: bytes) -> bool:
+    """Whether `raw` (a path or a query), percent-decoded, is UTF-8."""
     try:
-        unquote_to_bytes(raw.split(b"?", 1)[0]).decode("utf-8")
+        unquote_to_bytes(raw).decode("utf-8")
     except UnicodeDecodeError:
         return False
     return True
@@ -285,7 +294,7 @@ def _problem(found: Mapping[str, Any]) -> str:
         return f"the body is not valid JSON: {found.get('ctx', {}).get('error', 'decode error')}"
     if found.get("type") == "missing" and where == "body":
         return "a JSON body is required (with Content-Type: application/json)"
-    if found.get("type") in ("model_type", "dict_type") and where == "body":
+    if found.get("type") in ("model_type", "dict_type", "model_attributes_type") and where == "body":
         return "the body must be a JSON object, sent with Content-Type: application/json"
     return f"{where}: {found.get('msg', 'invalid')}"
 
@@ -297,8 +306,10 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 413: "body_too_large",
             503: "ledger_closed"}.get(error.status_code, "invalid_request")
-    message = {"not_found": f"no route {request.method} {request.url.path}",
-               "method_not_allowed": f"{request.url.path} does not take {request.method}"}.get(code, str(error.detail))
+    raw: bytes | None = request.scope.get("raw_path")  # as sent: /transfers/p%2Fpost is not /transfers/p/post
+    path = request.url.path if raw is None else raw.split(b"?", 1)[0].decode("ascii", "replace")
+    message = {"not_found": f"no route {request.method} {path}",
+               "method_not_allowed": f"{path} does not take {request.method}"}.get(code, str(error.detail))
     return JSONResponse(error_body(code, message), status_of(code), headers=error.headers)
 
 

@@ -16,13 +16,16 @@ process (`KeyLocks`), so two concurrent requests of a key are an original and a 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote_to_bytes
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 
 from engine import (
     Account,
@@ -61,7 +64,66 @@ KeyHeader = Annotated[str | None, Header(
     alias="Idempotency-Key",
     description="The id of what this writes (required); the same key and body again replays the answer.")]
 
-router = APIRouter()
+
+
+async def _known_queries(request: Request) -> None:
+    """Every query parameter is one the route takes, given once: a misspelt filter
+    (`?acount=`) would otherwise be ignored, and the answer read as filtered when it is not."""
+    route = request.scope.get("route")
+    known = _query_names(route.dependant) if isinstance(route, APIRoute) else set()
+    given = [name for name, _ in request.query_params.multi_items()]
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise InvalidRequest(f"unknown query parameter(s) {', '.join(map(repr, unknown))}: "
+                             + (f"this route takes {', '.join(sorted(known))}" if known else "this route takes none"))
+    repeated = sorted({name for name in given if given.count(name) > 1})
+    if repeated:
+        raise InvalidRequest(f"query parameter(s) {', '.join(map(repr, repeated))} given more than once: give each once")
+
+
+def _query_names(dependant: Any) -> set[str]:
+    """The query parameters a route's `Dependant` (and its dependencies') declares."""
+    names = {field.alias for field in dependant.query_params}
+    for dependency in dependant.dependencies:
+        names |= _query_names(dependency)
+    return names
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's members as a dict, refusing a key given twice (a proxy or a log that
+    reads the first of two `amount`s would record another amount than the ledger moved)."""
+    members = dict(pairs)
+    if len(members) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise json.JSONDecodeError(f"the key {name!r} is given more than once in an object", "", 0)
+            seen.add(name)
+    return members
+
+
+class _StrictBody(Request):
+    """A request whose JSON body may not give a key twice (`_unique_keys`)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), object_pairs_hook=_unique_keys)
+        return self._json
+
+
+class _StrictRoute(APIRoute):
+    """A route that reads its body as `_StrictBody`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(_StrictBody(request.scope, request.receive))
+
+        return strict
+
+
+router = APIRouter(route_class=_StrictRoute, dependencies=[Depends(_known_queries)])
 
 
 class KeyLocks:
@@ -237,6 +299,8 @@ async def post_pending(request: Request, pending_id: str, body: PostBody | None 
                        idempotency_key: KeyHeader = None) -> Response:
     """Post `amount` (absent: all) of the pending transfer; the Idempotency-Key is the post's
     own transfer id. The body may be empty."""
+    if not _spelled_out(request, "post"):  # POST /transfers/p%2Fpost: the transfer "p/post", which takes no POST
+        raise HTTPException(405)
     ledger = _ledger(request)
     body = body or PostBody()
     key = _key(request, idempotency_key, body.id)
@@ -251,6 +315,8 @@ async def void_pending(request: Request, pending_id: str, body: VoidBody | None 
                        idempotency_key: KeyHeader = None) -> Response:
     """Release the whole hold of the pending transfer; the Idempotency-Key is the void's own
     transfer id. The body may be empty."""
+    if not _spelled_out(request, "void"):  # as for a post
+        raise HTTPException(405)
     ledger = _ledger(request)
     body = body or VoidBody()
     key = _key(request, idempotency_key, body.id)

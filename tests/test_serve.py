@@ -447,6 +447,9 @@ MALFORMED: list[tuple[str, str | bytes, dict[str, str]]] = [
      {"Content-Type": "application/x-www-form-urlencoded"}),
     ("no content type", '{"source": "s", "destination": "d", "amount": 1}', {"Content-Type": ""}),
     ("deep nesting", "[" * 10_000 + "]" * 10_000, {}),
+    ("a key given twice", '{"source": "s", "destination": "d", "amount": 1, "amount": 2}', {}),
+    ("a key given twice in metadata", '{"source": "s", "destination": "d", "amount": 1, "metadata": {"a": "1", '
+                                      '"a": "2"}}', {}),
 ]
 
 
@@ -621,6 +624,50 @@ def test_once_stopping_a_body_sent_in_pieces_gets_the_stops_bound_on_every_later
         return asyncio.get_running_loop().time() - started
 
     assert asyncio.run(run()) < 5  # the stop's 0.2 s, not the body's 30
+
+
+def test_a_body_sent_as_text_is_told_the_content_type(client: httpx.Client) -> None:
+    answer = client.post("/transfers", content='{"source": "s", "destination": "d", "amount": 1}',
+                         headers={"Idempotency-Key": fresh("text"), "Content-Type": "text/plain"})
+    assert answer.status_code == 400, answer.text
+    assert "Content-Type: application/json" in answer.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("route", ["post", "void"])
+def test_a_post_to_a_transfer_whose_id_ends_in_a_routes_name_moves_nothing(client: httpx.Client, route: str) -> None:
+    """`POST /transfers/p%2Fpost` is a POST to the transfer "p/post", which takes none: not
+    the post of the pending transfer "p" (the routes match the decoded path)."""
+    bank, alice = funded(client, 100)
+    pending = fresh("p")
+    assert write(client, "/transfers", pending, {"source": alice, "destination": bank, "amount": 40,
+                                                 "pending": True}).status_code == 201
+    key = fresh("k")
+    answer = write(client, f"/transfers/{pending}%2F{route}", key)
+    assert answer.status_code == 405, answer.text
+    assert error_of(answer)["code"] == "method_not_allowed"
+    assert f"/transfers/{pending}%2F{route}" in str(error_of(answer)["message"])  # the path as sent
+    assert client.get(f"/transfers/{pending}").json()["status"] == "pending"
+    assert client.get(f"/transfers/{key}").status_code == 404
+    assert client.get(f"/accounts/{alice}/balance").json()["pending"] == 40
+
+
+@pytest.mark.parametrize("query", ["acount=x", "account=a&account=b", "limit=5&limit=6", "after=1"])
+def test_an_unknown_or_repeated_query_parameter_is_400(client: httpx.Client, query: str) -> None:
+    """A misspelt filter would be ignored, and the answer read as filtered when it is not."""
+    bank, alice = funded(client, 10)
+    answer = client.get(f"/transfers?{query}")
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["code"] == "invalid_request"
+    assert client.get(f"/accounts/{alice}/entries?after=0&limit=5").status_code == 200  # the routes' own: fine
+    assert client.get(f"/accounts/{alice}/balance?limit=5").status_code == 400
+
+
+def test_a_query_that_is_not_utf8_once_decoded_is_refused_not_read_as_another_id(client: httpx.Client) -> None:
+    made = client.post("/accounts", headers=[("Idempotency-Key", "�".encode())], json={"currency": "USD"})
+    assert made.status_code == 201, made.text  # the id the query would be read as
+    answer = client.get("/transfers?account=%FF")
+    assert answer.status_code == 400, answer.text
+    assert "not UTF-8" in answer.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(("method", "path"), [("GET", "/accounts/%FF"), ("GET", "/accounts/%C0%80/balance"),

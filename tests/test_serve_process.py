@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from dataclasses import fields
 from collections.abc import Awaitable, Callable
@@ -316,6 +317,57 @@ def test_sigterm_answers_a_request_still_waiting_for_its_body_at_once(tmp_path: 
     assert json.loads(body)["error"]["code"] == "ledger_closed"
     with Ledger.open(tmp_path / "books") as ledger:
         assert ledger.accounts() == []
+
+
+def test_sigterm_closes_an_event_stream_whose_client_stopped_reading_without_the_graceful_wait(
+        tmp_path: Path) -> None:
+    """An event stream's client that stops reading leaves the server's socket full: its last
+    bytes would never drain, and uvicorn would wait for them until its graceful shutdown (35 s)
+    gave up. The connection is closed once its bytes have not moved for `STALLED_S`."""
+    from engine import Account
+    from engine._serve import GRACEFUL_SHUTDOWN_S, STALLED_S
+
+    with Ledger.open(tmp_path / "books") as ledger:  # ~9 MB of events: more than the sockets hold
+        made = ledger.create_accounts([Account(f"customer-{n:06}", "USD", 0) for n in range(60_000)])
+        assert all(isinstance(account, Account) for account in made)
+    server = Server(tmp_path / "books", tmp_path)
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with socket.socket() as stuck:
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.settimeout(WAIT_S_MAX)
+        stuck.connect((host, int(port)))
+        stuck.sendall(b"GET /events?follow=true HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert stuck.recv(1, socket.MSG_PEEK)  # the stream began; the client reads no more of it
+        _wait_until_the_server_cannot_send(int(port), stuck.getsockname()[1])
+        with server.client() as client:  # the server answers others meanwhile
+            assert client.get("/health").status_code == 200
+        started = time.monotonic()
+        assert server.stop(signal.SIGTERM) == 0
+        took = time.monotonic() - started
+    assert took < STALLED_S + GRACEFUL_SHUTDOWN_S / 3, took
+    assert "its client stopped reading" in server.stderr, server.stderr
+    assert "Traceback" not in server.stderr and "ERROR" not in server.stderr, server.stderr
+
+
+def _wait_until_the_server_cannot_send(server_port: int, client_port: int) -> None:
+    """Until the server's socket toward `client_port` holds bytes the client does not take
+    (its send queue, in /proc/net/tcp, grown past 64 KiB and still for 0.2 s)."""
+    def queued() -> int:
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            local, remote, _state, queues = line.split()[1:5]
+            if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+                return int(queues.split(":")[0], 16)
+        return 0
+
+    deadline = time.monotonic() + WAIT_S_MAX
+    last = -1
+    while time.monotonic() < deadline:
+        now = queued()
+        if now >= 64 * 1024 and now == last:
+            return
+        last = now
+        time.sleep(0.2)
+    raise AssertionError(f"the server's send queue toward the stalled client never filled (last {last} bytes)")
 
 
 def test_ctrl_c_stops_it_as_sigterm_does(tmp_path: Path) -> None:
