@@ -18,12 +18,15 @@ sent only once its outcome is durable.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gc
 import ipaddress
 import logging
 import signal
 import socket
+import struct
 import sys
+import termios
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -202,26 +205,43 @@ def serve(path: str, *, host: str, port: int, token_file: str | None, insecure: 
 
 
 async def _close_stalled(connections: set[Any]) -> None:
-    """Until no connection is left: abort each whose unread bytes (what its transport holds
-    once the socket's own buffers are full) have not moved for `STALLED_S`."""
+    """Until cancelled (as the server's loop ends): abort each connection that holds bytes
+    its client has not taken (in the transport, once the socket's send buffer is full) and
+    whose unsent bytes, the socket's included, have not moved for `STALLED_S`. Only such a
+    connection would hold the shutdown: one whose transport holds nothing closes at once."""
     loop = asyncio.get_running_loop()
     held: dict[Any, tuple[int, float]] = {}
-    while connections:
+    while True:
         now = loop.time()
         for connection in list(connections):
             transport = getattr(connection, "transport", None)
             if transport is None:
                 continue
-            unread = transport.get_write_buffer_size()
+            waiting = transport.get_write_buffer_size()
+            unsent = waiting + _socket_queue(transport)  # a client reading drains the socket's queue
             before = held.get(connection)
-            if not unread or before is None or before[0] != unread:
-                held[connection] = (unread, now)
+            if not waiting or before is None or before[0] != unsent:
+                held[connection] = (unsent, now)
             elif now - before[1] >= STALLED_S:
                 logger.warning("closing the connection to %s as the server stops: its client stopped reading",
                                _shown_client(getattr(connection, "client", None)))
                 transport.abort()
                 del held[connection]
+        for gone in held.keys() - connections:
+            del held[gone]
         await asyncio.sleep(STALLED_S / 4)
+
+
+def _socket_queue(transport: Any) -> int:
+    """The bytes a transport's socket holds, not yet taken by its peer (0 where the system
+    does not say)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):
+        return 0
 
 
 def _shown_client(client: Any) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -76,7 +77,7 @@ async def _known_queries(request: Request) -> None:
     if unknown:
         raise InvalidRequest(f"unknown query parameter(s) {', '.join(map(repr, unknown))}: "
                              + (f"this route takes {', '.join(sorted(known))}" if known else "this route takes none"))
-    repeated = sorted({name for name in given if given.count(name) > 1})
+    repeated = sorted(name for name, count in Counter(given).items() if count > 1)
     if repeated:
         raise InvalidRequest(f"query parameter(s) {', '.join(map(repr, repeated))} given more than once: give each once")
 
@@ -241,7 +242,7 @@ async def balance(request: Request, account_id: str, at_lsn: int | None = None,
     """Its balance now, or after the record at `at_lsn`, or at `at_timestamp` (nanoseconds
     since the epoch): at most one of the two."""
     if not _spelled_out(request, "balance"):  # the account whose id ends in "/balance"
-        return await account(request, f"{account_id}/balance")
+        return await _account_read_as_itself(request, f"{account_id}/balance")
     found = await _ledger(request).balance(account_id, at_lsn=at_lsn, at_timestamp=at_timestamp)
     return JSONResponse(jsonable(found))
 
@@ -253,7 +254,7 @@ async def entries(request: Request, account_id: str, after: int = 0,
     """Its entries with seq > `after`, in seq order, at most `limit`; the next page is
     `after` = the last one's seq."""
     if not _spelled_out(request, "entries"):  # the account whose id ends in "/entries"
-        return await account(request, f"{account_id}/entries")
+        return await _account_read_as_itself(request, f"{account_id}/entries")
     found = await _ledger(request).entries(account_id, after, limit)
     return JSONResponse({"entries": jsonable(found)})
 
@@ -263,6 +264,15 @@ async def entries(request: Request, account_id: str, after: int = 0,
 async def account(request: Request, account_id: str) -> Response:
     """The account."""
     return JSONResponse(jsonable(await _ledger(request).account(account_id)))
+
+
+async def _account_read_as_itself(request: Request, account_id: str) -> Response:
+    """`GET /accounts/{account_id}` of an account whose id ends in a route's name: that
+    route's query parameters are not the account route's, which takes none."""
+    if request.query_params:
+        raise InvalidRequest(f"unknown query parameter(s) {', '.join(map(repr, sorted(request.query_params)))}: "
+                             "this route takes none")
+    return await account(request, account_id)
 
 
 @router.post("/transfers", status_code=201, response_model=None,
@@ -300,7 +310,7 @@ async def post_pending(request: Request, pending_id: str, body: PostBody | None 
     """Post `amount` (absent: all) of the pending transfer; the Idempotency-Key is the post's
     own transfer id. The body may be empty."""
     if not _spelled_out(request, "post"):  # POST /transfers/p%2Fpost: the transfer "p/post", which takes no POST
-        raise HTTPException(405)
+        raise HTTPException(405, headers={"Allow": "GET"})
     ledger = _ledger(request)
     body = body or PostBody()
     key = _key(request, idempotency_key, body.id)
@@ -316,7 +326,7 @@ async def void_pending(request: Request, pending_id: str, body: VoidBody | None 
     """Release the whole hold of the pending transfer; the Idempotency-Key is the void's own
     transfer id. The body may be empty."""
     if not _spelled_out(request, "void"):  # as for a post
-        raise HTTPException(405)
+        raise HTTPException(405, headers={"Allow": "GET"})
     ledger = _ledger(request)
     body = body or VoidBody()
     key = _key(request, idempotency_key, body.id)

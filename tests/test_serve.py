@@ -522,6 +522,48 @@ def test_the_server_uses_only_the_public_names_of_engine() -> None:
                 raise AssertionError(f"{module.name}:{node.lineno} reads a private name, .{node.attr}")
 
 
+def test_at_stop_a_connection_is_closed_only_once_its_client_stopped_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tally serve`'s watch at stop: a connection whose unsent bytes (its transport's and
+    its socket's) stay still is closed; one whose client drains its socket, however slowly,
+    or that holds nothing, is left to finish."""
+    import engine._serve as serve
+
+    monkeypatch.setattr(serve, "STALLED_S", 0.2)
+    monkeypatch.setattr(serve, "_socket_queue", lambda transport: transport.queued())
+
+    class Transport:
+        def __init__(self, waiting: int, queue: Iterator[int]) -> None:
+            self.waiting, self.queue, self.aborted = waiting, queue, asyncio.Event()
+
+        def get_write_buffer_size(self) -> int:
+            return self.waiting
+
+        def queued(self) -> int:
+            return next(self.queue)
+
+        def abort(self) -> None:
+            self.aborted.set()
+
+    class Connection:
+        def __init__(self, transport: Transport) -> None:
+            self.transport, self.client = transport, ("127.0.0.1", 1)
+
+    reading = Transport(65_536, itertools.count(10**9, -1))  # its socket drains, a byte a look
+    stopped = Transport(65_536, itertools.repeat(10**6))
+    idle = Transport(0, itertools.repeat(0))
+
+    async def watch() -> None:
+        watching = asyncio.ensure_future(serve._close_stalled({Connection(t) for t in (reading, stopped, idle)}))
+        try:
+            await asyncio.wait_for(stopped.aborted.wait(), 10)
+        finally:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+
+    asyncio.run(watch())
+    assert not reading.aborted.is_set() and not idle.aborted.is_set()
+
+
 # --- the guard in front of every route, in process -------------------------------------------
 
 def _scope(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, object]:
@@ -644,7 +686,7 @@ def test_a_post_to_a_transfer_whose_id_ends_in_a_routes_name_moves_nothing(clien
     key = fresh("k")
     answer = write(client, f"/transfers/{pending}%2F{route}", key)
     assert answer.status_code == 405, answer.text
-    assert error_of(answer)["code"] == "method_not_allowed"
+    assert error_of(answer)["code"] == "method_not_allowed" and answer.headers["allow"] == "GET"
     assert f"/transfers/{pending}%2F{route}" in str(error_of(answer)["message"])  # the path as sent
     assert client.get(f"/transfers/{pending}").json()["status"] == "pending"
     assert client.get(f"/transfers/{key}").status_code == 404
@@ -660,6 +702,10 @@ def test_an_unknown_or_repeated_query_parameter_is_400(client: httpx.Client, que
     assert answer.json()["error"]["code"] == "invalid_request"
     assert client.get(f"/accounts/{alice}/entries?after=0&limit=5").status_code == 200  # the routes' own: fine
     assert client.get(f"/accounts/{alice}/balance?limit=5").status_code == 400
+    odd = f"{alice}/balance"  # read as itself: the account route, which takes no query parameter
+    assert write(client, "/accounts", odd, {"currency": "USD"}).status_code == 201
+    assert client.get(f"/accounts/{quote(odd, safe='')}").status_code == 200
+    assert client.get(f"/accounts/{quote(odd, safe='')}?at_lsn=1").status_code == 400
 
 
 def test_a_query_that_is_not_utf8_once_decoded_is_refused_not_read_as_another_id(client: httpx.Client) -> None:
