@@ -119,12 +119,12 @@ class AsyncLedger(LoopWrites, LoopFollowing):
 
     # --- writes ------------------------------------------------------------------------
 
-    async def create_account(self, account_id: str, *, currency: str, overdraft_limit: int | None = 0,
+    async def create_account(self, id: str, *, currency: str, overdraft_limit: int | None = 0,
                              code: int = 0, metadata: Mapping[str, str | int] | None = None) -> Account:
         """`Ledger.create_account`: returns once the account is durable."""
-        account = checked_account(account_id, currency, overdraft_limit, code, metadata)
+        account = checked_account(id, currency, overdraft_limit, code, metadata)
         if self._readonly:
-            return self._ledger.create_account(account_id, currency=currency)  # raises ReadOnlyLedger
+            return self._ledger.create_account(id, currency=currency)  # raises ReadOnlyLedger
         with self._call():
             await self._durable(await self._on_worker(self._ledger._open_account, account))
             return account
@@ -138,23 +138,23 @@ class AsyncLedger(LoopWrites, LoopFollowing):
             await self._durable(await self._on_worker(self._ledger._open_accounts, results))
         return results
 
-    async def transfer(self, transfer_id: str, *, source: str, destination: str, amount: int, code: int = 0,
+    async def transfer(self, id: str, *, source: str, destination: str, amount: int, code: int = 0,
                        reference: str | None = None, metadata: Mapping[str, str | int] | None = None,
                        pending: bool = False, timeout_s: int | None = None) -> Transfer:
         """`Ledger.transfer`: returns once the outcome is durable (see the class docstring on
         cancellation)."""
-        return await self._decide(transfer_request(transfer_id, source, destination, amount, code, reference,
+        return await self._decide(transfer_request(id, source, destination, amount, code, reference,
                                                    metadata, pending, timeout_s))
 
-    async def post_pending(self, transfer_id: str, *, pending_id: str, amount: int | None = None,
+    async def post_pending(self, id: str, *, pending_id: str, amount: int | None = None,
                            reference: str | None = None, metadata: Mapping[str, str | int] | None = None) -> Transfer:
         """`Ledger.post_pending`."""
-        return await self._decide(resolution_request(transfer_id, pending_id, amount, reference, metadata, False))
+        return await self._decide(resolution_request(id, pending_id, amount, reference, metadata, False))
 
-    async def void_pending(self, transfer_id: str, *, pending_id: str, reference: str | None = None,
+    async def void_pending(self, id: str, *, pending_id: str, reference: str | None = None,
                            metadata: Mapping[str, str | int] | None = None) -> Transfer:
         """`Ledger.void_pending`."""
-        return await self._decide(resolution_request(transfer_id, pending_id, None, reference, metadata, True))
+        return await self._decide(resolution_request(id, pending_id, None, reference, metadata, True))
 
     async def transfer_linked(self, requests: Sequence[TransferRequest]) -> list[Transfer]:
         """`Ledger.transfer_linked`: every leg, or none (`LinkedTransferFailed`)."""
@@ -187,24 +187,24 @@ class AsyncLedger(LoopWrites, LoopFollowing):
 
     # --- reads (on a worker thread) ----------------------------------------------------
 
-    async def account(self, account_id: str) -> Account:
-        return await self._on_worker(self._ledger.account, account_id)
+    async def account(self, id: str) -> Account:
+        return await self._on_worker(self._ledger.account, id)
 
     async def accounts(self) -> list[Account]:
         return await self._on_worker(self._ledger.accounts)
 
-    async def balance(self, account_id: str, *, at_lsn: int | None = None, at_timestamp: int | None = None) -> Balance:
-        return await self._on_worker(partial(self._ledger.balance, account_id, at_lsn=at_lsn,
+    async def balance(self, account: str, *, at_lsn: int | None = None, at_timestamp: int | None = None) -> Balance:
+        return await self._on_worker(partial(self._ledger.balance, account, at_lsn=at_lsn,
                                              at_timestamp=at_timestamp))
 
-    async def entries(self, account_id: str, after: int = 0, limit: int | None = None) -> list[Entry]:
-        return await self._on_worker(self._ledger.entries, account_id, after, limit)
+    async def entries(self, account: str, after: int = 0, limit: int | None = None) -> list[Entry]:
+        return await self._on_worker(self._ledger.entries, account, after, limit)
 
-    async def get_transfer(self, transfer_id: str) -> Transfer | None:
-        return await self._on_worker(self._ledger.get_transfer, transfer_id)
+    async def get_transfer(self, id: str) -> Transfer | None:
+        return await self._on_worker(self._ledger.get_transfer, id)
 
-    async def outcome(self, transfer_id: str) -> Transfer | LedgerError | None:
-        return await self._on_worker(self._ledger.outcome, transfer_id)
+    async def outcome(self, id: str) -> Transfer | LedgerError | None:
+        return await self._on_worker(self._ledger.outcome, id)
 
     async def transfers(self, *, account: str | None = None, code: int | None = None, kind: str | None = None,
                         after_lsn: int = 0, until_lsn: int | None = None, limit: int = 100,

@@ -194,11 +194,11 @@ class Snapshot:
         if time.monotonic() > self._deadline:
             raise SnapshotExpired(f"the snapshot at LSN {self.lsn} is older than its max_age_s ({self._max_age_s} s)")
 
-    def balance(self, account_id: str) -> Balance:
+    def balance(self, account: str) -> Balance:
         """The account's balance at `lsn` (its pending transfers open then; no reservation)."""
         with self._call():
             self._check()
-            return self._history.balance(account_id, self.lsn)
+            return self._history.balance(account, self.lsn)
 
     def balances(self, accounts: Iterable[str] | None = None) -> dict[str, Balance]:
         """The balance of each of `accounts` at `lsn`; None: of every account open then."""
@@ -212,17 +212,17 @@ class Snapshot:
                 raise InvalidRequest(f"accounts must be None or an iterable of account ids, got {shown(accounts)}")
             return self._history.balances(self.lsn, accounts)
 
-    def entries(self, account_id: str, after: int = 0, limit: int | None = None) -> list[Entry]:
+    def entries(self, account: str, after: int = 0, limit: int | None = None) -> list[Entry]:
         """The account's entries made at or before `lsn`, with seq > `after`, at most `limit`."""
         with self._call():
             self._check()
-            return self._history.entries(account_id, self.lsn, after, limit)
+            return self._history.entries(account, self.lsn, after, limit)
 
-    def get_transfer(self, transfer_id: str) -> Transfer | None:
+    def get_transfer(self, id: str) -> Transfer | None:
         """The transfer as of `lsn` (None if not committed by then), its status then."""
         with self._call():
             self._check()
-            return self._history.transfer(transfer_id, self.lsn)
+            return self._history.transfer(id, self.lsn)
 
     def transfers(self, *, account: str | None = None, code: int | None = None, kind: str | None = None,
                   after_lsn: int = 0, until_lsn: int | None = None, limit: int = 100,

@@ -210,7 +210,7 @@ class Ledger:
         can wait for it), and turn a `JournalError` from inside into its `LedgerError`."""
         return _Call(self)
 
-    def create_account(self, account_id: str, *, currency: str, overdraft_limit: int | None = 0, code: int = 0,
+    def create_account(self, id: str, *, currency: str, overdraft_limit: int | None = 0, code: int = 0,
                        metadata: Mapping[str, str | int] | None = None) -> Account:
         """Open an account; return once it is durable. Idempotent for identical parameters.
 
@@ -219,7 +219,7 @@ class Ledger:
         Raises `InvalidRequest` for a malformed id, currency, limit, code or metadata, and
         `AccountExists` if the id exists with different parameters.
         """
-        account = checked_account(account_id, currency, overdraft_limit, code, metadata)
+        account = checked_account(id, currency, overdraft_limit, code, metadata)
         with self._call():
             self._journal.wait_durable(self._open_account(account), self.timeout_s)
             return account
@@ -300,11 +300,11 @@ class Ledger:
             durable = self._journal.durable_lsn
             return [account for lsn, account in listed if lsn <= durable]
 
-    def account(self, account_id: str) -> Account:
-        """The durable account `account_id`. Raises `InvalidRequest` for a malformed id and
+    def account(self, id: str) -> Account:
+        """The durable account `id`. Raises `InvalidRequest` for a malformed id and
         `AccountNotFound` for an unknown one."""
         with self._call():
-            return self._account(account_id)
+            return self._account(id)
 
     def _account(self, account_id: str) -> Account:
         check_id(account_id, "account id")
@@ -316,7 +316,7 @@ class Ledger:
 
     # --- transfers -----------------------------------------------------------------
 
-    def transfer(self, transfer_id: str, *, source: str, destination: str, amount: int, code: int = 0,
+    def transfer(self, id: str, *, source: str, destination: str, amount: int, code: int = 0,
                  reference: str | None = None, metadata: Mapping[str, str | int] | None = None,
                  pending: bool = False, timeout_s: int | None = None) -> Transfer:
         """Move `amount` from `source` to `destination`; return once the outcome is durable.
@@ -333,31 +333,31 @@ class Ledger:
         `BalanceOverflow`, `IdempotencyConflict`, or `LedgerTimeout` (outcome
         unknown: retry with the same id).
         """
-        request = transfer_request(transfer_id, source, destination, amount, code, reference, metadata, pending,
+        request = transfer_request(id, source, destination, amount, code, reference, metadata, pending,
                                    timeout_s)
         with self._call():
             return self._coordinator.transfer(request, self.timeout_s)
 
-    def post_pending(self, transfer_id: str, *, pending_id: str, amount: int | None = None,
+    def post_pending(self, id: str, *, pending_id: str, amount: int | None = None,
                      reference: str | None = None, metadata: Mapping[str, str | int] | None = None) -> Transfer:
         """Post `amount` (None: all of it) of the pending transfer `pending_id` from its source
         to its destination, releasing the rest of its hold; a new Transfer of kind "post".
 
         Raises `PendingTransferNotFound`, `PendingTransferAlreadyPosted`,
         `PendingTransferAlreadyVoided`, `PendingTransferExpired`, `ExceedsPendingAmount`
-        (each journaled and final for `transfer_id`), and as `transfer` does.
+        (each journaled and final for `id`), and as `transfer` does.
         """
         with self._call():
             return self._coordinator.transfer(
-                resolution_request(transfer_id, pending_id, amount, reference, metadata, False), self.timeout_s)
+                resolution_request(id, pending_id, amount, reference, metadata, False), self.timeout_s)
 
-    def void_pending(self, transfer_id: str, *, pending_id: str, reference: str | None = None,
+    def void_pending(self, id: str, *, pending_id: str, reference: str | None = None,
                      metadata: Mapping[str, str | int] | None = None) -> Transfer:
         """Release the whole hold of the pending transfer `pending_id`; a new Transfer of kind
         "void" carrying the amount released. Raises as `post_pending` does."""
         with self._call():
             return self._coordinator.transfer(
-                resolution_request(transfer_id, pending_id, None, reference, metadata, True), self.timeout_s)
+                resolution_request(id, pending_id, None, reference, metadata, True), self.timeout_s)
 
     def transfer_linked(self, requests: Sequence[TransferRequest]) -> list[Transfer]:
         """Apply 1 to 1,000 transfers (distinct ids) as one atomic unit, in list order, each
@@ -429,27 +429,27 @@ class Ledger:
         with self._call():
             return self._coordinator.transfer_many(list(requests), self.timeout_s)
 
-    def get_transfer(self, transfer_id: str) -> Transfer | None:
+    def get_transfer(self, id: str) -> Transfer | None:
         """The durable committed Transfer with this id, or None (unknown or refused), with its
         status as of now (a pending transfer's: pending, posted, voided or expired). Never scans."""
-        check_id(transfer_id, "transfer id")
+        check_id(id, "transfer id")
         with self._call():
             journal = self._journal
             durable = self._history.end()  # (before the snapshot: a record committed to LMDB but not
             # yet released to its callers is not shown, as `entries` and `balance` do not show it;
             # read-only, the records this reader has caught up with)
             with journal.snapshot() as txn:
-                return transfer_at(journal, transfer_id, durable, txn)
+                return transfer_at(journal, id, durable, txn)
 
-    def outcome(self, transfer_id: str) -> Transfer | LedgerError | None:
-        """What became of the id `transfer_id`, as far as it is durable: its Transfer (as
+    def outcome(self, id: str) -> Transfer | LedgerError | None:
+        """What became of the transfer id `id`, as far as it is durable: its Transfer (as
         `get_transfer` gives it), the `LedgerError` its refusal raises (for a leg of a refused
         linked chain, the chain's `LinkedTransferFailed`), or None if no outcome of it is
         durable (never used, or still in flight). Never scans, never submits anything: after a
         `LedgerTimeout` it tells a host what happened without a retry."""
-        check_id(transfer_id, "transfer id")
+        check_id(id, "transfer id")
         with self._call():
-            return outcome_now(self._journal, transfer_id, self._history.end())
+            return outcome_now(self._journal, id, self._history.end())
 
     # --- reads ---------------------------------------------------------------------
 
@@ -487,7 +487,7 @@ class Ledger:
         if not journal.wait_past(after_lsn, wait_s) and isinstance(journal.failure, JournalError):
             raise ledger_error(journal.failure) from journal.failure
 
-    def balance(self, account_id: str, *, at_lsn: int | None = None, at_timestamp: int | None = None) -> Balance:
+    def balance(self, account: str, *, at_lsn: int | None = None, at_timestamp: int | None = None) -> Balance:
         """Posted; pending (held by its pending transfers and for outgoing transfers in
         flight); available (posted - pending); incoming (its pending transfers toward it).
 
@@ -504,12 +504,12 @@ class Ledger:
         if at_lsn is not None or at_timestamp is not None:
             with self._call():
                 history = self._history
-                return history.balance(account_id, history.lsn_of(at_lsn, at_timestamp))
+                return history.balance(account, history.lsn_of(at_lsn, at_timestamp))
         with self._call():
-            self._account(account_id)
+            self._account(account)
             journal = self._journal
             if journal.failure is not None:
-                return self._durable_balance(account_id)
+                return self._durable_balance(account)
             # A record durable now may have been queued by a thread still under the sequencer's
             # lock, which hands the accounts its postings after queueing it (and the writer may
             # make it durable at once): once that hold ends, the postings are in the mailboxes
@@ -519,18 +519,18 @@ class Ledger:
             sequencer = self._sequencer
             if sequencer.delivered_lsn < journal.durable_lsn and not _lock_free_within(sequencer.lock,
                                                                                        self.timeout_s):
-                raise LedgerTimeout(f"balance of {account_id!r}: the ledger was deciding for {self.timeout_s} s; "
+                raise LedgerTimeout(f"balance of {account!r}: the ledger was deciding for {self.timeout_s} s; "
                                     "retry")
             directory = self._directory
-            handle = directory.pin(account_id)
+            handle = directory.pin(account)
             try:
                 posted, pending, incoming, lsn = handle.snapshot(self.timeout_s)
             finally:
-                directory.unpin(account_id)
+                directory.unpin(account)
             try:
                 journal.wait_durable(lsn, self.timeout_s)
             except JournalWriteError:  # the journal failed meanwhile: what the actor saw may never be
-                return self._durable_balance(account_id)
+                return self._durable_balance(account)
             return Balance(posted, pending, posted - pending, incoming)
 
     def _durable_balance(self, account_id: str) -> Balance:
@@ -539,14 +539,14 @@ class Ledger:
         checkpoint. No reservation is left: no transfer can be decided any more."""
         return balance_of(replay(self._journal, load_checkpoint(self._journal)), account_id)
 
-    def entries(self, account_id: str, after: int = 0, limit: int | None = None) -> list[Entry]:
+    def entries(self, account: str, after: int = 0, limit: int | None = None) -> list[Entry]:
         """The account's durable entries with seq > `after`, in seq order, at most `limit`."""
         check_page(after, limit)
         with self._call():
-            self._account(account_id)
+            self._account(account)
             journal = self._journal
-            unindexed = self._sequencer.unindexed.rows(account_id, journal.durable_lsn)  # before the snapshot
-            return entries_of(journal, account_id, after, limit, unindexed)
+            unindexed = self._sequencer.unindexed.rows(account, journal.durable_lsn)  # before the snapshot
+            return entries_of(journal, account, after, limit, unindexed)
 
     def snapshot(self, *, max_age_s: float = SNAPSHOT_AGE_S_DEFAULT) -> Snapshot:
         """A consistent view of the ledger at the durable end of its journal now (`.lsn`,

@@ -131,23 +131,23 @@ class ReadingLedger(Ledger):
         raise ReadOnlyLedger(f"the ledger at {self.path} is open read-only: {what} writes (write through the "
                              "process that has it open for writing)")
 
-    def create_account(self, account_id: str, *, currency: str, overdraft_limit: int | None = 0, code: int = 0,
+    def create_account(self, id: str, *, currency: str, overdraft_limit: int | None = 0, code: int = 0,
                        metadata: Mapping[str, str | int] | None = None) -> Account:
         self._refuse("create_account")
 
     def create_accounts(self, accounts: Sequence[Account]) -> list[Account | LedgerError]:
         self._refuse("create_accounts")
 
-    def transfer(self, transfer_id: str, *, source: str, destination: str, amount: int, code: int = 0,
+    def transfer(self, id: str, *, source: str, destination: str, amount: int, code: int = 0,
                  reference: str | None = None, metadata: Mapping[str, str | int] | None = None,
                  pending: bool = False, timeout_s: int | None = None) -> Transfer:
         self._refuse("transfer")
 
-    def post_pending(self, transfer_id: str, *, pending_id: str, amount: int | None = None,
+    def post_pending(self, id: str, *, pending_id: str, amount: int | None = None,
                      reference: str | None = None, metadata: Mapping[str, str | int] | None = None) -> Transfer:
         self._refuse("post_pending")
 
-    def void_pending(self, transfer_id: str, *, pending_id: str, reference: str | None = None,
+    def void_pending(self, id: str, *, pending_id: str, reference: str | None = None,
                      metadata: Mapping[str, str | int] | None = None) -> Transfer:
         self._refuse("void_pending")
 
@@ -184,23 +184,23 @@ class ReadingLedger(Ledger):
             with self._catching_up:
                 return list(books.accounts.values())
 
-    def balance(self, account_id: str, *, at_lsn: int | None = None, at_timestamp: int | None = None) -> Balance:
+    def balance(self, account: str, *, at_lsn: int | None = None, at_timestamp: int | None = None) -> Balance:
         """As `Ledger.balance`, from the durable journal: `pending` is what its pending
         transfers hold (no transfer in flight elsewhere is seen). `at_timestamp` may not be
         later than this process's clock."""
         if at_lsn is not None or at_timestamp is not None:
-            return super().balance(account_id, at_lsn=at_lsn, at_timestamp=at_timestamp)
+            return super().balance(account, at_lsn=at_lsn, at_timestamp=at_timestamp)
         with self._call():
-            self._account(account_id)
+            self._account(account)
             with self._catching_up:
-                return balance_of(self._books, account_id)
+                return balance_of(self._books, account)
 
-    def entries(self, account_id: str, after: int = 0, limit: int | None = None) -> list[Entry]:
+    def entries(self, account: str, after: int = 0, limit: int | None = None) -> list[Entry]:
         check_page(after, limit)
         with self._call():
-            self._account(account_id)
+            self._account(account)
             return self._consistent(lambda books, txn: entries_of(
-                self._journal, account_id, after, limit, pairs(_unindexed(books).get(account_id, [])), txn))
+                self._journal, account, after, limit, pairs(_unindexed(books).get(account, [])), txn))
 
     def state_hash(self) -> str:
         """As `Ledger.state_hash`, of the durable journal."""

@@ -156,15 +156,15 @@ class RemoteLedger:
 
     # --- accounts ------------------------------------------------------------------
 
-    def create_account(self, account_id: str, *, currency: str, overdraft_limit: int | None = 0, code: int = 0,
+    def create_account(self, id: str, *, currency: str, overdraft_limit: int | None = 0, code: int = 0,
                        metadata: Mapping[str, str | int] | None = None) -> Account:
         """`POST /accounts`; the account as the server made it. Raises as `Ledger.create_account`."""
-        body: dict[str, Any] = {"id": account_id, "currency": currency, "overdraft_limit": overdraft_limit}
+        body: dict[str, Any] = {"id": id, "currency": currency, "overdraft_limit": overdraft_limit}
         if code:
             body["code"] = code
         if metadata is not None:
             body["metadata"] = dict(metadata)
-        made = self._read(Account, self._send("POST", "/accounts", key=account_id, body=body))
+        made = self._read(Account, self._send("POST", "/accounts", key=id, body=body))
         with self._lock:
             self._created[made.id] = None
         return made
@@ -175,9 +175,9 @@ class RemoteLedger:
                                                                   overdraft_limit=a.overdraft_limit, code=a.code,
                                                                   metadata=a.metadata))
 
-    def account(self, account_id: str) -> Account:
+    def account(self, id: str) -> Account:
         """`GET /accounts/{id}`. Raises `AccountNotFound`."""
-        return self._read(Account, self._send("GET", f"/accounts/{_part(account_id)}"))
+        return self._read(Account, self._send("GET", f"/accounts/{_part(id)}"))
 
     def accounts(self) -> list[Account]:
         """The accounts this client created, in the order their creations were answered, each read
@@ -187,17 +187,17 @@ class RemoteLedger:
             created = list(self._created)
         return [self.account(account_id) for account_id in created]
 
-    def balance(self, account_id: str) -> Balance:
+    def balance(self, account: str) -> Balance:
         """`GET /accounts/{id}/balance`. Raises `AccountNotFound`."""
-        return self._read(Balance, self._send("GET", f"/accounts/{_part(account_id)}/balance"))
+        return self._read(Balance, self._send("GET", f"/accounts/{_part(account)}/balance"))
 
-    def entries(self, account_id: str, after: int = 0, limit: int | None = None) -> list[Entry]:
+    def entries(self, account: str, after: int = 0, limit: int | None = None) -> list[Entry]:
         """The account's entries with seq > `after`, at most `limit`, a page of
         `ENTRIES_PAGE_SIZE` per `GET /accounts/{id}/entries` until a page comes back empty."""
         found: list[Entry] = []
         while limit is None or len(found) < limit:
             asked = ENTRIES_PAGE_SIZE if limit is None else min(ENTRIES_PAGE_SIZE, limit - len(found))
-            page = self._send("GET", f"/accounts/{_part(account_id)}/entries", params={"after": after, "limit": asked})
+            page = self._send("GET", f"/accounts/{_part(account)}/entries", params={"after": after, "limit": asked})
             rows = [self._read(Entry, row) for row in self._rows(page, "entries")]
             if not rows:
                 break
@@ -207,14 +207,14 @@ class RemoteLedger:
 
     # --- transfers -----------------------------------------------------------------
 
-    def transfer(self, transfer_id: str, *, source: str, destination: str, amount: int, code: int = 0,
+    def transfer(self, id: str, *, source: str, destination: str, amount: int, code: int = 0,
                  reference: str | None = None, metadata: Mapping[str, str | int] | None = None,
                  pending: bool = False, timeout_s: int | None = None) -> Transfer:
-        """`POST /transfers` keyed by `transfer_id`. Raises as `Ledger.transfer`."""
-        body = _transfer_body(TransferRequest(transfer_id, source, destination, amount, code, reference, metadata,
+        """`POST /transfers` keyed by `id`. Raises as `Ledger.transfer`."""
+        body = _transfer_body(TransferRequest(id, source, destination, amount, code, reference, metadata,
                                               pending, timeout_s))
-        self._sending(transfer_id)
-        return self._read(Transfer, self._send("POST", "/transfers", key=transfer_id, body=body))
+        self._sending(id)
+        return self._read(Transfer, self._send("POST", "/transfers", key=id, body=body))
 
     def transfer_many(self, requests: Sequence[TransferRequest]) -> list[Transfer | LedgerError]:
         """`transfer` for each, `connections` at a time: one outcome per request, in order."""
@@ -232,26 +232,26 @@ class RemoteLedger:
         reply = self._send("POST", "/transfers/linked", key=requests[0].id, body=body)
         return [self._read(Transfer, row) for row in self._rows(reply, "transfers")]
 
-    def post_pending(self, transfer_id: str, *, pending_id: str, amount: int | None = None,
+    def post_pending(self, id: str, *, pending_id: str, amount: int | None = None,
                      reference: str | None = None, metadata: Mapping[str, str | int] | None = None) -> Transfer:
-        """`POST /transfers/{pending_id}/post` keyed by `transfer_id`. Raises as `Ledger.post_pending`."""
+        """`POST /transfers/{pending_id}/post` keyed by `id`. Raises as `Ledger.post_pending`."""
         body = _optional(amount=amount, reference=reference, metadata=metadata)
-        self._sending(transfer_id)
-        reply = self._send("POST", f"/transfers/{_part(pending_id)}/post", key=transfer_id, body=body)
+        self._sending(id)
+        reply = self._send("POST", f"/transfers/{_part(pending_id)}/post", key=id, body=body)
         return self._read(Transfer, reply)
 
-    def void_pending(self, transfer_id: str, *, pending_id: str, reference: str | None = None,
+    def void_pending(self, id: str, *, pending_id: str, reference: str | None = None,
                      metadata: Mapping[str, str | int] | None = None) -> Transfer:
-        """`POST /transfers/{pending_id}/void` keyed by `transfer_id`. Raises as `Ledger.void_pending`."""
+        """`POST /transfers/{pending_id}/void` keyed by `id`. Raises as `Ledger.void_pending`."""
         body = _optional(reference=reference, metadata=metadata)
-        self._sending(transfer_id)
-        reply = self._send("POST", f"/transfers/{_part(pending_id)}/void", key=transfer_id, body=body)
+        self._sending(id)
+        reply = self._send("POST", f"/transfers/{_part(pending_id)}/void", key=id, body=body)
         return self._read(Transfer, reply)
 
-    def get_transfer(self, transfer_id: str) -> Transfer | None:
+    def get_transfer(self, id: str) -> Transfer | None:
         """`GET /transfers/{id}`; None on a 404."""
         try:
-            return self._read(Transfer, self._send("GET", f"/transfers/{_part(transfer_id)}", missing_ok=True))
+            return self._read(Transfer, self._send("GET", f"/transfers/{_part(id)}", missing_ok=True))
         except _Missing:
             return None
 

@@ -208,16 +208,16 @@ class ShardedLedger:
 
     # --- accounts ------------------------------------------------------------------------
 
-    def create_account(self, account_id: str, *, currency: str, overdraft_limit: int | None = 0, code: int = 0,
+    def create_account(self, id: str, *, currency: str, overdraft_limit: int | None = 0, code: int = 0,
                        metadata: Mapping[str, str | int] | None = None, placement: str | None = None) -> Account:
         """`Ledger.create_account` on shard `shard_of(placement or account_id)`; idempotent
         for identical parameters. Raises `AccountExists` also if the id lives on another shard
         (made with another placement), and `InvalidRequest` for an id or a placement key with
         "\x1f" in it."""
-        check_user_id(account_id, "account id")
+        check_user_id(id, "account id")
         if placement is not None:
             check_user_id(placement, "placement")
-        account = Account(account_id, check_currency(currency), check_overdraft_limit(overdraft_limit),
+        account = Account(id, check_currency(currency), check_overdraft_limit(overdraft_limit),
                           check_code(code), check_metadata(metadata))
         outcome = self.create_accounts([account], placements=[placement])[0]
         if isinstance(outcome, LedgerError):
@@ -272,9 +272,9 @@ class ShardedLedger:
         protocol's clearing accounts are left out)."""
         return [account for found in self._live().everywhere("accounts") for account in found]
 
-    def account(self, account_id: str) -> Account:
+    def account(self, id: str) -> Account:
         """`Ledger.account`, from the account's shard."""
-        return self._on_account(account_id, "account", account_id)  # type: ignore[no-any-return]
+        return self._on_account(id, "account", id)  # type: ignore[no-any-return]
 
     def _on_account(self, account_id: str, method: str, *args: Any, **kwargs: Any) -> Any:
         router = self._live()
@@ -283,13 +283,13 @@ class ShardedLedger:
 
     # --- transfers -----------------------------------------------------------------------
 
-    def transfer(self, transfer_id: str, *, source: str, destination: str, amount: int, code: int = 0,
+    def transfer(self, id: str, *, source: str, destination: str, amount: int, code: int = 0,
                  reference: str | None = None, metadata: Mapping[str, str | int] | None = None,
                  pending: bool = False, timeout_s: int | None = None) -> Transfer:
         """`Ledger.transfer`; across shards, acknowledged once every step is durable (a
         pending one across shards raises `CrossShardRefused`). Raises as `Ledger.transfer`
         does, and `CrossShardAborted` for a transfer that recovery aborted."""
-        request = transfer_request(transfer_id, source, destination, amount, code, reference, metadata, pending,
+        request = transfer_request(id, source, destination, amount, code, reference, metadata, pending,
                                    timeout_s)
         outcome = self._live().transfer_many([request])[0]
         if isinstance(outcome, LedgerError):
@@ -306,20 +306,20 @@ class ShardedLedger:
             raise InvalidRequest(f"transfer_many takes a sequence of TransferRequest, got {type(requests).__name__}")
         return self._live().transfer_many(items_of(requests, "transfer_many"))
 
-    def post_pending(self, transfer_id: str, *, pending_id: str, amount: int | None = None,
+    def post_pending(self, id: str, *, pending_id: str, amount: int | None = None,
                      reference: str | None = None, metadata: Mapping[str, str | int] | None = None) -> Transfer:
         """`Ledger.post_pending`, on the shard of the pending transfer (every shard asked)."""
-        checked = _plain(resolution_request(transfer_id, pending_id, amount, reference, metadata, False))
-        shard = self._pending_shard(transfer_id, pending_id, "post")
-        return self._live().call(shard, "post_pending", transfer_id, pending_id=pending_id,  # type: ignore[no-any-return]
+        checked = _plain(resolution_request(id, pending_id, amount, reference, metadata, False))
+        shard = self._pending_shard(id, pending_id, "post")
+        return self._live().call(shard, "post_pending", id, pending_id=pending_id,  # type: ignore[no-any-return]
                                  amount=checked.amount, reference=checked.reference, metadata=checked.metadata)
 
-    def void_pending(self, transfer_id: str, *, pending_id: str, reference: str | None = None,
+    def void_pending(self, id: str, *, pending_id: str, reference: str | None = None,
                      metadata: Mapping[str, str | int] | None = None) -> Transfer:
         """`Ledger.void_pending`, on the shard of the pending transfer (every shard asked)."""
-        checked = _plain(resolution_request(transfer_id, pending_id, None, reference, metadata, True))
-        shard = self._pending_shard(transfer_id, pending_id, "void")
-        return self._live().call(shard, "void_pending", transfer_id, pending_id=pending_id,  # type: ignore[no-any-return]
+        checked = _plain(resolution_request(id, pending_id, None, reference, metadata, True))
+        shard = self._pending_shard(id, pending_id, "void")
+        return self._live().call(shard, "void_pending", id, pending_id=pending_id,  # type: ignore[no-any-return]
                                  reference=checked.reference, metadata=checked.metadata)
 
     def _pending_shard(self, transfer_id: str, pending_id: str, kind: str) -> int:
@@ -399,33 +399,33 @@ class ShardedLedger:
                     logger.warning("resolving in-doubt cross-shard transfers failed: %r; trying again in %.0f s",
                                    error, self.in_doubt_after_s / 4)
 
-    def get_transfer(self, transfer_id: str) -> Transfer | None:
+    def get_transfer(self, id: str) -> Transfer | None:
         """`Ledger.get_transfer` across shards (every shard asked at once); a cross-shard
         transfer as its user made it, once posted."""
-        check_user_id(transfer_id, "transfer id")
-        return self._live().get_transfer(transfer_id)
+        check_user_id(id, "transfer id")
+        return self._live().get_transfer(id)
 
-    def outcome(self, transfer_id: str) -> Transfer | LedgerError | None:
+    def outcome(self, id: str) -> Transfer | LedgerError | None:
         """`Ledger.outcome` across shards (None while a cross-shard transfer is in flight)."""
-        check_user_id(transfer_id, "transfer id")
-        return self._live().outcome(transfer_id)
+        check_user_id(id, "transfer id")
+        return self._live().outcome(id)
 
     # --- reads ---------------------------------------------------------------------------
 
-    def balance(self, account_id: str, *, at_lsn: int | None = None, at_timestamp: int | None = None) -> Balance:
+    def balance(self, account: str, *, at_lsn: int | None = None, at_timestamp: int | None = None) -> Balance:
         """`Ledger.balance` from the account's shard (`at_lsn`: a position in that shard's journal)."""
         if at_lsn is not None:
             check_count("at_lsn", at_lsn)
         if at_timestamp is not None:
             check_count("at_timestamp", at_timestamp)
-        return self._on_account(account_id, "balance", account_id,  # type: ignore[no-any-return]
+        return self._on_account(account, "balance", account,  # type: ignore[no-any-return]
                                 at_lsn=at_lsn, at_timestamp=at_timestamp)
 
-    def entries(self, account_id: str, after: int = 0, limit: int | None = None) -> list[Entry]:
+    def entries(self, account: str, after: int = 0, limit: int | None = None) -> list[Entry]:
         """`Ledger.entries` from the account's shard; a cross-shard transfer's entry names its
         user's transfer id (the shard journals it under a step's id: `T` and a suffix)."""
         check_page(after, limit)
-        found: list[Entry] = self._on_account(account_id, "entries", account_id, after, limit)
+        found: list[Entry] = self._on_account(account, "entries", account, after, limit)
         return [entry if SEPARATOR not in entry.transfer_id else
                 dataclasses.replace(entry, transfer_id=entry.transfer_id.split(SEPARATOR, 1)[0]) for entry in found]
 

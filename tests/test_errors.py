@@ -1055,3 +1055,42 @@ def test_a_number_of_seconds_given_as_a_subclass_is_read_by_its_value(ledger_pat
         assert list(ledger.events(follow=True, timeout_s=_Seconds(0.01))) == []
     with pytest.raises(InvalidRequest, match="timeout_s"):
         Ledger.open(ledger_path, timeout_s=_Seconds(-1.0))
+
+
+DOCUMENTED_FIRST_PARAMETERS = {  # README.md's signatures: `create_account(id, *, ...)`, `balance(account, ...)`...
+    "create_account": "id", "account": "id", "transfer": "id", "post_pending": "id", "void_pending": "id",
+    "get_transfer": "id", "outcome": "id", "balance": "account", "entries": "account",
+}
+
+
+def test_the_documented_parameter_names_are_the_real_ones_on_every_ledger() -> None:
+    """A host may call `ledger.balance(account="a")` or `ledger.transfer(id="t", ...)` as the
+    README writes them, on any of the ledgers."""
+    import inspect
+
+    from engine import AsyncLedger, ShardedLedger
+    from engine._history import Snapshot
+    from engine._readonly import ReadingLedger
+    from engine._remote import RemoteLedger
+
+    for kind in (Ledger, AsyncLedger, ShardedLedger, ReadingLedger, Snapshot, RemoteLedger):
+        for method, name in DOCUMENTED_FIRST_PARAMETERS.items():
+            if hasattr(kind, method):
+                first = list(inspect.signature(getattr(kind, method)).parameters)[1]
+                assert first == name, (kind.__name__, method, first)
+
+
+def test_a_ledger_takes_its_documented_parameter_names_as_keywords(tmp_path: Path) -> None:
+    with Ledger.open(tmp_path / "ledger") as ledger:
+        ledger.create_account(id="bank", currency="USD", overdraft_limit=None)
+        ledger.create_account(id="alice", currency="USD")
+        ledger.transfer(id="t-1", source="bank", destination="alice", amount=10)
+        ledger.transfer(id="p-1", source="alice", destination="bank", amount=4, pending=True)
+        ledger.post_pending(id="q-1", pending_id="p-1", amount=3)
+        ledger.transfer(id="p-2", source="alice", destination="bank", amount=1, pending=True)
+        ledger.void_pending(id="v-2", pending_id="p-2")
+        assert ledger.account(id="alice").currency == "USD"
+        assert ledger.balance(account="alice").posted == 7
+        assert [entry.transfer_id for entry in ledger.entries(account="alice")] == ["t-1", "q-1"]
+        assert ledger.get_transfer(id="q-1").amount == 3  # type: ignore[union-attr]
+        assert ledger.outcome(id="v-2").kind == "void"  # type: ignore[union-attr]
