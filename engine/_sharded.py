@@ -37,6 +37,7 @@ import inspect
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,9 @@ class ShardedLedger:
         self._sweeper = threading.Thread(target=self._sweep, name="tally-in-doubt-sweeper", daemon=True)
         self._own_clock = own_clock
         """The shards' ledgers run on a `clock_ns` of the caller's: no sweeper, no age."""
+        self._forked_from: int | None = None
+        """Set in a child made by `fork()`: the process that opened it (`_after_fork`)."""
+        _OPEN.add(self)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, shards: int, address: str | None = None,
@@ -198,6 +202,10 @@ class ShardedLedger:
 
     def _live(self) -> Router:
         if self._closed:
+            if self._forked_from is not None:
+                raise LedgerClosed(f"the sharded ledger at {self.path} belongs to process {self._forked_from}, which "
+                                   "opened it: a process made by fork() must open it itself (Ray's connection does "
+                                   "not survive a fork)")
             raise LedgerClosed(f"the sharded ledger at {self.path} is closed")
         return self._router
 
@@ -467,6 +475,7 @@ class ShardedLedger:
         if self._closed:
             return
         self._closed = True
+        _OPEN.discard(self)
         self._stopping.set()
         if self._sweeper.is_alive():  # a sweep under way ends within its calls' timeouts
             self._sweeper.join(3 * self.timeout_s)
@@ -481,6 +490,24 @@ class ShardedLedger:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+_OPEN: weakref.WeakSet[ShardedLedger] = weakref.WeakSet()
+"""Every sharded ledger open in this process, for `_after_fork`."""
+
+
+def _after_fork() -> None:
+    """In a child made by `fork()`: every sharded ledger the parent had open is closed here,
+    at once and without a word to Ray, whose connection the child does not have (a call would
+    wait for ever, and a close would stop the parent's shards); its calls raise
+    `LedgerClosed` saying why, as a `Ledger`'s do."""
+    for ledger in list(_OPEN):
+        ledger._forked_from = os.getppid()
+        ledger._closed = True
+    _OPEN.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _plain(request: Resolution) -> Resolution:

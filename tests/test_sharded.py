@@ -234,6 +234,37 @@ class _ItemsRaise(dict):  # type: ignore[type-arg]
         raise RuntimeError("items")
 
 
+def test_a_child_made_by_fork_is_refused_at_once_and_its_close_leaves_the_parents_shards_alone(
+        sharded: ShardedLedger) -> None:
+    """Ray's connection does not survive a fork: the child's calls would wait for ever, and its
+    close would stop the parent's shards. The child gets `LedgerClosed` at once, as from a
+    `Ledger`, and its close does nothing."""
+    import time
+
+    sharded.create_account("bank", currency="USD", overdraft_limit=None)
+    pid = os.fork()
+    if pid == 0:  # the child: never back into pytest
+        code = 3
+        try:
+            try:
+                sharded.balance("bank")
+            except LedgerClosed as error:
+                code = 0 if "fork" in str(error) else 2
+            sharded.close()
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the child made by fork() waited on the parent's sharded ledger")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert sharded.balance("bank").posted == 0  # the parent's shards still answer
+    sharded.create_account("alice", currency="USD")
+
+
 def test_recover_in_doubt_older_than_any_timestamp_resolves_none(sharded: ShardedLedger) -> None:
     assert sharded.recover_in_doubt(10**5000) == 0
     assert sharded.recover_in_doubt(1e300) == 0
