@@ -27,6 +27,7 @@ ledger within it, or the caller gets `LedgerTimeout` and retries with the same i
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -57,6 +58,7 @@ def join(address: str | None) -> bool:
     global _users
     with _STARTED:
         if ray.is_initialized():
+            _check_same_cluster(address, ray.get_runtime_context().gcs_address)
             if _users == 0:
                 return False  # the host's own Ray: it shuts it down
             _users += 1
@@ -64,6 +66,38 @@ def join(address: str | None) -> bool:
         _start(address)
         _users = 1
         return True
+
+
+def _check_same_cluster(address: str | None, joined: str) -> None:
+    """`InvalidRequest` if `address` names a cluster other than the one this process is on
+    (`joined`, its GCS's host:port): a process joins one Ray cluster, so the ledger would
+    silently run on the other one's nodes and disks."""
+    if address is None or address == "auto":
+        return
+    if _endpoint(address) != _endpoint(joined):
+        raise InvalidRequest(f"this process is on the Ray cluster at {joined}, not {address!r} (a process joins one "
+                             "cluster): open with address=None to use it, or from another process")
+
+
+def _endpoint(address: str) -> tuple[str, str]:
+    """(IP, port) of a `host:port` address, its host resolved (else as written)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        return socket.gethostbyname(host.strip("[]")), port
+    except OSError:
+        return host, port
+
+
+def check_nodes(node_ids: Sequence[str]) -> None:
+    """`InvalidRequest` naming the first of `node_ids` that is no live node of this cluster (a
+    restarted node has a new id): a shard pinned to it could never be placed."""
+    import ray
+
+    alive = {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
+    for index, node_id in enumerate(node_ids):
+        if node_id not in alive:
+            raise InvalidRequest(f"shard {index}: {node_id!r} is no live node of this Ray cluster (a restarted node "
+                                 "has a new id)")
 
 
 def _start(address: str | None) -> None:
@@ -145,7 +179,13 @@ def gather(refs: Sequence[Any], timeout_s: float) -> list[Any]:
     `LedgerTimeout` (the outcomes are unknown: retry with the same ids), also while a shard
     is unavailable for a moment, and `LedgerUnavailable` if a shard's actor is gone for good."""
     import ray
-    from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+    from ray.exceptions import (
+        ActorUnavailableError,
+        ActorUnschedulableError,
+        GetTimeoutError,
+        RayActorError,
+        RayTaskError,
+    )
 
     try:
         return list(ray.get(list(refs), timeout=timeout_s))
@@ -156,6 +196,8 @@ def gather(refs: Sequence[Any], timeout_s: float) -> list[Any]:
         if isinstance(cause, LedgerError):
             raise cause from None
         raise
+    except ActorUnschedulableError as error:  # its node is gone (a shard is pinned to one)
+        raise LedgerUnavailable(f"a shard's actor cannot be placed: {error}") from error
     except ActorUnavailableError as error:  # restarting, or out of reach for now
         raise LedgerTimeout(f"a shard is unavailable for now ({error}): retry with the same ids") from error
     except RayActorError as error:

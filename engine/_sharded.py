@@ -166,6 +166,8 @@ class ShardedLedger:
         started = _ray.join(address)
         actors: list[Any] = []
         try:
+            if nodes is not None:
+                _ray.check_nodes(nodes)
             placed = list(nodes) if nodes is not None else [_ray.local_node()] * count
             actors = [_ray.start_shard(str(root / f"{SHARD_PREFIX}{i}"), i, placed[i], dict(ledger_options))
                       for i in range(count)]

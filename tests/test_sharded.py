@@ -153,11 +153,24 @@ def test_a_second_open_of_one_directory_raises_ledger_locked_and_bad_options_are
 
 
 def test_a_bad_timeout_or_node_list_is_invalid_request_and_nothing_is_written(tmp_path: Path) -> None:
+    gone = "ab" * 28  # a node id in form, of no node here (a restarted node has a new id)
     for options in ({"timeout_s": "5"}, {"timeout_s": None}, {"nodes": ["zz"] * SHARDS}, {"nodes": [1] * SHARDS},
-                    {"nodes": "zz"}):
-        with pytest.raises(InvalidRequest, match="timeout_s|node"):
+                    {"nodes": "zz"}, {"nodes": [gone] * SHARDS}, {"address": "127.0.0.1:1"}):
+        with pytest.raises(InvalidRequest, match="timeout_s|node|cluster"):
             ShardedLedger.open(tmp_path / "books", shards=SHARDS, **options)  # type: ignore[arg-type]
         assert not (tmp_path / "books" / "tally-shards.json").exists()
+
+
+def test_a_shard_whose_node_is_gone_is_ledger_unavailable_not_a_ray_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+    from ray.exceptions import ActorUnschedulableError
+
+    def unschedulable(*_args: object, **_kwargs: object) -> None:
+        raise ActorUnschedulableError("The node specified via NodeAffinitySchedulingStrategy doesn't exist any more")
+
+    monkeypatch.setattr(ray, "get", unschedulable)
+    with pytest.raises(LedgerUnavailable, match="cannot be placed"):
+        ray_calls.gather([object()], 1.0)
 
 
 class _Raising:
