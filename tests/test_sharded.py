@@ -533,13 +533,27 @@ def test_the_state_hash_covers_every_shard_and_survives_a_reopen(tmp_path: Path)
         assert ledger.state_hash() != before
 
 
+def _descendants(root: int) -> set[int]:
+    """`root` and every process under it (the Ray this process started: its GCS, raylet and
+    workers)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):  # gone meanwhile
+                pass
+    found = {root}
+    while grown := {pid for pid, parent in parents.items() if parent in found} - found:
+        found |= grown
+    return found
+
+
 def test_every_ray_listener_is_on_loopback(sharded: ShardedLedger) -> None:
     listing = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, timeout=30).stdout
-    ours = {str(os.getpid()), *map(str, sharded.pids())}
-    ray_lines = [line for line in listing.splitlines()
-                 if re.search(r'"(raylet|gcs_server|ray::[^"]*)"', line) or
-                 any(f"pid={pid}," in line for pid in ours)]
-    assert ray_lines, listing
+    ours = _descendants(os.getpid()) | set(sharded.pids())  # this Ray's processes (not another one on the machine)
+    ray_lines = [line for line in listing.splitlines() if any(f"pid={pid}," in line for pid in ours)]
+    assert any(re.search(r'"(raylet|gcs_server)"', line) for line in ray_lines), listing
     local = [line.split()[3] for line in ray_lines]
     assert all(address.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:")) for address in local), ray_lines
 
