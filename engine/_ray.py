@@ -26,8 +26,10 @@ ledger within it, or the caller gets `LedgerTimeout` and retries with the same i
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -56,6 +58,10 @@ def join(address: str | None) -> bool:
         raise InvalidRequest("a ShardedLedger needs Ray: pip install 'tally-ledger[cluster]'") from None
 
     global _users
+    if _forked_from_driver:
+        raise LedgerUnavailable("this process was made by fork() from one on Ray, whose connection it cannot use: "
+                                "open the sharded ledger from a process started with spawn (multiprocessing's "
+                                "'spawn' or 'forkserver'), or from one that never joined Ray")
     with _STARTED:
         if ray.is_initialized():
             _check_same_cluster(address, ray.get_runtime_context().gcs_address)
@@ -68,24 +74,58 @@ def join(address: str | None) -> bool:
         return True
 
 
+_forked_from_driver = False
+"""Set in a child made by `fork()` of a process on Ray (`_after_fork`)."""
+
+
+def _after_fork() -> None:
+    """In a child made by `fork()`: note whether the parent was on Ray. The child inherits
+    Ray's state but not its connection, so a ledger it opened would wait for ever."""
+    global _forked_from_driver, _users
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        _forked_from_driver = True
+    _users = 0
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def _check_same_cluster(address: str | None, joined: str) -> None:
     """`InvalidRequest` if `address` names a cluster other than the one this process is on
     (`joined`, its GCS's host:port): a process joins one Ray cluster, so the ledger would
-    silently run on the other one's nodes and disks."""
-    if address is None or address == "auto":
+    silently run on the other one's nodes and disks. Ray reports a cluster joined at a
+    loopback address by the machine's own address, so a loopback host is compared by its
+    port alone; a `ray://` address (Ray Client's port, not its GCS's) is not compared."""
+    if address is None or address == "auto" or address.startswith("ray://"):
         return
-    if _endpoint(address) != _endpoint(joined):
+    host, port = _endpoint(address)
+    joined_host, joined_port = _endpoint(joined)
+    if port != joined_port or not (host == joined_host or _loopback(host)):
         raise InvalidRequest(f"this process is on the Ray cluster at {joined}, not {address!r} (a process joins one "
                              "cluster): open with address=None to use it, or from another process")
 
 
 def _endpoint(address: str) -> tuple[str, str]:
-    """(IP, port) of a `host:port` address, its host resolved (else as written)."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
+    """(host, port) of a `host:port` address (an IPv6 host with or without brackets), a
+    name resolved on this machine (as written if it does not resolve)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
     try:
-        return socket.gethostbyname(host.strip("[]")), port
-    except OSError:
-        return host, port
+        ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            host = socket.gethostbyname(host)
+        except OSError:
+            pass
+    return host, port
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_nodes(node_ids: Sequence[str]) -> None:
@@ -93,7 +133,10 @@ def check_nodes(node_ids: Sequence[str]) -> None:
     restarted node has a new id): a shard pinned to it could never be placed."""
     import ray
 
-    alive = {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
+    try:
+        alive = {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
+    except Exception as error:  # Ray's own failures (its GCS out of reach) have no common class
+        raise LedgerUnavailable(f"cannot list the Ray cluster's nodes: {error!r}") from error
     for index, node_id in enumerate(node_ids):
         if node_id not in alive:
             raise InvalidRequest(f"shard {index}: {node_id!r} is no live node of this Ray cluster (a restarted node "

@@ -206,8 +206,8 @@ class ShardedLedger:
         if self._closed:
             if self._forked_from is not None:
                 raise LedgerClosed(f"the sharded ledger at {self.path} belongs to process {self._forked_from}, which "
-                                   "opened it: a process made by fork() must open it itself (Ray's connection does "
-                                   "not survive a fork)")
+                                   "opened it: Ray's connection does not survive a fork, so open the ledger from a "
+                                   "process started with spawn")
             raise LedgerClosed(f"the sharded ledger at {self.path} is closed")
         return self._router
 
@@ -220,7 +220,7 @@ class ShardedLedger:
 
     def create_account(self, id: str, *, currency: str, overdraft_limit: int | None = 0, code: int = 0,
                        metadata: Mapping[str, str | int] | None = None, placement: str | None = None) -> Account:
-        """`Ledger.create_account` on shard `shard_of(placement or account_id)`; idempotent
+        """`Ledger.create_account` on shard `shard_of(placement or id)`; idempotent
         for identical parameters. Raises `AccountExists` also if the id lives on another shard
         (made with another placement), and `InvalidRequest` for an id or a placement key with
         "\x1f" in it."""

@@ -161,6 +161,48 @@ def test_a_bad_timeout_or_node_list_is_invalid_request_and_nothing_is_written(tm
         assert not (tmp_path / "books" / "tally-shards.json").exists()
 
 
+def test_the_cluster_this_process_is_on_is_accepted_by_its_loopback_address(tmp_path: Path) -> None:
+    """Ray reports a cluster joined at 127.0.0.1 by the machine's own address: the same
+    cluster named again, by loopback or by name, is this one."""
+    import ray
+
+    port = ray.get_runtime_context().gcs_address.rpartition(":")[2]
+    for n, address in enumerate((f"127.0.0.1:{port}", f"localhost:{port}", "auto")):
+        with ShardedLedger.open(tmp_path / f"books-{n}", shards=1, address=address) as ledger:
+            ledger.create_account("a", currency="USD")
+    joined = "192.0.2.2:6379"  # as Ray reports a head started on this machine and joined at 127.0.0.1:6379
+    for same in ("127.0.0.1:6379", "localhost:6379", "[::1]:6379", joined, "auto", "ray://192.0.2.2:10001"):
+        ray_calls._check_same_cluster(same, joined)
+    for other in ("192.0.2.3:6379", "127.0.0.1:6380", "[::1]:1"):
+        with pytest.raises(InvalidRequest, match="a process joins one cluster"):
+            ray_calls._check_same_cluster(other, joined)
+
+
+def test_a_process_made_by_fork_from_one_on_ray_cannot_open_a_sharded_ledger_and_is_told_at_once(
+        tmp_path: Path) -> None:
+    import time
+
+    pid = os.fork()
+    if pid == 0:  # the child: never back into pytest
+        code = 3
+        try:
+            try:
+                ShardedLedger.open(tmp_path / "books", shards=1)
+            except LedgerUnavailable as error:
+                code = 0 if "fork" in str(error) else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the child made by fork() waited on Ray")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert not (tmp_path / "books" / "tally-shards.json").exists()
+
+
 def test_a_shard_whose_node_is_gone_is_ledger_unavailable_not_a_ray_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
     from ray.exceptions import ActorUnschedulableError
