@@ -180,8 +180,6 @@ def test_the_cluster_this_process_is_on_is_accepted_by_its_loopback_address(tmp_
 
 def test_a_process_made_by_fork_from_one_on_ray_cannot_open_a_sharded_ledger_and_is_told_at_once(
         tmp_path: Path) -> None:
-    import time
-
     pid = os.fork()
     if pid == 0:  # the child: never back into pytest
         code = 3
@@ -192,14 +190,7 @@ def test_a_process_made_by_fork_from_one_on_ray_cannot_open_a_sharded_ledger_and
                 code = 0 if "fork" in str(error) else 2
         finally:
             os._exit(code)
-    deadline = time.monotonic() + 30
-    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if done[0] == 0:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        pytest.fail("the child made by fork() waited on Ray")
-    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert _exit_code_of_child(pid) == 0
     assert not (tmp_path / "books" / "tally-shards.json").exists()
 
 
@@ -289,13 +280,26 @@ class _ItemsRaise(dict):  # type: ignore[type-arg]
         raise RuntimeError("items")
 
 
-def test_a_child_made_by_fork_is_refused_at_once_and_its_close_leaves_the_parents_shards_alone(
-        sharded: ShardedLedger) -> None:
-    """Ray's connection does not survive a fork: the child's calls would wait for ever, and its
-    close would stop the parent's shards. The child gets `LedgerClosed` at once, as from a
-    `Ledger`, and its close does nothing."""
+def _exit_code_of_child(pid: int, wait_s: float = 30.0) -> int:
+    """The exit code of the child made by fork(); the test fails if it is still running
+    after `wait_s` (it waited on Ray), and the child is killed."""
     import time
 
+    deadline = time.monotonic() + wait_s
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the child made by fork() waited on Ray")
+    return os.waitstatus_to_exitcode(done[1])
+
+
+def test_a_child_made_by_fork_is_refused_at_once_and_its_close_leaves_the_parents_shards_alone(
+        sharded: ShardedLedger) -> None:
+    """Ray's connection does not survive a fork: the child's calls would wait out their timeout,
+    and its close would hang in Ray. The child gets `LedgerClosed` at once, as from a `Ledger`,
+    and its close does nothing."""
     sharded.create_account("bank", currency="USD", overdraft_limit=None)
     pid = os.fork()
     if pid == 0:  # the child: never back into pytest
@@ -308,14 +312,7 @@ def test_a_child_made_by_fork_is_refused_at_once_and_its_close_leaves_the_parent
             sharded.close()
         finally:
             os._exit(code)
-    deadline = time.monotonic() + 30
-    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if done[0] == 0:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        pytest.fail("the child made by fork() waited on the parent's sharded ledger")
-    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert _exit_code_of_child(pid) == 0
     assert sharded.balance("bank").posted == 0  # the parent's shards still answer
     sharded.create_account("alice", currency="USD")
 
