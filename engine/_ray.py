@@ -79,13 +79,21 @@ _forked_from_driver = False
 
 
 def _after_fork() -> None:
-    """In a child made by `fork()`: note whether the parent was on Ray. The child inherits
-    Ray's state but not its connection, so a ledger it opened would wait for ever."""
-    global _forked_from_driver, _users
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        _forked_from_driver = True
+    """In a child made by `fork()`: note whether the parent was on Ray, or starting or
+    stopping it (its lock held). The child inherits Ray's state but not its connection, so a
+    ledger it opened would wait for ever."""
+    global _forked_from_driver, _users, _STARTED
     _users = 0
+    busy = _STARTED.locked()
+    _STARTED = threading.Lock()  # (a lock held at the fork stays held in the child)
+    ray = sys.modules.get("ray")
+    try:
+        initialized = getattr(ray, "is_initialized", None)
+        on_ray = bool(initialized()) if initialized is not None else False
+    except Exception:  # a Ray half-imported at the fork: it cannot be used here either
+        on_ray = True
+    if busy or on_ray:
+        _forked_from_driver = True
 
 
 os.register_at_fork(after_in_child=_after_fork)
@@ -101,7 +109,7 @@ def _check_same_cluster(address: str | None, joined: str) -> None:
         return
     host, port = _endpoint(address)
     joined_host, joined_port = _endpoint(joined)
-    if port != joined_port or not (host == joined_host or _loopback(host)):
+    if port != joined_port or not (host == joined_host or _loopback(host) and _this_machine(joined_host)):
         raise InvalidRequest(f"this process is on the Ray cluster at {joined}, not {address!r} (a process joins one "
                              "cluster): open with address=None to use it, or from another process")
 
@@ -116,9 +124,23 @@ def _endpoint(address: str) -> tuple[str, str]:
     except ValueError:
         try:
             host = socket.gethostbyname(host)
-        except OSError:
+        except (OSError, UnicodeError, ValueError, TypeError):  # no such name, or none a name can be
             pass
     return host, port
+
+
+def _this_machine(host: str) -> bool:
+    """Whether `host` (an IP) is one of this machine's addresses: one a socket can bind to
+    (nothing is sent)."""
+    if _loopback(host):
+        return True
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def _loopback(host: str) -> bool:

@@ -161,7 +161,8 @@ def test_a_bad_timeout_or_node_list_is_invalid_request_and_nothing_is_written(tm
         assert not (tmp_path / "books" / "tally-shards.json").exists()
 
 
-def test_the_cluster_this_process_is_on_is_accepted_by_its_loopback_address(tmp_path: Path) -> None:
+def test_the_cluster_this_process_is_on_is_accepted_by_its_loopback_address(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray reports a cluster joined at 127.0.0.1 by the machine's own address: the same
     cluster named again, by loopback or by name, is this one."""
     import ray
@@ -171,11 +172,14 @@ def test_the_cluster_this_process_is_on_is_accepted_by_its_loopback_address(tmp_
         with ShardedLedger.open(tmp_path / f"books-{n}", shards=1, address=address) as ledger:
             ledger.create_account("a", currency="USD")
     joined = "192.0.2.2:6379"  # as Ray reports a head started on this machine and joined at 127.0.0.1:6379
+    monkeypatch.setattr(ray_calls, "_this_machine", lambda host: host == "192.0.2.2")
     for same in ("127.0.0.1:6379", "localhost:6379", "[::1]:6379", joined, "auto", "ray://192.0.2.2:10001"):
         ray_calls._check_same_cluster(same, joined)
-    for other in ("192.0.2.3:6379", "127.0.0.1:6380", "[::1]:1"):
+    for other in ("192.0.2.3:6379", "127.0.0.1:6380", "[::1]:1", "a..b:6379", "a\x00b:6379"):
         with pytest.raises(InvalidRequest, match="a process joins one cluster"):
             ray_calls._check_same_cluster(other, joined)
+    with pytest.raises(InvalidRequest, match="a process joins one cluster"):  # a cluster on another machine
+        ray_calls._check_same_cluster("127.0.0.1:6379", "198.51.100.7:6379")
 
 
 def test_a_process_made_by_fork_from_one_on_ray_cannot_open_a_sharded_ledger_and_is_told_at_once(
