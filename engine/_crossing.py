@@ -49,6 +49,7 @@ from coordinator import (
     InsufficientFunds,
     InvalidRequest,
     LedgerError,
+    LedgerLocked,
     LedgerTimeout,
     Transfer,
     TransferRequest,
@@ -192,11 +193,13 @@ class Router:
 
     def _in_flight(self, calls: dict[int, tuple[str, Any]]) -> dict[int, Any]:
         """`on` for a round after the prepares: a step that raised `InvalidRequest` (a bad
-        clock reading: the rows were checked) leaves the batch's transfers in flight, their
-        outcomes unknown, so it is `LedgerTimeout` (retry with the same ids)."""
+        clock reading: the rows were checked) or `LedgerLocked` (a shard's directory still held
+        by the process Ray replaced) leaves the batch's transfers in flight, their outcomes
+        unknown, so it is `LedgerTimeout` (retry with the same ids), not an error that reads as
+        if nothing had been done."""
         try:
             return self.on(calls)
-        except InvalidRequest as error:
+        except (InvalidRequest, LedgerLocked) as error:
             raise LedgerTimeout(f"this batch's cross-shard transfers are in flight: a step failed ({error}); retry "
                                 "them with the same ids to learn their outcomes") from error
 

@@ -620,6 +620,29 @@ def test_transfer_many_makes_one_ray_call_per_shard_per_round(sharded: ShardedLe
     assert rounds == [("batch", "batch"), ("credit", "credit"), ("resolve", "resolve")]
 
 
+def test_a_credit_step_meeting_a_held_directory_leaves_the_transfer_in_flight_not_refused(
+        sharded: ShardedLedger, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prepare is durable when the credit's shard answers `LedgerLocked` (its directory
+    still held by the process Ray replaced): the outcome is unknown, so `LedgerTimeout`, not an
+    error that reads as if nothing had been done; the retry completes it."""
+    source = accounts_on(sharded, "s", 1, shard=0, balance=100)[0]
+    destination = accounts_on(sharded, "d", 1, shard=1)[0]
+    on = sharded._router.on
+
+    def held(calls: dict[int, tuple[str, object]]) -> dict[int, object]:
+        if any(method == "credit" for method, _ in calls.values()):
+            raise LedgerLocked("shard-1 is open in another live process")
+        return on(calls)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sharded._router, "on", held)
+    with pytest.raises(LedgerTimeout, match="in flight"):
+        sharded.transfer("T", source=source, destination=destination, amount=20)
+    assert sharded.balance(source).pending == 20 and sharded.outcome("T") is None
+    monkeypatch.undo()
+    assert sharded.transfer("T", source=source, destination=destination, amount=20).status == "posted"
+    assert sharded.balance(source).posted == 80 and sharded.balance(destination).posted == 20
+
+
 def test_every_ledger_error_pickles_whole() -> None:
     import pickle
 
