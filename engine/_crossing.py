@@ -148,7 +148,8 @@ class Router:
             else:
                 crossing[i] = request
                 parts[a].append((i, prepare_row(request, b)))
-        replies = self.on({a: ("batch", pack([item for _, item in part])) for a, part in parts.items()})
+        batches = {a: ("batch", pack([item for _, item in part])) for a, part in parts.items()}
+        replies = self._in_flight(batches) if len(batches) > 1 else self.on(batches)  # (another shard's part may be done)
         prepared: dict[int, Transfer] = {}
         for a, part in parts.items():
             for (i, _), outcome in zip(part, outcomes_of(unpack(replies[a])), strict=True):
@@ -192,15 +193,16 @@ class Router:
                         crossing[i], "post or void", outcome)
 
     def _in_flight(self, calls: dict[int, tuple[str, Any]]) -> dict[int, Any]:
-        """`on` for a round after the prepares: a step that raised `InvalidRequest` (a bad
-        clock reading: the rows were checked) or `LedgerLocked` (a shard's directory still held
-        by the process Ray replaced) leaves the batch's transfers in flight, their outcomes
-        unknown, so it is `LedgerTimeout` (retry with the same ids), not an error that reads as
-        if nothing had been done."""
+        """`on` for a round after the prepares, or a first round on more than one shard: a
+        step that raised `InvalidRequest` (a bad clock reading: the rows were checked) or
+        `LedgerLocked` (a shard's directory still held by the process Ray replaced) leaves the
+        batch's transfers in flight or partly done, their outcomes unknown, so it is
+        `LedgerTimeout` (retry with the same ids), not an error that reads as if nothing had
+        been done."""
         try:
             return self.on(calls)
         except (InvalidRequest, LedgerLocked) as error:
-            raise LedgerTimeout(f"this batch's cross-shard transfers are in flight: a step failed ({error}); retry "
+            raise LedgerTimeout(f"this batch's transfers are in flight or partly done: a step failed ({error}); retry "
                                 "them with the same ids to learn their outcomes") from error
 
     # --- recovery ------------------------------------------------------------------------

@@ -211,10 +211,10 @@ class ShardedLedger:
             raise LedgerClosed(f"the sharded ledger at {self.path} is closed")
         return self._router
 
-    def shard_of(self, account_id: str) -> int:
-        """The shard account `account_id` lives on (its hash shard if no shard has it)."""
-        check_user_id(account_id, "account id")
-        return self._live().locate([account_id])[account_id]
+    def shard_of(self, account: str) -> int:
+        """The shard `account` lives on (its hash shard if no shard has it)."""
+        check_user_id(account, "account id")
+        return self._live().locate([account])[account]
 
     # --- accounts ------------------------------------------------------------------------
 

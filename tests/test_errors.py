@@ -1059,7 +1059,7 @@ def test_a_number_of_seconds_given_as_a_subclass_is_read_by_its_value(ledger_pat
 
 DOCUMENTED_FIRST_PARAMETERS = {  # README.md's signatures: `create_account(id, *, ...)`, `balance(account, ...)`...
     "create_account": "id", "account": "id", "transfer": "id", "post_pending": "id", "void_pending": "id",
-    "get_transfer": "id", "outcome": "id", "balance": "account", "entries": "account",
+    "get_transfer": "id", "outcome": "id", "balance": "account", "entries": "account", "shard_of": "account",
 }
 
 

@@ -325,7 +325,7 @@ def test_sigterm_closes_an_event_stream_whose_client_stopped_reading_without_the
     bytes would never drain, and uvicorn would wait for them until its graceful shutdown (35 s)
     gave up. The connection is closed once its bytes have not moved for `STALLED_S`."""
     from engine import Account
-    from engine._serve import GRACEFUL_SHUTDOWN_S, STALLED_S
+    from engine._serve import GRACEFUL_SHUTDOWN_S
 
     socket_bytes_max = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
     accounts = max(60_000, 2 * socket_bytes_max // 150)  # ~150 bytes an event: twice what a socket holds
@@ -346,7 +346,7 @@ def test_sigterm_closes_an_event_stream_whose_client_stopped_reading_without_the
         started = time.monotonic()
         assert server.stop(signal.SIGTERM) == 0
         took = time.monotonic() - started
-    assert took < STALLED_S + 5 < GRACEFUL_SHUTDOWN_S, took
+    assert took < GRACEFUL_SHUTDOWN_S - 10, took  # (without the watch: the whole graceful wait)
     assert "its client stopped reading" in server.stderr, server.stderr
     assert "Traceback" not in server.stderr and "ERROR" not in server.stderr, server.stderr
 

@@ -643,6 +643,29 @@ def test_a_credit_step_meeting_a_held_directory_leaves_the_transfer_in_flight_no
     assert sharded.balance(source).posted == 80 and sharded.balance(destination).posted == 20
 
 
+def test_a_batch_over_two_shards_one_of_them_held_is_in_flight_not_refused(
+        sharded: ShardedLedger, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The other shard's part of the batch is durable when one shard answers `LedgerLocked`:
+    `LedgerTimeout`, and the retry with the same ids gives every outcome, each applied once."""
+    left = accounts_on(sharded, "l", 2, shard=0, balance=100)
+    right = accounts_on(sharded, "r", 2, shard=1, balance=100)
+    on = sharded._router.on
+
+    def held(calls: dict[int, tuple[str, object]]) -> dict[int, object]:
+        if 1 in calls and calls[1][0] == "batch":
+            on({0: calls[0]})  # type: ignore[dict-item]  # shard 0 takes its part; shard 1's is held
+            raise LedgerLocked("shard-1 is open in another live process")
+        return on(calls)  # type: ignore[arg-type]
+
+    requests = [TransferRequest("b0", left[0], left[1], 5), TransferRequest("b1", right[0], right[1], 5)]
+    monkeypatch.setattr(sharded._router, "on", held)
+    with pytest.raises(LedgerTimeout, match="partly done"):
+        sharded.transfer_many(requests)
+    monkeypatch.undo()
+    assert all(isinstance(outcome, Transfer) for outcome in sharded.transfer_many(requests))
+    assert [sharded.balance(name).posted for name in (*left, *right)] == [95, 105, 95, 105]
+
+
 def test_every_ledger_error_pickles_whole() -> None:
     import pickle
 
