@@ -73,7 +73,11 @@ async def _known_queries(request: Request) -> None:
     route = request.scope.get("route")
     if getattr(route, "path", None) == "/health":  # a probe's own query (a cache-buster) is its business
         return
-    known = _query_names(route.dependant) if isinstance(route, APIRoute) else set()
+    _refuse_queries(request, _query_names(route) if isinstance(route, APIRoute) else frozenset())
+
+
+def _refuse_queries(request: Request, known: frozenset[str]) -> None:
+    """`InvalidRequest` for a query parameter not in `known`, or one given twice."""
     given = [name for name, _ in request.query_params.multi_items()]
     unknown = sorted(set(given) - known)
     if unknown:
@@ -84,12 +88,15 @@ async def _known_queries(request: Request) -> None:
         raise InvalidRequest(f"query parameter(s) {', '.join(map(repr, repeated))} given more than once: give each once")
 
 
-def _query_names(dependant: Any) -> set[str]:
-    """The query parameters a route's `Dependant` (and its dependencies') declares."""
-    names = {field.alias for field in dependant.query_params}
-    for dependency in dependant.dependencies:
-        names |= _query_names(dependency)
-    return names
+def _query_names(route: APIRoute) -> frozenset[str]:
+    """The query parameters a route declares (its dependencies' too)."""
+    names: set[str] = set()
+    waiting = [route.dependant]
+    while waiting:
+        dependant = waiting.pop()
+        names.update(field.alias for field in dependant.query_params)
+        waiting += dependant.dependencies
+    return frozenset(names)
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -271,9 +278,7 @@ async def account(request: Request, account_id: str) -> Response:
 async def _account_read_as_itself(request: Request, account_id: str) -> Response:
     """`GET /accounts/{account_id}` of an account whose id ends in a route's name: that
     route's query parameters are not the account route's, which takes none."""
-    if request.query_params:
-        raise InvalidRequest(f"unknown query parameter(s) {', '.join(map(repr, sorted(request.query_params)))}: "
-                             "this route takes none")
+    _refuse_queries(request, frozenset())
     return await account(request, account_id)
 
 

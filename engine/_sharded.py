@@ -37,7 +37,6 @@ import inspect
 import logging
 import os
 import threading
-import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -120,9 +119,8 @@ class ShardedLedger:
         self._sweeper = threading.Thread(target=self._sweep, name="tally-in-doubt-sweeper", daemon=True)
         self._own_clock = own_clock
         """The shards' ledgers run on a `clock_ns` of the caller's: no sweeper, no age."""
-        self._forked_from: int | None = None
-        """Set in a child made by `fork()`: the process that opened it (`_after_fork`)."""
-        _OPEN.add(self)
+        self._pid = os.getpid()
+        """The process that opened it: Ray's connection does not survive a fork (`_live`)."""
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, shards: int, address: str | None = None,
@@ -203,11 +201,11 @@ class ShardedLedger:
         return self._router.shards
 
     def _live(self) -> Router:
+        if os.getpid() != self._pid:  # a child made by fork(): a call would wait on the parent's connection
+            raise LedgerClosed(f"the sharded ledger at {self.path} belongs to process {self._pid}, which opened it: "
+                               "Ray's connection does not survive a fork, so open the ledger from a process started "
+                               "with spawn")
         if self._closed:
-            if self._forked_from is not None:
-                raise LedgerClosed(f"the sharded ledger at {self.path} belongs to process {self._forked_from}, which "
-                                   "opened it: Ray's connection does not survive a fork, so open the ledger from a "
-                                   "process started with spawn")
             raise LedgerClosed(f"the sharded ledger at {self.path} is closed")
         return self._router
 
@@ -474,10 +472,9 @@ class ShardedLedger:
         Unlike `Ledger.close`, it does not wait for this object's calls under way in other
         threads: one between two steps fails (`LedgerClosed` or `LedgerUnavailable`), and what
         it left in doubt is resolved by the next open."""
-        if self._closed:
+        if self.closed:  # (in a child made by fork(), the shards are the parent's: nothing to do)
             return
         self._closed = True
-        _OPEN.discard(self)
         self._stopping.set()
         if self._sweeper.is_alive():  # a sweep under way ends within its calls' timeouts
             self._sweeper.join(3 * self.timeout_s)
@@ -491,25 +488,7 @@ class ShardedLedger:
 
     @property
     def closed(self) -> bool:
-        return self._closed
-
-
-_OPEN: weakref.WeakSet[ShardedLedger] = weakref.WeakSet()
-"""Every sharded ledger open in this process, for `_after_fork`."""
-
-
-def _after_fork() -> None:
-    """In a child made by `fork()`: every sharded ledger the parent had open is closed here,
-    at once and without a word to Ray, whose connection the child does not have (a call would
-    wait for ever, and a close would stop the parent's shards); its calls raise
-    `LedgerClosed` saying why, as a `Ledger`'s do."""
-    for ledger in list(_OPEN):
-        ledger._forked_from = os.getppid()
-        ledger._closed = True
-    _OPEN.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork)
+        return self._closed or os.getpid() != self._pid  # (in a child made by fork(): closed to it)
 
 
 def _plain(request: Resolution) -> Resolution:
