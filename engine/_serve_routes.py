@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote_to_bytes
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
@@ -67,29 +67,24 @@ KeyHeader = Annotated[str | None, Header(
 
 
 
-async def _known_queries(request: Request) -> None:
-    """Every query parameter is one the route takes, given once: a misspelt filter
-    (`?acount=`) would otherwise be ignored, and the answer read as filtered when it is not."""
-    route = request.scope.get("route")
-    if getattr(route, "path", None) == "/health":  # a probe's own query (a cache-buster) is its business
-        return
-    _refuse_queries(request, _query_names(route) if isinstance(route, APIRoute) else frozenset())
-
-
 def _refuse_queries(request: Request, known: frozenset[str]) -> None:
     """`InvalidRequest` for a query parameter not in `known`, or one given twice."""
+    if not request.scope.get("query_string"):  # (most requests: nothing to look at)
+        return
     given = [name for name, _ in request.query_params.multi_items()]
-    unknown = sorted(set(given) - known)
+    names = set(given)
+    unknown = sorted(names - known)
     if unknown:
         raise InvalidRequest(f"unknown query parameter(s) {', '.join(map(repr, unknown))}: "
                              + (f"this route takes {', '.join(sorted(known))}" if known else "this route takes none"))
-    repeated = sorted(name for name, count in Counter(given).items() if count > 1)
-    if repeated:
+    if len(names) != len(given):
+        repeated = sorted(name for name, count in Counter(given).items() if count > 1)
         raise InvalidRequest(f"query parameter(s) {', '.join(map(repr, repeated))} given more than once: give each once")
 
 
 def _query_names(route: APIRoute) -> frozenset[str]:
-    """The query parameters a route declares (its dependencies' too)."""
+    """The query parameters a route declares (its dependencies' too): found once, as its
+    handler is made."""
     names: set[str] = set()
     waiting = [route.dependant]
     while waiting:
@@ -122,18 +117,24 @@ class _StrictBody(Request):
 
 
 class _StrictRoute(APIRoute):
-    """A route that reads its body as `_StrictBody`."""
+    """A route that takes only the query parameters it declares, each once (a misspelt filter,
+    `?acount=`, would otherwise be ignored, and the answer read as filtered when it is not;
+    `/health` ignores its query, a probe's cache-buster), and reads its body as `_StrictBody`."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        known = _query_names(self)
+        checked = self.path != "/health"
 
         async def strict(request: Request) -> Response:
+            if checked:
+                _refuse_queries(request, known)
             return await handler(_StrictBody(request.scope, request.receive))
 
         return strict
 
 
-router = APIRouter(route_class=_StrictRoute, dependencies=[Depends(_known_queries)])
+router = APIRouter(route_class=_StrictRoute)
 
 
 class KeyLocks:
