@@ -43,7 +43,7 @@ from coordinator._history import (
 )
 from coordinator._coordinator import Coordinator
 from coordinator._events import Event, EventKind, EventReader, account_timestamp
-from coordinator._entries import Row, decode_entry, last_row, pairs, unindexed_entries
+from coordinator._entries import Flat, Row, decode_entry, last_row, pairs, unindexed_entries
 from coordinator._errors import (
     REJECTIONS,
     AccountExists,
@@ -225,6 +225,7 @@ __all__ = [
     "entries_of",
     "last_entry",
     "last_row",
+    "Flat",
     "ledger_error",
     "ledger_errors",
     "load_checkpoint",
@@ -243,7 +244,6 @@ __all__ = [
     "transfer_request",
     "state_hash",
     "transfer_of",
-    "pairs",
     "unindexed_entries",
     "unindexed_holds_flat",
     "unopened",

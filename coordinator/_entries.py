@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable, Iterator
-from itertools import chain
+from itertools import chain, islice
 from typing import Any
 
 import msgpack
@@ -95,9 +95,12 @@ def hold_row_lsn(row: Row) -> int:
     return int.from_bytes(row[0][-8:], "big")
 
 
-Flat = dict[str, list[bytes]]
-"""Entries by account as flat lists, key, value, key, value...: no tuple per entry, so
-nothing per entry for the garbage collector to track."""
+Flat = dict[str, dict[bytes, bytes]]
+"""Entries by account, each account's a dict of key -> value in seq order. A dict of bytes
+only is one the garbage collector does not track (CPython leaves such a dict untracked),
+so however many entries wait unindexed, a full collection never visits them: as flat
+lists they were tens of thousands of lists whose every item each full collection visited,
+~4 ms of it at 10,000 accounts (`bench/README.md`)."""
 
 
 def drop_before(entries: Flat, lsn: int, lsn_of: Callable[[Row], int] = row_lsn) -> Flat:
@@ -106,16 +109,17 @@ def drop_before(entries: Flat, lsn: int, lsn_of: Callable[[Row], int] = row_lsn)
     kept: Flat = {}
     for account, flat in entries.items():
         start = 0
-        while start < len(flat) and lsn_of((flat[start], flat[start + 1])) < lsn:
-            start += 2
-        if start < len(flat):
-            kept[account] = flat[start:] if start else flat
+        for row in flat.items():
+            if lsn_of(row) >= lsn:
+                kept[account] = dict(islice(flat.items(), start, None)) if start else flat
+                break
+            start += 1
     return kept
 
 
-def pairs(flat: list[bytes]) -> list[Row]:
-    """A flat list's rows."""
-    return list(zip(flat[::2], flat[1::2], strict=True))
+def pairs(flat: dict[bytes, bytes]) -> list[Row]:
+    """An account's rows, copied in one step first: another thread may be adding to it."""
+    return list(flat.copy().items())
 
 
 def add_commit(entries: Flat, prefixes: dict[str, bytes], lsn: int, record: list[Any]) -> None:
@@ -127,8 +131,8 @@ def add_commit(entries: Flat, prefixes: dict[str, bytes], lsn: int, record: list
             prefixes[account] = prefix = entry_prefix(account)
         flat = entries.get(account)
         if flat is None:
-            entries[account] = flat = []
-        flat += (prefix + _U64.pack(seq), value)
+            entries[account] = flat = {}
+        flat[prefix + _U64.pack(seq)] = value
 
 
 def add_holds(holds: Flat, lsn: int, rows: dict[str, tuple[int, int]]) -> None:
@@ -136,8 +140,8 @@ def add_holds(holds: Flat, lsn: int, rows: dict[str, tuple[int, int]]) -> None:
     for account, (held, incoming) in rows.items():
         flat = holds.get(account)
         if flat is None:
-            holds[account] = flat = []
-        flat += (holds_key(account, lsn), encode_holds(held, incoming))
+            holds[account] = flat = {}
+        flat[holds_key(account, lsn)] = encode_holds(held, incoming)
 
 
 def newest_checkpoint_lsn(journal: Journal, txn: Any) -> int:
@@ -244,28 +248,30 @@ def with_unindexed(indexed: list[Row], unindexed: Iterable[Row], start: bytes, l
 
 
 class Joined:
-    """Flat lists read one after another, without being copied into one (see
-    `journal._writer._put_all` for what one young list of them all would cost)."""
+    """Accounts' rows read one after another as the journal writer takes index entries,
+    flat (key, value, key, value...), without being copied into one list (see
+    `journal._writer._put_all` for what one young list of them all would cost). The rows'
+    parts are not changed while it is read (a checkpoint carries them)."""
 
     __slots__ = ("_parts", "_length")
 
-    def __init__(self, parts: list[list[bytes]]) -> None:
+    def __init__(self, parts: list[dict[bytes, bytes]]) -> None:
         self._parts = parts
-        self._length = sum(map(len, parts))
+        self._length = 2 * sum(map(len, parts))
 
     def __len__(self) -> int:
         return self._length
 
     def __iter__(self) -> Iterator[bytes]:
-        return chain.from_iterable(self._parts)
+        return chain.from_iterable(chain.from_iterable(map(dict.items, self._parts)))
 
     def __contains__(self, item: object) -> bool:
-        return any(item in part for part in self._parts)
+        return any(item in part or item in part.values() for part in self._parts)
 
 
-def first_key(flat: list[bytes]) -> bytes:
-    """A flat list's first key (an account's rows sort by it: see `UnindexedEntries.ordered`)."""
-    return flat[0]
+def first_key(flat: dict[bytes, bytes]) -> bytes:
+    """An account's first key (an account's rows sort by it: see `UnindexedEntries.ordered`)."""
+    return next(iter(flat))
 
 
 class UnindexedEntries:
@@ -289,7 +295,7 @@ class UnindexedEntries:
         """The LSN of the record that made a row."""
         self.current: Flat = current if current is not None else {}
         """Appended to under the sequencer lock, a key and its value in one step (`add`)."""
-        self.count = sum(len(flat) for flat in self.current.values()) // 2
+        self.count = sum(map(len, self.current.values()))
         """Entries in `current`."""
         self._carried: tuple[tuple[int, Flat], ...] = ()
         """(checkpoint LSN, the rows it carries), oldest first; replaced, never changed."""
@@ -304,9 +310,9 @@ class UnindexedEntries:
         for account, key, value in zip(accounts, pairs, pairs, strict=True):
             flat = current.get(account)
             if flat is None:
-                current[account] = [key, value]
+                current[account] = {key: value}
             else:
-                flat += (key, value)  # one step: a reader never sees a key without its value
+                flat[key] = value  # one step: a reader never sees a key without its value
 
     def remove(self, accounts: list[str]) -> None:
         """Take back what the last `add(accounts, ...)` appended (a chunk the journal refused:
@@ -315,7 +321,7 @@ class UnindexedEntries:
         self.count -= len(accounts)
         for account in reversed(accounts):
             flat = current[account]
-            del flat[-2:]
+            flat.popitem()  # the last added
             if not flat:
                 del current[account]
 
@@ -327,8 +333,8 @@ class UnindexedEntries:
         # account ever seen (an insertion into a list of a million costs a millisecond).
         return Joined(self.ordered_parts())
 
-    def ordered_parts(self) -> list[list[bytes]]:
-        """`ordered`, as the list of each account's flat list."""
+    def ordered_parts(self) -> list[dict[bytes, bytes]]:
+        """`ordered`, as the list of each account's rows."""
         return sorted(self.current.values(), key=first_key)
 
     def carry(self, checkpoint_lsn: int) -> None:
@@ -346,9 +352,10 @@ class UnindexedEntries:
 
     def rows(self, account: str, durable_lsn: int) -> list[Row]:
         """The account's unindexed rows that are durable (LSN <= `durable_lsn`), in seq order."""
-        current = list(self.current.get(account, ()))
-        found = [row for _, flat in self._carried for row in pairs(flat.get(account, []))]
-        found += pairs(current)
+        current = self.current.get(account)
+        current = current.copy() if current else {}  # one step (the sequencer adds to it)
+        found = [row for _, flat in self._carried for row in flat.get(account, {}).items()]
+        found += current.items()
         found = sorted(set(found))  # a checkpoint queued between the two reads shows its rows twice
         lsn_of = self._lsn_of
         while found and lsn_of(found[-1]) > durable_lsn:

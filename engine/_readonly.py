@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from coordinator import (
+    Flat,
     INDEX_NAMES,
     Account,
     AccountNotFound,
@@ -116,8 +117,8 @@ class ReadingLedger(Ledger):
         self._catching_up = threading.Lock()
         books = self._books
         self._history = History(journal, lambda: self._catch_up().last_lsn,
-                                lambda account, _end: pairs(_unindexed(books).get(account, [])),
-                                lambda account, _end: pairs(_unindexed_holds(books).get(account, [])), time.time_ns)
+                                lambda account, _end: pairs(_unindexed(books).get(account, {})),
+                                lambda account, _end: pairs(_unindexed_holds(books).get(account, {})), time.time_ns)
         self._state = threading.Condition()
         self._calls: deque[None] = deque()
         self._closed = False
@@ -200,7 +201,7 @@ class ReadingLedger(Ledger):
         with self._call():
             self._account(account)
             return self._consistent(lambda books, txn: entries_of(
-                self._journal, account, after, limit, pairs(_unindexed(books).get(account, [])), txn))
+                self._journal, account, after, limit, pairs(_unindexed(books).get(account, {})), txn))
 
     def state_hash(self) -> str:
         """As `Ledger.state_hash`, of the durable journal."""
@@ -275,13 +276,13 @@ class ReadingLedger(Ledger):
         return f"<ReadingLedger {self.path!r} (read-only)>"
 
 
-def _unindexed(books: Recovered) -> dict[str, list[bytes]]:
+def _unindexed(books: Recovered) -> Flat:
     """The entries past the newest checkpoint replayed (`recover` collects them)."""
     assert books.unindexed is not None
     return books.unindexed
 
 
-def _unindexed_holds(books: Recovered) -> dict[str, list[bytes]]:
+def _unindexed_holds(books: Recovered) -> Flat:
     """Their hold rows."""
     assert books.unindexed_holds is not None
     return books.unindexed_holds
