@@ -27,7 +27,9 @@ Cancellation: cancelling a coroutine that awaits a write never cancels the write
 cancelled before its first step submitted nothing; once it has made its request, the write
 goes on to its durable outcome (its claim is released when that comes), and a retry with the
 same id returns that outcome. Only a timeout withdraws a request still in the outbox (the
-ledger at its bound of transfers in flight for `timeout_s`): nothing is written for it.
+ledger at its bound of transfers in flight for `timeout_s`): nothing is written for it. A
+write that runs on a worker thread (account openings, `transfer_many`, `expire_pending`) is
+the same: once handed to the workers it runs to its end, and `close` waits for it.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ class AsyncLedger(LoopWrites, LoopFollowing):
         if self._readonly:
             return self._ledger.create_account(id, currency=currency)  # raises ReadOnlyLedger
         with self._call():
-            await self._durable(await self._on_worker(self._ledger._open_account, account))
+            await self._durable(await self._write_on_worker(self._ledger._open_account, account))
             return account
 
     async def create_accounts(self, accounts: Sequence[Account]) -> list[Account | LedgerError]:
@@ -135,7 +137,7 @@ class AsyncLedger(LoopWrites, LoopFollowing):
             return self._ledger.create_accounts(accounts)  # raises ReadOnlyLedger
         results = checked_accounts(accounts)
         with self._call():
-            await self._durable(await self._on_worker(self._ledger._open_accounts, results))
+            await self._durable(await self._write_on_worker(self._ledger._open_accounts, results))
         return results
 
     async def transfer(self, id: str, *, source: str, destination: str, amount: int, code: int = 0,
@@ -174,14 +176,14 @@ class AsyncLedger(LoopWrites, LoopFollowing):
 
     async def transfer_many(self, requests: Sequence[TransferRequest]) -> list[Transfer | LedgerError]:
         """`Ledger.transfer_many`, on a worker thread (the batch waits its turn in the lane)."""
-        return await self._on_worker(self._ledger.transfer_many, requests)
+        return await self._write_on_worker(self._ledger.transfer_many, requests)
 
     async def expire_pending(self) -> int:
         """`Ledger.expire_pending`: returns once the expiries are durable."""
         if self._readonly:
             return self._ledger.expire_pending()  # raises ReadOnlyLedger
         with self._call():
-            expired, lsn = await self._on_worker(self._ledger._coordinator.expire_due)
+            expired, lsn = await self._write_on_worker(self._ledger._coordinator.expire_due)
             await self._durable(lsn)
             return expired
 
@@ -294,6 +296,42 @@ class AsyncLedger(LoopWrites, LoopFollowing):
             if self.closed:
                 raise LedgerClosed(f"the ledger at {self.path} is closed") from None
             raise
+
+    async def _write_on_worker(self, call: Callable[..., T], *args: Any) -> T:
+        """`call(*args)`, a write, on a worker thread: from here on it runs to its end whatever
+        becomes of the caller. Cancelling the caller does not withdraw it from the workers'
+        queue, and it counts as a call of the ledger until it ends there, so `close` waits
+        for it (bounded by `timeout_s`) instead of closing the journal under it."""
+        if asyncio.get_running_loop() is not self._loop:
+            raise InvalidRequest("an AsyncLedger is bound to the event loop that opened it")
+        slot = self._ledger._call()
+        slot.__enter__()  # LedgerClosed if closed
+
+        def job() -> T:
+            try:
+                result = call(*args)
+            except BaseException as error:
+                slot.__exit__(type(error), error, error.__traceback__)  # a JournalError becomes its LedgerError
+                raise
+            slot.__exit__(None, None, None)
+            return result
+
+        try:
+            submitted = self._workers.submit(job)
+        except RuntimeError:  # the workers were shut down: the ledger closed
+            slot.__exit__(None, None, None)
+            raise LedgerClosed(f"the ledger at {self.path} is closed") from None
+        running = asyncio.wrap_future(submitted, loop=self._loop)
+        running.add_done_callback(_seen)  # its error is the caller's, who may be gone
+        return await asyncio.shield(running)
+
+
+def _seen(done: asyncio.Future[Any]) -> None:
+    """Retrieve a finished future's error, so a write whose caller was cancelled does not log it
+    as never retrieved (the outcome is the journal's: a retry with the same id learns it)."""
+    if not done.cancelled():
+        done.exception()
+
 
 def _close_unclaimed(opening: asyncio.Future[Ledger]) -> None:
     """Close the ledger an `AsyncLedger.open` whose caller was cancelled went on to open."""

@@ -29,6 +29,7 @@ from engine import (
     ReadOnlyLedger,
     TransferRequest,
 )
+from engine._async import ASYNC_WORKER_THREADS
 from journal import Completion
 
 T = TypeVar("T")
@@ -431,6 +432,68 @@ def test_writes_whose_coroutines_were_cancelled_complete_before_the_ledger_close
     with Ledger.open(tmp_path / "l") as ledger:
         assert all(ledger.get_transfer(f"k{n}") is not None for n in range(200))
         assert ledger.balance("a1").posted == 1_200
+
+
+@pytest.mark.parametrize("write", ["create_account", "create_accounts", "transfer_many"])
+def test_a_write_on_a_worker_cancelled_while_it_waits_for_one_still_completes(tmp_path: Path, write: str) -> None:
+    """A write handed to the worker threads is not withdrawn from their queue when its
+    caller is cancelled: every worker is kept busy until the caller is cancelled."""
+    async def body(ledger: AsyncLedger) -> None:
+        a0, a1, _, _ = await funded(ledger)
+        release = threading.Event()
+        busy = [ledger._workers.submit(release.wait, WAIT_S) for _ in range(ASYNC_WORKER_THREADS)]
+        calls = {"create_account": lambda: ledger.create_account("new", currency="USD"),
+                 "create_accounts": lambda: ledger.create_accounts([Account("new", "USD", 0)]),
+                 "transfer_many": lambda: ledger.transfer_many([TransferRequest("m", a0, a1, 7)])}
+        task = asyncio.create_task(calls[write]())
+        await asyncio.sleep(0)  # its first step: handed to the workers, all of them busy
+        assert not task.done()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        release.set()
+        for waiting in busy:
+            await asyncio.wrap_future(waiting)
+        # (closing on leaving `run`: it waits for the write, which holds the ledger open)
+
+    run(tmp_path / "l", body)
+    with Ledger.open(tmp_path / "l") as ledger:  # a write cancelled after its first step completed
+        if write == "transfer_many":
+            assert ledger.get_transfer("m") is not None
+            assert ledger.balance("a1").posted == 1_007
+        else:
+            assert ledger.account("new") == Account("new", "USD", 0)
+
+
+def test_close_waits_for_a_batch_of_accounts_whose_caller_was_cancelled(tmp_path: Path) -> None:
+    """The worker opening the accounts holds the ledger open: `close` waits for it, rather
+    than closing the journal under it between two of its blocks of 1,000."""
+    accounts = [Account(f"acct-{n}", "USD", 0) for n in range(3_000)]
+    started, proceed = threading.Event(), threading.Event()
+
+    async def body(ledger: AsyncLedger) -> None:
+        opening = ledger._ledger._open_accounts
+
+        def open_accounts(results: list[object]) -> int:
+            started.set()
+            assert proceed.wait(WAIT_S)
+            return opening(results)  # type: ignore[arg-type]
+
+        ledger._ledger._open_accounts = open_accounts  # type: ignore[method-assign]
+        task = asyncio.create_task(ledger.create_accounts(accounts))
+        assert await asyncio.to_thread(started.wait, WAIT_S)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        closing = asyncio.create_task(ledger.close())
+        deadline = asyncio.get_running_loop().time() + WAIT_S
+        while not ledger._ledger._closed:  # the close has begun: it no longer takes calls
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.001)
+        proceed.set()
+        await closing
+
+    run(tmp_path / "l", body)
+    with Ledger.open(tmp_path / "l") as ledger:
+        assert len(ledger.accounts()) == 3_000
 
 
 def test_a_cancelled_write_that_never_gets_a_permit_is_withdrawn_at_its_deadline(
