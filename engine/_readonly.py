@@ -82,7 +82,7 @@ def open_readonly(path: str, timeout_s: float) -> ReadingLedger:
         raise
 
 
-def _recover(journal: Journal) -> Recovered:
+def recover_beside_writer(journal: Journal) -> Recovered:
     """As `coordinator.recover`, beside a writer that may append meanwhile: the index counts
     are read in a later snapshot than the replay's, so a mismatch with new records since is
     a race, retried (bounded), and one without is damage."""
@@ -111,7 +111,7 @@ class ReadingLedger(Ledger):
         self.path = journal.path
         self.timeout_s = timeout_s
         self._journal = journal
-        self._books = self.recovered = _recover(journal)
+        self._books = self.recovered = recover_beside_writer(journal)
         """The projection as of `_books.last_lsn`, with the entries past its newest checkpoint
         (`unindexed`, as the writer keeps them: the entry index does not hold them yet)."""
         self._catching_up = threading.Lock()

@@ -59,11 +59,11 @@ from coordinator import (
     unopened,
     write_checkpoint,
 )
-from coordinator import recover as recover_books
 from journal import ChainHead, ChainReport, Journal, JournalAnchorMissingError, JournalFormatError, reanchor
 
 from engine._history import History
 from engine._ledger import Ledger
+from engine._readonly import recover_beside_writer
 
 Progress = Callable[[int], None] | None
 
@@ -349,7 +349,8 @@ def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
     _new_directory(into)
     started = time.perf_counter()
     with _reading(path) as source:
-        books = recover_books(source)
+        books = recover_beside_writer(source)
+        last = books.last_lsn
         original = state_hash(source, books.accounts.values(), books.pending.values())
         replayed = rejected = 0
         now = [0]
@@ -364,6 +365,8 @@ def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
         with Ledger.open(into, clock_ns=clock) as ledger:
             batch: list[tuple[TransferRequest, int]] = []
             for record in records(source):
+                if record.lsn > last:
+                    break
                 if isinstance(record, Opened):
                     _flush(ledger, batch, script)
                     now[0] = record.timestamp  # (0, an opening of old: the last timestamp + 1)
@@ -396,6 +399,9 @@ def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
                     progress(record.lsn)
             _flush(ledger, batch, script)
             fresh = ledger.state_hash()
+        if source.read(last + 1) is not None:  # the original hash may count what came after `last`
+            raise LedgerLocked(f"{path} changed while it was replayed (a live process wrote to it): replay a "
+                               "ledger no process is writing")
     return {"path": path, "into": into, "transfers_replayed": replayed, "rejections_not_replayed": rejected,
             "state_hash_original": original, "state_hash_replayed": fresh, "elapsed_s": round(time.perf_counter() - started, 3),
             "verdict": "identical" if original == fresh else "DIFFERENT"}
@@ -425,11 +431,6 @@ def _replay_alone(ledger: Ledger, record: Committed) -> None:
                          f"{error.code}") from error
     for transfer, original in zip(made, record.transfers, strict=True):
         _check_timestamp(transfer, original.timestamp)
-
-
-def _current_accounts(journal: Journal) -> list[Account]:
-    """Every account, from the newest checkpoint and the records after it."""
-    return list(recover_books(journal).accounts.values())
 
 
 def _flush(ledger: Ledger, batch: list[tuple[TransferRequest, int]], script: deque[int]) -> None:
@@ -610,16 +611,17 @@ def balance(path: str, account_id: str, at_lsn: int | None = None, at_timestamp:
                     "at_timestamp": history.timestamp(lsn), "posted": found.posted, "pending": found.pending,
                     "available": found.available, "incoming": found.incoming}
     with _reading(path) as journal:
-        books = recover_books(journal)
-        with journal.snapshot() as txn:
-            account = _account(journal, account_id, txn)
-            last = last_entry(journal, account_id, None, txn)
-        posted = last.balance if last else 0
+        check_id(account_id, "account id")  # e.g. a byte that is not UTF-8 on the command line
+        books = recover_beside_writer(journal)  # every figure below as of its last LSN, a writer or not
+        opened = books.accounts.get(account_id)
+        if opened is None:
+            raise AccountNotFound(f"no account {account_id!r} in {path}")
+        seq, posted, last_lsn = books.states.get(account_id, (0, 0, 0))
         held = books.held.get(account_id, 0)
-        return {"account": account_id, "currency": account.currency, "overdraft_limit": account.overdraft_limit,
+        return {"account": account_id, "currency": opened.currency, "overdraft_limit": opened.overdraft_limit,
                 "posted": posted, "pending": held, "available": posted - held,
-                "incoming": books.incoming.get(account_id, 0), "entries": last.seq if last else 0,
-                "last_lsn": last.lsn if last else None}
+                "incoming": books.incoming.get(account_id, 0), "entries": seq,
+                "last_lsn": last_lsn if seq else None}
 
 
 def history(path: str, account_id: str, limit: int) -> dict[str, Any]:

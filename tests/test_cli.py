@@ -22,8 +22,10 @@ import lmdb
 import msgpack
 import pytest
 from coordinator import CHECKS, INDEX_NAMES
+from coordinator import _recovery
 from coordinator._audit import CHECK_RECORDS
-from engine import CurrencyMismatch, InsufficientFunds, Ledger, TransferRequest
+from engine import CurrencyMismatch, InsufficientFunds, Ledger, LedgerLocked, TransferRequest
+from engine import _readonly, _tools
 from journal import ANCHOR_FILE, FORMAT_VERSION, Journal, lsn_key
 from journal._anchor import create_anchor, read_anchor
 
@@ -839,6 +841,89 @@ def test_verify_and_balance_read_a_ledger_a_live_process_holds(held: Built) -> N
     assert report["state_hash"] == held.state_hash
     assert balance_code == 0 and balance["posted"] == held.balances["alice"]
 
+
+
+WRITER = """
+import sys
+from engine import Ledger
+with Ledger.open(sys.argv[1]) as ledger:
+    print("ready", flush=True)
+    for n, line in enumerate(iter(sys.stdin.readline, "")):
+        ledger.transfer(f"beside-{n}", source="alice", destination="bob", amount=1)
+        print("written", flush=True)
+"""
+
+
+class Writer:
+    """Another live process writing the ledger: one transfer of 1 from alice to bob a `write`."""
+
+    def __init__(self, path: Path) -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.process = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        self._expect("ready")
+
+    def _expect(self, line: str) -> None:
+        assert self.process.stdout is not None
+        readable, _, _ = select.select([self.process.stdout], [], [], HOLDER_TIMEOUT_S)  # bounded
+        assert readable and self.process.stdout.readline() == line + "\n", f"the writer did not say {line!r}"
+
+    def write(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write("write\n")
+        self.process.stdin.flush()
+        self._expect("written")
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=HOLDER_TIMEOUT_S)
+
+
+def test_balance_beside_a_writer_that_appends_while_it_reads_is_the_balance_after(
+        built: Built, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index counts are read in a later snapshot than the replay's: a record written
+    between the two is the writer's, not damage (it was reported as a corrupt journal)."""
+    writer = Writer(built.path)
+    try:
+        real = _readonly.check_index_counts
+
+        def a_write_between(*args: object) -> None:
+            if not written:
+                writer.write()  # durable before the counts are read
+                written.append(True)
+            real(*args)  # type: ignore[arg-type]
+
+        written: list[bool] = []
+        monkeypatch.setattr(_readonly, "check_index_counts", a_write_between)
+        monkeypatch.setattr(_recovery, "check_index_counts", a_write_between)  # (what `recover` calls)
+        found = _tools.balance(str(built.path), "alice")
+    finally:
+        writer.stop()
+
+    assert written
+    assert found["posted"] == built.balances["alice"] - 1 and found["pending"] == 0
+    assert found["last_lsn"] > built.last_lsn
+
+
+def test_replay_of_a_ledger_written_meanwhile_refuses_rather_than_compare(
+        built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = Writer(built.path)
+    try:
+        real = _tools._flush
+
+        def a_write_meanwhile(*args: object) -> None:
+            if not written:
+                writer.write()
+                written.append(True)
+            real(*args)  # type: ignore[arg-type]
+
+        written: list[bool] = []
+        monkeypatch.setattr(_tools, "_flush", a_write_meanwhile)
+        with pytest.raises(LedgerLocked, match="changed while it was replayed"):
+            _tools.replay(str(built.path), str(tmp_path / "copy"))
+    finally:
+        writer.stop()
+    assert written
 
 
 @pytest.mark.parametrize("command", ["balance", "history"])
