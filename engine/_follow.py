@@ -45,12 +45,12 @@ def follow_events(ledger: Ledger, after_lsn: int, follow: bool, timeout_s: float
             raise
         if chunk:
             yield from chunk
+            if timeout_s is not None:  # the time without a new event counts from here (the consumer
+                deadline = time.monotonic() + timeout_s  # may have taken long over the chunk)
         if not reader.caught_up:
             continue
         if not follow:
             return
-        if chunk and timeout_s is not None:
-            deadline = time.monotonic() + timeout_s  # the time without a new event counts from here
         wait_s = FOLLOW_WAIT_S_MAX
         if deadline is not None:
             wait_s = min(wait_s, deadline - time.monotonic())

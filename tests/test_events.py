@@ -16,9 +16,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-from coordinator import Checkpointed, Opened, account_timestamp, records
+from coordinator import Checkpointed, Opened, _events, account_timestamp, records
 from engine import (
     Account,
     Event,
@@ -32,7 +33,7 @@ from engine import (
     Transfer,
     TransferRequest,
 )
-from engine import jsonable
+from engine import _follow, jsonable
 
 from tests.support import Clock
 
@@ -195,6 +196,41 @@ def test_a_follower_ends_after_timeout_s_without_a_new_event(tmp_path: Path) -> 
         assert [event.lsn for event in ledger.events(follow=True, timeout_s=0.05)] == [1]
         assert 0.05 <= time.monotonic() - started < 5.0
         assert list(ledger.events(1, follow=True, timeout_s=0)) == []
+
+
+def test_a_follower_counts_timeout_s_from_the_last_event_it_gave_when_a_full_chunk_ends_in_a_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk read in full (not caught up) and then a read with nothing but a checkpoint:
+    a consumer slower than `timeout_s` over the chunk's events had the follower end at once,
+    its idle time counted from the start. The clock is the test's: the consumer's slowness
+    is a step of it, and the next event comes from the follower's own wait."""
+    monkeypatch.setattr(_events, "EVENTS_PER_READ_MAX", 2)
+    now = [0.0]
+    monkeypatch.setattr(_follow, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    with Ledger.open(tmp_path / "l") as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        with ledger._sequencer.lock:
+            ledger._sequencer.checkpoint()  # LSN 3, the last record: not an event
+        ledger._journal.wait_durable(3, 30.0)
+        waits: list[float] = []
+
+        def a_transfer_comes(after_lsn: int, wait_s: float) -> None:
+            waits.append(wait_s)
+            if len(waits) == 1:
+                ledger.transfer("late", source="bank", destination="alice", amount=5)
+
+        monkeypatch.setattr(ledger, "_await_records", a_transfer_comes)
+        seen = []
+        for event in ledger.events(follow=True, timeout_s=1.0):
+            seen.append(event.lsn)
+            if event.lsn == 2:
+                now[0] += 10.0  # the consumer took 10 s over the chunk
+            if event.lsn == 4:
+                break
+
+    assert seen == [1, 2, 4]
+    assert waits == [_follow.FOLLOW_WAIT_S_MAX]  # (less than the second of `timeout_s` left)
 
 
 def test_events_of_a_closed_ledger_raise_ledger_closed(tmp_path: Path) -> None:
