@@ -110,18 +110,31 @@ def _seconds(text: str) -> float:
     return value
 
 
+_FRACTION = re.compile(r"(T\d\d:\d\d:\d\d)[.,](\d+)")
+"""Seconds' fraction in an ISO 8601 time: up to nanoseconds, which `datetime` does not hold."""
+
+
 def _instant(text: str) -> int:
-    """An ISO 8601 time as nanoseconds since the epoch (UTC when it gives no offset)."""
+    """An ISO 8601 time as nanoseconds since the epoch (UTC when it gives no offset), to the
+    nanosecond: a record's time as `tally balance` prints it reads back as that record's."""
+    given, nanoseconds = text, 0
+    fraction = _FRACTION.search(text)
+    if fraction is not None:
+        digits = fraction.group(2)
+        if len(digits) > 9:
+            raise argparse.ArgumentTypeError(f"{given!r} gives a time finer than a nanosecond")
+        nanoseconds = int(digits.ljust(9, "0"))
+        text = text[:fraction.start()] + fraction.group(1) + text[fraction.end():]
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time (e.g. 2026-12-05T10:00:00Z)") from None
+        raise argparse.ArgumentTypeError(f"{given!r} is not an ISO 8601 time (e.g. 2026-12-05T10:00:00Z)") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     since = moment - datetime(1970, 1, 1, tzinfo=timezone.utc)
     if since < timedelta(0):
-        raise argparse.ArgumentTypeError(f"{text!r} is before 1970")
-    return since // timedelta(microseconds=1) * 1000
+        raise argparse.ArgumentTypeError(f"{given!r} is before 1970")
+    return since // timedelta(seconds=1) * 1_000_000_000 + nanoseconds
 
 
 def _said_at(message: str, at: int, account: str, unknown: bool) -> str:
@@ -135,11 +148,13 @@ def _said_at(message: str, at: int, account: str, unknown: bool) -> str:
 
 
 def _shown_instant(timestamp: int) -> str:
-    """Nanoseconds since the epoch as an ISO 8601 UTC time (to the microsecond)."""
+    """Nanoseconds since the epoch as an ISO 8601 UTC time, to the nanosecond (which `--at`
+    reads back: a time cut to the microsecond would come before the record it names)."""
     if not timestamp:
         return "no timestamp"
-    moment = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=timestamp // 1000)
-    return moment.isoformat().replace("+00:00", "Z")
+    seconds, nanoseconds = divmod(timestamp, 1_000_000_000)
+    moment = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=seconds)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + (f".{nanoseconds:09d}" if nanoseconds else "") + "Z"
 
 
 def _head(text: str) -> Any:

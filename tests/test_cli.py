@@ -957,3 +957,27 @@ def test_balance_at_a_time_keeps_an_account_id_that_looks_like_a_timestamp(tmp_p
     assert done.returncode == 2, done.stderr
     assert done.stderr == ("tally balance: account '100000000000000000' did not exist yet at 2000-01-01T00:00:00Z "
                            "(account '100000000000000000' was opened at LSN 1, after LSN 0)\n")
+
+
+def test_the_time_tally_balance_prints_for_an_lsn_reads_back_as_that_lsn(tmp_path: Path) -> None:
+    """Timestamps are nanoseconds: printed to the microsecond, a record's time fell before it,
+    and `--at` with it named the LSN before."""
+    ticks = iter(range(1_796_000_000_123_456_789, 1_796_000_000_123_457_789, 7))
+    with Ledger.open(tmp_path / "l", clock_ns=lambda: next(ticks)) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        made = ledger.transfer("t", source="bank", destination="alice", amount=5)
+    shown = tally("balance", tmp_path / "l", "alice", "--at-lsn", str(made.lsn))
+    assert shown.returncode == 0, shown.stderr
+    moment = shown.stdout.rsplit("(", 1)[1].rstrip(")\n")
+    fraction = made.timestamp % 1_000_000_000
+    assert moment == f"2026-11-30T00:53:20.{fraction:09d}Z"
+
+    code, report = tally_json("balance", tmp_path / "l", "alice", "--at", moment)
+    assert code == 0 and report["at_lsn"] == made.lsn and report["posted"] == 5
+    code, before = tally_json("balance", tmp_path / "l", "alice", "--at", f"2026-11-30T00:53:20.{fraction - 1:09d}Z")
+    assert code == 0 and before["at_lsn"] == made.lsn - 1 and before["posted"] == 0
+    finer = tally("balance", tmp_path / "l", "alice", "--at", f"2026-11-30T00:53:20.{fraction:09d}1Z")
+    assert finer.returncode == 2
+    assert finer.stderr == (f"tally balance: argument --at: '2026-11-30T00:53:20.{fraction:09d}1Z' gives a time "
+                            "finer than a nanosecond\n")
