@@ -171,11 +171,15 @@ def decide_transfer(request: TransferRequest, accounts: Mapping[str, Account], s
         return AccountNotFound.code
     if source.currency != destination.currency:
         return CurrencyMismatch.code
-    refused = _debit_refused(source, states[source_id][1] - reserved.get(source_id, 0) - held.get(source_id, 0) - amount)
+    unspendable = reserved.get(source_id, 0) + held.get(source_id, 0)
+    refused = _debit_refused(source, states[source_id][1] - unspendable - amount)
     if refused is not None:
         return refused
-    # the credit must fit once posted, beside what else is on its way
-    if states[destination_id][1] + incoming.get(destination_id, 0) + amount > AMOUNT_MAX:
+    # the credit must fit once posted, beside what else is on its way; and what the source
+    # holds and the destination has on its way are figures of a balance too (`Balance.pending`,
+    # `Balance.incoming`), within the same bound
+    on_its_way = incoming.get(destination_id, 0) + amount
+    if states[destination_id][1] + on_its_way > AMOUNT_MAX or on_its_way > AMOUNT_MAX or unspendable + amount > AMOUNT_MAX:
         return BalanceOverflow.code
     return (PENDING, source_id, destination_id, amount, None, None)
 

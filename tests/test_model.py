@@ -321,6 +321,10 @@ class Model:
         credit = posted[destination.id] + incoming[destination.id] + request.amount
         if credit > AMOUNT_MAX:
             return BalanceOverflow
+        # What a pending one leaves held and on its way are figures of a balance too.
+        if request.pending and (incoming[destination.id] + request.amount > AMOUNT_MAX
+                                or held[source.id] + request.amount > AMOUNT_MAX):
+            return BalanceOverflow
         kind: TransferKind = "pending" if request.pending else "single"
         status: TransferStatus = "pending" if request.pending else "posted"
         return Transfer(request.id, request.source, request.destination, request.amount, 0, timestamp, request.code,

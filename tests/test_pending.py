@@ -1367,6 +1367,27 @@ def test_a_single_transfer_leaves_the_room_a_pending_transfer_toward_its_destina
         assert ledger.balance("b") == Balance(AMOUNT_MAX, 0, AMOUNT_MAX, 0)
 
 
+def test_what_an_account_holds_or_has_on_its_way_stays_within_a_balances_bound(tmp_path: Path) -> None:
+    """`Balance.pending` and `Balance.incoming` are figures of a balance: a pending transfer
+    that would take either past 2**63-1 is `BalanceOverflow`, as for `posted`."""
+    with Ledger.open(tmp_path / "ledger", clock_ns=Clock()) as ledger:
+        for name in ("x", "y", "sink", "rich", "z", "w"):
+            ledger.create_account(name, currency="USD", overdraft_limit=None)
+        ledger.transfer("s", source="sink", destination="x", amount=AMOUNT_MAX)  # sink: -(2**63-1)
+        ledger.transfer("p1", source="x", destination="sink", amount=AMOUNT_MAX, pending=True)
+        with pytest.raises(BalanceOverflow):
+            ledger.transfer("p2", source="y", destination="sink", amount=1, pending=True)
+        ledger.transfer("s2", source="z", destination="rich", amount=AMOUNT_MAX)  # rich: 2**63-1
+        ledger.transfer("h1", source="rich", destination="w", amount=AMOUNT_MAX, pending=True)
+        with pytest.raises(BalanceOverflow):
+            ledger.transfer("h2", source="rich", destination="z", amount=1, pending=True)
+        assert ledger.balance("sink") == Balance(-AMOUNT_MAX, 0, -AMOUNT_MAX, AMOUNT_MAX)
+        assert ledger.balance("rich") == Balance(AMOUNT_MAX, AMOUNT_MAX, 0, 0)
+        assert ledger.post_pending("q1", pending_id="p1").amount == AMOUNT_MAX
+        assert ledger.post_pending("q2", pending_id="h1").amount == AMOUNT_MAX
+        assert ledger.balance("sink").posted == 0 and ledger.balance("rich").posted == 0
+
+
 def test_inspect_of_an_account_shows_the_expiry_that_released_its_hold(built: Built) -> None:
     expired = built.transfers["p-exp"]
     for account in (expired.source, expired.destination):
