@@ -101,7 +101,7 @@ def _shown_request(request: Request) -> str:
 
 def _conflict(request: Request, prior: Request | None) -> IdempotencyConflict:
     if prior is None:
-        return IdempotencyConflict(f"transfer id {request.id!r} was already used in another linked chain")
+        return IdempotencyConflict(f"transfer id {request.id!r} was already used, outside this linked chain")
     return IdempotencyConflict(f"transfer id {request.id!r} was already used for {_differs(prior, request)}")
 
 
@@ -158,7 +158,9 @@ def settle_chain(requests: tuple[Request, ...], priors: list[Prior | None]) -> l
     for request, prior in zip(requests, priors, strict=True):
         if prior is None or first is None or (prior is not first and (
                 type(prior) is Ticket or type(first) is Ticket or prior.lsn != first.lsn)):  # type: ignore[union-attr]
-            raise _conflict(request if prior is not None else requests[0], None)
+            if prior is None:  # name the first leg whose id was used, not a new one
+                request = next(leg for leg, found in zip(requests, priors, strict=True) if found is not None)
+            raise _conflict(request, None)
     prior = first
     assert prior is not None  # the loop raised otherwise
     if not prior.linked or prior.requests != requests:

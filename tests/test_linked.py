@@ -278,6 +278,16 @@ def test_reusing_an_id_of_a_refused_chain_in_another_chain_is_an_idempotency_con
     assert (books.state_hash(), balances(books, "a", "b", "c")) == before
 
 
+def test_a_chain_reusing_an_id_names_that_id_not_a_new_legs(books: Ledger) -> None:
+    books.transfer("old", source="a", destination="b", amount=1)
+
+    with pytest.raises(IdempotencyConflict) as raised:
+        books.transfer_linked([TransferRequest("brand-new", "a", "b", 1), TransferRequest("old", "a", "b", 1)])
+
+    assert "'old'" in str(raised.value) and "brand-new" not in str(raised.value)
+    assert books.outcome("brand-new") is None
+
+
 def test_reusing_an_id_of_a_committed_chain_with_other_fields_is_an_idempotency_conflict(books: Ledger) -> None:
     made = books.transfer_linked([leg("l-1", "a", "b", 60), leg("l-2", "b", "c", 60)])
     before = books.state_hash()
