@@ -59,7 +59,7 @@ from coordinator import (
     unopened,
     write_checkpoint,
 )
-from journal import ChainHead, ChainReport, Journal, JournalAnchorMissingError, JournalFormatError, reanchor
+from journal import GENESIS, ChainHead, ChainReport, Journal, JournalAnchorMissingError, JournalFormatError, reanchor
 
 from engine._history import History
 from engine._ledger import Ledger
@@ -144,7 +144,11 @@ def parse_head(text: str) -> ChainHead:
     if (not colon or not lsn.isdigit() or not lsn.isascii() or int(lsn) >= 2**64 or len(digest) != 64
             or any(c not in "0123456789abcdefABCDEF" for c in digest)):
         raise InvalidRequest(f"a head is LSN:DIGEST (a whole number, a colon, 64 hex digits), not {text[:100]!r}")
-    return ChainHead(int(lsn), bytes.fromhex(digest))
+    head = ChainHead(int(lsn), bytes.fromhex(digest))
+    if head.lsn == 0 and head.digest != GENESIS:  # every ledger's, before its first record
+        raise InvalidRequest(f"a head at LSN 0 has the genesis digest (64 zeros), not {digest[:100]!r}: no ledger "
+                             "ever had this head (LSN:DIGEST)")
+    return head
 
 
 def verify(path: str, progress: Progress = None, expected: ChainHead | None = None) -> dict[str, Any]:

@@ -352,7 +352,7 @@ def test_expect_head_fails_on_a_history_rewritten_with_every_digest_recomputed(l
 
 def test_expect_head_that_is_not_a_head_is_a_usage_error(ledger_path: Path) -> None:
     build(ledger_path)
-    for text in ("12", "x:" + "0" * 64, "3:abc", "3:" + "g" * 64):
+    for text in ("12", "x:" + "0" * 64, "3:abc", "3:" + "g" * 64, "0:" + "ab" * 32):
         done = tally("verify", ledger_path, "--expect-head", text)
         assert done.returncode == 2 and "LSN:DIGEST" in done.stderr, (text, done.stderr)
 
