@@ -95,16 +95,16 @@ _RESOLVED = {
 
 
 def decide(requests: Sequence[Request], book: Book, timestamp: int,
-           reserved: Mapping[str, int] = NOTHING) -> list[Leg] | Refusal:
+           reserved: Mapping[str, int] = NOTHING, bound_holds: bool = True) -> list[Leg] | Refusal:
     """What `requests` do, decided in order at `timestamp` (the i-th at `timestamp + i`), all
     or none: their legs, or the first refusal. `reserved`: funds the protocol has reserved on
     an account for transfers in flight, which a debit must not spend (the checks, per
     request: accounts, debit, credit; a post or void: the pending transfer, its deadline, the
-    amount, the credit)."""
+    amount, the credit). `bound_holds`: see `decide_transfer`."""
     if len(requests) == 1:  # no chain: read the books as they are
         request = requests[0]
         if type(request) is TransferRequest:
-            leg = decide_transfer(request, book.accounts, book.states, book.held, book.incoming, reserved)
+            leg = decide_transfer(request, book.accounts, book.states, book.held, book.incoming, reserved, bound_holds)
         else:
             leg = resolve(request, book, book.states, timestamp)  # type: ignore[arg-type]
         return Refusal(0, leg) if type(leg) is str else [leg]  # type: ignore[list-item]
@@ -120,7 +120,8 @@ def decide(requests: Sequence[Request], book: Book, timestamp: int,
     legs: list[Leg] = []
     for index, request in enumerate(requests):
         if type(request) is TransferRequest:
-            leg = decide_transfer(request, book.accounts, seen_states, seen_held, seen_incoming, reserved)
+            leg = decide_transfer(request, book.accounts, seen_states, seen_held, seen_incoming, reserved,
+                                  bound_holds)
         else:  # a post or void in a chain sees the chain's entries, not pending transfers it opened
             leg = resolve(request, book, seen_states, timestamp + index)  # type: ignore[arg-type]
         if type(leg) is str:
@@ -156,10 +157,15 @@ def _decide_singles(requests: Sequence[Request], book: Book,
 
 
 def decide_transfer(request: TransferRequest, accounts: Mapping[str, Account], states: Mapping[str, AccountState],
-                    held: Mapping[str, int], incoming: Mapping[str, int], reserved: Mapping[str, int]) -> Leg | str:
+                    held: Mapping[str, int], incoming: Mapping[str, int], reserved: Mapping[str, int],
+                    bound_holds: bool = True) -> Leg | str:
     """The rule of one transfer (single or pending) from these books: its leg, or the code of
     its refusal. `decide` calls it for each transfer it decides (and the sequencer for a
-    single transfer alone, without the list around it)."""
+    single transfer alone, without the list around it).
+
+    `bound_holds` False leaves out the bound on what a pending transfer's source holds and
+    its destination has on its way (2**63-1 each, since 2026-12-06): replay passes it, so a
+    ledger whose pending transfers went past it before then still opens and verifies."""
     source_id, destination_id, amount = request.source, request.destination, request.amount
     if not request.pending:
         stamp = decide_single(accounts.get(source_id), accounts.get(destination_id), amount, states.get(source_id),
@@ -179,8 +185,10 @@ def decide_transfer(request: TransferRequest, accounts: Mapping[str, Account], s
     # holds and the destination has on its way are figures of a balance too (`Balance.pending`,
     # `Balance.incoming`), within the same bound
     on_its_way = incoming.get(destination_id, 0) + amount
-    if states[destination_id][1] + on_its_way > AMOUNT_MAX or on_its_way > AMOUNT_MAX or unspendable + amount > AMOUNT_MAX:
+    if states[destination_id][1] + on_its_way > AMOUNT_MAX:
         return BalanceOverflow.code
+    if bound_holds and (on_its_way > AMOUNT_MAX or held.get(source_id, 0) + amount > AMOUNT_MAX):
+        return BalanceOverflow.code  # (held, not reservations: those come off `posted`, not on top of it)
     return (PENDING, source_id, destination_id, amount, None, None)
 
 

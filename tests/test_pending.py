@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from coordinator import _rules
 
 from engine import (
     Account,
@@ -44,7 +45,7 @@ from engine import (
     Transfer,
     TransferRequest,
 )
-from support import NS_PER_S, START_NS, Clock, balances, written
+from support import NS_PER_S, START_NS, Clock, audit_of, balances, written
 
 ROOT = Path(__file__).resolve().parents[1]
 AMOUNT_MAX = 2**63 - 1
@@ -1386,6 +1387,28 @@ def test_what_an_account_holds_or_has_on_its_way_stays_within_a_balances_bound(t
         assert ledger.post_pending("q1", pending_id="p1").amount == AMOUNT_MAX
         assert ledger.post_pending("q2", pending_id="h1").amount == AMOUNT_MAX
         assert ledger.balance("sink").posted == 0 and ledger.balance("rich").posted == 0
+
+
+def test_a_ledger_whose_holds_went_past_the_bound_before_it_existed_still_opens_and_verifies(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replay re-decides every commit: pending transfers journaled before the bound on
+    `pending` and `incoming` are not damage."""
+    path = tmp_path / "ledger"
+    monkeypatch.setattr(_rules.decide_transfer, "__defaults__", (False,))  # the rule as it was
+    monkeypatch.setattr(_rules.decide, "__defaults__", (_rules.NOTHING, False))
+    with Ledger.open(path, clock_ns=Clock(), checkpoint_interval=10**6) as ledger:
+        for name in ("z", "rich", "w"):
+            ledger.create_account(name, currency="USD", overdraft_limit=None)
+        ledger.transfer("s", source="z", destination="rich", amount=AMOUNT_MAX)
+        ledger.transfer("h1", source="rich", destination="w", amount=AMOUNT_MAX, pending=True)
+        ledger.transfer("h2", source="rich", destination="z", amount=5, pending=True)
+    monkeypatch.undo()
+
+    with Ledger.open(path, clock_ns=Clock()) as ledger:
+        assert ledger.balance("rich").pending == AMOUNT_MAX + 5
+        ledger.void_pending("v", pending_id="h2")
+        assert ledger.balance("rich").pending == AMOUNT_MAX
+    assert audit_of(path).whole
 
 
 def test_inspect_of_an_account_shows_the_expiry_that_released_its_hold(built: Built) -> None:
