@@ -110,7 +110,7 @@ def _seconds(text: str) -> float:
     return value
 
 
-_FRACTION = re.compile(r"(T\d\d:\d\d:\d\d)[.,](\d+)")
+_FRACTION = re.compile(r"([Tt ]\d\d(?::?\d\d){2})[.,](\d+)")
 """Seconds' fraction in an ISO 8601 time: up to nanoseconds, which `datetime` does not hold."""
 
 
@@ -134,7 +134,7 @@ def _instant(text: str) -> int:
     since = moment - datetime(1970, 1, 1, tzinfo=timezone.utc)
     if since < timedelta(0):
         raise argparse.ArgumentTypeError(f"{given!r} is before 1970")
-    return since // timedelta(seconds=1) * 1_000_000_000 + nanoseconds
+    return since // timedelta(microseconds=1) * 1000 + nanoseconds  # (a fraction not taken above: microseconds)
 
 
 def _said_at(message: str, at: int, account: str, unknown: bool) -> str:

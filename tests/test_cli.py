@@ -25,7 +25,7 @@ from coordinator import CHECKS, INDEX_NAMES
 from coordinator import _recovery
 from coordinator._audit import CHECK_RECORDS
 from engine import CurrencyMismatch, InsufficientFunds, Ledger, LedgerLocked, TransferRequest
-from engine import _readonly, _tools
+from engine import _cli, _readonly, _tools
 from journal import ANCHOR_FILE, FORMAT_VERSION, Journal, lsn_key
 from journal._anchor import create_anchor, read_anchor
 
@@ -981,3 +981,9 @@ def test_the_time_tally_balance_prints_for_an_lsn_reads_back_as_that_lsn(tmp_pat
     assert finer.returncode == 2
     assert finer.stderr == (f"tally balance: argument --at: '2026-11-30T00:53:20.{fraction:09d}1Z' gives a time "
                             "finer than a nanosecond\n")
+
+
+@pytest.mark.parametrize("text", ["2026-11-30T00:53:20.9Z", "2026-11-30 00:53:20.9Z", "2026-11-30t00:53:20.9Z",
+                                  "20261130T005320.9Z", "2026-11-30T02:53:20,900000000+02:00"])
+def test_a_time_keeps_its_fraction_of_a_second_in_every_iso_form(text: str) -> None:
+    assert _cli._instant(text) == 1_796_000_000_900_000_000
