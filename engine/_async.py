@@ -51,6 +51,7 @@ from coordinator import (
     InvalidRequest,
     LedgerClosed,
     LedgerError,
+    LedgerUnavailable,
     ReadOnlyLedger,
     Refused,
     Resolution,
@@ -306,24 +307,39 @@ class AsyncLedger(LoopWrites, LoopFollowing):
             raise InvalidRequest("an AsyncLedger is bound to the event loop that opened it")
         slot = self._ledger._call()
         slot.__enter__()  # LedgerClosed if closed
+        held = [slot]
+        """Taken by whichever leaves the call first (`list.pop` is one step): the job, or a
+        submission that failed after queueing it (a worker thread that could not start)."""
 
         def job() -> T:
             try:
                 result = call(*args)
             except BaseException as error:
-                slot.__exit__(type(error), error, error.__traceback__)  # a JournalError becomes its LedgerError
+                _leave(held, error)  # a JournalError becomes its LedgerError
                 raise
-            slot.__exit__(None, None, None)
+            _leave(held, None)
             return result
 
         try:
             submitted = self._workers.submit(job)
-        except RuntimeError:  # the workers were shut down: the ledger closed
-            slot.__exit__(None, None, None)
-            raise LedgerClosed(f"the ledger at {self.path} is closed") from None
+        except RuntimeError as error:
+            _leave(held, None)
+            if self.closed:  # the workers were shut down
+                raise LedgerClosed(f"the ledger at {self.path} is closed") from None
+            raise LedgerUnavailable(f"no worker thread could take the call ({error}); if it was a write, "
+                                    "retry it with the same id to learn its outcome") from error
         running = asyncio.wrap_future(submitted, loop=self._loop)
         running.add_done_callback(_seen)  # its error is the caller's, who may be gone
         return await asyncio.shield(running)
+
+
+def _leave(held: list[Any], error: BaseException | None) -> None:
+    """Leave a ledger call entered for a job on a worker, once (see `_write_on_worker`)."""
+    try:
+        slot = held.pop()
+    except IndexError:
+        return
+    slot.__exit__(None if error is None else type(error), error, None if error is None else error.__traceback__)
 
 
 def _seen(done: asyncio.Future[Any]) -> None:

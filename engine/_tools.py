@@ -356,6 +356,7 @@ def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
         books = recover_beside_writer(source)
         last = books.last_lsn
         original = state_hash(source, books.accounts.values(), books.pending.values())
+        _unmoved(source, last, path)  # (and again at the end: the hash may count what came after `last`)
         replayed = rejected = 0
         now = [0]
         script: deque[int] = deque()
@@ -403,12 +404,17 @@ def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
                     progress(record.lsn)
             _flush(ledger, batch, script)
             fresh = ledger.state_hash()
-        if source.read(last + 1) is not None:  # the original hash may count what came after `last`
-            raise LedgerLocked(f"{path} changed while it was replayed (a live process wrote to it): replay a "
-                               "ledger no process is writing")
+        _unmoved(source, last, path)
     return {"path": path, "into": into, "transfers_replayed": replayed, "rejections_not_replayed": rejected,
             "state_hash_original": original, "state_hash_replayed": fresh, "elapsed_s": round(time.perf_counter() - started, 3),
             "verdict": "identical" if original == fresh else "DIFFERENT"}
+
+
+def _unmoved(journal: Journal, last_lsn: int, path: str) -> None:
+    """`LedgerLocked` if a record was written past `last_lsn` (a live process writes the ledger)."""
+    if journal.read(last_lsn + 1) is not None:
+        raise LedgerLocked(f"{path} changed while it was replayed (a live process wrote to it): replay a ledger no "
+                           "process is writing")
 
 
 def _replay_alone(ledger: Ledger, record: Committed) -> None:

@@ -464,6 +464,28 @@ def test_a_write_on_a_worker_cancelled_while_it_waits_for_one_still_completes(tm
             assert ledger.account("new") == Account("new", "USD", 0)
 
 
+def test_a_worker_thread_that_cannot_start_is_ledger_unavailable_and_leaves_the_call_once(tmp_path: Path) -> None:
+    """`submit` queues the job, then starts a thread: if that fails, the job still runs later
+    (on the next thread started), and the call it entered is left once, not twice."""
+    async def body(ledger: AsyncLedger) -> None:
+        workers = ledger._workers
+        real = workers._adjust_thread_count
+
+        def fail_once() -> None:
+            workers._adjust_thread_count = real  # type: ignore[method-assign]
+            raise RuntimeError("can't start new thread")
+
+        workers._adjust_thread_count = fail_once  # type: ignore[method-assign]
+        with pytest.raises(LedgerUnavailable):
+            await ledger.create_account("x", currency="USD")
+        assert not ledger._ledger._calls
+        await ledger.create_account("y", currency="USD")  # a thread starts: it runs x's job too
+        assert await ledger.create_account("x", currency="USD") == Account("x", "USD", 0)
+        assert {account.id for account in await ledger.accounts()} == {"x", "y"}
+
+    run(tmp_path / "l", body)
+
+
 def test_close_waits_for_a_batch_of_accounts_whose_caller_was_cancelled(tmp_path: Path) -> None:
     """The worker opening the accounts holds the ledger open: `close` waits for it, rather
     than closing the journal under it between two of its blocks of 1,000."""
