@@ -716,6 +716,12 @@ class Ledger:
     def closed(self) -> bool:
         return self._closed
 
+    def _write_failure(self) -> LedgerError | None:
+        """The error every write now gets if the journal failed (a full disk: until the ledger
+        is reopened), else None. For `tally serve`'s health check."""
+        failure = self._journal.failure
+        return None if failure is None else ledger_error(failure)
+
 
 def _lock_free_within(lock: threading.Lock, timeout_s: float) -> bool:
     """Wait, at most `timeout_s`, until no one holds `lock` (taken and given back at once)."""

@@ -389,8 +389,13 @@ async def events(request: Request, after_lsn: int = 0, follow: bool = True,
 
 @router.get("/health", response_model=None, responses={200: {"model": HealthJSON}, 503: {"model": ErrorJSON}})
 async def health(request: Request) -> Response:
-    """200 while the ledger is open (no token needed)."""
+    """200 while the ledger is open and can write (no token needed); 503 once its journal has
+    failed (a full disk), which refuses every write until the ledger is reopened: a
+    supervisor restarts the server then."""
     ledger: AsyncLedger | None = getattr(request.app.state, "ledger", None)
     if ledger is None or ledger.closed:
         return error_response(LedgerClosed("the ledger is not open"))
+    failure = ledger._ledger._write_failure()
+    if failure is not None:
+        return error_response(failure)
     return JSONResponse({"status": "ok"})

@@ -428,6 +428,21 @@ def test_a_closed_ledger_is_503_and_health_says_so(tmp_path: Path) -> None:
     _in_process(tmp_path, work)
 
 
+def test_health_is_503_once_the_journal_failed_and_every_write_is_refused(tmp_path: Path) -> None:
+    """A full disk fails the journal: every write is refused until the ledger is reopened, so
+    `/health` says so (a supervisor restarts the server), not 200."""
+    async def work(app: Any, client: httpx.AsyncClient) -> None:
+        assert (await client.get("/health")).status_code == 200
+        app.state.ledger._ledger._journal.refuse_writes("a stand-in for a full disk")
+        answer = await client.post("/accounts", headers={"Idempotency-Key": "a"}, json={"currency": "USD"})
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "ledger_unavailable"
+        health = await client.get("/health")
+        assert health.status_code == 503 and health.json()["error"]["code"] == "ledger_unavailable"
+        assert "a stand-in for a full disk" in health.json()["error"]["message"]
+
+    _in_process(tmp_path, work)
+
+
 def test_the_guard_answers_503_overloaded_past_its_requests_in_flight() -> None:
     from engine._serve_app import Guard
 
