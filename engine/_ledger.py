@@ -37,6 +37,7 @@ from coordinator import (
     LedgerError,
     LedgerLocked,
     LedgerTimeout,
+    LedgerUnavailable,
     Projection,
     Resolution,
     Sequencer,
@@ -720,7 +721,11 @@ class Ledger:
         """The error every write now gets if the journal failed (a full disk: until the ledger
         is reopened), else None. For `tally serve`'s health check."""
         failure = self._journal.failure
-        return None if failure is None else ledger_error(failure)
+        if failure is None:
+            return None
+        if isinstance(failure, JournalError):
+            return ledger_error(failure)
+        return LedgerUnavailable(f"the journal failed: {failure}")
 
 
 def _lock_free_within(lock: threading.Lock, timeout_s: float) -> bool:
