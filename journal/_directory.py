@@ -37,12 +37,25 @@ def directory_error(what: str, error: Exception) -> JournalError:
     return JournalError(f"{what}: {error}")
 
 
-def lock_directory(path: str) -> int:
-    """Take an exclusive flock on the directory's lock file; it dies with the process."""
+def lock_directory(path: str, readonly: bool = False) -> int | None:
+    """Take an exclusive flock on the directory's lock file; it dies with the process.
+
+    `readonly` (a reader that must know no live process writes, as `tally recover --dry-run`):
+    on a read-only file system, or one this user may not write, the lock file is opened for
+    reading, which `flock` takes all the same; if there is none, no process ever opened the
+    ledger to write it, and there is nothing to lock (None)."""
+    lock_path = os.path.join(path, LOCK_FILE)
     try:
-        fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as error:
-        raise directory_error(f"cannot lock {path!r} as a ledger directory", error) from error
+        if not readonly or error.errno not in (errno.EROFS, errno.EACCES):
+            raise directory_error(f"cannot lock {path!r} as a ledger directory", error) from error
+        try:
+            fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as again:
+            raise directory_error(f"cannot lock {path!r} as a ledger directory", again) from again
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:

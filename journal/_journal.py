@@ -160,7 +160,7 @@ class Journal:
         exists, anchor = recognise(path)
         if not exists:
             refuse_missing(path)
-        fd = lock_directory(path) if lock else None
+        fd = lock_directory(path, readonly=True) if lock else None
 
         def make() -> tuple[Store, AnchorState | None]:
             again = recognise(path)[1] if lock else anchor  # as of now that no writer can move it

@@ -137,10 +137,10 @@ class Store:
         data_file = os.path.join(path, DATA_FILE)
         check_before_mapping(data_file)
         try:
-            allocate_lock_file(path, readonly)
+            locked = allocate_lock_file(path, readonly)
         except OSError as error:
             raise os_error(path, error) from error
-        env = _lmdb_open(path, map_size_bytes=map_size_bytes, sync=sync, readonly=readonly, create=False)
+        env = _lmdb_open(path, map_size_bytes=map_size_bytes, sync=sync, readonly=readonly, create=False, lock=locked)
         try:
             if not readonly:
                 _settle_last_writer(env)
@@ -223,7 +223,8 @@ class Store:
         self.env.close()
 
 
-def _lmdb_open(path: str, *, map_size_bytes: int, sync: bool, readonly: bool, create: bool) -> lmdb.Environment:
+def _lmdb_open(path: str, *, map_size_bytes: int, sync: bool, readonly: bool, create: bool,
+               lock: bool = True) -> lmdb.Environment:
     try:
         return lmdb.open(
             path,
@@ -233,7 +234,7 @@ def _lmdb_open(path: str, *, map_size_bytes: int, sync: bool, readonly: bool, cr
             metasync=sync,
             max_dbs=DBS_MAX,
             max_readers=READERS_MAX,
-            lock=True,
+            lock=lock,
             writemap=False,
             meminit=False,
             create=create,
@@ -265,21 +266,31 @@ def _settle_last_writer(env: lmdb.Environment) -> None:
         raise lmdb_read_error(error, "the journal, settling after its last writer") from error
 
 
-def allocate_lock_file(path: str, readonly: bool = False) -> None:
+def allocate_lock_file(path: str, readonly: bool = False) -> bool:
     """Make `lock.mdb` with its blocks allocated, if it is missing or short (see
-    `LOCK_FILE_BYTES`). Raises `OSError` (ENOSPC on a full disk)."""
+    `LOCK_FILE_BYTES`). Raises `OSError` (ENOSPC on a full disk). True if LMDB may use its
+    reader table; False only for a reader on a full disk where there was no `lock.mdb`: no
+    process has the ledger open (its `lock.mdb` would be there), the file made for it is taken
+    away again, and LMDB reads without the table (as on a read-only file system)."""
     lock_path = os.path.join(path, LMDB_LOCK_FILE)
+    made = readonly and not os.path.exists(lock_path)
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as error:
         if readonly and error.errno in (errno.EROFS, errno.EACCES):
-            return  # LMDB reads a read-only file system without its reader table
+            return True  # LMDB reads a read-only file system without its reader table
         raise
     try:
         if os.fstat(fd).st_size < LOCK_FILE_BYTES:
             os.posix_fallocate(fd, 0, LOCK_FILE_BYTES)
+    except OSError as error:
+        if not (made and error.errno in (errno.ENOSPC, errno.EDQUOT)):
+            raise
+        os.unlink(lock_path)  # the directory as it was
+        return False
     finally:
         os.close(fd)
+    return True
 
 
 def os_error(path: str, error: OSError) -> JournalError:

@@ -6,6 +6,7 @@ line on stderr, no traceback).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import msgpack
@@ -27,6 +29,8 @@ from coordinator._audit import CHECK_RECORDS
 from engine import CurrencyMismatch, InsufficientFunds, Ledger, LedgerLocked, TransferRequest
 from engine import _cli, _readonly, _tools
 from journal import ANCHOR_FILE, FORMAT_VERSION, Journal, lsn_key
+from journal import _directory
+from journal._directory import LOCK_FILE
 from journal._anchor import create_anchor, read_anchor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -831,6 +835,34 @@ def test_salvage_refuses_while_a_live_process_holds_the_ledger(held: Built, tmp_
     assert done.returncode == 2
     assert len(done.stderr.splitlines()) == 1 and "live process" in done.stderr
     assert not (tmp_path / "copy").exists()
+
+
+def _read_only_file_system(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's opens of a ledger's lock file for writing fail as on a read-only file system."""
+    real = os.open
+
+    def opening(path: Any, flags: int, *args: Any) -> int:
+        if str(path).endswith(LOCK_FILE) and flags & (os.O_RDWR | os.O_WRONLY | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real(path, flags, *args)
+
+    monkeypatch.setattr(_directory.os, "open", opening)
+
+
+def test_recover_dry_run_reads_a_ledger_on_a_read_only_file_system(built: Built, monkeypatch: pytest.MonkeyPatch
+                                                                    ) -> None:
+    """The lock that tells no live process writes is taken on the lock file opened for
+    reading (a file system turned read-only on errors is when the dry run is wanted)."""
+    _read_only_file_system(monkeypatch)
+    report = _tools.recover(str(built.path), dry_run=True)
+    assert report["verdict"] == "whole" and report["state_hash"] == built.state_hash
+
+
+def test_recover_dry_run_on_a_read_only_file_system_still_refuses_while_a_live_process_holds_it(
+        held: Built, monkeypatch: pytest.MonkeyPatch) -> None:
+    _read_only_file_system(monkeypatch)
+    with pytest.raises(LedgerLocked, match="live process"):
+        _tools.recover(str(held.path), dry_run=True)
 
 
 def test_verify_and_balance_read_a_ledger_a_live_process_holds(held: Built) -> None:

@@ -344,6 +344,31 @@ def test_a_lock_file_that_cannot_be_allocated_is_no_space_left_before_lmdb_maps_
         Ledger.open(tmp_path / "ledger")
 
 
+def test_a_copy_without_its_lock_file_reads_on_a_full_disk_and_is_left_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backup restored as `data.mdb` and its anchor, read on a full disk: no process has it
+    open (its lock file would be there), so it is read without LMDB's reader table, and the
+    lock file made for it goes again."""
+    path = tmp_path / "ledger"
+    with Ledger.open(path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        ledger.transfer("t", source="bank", destination="alice", amount=5)
+    (path / "lock.mdb").unlink()
+    before = sorted(os.listdir(path))
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with Ledger.open(path, readonly=True) as reading:
+        assert reading.balance("alice").posted == 5
+    assert sorted(os.listdir(path)) == before
+    with pytest.raises(LedgerUnavailable, match="no space left"):  # a writer still needs its table
+        Ledger.open(path)
+
+
 # --- 6. a meta page that rolls back the last commit ------------------------------------------------
 
 
