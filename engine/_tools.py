@@ -222,7 +222,8 @@ def recover(path: str, dry_run: bool, progress: Progress = None) -> dict[str, An
             result.update(would_write_anchor_at=last_lsn, problem=anchor_problem, verdict="NOT WHOLE")
             result["checks"][CHECKS[0]] = False
         else:
-            result["anchor_written_at"] = reanchor(path, index_names=INDEX_NAMES)
+            with ledger_errors():
+                result["anchor_written_at"] = reanchor(path, index_names=INDEX_NAMES)
     if report.whole and report.books is not None and last_lsn is not None and result["replayed_past_checkpoint"]:
         if dry_run:
             result["would_write_checkpoint_at"] = last_lsn + 1

@@ -128,10 +128,14 @@ def create_anchor(directory: str, ledger_id: bytes, format_version: int, durable
     temporary = path + ".new"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        os.write(fd, _slot(state) + _slot(state))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            os.write(fd, _slot(state) + _slot(state))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # (a full disk): no half-written file left beside the anchor
+        os.unlink(temporary)
+        raise
     os.rename(temporary, path)
     sync_directory(directory)
     return state

@@ -37,7 +37,7 @@ from journal._limits import MAP_SIZE_BYTES_DEFAULT
 from journal._check import check_records, check_to_seal
 from journal._names import DATA_FILE, RECORDS_DB
 from journal._seal import SEAL_FILE, write_seal
-from journal._store import Store
+from journal._store import Store, os_error
 from journal._writer import Behind, IndexPut, IndexPuts, Writer
 
 logger = logging.getLogger("tally.journal")
@@ -568,8 +568,11 @@ def reanchor(path: str | os.PathLike[str], *, index_names: Sequence[str] = ()) -
                                f"{journal.problem or 'its anchor is there'}")
         ledger_id = journal._store.ledger_id
         assert ledger_id is not None
-        create_anchor(journal.path, ledger_id, journal.format_version, journal.last_lsn,
-                      journal.head_at(journal.last_lsn).digest)
+        try:
+            create_anchor(journal.path, ledger_id, journal.format_version, journal.last_lsn,
+                          journal.head_at(journal.last_lsn).digest)
+        except OSError as error:
+            raise os_error(journal.path, error) from error
         return journal.last_lsn
     finally:
         journal.close()

@@ -33,6 +33,7 @@ from engine import (
     LedgerUnavailable,
     TransferRequest,
 )
+from engine import _tools
 from journal import ANCHOR_FILE, FORMAT_VERSION, Journal, JournalCorruptedError
 from coordinator import CHECK_FILE
 from journal._seal import SEAL_FILE
@@ -144,6 +145,26 @@ def test_a_ledger_that_lost_its_anchor_is_refused_until_recover_audits_it_and_wr
         assert ledger.state_hash() == state
         ledger.transfer("after", source="bank", destination="alice", amount=1)
     assert tally("verify", path).returncode == 0
+
+
+def test_recover_writing_an_anchor_on_a_full_disk_says_no_space_left_at_the_ledger_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "ledger"
+    build(path)
+    (path / ANCHOR_FILE).unlink()
+    before = sorted(os.listdir(path))
+    real = os.fsync
+
+    def full(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(ANCHOR_FILE + ".new"):
+            raise OSError(28, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(LedgerUnavailable, match=f"no space left.*{path}|{path}.*no space left"):
+        _tools.recover(str(path), dry_run=False)
+    assert sorted(os.listdir(path)) == before
 
 
 def test_an_emptied_data_file_without_an_anchor_is_still_never_created_over(tmp_path: Path) -> None:
