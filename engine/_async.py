@@ -264,6 +264,11 @@ class AsyncLedger(LoopWrites, LoopFollowing):
     def closed(self) -> bool:
         return self._ledger.closed
 
+    @property
+    def failure(self) -> LedgerError | None:
+        """`Ledger.failure` (from memory: never blocks)."""
+        return self._ledger.failure
+
     def __repr__(self) -> str:
         return f"AsyncLedger({self.path!r}{', closed' if self.closed else ''})"
 

@@ -717,9 +717,11 @@ class Ledger:
     def closed(self) -> bool:
         return self._closed
 
-    def _write_failure(self) -> LedgerError | None:
-        """The error every write now gets if the journal failed (a full disk: until the ledger
-        is reopened), else None. For `tally serve`'s health check."""
+    @property
+    def failure(self) -> LedgerError | None:
+        """The error every write gets since the journal failed (a full disk: until the ledger is
+        reopened), or None while it can write: for a host's health check (`tally serve`'s
+        `GET /health`). Reads go on showing what is durable either way."""
         failure = self._journal.failure
         if failure is None:
             return None

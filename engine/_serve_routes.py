@@ -395,7 +395,7 @@ async def health(request: Request) -> Response:
     ledger: AsyncLedger | None = getattr(request.app.state, "ledger", None)
     if ledger is None or ledger.closed:
         return error_response(LedgerClosed("the ledger is not open"))
-    failure = ledger._ledger._write_failure()
+    failure = ledger.failure
     if failure is not None:
         return error_response(failure)
     return JSONResponse({"status": "ok"})

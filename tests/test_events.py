@@ -276,7 +276,7 @@ def test_a_readonly_ledger_refuses_every_write_and_writes_nothing(tmp_path: Path
         assert list(ledger.events()) == readonly_events
 
 
-READS_INHERITED = {"open", "close", "closed", "events", "get_transfer", "snapshot", "transfers", "account", "outcome"}
+READS_INHERITED = {"open", "close", "closed", "failure", "events", "get_transfer", "snapshot", "transfers", "account", "outcome"}
 """Public `Ledger` methods a read-only ledger inherits as they are: each reads only the journal."""
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
-from engine import Ledger
+from engine import Ledger, LedgerUnavailable
 from journal._seal import SEAL_FILE
 from serve_support import HTTP_TIMEOUT_S, ROOT, Server, error_of, run_tally, write
 
@@ -432,8 +432,9 @@ def test_health_is_503_once_the_journal_failed_and_every_write_is_refused(tmp_pa
     """A full disk fails the journal: every write is refused until the ledger is reopened, so
     `/health` says so (a supervisor restarts the server), not 200."""
     async def work(app: Any, client: httpx.AsyncClient) -> None:
-        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/health")).status_code == 200 and app.state.ledger.failure is None
         app.state.ledger._ledger._journal.refuse_writes("a stand-in for a full disk")
+        assert isinstance(app.state.ledger.failure, LedgerUnavailable)
         answer = await client.post("/accounts", headers={"Idempotency-Key": "a"}, json={"currency": "USD"})
         assert answer.status_code == 503 and answer.json()["error"]["code"] == "ledger_unavailable"
         health = await client.get("/health")
