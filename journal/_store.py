@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import shutil
 import threading
@@ -202,7 +203,9 @@ class Store:
         size = self.env.info()["map_size"]
         if size >= MAP_SIZE_BYTES_MAX:
             raise JournalWriteError(f"the journal map is at its bound of {MAP_SIZE_BYTES_MAX} bytes")
-        return self._resize(min(size * 2, MAP_SIZE_BYTES_MAX), "the journal map is full: growing it")
+        grown = min(size * 2, MAP_SIZE_BYTES_MAX)
+        _check_mappable(grown)
+        return self._resize(grown, "the journal map is full: growing it")
 
     def _resize(self, size: int, what: str) -> int:
         """Set the map size (0: the size another process gave the file) with no reader open."""
@@ -221,6 +224,20 @@ class Store:
 
     def close(self) -> None:
         self.env.close()
+
+
+def _check_mappable(size: int) -> None:
+    """`JournalWriteError` unless the process can map `size` bytes more (an address-space
+    limit, `ulimit -v`). LMDB unmaps the data file before it maps it anew, and a map that then
+    fails leaves the environment unusable: reads too would fail until the ledger is reopened.
+    Tried first on an anonymous mapping that reserves address space only (no access, so no
+    memory is committed), the failed grow fails the writes alone."""
+    try:
+        mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE, prot=0).close()
+    except (OSError, OverflowError, ValueError) as error:
+        raise JournalWriteError(f"the journal map cannot grow to {size} bytes: this process cannot map that much "
+                                f"({error}); reads go on, writes need the ledger reopened with more address space") \
+            from error
 
 
 def _lmdb_open(path: str, *, map_size_bytes: int, sync: bool, readonly: bool, create: bool,

@@ -390,6 +390,39 @@ def test_a_copy_without_its_lock_file_reads_on_a_full_disk_and_is_left_as_it_was
         Ledger.open(path)
 
 
+MAP_CANNOT_GROW = """
+import resource, sys, logging
+logging.disable(logging.CRITICAL)
+from engine import Account, Ledger, LedgerUnavailable
+ledger = Ledger.open(sys.argv[1], map_size_bytes=1 << 16, timeout_s=10)
+ledger.create_account("bank", currency="USD", overdraft_limit=None)
+ledger.create_account("a", currency="USD")
+ledger.transfer("first", source="bank", destination="a", amount=1)
+ledger.create_accounts([Account(f"pre{i}", "USD", 0, 0, {"k": "v" * 200}) for i in range(12000)])  # grown
+size = ledger._journal._store.env.info()["map_size"]
+vm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, (vm + size * 3 // 2, resource.RLIM_INFINITY))  # no room to double it
+try:
+    for i in range(100000):
+        ledger.transfer(f"t{i}", source="bank", destination="a", amount=1, metadata={"k": "x" * 250})
+except LedgerUnavailable as error:
+    print("refused:", "cannot grow" in str(error))
+print("first:", ledger.get_transfer("first").amount)
+print("entries:", [entry.transfer_id for entry in ledger.entries("a", limit=2)])
+"""
+
+
+def test_a_map_that_cannot_grow_fails_the_writes_and_the_reads_go_on(tmp_path: Path) -> None:
+    """LMDB unmaps the data file before mapping it larger: a map that then fails (an
+    address-space limit) left the environment unusable, reads too, until the ledger was
+    reopened. The grow is tried on address space alone first."""
+    done = subprocess.run([sys.executable, "-c", MAP_CANNOT_GROW, str(tmp_path / "ledger")], capture_output=True,
+                          text=True, timeout=CLI_TIMEOUT_S, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["refused: True", "first: 1", "entries: ['first', 't0']"], done.stdout
+    assert tally("verify", tmp_path / "ledger").returncode == 0
+
+
 # --- 6. a meta page that rolls back the last commit ------------------------------------------------
 
 
