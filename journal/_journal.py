@@ -526,6 +526,10 @@ class Journal:
         walks and reports it. A seal that cannot be written only costs the next open its walk."""
         store = self._store
         data_file = os.path.join(store.path, DATA_FILE)
+        if not store.in_place():  # its directory removed or moved away: whatever is at the path is not ours
+            logger.warning("%s is no longer the data file this ledger opened (removed or moved away): no seal written",
+                           data_file)
+            return
         try:
             os.unlink(os.path.join(store.path, SEAL_FILE))  # never a seal of other bytes than those walked here
         except FileNotFoundError:

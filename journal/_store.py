@@ -90,6 +90,8 @@ class Store:
         self._gate = threading.Condition()
         self._readers = 0
         self._growing = False
+        self._identity = _identity(os.path.join(path, DATA_FILE))
+        """The data file's (device, inode) when it was opened, for `in_place`."""
 
     # --- making and opening ----------------------------------------------------------
 
@@ -222,8 +224,26 @@ class Store:
                 self._growing = False
                 self._gate.notify_all()
 
+    def in_place(self) -> bool:
+        """Whether the data file at the store's path is still the one it opened: not removed,
+        nor moved away (and another put there) while open. A path that cannot be looked at for
+        another reason passes: that is no sign of it."""
+        return _identity(os.path.join(self.path, DATA_FILE)) in (self._identity, None)
+
     def close(self) -> None:
         self.env.close()
+
+
+def _identity(data_file: str) -> tuple[int, int] | None:
+    """(device, inode) of the file at `data_file`; (0, 0) if there is none; None if it cannot
+    be looked at (an error other than a missing file or directory)."""
+    try:
+        found = os.stat(data_file)
+    except (FileNotFoundError, NotADirectoryError):
+        return (0, 0)
+    except OSError:
+        return None
+    return (found.st_dev, found.st_ino)
 
 
 def _check_mappable(size: int) -> None:

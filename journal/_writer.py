@@ -377,6 +377,10 @@ class Writer:
             self.indexed_lsn = indexed
         if not batch:  # no record: no LSN moved, no one to tell
             return True
+        if not self._store.in_place():  # committed into a file no longer the ledger's: say so, acknowledge none
+            self._fail(batch, JournalWriteError(f"the data file of the ledger at {self._store.path} was removed or "
+                                                "moved away while the ledger was open: nothing more is written"))
+            return False
         try:
             self._advance_anchor(batch[-1].last_lsn)
             anchor_failure = None

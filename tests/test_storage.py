@@ -423,6 +423,47 @@ def test_a_map_that_cannot_grow_fails_the_writes_and_the_reads_go_on(tmp_path: P
     assert tally("verify", tmp_path / "ledger").returncode == 0
 
 
+def test_a_ledger_whose_directory_is_removed_while_open_acknowledges_nothing_more(tmp_path: Path) -> None:
+    """Its commits would land in files no path reaches, gone when the process ends."""
+    path = tmp_path / "ledger"
+    ledger = Ledger.open(path)
+    try:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        shutil.rmtree(path)
+        with pytest.raises(LedgerUnavailable, match="removed or moved away"):
+            ledger.transfer("t", source="bank", destination="alice", amount=5)
+        with pytest.raises(LedgerUnavailable):
+            ledger.create_account("bob", currency="USD")
+    finally:
+        ledger.close()
+
+
+def test_a_ledger_moved_away_while_open_leaves_the_one_now_at_its_path_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Closing it sealed by path: the seal of another ledger made at the old path was removed
+    and rewritten (and a clean ledger was logged as damaged)."""
+    path, moved = tmp_path / "ledger", tmp_path / "moved"
+    first = Ledger.open(path)
+    try:
+        first.create_account("bank", currency="USD", overdraft_limit=None)
+        os.rename(path, moved)
+        with Ledger.open(path) as other:
+            other.create_account("other", currency="USD")
+        sealed = (path / SEAL_FILE).read_bytes()
+        with pytest.raises(LedgerUnavailable, match="removed or moved away"):
+            first.create_account("alice", currency="USD")
+    finally:
+        with caplog.at_level(logging.WARNING, logger="tally.journal"):
+            first.close()
+    assert (path / SEAL_FILE).read_bytes() == sealed
+    assert "damage" not in caplog.text
+    with Ledger.open(path) as other:
+        assert [account.id for account in other.accounts()] == ["other"]
+    assert tally("verify", moved).returncode == 0
+
+
 # --- 6. a meta page that rolls back the last commit ------------------------------------------------
 
 
