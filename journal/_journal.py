@@ -525,13 +525,13 @@ class Journal:
         changed on disk while the ledger was open) is logged and left unsealed: the next open
         walks and reports it. A seal that cannot be written only costs the next open its walk."""
         store = self._store
-        data_file = os.path.join(store.path, DATA_FILE)
+        data_file = os.path.join(store.directory, DATA_FILE)
         if not store.in_place():  # its directory removed or moved away: whatever is at the path is not ours
             logger.warning("%s is no longer the data file this ledger opened (removed or moved away): no seal written",
                            data_file)
             return
         try:
-            os.unlink(os.path.join(store.path, SEAL_FILE))  # never a seal of other bytes than those walked here
+            os.unlink(os.path.join(store.directory, SEAL_FILE))  # never a seal of other bytes than those walked here
         except FileNotFoundError:
             pass
         except OSError as error:
@@ -541,7 +541,7 @@ class Journal:
             checked = check_to_seal(data_file, list(store.indexes))
             if checked is not None:  # (None: another snapshot since the sums, not this close's to seal)
                 meta, sums, layout = checked
-                write_seal(store.path, meta, sums, store.ledger_id, layout.trees)
+                write_seal(store.directory, meta, sums, store.ledger_id, layout.trees)
         except JournalCorruptedError as error:
             logger.error("closing %s found damage; not sealed, so the next open reports it: %s", data_file, error)
         except (OSError, JournalError) as error:

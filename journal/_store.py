@@ -90,7 +90,9 @@ class Store:
         self._gate = threading.Condition()
         self._readers = 0
         self._growing = False
-        self._identity = _identity(os.path.join(path, DATA_FILE))
+        self.directory = os.path.abspath(path)
+        """`path` as it named a directory when opened (a host may change its working directory)."""
+        self._identity = _identity(os.path.join(self.directory, DATA_FILE))
         """The data file's (device, inode) when it was opened, for `in_place`."""
 
     # --- making and opening ----------------------------------------------------------
@@ -228,7 +230,7 @@ class Store:
         """Whether the data file at the store's path is still the one it opened: not removed,
         nor moved away (and another put there) while open. A path that cannot be looked at for
         another reason passes: that is no sign of it."""
-        return _identity(os.path.join(self.path, DATA_FILE)) in (self._identity, None)
+        return _identity(os.path.join(self.directory, DATA_FILE)) in (self._identity, None)
 
     def close(self) -> None:
         self.env.close()

@@ -518,8 +518,8 @@ class Writer:
         an id always had an anchor: one found without its anchor lost it. Raises `OSError`."""
         store = self._store
         ledger_id = store.ledger_id if store.ledger_id is not None else new_ledger_id()
-        state = create_anchor(store.path, ledger_id, store.format_version, self.durable_lsn, self._chain_digest)
-        self._anchor = Anchor(store.path, state)
+        state = create_anchor(store.directory, ledger_id, store.format_version, self.durable_lsn, self._chain_digest)
+        self._anchor = Anchor(store.directory, state)
 
     def _advance_anchor(self, durable_lsn: int) -> None:
         """The anchor learns the new durable LSN before any caller hears of it; the store, the

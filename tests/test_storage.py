@@ -439,6 +439,25 @@ def test_a_ledger_whose_directory_is_removed_while_open_acknowledges_nothing_mor
         ledger.close()
 
 
+def test_a_ledger_opened_by_a_relative_path_keeps_working_after_the_host_changes_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    ledger = Ledger.open("books")
+    try:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        (tmp_path / "elsewhere").mkdir()
+        monkeypatch.chdir(tmp_path / "elsewhere")
+        assert ledger.transfer("t", source="bank", destination="alice", amount=5).status == "posted"
+    finally:
+        ledger.close()
+    assert sorted(os.listdir(tmp_path / "elsewhere")) == []
+    assert (tmp_path / "books" / SEAL_FILE).exists()
+    with Ledger.open(tmp_path / "books") as reopened:
+        assert reopened.balance("alice").posted == 5
+
+
 def test_a_ledger_moved_away_while_open_leaves_the_one_now_at_its_path_alone(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
