@@ -28,6 +28,7 @@ fsyncs it and renames it into place.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import struct
@@ -134,7 +135,8 @@ def create_anchor(directory: str, ledger_id: bytes, format_version: int, durable
         finally:
             os.close(fd)
     except OSError:  # (a full disk): no half-written file left beside the anchor
-        os.unlink(temporary)
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
         raise
     os.rename(temporary, path)
     sync_directory(directory)

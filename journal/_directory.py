@@ -64,7 +64,7 @@ def lock_directory(path: str, readonly: bool = False) -> int | None:
             raise JournalLockedError(
                 f"{path} is open in another live process (or by another open ledger in this process)"
             ) from error
-        raise
+        raise directory_error(f"cannot lock {path!r} as a ledger directory", error) from error  # (NFS: EBADF)
     return fd
 
 

@@ -28,6 +28,7 @@ being read (`journal._errors.lmdb_read_error`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import mmap
@@ -90,8 +91,10 @@ class Store:
         self._gate = threading.Condition()
         self._readers = 0
         self._growing = False
-        self.directory = os.path.abspath(path)
-        """`path` as it named a directory when opened (a host may change its working directory)."""
+        self.directory = os.path.realpath(path)
+        """The directory `path` named when opened, absolute and with its links resolved as the
+        kernel resolved them for LMDB (a host may change its working directory, or re-point
+        a link on the way)."""
         self._identity = _identity(os.path.join(self.directory, DATA_FILE))
         """The data file's (device, inode) when it was opened, for `in_place`."""
 
@@ -142,10 +145,10 @@ class Store:
         data_file = os.path.join(path, DATA_FILE)
         check_before_mapping(data_file)
         try:
-            locked = allocate_lock_file(path, readonly)
+            allocate_lock_file(path, readonly)
         except OSError as error:
             raise os_error(path, error) from error
-        env = _lmdb_open(path, map_size_bytes=map_size_bytes, sync=sync, readonly=readonly, create=False, lock=locked)
+        env = _lmdb_open(path, map_size_bytes=map_size_bytes, sync=sync, readonly=readonly, create=False)
         try:
             if not readonly:
                 _settle_last_writer(env)
@@ -208,7 +211,7 @@ class Store:
         if size >= MAP_SIZE_BYTES_MAX:
             raise JournalWriteError(f"the journal map is at its bound of {MAP_SIZE_BYTES_MAX} bytes")
         grown = min(size * 2, MAP_SIZE_BYTES_MAX)
-        _check_mappable(grown)
+        _check_mappable(grown - size, grown)  # (LMDB unmaps the old size first)
         return self._resize(grown, "the journal map is full: growing it")
 
     def _resize(self, size: int, what: str) -> int:
@@ -230,6 +233,8 @@ class Store:
         """Whether the data file at the store's path is still the one it opened: not removed,
         nor moved away (and another put there) while open. A path that cannot be looked at for
         another reason passes: that is no sign of it."""
+        if self._identity is None:  # it could not be looked at when opened: nothing to compare
+            return True
         return _identity(os.path.join(self.directory, DATA_FILE)) in (self._identity, None)
 
     def close(self) -> None:
@@ -248,22 +253,21 @@ def _identity(data_file: str) -> tuple[int, int] | None:
     return (found.st_dev, found.st_ino)
 
 
-def _check_mappable(size: int) -> None:
-    """`JournalWriteError` unless the process can map `size` bytes more (an address-space
-    limit, `ulimit -v`). LMDB unmaps the data file before it maps it anew, and a map that then
-    fails leaves the environment unusable: reads too would fail until the ledger is reopened.
-    Tried first on an anonymous mapping that reserves address space only (no access, so no
-    memory is committed), the failed grow fails the writes alone."""
+def _check_mappable(more: int, size: int) -> None:
+    """`JournalWriteError` unless the process can map `more` bytes more, to grow its map to
+    `size` (an address-space limit, `ulimit -v`). LMDB unmaps the data file before it maps it
+    anew, and a map that then fails leaves the environment unusable: reads too would fail
+    until the ledger is reopened. Tried first on an anonymous mapping that reserves address
+    space only (no access, so no memory is committed), the failed grow fails the writes alone."""
     try:
-        mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE, prot=0).close()
+        mmap.mmap(-1, more, flags=mmap.MAP_PRIVATE, prot=0).close()
     except (OSError, OverflowError, ValueError) as error:
         raise JournalWriteError(f"the journal map cannot grow to {size} bytes: this process cannot map that much "
                                 f"({error}); reads go on, writes need the ledger reopened with more address space") \
             from error
 
 
-def _lmdb_open(path: str, *, map_size_bytes: int, sync: bool, readonly: bool, create: bool,
-               lock: bool = True) -> lmdb.Environment:
+def _lmdb_open(path: str, *, map_size_bytes: int, sync: bool, readonly: bool, create: bool) -> lmdb.Environment:
     try:
         return lmdb.open(
             path,
@@ -273,7 +277,7 @@ def _lmdb_open(path: str, *, map_size_bytes: int, sync: bool, readonly: bool, cr
             metasync=sync,
             max_dbs=DBS_MAX,
             max_readers=READERS_MAX,
-            lock=lock,
+            lock=True,
             writemap=False,
             meminit=False,
             create=create,
@@ -305,31 +309,30 @@ def _settle_last_writer(env: lmdb.Environment) -> None:
         raise lmdb_read_error(error, "the journal, settling after its last writer") from error
 
 
-def allocate_lock_file(path: str, readonly: bool = False) -> bool:
+def allocate_lock_file(path: str, readonly: bool = False) -> None:
     """Make `lock.mdb` with its blocks allocated, if it is missing or short (see
-    `LOCK_FILE_BYTES`). Raises `OSError` (ENOSPC on a full disk). True if LMDB may use its
-    reader table; False only for a reader on a full disk where there was no `lock.mdb`: no
-    process has the ledger open (its `lock.mdb` would be there), the file made for it is taken
-    away again, and LMDB reads without the table (as on a read-only file system)."""
+    `LOCK_FILE_BYTES`). Raises `OSError` (ENOSPC on a full disk); a reader that made the file
+    then takes it away again, so a refused read leaves the directory as it was. (Reading
+    without LMDB's reader table instead would let a writer that starts meanwhile reuse the
+    pages of the reader's snapshot.)"""
     lock_path = os.path.join(path, LMDB_LOCK_FILE)
     made = readonly and not os.path.exists(lock_path)
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as error:
         if readonly and error.errno in (errno.EROFS, errno.EACCES):
-            return True  # LMDB reads a read-only file system without its reader table
+            return  # LMDB reads a read-only file system without its reader table
         raise
     try:
         if os.fstat(fd).st_size < LOCK_FILE_BYTES:
             os.posix_fallocate(fd, 0, LOCK_FILE_BYTES)
-    except OSError as error:
-        if not (made and error.errno in (errno.ENOSPC, errno.EDQUOT)):
-            raise
-        os.unlink(lock_path)  # the directory as it was
-        return False
+    except OSError:
+        if made:
+            with contextlib.suppress(OSError):  # (another reader may have taken it away first)
+                os.unlink(lock_path)
+        raise
     finally:
         os.close(fd)
-    return True
 
 
 def os_error(path: str, error: OSError) -> JournalError:

@@ -379,7 +379,9 @@ class Writer:
             return True
         if not self._store.in_place():  # committed into a file no longer the ledger's: say so, acknowledge none
             self._fail(batch, JournalWriteError(f"the data file of the ledger at {self._store.path} was removed or "
-                                                "moved away while the ledger was open: nothing more is written"))
+                                                "moved away while the ledger was open: nothing more is written, and "
+                                                "what the last group commit wrote is where the file went (if "
+                                                "anywhere): its outcome is unknown"))
             return False
         try:
             self._advance_anchor(batch[-1].last_lsn)
