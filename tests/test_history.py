@@ -657,3 +657,22 @@ def test_replay_keeps_the_timestamps_a_clock_at_its_end_stamped_past_it(tmp_path
     assert _tools.replay(str(tmp_path / "l"), str(tmp_path / "copy"))["verdict"] == "identical"
     with Ledger.open(tmp_path / "copy", clock_ns=lambda: end) as copy:
         assert [(e.kind, e.timestamp) for e in copy.events()] == original
+
+
+def test_a_point_in_time_balance_after_a_partial_post_shows_the_whole_hold_released_after_reopening(
+        tmp_path: Path) -> None:
+    """A post of part of a pending transfer releases all of its hold: the hold rows journaled
+    with it (which a reopened ledger reads the past from) must say so."""
+    path = tmp_path / "ledger"
+    with Ledger.open(path, clock_ns=Clock()) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        ledger.create_account("bob", currency="USD")
+        ledger.transfer("fund", source="bank", destination="alice", amount=100)
+        ledger.transfer("p-1", source="alice", destination="bob", amount=60, pending=True)
+        post = ledger.post_pending("q-1", pending_id="p-1", amount=10)
+        ledger.transfer("later", source="bank", destination="bob", amount=1)
+        live = [ledger.balance(account, at_lsn=post.lsn) for account in ("alice", "bob")]
+    assert live == [Balance(90, 0, 90, 0), Balance(10, 0, 10, 0)]
+    with Ledger.open(path, clock_ns=Clock()) as reopened:
+        assert [reopened.balance(account, at_lsn=post.lsn) for account in ("alice", "bob")] == live

@@ -25,6 +25,7 @@ import pytest
 from engine import (
     AccountNotFound,
     Balance,
+    BalanceOverflow,
     CurrencyMismatch,
     IdempotencyConflict,
     InsufficientFunds,
@@ -623,3 +624,23 @@ def test_replay_of_a_ledger_with_chains_is_identical(ledger_path: Path, clock: C
         assert copy.get_transfer("c-3").status == "pending"
         assert balances(copy, "a", "b", "c") == seen
         assert seen["a"] == Balance(15, 10, 5, 0)
+
+
+def test_two_pending_legs_toward_one_account_may_not_promise_it_more_than_its_balance_can_take(
+        tmp_path: Path) -> None:
+    """The second leg sees what the first has on its way to the account: together they would
+    take it past 2**63-1 once posted, so the chain is refused at that leg."""
+    top = 2**63 - 1
+    with Ledger.open(tmp_path / "ledger", clock_ns=Clock()) as ledger:
+        for name in ("bank-a", "bank-b", "bank-c"):
+            ledger.create_account(name, currency="USD", overdraft_limit=None)
+        ledger.create_account("src", currency="USD")
+        ledger.create_account("rich", currency="USD")
+        ledger.transfer("fill-a", source="bank-a", destination="rich", amount=top // 2)
+        ledger.transfer("fill-b", source="bank-b", destination="rich", amount=top - top // 2 - 100)  # top - 100
+        ledger.transfer("fund", source="bank-c", destination="src", amount=200)
+        with pytest.raises(LinkedTransferFailed) as refused:
+            ledger.transfer_linked([TransferRequest("p1", "src", "rich", 60, pending=True),
+                                    TransferRequest("p2", "src", "rich", 60, pending=True)])
+        assert refused.value.index == 1 and isinstance(refused.value.cause, BalanceOverflow)
+        assert ledger.balance("rich") == Balance(top - 100, 0, top - 100, 0)

@@ -32,6 +32,7 @@ from engine import (
     AccountExists,
     Balance,
     BalanceOverflow,
+    CurrencyMismatch,
     ExceedsPendingAmount,
     IdempotencyConflict,
     InsufficientFunds,
@@ -376,6 +377,39 @@ def test_a_post_or_void_at_exactly_the_deadline_is_expired_before_the_expiry_is_
     assert books.expire_pending() == 1
     assert books.get_transfer("p-1").status == "expired"
     assert balances(books, "alice", "bob") == {"alice": Balance(100, 0, 100, 0), "bob": Balance(0, 0, 0, 0)}
+
+
+def test_an_expiry_journaled_at_exactly_the_deadline_replays_as_expired(ledger_path: Path) -> None:
+    """The deadline is the first instant a pending transfer is expired: replay, which re-decides
+    every expiry from the record's timestamp, must agree with the live decision at it."""
+    clock = Clock()
+    with Ledger.open(ledger_path, clock_ns=clock) as ledger:
+        fund(ledger)
+        held = ledger.transfer("p-1", source="alice", destination="bob", amount=60, pending=True, timeout_s=5)
+        clock.now_ns = held.timestamp + 5 * NS_PER_S
+        assert ledger.expire_pending() == 1
+    assert audit_of(ledger_path).whole
+    with Ledger.open(ledger_path, clock_ns=clock) as reopened:
+        assert reopened.get_transfer("p-1").status == "expired"
+        assert reopened.balance("alice") == Balance(FUNDING, 0, FUNDING, 0)
+
+
+def test_a_pending_transfer_between_currencies_is_refused_and_holds_nothing(books: Ledger) -> None:
+    with pytest.raises(CurrencyMismatch):
+        books.transfer("p-eur", source="alice", destination="euro", amount=10, pending=True)
+    with pytest.raises(CurrencyMismatch):  # journaled and final
+        books.transfer("p-eur", source="alice", destination="euro", amount=10, pending=True)
+    assert balances(books, "alice", "euro") == {"alice": Balance(FUNDING, 0, FUNDING, 0), "euro": Balance(0, 0, 0, 0)}
+
+
+def test_a_read_only_ledger_reads_the_balances_of_open_pending_transfers_as_the_writer_did(ledger_path: Path) -> None:
+    with Ledger.open(ledger_path, clock_ns=Clock()) as ledger:
+        fund(ledger)
+        ledger.transfer("p-1", source="alice", destination="bob", amount=60, pending=True)
+        live = balances(ledger, "alice", "bob")
+    with Ledger.open(ledger_path, readonly=True) as reading:
+        assert balances(reading, "alice", "bob") == live == {"alice": Balance(FUNDING, 60, FUNDING - 60, 0),
+                                                            "bob": Balance(0, 0, 0, 60)}
 
 
 def test_expire_pending_expires_what_is_due_releases_its_hold_and_counts_it(books: Ledger, clock: Clock) -> None:
