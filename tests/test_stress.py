@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from engine import (
+    Account,
     Balance,
     Entry,
     IdempotencyConflict,
@@ -29,6 +30,7 @@ from engine._auditor import (
     CHECK_CONSERVED,
     CHECK_GAPLESS,
     CHECK_HOLDS,
+    CHECK_LIMITS,
     CHECK_LINKED,
     CHECK_PENDING_ENDED,
     CHECK_PRESENT,
@@ -65,9 +67,19 @@ class Faulty:
     def __exit__(self, *exc: object) -> None:
         self._ledger.close()
 
+    def accounts(self) -> list[Account]:
+        accounts = self._ledger.accounts()
+        if self._fault == "entry one below its limit":  # the limit one tighter than the victim's lowest balance
+            return [replace(account, overdraft_limit=account.overdraft_limit - 1)
+                    if account.id == self._victim and account.overdraft_limit is not None else account
+                    for account in accounts]
+        return accounts
+
     def get_transfer(self, transfer_id: str) -> Transfer | None:
         if self._fault == "lost transfer" and transfer_id == self._victim:
             return None
+        if self._fault == "refused id committed" and transfer_id == self._victim:  # yet a retry is still refused
+            return replace(self._ledger.transfers(limit=1)[0], id=transfer_id)
         return self._ledger.get_transfer(transfer_id)
 
     def entries(self, account_id: str, after: int = 0, limit: int | None = None) -> list[Entry]:
@@ -75,6 +87,14 @@ class Faulty:
         if self._fault == "duplicated entry" and entries and entries[-1].transfer_id == self._victim:
             last = entries[-1]
             entries.append(replace(last, seq=last.seq + 1, balance=last.balance + last.amount))
+        if self._fault == "pending transfer with entries":  # it moved money, as a single transfer does
+            pending = self._ledger.get_transfer(self._victim)
+            assert pending is not None and pending.kind == "pending"
+            moves = {pending.source: -pending.amount, pending.destination: pending.amount}
+            if account_id in moves:
+                seq, balance = (entries[-1].seq, entries[-1].balance) if entries else (0, 0)
+                entries.append(Entry(account_id, seq + 1, pending.id, moves[account_id], balance + moves[account_id],
+                                     pending.lsn, pending.timestamp))
         return entries
 
     def balance(self, account_id: str) -> Balance:
@@ -83,21 +103,27 @@ class Faulty:
             return Balance(balance.posted + 1, balance.pending, balance.available + 1, balance.incoming)
         if self._fault == "lost hold" and account_id == self._victim:
             return Balance(balance.posted, 0, balance.posted, balance.incoming)
+        if self._fault == "lost incoming" and account_id == self._victim:
+            return Balance(balance.posted, balance.pending, balance.available, 0)
         return balance
 
 
 @contextmanager
 def stressed_ledger(tmp_path: Path) -> Iterator[tuple[Ledger, Replies]]:
-    """A ledger after a small clean run, and the replies that run collected."""
+    """A ledger after a small clean run, and the replies that run collected: `credit` spent
+    exactly to its overdraft limit, and `p` is left pending from `a` to `b`."""
     ledger = Ledger.open(tmp_path / "ledger")
     ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    ledger.create_account("credit", currency="USD", overdraft_limit=50)
     for name in ("a", "b", "c"):
         ledger.create_account(name, currency="USD")
     replies = Replies()
     for k, (source, destination, amount) in enumerate(
-        [("bank", "a", 100), ("a", "b", 30), ("b", "c", 10), ("c", "a", 5), ("bank", "c", 7)]
+        [("bank", "a", 100), ("a", "b", 30), ("b", "c", 10), ("c", "a", 5), ("bank", "c", 7), ("credit", "b", 50)]
     ):
         replies.acknowledged[f"t{k}"] = ledger.transfer(f"t{k}", source=source, destination=destination, amount=amount)
+    replies.acknowledged["p"] = ledger.transfer("p", source="a", destination="b", amount=20, pending=True)
+    replies.pendings["p"] = ("open", None)
     try:
         ledger.transfer("refused", source="b", destination="a", amount=10**6)
     except Exception as error:  # noqa: BLE001 - recorded as the harness would
@@ -120,6 +146,10 @@ def test_the_auditor_passes_a_clean_ledger(tmp_path: Path) -> None:
         ("lost transfer", "t2", CHECK_PRESENT),
         ("duplicated entry", "t4", CHECK_PRESENT),
         ("wrong balance", "b", CHECK_CONSERVED),
+        ("entry one below its limit", "credit", CHECK_LIMITS),
+        ("lost incoming", "b", CHECK_HOLDS),
+        ("pending transfer with entries", "p", CHECK_PRESENT),
+        ("refused id committed", "refused", CHECK_REFUSED),
     ],
 )
 def test_the_auditor_reports_an_injected_fault(tmp_path: Path, fault: str, victim: str, failed: str) -> None:
