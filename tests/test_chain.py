@@ -168,6 +168,33 @@ def test_a_deleted_record_with_the_rest_renumbered_under_valid_crcs_breaks_the_c
     assert chain_of(ledger_path).break_lsn == 3
 
 
+def test_a_deleted_record_with_the_later_ones_rechained_under_valid_crcs_breaks_the_chain_at_the_gap(
+    ledger_path: Path, raw_lmdb
+) -> None:
+    """LSN 3 of a ledger deleted, and every later record's digest computed anew from the one
+    stored before it: each CRC is valid and each record links to its stored predecessor, so
+    only the LSNs tell. The chain walk itself must name the missing LSN (not leave it to
+    the audit's own check that LSNs run on), since a chain that skips an LSN vouches for a
+    history with a record taken out."""
+    build(ledger_path)
+    values = stored(raw_lmdb, ledger_path)
+    forged: dict[int, bytes | None] = {3: None}
+    previous = split(values[2])[0]
+    for lsn in range(4, max(values) + 1):
+        payload = split(values[lsn])[1]
+        previous = digest_of(previous, lsn, payload)
+        forged[lsn] = reframe(lsn, previous, payload)
+    rewrite(raw_lmdb, ledger_path, forged)
+
+    journal = Journal.open_readonly(ledger_path, index_names=INDEX_NAMES)
+    try:
+        report = journal.verify_chain(None)
+    finally:
+        journal.close()
+    assert report.break_lsn == 3 and "LSN 3 is missing" in (report.problem or ""), report
+    assert verify(str(ledger_path))["chain"]["break_lsn"] == 3
+
+
 def test_two_records_swapped_under_valid_crcs_break_the_chain_at_the_first_of_them(ledger_path: Path, raw_lmdb) -> None:
     write_journal(ledger_path, 6)
     values = stored(raw_lmdb, ledger_path)

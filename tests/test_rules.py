@@ -17,11 +17,21 @@ from pathlib import Path
 import pytest
 from coordinator import INDEX_NAMES
 from coordinator._audit import CHECK_LIMITS
-from coordinator._records import COMMIT, TRANSFERS_INDEX, encode, id_key, lsn_value
+from coordinator._records import (
+    COMMIT,
+    EXPIRY3,
+    TRANSFER3,
+    TRANSFERS_INDEX,
+    encode,
+    id_key,
+    lsn_value,
+    resolution_key,
+)
 from coordinator._rules import Refusal, decide, enter
 from coordinator._state import Pending, Projection
-from coordinator._values import Resolution
-from engine import Account, JournalCorrupted, Ledger, TransferRequest
+from coordinator._values import POST, SINGLE, Resolution
+from engine import Account, JournalCorrupted, Ledger, Transfer, TransferRequest
+from engine._tools import verify
 from journal import Journal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,6 +139,21 @@ def test_a_chain_sees_each_legs_effects_and_refuses_all_at_the_first_leg_that_fa
     assert books.states == {"a": (1, 100, 1), "b": (0, 0, 0), "c": (0, 0, 0)}  # deciding changes nothing
 
 
+def test_a_post_in_a_chain_stamps_its_entries_after_those_of_the_legs_before_it() -> None:
+    """A post or void in a chain is decided from the chain's entries so far, as a transfer is:
+    here leg 0 moves 10 from a, so the post of a's hold is a's third entry (not its second
+    again) and leaves 30, not 40. Stamped from the books before the chain, the record would
+    repeat leg 0's seq, and the post would undo leg 0's debit."""
+    books = book((USD, (1, 100, 1)), (USD_B, (0, 0, 0)), held={"a": 60})
+    books.incoming["b"] = 60
+    books.pending["p"] = Pending("p", "a", "b", 60, 0, 2, 0)
+
+    legs = decide([move(10), Resolution("q", "p", 60)], books, 1_000)
+
+    assert legs == [(SINGLE, "a", "b", 10, (2, 90, 1, 10), None),
+                    (POST, "a", "b", 60, (3, 30, 2, 70), books.pending["p"])]
+
+
 def _ledger_with_a_forged_commit(path: Path, source: str, destination: str, amount: int, stamp: tuple) -> int:
     """A closed ledger, then a commit record with a valid checksum that the rules refuse,
     appended through the journal as the engine writes one; its LSN."""
@@ -137,11 +162,17 @@ def _ledger_with_a_forged_commit(path: Path, source: str, destination: str, amou
         ledger.create_account("alice", currency="USD")
         ledger.create_account("euro", currency="EUR")
         ledger.transfer("fund", source="bank", destination="alice", amount=100)
+    return _append_forged(path, [COMMIT, "forged", source, destination, amount, *stamp], [id_key("forged")])
+
+
+def _append_forged(path: Path, record: list[object], transfer_keys: list[bytes]) -> int:
+    """Append `record` to the closed ledger at `path` through the journal, as the engine writes
+    one (a valid checksum, the chain extended), with the transfers index keys it puts there
+    naming its LSN (so the index counts add up); its LSN."""
     journal = Journal.open(path, index_names=INDEX_NAMES)
     try:
         lsn = journal.last_lsn + 1
-        record = encode([COMMIT, "forged", source, destination, amount, *stamp])
-        appended = journal.append(record, [(TRANSFERS_INDEX, id_key("forged"), lsn_value(lsn))])
+        appended = journal.append(encode(record), [(TRANSFERS_INDEX, key, lsn_value(lsn)) for key in transfer_keys])
         assert appended == lsn
         journal.wait_durable(lsn, 10.0)
     finally:
@@ -171,6 +202,98 @@ def test_a_commit_the_rules_refuse_is_damage_at_its_lsn_however_good_its_checksu
     report = json.loads(done.stdout)
     assert done.returncode == 1 and report["corrupt_lsn"] == lsn
     assert report["checks"][CHECK_LIMITS] is False
+
+
+NOW = 1_700_000_000 * 10**9
+"""A clock that stands still: the engine stamps each record 1 ns after the one before."""
+
+
+def _ledger_with_a_pending_transfer(path: Path, **fields: object) -> Transfer:
+    """A closed ledger whose last record is pending transfer "p-1" of 60 from bank to bob."""
+    with Ledger.open(path, checkpoint_interval=10**6, clock_ns=lambda: NOW) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("bob", currency="USD")
+        return ledger.transfer("p-1", source="bank", destination="bob", amount=60, pending=True,
+                               **fields)  # type: ignore[arg-type]
+
+
+def _post_of_p1(timestamp: int, code: int) -> list[object]:
+    """The TRANSFER3 record of post "post-1" of all of "p-1" (bank's and bob's first entries)."""
+    return [TRANSFER3, timestamp, False, [POST, "post-1", "bank", "bob", 60, code, None, None, None, "p-1", None,
+                                          1, -60, 1, 60]]
+
+
+def test_a_journaled_post_with_another_code_than_its_pending_transfers_is_damage_at_its_lsn(tmp_path: Path) -> None:
+    """A post carries its pending transfer's code (a resolution has none of its own; the
+    writer copies it): a record whose post says another code is one live operation could
+    not have written, however good its checksum, and replay must say so at its LSN rather
+    than open a ledger whose post and pending transfer disagree. The same record with the
+    pending transfer's code opens, so nothing else in it is at fault."""
+    honest = tmp_path / "honest"
+    held = _ledger_with_a_pending_transfer(honest, code=7)
+    _append_forged(honest, _post_of_p1(held.timestamp + 1_000, 7), [resolution_key("p-1"), id_key("post-1")])
+    with Ledger.open(honest, clock_ns=lambda: NOW) as ledger:
+        assert ledger.get_transfer("post-1").code == 7 and ledger.get_transfer("p-1").status == "posted"
+
+    path = tmp_path / "ledger"
+    held = _ledger_with_a_pending_transfer(path, code=7)
+    lsn = _append_forged(path, _post_of_p1(held.timestamp + 1_000, 0), [resolution_key("p-1"), id_key("post-1")])
+
+    with pytest.raises(JournalCorrupted) as caught:
+        Ledger.open(path, clock_ns=lambda: NOW)
+    assert caught.value.lsn == lsn and "'post-1'" in str(caught.value)
+    assert verify(str(path))["corrupt_lsn"] == lsn
+
+
+def test_an_expiry_journaled_before_its_pending_transfers_deadline_is_damage_at_its_lsn(tmp_path: Path) -> None:
+    """An expiry ends only pending transfers whose deadline has come by its timestamp: one
+    journaled a second early would have released a hold the owner could still post, so
+    replay must refuse it at its LSN (an expiry at the deadline itself opens)."""
+    honest = tmp_path / "honest"
+    held = _ledger_with_a_pending_transfer(honest, timeout_s=10)
+    deadline = held.timestamp + 10 * 10**9
+    _append_forged(honest, [EXPIRY3, deadline, ["p-1"]], [resolution_key("p-1")])
+    with Ledger.open(honest, clock_ns=lambda: NOW) as ledger:
+        assert ledger.get_transfer("p-1").status == "expired"
+
+    path = tmp_path / "ledger"
+    held = _ledger_with_a_pending_transfer(path, timeout_s=10)
+    lsn = _append_forged(path, [EXPIRY3, held.timestamp + 9 * 10**9, ["p-1"]], [resolution_key("p-1")])
+
+    with pytest.raises(JournalCorrupted) as caught:
+        Ledger.open(path, clock_ns=lambda: NOW)
+    assert caught.value.lsn == lsn and "has not reached its deadline" in str(caught.value)
+    assert verify(str(path))["corrupt_lsn"] == lsn
+
+
+def _ledger_with_a_transfer_then_one_stamped(path: Path, after: int) -> tuple[int, int]:
+    """A ledger whose last record is transfer "t-1" of 1 from bank to bob, then transfer "t-2"
+    of 2 forged after it, stamped `after` ns after "t-1": ("t-1"'s timestamp, "t-2"'s LSN)."""
+    with Ledger.open(path, checkpoint_interval=10**6, clock_ns=lambda: NOW) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("bob", currency="USD")
+        first = ledger.transfer("t-1", source="bank", destination="bob", amount=1)
+    second = [TRANSFER3, first.timestamp + after, False,
+              [SINGLE, "t-2", "bank", "bob", 2, 0, None, None, None, None, None, 2, -3, 2, 3]]
+    return first.timestamp, _append_forged(path, second, [id_key("t-2")])
+
+
+def test_a_record_stamped_with_the_timestamp_of_the_one_before_is_damage_at_its_lsn(tmp_path: Path) -> None:
+    """Timestamps rise strictly from record to record (a clock that stands still or goes back
+    gets the last one plus 1 ns): point-in-time reads and deadlines depend on it. A record
+    with the timestamp of the one before is not one the engine writes, and replay must say
+    so at its LSN; 1 ns later, the same record opens."""
+    _ledger_with_a_transfer_then_one_stamped(tmp_path / "honest", 1)
+    with Ledger.open(tmp_path / "honest", clock_ns=lambda: NOW) as ledger:
+        assert ledger.balance("bob").posted == 3
+
+    path = tmp_path / "ledger"
+    before, lsn = _ledger_with_a_transfer_then_one_stamped(path, 0)
+
+    with pytest.raises(JournalCorrupted) as caught:
+        Ledger.open(path, clock_ns=lambda: NOW)
+    assert caught.value.lsn == lsn and f"does not follow timestamp {before}" in str(caught.value)
+    assert verify(str(path))["corrupt_lsn"] == lsn
 
 
 # --- one leg's record: `_stamp_one` and `_stamp_legs` write the same --------------------
