@@ -799,7 +799,7 @@ def _refuse_open_here(path: str, readonly: bool) -> None:
     writer opening next would then reset the table of readers under it)."""
     where = os.path.realpath(path)
     for ledger in list(_OPEN):
-        if (readonly or ledger._journal.readonly) and os.path.realpath(ledger.path) == where:
+        if (readonly or ledger._journal.readonly) and ledger._journal.directory == where:  # (as resolved then)
             raise LedgerLocked(f"the ledger at {path} is open in this process already: use that Ledger")
 
 

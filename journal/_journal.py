@@ -310,6 +310,11 @@ class Journal:
     def failure(self) -> Exception | None:
         return self._writer.failure if self._writer is not None else None
 
+    @property
+    def directory(self) -> str:
+        """The ledger's directory as it was resolved when opened (absolute, links resolved)."""
+        return self._store.directory
+
     def refuse_writes(self, reason: str) -> None:
         """For a caller whose memory got ahead of what it journaled (a bug met halfway): fail
         the journal, so nothing more is written on top of it until it is reopened, when

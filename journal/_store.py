@@ -210,9 +210,7 @@ class Store:
         size = self.env.info()["map_size"]
         if size >= MAP_SIZE_BYTES_MAX:
             raise JournalWriteError(f"the journal map is at its bound of {MAP_SIZE_BYTES_MAX} bytes")
-        grown = min(size * 2, MAP_SIZE_BYTES_MAX)
-        _check_mappable(grown - size, grown)  # (LMDB unmaps the old size first)
-        return self._resize(grown, "the journal map is full: growing it")
+        return self._resize(min(size * 2, MAP_SIZE_BYTES_MAX), "the journal map is full: growing it")
 
     def _resize(self, size: int, what: str) -> int:
         """Set the map size (0: the size another process gave the file) with no reader open."""
@@ -223,6 +221,9 @@ class Store:
                 while not self._gate.wait_for(lambda: not self._readers, timeout=GROW_WAIT_S_MAX):
                     waited += GROW_WAIT_S_MAX
                     logger.warning("%s waits for %d reader(s) to close (%.0f s so far)", what, self._readers, waited)
+                mapped = self.env.info()["map_size"]
+                if size > mapped:  # (LMDB unmaps the old size first: what it needs more is the difference)
+                    _check_mappable(size - mapped, size)
                 self.env.set_mapsize(size)
                 return int(self.env.info()["map_size"])
             finally:

@@ -377,12 +377,6 @@ class Writer:
             self.indexed_lsn = indexed
         if not batch:  # no record: no LSN moved, no one to tell
             return True
-        if not self._store.in_place():  # committed into a file no longer the ledger's: say so, acknowledge none
-            self._fail(batch, JournalWriteError(f"the data file of the ledger at {self._store.path} was removed or "
-                                                "moved away while the ledger was open: nothing more is written, and "
-                                                "what the last group commit wrote is where the file went (if "
-                                                "anywhere): its outcome is unknown"))
-            return False
         try:
             self._advance_anchor(batch[-1].last_lsn)
             anchor_failure = None
@@ -425,6 +419,9 @@ class Writer:
                 if store.ledger_id is None:
                     assert self._anchor is not None
                     txn.put(LEDGER_ID_KEY, self._anchor.state.ledger_id, db=store.meta)
+                if batch and not store.in_place():  # the file is no longer the ledger's: write nothing into it
+                    raise JournalWriteError(f"the data file of the ledger at {store.path} was removed or moved away "
+                                            "while the ledger was open: nothing more is written")
                 txn.commit()
                 self._chain_digest = digest
                 if batch:
@@ -545,7 +542,7 @@ class Writer:
         self.progress.advanced()
 
     def _fail(self, batch: list[_Block], error: Exception) -> None:
-        failure = error if isinstance(error, JournalWriteError) else space_error(self._store.path, error)
+        failure = error if isinstance(error, JournalWriteError) else space_error(self._store.directory, error)
         if failure is not error:
             failure.__cause__ = error
         with self._cond:

@@ -30,12 +30,14 @@ from engine import (
     Ledger,
     LedgerClosed,
     LedgerError,
+    LedgerLocked,
     LedgerUnavailable,
     TransferRequest,
 )
 from engine import _tools
 from journal import ANCHOR_FILE, FORMAT_VERSION, Journal, JournalCorruptedError
 from coordinator import CHECK_FILE
+from journal import _store
 from journal._seal import SEAL_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -400,7 +402,7 @@ ledger.transfer("first", source="bank", destination="a", amount=1)
 ledger.create_accounts([Account(f"pre{i}", "USD", 0, 0, {"k": "v" * 200}) for i in range(12000)])  # grown
 size = ledger._journal._store.env.info()["map_size"]
 vm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
-resource.setrlimit(resource.RLIMIT_AS, (vm + size - (1 << 20), resource.RLIM_INFINITY))  # no room to double it
+resource.setrlimit(resource.RLIMIT_AS, (vm + size - (1 << 20), resource.getrlimit(resource.RLIMIT_AS)[1]))  # no room
 try:
     for i in range(100000):
         ledger.transfer(f"t{i}", source="bank", destination="a", amount=1, metadata={"k": "x" * 250})
@@ -432,10 +434,58 @@ def test_a_ledger_whose_directory_is_removed_while_open_acknowledges_nothing_mor
         shutil.rmtree(path)
         with pytest.raises(LedgerUnavailable, match="removed or moved away"):
             ledger.transfer("t", source="bank", destination="alice", amount=5)
+        with pytest.raises(LedgerUnavailable):  # nothing of it was written anywhere: a retry is not answered
+            ledger.transfer("t", source="bank", destination="alice", amount=5)
         with pytest.raises(LedgerUnavailable):
             ledger.create_account("bob", currency="USD")
+        assert ledger.balance("alice").posted == 0 and ledger.outcome("t") is None
     finally:
         ledger.close()
+
+
+def test_a_map_grow_reserves_the_address_space_it_adds_and_a_refusal_leaves_the_reads_going(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LMDB unmaps the old map before it maps the larger one: the grow asks for the difference.
+    Refused, it fails the writes only (LMDB never got to unmap anything)."""
+    asked: list[int] = []
+
+    def no_room(fileno: int, length: int, **kwargs: object) -> None:
+        asked.append(length)
+        raise OSError(12, "Cannot allocate memory")
+
+    with Ledger.open(tmp_path / "ledger", map_size_bytes=1 << 16) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        ledger.transfer("first", source="bank", destination="alice", amount=1)
+        size = ledger._journal._store.env.info()["map_size"]
+        monkeypatch.setattr(_store.mmap, "mmap", no_room)
+        with pytest.raises(LedgerUnavailable, match="cannot grow"):
+            for n in range(10_000):
+                ledger.create_account(f"filler-{n}", currency="USD", metadata={"k": "v" * 200})
+        monkeypatch.undo()
+        assert asked == [size]  # doubling `size` needs `size` more
+        assert ledger.get_transfer("first").amount == 1
+        assert [entry.transfer_id for entry in ledger.entries("alice")] == ["first"]
+
+
+def test_a_ledger_moved_away_while_open_and_closed_without_writing_leaves_the_seal_at_its_old_path_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path, moved = tmp_path / "ledger", tmp_path / "moved"
+    first = Ledger.open(path)
+    try:
+        first.create_account("bank", currency="USD", overdraft_limit=None)
+        os.rename(path, moved)
+        with Ledger.open(path) as other:
+            other.create_account("other", currency="USD")
+        sealed = (path / SEAL_FILE).read_bytes()
+    finally:
+        with caplog.at_level(logging.WARNING, logger="tally.journal"):
+            first.close()
+    assert (path / SEAL_FILE).read_bytes() == sealed
+    assert "no longer the data file this ledger opened" in caplog.text
+    assert tally("verify", moved).returncode == 0 and tally("verify", path).returncode == 0
 
 
 def test_a_ledger_opened_by_a_relative_path_keeps_working_after_the_host_changes_directory(
@@ -455,6 +505,19 @@ def test_a_ledger_opened_by_a_relative_path_keeps_working_after_the_host_changes
     assert (tmp_path / "books" / SEAL_FILE).exists()
     with Ledger.open(tmp_path / "books") as reopened:
         assert reopened.balance("alice").posted == 5
+
+
+def test_a_second_open_of_a_ledger_opened_by_a_relative_path_is_refused_before_lmdb_after_a_change_of_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused before LMDB opens it again (which would drop this process's locks on its reader
+    table), however the two paths are written."""
+    monkeypatch.chdir(tmp_path)
+    with Ledger.open("books") as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        monkeypatch.chdir("/")
+        with pytest.raises(LedgerLocked, match="open in this process already"):
+            Ledger.open(tmp_path / "books", readonly=True)
 
 
 def test_a_ledger_moved_away_while_open_leaves_the_one_now_at_its_path_alone(
