@@ -312,9 +312,9 @@ class AsyncLedger(LoopWrites, LoopFollowing):
             raise InvalidRequest("an AsyncLedger is bound to the event loop that opened it")
         slot = self._ledger._call()
         slot.__enter__()  # LedgerClosed if closed
+        # Taken by whichever leaves the call first (`list.pop` is one step): the job, or a
+        # submission that failed after queueing it (a worker thread that could not start).
         held = [slot]
-        """Taken by whichever leaves the call first (`list.pop` is one step): the job, or a
-        submission that failed after queueing it (a worker thread that could not start)."""
 
         def job() -> T:
             try:
