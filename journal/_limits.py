@@ -83,3 +83,10 @@ CLOSE_WAIT_S_MAX = 30.0
 
 COMMIT_DELAY_S_MAX = 0.001
 """Longest the writer waits for callers released by the previous commit to rejoin."""
+
+DATA_FILE_LOOK_S = 0.1
+"""How often, at most, a group commit first looks whether the data file at the ledger's path is
+still the one it opened (`Store.in_place`). Not every commit: the look is a system call, which
+lets go of the interpreter, and taking it back beside busy threads cost single transfers a
+sixth of their rate beside batches (`bench/README.md`). So a ledger whose directory is removed
+while open acknowledges at most this long of commits into files no path reaches."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import heapq
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from itertools import chain, islice
@@ -49,6 +50,7 @@ from journal._limits import (
     BEHIND_SLICES_MAX,
     COMMIT_DELAY_S_MAX,
     CLOSE_WAIT_S_MAX,
+    DATA_FILE_LOOK_S,
     PENDING_RECORDS_MAX,
     WRITER_IDLE_WAIT_S,
 )
@@ -168,6 +170,8 @@ class Writer:
         self._waiters: list[tuple[int, int, Completion]] = []
         self._waiter_ids = 0
         self._failure: JournalWriteError | None = None
+        self._look_at = 0.0
+        """When (`time.monotonic`) a commit next looks whether the data file is still in place."""
         self._closing = False
         self.commits = 0
         self.records_written = 0
@@ -419,9 +423,11 @@ class Writer:
                 if store.ledger_id is None:
                     assert self._anchor is not None
                     txn.put(LEDGER_ID_KEY, self._anchor.state.ledger_id, db=store.meta)
-                if batch and not store.in_place():  # the file is no longer the ledger's: write nothing into it
-                    raise JournalWriteError(f"the data file of the ledger at {store.path} was removed or moved away "
-                                            "while the ledger was open: nothing more is written")
+                if batch and time.monotonic() >= self._look_at:  # (`DATA_FILE_LOOK_S`)
+                    self._look_at = time.monotonic() + DATA_FILE_LOOK_S
+                    if not store.in_place():  # the file is no longer the ledger's: write nothing into it
+                        raise JournalWriteError(f"the data file of the ledger at {store.path} was removed or moved "
+                                                "away while the ledger was open: nothing more is written")
                 txn.commit()
                 self._chain_digest = digest
                 if batch:

@@ -37,6 +37,7 @@ from engine import (
 from engine import _tools
 from journal import ANCHOR_FILE, FORMAT_VERSION, Journal, JournalCorruptedError
 from coordinator import CHECK_FILE
+import journal._writer as journal_writer
 from journal import _store
 from journal._seal import SEAL_FILE
 
@@ -424,8 +425,12 @@ def test_a_map_that_cannot_grow_fails_the_writes_and_the_reads_go_on(tmp_path: P
     assert tally("verify", tmp_path / "ledger").returncode == 0
 
 
-def test_a_ledger_whose_directory_is_removed_while_open_acknowledges_nothing_more(tmp_path: Path) -> None:
-    """Its commits would land in files no path reaches, gone when the process ends."""
+def test_a_ledger_whose_directory_is_removed_while_open_acknowledges_nothing_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its commits would land in files no path reaches, gone when the process ends. (A commit
+    looks every `DATA_FILE_LOOK_S`; here every commit does.)"""
+    monkeypatch.setattr(journal_writer, "DATA_FILE_LOOK_S", 0.0)
     path = tmp_path / "ledger"
     ledger = Ledger.open(path)
     try:
@@ -521,10 +526,11 @@ def test_a_second_open_of_a_ledger_opened_by_a_relative_path_is_refused_before_l
 
 
 def test_a_ledger_moved_away_while_open_leaves_the_one_now_at_its_path_alone(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Closing it sealed by path: the seal of another ledger made at the old path was removed
     and rewritten (and a clean ledger was logged as damaged)."""
+    monkeypatch.setattr(journal_writer, "DATA_FILE_LOOK_S", 0.0)
     path, moved = tmp_path / "ledger", tmp_path / "moved"
     first = Ledger.open(path)
     try:
