@@ -15,7 +15,7 @@ from coordinator._asof import (
     transfer_at,
     transfers_page,
 )
-from coordinator._holds import unindexed_holds_flat
+from coordinator._holds import unindexed_holds_by_key
 from coordinator._audit import CHECK_FILE, CHECKS, AuditReport, audit, state_hash, unopened
 from coordinator._claims import (
     Ticket,
@@ -43,7 +43,7 @@ from coordinator._history import (
 )
 from coordinator._coordinator import Coordinator
 from coordinator._events import Event, EventKind, EventReader, account_timestamp
-from coordinator._entries import Flat, Row, decode_entry, last_row, pairs, unindexed_entries
+from coordinator._entries import Unindexed, Row, decode_entry, last_row, pairs, unindexed_entries
 from coordinator._errors import (
     REJECTIONS,
     AccountExists,
@@ -225,7 +225,7 @@ __all__ = [
     "entries_of",
     "last_entry",
     "last_row",
-    "Flat",
+    "Unindexed",
     "ledger_error",
     "ledger_errors",
     "load_checkpoint",
@@ -245,7 +245,7 @@ __all__ = [
     "state_hash",
     "transfer_of",
     "unindexed_entries",
-    "unindexed_holds_flat",
+    "unindexed_holds_by_key",
     "unopened",
     "write_checkpoint",
 ]

@@ -95,7 +95,7 @@ def hold_row_lsn(row: Row) -> int:
     return int.from_bytes(row[0][-8:], "big")
 
 
-Flat = dict[str, dict[bytes, bytes]]
+Unindexed = dict[str, dict[bytes, bytes]]
 """Entries by account, each account's a dict of key -> value in seq order. A dict of bytes
 only is one the garbage collector does not track (CPython leaves such a dict untracked),
 so however many entries wait unindexed, a full collection never visits them: as flat
@@ -103,10 +103,10 @@ lists they were tens of thousands of lists whose every item each full collection
 ~4 ms of it at 10,000 accounts (`bench/README.md`)."""
 
 
-def drop_before(entries: Flat, lsn: int, lsn_of: Callable[[Row], int] = row_lsn) -> Flat:
+def drop_before(entries: Unindexed, lsn: int, lsn_of: Callable[[Row], int] = row_lsn) -> Unindexed:
     """`entries` (or hold rows, with `hold_row_lsn`) without the rows of the records before
     `lsn`: each account's are in LSN order."""
-    kept: Flat = {}
+    kept: Unindexed = {}
     for account, flat in entries.items():
         start = 0
         for row in flat.items():
@@ -122,7 +122,7 @@ def pairs(flat: dict[bytes, bytes]) -> list[Row]:
     return list(flat.copy().items())
 
 
-def add_commit(entries: Flat, prefixes: dict[str, bytes], lsn: int, record: list[Any]) -> None:
+def add_commit(entries: Unindexed, prefixes: dict[str, bytes], lsn: int, record: list[Any]) -> None:
     """Add the entries of a decoded COMMIT or TRANSFER3 record to `entries` (`prefixes` caches
     each account's entry key prefix: replay meets the same accounts again and again)."""
     for account, seq, value in _entries(lsn, record):
@@ -135,7 +135,7 @@ def add_commit(entries: Flat, prefixes: dict[str, bytes], lsn: int, record: list
         flat[prefix + _U64.pack(seq)] = value
 
 
-def add_holds(holds: Flat, lsn: int, rows: dict[str, tuple[int, int]]) -> None:
+def add_holds(holds: Unindexed, lsn: int, rows: dict[str, tuple[int, int]]) -> None:
     """Add the hold rows of the record at `lsn` (each account's (held, incoming) after it) to `holds`."""
     for account, (held, incoming) in rows.items():
         flat = holds.get(account)
@@ -173,11 +173,11 @@ def marked_through(journal: Journal, txn: Any) -> int:
     return value_lsn(value)
 
 
-def unindexed_flat(journal: Journal, txn: Any, until: int | None = None) -> Flat:
+def unindexed_by_key(journal: Journal, txn: Any, until: int | None = None) -> Unindexed:
     """The entries of the commits after `indexed_through` (up to LSN `until`, if given),
     derived from the records of snapshot `txn` (for readers other than the writing
     process, and for recovery). Verifies what it scans."""
-    entries: Flat = {}
+    entries: Unindexed = {}
     prefixes: dict[str, bytes] = {}
     for lsn, payload in journal.scan(indexed_through(journal, txn), txn):
         if until is not None and lsn > until:
@@ -189,8 +189,8 @@ def unindexed_flat(journal: Journal, txn: Any, until: int | None = None) -> Flat
 
 
 def unindexed_entries(journal: Journal, txn: Any) -> Rows:
-    """`unindexed_flat`, as rows."""
-    return {account: pairs(flat) for account, flat in unindexed_flat(journal, txn).items()}
+    """`unindexed_by_key`, as rows."""
+    return {account: pairs(flat) for account, flat in unindexed_by_key(journal, txn).items()}
 
 
 def entry_rows(
@@ -290,14 +290,14 @@ class UnindexedEntries:
 
     __slots__ = ("current", "_carried", "count", "_lsn_of")
 
-    def __init__(self, current: Flat | None = None, lsn_of: Callable[[Row], int] = row_lsn) -> None:
+    def __init__(self, current: Unindexed | None = None, lsn_of: Callable[[Row], int] = row_lsn) -> None:
         self._lsn_of = lsn_of
         """The LSN of the record that made a row."""
-        self.current: Flat = current if current is not None else {}
+        self.current: Unindexed = current if current is not None else {}
         """Appended to under the sequencer lock, a key and its value in one step (`add`)."""
         self.count = sum(map(len, self.current.values()))
         """Entries in `current`."""
-        self._carried: tuple[tuple[int, Flat], ...] = ()
+        self._carried: tuple[tuple[int, Unindexed], ...] = ()
         """(checkpoint LSN, the rows it carries), oldest first; replaced, never changed."""
 
     def add(self, accounts: list[str], parts: list[bytes]) -> None:

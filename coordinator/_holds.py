@@ -5,7 +5,7 @@ they change (`coordinator._records.holds_key`): what its pending transfers hold 
 bring it after the record. The sequencer makes them (`rules.holds_after`), and they wait in
 memory for the next checkpoint, behind which they go to the entry index as entries do
 (`coordinator._entries`); recovery rebuilds the ones past `indexed_through` from the records, and a reader without
-memory derives them (`unindexed_holds_flat`). `HoldTracker` follows the records on its own,
+memory derives them (`unindexed_holds_by_key`). `HoldTracker` follows the records on its own,
 for those readers and for the audit. A ledger older than hold rows has them from
 `HOLDS_FROM_KEY`'s LSN on, with baseline rows (at LSN 0) of the pending amounts then; its
 past before it is read from the records (`holds_at`).
@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 from journal import Journal
 
-from coordinator._entries import Flat, Row, add_holds, hold_row_lsn, indexed_through
+from coordinator._entries import Unindexed, Row, add_holds, hold_row_lsn, indexed_through
 from coordinator._errors import JournalCorrupted
 from coordinator._history import Committed, Expired, Record, record_at, records
 from coordinator._records import (
@@ -160,13 +160,13 @@ def checkpoint_before(journal: Journal, lsn: int, txn: Any) -> tuple[int, list[l
     return checkpoint, [] if fields[0] == CHECKPOINT else fields[-1]
 
 
-def unindexed_holds_flat(journal: Journal, txn: Any, until: int | None = None) -> Flat:
+def unindexed_holds_by_key(journal: Journal, txn: Any, until: int | None = None) -> Unindexed:
     """The hold rows of the records after `indexed_through` (up to LSN `until`, if given),
     derived from the records of snapshot `txn` and the open pending transfers that checkpoint
-    carries (as `coordinator._entries.unindexed_flat` for entries)."""
+    carries (as `coordinator._entries.unindexed_by_key` for entries)."""
     checkpoint, pendings = checkpoint_before(journal, indexed_through(journal, txn) + 1, txn)
     tracker = HoldTracker(pendings)
-    holds: Flat = {}
+    holds: Unindexed = {}
     for record in records(journal, checkpoint, txn):
         if until is not None and record.lsn > until:
             break

@@ -31,8 +31,8 @@ from typing import Any
 
 from journal import Completion, Journal, JournalCorruptedError
 
-from coordinator._holds import unindexed_holds_flat
-from coordinator._entries import Flat, add_commit, add_holds, drop_before, hold_row_lsn, indexed_through, unindexed_flat
+from coordinator._holds import unindexed_holds_by_key
+from coordinator._entries import Unindexed, add_commit, add_holds, drop_before, hold_row_lsn, indexed_through, unindexed_by_key
 from coordinator._errors import (
     BalanceOverflow,
     CurrencyMismatch,
@@ -84,7 +84,7 @@ class Recovered(Projection):
     last_lsn: int = 0
     checkpoint_lsn: int = 0
     """LSN of the checkpoint replay started from (0: from the beginning)."""
-    unindexed: Flat | None = None
+    unindexed: Unindexed | None = None
     """If not None, replay collects here the entries of the commits after the last
     checkpoint it meets whose rows the index holds (`indexed_through`): the ones the entry
     index may not hold."""
@@ -93,7 +93,7 @@ class Recovered(Projection):
     unreleased: list[int] = field(default_factory=list)
     """The checkpoints after it that replay met (or started from), oldest first: once the index
     holds the rows of one, the next replay drops those it collected from before it."""
-    unindexed_holds: Flat | None = None
+    unindexed_holds: Unindexed | None = None
     """Likewise, the hold rows of the records after the last checkpoint it meets."""
     prefixes: dict[str, bytes] = field(default_factory=dict)
     """Entry key prefix per account, for `unindexed`."""
@@ -183,8 +183,8 @@ def load_checkpoint(journal: Journal, unindexed: bool = False) -> Recovered:
         with journal.snapshot() as txn:
             books.indexed_through = indexed = indexed_through(journal, txn)
             behind = indexed < books.last_lsn
-            books.unindexed = unindexed_flat(journal, txn, books.last_lsn) if behind else {}
-            books.unindexed_holds = unindexed_holds_flat(journal, txn, books.last_lsn) if behind else {}
+            books.unindexed = unindexed_by_key(journal, txn, books.last_lsn) if behind else {}
+            books.unindexed_holds = unindexed_holds_by_key(journal, txn, books.last_lsn) if behind else {}
             books.unreleased = [books.last_lsn] if behind else []
     return books
 
@@ -678,8 +678,8 @@ def write_checkpoint(journal: Journal, books: Recovered, timeout_s: float) -> in
     """Journal a checkpoint of `books` (a projection an audit of `journal` rebuilt, to its
     last record) and wait until it is durable; its LSN. For a journal no ledger has open."""
     with journal.snapshot() as txn:
-        unindexed = unindexed_flat(journal, txn)
-        unindexed_holds = unindexed_holds_flat(journal, txn)
+        unindexed = unindexed_by_key(journal, txn)
+        unindexed_holds = unindexed_holds_by_key(journal, txn)
     sequencer = Sequencer(journal, books, unindexed=unindexed, unindexed_holds=unindexed_holds)
     with sequencer.lock:
         lsn = sequencer.checkpoint()

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from journal import CRASH_POINT_ARMED, Behind, Completion, Journal, JournalError, crash_point
 
-from coordinator._entries import Flat, Joined, UnindexedEntries, first_key, hold_row_lsn, newest_checkpoint_lsn
+from coordinator._entries import Unindexed, Joined, UnindexedEntries, first_key, hold_row_lsn, newest_checkpoint_lsn
 from coordinator._history import Refused, resolution_of
 from coordinator._limits import (
     CHECKPOINT_ACCOUNTS_MAX,
@@ -156,8 +156,8 @@ class Sequencer:
         journal: Journal,
         books: Projection,
         checkpoint_interval: int = CHECKPOINT_RECORDS_INTERVAL,
-        unindexed: Flat | None = None,
-        unindexed_holds: Flat | None = None,
+        unindexed: Unindexed | None = None,
+        unindexed_holds: Unindexed | None = None,
         since_checkpoint: int = 0,
         clock: Callable[[], int] = time.time_ns,
     ) -> None:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from coordinator import (
-    Flat,
+    Unindexed,
     INDEX_NAMES,
     Account,
     AccountNotFound,
@@ -276,13 +276,13 @@ class ReadingLedger(Ledger):
         return f"<ReadingLedger {self.path!r} (read-only)>"
 
 
-def _unindexed(books: Recovered) -> Flat:
+def _unindexed(books: Recovered) -> Unindexed:
     """The entries past the newest checkpoint replayed (`recover` collects them)."""
     assert books.unindexed is not None
     return books.unindexed
 
 
-def _unindexed_holds(books: Recovered) -> Flat:
+def _unindexed_holds(books: Recovered) -> Unindexed:
     """Their hold rows."""
     assert books.unindexed_holds is not None
     return books.unindexed_holds

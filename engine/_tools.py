@@ -55,7 +55,7 @@ from coordinator import (
     transfer_of,
     pairs,
     unindexed_entries,
-    unindexed_holds_flat,
+    unindexed_holds_by_key,
     unopened,
     write_checkpoint,
 )
@@ -517,7 +517,7 @@ def _account_rows(journal: Journal, account: str, start: int, limit: int | None,
 def _unindexed(journal: Journal) -> tuple[dict[str, list[Row]], dict[str, list[Row]]]:
     """The entries and hold rows of the records past the newest checkpoint, by account."""
     with journal.snapshot() as txn:
-        holds = {account: pairs(flat) for account, flat in unindexed_holds_flat(journal, txn).items()}
+        holds = {account: pairs(flat) for account, flat in unindexed_holds_by_key(journal, txn).items()}
         return unindexed_entries(journal, txn), holds
 
 
