@@ -423,8 +423,9 @@ class Writer:
                 if store.ledger_id is None:
                     assert self._anchor is not None
                     txn.put(LEDGER_ID_KEY, self._anchor.state.ledger_id, db=store.meta)
-                if batch and time.monotonic() >= self._look_at:  # (`DATA_FILE_LOOK_S`)
-                    self._look_at = time.monotonic() + DATA_FILE_LOOK_S
+                now = time.monotonic()
+                if batch and now >= self._look_at:  # (`DATA_FILE_LOOK_S`)
+                    self._look_at = now + DATA_FILE_LOOK_S
                     if not store.in_place():  # the file is no longer the ledger's: write nothing into it
                         raise JournalWriteError(f"the data file of the ledger at {store.path} was removed or moved "
                                                 "away while the ledger was open: nothing more is written")
