@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from itertools import islice
+from operator import attrgetter
 from typing import Any, Union, cast
 
 from journal import Completion, Journal, JournalError
@@ -35,6 +36,7 @@ Decided = Transfer | tuple[Transfer, ...] | Refused
 Prior = Union["Ticket", Committed, Refused]
 """What an id already has: the ticket of its decision in flight, or its journaled outcome."""
 _STRIPE_MASK = CLAIM_STRIPES - 1
+_ID = attrgetter("id")
 _RAW_KEY_CHARS = KEY_BYTES_MAX // 4
 """An id of at most this many characters is its own index key (in UTF-8, 4 bytes a character at most)."""
 
@@ -352,8 +354,8 @@ class Claims:
         claimed, which costs a later claim of it one look at the index, never a wrong answer."""
         filters, inflight = self._filters, self._inflight
         found: list[Prior | None] = []
-        hashes = [id_hash(request.id) for request in requests]
-        locks = [self._locks[stripe] for stripe in sorted({h & _STRIPE_MASK for h in hashes})]  # in order: no deadlock
+        hashes = list(map(id_hash, map(_ID, requests)))  # `map`, not comprehensions: no frames, once a chain
+        locks = list(map(self._locks.__getitem__, sorted(set(map(_STRIPE_MASK.__and__, hashes)))))  # in order: no deadlock
         for lock in locks:
             lock.acquire()
         try:

@@ -108,7 +108,7 @@ def decide(requests: Sequence[Request], book: Book, timestamp: int,
         else:
             leg = resolve(request, book, book.states, timestamp)  # type: ignore[arg-type]
         return Refusal(0, leg) if type(leg) is str else [leg]  # type: ignore[list-item]
-    singles = _decide_singles(requests, book, reserved)
+    singles = decide_singles(requests, book, reserved)
     if singles is not None:
         return singles
     states: dict[str, AccountState] = {}
@@ -131,8 +131,8 @@ def decide(requests: Sequence[Request], book: Book, timestamp: int,
     return legs
 
 
-def _decide_singles(requests: Sequence[Request], book: Book,
-                    reserved: Mapping[str, int]) -> list[Leg] | Refusal | None:
+def decide_singles(requests: Sequence[Request], book: Book,
+                   reserved: Mapping[str, int]) -> list[Leg] | Refusal | None:
     """`decide` of a chain of single transfers only (None if it holds another kind): the same
     rule, `decide_single` of each leg over the states the legs before it left. Their holds
     stay as the books have them (a single transfer changes none), so only the states need
@@ -140,19 +140,22 @@ def _decide_singles(requests: Sequence[Request], book: Book,
     accounts, states, held, incoming = book.accounts, book.states, book.held, book.incoming
     seen: dict[str, AccountState] = {}
     legs: list[Leg] = []
-    for index, request in enumerate(requests):
+    index = 0
+    for request in requests:
         if type(request) is not TransferRequest or request.pending:
             return None
         source_id, destination_id, amount = request.source, request.destination, request.amount
         stamp: Any = decide_single(accounts.get(source_id), accounts.get(destination_id), amount,  # Stamp | str
-                                   seen[source_id] if source_id in seen else states.get(source_id),
-                                   seen[destination_id] if destination_id in seen else states.get(destination_id),
+                                   seen.get(source_id) or states.get(source_id),  # a state is a non-empty tuple
+                                   seen.get(destination_id) or states.get(destination_id),
                                    reserved.get(source_id, 0) + held.get(source_id, 0), incoming.get(destination_id, 0))
         if type(stamp) is str:
             return Refusal(index, stamp)
         legs.append((SINGLE, source_id, destination_id, amount, stamp, None))
-        seen[source_id] = (stamp[0], stamp[1], 0)  # as `_enter_leg` leaves them
-        seen[destination_id] = (stamp[2], stamp[3], 0)
+        debit_seq, debit_balance, credit_seq, credit_balance = stamp
+        seen[source_id] = (debit_seq, debit_balance, 0)  # as `_enter_leg` leaves them
+        seen[destination_id] = (credit_seq, credit_balance, 0)
+        index += 1
     return legs
 
 

@@ -83,6 +83,7 @@ from coordinator._rules import (
     Stamp,
     decide,
     decide_single,
+    decide_singles,
     decide_transfer,
     enter,
     expire,
@@ -373,6 +374,22 @@ class Sequencer:
             self._unentered = (requests, decided, lsn, timestamp)
         return decided
 
+    def stamp_chain(self, chunk: Chunk, ticket: Ticket, lsn: int, reserved: Mapping[str, int],
+                    now: int) -> list[Leg] | Refusal:
+        """`stamp` of a chain of single transfers (`rules.decide_singles`), whose accounts'
+        turns the caller holds: the same record and `Transfer`s, without moving the
+        projection: the caller moves `states` past the legs' entries, as the accounts
+        apply them (`stamp_plain`'s way). `now`: the clock, read by the caller."""
+        requests = ticket.requests
+        timestamp = self.timestamp(len(requests), now)
+        decided = decide_singles(requests, self, reserved)
+        assert decided is not None, "a chain of single transfers only"
+        if type(decided) is Refusal:
+            self.stamp_refusal(chunk, ticket, lsn, timestamp, decided.index, decided.code)
+            return decided
+        self._stamp_legs(chunk, ticket, lsn, timestamp, decided)  # type: ignore[arg-type]
+        return decided  # type: ignore[return-value]
+
     def stamp_plain(self, chunk: Chunk, ticket: Ticket, request: TransferRequest, lsn: int, source: Account,
                     destination: Account, origin: AccountState, target: AccountState, unspendable: int,
                     now: int) -> Stamp | str:
@@ -529,11 +546,15 @@ class Sequencer:
                 self._resolved[pending_id] = "voided" if kind == VOID else "posted"
                 self._resolved_at.append((lsn, pending_id))
                 resolved += 1
-            fields.append([kind, tid, source, destination, amount, code, reference,
-                           None if metadata is None else metadata.as_dict(),  # type: ignore[attr-defined]
-                           timeout_s, pending_id, requested, *(stamp or _NO_STAMP)])
-            transfers.append(stamped_transfer(tid, source, destination, amount, lsn, timestamp + i, code, reference,
-                                              metadata, KINDS[kind], pending_id, _STATUS[kind], timeout_s))  # type: ignore[arg-type]
+            if kind == SINGLE and not code and reference is None and metadata is None:  # a plain leg: the same, shorter
+                fields.append([SINGLE, tid, source, destination, amount, 0, None, None, None, None, None, *stamp])  # type: ignore[misc]
+                transfers.append(plain_transfer(tid, source, destination, amount, lsn, timestamp + i))
+            else:
+                fields.append([kind, tid, source, destination, amount, code, reference,
+                               None if metadata is None else metadata.as_dict(),  # type: ignore[attr-defined]
+                               timeout_s, pending_id, requested, *(stamp or _NO_STAMP)])
+                transfers.append(stamped_transfer(tid, source, destination, amount, lsn, timestamp + i, code, reference,
+                                                  metadata, KINDS[kind], pending_id, _STATUS[kind], timeout_s))  # type: ignore[arg-type]
             index += (id_key(tid), key_lsn)
             if stamp is not None:
                 debit_seq, debit_balance, credit_seq, credit_balance = stamp

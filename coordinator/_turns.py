@@ -156,6 +156,36 @@ def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mappi
                         states[destination_id] = paid.apply(credit_seq, amount, credit_balance, lsn)
                         commits += 1
                         continue
+                if ticket.linked and _singles_in_turn(ticket.requests, turns):
+                    # A chain of single transfers (`stamp_chain`): as above, each account
+                    # caught up first, then the legs' entries applied in order.
+                    legs: Any = ticket.requests  # TransferRequests (`_singles_in_turn`)
+                    for leg in legs:
+                        for name in (leg.source, leg.destination):
+                            taken, state = turns[name], states[name]
+                            on_hold, on_its_way = held.get(name, 0), incoming.get(name, 0)
+                            if (taken.state is not state and taken.state != state) or taken.held != on_hold or (
+                                    taken.incoming != on_its_way) or taken.reserved:
+                                _catch_up(taken, state, on_hold, on_its_way)
+                    if per_decision:
+                        now = _reading(clock, coordinator, ticket)
+                        if now < 0:
+                            continue
+                    lsn += 1
+                    chain: Any = sequencer.stamp_chain(chunk, ticket, lsn, reserved, now)  # list[Leg] | Refusal
+                    if type(chain) is Refusal:
+                        continue
+                    if CRASH_POINT_ARMED:
+                        crash_point("after-reserve")
+                    for _, source, destination, amount, stamped, _ in chain:
+                        states[source] = turns[source].apply(stamped[0], -amount, stamped[1], lsn)
+                        if CRASH_POINT_ARMED:
+                            crash_point("between-entries")
+                        states[destination] = turns[destination].apply(stamped[2], amount, stamped[3], lsn)
+                        if CRASH_POINT_ARMED:
+                            crash_point("mid-linked-chain")
+                    commits += 1
+                    continue
                 names = names_of(ticket, accounts, pending)
                 ready = True
                 for name in names:
@@ -226,6 +256,16 @@ def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mappi
             for _ in range(commits):
                 crash_point("after-commit-queued")
     return left
+
+
+def _singles_in_turn(requests: tuple[Any, ...], turns: Mapping[str, TurnAccount]) -> bool:
+    """Whether a chain holds only single transfers (no pending transfer, post or void) between
+    accounts whose turns are held."""
+    for request in requests:
+        if type(request) is not TransferRequest or request.pending or request.source not in turns or (
+                request.destination not in turns):
+            return False
+    return True
 
 
 def names_of(ticket: Ticket, accounts: Mapping[str, object], pending: Mapping[str, object]) -> tuple[str, ...]:

@@ -143,6 +143,38 @@ def test_entries_committed_meanwhile_to_an_account_in_turn_are_applied_before_it
     assert gapless(ledger, "a")
 
 
+def test_a_chain_in_turn_applies_entries_committed_meanwhile_before_it_decides(ledger: Ledger) -> None:
+    """The same for a linked chain of single transfers (`Sequencer.stamp_chain`): its first
+    leg spends the credit waiting in the mailbox, its second passes it on."""
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    for name in ("a", "b", "c", "d"):
+        ledger.create_account(name, currency="USD")
+    ledger.transfer("fund-c", source="bank", destination="c", amount=7)
+    coordinator = ledger._coordinator
+    turns = take_turns(coordinator, ["a", "b", "d"])
+    assert turns is not None
+    try:
+        credited: list[Transfer] = []
+        crediting = threading.Thread(
+            target=lambda: credited.append(ledger.transfer("credit", source="c", destination="a", amount=7))
+        )
+        crediting.start()
+        crediting.join(WAIT_S)
+        assert credited
+        ticket = coordinator.claims.claim_chain((TransferRequest("spend", "a", "b", 7),
+                                                 TransferRequest("onward", "b", "d", 7)))
+        assert not isinstance(ticket, list)
+        decide_in_turn(coordinator, [ticket], turns)
+    finally:
+        give_back_turns(coordinator, turns)
+    assert ticket.wait(WAIT_S)
+    assert [transfer.id for transfer in ticket.value] == ["spend", "onward"]  # type: ignore[union-attr]
+    coordinator.claims.release(ticket)
+    assert [ledger.balance(name).posted for name in ("a", "b", "c", "d")] == [0, 0, 0, 7]
+    assert [entry.transfer_id for entry in ledger.entries("b")] == ["spend", "onward"]
+    assert all(gapless(ledger, name) for name in ("a", "b", "d"))
+
+
 def test_the_id_filter_never_forgets_an_id_and_rarely_claims_a_new_one_seen() -> None:
     import random
 
