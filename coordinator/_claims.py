@@ -25,7 +25,7 @@ from coordinator._errors import (
     LinkedTransferFailed,
 )
 from coordinator._asof import transfer_at
-from coordinator._history import Committed, Refused, named_record, transfer_record
+from coordinator._history import Committed, Refused, named_record, transfer_record, transfer_records
 from coordinator._idfilter import IdFilter
 from coordinator._limits import CLAIM_STRIPES, INDEX_KEYS_PER_SNAPSHOT, KEY_BYTES_MAX
 from coordinator._records import DIGEST_MARK, RESOLUTION_MARK, TRANSFERS_INDEX, id_key, value_lsn
@@ -360,14 +360,18 @@ class Claims:
             lock.acquire()
         try:
             warm = self._warm
-            new = True
+            asked: list[int] = []  # those the index must answer: looked up at once (`transfer_records`)
             for request, h in zip(requests, hashes, strict=True):
                 prior: Prior | None = inflight.get(request.id)
                 if prior is None and (filters[h & _STRIPE_MASK].check_and_add(h >> 6) or not warm):
-                    prior = self.lookup(request.id)
+                    asked.append(len(found))
                 found.append(prior)
-                new = new and prior is None
-            if not new:
+            if asked:
+                with self._journal.snapshot() as txn:
+                    for index, outcome in zip(asked, transfer_records(self._journal, [requests[i].id for i in asked],
+                                                                      txn), strict=True):
+                        found[index] = outcome
+            if any(prior is not None for prior in found):
                 return found
             ticket = Ticket(requests, hashes[0] & _STRIPE_MASK, relayed, linked=True)
             ticket.locks = locks  # what releasing it takes again, not hashed again

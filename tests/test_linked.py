@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from coordinator import _history
+
 from engine import (
     AccountNotFound,
     Balance,
@@ -110,6 +112,30 @@ def test_a_committed_chain_retried_returns_the_same_transfers(books: Ledger) -> 
     assert books.transfer_linked(list(chain)) == made
     assert books.balance("c") == Balance(60, 0, 60, 0)
     assert (made[0].code, made[0].reference, made[0].metadata) == (3, "r", {"k": 1})
+
+
+@pytest.mark.parametrize("fate", ["committed", "refused"])
+def test_the_retry_of_a_long_chain_reads_its_record_once_not_once_a_leg(
+        books: Ledger, monkeypatch: pytest.MonkeyPatch, fate: str) -> None:
+    """Every leg's id names the chain's one record: a retry reads and checks it once (once a
+    leg, a retry of 1,000 legs decoded it 1,000 times, for seconds, holding every claim stripe)."""
+    chain = [leg(f"l-{i}", "bank" if fate == "committed" else "b", "c", 1) for i in range(200)]
+    if fate == "committed":
+        made: Any = books.transfer_linked(chain)
+    else:
+        with pytest.raises(LinkedTransferFailed) as first:
+            books.transfer_linked(chain)
+        made = first.value
+    reads: list[int] = []
+    real = _history.record_at
+    monkeypatch.setattr(_history, "record_at", lambda journal, lsn, txn: reads.append(lsn) or real(journal, lsn, txn))
+    if fate == "committed":
+        assert books.transfer_linked(list(chain)) == made
+    else:
+        with pytest.raises(LinkedTransferFailed) as again:
+            books.transfer_linked(list(chain))
+        assert (again.value.index, str(again.value)) == (made.index, str(made))
+    assert len(reads) == 1
 
 
 def test_a_later_leg_sees_the_debits_of_the_earlier_ones(books: Ledger) -> None:
