@@ -46,11 +46,13 @@ from typing import Any
 
 from coordinator import (
     REJECTIONS,
+    AccountNotFound,
     InsufficientFunds,
     InvalidRequest,
     LedgerError,
     LedgerLocked,
     LedgerTimeout,
+    LedgerUnavailable,
     Transfer,
     TransferRequest,
     check_transfer,
@@ -73,6 +75,11 @@ from engine._shard import Doubt, credit_row, prepare_row, restated
 from engine._wire import Row, outcomes_of, pack, request_row, unpack
 
 Gather = Callable[[Sequence[Any], float], list[Any]]
+
+UNDECIDED = (InvalidRequest, LedgerLocked, LedgerUnavailable)
+"""What a step that raised it leaves undecided, once a transfer's first step may be durable
+(`Router._in_flight`): a bad clock reading (`InvalidRequest`: the rows were checked), a shard's
+directory still held by the process Ray replaced, or a shard that cannot write now."""
 
 
 class Router:
@@ -111,8 +118,8 @@ class Router:
 
     def locate(self, account_ids: Sequence[str]) -> dict[str, int]:
         """The shard of each id: from the map; the misses asked of every shard at once (one
-        call each); an id no shard has lives on its hash shard (where a transfer naming it is
-        refused `AccountNotFound` as a ledger refuses it)."""
+        call each); an id no shard has lives on its hash shard (a transfer from it is refused
+        here, unkept: `unknown_source`; one to it, by its source's shard, as a ledger does)."""
         missing = sorted({a for a in account_ids if a not in self.where})
         if missing:
             for index, found in enumerate(self.everywhere("find", missing)):
@@ -136,9 +143,12 @@ class Router:
         parts: dict[int, list[tuple[int, Row]]] = defaultdict(list)
         crossing: dict[int, TransferRequest] = {}
         for i, request in checked:
+            if request.source not in self.where:
+                results[i] = unknown_source(request)
+                continue
             a, b = where[request.source], where[request.destination]
-            if request.pending and a != b and not (request.source in self.where and request.destination in self.where):
-                a = b = a if request.source in self.where else b  # refused AccountNotFound, by the known one's shard
+            if request.pending and a != b and request.destination not in self.where:
+                b = a  # refused AccountNotFound by the source's shard
             if a == b:
                 parts[a].append((i, request_row(request)))
             elif request.pending:
@@ -181,7 +191,7 @@ class Router:
                     if hold.status != "posted":
                         steps[a].append((i, (hold.id + POST, hold.id, False)))
                     continue
-                results[i] = restated(outcome, crossing[i]) if not isinstance(outcome, InvalidRequest) else _unknown(
+                results[i] = restated(outcome, crossing[i]) if not isinstance(outcome, UNDECIDED) else _unknown(
                     crossing[i], "credit", outcome)  # named as its user's transfer, not the credit step
                 if isinstance(outcome, (CrossShardAborted, *REJECTIONS.values())) and hold.status == "pending":
                     steps[a].append((i, (hold.id + VOID, hold.id, True)))
@@ -189,19 +199,20 @@ class Router:
         for a, stepped in steps.items():
             for (i, _), outcome in zip(stepped, outcomes_of(unpack(replies[a])), strict=True):
                 if isinstance(outcome, LedgerError):  # the post is not durable: not acknowledged
-                    results[i] = outcome if not isinstance(outcome, InvalidRequest) else _unknown(
+                    results[i] = outcome if not isinstance(outcome, UNDECIDED) else _unknown(
                         crossing[i], "post or void", outcome)
 
     def _in_flight(self, calls: dict[int, tuple[str, Any]]) -> dict[int, Any]:
         """`on` for a round after the prepares, or a first round on more than one shard: a
-        step that raised `InvalidRequest` (a bad clock reading: the rows were checked) or
-        `LedgerLocked` (a shard's directory still held by the process Ray replaced) leaves the
-        batch's transfers in flight or partly done, their outcomes unknown, so it is
+        step that raised `InvalidRequest` (a bad clock reading: the rows were checked),
+        `LedgerLocked` (a shard's directory still held by the process Ray replaced) or
+        `LedgerUnavailable` (a shard that cannot write: a full disk, its directory moved away,
+        its node gone) leaves the batch's transfers in flight or partly done, their outcomes unknown, so it is
         `LedgerTimeout` (retry with the same ids), not an error that reads as if nothing had
         been done."""
         try:
             return self.on(calls)
-        except (InvalidRequest, LedgerLocked) as error:
+        except UNDECIDED as error:
             raise LedgerTimeout(f"this batch's transfers are in flight or partly done: a step failed ({error}); retry "
                                 "them with the same ids to learn their outcomes") from error
 
@@ -304,6 +315,18 @@ def checked_request(request: object) -> TransferRequest:
         check_user_id(checked.source, "source")
         check_user_id(checked.destination, "destination")
     return checked
+
+
+def unknown_source(request: TransferRequest) -> AccountNotFound:
+    """The refusal of a transfer whose source no shard has. Not journaled: a transfer's id is
+    kept on its source's shard, and this source has none yet; kept on its hash's shard, the
+    refusal would not answer a retry once the account is made on another (`placement`), which
+    would run: two outcomes for one id. So the id stays free, and a retry once the account
+    is made is decided afresh (as a post of a pending transfer no shard holds:
+    `ShardedLedger._pending_shard`)."""
+    return AccountNotFound(f"transfer {request.id!r} ({request.amount} from {request.source!r} to "
+                           f"{request.destination!r}) was refused: account_not_found (no shard has {request.source!r}; "
+                           "not kept: a retry once it is made is decided afresh)")
 
 
 def _unknown(request: TransferRequest, step: str, error: LedgerError) -> LedgerTimeout:

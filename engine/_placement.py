@@ -105,6 +105,13 @@ def fence(currency: str) -> str:
     return f"{SEPARATOR}fence{SEPARATOR}{currency}"
 
 
+def shard_mark(index: int) -> str:
+    """In shard `index`'s ledger: the empty account that says which shard it is (made with the
+    ledger, or by the first open of a ledger made before marks), so a shard's directory swapped
+    with another's, or restored into the wrong place, is refused at open, not served."""
+    return f"{SEPARATOR}shard-{index}"
+
+
 def peer_of(clearing_account: str) -> tuple[int, str] | None:
     """(peer shard, currency) of a `clearing_to` account id; None for any other id."""
     prefix = f"{SEPARATOR}clearing-to-"

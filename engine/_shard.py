@@ -76,6 +76,7 @@ from engine._placement import (
     DESTINATION_KEY,
     METADATA_DIGEST_KEY,
     SEPARATOR,
+    SHARDS_MAX,
     CrossShardAborted,
     clearing_from,
     clearing_to,
@@ -83,10 +84,13 @@ from engine._placement import (
     fence,
     peer_of,
     prepare_not_pending,
+    shard_mark,
 )
 from engine._wire import Row, outcome_rows, pack, plain_metadata, request_of, unpack_rows
 
 logger = logging.getLogger("tally.sharded")
+MARK_CURRENCY = "SHARD"
+"""The currency of a shard's mark (`shard_mark`): an account no transfer ever names."""
 IN_DOUBT_PAGE = 1_000
 NET_AT = AMOUNT_MAX // 4
 """A clearing account's balance (either way) past which its pair is netted (see the module docstring)."""
@@ -315,11 +319,28 @@ class Shard:
                     f"{path}: shard {self.index} of this sharded ledger is missing or empty, though its manifest "
                     "names it (restore it: opening would make it anew, empty)")
             else:
-                self._opened = Ledger.open(path, **self._options)
+                ledger = Ledger.open(path, **self._options)
+                try:
+                    self._check_mark(ledger)
+                except BaseException:
+                    ledger.close()
+                    raise
+                self._opened = ledger
         except LedgerError as error:  # kept, so the router can raise it as itself (`failure`)
             self._opened = error
         except OSError as error:  # the directory cannot be read
             self._opened = LedgerUnavailable(f"{path}: shard {self.index}'s directory cannot be read: {error}")
+
+    def _check_mark(self, ledger: Ledger) -> None:
+        """Refuse (`NotALedger`) a ledger marked as another shard's (`shard_mark`); mark one
+        with no mark as this shard's (made now, or before marks were)."""
+        marked = _marked(ledger, self.index)
+        if marked == self.index:
+            return
+        if marked is not None:
+            raise NotALedger(f"{self._path} holds shard {marked}'s ledger, not shard {self.index}'s: shard directories "
+                             "were swapped, or one restored into the wrong place (put each back where it was)")
+        ledger.create_account(shard_mark(self.index), currency=MARK_CURRENCY)
 
     @property
     def ledger(self) -> Ledger:
@@ -353,7 +374,7 @@ class Shard:
             return self._opened
         if not isinstance(self._opened, Ledger):
             self._open(make=True)
-        elif self._opened.accounts():
+        elif self.accounts():
             return NotALedger(f"{self._path} holds a ledger with accounts, but its sharded ledger has no manifest: "
                               "not made by an open of this sharded ledger")
         return self.failure()
@@ -395,8 +416,10 @@ class Shard:
         return [account for account in self.ledger.accounts() if not account.id.startswith(SEPARATOR)]
 
     def balances(self) -> dict[str, Balance]:
-        """Every account's balance here, the protocol's included."""
-        return {account.id: self.ledger.balance(account.id) for account in self.ledger.accounts()}
+        """Every account's balance here, the protocol's included (not the shard's mark, which
+        never moves)."""
+        mark = shard_mark(self.index)
+        return {account.id: self.ledger.balance(account.id) for account in self.ledger.accounts() if account.id != mark}
 
     def find(self, account_ids: Sequence[str]) -> list[str]:
         """Those of `account_ids` that are accounts here (a shard that cannot say raises)."""
@@ -579,3 +602,14 @@ class Shard:
         if account_id not in self._made:
             self.ledger.create_account(account_id, currency=currency, overdraft_limit=overdraft_limit)
             self._made.add(account_id)
+
+
+def _marked(ledger: Ledger, index: int) -> int | None:
+    """The shard whose mark `ledger` holds (`index`'s looked for first), or None."""
+    for shard in (index, *range(SHARDS_MAX)):
+        try:
+            ledger.account(shard_mark(shard))
+        except AccountNotFound:
+            continue
+        return shard
+    return None

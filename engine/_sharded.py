@@ -52,6 +52,7 @@ from coordinator import (
     InvalidRequest,
     LedgerClosed,
     LedgerError,
+    LinkedTransferFailed,
     PendingTransferNotFound,
     Resolution,
     Transfer,
@@ -73,7 +74,7 @@ from coordinator import (
 from engine import _ray
 from engine._history import check_count
 from engine._ledger import Ledger, check_page, check_timeout_s, checked_accounts
-from engine._crossing import Router, checked_request
+from engine._crossing import Router, checked_request, unknown_source
 from engine._placement import (
     SEPARATOR,
     CrossShardRefused,
@@ -369,13 +370,18 @@ class ShardedLedger:
         """`Ledger.transfer_linked` on the one shard every leg's accounts live on; legs on more
         than one shard raise `CrossShardRefused` (nothing written: colocate with `placement`).
         An account that no shard has does not count: the chain's shard refuses it, as a
-        `Ledger` does (`LinkedTransferFailed`, its cause `AccountNotFound`)."""
+        `Ledger` does (`LinkedTransferFailed`, its cause `AccountNotFound`); a chain none of
+        whose accounts a shard has is refused so here, and not kept (`unknown_source`)."""
         router = self._live()
         checked = [checked_request(request) for request in check_chain(requests)]
         names = [name for r in checked for name in (r.source, r.destination)]
         where = router.locate(names)
-        # An account no shard has is refused AccountNotFound by the shard of the others.
-        shards = {where[name] for name in names if name in router.where} or {where[names[0]]}
+        # An account no shard has is refused AccountNotFound by the shard of the others; with
+        # none known, nowhere (not kept, as a transfer whose source no shard has: see `unknown_source`).
+        shards = {where[name] for name in names if name in router.where}
+        if not shards:
+            raise LinkedTransferFailed(f"linked transfer 0 of {len(checked)} ({checked[0].id!r}) was refused: "
+                                       "account_not_found; none of the chain moved", 0, unknown_source(checked[0]))
         if len(shards) != 1:
             raise CrossShardRefused(f"the legs of this linked chain touch shards {sorted(shards)}: a linked chain "
                                     "runs within one shard (colocate its accounts with placement)")

@@ -25,6 +25,7 @@ from engine import (
     AccountExists,
     AccountNotFound,
     Balance,
+    CrossShardAborted,
     CrossShardRefused,
     CurrencyMismatch,
     IdempotencyConflict,
@@ -49,6 +50,7 @@ from engine import _shard as shard_module
 from engine._placement import DESTINATION_KEY, METADATA_DIGEST_KEY, shard_of
 from engine._shard import Shard, _InFlight, metadata_digest, prepare_row
 from engine._wire import outcomes_of, pack, unpack
+from tests.support import wait_until
 from tests.sharded_support import SHARDS, ClockOffsetBy, accounts_on, books, ray_for_module
 
 pytestmark = pytest.mark.timeout(120)
@@ -76,6 +78,77 @@ def test_the_first_open_writes_a_manifest_and_one_ledger_per_shard(tmp_path: Pat
         "format": 1, "shards": 3, "placement": "sha256-mod"}
     assert sorted(p.name for p in (tmp_path / "books").iterdir()) == ["shard-0", "shard-1", "shard-2",
                                                                        "tally-shards.json"]
+
+
+def test_shard_directories_swapped_are_refused_at_open_not_served(tmp_path: Path) -> None:
+    """Each shard's ledger holds a mark of which shard it is: two shard directories swapped
+    (a restore into the wrong place) are `NotALedger`, naming both; put back, all is whole."""
+    path = tmp_path / "books"
+    with ShardedLedger.open(path, shards=SHARDS) as ledger:
+        source = accounts_on(ledger, "s", 1, shard=0, balance=100)[0]
+        destination = accounts_on(ledger, "d", 1, shard=1)[0]
+        ledger.transfer("T", source=source, destination=destination, amount=40)
+        assert ledger.accounts() == [a for a in ledger.accounts() if not a.id.startswith("\x1f")]  # no mark shown
+    (path / "shard-0").rename(tmp_path / "zero")
+    (path / "shard-1").rename(path / "shard-0")
+    (tmp_path / "zero").rename(path / "shard-1")
+    with pytest.raises(NotALedger, match="holds shard 1's ledger, not shard 0's"):
+        ShardedLedger.open(path, shards=SHARDS)
+    (path / "shard-0").rename(tmp_path / "one")
+    (path / "shard-1").rename(path / "shard-0")
+    (tmp_path / "one").rename(path / "shard-1")
+    with ShardedLedger.open(path, shards=SHARDS) as ledger:
+        assert ledger.get_transfer("T") is not None and ledger.balance(destination).posted == 40
+        assert books(ledger)[0] == [0, 0]
+
+
+def test_a_ledger_option_ray_cannot_send_is_invalid_request_and_starts_nothing(tmp_path: Path) -> None:
+    lock = threading.Lock()
+
+    def clock() -> int:  # holds a lock: it cannot be sent to the shards' processes
+        with lock:
+            return 1
+
+    with pytest.raises(InvalidRequest, match="cannot be sent to the shard's process"):
+        ShardedLedger.open(tmp_path / "books", shards=SHARDS, clock_ns=clock)
+
+
+def test_a_shard_that_cannot_write_leaves_transfers_under_way_in_flight_not_unavailable(tmp_path: Path) -> None:
+    """Once a cross-shard transfer's first step may be durable, or a batch's part on another
+    shard may be done, a shard that cannot write (here its directory moved away, as a full
+    disk fails writes) makes the outcome unknown: `LedgerTimeout` (retry with the same ids),
+    never `LedgerUnavailable`, which reads as if nothing had been done."""
+    path = tmp_path / "books"
+    ledger = ShardedLedger.open(path, shards=SHARDS, timeout_s=5)
+    try:
+        left = accounts_on(ledger, "l", 2, shard=0, balance=10)
+        right = accounts_on(ledger, "r", 2, shard=1, balance=10)
+        (path / "shard-1").rename(tmp_path / "away")
+
+        probes = iter(range(1_000_000))
+
+        def shard_1_fails() -> bool:
+            try:
+                ledger.transfer(f"probe-{next(probes)}", source="rbank-1", destination=right[1], amount=1)
+            except LedgerUnavailable:
+                return True
+            return False
+
+        assert wait_until(shard_1_fails)  # its journal refuses writes now (within 0.1 s of the move)
+        with pytest.raises(LedgerTimeout, match="in flight"):
+            ledger.transfer("t", source=left[0], destination=right[0], amount=5)  # prepared on 0, credit fails
+        with pytest.raises(LedgerTimeout, match="in flight or partly done"):
+            ledger.transfer_many([TransferRequest("m0", left[0], left[1], 1), TransferRequest("m1", right[0], right[1], 1)])
+    finally:
+        ledger.close()
+    (tmp_path / "away").rename(path / "shard-1")
+    with ShardedLedger.open(path, shards=SHARDS, timeout_s=5) as ledger:  # recovery aborts t; m0 was done
+        assert ledger.recovered_in_doubt == 1 and isinstance(ledger.outcome("t"), CrossShardAborted)
+        assert ledger.get_transfer("m0") is not None
+        [m0, m1] = ledger.transfer_many([TransferRequest("m0", left[0], left[1], 1),
+                                         TransferRequest("m1", right[0], right[1], 1)])
+        assert isinstance(m0, Transfer) and isinstance(m1, Transfer)
+        assert books(ledger)[0] == [0, 0]
 
 
 def test_opening_with_another_shard_count_raises_shard_count_mismatch(tmp_path: Path) -> None:
@@ -471,20 +544,36 @@ def test_money_that_crossed_shards_and_came_back_can_cross_again_as_in_a_ledger(
     assert max(map(abs, clearing.values())) < 2**63 - 1, clearing  # netted
 
 
-def test_the_exact_retry_of_a_cross_shard_transfer_refused_for_its_unknown_source_is_refused_the_same(
-        sharded: ShardedLedger) -> None:
-    """As in a Ledger, a refusal is final for its id: the exact retry, once the source exists,
-    gets the same refusal (not a conflict with the prepare that named no currency)."""
+@pytest.mark.parametrize("made_on", ["its hash shard", "the destination's shard, by placement"])
+def test_a_transfer_whose_source_no_shard_has_is_refused_unkept_and_its_retry_once_made_runs_once(
+        sharded: ShardedLedger, made_on: str) -> None:
+    """A transfer's id is kept on its source's shard, and an unknown source has none: the
+    refusal is not journaled anywhere (kept on the hash shard, a retry once the account is made
+    elsewhere would run there while `outcome` still said refused). So the retry, once the
+    source exists wherever it was made, runs; once, and every read agrees. A chain none of
+    whose accounts a shard has, the same."""
     destination = accounts_on(sharded, "d", 1, shard=1)[0]
     ghost = next(f"g{i}" for i in range(100) if shard_of(f"g{i}", SHARDS) == 0)
-    with pytest.raises(AccountNotFound):
-        sharded.transfer("T", source=ghost, destination=destination, amount=5)
-    sharded.create_account(ghost, currency="USD", overdraft_limit=None)
-    with pytest.raises(AccountNotFound, match=f"'T' \\(5 from '{ghost}' to '{destination}'\\)"):
-        sharded.transfer("T", source=ghost, destination=destination, amount=5)
+    for attempt in range(2):
+        with pytest.raises(AccountNotFound, match=f"'T' \\(5 from '{ghost}' to '{destination}'\\).*not kept"):
+            sharded.transfer("T", source=ghost, destination=destination, amount=5)
+        [refused] = sharded.transfer_many([TransferRequest("T", ghost, destination, 5)])
+        assert isinstance(refused, AccountNotFound), (attempt, refused)
+    with pytest.raises(LinkedTransferFailed) as failed:
+        sharded.transfer_linked([TransferRequest("L1", ghost, "nobody", 5)])
+    assert failed.value.index == 0 and isinstance(failed.value.cause, AccountNotFound)
+    assert sharded.outcome("T") is None and sharded.outcome("L1") is None and sharded.get_transfer("T") is None
+    placement = {} if made_on == "its hash shard" else {"placement": next(
+        f"key-{i}" for i in range(10_000) if shard_of(f"key-{i}", SHARDS) == 1)}
+    sharded.create_account(ghost, currency="USD", overdraft_limit=None, **placement)
+    assert sharded.shard_of(ghost) == (0 if not placement else 1)
+    made = sharded.transfer("T", source=ghost, destination=destination, amount=5)
+    assert sharded.transfer("T", source=ghost, destination=destination, amount=5) == made  # once
     with pytest.raises(IdempotencyConflict):
         sharded.transfer("T", source=ghost, destination=destination, amount=6)
-    assert isinstance(sharded.outcome("T"), AccountNotFound) and sharded.balance(destination).posted == 0
+    assert sharded.outcome("T") == made == sharded.get_transfer("T")
+    assert sharded.balance(destination).posted == 5 and sharded.balance(ghost).posted == -5
+    assert books(sharded)[0] == [0, 0]
 
 
 def test_transfer_many_mixes_local_and_cross_shard_requests_and_answers_in_request_order(
