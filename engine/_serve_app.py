@@ -281,10 +281,10 @@ async def _invalid(_request: Request, error: Exception) -> JSONResponse:
     """A body or a parameter of the wrong shape: 400 invalid_request naming each problem
     (never echoing the input)."""
     assert isinstance(error, RequestValidationError)
-    problems = [_problem(found) for found in error.errors()]
-    shown = "; ".join(problems[:VALIDATION_ERRORS_SHOWN_MAX])
-    if len(problems) > VALIDATION_ERRORS_SHOWN_MAX:
-        shown += f"; and {len(problems) - VALIDATION_ERRORS_SHOWN_MAX} more"
+    found = error.errors()
+    shown = "; ".join(_problem(each) for each in found[:VALIDATION_ERRORS_SHOWN_MAX])
+    if len(found) > VALIDATION_ERRORS_SHOWN_MAX:
+        shown += f"; and {len(found) - VALIDATION_ERRORS_SHOWN_MAX} more"
     return JSONResponse(error_body("invalid_request", shown), 400)
 
 

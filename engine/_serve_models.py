@@ -4,23 +4,57 @@ Bodies use the Python API's names. They are strict: an int field takes a JSON in
 (a float such as `10.0`, a bool or a string such as `"10"` is refused), a string field a JSON
 string only, and a field the API does not have is refused (`extra="forbid"`), so a typo is an
 error, never a silently dropped option. What the fields may hold (an amount's range, an id's
-length, metadata's size) is checked by the ledger, once, as for a Python caller.
+length, metadata's size) is checked by the ledger, once, as for a Python caller; only how many
+members an object, the metadata or a chain's legs may have is checked here, before they are
+validated, so that a body of 1 MiB of bad items is one error, not hundreds of thousands, each
+made and named on the server's loop.
 
 Imported by `engine._serve` only, after it has imported pydantic (the `serve` extra).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from engine import LINKED_LEGS_MAX, METADATA_KEYS_MAX
 
 Scalar = str | int
 """A metadata value."""
 
 
+def _at_most(items_max: int, noun: str) -> BeforeValidator:
+    """Refuses a list or an object of more than `items_max` items before any of them is
+    validated: pydantic checks a dict's `max_length` only once it has validated, and named,
+    every item."""
+
+    def bounded(value: Any) -> Any:
+        if isinstance(value, (list, dict)) and len(value) > items_max:
+            raise PydanticCustomError("too_long", "at most {items_max} {noun}, got {length}",
+                                      {"items_max": items_max, "noun": noun, "length": len(value)})
+        return value
+
+    return BeforeValidator(bounded)
+
+
+BodyMetadata = Annotated[dict[str, Scalar] | None, _at_most(METADATA_KEYS_MAX, "keys")]
+"""A body's `metadata`: its keys counted first (the ledger checks the rest)."""
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def few_members(cls, data: Any) -> Any:
+        """Refuses an object of more members than the body has fields before any is
+        validated (each unknown one would be an error of its own)."""
+        if isinstance(data, dict) and len(data) > len(cls.model_fields):
+            raise PydanticCustomError("too_long", "{length} members, more than the fields it takes: {fields}",
+                                      {"length": len(data), "fields": ", ".join(cls.model_fields)})
+        return data
 
 
 class AccountBody(_Body):
@@ -31,7 +65,7 @@ class AccountBody(_Body):
     currency: str
     overdraft_limit: int | None = Field(0, description="How far below zero it may go; null: no bound.")
     code: int = 0
-    metadata: dict[str, Scalar] | None = None
+    metadata: BodyMetadata = None
 
 
 class TransferBody(_Body):
@@ -44,7 +78,7 @@ class TransferBody(_Body):
     amount: int
     code: int = 0
     reference: str | None = None
-    metadata: dict[str, Scalar] | None = None
+    metadata: BodyMetadata = None
     pending: bool = False
     timeout_s: int | None = None
 
@@ -54,7 +88,8 @@ class LinkedBody(_Body):
     `Idempotency-Key` is the first leg's id: `legs[0].id` is omitted or equal to it; each later
     leg `i` has its own distinct id, `{key}.{i}` when it gives none."""
 
-    legs: list[TransferBody] = Field(min_length=1)
+    legs: Annotated[list[TransferBody], _at_most(LINKED_LEGS_MAX, "legs")] = Field(min_length=1, fail_fast=True)
+    """Counted before any leg is validated, and validated up to the first bad one."""
 
 
 class PostBody(_Body):
@@ -64,7 +99,7 @@ class PostBody(_Body):
     id: str | None = None
     amount: int | None = None
     reference: str | None = None
-    metadata: dict[str, Scalar] | None = None
+    metadata: BodyMetadata = None
 
 
 class VoidBody(_Body):
@@ -73,7 +108,7 @@ class VoidBody(_Body):
 
     id: str | None = None
     reference: str | None = None
-    metadata: dict[str, Scalar] | None = None
+    metadata: BodyMetadata = None
 
 
 # --- responses, for the OpenAPI document (the routes write the JSON themselves) ------------

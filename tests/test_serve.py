@@ -477,6 +477,59 @@ def test_malformed_linked_post_and_account_bodies_are_400(client: httpx.Client) 
         assert error_of(response)["code"] == "invalid_request"
 
 
+FLOODS: list[tuple[str, bytes, str]] = [
+    ("/transfers/linked", b'{"legs": [' + b",".join([b"{}"] * 300_000) + b"]}",
+     "body.legs: at most 1000 legs, got 300000"),
+    ("/transfers", b"{" + b", ".join(b'"x%d": 1' % i for i in range(80_000)) + b"}",
+     "body: 80000 members, more than the fields it takes: id, source, destination, amount"),
+    ("/transfers", b'{"source": "s", "destination": "d", "amount": 1, "metadata": {'
+     + b",".join(b'"k%d":{}' % i for i in range(80_000)) + b"}}", "body.metadata: at most 16 keys, got 80000"),
+    ("/accounts", b'{"currency": "USD", "metadata": {' + b", ".join(b'"k%d": {}' % i for i in range(17)) + b"}}",
+     "body.metadata: at most 16 keys, got 17"),
+    ("/transfers/linked", b'{"legs": [' + b", ".join([b'{"source": "s", "destination": "d", "amount": 1}'] * 5
+                                                     + [b"{}"] * 900) + b"]}", "body.legs.5.source: Field required"),
+]
+
+
+@pytest.mark.parametrize("path, body, problem", FLOODS, ids=["legs", "members", "metadata", "17 keys", "bad legs"])
+def test_a_body_of_many_bad_items_is_one_problem_found_before_they_are_validated(
+        client: httpx.Client, path: str, body: bytes, problem: str) -> None:
+    """A body under the size limit may hold 300,000 legs or members: were each validated and
+    named, the server's loop would be busy for seconds (every request waiting, /health too).
+    Their count is checked first, and a chain's legs are validated up to the first bad one."""
+    assert len(body) < 1 << 20
+    key = fresh("flood")
+    answer = client.post(path, content=body, headers={"Idempotency-Key": key, "Content-Type": "application/json"})
+    assert answer.status_code == 400, answer.text
+    message = str(error_of(answer)["message"])
+    assert message.startswith(problem) and "; and " not in message, message
+    assert client.get(f"/transfers/{key}").status_code == 404
+
+
+def test_a_400_names_its_first_problems_without_reading_the_rest() -> None:
+    from collections.abc import Sequence
+
+    from fastapi.exceptions import RequestValidationError
+
+    from engine import _serve_app
+
+    read: list[int] = []
+
+    class Problems(Sequence[dict[str, object]]):
+        def __len__(self) -> int:
+            return 1_000_000
+
+        def __getitem__(self, at: Any) -> Any:
+            if isinstance(at, slice):
+                return [self[i] for i in range(*at.indices(len(self)))]
+            read.append(at)
+            return {"loc": ("body", "legs", at), "msg": "Field required", "type": "missing"}
+
+    answer = asyncio.run(_serve_app._invalid(None, RequestValidationError(Problems())))  # type: ignore[arg-type]
+    assert json.loads(answer.body)["error"]["message"].endswith("; and 999990 more")
+    assert len(read) == _serve_app.VALIDATION_ERRORS_SHOWN_MAX
+
+
 def test_a_body_over_the_limit_is_413_and_a_chain_of_1000_legs_fits(client: httpx.Client) -> None:
     oversized = client.post("/transfers", headers={"Idempotency-Key": fresh("big"), "Content-Type":
                                                    "application/json"}, content=b" " * (1 << 20) + b"{}")
