@@ -20,7 +20,7 @@ import json
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import unquote_to_bytes
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -56,6 +56,8 @@ from engine._serve_models import (
     TransfersJSON,
     VoidBody,
 )
+
+_PostOrVoidBody = TypeVar("_PostOrVoidBody", PostBody, VoidBody)
 
 ENTRIES_PAGE_MAX = 10_000
 """Most entries `GET /accounts/{id}/entries` returns at once (as `transfers`' page)."""
@@ -220,6 +222,18 @@ def _spelled_out(request: Request, route: str) -> bool:
     return unquote_to_bytes(path.rsplit(b"/", 1)[-1]) == route.encode()
 
 
+async def _object_or_empty(request: Request, body: _PostOrVoidBody | None, empty: _PostOrVoidBody) -> _PostOrVoidBody:
+    """A post's or a void's body: `empty` for no body at all. FastAPI reads the JSON `null` as
+    no body too, but it is not an object: it is refused as `[]` is (not read as a post of the whole
+    amount)."""
+    if body is not None:
+        return body
+    if await request.body():
+        raise InvalidRequest("the body must be a JSON object, sent with Content-Type: application/json, or "
+                             "empty")
+    return empty
+
+
 def _journaled(error: LedgerError) -> bool:
     """Whether `error` is a refusal the journal keeps (so a retry is a replay), not an
     operating error (timeout, closed...) or an invalid request, which record nothing."""
@@ -320,7 +334,7 @@ async def post_pending(request: Request, pending_id: str, body: PostBody | None 
     if not _spelled_out(request, "post"):  # POST /transfers/p%2Fpost: the transfer "p/post", which takes no POST
         raise HTTPException(405, headers={"Allow": "GET"})
     ledger = _ledger(request)
-    body = body or PostBody()
+    body = await _object_or_empty(request, body, PostBody())
     key = _key(request, idempotency_key, body.id)
     return await _written(request, key, lambda: ledger.post_pending(
         key, pending_id=pending_id, amount=body.amount, reference=body.reference, metadata=body.metadata),
@@ -336,7 +350,7 @@ async def void_pending(request: Request, pending_id: str, body: VoidBody | None 
     if not _spelled_out(request, "void"):  # as for a post
         raise HTTPException(405, headers={"Allow": "GET"})
     ledger = _ledger(request)
-    body = body or VoidBody()
+    body = await _object_or_empty(request, body, VoidBody())
     key = _key(request, idempotency_key, body.id)
     return await _written(request, key, lambda: ledger.void_pending(
         key, pending_id=pending_id, reference=body.reference, metadata=body.metadata), ledger.outcome)

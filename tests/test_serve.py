@@ -746,6 +746,26 @@ def test_a_post_to_a_transfer_whose_id_ends_in_a_routes_name_moves_nothing(clien
     assert client.get(f"/accounts/{alice}/balance").json()["pending"] == 40
 
 
+@pytest.mark.parametrize("route", ["post", "void"])
+@pytest.mark.parametrize("body", [b"null", b" null ", b"[]", b"5"])
+def test_a_post_or_void_whose_body_is_json_but_no_object_is_400_not_an_empty_body(
+        client: httpx.Client, route: str, body: bytes) -> None:
+    """Only no body at all is a post of the whole amount (or a void); `null` is not one."""
+    bank, alice = funded(client, 100)
+    pending = fresh("p")
+    assert write(client, "/transfers", pending, {"source": alice, "destination": bank, "amount": 40,
+                                                 "pending": True}).status_code == 201
+    key = fresh("k")
+    answer = client.post(f"/transfers/{pending}/{route}", content=body,
+                         headers={"Idempotency-Key": key, "Content-Type": "application/json"})
+    assert answer.status_code == 400, answer.text
+    assert error_of(answer)["code"] == "invalid_request"
+    assert "must be a JSON object" in str(error_of(answer)["message"])
+    assert client.get(f"/transfers/{pending}").json()["status"] == "pending"
+    assert client.get(f"/transfers/{key}").status_code == 404
+    assert client.get(f"/accounts/{alice}/balance").json()["pending"] == 40
+
+
 @pytest.mark.parametrize("query", ["acount=x", "account=a&account=b", "limit=5&limit=6", "after=1"])
 def test_an_unknown_or_repeated_query_parameter_is_400(client: httpx.Client, query: str) -> None:
     """A misspelt filter would be ignored, and the answer read as filtered when it is not."""
