@@ -26,6 +26,8 @@ from urllib.parse import unquote_to_bytes
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import BeforeValidator
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
 from engine import (
@@ -62,6 +64,23 @@ _PostOrVoidBody = TypeVar("_PostOrVoidBody", PostBody, VoidBody)
 ENTRIES_PAGE_MAX = 10_000
 """Most entries `GET /accounts/{id}/entries` returns at once (as `transfers`' page)."""
 ENTRIES_PAGE_DEFAULT = 100
+
+
+def _digits_alone(value: Any) -> Any:
+    """A number in a query or a header is ASCII decimal digits alone: pydantic's lax int would
+    read `1_0` as 10, and `3.0`, `+3` or ` 3` as 3 (Python's `int` another script's digits
+    too), a client's slip answered as if it had meant another number."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise PydanticCustomError("int_parsing", "Input should be a whole number in the digits 0-9 alone")
+    return value
+
+
+Whole = Annotated[int, BeforeValidator(_digits_alone)]
+"""A query parameter's or a header's number."""
+WholeOrNone = Annotated[int | None, BeforeValidator(_digits_alone)]
+EntriesLimit = Annotated[int, Query(ge=0, le=ENTRIES_PAGE_MAX), BeforeValidator(_digits_alone)]
+"""(`Query` before the validator: after it, FastAPI would put its bounds in the OpenAPI
+document as `ge` and `le`, not JSON Schema's `minimum` and `maximum`.)"""
 
 KeyHeader = Annotated[str | None, Header(
     alias="Idempotency-Key",
@@ -261,8 +280,8 @@ async def create_account(request: Request, body: AccountBody, idempotency_key: K
 
 @router.get("/accounts/{account_id:path}/balance", response_model=None,
             responses={200: {"model": BalanceJSON}, **ERRORS})
-async def balance(request: Request, account_id: str, at_lsn: int | None = None,
-                  at_timestamp: int | None = None) -> Response:
+async def balance(request: Request, account_id: str, at_lsn: WholeOrNone = None,
+                  at_timestamp: WholeOrNone = None) -> Response:
     """Its balance now, or after the record at `at_lsn`, or at `at_timestamp` (nanoseconds
     since the epoch): at most one of the two."""
     if not _spelled_out(request, "balance"):  # the account whose id ends in "/balance"
@@ -273,8 +292,8 @@ async def balance(request: Request, account_id: str, at_lsn: int | None = None,
 
 @router.get("/accounts/{account_id:path}/entries", response_model=None,
             responses={200: {"model": EntriesJSON}, **ERRORS})
-async def entries(request: Request, account_id: str, after: int = 0,
-                  limit: Annotated[int, Query(ge=0, le=ENTRIES_PAGE_MAX)] = ENTRIES_PAGE_DEFAULT) -> Response:
+async def entries(request: Request, account_id: str, after: Whole = 0,
+                  limit: EntriesLimit = ENTRIES_PAGE_DEFAULT) -> Response:
     """Its entries with seq > `after`, in seq order, at most `limit`; the next page is
     `after` = the last one's seq."""
     if not _spelled_out(request, "entries"):  # the account whose id ends in "/entries"
@@ -357,9 +376,9 @@ async def void_pending(request: Request, pending_id: str, body: VoidBody | None 
 
 
 @router.get("/transfers", response_model=None, responses={200: {"model": TransfersJSON}, **ERRORS})
-async def transfers(request: Request, account: str | None = None, code: int | None = None,
-                    kind: Literal["single", "pending", "post", "void"] | None = None, after_lsn: int = 0,
-                    until_lsn: int | None = None, limit: int = 100, reverse: bool = False) -> Response:
+async def transfers(request: Request, account: str | None = None, code: WholeOrNone = None,
+                    kind: Literal["single", "pending", "post", "void"] | None = None, after_lsn: Whole = 0,
+                    until_lsn: WholeOrNone = None, limit: Whole = 100, reverse: bool = False) -> Response:
     """Durable transfers made by the records in (`after_lsn`, `until_lsn`], in LSN order
     (newest first with `reverse`), filtered; `limit` 1..10,000. The next page: `after_lsn` =
     the last one's lsn (backward: `until_lsn` = its lsn - 1)."""
@@ -383,17 +402,14 @@ async def get_transfer(request: Request, transfer_id: str) -> Response:
 @router.get("/events", response_model=None, responses={
     200: {"content": {"text/event-stream": {}},
           "description": "one `id: <lsn>` and one `data: <event as JSON>` per event"}, **ERRORS})
-async def events(request: Request, after_lsn: int = 0, follow: bool = True,
-                 last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None) -> Response:
+async def events(request: Request, after_lsn: Whole = 0, follow: bool = True,
+                 last_event_id: Annotated[WholeOrNone, Header(alias="Last-Event-ID")] = None) -> Response:
     """The ledger's events as Server-Sent Events, after `after_lsn`, or after the
     `Last-Event-ID` header's LSN (a reconnecting client's; it wins over `after_lsn`).
     Following by default: it waits for new events, with a comment line as a keep-alive; with
     `follow=false` it ends at the last durable event. An LSN past the last durable one is 400."""
     if last_event_id is not None:
-        try:
-            after_lsn = int(last_event_id.strip())
-        except ValueError:
-            raise InvalidRequest(f"Last-Event-ID must be an LSN (a whole number), got {last_event_id!r}") from None
+        after_lsn = last_event_id
     ledger = _ledger(request)
     end = (await ledger.head()).lsn
     if after_lsn > end:  # an id from another ledger (or a restored copy): waiting would never end

@@ -782,6 +782,45 @@ def test_an_unknown_or_repeated_query_parameter_is_400(client: httpx.Client, que
     assert client.get(f"/accounts/{quote(odd, safe='')}?at_lsn=1").status_code == 400
 
 
+NUMBERS = [("/accounts/{account_id}/balance", "at_lsn"), ("/accounts/{account_id}/balance", "at_timestamp"),
+           ("/accounts/{account_id}/entries", "after"), ("/accounts/{account_id}/entries", "limit"),
+           ("/transfers", "code"), ("/transfers", "after_lsn"), ("/transfers", "until_lsn"), ("/transfers", "limit"),
+           ("/events", "after_lsn")]
+"""Every number a query takes (`test_every_number_a_query_takes_is_checked_for_digits_alone`)."""
+
+
+@pytest.mark.parametrize(("path", "name"), NUMBERS)
+@pytest.mark.parametrize("written", ["1_0", "3.0", "+3", " 3", "3 ", "\N{ARABIC-INDIC DIGIT THREE}", "0x3", "-3", ""])
+def test_a_number_in_a_query_is_digits_alone_not_read_as_another_number(
+        client: httpx.Client, path: str, name: str, written: str) -> None:
+    """pydantic would read `1_0` as 10, and `3.0`, `+3` or ` 3` as 3."""
+    bank, alice = funded(client, 10)
+    where = path.format(account_id=alice) + ("?follow=false&" if path == "/events" else "?")
+    assert client.get(f"{where}{name}=3").status_code in (200, 404)  # read (an account opened after LSN 3: 404)
+    answer = client.get(f"{where}{name}={quote(written, safe='')}")
+    assert answer.status_code == 400, answer.text
+    assert error_of(answer)["code"] == "invalid_request"
+    assert f"query.{name}: Input should be a whole number" in str(error_of(answer)["message"])
+
+
+@pytest.mark.parametrize("written", ["1_3", "+3", "3.0", "\N{ARABIC-INDIC DIGIT THREE}", "9" * 5_000])
+def test_a_last_event_id_is_digits_alone(client: httpx.Client, written: str) -> None:
+    funded(client, 1)
+    assert client.get("/events", params={"follow": "false"}, headers={"Last-Event-ID": "3"}).status_code == 200
+    answer = client.get("/events", params={"follow": "false"}, headers={"Last-Event-ID": written.encode()})
+    assert answer.status_code == 400, answer.text
+    assert error_of(answer)["code"] == "invalid_request"
+    assert "Last-Event-ID" in str(error_of(answer)["message"])
+
+
+def test_every_number_a_query_takes_is_checked_for_digits_alone(client: httpx.Client) -> None:
+    schema = client.get("/openapi.json").json()
+    numbers = {(path, parameter["name"]) for path, operations in schema["paths"].items()
+               for operation in operations.values() for parameter in operation.get("parameters", [])
+               if parameter["in"] == "query" and "integer" in json.dumps(parameter["schema"])}
+    assert numbers == set(NUMBERS)
+
+
 def test_a_query_that_is_not_utf8_once_decoded_is_refused_not_read_as_another_id(client: httpx.Client) -> None:
     made = client.post("/accounts", headers=[("Idempotency-Key", "�".encode())], json={"currency": "USD"})
     assert made.status_code == 201, made.text  # the id the query would be read as
