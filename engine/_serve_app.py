@@ -239,7 +239,10 @@ def build_app(ledger_path: str, token: str | None, body_bytes_max: int, ledger_o
                 app.state.shutdown_error = error
                 raise
 
-    app = FastAPI(title="Tally", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    # No redirect to the path without its trailing slash: a path that is no route is 404
+    # not_found with a JSON error, as README says (the redirect was an empty 307).
+    app = FastAPI(title="Tally", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                  redirect_slashes=False)
     app.state.startup_error = None
     app.state.shutdown_error = None
     app.include_router(router)

@@ -410,6 +410,13 @@ def test_each_failure_has_its_status_and_code(client: httpx.Client) -> None:
         assert (response.status_code, error_of(response)["code"]) == (status, code), response.request.url
 
 
+@pytest.mark.parametrize("path", ["/health/", "/events/", "/openapi.json/", "/docs/"])
+def test_a_path_with_a_trailing_slash_is_no_route_not_a_redirect(client: httpx.Client, path: str) -> None:
+    answer = client.get(path)
+    assert answer.status_code == 404, (answer.status_code, answer.headers)
+    assert error_of(answer) == {"code": "not_found", "message": f"no route GET {path}"}
+
+
 def test_a_refused_linked_chain_names_the_leg_and_its_cause(client: httpx.Client) -> None:
     bank, alice = funded(client, 10)
     refused = write(client, "/transfers/linked", fresh("chain"), {"legs": [
