@@ -13,7 +13,8 @@ protocol before it (reserving funds in the sources' mailboxes) runs in parallel.
 Timestamps: nanoseconds since the epoch from `clock`, made strictly increasing in LSN order
 (a clock that steps back, or repeats, gets the last timestamp + 1), also across a reopen:
 the projection carries the last one journaled. The wall clock is read once for a chunk of
-plain transfers decided together (each after the first gets the last timestamp + 1); a clock
+plain transfers and chains of single transfers decided together in turn (each after the first
+gets the last timestamp + 1); a clock
 of the caller's own (a test's, a replay's) is read once per decision, so it gives each
 decision the time it says (`tally replay` sets every copied transfer's original timestamp so),
 and a bad reading of it fails that decision alone (`InvalidRequest`, `checked_clock`), before

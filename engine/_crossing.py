@@ -117,16 +117,23 @@ class Router:
                 self.where[account.id] = index
 
     def locate(self, account_ids: Sequence[str]) -> dict[str, int]:
-        """The shard of each id: from the map; the misses asked of every shard at once (one
-        call each); an id no shard has lives on its hash shard (a transfer from it is refused
-        here, unkept: `unknown_source`; one to it, by its source's shard, as a ledger does)."""
+        """The shard of each id (`find`); an id no shard has lives on its hash shard."""
+        shards = self.shards
+        return {a: shard_of(a, shards) if found is None else found for a, found in self.find(account_ids).items()}
+
+    def find(self, account_ids: Sequence[str]) -> dict[str, int | None]:
+        """The shard of each id, None for one no shard has: from the map; the misses asked of
+        every shard at once (one call each). One reading of the map for each id, so an account
+        another thread makes meanwhile is either found where it is or not at all (a transfer
+        from an unknown one is refused here, unkept: `unknown_source`; one to it, by its source's
+        shard, as a ledger does)."""
         missing = sorted({a for a in account_ids if a not in self.where})
         if missing:
             for index, found in enumerate(self.everywhere("find", missing)):
                 for account_id in found:
                     self.where[account_id] = index
-        where, shards = self.where, self.shards
-        return {a: where[a] if a in where else shard_of(a, shards) for a in account_ids}
+        where = self.where
+        return {a: where.get(a) for a in account_ids}
 
     # --- transfer_many ------------------------------------------------------------------
 
@@ -139,15 +146,16 @@ class Router:
                 checked.append((i, checked_request(request)))
             except LedgerError as error:
                 results[i] = error
-        where = self.locate([name for _, r in checked for name in (r.source, r.destination)])
+        found = self.find([name for _, r in checked for name in (r.source, r.destination)])
+        where = {name: shard_of(name, self.shards) if shard is None else shard for name, shard in found.items()}
         parts: dict[int, list[tuple[int, Row]]] = defaultdict(list)
         crossing: dict[int, TransferRequest] = {}
         for i, request in checked:
-            if request.source not in self.where:
+            if found[request.source] is None:
                 results[i] = unknown_source(request)
                 continue
             a, b = where[request.source], where[request.destination]
-            if request.pending and a != b and request.destination not in self.where:
+            if request.pending and a != b and found[request.destination] is None:
                 b = a  # refused AccountNotFound by the source's shard
             if a == b:
                 parts[a].append((i, request_row(request)))

@@ -227,9 +227,10 @@ def start_shard(path: str, index: int, node_id: str, options: dict[str, Any]) ->
             max_concurrency=SHARD_CONCURRENCY, max_restarts=-1, max_task_retries=-1, num_cpus=0,
             scheduling_strategy=strategy, name=None,
         )
-        return remote.remote(path, index, options)
     except ValueError as error:  # Ray's word for a node id that is not one
         raise InvalidRequest(f"shard {index}: {node_id!r} is not a Ray node id ({error})") from None
+    try:
+        return remote.remote(path, index, options)
     except TypeError as error:  # Ray's "Could not serialize the argument ...": an option holding a lock, say
         raise InvalidRequest(f"shard {index}: a ledger option cannot be sent to the shard's process "
                              f"({str(error).splitlines()[0]})") from None

@@ -340,7 +340,11 @@ class Shard:
         if marked is not None:
             raise NotALedger(f"{self._path} holds shard {marked}'s ledger, not shard {self.index}'s: shard directories "
                              "were swapped, or one restored into the wrong place (put each back where it was)")
-        ledger.create_account(shard_mark(self.index), currency=MARK_CURRENCY)
+        try:
+            ledger.create_account(shard_mark(self.index), currency=MARK_CURRENCY)
+        except (LedgerTimeout, LedgerUnavailable) as error:  # a full disk, say: it still opens (for reads); marked later
+            logger.warning("%s: shard %d's mark could not be made (%s); a later open makes it", self._path, self.index,
+                           error)
 
     @property
     def ledger(self) -> Ledger:

@@ -375,10 +375,9 @@ class ShardedLedger:
         router = self._live()
         checked = [checked_request(request) for request in check_chain(requests)]
         names = [name for r in checked for name in (r.source, r.destination)]
-        where = router.locate(names)
         # An account no shard has is refused AccountNotFound by the shard of the others; with
         # none known, nowhere (not kept, as a transfer whose source no shard has: see `unknown_source`).
-        shards = {where[name] for name in names if name in router.where}
+        shards = {shard for shard in router.find(names).values() if shard is not None}
         if not shards:
             raise LinkedTransferFailed(f"linked transfer 0 of {len(checked)} ({checked[0].id!r}) was refused: "
                                        "account_not_found; none of the chain moved", 0, unknown_source(checked[0]))
