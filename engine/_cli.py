@@ -295,7 +295,10 @@ def _print_chain(report: dict[str, Any]) -> None:
 
 
 def _print_head(head: dict[str, Any], chain: dict[str, Any]) -> None:
-    print(f"  head: {head['lsn']}:{head['digest']}  (LSN:DIGEST; note it, and pass it to --expect-head later)")
+    if chain["break_lsn"] is None:
+        print(f"  head: {head['lsn']}:{head['digest']}  (LSN:DIGEST; note it, and pass it to --expect-head later)")
+    else:  # not a head to note: the chain does not vouch for it
+        print(f"  head: {head['lsn']}:{head['digest']}  (LSN:DIGEST of the last record read; the chain is broken)")
     unchained = chain["unchained_lsns"]
     if unchained:
         print(f"  chain: LSN {unchained[0]} to {unchained[1]} predate the chain (written before it, this ledger being"

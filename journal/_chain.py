@@ -53,7 +53,9 @@ class ChainReport:
     """What walking the whole chain found."""
 
     head: ChainHead
-    """The last LSN and the digest its record carries (as `Journal.head` reads it)."""
+    """The last LSN and the digest its record carries (as `Journal.head` reads it); where a
+    record fails its checksum or is missing, the one before it: the last record the walk
+    read, so always an LSN and the digest stored there."""
     chained_from: int | None
     """The first chained LSN (1 in a format-4 ledger); None if no record is chained yet."""
     break_lsn: int | None = None
@@ -132,12 +134,12 @@ def walk_chain(records: Iterable[tuple[bytes, bytes]], format_version: int,
             found = key_lsn(key) if len(key) == 8 else key
             break_lsn, problem = lsn, f"LSN {lsn} is missing (next stored is {found!r})"
             break
-        last = lsn
         try:
             record_digest, payload = unframe_chained(lsn, value)
-        except JournalCorruptedError as error:
+        except JournalCorruptedError as error:  # the head stays the record before it: the last one read
             break_lsn, problem = lsn, str(error)
             break
+        last = lsn
         if break_lsn is None:
             why = _link(lsn, digest, record_digest, payload, chained_from is not None, format_version)
             if why is not None:

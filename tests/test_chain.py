@@ -195,6 +195,38 @@ def test_a_deleted_record_with_the_later_ones_rechained_under_valid_crcs_breaks_
     assert verify(str(ledger_path))["chain"]["break_lsn"] == 3
 
 
+def test_a_record_that_fails_its_checksum_leaves_the_head_at_the_record_before_it(
+    ledger_path: Path, raw_lmdb, flip_record_byte
+) -> None:
+    """The head a walk reports is a pair some record holds: the last one read, never the
+    damaged record's LSN with the digest of the one before it (a head no ledger ever had)."""
+    write_journal(ledger_path, 6)
+    before = split(stored(raw_lmdb, ledger_path)[2])[0]
+    flip_record_byte(ledger_path, 3)
+
+    report = chain_of(ledger_path)
+
+    assert report.break_lsn == 3 and "checksum" in (report.problem or "")
+    assert report.head == ChainHead(2, before)
+
+
+def test_verify_of_a_ledger_with_a_damaged_record_prints_the_head_of_the_record_before_it_which_the_original_extends(
+    ledger_path: Path, tmp_path: Path, flip_record_byte
+) -> None:
+    build(ledger_path)
+    original = tmp_path / "original"
+    shutil.copytree(ledger_path, original)
+    lsn = verify(str(ledger_path))["head"]["lsn"] - 2
+    flip_record_byte(ledger_path, lsn)
+
+    report = verify(str(ledger_path))
+
+    assert report["corrupt_lsn"] == lsn and report["chain"]["break_lsn"] == lsn
+    assert report["head"]["lsn"] == lsn - 1
+    head = ChainHead(lsn - 1, bytes.fromhex(report["head"]["digest"]))
+    assert verify(str(original), expected=head)["expect_head"]["extends"] is True
+
+
 def test_two_records_swapped_under_valid_crcs_break_the_chain_at_the_first_of_them(ledger_path: Path, raw_lmdb) -> None:
     write_journal(ledger_path, 6)
     values = stored(raw_lmdb, ledger_path)
