@@ -16,7 +16,7 @@ from coordinator._asof import (
     transfers_page,
 )
 from coordinator._holds import unindexed_holds_by_key
-from coordinator._audit import CHECK_FILE, CHECKS, AuditReport, audit, state_hash, unopened
+from coordinator._audit import CHECK_FILE, CHECK_INDEXES, CHECK_PAIRS, CHECKS, AuditReport, audit, state_hash, unopened
 from coordinator._claims import (
     Ticket,
     check_ids_against_records,
@@ -133,6 +133,8 @@ __all__ = [
     "CHECKPOINT_RECORDS_INTERVAL",
     "CHECKS",
     "CHECK_FILE",
+    "CHECK_INDEXES",
+    "CHECK_PAIRS",
     "Checkpointed",
     "Committed",
     "Coordinator",

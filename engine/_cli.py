@@ -650,6 +650,8 @@ def _render_salvage(report: dict[str, Any]) -> None:
     print(f"salvage {report['path']} -> {report['into']}: {report['verdict']}")
     if report["problem"]:
         print(f"  damage: {report['problem']}")
+    if report["anchor_problem"]:
+        print(f"  anchor: {report['anchor_problem']}")
     print(f"  records copied: {report['records_copied']}")
     for lost in report["lost"][:50]:
         what = lost.get("transfer") or lost.get("account") or "?"

@@ -6,6 +6,8 @@ Each returns a plain dict (the `--json` form); `engine._cli` renders it.
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import time
 from collections import deque
 from itertools import islice
@@ -14,6 +16,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from coordinator import (
+    CHECK_INDEXES,
+    CHECK_PAIRS,
     CHECKS,
     INDEX_NAMES,
     Account,
@@ -59,7 +63,16 @@ from coordinator import (
     unopened,
     write_checkpoint,
 )
-from journal import GENESIS, ChainHead, ChainReport, Journal, JournalAnchorMissingError, JournalFormatError, reanchor
+from journal import (
+    GENESIS,
+    ChainHead,
+    ChainReport,
+    Journal,
+    JournalAnchorMissingError,
+    JournalFormatError,
+    reanchor,
+    sync_directory,
+)
 
 from engine._history import History
 from engine._ledger import Ledger
@@ -258,31 +271,73 @@ def _new_directory(path: str) -> None:
 
 
 def salvage(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
-    """Copy every verifiable record before the first corrupt one into a new ledger."""
+    """Copy every verifiable record before the first corrupt one into a new ledger at `into`,
+    and list what was lost.
+
+    A ledger whose anchor is gone is audited as `recover` audits it: the rest of it checked,
+    the missing anchor reported (`anchor_problem`). The copy is built in a directory of its
+    own beside `into` (`_staging`) and renamed to `into` once it is closed: a salvage that
+    fails leaves nothing at `into`, and one killed leaves only that directory, named for what
+    it is, never a part of the ledger under the name asked for, where it would verify whole.
+    Raises `LedgerLocked` while a live process holds the ledger, `JournalCorrupted` if
+    nothing in it can be copied (its data file unreadable, or another ledger's)."""
     _new_directory(into)
     with ledger_errors():
         journal = Journal.open_readonly(path, index_names=INDEX_NAMES, lock=True)
     try:
-        found = journal.problem
-        if found is not None and found.lsn is None and not isinstance(found, JournalAnchorMissingError):
+        found, anchor_problem = journal.problem, None
+        if isinstance(found, JournalAnchorMissingError):
+            anchor_problem, journal.problem = str(found), None  # audit the rest of it, as recover does
+        elif found is not None and found.lsn is None:
             raise JournalCorrupted(f"nothing to salvage: {found}", None, found.where) from found  # not this ledger's
         with ledger_errors():
             report = audit(journal, progress)
             stop = report.corrupt_lsn if report.corrupt_lsn is not None else journal.last_lsn + 1
-            copied, lost = _copy_prefix(journal, into, stop)
+            staging = _staging(into)
+            try:
+                copied, lost = _copy_prefix(journal, staging, stop)
+                _publish(staging, into)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
             anchored = journal.anchor.durable_lsn if journal.anchor is not None else 0
             lost += [{"lsn": lsn, "transfer": None, "why": "durable once (its anchor says so), and gone from the journal"}
                      for lsn in range(max(stop, journal.last_lsn + 1), anchored + 1)]
-            if report.corrupt_lsn is not None:
-                verdict = "salvaged: everything before the first corrupt record was copied"
-            elif not report.whole:
-                verdict = "salvaged: every record verifies, but the indexes were damaged; NEW has them rebuilt"
-            else:
-                verdict = "nothing was lost: the ledger is whole; NEW is a verified copy"
-            return {"path": path, "into": into, "first_corrupt_lsn": report.corrupt_lsn, "whole": report.whole,
-                    "problem": report.problem, "records_copied": copied, "lost": lost, "verdict": verdict}
+            return {"path": path, "into": into, "first_corrupt_lsn": report.corrupt_lsn,
+                    "whole": report.whole and anchor_problem is None, "problem": report.problem,
+                    "anchor_problem": anchor_problem, "records_copied": copied, "lost": lost,
+                    "verdict": _salvage_verdict(report, anchor_problem)}
     finally:
         journal.close()
+
+
+def _salvage_verdict(report: AuditReport, anchor_problem: str | None) -> str:
+    """What a salvage made of the ledger `report` audited (`anchor_problem`: its anchor is gone)."""
+    if report.corrupt_lsn is not None:
+        return "salvaged: everything before the first corrupt record was copied"
+    if report.checks[CHECK_PAIRS] is False or report.checks[CHECK_INDEXES] is False:
+        return "salvaged: every record verifies, but the indexes were damaged; NEW has them rebuilt"
+    if not report.whole:
+        return "salvaged: every record was copied, but the ledger is not whole (see the damage)"
+    if anchor_problem is not None:
+        return ("nothing was lost that the journal shows: every record verifies, but its anchor is missing, so "
+                "nothing can tell whether this journal is the ledger's newest; NEW is a verified copy of it")
+    return "nothing was lost: the ledger is whole; NEW is a verified copy"
+
+
+def _staging(into: str) -> str:
+    """A new, empty directory beside `into` (`NEW.salvaging-XXXXXXXX`) to build its copy in."""
+    name = f"{os.path.basename(os.path.normpath(into))}.salvaging-{secrets.token_hex(4)}"
+    staging = os.path.join(os.path.dirname(os.path.abspath(into)), name)
+    os.mkdir(staging)
+    return staging
+
+
+def _publish(staging: str, into: str) -> None:
+    """Rename the closed copy in `staging` to `into` (missing, or an empty directory, which it
+    replaces), durably."""
+    os.rename(staging, into)
+    sync_directory(os.path.dirname(os.path.abspath(into)))
 
 
 def _copy_prefix(journal: Journal, into: str, stop: int) -> tuple[int, list[dict[str, Any]]]:

@@ -20,7 +20,7 @@ from journal._errors import (
 )
 from journal._chain import ChainHead, ChainReport
 from journal._format import GENESIS, lsn_key
-from journal._anchor import ANCHOR_FILE
+from journal._anchor import ANCHOR_FILE, sync_directory
 from journal._directory import LOCK_FILE, refuse_foreign
 from journal._journal import Journal, reanchor
 from journal._limits import FORMAT_VERSION
@@ -53,4 +53,5 @@ __all__ = [
     "JournalWriteError",
     "lsn_key",
     "reanchor",
+    "sync_directory",
 ]

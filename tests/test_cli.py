@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import select
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ import pytest
 from coordinator import CHECKS, INDEX_NAMES
 from coordinator import _recovery
 from coordinator._audit import CHECK_RECORDS
-from engine import CurrencyMismatch, InsufficientFunds, Ledger, LedgerLocked, TransferRequest
+from engine import CurrencyMismatch, InsufficientFunds, Ledger, LedgerLocked, NotALedger, TransferRequest
 from engine import _cli, _readonly, _tools
 from journal import ANCHOR_FILE, FORMAT_VERSION, Journal, lsn_key
 from journal import _directory
@@ -514,7 +515,10 @@ def test_a_dry_run_of_a_salvage_is_refused_and_writes_nothing(built: Built, tmp_
     assert not (tmp_path / "copy").exists()
 
 
-def test_salvage_of_a_whole_ledger_reports_nothing_lost(built: Built, tmp_path: Path) -> None:
+@pytest.mark.parametrize("new", ["missing", "an empty directory"])
+def test_salvage_of_a_whole_ledger_reports_nothing_lost(built: Built, tmp_path: Path, new: str) -> None:
+    if new == "an empty directory":
+        (tmp_path / "copy").mkdir()
     code, report = tally_json("recover", built.path, "--salvage", "--into", tmp_path / "copy")
 
     assert code == 0
@@ -523,6 +527,75 @@ def test_salvage_of_a_whole_ledger_reports_nothing_lost(built: Built, tmp_path: 
     assert report["lost"] == []
     copy_code, copy = tally_json("verify", tmp_path / "copy")
     assert copy_code == 0 and copy["state_hash"] == built.state_hash
+
+
+def test_salvage_of_a_ledger_without_its_anchor_copies_what_precedes_a_damaged_record_as_with_it(
+    built: Built, flip_record_byte: Callable[[Path, int], None], tmp_path: Path
+) -> None:
+    """The missing anchor is reported, and the rest audited as `recover` audits it: it used
+    to stop the audit at the data file's check, so the copy ran into the damaged record and
+    failed, leaving a partial ledger under the new name."""
+    lsn = built.committed["move-4"][3]
+    flip_record_byte(built.path, lsn)
+    anchored = tmp_path / "anchored"
+    shutil.copytree(built.path, anchored)
+    (built.path / ANCHOR_FILE).unlink()
+
+    code, report = tally_json("recover", built.path, "--salvage", "--into", tmp_path / "salvaged")
+    _, control = tally_json("recover", anchored, "--salvage", "--into", tmp_path / "control")
+
+    assert code == 0, report
+    assert report["first_corrupt_lsn"] == lsn and report["records_copied"] == lsn - 1
+    assert report["lost"] == control["lost"] and report["lost"][0]["lsn"] == lsn
+    assert report["verdict"] == control["verdict"] and report["whole"] is False
+    assert "anchor is missing" in report["anchor_problem"] and control["anchor_problem"] is None
+    done = tally("recover", built.path, "--salvage", "--into", tmp_path / "again")
+    assert "anchor: " in done.stdout and "anchor is missing" in done.stdout
+    salvaged, copied = tally_json("verify", tmp_path / "salvaged"), tally_json("verify", tmp_path / "control")
+    assert salvaged[0] == 0 and salvaged[1]["state_hash"] == copied[1]["state_hash"]
+
+
+def test_salvage_of_a_whole_ledger_without_its_anchor_says_the_anchor_is_missing_not_that_indexes_were_damaged(
+    built: Built, tmp_path: Path
+) -> None:
+    (built.path / ANCHOR_FILE).unlink()
+
+    _, report = tally_json("recover", built.path, "--salvage", "--into", tmp_path / "copy")
+
+    assert report["records_copied"] == built.last_lsn and report["lost"] == []
+    assert report["first_corrupt_lsn"] is None and report["problem"] is None
+    assert "anchor is missing" in report["verdict"] and "index" not in report["verdict"]
+    assert "anchor is missing" in report["anchor_problem"] and report["whole"] is False
+    copy_code, copy = tally_json("verify", tmp_path / "copy")
+    assert copy_code == 0 and copy["state_hash"] == built.state_hash
+
+
+@pytest.mark.parametrize("new", ["missing", "an empty directory"])
+def test_a_salvage_that_fails_while_copying_leaves_nothing_under_the_new_name(
+    built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, new: str
+) -> None:
+    """The copy is built in a directory of its own and renamed once closed: nothing is ever
+    under the new name that could verify whole, not even while the copy is being made (a
+    salvage killed then leaves only the directory named for what it is)."""
+    into = tmp_path / "copy"
+    if new == "an empty directory":
+        into.mkdir()
+    real, copied = _tools._copy_record, []
+
+    def failing(sequencer: Any, record: Any) -> int:
+        assert not (into / "data.mdb").exists()
+        copied.append(record.lsn)
+        if len(copied) == 5:
+            raise NotALedger("the copy diverged (as this test makes it)")
+        return real(sequencer, record)
+
+    monkeypatch.setattr(_tools, "_copy_record", failing)
+    with pytest.raises(NotALedger, match="as this test makes it"):
+        _tools.salvage(str(built.path), str(into))
+
+    assert len(copied) == 5
+    assert sorted(os.listdir(tmp_path)) == sorted(["ledger", *(["copy"] if new == "an empty directory" else [])])
+    assert not into.exists() or os.listdir(into) == []
 
 
 @pytest.fixture
