@@ -425,7 +425,7 @@ def _recover(args: argparse.Namespace) -> int:
         with _progress("salvaging", not args.json) as progress:
             report = _tools.salvage(args.path, args.into, progress)
         _emit(args, report, lambda: _render_salvage(report))
-        return 0
+        return 0 if report["whole"] else 1  # NEW holds what was saved; the ledger it came from was not whole
     if args.into:
         print("tally recover: --into NEW goes with --salvage (recover works in place)", file=sys.stderr)
         return 2

@@ -468,7 +468,8 @@ def test_salvage_copies_the_records_before_a_damaged_one_and_lists_every_transfe
 
     code, report = tally_json("recover", built.path, "--salvage", "--into", tmp_path / "salvaged")
 
-    assert code == 0
+    assert code == 1  # the ledger is not whole: records were lost
+    assert report["whole"] is False
     assert report["first_corrupt_lsn"] == lsn and report["records_copied"] == lsn - 1
     assert report["lost"][0] == {"lsn": lsn, "transfer": None, "why": "this record is corrupt: whatever it held is lost"}
     after = [(at, tid) for at, tid in sorted(corrupted.transfer_ids.items()) if at > lsn]
@@ -544,7 +545,7 @@ def test_salvage_of_a_ledger_without_its_anchor_copies_what_precedes_a_damaged_r
     code, report = tally_json("recover", built.path, "--salvage", "--into", tmp_path / "salvaged")
     _, control = tally_json("recover", anchored, "--salvage", "--into", tmp_path / "control")
 
-    assert code == 0, report
+    assert code == 1, report
     assert report["first_corrupt_lsn"] == lsn and report["records_copied"] == lsn - 1
     assert report["lost"] == control["lost"] and report["lost"][0]["lsn"] == lsn
     assert report["verdict"] == control["verdict"] and report["whole"] is False
@@ -560,8 +561,9 @@ def test_salvage_of_a_whole_ledger_without_its_anchor_says_the_anchor_is_missing
 ) -> None:
     (built.path / ANCHOR_FILE).unlink()
 
-    _, report = tally_json("recover", built.path, "--salvage", "--into", tmp_path / "copy")
+    code, report = tally_json("recover", built.path, "--salvage", "--into", tmp_path / "copy")
 
+    assert code == 1  # not whole: nothing can tell whether this journal is the newest
     assert report["records_copied"] == built.last_lsn and report["lost"] == []
     assert report["first_corrupt_lsn"] is None and report["problem"] is None
     assert "anchor is missing" in report["verdict"] and "index" not in report["verdict"]
@@ -632,7 +634,7 @@ def test_an_entry_missing_from_its_index_fails_the_pairs_check_with_exit_1(entry
 def test_salvage_of_a_ledger_with_a_damaged_index_does_not_call_it_whole(entry_unindexed: Built, tmp_path: Path) -> None:
     code, report = tally_json("recover", entry_unindexed.path, "--salvage", "--into", tmp_path / "copy")
 
-    assert code == 0
+    assert code == 1
     assert tally("verify", tmp_path / "copy").returncode == 0
     assert report["records_copied"] == entry_unindexed.last_lsn
     assert report["whole"] is False and "whole" not in report["verdict"]
