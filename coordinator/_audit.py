@@ -113,17 +113,26 @@ def _replay_failure(error: JournalCorrupted) -> str:
 
 
 def audit(journal: Journal, progress: Callable[[int], None] | None = None,
-          expected: ChainHead | None = None) -> AuditReport:
+          expected: ChainHead | None = None, txn: Any | None = None) -> AuditReport:
     """Run every check over the whole journal; never writes. With `expected` (a head an
     auditor noted), the chain's report says whether the journal still extends it (that is
-    not one of `CHECKS`: the caller judges it)."""
+    not one of `CHECKS`: the caller judges it).
+
+    Every check reads one snapshot, `txn` (by default one of its own), held open for the
+    whole audit: beside a live writer in another process, the chain, the replay and the
+    indexes are all of the journal as of the snapshot's last record, whatever is written
+    meanwhile (LMDB keeps that snapshot's pages from reuse until it ends, so the writer's
+    data file may grow by what it writes during the audit)."""
+    if txn is None:
+        with journal.snapshot() as txn:
+            return audit(journal, progress, expected, txn)
     report = AuditReport(checks=dict.fromkeys(CHECKS))
     found = journal.problem
     if found is not None and found.lsn is None:  # the data file is not the one its anchor names
         return failed(report, CHECK_FILE, str(found), None)
-    report.chain = journal.verify_chain(expected)
+    report.chain = journal.verify_chain(expected, txn)
     try:
-        books = replay(journal, progress=progress)
+        books = replay(journal, progress=progress, txn=txn)
     except JournalCorrupted as error:
         return _chained(failed(report, _replay_failure(error), str(error), error.lsn))
     if found is not None:  # records missing past the last one (the anchor saw them durable)
@@ -133,7 +142,7 @@ def audit(journal: Journal, progress: Callable[[int], None] | None = None,
                   CHECK_RESERVATIONS):
         report.checks[check] = True
     try:
-        pairs, indexes = _cross_check(journal, books)
+        pairs, indexes = _cross_check(journal, books, txn)
     except (JournalCorruptedError, JournalCorrupted) as error:  # an index entry fails its checksum, or its shape
         pairs, indexes = (str(error), None) if error.where == f"the {ENTRIES_INDEX} index" else (None, str(error))
     report.checks[CHECK_PAIRS] = pairs is None
@@ -167,7 +176,7 @@ def unopened(error: JournalCorrupted) -> AuditReport:
     return failed(AuditReport(checks=dict.fromkeys(CHECKS)), CHECK_FILE, str(error), error.lsn)
 
 
-def _cross_check(journal: Journal, books: Recovered) -> tuple[str | None, str | None]:
+def _cross_check(journal: Journal, books: Recovered, txn: Any) -> tuple[str | None, str | None]:
     """Compare the indexes with the records: (entry problem, index problem).
 
     An entry may be missing from the index only if no checkpoint up to `indexed_through`
@@ -176,7 +185,8 @@ def _cross_check(journal: Journal, books: Recovered) -> tuple[str | None, str | 
     account's entries); the mark names a checkpoint record, and the checkpoints index the
     last one, since readers trust them to tell where the unindexed entries start.
     The transfers index holds one key per id a commit or refusal used, and one per pending
-    transfer resolved (posted, voided, expired), each naming that record."""
+    transfer resolved (posted, voided, expired), each naming that record. Reads snapshot
+    `txn`, the one `books` was replayed from (so both end at the same record)."""
     named = indexed = last_checkpoint = commits = 0
     missing: list[str] = []
     """Entries absent from the index, since the last checkpoint record met."""
@@ -184,59 +194,61 @@ def _cross_check(journal: Journal, books: Recovered) -> tuple[str | None, str | 
     """The accounts (their entry key prefix) with an entry absent from the index, and the first
     one absent: none of their later ones may be there."""
     checkpoints: set[int] = set()
-    with journal.snapshot() as txn:
-        through = marked_through(journal, txn)
-        holds = _HoldRows(journal, txn, through)
-        for lsn, payload in journal.scan(0, txn):
-            raw = decode(lsn, payload)
-            record = typed(lsn, raw)
-            wrong = holds.check(record)
-            if wrong is not None:
-                return None, wrong
-            if isinstance(record, Checkpointed):
-                if missing and lsn <= through:
-                    return missing[0], None
-                last_checkpoint = lsn
-                checkpoints.add(lsn)
-                continue
-            keys: list[tuple[bytes, str]] = []
-            if isinstance(record, (Committed, Refused)):
-                keys += ((id_key(request.id), repr(request.id)) for request in record.requests)
-            if isinstance(record, Committed):
-                keys += ((resolution_key(request.pending_id), f"the resolution of {request.pending_id!r}")
-                         for request in record.requests if type(request) is Resolution)
-            elif isinstance(record, Expired):
-                keys += ((resolution_key(pending_id), f"the resolution of {pending_id!r}")
-                         for pending_id in record.pending_ids)
-            for key, what in keys:
-                stored = journal.index_get(TRANSFERS_INDEX, key, txn)
-                if stored is None or len(stored) != 8 or value_lsn(stored) != lsn:
-                    return None, f"the transfer index does not point {what} at LSN {lsn}"
-            named += len(keys)
-            if not isinstance(record, Committed):
-                continue
-            commits += 1
-            tid = record.transfer.id
-            for key, value in commit_rows(lsn, raw):
-                stored = journal.index_get(ENTRIES_INDEX, key, txn)
-                if stored is None:
-                    missing.append(f"transfer {tid!r} at LSN {lsn} lacks its entry {key!r}")
-                    gaps.setdefault(key[:-8], missing[-1])
-                elif stored != value:
-                    return f"transfer {tid!r} at LSN {lsn} has a wrong entry {key!r}", None
-                elif key[:-8] in gaps:
-                    return f"{gaps[key[:-8]]}, yet the later one of transfer {tid!r} at LSN {lsn} is indexed", None
-                else:
-                    indexed += 1
-        entries = sum(1 for key in journal.index_keys(ENTRIES_INDEX, txn) if is_entry_key(key))
-        wrong = holds.finish()
+    through = marked_through(journal, txn)
+    holds = _HoldRows(journal, txn, through)
+    scanned = 0
+    for lsn, payload in journal.scan(0, txn):
+        scanned = lsn
+        raw = decode(lsn, payload)
+        record = typed(lsn, raw)
+        wrong = holds.check(record)
         if wrong is not None:
             return None, wrong
-        if holds.stored != holds.checked:
-            return None, f"the entry index holds {holds.stored} hold rows; the records make {holds.checked}"
-        transfers = sum(1 for _ in journal.index_keys(TRANSFERS_INDEX, txn))
-        accounts = sum(1 for _ in journal.index_keys(ACCOUNTS_INDEX, txn))
-        checkpoint_lsn = newest_checkpoint_lsn(journal, txn)
+        if isinstance(record, Checkpointed):
+            if missing and lsn <= through:
+                return missing[0], None
+            last_checkpoint = lsn
+            checkpoints.add(lsn)
+            continue
+        keys: list[tuple[bytes, str]] = []
+        if isinstance(record, (Committed, Refused)):
+            keys += ((id_key(request.id), repr(request.id)) for request in record.requests)
+        if isinstance(record, Committed):
+            keys += ((resolution_key(request.pending_id), f"the resolution of {request.pending_id!r}")
+                     for request in record.requests if type(request) is Resolution)
+        elif isinstance(record, Expired):
+            keys += ((resolution_key(pending_id), f"the resolution of {pending_id!r}")
+                     for pending_id in record.pending_ids)
+        for key, what in keys:
+            stored = journal.index_get(TRANSFERS_INDEX, key, txn)
+            if stored is None or len(stored) != 8 or value_lsn(stored) != lsn:
+                return None, f"the transfer index does not point {what} at LSN {lsn}"
+        named += len(keys)
+        if not isinstance(record, Committed):
+            continue
+        commits += 1
+        tid = record.transfer.id
+        for key, value in commit_rows(lsn, raw):
+            stored = journal.index_get(ENTRIES_INDEX, key, txn)
+            if stored is None:
+                missing.append(f"transfer {tid!r} at LSN {lsn} lacks its entry {key!r}")
+                gaps.setdefault(key[:-8], missing[-1])
+            elif stored != value:
+                return f"transfer {tid!r} at LSN {lsn} has a wrong entry {key!r}", None
+            elif key[:-8] in gaps:
+                return f"{gaps[key[:-8]]}, yet the later one of transfer {tid!r} at LSN {lsn} is indexed", None
+            else:
+                indexed += 1
+    assert scanned == books.last_lsn, (scanned, books.last_lsn)  # the records `books` replayed, in the same snapshot
+    entries = sum(1 for key in journal.index_keys(ENTRIES_INDEX, txn) if is_entry_key(key))
+    wrong = holds.finish()
+    if wrong is not None:
+        return None, wrong
+    if holds.stored != holds.checked:
+        return None, f"the entry index holds {holds.stored} hold rows; the records make {holds.checked}"
+    transfers = sum(1 for _ in journal.index_keys(TRANSFERS_INDEX, txn))
+    accounts = sum(1 for _ in journal.index_keys(ACCOUNTS_INDEX, txn))
+    checkpoint_lsn = newest_checkpoint_lsn(journal, txn)
     if entries != indexed:
         return f"{entries} entries are indexed, {indexed} of them for the {commits} committed transfers", None
     if transfers != named or accounts != len(books.accounts):

@@ -24,6 +24,7 @@ import gc
 import sys
 import sysconfig
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import compress, islice, repeat, starmap
 from operator import is_not, itemgetter, le, not_
@@ -475,18 +476,20 @@ def check_index_counts(journal: Journal, books: Recovered) -> None:
 
 
 def replay(
-    journal: Journal, into: Recovered | None = None, progress: Callable[[int], None] | None = None
+    journal: Journal, into: Recovered | None = None, progress: Callable[[int], None] | None = None,
+    txn: Any | None = None,
 ) -> Recovered:
     """Apply every durable record after `into.last_lsn` to `into` (a fresh one by default),
-    re-deciding each by the rules and checking it is what was journaled."""
+    re-deciding each by the rules and checking it is what was journaled. `txn`: the snapshot
+    whose records to apply (by default, one the scan opens)."""
     books = into if into is not None else Recovered()
     accounts, states, changed = books.accounts, books.states, books.changed
-    if books.unindexed is not None:  # read before the scan's snapshot: it holds at least that much
-        with journal.snapshot() as txn:
-            books.indexed_through = max(books.indexed_through, indexed_through(journal, txn))
+    if books.unindexed is not None:  # read before the scan's snapshot (or in it): it holds at least that much
+        with nullcontext(txn) if txn is not None else journal.snapshot() as snapshot:
+            books.indexed_through = max(books.indexed_through, indexed_through(journal, snapshot))
         _release(books)
     try:
-        for lsn, payload in journal.scan(books.last_lsn):
+        for lsn, payload in journal.scan(books.last_lsn, txn):
             record = decode(lsn, payload)
             kind = record[0]
             if kind == TRANSFER3:

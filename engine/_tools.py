@@ -112,12 +112,15 @@ def _reading(path: str, lock: bool = False, audited: bool = False) -> Iterator[J
         journal.close()
 
 
-def _audit_dict(report: AuditReport, elapsed_s: float, journal: Journal | None, path: str) -> dict[str, Any]:
+def _audit_dict(report: AuditReport, elapsed_s: float, journal: Journal | None, path: str,
+                txn: Any | None = None) -> dict[str, Any]:
+    """The report of an audit of `journal` (None: it could not be opened); its state hash read
+    in `txn`, the snapshot audited (by default a new one: for a ledger no process writes)."""
     books = report.books
     result: dict[str, Any] = {
         "path": path,
         "records_scanned": books.records if books else None,
-        "last_lsn": journal.last_lsn if journal is not None else None,
+        "last_lsn": books.last_lsn if books else journal.last_lsn if journal is not None else None,
         "accounts": len(books.accounts) if books else None,
         "transfers_committed": books.commits if books else None,
         "transfers_rejected": books.rejects if books else None,
@@ -128,7 +131,7 @@ def _audit_dict(report: AuditReport, elapsed_s: float, journal: Journal | None, 
         "problem": report.problem,
         "corrupt_lsn": report.corrupt_lsn,
         "elapsed_s": round(elapsed_s, 3),
-        "state_hash": (state_hash(journal, books.accounts.values(), books.pending.values())
+        "state_hash": (state_hash(journal, books.accounts.values(), books.pending.values(), txn)
                        if journal and books and report.whole else None),
         "verdict": "whole" if report.whole else "NOT WHOLE",
         "head": None if report.chain is None else _head_dict(report.chain.head),
@@ -167,12 +170,16 @@ def parse_head(text: str) -> ChainHead:
 def verify(path: str, progress: Progress = None, expected: ChainHead | None = None) -> dict[str, Any]:
     """The read-only audit. Never writes; a live process may keep using the ledger. With
     `expected` (a head noted earlier), the ledger is whole only if it still extends it: the
-    report's `expect_head` says where it diverges if it does not."""
+    report's `expect_head` says where it diverges if it does not.
+
+    One snapshot is read, held for the whole audit and the state hash (`coordinator.audit`):
+    beside a live writer every figure, the verdict and the head are of the journal as of
+    its last record, whatever the writer adds meanwhile."""
     started = time.perf_counter()
     try:
-        with _reading(path, audited=True) as journal:
-            report = audit(journal, progress, expected)
-            result = _audit_dict(report, time.perf_counter() - started, journal, path)
+        with _reading(path, audited=True) as journal, journal.snapshot() as txn:
+            report = audit(journal, progress, expected, txn)
+            result = _audit_dict(report, time.perf_counter() - started, journal, path, txn)
     except JournalCorrupted as error:  # the data file cannot be read at all
         report = unopened(error)
         result = _audit_dict(report, time.perf_counter() - started, None, path)

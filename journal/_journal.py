@@ -290,18 +290,21 @@ class Journal:
     def verify_chain(self, expected: ChainHead | None = None, txn: Any | None = None) -> ChainReport:
         """Walk the whole chain of the snapshot (every record read, its checksum and link
         checked: `journal._chain.walk_chain`); with `expected`, whether the journal extends
-        that head. Up to `durable_lsn` (so, read-only, up to the LSN the rest of the reading
-        sees, while a live writer elsewhere may go on). Reads only; costs a hash a record
-        (about 1.7 s a million records). Raises `JournalCorruptedError` only for a data
-        file LMDB cannot read."""
+        that head. Writing, up to `durable_lsn` (a record past it may be in LMDB before it
+        is released); read-only, every record of the snapshot `txn` (what another process
+        committed is durable), so that a caller reading the rest in the same `txn` reads the
+        same records while a live writer elsewhere goes on. Reads only; costs a hash a
+        record (about 1.7 s a million records). Raises `JournalCorruptedError` only for a
+        data file LMDB cannot read."""
         if txn is None:
             with self.snapshot() as txn:
                 return self.verify_chain(expected, txn)
-        last_key = lsn_key(self.durable_lsn)
+        last_key = lsn_key(self.durable_lsn) if self._writer is not None else None
         try:
             cursor = txn.cursor(db=self._store.records)
             cursor.first()
-            stored = takewhile(lambda item: item[0] <= last_key, cursor.iternext(keys=True, values=True))
+            records = cursor.iternext(keys=True, values=True)
+            stored = records if last_key is None else takewhile(lambda item: item[0] <= last_key, records)
             return walk_chain(stored, self.format_version, expected)
         except lmdb.Error as error:
             raise lmdb_read_error(error, "the records") from error

@@ -25,7 +25,7 @@ import lmdb
 import msgpack
 import pytest
 from coordinator import CHECKS, INDEX_NAMES
-from coordinator import _recovery
+from coordinator import _audit, _recovery
 from coordinator._audit import CHECK_RECORDS
 from engine import CurrencyMismatch, InsufficientFunds, Ledger, LedgerLocked, NotALedger, TransferRequest
 from engine import _cli, _readonly, _tools
@@ -956,13 +956,17 @@ from engine import Ledger
 with Ledger.open(sys.argv[1]) as ledger:
     print("ready", flush=True)
     for n, line in enumerate(iter(sys.stdin.readline, "")):
-        ledger.transfer(f"beside-{n}", source="alice", destination="bob", amount=1)
+        if line.strip() == "account":
+            ledger.create_account(f"beside-{n}", currency="USD")
+        else:
+            ledger.transfer(f"beside-{n}", source="alice", destination="bob", amount=1)
         print("written", flush=True)
 """
 
 
 class Writer:
-    """Another live process writing the ledger: one transfer of 1 from alice to bob a `write`."""
+    """Another live process writing the ledger: a `write` is one transfer of 1 from alice to
+    bob (or, of "account", an account opened), durable when it returns."""
 
     def __init__(self, path: Path) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -975,9 +979,9 @@ class Writer:
         readable, _, _ = select.select([self.process.stdout], [], [], HOLDER_TIMEOUT_S)  # bounded
         assert readable and self.process.stdout.readline() == line + "\n", f"the writer did not say {line!r}"
 
-    def write(self) -> None:
+    def write(self, what: str = "transfer") -> None:
         assert self.process.stdin is not None
-        self.process.stdin.write("write\n")
+        self.process.stdin.write(f"{what}\n")
         self.process.stdin.flush()
         self._expect("written")
 
@@ -1010,6 +1014,43 @@ def test_balance_beside_a_writer_that_appends_while_it_reads_is_the_balance_afte
     assert written
     assert found["posted"] == built.balances["alice"] - 1 and found["pending"] == 0
     assert found["last_lsn"] > built.last_lsn
+
+
+@pytest.mark.parametrize("writes", [["transfer"], ["account", "transfer"]])
+def test_verify_beside_a_writer_that_appends_while_it_audits_judges_and_hashes_the_books_of_one_lsn(
+        built: Built, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], writes: list[str]) -> None:
+    """The chain, the replay, the index check and the state hash read one snapshot: a writer
+    that moves money (and opens an account) before each of them changes no figure (the index
+    check read a later snapshot than the replay and called a whole ledger NOT WHOLE; the
+    state hash was of the entries of yet another)."""
+    writer = Writer(built.path)
+    written: list[str] = []
+    try:
+        alone = _tools.verify(str(built.path))
+
+        def writing_first(real: Callable[..., Any]) -> Callable[..., Any]:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                for what in writes:
+                    writer.write(what)  # durable before `real` reads
+                    written.append(what)
+                return real(*args, **kwargs)
+            return call
+
+        monkeypatch.setattr(_audit, "replay", writing_first(_audit.replay))
+        monkeypatch.setattr(_audit, "_cross_check", writing_first(_audit._cross_check))
+        monkeypatch.setattr(_tools, "state_hash", writing_first(_tools.state_hash))
+        code = _cli.main(["verify", str(built.path), "--json"])
+        report = json.loads(capsys.readouterr().out)
+    finally:
+        monkeypatch.undo()
+        writer.stop()
+
+    assert code == 0 and report["verdict"] == "whole", report["problem"]
+    assert len(written) == 3 * len(writes)
+    assert report["state_hash"] == alone["state_hash"] == built.state_hash
+    assert report["last_lsn"] == report["records_scanned"] == report["head"]["lsn"] == alone["last_lsn"]
+    assert report["head"] == alone["head"] and report["accounts"] == alone["accounts"]
+    assert _tools.verify(str(built.path))["last_lsn"] == alone["last_lsn"] + len(written)  # there to be seen
 
 
 def test_replay_of_a_ledger_written_meanwhile_refuses_rather_than_compare(
