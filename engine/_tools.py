@@ -49,8 +49,9 @@ from coordinator import (
     opened_lsn,
     check_id,
     copy_record,
-    entries_of,
-    last_entry,
+    decode_entry,
+    entries_at,
+    entry_row_at,
     ledger_errors,
     load_checkpoint,
     record_at,
@@ -583,9 +584,12 @@ def _unindexed(journal: Journal) -> tuple[dict[str, list[Row]], dict[str, list[R
         return unindexed_entries(journal, txn), holds
 
 
-def _history(journal: Journal) -> History:
-    """The reads of `Ledger`'s history over a journal open read-only."""
-    unindexed, holds = _unindexed(journal)
+def _history(journal: Journal, unindexed: dict[str, list[Row]] | None = None,
+             holds: dict[str, list[Row]] | None = None) -> History:
+    """The reads of `Ledger`'s history over a journal open read-only, as of the last LSN it
+    held when opened; `unindexed` and `holds` as `_unindexed` reads them (by default, now)."""
+    if unindexed is None or holds is None:
+        unindexed, holds = _unindexed(journal)
     end = journal.last_lsn
     return History(journal, lambda: end, lambda account, _end: unindexed.get(account, []),
                    lambda account, _end: holds.get(account, []), time.time_ns)
@@ -699,16 +703,22 @@ def balance(path: str, account_id: str, at_lsn: int | None = None, at_timestamp:
 
 def history(path: str, account_id: str, limit: int) -> dict[str, Any]:
     """The account's latest `limit` entries (0: all), and its latest `limit` transfers, newest first
-    (`Ledger.transfers(account=..., reverse=True)`: pending transfers and voids too)."""
+    (`Ledger.transfers(account=..., reverse=True)`: pending transfers and voids too). Both as
+    of one LSN, the last the journal held when opened: a live writer's later records are in
+    neither."""
     with _reading(path) as journal:
+        unindexed, holds = _unindexed(journal)  # (read before the snapshots below, as a ledger reads them)
+        reads = _history(journal, unindexed, holds)
+        end = reads.end()
         with journal.snapshot() as txn:
             account = _account(journal, account_id, txn)
-        transfers = _history(journal).transfers(account=account_id, limit=min(limit, TRANSFERS_PAGE_MAX) or TRANSFERS_PAGE_MAX,
-                                                reverse=True)
+        transfers = reads.transfers(account=account_id, limit=min(limit, TRANSFERS_PAGE_MAX) or TRANSFERS_PAGE_MAX,
+                                    reverse=True)
+        rows = unindexed.get(account_id, [])
         with journal.snapshot() as txn:
-            last = last_entry(journal, account_id, None, txn)
-            total = 0 if last is None else last.seq
-            entries = entries_of(journal, account_id, max(0, total - limit) if limit else 0, txn=txn)
+            last = entry_row_at(journal, account_id, end, rows, txn)
+            total = 0 if last is None else decode_entry(account_id, last)[0]
+            entries = entries_at(journal, account_id, end, max(0, total - limit) if limit else 0, None, rows, txn)
         return {"account": account_id, "currency": account.currency, "entries_total": total,
                 "entries": [{"seq": entry.seq, "lsn": entry.lsn, "timestamp": entry.timestamp,
                              "transfer": entry.transfer_id, "amount": entry.amount, "balance": entry.balance}

@@ -29,6 +29,7 @@ from coordinator import _audit, _recovery
 from coordinator._audit import CHECK_RECORDS
 from engine import CurrencyMismatch, InsufficientFunds, Ledger, LedgerLocked, NotALedger, TransferRequest
 from engine import _cli, _readonly, _tools
+from engine._history import History
 from journal import ANCHOR_FILE, FORMAT_VERSION, Journal, lsn_key
 from journal import _directory
 from journal._directory import LOCK_FILE
@@ -1051,6 +1052,34 @@ def test_verify_beside_a_writer_that_appends_while_it_audits_judges_and_hashes_t
     assert report["last_lsn"] == report["records_scanned"] == report["head"]["lsn"] == alone["last_lsn"]
     assert report["head"] == alone["head"] and report["accounts"] == alone["accounts"]
     assert _tools.verify(str(built.path))["last_lsn"] == alone["last_lsn"] + len(written)  # there to be seen
+
+
+def test_history_beside_a_writer_that_appends_while_it_reads_shows_entries_and_transfers_of_one_lsn(
+        built: Built, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transfer written after the transfers were read and before the entries were is in
+    neither (the entries came from a later snapshot than the transfers' LSN)."""
+    writer = Writer(built.path)
+    written: list[bool] = []
+    try:
+        real = History.transfers
+
+        def then_a_write(self: History, *args: Any, **kwargs: Any) -> Any:
+            found = real(self, *args, **kwargs)
+            writer.write()  # alice to bob, durable before the entries are read
+            written.append(True)
+            return found
+
+        monkeypatch.setattr(History, "transfers", then_a_write)
+        report = _tools.history(str(built.path), "alice", 3)
+    finally:
+        monkeypatch.undo()
+        writer.stop()
+
+    assert written
+    assert report["entries"][-1]["lsn"] == report["transfers"][0]["lsn"]
+    assert report["entries_total"] == len(built.entries["alice"])
+    assert [(entry["seq"], entry["transfer"], entry["amount"], entry["balance"], entry["lsn"])
+            for entry in report["entries"]] == built.entries["alice"][-3:]
 
 
 def test_replay_of_a_ledger_written_meanwhile_refuses_rather_than_compare(
