@@ -65,6 +65,7 @@ from coordinator import (
     write_checkpoint,
 )
 from journal import (
+    ANCHOR_FILE,
     GENESIS,
     ChainHead,
     ChainReport,
@@ -284,9 +285,10 @@ def salvage(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
 
     A ledger whose anchor is gone is audited as `recover` audits it: the rest of it checked,
     the missing anchor reported (`anchor_problem`). The copy is built in a directory of its
-    own beside `into` (`_staging`) and renamed to `into` once it is closed: a salvage that
-    fails leaves nothing at `into`, and one killed leaves only that directory, named for what
-    it is, never a part of the ledger under the name asked for, where it would verify whole.
+    own inside `into` (`_staging`), and its files moved up once it is closed, the anchor last:
+    a salvage that fails leaves `into` as it found it, and one killed leaves `into` holding that
+    directory (named for what it is) or a copy without its anchor, never one that would verify
+    whole.
     Raises `LedgerLocked` while a live process holds the ledger, `JournalCorrupted` if
     nothing in it can be copied (its data file unreadable, or another ledger's)."""
     _new_directory(into)
@@ -301,12 +303,15 @@ def salvage(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
         with ledger_errors():
             report = audit(journal, progress)
             stop = report.corrupt_lsn if report.corrupt_lsn is not None else journal.last_lsn + 1
+            made = not os.path.lexists(into)
             staging = _staging(into)
             try:
                 copied, lost = _copy_prefix(journal, staging, stop)
                 _publish(staging, into)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
+                if made:
+                    shutil.rmtree(into, ignore_errors=True)
                 raise
             anchored = journal.anchor.durable_lsn if journal.anchor is not None else 0
             lost += [{"lsn": lsn, "transfer": None, "why": "durable once (its anchor says so), and gone from the journal"}
@@ -334,18 +339,22 @@ def _salvage_verdict(report: AuditReport, anchor_problem: str | None) -> str:
 
 
 def _staging(into: str) -> str:
-    """A new, empty directory beside `into` (`NEW.salvaging-XXXXXXXX`) to build its copy in."""
-    name = f"{os.path.basename(os.path.normpath(into))}.salvaging-{secrets.token_hex(4)}"
-    staging = os.path.join(os.path.dirname(os.path.abspath(into)), name)
+    """A new, empty directory inside `into` (`.salvaging-XXXXXXXX`) to build its copy in;
+    `into` (an empty directory, a mount point, a symlink to one, or missing) made first, with
+    its parents: the copy is written on the file system chosen for it."""
+    os.makedirs(into, exist_ok=True)
+    staging = os.path.join(into, f".salvaging-{secrets.token_hex(4)}")
     os.mkdir(staging)
     return staging
 
 
 def _publish(staging: str, into: str) -> None:
-    """Rename the closed copy in `staging` to `into` (missing, or an empty directory, which it
-    replaces), durably."""
-    os.rename(staging, into)
-    sync_directory(os.path.dirname(os.path.abspath(into)))
+    """Move the closed copy's files from `staging` up into `into`, the anchor last (a ledger
+    without it does not verify whole), then remove `staging`, durably."""
+    for name in sorted(os.listdir(staging), key=lambda name: name == ANCHOR_FILE):
+        os.rename(os.path.join(staging, name), os.path.join(into, name))
+    os.rmdir(staging)
+    sync_directory(into)
 
 
 def _copy_prefix(journal: Journal, into: str, stop: int) -> tuple[int, list[dict[str, Any]]]:

@@ -517,17 +517,27 @@ def test_a_dry_run_of_a_salvage_is_refused_and_writes_nothing(built: Built, tmp_
     assert not (tmp_path / "copy").exists()
 
 
-@pytest.mark.parametrize("new", ["missing", "an empty directory"])
+@pytest.mark.parametrize("new", ["missing", "an empty directory", "a symlink to an empty directory",
+                                 "missing, with its parents"])
 def test_salvage_of_a_whole_ledger_reports_nothing_lost(built: Built, tmp_path: Path, new: str) -> None:
+    """NEW may be missing (its parents too), an empty directory, or a symlink to one: the copy
+    is built inside it and lands there, with nothing of the building left."""
+    into = tmp_path / "copy"
     if new == "an empty directory":
-        (tmp_path / "copy").mkdir()
-    code, report = tally_json("recover", built.path, "--salvage", "--into", tmp_path / "copy")
+        into.mkdir()
+    elif new == "a symlink to an empty directory":
+        (tmp_path / "target").mkdir()
+        into.symlink_to(tmp_path / "target")
+    elif new == "missing, with its parents":
+        into = tmp_path / "deep" / "er" / "copy"
+    code, report = tally_json("recover", built.path, "--salvage", "--into", into)
 
     assert code == 0
     assert report["first_corrupt_lsn"] is None and report["whole"] is True
     assert report["records_copied"] == built.last_lsn
     assert report["lost"] == []
-    copy_code, copy = tally_json("verify", tmp_path / "copy")
+    assert not [name for name in os.listdir(into) if "salvaging" in name]
+    copy_code, copy = tally_json("verify", into)
     assert copy_code == 0 and copy["state_hash"] == built.state_hash
 
 

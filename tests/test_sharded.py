@@ -88,6 +88,7 @@ def test_shard_directories_swapped_are_refused_at_open_not_served(tmp_path: Path
         source = accounts_on(ledger, "s", 1, shard=0, balance=100)[0]
         destination = accounts_on(ledger, "d", 1, shard=1)[0]
         ledger.transfer("T", source=source, destination=destination, amount=40)
+        assert not [account for account in ledger.accounts() if account.id.startswith("\x1f")]  # the marks unlisted
     (path / "shard-0").rename(tmp_path / "zero")
     (path / "shard-1").rename(path / "shard-0")
     (tmp_path / "zero").rename(path / "shard-1")
