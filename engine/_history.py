@@ -25,6 +25,7 @@ from coordinator import (
     balance_at,
     check_code,
     check_id,
+    items_of,
     check_kind,
     entries_at,
     lsn_at_timestamp,
@@ -210,6 +211,8 @@ class Snapshot:
                 # dict another thread adds to meanwhile is copied whole, never iterated as it grows)
             elif isinstance(accounts, (str, bytes)) or not isinstance(accounts, Iterable):
                 raise InvalidRequest(f"accounts must be None or an iterable of account ids, got {shown(accounts)}")
+            else:
+                accounts = items_of(accounts, "Snapshot.balances")  # read once: an error of the caller's is bad input
             return self._history.balances(self.lsn, accounts)
 
     def entries(self, account: str, after: int = 0, limit: int | None = None) -> list[Entry]:

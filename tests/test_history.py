@@ -224,6 +224,21 @@ def test_a_snapshot_is_unaffected_by_what_lands_while_it_is_open(ledger: Ledger)
         snapshot.balances()
 
 
+def test_a_snapshots_balances_of_accounts_the_caller_cannot_list_is_invalid_request(ledger: Ledger) -> None:
+    """The iterable is the caller's code: an error reading it is bad input (as `transfer_many`
+    reports its items'), not an untyped error out of the ledger."""
+    ledger.create_account("a", currency="USD")
+
+    def listing() -> Iterator[str]:
+        yield "a"
+        raise ValueError("the caller's listing failed")
+
+    with ledger.snapshot() as snapshot:
+        with pytest.raises(InvalidRequest, match="the caller's listing failed"):
+            snapshot.balances(listing())
+        assert snapshot.balances(iter(["a"])) == {"a": Balance(0, 0, 0, 0)}
+
+
 def test_a_snapshot_past_its_max_age_or_its_ledger_refuses_to_answer(
         ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
     import engine._history
