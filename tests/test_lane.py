@@ -235,7 +235,9 @@ def test_a_batch_ticket_left_for_the_mailboxes_is_not_overtaken_by_a_later_one_o
     assert ledger.stats()["in_flight"] == 0
 
 
-def test_a_reservation_released_in_the_mailbox_while_the_turn_is_held_is_not_spent_twice(ledger: Ledger) -> None:
+@pytest.mark.parametrize("debit", ["a single transfer", "a chain (Sequencer.stamp_chain)"])
+def test_a_reservation_released_in_the_mailbox_while_the_turn_is_held_is_not_spent_twice(
+        ledger: Ledger, debit: str) -> None:
     """`a` holds 100 with 50 reserved for a transfer in flight through the mailboxes when a
     batch takes its turn; that transfer is then refused elsewhere (a chain's other source),
     so the release of the 50 queues in `a`'s mailbox behind the turn. A debit of all 100
@@ -257,14 +259,18 @@ def test_a_reservation_released_in_the_mailbox_while_the_turn_is_held_is_not_spe
         releasing.join(WAIT_S)
         assert released == [False]  # queued behind the turn, not applied
         assert turns["a"].reserved == 50
-        ticket, fresh = coordinator.claims.claim(TransferRequest("all", "a", "d", 100))
-        assert fresh
+        if debit == "a single transfer":
+            ticket, fresh = coordinator.claims.claim(TransferRequest("all", "a", "d", 100))
+            assert fresh
+        else:
+            ticket = coordinator.claims.claim_chain((TransferRequest("all", "a", "d", 100),))  # type: ignore[assignment]
         decide_in_turn(coordinator, [ticket], turns)  # type: ignore[list-item]
     finally:
         coordinator.participants.unpin("a")
         give_back_turns(coordinator, turns)
     assert ticket.wait(WAIT_S)
-    assert isinstance(ticket.value, Transfer), ticket.error or ticket.value
+    made = ticket.value if debit == "a single transfer" else ticket.value[0]  # type: ignore[index]
+    assert isinstance(made, Transfer), ticket.error or ticket.value
     coordinator.claims.release(ticket)  # type: ignore[arg-type]
     assert ledger.balance("a").posted == 0 and ledger.balance("a").pending == 0
     assert ledger.balance("d").posted == 100
