@@ -570,6 +570,8 @@ def _render_stress(summary: dict[str, Any], args: argparse.Namespace) -> None:
         chaos = summary["chaos"]
         print(f"  chaos: {chaos['kills']} kills, survived {chaos['kills_survived']},"
               f" acknowledged {chaos['acknowledged']:,}, lost {chaos['lost']}")
+        if "child_failure" in chaos:
+            print("  chaos stopped at " + chaos["child_failure"].replace("\n", "\n    | "))
     remote = summary.get("remote")
     if remote is not None:
         print(f"  server {remote['url']}, ids of this run start {remote['run_prefix']}-")

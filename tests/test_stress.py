@@ -357,6 +357,19 @@ def test_a_short_chaos_run_loses_nothing(tmp_path: Path) -> None:
     assert summary["verdict"] == "ok"
 
 
+def test_a_chaos_run_whose_engine_child_dies_on_its_own_fails_saying_how(tmp_path: Path) -> None:
+    """The child cannot open its accounts (one exists in another currency) and exits 1: no kill
+    of the parent's, nothing acknowledged; the verdict names its status and stderr's end."""
+    with Ledger.open(tmp_path / "ledger") as ledger:
+        ledger.create_account("acct-000001", currency="EUR")
+    out = tally("stress", "--chaos", "--kills", "2", "--path", str(tmp_path / "ledger"), "--accounts", "3",
+                "--clients", "2", "--transfers", "30")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "round 1/3: the engine child exited with status 1 before the parent killed it" in out.stdout
+    assert "AccountExists" in out.stdout  # the tail of its traceback
+    assert "✗ some transfer was acknowledged" in out.stdout and "verdict: FAILED" in out.stdout
+
+
 @pytest.mark.parametrize("suffix", [".png", ".html"])
 def test_the_report_is_a_plot_a_person_can_open(tmp_path: Path, suffix: str) -> None:
     pytest.importorskip("matplotlib")
