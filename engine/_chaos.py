@@ -97,6 +97,17 @@ def _round(config: StressConfig, number: int, rng: random.Random, replies: Repli
                threading.Thread(target=tail.extend, args=(child.stderr,), daemon=True)]
     for reader in readers:
         reader.start()
+    try:
+        return _watch(child, readers, lines, tail, rng, replies, report, budget)
+    except BaseException:  # an interrupt (Ctrl-C, SIGTERM) too: no child is left running on the ledger
+        child.kill()
+        child.wait(timeout=CHILD_WAIT_S)
+        raise
+
+
+def _watch(child: subprocess.Popen[str], readers: list[threading.Thread], lines: queue.SimpleQueue[str | None],
+           tail: deque[str], rng: random.Random, replies: Replies, report: StressReport, budget: int | None) -> bool:
+    """Read the child's replies, kill it when the round says; True if it was killed."""
     kill_after = None if budget else rng.randint(LINES_BEFORE_KILL_MIN, LINES_BEFORE_KILL_MAX)
     seen = 0
     killed = False

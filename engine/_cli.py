@@ -477,7 +477,26 @@ def _named(row: dict[str, Any]) -> str:
     return f"of {row.get('accounts')} accounts"
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM during `tally stress`, raised in the main thread as Ctrl-C's interrupt is (the
+    engine treats both alike): the run stops, its ledger is closed and a temporary one removed."""
+
+
+def _terminate(_signal: int, _frame: Any) -> None:
+    raise _Terminated
+
+
 def _stress(args: argparse.Namespace) -> int:
+    if threading.current_thread() is not threading.main_thread():  # (only the main thread sets a handler)
+        return _run_stress(args)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run_stress(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_stress(args: argparse.Namespace) -> int:
     from coordinator import ledger_errors
     from journal import refuse_foreign
 
@@ -724,9 +743,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # e.g. a directory that cannot be made, a report that cannot be written
         print(f"tally {args.command}: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"tally {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:
+        terminated = isinstance(error, _Terminated)
+        print(f"tally {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     finally:
         sys.stdout = plain
 

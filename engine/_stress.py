@@ -41,6 +41,9 @@ FUNDING_PER_ACCOUNT_AMOUNTS = 5
 PROGRESS_TTY_S = 0.25
 PROGRESS_PLAIN_S = 5.0
 SAMPLES_MAX = 200_000
+CLIENT_STOP_WAIT_S = 90.0
+"""How long a stopped run waits, at most, for each client to finish the op it is in (above a
+ledger call's bound, 30 s by default, and a remote call's, 60 s)."""
 EXPIRY_WAIT_S = 10.0
 """How long the audit waits, at most, for the pending transfers let expire to be expired."""
 
@@ -206,7 +209,10 @@ def _fire(ledger: Any, picker: Picker, config: StressConfig, report: StressRepor
                                   linked_rate=config.linked_rate)
         state: tuple[Replies, dict[str, int], list[float], list[tuple[float, float]]] = (Replies(), {}, [], [])
         per_client.append(state)
-        barrier.wait(timeout=60)
+        try:
+            barrier.wait(timeout=60)
+        except threading.BrokenBarrierError:  # the run stopped before it started
+            return
         while True:
             count = take(config.batch)
             if not count:
@@ -219,20 +225,29 @@ def _fire(ledger: Any, picker: Picker, config: StressConfig, report: StressRepor
             tally.add(count, refused, latency_ms)
 
     threads = [threading.Thread(target=client, args=(n,), name=f"stress-client-{n}") for n in range(config.clients)]
-    for thread in threads:
-        thread.start()
     reporter = threading.Thread(target=_report_progress, args=(tally, stop, config, progress), daemon=True)
-    barrier.wait(timeout=60)
-    started[0] = time.perf_counter()
-    reporter.start()
-    if config.duration_s is not None:
-        stop.wait(config.duration_s)
+    try:
+        for thread in threads:
+            thread.start()
+        barrier.wait(timeout=60)
+        started[0] = time.perf_counter()
+        reporter.start()
+        if config.duration_s is not None:
+            stop.wait(config.duration_s)
+            stop.set()
+        for thread in threads:
+            thread.join()
+    finally:
+        # Also on an interrupt (Ctrl-C; SIGTERM, which `tally stress` raises as one) landing in
+        # this thread: the clients stop after the op they are in, before the ledger is closed.
         stop.set()
-    for thread in threads:
-        thread.join()
+        barrier.abort()
+        for thread in threads:
+            if thread.ident is not None:
+                thread.join(timeout=CLIENT_STOP_WAIT_S)
     report.elapsed_s = time.perf_counter() - started[0]
-    stop.set()
-    reporter.join(timeout=5)
+    if reporter.ident is not None:
+        reporter.join(timeout=5)
     return _merge(per_client, report)
 
 

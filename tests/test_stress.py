@@ -4,6 +4,7 @@ short runs (plain, batched with retries, chaos) end with a verified report."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -345,6 +346,50 @@ def test_a_duration_bounded_run_stops_by_itself(tmp_path: Path) -> None:
     out = tally("stress", "--accounts", "10", "--clients", "2", "--duration", "1", "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["transfers_sent"] > 0
+
+
+_SAYS_WHEN_FIRING = """
+import sys
+import engine._stress as stress
+from engine._cli import main
+
+send = stress._send
+
+
+def said_first(ledger, ops):  # the run is firing: the test may signal it now
+    if not said_first.done:
+        said_first.done = True
+        print("firing", flush=True)
+    return send(ledger, ops)
+
+
+said_first.done = False
+stress._send = said_first
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(("signal_number", "status", "says"), [(2, 130, "interrupted"), (15, 143, "terminated")],
+                         ids=["SIGINT", "SIGTERM"])
+def test_a_duration_run_signalled_while_firing_stops_and_removes_its_temporary_ledger(
+        tmp_path: Path, signal_number: int, status: int, says: str) -> None:
+    """Its clients stop after the op they are in (they kept sending to the closed ledger, and the
+    process never exited), and the temporary ledger is removed (SIGTERM left it behind)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    run = subprocess.Popen([sys.executable, "-c", _SAYS_WHEN_FIRING, "stress", "--duration", "600", "--accounts", "10",
+                            "--clients", "2", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "TMPDIR": str(scratch)})
+    try:
+        assert run.stdout is not None and run.stdout.readline() == "firing\n"
+        run.send_signal(signal_number)
+        _, stderr = run.communicate(timeout=60)  # a bound for a hang, not a duration asserted
+    finally:
+        run.kill()
+        run.wait(timeout=30)
+    assert run.returncode == status, stderr
+    assert stderr.strip().splitlines()[-1] == f"tally stress: {says}"
+    assert list(scratch.iterdir()) == []
 
 
 def test_a_short_chaos_run_loses_nothing(tmp_path: Path) -> None:
