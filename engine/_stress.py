@@ -2,8 +2,9 @@
 
 Clients are threads; each runs its own seeded workload (`engine._workload`) and
 records every reply. A reporter prints progress. At the end the auditor
-(`engine._auditor`) checks every reply against the ledger and the invariants,
-then the ledger is closed, reopened, and its state hash compared.
+(`engine._auditor`) checks every reply against the ledger and the invariants, and
+that each entry made since the run began is of a transfer id the run sent, then the
+ledger is closed, reopened, and its state hash compared.
 
 `engine._stress_remote` runs the same workload and audit at a `tally serve` over HTTP.
 """
@@ -155,17 +156,21 @@ def run_stress(
     picker = Picker(names, config.mix)
     with open_ledger(config.path) as ledger:
         prior = open_pending(ledger)  # a ledger used before: what its runs left pending holds funds too
-        _open_accounts(ledger, names, config)
+        since_lsn = ledger.head().lsn  # and its entries until here are of those runs
+        funded = _open_accounts(ledger, names, config)
         replies = _fire(ledger, picker, config, report, progress, f"s{config.seed}-{os.getpid()}-{int(time.time())}")
+        replies.sent.update(funded)
         _await_expiries(ledger, replies)
         report.state_hash = ledger.state_hash()
-        report.checks = audit_replies(ledger, replies, prior=prior)
+        report.checks = audit_replies(ledger, replies, prior=prior, sent=replies.sent, since_lsn=since_lsn)
     with open_ledger(config.path) as reopened:
         report.checks["close and reopen give the same state hash"] = reopened.state_hash() == report.state_hash
     return report
 
 
-def _open_accounts(ledger: Any, names: list[str], config: StressConfig, bank: str = "stress-bank") -> None:
+def _open_accounts(ledger: Any, names: list[str], config: StressConfig, bank: str = "stress-bank") -> list[str]:
+    """Open the bank and `names`, and fund each from the bank; the funding transfers' ids.
+    Raises the first refusal."""
     accounts = [Account(bank, "USD", None)] + [Account(name, "USD", 0) for name in names]
     for first in range(0, len(accounts), 1000):
         for outcome in ledger.create_accounts(accounts[first : first + 1000]):
@@ -181,6 +186,7 @@ def _open_accounts(ledger: Any, names: list[str], config: StressConfig, bank: st
         for outcome in ledger.transfer_many(funding[first : first + 1000]):
             if isinstance(outcome, LedgerError):
                 raise outcome
+    return [request.id for request in funding]
 
 
 def _fire(ledger: Any, picker: Picker, config: StressConfig, report: StressReport, progress: bool,
@@ -218,6 +224,7 @@ def _fire(ledger: Any, picker: Picker, config: StressConfig, report: StressRepor
             if not count:
                 return
             ops = [workload.next() for _ in range(count)]
+            state[0].sent.update(tid for op in ops for tid in _ids_of(op))
             began = time.perf_counter()
             outcomes = _send(ledger, ops)
             latency_ms = (time.perf_counter() - began) * 1000
@@ -267,6 +274,20 @@ def _send(ledger: Any, ops: list[Op]) -> list[Outcome]:
             else _send_chain(ledger, op) for op in ops]
 
 
+def _ids_of(op: Op) -> list[str]:
+    """The transfer ids sending `op` may write: its own, its post's or void's, its chain's legs."""
+    if op.kind == "linked":
+        return [leg[0] for leg in op.legs]
+    if op.kind == "pending" and op.resolution in ("post", "post-part", "void"):
+        return [op.transfer_id, _resolution_id(op)]
+    return [op.transfer_id]
+
+
+def _resolution_id(op: Op) -> str:
+    """The id of a pending op's post or void."""
+    return f"{op.transfer_id}-{'void' if op.resolution == 'void' else 'post'}"
+
+
 def _send_pending(ledger: Any, op: Op) -> tuple[Transfer | LedgerError, Transfer | LedgerError | None]:
     """A pending transfer, then what its resolution says: post it (all or part), void it, or nothing."""
     try:
@@ -277,9 +298,9 @@ def _send_pending(ledger: Any, op: Op) -> tuple[Transfer | LedgerError, Transfer
     try:
         if op.resolution in ("post", "post-part"):
             part = None if op.resolution == "post" else max(1, op.amount // 2)
-            return made, ledger.post_pending(f"{op.transfer_id}-post", pending_id=op.transfer_id, amount=part)
+            return made, ledger.post_pending(_resolution_id(op), pending_id=op.transfer_id, amount=part)
         if op.resolution == "void":
-            return made, ledger.void_pending(f"{op.transfer_id}-void", pending_id=op.transfer_id)
+            return made, ledger.void_pending(_resolution_id(op), pending_id=op.transfer_id)
     except LedgerError as error:
         return made, error
     return made, None
@@ -404,6 +425,7 @@ def _merge(per_client: list[Any], report: StressReport) -> Replies:
         merged.retry_mismatches.extend(replies.retry_mismatches)
         merged.retries += replies.retries
         merged.retries_differing += replies.retries_differing
+        merged.sent.update(replies.sent)
         for code, count in counts.items():
             report.outcomes[code] = report.outcomes.get(code, 0) + count
         report.latencies_ms.extend(latencies)

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from engine import (
 )
 from engine._auditor import (
     CHECK_CONSERVED,
+    CHECK_EXPLAINED,
     CHECK_GAPLESS,
     CHECK_HOLDS,
     CHECK_LIMITS,
@@ -222,6 +223,38 @@ def test_a_retry_is_judged_against_the_request_that_landed_first(tmp_path: Path)
         assert replies_after((original, LedgerTimeout("no reply")), (plain, landed)) == ["t"]
         assert replies_after((original, LedgerTimeout("no reply")), (plain, conflict)) == ["t"]
         assert replies_after((original, landed), (plain, landed)) == ["t"]  # the original's answer was not its own
+
+
+def test_a_local_run_fails_when_the_ledger_moves_retried_money_twice(tmp_path: Path) -> None:
+    """Each retry answered as the original, but the money moved again under an id the run never
+    sent: the moves balance, every acknowledged transfer is there once; only the entries show it."""
+    def open_doubling(path: str) -> _DoubleMover:
+        return _DoubleMover(Ledger.open(path))
+
+    report = run_stress(StressConfig(path=str(tmp_path / "ledger"), retry_rate=0.3, **SMALL), progress=False,
+                        open_ledger=open_doubling)
+    with Ledger.open(tmp_path / "ledger") as ledger:
+        assert any(made.id.endswith("-again") for made in ledger.transfers(limit=10_000))
+    assert report.checks[CHECK_EXPLAINED] is False, report.checks
+    assert report.checks[CHECK_PRESENT] and report.checks[CHECK_CONSERVED]
+    assert report.summary()["verdict"] == "FAILED"
+
+
+class _DoubleMover(Faulty):
+    """Answers a retry of a transfer made as the original, and moves its money again under an
+    id of its own."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        super().__init__(ledger, "", "")
+        self.seen: set[str] = set()
+
+    def transfer(self, transfer_id: str, **fields: Any) -> Transfer:
+        made = self._ledger.transfer(transfer_id, **fields)
+        if transfer_id in self.seen:
+            with suppress(LedgerError):
+                self._ledger.transfer(f"{transfer_id}-again", **fields)
+        self.seen.add(transfer_id)
+        return made
 
 
 class _Lax(Faulty):
