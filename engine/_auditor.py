@@ -14,6 +14,8 @@ from typing import Protocol
 
 from coordinator import Account, Balance, Entry, LedgerError, Transfer, TransferRequest
 
+from engine._workload import Op
+
 
 class AuditedLedger(Protocol):
     def get_transfer(self, id: str) -> Transfer | None: ...
@@ -53,6 +55,11 @@ class Replies:
     """Of `retries`, those that changed the amount (each must be refused `IdempotencyConflict`)."""
     differed: set[str] = field(default_factory=set)
     """The ids those were sent for."""
+    unknown: list[Op] = field(default_factory=list)
+    """The ops whose reply told no outcome (`engine._sending.tells`), kept to be sent again
+    (`engine._sending.learn_outcomes`): those still here at the audit fail it."""
+    resent: int = 0
+    """Ops sent again (once or more) to learn their outcome."""
     sent: set[str] = field(default_factory=set)
     """Every transfer id the run sent (a transfer, a post, a void, a chain's legs, a funding),
     whatever the reply, or none: the ids whose entries it can explain."""
@@ -68,6 +75,7 @@ CHECK_HOLDS = "no reservation is left: each account's pending and incoming are i
 CHECK_PENDING_ENDED = "every pending transfer ended posted, voided or expired, or is still pending with its hold counted"
 CHECK_LINKED = "every linked chain is all-or-nothing"
 CHECK_REOPEN = "close and reopen give the same state hash"
+CHECK_OUTCOMES = "every request whose reply told no outcome was sent again until one did"
 CHECK_EXPLAINED = "every entry is of a transfer the run sent (no money moved twice, or unasked)"
 
 PENDING_PAGE_TRANSFERS = 1_000
@@ -134,6 +142,7 @@ def audit_replies(ledger: AuditedLedger, replies: Replies, reopen: Callable[[], 
     checks[CHECK_PRESENT] = present
     checks[CHECK_REFUSED] = _still_refused(ledger, replies)
     checks[CHECK_RETRIES] = not replies.retry_mismatches
+    checks[CHECK_OUTCOMES] = not replies.unknown
     checks[CHECK_CONSERVED] = total == 0
     checks[CHECK_LIMITS] = above_limit
     checks[CHECK_GAPLESS] = gapless

@@ -585,6 +585,9 @@ def _render_stress(summary: dict[str, Any], args: argparse.Namespace) -> None:
     if retries and retries["sent"]:
         print(f"  retries: {retries['sent']:,}, of which {retries['differing']:,} with another amount "
               "(each must be refused idempotency_conflict)")
+    resent = summary.get("resent")
+    if resent and resent["sent"]:
+        print(f"  sent again, as no reply told their outcome: {resent['sent']:,}; still unknown: {resent['still_unknown']:,}")
     if "chaos" in summary:
         chaos = summary["chaos"]
         print(f"  chaos: {chaos['kills']} kills, survived {chaos['kills_survived']},"

@@ -21,38 +21,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator import (
-    AMOUNT_MAX,
-    REJECTIONS,
-    Account,
-    IdempotencyConflict,
-    InvalidRequest,
-    LedgerError,
-    LinkedTransferFailed,
-    Transfer,
-    TransferRequest,
-)
+from coordinator import AMOUNT_MAX, Account, LedgerError, TransferRequest
 
 from engine._auditor import Replies, audit_replies, open_pending
 from engine._ledger import Ledger
-from engine._workload import PENDING_EXPIRY_S, PENDING_TIMEOUT_S, ClientWorkload, Op, Picker
+from engine._sending import ClientState, ids_of, learn_outcomes, record, send
+from engine._workload import ClientWorkload, Picker
 
 FUNDING_PER_ACCOUNT_AMOUNTS = 5
 """Each account starts with this many times --amount-max."""
 PROGRESS_TTY_S = 0.25
 PROGRESS_PLAIN_S = 5.0
-SAMPLES_MAX = 200_000
 CLIENT_STOP_WAIT_S = 90.0
 """How long a stopped run waits, at most, for each client to finish the op it is in (above a
 ledger call's bound, 30 s by default, and a remote call's, 60 s)."""
 EXPIRY_WAIT_S = 10.0
 """How long the audit waits, at most, for the pending transfers let expire to be expired."""
-
-Outcome = Any
-"""What a client was told for one op: a Transfer or LedgerError (a single transfer); the pair
-(reply to the pending transfer, reply to its post or void or None); the chain's Transfers or
-its LedgerError."""
-
 
 def percentile(ordered: list[float], q: float) -> float:
     """The nearest-rank q-quantile of an already sorted list (0.0 if empty)."""
@@ -93,6 +77,8 @@ class StressReport:
     state_hash: str = ""
     retries: tuple[int, int] = (0, 0)
     """Retries sent, and of them those that changed the amount (refused idempotency_conflict)."""
+    resent: tuple[int, int] = (0, 0)
+    """Ops sent again because no reply told their outcome, and of them those it stayed unknown for."""
     remote: dict[str, Any] | None = None
     """A remote run's server, the prefix of its ids, and the replies outside the contract."""
 
@@ -114,6 +100,7 @@ class StressReport:
                            (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))},
             "outcomes": self.outcomes,
             "retries": {"sent": self.retries[0], "differing": self.retries[1]},
+            "resent": {"sent": self.resent[0], "still_unknown": self.resent[1]},
             "checks": self.checks,
             "state_hash": self.state_hash,
             **({"remote": self.remote} if self.remote is not None else {}),
@@ -160,6 +147,8 @@ def run_stress(
         funded = _open_accounts(ledger, names, config)
         replies = _fire(ledger, picker, config, report, progress, f"s{config.seed}-{os.getpid()}-{int(time.time())}")
         replies.sent.update(funded)
+        learn_outcomes(ledger, replies)
+        report.resent = (replies.resent, len(replies.unknown))
         _await_expiries(ledger, replies)
         report.state_hash = ledger.state_hash()
         report.checks = audit_replies(ledger, replies, prior=prior, sent=replies.sent, since_lsn=since_lsn)
@@ -195,7 +184,7 @@ def _fire(ledger: Any, picker: Picker, config: StressConfig, report: StressRepor
     quota = threading.Semaphore(config.transfers) if config.transfers is not None else None
     stop = threading.Event()
     tally = _Tally()
-    per_client: list[tuple[Replies, dict[str, int], list[float], list[tuple[float, float]]]] = []
+    per_client: list[ClientState] = []
     barrier = threading.Barrier(config.clients + 1)
     started = [0.0]
 
@@ -213,7 +202,7 @@ def _fire(ledger: Any, picker: Picker, config: StressConfig, report: StressRepor
         workload = ClientWorkload(picker, tag=tag, client=number, seed=config.seed, amount_max=config.amount_max,
                                   retry_rate=config.retry_rate, pending_rate=config.pending_rate,
                                   linked_rate=config.linked_rate)
-        state: tuple[Replies, dict[str, int], list[float], list[tuple[float, float]]] = (Replies(), {}, [], [])
+        state: ClientState = (Replies(), {}, [], [])
         per_client.append(state)
         try:
             barrier.wait(timeout=60)
@@ -224,11 +213,11 @@ def _fire(ledger: Any, picker: Picker, config: StressConfig, report: StressRepor
             if not count:
                 return
             ops = [workload.next() for _ in range(count)]
-            state[0].sent.update(tid for op in ops for tid in _ids_of(op))
+            state[0].sent.update(tid for op in ops for tid in ids_of(op))
             began = time.perf_counter()
-            outcomes = _send(ledger, ops)
+            outcomes = send(ledger, ops)
             latency_ms = (time.perf_counter() - began) * 1000
-            refused = _record(state, ops, outcomes, latency_ms, began - started[0])
+            refused = record(state, ops, outcomes, latency_ms, began - started[0])
             tally.add(count, refused, latency_ms)
 
     threads = [threading.Thread(target=client, args=(n,), name=f"stress-client-{n}") for n in range(config.clients)]
@@ -258,158 +247,13 @@ def _fire(ledger: Any, picker: Picker, config: StressConfig, report: StressRepor
     return _merge(per_client, report)
 
 
-def _send(ledger: Any, ops: list[Op]) -> list[Outcome]:
-    """Send `ops`: single transfers together (`transfer_many`, or `transfer` for one alone),
-    pending transfers and chains each on its own; the outcome of each, in order."""
-    singles = [op for op in ops if op.kind == "single"]
-    if len(singles) == 1 and len(ops) == 1:
-        op = ops[0]
-        try:
-            return [ledger.transfer(op.transfer_id, source=op.source, destination=op.destination, amount=op.amount)]
-        except LedgerError as error:
-            return [error]
-    batched = iter(ledger.transfer_many([TransferRequest(o.transfer_id, o.source, o.destination, o.amount)
-                                         for o in singles]) if singles else ())
-    return [next(batched) if op.kind == "single" else _send_pending(ledger, op) if op.kind == "pending"
-            else _send_chain(ledger, op) for op in ops]
-
-
-def _ids_of(op: Op) -> list[str]:
-    """The transfer ids sending `op` may write: its own, its post's or void's, its chain's legs."""
-    if op.kind == "linked":
-        return [leg[0] for leg in op.legs]
-    if op.kind == "pending" and op.resolution in ("post", "post-part", "void"):
-        return [op.transfer_id, _resolution_id(op)]
-    return [op.transfer_id]
-
-
-def _resolution_id(op: Op) -> str:
-    """The id of a pending op's post or void."""
-    return f"{op.transfer_id}-{'void' if op.resolution == 'void' else 'post'}"
-
-
-def _send_pending(ledger: Any, op: Op) -> tuple[Transfer | LedgerError, Transfer | LedgerError | None]:
-    """A pending transfer, then what its resolution says: post it (all or part), void it, or nothing."""
-    try:
-        made = ledger.transfer(op.transfer_id, source=op.source, destination=op.destination, amount=op.amount,
-                               pending=True, timeout_s=_timeout_of(op))
-    except LedgerError as error:
-        return error, None
-    try:
-        if op.resolution in ("post", "post-part"):
-            part = None if op.resolution == "post" else max(1, op.amount // 2)
-            return made, ledger.post_pending(_resolution_id(op), pending_id=op.transfer_id, amount=part)
-        if op.resolution == "void":
-            return made, ledger.void_pending(_resolution_id(op), pending_id=op.transfer_id)
-    except LedgerError as error:
-        return made, error
-    return made, None
-
-
-def _send_chain(ledger: Any, op: Op) -> list[Transfer] | LedgerError:
-    try:
-        return list(ledger.transfer_linked([TransferRequest(*leg) for leg in op.legs]))
-    except LedgerError as error:
-        return error
-
-
-def _record(state: tuple[Replies, dict[str, int], list[float], list[tuple[float, float]]], ops: list[Op],
-            outcomes: list[Outcome], latency_ms: float, at_s: float) -> int:
-    replies, counts, latencies, samples = state
-    refused = 0
-    for op, outcome in zip(ops, outcomes, strict=True):
-        first = outcome[0] if op.kind == "pending" else outcome
-        code = first.code if isinstance(first, LedgerError) else "committed"
-        counts[code] = counts.get(code, 0) + 1
-        refused += code != "committed"
-        latencies.append(latency_ms)
-        if len(samples) < SAMPLES_MAX:
-            samples.append((at_s, latency_ms))
-        if op.kind == "pending":
-            _record_pending(replies, op, *outcome)
-        elif op.kind == "linked":
-            legs = tuple(TransferRequest(*leg) for leg in op.legs)
-            if isinstance(outcome, LinkedTransferFailed):
-                replies.chains.append((legs, outcome.cause.code))
-            elif not isinstance(outcome, LedgerError):
-                replies.chains.append((legs, None))
-                replies.acknowledged.update((made.id, made) for made in outcome)
-        elif op.retry:
-            replies.retries += 1
-            if op.differs:
-                replies.retries_differing += 1
-                replies.differed.add(op.transfer_id)
-            _record_retry(replies, op, outcome)
-        else:
-            _record_single(replies, op, outcome)
-    return refused
-
-
-def _record_single(replies: Replies, op: Op, outcome: Transfer | LedgerError) -> None:
-    if isinstance(outcome, Transfer):
-        replies.acknowledged[op.transfer_id] = outcome
-    elif outcome.code in REJECTIONS:  # journaled refusals: the id stays refused
-        replies.refused[op.transfer_id] = (op.source, op.destination, op.amount, outcome.code)
-
-
-def _record_retry(replies: Replies, op: Op, outcome: Transfer | LedgerError) -> None:
-    """A retry's reply, compared with the first outcome told for its id: the same, or
-    `IdempotencyConflict` if the retry's fields differ from those of the request that outcome
-    was for (an `Op.differs` retry's, or the original's after a differing retry was the first
-    to land). A reply that tells none (a timeout, a ledger unavailable or closed, a server
-    overloaded or not answering) is no mismatch; one after replies that told none is the
-    first outcome told, and must be of this retry's fields."""
-    if not isinstance(outcome, Transfer) and outcome.code not in REJECTIONS and not isinstance(
-            outcome, (IdempotencyConflict, InvalidRequest)):
-        return
-    fields = (op.source, op.destination, op.amount)
-    before = replies.acknowledged.get(op.transfer_id) or replies.refused.get(op.transfer_id)
-    if before is None and (isinstance(outcome, Transfer) or outcome.code in REJECTIONS):
-        if isinstance(outcome, Transfer) and (outcome.source, outcome.destination, outcome.amount) != fields:
-            replies.retry_mismatches.append(op.transfer_id)  # the answer is another request's
-        _record_single(replies, op, outcome)
-        return
-    if before is None:  # a conflict, no outcome told yet: right if a request with other fields may have landed
-        if isinstance(outcome, IdempotencyConflict) and not op.differs and op.transfer_id not in replies.differed:
-            replies.retry_mismatches.append(op.transfer_id)
-        return
-    told_for = (before.source, before.destination, before.amount) if isinstance(before, Transfer) else before[:3]
-    if fields != told_for:
-        same = isinstance(outcome, IdempotencyConflict)
-    elif isinstance(outcome, Transfer):
-        same = before == outcome
-    else:
-        same = isinstance(before, tuple) and before[3] == outcome.code
-    if not same:
-        replies.retry_mismatches.append(op.transfer_id)
-
-
-def _record_pending(replies: Replies, op: Op, made: Transfer | LedgerError,
-                    resolved: Transfer | LedgerError | None) -> None:
-    if isinstance(made, LedgerError):
-        if made.code in REJECTIONS:
-            request = TransferRequest(op.transfer_id, op.source, op.destination, op.amount, pending=True,
-                                      timeout_s=_timeout_of(op))
-            replies.refused_requests[op.transfer_id] = (request, made.code)
-        return
-    replies.acknowledged[made.id] = made
-    replies.pendings[made.id] = (op.resolution, resolved.code if isinstance(resolved, LedgerError) else resolved)
-    if isinstance(resolved, Transfer):
-        replies.acknowledged[resolved.id] = resolved
-
-
-def _timeout_of(op: Op) -> int | None:
-    """The timeout a pending op was sent with."""
-    return PENDING_EXPIRY_S if op.resolution == "expire" else None if op.resolution == "open" else PENDING_TIMEOUT_S
-
-
 def _await_expiries(ledger: Any, replies: Replies) -> None:
     """Wait (at most `EXPIRY_WAIT_S`) until the pending transfers let expire have expired:
     then what the audit reads holds still. Those that do not expire in time fail the audit."""
     waiting = [tid for tid, (plan, _) in replies.pendings.items() if plan == "expire"]
     deadline = time.monotonic() + EXPIRY_WAIT_S
     while waiting and time.monotonic() < deadline:
-        waiting = [tid for tid in waiting if ledger.get_transfer(tid).status == "pending"]
+        waiting = [tid for tid in waiting if (found := ledger.get_transfer(tid)) is not None and found.status == "pending"]
         if waiting:
             time.sleep(0.05)  # polling a ledger thread's progress: no event to wait on from outside
 
@@ -426,6 +270,8 @@ def _merge(per_client: list[Any], report: StressReport) -> Replies:
         merged.retries += replies.retries
         merged.retries_differing += replies.retries_differing
         merged.sent.update(replies.sent)
+        merged.differed.update(replies.differed)
+        merged.unknown.extend(replies.unknown)
         for code, count in counts.items():
             report.outcomes[code] = report.outcomes.get(code, 0) + count
         report.latencies_ms.extend(latencies)

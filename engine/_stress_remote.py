@@ -22,6 +22,7 @@ import secrets
 from coordinator import AccountNotFound, InvalidRequest
 
 from engine._auditor import audit_replies
+from engine._sending import learn_outcomes
 from engine._stress import StressConfig, StressReport, _await_expiries, _fire, _open_accounts
 from engine._workload import Picker
 
@@ -52,6 +53,8 @@ def run_remote_stress(config: StressConfig, token: str | None = None, progress: 
             pass
         _open_accounts(ledger, names, config, bank=f"{run}-bank")
         replies = _fire(ledger, picker, config, report, progress, run)
+        learn_outcomes(ledger, replies)  # a reply lost (a server restarted, say): the same id again tells it
+        report.resent = (replies.resent, len(replies.unknown))
         _await_expiries(ledger, replies)
         report.checks = audit_replies(ledger, replies, sent=ledger.sent())
         report.checks[CHECK_CONTRACT] = not ledger.fault_count

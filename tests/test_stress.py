@@ -34,6 +34,7 @@ from engine._auditor import (
     CHECK_HOLDS,
     CHECK_LIMITS,
     CHECK_LINKED,
+    CHECK_OUTCOMES,
     CHECK_PENDING_ENDED,
     CHECK_PRESENT,
     CHECK_REFUSED,
@@ -42,7 +43,8 @@ from engine._auditor import (
     audit_replies,
     open_pending,
 )
-from engine._stress import StressConfig, _record, run_stress
+from engine._sending import record
+from engine._stress import StressConfig, run_stress
 from engine._workload import Op
 
 SMALL = dict(accounts=20, clients=4, transfers=400, amount_max=50, seed=3)
@@ -209,7 +211,7 @@ def test_a_retry_is_judged_against_the_request_that_landed_first(tmp_path: Path)
     def replies_after(*sent: tuple[Op, Transfer | LedgerError]) -> list[str]:
         state: Any = (Replies(), {}, [], [])
         for op, outcome in sent:
-            _record(state, [op], [outcome], 1.0, 0.0)
+            record(state, [op], [outcome], 1.0, 0.0)
         return state[0].retry_mismatches
 
     with Ledger.open(tmp_path / "ledger") as ledger:
@@ -238,6 +240,41 @@ def test_a_local_run_fails_when_the_ledger_moves_retried_money_twice(tmp_path: P
     assert report.checks[CHECK_EXPLAINED] is False, report.checks
     assert report.checks[CHECK_PRESENT] and report.checks[CHECK_CONSERVED]
     assert report.summary()["verdict"] == "FAILED"
+
+
+def test_a_retry_no_reply_tells_the_outcome_of_is_sent_again_and_fails_the_run_if_none_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ledger that answers every id it has seen with a timeout: no retry learned anything, so
+    the run proved nothing of them (it said every retry returned the original outcome)."""
+    monkeypatch.setattr("engine._sending.RESEND_BACKOFF_S", (0.0,) * 6)
+    opened: list[_Forgetful] = []
+
+    def open_forgetful(path: str) -> _Forgetful:
+        opened.append(_Forgetful(Ledger.open(path)))
+        return opened[-1]
+
+    report = run_stress(StressConfig(path=str(tmp_path / "ledger"), retry_rate=0.3, **SMALL), progress=False,
+                        open_ledger=open_forgetful)
+    assert report.outcomes["timeout"] == report.retries[0] > 0
+    assert opened[0].timeouts > report.retries[0]  # each was sent again
+    assert report.resent == (report.retries[0], report.retries[0])
+    assert report.checks[CHECK_OUTCOMES] is False and report.summary()["verdict"] == "FAILED"
+
+
+class _Forgetful(Faulty):
+    """Answers an id it has seen before with a timeout, never with its outcome."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        super().__init__(ledger, "", "")
+        self.seen: set[str] = set()
+        self.timeouts = 0
+
+    def transfer(self, transfer_id: str, **fields: Any) -> Transfer:
+        if transfer_id in self.seen:
+            self.timeouts += 1
+            raise LedgerTimeout(f"transfer {transfer_id!r}: timed out")
+        self.seen.add(transfer_id)
+        return self._ledger.transfer(transfer_id, **fields)
 
 
 class _DoubleMover(Faulty):
@@ -386,7 +423,7 @@ import sys
 import engine._stress as stress
 from engine._cli import main
 
-send = stress._send
+send = stress.send
 
 
 def said_first(ledger, ops):  # the run is firing: the test may signal it now
@@ -397,7 +434,7 @@ def said_first(ledger, ops):  # the run is firing: the test may signal it now
 
 
 said_first.done = False
-stress._send = said_first
+stress.send = said_first
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -112,8 +112,10 @@ class StandIn(ThreadingHTTPServer):
     back with an amount one too high; `statuses` maps an error code to its HTTP status (422 if
     absent); `marks_replays` False leaves the Idempotency-Replayed header off; `doubles_retries`
     applies a `POST /transfers` sent again a second time (under an id of its own), answering it
-    as the replay it should be; `overloads_retries` turns away such a retry of a transfer made,
-    503 `overloaded`, as an honest server at its bound of requests does (nothing written)."""
+    as the replay it should be; `overloads_retries` turns away the first such retry of each
+    transfer made, 503 `overloaded`, as an honest server at its bound of requests does (nothing
+    written); `loses_replies` applies the first try of each pending transfer, post and void, then
+    closes the connection without a reply (as a server killed and restarted would)."""
 
     daemon_threads = True
 
@@ -126,6 +128,9 @@ class StandIn(ThreadingHTTPServer):
         self.marks_replays = True
         self.doubles_retries = False
         self.overloads_retries = False
+        self.overloaded: set[str] = set()
+        self.loses_replies = False
+        self.lost: set[str] = set()
         self.lock = threading.Lock()
 
     @property
@@ -147,7 +152,17 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
         key = self.headers["Idempotency-Key"]
-        self._answer(lambda: self._write(urlsplit(self.path).path, body, key), key)
+        path = urlsplit(self.path).path
+        if self.server.loses_replies and (body.get("pending") or path.endswith(("/post", "/void"))):
+            with self.server.lock:
+                first = key not in self.server.lost
+                self.server.lost.add(key)
+            if first:
+                with contextlib.suppress(LedgerError):
+                    self._write(path, body, key)
+                self.close_connection = True  # applied; the reply is lost
+                return
+        self._answer(lambda: self._write(path, body, key), key)
 
     def _read(self, parts: Any) -> Any:
         ledger, path = self.server.ledger, [unquote(p) for p in parts.path.strip("/").split("/")]
@@ -177,7 +192,9 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/accounts":
             return _plain(ledger.create_account(body.pop("id"), **body))
         if (path == "/transfers" and self.server.overloads_retries and key in self.server.answered
+                and key not in self.server.overloaded
                 and ledger.get_transfer(key) is not None):  # a transfer made (not a refusal the audit sends again)
+            self.server.overloaded.add(key)
             raise ServerOverloaded("this server is serving its limit of requests at once: retry later")
         if path == "/transfers":
             made: Any = ledger.transfer(key, **body)
@@ -325,13 +342,30 @@ def test_a_server_that_moves_retried_money_twice_fails_the_run(stand_in: StandIn
 @pytest.mark.timeout(60)
 def test_a_retry_turned_away_by_an_overloaded_server_is_no_mismatch(stand_in: StandIn) -> None:
     """503 `overloaded` (or `timeout`, or no answer) to a retry is no outcome: it neither differs
-    from the original nor fails the run, whose books are whole."""
+    from the original nor fails the run, whose books are whole; sent again, the retry is answered."""
     stand_in.overloads_retries = True
     stand_in.statuses["overloaded"] = 503
     config = StressConfig(accounts=10, clients=2, transfers=200, amount_max=40, retry_rate=0.2, seed=7,
                           url=stand_in.url)
     report = run_remote_stress(config, progress=False)
     assert report.outcomes.get("overloaded", 0) > 0, report.outcomes
+    assert report.resent[0] == report.outcomes["overloaded"] and report.resent[1] == 0
+    assert report.ok, report.checks
+
+
+@pytest.mark.timeout(60)
+def test_pending_transfers_posts_and_voids_whose_replies_were_lost_are_learned_before_the_audit(
+        stand_in: StandIn, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each applied, its reply lost (no answer: `server_unreachable`): sent again with the same id,
+    each tells its outcome, and the audit counts it (it audited them as if they had not
+    happened, and failed a whole server)."""
+    monkeypatch.setattr("engine._sending.RESEND_BACKOFF_S", (0.0,) * 6)
+    stand_in.loses_replies = True
+    config = StressConfig(accounts=10, clients=3, transfers=60, amount_max=40, retry_rate=0.0, pending_rate=0.9,
+                          seed=7, url=stand_in.url)
+    report = run_remote_stress(config, progress=False)
+    assert report.outcomes.get("server_unreachable", 0) > 0, report.outcomes
+    assert report.resent[0] >= report.outcomes["server_unreachable"] and report.resent[1] == 0
     assert report.ok, report.checks
 
 
