@@ -601,6 +601,11 @@ def _render_stress(summary: dict[str, Any], args: argparse.Namespace) -> None:
             print(f"  outside the HTTP contract: {fault}")
         if remote["fault_count"] > len(remote["faults"]):
             print(f"  ... and {remote['fault_count'] - len(remote['faults'])} more replies outside it")
+        for what, shown_what in (("accounts", "accounts the run opened"), ("transfers", "acknowledged transfers")):
+            if remote[f"{what}_gone_count"]:
+                more = remote[f"{what}_gone_count"] - len(remote[f"{what}_gone"])
+                print(f"  {shown_what} the server no longer has: {remote[f'{what}_gone_count']:,}: "
+                      + ", ".join(remote[f"{what}_gone"]) + (f" and {more:,} more" if more else ""))
     _print_checks(summary)
     if summary["state_hash"]:
         print(f"  state hash {summary['state_hash']}")

@@ -143,6 +143,8 @@ class RemoteLedger:
         self._sent: set[str] = set()
         self.faults: list[str] = []
         self.fault_count = 0
+        self.accounts_gone: list[str] = []
+        """The accounts this client created that the last `accounts` call did not find."""
 
     def __enter__(self) -> RemoteLedger:
         return self
@@ -182,10 +184,19 @@ class RemoteLedger:
     def accounts(self) -> list[Account]:
         """The accounts this client created, in the order their creations were answered, each read
         from the server: not every account the server holds (a server is shared; an audit proves
-        what its run made)."""
+        what its run made). One the server no longer has (it lost its books) is left out and
+        named in `accounts_gone`."""
         with self._lock:
             created = list(self._created)
-        return [self.account(account_id) for account_id in created]
+        found: list[Account] = []
+        gone: list[str] = []
+        for account_id in created:
+            try:
+                found.append(self.account(account_id))
+            except AccountNotFound:
+                gone.append(account_id)
+        self.accounts_gone = gone
+        return found
 
     def balance(self, account: str) -> Balance:
         """`GET /accounts/{id}/balance`. Raises `AccountNotFound`."""

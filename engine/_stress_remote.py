@@ -8,8 +8,10 @@ disturbed, and the audit covers the accounts the run opened: their entries, bala
 (money is conserved among them, since the run moves money only between them), and every reply
 it got, and that no entry is of a transfer the run did not send (a server may move money of
 its own accord, or twice for a retry, in moves that balance). Replies outside the HTTP
-contract fail the verdict (`CHECK_CONTRACT`). Nothing is
-closed or reopened: the server's state hash is not read.
+contract fail the verdict (`CHECK_CONTRACT`), and so does an account the run opened that the
+server no longer has (`CHECK_ACCOUNTS`: a server restarted on other books); the report names
+those, and the acknowledged transfers gone. Nothing is closed or reopened: the server's state
+hash is not read.
 
 A run needs httpx (through `engine._remote`: the `serve` extra); the option checks do not.
 """
@@ -21,12 +23,15 @@ import secrets
 
 from coordinator import AccountNotFound, InvalidRequest
 
-from engine._auditor import audit_replies
+from engine._auditor import CHECK_PRESENT, audit_replies
 from engine._sending import learn_outcomes
 from engine._stress import StressConfig, StressReport, _await_expiries, _fire, _open_accounts
 from engine._workload import Picker
 
 CHECK_CONTRACT = "every reply kept the HTTP contract (JSON, a status fitting its code, replays marked)"
+CHECK_ACCOUNTS = "every account the run opened is on the server"
+GONE_NAMED_MAX = 20
+"""Accounts, and acknowledged transfers, the server no longer has that the report names (all are counted)."""
 RUN_PREFIX_BYTES = 4
 """Random bytes in a run's prefix (8 hex digits): its ids collide with another run's one time
 in 4 billion."""
@@ -57,9 +62,14 @@ def run_remote_stress(config: StressConfig, token: str | None = None, progress: 
         report.resent = (replies.resent, len(replies.unknown))
         _await_expiries(ledger, replies)
         report.checks = audit_replies(ledger, replies, sent=ledger.sent())
+        report.checks[CHECK_ACCOUNTS] = not ledger.accounts_gone
         report.checks[CHECK_CONTRACT] = not ledger.fault_count
+        gone = [] if report.checks[CHECK_PRESENT] else sorted(
+            tid for tid in replies.acknowledged if ledger.get_transfer(tid) is None)
         report.remote = {"url": ledger.url, "run_prefix": run, "faults": ledger.faults,
-                         "fault_count": ledger.fault_count}
+                         "fault_count": ledger.fault_count, "accounts_gone": ledger.accounts_gone[:GONE_NAMED_MAX],
+                         "accounts_gone_count": len(ledger.accounts_gone), "transfers_gone": gone[:GONE_NAMED_MAX],
+                         "transfers_gone_count": len(gone)}
     return report
 
 

@@ -35,10 +35,10 @@ from engine import (
     Transfer,
     TransferRequest,
 )
-from engine._auditor import CHECK_EXPLAINED
+from engine._auditor import CHECK_EXPLAINED, CHECK_PRESENT
 from engine._remote import RemoteLedger, ServerOverloaded, UnexpectedReply
 from engine._stress import StressConfig
-from engine._stress_remote import CHECK_CONTRACT, run_remote_stress
+from engine._stress_remote import CHECK_ACCOUNTS, CHECK_CONTRACT, run_remote_stress
 
 STARTUP_S = 30.0
 SMALL = ["--accounts", "20", "--clients", "4", "--transfers", "300", "--amount-max", "50", "--seed", "5"]
@@ -115,7 +115,8 @@ class StandIn(ThreadingHTTPServer):
     as the replay it should be; `overloads_retries` turns away the first such retry of each
     transfer made, 503 `overloaded`, as an honest server at its bound of requests does (nothing
     written); `loses_replies` applies the first try of each pending transfer, post and void, then
-    closes the connection without a reply (as a server killed and restarted would)."""
+    closes the connection without a reply (as a server killed and restarted would);
+    `forgets_after` writes of transfers, it serves `forgotten_into` instead (its books lost)."""
 
     daemon_threads = True
 
@@ -130,6 +131,9 @@ class StandIn(ThreadingHTTPServer):
         self.overloads_retries = False
         self.overloaded: set[str] = set()
         self.loses_replies = False
+        self.forgets_after: int | None = None
+        self.forgotten_into: Ledger | None = None
+        self.transfer_writes = 0
         self.lost: set[str] = set()
         self.lock = threading.Lock()
 
@@ -188,6 +192,11 @@ class _Handler(BaseHTTPRequestHandler):
         return balance
 
     def _write(self, path: str, body: dict[str, Any], key: str) -> Any:
+        with self.server.lock:
+            if path.startswith("/transfers"):
+                self.server.transfer_writes += 1
+            if self.server.transfer_writes == self.server.forgets_after and self.server.forgotten_into is not None:
+                self.server.ledger = self.server.forgotten_into
         ledger = self.server.ledger
         if path == "/accounts":
             return _plain(ledger.create_account(body.pop("id"), **body))
@@ -367,6 +376,24 @@ def test_pending_transfers_posts_and_voids_whose_replies_were_lost_are_learned_b
     assert report.outcomes.get("server_unreachable", 0) > 0, report.outcomes
     assert report.resent[0] >= report.outcomes["server_unreachable"] and report.resent[1] == 0
     assert report.ok, report.checks
+
+
+@pytest.mark.timeout(60)
+def test_a_server_that_loses_its_books_mid_run_fails_naming_what_is_gone(
+        stand_in: StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restarted on an empty directory: the verdict is FAILED, naming the accounts and the
+    acknowledged transfers gone (it was a traceback in the wait for expiries, or exit 2 when an
+    account read came back 404)."""
+    monkeypatch.setattr("engine._sending.RESEND_BACKOFF_S", (0.0,) * 6)
+    with Ledger.open(tmp_path / "empty") as empty:
+        stand_in.forgets_after, stand_in.forgotten_into = 60, empty
+        config = StressConfig(accounts=10, clients=2, transfers=120, amount_max=40, pending_rate=0.3, seed=7,
+                              url=stand_in.url)
+        report = run_remote_stress(config, progress=False)
+    assert report.checks[CHECK_ACCOUNTS] is False and report.checks[CHECK_PRESENT] is False
+    assert report.remote is not None and report.remote["accounts_gone_count"] == 11
+    assert 0 < len(report.remote["transfers_gone"]) <= report.remote["transfers_gone_count"]
+    assert report.summary()["verdict"] == "FAILED"
 
 
 @pytest.mark.timeout(30)
