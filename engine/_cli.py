@@ -575,8 +575,12 @@ def _render_stress(summary: dict[str, Any], args: argparse.Namespace) -> None:
         shape += f", pending rate {config['pending_rate']}, linked rate {config['linked_rate']}"
     print(f"tally stress: {config['clients']} clients, {config['accounts']} accounts, mix {config['mix']}{shape},"
           f" seed {config['seed']}")
-    print(f"  {summary['transfers_sent']:,} transfers in {summary['elapsed_s']} s ="
+    unanswered = summary["transfers_unanswered"]
+    answered = f" ({summary['transfers_sent'] - unanswered:,} answered)" if unanswered else ""
+    print(f"  {summary['transfers_sent']:,} transfers{answered} in {summary['elapsed_s']} s ="
           f" {summary['transfers_per_s']:,.0f} durable transfers/s")
+    if unanswered:
+        print(f"  no answer (server unreachable): {unanswered:,}, in neither the rate nor the latencies")
     lat = summary["latency_ms"]
     if "chaos" not in summary:
         print(f"  latency ms: p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}")

@@ -38,6 +38,10 @@ RESEND_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 RESEND_WAIT_S = 60.0
 """No resend starts later than this after the first round began (each is bounded by its own call)."""
 
+UNANSWERED = "server_unreachable"
+"""The code of a request no server answered (`engine._remote.ServerUnreachable`): counted apart,
+in neither the rate nor the latencies."""
+
 Outcome = Any
 """What a client was told for one op: a Transfer or LedgerError (a single transfer); the pair
 (reply to the pending transfer, reply to its post or void or None); the chain's Transfers or
@@ -75,8 +79,8 @@ def tells(outcome: Outcome) -> bool:
 
 
 def record(state: ClientState, ops: list[Op], outcomes: list[Outcome], latency_ms: float, at_s: float) -> int:
-    """Record what each of `ops` was told, and the latency of the call that sent them; the
-    number refused (or told no outcome)."""
+    """Record what each of `ops` was told, and the latency of the call that sent them (of each
+    answered); the number refused (or told no outcome)."""
     replies, counts, latencies, samples = state
     refused = 0
     for op, outcome in zip(ops, outcomes, strict=True):
@@ -84,9 +88,10 @@ def record(state: ClientState, ops: list[Op], outcomes: list[Outcome], latency_m
         code = first.code if isinstance(first, LedgerError) else "committed"
         counts[code] = counts.get(code, 0) + 1
         refused += code != "committed"
-        latencies.append(latency_ms)
-        if len(samples) < SAMPLES_MAX:
-            samples.append((at_s, latency_ms))
+        if code != UNANSWERED:  # no answer: its latency is the wait for none, not a server's
+            latencies.append(latency_ms)
+            if len(samples) < SAMPLES_MAX:
+                samples.append((at_s, latency_ms))
         if op.kind == "single" and op.retry:
             replies.retries += 1
             if op.differs:

@@ -25,7 +25,7 @@ from coordinator import AMOUNT_MAX, Account, LedgerError, TransferRequest
 
 from engine._auditor import Replies, audit_replies, open_pending
 from engine._ledger import Ledger
-from engine._sending import ClientState, ids_of, learn_outcomes, record, send
+from engine._sending import UNANSWERED, ClientState, ids_of, learn_outcomes, record, send
 from engine._workload import ClientWorkload, Picker
 
 FUNDING_PER_ACCOUNT_AMOUNTS = 5
@@ -69,6 +69,8 @@ class StressReport:
     config: StressConfig
     elapsed_s: float = 0.0
     sent: int = 0
+    unanswered: int = 0
+    """Of `sent`, those no server answered (`--url`): in neither the rate nor the latencies."""
     outcomes: dict[str, int] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
     samples: list[tuple[float, float]] = field(default_factory=list)
@@ -90,10 +92,11 @@ class StressReport:
         return percentile(sorted(self.latencies_ms), q)
 
     def summary(self) -> dict[str, Any]:
-        rate = self.sent / self.elapsed_s if self.elapsed_s else 0.0
+        rate = (self.sent - self.unanswered) / self.elapsed_s if self.elapsed_s else 0.0
         return {
             "config": vars(self.config),
             "transfers_sent": self.sent,
+            "transfers_unanswered": self.unanswered,
             "elapsed_s": round(self.elapsed_s, 3),
             "transfers_per_s": round(rate, 1),
             "latency_ms": {name: round(self.percentile_ms(q), 3) for name, q in
@@ -276,7 +279,8 @@ def _merge(per_client: list[Any], report: StressReport) -> Replies:
             report.outcomes[code] = report.outcomes.get(code, 0) + count
         report.latencies_ms.extend(latencies)
         report.samples.extend(samples)
-    report.sent = len(report.latencies_ms)
+    report.unanswered = report.outcomes.get(UNANSWERED, 0)
+    report.sent = len(report.latencies_ms) + report.unanswered
     report.samples.sort()
     report.retries = (merged.retries, merged.retries_differing)
     return merged

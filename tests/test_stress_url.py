@@ -379,6 +379,21 @@ def test_pending_transfers_posts_and_voids_whose_replies_were_lost_are_learned_b
 
 
 @pytest.mark.timeout(60)
+def test_requests_no_server_answered_count_in_neither_the_rate_nor_the_latencies(
+        stand_in: StandIn, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("engine._sending.RESEND_BACKOFF_S", (0.0,) * 6)
+    stand_in.loses_replies = True
+    config = StressConfig(accounts=10, clients=2, transfers=60, amount_max=40, retry_rate=0.0, pending_rate=0.5,
+                          seed=7, url=stand_in.url)
+    report = run_remote_stress(config, progress=False)
+    summary = report.summary()
+    unanswered = report.outcomes["server_unreachable"]
+    assert unanswered > 0 and summary["transfers_unanswered"] == unanswered and report.sent == 60
+    assert len(report.latencies_ms) == len(report.samples) == 60 - unanswered
+    assert summary["transfers_per_s"] == round((60 - unanswered) / report.elapsed_s, 1)
+
+
+@pytest.mark.timeout(60)
 def test_a_server_that_loses_its_books_mid_run_fails_naming_what_is_gone(
         stand_in: StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Restarted on an empty directory: the verdict is FAILED, naming the accounts and the
