@@ -524,10 +524,8 @@ def _run_stress(args: argparse.Namespace) -> int:
         raise InvalidRequest(f"--pending-rate, --linked-rate and --retry-rate add up to "
                              f"{args.pending_rate + args.linked_rate + args.retry_rate:g}: they must leave room for "
                              "single transfers (below 1)")
-    if args.report and not args.report.endswith((".html", ".png")):
-        raise InvalidRequest(f"--report takes a .html or .png file name, got {args.report!r}")
-    if args.report and not os.path.isdir(os.path.dirname(os.path.abspath(args.report))):
-        raise InvalidRequest(f"--report {args.report!r}: no such directory to write it in")  # before the run, not after
+    if args.report:
+        _refuse_report_target(args.report)  # before the run, not after it
     transfers = args.transfers if args.duration is None else None
     config = StressConfig(path=args.path, accounts=args.accounts, clients=args.clients,
                           transfers=transfers if transfers is not None or args.duration else 30_000,
@@ -560,15 +558,41 @@ def _run_stress(args: argparse.Namespace) -> int:
     summary = report.summary()
     if chaos is not None:
         summary["chaos"] = chaos
+    unwritten = None
     if args.report:
         from engine._plot import write_report
 
-        write_report(report.samples, summary, args.report)
-    _emit(args, summary, lambda: _render_stress(summary, args))
-    return 0 if summary["verdict"] == "ok" else 1
+        try:
+            write_report(report.samples, summary, args.report)
+        except OSError as error:  # the figures and the verdict are printed all the same
+            unwritten = f"--report {args.report!r} was not written: {error}"
+    _emit(args, summary, lambda: _render_stress(summary, args, written=unwritten is None))
+    if unwritten is not None:
+        print(f"tally stress: {unwritten}", file=sys.stderr)
+    if summary["verdict"] != "ok":
+        return 1
+    return 0 if unwritten is None else 2
 
 
-def _render_stress(summary: dict[str, Any], args: argparse.Namespace) -> None:
+def _refuse_report_target(path: str) -> None:
+    """What would keep `--report` from being written, refused before the run: a name that is not
+    .html or .png, a directory, a place that cannot be written, matplotlib missing."""
+    import importlib.util
+
+    if not path.endswith((".html", ".png")):
+        raise InvalidRequest(f"--report takes a .html or .png file name, got {path!r}")
+    where = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(where):
+        raise InvalidRequest(f"--report {path!r}: no such directory to write it in")
+    if os.path.isdir(path):
+        raise InvalidRequest(f"--report {path!r} is a directory: name a file")
+    if not os.access(path if os.path.exists(path) else where, os.W_OK):
+        raise InvalidRequest(f"--report {path!r}: not writable")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise InvalidRequest("--report needs matplotlib: pip install 'tally-ledger[report]'")
+
+
+def _render_stress(summary: dict[str, Any], args: argparse.Namespace, written: bool = True) -> None:
     config = summary["config"]
     shape = "" if "chaos" in summary else f", batch {config['batch']}, retry rate {config['retry_rate']}"
     if config["pending_rate"] or config["linked_rate"]:
@@ -613,7 +637,7 @@ def _render_stress(summary: dict[str, Any], args: argparse.Namespace) -> None:
     _print_checks(summary)
     if summary["state_hash"]:
         print(f"  state hash {summary['state_hash']}")
-    if args.report:
+    if args.report and written:
         print(f"  report written to {args.report}")
     print(f"  verdict: {summary['verdict']}")
 

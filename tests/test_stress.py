@@ -495,6 +495,30 @@ def test_the_report_is_a_plot_a_person_can_open(tmp_path: Path, suffix: str) -> 
     assert data.startswith(b"\x89PNG") if suffix == ".png" else b"<svg" in data
 
 
+def test_a_report_target_that_cannot_be_written_is_refused_before_the_run(tmp_path: Path) -> None:
+    (tmp_path / "d.png").mkdir()
+    out = tally("stress", "--report", str(tmp_path / "d.png"), "--transfers", "10", "--accounts", "3")
+    assert out.returncode == 2 and out.stdout == "", out.stdout  # no run: it was found after one
+    assert out.stderr.strip().endswith("is a directory: name a file") and out.stderr.count("\n") == 1
+
+
+def test_a_report_that_fails_to_be_written_keeps_the_figures_and_the_verdict(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+
+    def disk_full(*_: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("engine._plot.write_report", disk_full)
+    from engine._cli import main
+
+    status = main(["stress", "--accounts", "4", "--clients", "2", "--transfers", "40", "--report",
+                   str(tmp_path / "r.png")])
+    out, err = capsys.readouterr()
+    assert status == 2 and "verdict: ok" in out and "40 transfers" in out and "report written" not in out
+    assert "was not written: [Errno 28] No space left on device" in err
+
+
 @pytest.mark.parametrize(
     "args",
     [
