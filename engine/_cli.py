@@ -40,6 +40,10 @@ LSN_MAX = 2**64 - 1
 """The largest LSN a journal key holds."""
 STRESS_CLIENTS_MAX = 1024
 """The most client threads `tally stress` starts (each a thread of this process)."""
+STRESS_ACCOUNTS_MAX = 1_000_000
+"""The most accounts `tally stress` opens (each named and funded in this process's memory first)."""
+STRESS_BATCH_MAX = 10_000
+"""The largest `tally stress --batch` (each batch's ops are built in memory before it is sent)."""
 
 
 def _count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -181,7 +185,8 @@ def _parser() -> argparse.ArgumentParser:
 
     stress = command("stress", "fire concurrent transfers at a ledger and verify the books", path=False)
     stress.add_argument("--path", type=_path, help="ledger directory to use or create (default: a temporary one)")
-    stress.add_argument("--accounts", type=_count(2), default=1000, help="accounts to open (default 1000)")
+    stress.add_argument("--accounts", type=_count(2, STRESS_ACCOUNTS_MAX), default=1000,
+                        help=f"accounts to open (default 1000, at most {STRESS_ACCOUNTS_MAX:,})")
     stress.add_argument("--clients", type=_count(1, STRESS_CLIENTS_MAX), default=16,
                         help=f"concurrent client threads (default 16, at most {STRESS_CLIENTS_MAX:,})")
     amount = stress.add_mutually_exclusive_group()
@@ -189,7 +194,8 @@ def _parser() -> argparse.ArgumentParser:
     amount.add_argument("--duration", type=_seconds, default=None, metavar="S", help="fire for S seconds instead")
     stress.add_argument("--mix", choices=MIXES, default="uniform", help="account choice (hotspot: 10%% of accounts take 90%%)")
     stress.add_argument("--amount-max", type=_count(1, AMOUNT_MAX), default=500, help="largest amount (default 500)")
-    stress.add_argument("--batch", type=_count(1), default=1, metavar="N", help="send transfer_many batches of N")
+    stress.add_argument("--batch", type=_count(1, STRESS_BATCH_MAX), default=1, metavar="N",
+                        help=f"send transfer_many batches of N (at most {STRESS_BATCH_MAX:,})")
     stress.add_argument("--retry-rate", type=_rate, default=None, metavar="R",
                         help=f"resubmit this fraction with the same id (default {RETRY_RATE_DEFAULT:g}); a quarter of them with "
                              "another amount, which must be refused idempotency_conflict")

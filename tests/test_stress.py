@@ -536,6 +536,8 @@ def test_a_report_that_fails_to_be_written_keeps_the_figures_and_the_verdict(
         ["--chaos", "--batch", "8"],
         ["--chaos", "--retry-rate", "0.5"],
         ["--kills", "3", "--transfers", "10", "--accounts", "3"],
+        ["--accounts", "100000000000000000000"],  # a MemoryError's traceback
+        ["--batch", "100000000000", "--duration", "1", "--accounts", "10", "--clients", "1"],  # it hung, using GBs
     ],
 )
 def test_bad_arguments_get_one_clear_line_and_a_non_zero_exit(args: list[str]) -> None:
