@@ -424,13 +424,15 @@ def test_options_that_make_no_sense_remotely_are_refused(extra: list[str], says:
 
 
 @pytest.mark.timeout(30)
-def test_a_token_file_without_a_url_and_a_url_with_a_path_are_refused(tmp_path: Path) -> None:
+def test_a_token_file_without_a_url_and_a_url_with_a_path_or_a_password_are_refused(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("t")
     done = tally("stress", "--token-file", str(token), "--transfers", "5")
     assert done.returncode == 2 and "--token-file goes with --url" in done.stderr
     done = tally("stress", "--url", "http://127.0.0.1:9/accounts")
     assert done.returncode == 2 and "not a server's URL" in done.stderr
+    done = tally("stress", "--url", "http://user:pw@127.0.0.1:9", "--token-file", str(token))  # sent as Basic auth
+    assert done.returncode == 2 and "holds a user name or password" in done.stderr and done.stderr.count("\n") == 1
 
 
 @pytest.mark.timeout(30)
