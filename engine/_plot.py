@@ -8,6 +8,7 @@ from typing import Any
 
 from coordinator import InvalidRequest
 
+from engine._sending import SAMPLES_MAX
 from engine._stress import percentile
 
 
@@ -24,16 +25,21 @@ def write_report(samples: list[tuple[float, float]], summary: dict[str, Any], pa
         raise InvalidRequest("--report needs matplotlib: pip install 'tally-ledger[report]'") from None
     seconds, rate, p50, p99 = _per_second(samples)
     figure, (top, bottom) = pyplot.subplots(2, 1, figsize=(10, 6), sharex=True)
-    top.plot(seconds, rate, color="tab:blue")
+    marker = "o" if len(seconds) < 20 else None  # a run of a second or two is a point or two: seen, not lost
+    top.plot(seconds, rate, color="tab:blue", marker=marker)
     top.set_ylabel("transfers / s")
     top.set_ylim(bottom=0)  # from zero: a dip of a tenth must not look like a stall
     top.set_title(f"tally stress: {summary['transfers_sent']:,} transfers, verdict {summary['verdict']}")
-    bottom.plot(seconds, p50, label="p50", color="tab:green")
-    bottom.plot(seconds, p99, label="p99", color="tab:red")
+    bottom.plot(seconds, p50, label="p50", color="tab:green", marker=marker)
+    bottom.plot(seconds, p99, label="p99", color="tab:red", marker=marker)
     bottom.set_ylabel("latency (ms)")
     bottom.set_ylim(bottom=0)
     bottom.set_xlabel("seconds since start")
     bottom.legend()
+    note = _missing(samples, summary)
+    if note:
+        top.text(0.5, 0.5, note, transform=top.transAxes, ha="center", va="center", wrap=True,
+                 bbox={"facecolor": "white", "edgecolor": "tab:gray"})
     figure.tight_layout()
     if path.endswith(".png"):
         figure.savefig(path, dpi=100)
@@ -48,19 +54,37 @@ def write_report(samples: list[tuple[float, float]], summary: dict[str, Any], pa
     pyplot.close(figure)
 
 
-def _per_second(samples: list[tuple[float, float]]) -> tuple[list[int], list[float], list[float], list[float]]:
+def _missing(samples: list[tuple[float, float]], summary: dict[str, Any]) -> str | None:
+    """What the plot cannot show, said on it: no samples (a --chaos run times its rounds, not
+    its transfers), or samples that stop before the run did (each client keeps its first
+    `SAMPLES_MAX`)."""
+    if not samples:
+        return "no latency samples: this run timed no transfer one by one (a --chaos run times its rounds)"
+    end_s, elapsed_s = samples[-1][0], float(summary.get("elapsed_s") or 0.0)
+    if elapsed_s - end_s > 1.0:
+        return (f"samples end at {end_s:.1f} s of {elapsed_s:.1f} s: each client keeps its first {SAMPLES_MAX:,}; "
+                "the figures printed cover the whole run")
+    return None
+
+
+def _per_second(samples: list[tuple[float, float]]) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Throughput and p50/p99 latency per slice of the run: a second, or for a run shorter than
+    20 s a twentieth of it (at least 10 ms), so a short run is a line too, not one point."""
+    end_s = max((at_s for at_s, _ in samples), default=0.0)
+    slice_s = 1.0 if end_s >= 20 else max(0.01, end_s / 20)
     buckets: dict[int, list[float]] = {}
     for at_s, latency_ms in samples:
-        buckets.setdefault(int(at_s), []).append(latency_ms)
-    seconds = sorted(buckets)
-    end_s = max((at_s for at_s, _ in samples), default=0.0)
+        buckets.setdefault(int(at_s / slice_s), []).append(latency_ms)
+    starts: list[float] = []
     rate: list[float] = []
     p50: list[float] = []
     p99: list[float] = []
-    for second in seconds:
-        values = sorted(buckets[second])
-        width_s = min(1.0, max(0.05, end_s - second))  # the last second is usually partial
+    for index in sorted(buckets):
+        values = sorted(buckets[index])
+        start_s = index * slice_s
+        width_s = min(slice_s, max(slice_s / 20, end_s - start_s))  # the last slice is usually partial
+        starts.append(start_s)
         rate.append(len(values) / width_s)
         p50.append(percentile(values, 0.5))
         p99.append(percentile(values, 0.99))
-    return seconds, rate, p50, p99
+    return starts, rate, p50, p99

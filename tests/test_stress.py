@@ -563,3 +563,18 @@ def test_a_path_stress_may_use_is_one_ledger_open_may_use(tmp_path: Path) -> Non
     out = tally("stress", "--path", str(tmp_path), "--accounts", "4", "--clients", "2", "--transfers", "40")
     assert out.returncode == 0, out.stderr
     assert "verdict: ok" in out.stdout
+
+
+def test_the_plot_draws_a_short_run_as_a_line_and_says_what_it_cannot_show() -> None:
+    """A run of a tenth of a second is sliced in twentieths (a second a slice was one point);
+    a run with no samples (--chaos) or with samples that stop early (each client keeps its
+    first SAMPLES_MAX) says so on the plot."""
+    from engine._plot import _missing, _per_second
+    from engine._sending import SAMPLES_MAX
+
+    short = [(i / 1000, 1.0) for i in range(100)]  # 0.0 .. 0.099 s
+    starts, rate, p50, _ = _per_second(short)
+    assert len(starts) >= 10 and all(value > 0 for value in rate) and set(p50) == {1.0}
+    assert _missing(short, {"elapsed_s": 0.1}) is None
+    assert "no latency samples" in (_missing([], {"elapsed_s": 3.0}) or "")
+    assert f"first {SAMPLES_MAX:,}" in (_missing(short, {"elapsed_s": 10.0}) or "")
