@@ -801,6 +801,14 @@ def _refuse_open_here(path: str, readonly: bool) -> None:
     for ledger in list(_OPEN):
         if (readonly or ledger._journal.readonly) and ledger._journal.directory == where:  # (as resolved then)
             raise LedgerLocked(f"the ledger at {path} is open in this process already: use that Ledger")
+    if where in _INHERITED:
+        raise LedgerLocked(f"the ledger at {path} was open in the process this one was forked from, and LMDB keeps "
+                           "its files held here by the copy of that environment this process inherited: open it in a "
+                           "process started with multiprocessing's 'spawn' or 'forkserver' method")
+
+
+_INHERITED: set[str] = set()
+"""The directories of the ledgers open in the process this one was forked from (`_after_fork`)."""
 
 
 def _after_fork() -> None:
@@ -813,6 +821,7 @@ def _after_fork() -> None:
         ledger._forked_from = os.getppid()
         ledger._closed = True
         ledger._journal.release_after_fork()
+        _INHERITED.add(ledger._journal.directory)
     _OPEN.clear()
 
 

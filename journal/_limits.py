@@ -84,6 +84,13 @@ CLOSE_WAIT_S_MAX = 30.0
 COMMIT_DELAY_S_MAX = 0.001
 """Longest the writer waits for callers released by the previous commit to rejoin."""
 
+READER_CHECK_S = 1.0
+"""How often, at most, the journal writer clears the LMDB reader slots of processes that died
+while reading (`tally verify` killed, a read-only ledger's process SIGKILLed): a slot left
+behind pins the snapshot it read, and every page written since stays in the data file, which
+grows without bound while any process keeps the ledger open. LMDB clears them only when its
+table is full, or when asked."""
+
 DATA_FILE_LOOK_S = 0.1
 """How often, at most, a group commit first looks whether the data file at the ledger's path is
 still the one it opened (`Store.in_place`). Not every commit: the look is a system call, which

@@ -306,6 +306,7 @@ def _settle_last_writer(env: lmdb.Environment) -> None:
     transaction takes the lock that the killed writer held; this takes it first."""
     try:
         env.begin(write=True).abort()
+        env.reader_check()  # and clears the reader slots of processes that died reading (`Writer`)
     except lmdb.Error as error:
         raise lmdb_read_error(error, "the journal, settling after its last writer") from error
 

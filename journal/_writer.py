@@ -52,6 +52,7 @@ from journal._limits import (
     CLOSE_WAIT_S_MAX,
     DATA_FILE_LOOK_S,
     PENDING_RECORDS_MAX,
+    READER_CHECK_S,
     WRITER_IDLE_WAIT_S,
 )
 from journal._names import LEDGER_ID_KEY
@@ -171,6 +172,7 @@ class Writer:
         self._waiter_ids = 0
         self._failure: JournalWriteError | None = None
         self._look_at = 0.0
+        self._readers_checked_at = time.monotonic() + READER_CHECK_S  # (the open cleared them: `_settle_last_writer`)
         """When (`time.monotonic`) a commit next looks whether the data file is still in place."""
         self._closing = False
         self.commits = 0
@@ -429,6 +431,9 @@ class Writer:
                     if not store.in_place():  # the file is no longer the ledger's: write nothing into it
                         raise JournalWriteError(f"the data file of the ledger at {store.path} was removed or moved "
                                                 "away while the ledger was open: nothing more is written")
+                    if now >= self._readers_checked_at:  # (`READER_CHECK_S`)
+                        self._readers_checked_at = now + READER_CHECK_S
+                        store.env.reader_check()
                 txn.commit()
                 self._chain_digest = digest
                 if batch:

@@ -648,12 +648,17 @@ def test_close_while_calls_are_in_flight_ends_each_with_a_ledger_error_and_logs_
 
 
 def test_a_forked_child_is_refused_at_once_and_does_not_keep_the_lock(tmp_path: Path) -> None:
+    """The child's calls on its parent's ledger are `LedgerClosed` at once; it opens another
+    ledger, but not that one, even once its parent closed it (LMDB's files stay held by the
+    environment it inherited): `LedgerLocked` says so, naming spawn."""
     path = tmp_path / "ledger"
     script = """
 import os, sys, time
-from engine import Ledger, LedgerClosed
+from engine import Ledger, LedgerClosed, LedgerLocked
 ledger = Ledger.open(sys.argv[1])
 ledger.create_account("a", currency="USD")
+ready_r, ready_w = os.pipe()
+go_r, go_w = os.pipe()
 pid = os.fork()
 if pid == 0:
     started = time.monotonic()
@@ -661,15 +666,29 @@ if pid == 0:
         ledger.balance("a")
         os._exit(1)
     except LedgerClosed as error:
-        os._exit(0 if "fork" in str(error) and time.monotonic() - started < 1.0 else 2)
+        if "fork" not in str(error) or time.monotonic() - started >= 1.0:
+            os._exit(2)
+    os.write(ready_w, b"x")
+    os.read(go_r, 1)  # the parent closed its ledger
+    try:
+        Ledger.open(sys.argv[1]).close()
+        os._exit(3)
+    except LedgerLocked as error:
+        if "spawn" not in str(error):
+            os._exit(4)
+    with Ledger.open(sys.argv[2]) as other:
+        other.create_account("b", currency="USD")
+    os._exit(0)
+os.read(ready_r, 1)
+ledger.close()
+os.write(go_w, b"x")
 _, status = os.waitpid(pid, 0)
 print(os.waitstatus_to_exitcode(status))
-ledger.close()
 with Ledger.open(sys.argv[1]) as again:
     print(len(again.accounts()))
 """
-    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
-                          timeout=CLI_TIMEOUT_S, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    done = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "other")], capture_output=True,
+                          text=True, timeout=CLI_TIMEOUT_S, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert done.stdout.split() == ["0", "1"], (done.stdout, done.stderr)
 
 
@@ -1011,3 +1030,57 @@ def test_a_reader_table_full_of_dead_processes_slots_is_cleared_and_one_full_of_
         with pytest.raises(LedgerUnavailable, match="readers is full"):
             ledger.get_transfer("t-1")
         ledger._journal._store.env = env
+
+
+_DYING_READER = """
+import sys, lmdb
+env = lmdb.open(sys.argv[1], readonly=True, lock=True, max_dbs=64)
+txn = env.begin() if sys.argv[2] == "read" else None  # a read snapshot, held until the process is killed
+print("reading", flush=True)
+sys.stdin.read()
+"""
+
+
+def _lmdb_process(path: Path, what: str) -> subprocess.Popen[str]:
+    """A process with the ledger's LMDB environment open (`what`: "read", holding a snapshot;
+    "keep", only keeping its reader table alive), once it says so."""
+    process = subprocess.Popen([sys.executable, "-c", _DYING_READER, str(path), what], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None and process.stdout.readline() == "reading\n"
+    return process
+
+
+@pytest.mark.parametrize("cleared_by", ["the writer, as it commits", "the next open"])
+def test_the_reader_slot_of_a_process_killed_while_reading_is_cleared(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cleared_by: str) -> None:
+    """A reader killed mid-read (a `tally verify`, a read-only ledger's process) leaves its LMDB
+    slot, which pins its snapshot: every page written since stays in the data file, which grows
+    without bound while any process keeps the ledger open (LMDB clears a dead slot only when its
+    table is full). The writer clears them as it commits (every `READER_CHECK_S`), and an open
+    first thing."""
+    path = tmp_path / "l"
+    with Ledger.open(path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("a", currency="USD")
+    keeper = _lmdb_process(path, "keep")  # the table outlives the ledger's close, as beside a follower
+    try:
+        ledger = Ledger.open(path)
+        try:
+            reader = _lmdb_process(path, "read")
+            reader.kill()
+            reader.wait(30)
+            assert f"{reader.pid} " in ledger._journal._store.env.readers()  # left behind
+            if cleared_by == "the writer, as it commits":
+                monkeypatch.setattr(journal_writer, "READER_CHECK_S", 0.0)
+                monkeypatch.setattr(journal_writer, "DATA_FILE_LOOK_S", 0.0)
+                ledger._journal._writer._readers_checked_at = 0.0  # type: ignore[union-attr]
+                ledger.transfer("t", source="bank", destination="a", amount=1)
+                assert f"{reader.pid} " not in ledger._journal._store.env.readers()
+        finally:
+            ledger.close()
+        if cleared_by == "the next open":
+            with Ledger.open(path) as ledger:
+                assert f"{reader.pid} " not in ledger._journal._store.env.readers()
+    finally:
+        keeper.kill()
+        keeper.wait(30)
