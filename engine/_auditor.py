@@ -76,7 +76,7 @@ CHECK_PENDING_ENDED = "every pending transfer ended posted, voided or expired, o
 CHECK_LINKED = "every linked chain is all-or-nothing"
 CHECK_REOPEN = "close and reopen give the same state hash"
 CHECK_OUTCOMES = "every request whose reply told no outcome was sent again until one did"
-CHECK_EXPLAINED = "every entry is of a transfer the run sent (no money moved twice, or unasked)"
+CHECK_EXPLAINED = "every entry is of a transfer the run was told moved money (none moved twice, unasked or denied)"
 
 PENDING_PAGE_TRANSFERS = 1_000
 """Pending transfers `open_pending` reads a page."""
@@ -104,12 +104,14 @@ def open_pending(ledger: ListedLedger) -> frozenset[str]:
 
 def audit_replies(ledger: AuditedLedger, replies: Replies, reopen: Callable[[], bool] | None = None,
                   sent: Collection[str] | None = None, prior: Collection[str] = (),
-                  since_lsn: int = 0) -> dict[str, bool]:
-    """Every check, by name: True passed. `reopen` closes, reopens and compares hashes. `sent`,
-    every transfer id the run sent (whatever its reply, or none): each entry after `since_lsn`
-    (the ledger's last LSN before the run: earlier entries are of earlier runs) must be of one
-    of them, else money moved that no request of the run asked for (a retry applied again under
-    an id of the ledger's own, say), which every other check can miss: the moves balance.
+                  since_lsn: int = 0, funded: Collection[str] = ()) -> dict[str, bool]:
+    """Every check, by name: True passed. `reopen` closes, reopens and compares hashes. `sent`
+    (every transfer id the run sent, whatever its reply) turns on the check that each entry
+    after `since_lsn` (the ledger's last LSN before the run: earlier entries are of earlier
+    runs) is of a move the run was told was made, or of a funding (`funded`), else money moved
+    that no reply owned up to (a retry applied again under an id of the ledger's own, a
+    transfer applied and answered refused or invalid), which every other check can miss: the
+    moves balance.
     `prior`: the pending transfers open before the run (`open_pending`); those still open hold
     funds beside the run's own."""
     checks: dict[str, bool] = {}
@@ -117,6 +119,10 @@ def audit_replies(ledger: AuditedLedger, replies: Replies, reopen: Callable[[], 
     placements: dict[str, set[tuple[str, int]]] = {}
     balances: dict[str, Balance] = {}
     total, gapless, above_limit, posted_is_sum, explained = 0, True, True, True, True
+    # Of what the run sent, what it was told moved money (every outcome is known by now, or
+    # `CHECK_OUTCOMES` fails), and its fundings: an entry of an id answered otherwise (refused,
+    # invalid) is money moved that the run was told had not moved.
+    moved = {tid for tid, reply in replies.acknowledged.items() if reply.kind in _MOVES} | set(funded)
     for account in ledger.accounts():
         running = 0
         for seq, entry in enumerate(ledger.entries(account.id), start=1):
@@ -125,7 +131,7 @@ def audit_replies(ledger: AuditedLedger, replies: Replies, reopen: Callable[[], 
             if account.overdraft_limit is not None:
                 above_limit &= entry.balance >= -account.overdraft_limit
             appearances[entry.transfer_id] += 1
-            explained &= sent is None or entry.lsn <= since_lsn or entry.transfer_id in sent
+            explained &= sent is None or entry.lsn <= since_lsn or entry.transfer_id in moved
             placements.setdefault(entry.transfer_id, set()).add((account.id, entry.amount))
         balance = balances[account.id] = ledger.balance(account.id)
         posted_is_sum &= balance.posted == running

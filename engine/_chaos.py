@@ -90,14 +90,14 @@ def _round(config: StressConfig, number: int, rng: random.Random, replies: Repli
     command = [sys.executable, "-m", "engine._chaos", config.path, str(config.accounts), str(config.clients),
                config.mix, str(config.amount_max), str(config.seed * 1000 + number), str(budget or 0)]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-    tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
-    assert child.stdout is not None and child.stderr is not None
-    readers = [threading.Thread(target=_read, args=(child.stdout, lines), daemon=True),
-               threading.Thread(target=tail.extend, args=(child.stderr,), daemon=True)]
-    for reader in readers:
-        reader.start()
     try:
+        lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        assert child.stdout is not None and child.stderr is not None
+        readers = [threading.Thread(target=_read, args=(child.stdout, lines), daemon=True),
+                   threading.Thread(target=tail.extend, args=(child.stderr,), daemon=True)]
+        for reader in readers:
+            reader.start()
         return _watch(child, readers, lines, tail, rng, replies, report, budget)
     except BaseException:  # an interrupt (Ctrl-C, SIGTERM) too: no child is left running on the ledger
         child.kill()
@@ -122,6 +122,7 @@ def _watch(child: subprocess.Popen[str], readers: list[threading.Thread], lines:
                                f"{_stderr_tail(readers, tail)}") from None
         if line is None:
             break
+        deadline = time.monotonic() + CHILD_WAIT_S  # `CHILD_WAIT_S` without a line, not for the whole round
         seen += _parse(line, replies, report)
         if kill_after is not None and seen >= kill_after:
             os.kill(child.pid, signal.SIGKILL)

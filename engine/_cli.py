@@ -92,7 +92,8 @@ def _url(text: str) -> str:
     if bad:
         raise argparse.ArgumentTypeError(f"{shown(text)} is not a server's URL (http://HOST:PORT)")
     if parts.username is not None or parts.password is not None:  # httpx would send it as Basic auth
-        raise argparse.ArgumentTypeError(f"{shown(text)} holds a user name or password: give the server's"
+        shown_url = f"{parts.scheme}://…@{parts.netloc.rpartition('@')[2]}"  # the password not echoed
+        raise argparse.ArgumentTypeError(f"{shown_url} holds a user name or password: give the server's"
                                          " bearer token with --token-file instead")
     return text
 

@@ -89,6 +89,14 @@ class ServerUnreachable(LedgerError):
     a write is unknown: send it again with the same id to learn it."""
 
     code = "server_unreachable"
+    nothing_sent = False
+
+
+class NotSent(ServerUnreachable):
+    """No connection could be made: nothing was sent, so nothing was written (a server down, or
+    restarting). Sending it again is a new try, not a question about a first one."""
+
+    nothing_sent = True
 
 
 _ERRORS: dict[str, type[LedgerError]] = {
@@ -301,6 +309,8 @@ class RemoteLedger:
         except httpx.TimeoutException as error:
             raise ServerUnreachable(f"{where}: no reply within {self._timeout_s:g} s ({error!r}): the outcome is"
                                     " unknown") from error
+        except httpx.ConnectError as error:  # (before TransportError, its base)
+            raise NotSent(f"{where}: {error!r}: nothing was sent; is `tally serve` running at {self.url}?") from error
         except httpx.TransportError as error:
             raise ServerUnreachable(f"{where}: {error!r}: is `tally serve` running at {self.url}?") from error
         status = response.status_code

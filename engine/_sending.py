@@ -124,6 +124,9 @@ def learn_outcomes(ledger: Any, replies: Replies) -> None:
 
 
 def _record_reply(replies: Replies, op: Op, outcome: Outcome) -> None:
+    first = outcome[0] if op.kind == "pending" else outcome
+    if getattr(first, "nothing_sent", False):  # no connection (`engine._remote.NotSent`): nothing was written
+        return  # (not one to learn: a server down a while leaves thousands, which resending one by one outlasts)
     if op.kind == "pending":
         _record_pending(replies, op, *outcome)
     elif not tells(outcome):

@@ -12,7 +12,7 @@ ledger is closed, reopened, and its state hash compared.
 from __future__ import annotations
 
 import math
-import os
+import secrets
 import sys
 import tempfile
 import threading
@@ -148,13 +148,14 @@ def run_stress(
         prior = open_pending(ledger)  # a ledger used before: what its runs left pending holds funds too
         since_lsn = ledger.head().lsn  # and its entries until here are of those runs
         funded = _open_accounts(ledger, names, config)
-        replies = _fire(ledger, picker, config, report, progress, f"s{config.seed}-{os.getpid()}-{int(time.time())}")
+        replies = _fire(ledger, picker, config, report, progress, f"s{config.seed}-{secrets.token_hex(6)}")  # (a run's own)
         replies.sent.update(funded)
         learn_outcomes(ledger, replies)
         report.resent = (replies.resent, len(replies.unknown))
         _await_expiries(ledger, replies)
         report.state_hash = ledger.state_hash()
-        report.checks = audit_replies(ledger, replies, prior=prior, sent=replies.sent, since_lsn=since_lsn)
+        report.checks = audit_replies(ledger, replies, prior=prior, sent=replies.sent, since_lsn=since_lsn,
+                                      funded=funded)
     with open_ledger(config.path) as reopened:
         report.checks["close and reopen give the same state hash"] = reopened.state_hash() == report.state_hash
     return report

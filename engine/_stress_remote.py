@@ -56,12 +56,12 @@ def run_remote_stress(config: StressConfig, token: str | None = None, progress: 
             ledger.account(f"{run}-bank")  # before the run: is it there, does it take the token?
         except AccountNotFound:
             pass
-        _open_accounts(ledger, names, config, bank=f"{run}-bank")
+        funded = _open_accounts(ledger, names, config, bank=f"{run}-bank")
         replies = _fire(ledger, picker, config, report, progress, run)
         learn_outcomes(ledger, replies)  # a reply lost (a server restarted, say): the same id again tells it
         report.resent = (replies.resent, len(replies.unknown))
         _await_expiries(ledger, replies)
-        report.checks = audit_replies(ledger, replies, sent=ledger.sent())
+        report.checks = audit_replies(ledger, replies, sent=ledger.sent(), funded=funded)
         report.checks[CHECK_ACCOUNTS] = not ledger.accounts_gone
         report.checks[CHECK_CONTRACT] = not ledger.fault_count
         gone = [] if report.checks[CHECK_PRESENT] else sorted(

@@ -20,6 +20,7 @@ from engine import (
     Balance,
     Entry,
     IdempotencyConflict,
+    InvalidRequest,
     Ledger,
     LedgerError,
     LedgerTimeout,
@@ -242,6 +243,21 @@ def test_a_local_run_fails_when_the_ledger_moves_retried_money_twice(tmp_path: P
     assert report.summary()["verdict"] == "FAILED"
 
 
+@pytest.mark.parametrize("denial", [InvalidRequest, IdempotencyConflict])
+def test_a_local_run_fails_when_the_ledger_moves_money_and_answers_that_it_did_not(
+        tmp_path: Path, denial: type[LedgerError]) -> None:
+    """One transfer in five applied and answered as invalid, or as a conflict with no request
+    that differed: the ids were sent, the moves balance, and nothing acknowledged is missing;
+    only an entry of a move the run was not told was made shows it."""
+    def open_denying(path: str) -> _Denier:
+        return _Denier(Ledger.open(path), denial)
+
+    report = run_stress(StressConfig(path=str(tmp_path / "ledger"), **SMALL), progress=False, open_ledger=open_denying)
+    assert report.checks[CHECK_EXPLAINED] is False, report.checks
+    assert report.checks[CHECK_PRESENT] and report.checks[CHECK_CONSERVED]
+    assert report.summary()["verdict"] == "FAILED"
+
+
 def test_a_retry_no_reply_tells_the_outcome_of_is_sent_again_and_fails_the_run_if_none_does(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A ledger that answers every id it has seen with a timeout: no retry learned anything, so
@@ -291,6 +307,21 @@ class _DoubleMover(Faulty):
             with suppress(LedgerError):
                 self._ledger.transfer(f"{transfer_id}-again", **fields)
         self.seen.add(transfer_id)
+        return made
+
+
+class _Denier(Faulty):
+    """Applies every fifth single transfer and answers it with `denial`."""
+
+    def __init__(self, ledger: Ledger, denial: type[LedgerError]) -> None:
+        super().__init__(ledger, "", "")
+        self.denial, self.count = denial, 0
+
+    def transfer(self, transfer_id: str, **fields: Any) -> Transfer:
+        made = self._ledger.transfer(transfer_id, **fields)
+        self.count += 1
+        if self.count % 5 == 0 and not fields.get("pending"):
+            raise self.denial(f"transfer {transfer_id!r}: denied (as this test makes it)")
         return made
 
 
@@ -578,3 +609,40 @@ def test_the_plot_draws_a_short_run_as_a_line_and_says_what_it_cannot_show() -> 
     assert _missing(short, {"elapsed_s": 0.1}) is None
     assert "no latency samples" in (_missing([], {"elapsed_s": 3.0}) or "")
     assert f"first {SAMPLES_MAX:,}" in (_missing(short, {"elapsed_s": 10.0}) or "")
+
+
+def test_a_chaos_round_waits_child_wait_s_for_each_line_not_for_the_whole_round(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A last round longer than `CHILD_WAIT_S` in all, its child answering all along, is no child
+    that stopped answering (it was: a long --transfers ended FAILED). A clock of the test's own:
+    each line arrives 10 s after the one before, with `CHILD_WAIT_S` 15."""
+    import queue
+    import random
+    from collections import deque
+
+    from engine import _chaos
+    from engine._auditor import Replies
+    from engine._stress import StressConfig, StressReport
+
+    now = [1000.0]
+    monkeypatch.setattr(_chaos, "CHILD_WAIT_S", 15.0)
+    monkeypatch.setattr(_chaos.time, "monotonic", lambda: now[0])
+    sent = [f"A t{i} a b 1 {i} {i}\n" for i in range(5)] + [None]
+
+    class Lines:
+        def get(self, timeout: float) -> str | None:
+            if timeout <= 0:  # nothing came within what was left of the wait
+                raise queue.Empty
+            now[0] += 10.0
+            return sent.pop(0)
+
+    class Child:
+        pid = -1
+
+        def wait(self, timeout: float) -> int:
+            return 0  # the last round's child ends on its own, status 0
+
+    report = StressReport(StressConfig(path="unused"))
+    killed = _chaos._watch(Child(), [], Lines(), deque(), random.Random(1), Replies(), report,  # type: ignore[arg-type]
+                           budget=5)
+    assert killed is False and report.sent == 5

@@ -431,8 +431,9 @@ def test_a_token_file_without_a_url_and_a_url_with_a_path_or_a_password_are_refu
     assert done.returncode == 2 and "--token-file goes with --url" in done.stderr
     done = tally("stress", "--url", "http://127.0.0.1:9/accounts")
     assert done.returncode == 2 and "not a server's URL" in done.stderr
-    done = tally("stress", "--url", "http://user:pw@127.0.0.1:9", "--token-file", str(token))  # sent as Basic auth
+    done = tally("stress", "--url", "http://user:s3cr3t@127.0.0.1:9", "--token-file", str(token))  # sent as Basic auth
     assert done.returncode == 2 and "holds a user name or password" in done.stderr and done.stderr.count("\n") == 1
+    assert "s3cr3t" not in done.stderr  # never echoed
 
 
 @pytest.mark.timeout(30)
@@ -506,3 +507,26 @@ def test_a_server_that_does_not_mark_its_replays_fails_the_contract_check(stand_
     assert done.returncode == 1, done.stdout + done.stderr
     assert "✗ every reply kept the HTTP contract" in done.stdout
     assert "its replay is not marked Idempotency-Replayed: true" in done.stdout
+
+
+def test_a_request_no_connection_could_carry_is_not_sent_and_not_one_to_learn() -> None:
+    """A server down refuses the connection: nothing was sent, so nothing was written
+    (`NotSent`). Such a request is not resent before the audit (a server down a few seconds
+    left tens of thousands, whose resends one by one outlasted the run's wait and failed it);
+    one whose reply was lost is."""
+    from engine._auditor import Replies
+    from engine._remote import NotSent, ServerUnreachable
+    from engine._sending import _record_reply
+    from engine._workload import Op
+
+    with RemoteLedger(f"http://127.0.0.1:{free_port()}") as ledger:
+        with pytest.raises(NotSent, match="nothing was sent"):
+            ledger.transfer("t", source="a", destination="b", amount=1)
+    replies = Replies()
+    _record_reply(replies, Op("t1", "a", "b", 1, False), NotSent("refused"))
+    _record_reply(replies, Op("t2", "a", "b", 1, False, kind="pending", resolution="post"),
+                  (NotSent("refused"), None))
+    assert replies.unknown == []
+    lost = Op("t3", "a", "b", 1, False)
+    _record_reply(replies, lost, ServerUnreachable("the reply was lost"))
+    assert replies.unknown == [lost]
