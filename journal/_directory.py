@@ -96,7 +96,7 @@ def prepare_directory(path: str, create: bool) -> None:
         if create:
             refuse_foreign(path)
         return
-    if os.path.exists(path):
+    if os.path.exists(path) and not os.path.isdir(path):  # (looked at again: made a directory meanwhile, it is one)
         raise JournalNotFoundError(f"{path} is a file, not a ledger directory")
     if not create:
         raise JournalNotFoundError(f"{path} does not exist")

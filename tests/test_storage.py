@@ -35,7 +35,7 @@ from engine import (
     TransferRequest,
 )
 from engine import _tools
-from journal import ANCHOR_FILE, FORMAT_VERSION, Journal, JournalCorruptedError
+from journal import ANCHOR_FILE, FORMAT_VERSION, Journal, JournalCorruptedError, JournalNotFoundError
 from coordinator import CHECK_FILE
 import journal._writer as journal_writer
 from journal import _store
@@ -1084,3 +1084,16 @@ def test_the_reader_slot_of_a_process_killed_while_reading_is_cleared(
     finally:
         keeper.kill()
         keeper.wait(30)
+
+
+def test_a_directory_made_between_two_looks_is_not_called_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader opening a ledger while another process makes it: the path that was not a
+    directory at the first look and is one at the next is no file (it said so, a probe found)."""
+    from journal import _directory
+
+    looks = iter([False, True])
+    monkeypatch.setattr(_directory.os.path, "isdir", lambda path: next(looks))
+    monkeypatch.setattr(_directory.os.path, "exists", lambda path: True)
+    with pytest.raises(JournalNotFoundError) as raised:
+        _directory.prepare_directory(str(tmp_path / "being-made"), create=False)
+    assert "is a file" not in str(raised.value)
