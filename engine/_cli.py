@@ -90,12 +90,17 @@ def _url(text: str) -> str:
     except ValueError:  # e.g. an unclosed [IPv6 address
         bad = True
     if bad:
-        raise argparse.ArgumentTypeError(f"{shown(text)} is not a server's URL (http://HOST:PORT)")
+        raise argparse.ArgumentTypeError(f"{shown(_no_userinfo(text))} is not a server's URL (http://HOST:PORT)")
     if parts.username is not None or parts.password is not None:  # httpx would send it as Basic auth
-        shown_url = f"{parts.scheme}://…@{parts.netloc.rpartition('@')[2]}"  # the password not echoed
-        raise argparse.ArgumentTypeError(f"{shown_url} holds a user name or password: give the server's"
-                                         " bearer token with --token-file instead")
+        raise argparse.ArgumentTypeError(f"{shown(_no_userinfo(text))} holds a user name or password: give the "
+                                         "server's bearer token with --token-file instead")
     return text
+
+
+def _no_userinfo(url: str) -> str:
+    """`url` with whatever precedes an `@` after its scheme shown as `…` (a password is never echoed)."""
+    scheme, slashes, rest = url.partition("//")
+    return f"{scheme}{slashes}…@{rest.rpartition('@')[2]}" if "@" in rest else url
 
 
 def _rate(text: str) -> float:

@@ -801,14 +801,28 @@ def _refuse_open_here(path: str, readonly: bool) -> None:
     for ledger in list(_OPEN):
         if (readonly or ledger._journal.readonly) and ledger._journal.directory == where:  # (as resolved then)
             raise LedgerLocked(f"the ledger at {path} is open in this process already: use that Ledger")
-    if where in _INHERITED:
+    if _INHERITED and not _INHERITED.isdisjoint(_files_of(where)):
         raise LedgerLocked(f"the ledger at {path} was open in the process this one was forked from, and LMDB keeps "
                            "its files held here by the copy of that environment this process inherited: open it in a "
                            "process started with multiprocessing's 'spawn' or 'forkserver' method")
 
 
-_INHERITED: set[str] = set()
-"""The directories of the ledgers open in the process this one was forked from (`_after_fork`)."""
+_INHERITED: set[tuple[int, int]] = set()
+"""The files (device, inode) of the ledgers open in the process this one was forked from
+(`_after_fork`): py-lmdb refuses them here, as open in this process, by the same keys. A ledger
+made anew at one of their paths is other files, and opens."""
+
+
+def _files_of(directory: str) -> set[tuple[int, int]]:
+    """(device, inode) of the data file and the lock file in `directory`, those that exist."""
+    found = set()
+    for name in ("data.mdb", "lock.mdb"):  # LMDB's own names
+        try:
+            stat = os.stat(os.path.join(directory, name))
+        except OSError:
+            continue
+        found.add((stat.st_dev, stat.st_ino))
+    return found
 
 
 def _after_fork() -> None:
@@ -821,7 +835,7 @@ def _after_fork() -> None:
         ledger._forked_from = os.getppid()
         ledger._closed = True
         ledger._journal.release_after_fork()
-        _INHERITED.add(ledger._journal.directory)
+        _INHERITED.update(_files_of(ledger._journal.directory))
     _OPEN.clear()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import io
+import math
 from typing import Any
 
 from coordinator import InvalidRequest
@@ -25,7 +26,7 @@ def write_report(samples: list[tuple[float, float]], summary: dict[str, Any], pa
         raise InvalidRequest("--report needs matplotlib: pip install 'tally-ledger[report]'") from None
     seconds, rate, p50, p99 = _per_second(samples)
     figure, (top, bottom) = pyplot.subplots(2, 1, figsize=(10, 6), sharex=True)
-    marker = "o" if len(seconds) < 20 else None  # a run of a second or two is a point or two: seen, not lost
+    marker = "o" if len(seconds) < 20 else None  # a run shorter than 0.2 s is a few slices: each one seen
     top.plot(seconds, rate, color="tab:blue", marker=marker)
     top.set_ylabel("transfers / s")
     top.set_ylim(bottom=0)  # from zero: a dip of a tenth must not look like a stall
@@ -62,8 +63,8 @@ def _missing(samples: list[tuple[float, float]], summary: dict[str, Any]) -> str
         return "no latency samples: this run timed no transfer one by one (a --chaos run times its rounds)"
     end_s, elapsed_s = samples[-1][0], float(summary.get("elapsed_s") or 0.0)
     if elapsed_s - end_s > 1.0:
-        return (f"samples end at {end_s:.1f} s of {elapsed_s:.1f} s: each client keeps its first {SAMPLES_MAX:,}; "
-                "the figures printed cover the whole run")
+        return (f"samples end at {end_s:.1f} s of {elapsed_s:.1f} s (each client keeps its first {SAMPLES_MAX:,}, and "
+                "requests no server answered have none); the figures printed cover the whole run")
     return None
 
 
@@ -72,9 +73,10 @@ def _per_second(samples: list[tuple[float, float]]) -> tuple[list[float], list[f
     20 s a twentieth of it (at least 10 ms), so a short run is a line too, not one point."""
     end_s = max((at_s for at_s, _ in samples), default=0.0)
     slice_s = 1.0 if end_s >= 20 else max(0.01, end_s / 20)
+    last = max(0, math.ceil(end_s / slice_s) - 1)  # the sample at the very end is in the last slice, not one of its own
     buckets: dict[int, list[float]] = {}
     for at_s, latency_ms in samples:
-        buckets.setdefault(int(at_s / slice_s), []).append(latency_ms)
+        buckets.setdefault(min(int(at_s / slice_s), last), []).append(latency_ms)
     starts: list[float] = []
     rate: list[float] = []
     p50: list[float] = []

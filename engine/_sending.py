@@ -120,13 +120,17 @@ def learn_outcomes(ledger: Any, replies: Replies) -> None:
             if op.kind == "pending" and op.transfer_id in replies.pendings:  # made; its post or void told nothing
                 _record_reply(replies, op, (replies.acknowledged[op.transfer_id], _resolve(ledger, op)))
             else:
-                _record_reply(replies, op, send(ledger, [op])[0])
+                _record_reply(replies, op, send(ledger, [op])[0], resent=True)
 
 
-def _record_reply(replies: Replies, op: Op, outcome: Outcome) -> None:
+def _record_reply(replies: Replies, op: Op, outcome: Outcome, resent: bool = False) -> None:
+    """Record what `op` was told (`resent`: by a resend, `learn_outcomes`)."""
     first = outcome[0] if op.kind == "pending" else outcome
-    if getattr(first, "nothing_sent", False):  # no connection (`engine._remote.NotSent`): nothing was written
-        return  # (not one to learn: a server down a while leaves thousands, which resending one by one outlasts)
+    if getattr(first, "nothing_sent", False):  # no connection (`engine._remote.NotSent`)
+        if resent:  # the first try's reply was lost: it may have landed, and this one tells nothing
+            replies.unknown.append(op)
+        return  # its first try: nothing was written, so nothing to learn (a server down a while leaves
+        # thousands, which resending one by one outlasts)
     if op.kind == "pending":
         _record_pending(replies, op, *outcome)
     elif not tells(outcome):

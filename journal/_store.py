@@ -306,9 +306,38 @@ def _settle_last_writer(env: lmdb.Environment) -> None:
     transaction takes the lock that the killed writer held; this takes it first."""
     try:
         env.begin(write=True).abort()
-        env.reader_check()  # and clears the reader slots of processes that died reading (`Writer`)
     except lmdb.Error as error:
         raise lmdb_read_error(error, "the journal, settling after its last writer") from error
+    clear_dead_readers(env)
+
+
+def clear_dead_readers(env: lmdb.Environment) -> None:
+    """Clear the reader slots of processes that died reading (a `tally verify` killed, a
+    read-only ledger's process SIGKILLed), if the table holds any: such a slot pins the snapshot
+    it read, so no page written since is reused and the data file grows without bound while
+    any process keeps the ledger open (LMDB clears them itself only when the table is full).
+
+    Only when a slot's process is gone: LMDB's check also clears the slots of a live process
+    that lost its lock on `lock.mdb` (it closed a descriptor of that file: copying the ledger's
+    directory, say), whose snapshot would then be written over under it. A failure is logged,
+    never raised: this is housekeeping, not a write."""
+    try:
+        pids = {int(line.split()[0]) for line in env.readers().splitlines()[1:] if line.split()[:1] != []
+                and line.split()[0].isdigit()}
+        if any(not _alive(pid) for pid in pids):
+            env.reader_check()
+    except (lmdb.Error, OSError, ValueError) as error:
+        logger.warning("clearing the reader slots of processes that are gone failed: %r", error)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: it exists
+        return True
+    return True
 
 
 def allocate_lock_file(path: str, readonly: bool = False) -> None:

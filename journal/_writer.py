@@ -56,6 +56,7 @@ from journal._limits import (
     WRITER_IDLE_WAIT_S,
 )
 from journal._names import LEDGER_ID_KEY
+from journal._store import clear_dead_readers
 from journal._store import Store, space_error
 
 logger = logging.getLogger("tally.journal")
@@ -172,8 +173,9 @@ class Writer:
         self._waiter_ids = 0
         self._failure: JournalWriteError | None = None
         self._look_at = 0.0
-        self._readers_checked_at = time.monotonic() + READER_CHECK_S  # (the open cleared them: `_settle_last_writer`)
         """When (`time.monotonic`) a commit next looks whether the data file is still in place."""
+        self._readers_checked_at = time.monotonic() + READER_CHECK_S  # (the open cleared them: `_settle_last_writer`)
+        """When a commit next looks for reader slots of processes that are gone (`clear_dead_readers`)."""
         self._closing = False
         self.commits = 0
         self.records_written = 0
@@ -431,10 +433,10 @@ class Writer:
                     if not store.in_place():  # the file is no longer the ledger's: write nothing into it
                         raise JournalWriteError(f"the data file of the ledger at {store.path} was removed or moved "
                                                 "away while the ledger was open: nothing more is written")
-                    if now >= self._readers_checked_at:  # (`READER_CHECK_S`)
-                        self._readers_checked_at = now + READER_CHECK_S
-                        store.env.reader_check()
                 txn.commit()
+                if batch and now >= self._readers_checked_at:  # (`READER_CHECK_S`)
+                    self._readers_checked_at = now + READER_CHECK_S
+                    clear_dead_readers(store.env)
                 self._chain_digest = digest
                 if batch:
                     crash_point("after-commit-durable")

@@ -1033,9 +1033,11 @@ def test_a_reader_table_full_of_dead_processes_slots_is_cleared_and_one_full_of_
 
 
 _DYING_READER = """
-import sys, lmdb
+import os, sys, lmdb
 env = lmdb.open(sys.argv[1], readonly=True, lock=True, max_dbs=64)
-txn = env.begin() if sys.argv[2] == "read" else None  # a read snapshot, held until the process is killed
+txn = env.begin() if sys.argv[2] != "keep" else None  # a read snapshot, held until the process is killed
+if sys.argv[2] == "read, its lock lost":  # a descriptor of lock.mdb closed: LMDB's lock on it is gone
+    os.close(os.open(os.path.join(sys.argv[1], "lock.mdb"), os.O_RDONLY))
 print("reading", flush=True)
 sys.stdin.read()
 """
@@ -1086,6 +1088,26 @@ def test_the_reader_slot_of_a_process_killed_while_reading_is_cleared(
         keeper.wait(30)
 
 
+def test_the_slot_of_a_live_reader_that_lost_its_lock_is_left_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LMDB's reader check also clears the slot of a live process that lost its lock on
+    `lock.mdb` (it closed a descriptor of the file), and its snapshot would be written over
+    under it: the writer asks LMDB to clear only when a slot's process is gone."""
+    path = tmp_path / "l"
+    with Ledger.open(path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("a", currency="USD")
+        reader = _lmdb_process(path, "read, its lock lost")
+        try:
+            monkeypatch.setattr(journal_writer, "READER_CHECK_S", 0.0)
+            ledger._journal._writer._readers_checked_at = 0.0  # type: ignore[union-attr]
+            for n in range(3):
+                ledger.transfer(f"t{n}", source="bank", destination="a", amount=1)
+            assert f"{reader.pid} " in ledger._journal._store.env.readers()
+        finally:
+            reader.kill()
+            reader.wait(30)
+
+
 def test_a_directory_made_between_two_looks_is_not_called_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A reader opening a ledger while another process makes it: the path that was not a
     directory at the first look and is one at the next is no file (it said so, a probe found)."""
@@ -1097,3 +1119,29 @@ def test_a_directory_made_between_two_looks_is_not_called_a_file(tmp_path: Path,
     with pytest.raises(JournalNotFoundError) as raised:
         _directory.prepare_directory(str(tmp_path / "being-made"), create=False)
     assert "is a file" not in str(raised.value)
+
+
+def test_a_forked_child_opens_a_ledger_made_anew_where_its_parents_was(tmp_path: Path) -> None:
+    """What a forked child cannot open is its parent's ledger's files (py-lmdb knows them by
+    device and inode), not the path: a ledger made anew there opens."""
+    script = """
+import os, shutil, sys
+from engine import Ledger
+ledger = Ledger.open(sys.argv[1])
+go_r, go_w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.read(go_r, 1)
+    with Ledger.open(sys.argv[1]) as anew:
+        os._exit(0 if [account.id for account in anew.accounts()] == ["new"] else 1)
+ledger.close()
+shutil.rmtree(sys.argv[1])
+with Ledger.open(sys.argv[1]) as anew:
+    anew.create_account("new", currency="USD")
+os.write(go_w, b"x")
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ledger")], capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT_S, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.stdout.split() == ["0"], (done.stdout, done.stderr)

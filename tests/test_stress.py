@@ -646,3 +646,13 @@ def test_a_chaos_round_waits_child_wait_s_for_each_line_not_for_the_whole_round(
     killed = _chaos._watch(Child(), [], Lines(), deque(), random.Random(1), Replies(), report,  # type: ignore[arg-type]
                            budget=5)
     assert killed is False and report.sent == 5
+
+
+def test_the_plot_of_a_short_run_at_a_steady_rate_ends_steady_not_in_a_cliff() -> None:
+    """The sample at the very end of a run belongs to the last slice: alone in a slice of its
+    own, a run at 5,000/s ended its plot at 200/s."""
+    from engine._plot import _per_second
+
+    steady = [(i / 5000, 1.0) for i in range(10_001)]  # 2 s at 5,000/s, the last at exactly 2.0 s
+    starts, rate, _, _ = _per_second(steady)
+    assert len(starts) == 20 and min(rate) > 0.9 * 5000, rate[-3:]

@@ -434,6 +434,10 @@ def test_a_token_file_without_a_url_and_a_url_with_a_path_or_a_password_are_refu
     done = tally("stress", "--url", "http://user:s3cr3t@127.0.0.1:9", "--token-file", str(token))  # sent as Basic auth
     assert done.returncode == 2 and "holds a user name or password" in done.stderr and done.stderr.count("\n") == 1
     assert "s3cr3t" not in done.stderr  # never echoed
+    for malformed in ("http://user:s3cr3t@127.0.0.1:99999", "http://user:s3cr3t@127.0.0.1:9/path",
+                      "ftp://user:s3cr3t@127.0.0.1:9", "http://user:s3/cr3t@127.0.0.1:9"):
+        done = tally("stress", "--url", malformed)
+        assert done.returncode == 2 and "s3cr3t" not in done.stderr and "cr3t" not in done.stderr, done.stderr
 
 
 @pytest.mark.timeout(30)
@@ -530,3 +534,26 @@ def test_a_request_no_connection_could_carry_is_not_sent_and_not_one_to_learn() 
     lost = Op("t3", "a", "b", 1, False)
     _record_reply(replies, lost, ServerUnreachable("the reply was lost"))
     assert replies.unknown == [lost]
+
+
+def test_a_resend_no_connection_could_carry_leaves_the_outcome_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request whose first reply was lost may have landed: a resend that meets a server still
+    down (no connection: `NotSent`) tells nothing of it, and it stays one to learn."""
+    from engine._auditor import Replies
+    from engine._remote import NotSent, ServerUnreachable
+    from engine._sending import _record_reply, learn_outcomes
+    from engine._workload import Op
+
+    class Down:
+        def transfer_many(self, requests: Any) -> list[Any]:
+            return [NotSent("refused") for _ in requests]
+
+        def transfer(self, *args: Any, **kwargs: Any) -> Any:
+            raise NotSent("refused")
+
+    replies = Replies()
+    lost = Op("t", "a", "b", 1, False)
+    _record_reply(replies, lost, ServerUnreachable("the reply was lost"))
+    monkeypatch.setattr("engine._sending.RESEND_BACKOFF_S", (0.0,))
+    learn_outcomes(Down(), replies)
+    assert replies.unknown == [lost] and "t" not in replies.acknowledged
