@@ -98,9 +98,9 @@ def _url(text: str) -> str:
 
 
 def _no_userinfo(url: str) -> str:
-    """`url` with whatever precedes an `@` after its scheme shown as `…` (a password is never echoed)."""
-    scheme, slashes, rest = url.partition("//")
-    return f"{scheme}{slashes}…@{rest.rpartition('@')[2]}" if "@" in rest else url
+    """`url` with all before its last `@` shown as `…` (a password is never echoed, however the
+    rest is spelled)."""
+    return f"…@{url.rpartition('@')[2]}" if "@" in url else url
 
 
 def _rate(text: str) -> float:

@@ -127,6 +127,8 @@ class Ledger:
         if clock_ns is None:
             self._expirer = threading.Thread(target=self._expire_while_open, name="tally-expirer", daemon=True)
             self._expirer.start()
+        self._files = _files_of(journal.directory)
+        """(device, inode) of its data and lock files as opened: what a forked child cannot open."""
         _OPEN.add(self)
 
     @classmethod
@@ -835,7 +837,7 @@ def _after_fork() -> None:
         ledger._forked_from = os.getppid()
         ledger._closed = True
         ledger._journal.release_after_fork()
-        _INHERITED.update(_files_of(ledger._journal.directory))
+        _INHERITED.update(getattr(ledger, "_files", ()))
     _OPEN.clear()
 
 

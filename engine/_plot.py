@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 import io
-import math
 from typing import Any
 
 from coordinator import InvalidRequest
@@ -73,7 +72,8 @@ def _per_second(samples: list[tuple[float, float]]) -> tuple[list[float], list[f
     20 s a twentieth of it (at least 10 ms), so a short run is a line too, not one point."""
     end_s = max((at_s for at_s, _ in samples), default=0.0)
     slice_s = 1.0 if end_s >= 20 else max(0.01, end_s / 20)
-    last = max(0, math.ceil(end_s / slice_s) - 1)  # the sample at the very end is in the last slice, not one of its own
+    full = int(end_s / slice_s + 1e-9)  # whole slices before the end
+    last = full - 1 if full and end_s - full * slice_s < slice_s / 2 else full  # a short tail joins the slice before
     buckets: dict[int, list[float]] = {}
     for at_s, latency_ms in samples:
         buckets.setdefault(min(int(at_s / slice_s), last), []).append(latency_ms)
@@ -84,7 +84,7 @@ def _per_second(samples: list[tuple[float, float]]) -> tuple[list[float], list[f
     for index in sorted(buckets):
         values = sorted(buckets[index])
         start_s = index * slice_s
-        width_s = min(slice_s, max(slice_s / 20, end_s - start_s))  # the last slice is usually partial
+        width_s = slice_s if index < last else max(slice_s / 2, end_s - start_s)  # the last: to the end
         starts.append(start_s)
         rate.append(len(values) / width_s)
         p50.append(percentile(values, 0.5))

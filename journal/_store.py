@@ -183,7 +183,7 @@ class Store:
                     if cleared:
                         raise JournalError(f"LMDB's table of {READERS_MAX} readers is full: too many readers "
                                            "at once (in this process and others)") from error
-                    self.env.reader_check()  # slots of processes that died
+                    self.env.reader_check()  # slots of processes that died (a full table: LMDB's own check)
                     cleared = True
                     continue
                 except lmdb.Error as error:
@@ -331,13 +331,19 @@ def clear_dead_readers(env: lmdb.Environment) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (one killed and not yet reaped has lost
+    its LMDB lock as a dead one has)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's: it exists
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[:1] != [b"Z"]
+    except OSError:  # no /proc (not Linux), or gone meanwhile: as `kill` said
         return True
-    return True
 
 
 def allocate_lock_file(path: str, readonly: bool = False) -> None:

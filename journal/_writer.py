@@ -434,10 +434,10 @@ class Writer:
                         raise JournalWriteError(f"the data file of the ledger at {store.path} was removed or moved "
                                                 "away while the ledger was open: nothing more is written")
                 txn.commit()
+                self._chain_digest = digest
                 if batch and now >= self._readers_checked_at:  # (`READER_CHECK_S`)
                     self._readers_checked_at = now + READER_CHECK_S
                     clear_dead_readers(store.env)
-                self._chain_digest = digest
                 if batch:
                     crash_point("after-commit-durable")
                 if sliced:

@@ -40,6 +40,7 @@ from coordinator import CHECK_FILE
 import journal._writer as journal_writer
 from journal import _store
 from journal._seal import SEAL_FILE
+from support import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 60.0
@@ -1088,6 +1089,31 @@ def test_the_reader_slot_of_a_process_killed_while_reading_is_cleared(
         keeper.wait(30)
 
 
+def test_the_slot_of_a_reader_killed_and_not_yet_reaped_is_cleared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A zombie (killed, its parent not yet waiting for it) exists to `kill(pid, 0)` but has lost
+    its LMDB lock as a dead process has: its slot is cleared too."""
+    path = tmp_path / "l"
+    with Ledger.open(path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("a", currency="USD")
+        reader = _lmdb_process(path, "read")
+        try:
+            reader.kill()
+            assert wait_until(lambda: _proc_state(reader.pid) == "Z")  # gone, not yet reaped
+            monkeypatch.setattr(journal_writer, "READER_CHECK_S", 0.0)
+            ledger._journal._writer._readers_checked_at = 0.0  # type: ignore[union-attr]
+            ledger.transfer("t", source="bank", destination="a", amount=1)
+            assert f"{reader.pid} " not in ledger._journal._store.env.readers()
+        finally:
+            reader.kill()
+            reader.wait(30)
+
+
+def _proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        return stat.read().rpartition(b")")[2].split()[0].decode()
+
+
 def test_the_slot_of_a_live_reader_that_lost_its_lock_is_left_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """LMDB's reader check also clears the slot of a live process that lost its lock on
     `lock.mdb` (it closed a descriptor of the file), and its snapshot would be written over
@@ -1099,7 +1125,9 @@ def test_the_slot_of_a_live_reader_that_lost_its_lock_is_left_alone(tmp_path: Pa
         reader = _lmdb_process(path, "read, its lock lost")
         try:
             monkeypatch.setattr(journal_writer, "READER_CHECK_S", 0.0)
+            monkeypatch.setattr(journal_writer, "DATA_FILE_LOOK_S", 0.0)
             ledger._journal._writer._readers_checked_at = 0.0  # type: ignore[union-attr]
+            ledger._journal._writer._look_at = 0.0  # type: ignore[union-attr]  # (where the check once ran)
             for n in range(3):
                 ledger.transfer(f"t{n}", source="bank", destination="a", amount=1)
             assert f"{reader.pid} " in ledger._journal._store.env.readers()

@@ -656,3 +656,7 @@ def test_the_plot_of_a_short_run_at_a_steady_rate_ends_steady_not_in_a_cliff() -
     steady = [(i / 5000, 1.0) for i in range(10_001)]  # 2 s at 5,000/s, the last at exactly 2.0 s
     starts, rate, _, _ = _per_second(steady)
     assert len(starts) == 20 and min(rate) > 0.9 * 5000, rate[-3:]
+    for end_s, per_s in ((25.01, 1000), (25.04, 1000), (25.6, 1000), (0.14, 20_000), (0.07, 20_000)):
+        count = round(end_s * per_s)
+        _, rate, _, _ = _per_second([(i / per_s, 1.0) for i in range(count + 1)])  # a tail past a whole slice
+        assert min(rate) > 0.6 * per_s, (end_s, rate[-3:])

@@ -435,7 +435,8 @@ def test_a_token_file_without_a_url_and_a_url_with_a_path_or_a_password_are_refu
     assert done.returncode == 2 and "holds a user name or password" in done.stderr and done.stderr.count("\n") == 1
     assert "s3cr3t" not in done.stderr  # never echoed
     for malformed in ("http://user:s3cr3t@127.0.0.1:99999", "http://user:s3cr3t@127.0.0.1:9/path",
-                      "ftp://user:s3cr3t@127.0.0.1:9", "http://user:s3/cr3t@127.0.0.1:9"):
+                      "ftp://user:s3cr3t@127.0.0.1:9", "http://user:s3/cr3t@127.0.0.1:9", "user:s3cr3t@127.0.0.1:9",
+                      "http:/user:s3cr3t@127.0.0.1:9"):
         done = tally("stress", "--url", malformed)
         assert done.returncode == 2 and "s3cr3t" not in done.stderr and "cr3t" not in done.stderr, done.stderr
 
