@@ -112,16 +112,20 @@ def test_a_credit_past_the_maximum_in_a_batch_is_refused_and_leaves_the_funds(le
         ledger.transfer("over", source="small", destination="big", amount=1)
 
 
-def test_entries_committed_meanwhile_to_an_account_in_turn_are_applied_before_it_decides(ledger: Ledger) -> None:
+@pytest.mark.parametrize("decided", ["a single transfer", "a chain (Sequencer.stamp_chain)"])
+def test_entries_committed_meanwhile_to_an_account_in_turn_are_applied_before_it_decides(
+        ledger: Ledger, decided: str) -> None:
     """A concurrent transfer credits an account whose turn the batch holds: the entry waits
-    in its mailbox, and the batch applies it before deciding a debit that needs it."""
+    in its mailbox, and the batch applies it before deciding a debit that needs it (a chain's
+    first leg spends it, its second passes it on)."""
     ledger.create_account("bank", currency="USD", overdraft_limit=None)
-    for name in ("a", "b", "c"):
+    for name in ("a", "b", "c", "d"):
         ledger.create_account(name, currency="USD")
     ledger.transfer("fund-c", source="bank", destination="c", amount=7)
     coordinator = ledger._coordinator
-    turns = take_turns(coordinator, ["a", "b"])
+    turns = take_turns(coordinator, ["a", "b", "d"])
     assert turns is not None
+    chain = decided != "a single transfer"
     try:
         credited: list[Transfer] = []
         crediting = threading.Thread(
@@ -130,48 +134,23 @@ def test_entries_committed_meanwhile_to_an_account_in_turn_are_applied_before_it
         crediting.start()
         crediting.join(WAIT_S)
         assert credited  # durable, while a's entry still waits in a's mailbox
-        ticket, fresh = coordinator.claims.claim(TransferRequest("spend", "a", "b", 7))
-        assert fresh
-        decide_in_turn(coordinator, [ticket], turns)  # type: ignore[list-item]
-    finally:
-        give_back_turns(coordinator, turns)
-    assert ticket.wait(WAIT_S)
-    assert isinstance(ticket.value, Transfer)
-    coordinator.claims.release(ticket)  # type: ignore[arg-type]
-    assert [ledger.balance(name).posted for name in ("a", "b", "c")] == [0, 7, 0]
-    assert [entry.transfer_id for entry in ledger.entries("a")] == ["credit", "spend"]
-    assert gapless(ledger, "a")
-
-
-def test_a_chain_in_turn_applies_entries_committed_meanwhile_before_it_decides(ledger: Ledger) -> None:
-    """The same for a linked chain of single transfers (`Sequencer.stamp_chain`): its first
-    leg spends the credit waiting in the mailbox, its second passes it on."""
-    ledger.create_account("bank", currency="USD", overdraft_limit=None)
-    for name in ("a", "b", "c", "d"):
-        ledger.create_account(name, currency="USD")
-    ledger.transfer("fund-c", source="bank", destination="c", amount=7)
-    coordinator = ledger._coordinator
-    turns = take_turns(coordinator, ["a", "b", "d"])
-    assert turns is not None
-    try:
-        credited: list[Transfer] = []
-        crediting = threading.Thread(
-            target=lambda: credited.append(ledger.transfer("credit", source="c", destination="a", amount=7))
-        )
-        crediting.start()
-        crediting.join(WAIT_S)
-        assert credited
-        ticket = coordinator.claims.claim_chain((TransferRequest("spend", "a", "b", 7),
-                                                 TransferRequest("onward", "b", "d", 7)))
-        assert not isinstance(ticket, list)
+        if chain:
+            ticket: Any = coordinator.claims.claim_chain((TransferRequest("spend", "a", "b", 7),
+                                                          TransferRequest("onward", "b", "d", 7)))
+        else:
+            ticket, fresh = coordinator.claims.claim(TransferRequest("spend", "a", "b", 7))
+            assert fresh
         decide_in_turn(coordinator, [ticket], turns)
     finally:
         give_back_turns(coordinator, turns)
     assert ticket.wait(WAIT_S)
-    assert [transfer.id for transfer in ticket.value] == ["spend", "onward"]  # type: ignore[union-attr]
+    made = list(ticket.value) if chain else [ticket.value]
+    assert all(isinstance(transfer, Transfer) for transfer in made)
+    assert [transfer.id for transfer in made] == (["spend", "onward"] if chain else ["spend"])
     coordinator.claims.release(ticket)
-    assert [ledger.balance(name).posted for name in ("a", "b", "c", "d")] == [0, 0, 0, 7]
-    assert [entry.transfer_id for entry in ledger.entries("b")] == ["spend", "onward"]
+    assert [ledger.balance(name).posted for name in ("a", "b", "c", "d")] == ([0, 0, 0, 7] if chain else [0, 7, 0, 0])
+    assert [entry.transfer_id for entry in ledger.entries("a")] == ["credit", "spend"]
+    assert [entry.transfer_id for entry in ledger.entries("b")] == (["spend", "onward"] if chain else ["spend"])
     assert all(gapless(ledger, name) for name in ("a", "b", "d"))
 
 
