@@ -66,7 +66,7 @@ from coordinator import (
     resolution_request,
     transfer_request,
 )
-from journal import Completion, Journal, JournalError, JournalTimeoutError, JournalWriteError
+from journal import Completion, Journal, JournalError, JournalTimeoutError, JournalWriteError, files_of
 
 from engine._head import Head, head_of
 from engine._directory import Directory
@@ -127,8 +127,6 @@ class Ledger:
         if clock_ns is None:
             self._expirer = threading.Thread(target=self._expire_while_open, name="tally-expirer", daemon=True)
             self._expirer.start()
-        self._files = _files_of(journal.directory)
-        """(device, inode) of its data and lock files as opened: what a forked child cannot open."""
         _OPEN.add(self)
 
     @classmethod
@@ -803,7 +801,7 @@ def _refuse_open_here(path: str, readonly: bool) -> None:
     for ledger in list(_OPEN):
         if (readonly or ledger._journal.readonly) and ledger._journal.directory == where:  # (as resolved then)
             raise LedgerLocked(f"the ledger at {path} is open in this process already: use that Ledger")
-    if _INHERITED and not _INHERITED.isdisjoint(_files_of(where)):
+    if _INHERITED and not _INHERITED.isdisjoint(files_of(where)):
         raise LedgerLocked(f"the ledger at {path} was open in the process this one was forked from, and LMDB keeps "
                            "its files held here by the copy of that environment this process inherited: open it in a "
                            "process started with multiprocessing's 'spawn' or 'forkserver' method")
@@ -813,18 +811,6 @@ _INHERITED: set[tuple[int, int]] = set()
 """The files (device, inode) of the ledgers open in the process this one was forked from
 (`_after_fork`): py-lmdb refuses them here, as open in this process, by the same keys. A ledger
 made anew at one of their paths is other files, and opens."""
-
-
-def _files_of(directory: str) -> set[tuple[int, int]]:
-    """(device, inode) of the data file and the lock file in `directory`, those that exist."""
-    found = set()
-    for name in ("data.mdb", "lock.mdb"):  # LMDB's own names
-        try:
-            stat = os.stat(os.path.join(directory, name))
-        except OSError:
-            continue
-        found.add((stat.st_dev, stat.st_ino))
-    return found
 
 
 def _after_fork() -> None:
@@ -837,7 +823,7 @@ def _after_fork() -> None:
         ledger._forked_from = os.getppid()
         ledger._closed = True
         ledger._journal.release_after_fork()
-        _INHERITED.update(getattr(ledger, "_files", ()))
+        _INHERITED.update(ledger._journal.files)
     _OPEN.clear()
 
 

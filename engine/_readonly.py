@@ -56,7 +56,7 @@ from journal import Journal
 from engine._follow import FOLLOW_POLL_S
 from engine._head import Head, head_of
 from engine._history import History
-from engine._ledger import _OPEN, Ledger, _files_of, balance_of, check_page
+from engine._ledger import _OPEN, Ledger, balance_of, check_page
 
 OPEN_TRIES_MAX = 100
 """Times a read-only open replays again because the writer moved between its replay and its
@@ -124,7 +124,6 @@ class ReadingLedger(Ledger):
         self._closed = False
         self._forked_from: int | None = None
         self._stopping = threading.Event()
-        self._files = _files_of(journal.directory)  # (as a Ledger's: what a forked child cannot open)
         _OPEN.add(self)
 
     # --- writes: refused ---------------------------------------------------------

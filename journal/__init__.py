@@ -24,6 +24,7 @@ from journal._anchor import ANCHOR_FILE, sync_directory
 from journal._directory import LOCK_FILE, refuse_foreign
 from journal._journal import Journal, reanchor
 from journal._limits import FORMAT_VERSION
+from journal._store import files_of
 from journal._writer import Behind, IndexPut, IndexPuts
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "JournalNotFoundError",
     "JournalTimeoutError",
     "JournalWriteError",
+    "files_of",
     "lsn_key",
     "reanchor",
     "sync_directory",

@@ -318,6 +318,11 @@ class Journal:
         """The ledger's directory as it was resolved when opened (absolute, links resolved)."""
         return self._store.directory
 
+    @property
+    def files(self) -> frozenset[tuple[int, int]]:
+        """(device, inode) of its LMDB files as opened (`journal.files_of`)."""
+        return self._store.files
+
     def refuse_writes(self, reason: str) -> None:
         """For a caller whose memory got ahead of what it journaled (a bug met halfway): fail
         the journal, so nothing more is written on top of it until it is reopened, when

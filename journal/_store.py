@@ -97,6 +97,8 @@ class Store:
         a link on the way)."""
         self._identity = _identity(os.path.join(self.directory, DATA_FILE))
         """The data file's (device, inode) when it was opened, for `in_place`."""
+        self.files = files_of(self.directory)
+        """(device, inode) of LMDB's files as opened: py-lmdb knows the environment by them."""
 
     # --- making and opening ----------------------------------------------------------
 
@@ -242,6 +244,14 @@ class Store:
         self.env.close()
 
 
+def files_of(directory: str) -> frozenset[tuple[int, int]]:
+    """(device, inode) of the data file and LMDB's lock file in `directory`, those that are
+    there: what py-lmdb refuses to open twice in one process (also in a child made by `fork()`,
+    which inherits the parent's environments)."""
+    found = (_identity(os.path.join(directory, name)) for name in (DATA_FILE, LMDB_LOCK_FILE))
+    return frozenset(identity for identity in found if identity not in (None, (0, 0)))
+
+
 def _identity(data_file: str) -> tuple[int, int] | None:
     """(device, inode) of the file at `data_file`; (0, 0) if there is none; None if it cannot
     be looked at (an error other than a missing file or directory)."""
@@ -322,9 +332,8 @@ def clear_dead_readers(env: lmdb.Environment) -> None:
     directory, say), whose snapshot would then be written over under it. A failure is logged,
     never raised: this is housekeeping, not a write."""
     try:
-        pids = {int(line.split()[0]) for line in env.readers().splitlines()[1:] if line.split()[:1] != []
-                and line.split()[0].isdigit()}
-        if any(not _alive(pid) for pid in pids):
+        rows = map(str.split, env.readers().splitlines()[1:])  # "pid thread txnid", after a header
+        if any(not _alive(int(row[0])) for row in rows if row and row[0].isdigit()):
             env.reader_check()
     except (lmdb.Error, OSError, ValueError) as error:
         logger.warning("clearing the reader slots of processes that are gone failed: %r", error)

@@ -56,8 +56,7 @@ from journal._limits import (
     WRITER_IDLE_WAIT_S,
 )
 from journal._names import LEDGER_ID_KEY
-from journal._store import clear_dead_readers
-from journal._store import Store, space_error
+from journal._store import Store, clear_dead_readers, space_error
 
 logger = logging.getLogger("tally.journal")
 
