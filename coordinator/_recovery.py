@@ -40,6 +40,8 @@ from coordinator._errors import (
     ExceedsPendingAmount,
     InsufficientFunds,
     JournalCorrupted,
+    PendingTransferAlreadyPosted,
+    PendingTransferAlreadyVoided,
     PendingTransferExpired,
     PendingTransferNotFound,
 )
@@ -585,6 +587,8 @@ _REFUSED = {
     CurrencyMismatch.code: "its accounts hold different currencies: the rules refuse it",
     BalanceOverflow.code: "a balance would leave the range of ±(2**63 - 1): the rules refuse it",
     PendingTransferNotFound.code: "it resolves no open pending transfer: the rules refuse it",
+    PendingTransferAlreadyPosted.code: "its pending transfer was already posted: the rules refuse it",
+    PendingTransferAlreadyVoided.code: "its pending transfer was already voided: the rules refuse it",
     PendingTransferExpired.code: "its pending transfer had expired: the rules refuse it",
     ExceedsPendingAmount.code: "it posts more than its pending transfer holds: the rules refuse it",
 }

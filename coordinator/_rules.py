@@ -118,12 +118,18 @@ def decide(requests: Sequence[Request], book: Book, timestamp: int,
     seen_held: Mapping[str, int] = Overlay(held, book.held)  # type: ignore[assignment]
     seen_incoming: Mapping[str, int] = Overlay(incoming, book.incoming)  # type: ignore[assignment]
     legs: list[Leg] = []
+    closed: dict[str, int] = {}  # the pending transfers the chain's posts and voids resolved so far: POST or VOID
     for index, request in enumerate(requests):
         if type(request) is TransferRequest:
             leg = decide_transfer(request, book.accounts, seen_states, seen_held, seen_incoming, reserved,
                                   bound_holds)
-        else:  # a post or void in a chain sees the chain's entries, not pending transfers it opened
+        else:  # a post or void in a chain sees the chain's entries, not pending transfers it opened,
+            # and one a leg before it resolved as resolved (the books still hold it open)
+            pending_id = request.pending_id  # type: ignore[union-attr]
+            if pending_id in closed:
+                return Refusal(index, _RESOLVED["voided" if closed[pending_id] == VOID else "posted"])
             leg = resolve(request, book, seen_states, timestamp + index)  # type: ignore[arg-type]
+            closed[pending_id] = VOID if request.void else POST  # type: ignore[union-attr]  # (if refused, unread)
         if type(leg) is str:
             return Refusal(index, leg)
         legs.append(leg)  # type: ignore[arg-type]

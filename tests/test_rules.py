@@ -29,7 +29,7 @@ from coordinator._records import (
 )
 from coordinator._rules import Refusal, decide, enter
 from coordinator._state import Pending, Projection
-from coordinator._values import POST, SINGLE, Resolution
+from coordinator._values import POST, SINGLE, VOID, Resolution
 from engine import Account, JournalCorrupted, Ledger, Transfer, TransferRequest
 from engine._tools import verify
 from journal import Journal
@@ -154,6 +154,30 @@ def test_a_post_in_a_chain_stamps_its_entries_after_those_of_the_legs_before_it(
                     (POST, "a", "b", 60, (3, 30, 2, 70), books.pending["p"])]
 
 
+@pytest.mark.parametrize(
+    ("first", "second", "code"),
+    [
+        (Resolution("q", "p", 20), Resolution("r", "p", 20), "pending_transfer_already_posted"),
+        (Resolution("q", "p", 20), Resolution("r", "p", void=True), "pending_transfer_already_posted"),
+        (Resolution("q", "p", void=True), Resolution("r", "p"), "pending_transfer_already_voided"),
+    ],
+    ids=["post then post", "post then void", "void then post"],
+)
+def test_a_chain_that_resolves_one_pending_transfer_twice_is_refused_at_the_second(
+    first: Resolution, second: Resolution, code: str
+) -> None:
+    """A post or a void closes its pending transfer for the legs after it too: the books still
+    hold it open while the chain is decided, but a second post would move its money twice and
+    release its hold twice (and `enter` could not write it)."""
+    books = book((USD, (1, 100, 1)), (USD_B, (0, 0, 0)), held={"a": 60})
+    books.incoming["b"] = 60
+    books.pending["p"] = Pending("p", "a", "b", 60, 0, 2, 0)
+
+    assert decide([first, second], books, 1_000) == Refusal(1, code)
+    assert decide([first, move(1), second], books, 1_000) == Refusal(2, code)
+    assert books.pending["p"] == Pending("p", "a", "b", 60, 0, 2, 0) and books.held == {"a": 60}  # nothing changed
+
+
 def _ledger_with_a_forged_commit(path: Path, source: str, destination: str, amount: int, stamp: tuple) -> int:
     """A closed ledger, then a commit record with a valid checksum that the rules refuse,
     appended through the journal as the engine writes one; its LSN."""
@@ -264,6 +288,27 @@ def test_an_expiry_journaled_before_its_pending_transfers_deadline_is_damage_at_
         Ledger.open(path, clock_ns=lambda: NOW)
     assert caught.value.lsn == lsn and "has not reached its deadline" in str(caught.value)
     assert verify(str(path))["corrupt_lsn"] == lsn
+
+
+@pytest.mark.parametrize("second", ["post", "void"])
+def test_a_journaled_chain_that_resolves_one_pending_transfer_twice_is_damage_at_its_lsn(
+    tmp_path: Path, second: str
+) -> None:
+    """A chain whose legs post "p-1" and then post or void it again is not one live operation
+    writes (the rules refuse the second leg); with a valid checksum, replay must say so at its
+    LSN, as open and as verify, rather than fail on a pending transfer already gone."""
+    path = tmp_path / "ledger"
+    held = _ledger_with_a_pending_transfer(path)
+    again = ([POST, "again", "bank", "bob", 60, 0, None, None, None, "p-1", None, 2, -120, 2, 120] if second == "post"
+             else [VOID, "again", "bank", "bob", 60, 0, None, None, None, "p-1", None, 0, 0, 0, 0])
+    chain = [TRANSFER3, held.timestamp + 1_000, True, _post_of_p1(0, 0)[3], again]
+    lsn = _append_forged(path, chain, [resolution_key("p-1"), id_key("post-1"), id_key("again")])
+
+    with pytest.raises(JournalCorrupted) as caught:
+        Ledger.open(path, clock_ns=lambda: NOW)
+    assert caught.value.lsn == lsn and "'again'" in str(caught.value) and "already posted" in str(caught.value)
+    report = verify(str(path))
+    assert report["corrupt_lsn"] == lsn and report["checks"][CHECK_LIMITS] is False
 
 
 def _ledger_with_a_transfer_then_one_stamped(path: Path, after: int) -> tuple[int, int]:
