@@ -156,8 +156,9 @@ def _said_at(message: str, at: int, account: str, unknown: bool) -> str:
     named = repr(account)  # the account's id, kept as it is even if it looks like a timestamp
     message = named.join(re.sub(r"\b\d{18,19}\b", lambda found: _shown_instant(int(found.group())), part)
                          for part in message.split(named))
-    message = message.replace(f"at_timestamp {_shown_instant(at)}", f"--at {_shown_instant(at)}")
-    return f"account {account!r} did not exist yet at {_shown_instant(at)} ({message})" if unknown else message
+    given = _shown_instant(at) if at else "1970-01-01T00:00:00Z"  # a time given, never "no timestamp"
+    message = message.replace(f"at_timestamp {_shown_instant(at)}", f"--at {given}")
+    return f"account {account!r} did not exist yet at {given} ({message})" if unknown else message
 
 
 def _shown_instant(timestamp: int) -> str:

@@ -1146,6 +1146,15 @@ def test_balance_at_a_time_keeps_an_account_id_that_looks_like_a_timestamp(tmp_p
                            "(account '100000000000000000' was opened at LSN 1, after LSN 0)\n")
 
 
+def test_balance_at_the_epoch_names_the_epoch_not_no_timestamp(tmp_path: Path) -> None:
+    with Ledger.open(tmp_path / "l") as ledger:
+        ledger.create_account("alice", currency="USD")
+    done = tally("balance", tmp_path / "l", "alice", "--at", "1970-01-01T00:00:00Z")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == ("tally balance: account 'alice' did not exist yet at 1970-01-01T00:00:00Z "
+                           "(account 'alice' was opened at LSN 1, after LSN 0)\n")
+
+
 def test_the_time_tally_balance_prints_for_an_lsn_reads_back_as_that_lsn(tmp_path: Path) -> None:
     """Timestamps are nanoseconds: printed to the microsecond, a record's time fell before it,
     and `--at` with it named the LSN before."""
