@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from itertools import takewhile
 from typing import Any
 
@@ -32,6 +32,7 @@ from journal._errors import (
     lmdb_read_error,
 )
 from journal._chain import ChainHead, ChainReport, tail_head, walk_chain
+from journal._chunks import Chunks
 from journal._format import GENESIS, index_seed, key_lsn, lsn_key, unframe, unframe_chained, unframe_index_value, unframe_keyed
 from journal._limits import MAP_SIZE_BYTES_DEFAULT
 from journal._check import check_records, check_to_seal
@@ -55,6 +56,8 @@ class Journal:
         self.format_version = store.format_version
         self._seeds = {name: index_seed(name) for name in store.indexes} if store.format_version >= 2 else None
         """Each index's checksum seed, or None for a format without index checksums."""
+        self._chunks = Chunks()
+        """Per thread, what its reads call between two chunks (`reading_in_chunks`)."""
         self.anchor = anchor
         """The anchor as this open read it (None: the ledger has none yet)."""
         self.problem: JournalCorruptedError | None = None
@@ -343,6 +346,14 @@ class Journal:
         with self._store.reading() as txn:
             yield txn
 
+    def reading_in_chunks(self, between: Callable[[], None]) -> AbstractContextManager[None]:
+        """Until left, the calling thread's reads (`read`, `scan`, `index_get`, `index_range`
+        and `index_range_reverse`) call `between()` after every `READ_CHUNK_RECORDS` records or
+        index entries, on this thread, in the middle of a read transaction: for a thread that
+        must not be kept from the interpreter meanwhile (`journal._chunks` says why), which
+        `between` lets through. Other threads' reads are not affected."""
+        return self._chunks.calling(between)
+
     def read(self, lsn: int, txn: Any | None = None) -> bytes | None:
         """The verified payload at `lsn`, or None if no such record is in the snapshot."""
         if txn is None:
@@ -352,6 +363,7 @@ class Journal:
             value = txn.get(lsn_key(lsn), db=self._store.records)
         except lmdb.Error as error:
             raise lmdb_read_error(error, f"the record at LSN {lsn}") from error
+        self._chunks.step()
         return None if value is None else unframe(lsn, value)
 
     def scan(self, after_lsn: int = 0, txn: Any | None = None) -> Iterator[tuple[int, bytes]]:
@@ -365,6 +377,7 @@ class Journal:
                 yield from self.scan(after_lsn, txn)
             return
         expected = after_lsn + 1
+        step = self._chunks.step
         try:
             cursor = txn.cursor(db=self._store.records)
             if not cursor.set_range(lsn_key(expected)):
@@ -373,6 +386,7 @@ class Journal:
                 if key != lsn_key(expected):
                     lsn = key_lsn(key) if len(key) == 8 else key
                     raise JournalCorruptedError(f"LSN {expected} is missing (next stored is {lsn!r})", expected)
+                step()
                 yield expected, unframe_keyed(key, value, expected)
                 expected += 1
         except lmdb.Error as error:
@@ -406,6 +420,7 @@ class Journal:
             stored = txn.get(key, db=self._store.indexes[name])
         except lmdb.Error as error:
             raise lmdb_read_error(error, f"the {name} index") from error
+        self._chunks.step()
         return None if stored is None else self._value(name, key, stored)
 
     def index_keys(self, name: str, txn: Any, after: bytes | None = None) -> Iterator[bytes]:
@@ -460,6 +475,7 @@ class Journal:
             with self.snapshot() as txn:
                 return self.index_range(name, start, stop, limit, txn)
         found: list[tuple[bytes, bytes]] = []
+        step = self._chunks.step
         try:
             cursor = txn.cursor(db=self._store.indexes[name])
             if not cursor.set_range(start):
@@ -467,6 +483,7 @@ class Journal:
             for key, stored in cursor:
                 if key >= stop or (limit is not None and len(found) >= limit):
                     break
+                step()
                 found.append((key, stored))
         except lmdb.Error as error:
             raise lmdb_read_error(error, f"the {name} index") from error
@@ -484,6 +501,7 @@ class Journal:
             with self.snapshot() as txn:
                 return self.index_range_reverse(name, start, stop, limit, txn)
         found: list[tuple[bytes, bytes]] = []
+        step = self._chunks.step
         try:
             cursor = txn.cursor(db=self._store.indexes[name])
             more = cursor.prev() if cursor.set_range(stop) else cursor.last()
@@ -491,6 +509,7 @@ class Journal:
                 key, stored = cursor.item()
                 if key < start:
                     break
+                step()
                 found.append((bytes(key), bytes(stored)))
                 more = cursor.prev()
         except lmdb.Error as error:

@@ -97,3 +97,9 @@ still the one it opened (`Store.in_place`). Not every commit: the look is a syst
 lets go of the interpreter, and taking it back beside busy threads cost single transfers a
 sixth of their rate beside batches (`bench/README.md`). So a ledger whose directory is removed
 while open acknowledges at most this long of commits into files no path reaches."""
+
+READ_CHUNK_RECORDS = 128
+"""Records (or index entries) a thread reads between two calls of the function it gave
+`Journal.reading_in_chunks`: about 1 ms of reading and decoding transfers (`Ledger.transfers`
+reads each of its records twice), so a thread that must not wait longer than that for the
+interpreter (an event loop) waits about that long."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
+import selectors
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -29,8 +31,10 @@ from engine import (
     ReadOnlyLedger,
     TransferRequest,
 )
+import engine._loop_turns
 from engine._async import ASYNC_WORKER_THREADS
 from journal import Completion
+from journal._limits import READ_CHUNK_RECORDS
 
 T = TypeVar("T")
 
@@ -545,3 +549,49 @@ def test_following_from_an_lsn_still_to_come_keeps_one_waiter_however_many_follo
         assert len([f for f in ledger._next_records.values() if not f.done()]) <= 1
 
     run(tmp_path / "l", body)
+
+
+class _CountingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+    """The loop's selector, counting its turns (one select each)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.selects = 0
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        self.selects += 1
+        return super().select(timeout)
+
+
+def test_a_long_read_lets_the_loop_take_a_turn_between_two_chunks_of_its_records(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page of thousands of transfers, read on a worker, does not go on past a chunk of its
+    records until the loop has taken a turn. (Read in one go, record after record, py-lmdb's
+    hand-offs of the GIL kept the loop out for the whole read: `journal._chunks`.) Counted,
+    not timed: the loop's turns as the worker reads each record. Without the turns the loop
+    sleeps in one select from the start of the read to its end."""
+    transfers = 8 * READ_CHUNK_RECORDS
+    monkeypatch.setattr(engine._loop_turns, "LOOP_TURN_WAIT_S", WAIT_S, raising=False)  # a slow loop is waited for too
+    selector = _CountingSelector()
+    turns: list[int] = []  # the loop's turns so far, as each record is read
+
+    async def main() -> int:
+        async with AsyncLedger.open(tmp_path / "l") as ledger:
+            await ledger.create_account("bank", currency="USD", overdraft_limit=None)
+            await ledger.create_account("a", currency="USD")
+            await ledger.transfer_many([TransferRequest(f"t{n}", "bank", "a", 1) for n in range(transfers)])
+            journal = ledger._ledger._journal
+            read = journal.read
+
+            def counted(lsn: int, txn: object = None) -> bytes | None:
+                turns.append(selector.selects)
+                return read(lsn, txn)
+
+            monkeypatch.setattr(journal, "read", counted)
+            return len(await ledger.transfers(limit=transfers))
+
+    with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selector)) as runner:
+        assert runner.run(main()) == transfers
+    assert len(turns) >= transfers
+    records_in_one_turn_max = max(len(list(same)) for _, same in itertools.groupby(turns))
+    assert records_in_one_turn_max <= 2 * READ_CHUNK_RECORDS

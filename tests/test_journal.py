@@ -23,6 +23,7 @@ from journal import (
     JournalNotFoundError,
     lsn_key,
 )
+from journal._limits import READ_CHUNK_RECORDS
 from journal._writer import _put_all
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,6 +156,33 @@ def append_all_plain(journal: Journal, count: int) -> None:
     for n in range(count):
         journal.append(f"record {n}".encode())
     journal.wait_durable(count, WAIT_S)
+
+
+def test_reads_in_chunks_call_between_after_every_chunk_on_the_reading_thread_only(journal: Journal) -> None:
+    """`reading_in_chunks`: after every `READ_CHUNK_RECORDS` records or index entries read, on
+    the thread that asked (a scan, reads one by one and index ranges both ways count alike),
+    and never once it is left or on another thread."""
+    records = 3 * READ_CHUNK_RECORDS + 5
+    append_all(journal, [b"%06d" % n for n in range(records)])
+    scanned: list[int] = []
+    calls: list[int] = []
+
+    def read_everything_four_ways() -> None:
+        scanned.extend(lsn for lsn, _payload in journal.scan(0))
+        for lsn in range(1, records + 1):
+            assert journal.read(lsn) is not None
+        assert len(journal.index_range(INDEX, b"", b"\xff")) == records
+        assert len(journal.index_range_reverse(INDEX, b"", b"\xff")) == records
+
+    with journal.reading_in_chunks(lambda: calls.append(len(scanned))):
+        read_everything_four_ways()
+        other = threading.Thread(target=read_everything_four_ways)
+        other.start()
+        other.join(WAIT_S)
+    read_everything_four_ways()
+    assert len(scanned) == 3 * records
+    assert calls[:3] == [READ_CHUNK_RECORDS - 1, 2 * READ_CHUNK_RECORDS - 1, 3 * READ_CHUNK_RECORDS - 1]  # mid-scan
+    assert len(calls) == 4 * records // READ_CHUNK_RECORDS
 
 
 def test_a_flipped_byte_makes_scan_raise_corrupted_naming_the_lsn(ledger_path: Path, flip_record_byte) -> None:

@@ -1,0 +1,49 @@
+"""Reads in chunks: a thread may have the journal call a function of its own between two
+chunks of `READ_CHUNK_RECORDS` records or index entries it reads (`Journal.reading_in_chunks`).
+
+Why: py-lmdb lets go of the GIL around each get and each cursor step, and takes it back
+within a microsecond. Each time it lets go, CPython signals a thread waiting for the GIL,
+which wakes, finds it taken again, and starts its timed wait (the switch interval, 5 ms)
+over; having never waited a whole interval, it never asks the holder to let go. So a thread
+reading record after record keeps every other thread out of the interpreter until it is done,
+or until one wins a race for it by luck: an event loop beside one page of 10,000 transfers
+stalled 100-300 ms at a time, the decider and the writer too. Pausing (`time.sleep(0)`) lets
+go once more and changes nothing. A waiting thread gets in only if the reader stops until it
+has: the function called between two chunks does that (`engine._async`: it waits for a turn
+of the event loop). Without one, reads go on as before.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from journal._limits import READ_CHUNK_RECORDS
+
+
+class Chunks(threading.local):
+    """Per thread: the function to call between two chunks (None: read on), and how many
+    records were read since the last call."""
+
+    between: Callable[[], None] | None = None
+    read: int = 0
+
+    def step(self) -> None:
+        """One record (or index entry) read: call the function once a chunk is complete."""
+        between = self.between
+        if between is not None:
+            self.read += 1
+            if self.read >= READ_CHUNK_RECORDS:
+                self.read = 0
+                between()
+
+    @contextmanager
+    def calling(self, between: Callable[[], None]) -> Iterator[None]:
+        """Until left, this thread's reads call `between()` after each chunk."""
+        outer, outer_read = self.between, self.read
+        self.between, self.read = between, 0
+        try:
+            yield
+        finally:
+            self.between, self.read = outer, outer_read
