@@ -2,6 +2,7 @@
 
     python bench/bench_async.py [--accounts 10000] [--transfers 20000] [--coroutines 1000]
                                 [--threads 64] [--rounds 5] [--json out.json]
+    python bench/bench_async.py --history-read [--rounds 5] [--json out.json]
 
 Per round, on one ledger of `--accounts` funded accounts, the same seeded workload (uniform
 random pairs, `bench_engine.workload`) is run twice, in alternating order:
@@ -19,6 +20,14 @@ runs after every open; meanwhile it holds the interpreter too). Reported: durabl
 transfers/s and p50/p99 latency of each, the ratio async/threads (the issue's target: at
 least 0.80), and the probe's lag p50/p99/max (target: p99 under 5 ms). Each figure is the
 median of the rounds, with its range.
+
+`--history-read`: big reads beside the loop instead. On a ledger of 2,000 accounts funded as
+`bench_engine` funds them and 50,000 transfers more, per round: pages of 10,000 transfers
+(`AsyncLedger.transfers(limit=10000)`) read one after another, alone beside the probe; then 50
+coroutines transferring one at a time beside one coroutine reading such pages back to back.
+Reported: the probe's lag p50/p99/max in each, the read's time, and the writes/s beside reads
+(a read must not keep the loop, the decider or the writer out of the interpreter:
+`journal._chunks`).
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_engine import TallyBench, collect_before_timing, run_clients, transfer_call, workload, write_json  # noqa: E402
 
-from engine import AsyncLedger, Ledger, LedgerError  # noqa: E402
+from engine import AsyncLedger, Ledger, LedgerError, TransferRequest  # noqa: E402
 
 PROBE_SLEEP_S = 0.001
 
@@ -102,6 +111,96 @@ async def coroutines_phase(path: str, names: list[str], work: list[tuple[int, in
     }
 
 
+HISTORY_TRANSFERS = 50_000
+HISTORY_ACCOUNTS = 2_000
+HISTORY_PAGE = 10_000
+HISTORY_PAGES = 5
+HISTORY_WRITERS = 50
+HISTORY_WRITES_S = 3.0
+
+
+def lag_figures(lags: list[float], prefix: str) -> dict:
+    lags = sorted(lags)
+    return {f"{prefix}lag_p50_ms": round(lags[len(lags) // 2] * 1000, 3),
+            f"{prefix}lag_p99_ms": round(lags[int(len(lags) * 0.99)] * 1000, 3),
+            f"{prefix}lag_max_ms": round(lags[-1] * 1000, 3)}
+
+
+async def history_phase(path: str, names: list[str], prefix: str) -> dict:
+    """One round of `--history-read` (module docstring) on the ledger at `path`."""
+    async with AsyncLedger.open(path) as ledger:
+        claims = ledger._ledger._coordinator.claims
+        assert await asyncio.to_thread(claims.wait_warm, 120.0)  # as the other phases: the ids are loaded
+        loop = asyncio.get_running_loop()
+        lags: list[float] = []
+        stop = asyncio.Event()
+
+        async def probe() -> None:
+            while not stop.is_set():
+                started = loop.time()
+                await asyncio.sleep(PROBE_SLEEP_S)
+                lags.append(loop.time() - started - PROBE_SLEEP_S)
+
+        collect_before_timing()
+        prober = asyncio.create_task(probe())
+        started = time.perf_counter()
+        for _ in range(HISTORY_PAGES):
+            assert len(await ledger.transfers(limit=HISTORY_PAGE)) == HISTORY_PAGE
+        read_ms = (time.perf_counter() - started) * 1000 / HISTORY_PAGES
+        stop.set()
+        await prober
+        figures = {"read_ms": round(read_ms, 1), **lag_figures(lags, "")}
+        lags.clear()
+        stop.clear()
+        written = [0]
+
+        async def writer(number: int) -> None:
+            k = 0
+            while not stop.is_set():
+                await ledger.transfer(f"{prefix}-{number}-{k}", source="bank", destination=names[k % len(names)],
+                                      amount=1)
+                k += 1
+                written[0] += 1
+
+        async def reader() -> None:
+            while not stop.is_set():
+                await ledger.transfers(limit=HISTORY_PAGE)
+
+        tasks = [asyncio.create_task(writer(n)) for n in range(HISTORY_WRITERS)] + [asyncio.create_task(reader())]
+        prober = asyncio.create_task(probe())
+        await asyncio.sleep(HISTORY_WRITES_S)
+        stop.set()
+        figures["writes_per_s"] = round(written[0] / HISTORY_WRITES_S, 1)
+        await asyncio.gather(prober, *tasks)
+        figures.update(lag_figures(lags, "beside_writes_"))
+        return figures
+
+
+def history_read(rounds: int) -> dict:
+    base = os.environ.get("TALLY_BENCH_DIR") or None
+    with tempfile.TemporaryDirectory(dir=base) as scratch:
+        path = os.path.join(scratch, "books")
+        setup = TallyBench(path, HISTORY_ACCOUNTS)
+        names = setup.names
+        for start in range(0, HISTORY_TRANSFERS, HISTORY_PAGE):
+            setup.ledger.transfer_many([TransferRequest(f"h-{n}", "bank", names[n % HISTORY_ACCOUNTS], 1)
+                                        for n in range(start, start + HISTORY_PAGE)])
+        setup.ledger.close()
+        results = []
+        for r in range(rounds):
+            results.append(asyncio.run(history_phase(path, names, f"w{r}")))
+            print(f"round {r + 1}: {results[-1]}", flush=True)
+    print()
+    print(f"pages of {HISTORY_PAGE:,} transfers read alone: {shown([f['read_ms'] for f in results])} ms a page; "
+          f"loop lag ms p50 {shown([f['lag_p50_ms'] for f in results], 2)}, "
+          f"p99 {shown([f['lag_p99_ms'] for f in results], 1)}, max {shown([f['lag_max_ms'] for f in results], 1)}")
+    print(f"{HISTORY_WRITERS} writers beside a reader: {shown([f['writes_per_s'] for f in results])} transfers/s; "
+          f"loop lag ms p50 {shown([f['beside_writes_lag_p50_ms'] for f in results], 2)}, "
+          f"p99 {shown([f['beside_writes_lag_p99_ms'] for f in results], 1)}, "
+          f"max {shown([f['beside_writes_lag_max_ms'] for f in results], 1)}")
+    return {"rounds": results}
+
+
 def summary(values: list[float]) -> dict:
     return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
 
@@ -119,7 +218,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json")
+    parser.add_argument("--history-read", action="store_true", help="big reads beside the loop (module docstring)")
     args = parser.parse_args()
+    if args.history_read:
+        write_json(args.json, {"args": vars(args), **history_read(args.rounds)})
+        return 0
     base = os.environ.get("TALLY_BENCH_DIR") or None
     with tempfile.TemporaryDirectory(dir=base) as scratch:
         path = os.path.join(scratch, "books")
