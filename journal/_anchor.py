@@ -82,9 +82,9 @@ def _parse(data: bytes) -> AnchorState | None:
     return AnchorState(ledger_id, version, lsn, generation, b"" if digest == _NO_DIGEST else digest)
 
 
-def read_small_file(path: str, limit: int) -> bytes:
-    """At most `limit` bytes of the regular file at `path`. Anything else there (a FIFO, a
-    device, a directory: what no open should block on, nor read without end) is
+def open_regular(path: str) -> int:
+    """A descriptor of the regular file at `path`, opened for reading. Anything else there (a
+    FIFO, a device, a directory: what no open should block on, nor read without end) is
     `JournalCorruptedError`; a missing file `FileNotFoundError`; other errors `OSError`."""
     if not stat.S_ISREG(os.stat(path).st_mode):  # before opening it: opening some devices acts on them
         raise JournalCorruptedError("it is not a regular file", where=path)
@@ -92,6 +92,16 @@ def read_small_file(path: str, limit: int) -> bytes:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):  # (replaced since)
             raise JournalCorruptedError("it is not a regular file", where=path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_small_file(path: str, limit: int) -> bytes:
+    """At most `limit` bytes of the regular file at `path`; raises as `open_regular`."""
+    fd = open_regular(path)
+    try:
         return os.read(fd, limit)
     finally:
         os.close(fd)

@@ -21,7 +21,7 @@ from typing import Any
 
 import lmdb
 
-from journal._anchor import ANCHOR_FILE, AnchorState
+from journal._anchor import ANCHOR_FILE, AnchorState, open_regular
 from journal._errors import (
     JournalAnchorMissingError,
     JournalCorruptedError,
@@ -69,12 +69,7 @@ def _read_committed(data_file: str, txnid: int | None = None) -> Meta | None:
 def _read_committed_once(data_file: str, txnid: int | None) -> Meta | None:
     """The committed meta of `data_file` (with `txnid`: the meta holding that transaction,
     or None if neither does any more)."""
-    try:
-        fd = os.open(data_file, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise JournalCorruptedError("the data file is missing", where=data_file) from None
-    except OSError as error:
-        raise os_read_error(error, data_file) from error
+    fd = open_data_file(data_file)
     try:
         meta0, meta1 = read_metas(fd, data_file)
         committed = committed_meta(meta0, meta1, data_file)
@@ -86,6 +81,21 @@ def _read_committed_once(data_file: str, txnid: int | None) -> Meta | None:
         raise os_read_error(error, data_file) from error
     finally:
         os.close(fd)
+
+
+def open_data_file(data_file: str) -> int:
+    """A descriptor of `data_file` for reading. A missing file, or anything but a regular file
+    there (a FIFO, whose open would wait for a writer that never comes; a device, which an open
+    may act on; a directory), is `JournalCorruptedError` naming it; another failure to open it
+    is what `os_read_error` makes of it."""
+    try:
+        return open_regular(data_file)
+    except FileNotFoundError:
+        raise JournalCorruptedError("the data file is missing", where=data_file) from None
+    except JournalCorruptedError:
+        raise JournalCorruptedError("the data file is not a regular file", where=data_file) from None
+    except OSError as error:
+        raise os_read_error(error, data_file) from error
 
 
 class _Visitor:
@@ -155,10 +165,10 @@ def check_to_seal(data_file: str, index_names: Sequence[str]) -> tuple[Meta, byt
     sums of its bytes up to that snapshot's last page, then a walk of every page exactly as
     opening does (the sums first: a byte that changes during the walk fails them). None if
     another snapshot was committed meanwhile. Raises `JournalCorruptedError` where it finds
-    damage, `OSError` if the file cannot be read."""
+    damage, `OSError` or `JournalError` if the file cannot be read."""
     meta = _read_committed(data_file)
     assert meta is not None
-    fd = os.open(data_file, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_data_file(data_file)
     try:
         sums = file_sums(fd, (meta.last_page + 1) * meta.page_bytes)
     finally:
@@ -181,10 +191,7 @@ def _walk_snapshot(txnid: int | None, data_file: str, visit: _Visitor, sealed_in
     meta = _read_committed(data_file, txnid)
     if meta is None:
         return None
-    try:
-        fd = os.open(data_file, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as error:
-        raise os_read_error(error, data_file) from error
+    fd = open_data_file(data_file)
     try:
         layout = None if sealed_in is None else sealed_layout(sealed_in, fd, meta, data_file)
         if layout is None:

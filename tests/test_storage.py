@@ -825,6 +825,41 @@ def test_an_anchor_that_is_a_fifo_is_damage_not_a_hang(tmp_path: Path, readonly:
     assert caught.value.where == str(path / ANCHOR_FILE)
 
 
+@pytest.mark.parametrize("readonly", [False, True])
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_data_file_that_is_no_regular_file_is_damage_named_not_a_hang(tmp_path: Path, kind: str,
+                                                                         readonly: bool) -> None:
+    """Opening a FIFO waits for a writer that never comes: the data file is looked at before it
+    is opened, as the anchor is, and anything but a regular file in its place is damage, named
+    (not a system condition: the directory holds a ledger whose data file is gone)."""
+    path = tmp_path / "ledger"
+    build(path)
+    data_file = path / "data.mdb"
+    data_file.unlink()
+    if kind == "fifo":
+        os.mkfifo(data_file)
+    else:
+        data_file.mkdir()
+    outcome: list[BaseException | None] = []
+
+    def open_it() -> None:
+        try:
+            Ledger.open(path, readonly=readonly).close()
+            outcome.append(None)
+        except BaseException as error:  # noqa: B036 (handed to the test's thread)
+            outcome.append(error)
+
+    opener = threading.Thread(target=open_it, daemon=True)
+    opener.start()
+    opener.join(timeout=10)
+    if opener.is_alive():  # blocked in open(2): a writer end lets it go, then fail
+        os.close(os.open(data_file, os.O_WRONLY | os.O_NONBLOCK))
+        opener.join(timeout=10)
+        pytest.fail("opening a ledger whose data file is a FIFO hung")
+    assert len(outcome) == 1 and isinstance(outcome[0], JournalCorrupted), outcome
+    assert "not a regular file" in str(outcome[0]) and outcome[0].where == str(data_file)
+
+
 def test_an_anchor_that_is_a_device_is_damage_and_never_opened(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Opening some devices acts on them (a tape rewinds): one in the anchor's place is damage,
     named, found without opening it."""
