@@ -37,35 +37,85 @@ def directory_error(what: str, error: Exception) -> JournalError:
     return JournalError(f"{what}: {error}")
 
 
-def lock_directory(path: str, readonly: bool = False) -> int | None:
-    """Take an exclusive flock on the directory's lock file; it dies with the process.
+class DirectoryLock:
+    """The flocks that keep a ledger directory to one holder: on its lock file (`LOCK_FILE`), and
+    on the directory itself. The lock file's is what releases before this one took; the
+    directory's is what still holds when the lock file is removed under a live holder (a clean-up
+    of stale lock files, say), which leaves that holder's flock on a file no path reaches and let
+    the next opener make a new one and lock it: two writers, each believing itself alone. A
+    directory cannot be removed while it holds a journal. They die with the process."""
+
+    def __init__(self, fds: list[int]) -> None:
+        self._fds = fds
+
+    def release(self) -> None:
+        """Let go of both (idempotent)."""
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+
+
+_NO_DIRECTORY_FLOCK = frozenset({errno.EBADF, errno.ENOLCK, errno.EINVAL, errno.EOPNOTSUPP})
+"""What `flock` on a directory says where the file system cannot lock one (NFS emulates flock
+with byte-range locks, which an exclusive one needs a file open for writing for): there the
+lock file's flock is all there is, as before."""
+
+
+def lock_directory(path: str, readonly: bool = False) -> DirectoryLock | None:
+    """Take an exclusive flock on the directory's lock file and on the directory
+    (`DirectoryLock`); they die with the process. Raises `JournalLockedError` while another
+    holder has either.
 
     `readonly` (a reader that must know no live process writes, as `tally recover --dry-run`):
     on a read-only file system, or one this user may not write, the lock file is opened for
-    reading, which `flock` takes all the same; if there is none, no process ever opened the
-    ledger to write it, and there is nothing to lock (None)."""
+    reading, which `flock` takes all the same; if there is none, the directory's flock alone
+    says whether a live process holds it."""
+    fds: list[int] = []
+    try:
+        fd = _open_lock_file(path, readonly)
+        if fd is not None:
+            fds.append(fd)
+            _flock(fd, path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as error:
+            raise directory_error(f"cannot lock {path!r} as a ledger directory", error) from error
+        fds.append(fd)
+        _flock(fd, path, directory=True)
+    except BaseException:
+        DirectoryLock(fds).release()
+        raise
+    return DirectoryLock(fds)
+
+
+def _open_lock_file(path: str, readonly: bool) -> int | None:
+    """The lock file, made if missing (None: a reader that may not make it, and there is none)."""
     lock_path = os.path.join(path, LOCK_FILE)
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        return os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as error:
         if not readonly or error.errno not in (errno.EROFS, errno.EACCES):
             raise directory_error(f"cannot lock {path!r} as a ledger directory", error) from error
-        try:
-            fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        except OSError as again:
-            raise directory_error(f"cannot lock {path!r} as a ledger directory", again) from again
+    try:
+        return os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as again:
+        raise directory_error(f"cannot lock {path!r} as a ledger directory", again) from again
+
+
+def _flock(fd: int, path: str, directory: bool = False) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
-        os.close(fd)
         if error.errno in (errno.EAGAIN, errno.EACCES):
             raise JournalLockedError(
                 f"{path} is open in another live process (or by another open ledger in this process)"
+                + (", whose lock file was removed meanwhile" if directory else "")
             ) from error
+        if directory and error.errno in _NO_DIRECTORY_FLOCK:
+            return
         raise directory_error(f"cannot lock {path!r} as a ledger directory", error) from error  # (NFS: EBADF)
-    return fd
 
 
 def refuse_foreign(path: str) -> None:

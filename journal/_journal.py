@@ -23,7 +23,7 @@ import lmdb
 
 from journal._anchor import DIGEST_BYTES, Anchor, AnchorState, create_anchor
 from journal._completion import Completion
-from journal._directory import clear_staging, lock_directory, prepare_directory, recognise, refuse_missing
+from journal._directory import DirectoryLock, clear_staging, lock_directory, prepare_directory, recognise, refuse_missing
 from journal._errors import (
     JournalAnchorMissingError,
     JournalClosedError,
@@ -47,9 +47,9 @@ logger = logging.getLogger("tally.journal")
 class Journal:
     """Open with `Journal.open`; close exactly once with `close` (idempotent)."""
 
-    def __init__(self, store: Store, lock_fd: int | None, path: str, anchor: AnchorState | None) -> None:
+    def __init__(self, store: Store, lock: DirectoryLock | None, path: str, anchor: AnchorState | None) -> None:
         self._store = store
-        self._lock_fd = lock_fd
+        self._lock = lock
         self._open = True
         self.path = path
         self.readonly = store.readonly
@@ -134,7 +134,7 @@ class Journal:
         prepare_directory(path, create)
         if not create and not recognise(path)[0]:
             refuse_missing(path)  # before the lock file is made: a directory that is no ledger stays as it was
-        fd = lock_directory(path)
+        lock = lock_directory(path)
 
         def make() -> tuple[Store, AnchorState | None]:
             clear_staging(path)
@@ -146,7 +146,7 @@ class Journal:
             return Store.open(path, map_size_bytes=map_size_bytes, sync=sync, index_names=index_names,
                               readonly=False, anchor=anchor), anchor
 
-        return cls._made(path, fd, make)
+        return cls._made(path, lock, make)
 
     @classmethod
     def open_readonly(cls, path: str | os.PathLike[str], *, index_names: Sequence[str] = (),
@@ -163,31 +163,32 @@ class Journal:
         exists, anchor = recognise(path)
         if not exists:
             refuse_missing(path)
-        fd = lock_directory(path, readonly=True) if lock else None
+        held = lock_directory(path, readonly=True) if lock else None
 
         def make() -> tuple[Store, AnchorState | None]:
             again = recognise(path)[1] if lock else anchor  # as of now that no writer can move it
             return Store.open(path, map_size_bytes=MAP_SIZE_BYTES_DEFAULT, sync=True, index_names=index_names,
                               readonly=True, anchor=again), again
 
-        return cls._made(path, fd, make)
+        return cls._made(path, held, make)
 
     @classmethod
-    def _made(cls, path: str, fd: int | None, make: Callable[[], tuple[Store, AnchorState | None]]) -> Journal:
-        """The journal on the store `make()` opens, the directory locked with `fd` (if any);
+    def _made(cls, path: str, lock: DirectoryLock | None,
+              make: Callable[[], tuple[Store, AnchorState | None]]) -> Journal:
+        """The journal on the store `make()` opens, the directory held with `lock` (if any);
         whatever fails, what was opened is closed again."""
         try:
             store, anchor = make()
         except BaseException:
-            if fd is not None:
-                os.close(fd)
+            if lock is not None:
+                lock.release()
             raise
         try:
-            return cls(store, fd, path, anchor)
+            return cls(store, lock, path, anchor)
         except BaseException:
             store.close()
-            if fd is not None:
-                os.close(fd)
+            if lock is not None:
+                lock.release()
             raise
 
     @property
@@ -528,9 +529,9 @@ class Journal:
         mark the journal closed, touching nothing else (LMDB must not be used across a fork,
         and the writer thread is not in this process)."""
         self._open = False
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def close(self, seal: bool = True) -> None:
         """Drain the writer, seal the data file (unless `seal` is False: say, an open that
@@ -545,9 +546,9 @@ class Journal:
                     self._seal()
         finally:
             self._store.close()
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
 
 

@@ -648,6 +648,37 @@ def test_close_while_calls_are_in_flight_ends_each_with_a_ledger_error_and_logs_
 # --- 9. the smaller ones -------------------------------------------------------------------------------
 
 
+SECOND_WRITER = """
+import sys
+from engine import Ledger, LedgerLocked
+try:
+    with Ledger.open(sys.argv[1]) as ledger:
+        ledger.transfer("second", source="bank", destination="alice", amount=1)
+except LedgerLocked as refused:
+    print("locked:", refused)
+else:
+    print("written")
+"""
+
+
+def test_a_ledger_whose_lock_file_is_removed_while_open_is_still_refused_to_a_second_writer(tmp_path: Path) -> None:
+    """A clean-up of stale lock files removes `tally.lock` under a live holder, whose flock then
+    holds a file no path reaches: the next opener must still find the ledger held (the
+    directory's own flock), not make a new lock file and write beside the live one."""
+    path = tmp_path / "ledger"
+    build(path)
+    with Ledger.open(path) as ledger:
+        (path / "tally.lock").unlink()
+        done = subprocess.run([sys.executable, "-c", SECOND_WRITER, str(path)], capture_output=True, text=True,
+                              timeout=CLI_TIMEOUT_S, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert done.stdout.startswith("locked:") and "lock file was removed" in done.stdout, (done.stdout, done.stderr)
+        refused = tally("recover", path)
+        assert refused.returncode == 2 and "live process" in refused.stderr, refused
+        ledger.transfer("first", source="bank", destination="alice", amount=1)
+    with Ledger.open(path) as again:
+        assert again.get_transfer("first") is not None and again.get_transfer("second") is None
+
+
 def test_a_forked_child_is_refused_at_once_and_does_not_keep_the_lock(tmp_path: Path) -> None:
     """The child's calls on its parent's ledger are `LedgerClosed` at once; it opens another
     ledger, but not that one, even once its parent closed it (LMDB's files stay held by the
