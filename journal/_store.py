@@ -99,6 +99,10 @@ class Store:
         """The data file's (device, inode) when it was opened, for `in_place`."""
         self.files = files_of(self.directory)
         """(device, inode) of LMDB's files as opened: py-lmdb knows the environment by them."""
+        self.foreign: str | None = None
+        """Why the data file is no longer what this journal wrote (its writer found it so:
+        overwritten in place while open), or None. Every read from then on is refused: it would
+        serve what the file holds now, not the ledger."""
 
     # --- making and opening ----------------------------------------------------------
 
@@ -169,9 +173,12 @@ class Store:
         A reader of a ledger another process writes finds the map resized under it when that
         process grows it; it then takes the new size (with no transaction open) and retries.
         A reader table full of slots that dead processes left is cleared once (LMDB does not
-        on its own); full of live readers, it is `JournalError`."""
+        on its own); full of live readers, it is `JournalError`. A data file its writer found
+        overwritten (`foreign`) is `JournalCorruptedError`."""
         cleared = False
         while True:
+            if self.foreign is not None:
+                raise JournalCorruptedError(self.foreign, where=os.path.join(self.directory, DATA_FILE))
             with self._gate:
                 while self._growing:
                     self._gate.wait(timeout=1.0)

@@ -41,7 +41,7 @@ from journal._completion import Completion, resolve_all
 from journal._crash import crash_point
 from journal._errors import JournalClosedError, JournalTimeoutError, JournalWriteError
 from journal._follow import Progress
-from journal._format import frame_all, framed_pairs
+from journal._format import CHAINED_HEADER_SIZE, HEADER_SIZE, frame_all, framed_pairs, key_lsn, lsn_key
 from journal._limits import (
     APPEND_WAIT_S_MAX,
     BATCH_RECORDS_MAX,
@@ -53,6 +53,7 @@ from journal._limits import (
     DATA_FILE_LOOK_S,
     PENDING_RECORDS_MAX,
     READER_CHECK_S,
+    RECORD_VERSION,
     WRITER_IDLE_WAIT_S,
 )
 from journal._names import LEDGER_ID_KEY
@@ -422,6 +423,7 @@ class Writer:
                 # interpreter back and forth once per put. The fsync below runs
                 # unlocked, while callers prepare the next batch.
                 with self._cond:
+                    self._check_tail(txn)
                     self._stage(txn, batch, records, behind)
                 if store.ledger_id is None:
                     assert self._anchor is not None
@@ -496,6 +498,31 @@ class Writer:
             records += framed
             expected = block.last_lsn + 1
         return records, digest
+
+    def _check_tail(self, txn: lmdb.Transaction) -> None:
+        """Raise `JournalWriteError` unless the records in `txn` end with the last one this
+        writer committed (its LSN, and its chain digest if it has one). Anything else means the
+        data file under the ledger is not the one it has been writing: copied over in place
+        while open (`cp` keeps the file, so `Store.in_place` cannot see it), or written by a
+        second writer. Appending there would acknowledge records into a file that, reopened,
+        is refused for its gap or its history, or another ledger's. The store's reads are refused
+        from then on (`Store.foreign`): they would serve that file. One seek a commit."""
+        cursor = txn.cursor(db=self._store.records)
+        key = bytes(cursor.key()) if cursor.last() else None
+        expected = lsn_key(self.durable_lsn) if self.durable_lsn else None
+        if key == expected:
+            value = cursor.value() if key is not None else b""
+            if not (len(value) > CHAINED_HEADER_SIZE and value[0] == RECORD_VERSION) or \
+                    bytes(value[HEADER_SIZE:CHAINED_HEADER_SIZE]) == self._chain_digest:
+                return
+            found = f"its record at LSN {self.durable_lsn} is another than the one this ledger wrote there"
+        else:
+            found = f"its records end at LSN {key_lsn(key) if key is not None and len(key) == 8 else 0}"
+        reason = (f"it no longer ends with LSN {self.durable_lsn}, the last this ledger committed: {found}. It was "
+                  "overwritten while the ledger was open, or written by another writer: nothing more is written into "
+                  "it or read from it (reopening checks it)")
+        self._store.foreign = reason
+        raise JournalWriteError(f"the data file of the ledger at {self._store.path}: {reason}")
 
     def _stage(self, txn: lmdb.Transaction, batch: list[_Block], records: list[bytes],
                behind: Mapping[str, list[Collection[bytes]]]) -> None:

@@ -449,6 +449,34 @@ def test_a_ledger_whose_directory_is_removed_while_open_acknowledges_nothing_mor
         ledger.close()
 
 
+@pytest.mark.parametrize("copied", ["an older copy of it", "another ledger's"])
+def test_a_data_file_copied_over_in_place_while_open_is_neither_written_to_nor_read(tmp_path: Path,
+                                                                                      copied: str) -> None:
+    """`cp backup/data.mdb ledger/` under a live ledger keeps the file (its inode), so the look
+    for a file moved away cannot see it: the writer finds its records no longer end where it
+    left them, and acknowledges nothing into that file; the reads, which would serve it, are
+    refused too, and reopening reports it."""
+    path, source = tmp_path / "ledger", tmp_path / "source"
+    build(path)
+    if copied == "another ledger's":
+        build(source)
+    else:
+        shutil.copytree(path, source)
+    with Ledger.open(path) as ledger:
+        ledger.transfer_many([TransferRequest(f"more-{n}", "bank", "alice", 1) for n in range(30)])
+        assert ledger.balance("alice").posted > 0
+        with open(path / "data.mdb", "r+b") as data:  # written over in place, its size kept (no SIGBUS)
+            data.write((source / "data.mdb").read_bytes())
+        with pytest.raises(LedgerUnavailable, match="no longer ends with LSN"):
+            ledger.transfer("after", source="bank", destination="alice", amount=5)
+        with pytest.raises(JournalCorrupted, match="overwritten while the ledger was open"):
+            ledger.balance("alice")
+        with pytest.raises(JournalCorrupted):
+            ledger.get_transfer("more-0")
+    with pytest.raises(JournalCorrupted):
+        Ledger.open(path)
+
+
 def test_a_map_grow_reserves_the_address_space_it_adds_and_a_refusal_leaves_the_reads_going(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
