@@ -2,7 +2,7 @@
 
 A directory holds a journal if it has an anchor (`journal._anchor`) or a data file. Only a
 directory with neither, and no sign that one was there (LMDB's `lock.mdb` outside the
-staging directory), is ever initialised: a lost, emptied or damaged data file in a ledger
+staging directory, a seal that a close left: `journal._seal`), is ever initialised: a lost, emptied or damaged data file in a ledger
 directory is damage to report, never a place to start a new ledger.
 """
 
@@ -179,6 +179,11 @@ def recognise(path: str) -> tuple[bool, AnchorState | None]:
         raise JournalCorruptedError(
             "the data file is missing, yet LMDB's lock.mdb beside it says a journal was opened here "
             "(if this directory never held a ledger, delete lock.mdb)", where=data_file)
+    for seal in (SEAL_FILE, SEAL_FILE + ".new"):
+        if os.path.lexists(os.path.join(path, seal)):
+            raise JournalCorruptedError(
+                f"the data file is missing, yet the {seal} beside it says a ledger was closed here "
+                f"(if this directory never held a ledger, delete {seal})", where=data_file)
     return False, None
 
 

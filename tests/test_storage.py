@@ -201,6 +201,21 @@ def test_a_lock_file_without_a_data_file_is_a_ledger_that_lost_its_data_not_a_ne
     assert not (path / "data.mdb").exists()
 
 
+def test_a_seal_without_a_data_file_or_an_anchor_is_a_ledger_that_lost_them_not_a_new_directory(tmp_path: Path) -> None:
+    """A seal is left only by the close of a ledger: with the data file, its anchor and LMDB's
+    lock file all gone, it is still the sign that a ledger was there, and nothing is made."""
+    path = tmp_path / "ledger"
+    build(path)
+    seal = (path / SEAL_FILE).read_bytes()
+    for name in (ANCHOR_FILE, "data.mdb", "lock.mdb"):
+        (path / name).unlink()
+    for readonly in (False, True):
+        with pytest.raises(JournalCorrupted, match="tally.seal") as caught:
+            Ledger.open(path, readonly=readonly)
+        assert caught.value.where == str(path / "data.mdb")
+    assert sorted(os.listdir(path)) == ["tally.lock", SEAL_FILE] and (path / SEAL_FILE).read_bytes() == seal
+
+
 def test_a_creation_that_died_before_its_data_file_was_whole_leaves_nothing_in_the_way(tmp_path: Path) -> None:
     path = tmp_path / "ledger"
     (path / ".tally-new").mkdir(parents=True)
