@@ -33,6 +33,7 @@ import errno
 import logging
 import mmap
 import os
+import resource
 import shutil
 import threading
 from collections.abc import Iterator, Sequence
@@ -63,12 +64,32 @@ def space_error(path: str, error: BaseException) -> JournalWriteError:
         free = stats.f_bavail * stats.f_frsize
     except OSError:
         free = None
+    limit = _file_size_limit(path, error)
+    if limit is not None:
+        return JournalWriteError(f"the data file in {path} reached this process's file size limit of {limit:,} "
+                                 f"bytes (`ulimit -f`, RLIMIT_FSIZE): raise it, then reopen the ledger ({error})")
     full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 1 << 20)
     if full:
         left = f"{free:,} bytes free" if free is not None else "no space"
         return JournalWriteError(f"no space left on the device holding {path} ({left}): free some space, "
                                  f"then reopen the ledger ({error})")
     return JournalWriteError(f"journal write failed: {error}")
+
+
+def _file_size_limit(path: str, error: BaseException) -> int | None:
+    """The process's file size limit, if the write that failed with `error` may have met it: the
+    error is EFBIG, or an I/O error (LMDB reports a short write as EIO) while the data file is
+    within a MiB of the limit. None otherwise."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit == resource.RLIM_INFINITY:
+        return None
+    if getattr(error, "errno", None) == errno.EFBIG:
+        return limit
+    try:
+        size = os.stat(os.path.join(path, DATA_FILE)).st_size
+    except OSError:
+        return None
+    return limit if size + (1 << 20) > limit else None
 
 
 class Store:

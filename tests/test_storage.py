@@ -430,6 +430,44 @@ print("entries:", [entry.transfer_id for entry in ledger.entries("a", limit=2)])
 """
 
 
+FILE_SIZE_LIMIT = """
+import os, resource, sys, logging
+logging.disable(logging.CRITICAL)
+from engine import Ledger, LedgerUnavailable
+ledger = Ledger.open(sys.argv[1], timeout_s=10)
+ledger.create_account("bank", currency="USD", overdraft_limit=None)
+ledger.create_account("a", currency="USD")
+size = os.path.getsize(os.path.join(sys.argv[1], "data.mdb"))
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 200_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+acknowledged = 0
+try:
+    for i in range(100000):
+        ledger.transfer(f"t{i}", source="bank", destination="a", amount=1, metadata={"k": "x" * 250})
+        acknowledged += 1
+except LedgerUnavailable as error:
+    print("refused:", error)
+print("acknowledged:", acknowledged)
+ledger.close()
+"""
+
+
+def test_a_write_past_the_file_size_limit_is_unavailable_saying_so_and_loses_nothing_acknowledged(
+    tmp_path: Path
+) -> None:
+    """LMDB reports the short write at the limit (`ulimit -f`) as an I/O error, which read as a
+    failing disk: it says which limit, and every transfer acknowledged before it is there."""
+    path = tmp_path / "ledger"
+    done = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT, str(path)], capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT_S, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and "file size limit" in lines[0] and "ulimit -f" in lines[0], (done.stdout, done.stderr)
+    acknowledged = int(lines[1].split()[-1])
+    assert acknowledged > 0
+    with Ledger.open(path) as ledger:
+        assert ledger.balance("a").posted == acknowledged
+        assert ledger.get_transfer(f"t{acknowledged - 1}") is not None and ledger.get_transfer(f"t{acknowledged}") is None
+
+
 def test_a_map_that_cannot_grow_fails_the_writes_and_the_reads_go_on(tmp_path: Path) -> None:
     """LMDB unmaps the data file before mapping it larger: a map that then fails (an
     address-space limit) left the environment unusable, reads too, until the ledger was
