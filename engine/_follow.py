@@ -37,7 +37,7 @@ def follow_events(ledger: Ledger, after_lsn: int, follow: bool, timeout_s: float
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         try:
-            with ledger._call():
+            with ledger._read():
                 chunk = reader.read(ledger._events_last_lsn())
         except LedgerClosed:
             if follow:

@@ -211,6 +211,13 @@ class Ledger:
         can wait for it), and turn a `JournalError` from inside into its `LedgerError`."""
         return _Call(self)
 
+    def _read(self) -> _Call:
+        """`_call` for a read of the journal: its reads let the threads waiting for the
+        interpreter have it between two chunks (`Journal.reading_in_chunks`). A page of 10,000
+        transfers read straight through kept the writer and every caller deciding a transfer
+        out for its whole length (`journal._chunks` says why)."""
+        return _Read(self)
+
     def create_account(self, id: str, *, currency: str, overdraft_limit: int | None = 0, code: int = 0,
                        metadata: Mapping[str, str | int] | None = None) -> Account:
         """Open an account; return once it is durable. Idempotent for identical parameters.
@@ -434,7 +441,7 @@ class Ledger:
         """The durable committed Transfer with this id, or None (unknown or refused), with its
         status as of now (a pending transfer's: pending, posted, voided or expired). Never scans."""
         check_id(id, "transfer id")
-        with self._call():
+        with self._read():
             journal = self._journal
             durable = self._history.end()  # (before the snapshot: a record committed to LMDB but not
             # yet released to its callers is not shown, as `entries` and `balance` do not show it;
@@ -449,7 +456,7 @@ class Ledger:
         durable (never used, or still in flight). Never scans, never submits anything: after a
         `LedgerTimeout` it tells a host what happened without a retry."""
         check_id(id, "transfer id")
-        with self._call():
+        with self._read():
             return outcome_now(self._journal, id, self._history.end())
 
     # --- reads ---------------------------------------------------------------------
@@ -503,10 +510,10 @@ class Ledger:
         `AccountNotFound` if the account was opened after it.
         """
         if at_lsn is not None or at_timestamp is not None:
-            with self._call():
+            with self._read():
                 history = self._history
                 return history.balance(account, history.lsn_of(at_lsn, at_timestamp))
-        with self._call():
+        with self._read():
             self._account(account)
             journal = self._journal
             if journal.failure is not None:
@@ -543,7 +550,7 @@ class Ledger:
     def entries(self, account: str, after: int = 0, limit: int | None = None) -> list[Entry]:
         """The account's durable entries with seq > `after`, in seq order, at most `limit`."""
         check_page(after, limit)
-        with self._call():
+        with self._read():
             self._account(account)
             journal = self._journal
             unindexed = self._sequencer.unindexed.rows(account, journal.durable_lsn)  # before the snapshot
@@ -561,9 +568,9 @@ class Ledger:
         then raises `SnapshotExpired`, as it does once left, and `LedgerClosed` once the
         ledger closes: a view of the past used as if it were current is a bug to hear of."""
         max_age_s = check_max_age(max_age_s)
-        with self._call():
+        with self._read():
             history = self._history
-            return Snapshot(history, history.end(), max_age_s, self._call, self._opened_lsns)
+            return Snapshot(history, history.end(), max_age_s, self._read, self._opened_lsns)
 
     def _now(self) -> int:
         """The ledger's time: its clock's, or the last time stamped or answered for if later
@@ -610,7 +617,7 @@ class Ledger:
         `account` it reads the account's own entries and hold rows, never the whole journal;
         without, the journal's records from the cursor on. Raises `InvalidRequest`, and
         `AccountNotFound` for an unknown `account`."""
-        with self._call():
+        with self._read():
             return self._history.transfers(account=account, code=code, kind=kind, after_lsn=after_lsn,
                                            until_lsn=until_lsn, limit=limit, reverse=reverse)
 
@@ -622,7 +629,7 @@ class Ledger:
         rest (no write in flight, as after a run): while writes go on, its parts are read at
         moments a few records apart, so the hash may be of no state the ledger was ever in.
         """
-        with self._call():
+        with self._read():
             journal = self._journal
             if journal.failure is None:  # else only what is durable counts, and it already is
                 journal.wait_durable(journal.last_lsn, self.timeout_s)
@@ -860,3 +867,18 @@ class _Call:
         if ledger._closed:
             with ledger._state:
                 ledger._state.notify_all()
+
+
+class _Read(_Call):
+    """`Ledger._read`: `_Call`, with the journal's reads in chunks on this thread until left."""
+
+    __slots__ = ("_chunks",)
+
+    def __enter__(self) -> None:
+        super().__enter__()
+        self._chunks = self._ledger._journal.reading_in_chunks()
+        self._chunks.__enter__()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: Any) -> None:
+        self._chunks.__exit__(None, None, None)  # (it only restores this thread's state)
+        super().__exit__(kind, error, _tb)

@@ -56,7 +56,7 @@ from journal import Journal
 from engine._follow import FOLLOW_POLL_S
 from engine._head import Head, head_of
 from engine._history import History
-from engine._ledger import _OPEN, Ledger, balance_of, check_page
+from engine._ledger import _OPEN, Ledger, _Call, balance_of, check_page
 
 OPEN_TRIES_MAX = 100
 """Times a read-only open replays again because the writer moved between its replay and its
@@ -162,6 +162,10 @@ class ReadingLedger(Ledger):
         self._refuse("expire_pending")
 
     # --- reads -------------------------------------------------------------------
+
+    def _call(self) -> _Call:
+        """Every call of a read-only ledger is a read (`Ledger._read`)."""
+        return self._read()
 
     def _catch_up(self) -> Recovered:
         """Replay the records that became durable since the last look (inside a call)."""

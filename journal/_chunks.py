@@ -9,17 +9,20 @@ reading record after record keeps every other thread out of the interpreter unti
 or until one wins a race for it by luck: an event loop beside one page of 10,000 transfers
 stalled 100-300 ms at a time, the decider and the writer too. Pausing (`time.sleep(0)`) lets
 go once more and changes nothing. A waiting thread gets in only if the reader stops until it
-has: the function called between two chunks does that (`engine._async`: it waits for a turn
-of the event loop). Without one, reads go on as before.
+has: the function called between two chunks does that: `pause` (a thread reading for a
+caller of its own: `Ledger`'s reads), or a wait for a turn of an event loop (`engine._async`).
+A thread that gave none (the engine's own: the writer, a caller deciding in the accounts'
+turns, under locks other threads need) reads on as before.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from journal._limits import READ_CHUNK_RECORDS
+from journal._limits import READ_CHUNK_RECORDS, READ_PAUSE_S
 
 
 class Chunks(threading.local):
@@ -40,10 +43,20 @@ class Chunks(threading.local):
 
     @contextmanager
     def calling(self, between: Callable[[], None]) -> Iterator[None]:
-        """Until left, this thread's reads call `between()` after each chunk."""
-        outer, outer_read = self.between, self.read
+        """Until left, this thread's reads call `between()` after each chunk; inside another
+        such context, its function stays (the outer caller knows what its thread must let
+        through: an `AsyncLedger` worker's loop, around a `Ledger` read's pause)."""
+        if self.between is not None:
+            yield
+            return
         self.between, self.read = between, 0
         try:
             yield
         finally:
-            self.between, self.read = outer, outer_read
+            self.between, self.read = None, 0
+
+
+def pause() -> None:
+    """Let go of the interpreter for `READ_PAUSE_S`: long enough for a thread waiting for it
+    (the journal's writer, a caller deciding transfers) to wake and take it."""
+    time.sleep(READ_PAUSE_S)

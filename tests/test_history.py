@@ -691,3 +691,79 @@ def test_a_point_in_time_balance_after_a_partial_post_shows_the_whole_hold_relea
     assert live == [Balance(90, 0, 90, 0), Balance(10, 0, 10, 0)]
     with Ledger.open(path, clock_ns=Clock()) as reopened:
         assert [reopened.balance(account, at_lsn=post.lsn) for account in ("alice", "bob")] == live
+
+
+@pytest.fixture
+def paused(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The journal's pause between two chunks of a read (`journal._chunks.pause`), counted by
+    the name of the thread that made it, instead of slept."""
+    import journal._journal
+
+    made: list[str] = []
+    monkeypatch.setattr(journal._journal, "pause", lambda: made.append(threading.current_thread().name))
+    return made
+
+
+def _busy_ledger(path: Path, transfers: int) -> Ledger:
+    ledger = Ledger.open(path, checkpoint_interval=100)  # entries read from the index, not memory
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    ledger.create_account("a", currency="USD")
+    ledger.transfer_many([TransferRequest(f"m{k}", "bank", "a", 1) for k in range(transfers)])
+    for k in range(transfers):
+        ledger.transfer(f"s{k}", source="a", destination="bank", amount=1)
+    ledger.transfer_linked([TransferRequest(f"l{k}", "bank", "a", 1) for k in range(transfers)])
+    return ledger
+
+
+READS: dict[str, Callable[[Ledger], object]] = {
+    "transfers": lambda ledger: ledger.transfers(limit=10_000),
+    "transfers of an account": lambda ledger: ledger.transfers(account="a", limit=10_000),
+    "entries": lambda ledger: ledger.entries("a"),
+    "events": lambda ledger: list(ledger.events()),
+    "snapshot": lambda ledger: ledger.snapshot().transfers(limit=10_000),
+    "state_hash": lambda ledger: ledger.state_hash(),
+}
+
+
+@pytest.mark.parametrize("read", list(READS))
+@pytest.mark.parametrize("readonly", [False, True])
+def test_a_long_read_lets_go_of_the_interpreter_between_two_chunks_of_its_records(
+        tmp_path: Path, paused: list[str], read: str, readonly: bool) -> None:
+    """py-lmdb lets go of the GIL at each get and takes it back at once, so a thread reading
+    record after record kept the writer and every caller deciding transfers out until it was
+    done (16 threads of single transfers fell from ~11,000/s to ~20/s beside one thread reading
+    pages of 10,000). A read pauses between two chunks of `READ_CHUNK_RECORDS` records, on the
+    reading thread; writing, the engine never pauses (it reads under locks others need)."""
+    from journal._limits import READ_CHUNK_RECORDS
+
+    transfers = 3 * READ_CHUNK_RECORDS
+    ledger = _busy_ledger(tmp_path / "l", transfers)
+    try:
+        assert paused == []  # writes, decisions and commits: never
+        if readonly:
+            ledger.close()
+            ledger = Ledger.open(tmp_path / "l", readonly=True)
+            paused.clear()  # (the open's own replay of the records)
+        thread = threading.current_thread().name
+        READS[read](ledger)
+        assert len(paused) >= 2 and set(paused) == {thread}
+        before = len(paused)
+        ledger.balance("a")
+        ledger.get_transfer("l0")  # a leg of a chain of 384: one record
+        assert len(paused) == before  # short reads: no chunk filled
+    finally:
+        ledger.close()
+
+
+def test_a_read_inside_another_chunked_read_keeps_the_outer_function(tmp_path: Path, paused: list[str]) -> None:
+    """A `Ledger` read made where a caller already reads in chunks with a function of its own
+    (`AsyncLedger`: a turn of its loop) calls that function, not the pause."""
+    from journal._limits import READ_CHUNK_RECORDS
+
+    with _busy_ledger(tmp_path / "l", 2 * READ_CHUNK_RECORDS) as ledger:
+        outer: list[int] = []
+        with ledger._journal.reading_in_chunks(lambda: outer.append(1)):
+            ledger.transfers(limit=10_000)
+        assert outer and paused == []
+        ledger.transfers(limit=10_000)
+        assert paused
