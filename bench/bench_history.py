@@ -14,6 +14,14 @@ one thread, each read `--reads` times at random accounts and LSNs, timed one by 
 Each reported as p50 and p99 in microseconds. The same reads run again after reopening,
 when every entry is in the index (a reopen replays the tail past the newest checkpoint into
 memory: both halves of the read path are measured).
+
+    python bench/bench_history.py --beside-writes [--rounds 5] [--json out.json]
+
+Long reads beside writes: `--accounts` accounts, `--transfers` transfers; each round, a page
+of 10,000 transfers (`ledger.transfers(limit=10000)`) read alone (ms), then 16 threads of
+single transfers for 3 s alone, then the same beside one thread reading such pages back to
+back: writes/s and their p99 each time, and the pages read meanwhile. Median [range] of the
+rounds.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 
@@ -88,6 +97,71 @@ def measure(ledger: Ledger, accounts: int, made: list[Transfer], reads: int) -> 
             for i, (name, read) in enumerate(cases.items())}
 
 
+WRITERS = 16
+WRITE_S = 3.0
+PAGE = 10_000
+
+
+def writes_beside(ledger: Ledger, names: list[str], tag: str, reading: bool) -> dict[str, float]:
+    """`WRITERS` threads of single transfers for `WRITE_S`, beside a thread reading pages of
+    `PAGE` transfers back to back if `reading`: writes/s, their p99 (ms), pages read."""
+    stop = threading.Event()
+    latencies: list[float] = []
+    pages = [0]
+
+    def write(n: int) -> None:
+        rng, mine, k = random.Random(n), [], 0
+        while not stop.is_set():
+            source, destination = rng.sample(names, 2)
+            started = time.perf_counter()
+            ledger.transfer(f"{tag}-{n}-{k}", source=source, destination=destination, amount=1)
+            mine.append(time.perf_counter() - started)
+            k += 1
+        latencies.extend(mine)
+
+    def read() -> None:
+        while not stop.is_set():
+            ledger.transfers(limit=PAGE)
+            pages[0] += 1
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(WRITERS)]
+    threads += [threading.Thread(target=read)] if reading else []
+    for thread in threads:
+        thread.start()
+    time.sleep(WRITE_S)
+    stop.set()
+    for thread in threads:
+        thread.join(600)
+    latencies.sort()
+    return {"writes_per_s": len(latencies) / WRITE_S, "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
+            "pages": pages[0]}
+
+
+def beside_writes(args: argparse.Namespace) -> None:
+    rows: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TALLY_BENCH_DIR")) as directory:
+        with Ledger.open(os.path.join(directory, "ledger")) as ledger:
+            build(ledger, args.accounts, args.transfers, args.seed)
+            names = [f"acct-{n}" for n in range(args.accounts)]
+            for round_ in range(args.rounds):
+                started = time.perf_counter()
+                ledger.transfers(limit=PAGE)
+                rows.setdefault("page of 10,000 read alone, ms", []).append((time.perf_counter() - started) * 1000)
+                for reading in (False, True):
+                    got = writes_beside(ledger, names, f"w{round_}{reading:d}", reading)
+                    label = "beside a reader" if reading else "alone"
+                    rows.setdefault(f"writes/s, {label}", []).append(got["writes_per_s"])
+                    rows.setdefault(f"writes p99 ms, {label}", []).append(got["p99_ms"])
+                    if reading:
+                        rows.setdefault("pages read beside the writes", []).append(got["pages"])
+    print(f"{args.accounts} accounts, {args.transfers} transfers; {WRITERS} threads of single transfers, "
+          f"{WRITE_S:.0f} s a row, {args.rounds} rounds: median [range]")
+    for name, values in rows.items():
+        print(f"{name:<34} {statistics.median(values):>10,.1f} [{min(values):,.1f}-{max(values):,.1f}]")
+    if args.json:
+        write_json(args.json, rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--accounts", type=int, default=1000)
@@ -95,7 +169,12 @@ def main() -> None:
     parser.add_argument("--reads", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--beside-writes", action="store_true", help="long reads beside writes (see above)")
+    parser.add_argument("--rounds", type=int, default=5, help="with --beside-writes")
     args = parser.parse_args()
+    if args.beside_writes:
+        beside_writes(args)
+        return
     with tempfile.TemporaryDirectory(dir=os.environ.get("TALLY_BENCH_DIR")) as directory:
         path = os.path.join(directory, "ledger")
         with Ledger.open(path) as ledger:
