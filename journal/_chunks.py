@@ -9,7 +9,7 @@ reading record after record keeps every other thread out of the interpreter unti
 or until one wins a race for it by luck: an event loop beside one page of 10,000 transfers
 stalled 100-300 ms at a time, the decider and the writer too. Pausing (`time.sleep(0)`) lets
 go once more and changes nothing. A waiting thread gets in only if the reader stops until it
-has: the function called between two chunks does that: `pause` (a thread reading for a
+has: the function called between two chunks does that: a `Pause` (a thread reading for a
 caller of its own: `Ledger`'s reads), or a wait for a turn of an event loop (`engine._async`).
 A thread that gave none (the engine's own: the writer, a caller deciding in the accounts'
 turns, under locks other threads need) reads on as before.
@@ -17,6 +17,7 @@ turns, under locks other threads need) reads on as before.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -56,7 +57,20 @@ class Chunks(threading.local):
             self.between, self.read = None, 0
 
 
-def pause() -> None:
-    """Let go of the interpreter for `READ_PAUSE_S`: long enough for a thread waiting for it
-    (the journal's writer, a caller deciding transfers) to wake and take it."""
-    time.sleep(READ_PAUSE_S)
+class Pause:
+    """Between two chunks of a read: let go of the interpreter for `READ_PAUSE_S` (long enough
+    for a thread waiting for it, the journal's writer or a caller deciding transfers, to wake
+    and take it) once the read has held it for the interpreter's switch interval
+    (`sys.getswitchinterval()`, 5 ms unless the host set another) since it began or last let
+    go: what the interpreter would have had it do, had its reads not kept it from that."""
+
+    __slots__ = ("_hold", "_due")
+
+    def __init__(self) -> None:
+        self._hold = sys.getswitchinterval()
+        self._due = time.perf_counter() + self._hold
+
+    def __call__(self) -> None:
+        if time.perf_counter() >= self._due:
+            time.sleep(READ_PAUSE_S)
+            self._due = time.perf_counter() + self._hold

@@ -32,7 +32,7 @@ from journal._errors import (
     lmdb_read_error,
 )
 from journal._chain import ChainHead, ChainReport, tail_head, walk_chain
-from journal._chunks import Chunks, pause
+from journal._chunks import Chunks, Pause
 from journal._format import GENESIS, index_seed, key_lsn, lsn_key, unframe, unframe_chained, unframe_index_value, unframe_keyed
 from journal._limits import MAP_SIZE_BYTES_DEFAULT
 from journal._check import check_records, check_to_seal
@@ -351,11 +351,11 @@ class Journal:
         """Until left, the calling thread's reads (`read`, `scan`, `index_get`, `index_range`
         and `index_range_reverse`) call `between()` after every `READ_CHUNK_RECORDS` records or
         index entries, on this thread, in the middle of a read transaction, so that the threads
-        waiting for the interpreter meanwhile get it (`journal._chunks` says why): `pause` if
+        waiting for the interpreter meanwhile get it (`journal._chunks` says why): a `Pause` if
         None. Inside another such context, the outer one's `between` stays. Other threads'
         reads are not affected. Not for reads made under a lock the engine's writing threads
         need (the sequencer's, the writer's): they would wait out every pause."""
-        return self._chunks.calling(pause if between is None else between)
+        return self._chunks.calling(Pause() if between is None else between)
 
     def read(self, lsn: int, txn: Any | None = None) -> bytes | None:
         """The verified payload at `lsn`, or None if no such record is in the snapshot."""

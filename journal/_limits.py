@@ -106,8 +106,8 @@ interpreter (an event loop) waits about that long."""
 
 READ_PAUSE_S = 0.0002
 """How long a thread reading for a caller of its own lets go of the interpreter between two
-chunks of its reads (`journal._chunks.pause`, what `Journal.reading_in_chunks` calls by
-default): long enough for a thread waiting for the GIL to wake and take it, which a switch
-alone does not let it do (`journal._chunks`). About a tenth of a chunk's reading: a page of
-10,000 transfers read alone ~5% slower; 16 threads of single transfers beside a thread reading
-such pages back to back went from ~50 to ~2,700 transfers/s."""
+chunks of its reads once it has held it for the switch interval (`journal._chunks.Pause`, what
+`Journal.reading_in_chunks` calls by default): long enough for a thread waiting for the GIL to
+wake and take it, which a switch alone does not let it do (`journal._chunks`). Measured beside
+16 threads of single transfers (`bench/README.md`): letting go every chunk instead read a page
+of 10,000 transfers alone ~29% slower; every 2 ms, 15%; every 5 ms (the switch interval), 7%."""

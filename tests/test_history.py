@@ -695,12 +695,12 @@ def test_a_point_in_time_balance_after_a_partial_post_shows_the_whole_hold_relea
 
 @pytest.fixture
 def paused(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The journal's pause between two chunks of a read (`journal._chunks.pause`), counted by
-    the name of the thread that made it, instead of slept."""
+    """The calls between two chunks of a read that a `Ledger` makes (`journal._chunks.Pause`),
+    counted by the name of the thread that made them, instead of made."""
     import journal._journal
 
     made: list[str] = []
-    monkeypatch.setattr(journal._journal, "pause", lambda: made.append(threading.current_thread().name))
+    monkeypatch.setattr(journal._journal, "Pause", lambda: lambda: made.append(threading.current_thread().name))
     return made
 
 
@@ -732,8 +732,8 @@ def test_a_long_read_lets_go_of_the_interpreter_between_two_chunks_of_its_record
     """py-lmdb lets go of the GIL at each get and takes it back at once, so a thread reading
     record after record kept the writer and every caller deciding transfers out until it was
     done (16 threads of single transfers fell from ~11,000/s to ~20/s beside one thread reading
-    pages of 10,000). A read pauses between two chunks of `READ_CHUNK_RECORDS` records, on the
-    reading thread; writing, the engine never pauses (it reads under locks others need)."""
+    pages of 10,000). A read may pause between two chunks of `READ_CHUNK_RECORDS` records, on
+    the reading thread; writing, the engine never does (it reads under locks others need)."""
     from journal._limits import READ_CHUNK_RECORDS
 
     transfers = 3 * READ_CHUNK_RECORDS

@@ -544,3 +544,44 @@ def test_a_lone_caller_commits_its_own_record_and_a_crowd_is_left_to_the_writer_
         ledger.create_account("bob", currency="USD")  # not a transfer: the writer thread's
         assert committers == ["tally-journal-writer"]
         assert ledger.balance("alice").posted == 5
+
+
+def test_a_pause_lets_go_of_the_interpreter_once_a_read_has_held_it_for_the_switch_interval(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Pause`, called between two chunks: it sleeps `READ_PAUSE_S` only once the switch
+    interval has passed since the read began or last slept, and counts from the end of that
+    sleep."""
+    from journal import _chunks
+
+    hold, READ_PAUSE_S = 0.5, 0.125  # (sums of binary fractions: exact)
+    monkeypatch.setattr(_chunks.sys, "getswitchinterval", lambda: hold)
+    monkeypatch.setattr(_chunks, "READ_PAUSE_S", READ_PAUSE_S)
+
+    now = [100.0]
+    slept: list[float] = []
+
+    class Clock:
+        @staticmethod
+        def perf_counter() -> float:
+            return now[0]
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            slept.append(seconds)
+            now[0] += seconds
+
+    monkeypatch.setattr(_chunks, "time", Clock)
+    between = _chunks.Pause()
+    between()
+    now[0] += hold / 2
+    between()
+    assert slept == []
+    now[0] += hold / 2
+    between()
+    assert slept == [READ_PAUSE_S]
+    now[0] += hold - READ_PAUSE_S / 2
+    between()
+    assert slept == [READ_PAUSE_S]  # counted from the end of the sleep
+    now[0] += READ_PAUSE_S
+    between()
+    assert slept == [READ_PAUSE_S, READ_PAUSE_S]
