@@ -49,9 +49,11 @@ class DirectoryLock:
         self._fds = fds
 
     def release(self) -> None:
-        """Let go of both (idempotent)."""
+        """Let go of both (idempotent): the directory's first, the lock file's last, so an opener
+        racing this close is refused at the lock file, told the truth (not that the lock file was
+        removed, which is what the directory's flock alone refusing it says)."""
         fds, self._fds = self._fds, []
-        for fd in fds:
+        for fd in reversed(fds):
             os.close(fd)
 
 

@@ -76,6 +76,10 @@ def space_error(path: str, error: BaseException) -> JournalWriteError:
     return JournalWriteError(f"journal write failed: {error}")
 
 
+_EIO_TEXT = os.strerror(errno.EIO)
+"""How py-lmdb words LMDB's EIO (its `lmdb.Error` carries no errno): "Input/output error"."""
+
+
 def _file_size_limit(path: str, error: BaseException) -> int | None:
     """The process's file size limit, if the write that failed with `error` may have met it: the
     error is EFBIG, or an I/O error (LMDB reports a short write as EIO) while the data file is
@@ -85,6 +89,8 @@ def _file_size_limit(path: str, error: BaseException) -> int | None:
         return None
     if getattr(error, "errno", None) == errno.EFBIG:
         return limit
+    if getattr(error, "errno", None) != errno.EIO and not (isinstance(error, lmdb.Error) and _EIO_TEXT in str(error)):
+        return None  # (no space, a bug...: what it is, whatever the file's size)
     try:
         size = os.stat(os.path.join(path, DATA_FILE)).st_size
     except OSError:

@@ -10,6 +10,7 @@ amounts). `tests/test_storage_faults.py` runs the sweep of `bench/bench_faults.p
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -39,6 +40,7 @@ from journal import ANCHOR_FILE, FORMAT_VERSION, Journal, JournalCorruptedError,
 from coordinator import CHECK_FILE
 import journal._writer as journal_writer
 from journal import _store
+from journal._errors import JournalLockedError
 from journal._seal import SEAL_FILE
 from support import wait_until
 
@@ -468,6 +470,21 @@ def test_a_write_past_the_file_size_limit_is_unavailable_saying_so_and_loses_not
         assert ledger.get_transfer(f"t{acknowledged - 1}") is not None and ledger.get_transfer(f"t{acknowledged}") is None
 
 
+def test_only_an_io_error_near_the_file_size_limit_is_called_the_limit(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk (ENOSPC) or a bug met while the data file is near a file size limit is what
+    it is; only LMDB's short write (EIO) or EFBIG there is the limit."""
+    path = tmp_path / "ledger"
+    build(path)
+    size = (path / "data.mdb").stat().st_size
+    monkeypatch.setattr(_store.resource, "getrlimit", lambda which: (size + 1000, _store.resource.RLIM_INFINITY))
+    directory = str(path)
+    assert "file size limit" in str(_store.space_error(directory, lmdb.Error("mdb_txn_commit: Input/output error")))
+    assert "file size limit" in str(_store.space_error(directory, OSError(errno.EFBIG, "File too large")))
+    assert "no space left" in str(_store.space_error(directory, OSError(errno.ENOSPC, "No space left on device")))
+    assert "file size limit" not in str(_store.space_error(directory, AssertionError("a bug")))
+
+
 def test_a_map_that_cannot_grow_fails_the_writes_and_the_reads_go_on(tmp_path: Path) -> None:
     """LMDB unmaps the data file before mapping it larger: a map that then fails (an
     address-space limit) left the environment unusable, reads too, until the ledger was
@@ -758,6 +775,36 @@ def test_a_ledger_whose_lock_file_is_removed_while_open_is_still_refused_to_a_se
         ledger.transfer("first", source="bank", destination="alice", amount=1)
     with Ledger.open(path) as again:
         assert again.get_transfer("first") is not None and again.get_transfer("second") is None
+
+
+def test_an_opener_racing_a_close_is_not_told_the_lock_file_was_removed(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A close lets go of the directory's flock before the lock file's: an open between the two
+    is refused at the lock file, as while the ledger was open, not told its lock file was gone."""
+    from journal import _directory
+    path = tmp_path / "ledger"
+    build(path)
+    held = _directory.lock_directory(str(path))
+    assert held is not None
+    refusals: list[str] = []
+    close = os.close
+
+    armed = [True]
+
+    def close_then_open(fd: int) -> None:
+        close(fd)
+        if armed.pop() if armed else False:  # after the first close only
+            try:
+                _directory.lock_directory(str(path)).release()  # type: ignore[union-attr]
+                refusals.append("opened")
+            except JournalLockedError as refused:
+                refusals.append(str(refused))
+
+    monkeypatch.setattr(_directory.os, "close", close_then_open)
+    held.release()
+    monkeypatch.undo()
+    assert len(refusals) == 1 and "live process" in refusals[0] and "removed" not in refusals[0], refusals
+    _directory.lock_directory(str(path)).release()  # type: ignore[union-attr]
 
 
 def test_a_forked_child_is_refused_at_once_and_does_not_keep_the_lock(tmp_path: Path) -> None:
