@@ -223,9 +223,13 @@ class AsyncLedger(LoopWrites, LoopFollowing):
         return await self._on_worker(self._ledger.state_hash)
 
     async def head(self) -> Head:
+        if self._readonly:  # a reader catches up first, under the lock a read on a worker holds throughout
+            return await self._on_worker(self._ledger.head)
         return self._ledger.head()  # from memory: never blocks
 
     async def stats(self) -> dict[str, int]:
+        if self._readonly:  # (as `head`)
+            return await self._on_worker(self._ledger.stats)
         return self._ledger.stats()  # from memory: never blocks
 
     def events(self, after_lsn: int = 0, *, follow: bool = True,

@@ -15,8 +15,8 @@ import threading
 LOOP_TURN_WAIT_S = 0.1
 """Longest a read on a worker waits between two chunks for the loop to take its turn
 (`LoopTurns`). A loop that has not taken it by then is busy for longer, or is waiting for
-something the read holds (a read-only ledger's lock, through `head`): the read goes on
-without waiting again."""
+something the read holds (a claim's look at the transfers index, while the writer grows the
+map and waits for the read's transaction to end): the read goes on without waiting again."""
 
 
 class LoopTurns:

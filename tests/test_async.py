@@ -595,3 +595,42 @@ def test_a_long_read_lets_the_loop_take_a_turn_between_two_chunks_of_its_records
     assert len(turns) >= transfers
     records_in_one_turn_max = max(len(list(same)) for _, same in itertools.groupby(turns))
     assert records_in_one_turn_max <= 2 * READ_CHUNK_RECORDS
+
+
+def test_a_read_only_ledgers_head_and_stats_wait_on_a_worker_not_on_the_loop(tmp_path: Path) -> None:
+    """A read-only ledger catches up with its writer before `head` and `stats` answer, under
+    the lock its reads on workers hold for their whole read (`state_hash` of a big ledger:
+    seconds). Taken on the loop, that lock stopped the loop for as long; on a worker, the
+    loop goes on while they wait. Counted, not timed: the lock is let go by the loop itself
+    once it has turned, or by a fallback thread long after (without the fix, the loop is
+    stuck in `head` until then)."""
+    with Ledger.open(tmp_path / "l") as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+
+    async def body(ledger: AsyncLedger) -> None:
+        lock = ledger._ledger._catching_up  # type: ignore[attr-defined]
+        for call in (ledger.head, ledger.stats):
+            released, once = threading.Event(), threading.Lock()
+
+            def release() -> None:
+                with once:
+                    if not released.is_set():
+                        released.set()
+                        lock.release()
+
+            assert lock.acquire(timeout=WAIT_S)  # as a long read on a worker holds it
+            fallback = threading.Timer(WAIT_S / 3, release)
+            fallback.start()
+            try:
+                waiting = asyncio.ensure_future(call())
+                for _ in range(3):
+                    await asyncio.sleep(0)  # the loop turns meanwhile
+                assert not released.is_set(), f"the loop waited in {call.__name__} for the lock"
+                assert not waiting.done()
+            finally:
+                release()
+                fallback.cancel()
+            await asyncio.wait_for(waiting, WAIT_S)
+        assert (await ledger.head()).lsn == (await ledger.stats())["durable_lsn"]
+
+    run(tmp_path / "l", body, readonly=True)
