@@ -113,7 +113,8 @@ def _flock(fd: int, path: str, directory: bool = False) -> None:
         if error.errno in (errno.EAGAIN, errno.EACCES):
             raise JournalLockedError(
                 f"{path} is open in another live process (or by another open ledger in this process)"
-                + (", whose lock file was removed meanwhile" if directory else "")
+                + (" (the directory itself is locked: its lock file was removed while it was open, or"
+                   " something else holds a lock on the directory)" if directory else "")
             ) from error
         if directory and error.errno in _NO_DIRECTORY_FLOCK:
             return

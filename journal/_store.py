@@ -239,8 +239,8 @@ class Store:
         """Double the map size once no reader is open (new readers are held off meanwhile).
         Writer thread only.
 
-        Every reader ends on its own (none waits on anything while it reads), but one may be
-        long: `state_hash` reads every entry in one snapshot. Failing the journal after a
+        Every reader ends on its own (none waits, while it reads, on more than a bounded turn
+        of an event loop, `Journal.reading_in_chunks`), but one may be long: `state_hash` reads every entry in one snapshot. Failing the journal after a
         bound would turn that into an outage until reopen; so the grow waits, and says so
         every `GROW_WAIT_S_MAX` seconds."""
         size = self.env.info()["map_size"]
