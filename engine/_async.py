@@ -181,6 +181,8 @@ class AsyncLedger(LoopWrites, LoopFollowing):
 
     async def transfer_many(self, requests: Sequence[TransferRequest]) -> list[Transfer | LedgerError]:
         """`Ledger.transfer_many`, on a worker thread (the batch waits its turn in the lane)."""
+        if self._readonly:
+            return self._ledger.transfer_many(requests)  # raises ReadOnlyLedger at once
         return await self._write_on_worker(self._ledger.transfer_many, requests)
 
     async def expire_pending(self) -> int:
@@ -324,6 +326,8 @@ class AsyncLedger(LoopWrites, LoopFollowing):
         for it (bounded by `timeout_s`) instead of closing the journal under it."""
         if asyncio.get_running_loop() is not self._loop:
             raise InvalidRequest("an AsyncLedger is bound to the event loop that opened it")
+        assert not self._readonly  # a read-only ledger's call reads in chunks on the thread that entered
+        # it (`ReadingLedger._call`): left on a worker, it would leave the loop's thread pausing
         slot = self._ledger._call()
         slot.__enter__()  # LedgerClosed if closed
         # Taken by whichever leaves the call first (`list.pop` is one step): the job, or a

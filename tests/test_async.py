@@ -367,6 +367,23 @@ def test_a_read_only_async_ledger_reads_and_refuses_writes(tmp_path: Path) -> No
     run(tmp_path / "l", body, readonly=True)
 
 
+def test_a_read_only_async_ledger_refuses_a_batch_on_the_loop_and_leaves_its_reads_unpaused(tmp_path: Path) -> None:
+    """Every call of a read-only ledger reads in chunks on the thread that enters it
+    (`ReadingLedger._call`); a batch entered the call on the loop and left it on a worker, so
+    the loop's thread kept the pause for every read it made after."""
+    with Ledger.open(tmp_path / "l") as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+
+    async def body(ledger: AsyncLedger) -> None:
+        chunks = ledger._ledger._journal._chunks
+        with pytest.raises(ReadOnlyLedger):
+            await ledger.transfer_many([TransferRequest("t", "bank", "bank", 1)])
+        assert chunks.between is None
+        assert [a.id for a in await ledger.accounts()] == ["bank"]
+
+    run(tmp_path / "l", body, readonly=True)
+
+
 def test_a_completion_calls_back_once_and_keeps_no_reference_to_its_callbacks() -> None:
     calls: list[Completion] = []
     completion = Completion()
