@@ -212,10 +212,12 @@ class Ledger:
         return _Call(self)
 
     def _read(self) -> _Call:
-        """`_call` for a read of the journal: its reads let the threads waiting for the
-        interpreter have it between two chunks (`Journal.reading_in_chunks`). A page of 10,000
-        transfers read straight through kept the writer and every caller deciding a transfer
-        out for its whole length (`journal._chunks` says why)."""
+        """`_call` for a read of the journal that may be long (pages, entries, events, a
+        snapshot's reads, `state_hash`): its reads let the threads waiting for the interpreter
+        have it between two chunks (`Journal.reading_in_chunks`). A page of 10,000 transfers
+        read straight through kept the writer and every caller deciding a transfer out for its
+        whole length (`journal._chunks` says why). A read of a few records (`get_transfer`,
+        `outcome`, `balance`) does without: it would never fill a chunk."""
         return _Read(self)
 
     def create_account(self, id: str, *, currency: str, overdraft_limit: int | None = 0, code: int = 0,
@@ -441,7 +443,7 @@ class Ledger:
         """The durable committed Transfer with this id, or None (unknown or refused), with its
         status as of now (a pending transfer's: pending, posted, voided or expired). Never scans."""
         check_id(id, "transfer id")
-        with self._read():
+        with self._call():
             journal = self._journal
             durable = self._history.end()  # (before the snapshot: a record committed to LMDB but not
             # yet released to its callers is not shown, as `entries` and `balance` do not show it;
@@ -456,7 +458,7 @@ class Ledger:
         durable (never used, or still in flight). Never scans, never submits anything: after a
         `LedgerTimeout` it tells a host what happened without a retry."""
         check_id(id, "transfer id")
-        with self._read():
+        with self._call():
             return outcome_now(self._journal, id, self._history.end())
 
     # --- reads ---------------------------------------------------------------------
@@ -510,10 +512,10 @@ class Ledger:
         `AccountNotFound` if the account was opened after it.
         """
         if at_lsn is not None or at_timestamp is not None:
-            with self._read():
+            with self._call():
                 history = self._history
                 return history.balance(account, history.lsn_of(at_lsn, at_timestamp))
-        with self._read():
+        with self._call():
             self._account(account)
             journal = self._journal
             if journal.failure is not None:

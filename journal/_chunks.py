@@ -20,8 +20,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 from journal._limits import READ_CHUNK_RECORDS, READ_PAUSE_S
 
@@ -42,35 +41,53 @@ class Chunks(threading.local):
                 self.read = 0
                 between()
 
-    @contextmanager
-    def calling(self, between: Callable[[], None]) -> Iterator[None]:
+    def calling(self, between: Callable[[], None]) -> Calling:
         """Until left, this thread's reads call `between()` after each chunk; inside another
         such context, its function stays (the outer caller knows what its thread must let
         through: an `AsyncLedger` worker's loop, around a `Ledger` read's pause)."""
-        if self.between is not None:
-            yield
-            return
-        self.between, self.read = between, 0
-        try:
-            yield
-        finally:
-            self.between, self.read = None, 0
+        return Calling(self, between)
+
+
+class Calling:
+    """`Chunks.calling`: a context manager that is a plain object (entered once per read of a
+    `Ledger`: no generator per call)."""
+
+    __slots__ = ("_chunks", "_between", "_outermost")
+
+    def __init__(self, chunks: Chunks, between: Callable[[], None]) -> None:
+        self._chunks, self._between, self._outermost = chunks, between, False
+
+    def __enter__(self) -> None:
+        chunks = self._chunks
+        if chunks.between is None:
+            self._outermost = True
+            chunks.between, chunks.read = self._between, 0
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._outermost:
+            chunks = self._chunks
+            chunks.between, chunks.read = None, 0
 
 
 class Pause:
     """Between two chunks of a read: let go of the interpreter for `READ_PAUSE_S` (long enough
     for a thread waiting for it, the journal's writer or a caller deciding transfers, to wake
     and take it) once the read has held it for the interpreter's switch interval
-    (`sys.getswitchinterval()`, 5 ms unless the host set another) since it began or last let
-    go: what the interpreter would have had it do, had its reads not kept it from that."""
+    (`sys.getswitchinterval()`, 5 ms unless the host set another) since its first chunk or
+    since it last let go: what the interpreter would have had it do, had its reads not kept it
+    from that."""
 
-    __slots__ = ("_hold", "_due")
+    __slots__ = ("_due",)
 
     def __init__(self) -> None:
-        self._hold = sys.getswitchinterval()
-        self._due = time.perf_counter() + self._hold
+        self._due = 0.0
+        """When to let go next; 0: not yet known (a read too short to fill a chunk never reads a
+        clock: the interval counts from its first chunk)."""
 
     def __call__(self) -> None:
-        if time.perf_counter() >= self._due:
+        now = time.perf_counter()
+        if not self._due:
+            self._due = now + sys.getswitchinterval()
+        elif now >= self._due:
             time.sleep(READ_PAUSE_S)
-            self._due = time.perf_counter() + self._hold
+            self._due = time.perf_counter() + sys.getswitchinterval()

@@ -549,8 +549,8 @@ def test_a_lone_caller_commits_its_own_record_and_a_crowd_is_left_to_the_writer_
 def test_a_pause_lets_go_of_the_interpreter_once_a_read_has_held_it_for_the_switch_interval(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """`Pause`, called between two chunks: it sleeps `READ_PAUSE_S` only once the switch
-    interval has passed since the read began or last slept, and counts from the end of that
-    sleep."""
+    interval has passed since the read's first chunk or its last sleep, and counts from the end
+    of that sleep."""
     from journal import _chunks
 
     hold, READ_PAUSE_S = 0.5, 0.125  # (sums of binary fractions: exact)
