@@ -213,11 +213,14 @@ class Ledger:
 
     def _read(self) -> _Call:
         """`_call` for a read of the journal that may be long (pages, entries, events, a
-        snapshot's reads, `state_hash`): its reads let the threads waiting for the interpreter
-        have it between two chunks (`Journal.reading_in_chunks`). A page of 10,000 transfers
-        read straight through kept the writer and every caller deciding a transfer out for its
-        whole length (`journal._chunks` says why). A read of a few records (`get_transfer`,
-        `outcome`, `balance`) does without: it would never fill a chunk."""
+        snapshot's reads, `state_hash`, a balance at an LSN or a time): its reads let the
+        threads waiting for the interpreter have it between two chunks
+        (`Journal.reading_in_chunks`). A page of 10,000 transfers read straight through kept the
+        writer and every caller deciding a transfer out for its whole length (`journal._chunks`
+        says why). A read of a few records (`get_transfer`, `outcome`, a live `balance`) does
+        without: it would never fill a chunk. (A balance at an LSN in a past from before hold
+        rows reads up to a checkpoint interval of records; a live one after the journal failed
+        replays as many, and pauses too.)"""
         return _Read(self)
 
     def create_account(self, id: str, *, currency: str, overdraft_limit: int | None = 0, code: int = 0,
@@ -512,14 +515,15 @@ class Ledger:
         `AccountNotFound` if the account was opened after it.
         """
         if at_lsn is not None or at_timestamp is not None:
-            with self._call():
+            with self._read():  # (a past from before hold rows is read from its records: `_holds_read`)
                 history = self._history
                 return history.balance(account, history.lsn_of(at_lsn, at_timestamp))
         with self._call():
             self._account(account)
             journal = self._journal
             if journal.failure is not None:
-                return self._durable_balance(account)
+                with journal.reading_in_chunks():  # a replay from the newest checkpoint: a long read (`_read`)
+                    return self._durable_balance(account)
             # A record durable now may have been queued by a thread still under the sequencer's
             # lock, which hands the accounts its postings after queueing it (and the writer may
             # make it durable at once): once that hold ends, the postings are in the mailboxes

@@ -767,3 +767,32 @@ def test_a_read_inside_another_chunked_read_keeps_the_outer_function(tmp_path: P
         assert outer and paused == []
         ledger.transfers(limit=10_000)
         assert paused
+
+
+def test_a_balance_that_reads_many_records_lets_go_of_the_interpreter_between_two_chunks(
+        tmp_path: Path, raw_lmdb: Callable, paused: list[str]) -> None:
+    """A balance is a read of a few records only where it has hold rows and a live journal:
+    at an LSN in a past from before hold rows it reads the records since the newest checkpoint
+    (up to a checkpoint interval of them), and once the journal failed it replays them; both
+    pause between two chunks as any long read does."""
+    from journal._limits import READ_CHUNK_RECORDS
+
+    path = tmp_path / "l"
+    with Ledger.open(path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("a", currency="USD")
+        for k in range(3 * READ_CHUNK_RECORDS):
+            ledger.transfer(f"t{k}", source="bank", destination="a", amount=1)
+        last = ledger.head().lsn
+    with raw_lmdb(path) as env, env.begin(write=True) as txn:  # as a release before hold rows left it
+        entries = env.open_db(ENTRIES_INDEX.encode(), txn=txn, create=False)
+        for key in [bytes(key) for key in txn.cursor(db=entries).iternext(values=False) if is_hold_key(key)]:
+            assert txn.delete(key, db=entries)
+    with Ledger.open(path) as ledger:
+        paused.clear()
+        assert ledger.balance("a", at_lsn=last).posted == 3 * READ_CHUNK_RECORDS
+        assert len(paused) >= 2
+        paused.clear()
+        ledger._journal.refuse_writes("a test fails the journal")
+        assert ledger.balance("a").posted == 3 * READ_CHUNK_RECORDS
+        assert len(paused) >= 2
