@@ -522,8 +522,7 @@ class Ledger:
             self._account(account)
             journal = self._journal
             if journal.failure is not None:
-                with journal.reading_in_chunks():  # a replay from the newest checkpoint: a long read (`_read`)
-                    return self._durable_balance(account)
+                return self._durable_balance(account)
             # A record durable now may have been queued by a thread still under the sequencer's
             # lock, which hands the accounts its postings after queueing it (and the writer may
             # make it durable at once): once that hold ends, the postings are in the mailboxes
@@ -551,7 +550,8 @@ class Ledger:
         """The balance as the journal holds it, for reads after the journal failed (the actors
         may have applied entries that never became durable): replayed from the newest
         checkpoint. No reservation is left: no transfer can be decided any more."""
-        return balance_of(replay(self._journal, load_checkpoint(self._journal)), account_id)
+        with self._journal.reading_in_chunks():  # a replay from the newest checkpoint: a long read (`_read`)
+            return balance_of(replay(self._journal, load_checkpoint(self._journal)), account_id)
 
     def entries(self, account: str, after: int = 0, limit: int | None = None) -> list[Entry]:
         """The account's durable entries with seq > `after`, in seq order, at most `limit`."""

@@ -2,8 +2,9 @@
 
 A directory holds a journal if it has an anchor (`journal._anchor`) or a data file. Only a
 directory with neither, and no sign that one was there (LMDB's `lock.mdb` outside the
-staging directory, a seal that a close left: `journal._seal`), is ever initialised: a lost, emptied or damaged data file in a ledger
-directory is damage to report, never a place to start a new ledger.
+staging directory, a seal that a close left: `journal._seal`), is ever initialised: a lost,
+emptied or damaged data file in a ledger directory is damage to report, never a place to
+start a new ledger.
 """
 
 from __future__ import annotations

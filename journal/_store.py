@@ -240,9 +240,9 @@ class Store:
         Writer thread only.
 
         Every reader ends on its own (none waits, while it reads, on more than a bounded turn
-        of an event loop, `Journal.reading_in_chunks`), but one may be long: `state_hash` reads every entry in one snapshot. Failing the journal after a
-        bound would turn that into an outage until reopen; so the grow waits, and says so
-        every `GROW_WAIT_S_MAX` seconds."""
+        of an event loop, `Journal.reading_in_chunks`), but one may be long: `state_hash` reads
+        every entry in one snapshot. Failing the journal after a bound would turn that into an
+        outage until reopen; so the grow waits, and says so every `GROW_WAIT_S_MAX` seconds."""
         size = self.env.info()["map_size"]
         if size >= MAP_SIZE_BYTES_MAX:
             raise JournalWriteError(f"the journal map is at its bound of {MAP_SIZE_BYTES_MAX} bytes")

@@ -588,7 +588,7 @@ def test_a_long_read_lets_the_loop_take_a_turn_between_two_chunks_of_its_records
     not timed: the loop's turns as the worker reads each record. Without the turns the loop
     sleeps in one select from the start of the read to its end."""
     transfers = 8 * READ_CHUNK_RECORDS
-    monkeypatch.setattr(engine._loop_turns, "LOOP_TURN_WAIT_S", WAIT_S, raising=False)  # a slow loop is waited for too
+    monkeypatch.setattr(engine._loop_turns, "LOOP_TURN_WAIT_S", WAIT_S)  # a slow loop is waited for too
     selector = _CountingSelector()
     turns: list[int] = []  # the loop's turns so far, as each record is read
 
@@ -629,7 +629,7 @@ def test_a_read_only_ledgers_head_and_stats_wait_on_a_worker_not_on_the_loop(tmp
         for call in (ledger.head, ledger.stats):
             released, once = threading.Event(), threading.Lock()
 
-            def release() -> None:
+            def release(released: threading.Event = released, once: threading.Lock = once) -> None:
                 with once:
                     if not released.is_set():
                         released.set()
