@@ -33,6 +33,7 @@ from coordinator._entries import (
 from coordinator._errors import AccountNotFound, InvalidRequest, JournalCorrupted
 from coordinator._history import (
     Committed,
+    Record,
     _index_lsn,
     account_of,
     named_record,
@@ -222,8 +223,7 @@ def transfers_page(journal: Journal, *, account: str | None, code: int | None, k
     With `account` it reads the account's entries and hold rows (no scan); without, the
     records of the window, one after another."""
     page: list[Transfer] = []
-    for lsn in _candidates(journal, account, after_lsn, until_lsn, reverse, unindexed, holds, txn):
-        record = record_at(journal, lsn, txn)
+    for record in _candidates(journal, account, after_lsn, until_lsn, reverse, unindexed, holds, txn):
         if not isinstance(record, Committed):
             continue
         found = [status_at(journal, transfer, as_of, txn) for transfer in record.transfers
@@ -240,13 +240,14 @@ def transfers_page(journal: Journal, *, account: str | None, code: int | None, k
 
 
 def _candidates(journal: Journal, account: str | None, after_lsn: int, until_lsn: int, reverse: bool,
-                unindexed: list[Row], holds: list[Row], txn: Any) -> Iterator[int]:
-    """The LSNs of the records that may hold the page's transfers, in page order."""
-    if account is None:
-        if reverse:
-            return iter(range(until_lsn, after_lsn, -1))
-        return (record.lsn for record in window(journal, after_lsn, until_lsn, txn))
-    return account_lsns(journal, account, after_lsn, until_lsn, reverse, unindexed, holds, txn)
+                unindexed: list[Row], holds: list[Row], txn: Any) -> Iterator[Record | None]:
+    """The records that may hold the page's transfers, in page order, each read once (the
+    window's forward, as its scan decoded them)."""
+    if account is None and not reverse:
+        return window(journal, after_lsn, until_lsn, txn)
+    lsns = (range(until_lsn, after_lsn, -1) if account is None else
+            account_lsns(journal, account, after_lsn, until_lsn, reverse, unindexed, holds, txn))
+    return (record_at(journal, lsn, txn) for lsn in lsns)
 
 
 def account_lsns(journal: Journal, account: str, after_lsn: int, until_lsn: int, reverse: bool,

@@ -100,9 +100,8 @@ while open acknowledges at most this long of commits into files no path reaches.
 
 READ_CHUNK_RECORDS = 128
 """Records (or index entries) a thread reads between two calls of the function it gave
-`Journal.reading_in_chunks`: about 1 ms of reading and decoding transfers (`Ledger.transfers`
-reads each of its records twice), so a thread that must not wait longer than that for the
-interpreter (an event loop) waits about that long."""
+`Journal.reading_in_chunks`: about 1-2 ms of reading and decoding transfers, so a thread that
+must not wait longer than that for the interpreter (an event loop) waits about that long."""
 
 READ_PAUSE_S = 0.0002
 """How long a thread reading for a caller of its own lets go of the interpreter between two

@@ -7,7 +7,7 @@ import inspect
 import itertools
 import selectors
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -598,13 +598,19 @@ def test_a_long_read_lets_the_loop_take_a_turn_between_two_chunks_of_its_records
             await ledger.create_account("a", currency="USD")
             await ledger.transfer_many([TransferRequest(f"t{n}", "bank", "a", 1) for n in range(transfers)])
             journal = ledger._ledger._journal
-            read = journal.read
+            read, scan = journal.read, journal.scan
 
             def counted(lsn: int, txn: object = None) -> bytes | None:
                 turns.append(selector.selects)
                 return read(lsn, txn)
 
+            def counted_scan(after_lsn: int = 0, txn: object = None) -> Iterator[tuple[int, bytes]]:
+                for found in scan(after_lsn, txn):
+                    turns.append(selector.selects)
+                    yield found
+
             monkeypatch.setattr(journal, "read", counted)
+            monkeypatch.setattr(journal, "scan", counted_scan)
             return len(await ledger.transfers(limit=transfers))
 
     with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selector)) as runner:
