@@ -57,6 +57,23 @@ def threads_phase(path: str, names: list[str], work: list[tuple[int, int, int]],
         return run_clients(threads, work, transfer_call(ledger, names, prefix))
 
 
+async def probe(until: asyncio.Event, lags: list[float]) -> None:
+    """The loop-lag probe: sleep `PROBE_SLEEP_S` again and again until `until` is set, adding
+    to `lags` how late each wake-up was."""
+    loop = asyncio.get_running_loop()
+    while not until.is_set():
+        started = loop.time()
+        await asyncio.sleep(PROBE_SLEEP_S)
+        lags.append(loop.time() - started - PROBE_SLEEP_S)
+
+
+def lag_figures(lags: list[float], prefix: str = "") -> dict:
+    lags = sorted(lags)
+    return {f"{prefix}lag_p50_ms": round(lags[len(lags) // 2] * 1000, 3),
+            f"{prefix}lag_p99_ms": round(lags[int(len(lags) * 0.99)] * 1000, 3),
+            f"{prefix}lag_max_ms": round(lags[-1] * 1000, 3)}
+
+
 async def coroutines_phase(path: str, names: list[str], work: list[tuple[int, int, int]], coroutines: int,
                            prefix: str, freeze: bool = False) -> dict:
     async with AsyncLedger.open(path) as ledger:
@@ -65,7 +82,6 @@ async def coroutines_phase(path: str, names: list[str], work: list[tuple[int, in
         if freeze:  # as a host may do once it has started: what exists now is never collected again
             gc.collect()
             gc.freeze()
-        loop = asyncio.get_running_loop()
         latencies: list[float] = []
         lags: list[float] = []
         done = asyncio.Event()
@@ -81,17 +97,11 @@ async def coroutines_phase(path: str, names: list[str], work: list[tuple[int, in
                     pass  # a refusal is an outcome too
                 latencies.append(time.perf_counter() - started)
 
-        async def probe() -> None:
-            while not done.is_set():
-                started = loop.time()
-                await asyncio.sleep(PROBE_SLEEP_S)
-                lags.append(loop.time() - started - PROBE_SLEEP_S)
-
         collect_before_timing()
         started = time.perf_counter()
         clients = asyncio.gather(*(client(n) for n in range(coroutines)))
         await asyncio.sleep(0)  # every client has made its first request: the probe measures the run
-        prober = asyncio.create_task(probe())
+        prober = asyncio.create_task(probe(done, lags))
         await clients
         elapsed = time.perf_counter() - started
         done.set()
@@ -99,14 +109,11 @@ async def coroutines_phase(path: str, names: list[str], work: list[tuple[int, in
     if freeze:
         gc.unfreeze()
     latencies.sort()
-    lags.sort()
     return {
         "transfers_per_s": round(len(work) / elapsed, 1),
         "p50_ms": round(latencies[len(latencies) // 2] * 1000, 2),
         "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 2),
-        "lag_p50_ms": round(lags[len(lags) // 2] * 1000, 3),
-        "lag_p99_ms": round(lags[int(len(lags) * 0.99)] * 1000, 3),
-        "lag_max_ms": round(lags[-1] * 1000, 3),
+        **lag_figures(lags),
         "lag_samples": len(lags),
     }
 
@@ -119,37 +126,22 @@ HISTORY_WRITERS = 50
 HISTORY_WRITES_S = 3.0
 
 
-def lag_figures(lags: list[float], prefix: str) -> dict:
-    lags = sorted(lags)
-    return {f"{prefix}lag_p50_ms": round(lags[len(lags) // 2] * 1000, 3),
-            f"{prefix}lag_p99_ms": round(lags[int(len(lags) * 0.99)] * 1000, 3),
-            f"{prefix}lag_max_ms": round(lags[-1] * 1000, 3)}
-
-
 async def history_phase(path: str, names: list[str], prefix: str) -> dict:
     """One round of `--history-read` (module docstring) on the ledger at `path`."""
     async with AsyncLedger.open(path) as ledger:
         claims = ledger._ledger._coordinator.claims
         assert await asyncio.to_thread(claims.wait_warm, 120.0)  # as the other phases: the ids are loaded
-        loop = asyncio.get_running_loop()
         lags: list[float] = []
         stop = asyncio.Event()
-
-        async def probe() -> None:
-            while not stop.is_set():
-                started = loop.time()
-                await asyncio.sleep(PROBE_SLEEP_S)
-                lags.append(loop.time() - started - PROBE_SLEEP_S)
-
         collect_before_timing()
-        prober = asyncio.create_task(probe())
+        prober = asyncio.create_task(probe(stop, lags))
         started = time.perf_counter()
         for _ in range(HISTORY_PAGES):
             assert len(await ledger.transfers(limit=HISTORY_PAGE)) == HISTORY_PAGE
         read_ms = (time.perf_counter() - started) * 1000 / HISTORY_PAGES
         stop.set()
         await prober
-        figures = {"read_ms": round(read_ms, 1), **lag_figures(lags, "")}
+        figures = {"read_ms": round(read_ms, 1), **lag_figures(lags)}
         lags.clear()
         stop.clear()
         written = [0]
@@ -167,7 +159,7 @@ async def history_phase(path: str, names: list[str], prefix: str) -> dict:
                 await ledger.transfers(limit=HISTORY_PAGE)
 
         tasks = [asyncio.create_task(writer(n)) for n in range(HISTORY_WRITERS)] + [asyncio.create_task(reader())]
-        prober = asyncio.create_task(probe())
+        prober = asyncio.create_task(probe(stop, lags))
         await asyncio.sleep(HISTORY_WRITES_S)
         stop.set()
         figures["writes_per_s"] = round(written[0] / HISTORY_WRITES_S, 1)

@@ -1137,22 +1137,18 @@ def test_stress_arguments_out_of_range_or_malformed_are_one_line(args: list[str]
     assert done.stderr.splitlines() == [f"tally stress: {said}"]
 
 
-def test_balance_at_a_time_keeps_an_account_id_that_looks_like_a_timestamp(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("account", "at", "shown"), [
+    ("100000000000000000", "2000-01-01", "2000-01-01T00:00:00Z"),  # an id that looks like a timestamp stays as it is
+    ("alice", "1970-01-01T00:00:00Z", "1970-01-01T00:00:00Z"),  # the epoch is a time given, not "no timestamp"
+])
+def test_balance_at_a_time_before_the_account_names_the_account_and_the_time_given(
+        tmp_path: Path, account: str, at: str, shown: str) -> None:
     with Ledger.open(tmp_path / "l") as ledger:
-        ledger.create_account("100000000000000000", currency="USD")
-    done = tally("balance", tmp_path / "l", "100000000000000000", "--at", "2000-01-01")
+        ledger.create_account(account, currency="USD")
+    done = tally("balance", tmp_path / "l", account, "--at", at)
     assert done.returncode == 2, done.stderr
-    assert done.stderr == ("tally balance: account '100000000000000000' did not exist yet at 2000-01-01T00:00:00Z "
-                           "(account '100000000000000000' was opened at LSN 1, after LSN 0)\n")
-
-
-def test_balance_at_the_epoch_names_the_epoch_not_no_timestamp(tmp_path: Path) -> None:
-    with Ledger.open(tmp_path / "l") as ledger:
-        ledger.create_account("alice", currency="USD")
-    done = tally("balance", tmp_path / "l", "alice", "--at", "1970-01-01T00:00:00Z")
-    assert done.returncode == 2, done.stderr
-    assert done.stderr == ("tally balance: account 'alice' did not exist yet at 1970-01-01T00:00:00Z "
-                           "(account 'alice' was opened at LSN 1, after LSN 0)\n")
+    assert done.stderr == (f"tally balance: account {account!r} did not exist yet at {shown} "
+                           f"(account {account!r} was opened at LSN 1, after LSN 0)\n")
 
 
 def test_the_time_tally_balance_prints_for_an_lsn_reads_back_as_that_lsn(tmp_path: Path) -> None:
