@@ -87,7 +87,8 @@ from coordinator._limits import (
 )
 from coordinator._participant import DebitStep, TurnAccount, Participant, Participants
 from coordinator._records import INDEX_NAMES
-from coordinator._recovery import Recovered, check_index_counts, copy_record, load_checkpoint, recover, replay, write_checkpoint
+from coordinator._checkpoints import Recovered, load_checkpoint, write_checkpoint
+from coordinator._recovery import check_index_counts, copy_record, recover, replay
 from coordinator._sequencer import Sequencer
 from coordinator._rules import Refusal
 from coordinator._state import AccountState, Pending, Posting, Projection, SequenceError, post

@@ -66,7 +66,8 @@ from coordinator._records import (
     resolution_key,
     value_lsn,
 )
-from coordinator._recovery import Recovered, replay
+from coordinator._checkpoints import Recovered
+from coordinator._recovery import replay
 from coordinator._state import Pending
 from coordinator._values import Account, Resolution
 

@@ -863,7 +863,7 @@ class Sequencer:
             chain.popleft()  # the walk back stops before it
 
     def _rows_an_open_reads(self, total: int) -> int:
-        """The rows an open would read from the chain (`coordinator._recovery._walk_back`):
+        """The rows an open would read from the chain (`coordinator._checkpoints._walk_back`):
         the newest checkpoint's, then those of each one before it until the sweeps of those
         after it have passed over every account."""
         rows = swept = 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import _recovery, _sequencer
+from coordinator import _checkpoints, _recovery, _sequencer
 from coordinator._history import Checkpointed, typed
 from coordinator._limits import CLOSE_CHECKPOINT_ROWS
 from coordinator._records import INDEX_NAMES, decode
@@ -71,13 +71,13 @@ def checkpoints(path: Path) -> list[tuple[int, list[object]]]:
 def _walked_back(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The LSNs of the checkpoints the opens from now on read on their walk back."""
     read: list[int] = []
-    real = _recovery._checkpoint_before
+    real = _checkpoints._checkpoint_before
 
     def counted(journal: Journal, lsn: int, at: int, previous: object) -> list[object]:
         read.append(at)
         return real(journal, lsn, at, previous)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(_recovery, "_checkpoint_before", counted)
+    monkeypatch.setattr(_checkpoints, "_checkpoint_before", counted)
     return read
 
 
@@ -130,10 +130,8 @@ def test_when_the_sweeps_misguide_the_walk_it_still_finds_every_row(
     """The sweeps only tell the walk where to stop reading ahead: told every account was swept
     after one checkpoint, it goes on back for the accounts still missing a row; told none
     ever was, it reads back to a checkpoint of every account. Either way, the same books."""
-    from coordinator import _recovery
-
     balances, state_hash = build(ledger_path, transfers=400)
-    monkeypatch.setattr(_recovery, "_sweep_length", lambda record, older: record[4] if sweeps_say == "all" else 0)
+    monkeypatch.setattr(_checkpoints, "_sweep_length", lambda record, older: record[4] if sweeps_say == "all" else 0)
     with Ledger.open(ledger_path) as reopened:
         assert {account.id: reopened.balance(account.id) for account in reopened.accounts()} == balances
         assert [account.id for account in reopened.accounts()] == ["bank", *(f"a{n}" for n in range(ACCOUNTS))]
@@ -409,14 +407,14 @@ def test_closing_after_a_long_chain_writes_a_checkpoint_of_every_account_that_op
         "bank", *(f"a{n}" for n in range(ACCOUNTS))]
     read = _walked_back(monkeypatch)
     taken: list[bool] = []
-    in_order = _recovery._in_creation_order
+    in_order = _checkpoints._in_creation_order
 
     def as_is(rows: list[object], total: int) -> object:
         found = in_order(rows, total)
         taken.append(found is not None)
         return found
 
-    monkeypatch.setattr(_recovery, "_in_creation_order", as_is)
+    monkeypatch.setattr(_checkpoints, "_in_creation_order", as_is)
     with Ledger.open(ledger_path) as reopened:
         assert taken == [True]  # as it is: nothing merged, nothing sorted
         assert reopened._journal.last_lsn == newest_lsn  # the close's checkpoint is the last record
