@@ -2,9 +2,9 @@
 
 A decision (open an account; commit or refuse a transfer, a post or a void of a pending
 transfer, a linked chain; expire pending transfers) is made by the rules (`rules.decide`)
-from the projection, stamped with its LSN and timestamp, and appended to the journal under
-one short lock, and what it does to each account is handed to the account inside that same
-lock. So every account receives its entries in LSN order, which is the order replay applies
+from the projection, stamped with its LSN and timestamp (`coordinator._stamps`, the base
+class of `Sequencer`), and appended to the journal under one short lock, and what it does to
+each account is handed to the account inside that same lock. So every account receives its entries in LSN order, which is the order replay applies
 them in, and an entry's seq and balance are decided exactly once, here.
 
 The lock covers deciding, stamping and queueing only (microseconds), never a wait: the
@@ -25,7 +25,8 @@ open pending transfers and what they hold). It only grows by appending; the acco
 apply the same entries with the same pure `post` and must agree with it, so the projection
 is both the stamp source and a cross-check. And it keeps the entries stamped since the
 newest checkpoint (`unindexed`), which the next checkpoint has written to the entry index
-behind it (see `coordinator._entries`).
+behind it (see `coordinator._entries`). What a checkpoint holds is made by
+`coordinator._checkpoint_rows`.
 """
 
 from __future__ import annotations
@@ -33,23 +34,20 @@ from __future__ import annotations
 import gc
 import heapq
 import logging
-import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from itertools import compress, islice, repeat
-from operator import attrgetter, is_not, itemgetter
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from journal import CRASH_POINT_ARMED, Behind, Completion, Journal, JournalError, crash_point
 
+from coordinator._checkpoint_rows import CheckpointRows
 from coordinator._entries import Unindexed, Joined, UnindexedEntries, first_key, hold_row_lsn, newest_checkpoint_lsn
-from coordinator._history import Refused, resolution_of
+from coordinator._history import resolution_of
 from coordinator._limits import (
     CHECKPOINT_ACCOUNTS_MAX,
     CHECKPOINT_RECORDS_INTERVAL,
-    CHECKPOINT_SWEEP_MIN,
     CLOSE_CHECKPOINT_ROWS,
     EXPIRY_RECORD_IDS_MAX,
     UNINDEXED_ENTRIES_MAX,
@@ -62,94 +60,29 @@ from coordinator._records import (
     ENTRIES_INDEX,
     EXPIRY3,
     HOLDS_FROM_KEY,
-    HOLDS_MARK,
     INDEXED_TO_KEY,
-    PLAIN3,
-    REFUSAL3,
-    TRANSFER3,
     TRANSFERS_INDEX,
     encode,
-    encode_entry_value,
     encode_holds,
-    entry_prefix,
     holds_key,
     id_key,
     lsn_value,
     resolution_key,
 )
-from coordinator._rules import (
-    NOTHING,
-    Leg,
-    Refusal,
-    Stamp,
-    decide,
-    decide_single,
-    decide_singles,
-    decide_transfer,
-    enter,
-    expire,
-    holds_after,
-    holds_expired,
-    resolve,
-)
-from coordinator._state import NO_ENTRIES, AccountState, Pending, Posting, Projection
-from coordinator._values import (
-    KINDS,
-    PENDING,
-    POST,
-    SINGLE,
-    VOID,
-    Account,
-    Request,
-    Transfer,
-    TransferRequest,
-    TransferStatus,
-    plain_transfer,
-    stamped_transfer,
-)
+from coordinator._rules import NOTHING, Leg, Refusal, enter, expire, holds_expired
+from coordinator._stamps import Chunk, Pin, Stamping
+from coordinator._state import NO_ENTRIES, Pending, Posting, Projection
+from coordinator._values import PENDING, SINGLE, Account, Request, TransferStatus
 
 if TYPE_CHECKING:
     from coordinator._claims import Ticket
 
 Deliver = Callable[[list[Posting]], None]
-Pin = Callable[[list[str]], None]
-_U64 = struct.Struct(">Q")
-_STATUS: tuple[TransferStatus, ...] = ("posted", "pending", "posted", "voided")
-"""A transfer's status as decided, by kind."""
-_NO_STAMP = (0, 0, 0, 0)
-_KIND = itemgetter(0)
-"""A leg's kind."""
-
-
-class Chunk:
-    """Decisions stamped under the sequencer lock at consecutive LSNs, journaled together
-    as one block (`Sequencer.append_chunk`): a payload and a completion per record, and
-    the transfer index entries of all of them (their entries wait for a checkpoint)."""
-
-    __slots__ = ("payloads", "completions", "transfers", "accounts", "entries", "holders", "holds")
-
-    def __init__(self) -> None:
-        self.payloads: list[bytes] = []
-        self.completions: list[Completion | None] = []
-        self.transfers: list[bytes] = []
-        """Transfer index: id -> LSN of its outcome (flat: key, value, key, value...)."""
-        self.accounts: list[str] = []
-        self.entries: list[bytes] = []
-        """The entries stamped, each its account's in `accounts`, then its key and value
-        here: unindexed entries as the chunk is queued (`Sequencer._append`)."""
-        self.holders: list[str] = []
-        self.holds: list[bytes] = []
-        """Hold rows (`coordinator._records.holds_key`), each its account's in `holders`,
-        flat: unindexed, as the entries."""
-
-    def __len__(self) -> int:
-        return len(self.payloads)
-
 
 logger = logging.getLogger("tally.coordinator")
 
 
-class Sequencer:
+class Sequencer(Stamping):
     """Owns journal order. Every method is called with no lock held and returns at once,
     unless it says to hold `lock`. It is the `rules.Book` decisions read."""
 
@@ -204,18 +137,8 @@ class Sequencer:
         self._resolved_at: deque[tuple[int, str]] = deque()
         self._unentered: tuple[Sequence[Request], list[Leg], int, int] = ((), [], 0, 0)
         """What `stamp` decided without entering it (`enter_stamped`)."""
-        self._fixed_rows: dict[str, tuple[Any, ...]] = {}
-        """The unchanging start of an account's checkpoint row (id, currency, overdraft limit,
-        code, metadata, opening LSN), made the first time a checkpoint holds its row
-        (`_fixed_row`): never all at once, which for a million accounts reopened would hold
-        the lock through the first checkpoint for most of a second."""
-        self._ids: list[str] = []
-        """Every account's id, in creation order (where the sweep walks); `checkpoint` adds the new ones."""
-        self._checkpoint: tuple[int, int, int] | None = books.checkpoint_chain
-        """The newest checkpoint's (LSN, accounts, sweep_next), if the next one may build on it."""
-        self._chain: deque[tuple[int, int]] = deque(reversed(books.chain_read))
-        """(rows, sweep length) of each checkpoint an open may read back to, the newest last
-        (`_rows_an_open_reads`); first, those the open read."""
+        self.rows = CheckpointRows(books)
+        """What the next checkpoint holds, and the chain an open would read back."""
         with journal.snapshot() as txn:
             self._holds_from_due = journal.index_get(ENTRIES_INDEX, HOLDS_FROM_KEY, txn) is None
             """No `HOLDS_FROM_KEY` yet: the next block appended (never a checkpoint: one follows
@@ -262,16 +185,6 @@ class Sequencer:
         (it may step back), so the answer never changes."""
         if timestamp > self.last_timestamp:
             self.last_timestamp = timestamp
-
-    def timestamp(self, count: int = 1, now: int | None = None) -> int:
-        """The timestamp of the next decision, of `count` requests (the i-th gets it + i), from
-        the clock's reading `now` (read here if None); call under `lock`."""
-        if now is None:
-            now = self.clock()
-        last = self.last_timestamp
-        stamp = now if now > last else last + 1
-        self.last_timestamp = stamp + count - 1
-        return stamp
 
     # --- accounts ----------------------------------------------------------------------
 
@@ -334,97 +247,7 @@ class Sequencer:
             states[account.id] = NO_ENTRIES
             known[account.id] = account  # last: threads that find it there (without the lock) find the rest
 
-    # --- decisions -----------------------------------------------------------------------
-
-    def stamp(self, chunk: Chunk, ticket: Ticket, lsn: int, reserved: Mapping[str, int] = NOTHING,
-              pin: Pin | None = None, enter_now: bool = True, now: int | None = None) -> list[Leg] | Refusal:
-        """Decide `ticket`'s requests at `lsn` (`rules.decide`, from the projection and
-        `reserved`), add the record, committed or refused, to `chunk`, and move the projection
-        past it (with `enter_now`; else the caller calls `enter_stamped` once the chunk is
-        queued). Call under `lock`; the caller appends the chunk and delivers the legs.
-        `ticket.value` becomes the Transfer (a chain: the tuple of them) or the `Refused`.
-        `pin`: called with the accounts the legs touch before the projection moves (see
-        `commit`). `now`: the clock's reading for it, if the caller read it (else read here)."""
-        requests = ticket.requests
-        if ticket.linked:
-            timestamp = self.timestamp(len(requests), now)
-            decided = decide(requests, self, timestamp, reserved)
-            if isinstance(decided, Refusal):
-                self.stamp_refusal(chunk, ticket, lsn, timestamp, decided.index, decided.code)
-                return decided
-            if pin is not None:
-                pin([name for leg in decided for name in (leg[1], leg[2])])
-            self._stamp_legs(chunk, ticket, lsn, timestamp, decided)
-        else:  # one request: `timestamp` and `decide`, inline (once per transfer)
-            if now is None:
-                now = self.clock()
-            timestamp = self.last_timestamp = now if now > self.last_timestamp else self.last_timestamp + 1
-            request = ticket.request
-            leg: Any = (decide_transfer(request, self.accounts, self.states, self.held, self.incoming, reserved)
-                        if type(request) is TransferRequest else resolve(request, self, self.states, timestamp))  # type: ignore[arg-type]
-            if type(leg) is str:
-                self.stamp_refusal(chunk, ticket, lsn, timestamp, 0, leg)
-                return Refusal(0, leg)
-            if pin is not None:
-                pin([leg[1], leg[2]])
-            decided = [leg]
-            self._stamp_one(chunk, ticket, request, lsn, timestamp, leg)
-        if enter_now:
-            enter(self, requests, decided, lsn, timestamp)
-        else:
-            self._unentered = (requests, decided, lsn, timestamp)
-        return decided
-
-    def stamp_chain(self, chunk: Chunk, ticket: Ticket, lsn: int, reserved: Mapping[str, int],
-                    now: int) -> list[Leg] | Refusal:
-        """`stamp` of a chain of single transfers (`rules.decide_singles`), whose accounts'
-        turns the caller holds: the same record and `Transfer`s, without moving the
-        projection: the caller moves `states` past the legs' entries, as the accounts
-        apply them (`stamp_plain`'s way). `now`: the clock, read by the caller."""
-        requests = ticket.requests
-        timestamp = self.timestamp(len(requests), now)
-        decided = decide_singles(requests, self, reserved)
-        assert decided is not None, "a chain of single transfers only"
-        if type(decided) is Refusal:
-            self.stamp_refusal(chunk, ticket, lsn, timestamp, decided.index, decided.code)
-            return decided
-        self._stamp_legs(chunk, ticket, lsn, timestamp, decided)  # type: ignore[arg-type]
-        return decided  # type: ignore[return-value]
-
-    def stamp_plain(self, chunk: Chunk, ticket: Ticket, request: TransferRequest, lsn: int, source: Account,
-                    destination: Account, origin: AccountState, target: AccountState, unspendable: int,
-                    now: int) -> Stamp | str:
-        """`stamp` of the common case, a single transfer with no code, reference or metadata,
-        between these accounts in these states (the projection's), by the same rule
-        (`rules.decide_single`; `unspendable`: what the source has reserved for transfers in
-        flight), recorded as a plain leg: its entries, or the code of its refusal. The caller
-        moves the projection (`states`) past the entries. `now`: the clock, read by the
-        caller (for a chunk of decisions, once, or once each with `clock_per_decision`)."""
-        timestamp = self.last_timestamp = now if now > self.last_timestamp else self.last_timestamp + 1
-        tid, source_id, destination_id, amount = request.id, request.source, request.destination, request.amount
-        held, incoming = self.held, self.incoming
-        stamp: Any = decide_single(source, destination, amount, origin, target,  # Stamp | str; `type() is`: no call
-                                   unspendable + held.get(source_id, 0) if held else unspendable,
-                                   incoming.get(destination_id, 0) if incoming else 0)
-        if type(stamp) is str:
-            self.stamp_refusal(chunk, ticket, lsn, timestamp, 0, stamp)
-            return stamp
-        debit_seq, debit_balance, credit_seq, credit_balance = stamp
-        ticket.value = plain_transfer(tid, source_id, destination_id, amount, lsn, timestamp)
-        chunk.payloads.append(encode([PLAIN3, timestamp, tid, source_id, destination_id, amount, debit_seq, debit_balance,
-                                      credit_seq, credit_balance]))
-        chunk.completions.append(ticket)
-        chunk.transfers += (id_key(tid), _U64.pack(lsn))
-        prefixes = self._prefixes
-        source_prefix = prefixes.get(source_id) or prefixes.setdefault(source_id, entry_prefix(source_id))
-        target_prefix = prefixes.get(destination_id) or prefixes.setdefault(destination_id, entry_prefix(destination_id))
-        chunk.accounts += (source_id, destination_id)
-        chunk.entries += (
-            source_prefix + _U64.pack(debit_seq), encode_entry_value(tid, -amount, debit_balance, lsn, timestamp),
-            target_prefix + _U64.pack(credit_seq), encode_entry_value(tid, amount, credit_balance, lsn, timestamp),
-        )
-        self.index_entries += 1
-        return stamp
+    # --- decisions (stamping them: `coordinator._stamps`) ------------------------------
 
     def broken(self, error: BaseException) -> None:
         """A bug met after the projection (or an account) moved past a decision and before
@@ -463,131 +286,6 @@ class Sequencer:
             holds = index.get(ENTRIES_INDEX)
             index[ENTRIES_INDEX] = [*(holds or ()), HOLDS_FROM_KEY, lsn_value(lsn), *self._baseline]
         return index
-
-    def _hold_rows(self, rows: dict[str, tuple[int, int]], key_lsn: bytes, holders: list[str],
-                   holds: list[bytes]) -> None:
-        """Add the hold rows `rows` of the record whose LSN packs to `key_lsn` (each account's
-        (held, incoming) after it) to `holders` (their accounts) and `holds` (flat)."""
-        prefixes, mark_lsn = self._prefixes, HOLDS_MARK + key_lsn  # a key: the entry prefix, then this
-        for account, (held, incoming) in rows.items():
-            holders.append(account)
-            prefix = prefixes.get(account) or prefixes.setdefault(account, entry_prefix(account))
-            holds += (prefix + mark_lsn, encode_holds(held, incoming))
-
-    def _stamp_one(self, chunk: Chunk, ticket: Ticket, request: Request, lsn: int, timestamp: int, leg: Leg) -> None:
-        """`_stamp_legs` of the one leg of a request that is not a chain (once per pending
-        transfer, post or void, and single transfer the plain path does not take): the same
-        record, index keys, hold rows and `Transfer`, without the loops around them."""
-        kind, source, destination, amount, stamp, pending = leg
-        tid = request.id
-        key_lsn = _U64.pack(lsn)
-        prefixes = self._prefixes
-        source_prefix = prefixes.get(source) or prefixes.setdefault(source, entry_prefix(source))
-        target_prefix = prefixes.get(destination) or prefixes.setdefault(destination, entry_prefix(destination))
-        if kind != SINGLE and source == destination:  # never live (`check_transfer`), but a journal's, salvaged
-            self._hold_rows(holds_after([leg], self.held, self.incoming), key_lsn, chunk.holders, chunk.holds)
-        elif kind != SINGLE:  # its hold rows: `holds_after` of one leg between two accounts, inline
-            held, incoming, mark = self.held, self.incoming, HOLDS_MARK + key_lsn
-            change = amount if kind == PENDING else -pending.amount  # type: ignore[union-attr]
-            chunk.holders += (source, destination)
-            chunk.holds += (
-                source_prefix + mark, encode_holds(held.get(source, 0) + change, incoming.get(source, 0)),
-                target_prefix + mark, encode_holds(held.get(destination, 0), incoming.get(destination, 0) + change),
-            )
-        if type(request) is TransferRequest:
-            code, reference, metadata, timeout_s = request.code, request.reference, request.metadata, request.timeout_s
-            pending_id = requested = None
-            chunk.transfers += (id_key(tid), key_lsn)
-            self.index_entries += 1
-        else:
-            code, reference, metadata, timeout_s = pending.code, request.reference, request.metadata, None  # type: ignore[union-attr]
-            pending_id, requested = request.pending_id, request.amount  # type: ignore[union-attr]
-            chunk.transfers += (resolution_key(pending_id), key_lsn, id_key(tid), key_lsn)
-            self._resolved[pending_id] = "voided" if kind == VOID else "posted"
-            self._resolved_at.append((lsn, pending_id))
-            self.index_entries += 2
-        chunk.payloads.append(encode([TRANSFER3, timestamp, False, [
-            kind, tid, source, destination, amount, code, reference, None if metadata is None else metadata.as_dict(),  # type: ignore[attr-defined]
-            timeout_s, pending_id, requested, *(stamp or _NO_STAMP)]]))
-        chunk.completions.append(ticket)
-        ticket.value = stamped_transfer(tid, source, destination, amount, lsn, timestamp, code, reference, metadata,  # type: ignore[arg-type]
-                                        KINDS[kind], pending_id, _STATUS[kind], timeout_s)
-        if stamp is not None:
-            debit_seq, debit_balance, credit_seq, credit_balance = stamp
-            chunk.accounts += (source, destination)
-            chunk.entries += (
-                source_prefix + _U64.pack(debit_seq), encode_entry_value(tid, -amount, debit_balance, lsn, timestamp),
-                target_prefix + _U64.pack(credit_seq), encode_entry_value(tid, amount, credit_balance, lsn, timestamp),
-            )
-        elif kind == PENDING and timeout_s is not None:
-            heapq.heappush(self._deadlines, (timestamp + timeout_s * 1_000_000_000, tid))
-
-    def _stamp_legs(self, chunk: Chunk, ticket: Ticket, lsn: int, timestamp: int, legs: list[Leg]) -> None:
-        requests = ticket.requests
-        fields: list[Any] = [TRANSFER3, timestamp, ticket.linked]
-        transfers: list[Transfer] = []
-        key_lsn = _U64.pack(lsn)
-        index = chunk.transfers
-        prefixes = self._prefixes
-        resolved = 0
-        if any(map(_KIND, legs)):  # a leg not SINGLE (0), found in C
-            self._hold_rows(holds_after(legs, self.held, self.incoming), key_lsn, chunk.holders, chunk.holds)
-        for i, leg in enumerate(legs):
-            request = requests[i]
-            kind, source, destination, amount, stamp, pending = leg
-            tid = request.id
-            if type(request) is TransferRequest:
-                code, reference, metadata, timeout_s = request.code, request.reference, request.metadata, request.timeout_s
-                pending_id = requested = None
-            else:
-                assert pending is not None
-                code, reference, metadata, timeout_s = pending.code, request.reference, request.metadata, None
-                pending_id, requested = request.pending_id, request.amount  # type: ignore[union-attr]
-                index += (resolution_key(pending_id), key_lsn)
-                self._resolved[pending_id] = "voided" if kind == VOID else "posted"
-                self._resolved_at.append((lsn, pending_id))
-                resolved += 1
-            if kind == SINGLE and not code and reference is None and metadata is None:  # a plain leg: the same, shorter
-                fields.append([SINGLE, tid, source, destination, amount, 0, None, None, None, None, None, *stamp])  # type: ignore[misc]
-                transfers.append(plain_transfer(tid, source, destination, amount, lsn, timestamp + i))
-            else:
-                fields.append([kind, tid, source, destination, amount, code, reference,
-                               None if metadata is None else metadata.as_dict(),  # type: ignore[attr-defined]
-                               timeout_s, pending_id, requested, *(stamp or _NO_STAMP)])
-                transfers.append(stamped_transfer(tid, source, destination, amount, lsn, timestamp + i, code, reference,
-                                                  metadata, KINDS[kind], pending_id, _STATUS[kind], timeout_s))  # type: ignore[arg-type]
-            index += (id_key(tid), key_lsn)
-            if stamp is not None:
-                debit_seq, debit_balance, credit_seq, credit_balance = stamp
-                source_prefix = prefixes.get(source) or prefixes.setdefault(source, entry_prefix(source))
-                target_prefix = prefixes.get(destination) or prefixes.setdefault(destination, entry_prefix(destination))
-                chunk.accounts += (source, destination)
-                chunk.entries += (
-                    source_prefix + _U64.pack(debit_seq),
-                    encode_entry_value(tid, -amount, debit_balance, lsn, timestamp + i),
-                    target_prefix + _U64.pack(credit_seq),
-                    encode_entry_value(tid, amount, credit_balance, lsn, timestamp + i),
-                )
-            elif kind == PENDING and timeout_s is not None:
-                heapq.heappush(self._deadlines, (timestamp + i + timeout_s * 1_000_000_000, tid))
-        ticket.value = transfers[0] if len(transfers) == 1 and not ticket.linked else tuple(transfers)
-        chunk.payloads.append(encode(fields))
-        chunk.completions.append(ticket)
-        self.index_entries += len(legs) + resolved
-
-    def stamp_refusal(self, chunk: Chunk, ticket: Ticket, lsn: int, timestamp: int, index: int, code: str) -> None:
-        """Add the refusal of `ticket`'s request `index` (for a chain: of the chain) at `lsn`
-        to `chunk` (under `lock`); `ticket.value` becomes the `Refused`."""
-        requests = ticket.requests
-        ticket.value = Refused(lsn, requests, index, code, ticket.linked, timestamp)
-        fields: list[Any] = [REFUSAL3, timestamp, ticket.linked, index, code]
-        key_lsn = lsn_value(lsn)
-        for request in requests:
-            fields.append(request_fields(request))
-            chunk.transfers += (id_key(request.id), key_lsn)
-        chunk.payloads.append(encode(fields))
-        chunk.completions.append(ticket)
-        self.index_entries += len(requests)
 
     def commit(self, ticket: Ticket, deliver: Deliver, reserved: bool, pin: Pin | None = None,
                refused: tuple[Deliver, list[Posting]] | None = None) -> list[Leg] | Refusal:
@@ -796,16 +494,7 @@ class Sequencer:
         records after it; a full replay checks every checkpoint it passes.
         """
         assert self.lock.locked()
-        fixed, states, ids, made = self._fixed_rows, self.states, self._ids, self._fixed_row
-        if len(ids) < len(self.accounts):  # accounts only grow, in order: add the new ones
-            ids += islice(self.accounts, len(ids), None)
-        total = len(ids)
-        if whole:
-            previous, sweep_next = 0, 0
-            rows = self._every_row()
-        else:
-            included, previous, sweep_next = self._included(total)
-            rows = [(fixed.get(account_id) or made(account_id)) + states[account_id] for account_id in included]
+        rows, previous, sweep_next, total = self.rows.next(self.unindexed.current, whole)
         pendings = [list(pending) for pending in self.pending.values()]
         lsn = self._journal.last_lsn + 1
         index: dict[str, list[bytes]] = {CHECKPOINTS_INDEX: [lsn_value(lsn), b""]}
@@ -830,53 +519,16 @@ class Sequencer:
                 self.unindexed_holds.carry(lsn)
             crash_point("during-checkpoint")
             self._since_checkpoint = 0
-            self._chained(len(rows), (sweep_next - self._checkpoint[2]) % total if self._checkpoint and previous else None,
-                          total)
-            self._checkpoint = (lsn, total, sweep_next)
+            self.rows.journaled(lsn, len(rows), previous, sweep_next, total)
         except BaseException as error:
             if self._journal.last_lsn >= lsn:  # queued (an interrupt after it): memory is behind it
                 self.broken(error)
             raise
         return lsn
 
-    def _every_row(self) -> list[tuple[Any, ...]]:
-        """Every account's checkpoint row, in creation order (as `_fixed_row` then its state),
-        made a column at a time (the loops run in C), none kept in `_fixed_rows`."""
-        ids = self._ids
-        accounts = list(map(self.accounts.__getitem__, ids))
-        metadata = list(map(_METADATA, accounts))
-        for at in compress(range(len(metadata)), map(is_not, metadata, repeat(None))):  # sent as a dict
-            metadata[at] = metadata[at].as_dict()  # type: ignore[union-attr]
-        seqs, posted, last_lsns = zip(*map(self.states.__getitem__, ids), strict=True) if ids else ((), (), ())
-        return list(zip(ids, map(_CURRENCY, accounts), map(_OVERDRAFT_LIMIT, accounts), map(_CODE, accounts),
-                        metadata, map(self.account_lsns.__getitem__, ids), seqs, posted, last_lsns, strict=True))
-
-    def _chained(self, rows: int, swept: int | None, total: int) -> None:
-        """Count a checkpoint just journaled, of `rows` rows and a sweep of `swept` accounts
-        (None: it holds every account, and starts the chain again), of `total`."""
-        chain = self._chain
-        if swept is None:
-            chain.clear()
-            swept = total
-        chain.append((rows, swept))
-        while len(chain) > 2 and sum(sweep for _, sweep in islice(chain, 2, None)) >= total:
-            chain.popleft()  # the walk back stops before it
-
-    def _rows_an_open_reads(self, total: int) -> int:
-        """The rows an open would read from the chain (`coordinator._checkpoints._walk_back`):
-        the newest checkpoint's, then those of each one before it until the sweeps of those
-        after it have passed over every account."""
-        rows = swept = 0
-        for held, sweep in reversed(self._chain):
-            rows += held
-            if swept >= total:
-                break
-            swept += sweep
-        return rows
-
     def checkpoint_on_close(self, timeout_s: float) -> int | None:
         """Journal a checkpoint of every account if an open would otherwise read more than
-        `CLOSE_CHECKPOINT_ROWS` times as many rows (`_rows_an_open_reads`: up to about twice
+        `CLOSE_CHECKPOINT_ROWS` times as many rows (`CheckpointRows.rows_an_open_reads`: up to about twice
         as many, see `coordinator._records`); its LSN, or None. What a database's shutdown
         checkpoint is: the close pays (~1 s a million accounts) what the next open then need
         not (about a third of its time, measured). An open that read a long chain (after a
@@ -886,57 +538,13 @@ class Sequencer:
         collecting = gc.isenabled()
         gc.disable()  # millions of new tuples, in no cycle: each collection on the way walks all of them
         try:
-            if self._rows_an_open_reads(len(self.accounts)) <= CLOSE_CHECKPOINT_ROWS * len(self.accounts):
+            if self.rows.rows_an_open_reads(len(self.accounts)) <= CLOSE_CHECKPOINT_ROWS * len(self.accounts):
                 return None
             return self.checkpoint(whole=True)
         finally:
             if collecting:
                 gc.enable()
             self.lock.release()
-
-    def _fixed_row(self, account_id: str) -> tuple[Any, ...]:
-        """Make and keep the unchanging start of an account's checkpoint row (`_fixed_rows`)."""
-        account = self.accounts[account_id]
-        metadata = None if account.metadata is None else account.metadata.as_dict()
-        row = self._fixed_rows[account_id] = (account_id, account.currency, account.overdraft_limit, account.code,
-                                              metadata, self.account_lsns[account_id])
-        return row
-
-    def _included(self, total: int) -> tuple[Iterable[str], int, int]:
-        """The accounts the next checkpoint holds rows of, the previous checkpoint's LSN (0:
-        it holds every account), and where the next sweep starts."""
-        last = self._checkpoint
-        if last is None:
-            return self._ids, 0, 0
-        previous, known, sweep_next = last
-        changed = dict.fromkeys(self.unindexed.current)  # the accounts with entries since the last
-        changed.update(dict.fromkeys(islice(self._ids, known, None)))  # and those opened since
-        length = max(len(changed), CHECKPOINT_SWEEP_MIN)
-        if len(changed) + length >= total:
-            return self._ids, 0, 0
-        ids = self._ids
-        end = sweep_next + length
-        changed.update(dict.fromkeys(ids[sweep_next:end]))
-        if end > total:
-            end -= total
-            changed.update(dict.fromkeys(ids[:end]))
-        return changed, previous, end % total
-
-
-_CURRENCY = attrgetter("currency")
-_OVERDRAFT_LIMIT = attrgetter("overdraft_limit")
-_CODE = attrgetter("code")
-_METADATA = attrgetter("metadata")
-
-
-def request_fields(request: Request) -> list[Any]:
-    """The fields a record keeps of a request (the first `REQUEST_FIELDS` of a leg)."""
-    metadata = None if request.metadata is None else request.metadata.as_dict()  # type: ignore[attr-defined]
-    if type(request) is TransferRequest:
-        return [PENDING if request.pending else SINGLE, request.id, request.source, request.destination,
-                request.amount, request.code, request.reference, metadata, request.timeout_s, None, None]
-    return [VOID if request.void else POST, request.id, None, None, None, 0, request.reference,  # type: ignore[union-attr]
-            metadata, None, request.pending_id, request.amount]  # type: ignore[union-attr]
 
 
 def postings(legs: Sequence[Leg], lsn: int, reserved: bool) -> list[Posting]:
@@ -966,4 +574,3 @@ def _releasing(pending: Pending, lsn: int) -> tuple[Posting, Posting]:
     """The postings that release a pending transfer's hold, on both of its accounts."""
     return (Posting(pending.source, 0, 0, 0, lsn, 0, -pending.amount, 0),
             Posting(pending.destination, 0, 0, 0, lsn, 0, 0, -pending.amount))
-

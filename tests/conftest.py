@@ -20,9 +20,9 @@ test that checkpoints walks the chain back when it reopens (see `coordinator._re
 
 @pytest.fixture(autouse=True)
 def _checkpoints_hold_what_changed(monkeypatch: pytest.MonkeyPatch) -> None:
-    import coordinator._sequencer
+    import coordinator._checkpoint_rows
 
-    monkeypatch.setattr(coordinator._sequencer, "CHECKPOINT_SWEEP_MIN", SWEEP_MIN_IN_TESTS)
+    monkeypatch.setattr(coordinator._checkpoint_rows, "CHECKPOINT_SWEEP_MIN", SWEEP_MIN_IN_TESTS)
 
 
 @pytest.fixture

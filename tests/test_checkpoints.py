@@ -7,11 +7,12 @@ import gc
 import math
 import random
 import weakref
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
-from coordinator import _checkpoints, _recovery, _sequencer
+from coordinator import _checkpoint_rows, _checkpoints, _recovery, _sequencer
 from coordinator._history import Checkpointed, typed
 from coordinator._limits import CLOSE_CHECKPOINT_ROWS
 from coordinator._records import INDEX_NAMES, decode
@@ -147,8 +148,8 @@ def test_a_checkpoint_after_reopening_makes_the_rows_of_the_accounts_it_holds_on
         opened_at = sequencer.last_lsn
         for k in range(12):
             reopened.transfer(f"after-{k}", source="bank", destination=f"a{k % BUSY}", amount=1)
-        assert sequencer._checkpoint is not None and sequencer._checkpoint[0] > opened_at  # one was written
-        assert 0 < len(sequencer._fixed_rows) < ACCOUNTS // 2
+        assert sequencer.rows.last is not None and sequencer.rows.last[0] > opened_at  # one was written
+        assert 0 < len(sequencer.rows.fixed) < ACCOUNTS // 2
         balances = {account.id: reopened.balance(account.id) for account in reopened.accounts()}
         state_hash = reopened.state_hash()
     with Ledger.open(ledger_path) as again:
@@ -336,7 +337,7 @@ def test_a_lost_accounts_index_entry_is_damage_in_the_indexes_not_the_checkpoint
 def test_with_a_large_sweep_every_checkpoint_holds_every_account(
     ledger_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_sequencer, "CHECKPOINT_SWEEP_MIN", 1_000)
+    monkeypatch.setattr(_checkpoint_rows, "CHECKPOINT_SWEEP_MIN", 1_000)
     build(ledger_path)
     assert all(record[3] == 0 and len(record[6]) == record[4] for _, record in checkpoints(ledger_path))
 
@@ -346,19 +347,26 @@ def test_a_checkpoint_missing_an_account_that_changed_is_damage_at_its_lsn(
 ) -> None:
     """A bug that left a changed account out would have opening load its old row: the full
     replay of the audit pairs every checkpoint with the records before it, and says where."""
-    real = _sequencer.Sequencer._included
-    dropped: list[int] = []
+    real, real_journaled = _checkpoint_rows.CheckpointRows._included, _checkpoint_rows.CheckpointRows.journaled
+    dropped: list[int | None] = []
 
-    def missing_one(self: _sequencer.Sequencer, total: int) -> tuple[object, int, int]:
-        included, previous, sweep_next = real(self, total)
-        if previous and not dropped and self.unindexed.current:
+    def missing_one(self: _checkpoint_rows.CheckpointRows, total: int, changed: Iterable[str]) -> tuple[object, int, int]:
+        changed = list(changed)
+        included, previous, sweep_next = real(self, total, changed)
+        if previous and not dropped and changed:
             kept = dict.fromkeys(included)
-            del kept[next(iter(self.unindexed.current))]
-            dropped.append(self._journal.last_lsn + 1)
+            del kept[changed[0]]
+            dropped.append(None)  # the LSN it is journaled at, below
             return kept, previous, sweep_next
         return included, previous, sweep_next
 
-    monkeypatch.setattr(_sequencer.Sequencer, "_included", missing_one)
+    def journaled(self: _checkpoint_rows.CheckpointRows, lsn: int, *counts: int) -> None:
+        if dropped and dropped[-1] is None:
+            dropped[-1] = lsn
+        real_journaled(self, lsn, *counts)
+
+    monkeypatch.setattr(_checkpoint_rows.CheckpointRows, "_included", missing_one)
+    monkeypatch.setattr(_checkpoint_rows.CheckpointRows, "journaled", journaled)
     build(ledger_path)
     report = verify(str(ledger_path))
     assert report["verdict"] == "NOT WHOLE"
@@ -492,7 +500,7 @@ def test_closing_writes_no_checkpoint_of_every_account_when_the_open_would_read_
 ) -> None:
     """What counts is what the next open would read: the newest checkpoints back to where
     their sweeps have passed over every account, not every checkpoint since the last open."""
-    monkeypatch.setattr(_sequencer, "CHECKPOINT_SWEEP_MIN", 1_000)
+    monkeypatch.setattr(_checkpoint_rows, "CHECKPOINT_SWEEP_MIN", 1_000)
     monkeypatch.setattr(_sequencer, "CLOSE_CHECKPOINT_ROWS", math.inf)
     accounts = 5_000
     with Ledger.open(tmp_path / "l", checkpoint_interval=10) as ledger:
@@ -525,18 +533,18 @@ def test_a_close_whose_checkpoint_fails_still_closes_the_journal(
         ledger.transfer(f"after-{k}", source="bank", destination=f"a{k % BUSY}", amount=1)
     state_hash = ledger.state_hash()
 
-    def failing(self: _sequencer.Sequencer) -> list[object]:
+    def failing(self: _checkpoint_rows.CheckpointRows) -> list[object]:
         raise raised
 
-    real = _sequencer.Sequencer._every_row
-    monkeypatch.setattr(_sequencer.Sequencer, "_every_row", failing)
+    real = _checkpoint_rows.CheckpointRows._every_row
+    monkeypatch.setattr(_checkpoint_rows.CheckpointRows, "_every_row", failing)
     if raised is KeyboardInterrupt:
         with pytest.raises(KeyboardInterrupt):
             ledger.close()
     else:
         ledger.close()
     assert ledger.closed and not ledger._journal._open
-    monkeypatch.setattr(_sequencer.Sequencer, "_every_row", real)
+    monkeypatch.setattr(_checkpoint_rows.CheckpointRows, "_every_row", real)
     with Ledger.open(ledger_path) as reopened:  # the directory is free; the books as they were
         assert reopened.state_hash() == state_hash
     assert verify(str(ledger_path))["verdict"] == "whole"

@@ -48,8 +48,8 @@ def emit(line):
         sys.stdout.write(line + "\\n")
         sys.stdout.flush()
 
-import coordinator._sequencer
-coordinator._sequencer.CHECKPOINT_SWEEP_MIN = 2  # checkpoints hold only what changed (see tests/conftest.py)
+import coordinator._checkpoint_rows
+coordinator._checkpoint_rows.CHECKPOINT_SWEEP_MIN = 2  # checkpoints hold only what changed (see tests/conftest.py)
 ledger = Ledger.open(path, timeout_s=30, checkpoint_interval={checkpoint_interval!r})
 ledger.create_account("bank", currency="USD", overdraft_limit=None)  # idempotent: same every round
 for name in ACCOUNTS:

@@ -205,8 +205,8 @@ def linked(ledger, thread):
         say("L", legs=[fields(r) for r in legs], lsn=made[0].lsn, timestamps=[t.timestamp for t in made])
 
 
-import coordinator._sequencer
-coordinator._sequencer.CHECKPOINT_SWEEP_MIN = 2  # checkpoints hold only what changed (see tests/conftest.py)
+import coordinator._checkpoint_rows
+coordinator._checkpoint_rows.CHECKPOINT_SWEEP_MIN = 2  # checkpoints hold only what changed (see tests/conftest.py)
 with Ledger.open(path, checkpoint_interval=interval) as ledger:
     ledger.create_account("bank", currency="USD", overdraft_limit=None)
     for name in accounts:

@@ -374,13 +374,13 @@ def test_a_checkpoints_entries_go_to_the_index_behind_it_in_slices_and_every_rea
                     each.transfer(f"t{n}", source=source, destination=destination, amount=amount)
                 except InsufficientFunds:
                     pass
-            checkpoint = ledger._sequencer._checkpoint
+            checkpoint = ledger._sequencer.rows.last
             if checkpoint is not None and ledger._journal.indexed_lsn < checkpoint[0]:
                 behind_seen += 1  # read while a checkpoint's entries are still going in
             expected = {account: facts(reference.entries(account)) for account in ("bank", *ACCOUNTS)}
             assert {account: facts(ledger.entries(account)) for account in expected} == expected
         assert ledger.state_hash() == reference.state_hash()
-        newest = ledger._sequencer._checkpoint
+        newest = ledger._sequencer.rows.last
     assert behind_seen > 10
     assert newest is not None and indexed_count(tmp_path / "ledger")[1] == newest[0]  # the close wrote the last slices
     with Ledger.open(tmp_path / "ledger") as reopened, Ledger.open(tmp_path / "reference") as reference:

@@ -148,7 +148,7 @@ def test_an_interrupt_right_after_an_expiry_was_queued_stops_writes(
 @pytest.mark.parametrize("interrupted", [True, False], ids=["interrupted", "control"])
 def test_an_interrupt_right_after_a_checkpoint_was_queued_stops_writes(
         ledger_path: Path, monkeypatch: pytest.MonkeyPatch, interrupted: bool) -> None:
-    """The interrupt lands once a checkpoint is queued and carried, before `_checkpoint` takes it
+    """The interrupt lands once a checkpoint is queued and carried, before `CheckpointRows.journaled` counts it
     (at `crash_point("during-checkpoint")`). Before, the next checkpoint named the one before as
     its previous and left out what changed in between: the account changed then reopened stale.
     Now writes stop. The control runs the same without the interrupt."""
@@ -164,8 +164,8 @@ def test_an_interrupt_right_after_a_checkpoint_was_queued_stops_writes(
             ledger.transfer(tid, source="bank", destination=destination, amount=1)
 
         checkpoint_with("t-0", "a00000")  # N-1
-        _, total, sweep_next = sequencer._checkpoint
-        x = sequencer._ids[(sweep_next + 2_000) % total]  # in no sweep of the next two
+        _, total, sweep_next = sequencer.rows.last
+        x = sequencer.rows.ids[(sweep_next + 2_000) % total]  # in no sweep of the next two
         ledger.transfer("x", source="bank", destination=x, amount=5)  # changes between N-1 and N
         if interrupted:
             _interrupt_at(monkeypatch, "during-checkpoint")

@@ -356,7 +356,7 @@ def test_one_requests_stamp_is_what_the_chains_stamp_writes_for_one_leg(tmp_path
     import random
 
     from coordinator._claims import Ticket
-    from coordinator._sequencer import Chunk
+    from coordinator._stamps import Chunk
     from coordinator._values import PENDING, POST, SINGLE, VOID, Metadata
 
     rng = random.Random(7)

@@ -1174,7 +1174,7 @@ def test_a_file_truncated_through_a_checkpoints_overflow_run_is_reported_not_a_s
         for n in range(80):  # the next checkpoints outgrow every run freed before
             ledger.create_account(f"late-{n:03d}-" + "y" * 80, currency="USD")
         with ledger._sequencer.lock:  # and the last one, of every account (it builds on none), ends the file in one
-            ledger._sequencer._checkpoint = None
+            ledger._sequencer.rows.last = None
             ledger._sequencer.checkpoint()
     data = (path / "data.mdb").read_bytes()
     last = len(data) // PAGE_BYTES - 1

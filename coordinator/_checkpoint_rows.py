@@ -1,0 +1,130 @@
+"""What the sequencer's next checkpoint holds, and the chain of checkpoints an open reads back.
+
+A CHECKPOINT4 (`coordinator._records`) holds the rows of the accounts that changed or opened
+since the checkpoint before it, plus a sweep through as many others, in creation order, going
+on from where the last sweep stopped; or, at a clean close after a long chain, every account
+(`Sequencer.checkpoint_on_close`). `CheckpointRows` makes those rows and keeps count of the
+chain, so the sequencer (`coordinator._sequencer`) only journals them; opening reads the chain
+back (`coordinator._checkpoints`). Used under the sequencer's lock only.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from itertools import compress, islice, repeat
+from operator import attrgetter, is_not
+from typing import Any
+
+from coordinator._limits import CHECKPOINT_SWEEP_MIN
+from coordinator._state import Projection
+
+Row = tuple[Any, ...]
+"""An account's row: id, currency, overdraft limit, code, metadata, opening LSN, seq, posted, last LSN."""
+
+
+class CheckpointRows:
+    """The rows of the next checkpoint of `books` (the sequencer's projection) and the chain
+    of checkpoints before it."""
+
+    def __init__(self, books: Projection) -> None:
+        self._accounts, self._account_lsns, self._states = books.accounts, books.account_lsns, books.states
+        self.fixed: dict[str, Row] = {}
+        """The unchanging start of an account's row (id, currency, overdraft limit, code,
+        metadata, opening LSN), made the first time a checkpoint holds its row (`_fixed_row`):
+        never all at once, which for a million accounts reopened would hold the lock through
+        the first checkpoint for most of a second."""
+        self.ids: list[str] = []
+        """Every account's id, in creation order (where the sweep walks); `next` adds the new ones."""
+        self.last: tuple[int, int, int] | None = books.checkpoint_chain
+        """The newest checkpoint's (LSN, accounts, sweep_next), if the next one may build on it."""
+        self._chain: deque[tuple[int, int]] = deque(reversed(books.chain_read))
+        """(rows, sweep length) of each checkpoint an open may read back to, the newest last
+        (`rows_an_open_reads`); first, those the open read."""
+
+    def next(self, changed: Iterable[str], whole: bool = False) -> tuple[list[Row], int, int, int]:
+        """The next checkpoint's rows (of the accounts in `changed`, those with entries since the
+        last one, and of those opened since, and the sweep's; with `whole`, of every account),
+        the previous checkpoint's LSN it builds on (0: it holds every account), where the next
+        sweep starts, and how many accounts there are."""
+        ids = self.ids
+        if len(ids) < len(self._accounts):  # accounts only grow, in order: add the new ones
+            ids += islice(self._accounts, len(ids), None)
+        total = len(ids)
+        if whole:
+            return self._every_row(), 0, 0, total
+        included, previous, sweep_next = self._included(total, changed)
+        fixed, states, made = self.fixed, self._states, self._fixed_row
+        return [(fixed.get(account_id) or made(account_id)) + states[account_id] for account_id in included], (
+            previous), sweep_next, total
+
+    def journaled(self, lsn: int, rows: int, previous: int, sweep_next: int, total: int) -> None:
+        """Count the checkpoint `next` made, journaled at `lsn` with `rows` rows."""
+        last = self.last
+        swept = (sweep_next - last[2]) % total if last and previous else None  # None: every account
+        chain = self._chain
+        if swept is None:
+            chain.clear()
+            swept = total
+        chain.append((rows, swept))
+        while len(chain) > 2 and sum(sweep for _, sweep in islice(chain, 2, None)) >= total:
+            chain.popleft()  # the walk back stops before it
+        self.last = (lsn, total, sweep_next)
+
+    def rows_an_open_reads(self, total: int) -> int:
+        """The rows an open would read from the chain (`coordinator._checkpoints._walk_back`):
+        the newest checkpoint's, then those of each one before it until the sweeps of those
+        after it have passed over every account."""
+        rows = swept = 0
+        for held, sweep in reversed(self._chain):
+            rows += held
+            if swept >= total:
+                break
+            swept += sweep
+        return rows
+
+    def _every_row(self) -> list[Row]:
+        """Every account's row, in creation order (as `_fixed_row` then its state), made a
+        column at a time (the loops run in C), none kept in `fixed`."""
+        ids = self.ids
+        accounts = list(map(self._accounts.__getitem__, ids))
+        metadata = list(map(_METADATA, accounts))
+        for at in compress(range(len(metadata)), map(is_not, metadata, repeat(None))):  # sent as a dict
+            metadata[at] = metadata[at].as_dict()  # type: ignore[union-attr]
+        seqs, posted, last_lsns = zip(*map(self._states.__getitem__, ids), strict=True) if ids else ((), (), ())
+        return list(zip(ids, map(_CURRENCY, accounts), map(_OVERDRAFT_LIMIT, accounts), map(_CODE, accounts),
+                        metadata, map(self._account_lsns.__getitem__, ids), seqs, posted, last_lsns, strict=True))
+
+    def _fixed_row(self, account_id: str) -> Row:
+        """Make and keep the unchanging start of an account's row (`fixed`)."""
+        account = self._accounts[account_id]
+        metadata = None if account.metadata is None else account.metadata.as_dict()
+        row = self.fixed[account_id] = (account_id, account.currency, account.overdraft_limit, account.code,
+                                        metadata, self._account_lsns[account_id])
+        return row
+
+    def _included(self, total: int, changed_since: Iterable[str]) -> tuple[Iterable[str], int, int]:
+        """The accounts the next checkpoint holds rows of, the previous checkpoint's LSN (0:
+        it holds every account), and where the next sweep starts."""
+        last = self.last
+        if last is None:
+            return self.ids, 0, 0
+        previous, known, sweep_next = last
+        changed = dict.fromkeys(changed_since)  # the accounts with entries since the last
+        changed.update(dict.fromkeys(islice(self.ids, known, None)))  # and those opened since
+        length = max(len(changed), CHECKPOINT_SWEEP_MIN)
+        if len(changed) + length >= total:
+            return self.ids, 0, 0
+        ids = self.ids
+        end = sweep_next + length
+        changed.update(dict.fromkeys(ids[sweep_next:end]))
+        if end > total:
+            end -= total
+            changed.update(dict.fromkeys(ids[:end]))
+        return changed, previous, end % total
+
+
+_CURRENCY = attrgetter("currency")
+_OVERDRAFT_LIMIT = attrgetter("overdraft_limit")
+_CODE = attrgetter("code")
+_METADATA = attrgetter("metadata")
