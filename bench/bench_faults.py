@@ -319,10 +319,10 @@ def digest(directory: Path) -> str | None:
 
 def verdict(directory: Path) -> str:
     """What `tally verify` says: "whole", "NOT WHOLE", or the error it stopped on."""
-    from engine import _tools
+    from engine import _tools_audit
 
     try:
-        return str(_tools.verify(str(directory))["verdict"])
+        return str(_tools_audit.verify(str(directory))["verdict"])
     except LedgerError as error:
         return f"error {error.code}"
 

@@ -172,8 +172,8 @@ def _shown_instant(timestamp: int) -> str:
 
 
 def _head(text: str) -> Any:
-    """A head, `LSN:DIGEST` (see `engine._tools.parse_head`)."""
-    from engine._tools import parse_head
+    """A head, `LSN:DIGEST` (see `engine._tools_audit.parse_head`)."""
+    from engine._tools_audit import parse_head
 
     try:
         return parse_head(text)
@@ -344,7 +344,7 @@ def _render_audit(title: str, report: dict[str, Any]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from engine import _tools
+    from engine import _tools_audit, _tools_copy, _tools_read
 
     if args.command == "stress":
         return _stress(args)
@@ -354,25 +354,25 @@ def _run(args: argparse.Namespace) -> int:
         return run_command(args)
     if args.command == "verify":
         with _progress("verifying", not args.json) as progress:
-            report = _tools.verify(args.path, progress, args.expect_head)
+            report = _tools_audit.verify(args.path, progress, args.expect_head)
         _emit(args, report, lambda: _render_audit("verify", report))
         return 0 if report["verdict"] == "whole" else 1
     if args.command == "recover":
         return _recover(args)
     if args.command == "replay":
         with _progress("replaying", not args.json) as progress:
-            report = _tools.replay(args.path, args.into, progress)
+            report = _tools_copy.replay(args.path, args.into, progress)
         _emit(args, report, lambda: _render_replay(report))
         return 0 if report["verdict"] == "identical" else 1
     if args.command == "inspect":
-        report = _tools.inspect(args.path, args.start, args.limit, args.transfer, args.account)
+        report = _tools_read.inspect(args.path, args.start, args.limit, args.transfer, args.account)
         _emit(args, report, lambda: _render_inspect(report, args.transfer, args.start))
         return 1 if report["problem"] else 0
     if args.command == "tail":
         return _tail(args)
     if args.command == "balance":
         try:
-            report = _tools.balance(args.path, args.account, args.at_lsn, args.at)
+            report = _tools_read.balance(args.path, args.account, args.at_lsn, args.at)
         except (InvalidRequest, AccountNotFound) as error:
             opened_later = type(error) is AccountNotFound and "was opened at LSN" in str(error)
             if args.at is None or (type(error) is AccountNotFound and not opened_later):
@@ -384,7 +384,7 @@ def _run(args: argparse.Namespace) -> int:
             f"{report['account']}: posted {report['posted']} {report['currency']}, pending {report['pending']}, "
             f"available {report['available']}, incoming {report['incoming']}{where}"))
         return 0
-    report = _tools.history(args.path, args.account, args.limit)
+    report = _tools_read.history(args.path, args.account, args.limit)
     _emit(args, report, lambda: _render_history(report))
     return 0
 
@@ -428,7 +428,7 @@ def _tail(args: argparse.Namespace) -> int:
 
 
 def _recover(args: argparse.Namespace) -> int:
-    from engine import _tools
+    from engine import _tools_audit, _tools_copy
 
     if args.salvage:
         if not args.into:
@@ -439,14 +439,14 @@ def _recover(args: argparse.Namespace) -> int:
                   f"never changes {args.path}; `tally verify {args.path}` says where its damage starts", file=sys.stderr)
             return 2
         with _progress("salvaging", not args.json) as progress:
-            report = _tools.salvage(args.path, args.into, progress)
+            report = _tools_copy.salvage(args.path, args.into, progress)
         _emit(args, report, lambda: _render_salvage(report))
         return 0 if report["whole"] else 1  # NEW holds what was saved; the ledger it came from was not whole
     if args.into:
         print("tally recover: --into NEW goes with --salvage (recover works in place)", file=sys.stderr)
         return 2
     with _progress("recovering", not args.json) as progress:
-        report = _tools.recover(args.path, args.dry_run, progress)
+        report = _tools_audit.recover(args.path, args.dry_run, progress)
 
     def render() -> None:
         _render_audit("recover" + (" (dry run)" if args.dry_run else ""), report)

@@ -8,7 +8,7 @@ import pytest
 
 from coordinator import ACCOUNTS_PER_BLOCK_MAX
 from engine import Account, AccountExists, InvalidRequest, Ledger, Transfer
-from engine._tools import verify
+from engine._tools_audit import verify
 from support import interrupt_after
 
 

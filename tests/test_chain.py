@@ -17,7 +17,7 @@ import pytest
 from coordinator import INDEX_NAMES
 from coordinator._audit import CHECK_CHAIN, CHECKS
 from engine import Head, Ledger, TransferRequest
-from engine._tools import verify
+from engine._tools_audit import verify
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from journal import GENESIS, ChainHead, Journal, JournalCorruptedError, lsn_key

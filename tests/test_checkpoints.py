@@ -17,7 +17,7 @@ from coordinator._history import Checkpointed, typed
 from coordinator._limits import CLOSE_CHECKPOINT_ROWS
 from coordinator._records import INDEX_NAMES, decode
 from engine import Account, Ledger, LedgerError
-from engine._tools import verify
+from engine._tools_audit import verify
 from journal import Journal
 
 ACCOUNTS = 60

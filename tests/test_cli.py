@@ -28,7 +28,7 @@ from coordinator import CHECKS, INDEX_NAMES
 from coordinator import _audit, _recovery
 from coordinator._audit import CHECK_RECORDS
 from engine import CurrencyMismatch, InsufficientFunds, Ledger, LedgerLocked, NotALedger, TransferRequest
-from engine import _cli, _readonly, _tools
+from engine import _cli, _readonly, _tools_audit, _tools_copy, _tools_read
 from engine._history import History
 from journal import ANCHOR_FILE, FORMAT_VERSION, Journal, lsn_key
 from journal import _directory
@@ -593,7 +593,7 @@ def test_a_salvage_that_fails_while_copying_leaves_nothing_under_the_new_name(
     into = tmp_path / "copy"
     if new == "an empty directory":
         into.mkdir()
-    real, copied = _tools._copy_record, []
+    real, copied = _tools_copy._copy_record, []
 
     def failing(sequencer: Any, record: Any) -> int:
         assert not (into / "data.mdb").exists()
@@ -602,9 +602,9 @@ def test_a_salvage_that_fails_while_copying_leaves_nothing_under_the_new_name(
             raise NotALedger("the copy diverged (as this test makes it)")
         return real(sequencer, record)
 
-    monkeypatch.setattr(_tools, "_copy_record", failing)
+    monkeypatch.setattr(_tools_copy, "_copy_record", failing)
     with pytest.raises(NotALedger, match="as this test makes it"):
-        _tools.salvage(str(built.path), str(into))
+        _tools_copy.salvage(str(built.path), str(into))
 
     assert len(copied) == 5
     assert sorted(os.listdir(tmp_path)) == sorted(["ledger", *(["copy"] if new == "an empty directory" else [])])
@@ -940,7 +940,7 @@ def test_recover_dry_run_reads_a_ledger_on_a_read_only_file_system(built: Built,
     """The lock that tells no live process writes is taken on the lock file opened for
     reading (a file system turned read-only on errors is when the dry run is wanted)."""
     _read_only_file_system(monkeypatch)
-    report = _tools.recover(str(built.path), dry_run=True)
+    report = _tools_audit.recover(str(built.path), dry_run=True)
     assert report["verdict"] == "whole" and report["state_hash"] == built.state_hash
 
 
@@ -948,7 +948,7 @@ def test_recover_dry_run_on_a_read_only_file_system_still_refuses_while_a_live_p
         held: Built, monkeypatch: pytest.MonkeyPatch) -> None:
     _read_only_file_system(monkeypatch)
     with pytest.raises(LedgerLocked, match="live process"):
-        _tools.recover(str(held.path), dry_run=True)
+        _tools_audit.recover(str(held.path), dry_run=True)
 
 
 def test_verify_and_balance_read_a_ledger_a_live_process_holds(held: Built) -> None:
@@ -1018,7 +1018,7 @@ def test_balance_beside_a_writer_that_appends_while_it_reads_is_the_balance_afte
         written: list[bool] = []
         monkeypatch.setattr(_readonly, "check_index_counts", a_write_between)
         monkeypatch.setattr(_recovery, "check_index_counts", a_write_between)  # (what `recover` calls)
-        found = _tools.balance(str(built.path), "alice")
+        found = _tools_read.balance(str(built.path), "alice")
     finally:
         writer.stop()
 
@@ -1037,7 +1037,7 @@ def test_verify_beside_a_writer_that_appends_while_it_audits_judges_and_hashes_t
     writer = Writer(built.path)
     written: list[str] = []
     try:
-        alone = _tools.verify(str(built.path))
+        alone = _tools_audit.verify(str(built.path))
 
         def writing_first(real: Callable[..., Any]) -> Callable[..., Any]:
             def call(*args: Any, **kwargs: Any) -> Any:
@@ -1049,7 +1049,7 @@ def test_verify_beside_a_writer_that_appends_while_it_audits_judges_and_hashes_t
 
         monkeypatch.setattr(_audit, "replay", writing_first(_audit.replay))
         monkeypatch.setattr(_audit, "_cross_check", writing_first(_audit._cross_check))
-        monkeypatch.setattr(_tools, "state_hash", writing_first(_tools.state_hash))
+        monkeypatch.setattr(_tools_audit, "state_hash", writing_first(_tools_audit.state_hash))
         code = _cli.main(["verify", str(built.path), "--json"])
         report = json.loads(capsys.readouterr().out)
     finally:
@@ -1061,7 +1061,7 @@ def test_verify_beside_a_writer_that_appends_while_it_audits_judges_and_hashes_t
     assert report["state_hash"] == alone["state_hash"] == built.state_hash
     assert report["last_lsn"] == report["records_scanned"] == report["head"]["lsn"] == alone["last_lsn"]
     assert report["head"] == alone["head"] and report["accounts"] == alone["accounts"]
-    assert _tools.verify(str(built.path))["last_lsn"] == alone["last_lsn"] + len(written)  # there to be seen
+    assert _tools_audit.verify(str(built.path))["last_lsn"] == alone["last_lsn"] + len(written)  # there to be seen
 
 
 def test_history_beside_a_writer_that_appends_while_it_reads_shows_entries_and_transfers_of_one_lsn(
@@ -1080,7 +1080,7 @@ def test_history_beside_a_writer_that_appends_while_it_reads_shows_entries_and_t
             return found
 
         monkeypatch.setattr(History, "transfers", then_a_write)
-        report = _tools.history(str(built.path), "alice", 3)
+        report = _tools_read.history(str(built.path), "alice", 3)
     finally:
         monkeypatch.undo()
         writer.stop()
@@ -1096,7 +1096,7 @@ def test_replay_of_a_ledger_written_meanwhile_refuses_rather_than_compare(
         built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     writer = Writer(built.path)
     try:
-        real = _tools._flush
+        real = _tools_copy._flush
 
         def a_write_meanwhile(*args: object) -> None:
             if not written:
@@ -1105,9 +1105,9 @@ def test_replay_of_a_ledger_written_meanwhile_refuses_rather_than_compare(
             real(*args)  # type: ignore[arg-type]
 
         written: list[bool] = []
-        monkeypatch.setattr(_tools, "_flush", a_write_meanwhile)
+        monkeypatch.setattr(_tools_copy, "_flush", a_write_meanwhile)
         with pytest.raises(LedgerLocked, match="changed while it was replayed"):
-            _tools.replay(str(built.path), str(tmp_path / "copy"))
+            _tools_copy.replay(str(built.path), str(tmp_path / "copy"))
     finally:
         writer.stop()
     assert written

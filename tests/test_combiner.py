@@ -16,7 +16,7 @@ from coordinator import _combiner, _lane
 from coordinator._limits import CHUNK_REQUESTS_MAX
 from coordinator._turns import give_back_turns, take_turns
 from engine import Ledger, LedgerError, LedgerUnavailable, Transfer, TransferRequest
-from engine._tools import verify
+from engine._tools_audit import verify
 from support import interrupt_after
 
 TIMEOUT_S = 3.0

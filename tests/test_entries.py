@@ -24,7 +24,7 @@ from coordinator._records import (
 )
 import journal._writer as journal_writer
 from engine import Entry, InsufficientFunds, JournalCorrupted, Ledger, LedgerUnavailable, Transfer, TransferRequest
-from engine._tools import balance, history
+from engine._tools_read import balance, history
 from journal import Journal, JournalTimeoutError
 from journal._format import frame_index_value, index_seed
 

@@ -19,7 +19,7 @@ from typing import Any
 import lmdb
 import pytest
 from engine import JournalCorrupted, Ledger, TransferRequest
-from engine._tools import verify
+from engine._tools_audit import verify
 from journal import ANCHOR_FILE
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "format-1"
@@ -149,7 +149,7 @@ def test_a_format_1_transfer_index_key_changed_in_place_is_refused_at_open(old: 
 
 def test_a_format_1_entry_value_that_does_not_decode_is_damage_not_a_raw_error(old: Path) -> None:
     """Format 1 has no checksum on an entry: one that no longer decodes must still be named."""
-    from engine import _tools
+    from engine import _tools_copy
 
     data = bytearray((old / "data.mdb").read_bytes())
     at = data.find(b"\x00\x03bob\x00\x00\x00\x00\x00\x00\x00\x01")  # bob's first entry's key
@@ -164,4 +164,4 @@ def test_a_format_1_entry_value_that_does_not_decode_is_damage_not_a_raw_error(o
         with pytest.raises(JournalCorrupted, match="does not decode"):
             ledger.entries("bob")
     with pytest.raises(JournalCorrupted):
-        _tools.replay(str(old), str(old.parent / "replayed"))
+        _tools_copy.replay(str(old), str(old.parent / "replayed"))

@@ -538,7 +538,7 @@ def test_tally_balance_at_an_lsn_or_a_time_reads_what_the_api_reads(walked: Walk
 
 
 def test_salvage_copies_openings_and_expiries_at_their_own_timestamps(tmp_path: Path) -> None:
-    from engine import _tools
+    from engine import _tools_copy
 
     clock = Clock()  # the records are from the past: a copy made now must not restamp them
     with Ledger.open(tmp_path / "l", clock_ns=clock) as ledger:
@@ -549,7 +549,7 @@ def test_salvage_copies_openings_and_expiries_at_their_own_timestamps(tmp_path: 
         clock.advance(61)
         assert ledger.expire_pending() == 1
         events = [(e.lsn, e.timestamp, e.kind) for e in ledger.events()]
-    report = _tools.salvage(str(tmp_path / "l"), str(tmp_path / "copy"))
+    report = _tools_copy.salvage(str(tmp_path / "l"), str(tmp_path / "copy"))
     assert report["lost"] == []
     with Ledger.open(tmp_path / "copy", clock_ns=clock) as copy:
         assert copy.get_transfer("t1").timestamp == made.timestamp  # type: ignore[union-attr]
@@ -620,7 +620,7 @@ def test_replay_keeps_every_timestamp(tmp_path: Path) -> None:
     """Openings, single transfers (which replay copies in batches) each at its own time, a
     batch's consecutive ones, pending transfers, posts, a chain and an expiry: the copy's
     events carry the original's timestamps, every one."""
-    from engine import _tools
+    from engine import _tools_copy
 
     clock = Clock()
     with Ledger.open(tmp_path / "l", clock_ns=clock) as ledger:
@@ -646,7 +646,7 @@ def test_replay_keeps_every_timestamp(tmp_path: Path) -> None:
         assert len({timestamp for _, timestamp in original}) == len(original) > 15
         with pytest.raises(InvalidRequest):
             next(iter(ledger.events(2**64 - 1)))
-    assert _tools.replay(str(tmp_path / "l"), str(tmp_path / "copy"))["verdict"] == "identical"
+    assert _tools_copy.replay(str(tmp_path / "l"), str(tmp_path / "copy"))["verdict"] == "identical"
     with Ledger.open(tmp_path / "copy", clock_ns=clock) as copy:
         assert [(e.kind, e.timestamp) for e in copy.events()] == original
         assert copy.balance("a", at_timestamp=first.timestamp - 1).posted == 0
@@ -657,7 +657,7 @@ def test_replay_keeps_the_timestamps_a_clock_at_its_end_stamped_past_it(tmp_path
     """A clock stuck at the last nanosecond it may read: each decision is stamped the last
     + 1, past the clock's range. The replay's clock cannot read those; it reads the end, and
     the copy stamps them the same way."""
-    from engine import _tools
+    from engine import _tools_copy
 
     end = 2**63 - 1
     with Ledger.open(tmp_path / "l", clock_ns=lambda: end) as ledger:
@@ -669,7 +669,7 @@ def test_replay_keeps_the_timestamps_a_clock_at_its_end_stamped_past_it(tmp_path
         ledger.transfer_many([TransferRequest(f"m{k}", "a", "bank", 1) for k in range(3)])
         original = [(e.kind, e.timestamp) for e in ledger.events()]
         assert original[-1][1] > end
-    assert _tools.replay(str(tmp_path / "l"), str(tmp_path / "copy"))["verdict"] == "identical"
+    assert _tools_copy.replay(str(tmp_path / "l"), str(tmp_path / "copy"))["verdict"] == "identical"
     with Ledger.open(tmp_path / "copy", clock_ns=lambda: end) as copy:
         assert [(e.kind, e.timestamp) for e in copy.events()] == original
 

@@ -13,7 +13,7 @@ import pytest
 from coordinator import _combiner, _lane, _sequencer
 from coordinator._lane import TurnBatch
 from engine import Ledger, LedgerError, LedgerUnavailable, TransferRequest
-from engine._tools import verify
+from engine._tools_audit import verify
 from support import interrupt_after
 
 TIMEOUT_S = 3.0

@@ -23,7 +23,7 @@ from engine import (
     Transfer,
     TransferRequest,
 )
-from engine._tools import verify
+from engine._tools_audit import verify
 
 WAIT_S = 10.0
 

@@ -31,7 +31,7 @@ from coordinator._rules import Refusal, decide, enter
 from coordinator._state import Pending, Projection
 from coordinator._values import POST, SINGLE, VOID, Resolution
 from engine import Account, JournalCorrupted, Ledger, Transfer, TransferRequest
-from engine._tools import verify
+from engine._tools_audit import verify
 from journal import Journal
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import pytest
 
 import journal._check
 from engine import JournalCorrupted, Ledger
-from engine._tools import verify
+from engine._tools_audit import verify
 from journal._seal import SEAL_FILE
 
 

@@ -35,7 +35,7 @@ from engine import (
     LedgerUnavailable,
     TransferRequest,
 )
-from engine import _tools
+from engine import _tools_audit
 from journal import ANCHOR_FILE, FORMAT_VERSION, Journal, JournalCorruptedError, JournalNotFoundError
 from coordinator import CHECK_FILE
 import journal._writer as journal_writer
@@ -169,7 +169,7 @@ def test_recover_writing_an_anchor_on_a_full_disk_says_no_space_left_at_the_ledg
 
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(LedgerUnavailable, match=f"no space left.*{path}|{path}.*no space left"):
-        _tools.recover(str(path), dry_run=False)
+        _tools_audit.recover(str(path), dry_run=False)
     assert sorted(os.listdir(path)) == before
 
 

@@ -26,7 +26,7 @@ from engine import (
     TransferRequest,
 )
 from engine._runtime import Dispatcher
-from engine._tools import verify
+from engine._tools_audit import verify
 from journal import JournalTimeoutError
 from support import wait_until
 from tests.test_runtime import Log, Recorder
