@@ -274,7 +274,7 @@ def _announcing(app: FastAPI, on_ready: Callable[[], None]) -> Callable[[Scope, 
 
 
 def run_command(args: Any) -> int:
-    """`tally serve` from its parsed arguments (`engine._cli`)."""
+    """`tally serve` from its parsed arguments (`engine._cli_parse`, `_serve_parser`; run by `engine._cli`)."""
     try:
         return serve(args.path, host=args.host, port=args.port, token_file=args.token_file, insecure=args.insecure,
                      body_bytes_max=args.body_bytes_max, access_log=not args.no_access_log)

@@ -1,12 +1,12 @@
 """The offline tools' shared ground: how they open a journal read-only, and what they call a
 format they cannot read.
 
-The `tally` CLI's offline tools (`engine._cli` runs them and renders their reports) each return
-a plain dict (the `--json` form), and live beside this module: the journal audits, `verify` and
-`recover`, in `engine._tools_audit`; making a new ledger from an old one, `salvage` and
-`replay`, in `engine._tools_copy`; reading a ledger offline, `inspect`, `balance` and
-`history`, in `engine._tools_read`. Each opens the journal through `_reading` here, and reports
-the long scans' progress through a `Progress`.
+The `tally` CLI's offline tools (`engine._cli` runs them, `engine._cli_render` renders their
+reports) each return a plain dict (the `--json` form), and live beside this module: the journal
+audits, `verify` and `recover`, in `engine._tools_audit`; making a new ledger from an old one,
+`salvage` and `replay`, in `engine._tools_copy`; reading a ledger offline, `inspect`, `balance`
+and `history`, in `engine._tools_read`. Each opens the journal through `_reading` here, and
+reports the long scans' progress through a `Progress`.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 noted earlier checked too), and recovery after a process died (the audit, then a checkpoint and,
 if its anchor is gone, a new one).
 
-Each returns a plain dict (the `--json` form); `engine._cli` renders it. The journal is opened
-through `engine._tools` (`_reading`); the last record is shown as `tally inspect` shows it
-(`engine._tools_read`, `_row`). Making a new ledger from an old one is in `engine._tools_copy`.
+Each returns a plain dict (the `--json` form); `engine._cli` runs it, `engine._cli_render`
+renders it. The journal is opened through `engine._tools` (`_reading`); the last record is shown
+as `tally inspect` shows it (`engine._tools_read`, `_row`). Making a new ledger from an old one
+is in `engine._tools_copy`.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 records before the first corrupt one, copied record by record) and `tally replay` (`replay`:
 the journal replayed through the public engine, the state hashes compared).
 
-Each returns a plain dict (the `--json` form); `engine._cli` renders it. The journal is opened
-through `engine._tools` (`_reading`); the audits are in `engine._tools_audit`, the read-only
-views in `engine._tools_read`.
+Each returns a plain dict (the `--json` form); `engine._cli` runs it, `engine._cli_render`
+renders it. The journal is opened through `engine._tools` (`_reading`); the audits are in
+`engine._tools_audit`, the read-only views in `engine._tools_read`.
 """
 
 from __future__ import annotations

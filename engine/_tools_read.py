@@ -2,9 +2,10 @@
 (now, or as of an LSN or a time) and `tally history` (an account's latest entries and
 transfers), never writing.
 
-Each returns a plain dict (the `--json` form); `engine._cli` renders it. The journal is opened
-through `engine._tools` (`_reading`); a record's row (`_row`) is also what `recover` shows of the
-last one (`engine._tools_audit`). Making a new ledger from an old one is in `engine._tools_copy`.
+Each returns a plain dict (the `--json` form); `engine._cli` runs it, `engine._cli_render`
+renders it. The journal is opened through `engine._tools` (`_reading`); a record's row (`_row`)
+is also what `recover` shows of the last one (`engine._tools_audit`). Making a new ledger from
+an old one is in `engine._tools_copy`.
 """
 
 from __future__ import annotations

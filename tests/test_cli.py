@@ -28,7 +28,7 @@ from coordinator import CHECKS, INDEX_NAMES
 from coordinator import _audit, _recovery
 from coordinator._audit import CHECK_RECORDS
 from engine import CurrencyMismatch, InsufficientFunds, Ledger, LedgerLocked, NotALedger, TransferRequest
-from engine import _cli, _readonly, _tools_audit, _tools_copy, _tools_read
+from engine import _cli, _cli_parse, _readonly, _tools_audit, _tools_copy, _tools_read
 from engine._history import History
 from journal import ANCHOR_FILE, FORMAT_VERSION, Journal, lsn_key
 from journal import _directory
@@ -1178,4 +1178,4 @@ def test_the_time_tally_balance_prints_for_an_lsn_reads_back_as_that_lsn(tmp_pat
 @pytest.mark.parametrize("text", ["2026-11-30T00:53:20.9Z", "2026-11-30 00:53:20.9Z", "2026-11-30t00:53:20.9Z",
                                   "20261130T005320.9Z", "2026-11-30T02:53:20,900000000+02:00"])
 def test_a_time_keeps_its_fraction_of_a_second_in_every_iso_form(text: str) -> None:
-    assert _cli._instant(text) == 1_796_000_000_900_000_000
+    assert _cli_parse._instant(text) == 1_796_000_000_900_000_000
