@@ -246,8 +246,9 @@ class Lane:
     def _decide_group(self, group: list[TurnBatch]) -> None:
         """Decide the batches of `group` in order, in one hold of their turns; mark each decided.
         What goes wrong stays with the batches it touches: a batch whose ids cannot be claimed
-        fails alone (its claims let go); a failure while deciding fails the batches that have
-        a ticket it failed, and the others settle as usual (their records were journaled)."""
+        fails alone (its claims let go); a failure while deciding fails the batches none of
+        whose tickets it journaled, and the others settle as usual, each request answered
+        as the journal made it (a batch it cut short: its later requests with the failure)."""
         coordinator = self._coordinator
         admission = coordinator.admission
         try:
@@ -300,7 +301,10 @@ class Lane:
                     batch._late = [ticket for ticket in batch._fresh if id(ticket) in left]
             for batch in group:
                 admission.release(batch.permits - len(batch._late))
-                if failure is not None and batch.failure is None and any(
+                # A batch the failure left nothing journaled of raises it; one it cut short
+                # answers each request as the journal made it (`_settle`): raised, the failure
+                # (`LedgerClosed`, say) would tell its caller that nothing was written.
+                if failure is not None and batch.failure is None and batch._fresh and all(
                         ticket.error is not None for ticket in batch._fresh):
                     batch.failure = failure
             if interrupt is not None:  # raised once the permits are back and the undecided tickets failed

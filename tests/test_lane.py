@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from coordinator._turns import decide_in_turn, give_back_turns, take_turns
 from engine import (
     InsufficientFunds,
     Ledger,
+    LedgerClosed,
     LedgerUnavailable,
     PendingTransferNotFound,
     Transfer,
@@ -303,3 +305,32 @@ def test_a_journal_failing_at_append_fails_the_tickets_the_chunk_left_too(
         ledger.transfer_many([TransferRequest("m1", "a", "b", 1), TransferRequest("t1", "x", "c", 5)])
     assert coordinator.claims.in_flight() == []
     assert coordinator.admission.in_flight == 0
+
+
+def test_a_batch_whose_later_chunks_the_closing_journal_refused_answers_each_request(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A close whose wait for the calls under way ran out closes the journal between two
+    chunks of a batch: the first chunk is journaled (the close drains it), the second is
+    refused. The batch answers each request as the journal made it, the first chunk's
+    Transfers and the second's `LedgerClosed`, never one `LedgerClosed` for the whole
+    batch, which tells its caller nothing was written."""
+    ledger = Ledger.open(ledger_path)
+    try:
+        _funded(ledger)
+        real_between = _lane.Lane._between_chunks
+
+        def closing(self: _lane.Lane, turns: Any) -> None:
+            ledger._journal.close()  # what `Ledger.close` does once its wait for calls runs out
+            real_between(self, turns)
+
+        monkeypatch.setattr(_lane.Lane, "_between_chunks", closing)
+        count = CHUNK_REQUESTS_MAX + 10
+        results = ledger.transfer_many(_batch(count))
+    finally:
+        ledger.close()
+    assert [type(result) for result in results] == [Transfer] * CHUNK_REQUESTS_MAX + [LedgerClosed] * 10
+    with Ledger.open(ledger_path) as reopened:
+        assert [reopened.outcome(f"m-{k}") for k in range(count)] == results[:CHUNK_REQUESTS_MAX] + [None] * 10
+        assert reopened.balance("b").posted == CHUNK_REQUESTS_MAX
+    assert verify(str(ledger_path))["verdict"] == "whole"
