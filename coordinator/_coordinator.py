@@ -65,6 +65,7 @@ from coordinator._rules import Refusal
 from coordinator._sequencer import Sequencer
 from coordinator._validate import check_chain, check_resolution, check_transfer
 from coordinator._state import Posting
+from coordinator._translate import ledger_error
 from coordinator._values import Request, Resolution, Transfer, TransferRequest
 
 logger = logging.getLogger("tally.coordinator")
@@ -338,11 +339,20 @@ class Coordinator:
 
     def transfer_many(self, requests: list[Request], timeout_s: float) -> list[Transfer | LedgerError]:
         """Outcomes as if applied one after another in list order; see `Batch`. Items are
-        transfers, or posts and voids (`Resolution`)."""
+        transfers, or posts and voids (`Resolution`), decided a part of `permits_max` at a
+        time. A part that raises (the journal closed or failed, a timeout) raises for the
+        batch if it is the first; after one, it and every later part answer its error, item
+        by item, beside the earlier parts' outcomes (raised, it would hide them)."""
         results: list[Transfer | LedgerError] = []
         chunk = self.admission.permits_max
         for first in range(0, len(requests), chunk):
             part = requests[first : first + chunk]
-            decided = TurnBatch(self, part, timeout_s).run()
-            results.extend(decided if decided is not None else Batch(self, part, timeout_s).run())
+            try:
+                decided = TurnBatch(self, part, timeout_s).run()
+                results.extend(decided if decided is not None else Batch(self, part, timeout_s).run())
+            except (LedgerError, JournalError) as error:
+                if not first:
+                    raise
+                failure = error if isinstance(error, LedgerError) else ledger_error(error)
+                return results + [failure] * (len(requests) - first)
         return results

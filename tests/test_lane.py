@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from coordinator import _lane
+from coordinator import _coordinator, _lane
 from coordinator._limits import CHUNK_REQUESTS_MAX
 from coordinator._state import Posting
 from coordinator._turns import decide_in_turn, give_back_turns, take_turns
@@ -333,4 +333,31 @@ def test_a_batch_whose_later_chunks_the_closing_journal_refused_answers_each_req
     with Ledger.open(ledger_path) as reopened:
         assert [reopened.outcome(f"m-{k}") for k in range(count)] == results[:CHUNK_REQUESTS_MAX] + [None] * 10
         assert reopened.balance("b").posted == CHUNK_REQUESTS_MAX
+    assert verify(str(ledger_path))["verdict"] == "whole"
+
+
+def test_a_batch_of_several_parts_the_closing_journal_cut_short_answers_each_request(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch longer than the transfers a ledger lets in flight decides a part at a time; the
+    journal closes (as `Ledger.close` closes it once its wait runs out) after the first
+    part. The first part's Transfers are durable and answered; the rest is `LedgerClosed`,
+    never one `LedgerClosed` for the whole batch."""
+    ledger = Ledger.open(ledger_path, inflight_max=4)
+    try:
+        _funded(ledger)
+        real_run = _coordinator.TurnBatch.run
+
+        def closing_after(self: _lane.TurnBatch) -> Any:
+            decided = real_run(self)
+            ledger._journal.close()
+            return decided
+
+        monkeypatch.setattr(_coordinator.TurnBatch, "run", closing_after)
+        results = ledger.transfer_many(_batch(10))
+    finally:
+        ledger.close()
+    assert [type(result) for result in results] == [Transfer] * 4 + [LedgerClosed] * 6
+    with Ledger.open(ledger_path) as reopened:
+        assert [reopened.outcome(f"m-{k}") for k in range(10)] == results[:4] + [None] * 6
     assert verify(str(ledger_path))["verdict"] == "whole"
