@@ -78,6 +78,9 @@ ACTORS_LIVE_MAX_DEFAULT = 65_536
 LSN_END = 2**64 - 1
 """Past every LSN a journal key can hold."""
 DISPATCHER_THREADS_DEFAULT = 1
+CLOSE_WAITS = 4
+"""The waits of `timeout_s` a close makes at most (for the calls under way, the expirer, the
+checkpoint, the writer's drain): how long a second close waits for the first to end."""
 
 logger = logging.getLogger("tally.engine")
 
@@ -115,6 +118,8 @@ class Ledger:
             self._calls: deque[None] = deque()
             """One item per call under way: appends and pops are atomic, so calls take no lock."""
             self._closed = False
+            self._shut = threading.Event()
+            """Set once `close` has closed the journal (or failed to): a second close waits for it."""
             self._forked_from: int | None = None
             """Set in a child made by `fork()`: the process that opened this ledger (`_after_fork`)."""
             _, expired_at = self._coordinator.expire_due()  # what expired while it was closed, before any call sees it
@@ -685,12 +690,25 @@ class Ledger:
         cannot drain, and then a retry after reopening learns each outcome). Then, if the
         journal never failed, it checks every page of the data file as an open would and
         seals what it checked, so the next open of those bytes need not (README.md,
-        "Damage"): about half a microsecond a B-tree node, seconds for a million accounts."""
+        "Damage"): about half a microsecond a B-tree node, seconds for a million accounts.
+        A close made while another thread closes the ledger returns once that one has
+        (`LedgerTimeout` if it has not within `CLOSE_WAITS` x `timeout_s`)."""
         with self._state:
-            if self._closed:
-                return
-            self._closed = True
-            self._state.wait_for(lambda: not self._calls, timeout=self.timeout_s)
+            closing = self._closed
+            if not closing:
+                self._closed = True
+                self._state.wait_for(lambda: not self._calls, timeout=self.timeout_s)
+        if closing:
+            if self._forked_from is None and not self._shut.wait(CLOSE_WAITS * self.timeout_s):
+                raise LedgerTimeout(f"the ledger at {self.path} is still being closed by another call to close")
+            return
+        try:
+            self._shut_down()
+        finally:
+            self._shut.set()
+
+    def _shut_down(self) -> None:
+        """`close` once the calls under way are done (or its wait for them ran out)."""
         _OPEN.discard(self)
         self._stopping.set()
         if self._expirer is not None:

@@ -12,6 +12,7 @@ import errno
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -40,6 +41,7 @@ from engine import (
     Transfer,
     TransferRequest,
 )
+from support import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 AMOUNT_MAX = 2**63 - 1
@@ -533,6 +535,36 @@ def test_close_twice_is_fine_and_the_ledger_reopens(ledger_path: Path) -> None:
     assert ledger.closed
     with Ledger.open(ledger_path) as reopened:
         assert reopened.accounts() == [Account("alice", "USD", 0)]
+
+
+def test_a_close_made_while_another_thread_closes_returns_once_the_ledger_is_closed(ledger_path: Path) -> None:
+    """Two threads close the ledger at once, the first waiting (its `timeout_s`) for a call
+    still under way: the second returns only once the first has closed the ledger, its
+    directory let go, as `AsyncLedger.close` does; returning at once, it left a reopen
+    right after it `LedgerLocked`."""
+    ledger = Ledger.open(ledger_path, timeout_s=0.5)
+    ledger.create_account("alice", currency="USD")
+    inside, leave = threading.Event(), threading.Event()
+
+    def under_way() -> None:  # a call that outlasts the close's wait (a long batch, say)
+        with ledger._call():
+            inside.set()
+            leave.wait(30.0)
+
+    call = threading.Thread(target=under_way)
+    call.start()
+    assert inside.wait(30.0)
+    first = threading.Thread(target=ledger.close)
+    first.start()
+    try:
+        assert wait_until(lambda: ledger.closed)
+        ledger.close()
+        with Ledger.open(ledger_path) as reopened:
+            assert reopened.accounts() == [Account("alice", "USD", 0)]
+    finally:
+        leave.set()
+        call.join(30.0)
+        first.join(30.0)
 
 
 # --- AccountExists ---------------------------------------------------------------
