@@ -273,11 +273,20 @@ class Ledger:
 
     def _open_accounts(self, results: list[Account | LedgerError]) -> int:
         """`create_accounts` up to its wait: journal the new accounts of `results`, block by
-        block, turning each that exists otherwise into `AccountExists`; the LSN to wait for."""
+        block, turning each that exists otherwise into `AccountExists`; the LSN to wait for.
+        The journal failing (or closing) at the first block raises; at a later one, that
+        block's items and the rest get its error, the earlier blocks being journaled."""
         sequencer, last = self._sequencer, 0
         for first in range(0, len(results), ACCOUNTS_PER_BLOCK_MAX):
-            with sequencer.lock:
-                last = max(last, self._open_block(results, first))
+            try:
+                with sequencer.lock:
+                    last = max(last, self._open_block(results, first))
+            except JournalError as error:
+                if not first:
+                    raise
+                failure = ledger_error(error)
+                results[first:] = [failure if isinstance(result, Account) else result for result in results[first:]]
+                return last
         return last
 
     def _open_block(self, results: list[Account | LedgerError], first: int) -> int:

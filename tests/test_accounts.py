@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from coordinator import ACCOUNTS_PER_BLOCK_MAX
-from engine import Account, AccountExists, InvalidRequest, Ledger, Transfer
+from coordinator._sequencer import Sequencer
+from engine import Account, AccountExists, InvalidRequest, Ledger, LedgerClosed, Transfer
 from engine._tools_audit import verify
 from support import interrupt_after
 
@@ -89,4 +91,33 @@ def test_an_interrupt_out_of_an_accounts_queued_record_leaves_it_opened_once(
         ledger.close()
     with Ledger.open(ledger_path) as reopened:
         assert reopened.accounts() == [account]
+    assert verify(str(ledger_path))["verdict"] == "whole"
+
+
+def test_a_list_the_closing_journal_cut_short_answers_each_account(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal closes (as `Ledger.close` closes it once its wait for calls runs out)
+    after the first block of a long list: that block's accounts are opened and answered,
+    the rest `LedgerClosed`, never one `LedgerClosed` for the whole list, which tells its
+    caller none was opened."""
+    ledger = Ledger.open(ledger_path)
+    real = Sequencer.open_accounts
+    blocks = [0]
+
+    def closing_before_the_second(self: Sequencer, accounts: Any) -> int:
+        blocks[0] += 1
+        if blocks[0] == 2:
+            ledger._journal.close()
+        return real(self, accounts)
+
+    monkeypatch.setattr(Sequencer, "open_accounts", closing_before_the_second)
+    count = ACCOUNTS_PER_BLOCK_MAX + 5
+    try:
+        results = ledger.create_accounts([Account(f"a{n}", "USD", 0) for n in range(count)])
+    finally:
+        ledger.close()
+    assert [type(result) for result in results] == [Account] * ACCOUNTS_PER_BLOCK_MAX + [LedgerClosed] * 5
+    with Ledger.open(ledger_path) as reopened:
+        assert reopened.accounts() == results[:ACCOUNTS_PER_BLOCK_MAX]
     assert verify(str(ledger_path))["verdict"] == "whole"
