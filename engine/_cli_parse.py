@@ -1,8 +1,8 @@
 """The `tally` command line's parser: its commands, options and argument types, and their limits.
 
 Each argument type turns a word of the command line into a value or a one-line usage error
-(`argparse.ArgumentTypeError`, exit 2), and each limit is a constant here (`LSN_MAX`,
-`STRESS_*_MAX`). `engine._cli` (`main`) parses with `_parser` and runs the command; the
+(`argparse.ArgumentTypeError`, exit 2), and each limit is a constant here
+(`STRESS_*_MAX`; an LSN's is the journal's, `journal.LSN_MAX`). `engine._cli` (`main`) parses with `_parser` and runs the command; the
 reports are rendered by `engine._cli_render`, `tally stress` run by `engine._cli_stress`.
 """
 
@@ -17,11 +17,11 @@ from typing import Any
 
 from coordinator import AMOUNT_MAX, InvalidRequest, check_path, shown
 
+from journal import LSN_MAX
+
 from engine import __version__
 from engine._workload import MIXES, RETRY_RATE_DEFAULT
 
-LSN_MAX = 2**64 - 1
-"""The largest LSN a journal key holds."""
 STRESS_CLIENTS_MAX = 1024
 """The most client threads `tally stress` starts (each a thread of this process)."""
 STRESS_ACCOUNTS_MAX = 1_000_000
@@ -215,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
     history.add_argument("account", metavar="ACCOUNT", help="the account's id")
     history.add_argument("--limit", type=_count(1), default=20, metavar="N", help="latest N entries (default 20)")
     tail = command("tail", "the stream of events as lines, read-only: beside a live writer, never taking its lock")
-    tail.add_argument("--from-lsn", dest="from_lsn", type=_count(0, LSN_MAX - 1), default=0, metavar="N",
+    tail.add_argument("--from-lsn", dest="from_lsn", type=_count(0, LSN_MAX), default=0, metavar="N",
                       help="the events after LSN N (default 0: all); resume with the LSN of the last one processed")
     tail.add_argument("--follow", action="store_true", help="then wait for new events, until interrupted")
     _serve_parser(commands)

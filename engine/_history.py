@@ -36,12 +36,20 @@ from coordinator import (
     transfer_at,
     transfers_page,
 )
-from journal import Journal
+from journal import LSN_MAX, Journal
 
 
 def check_count(name: str, value: object, low: int = 0) -> int:
     if type(value) is not int or value < low:
         raise InvalidRequest(f"{name} must be an int >= {low}, got {shown(value)}")
+    return value
+
+
+def check_lsn(name: str, value: object) -> int:
+    """A position in the journal: an int in 0..`LSN_MAX`, past its durable end or not (the
+    caller decides what a position still to come reads as); `InvalidRequest` otherwise."""
+    if type(value) is not int or not 0 <= value <= LSN_MAX:
+        raise InvalidRequest(f"{name} must be an int in 0..{LSN_MAX}, got {shown(value)}")
     return value
 
 
@@ -77,7 +85,7 @@ class History:
         if at_lsn is not None and at_timestamp is not None:
             raise InvalidRequest("give at most one of at_lsn and at_timestamp")
         if at_lsn is not None:
-            lsn = check_count("at_lsn", at_lsn)
+            lsn = check_lsn("at_lsn", at_lsn)
             end = self.end()
             if lsn > end:
                 raise InvalidRequest(f"at_lsn {shown(lsn)} is past the durable end of the journal (LSN {end})")
@@ -144,8 +152,8 @@ class History:
         if code is not None:
             check_code(code)
         check_kind(kind)
-        after = check_count("after_lsn", after_lsn)
-        until = end if until_lsn is None else check_count("until_lsn", until_lsn)
+        after = check_lsn("after_lsn", after_lsn)
+        until = end if until_lsn is None else check_lsn("until_lsn", until_lsn)
         if until > end:
             raise InvalidRequest(f"until_lsn {shown(until)} is past the durable end of the journal (LSN {end})")
         if type(limit) is not int or not 1 <= limit <= TRANSFERS_PAGE_MAX:

@@ -70,13 +70,11 @@ from journal import Completion, Journal, JournalError, JournalTimeoutError, Jour
 
 from engine._head import Head, head_of
 from engine._directory import Directory
-from engine._history import History, Snapshot, check_max_age
+from engine._history import History, Snapshot, check_lsn, check_max_age
 from engine._follow import follow_events
 from engine._runtime import Dispatcher
 
 ACTORS_LIVE_MAX_DEFAULT = 65_536
-LSN_END = 2**64 - 1
-"""Past every LSN a journal key can hold."""
 DISPATCHER_THREADS_DEFAULT = 1
 CLOSE_WAITS = 4
 """The waits of `timeout_s` a close makes at most (for the calls under way, the expirer, the
@@ -490,9 +488,10 @@ class Ledger:
         (None: never) passes without a new record. Nothing is held between two events (the
         iterator reads a chunk at a time, in short read transactions). Raises `LedgerClosed`
         now if the ledger is closed, and (not following) if it closes before the end;
-        `JournalCorrupted` at a record that fails its checks."""
-        if type(after_lsn) is not int or not 0 <= after_lsn < LSN_END:
-            raise InvalidRequest(f"after_lsn must be an int in 0..{LSN_END - 1}, got {shown(after_lsn)}")
+        `JournalCorrupted` at a record that fails its checks. An `after_lsn` past the durable
+        end reads as nothing yet (a follower waits for the journal to reach it); one that is
+        no LSN (an int in 0..2**64-1) is `InvalidRequest`, as in every read of history."""
+        check_lsn("after_lsn", after_lsn)
         if type(follow) is not bool:
             raise InvalidRequest(f"follow must be a bool, got {shown(follow)}")
         wait_s = seconds_of(timeout_s)
@@ -635,8 +634,10 @@ class Ledger:
         `limit`, unless the chain alone is longer. Paging: the next page forward is
         `after_lsn=page[-1].lsn`; backward (`reverse`), `until_lsn=page[-1].lsn - 1`. With
         `account` it reads the account's own entries and hold rows, never the whole journal;
-        without, the journal's records from the cursor on. Raises `InvalidRequest`, and
-        `AccountNotFound` for an unknown `account`."""
+        without, the journal's records from the cursor on. An `after_lsn` past the durable end
+        reads as nothing yet (`[]`); one that is no LSN (an int in 0..2**64-1), or an
+        `until_lsn` past the durable end, is `InvalidRequest`, and an unknown `account` is
+        `AccountNotFound`."""
         with self._read():
             return self._history.transfers(account=account, code=code, kind=kind, after_lsn=after_lsn,
                                            until_lsn=until_lsn, limit=limit, reverse=reverse)

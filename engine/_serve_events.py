@@ -30,7 +30,7 @@ KEEPALIVE_S = 15.0
 closing it as idle and tells the server soon when the client has gone."""
 FIRST_EVENT_WAIT_S = 0.05
 """How long the route waits for the first event before it starts the response: an error
-(an `after_lsn` past the end) is answered as a JSON error, not as a broken stream."""
+(an `after_lsn` that is no LSN) is answered as a JSON error, not as a broken stream."""
 
 
 def _message(event: Event) -> bytes:

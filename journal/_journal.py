@@ -34,7 +34,7 @@ from journal._errors import (
 from journal._chain import ChainHead, ChainReport, tail_head, walk_chain
 from journal._chunks import Chunks, Pause
 from journal._format import GENESIS, index_seed, key_lsn, lsn_key, unframe, unframe_chained, unframe_index_value, unframe_keyed
-from journal._limits import MAP_SIZE_BYTES_DEFAULT
+from journal._limits import LSN_MAX, MAP_SIZE_BYTES_DEFAULT
 from journal._check import check_records, check_to_seal
 from journal._names import DATA_FILE, RECORDS_DB
 from journal._seal import SEAL_FILE, write_seal
@@ -358,7 +358,10 @@ class Journal:
         return self._chunks.calling(Pause() if between is None else between)
 
     def read(self, lsn: int, txn: Any | None = None) -> bytes | None:
-        """The verified payload at `lsn`, or None if no such record is in the snapshot."""
+        """The verified payload at `lsn`, or None if no such record is in the snapshot (none is
+        past `LSN_MAX`)."""
+        if lsn > LSN_MAX:  # (no key holds it)
+            return None
         if txn is None:
             with self.snapshot() as txn:
                 return self.read(lsn, txn)
@@ -380,6 +383,8 @@ class Journal:
                 yield from self.scan(after_lsn, txn)
             return
         expected = after_lsn + 1
+        if expected > LSN_MAX:  # (no key holds it)
+            return
         step = self._chunks.step
         try:
             cursor = txn.cursor(db=self._store.records)

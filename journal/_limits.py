@@ -17,6 +17,11 @@ its index entries have no checksums, and it gets its ledger id and anchor with i
 commit here); the records written into it from now on may be of the new kinds, and are
 chained, from `GENESIS` at the first of them: the records before it predate the chain."""
 
+LSN_MAX = 2**64 - 1
+"""The largest LSN a record's key holds (8 bytes, big-endian: `_format.lsn_key`). A position
+past it is no position at all: a reader refuses it, where one past the journal's end (still to
+come) reads as nothing yet."""
+
 CHAIN_FROM_FORMAT = 4
 """The first format whose records are all chained, from LSN 1."""
 

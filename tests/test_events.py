@@ -6,6 +6,7 @@ pipe, and every wait for it is bounded.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -19,11 +20,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from coordinator import Checkpointed, Opened, _events, account_timestamp, records
+from coordinator import INDEX_NAMES, Checkpointed, Opened, _events, account_timestamp, records
 from engine import (
     Account,
+    AsyncLedger,
     Event,
     InsufficientFunds,
+    InvalidRequest,
     Ledger,
     LedgerClosed,
     LedgerLocked,
@@ -34,6 +37,7 @@ from engine import (
     TransferRequest,
 )
 from engine import _follow, jsonable
+from journal import LSN_MAX, Journal
 
 from tests.support import Clock
 
@@ -391,6 +395,76 @@ def test_a_readonly_ledger_in_another_process_follows_a_live_writer(tmp_path: Pa
         assert followed == [f"t{n}" for n in range(20)] + [f"m{k}" for k in range(6_000)] + ["last"], (out[-2000:], err)
         assert lines[-1] == {"balance": 211, "hash": expected_hash, "bob": [6_000, 6_000, True],
                              "accounts": ["bank", "alice", "bob", "carol"]}, err
+
+
+NO_POSITIONS = [-1, True, 1.0, "3", LSN_MAX + 1, 2**70]
+"""Values no read of history takes as a position (`test_every_history_read_...`)."""
+
+
+def _cursor_reads(ledger: Ledger) -> dict[str, object]:
+    """Every read of a ledger that takes a position to read after, by name."""
+    return {"events": lambda lsn: list(ledger.events(lsn)),
+            "events following": lambda lsn: list(ledger.events(lsn, follow=True, timeout_s=0.001)),
+            "transfers": lambda lsn: ledger.transfers(after_lsn=lsn),
+            "an account's transfers": lambda lsn: ledger.transfers(account="a", after_lsn=lsn, reverse=True)}
+
+
+def _check_positions(reads: dict[str, object], end: int, bounds: dict[str, object]) -> None:
+    """Each of `reads` answers nothing for a position past `end`, up to the last LSN a key
+    holds, and refuses what is no position; each of `bounds` refuses both."""
+    for name, read in reads.items():
+        for lsn in (end, end + 1, 10**9, LSN_MAX):
+            assert read(lsn) == [], (name, lsn)  # type: ignore[operator]
+    for name, read in {**reads, **bounds}.items():
+        for value in NO_POSITIONS:
+            with pytest.raises(InvalidRequest):
+                read(value)  # type: ignore[operator]
+                pytest.fail(f"{name} took {value!r}")
+
+
+def test_every_history_read_takes_a_position_past_the_end_as_nothing_yet_and_refuses_what_is_no_position(
+        tmp_path: Path) -> None:
+    """One rule, every door: a follower starts from where it is, even past the journal's end;
+    a value that is no LSN (an int in 0..2**64-1) is `InvalidRequest`, never an empty page."""
+    with Ledger.open(tmp_path / "l") as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("a", currency="USD")
+        end = ledger.transfer("t-1", source="bank", destination="a", amount=5).lsn
+        with ledger.snapshot() as snapshot:
+            reads = {**_cursor_reads(ledger), "a snapshot's transfers": lambda lsn: snapshot.transfers(after_lsn=lsn)}
+            _check_positions(reads, end, {
+                "until_lsn": lambda lsn: ledger.transfers(until_lsn=lsn),
+                "at_lsn": lambda lsn: ledger.balance("a", at_lsn=lsn),
+                "a snapshot's until_lsn": lambda lsn: snapshot.transfers(until_lsn=lsn)})
+    with Ledger.open(tmp_path / "l", readonly=True) as reader:
+        _check_positions(_cursor_reads(reader), end, {})
+
+    async def main() -> None:
+        async with AsyncLedger.open(tmp_path / "l") as ledger:
+            async def events(lsn: object, follow: bool) -> list[Event]:
+                return [event async for event in ledger.events(lsn, follow=follow, timeout_s=0.001)]  # type: ignore[arg-type]
+
+            reads = {"events": lambda lsn: events(lsn, False), "events following": lambda lsn: events(lsn, True),
+                     "transfers": lambda lsn: ledger.transfers(after_lsn=lsn),
+                     "an account's transfers": lambda lsn: ledger.transfers(account="a", after_lsn=lsn)}
+            for name, read in reads.items():
+                for lsn in (end, end + 1, LSN_MAX):
+                    assert await read(lsn) == [], (name, lsn)
+                for value in NO_POSITIONS:
+                    with pytest.raises(InvalidRequest):
+                        await read(value)
+                        pytest.fail(f"async {name} took {value!r}")
+
+    asyncio.run(main())
+    journal = Journal.open_readonly(tmp_path / "l", index_names=INDEX_NAMES)
+    try:
+        assert journal.read(LSN_MAX + 1) is None and list(journal.scan(LSN_MAX)) == []
+    finally:
+        journal.close()
+    for position, code, lines in ((LSN_MAX, 0, ""), (LSN_MAX + 1, 2, None)):
+        done = subprocess.run([sys.executable, "-m", "engine", "tail", str(tmp_path / "l"), "--from-lsn", str(position)],
+                              capture_output=True, text=True, timeout=WAIT_S, env=_env(), cwd=ROOT)
+        assert done.returncode == code and (lines is None or done.stdout == lines), done.stderr
 
 
 def test_tally_tail_prints_each_event_as_a_json_line(tmp_path: Path) -> None:
