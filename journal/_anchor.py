@@ -82,13 +82,20 @@ def _parse(data: bytes) -> AnchorState | None:
     return AnchorState(ledger_id, version, lsn, generation, b"" if digest == _NO_DIGEST else digest)
 
 
-def open_regular(path: str) -> int:
-    """A descriptor of the regular file at `path`, opened for reading. Anything else there (a
-    FIFO, a device, a directory: what no open should block on, nor read without end) is
-    `JournalCorruptedError`; a missing file `FileNotFoundError`; other errors `OSError`."""
-    if not stat.S_ISREG(os.stat(path).st_mode):  # before opening it: opening some devices acts on them
+def open_regular(path: str, flags: int = os.O_RDONLY) -> int:
+    """A descriptor of the regular file at `path`, opened with `flags` (by default for reading;
+    with `os.O_CREAT`, made if missing). Anything else there (a FIFO, a device, a directory:
+    what no open should block on, nor read without end) is `JournalCorruptedError`; a missing
+    file (without `os.O_CREAT`) `FileNotFoundError`; other errors `OSError`."""
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)  # before opening it: opening some devices acts on them
+    except FileNotFoundError:
+        if not flags & os.O_CREAT:
+            raise
+        regular = True
+    if not regular:
         raise JournalCorruptedError("it is not a regular file", where=path)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):  # (replaced since)
             raise JournalCorruptedError("it is not a regular file", where=path)

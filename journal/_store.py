@@ -42,7 +42,7 @@ from typing import Any
 
 import lmdb
 
-from journal._anchor import AnchorState, create_anchor, new_ledger_id, sync_directory
+from journal._anchor import AnchorState, create_anchor, new_ledger_id, open_regular, sync_directory
 from journal._check import Opened, check_before_mapping, check_snapshot
 from journal._errors import JournalCorruptedError, JournalError, JournalLockedError, JournalWriteError, lmdb_read_error
 from journal._limits import DBS_MAX, FORMAT_VERSION, GROW_WAIT_S_MAX, MAP_SIZE_BYTES_MAX, READERS_MAX
@@ -394,15 +394,20 @@ def allocate_lock_file(path: str, readonly: bool = False) -> None:
     `LOCK_FILE_BYTES`). Raises `OSError` (ENOSPC on a full disk); a reader that made the file
     then takes it away again, so a refused read leaves the directory as it was. (Reading
     without LMDB's reader table instead would let a writer that starts meanwhile reuse the
-    pages of the reader's snapshot.)"""
+    pages of the reader's snapshot.) Anything but a regular file there (a FIFO, a directory, a
+    device) is `JournalCorruptedError` naming it, found before it is opened."""
     lock_path = os.path.join(path, LMDB_LOCK_FILE)
     made = readonly and not os.path.exists(lock_path)
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_regular(lock_path, os.O_RDWR | os.O_CREAT)
+    except JournalCorruptedError:
+        raise JournalCorruptedError(
+            "LMDB's lock file is not a regular file (it holds only LMDB's table of readers: with no "
+            "process using the ledger, remove it, and the next open makes it anew)", where=lock_path) from None
     except OSError as error:
-        if readonly and error.errno in (errno.EROFS, errno.EACCES):
+        if readonly and (error.errno == errno.EROFS or error.errno == errno.EACCES and made):
             return  # LMDB reads a read-only file system without its reader table
-        raise
+        raise  # (one there that this reader may not write: LMDB would refuse it too, without naming it)
     try:
         if os.fstat(fd).st_size < LOCK_FILE_BYTES:
             os.posix_fallocate(fd, 0, LOCK_FILE_BYTES)

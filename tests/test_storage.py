@@ -984,6 +984,60 @@ def test_an_anchor_that_is_a_fifo_is_damage_not_a_hang(tmp_path: Path, readonly:
     assert caught.value.where == str(path / ANCHOR_FILE)
 
 
+def _contents(path: Path) -> dict[str, bytes]:
+    """The bytes of each regular file of a ledger directory but LMDB's lock file (its table of
+    readers, which every opener writes)."""
+    return {item.name: item.read_bytes() for item in path.iterdir() if item.is_file() and item.name != "lock.mdb"}
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+@pytest.mark.parametrize("kind", ["fifo", "directory", "a link to a FIFO"])
+def test_an_lmdb_lock_file_that_is_no_regular_file_is_damage_named_and_the_ledger_untouched(
+        tmp_path: Path, kind: str, readonly: bool) -> None:
+    """LMDB would answer "Illegal seek" or "Is a directory", naming no file: it is looked at
+    before it is opened, as the data file is, and named; nothing of the ledger is written."""
+    path = tmp_path / "ledger"
+    state_hash = build(path)
+    lock_file = path / "lock.mdb"
+    lock_file.unlink()
+    if kind == "fifo":
+        os.mkfifo(lock_file)
+    elif kind == "directory":
+        lock_file.mkdir()
+    else:
+        os.mkfifo(tmp_path / "elsewhere")
+        lock_file.symlink_to(tmp_path / "elsewhere")
+    before = _contents(path)
+    with pytest.raises(JournalCorrupted, match="LMDB's lock file is not a regular file") as caught:
+        Ledger.open(path, readonly=readonly)
+    assert caught.value.where == str(lock_file)
+    assert _contents(path) == before
+    assert lock_file.is_symlink() if kind == "a link to a FIFO" else lock_file.is_dir() if kind == "directory" \
+        else lock_file.is_fifo()
+    shutil.rmtree(lock_file) if kind == "directory" else lock_file.unlink()  # as the error says to
+    with Ledger.open(path) as ledger:
+        assert ledger.state_hash() == state_hash
+
+
+def test_an_lmdb_lock_file_a_reader_may_not_write_is_refused_naming_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LMDB refuses a reader a lock file it may not write, naming only the directory; the
+    refusal names the file (the test plays the permission: it may run as root)."""
+    path = tmp_path / "ledger"
+    build(path)
+    lock_file = str(path / "lock.mdb")
+    real = os.open
+
+    def refusing(file: str, flags: int, *args: object, **kwargs: object) -> int:
+        if os.fspath(file) == lock_file:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), lock_file)
+        return real(file, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", refusing)
+    with pytest.raises(LedgerUnavailable, match="lock.mdb"):
+        Ledger.open(path, readonly=True)
+
+
 @pytest.mark.parametrize("readonly", [False, True])
 @pytest.mark.parametrize("kind", ["fifo", "directory"])
 def test_a_data_file_that_is_no_regular_file_is_damage_named_not_a_hang(tmp_path: Path, kind: str,
