@@ -82,6 +82,12 @@ def _parse(data: bytes) -> AnchorState | None:
     return AnchorState(ledger_id, version, lsn, generation, b"" if digest == _NO_DIGEST else digest)
 
 
+ASIDE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+"""How a file written aside and renamed into place is opened (the seal's, the anchor's): what
+is left at its name from before is truncated if it is a regular file, and is an `OSError`
+naming it otherwise, never waited on (a FIFO) nor followed (a link)."""
+
+
 def open_regular(path: str, flags: int = os.O_RDONLY) -> int:
     """A descriptor of the regular file at `path`, opened with `flags` (by default for reading;
     with `os.O_CREAT`, made if missing). Anything else there (a FIFO, a device, a directory:
@@ -140,11 +146,12 @@ def read_anchor(directory: str) -> AnchorState | None:
 def create_anchor(directory: str, ledger_id: bytes, format_version: int, durable_lsn: int = 0,
                   digest: bytes = b"") -> AnchorState:
     """Write a new anchor durably (temporary file, fsync, rename, fsync of the directory);
-    `digest`: the chain's at `durable_lsn` (`AnchorState.digest`), if known."""
+    `digest`: the chain's at `durable_lsn` (`AnchorState.digest`), if known. Raises `OSError`
+    (naming the temporary file when it is no regular file: `ASIDE_FLAGS`)."""
     state = AnchorState(ledger_id, format_version, durable_lsn, 1, digest[:DIGEST_BYTES])
     path = os.path.join(directory, ANCHOR_FILE)
     temporary = path + ".new"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = os.open(temporary, ASIDE_FLAGS, 0o644)
     try:
         try:
             os.write(fd, _slot(state) + _slot(state))

@@ -14,7 +14,7 @@ import fcntl
 import os
 import shutil
 
-from journal._anchor import ANCHOR_FILE, AnchorState, read_anchor
+from journal._anchor import ANCHOR_FILE, AnchorState, open_regular, read_anchor
 from journal._errors import JournalCorruptedError, JournalError, JournalLockedError, JournalNotFoundError
 from journal._names import DATA_FILE, LMDB_LOCK_FILE, STAGING_DIR
 from journal._seal import SEAL_FILE
@@ -92,19 +92,26 @@ def lock_directory(path: str, readonly: bool = False) -> DirectoryLock | None:
 
 
 def _open_lock_file(path: str, readonly: bool) -> int | None:
-    """The lock file, made if missing (None: a reader that may not make it, and there is none)."""
+    """The lock file, made if missing (None: a reader that may not make it, and there is none).
+    Anything but a regular file there (a FIFO, whose open for reading would wait for a writer
+    that never comes; a directory; a device) is `JournalCorruptedError` naming it."""
     lock_path = os.path.join(path, LOCK_FILE)
     try:
-        return os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as error:
-        if not readonly or error.errno not in (errno.EROFS, errno.EACCES):
-            raise directory_error(f"cannot lock {path!r} as a ledger directory", error) from error
-    try:
-        return os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as again:
-        raise directory_error(f"cannot lock {path!r} as a ledger directory", again) from again
+        try:
+            return open_regular(lock_path, os.O_RDWR | os.O_CREAT)
+        except OSError as error:
+            if not readonly or error.errno not in (errno.EROFS, errno.EACCES):
+                raise directory_error(f"cannot lock {path!r} as a ledger directory", error) from error
+        try:
+            return open_regular(lock_path)
+        except FileNotFoundError:
+            return None
+        except OSError as again:
+            raise directory_error(f"cannot lock {path!r} as a ledger directory", again) from again
+    except JournalCorruptedError:
+        raise JournalCorruptedError(
+            "the directory's lock file is not a regular file (it holds nothing: with no process using the "
+            "ledger, remove it, and the next open makes it anew)", where=lock_path) from None
 
 
 def _flock(fd: int, path: str, directory: bool = False) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 import msgpack
 
-from journal._anchor import read_small_file
+from journal._anchor import ASIDE_FLAGS, read_small_file
 from journal._errors import JournalCorruptedError
 from journal._meta import Meta
 from journal._pages import Layout, Tree
@@ -62,14 +62,16 @@ def file_sums(fd: int, end: int) -> bytes:
 def write_seal(path: str, meta: Meta, sums: bytes, ledger_id: bytes | None, trees: dict[bytes, Tree]) -> None:
     """Write the seal of the snapshot `meta`, whose file summed to `sums` before a walk found it
     laid out as `trees` (so a byte changed during the walk fails the sums, and the next open
-    walks). Durable before it returns (written aside, synced, renamed, the directory synced)."""
+    walks). Durable before it returns (written aside, synced, renamed, the directory synced).
+    Raises `OSError`, naming the file aside when it is anything but a regular file of its own
+    (a FIFO, whose open for writing would wait for a reader; a directory; a link)."""
     body = msgpack.packb([SEAL_VERSION, ledger_id, meta.txnid, meta.last_page, meta.page_bytes, sums,
                           [[name, tree.entries, tree.branch_pages, tree.leaf_pages, tree.overflow_pages, tree.depth,
                             tree.first_key, tree.last_key] for name, tree in sorted(trees.items())]],
                          use_bin_type=True)
     target = os.path.join(path, SEAL_FILE)
     aside = target + ".new"
-    with open(aside, "wb") as handle:
+    with os.fdopen(os.open(aside, ASIDE_FLAGS, 0o644), "wb") as handle:
         handle.write(_CRC.pack(zlib.crc32(body)) + body)
         handle.flush()
         os.fsync(handle.fileno())

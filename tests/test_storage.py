@@ -173,6 +173,28 @@ def test_recover_writing_an_anchor_on_a_full_disk_says_no_space_left_at_the_ledg
     assert sorted(os.listdir(path)) == before
 
 
+@pytest.mark.parametrize("what", ["a FIFO", "a link to a file elsewhere"])
+def test_recover_that_finds_no_file_of_its_own_where_it_writes_the_anchor_aside_names_it_and_writes_nothing(
+        tmp_path: Path, what: str) -> None:
+    """The anchor is written aside (`tally.anchor.new`) and renamed: a FIFO left there made
+    `tally recover` wait for a reader that never comes, and a link had it write through it, over
+    a file elsewhere. Either is now refused, named, and left as it is."""
+    path = tmp_path / "ledger"
+    build(path)
+    (path / ANCHOR_FILE).unlink()
+    aside, elsewhere = path / (ANCHOR_FILE + ".new"), tmp_path / "elsewhere"
+    if what == "a FIFO":
+        os.mkfifo(aside)
+    else:
+        elsewhere.write_bytes(b"someone else's")
+        aside.symlink_to(elsewhere)
+    before = _contents(path)
+    with pytest.raises(LedgerUnavailable, match=str(aside)):
+        _tools_audit.recover(str(path), dry_run=False)
+    assert _contents(path) == before and not (path / ANCHOR_FILE).exists()
+    assert aside.is_fifo() if what == "a FIFO" else elsewhere.read_bytes() == b"someone else's"
+
+
 def test_an_emptied_data_file_without_an_anchor_is_still_never_created_over(tmp_path: Path) -> None:
     path = tmp_path / "ledger"
     build(path)
@@ -1036,6 +1058,57 @@ def test_an_lmdb_lock_file_a_reader_may_not_write_is_refused_naming_it(
     monkeypatch.setattr(os, "open", refusing)
     with pytest.raises(LedgerUnavailable, match="lock.mdb"):
         Ledger.open(path, readonly=True)
+
+
+@pytest.mark.parametrize("read_only_file_system", [False, True])
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_directory_lock_file_that_is_no_regular_file_is_damage_named_not_a_hang(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, read_only_file_system: bool) -> None:
+    """A writer opened a FIFO there and locked it; a directory was `NotALedger`; and a reader
+    that locks (`tally recover --dry-run`, `tally verify`) on a read-only file system opened
+    a FIFO for reading, waiting for a writer that never comes. Each is damage, named, found
+    before it is opened; nothing of the ledger is written."""
+    path = tmp_path / "ledger"
+    state_hash = build(path)
+    lock_file = path / "tally.lock"
+    lock_file.unlink()
+    os.mkfifo(lock_file) if kind == "fifo" else lock_file.mkdir()
+    before = _contents(path)
+    if read_only_file_system:  # (the test plays it: the rest of the open reads as on any other)
+        real = os.open
+
+        def read_only(file: str, flags: int, *args: object, **kwargs: object) -> int:
+            if os.fspath(file) == str(lock_file) and flags & (os.O_RDWR | os.O_WRONLY):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(lock_file))
+            return real(file, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "open", read_only)
+    outcome: list[BaseException | None] = []
+
+    def open_it() -> None:
+        try:
+            if read_only_file_system:
+                Journal.open_readonly(path, index_names=INDEX_NAMES, lock=True).close()
+            else:
+                Ledger.open(path).close()
+            outcome.append(None)
+        except BaseException as error:  # noqa: B036 (handed to the test's thread)
+            outcome.append(error)
+
+    opener = threading.Thread(target=open_it, daemon=True)
+    opener.start()
+    opener.join(timeout=10)
+    if opener.is_alive():  # blocked in open(2): a writer end lets it go
+        os.close(os.open(lock_file, os.O_WRONLY | os.O_NONBLOCK))
+        opener.join(timeout=10)
+        pytest.fail("opening a ledger whose lock file is a FIFO hung")
+    monkeypatch.undo()
+    assert len(outcome) == 1 and isinstance(outcome[0], (JournalCorrupted, JournalCorruptedError)), outcome
+    assert "lock file is not a regular file" in str(outcome[0]) and outcome[0].where == str(lock_file)
+    assert _contents(path) == before
+    shutil.rmtree(lock_file) if kind == "directory" else lock_file.unlink()  # as the error says to
+    with Ledger.open(path) as ledger:
+        assert ledger.state_hash() == state_hash
 
 
 @pytest.mark.parametrize("readonly", [False, True])
