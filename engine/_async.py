@@ -249,14 +249,19 @@ class AsyncLedger(LoopWrites, LoopFollowing):
     async def close(self) -> None:
         """`Ledger.close`, on a thread of its own: the writes under way finish (bounded by
         `timeout_s`), those in the outbox too; followers of `events` end. Idempotent: a second
-        call waits for the first to finish."""
+        call waits for the first to finish. On another loop: `InvalidRequest` while the loop
+        that opened it is open (only that loop wakes the writes it waits for); once that loop
+        is closed, any loop closes it, without waiting for wake-ups that can no longer come."""
+        if asyncio.get_running_loop() is not self._loop and not self._loop.is_closed():
+            raise InvalidRequest("an AsyncLedger is bound to the event loop that opened it: close it there")
         if self._closing is None:
             self._closing = asyncio.ensure_future(self._close())
         await asyncio.shield(self._closing)
 
     async def _close(self) -> None:
         try:
-            if self._unsettled:  # writes made here complete first, those of cancelled coroutines too
+            if self._unsettled and not self._loop.is_closed():  # writes made here complete first, those of
+                # cancelled coroutines too (a closed loop wakes none of them: their outcomes are the journal's)
                 self._settled = self._loop.create_future()
                 await asyncio.wait((self._settled,), timeout=self.timeout_s)
             await asyncio.to_thread(self._ledger.close)

@@ -318,6 +318,39 @@ def test_a_closed_or_foreign_loop_call_is_refused(tmp_path: Path) -> None:
     run(tmp_path / "l", closed)
 
 
+def test_a_close_from_a_foreign_loop_is_refused_while_its_own_loop_lives_and_prompt_once_it_is_gone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A close on another loop would wait its `timeout_s` for a wake-up only the ledger's own
+    loop can deliver (and touch that loop's state from another thread): refused while that
+    loop is open. Once it is closed, nothing can wake there: the close must not wait for it."""
+    with asyncio.Runner() as own:
+        async def opened() -> AsyncLedger:
+            ledger = await AsyncLedger.open(tmp_path / "l", timeout_s=5)
+            await funded(ledger, accounts=1)
+            return ledger
+
+        ledger = own.run(opened())
+
+        async def submit(id: str) -> None:  # its first step (the claim) runs, then the loop stops
+            asyncio.ensure_future(ledger.transfer(id, source="bank", destination="a0", amount=1))
+            await asyncio.sleep(0)
+
+        own.run(submit("t"))
+        assert ledger._unsettled  # its wake-up is due on `own`, which is not running
+        with pytest.raises(InvalidRequest, match="event loop"):
+            asyncio.run(asyncio.wait_for(ledger.close(), 1))  # (not the 5 s it would wait)
+        assert not ledger.closed
+        own.run(ledger.transfer("t2", source="bank", destination="a0", amount=1))  # t's wake-up runs too
+        at_its_bound(ledger, monkeypatch)
+        own.run(submit("t3"))  # never submitted: left unsettled as `own` cancels it and closes
+    assert ledger._unsettled
+    asyncio.run(asyncio.wait_for(ledger.close(), 1))
+    assert ledger.closed
+    with Ledger.open(tmp_path / "l") as reopened:
+        assert reopened.balance("a0").posted == 1_002  # t, t2; nothing of t3
+        assert reopened.outcome("t3") is None
+
+
 def test_an_open_cancelled_while_the_ledger_opens_leaves_it_closed_not_locked(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`asyncio.wait_for(AsyncLedger.open(p), 5)` on a ledger slow to recover: the open goes on
