@@ -76,7 +76,7 @@ from coordinator import (
 from engine._head import Head
 from engine._async_follow import LoopFollowing
 from engine._async_writes import LoopWrites
-from engine._ledger import Ledger, checked_account, checked_accounts
+from engine._ledger import Ledger, checked_account, checked_accounts, checked_many
 from engine._loop_turns import LoopTurns
 
 T = TypeVar("T")
@@ -183,7 +183,8 @@ class AsyncLedger(LoopWrites, LoopFollowing):
         """`Ledger.transfer_many`, on a worker thread (the batch waits its turn in the lane)."""
         if self._readonly:
             return self._ledger.transfer_many(requests)  # raises ReadOnlyLedger at once
-        return await self._write_on_worker(self._ledger.transfer_many, requests)
+        items, refused = checked_many(requests)
+        return await self._write_on_worker(self._ledger._transfer_many, items, refused)
 
     async def expire_pending(self) -> int:
         """`Ledger.expire_pending`: returns once the expiries are durable."""

@@ -435,18 +435,19 @@ class Ledger:
         Each item is the Transfer or the `LedgerError` it would have raised.
         Returns once every outcome is durable.
         """
-        if not isinstance(requests, Sequence) or isinstance(requests, (str, bytes)):
-            raise InvalidRequest(f"transfer_many takes a sequence of TransferRequest, got {type(requests).__name__}")
-        items: list[TransferRequest | Resolution] = items_of(requests, "transfer_many")
-        refused = {i: InvalidRequest(f"transfer_many takes TransferRequest items, not a post or a void of pending "
-                                     f"transfer {item.pending_id!r}: call post_pending or void_pending")
-                   for i, item in enumerate(items) if type(item) is Resolution}
+        items, refused = checked_many(requests)
         with self._call():
-            if not refused:
-                return self._coordinator.transfer_many(items, self.timeout_s)
-            rest = iter(self._coordinator.transfer_many([item for i, item in enumerate(items) if i not in refused],
-                                                        self.timeout_s))
-            return [refused[i] if i in refused else next(rest) for i in range(len(items))]
+            return self._transfer_many(items, refused)
+
+    def _transfer_many(self, items: list[TransferRequest | Resolution],
+                       refused: dict[int, LedgerError]) -> list[Transfer | LedgerError]:
+        """`transfer_many` of `checked_many`'s items, in a call entered already (`AsyncLedger`'s,
+        entered on its loop before it hands the batch to a worker, where `close` may have begun)."""
+        if not refused:
+            return self._coordinator.transfer_many(items, self.timeout_s)
+        rest = iter(self._coordinator.transfer_many([item for i, item in enumerate(items) if i not in refused],
+                                                    self.timeout_s))
+        return [refused[i] if i in refused else next(rest) for i in range(len(items))]
 
     def _decide_many(self, requests: Sequence[TransferRequest | Resolution]) -> list[Transfer | LedgerError]:
         """`transfer_many` whose items may also be posts and voids (`Resolution`), decided in
@@ -818,6 +819,19 @@ def checked_accounts(accounts: object) -> list[Account | LedgerError]:
         except LedgerError as error:
             results.append(error)
     return results
+
+
+def checked_many(requests: object) -> tuple[list[TransferRequest | Resolution], dict[int, LedgerError]]:
+    """`transfer_many`'s items, and the `InvalidRequest` of each that is a post or a void by
+    its index. Raises `InvalidRequest` if `requests` is not a sequence."""
+    if not isinstance(requests, Sequence) or isinstance(requests, (str, bytes)):
+        raise InvalidRequest(f"transfer_many takes a sequence of TransferRequest, got {type(requests).__name__}")
+    items: list[TransferRequest | Resolution] = items_of(requests, "transfer_many")
+    refused: dict[int, LedgerError] = {
+        i: InvalidRequest(f"transfer_many takes TransferRequest items, not a post or a void of pending transfer "
+                          f"{item.pending_id!r}: call post_pending or void_pending")
+        for i, item in enumerate(items) if type(item) is Resolution}
+    return items, refused
 
 
 def check_page(after: object, limit: object) -> None:

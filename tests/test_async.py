@@ -572,6 +572,40 @@ def test_close_waits_for_a_batch_of_accounts_whose_caller_was_cancelled(tmp_path
         assert len(ledger.accounts()) == 3_000
 
 
+@pytest.mark.parametrize("write", ["create_account", "create_accounts", "transfer_many"])
+def test_a_write_queued_for_the_workers_before_close_runs_to_its_end(tmp_path: Path, write: str) -> None:
+    """Handed to the workers (all busy) before `close` began, a write is still made once
+    they take it, as the close waits for it: it is not refused as if it came after."""
+    async def body(ledger: AsyncLedger) -> None:
+        a0, a1, _, _ = await funded(ledger)
+        release = threading.Event()
+        busy = [ledger._workers.submit(release.wait, WAIT_S) for _ in range(ASYNC_WORKER_THREADS)]
+        calls = {"create_account": lambda: ledger.create_account("new", currency="USD"),
+                 "create_accounts": lambda: ledger.create_accounts([Account("new", "USD", 0)]),
+                 "transfer_many": lambda: ledger.transfer_many([TransferRequest("m", a0, a1, 7)])}
+        task = asyncio.create_task(calls[write]())
+        await asyncio.sleep(0)  # its first step: handed to the workers, all of them busy
+        assert not task.done()
+        closing = asyncio.create_task(ledger.close())
+        deadline = asyncio.get_running_loop().time() + WAIT_S
+        while not ledger._ledger._closed:  # the close has begun: it no longer takes calls
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.001)
+        release.set()
+        made = await task
+        assert not isinstance(made, list) or not any(isinstance(item, Exception) for item in made), made
+        await closing
+        for waiting in busy:
+            await asyncio.wrap_future(waiting)
+
+    run(tmp_path / "l", body)
+    with Ledger.open(tmp_path / "l") as ledger:
+        if write == "transfer_many":
+            assert ledger.balance("a1").posted == 1_007
+        else:
+            assert ledger.account("new") == Account("new", "USD", 0)
+
+
 def test_a_cancelled_write_that_never_gets_a_permit_is_withdrawn_at_its_deadline(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(ledger: AsyncLedger) -> None:
