@@ -21,6 +21,7 @@ import asyncio
 import fcntl
 import gc
 import ipaddress
+import json
 import logging
 import signal
 import socket
@@ -49,6 +50,11 @@ GRACEFUL_SHUTDOWN_S = 35
 `timeout_s`, 30 s by default); then they are cancelled and the ledger closes."""
 BACKLOG = 2048
 """Connections the listening socket queues before they are accepted."""
+HEAD_BYTES_MAX = 64 << 10
+"""The largest request head (its request line and headers), 64 KiB: more is 431
+`headers_too_large` and the connection is closed. uvicorn's httptools protocol has no bound of
+its own: it would hold a header that never ends in memory as it arrives, before any route, the
+token's check included, sees the request."""
 SERVE_EXTRA = "pip install 'tally-ledger[serve]'"
 
 logger = logging.getLogger("tally.serve")
@@ -177,7 +183,7 @@ def serve(path: str, *, host: str, port: int, token_file: str | None, insecure: 
         gc.freeze()  # the ledger's accounts, just loaded, stay out of every full collection (README, AsyncLedger)
         print(ready, flush=True)
 
-    config = uvicorn.Config(_announcing(app, on_ready), lifespan="on",
+    config = uvicorn.Config(_announcing(app, on_ready), lifespan="on", http=_bounded_head_protocol(),
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, access_log=access_log,
                             log_level="info", backlog=BACKLOG)
     server = Server(config)
@@ -246,6 +252,51 @@ def _socket_queue(transport: Any) -> int:
 
 def _shown_client(client: Any) -> str:
     return f"{client[0]}:{client[1]}" if isinstance(client, tuple) and len(client) == 2 else "a client"
+
+
+def _bounded_head_protocol() -> Any:
+    """uvicorn's httptools protocol, answering 431 and closing the connection once a request's
+    head has taken more than `HEAD_BYTES_MAX` bytes (counted by the chunks read while it is
+    incomplete: at most one chunk more). Without httptools, uvicorn's h11 protocol, which bounds
+    a head itself (16 KiB, `h11_max_incomplete_event_size`; a plain-text 400 beyond it). It
+    overrides three of the protocol's methods, each calling the original first."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return "h11"
+    from engine._serve_errors import error_body, status_of
+
+    problem = json.dumps(error_body("headers_too_large", f"the request's line and headers are larger than this "
+                                                         f"server's limit of {HEAD_BYTES_MAX:,} bytes")).encode()
+    refusal = (f"HTTP/1.1 {status_of('headers_too_large')} Request Header Fields Too Large\r\n"
+               f"content-type: application/json\r\ncontent-length: {len(problem)}\r\nconnection: close\r\n\r\n"
+               ).encode() + problem
+
+    class BoundedHead(HttpToolsProtocol):
+        in_head = False
+        """A request's head has begun and is not whole yet."""
+        head_bytes = 0
+        """The bytes read since it began."""
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self.in_head, self.head_bytes = True, 0
+
+        def on_headers_complete(self) -> None:
+            self.in_head = False
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if not self.in_head:
+                return
+            self.head_bytes += len(data)
+            if self.head_bytes > HEAD_BYTES_MAX and not self.transport.is_closing():
+                self.in_head = False
+                self.transport.write(refusal)
+                self.transport.close()
+
+    return BoundedHead
 
 
 def _announcing(app: FastAPI, on_ready: Callable[[], None]) -> Callable[[Scope, Receive, Send], Any]:

@@ -2,8 +2,8 @@
 
 `code` is the `LedgerError` code (README.md lists them), or one of the server's own:
 `transfer_not_found`, `not_found` (no such route), `method_not_allowed`, `unauthorized`,
-`request_timeout`, `body_too_large`, `overloaded`, `internal_error`. The status follows the code
-(`STATUS_BY_CODE`): 400 an invalid request, 404 an unknown account or transfer, 409 a
+`request_timeout`, `body_too_large`, `headers_too_large`, `overloaded`, `internal_error`. The
+status follows the code (`STATUS_BY_CODE`): 400 an invalid request, 404 an unknown account or transfer, 409 a
 conflict, 422 a refusal, 503 the ledger cannot answer now (a retry with the same
 Idempotency-Key learns the outcome).
 """
@@ -25,6 +25,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "method_not_allowed": 405,
     "request_timeout": 408,
     "body_too_large": 413,
+    "headers_too_large": 431,
     "account_exists": 409,
     "idempotency_conflict": 409,
     "currency_mismatch": 422,
@@ -59,6 +60,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (408, "the body did not arrive in time (request_timeout): nothing was done"),
         (409, "idempotency_conflict (the key was used for a different request) or account_exists"),
         (413, "body larger than the server's limit"),
+        (431, "request line and headers larger than the server's limit (headers_too_large); the connection is "
+              "closed"),
         (422, "refused: insufficient funds, currency mismatch, a pending transfer's state, a linked chain's leg"),
         (503, "the ledger is unavailable, closed, or timed out (retry with the same Idempotency-Key)"),
     )

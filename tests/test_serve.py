@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,9 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from serve_support import Server, error_of, write
+from serve_support import HTTP_TIMEOUT_S, Server, error_of, write
+
+from engine._serve import HEAD_BYTES_MAX
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -572,6 +575,27 @@ def test_a_body_over_the_limit_is_413_and_a_chain_of_1000_legs_fits(client: http
     assert len(chain.request.content) > 680_000  # about 700 bytes a leg
     assert chain.status_code == 201, chain.text
     assert len(chain.json()["transfers"]) == 1000
+
+
+def test_a_request_head_over_the_limit_is_431_and_closed_not_buffered_without_end(server: Server,
+                                                                                 client: httpx.Client) -> None:
+    """A header that never ends (or a thousand of them) would be held in memory as it
+    arrives, before the token is checked: past `HEAD_BYTES_MAX` the answer is 431 and the
+    connection is closed, whatever follows. A large head under the limit is served."""
+    host, port = httpx.URL(server.url).host, httpx.URL(server.url).port
+    assert port is not None
+    with socket.create_connection((host, port), timeout=HTTP_TIMEOUT_S) as connection:
+        connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"f" * HEAD_BYTES_MAX)
+        connection.shutdown(socket.SHUT_WR)  # (unfixed, the server waits for the head's end: EOF ends that)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b"connection: close" in head.lower()
+    assert json.loads(body)["error"]["code"] == "headers_too_large"
+    fillers = {f"X-Filler-{n}": "f" * 100 for n in range(HEAD_BYTES_MAX // 200)}  # half the limit
+    assert client.get("/health", headers=fillers).status_code == 200
 
 
 def test_the_server_uses_only_the_public_names_of_engine() -> None:
