@@ -407,12 +407,17 @@ async def events(request: Request, after_lsn: Whole = 0, follow: bool = True,
     """The ledger's events as Server-Sent Events, after `after_lsn`, or after the
     `Last-Event-ID` header's LSN (a reconnecting client's; it wins over `after_lsn`).
     Following by default: it waits for new events, with a comment line as a keep-alive; with
-    `follow=false` it ends at the last durable event. An LSN past the last durable one reads
-    as nothing yet, as `Ledger.events` reads it (following, the stream waits for the journal to
-    reach it); a number that is no LSN (past 2**64-1) is 400."""
+    `follow=false` it ends at the last durable event. An LSN past the last durable one is 400:
+    a client's id from another ledger, or from before this one was restored from a copy, would
+    otherwise wait there, then skip the events it never saw (`Ledger.events` reads it as nothing
+    yet, for a follower in this process); a number that is no LSN (past 2**64-1) is 400 too."""
     if last_event_id is not None:
         after_lsn = last_event_id
-    return await event_stream(request, _ledger(request), after_lsn, follow)
+    ledger = _ledger(request)
+    end = (await ledger.head()).lsn
+    if after_lsn > end:
+        raise InvalidRequest(f"after LSN {after_lsn}: this ledger's last durable LSN is {end}")
+    return await event_stream(request, ledger, after_lsn, follow)
 
 
 @router.get("/health", response_model=None, responses={200: {"model": HealthJSON}, 503: {"model": ErrorJSON}})

@@ -198,8 +198,12 @@ def test_the_event_stream_follows_and_resumes_from_last_event_id(server: Server,
     assert json.loads(data)["transfers"][0]["id"] == second
 
 
-def test_a_position_past_the_end_reads_as_nothing_yet_and_one_past_every_lsn_is_400(client: httpx.Client) -> None:
-    """As `Ledger.events` and `Ledger.transfers` read it: a follower starts from where it is."""
+def test_a_page_past_the_end_is_empty_an_event_stream_past_it_and_a_number_past_every_lsn_are_400(
+    client: httpx.Client,
+) -> None:
+    """A page of transfers after the durable end reads as `Ledger.transfers` reads it: nothing
+    yet. The event stream refuses a resume point past it (an id from another ledger, or from
+    before a restore, would wait there, then skip what it never saw)."""
     funded(client, 1)
     end = client.get("/transfers", params={"reverse": "true", "limit": 1}).json()["transfers"][0]["lsn"]
     for position in (end + 1, 10**9, 2**64 - 1):
@@ -207,7 +211,10 @@ def test_a_position_past_the_end_reads_as_nothing_yet_and_one_past_every_lsn_is_
         for where in ({"params": {"follow": "false", "after_lsn": position}},
                       {"params": {"follow": "false"}, "headers": {"Last-Event-ID": str(position)}}):
             answer = client.get("/events", **where)  # type: ignore[arg-type]
-            assert answer.status_code == 200 and answer.text == "", answer.text
+            assert answer.status_code == 400 and error_of(answer)["code"] == "invalid_request", answer.text
+            assert f"last durable LSN is {end}" in error_of(answer)["message"], answer.text
+    answer = client.get("/events", params={"follow": "false", "after_lsn": end})
+    assert answer.status_code == 200 and answer.text == "", answer.text
     for path, name in (("/transfers", "after_lsn"), ("/transfers", "until_lsn"), ("/events", "after_lsn")):
         answer = client.get(path, params={"follow": "false", name: 2**64} if path == "/events" else {name: 2**64})
         assert answer.status_code == 400 and error_of(answer)["code"] == "invalid_request", answer.text
@@ -423,6 +430,7 @@ def test_each_failure_has_its_status_and_code(client: httpx.Client) -> None:
         (client.get("/transfers", params={"limit": 0}), 400, "invalid_request"),
         (client.get(f"/accounts/{alice}/balance", params={"at_lsn": 1, "at_timestamp": 1}), 400, "invalid_request"),
         (client.get(f"/accounts/{alice}/balance", params={"at_lsn": 2**62}), 400, "invalid_request"),
+        (client.get("/events", params={"after_lsn": 2**62}), 400, "invalid_request"),
         (client.get("/events", params={"after_lsn": 2**64}), 400, "invalid_request"),
         (client.get("/events", headers={"Last-Event-ID": "yesterday"}), 400, "invalid_request"),
     ]
