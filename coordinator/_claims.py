@@ -27,7 +27,7 @@ from coordinator._errors import (
 from coordinator._asof import transfer_at
 from coordinator._history import Committed, Refused, named_record, transfer_record, transfer_records
 from coordinator._idfilter import IdFilter
-from coordinator._limits import CLAIM_STRIPES, INDEX_KEYS_PER_SNAPSHOT, KEY_BYTES_MAX
+from coordinator._limits import CLAIM_STRIPES, CLAIMS_SWEEP_MIN, INDEX_KEYS_PER_SNAPSHOT, KEY_BYTES_MAX
 from coordinator._records import DIGEST_MARK, RESOLUTION_MARK, TRANSFERS_INDEX, id_key, value_lsn
 from coordinator._values import Request, Transfer
 
@@ -245,6 +245,8 @@ class Claims:
             expected = journal.index_count(TRANSFERS_INDEX, txn) * 5 // 4 // CLAIM_STRIPES
         self._filters = [IdFilter(expected) for _ in range(CLAIM_STRIPES)]
         self._inflight: dict[str, Ticket] = {}
+        self._sweep_above = CLAIMS_SWEEP_MIN
+        """How many tickets in flight make the next claim `_sweep` (see `CLAIMS_SWEEP_MIN`)."""
         self._warm = False
         self._stopping = False
         """Until the filters hold every id already journaled, every claim asks the index."""
@@ -312,9 +314,11 @@ class Claims:
                 if outcome is not None:
                     return outcome, False
             ticket = inflight[tid] = Ticket((request,), stripe, relayed)
-            return ticket, True
         finally:
             lock.release()
+        if len(inflight) > self._sweep_above:
+            self._sweep()
+        return ticket, True
 
     def claim_many(self, requests: Sequence[Request], fresh: list[Ticket], relayed: bool = False) -> list[Prior]:
         """`claim` each request, in order: its new ticket (also appended to `fresh`), or the
@@ -344,6 +348,8 @@ class Claims:
         finally:
             for lock in locks:
                 lock.release()
+        if len(inflight) > self._sweep_above:
+            self._sweep()
         return claimed
 
     def claim_chain(self, requests: tuple[Request, ...], relayed: bool = False) -> Ticket | list[Prior | None]:
@@ -377,10 +383,12 @@ class Claims:
             ticket.locks = locks  # what releasing it takes again, not hashed again
             for request in requests:
                 inflight[request.id] = ticket
-            return ticket
         finally:
             for lock in locks:
                 lock.release()
+        if len(inflight) > self._sweep_above:
+            self._sweep()
+        return ticket
 
     def _locks_for(self, count: int, stripe_of_one: Callable[[], int]) -> Sequence[threading.Lock]:
         """The locks to take for `count` ids: the one's stripe's (`stripe_of_one()`), or every
@@ -441,6 +449,24 @@ class Claims:
                         del inflight[tid]
         finally:
             for lock in locks:
+                lock.release()
+
+    def _sweep(self) -> None:
+        """Forget every ticket that is done (durable, or failed) and still claimed: its caller
+        would have released it (`release`), unless it gave up waiting (`LedgerTimeout`) and never
+        retried the id. Without this, each such ticket stayed for good: a ledger kept past its
+        bound (callers timing out, over and over) grew without end. Forgetting a done ticket is
+        what `release` does: the index answers for its ids from now on. Called with no stripe
+        lock held; takes them all, in order, once in `_sweep_above` claims."""
+        for lock in self._locks:
+            lock.acquire()
+        try:
+            inflight = self._inflight
+            for tid in [tid for tid, ticket in inflight.items() if ticket.done]:
+                del inflight[tid]
+            self._sweep_above = max(CLAIMS_SWEEP_MIN, 2 * len(inflight))
+        finally:
+            for lock in self._locks:
                 lock.release()
 
     def in_flight(self) -> list[Ticket]:

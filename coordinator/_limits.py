@@ -15,6 +15,10 @@ KEY_BYTES_MAX = 400
 
 CLAIM_STRIPES = 64
 """Locks striping the in-flight transfer ids; a power of two."""
+CLAIMS_SWEEP_MIN = 4096
+"""Tickets in flight past which a claim first looks for those done that no caller released
+(`Claims._sweep`: a caller that timed out never comes back for its ticket); after a sweep, twice
+what it left, so a sweep is paid for by as many claims as it looks at."""
 
 INDEX_KEYS_PER_SNAPSHOT = 4096
 """Transfer ids read per read transaction by the claims' warm-up (see `Claims._warm_up`), and

@@ -640,6 +640,38 @@ def test_a_retried_committed_transfer_returns_the_identical_transfer_and_writes_
     assert funded.balance("bob") == Balance(10, 0, 10)
 
 
+def test_a_transfer_whose_caller_timed_out_is_forgotten_once_done_and_a_retry_learns_its_outcome(
+    funded: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller that gives up waiting (`LedgerTimeout`) never releases its claim; the claims
+    forget it once it is done, at the next sweep (`Claims._sweep`), not never: a ledger kept
+    past its bound grew by a ticket a timeout. Its id still answers a retry, from the index."""
+    from coordinator import _claims
+
+    claims = funded._coordinator.claims
+    monkeypatch.setattr(_claims, "CLAIMS_SWEEP_MIN", 3)
+    claims._sweep_above = 3
+    real_wait = _claims.Ticket.wait
+
+    def gives_up_on_late(self: _claims.Ticket, timeout_s: float | None = None) -> bool:
+        if self.request.id.startswith("late-"):
+            real_wait(self, timeout_s)  # it is made durable all the same; its caller stops waiting
+            return False
+        return real_wait(self, timeout_s)
+
+    monkeypatch.setattr(_claims.Ticket, "wait", gives_up_on_late)
+    for n in range(3):
+        with pytest.raises(LedgerTimeout):
+            funded.transfer(f"late-{n}", source="bank", destination="bob", amount=1)
+    monkeypatch.setattr(_claims.Ticket, "wait", real_wait)
+    late = {ticket.request.id for ticket in claims.in_flight()}
+    assert late == {"late-0", "late-1", "late-2"}  # left behind, done
+    funded.transfer("t-0", source="bank", destination="bob", amount=1)  # the fourth claim in flight: a sweep
+    assert claims.in_flight() == [] and claims._sweep_above == 3
+    retried = funded.transfer("late-1", source="bank", destination="bob", amount=1)
+    assert retried == funded.get_transfer("late-1") and funded.balance("bob").posted == 4  # each moved once
+
+
 def test_a_retry_after_reopening_returns_the_identical_transfer(ledger_path: Path) -> None:
     with Ledger.open(ledger_path) as ledger:
         ledger.create_account("bank", currency="USD", overdraft_limit=None)
