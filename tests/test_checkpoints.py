@@ -206,7 +206,7 @@ def test_a_small_open_leaves_the_hosts_young_garbage_to_the_next_young_collectio
 
 
 def test_accounts_keep_their_code_and_metadata_through_the_chain(ledger_path: Path) -> None:
-    """Rows made on demand (`Sequencer._fixed_row`) and loaded back from several checkpoints
+    """Rows made on demand (`CheckpointRows._fixed_row`) and loaded back from several checkpoints
     keep every field of the account, metadata a read-only mapping again."""
     from engine import Account
 
