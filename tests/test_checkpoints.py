@@ -132,11 +132,23 @@ def test_when_the_sweeps_misguide_the_walk_it_still_finds_every_row(
     after one checkpoint, it goes on back for the accounts still missing a row; told none
     ever was, it reads back to a checkpoint of every account. Either way, the same books."""
     balances, state_hash = build(ledger_path, transfers=400)
-    monkeypatch.setattr(_checkpoints, "_sweep_length", lambda record, older: record[4] if sweeps_say == "all" else 0)
+    made = dict(checkpoints(ledger_path))
+    read = _walked_back(monkeypatch)
+    told: list[int] = []
+
+    def misguiding(record: list[object], older: list[object]) -> object:
+        told.append(1)  # the walk asks here (`_walk_back` looks it up in `coordinator._checkpoints`)
+        return record[4] if sweeps_say == "all" else 0
+
+    monkeypatch.setattr(_checkpoints, "_sweep_length", misguiding)
     with Ledger.open(ledger_path) as reopened:
         assert {account.id: reopened.balance(account.id) for account in reopened.accounts()} == balances
         assert [account.id for account in reopened.accounts()] == ["bank", *(f"a{n}" for n in range(ACCOUNTS))]
         assert reopened.state_hash() == state_hash
+    assert told and read
+    if sweeps_say == "nothing":  # told no sweep passed anywhere, it read back to a checkpoint of every account
+        oldest = made[read[-1]][3]  # (`read` holds the LSN each older checkpoint was asked for from)
+        assert made[oldest][3] == 0  # type: ignore[index]
 
 
 def test_a_checkpoint_after_reopening_makes_the_rows_of_the_accounts_it_holds_only(ledger_path: Path) -> None:
