@@ -19,8 +19,10 @@ from typing import Any
 from coordinator._limits import CHECKPOINT_SWEEP_MIN
 from coordinator._state import Projection
 
-Row = tuple[Any, ...]
-"""An account's row: id, currency, overdraft limit, code, metadata, opening LSN, seq, posted, last LSN."""
+AccountRow = tuple[Any, ...]
+"""An account's row in a checkpoint: id, currency, overdraft limit, code, metadata, opening LSN,
+seq, posted, last LSN; or its fixed start, the first six (`CheckpointRows.fixed`). Not
+`coordinator._entries.Row`, an entry index row."""
 
 
 class CheckpointRows:
@@ -29,7 +31,7 @@ class CheckpointRows:
 
     def __init__(self, books: Projection) -> None:
         self._accounts, self._account_lsns, self._states = books.accounts, books.account_lsns, books.states
-        self.fixed: dict[str, Row] = {}
+        self.fixed: dict[str, AccountRow] = {}
         """The unchanging start of an account's row (id, currency, overdraft limit, code,
         metadata, opening LSN), made the first time a checkpoint holds its row (`_fixed_row`):
         never all at once, which for a million accounts reopened would hold the lock through
@@ -42,7 +44,7 @@ class CheckpointRows:
         """(rows, sweep length) of each checkpoint an open may read back to, the newest last
         (`rows_an_open_reads`); first, those the open read."""
 
-    def next(self, changed: Iterable[str], whole: bool = False) -> tuple[list[Row], int, int, int]:
+    def next(self, changed: Iterable[str], whole: bool = False) -> tuple[list[AccountRow], int, int, int]:
         """The next checkpoint's rows (of the accounts in `changed`, those with entries since the
         last one, and of those opened since, and the sweep's; with `whole`, of every account),
         the previous checkpoint's LSN it builds on (0: it holds every account), where the next
@@ -83,7 +85,7 @@ class CheckpointRows:
             swept += sweep
         return rows
 
-    def _every_row(self) -> list[Row]:
+    def _every_row(self) -> list[AccountRow]:
         """Every account's row, in creation order (as `_fixed_row` then its state), made a
         column at a time (the loops run in C), none kept in `fixed`."""
         ids = self.ids
@@ -95,7 +97,7 @@ class CheckpointRows:
         return list(zip(ids, map(_CURRENCY, accounts), map(_OVERDRAFT_LIMIT, accounts), map(_CODE, accounts),
                         metadata, map(self._account_lsns.__getitem__, ids), seqs, posted, last_lsns, strict=True))
 
-    def _fixed_row(self, account_id: str) -> Row:
+    def _fixed_row(self, account_id: str) -> AccountRow:
         """Make and keep the unchanging start of an account's row (`fixed`)."""
         account = self._accounts[account_id]
         metadata = None if account.metadata is None else account.metadata.as_dict()
