@@ -49,6 +49,7 @@ def emit(line):
         sys.stdout.flush()
 
 import coordinator._checkpoint_rows
+assert "CHECKPOINT_SWEEP_MIN" in vars(coordinator._checkpoint_rows)  # read there; moved, this fails (a plain assignment would not)
 coordinator._checkpoint_rows.CHECKPOINT_SWEEP_MIN = 2  # checkpoints hold only what changed (see tests/conftest.py)
 ledger = Ledger.open(path, timeout_s=30, checkpoint_interval={checkpoint_interval!r})
 ledger.create_account("bank", currency="USD", overdraft_limit=None)  # idempotent: same every round

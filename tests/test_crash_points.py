@@ -206,6 +206,7 @@ def linked(ledger, thread):
 
 
 import coordinator._checkpoint_rows
+assert "CHECKPOINT_SWEEP_MIN" in vars(coordinator._checkpoint_rows)  # read there; moved, this fails (a plain assignment would not)
 coordinator._checkpoint_rows.CHECKPOINT_SWEEP_MIN = 2  # checkpoints hold only what changed (see tests/conftest.py)
 with Ledger.open(path, checkpoint_interval=interval) as ledger:
     ledger.create_account("bank", currency="USD", overdraft_limit=None)
