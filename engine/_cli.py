@@ -26,19 +26,19 @@ from typing import Any
 
 from coordinator import CHECK_FILE, AccountNotFound, InvalidRequest, JournalCorrupted, LedgerError, NotALedger, check_id
 
-from engine._cli_parse import _parser
+from engine._cli_parse import command_parser
 from engine._cli_render import (
-    _emit,
-    _named,
-    _render_audit,
-    _render_history,
-    _render_inspect,
-    _render_replay,
-    _render_salvage,
-    _said_at,
-    _shown_instant,
+    emit,
+    render_audit,
+    render_history,
+    render_inspect,
+    render_replay,
+    render_salvage,
+    said_at,
+    shown_instant,
+    subject_of,
 )
-from engine._cli_stress import _Terminated, _stress
+from engine._cli_stress import Terminated, stress_command
 
 
 @contextmanager
@@ -59,7 +59,7 @@ def _run(args: argparse.Namespace) -> int:
     from engine import _tools_audit, _tools_copy, _tools_read
 
     if args.command == "stress":
-        return _stress(args)
+        return stress_command(args)
     if args.command == "serve":
         from engine._serve import run_command
 
@@ -67,18 +67,18 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "verify":
         with _progress("verifying", not args.json) as progress:
             report = _tools_audit.verify(args.path, progress, args.expect_head)
-        _emit(args, report, lambda: _render_audit("verify", report))
+        emit(args, report, lambda: render_audit("verify", report))
         return 0 if report["verdict"] == "whole" else 1
     if args.command == "recover":
         return _recover(args)
     if args.command == "replay":
         with _progress("replaying", not args.json) as progress:
             report = _tools_copy.replay(args.path, args.into, progress)
-        _emit(args, report, lambda: _render_replay(report))
+        emit(args, report, lambda: render_replay(report))
         return 0 if report["verdict"] == "identical" else 1
     if args.command == "inspect":
         report = _tools_read.inspect(args.path, args.start, args.limit, args.transfer, args.account)
-        _emit(args, report, lambda: _render_inspect(report, args.transfer, args.start))
+        emit(args, report, lambda: render_inspect(report, args.transfer, args.start))
         return 1 if report["problem"] else 0
     if args.command == "tail":
         return _tail(args)
@@ -89,15 +89,15 @@ def _run(args: argparse.Namespace) -> int:
             opened_later = type(error) is AccountNotFound and "was opened at LSN" in str(error)
             if args.at is None or (type(error) is AccountNotFound and not opened_later):
                 raise
-            raise type(error)(_said_at(str(error), args.at, args.account, opened_later)) from error
+            raise type(error)(said_at(str(error), args.at, args.account, opened_later)) from error
         where = (f" ({report['entries']} entries, last LSN {report['last_lsn']})" if "at_lsn" not in report else
-                 f" at LSN {report['at_lsn']} ({_shown_instant(report['at_timestamp'])})")
-        _emit(args, report, lambda: print(
+                 f" at LSN {report['at_lsn']} ({shown_instant(report['at_timestamp'])})")
+        emit(args, report, lambda: print(
             f"{report['account']}: posted {report['posted']} {report['currency']}, pending {report['pending']}, "
             f"available {report['available']}, incoming {report['incoming']}{where}"))
         return 0
     report = _tools_read.history(args.path, args.account, args.limit)
-    _emit(args, report, lambda: _render_history(report))
+    emit(args, report, lambda: render_history(report))
     return 0
 
 
@@ -152,7 +152,7 @@ def _recover(args: argparse.Namespace) -> int:
             return 2
         with _progress("salvaging", not args.json) as progress:
             report = _tools_copy.salvage(args.path, args.into, progress)
-        _emit(args, report, lambda: _render_salvage(report))
+        emit(args, report, lambda: render_salvage(report))
         return 0 if report["whole"] else 1  # NEW holds what was saved; the ledger it came from was not whole
     if args.into:
         print("tally recover: --into NEW goes with --salvage (recover works in place)", file=sys.stderr)
@@ -161,10 +161,10 @@ def _recover(args: argparse.Namespace) -> int:
         report = _tools_audit.recover(args.path, args.dry_run, progress)
 
     def render() -> None:
-        _render_audit("recover" + (" (dry run)" if args.dry_run else ""), report)
+        render_audit("recover" + (" (dry run)" if args.dry_run else ""), report)
         last = report.get("last_record")
         if last:
-            print(f"  the last durable record: LSN {last['lsn']}, {last['kind']} {_named(last)}")
+            print(f"  the last durable record: LSN {last['lsn']}, {last['kind']} {subject_of(last)}")
         print("  in doubt: none on disk (reservations are never journaled; a commit record carries both entries);"
               " transfers in flight at the crash left no record, were never acknowledged, and run afresh if retried")
         print("  aborted by recovery: 0, finished by recovery: 0")
@@ -189,7 +189,7 @@ def _recover(args: argparse.Namespace) -> int:
             print(f"  the ledger is not whole: nothing was changed. `tally recover {args.path} --salvage --into NEW`"
                   " copies what precedes the damage.")
 
-    _emit(args, report, render)
+    emit(args, report, render)
     return 0 if report["verdict"] == "whole" else 1
 
 
@@ -229,9 +229,9 @@ def _shards_hint(args: argparse.Namespace, error: LedgerError, argv: list[str]) 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser().parse_args(argv)
+    args = command_parser().parse_args(argv)
     if args.command is None:
-        _parser().print_help()
+        command_parser().print_help()
         return 0
     plain = sys.stdout
     if args.command in _SHARD_TOOLS and not getattr(args, "json", False):  # (not serve: its log is uvicorn's)
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tally {args.command}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as error:
-        terminated = isinstance(error, _Terminated)
+        terminated = isinstance(error, Terminated)
         print(f"tally {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 143 if terminated else 130
     finally:

@@ -1,8 +1,9 @@
 """The `tally` command line's parser: its commands, options and argument types, and their limits.
 
 Each argument type turns a word of the command line into a value or a one-line usage error
-(`argparse.ArgumentTypeError`, exit 2), and each limit is a constant here
-(`STRESS_*_MAX`; an LSN's is the journal's, `journal.LSN_MAX`). `engine._cli` (`main`) parses with `_parser` and runs the command; the
+(`argparse.ArgumentTypeError`, exit 2), and each limit is a constant here (`STRESS_*_MAX`; an
+LSN's is the journal's, `journal.LSN_MAX`). `engine._cli` (`main`) parses with `command_parser`
+and runs the command; the
 reports are rendered by `engine._cli_render`, `tally stress` run by `engine._cli_stress`.
 """
 
@@ -144,7 +145,7 @@ def _head(text: str) -> Any:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _parser() -> argparse.ArgumentParser:
+def command_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tally", description="Tally: an embeddable, actor-based, journaled ledger engine.")
     parser.add_argument("--version", action="version", version=f"tally {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -1,10 +1,10 @@
 """The renderers of the `tally` commands' reports: each prints, for people, the dict a command
-returns (`_emit` prints it as JSON instead with `--json`).
+returns (`emit` prints it as JSON instead with `--json`).
 
 The reports come from the offline tools (`engine._tools_audit`, `engine._tools_copy`,
 `engine._tools_read`) and from `tally stress` (`engine._cli_stress`); `engine._cli` runs the
 commands and calls these, and escapes what they print. Times are shown here as ISO 8601
-(`_shown_instant`), which `--at` reads back (`engine._cli_parse`, `_instant`).
+(`shown_instant`), which `--at` reads back (`engine._cli_parse`, `_instant`).
 """
 
 from __future__ import annotations
@@ -17,18 +17,18 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 
-def _said_at(message: str, at: int, account: str, unknown: bool) -> str:
+def said_at(message: str, at: int, account: str, unknown: bool) -> str:
     """The API's refusal of a balance at a time, as `--at` put it: its times in ISO 8601
     rather than nanoseconds, the flag's name rather than the argument's."""
     named = repr(account)  # the account's id, kept as it is even if it looks like a timestamp
-    message = named.join(re.sub(r"\b\d{18,19}\b", lambda found: _shown_instant(int(found.group())), part)
+    message = named.join(re.sub(r"\b\d{18,19}\b", lambda found: shown_instant(int(found.group())), part)
                          for part in message.split(named))
-    given = _shown_instant(at) if at else "1970-01-01T00:00:00Z"  # a time given, never "no timestamp"
-    message = message.replace(f"at_timestamp {_shown_instant(at)}", f"--at {given}")
+    given = shown_instant(at) if at else "1970-01-01T00:00:00Z"  # a time given, never "no timestamp"
+    message = message.replace(f"at_timestamp {shown_instant(at)}", f"--at {given}")
     return f"account {account!r} did not exist yet at {given} ({message})" if unknown else message
 
 
-def _shown_instant(timestamp: int) -> str:
+def shown_instant(timestamp: int) -> str:
     """Nanoseconds since the epoch as an ISO 8601 UTC time, to the nanosecond (which `--at`
     reads back: a time cut to the microsecond would come before the record it names)."""
     if not timestamp:
@@ -74,7 +74,7 @@ def _print_head(head: dict[str, Any], chain: dict[str, Any]) -> None:
         print(f"  chain: BROKEN at LSN {chain['break_lsn']}: {chain['problem']}")
 
 
-def _render_audit(title: str, report: dict[str, Any]) -> None:
+def render_audit(title: str, report: dict[str, Any]) -> None:
     print(f"{title} {report['path']}")
     if report["last_lsn"] is None:
         print("  the journal could not be read: its data file is damaged")
@@ -90,7 +90,7 @@ def _render_audit(title: str, report: dict[str, Any]) -> None:
     print(f"  verdict: {report['verdict']}")
 
 
-def _named(row: dict[str, Any]) -> str:
+def subject_of(row: dict[str, Any]) -> str:
     """What a record of `tally inspect`'s rows is about, in a few words."""
     if row.get("transfer") or row.get("account"):
         return str(row.get("transfer") or row.get("account"))
@@ -102,7 +102,7 @@ def _named(row: dict[str, Any]) -> str:
     return f"of {row.get('accounts')} accounts"
 
 
-def _render_stress(summary: dict[str, Any], args: argparse.Namespace, written: bool = True) -> None:
+def render_stress(summary: dict[str, Any], args: argparse.Namespace, written: bool = True) -> None:
     config = summary["config"]
     shape = "" if "chaos" in summary else f", batch {config['batch']}, retry rate {config['retry_rate']}"
     if config["pending_rate"] or config["linked_rate"]:
@@ -152,7 +152,7 @@ def _render_stress(summary: dict[str, Any], args: argparse.Namespace, written: b
     print(f"  verdict: {summary['verdict']}")
 
 
-def _render_inspect(report: dict[str, Any], transfer: str | None = None, start: int = 1) -> None:
+def render_inspect(report: dict[str, Any], transfer: str | None = None, start: int = 1) -> None:
     if transfer is not None and not report["records"] and not report["problem"]:
         since = f" at or after LSN {start}" if start > 1 else ""
         print(f"no record of transfer {transfer!r}{since}: no such id, or it is still in flight")
@@ -192,7 +192,7 @@ def _leg_line(leg: dict[str, Any]) -> str:
     return line
 
 
-def _render_history(report: dict[str, Any]) -> None:
+def render_history(report: dict[str, Any]) -> None:
     print(f"{report['account']} ({report['currency']}), {report['entries_total']} entries; the latest, in seq order:")
     width = max([24, *(len(entry["transfer"]) for entry in report["entries"])])  # the ids in one column
     for entry in report["entries"]:
@@ -205,7 +205,7 @@ def _render_history(report: dict[str, Any]) -> None:
               f"{made['destination']}  {made['amount']}")
 
 
-def _render_replay(report: dict[str, Any]) -> None:
+def render_replay(report: dict[str, Any]) -> None:
     print(f"replay {report['path']} -> {report['into']}: {report['transfers_replayed']} transfers"
           f" ({report['rejections_not_replayed']} rejections not replayed) in {report['elapsed_s']} s")
     print(f"  original {report['state_hash_original']}")
@@ -213,7 +213,7 @@ def _render_replay(report: dict[str, Any]) -> None:
     print(f"  verdict: {report['verdict']}")
 
 
-def _render_salvage(report: dict[str, Any]) -> None:
+def render_salvage(report: dict[str, Any]) -> None:
     print(f"salvage {report['path']} -> {report['into']}: {report['verdict']}")
     if report["problem"]:
         print(f"  damage: {report['problem']}")
@@ -227,7 +227,7 @@ def _render_salvage(report: dict[str, Any]) -> None:
         print(f"  ... and {len(report['lost']) - 50} more (--json lists them all)")
 
 
-def _emit(args: argparse.Namespace, report: dict[str, Any], render: Callable[[], None]) -> None:
+def emit(args: argparse.Namespace, report: dict[str, Any], render: Callable[[], None]) -> None:
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:

@@ -3,8 +3,8 @@ under `--chaos`, or at a `tally serve` with `--url`), its report and plot, and S
 
 The options are parsed by `engine._cli_parse`; the run is `engine._stress` (`engine._chaos`,
 `engine._stress_remote`), the plot `engine._plot`; the summary is rendered by
-`engine._cli_render` (`_render_stress`). `engine._cli` (`main`) calls `_stress` and says
-`terminated` for a `_Terminated`.
+`engine._cli_render` (`render_stress`). `engine._cli` (`main`) calls `stress_command` and says
+`terminated` for a `Terminated`.
 """
 
 from __future__ import annotations
@@ -18,20 +18,20 @@ from typing import Any
 
 from coordinator import InvalidRequest, NotALedger
 
-from engine._cli_render import _emit, _render_stress
+from engine._cli_render import emit, render_stress
 from engine._workload import RETRY_RATE_DEFAULT
 
 
-class _Terminated(KeyboardInterrupt):
+class Terminated(KeyboardInterrupt):
     """SIGTERM during `tally stress`, raised in the main thread as Ctrl-C's interrupt is (the
     engine treats both alike): the run stops, its ledger is closed and a temporary one removed."""
 
 
 def _terminate(_signal: int, _frame: Any) -> None:
-    raise _Terminated
+    raise Terminated
 
 
-def _stress(args: argparse.Namespace) -> int:
+def stress_command(args: argparse.Namespace) -> int:
     if threading.current_thread() is not threading.main_thread():  # (only the main thread sets a handler)
         return _run_stress(args)
     previous = signal.signal(signal.SIGTERM, _terminate)
@@ -111,7 +111,7 @@ def _run_stress(args: argparse.Namespace) -> int:
             write_report(report.samples, summary, args.report)
         except OSError as error:  # the figures and the verdict are printed all the same
             unwritten = f"--report {args.report!r} was not written: {error}"
-    _emit(args, summary, lambda: _render_stress(summary, args, written=unwritten is None))
+    emit(args, summary, lambda: render_stress(summary, args, written=unwritten is None))
     if unwritten is not None:
         print(f"tally stress: {unwritten}", file=sys.stderr)
     if summary["verdict"] != "ok":

@@ -5,7 +5,7 @@ The `tally` CLI's offline tools (`engine._cli` runs them, `engine._cli_render` r
 reports) each return a plain dict (the `--json` form), and live beside this module: the journal
 audits, `verify` and `recover`, in `engine._tools_audit`; making a new ledger from an old one,
 `salvage` and `replay`, in `engine._tools_copy`; reading a ledger offline, `inspect`, `balance`
-and `history`, in `engine._tools_read`. Each opens the journal through `_reading` here, and
+and `history`, in `engine._tools_read`. Each opens the journal through `reading` here, and
 reports the long scans' progress through a `Progress`.
 """
 
@@ -28,7 +28,7 @@ def unreadable(error: LedgerError) -> bool:
 
 
 @contextmanager
-def _reading(path: str, lock: bool = False, audited: bool = False) -> Iterator[Journal]:
+def reading(path: str, lock: bool = False, audited: bool = False) -> Iterator[Journal]:
     """The journal, open read-only (with `lock`, refusing while a live process holds it).
     Damage found as it opens is `JournalCorrupted`, except a format this code does not read,
     which the command cannot run on (`NotALedger` says so). A gap in the records or a journal

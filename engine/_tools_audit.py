@@ -3,8 +3,8 @@ noted earlier checked too), and recovery after a process died (the audit, then a
 if its anchor is gone, a new one).
 
 Each returns a plain dict (the `--json` form); `engine._cli` runs it, `engine._cli_render`
-renders it. The journal is opened through `engine._tools` (`_reading`); the last record is shown
-as `tally inspect` shows it (`engine._tools_read`, `_row`). Making a new ledger from an old one
+renders it. The journal is opened through `engine._tools` (`reading`); the last record is shown
+as `tally inspect` shows it (`engine._tools_read`, `record_row`). Making a new ledger from an old one
 is in `engine._tools_copy`.
 """
 
@@ -31,8 +31,8 @@ from coordinator import (
 )
 from journal import GENESIS, ChainHead, ChainReport, Journal, JournalAnchorMissingError, reanchor
 
-from engine._tools import Progress, _reading
-from engine._tools_read import _row
+from engine._tools import Progress, reading
+from engine._tools_read import record_row
 
 
 def _audit_dict(report: AuditReport, elapsed_s: float, journal: Journal | None, path: str,
@@ -100,7 +100,7 @@ def verify(path: str, progress: Progress = None, expected: ChainHead | None = No
     its last record, whatever the writer adds meanwhile."""
     started = time.perf_counter()
     try:
-        with _reading(path, audited=True) as journal, journal.snapshot() as txn:
+        with reading(path, audited=True) as journal, journal.snapshot() as txn:
             report = audit(journal, progress, expected, txn)
             result = _audit_dict(report, time.perf_counter() - started, journal, path, txn)
     except JournalCorrupted as error:  # the data file cannot be read at all
@@ -140,7 +140,7 @@ def recover(path: str, dry_run: bool, progress: Progress = None) -> dict[str, An
     """
     started = time.perf_counter()
     try:
-        with _reading(path, lock=True, audited=True) as journal:
+        with reading(path, lock=True, audited=True) as journal:
             lost_anchor = isinstance(journal.problem, JournalAnchorMissingError)
             if lost_anchor:
                 anchor_problem, journal.problem = str(journal.problem), None  # audit the rest of it
@@ -192,7 +192,7 @@ def _write_checkpoint(path: str, books: Recovered, audited_lsn: int | None) -> i
 def _last_row(journal: Journal) -> dict[str, Any] | None:
     """The last durable record, readable: where the dead process stopped."""
     record = record_at(journal, journal.last_lsn) if journal.last_lsn else None
-    return _row(record) if record is not None else None
+    return record_row(record) if record is not None else None
 
 
 __all__ = ["recover", "verify"]

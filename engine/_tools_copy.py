@@ -3,7 +3,7 @@ records before the first corrupt one, copied record by record) and `tally replay
 the journal replayed through the public engine, the state hashes compared).
 
 Each returns a plain dict (the `--json` form); `engine._cli` runs it, `engine._cli_render`
-renders it. The journal is opened through `engine._tools` (`_reading`); the audits are in
+renders it. The journal is opened through `engine._tools` (`reading`); the audits are in
 `engine._tools_audit`, the read-only views in `engine._tools_read`.
 """
 
@@ -49,7 +49,7 @@ from journal import ANCHOR_FILE, Journal, JournalAnchorMissingError, sync_direct
 
 from engine._ledger import Ledger
 from engine._readonly import recover_beside_writer
-from engine._tools import Progress, _reading
+from engine._tools import Progress, reading
 
 
 def _new_directory(path: str) -> None:
@@ -203,7 +203,7 @@ def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
     """
     _new_directory(into)
     started = time.perf_counter()
-    with _reading(path) as source:
+    with reading(path) as source:
         books = recover_beside_writer(source)
         last = books.last_lsn
         original = state_hash(source, books.accounts.values(), books.pending.values())

@@ -3,7 +3,7 @@
 transfers), never writing.
 
 Each returns a plain dict (the `--json` form); `engine._cli` runs it, `engine._cli_render`
-renders it. The journal is opened through `engine._tools` (`_reading`); a record's row (`_row`)
+renders it. The journal is opened through `engine._tools` (`reading`); a record's row (`record_row`)
 is also what `recover` shows of the last one (`engine._tools_audit`). Making a new ledger from
 an old one is in `engine._tools_copy`.
 """
@@ -47,7 +47,7 @@ from journal import Journal
 
 from engine._history import History
 from engine._readonly import recover_beside_writer
-from engine._tools import _reading
+from engine._tools import reading
 
 
 def inspect(path: str, start: int, limit: int | None, transfer: str | None, account: str | None) -> dict[str, Any]:
@@ -56,18 +56,18 @@ def inspect(path: str, start: int, limit: int | None, transfer: str | None, acco
     the journal lost). A transfer's record is found through the transfers index, not a scan."""
     rows: list[dict[str, Any]] = []
     problem = None
-    with _reading(path, audited=True) as journal:
+    with reading(path, audited=True) as journal:
         try:
             if transfer is not None:
                 check_id(transfer, "transfer id")
                 found = transfer_of(journal, transfer)
                 if found is not None and found.lsn >= start and (account is None or _touches(found, account, journal)):
-                    rows.append(_row(found))
+                    rows.append(record_row(found))
             elif account is not None:
                 _account_rows(journal, account, start, limit, rows)
             else:
                 for record in records(journal, max(0, start - 1)):
-                    rows.append(_row(record))
+                    rows.append(record_row(record))
                     if limit is not None and len(rows) >= limit:
                         break
         except JournalCorrupted as error:
@@ -93,7 +93,7 @@ def _account_rows(journal: Journal, account: str, start: int, limit: int | None,
         for lsn in lsns:
             record = record_at(journal, lsn, txn)
             if record is not None:
-                rows.append(_row(record))
+                rows.append(record_row(record))
 
 
 def _unindexed(journal: Journal) -> tuple[dict[str, list[Row]], dict[str, list[Row]]]:
@@ -130,7 +130,7 @@ def _touches(record: Record, account: str, journal: Journal) -> bool:
     return False
 
 
-def _row(record: Record) -> dict[str, Any]:
+def record_row(record: Record) -> dict[str, Any]:
     """A record as `tally inspect` shows it. A commit or refusal of one request is one row
     with its fields; a linked chain's carries each in `legs`."""
     if isinstance(record, Opened):
@@ -197,7 +197,7 @@ def balance(path: str, account_id: str, at_lsn: int | None = None, at_timestamp:
     no reservation survives the process that made it), available, incoming; with `at_lsn` or
     `at_timestamp`, as of then (`Ledger.balance`)."""
     if at_lsn is not None or at_timestamp is not None:
-        with _reading(path) as journal:
+        with reading(path) as journal:
             with journal.snapshot() as txn:
                 account = _account(journal, account_id, txn)
             history = _history(journal)
@@ -206,7 +206,7 @@ def balance(path: str, account_id: str, at_lsn: int | None = None, at_timestamp:
             return {"account": account_id, "currency": account.currency, "at_lsn": lsn,
                     "at_timestamp": history.timestamp(lsn), "posted": found.posted, "pending": found.pending,
                     "available": found.available, "incoming": found.incoming}
-    with _reading(path) as journal:
+    with reading(path) as journal:
         check_id(account_id, "account id")  # e.g. a byte that is not UTF-8 on the command line
         books = recover_beside_writer(journal)  # every figure below as of its last LSN, a writer or not
         opened = books.accounts.get(account_id)
@@ -225,7 +225,7 @@ def history(path: str, account_id: str, limit: int) -> dict[str, Any]:
     (`Ledger.transfers(account=..., reverse=True)`: pending transfers and voids too). Both as
     of one LSN, the last the journal held when opened: a live writer's later records are in
     neither."""
-    with _reading(path) as journal:
+    with reading(path) as journal:
         unindexed, holds = _unindexed(journal)  # (read before the snapshots below, as a ledger reads them)
         reads = _history(journal, unindexed, holds)
         end = reads.end()
