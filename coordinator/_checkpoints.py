@@ -10,6 +10,10 @@ the checkpoint's LSN; nothing is repaired.
 
 `Recovered`, the projection a checkpoint and replay rebuild, is defined here, since loading a
 checkpoint is where every rebuild starts; `coordinator._recovery` replays the records after it.
+
+The checkpoint written here (`write_checkpoint`) is one for a journal no ledger has open (`tally
+recover`), through a `Sequencer`; an open ledger's are `Sequencer.checkpoint`'s, their rows made
+by `coordinator._checkpoint_rows`.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Each argument type turns a word of the command line into a value or a one-line usage error
 (`argparse.ArgumentTypeError`, exit 2), and each limit is a constant here (`STRESS_*_MAX`; an
 LSN's is the journal's, `journal.LSN_MAX`). `engine._cli` (`main`) parses with `command_parser`
-and runs the command; the
-reports are rendered by `engine._cli_render`, `tally stress` run by `engine._cli_stress`.
+and runs the command; the reports are rendered by `engine._cli_render`, `tally stress` run by
+`engine._cli_stress`.
 """
 
 from __future__ import annotations
