@@ -76,7 +76,8 @@ from coordinator import (
 from engine._head import Head
 from engine._async_follow import LoopFollowing
 from engine._async_writes import LoopWrites
-from engine._ledger import Ledger, checked_account, checked_accounts, checked_many
+from engine._checks import checked_account, checked_accounts, checked_many
+from engine._ledger import Ledger
 from engine._loop_turns import LoopTurns
 
 T = TypeVar("T")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from coordinator import Event, EventReader, LedgerClosed, Resolution, Transfer
 
 if TYPE_CHECKING:
-    from engine._ledger import Ledger
+    from engine._ledger_reads import LedgerReads
 
 FOLLOW_WAIT_S_MAX = 0.05
 """Longest one wait of a follower before it looks again whether its ledger closed (a close
@@ -29,7 +29,7 @@ FOLLOW_POLL_S = (0.0002, 0.002)
 pause doubles from one to the other, and starts again at the first after each record)."""
 
 
-def follow_events(ledger: Ledger, after_lsn: int, follow: bool, timeout_s: float | None) -> Iterator[Event]:
+def follow_events(ledger: LedgerReads, after_lsn: int, follow: bool, timeout_s: float | None) -> Iterator[Event]:
     """The events after `after_lsn` (see `Ledger.events`). Not following, it ends at the last
     durable record, and raises `LedgerClosed` if the ledger closes before it gets there;
     following, it ends when the ledger closes or `timeout_s` passes with no new record."""

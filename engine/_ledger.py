@@ -4,6 +4,11 @@ Threads inside a ledger: one journal writer, `dispatcher_threads` workers that
 run every account actor, and the callers' own threads. Every public method is
 safe to call from any number of threads at once, and every wait it makes is
 bounded by `timeout_s` (raising `LedgerTimeout`).
+
+Here: opening, the writes (accounts, transfers, pending transfers, linked chains, batches,
+expiry) and closing. The reads are its base class's (`engine._ledger_reads`, `LedgerReads`);
+a call's lifetime and the ledgers a process has open are `engine._calls`', the checks of a
+call's arguments `engine._checks`'.
 """
 
 from __future__ import annotations
@@ -12,9 +17,8 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from coordinator import (
@@ -23,55 +27,35 @@ from coordinator import (
     CHECKPOINT_RECORDS_INTERVAL,
     EXPIRY_INTERVAL_S,
     INFLIGHT_TRANSFERS_MAX,
-    SNAPSHOT_AGE_S_DEFAULT,
     TIMEOUT_S_DEFAULT,
     Account,
-    AccountExists,
-    AccountNotFound,
-    Balance,
     Coordinator,
-    Entry,
-    Event,
     InvalidRequest,
     LedgerClosed,
     LedgerError,
-    LedgerLocked,
     LedgerTimeout,
     LedgerUnavailable,
-    Projection,
     Resolution,
     Sequencer,
     Transfer,
     TransferRequest,
-    check_code,
-    check_currency,
     check_ids_against_records,
-    check_id,
-    check_metadata,
     checked_clock,
-    check_overdraft_limit,
     check_path,
-    entries_of,
-    items_of,
     ledger_error,
     ledger_errors,
-    load_checkpoint,
-    outcome_now,
     recover,
-    replay,
-    seconds_of,
     shown,
-    state_hash,
-    transfer_at,
     resolution_request,
     transfer_request,
 )
-from journal import Completion, Journal, JournalError, JournalTimeoutError, JournalWriteError, files_of
+from journal import Completion, Journal, JournalError, JournalTimeoutError
 
-from engine._head import Head, head_of
+from engine._calls import OPEN_LEDGERS, refuse_open_here
+from engine._checks import account_exists, check_timeout_s, checked_account, checked_accounts, checked_many
 from engine._directory import Directory
-from engine._history import History, Snapshot, check_lsn, check_max_age
-from engine._follow import follow_events
+from engine._history import History
+from engine._ledger_reads import LedgerReads
 from engine._runtime import Dispatcher
 
 ACTORS_LIVE_MAX_DEFAULT = 65_536
@@ -83,14 +67,7 @@ checkpoint, the writer's drain): how long a second close waits for the first to 
 logger = logging.getLogger("tally.engine")
 
 
-def _exists(existing: Account) -> AccountExists:
-    metadata = "no metadata" if existing.metadata is None else f"metadata {existing.metadata.as_dict()!r}"
-    limit = "no overdraft limit" if existing.overdraft_limit is None else f"overdraft_limit {existing.overdraft_limit}"
-    return AccountExists(f"account {existing.id!r} exists with other fields: {existing.currency}, {limit}, "
-                         f"code {existing.code}, {metadata}")
-
-
-class Ledger:
+class Ledger(LedgerReads):
     """An open ledger. Use `Ledger.open(path)`, preferably as a context manager."""
 
     def __init__(self, journal: Journal, *, timeout_s: float, dispatcher_threads: int,
@@ -130,7 +107,7 @@ class Ledger:
         if clock_ns is None:
             self._expirer = threading.Thread(target=self._expire_while_open, name="tally-expirer", daemon=True)
             self._expirer.start()
-        _OPEN.add(self)
+        OPEN_LEDGERS.add(self)
 
     @classmethod
     def open(
@@ -184,7 +161,7 @@ class Ledger:
                 raise InvalidRequest(f"{name} must be an int in {low}..{high}, got {shown(value)}")
         if readonly is not True and readonly is not False:
             raise InvalidRequest(f"readonly must be a bool, got {shown(readonly)}")
-        _refuse_open_here(path, readonly)
+        refuse_open_here(path, readonly)
         if readonly:
             from engine._readonly import open_readonly  # it subclasses Ledger
 
@@ -208,23 +185,6 @@ class Ledger:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def _call(self) -> _Call:
-        """Enter a public call: refuse it if closed, count it until it returns (so `close`
-        can wait for it), and turn a `JournalError` from inside into its `LedgerError`."""
-        return _Call(self)
-
-    def _read(self) -> _Call:
-        """`_call` for a read of the journal that may be long (pages, entries, events, a
-        snapshot's reads, `state_hash`, a balance at an LSN or a time): its reads let the
-        threads waiting for the interpreter have it between two chunks
-        (`Journal.reading_in_chunks`). A page of 10,000 transfers read straight through kept the
-        writer and every caller deciding a transfer out for its whole length (`journal._chunks`
-        says why). A read of a few records (`get_transfer`, `outcome`, a live `balance`) does
-        without: it would never fill a chunk. (A balance at an LSN in a past from before hold
-        rows reads up to a checkpoint interval of records; a live one after the journal failed
-        replays as many, and pauses too.)"""
-        return _Read(self)
 
     def create_account(self, id: str, *, currency: str, overdraft_limit: int | None = 0, code: int = 0,
                        metadata: Mapping[str, str | int] | None = None) -> Account:
@@ -250,7 +210,7 @@ class Ledger:
                 return sequencer.open_account(account, Completion(account))
             lsn = sequencer.account_lsns[account.id]
         if existing != account:
-            raise _exists(existing)
+            raise account_exists(existing)
         return lsn
 
     def create_accounts(self, accounts: Sequence[Account]) -> list[Account | LedgerError]:
@@ -303,7 +263,7 @@ class Ledger:
             if existing is None:
                 new[account.id] = account
             elif existing != account:
-                results[i] = _exists(existing)
+                results[i] = account_exists(existing)
             elif account.id in lsns:
                 last = max(last, lsns[account.id])
         if new:
@@ -315,29 +275,6 @@ class Ledger:
                     if isinstance(account, Account) and account.id in new:
                         results[i] = error
         return last
-
-    def accounts(self) -> list[Account]:
-        """Every durable account, in creation order."""
-        with self._call():
-            sequencer = self._sequencer
-            with sequencer.lock:
-                listed = [(sequencer.account_lsns[a.id], a) for a in sequencer.accounts.values()]
-            durable = self._journal.durable_lsn
-            return [account for lsn, account in listed if lsn <= durable]
-
-    def account(self, id: str) -> Account:
-        """The durable account `id`. Raises `InvalidRequest` for a malformed id and
-        `AccountNotFound` for an unknown one."""
-        with self._call():
-            return self._account(id)
-
-    def _account(self, account_id: str) -> Account:
-        check_id(account_id, "account id")
-        account = self._sequencer.accounts.get(account_id)
-        if account is None:
-            raise AccountNotFound(f"no account {account_id!r}")
-        self._journal.wait_durable(self._sequencer.account_lsns[account_id], self.timeout_s)
-        return account
 
     # --- transfers -----------------------------------------------------------------
 
@@ -455,238 +392,6 @@ class Ledger:
         with self._call():
             return self._coordinator.transfer_many(list(requests), self.timeout_s)
 
-    def get_transfer(self, id: str) -> Transfer | None:
-        """The durable committed Transfer with this id, or None (unknown or refused), with its
-        status as of now (a pending transfer's: pending, posted, voided or expired). Never scans."""
-        check_id(id, "transfer id")
-        with self._call():
-            journal = self._journal
-            durable = self._history.end()  # (before the snapshot: a record committed to LMDB but not
-            # yet released to its callers is not shown, as `entries` and `balance` do not show it;
-            # read-only, the records this reader has caught up with)
-            with journal.snapshot() as txn:
-                return transfer_at(journal, id, durable, txn)
-
-    def outcome(self, id: str) -> Transfer | LedgerError | None:
-        """What became of the transfer id `id`, as far as it is durable: its Transfer (as
-        `get_transfer` gives it), the `LedgerError` its refusal raises (for a leg of a refused
-        linked chain, the chain's `LinkedTransferFailed`), or None if no outcome of it is
-        durable (never used, or still in flight). Never scans, never submits anything: after a
-        `LedgerTimeout` it tells a host what happened without a retry."""
-        check_id(id, "transfer id")
-        with self._call():
-            return outcome_now(self._journal, id, self._history.end())
-
-    # --- reads ---------------------------------------------------------------------
-
-    def events(self, after_lsn: int = 0, *, follow: bool = False, timeout_s: float | None = None) -> Iterator[Event]:
-        """Every business event after `after_lsn`, in LSN order: one per journal record, a
-        checkpoint's excepted (`Event`). Only durable records are read; a consumer resumes,
-        after any restart of either side, with the LSN of the last event it processed.
-
-        Without `follow` it ends at the last durable record. With `follow` it then waits for
-        new ones, each wait bounded, and ends when the ledger closes or when `timeout_s`
-        (None: never) passes without a new record. Nothing is held between two events (the
-        iterator reads a chunk at a time, in short read transactions). Raises `LedgerClosed`
-        now if the ledger is closed, and (not following) if it closes before the end;
-        `JournalCorrupted` at a record that fails its checks. An `after_lsn` past the durable
-        end reads as nothing yet (a follower waits for the journal to reach it); one that is
-        no LSN (an int in 0..2**64-1) is `InvalidRequest`, as in every read of history."""
-        check_lsn("after_lsn", after_lsn)
-        if type(follow) is not bool:
-            raise InvalidRequest(f"follow must be a bool, got {shown(follow)}")
-        wait_s = seconds_of(timeout_s)
-        if timeout_s is not None and not (wait_s is not None and 0 <= wait_s <= threading.TIMEOUT_MAX):
-            raise InvalidRequest(f"timeout_s must be None or a number of seconds in [0, "
-                                 f"{threading.TIMEOUT_MAX:.0f}], got {shown(timeout_s)}")
-        with self._call():
-            pass  # a closed ledger says so here, not at the first event
-        return follow_events(self, after_lsn, follow, None if wait_s is None else float(wait_s))
-
-    def _events_last_lsn(self) -> int | None:
-        """The last LSN `events` may read (None: the end of the snapshot)."""
-        return self._journal.durable_lsn
-
-    def _await_records(self, after_lsn: int, wait_s: float) -> None:
-        """Wait (at most `wait_s`, less once the journal closes) for a durable record after
-        `after_lsn`; `LedgerUnavailable` if the journal failed (no record will come)."""
-        journal = self._journal
-        if not journal.wait_past(after_lsn, wait_s) and isinstance(journal.failure, JournalError):
-            raise ledger_error(journal.failure) from journal.failure
-
-    def balance(self, account: str, *, at_lsn: int | None = None, at_timestamp: int | None = None) -> Balance:
-        """Posted; pending (held by its pending transfers and for outgoing transfers in
-        flight); available (posted - pending); incoming (its pending transfers toward it).
-
-        Asks the account's actor, then waits until what it saw is durable, so a
-        balance never shows money a crash could take back.
-
-        With `at_lsn` or `at_timestamp` (at most one; nanoseconds since the epoch, as
-        `Transfer.timestamp`): the balance after the last record at or before it, counting the
-        pending transfers open then (reservations for transfers in flight are not history:
-        none is counted). Read from the journal in a time logarithmic in the account's entries;
-        `InvalidRequest` for an LSN past the durable end or a time still to come,
-        `AccountNotFound` if the account was opened after it.
-        """
-        if at_lsn is not None or at_timestamp is not None:
-            with self._read():  # (a past from before hold rows is read from its records: `_holds_read`)
-                history = self._history
-                return history.balance(account, history.lsn_of(at_lsn, at_timestamp))
-        with self._call():
-            self._account(account)
-            journal = self._journal
-            if journal.failure is not None:
-                return self._durable_balance(account)
-            # A record durable now may have been queued by a thread still under the sequencer's
-            # lock, which hands the accounts its postings after queueing it (and the writer may
-            # make it durable at once): once that hold ends, the postings are in the mailboxes
-            # ahead of the ask below, so the balance shows every record a read before this call
-            # (`get_transfer`, `outcome`, `entries`, the caller's own write) showed. Only when
-            # the sequencer has not yet said it handed over everything durable is it waited for.
-            sequencer = self._sequencer
-            if sequencer.delivered_lsn < journal.durable_lsn and not _lock_free_within(sequencer.lock,
-                                                                                       self.timeout_s):
-                raise LedgerTimeout(f"balance of {account!r}: the ledger was deciding for {self.timeout_s} s; "
-                                    "retry")
-            directory = self._directory
-            handle = directory.pin(account)
-            try:
-                posted, pending, incoming, lsn = handle.snapshot(self.timeout_s)
-            finally:
-                directory.unpin(account)
-            try:
-                journal.wait_durable(lsn, self.timeout_s)
-            except JournalWriteError:  # the journal failed meanwhile: what the actor saw may never be
-                return self._durable_balance(account)
-            return Balance(posted, pending, posted - pending, incoming)
-
-    def _durable_balance(self, account_id: str) -> Balance:
-        """The balance as the journal holds it, for reads after the journal failed (the actors
-        may have applied entries that never became durable): replayed from the newest
-        checkpoint. No reservation is left: no transfer can be decided any more."""
-        with self._journal.reading_in_chunks():  # a replay from the newest checkpoint: a long read (`_read`)
-            return balance_of(replay(self._journal, load_checkpoint(self._journal)), account_id)
-
-    def entries(self, account: str, after: int = 0, limit: int | None = None) -> list[Entry]:
-        """The account's durable entries with seq > `after`, in seq order, at most `limit`."""
-        check_page(after, limit)
-        with self._read():
-            self._account(account)
-            journal = self._journal
-            unindexed = self._sequencer.unindexed.rows(account, journal.durable_lsn)  # before the snapshot
-            return entries_of(journal, account, after, limit, unindexed)
-
-    def snapshot(self, *, max_age_s: float = SNAPSHOT_AGE_S_DEFAULT) -> Snapshot:
-        """A consistent view of the ledger at the durable end of its journal now (`.lsn`,
-        `.timestamp`), unaffected by what lands while it is open: `.balance(account)`,
-        `.balances(accounts=None)` (None: every account open then), `.entries(account, after,
-        limit)`, `.get_transfer(id)`, `.transfers(...)`. Use it as a context manager.
-
-        Each of its reads opens an LMDB read transaction for that read alone: it reads history,
-        which never changes, so it holds no reader while idle and stalls neither the writer nor
-        the growth of the map. It answers for `max_age_s` seconds (in (0, 3600]; 60 by default),
-        then raises `SnapshotExpired`, as it does once left, and `LedgerClosed` once the
-        ledger closes: a view of the past used as if it were current is a bug to hear of."""
-        max_age_s = check_max_age(max_age_s)
-        with self._read():
-            history = self._history
-            return Snapshot(history, history.end(), max_age_s, self._read, self._opened_lsns)
-
-    def _now(self) -> int:
-        """The ledger's time: its clock's, or the last time stamped or answered for if later
-        (the clock stepped back; `Sequencer.answered_at`)."""
-        sequencer = self._sequencer
-        return max(sequencer.clock(), sequencer.last_timestamp)
-
-    def _settled_end(self, timestamp: int) -> int:
-        """The durable end once every record stamped before this call is durable, for a read at
-        `timestamp`, which from then on no decision is stamped at or before (so the answer
-        never changes, even if the clock steps back): the last LSN appended, read under the
-        sequencer's lock (a decision reads the clock and queues its record under it), waited
-        for (bounded by `timeout_s`)."""
-        journal, lock = self._journal, self._sequencer.lock
-        if not lock.acquire(timeout=self.timeout_s):
-            raise LedgerTimeout(f"the ledger was deciding for {self.timeout_s} s; retry")
-        try:
-            self._sequencer.answered_at(timestamp)
-            last = journal.last_lsn
-        finally:
-            lock.release()
-        try:
-            journal.wait_durable(last, self.timeout_s)
-        except JournalWriteError:  # the journal failed: nothing past its durable end will land, so that is final
-            pass
-        return journal.durable_lsn
-
-    def _opened_lsns(self) -> Mapping[str, int]:
-        """Each account's opening LSN (read without a lock; it only grows)."""
-        return self._sequencer.account_lsns
-
-    def transfers(self, *, account: str | None = None, code: int | None = None, kind: str | None = None,
-                  after_lsn: int = 0, until_lsn: int | None = None, limit: int = 100,
-                  reverse: bool = False) -> list[Transfer]:
-        """Durable transfers in LSN order (newest first with `reverse`) made by the records in
-        (`after_lsn`, `until_lsn`] (`until_lsn` None: the durable end): those of `account` (as
-        source or destination), of `code`, of `kind` ("single", "pending", "post", "void")
-        only, when given; each with its status as of now (as `get_transfer` gives it).
-
-        A page holds at most `limit` (1..10,000) transfers, and never splits the legs of one
-        linked chain (which share an LSN): it ends before a chain that would take it past
-        `limit`, unless the chain alone is longer. Paging: the next page forward is
-        `after_lsn=page[-1].lsn`; backward (`reverse`), `until_lsn=page[-1].lsn - 1`. With
-        `account` it reads the account's own entries and hold rows, never the whole journal;
-        without, the journal's records from the cursor on. An `after_lsn` past the durable end
-        reads as nothing yet (`[]`); one that is no LSN (an int in 0..2**64-1), or an
-        `until_lsn` past the durable end, is `InvalidRequest`, and an unknown `account` is
-        `AccountNotFound`."""
-        with self._read():
-            return self._history.transfers(account=account, code=code, kind=kind, after_lsn=after_lsn,
-                                           until_lsn=until_lsn, limit=limit, reverse=reverse)
-
-    def state_hash(self) -> str:
-        """SHA-256 over every account and all its entries (seq, transfer, amount, balance).
-
-        Journal positions (LSNs) are left out, so a replay into a fresh ledger
-        hashes the same. Waits until everything already decided is durable. For a ledger at
-        rest (no write in flight, as after a run): while writes go on, its parts are read at
-        moments a few records apart, so the hash may be of no state the ledger was ever in.
-        """
-        with self._read():
-            journal = self._journal
-            if journal.failure is None:  # else only what is durable counts, and it already is
-                journal.wait_durable(journal.last_lsn, self.timeout_s)
-            sequencer = self._sequencer
-            if journal.failure is None:
-                with sequencer.lock:
-                    pending = list(sequencer.pending.values())
-            else:  # the projection may be past what is durable
-                pending = list(replay(journal, load_checkpoint(journal)).pending.values())
-            unindexed = sequencer.unindexed.all_rows(journal.durable_lsn)
-            return state_hash(journal, self.accounts(), pending, unindexed=unindexed)
-
-    def head(self) -> Head:
-        """The durable head of the journal's hash chain: the last durable LSN and the chain's
-        digest there (`Head`). Note it down outside the ledger: `tally verify --expect-head
-        LSN:DIGEST` proves later that the ledger still extends it.
-
-        Read from memory, in any thread: it never blocks, and moves once a group commit is
-        durable (a call decided and not yet durable is not in it). Raises `LedgerClosed`."""
-        with self._call():
-            return head_of(self._journal.head())
-
-    def stats(self) -> dict[str, int]:
-        """Counters for operators and benchmarks (commits, records, live actors...)."""
-        with self._call():
-            stats = dict(self._journal.stats())
-            stats.update(
-                accounts=len(self._sequencer.accounts),
-                actors_live=self._directory.live,
-                activations=self._directory.activations,
-                passivations=self._directory.passivations,
-                in_flight=self._coordinator.admission.in_flight,
-            )
-            return stats
-
     # --- closing -------------------------------------------------------------------
 
     def close(self) -> None:
@@ -720,7 +425,7 @@ class Ledger:
 
     def _shut_down(self) -> None:
         """`close` once the calls under way are done (or its wait for them ran out)."""
-        _OPEN.discard(self)
+        OPEN_LEDGERS.discard(self)
         self._stopping.set()
         if self._expirer is not None:
             self._expirer.join(timeout=self.timeout_s)
@@ -756,10 +461,6 @@ class Ledger:
             logger.exception("no checkpoint journaled at close: the next open walks back the checkpoints")
 
     @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
     def failure(self) -> LedgerError | None:
         """The error every write gets since the journal failed (a full disk: until the ledger is
         reopened), or None while it can write: for a host's health check (`tally serve`'s
@@ -770,163 +471,3 @@ class Ledger:
         if isinstance(failure, JournalError):
             return ledger_error(failure)
         return LedgerUnavailable(f"the journal failed: {failure}")
-
-
-def _lock_free_within(lock: threading.Lock, timeout_s: float) -> bool:
-    """Wait, at most `timeout_s`, until no one holds `lock` (taken and given back at once)."""
-    if not lock.acquire(timeout=timeout_s):
-        return False
-    lock.release()
-    return True
-
-
-def balance_of(books: Projection, account_id: str) -> Balance:
-    """The account's balance in a projection of the journal (no reservation: none is journaled)."""
-    _, posted, _ = books.states[account_id]
-    held = books.held.get(account_id, 0)
-    return Balance(posted, held, posted - held, books.incoming.get(account_id, 0))
-
-
-def checked_account(account_id: object, currency: object, overdraft_limit: object, code: object,
-                    metadata: object) -> Account:
-    """`create_account`'s arguments, each checked (in this order), as an Account; raises
-    `InvalidRequest` for the first malformed one."""
-    return Account(check_id(account_id, "account id"), check_currency(currency),
-                   check_overdraft_limit(overdraft_limit), check_code(code), check_metadata(metadata))
-
-
-def check_timeout_s(timeout_s: object) -> float:
-    """`Ledger.open`'s `timeout_s`, as a float; `InvalidRequest` unless a number of seconds a
-    lock can wait."""
-    wait_s = seconds_of(timeout_s)
-    if not (wait_s is not None and 0 < wait_s <= threading.TIMEOUT_MAX):  # False for NaN
-        raise InvalidRequest(f"timeout_s must be a number of seconds in (0, {threading.TIMEOUT_MAX:.0f}] "
-                             f"(the most a lock can wait), got {shown(timeout_s)}")
-    return float(wait_s)
-
-
-def checked_accounts(accounts: object) -> list[Account | LedgerError]:
-    """`create_accounts`' items, each checked: the Account, or the `InvalidRequest` it is.
-    Raises `InvalidRequest` if `accounts` is not a sequence."""
-    if not isinstance(accounts, Sequence) or isinstance(accounts, (str, bytes)):
-        raise InvalidRequest(f"create_accounts takes a sequence of Account, got {type(accounts).__name__}")
-    results: list[Account | LedgerError] = []
-    for item in items_of(accounts, "create_accounts"):
-        try:
-            if not isinstance(item, Account):
-                raise InvalidRequest(f"create_accounts takes Account items, got {type(item).__name__}")
-            results.append(checked_account(item.id, item.currency, item.overdraft_limit, item.code, item.metadata))
-        except LedgerError as error:
-            results.append(error)
-    return results
-
-
-def checked_many(requests: object) -> tuple[list[TransferRequest | Resolution], dict[int, LedgerError]]:
-    """`transfer_many`'s items, and the `InvalidRequest` of each that is a post or a void by
-    its index. Raises `InvalidRequest` if `requests` is not a sequence."""
-    if not isinstance(requests, Sequence) or isinstance(requests, (str, bytes)):
-        raise InvalidRequest(f"transfer_many takes a sequence of TransferRequest, got {type(requests).__name__}")
-    items: list[TransferRequest | Resolution] = items_of(requests, "transfer_many")
-    refused: dict[int, LedgerError] = {
-        i: InvalidRequest(f"transfer_many takes TransferRequest items, not a post or a void of pending transfer "
-                          f"{item.pending_id!r}: call post_pending or void_pending")
-        for i, item in enumerate(items) if type(item) is Resolution}
-    return items, refused
-
-
-def check_page(after: object, limit: object) -> None:
-    """`entries`' `after` and `limit`; `InvalidRequest` if malformed."""
-    if type(after) is not int or after < 0:
-        raise InvalidRequest(f"after must be an int >= 0, got {shown(after)}")
-    if limit is not None and (type(limit) is not int or limit < 0):
-        raise InvalidRequest(f"limit must be None or an int >= 0, got {shown(limit)}")
-
-
-_OPEN: weakref.WeakSet[Ledger] = weakref.WeakSet()
-"""Every ledger open in this process, for `_after_fork`."""
-
-
-def _refuse_open_here(path: str, readonly: bool) -> None:
-    """`LedgerLocked` if the ledger at `path` is open in this process and one of the two opens
-    is read-only (two writers meet the directory lock), before any file of it is touched: a
-    second open of one LMDB environment in a process, even one refused, closes a descriptor
-    of `lock.mdb`, which drops the locks that tell other processes this one reads it (and a
-    writer opening next would then reset the table of readers under it)."""
-    where = os.path.realpath(path)
-    for ledger in list(_OPEN):
-        if (readonly or ledger._journal.readonly) and ledger._journal.directory == where:  # (as resolved then)
-            raise LedgerLocked(f"the ledger at {path} is open in this process already: use that Ledger")
-    if _INHERITED and not _INHERITED.isdisjoint(files_of(where)):
-        raise LedgerLocked(f"the ledger at {path} was open in the process this one was forked from, and LMDB keeps "
-                           "its files held here by the copy of that environment this process inherited: open it in a "
-                           "process started with multiprocessing's 'spawn' or 'forkserver' method")
-
-
-_INHERITED: set[tuple[int, int]] = set()
-"""The files (device, inode) of the ledgers open in the process this one was forked from
-(`_after_fork`): py-lmdb refuses them here, as open in this process, by the same keys. A ledger
-made anew at one of their paths is other files, and opens."""
-
-
-def _after_fork() -> None:
-    """In a child made by `fork()`: every ledger the parent had open is closed here, at once
-    and without touching its threads (which the child does not have) or LMDB (which must not
-    be used across a fork); its calls raise `LedgerClosed` saying why, instead of waiting out
-    their timeout. The child lets go of its copy of the directory lock, so the lock is the
-    parent's alone again."""
-    for ledger in list(_OPEN):
-        ledger._forked_from = os.getppid()
-        ledger._closed = True
-        ledger._journal.release_after_fork()
-        _INHERITED.update(ledger._journal.files)
-    _OPEN.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork)
-
-
-class _Call:
-    """`Ledger._call`: a context manager that is a plain object (no generator per call)."""
-
-    __slots__ = ("_ledger",)
-
-    def __init__(self, ledger: Ledger) -> None:
-        self._ledger = ledger
-
-    def __enter__(self) -> None:
-        ledger = self._ledger
-        ledger._calls.append(None)  # before the look at `_closed`: `close` waits for us or we see it
-        if ledger._closed:
-            self._leave()
-            if ledger._forked_from is not None:
-                raise LedgerClosed(f"the ledger at {ledger.path} belongs to process {ledger._forked_from}, which "
-                                   "opened it: a process made by fork() must open the ledger itself (once the "
-                                   "other has closed it)")
-            raise LedgerClosed(f"the ledger at {ledger.path} is closed")
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: Any) -> None:
-        self._leave()
-        if isinstance(error, JournalError):
-            raise ledger_error(error) from error
-
-    def _leave(self) -> None:
-        ledger = self._ledger
-        ledger._calls.pop()
-        if ledger._closed:
-            with ledger._state:
-                ledger._state.notify_all()
-
-
-class _Read(_Call):
-    """`Ledger._read`: `_Call`, with the journal's reads in chunks on this thread until left."""
-
-    __slots__ = ("_chunks",)
-
-    def __enter__(self) -> None:
-        super().__enter__()
-        self._chunks = self._ledger._journal.reading_in_chunks()
-        self._chunks.__enter__()
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: Any) -> None:
-        self._chunks.__exit__(None, None, None)  # (it only restores this thread's state)
-        super().__exit__(kind, error, _tb)

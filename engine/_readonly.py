@@ -56,7 +56,9 @@ from journal import Journal
 from engine._follow import FOLLOW_POLL_S
 from engine._head import Head, head_of
 from engine._history import History
-from engine._ledger import _OPEN, Ledger, _Call, balance_of, check_page
+from engine._calls import OPEN_LEDGERS, LedgerCall
+from engine._checks import balance_of, check_page
+from engine._ledger import Ledger
 
 OPEN_TRIES_MAX = 100
 """Times a read-only open replays again because the writer moved between its replay and its
@@ -124,7 +126,7 @@ class ReadingLedger(Ledger):
         self._closed = False
         self._forked_from: int | None = None
         self._stopping = threading.Event()
-        _OPEN.add(self)
+        OPEN_LEDGERS.add(self)
 
     # --- writes: refused ---------------------------------------------------------
 
@@ -163,7 +165,7 @@ class ReadingLedger(Ledger):
 
     # --- reads -------------------------------------------------------------------
 
-    def _call(self) -> _Call:
+    def _call(self) -> LedgerCall:
         """Every call of a read-only ledger is a read (`Ledger._read`)."""
         return self._read()
 
@@ -273,7 +275,7 @@ class ReadingLedger(Ledger):
             self._closed = True
             self._stopping.set()
             self._state.wait_for(lambda: not self._calls, timeout=self.timeout_s)
-        _OPEN.discard(self)
+        OPEN_LEDGERS.discard(self)
         self._journal.close()
 
     def __repr__(self) -> str:

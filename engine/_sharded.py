@@ -73,7 +73,8 @@ from coordinator import (
 
 from engine import _ray
 from engine._history import check_count
-from engine._ledger import Ledger, check_page, check_timeout_s, checked_accounts
+from engine._checks import check_page, check_timeout_s, checked_accounts
+from engine._ledger import Ledger
 from engine._crossing import Router, checked_request, unknown_source
 from engine._placement import (
     SEPARATOR,
