@@ -36,7 +36,7 @@ class TurnBatch:
     def __init__(self, coordinator: Coordinator, requests: list[Request], timeout_s: float) -> None:
         """`requests` is the batch's own list: validation replaces a subclass's item in it with
         the plain request it checked. Posts and voids (`Resolution`) may be among them (for
-        `engine._shard`); `Ledger.transfer_many` passes transfers only."""
+        `engine._shard_steps`); `Ledger.transfer_many` passes transfers only."""
         self._coordinator = coordinator
         self._requests = requests
         self._deadline = time.monotonic() + timeout_s

@@ -1,11 +1,11 @@
 """The router of a sharded ledger: where each account lives, and transfers across shards.
 
 A cross-shard transfer `T` from `s` (on shard a) to `d` (on shard b) runs in three steps
-(correspondent banking; `engine._shard` runs each):
+(correspondent banking; `engine._shard_steps` runs each):
 
 1. prepare, on a: the pending transfer `T`, `s` -> `clearing_to(b)`, with the user's amount,
    code and reference, and as metadata the destination `d` and a digest of the user's metadata
-   under reserved keys (`engine._shard.prepare_row`): the debit is decided and held, durably;
+   under reserved keys (`engine._shard_steps.prepare_row`): the debit is decided and held, durably;
 2. credit, on b: `T\\x1fcredit`, `clearing_from(a)` -> `d` (the clearing account has no limit),
    with the user's code, reference and metadata: the durable record of the user's metadata;
 3. post, on a: `T\\x1fpost` posts `T`. The transfer is acknowledged once the post is durable,
@@ -17,7 +17,7 @@ Every step is idempotent by its id, so a retry of `T` from any caller runs the s
 gets the same outcome. One that differs in any field gets `IdempotencyConflict` from the
 prepare, whose ledger compares every field with the pending transfer it keeps: the destination
 and the metadata too, through the prepare's metadata, so also after a caller died between the
-steps (restated with the user's names, `engine._shard.restated`, also when the retry names an
+steps (restated with the user's names, `engine._shard_steps.restated`, also when the retry names an
 account on the source's shard and so comes as a local transfer). Nothing changes, and the
 credit is never sent.
 
@@ -71,7 +71,7 @@ from engine._placement import (
     shard_of,
 )
 from engine._ray import gather
-from engine._shard import Doubt, credit_row, prepare_row, restated
+from engine._shard_steps import Doubt, credit_row, prepare_row, restated
 from engine._wire import Row, outcomes_of, pack, request_row, unpack
 
 Gather = Callable[[Sequence[Any], float], list[Any]]

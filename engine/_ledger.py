@@ -388,7 +388,7 @@ class Ledger(LedgerReads):
 
     def _decide_many(self, requests: Sequence[TransferRequest | Resolution]) -> list[Transfer | LedgerError]:
         """`transfer_many` whose items may also be posts and voids (`Resolution`), decided in
-        one batch (engine-internal: `engine._shard` posts a batch's cross-shard transfers so)."""
+        one batch (engine-internal: `engine._shard_steps` posts a batch's cross-shard transfers so)."""
         with self._call():
             return self._coordinator.transfer_many(list(requests), self.timeout_s)
 

@@ -20,7 +20,7 @@ credit's names the source's shard too, `credit_id`). A prepare's metadata is the
 under keys that start with `SEPARATOR` too: `DESTINATION_KEY` (the user's destination) and
 `METADATA_DIGEST_KEY` (a digest of the user's metadata, when given), so that the prepare's own
 idempotency check refuses a retry that names another destination or other metadata
-(`engine._shard.prepare_row`).
+(`engine._shard_steps.prepare_row`).
 """
 
 from __future__ import annotations

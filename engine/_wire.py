@@ -13,7 +13,7 @@ a `LedgerError` is its pickle (bytes).
 
 Rows: a request `(id, source, destination, amount, code, reference, metadata, pending,
 timeout_s)`, a prepare `(None, id, source, peer, amount, code, reference, metadata)` (its
-metadata the protocol's: `engine._shard.prepare_row`), a credit (`engine._shard.credit_row`),
+metadata the protocol's: `engine._shard_steps.prepare_row`), a credit (`engine._shard_steps.credit_row`),
 and a transfer the 13 fields of `Transfer` in order; metadata as a plain dict or None.
 """
 

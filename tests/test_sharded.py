@@ -48,7 +48,9 @@ from engine import (
 from engine import _ray as ray_calls
 from engine import _shard as shard_module
 from engine._placement import DESTINATION_KEY, METADATA_DIGEST_KEY, shard_of
-from engine._shard import Shard, _InFlight, metadata_digest, prepare_row
+from engine._in_flight import InFlight
+from engine._shard import Shard
+from engine._shard_steps import metadata_digest, prepare_row
 from engine._wire import outcomes_of, pack, unpack
 from tests.support import wait_until
 from tests.sharded_support import SHARDS, ClockOffsetBy, accounts_on, books, ray_for_module
@@ -893,7 +895,7 @@ def _unknown(_: str) -> None:
 
 
 def test_a_shard_keeps_a_users_post_or_void_apart_from_a_prepare_of_its_id_and_no_other() -> None:
-    in_flight = _InFlight()
+    in_flight = InFlight()
     with in_flight.preparing(["T-1", "T-2"], _unknown, 1.0) as busy:  # a batch deciding two prepares
         assert busy == set()
         with pytest.raises(LedgerTimeout, match="T-1"), in_flight.resolving("T-1", "V-1", _unknown, 0.05):
@@ -921,7 +923,7 @@ def test_a_ledger_call_that_timed_out_keeps_its_ids_in_flight_until_the_ledger_h
     """`LedgerTimeout` from the ledger: the call may be decided yet. A post of a prepare's id
     waits for the prepare's outcome, also a post that was waiting when the batch timed out; a
     prepare of a post's pending id waits for the post's outcome."""
-    in_flight = _InFlight()
+    in_flight = InFlight()
     known: set[str] = set()
 
     def outcome(transfer_id: str) -> object:

@@ -1,4 +1,4 @@
-"""Cross-shard transfers under failure (engine._crossing, engine._shard): in-doubt recovery with a
+"""Cross-shard transfers under failure (engine._crossing, engine._shard_steps): in-doubt recovery with a
 fenced presumed abort, retries from two callers at once, conservation under concurrent load, and
 SIGKILL of a shard's process and of the caller mid-load, then every acknowledged transfer
 present, nothing left in doubt, and every shard's `tally verify` whole. One real Ray (local,
@@ -31,7 +31,7 @@ from engine import (
     Transfer,
     TransferRequest,
 )
-from engine._shard import credit_row, prepare_row
+from engine._shard_steps import credit_row, prepare_row
 from engine._wire import outcomes_of, pack, unpack
 from tests.sharded_support import SHARDS, ClockFailingIn, accounts_on, books, poll, ray_for_module, shard_dirs
 from tests.test_cli import tally_json
