@@ -39,7 +39,7 @@ RESEND_WAIT_S = 60.0
 """No resend starts later than this after the first round began (each is bounded by its own call)."""
 
 UNANSWERED = "server_unreachable"
-"""The code of a request no server answered (`engine._remote.ServerUnreachable`): counted apart,
+"""The code of a request no server answered (`engine._remote_replies.ServerUnreachable`): counted apart,
 in neither the rate nor the latencies."""
 
 Outcome = Any
@@ -126,7 +126,7 @@ def learn_outcomes(ledger: Any, replies: Replies) -> None:
 def _record_reply(replies: Replies, op: Op, outcome: Outcome, resent: bool = False) -> None:
     """Record what `op` was told (`resent`: by a resend, `learn_outcomes`)."""
     first = outcome[0] if op.kind == "pending" else outcome
-    if getattr(first, "nothing_sent", False):  # no connection (`engine._remote.NotSent`)
+    if getattr(first, "nothing_sent", False):  # no connection (`engine._remote_replies.NotSent`)
         if resent:  # the first try's reply was lost: it may have landed, and this one tells nothing
             replies.unknown.append(op)
         return  # its first try: nothing was written, so nothing to learn (a server down a while leaves

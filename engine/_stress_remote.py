@@ -41,7 +41,7 @@ def run_remote_stress(config: StressConfig, token: str | None = None, progress: 
     """Run the workload at the `tally serve` at `config.url` and audit what the run made; blocks
     until both are done. Nothing is closed or reopened: the server's state hash is not read.
 
-    Raises `engine._remote.ServerUnreachable` (or `UnexpectedReply`, e.g. a 401) if the server
+    Raises `engine._remote_replies.ServerUnreachable` (or `UnexpectedReply`, e.g. a 401) if the server
     does not answer the first read as its contract says; a fault met later fails the verdict.
     """
     from engine._remote import REMOTE_CONNECTIONS_DEFAULT, RemoteLedger  # httpx: only when a run starts

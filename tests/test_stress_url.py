@@ -36,7 +36,8 @@ from engine import (
     TransferRequest,
 )
 from engine._auditor import CHECK_EXPLAINED, CHECK_PRESENT
-from engine._remote import RemoteLedger, ServerOverloaded, UnexpectedReply
+from engine._remote import RemoteLedger
+from engine._remote_replies import ServerOverloaded, UnexpectedReply
 from engine._stress import StressConfig
 from engine._stress_remote import CHECK_ACCOUNTS, CHECK_CONTRACT, run_remote_stress
 
@@ -520,7 +521,7 @@ def test_a_request_no_connection_could_carry_is_not_sent_and_not_one_to_learn() 
     left tens of thousands, whose resends one by one outlasted the run's wait and failed it);
     one whose reply was lost is."""
     from engine._auditor import Replies
-    from engine._remote import NotSent, ServerUnreachable
+    from engine._remote_replies import NotSent, ServerUnreachable
     from engine._sending import _record_reply
     from engine._workload import Op
 
@@ -541,7 +542,7 @@ def test_a_resend_no_connection_could_carry_leaves_the_outcome_unknown(monkeypat
     """A request whose first reply was lost may have landed: a resend that meets a server still
     down (no connection: `NotSent`) tells nothing of it, and it stays one to learn."""
     from engine._auditor import Replies
-    from engine._remote import NotSent, ServerUnreachable
+    from engine._remote_replies import NotSent, ServerUnreachable
     from engine._sending import _record_reply, learn_outcomes
     from engine._workload import Op
 
