@@ -6,7 +6,7 @@ Each run is a process of its own: a ledger of 10,000 funded accounts, then `--tr
 transfers in `transfer_many` batches of 1,000, and `--singles` single transfers from
 `--clients` threads. A run without the chain frames its records as the chained format does
 but keeps the digest of the record before (`frame_all` with the SHA-256 left out, patched into
-the journal writer of that process only): everything else is the same code. Chained and
+the journal writer's group commit, `journal._commits`, of that process only): everything else is the same code. Chained and
 unchained runs alternate, in turn ABBA, so drift falls on both; the figures are the medians of
 the paired ratios chained / unchained, with their range, for the rate and for the process's
 CPU per transfer. Issue 15's budget: the rates drop by at most 5%.
@@ -53,10 +53,10 @@ def child(chained: bool, transfers: int, clients: int, singles: int) -> dict[str
     from bench_engine import TallyBench, run_clients, workload
 
     from engine import TransferRequest
-    from journal import _writer
+    from journal import _commits
 
     if not chained:
-        _writer.frame_all = unchained  # type: ignore[assignment]
+        _commits.frame_all = unchained  # type: ignore[assignment]
     result: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="tally-bench-", dir=os.environ.get("TALLY_BENCH_DIR")) as scratch:
         tally = TallyBench(os.path.join(scratch, "tally"), ACCOUNTS)

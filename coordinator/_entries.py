@@ -250,7 +250,7 @@ def with_unindexed(indexed: list[Row], unindexed: Iterable[Row], start: bytes, l
 class Joined:
     """Accounts' rows read one after another as the journal writer takes index entries,
     flat (key, value, key, value...), without being copied into one list (see
-    `journal._writer._put_all` for what one young list of them all would cost). The rows'
+    `journal._commits.put_all` for what one young list of them all would cost). The rows'
     parts are not changed while it is read (a checkpoint carries them)."""
 
     __slots__ = ("_parts", "_length")

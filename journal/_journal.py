@@ -39,7 +39,8 @@ from journal._check import check_records, check_to_seal
 from journal._names import DATA_FILE, RECORDS_DB
 from journal._seal import SEAL_FILE, write_seal
 from journal._store import Store, os_error
-from journal._writer import Behind, IndexPut, IndexPuts, Writer
+from journal._commits import Behind, IndexPut, IndexPuts
+from journal._writer import Writer
 
 logger = logging.getLogger("tally.journal")
 

@@ -84,8 +84,9 @@ import json, random, sys, threading
 from engine import InsufficientFunds, Ledger, LinkedTransferFailed, PendingTransferExpired, TransferRequest
 
 path, threads, per_thread, interval = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-import journal._writer
-journal._writer.BEHIND_PAIRS_MIN = 8  # a checkpoint's entries in slices of a few, over many group commits
+import journal._commits
+assert "BEHIND_PAIRS_MIN" in vars(journal._commits)  # read there; moved, this fails (a plain assignment would not)
+journal._commits.BEHIND_PAIRS_MIN = 8  # a checkpoint's entries in slices of a few, over many group commits
 
 chains_wanted, expiries_wanted = int(sys.argv[5]), int(sys.argv[6])
 accounts = [f"acct-{n}" for n in range(8)]

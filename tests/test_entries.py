@@ -22,6 +22,7 @@ from coordinator._records import (
     is_entry_key,
     lsn_value,
 )
+import journal._commits as journal_commits
 import journal._writer as journal_writer
 from engine import Entry, InsufficientFunds, JournalCorrupted, Ledger, LedgerUnavailable, Transfer, TransferRequest
 from engine._tools_read import balance, history
@@ -357,7 +358,7 @@ def test_entries_waiting_in_memory_bring_a_checkpoint_whatever_the_interval(
 def test_a_checkpoints_entries_go_to_the_index_behind_it_in_slices_and_every_reader_sees_them_all_meanwhile(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(journal_writer, "BEHIND_PAIRS_MIN", 4)  # a few a group commit: many commits a checkpoint
+    monkeypatch.setattr(journal_commits, "BEHIND_PAIRS_MIN", 4)  # a few a group commit: many commits a checkpoint
     rng = random.Random(11)
     behind_seen = 0
     with Ledger.open(tmp_path / "reference", checkpoint_interval=10**6) as reference, \

@@ -24,7 +24,7 @@ from journal import (
     lsn_key,
 )
 from journal._limits import READ_CHUNK_RECORDS
-from journal._writer import _put_all
+from journal._commits import put_all
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 10.0
@@ -512,9 +512,9 @@ def test_writing_records_out_of_key_order_fails_instead_of_skipping_one(tmp_path
     try:
         db = env.open_db(b"records")
         with env.begin(write=True) as txn:
-            _put_all(txn, db, [[lsn_key(1), b"one"], [lsn_key(3), b"three"]], append=True)
+            put_all(txn, db, [[lsn_key(1), b"one"], [lsn_key(3), b"three"]], append=True)
         with env.begin(write=True) as txn, pytest.raises(lmdb.Error, match="wrote 1 of 2"):
-            _put_all(txn, db, [[lsn_key(4), b"four", lsn_key(2), b"two"]], append=True)
+            put_all(txn, db, [[lsn_key(4), b"four", lsn_key(2), b"two"]], append=True)
     finally:
         env.close()
 

@@ -38,7 +38,7 @@ from engine import (
 from engine import _tools_audit
 from journal import ANCHOR_FILE, FORMAT_VERSION, Journal, JournalCorruptedError, JournalNotFoundError
 from coordinator import CHECK_FILE
-import journal._writer as journal_writer
+import journal._commits as journal_commits
 from journal import _store
 from journal._errors import JournalLockedError
 from journal._seal import SEAL_FILE
@@ -523,7 +523,7 @@ def test_a_ledger_whose_directory_is_removed_while_open_acknowledges_nothing_mor
 ) -> None:
     """Its commits would land in files no path reaches, gone when the process ends. (A commit
     looks every `DATA_FILE_LOOK_S`; here every commit does.)"""
-    monkeypatch.setattr(journal_writer, "DATA_FILE_LOOK_S", 0.0)
+    monkeypatch.setattr(journal_commits, "DATA_FILE_LOOK_S", 0.0)
     path = tmp_path / "ledger"
     ledger = Ledger.open(path)
     try:
@@ -634,7 +634,7 @@ def test_a_ledger_moved_away_while_open_leaves_the_one_now_at_its_path_alone(
     """Closing it sealed by path: the seal of another ledger made at the old path was removed
     and rewritten (and a clean ledger was logged as damaged). A write after the move fails
     the journal, so its close seals nothing anyway; without one, the close itself must look."""
-    monkeypatch.setattr(journal_writer, "DATA_FILE_LOOK_S", 0.0)
+    monkeypatch.setattr(journal_commits, "DATA_FILE_LOOK_S", 0.0)
     path, moved = tmp_path / "ledger", tmp_path / "moved"
     first = Ledger.open(path)
     try:
@@ -1395,8 +1395,8 @@ def test_the_reader_slot_of_a_process_killed_while_reading_is_cleared(
             reader.wait(30)
             assert f"{reader.pid} " in ledger._journal._store.env.readers()  # left behind
             if cleared_by == "the writer, as it commits":
-                monkeypatch.setattr(journal_writer, "READER_CHECK_S", 0.0)
-                monkeypatch.setattr(journal_writer, "DATA_FILE_LOOK_S", 0.0)
+                monkeypatch.setattr(journal_commits, "READER_CHECK_S", 0.0)
+                monkeypatch.setattr(journal_commits, "DATA_FILE_LOOK_S", 0.0)
                 ledger._journal._writer._readers_checked_at = 0.0  # type: ignore[union-attr]
                 ledger.transfer("t", source="bank", destination="a", amount=1)
                 assert f"{reader.pid} " not in ledger._journal._store.env.readers()
@@ -1427,8 +1427,8 @@ def test_a_writer_clears_the_slot_of_a_reader_that_is_gone_and_only_that(
             if gone:
                 reader.kill()
                 assert wait_until(lambda: _proc_state(reader.pid) == "Z")
-            monkeypatch.setattr(journal_writer, "READER_CHECK_S", 0.0)
-            monkeypatch.setattr(journal_writer, "DATA_FILE_LOOK_S", 0.0)
+            monkeypatch.setattr(journal_commits, "READER_CHECK_S", 0.0)
+            monkeypatch.setattr(journal_commits, "DATA_FILE_LOOK_S", 0.0)
             ledger._journal._writer._readers_checked_at = 0.0  # type: ignore[union-attr]
             ledger._journal._writer._look_at = 0.0  # type: ignore[union-attr]  # (where the check once ran)
             for n in range(3):
