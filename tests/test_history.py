@@ -697,10 +697,10 @@ def test_a_point_in_time_balance_after_a_partial_post_shows_the_whole_hold_relea
 def paused(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The calls between two chunks of a read that a `Ledger` makes (`journal._chunks.Pause`),
     counted by the name of the thread that made them, instead of made."""
-    import journal._journal
+    import journal._journal_reads
 
     made: list[str] = []
-    monkeypatch.setattr(journal._journal, "Pause", lambda: lambda: made.append(threading.current_thread().name))
+    monkeypatch.setattr(journal._journal_reads, "Pause", lambda: lambda: made.append(threading.current_thread().name))
     return made
 
 
