@@ -257,9 +257,12 @@ def _shown_client(client: Any) -> str:
 def _bounded_head_protocol() -> Any:
     """uvicorn's httptools protocol, answering 431 and closing the connection once a request's
     head has taken more than `HEAD_BYTES_MAX` bytes (counted by the chunks read while it is
-    incomplete: at most one chunk more). Without httptools, uvicorn's h11 protocol, which bounds
-    a head itself (16 KiB, `h11_max_incomplete_event_size`; a plain-text 400 beyond it). It
-    overrides three of the protocol's methods, each calling the original first."""
+    incomplete: at most one chunk more, or two when the head began in a chunk that also held
+    an earlier request of the connection, a pipelined one: that chunk's share of it is unknown,
+    and the earlier request's bytes are never counted as this head's). Without httptools,
+    uvicorn's h11 protocol, which bounds a head itself (16 KiB, `h11_max_incomplete_event_size`;
+    a plain-text 400 beyond it). It overrides four of the protocol's methods, each calling the
+    original first."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
@@ -275,22 +278,36 @@ def _bounded_head_protocol() -> Any:
     class BoundedHead(HttpToolsProtocol):
         in_head = False
         """A request's head has begun and is not whole yet."""
+        between = True
+        """No request is being read: the next byte begins one (or is a stray line break)."""
+        heads_begun = 0
+        """The heads begun on this connection: tells whether one began inside a chunk."""
         head_bytes = 0
         """The bytes read since it began."""
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self.in_head, self.head_bytes = True, 0
+            self.in_head, self.between, self.head_bytes = True, False, 0
+            self.heads_begun += 1
 
         def on_headers_complete(self) -> None:
             self.in_head = False
             super().on_headers_complete()
 
+        def on_message_complete(self) -> None:
+            self.between = True
+            super().on_message_complete()
+
         def data_received(self, data: bytes) -> None:
+            # Whether every byte of `data` is the head read at its end: the chunk began in it,
+            # or between two requests and began only it. Else an earlier request (its head's
+            # end, its body) came first in the chunk: the head's share is then not counted.
+            began_in, began_between, begun = self.in_head, self.between, self.heads_begun
             super().data_received(data)
             if not self.in_head:
                 return
-            self.head_bytes += len(data)
+            if self.heads_begun == begun + (0 if began_in else 1) and (began_in or began_between):
+                self.head_bytes += len(data)
             if self.head_bytes > HEAD_BYTES_MAX and not self.transport.is_closing():
                 self.in_head = False
                 self.transport.write(refusal)

@@ -606,6 +606,25 @@ def test_a_request_head_over_the_limit_is_431_and_closed_not_buffered_without_en
     assert client.get("/health", headers=fillers).status_code == 200
 
 
+def test_a_pipelined_request_does_not_count_the_head_before_it_toward_its_own(server: Server) -> None:
+    """Two heads, each under `HEAD_BYTES_MAX` but together over it, sent at once: the first
+    (whole) and the start of the second arrive in one chunk. The second's bound counts its own
+    bytes, not the chunk's: both are served, in order (it was a 431, closing the connection,
+    for a client that had sent nothing over the limit, and the first request went unanswered)."""
+    host, port = httpx.URL(server.url).host, httpx.URL(server.url).port
+    assert port is not None
+    first = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"f" * (HEAD_BYTES_MAX - 4096) + b"\r\n\r\n"
+    second = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Filler: " + b"g" * 8192
+    with socket.create_connection((host, port), timeout=HTTP_TIMEOUT_S) as connection:
+        connection.sendall(first + second)
+        answer = connection.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        connection.sendall(b"\r\n\r\n")
+        while chunk := connection.recv(65536):
+            answer += chunk
+    assert answer.count(b"HTTP/1.1 200 ") == 2, answer[:400]
+
+
 def test_the_server_uses_only_the_public_names_of_engine() -> None:
     """It is the reference host: what it does, any host can do with `from engine import ...`."""
     import ast
