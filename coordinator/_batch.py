@@ -180,7 +180,9 @@ class Batch:
         for result in self._results:  # a ticket found stamped may still fail to be journaled: wait for it
             if type(result) is Ticket and not result.done and not result.wait(self._remaining()):
                 raise LedgerTimeout(f"transfer {result.request.id!r} is not durable yet; retry with the same ids")
-        lsns = [lsn_of(result) for result in self._results]
+        # A ticket the journal failed (closed, say, under a batch cut short) may carry the LSN it
+        # was stamped at, which will never be durable: its item answers its error, unwaited.
+        lsns = [lsn_of(result) for result in self._results if type(result) is not Ticket or result.error is None]
         journal.wait_durable(max(lsns, default=0), self._remaining())
         for ticket in self._fresh:
             if ticket.wait(self._remaining()):

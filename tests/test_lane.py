@@ -361,3 +361,34 @@ def test_a_batch_of_several_parts_the_closing_journal_cut_short_answers_each_req
     with Ledger.open(ledger_path) as reopened:
         assert [reopened.outcome(f"m-{k}") for k in range(10)] == results[:4] + [None] * 6
     assert verify(str(ledger_path))["verdict"] == "whole"
+
+
+def test_a_batch_the_closing_journal_cut_short_in_the_mailboxes_answers_each_request_at_once(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mailbox path of a batch (its turns could not be taken) cut short by the journal
+    closing under it: the transfers started before are durable, the rest `LedgerClosed`, each
+    answered as the journal made it. A ticket the closed journal failed was stamped at an LSN
+    that will never be durable; the batch waited for it its whole `timeout_s` and then raised
+    `LedgerTimeout` for everything."""
+    ledger = Ledger.open(ledger_path, timeout_s=10.0)
+    try:
+        _funded(ledger)
+        monkeypatch.setattr(_coordinator.TurnBatch, "run", lambda self: None)  # the turns were busy
+        real_start = _coordinator.Coordinator.start
+        started = []
+
+        def closing_at_the_sixth(self: _coordinator.Coordinator, ticket: Any) -> None:
+            started.append(ticket)
+            if len(started) == 6:
+                ledger._journal.close()  # what `Ledger.close` does once its wait for calls runs out
+            real_start(self, ticket)
+
+        monkeypatch.setattr(_coordinator.Coordinator, "start", closing_at_the_sixth)
+        results = ledger.transfer_many(_batch(10))
+    finally:
+        ledger.close()
+    assert [type(result) for result in results] == [Transfer] * 5 + [LedgerClosed] * 5
+    with Ledger.open(ledger_path) as reopened:
+        assert [reopened.outcome(f"m-{k}") for k in range(10)] == results[:5] + [None] * 5
+    assert verify(str(ledger_path))["verdict"] == "whole"
