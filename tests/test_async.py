@@ -351,6 +351,37 @@ def test_a_close_from_a_foreign_loop_is_refused_while_its_own_loop_lives_and_pro
         assert reopened.outcome("t3") is None
 
 
+def test_a_close_its_loop_ended_before_it_closed_the_ledger_is_finished_by_a_close_on_another_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ledger's loop ends (`asyncio.run` returns, cancelling what runs) while its close
+    waits for a write to settle: that close never reached `Ledger.close`. A close on a new
+    loop closes the ledger; it raised the old close's `CancelledError` at once, the ledger
+    left open and its directory locked for the life of the process."""
+    with asyncio.Runner() as own:
+        async def opened() -> AsyncLedger:
+            ledger = await AsyncLedger.open(tmp_path / "l", timeout_s=5)
+            await funded(ledger, accounts=1)
+            return ledger
+
+        ledger = own.run(opened())
+        at_its_bound(ledger, monkeypatch)  # the write stays in the outbox, unsettled
+
+        async def closing_behind_a_write() -> None:  # the loop ends while close waits for the write
+            asyncio.ensure_future(ledger.transfer("t", source="bank", destination="a0", amount=1))
+            asyncio.ensure_future(ledger.close())
+            while ledger._settled is None:
+                await asyncio.sleep(0)
+
+        own.run(closing_behind_a_write())
+    assert ledger._closing is not None and ledger._closing.cancelled()
+    assert not ledger.closed
+    asyncio.run(asyncio.wait_for(ledger.close(), 10))
+    assert ledger.closed
+    with Ledger.open(tmp_path / "l") as reopened:
+        assert reopened.balance("a0").posted == 1_000
+        assert reopened.outcome("t") is None
+
+
 def test_an_open_cancelled_while_the_ledger_opens_leaves_it_closed_not_locked(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`asyncio.wait_for(AsyncLedger.open(p), 5)` on a ledger slow to recover: the open goes on
