@@ -60,9 +60,6 @@ from engine._runtime import Dispatcher
 
 ACTORS_LIVE_MAX_DEFAULT = 65_536
 DISPATCHER_THREADS_DEFAULT = 1
-CLOSE_WAITS = 4
-"""The waits of `timeout_s` a close makes at most (for the calls under way, the expirer, the
-checkpoint, the writer's drain): how long a second close waits for the first to end."""
 
 logger = logging.getLogger("tally.engine")
 
@@ -95,6 +92,8 @@ class Ledger(LedgerReads):
             self._closed = False
             self._shut = threading.Event()
             """Set once `close` has closed the journal (or failed to): a second close waits for it."""
+            self._closer: threading.Thread | None = None
+            """The thread of the first `close`, while and after it runs (see `_await_closed`)."""
             self._forked_from: int | None = None
             """Set in a child made by `fork()`: the process that opened this ledger (`_after_fork`)."""
             _, expired_at = self._coordinator.expire_due()  # what expired while it was closed, before any call sees it
@@ -408,20 +407,36 @@ class Ledger(LedgerReads):
         seals what it checked, so the next open of those bytes need not (README.md,
         "Damage"): about half a microsecond a B-tree node, seconds for a million accounts.
         A close made while another thread closes the ledger returns once that one has
-        (`LedgerTimeout` if it has not within `CLOSE_WAITS` x `timeout_s`)."""
+        (`_await_closed`)."""
         with self._state:
             closing = self._closed
             if not closing:
-                self._closed = True
+                self._closed, self._closer = True, threading.current_thread()
                 self._state.wait_for(lambda: not self._calls, timeout=self.timeout_s)
         if closing:
-            if self._forked_from is None and not self._shut.wait(CLOSE_WAITS * self.timeout_s):
-                raise LedgerTimeout(f"the ledger at {self.path} is still being closed by another call to close")
+            self._await_closed()
             return
         try:
             self._shut_down()
         finally:
             self._shut.set()
+
+    def _await_closed(self) -> None:
+        """A second `close`: return once the first has closed the ledger. It waits a `timeout_s`
+        at a time for as long as the first close's thread lives: that close's waits are each
+        bounded, but its work grows with the ledger (a checkpoint of every account, the walk of
+        the pages it seals), so no multiple of `timeout_s` bounds it (a second close that gave
+        up at one raised `LedgerTimeout` with the directory still held: a reopen right after
+        it was `LedgerLocked`). `LedgerTimeout` if that thread is gone and never finished. A
+        close on the closing thread itself (a signal handler's, a finalizer's) returns at
+        once: it cannot wait for itself. In a child made by `fork()`, nothing is closed here."""
+        closer = self._closer
+        if self._forked_from is not None or closer is None or closer is threading.current_thread():
+            return
+        while not self._shut.wait(self.timeout_s):
+            if not closer.is_alive() and not self._shut.is_set():
+                raise LedgerTimeout(f"the ledger at {self.path} is still being closed: the thread closing it "
+                                    f"({closer.name}) ended without finishing")
 
     def _shut_down(self) -> None:
         """`close` once the calls under way are done (or its wait for them ran out)."""

@@ -567,6 +567,64 @@ def test_a_close_made_while_another_thread_closes_returns_once_the_ledger_is_clo
         first.join(30.0)
 
 
+def test_a_close_made_while_another_thread_closes_waits_for_it_however_long_its_work_takes(
+        ledger_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first close's work grows with the ledger, not with `timeout_s`: with 300,000 accounts
+    and `timeout_s=0.1` it took 0.95 s, and a second close gave up at 4 x `timeout_s` with
+    `LedgerTimeout`, the directory still held (a reopen right after it: `LedgerLocked`). Here
+    the first close's seal lasts until the second close has waited six `timeout_s` (or has
+    given up): the second returns once the ledger is closed, and a reopen finds the books."""
+    from journal import _journal
+
+    ledger = Ledger.open(ledger_path, timeout_s=0.05)
+    ledger.create_account("alice", currency="USD")
+    changed = threading.Condition()
+    waits: list[object] = []
+    second_done = threading.Event()
+
+    class CountedShut(threading.Event):  # the second close's waits for the first, counted
+        def wait(self, timeout: float | None = None) -> bool:
+            with changed:
+                waits.append(timeout)
+                changed.notify_all()
+            return super().wait(timeout)
+
+    ledger._shut = CountedShut()
+    real_check_to_seal = _journal.check_to_seal
+
+    def long_seal(*args: Any) -> Any:  # a large ledger's walk
+        with changed:
+            changed.wait_for(lambda: len(waits) >= 6 or second_done.is_set(), timeout=30.0)
+        return real_check_to_seal(*args)
+
+    monkeypatch.setattr(_journal, "check_to_seal", long_seal)
+    first = threading.Thread(target=ledger.close)
+    first.start()
+    outcome: list[BaseException | None] = []
+
+    def second_close() -> None:
+        try:
+            ledger.close()
+            outcome.append(None)
+        except LedgerError as error:
+            outcome.append(error)
+        finally:
+            second_done.set()
+            with changed:
+                changed.notify_all()
+
+    try:
+        assert wait_until(lambda: ledger.closed)
+        second = threading.Thread(target=second_close)
+        second.start()
+        second.join(30.0)
+        assert outcome == [None]
+        with Ledger.open(ledger_path) as reopened:
+            assert reopened.accounts() == [Account("alice", "USD", 0)]
+    finally:
+        first.join(30.0)
+
+
 # --- AccountExists ---------------------------------------------------------------
 
 
