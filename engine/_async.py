@@ -257,11 +257,12 @@ class AsyncLedger(LoopWrites, LoopFollowing):
         if asyncio.get_running_loop() is not self._loop and not self._loop.is_closed():
             raise InvalidRequest("an AsyncLedger is bound to the event loop that opened it: close it there")
         closing = self._closing
-        if closing is None or (self._loop.is_closed() and closing.get_loop() is self._loop and (
+        if closing is None or (self._loop.is_closed() and closing.get_loop().is_closed() and (
                 not closing.done() or closing.cancelled())):
             # (A close begun on a loop now closed, that loop's end cancelled or left pending: it
             # may never have reached `Ledger.close`, and nothing will finish it. This one does;
-            # a `Ledger.close` that close had begun is waited for by this one's.)
+            # a `Ledger.close` that close had begun is waited for by this one's. That loop may
+            # be the ledger's own or one that closed it after it, itself ended since.)
             self._closing = closing = asyncio.ensure_future(self._close())
         await asyncio.shield(closing)
 

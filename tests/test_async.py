@@ -382,6 +382,43 @@ def test_a_close_its_loop_ended_before_it_closed_the_ledger_is_finished_by_a_clo
         assert reopened.outcome("t") is None
 
 
+def test_a_close_whose_second_loop_ended_during_it_is_finished_by_a_close_on_a_third_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ledger's loop is closed; a close on a second loop has begun `Ledger.close` when that
+    loop ends too (its caller gave up waiting; `asyncio.run` returning cancels the close and
+    waits for its thread). A close on a third loop returns, the ledger closed: it raised
+    the second close's `CancelledError` at once, into a caller nobody cancelled (only a close
+    begun on the ledger's own loop was begun again)."""
+    own = asyncio.new_event_loop()
+    ledger = own.run_until_complete(AsyncLedger.open(tmp_path / "l", timeout_s=5))
+    own.close()
+    entered, cancelled = threading.Event(), threading.Event()
+    real_close, real_shutdown = ledger._ledger.close, ledger._decider.shutdown
+
+    def held_close() -> None:  # `Ledger.close`, on its thread, until the second loop's close is cancelled
+        entered.set()
+        assert cancelled.wait(10)
+        real_close()
+
+    def noted_shutdown(wait: bool = True) -> None:  # the close's `finally`: it was cancelled
+        cancelled.set()
+        real_shutdown(wait=wait)
+
+    monkeypatch.setattr(ledger._ledger, "close", held_close)
+    monkeypatch.setattr(ledger._decider, "shutdown", noted_shutdown)
+
+    async def on_a_second_loop() -> None:
+        asyncio.ensure_future(ledger.close())  # its caller gave up waiting
+        await asyncio.to_thread(entered.wait, 10)
+
+    asyncio.run(on_a_second_loop())  # its end cancels the close, and waits for `Ledger.close`
+    assert ledger._closing is not None and ledger._closing.cancelled()
+    asyncio.run(asyncio.wait_for(ledger.close(), 10))
+    assert ledger.closed
+    with Ledger.open(tmp_path / "l"):
+        pass
+
+
 def test_an_open_cancelled_while_the_ledger_opens_leaves_it_closed_not_locked(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`asyncio.wait_for(AsyncLedger.open(p), 5)` on a ledger slow to recover: the open goes on
