@@ -409,10 +409,16 @@ class Ledger(LedgerReads):
         A close made while another thread closes the ledger returns once that one has
         (`_await_closed`)."""
         with self._state:
-            closing = self._closed
+            # (closed with no closer: a close that gave up before its shut-down, whose place
+            # this one takes, or a child's after `fork()`, which `_await_closed` returns from)
+            closing = self._closed and (self._closer is not None or self._forked_from is not None)
             if not closing:
                 self._closed, self._closer = True, threading.current_thread()
-                self._state.wait_for(lambda: not self._calls, timeout=self.timeout_s)
+                try:
+                    self._state.wait_for(lambda: not self._calls, timeout=self.timeout_s)
+                except BaseException:  # an interrupt: its thread lives on, not closing; the next close does
+                    self._closer = None
+                    raise
         if closing:
             self._await_closed()
             return
@@ -427,7 +433,9 @@ class Ledger(LedgerReads):
         bounded, but its work grows with the ledger (a checkpoint of every account, the walk of
         the pages it seals), so no multiple of `timeout_s` bounds it (a second close that gave
         up at one raised `LedgerTimeout` with the directory still held: a reopen right after
-        it was `LedgerLocked`). `LedgerTimeout` if that thread is gone and never finished. A
+        it was `LedgerLocked`). `LedgerTimeout` if that thread is gone and never finished (a
+        first close an interrupt took out of its wait for the calls leaves no closer: the next
+        close closes the ledger itself, instead of waiting on a thread that lives on). A
         close on the closing thread itself (a signal handler's, a finalizer's) returns at
         once: it cannot wait for itself. In a child made by `fork()`, nothing is closed here."""
         closer = self._closer

@@ -625,6 +625,76 @@ def test_a_close_made_while_another_thread_closes_waits_for_it_however_long_its_
         first.join(30.0)
 
 
+def test_a_close_made_after_an_interrupted_close_closes_the_ledger_though_that_thread_lives_on(
+        ledger_path: Path) -> None:
+    """An interrupt lands in the first close's wait for the calls under way, and its thread goes
+    on living (a main thread that caught it), closing nothing: a second close on another thread
+    waited a `timeout_s` at a time for as long as that thread lived (forever, for a main
+    thread), then `LedgerTimeout`, the directory still held. Now the second close closes the
+    ledger itself. The first close's thread lives until the second close has waited six
+    `timeout_s` (or has returned)."""
+    ledger = Ledger.open(ledger_path, timeout_s=0.05)
+    ledger.create_account("alice", currency="USD")
+    changed = threading.Condition()
+    waits: list[object] = []
+    second_done = threading.Event()
+
+    class CountedShut(threading.Event):  # the second close's waits for the first, counted
+        def wait(self, timeout: float | None = None) -> bool:
+            with changed:
+                waits.append(timeout)
+                changed.notify_all()
+            return super().wait(timeout)
+
+    ledger._shut = CountedShut()
+    real_wait_for = ledger._state.wait_for
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:  # once: the first close's wait for the calls
+        ledger._state.wait_for = real_wait_for  # type: ignore[method-assign]
+        raise KeyboardInterrupt
+
+    ledger._state.wait_for = interrupted  # type: ignore[method-assign]
+    interrupts: list[BaseException] = []
+
+    def first_close_then_live_on() -> None:
+        try:
+            ledger.close()
+        except KeyboardInterrupt as interrupt:
+            interrupts.append(interrupt)
+        with changed:
+            changed.wait_for(lambda: len(waits) >= 6 or second_done.is_set(), timeout=30.0)
+
+    first = threading.Thread(target=first_close_then_live_on)
+    first.start()
+    outcome: list[BaseException | None] = []
+
+    def second_close() -> None:
+        try:
+            ledger.close()
+            outcome.append(None)
+        except LedgerError as error:
+            outcome.append(error)
+        finally:
+            second_done.set()
+            with changed:
+                changed.notify_all()
+
+    try:
+        assert wait_until(lambda: interrupts)
+        assert ledger.closed
+        second = threading.Thread(target=second_close)
+        second.start()
+        second.join(30.0)
+        assert outcome == [None]
+        with Ledger.open(ledger_path) as reopened:
+            assert reopened.accounts() == [Account("alice", "USD", 0)]
+    finally:
+        second_done.set()
+        with changed:
+            changed.notify_all()
+        first.join(30.0)
+
+
 # --- AccountExists ---------------------------------------------------------------
 
 
