@@ -34,8 +34,8 @@ from coordinator._errors import AccountNotFound, InvalidRequest, JournalCorrupte
 from coordinator._history import (
     Committed,
     Record,
-    _index_lsn,
     account_of,
+    index_lsn,
     named_record,
     record_at,
     transfer_record,
@@ -147,7 +147,7 @@ def status_at(journal: Journal, transfer: Transfer, lsn: int, txn: Any) -> Trans
     if transfer.kind != "pending":
         return transfer
     key = resolution_key(transfer.id)
-    resolved_at = _index_lsn(journal, key, txn, f"the resolution of {transfer.id!r}")
+    resolved_at = index_lsn(journal, key, txn, f"the resolution of {transfer.id!r}")
     if resolved_at is None or resolved_at > lsn:
         return transfer
     record = named_record(journal, key, resolved_at, txn)

@@ -254,7 +254,7 @@ def last_entry(journal: Journal, account_id: str, unindexed: list[Row] | None, t
 # --- transfer ids -------------------------------------------------------------------------
 
 
-def _index_lsn(journal: Journal, key: bytes, txn: Any, what: str) -> int | None:
+def index_lsn(journal: Journal, key: bytes, txn: Any, what: str) -> int | None:
     value = journal.index_get(TRANSFERS_INDEX, key, txn)
     if value is None:
         return None
@@ -295,7 +295,7 @@ def transfer_record(journal: Journal, tid: str, txn: Any | None = None) -> Commi
         with journal.snapshot() as txn:
             return transfer_record(journal, tid, txn)
     key = id_key(tid)
-    lsn = _index_lsn(journal, key, txn, repr(tid))
+    lsn = index_lsn(journal, key, txn, repr(tid))
     if lsn is None:
         return None
     return named_record(journal, key, lsn, txn)  # type: ignore[return-value]
@@ -312,7 +312,7 @@ def transfer_records(journal: Journal, tids: Sequence[str], txn: Any) -> list[Co
     found: list[Committed | Refused | None] = []
     for tid in tids:
         key = id_key(tid)
-        lsn = _index_lsn(journal, key, txn, repr(tid))
+        lsn = index_lsn(journal, key, txn, repr(tid))
         if lsn is None:
             found.append(None)
             continue
@@ -331,7 +331,7 @@ def resolution_of(journal: Journal, pending_id: str, txn: Any) -> TransferStatus
     """What resolved the pending transfer `pending_id` (posted, voided, expired), from the
     transfers index; None if nothing has."""
     key = resolution_key(pending_id)
-    lsn = _index_lsn(journal, key, txn, f"the resolution of {pending_id!r}")
+    lsn = index_lsn(journal, key, txn, f"the resolution of {pending_id!r}")
     if lsn is None:
         return None
     record = named_record(journal, key, lsn, txn)

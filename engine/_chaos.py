@@ -176,7 +176,7 @@ def _parse(line: str, replies: Replies, report: StressReport) -> int:
 def _child(argv: list[str]) -> int:
     from coordinator import LedgerError
 
-    from engine._stress import _open_accounts
+    from engine._stress import open_accounts
     from engine._workload import ClientWorkload, Picker
 
     path, accounts, clients, mix, amount_max, seed, budget = argv
@@ -186,7 +186,7 @@ def _child(argv: list[str]) -> int:
     printing = threading.Lock()
     remaining = [int(budget) or 10**12]
     with Ledger.open(path) as ledger:
-        _open_accounts(ledger, names, config)
+        open_accounts(ledger, names, config)
         picker = Picker(names, config.mix)
 
         def client(number: int) -> None:

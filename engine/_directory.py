@@ -33,7 +33,7 @@ import pykka
 from coordinator import Account, AccountState, DebitStep, LedgerTimeout, Posting, Sequencer, TurnAccount
 
 from engine._account import SNAPSHOT, AccountActor, AccountBooks
-from engine._runtime import Dispatcher, _Inbox
+from engine._runtime import Dispatcher, Inbox
 
 
 class AccountHandle:
@@ -54,7 +54,7 @@ class AccountHandle:
 
     def __init__(self, ref: pykka.ActorRef[Any]) -> None:
         self._ref = ref
-        self._inbox: _Inbox = ref.actor_inbox  # type: ignore[assignment]
+        self._inbox: Inbox = ref.actor_inbox  # type: ignore[assignment]
         self.pins = 0
         """Users that need it live: never passivated while above 0 (written under the directory's lock)."""
         self.used = True

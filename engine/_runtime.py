@@ -67,7 +67,7 @@ STOP_WAIT_S_MAX = 10.0
 """Longest `Dispatcher.stop` waits for each worker."""
 
 INBOX_LOCKS = 256
-"""Locks the inboxes share (see `_Inbox`)."""
+"""Locks the inboxes share (see `Inbox`)."""
 
 _inbox_locks = [threading.Lock() for _ in range(INBOX_LOCKS)]
 _inbox_numbers = itertools.count()
@@ -127,7 +127,7 @@ class Dispatcher:
         return len(self._workers)
 
 
-class _Inbox:
+class Inbox:
     """A pykka inbox that schedules its actor when the first message arrives.
 
     Inboxes share a pool of `INBOX_LOCKS` locks, dealt round-robin. Every section
@@ -308,12 +308,12 @@ class PooledActor(pykka.ThreadingActor):
 
     def __init__(self) -> None:
         super().__init__()
-        inbox = self.actor_inbox  # its own stop flag (see `_Inbox`)
+        inbox = self.actor_inbox  # its own stop flag (see `Inbox`)
         self.actor_stopped = self._actor_ref.actor_stopped = inbox  # type: ignore[assignment]
 
     @staticmethod
-    def _create_actor_inbox() -> _Inbox:  # type: ignore[override]
-        return _Inbox()
+    def _create_actor_inbox() -> Inbox:  # type: ignore[override]
+        return Inbox()
 
     @classmethod
     def spawn(cls, dispatcher: Dispatcher, *args: Any, **kwargs: Any) -> pykka.ActorRef[Any]:
@@ -321,7 +321,7 @@ class PooledActor(pykka.ThreadingActor):
         defines one, runs first, on a worker, before any message."""
         actor = cls(*args, **kwargs)
         inbox = actor.actor_inbox
-        assert isinstance(inbox, _Inbox)
+        assert isinstance(inbox, Inbox)
         inbox.bind(actor, dispatcher)
         if type(actor).on_start is not pykka.Actor.on_start:  # only actors that have one
             inbox.put(_Sent(_Start()))
@@ -341,7 +341,7 @@ class PooledActor(pykka.ThreadingActor):
     def _run_slice(self) -> None:
         """Handle up to `SLICE_MESSAGES_MAX` messages; the caller holds the turn."""
         inbox = self.actor_inbox
-        assert isinstance(inbox, _Inbox)
+        assert isinstance(inbox, Inbox)
         queued = inbox._messages
         handle = self._handle
         stopped = self.actor_stopped.is_set

@@ -147,12 +147,12 @@ def run_stress(
     with open_ledger(config.path) as ledger:
         prior = open_pending(ledger)  # a ledger used before: what its runs left pending holds funds too
         since_lsn = ledger.head().lsn  # and its entries until here are of those runs
-        funded = _open_accounts(ledger, names, config)
-        replies = _fire(ledger, picker, config, report, progress, f"s{config.seed}-{secrets.token_hex(6)}")  # (a run's own)
+        funded = open_accounts(ledger, names, config)
+        replies = fire(ledger, picker, config, report, progress, f"s{config.seed}-{secrets.token_hex(6)}")  # (a run's own)
         replies.sent.update(funded)
         learn_outcomes(ledger, replies)
         report.resent = (replies.resent, len(replies.unknown))
-        _await_expiries(ledger, replies)
+        await_expiries(ledger, replies)
         report.state_hash = ledger.state_hash()
         report.checks = audit_replies(ledger, replies, prior=prior, sent=replies.sent, since_lsn=since_lsn,
                                       funded=funded)
@@ -161,7 +161,7 @@ def run_stress(
     return report
 
 
-def _open_accounts(ledger: Any, names: list[str], config: StressConfig, bank: str = "stress-bank") -> list[str]:
+def open_accounts(ledger: Any, names: list[str], config: StressConfig, bank: str = "stress-bank") -> list[str]:
     """Open the bank and `names`, and fund each from the bank; the funding transfers' ids.
     Raises the first refusal."""
     accounts = [Account(bank, "USD", None)] + [Account(name, "USD", 0) for name in names]
@@ -182,8 +182,8 @@ def _open_accounts(ledger: Any, names: list[str], config: StressConfig, bank: st
     return [request.id for request in funding]
 
 
-def _fire(ledger: Any, picker: Picker, config: StressConfig, report: StressReport, progress: bool,
-          tag: str) -> Replies:
+def fire(ledger: Any, picker: Picker, config: StressConfig, report: StressReport, progress: bool,
+         tag: str) -> Replies:
     """Run the clients; what each was told. `tag` starts every transfer id."""
     quota = threading.Semaphore(config.transfers) if config.transfers is not None else None
     stop = threading.Event()
@@ -251,7 +251,7 @@ def _fire(ledger: Any, picker: Picker, config: StressConfig, report: StressRepor
     return _merge(per_client, report)
 
 
-def _await_expiries(ledger: Any, replies: Replies) -> None:
+def await_expiries(ledger: Any, replies: Replies) -> None:
     """Wait (at most `EXPIRY_WAIT_S`) until the pending transfers let expire have expired:
     then what the audit reads holds still. Those that do not expire in time fail the audit."""
     waiting = [tid for tid, (plan, _) in replies.pendings.items() if plan == "expire"]

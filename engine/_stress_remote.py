@@ -25,7 +25,7 @@ from coordinator import AccountNotFound, InvalidRequest
 
 from engine._auditor import CHECK_PRESENT, audit_replies
 from engine._sending import learn_outcomes
-from engine._stress import StressConfig, StressReport, _await_expiries, _fire, _open_accounts
+from engine._stress import StressConfig, StressReport, await_expiries, fire, open_accounts
 from engine._workload import Picker
 
 CHECK_CONTRACT = "every reply kept the HTTP contract (JSON, a status fitting its code, replays marked)"
@@ -56,11 +56,11 @@ def run_remote_stress(config: StressConfig, token: str | None = None, progress: 
             ledger.account(f"{run}-bank")  # before the run: is it there, does it take the token?
         except AccountNotFound:
             pass
-        funded = _open_accounts(ledger, names, config, bank=f"{run}-bank")
-        replies = _fire(ledger, picker, config, report, progress, run)
+        funded = open_accounts(ledger, names, config, bank=f"{run}-bank")
+        replies = fire(ledger, picker, config, report, progress, run)
         learn_outcomes(ledger, replies)  # a reply lost (a server restarted, say): the same id again tells it
         report.resent = (replies.resent, len(replies.unknown))
-        _await_expiries(ledger, replies)
+        await_expiries(ledger, replies)
         report.checks = audit_replies(ledger, replies, sent=ledger.sent(), funded=funded)
         report.checks[CHECK_ACCOUNTS] = not ledger.accounts_gone
         report.checks[CHECK_CONTRACT] = not ledger.fault_count

@@ -67,3 +67,28 @@ def test_the_public_names_check_sees_a_private_import(tmp_path: Path) -> None:
     module.parent.mkdir()
     module.write_text("from coordinator._records import decode\nimport journal._store\nfrom engine._cli import main\n")
     assert _private_imports(module) == {"coordinator._records", "journal._store"}
+
+
+def _underscored_names_imported(path: Path) -> set[str]:
+    """The names with a leading underscore `path` imports from a module of Tally's packages
+    (`from engine._stress import _fire`): a name imported across modules is public there."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return {f"{node.module}.{alias.name}" for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+            and node.module.split(".")[0] in FORBIDDEN
+            for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")
+            and not (ROOT / node.module.replace(".", "/") / f"{alias.name}.py").exists()}  # (a module: `from engine import _ray`)
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_a_name_imported_from_another_module_has_no_leading_underscore(package: str) -> None:
+    """House rule 2 (ARCHITECTURE.md): a name another module imports is public in its own."""
+    offenders = {str(path.relative_to(ROOT)): sorted(_underscored_names_imported(path))
+                 for path in sorted((ROOT / package).glob("*.py")) if _underscored_names_imported(path)}
+    assert offenders == {}
+
+
+def test_the_underscore_check_sees_an_imported_private_name(tmp_path: Path) -> None:
+    module = tmp_path / "bad.py"
+    module.write_text("from engine._stress import StressConfig, _fire\nfrom engine import _ray\n")
+    assert _underscored_names_imported(module) == {"engine._stress._fire"}

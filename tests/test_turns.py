@@ -661,7 +661,7 @@ def test_a_batch_answers_a_transfer_the_mailboxes_decide_late_only_once_it_is_de
             ledger.create_account("late", currency="USD")  # after the turns: its own is not among them
         return turns
 
-    real_put_adaptive = _runtime._Inbox.put_adaptive
+    real_put_adaptive = _runtime.Inbox.put_adaptive
 
     def slow_debits(self: Any, message: Any) -> None:  # the mailboxes decide 0.2 s later
         if type(message).__name__ == "DebitStep":
@@ -670,7 +670,7 @@ def test_a_batch_answers_a_transfer_the_mailboxes_decide_late_only_once_it_is_de
             real_put_adaptive(self, message)
 
     monkeypatch.setattr(_lane, "take_turns", take_then_make)
-    monkeypatch.setattr(_runtime._Inbox, "put_adaptive", slow_debits)
+    monkeypatch.setattr(_runtime.Inbox, "put_adaptive", slow_debits)
     results = ledger.transfer_many([TransferRequest("t1", "bank", "late", 5), TransferRequest("t2", "bank", "late", 7)])
     assert made == ["late"]
     assert [type(result) for result in results] == [Transfer, Transfer]
