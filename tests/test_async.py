@@ -9,7 +9,7 @@ import selectors
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -318,18 +318,20 @@ def test_a_closed_or_foreign_loop_call_is_refused(tmp_path: Path) -> None:
     run(tmp_path / "l", closed)
 
 
+async def _opened_with_one_account(path: Path) -> AsyncLedger:
+    """An `AsyncLedger` at `path` (`timeout_s` 5) with "bank" and "a0" (`funded`)."""
+    ledger = await AsyncLedger.open(path, timeout_s=5)
+    await funded(ledger, accounts=1)
+    return ledger
+
+
 def test_a_close_from_a_foreign_loop_is_refused_while_its_own_loop_lives_and_prompt_once_it_is_gone(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A close on another loop would wait its `timeout_s` for a wake-up only the ledger's own
     loop can deliver (and touch that loop's state from another thread): refused while that
     loop is open. Once it is closed, nothing can wake there: the close must not wait for it."""
     with asyncio.Runner() as own:
-        async def opened() -> AsyncLedger:
-            ledger = await AsyncLedger.open(tmp_path / "l", timeout_s=5)
-            await funded(ledger, accounts=1)
-            return ledger
-
-        ledger = own.run(opened())
+        ledger = own.run(_opened_with_one_account(tmp_path / "l"))
 
         async def submit(id: str) -> None:  # its first step (the claim) runs, then the loop stops
             asyncio.ensure_future(ledger.transfer(id, source="bank", destination="a0", amount=1))
@@ -358,12 +360,7 @@ def test_a_close_its_loop_ended_before_it_closed_the_ledger_is_finished_by_a_clo
     loop closes the ledger; it raised the old close's `CancelledError` at once, the ledger
     left open and its directory locked for the life of the process."""
     with asyncio.Runner() as own:
-        async def opened() -> AsyncLedger:
-            ledger = await AsyncLedger.open(tmp_path / "l", timeout_s=5)
-            await funded(ledger, accounts=1)
-            return ledger
-
-        ledger = own.run(opened())
+        ledger = own.run(_opened_with_one_account(tmp_path / "l"))
         at_its_bound(ledger, monkeypatch)  # the write stays in the outbox, unsettled
 
         async def closing_behind_a_write() -> None:  # the loop ends while close waits for the write
@@ -556,20 +553,39 @@ def test_writes_whose_coroutines_were_cancelled_complete_before_the_ledger_close
         assert ledger.balance("a1").posted == 1_200
 
 
+async def _close_begun(ledger: AsyncLedger) -> asyncio.Task[None]:
+    """`ledger.close()` as a task, once it has begun: the ledger no longer takes calls."""
+    closing = asyncio.create_task(ledger.close())
+    deadline = asyncio.get_running_loop().time() + WAIT_S
+    while not ledger._ledger._closed:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.001)
+    return closing
+
+
+async def _handed_to_busy_workers(ledger: AsyncLedger, write: str) -> tuple[asyncio.Task[Any], threading.Event,
+                                                                              list[Any]]:
+    """The write `write` (of account "new", or a `transfer_many` of transfer "m", 7 from a0 to
+    a1, on a funded ledger) after its first step: handed to the worker threads, every one of
+    them busy until the event returned is set (their jobs: the futures returned)."""
+    a0, a1, _, _ = await funded(ledger)
+    release = threading.Event()
+    busy = [ledger._workers.submit(release.wait, WAIT_S) for _ in range(ASYNC_WORKER_THREADS)]
+    calls = {"create_account": lambda: ledger.create_account("new", currency="USD"),
+             "create_accounts": lambda: ledger.create_accounts([Account("new", "USD", 0)]),
+             "transfer_many": lambda: ledger.transfer_many([TransferRequest("m", a0, a1, 7)])}
+    task = asyncio.create_task(calls[write]())
+    await asyncio.sleep(0)  # its first step: handed to the workers, all of them busy
+    assert not task.done()
+    return task, release, busy
+
+
 @pytest.mark.parametrize("write", ["create_account", "create_accounts", "transfer_many"])
 def test_a_write_on_a_worker_cancelled_while_it_waits_for_one_still_completes(tmp_path: Path, write: str) -> None:
     """A write handed to the worker threads is not withdrawn from their queue when its
     caller is cancelled: every worker is kept busy until the caller is cancelled."""
     async def body(ledger: AsyncLedger) -> None:
-        a0, a1, _, _ = await funded(ledger)
-        release = threading.Event()
-        busy = [ledger._workers.submit(release.wait, WAIT_S) for _ in range(ASYNC_WORKER_THREADS)]
-        calls = {"create_account": lambda: ledger.create_account("new", currency="USD"),
-                 "create_accounts": lambda: ledger.create_accounts([Account("new", "USD", 0)]),
-                 "transfer_many": lambda: ledger.transfer_many([TransferRequest("m", a0, a1, 7)])}
-        task = asyncio.create_task(calls[write]())
-        await asyncio.sleep(0)  # its first step: handed to the workers, all of them busy
-        assert not task.done()
+        task, release, busy = await _handed_to_busy_workers(ledger, write)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         release.set()
@@ -627,11 +643,7 @@ def test_close_waits_for_a_batch_of_accounts_whose_caller_was_cancelled(tmp_path
         assert await asyncio.to_thread(started.wait, WAIT_S)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        closing = asyncio.create_task(ledger.close())
-        deadline = asyncio.get_running_loop().time() + WAIT_S
-        while not ledger._ledger._closed:  # the close has begun: it no longer takes calls
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.001)
+        closing = await _close_begun(ledger)
         proceed.set()
         await closing
 
@@ -645,20 +657,8 @@ def test_a_write_queued_for_the_workers_before_close_runs_to_its_end(tmp_path: P
     """Handed to the workers (all busy) before `close` began, a write is still made once
     they take it, as the close waits for it: it is not refused as if it came after."""
     async def body(ledger: AsyncLedger) -> None:
-        a0, a1, _, _ = await funded(ledger)
-        release = threading.Event()
-        busy = [ledger._workers.submit(release.wait, WAIT_S) for _ in range(ASYNC_WORKER_THREADS)]
-        calls = {"create_account": lambda: ledger.create_account("new", currency="USD"),
-                 "create_accounts": lambda: ledger.create_accounts([Account("new", "USD", 0)]),
-                 "transfer_many": lambda: ledger.transfer_many([TransferRequest("m", a0, a1, 7)])}
-        task = asyncio.create_task(calls[write]())
-        await asyncio.sleep(0)  # its first step: handed to the workers, all of them busy
-        assert not task.done()
-        closing = asyncio.create_task(ledger.close())
-        deadline = asyncio.get_running_loop().time() + WAIT_S
-        while not ledger._ledger._closed:  # the close has begun: it no longer takes calls
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.001)
+        task, release, busy = await _handed_to_busy_workers(ledger, write)
+        closing = await _close_begun(ledger)
         release.set()
         made = await task
         assert not isinstance(made, list) or not any(isinstance(item, Exception) for item in made), made

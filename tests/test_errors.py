@@ -567,6 +567,57 @@ def test_a_close_made_while_another_thread_closes_returns_once_the_ledger_is_clo
         first.join(30.0)
 
 
+class _SecondClose:
+    """A second close of `ledger`, watched: its waits for the first close are counted (`waits`,
+    through the event it waits on), and `done` is set once it has returned or raised."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.changed = threading.Condition()
+        self.waits: list[object] = []
+        self.done = threading.Event()
+        watched = self
+
+        class CountedShut(threading.Event):
+            def wait(self, timeout: float | None = None) -> bool:
+                with watched.changed:
+                    watched.waits.append(timeout)
+                    watched.changed.notify_all()
+                return super().wait(timeout)
+
+        ledger._shut = CountedShut()
+
+    def hold(self) -> None:
+        """Block until the second close has waited six times for the first, or is done."""
+        with self.changed:
+            self.changed.wait_for(lambda: len(self.waits) >= 6 or self.done.is_set(), timeout=30.0)
+
+    def closes(self, ledger_path: Path) -> None:
+        """Close the ledger on another thread: it returns, and a reopen finds the books."""
+        outcome: list[BaseException | None] = []
+
+        def second_close() -> None:
+            try:
+                self.ledger.close()
+                outcome.append(None)
+            except LedgerError as error:
+                outcome.append(error)
+            finally:
+                self.let_go()
+
+        second = threading.Thread(target=second_close)
+        second.start()
+        second.join(30.0)
+        assert outcome == [None]
+        with Ledger.open(ledger_path) as reopened:
+            assert reopened.accounts() == [Account("alice", "USD", 0)]
+
+    def let_go(self) -> None:
+        self.done.set()
+        with self.changed:
+            self.changed.notify_all()
+
+
 def test_a_close_made_while_another_thread_closes_waits_for_it_however_long_its_work_takes(
         ledger_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The first close's work grows with the ledger, not with `timeout_s`: with 300,000 accounts
@@ -578,50 +629,21 @@ def test_a_close_made_while_another_thread_closes_waits_for_it_however_long_its_
 
     ledger = Ledger.open(ledger_path, timeout_s=0.05)
     ledger.create_account("alice", currency="USD")
-    changed = threading.Condition()
-    waits: list[object] = []
-    second_done = threading.Event()
-
-    class CountedShut(threading.Event):  # the second close's waits for the first, counted
-        def wait(self, timeout: float | None = None) -> bool:
-            with changed:
-                waits.append(timeout)
-                changed.notify_all()
-            return super().wait(timeout)
-
-    ledger._shut = CountedShut()
+    second = _SecondClose(ledger)
     real_check_to_seal = _journal.check_to_seal
 
     def long_seal(*args: Any) -> Any:  # a large ledger's walk
-        with changed:
-            changed.wait_for(lambda: len(waits) >= 6 or second_done.is_set(), timeout=30.0)
+        second.hold()
         return real_check_to_seal(*args)
 
     monkeypatch.setattr(_journal, "check_to_seal", long_seal)
     first = threading.Thread(target=ledger.close)
     first.start()
-    outcome: list[BaseException | None] = []
-
-    def second_close() -> None:
-        try:
-            ledger.close()
-            outcome.append(None)
-        except LedgerError as error:
-            outcome.append(error)
-        finally:
-            second_done.set()
-            with changed:
-                changed.notify_all()
-
     try:
         assert wait_until(lambda: ledger.closed)
-        second = threading.Thread(target=second_close)
-        second.start()
-        second.join(30.0)
-        assert outcome == [None]
-        with Ledger.open(ledger_path) as reopened:
-            assert reopened.accounts() == [Account("alice", "USD", 0)]
+        second.closes(ledger_path)
     finally:
+        second.let_go()
         first.join(30.0)
 
 
@@ -635,18 +657,7 @@ def test_a_close_made_after_an_interrupted_close_closes_the_ledger_though_that_t
     `timeout_s` (or has returned)."""
     ledger = Ledger.open(ledger_path, timeout_s=0.05)
     ledger.create_account("alice", currency="USD")
-    changed = threading.Condition()
-    waits: list[object] = []
-    second_done = threading.Event()
-
-    class CountedShut(threading.Event):  # the second close's waits for the first, counted
-        def wait(self, timeout: float | None = None) -> bool:
-            with changed:
-                waits.append(timeout)
-                changed.notify_all()
-            return super().wait(timeout)
-
-    ledger._shut = CountedShut()
+    second = _SecondClose(ledger)
     real_wait_for = ledger._state.wait_for
 
     def interrupted(*args: Any, **kwargs: Any) -> Any:  # once: the first close's wait for the calls
@@ -661,37 +672,16 @@ def test_a_close_made_after_an_interrupted_close_closes_the_ledger_though_that_t
             ledger.close()
         except KeyboardInterrupt as interrupt:
             interrupts.append(interrupt)
-        with changed:
-            changed.wait_for(lambda: len(waits) >= 6 or second_done.is_set(), timeout=30.0)
+        second.hold()
 
     first = threading.Thread(target=first_close_then_live_on)
     first.start()
-    outcome: list[BaseException | None] = []
-
-    def second_close() -> None:
-        try:
-            ledger.close()
-            outcome.append(None)
-        except LedgerError as error:
-            outcome.append(error)
-        finally:
-            second_done.set()
-            with changed:
-                changed.notify_all()
-
     try:
         assert wait_until(lambda: interrupts)
         assert ledger.closed
-        second = threading.Thread(target=second_close)
-        second.start()
-        second.join(30.0)
-        assert outcome == [None]
-        with Ledger.open(ledger_path) as reopened:
-            assert reopened.accounts() == [Account("alice", "USD", 0)]
+        second.closes(ledger_path)
     finally:
-        second_done.set()
-        with changed:
-            changed.notify_all()
+        second.let_go()
         first.join(30.0)
 
 

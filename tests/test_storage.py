@@ -1060,6 +1060,29 @@ def test_an_lmdb_lock_file_a_reader_may_not_write_is_refused_naming_it(
         Ledger.open(path, readonly=True)
 
 
+def _outcome_of_opening(open_it: Callable[[], None], fifo: Path, what: str) -> list[BaseException | None]:
+    """`[what open_it() raised]` (`[None]`: it returned), run on a thread of its own: one
+    blocked opening the FIFO at `fifo` (a hang) is let go by a writer end, and the test fails
+    saying the open of a ledger whose `what` is a FIFO hung."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            open_it()
+            outcome.append(None)
+        except BaseException as error:  # noqa: B036 (handed to the test's thread)
+            outcome.append(error)
+
+    opener = threading.Thread(target=run, daemon=True)
+    opener.start()
+    opener.join(timeout=10)
+    if opener.is_alive():  # blocked in open(2): a writer end lets it go, then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        opener.join(timeout=10)
+        pytest.fail(f"opening a ledger whose {what} is a FIFO hung")
+    return outcome
+
+
 @pytest.mark.parametrize("read_only_file_system", [False, True])
 @pytest.mark.parametrize("kind", ["fifo", "directory"])
 def test_a_directory_lock_file_that_is_no_regular_file_is_damage_named_not_a_hang(
@@ -1083,25 +1106,14 @@ def test_a_directory_lock_file_that_is_no_regular_file_is_damage_named_not_a_han
             return real(file, flags, *args, **kwargs)  # type: ignore[arg-type]
 
         monkeypatch.setattr(os, "open", read_only)
-    outcome: list[BaseException | None] = []
 
     def open_it() -> None:
-        try:
-            if read_only_file_system:
-                Journal.open_readonly(path, index_names=INDEX_NAMES, lock=True).close()
-            else:
-                Ledger.open(path).close()
-            outcome.append(None)
-        except BaseException as error:  # noqa: B036 (handed to the test's thread)
-            outcome.append(error)
+        if read_only_file_system:
+            Journal.open_readonly(path, index_names=INDEX_NAMES, lock=True).close()
+        else:
+            Ledger.open(path).close()
 
-    opener = threading.Thread(target=open_it, daemon=True)
-    opener.start()
-    opener.join(timeout=10)
-    if opener.is_alive():  # blocked in open(2): a writer end lets it go
-        os.close(os.open(lock_file, os.O_WRONLY | os.O_NONBLOCK))
-        opener.join(timeout=10)
-        pytest.fail("opening a ledger whose lock file is a FIFO hung")
+    outcome = _outcome_of_opening(open_it, lock_file, "lock file")
     monkeypatch.undo()
     assert len(outcome) == 1 and isinstance(outcome[0], (JournalCorrupted, JournalCorruptedError)), outcome
     assert "lock file is not a regular file" in str(outcome[0]) and outcome[0].where == str(lock_file)
@@ -1126,22 +1138,7 @@ def test_a_data_file_that_is_no_regular_file_is_damage_named_not_a_hang(tmp_path
         os.mkfifo(data_file)
     else:
         data_file.mkdir()
-    outcome: list[BaseException | None] = []
-
-    def open_it() -> None:
-        try:
-            Ledger.open(path, readonly=readonly).close()
-            outcome.append(None)
-        except BaseException as error:  # noqa: B036 (handed to the test's thread)
-            outcome.append(error)
-
-    opener = threading.Thread(target=open_it, daemon=True)
-    opener.start()
-    opener.join(timeout=10)
-    if opener.is_alive():  # blocked in open(2): a writer end lets it go, then fail
-        os.close(os.open(data_file, os.O_WRONLY | os.O_NONBLOCK))
-        opener.join(timeout=10)
-        pytest.fail("opening a ledger whose data file is a FIFO hung")
+    outcome = _outcome_of_opening(lambda: Ledger.open(path, readonly=readonly).close(), data_file, "data file")
     assert len(outcome) == 1 and isinstance(outcome[0], JournalCorrupted), outcome
     assert "not a regular file" in str(outcome[0]) and outcome[0].where == str(data_file)
 
