@@ -29,6 +29,7 @@ fsyncs it and renames it into place.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import struct
@@ -82,10 +83,29 @@ def _parse(data: bytes) -> AnchorState | None:
     return AnchorState(ledger_id, version, lsn, generation, b"" if digest == _NO_DIGEST else digest)
 
 
-ASIDE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
-"""How a file written aside and renamed into place is opened (the seal's, the anchor's): what
-is left at its name from before is truncated if it is a regular file, and is an `OSError`
-naming it otherwise, never waited on (a FIFO) nor followed (a link)."""
+ASIDE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+"""How `open_aside` opens a file written aside and renamed into place: never waiting on what
+is there (a FIFO), never following it (a link), and not truncating it until it is known to be
+a file of no other name."""
+
+
+def open_aside(path: str) -> int:
+    """A descriptor of the empty file at `path`, to be written and then renamed into place (the
+    seal's, the anchor's): made if missing; one left there from before is truncated if it is a
+    regular file with no other name. Anything else there is an `OSError` naming it: a FIFO
+    (never waited on), a link (never followed), a directory, or a hard link to a file that has
+    another name (never truncated: that file would lose its bytes)."""
+    fd = os.open(path, ASIDE_FLAGS, 0o644)
+    try:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode) or found.st_nlink != 1:
+            raise OSError(errno.EMLINK, "a file Tally writes aside is found there with another name, or is no "
+                                        "regular file: left as it is", path)
+        os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def open_regular(path: str, flags: int = os.O_RDONLY) -> int:
@@ -147,11 +167,11 @@ def create_anchor(directory: str, ledger_id: bytes, format_version: int, durable
                   digest: bytes = b"") -> AnchorState:
     """Write a new anchor durably (temporary file, fsync, rename, fsync of the directory);
     `digest`: the chain's at `durable_lsn` (`AnchorState.digest`), if known. Raises `OSError`
-    (naming the temporary file when it is no regular file: `ASIDE_FLAGS`)."""
+    (naming the temporary file when it is not one of its own: `open_aside`)."""
     state = AnchorState(ledger_id, format_version, durable_lsn, 1, digest[:DIGEST_BYTES])
     path = os.path.join(directory, ANCHOR_FILE)
     temporary = path + ".new"
-    fd = os.open(temporary, ASIDE_FLAGS, 0o644)
+    fd = open_aside(temporary)
     try:
         try:
             os.write(fd, _slot(state) + _slot(state))

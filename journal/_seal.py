@@ -29,7 +29,7 @@ from typing import Any
 
 import msgpack
 
-from journal._anchor import ASIDE_FLAGS, read_small_file
+from journal._anchor import open_aside, read_small_file
 from journal._errors import JournalCorruptedError
 from journal._meta import Meta
 from journal._pages import Layout, Tree
@@ -71,7 +71,7 @@ def write_seal(path: str, meta: Meta, sums: bytes, ledger_id: bytes | None, tree
                          use_bin_type=True)
     target = os.path.join(path, SEAL_FILE)
     aside = target + ".new"
-    with os.fdopen(os.open(aside, ASIDE_FLAGS, 0o644), "wb") as handle:
+    with os.fdopen(open_aside(aside), "wb") as handle:
         handle.write(_CRC.pack(zlib.crc32(body)) + body)
         handle.flush()
         os.fsync(handle.fileno())

@@ -123,7 +123,7 @@ def test_a_seal_that_is_no_file_is_ignored_and_the_file_walked(
     assert seal.is_file() and not seal.is_symlink()  # the close's own
 
 
-@pytest.mark.parametrize("what", ["a FIFO", "a link to a file elsewhere"])
+@pytest.mark.parametrize("what", ["a FIFO", "a link to a file elsewhere", "a hard link to a file elsewhere"])
 def test_a_close_that_finds_no_file_of_its_own_where_it_writes_the_seal_aside_names_it_and_goes_on(
     ledger_path: Path, walks: list[int], what: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -136,9 +136,12 @@ def test_a_close_that_finds_no_file_of_its_own_where_it_writes_the_seal_aside_na
     elsewhere = ledger_path.parent / "elsewhere"
     if what == "a FIFO":
         os.mkfifo(aside)
-    else:
+    elif what == "a link to a file elsewhere":
         elsewhere.write_bytes(b"someone else's")
         aside.symlink_to(elsewhere)
+    else:  # its other name keeps its bytes: it is never truncated
+        elsewhere.write_bytes(b"someone else's")
+        os.link(elsewhere, aside)
     with Ledger.open(ledger_path) as reopened:
         assert reopened.state_hash() == state_hash
     assert str(aside) in caplog.text and "was not written" in caplog.text

@@ -173,7 +173,7 @@ def test_recover_writing_an_anchor_on_a_full_disk_says_no_space_left_at_the_ledg
     assert sorted(os.listdir(path)) == before
 
 
-@pytest.mark.parametrize("what", ["a FIFO", "a link to a file elsewhere"])
+@pytest.mark.parametrize("what", ["a FIFO", "a link to a file elsewhere", "a hard link to a file elsewhere"])
 def test_recover_that_finds_no_file_of_its_own_where_it_writes_the_anchor_aside_names_it_and_writes_nothing(
         tmp_path: Path, what: str) -> None:
     """The anchor is written aside (`tally.anchor.new`) and renamed: a FIFO left there made
@@ -185,9 +185,12 @@ def test_recover_that_finds_no_file_of_its_own_where_it_writes_the_anchor_aside_
     aside, elsewhere = path / (ANCHOR_FILE + ".new"), tmp_path / "elsewhere"
     if what == "a FIFO":
         os.mkfifo(aside)
-    else:
+    elif what == "a link to a file elsewhere":
         elsewhere.write_bytes(b"someone else's")
         aside.symlink_to(elsewhere)
+    else:  # its other name keeps its bytes: it is never truncated
+        elsewhere.write_bytes(b"someone else's")
+        os.link(elsewhere, aside)
     before = _contents(path)
     with pytest.raises(LedgerUnavailable, match=str(aside)):
         _tools_audit.recover(str(path), dry_run=False)
