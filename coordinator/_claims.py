@@ -462,6 +462,8 @@ class Claims:
             lock.acquire()
         try:
             inflight = self._inflight
+            if len(inflight) <= self._sweep_above:  # another claim swept while this one waited
+                return
             for tid in [tid for tid, ticket in inflight.items() if ticket.done]:
                 del inflight[tid]
             self._sweep_above = max(CLAIMS_SWEEP_MIN, 2 * len(inflight))
