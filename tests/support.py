@@ -3,9 +3,11 @@ ways to stop the engine at a chosen point."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -91,3 +93,23 @@ def wait_until(condition: Any, timeout_s: float = 10.0) -> bool:
             return False
         time.sleep(0.001)
     return True
+
+
+LEFT_ASIDE = ["a FIFO", "a link to a file elsewhere", "a hard link to a file elsewhere"]
+"""What may be found where the seal or the anchor is written aside before its rename."""
+
+
+def leave_aside(aside: Path, elsewhere: Path, what: str) -> Callable[[], bool]:
+    """Put `what` (one of `LEFT_ASIDE`) at `aside`, a link's target being `elsewhere`; the
+    returned check says it was left as it was (the FIFO still there, `elsewhere`'s bytes
+    untouched: never written through, nor truncated by its other name)."""
+    if what == "a FIFO":
+        os.mkfifo(aside)
+        return aside.is_fifo
+    elsewhere.write_bytes(b"someone else's")
+    if what == "a link to a file elsewhere":
+        aside.symlink_to(elsewhere)
+    else:
+        os.link(elsewhere, aside)
+    return lambda: elsewhere.read_bytes() == b"someone else's"
+

@@ -17,6 +17,7 @@ import journal._check
 from engine import JournalCorrupted, Ledger
 from engine._tools_audit import verify
 from journal._seal import SEAL_FILE
+from support import LEFT_ASIDE, leave_aside
 
 
 @pytest.fixture
@@ -123,30 +124,23 @@ def test_a_seal_that_is_no_file_is_ignored_and_the_file_walked(
     assert seal.is_file() and not seal.is_symlink()  # the close's own
 
 
-@pytest.mark.parametrize("what", ["a FIFO", "a link to a file elsewhere", "a hard link to a file elsewhere"])
+@pytest.mark.parametrize("what", LEFT_ASIDE)
 def test_a_close_that_finds_no_file_of_its_own_where_it_writes_the_seal_aside_names_it_and_goes_on(
     ledger_path: Path, walks: list[int], what: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The seal is written aside (`tally.seal.new`) and renamed: a FIFO left there made every
-    clean close wait for a reader that never comes, and a link had the close write through
-    it, over a file elsewhere. Either is now left as it is, named in the warning, and the
-    ledger closes unsealed (the next open walks)."""
+    clean close wait for a reader that never comes, a link had the close write through it,
+    over a file elsewhere, and a hard link had it truncate that file. Each is now left as it
+    is, named in the warning, and the ledger closes unsealed (the next open walks)."""
     state_hash = build(ledger_path)
     aside = ledger_path / (SEAL_FILE + ".new")
     elsewhere = ledger_path.parent / "elsewhere"
-    if what == "a FIFO":
-        os.mkfifo(aside)
-    elif what == "a link to a file elsewhere":
-        elsewhere.write_bytes(b"someone else's")
-        aside.symlink_to(elsewhere)
-    else:  # its other name keeps its bytes: it is never truncated
-        elsewhere.write_bytes(b"someone else's")
-        os.link(elsewhere, aside)
+    left_as_it_was = leave_aside(aside, elsewhere, what)
     with Ledger.open(ledger_path) as reopened:
         assert reopened.state_hash() == state_hash
     assert str(aside) in caplog.text and "was not written" in caplog.text
     assert not (ledger_path / SEAL_FILE).exists()
-    assert aside.is_fifo() if what == "a FIFO" else elsewhere.read_bytes() == b"someone else's"
+    assert left_as_it_was()
     walks.clear()
     with Ledger.open(ledger_path) as reopened:
         assert walks == [1]

@@ -42,7 +42,7 @@ import journal._commits as journal_commits
 from journal import _store
 from journal._errors import JournalLockedError
 from journal._seal import SEAL_FILE
-from support import wait_until
+from support import LEFT_ASIDE, leave_aside, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 60.0
@@ -173,29 +173,23 @@ def test_recover_writing_an_anchor_on_a_full_disk_says_no_space_left_at_the_ledg
     assert sorted(os.listdir(path)) == before
 
 
-@pytest.mark.parametrize("what", ["a FIFO", "a link to a file elsewhere", "a hard link to a file elsewhere"])
+@pytest.mark.parametrize("what", LEFT_ASIDE)
 def test_recover_that_finds_no_file_of_its_own_where_it_writes_the_anchor_aside_names_it_and_writes_nothing(
         tmp_path: Path, what: str) -> None:
     """The anchor is written aside (`tally.anchor.new`) and renamed: a FIFO left there made
-    `tally recover` wait for a reader that never comes, and a link had it write through it, over
-    a file elsewhere. Either is now refused, named, and left as it is."""
+    `tally recover` wait for a reader that never comes, a link had it write through it, over a
+    file elsewhere, and a hard link had it truncate that file. Each is now refused, named, and
+    left as it is."""
     path = tmp_path / "ledger"
     build(path)
     (path / ANCHOR_FILE).unlink()
     aside, elsewhere = path / (ANCHOR_FILE + ".new"), tmp_path / "elsewhere"
-    if what == "a FIFO":
-        os.mkfifo(aside)
-    elif what == "a link to a file elsewhere":
-        elsewhere.write_bytes(b"someone else's")
-        aside.symlink_to(elsewhere)
-    else:  # its other name keeps its bytes: it is never truncated
-        elsewhere.write_bytes(b"someone else's")
-        os.link(elsewhere, aside)
+    left_as_it_was = leave_aside(aside, elsewhere, what)
     before = _contents(path)
     with pytest.raises(LedgerUnavailable, match=str(aside)):
         _tools_audit.recover(str(path), dry_run=False)
     assert _contents(path) == before and not (path / ANCHOR_FILE).exists()
-    assert aside.is_fifo() if what == "a FIFO" else elsewhere.read_bytes() == b"someone else's"
+    assert left_as_it_was()
 
 
 def test_an_emptied_data_file_without_an_anchor_is_still_never_created_over(tmp_path: Path) -> None:
