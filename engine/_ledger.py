@@ -442,6 +442,10 @@ class Ledger(LedgerReads):
         if self._forked_from is not None or closer is None or closer is threading.current_thread():
             return
         while not self._shut.wait(self.timeout_s):
+            closer = self._closer
+            if closer is None:  # an interrupt took the first close out of its wait meanwhile: this one closes
+                self.close()
+                return
             if not closer.is_alive() and not self._shut.is_set():
                 raise LedgerTimeout(f"the ledger at {self.path} is still being closed: the thread closing it "
                                     f"({closer.name}) ended without finishing")

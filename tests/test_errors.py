@@ -583,6 +583,8 @@ class _SecondClose:
                 with watched.changed:
                     watched.waits.append(timeout)
                     watched.changed.notify_all()
+                with ledger._state:  # (for a first close waiting for the calls, below)
+                    ledger._state.notify_all()
                 return super().wait(timeout)
 
         ledger._shut = CountedShut()
@@ -647,24 +649,29 @@ def test_a_close_made_while_another_thread_closes_waits_for_it_however_long_its_
         first.join(30.0)
 
 
+@pytest.mark.parametrize("interrupted", ["before the second close", "while the second close waits"])
 def test_a_close_made_after_an_interrupted_close_closes_the_ledger_though_that_thread_lives_on(
-        ledger_path: Path) -> None:
+        ledger_path: Path, interrupted: str) -> None:
     """An interrupt lands in the first close's wait for the calls under way, and its thread goes
     on living (a main thread that caught it), closing nothing: a second close on another thread
     waited a `timeout_s` at a time for as long as that thread lived (forever, for a main
     thread), then `LedgerTimeout`, the directory still held. Now the second close closes the
     ledger itself. The first close's thread lives until the second close has waited six
-    `timeout_s` (or has returned)."""
+    `timeout_s` (or has returned). The interrupt lands before the second close begins, or once
+    it waits for the first (it took the first's thread for the closer then, and waited on it)."""
     ledger = Ledger.open(ledger_path, timeout_s=0.05)
     ledger.create_account("alice", currency="USD")
     second = _SecondClose(ledger)
     real_wait_for = ledger._state.wait_for
+    later = interrupted == "while the second close waits"
 
-    def interrupted(*args: Any, **kwargs: Any) -> Any:  # once: the first close's wait for the calls
+    def wait_then_interrupt(*args: Any, **kwargs: Any) -> Any:  # once: the first close's wait for the calls
         ledger._state.wait_for = real_wait_for  # type: ignore[method-assign]
+        if later:  # (it lets go of the lock: the second close comes in, and waits)
+            assert real_wait_for(lambda: second.waits, timeout=30.0)
         raise KeyboardInterrupt
 
-    ledger._state.wait_for = interrupted  # type: ignore[method-assign]
+    ledger._state.wait_for = wait_then_interrupt  # type: ignore[method-assign]
     interrupts: list[BaseException] = []
 
     def first_close_then_live_on() -> None:
@@ -677,9 +684,11 @@ def test_a_close_made_after_an_interrupted_close_closes_the_ledger_though_that_t
     first = threading.Thread(target=first_close_then_live_on)
     first.start()
     try:
-        assert wait_until(lambda: interrupts)
-        assert ledger.closed
+        assert wait_until(lambda: ledger.closed)
+        if not later:
+            assert wait_until(lambda: interrupts)
         second.closes(ledger_path)
+        assert interrupts
     finally:
         second.let_go()
         first.join(30.0)
