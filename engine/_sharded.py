@@ -63,7 +63,7 @@ from coordinator import (
 )
 
 from engine import _ray
-from engine._history import check_count
+from engine._history import check_count, check_lsn
 from engine._checks import check_page, check_timeout_s
 from engine._ledger import Ledger
 from engine._crossing import Router
@@ -254,7 +254,7 @@ class ShardedLedger(ShardedWrites):
     def balance(self, account: str, *, at_lsn: int | None = None, at_timestamp: int | None = None) -> Balance:
         """`Ledger.balance` from the account's shard (`at_lsn`: a position in that shard's journal)."""
         if at_lsn is not None:
-            check_count("at_lsn", at_lsn)
+            check_lsn("at_lsn", at_lsn)
         if at_timestamp is not None:
             check_count("at_timestamp", at_timestamp)
         return self._on_account(account, "balance", account,  # type: ignore[no-any-return]
