@@ -74,6 +74,7 @@ from coordinator import (
 )
 
 from engine._head import Head
+from engine._async_close import LoopClosing
 from engine._async_follow import LoopFollowing
 from engine._async_writes import LoopWrites
 from engine._checks import checked_account, checked_accounts, checked_many
@@ -88,7 +89,7 @@ ASYNC_WORKER_THREADS = 4
 logger = logging.getLogger("tally.engine")
 
 
-class AsyncLedger(LoopWrites, LoopFollowing):
+class AsyncLedger(LoopWrites, LoopFollowing, LoopClosing):
     """An open ledger for asyncio: every `Ledger` method but `snapshot` as a coroutine of the same name,
     arguments and errors, bound to the event loop that opened it. Open it with
     `async with AsyncLedger.open(path, **options) as ledger` (or `await AsyncLedger.open`).
@@ -246,42 +247,7 @@ class AsyncLedger(LoopWrites, LoopFollowing):
         wait_s = seconds_of(timeout_s)  # a plain number: a subclass's own arithmetic may raise
         return self._follow(after_lsn, follow, None if wait_s is None else float(wait_s))
 
-    # --- closing -----------------------------------------------------------------------
-
-    async def close(self) -> None:
-        """`Ledger.close`, on a thread of its own: the writes under way finish (bounded by
-        `timeout_s`), those in the outbox too; followers of `events` end. Idempotent: a second
-        call waits for the first to finish. On another loop: `InvalidRequest` while the loop
-        that opened it is open (only that loop wakes the writes it waits for); once that loop
-        is closed, any loop closes it, without waiting for wake-ups that can no longer come."""
-        if asyncio.get_running_loop() is not self._loop and not self._loop.is_closed():
-            raise InvalidRequest("an AsyncLedger is bound to the event loop that opened it: close it there")
-        closing = self._closing
-        if closing is None or (self._loop.is_closed() and closing.get_loop().is_closed() and (
-                not closing.done() or closing.cancelled())):
-            # (A close begun on a loop now closed, that loop's end cancelled or left pending: it
-            # may never have reached `Ledger.close`, and nothing will finish it. This one does;
-            # a `Ledger.close` that close had begun is waited for by this one's. That loop may
-            # be the ledger's own or one that closed it after it, itself ended since.)
-            self._closing = closing = asyncio.ensure_future(self._close())
-        await asyncio.shield(closing)
-
-    async def _close(self) -> None:
-        try:
-            if self._unsettled and not self._loop.is_closed():  # writes made here complete first, those of
-                # cancelled coroutines too (a closed loop wakes none of them: their outcomes are the journal's)
-                self._settled = self._loop.create_future()
-                await asyncio.wait((self._settled,), timeout=self.timeout_s)
-            await asyncio.to_thread(self._ledger.close)
-        finally:
-            for ticket in list(self._outbox):  # only if the ledger could not drain them in time
-                self._withdraw(ticket, LedgerClosed(f"the ledger closed before transfer {ticket.request.id!r} was "
-                                                    "submitted; nothing was written for it"))
-            self._decider.shutdown(wait=False)
-            self._workers.shutdown(wait=False)
-            for future in self._next_records.values():
-                if not future.done():
-                    future.set_result(None)  # followers look again, and find the ledger closed
+    # --- closing (`close`: `engine._async_close`) ---------------------------------------
 
     @property
     def closed(self) -> bool:

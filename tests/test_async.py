@@ -416,6 +416,53 @@ def test_a_close_whose_second_loop_ended_during_it_is_finished_by_a_close_on_a_t
         pass
 
 
+def test_a_close_on_a_third_loop_while_a_second_loops_close_runs_waits_for_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ledger's loop is closed; a close on a second loop (on a thread of its own) is closing
+    the ledger when a close on a third loop comes: it awaited the second loop's task, and
+    raised asyncio's bare `RuntimeError` (a future attached to a different loop). Now it waits
+    for that close, as any second close does, and returns once the ledger is closed."""
+    own = asyncio.new_event_loop()
+    ledger = own.run_until_complete(AsyncLedger.open(tmp_path / "l", timeout_s=5))
+    own.close()
+    shutting, third_waits = threading.Event(), threading.Event()
+    real_shut_down = ledger._ledger._shut_down
+
+    class WatchedShut(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:  # a second close's wait for the first
+            third_waits.set()
+            return super().wait(timeout)
+
+    def held_shut_down() -> None:  # the second loop's close, until the third close waits for it
+        shutting.set()
+        assert third_waits.wait(WAIT_S)
+        real_shut_down()
+
+    monkeypatch.setattr(ledger._ledger, "_shut", WatchedShut())
+    monkeypatch.setattr(ledger._ledger, "_shut_down", held_shut_down)
+    outcome: list[BaseException | None] = []
+
+    def on_a_second_loop() -> None:
+        try:
+            asyncio.run(asyncio.wait_for(ledger.close(), WAIT_S))
+            outcome.append(None)
+        except BaseException as error:
+            outcome.append(error)
+
+    second = threading.Thread(target=on_a_second_loop)
+    second.start()
+    try:
+        assert shutting.wait(WAIT_S)
+        asyncio.run(asyncio.wait_for(ledger.close(), WAIT_S))
+        assert ledger.closed
+    finally:
+        third_waits.set()
+        second.join(WAIT_S)
+    assert outcome == [None]
+    with Ledger.open(tmp_path / "l"):
+        pass
+
+
 def test_an_open_cancelled_while_the_ledger_opens_leaves_it_closed_not_locked(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`asyncio.wait_for(AsyncLedger.open(p), 5)` on a ledger slow to recover: the open goes on
