@@ -51,7 +51,7 @@ from coordinator import (
 )
 from journal import Completion, Journal, JournalError, JournalTimeoutError
 
-from engine._calls import OPEN_LEDGERS, refuse_open_here
+from engine._calls import OPEN_LEDGERS, await_closed, refuse_open_here
 from engine._checks import account_exists, check_timeout_s, checked_account, checked_accounts, checked_many
 from engine._directory import Directory
 from engine._history import History
@@ -93,7 +93,9 @@ class Ledger(LedgerReads):
             self._shut = threading.Event()
             """Set once `close` has closed the journal (or failed to): a second close waits for it."""
             self._closer: threading.Thread | None = None
-            """The thread of the first `close`, while and after it runs (see `_await_closed`)."""
+            """The thread of the first `close`, while and after it runs (see `await_closed`)."""
+            self._close_failure: Exception | None = None
+            """What the first `close` raised, if it failed: every later close raises it too."""
             self._forked_from: int | None = None
             """Set in a child made by `fork()`: the process that opened this ledger (`_after_fork`)."""
             _, expired_at = self._coordinator.expire_due()  # what expired while it was closed, before any call sees it
@@ -406,11 +408,12 @@ class Ledger(LedgerReads):
         journal never failed, it checks every page of the data file as an open would and
         seals what it checked, so the next open of those bytes need not (README.md,
         "Damage"): about half a microsecond a B-tree node, seconds for a million accounts.
-        A close made while another thread closes the ledger returns once that one has
-        (`_await_closed`)."""
+        A close made while another thread closes the ledger returns once that one has, and a
+        close after one that failed raises what that one raised, as `AsyncLedger.close` does
+        (`engine._calls.await_closed`)."""
         with self._state:
             # (closed with no closer: a close that gave up before its shut-down, whose place
-            # this one takes, or a child's after `fork()`, which `_await_closed` returns from)
+            # this one takes, or a child's after `fork()`, which `await_closed` returns from)
             closing = self._closed and (self._closer is not None or self._forked_from is not None)
             if not closing:
                 self._closed, self._closer = True, threading.current_thread()
@@ -420,35 +423,15 @@ class Ledger(LedgerReads):
                     self._closer = None
                     raise
         if closing:
-            self._await_closed()
+            await_closed(self)
             return
         try:
             self._shut_down()
+        except Exception as failure:  # (an interrupt is no failure of the books': the journal still closes)
+            self._close_failure = failure
+            raise
         finally:
             self._shut.set()
-
-    def _await_closed(self) -> None:
-        """A second `close`: return once the first has closed the ledger. It waits a `timeout_s`
-        at a time for as long as the first close's thread lives: that close's waits are each
-        bounded, but its work grows with the ledger (a checkpoint of every account, the walk of
-        the pages it seals), so no multiple of `timeout_s` bounds it (a second close that gave
-        up at one raised `LedgerTimeout` with the directory still held: a reopen right after
-        it was `LedgerLocked`). `LedgerTimeout` if that thread is gone and never finished (a
-        first close an interrupt took out of its wait for the calls leaves no closer: the next
-        close closes the ledger itself, instead of waiting on a thread that lives on). A
-        close on the closing thread itself (a signal handler's, a finalizer's) returns at
-        once: it cannot wait for itself. In a child made by `fork()`, nothing is closed here."""
-        closer = self._closer
-        if self._forked_from is not None or closer is None or closer is threading.current_thread():
-            return
-        while not self._shut.wait(self.timeout_s):
-            closer = self._closer
-            if closer is None:  # an interrupt took the first close out of its wait meanwhile: this one closes
-                self.close()
-                return
-            if not closer.is_alive() and not self._shut.is_set():
-                raise LedgerTimeout(f"the ledger at {self.path} is still being closed: the thread closing it "
-                                    f"({closer.name}) ended without finishing")
 
     def _shut_down(self) -> None:
         """`close` once the calls under way are done (or its wait for them ran out)."""

@@ -8,6 +8,7 @@ raises the same error even once the cause is gone.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import subprocess
@@ -23,6 +24,7 @@ from engine import (
     Account,
     AccountExists,
     AccountNotFound,
+    AsyncLedger,
     Balance,
     BalanceOverflow,
     CurrencyMismatch,
@@ -41,6 +43,7 @@ from engine import (
     Transfer,
     TransferRequest,
 )
+from journal import JournalWriteError
 from support import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -535,6 +538,63 @@ def test_close_twice_is_fine_and_the_ledger_reopens(ledger_path: Path) -> None:
     assert ledger.closed
     with Ledger.open(ledger_path) as reopened:
         assert reopened.accounts() == [Account("alice", "USD", 0)]
+
+
+def _failing_at_close(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make `ledger`'s close fail as an anchor that cannot be flushed does: the writer drains and
+    stops, then `JournalWriteError` (the journal and the directory are let go all the same)."""
+    writer = ledger._journal._writer
+    assert writer is not None
+    real_close = writer.close
+
+    def failing_close() -> None:
+        real_close()
+        raise JournalWriteError("the anchor could not be flushed at close: no space left on device")
+
+    monkeypatch.setattr(writer, "close", failing_close)
+
+
+@pytest.mark.parametrize("host", ["Ledger", "AsyncLedger"])
+def test_a_close_after_a_close_that_failed_raises_its_error_again(
+        ledger_path: Path, monkeypatch: pytest.MonkeyPatch, host: str) -> None:
+    """A first close fails (its anchor cannot be flushed): a second `Ledger.close` returned as if
+    the books were closed cleanly, on the closing thread or another, while a second
+    `AsyncLedger.close` raised the first one's error. Both raise it now: a host that closes
+    twice learns the books were not closed cleanly."""
+    if host == "AsyncLedger":
+        async def close_twice() -> list[BaseException]:
+            ledger = await AsyncLedger.open(ledger_path)
+            _failing_at_close(ledger._ledger, monkeypatch)
+            raised: list[BaseException] = []
+            for _ in range(2):
+                with pytest.raises(LedgerUnavailable, match="anchor") as caught:
+                    await ledger.close()
+                raised.append(caught.value)
+            return raised
+
+        raised = asyncio.run(close_twice())
+        assert raised[0] is raised[1]
+        return
+    ledger = Ledger.open(ledger_path)
+    _failing_at_close(ledger, monkeypatch)
+    with pytest.raises(LedgerUnavailable, match="anchor") as first:
+        ledger.close()
+    assert ledger.closed
+    with pytest.raises(LedgerUnavailable, match="anchor") as again:
+        ledger.close()
+    assert again.value is first.value
+    elsewhere: list[BaseException] = []
+
+    def close_on_another_thread() -> None:
+        try:
+            ledger.close()
+        except LedgerError as error:
+            elsewhere.append(error)
+
+    other = threading.Thread(target=close_on_another_thread)
+    other.start()
+    other.join(30.0)
+    assert elsewhere == [first.value]
 
 
 def test_a_close_made_while_another_thread_closes_returns_once_the_ledger_is_closed(ledger_path: Path) -> None:
