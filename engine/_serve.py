@@ -11,8 +11,11 @@ so `import engine` never needs them, and without them it raises `ServeExtraMissi
 Stopping: SIGTERM or SIGINT (Ctrl-C) stops accepting connections, ends the event streams,
 lets the requests under way finish (a write returns once durable; bounded by
 `GRACEFUL_SHUTDOWN_S`), then closes the ledger (which seals its data file), and the process
-exits 0. A second Ctrl-C stops at once. SIGKILL loses nothing acknowledged: a 2xx answer is
-sent only once its outcome is durable.
+exits 0. A second Ctrl-C stops at once: the requests under way are cancelled (their clients
+get no answer, or a 500: a retry with the same `Idempotency-Key` learns each outcome), the
+ledger is still closed, one line on stderr says so (or that it was not closed, and why), and
+the process exits 130, as an interrupted command does. SIGKILL loses nothing acknowledged: a
+2xx answer is sent only once its outcome is durable.
 """
 
 from __future__ import annotations
@@ -48,6 +51,11 @@ one taken) before the connection is closed: its client stopped reading."""
 GRACEFUL_SHUTDOWN_S = 35
 """Longest wait, once stopping, for the requests under way (a write waits at most the ledger's
 `timeout_s`, 30 s by default); then they are cancelled and the ledger closes."""
+FORCED_STOP_S = 5.0
+"""Longest wait, on a second Ctrl-C, for the requests under way to end once cancelled (each
+ends at its next wait); then the ledger closes."""
+INTERRUPTED_EXIT = 130
+"""The exit status after a second Ctrl-C (the `tally` command's for an interrupted command)."""
 BACKLOG = 2048
 """Connections the listening socket queues before they are accepted."""
 HEAD_BYTES_MAX = 64 << 10
@@ -149,8 +157,9 @@ def serve(path: str, *, host: str, port: int, token_file: str | None, insecure: 
     unreadable token or an address it cannot listen on, and the ledger's own errors."""
     _require_extra()
     import uvicorn
+    from uvicorn.lifespan.on import LifespanOn
 
-    from engine._serve_app import stop_serving
+    from engine._serve_app import stop_serving, stopped_at_once
 
     token = read_token(token_file) if token_file is not None else None
     if token is None and not insecure and not is_loopback(host):
@@ -164,6 +173,8 @@ def serve(path: str, *, host: str, port: int, token_file: str | None, insecure: 
 
     class Server(uvicorn.Server):
         closing_stalled: asyncio.Task[None] | None = None
+        cut_short = 0
+        """Requests a second Ctrl-C cancelled."""
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             super().handle_exit(sig, frame)
@@ -178,6 +189,26 @@ def serve(path: str, *, host: str, port: int, token_file: str | None, insecure: 
             bytes it holds to drain, or for a send it blocks to end."""
             if self.closing_stalled is None:
                 self.closing_stalled = asyncio.ensure_future(_close_stalled(self.server_state.connections))
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().shutdown(sockets=sockets)
+            if self.force_exit and isinstance(self.lifespan, LifespanOn) and not self.lifespan.shutdown_event.is_set():
+                await self.stop_at_once()
+
+        async def stop_at_once(self) -> None:
+            """After a second Ctrl-C, which made uvicorn stop waiting for the requests under way
+            and skip the application's shutdown (the loop's end would have cancelled them and the
+            lifespan, a `CancelledError` traceback each, the ledger left to that cancellation):
+            cancel the requests here, their tracebacks kept out of the log (their cancellation
+            is the stop asked for), then shut the application down, which closes the ledger."""
+            running = [task for task in self.server_state.tasks if not task.done()]
+            self.cut_short = len(running)
+            logging.getLogger("uvicorn.error").addFilter(_without_cancellations)
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.wait(running, timeout=FORCED_STOP_S)
+            await self.lifespan.shutdown()
 
     def on_ready() -> None:
         gc.freeze()  # the ledger's accounts, just loaded, stay out of every full collection (README, AsyncLedger)
@@ -204,10 +235,19 @@ def serve(path: str, *, host: str, port: int, token_file: str | None, insecure: 
         listening.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        logging.getLogger("uvicorn.error").removeFilter(_without_cancellations)
+    if app.state.startup_error is None and server.force_exit:
+        print(stopped_at_once(app, server.cut_short), file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT
     failure = app.state.startup_error or app.state.shutdown_error
     if failure is not None:
         raise failure
     return 0
+
+
+def _without_cancellations(record: logging.LogRecord) -> bool:
+    """A log filter: no record of a request's `CancelledError` (a second Ctrl-C cancelled it)."""
+    return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
 
 
 async def _close_stalled(connections: set[Any]) -> None:

@@ -84,6 +84,22 @@ def stop_serving(app: FastAPI) -> None:
             waiting.reschedule(soon)
 
 
+def stopped_at_once(app: FastAPI, cut_short: int) -> str:
+    """The line `tally serve` prints after a second Ctrl-C (`engine._serve.serve`): what it cut
+    short, and whether the ledger closed."""
+    ledger = getattr(app.state, "ledger", None)
+    failure = app.state.shutdown_error
+    if ledger is None:
+        closed = "no ledger was open"
+    elif ledger.closed and failure is None:
+        closed = "the ledger closed"
+    else:
+        closed = f"the ledger was not closed cleanly{f': {failure}' if failure is not None else ''}"
+    cancelled = (f"{cut_short} request{'s' if cut_short != 1 else ''} under way cancelled (a retry with the same "
+                 "Idempotency-Key learns each outcome)" if cut_short else "no request was under way")
+    return f"tally serve: stopped at once (a second Ctrl-C): {cancelled}; {closed}"
+
+
 def _bearing(authorization: bytes, token: bytes) -> bool:
     """Whether an `Authorization` header's value is `Bearer <token>` (the scheme in any case,
     one or more spaces after it: RFC 9110 11.4)."""

@@ -382,6 +382,44 @@ def test_ctrl_c_stops_it_as_sigterm_does(tmp_path: Path) -> None:
         assert [account.id for account in ledger.accounts()] == ["bank"]
 
 
+def _logged(server: Server, line: str) -> bool:
+    """Until `line` is in the server's stderr (polled, bounded): whether it came."""
+    deadline = time.monotonic() + WAIT_S_MAX
+    while time.monotonic() < deadline:
+        if line in server.stderr:
+            return True
+        if server.process.poll() is not None:
+            return line in server.stderr
+        time.sleep(0.01)
+    return False
+
+
+def test_a_second_ctrl_c_stops_at_once_closes_the_ledger_and_says_so_in_one_line(tmp_path: Path) -> None:
+    """A second Ctrl-C while the stop waits for a request under way (one still waiting for its
+    body): uvicorn stopped waiting, skipped the application's shutdown, and the loop's end
+    cancelled the request and the lifespan, a `CancelledError` traceback each in the log.
+    Now the request is cancelled quietly, the ledger still closes (sealed), one line says so,
+    and the exit status is an interrupted command's, 130."""
+    server = Server(tmp_path / "books", tmp_path)
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=WAIT_S_MAX) as stalled:
+        stalled.sendall(b"POST /accounts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Idempotency-Key: a1\r\nContent-Length: 20\r\n\r\n")
+        with server.client() as client:  # the stalled request is in: the server answers others meanwhile
+            assert client.get("/health").status_code == 200
+        server.process.send_signal(signal.SIGINT)
+        assert _logged(server, "Waiting for connections to close"), server.stderr  # (the request holds the stop)
+        assert server.stop(signal.SIGINT) == 130
+    stderr = server.stderr
+    assert "Traceback" not in stderr and "CancelledError" not in stderr, stderr
+    said = [line for line in stderr.splitlines() if line.startswith("tally serve:")]
+    assert said == ["tally serve: stopped at once (a second Ctrl-C): 1 request under way cancelled (a retry with "
+                    "the same Idempotency-Key learns each outcome); the ledger closed"], stderr
+    assert (tmp_path / "books" / SEAL_FILE).exists()  # closed as a clean close does
+    with Ledger.open(tmp_path / "books") as ledger:
+        assert ledger.accounts() == []
+
+
 # --- in process: a bug, a closed ledger --------------------------------------------------------
 
 
