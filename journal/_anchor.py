@@ -108,32 +108,39 @@ def open_aside(path: str) -> int:
     return fd
 
 
-def open_regular(path: str, flags: int = os.O_RDONLY) -> int:
+def open_regular(path: str, what: str, flags: int = os.O_RDONLY, *,
+                 remedy: str = "") -> tuple[int, os.stat_result]:
     """A descriptor of the regular file at `path`, opened with `flags` (by default for reading;
-    with `os.O_CREAT`, made if missing). Anything else there (a FIFO, a device, a directory:
-    what no open should block on, nor read without end) is `JournalCorruptedError`; a missing
-    file (without `os.O_CREAT`) `FileNotFoundError`; other errors `OSError`."""
+    with `os.O_CREAT`, made if missing), and what `fstat` said of it once open (its size, its
+    identity: the caller need not look again). The file is looked at twice, no more: by its
+    path before it is opened (opening some devices acts on them), then by the descriptor (it
+    may have been replaced since). Anything but a regular file there (a FIFO, a device, a
+    directory: what no open should block on, nor read without end) is `JournalCorruptedError`
+    naming it, "`what` is not a regular file" and `remedy` (what to do, if anything); a
+    missing file (without `os.O_CREAT`) `FileNotFoundError`; other errors `OSError`."""
     try:
-        regular = stat.S_ISREG(os.stat(path).st_mode)  # before opening it: opening some devices acts on them
+        regular = stat.S_ISREG(os.stat(path).st_mode)
     except FileNotFoundError:
         if not flags & os.O_CREAT:
             raise
         regular = True
-    if not regular:
-        raise JournalCorruptedError("it is not a regular file", where=path)
-    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # (replaced since)
-            raise JournalCorruptedError("it is not a regular file", where=path)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    if regular:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        try:
+            found = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if stat.S_ISREG(found.st_mode):
+            return fd, found
+        os.close(fd)  # (replaced since it was looked at)
+    raise JournalCorruptedError(f"{what} is not a regular file{remedy}", where=path)
 
 
-def read_small_file(path: str, limit: int) -> bytes:
-    """At most `limit` bytes of the regular file at `path`; raises as `open_regular`."""
-    fd = open_regular(path)
+def read_small_file(path: str, what: str, limit: int) -> bytes:
+    """At most `limit` bytes of the regular file at `path` (`what`: as `open_regular` says it);
+    raises as `open_regular`."""
+    fd, _ = open_regular(path, what)
     try:
         return os.read(fd, limit)
     finally:
@@ -145,11 +152,9 @@ def read_anchor(directory: str) -> AnchorState | None:
     one a power loss tore mid-write; the other is used. Both failing is damage."""
     path = os.path.join(directory, ANCHOR_FILE)
     try:
-        data = read_small_file(path, 2 * SLOT_BYTES + 1)
+        data = read_small_file(path, "the anchor", 2 * SLOT_BYTES + 1)  # (a directory, a FIFO, a device: damage)
     except FileNotFoundError:
         return None
-    except JournalCorruptedError as error:  # a directory, a FIFO, a device
-        raise JournalCorruptedError("the anchor is not a regular file", where=path) from error
     except OSError as error:
         raise os_read_error(error, path) from error
     copies = [_parse(data[i * SLOT_BYTES : (i + 1) * SLOT_BYTES]) for i in range(2)]

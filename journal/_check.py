@@ -89,11 +89,9 @@ def open_data_file(data_file: str) -> int:
     may act on; a directory), is `JournalCorruptedError` naming it; another failure to open it
     is what `os_read_error` makes of it."""
     try:
-        return open_regular(data_file)
+        return open_regular(data_file, "the data file")[0]
     except FileNotFoundError:
         raise JournalCorruptedError("the data file is missing", where=data_file) from None
-    except JournalCorruptedError:
-        raise JournalCorruptedError("the data file is not a regular file", where=data_file) from None
     except OSError as error:
         raise os_read_error(error, data_file) from error
 

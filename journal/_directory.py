@@ -96,22 +96,19 @@ def _open_lock_file(path: str, readonly: bool) -> int | None:
     Anything but a regular file there (a FIFO, whose open for reading would wait for a writer
     that never comes; a directory; a device) is `JournalCorruptedError` naming it."""
     lock_path = os.path.join(path, LOCK_FILE)
+    what, remedy = "the directory's lock file", (" (it holds nothing: with no process using the ledger, remove it, "
+                                                 "and the next open makes it anew)")
     try:
-        try:
-            return open_regular(lock_path, os.O_RDWR | os.O_CREAT)
-        except OSError as error:
-            if not readonly or error.errno not in (errno.EROFS, errno.EACCES):
-                raise directory_error(f"cannot lock {path!r} as a ledger directory", error) from error
-        try:
-            return open_regular(lock_path)
-        except FileNotFoundError:
-            return None
-        except OSError as again:
-            raise directory_error(f"cannot lock {path!r} as a ledger directory", again) from again
-    except JournalCorruptedError:
-        raise JournalCorruptedError(
-            "the directory's lock file is not a regular file (it holds nothing: with no process using the "
-            "ledger, remove it, and the next open makes it anew)", where=lock_path) from None
+        return open_regular(lock_path, what, os.O_RDWR | os.O_CREAT, remedy=remedy)[0]
+    except OSError as error:
+        if not readonly or error.errno not in (errno.EROFS, errno.EACCES):
+            raise directory_error(f"cannot lock {path!r} as a ledger directory", error) from error
+    try:
+        return open_regular(lock_path, what, remedy=remedy)[0]
+    except FileNotFoundError:
+        return None
+    except OSError as again:
+        raise directory_error(f"cannot lock {path!r} as a ledger directory", again) from again
 
 
 def _flock(fd: int, path: str, directory: bool = False) -> None:

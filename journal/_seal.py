@@ -87,7 +87,7 @@ def sealed_layout(path: str, fd: int, meta: Meta, data_file: str) -> Layout | No
     """The layout the seal in `path` vouches for, if it seals exactly the snapshot `meta`
     commits and the file's bytes up to its high-water page are those it summed; else None."""
     try:
-        framed = read_small_file(os.path.join(path, SEAL_FILE), SEAL_BYTES_MAX)
+        framed = read_small_file(os.path.join(path, SEAL_FILE), "the seal", SEAL_BYTES_MAX)
     except FileNotFoundError:
         return None
     except (OSError, JournalCorruptedError) as error:  # (not a regular file: nothing it vouches for)

@@ -102,7 +102,7 @@ class Store:
     """One LMDB environment with its record, meta and index databases."""
 
     def __init__(self, path: str, env: lmdb.Environment, dbs: dict[bytes, Any], opened: Opened,
-                 readonly: bool) -> None:
+                 readonly: bool, lock_file: tuple[int, int] | None) -> None:
         self.opened = opened
         self.path = path
         self.env = env
@@ -124,7 +124,7 @@ class Store:
         a link on the way)."""
         self._identity = _identity(os.path.join(self.directory, DATA_FILE))
         """The data file's (device, inode) when it was opened, for `in_place`."""
-        self.files = files_of(self.directory)
+        self.files = files_of(self.directory, self._identity, lock_file)  # (not looked at again)
         """(device, inode) of LMDB's files as opened: py-lmdb knows the environment by them."""
         self.foreign: str | None = None
         """Why the data file is no longer what this journal wrote (its writer found it so:
@@ -178,7 +178,7 @@ class Store:
         data_file = os.path.join(path, DATA_FILE)
         check_before_mapping(data_file)
         try:
-            allocate_lock_file(path, readonly)
+            lock_file = allocate_lock_file(path, readonly)
         except OSError as error:
             raise os_error(path, error) from error
         env = _lmdb_open(path, map_size_bytes=map_size_bytes, sync=sync, readonly=readonly, create=False)
@@ -189,7 +189,7 @@ class Store:
         except BaseException:
             env.close()
             raise
-        return cls(path, env, dbs, opened, readonly)
+        return cls(path, env, dbs, opened, readonly, lock_file)
 
     # --- reading -----------------------------------------------------------------------
 
@@ -278,11 +278,12 @@ class Store:
         self.env.close()
 
 
-def files_of(directory: str) -> frozenset[tuple[int, int]]:
-    """(device, inode) of the data file and LMDB's lock file in `directory`, those that are
-    there: what py-lmdb refuses to open twice in one process (also in a child made by `fork()`,
-    which inherits the parent's environments)."""
-    found = (_identity(os.path.join(directory, name)) for name in (DATA_FILE, LMDB_LOCK_FILE))
+def files_of(directory: str, data_file: tuple[int, int] | None = None,
+             lock_file: tuple[int, int] | None = None) -> frozenset[tuple[int, int]]:
+    """(device, inode) of `directory`'s data file and LMDB lock file, those there (given: as found
+    already): what py-lmdb refuses to open twice in a process, or in a child `fork()` made of it."""
+    names = ((DATA_FILE, data_file), (LMDB_LOCK_FILE, lock_file))
+    found = (known or _identity(os.path.join(directory, name)) for name, known in names)
     return frozenset(identity for identity in found if identity not in (None, (0, 0)))
 
 
@@ -389,27 +390,25 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def allocate_lock_file(path: str, readonly: bool = False) -> None:
-    """Make `lock.mdb` with its blocks allocated, if it is missing or short (see
-    `LOCK_FILE_BYTES`). Raises `OSError` (ENOSPC on a full disk); a reader that made the file
-    then takes it away again, so a refused read leaves the directory as it was. (Reading
-    without LMDB's reader table instead would let a writer that starts meanwhile reuse the
-    pages of the reader's snapshot.) Anything but a regular file there (a FIFO, a directory, a
-    device) is `JournalCorruptedError` naming it, found before it is opened."""
+def allocate_lock_file(path: str, readonly: bool = False) -> tuple[int, int] | None:
+    """Make `lock.mdb` with its blocks allocated, if missing or short (`LOCK_FILE_BYTES`); its
+    (device, inode), None where a reader goes without it. Raises `OSError` (ENOSPC on a full
+    disk); a reader that made the file then takes it away again, so a refused read leaves the
+    directory as it was. (Reading without LMDB's reader table instead would let a writer that
+    starts meanwhile reuse the pages of the reader's snapshot.) Anything but a regular file
+    there is `JournalCorruptedError` naming it, found before it is opened (`open_regular`)."""
     lock_path = os.path.join(path, LMDB_LOCK_FILE)
     made = readonly and not os.path.exists(lock_path)
     try:
-        fd = open_regular(lock_path, os.O_RDWR | os.O_CREAT)
-    except JournalCorruptedError:
-        raise JournalCorruptedError(
-            "LMDB's lock file is not a regular file (it holds only LMDB's table of readers: with no "
-            "process using the ledger, remove it, and the next open makes it anew)", where=lock_path) from None
+        fd, found = open_regular(lock_path, "LMDB's lock file", os.O_RDWR | os.O_CREAT, remedy=(
+            " (it holds only LMDB's table of readers: with no process using the ledger, remove it, and the next "
+            "open makes it anew)"))
     except OSError as error:
         if readonly and (error.errno == errno.EROFS or error.errno == errno.EACCES and made):
-            return  # LMDB reads a read-only file system without its reader table
+            return None  # LMDB reads a read-only file system without its reader table
         raise  # (one there that this reader may not write: LMDB would refuse it too, without naming it)
     try:
-        if os.fstat(fd).st_size < LOCK_FILE_BYTES:
+        if found.st_size < LOCK_FILE_BYTES:
             os.posix_fallocate(fd, 0, LOCK_FILE_BYTES)
     except OSError:
         if made:
@@ -418,6 +417,7 @@ def allocate_lock_file(path: str, readonly: bool = False) -> None:
         raise
     finally:
         os.close(fd)
+    return (found.st_dev, found.st_ino)
 
 
 def os_error(path: str, error: OSError) -> JournalError:

@@ -1038,6 +1038,43 @@ def test_an_lmdb_lock_file_that_is_no_regular_file_is_damage_named_and_the_ledge
         assert ledger.state_hash() == state_hash
 
 
+def test_opening_a_ledger_looks_at_its_lmdb_lock_file_once_by_path_and_once_by_descriptor(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock file is looked at by its path before it is opened (a device there is never
+    opened) and by the descriptor once open (it may have been replaced meanwhile); its size and
+    its identity (`Journal.files`) come from that look. It was looked at four times."""
+    path = tmp_path / "ledger"
+    build(path)
+    lock_file = str(path / "lock.mdb")
+    ours = tuple(str(ROOT / package) for package in ("journal", "engine", "coordinator"))
+    looks: list[str] = []
+    real_stat, real_fstat = os.stat, os.fstat
+
+    def by_us() -> bool:  # (py-lmdb looks at the files itself too: not ours to count)
+        return sys._getframe(2).f_code.co_filename.startswith(ours)
+
+    def stat(file: object, *args: object, **kwargs: object) -> os.stat_result:
+        if by_us() and os.fspath(file) == lock_file:  # type: ignore[call-overload]
+            looks.append("stat")
+        return real_stat(file, *args, **kwargs)  # type: ignore[arg-type]
+
+    def fstat(fd: int) -> os.stat_result:
+        if by_us() and os.readlink(f"/proc/self/fd/{fd}") == lock_file:
+            looks.append("fstat")
+        return real_fstat(fd)
+
+    monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setattr(os, "fstat", fstat)
+    ledger = Ledger.open(path)
+    monkeypatch.undo()
+    try:
+        assert looks == ["stat", "fstat"]
+        found = os.stat(lock_file)
+        assert (found.st_dev, found.st_ino) in ledger._journal.files
+    finally:
+        ledger.close()
+
+
 def test_an_lmdb_lock_file_a_reader_may_not_write_is_refused_naming_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """LMDB refuses a reader a lock file it may not write, naming only the directory; the
