@@ -382,6 +382,10 @@ def test_ctrl_c_stops_it_as_sigterm_does(tmp_path: Path) -> None:
         assert [account.id for account in ledger.accounts()] == ["bank"]
 
 
+SECOND_SIGNAL_TRIES = 4
+"""Tries of the second-Ctrl-C case (see its test)."""
+
+
 def _logged(server: Server, line: str) -> bool:
     """Until `line` is in the server's stderr (polled, bounded): whether it came."""
     deadline = time.monotonic() + WAIT_S_MAX
@@ -399,25 +403,35 @@ def test_a_second_ctrl_c_stops_at_once_closes_the_ledger_and_says_so_in_one_line
     body): uvicorn stopped waiting, skipped the application's shutdown, and the loop's end
     cancelled the request and the lifespan, a `CancelledError` traceback each in the log.
     Now the request is cancelled quietly, the ledger still closes (sealed), one line says so,
-    and the exit status is an interrupted command's, 130."""
-    server = Server(tmp_path / "books", tmp_path)
-    host, port = server.url.removeprefix("http://").rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=WAIT_S_MAX) as stalled:
-        stalled.sendall(b"POST /accounts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                        b"Idempotency-Key: a1\r\nContent-Length: 20\r\n\r\n")
-        with server.client() as client:  # the stalled request is in: the server answers others meanwhile
-            assert client.get("/health").status_code == 200
-        server.process.send_signal(signal.SIGINT)
-        assert _logged(server, "Waiting for connections to close"), server.stderr  # (the request holds the stop)
-        assert server.stop(signal.SIGINT) == 130
-    stderr = server.stderr
-    assert "Traceback" not in stderr and "CancelledError" not in stderr, stderr
-    said = [line for line in stderr.splitlines() if line.startswith("tally serve:")]
-    assert said == ["tally serve: stopped at once (a second Ctrl-C): 1 request under way cancelled (a retry with "
-                    "the same Idempotency-Key learns each outcome); the ledger closed"], stderr
-    assert (tmp_path / "books" / SEAL_FILE).exists()  # closed as a clean close does
-    with Ledger.open(tmp_path / "books") as ledger:
-        assert ledger.accounts() == []
+    and the exit status is an interrupted command's, 130.
+
+    The stop waits for that request `BODY_READ_STOPPING_S` (1 s); a second signal that lands
+    after it (a loaded machine) meets a server that has stopped as after one Ctrl-C, exit 0:
+    that try did not reach the case, and another is made (each outcome is checked in full)."""
+    for attempt in range(SECOND_SIGNAL_TRIES):
+        server = Server(tmp_path / f"books-{attempt}", tmp_path)
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=WAIT_S_MAX) as stalled:
+            stalled.sendall(b"POST /accounts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Idempotency-Key: a1\r\nContent-Length: 20\r\n\r\n")
+            with server.client() as client:  # the stalled request is in: the server answers others meanwhile
+                assert client.get("/health").status_code == 200
+            server.process.send_signal(signal.SIGINT)
+            assert _logged(server, "Waiting for connections to close"), server.stderr  # (the request holds the stop)
+            status = server.stop(signal.SIGINT)
+        stderr = server.stderr
+        assert "Traceback" not in stderr and "CancelledError" not in stderr, stderr
+        said = [line for line in stderr.splitlines() if line.startswith("tally serve:")]
+        if status == 0 and not said:  # the stop was over before the second signal: not this case, try again
+            continue
+        assert status == 130, stderr
+        assert said == ["tally serve: stopped at once (a second Ctrl-C): 1 request under way cancelled (a retry "
+                        "with the same Idempotency-Key learns each outcome); the ledger closed"], stderr
+        assert (tmp_path / f"books-{attempt}" / SEAL_FILE).exists()  # closed as a clean close does
+        with Ledger.open(tmp_path / f"books-{attempt}") as ledger:
+            assert ledger.accounts() == []
+        return
+    raise AssertionError(f"in {SECOND_SIGNAL_TRIES} tries, no second Ctrl-C landed within the 1 s the stop waited")
 
 
 # --- in process: a bug, a closed ledger --------------------------------------------------------
