@@ -7,7 +7,8 @@ This module parses the command line with `engine._cli_parse` (the parser and its
 types), runs the command (`_run`; `tally stress` in `engine._cli_stress`, `tally serve` in
 `engine._serve`) on the offline tools (`engine._tools_audit`, `engine._tools_copy`,
 `engine._tools_read`), and prints the report through `engine._cli_render`; the text it prints
-is escaped here (`_Escaped`).
+is escaped (`engine._cli_render.printable`: a report's lines through `_Escaped`, an error's
+one line on stderr too).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import signal
 import sys
@@ -29,6 +29,7 @@ from coordinator import CHECK_FILE, AccountNotFound, InvalidRequest, JournalCorr
 from engine._cli_parse import command_parser
 from engine._cli_render import (
     emit,
+    printable,
     render_audit,
     render_history,
     render_inspect,
@@ -222,7 +223,7 @@ def _shards_hint(args: argparse.Namespace, error: LedgerError, argv: list[str]) 
     command = [os.path.join(path, f"shard-{shard}") if word == path else word for word in argv]
     which = ("the shard its id places it on; one made with placement=KEY lives on the key's" if account is not None
              else f"each of shard-0 to shard-{shards - 1} in turn")
-    shown_command = _UNPRINTABLE.sub(_escaped, shlex.join(command))  # (the words as a shell reads them)
+    shown_command = printable(shlex.join(command))  # (the words as a shell reads them)
     return (f"; it is a sharded ledger of {shards} shards, each an ordinary ledger: give a shard's directory "
             f"({which}), e.g. `tally {shown_command}`")
 
@@ -239,14 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except LedgerError as error:
-        print(f"tally {args.command}: {error}{_shards_hint(args, error, argv)}", file=sys.stderr)
+        print(printable(f"tally {args.command}: {error}{_shards_hint(args, error, argv)}"), file=sys.stderr)
         from engine._tools import unreadable
 
         return 1 if isinstance(error, JournalCorrupted) and not unreadable(error) else 2
     except BrokenPipeError:  # the reader went away (| head): nothing left to say
         return 0
     except OSError as error:  # e.g. a directory that cannot be made, a report that cannot be written
-        print(f"tally {args.command}: {error}", file=sys.stderr)
+        print(printable(f"tally {args.command}: {error}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt as error:
         terminated = isinstance(error, Terminated)
@@ -254,11 +255,6 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if terminated else 130
     finally:
         sys.stdout = plain
-
-
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
-"""Control characters, line and paragraph separators, and the invisible and bidirectional
-marks, that an id may hold."""
 
 
 class _Escaped:
@@ -270,15 +266,11 @@ class _Escaped:
         self._out = out
 
     def write(self, text: str) -> int:
-        self._out.write(text if text == "\n" else _UNPRINTABLE.sub(_escaped, text))
+        self._out.write(text if text == "\n" else printable(text))
         return len(text)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._out, name)
-
-
-def _escaped(found: re.Match[str]) -> str:
-    return repr(found.group())[1:-1]
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from coordinator import AMOUNT_MAX, InvalidRequest, check_path, shown
 from journal import LSN_MAX
 
 from engine import __version__
+from engine._cli_render import printable
 from engine._workload import MIXES, RETRY_RATE_DEFAULT
 
 STRESS_CLIENTS_MAX = 1024
@@ -61,7 +62,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and exit 2), like every other error."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.prog}: {message}", file=sys.stderr)
+        print(printable(f"{self.prog}: {message}"), file=sys.stderr)
         raise SystemExit(2)
 
 

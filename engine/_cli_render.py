@@ -17,6 +17,18 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 
+UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+"""Control characters, line and paragraph separators, and the invisible and bidirectional
+marks, that an id or a path may hold."""
+
+
+def printable(text: str) -> str:
+    """`text` with each of its `UNPRINTABLE` characters written escaped (a newline as `\\n`):
+    what the `tally` commands print for people (a report, an error's one line) is one line a
+    line, and drives no terminal, whatever an id or a path holds."""
+    return UNPRINTABLE.sub(lambda found: repr(found.group())[1:-1], text)
+
+
 def said_at(message: str, at: int, account: str, unknown: bool) -> str:
     """The API's refusal of a balance at a time, as `--at` put it: its times in ISO 8601
     rather than nanoseconds, the flag's name rather than the argument's."""

@@ -733,6 +733,22 @@ def test_a_wrong_path_gives_one_line_on_stderr_and_exit_2_without_a_traceback(
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("args", [["verify", "{tmp}/no\nsuch"], ["balance", "{tmp}/led\x1b[31mger", "a"],
+                                  ["inspect", "{tmp}/empty\u202e"], ["verify", "{tmp}/empty\u202e", "stray\nword"]])
+def test_an_error_naming_a_path_with_control_characters_is_one_line_with_them_escaped(
+        tmp_path: Path, args: list[str]) -> None:
+    """A path may hold any character but NUL (a directory listing's, say): the error naming it
+    is still one line, and no escape sequence in it reaches the terminal."""
+    (tmp_path / "led\x1b[31mger").mkdir()
+    (tmp_path / "empty\u202e").mkdir()
+    done = tally(*(arg.format(tmp=tmp_path) for arg in args))
+
+    assert done.returncode == 2 and done.stdout == "", done.stdout + done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("tally") and not set("\x1b\u202e") & set(line), line  # (argparse's: "tally: ")
+    assert "\\n" in line or "\\x1b" in line or "\\u202e" in line, line
+
+
 SHARDED_ROOT_COMMANDS = {
     "verify": (["verify", "{root}"], "each of shard-0 to shard-2 in turn", "verify {shard}"),
     "recover --dry-run": (["recover", "{root}", "--dry-run"], "each of shard-0 to shard-2 in turn",
