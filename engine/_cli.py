@@ -28,6 +28,7 @@ from coordinator import CHECK_FILE, AccountNotFound, InvalidRequest, JournalCorr
 
 from engine._cli_parse import command_parser
 from engine._cli_render import (
+    damaged_lock_file,
     emit,
     printable,
     render_audit,
@@ -182,6 +183,9 @@ def _recover(args: argparse.Namespace) -> int:
         if "would_write_anchor_at" in report:  # the journal is whole: recovering in place mends it
             print(f"  nothing was changed. `tally recover {args.path}` writes the anchor (the journal, as it is,"
                   " becomes the ledger's)")
+        elif damaged_lock_file(report) is not None:
+            print(f"  nothing was changed. With no process using the ledger, remove it and run `tally recover {args.path}`"
+                  " again: the next open makes it anew")
         elif report["verdict"] != "whole" and report["checks"].get(CHECK_FILE) is False:
             print("  the data file is damaged, or is not the one its anchor names: nothing was changed. Restore the"
                   " ledger from a backup; or, if this file holds the history to keep (a copy that went on elsewhere),"

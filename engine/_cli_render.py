@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -88,7 +89,10 @@ def _print_head(head: dict[str, Any], chain: dict[str, Any]) -> None:
 
 def render_audit(title: str, report: dict[str, Any]) -> None:
     print(f"{title} {report['path']}")
-    if report["last_lsn"] is None:
+    lock_file = damaged_lock_file(report)
+    if lock_file is not None:
+        print(f"  the journal was not opened: its lock file {lock_file} is no regular file (the data file was not read)")
+    elif report["last_lsn"] is None:
         print("  the journal could not be read: its data file is damaged")
     else:
         print(f"  records scanned {report['records_scanned']}, last LSN {report['last_lsn']}, accounts {report['accounts']}")
@@ -100,6 +104,16 @@ def render_audit(title: str, report: dict[str, Any]) -> None:
     state_hash = report["state_hash"] or "none (the books were not rebuilt: see above)"
     print(f"  elapsed {report['elapsed_s']} s, state hash {state_hash}")
     print(f"  verdict: {report['verdict']}")
+
+
+def damaged_lock_file(report: dict[str, Any]) -> str | None:
+    """The lock file (the directory's, or LMDB's) whose damage kept an audit's journal from
+    opening, if that is what did: it holds no history (locks, and LMDB's table of readers),
+    and with no process using the ledger removing it mends the ledger."""
+    from journal import LMDB_LOCK_FILE, LOCK_FILE
+
+    damaged = report.get("damaged")
+    return damaged if damaged is not None and os.path.basename(damaged) in (LOCK_FILE, LMDB_LOCK_FILE) else None
 
 
 def subject_of(row: dict[str, Any]) -> str:

@@ -59,8 +59,18 @@ def _audit_dict(report: AuditReport, elapsed_s: float, journal: Journal | None, 
         "verdict": "whole" if report.whole else "NOT WHOLE",
         "head": None if report.chain is None else _head_dict(report.chain.head),
         "chain": None if report.chain is None or journal is None else _chain_dict(report.chain, journal.format_version),
+        "damaged": None,
     }
     return result
+
+
+def _unopened_dict(error: JournalCorrupted, elapsed_s: float, path: str) -> tuple[AuditReport, dict[str, Any]]:
+    """The audit of a journal its damage kept from opening, and its report: `damaged` names
+    where that damage is (a file of the ledger's directory, mostly)."""
+    report = unopened(error)
+    result = _audit_dict(report, elapsed_s, None, path)
+    result["damaged"] = error.where
+    return report, result
 
 
 def _head_dict(head: ChainHead) -> dict[str, Any]:
@@ -104,8 +114,7 @@ def verify(path: str, progress: Progress = None, expected: ChainHead | None = No
             report = audit(journal, progress, expected, txn)
             result = _audit_dict(report, time.perf_counter() - started, journal, path, txn)
     except JournalCorrupted as error:  # the data file cannot be read at all
-        report = unopened(error)
-        result = _audit_dict(report, time.perf_counter() - started, None, path)
+        report, result = _unopened_dict(error, time.perf_counter() - started, path)
     if expected is not None:
         _judge_head(result, report.chain, expected)
     return result
@@ -153,8 +162,8 @@ def recover(path: str, dry_run: bool, progress: Progress = None) -> dict[str, An
         raise LedgerLocked(f"refusing to recover {path}: a live process holds it (stop it first; "
                            "recover is for a ledger whose process died)") from error
     except JournalCorrupted as error:
-        report, lost_anchor = unopened(error), False
-        result, tail, last_lsn = _audit_dict(report, 0.0, None, path), None, None
+        (report, result), lost_anchor = _unopened_dict(error, 0.0, path), False
+        tail, last_lsn = None, None
         result["last_record"] = None
     result["checkpoint_lsn"] = tail.checkpoint_lsn if tail is not None else None
     result["replayed_past_checkpoint"] = last_lsn - tail.checkpoint_lsn if tail is not None and last_lsn else 0

@@ -333,6 +333,33 @@ def test_recover_dry_run_changes_no_byte_and_says_where_it_would_checkpoint(buil
         assert ledger.recovered.records == built.last_lsn
 
 
+@pytest.mark.parametrize(("lock_file", "command"), [("lock.mdb", ["verify"]), ("lock.mdb", ["recover"]),
+                                                     ("lock.mdb", ["recover", "--dry-run"]), (LOCK_FILE, ["recover"]),
+                                                     (LOCK_FILE, ["recover", "--dry-run"])])
+def test_a_lock_file_that_is_no_regular_file_is_named_and_the_data_file_not_called_damaged(
+        built: Built, lock_file: str, command: list[str]) -> None:
+    """It holds no history (only locks, and LMDB's table of readers): removing it mends the
+    ledger, and the report says so; neither a backup nor a new anchor is called for. (Verify
+    takes no lock: it never opens the directory's lock file.)"""
+    (built.path / lock_file).unlink(missing_ok=True)
+    os.mkfifo(built.path / lock_file)
+    before = file_digest(built.path / "data.mdb")
+
+    done = tally(command[0], built.path, *command[1:])
+    code, report = tally_json(command[0], built.path, *command[1:])
+
+    assert done.returncode == 1 and code == 1, done.stdout + done.stderr
+    assert report["damaged"] == str(built.path / lock_file) and report["verdict"] == "NOT WHOLE"
+    assert "data file is damaged" not in done.stdout and "backup" not in done.stdout, done.stdout
+    assert ANCHOR_FILE not in done.stdout, done.stdout
+    assert f"{built.path / lock_file} is no regular file" in done.stdout, done.stdout
+    if command[0] == "recover":
+        assert f"remove it and run `tally recover {built.path}`" in done.stdout, done.stdout
+    assert file_digest(built.path / "data.mdb") == before
+    (built.path / lock_file).unlink()
+    assert tally("verify", built.path).returncode == 0
+
+
 def test_recover_dry_run_of_a_whole_journal_without_its_anchor_points_to_recover_in_place(built: Built) -> None:
     (built.path / ANCHOR_FILE).unlink()
 
