@@ -14,6 +14,8 @@ import secrets
 import shutil
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from coordinator import (
@@ -81,16 +83,8 @@ def salvage(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
         with ledger_errors():
             report = audit(journal, progress)
             stop = report.corrupt_lsn if report.corrupt_lsn is not None else journal.last_lsn + 1
-            made = not os.path.lexists(into)
-            staging = _staging(into)
-            try:
+            with _building(into, "salvaging") as staging:
                 copied, lost = _copy_prefix(journal, staging, stop)
-                _publish(staging, into)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                if made:
-                    shutil.rmtree(into, ignore_errors=True)
-                raise
             anchored = journal.anchor.durable_lsn if journal.anchor is not None else 0
             lost += [{"lsn": lsn, "transfer": None, "why": "durable once (its anchor says so), and gone from the journal"}
                      for lsn in range(max(stop, journal.last_lsn + 1), anchored + 1)]
@@ -116,12 +110,34 @@ def _salvage_verdict(report: AuditReport, anchor_problem: str | None) -> str:
     return "nothing was lost: the ledger is whole; NEW is a verified copy"
 
 
-def _staging(into: str) -> str:
-    """A new, empty directory inside `into` (`.salvaging-XXXXXXXX`) to build its copy in;
-    `into` (an empty directory, a mount point, a symlink to one, or missing) made first, with
-    its parents: the copy is written on the file system chosen for it."""
-    os.makedirs(into, exist_ok=True)
-    staging = os.path.join(into, f".salvaging-{secrets.token_hex(4)}")
+@contextmanager
+def _building(into: str, doing: str) -> Iterator[str]:
+    """A new ledger built in a directory of its own inside `into` (`_staging`), closed within
+    the block, and its files moved up into `into` once the block ends (`_publish`). Whatever
+    fails meanwhile, the staging directory is removed, and `into` too if this made it: `into`
+    is left as it was found, never holding a part of a copy, nor one that would verify whole."""
+    made = not os.path.lexists(into)
+    staging = _staging(into, doing)
+    try:
+        yield staging
+        _publish(staging, into)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if made:
+            shutil.rmtree(into, ignore_errors=True)
+        raise
+
+
+def _staging(into: str, doing: str) -> str:
+    """A new, empty directory inside `into` (`.salvaging-XXXXXXXX`, `.replaying-XXXXXXXX`: what
+    is `doing` it) to build its copy in; `into` (an empty directory, a mount point, a symlink
+    to one, or missing) made first, with its parents: the copy is written on the file system
+    chosen for it."""
+    try:
+        os.makedirs(into, exist_ok=True)
+    except OSError as error:  # under a file, a dangling link, no room: as an open of a ledger there says it
+        raise NotALedger(f"{into!r} cannot be made a ledger directory: {error}") from error
+    staging = os.path.join(into, f".{doing}-{secrets.token_hex(4)}")
     os.mkdir(staging)
     return staging
 
@@ -199,7 +215,9 @@ def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
     is copied), so are its chain and head. Its timestamps are the original's: the fresh
     ledger's clock gives each decision its record's timestamp (a clock of one's own is read
     once a decision), and a copied transfer stamped otherwise is a divergence. (A record of a
-    release before timestamps has 0: its copy gets the last timestamp + 1.)
+    release before timestamps has 0: its copy gets the last timestamp + 1.) It is built as a
+    salvage's copy is (`_building`): a replay that fails, diverged or refused, leaves `into` as
+    it found it.
     """
     _new_directory(into)
     started = time.perf_counter()
@@ -208,57 +226,65 @@ def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
         last = books.last_lsn
         original = state_hash(source, books.accounts.values(), books.pending.values())
         _unmoved(source, last, path)  # (and again at the end: the hash may count what came after `last`)
-        replayed = rejected = 0
-        now = [0]
-        script: deque[int] = deque()
-        """The timestamps of the batch being replayed, one for each decision in order."""
-
-        def clock() -> int:
-            # A timestamp past the clock's range was stamped the last + 1 from a clock at its
-            # end (the ledger's timestamps only rise): a reading at the end stamps it so again.
-            return min(script.popleft() if script else now[0], TIMESTAMP_MAX)
-
-        with Ledger.open(into, clock_ns=clock) as ledger:
-            batch: list[tuple[TransferRequest, int]] = []
-            for record in records(source):
-                if record.lsn > last:
-                    break
-                if isinstance(record, Opened):
-                    _flush(ledger, batch, script)
-                    now[0] = record.timestamp  # (0, an opening of old: the last timestamp + 1)
-                    account = record.account
-                    ledger.create_account(account.id, currency=account.currency, overdraft_limit=account.overdraft_limit,
-                                          code=account.code, metadata=account.metadata)
-                elif isinstance(record, Committed):
-                    replayed += len(record.transfers)
-                    request = record.requests[0]
-                    if not record.linked and type(request) is TransferRequest and not request.pending:
-                        batch.append((request, record.timestamp))
-                        if len(batch) >= 1000:
-                            _flush(ledger, batch, script)
-                        continue
-                    _flush(ledger, batch, script)
-                    now[0] = record.timestamp
-                    _replay_alone(ledger, record)
-                elif isinstance(record, Expired):
-                    _flush(ledger, batch, script)
-                    now[0] = record.timestamp
-                    ledger.expire_pending()  # what is due by then: this record's (and the next ones' of one reading)
-                    left = [pending_id for pending_id in record.pending_ids
-                            if ledger.get_transfer(pending_id).status != "expired"]  # type: ignore[union-attr]
-                    if left:
-                        raise NotALedger(f"replay diverged at LSN {record.lsn}: pending transfers {left!r} did not "
-                                         "expire in the fresh ledger")
-                elif isinstance(record, Refused):
-                    rejected += 1
-                if progress is not None and not record.lsn % 10_000:
-                    progress(record.lsn)
-            _flush(ledger, batch, script)
-            fresh = ledger.state_hash()
-        _unmoved(source, last, path)
+        with _building(into, "replaying") as staging:
+            replayed, rejected, fresh = _replay_into(source, last, staging, progress)
+            _unmoved(source, last, path)
     return {"path": path, "into": into, "transfers_replayed": replayed, "rejections_not_replayed": rejected,
             "state_hash_original": original, "state_hash_replayed": fresh, "elapsed_s": round(time.perf_counter() - started, 3),
             "verdict": "identical" if original == fresh else "DIFFERENT"}
+
+
+def _replay_into(source: Journal, last: int, into: str, progress: Progress) -> tuple[int, int, str]:
+    """Replay the records of `source` up to LSN `last` into a fresh ledger at `into` (see
+    `replay`), and close it: (transfers replayed, refusals not replayed, its state hash)."""
+    replayed = rejected = 0
+    now = [0]
+    script: deque[int] = deque()
+    """The timestamps of the batch being replayed, one for each decision in order."""
+
+    def clock() -> int:
+        # A timestamp past the clock's range was stamped the last + 1 from a clock at its
+        # end (the ledger's timestamps only rise): a reading at the end stamps it so again.
+        return min(script.popleft() if script else now[0], TIMESTAMP_MAX)
+
+    with Ledger.open(into, clock_ns=clock) as ledger:
+        batch: list[tuple[TransferRequest, int]] = []
+        for record in records(source):
+            if record.lsn > last:
+                break
+            if isinstance(record, Opened):
+                _flush(ledger, batch, script)
+                now[0] = record.timestamp  # (0, an opening of old: the last timestamp + 1)
+                account = record.account
+                ledger.create_account(account.id, currency=account.currency, overdraft_limit=account.overdraft_limit,
+                                      code=account.code, metadata=account.metadata)
+            elif isinstance(record, Committed):
+                replayed += len(record.transfers)
+                request = record.requests[0]
+                if not record.linked and type(request) is TransferRequest and not request.pending:
+                    batch.append((request, record.timestamp))
+                    if len(batch) >= 1000:
+                        _flush(ledger, batch, script)
+                    continue
+                _flush(ledger, batch, script)
+                now[0] = record.timestamp
+                _replay_alone(ledger, record)
+            elif isinstance(record, Expired):
+                _flush(ledger, batch, script)
+                now[0] = record.timestamp
+                ledger.expire_pending()  # what is due by then: this record's (and the next ones' of one reading)
+                left = [pending_id for pending_id in record.pending_ids
+                        if ledger.get_transfer(pending_id).status != "expired"]  # type: ignore[union-attr]
+                if left:
+                    raise NotALedger(f"replay diverged at LSN {record.lsn}: pending transfers {left!r} did not "
+                                     "expire in the fresh ledger")
+            elif isinstance(record, Refused):
+                rejected += 1
+            if progress is not None and not record.lsn % 10_000:
+                progress(record.lsn)
+        _flush(ledger, batch, script)
+        fresh = ledger.state_hash()
+    return replayed, rejected, fresh
 
 
 def _unmoved(journal: Journal, last_lsn: int, path: str) -> None:

@@ -638,6 +638,41 @@ def test_a_salvage_that_fails_while_copying_leaves_nothing_under_the_new_name(
     assert not into.exists() or os.listdir(into) == []
 
 
+@pytest.mark.parametrize("new", ["missing", "an empty directory"])
+@pytest.mark.parametrize("fails", ["diverges", "is written meanwhile"])
+def test_a_replay_that_fails_leaves_nothing_under_the_new_name(
+    built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, new: str, fails: str
+) -> None:
+    """As a salvage's: a replay refused (exit 2) leaves no copy behind, neither a part of one
+    nor one that would verify whole, and the same command can be run again."""
+    into = tmp_path / "copy"
+    if new == "an empty directory":
+        into.mkdir()
+    real, flushed = _tools_copy._flush, []
+    writer = Writer(built.path) if fails == "is written meanwhile" else None
+
+    def failing(*args: Any) -> None:
+        assert not (into / "data.mdb").exists()
+        flushed.append(True)
+        if writer is None:
+            raise NotALedger("replay diverged (as this test makes it)")
+        if len(flushed) == 1:
+            writer.write()
+        real(*args)
+
+    monkeypatch.setattr(_tools_copy, "_flush", failing)
+    try:
+        with pytest.raises((NotALedger, LedgerLocked), match="as this test makes it|changed while it was replayed"):
+            _tools_copy.replay(str(built.path), str(into))
+    finally:
+        if writer is not None:
+            writer.stop()
+
+    assert flushed
+    assert sorted(os.listdir(tmp_path)) == sorted(["ledger", *(["copy"] if new == "an empty directory" else [])])
+    assert not into.exists() or os.listdir(into) == []
+
+
 @pytest.fixture
 def entry_unindexed(built: Built, raw_lmdb: Callable[[Path], AbstractContextManager[lmdb.Environment]]) -> Built:
     """`built` with carol's latest entry (the debit of transfer "last") deleted from the entries index.
@@ -868,6 +903,8 @@ BAD_ARGUMENTS = {
     "a PATH not UTF-8": (["verify", "{tmp}/led\udcffger"], "argument PATH: a path must be"),
     "an empty PATH": (["history", "", "alice"], "argument PATH: a path must be"),
     "--into under a file": (["replay", "{ledger}", "--into", "{tmp}/file/new"], "cannot be made a ledger directory"),
+    "salvage --into under a file": (["recover", "{ledger}", "--salvage", "--into", "{tmp}/file/new"],
+                                    "cannot be made a ledger directory"),
     "--into not UTF-8": (["replay", "{ledger}", "--into", "{tmp}/new\udcff"], "argument --into: a path must be"),
     "--from past the last LSN a key holds": (["inspect", "{ledger}", "--from", str(2**64)], "above the maximum"),
     "--path under a file": (["stress", "--path", "{tmp}/file/new", "--transfers", "5"], "cannot be made a ledger"),
