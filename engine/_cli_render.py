@@ -34,11 +34,21 @@ def said_at(message: str, at: int, account: str, unknown: bool) -> str:
     """The API's refusal of a balance at a time, as `--at` put it: its times in ISO 8601
     rather than nanoseconds, the flag's name rather than the argument's."""
     named = repr(account)  # the account's id, kept as it is even if it looks like a timestamp
-    message = named.join(re.sub(r"\b\d{18,19}\b", lambda found: shown_instant(int(found.group())), part)
-                         for part in message.split(named))
+    message = named.join(re.sub(r"\b\d{18,21}\b", _shown_if_instant, part) for part in message.split(named))
     given = shown_instant(at) if at else "1970-01-01T00:00:00Z"  # a time given, never "no timestamp"
     message = message.replace(f"at_timestamp {shown_instant(at)}", f"--at {given}")
     return f"account {account!r} did not exist yet at {given} ({message})" if unknown else message
+
+
+_LAST_INSTANT_NS = 253_402_300_799_999_999_999
+"""The last nanosecond of the year 9999: the latest time `--at` reads (and ISO 8601 shows)."""
+
+
+def _shown_if_instant(found: re.Match[str]) -> str:
+    """A number of 18 to 21 digits in a refusal, a time from 1973 on (as `--at` gives it, up
+    to the year 9999), shown in ISO 8601; a larger one as it is."""
+    value = int(found.group())
+    return shown_instant(value) if value <= _LAST_INSTANT_NS else found.group()
 
 
 def shown_instant(timestamp: int) -> str:
