@@ -80,7 +80,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0 if report["verdict"] == "identical" else 1
     if args.command == "inspect":
         report = _tools_read.inspect(args.path, args.start, args.limit, args.transfer, args.account)
-        emit(args, report, lambda: render_inspect(report, args.transfer, args.start))
+        emit(args, report, lambda: render_inspect(report, args.transfer, args.start, args.account))
         return 1 if report["problem"] else 0
     if args.command == "tail":
         return _tail(args)

@@ -188,10 +188,18 @@ def render_stress(summary: dict[str, Any], args: argparse.Namespace, written: bo
     print(f"  verdict: {summary['verdict']}")
 
 
-def render_inspect(report: dict[str, Any], transfer: str | None = None, start: int = 1) -> None:
+def render_inspect(report: dict[str, Any], transfer: str | None = None, start: int = 1,
+                   account: str | None = None) -> None:
     if transfer is not None and not report["records"] and not report["problem"]:
-        since = f" at or after LSN {start}" if start > 1 else ""
-        print(f"no record of transfer {transfer!r}{since}: no such id, or it is still in flight")
+        at = report.get("transfer_lsn")
+        if at is None:
+            since = f" at or after LSN {start}" if start > 1 else ""
+            print(f"no record of transfer {transfer!r}{since}: no such id, or it is still in flight")
+        elif at < start:
+            print(f"no record of transfer {transfer!r} at or after LSN {start}: its record is at LSN {at}")
+        else:
+            print(f"no record of transfer {transfer!r} touching account {account!r}: its record, at LSN {at}, names"
+                  " other accounts")
     for row in report["records"]:
         lsn, kind = f"{row['lsn']:>10}", row["kind"]
         if kind == "account":

@@ -53,14 +53,17 @@ from engine._tools import reading
 def inspect(path: str, start: int, limit: int | None, transfer: str | None, account: str | None) -> dict[str, Any]:
     """The journal as readable rows, for a person reading what happened: what can be read is
     shown, and `problem` says what cannot (a damaged record, a gap, records the anchor saw and
-    the journal lost). A transfer's record is found through the transfers index, not a scan."""
+    the journal lost). A transfer's record is found through the transfers index, not a scan;
+    `transfer_lsn` says where it is (None: no record of it), also when it is not shown."""
     rows: list[dict[str, Any]] = []
     problem = None
+    transfer_lsn = None
     with reading(path, audited=True) as journal:
         try:
             if transfer is not None:
                 check_id(transfer, "transfer id")
                 found = transfer_of(journal, transfer)
+                transfer_lsn = None if found is None else found.lsn
                 if found is not None and found.lsn >= start and (account is None or _touches(found, account, journal)):
                     rows.append(record_row(found))
             elif account is not None:
@@ -74,7 +77,10 @@ def inspect(path: str, start: int, limit: int | None, transfer: str | None, acco
             problem = str(error)
         if problem is None and journal.problem is not None:
             problem = str(journal.problem)
-    return {"path": path, "records": rows, "problem": problem}
+    report: dict[str, Any] = {"path": path, "records": rows, "problem": problem}
+    if transfer is not None:  # where its record is, shown or not (before --from, of other accounts)
+        report["transfer_lsn"] = transfer_lsn
+    return report
 
 
 def _account_rows(journal: Journal, account: str, start: int, limit: int | None, rows: list[dict[str, Any]]) -> None:

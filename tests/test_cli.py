@@ -321,6 +321,20 @@ def test_inspect_of_a_transfer_id_with_no_record_says_so(built: Built) -> None:
     assert code == 0 and report["records"] == []
 
 
+def test_inspect_of_a_transfer_not_among_the_records_asked_for_does_not_call_its_id_unknown(built: Built) -> None:
+    """fund-1 is bank -> bob: there is a record of it, none of it touching alice."""
+    done = tally("inspect", built.path, "--transfer", "fund-1", "--account", "alice")
+
+    assert done.returncode == 0 and done.stderr == ""
+    lsn = built.committed["fund-1"][3]
+    assert done.stdout == (f"no record of transfer 'fund-1' touching account 'alice': its record, at LSN {lsn}, names"
+                           " other accounts\n")
+    assert tally("inspect", built.path, "--transfer", "nope", "--account", "alice").stdout == (
+        "no record of transfer 'nope': no such id, or it is still in flight\n")
+    assert tally("inspect", built.path, "--transfer", "fund-1", "--from", str(lsn + 1)).stdout == (
+        f"no record of transfer 'fund-1' at or after LSN {lsn + 1}: its record is at LSN {lsn}\n")
+
+
 def test_recover_dry_run_changes_no_byte_and_says_where_it_would_checkpoint(built: Built) -> None:
     before = file_digest(built.path / "data.mdb")
 
