@@ -170,8 +170,9 @@ def _recover(args: argparse.Namespace) -> int:
         print("  in doubt: none on disk (reservations are never journaled; a commit record carries both entries);"
               " transfers in flight at the crash left no record, were never acknowledged, and run afresh if retried")
         print("  aborted by recovery: 0, finished by recovery: 0")
-        newest = f"LSN {report['checkpoint_lsn']}" if report["checkpoint_lsn"] else "none yet"
-        print(f"  records past the newest checkpoint ({newest}): {report['replayed_past_checkpoint']}")
+        if report["last_record"] is not None or report["verdict"] == "whole":  # (the checkpoints of whole books only)
+            newest = f"LSN {report['checkpoint_lsn']}" if report["checkpoint_lsn"] else "none yet"
+            print(f"  records past the newest checkpoint ({newest}): {report['replayed_past_checkpoint']}")
         if "checkpoint_written_at" in report:
             print(f"  wrote a checkpoint at LSN {report['checkpoint_written_at']}: the next open replays nothing")
         if "anchor_written_at" in report:

@@ -104,6 +104,8 @@ def render_audit(title: str, report: dict[str, Any]) -> None:
         print(f"  the journal was not opened: its lock file {lock_file} is no regular file (the data file was not read)")
     elif report["last_lsn"] is None:
         print("  the journal could not be read: its data file is damaged")
+    elif report["records_scanned"] is None:
+        print(f"  last LSN {report['last_lsn']}; the books were not rebuilt: the audit stopped at the damage below")
     else:
         print(f"  records scanned {report['records_scanned']}, last LSN {report['last_lsn']}, accounts {report['accounts']}")
         print(f"  transfers: committed {report['transfers_committed']}, rejected {report['transfers_rejected']}")

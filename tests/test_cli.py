@@ -486,6 +486,7 @@ def test_a_damaged_record_makes_verify_and_recover_exit_1_naming_its_lsn_and_cha
 
     assert done.returncode == 1 and code == 1
     assert f"LSN {lsn}" in done.stdout and "verdict: NOT WHOLE" in done.stdout
+    assert "None" not in done.stdout and "newest checkpoint" not in done.stdout, done.stdout  # (no figure it has not)
     assert done.stderr == ""
     assert report["corrupt_lsn"] == lsn
     assert report["verdict"] == "NOT WHOLE"
