@@ -92,8 +92,9 @@ def _run(args: argparse.Namespace) -> int:
             if args.at is None or (type(error) is AccountNotFound and not opened_later):
                 raise
             raise type(error)(said_at(str(error), args.at, args.account, opened_later)) from error
-        where = (f" ({report['entries']} entries, last LSN {report['last_lsn']})" if "at_lsn" not in report else
-                 f" at LSN {report['at_lsn']} ({shown_instant(report['at_timestamp'])})")
+        where = (f" at LSN {report['at_lsn']} ({shown_instant(report['at_timestamp'])})" if "at_lsn" in report else
+                 f" ({report['entries']} entries, last LSN {report['last_lsn']})" if report["entries"] else
+                 " (no entries yet)")
         emit(args, report, lambda: print(
             f"{report['account']}: posted {report['posted']} {report['currency']}, pending {report['pending']}, "
             f"available {report['available']}, incoming {report['incoming']}{where}"))

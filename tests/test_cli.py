@@ -247,6 +247,13 @@ def test_balance_prints_the_posted_balance_and_currency(built: Built) -> None:
     assert done.stdout.startswith(f"carol: posted {built.balances['carol']} USD, pending 0, available ")
 
 
+def test_balance_of_an_account_with_no_entry_says_so_rather_than_name_no_lsn(built: Built) -> None:
+    done = tally("balance", built.path, "euro")
+
+    assert done.returncode == 0
+    assert done.stdout == "euro: posted 0 EUR, pending 0, available 0, incoming 0 (no entries yet)\n"
+
+
 def test_history_lists_the_latest_entries_exactly_as_the_api_does(built: Built) -> None:
     code, report = tally_json("history", built.path, "alice", "--limit", "3")
 
