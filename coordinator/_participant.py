@@ -13,12 +13,12 @@ handlers, which change the state, in place of its mailbox loop.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from coordinator._rules import Refusal, decide
+from coordinator._rules import Leg, Refusal, decide
 from coordinator._state import AccountState, Pending, Posting
-from coordinator._values import TransferRequest, TransferStatus
+from coordinator._values import PENDING, SINGLE, TransferStatus
 
 if TYPE_CHECKING:
     from coordinator._claims import Ticket
@@ -96,8 +96,9 @@ class Participants(Protocol):
 
 class DebitStep:
     """The message each source of a ticket decides, in its mailbox (phase one of the
-    protocol): `decide` the ticket from its own state (the rules), reserve its debits if it
-    may, and `vote`. The last source to vote ends the phase on its own turn: if every source
+    protocol): `decide` the ticket from its own state (the rules), reserve what it takes of
+    the source's funds if it may (`reservations`), and `vote`. The last source to vote ends
+    the phase on its own turn: if every source
     reserved, the coordinator commits (deciding again under the sequencer lock); if one
     refused, the coordinator journals the refusal and the reservations are released. No
     source waits on another.
@@ -130,13 +131,14 @@ class DebitStep:
         """`rules.decide` of the ticket as source `account` sees it (its own state, its
         reservations and holds; the sequencer's projection for the other accounts, read
         without its lock: a state is one value, replaced whole, and the stamping decides
-        again under it): the funds it must reserve, or the refusal."""
+        again under it): the funds it must reserve (`reservations`), or the refusal."""
         decided = decide(self.ticket.requests, _SourceView(self._sequencer, account, state, held), 0,
                          {account: reserved})
-        if type(decided) is Refusal:
+        if isinstance(decided, Refusal):
             return decided
-        return sum(request.amount for request in self.ticket.requests
-                   if type(request) is TransferRequest and request.source == account)
+        if len(decided) == 1:
+            return decided[0][3]  # one transfer, from `account`: its amount
+        return reservations(decided).get(account, 0)
 
     def vote(self, account: str, refusal: Refusal | None, reserved: int) -> bool | None:
         """Source `account` reserved `reserved` (or refused). None: other sources have yet to
@@ -156,6 +158,25 @@ class DebitStep:
     def released_elsewhere(self, account: str) -> Mapping[str, int]:
         """What the other sources reserved, to release when the ticket does not commit."""
         return {source: amount for source, amount in self._reserved.items() if source != account and amount}
+
+
+def reservations(legs: Sequence[Leg]) -> dict[str, int]:
+    """What each source reserves for a ticket of these legs (transfers and pending transfers,
+    in order): the most they take from its available balance at any point of the ticket. That
+    is its debits, less what the legs before them credited it: a chain that pays an empty
+    account and spends that payment in its next leg needs nothing of the account's own, and
+    reserving the debit would refuse another such chain the funds it finds there, which it
+    would get in any order the two were decided in. (A pending leg's credit is not available.)"""
+    running: dict[str, int] = {}
+    most: dict[str, int] = {}
+    for kind, source, destination, amount, _, _ in legs:
+        if kind != SINGLE and kind != PENDING:
+            continue  # a post or a void: never decided in a mailbox
+        left = running[source] = running.get(source, 0) - amount
+        most[source] = max(most.get(source, 0), -left)
+        if kind == SINGLE:
+            running[destination] = running.get(destination, 0) + amount
+    return most
 
 
 class _SourceView:

@@ -52,6 +52,7 @@ from coordinator._limits import (
     EXPIRY_RECORD_IDS_MAX,
     UNINDEXED_ENTRIES_MAX,
 )
+from coordinator._participant import reservations
 from coordinator._records import (
     ACCOUNT4,
     ACCOUNTS_INDEX,
@@ -549,11 +550,14 @@ class Sequencer(Stamping):
 
 def postings(legs: Sequence[Leg], lsn: int, reserved: bool) -> list[Posting]:
     """What decided legs do to each account, in order: per leg, the source's then the
-    destination's. `reserved`: the sources reserved their debits (the mailbox path), which
-    these release."""
+    destination's. `reserved`: the sources reserved for them (the mailbox path), which these
+    release (a chain's: each source's whole reservation with its first debit)."""
     made: list[Posting] = []
+    releasing = reservations(legs) if reserved and len(legs) > 1 else None
     for kind, source, destination, amount, stamp, pending in legs:
         released = amount if reserved and (kind == SINGLE or kind == PENDING) else 0
+        if releasing is not None and released:
+            released = releasing.pop(source, 0)
         if kind == SINGLE:
             assert stamp is not None
             made += (Posting(source, stamp[0], -amount, stamp[1], lsn, released, 0, 0),

@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from coordinator import _history
+from coordinator import DebitStep, Refusal, _history
+from coordinator._turns import give_back_turns, take_turns
 
 from engine import (
     AccountNotFound,
@@ -670,3 +671,64 @@ def test_two_pending_legs_toward_one_account_may_not_promise_it_more_than_its_ba
                                     TransferRequest("p2", "src", "rich", 60, pending=True)])
         assert refused.value.index == 1 and isinstance(refused.value.cause, BalanceOverflow)
         assert ledger.balance("rich") == Balance(top - 100, 0, top - 100, 0)
+
+
+@pytest.mark.parametrize("path", ["through the mailboxes", "in the accounts' turns"])
+@pytest.mark.parametrize("pending", [False, True])
+def test_a_chain_through_an_empty_account_reserves_nothing_there_that_another_such_chain_needs(
+        ledger: Ledger, monkeypatch: pytest.MonkeyPatch, path: str, pending: bool) -> None:
+    """Two customers pay an empty shop at once, each in a chain whose next leg pays the shop's
+    fee from that payment (the README's chain). In either order both chains commit; so must
+    they when the second is decided while the first waits, its debits reserved, for another
+    source's vote. The shop's debit in the first chain is paid by that chain's own credit
+    before it: it must reserve nothing, else the second chain, which would find the shop as
+    empty as the first did, is refused for funds (journaled: final for its ids)."""
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    for name in ("alice", "carol", "shop", "fees", "d", "e"):
+        ledger.create_account(name, currency="USD")
+    for name in ("alice", "carol", "d"):
+        ledger.transfer(f"fund-{name}", source="bank", destination=name, amount=1_000)
+    coordinator = ledger._coordinator
+    busy = take_turns(coordinator, ["d"])  # the first chain's last source: its vote waits for this turn
+    assert busy is not None and "d" in busy
+    directory = ledger._directory
+    real_take_turns = directory.take_turns
+    monkeypatch.setattr(directory, "take_turns", lambda *args, **kwargs: {})  # busy: the mailbox path
+    made: list[list[Transfer] | LedgerError] = []
+    voted = threading.Event()
+    real_vote = DebitStep.vote
+
+    def vote(step: DebitStep, account: str, refusal: Refusal | None, reserved: int) -> bool | None:
+        outcome = real_vote(step, account, refusal, reserved)
+        if account == "shop":
+            voted.set()
+        return outcome
+
+    monkeypatch.setattr(DebitStep, "vote", vote)
+
+    def first() -> None:
+        try:
+            made.append(ledger.transfer_linked([leg("c1-0", "alice", "shop", 500),
+                                                leg("c1-1", "shop", "fees", 500, pending=pending),
+                                                leg("c1-2", "d", "e", 1)]))
+        except LedgerError as error:
+            made.append(error)
+
+    thread = threading.Thread(target=first)
+    try:
+        thread.start()
+        assert voted.wait(WAIT_S)  # alice and the shop voted; d's vote waits for its turn
+        assert not made, made
+        assert ledger.balance("shop") == Balance(0, 0, 0, 0)  # the chain brings what it takes from it
+        if path == "in the accounts' turns":
+            monkeypatch.setattr(directory, "take_turns", real_take_turns)
+        second = ledger.transfer_linked([leg("c2-0", "carol", "shop", 500),
+                                         leg("c2-1", "shop", "fees", 500, pending=pending)])
+        assert [transfer.id for transfer in second] == ["c2-0", "c2-1"]
+    finally:
+        give_back_turns(coordinator, busy)
+        thread.join(WAIT_S)
+    assert len(made) == 1 and isinstance(made[0], list), made
+    assert ledger.balance("shop") == (Balance(0, 0, 0, 0) if not pending else Balance(1_000, 1_000, 0, 0))
+    assert ledger.balance("fees").posted + ledger.balance("fees").incoming == 1_000
+    assert ledger.stats()["in_flight"] == 0
