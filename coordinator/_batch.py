@@ -96,7 +96,7 @@ class Batch:
             predecessors = set()
             for key in keys:
                 before = last.get(key)
-                if before is not None:
+                if before is not None and before != i:  # (a post's id may be its pending transfer's: one key twice)
                     predecessors.add(before)
                 last[key] = i
             for before in predecessors:

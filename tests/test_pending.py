@@ -1493,6 +1493,30 @@ def test_posts_and_voids_decide_in_one_batch_in_list_order_on_either_path(
     assert books._decide_many([Resolution("p1", "h1")]) == outcomes[:1]  # a retry: the same post
 
 
+@pytest.mark.parametrize("path", ["turns", "mailboxes"])
+def test_a_post_or_void_in_a_batch_whose_id_is_its_pending_transfers_id_is_decided_on_either_path(
+        books: Ledger, path: str) -> None:
+    """`Ledger._decide_many` (the sharded ledger's batches): a post named as its own pending
+    transfer (an id used already) is an `IdempotencyConflict`, as `post_pending` says; a void
+    of a pending id never used, named as it, is refused as not found. The path that starts
+    each item through the mailboxes planned such an item to follow itself, so it never
+    started and the batch timed out (`LedgerTimeout`), and so did every retry of it."""
+    from coordinator import Resolution
+    from coordinator._batch import Batch
+
+    books.transfer("h1", source="alice", destination="bob", amount=30, pending=True)
+    batch = [Resolution("h1", "h1"), Resolution("n", "n", void=True), Resolution("v1", "h1", void=True)]
+    if path == "turns":
+        out = books._decide_many(batch)
+    else:  # the batch path that starts each item through the mailboxes, in dependency order
+        out = Batch(books._coordinator, batch, WAIT_S).run()
+    assert [type(o).__name__ if isinstance(o, Exception) else o.kind for o in out] == [
+        "IdempotencyConflict", "PendingTransferNotFound", "void"]
+    with pytest.raises(IdempotencyConflict):
+        books.post_pending("h1", pending_id="h1")
+    assert books.balance("alice") == Balance(FUNDING, 0, FUNDING, 0)
+
+
 def test_transfer_many_refuses_a_post_or_a_void_among_its_items_and_moves_the_rest(tmp_path: Path) -> None:
     from coordinator import Resolution
 
