@@ -17,7 +17,9 @@ entries must be gapless running sums. One rule closes and reopens the ledger
 rebuild the same state, down to the state hash and the retry outcomes. At the
 end, explicit sequences of the same rules pin down cases the machine must always
 cover (deadlines a nanosecond apart, a post one nanosecond before its deadline
-and one at it), whatever hypothesis happens to draw.
+and one at it), whatever hypothesis happens to draw. Last, batches (posts and voids
+among their items) on the path that starts each item through the mailboxes are checked
+against the same requests made one by one on a ledger of its own.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -898,3 +900,103 @@ def test_an_explicit_sequence_agrees_with_the_model(name: str) -> None:
                 getattr(machine, invariant_name)()
     finally:
         machine.teardown()
+
+
+# --- a batch through the mailboxes against the same requests one by one ------------------
+
+BATCH_IDS = tuple(f"b-{n}" for n in range(6))
+"""Ids a batch draws from: reused on purpose, across batches and within one (a post may even
+be named as its own pending transfer)."""
+BATCH_ACCOUNTS = ("a", "b", "c", "d", "eur")
+
+
+class _NoTurns:
+    """`TurnBatch` that never takes the turns: every batch falls back to the mailboxes (`Batch`)."""
+
+    def __init__(self, *args: object) -> None:
+        pass
+
+    def run(self) -> None:
+        return None
+
+
+batch_item_draws = st.one_of(
+    st.tuples(st.just("transfer"), st.sampled_from(BATCH_IDS), st.permutations(BATCH_ACCOUNTS).map(lambda p: p[:2]),
+              st.sampled_from((1, 20, 50, 120)), st.booleans(), st.sampled_from(TIMEOUTS)),
+    st.tuples(st.just("post"), st.sampled_from(BATCH_IDS), st.sampled_from(BATCH_IDS),
+              st.sampled_from((None, None, 1, 20, 120))),
+    st.tuples(st.just("void"), st.sampled_from(BATCH_IDS), st.sampled_from(BATCH_IDS)),
+)
+
+
+def _batch_item(draw: tuple[Any, ...]) -> Request:
+    if draw[0] == "transfer":
+        _, tid, (source, destination), amount, pending, timeout_s = draw
+        return TransferRequest(tid, source, destination, amount, pending=pending,
+                               timeout_s=timeout_s if pending else None)
+    return Resolution(draw[1], draw[2], draw[3] if draw[0] == "post" else None, void=draw[0] == "void")
+
+
+def _one_by_one(ledger: Ledger, request: Request) -> Transfer | LedgerError:
+    try:
+        if type(request) is TransferRequest:
+            return ledger.transfer(request.id, source=request.source, destination=request.destination,
+                                   amount=request.amount, pending=request.pending, timeout_s=request.timeout_s)
+        assert type(request) is Resolution
+        if request.void:
+            return ledger.void_pending(request.id, pending_id=request.pending_id)
+        return ledger.post_pending(request.id, pending_id=request.pending_id, amount=request.amount)
+    except LedgerError as error:
+        return error
+
+
+def _seen(outcome: Transfer | LedgerError) -> object:
+    """An outcome as both ledgers must agree on it: all but where and when (LSN, timestamp)."""
+    return replace(outcome, lsn=0, timestamp=0) if isinstance(outcome, Transfer) else type(outcome)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, database=None,
+          phases=(Phase.explicit, Phase.reuse, Phase.generate), suppress_health_check=[HealthCheck.too_slow])
+@given(batches=st.lists(st.tuples(st.lists(batch_item_draws, min_size=1, max_size=8), st.sampled_from((0, 1, 2)),
+                                  st.booleans()), min_size=1, max_size=4))
+def test_a_batch_through_the_mailboxes_decides_as_its_items_one_after_another(
+        batches: list[tuple[list[tuple[Any, ...]], int, bool]]) -> None:
+    """`Ledger._decide_many` (transfer_many, with posts and voids: the sharded ledger's) on the
+    path that starts each item through the mailboxes once its predecessors on the same
+    accounts or ids are decided (`coordinator._batch.Batch`, what a batch falls back to when
+    its turns cannot be taken) must answer every item as `transfer`, `post_pending` and
+    `void_pending` do one after another on a ledger of its own, and leave the same balances.
+    Between two batches both clocks move by whole seconds and a half (deadlines never fall
+    among the nanoseconds a batch's decisions are apart), and both expire what is due, or not."""
+    with tempfile.TemporaryDirectory() as directory, pytest.MonkeyPatch.context() as patch:
+        import coordinator._coordinator
+
+        patch.setattr(coordinator._coordinator, "TurnBatch", _NoTurns)
+        clocks = [[CLOCK_START_NS], [CLOCK_START_NS]]
+        ledgers = [Ledger.open(Path(directory) / name, clock_ns=lambda clock=clock: clock[0],  # type: ignore[misc]
+                               timeout_s=10) for name, clock in zip(("batched", "one-by-one"), clocks, strict=True)]
+        try:
+            for ledger in ledgers:
+                ledger.create_account("bank", currency="USD", overdraft_limit=None)
+                for account, limit in zip(BATCH_ACCOUNTS[:-1], (0, 0, 50, 0), strict=True):
+                    ledger.create_account(account, currency="USD", overdraft_limit=limit)
+                ledger.create_account("eur", currency="EUR")
+                ledger.transfer("fund", source="bank", destination="a", amount=100)
+            batched, one_by_one = ledgers
+            for draws, seconds, expire in batches:
+                requests = [_batch_item(draw) for draw in draws]
+                outcomes = batched._decide_many(requests)
+                expected = [_one_by_one(one_by_one, request) for request in requests]
+                assert list(map(_seen, outcomes)) == list(map(_seen, expected)), requests
+                for clock in clocks:
+                    clock[0] += seconds * NS + NS // 2
+                if expire:
+                    assert batched.expire_pending() == one_by_one.expire_pending()
+                assert [batched.balance(name) for name in ("bank", *BATCH_ACCOUNTS)] == [
+                    one_by_one.balance(name) for name in ("bank", *BATCH_ACCOUNTS)]
+            for tid in BATCH_IDS:  # each id's Transfer, with its status as of now (or None: refused, or never used)
+                made, expected_now = batched.get_transfer(tid), one_by_one.get_transfer(tid)
+                assert (made and _seen(made)) == (expected_now and _seen(expected_now)), tid
+        finally:
+            for ledger in ledgers:
+                ledger.close()
