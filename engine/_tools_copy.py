@@ -47,7 +47,7 @@ from coordinator import (
     records,
     state_hash,
 )
-from journal import ANCHOR_FILE, Journal, JournalAnchorMissingError, sync_directory
+from journal import ANCHOR_FILE, COPY_STAGING_PREFIXES, Journal, JournalAnchorMissingError, sync_directory
 
 from engine._ledger import Ledger
 from engine._readonly import recover_beside_writer
@@ -137,7 +137,8 @@ def _staging(into: str, doing: str) -> str:
         os.makedirs(into, exist_ok=True)
     except OSError as error:  # under a file, a dangling link, no room: as an open of a ledger there says it
         raise NotALedger(f"{into!r} cannot be made a ledger directory: {error}") from error
-    staging = os.path.join(into, f".{doing}-{secrets.token_hex(4)}")
+    prefix = next(prefix for prefix in COPY_STAGING_PREFIXES if prefix == f".{doing}-")  # (one an open refuses)
+    staging = os.path.join(into, prefix + secrets.token_hex(4))
     os.mkdir(staging)
     return staging
 

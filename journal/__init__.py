@@ -24,7 +24,7 @@ from journal._anchor import ANCHOR_FILE, sync_directory
 from journal._directory import LOCK_FILE, refuse_foreign
 from journal._journal import Journal, reanchor
 from journal._limits import FORMAT_VERSION, LSN_MAX
-from journal._names import LMDB_LOCK_FILE
+from journal._names import COPY_STAGING_PREFIXES, LMDB_LOCK_FILE
 from journal._store import files_of
 from journal._commits import Behind, IndexPut, IndexPuts
 
@@ -36,6 +36,7 @@ __all__ = [
     "GENESIS",
     "FORMAT_VERSION",
     "LOCK_FILE",
+    "COPY_STAGING_PREFIXES",
     "LMDB_LOCK_FILE",
     "LSN_MAX",
     "CRASH_POINTS",

@@ -16,7 +16,7 @@ import shutil
 
 from journal._anchor import ANCHOR_FILE, AnchorState, open_regular, read_anchor
 from journal._errors import JournalCorruptedError, JournalError, JournalLockedError, JournalNotFoundError
-from journal._names import DATA_FILE, LMDB_LOCK_FILE, STAGING_DIR
+from journal._names import COPY_STAGING_PREFIXES, DATA_FILE, LMDB_LOCK_FILE, STAGING_DIR
 from journal._seal import SEAL_FILE
 
 LOCK_FILE = "tally.lock"
@@ -129,13 +129,20 @@ def _flock(fd: int, path: str, directory: bool = False) -> None:
 def refuse_foreign(path: str) -> None:
     """Raise `JournalNotFoundError` if directory `path` holds no journal yet but other files
     (hidden ones and a file system's `lost+found` aside): never scatter a journal into
-    something else. One that cannot be listed passes: nothing to tell."""
+    something else; nor into the target of a salvage or replay cut short (its unfinished
+    copy, `COPY_STAGING_PREFIXES`, hidden as it is): a new, empty ledger there would be taken
+    for the copy. One that cannot be listed passes: nothing to tell."""
     if os.path.exists(os.path.join(path, DATA_FILE)) or os.path.exists(os.path.join(path, ANCHOR_FILE)):
         return
     try:
         names = os.listdir(path)
     except OSError:
         return
+    unfinished = sorted(name for name in names if name.startswith(COPY_STAGING_PREFIXES))
+    if unfinished:
+        raise JournalNotFoundError(
+            f"{path} is not a Tally ledger: it holds {unfinished[0]!r}, the unfinished copy of a salvage or a replay "
+            "that was cut short; delete it, then run that salvage or replay again")
     others = sorted(name for name in names if name not in _OURS and not name.startswith(".") and name != "lost+found")
     if others:
         raise JournalNotFoundError(

@@ -662,6 +662,31 @@ def test_a_salvage_that_fails_while_copying_leaves_nothing_under_the_new_name(
     assert not into.exists() or os.listdir(into) == []
 
 
+@pytest.mark.parametrize("doing", ["salvaging", "replaying"])
+def test_a_directory_where_a_killed_salvage_or_replay_left_its_copy_is_never_made_a_new_empty_ledger(
+    built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, doing: str
+) -> None:
+    """A salvage or replay killed while it copies leaves NEW holding only its unfinished copy,
+    hidden (`.salvaging-XXXXXXXX`). Opening NEW then made a new, empty ledger beside it, with
+    no word: one that a host would take for the copy. It is refused, naming what is there."""
+    into = tmp_path / "copy"
+
+    def killed(*args: Any) -> Any:  # the process dies here: what it leaves, left as it was
+        raise SystemExit("killed (as this test makes it)")
+
+    monkeypatch.setattr(_tools_copy, "_copy_record" if doing == "salvaging" else "_flush", killed)
+    monkeypatch.setattr(_tools_copy.shutil, "rmtree", lambda *_args, **_kwargs: None)  # a kill cleans nothing up
+    with pytest.raises(SystemExit):
+        (_tools_copy.salvage if doing == "salvaging" else _tools_copy.replay)(str(built.path), str(into))
+    monkeypatch.undo()
+    left = os.listdir(into)
+    assert len(left) == 1 and left[0].startswith(f".{doing}-"), left
+
+    with pytest.raises(NotALedger, match=f"holds '\\.{doing}-[0-9a-f]{{8}}', the unfinished copy of a salvage or a replay"):
+        Ledger.open(into)
+    assert os.listdir(into) == left  # nothing made beside it
+
+
 @pytest.mark.parametrize("new", ["missing", "an empty directory"])
 @pytest.mark.parametrize("fails", ["diverges", "is written meanwhile"])
 def test_a_replay_that_fails_leaves_nothing_under_the_new_name(
