@@ -237,8 +237,15 @@ def history(path: str, account_id: str, limit: int) -> dict[str, Any]:
         end = reads.end()
         with journal.snapshot() as txn:
             account = _account(journal, account_id, txn)
-        transfers = reads.transfers(account=account_id, limit=min(limit, TRANSFERS_PAGE_MAX) or TRANSFERS_PAGE_MAX,
-                                    reverse=True)
+        transfers: list[Transfer] = []
+        until = end
+        while until > 0 and (not limit or len(transfers) < limit):  # page by page: a page holds at most a maximum
+            page = reads.transfers(account=account_id, until_lsn=until, reverse=True,
+                                   limit=min(limit - len(transfers), TRANSFERS_PAGE_MAX) if limit else TRANSFERS_PAGE_MAX)
+            if not page:
+                break
+            transfers += page
+            until = page[-1].lsn - 1
         rows = unindexed.get(account_id, [])
         with journal.snapshot() as txn:
             last = entry_row_at(journal, account_id, end, rows, txn)

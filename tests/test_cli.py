@@ -275,6 +275,20 @@ def test_history_without_a_limit_shows_every_entry_of_a_short_history(built: Bui
     assert sorted(line.split()[4] for line in lines[transfers_at + 1:]) == sorted(touching)
 
 
+@pytest.mark.parametrize("limit", [0, 2, 7, 20])
+def test_history_pages_through_transfers_past_a_page_s_maximum(built: Built, monkeypatch: pytest.MonkeyPatch,
+                                                                limit: int) -> None:
+    """An account's latest transfers were one page, so a limit above a page's maximum (10,000)
+    gave that many and no more, without a word; they are read page by page now (here with
+    pages of 3, so the paging is what is tested)."""
+    monkeypatch.setattr(_tools_read, "TRANSFERS_PAGE_MAX", 3)
+    report = _tools_read.history(str(built.path), "alice", limit)
+    with Ledger.open(built.path, readonly=True) as ledger:
+        every = ledger.transfers(account="alice", limit=10_000, reverse=True)
+    assert len(every) > 7
+    assert [transfer["id"] for transfer in report["transfers"]] == [transfer.id for transfer in every][:limit or None]
+
+
 # --- replay ----------------------------------------------------------------------
 
 
