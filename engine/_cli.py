@@ -226,9 +226,12 @@ def _shards_hint(args: argparse.Namespace, error: LedgerError, argv: list[str]) 
         shard = 0 if account is None else shard_of(check_id(account, "account"), shards)
     except InvalidRequest:  # no id a shard could hold: the error said what is wrong
         return ""
-    command = [os.path.join(path, f"shard-{shard}") if word == path else word for word in argv]
+    into = getattr(args, "into", None)  # a copy (replay, salvage): each shard's into a directory of its own
+    command = [os.path.join(path, f"shard-{shard}") if word == path
+               else os.path.join(into, f"shard-{shard}") if word == into else word for word in argv]
     which = ("the shard its id places it on; one made with placement=KEY lives on the key's" if account is not None
-             else f"each of shard-0 to shard-{shards - 1} in turn")
+             else f"each of shard-0 to shard-{shards - 1} in turn"
+             + ("" if into is None else f", each into its own directory, {os.path.join(into, 'shard-N')}"))
     shown_command = printable(shlex.join(command))  # (the words as a shell reads them)
     return (f"; it is a sharded ledger of {shards} shards, each an ordinary ledger: give a shard's directory "
             f"({which}), e.g. `tally {shown_command}`")

@@ -878,8 +878,12 @@ SHARDED_ROOT_COMMANDS = {
     "verify": (["verify", "{root}"], "each of shard-0 to shard-2 in turn", "verify {shard}"),
     "recover --dry-run": (["recover", "{root}", "--dry-run"], "each of shard-0 to shard-2 in turn",
                           "recover {shard} --dry-run"),
-    "replay": (["replay", "{root}", "--into", "{tmp}/copy"], "each of shard-0 to shard-2 in turn",
-               "replay {shard} --into {tmp}/copy"),
+    "replay": (["replay", "{root}", "--into", "{tmp}/copy"],
+               "each of shard-0 to shard-2 in turn, each into its own directory, {tmp}/copy/shard-N",
+               "replay {shard} --into {tmp}/copy/shard-0"),
+    "recover --salvage": (["recover", "{root}", "--salvage", "--into", "{tmp}/saved"],
+                          "each of shard-0 to shard-2 in turn, each into its own directory, {tmp}/saved/shard-N",
+                          "recover {shard} --salvage --into {tmp}/saved/shard-0"),
     "inspect": (["inspect", "{root}"], "each of shard-0 to shard-2 in turn", "inspect {shard}"),
     "tail": (["tail", "{root}"], "each of shard-0 to shard-2 in turn", "tail {shard}"),
     "balance": (["balance", "{root}", "{account}"], "the shard its id places it on", "balance {shard} {account}"),
@@ -922,7 +926,7 @@ def test_a_tool_given_a_sharded_ledgers_directory_names_the_command_for_a_shard(
     suggestion = suggested.format(shard=shard_path, **fill)
     assert done.stderr.splitlines() == [
         f"tally {args[0]}: {root} is not a Tally ledger (it holds no journal); it is a sharded ledger of 3 shards, "
-        f"each an ordinary ledger: give a shard's directory ({which}"
+        f"each an ordinary ledger: give a shard's directory ({which.format(**fill)}"
         + ("; one made with placement=KEY lives on the key's" if "{account}" in args else "")
         + f"), e.g. `tally {suggestion}`"]
     again = tally(*suggestion.split())
