@@ -30,7 +30,7 @@ from journal._errors import (
     lmdb_read_error,
     os_read_error,
 )
-from journal._format import check_index_values, index_seed, key_lsn
+from journal._format import index_seed, key_lsn, unframe_index_values
 from journal._limits import FORMAT_VERSION, FORMAT_VERSIONS_READ, RACE_TRIES_MAX, RACE_WAIT_S, SNAPSHOT_TRIES_MAX
 from journal._meta import Meta, committed_meta, read_metas
 from journal._names import FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB
@@ -119,7 +119,7 @@ class _Visitor:
         if self.format_version is None:
             raise JournalFormatError("the format version is missing", where="the meta database")
         if self.format_version >= 2:
-            check_index_values(seed, label, keys, values)
+            unframe_index_values(seed, label, keys, values)
 
     @property
     def names(self) -> frozenset[bytes]:

@@ -158,16 +158,12 @@ def unframe_index_value(seed: int, name: str, key: bytes, stored: bytes) -> byte
     return value
 
 
-_SEALED_RESIDUE = 0x2144DF1C
-"""What CRC-32 gives over bytes followed by their own CRC-32 (little-endian), from any start:
-an entry as stored, summed from its index's seed and key, gives this if its checksum holds."""
-
-
-def check_index_values(seed: int, name: str, keys: list[bytes], stored: list[bytes]) -> None:
-    """`unframe_index_value` of a leaf's worth of entries at once, their values unused (an open
-    verifies every index entry: this is that loop, in maps rather than a call an entry, each
-    entry summed whole against `_SEALED_RESIDUE`, with no slice of it made)."""
-    sums = list(map(zlib.crc32, stored, map(zlib.crc32, keys, repeat(seed))))
-    if sums.count(_SEALED_RESIDUE) != len(sums) or min(map(len, stored), default=_CRC.size) < _CRC.size:
+def unframe_index_values(seed: int, name: str, keys: list[bytes], stored: list[bytes]) -> list[bytes]:
+    """`unframe_index_value` of a leaf's worth of entries at once (an open verifies every
+    index entry: this is that loop, in maps rather than a call an entry)."""
+    values = [value[:-_CRC.size] for value in stored]
+    sums = list(map(_CRC.pack, map(zlib.crc32, values, map(zlib.crc32, keys, repeat(seed)))))
+    if [value[-_CRC.size:] for value in stored] != sums:
         for key, value in zip(keys, stored, strict=True):
             unframe_index_value(seed, name, key, value)  # raises for the first bad one
+    return values
