@@ -243,8 +243,10 @@ class _Walk:
         size, rest = divmod(page_bytes - upper, count)
         key_bytes = data[upper + 6] | data[upper + 7] << 8  # the first node's mn_ksize, then its mn_lo
         value_bytes = data[upper] | data[upper + 1] << 8
-        pad = size - NODE_HEADER_BYTES - key_bytes - value_bytes  # a node takes an even number of bytes
-        if rest or pad not in (0, 1) or (self.key_bytes and key_bytes != self.key_bytes):
+        # A node takes an even number of bytes (LMDB starts each on an even offset): one byte of
+        # pad after a node of an odd size, none after an even one, as `_leaf` rounds them.
+        pad = size - NODE_HEADER_BYTES - key_bytes - value_bytes
+        if rest or pad != (key_bytes + value_bytes) & 1 or (self.key_bytes and key_bytes != self.key_bytes):
             return None
         shape = (count, key_bytes, value_bytes, pad)
         nodes = self._uniforms.get(shape)

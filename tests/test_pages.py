@@ -139,3 +139,45 @@ def test_damage_in_a_leaf_whose_nodes_are_one_size_is_found_at_open(tmp_path: Pa
     with pytest.raises(JournalCorrupted) as caught:
         Ledger.open(path)
     assert caught.value.where is not None, caught.value
+
+
+@pytest.mark.parametrize("name", [b"transfers", b"records"])
+def test_a_leaf_whose_nodes_lie_an_odd_number_of_bytes_apart_is_found_at_open(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch,
+                                                                              name: bytes) -> None:
+    """LMDB starts every node on an even offset: a node's size is rounded up to an even number
+    of bytes. A leaf whose nodes of one size are moved one byte further apart (its free-space
+    bound moved to match) is damage the node-by-node reading refuses; so must the whole one."""
+    path = tmp_path / "ledger"
+    build(path)
+    _, _, taken = read_all(path, True, monkeypatch)
+    data = (path / "data.mdb").read_bytes()
+    for pgno in taken[name]:  # a leaf with room for one more byte a node
+        at = pgno * PAGE_BYTES
+        page = data[at : at + PAGE_BYTES]
+        _, _, _, lower, upper = struct.unpack_from("<QHHHH", page)
+        count = (lower - PAGE_HEADER_BYTES) // 2
+        size = (PAGE_BYTES - upper) // count
+        value_bytes, _, _, key_bytes = struct.unpack_from("<HHHH", page, upper)
+        node_bytes = 8 + key_bytes + value_bytes
+        stride = node_bytes if node_bytes % 2 else node_bytes + 1  # odd: no pad, or one byte too many
+        moved = PAGE_BYTES - count * stride
+        if count >= 2 and moved >= lower:
+            break
+    else:
+        pytest.fail(f"no leaf of {name!r} read whole has room")
+    pointers = struct.unpack_from(f"<{count}H", page, PAGE_HEADER_BYTES)
+    nodes = bytearray(count * stride)
+    new_pointers = []
+    for pointer in pointers:
+        place = (pointer - upper) // size
+        nodes[place * stride : place * stride + node_bytes] = page[pointer : pointer + node_bytes]
+        new_pointers.append(moved + place * stride)
+    damaged = bytearray(page)
+    struct.pack_into("<H", damaged, 14, moved)  # mp_upper
+    struct.pack_into(f"<{count}H", damaged, PAGE_HEADER_BYTES, *new_pointers)
+    damaged[moved:] = nodes
+    _patch(path, at, bytes(damaged))
+    with pytest.raises(JournalCorrupted) as caught:
+        Ledger.open(path)
+    assert caught.value.where is not None, caught.value
