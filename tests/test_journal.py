@@ -25,6 +25,7 @@ from journal import (
 )
 from journal._limits import READ_CHUNK_RECORDS
 from journal._commits import put_all
+from journal._format import frame_index_value, index_seed, unframe_index_value, unframe_index_values
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 10.0
@@ -585,3 +586,21 @@ def test_a_pause_lets_go_of_the_interpreter_once_a_read_has_held_it_for_the_swit
     now[0] += READ_PAUSE_S
     between()
     assert slept == [READ_PAUSE_S, READ_PAUSE_S]
+
+
+@pytest.mark.parametrize("entries", [1, 3])
+def test_a_leaf_of_index_entries_whose_checksums_are_stored_byte_reversed_fails_as_each_entry_does(
+        entries: int) -> None:
+    """An open checks a leaf of index entries at once (`unframe_index_values`); it must refuse
+    every entry `unframe_index_value` refuses: here, each entry's checksum with its four bytes
+    in the other order (what a checksum stored little-endian would read as)."""
+    seed = index_seed("transfers")
+    keys = [f"key-{n}".encode() for n in range(entries)]
+    stored = [frame_index_value(seed, key, b"value %d" % n) for n, key in enumerate(keys)]
+    assert unframe_index_values(seed, "transfers", keys, stored) == [b"value %d" % n for n in range(entries)]
+    reversed_sums = [value[:-4] + value[-4:][::-1] for value in stored]
+    for key, value in zip(keys, reversed_sums, strict=True):
+        with pytest.raises(JournalCorruptedError):
+            unframe_index_value(seed, "transfers", key, value)
+    with pytest.raises(JournalCorruptedError, match="fails its checksum"):
+        unframe_index_values(seed, "transfers", keys, reversed_sums)
