@@ -2,10 +2,14 @@
 
 A decision (open an account; commit or refuse a transfer, a post or a void of a pending
 transfer, a linked chain; expire pending transfers) is made by the rules (`rules.decide`)
-from the projection, stamped with its LSN and timestamp (`coordinator._stamps`, the base
-class of `Sequencer`), and appended to the journal under one short lock, and what it does to
-each account is handed to the account inside that same lock. So every account receives its entries in LSN order, which is the order replay applies
-them in, and an entry's seq and balance are decided exactly once, here.
+from the projection, stamped with its LSN and timestamp (`coordinator._stamps`, `Stamping`),
+and appended to the journal under one short lock (`coordinator._appends`, `Appending`; an
+account's record: `coordinator._account_opening`, `AccountOpening`; both base classes of
+`Sequencer`, over `Stamping`), and what it does to each account (`coordinator._postings`) is
+handed to the account inside that same lock. So every account receives its entries in LSN
+order, which is the order replay applies them in, and an entry's seq and balance are decided
+exactly once, here. The sequencer itself keeps the projection, expiry, counting what was
+queued (`_appended`) and the checkpoints.
 
 The lock covers deciding, stamping and queueing only (microseconds), never a wait: the
 protocol before it (reserving funds in the sources' mailboxes) runs in parallel.
@@ -38,10 +42,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from journal import CRASH_POINT_ARMED, Behind, Completion, Journal, JournalError, crash_point
+from journal import Behind, Journal, JournalError, crash_point
 
+from coordinator._account_opening import AccountOpening
+from coordinator._appends import Appending
 from coordinator._checkpoint_rows import CheckpointRows
 from coordinator._entries import Unindexed, Joined, UnindexedEntries, first_key, hold_row_lsn, newest_checkpoint_lsn
 from coordinator._history import resolution_of
@@ -52,10 +58,7 @@ from coordinator._limits import (
     EXPIRY_RECORD_IDS_MAX,
     UNINDEXED_ENTRIES_MAX,
 )
-from coordinator._participant import reservations
 from coordinator._records import (
-    ACCOUNT4,
-    ACCOUNTS_INDEX,
     CHECKPOINT4,
     CHECKPOINTS_INDEX,
     ENTRIES_INDEX,
@@ -66,24 +69,19 @@ from coordinator._records import (
     encode,
     encode_holds,
     holds_key,
-    id_key,
     lsn_value,
     resolution_key,
 )
-from coordinator._rules import NOTHING, Leg, Refusal, enter, expire, holds_expired
-from coordinator._stamps import Chunk, Pin, Stamping
-from coordinator._state import NO_ENTRIES, Pending, Posting, Projection
-from coordinator._values import PENDING, SINGLE, Account, Request, TransferStatus
-
-if TYPE_CHECKING:
-    from coordinator._claims import Ticket
-
-Deliver = Callable[[list[Posting]], None]
+from coordinator._postings import Deliver, releasing_hold
+from coordinator._rules import Leg, expire, holds_expired
+from coordinator._stamps import Pin
+from coordinator._state import Pending, Projection
+from coordinator._values import Request, TransferStatus
 
 logger = logging.getLogger("tally.coordinator")
 
 
-class Sequencer(Stamping):
+class Sequencer(AccountOpening, Appending):
     """Owns journal order. Every method is called with no lock held and returns at once,
     unless it says to hold `lock`. It is the `rules.Book` decisions read."""
 
@@ -187,173 +185,8 @@ class Sequencer(Stamping):
         if timestamp > self.last_timestamp:
             self.last_timestamp = timestamp
 
-    # --- accounts ----------------------------------------------------------------------
-
-    def open_account(self, account: Account, completion: Completion) -> int:
-        """Journal a new account. The caller checked, under `lock`, that the id is free."""
-        assert self.lock.locked()
-        assert account.id not in self.accounts, account.id
-        metadata = None if account.metadata is None else account.metadata.as_dict()
-        payload = encode([ACCOUNT4, self.timestamp(), account.id, account.currency, account.overdraft_limit,
-                          account.code, metadata])
-        lsn = self._journal.last_lsn + 1
-        index = [(ACCOUNTS_INDEX, id_key(account.id), lsn_value(lsn))]
-        if self._holds_from_due:
-            marks = iter(self._marked({}, lsn)[ENTRIES_INDEX])
-            index += ((ENTRIES_INDEX, key, value) for key, value in zip(marks, marks, strict=True))
-        try:
-            appended = self._journal.append(payload, index, completion)
-        finally:
-            self._opened((account,), lsn)
-        assert appended == lsn, (appended, lsn)
-        self._appended()
-        return lsn
-
-    def open_accounts(self, accounts: Sequence[Account]) -> int:
-        """Journal new accounts as one block (`open_account` of each, in order); the LSN of
-        the last. The caller checked, under `lock`, that every id is free and none repeats."""
-        assert self.lock.locked()
-        payloads: list[bytes] = []
-        keys: list[bytes] = []
-        first = lsn = self._journal.last_lsn + 1
-        readings = [self.clock() for _ in accounts]  # every reading first: a bad one raises before anything moved
-        for account, now in zip(accounts, readings, strict=True):
-            timestamp = self.timestamp(1, now)
-            metadata = None if account.metadata is None else account.metadata.as_dict()
-            payloads.append(encode([ACCOUNT4, timestamp, account.id, account.currency, account.overdraft_limit,
-                                    account.code, metadata]))
-            keys += (id_key(account.id), lsn_value(lsn))
-            lsn += 1
-        try:
-            appended = self._journal.append_block(payloads, self._marked({ACCOUNTS_INDEX: keys}, first),
-                                                  [None] * len(payloads))
-        finally:
-            self._opened(accounts, first)
-        assert appended == first, (appended, first)
-        self._appended(len(payloads))
-        return first + len(payloads) - 1
-
-    def _opened(self, accounts: Sequence[Account], first: int) -> None:
-        """The projection takes the accounts journaled from `first` on, if their records were
-        queued: also when an interrupt came out of the append after it queued them (else a
-        retry would find the ids free and journal them twice)."""
-        if self._journal.last_lsn < first:
-            return
-        self._journaled_timestamp = self.last_timestamp
-        self._holds_from_due = False
-        self.index_entries += len(accounts)
-        account_lsns, states, known = self.account_lsns, self.states, self.accounts
-        for lsn, account in enumerate(accounts, first):
-            account_lsns[account.id] = lsn
-            states[account.id] = NO_ENTRIES
-            known[account.id] = account  # last: threads that find it there (without the lock) find the rest
-
-    # --- decisions (stamping them: `coordinator._stamps`) ------------------------------
-
-    def broken(self, error: BaseException) -> None:
-        """A bug met after the projection (or an account) moved past a decision and before
-        all of it reached the journal and the accounts: fail the journal, so nothing is
-        written on top of memory the journal does not hold; reopening rebuilds it."""
-        logger.error("the ledger's memory and its journal disagree after %r: refusing writes until reopened", error)
-        self._journal.refuse_writes(f"refusing writes until the ledger is reopened: {error!r} was raised while a "
-                                    "decision was being applied")
-
-    def enter_stamped(self) -> None:
-        """Move the projection past the legs `stamp` decided without `enter_now`."""
-        requests, legs, lsn, timestamp = self._unentered
-        enter(self, requests, legs, lsn, timestamp)
-
-    def _not_appended(self, error: BaseException, lsn: int, counts: tuple[int, int]) -> None:
-        """After `error` came out of appending the record stamped at `lsn`: forget what its
-        stamp counted (`_undo_counts`), unless it was queued all the same, or `error` is an
-        interrupt, which may have landed partway through what `_append` puts in memory: then
-        memory cannot be trusted to follow the journal, and writes stop (`broken`)."""
-        if self._journal.last_lsn >= lsn or not isinstance(error, Exception):
-            self.broken(error)
-        else:
-            self._undo_counts(*counts)
-
-    def _undo_counts(self, index_entries: int, resolved: int) -> None:
-        """Forget what stamps counted for records the journal refused to queue: the index
-        entries they would have put, the pending transfers they would have resolved."""
-        self.index_entries = index_entries
-        while len(self._resolved_at) > resolved:
-            self._resolved.pop(self._resolved_at.pop()[1], None)
-
-    def _marked(self, index: dict[str, Any], lsn: int) -> dict[str, Any]:
-        """`index` (the puts of a block starting at `lsn`), with `HOLDS_FROM_KEY` and the
-        baseline hold rows if still due (written at once, in the block's transaction)."""
-        if self._holds_from_due:
-            holds = index.get(ENTRIES_INDEX)
-            index[ENTRIES_INDEX] = [*(holds or ()), HOLDS_FROM_KEY, lsn_value(lsn), *self._baseline]
-        return index
-
-    def commit(self, ticket: Ticket, deliver: Deliver, reserved: bool, pin: Pin | None = None,
-               refused: tuple[Deliver, list[Posting]] | None = None) -> list[Leg] | Refusal:
-        """The mailbox path's decision, once every source has reserved its debits (`reserved`;
-        or a ticket with none to reserve): decide the ticket from the projection, journal it
-        (committed or refused), and deliver what it does to each account (the postings, which
-        end the sources' reservations). The writer releases the ticket once its record is
-        durable.
-
-        `pin`, for a caller that did not pin every account the decision may touch beforehand
-        (a post or a void: its pending transfer may have opened since it looked), pins the
-        accounts the legs touch, under `lock` and before the projection moves: an account
-        activated later starts from a projection past this decision, one activated earlier
-        gets its postings, never both.
-
-        `refused`: `(release, releases)`, the sources' reservations to hand back if it is refused,
-        in the same hold of the lock as the refusal is queued (as `reject` does)."""
-        chunk = Chunk()
-        with self.lock:
-            lsn = self._journal.last_lsn + 1
-            counts = self.index_entries, len(self._resolved_at)
-            try:  # from the stamp on: an interrupt between it and the append moved the counts
-                decided = self.stamp(chunk, ticket, lsn, NOTHING, pin, enter_now=False)
-                appended = self._append(chunk, lsn)
-            except BaseException as error:
-                self._not_appended(error, lsn, counts)
-                raise
-            assert appended == lsn, (appended, lsn)
-            if type(decided) is not Refusal:
-                try:
-                    self.enter_stamped()
-                    crash_point("after-commit-queued")
-                    made = postings(decided, lsn, reserved)  # type: ignore[arg-type]
-                    if CRASH_POINT_ARMED and len(decided) > 1:
-                        deliver(made[:2])  # the first leg's
-                        crash_point("mid-linked-chain")
-                        made = made[2:]
-                    deliver(made)
-                except BaseException as error:  # a bug, or an interrupt: memory is behind the queued record
-                    self.broken(error)
-                    raise
-            elif refused is not None and refused[1]:
-                refused[0](refused[1])
-            self._appended()
-        return decided
-
-    def reject(self, ticket: Ticket, index: int, code: str, release: Deliver | None = None,
-               releases: list[Posting] | None = None) -> int:
-        """Journal a refusal decided before the sequencer (a source refused its debit in its
-        mailbox); it consumes every id of the ticket. The writer releases it once durable.
-        `release(releases)`: the other sources' reservations handed back, once it is queued
-        and in the same hold (a balance that waits for the hold sees them gone)."""
-        chunk = Chunk()
-        with self.lock:
-            lsn = self._journal.last_lsn + 1
-            counts = self.index_entries, len(self._resolved_at)
-            try:  # from the stamp on, as in `commit`
-                self.stamp_refusal(chunk, ticket, lsn, self.timestamp(len(ticket.requests)), index, code)
-                appended = self._append(chunk, lsn)
-            except BaseException as error:
-                self._not_appended(error, lsn, counts)
-                raise
-            assert appended == lsn, (appended, lsn)
-            if release is not None and releases:
-                release(releases)  # (only queues: a reservation is not journaled, so the record does not wait on it)
-            self._appended()
-        return lsn
+    # --- decisions (accounts opened: `coordinator._account_opening`; stamped:
+    # `coordinator._stamps`; queued, and the mailbox path's: `coordinator._appends`) ---------
 
     def expire(self, deliver: Deliver, pin: Pin) -> tuple[int, int]:
         """Journal the expiry of every open pending transfer whose deadline has come by the
@@ -398,7 +231,7 @@ class Sequencer(Stamping):
                     crash_point("during-expiry")
                     pin([name for found in due for name in (found.source, found.destination)])
                     expire(self, ids)
-                    deliver([posting for found in due for posting in _releasing(found, lsn)])
+                    deliver([posting for found in due for posting in releasing_hold(found, lsn)])
                 except BaseException as error:
                     if self._journal.last_lsn >= lsn:  # queued (a bug, or an interrupt, after): memory is behind it
                         self.broken(error)
@@ -417,43 +250,15 @@ class Sequencer(Stamping):
         deadlines = self._deadlines
         return deadlines[0][0] if deadlines else None
 
-    # --- appending -------------------------------------------------------------------------
+    # --- appending (what every path that queues a record calls) ---------------------------
 
-    def append_chunk(self, chunk: Chunk, last_lsn: int, wake_writer: bool = True) -> int:
-        """Journal the records stamped in `chunk` (under `lock`, at consecutive LSNs from the
-        journal's `last_lsn + 1` up to `last_lsn`, the projection already past them); return
-        the first LSN. The caller made room with `journal.wait_room` under this same hold of
-        `lock`, so this never waits: it raises only if the journal failed, and then nothing
-        was queued.
-        `wake_writer` False: the caller commits them itself (`Journal.commit_inline`)."""
-        first = self._append(chunk, last_lsn, room_made=True, wake_writer=wake_writer)
-        self._appended(len(chunk))
-        return first
-
-    def _append(self, chunk: Chunk, last_lsn: int, room_made: bool = False, wake_writer: bool = True) -> int:
-        """Queue the chunk's records (stamped up to `last_lsn`), their entries unindexed ones
-        from before the records are queued (the writer may make them durable at once); a chunk
-        the journal refuses leaves no entry behind, and its LSNs go to the next records."""
-        assert self.lock.locked()
-        self.unindexed.add(chunk.accounts, chunk.entries)
-        if chunk.holds:
-            self.unindexed_holds.add(chunk.holders, chunk.holds)
-        index: dict[str, Any] = {TRANSFERS_INDEX: chunk.transfers}
+    def _marked(self, index: dict[str, Any], lsn: int) -> dict[str, Any]:
+        """`index` (the puts of a block starting at `lsn`), with `HOLDS_FROM_KEY` and the
+        baseline hold rows if still due (written at once, in the block's transaction)."""
         if self._holds_from_due:
-            self._marked(index, self._journal.last_lsn + 1)
-        try:
-            appended = self._journal.append_block(chunk.payloads, index, chunk.completions, room_made, wake_writer)
-        except BaseException:
-            if self._journal.last_lsn < last_lsn:  # not queued (an interrupt may land after it was)
-                self.unindexed.remove(chunk.accounts)
-                if chunk.holds:
-                    self.unindexed_holds.remove(chunk.holders)
-            raise
-        finally:
-            if self._journal.last_lsn >= last_lsn:  # queued (also if an interrupt came out after)
-                self._journaled_timestamp = self.last_timestamp
-                self._holds_from_due = False  # (the mark went with it)
-        return appended
+            holds = index.get(ENTRIES_INDEX)
+            index[ENTRIES_INDEX] = [*(holds or ()), HOLDS_FROM_KEY, lsn_value(lsn), *self._baseline]
+        return index
 
     def _appended(self, records: int = 1) -> None:
         """Count records appended; journal a checkpoint when one is due. The records are
@@ -547,34 +352,3 @@ class Sequencer(Stamping):
                 gc.enable()
             self.lock.release()
 
-
-def postings(legs: Sequence[Leg], lsn: int, reserved: bool) -> list[Posting]:
-    """What decided legs do to each account, in order: per leg, the source's then the
-    destination's. `reserved`: the sources reserved for them (the mailbox path), which these
-    release (a chain's: each source's whole reservation with its first debit)."""
-    made: list[Posting] = []
-    releasing = reservations(legs) if reserved and len(legs) > 1 else None
-    for kind, source, destination, amount, stamp, pending in legs:
-        released = amount if reserved and (kind == SINGLE or kind == PENDING) else 0
-        if releasing is not None and released:
-            released = releasing.pop(source, 0)
-        if kind == SINGLE:
-            assert stamp is not None
-            made += (Posting(source, stamp[0], -amount, stamp[1], lsn, released, 0, 0),
-                     Posting(destination, stamp[2], amount, stamp[3], lsn, 0, 0, 0))
-        elif kind == PENDING:
-            made += (Posting(source, 0, 0, 0, lsn, released, amount, 0), Posting(destination, 0, 0, 0, lsn, 0, 0, amount))
-        else:
-            assert pending is not None
-            if stamp is None:  # a void
-                made += _releasing(pending, lsn)
-            else:
-                made += (Posting(source, stamp[0], -amount, stamp[1], lsn, 0, -pending.amount, 0),
-                         Posting(destination, stamp[2], amount, stamp[3], lsn, 0, 0, -pending.amount))
-    return made
-
-
-def _releasing(pending: Pending, lsn: int) -> tuple[Posting, Posting]:
-    """The postings that release a pending transfer's hold, on both of its accounts."""
-    return (Posting(pending.source, 0, 0, 0, lsn, 0, -pending.amount, 0),
-            Posting(pending.destination, 0, 0, 0, lsn, 0, 0, -pending.amount))

@@ -5,9 +5,11 @@ Under the sequencer's lock (`coordinator._sequencer`), a ticket is decided by th
 the record's payload, its transfer index keys and the entries and hold rows it puts (which
 wait for a checkpoint to reach the index, `coordinator._entries`), added to a `Chunk` the
 sequencer then journals as one block; and the `Transfer` (or `Refused`) the caller is
-answered with. `Stamping` is the sequencer's base class: these methods read and move the
-sequencer's projection, and nothing else calls them but the sequencer's own paths and the
-callers that decide in the accounts' turns (`coordinator._turns`), under the same lock.
+answered with. `Stamping` is the sequencer's base class (under `Appending`,
+`coordinator._appends`, and `AccountOpening`, `coordinator._account_opening`): these methods
+read and move the sequencer's projection, and nothing else calls them but the sequencer's own
+paths and the callers that decide in the accounts' turns (`coordinator._turns`), under the
+same lock.
 """
 
 from __future__ import annotations
