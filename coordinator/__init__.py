@@ -18,15 +18,8 @@ from coordinator._asof import (
 )
 from coordinator._holds import unindexed_holds_by_key
 from coordinator._audit import CHECK_FILE, CHECK_INDEXES, CHECK_PAIRS, CHECKS, AuditReport, audit, state_hash, unopened
-from coordinator._claims import (
-    Ticket,
-    check_ids_against_records,
-    outcome_now,
-    refusal_error,
-    settle,
-    settle_chain,
-    ticket_outcome,
-)
+from coordinator._claims import check_ids_against_records
+from coordinator._tickets import Ticket, outcome_now, refusal_error, settle, settle_chain, ticket_outcome
 from coordinator._history import (
     Checkpointed,
     Committed,

@@ -28,7 +28,7 @@ from coordinator._stamps import Chunk, Pin, Stamping
 from coordinator._state import Posting
 
 if TYPE_CHECKING:
-    from coordinator._claims import Ticket
+    from coordinator._tickets import Ticket
 
 logger = logging.getLogger("tally.coordinator")
 

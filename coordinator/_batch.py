@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING
 
-from coordinator._claims import Prior, Ticket, lsn_of, result_of
 from coordinator._errors import LedgerError, LedgerTimeout
+from coordinator._tickets import Prior, Ticket, lsn_of, result_of
 from coordinator._validate import check_resolution, check_transfer
 from coordinator._values import Request, Resolution, Transfer
 

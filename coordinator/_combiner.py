@@ -16,10 +16,10 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from coordinator._claims import Ticket
 from coordinator._errors import LedgerUnavailable
 from coordinator._limits import DECIDING_PAUSE_S
 from coordinator._participant import TurnAccount
+from coordinator._tickets import Ticket
 from coordinator._turns import decide_all, give_back_turns, names_of
 from coordinator._values import TransferRequest
 from journal import JournalError

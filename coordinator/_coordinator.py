@@ -39,16 +39,7 @@ from collections.abc import Callable
 from journal import Journal, JournalClosedError, JournalError, crash_point
 
 from coordinator._admission import Admission
-from coordinator._claims import (
-    Claims,
-    Prior,
-    Ticket,
-    lsn_of,
-    refusal_error,
-    settle,
-    settle_chain,
-    ticket_outcome,
-)
+from coordinator._claims import Claims
 from coordinator._batch import Batch
 from coordinator._combiner import Combiner
 from coordinator._errors import (
@@ -65,6 +56,7 @@ from coordinator._rules import Refusal
 from coordinator._sequencer import Sequencer
 from coordinator._validate import check_chain, check_resolution, check_transfer
 from coordinator._state import Posting
+from coordinator._tickets import Prior, Ticket, lsn_of, refusal_error, settle, settle_chain, ticket_outcome
 from coordinator._translate import ledger_error
 from coordinator._values import Request, Resolution, Transfer, TransferRequest
 

@@ -18,10 +18,10 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from coordinator._claims import Prior, Ticket, lsn_of, result_of
 from coordinator._errors import LedgerError, LedgerTimeout, LedgerUnavailable
 from coordinator._limits import LANE_GROUP_REQUESTS_MAX, DECIDING_PAUSE_S, TURN_WAIT_S_MAX
 from coordinator._participant import TurnAccount
+from coordinator._tickets import Prior, Ticket, lsn_of, result_of
 from coordinator._turns import decide_all, give_back_turns, take_turns
 from coordinator._validate import check_resolution, check_transfer
 from coordinator._values import Request, Resolution, Transfer

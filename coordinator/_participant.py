@@ -21,8 +21,8 @@ from coordinator._state import AccountState, Pending, Posting
 from coordinator._values import PENDING, SINGLE, TransferStatus
 
 if TYPE_CHECKING:
-    from coordinator._claims import Ticket
     from coordinator._sequencer import Sequencer
+    from coordinator._tickets import Ticket
     from coordinator._values import Account
 
 

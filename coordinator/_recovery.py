@@ -43,7 +43,6 @@ from coordinator._errors import (
     PendingTransferExpired,
     PendingTransferNotFound,
 )
-from coordinator._claims import Ticket
 from coordinator._history import Committed, Expired, Opened, Record, Refused, metadata_of, request_of
 from coordinator._limits import AGED_AFTER_OPEN_MIN, AMOUNT_MAX
 from coordinator._records import (
@@ -65,6 +64,7 @@ from coordinator._records import (
 from coordinator._rules import Leg, Overlay, Refusal, decide, due, enter, expire, holds_after, holds_expired
 from coordinator._sequencer import Sequencer
 from coordinator._state import NO_ENTRIES, AccountState, SequenceError, post
+from coordinator._tickets import Ticket
 from coordinator._values import Account, TransferRequest
 
 

@@ -67,7 +67,7 @@ from coordinator._values import (
 )
 
 if TYPE_CHECKING:
-    from coordinator._claims import Ticket
+    from coordinator._tickets import Ticket
 
 Pin = Callable[[list[str]], None]
 _U64 = struct.Struct(">Q")

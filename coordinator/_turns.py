@@ -28,13 +28,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from coordinator._claims import Ticket
 from coordinator._errors import InvalidRequest
 from coordinator._limits import CHUNK_REQUESTS_MAX, TURN_POLL_S
 from coordinator._participant import TurnAccount
 from coordinator._rules import Refusal
 from coordinator._stamps import Chunk
 from coordinator._state import AccountState
+from coordinator._tickets import Ticket
 from coordinator._values import PENDING, TransferRequest
 from journal import CRASH_POINT_ARMED, JournalError, crash_point
 
