@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from journal import CRASH_POINT_ARMED, Journal, crash_point
 
+from coordinator._entering import enter
 from coordinator._entries import UnindexedEntries
 from coordinator._postings import Deliver, postings
 from coordinator._records import TRANSFERS_INDEX
-from coordinator._rules import NOTHING, Leg, Refusal, enter
+from coordinator._rules import NOTHING, Leg, Refusal
 from coordinator._stamps import Chunk, Pin, Stamping
 from coordinator._state import Posting
 

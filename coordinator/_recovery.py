@@ -31,6 +31,7 @@ from typing import Any
 from journal import Completion, Journal, JournalCorruptedError
 
 from coordinator._checkpoints import Recovered, checkpoint_agrees, corrupted, load_checkpoint
+from coordinator._entering import Overlay, enter, expire, holds_after, holds_expired
 from coordinator._entries import add_commit, add_holds, drop_before, hold_row_lsn, indexed_through
 from coordinator._errors import (
     BalanceOverflow,
@@ -61,7 +62,7 @@ from coordinator._records import (
     TRANSFERS_INDEX,
     decode,
 )
-from coordinator._rules import Leg, Overlay, Refusal, decide, due, enter, expire, holds_after, holds_expired
+from coordinator._rules import Leg, Refusal, decide, due
 from coordinator._sequencer import Sequencer
 from coordinator._state import NO_ENTRIES, AccountState, SequenceError, post
 from coordinator._tickets import Ticket

@@ -5,8 +5,8 @@ the legs of a linked chain, each seeing the effects of those before it) and the 
 decision sees them (`Book`: the accounts, what their entries add up to, the funds held by
 pending transfers, the open pending transfers) and returns what each request does (a
 `Leg`: its entries, stamped, or the hold it places or releases) or the first refusal
-(`Refusal`: which request, and its code). `enter` then writes the legs into a book. Every
-path calls them:
+(`Refusal`: which request, and its code). `enter` then writes the legs into a book
+(`coordinator._entering`). Every path calls them:
 
 - the sequencer, under its lock, for every decision it journals: a transfer whose source
   reserved the funds in its mailbox, a batch or combined transfers decided in the accounts'
@@ -22,9 +22,10 @@ time a decision is made at is an input (`timestamp`), so expiry decided from it 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
+from coordinator._entering import Overlay, enter as enter, enter_leg  # (`enter` kept importable here, where it was)
 from coordinator._errors import (
     AccountNotFound,
     BalanceOverflow,
@@ -39,8 +40,6 @@ from coordinator._errors import (
 from coordinator._limits import AMOUNT_MAX
 from coordinator._state import AccountState, Pending
 from coordinator._values import PENDING, POST, SINGLE, VOID, Account, Request, TransferRequest, TransferStatus
-
-NS_PER_S = 1_000_000_000
 
 Stamp = tuple[int, int, int, int]
 """Both entries of a transfer: (source seq, source balance after, destination seq, destination balance after)."""
@@ -133,7 +132,7 @@ def decide(requests: Sequence[Request], book: Book, timestamp: int,
         if type(leg) is str:
             return Refusal(index, leg)
         legs.append(leg)  # type: ignore[arg-type]
-        _enter_leg(leg, states, held, incoming, seen_states, seen_held, seen_incoming)  # type: ignore[arg-type]
+        enter_leg(leg, states, held, incoming, seen_states, seen_held, seen_incoming)  # type: ignore[arg-type]
     return legs
 
 
@@ -261,155 +260,6 @@ class _Resolving(Protocol):
     pending_id: str
     amount: int | None
     void: bool
-
-
-class Overlay(Mapping[str, object]):
-    """`top` over `base`: what a chain sees of the books, its own legs' effects first (replay
-    checks a record's stamps over the books the same way)."""
-
-    __slots__ = ("top", "base")
-
-    def __init__(self, top: Mapping[str, object], base: Mapping[str, object]) -> None:
-        self.top, self.base = top, base
-
-    def __getitem__(self, key: str) -> object:
-        top = self.top
-        return top[key] if key in top else self.base[key]
-
-    def get(self, key: str, default: object = None) -> object:
-        top = self.top
-        return top[key] if key in top else self.base.get(key, default)
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        raise NotImplementedError  # never listed: decisions look accounts up
-
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-
-def _enter_leg(leg: Leg, states: MutableMapping[str, AccountState], held: MutableMapping[str, int],
-               incoming: MutableMapping[str, int], seen_states: Mapping[str, AccountState],
-               seen_held: Mapping[str, int], seen_incoming: Mapping[str, int], lsn: int = 0) -> None:
-    """Write one leg's effects into `states`, `held` and `incoming`, reading what they were
-    from the `seen_` mappings (the same ones, or an overlay over them)."""
-    kind, source, destination, amount, stamp, pending = leg
-    if stamp is not None:
-        states[source] = (stamp[0], stamp[1], lsn)
-        states[destination] = (stamp[2], stamp[3], lsn)
-    if kind == PENDING:
-        held[source] = seen_held.get(source, 0) + amount
-        incoming[destination] = seen_incoming.get(destination, 0) + amount
-    elif pending is not None:  # a post or a void releases the whole hold
-        held[source] = seen_held.get(source, 0) - pending.amount
-        incoming[destination] = seen_incoming.get(destination, 0) - pending.amount
-
-
-def holds_after(legs: Sequence[Leg], held: Mapping[str, int],
-                incoming: Mapping[str, int]) -> dict[str, tuple[int, int]]:
-    """What the pending transfers hold on and bring to each account whose pending amounts the
-    legs change, (held, incoming) after them, from `held` and `incoming` before them: the
-    accounts of every pending, post and void leg, in the order met (a record's hold rows,
-    `coordinator._records.holds_key`). Empty for legs of single transfers only."""
-    if len(legs) == 1:  # one leg (once per pending transfer, post or void): inline
-        kind, source, destination, amount, _, pending = legs[0]
-        if kind == SINGLE:
-            return {}
-        if source != destination:
-            change = amount if kind == PENDING else -pending.amount  # type: ignore[union-attr]
-            return {source: (held.get(source, 0) + change, incoming.get(source, 0)),
-                    destination: (held.get(destination, 0), incoming.get(destination, 0) + change)}
-    top_held: dict[str, int] = {}
-    top_incoming: dict[str, int] = {}
-    touched: dict[str, None] = {}
-    seen_held, seen_incoming = Overlay(top_held, held), Overlay(top_incoming, incoming)
-    for leg in legs:
-        if leg[0] != SINGLE:
-            _enter_leg(leg, {}, top_held, top_incoming, {}, seen_held, seen_incoming)  # type: ignore[arg-type]
-            touched[leg[1]] = touched[leg[2]] = None
-    return {account: (seen_held.get(account, 0), seen_incoming.get(account, 0))  # type: ignore[misc]
-            for account in touched}
-
-
-def holds_expired(expired: Sequence[Pending], held: Mapping[str, int],
-                  incoming: Mapping[str, int]) -> dict[str, tuple[int, int]]:
-    """`holds_after` of an expiry of the pending transfers `expired` (each open)."""
-    after: dict[str, list[int]] = {}
-    for pending in expired:
-        source = after.setdefault(pending.source, [held.get(pending.source, 0), incoming.get(pending.source, 0)])
-        source[0] -= pending.amount
-        target = after.setdefault(pending.destination,
-                                  [held.get(pending.destination, 0), incoming.get(pending.destination, 0)])
-        target[1] -= pending.amount
-    return {account: (values[0], values[1]) for account, values in after.items()}
-
-
-class Books(Protocol):
-    """A book `enter` writes into."""
-
-    @property
-    def states(self) -> MutableMapping[str, AccountState]: ...
-
-    @property
-    def held(self) -> MutableMapping[str, int]: ...
-
-    @property
-    def incoming(self) -> MutableMapping[str, int]: ...
-
-    @property
-    def pending(self) -> MutableMapping[str, Pending]: ...
-
-
-def enter(book: Books, requests: Sequence[Request], legs: Sequence[Leg], lsn: int, timestamp: int) -> None:
-    """Write decided legs (`decide` of `requests` at `timestamp`) journaled at `lsn` into
-    `book`: entries move the states, pending transfers open, posts and voids close theirs.
-    A hold that falls to 0 leaves its mapping (so equal books are equal mappings)."""
-    states, held, incoming, pending = book.states, book.held, book.incoming, book.pending
-    for index, leg in enumerate(legs):  # `_enter_leg` of each, inline (once per transfer), and more
-        kind, source, destination, amount, stamp, resolved = leg
-        if stamp is not None:
-            states[source] = (stamp[0], stamp[1], lsn)
-            states[destination] = (stamp[2], stamp[3], lsn)
-        if kind == PENDING:
-            held[source] = held.get(source, 0) + amount
-            incoming[destination] = incoming.get(destination, 0) + amount
-            request = requests[index]
-            assert type(request) is TransferRequest
-            timeout_s = request.timeout_s
-            deadline = 0 if timeout_s is None else timestamp + index + timeout_s * NS_PER_S
-            pending[request.id] = _new_pending(Pending, (request.id, source, destination, amount, deadline, lsn,
-                                                         request.code))
-        elif resolved is not None:  # a post or a void releases the whole hold
-            del pending[resolved.id]
-            left = held[source] - resolved.amount
-            if left:
-                held[source] = left
-            else:  # a hold that falls to 0 leaves its mapping
-                del held[source]
-            left = incoming[destination] - resolved.amount
-            if left:
-                incoming[destination] = left
-            else:
-                del incoming[destination]
-
-
-_new_pending = tuple.__new__
-"""`Pending(...)` without the generated `__new__` of a NamedTuple (a Python frame)."""
-
-
-def expire(book: Books, pending_ids: Sequence[str]) -> None:
-    """Release the holds of pending transfers that expired (each must be open)."""
-    pending, held, incoming = book.pending, book.held, book.incoming
-    for pending_id in pending_ids:
-        expired = pending.pop(pending_id)
-        held[expired.source] -= expired.amount
-        incoming[expired.destination] -= expired.amount
-        _drop_zero(held, expired.source)
-        _drop_zero(incoming, expired.destination)
-
-
-def _drop_zero(amounts: MutableMapping[str, int], account: str) -> None:
-    if not amounts[account]:
-        del amounts[account]
 
 
 def due(pending: Mapping[str, Pending], ids: Sequence[str], timestamp: int) -> str | None:

@@ -49,6 +49,7 @@ from journal import Behind, Journal, JournalError, crash_point
 from coordinator._account_opening import AccountOpening
 from coordinator._appends import Appending
 from coordinator._checkpoint_rows import CheckpointRows
+from coordinator._entering import expire, holds_expired
 from coordinator._entries import Unindexed, Joined, UnindexedEntries, first_key, hold_row_lsn, newest_checkpoint_lsn
 from coordinator._history import resolution_of
 from coordinator._limits import (
@@ -58,6 +59,7 @@ from coordinator._limits import (
     EXPIRY_RECORD_IDS_MAX,
     UNINDEXED_ENTRIES_MAX,
 )
+from coordinator._postings import Deliver, releasing_hold
 from coordinator._records import (
     CHECKPOINT4,
     CHECKPOINTS_INDEX,
@@ -72,8 +74,7 @@ from coordinator._records import (
     lsn_value,
     resolution_key,
 )
-from coordinator._postings import Deliver, releasing_hold
-from coordinator._rules import Leg, expire, holds_expired
+from coordinator._rules import Leg
 from coordinator._stamps import Pin
 from coordinator._state import Pending, Projection
 from coordinator._values import Request, TransferStatus

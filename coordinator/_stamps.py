@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from journal import Completion
 
+from coordinator._entering import enter, holds_after
 from coordinator._history import Refused
 from coordinator._records import (
     HOLDS_MARK,
@@ -46,8 +47,6 @@ from coordinator._rules import (
     decide_single,
     decide_singles,
     decide_transfer,
-    enter,
-    holds_after,
     resolve,
 )
 from coordinator._state import AccountState, Pending
