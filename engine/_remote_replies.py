@@ -5,9 +5,9 @@ base class, which reads a reply's JSON into the engine's values, turns an error 
 `LedgerError` it names, and keeps what breaks the contract in `faults`.
 
 Its neighbours: `engine._remote` (`RemoteLedger`: the `Ledger` methods, each one request, and
-sending it, `_send`), `engine._serve_errors` and `engine._serve_routes` (the server side of
-the same contract). Nothing here blocks or sends anything; `ReplyChecks` takes the client's
-lock only to count a fault or note a key answered.
+sending it, `_send`), `engine._serve_errors`, `engine._serve_routes` and `engine._serve_keys`
+(the server side of the same contract). Nothing here blocks or sends anything; `ReplyChecks`
+takes the client's lock only to count a fault or note a key answered.
 
 Errors: a `{"error": {"code", "message"}}` reply is raised as the `LedgerError` subclass of its
 code (`LinkedTransferFailed` with its `index` and `cause`), so a caller catches what it catches

@@ -24,7 +24,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import AsyncLedger, LedgerError, __version__
 from engine._serve_errors import error_body, error_response, status_of
-from engine._serve_routes import KeyLocks, router
+from engine._serve_keys import KeyLocks
+from engine._serve_routes import router
 
 REQUESTS_IN_FLIGHT_MAX = 4_096
 """Most requests served at once (event streams included); one more is 503 `overloaded`."""
