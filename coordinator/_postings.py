@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from coordinator._participant import reservations
 from coordinator._rules import Leg
 from coordinator._state import Pending, Posting
 from coordinator._values import PENDING, SINGLE
@@ -24,13 +23,10 @@ Deliver = Callable[[list[Posting]], None]
 def postings(legs: Sequence[Leg], lsn: int, reserved: bool) -> list[Posting]:
     """What decided legs do to each account, in order: per leg, the source's then the
     destination's. `reserved`: the sources reserved for them (the mailbox path), which these
-    release (a chain's: each source's whole reservation with its first debit)."""
+    release (a chain's: as `_as_needed` says)."""
     made: list[Posting] = []
-    releasing = reservations(legs) if reserved and len(legs) > 1 else None
     for kind, source, destination, amount, stamp, pending in legs:
         released = amount if reserved and (kind == SINGLE or kind == PENDING) else 0
-        if releasing is not None and released:
-            released = releasing.pop(source, 0)
         if kind == SINGLE:
             assert stamp is not None
             made += (Posting(source, stamp[0], -amount, stamp[1], lsn, released, 0, 0),
@@ -44,6 +40,34 @@ def postings(legs: Sequence[Leg], lsn: int, reserved: bool) -> list[Posting]:
             else:
                 made += (Posting(source, stamp[0], -amount, stamp[1], lsn, 0, -pending.amount, 0),
                          Posting(destination, stamp[2], amount, stamp[3], lsn, 0, 0, -pending.amount))
+    return _as_needed(made) if reserved and len(legs) > 1 else made
+
+
+def _as_needed(made: list[Posting]) -> list[Posting]:
+    """A chain's postings (the mailbox path), each account's reservation (`reservations`: the
+    most the chain takes of its available balance) released as the postings reach it, so
+    that after each one what it reserves is the most the chain's postings still to come take
+    below where it stands: the available balance a debit step sees between two of them is
+    never more than the chain leaves. (Released whole with the first debit, a step landing
+    after a credit the chain spends again saw that credit as its own.) A posting may reserve
+    again (a negative release): a credit that a debit after it spends."""
+    sums: list[int] = []
+    running: dict[str, int] = {}
+    for posting in made:
+        sums.append(running.get(posting.account, 0) + posting.amount - posting.held)
+        running[posting.account] = sums[-1]
+    lowest: dict[str, int] = {}
+    needs = [0] * len(made)
+    for i in range(len(made) - 1, -1, -1):  # the lowest balance from each posting on, last to first
+        account = made[i].account
+        low = lowest[account] = min(lowest.get(account, sums[i]), sums[i])
+        needs[i] = sums[i] - low
+    need = {account: max(0, -low) for account, low in lowest.items()}  # what each reserved: `reservations`
+    for i, posting in enumerate(made):
+        released = need[posting.account] - needs[i]
+        need[posting.account] = needs[i]
+        if released != posting.released:
+            made[i] = posting._replace(released=released)
     return made
 
 

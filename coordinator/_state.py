@@ -30,7 +30,8 @@ class Posting(NamedTuple):
     once by whoever holds its turn): an entry (`seq` > 0: stamped with its balance) and/or a
     change of the funds pending transfers hold on it (`held`, outgoing) or bring it
     (`incoming`); and the reservation it ends (`released`: what its source reserved for it in
-    the mailbox path)."""
+    the mailbox path; a chain's postings release theirs as they reach the account, and one may
+    reserve again, negative: `coordinator._postings`)."""
 
     account: str
     seq: int

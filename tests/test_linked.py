@@ -23,7 +23,10 @@ from typing import Any
 import pytest
 
 from coordinator import DebitStep, Refusal, _history
+from coordinator._participant import reservations
+from coordinator._postings import postings
 from coordinator._turns import give_back_turns, take_turns
+from coordinator._values import PENDING, SINGLE
 
 from engine import (
     AccountNotFound,
@@ -732,3 +735,120 @@ def test_a_chain_through_an_empty_account_reserves_nothing_there_that_another_su
     assert ledger.balance("shop") == (Balance(0, 0, 0, 0) if not pending else Balance(1_000, 1_000, 0, 0))
     assert ledger.balance("fees").posted + ledger.balance("fees").incoming == 1_000
     assert ledger.stats()["in_flight"] == 0
+
+
+def test_a_decision_in_the_mailbox_between_two_postings_of_a_chain_never_sees_funds_the_chain_takes(
+        ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A committed chain's postings reach a source's mailbox one by one, and a debit step
+    queued meanwhile may land among them. The shop pays 100 out, is paid 150, pays 100 out
+    (50 left, it needs 100 of its own); a step landing after the 150 must see the 50 the shop
+    ends with, not the 150 it holds for a moment: one that reserved 150 there (its chain
+    waiting for another source, and refused in the end) would refuse a payment of 50 the
+    shop can make in any order the three were decided in, journaled and final."""
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    for name in ("shop", "b", "x", "c", "d", "e", "f", "g"):
+        ledger.create_account(name, currency="USD")
+    for name, amount in (("shop", 100), ("x", 150), ("d", 1)):
+        ledger.transfer(f"fund-{name}", source="bank", destination=name, amount=amount)
+    coordinator = ledger._coordinator
+    directory = ledger._directory
+    real_take_turns = directory.take_turns
+    monkeypatch.setattr(directory, "take_turns", lambda *args, **kwargs: {})  # busy: the mailbox path
+    busy_x = real_take_turns(["x"])  # the first chain's other source: it commits once this turn is back
+    busy_d = real_take_turns(["d"])  # the second chain's other source: its vote waits for this turn
+    assert busy_x is not None and busy_d is not None
+    voted = {"c-0": threading.Event(), "s-0": threading.Event()}
+    real_vote = DebitStep.vote
+
+    def vote(step: DebitStep, account: str, refusal: Refusal | None, reserved: int) -> bool | None:
+        outcome = real_vote(step, account, refusal, reserved)
+        if account == "shop" and step.ticket.request.id in voted:
+            voted[step.ticket.request.id].set()
+        return outcome
+
+    monkeypatch.setattr(DebitStep, "vote", vote)
+    made: dict[str, list[Transfer] | LedgerError] = {}
+
+    def chain(name: str, legs: list[TransferRequest]) -> None:
+        try:
+            made[name] = ledger.transfer_linked(legs)
+        except LedgerError as error:
+            made[name] = error
+
+    first = threading.Thread(target=chain, args=("first", [leg("c-0", "shop", "b", 100), leg("c-1", "x", "shop", 150),
+                                                           leg("c-2", "shop", "c", 100)]))
+    second = threading.Thread(target=chain, args=("second", [leg("s-0", "shop", "f", 150), leg("s-1", "d", "e", 1)]))
+    queued = threading.Event()
+    handle_type = type(directory.pin("shop"))
+    directory.unpin("shop")
+    real_reserve = handle_type.reserve
+
+    def reserve(handle: Any, step: DebitStep) -> None:
+        real_reserve(handle, step)
+        if step.ticket.request.id == "s-0":
+            queued.set()
+
+    monkeypatch.setattr(handle_type, "reserve", reserve)
+    real_deliverer = coordinator._deliverer
+
+    def deliverer(pinned: Any, turns: Any) -> Any:
+        deliver = real_deliverer(pinned, turns)
+
+        def each(postings: list[Any]) -> None:
+            for posting in postings:
+                deliver([posting])
+                if posting.account == "shop" and posting.amount == 150 and not queued.is_set():
+                    second.start()  # the second chain's step lands in the shop's mailbox here
+                    assert queued.wait(WAIT_S)
+
+        return each
+
+    monkeypatch.setattr(coordinator, "_deliverer", deliverer)
+    try:
+        first.start()
+        assert voted["c-0"].wait(WAIT_S)  # the shop reserved for the first chain; x's vote waits for its turn
+        directory.give_back_turns(busy_x)
+        first.join(WAIT_S)
+        assert isinstance(made.get("first"), list), made
+        assert voted["s-0"].wait(WAIT_S)
+        assert "second" not in made
+        paid = ledger.transfer("t-3", source="shop", destination="g", amount=50)  # 50 left: it fits
+        assert paid.amount == 50
+    finally:
+        directory.give_back_turns(busy_d)
+        first.join(WAIT_S)
+        if queued.is_set():
+            second.join(WAIT_S)
+    assert isinstance(made.get("second"), LinkedTransferFailed), made
+    assert ledger.balance("shop") == Balance(0, 0, 0, 0)
+    assert ledger.stats()["in_flight"] == 0
+
+
+def test_a_chains_postings_release_each_sources_reservation_whole_and_never_show_more_than_it_leaves() -> None:
+    """`postings` of a chain on the mailbox path, applied to each account one by one from the
+    reservation its source made (`reservations`): the reservation never goes below nothing,
+    ends at nothing, and the available balance between two postings is never more than the
+    chain leaves (a debit step landing there must not spend what a later leg takes)."""
+    chance = random.Random(7)
+    for _ in range(2_000):
+        names = "abcd"
+        legs: list[Any] = []
+        for _ in range(chance.randint(2, 6)):
+            source, destination = chance.sample(names, 2)
+            kind = PENDING if chance.random() < 0.25 else SINGLE
+            legs.append((kind, source, destination, chance.randint(1, 9), (1, 0, 1, 0) if kind == SINGLE else None, None))
+        reserved = reservations(legs)
+        made = postings(legs, 1, True)
+        available = {name: 0 for name in names}
+        kept = {name: reserved.get(name, 0) for name in names}
+        for posting in made:
+            available[posting.account] += posting.amount - posting.held
+        end = dict(available)
+        available = {name: 0 for name in names}
+        for posting in made:
+            name = posting.account
+            available[name] += posting.amount - posting.held
+            kept[name] -= posting.released
+            assert kept[name] >= 0, (legs, posting)
+            assert available[name] - kept[name] <= end[name], (legs, posting)
+        assert kept == {name: 0 for name in names}, legs
