@@ -240,11 +240,13 @@ def history(path: str, account_id: str, limit: int) -> dict[str, Any]:
         transfers: list[Transfer] = []
         until = end
         while until > 0 and (not limit or len(transfers) < limit):  # page by page: a page holds at most a maximum
-            page = reads.transfers(account=account_id, until_lsn=until, reverse=True,
-                                   limit=min(limit - len(transfers), TRANSFERS_PAGE_MAX) if limit else TRANSFERS_PAGE_MAX)
-            if not page:
-                break
+            asked = min(limit - len(transfers), TRANSFERS_PAGE_MAX) if limit else TRANSFERS_PAGE_MAX
+            page = reads.transfers(account=account_id, until_lsn=until, reverse=True, limit=asked)
+            if transfers and limit and len(transfers) + len(page) > limit:  # a chain alone longer than what is
+                break  # left, which one page of `limit` ends before
             transfers += page
+            if not page or (len(page) < asked < TRANSFERS_PAGE_MAX):  # the first transfer, or the last page's
+                break  # limit leaves out a chain (as one page does); a full page's, the next page has
             until = page[-1].lsn - 1
         rows = unindexed.get(account_id, [])
         with journal.snapshot() as txn:

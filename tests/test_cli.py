@@ -289,6 +289,26 @@ def test_history_pages_through_transfers_past_a_page_s_maximum(built: Built, mon
     assert [transfer["id"] for transfer in report["transfers"]] == [transfer.id for transfer in every][:limit or None]
 
 
+def test_history_ends_before_a_chain_that_would_take_it_past_its_limit_as_one_page_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pages of 3 (patched), a limit of 4: three transfers fill the first page, and the one
+    left for the next is a chain of two legs, which a page of one returns whole (a chain alone
+    longer than its page); one page of 4 ends before it, and so does `tally history`."""
+    path = tmp_path / "ledger"
+    with Ledger.open(path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        for name in ("z", "a", "b"):
+            ledger.create_account(name, currency="USD")
+        ledger.transfer_linked([TransferRequest("c-1", "bank", "z", 50), TransferRequest("c-2", "z", "a", 20)])
+        for n in range(3):
+            ledger.transfer(f"s-{n}", source="bank", destination="z", amount=1)
+        one_page = [t.id for t in ledger.transfers(account="z", reverse=True, limit=4)]
+    monkeypatch.setattr(_tools_read, "TRANSFERS_PAGE_MAX", 3)
+    shown = [row["id"] for row in _tools_read.history(str(path), "z", 4)["transfers"]]
+    assert one_page == ["s-2", "s-1", "s-0"]
+    assert shown == one_page
+
+
 # --- replay ----------------------------------------------------------------------
 
 

@@ -534,6 +534,24 @@ def test_tally_balance_at_an_lsn_or_a_time_reads_what_the_api_reads(walked: Walk
             t.id for t in ledger.transfers(account="b", reverse=True, limit=5)]
 
 
+@pytest.mark.parametrize("limit", [0, *range(1, 12)])
+def test_tally_history_pages_past_a_page_s_maximum_and_keeps_a_chain_whole(walked: Walk,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          limit: int) -> None:
+    """Pages of 3 (a page's maximum, patched): the transfers `tally history` lists are the
+    API's newest first, every one with no limit; with one, a chain is never split, and the
+    last page ends before a chain that would take it past the limit, as one page does."""
+    from engine import _tools_read
+
+    monkeypatch.setattr(_tools_read, "TRANSFERS_PAGE_MAX", 3)
+    shown = [row["id"] for row in _tools_read.history(str(walked.path), "b", limit)["transfers"]]
+    with Ledger.open(walked.path, clock_ns=walked.clock) as ledger:
+        every = ledger.transfers(account="b", reverse=True, limit=10_000)
+        want = every if not limit else ledger.transfers(account="b", reverse=True, limit=limit)
+    assert any(t.lsn == u.lsn for t, u in zip(every, every[1:], strict=False)), "b has a chain's legs"
+    assert shown == [t.id for t in want]
+
+
 # --- found in review ---------------------------------------------------------------------------------
 
 
