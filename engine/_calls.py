@@ -5,8 +5,9 @@ may be long): refused once the ledger is closed, counted until it returns so `cl
 for it, a `JournalError` from inside turned into its `LedgerError`. And a process knows the
 ledgers it has open (`OPEN_LEDGERS`): a second open of one of them here is refused before it
 touches a file (`refuse_open_here`), and a child made by `fork()` closes its copies at once
-(`_after_fork`). A second close waits for the first (`await_closed`). `engine._ledger` (`Ledger`)
-and `engine._readonly` (`ReadingLedger`) use these.
+(`_after_fork`). A second close waits for the first (`await_closed`). `engine._ledger` (`Ledger`),
+its bases (`engine._ledger_reads`, `engine._ledger_close`) and `engine._readonly` (`ReadingLedger`)
+use these.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from coordinator import (
 from journal import JournalError, files_of
 
 if TYPE_CHECKING:
-    from engine._ledger import Ledger
+    from engine._ledger_close import Closing
     from engine._ledger_reads import LedgerReads
 
 
-OPEN_LEDGERS: weakref.WeakSet[Ledger] = weakref.WeakSet()
+OPEN_LEDGERS: weakref.WeakSet[Closing] = weakref.WeakSet()
 """Every ledger open in this process, for `_after_fork`."""
 
 
@@ -72,7 +73,7 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
-def await_closed(ledger: Ledger) -> None:
+def await_closed(ledger: Closing) -> None:
     """A second `Ledger.close`: return once the first has closed the ledger, or raise what the
     first raised if it failed (a host that closes twice learns the books were not closed
     cleanly, as a second `AsyncLedger.close` does). It waits a `timeout_s` at a time for as

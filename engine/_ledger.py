@@ -5,10 +5,12 @@ run every account actor, and the callers' own threads. Every public method is
 safe to call from any number of threads at once, and every wait it makes is
 bounded by `timeout_s` (raising `LedgerTimeout`).
 
-Here: opening, the writes (accounts, transfers, pending transfers, linked chains, batches,
-expiry) and closing. The reads are its base class's (`engine._ledger_reads`, `LedgerReads`);
-a call's lifetime and the ledgers a process has open are `engine._calls`', the checks of a
-call's arguments `engine._checks`'.
+Here: opening, the writes (transfers, pending transfers, linked chains, batches, expiry) and
+the journal's health (`failure`). Its base classes hold the rest: opening accounts
+(`engine._ledger_accounts`, `AccountCreating`), closing (`engine._ledger_close`, `Closing`)
+and the reads (`engine._ledger_reads`, `LedgerReads`, the base of both); a call's lifetime and
+the ledgers a process has open are `engine._calls`', the checks of a call's arguments
+`engine._checks`'.
 """
 
 from __future__ import annotations
@@ -22,13 +24,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from coordinator import (
-    ACCOUNTS_PER_BLOCK_MAX,
     INDEX_NAMES,
     CHECKPOINT_RECORDS_INTERVAL,
     EXPIRY_INTERVAL_S,
     INFLIGHT_TRANSFERS_MAX,
     TIMEOUT_S_DEFAULT,
-    Account,
     Coordinator,
     InvalidRequest,
     LedgerClosed,
@@ -49,13 +49,14 @@ from coordinator import (
     resolution_request,
     transfer_request,
 )
-from journal import Completion, Journal, JournalError, JournalTimeoutError
+from journal import Journal, JournalError, JournalTimeoutError
 
-from engine._calls import OPEN_LEDGERS, await_closed, refuse_open_here
-from engine._checks import account_exists, check_timeout_s, checked_account, checked_accounts, checked_many
+from engine._calls import OPEN_LEDGERS, refuse_open_here
+from engine._checks import check_timeout_s, checked_many
 from engine._directory import Directory
 from engine._history import History
-from engine._ledger_reads import LedgerReads
+from engine._ledger_accounts import AccountCreating
+from engine._ledger_close import Closing
 from engine._runtime import Dispatcher
 
 ACTORS_LIVE_MAX_DEFAULT = 65_536
@@ -64,7 +65,7 @@ DISPATCHER_THREADS_DEFAULT = 1
 logger = logging.getLogger("tally.engine")
 
 
-class Ledger(LedgerReads):
+class Ledger(AccountCreating, Closing):
     """An open ledger. Use `Ledger.open(path)`, preferably as a context manager."""
 
     def __init__(self, journal: Journal, *, timeout_s: float, dispatcher_threads: int,
@@ -187,96 +188,6 @@ class Ledger(LedgerReads):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def create_account(self, id: str, *, currency: str, overdraft_limit: int | None = 0, code: int = 0,
-                       metadata: Mapping[str, str | int] | None = None) -> Account:
-        """Open an account; return once it is durable. Idempotent for identical parameters.
-
-        `code` is a type the host defines (0..65535); `metadata`, at most 16 `str` keys of
-        at most 64 characters, each to a `str` of at most 256 characters or an `int`.
-        Raises `InvalidRequest` for a malformed id, currency, limit, code or metadata, and
-        `AccountExists` if the id exists with different parameters.
-        """
-        account = checked_account(id, currency, overdraft_limit, code, metadata)
-        with self._call():
-            self._journal.wait_durable(self._open_account(account), self.timeout_s)
-            return account
-
-    def _open_account(self, account: Account) -> int:
-        """`create_account` up to its wait: journal a new account (or find it); the LSN to wait
-        for. Never waits but for the sequencer lock. Raises `AccountExists`."""
-        sequencer = self._sequencer
-        with sequencer.lock:
-            existing = sequencer.accounts.get(account.id)
-            if existing is None:
-                return sequencer.open_account(account, Completion(account))
-            lsn = sequencer.account_lsns[account.id]
-        if existing != account:
-            raise account_exists(existing)
-        return lsn
-
-    def create_accounts(self, accounts: Sequence[Account]) -> list[Account | LedgerError]:
-        """Open many accounts at once: one outcome per item, in order, as if `create_account`
-        were called for each in turn; returns once every outcome is durable.
-
-        Each item is an `Account` (its fields are `create_account`'s arguments; `metadata`
-        may be any mapping). Its outcome is the account, or the `LedgerError` that call would
-        have raised: `InvalidRequest` (a field malformed, or the item not an `Account`), or
-        `AccountExists` (the id exists, or came earlier in the list, with other fields).
-        Accounts are journaled in blocks of `ACCOUNTS_PER_BLOCK_MAX`, each under one hold of
-        the sequencer lock. Raises `InvalidRequest` if `accounts` is not a sequence.
-        """
-        results = checked_accounts(accounts)
-        with self._call():
-            self._journal.wait_durable(self._open_accounts(results), self.timeout_s)
-        return results
-
-    def _open_accounts(self, results: list[Account | LedgerError]) -> int:
-        """`create_accounts` up to its wait: journal the new accounts of `results`, block by
-        block, turning each that exists otherwise into `AccountExists`; the LSN to wait for.
-        The journal failing (or closing) at the first block raises; at a later one, that
-        block's items and the rest get its error, the earlier blocks being journaled."""
-        sequencer, last = self._sequencer, 0
-        for first in range(0, len(results), ACCOUNTS_PER_BLOCK_MAX):
-            try:
-                with sequencer.lock:
-                    last = max(last, self._open_block(results, first))
-            except JournalError as error:
-                if not first:
-                    raise
-                failure = ledger_error(error)
-                results[first:] = [failure if isinstance(result, Account) else result for result in results[first:]]
-                return last
-        return last
-
-    def _open_block(self, results: list[Account | LedgerError], first: int) -> int:
-        """`create_accounts` of `results[first:first + ACCOUNTS_PER_BLOCK_MAX]` (call under the
-        sequencer lock): journal the new ones as one block, turn each existing one that
-        differs into `AccountExists`; the LSN to wait for."""
-        sequencer = self._sequencer
-        known, lsns = sequencer.accounts, sequencer.account_lsns
-        new: dict[str, Account] = {}
-        last = 0
-        for i in range(first, min(first + ACCOUNTS_PER_BLOCK_MAX, len(results))):
-            account = results[i]
-            if not isinstance(account, Account):
-                continue
-            existing = known.get(account.id) or new.get(account.id)
-            if existing is None:
-                new[account.id] = account
-            elif existing != account:
-                results[i] = account_exists(existing)
-            elif account.id in lsns:
-                last = max(last, lsns[account.id])
-        if new:
-            try:
-                last = sequencer.open_accounts(list(new.values()))
-            except InvalidRequest as error:  # a bad reading of a clock of one's own: this block is not opened
-                for i in range(first, min(first + ACCOUNTS_PER_BLOCK_MAX, len(results))):
-                    account = results[i]
-                    if isinstance(account, Account) and account.id in new:
-                        results[i] = error
-        return last
-
     # --- transfers -----------------------------------------------------------------
 
     def transfer(self, id: str, *, source: str, destination: str, amount: int, code: int = 0,
@@ -392,83 +303,6 @@ class Ledger(LedgerReads):
         one batch (engine-internal: `engine._shard_steps` posts a batch's cross-shard transfers so)."""
         with self._call():
             return self._coordinator.transfer_many(list(requests), self.timeout_s)
-
-    # --- closing -------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Finish the calls under way (bounded by `timeout_s`), then stop every thread and
-        release the directory. Idempotent; every later call raises `LedgerClosed`.
-
-        A call still under way after that bound ends with a `LedgerError`: `LedgerClosed` if
-        nothing was written for it, or its outcome as the journal made it durable. If the
-        chain of checkpoints an open would read back has grown long, it journals a checkpoint
-        of every account (`Sequencer.checkpoint_on_close`). What was
-        journaled is written before this returns (bounded; `LedgerTimeout` if the writer
-        cannot drain, and then a retry after reopening learns each outcome). Then, if the
-        journal never failed, it checks every page of the data file as an open would and
-        seals what it checked, so the next open of those bytes need not (README.md,
-        "Damage"): about half a microsecond a B-tree node, seconds for a million accounts.
-        A close made while another thread closes the ledger returns once that one has, and a
-        close after one that failed raises what that one raised, as `AsyncLedger.close` does
-        (`engine._calls.await_closed`)."""
-        with self._state:
-            # (closed with no closer: a close that gave up before its shut-down, whose place
-            # this one takes, or a child's after `fork()`, which `await_closed` returns from)
-            closing = self._closed and (self._closer is not None or self._forked_from is not None)
-            if not closing:
-                self._closed, self._closer = True, threading.current_thread()
-                try:
-                    self._state.wait_for(lambda: not self._calls, timeout=self.timeout_s)
-                except BaseException:  # an interrupt: its thread lives on, not closing; the next close does
-                    self._closer = None
-                    raise
-        if closing:
-            await_closed(self)
-            return
-        try:
-            self._shut_down()
-        except Exception as failure:  # (an interrupt is no failure of the books': the journal still closes)
-            self._close_failure = failure
-            raise
-        finally:
-            self._shut.set()
-
-    def _shut_down(self) -> None:
-        """`close` once the calls under way are done (or its wait for them ran out)."""
-        OPEN_LEDGERS.discard(self)
-        self._stopping.set()
-        if self._expirer is not None:
-            self._expirer.join(timeout=self.timeout_s)
-        self._stop_workers()
-        try:
-            self._checkpoint_on_close()
-        finally:  # an interrupt in it too: the journal still closes, the directory is let go
-            drained = False
-            try:
-                with ledger_errors():
-                    self._journal.close()
-                drained = True
-            finally:
-                self._coordinator.close(drained)
-
-    def _stop_workers(self) -> None:
-        """Stop the threads that run calls (those made so far, for an open that fails)."""
-        if hasattr(self, "_coordinator"):
-            self._coordinator.claims.stop()
-        if hasattr(self, "_directory"):
-            self._directory.stop()
-        self._dispatcher.stop()
-
-    def _checkpoint_on_close(self) -> None:
-        """Journal a checkpoint of every account if the next open would otherwise read many
-        more rows (`Sequencer.checkpoint_on_close`). Nothing depends on it: one not written
-        (a failed journal, a timeout) leaves the open to walk back the checkpoints."""
-        if self._journal.failure is not None:
-            return
-        try:
-            self._sequencer.checkpoint_on_close(self.timeout_s)
-        except Exception:  # a failed journal, a timeout, no memory for the rows: the chain stays
-            logger.exception("no checkpoint journaled at close: the next open walks back the checkpoints")
 
     @property
     def failure(self) -> LedgerError | None:

@@ -4,8 +4,10 @@ Every read answers from what is durable: the accounts, a transfer and what becam
 the event stream, a balance now or at an LSN or a time, an account's entries, pages of
 transfers, a snapshot, the state hash, the head and the counters. Reads of history go through
 `engine._history` (`History`); a read that may be long lets the interpreter go between two
-chunks of records (`Ledger._read`). The writes, the opening and the closing are `Ledger`'s
-(`engine._ledger`), which sets up what these read.
+chunks of records (`Ledger._read`). The writes and the opening are `Ledger`'s
+(`engine._ledger`), which sets up what these read; opening accounts and closing are its other
+bases' (`engine._ledger_accounts`, `AccountCreating`; `engine._ledger_close`, `Closing`), both
+over this one.
 """
 
 from __future__ import annotations
