@@ -25,7 +25,7 @@ from journal._directory import LOCK_FILE, refuse_foreign
 from journal._journal import Journal, reanchor
 from journal._limits import FORMAT_VERSION, LSN_MAX
 from journal._names import COPY_STAGING_PREFIXES, LMDB_LOCK_FILE
-from journal._store import files_of
+from journal._lmdb_files import files_of
 from journal._commits import Behind, IndexPut, IndexPuts
 
 __all__ = [

@@ -42,7 +42,8 @@ from journal._limits import (
     RECORD_VERSION,
 )
 from journal._names import LEDGER_ID_KEY
-from journal._store import Store, clear_dead_readers
+from journal._lmdb_files import clear_dead_readers
+from journal._store import Store
 
 logger = logging.getLogger("tally.journal")
 

@@ -23,12 +23,14 @@ Before LMDB reads an existing data file it is checked (`journal._check`): meta p
 page, the free list, every index entry. Then every read goes through `reading()`, a gate the
 writer closes while it grows the map (LMDB allows that only while no transaction is open in
 the process), and any LMDB error on a read becomes `JournalCorruptedError` naming what was
-being read (`journal._errors.lmdb_read_error`).
+being read (`journal._errors.lmdb_read_error`). A failed write says why, a full disk or a file
+size limit (`space_error`; making the files, `os_error`). The files LMDB keeps
+beside the data (its lock file, made ahead), how a file is known (`file_identity`) and the
+reader slots dead processes left are `journal._lmdb_files`'.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import mmap
@@ -42,18 +44,14 @@ from typing import Any
 
 import lmdb
 
-from journal._anchor import AnchorState, create_anchor, new_ledger_id, open_regular, sync_directory
+from journal._anchor import AnchorState, create_anchor, new_ledger_id, sync_directory
 from journal._check import Opened, check_before_mapping, check_snapshot
 from journal._errors import JournalCorruptedError, JournalError, JournalLockedError, JournalWriteError, lmdb_read_error
+from journal._lmdb_files import allocate_lock_file, clear_dead_readers, file_identity, files_of
 from journal._limits import DBS_MAX, FORMAT_VERSION, GROW_WAIT_S_MAX, MAP_SIZE_BYTES_MAX, READERS_MAX
-from journal._names import DATA_FILE, FORMAT_KEY, LEDGER_ID_KEY, LMDB_LOCK_FILE, META_DB, RECORDS_DB, STAGING_DIR
+from journal._names import DATA_FILE, FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB, STAGING_DIR
 
 logger = logging.getLogger("tally.journal")
-
-LOCK_FILE_BYTES = (READERS_MAX - 1) * 64 + 192
-"""What LMDB makes `lock.mdb` for `READERS_MAX` readers (64 bytes a reader slot, 192 of
-header on 64-bit Linux). LMDB makes it sparse and then writes through a map of it, which on
-a full disk is a SIGBUS; allocating it first turns that into ENOSPC."""
 
 
 def space_error(path: str, error: BaseException) -> JournalWriteError:
@@ -122,7 +120,7 @@ class Store:
         """The directory `path` named when opened, absolute and with its links resolved as the
         kernel resolved them for LMDB (a host may change its working directory, or re-point
         a link on the way)."""
-        self._identity = _identity(os.path.join(self.directory, DATA_FILE))
+        self._identity = file_identity(os.path.join(self.directory, DATA_FILE))
         """The data file's (device, inode) when it was opened, for `in_place`."""
         self.files = files_of(self.directory, self._identity, lock_file)  # (not looked at again)
         """(device, inode) of LMDB's files as opened: py-lmdb knows the environment by them."""
@@ -272,31 +270,10 @@ class Store:
         another reason passes: that is no sign of it."""
         if self._identity is None:  # it could not be looked at when opened: nothing to compare
             return True
-        return _identity(os.path.join(self.directory, DATA_FILE)) in (self._identity, None)
+        return file_identity(os.path.join(self.directory, DATA_FILE)) in (self._identity, None)
 
     def close(self) -> None:
         self.env.close()
-
-
-def files_of(directory: str, data_file: tuple[int, int] | None = None,
-             lock_file: tuple[int, int] | None = None) -> frozenset[tuple[int, int]]:
-    """(device, inode) of `directory`'s data file and LMDB lock file, those there (given: as found
-    already): what py-lmdb refuses to open twice in a process, or in a child `fork()` made of it."""
-    names = ((DATA_FILE, data_file), (LMDB_LOCK_FILE, lock_file))
-    found = (known or _identity(os.path.join(directory, name)) for name, known in names)
-    return frozenset(identity for identity in found if identity not in (None, (0, 0)))
-
-
-def _identity(data_file: str) -> tuple[int, int] | None:
-    """(device, inode) of the file at `data_file`; (0, 0) if there is none; None if it cannot
-    be looked at (an error other than a missing file or directory)."""
-    try:
-        found = os.stat(data_file)
-    except (FileNotFoundError, NotADirectoryError):
-        return (0, 0)
-    except OSError:
-        return None
-    return (found.st_dev, found.st_ino)
 
 
 def _check_mappable(more: int, size: int) -> None:
@@ -354,70 +331,6 @@ def _settle_last_writer(env: lmdb.Environment) -> None:
     except lmdb.Error as error:
         raise lmdb_read_error(error, "the journal, settling after its last writer") from error
     clear_dead_readers(env)
-
-
-def clear_dead_readers(env: lmdb.Environment) -> None:
-    """Clear the reader slots of processes that died reading (a `tally verify` killed, a
-    read-only ledger's process SIGKILLed), if the table holds any: such a slot pins the snapshot
-    it read, so no page written since is reused and the data file grows without bound while
-    any process keeps the ledger open (LMDB clears them itself only when the table is full).
-
-    Only when a slot's process is gone: LMDB's check also clears the slots of a live process
-    that lost its lock on `lock.mdb` (it closed a descriptor of that file: copying the ledger's
-    directory, say), whose snapshot would then be written over under it. A failure is logged,
-    never raised: this is housekeeping, not a write."""
-    try:
-        rows = map(str.split, env.readers().splitlines()[1:])  # "pid thread txnid", after a header
-        if any(not _alive(int(row[0])) for row in rows if row and row[0].isdigit()):
-            env.reader_check()
-    except (lmdb.Error, OSError, ValueError) as error:
-        logger.warning("clearing the reader slots of processes that are gone failed: %r", error)
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` exists and is not a zombie (one killed and not yet reaped has lost
-    its LMDB lock as a dead one has)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's: it exists
-        pass
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rpartition(b")")[2].split()[:1] != [b"Z"]
-    except OSError:  # no /proc (not Linux), or gone meanwhile: as `kill` said
-        return True
-
-
-def allocate_lock_file(path: str, readonly: bool = False) -> tuple[int, int] | None:
-    """Make `lock.mdb` with its blocks allocated, if missing or short (`LOCK_FILE_BYTES`); its
-    (device, inode), None where a reader goes without it. Raises `OSError` (ENOSPC on a full
-    disk); a reader that made the file then takes it away again, so a refused read leaves the
-    directory as it was. (Reading without LMDB's reader table instead would let a writer that
-    starts meanwhile reuse the pages of the reader's snapshot.) Anything but a regular file
-    there is `JournalCorruptedError` naming it, found before it is opened (`open_regular`)."""
-    lock_path = os.path.join(path, LMDB_LOCK_FILE)
-    made = readonly and not os.path.exists(lock_path)
-    try:
-        fd, found = open_regular(lock_path, "LMDB's lock file", os.O_RDWR | os.O_CREAT, remedy=(
-            " (it holds only LMDB's table of readers: with no process using the ledger, remove it, and the next "
-            "open makes it anew)"))
-    except OSError as error:
-        if readonly and (error.errno == errno.EROFS or error.errno == errno.EACCES and made):
-            return None  # LMDB reads a read-only file system without its reader table
-        raise  # (one there that this reader may not write: LMDB would refuse it too, without naming it)
-    try:
-        if found.st_size < LOCK_FILE_BYTES:
-            os.posix_fallocate(fd, 0, LOCK_FILE_BYTES)
-    except OSError:
-        if made:
-            with contextlib.suppress(OSError):  # (another reader may have taken it away first)
-                os.unlink(lock_path)
-        raise
-    finally:
-        os.close(fd)
-    return (found.st_dev, found.st_ino)
 
 
 def os_error(path: str, error: OSError) -> JournalError:
