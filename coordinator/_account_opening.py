@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Any
 
 from journal import Completion, Journal
 
@@ -32,14 +31,6 @@ class AccountOpening(Stamping):
     account_lsns: dict[str, int]
     _journaled_timestamp: int
     _holds_from_due: bool
-
-    def _marked(self, index: dict[str, Any], lsn: int) -> dict[str, Any]:
-        """The sequencer's (`Sequencer._marked`)."""
-        raise NotImplementedError
-
-    def _appended(self, records: int = 1) -> None:
-        """The sequencer's (`Sequencer._appended`)."""
-        raise NotImplementedError
 
     def open_account(self, account: Account, completion: Completion) -> int:
         """Journal a new account. The caller checked, under `lock`, that the id is free."""

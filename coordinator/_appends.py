@@ -45,14 +45,6 @@ class Appending(Stamping):
     _journaled_timestamp: int
     _holds_from_due: bool
 
-    def _marked(self, index: dict[str, Any], lsn: int) -> dict[str, Any]:
-        """The sequencer's (`Sequencer._marked`)."""
-        raise NotImplementedError
-
-    def _appended(self, records: int = 1) -> None:
-        """The sequencer's (`Sequencer._appended`)."""
-        raise NotImplementedError
-
     def broken(self, error: BaseException) -> None:
         """A bug met after the projection (or an account) moved past a decision and before
         all of it reached the journal and the accounts: fail the journal, so nothing is

@@ -124,6 +124,15 @@ class Stamping:
         """What resolved a pending transfer no longer open (the sequencer's: it asks the journal)."""
         raise NotImplementedError
 
+    def _marked(self, index: dict[str, Any], lsn: int) -> dict[str, Any]:
+        """The sequencer's (`Sequencer._marked`), which its other bases call (`coordinator._appends`,
+        `coordinator._account_opening`)."""
+        raise NotImplementedError
+
+    def _appended(self, records: int = 1) -> None:
+        """The sequencer's (`Sequencer._appended`), likewise."""
+        raise NotImplementedError
+
     def timestamp(self, count: int = 1, now: int | None = None) -> int:
         """The timestamp of the next decision, of `count` requests (the i-th gets it + i), from
         the clock's reading `now` (read here if None); call under `lock`."""

@@ -16,7 +16,8 @@ import threading
 import time
 from collections import Counter
 from dataclasses import fields
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -298,16 +299,24 @@ def test_sigterm_drains_ends_the_streams_closes_the_ledger_and_exits_0(tmp_path:
     assert verified.returncode == 0 and json.loads(verified.stdout)["verdict"] == "whole"
 
 
-def test_sigterm_answers_a_request_still_waiting_for_its_body_at_once(tmp_path: Path) -> None:
-    """A client that sent a write's headers and not its body must not hold the stop for the
-    graceful wait: it is answered 503 (JSON, nothing done) and the server exits 0."""
-    server = Server(tmp_path / "books", tmp_path)
+@contextmanager
+def _stalled_write(server: Server) -> Iterator[socket.socket]:
+    """A connection to `server` holding a write that sent its headers and not its body, once
+    the server has it in (it answers another request meanwhile)."""
     host, port = server.url.removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=WAIT_S_MAX) as stalled:
         stalled.sendall(b"POST /accounts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                         b"Idempotency-Key: a1\r\nContent-Length: 20\r\n\r\n")
-        with server.client() as client:  # the stalled request is in: the server answers others meanwhile
+        with server.client() as client:
             assert client.get("/health").status_code == 200
+        yield stalled
+
+
+def test_sigterm_answers_a_request_still_waiting_for_its_body_at_once(tmp_path: Path) -> None:
+    """A client that sent a write's headers and not its body must not hold the stop for the
+    graceful wait: it is answered 503 (JSON, nothing done) and the server exits 0."""
+    server = Server(tmp_path / "books", tmp_path)
+    with _stalled_write(server) as stalled:
         assert server.stop(signal.SIGTERM) == 0
         answer = b""
         while chunk := stalled.recv(65536):
@@ -410,12 +419,7 @@ def test_a_second_ctrl_c_stops_at_once_closes_the_ledger_and_says_so_in_one_line
     that try did not reach the case, and another is made (each outcome is checked in full)."""
     for attempt in range(SECOND_SIGNAL_TRIES):
         server = Server(tmp_path / f"books-{attempt}", tmp_path)
-        host, port = server.url.removeprefix("http://").rsplit(":", 1)
-        with socket.create_connection((host, int(port)), timeout=WAIT_S_MAX) as stalled:
-            stalled.sendall(b"POST /accounts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                            b"Idempotency-Key: a1\r\nContent-Length: 20\r\n\r\n")
-            with server.client() as client:  # the stalled request is in: the server answers others meanwhile
-                assert client.get("/health").status_code == 200
+        with _stalled_write(server):
             server.process.send_signal(signal.SIGINT)
             assert _logged(server, "Waiting for connections to close"), server.stderr  # (the request holds the stop)
             status = server.stop(signal.SIGINT)
