@@ -227,14 +227,27 @@ def _shards_hint(args: argparse.Namespace, error: LedgerError, argv: list[str]) 
     except InvalidRequest:  # no id a shard could hold: the error said what is wrong
         return ""
     into = getattr(args, "into", None)  # a copy (replay, salvage): each shard's into a directory of its own
-    command = [os.path.join(path, f"shard-{shard}") if word == path
-               else os.path.join(into, f"shard-{shard}") if word == into else word for word in argv]
+    command = [os.path.join(path, f"shard-{shard}") if word == path else _into_shard(word, into, shard)
+               for word in argv]
     which = ("the shard its id places it on; one made with placement=KEY lives on the key's" if account is not None
              else f"each of shard-0 to shard-{shards - 1} in turn"
              + ("" if into is None else f", each into its own directory, {os.path.join(into, 'shard-N')}"))
     shown_command = printable(shlex.join(command))  # (the words as a shell reads them)
     return (f"; it is a sharded ledger of {shards} shards, each an ordinary ledger: give a shard's directory "
             f"({which}), e.g. `tally {shown_command}`")
+
+
+def _into_shard(word: str, into: str | None, shard: int) -> str:
+    """`word` of a command line, with the `--into` directory `into` made the shard's own in it
+    (`NEW` or `--into=NEW`, as argparse takes it, an abbreviation too)."""
+    if into is None:
+        return word
+    if word == into:
+        return os.path.join(into, f"shard-{shard}")
+    option, equals, value = word.partition("=")
+    if equals and option.startswith("--") and value == into:
+        return f"{option}={os.path.join(into, f'shard-{shard}')}"
+    return word
 
 
 def main(argv: list[str] | None = None) -> int:
