@@ -54,10 +54,7 @@ class JournalReads:
         if txn is None:
             with self.snapshot() as txn:
                 return self.head_at(lsn, txn)
-        try:
-            value = txn.get(lsn_key(lsn), db=self._store.records)
-        except lmdb.Error as error:
-            raise lmdb_read_error(error, f"the record at LSN {lsn}") from error
+        value = self._stored(lsn, txn)
         if value is None:
             raise JournalCorruptedError(f"LSN {lsn} is missing", lsn)
         digest = unframe_chained(lsn, bytes(value))[0]
@@ -110,12 +107,16 @@ class JournalReads:
         if txn is None:
             with self.snapshot() as txn:
                 return self.read(lsn, txn)
-        try:
-            value = txn.get(lsn_key(lsn), db=self._store.records)
-        except lmdb.Error as error:
-            raise lmdb_read_error(error, f"the record at LSN {lsn}") from error
+        value = self._stored(lsn, txn)
         self._chunks.step()
         return None if value is None else unframe(lsn, value)
+
+    def _stored(self, lsn: int, txn: Any) -> bytes | None:
+        """The record at `lsn` as stored in `txn` (framed, unverified), or None."""
+        try:
+            return txn.get(lsn_key(lsn), db=self._store.records)  # type: ignore[no-any-return]
+        except lmdb.Error as error:
+            raise lmdb_read_error(error, f"the record at LSN {lsn}") from error
 
     def scan(self, after_lsn: int = 0, txn: Any | None = None) -> Iterator[tuple[int, bytes]]:
         """Yield `(lsn, payload)` for every durable record after `after_lsn`, verified.
