@@ -13,12 +13,13 @@ handlers, which change the state, in place of its mailbox loop.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
-from coordinator._rules import Leg, Refusal, decide
+from coordinator._postings import reservations
+from coordinator._rules import Refusal, decide
 from coordinator._state import AccountState, Pending, Posting
-from coordinator._values import PENDING, SINGLE, TransferStatus
+from coordinator._values import TransferStatus
 
 if TYPE_CHECKING:
     from coordinator._sequencer import Sequencer
@@ -158,25 +159,6 @@ class DebitStep:
     def released_elsewhere(self, account: str) -> Mapping[str, int]:
         """What the other sources reserved, to release when the ticket does not commit."""
         return {source: amount for source, amount in self._reserved.items() if source != account and amount}
-
-
-def reservations(legs: Sequence[Leg]) -> dict[str, int]:
-    """What each source reserves for a ticket of these legs (transfers and pending transfers,
-    in order): the most they take from its available balance at any point of the ticket. That
-    is its debits, less what the legs before them credited it: a chain that pays an empty
-    account and spends that payment in its next leg needs nothing of the account's own, and
-    reserving the debit would refuse another such chain the funds it finds there, which it
-    would get in any order the two were decided in. (A pending leg's credit is not available.)"""
-    running: dict[str, int] = {}
-    most: dict[str, int] = {}
-    for kind, source, destination, amount, _, _ in legs:
-        if kind != SINGLE and kind != PENDING:
-            continue  # a post or a void: never decided in a mailbox
-        left = running[source] = running.get(source, 0) - amount
-        most[source] = max(most.get(source, 0), -left)
-        if kind == SINGLE:
-            running[destination] = running.get(destination, 0) + amount
-    return most
 
 
 class _SourceView:

@@ -5,7 +5,8 @@ sequencer hands each account what the decision does to it, in LSN order and in t
 of its lock: a `Posting` (`coordinator._state`) per account per leg, the source's then the
 destination's, which the account applies with the same pure `post` the projection did. These
 functions make them from decided legs (`postings`) and from a pending transfer's released
-hold (`releasing_hold`: a void, an expiry); `Deliver` is what takes them to the accounts.
+hold (`releasing_hold`: a void, an expiry); `Deliver` is what takes them to the accounts. What a
+source reserves in its mailbox for a ticket is read off the same postings (`reservations`).
 """
 
 from __future__ import annotations
@@ -51,24 +52,46 @@ def _as_needed(made: list[Posting]) -> list[Posting]:
     never more than the chain leaves. (Released whole with the first debit, a step landing
     after a credit the chain spends again saw that credit as its own.) A posting may reserve
     again (a negative release): a credit that a debit after it spends."""
-    sums: list[int] = []
-    running: dict[str, int] = {}
-    for posting in made:
-        sums.append(running.get(posting.account, 0) + posting.amount - posting.held)
-        running[posting.account] = sums[-1]
+    sums = _running(made)
     lowest: dict[str, int] = {}
     needs = [0] * len(made)
     for i in range(len(made) - 1, -1, -1):  # the lowest balance from each posting on, last to first
         account = made[i].account
         low = lowest[account] = min(lowest.get(account, sums[i]), sums[i])
         needs[i] = sums[i] - low
-    need = {account: max(0, -low) for account, low in lowest.items()}  # what each reserved: `reservations`
+    need = {account: max(0, -low) for account, low in lowest.items()}  # what each reserved (`reservations`)
     for i, posting in enumerate(made):
         released = need[posting.account] - needs[i]
         need[posting.account] = needs[i]
         if released != posting.released:
             made[i] = posting._replace(released=released)
     return made
+
+
+def reservations(legs: Sequence[Leg]) -> dict[str, int]:
+    """What each source reserves in its mailbox for a ticket of these legs (transfers and pending
+    transfers, in order, as it decided them): the most their postings take from its available
+    balance at any point of the ticket. That is its debits, less what the legs before them
+    credited it: a chain that pays an empty account and spends that payment in its next leg
+    needs nothing of the account's own, and reserving the debit would refuse another such chain
+    the funds it finds there, which it would get in any order the two were decided in. (A
+    pending leg's credit is not available.)"""
+    made = postings(legs, 0, False)
+    most: dict[str, int] = {}
+    for posting, change in zip(made, _running(made), strict=True):
+        if change < 0:
+            most[posting.account] = max(most.get(posting.account, 0), -change)
+    return most
+
+
+def _running(made: list[Posting]) -> list[int]:
+    """After each posting, how far its account's available balance has moved since the first."""
+    sums: list[int] = []
+    running: dict[str, int] = {}
+    for posting in made:
+        sums.append(running.get(posting.account, 0) + posting.amount - posting.held)
+        running[posting.account] = sums[-1]
+    return sums
 
 
 def releasing_hold(pending: Pending, lsn: int) -> tuple[Posting, Posting]:
