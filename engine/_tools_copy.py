@@ -47,7 +47,14 @@ from coordinator import (
     records,
     state_hash,
 )
-from journal import ANCHOR_FILE, COPY_STAGING_PREFIXES, Journal, JournalAnchorMissingError, sync_directory
+from journal import (
+    ANCHOR_FILE,
+    REPLAY_STAGING_PREFIX,
+    SALVAGE_STAGING_PREFIX,
+    Journal,
+    JournalAnchorMissingError,
+    sync_directory,
+)
 
 from engine._ledger import Ledger
 from engine._readonly import recover_beside_writer
@@ -83,7 +90,7 @@ def salvage(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
         with ledger_errors():
             report = audit(journal, progress)
             stop = report.corrupt_lsn if report.corrupt_lsn is not None else journal.last_lsn + 1
-            with _building(into, "salvaging") as staging:
+            with _building(into, SALVAGE_STAGING_PREFIX) as staging:
                 copied, lost = _copy_prefix(journal, staging, stop)
             anchored = journal.anchor.durable_lsn if journal.anchor is not None else 0
             lost += [{"lsn": lsn, "transfer": None, "why": "durable once (its anchor says so), and gone from the journal"}
@@ -111,13 +118,13 @@ def _salvage_verdict(report: AuditReport, anchor_problem: str | None) -> str:
 
 
 @contextmanager
-def _building(into: str, doing: str) -> Iterator[str]:
+def _building(into: str, prefix: str) -> Iterator[str]:
     """A new ledger built in a directory of its own inside `into` (`_staging`), closed within
     the block, and its files moved up into `into` once the block ends (`_publish`). Whatever
     fails meanwhile, the staging directory is removed, and `into` too if this made it: `into`
     is left as it was found, never holding a part of a copy, nor one that would verify whole."""
     made = not os.path.lexists(into)
-    staging = _staging(into, doing)
+    staging = _staging(into, prefix)
     try:
         yield staging
         _publish(staging, into)
@@ -128,16 +135,15 @@ def _building(into: str, doing: str) -> Iterator[str]:
         raise
 
 
-def _staging(into: str, doing: str) -> str:
-    """A new, empty directory inside `into` (`.salvaging-XXXXXXXX`, `.replaying-XXXXXXXX`: what
-    is `doing` it) to build its copy in; `into` (an empty directory, a mount point, a symlink
+def _staging(into: str, prefix: str) -> str:
+    """A new, empty directory inside `into` (`prefix`, then 8 hex digits: `.salvaging-XXXXXXXX`,
+    `.replaying-XXXXXXXX`, names an open of `into` refuses) to build its copy in; `into` (an empty directory, a mount point, a symlink
     to one, or missing) made first, with its parents: the copy is written on the file system
     chosen for it."""
     try:
         os.makedirs(into, exist_ok=True)
     except OSError as error:  # under a file, a dangling link, no room: as an open of a ledger there says it
         raise NotALedger(f"{into!r} cannot be made a ledger directory: {error}") from error
-    prefix = next(prefix for prefix in COPY_STAGING_PREFIXES if prefix == f".{doing}-")  # (one an open refuses)
     staging = os.path.join(into, prefix + secrets.token_hex(4))
     os.mkdir(staging)
     return staging
@@ -227,7 +233,7 @@ def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
         last = books.last_lsn
         original = state_hash(source, books.accounts.values(), books.pending.values())
         _unmoved(source, last, path)  # (and again at the end: the hash may count what came after `last`)
-        with _building(into, "replaying") as staging:
+        with _building(into, REPLAY_STAGING_PREFIX) as staging:
             replayed, rejected, fresh = _replay_into(source, last, staging, progress)
             _unmoved(source, last, path)
     return {"path": path, "into": into, "transfers_replayed": replayed, "rejections_not_replayed": rejected,

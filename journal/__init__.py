@@ -24,7 +24,7 @@ from journal._anchor import ANCHOR_FILE, sync_directory
 from journal._directory import LOCK_FILE, refuse_foreign
 from journal._journal import Journal, reanchor
 from journal._limits import FORMAT_VERSION, LSN_MAX
-from journal._names import COPY_STAGING_PREFIXES, LMDB_LOCK_FILE
+from journal._names import COPY_STAGING_PREFIXES, LMDB_LOCK_FILE, REPLAY_STAGING_PREFIX, SALVAGE_STAGING_PREFIX
 from journal._lmdb_files import files_of
 from journal._commits import Behind, IndexPut, IndexPuts
 
@@ -38,6 +38,8 @@ __all__ = [
     "LOCK_FILE",
     "COPY_STAGING_PREFIXES",
     "LMDB_LOCK_FILE",
+    "REPLAY_STAGING_PREFIX",
+    "SALVAGE_STAGING_PREFIX",
     "LSN_MAX",
     "CRASH_POINTS",
     "CRASH_POINT_ARMED",

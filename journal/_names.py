@@ -8,7 +8,9 @@ LMDB_LOCK_FILE = "lock.mdb"
 """LMDB's reader table, made before the data file."""
 STAGING_DIR = ".tally-new"
 """Where a new data file is made, before it is renamed into the ledger directory."""
-COPY_STAGING_PREFIXES = (".salvaging-", ".replaying-")
+SALVAGE_STAGING_PREFIX = ".salvaging-"
+REPLAY_STAGING_PREFIX = ".replaying-"
+COPY_STAGING_PREFIXES = (SALVAGE_STAGING_PREFIX, REPLAY_STAGING_PREFIX)
 """Where `tally recover --salvage` and `tally replay` build their copy inside the directory
 given them (`.salvaging-XXXXXXXX`), moving its files up once it is whole: one left there means a
 copy was cut short, and the directory is not yet a ledger."""
