@@ -108,6 +108,11 @@ def open_aside(path: str) -> int:
     return fd
 
 
+LOCK_FILE_REMEDY = "with no process using the ledger, remove it, and the next open makes it anew"
+"""What to do about a lock file (the directory's, LMDB's) that is no regular file: it holds no
+history, so removing it mends the ledger."""
+
+
 def open_regular(path: str, what: str, flags: int = os.O_RDONLY, *,
                  remedy: str = "") -> tuple[int, os.stat_result]:
     """A descriptor of the regular file at `path`, opened with `flags` (by default for reading;

@@ -14,7 +14,7 @@ import fcntl
 import os
 import shutil
 
-from journal._anchor import ANCHOR_FILE, AnchorState, open_regular, read_anchor
+from journal._anchor import ANCHOR_FILE, LOCK_FILE_REMEDY, AnchorState, open_regular, read_anchor
 from journal._errors import JournalCorruptedError, JournalError, JournalLockedError, JournalNotFoundError
 from journal._names import COPY_STAGING_PREFIXES, DATA_FILE, LMDB_LOCK_FILE, STAGING_DIR
 from journal._seal import SEAL_FILE
@@ -96,8 +96,7 @@ def _open_lock_file(path: str, readonly: bool) -> int | None:
     Anything but a regular file there (a FIFO, whose open for reading would wait for a writer
     that never comes; a directory; a device) is `JournalCorruptedError` naming it."""
     lock_path = os.path.join(path, LOCK_FILE)
-    what, remedy = "the directory's lock file", (" (it holds nothing: with no process using the ledger, remove it, "
-                                                 "and the next open makes it anew)")
+    what, remedy = "the directory's lock file", f" (it holds nothing: {LOCK_FILE_REMEDY})"
     try:
         return open_regular(lock_path, what, os.O_RDWR | os.O_CREAT, remedy=remedy)[0]
     except OSError as error:

@@ -20,7 +20,7 @@ import os
 
 import lmdb
 
-from journal._anchor import open_regular
+from journal._anchor import LOCK_FILE_REMEDY, open_regular
 from journal._limits import READERS_MAX
 from journal._names import DATA_FILE, LMDB_LOCK_FILE
 
@@ -43,8 +43,7 @@ def allocate_lock_file(path: str, readonly: bool = False) -> tuple[int, int] | N
     made = readonly and not os.path.exists(lock_path)
     try:
         fd, found = open_regular(lock_path, "LMDB's lock file", os.O_RDWR | os.O_CREAT, remedy=(
-            " (it holds only LMDB's table of readers: with no process using the ledger, remove it, and the next "
-            "open makes it anew)"))
+            f" (it holds only LMDB's table of readers: {LOCK_FILE_REMEDY})"))
     except OSError as error:
         if readonly and (error.errno == errno.EROFS or error.errno == errno.EACCES and made):
             return None  # LMDB reads a read-only file system without its reader table
