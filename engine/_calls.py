@@ -5,7 +5,7 @@ may be long): refused once the ledger is closed, counted until it returns so `cl
 for it, a `JournalError` from inside turned into its `LedgerError`. And a process knows the
 ledgers it has open (`OPEN_LEDGERS`): a second open of one of them here is refused before it
 touches a file (`refuse_open_here`), and a child made by `fork()` closes its copies at once
-(`_after_fork`). A second close waits for the first (`await_closed`). `engine._ledger` (`Ledger`),
+(`_after_fork`). `engine._ledger` (`Ledger`),
 its bases (`engine._ledger_reads`, `engine._ledger_close`) and `engine._readonly` (`ReadingLedger`)
 use these.
 """
@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 from coordinator import (
     LedgerClosed,
     LedgerLocked,
-    LedgerTimeout,
     ledger_error,
 )
 from journal import JournalError, files_of
@@ -71,35 +70,6 @@ def _after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork)
-
-
-def await_closed(ledger: Closing) -> None:
-    """A second `Ledger.close`: return once the first has closed the ledger, or raise what the
-    first raised if it failed (a host that closes twice learns the books were not closed
-    cleanly, as a second `AsyncLedger.close` does). It waits a `timeout_s` at a time for as
-    long as the first close's thread lives: that close's waits are each bounded, but its work
-    grows with the ledger (a checkpoint of every account, the walk of the pages it seals), so
-    no multiple of `timeout_s` bounds it (a second close that gave up at one raised
-    `LedgerTimeout` with the directory still held: a reopen right after it was `LedgerLocked`).
-    `LedgerTimeout` if that thread is gone and never finished (a first close an interrupt took
-    out of its wait for the calls leaves no closer: the next close closes the ledger itself,
-    instead of waiting on a thread that lives on). A close on the closing thread itself while
-    it closes (a signal handler's, a finalizer's) returns at once: it cannot wait for itself.
-    In a child made by `fork()`, nothing is closed here."""
-    closer = ledger._closer
-    if ledger._forked_from is not None or closer is None:
-        return
-    if closer is not threading.current_thread():
-        while not ledger._shut.wait(ledger.timeout_s):
-            closer = ledger._closer
-            if closer is None:  # an interrupt took the first close out of its wait meanwhile: this one closes
-                ledger.close()
-                return
-            if not closer.is_alive() and not ledger._shut.is_set():
-                raise LedgerTimeout(f"the ledger at {ledger.path} is still being closed: the thread closing it "
-                                    f"({closer.name}) ended without finishing")
-    if ledger._shut.is_set() and ledger._close_failure is not None:
-        raise ledger._close_failure
 
 
 class LedgerCall:

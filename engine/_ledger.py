@@ -94,7 +94,7 @@ class Ledger(AccountCreating, Closing):
             self._shut = threading.Event()
             """Set once `close` has closed the journal (or failed to): a second close waits for it."""
             self._closer: threading.Thread | None = None
-            """The thread of the first `close`, while and after it runs (see `await_closed`)."""
+            """The thread of the first `close`, while and after it runs (see `Closing._await_closed`)."""
             self._close_failure: Exception | None = None
             """What the first `close` raised, if it failed: every later close raises it too."""
             self._forked_from: int | None = None

@@ -5,7 +5,7 @@ the threads that run calls (`_stop_workers`, which a failed open calls too), jou
 checkpoint of every account if the chain of checkpoints has grown long
 (`_checkpoint_on_close`), closes the journal (which drains the writer and seals the data file)
 and lets the coordinator go. A second close waits for the first, or raises what it raised
-(`engine._calls.await_closed`). `Ledger` holds (and sets up) the threads, the events and the
+(`_await_closed`). `Ledger` holds (and sets up) the threads, the events and the
 parts these stop; a read-only ledger closes its own way (`engine._readonly`).
 """
 
@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 import threading
 
-from coordinator import ledger_errors
+from coordinator import LedgerTimeout, ledger_errors
 
-from engine._calls import OPEN_LEDGERS, await_closed
+from engine._calls import OPEN_LEDGERS
 from engine._ledger_reads import LedgerReads
 from engine._runtime import Dispatcher
 
@@ -49,10 +49,10 @@ class Closing(LedgerReads):
         "Damage"): about half a microsecond a B-tree node, seconds for a million accounts.
         A close made while another thread closes the ledger returns once that one has, and a
         close after one that failed raises what that one raised, as `AsyncLedger.close` does
-        (`engine._calls.await_closed`)."""
+        (`_await_closed`)."""
         with self._state:
             # (closed with no closer: a close that gave up before its shut-down, whose place
-            # this one takes, or a child's after `fork()`, which `await_closed` returns from)
+            # this one takes, or a child's after `fork()`, which `_await_closed` returns from)
             closing = self._closed and (self._closer is not None or self._forked_from is not None)
             if not closing:
                 self._closed, self._closer = True, threading.current_thread()
@@ -62,7 +62,7 @@ class Closing(LedgerReads):
                     self._closer = None
                     raise
         if closing:
-            await_closed(self)
+            self._await_closed()
             return
         try:
             self._shut_down()
@@ -71,6 +71,34 @@ class Closing(LedgerReads):
             raise
         finally:
             self._shut.set()
+
+    def _await_closed(self) -> None:
+        """A second `close`: return once the first has closed the ledger, or raise what the
+        first raised if it failed (a host that closes twice learns the books were not closed
+        cleanly, as a second `AsyncLedger.close` does). It waits a `timeout_s` at a time for as
+        long as the first close's thread lives: that close's waits are each bounded, but its work
+        grows with the ledger (a checkpoint of every account, the walk of the pages it seals), so
+        no multiple of `timeout_s` bounds it (a second close that gave up at one raised
+        `LedgerTimeout` with the directory still held: a reopen right after it was `LedgerLocked`).
+        `LedgerTimeout` if that thread is gone and never finished (a first close an interrupt took
+        out of its wait for the calls leaves no closer: the next close closes the ledger itself,
+        instead of waiting on a thread that lives on). A close on the closing thread itself while
+        it closes (a signal handler's, a finalizer's) returns at once: it cannot wait for itself.
+        In a child made by `fork()`, nothing is closed here."""
+        closer = self._closer
+        if self._forked_from is not None or closer is None:
+            return
+        if closer is not threading.current_thread():
+            while not self._shut.wait(self.timeout_s):
+                closer = self._closer
+                if closer is None:  # an interrupt took the first close out of its wait meanwhile: this one closes
+                    self.close()
+                    return
+                if not closer.is_alive() and not self._shut.is_set():
+                    raise LedgerTimeout(f"the ledger at {self.path} is still being closed: the thread closing it "
+                                        f"({closer.name}) ended without finishing")
+        if self._shut.is_set() and self._close_failure is not None:
+            raise self._close_failure
 
     def _shut_down(self) -> None:
         """`close` once the calls under way are done (or its wait for them ran out)."""
