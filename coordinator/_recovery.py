@@ -26,6 +26,7 @@ import sys
 import sysconfig
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
+from operator import itemgetter
 from typing import Any
 
 from journal import Completion, Journal, JournalCorruptedError
@@ -91,6 +92,8 @@ def recover(journal: Journal) -> Recovered:
     check_index_counts(journal, books)
     return books
 
+
+_POSTED = itemgetter(1)  # of an account's state (seq, posted, last LSN)
 
 _UNWALKED_MOVES = sys.version_info < (3, 14) and not sysconfig.get_config_var("Py_GIL_DISABLED")
 """Whether `gc.freeze` then `gc.unfreeze` move every young object to the oldest generation
@@ -245,7 +248,7 @@ def replay(
                 progress(lsn)
     except JournalCorruptedError as error:
         raise JournalCorrupted(str(error), error.lsn) from error
-    total = sum(posted for _, posted, _ in states.values())
+    total = sum(map(_POSTED, states.values()))  # (the loop in C: a million accounts)
     if total != 0:
         raise JournalCorrupted(
             f"journal corrupted: posted balances sum to {total}, not 0, after LSN {books.last_lsn}",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 import zlib
 from typing import Any
 
@@ -49,14 +50,46 @@ _CRC = struct.Struct("<I")
 
 
 def file_sums(fd: int, end: int) -> bytes:
-    """The CRC-32 of each `CHUNK_BYTES` of the file up to `end`, packed (a short read: short)."""
+    """The CRC-32 of each `CHUNK_BYTES` of the file up to `end`, packed (a short read: short).
+
+    The second half of the chunks is summed on a thread of its own: reading and summing
+    let go of the interpreter, so the two halves take two cores (a million accounts'
+    800 MiB: ~0.26 s on one core)."""
+    offsets = range(0, end, CHUNK_BYTES)
+    half = len(offsets) // 2
+    if not half:
+        return _sums_of(fd, end, offsets)[0]
+    later: list[tuple[bytes, bool] | OSError] = []
+
+    def sum_later() -> None:
+        try:
+            later.append(_sums_of(fd, end, offsets[half:]))
+        except OSError as error:  # raised here, by the caller, if the first half reads whole
+            later.append(error)
+
+    helper = threading.Thread(target=sum_later, daemon=True, name="tally-seal-sums")
+    helper.start()
+    try:
+        first, short = _sums_of(fd, end, offsets[:half])
+    finally:
+        helper.join()  # (it only reads and sums: no lock, no wait of its own)
+    if short:
+        return first
+    if isinstance(later[0], OSError):
+        raise later[0]
+    return first + later[0][0]
+
+
+def _sums_of(fd: int, end: int, offsets: range) -> tuple[bytes, bool]:
+    """The packed CRC-32s of the chunks at `offsets`, and whether a read came back short
+    (the last summed)."""
     sums = bytearray()
-    for offset in range(0, end, CHUNK_BYTES):
+    for offset in offsets:
         chunk = os.pread(fd, min(CHUNK_BYTES, end - offset), offset)
         sums += _CRC.pack(zlib.crc32(chunk))
         if len(chunk) < min(CHUNK_BYTES, end - offset):
-            break
-    return bytes(sums)
+            return bytes(sums), True
+    return bytes(sums), False
 
 
 def write_seal(path: str, meta: Meta, sums: bytes, ledger_id: bytes | None, trees: dict[bytes, Tree]) -> None:

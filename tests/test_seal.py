@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import struct
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -220,3 +221,28 @@ def test_a_byte_changed_while_the_close_walks_is_not_sealed(
     with pytest.raises(JournalCorrupted, match="page"):
         Ledger.open(ledger_path)
     assert walks == [1]
+
+
+@pytest.mark.parametrize("size_mib, end_mib", [(0, 0), (0, 3), (1, 1), (5, 5), (5, 8), (6, 6), (6, 5)])
+@pytest.mark.parametrize("tail", [0, 7])
+def test_the_file_is_summed_chunk_by_chunk_up_to_its_first_short_read(
+    tmp_path: Path, size_mib: int, end_mib: int, tail: int
+) -> None:
+    """Its two halves summed on two threads give the sums of one pass: one CRC-32 a MiB up
+    to `end`, the last chunk read short ending them (a file shorter than its snapshot)."""
+    from journal._seal import CHUNK_BYTES, file_sums
+
+    data = os.urandom(size_mib * CHUNK_BYTES + tail)
+    end = end_mib * CHUNK_BYTES + tail
+    expected = b""
+    for offset in range(0, end, CHUNK_BYTES):
+        chunk = data[offset:min(offset + CHUNK_BYTES, end)]
+        expected += struct.pack("<I", zlib.crc32(chunk))
+        if len(chunk) < min(CHUNK_BYTES, end - offset):
+            break
+    (tmp_path / "file").write_bytes(data)
+    fd = os.open(tmp_path / "file", os.O_RDONLY)
+    try:
+        assert file_sums(fd, end) == expected
+    finally:
+        os.close(fd)
