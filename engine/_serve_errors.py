@@ -42,6 +42,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "ledger_closed": 503,
     "ledger_locked": 503,
     "journal_corrupted": 503,
+    "read_only_ledger": 503,  # (`make_app(path, readonly=True)`: no write is taken; nothing journaled)
     "overloaded": 503,
     "unauthorized": 401,
     "internal_error": 500,

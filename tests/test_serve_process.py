@@ -441,12 +441,13 @@ def test_a_second_ctrl_c_stops_at_once_closes_the_ledger_and_says_so_in_one_line
 # --- in process: a bug, a closed ledger --------------------------------------------------------
 
 
-def _in_process(tmp_path: Path, work: Callable[[Any, httpx.AsyncClient], Awaitable[None]]) -> None:
+def _in_process(tmp_path: Path, work: Callable[[Any, httpx.AsyncClient], Awaitable[None]],
+                **ledger_options: Any) -> None:
     """`work(app, client)` against `make_app` in this process, its lifespan run around it."""
     from engine._serve import make_app
 
     async def run() -> None:
-        app = make_app(tmp_path / "books")
+        app = make_app(tmp_path / "books", **ledger_options)
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
             async with httpx.AsyncClient(transport=transport, base_url="http://tally") as client:
@@ -498,6 +499,28 @@ def test_health_is_503_once_the_journal_failed_and_every_write_is_refused(tmp_pa
         assert "a stand-in for a full disk" in health.json()["error"]["message"]
 
     _in_process(tmp_path, work)
+
+
+def test_a_write_to_a_read_only_ledger_is_no_refusal_and_no_replay(tmp_path: Path) -> None:
+    """`make_app(path, readonly=True)` (a reader beside the process that writes): a write is
+    `read_only_ledger`, nothing done, which is no refusal the journal keeps: not a 422, and a
+    key whose transfer the writer committed is not answered as a replayed refusal of it."""
+    with Ledger.open(tmp_path / "books") as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("a", currency="USD")
+        ledger.transfer("t-1", source="bank", destination="a", amount=5)
+
+    async def work(app: Any, client: httpx.AsyncClient) -> None:
+        for key, path, body in (("t-1", "/transfers", {"source": "bank", "destination": "a", "amount": 5}),
+                                ("t-2", "/transfers", {"source": "bank", "destination": "a", "amount": 5}),
+                                ("a", "/accounts", {"currency": "USD"})):
+            answer = await client.post(path, headers={"Idempotency-Key": key}, json=body)
+            assert answer.json()["error"]["code"] == "read_only_ledger"
+            assert answer.status_code == 503, (key, answer.status_code)
+            assert "idempotency-replayed" not in answer.headers, key
+        assert (await client.get("/transfers/t-1")).json()["status"] == "posted"
+
+    _in_process(tmp_path, work, readonly=True)
 
 
 def test_the_guard_answers_503_overloaded_past_its_requests_in_flight() -> None:
