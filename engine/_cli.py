@@ -89,6 +89,8 @@ def _run(args: argparse.Namespace) -> int:
             report = _tools_read.balance(args.path, args.account, args.at_lsn, args.at)
         except (InvalidRequest, AccountNotFound) as error:
             opened_later = type(error) is AccountNotFound and "was opened at LSN" in str(error)
+            if args.at is None and type(error) is InvalidRequest and args.at_lsn is not None:
+                raise InvalidRequest(str(error).replace(f"at_lsn {args.at_lsn} ", f"--at-lsn {args.at_lsn} ", 1)) from error
             if args.at is None or (type(error) is AccountNotFound and not opened_later):
                 raise
             raise type(error)(said_at(str(error), args.at, args.account, opened_later)) from error

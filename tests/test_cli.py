@@ -353,6 +353,14 @@ def test_balance_at_a_time_outside_an_accounts_life_is_refused_in_the_flags_term
     assert "at_timestamp" not in future.stderr + past.stderr
 
 
+def test_balance_at_an_lsn_past_the_end_is_refused_in_the_flags_terms(built: Built) -> None:
+    done = tally("balance", built.path, "alice", "--at-lsn", "99999")
+
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("tally balance: --at-lsn 99999 is past the durable end of the journal (LSN ")
+    assert "at_lsn" not in done.stderr
+
+
 def test_inspect_of_a_transfer_id_with_no_record_says_so(built: Built) -> None:
     done = tally("inspect", built.path, "--transfer", "nope")
 
