@@ -100,7 +100,7 @@ def _print_head(head: dict[str, Any], chain: dict[str, Any]) -> None:
 def render_audit(title: str, report: dict[str, Any]) -> None:
     print(f"{title} {report['path']}")
     lock_file = damaged_lock_file(report)
-    if lock_file is not None:
+    if lock_file is not None and report["last_lsn"] is None:
         print(f"  the journal was not opened: its lock file {lock_file} is no regular file (the data file was not read)")
     elif report["last_lsn"] is None:
         print("  the journal could not be read: its data file is damaged")
@@ -109,6 +109,8 @@ def render_audit(title: str, report: dict[str, Any]) -> None:
     else:
         print(f"  records scanned {report['records_scanned']}, last LSN {report['last_lsn']}, accounts {report['accounts']}")
         print(f"  transfers: committed {report['transfers_committed']}, rejected {report['transfers_rejected']}")
+    if lock_file is not None and report["last_lsn"] is not None:  # (verify takes no lock: the journal was read)
+        print(f"  its lock file {lock_file} is no regular file: every open refuses this directory until it is removed")
     _print_chain(report)
     _print_checks(report)
     if report["problem"]:

@@ -29,7 +29,15 @@ from coordinator import (
     unopened,
     write_checkpoint,
 )
-from journal import GENESIS, ChainHead, ChainReport, Journal, JournalAnchorMissingError, reanchor
+from journal import (
+    GENESIS,
+    ChainHead,
+    ChainReport,
+    Journal,
+    JournalAnchorMissingError,
+    reanchor,
+    refuse_irregular_lock_file,
+)
 
 from engine._tools import Progress, reading
 from engine._tools_read import record_row
@@ -103,7 +111,9 @@ def parse_head(text: str) -> ChainHead:
 def verify(path: str, progress: Progress = None, expected: ChainHead | None = None) -> dict[str, Any]:
     """The read-only audit. Never writes; a live process may keep using the ledger. With
     `expected` (a head noted earlier), the ledger is whole only if it still extends it: the
-    report's `expect_head` says where it diverges if it does not.
+    report's `expect_head` says where it diverges if it does not. A directory whose lock file
+    is no regular file, which every open refuses, is not whole either, however whole its
+    history (`_judge_lock_file`).
 
     One snapshot is read, held for the whole audit and the state hash (`coordinator.audit`):
     beside a live writer every figure, the verdict and the head are of the journal as of
@@ -117,7 +127,28 @@ def verify(path: str, progress: Progress = None, expected: ChainHead | None = No
         report, result = _unopened_dict(error, time.perf_counter() - started, path)
     if expected is not None:
         _judge_head(result, report.chain, expected)
+    _judge_lock_file(result, path)
     return result
+
+
+CHECK_LOCK_FILE = "the directory's lock file is a regular file (an open refuses the directory while it is not)"
+"""A check of verify's own, in its report only where it fails: the lock file holds no history."""
+
+
+def _judge_lock_file(result: dict[str, Any], path: str) -> None:
+    """Add to `result` that the directory's lock file is no regular file, if it is not (a FIFO,
+    a directory): verify takes no lock, so it never opens that file, but every open (and
+    `tally recover`) refuses the directory until it is removed. It is named as an open names
+    it, in `problem` and `damaged` unless the history's own damage is there first; the
+    history's figures and state hash stand, as the lock file holds none of it."""
+    try:
+        with ledger_errors():
+            refuse_irregular_lock_file(path)
+    except JournalCorrupted as error:
+        result["checks"][CHECK_LOCK_FILE] = False
+        result["verdict"] = "NOT WHOLE"
+        result["problem"] = result["problem"] or str(error)
+        result["damaged"] = result["damaged"] or error.where
 
 
 def _judge_head(result: dict[str, Any], chain: ChainReport | None, expected: ChainHead) -> None:

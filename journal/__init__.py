@@ -21,7 +21,7 @@ from journal._errors import (
 from journal._chain import ChainHead, ChainReport
 from journal._format import GENESIS, lsn_key
 from journal._anchor import ANCHOR_FILE, sync_directory
-from journal._directory import LOCK_FILE, refuse_foreign
+from journal._directory import LOCK_FILE, refuse_foreign, refuse_irregular_lock_file
 from journal._journal import Journal, reanchor
 from journal._limits import FORMAT_VERSION, LSN_MAX
 from journal._names import COPY_STAGING_PREFIXES, LMDB_LOCK_FILE, REPLAY_STAGING_PREFIX, SALVAGE_STAGING_PREFIX
@@ -46,6 +46,7 @@ __all__ = [
     "Completion",
     "crash_point",
     "refuse_foreign",
+    "refuse_irregular_lock_file",
     "IndexPut",
     "IndexPuts",
     "Journal",

@@ -139,7 +139,13 @@ def open_regular(path: str, what: str, flags: int = os.O_RDONLY, *,
         if stat.S_ISREG(found.st_mode):
             return fd, found
         os.close(fd)  # (replaced since it was looked at)
-    raise JournalCorruptedError(f"{what} is not a regular file{remedy}", where=path)
+    raise not_regular(path, what, remedy)
+
+
+def not_regular(path: str, what: str, remedy: str = "") -> JournalCorruptedError:
+    """The damage `open_regular` names where `path` is no regular file (`what`, `remedy`: as
+    there): also said by a reader that only looks at a file it does not open."""
+    return JournalCorruptedError(f"{what} is not a regular file{remedy}", where=path)
 
 
 def read_small_file(path: str, what: str, limit: int) -> bytes:

@@ -13,13 +13,15 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 
-from journal._anchor import ANCHOR_FILE, LOCK_FILE_REMEDY, AnchorState, open_regular, read_anchor
+from journal._anchor import ANCHOR_FILE, LOCK_FILE_REMEDY, AnchorState, not_regular, open_regular, read_anchor
 from journal._errors import JournalCorruptedError, JournalError, JournalLockedError, JournalNotFoundError
 from journal._names import COPY_STAGING_PREFIXES, DATA_FILE, LMDB_LOCK_FILE, STAGING_DIR
 from journal._seal import SEAL_FILE
 
 LOCK_FILE = "tally.lock"
+_LOCK_FILE_WHAT, _LOCK_FILE_REMEDY = "the directory's lock file", f" (it holds nothing: {LOCK_FILE_REMEDY})"
 _OURS = {LOCK_FILE, DATA_FILE, LMDB_LOCK_FILE, ANCHOR_FILE, SEAL_FILE, SEAL_FILE + ".new"}
 """A journal's files (`data.mdb` too: another opener may be making it right now)."""
 
@@ -96,7 +98,7 @@ def _open_lock_file(path: str, readonly: bool) -> int | None:
     Anything but a regular file there (a FIFO, whose open for reading would wait for a writer
     that never comes; a directory; a device) is `JournalCorruptedError` naming it."""
     lock_path = os.path.join(path, LOCK_FILE)
-    what, remedy = "the directory's lock file", f" (it holds nothing: {LOCK_FILE_REMEDY})"
+    what, remedy = _LOCK_FILE_WHAT, _LOCK_FILE_REMEDY
     try:
         return open_regular(lock_path, what, os.O_RDWR | os.O_CREAT, remedy=remedy)[0]
     except OSError as error:
@@ -108,6 +110,21 @@ def _open_lock_file(path: str, readonly: bool) -> int | None:
         return None
     except OSError as again:
         raise directory_error(f"cannot lock {path!r} as a ledger directory", again) from again
+
+
+def refuse_irregular_lock_file(path: str) -> None:
+    """Raise the `JournalCorruptedError` `lock_directory` raises where directory `path`'s lock
+    file is there and no regular file (a FIFO, a directory, a device), found by its path alone:
+    it is never opened, so this never blocks nor acts on a device. For a reader that takes no
+    lock (`tally verify`), which must not call whole a directory every open refuses. A lock file
+    that is missing (an open makes it), or that cannot be looked at (the open says why): nothing."""
+    lock_path = os.path.join(path, LOCK_FILE)
+    try:
+        found = os.stat(lock_path)
+    except OSError:
+        return
+    if not stat.S_ISREG(found.st_mode):
+        raise not_regular(lock_path, _LOCK_FILE_WHAT, _LOCK_FILE_REMEDY)
 
 
 def _flock(fd: int, path: str, directory: bool = False) -> None:

@@ -13,6 +13,7 @@ import os
 import shlex
 import select
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ import pytest
 from coordinator import CHECKS, INDEX_NAMES
 from coordinator import _audit, _recovery
 from coordinator._audit import CHECK_RECORDS
-from engine import CurrencyMismatch, InsufficientFunds, Ledger, LedgerLocked, NotALedger, TransferRequest
+from engine import CurrencyMismatch, InsufficientFunds, JournalCorrupted, Ledger, LedgerLocked, NotALedger, TransferRequest
 from engine import _cli, _cli_parse, _readonly, _tools_audit, _tools_copy, _tools_read
 from engine._history import History
 from journal import ANCHOR_FILE, FORMAT_VERSION, Journal, lsn_key
@@ -399,13 +400,14 @@ def test_recover_dry_run_changes_no_byte_and_says_where_it_would_checkpoint(buil
 
 
 @pytest.mark.parametrize(("lock_file", "command"), [("lock.mdb", ["verify"]), ("lock.mdb", ["recover"]),
-                                                     ("lock.mdb", ["recover", "--dry-run"]), (LOCK_FILE, ["recover"]),
-                                                     (LOCK_FILE, ["recover", "--dry-run"])])
+                                                     ("lock.mdb", ["recover", "--dry-run"]), (LOCK_FILE, ["verify"]),
+                                                     (LOCK_FILE, ["recover"]), (LOCK_FILE, ["recover", "--dry-run"])])
 def test_a_lock_file_that_is_no_regular_file_is_named_and_the_data_file_not_called_damaged(
         built: Built, lock_file: str, command: list[str]) -> None:
     """It holds no history (only locks, and LMDB's table of readers): removing it mends the
     ledger, and the report says so; neither a backup nor a new anchor is called for. (Verify
-    takes no lock: it never opens the directory's lock file.)"""
+    takes no lock, so it never opens the directory's lock file; it looks at it, as every open
+    refuses the directory while it is no regular file.)"""
     (built.path / lock_file).unlink(missing_ok=True)
     os.mkfifo(built.path / lock_file)
     before = file_digest(built.path / "data.mdb")
@@ -423,6 +425,25 @@ def test_a_lock_file_that_is_no_regular_file_is_named_and_the_data_file_not_call
     assert file_digest(built.path / "data.mdb") == before
     (built.path / lock_file).unlink()
     assert tally("verify", built.path).returncode == 0
+
+
+def test_verify_reads_the_whole_history_of_a_directory_whose_lock_file_is_a_fifo_and_calls_it_not_whole(
+        built: Built) -> None:
+    """The history is whole, and verify (which takes no lock) audits all of it; but an open
+    refuses the directory, so verify does not call it whole: it names the lock file as the open
+    does, and never opens the FIFO (which would wait for a writer that never comes)."""
+    (built.path / LOCK_FILE).unlink(missing_ok=True)
+    os.mkfifo(built.path / LOCK_FILE)
+    with pytest.raises(JournalCorrupted) as refused:
+        Ledger.open(built.path)
+
+    code, report = tally_json("verify", built.path)
+
+    assert code == 1 and report["verdict"] == "NOT WHOLE"
+    assert report["problem"] == str(refused.value) and report["damaged"] == refused.value.where
+    assert report["records_scanned"] == report["last_lsn"] == built.last_lsn and report["state_hash"] == built.state_hash
+    assert [check for check, passed in report["checks"].items() if not passed] == [_tools_audit.CHECK_LOCK_FILE]
+    assert stat.S_ISFIFO(os.lstat(built.path / LOCK_FILE).st_mode)
 
 
 def test_recover_dry_run_of_a_whole_journal_without_its_anchor_points_to_recover_in_place(built: Built) -> None:
