@@ -9,13 +9,15 @@ renders it. The journal is opened through `engine._tools` (`reading`); the audit
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import shutil
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 from coordinator import (
@@ -121,32 +123,64 @@ def _salvage_verdict(report: AuditReport, anchor_problem: str | None) -> str:
 def _building(into: str, prefix: str) -> Iterator[str]:
     """A new ledger built in a directory of its own inside `into` (`_staging`), closed within
     the block, and its files moved up into `into` once the block ends (`_publish`). Whatever
-    fails meanwhile, the staging directory is removed, and `into` too if this made it: `into`
-    is left as it was found, never holding a part of a copy, nor one that would verify whole."""
-    made = not os.path.lexists(into)
-    staging = _staging(into, prefix)
+    fails meanwhile (making those directories too), the staging directory is removed, and so is
+    each directory this made on the way (`into`, its parents: `_unmake`): `into` is left as it
+    was found, never holding a part of a copy, nor one that would verify whole, and no parent
+    made for it is left behind."""
+    made: list[str] = []
+    staging: str | None = None
     try:
+        staging = _staging(into, prefix, made)
         yield staging
         _publish(staging, into)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if made:
-            shutil.rmtree(into, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        _unmake(made, into)
         raise
 
 
-def _staging(into: str, prefix: str) -> str:
+def _staging(into: str, prefix: str, made: list[str]) -> str:
     """A new, empty directory inside `into` (`prefix`, then 8 hex digits: `.salvaging-XXXXXXXX`,
     `.replaying-XXXXXXXX`, names an open of `into` refuses) to build its copy in; `into` (an empty directory, a mount point, a symlink
-    to one, or missing) made first, with its parents: the copy is written on the file system
-    chosen for it."""
+    to one, or missing) made first, with its parents (`_make_directories`, which adds each it
+    makes to `made`): the copy is written on the file system chosen for it."""
     try:
-        os.makedirs(into, exist_ok=True)
+        _make_directories(into, made)
     except OSError as error:  # under a file, a dangling link, no room: as an open of a ledger there says it
         raise NotALedger(f"{into!r} cannot be made a ledger directory: {error}") from error
     staging = os.path.join(into, prefix + secrets.token_hex(4))
     os.mkdir(staging)
     return staging
+
+
+def _make_directories(into: str, made: list[str]) -> None:
+    """Make directory `into` and those of its parents that are missing, as
+    `os.makedirs(into, exist_ok=True)` does, adding to `made` (outermost first) each directory
+    this call made, as soon as it is made (a later one failing, the caller still knows them):
+    never one that was there, nor one another process made meanwhile (its `mkdir` fails)."""
+    missing = [*itertools.takewhile(lambda path: not os.path.exists(path), (into, *map(str, Path(into).parents)))]
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            if not os.path.isdir(directory):  # (a file, a dangling link: as makedirs says it)
+                raise
+            continue
+        made.append(directory)
+
+
+def _unmake(made: list[str], into: str) -> None:
+    """Remove the directories `made` for `into` (`_make_directories`), innermost first: `into`
+    with what a copy moved up into it, each parent only while it is empty (`rmdir`: what
+    another process put in one since is left, and that parent with it). Best effort, as this
+    runs while a failure is raised."""
+    for directory in reversed(made):
+        if directory == into:
+            shutil.rmtree(directory, ignore_errors=True)
+            continue
+        with suppress(OSError):
+            os.rmdir(directory)
 
 
 def _publish(staging: str, into: str) -> None:

@@ -31,7 +31,7 @@ from coordinator._audit import CHECK_RECORDS
 from engine import CurrencyMismatch, InsufficientFunds, JournalCorrupted, Ledger, LedgerLocked, NotALedger, TransferRequest
 from engine import _cli, _cli_parse, _readonly, _tools_audit, _tools_copy, _tools_read
 from engine._history import History
-from journal import ANCHOR_FILE, FORMAT_VERSION, Journal, lsn_key
+from journal import ANCHOR_FILE, COPY_STAGING_PREFIXES, FORMAT_VERSION, Journal, lsn_key
 from journal import _directory
 from journal._directory import LOCK_FILE
 from journal._anchor import create_anchor, read_anchor
@@ -723,6 +723,38 @@ def test_a_salvage_that_fails_while_copying_leaves_nothing_under_the_new_name(
     assert len(copied) == 5
     assert sorted(os.listdir(tmp_path)) == sorted(["ledger", *(["copy"] if new == "an empty directory" else [])])
     assert not into.exists() or os.listdir(into) == []
+
+
+@pytest.mark.parametrize("tool", ["salvage", "replay"])
+@pytest.mark.parametrize("failing", ["publishing the copy", "making the staging directory"])
+def test_a_copy_that_fails_removes_the_parents_of_the_new_name_it_made_and_none_that_was_there(
+    built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tool: str, failing: str
+) -> None:
+    """NEW is made with its missing parents; a copy that fails takes away each directory it
+    made (they used to stay behind, NEW's parents empty), and never one that was there
+    before, empty as it is."""
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    into = kept / "made" / "deeper" / "copy"
+    if failing == "publishing the copy":
+        def refuse(staging: str, target: str) -> None:
+            raise OSError(errno.EIO, "the publishing fails (as this test makes it)")
+
+        monkeypatch.setattr(_tools_copy, "_publish", refuse)
+    else:
+        real_mkdir = os.mkdir
+
+        def mkdir(path: Any, *args: Any, **kwargs: Any) -> None:
+            if os.path.basename(path).startswith(COPY_STAGING_PREFIXES):
+                raise OSError(errno.ENOSPC, "no room for the staging directory (as this test makes it)")
+            real_mkdir(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "mkdir", mkdir)
+
+    with pytest.raises(OSError, match="as this test makes it"):
+        getattr(_tools_copy, tool)(str(built.path), str(into))
+
+    assert sorted(os.listdir(tmp_path)) == ["kept", "ledger"] and os.listdir(kept) == []
 
 
 @pytest.mark.parametrize("doing", ["salvaging", "replaying"])
