@@ -6,7 +6,9 @@ opened the ledger is the only one that may close it while it is open (only it wa
 a close waits for); once it is closed, any loop may, and a close begun on a loop that ended
 before it finished is begun again. A close from yet another loop while a close runs on a second
 one waits for `Ledger.close`, which waits for the close that second loop began (or closes the
-ledger itself if that close never reached it) and raises what that one raised.
+ledger itself if that close never reached it) and raises what that one raised; then it lets
+go of what that close's task would let go of once the ledger closed (`_let_go`: the outbox, the
+threads, the followers), as that loop may end before its task gets there.
 """
 
 from __future__ import annotations
@@ -56,8 +58,13 @@ class LoopClosing:
             self._closing = closing = asyncio.ensure_future(self._close())
         elif closing.get_loop() is not running and (not closing.done() or closing.cancelled()):
             # (A close under way on another loop, still running: its task cannot be awaited
-            # here. `Ledger.close` waits for the one that close began, or begins it.)
-            await asyncio.to_thread(self._ledger.close)
+            # here. `Ledger.close` waits for the one that close began, or begins it. That task
+            # may never get to its own letting go (its loop may end before it has run, or while
+            # it waits for its turn): this close lets go too, once the ledger is closed.)
+            try:
+                await asyncio.to_thread(self._ledger.close)
+            finally:
+                self._let_go()
             return
         await asyncio.shield(closing)
 
@@ -69,11 +76,22 @@ class LoopClosing:
                 await asyncio.wait((self._settled,), timeout=self.timeout_s)
             await asyncio.to_thread(self._ledger.close)
         finally:
-            for ticket in list(self._outbox):  # only if the ledger could not drain them in time
-                self._withdraw(ticket, LedgerClosed(f"the ledger closed before transfer {ticket.request.id!r} was "
-                                                    "submitted; nothing was written for it"))
-            self._decider.shutdown(wait=False)
-            self._workers.shutdown(wait=False)
-            for future in self._next_records.values():
-                if not future.done():
-                    future.set_result(None)  # followers look again, and find the ledger closed
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """What a close does once `Ledger.close` has returned (or raised): withdraw the tickets
+        left in the outbox (only if the ledger could not drain them in time), shut the decider
+        and the workers down, wake the followers. Never waits. Safe to run again, and on two
+        threads at once (a close task on a second loop, and a close on a third that closed the
+        ledger while that task had not: `close`): a ticket is withdrawn once (`_withdraw`), a
+        shut-down is idempotent, and only a follower's future on a loop still open is set (the
+        ledger's own: only a close on it runs while it is open; a closed one has nobody left
+        to wake)."""
+        for ticket in list(self._outbox):
+            self._withdraw(ticket, LedgerClosed(f"the ledger closed before transfer {ticket.request.id!r} was "
+                                                "submitted; nothing was written for it"))
+        self._decider.shutdown(wait=False)
+        self._workers.shutdown(wait=False)
+        for future in list(self._next_records.values()):
+            if not future.done() and not future.get_loop().is_closed():
+                future.set_result(None)  # followers look again, and find the ledger closed

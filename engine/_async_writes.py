@@ -83,10 +83,10 @@ class LoopWrites:
     def _withdraw(self, ticket: Ticket, error: LedgerError) -> bool:
         """Take a ticket out of the outbox, if the flush has not handed it over yet: it is
         resolved with `error` (for anyone else waiting on its id) and its claim dropped.
-        True if it was withdrawn."""
-        if ticket not in self._outbox:
+        True if it was withdrawn (by this call: one step, `dict.pop`, so two threads letting go
+        of the outbox at once, `LoopClosing._let_go`, never both withdraw it)."""
+        if self._outbox.pop(ticket, None) is None:
             return False
-        del self._outbox[ticket]
         if ticket.resolve(error):
             self._ledger._coordinator.claims.abandon(ticket)
         return True

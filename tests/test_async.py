@@ -463,6 +463,50 @@ def test_a_close_on_a_third_loop_while_a_second_loops_close_runs_waits_for_it(
         pass
 
 
+def test_a_close_on_a_third_loop_lets_go_of_what_a_second_loops_close_that_never_reached_the_ledger_held(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ledger's loop is closed, a transfer left in its outbox; a close on a second loop has
+    not reached `Ledger.close` when a close on a third loop closes the ledger, and then the
+    second loop ends, its close cancelled before it got anywhere. The ledger was closed, but
+    what that close lets go of once it has was never let go of: the decider and the workers
+    stayed up, and the transfer stayed in the outbox, its id claimed. Now the third close lets
+    go of them too (it waits for nothing more)."""
+    with asyncio.Runner() as own:
+        ledger = own.run(_opened_with_one_account(tmp_path / "l"))
+        at_its_bound(ledger, monkeypatch)
+
+        async def submit() -> None:  # its first step (the claim) runs, then the loop ends
+            asyncio.ensure_future(ledger.transfer("t", source="bank", destination="a0", amount=1))
+            await asyncio.sleep(0)
+
+        own.run(submit())
+    assert list(ledger._outbox) and not ledger.closed
+    real_close, entered = ledger._close, asyncio.Event()
+
+    async def close_held_before_the_ledger() -> None:  # the second loop's close task: its loop ends first
+        entered.set()
+        await asyncio.Event().wait()
+        await real_close()
+
+    monkeypatch.setattr(ledger, "_close", close_held_before_the_ledger)
+
+    async def begin_a_close() -> None:
+        asyncio.ensure_future(ledger.close())  # its caller gave up waiting
+        await entered.wait()
+
+    with asyncio.Runner() as second:
+        second.run(begin_a_close())
+        asyncio.run(asyncio.wait_for(ledger.close(), WAIT_S))  # on a third loop, while the second lives
+        assert ledger.closed
+    assert ledger._closing is not None and ledger._closing.cancelled()  # the second loop's end
+    assert not ledger._outbox
+    for threads in (ledger._decider, ledger._workers):
+        with pytest.raises(RuntimeError, match="shutdown"):
+            threads.submit(int)
+    with Ledger.open(tmp_path / "l") as reopened:
+        assert reopened.balance("a0").posted == 1_000 and reopened.outcome("t") is None
+
+
 def test_an_open_cancelled_while_the_ledger_opens_leaves_it_closed_not_locked(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`asyncio.wait_for(AsyncLedger.open(p), 5)` on a ledger slow to recover: the open goes on
