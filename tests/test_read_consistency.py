@@ -250,3 +250,112 @@ def test_a_refused_chain_hands_back_its_reservations_before_a_balance_can_see_th
         assert ledger.balance("b") == Balance(0, 0, 0, 0) and ledger.balance("c").posted == 101
     finally:
         ledger.close()
+
+
+def _written_by_another_process(path: Path, body: str, interval: int = 100_000) -> None:
+    script = f"""
+        from engine import Ledger
+        with Ledger.open({str(path)!r}, checkpoint_interval={interval}) as ledger:
+        """ + textwrap.indent(textwrap.dedent(body), " " * 12)
+    subprocess.run([sys.executable, "-c", textwrap.dedent(script)], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("window", ["after_memory_before_snapshot", "after_snapshot_opened"])
+@pytest.mark.parametrize("read", ["balance_at_lsn", "transfers", "snapshot_balance", "snapshot_entries"])
+def test_a_read_only_history_read_misses_no_row_its_catch_up_drops_once_the_index_holds_it(
+    tmp_path: Path, window: str, read: str
+) -> None:
+    """A read-only ledger's history reads copy the rows in memory, then open their snapshot
+    (`engine._history`); a catch-up on another thread drops rows from memory once an index
+    snapshot holds them. Paused in either window while the writer (another process) indexes a
+    checkpoint and the reader catches up past it, each read still finds every row: what
+    memory no longer holds, its later snapshot's index does. (Opening the snapshot first, then
+    copying, fails this test: the rows are then in neither.)"""
+    from contextlib import contextmanager
+
+    path = tmp_path / "l"
+    _written_by_another_process(path, """
+        ledger.create_account("a", currency="USD", overdraft_limit=None)
+        ledger.create_account("b", currency="USD")
+        ledger.transfer("t-1", source="a", destination="b", amount=10)
+        ledger.transfer("p-1", source="a", destination="b", amount=3, pending=True)
+    """)
+    reader = Ledger.open(path, readonly=True)
+    try:
+        books = reader._books  # type: ignore[attr-defined]
+        assert books.unindexed and "b" in books.unindexed, "t-1's rows start unindexed"
+        end = books.last_lsn
+        history = reader._history  # type: ignore[attr-defined]
+        paused, go = threading.Event(), threading.Event()
+        hooked, armed = threading.local(), threading.local()
+
+        def pause() -> None:
+            if getattr(hooked, "on", False):
+                hooked.on = False
+                paused.set()
+                assert go.wait(WAIT_S)
+
+        holds = history._holds
+
+        def holds_then_pause(account: str, until: int) -> Any:  # the last rows copied from memory
+            found = holds(account, until)
+            if window == "after_memory_before_snapshot":
+                pause()
+            else:
+                armed.on = getattr(hooked, "on", False)
+            return found
+
+        history._holds = holds_then_pause
+        if window == "after_snapshot_opened":
+            journal = reader._journal  # type: ignore[attr-defined]
+            snapshot = journal.snapshot
+
+            @contextmanager
+            def snapshot_then_pause():  # type: ignore[no-untyped-def]
+                with snapshot() as txn:
+                    if getattr(armed, "on", False):
+                        armed.on = False
+                        pause()
+                    yield txn
+
+            journal.snapshot = snapshot_then_pause
+        results: list[Any] = []
+
+        def run() -> None:
+            hooked.on = True
+            try:
+                if read == "balance_at_lsn":
+                    results.append(reader.balance("b", at_lsn=end))
+                elif read == "transfers":
+                    results.append([t.id for t in reader.transfers(account="b", until_lsn=end)])
+                else:
+                    with reader.snapshot() as view:
+                        hooked.on = True
+                        results.append([e.transfer_id for e in view.entries("b")] if read == "snapshot_entries"
+                                       else view.balance("b"))
+            except BaseException as error:
+                results.append(error)
+                paused.set()
+
+        caller = threading.Thread(target=run)
+        caller.start()
+        try:
+            assert paused.wait(WAIT_S)
+            _written_by_another_process(path, """
+                ledger.transfer("t-2", source="a", destination="b", amount=1)
+                ledger.transfer("t-3", source="a", destination="b", amount=1)
+            """, interval=1)
+            held_before = set(books.unindexed or {})
+            reader.stats()  # catches up on this thread: past a checkpoint whose rows the index holds
+            assert books.indexed_through > 0 and "b" in held_before and not books.unindexed.get("b")
+        finally:
+            go.set()
+            caller.join(WAIT_S)
+        assert not caller.is_alive()
+        if read in ("balance_at_lsn", "snapshot_balance"):
+            got = results[0]
+            assert isinstance(got, Balance) and (got.posted, got.pending, got.incoming) == (10, 0, 3), got
+        else:
+            assert results == [["t-1", "p-1"] if read == "transfers" else ["t-1"]], results
+    finally:
+        reader.close()
