@@ -62,14 +62,17 @@ def key_lsn(key: bytes) -> int:
     return _LSN.unpack(key)[0]
 
 
-def _checksum(lsn_bytes: bytes, version: int, body: bytes) -> int:
+def _checksum(lsn_bytes: bytes, version: int, body: bytes | memoryview) -> int:
     """CRC-32 of the key, the version byte and the rest (the digest, if any, and the payload)."""
     return zlib.crc32(body, zlib.crc32(lsn_bytes + bytes((version,))))
 
 
 def chain_digest(previous: bytes, key: bytes, payload: bytes) -> bytes:
-    """The chain digest of the record `payload` stored under `key`, after one of digest `previous`."""
-    return hashlib.sha256(previous + key + payload).digest()
+    """The chain digest of the record `payload` stored under `key`, after one of digest `previous`
+    (the payload hashed where it lies: a checkpoint's is tens of MiB)."""
+    digest = hashlib.sha256(previous + key)
+    digest.update(payload)
+    return digest.digest()
 
 
 def frame_all(first_lsn: int, payloads: Sequence[bytes], previous: bytes) -> tuple[list[bytes], bytes]:
@@ -121,12 +124,12 @@ def unframe_chained(lsn: int, value: bytes) -> tuple[bytes | None, bytes]:
             raise JournalCorruptedError(f"record is truncated ({len(value)} bytes)", lsn)
     elif version != RECORD_VERSION_UNCHAINED:
         raise JournalCorruptedError(f"unknown record version {version}", lsn)
-    body = bytes(value[HEADER_SIZE:])
-    if _checksum(_LSN.pack(lsn), version, body) != crc:
+    view = memoryview(value)  # (read where it lies: a checkpoint's record is tens of MiB, copied once, below)
+    if _checksum(_LSN.pack(lsn), version, view[HEADER_SIZE:]) != crc:
         raise JournalCorruptedError("checksum mismatch", lsn)
     if version == RECORD_VERSION_UNCHAINED:
-        return None, body
-    return body[:DIGEST_SIZE], body[DIGEST_SIZE:]
+        return None, bytes(view[HEADER_SIZE:])
+    return bytes(view[HEADER_SIZE:CHAINED_HEADER_SIZE]), bytes(view[CHAINED_HEADER_SIZE:])
 
 
 def index_seed(name: str) -> int:
