@@ -1,6 +1,6 @@
 """Damage a ledger's files the ways disks do, and check that every outcome is a safe one.
 
-    python bench/bench_faults.py [--seed 1] [--sample] [--json out.json]
+    python bench/bench_faults.py [--seed 1] [--sample] [--json out.json] [--walk-aside]
 
 In the spirit of TigerBeetle's storage fault injection. One reference ledger is built
 (accounts, transfers, refusals, checkpoints, an overflow record, a free list) and its truth
@@ -515,7 +515,14 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--sample", action="store_true", help="a few faults of each kind, as the test suite runs")
     parser.add_argument("--json", metavar="FILE", help="also write the table and every BAD case as JSON")
+    parser.add_argument("--walk-aside", action="store_true",
+                        help="every page walk gives its last trees to a second process, however small the file "
+                             "(journal._walk_aside: by default only files of a few hundred thousand entries)")
     args = parser.parse_args()
+    if args.walk_aside:
+        import journal._walk_aside
+
+        journal._walk_aside.ASIDE_ENTRIES_MIN = 0
     with tempfile.TemporaryDirectory(prefix="tally-faults-") as scratch:
         report = run_faults(Path(scratch), seed=args.seed, sample=args.sample,
                             progress=lambda done, total: print(f"\r{done}/{total}", end="", file=sys.stderr))

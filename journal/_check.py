@@ -36,6 +36,7 @@ from journal._meta import Meta, committed_meta, read_metas
 from journal._names import FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB
 from journal._pages import Layout, walk
 from journal._seal import file_sums, sealed_layout
+from journal._walk_aside import Aside
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class _Visitor:
     unused, an account's entry missing) without failing any check a read could make."""
 
     def __init__(self, index_names: Sequence[str]) -> None:
+        self.index_names = list(index_names)
         self._indexes = {name.encode(): (name, index_seed(name)) for name in index_names}
         self.format_version: int | None = None
 
@@ -125,6 +127,13 @@ class _Visitor:
     def names(self) -> frozenset[bytes]:
         """The databases it reads: the meta database and every index."""
         return frozenset({META_DB, *self._indexes})
+
+
+def visitor_for(index_names: Sequence[str], format_version: int | None) -> _Visitor:
+    """A `_Visitor` that has read `format_version` already (a second page walk's: `journal._walk_aside`)."""
+    visitor = _Visitor(index_names)
+    visitor.format_version = format_version
+    return visitor
 
 
 def check_snapshot(env: lmdb.Environment, data_file: str, index_names: Sequence[str],
@@ -193,7 +202,9 @@ def _walk_snapshot(txnid: int | None, data_file: str, visit: _Visitor, sealed_in
     try:
         layout = None if sealed_in is None else sealed_layout(sealed_in, fd, meta, data_file)
         if layout is None:
-            layout = walk(fd, meta, data_file, visit, visit.names, first=META_DB, key_bytes={RECORDS_DB: 8})
+            key_bytes = {RECORDS_DB: 8}
+            layout = walk(fd, meta, data_file, visit, visit.names, first=META_DB, key_bytes=key_bytes,
+                          aside=Aside(fd, meta, data_file, visit, key_bytes))
         layout.file_bytes = os.fstat(fd).st_size
         return layout
     except OSError as error:

@@ -115,3 +115,12 @@ chunks of its reads once it has held it for the switch interval (`journal._chunk
 wake and take it, which a switch alone does not let it do (`journal._chunks`). Measured beside
 16 threads of single transfers (`bench/README.md`): letting go every chunk instead read a page
 of 10,000 transfers alone ~29% slower; every 2 ms, 15%; every 5 ms (the switch interval), 7%."""
+
+ASIDE_ENTRIES_MIN = 400_000
+"""The fewest entries the last trees of a data file must hold for a second process to walk
+them while the first walks the others (`journal._walk_aside`): ~0.2 s of walk, where the
+second process's start costs ~0.1 s."""
+
+ASIDE_WAIT_S = 60.0
+"""How much longer than it has already run the second page walk is waited for, once this
+process's own half is done, before its trees are walked here instead (`journal._walk_aside`)."""

@@ -28,6 +28,7 @@ import os
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from itertools import repeat
 from operator import add, and_, floordiv, lt, sub
 
@@ -41,6 +42,9 @@ from journal._meta import (
     Meta,
     corrupt,
 )
+
+if TYPE_CHECKING:
+    from journal._walk_aside import Aside
 
 NODE_HEADER_BYTES = 8
 P_BRANCH, P_LEAF, P_OVERFLOW = 0x01, 0x02, 0x04
@@ -77,7 +81,7 @@ class Layout:
     """Named databases by name (b"records", ...), with what the walk found in each."""
 
 
-class _Walk:
+class PageWalk:
     """One pass over every page reachable from a meta; raises at the first fault."""
 
     def __init__(self, fd: int, meta: Meta, data_file: str,
@@ -339,12 +343,14 @@ def _shown(name: bytes) -> str:
 
 
 def walk(fd: int, meta: Meta, data_file: str, visit: Visit | None = None, names: frozenset[bytes] = frozenset(),
-         first: bytes = b"", key_bytes: Mapping[bytes, int] | None = None) -> Layout:
+         first: bytes = b"", key_bytes: Mapping[bytes, int] | None = None, aside: Aside | None = None) -> Layout:
     """Check every page reachable from `meta` (see the module docstring); return the layout.
     `visit(name, keys, values)` gets the entries of the named databases in `names`, a leaf
-    at a time, in key order; database `first` is walked before the others; every key of a
-    database in `key_bytes` must be that long."""
-    pages = _Walk(fd, meta, data_file, None)
+    at a time, in key order; database `first` is walked before the others, then the others
+    from the fewest entries (as their records say) to the most; every key of a database in
+    `key_bytes` must be that long. With `aside`, a second process may walk the last trees
+    (`journal._walk_aside`): what this returns or raises is the same either way."""
+    pages = PageWalk(fd, meta, data_file, None)
     free_records: list[bytes] = []
     pages.visit = lambda _name, _keys, values: free_records.extend(values)
     pages.tree(b"free list", meta.free, integer_keys=True)
@@ -354,15 +360,26 @@ def walk(fd: int, meta: Meta, data_file: str, visit: Visit | None = None, names:
     pages.tree(b"", meta.main)
     pages.catalog = False
     layout = Layout(meta, 0)
-    for name, record in sorted(catalog, key=lambda item: item[0] != first):
+
+    def walk_tree(name: bytes, record: bytes) -> None:
         pages.visit = visit if name in names else None
         pages.key_bytes = (key_bytes or {}).get(name, 0)
         layout.trees[name] = pages.tree(name, Database.parse(record))
+
+    ordered = sorted(catalog, key=lambda item: (item[0] != first, Database.parse(item[1]).entries, item[0]))
+    head = ordered[:1] if ordered and ordered[0][0] == first else []
+    for name, record in head:
+        walk_tree(name, record)  # (the meta database: the format the index checks need)
+    if aside is None:
+        for name, record in ordered[len(head):]:
+            walk_tree(name, record)
+    else:
+        aside.walk(ordered[len(head):], walk_tree, pages.seen, layout.trees)
     _check_free_list(pages, free_records, data_file)
     return layout
 
 
-def _check_free_list(pages: _Walk, records: list[bytes], data_file: str) -> None:
+def _check_free_list(pages: PageWalk, records: list[bytes], data_file: str) -> None:
     """The free list names each page not in use exactly once, and none in use."""
     where = f"the free list of {data_file}"
     seen = pages.seen

@@ -16,7 +16,7 @@ from coordinator import INDEX_NAMES
 from engine import Account, JournalCorrupted, Ledger, TransferRequest
 from journal._meta import committed_meta, read_metas
 from journal._names import META_DB, RECORDS_DB
-from journal._pages import Layout, _Walk, walk
+from journal._pages import Layout, PageWalk, walk
 
 PAGE_BYTES = 4096
 PAGE_HEADER_BYTES = 16
@@ -46,16 +46,16 @@ def read_all(path: Path, uniform: bool, monkeypatch: pytest.MonkeyPatch) -> tupl
     pages of each database read whole."""
     taken: dict[bytes, list[int]] = {}
     if uniform:
-        leaf, whole = _Walk._leaf, _Walk._uniform
+        leaf, whole = PageWalk._leaf, PageWalk._uniform
 
-        def leaf_noted(self: _Walk, name: bytes, data: bytes, *args: object) -> None:
+        def leaf_noted(self: PageWalk, name: bytes, data: bytes, *args: object) -> None:
             if whole(self, data, args[0], args[1]) is not None:  # type: ignore[arg-type]
                 taken.setdefault(name, []).append(struct.unpack_from("<Q", data)[0])
             leaf(self, name, data, *args)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(_Walk, "_leaf", leaf_noted)
+        monkeypatch.setattr(PageWalk, "_leaf", leaf_noted)
     else:
-        monkeypatch.setattr(_Walk, "_uniform", lambda *_: None)
+        monkeypatch.setattr(PageWalk, "_uniform", lambda *_: None)
     seen: list[tuple[bytes, list[bytes], list[bytes]]] = []
     data_file = str(path / "data.mdb")
     fd = os.open(data_file, os.O_RDONLY)

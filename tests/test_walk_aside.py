@@ -1,0 +1,222 @@
+"""The page walk split across two processes (`journal._walk_aside`): the second walks the last
+trees while the first walks the others, and what the walk returns or raises is the one-process
+walk's, whatever the second process does (answers, finds damage, claims a page the first
+claimed, never starts, hangs, answers nonsense)."""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from coordinator import INDEX_NAMES
+from engine import JournalCorrupted, Ledger
+from journal import JournalCorruptedError
+from journal._check import _Visitor, _walk_snapshot
+from journal._meta import committed_meta, read_metas
+from journal._pages import Layout
+
+import journal._walk_aside as aside
+from tests.test_pages import PAGE_BYTES, PAGE_HEADER_BYTES, _patch, _uniform_leaf, build
+
+THERE = [b"transfers", b"records"]
+"""The two trees of `build`'s ledger that hold the most entries, in walk order (the fewest
+first): the last two, which the second process walks here."""
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Path:
+    path = tmp_path / "ledger"
+    build(path)
+    return path
+
+
+@pytest.fixture
+def answers(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[list[bytes], bool]]]:
+    """Every walk gives its last two trees (`THERE`) to a second process, however
+    small the file; noted here for each: the trees it was given, and whether its answer was
+    taken whole."""
+    noted: list[tuple[list[bytes], bool]] = []
+    start = aside.start
+
+    def noting(*args: Any) -> aside.AsideWalk | None:
+        helper = start(*args)
+        if helper is not None:
+            result = helper.result
+
+            def answered() -> Any:
+                found = result()
+                noted.append(([name for name, _ in args[3]], found is not None))
+                return found
+
+            helper.result = answered  # type: ignore[method-assign]
+        return helper
+
+    monkeypatch.setattr(aside, "ASIDE_ENTRIES_MIN", 0)
+    monkeypatch.setattr(aside, "aside_part", lambda trees, _visited: 2)
+    monkeypatch.setattr(aside, "start", noting)
+    yield noted
+
+
+def walked(path: Path, monkeypatch: pytest.MonkeyPatch | None = None) -> Layout:
+    """The layout opening's walk finds (in one process with `monkeypatch`)."""
+    if monkeypatch is not None:
+        monkeypatch.setattr(aside, "aside_part", lambda _trees, _visited: 0)
+    layout = _walk_snapshot(None, str(path / "data.mdb"), _Visitor(INDEX_NAMES))
+    assert layout is not None
+    return layout
+
+
+def test_the_second_process_walks_the_last_trees_and_the_layout_is_the_one_process_walks(
+        ledger: Path, answers: list[tuple[list[bytes], bool]], monkeypatch: pytest.MonkeyPatch) -> None:
+    split = walked(ledger)
+    assert answers == [(THERE, True)]
+    with monkeypatch.context() as alone:
+        assert walked(ledger, alone).trees == split.trees
+    with Ledger.open(ledger) as reopened:  # a sealed close walks too; nothing was written here
+        assert reopened.get_transfer("p-1") is not None
+
+
+def test_the_work_is_split_by_entries_and_a_small_file_keeps_it_all(ledger: Path) -> None:
+    trees = [(b"a", struct.pack("<IHHQQQQQ", 0, 0, 1, 0, 1, 0, 600_000, 2)),
+             (b"b", struct.pack("<IHHQQQQQ", 0, 0, 1, 0, 1, 0, 300_000, 3)),
+             (b"c", struct.pack("<IHHQQQQQ", 0, 0, 1, 0, 1, 0, 400_000, 4))]
+    assert aside.aside_part(trees, frozenset()) == 2  # 600,000 here, 700,000 there
+    assert aside.aside_part(trees, frozenset({b"a"})) == 2  # checked entries weigh more: here still the most
+    assert aside.aside_part(trees[1:], frozenset()) == 1  # 400,000 go: the least worth a process
+    fewer = [trees[1], (b"c", struct.pack("<IHHQQQQQ", 0, 0, 1, 0, 1, 0, 399_999, 4))]
+    assert aside.aside_part(fewer, frozenset()) == 0
+    assert aside.aside_part(trees[:1], frozenset()) == 0  # one tree stays here
+
+
+@pytest.mark.parametrize("name", THERE)
+@pytest.mark.parametrize("damage", ["a key byte", "a node pointer moved"])
+def test_damage_in_a_tree_the_second_process_walks_is_said_as_one_process_says_it(
+        ledger: Path, answers: list[tuple[list[bytes], bool]], monkeypatch: pytest.MonkeyPatch, name: bytes,
+        damage: str) -> None:
+    with monkeypatch.context() as scratch:
+        pgno, count, _ = _uniform_leaf(ledger, name, scratch)
+    at = pgno * PAGE_BYTES
+    page = (ledger / "data.mdb").read_bytes()[at : at + PAGE_BYTES]
+    node = struct.unpack_from(f"<{count}H", page, PAGE_HEADER_BYTES)[count // 2]
+    if damage == "a key byte":
+        key_size = struct.unpack_from("<H", page, node + 6)[0]
+        _patch(ledger, at + node + 8 + key_size - 1, bytes([page[node + 8 + key_size - 1] ^ 0x01]))
+    else:
+        _patch(ledger, at + PAGE_HEADER_BYTES + 2 * (count // 2), struct.pack("<H", node + 2))
+    with pytest.raises(JournalCorruptedError) as split:
+        walked(ledger)
+    assert answers == [(THERE, False)]  # it found the damage: no answer
+    with monkeypatch.context() as alone, pytest.raises(JournalCorruptedError) as one:
+        walked(ledger, alone)
+    assert (str(split.value), split.value.where) == (str(one.value), one.value.where)
+    with pytest.raises(JournalCorrupted) as opened:
+        Ledger.open(ledger)
+    assert str(opened.value) == str(one.value)
+
+
+def test_a_page_both_processes_claim_is_walked_here_and_said_as_one_process_says_it(
+        ledger: Path, answers: list[tuple[list[bytes], bool]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The root of a tree the second process walks made to name a leaf of one the first walks:
+    each half alone may look whole; the two together use a page twice."""
+    with monkeypatch.context() as scratch:
+        pgno, _, _ = _uniform_leaf(ledger, b"accounts", scratch)
+        layout = walked(ledger, scratch)
+    assert layout.trees[b"accounts"].depth >= 2  # (a leaf under a branch: no root of its own)
+    _patch(ledger, _record_at(ledger, b"transfers") + 40, struct.pack("<Q", pgno))  # md_root: the record's last 8 bytes
+    with pytest.raises(JournalCorruptedError) as split:
+        walked(ledger)
+    with monkeypatch.context() as alone, pytest.raises(JournalCorruptedError) as one:
+        walked(ledger, alone)
+    assert "already uses" in str(one.value)
+    assert (str(split.value), split.value.where) == (str(one.value), one.value.where)
+
+
+def _record_at(path: Path, name: bytes) -> int:
+    """Where database `name`'s `MDB_db` record lies in the data file: in the main database's
+    one leaf (its root), the value of the node whose key is the name."""
+    data_file = str(path / "data.mdb")
+    fd = os.open(data_file, os.O_RDONLY)
+    try:
+        root = committed_meta(*read_metas(fd, data_file), data_file).main.root
+    finally:
+        os.close(fd)
+    page = path.joinpath("data.mdb").read_bytes()[root * PAGE_BYTES : (root + 1) * PAGE_BYTES]
+    lower = struct.unpack_from("<H", page, 12)[0]
+    for at in struct.unpack_from(f"<{(lower - PAGE_HEADER_BYTES) // 2}H", page, PAGE_HEADER_BYTES):
+        key_bytes = struct.unpack_from("<H", page, at + 6)[0]
+        if page[at + 8 : at + 8 + key_bytes] == name:
+            return root * PAGE_BYTES + at + 8 + key_bytes
+    raise AssertionError(f"no database {name!r}")
+
+
+def test_an_answer_claiming_a_page_this_process_claimed_is_not_taken(
+        ledger: Path, answers: list[tuple[list[bytes], bool]], monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = walked(ledger)  # a true answer, to forge from
+    start = aside.start
+
+    class Overlapping:
+        def __init__(self, helper: aside.AsideWalk) -> None:
+            self.helper = helper
+
+        def result(self) -> Any:
+            found = self.helper.result()
+            assert found is not None
+            trees, seen = found
+            claimed = bytearray(seen)
+            claimed[seen.index(0)] = 1  # a page the first process claims (every page is used or free)
+            return trees, bytes(claimed)
+
+        def stop(self) -> None:
+            self.helper.stop()
+
+    monkeypatch.setattr(aside, "start", lambda *args: Overlapping(start(*args)))  # type: ignore[arg-type]
+    walks: list[bytes] = []
+    tree = aside.Aside.walk
+
+    def noting(self: aside.Aside, trees: Any, walk_tree: Any, seen: bytearray, found: Any) -> None:
+        tree(self, trees, lambda name, record: (walks.append(name), walk_tree(name, record)), seen, found)
+
+    monkeypatch.setattr(aside.Aside, "walk", noting)
+    assert walked(ledger).trees == whole.trees
+    assert walks[-2:] == THERE  # walked here, after the others
+
+
+@pytest.mark.parametrize("trouble", ["no interpreter", "not an interpreter", "no answer", "an answer out of shape",
+                                     "it hangs"])
+def test_a_second_process_that_fails_leaves_the_walk_to_this_one(
+        ledger: Path, answers: list[tuple[list[bytes], bool]], monkeypatch: pytest.MonkeyPatch, trouble: str) -> None:
+    with monkeypatch.context() as alone:
+        whole = walked(ledger, alone)
+    started: list[Any] = []
+    if trouble == "no interpreter":
+        monkeypatch.setattr(aside.sys, "executable", str(ledger / "python-gone"))
+    elif trouble == "not an interpreter":  # (a server that embeds Python: never started with these arguments)
+        monkeypatch.setattr(aside.sys, "executable", "/bin/false")
+        monkeypatch.setattr(aside.subprocess, "Popen", lambda *_, **__: pytest.fail("started"))
+    elif trouble == "no answer":
+        monkeypatch.setattr(aside, "_CHILD", "import sys; sys.exit(0)")
+    elif trouble == "an answer out of shape":
+        monkeypatch.setattr(aside, "_CHILD", "import sys; sys.stdout.buffer.write(b'\\x93\\xa2ok\\x80\\xc4\\x00')")
+    else:
+        monkeypatch.setattr(aside, "_CHILD", "import time; time.sleep(120)")
+        monkeypatch.setattr(aside, "ASIDE_WAIT_S", 0.5)
+        popen = aside.subprocess.Popen
+
+        def keep(*args: Any, **kwargs: Any) -> Any:
+            process = popen(*args, **kwargs)
+            started.append(process)
+            return process
+
+        monkeypatch.setattr(aside.subprocess, "Popen", keep)
+    assert walked(ledger).trees == whole.trees
+    if trouble in ("no interpreter", "not an interpreter"):
+        assert answers == []
+    else:
+        assert answers == [(THERE, False)]
+    for process in started:
+        assert process.poll() is not None  # killed and reaped
+    assert not [name for name in os.listdir(ledger) if name.startswith(".")]
