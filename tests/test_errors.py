@@ -597,13 +597,21 @@ def test_a_close_after_a_close_that_failed_raises_its_error_again(
     assert elsewhere == [first.value]
 
 
+def _with_alice(ledger_path: Path) -> None:
+    """Make the ledger and its account "alice" with the usual `timeout_s`: the short one the
+    close tests open it with is for the close's waits, and a write bounded by it (its fsync)
+    fails with `LedgerTimeout` on a loaded machine whose disk takes longer."""
+    with Ledger.open(ledger_path) as ledger:
+        ledger.create_account("alice", currency="USD")
+
+
 def test_a_close_made_while_another_thread_closes_returns_once_the_ledger_is_closed(ledger_path: Path) -> None:
     """Two threads close the ledger at once, the first waiting (its `timeout_s`) for a call
     still under way: the second returns only once the first has closed the ledger, its
     directory let go, as `AsyncLedger.close` does; returning at once, it left a reopen
     right after it `LedgerLocked`."""
+    _with_alice(ledger_path)
     ledger = Ledger.open(ledger_path, timeout_s=0.5)
-    ledger.create_account("alice", currency="USD")
     inside, leave = threading.Event(), threading.Event()
 
     def under_way() -> None:  # a call that outlasts the close's wait (a long batch, say)
@@ -689,8 +697,8 @@ def test_a_close_made_while_another_thread_closes_waits_for_it_however_long_its_
     given up): the second returns once the ledger is closed, and a reopen finds the books."""
     from journal import _journal
 
+    _with_alice(ledger_path)
     ledger = Ledger.open(ledger_path, timeout_s=0.05)
-    ledger.create_account("alice", currency="USD")
     second = _SecondClose(ledger)
     real_check_to_seal = _journal.check_to_seal
 
@@ -719,8 +727,8 @@ def test_a_close_made_after_an_interrupted_close_closes_the_ledger_though_that_t
     ledger itself. The first close's thread lives until the second close has waited six
     `timeout_s` (or has returned). The interrupt lands before the second close begins, or once
     it waits for the first (it took the first's thread for the closer then, and waited on it)."""
+    _with_alice(ledger_path)
     ledger = Ledger.open(ledger_path, timeout_s=0.05)
-    ledger.create_account("alice", currency="USD")
     second = _SecondClose(ledger)
     real_wait_for = ledger._state.wait_for
     later = interrupted == "while the second close waits"
