@@ -65,9 +65,14 @@ async def funded(ledger: AsyncLedger, accounts: int = 4, amount: int = 1_000) ->
     return names
 
 
-def at_its_bound(ledger: AsyncLedger, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The ledger at its bound of transfers in flight: no flush gets a permit (until undone)."""
+def at_its_bound(ledger: AsyncLedger, monkeypatch: pytest.MonkeyPatch, timeout_s: float | None = None) -> None:
+    """The ledger at its bound of transfers in flight: no flush gets a permit (until undone);
+    with `timeout_s`, its waits for a transfer's outcome bounded by that from now on (until
+    undone). A short bound is set here, after the ledger is funded, not when it is opened:
+    there it bounded the funding's writes too, whose fsync a loaded machine can make longer."""
     monkeypatch.setattr(ledger._ledger._coordinator.admission, "try_admit", lambda permits: False)
+    if timeout_s is not None:
+        monkeypatch.setattr(ledger, "timeout_s", timeout_s)
 
 
 async def queued(ledger: AsyncLedger, transfer_id: str, source: str, destination: str) -> asyncio.Task[object]:
@@ -236,14 +241,14 @@ def test_a_transfer_that_times_out_before_it_is_submitted_writes_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(ledger: AsyncLedger) -> None:
         a0, a1, _, _ = await funded(ledger)
-        at_its_bound(ledger, monkeypatch)
+        at_its_bound(ledger, monkeypatch, timeout_s=0.3)
         with pytest.raises(LedgerTimeout, match="nothing was written"):
             await ledger.transfer("c3", source=a0, destination=a1, amount=10)
         monkeypatch.undo()
         assert await ledger.outcome("c3") is None and not ledger._ledger._coordinator.claims.in_flight()
         assert (await ledger.transfer("c3", source=a0, destination=a1, amount=10)).amount == 10
 
-    run(tmp_path / "l", body, timeout_s=0.3)
+    run(tmp_path / "l", body)
 
 
 def test_a_transfer_cancelled_after_it_is_submitted_completes_and_a_retry_returns_its_outcome(tmp_path: Path) -> None:
@@ -769,7 +774,7 @@ def test_a_cancelled_write_that_never_gets_a_permit_is_withdrawn_at_its_deadline
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(ledger: AsyncLedger) -> None:
         a0, a1, _, _ = await funded(ledger)
-        at_its_bound(ledger, monkeypatch)
+        at_its_bound(ledger, monkeypatch, timeout_s=0.3)
         task = await queued(ledger, "w1", a0, a1)
         task.cancel()
         loop = asyncio.get_running_loop()
@@ -780,7 +785,7 @@ def test_a_cancelled_write_that_never_gets_a_permit_is_withdrawn_at_its_deadline
         monkeypatch.undo()
         assert await ledger.outcome("w1") is None
 
-    run(tmp_path / "l", body, timeout_s=0.3)
+    run(tmp_path / "l", body)
 
 
 def test_following_from_an_lsn_still_to_come_keeps_one_waiter_however_many_follow(tmp_path: Path) -> None:
