@@ -16,7 +16,7 @@ from coordinator import _checkpoint_rows, _checkpoints, _recovery, _sequencer
 from coordinator._history import Checkpointed, typed
 from coordinator._limits import CLOSE_CHECKPOINT_ROWS
 from coordinator._records import INDEX_NAMES, decode
-from engine import Account, Ledger, LedgerError
+from engine import Account, InsufficientFunds, Ledger, LedgerError
 from engine._tools_audit import verify
 from journal import Journal
 
@@ -50,7 +50,7 @@ def build(path: Path, transfers: int = 150, interval: int = 10) -> tuple[dict[st
             try:
                 ledger.transfer(f"t{k}", source="bank" if k % 4 == 0 else f"a{source}",
                                 destination=f"a{destination}", amount=rng.randint(1, 40))
-            except LedgerError:
+            except InsufficientFunds:  # a refusal is part of the history (nothing else is)
                 pass
         balances = {account.id: ledger.balance(account.id) for account in ledger.accounts()}
         return balances, ledger.state_hash()
