@@ -429,6 +429,10 @@ def test_a_batch_that_times_out_waiting_for_admission_leaves_its_accounts_usable
     for thread in threads:
         thread.join(TIMEOUT_S)
     assert not any(thread.is_alive() for thread in threads)
+    # The race was the one forced above (else this test checks nothing): the batch waited for
+    # admission once the single transfer held the only permit, and that transfer was answered.
+    assert batch_holds_turns.is_set() and single_admitted.is_set()
+    assert isinstance(outcomes.get("single"), (Transfer, LedgerTimeout)), outcomes.get("single")
     # The batch asks for its permit before it takes any turn, so the single transfer
     # (which holds the permit) can finish and the batch then gets it; a timeout would
     # be acceptable too. What must never happen is a stuck account.
