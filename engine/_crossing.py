@@ -70,7 +70,7 @@ from engine._placement import (
     peer_of,
     shard_of,
 )
-from engine._ray import gather
+from engine._ray import Sent, gather, sent
 from engine._shard_steps import Doubt, credit_row, prepare_row, restated
 from engine._wire import Row, outcomes_of, pack, request_row, unpack
 
@@ -93,6 +93,8 @@ class Router:
         """Account id -> shard, for every account found so far."""
         self.creating = threading.Lock()
         """Held while an account is created, so one id is never made on two shards."""
+        self.closed = False
+        """Set by the ledger's close before it stops the actors: no call is sent after (`sent`)."""
 
     @property
     def shards(self) -> int:
@@ -101,14 +103,19 @@ class Router:
     def everywhere(self, method: str, *args: Any, timeout_s: float | None = None) -> list[Any]:
         """`method(*args)` on every shard at once: the replies in shard order (waiting at most
         `timeout_s`, by default the ledger's)."""
-        return gather([getattr(actor, method).remote(*args) for actor in self.actors],
+        return gather(self._sent(lambda: [getattr(actor, method).remote(*args) for actor in self.actors]),
                       self.timeout_s if timeout_s is None else timeout_s)
 
     def on(self, calls: dict[int, tuple[str, Any]]) -> dict[int, Any]:
         """One call per shard named in `calls` (shard -> (method, argument)), all at once."""
         shards = list(calls)
-        refs = [getattr(self.actors[i], calls[i][0]).remote(calls[i][1]) for i in shards]
+        refs = self._sent(lambda: [getattr(self.actors[i], calls[i][0]).remote(calls[i][1]) for i in shards])
         return dict(zip(shards, gather(refs, self.timeout_s), strict=True))
+
+    def _sent(self, submit: Callable[[], Sent]) -> Sent:
+        """`submit()`, the `.remote()` calls of one round, unless this router's ledger closed
+        meanwhile (`LedgerClosed`: `engine._ray.sent`)."""
+        return sent(submit, lambda: self.closed)
 
     def fill(self) -> None:
         """The map of accounts, from every shard's list (one call each)."""
@@ -302,10 +309,10 @@ class Router:
         """`Ledger.method(*args, **kwargs)` on one shard; its error raised here. Arguments Ray
         cannot send (a lock, an open file) are `InvalidRequest`, as the shard would refuse them."""
         try:
-            sent = self.actors[shard].call.remote(method, args, kwargs)
+            ref = self._sent(lambda: self.actors[shard].call.remote(method, args, kwargs))
         except TypeError as error:  # Ray's "Could not serialize the argument ..."
             raise InvalidRequest(f"{method}: an argument cannot be sent to a shard ({shown(error)})") from None
-        ok, value = gather([sent], self.timeout_s)[0]
+        ok, value = gather([ref], self.timeout_s)[0]
         if not ok:
             raise value
         return value

@@ -31,10 +31,12 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
-from coordinator import InvalidRequest, LedgerError, LedgerTimeout, LedgerUnavailable
+from coordinator import InvalidRequest, LedgerClosed, LedgerError, LedgerTimeout, LedgerUnavailable
+
+Sent = TypeVar("Sent")
 
 SHARD_CONCURRENCY = 64
 """Calls one shard actor runs at once (its Ray threads)."""
@@ -240,6 +242,23 @@ def stop_shard(actor: Any) -> None:
     import ray
 
     ray.kill(actor, no_restart=True)
+
+
+def sent(submit: Callable[[], Sent], closed: Callable[[], bool]) -> Sent:
+    """`submit()`, which makes the `.remote()` calls of one round to a ledger's shards, unless
+    the ledger is `closed()` or Ray is down: then `LedgerClosed`. A call under way in another
+    thread when the last ledger on the Ray `join` started closed (`leave`) would otherwise
+    reach Ray with none running, and Ray would start a new local one with its defaults
+    (`ray.init()`: seconds, its processes left running) only to fail with a bare `Exception`
+    (or, if a later open started Ray again, fail so on its actors' old handles). Under
+    `_STARTED`, so no `leave` shuts Ray down between the look and the calls (they only queue
+    the requests: no wait here); a ledger is marked closed before it leaves."""
+    import ray
+
+    with _STARTED:
+        if closed() or not ray.is_initialized():
+            raise LedgerClosed("the sharded ledger was closed while this call was under way")
+        return submit()
 
 
 def gather(refs: Sequence[Any], timeout_s: float) -> list[Any]:

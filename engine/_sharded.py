@@ -279,7 +279,8 @@ class ShardedLedger(ShardedWrites):
         router = self._live()
         if type(shard) is not int or not 0 <= shard < router.shards:
             raise InvalidRequest(f"shard must be an int in 0..{router.shards - 1}, got {shown(shard)}")
-        return _ray.gather([router.actors[shard].balances.remote()], self.timeout_s)[0]  # type: ignore[no-any-return]
+        sent = router._sent(lambda: [router.actors[shard].balances.remote()])
+        return _ray.gather(sent, self.timeout_s)[0]  # type: ignore[no-any-return]
 
     def expire_pending(self) -> int:
         """`Ledger.expire_pending` on every shard (needed with `clock_ns` only: on the wall
@@ -294,12 +295,13 @@ class ShardedLedger(ShardedWrites):
     def pids(self) -> list[int]:
         """The process id of each shard's actor (for operators and crash tests)."""
         self._live()
-        return _ray.gather([actor.pid.remote() for actor in self._actors], self.timeout_s)
+        return _ray.gather(self._router._sent(lambda: [actor.pid.remote() for actor in self._actors]), self.timeout_s)
 
     def nodes(self) -> list[str]:
         """The Ray node id each shard's actor runs on."""
         self._live()
-        return _ray.gather([actor.node.remote() for actor in self._actors], self.timeout_s)
+        return _ray.gather(self._router._sent(lambda: [actor.node.remote() for actor in self._actors]),
+                            self.timeout_s)
 
     def close(self) -> None:
         """Close every shard's ledger (each finishes the calls it is running, bounded by
@@ -316,6 +318,7 @@ class ShardedLedger(ShardedWrites):
         try:
             _ray.gather([actor.close.remote() for actor in self._actors], self.timeout_s)
         finally:
+            self._router.closed = True  # (before the actors stop: a call under way sends nothing after: `_ray.sent`)
             for actor in self._actors:
                 _ray.stop_shard(actor)
             if self._started_ray:
