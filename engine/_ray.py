@@ -239,9 +239,13 @@ def start_shard(path: str, index: int, node_id: str, options: dict[str, Any]) ->
 
 
 def stop_shard(actor: Any) -> None:
+    """Kill a shard's actor for good, if Ray is up (else its process went with Ray, and a
+    kill would start a new Ray: see `sent`)."""
     import ray
 
-    ray.kill(actor, no_restart=True)
+    with _STARTED:
+        if ray.is_initialized():
+            ray.kill(actor, no_restart=True)
 
 
 def sent(submit: Callable[[], Sent], closed: Callable[[], bool]) -> Sent:

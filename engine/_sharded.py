@@ -96,6 +96,8 @@ class ShardedLedger(ShardedWrites):
         self._actors = actors
         self._started_ray = started_ray
         self._closed = False
+        self._closing = threading.Lock()
+        """Held while `close` looks at `closed` and marks it, so two closes at once leave Ray once."""
         self.recovered_in_doubt = 0
         """How many in-doubt cross-shard transfers the open resolved."""
         self.swept_in_doubt = 0
@@ -308,15 +310,19 @@ class ShardedLedger(ShardedWrites):
         `timeout_s`), stop the actors, and shut Ray down if the open started it. Idempotent.
         Unlike `Ledger.close`, it does not wait for this object's calls under way in other
         threads: one between two steps fails (`LedgerClosed` or `LedgerUnavailable`), and what
-        it left in doubt is resolved by the next open."""
-        if self.closed:  # (in a child made by fork(), the shards are the parent's: nothing to do)
-            return
-        self._closed = True
+        it left in doubt is resolved by the next open; nor does a close made while another
+        thread closes it wait for that one: it returns at once."""
+        with self._closing:  # of two closes at once, one runs: Ray is left once
+            if self.closed:  # (in a child made by fork(), the shards are the parent's: nothing to do)
+                return
+            self._closed = True
         self._stopping.set()
         if self._sweeper.is_alive():  # a sweep under way ends within its calls' timeouts
             self._sweeper.join(3 * self.timeout_s)
         try:
-            _ray.gather([actor.close.remote() for actor in self._actors], self.timeout_s)
+            _ray.gather(self._router._sent(lambda: [actor.close.remote() for actor in self._actors]), self.timeout_s)
+        except LedgerClosed:  # Ray is down already (its host shut it down): the shards' processes went with it
+            pass
         finally:
             self._router.closed = True  # (before the actors stop: a call under way sends nothing after: `_ray.sent`)
             for actor in self._actors:

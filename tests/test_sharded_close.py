@@ -84,3 +84,66 @@ def test_a_call_under_way_when_the_ledger_that_started_ray_closes_is_ledger_clos
         assert reopened.balance(left).available == 10 and reopened.get_transfer("T") is None
     finally:
         reopened.close()
+
+
+def test_two_closes_at_once_leave_ray_once_so_another_ledger_on_it_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads closing one ledger at once (an exit handler and the host's own close): the
+    second returns without leaving Ray again, so Ray, which another ledger of this process
+    shares, stays up until that one closes."""
+    import ray
+
+    assert not ray.is_initialized(), "another test left Ray running"
+    first = ShardedLedger.open(tmp_path / "first", shards=2)
+    second = ShardedLedger.open(tmp_path / "second", shards=2)
+    try:
+        assert first._started_ray and second._started_ray  # (the second joined the first's Ray)
+        second.create_account("alice", currency="USD")
+        looked = ShardedLedger.closed.fget
+        both = threading.Barrier(2, timeout=5)
+
+        def closed(ledger: ShardedLedger) -> bool:  # both closes look before either marks it closed
+            value: bool = looked(ledger)  # type: ignore[misc]
+            if ledger is first and not value:
+                try:
+                    both.wait()
+                except threading.BrokenBarrierError:  # (the other close waits until this one has marked it)
+                    pass
+            return value
+
+        monkeypatch.setattr(ShardedLedger, "closed", property(closed))
+        closes = [_in_thread(first.close) for _ in range(2)]
+        for thread, _ in closes:
+            thread.join(60)
+        assert [outcome for _, outcome in closes] == [[None], [None]]
+        monkeypatch.undo()
+        assert ray.is_initialized() and second.account("alice").id == "alice"
+        second.close()
+        assert not ray.is_initialized()
+    finally:
+        monkeypatch.undo()
+        first.close()
+        second.close()
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def test_a_ledger_on_its_hosts_ray_closes_quietly_after_the_host_shut_ray_down(tmp_path: Path) -> None:
+    """The host's own Ray (one this module did not start) shut down by the host before the
+    ledger's close: the shards' processes went with it, so the close has nothing left to stop,
+    and starts no Ray to stop them."""
+    import ray
+
+    from engine import _ray
+
+    assert not ray.is_initialized(), "another test left Ray running"
+    _ray._start(None)  # the host's own Ray, on loopback
+    try:
+        ledger = ShardedLedger.open(tmp_path / "books", shards=2)
+        assert not ledger._started_ray
+        ray.shutdown()
+        ledger.close()
+        assert ledger.closed and not ray.is_initialized()
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
