@@ -11,8 +11,11 @@ A cross-shard transfer `T` from `s` (on shard a) to `d` (on shard b) runs in thr
 3. post, on a: `T\\x1fpost` posts `T`. The transfer is acknowledged once the post is durable,
    so every read of either side already shows it.
 
-If the credit is refused (unknown destination, another currency...), the refusal is journaled
-on b, final for `T\\x1fcredit`, and `T\\x1fvoid` voids `T`: the caller gets the credit's error.
+A destination no shard has, or in another currency, is refused by the prepare itself (toward
+the clearing account in the destination's currency, or none: `prepare_row`), as a `Ledger`
+refuses it, holding nothing. If the credit is refused (a balance that would overflow...), the
+refusal is journaled on b, final for `T\\x1fcredit`, and `T\\x1fvoid` voids `T`: the caller
+gets the credit's error.
 Every step is idempotent by its id, so a retry of `T` from any caller runs the steps again and
 gets the same outcome. One that differs in any field gets `IdempotencyConflict` from the
 prepare, whose ledger compares every field with the pending transfer it keeps: the destination
@@ -91,6 +94,8 @@ class Router:
         self.timeout_s = timeout_s
         self.where: dict[str, int] = {}
         """Account id -> shard, for every account found so far."""
+        self.currencies: dict[str, str] = {}
+        """Account id -> currency (it never changes), for every account listed at open or made here."""
         self.creating = threading.Lock()
         """Held while an account is created, so one id is never made on two shards."""
         self.closed = False
@@ -122,6 +127,7 @@ class Router:
         for index, accounts in enumerate(self.everywhere("accounts")):
             for account in accounts:
                 self.where[account.id] = index
+                self.currencies[account.id] = account.currency
 
     def locate(self, account_ids: Sequence[str]) -> dict[str, int]:
         """The shard of each id (`find`); an id no shard has lives on its hash shard."""
@@ -171,8 +177,9 @@ class Router:
                     f"pending transfer {request.id!r}: {request.source!r} and {request.destination!r} live on "
                     f"shards {a} and {b}; a pending transfer runs within one shard (colocate with placement)")
             else:
-                crossing[i] = request
-                parts[a].append((i, prepare_row(request, b)))
+                crossing[i] = request  # refused at the prepare if its destination is none, or in another currency
+                toward = "" if found[request.destination] is None else self.currencies.get(request.destination)
+                parts[a].append((i, prepare_row(request, b, toward)))
         batches = {a: ("batch", pack([item for _, item in part])) for a, part in parts.items()}
         replies = self._in_flight(batches) if len(batches) > 1 else self.on(batches)  # (another shard's part may be done)
         prepared: dict[int, Transfer] = {}

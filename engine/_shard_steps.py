@@ -77,7 +77,7 @@ NET_AT = AMOUNT_MAX // 4
 """A clearing account's balance (either way) past which its pair is netted (see the module docstring)."""
 
 
-def prepare_row(request: TransferRequest, peer: int) -> Row:
+def prepare_row(request: TransferRequest, peer: int, currency: str | None = None) -> Row:
     """The first step of cross-shard transfer `request`, on its source's shard (`Shard.batch`);
     `peer` is the destination's shard. It carries the user's id, source, amount, code and
     reference, and as metadata the protocol's, never the user's (which the credit carries):
@@ -85,11 +85,19 @@ def prepare_row(request: TransferRequest, peer: int) -> Row:
     `metadata_digest` under `METADATA_DIGEST_KEY`. The ledger compares every field of a retry
     with the pending transfer it keeps, so a retry of `T` that differs in any field, the
     destination and the metadata included, is refused there, before anything moves. (None
-    first: no request row starts so.)"""
+    first: no request row starts so.)
+
+    `currency`: the destination's, where the router knows it ("" for a destination no shard
+    has). The prepare goes to `clearing_to(peer, currency)`, so the source's ledger refuses a
+    transfer to another currency (`CurrencyMismatch`, the clearing account made in it) or to no
+    account (`AccountNotFound`) at the prepare, journaled, holding nothing, before it looks at
+    the funds, as a `Ledger` refuses it; a later transfer of the source meets no hold of it.
+    None: toward the clearing account in the source's currency (the credit refuses it then)."""
     protocol: dict[str, str | int] = {DESTINATION_KEY: request.destination}
     if request.metadata:
         protocol[METADATA_DIGEST_KEY] = metadata_digest(request.metadata)
-    return (None, request.id, request.source, peer, request.amount, request.code, request.reference, protocol)
+    row = (None, request.id, request.source, peer, request.amount, request.code, request.reference, protocol)
+    return row if currency is None else (*row, currency)
 
 
 def metadata_digest(metadata: Mapping[str, str | int]) -> str:
@@ -123,14 +131,22 @@ def restated(error: Transfer | LedgerError, request: TransferRequest) -> Transfe
 def _as_recorded(prepare: TransferRequest, peer: int, kept: Transfer | None) -> TransferRequest | None:
     """A prepare whose id conflicts, as the recorded one would have been written, if it was
     written otherwise for the same transfer: refused while its source was unknown (`kept`
-    None: toward the clearing account of no currency), or by the first release
-    (`_named_no_destination`: with the user's metadata). Asked again so, its exact retry gets
-    the recorded outcome; None if neither applies."""
+    None: toward the clearing account of no currency), made toward the clearing account in
+    the source's currency where this one goes to the destination's (a router that did not know
+    the destination's currency, or a release before `prepare_row` took it: its credit refused
+    it), or by the first release (`_named_no_destination`: with the user's metadata), or
+    both. Asked again so, its exact retry gets the recorded outcome; None if none applies."""
     if kept is None:
         return replace(prepare, destination=clearing_to(peer, ""))
-    if peer_of(kept.destination) is not None and _named_no_destination(kept, prepare):
-        return replace(prepare, metadata=kept.metadata)
-    return None
+    held = peer_of(kept.destination)
+    if held is None:
+        return None
+    recorded = prepare
+    if held[0] == peer and kept.destination != prepare.destination:  # toward the source's currency: `prepare_row`
+        recorded = replace(recorded, destination=kept.destination)
+    if _named_no_destination(kept, prepare):
+        recorded = replace(recorded, metadata=kept.metadata)
+    return None if recorded is prepare else recorded
 
 
 def _named_no_destination(kept: Transfer, prepare: TransferRequest) -> bool:
@@ -212,10 +228,10 @@ class ShardSteps:
         return outcomes
 
     def _prepared(self, row: Row) -> TransferRequest:
-        _, transfer_id, source, peer, amount, code, reference, metadata = row
-        currency = self._currency(source)
+        _, transfer_id, source, peer, amount, code, reference, metadata, *toward = row
+        currency = toward[0] if toward else self._currency(source)  # (`prepare_row`: the destination's)
         clearing = clearing_to(peer, currency if currency is not None else "")
-        if currency is not None:
+        if currency:  # ("" or None: no account is made, none is there)
             self._internal(clearing, currency, None)
         # Without an expiry: a hold that expired after its credit landed would create money.
         return TransferRequest(transfer_id, source, clearing, amount, code, reference, metadata, pending=True)

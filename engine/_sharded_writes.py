@@ -108,6 +108,7 @@ class ShardedWrites:
                     results[i] = outcome
                     if isinstance(outcome, Account):
                         router.where[account.id] = shard
+                        router.currencies[account.id] = outcome.currency
         return results  # type: ignore[return-value]
     # --- transfers -----------------------------------------------------------------------
 

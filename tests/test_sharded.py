@@ -519,13 +519,56 @@ def test_a_refused_credit_voids_the_prepare_and_its_retry_raises_the_same(sharde
     nowhere = next(n for n in (f"n{i}" for i in range(100)) if shard_of(n, SHARDS) == 1)
     with pytest.raises(AccountNotFound):
         sharded.transfer("x3", source=source, destination=nowhere, amount=5)
-    with pytest.raises(InsufficientFunds, match=euros):
-        sharded.transfer("x4", source=source, destination=euros, amount=500)
+    dollars = accounts_on(sharded, "u", 1, shard=1)[0]
+    with pytest.raises(InsufficientFunds, match=dollars):
+        sharded.transfer("x4", source=source, destination=dollars, amount=500)
     assert sharded.balance(source) == sharded.balance(source).__class__(100, 0, 100, 0)
     assert books(sharded)[2] == 0  # nothing left held
     for transfer_id, refused in (("x2", CurrencyMismatch), ("x3", AccountNotFound), ("x4", InsufficientFunds)):
-        outcome = sharded.outcome(transfer_id)  # refused at the credit, and at the prepare
+        outcome = sharded.outcome(transfer_id)  # refused at the prepare (x2, x3: `prepare_row`), named as the user's
         assert type(outcome) is refused and transfer_id in str(outcome) and "x1f" not in str(outcome), outcome
+
+
+def test_a_cross_shard_transfer_to_another_currency_or_no_account_is_refused_so_before_funds_and_holds_nothing(
+        sharded: ShardedLedger) -> None:
+    """As a `Ledger` refuses it: `CurrencyMismatch` or `AccountNotFound` also when the source
+    cannot cover the amount (not `InsufficientFunds`), journaled and final; and nothing is held
+    for it, so a later transfer of the same source in the same batch goes through, as it would
+    in a `Ledger`. A transfer refused so at its credit before (its router not knowing the
+    destination's currency) still answers its retry with that refusal."""
+    source, other = accounts_on(sharded, "s", 2, shard=0, balance=10)
+    euros = accounts_on(sharded, "e", 1, shard=1, currency="EUR")[0]
+    nowhere = next(n for n in (f"n{i}" for i in range(100)) if shard_of(n, SHARDS) == 1)
+    with pytest.raises(CurrencyMismatch, match=euros):
+        sharded.transfer("x1", source=source, destination=euros, amount=50)
+    with pytest.raises(AccountNotFound, match=nowhere):
+        sharded.transfer("x2", source=source, destination=nowhere, amount=50)
+    outcomes = sharded.transfer_many([TransferRequest("x3", source, euros, 10),
+                                      TransferRequest("x4", source, nowhere, 10),
+                                      TransferRequest("x5", source, other, 10)])
+    assert [type(outcome) for outcome in outcomes] == [CurrencyMismatch, AccountNotFound, Transfer]
+    assert sharded.balance(source).posted == 0 and sharded.balance(other).posted == 20
+    with pytest.raises(CurrencyMismatch):
+        sharded.transfer("x1", source=source, destination=euros, amount=50)
+    sharded.create_account(nowhere, currency="USD")
+    with pytest.raises(AccountNotFound):  # journaled: final for the id, as in a Ledger
+        sharded.transfer("x2", source=source, destination=nowhere, amount=50)
+    known = sharded._router.currencies.pop(euros)  # as a router that did not know it: refused at the credit
+    sharded.transfer("f", source=other, destination=source, amount=5)
+    with pytest.raises(CurrencyMismatch):
+        sharded.transfer("x6", source=source, destination=euros, amount=5)
+    sharded._router.currencies[euros] = known
+    with pytest.raises(CurrencyMismatch):
+        sharded.transfer("x6", source=source, destination=euros, amount=5)
+    with pytest.raises(IdempotencyConflict):
+        sharded.transfer("x6", source=source, destination=euros, amount=4)
+    for transfer_id, refused in (("x1", CurrencyMismatch), ("x2", AccountNotFound), ("x6", CurrencyMismatch)):
+        outcome = sharded.outcome(transfer_id)
+        assert type(outcome) is refused and transfer_id in str(outcome) and "x1f" not in str(outcome), outcome
+        assert sharded.get_transfer(transfer_id) is None
+    sums, pairs, in_flight, _ = books(sharded)
+    assert sums == [0, 0] and set(pairs.values()) <= {0} and in_flight == 0
+    assert sharded.balance(source) == Balance(5, 0, 5, 0)
 
 
 def test_money_that_crossed_shards_and_came_back_can_cross_again_as_in_a_ledger(sharded: ShardedLedger) -> None:

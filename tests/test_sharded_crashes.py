@@ -23,6 +23,7 @@ import pytest
 from engine import (
     Balance,
     CrossShardAborted,
+    CurrencyMismatch,
     IdempotencyConflict,
     InvalidRequest,
     LedgerError,
@@ -220,6 +221,31 @@ def test_a_prepare_of_the_first_release_still_takes_its_exact_retry(tmp_path: Pa
         assert dict(made.metadata or {}) == metadata and ledger.get_transfer("T") == made
         assert ledger.transfer("U", source=source, destination=destination, amount=10).status == "posted"
         assert ledger.balance(source).posted == 80 and ledger.balance(destination).posted == 20
+        _settled(ledger)
+
+
+def test_a_prepare_held_toward_the_sources_currency_takes_its_exact_retry_toward_another(tmp_path: Path) -> None:
+    """A prepare toward a destination in another currency, held toward the clearing account in
+    the source's currency (as the first release wrote it, and a release before the router knew
+    currencies) and left in doubt: its exact retry, now sent toward the destination's currency,
+    is asked as it was recorded, so it completes as it would have then (its credit refused:
+    `CurrencyMismatch`, the hold voided), not `IdempotencyConflict`."""
+    metadata = {"order": "A-1"}
+    with ShardedLedger.open(tmp_path / "books", shards=SHARDS) as ledger:
+        source = accounts_on(ledger, "s", 1, shard=0, balance=100)[0]
+        euros = accounts_on(ledger, "e", 1, shard=1, currency="EUR")[0]
+        first_release = (None, "T", source, 1, 10, 0, None, metadata)  # the user's metadata, no destination
+        before = prepare_row(TransferRequest("U", source, euros, 10), 1)  # toward the source's currency
+        for row in (first_release, before):  # then the caller dies
+            [prepared] = _step(ledger, 0, "batch", row)
+            assert isinstance(prepared, Transfer) and prepared.status == "pending"
+        with pytest.raises(CurrencyMismatch, match="'T'"):
+            ledger.transfer("T", source=source, destination=euros, amount=10, metadata=metadata)
+        with pytest.raises(CurrencyMismatch, match="'U'"):
+            ledger.transfer("U", source=source, destination=euros, amount=10)
+        with pytest.raises(IdempotencyConflict):
+            ledger.transfer("U", source=source, destination=euros, amount=11)
+        assert ledger.balance(source) == Balance(100, 0, 100, 0)
         _settled(ledger)
 
 
