@@ -31,6 +31,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -47,6 +48,11 @@ _STARTED = threading.Lock()
 _users = 0
 """Sharded ledgers open on the Ray this module started (0: none, or Ray is someone else's):
 the last of them to close shuts it down."""
+_waits = threading.Condition(_STARTED)
+"""Notified (under `_STARTED`) when a `gather` ends its wait for Ray's replies."""
+_waiting = 0
+"""`gather`s waiting for Ray's replies now: `leave` lets them end (bounded) before it shuts
+Ray down, since `ray.get` with no Ray up would start a new one (see `sent`)."""
 
 
 def join(address: str | None) -> bool:
@@ -84,10 +90,11 @@ def _after_fork() -> None:
     """In a child made by `fork()`: note whether the parent was on Ray, or starting or
     stopping it (its lock held). The child inherits Ray's state but not its connection, so a
     ledger it opened would wait for ever."""
-    global _forked_from_driver, _users, _STARTED
+    global _forked_from_driver, _users, _STARTED, _waits, _waiting
     _users = 0
     busy = _STARTED.locked()
     _STARTED = threading.Lock()  # (a lock held at the fork stays held in the child)
+    _waits, _waiting = threading.Condition(_STARTED), 0
     ray = sys.modules.get("ray")
     try:
         initialized = getattr(ray, "is_initialized", None)
@@ -199,12 +206,17 @@ def _loopback_in_this_process() -> None:
         constants.ENABLE_RAY_CLUSTER = False  # type: ignore[attr-defined]
 
 
-def leave() -> None:
-    """A ledger that `join` started Ray for closes: shut Ray down if it was the last."""
+def leave(wait_s: float) -> None:
+    """A ledger that `join` started Ray for closes: shut Ray down if it was the last, once the
+    `gather`s under way have ended (waiting at most `wait_s`, the ledger's `timeout_s`, which
+    bounds each of them; its shards' actors are stopped already, so they end at once)."""
     import ray
 
     global _users
     with _STARTED:
+        deadline = time.monotonic() + wait_s
+        while _users == 1 and _waiting and (left_s := deadline - time.monotonic()) > 0:
+            _waits.wait(left_s)  # (lets go of `_STARTED`: a `join` meanwhile counts itself in, and Ray stays)
         _users -= 1
         if _users == 0:
             ray.shutdown()
@@ -279,6 +291,11 @@ def gather(refs: Sequence[Any], timeout_s: float) -> list[Any]:
         RayTaskError,
     )
 
+    global _waiting
+    with _STARTED:  # `ray.get` with no Ray up would start a new one, as `.remote()` would: see `sent`
+        if not ray.is_initialized():
+            raise LedgerClosed("the sharded ledger was closed while this call was under way")
+        _waiting += 1  # (`leave` lets this wait end before it shuts Ray down)
     try:
         return list(ray.get(list(refs), timeout=timeout_s))
     except GetTimeoutError as error:
@@ -294,6 +311,10 @@ def gather(refs: Sequence[Any], timeout_s: float) -> list[Any]:
         raise LedgerTimeout(f"a shard is unavailable for now ({error}): retry with the same ids") from error
     except RayActorError as error:
         raise LedgerUnavailable(f"a shard's actor is gone: {error}") from error
+    finally:
+        with _STARTED:
+            _waiting -= 1
+            _waits.notify_all()
 
 
 def unwrap(reply: tuple[bool, Any]) -> Any:

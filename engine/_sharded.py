@@ -174,7 +174,7 @@ class ShardedLedger(ShardedWrites):
             for actor in actors:
                 _ray.stop_shard(actor)
             if started:
-                _ray.leave()
+                _ray.leave(timeout_s)
             raise
 
     def __enter__(self) -> ShardedLedger:
@@ -328,7 +328,7 @@ class ShardedLedger(ShardedWrites):
             for actor in self._actors:
                 _ray.stop_shard(actor)
             if self._started_ray:
-                _ray.leave()
+                _ray.leave(self.timeout_s)
 
     @property
     def closed(self) -> bool:

@@ -147,3 +147,42 @@ def test_a_ledger_on_its_hosts_ray_closes_quietly_after_the_host_shut_ray_down(t
     finally:
         if ray.is_initialized():
             ray.shutdown()
+
+
+def test_a_call_whose_round_was_sent_before_the_close_and_waited_on_after_is_ledger_closed_and_starts_no_ray(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read whose `.remote()` went out before the close but whose wait for the reply begins
+    after the close shut Ray down: `ray.get` auto-connects as `.remote()` does, so it would start
+    a new local Ray (its default `ray.init()`, left running); it is `LedgerClosed`, and no Ray
+    runs after."""
+    import ray
+
+    from engine import _crossing
+
+    assert not ray.is_initialized(), "another test left Ray running"
+    ledger = ShardedLedger.open(tmp_path / "books", shards=2)
+    try:
+        [left] = accounts_on(ledger, "l", 1, shard=0, balance=10)
+        entered, release = threading.Event(), threading.Event()
+        gather = _crossing.gather
+
+        def waiting(refs: Any, timeout_s: float) -> Any:
+            entered.set()
+            release.wait(60)
+            return gather(refs, timeout_s)
+
+        monkeypatch.setattr(_crossing, "gather", waiting)
+        thread, outcome = _in_thread(lambda: ledger.balance(left))
+        assert entered.wait(60)
+        ledger.close()
+        assert not ray.is_initialized()
+        release.set()
+        thread.join(60)
+        assert not thread.is_alive()
+        assert not ray.is_initialized(), "a call under way at the close started Ray again"
+        assert isinstance(outcome[0], LedgerClosed), outcome
+    finally:
+        monkeypatch.undo()
+        ledger.close()
+        if ray.is_initialized():
+            ray.shutdown()
