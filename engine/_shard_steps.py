@@ -128,25 +128,30 @@ def restated(error: Transfer | LedgerError, request: TransferRequest) -> Transfe
     return error
 
 
-def _as_recorded(prepare: TransferRequest, peer: int, kept: Transfer | None) -> TransferRequest | None:
-    """A prepare whose id conflicts, as the recorded one would have been written, if it was
-    written otherwise for the same transfer: refused while its source was unknown (`kept`
-    None: toward the clearing account of no currency), made toward the clearing account in
-    the source's currency where this one goes to the destination's (a router that did not know
-    the destination's currency, or a release before `prepare_row` took it: its credit refused
-    it), or by the first release (`_named_no_destination`: with the user's metadata), or
-    both. Asked again so, its exact retry gets the recorded outcome; None if none applies."""
-    if kept is None:
-        return replace(prepare, destination=clearing_to(peer, ""))
+def _as_recorded(prepare: TransferRequest, peer: int, kept: Transfer | None,
+                 source_currency: str | None) -> list[TransferRequest]:
+    """A prepare whose id conflicts, as the recorded one may have been written, if it was
+    written otherwise for the same transfer, each way to ask in turn: refused (`kept` None)
+    while its source was unknown (toward the clearing account of no currency), or toward the
+    clearing account in the source's currency (`source_currency`: a router that did not know
+    the destination's, or a release before `prepare_row` took it) where this one goes to the
+    destination's or to none; made toward the clearing account in the source's currency where
+    this one goes to the destination's (its credit refused it), or by the first release
+    (`_named_no_destination`: with the user's metadata), or both. Asked again so, its exact
+    retry gets the recorded outcome; none if none applies."""
+    if kept is None:  # a refusal: its destination cannot be read back, so each one it may have had is asked
+        currencies = ("",) if source_currency is None else ("", source_currency)
+        return [replace(prepare, destination=clearing_to(peer, currency)) for currency in currencies
+                if clearing_to(peer, currency) != prepare.destination]
     held = peer_of(kept.destination)
     if held is None:
-        return None
+        return []
     recorded = prepare
     if held[0] == peer and kept.destination != prepare.destination:  # toward the source's currency: `prepare_row`
         recorded = replace(recorded, destination=kept.destination)
     if _named_no_destination(kept, prepare):
         recorded = replace(recorded, metadata=kept.metadata)
-    return None if recorded is prepare else recorded
+    return [] if recorded is prepare else [recorded]
 
 
 def _named_no_destination(kept: Transfer, prepare: TransferRequest) -> bool:
@@ -210,7 +215,7 @@ class ShardSteps:
             return []
         requests = [self._prepared(row) if row[0] is None else request_of(row) for row in rows]
         outcomes = self.ledger.transfer_many(requests)
-        again: dict[int, TransferRequest] = {}
+        again: dict[int, list[TransferRequest]] = {}
         for i, outcome in enumerate(outcomes):
             if not isinstance(outcome, IdempotencyConflict):
                 continue
@@ -219,12 +224,15 @@ class ShardSteps:
                 if kept is not None and peer_of(kept.destination) is not None:
                     outcomes[i] = restated(outcome, requests[i])
                 continue
-            recorded = _as_recorded(requests[i], rows[i][3], kept)
-            if recorded is not None:
+            source_currency = self._currency(requests[i].source) if kept is None else None
+            recorded = _as_recorded(requests[i], rows[i][3], kept, source_currency)
+            if recorded:
                 again[i] = recorded
-        if again:  # each id's first outcome, asked as it was recorded (all at once)
-            for i, outcome in zip(again, self.ledger.transfer_many(list(again.values())), strict=True):
+        while again:  # each id's first outcome, asked as it was recorded (all at once; at most two rounds)
+            asked = {i: tries.pop(0) for i, tries in again.items()}
+            for i, outcome in zip(asked, self.ledger.transfer_many(list(asked.values())), strict=True):
                 outcomes[i] = outcome
+            again = {i: tries for i, tries in again.items() if tries and isinstance(outcomes[i], IdempotencyConflict)}
         return outcomes
 
     def _prepared(self, row: Row) -> TransferRequest:

@@ -25,6 +25,7 @@ from engine import (
     CrossShardAborted,
     CurrencyMismatch,
     IdempotencyConflict,
+    InsufficientFunds,
     InvalidRequest,
     LedgerError,
     LedgerTimeout,
@@ -246,6 +247,28 @@ def test_a_prepare_held_toward_the_sources_currency_takes_its_exact_retry_toward
         with pytest.raises(IdempotencyConflict):
             ledger.transfer("U", source=source, destination=euros, amount=11)
         assert ledger.balance(source) == Balance(100, 0, 100, 0)
+        _settled(ledger)
+
+
+def test_a_prepare_refused_toward_the_sources_currency_answers_its_exact_retry_with_that_refusal(
+        tmp_path: Path) -> None:
+    """A prepare an earlier release (or a router that did not know the destination's currency)
+    sent toward the clearing account in the source's currency and the source's ledger refused
+    (short of the amount: `InsufficientFunds`, journaled, final), toward a destination in another
+    currency or one no shard has: its exact retry, now sent toward the destination's currency
+    (or none), is asked as it was recorded, so it gets that refusal, not `IdempotencyConflict`."""
+    with ShardedLedger.open(tmp_path / "books", shards=SHARDS) as ledger:
+        source = accounts_on(ledger, "s", 1, shard=0, balance=10)[0]
+        euros = accounts_on(ledger, "e", 1, shard=1, currency="EUR")[0]
+        nowhere = next(n for n in (f"n{i}" for i in range(100)) if ledger.shard_of(n) == 1)
+        for transfer_id, destination in (("V", euros), ("W", nowhere)):
+            [refused] = _step(ledger, 0, "batch", prepare_row(TransferRequest(transfer_id, source, destination, 50), 1))
+            assert refused.code == "insufficient_funds", refused  # type: ignore[attr-defined]
+            with pytest.raises(InsufficientFunds, match=f"'{transfer_id}'"):
+                ledger.transfer(transfer_id, source=source, destination=destination, amount=50)
+            with pytest.raises(IdempotencyConflict):
+                ledger.transfer(transfer_id, source=source, destination=destination, amount=49)
+        assert ledger.balance(source) == Balance(10, 0, 10, 0)
         _settled(ledger)
 
 
