@@ -120,7 +120,7 @@ class Router:
     def _sent(self, submit: Callable[[], Sent]) -> Sent:
         """`submit()`, the `.remote()` calls of one round, unless this router's ledger closed
         meanwhile (`LedgerClosed`: `engine._ray.sent`)."""
-        return sent(submit, lambda: self.closed)
+        return sent(submit, lambda: self.closed, self.timeout_s)
 
     def fill(self) -> None:
         """The map of accounts, from every shard's list (one call each)."""

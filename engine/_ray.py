@@ -32,7 +32,8 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from coordinator import InvalidRequest, LedgerClosed, LedgerError, LedgerTimeout, LedgerUnavailable
@@ -55,6 +56,25 @@ _waiting = 0
 Ray down, since `ray.get` with no Ray up would start a new one (see `sent`)."""
 
 
+JOIN_WAIT_S = 600.0
+"""The longest an open waits for another sharded ledger of this process to finish starting or
+shutting down Ray (a cluster's address may take minutes to join)."""
+
+
+@contextmanager
+def _holding(wait_s: float) -> Iterator[None]:
+    """`_STARTED`, waited for at most `wait_s`: Ray's start or shutdown by another sharded
+    ledger of this process, or its round being submitted, holds it meanwhile. `LedgerTimeout`
+    if it is not free by then (nothing was sent: retry with the same ids)."""
+    if not _STARTED.acquire(timeout=max(wait_s, 0.0)):
+        raise LedgerTimeout(f"another sharded ledger of this process held Ray's start, stop or submissions for "
+                            f"more than {wait_s} s: nothing was sent; retry with the same ids")
+    try:
+        yield
+    finally:
+        _STARTED.release()
+
+
 def join(address: str | None) -> bool:
     """Make this process a Ray driver: with `address` None, the Ray it already joined, else a
     new local one on loopback; with an address, that cluster. True if the ledger must `leave`
@@ -70,7 +90,7 @@ def join(address: str | None) -> bool:
         raise LedgerUnavailable("this process was made by fork() from one on Ray, whose connection it cannot use: "
                                 "open the sharded ledger from a process started with spawn (multiprocessing's "
                                 "'spawn' or 'forkserver'), or from one that never joined Ray")
-    with _STARTED:
+    with _holding(JOIN_WAIT_S):
         if ray.is_initialized():
             _check_same_cluster(address, ray.get_runtime_context().gcs_address)
             if _users == 0:
@@ -213,7 +233,7 @@ def leave(wait_s: float) -> None:
     import ray
 
     global _users
-    with _STARTED:
+    with _holding(JOIN_WAIT_S):  # (a start under way: this ledger's close waits for it)
         deadline = time.monotonic() + wait_s
         while _users == 1 and _waiting and (left_s := deadline - time.monotonic()) > 0:
             _waits.wait(left_s)  # (lets go of `_STARTED`: a `join` meanwhile counts itself in, and Ray stays)
@@ -250,17 +270,18 @@ def start_shard(path: str, index: int, node_id: str, options: dict[str, Any]) ->
                              f"({str(error).splitlines()[0]})") from None
 
 
-def stop_shard(actor: Any) -> None:
+def stop_shard(actor: Any, wait_s: float) -> None:
     """Kill a shard's actor for good, if Ray is up (else its process went with Ray, and a
-    kill would start a new Ray: see `sent`)."""
+    kill would start a new Ray: see `sent`); `LedgerTimeout` if `_STARTED` is not free
+    within `wait_s` (`_holding`)."""
     import ray
 
-    with _STARTED:
+    with _holding(wait_s):
         if ray.is_initialized():
             ray.kill(actor, no_restart=True)
 
 
-def sent(submit: Callable[[], Sent], closed: Callable[[], bool]) -> Sent:
+def sent(submit: Callable[[], Sent], closed: Callable[[], bool], wait_s: float) -> Sent:
     """`submit()`, which makes the `.remote()` calls of one round to a ledger's shards, unless
     the ledger is `closed()` or Ray is down: then `LedgerClosed`. A call under way in another
     thread when the last ledger on the Ray `join` started closed (`leave`) would otherwise
@@ -268,10 +289,11 @@ def sent(submit: Callable[[], Sent], closed: Callable[[], bool]) -> Sent:
     (`ray.init()`: seconds, its processes left running) only to fail with a bare `Exception`
     (or, if a later open started Ray again, fail so on its actors' old handles). Under
     `_STARTED`, so no `leave` shuts Ray down between the look and the calls (they only queue
-    the requests: no wait here); a ledger is marked closed before it leaves."""
+    the requests: no wait here); a ledger is marked closed before it leaves. `_STARTED` is
+    waited for at most `wait_s` (`_holding`)."""
     import ray
 
-    with _STARTED:
+    with _holding(wait_s):
         if closed() or not ray.is_initialized():
             raise LedgerClosed("the sharded ledger was closed while this call was under way")
         return submit()
@@ -292,7 +314,7 @@ def gather(refs: Sequence[Any], timeout_s: float) -> list[Any]:
     )
 
     global _waiting
-    with _STARTED:  # `ray.get` with no Ray up would start a new one, as `.remote()` would: see `sent`
+    with _holding(timeout_s):  # `ray.get` with no Ray up would start a new one, as `.remote()` would: see `sent`
         if not ray.is_initialized():
             raise LedgerClosed("the sharded ledger was closed while this call was under way")
         _waiting += 1  # (`leave` lets this wait end before it shuts Ray down)
@@ -312,7 +334,7 @@ def gather(refs: Sequence[Any], timeout_s: float) -> list[Any]:
     except RayActorError as error:
         raise LedgerUnavailable(f"a shard's actor is gone: {error}") from error
     finally:
-        with _STARTED:
+        with _holding(JOIN_WAIT_S):  # (held briefly, or through another ledger's start of Ray)
             _waiting -= 1
             _waits.notify_all()
 

@@ -186,3 +186,35 @@ def test_a_call_whose_round_was_sent_before_the_close_and_waited_on_after_is_led
         ledger.close()
         if ray.is_initialized():
             ray.shutdown()
+
+
+def test_a_call_waits_a_bounded_time_for_ray_held_by_another_ledgers_start_or_stop() -> None:
+    """`_STARTED` (held while another sharded ledger of the process starts or shuts Ray down,
+    or submits a round) is waited for at most the call's timeout: then `LedgerTimeout`,
+    nothing sent. No Ray is started here."""
+    from engine import LedgerTimeout, _ray
+
+    submitted: list[int] = []
+    with _ray._holding(1.0):  # another ledger starting Ray, say
+        outcome: list[object] = []
+        waiter = threading.Thread(target=lambda: outcome.append(_catching(
+            lambda: _ray.sent(lambda: submitted.append(1), lambda: False, 0.2))))
+        waiter.start()
+        waiter.join(30)
+    assert not waiter.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], LedgerTimeout), outcome
+    assert submitted == []
+    with pytest.raises(LedgerTimeout):  # and a stop of a shard likewise
+        with _ray._holding(1.0):
+            stopper: list[object] = []
+            thread = threading.Thread(target=lambda: stopper.append(_catching(lambda: _ray.stop_shard(None, 0.2))))
+            thread.start()
+            thread.join(30)
+            raise stopper[0]  # type: ignore[misc]
+
+
+def _catching(call: Callable[[], object]) -> object:
+    try:
+        return call()
+    except Exception as error:  # the outcome asserted by the caller
+        return error
