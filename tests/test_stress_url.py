@@ -55,9 +55,9 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def announced_url(server: subprocess.Popen[str]) -> str:
+def announced_url(server: subprocess.Popen[str], log: Path) -> str:
     """The URL `tally serve` prints once it is ready, read within `STARTUP_S`; the rest of its
-    stdout is drained by a thread."""
+    stdout is drained by a thread. If it is not ready, the failure shows its `log` (stderr)."""
     assert server.stdout is not None
     lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
 
@@ -73,9 +73,11 @@ def announced_url(server: subprocess.Popen[str]) -> str:
         try:
             line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
-            raise AssertionError(f"tally serve did not say it was ready within {STARTUP_S} s") from None
+            raise AssertionError(f"tally serve did not say it was ready within {STARTUP_S} s; its log:\n"
+                                 f"{log.read_text()[-4000:]}") from None
         if line is None:
-            raise AssertionError(f"tally serve exited with {server.wait(timeout=STARTUP_S)} before it was ready")
+            raise AssertionError(f"tally serve exited with {server.wait(timeout=STARTUP_S)} before it was ready; "
+                                 f"its log:\n{log.read_text()[-4000:]}")
         found = re.search(r"serving .* on (http://\S+)", line)
         if found:
             return found.group(1)
@@ -92,7 +94,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
                                    "127.0.0.1", "--port", "0", "--token-file", str(token_file)],
                                   cwd=tmp_path, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
-        yield announced_url(server), token_file
+        yield announced_url(server, tmp_path / "serve.log"), token_file
     finally:
         server.terminate()
         try:
