@@ -60,11 +60,11 @@ class Aside:
         try:
             for name, record in trees[:len(trees) - len(there)]:
                 walk_tree(name, record)
-        except BaseException:
+            answer = helper.result() if helper is not None else None
+        except BaseException:  # (an interrupt while waiting for its answer too: it is ended and reaped)
             if helper is not None:
                 helper.stop()
             raise
-        answer = helper.result() if helper is not None else None
         if answer is not None:
             mine, theirs = int.from_bytes(seen, "little"), int.from_bytes(answer[1], "little")
             if not mine & theirs:

@@ -220,3 +220,45 @@ def test_a_second_process_that_fails_leaves_the_walk_to_this_one(
     for process in started:
         assert process.poll() is not None  # killed and reaped
     assert not [name for name in os.listdir(ledger) if name.startswith(".")]
+
+
+def test_an_interrupt_while_this_process_waits_for_the_second_ends_and_reaps_it(
+        ledger: Path, answers: list[tuple[list[bytes], bool]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A KeyboardInterrupt landing while the first process waits for the second's answer (its
+    own half walked) leaves no process walking on, nor one unreaped."""
+    import signal
+    import threading
+
+    started: list[Any] = []
+    popen = aside.subprocess.Popen
+
+    def keep(*args: Any, **kwargs: Any) -> Any:
+        process = popen(*args, **kwargs)
+        started.append(process)
+        return process
+
+    monkeypatch.setattr(aside, "_CHILD", "import time; time.sleep(120)")
+    monkeypatch.setattr(aside.subprocess, "Popen", keep)
+    waiting = threading.Event()
+    result = aside.AsideWalk.result
+
+    def noted(self: aside.AsideWalk) -> Any:
+        waiting.set()
+        return result(self)
+
+    monkeypatch.setattr(aside.AsideWalk, "result", noted)
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def interrupt() -> None:
+        waiting.wait(30)
+        threading.Event().wait(0.5)  # (in `communicate` by now)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        walked(ledger)
+    [process] = started
+    assert process.poll() is not None  # killed and reaped
+    assert process.stdout is None or process.stdout.closed
+
