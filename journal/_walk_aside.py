@@ -36,7 +36,10 @@ from journal._pages import PageWalk, Tree
 logger = logging.getLogger("tally.journal")
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CHILD = "import sys; sys.path.insert(0, sys.argv[1]); from journal._walk_aside import main; main()"
+# (`-c` puts the working directory first on the path, as "": taken off, so no module of the
+# directory a host was started in is run there that this process would not run)
+_CHILD = ("import sys; sys.path[:] = [sys.argv[1], *filter(None, sys.path)]; "
+          "from journal._walk_aside import main; main()")
 _OK = "ok"
 
 

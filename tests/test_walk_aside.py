@@ -262,3 +262,19 @@ def test_an_interrupt_while_this_process_waits_for_the_second_ends_and_reaps_it(
     assert process.poll() is not None  # killed and reaped
     assert process.stdout is None or process.stdout.closed
 
+
+def test_the_second_process_imports_nothing_from_the_working_directory(
+        ledger: Path, answers: list[tuple[list[bytes], bool]], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    """The second process finds its modules where this one does, not in the directory it was
+    started in (`python -c` puts that first on its path): a `msgpack.py` there is never run."""
+    here = tmp_path / "cwd"
+    here.mkdir()
+    marker = tmp_path / "ran"
+    (here / "msgpack.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise ImportError('not this one')\n")
+    monkeypatch.chdir(here)
+    split = walked(ledger)
+    assert not marker.exists()
+    assert answers == [(THERE, True)]
+    with monkeypatch.context() as alone:
+        assert walked(ledger, alone).trees == split.trees
