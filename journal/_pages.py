@@ -374,7 +374,7 @@ def walk(fd: int, meta: Meta, data_file: str, visit: Visit | None = None, names:
         for name, record in ordered[len(head):]:
             walk_tree(name, record)
     else:
-        aside.walk(ordered[len(head):], walk_tree, pages.seen, layout.trees)
+        aside.walk(ordered[len(head):], walk_tree, pages, layout.trees)
     _check_free_list(pages, free_records, data_file)
     return layout
 

@@ -36,10 +36,10 @@ from journal._pages import PageWalk, Tree
 logger = logging.getLogger("tally.journal")
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# (`-c` puts the working directory first on the path, as "": taken off, so no module of the
-# directory a host was started in is run there that this process would not run)
-_CHILD = ("import sys; sys.path[:] = [sys.argv[1], *filter(None, sys.path)]; "
-          "from journal._walk_aside import main; main()")
+_CHILD = "import sys; sys.path[:] = sys.argv[1:]; from journal._walk_aside import main; main()"
+"""The second process's program: its import path is this process's (each entry an argument),
+this package's first, so it runs the code this process runs: not the working directory's
+modules, which `-c` would put first (as ""), and which this process may not have on its path."""
 _OK = "ok"
 
 
@@ -51,14 +51,14 @@ class Aside:
     def __init__(self, fd: int, meta: Meta, data_file: str, visitor: Any, key_bytes: Mapping[bytes, int]) -> None:
         self.fd, self.meta, self.data_file, self.visitor, self.key_bytes = fd, meta, data_file, visitor, key_bytes
 
-    def walk(self, trees: list[tuple[bytes, bytes]], walk_tree: Callable[[bytes, bytes], None], seen: bytearray,
+    def walk(self, trees: list[tuple[bytes, bytes]], walk_tree: Callable[[bytes, bytes], None], pages: PageWalk,
              found: dict[bytes, Tree]) -> None:
         """Walk `trees` (name, `MDB_db` record, in walk order) by `walk_tree`, all but the last
         ones (`aside_part`), which a second process walks meanwhile; its answer (what it found
-        in each, into `found`; the pages they use, into `seen`) is taken if whole and claiming
+        in each, into `found`; the pages they use, into `pages.seen`) is taken if whole and claiming
         no page these claimed, else they are walked here too, after the others."""
         there = trees[len(trees) - aside_part(trees, self.visitor.names):]
-        helper = start(self.fd, self.meta, self.data_file, there, self.visitor.index_names,
+        helper = start(self.fd, self.meta, self.data_file, pages.file_pages, there, self.visitor.index_names,
                        self.visitor.format_version, self.key_bytes) if there else None
         try:
             for name, record in trees[:len(trees) - len(there)]:
@@ -69,6 +69,7 @@ class Aside:
                 helper.stop()
             raise
         if answer is not None:
+            seen = pages.seen
             mine, theirs = int.from_bytes(seen, "little"), int.from_bytes(answer[1], "little")
             if not mine & theirs:
                 seen[:] = (mine | theirs).to_bytes(len(seen), "little")
@@ -98,9 +99,9 @@ def aside_part(trees: Sequence[tuple[bytes, bytes]], visited: frozenset[bytes]) 
 class AsideWalk:
     """The second process walking some trees, once started (`start`)."""
 
-    def __init__(self, process: subprocess.Popen[bytes], names: list[bytes], pages: int) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], trees: Sequence[tuple[bytes, bytes]], pages: int) -> None:
         self._process = process
-        self._names = names
+        self._trees = dict(trees)
         self._pages = pages
         self._started = time.monotonic()
 
@@ -122,7 +123,7 @@ class AsideWalk:
         if self._process.returncode != 0:
             logger.info("the second page walk ended with %s: walking its trees here", self._process.returncode)
             return None
-        return _answer(out, self._names, self._pages)
+        return _answer(out, self._trees, self._pages)
 
     def stop(self) -> None:
         """End the process (if it runs) and reap it."""
@@ -135,24 +136,26 @@ class AsideWalk:
             pass
 
 
-def start(fd: int, meta: Meta, data_file: str, trees: Sequence[tuple[bytes, bytes]], index_names: Sequence[str],
-          format_version: int | None, key_bytes: Mapping[bytes, int]) -> AsideWalk | None:
+def start(fd: int, meta: Meta, data_file: str, file_pages: int, trees: Sequence[tuple[bytes, bytes]],
+          index_names: Sequence[str], format_version: int | None, key_bytes: Mapping[bytes, int]) -> AsideWalk | None:
     """Start a second process walking `trees` (name, `MDB_db` record) of the data file open as
-    `fd`, in the snapshot `meta` commits; None if it cannot be started (the walk then stays
+    `fd`, in the snapshot `meta` commits, taking it to hold `file_pages` pages (as this
+    process's walk does); None if it cannot be started (the walk then stays
     here), or if this process's interpreter is not one to start (`sys.executable` is no
     `python` or `pypy`: a frozen application, a server that embeds Python)."""
     interpreter = sys.executable or ""
     if getattr(sys, "frozen", False) or not os.path.basename(interpreter).startswith(("python", "pypy")):
         return None  # (a host binary that embeds Python: not one to start with these arguments)
-    spec = msgpack.packb([fd, data_file, meta.page_bytes, meta.last_page, [list(tree) for tree in trees],
+    spec = msgpack.packb([fd, data_file, meta.page_bytes, meta.last_page, file_pages, [list(tree) for tree in trees],
                           dict(key_bytes), list(index_names), format_version], use_bin_type=True)
     try:
-        process = subprocess.Popen([interpreter, "-c", _CHILD, _PACKAGE_PARENT], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, pass_fds=(fd,))
-    except (OSError, ValueError) as error:
+        process = subprocess.Popen([interpreter, "-c", _CHILD, _PACKAGE_PARENT, *filter(None, sys.path)],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                   pass_fds=(fd,))
+    except Exception as error:  # (OSError, ValueError; RuntimeError where no process may be made: a subinterpreter)
         logger.info("no second process for the page walk (%s): walking every tree here", error)
         return None
-    aside = AsideWalk(process, [name for name, _ in trees], meta.last_page + 1)
+    aside = AsideWalk(process, trees, meta.last_page + 1)
     stdin, process.stdin = process.stdin, None  # (written and closed here: `communicate` only reads)
     try:
         assert stdin is not None
@@ -163,20 +166,24 @@ def start(fd: int, meta: Meta, data_file: str, trees: Sequence[tuple[bytes, byte
     return aside
 
 
-def _answer(out: bytes, names: list[bytes], pages: int) -> tuple[dict[bytes, Tree], bytes] | None:
-    """The process's answer, if it is a whole one for exactly `names` over `pages` pages."""
+def _answer(out: bytes, records: Mapping[bytes, bytes], pages: int) -> tuple[dict[bytes, Tree], bytes] | None:
+    """The process's answer, if it is a whole one for exactly the trees of `records` (name,
+    `MDB_db` record), each tree's counters those its record claims (as the walk checks them),
+    over `pages` pages, each marked 0 or 1."""
     try:
         status, found, seen = msgpack.unpackb(out, raw=False, strict_map_key=False)
-        if status != _OK or type(seen) is not bytes or len(seen) != pages or sorted(found) != sorted(names):
+        if (status != _OK or type(seen) is not bytes or len(seen) != pages or seen.translate(None, b"\x00\x01")
+                or sorted(found) != sorted(records)):
             return None
         trees = {}
-        for name in names:
+        for name, record in records.items():
             entries, branch, leaf, overflow, depth, first_key, last_key = found[name]
-            fields = (entries, branch, leaf, overflow, depth)
-            if any(type(value) is not int for value in fields) or not all(
+            claimed = Database.parse(record)
+            if (entries, branch, leaf, overflow, depth) != (claimed.entries, claimed.branch_pages, claimed.leaf_pages,
+                                                            claimed.overflow_pages, claimed.depth) or not all(
                     key is None or type(key) is bytes for key in (first_key, last_key)):
                 return None
-            trees[name] = Tree(*fields, first_key, last_key)
+            trees[name] = Tree(entries, branch, leaf, overflow, depth, first_key, last_key)
         return trees, seen
     except Exception:  # msgpack raises several unrelated types on bad input: nothing to take from it
         logger.info("the second page walk answered out of shape: walking its trees here")
@@ -188,10 +195,11 @@ def main() -> None:
     found is no answer (exit 1): the first process walks those trees again and says it."""
     from journal._check import visitor_for  # (here: `journal._check` starts this process)
 
-    fd, data_file, page_bytes, last_page, trees, key_bytes, index_names, format_version = msgpack.unpackb(
-        sys.stdin.buffer.read(), raw=False, strict_map_key=False)
+    fd, data_file, page_bytes, last_page, file_pages, trees, key_bytes, index_names, format_version = (
+        msgpack.unpackb(sys.stdin.buffer.read(), raw=False, strict_map_key=False))
     blank = Database(0, 0, 0, 0, 0, 0, NO_PAGE, page_bytes)
     walk = PageWalk(fd, Meta(0, 0, last_page, blank, blank), data_file, None)
+    walk.file_pages = file_pages  # (the first process's look at the file: the halves judge one size)
     walk.seen[0] = walk.seen[1] = 0  # (the first process holds the meta pages)
     visit = visitor_for(index_names, format_version)
     found: dict[bytes, Any] = {}

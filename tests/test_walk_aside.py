@@ -49,7 +49,7 @@ def answers(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[list[bytes],
 
             def answered() -> Any:
                 found = result()
-                noted.append(([name for name, _ in args[3]], found is not None))
+                noted.append(([name for name, _ in args[4]], found is not None))
                 return found
 
             helper.result = answered  # type: ignore[method-assign]
@@ -177,8 +177,8 @@ def test_an_answer_claiming_a_page_this_process_claimed_is_not_taken(
     walks: list[bytes] = []
     tree = aside.Aside.walk
 
-    def noting(self: aside.Aside, trees: Any, walk_tree: Any, seen: bytearray, found: Any) -> None:
-        tree(self, trees, lambda name, record: (walks.append(name), walk_tree(name, record)), seen, found)
+    def noting(self: aside.Aside, trees: Any, walk_tree: Any, pages: Any, found: Any) -> None:
+        tree(self, trees, lambda name, record: (walks.append(name), walk_tree(name, record)), pages, found)
 
     monkeypatch.setattr(aside.Aside, "walk", noting)
     assert walked(ledger).trees == whole.trees
@@ -278,3 +278,51 @@ def test_the_second_process_imports_nothing_from_the_working_directory(
     assert answers == [(THERE, True)]
     with monkeypatch.context() as alone:
         assert walked(ledger, alone).trees == split.trees
+
+
+@pytest.mark.parametrize("forged", ["none", "a page marked 2", "a counter its record does not claim", "a tree more",
+                                    "a tree fewer", "pages short", "a key not bytes", "not ok"])
+def test_only_a_whole_answer_for_exactly_the_trees_given_is_taken(forged: str) -> None:
+    import msgpack
+
+    record = struct.pack("<IHHQQQQQ", 0, 0, 1, 0, 1, 0, 5, 7)  # depth 1, one leaf, 5 entries
+    found: dict[bytes, list[Any]] = {b"t": [5, 0, 1, 0, 1, b"a", b"e"]}
+    seen, status = b"\x00\x00\x00\x00\x00\x00\x00\x01", "ok"
+    if forged == "a page marked 2":
+        seen = seen[:-1] + b"\x02"
+    elif forged == "a counter its record does not claim":
+        found[b"t"][0] = 6
+    elif forged == "a tree more":
+        found[b"u"] = [0, 0, 0, 0, 0, None, None]
+    elif forged == "a tree fewer":
+        found = {}
+    elif forged == "pages short":
+        seen = seen[:-1]
+    elif forged == "a key not bytes":
+        found[b"t"][5] = "a"
+    elif forged == "not ok":
+        status = "no"
+    answer = aside._answer(msgpack.packb([status, found, seen], use_bin_type=True), {b"t": record}, 8)
+    if forged == "none":
+        assert answer is not None and answer[1] == seen and answer[0][b"t"].entries == 5
+    else:
+        assert answer is None
+
+
+def test_the_second_process_imports_from_this_processs_path(ledger: Path, answers: Any,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """This package's directory first, then this process's path (an entry a host added too),
+    never the working directory, which `-c` would put first."""
+    import sys
+
+    popen, given = aside.subprocess.Popen, []
+
+    def noting(args: list[str], **kwargs: Any) -> Any:
+        given.append(args)
+        return popen(args, **kwargs)
+
+    monkeypatch.setattr(aside.subprocess, "Popen", noting)
+    monkeypatch.syspath_prepend(str(ledger))  # (a directory a host put on its path)
+    walked(ledger)
+    assert answers == [(THERE, True)]
+    assert given[0][3:] == [aside._PACKAGE_PARENT, *filter(None, sys.path)] and given[0][4] == str(ledger)
