@@ -23,6 +23,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "transfer_not_found": 404,
     "not_found": 404,
     "method_not_allowed": 405,
+    "read_only_ledger": 405,  # (`make_app(path, readonly=True)` takes no write, ever: not one to retry, as a 503 is)
     "request_timeout": 408,
     "body_too_large": 413,
     "headers_too_large": 431,
@@ -42,7 +43,6 @@ STATUS_BY_CODE: dict[str, int] = {
     "ledger_closed": 503,
     "ledger_locked": 503,
     "journal_corrupted": 503,
-    "read_only_ledger": 503,  # (`make_app(path, readonly=True)`: no write is taken; nothing journaled)
     "overloaded": 503,
     "unauthorized": 401,
     "internal_error": 500,
@@ -80,8 +80,8 @@ def error_response(error: LedgerError, replayed: bool = False) -> JSONResponse:
     extra: dict[str, Any] = {}
     if isinstance(error, LinkedTransferFailed):
         extra = {"index": error.index, "cause": {"code": error.cause.code, "message": str(error.cause)}}
-    return JSONResponse(error_body(error.code, str(error), **extra), status_of(error.code),
-                        headers={REPLAYED: "true"} if replayed else None)
+    headers = {REPLAYED: "true"} if replayed else {"Allow": "GET, HEAD"} if error.code == "read_only_ledger" else None
+    return JSONResponse(error_body(error.code, str(error), **extra), status_of(error.code), headers=headers)
 
 
 def status_of(code: str) -> int:

@@ -504,7 +504,8 @@ def test_health_is_503_once_the_journal_failed_and_every_write_is_refused(tmp_pa
 def test_a_write_to_a_read_only_ledger_is_no_refusal_and_no_replay(tmp_path: Path) -> None:
     """`make_app(path, readonly=True)` (a reader beside the process that writes): a write is
     `read_only_ledger`, nothing done, which is no refusal the journal keeps: not a 422, and a
-    key whose transfer the writer committed is not answered as a replayed refusal of it."""
+    key whose transfer the writer committed is not answered as a replayed refusal of it; a
+    405 (this application takes no write, ever), not a 503 a client would retry."""
     with Ledger.open(tmp_path / "books") as ledger:
         ledger.create_account("bank", currency="USD", overdraft_limit=None)
         ledger.create_account("a", currency="USD")
@@ -516,7 +517,7 @@ def test_a_write_to_a_read_only_ledger_is_no_refusal_and_no_replay(tmp_path: Pat
                                 ("a", "/accounts", {"currency": "USD"})):
             answer = await client.post(path, headers={"Idempotency-Key": key}, json=body)
             assert answer.json()["error"]["code"] == "read_only_ledger"
-            assert answer.status_code == 503, (key, answer.status_code)
+            assert answer.status_code == 405 and answer.headers["allow"] == "GET, HEAD", (key, answer.status_code)
             assert "idempotency-replayed" not in answer.headers, key
         assert (await client.get("/transfers/t-1")).json()["status"] == "posted"
 
