@@ -172,7 +172,7 @@ class ShardedLedger(ShardedWrites):
             return ledger
         except BaseException:
             for actor in actors:
-                _ray.stop_shard(actor, timeout_s)
+                _ray.stop_shard(actor, _ray.JOIN_WAIT_S)  # (thorough: a lock held through a start of Ray is waited out)
             if started:
                 _ray.leave(timeout_s)
             raise
@@ -326,7 +326,7 @@ class ShardedLedger(ShardedWrites):
         finally:
             self._router.closed = True  # (before the actors stop: a call under way sends nothing after: `_ray.sent`)
             for actor in self._actors:
-                _ray.stop_shard(actor, self.timeout_s)
+                _ray.stop_shard(actor, _ray.JOIN_WAIT_S)
             if self._started_ray:
                 _ray.leave(self.timeout_s)
 
