@@ -47,6 +47,23 @@ def _in_thread(call: Callable[[], object]) -> tuple[threading.Thread, list[objec
     return thread, outcome
 
 
+def _closing_under(ledger: ShardedLedger, call: Callable[[], object], entered: threading.Event,
+                   release: threading.Event) -> None:
+    """`call` run in a thread until it waits (`entered`), the ledger closed meanwhile (Ray shut
+    down with it), then `release`d: it ends `LedgerClosed`, and no Ray runs after."""
+    import ray
+
+    thread, outcome = _in_thread(call)
+    assert entered.wait(60)
+    ledger.close()
+    assert not ray.is_initialized()
+    release.set()
+    thread.join(60)
+    assert not thread.is_alive()
+    assert not ray.is_initialized(), "a call under way at the close started Ray again"
+    assert isinstance(outcome[0], LedgerClosed), outcome
+
+
 @pytest.mark.parametrize("held", ["call", "_cross"])
 def test_a_call_under_way_when_the_ledger_that_started_ray_closes_is_ledger_closed_and_starts_no_ray(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held: str) -> None:
@@ -65,15 +82,7 @@ def test_a_call_under_way_when_the_ledger_that_started_ray_closes_is_ledger_clos
         entered, release = _held(monkeypatch, held)
         call: Callable[[], object] = (lambda: ledger.balance(left)) if held == "call" else (
             lambda: ledger.transfer_many([TransferRequest("T", left, right, 5)]))
-        thread, outcome = _in_thread(call)
-        assert entered.wait(60)
-        ledger.close()
-        assert not ray.is_initialized()
-        release.set()
-        thread.join(60)
-        assert not thread.is_alive()
-        assert isinstance(outcome[0], LedgerClosed), outcome
-        assert not ray.is_initialized(), "a call under way at the close started Ray again"
+        _closing_under(ledger, call, entered, release)
     finally:
         monkeypatch.undo()
         ledger.close()
@@ -172,15 +181,7 @@ def test_a_call_whose_round_was_sent_before_the_close_and_waited_on_after_is_led
             return gather(refs, timeout_s)
 
         monkeypatch.setattr(_crossing, "gather", waiting)
-        thread, outcome = _in_thread(lambda: ledger.balance(left))
-        assert entered.wait(60)
-        ledger.close()
-        assert not ray.is_initialized()
-        release.set()
-        thread.join(60)
-        assert not thread.is_alive()
-        assert not ray.is_initialized(), "a call under way at the close started Ray again"
-        assert isinstance(outcome[0], LedgerClosed), outcome
+        _closing_under(ledger, lambda: ledger.balance(left), entered, release)
     finally:
         monkeypatch.undo()
         ledger.close()
