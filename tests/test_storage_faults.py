@@ -30,9 +30,10 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("walk", ["one process", "two processes"])
 def test_a_sample_of_every_kind_of_storage_fault_is_harmless_reported_or_refused(tmp_path: Path, walk: str) -> None:
     """Also with every page walk split across two processes (`journal._walk_aside`, which
-    only a large file takes otherwise): its outcomes must be the one-process walk's."""
+    only a large file takes otherwise; one fault of each kind, each walk starting a process):
+    its outcomes must be the one-process walk's."""
     out = tmp_path / "faults.json"
-    aside = ["--walk-aside"] if walk == "two processes" else []
+    aside = ["--walk-aside", "--per-kind", "1"] if walk == "two processes" else []
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_faults.py"), "--sample", "--seed", str(SEED),
                            "--json", str(out), *aside], capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S,
                           cwd=ROOT)
@@ -42,4 +43,4 @@ def test_a_sample_of_every_kind_of_storage_fault_is_harmless_reported_or_refused
     assert done.returncode == 0, (SEED, done.stdout, done.stderr)
     assert set(report["table"]) == KINDS, SEED
     refused = sum(counts.get("refused", 0) for counts in report["table"].values())
-    assert refused >= len(KINDS), (SEED, report["table"])  # the sample does damage, and it is found
+    assert refused >= (len(KINDS) if not aside else len(KINDS) // 2), (SEED, report["table"])  # damage done, and found
