@@ -124,7 +124,7 @@ def enter(book: Books, requests: Sequence[Request], legs: Sequence[Leg], lsn: in
     `book`: entries move the states, pending transfers open, posts and voids close theirs.
     A hold that falls to 0 leaves its mapping (so equal books are equal mappings)."""
     states, held, incoming, pending = book.states, book.held, book.incoming, book.pending
-    for index, leg in enumerate(legs):  # `_enter_leg` of each, inline (once per transfer), and more
+    for index, leg in enumerate(legs):  # `enter_leg` of each, inline (once per transfer), and more
         kind, source, destination, amount, stamp, resolved = leg
         if stamp is not None:
             states[source] = (stamp[0], stamp[1], lsn)
