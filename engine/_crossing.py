@@ -89,9 +89,12 @@ class Router:
     """Where accounts live, and the rounds of Ray calls that carry a batch. Thread-safe: the
     map of accounts only grows, and a dict's item assignment is atomic."""
 
-    def __init__(self, actors: Sequence[Any], timeout_s: float) -> None:
+    def __init__(self, actors: Sequence[Any], timeout_s: float, session: str) -> None:
         self.actors = list(actors)
         self.timeout_s = timeout_s
+        self.session = session
+        """The Ray the actors were started on (`engine._ray.ray_session`): every round and wait
+        looks that this process is still on it (else `LedgerClosed`: `engine._ray.sent`)."""
         self.where: dict[str, int] = {}
         """Account id -> shard, for every account found so far."""
         self.currencies: dict[str, str] = {}
@@ -109,18 +112,18 @@ class Router:
         """`method(*args)` on every shard at once: the replies in shard order (waiting at most
         `timeout_s`, by default the ledger's)."""
         return gather(self._sent(lambda: [getattr(actor, method).remote(*args) for actor in self.actors]),
-                      self.timeout_s if timeout_s is None else timeout_s)
+                      self.timeout_s if timeout_s is None else timeout_s, self.session)
 
     def on(self, calls: dict[int, tuple[str, Any]]) -> dict[int, Any]:
         """One call per shard named in `calls` (shard -> (method, argument)), all at once."""
         shards = list(calls)
         refs = self._sent(lambda: [getattr(self.actors[i], calls[i][0]).remote(calls[i][1]) for i in shards])
-        return dict(zip(shards, gather(refs, self.timeout_s), strict=True))
+        return dict(zip(shards, gather(refs, self.timeout_s, self.session), strict=True))
 
     def _sent(self, submit: Callable[[], Sent]) -> Sent:
         """`submit()`, the `.remote()` calls of one round, unless this router's ledger closed
-        meanwhile (`LedgerClosed`: `engine._ray.sent`)."""
-        return sent(submit, lambda: self.closed, self.timeout_s)
+        meanwhile, or its Ray was shut down (`LedgerClosed`: `engine._ray.sent`)."""
+        return sent(submit, lambda: self.closed, self.session, self.timeout_s)
 
     def fill(self) -> None:
         """The map of accounts, from every shard's list (one call each)."""
@@ -319,7 +322,7 @@ class Router:
             ref = self._sent(lambda: self.actors[shard].call.remote(method, args, kwargs))
         except TypeError as error:  # Ray's "Could not serialize the argument ..."
             raise InvalidRequest(f"{method}: an argument cannot be sent to a shard ({shown(error)})") from None
-        ok, value = gather([ref], self.timeout_s)[0]
+        ok, value = gather([ref], self.timeout_s, self.session)[0]
         if not ok:
             raise value
         return value

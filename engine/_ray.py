@@ -22,6 +22,13 @@ share of the machine, and N shards must fit on a node with fewer cores.
 
 Waiting: every wait is bounded by the ledger's `timeout_s` (a shard restarting recovers its
 ledger within it, or the caller gets `LedgerTimeout` and retries with the same ids).
+
+Which Ray: a ledger notes the one it opened on (`ray_session`), and each round of calls
+(`sent`), wait for replies (`gather`) and stop of a shard (`stop_shard`) first looks that this
+process is still on it. A host that shut Ray down took the shards' actors with it, and a Ray
+it started or joined since has none of them (Ray refuses the old handles with a bare
+`Exception`, or waits for nothing): the calls are `LedgerClosed`, and the close stops nothing
+and shuts no Ray down (`leave`): that Ray is the host's.
 """
 
 from __future__ import annotations
@@ -49,6 +56,9 @@ _STARTED = threading.Lock()
 _users = 0
 """Sharded ledgers open on the Ray this module started (0: none, or Ray is someone else's):
 the last of them to close shuts it down."""
+_started_session: str | None = None
+"""The `ray_session` of the Ray this module started, while `_users` counts ledgers on it: a
+host that shut it down and started its own has another (`join`, `leave`)."""
 _waits = threading.Condition(_STARTED)
 """Notified (under `_STARTED`) when a `gather` ends its wait for Ray's replies."""
 _waiting = 0
@@ -75,17 +85,20 @@ def _holding(wait_s: float) -> Iterator[None]:
         _STARTED.release()
 
 
-def join(address: str | None) -> bool:
+def join(address: str | None) -> tuple[bool, str]:
     """Make this process a Ray driver: with `address` None, the Ray it already joined, else a
-    new local one on loopback; with an address, that cluster. True if the ledger must `leave`
-    when it closes: this module started the Ray it is on (the last to leave shuts it down).
-    Raises `InvalidRequest` if Ray is not installed (the `cluster` extra)."""
+    new local one on loopback; with an address, that cluster. Returns (started, session):
+    started True if the ledger must `leave` when it closes, as this module started the Ray it
+    is on (the last to leave shuts it down); session, that Ray's `ray_session`, which the
+    ledger's calls are checked against. A Ray the host started, also after shutting down one
+    this module started, is the host's (not left). Raises `InvalidRequest` if Ray is not
+    installed (the `cluster` extra)."""
     try:
         import ray
     except ModuleNotFoundError:
         raise InvalidRequest("a ShardedLedger needs Ray: pip install 'tally-ledger[cluster]'") from None
 
-    global _users
+    global _users, _started_session
     if _forked_from_driver:
         raise LedgerUnavailable("this process was made by fork() from one on Ray, whose connection it cannot use: "
                                 "open the sharded ledger from a process started with spawn (multiprocessing's "
@@ -93,13 +106,22 @@ def join(address: str | None) -> bool:
     with _holding(JOIN_WAIT_S):
         if ray.is_initialized():
             _check_same_cluster(address, ray.get_runtime_context().gcs_address)
-            if _users == 0:
-                return False  # the host's own Ray: it shuts it down
+            session = ray_session()
+            assert session is not None, "Ray is up"
+            if _users == 0 or session != _started_session:  # the host's own Ray: it shuts it down
+                _users, _started_session = 0, None  # (one this module started is gone: its ledgers leave nothing)
+                return False, session
             _users += 1
-            return True
+            return True, session
         _start(address)
-        _users = 1
-        return True
+        try:
+            session = ray_session()
+        except BaseException:  # (Ray Client's server gone at once): not left running
+            ray.shutdown()
+            raise
+        assert session is not None, "Ray is up"
+        _users, _started_session = 1, session
+        return True, session
 
 
 _forked_from_driver = False
@@ -110,8 +132,8 @@ def _after_fork() -> None:
     """In a child made by `fork()`: note whether the parent was on Ray, or starting or
     stopping it (its lock held). The child inherits Ray's state but not its connection, so a
     ledger it opened would wait for ever."""
-    global _forked_from_driver, _users, _STARTED, _waits, _waiting
-    _users = 0
+    global _forked_from_driver, _users, _started_session, _STARTED, _waits, _waiting
+    _users, _started_session = 0, None
     busy = _STARTED.locked()
     _STARTED = threading.Lock()  # (a lock held at the fork stays held in the child)
     _waits, _waiting = threading.Condition(_STARTED), 0
@@ -226,20 +248,45 @@ def _loopback_in_this_process() -> None:
         constants.ENABLE_RAY_CLUSTER = False  # type: ignore[attr-defined]
 
 
-def leave(wait_s: float) -> None:
-    """A ledger that `join` started Ray for closes: shut Ray down if it was the last, once the
-    `gather`s under way have ended (waiting at most `wait_s`, the ledger's `timeout_s`, which
-    bounds each of them; its shards' actors are stopped already, so they end at once)."""
+def leave(session: str, wait_s: float) -> None:
+    """A ledger that `join` started Ray for (`session`, its `ray_session`) closes: shut Ray
+    down if it was the last, once the `gather`s under way have ended (waiting at most `wait_s`,
+    the ledger's `timeout_s`, which bounds each of them; its shards' actors are stopped
+    already, so they end at once). Nothing if the host shut that Ray down meanwhile: a Ray up
+    now is the host's."""
     import ray
 
-    global _users
+    global _users, _started_session
     with _holding(JOIN_WAIT_S):  # (a start under way: this ledger's close waits for it)
         deadline = time.monotonic() + wait_s
-        while _users == 1 and _waiting and (left_s := deadline - time.monotonic()) > 0:
+        while session == _started_session and _users == 1 and _waiting and (
+                left_s := deadline - time.monotonic()) > 0:
             _waits.wait(left_s)  # (lets go of `_STARTED`: a `join` meanwhile counts itself in, and Ray stays)
+        if session != _started_session:  # gone, and its count with it (`join`)
+            return
         _users -= 1
         if _users == 0:
-            ray.shutdown()
+            _started_session = None
+            if ray_session() == session:  # (else the host shut it down, and may have started its own)
+                ray.shutdown()
+
+
+def ray_session() -> str | None:
+    """Which Ray this process is on now, None if none: its cluster's session name (a new Ray
+    has a new one) and this driver's job id (each connection to a cluster is a new job, and a
+    driver's actors end with its job). A few microseconds (with Ray Client, two requests to
+    its server). Raises `LedgerUnavailable` if Ray cannot say (Ray Client's server gone)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:
+        context = ray.get_runtime_context()
+        return f"{context.get_session_name()} job {context.get_job_id()}"
+    except Exception as error:  # Ray's own failures (its client's server out of reach) have no common class
+        if not ray.is_initialized():  # shut down by the host meanwhile
+            return None
+        raise LedgerUnavailable(f"cannot ask Ray which cluster this process is on: {error!r}") from error
 
 
 def local_node() -> str:
@@ -270,40 +317,45 @@ def start_shard(path: str, index: int, node_id: str, options: dict[str, Any]) ->
                              f"({str(error).splitlines()[0]})") from None
 
 
-def stop_shard(actor: Any, wait_s: float) -> None:
-    """Kill a shard's actor for good, if Ray is up (else its process went with Ray, and a
-    kill would start a new Ray: see `sent`); `LedgerTimeout` if `_STARTED` is not free
-    within `wait_s` (`_holding`)."""
+def stop_shard(actor: Any, session: str, wait_s: float) -> None:
+    """Kill a shard's actor for good, if this process is still on the Ray it was started on
+    (`session`: else its process went with that Ray, a kill with no Ray up would start a new
+    one, see `sent`, and another Ray refuses the handle); `LedgerTimeout` if `_STARTED` is not
+    free within `wait_s` (`_holding`)."""
     import ray
 
     with _holding(wait_s):
-        if ray.is_initialized():
+        if ray_session() == session:
             ray.kill(actor, no_restart=True)
 
 
-def sent(submit: Callable[[], Sent], closed: Callable[[], bool], wait_s: float) -> Sent:
+def sent(submit: Callable[[], Sent], closed: Callable[[], bool], session: str, wait_s: float) -> Sent:
     """`submit()`, which makes the `.remote()` calls of one round to a ledger's shards, unless
-    the ledger is `closed()` or Ray is down: then `LedgerClosed`. A call under way in another
-    thread when the last ledger on the Ray `join` started closed (`leave`) would otherwise
-    reach Ray with none running, and Ray would start a new local one with its defaults
-    (`ray.init()`: seconds, its processes left running) only to fail with a bare `Exception`
-    (or, if a later open started Ray again, fail so on its actors' old handles). Under
+    the ledger is `closed()` or this process is no longer on the Ray its shards were started on
+    (`session`: Ray is down, or the host started another): then `LedgerClosed`. A call under
+    way in another thread when the last ledger on the Ray `join` started closed (`leave`) would
+    otherwise reach Ray with none running, and Ray would start a new local one with its
+    defaults (`ray.init()`: seconds, its processes left running) only to fail with a bare
+    `Exception`; one on a Ray started since fails so on its actors' old handles. Under
     `_STARTED`, so no `leave` shuts Ray down between the look and the calls (they only queue
     the requests: no wait here); a ledger is marked closed before it leaves. `_STARTED` is
     waited for at most `wait_s` (`_holding`)."""
-    import ray
-
     with _holding(wait_s):
-        if closed() or not ray.is_initialized():
+        if closed():
             raise LedgerClosed("the sharded ledger was closed while this call was under way")
+        if ray_session() != session:
+            raise LedgerClosed("the Ray this sharded ledger's shards ran on was shut down, and its shards with it (by "
+                               "the host; a Ray started since has none of them): open the ledger again")
         return submit()
 
 
-def gather(refs: Sequence[Any], timeout_s: float) -> list[Any]:
+def gather(refs: Sequence[Any], timeout_s: float, session: str) -> list[Any]:
     """The replies to `refs`, in order, waiting at most `timeout_s` in all. A `LedgerError`
     raised inside an actor comes back as itself (Ray wraps it: unwrapped here). Raises
     `LedgerTimeout` (the outcomes are unknown: retry with the same ids), also while a shard
-    is unavailable for a moment, and `LedgerUnavailable` if a shard's actor is gone for good."""
+    is unavailable for a moment, `LedgerUnavailable` if a shard's actor is gone for good, and
+    `LedgerClosed` if this process is no longer on the Ray `refs` were sent on (`session`:
+    see `sent`), as after the ledger that started it closed."""
     import ray
     from ray.exceptions import (
         ActorUnavailableError,
@@ -315,8 +367,9 @@ def gather(refs: Sequence[Any], timeout_s: float) -> list[Any]:
 
     global _waiting
     with _holding(timeout_s):  # `ray.get` with no Ray up would start a new one, as `.remote()` would: see `sent`
-        if not ray.is_initialized():
-            raise LedgerClosed("the sharded ledger was closed while this call was under way")
+        if ray_session() != session:
+            raise LedgerClosed("the sharded ledger was closed, or the Ray its shards ran on was shut down, while this "
+                               "call was under way")
         _waiting += 1  # (`leave` lets this wait end before it shuts Ray down)
     try:
         return list(ray.get(list(refs), timeout=timeout_s))

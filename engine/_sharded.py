@@ -124,11 +124,14 @@ class ShardedLedger(ShardedWrites):
 
         `address` None: join the Ray this process already joined, or start a local one bound to
         127.0.0.1 (`engine._ray`); else join the Ray cluster there (one that does not answer
-        takes Ray's own retries, minutes, then `LedgerUnavailable`). `nodes`: the Ray node id of
-        each shard (default: this process's node); a shard's directory is `path/shard-i` on
-        its node's disk, so give a path every node has. `ledger_options` go to each shard's
-        `Ledger.open` (`timeout_s` also bounds every wait here). Blocks while the shards
-        open and recover (each in its own process, at once; at most `OPEN_WAIT_S`).
+        takes Ray's own retries, minutes, then `LedgerUnavailable`). A host that shuts down the
+        Ray the shards run on (also to start another Ray, or to join a cluster again) takes the
+        shards' actors with it: every call then raises `LedgerClosed` (open the ledger again),
+        and `close` stops nothing and shuts no Ray down. `nodes`: the Ray node id of each shard
+        (default: this process's node); a shard's directory is `path/shard-i` on its node's
+        disk, so give a path every node has. `ledger_options` go to each shard's `Ledger.open`
+        (`timeout_s` also bounds every wait here). Blocks while the shards open and recover
+        (each in its own process, at once; at most `OPEN_WAIT_S`).
 
         Raises `InvalidRequest` (bad arguments, or a directory that is not a sharded ledger),
         `ShardCountMismatch` if `shards` differs from the count the directory was made with,
@@ -148,7 +151,7 @@ class ShardedLedger(ShardedWrites):
             if len(nodes) != count or not all(type(node) is str for node in nodes):
                 raise InvalidRequest(f"nodes must list one Ray node id per shard ({count}), got {shown(nodes)}")
         after_s = _in_doubt_after_s(in_doubt_after_s, timeout_s)
-        started = _ray.join(address)
+        started, session = _ray.join(address)
         actors: list[Any] = []
         try:
             if nodes is not None:
@@ -156,7 +159,7 @@ class ShardedLedger(ShardedWrites):
             placed = list(nodes) if nodes is not None else [_ray.local_node()] * count
             actors = [_ray.start_shard(str(root / f"{SHARD_PREFIX}{i}"), i, placed[i], dict(ledger_options))
                       for i in range(count)]
-            router = Router(actors, timeout_s)
+            router = Router(actors, timeout_s, session)
             # A shard's ledger is made only by the open that writes the manifest, once all are made.
             for failure in router.everywhere("failure" if made else "create",
                                              timeout_s=max(OPEN_WAIT_S, router.timeout_s)):
@@ -172,9 +175,9 @@ class ShardedLedger(ShardedWrites):
             return ledger
         except BaseException:
             for actor in actors:
-                _ray.stop_shard(actor, _ray.JOIN_WAIT_S)  # (thorough: a lock held through a start of Ray is waited out)
+                _ray.stop_shard(actor, session, _ray.JOIN_WAIT_S)  # (a lock held through a start of Ray: waited out)
             if started:
-                _ray.leave(timeout_s)
+                _ray.leave(session, timeout_s)
             raise
 
     def __enter__(self) -> ShardedLedger:
@@ -235,7 +238,11 @@ class ShardedLedger(ShardedWrites):
         while not self._stopping.wait(self.in_doubt_after_s / 4):
             try:
                 self.swept_in_doubt += self._router.recover(self.in_doubt_after_s)
-            except Exception as error:  # a shard unavailable for now, or closing: the next sweep tries again
+            except LedgerClosed as error:  # closing, or its Ray shut down by the host: no shard of it comes back
+                if not self._stopping.is_set():
+                    logger.warning("the in-doubt sweeper of the sharded ledger at %s stops: %s", self.path, error)
+                return
+            except Exception as error:  # a shard unavailable for now: the next sweep tries again
                 if not self._stopping.is_set():
                     logger.warning("resolving in-doubt cross-shard transfers failed: %r; trying again in %.0f s",
                                    error, self.in_doubt_after_s / 4)
@@ -282,7 +289,7 @@ class ShardedLedger(ShardedWrites):
         if type(shard) is not int or not 0 <= shard < router.shards:
             raise InvalidRequest(f"shard must be an int in 0..{router.shards - 1}, got {shown(shard)}")
         sent = router._sent(lambda: [router.actors[shard].balances.remote()])
-        return _ray.gather(sent, self.timeout_s)[0]  # type: ignore[no-any-return]
+        return _ray.gather(sent, self.timeout_s, router.session)[0]  # type: ignore[no-any-return]
 
     def expire_pending(self) -> int:
         """`Ledger.expire_pending` on every shard (needed with `clock_ns` only: on the wall
@@ -296,18 +303,21 @@ class ShardedLedger(ShardedWrites):
 
     def pids(self) -> list[int]:
         """The process id of each shard's actor (for operators and crash tests)."""
-        self._live()
-        return _ray.gather(self._router._sent(lambda: [actor.pid.remote() for actor in self._actors]), self.timeout_s)
+        router = self._live()
+        return _ray.gather(router._sent(lambda: [actor.pid.remote() for actor in self._actors]), self.timeout_s,
+                           router.session)
 
     def nodes(self) -> list[str]:
         """The Ray node id each shard's actor runs on."""
-        self._live()
-        return _ray.gather(self._router._sent(lambda: [actor.node.remote() for actor in self._actors]),
-                            self.timeout_s)
+        router = self._live()
+        return _ray.gather(router._sent(lambda: [actor.node.remote() for actor in self._actors]), self.timeout_s,
+                           router.session)
 
     def close(self) -> None:
         """Close every shard's ledger (each finishes the calls it is running, bounded by
         `timeout_s`), stop the actors, and shut Ray down if the open started it. Idempotent.
+        After the host shut the ledger's Ray down (and perhaps started another), it only marks
+        the ledger closed and stops its sweeper: the shards went with that Ray.
         Unlike `Ledger.close`, it does not wait for this object's calls under way in other
         threads: one between two steps fails (`LedgerClosed` or `LedgerUnavailable`), and what
         it left in doubt is resolved by the next open; nor does a close made while another
@@ -319,16 +329,18 @@ class ShardedLedger(ShardedWrites):
         self._stopping.set()
         if self._sweeper.is_alive():  # a sweep under way ends within its calls' timeouts
             self._sweeper.join(3 * self.timeout_s)
+        router = self._router
         try:
-            _ray.gather(self._router._sent(lambda: [actor.close.remote() for actor in self._actors]), self.timeout_s)
-        except LedgerClosed:  # Ray is down already (its host shut it down): the shards' processes went with it
+            _ray.gather(router._sent(lambda: [actor.close.remote() for actor in self._actors]), self.timeout_s,
+                        router.session)
+        except LedgerClosed:  # its Ray is gone (its host shut it down): the shards' processes went with it
             pass
         finally:
-            self._router.closed = True  # (before the actors stop: a call under way sends nothing after: `_ray.sent`)
+            router.closed = True  # (before the actors stop: a call under way sends nothing after: `_ray.sent`)
             for actor in self._actors:
-                _ray.stop_shard(actor, _ray.JOIN_WAIT_S)
+                _ray.stop_shard(actor, router.session, _ray.JOIN_WAIT_S)  # (none on a Ray the host started since)
             if self._started_ray:
-                _ray.leave(self.timeout_s)
+                _ray.leave(router.session, self.timeout_s)
 
     @property
     def closed(self) -> bool:

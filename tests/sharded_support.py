@@ -20,7 +20,7 @@ def ray_for_module() -> Iterator[None]:
 
     from engine import _ray
 
-    started = _ray.join(None)
+    started, _ = _ray.join(None)
     try:
         yield
     finally:

@@ -282,7 +282,7 @@ def test_a_shard_whose_node_is_gone_is_ledger_unavailable_not_a_ray_error(monkey
 
     monkeypatch.setattr(ray, "get", unschedulable)
     with pytest.raises(LedgerUnavailable, match="cannot be placed"):
-        ray_calls.gather([object()], 1.0)
+        ray_calls.gather([object()], 1.0, ray_calls.ray_session())
 
 
 class _Raising:
@@ -846,14 +846,14 @@ def test_every_ledger_error_pickles_whole() -> None:
 def test_a_ledger_error_raised_in_an_actor_comes_back_as_itself() -> None:
     import ray
 
-    from engine._ray import gather
+    from engine._ray import gather, ray_session
 
     @ray.remote
     def refuse() -> None:
         raise LinkedTransferFailed("chain refused", 2, InsufficientFunds("leg 2"))
 
     with pytest.raises(LinkedTransferFailed) as raised:
-        gather([refuse.remote()], 30)
+        gather([refuse.remote()], 30, ray_session())
     assert raised.value.index == 2 and isinstance(raised.value.cause, InsufficientFunds)
 
 
@@ -900,7 +900,8 @@ def test_a_users_post_or_void_never_resolves_a_cross_shard_transfers_prepare(sha
     target = accounts_on(sharded, "t", 1, shard=1)[0]
     router = sharded._live()
     prepare = pack([prepare_row(TransferRequest("T-1", source, target, 7), 1)])
-    [replied] = ray_calls.gather([router.actors[0].batch.remote(prepare)], 60)  # as a caller that died after it leaves it
+    # as a caller that died after it leaves it:
+    [replied] = ray_calls.gather([router.actors[0].batch.remote(prepare)], 60, router.session)
     assert isinstance(outcomes_of(unpack(replied))[0], Transfer)
     for name in ("void_pending", "post_pending"):
         with pytest.raises(PendingTransferNotFound, match="across shards"):

@@ -1,6 +1,8 @@
 """Closing a `ShardedLedger` that started Ray while calls are under way in other threads
-(engine._sharded, engine._ray): each such call fails typed, and none starts Ray again. No
-module-wide Ray here: each test's ledger starts its own, so its close shuts Ray down.
+(engine._sharded, engine._ray): each such call fails typed, and none starts Ray again; and a
+ledger whose Ray the host shut down, or replaced with another: its calls fail typed, and its
+close touches no other Ray. No module-wide Ray here: each test's ledger starts its own, so its
+close shuts Ray down.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -139,10 +142,14 @@ def test_two_closes_at_once_leave_ray_once_so_another_ledger_on_it_goes_on(
             ray.shutdown()
 
 
-def test_a_ledger_on_its_hosts_ray_closes_quietly_after_the_host_shut_ray_down(tmp_path: Path) -> None:
-    """The host's own Ray (one this module did not start) shut down by the host before the
-    ledger's close: the shards' processes went with it, so the close has nothing left to stop,
-    and starts no Ray to stop them."""
+def test_a_ledger_on_its_hosts_ray_is_closed_to_calls_once_the_host_shut_ray_down_or_started_another_and_closes_quietly(
+        tmp_path: Path) -> None:
+    """The host's own Ray (one this module did not start) shut down by the host: the shards'
+    processes went with it, so a call is `LedgerClosed`, and the close has nothing left to
+    stop and starts no Ray to stop them. Once the host has started a new Ray, a call would
+    reach that one, where the shards are no actors (Ray's bare `Exception`, or a wait for
+    nothing): it is `LedgerClosed` too, and the close stops nothing there (a ledger opened on it
+    meanwhile, the host's, keeps its shards) and leaves the new Ray up."""
     import ray
 
     from engine import _ray
@@ -151,13 +158,74 @@ def test_a_ledger_on_its_hosts_ray_closes_quietly_after_the_host_shut_ray_down(t
     _ray._start(None)  # the host's own Ray, on loopback
     try:
         ledger = ShardedLedger.open(tmp_path / "books", shards=2)
-        assert not ledger._started_ray
+        other = ShardedLedger.open(tmp_path / "other", shards=2)
+        assert not ledger._started_ray and not other._started_ray
+        [left] = accounts_on(other, "l", 1, shard=0, balance=10)
+        [right] = accounts_on(other, "r", 1, shard=1)
         ray.shutdown()
+        with pytest.raises(LedgerClosed):
+            ledger.accounts()
         ledger.close()
         assert ledger.closed and not ray.is_initialized()
+        _ray._start(None)  # the host's new Ray: none of the shards' actors are there
+        third = ShardedLedger.open(tmp_path / "third", shards=2)
+        assert not third._started_ray  # (the host's)
+        third.create_account("alice", currency="USD")
+        calls: list[Callable[[], object]] = [
+            lambda: other.balance(left), other.accounts, lambda: other.shard_balances(0), other.pids,
+            lambda: other.transfer_many([TransferRequest("T", left, right, 5)]),
+            lambda: other.create_account("new", currency="USD"), other.recover_in_doubt]
+        for call in calls:
+            with pytest.raises(LedgerClosed, match="Ray"):
+                call()
+        other.close()
+        assert other.closed and ray.is_initialized()
+        assert [account.id for account in third.accounts()] == ["alice"]  # its shards untouched by the close
+        third.close()
+        assert ray.is_initialized()  # the host's
     finally:
         if ray.is_initialized():
             ray.shutdown()
+
+
+def test_a_ray_the_host_started_after_shutting_down_the_one_a_ledger_started_is_the_hosts_and_left_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`join` started Ray for two ledgers, and the host shut it down behind them and started its
+    own: a ledger opened then is on the host's Ray (not started: its close leaves nothing), and
+    the closes of the two leave the host's Ray up; a Ray this module starts after is counted
+    anew, and its last ledger's close shuts it down. No Ray is started here: Ray's calls are
+    stood in for, each Ray named by its session."""
+    import ray
+
+    from engine import _ray
+
+    on: list[str | None] = [None]
+    shut: list[str | None] = []
+    starts = iter(["A", "C"])
+    monkeypatch.setattr(_ray, "_start", lambda address: on.__setitem__(0, next(starts)))
+    monkeypatch.setattr(_ray, "ray_session", lambda: on[0])
+    monkeypatch.setattr(ray, "is_initialized", lambda: on[0] is not None)
+
+    def shutdown() -> None:
+        shut.append(on[0])
+        on[0] = None
+
+    monkeypatch.setattr(ray, "shutdown", shutdown)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(gcs_address="127.0.0.1:6379"))
+    monkeypatch.setattr(_ray, "_users", 0)
+    monkeypatch.setattr(_ray, "_started_session", None)
+    assert _ray.join(None) == (True, "A") and _ray.join(None) == (True, "A")
+    on[0] = "B"  # the host shut A down and started its own
+    assert _ray.join(None) == (False, "B")
+    _ray.leave("A", 1.0)
+    _ray.leave("A", 1.0)
+    assert shut == [] and on[0] == "B"
+    on[0] = None  # the host shut its own down
+    assert _ray.join(None) == (True, "C") and _ray.join(None) == (True, "C")
+    _ray.leave("C", 1.0)
+    assert shut == [] and on[0] == "C"
+    _ray.leave("C", 1.0)
+    assert shut == ["C"] and on[0] is None
 
 
 def test_a_call_whose_round_was_sent_before_the_close_and_waited_on_after_is_ledger_closed_and_starts_no_ray(
@@ -177,10 +245,10 @@ def test_a_call_whose_round_was_sent_before_the_close_and_waited_on_after_is_led
         entered, release = threading.Event(), threading.Event()
         gather = _crossing.gather
 
-        def waiting(refs: Any, timeout_s: float) -> Any:
+        def waiting(refs: Any, timeout_s: float, session: str) -> Any:
             entered.set()
             release.wait(60)
-            return gather(refs, timeout_s)
+            return gather(refs, timeout_s, session)
 
         monkeypatch.setattr(_crossing, "gather", waiting)
         _closing_under(ledger, lambda: ledger.balance(left), entered, release)
@@ -201,7 +269,7 @@ def test_a_call_waits_a_bounded_time_for_ray_held_by_another_ledgers_start_or_st
     with _ray._holding(1.0):  # another ledger starting Ray, say
         outcome: list[object] = []
         waiter = threading.Thread(target=lambda: outcome.append(_catching(
-            lambda: _ray.sent(lambda: submitted.append(1), lambda: False, 0.2))))
+            lambda: _ray.sent(lambda: submitted.append(1), lambda: False, "a session", 0.2))))
         waiter.start()
         waiter.join(30)
     assert not waiter.is_alive()
@@ -210,7 +278,8 @@ def test_a_call_waits_a_bounded_time_for_ray_held_by_another_ledgers_start_or_st
     with pytest.raises(LedgerTimeout):  # and a stop of a shard likewise
         with _ray._holding(1.0):
             stopper: list[object] = []
-            thread = threading.Thread(target=lambda: stopper.append(_catching(lambda: _ray.stop_shard(None, 0.2))))
+            thread = threading.Thread(target=lambda: stopper.append(_catching(
+                lambda: _ray.stop_shard(None, "a session", 0.2))))
             thread.start()
             thread.join(30)
             raise stopper[0]  # type: ignore[misc]
