@@ -98,7 +98,9 @@ class Router:
         self.where: dict[str, int] = {}
         """Account id -> shard, for every account found so far."""
         self.currencies: dict[str, str] = {}
-        """Account id -> currency (it never changes), for every account listed at open or made here."""
+        """Account id -> currency (it never changes), for every account found so far: each is
+        learned with its shard (listed at open, made here, or asked of the shards by `find`, as
+        an account whose creation timed out after its shard made it), and set first."""
         self.creating = threading.Lock()
         """Held while an account is created, so one id is never made on two shards."""
         self.closed = False
@@ -129,8 +131,8 @@ class Router:
         """The map of accounts, from every shard's list (one call each)."""
         for index, accounts in enumerate(self.everywhere("accounts")):
             for account in accounts:
-                self.where[account.id] = index
                 self.currencies[account.id] = account.currency
+                self.where[account.id] = index
 
     def locate(self, account_ids: Sequence[str]) -> dict[str, int]:
         """The shard of each id (`find`); an id no shard has lives on its hash shard."""
@@ -139,14 +141,15 @@ class Router:
 
     def find(self, account_ids: Sequence[str]) -> dict[str, int | None]:
         """The shard of each id, None for one no shard has: from the map; the misses asked of
-        every shard at once (one call each). One reading of the map for each id, so an account
-        another thread makes meanwhile is either found where it is or not at all (a transfer
-        from an unknown one is refused here, unkept: `unknown_source`; one to it, by its source's
-        shard, as a ledger does)."""
-        missing = sorted({a for a in account_ids if a not in self.where})
+        every shard at once (one call each), which learns their currencies too (`currencies`).
+        One reading of the map for each id, so an account another thread makes meanwhile is
+        either found where it is or not at all (a transfer from an unknown one is refused here,
+        unkept: `unknown_source`; one to it, by its source's shard, as a ledger does)."""
+        missing = sorted({a for a in account_ids if a not in self.where or a not in self.currencies})
         if missing:
             for index, found in enumerate(self.everywhere("find", missing)):
-                for account_id in found:
+                for account_id, currency in found.items():
+                    self.currencies[account_id] = currency
                     self.where[account_id] = index
         where = self.where
         return {a: where.get(a) for a in account_ids}

@@ -201,14 +201,14 @@ class Shard(ShardSteps):
         mark = shard_mark(self.index)
         return {account.id: self.ledger.balance(account.id) for account in self.ledger.accounts() if account.id != mark}
 
-    def find(self, account_ids: Sequence[str]) -> list[str]:
-        """Those of `account_ids` that are accounts here (a shard that cannot say raises)."""
-        found = []
+    def find(self, account_ids: Sequence[str]) -> dict[str, str]:
+        """Those of `account_ids` that are accounts here, each with its currency (a shard that
+        cannot say raises)."""
+        found = {}
         ledger = self.ledger
         for account_id in account_ids:
             try:
-                ledger.account(account_id)
-                found.append(account_id)
+                found[account_id] = ledger.account(account_id).currency
             except AccountNotFound:
                 continue
         return found

@@ -106,9 +106,9 @@ class ShardedWrites:
             for shard, part in parts.items():
                 for (i, account), outcome in zip(part, replies[shard], strict=True):
                     results[i] = outcome
-                    if isinstance(outcome, Account):
-                        router.where[account.id] = shard
+                    if isinstance(outcome, Account):  # (its currency first: `Router.currencies`)
                         router.currencies[account.id] = outcome.currency
+                        router.where[account.id] = shard
         return results  # type: ignore[return-value]
     # --- transfers -----------------------------------------------------------------------
 

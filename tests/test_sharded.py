@@ -46,8 +46,10 @@ from engine import (
     TransferRequest,
 )
 from engine import _ray as ray_calls
+from engine import _crossing as crossing_module
 from engine import _shard as shard_module
 from engine._placement import DESTINATION_KEY, METADATA_DIGEST_KEY, shard_of
+from engine._crossing import Router
 from engine._in_flight import InFlight
 from engine._shard import Shard
 from engine._shard_steps import metadata_digest, prepare_row
@@ -530,7 +532,7 @@ def test_a_refused_credit_voids_the_prepare_and_its_retry_raises_the_same(sharde
 
 
 def test_a_cross_shard_transfer_to_another_currency_or_no_account_is_refused_so_before_funds_and_holds_nothing(
-        sharded: ShardedLedger) -> None:
+        sharded: ShardedLedger, monkeypatch: pytest.MonkeyPatch) -> None:
     """As a `Ledger` refuses it: `CurrencyMismatch` or `AccountNotFound` also when the source
     cannot cover the amount (not `InsufficientFunds`), journaled and final; and nothing is held
     for it, so a later transfer of the same source in the same batch goes through, as it would
@@ -553,11 +555,12 @@ def test_a_cross_shard_transfer_to_another_currency_or_no_account_is_refused_so_
     sharded.create_account(nowhere, currency="USD")
     with pytest.raises(AccountNotFound):  # journaled: final for the id, as in a Ledger
         sharded.transfer("x2", source=source, destination=nowhere, amount=50)
-    known = sharded._router.currencies.pop(euros)  # as a router that did not know it: refused at the credit
-    sharded.transfer("f", source=other, destination=source, amount=5)
-    with pytest.raises(CurrencyMismatch):
-        sharded.transfer("x6", source=source, destination=euros, amount=5)
-    sharded._router.currencies[euros] = known
+    with monkeypatch.context() as earlier:  # as a release before the router sent currencies: refused at the credit
+        earlier.setattr(crossing_module, "prepare_row", lambda request, peer, currency=None: prepare_row(request, peer))
+        sharded.transfer("f", source=other, destination=source, amount=5)
+        with pytest.raises(CurrencyMismatch):
+            sharded.transfer("x6", source=source, destination=euros, amount=5)
+    assert sharded._router.call(0, "get_transfer", "x6").status == "voided"  # (held, then voided)
     with pytest.raises(CurrencyMismatch):
         sharded.transfer("x6", source=source, destination=euros, amount=5)
     with pytest.raises(IdempotencyConflict):
@@ -569,6 +572,35 @@ def test_a_cross_shard_transfer_to_another_currency_or_no_account_is_refused_so_
     sums, pairs, in_flight, _ = books(sharded)
     assert sums == [0, 0] and set(pairs.values()) <= {0} and in_flight == 0
     assert sharded.balance(source) == Balance(5, 0, 5, 0)
+
+
+def test_an_account_whose_create_timed_out_is_learned_with_its_currency_by_the_next_call_naming_it(
+        sharded: ShardedLedger, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`create_account` made the account on its shard, but the reply came too late
+    (`LedgerTimeout`): the next call naming it learns where it lives and its currency, so a
+    transfer to it in another currency is refused `CurrencyMismatch` at the prepare, before the
+    funds are looked at and holding nothing, as for an account made through the router; not
+    `InsufficientFunds` (final for the id) from a hold toward the source's currency, which would
+    also refuse the source's next transfer in the batch."""
+    source, other = accounts_on(sharded, "s", 2, shard=0, balance=10)
+    key = next(f"key-{i}" for i in range(10_000) if shard_of(f"key-{i}", SHARDS) == 1)
+    made = Router.on
+
+    def late(router: Router, calls: Any) -> Any:
+        made(router, calls)
+        raise LedgerTimeout("a shard did not answer within 30 s: retry with the same ids")
+
+    monkeypatch.setattr(Router, "on", late)
+    with pytest.raises(LedgerTimeout):
+        sharded.create_account("euros", currency="EUR", placement=key)
+    monkeypatch.undo()
+    with pytest.raises(CurrencyMismatch, match="euros"):
+        sharded.transfer("x1", source=source, destination="euros", amount=50)
+    outcomes = sharded.transfer_many([TransferRequest("x2", source, "euros", 10),
+                                      TransferRequest("x3", source, other, 10)])
+    assert [type(outcome) for outcome in outcomes] == [CurrencyMismatch, Transfer], outcomes
+    assert sharded.balance(source).posted == 0 and sharded.balance(other).posted == 20 and books(sharded)[2] == 0
+    assert sharded.create_account("euros", currency="EUR", placement=key).currency == "EUR"  # its retry: made
 
 
 def test_money_that_crossed_shards_and_came_back_can_cross_again_as_in_a_ledger(sharded: ShardedLedger) -> None:
