@@ -27,8 +27,11 @@ from coordinator import (
     InvalidRequest,
     LedgerError,
     LedgerTimeout,
+    Refused,
+    Resolution,
     Sequencer,
     Transfer,
+    TransferRequest,
     check_id,
     entries_of,
     ledger_error,
@@ -39,6 +42,7 @@ from coordinator import (
     shown,
     state_hash,
     transfer_at,
+    transfer_of,
 )
 from journal import Journal, JournalError, JournalWriteError
 
@@ -132,6 +136,19 @@ class LedgerReads:
         check_id(id, "transfer id")
         with self._call():
             return outcome_now(self._journal, id, self._history.end())
+
+    def _refused_request(self, id: str) -> TransferRequest | Resolution | None:
+        """The request whose durable refusal is what became of transfer id `id`, as its caller
+        made it (`outcome` gives only the error), or None (never used, committed, or not yet
+        durable). Never scans (engine-internal: `engine._shard_steps` compares a retry of a
+        cross-shard transfer's first step with a refusal an earlier release wrote)."""
+        check_id(id, "transfer id")
+        with self._call():
+            durable = self._history.end()  # (read first, as `outcome` reads it)
+            record = transfer_of(self._journal, id)
+            if not isinstance(record, Refused) or record.lsn > durable:
+                return None
+            return next(request for request in record.requests if request.id == id)
 
     def events(self, after_lsn: int = 0, *, follow: bool = False, timeout_s: float | None = None) -> Iterator[Event]:
         """Every business event after `after_lsn`, in LSN order: one per journal record, a

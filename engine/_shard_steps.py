@@ -128,40 +128,34 @@ def restated(error: Transfer | LedgerError, request: TransferRequest) -> Transfe
     return error
 
 
-def _as_recorded(prepare: TransferRequest, peer: int, kept: Transfer | None,
-                 source_currency: str | None) -> list[TransferRequest]:
-    """A prepare whose id conflicts, as the recorded one may have been written, if it was
-    written otherwise for the same transfer, each way to ask in turn: refused (`kept` None)
-    while its source was unknown (toward the clearing account of no currency), or toward the
-    clearing account in the source's currency (`source_currency`: a router that did not know
-    the destination's, or a release before `prepare_row` took it) where this one goes to the
-    destination's or to none; made toward the clearing account in the source's currency where
-    this one goes to the destination's (its credit refused it), or by the first release
-    (`_named_no_destination`: with the user's metadata), or both. Asked again so, its exact
-    retry gets the recorded outcome; none if none applies."""
-    if kept is None:  # a refusal: its destination cannot be read back, so each one it may have had is asked
-        currencies = ("",) if source_currency is None else ("", source_currency)
-        return [replace(prepare, destination=clearing_to(peer, currency)) for currency in currencies
-                if clearing_to(peer, currency) != prepare.destination]
-    held = peer_of(kept.destination)
-    if held is None:
-        return []
-    recorded = prepare
-    if held[0] == peer and kept.destination != prepare.destination:  # toward the source's currency: `prepare_row`
-        recorded = replace(recorded, destination=kept.destination)
-    if _named_no_destination(kept, prepare):
-        recorded = replace(recorded, metadata=kept.metadata)
-    return [] if recorded is prepare else [recorded]
+def _as_recorded(prepare: TransferRequest, peer: int, recorded: Transfer | TransferRequest) -> TransferRequest | None:
+    """A prepare whose id conflicts, as `recorded` (the pending transfer its ledger keeps, or
+    the request it refused, read back: `Ledger._refused_request`) was written, if it was written
+    otherwise for the same transfer: toward another clearing account of the same peer (the
+    source's currency, from a router that did not know the destination's or a release before
+    `prepare_row` took it; none, refused while its source was unknown), or by the first release
+    with the user's metadata (`_named_no_destination`), or both. Asked again so, its exact
+    retry gets the recorded outcome (the ledger compares the other fields); None if neither
+    applies (a retry that differs, or an id used by something else)."""
+    held = peer_of(recorded.destination)
+    if held is None or held[0] != peer:
+        return None
+    written = prepare
+    if recorded.destination != prepare.destination:
+        written = replace(written, destination=recorded.destination)
+    if _named_no_destination(recorded.metadata, prepare):
+        written = replace(written, metadata=recorded.metadata)
+    return None if written is prepare else written
 
 
-def _named_no_destination(kept: Transfer, prepare: TransferRequest) -> bool:
-    """Whether `kept` is a prepare of the sharded ledger's first release, whose metadata was
-    the user's and named no destination, and `prepare` carries the digest of that metadata:
-    then its retry is checked against `kept` as that release checked it (the user's metadata
+def _named_no_destination(metadata: Mapping[str, str | int] | None, prepare: TransferRequest) -> bool:
+    """Whether `metadata`, a recorded prepare's, is that of a prepare of the sharded ledger's
+    first release, which was the user's and named no destination, and `prepare` carries the
+    digest of it: then its retry is checked as that release checked it (the user's metadata
     compared, the destination's shard but not the destination)."""
-    if kept.metadata is not None and DESTINATION_KEY in kept.metadata:
+    if metadata is not None and DESTINATION_KEY in metadata:
         return False
-    digest = None if kept.metadata is None else metadata_digest(kept.metadata)
+    digest = None if metadata is None else metadata_digest(metadata)
     return (prepare.metadata or {}).get(METADATA_DIGEST_KEY) == digest
 
 @dataclass(frozen=True, slots=True)
@@ -194,8 +188,9 @@ class ShardSteps:
         first if new). Rows in, outcome rows out, each list one blob (`engine._wire.pack`);
         durable when it returns. A local transfer whose id is a cross-shard transfer's prepare
         here gets that `IdempotencyConflict` `restated`, so it names no clearing account; a
-        prepare whose id was refused while its source was unknown (toward the clearing account
-        of no currency) is compared with that refusal, so its exact retry gets it again."""
+        prepare whose id conflicts with a prepare of the same transfer recorded otherwise (kept
+        or refused: `_as_recorded`) is asked again as recorded, so its exact retry gets the
+        recorded outcome."""
         rows = unpack_rows(blob)
         ledger = self.ledger
         with self._in_flight.preparing([row[1] for row in rows if row[0] is None], ledger.outcome,
@@ -215,7 +210,7 @@ class ShardSteps:
             return []
         requests = [self._prepared(row) if row[0] is None else request_of(row) for row in rows]
         outcomes = self.ledger.transfer_many(requests)
-        again: dict[int, list[TransferRequest]] = {}
+        again: dict[int, TransferRequest] = {}
         for i, outcome in enumerate(outcomes):
             if not isinstance(outcome, IdempotencyConflict):
                 continue
@@ -224,15 +219,14 @@ class ShardSteps:
                 if kept is not None and peer_of(kept.destination) is not None:
                     outcomes[i] = restated(outcome, requests[i])
                 continue
-            source_currency = self._currency(requests[i].source) if kept is None else None
-            recorded = _as_recorded(requests[i], rows[i][3], kept, source_currency)
-            if recorded:
-                again[i] = recorded
-        while again:  # each id's first outcome, asked as it was recorded (all at once; at most two rounds)
-            asked = {i: tries.pop(0) for i, tries in again.items()}
-            for i, outcome in zip(asked, self.ledger.transfer_many(list(asked.values())), strict=True):
+            recorded = kept if kept is not None else self.ledger._refused_request(requests[i].id)
+            if isinstance(recorded, (Transfer, TransferRequest)):
+                written = _as_recorded(requests[i], rows[i][3], recorded)
+                if written is not None:
+                    again[i] = written
+        if again:  # each id's first outcome, asked as it was recorded (all at once)
+            for i, outcome in zip(again, self.ledger.transfer_many(list(again.values())), strict=True):
                 outcomes[i] = outcome
-            again = {i: tries for i, tries in again.items() if tries and isinstance(outcomes[i], IdempotencyConflict)}
         return outcomes
 
     def _prepared(self, row: Row) -> TransferRequest:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from engine import (
+    AccountNotFound,
     Balance,
     CrossShardAborted,
     CurrencyMismatch,
@@ -256,19 +257,38 @@ def test_a_prepare_refused_toward_the_sources_currency_answers_its_exact_retry_w
     sent toward the clearing account in the source's currency and the source's ledger refused
     (short of the amount: `InsufficientFunds`, journaled, final), toward a destination in another
     currency or one no shard has: its exact retry, now sent toward the destination's currency
-    (or none), is asked as it was recorded, so it gets that refusal, not `IdempotencyConflict`."""
+    (or none), is asked as it was recorded, so it gets that refusal, not `IdempotencyConflict`.
+    So too one the first release wrote, with the user's metadata (or none) and no destination,
+    and one it refused while its source was unknown (toward the clearing account of no
+    currency, on the source's hash shard, where the source was made later): the retry with
+    that metadata gets the refusal; one with other metadata, or another amount, conflicts."""
+    metadata = {"order": "A-1"}
     with ShardedLedger.open(tmp_path / "books", shards=SHARDS) as ledger:
         source = accounts_on(ledger, "s", 1, shard=0, balance=10)[0]
         euros = accounts_on(ledger, "e", 1, shard=1, currency="EUR")[0]
+        dollars = accounts_on(ledger, "d", 1, shard=1)[0]
         nowhere = next(n for n in (f"n{i}" for i in range(100)) if ledger.shard_of(n) == 1)
-        for transfer_id, destination in (("V", euros), ("W", nowhere)):
-            [refused] = _step(ledger, 0, "batch", prepare_row(TransferRequest(transfer_id, source, destination, 50), 1))
-            assert refused.code == "insufficient_funds", refused  # type: ignore[attr-defined]
-            with pytest.raises(InsufficientFunds, match=f"'{transfer_id}'"):
-                ledger.transfer(transfer_id, source=source, destination=destination, amount=50)
+        ghost = next(n for n in (f"g{i}" for i in range(100)) if ledger.shard_of(n) == 0)
+        first_release = [("X", source, euros, metadata), ("Y", source, nowhere, None), ("Z", source, dollars, metadata),
+                         ("G", ghost, dollars, None)]  # (the user's metadata, no destination)
+        rows = [prepare_row(TransferRequest(transfer_id, source, destination, 50), 1)
+                for transfer_id, destination in (("V", euros), ("W", nowhere))]
+        rows += [(None, transfer_id, payer, 1, 50, 0, None, given) for transfer_id, payer, _, given in first_release]
+        refused = [outcome.code for row in rows for outcome in _step(ledger, 0, "batch", row)]  # type: ignore[attr-defined]
+        assert refused == ["insufficient_funds"] * 5 + ["account_not_found"], refused
+        ledger.create_account(ghost, currency="USD")  # on its hash shard, where its transfer was refused
+        retries = [(transfer_id, source, destination, None, InsufficientFunds)
+                   for transfer_id, destination in (("V", euros), ("W", nowhere))]
+        retries += [(transfer_id, payer, destination, given, InsufficientFunds if payer == source else AccountNotFound)
+                    for transfer_id, payer, destination, given in first_release]
+        for transfer_id, payer, destination, given, error in retries:
+            with pytest.raises(error, match=f"'{transfer_id}'"):
+                ledger.transfer(transfer_id, source=payer, destination=destination, amount=50, metadata=given)
             with pytest.raises(IdempotencyConflict):
-                ledger.transfer(transfer_id, source=source, destination=destination, amount=49)
-        assert ledger.balance(source) == Balance(10, 0, 10, 0)
+                ledger.transfer(transfer_id, source=payer, destination=destination, amount=49, metadata=given)
+            with pytest.raises(IdempotencyConflict):
+                ledger.transfer(transfer_id, source=payer, destination=destination, amount=50, metadata={"order": "B"})
+        assert ledger.balance(source) == Balance(10, 0, 10, 0) and ledger.balance(ghost) == Balance(0, 0, 0, 0)
         _settled(ledger)
 
 
