@@ -7,6 +7,7 @@ close shuts Ray down.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -188,21 +189,19 @@ def test_a_ledger_on_its_hosts_ray_is_closed_to_calls_once_the_host_shut_ray_dow
             ray.shutdown()
 
 
-def test_a_ray_the_host_started_after_shutting_down_the_one_a_ledger_started_is_the_hosts_and_left_up(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """`join` started Ray for two ledgers, and the host shut it down behind them and started its
-    own: a ledger opened then is on the host's Ray (not started: its close leaves nothing), and
-    the closes of the two leave the host's Ray up; a Ray this module starts after is counted
-    anew, and its last ledger's close shuts it down. No Ray is started here: Ray's calls are
-    stood in for, each Ray named by its session."""
+def _stand_in_ray(monkeypatch: pytest.MonkeyPatch, starts: list[str]) -> tuple[list[str | None], list[str | None]]:
+    """Ray's calls that `join` and `leave` make, stood in for (no Ray is started): each Ray is
+    named by its session, `starts` those `join` starts in turn. Returns (on, shut): on[0] the
+    session this process is on now (None: none; set it to play the host), and the sessions
+    shut down, in order."""
     import ray
 
     from engine import _ray
 
     on: list[str | None] = [None]
     shut: list[str | None] = []
-    starts = iter(["A", "C"])
-    monkeypatch.setattr(_ray, "_start", lambda address: on.__setitem__(0, next(starts)))
+    started = iter(starts)
+    monkeypatch.setattr(_ray, "_start", lambda address: on.__setitem__(0, next(started)))
     monkeypatch.setattr(_ray, "ray_session", lambda: on[0])
     monkeypatch.setattr(ray, "is_initialized", lambda: on[0] is not None)
 
@@ -214,6 +213,19 @@ def test_a_ray_the_host_started_after_shutting_down_the_one_a_ledger_started_is_
     monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(gcs_address="127.0.0.1:6379"))
     monkeypatch.setattr(_ray, "_users", 0)
     monkeypatch.setattr(_ray, "_started_session", None)
+    return on, shut
+
+
+def test_a_ray_the_host_started_after_shutting_down_the_one_a_ledger_started_is_the_hosts_and_left_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`join` started Ray for two ledgers, and the host shut it down behind them and started its
+    own: a ledger opened then is on the host's Ray (not started: its close leaves nothing), and
+    the closes of the two leave the host's Ray up; a Ray this module starts after is counted
+    anew, and its last ledger's close shuts it down. No Ray is started here: Ray's calls are
+    stood in for, each Ray named by its session."""
+    from engine import _ray
+
+    on, shut = _stand_in_ray(monkeypatch, ["A", "C"])
     assert _ray.join(None) == (True, "A") and _ray.join(None) == (True, "A")
     on[0] = "B"  # the host shut A down and started its own
     assert _ray.join(None) == (False, "B")
@@ -226,6 +238,53 @@ def test_a_ray_the_host_started_after_shutting_down_the_one_a_ledger_started_is_
     assert shut == [] and on[0] == "C"
     _ray.leave("C", 1.0)
     assert shut == ["C"] and on[0] is None
+
+
+def test_the_last_ledger_on_a_ray_it_started_closes_without_shutting_down_the_ray_the_host_started_in_its_place(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`join` started Ray A for a ledger, and the host shut A down and started its own (B)
+    with no ledger opened since: that ledger's close (`leave`) ends A's count and shuts nothing
+    down, B least of all; a ledger opened then is on the host's Ray, and one opened after the
+    host shut B down too is counted on the Ray this module starts for it. Stand-ins, as above."""
+    from engine import _ray
+
+    on, shut = _stand_in_ray(monkeypatch, ["A", "C"])
+    assert _ray.join(None) == (True, "A")
+    on[0] = "B"  # the host shut A down and started its own
+    _ray.leave("A", 1.0)
+    assert shut == [] and on[0] == "B"
+    assert _ray.join(None) == (False, "B")
+    on[0] = None  # the host shut its own down
+    assert _ray.join(None) == (True, "C")
+    _ray.leave("C", 1.0)
+    assert shut == ["C"] and on[0] is None
+
+
+def test_the_sweeper_of_a_ledger_whose_ray_is_gone_stops_at_once_with_one_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The host shut the ledger's Ray down (or replaced it): a sweep's first round is
+    `LedgerClosed` (`engine._ray.sent`), and no shard of that Ray comes back, so the sweeper
+    stops there, saying so once, instead of warning every sweep until the ledger is closed.
+    The sweep is run on a stand-in for the ledger (no Ray)."""
+    stopping, tries = threading.Event(), list[float]()
+
+    def recover(older_than_s: float) -> int:
+        tries.append(older_than_s)
+        raise LedgerClosed("the Ray this sharded ledger's shards ran on was shut down")
+
+    ledger = SimpleNamespace(_stopping=stopping, in_doubt_after_s=0.04, _router=SimpleNamespace(recover=recover),
+                             path=Path("books"), swept_in_doubt=0)
+    sweeper = threading.Thread(target=ShardedLedger._sweep, args=(ledger,), daemon=True)
+    with caplog.at_level(logging.WARNING, logger="tally.sharded"):
+        sweeper.start()
+        sweeper.join(2)  # some two hundred sweeps' time
+        sweeping = sweeper.is_alive()
+        stopping.set()  # (as a close does)
+        sweeper.join(30)
+    assert not sweeping and len(tries) == 1, tries
+    assert [record.getMessage() for record in caplog.records] == [
+        "the in-doubt sweeper of the sharded ledger at books stops: the Ray this sharded ledger's shards ran on was "
+        "shut down"]
 
 
 def test_a_call_whose_round_was_sent_before_the_close_and_waited_on_after_is_ledger_closed_and_starts_no_ray(
