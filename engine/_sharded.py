@@ -126,8 +126,9 @@ class ShardedLedger(ShardedWrites):
         127.0.0.1 (`engine._ray`); else join the Ray cluster there (one that does not answer
         takes Ray's own retries, minutes, then `LedgerUnavailable`). A host that shuts down the
         Ray the shards run on (also to start another Ray, or to join a cluster again) takes the
-        shards' actors with it: every call then raises `LedgerClosed` (open the ledger again),
-        and `close` stops nothing and shuts no Ray down. `nodes`: the Ray node id of each shard
+        shards' actors with it: every call that asks a shard then raises `LedgerClosed` (open
+        the ledger again; `shard_of` still answers for an account found before), and `close`
+        stops nothing and shuts no Ray down. `nodes`: the Ray node id of each shard
         (default: this process's node); a shard's directory is `path/shard-i` on its node's
         disk, so give a path every node has. `ledger_options` go to each shard's `Ledger.open`
         (`timeout_s` also bounds every wait here). Blocks while the shards open and recover

@@ -179,6 +179,7 @@ def test_a_ledger_on_its_hosts_ray_is_closed_to_calls_once_the_host_shut_ray_dow
         for call in calls:
             with pytest.raises(LedgerClosed, match="Ray"):
                 call()
+        assert other.shard_of(left) == 0  # (from the router's map: no shard asked)
         other.close()
         assert other.closed and ray.is_initialized()
         assert [account.id for account in third.accounts()] == ["alice"]  # its shards untouched by the close
