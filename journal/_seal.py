@@ -21,6 +21,7 @@ always walk. Reading and summing the file costs about a tenth of walking it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -97,18 +98,25 @@ def write_seal(path: str, meta: Meta, sums: bytes, ledger_id: bytes | None, tree
     laid out as `trees` (so a byte changed during the walk fails the sums, and the next open
     walks). Durable before it returns (written aside, synced, renamed, the directory synced).
     Raises `OSError`, naming the file aside when it is anything but a regular file of its own
-    (a FIFO, whose open for writing would wait for a reader; a directory; a link)."""
+    (a FIFO, whose open for writing would wait for a reader; a directory; a link), which is
+    left as it is; the file aside it made is removed if it cannot be written (a full disk)."""
     body = msgpack.packb([SEAL_VERSION, ledger_id, meta.txnid, meta.last_page, meta.page_bytes, sums,
                           [[name, tree.entries, tree.branch_pages, tree.leaf_pages, tree.overflow_pages, tree.depth,
                             tree.first_key, tree.last_key] for name, tree in sorted(trees.items())]],
                          use_bin_type=True)
     target = os.path.join(path, SEAL_FILE)
     aside = target + ".new"
-    with os.fdopen(open_aside(aside), "wb") as handle:
-        handle.write(_CRC.pack(zlib.crc32(body)) + body)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(aside, target)
+    fd = open_aside(aside)  # (one there that is not a file of its own: raised, and left as it is)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(_CRC.pack(zlib.crc32(body)) + body)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(aside, target)
+    except OSError:  # (a full disk): no half-written seal left beside the data file
+        with contextlib.suppress(OSError):
+            os.unlink(aside)
+        raise
     directory = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(directory)

@@ -148,6 +148,32 @@ def test_a_close_that_finds_no_file_of_its_own_where_it_writes_the_seal_aside_na
         assert reopened.state_hash() == state_hash
 
 
+def test_a_seal_that_cannot_be_written_leaves_no_file_aside(
+    ledger_path: Path, walks: list[int], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full disk as the close writes the seal: the ledger closes unsealed, as before, and the
+    empty `tally.seal.new` it made is taken away (it was left, and a directory that lost its
+    data file but kept it is called a ledger that lost its data)."""
+    state_hash = build(ledger_path)
+    real_fsync = os.fsync
+
+    def full(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(SEAL_FILE + ".new"):
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "fsync", full)
+        with Ledger.open(ledger_path) as reopened:
+            assert reopened.state_hash() == state_hash
+    assert "was not written" in caplog.text and "No space left" in caplog.text
+    assert not (ledger_path / SEAL_FILE).exists() and not (ledger_path / (SEAL_FILE + ".new")).exists()
+    walks.clear()
+    with Ledger.open(ledger_path) as reopened:
+        assert walks == [1]
+        assert reopened.state_hash() == state_hash
+
+
 def test_a_byte_changed_since_the_seal_without_a_commit_means_the_walk(ledger_path: Path, walks: list[int]) -> None:
     """Damage, not a commit: the snapshot is the sealed one, but a sum differs, so opening
     walks every page (which reports the damage if the byte is in a live page: the storage
