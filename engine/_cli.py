@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import signal
@@ -261,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     plain = sys.stdout
     if args.command in _SHARD_TOOLS and not getattr(args, "json", False):  # (not serve: its log is uvicorn's)
         sys.stdout = _Escaped(plain)  # type: ignore[assignment]
+    said = _OneLineLog(args.command)
+    if args.command != "serve":  # (a server's log keeps its tracebacks: a bug there is for its operator to read)
+        logging.getLogger("tally").addHandler(said)
     try:
         return _run(args)
     except LedgerError as error:
@@ -279,6 +283,30 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if terminated else 130
     finally:
         sys.stdout = plain
+        logging.getLogger("tally").removeHandler(said)
+
+
+class _OneLineLog(logging.Handler):
+    """What the engine logs while a command runs (a journal write that failed, a seal not
+    written), as the command's own errors are said: one line on stderr each, `tally COMMAND: `
+    and the message, an exception's own message after it and never its traceback (Python's
+    last-resort handler printed the traceback of every `logger.exception`, and its
+    `lmdb.Error`, to a user who can do nothing with them). Warnings and worse, as that
+    handler; what it says is escaped (`printable`)."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__(logging.WARNING)
+        self._command = command
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            error = record.exc_info[1] if record.exc_info else None
+            if error is not None:
+                text += f" ({error})" if str(error) else f" ({type(error).__name__})"
+            print(printable(f"tally {self._command}: {text}"), file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - logging's rule: a handler that fails says so and goes on
+            self.handleError(record)
 
 
 class _Escaped:

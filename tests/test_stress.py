@@ -493,6 +493,46 @@ def test_a_duration_run_signalled_while_firing_stops_and_removes_its_temporary_l
     assert list(scratch.iterdir()) == []
 
 
+_FILLS_ITS_DISK = """
+import os, resource, sys
+import engine._sending as sending
+import engine._stress as stress
+from engine._cli import main
+
+fire = stress.fire
+sending.RESEND_BACKOFF_S = (0.0,) * 6  # (the pauses are for a server coming back: none here)
+
+
+def fire_on_a_full_disk(ledger, picker, config, *args):  # its accounts funded, the data file may grow 64 KiB more
+    size = os.path.getsize(os.path.join(config.path, "data.mdb"))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 65_536, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return fire(ledger, picker, config, *args)
+
+
+stress.fire = fire_on_a_full_disk
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def fill_the_disk(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`tally stress --path path` whose ledger can grow no more once its accounts are funded
+    (the file size limit: a full disk, to LMDB, without mounting one)."""
+    return subprocess.run([sys.executable, "-c", _FILLS_ITS_DISK, "stress", "--path", str(path), "--accounts", "50",
+                           "--clients", "4", "--transfers", "1000", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_a_journal_that_fails_as_stress_runs_is_one_line_on_stderr_not_a_traceback(tmp_path: Path) -> None:
+    """The journal logs the failed write with its exception (`logger.exception`): Python's
+    last-resort handler printed its traceback, down to `lmdb.Error`, to the user of `tally`."""
+    done = fill_the_disk(tmp_path / "ledger")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "File \"" not in done.stderr, done.stderr
+    said = [line for line in done.stderr.splitlines() if "journal write failed" in line]
+    assert len(said) == 1 and said[0].startswith("tally stress: journal write failed ("), done.stderr
+    assert "ledger_unavailable" in done.stdout
+
+
 def test_a_short_chaos_run_loses_nothing(tmp_path: Path) -> None:
     out = tally("stress", "--chaos", "--kills", "3", "--path", str(tmp_path / "ledger"), "--accounts", "20",
                 "--clients", "3", "--transfers", "400", "--json")
