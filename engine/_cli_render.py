@@ -149,12 +149,18 @@ def render_stress(summary: dict[str, Any], args: argparse.Namespace, written: bo
         shape += f", pending rate {config['pending_rate']}, linked rate {config['linked_rate']}"
     print(f"tally stress: {config['clients']} clients, {config['accounts']} accounts, mix {config['mix']}{shape},"
           f" seed {config['seed']}")
-    unanswered = summary["transfers_unanswered"]
-    answered = f" ({summary['transfers_sent'] - unanswered:,} answered)" if unanswered else ""
-    print(f"  {summary['transfers_sent']:,} transfers{answered} in {summary['elapsed_s']} s ="
-          f" {summary['transfers_per_s']:,.0f} durable transfers/s")
+    sent, unanswered, acknowledged = (summary["transfers_sent"], summary["transfers_unanswered"],
+                                      summary["transfers_acknowledged"])
+    counted = f" ({acknowledged:,} acknowledged)" if acknowledged != sent else ""
+    print(f"  {sent:,} transfers{counted} in {summary['elapsed_s']} s ="
+          f" {summary['transfers_per_s']:,.0f} acknowledged transfers/s (committed, or refused for good)")
+    if sent - unanswered - acknowledged:
+        print(f"  answered without an outcome (a timeout, the ledger unavailable, the server overloaded):"
+              f" {sent - unanswered - acknowledged:,}, not in the rate")
     if unanswered:
         print(f"  no answer (server unreachable): {unanswered:,}, in neither the rate nor the latencies")
+    if summary.get("stopped"):
+        print(f"  {summary['stopped']}")
     lat = summary["latency_ms"]
     if "chaos" not in summary:
         print(f"  latency ms: p50 {lat['p50']}  p90 {lat['p90']}  p99 {lat['p99']}  max {lat['max']}")
@@ -166,6 +172,8 @@ def render_stress(summary: dict[str, Any], args: argparse.Namespace, written: bo
     resent = summary.get("resent")
     if resent and resent["sent"]:
         print(f"  sent again, as no reply told their outcome: {resent['sent']:,}; still unknown: {resent['still_unknown']:,}")
+    elif resent and resent["still_unknown"]:
+        print(f"  not sent again (see above), so still unknown: {resent['still_unknown']:,}")
     if "chaos" in summary:
         chaos = summary["chaos"]
         print(f"  chaos: {chaos['kills']} kills, survived {chaos['kills_survived']},"

@@ -9,12 +9,14 @@ is kept in `Replies.unknown`; once the clients are done, `learn_outcomes` sends 
 same id and fields (idempotency makes that safe, as a client would), in rounds, until a reply
 tells its outcome, which is recorded as if it had been the first reply. Without that, a pending
 transfer made, or posted, whose reply was lost would be audited as if it had not happened.
+Nothing is sent again to a ledger whose journal failed (`cannot_write`: a full disk), which
+takes no write until it is reopened.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from coordinator import (
     REJECTIONS,
@@ -35,12 +37,31 @@ RESEND_ROUNDS_MAX = 6
 """Rounds of resending the ops whose outcome no reply told, before the audit."""
 RESEND_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 """The pause before each round: a server being restarted gets about 15 s to come back."""
-RESEND_WAIT_S = 60.0
-"""No resend starts later than this after the first round began (each is bounded by its own call)."""
+RESEND_WAIT_S = 20.0
+"""No round, and no resend in one, starts later than this after the first round began (each
+resend is bounded by its own call): the pauses (15.5 s in all) and some resending. README.md's
+`tally stress` says so ("none begun more than 20 s after the first")."""
 
 UNANSWERED = "server_unreachable"
 """The code of a request no server answered (`engine._remote_replies.ServerUnreachable`): counted apart,
 in neither the rate nor the latencies."""
+TELLING = frozenset({"committed", *REJECTIONS, IdempotencyConflict.code, InvalidRequest.code,
+                     LinkedTransferFailed.code})
+"""The outcome codes (`record`'s counts) of replies that tell what became of their op (`tells`):
+the acknowledged ops, which alone count in a run's rate."""
+
+
+class Recorded(NamedTuple):
+    """What `record` counted of the replies to one call's ops."""
+
+    told: int
+    """Replies that told their op's outcome (acknowledged: committed, or refused for good)."""
+    refused: int
+    """Of `told`, the refusals."""
+    untold: int
+    """Replies that told no outcome (a timeout, a ledger unavailable, a server overloaded)."""
+    unanswered: int
+    """Requests no server answered (`UNANSWERED`)."""
 
 Outcome = Any
 """What a client was told for one op: a Transfer or LedgerError (a single transfer); the pair
@@ -78,16 +99,22 @@ def tells(outcome: Outcome) -> bool:
         outcome, (IdempotencyConflict, InvalidRequest, LinkedTransferFailed))
 
 
-def record(state: ClientState, ops: list[Op], outcomes: list[Outcome], latency_ms: float, at_s: float) -> int:
+def record(state: ClientState, ops: list[Op], outcomes: list[Outcome], latency_ms: float, at_s: float) -> Recorded:
     """Record what each of `ops` was told, and the latency of the call that sent them (of each
-    answered); the number refused (or told no outcome)."""
+    answered); what the replies told, counted."""
     replies, counts, latencies, samples = state
-    refused = 0
+    told = refused = untold = unanswered = 0
     for op, outcome in zip(ops, outcomes, strict=True):
         first = outcome[0] if op.kind == "pending" else outcome
         code = first.code if isinstance(first, LedgerError) else "committed"
         counts[code] = counts.get(code, 0) + 1
-        refused += code != "committed"
+        if code in TELLING:
+            told += 1
+            refused += code != "committed"
+        elif code == UNANSWERED:
+            unanswered += 1
+        else:
+            untold += 1
         if code != UNANSWERED:  # no answer: its latency is the wait for none, not a server's
             latencies.append(latency_ms)
             if len(samples) < SAMPLES_MAX:
@@ -98,29 +125,41 @@ def record(state: ClientState, ops: list[Op], outcomes: list[Outcome], latency_m
                 replies.retries_differing += 1
                 replies.differed.add(op.transfer_id)
         _record_reply(replies, op, outcome)
-    return refused
+    return Recorded(told, refused, untold, unanswered)
 
 
-def learn_outcomes(ledger: Any, replies: Replies) -> None:
+def cannot_write(ledger: Any) -> str | None:
+    """Why `ledger` takes no write until it is reopened (its journal failed: a full disk, say,
+    in the words of `Ledger.failure`), or None while it can write (or cannot tell: a server's)."""
+    failure = getattr(ledger, "failure", None)
+    return None if failure is None else f"the ledger takes no write until it is reopened: {failure}"
+
+
+def learn_outcomes(ledger: Any, replies: Replies) -> str | None:
     """Send each op of `replies.unknown` again, with its id and fields, in up to
     `RESEND_ROUNDS_MAX` rounds (`RESEND_BACKOFF_S` apart, none started after `RESEND_WAIT_S`),
-    until a reply tells its outcome, recorded as the first reply would have been. Blocks the
-    calling thread meanwhile; the ops still unknown are left in `replies.unknown`."""
+    until a reply tells its outcome, recorded as the first reply would have been; count in
+    `replies.resent` the ops sent again. Nothing is sent to a ledger that cannot write
+    (`cannot_write`: it would only fail again): then it returns at once, saying why; else None.
+    Blocks the calling thread meanwhile; the ops still unknown are left in `replies.unknown`."""
     began = time.monotonic()
-    replies.resent = len(replies.unknown)
-    for pause_s in RESEND_BACKOFF_S[:RESEND_ROUNDS_MAX]:
+    replies.resent = 0
+    for round_number, pause_s in enumerate(RESEND_BACKOFF_S[:RESEND_ROUNDS_MAX]):
         if not replies.unknown:
-            return
+            return None
         time.sleep(pause_s)  # a server restarting: no event of its to wait on from here
         waiting, replies.unknown = replies.unknown, []
         for index, op in enumerate(waiting):
-            if time.monotonic() - began > RESEND_WAIT_S:
+            why = cannot_write(ledger)
+            if why is not None or time.monotonic() - began > RESEND_WAIT_S:
                 replies.unknown.extend(waiting[index:])
-                return
+                return why
+            replies.resent += round_number == 0  # (a later round sends only ops the first one sent)
             if op.kind == "pending" and op.transfer_id in replies.pendings:  # made; its post or void told nothing
                 _record_reply(replies, op, (replies.acknowledged[op.transfer_id], _resolve(ledger, op)))
             else:
                 _record_reply(replies, op, send(ledger, [op])[0], resent=True)
+    return None
 
 
 def _record_reply(replies: Replies, op: Op, outcome: Outcome, resent: bool = False) -> None:

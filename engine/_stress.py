@@ -1,7 +1,8 @@
 """`tally stress`: fire concurrent transfers at a ledger, then prove the books.
 
 Clients are threads; each runs its own seeded workload (`engine._workload`) and
-records every reply. A reporter prints progress. At the end the auditor
+records every reply. A reporter prints progress. A ledger whose journal fails (a full disk)
+stops the clients: it takes no write until it is reopened. At the end the auditor
 (`engine._auditor`) checks every reply against the ledger and the invariants, and
 that each entry made since the run began is of a transfer id the run sent, then the
 ledger is closed, reopened, and its state hash compared.
@@ -25,7 +26,17 @@ from coordinator import AMOUNT_MAX, Account, LedgerError, TransferRequest
 
 from engine._auditor import Replies, audit_replies, open_pending
 from engine._ledger import Ledger
-from engine._sending import UNANSWERED, ClientState, ids_of, learn_outcomes, record, send
+from engine._sending import (
+    TELLING,
+    UNANSWERED,
+    ClientState,
+    Recorded,
+    cannot_write,
+    ids_of,
+    learn_outcomes,
+    record,
+    send,
+)
 from engine._workload import ClientWorkload, Picker
 
 FUNDING_PER_ACCOUNT_AMOUNTS = 5
@@ -83,6 +94,15 @@ class StressReport:
     """Ops sent again because no reply told their outcome, and of them those it stayed unknown for."""
     remote: dict[str, Any] | None = None
     """A remote run's server, the prefix of its ids, and the replies outside the contract."""
+    stopped: str | None = None
+    """What stopped short (the clients, or the sending again), when, and why (its ledger took no
+    more writes); None if nothing did."""
+
+    @property
+    def acknowledged(self) -> int:
+        """Of `sent`, those whose reply told their outcome (committed, or refused for good): the
+        rate counts these alone."""
+        return sum(count for code, count in self.outcomes.items() if code in TELLING)
 
     @property
     def ok(self) -> bool:
@@ -92,11 +112,12 @@ class StressReport:
         return percentile(sorted(self.latencies_ms), q)
 
     def summary(self) -> dict[str, Any]:
-        rate = (self.sent - self.unanswered) / self.elapsed_s if self.elapsed_s else 0.0
+        rate = self.acknowledged / self.elapsed_s if self.elapsed_s else 0.0
         return {
             "config": vars(self.config),
             "transfers_sent": self.sent,
             "transfers_unanswered": self.unanswered,
+            "transfers_acknowledged": self.acknowledged,
             "elapsed_s": round(self.elapsed_s, 3),
             "transfers_per_s": round(rate, 1),
             "latency_ms": {name: round(self.percentile_ms(q), 3) for name, q in
@@ -107,6 +128,7 @@ class StressReport:
             "checks": self.checks,
             "state_hash": self.state_hash,
             **({"remote": self.remote} if self.remote is not None else {}),
+            "stopped": self.stopped,
             "verdict": "ok" if self.ok else "FAILED",
         }
 
@@ -116,15 +138,21 @@ class _Tally:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.done = 0
+        self.told = 0
         self.refused = 0
+        self.untold = 0
+        self.unanswered = 0
         self.recent: list[float] = []
 
-    def add(self, count: int, refused: int, latency_ms: float) -> None:
+    def add(self, recorded: Recorded, latency_ms: float) -> None:
+        """Count one call's replies (`record`'s count of them) and its latency, if a server answered."""
         with self.lock:
-            self.done += count
-            self.refused += refused
-            self.recent.append(latency_ms)
+            self.told += recorded.told
+            self.refused += recorded.refused
+            self.untold += recorded.untold
+            self.unanswered += recorded.unanswered
+            if recorded.told or recorded.untold:  # (none answered: the wait for no one, not a latency)
+                self.recent.append(latency_ms)
 
 
 def run_stress(
@@ -150,8 +178,10 @@ def run_stress(
         funded = open_accounts(ledger, names, config)
         replies = fire(ledger, picker, config, report, progress, f"s{config.seed}-{secrets.token_hex(6)}")  # (a run's own)
         replies.sent.update(funded)
-        learn_outcomes(ledger, replies)
+        stopped = learn_outcomes(ledger, replies)
         report.resent = (replies.resent, len(replies.unknown))
+        if stopped is not None and report.stopped is None:  # (it failed once the clients were done)
+            report.stopped = f"sending again stopped: {stopped}"
         await_expiries(ledger, replies)
         report.state_hash = ledger.state_hash()
         report.checks = audit_replies(ledger, replies, prior=prior, sent=replies.sent, since_lsn=since_lsn,
@@ -183,8 +213,13 @@ def open_accounts(ledger: Any, names: list[str], config: StressConfig, bank: str
 
 
 def fire(ledger: Any, picker: Picker, config: StressConfig, report: StressReport, progress: bool,
-         tag: str) -> Replies:
-    """Run the clients; what each was told. `tag` starts every transfer id."""
+         tag: str, watch: Callable[[Recorded], str | None] | None = None) -> Replies:
+    """Run the clients; what each was told. `tag` starts every transfer id. After each call a
+    client asks `watch` (by default: whether the ledger can still write, `cannot_write`)
+    whether to go on; once it says why not, every client stops after the op it is in, and
+    `report.stopped` says why, and when."""
+    if watch is None:
+        watch = lambda _recorded: cannot_write(ledger)  # noqa: E731 - (a local ledger's journal failed)
     quota = threading.Semaphore(config.transfers) if config.transfers is not None else None
     stop = threading.Event()
     tally = _Tally()
@@ -221,8 +256,14 @@ def fire(ledger: Any, picker: Picker, config: StressConfig, report: StressReport
             began = time.perf_counter()
             outcomes = send(ledger, ops)
             latency_ms = (time.perf_counter() - began) * 1000
-            refused = record(state, ops, outcomes, latency_ms, began - started[0])
-            tally.add(count, refused, latency_ms)
+            recorded = record(state, ops, outcomes, latency_ms, began - started[0])
+            tally.add(recorded, latency_ms)
+            why = watch(recorded)
+            if why is not None:
+                with tally.lock:
+                    if report.stopped is None:
+                        report.stopped = f"the clients stopped at {time.perf_counter() - started[0]:.1f} s: {why}"
+                stop.set()
 
     threads = [threading.Thread(target=client, args=(n,), name=f"stress-client-{n}") for n in range(config.clients)]
     reporter = threading.Thread(target=_report_progress, args=(tally, stop, config, progress), daemon=True)
@@ -253,8 +294,9 @@ def fire(ledger: Any, picker: Picker, config: StressConfig, report: StressReport
 
 def await_expiries(ledger: Any, replies: Replies) -> None:
     """Wait (at most `EXPIRY_WAIT_S`) until the pending transfers let expire have expired:
-    then what the audit reads holds still. Those that do not expire in time fail the audit."""
-    waiting = [tid for tid, (plan, _) in replies.pendings.items() if plan == "expire"]
+    then what the audit reads holds still. Those that do not expire in time fail the audit. A
+    ledger that cannot write (`cannot_write`) expires nothing: not waited for."""
+    waiting = [tid for tid, (plan, _) in replies.pendings.items() if plan == "expire" and not cannot_write(ledger)]
     deadline = time.monotonic() + EXPIRY_WAIT_S
     while waiting and time.monotonic() < deadline:
         waiting = [tid for tid in waiting if (found := ledger.get_transfer(tid)) is not None and found.status == "pending"]
@@ -303,13 +345,15 @@ def _report_progress(tally: _Tally, stop: threading.Event, config: StressConfig,
     try:
         while not stop.wait(PROGRESS_TTY_S if tty else PROGRESS_PLAIN_S):
             with tally.lock:
-                done, refused, recent = tally.done, tally.refused, tally.recent
+                told, refused, untold, unanswered, recent = (tally.told, tally.refused, tally.untold, tally.unanswered,
+                                                             tally.recent)
                 tally.recent = []
             elapsed = time.perf_counter() - began
             recent.sort()
             p50, p99 = percentile(recent, 0.5), percentile(recent, 0.99)
-            line = (f"stress {elapsed:6.1f} s  {done:>9,} transfers  {done / elapsed if elapsed else 0:>8,.0f}/s"
-                    f"  refused {refused:,}  p50 {p50:.1f} ms  p99 {p99:.1f} ms")
+            line = (f"stress {elapsed:6.1f} s  {told:>9,} transfers  {told / elapsed if elapsed else 0:>8,.0f}/s"
+                    f"  refused {refused:,}  p50 {p50:.1f} ms  p99 {p99:.1f} ms"
+                    + (f"  no outcome {untold:,}" if untold else "") + (f"  no answer {unanswered:,}" if unanswered else ""))
             if live is not None:
                 live.update(line)
             else:

@@ -277,6 +277,19 @@ def test_a_retry_no_reply_tells_the_outcome_of_is_sent_again_and_fails_the_run_i
     assert report.checks[CHECK_OUTCOMES] is False and report.summary()["verdict"] == "FAILED"
 
 
+def test_the_rate_counts_only_the_transfers_whose_reply_told_their_outcome(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reply that told no outcome (a timeout here; a ledger unavailable on a full disk) is no
+    transfer made: it was counted in the rate all the same."""
+    monkeypatch.setattr("engine._sending.RESEND_BACKOFF_S", (0.0,) * 6)
+    report = run_stress(StressConfig(path=str(tmp_path / "ledger"), retry_rate=0.3, **SMALL), progress=False,
+                        open_ledger=lambda path: _Forgetful(Ledger.open(path)))
+    summary = report.summary()
+    timeouts = report.outcomes["timeout"]
+    assert timeouts > 0 and summary["transfers_acknowledged"] == report.sent - timeouts == report.acknowledged
+    assert summary["transfers_per_s"] == round((report.sent - timeouts) / report.elapsed_s, 1)
+
+
 class _Forgetful(Faulty):
     """Answers an id it has seen before with a timeout, never with its outcome."""
 
@@ -495,12 +508,10 @@ def test_a_duration_run_signalled_while_firing_stops_and_removes_its_temporary_l
 
 _FILLS_ITS_DISK = """
 import os, resource, sys
-import engine._sending as sending
 import engine._stress as stress
 from engine._cli import main
 
 fire = stress.fire
-sending.RESEND_BACKOFF_S = (0.0,) * 6  # (the pauses are for a server coming back: none here)
 
 
 def fire_on_a_full_disk(ledger, picker, config, *args):  # its accounts funded, the data file may grow 64 KiB more
@@ -531,6 +542,85 @@ def test_a_journal_that_fails_as_stress_runs_is_one_line_on_stderr_not_a_traceba
     said = [line for line in done.stderr.splitlines() if "journal write failed" in line]
     assert len(said) == 1 and said[0].startswith("tally stress: journal write failed ("), done.stderr
     assert "ledger_unavailable" in done.stdout
+
+
+def test_a_ledger_that_fails_as_stress_runs_stops_it_saying_why_and_its_rate_counts_only_the_acknowledged(
+        tmp_path: Path) -> None:
+    """A full disk: the clients fired on at a ledger that takes no write until it is reopened,
+    the run counted every op in its rate ("4,000 transfers = 4,938 durable transfers/s" of
+    which some hundred were committed), sent the rest again for 60 s, and said nowhere why."""
+    done = fill_the_disk(tmp_path / "ledger", "--json")
+    assert done.returncode == 1, done.stdout + done.stderr
+    summary = json.loads(done.stdout)
+    sent, acknowledged = summary["transfers_sent"], summary["transfers_acknowledged"]
+    assert summary["outcomes"]["committed"] <= acknowledged < sent < 1000  # the clients stopped
+    assert summary["transfers_per_s"] == pytest.approx(acknowledged / summary["elapsed_s"], rel=0.05)
+    assert summary["stopped"].startswith("the clients stopped at ")
+    assert ": the ledger takes no write until it is reopened: " in summary["stopped"]
+    assert summary["resent"] == {"sent": 0, "still_unknown": summary["outcomes"]["ledger_unavailable"]}
+    assert summary["checks"][CHECK_PRESENT] and summary["checks"][CHECK_CONSERVED]  # what it acknowledged holds
+    assert not (tmp_path / "ledger" / "tally.seal.new").exists()
+
+
+def test_the_stress_progress_line_counts_acknowledged_transfers_and_no_answer_apart(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Requests no server answered (and replies that told no outcome) were counted as transfers,
+    in the rate, as refused, and in the latencies of the progress line."""
+    from engine._sending import Recorded
+    from engine._stress import _report_progress, _Tally
+
+    class Once:  # the reporter's stop event: one line, then stopped
+        waited = 0
+
+        def wait(self, timeout: float) -> bool:
+            self.waited += 1
+            return self.waited > 1
+
+    tally = _Tally()
+    tally.add(Recorded(told=3, refused=1, untold=0, unanswered=0), 5.0)
+    tally.add(Recorded(told=0, refused=0, untold=2, unanswered=0), 7.0)
+    tally.add(Recorded(told=0, refused=0, untold=0, unanswered=40), 60_000.0)
+    _report_progress(tally, Once(), StressConfig(), True)  # type: ignore[arg-type]
+    line = capsys.readouterr().err.strip()
+    assert " 3 transfers " in line and "refused 1 " in line, line
+    assert "no outcome 2" in line and "no answer 40" in line and "p99 7.0 ms" in line, line
+
+
+def test_no_resend_starts_later_than_the_readme_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: "up to 6 rounds ..., none begun more than 20 s after the first"; the code let
+    resends start for 60 s (`RESEND_WAIT_S`). A ledger that answers each resend with a timeout
+    after 3 s of a clock of the test's own."""
+    import re
+
+    from engine import _sending
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    said = re.search(r"in up to (\d+) rounds \(.*?\), none begun more than (\d+) s after the first", readme)
+    assert said is not None
+    assert (int(said.group(1)), float(said.group(2))) == (_sending.RESEND_ROUNDS_MAX, _sending.RESEND_WAIT_S)
+    now = [0.0]
+    began: list[float] = []
+
+    class Slow:
+        def transfer(self, *args: Any, **kwargs: Any) -> Transfer:
+            began.append(now[0])
+            now[0] += 3.0
+            raise LedgerTimeout("no outcome within 3 s")
+
+    class Clock:
+        @staticmethod
+        def monotonic() -> float:
+            return now[0]
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            now[0] += seconds
+
+    monkeypatch.setattr(_sending, "time", Clock)
+    replies = Replies()
+    replies.unknown = [Op(f"t{k}", "a", "b", 1, False) for k in range(4)]
+    assert _sending.learn_outcomes(Slow(), replies) is None
+    assert began and max(began) <= _sending.RESEND_WAIT_S and len(replies.unknown) == 4
 
 
 def test_a_short_chaos_run_loses_nothing(tmp_path: Path) -> None:
