@@ -104,7 +104,7 @@ def open_pending(ledger: ListedLedger) -> frozenset[str]:
 
 def audit_replies(ledger: AuditedLedger, replies: Replies, reopen: Callable[[], bool] | None = None,
                   sent: Collection[str] | None = None, prior: Collection[str] = (),
-                  since_lsn: int = 0, funded: Collection[str] = ()) -> dict[str, bool]:
+                  since_lsn: int = 0, funded: Collection[str] = ()) -> dict[str, bool | None]:
     """Every check, by name: True passed. `reopen` closes, reopens and compares hashes. `sent`
     (every transfer id the run sent, whatever its reply) turns on the check that each entry
     after `since_lsn` (the ledger's last LSN before the run: earlier entries are of earlier
@@ -114,7 +114,7 @@ def audit_replies(ledger: AuditedLedger, replies: Replies, reopen: Callable[[], 
     moves balance.
     `prior`: the pending transfers open before the run (`open_pending`); those still open hold
     funds beside the run's own."""
-    checks: dict[str, bool] = {}
+    checks: dict[str, bool | None] = {}
     appearances: Counter[str] = Counter()
     placements: dict[str, set[tuple[str, int]]] = {}
     balances: dict[str, Balance] = {}

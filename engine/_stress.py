@@ -86,7 +86,8 @@ class StressReport:
     latencies_ms: list[float] = field(default_factory=list)
     samples: list[tuple[float, float]] = field(default_factory=list)
     """(seconds since start, latency ms) per reply, for the plots."""
-    checks: dict[str, bool] = field(default_factory=dict)
+    checks: dict[str, bool | None] = field(default_factory=dict)
+    """Each check by name: True passed, False failed, None not run."""
     state_hash: str = ""
     retries: tuple[int, int] = (0, 0)
     """Retries sent, and of them those that changed the amount (refused idempotency_conflict)."""

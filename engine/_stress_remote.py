@@ -13,6 +13,12 @@ server no longer has (`CHECK_ACCOUNTS`: a server restarted on other books); the 
 those, and the acknowledged transfers gone. Nothing is closed or reopened: the server's state
 hash is not read.
 
+A server that answers nothing for `SERVER_GONE_S` (stopped, killed) stops the clients
+(`Silence`): firing on would only count requests no one answered. What told no outcome is sent
+again as in any run (a server restarted meanwhile answers), then the audit reads the server; if
+it answers no read, the audit is not run and the report says what the run was told before the
+server went away. Either way the verdict fails (`CHECK_ANSWERING`): the server was not proven.
+
 A run needs httpx (through `engine._remote`: the `serve` extra); the option checks do not.
 """
 
@@ -20,16 +26,24 @@ from __future__ import annotations
 
 import argparse
 import secrets
+import threading
+import time
 
 from coordinator import AccountNotFound, InvalidRequest
 
-from engine._auditor import CHECK_PRESENT, audit_replies
-from engine._sending import learn_outcomes
+from engine._auditor import CHECK_OUTCOMES, CHECK_PRESENT, audit_replies
+from engine._sending import Recorded, learn_outcomes
 from engine._stress import StressConfig, StressReport, await_expiries, fire, open_accounts
 from engine._workload import Picker
 
 CHECK_CONTRACT = "every reply kept the HTTP contract (JSON, a status fitting its code, replays marked)"
 CHECK_ACCOUNTS = "every account the run opened is on the server"
+CHECK_ANSWERING = "the server answered throughout the run and its audit"
+CHECK_UNAUDITED = "the server's books hold what the run was told (not audited: the server answered no read)"
+SERVER_GONE_S = 5.0
+"""How long the clients go on while every request they send goes unanswered (no connection, or
+none answered), before they stop: longer than a request's own wait for a connection, shorter
+than a run a dead server would otherwise waste."""
 GONE_NAMED_MAX = 20
 """Accounts, and acknowledged transfers, the server no longer has that the report names (all are counted)."""
 RUN_PREFIX_BYTES = 4
@@ -42,8 +56,10 @@ def run_remote_stress(config: StressConfig, token: str | None = None, progress: 
     until both are done. Nothing is closed or reopened: the server's state hash is not read.
 
     Raises `engine._remote_replies.ServerUnreachable` (or `UnexpectedReply`, e.g. a 401) if the server
-    does not answer the first read as its contract says; a fault met later fails the verdict.
+    does not answer the first read as its contract says, or if it goes away while the run opens
+    its accounts; a fault met later fails the verdict, a server gone too (see the module docstring).
     """
+    from engine._remote_replies import ServerUnreachable
     from engine._remote import REMOTE_CONNECTIONS_DEFAULT, RemoteLedger  # httpx: only when a run starts
 
     assert config.url is not None and config.batch == 1
@@ -57,20 +73,53 @@ def run_remote_stress(config: StressConfig, token: str | None = None, progress: 
         except AccountNotFound:
             pass
         funded = open_accounts(ledger, names, config, bank=f"{run}-bank")
-        replies = fire(ledger, picker, config, report, progress, run)
+        silence = Silence(ledger.url)
+        replies = fire(ledger, picker, config, report, progress, run, watch=silence)
         learn_outcomes(ledger, replies)  # a reply lost (a server restarted, say): the same id again tells it
         report.resent = (replies.resent, len(replies.unknown))
-        await_expiries(ledger, replies)
-        report.checks = audit_replies(ledger, replies, sent=ledger.sent(), funded=funded)
-        report.checks[CHECK_ACCOUNTS] = not ledger.accounts_gone
+        gone: list[str] = []
+        try:
+            await_expiries(ledger, replies)
+            report.checks = audit_replies(ledger, replies, sent=ledger.sent(), funded=funded)
+            report.checks[CHECK_ACCOUNTS] = not ledger.accounts_gone
+            gone = [] if report.checks[CHECK_PRESENT] else sorted(
+                tid for tid in replies.acknowledged if ledger.get_transfer(tid) is None)
+            report.checks[CHECK_ANSWERING] = report.stopped is None
+        except ServerUnreachable as error:  # it went away (or stayed away): what the run was told, unaudited
+            report.checks = {CHECK_ANSWERING: False, CHECK_OUTCOMES: not replies.unknown, CHECK_UNAUDITED: None}
+            unaudited = (f"what the server acknowledged before it went away ({report.acknowledged:,} transfers) was"
+                         f" not audited: it answered no read ({error})")
+            report.stopped = unaudited if report.stopped is None else f"{report.stopped}; {unaudited}"
         report.checks[CHECK_CONTRACT] = not ledger.fault_count
-        gone = [] if report.checks[CHECK_PRESENT] else sorted(
-            tid for tid in replies.acknowledged if ledger.get_transfer(tid) is None)
         report.remote = {"url": ledger.url, "run_prefix": run, "faults": ledger.faults,
                          "fault_count": ledger.fault_count, "accounts_gone": ledger.accounts_gone[:GONE_NAMED_MAX],
                          "accounts_gone_count": len(ledger.accounts_gone), "transfers_gone": gone[:GONE_NAMED_MAX],
                          "transfers_gone_count": len(gone)}
     return report
+
+
+class Silence:
+    """`fire`'s watch at a server: once every request sent for `SERVER_GONE_S` went unanswered
+    (no reply of any kind since the first of them), it says the server is gone and the clients
+    stop. Called by each client thread after each request (under a lock of its own); never blocks."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._lock = threading.Lock()
+        self._since: float | None = None
+        """When the first request went unanswered that no answer has followed; None: answered."""
+
+    def __call__(self, recorded: Recorded) -> str | None:
+        now = time.monotonic()
+        with self._lock:
+            if recorded.told or recorded.untold:
+                self._since = None
+            elif recorded.unanswered and self._since is None:
+                self._since = now
+            elif self._since is not None and now - self._since >= SERVER_GONE_S:
+                return (f"the server at {self._url} answered no request for {SERVER_GONE_S:g} s (stopped, or"
+                        f" unreachable)")
+        return None
 
 
 def refuse_remote_misfits(args: argparse.Namespace) -> None:

@@ -119,7 +119,9 @@ class StandIn(ThreadingHTTPServer):
     transfer made, 503 `overloaded`, as an honest server at its bound of requests does (nothing
     written); `loses_replies` applies the first try of each pending transfer, post and void, then
     closes the connection without a reply (as a server killed and restarted would);
-    `forgets_after` writes of transfers, it serves `forgotten_into` instead (its books lost)."""
+    `forgets_after` writes of transfers, it serves `forgotten_into` instead (its books lost);
+    after `dies_after` writes of transfers it dies: it answers nothing more, closes every
+    connection and listens no more (a server killed)."""
 
     daemon_threads = True
 
@@ -137,8 +139,19 @@ class StandIn(ThreadingHTTPServer):
         self.forgets_after: int | None = None
         self.forgotten_into: Ledger | None = None
         self.transfer_writes = 0
+        self.dies_after: int | None = None
+        self.dead = False
         self.lost: set[str] = set()
         self.lock = threading.Lock()
+
+    def die(self) -> None:
+        """Answer nothing from now on, and stop listening (on a thread: `shutdown` waits for the
+        loop that may be the caller's)."""
+        with self.lock:
+            if self.dead:
+                return
+            self.dead = True
+        threading.Thread(target=lambda: (self.shutdown(), self.socket.close()), daemon=True).start()
 
     @property
     def url(self) -> str:
@@ -154,10 +167,16 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
+        if self.server.dead:
+            self.close_connection = True  # no reply: the server is gone
+            return
         self._answer(lambda: self._read(urlsplit(self.path)))
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        if self.server.dead:
+            self.close_connection = True
+            return
         key = self.headers["Idempotency-Key"]
         path = urlsplit(self.path).path
         if self.server.loses_replies and (body.get("pending") or path.endswith(("/post", "/void"))):
@@ -200,6 +219,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.server.transfer_writes += 1
             if self.server.transfer_writes == self.server.forgets_after and self.server.forgotten_into is not None:
                 self.server.ledger = self.server.forgotten_into
+        if self.server.transfer_writes == self.server.dies_after:
+            self.server.die()
         ledger = self.server.ledger
         if path == "/accounts":
             return _plain(ledger.create_account(body.pop("id"), **body))
@@ -412,6 +433,38 @@ def test_a_server_that_loses_its_books_mid_run_fails_naming_what_is_gone(
     assert report.remote is not None and report.remote["accounts_gone_count"] == 11
     assert 0 < len(report.remote["transfers_gone"]) <= report.remote["transfers_gone_count"]
     assert report.summary()["verdict"] == "FAILED"
+
+
+@pytest.mark.timeout(30)
+def test_a_server_that_dies_mid_run_stops_the_clients_and_the_report_says_what_it_acknowledged(
+        stand_in: StandIn, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Killed: the clients fired on at it for the whole --duration (each refused connection a
+    transfer of the progress line), and the audit's first read ended the run with one line,
+    exit 2, nothing said of what had been acknowledged. Now they stop once no request is
+    answered for `SERVER_GONE_S`, and the report says what was told, unaudited: FAILED."""
+    import argparse
+
+    from engine._cli_render import render_stress
+    from engine._stress_remote import CHECK_ANSWERING
+
+    monkeypatch.setattr("engine._sending.RESEND_BACKOFF_S", (0.0,) * 6)
+    monkeypatch.setattr("engine._stress_remote.SERVER_GONE_S", 0.2)
+    stand_in.dies_after = 120
+    config = StressConfig(accounts=10, clients=2, transfers=None, duration_s=600, amount_max=40, seed=7,
+                          url=stand_in.url)
+    report = run_remote_stress(config, progress=False)
+    assert stand_in.dead
+    summary = report.summary()
+    assert summary["verdict"] == "FAILED" and report.checks[CHECK_ANSWERING] is False
+    assert 0 < report.acknowledged < report.sent and report.outcomes["committed"] > 0
+    assert report.unanswered > 0 and len(report.latencies_ms) == report.sent - report.unanswered
+    stopped = summary["stopped"]
+    assert stopped.startswith("the clients stopped at ") and "answered no request for 0.2 s" in stopped, stopped
+    assert f"({report.acknowledged:,} transfers) was not audited: it answered no read" in stopped, stopped
+    render_stress(summary, argparse.Namespace(report=None))
+    shown = capsys.readouterr().out
+    assert f"({report.acknowledged:,} acknowledged)" in shown and "✗ " + CHECK_ANSWERING in shown, shown
+    assert "verdict: FAILED" in shown
 
 
 @pytest.mark.timeout(30)
