@@ -22,9 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator import AMOUNT_MAX, Account, LedgerError, TransferRequest
+from coordinator import AMOUNT_MAX, Account, AccountNotFound, IdempotencyConflict, LedgerError, Transfer, TransferRequest
 
 from engine._auditor import Replies, audit_replies, open_pending
+from engine._checks import account_exists
 from engine._ledger import Ledger
 from engine._sending import (
     TELLING,
@@ -192,25 +193,52 @@ def run_stress(
     return report
 
 
-def open_accounts(ledger: Any, names: list[str], config: StressConfig, bank: str = "stress-bank") -> list[str]:
+def open_accounts(ledger: Any, names: list[str], config: StressConfig, bank: str = "stress-bank",
+                  checked: bool = True) -> list[str]:
     """Open the bank and `names`, and fund each from the bank; the funding transfers' ids.
-    Raises the first refusal."""
+    Raises the first refusal. `checked` (a ledger that may hold other books: `--path`): an
+    account the ledger holds with other fields (`AccountExists`), or a funding's id used for
+    another transfer (`IdempotencyConflict`), is refused before anything is written (it was
+    found once the accounts before it in the list were made); those of an earlier run with
+    the same accounts are taken as they are."""
     accounts = [Account(bank, "USD", None)] + [Account(name, "USD", 0) for name in names]
-    for first in range(0, len(accounts), 1000):
-        for outcome in ledger.create_accounts(accounts[first : first + 1000]):
-            if isinstance(outcome, LedgerError):
-                raise outcome
     # Each account starts with a few of the largest amounts, but all of them together never more
     # than a balance can hold: money only moves between them, so none can overflow.
     each = min(config.amount_max * FUNDING_PER_ACCOUNT_AMOUNTS, AMOUNT_MAX // len(names))
     # The amount in the id: a later run on this ledger with other sizes funds its accounts again
     # instead of meeting its first funding as a retry that differs (idempotency_conflict).
     funding = [TransferRequest(f"fund-{name}-{each}", bank, name, each) for name in names]
+    if checked and ledger.head().lsn:  # (a new ledger holds nothing to clash with)
+        _refuse_clashes(ledger, accounts, funding)
+    for first in range(0, len(accounts), 1000):
+        for outcome in ledger.create_accounts(accounts[first : first + 1000]):
+            if isinstance(outcome, LedgerError):
+                raise outcome
     for first in range(0, len(funding), 1000):
         for outcome in ledger.transfer_many(funding[first : first + 1000]):
             if isinstance(outcome, LedgerError):
                 raise outcome
     return [request.id for request in funding]
+
+
+def _refuse_clashes(ledger: Any, accounts: list[Account], funding: list[TransferRequest]) -> None:
+    """Raise what opening `accounts` and making `funding` would meet in `ledger` that a run
+    cannot use (see `open_accounts`), before anything is written. Reads only."""
+    for account in accounts:
+        try:
+            found = ledger.account(account.id)
+        except AccountNotFound:
+            continue
+        if found != account:
+            raise account_exists(found)
+    for request in funding:
+        made = ledger.outcome(request.id)
+        if made is None or isinstance(made, Transfer) and (
+                made.kind, made.source, made.destination, made.amount, made.code, made.reference, made.metadata) == (
+                "single", request.source, request.destination, request.amount, 0, None, None):
+            continue  # new, or an earlier run's funding of it, which a retry returns
+        raise IdempotencyConflict(f"transfer id {request.id!r}, with which the run funds {request.destination!r}, was "
+                                  f"already used for another transfer ({made})")
 
 
 def fire(ledger: Any, picker: Picker, config: StressConfig, report: StressReport, progress: bool,

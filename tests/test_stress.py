@@ -717,6 +717,41 @@ def test_a_path_that_is_not_a_ledger_is_refused(tmp_path: Path) -> None:
     assert file_out.returncode == 2 and "is a file" in file_out.stderr
 
 
+def test_a_ledger_stress_cannot_use_is_refused_with_nothing_written(tmp_path: Path) -> None:
+    """An account of the run's held with other fields: the run was refused only once it had
+    made its bank and the accounts before that one, in the user's ledger."""
+    path = tmp_path / "ledger"
+    with Ledger.open(path) as ledger:
+        ledger.create_account("acct-000003", currency="EUR")
+        head = ledger.head()
+    out = tally("stress", "--path", str(path), "--accounts", "5", "--transfers", "100")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr == ("tally stress: account 'acct-000003' exists with other fields: EUR, overdraft_limit 0, code 0,"
+                          " no metadata\n")
+    with Ledger.open(path, readonly=True) as ledger:
+        assert [account.id for account in ledger.accounts()] == ["acct-000003"] and ledger.head() == head
+
+
+def test_a_funding_id_used_for_another_transfer_is_refused_with_nothing_written(tmp_path: Path) -> None:
+    """The run funds acct-000001 with transfer id fund-acct-000001-250 (the amount in it): one
+    the ledger made otherwise is refused before the run opens any account, and one an earlier
+    run made is taken as it is."""
+    path = tmp_path / "ledger"
+    config = StressConfig(path=str(path), accounts=3, clients=1, transfers=20, amount_max=50)
+    with Ledger.open(path) as ledger:
+        ledger.create_account("stress-bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("acct-000001", currency="USD")
+        ledger.transfer("fund-acct-000001-250", source="stress-bank", destination="acct-000001", amount=7)
+        head = ledger.head()
+    with pytest.raises(IdempotencyConflict, match="'fund-acct-000001-250', with which the run funds 'acct-000001'"):
+        run_stress(config, progress=False)
+    with Ledger.open(path, readonly=True) as ledger:
+        assert ledger.head() == head and len(ledger.accounts()) == 2
+    again = tmp_path / "again"
+    assert run_stress(replace(config, path=str(again)), progress=False).ok
+    assert run_stress(replace(config, path=str(again)), progress=False).ok  # its own fundings: taken
+
+
 def test_a_path_stress_may_use_is_one_ledger_open_may_use(tmp_path: Path) -> None:
     """The same rule as `Ledger.open`: a hidden file or `lost+found` does not make a directory foreign."""
     (tmp_path / ".keep").write_text("")
