@@ -288,6 +288,85 @@ def test_read_only_commands_leave_the_data_file_as_it_was(
     assert {name: digest(path / name) for name in before} == before
 
 
+def _bare_copy(path: Path, into: Path) -> dict[str, str]:
+    """`into`: `path`'s data file and anchor alone (a backup restored, say); what each holds."""
+    into.mkdir()
+    for name in ("data.mdb", ANCHOR_FILE):
+        shutil.copy(path / name, into / name)
+    return {name: digest(into / name) for name in sorted(os.listdir(into))}
+
+
+def test_a_dry_run_and_every_refused_open_leave_the_directory_as_they_found_it(tmp_path: Path) -> None:
+    """`tally recover --dry-run` made `tally.lock` (and `lock.mdb` in a copy without one), and a
+    refused open (`tally stress --path`, `tally serve`, `Ledger.open`, a tool) left the lock
+    files it made: "a refused open writes nothing"."""
+    build(tmp_path / "ledger")
+    bare = _bare_copy(tmp_path / "ledger", tmp_path / "bare")
+    done = tally("recover", tmp_path / "bare", "--dry-run")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert {name: digest(tmp_path / "bare" / name) for name in sorted(os.listdir(tmp_path / "bare"))} == bare
+
+    damaged = tmp_path / "damaged"  # refused before LMDB opens it
+    damaged.mkdir()
+    (damaged / "data.mdb").write_bytes(os.urandom(100_000))
+    for command in (["recover", damaged, "--dry-run"], ["stress", "--path", damaged, "--transfers", "10"]):
+        done = tally(*command)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stdout + done.stderr
+        assert os.listdir(damaged) == ["data.mdb"], command
+    with pytest.raises(JournalCorrupted):
+        Ledger.open(damaged)
+    assert os.listdir(damaged) == ["data.mdb"]
+
+    with Ledger.open(tmp_path / "ledger") as ledger:  # the bare copy is now short of its anchor: refused once
+        ledger.transfer("later", source="bank", destination="alice", amount=1)  # LMDB has opened it
+    short = tmp_path / "short"
+    short.mkdir()
+    shutil.copy(tmp_path / "bare" / "data.mdb", short / "data.mdb")
+    shutil.copy(tmp_path / "ledger" / ANCHOR_FILE, short / ANCHOR_FILE)
+    listed = sorted(os.listdir(short))
+    done = tally("balance", short, "alice")
+    assert done.returncode == 1 and "journal corrupted" in done.stderr, done.stdout + done.stderr
+    assert sorted(os.listdir(short)) == listed
+    for readonly in (False, True):
+        with pytest.raises(JournalCorrupted, match="the journal ends at LSN"):
+            Ledger.open(short, readonly=readonly)
+        assert sorted(os.listdir(short)) == listed
+
+
+def test_a_reader_that_keeps_writers_out_makes_no_lock_file_and_a_writer_it_refuses_leaves_none(
+        tmp_path: Path) -> None:
+    """Where there is no `tally.lock`, `recover --dry-run`'s lock (`readonly`) is the directory's
+    flock alone: a writer meanwhile is refused all the same, and takes away the lock file it
+    made for its try."""
+    from journal import _directory
+
+    build(tmp_path / "ledger")
+    path = tmp_path / "bare"
+    _bare_copy(tmp_path / "ledger", path)
+    held = _directory.lock_directory(str(path), readonly=True)
+    assert held is not None
+    try:
+        assert sorted(os.listdir(path)) == ["data.mdb", ANCHOR_FILE]
+        with pytest.raises(LedgerLocked, match="a reader that keeps writers out holds it"):
+            Ledger.open(path)
+        assert sorted(os.listdir(path)) == ["data.mdb", ANCHOR_FILE]
+    finally:
+        held.release()
+    with Ledger.open(path) as ledger:  # then it opens, and its lock file stays, as every writer's does
+        assert ledger.balance("alice").posted > 0
+    assert "tally.lock" in os.listdir(path)
+
+
+def test_the_read_only_commands_leave_a_bare_copy_its_data_and_make_no_directory_lock_file(tmp_path: Path) -> None:
+    """What README.md says they write: LMDB's table of readers alone (made where it is missing)."""
+    build(tmp_path / "ledger")
+    bare = _bare_copy(tmp_path / "ledger", tmp_path / "bare")
+    done = tally("verify", tmp_path / "bare")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(os.listdir(tmp_path / "bare")) == ["data.mdb", "lock.mdb", ANCHOR_FILE]
+    assert {name: digest(tmp_path / "bare" / name) for name in bare} == bare
+
+
 # --- 4. damaged index pages are found as the ledger opens, and no retry commits twice --------------
 
 
