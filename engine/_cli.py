@@ -14,6 +14,7 @@ one line on stderr too).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -255,6 +256,11 @@ def _into_shard(word: str, into: str | None, shard: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    with _unfailing_output():
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     args = command_parser().parse_args(argv)
     if args.command is None:
         command_parser().print_help()
@@ -307,6 +313,28 @@ class _OneLineLog(logging.Handler):
             print(printable(f"tally {self._command}: {text}"), file=sys.stderr, flush=True)
         except Exception:  # noqa: BLE001 - logging's rule: a handler that fails says so and goes on
             self.handleError(record)
+
+
+@contextmanager
+def _unfailing_output() -> Iterator[None]:
+    """Standard output and error writing a character their encoding cannot (an id, a check's
+    mark, on a terminal or a pipe that is not UTF-8: `PYTHONIOENCODING=ascii`, `LC_ALL` of
+    Latin-1) as a backslash escape rather than failing: a report is printed after the work is
+    done, and an `UnicodeEncodeError` there would turn a whole ledger's exit 0 into a
+    traceback and 1. Each stream's own error handling comes back on return."""
+    changed: list[tuple[io.TextIOWrapper, str]] = []
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="backslashreplace")
+            changed.append((stream, "strict"))
+    try:
+        yield
+    finally:
+        for stream, errors in changed:
+            try:
+                stream.reconfigure(errors=errors)
+            except (OSError, ValueError):  # closed, or its flush failed (a reader gone): nothing to restore
+                pass
 
 
 class _Escaped:

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -61,9 +62,25 @@ def shown_instant(timestamp: int) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S") + (f".{nanoseconds:09d}" if nanoseconds else "") + "Z"
 
 
+CHECK_MARKS = ("✓", "✗", "·")
+"""How a report marks a check passed, failed, and not made."""
+CHECK_MARKS_ASCII = ("ok  ", "FAIL", "-   ")
+"""The same, on an output whose encoding has no ✓ or ✗ (ASCII, Latin-1)."""
+
+
+def _check_marks() -> tuple[str, str, str]:
+    """`CHECK_MARKS`, or `CHECK_MARKS_ASCII` where standard output cannot encode them."""
+    try:
+        "".join(CHECK_MARKS).encode(getattr(sys.stdout, "encoding", None) or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        return CHECK_MARKS_ASCII
+    return CHECK_MARKS
+
+
 def _print_checks(report: dict[str, Any]) -> None:
+    passed_mark, failed_mark, unmade_mark = _check_marks()
     for check, passed in report["checks"].items():
-        mark = "✓" if passed else ("✗" if passed is False else "·")
+        mark = passed_mark if passed else (failed_mark if passed is False else unmade_mark)
         print(f"  {mark} {check}")
 
 

@@ -43,9 +43,9 @@ COMMIT, REJECT, TRANSFER3, REFUSAL3, PLAIN3 = 2, 3, 6, 7, 10  # record kinds, as
 """Record kinds, as the journal stores them (the first element of each msgpack record)."""
 
 
-def tally(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """Run `python -m engine ARGS` from this tree (bounded)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def tally(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m engine ARGS` from this tree (bounded), `env` added to the environment."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.run([sys.executable, "-m", "engine", *map(str, args)], capture_output=True, text=True,
                           timeout=CLI_TIMEOUT_S, cwd=ROOT, env=env)
 
