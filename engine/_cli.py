@@ -20,6 +20,7 @@ import logging
 import os
 import shlex
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -114,18 +115,28 @@ TAIL_IDLE_S = 0.25
 
 def _tail(args: argparse.Namespace) -> int:
     """`tally tail`: one line per event (one JSON object with `--json`), each flushed as it is
-    written, for a pipe. Ctrl-C ends it quietly, exit 0, after the line it is writing (or
-    within `TAIL_IDLE_S` of waiting). Ctrl-C only sets a flag here: raised as an exception
-    wherever the interpreter happened to be, it could land inside a lock's acquire or
-    release and leave the lock held, and closing the ledger would then wait for it forever."""
+    written, for a pipe. Ctrl-C ends it after the line it is writing (or within `TAIL_IDLE_S`
+    of waiting): `--follow`, which waits for events until then, quietly with exit 0; without
+    it, as every command is interrupted (`KeyboardInterrupt`: "interrupted", exit 130), the
+    events printed being only some of those asked for. Ctrl-C only sets a flag here: raised
+    as an exception wherever the interpreter happened to be, it could land inside a lock's
+    acquire or release and leave the lock held, and closing the ledger would then wait for it
+    forever. A write a reader leaves blocked (a full pipe nobody reads) is not retried forever:
+    the flag's handler points the output at the null device (`_drop_unwritten_output`), and the
+    write it interrupted ends there."""
     from engine import Ledger
     from engine._follow import event_line
     from engine._json import jsonable
 
     interrupted: list[bool] = []
+
+    def on_interrupt(_signal: int, _frame: Any) -> None:
+        interrupted.append(True)
+        _drop_unwritten_output()
+
     previous = None
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGINT, lambda _signal, _frame: interrupted.append(True))
+        previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
         with Ledger.open(args.path, readonly=True) as ledger:
             after = args.from_lsn
@@ -139,11 +150,37 @@ def _tail(args: argparse.Namespace) -> int:
                 if not args.follow:
                     break
     except KeyboardInterrupt:  # not the main thread: the interpreter's own handling
-        pass
+        interrupted.append(True)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+    if interrupted and not args.follow:
+        raise KeyboardInterrupt
     return 0
+
+
+def _drop_unwritten_output() -> None:
+    """Point this process's standard output, if it is a pipe or a socket, at the null device,
+    once `tally tail` is interrupted: a write blocked on a reader that reads no more (a full
+    pipe), retried when the signal's handler returns, then ends, and so does the flush of what
+    is still buffered at exit, rather than waiting forever. What was not yet written is
+    dropped (the output stops short either way); a terminal or a file, whose writes end, keeps
+    it. Standard output replaced in this process (a test capturing it) is left as it is."""
+    stream = sys.__stdout__
+    if stream is None or (sys.stdout._out if isinstance(sys.stdout, _Escaped) else sys.stdout) is not stream:
+        return
+    try:
+        fd = stream.fileno()
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+            return
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
+    except (OSError, ValueError):  # closed, or no file descriptor: nothing is blocked on it
+        pass
 
 
 def _recover(args: argparse.Namespace) -> int:

@@ -3,12 +3,21 @@ printed whatever the output's encoding, and Ctrl-C ending a command with one lin
 
 from __future__ import annotations
 
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-from engine import Ledger
+from engine import Ledger, TransferRequest
 
-from tests.test_cli import tally
+from tests.test_cli import ROOT, tally
+
+BLOCKED_WAIT_S = 30.0
+"""The longest a test waits for a `tally` process to block, or to end once interrupted."""
 
 ASCII_OUTPUT = {"PYTHONIOENCODING": "ascii"}
 """An output that cannot encode a check's mark nor an id outside ASCII (strict, as Python
@@ -43,3 +52,47 @@ def test_a_report_naming_an_id_its_output_cannot_encode_shows_it_escaped_and_exi
 
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert "\\xfcn\\xef" in done.stdout
+
+
+def _blocked_in_a_write(pid: int) -> bool:
+    """Whether process `pid` waits in a write to a pipe (as Linux's /proc tells; where it cannot
+    tell, taken as so: the caller has seen the pipe filled)."""
+    try:
+        return "pipe_write" in Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return True
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not hasattr(fcntl, "F_SETPIPE_SZ"), reason="a pipe's size is set on Linux only")
+@pytest.mark.parametrize("buffered", ["", "1"], ids=["buffered", "unbuffered"])
+def test_ctrl_c_ends_a_tail_blocked_on_a_full_pipe_with_exit_130(tmp_path: Path, buffered: str) -> None:
+    """Without --follow, Ctrl-C ends `tally tail` as it ends every command (exit 130,
+    "interrupted"), its output being cut short; and it does so while its write waits on a
+    reader that reads no more, which once retried that write forever."""
+    path = tmp_path / "ledger"
+    with Ledger.open(path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        ledger.transfer_many([TransferRequest(f"t-{n}", "bank", "alice", 1) for n in range(200)])
+    reading, writing = os.pipe()
+    fcntl.fcntl(reading, fcntl.F_SETPIPE_SZ, 4096)  # a page: filled by some 50 events of the 202
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED=buffered)
+    tail = subprocess.Popen([sys.executable, "-m", "engine", "tail", str(path)], stdout=writing,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    os.close(writing)
+    try:
+        with os.fdopen(reading, "rb") as output:
+            assert output.readline().split()[:1] == [b"1"]  # the first event: it runs, its handler set
+            deadline = time.monotonic() + BLOCKED_WAIT_S
+            while not _blocked_in_a_write(tail.pid):  # (a state of the other process: nothing to wait on)
+                assert time.monotonic() < deadline, "tally tail never filled the pipe"
+                time.sleep(0.01)
+            tail.send_signal(signal.SIGINT)
+            _, err = tail.communicate(timeout=BLOCKED_WAIT_S)
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+            tail.wait(timeout=BLOCKED_WAIT_S)
+
+    assert (tail.returncode, err) == (130, "tally tail: interrupted\n")
