@@ -83,6 +83,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0 if report["verdict"] == "identical" else 1
     if args.command == "inspect":
         report = _tools_read.inspect(args.path, args.start, args.limit, args.transfer, args.account)
+        if args.transfer is not None and report["transfer_lsn"] is None and not report["problem"]:
+            print(printable(f"tally inspect: no record of transfer {args.transfer!r} in {args.path}: no such id, or it"
+                            " is still in flight"), file=sys.stderr)  # (as balance and history refuse an account)
+            return 2
         emit(args, report, lambda: render_inspect(report, args.transfer, args.start, args.account))
         return 1 if report["problem"] else 0
     if args.command == "tail":

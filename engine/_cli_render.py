@@ -220,11 +220,8 @@ def render_stress(summary: dict[str, Any], args: argparse.Namespace, written: bo
 def render_inspect(report: dict[str, Any], transfer: str | None = None, start: int = 1,
                    account: str | None = None) -> None:
     if transfer is not None and not report["records"] and not report["problem"]:
-        at = report.get("transfer_lsn")
-        if at is None:
-            since = f" at or after LSN {start}" if start > 1 else ""
-            print(f"no record of transfer {transfer!r}{since}: no such id, or it is still in flight")
-        elif at < start:
+        at = report["transfer_lsn"]  # (a transfer with no record at all is refused: `engine._cli`)
+        if at < start:
             print(f"no record of transfer {transfer!r} at or after LSN {start}: its record is at LSN {at}")
         else:
             print(f"no record of transfer {transfer!r} touching account {account!r}: its record, at LSN {at}, names"

@@ -54,7 +54,8 @@ def inspect(path: str, start: int, limit: int | None, transfer: str | None, acco
     """The journal as readable rows, for a person reading what happened: what can be read is
     shown, and `problem` says what cannot (a damaged record, a gap, records the anchor saw and
     the journal lost). A transfer's record is found through the transfers index, not a scan;
-    `transfer_lsn` says where it is (None: no record of it), also when it is not shown."""
+    `transfer_lsn` says where it is (None: no record of it), also when it is not shown.
+    Raises `AccountNotFound` for an `account` the ledger has not (with a `transfer` too)."""
     rows: list[dict[str, Any]] = []
     problem = None
     transfer_lsn = None
@@ -62,6 +63,9 @@ def inspect(path: str, start: int, limit: int | None, transfer: str | None, acco
         try:
             if transfer is not None:
                 check_id(transfer, "transfer id")
+                if account is not None:
+                    with journal.snapshot() as txn:
+                        _account(journal, account, txn)
                 found = transfer_of(journal, transfer)
                 transfer_lsn = None if found is None else found.lsn
                 if found is not None and found.lsn >= start and (account is None or _touches(found, account, journal)):

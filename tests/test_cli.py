@@ -362,13 +362,13 @@ def test_balance_at_an_lsn_past_the_end_is_refused_in_the_flags_terms(built: Bui
     assert "at_lsn" not in done.stderr
 
 
-def test_inspect_of_a_transfer_id_with_no_record_says_so(built: Built) -> None:
-    done = tally("inspect", built.path, "--transfer", "nope")
+@pytest.mark.parametrize("more", [[], ["--account", "alice", "--json"]])
+def test_inspect_of_a_transfer_id_with_no_record_gives_one_line_on_stderr_and_exit_2(built: Built, more: list[str]) -> None:
+    """As balance and history refuse an account the ledger has not."""
+    done = tally("inspect", built.path, "--transfer", "nope", *more)
 
-    assert done.returncode == 0 and done.stderr == ""
-    assert done.stdout == "no record of transfer 'nope': no such id, or it is still in flight\n"
-    code, report = tally_json("inspect", built.path, "--transfer", "nope")
-    assert code == 0 and report["records"] == []
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"tally inspect: no record of transfer 'nope' in {built.path}: no such id, or it is still in flight\n"
 
 
 def test_inspect_of_a_transfer_not_among_the_records_asked_for_does_not_call_its_id_unknown(built: Built) -> None:
@@ -379,8 +379,6 @@ def test_inspect_of_a_transfer_not_among_the_records_asked_for_does_not_call_its
     lsn = built.committed["fund-1"][3]
     assert done.stdout == (f"no record of transfer 'fund-1' touching account 'alice': its record, at LSN {lsn}, names"
                            " other accounts\n")
-    assert tally("inspect", built.path, "--transfer", "nope", "--account", "alice").stdout == (
-        "no record of transfer 'nope': no such id, or it is still in flight\n")
     assert tally("inspect", built.path, "--transfer", "fund-1", "--from", str(lsn + 1)).stdout == (
         f"no record of transfer 'fund-1' at or after LSN {lsn + 1}: its record is at LSN {lsn}\n")
 
@@ -1041,13 +1039,14 @@ def test_serve_and_stress_given_a_sharded_ledgers_directory_are_not_sent_to_one_
     assert "shard's directory" not in done.stderr and "holds other files" in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("command", ["balance", "history"])
-def test_an_unknown_account_gives_one_line_on_stderr_and_exit_2(built: Built, command: str) -> None:
-    done = tally(command, built.path, "nobody")
+@pytest.mark.parametrize("command", [["balance", "nobody"], ["history", "nobody"], ["inspect", "--account", "nobody"],
+                                     ["inspect", "--transfer", "fund-1", "--account", "nobody"]])
+def test_an_unknown_account_gives_one_line_on_stderr_and_exit_2(built: Built, command: list[str]) -> None:
+    done = tally(command[0], built.path, *command[1:])
 
     assert done.returncode == 2
     assert done.stdout == "" and "Traceback" not in done.stderr
-    assert done.stderr.splitlines() == [f"tally {command}: no account 'nobody' in {built.path}"]
+    assert done.stderr.splitlines() == [f"tally {command[0]}: no account 'nobody' in {built.path}"]
 
 
 BAD_ARGUMENTS = {
