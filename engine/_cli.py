@@ -303,9 +303,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     args = command_parser().parse_args(argv)
-    if args.command is None:
-        command_parser().print_help()
-        return 0
+    if args.command is None:  # a usage error, as argparse's own: what the commands are, on stderr
+        command_parser().print_help(sys.stderr)
+        return 2
     plain = sys.stdout
     if args.command in _SHARD_TOOLS and not getattr(args, "json", False):  # (not serve: its log is uvicorn's)
         sys.stdout = _Escaped(plain)  # type: ignore[assignment]

@@ -1039,6 +1039,13 @@ def test_serve_and_stress_given_a_sharded_ledgers_directory_are_not_sent_to_one_
     assert "shard's directory" not in done.stderr and "holds other files" in done.stderr, done.stderr
 
 
+def test_no_command_is_a_usage_error_with_the_commands_on_stderr_and_exit_2() -> None:
+    done = tally()
+
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith("usage: tally ") and "verify" in done.stderr and "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize("command", [["balance", "nobody"], ["history", "nobody"], ["inspect", "--account", "nobody"],
                                      ["inspect", "--transfer", "fund-1", "--account", "nobody"]])
 def test_an_unknown_account_gives_one_line_on_stderr_and_exit_2(built: Built, command: list[str]) -> None:
