@@ -32,15 +32,24 @@ STRESS_BATCH_MAX = 10_000
 """The largest `tally stress --batch` (each batch's ops are built in memory before it is sent)."""
 
 
+_WHOLE = re.compile(r"-?[0-9]+")
+"""A whole number on the command line: the digits 0-9 alone (a minus before them, to be told it
+is below a minimum). Python's `int` also reads `1_0` as 10, ` 3`, `+3` and another script's
+digits as 3: a slip taken as if another number had been meant."""
+
+
+def _whole(text: str) -> int:
+    if _WHOLE.fullmatch(text) is None:
+        raise argparse.ArgumentTypeError(f"{shown(text)} is not a whole number (the digits 0-9 alone)")
+    try:
+        return int(text)
+    except ValueError:  # more digits than Python turns into an int
+        raise argparse.ArgumentTypeError(f"a number of {len(text.lstrip('-')):,} digits is out of range") from None
+
+
 def _count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            digits = text.strip().lstrip("+-").replace("_", "")
-            if digits.isdecimal():  # more digits than Python turns into an int
-                raise argparse.ArgumentTypeError(f"a number of {len(digits):,} digits is out of range") from None
-            raise argparse.ArgumentTypeError(f"{shown(text)} is not a whole number") from None
+        value = _whole(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{shown(value)} is below the minimum of {minimum}")
         if maximum is not None and value > maximum:
@@ -179,7 +188,7 @@ def command_parser() -> argparse.ArgumentParser:
                              "or left open (default 0)")
     stress.add_argument("--linked-rate", type=_rate, default=0.0, metavar="R",
                         help="share of transfers made linked chains of 2 or 3 legs (default 0)")
-    stress.add_argument("--seed", type=int, default=1, help="workload seed (default 1)")
+    stress.add_argument("--seed", type=_whole, default=1, help="workload seed (default 1)")
     stress.add_argument("--chaos", action="store_true",
                         help="run the engine in a child process and SIGKILL it, round after round (single transfers"
                              " one at a time; --transfers N: the last round, unkilled, fires N / (kills + 1))")

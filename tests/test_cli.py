@@ -6,6 +6,7 @@ line on stderr, no traceback).
 
 from __future__ import annotations
 
+import argparse
 import errno
 import hashlib
 import json
@@ -1064,6 +1065,9 @@ BAD_ARGUMENTS = {
                                     "cannot be made a ledger directory"),
     "--into not UTF-8": (["replay", "{ledger}", "--into", "{tmp}/new\udcff"], "argument --into: a path must be"),
     "--from past the last LSN a key holds": (["inspect", "{ledger}", "--from", str(2**64)], "above the maximum"),
+    "--at-lsn with an underscore": (["balance", "{ledger}", "alice", "--at-lsn", "1_0"],
+                                    "argument --at-lsn: '1_0' is not a whole number (the digits 0-9 alone)"),
+    "--from-lsn with an underscore": (["tail", "{ledger}", "--from-lsn", "1_2"], "'1_2' is not a whole number"),
     "--path under a file": (["stress", "--path", "{tmp}/file/new", "--transfers", "5"], "cannot be made a ledger"),
     "--into without --salvage": (["recover", "{ledger}", "--into", "{tmp}/new"], "--into NEW goes with --salvage"),
     "--report in no directory": (["stress", "--transfers", "5", "--report", "{tmp}/none/r.html"], "no such directory"),
@@ -1365,7 +1369,8 @@ def test_an_account_id_no_ledger_could_hold_on_a_sharded_ledgers_directory_is_on
 @pytest.mark.parametrize(("args", "said"), [
     (["--clients", "40000"], "argument --clients: 40000 is above the maximum of 1024"),
     (["--transfers", "9" * 5000], "argument --transfers: a number of 5,000 digits is out of range"),
-    (["--transfers", "x" * 500], "argument --transfers: '" + "x" * 76 + "... is not a whole number"),
+    (["--transfers", "x" * 500], "argument --transfers: '" + "x" * 76 + "... is not a whole number (the digits 0-9 alone)"),
+    (["--seed", "1_0"], "argument --seed: '1_0' is not a whole number (the digits 0-9 alone)"),
     (["--url", "http://[::1"], "argument --url: 'http://[::1' is not a server's URL (http://HOST:PORT)"),
 ])
 def test_stress_arguments_out_of_range_or_malformed_are_one_line(args: list[str], said: str) -> None:
@@ -1410,6 +1415,14 @@ def test_the_time_tally_balance_prints_for_an_lsn_reads_back_as_that_lsn(tmp_pat
     assert finer.returncode == 2
     assert finer.stderr == (f"tally balance: argument --at: '2026-11-30T00:53:20.{fraction:09d}1Z' gives a time "
                             "finer than a nanosecond\n")
+
+
+@pytest.mark.parametrize("text", ["1_0", " 10", "10 ", "+10", "\u0661\u0660", "0x5", "1.0", "1e1", "", "-"])
+def test_a_number_on_the_command_line_is_the_digits_0_to_9_alone(text: str) -> None:
+    """As `tally serve` takes a number in a query: Python's `int` would take the first five."""
+    with pytest.raises(argparse.ArgumentTypeError, match=r"is not a whole number \(the digits 0-9 alone\)$"):
+        _cli_parse._count(0)(text)
+    assert _cli_parse._count(0)("010") == 10 and _cli_parse._whole("-3") == -3
 
 
 @pytest.mark.parametrize("text", ["2026-11-30T00:53:20.9Z", "2026-11-30 00:53:20.9Z", "2026-11-30t00:53:20.9Z",
