@@ -77,7 +77,7 @@ def _require_extra() -> None:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as error:
-        raise ServeExtraMissing(f"tally serve needs FastAPI and uvicorn ({error.name} is missing): {SERVE_EXTRA}"
+        raise ServeExtraMissing(f"FastAPI and uvicorn are needed to serve ({error.name} is missing): {SERVE_EXTRA}"
                                 ) from error
 
 

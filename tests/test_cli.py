@@ -46,7 +46,7 @@ COMMIT, REJECT, TRANSFER3, REFUSAL3, PLAIN3 = 2, 3, 6, 7, 10  # record kinds, as
 
 def tally(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `python -m engine ARGS` from this tree (bounded), `env` added to the environment."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "engine", *map(str, args)], capture_output=True, text=True,
                           timeout=CLI_TIMEOUT_S, cwd=ROOT, env=env)
 
@@ -1038,6 +1038,19 @@ def test_serve_and_stress_given_a_sharded_ledgers_directory_are_not_sent_to_one_
     done = tally(*command, root)
     assert done.returncode == 2
     assert "shard's directory" not in done.stderr and "holds other files" in done.stderr, done.stderr
+
+
+def test_serve_without_fastapi_says_what_to_install_in_one_line_naming_the_command_once(tmp_path: Path) -> None:
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "fastapi.py").write_text("raise ModuleNotFoundError(\"No module named 'fastapi'\", name='fastapi')\n")
+
+    done = tally("serve", tmp_path / "books", env={"PYTHONPATH": os.pathsep.join([str(hidden), str(ROOT)])})
+
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == ("tally serve: FastAPI and uvicorn are needed to serve (fastapi is missing): "
+                           "pip install 'tally-ledger[serve]'\n")
+    assert not (tmp_path / "books").exists()
 
 
 def test_no_command_is_a_usage_error_with_the_commands_on_stderr_and_exit_2() -> None:
