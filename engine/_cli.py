@@ -33,6 +33,7 @@ from engine._cli_parse import command_parser
 from engine._cli_render import (
     damaged_lock_file,
     emit,
+    noun_for,
     printable,
     render_audit,
     render_history,
@@ -101,8 +102,9 @@ def _run(args: argparse.Namespace) -> int:
             if args.at is None or (type(error) is AccountNotFound and not opened_later):
                 raise
             raise type(error)(said_at(str(error), args.at, args.account, opened_later)) from error
+        entries = report.get("entries", 0)  # (none in a balance as of an LSN)
         where = (f" at LSN {report['at_lsn']} ({shown_instant(report['at_timestamp'])})" if "at_lsn" in report else
-                 f" ({report['entries']} entries, last LSN {report['last_lsn']})" if report["entries"] else
+                 f" ({entries} {noun_for(entries, 'entry', 'entries')}, last LSN {report['last_lsn']})" if entries else
                  " (no entries yet)")
         emit(args, report, lambda: print(
             f"{report['account']}: posted {report['posted']} {report['currency']}, pending {report['pending']}, "

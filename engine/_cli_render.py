@@ -77,6 +77,12 @@ def _check_marks() -> tuple[str, str, str]:
     return CHECK_MARKS
 
 
+def noun_for(count: int, noun: str, plural: str | None = None) -> str:
+    """`noun` as it agrees with `count`: "entry" for 1, else `plural` ("entries"; by default
+    `noun` and an s)."""
+    return noun if count == 1 else plural or f"{noun}s"
+
+
 def _print_checks(report: dict[str, Any]) -> None:
     passed_mark, failed_mark, unmade_mark = _check_marks()
     for check, passed in report["checks"].items():
@@ -155,8 +161,8 @@ def subject_of(row: dict[str, Any]) -> str:
         return f"of a linked chain of {len(row['legs'])} ({row['legs'][0]['transfer']}, ...)"
     if "pending_ids" in row:
         count = len(row["pending_ids"])
-        return f"of {count} pending transfer{'s' if count != 1 else ''}"
-    return f"of {row.get('accounts')} accounts"
+        return f"of {count} pending {noun_for(count, 'transfer')}"
+    return f"of {row['accounts']} {noun_for(row['accounts'], 'account')}"
 
 
 def render_stress(summary: dict[str, Any], args: argparse.Namespace, written: bool = True) -> None:
@@ -169,7 +175,7 @@ def render_stress(summary: dict[str, Any], args: argparse.Namespace, written: bo
     sent, unanswered, acknowledged = (summary["transfers_sent"], summary["transfers_unanswered"],
                                       summary["transfers_acknowledged"])
     counted = f" ({acknowledged:,} acknowledged)" if acknowledged != sent else ""
-    print(f"  {sent:,} transfers{counted} in {summary['elapsed_s']} s ="
+    print(f"  {sent:,} {noun_for(sent, 'transfer')}{counted} in {summary['elapsed_s']} s ="
           f" {summary['transfers_per_s']:,.0f} acknowledged transfers/s (committed, or refused for good)")
     if sent - unanswered - acknowledged:
         print(f"  answered without an outcome (a timeout, the ledger unavailable, the server overloaded):"
@@ -193,7 +199,7 @@ def render_stress(summary: dict[str, Any], args: argparse.Namespace, written: bo
         print(f"  not sent again (see above), so still unknown: {resent['still_unknown']:,}")
     if "chaos" in summary:
         chaos = summary["chaos"]
-        print(f"  chaos: {chaos['kills']} kills, survived {chaos['kills_survived']},"
+        print(f"  chaos: {chaos['kills']} {noun_for(chaos['kills'], 'kill')}, survived {chaos['kills_survived']},"
               f" acknowledged {chaos['acknowledged']:,}, lost {chaos['lost']}")
         if "child_failure" in chaos:
             print("  chaos stopped at " + chaos["child_failure"].replace("\n", "\n    | "))
@@ -234,8 +240,8 @@ def render_inspect(report: dict[str, Any], transfer: str | None = None, start: i
         elif kind == "checkpoint":
             held = (f"{row['accounts']} of {row['ledger_accounts']} accounts (those changed, and its sweep's)"
                     if "ledger_accounts" in row and row["accounts"] < row["ledger_accounts"]
-                    else f"{row['accounts']} accounts")
-            print(f"{lsn}  checkpoint  {held}, {row['pending']} pending transfers open")
+                    else f"{row['accounts']} {noun_for(row['accounts'], 'account')}")
+            print(f"{lsn}  checkpoint  {held}, {row['pending']} pending {noun_for(row['pending'], 'transfer')} open")
         elif kind == "expiry":
             print(f"{lsn}  expiry      {', '.join(row['pending_ids'])}")
         elif row.get("linked"):
@@ -263,7 +269,9 @@ def _leg_line(leg: dict[str, Any]) -> str:
 
 
 def render_history(report: dict[str, Any]) -> None:
-    print(f"{report['account']} ({report['currency']}), {report['entries_total']} entries; the latest, in seq order:")
+    total = report["entries_total"]
+    print(f"{report['account']} ({report['currency']}), {total} {noun_for(total, 'entry', 'entries')}; the latest,"
+          " in seq order:")
     width = max([24, *(len(entry["transfer"]) for entry in report["entries"])])  # the ids in one column
     for entry in report["entries"]:
         print(f"  seq {entry['seq']:>6}  LSN {entry['lsn']:>8}  {entry['transfer']:<{width}} {entry['amount']:>14}  "
@@ -276,8 +284,9 @@ def render_history(report: dict[str, Any]) -> None:
 
 
 def render_replay(report: dict[str, Any]) -> None:
-    print(f"replay {report['path']} -> {report['into']}: {report['transfers_replayed']} transfers"
-          f" ({report['rejections_not_replayed']} rejections not replayed) in {report['elapsed_s']} s")
+    replayed, rejections = report["transfers_replayed"], report["rejections_not_replayed"]
+    print(f"replay {report['path']} -> {report['into']}: {replayed} {noun_for(replayed, 'transfer')}"
+          f" ({rejections} {noun_for(rejections, 'rejection')} not replayed) in {report['elapsed_s']} s")
     print(f"  original {report['state_hash_original']}")
     print(f"  replayed {report['state_hash_replayed']}")
     print(f"  verdict: {report['verdict']}")

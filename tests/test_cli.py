@@ -30,7 +30,7 @@ from coordinator import CHECKS, INDEX_NAMES
 from coordinator import _audit, _recovery
 from coordinator._audit import CHECK_RECORDS
 from engine import CurrencyMismatch, InsufficientFunds, JournalCorrupted, Ledger, LedgerLocked, NotALedger, TransferRequest
-from engine import _cli, _cli_parse, _readonly, _tools_audit, _tools_copy, _tools_read
+from engine import _cli, _cli_parse, _cli_render, _readonly, _tools_audit, _tools_copy, _tools_read
 from engine._history import History
 from journal import ANCHOR_FILE, COPY_STAGING_PREFIXES, FORMAT_VERSION, Journal, lsn_key
 from journal import _directory
@@ -616,6 +616,25 @@ def test_text_reports_show_control_characters_in_ids_escaped(tmp_path: Path) -> 
     assert "\x1b" not in inspect.stdout + balance.stdout and "\u202e" not in balance.stdout
     code, report = tally_json("balance", tmp_path / "l", painted)
     assert code == 0 and report["account"] == painted
+
+
+def test_a_count_of_one_says_its_noun_in_the_singular(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "ledger"
+    with Ledger.open(path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        ledger.transfer("t-1", source="bank", destination="alice", amount=5)
+        with pytest.raises(InsufficientFunds):
+            ledger.transfer("t-2", source="alice", destination="bank", amount=50)
+
+    balance, history = tally("balance", path, "alice"), tally("history", path, "alice")
+    replay = tally("replay", path, "--into", tmp_path / "copy")
+    _cli_render.render_inspect({"records": [{"lsn": 9, "kind": "checkpoint", "accounts": 1, "pending": 1}], "problem": None})
+
+    assert balance.stdout.endswith(" (1 entry, last LSN 3)\n"), balance.stdout
+    assert history.stdout.startswith("alice (USD), 1 entry; the latest, in seq order:\n"), history.stdout
+    assert replay.stdout.startswith(f"replay {path} -> {tmp_path / 'copy'}: 1 transfer (1 rejection not replayed) in ")
+    assert capsys.readouterr().out == "         9  checkpoint  1 account, 1 pending transfer open\n"
 
 
 def test_replays_text_report_is_four_lines(built: Built, tmp_path: Path) -> None:
