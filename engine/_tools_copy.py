@@ -64,7 +64,10 @@ from engine._tools import Progress, reading
 
 
 def _new_directory(path: str) -> None:
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    """Refuse `path` as the new ledger's directory unless it is missing or an empty directory."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InvalidRequest(f"{path} exists and is not a directory: choose a new directory")
+    if os.path.exists(path) and os.listdir(path):
         raise InvalidRequest(f"{path} already exists and is not empty: choose a new directory")
 
 

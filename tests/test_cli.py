@@ -340,6 +340,18 @@ def test_replay_into_a_directory_that_is_not_empty_is_refused_and_writes_nothing
     assert sorted(p.name for p in occupied.iterdir()) == ["keep.txt"]
 
 
+@pytest.mark.parametrize("command", [["replay"], ["recover", "--salvage"]])
+def test_a_copy_into_a_file_says_it_is_not_a_directory_and_leaves_it_as_it_was(
+        built: Built, tmp_path: Path, command: list[str]) -> None:
+    (tmp_path / "file").write_bytes(b"")
+
+    done = tally(command[0], built.path, *command[1:], "--into", tmp_path / "file")
+
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"tally {command[0]}: {tmp_path / 'file'} exists and is not a directory: choose a new directory\n"
+    assert (tmp_path / "file").read_bytes() == b""
+
+
 # --- recover ---------------------------------------------------------------------
 
 
