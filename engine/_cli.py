@@ -215,9 +215,10 @@ def _recover(args: argparse.Namespace) -> int:
         last = report.get("last_record")
         if last:
             print(f"  the last durable record: LSN {last['lsn']}, {last['kind']} {subject_of(last)}")
-        print("  in doubt: none on disk (reservations are never journaled; a commit record carries both entries);"
-              " transfers in flight at the crash left no record, were never acknowledged, and run afresh if retried")
-        print("  aborted by recovery: 0, finished by recovery: 0")
+        if report["in_doubt"] is not None:  # (the books were rebuilt: else it read no such figure)
+            print("  in doubt: none on disk (reservations are never journaled; a commit record carries both entries);"
+                  " transfers in flight at the crash left no record, were never acknowledged, and run afresh if retried")
+            print("  aborted by recovery: 0, finished by recovery: 0")
         if report["last_record"] is not None or report["verdict"] == "whole":  # (the checkpoints of whole books only)
             newest = f"LSN {report['checkpoint_lsn']}" if report["checkpoint_lsn"] else "none yet"
             print(f"  records past the newest checkpoint ({newest}): {report['replayed_past_checkpoint']}")

@@ -468,6 +468,18 @@ def test_recover_dry_run_of_a_whole_journal_without_its_anchor_points_to_recover
     assert (built.path / ANCHOR_FILE).exists()
 
 
+def test_recover_of_a_journal_it_cannot_read_prints_no_figure_of_what_it_could_not_read(built: Built) -> None:
+    data = built.path / "data.mdb"
+    data.write_bytes(data.read_bytes()[:len(data.read_bytes()) // 2])
+
+    done = tally("recover", built.path)
+    code, report = tally_json("recover", built.path, "--dry-run")
+
+    assert done.returncode == code == 1 and done.stderr == ""
+    assert "in doubt" not in done.stdout and "aborted by recovery" not in done.stdout, done.stdout
+    assert report["in_doubt"] is None and report["last_lsn"] is None
+
+
 @pytest.mark.parametrize("last", ["expiry", "linked"])
 def test_recover_names_the_last_durable_record_of_every_kind(tmp_path: Path, last: str) -> None:
     now = [1_700_000_000_000_000_000]
