@@ -236,7 +236,10 @@ def _recover(args: argparse.Namespace) -> int:
         elif damaged_lock_file(report) is not None:
             print(f"  nothing was changed. With no process using the ledger, remove it and run `tally recover {args.path}`"
                   " again: the next open makes it anew")
-        elif report["verdict"] != "whole" and report["checks"].get(CHECK_FILE) is False:
+        elif report["verdict"] != "whole" and report["checks"].get(CHECK_FILE) is False and report["last_lsn"] is None:
+            print("  the journal could not be read (the problem above): nothing was changed. Restore the ledger from a"
+                  " backup (README.md, \"Damage\")")
+        elif report["verdict"] != "whole" and report["checks"].get(CHECK_FILE) is False and not report["anchor_missing"]:
             print("  the data file is damaged, or is not the one its anchor names: nothing was changed. Restore the"
                   " ledger from a backup; or, if this file holds the history to keep (a copy that went on elsewhere),"
                   f" remove {args.path}/tally.anchor and run `tally recover {args.path}` (README.md, \"Damage\")")

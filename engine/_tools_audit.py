@@ -177,7 +177,8 @@ def recover(path: str, dry_run: bool, progress: Progress = None) -> dict[str, An
     last LSN (never with `dry_run`). Nothing on disk can be in doubt: reservations are never
     journaled and a commit record carries both of its entries, so recovery's only resolution
     is the account projection of the records past the newest checkpoint (`in_doubt`: None
-    where the books could not be rebuilt).
+    where the books could not be rebuilt). `anchor_missing` says whether the journal, opened,
+    had lost its anchor (None: it could not be opened).
     """
     started = time.perf_counter()
     try:
@@ -201,6 +202,7 @@ def recover(path: str, dry_run: bool, progress: Progress = None) -> dict[str, An
     result["replayed_past_checkpoint"] = last_lsn - tail.checkpoint_lsn if tail is not None and last_lsn else 0
     result["in_doubt"] = ({"aborted_by_recovery": [], "finished_by_recovery": []} if report.books is not None
                           else None)  # (books not rebuilt: nothing read to say it of)
+    result["anchor_missing"] = lost_anchor if result["last_lsn"] is not None else None  # (unknown: not opened)
     result["dry_run"] = dry_run
     if report.whole and lost_anchor:
         if dry_run:  # the ledger is not whole until it has an anchor again

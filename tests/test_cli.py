@@ -468,16 +468,43 @@ def test_recover_dry_run_of_a_whole_journal_without_its_anchor_points_to_recover
     assert (built.path / ANCHOR_FILE).exists()
 
 
-def test_recover_of_a_journal_it_cannot_read_prints_no_figure_of_what_it_could_not_read(built: Built) -> None:
+@pytest.mark.parametrize("damage", ["a data file of garbage, no anchor", "a truncated data file, its anchor kept"])
+def test_recover_of_a_journal_it_cannot_read_prints_no_figure_and_names_no_anchor_to_remove(
+        built: Built, damage: str) -> None:
     data = built.path / "data.mdb"
-    data.write_bytes(data.read_bytes()[:len(data.read_bytes()) // 2])
+    if damage.startswith("a data file of garbage"):
+        (built.path / ANCHOR_FILE).unlink()
+        data.write_bytes(bytes(range(256)) * 64)
+    else:
+        data.write_bytes(data.read_bytes()[:len(data.read_bytes()) // 2])
 
     done = tally("recover", built.path)
     code, report = tally_json("recover", built.path, "--dry-run")
 
     assert done.returncode == code == 1 and done.stderr == ""
     assert "in doubt" not in done.stdout and "aborted by recovery" not in done.stdout, done.stdout
+    assert ANCHOR_FILE not in done.stdout and done.stdout.endswith(
+        "  the journal could not be read (the problem above): nothing was changed. Restore the ledger from a backup"
+        ' (README.md, "Damage")\n')
     assert report["in_doubt"] is None and report["last_lsn"] is None
+
+
+def test_recover_of_a_journal_that_went_on_elsewhere_points_to_removing_its_anchor(built: Built, tmp_path: Path) -> None:
+    """A copy of the ledger written elsewhere, its data file copied back: the one case where
+    removing the anchor keeps a history (README.md, "Damage")."""
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(built.path, elsewhere)
+    for path, tid in ((built.path, "here"), (elsewhere, "there")):
+        with Ledger.open(path) as ledger:
+            ledger.transfer(tid, source="bank", destination="alice", amount=1)
+    shutil.copyfile(elsewhere / "data.mdb", built.path / "data.mdb")
+
+    code, report = tally_json("recover", built.path, "--dry-run")
+    done = tally("recover", built.path, "--dry-run")
+
+    assert code == done.returncode == 1 and report["anchor_missing"] is False and report["in_doubt"] is None
+    assert f"remove {built.path}/{ANCHOR_FILE} and run `tally recover {built.path}`" in done.stdout
+    assert "in doubt" not in done.stdout
 
 
 @pytest.mark.parametrize("last", ["expiry", "linked"])
