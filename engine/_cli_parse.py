@@ -160,11 +160,12 @@ def command_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tally {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def command(name: str, help_text: str, path: bool = True) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str, path: bool = True,
+                json_help: str = "print the report as JSON") -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         if path:
             sub.add_argument("path", metavar="PATH", type=_path, help="the ledger directory")
-        sub.add_argument("--json", action="store_true", help="print the report as JSON")
+        sub.add_argument("--json", action="store_true", help=json_help)
         return sub
 
     stress = command("stress", "fire concurrent transfers at a ledger and verify the books", path=False)
@@ -225,7 +226,8 @@ def command_parser() -> argparse.ArgumentParser:
     history = command("history", "an account's latest entries and transfers, read-only")
     history.add_argument("account", metavar="ACCOUNT", help="the account's id")
     history.add_argument("--limit", type=_count(1), default=20, metavar="N", help="latest N entries (default 20)")
-    tail = command("tail", "the stream of events as lines, read-only: beside a live writer, never taking its lock")
+    tail = command("tail", "the stream of events as lines, read-only: beside a live writer, never taking its lock",
+                   json_help="print each event as a JSON object, one a line")
     tail.add_argument("--from-lsn", dest="from_lsn", type=_count(0, LSN_MAX), default=0, metavar="N",
                       help="the events after LSN N (default 0: all); resume with the LSN of the last one processed")
     tail.add_argument("--follow", action="store_true", help="then wait for new events, until interrupted")

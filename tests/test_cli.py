@@ -615,6 +615,14 @@ def test_a_damaged_record_makes_verify_and_recover_exit_1_naming_its_lsn_and_cha
     assert file_digest(built.path / "data.mdb") == digest
 
 
+def test_the_help_of_tail_says_its_json_is_an_object_an_event() -> None:
+    done = tally("tail", "--help")
+
+    assert done.returncode == 0
+    assert "print each event as a JSON object, one a line" in " ".join(done.stdout.split())
+    assert "the report" not in done.stdout
+
+
 def test_inspect_stops_at_a_damaged_record_and_exits_1(corrupted: Corrupted) -> None:
     built, lsn = corrupted.built, corrupted.lsn
 
