@@ -615,6 +615,17 @@ def test_a_damaged_record_makes_verify_and_recover_exit_1_naming_its_lsn_and_cha
     assert file_digest(built.path / "data.mdb") == digest
 
 
+def test_a_replay_of_a_damaged_journal_exits_1_naming_its_lsn_and_makes_nothing(corrupted: Corrupted,
+                                                                                tmp_path: Path) -> None:
+    """The ledger is not whole (exit 1, as README.md's replay row says), not a replay that could not run (2)."""
+    done = tally("replay", corrupted.built.path, "--into", tmp_path / "copy")
+
+    assert (done.returncode, done.stdout) == (1, "")
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("tally replay: ") and f"LSN {corrupted.lsn}" in line
+    assert not (tmp_path / "copy").exists()
+
+
 def test_the_help_of_tail_says_its_json_is_an_object_an_event() -> None:
     done = tally("tail", "--help")
 
