@@ -179,7 +179,7 @@ class Ledger(AccountCreating, Closing):
                            actors_live_max=actors_live_max, inflight_max=inflight_max,
                            checkpoint_interval=checkpoint_interval, clock_ns=clock_ns)
         except BaseException:
-            journal.close(seal=False, refused=True)  # what went wrong is found again by the next open
+            journal.close(seal=False)  # what went wrong is found again by the next open
             raise
 
     def __enter__(self) -> Ledger:

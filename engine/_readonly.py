@@ -80,7 +80,7 @@ def open_readonly(path: str, timeout_s: float) -> ReadingLedger:
         with ledger_errors():
             return ReadingLedger(journal, timeout_s)
     except BaseException:
-        journal.close(refused=True)  # (a lock.mdb this open made, taken away again)
+        journal.close()
         raise
 
 

@@ -42,7 +42,7 @@ def reading(path: str, lock: bool = False, audited: bool = False) -> Iterator[Jo
             raise NotALedger(str(error)) from error
         raise
     if journal.problem is not None and not audited:
-        journal.close(refused=True)  # (a lock.mdb this open made, taken away again)
+        journal.close()
         problem = journal.problem
         raise JournalCorrupted(str(problem), problem.lsn, problem.where) from problem
     try:

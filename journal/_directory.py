@@ -9,7 +9,6 @@ start a new ledger.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
@@ -18,7 +17,6 @@ import stat
 
 from journal._anchor import ANCHOR_FILE, LOCK_FILE_REMEDY, AnchorState, not_regular, open_regular, read_anchor
 from journal._errors import JournalCorruptedError, JournalError, JournalLockedError, JournalNotFoundError
-from journal._lmdb_files import discard_lock_file
 from journal._names import COPY_STAGING_PREFIXES, DATA_FILE, LMDB_LOCK_FILE, STAGING_DIR
 from journal._seal import SEAL_FILE
 
@@ -48,29 +46,16 @@ class DirectoryLock:
     directory's is what still holds when the lock file is removed under a live holder (a clean-up
     of stale lock files, say), which leaves that holder's flock on a file no path reaches and let
     the next opener make a new one and lock it: two writers, each believing itself alone. A
-    directory cannot be removed while it holds a journal. They die with the process.
+    directory cannot be removed while it holds a journal. They die with the process."""
 
-    A reader that must know no live process writes (`lock_directory(readonly=True)`) makes no
-    lock file: where there is none, the directory's flock alone keeps writers out meanwhile."""
-
-    def __init__(self, fds: list[int], made: str | None = None) -> None:
+    def __init__(self, fds: list[int]) -> None:
         self._fds = fds
-        self._made = made
-        """The lock file this lock made, where the directory's flock holds without it: what a
-        refused open takes away again (`release(discard=True)`)."""
 
-    def release(self, discard: bool = False) -> None:
+    def release(self) -> None:
         """Let go of both (idempotent): the directory's first, the lock file's last, so an opener
         racing this close is refused at the lock file, told the truth (not that the lock file was
-        removed, which is what the directory's flock alone refusing it says). With `discard` (an
-        open that was refused), the lock file is first taken away if this lock made it, so the
-        directory is left as it was found: safe while both flocks are held, since the
-        directory's keeps the next openers to one, whatever lock file each finds."""
+        removed, which is what the directory's flock alone refusing it says)."""
         fds, self._fds = self._fds, []
-        made, self._made = self._made, None
-        if discard and made is not None and fds:
-            with contextlib.suppress(OSError):
-                os.unlink(made)
         for fd in reversed(fds):
             os.close(fd)
 
@@ -82,78 +67,47 @@ lock file's flock is all there is, as before."""
 
 
 def lock_directory(path: str, readonly: bool = False) -> DirectoryLock | None:
-    """Take an exclusive flock on the directory's lock file (made if missing) and on the
-    directory (`DirectoryLock`); they die with the process. Raises `JournalLockedError` while
-    another holder has either; a lock file this call made is taken away again when it is
-    refused for the directory's flock (another holder has it).
+    """Take an exclusive flock on the directory's lock file and on the directory
+    (`DirectoryLock`); they die with the process. Raises `JournalLockedError` while another
+    holder has either.
 
     `readonly` (a reader that must know no live process writes, as `tally recover --dry-run`):
-    no lock file is made. One there is opened (for reading, on a read-only file system or one
-    this user may not write: `flock` takes it all the same) and locked; where there is none,
-    the directory's flock alone keeps writers out, and only where the file system cannot flock
-    a directory is the lock file made, as a writer makes it (if it can be)."""
-    lock = DirectoryLock([])
+    on a read-only file system, or one this user may not write, the lock file is opened for
+    reading, which `flock` takes all the same; if there is none, the directory's flock alone
+    says whether a live process holds it."""
+    fds: list[int] = []
     try:
-        fd, made = _open_lock_file(path, readonly, create=not readonly)
+        fd = _open_lock_file(path, readonly)
         if fd is not None:
-            lock._fds.append(fd)
+            fds.append(fd)
             _flock(fd, path)
-            lock._made = made  # (only once its flock is this lock's: see `DirectoryLock.release`)
-        if not _flock_directory(path, lock._fds):  # a file system that cannot: the lock file's flock is all there is
-            lock._made = None  # (so it stays: taken away, the next opener would make and lock another)
-            if fd is None:
-                fd, _ = _open_lock_file(path, readonly, create=True)
-                if fd is not None:
-                    lock._fds.append(fd)
-                    _flock(fd, path)
-    except BaseException as error:
-        lock.release(discard=isinstance(error, JournalLockedError))  # (refused for the directory: another holds it)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as error:
+            raise directory_error(f"cannot lock {path!r} as a ledger directory", error) from error
+        fds.append(fd)
+        _flock(fd, path, directory=True)
+    except BaseException:
+        DirectoryLock(fds).release()
         raise
-    return lock
+    return DirectoryLock(fds)
 
 
-def undo_open(path: str, lock: DirectoryLock | None, made_lmdb_lock: bool) -> None:
-    """For an open refused (nothing of LMDB's left open on the directory in this process): take
-    away LMDB's `lock.mdb` if the open made it and no process has it open (`discard_lock_file`),
-    then the directory's lock file if the lock made it (`DirectoryLock.release`), and let go of
-    the lock: the directory is left as the open found it."""
-    if made_lmdb_lock:
-        discard_lock_file(path)
-    if lock is not None:
-        lock.release(discard=True)
-
-
-def _flock_directory(path: str, fds: list[int]) -> bool:
-    """Flock the directory `path` (its descriptor added to `fds`); False where its file system
-    cannot flock a directory (the descriptor is kept all the same: it closes with the rest)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as error:
-        raise directory_error(f"cannot lock {path!r} as a ledger directory", error) from error
-    fds.append(fd)
-    return _flock(fd, path, directory=True)
-
-
-def _open_lock_file(path: str, readonly: bool, create: bool) -> tuple[int | None, str | None]:
-    """The lock file, made if missing with `create`, and its path if this call made it (else
-    None); (None, None) where there is none and it is not made, or a reader may not make it.
+def _open_lock_file(path: str, readonly: bool) -> int | None:
+    """The lock file, made if missing (None: a reader that may not make it, and there is none).
     Anything but a regular file there (a FIFO, whose open for reading would wait for a writer
     that never comes; a directory; a device) is `JournalCorruptedError` naming it."""
     lock_path = os.path.join(path, LOCK_FILE)
     what, remedy = _LOCK_FILE_WHAT, _LOCK_FILE_REMEDY
-    there = os.path.lexists(lock_path)
     try:
-        fd = open_regular(lock_path, what, os.O_RDWR | (os.O_CREAT if create else 0), remedy=remedy)[0]
-        return fd, None if there else lock_path
+        return open_regular(lock_path, what, os.O_RDWR | os.O_CREAT, remedy=remedy)[0]
     except OSError as error:
-        if isinstance(error, FileNotFoundError) and not create:
-            return None, None
         if not readonly or error.errno not in (errno.EROFS, errno.EACCES):
             raise directory_error(f"cannot lock {path!r} as a ledger directory", error) from error
     try:
-        return open_regular(lock_path, what, remedy=remedy)[0], None
+        return open_regular(lock_path, what, remedy=remedy)[0]
     except FileNotFoundError:
-        return None, None
+        return None
     except OSError as again:
         raise directory_error(f"cannot lock {path!r} as a ledger directory", again) from again
 
@@ -173,22 +127,19 @@ def refuse_irregular_lock_file(path: str) -> None:
         raise not_regular(lock_path, _LOCK_FILE_WHAT, _LOCK_FILE_REMEDY)
 
 
-def _flock(fd: int, path: str, directory: bool = False) -> bool:
-    """Flock `fd` exclusively; True, or False for a directory its file system cannot flock."""
+def _flock(fd: int, path: str, directory: bool = False) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
         if error.errno in (errno.EAGAIN, errno.EACCES):
             raise JournalLockedError(
                 f"{path} is open in another live process (or by another open ledger in this process)"
-                + (" (the directory itself is locked: its lock file was removed while it was open, or a"
-                   " reader that keeps writers out holds it, `tally recover`, `salvage` or `replay`, or something"
-                   " else holds a lock on the directory)" if directory else "")
+                + (" (the directory itself is locked: its lock file was removed while it was open, or"
+                   " something else holds a lock on the directory)" if directory else "")
             ) from error
         if directory and error.errno in _NO_DIRECTORY_FLOCK:
-            return False
+            return
         raise directory_error(f"cannot lock {path!r} as a ledger directory", error) from error  # (NFS: EBADF)
-    return True
 
 
 def refuse_foreign(path: str) -> None:

@@ -25,8 +25,7 @@ import lmdb
 
 from journal._anchor import DIGEST_BYTES, Anchor, AnchorState, create_anchor
 from journal._completion import Completion
-from journal._directory import (DirectoryLock, clear_staging, lock_directory, prepare_directory, recognise,
-                                refuse_missing, undo_open)
+from journal._directory import DirectoryLock, clear_staging, lock_directory, prepare_directory, recognise, refuse_missing
 from journal._errors import (
     JournalAnchorMissingError,
     JournalClosedError,
@@ -41,7 +40,7 @@ from journal._format import index_seed, key_lsn, lsn_key
 from journal._journal_reads import JournalReads
 from journal._limits import MAP_SIZE_BYTES_DEFAULT
 from journal._check import check_records, check_to_seal
-from journal._names import DATA_FILE, LMDB_LOCK_FILE, RECORDS_DB
+from journal._names import DATA_FILE, RECORDS_DB
 from journal._seal import SEAL_FILE, write_seal
 from journal._store import Store, os_error
 from journal._writer import Writer
@@ -56,7 +55,6 @@ class Journal(JournalReads):
         self._store = store
         self._lock = lock
         self._open = True
-        self.made_lmdb_lock = False  # this open made LMDB's `lock.mdb` (`close(refused=True)` takes it away)
         self.path = path
         self.readonly = store.readonly
         self.format_version = store.format_version
@@ -163,9 +161,7 @@ class Journal(JournalReads):
         the anchor is kept in `problem` rather than raised (the audit reports it; reads
         past a gap raise). Without `lock` a live writer in another process may go on (LMDB
         readers see a snapshot); with it, the directory is locked as a writer locks it
-        (`JournalLockedError` while a live process holds it), without making a lock file, and
-        the close takes away the `lock.mdb` this open made, if no process opened it meanwhile:
-        no writer could start while it read, so its reader slot protected nothing beyond it."""
+        (`JournalLockedError` while a live process holds it)."""
         path = os.fsdecode(path)
         prepare_directory(path, create=False)
         exists, anchor = recognise(path)
@@ -184,22 +180,20 @@ class Journal(JournalReads):
     def _made(cls, path: str, lock: DirectoryLock | None,
               make: Callable[[], tuple[Store, AnchorState | None]]) -> Journal:
         """The journal on the store `make()` opens, the directory held with `lock` (if any);
-        whatever fails, what was opened is closed again and the lock files the open made are
-        taken away (`undo_open`): a refused open leaves the directory as it found it."""
-        lmdb_lock_there = os.path.lexists(os.path.join(path, LMDB_LOCK_FILE))
+        whatever fails, what was opened is closed again."""
         try:
             store, anchor = make()
         except BaseException:
-            undo_open(path, lock, made_lmdb_lock=not lmdb_lock_there)
+            if lock is not None:
+                lock.release()
             raise
         try:
-            journal = cls(store, lock, path, anchor)
+            return cls(store, lock, path, anchor)
         except BaseException:
             store.close()
-            undo_open(path, lock, made_lmdb_lock=not lmdb_lock_there)
+            if lock is not None:
+                lock.release()
             raise
-        journal.made_lmdb_lock = not lmdb_lock_there
-        return journal
 
     @property
     def _writing(self) -> Writer:
@@ -318,11 +312,9 @@ class Journal(JournalReads):
             self._lock.release()
             self._lock = None
 
-    def close(self, seal: bool = True, refused: bool = False) -> None:
+    def close(self, seal: bool = True) -> None:
         """Drain the writer, seal the data file (unless `seal` is False: say, an open that
-        failed), close LMDB and release the directory lock. Idempotent. `refused`: a caller's
-        open (a ledger's) was refused after this journal opened: the lock files this open made
-        are taken away (`undo_open`), as `open` does for one it refuses itself."""
+        failed), close LMDB and release the directory lock. Idempotent."""
         if not self._open:
             return
         self._open = False
@@ -333,11 +325,9 @@ class Journal(JournalReads):
                     self._seal()
         finally:
             self._store.close()
-            lock, self._lock = self._lock, None
-            if refused or self.readonly and lock is not None:  # (a read no writer could start beside: see `open_readonly`)
-                undo_open(self._store.directory, lock, self.made_lmdb_lock)
-            elif lock is not None:
-                lock.release()
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
 
 

@@ -7,19 +7,16 @@ py-lmdb refuses to open the same files twice in a process (`files_of`), and the 
 its data file is still the one it opened (`journal._store`, `Store.in_place`). A reader that
 died leaves its slot in the table, pinning its snapshot; `clear_dead_readers` clears those of
 processes that are gone, when the store opens and, now and then, after the writer's commits
-(`journal._commits`). An open refused after it made `lock.mdb` takes it away again, unless a
-process has it open (`discard_lock_file`). The environment itself, and the options LMDB opens
-it with, are `journal._store`'s.
+(`journal._commits`). The environment itself, and the options LMDB opens it with, are
+`journal._store`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
-import stat
 
 import lmdb
 
@@ -62,32 +59,6 @@ def allocate_lock_file(path: str, readonly: bool = False) -> tuple[int, int] | N
     finally:
         os.close(fd)
     return (found.st_dev, found.st_ino)
-
-
-def discard_lock_file(path: str) -> None:
-    """Take away directory `path`'s `lock.mdb`, made by an open that was then refused (so a
-    refused open leaves the directory as it found it), unless a process has it open: LMDB
-    holds a lock on its first byte for as long as an environment is open on it, which this
-    tries to take (without waiting) before it unlinks the file, and lets go of after. Call
-    with no environment of this process open on it (closing this descriptor lets go of every
-    lock the process holds on the file). Anything but a regular file there, or a file that
-    cannot be opened or locked, is left as it is; never raises."""
-    lock_path = os.path.join(path, LMDB_LOCK_FILE)
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        found = os.fstat(fd)
-        if not stat.S_ISREG(found.st_mode):
-            return
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0, os.SEEK_SET)  # (LMDB's: the first byte)
-        if file_identity(lock_path) == (found.st_dev, found.st_ino):  # (still the one locked)
-            os.unlink(lock_path)
-    except OSError:  # in use (or gone meanwhile): left
-        pass
-    finally:
-        os.close(fd)
 
 
 def files_of(directory: str, data_file: tuple[int, int] | None = None,
