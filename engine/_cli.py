@@ -129,16 +129,19 @@ def _tail(args: argparse.Namespace) -> int:
     acquire or release and leave the lock held, and closing the ledger would then wait for it
     forever. A write a reader leaves blocked (a full pipe nobody reads) is not retried forever:
     the flag's handler points the output at the null device (`_drop_unwritten_output`), and the
-    write it interrupted ends there."""
+    write it interrupted ends there; what is still buffered is flushed there too, and the
+    output is given back before return (a program calling `main` keeps its own)."""
     from engine import Ledger
     from engine._follow import event_line
     from engine._json import jsonable
 
     interrupted: list[bool] = []
+    dropped: list[int] = []  # the output's own file, duplicated, while it points at the null device
 
     def on_interrupt(_signal: int, _frame: Any) -> None:
         interrupted.append(True)
-        _drop_unwritten_output()
+        if not dropped:
+            dropped.extend(_drop_unwritten_output())
 
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -158,35 +161,59 @@ def _tail(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # not the main thread: the interpreter's own handling
         interrupted.append(True)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        try:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        finally:  # (also if the handler given back raises at once: a second Ctrl-C)
+            if dropped:
+                _give_back_output(dropped[0])
     if interrupted and not args.follow:
         raise KeyboardInterrupt
     return 0
 
 
-def _drop_unwritten_output() -> None:
+def _drop_unwritten_output() -> list[int]:
     """Point this process's standard output, if it is a pipe or a socket, at the null device,
     once `tally tail` is interrupted: a write blocked on a reader that reads no more (a full
-    pipe), retried when the signal's handler returns, then ends, and so does the flush of what
-    is still buffered at exit, rather than waiting forever. What was not yet written is
-    dropped (the output stops short either way); a terminal or a file, whose writes end, keeps
-    it. Standard output replaced in this process (a test capturing it) is left as it is."""
+    pipe), retried when the signal's handler returns, then ends, rather than waiting forever.
+    What was not yet written is dropped (the output stops short either way); a terminal or a
+    file, whose writes end, keeps it. Standard output replaced in this process (a test
+    capturing it) is left as it is. Returns a duplicate of the output's own file, for
+    `_give_back_output` (none: left as it was)."""
     stream = sys.__stdout__
     if stream is None or (sys.stdout._out if isinstance(sys.stdout, _Escaped) else sys.stdout) is not stream:
-        return
+        return []
     try:
         fd = stream.fileno()
         mode = os.fstat(fd).st_mode
         if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
-            return
+            return []
         null = os.open(os.devnull, os.O_WRONLY)
         try:
-            os.dup2(null, fd)
+            kept = os.dup(fd)
+            try:
+                os.dup2(null, fd)
+            except OSError:
+                os.close(kept)
+                raise
         finally:
             os.close(null)
     except (OSError, ValueError):  # closed, or no file descriptor: nothing is blocked on it
+        return []
+    return [kept]
+
+
+def _give_back_output(kept: int) -> None:
+    """Undo `_drop_unwritten_output` once `tally tail` wrote its last: what is still buffered
+    is flushed to the null device (not left for the exit's flush to wait on the pipe), then the
+    output is its own file again (a program calling `main` in-process keeps its output)."""
+    try:
+        sys.__stdout__.flush()  # type: ignore[union-attr]  # (not None: `kept` was duplicated from it)
+        os.dup2(kept, sys.__stdout__.fileno())  # type: ignore[union-attr]
+    except (OSError, ValueError):  # closed meanwhile: nothing to give back
         pass
+    finally:
+        os.close(kept)
 
 
 def _recover(args: argparse.Namespace) -> int:

@@ -96,3 +96,33 @@ def test_ctrl_c_ends_a_tail_blocked_on_a_full_pipe_with_exit_130(tmp_path: Path,
             tail.wait(timeout=BLOCKED_WAIT_S)
 
     assert (tail.returncode, err) == (130, "tally tail: interrupted\n")
+
+
+IN_PROCESS_TAIL = """
+import signal, sys
+from engine import _cli, _follow
+
+shown = _follow.event_line
+
+
+def line(event):  # Ctrl-C as the first event is written
+    signal.raise_signal(signal.SIGINT)
+    return shown(event)
+
+
+_follow.event_line = line
+code = _cli.main(["tail", sys.argv[1]])
+print(f"main returned {code}", flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_tail_interrupted_in_process_gives_its_caller_back_its_output(non_ascii: Path) -> None:
+    """`engine._cli.main` called by a program whose output is a pipe: the null device `tail`
+    points it at once interrupted is the program's output no longer when `main` returns."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", IN_PROCESS_TAIL, str(non_ascii)], capture_output=True, text=True,
+                          check=False, env=env, cwd=ROOT, timeout=BLOCKED_WAIT_S)
+
+    assert (done.returncode, done.stderr) == (0, "tally tail: interrupted\n"), done.stderr
+    assert done.stdout.endswith("main returned 130\n"), done.stdout
