@@ -395,12 +395,15 @@ def _unfailing_output() -> Iterator[None]:
     mark, on a terminal or a pipe that is not UTF-8: `PYTHONIOENCODING=ascii`, `LC_ALL` of
     Latin-1) as a backslash escape rather than failing: a report is printed after the work is
     done, and an `UnicodeEncodeError` there would turn a whole ledger's exit 0 into a
-    traceback and 1. Each stream's own error handling comes back on return."""
+    traceback and 1. `surrogateescape` (Python's in the C locale, UTF-8 mode off) fails on any
+    other character as `strict` does, and is replaced too: no id nor path the tools take holds
+    a byte it smuggles. Each stream's own error handling comes back on return."""
     changed: list[tuple[io.TextIOWrapper, str]] = []
     for stream in (sys.stdout, sys.stderr):
-        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+        if isinstance(stream, io.TextIOWrapper) and stream.errors in ("strict", "surrogateescape"):
+            errors = stream.errors
             stream.reconfigure(errors="backslashreplace")
-            changed.append((stream, "strict"))
+            changed.append((stream, errors))
     try:
         yield
     finally:

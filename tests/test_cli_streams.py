@@ -126,3 +126,17 @@ def test_a_tail_interrupted_in_process_gives_its_caller_back_its_output(non_asci
 
     assert (done.returncode, done.stderr) == (0, "tally tail: interrupted\n"), done.stderr
     assert done.stdout.endswith("main returned 130\n"), done.stdout
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("output", [{"PYTHONIOENCODING": "ascii:surrogateescape"},
+                                    {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}],
+                         ids=["surrogateescape", "the C locale, UTF-8 mode off"])
+def test_a_report_on_an_output_that_smuggles_bytes_shows_an_id_it_cannot_encode_escaped(
+        non_ascii: Path, output: dict[str, str]) -> None:
+    """Python writes its output with `surrogateescape` in the C locale: a character that is no
+    smuggled byte still fails there, as with `strict` (no id nor path a tool takes holds one)."""
+    done = tally("inspect", non_ascii, env=output)
+
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert "\\xfcn\\xef" in done.stdout
