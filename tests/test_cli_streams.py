@@ -55,10 +55,11 @@ def test_a_report_naming_an_id_its_output_cannot_encode_shows_it_escaped_and_exi
 
 
 def _blocked_in_a_write(pid: int) -> bool:
-    """Whether process `pid` waits in a write to a pipe (as Linux's /proc tells; where it cannot
-    tell, taken as so: the caller has seen the pipe filled)."""
+    """Whether process `pid` waits in a write to a pipe, as Linux's /proc tells (`pipe_write`,
+    `anon_pipe_write`; `pipe_wait` on older kernels); where it cannot tell, taken as so: the
+    caller has seen the pipe filled."""
     try:
-        return "pipe_write" in Path(f"/proc/{pid}/wchan").read_text()
+        return "pipe" in Path(f"/proc/{pid}/wchan").read_text()
     except OSError:
         return True
 
