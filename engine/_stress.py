@@ -241,23 +241,40 @@ def _refuse_clashes(ledger: Any, accounts: list[Account], funding: list[Transfer
                                   f"already used for another transfer ({made})")
 
 
+DURATION_LOOK_S = 0.05
+"""How often a `--duration` run's main thread looks whether its clients stopped on their own (a
+ledger that can no longer write): it sleeps, as it must hold no lock (`fire`)."""
+
+
 def fire(ledger: Any, picker: Picker, config: StressConfig, report: StressReport, progress: bool,
          tag: str, watch: Callable[[Recorded], str | None] | None = None) -> Replies:
     """Run the clients; what each was told. `tag` starts every transfer id. After each call a
     client asks `watch` (by default: whether the ledger can still write, `cannot_write`)
     whether to go on; once it says why not, every client stops after the op it is in, and
-    `report.stopped` says why, and when."""
+    `report.stopped` says why, and when.
+
+    An interrupt (Ctrl-C; SIGTERM, which `tally stress` raises as one) may land in this thread
+    between any two bytecodes, also inside threading's own code: right after `Condition.__enter__`
+    took its lock (the lock then stays taken), or before `Condition.wait` takes its lock back.
+    So nothing that stops the run needs a lock this thread may have taken before: the clients
+    read `stopped`, a plain flag; this thread waits out a duration in `time.sleep`, not on an
+    event the clients or the reporter share, and is no party of the clients' barrier (whose
+    action starts the clock). A thread whose start an interrupt cut short (it never ran its
+    target, and never will: it waits for the lock left taken) is not waited for: `running` and
+    `reporting` say which did."""
     if watch is None:
         watch = lambda _recorded: cannot_write(ledger)  # noqa: E731 - (a local ledger's journal failed)
     quota = threading.Semaphore(config.transfers) if config.transfers is not None else None
-    stop = threading.Event()
+    stopped = [False]  # set (with no lock) once the run stops: the clients take nothing more
+    stop = threading.Event()  # the reporter's wake-up, set after `stopped`
     tally = _Tally()
     per_client: list[ClientState] = []
-    barrier = threading.Barrier(config.clients + 1)
+    running = [False] * config.clients  # set by each client as its thread runs it, before it looks at `stopped`
     started = [0.0]
+    barrier = threading.Barrier(config.clients, action=lambda: started.__setitem__(0, time.perf_counter()))
 
     def take(count: int) -> int:
-        if stop.is_set():
+        if stopped[0]:
             return 0
         if quota is None:
             return count
@@ -267,6 +284,9 @@ def fire(ledger: Any, picker: Picker, config: StressConfig, report: StressReport
         return taken
 
     def client(number: int) -> None:
+        running[number] = True  # before the look at `stopped`: this thread's `finally` waits for us or we see it
+        if stopped[0]:
+            return
         workload = ClientWorkload(picker, tag=tag, client=number, seed=config.seed, amount_max=config.amount_max,
                                   retry_rate=config.retry_rate, pending_rate=config.pending_rate,
                                   linked_rate=config.linked_rate)
@@ -292,31 +312,44 @@ def fire(ledger: Any, picker: Picker, config: StressConfig, report: StressReport
                 with tally.lock:
                     if report.stopped is None:
                         report.stopped = f"the clients stopped at {time.perf_counter() - started[0]:.1f} s: {why}"
+                stopped[0] = True
                 stop.set()
 
-    threads = [threading.Thread(target=client, args=(n,), name=f"stress-client-{n}") for n in range(config.clients)]
-    reporter = threading.Thread(target=_report_progress, args=(tally, stop, config, progress), daemon=True)
+    # Daemons: a client whose start an interrupt cut short waits forever, before it sends anything,
+    # for the lock that interrupt left taken; it must not keep the process from exiting.
+    threads = [threading.Thread(target=client, args=(n,), name=f"stress-client-{n}", daemon=True)
+               for n in range(config.clients)]
+    reporting = [False]
+
+    def report_progress() -> None:
+        reporting[0] = True
+        _report_progress(tally, stop, config, progress)
+
+    reporter = threading.Thread(target=report_progress, daemon=True)
+    began = time.perf_counter()
     try:
         for thread in threads:
             thread.start()
-        barrier.wait(timeout=60)
-        started[0] = time.perf_counter()
         reporter.start()
         if config.duration_s is not None:
-            stop.wait(config.duration_s)
-            stop.set()
+            ends = began + config.duration_s
+            while not stopped[0] and (left := ends - time.perf_counter()) > 0:
+                time.sleep(min(left, DURATION_LOOK_S))  # (no lock: see the docstring)
+            stopped[0] = True
         for thread in threads:
             thread.join()
     finally:
-        # Also on an interrupt (Ctrl-C; SIGTERM, which `tally stress` raises as one) landing in
-        # this thread: the clients stop after the op they are in, before the ledger is closed.
+        # Also on an interrupt landing in this thread: the clients stop after the op they are in,
+        # before the ledger is closed. `stopped` first, and with no lock: the rest may meet one
+        # the interrupt left taken (an interrupt that lands in this `finally` too cuts it short).
+        stopped[0] = True
         stop.set()
         barrier.abort()
-        for thread in threads:
-            if thread.ident is not None:
+        for number, thread in enumerate(threads):
+            if running[number]:
                 thread.join(timeout=CLIENT_STOP_WAIT_S)
-    report.elapsed_s = time.perf_counter() - started[0]
-    if reporter.ident is not None:
+    report.elapsed_s = time.perf_counter() - (started[0] or began)
+    if reporting[0]:
         reporter.join(timeout=5)
     return _merge(per_client, report)
 

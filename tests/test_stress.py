@@ -623,6 +623,72 @@ def test_no_resend_starts_later_than_the_readme_says(monkeypatch: pytest.MonkeyP
     assert began and max(began) <= _sending.RESEND_WAIT_S and len(replies.unknown) == 4
 
 
+_SIGNALLED_INSIDE_THREADING = """
+import signal
+import sys
+import threading
+
+import engine._stress as stress
+from engine._cli import main
+
+nth = int(sys.argv.pop(1))
+entered = [0]
+firing = [False]
+
+
+def enter(self):  # Condition.__enter__, which the run's main thread calls inside Event.wait, Barrier.wait, ...
+    taken = self._lock.__enter__()
+    if firing[0] and threading.get_ident() == threading.main_thread().ident:  # (not current_thread(): a
+        # thread starting calls this before it is one threading knows)
+        entered[0] += 1
+        if entered[0] == nth:
+            print("signalled", flush=True)
+            signal.raise_signal(signal.SIGTERM)  # its handler raises at the next check: the lock stays taken
+    return taken
+
+
+def fire(*args, **kwargs):
+    firing[0] = True
+    try:
+        return stress_fire(*args, **kwargs)
+    finally:
+        firing[0] = False
+
+
+stress_fire = stress.fire
+stress.fire = fire
+threading.Condition.__enter__ = enter
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("nth", range(1, 7))
+def test_a_run_stops_wherever_in_threading_s_code_a_signal_lands_in_its_main_thread(tmp_path: Path, nth: int) -> None:
+    """Python raises a signal handler's exception between any two bytecodes: one landing right
+    after `Condition.__enter__` took its lock leaves the lock taken. Landing so in the main
+    thread's wait for the duration (`stop.wait`), it left the lock of the event that stops the
+    clients taken: stopping them then waited for it forever, the clients kept firing and the
+    process never exited (a SIGTERM during a run on a loaded machine). The run's main thread
+    takes such a lock at each of its calls into threading (the nth one here); wherever one
+    leaves it taken, the run stops and the temporary ledger is removed."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    run = subprocess.Popen([sys.executable, "-c", _SIGNALLED_INSIDE_THREADING, str(nth), "stress", "--duration", "1",
+                            "--accounts", "10", "--clients", "2", "--json"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(scratch)})
+    try:
+        stdout, stderr = run.communicate(timeout=60)  # a bound for a hang, not a duration asserted
+    finally:
+        run.kill()
+        run.wait(timeout=30)
+    if nth == 1 or stdout.startswith("signalled"):  # (the first is the start of the first client, always)
+        assert stdout == "signalled\n" and run.returncode == 143, stderr
+        assert stderr.strip().splitlines()[-1] == "tally stress: terminated"
+    else:  # fewer calls than nth: a run that ends by itself
+        assert run.returncode == 0, stderr
+    assert list(scratch.iterdir()) == []
+
+
 def test_a_short_chaos_run_loses_nothing(tmp_path: Path) -> None:
     out = tally("stress", "--chaos", "--kills", "3", "--path", str(tmp_path / "ledger"), "--accounts", "20",
                 "--clients", "3", "--transfers", "400", "--json")
