@@ -332,8 +332,12 @@ def fire(ledger: Any, picker: Picker, config: StressConfig, report: StressReport
             thread.start()
         reporter.start()
         if config.duration_s is not None:
-            ends = began + config.duration_s
-            while not stopped[0] and (left := ends - time.perf_counter()) > 0:
+            # From the barrier's action on, as the clients fire: stopped before it, a client not yet
+            # at it would return, and the others wait for it there until the barrier times out.
+            while not stopped[0] and not barrier.broken:  # (`broken` reads a field: no lock)
+                left = (started[0] + config.duration_s - time.perf_counter()) if started[0] else DURATION_LOOK_S
+                if left <= 0:
+                    break
                 time.sleep(min(left, DURATION_LOOK_S))  # (no lock: see the docstring)
             stopped[0] = True
         for thread in threads:

@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import replace
@@ -45,7 +47,7 @@ from engine._auditor import (
     open_pending,
 )
 from engine._sending import record
-from engine._stress import StressConfig, run_stress
+from engine._stress import StressConfig, StressReport, run_stress
 from engine._workload import Op
 
 SMALL = dict(accounts=20, clients=4, transfers=400, amount_max=50, seed=3)
@@ -891,3 +893,25 @@ def test_the_plot_of_a_short_run_at_a_steady_rate_ends_steady_not_in_a_cliff() -
         count = round(end_s * per_s)
         _, rate, _, _ = _per_second([(i / per_s, 1.0) for i in range(count + 1)])  # a tail past a whole slice
         assert min(rate) > 0.6 * per_s, (end_s, rate[-3:])
+
+
+def test_a_duration_shorter_than_the_clients_start_still_runs_them_all(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The duration counts from the clients' barrier, not from before they start: a client whose
+    thread ran its target only after the duration had passed returned before the barrier, and the
+    others waited the barrier's 60 s out, then sent nothing."""
+    class LateThread(threading.Thread):
+        def run(self) -> None:
+            if self.name == "stress-client-1":
+                time.sleep(0.3)
+            super().run()
+
+    monkeypatch.setattr(threading, "Thread", LateThread)
+    reports: list[StressReport] = []
+    runner = threading.Thread(target=lambda: reports.append(run_stress(StressConfig(
+        path=str(tmp_path / "ledger"), accounts=10, clients=2, transfers=None, duration_s=0.05), progress=False)),
+        daemon=True)
+    runner.start()
+    runner.join(timeout=30)  # a bound for a stall, not a duration asserted
+    assert reports, "the run stalled at its clients' barrier"
+    assert reports[0].sent > 0 and reports[0].ok
