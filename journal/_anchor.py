@@ -185,22 +185,31 @@ def create_anchor(directory: str, ledger_id: bytes, format_version: int, durable
     `digest`: the chain's at `durable_lsn` (`AnchorState.digest`), if known. Raises `OSError`
     (naming the temporary file when it is not one of its own: `open_aside`)."""
     state = AnchorState(ledger_id, format_version, durable_lsn, 1, digest[:DIGEST_BYTES])
-    path = os.path.join(directory, ANCHOR_FILE)
-    temporary = path + ".new"
-    fd = open_aside(temporary)
+    write_aside(os.path.join(directory, ANCHOR_FILE), _slot(state) + _slot(state))
+    return state
+
+
+def write_aside(target: str, data: bytes) -> None:
+    """Write `data` as the file `target`, durably and whole or not at all: into `target.new`
+    (`open_aside`), synced, renamed into place, the directory synced. Raises `OSError`, naming
+    the file aside when it is anything but a regular file of its own (left as it is); one it
+    made is removed when it cannot be written or renamed (a full disk)."""
+    aside = target + ".new"
+    fd = open_aside(aside)
     try:
         try:
-            os.write(fd, _slot(state) + _slot(state))
+            view = memoryview(data)
+            while view:  # (a write may be short)
+                view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)
-    except OSError:  # (a full disk): no half-written file left beside the anchor
+        os.replace(aside, target)
+    except OSError:
         with contextlib.suppress(OSError):
-            os.unlink(temporary)
+            os.unlink(aside)
         raise
-    os.rename(temporary, path)
-    sync_directory(directory)
-    return state
+    sync_directory(os.path.dirname(target) or ".")
 
 
 def sync_directory(directory: str) -> None:

@@ -21,7 +21,6 @@ always walk. Reading and summing the file costs about a tenth of walking it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import struct
@@ -31,7 +30,7 @@ from typing import Any
 
 import msgpack
 
-from journal._anchor import open_aside, read_small_file
+from journal._anchor import read_small_file, write_aside
 from journal._errors import JournalCorruptedError
 from journal._meta import Meta
 from journal._pages import Layout, Tree
@@ -104,24 +103,7 @@ def write_seal(path: str, meta: Meta, sums: bytes, ledger_id: bytes | None, tree
                           [[name, tree.entries, tree.branch_pages, tree.leaf_pages, tree.overflow_pages, tree.depth,
                             tree.first_key, tree.last_key] for name, tree in sorted(trees.items())]],
                          use_bin_type=True)
-    target = os.path.join(path, SEAL_FILE)
-    aside = target + ".new"
-    fd = open_aside(aside)  # (one there that is not a file of its own: raised, and left as it is)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(_CRC.pack(zlib.crc32(body)) + body)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(aside, target)
-    except OSError:  # (a full disk): no half-written seal left beside the data file
-        with contextlib.suppress(OSError):
-            os.unlink(aside)
-        raise
-    directory = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    write_aside(os.path.join(path, SEAL_FILE), _CRC.pack(zlib.crc32(body)) + body)
 
 
 def sealed_layout(path: str, fd: int, meta: Meta, data_file: str) -> Layout | None:
