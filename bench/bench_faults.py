@@ -11,7 +11,10 @@ fault is applied to a fresh copy:
   pages, leaf pages, overflow pages and the free list of every database: the page header,
   the node pointers, node headers, keys and values (bodies);
 - the data file truncated (to 0 bytes, 1 and 2 pages, half, one page short) or deleted;
-- a page zeroed (a lost write); the anchor damaged, deleted, or from another ledger.
+- a page zeroed (a lost write); the anchor damaged, deleted, or from another ledger;
+- a commit cut off in its flush by a power loss: its meta page on disk, its other pages (each
+  alone, then all) as they were before it, with the anchor from before it (the open takes
+  back the snapshot before, or finds the commit whole) or from after it (damage).
 
 A child process (forked, so a signal kills only it) then does what users do: `tally verify`,
 `Ledger.open`, read everything, retry every transfer with its id, make a new transfer, close,
@@ -195,6 +198,9 @@ class Fault:
     label: str
     """What was done, precisely enough to do it again."""
     apply: Callable[[Path], None]
+    after_commit: bool = False
+    """The fault leaves either the reference's state or that state after one more commit (a
+    commit cut off in its flush: taken back, or whole after all): either truth may be read."""
 
 
 def flip(pgno: int, offset: int, mask: int) -> Callable[[Path], None]:
@@ -222,8 +228,10 @@ def zero_page(pgno: int) -> Callable[[Path], None]:
     return apply
 
 
-def faults(reference: Path, other: Path, seed: int, sample: bool, per_kind: int = 3) -> list[Fault]:
-    """Every fault of the sweep (or, with `sample`, `per_kind` of each kind), in a seeded order."""
+def faults(reference: Path, other: Path, seed: int, sample: bool, per_kind: int = 3,
+           captured: Path | None = None) -> list[Fault]:
+    """Every fault of the sweep (or, with `sample`, `per_kind` of each kind), in a seeded order;
+    with `captured` (`capture_commit`'s), commits cut off in their flush too."""
     rng = random.Random(seed)
     data = (reference / "data.mdb").read_bytes()
     found: list[Fault] = []
@@ -263,12 +271,69 @@ def faults(reference: Path, other: Path, seed: int, sample: bool, per_kind: int 
         Fault("anchor", "anchor deleted", lambda d: (d / "tally.anchor").unlink()),
         Fault("anchor", "anchor from another ledger", lambda d: shutil.copy(other / "tally.anchor", d / "tally.anchor")),
     ]
+    if captured is not None:
+        found += cut_off_faults(captured)
     if sample:
         by_kind: dict[str, list[Fault]] = {}
         for fault in found:
             by_kind.setdefault(fault.kind, []).append(fault)
         found = [fault for kind in by_kind.values() for fault in rng.sample(kind, min(per_kind, len(kind)))]
     return found
+
+
+def capture_commit(reference: Path, into: Path, requests: list[TransferRequest]) -> dict:
+    """Runs in a child: a copy of the reference opened for writing, its files just before the
+    commit of one more transfer and just after it (the ledger open and idle each time), in
+    `into`/before and `into`/after; returns the truth after it (`cut_off`)."""
+    from engine import Ledger
+
+    work = into / "ledger"
+    shutil.copytree(reference, work)
+    with Ledger.open(work, checkpoint_interval=CHECKPOINT_INTERVAL) as ledger:
+        _keep(work, into / "before")
+        ledger.transfer("cut-off", source="bank", destination="acct-00", amount=1)
+        _keep(work, into / "after")
+        truth = read_all(ledger, requests)
+        truth["retries"] = [_outcome(outcome) for outcome in ledger.transfer_many(requests)]
+    return truth
+
+
+def _keep(directory: Path, into: Path) -> None:
+    into.mkdir(parents=True)
+    for name in ("data.mdb", "tally.anchor"):
+        shutil.copy(directory / name, into / name)
+
+
+def cut_off_faults(captured: Path) -> list[Fault]:
+    """A commit the machine cut off while it was being flushed: its meta page on disk and some
+    of its pages not (each alone, and all), the anchor from before it (the open takes back the
+    snapshot before it, or finds it whole) or from after it (it was flushed whole: damage)."""
+    before = (captured / "before" / "data.mdb").read_bytes()
+    after = (captured / "after" / "data.mdb").read_bytes()
+    newer = 0 if struct.unpack_from("<Q", after, 144)[0] > struct.unpack_from("<Q", after, PAGE_BYTES + 144)[0] else 1
+    written = [pgno for pgno in range(2, len(after) // PAGE_BYTES)
+               if after[pgno * PAGE_BYTES:(pgno + 1) * PAGE_BYTES] != before[pgno * PAGE_BYTES:(pgno + 1) * PAGE_BYTES]]
+    found = []
+    for anchor in ("before", "after"):
+        for lost in [[pgno] for pgno in written] + [written]:
+            label = (f"commit cut off: {'every page' if len(lost) > 1 else f'page {lost[0]}'} of {len(written)} lost, "
+                     f"its meta page {newer} kept, the anchor from {anchor} it")
+            found.append(Fault("commit cut off in its flush", label,
+                               _cut_off(before, after, newer, lost, captured / anchor / "tally.anchor"),
+                               after_commit=True))
+    return found
+
+
+def _cut_off(before: bytes, after: bytes, newer: int, lost: list[int], anchor: Path) -> Callable[[Path], None]:
+    def apply(directory: Path) -> None:
+        torn = bytearray(after)
+        for pgno in lost:
+            torn[pgno * PAGE_BYTES:(pgno + 1) * PAGE_BYTES] = before[pgno * PAGE_BYTES:(pgno + 1) * PAGE_BYTES].ljust(
+                PAGE_BYTES, b"\0")
+        (directory / "data.mdb").write_bytes(bytes(torn))
+        shutil.copy(anchor, directory / "tally.anchor")
+        (directory / "tally.seal").unlink(missing_ok=True)  # (an open ledger's: the machine stopped)
+    return apply
 
 
 def _lower_txnid(number: int) -> Callable[[Path], None]:
@@ -327,7 +392,7 @@ def verdict(directory: Path) -> str:
         return f"error {error.code}"
 
 
-def probe(directory: Path, truth: dict, requests: list[TransferRequest]) -> dict:
+def probe(directory: Path, truths: list[dict], requests: list[TransferRequest]) -> dict:
     """Runs in the child. Observations, for `classify`."""
     from engine import Ledger
 
@@ -341,7 +406,7 @@ def probe(directory: Path, truth: dict, requests: list[TransferRequest]) -> dict
         seen["wrote"] = digest(directory) != seen["digest_before"]
         return seen
     try:
-        seen.update(_use(ledger, truth, requests))
+        seen.update(_use(ledger, truths, requests))
     except LedgerError as error:
         seen["refused"] = f"{error.code}: {error}"
         seen["wrote"] = digest(directory) != seen["digest_before"]
@@ -352,9 +417,11 @@ def probe(directory: Path, truth: dict, requests: list[TransferRequest]) -> dict
     return seen
 
 
-def _use(ledger: object, truth: dict, requests: list[TransferRequest]) -> dict:
+def _use(ledger: object, truths: list[dict], requests: list[TransferRequest]) -> dict:
+    """What using the opened ledger shows, against the first of `truths` it reads as."""
     seen: dict = {}
     reads = read_all(ledger, requests)
+    truth = next((truth for truth in truths if all(reads[key] == truth[key] for key in reads)), truths[0])
     seen["different"] = [key for key in reads if reads[key] != truth[key]]
     if seen["different"]:
         return seen
@@ -484,14 +551,19 @@ def run_faults(scratch: Path, *, seed: int = 1, sample: bool = False, per_kind: 
             return truth
 
     truth = in_child(read_truth)
+    captured = scratch / "commit"
+    truth_after = in_child(lambda: capture_commit(reference, captured, requests))
+    if "state_hash" not in truth_after:
+        raise RuntimeError(f"capturing a commit failed: {truth_after}")
     report = Report()
-    todo = faults(reference, other, seed, sample, per_kind)
+    todo = faults(reference, other, seed, sample, per_kind, captured)
     copy = scratch / "copy"
     for done, fault in enumerate(todo):
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(reference, copy)
         fault.apply(copy)
-        seen = in_child(lambda: probe(copy, truth, requests))
+        truths = [truth, truth_after] if fault.after_commit else [truth]
+        seen = in_child(lambda truths=truths: probe(copy, truths, requests))
         report.add(fault, *classify(seen))
         if progress is not None:
             progress(done + 1, len(todo))

@@ -17,10 +17,13 @@ its first commit after this version opens it), and it holds
   history (the data file of a copy of this ledger that went on elsewhere, copied back):
   both are reported, never served. (An anchor written before the digest was kept has
   zeros there: its LSN is checked alone.)
+- the LMDB transaction id (its low 32 bits) of the last commit whose flush returned, records
+  or not: a commit it names was whole, so damage found in it is damage, never a commit the
+  machine cut off in its flush (`journal._unfinished`).
 
 The refresh is one `pwrite` of 64 bytes into a file that already has its blocks, with no
 fsync: a process crash cannot lose it (the page cache keeps it), and a power loss can only
-leave an older LSN, which is a weaker but still true bound. The file holds two copies,
+leave an older LSN and transaction, which are weaker but still true bounds. The file holds two copies,
 each with its own CRC-32, written alternately (as LMDB writes its two meta pages), so a
 write torn by a power loss leaves the other copy whole. Creation writes a temporary file,
 fsyncs it and renames it into place.
@@ -42,7 +45,9 @@ from journal._errors import JournalCorruptedError, os_read_error
 ANCHOR_FILE = "tally.anchor"
 _MAGIC = b"TALLYANC"
 _LAYOUT = 1
-_SLOT = struct.Struct(">8sHHI16sQQ12s")  # magic, layout, format version, reserved, ledger id, LSN, generation, digest
+_SLOT = struct.Struct(">8sHHI16sQQ12s")  # magic, layout, format version, txnid, ledger id, LSN, generation, digest
+TXNID_MASK = 0xFFFFFFFF
+"""The anchor keeps a transaction id's low 32 bits (in a field that was reserved, 0, before)."""
 DIGEST_BYTES = 12
 _NO_DIGEST = bytes(DIGEST_BYTES)
 _CRC = struct.Struct(">I")
@@ -61,6 +66,11 @@ class AnchorState:
     """Counts the anchor's writes: the copy with the higher one is the newer."""
     digest: bytes = b""
     """The first `DIGEST_BYTES` of the chain's digest at `durable_lsn` (empty: not known)."""
+    txnid: int = 0
+    """The low 32 bits of the LMDB transaction id of the last commit whose flush returned, with
+    or without records (0: not known; an anchor written before it was kept has 0 there). It
+    tells a commit the machine cut off in its flush from one that was whole and was damaged
+    since (`journal._unfinished`)."""
 
 
 def new_ledger_id() -> bytes:
@@ -68,8 +78,8 @@ def new_ledger_id() -> bytes:
 
 
 def _slot(state: AnchorState) -> bytes:
-    body = _SLOT.pack(_MAGIC, _LAYOUT, state.format_version, 0, state.ledger_id, state.durable_lsn, state.generation,
-                      state.digest or _NO_DIGEST)
+    body = _SLOT.pack(_MAGIC, _LAYOUT, state.format_version, state.txnid & TXNID_MASK, state.ledger_id,
+                      state.durable_lsn, state.generation, state.digest or _NO_DIGEST)
     return body + _CRC.pack(zlib.crc32(body))
 
 
@@ -77,10 +87,10 @@ def _parse(data: bytes) -> AnchorState | None:
     body = data[: _SLOT.size]
     if len(data) != SLOT_BYTES or _CRC.unpack_from(data, _SLOT.size)[0] != zlib.crc32(body):
         return None
-    magic, layout, version, _reserved, ledger_id, lsn, generation, digest = _SLOT.unpack(body)
+    magic, layout, version, txnid, ledger_id, lsn, generation, digest = _SLOT.unpack(body)
     if magic != _MAGIC or layout != _LAYOUT:
         return None
-    return AnchorState(ledger_id, version, lsn, generation, b"" if digest == _NO_DIGEST else digest)
+    return AnchorState(ledger_id, version, lsn, generation, b"" if digest == _NO_DIGEST else digest, txnid)
 
 
 ASIDE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -228,14 +238,18 @@ class Anchor:
         self.state = state
         self._fd = os.open(os.path.join(directory, ANCHOR_FILE), os.O_WRONLY | os.O_CLOEXEC)
 
-    def advance(self, durable_lsn: int, digest: bytes) -> None:
+    def advance(self, durable_lsn: int, digest: bytes, txnid: int) -> None:
         """Record that every record up to `durable_lsn` is on disk, the chain's digest there
-        `digest` (one pwrite, no fsync)."""
+        `digest`, and that the commit of LMDB transaction `txnid` was flushed whole (one
+        pwrite, no fsync)."""
         state = self.state
-        if durable_lsn <= state.durable_lsn:
+        txnid &= TXNID_MASK
+        if durable_lsn < state.durable_lsn or (durable_lsn == state.durable_lsn and txnid == state.txnid):
             return
+        if durable_lsn == state.durable_lsn:  # a commit of no record: only its id is news
+            digest = state.digest
         state = AnchorState(state.ledger_id, state.format_version, durable_lsn, state.generation + 1,
-                            digest[:DIGEST_BYTES])
+                            digest[:DIGEST_BYTES], txnid)
         os.pwrite(self._fd, _slot(state), (state.generation % 2) * SLOT_BYTES)
         self.state = state
 

@@ -33,7 +33,16 @@ from journal._errors import (
 from journal._format import index_seed, key_lsn, unframe_index_values
 from journal._limits import FORMAT_VERSION, FORMAT_VERSIONS_READ, RACE_TRIES_MAX, RACE_WAIT_S, SNAPSHOT_TRIES_MAX
 from journal._meta import Meta, committed_meta, read_metas
-from journal._names import FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB
+from journal._names import COMMIT_MARK_KEY, FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB
+from journal._marks import (
+    check_commit_mark,
+    is_stale_mark,
+    mark_shape,
+    read_mark,
+    shape_disagrees,
+    shape_in,
+    shape_of,
+)
 from journal._pages import Layout, walk
 from journal._seal import file_sums, sealed_layout
 from journal._walk_aside import Aside
@@ -110,12 +119,22 @@ class _Visitor:
         self.index_names = list(index_names)
         self._indexes = {name.encode(): (name, index_seed(name)) for name in index_names}
         self.format_version: int | None = None
+        self.ledger_id: bytes | None = None
+        self.commit_mark: int | None = None
+        """`COMMIT_MARK_KEY`'s (-1 if it holds no number; None if it is not there)."""
+        self.commit_shape: tuple[int, ...] | None = None
+        """The shape of the databases the commit that wrote the mark made (`mark_shape`)."""
 
     def __call__(self, name: bytes, keys: list[bytes], values: list[bytes]) -> None:
         if name == META_DB:
             for key, value in zip(keys, values, strict=True):
                 if key == FORMAT_KEY:
                     self.format_version = int(value) if value.isdigit() else -1
+                elif key == LEDGER_ID_KEY:
+                    self.ledger_id = value
+                elif key == COMMIT_MARK_KEY:
+                    self.commit_mark = read_mark(value)
+                    self.commit_shape = mark_shape(value)
             return
         label, seed = self._indexes[name]
         if self.format_version is None:
@@ -136,6 +155,51 @@ def visitor_for(index_names: Sequence[str], format_version: int | None) -> _Visi
     return visitor
 
 
+def expected_databases(index_names: Sequence[str]) -> set[bytes]:
+    """The databases a journal with these indexes holds."""
+    return {RECORDS_DB, META_DB, *(name.encode() for name in index_names)}
+
+
+def read_metas_of(data_file: str) -> tuple[Meta, Meta]:
+    """Both meta pages of `data_file`, each checked on its own (`journal._meta.read_metas`)."""
+    fd = open_data_file(data_file)
+    try:
+        return read_metas(fd, data_file)
+    finally:
+        os.close(fd)
+
+
+class Walked:
+    """What `walk_meta` found: a snapshot's layout and what its meta database holds."""
+
+    def __init__(self, layout: Layout, visit: _Visitor) -> None:
+        self.layout = layout
+        self.format_version = visit.format_version
+        self.ledger_id = visit.ledger_id
+        self.commit_mark = visit.commit_mark
+        self.commit_shape = visit.commit_shape
+
+    def torn(self, txnid: int) -> bool:
+        """Whether this snapshot, of LMDB transaction `txnid`, whole by the walk, is not the
+        tree its commit wrote: an older tree's mark (`is_stale_mark`), or its own mark over
+        databases of another shape (`shape_disagrees`)."""
+        return is_stale_mark(self.commit_mark, txnid) or shape_disagrees(
+            self.commit_mark, self.commit_shape, txnid, shape_of(self.layout.trees))
+
+
+def walk_meta(meta: Meta, data_file: str, index_names: Sequence[str]) -> Walked:
+    """The snapshot `meta` commits, by the walk opening makes (in one process). Raises
+    `JournalCorruptedError` where it is not whole."""
+    visit = _Visitor(index_names)
+    fd = open_data_file(data_file)
+    try:
+        layout = walk(fd, meta, data_file, visit, visit.names, first=META_DB, key_bytes={RECORDS_DB: 8})
+        layout.file_bytes = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    return Walked(layout, visit)
+
+
 def check_snapshot(env: lmdb.Environment, data_file: str, index_names: Sequence[str],
                    anchor: AnchorState | None, sealed_in: str | None = None) -> tuple[dict[bytes, Any], Opened]:
     """Walk every page of the snapshot a read transaction holds, then open the databases and
@@ -146,7 +210,7 @@ def check_snapshot(env: lmdb.Environment, data_file: str, index_names: Sequence[
     py-lmdb opens a database handle in a transaction of its own, a write one unless the
     environment is read-only; opening an existing database changes nothing, so that
     transaction commits without writing a byte."""
-    expected = {RECORDS_DB, META_DB, *(name.encode() for name in index_names)}
+    expected = expected_databases(index_names)
     for _ in range(SNAPSHOT_TRIES_MAX):
         try:
             with env.begin(write=False, buffers=False) as snapshot:
@@ -158,6 +222,8 @@ def check_snapshot(env: lmdb.Environment, data_file: str, index_names: Sequence[
                 with env.begin(write=False, buffers=False) as txn:
                     version = txn.get(FORMAT_KEY, db=dbs[META_DB])
                     ledger_id = txn.get(LEDGER_ID_KEY, db=dbs[META_DB])
+                    check_commit_mark(txn.get(COMMIT_MARK_KEY, db=dbs[META_DB]), txn.id(), data_file,
+                                      shape_in(txn, dbs))
         except lmdb.MapResizedError:
             env.set_mapsize(0)  # no transaction of this environment is open here
             continue

@@ -29,6 +29,7 @@ from itertools import chain, islice
 import lmdb
 
 from journal._anchor import Anchor, create_anchor, new_ledger_id
+from journal._marks import commit_mark
 from journal._completion import Completion
 from journal._crash import crash_point
 from journal._errors import JournalWriteError
@@ -41,7 +42,7 @@ from journal._limits import (
     READER_CHECK_S,
     RECORD_VERSION,
 )
-from journal._names import LEDGER_ID_KEY
+from journal._names import COMMIT_MARK_KEY, LEDGER_ID_KEY
 from journal._lmdb_files import clear_dead_readers
 from journal._store import Store
 
@@ -135,6 +136,8 @@ class Committing:
     _look_at: float
     _readers_checked_at: float
     durable_lsn: int
+    flushed_txnid: int
+    """The LMDB transaction id of the last commit flushed (0 before the first)."""
 
     def _commit(self, batch: list[Block]) -> int | None:
         """Write and commit `batch` with the slices of index entries behind records it carries;
@@ -159,6 +162,7 @@ class Committing:
                 with self._cond:
                     self._check_tail(txn)
                     self._stage(txn, batch, records, behind)
+                    txn.put(COMMIT_MARK_KEY, commit_mark(txn, store.marked), db=store.meta)  # (last: it holds their shape)
                 if store.ledger_id is None:
                     assert self._anchor is not None
                     txn.put(LEDGER_ID_KEY, self._anchor.state.ledger_id, db=store.meta)
@@ -168,7 +172,10 @@ class Committing:
                     if not store.in_place():  # the file is no longer the ledger's: write nothing into it
                         raise JournalWriteError(f"the data file of the ledger at {store.path} was removed or moved "
                                                 "away while the ledger was open: nothing more is written")
+                txnid = txn.id()
                 txn.commit()
+                store.flush()  # one flush: the data pages and the meta page durable together
+                self.flushed_txnid = txnid
                 self._chain_digest = digest
                 if batch and now >= self._readers_checked_at:  # (`READER_CHECK_S`)
                     self._readers_checked_at = now + READER_CHECK_S
@@ -300,4 +307,4 @@ class Committing:
         anchor = self._anchor
         assert anchor is not None
         self._store.ledger_id = anchor.state.ledger_id
-        anchor.advance(durable_lsn, self._chain_digest)  # (the digest of the batch just committed's last record)
+        anchor.advance(durable_lsn, self._chain_digest, self.flushed_txnid)  # (the digest of its last record)

@@ -138,3 +138,15 @@ def committed_meta(meta0: Meta, meta1: Meta, data_file: str) -> Meta:
         raise corrupt(f"the meta pages hold transaction ids {t0} and {t1}, not two consecutive ones: "
                       "one of them is damaged", data_file)
     return meta1 if t1 > t0 else meta0
+
+
+def meta_with_txnid(page: bytes, number: int, txnid: int) -> bytes:
+    """The first `META_BYTES` of a meta page, `page`, as meta page `number` committing `txnid`
+    (its page number and transaction id replaced; roots and counters kept), checked as
+    `read_metas` checks a page (`journal._unfinished`)."""
+    made = bytearray(page[:META_BYTES])
+    struct.pack_into("<Q", made, 0, number)
+    last_page, _ = _META_TAIL.unpack_from(made, _META_TAIL_AT)
+    _META_TAIL.pack_into(made, _META_TAIL_AT, last_page, txnid)
+    _parse(bytes(made), number, f"meta page {number}")
+    return bytes(made)

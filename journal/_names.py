@@ -21,3 +21,9 @@ FORMAT_KEY = b"format_version"
 """In the meta database: the journal's format version, as decimal digits."""
 LEDGER_ID_KEY = b"ledger_id"
 """In the meta database: the ledger's id, which its anchor holds too."""
+COMMIT_MARK_KEY = b"commit_mark"
+"""In the meta database: the LMDB transaction id of the commit that wrote it, then the shape
+of every other database that commit made, decimal numbers apart by spaces
+(`journal._marks.commit_mark`). Every commit writes it, so the snapshot a meta page names can
+be told from an older one under it, or from one whose catalog is an older tree's
+(`journal._unfinished`)."""

@@ -2,9 +2,16 @@
 
 Options, passed at the call site on purpose (house style 10):
 - `subdir=True`: the ledger directory holds `data.mdb` and `lock.mdb`.
-- `sync=True`, `metasync=True`: a commit returns only after fsync of data and meta
-  pages. This is what makes an acknowledged transfer durable; a test may turn
-  `sync` off for speed, never the product.
+- `sync=False`, `metasync=False`: LMDB flushes nothing itself. With `Store.open(sync=True)`
+  (the product's; a test may turn it off for speed, never the product) each commit is
+  followed by one flush of the data file (`Store.flush`), which makes its data pages and its
+  meta page durable together: what makes an acknowledged transfer durable. LMDB's own
+  `sync` would flush twice a commit, the data pages and then the meta page, so that a
+  power loss can never leave a meta page whose pages are not on disk; one flush can, if the
+  machine stops during it. That commit was never acknowledged (its flush did not return),
+  and the snapshot before it is whole (LMDB never writes a page that snapshot holds), so
+  opening takes that snapshot back (`journal._unfinished`), saying so, and nothing
+  acknowledged is lost. The argument in full is in `bench/README.md` ("One flush a commit").
 - `map_size`: starts at `map_size_bytes` and doubles when a write reports the map
   full (`grow`), so a ledger is never capped by a guess made at creation.
 - `max_dbs`: the records, the metadata and the caller's named indexes.
@@ -46,10 +53,12 @@ import lmdb
 
 from journal._anchor import AnchorState, create_anchor, new_ledger_id, sync_directory
 from journal._check import Opened, check_before_mapping, check_snapshot
+from journal._marks import commit_mark, marked_databases
 from journal._errors import JournalCorruptedError, JournalError, JournalLockedError, JournalWriteError, lmdb_read_error
 from journal._lmdb_files import allocate_lock_file, clear_dead_readers, file_identity, files_of
 from journal._limits import DBS_MAX, FORMAT_VERSION, GROW_WAIT_S_MAX, MAP_SIZE_BYTES_MAX, READERS_MAX
-from journal._names import DATA_FILE, FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB, STAGING_DIR
+from journal._names import COMMIT_MARK_KEY, DATA_FILE, FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB, STAGING_DIR
+from journal._unfinished import take_back, unfinished
 
 logger = logging.getLogger("tally.journal")
 
@@ -110,6 +119,8 @@ class Store:
         self.records = dbs[RECORDS_DB]
         self.meta = dbs[META_DB]
         self.indexes = {name.decode(): db for name, db in dbs.items() if name not in (RECORDS_DB, META_DB)}
+        self.marked = [dbs[name] for name in marked_databases(dbs)]
+        """The databases whose shape each commit's mark holds, in its order (`journal._marks.commit_mark`)."""
         self.format_version = opened.format_version
         self.ledger_id = opened.ledger_id
         self.layout = opened.layout
@@ -124,6 +135,8 @@ class Store:
         """The data file's (device, inode) when it was opened, for `in_place`."""
         self.files = files_of(self.directory, self._identity, lock_file)  # (not looked at again)
         """(device, inode) of LMDB's files as opened: py-lmdb knows the environment by them."""
+        self.sync = False
+        """Whether each commit is flushed (`flush`): `Store.open(sync=...)` of a writer."""
         self.foreign: str | None = None
         """Why the data file is no longer what this journal wrote (its writer found it so:
         overwritten in place while open), or None. Every read from then on is refused: it would
@@ -145,14 +158,16 @@ class Store:
         try:
             os.mkdir(staging)
             allocate_lock_file(staging)
-            env = _lmdb_open(staging, map_size_bytes=map_size_bytes, sync=True, readonly=False, create=True)
+            env = _lmdb_open(staging, map_size_bytes=map_size_bytes, readonly=False, create=True)
             try:
                 with env.begin(write=True) as txn:
-                    for name in (RECORDS_DB, META_DB, *(name.encode() for name in index_names)):
-                        env.open_db(name, txn=txn, create=True)
-                    meta = env.open_db(META_DB, txn=txn, create=False)
+                    made = {name: env.open_db(name, txn=txn, create=True)
+                            for name in (RECORDS_DB, META_DB, *(name.encode() for name in index_names))}
+                    meta = made[META_DB]
                     txn.put(FORMAT_KEY, str(FORMAT_VERSION).encode(), db=meta)
                     txn.put(LEDGER_ID_KEY, ledger_id, db=meta)
+                    txn.put(COMMIT_MARK_KEY, commit_mark(txn, [made[name] for name in marked_databases(made)]), db=meta)
+                env.sync(True)  # (LMDB flushes nothing itself: see the module docstring)
             finally:
                 env.close()
             os.rename(os.path.join(staging, DATA_FILE), os.path.join(path, DATA_FILE))
@@ -171,15 +186,34 @@ class Store:
         """Open the existing journal in `path`, once its data file checks out.
 
         Raises `JournalCorruptedError` naming where the data file is damaged, and never
-        writes to it. With `readonly`, a live writer in another process may go on: the check
+        writes to it, but in one case: a writer opening after the machine stopped during the
+        last commit's flush takes back the snapshot before that commit, which was never
+        acknowledged (`journal._unfinished`). With `readonly`, a live writer in another process may go on: the check
         then reads the snapshot of a read transaction held meanwhile (`journal._check`)."""
         data_file = os.path.join(path, DATA_FILE)
+        try:
+            return cls._open_checked(path, data_file, map_size_bytes=map_size_bytes, sync=sync,
+                                     index_names=index_names, readonly=readonly, anchor=anchor)
+        except JournalCorruptedError as damage:
+            found = unfinished(data_file, index_names, anchor)
+            if found is None:
+                raise
+            if readonly:  # never written here: said
+                raise JournalCorruptedError(f"{found.says(damage)}; opening the ledger for writing takes that "
+                                            "snapshot back", lsn=damage.lsn, where=damage.where) from damage
+            take_back(data_file, found, damage)
+        return cls._open_checked(path, data_file, map_size_bytes=map_size_bytes, sync=sync, index_names=index_names,
+                                 readonly=readonly, anchor=anchor)
+
+    @classmethod
+    def _open_checked(cls, path: str, data_file: str, *, map_size_bytes: int, sync: bool, index_names: Sequence[str],
+                      readonly: bool, anchor: AnchorState | None) -> Store:
         check_before_mapping(data_file)
         try:
             lock_file = allocate_lock_file(path, readonly)
         except OSError as error:
             raise os_error(path, error) from error
-        env = _lmdb_open(path, map_size_bytes=map_size_bytes, sync=sync, readonly=readonly, create=False)
+        env = _lmdb_open(path, map_size_bytes=map_size_bytes, readonly=readonly, create=False)
         try:
             if not readonly:
                 _settle_last_writer(env)
@@ -187,7 +221,16 @@ class Store:
         except BaseException:
             env.close()
             raise
-        return cls(path, env, dbs, opened, readonly, lock_file)
+        store = cls(path, env, dbs, opened, readonly, lock_file)
+        store.sync = sync and not readonly
+        return store
+
+    def flush(self) -> None:
+        """Make the last commit durable, data and meta pages in one flush of the data file
+        (with `sync`; see the module docstring). Only the one writing calls it, right after
+        each commit and before anyone learns of it."""
+        if self.sync:
+            self.env.sync(True)
 
     # --- reading -----------------------------------------------------------------------
 
@@ -290,14 +333,14 @@ def _check_mappable(more: int, size: int) -> None:
             from error
 
 
-def _lmdb_open(path: str, *, map_size_bytes: int, sync: bool, readonly: bool, create: bool) -> lmdb.Environment:
+def _lmdb_open(path: str, *, map_size_bytes: int, readonly: bool, create: bool) -> lmdb.Environment:
     try:
         return lmdb.open(
             path,
             map_size=map_size_bytes,
             subdir=True,
-            sync=sync,
-            metasync=sync,
+            sync=False,  # each commit is flushed once, by `Store.flush` (see the module docstring)
+            metasync=False,
             max_dbs=DBS_MAX,
             max_readers=READERS_MAX,
             lock=True,

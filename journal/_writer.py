@@ -75,6 +75,7 @@ class Writer(Committing):
         last_lsn = head.lsn
         self._last_lsn = last_lsn
         self.durable_lsn = last_lsn
+        self.flushed_txnid = 0
         self.durable_head = head
         """The durable LSN and the chain's digest there, replaced (never changed) with
         `durable_lsn`, so a reader on any thread gets a matching pair."""
@@ -301,7 +302,13 @@ class Writer(Committing):
             return False
         if indexed is not None:
             self.indexed_lsn = indexed
-        if not batch:  # no record: no LSN moved, no one to tell
+        if not batch:  # no record: no LSN moved, no one to tell; the anchor learns the commit was flushed
+            try:
+                self._advance_anchor(self.durable_lsn)
+            except OSError as error:
+                logger.exception("the anchor cannot be written")
+                self._fail([], JournalWriteError(f"the anchor cannot be written, so no more records are: {error}"))
+                return False
             return True
         try:
             self._advance_anchor(batch[-1].last_lsn)

@@ -4,6 +4,7 @@ the layout from it instead of walking every page; anything else walks, as before
 from __future__ import annotations
 
 import os
+import re
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -55,14 +56,16 @@ def build_long(path: Path) -> Path:
 
 
 def damage_an_old_leaf(data: Path) -> None:
-    """A stray write: flip the page number in the header of the records leaf holding
-    `xfer-00010` (an old one, never rewritten), which the page walk checks."""
+    """A stray write: flip the page number in the header of every page holding `xfer-00010`
+    (its record's leaf and its index entries' leaves, old ones, never rewritten, and any stale
+    copy of one in a free page), which the page walk checks."""
     content = data.read_bytes()
-    header = content.index(b"xfer-00010") // 4096 * 4096
-    number = struct.unpack_from("<Q", content, header)[0]
+    headers = {match.start() // 4096 * 4096 for match in re.finditer(b"xfer-00010", content)}
     with open(data, "r+b") as handle:
-        handle.seek(header)
-        handle.write(struct.pack("<Q", number ^ 0x100))
+        for header in sorted(headers):
+            number = struct.unpack_from("<Q", content, header)[0]
+            handle.seek(header)
+            handle.write(struct.pack("<Q", number ^ 0x100))
 
 
 def test_a_clean_close_seals_the_file_and_the_next_open_needs_no_walk(ledger_path: Path, walks: list[int]) -> None:

@@ -22,7 +22,8 @@ SEED = int(os.environ.get("TALLY_FAULT_SEED", "20261204"))
 SWEEP_TIMEOUT_S = 300.0
 KINDS = {"meta page", "free list page", "free page", "overflow page", "file truncated", "file replaced", "anchor",
          "lost write (a page zeroed)", "branch page header", "branch node pointers", "branch node headers",
-         "branch keys", "leaf page header", "leaf node pointers", "leaf node headers", "leaf keys", "leaf values"}
+         "branch keys", "leaf page header", "leaf node pointers", "leaf node headers", "leaf keys", "leaf values",
+         "commit cut off in its flush"}
 
 pytestmark = pytest.mark.slow
 

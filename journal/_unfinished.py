@@ -1,0 +1,132 @@
+"""Opening after the machine stopped during a commit's flush: the snapshot before it, taken back.
+
+Each commit is flushed once (`journal._store`): its data pages and its meta page are written,
+then the data file is flushed, and only once that flush returns is anyone told. A power loss
+during the flush may leave the new meta page on disk and some of the commit's pages not. The
+meta page then names a tree whose pages are not all there; worse, they may hold, whole, an
+older tree of the same ledger: the pages the commit reused held one before it (a test makes
+that state: `tests/test_unfinished.py`). So every commit writes its own LMDB transaction id
+into the meta database (`COMMIT_MARK_KEY`), and every open checks that the snapshot it opens
+holds its own (`journal._marks.check_commit_mark`): an older tree under a newer meta page
+holds an older mark, and a mixture of new and old pages fails the walk's counters.
+
+Two things make that state recoverable, exactly:
+- the commit was never acknowledged (its flush never returned), so nothing anyone was told
+  of is in it;
+- the snapshot before it is whole: LMDB writes a commit only into pages that neither of the
+  two newest snapshots holds, and that snapshot's own flush returned before the commit began.
+
+`unfinished` recognises that state and nothing else, and `take_back` then opens the snapshot
+before, T-1: a copy of its meta page, under transaction id T-2, replaces the newer one in its
+slot. LMDB keeps transaction N's meta in page N % 2 and opens the higher id, so it opens T-1's
+own meta (which holds its own mark), and the next commit, T again, goes in that slot. The pages
+the unfinished commit wrote were free in T-1's snapshot and still are. It requires, in turn:
+1. a writer opening (a read-only open never writes: it says what it found, and that a
+   writable open takes the snapshot back) and an anchor, which says which LSN was last
+   acknowledged and which commit was last flushed whole (`AnchorState.txnid`): not the newer
+   one, whose damage would otherwise be damage (a stray write after it was whole);
+2. the older meta page exactly one transaction before the newer, and the newer snapshot not
+   whole by the page walk opening makes, or whole but holding the mark of a tree its commit's
+   pages held before (`journal._marks.is_stale_mark`), or its own mark over databases of another
+   shape than its commit made (`journal._marks.shape_disagrees`: the leaf holding the mark
+   reached the disk, the catalog above it did not and names an older tree's databases);
+3. the older snapshot whole by the same walk, not holding an older tree's mark or another
+   shape than its mark says either (none: a ledger last
+   written before marks), this anchor's ledger, in its format, and LSNs 1..N without a gap, N
+   at least the LSN the anchor saw durable: so no acknowledged record is in the commit taken
+   back (the anchor is written after each flush returns).
+Anything else is the damage the open found, reported where it is, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+from journal._anchor import TXNID_MASK, AnchorState
+from journal._check import expected_databases, read_metas_of, walk_meta
+from journal._errors import JournalCorruptedError
+from journal._format import key_lsn
+from journal._meta import META_BYTES, PAGE, Meta, committed_meta, meta_with_txnid
+from journal._names import RECORDS_DB
+
+logger = logging.getLogger("tally.journal")
+
+class Unfinished:
+    """An unfinished last commit found over a whole snapshot (`unfinished`)."""
+
+    def __init__(self, newer: Meta, older: Meta, last_lsn: int) -> None:
+        self.newer = newer
+        self.older = older
+        self.last_lsn = last_lsn
+        """The last LSN of the older, whole snapshot."""
+
+    def says(self, damage: JournalCorruptedError) -> str:
+        """What happened, for the log or for a read-only open's error."""
+        return (f"the last commit (LMDB transaction {self.newer.txnid}) was cut off while it was being flushed (the "
+                f"machine stopped) and never acknowledged: its snapshot is not whole ({damage.reason}); the snapshot "
+                f"before it (transaction {self.older.txnid}, LSN {self.last_lsn}) is whole")
+
+
+def unfinished(data_file: str, index_names: Sequence[str], anchor: AnchorState | None) -> Unfinished | None:
+    """The unfinished last commit over a whole snapshot that `data_file` holds, if it holds
+    one (see the module docstring: the caller met damage opening it); None if anything else
+    is the case. Reads only; walks both snapshots."""
+    if anchor is None:
+        return None
+    try:
+        meta0, meta1 = read_metas_of(data_file)
+    except (JournalCorruptedError, OSError):
+        return None
+    newer = meta1 if meta1.txnid > meta0.txnid else meta0
+    if anchor.txnid and anchor.txnid == newer.txnid & TXNID_MASK:
+        return None  # the anchor saw that commit's flush return: whatever is wrong with it is damage
+    try:
+        meta0, meta1 = read_metas_of(data_file)
+        newer = committed_meta(meta0, meta1, data_file)
+        older = meta1 if newer is meta0 else meta0
+        if older.txnid < 2 or newer.txnid != older.txnid + 1:
+            return None
+        try:
+            torn = walk_meta(newer, data_file, index_names).torn(newer.txnid)
+        except JournalCorruptedError:
+            pass  # the newer snapshot is not whole: the case looked for
+        else:  # whole, but an older tree (or part of one: see the module docstring), or something else
+            if not torn:
+                return None
+        walked = walk_meta(older, data_file, index_names)
+        if (set(walked.layout.trees) != expected_databases(index_names) or walked.ledger_id != anchor.ledger_id
+                or walked.format_version != anchor.format_version or walked.torn(older.txnid)):
+            return None
+        records = walked.layout.trees[RECORDS_DB]
+        if not records.entries or records.first_key is None or records.last_key is None:
+            return None
+        last = key_lsn(records.last_key)
+        if key_lsn(records.first_key) != 1 or last != records.entries or last < anchor.durable_lsn:
+            return None
+    except (JournalCorruptedError, OSError):
+        return None
+    return Unfinished(newer, older, last)
+
+
+def take_back(data_file: str, found: Unfinished, damage: JournalCorruptedError) -> None:
+    """Open the snapshot before the unfinished commit `found`: write a copy of the older meta,
+    under the transaction id before its own, into the newer one's slot, and flush it. Logged
+    as a warning."""
+    newer, older = found.newer, found.older
+    fd = os.open(data_file, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        page = os.pread(fd, META_BYTES, older.number * older.page_bytes)
+        if len(page) != META_BYTES or os.pread(fd, PAGE.size, newer.number * newer.page_bytes)[:8] != (
+                newer.number.to_bytes(8, "little")):
+            raise JournalCorruptedError("the meta pages changed while the unfinished commit was being taken back",
+                                        where=data_file)
+        written = meta_with_txnid(page, newer.number, older.txnid - 1)
+        if os.pwrite(fd, written, newer.number * newer.page_bytes) != META_BYTES:
+            raise OSError(f"a short write of meta page {newer.number}")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    logger.warning("%s: %s; the ledger opens at that snapshot, as it was before the commit began", data_file,
+                   found.says(damage))
