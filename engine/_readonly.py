@@ -10,10 +10,13 @@ the call. Nothing is ever written to the ledger's files; every write method rais
 `ReadOnlyLedger` before it does anything, and no expiry runs here (the writer's does).
 
 What "durable" means here: another process sees a commit once LMDB's reader table
-(`lock.mdb`) names it, which the writer's LMDB does after the commit's data and then its
-meta page are synced: a crash never takes back a record read here. (A writer killed
-between those two steps leaves its last commit unnamed, so unseen here until the next
-writer opens: that commit was never acknowledged; see `journal._store._settle_last_writer`.)
+(`lock.mdb`) names it, which the writer's LMDB does once it has written the commit, before
+the writer's flush has made it durable. So before this reader reads a snapshot newer than the
+last it read, it makes sure that snapshot is on disk: the writer's anchor names it as flushed,
+or this reader flushes the data file itself (`journal._seen`). A crash or a power loss never
+takes back a record read here. (A writer killed inside a commit, before LMDB's table named
+it, leaves it unseen here until the next writer opens: that commit was never acknowledged;
+see `journal._store._settle_last_writer`.)
 
 Threads: any. The replay that catches up runs under one lock, on the caller's thread.
 """

@@ -54,6 +54,7 @@ import lmdb
 from journal._anchor import AnchorState, create_anchor, new_ledger_id, sync_directory
 from journal._check import Opened, check_before_mapping, check_snapshot
 from journal._marks import commit_mark, marked_databases
+from journal._seen import Seen
 from journal._errors import JournalCorruptedError, JournalError, JournalLockedError, JournalWriteError, lmdb_read_error
 from journal._lmdb_files import allocate_lock_file, clear_dead_readers, file_identity, files_of
 from journal._limits import DBS_MAX, FORMAT_VERSION, GROW_WAIT_S_MAX, MAP_SIZE_BYTES_MAX, READERS_MAX
@@ -134,6 +135,8 @@ class Store:
         self._identity = file_identity(os.path.join(self.directory, DATA_FILE))
         """The data file's (device, inode) when it was opened, for `in_place`."""
         self.files = files_of(self.directory, self._identity, lock_file)  # (not looked at again)
+        self._seen = Seen(self.directory, os.path.join(self.directory, DATA_FILE), self._identity) if readonly else None
+        """A read-only store's: makes each snapshot durable before it is read (`journal._seen`)."""
         """(device, inode) of LMDB's files as opened: py-lmdb knows the environment by them."""
         self.sync = False
         """Whether each commit is flushed (`flush`): `Store.open(sync=...)` of a writer."""
@@ -218,19 +221,36 @@ class Store:
             if not readonly:
                 _settle_last_writer(env)
             dbs, opened = check_snapshot(env, data_file, index_names, anchor, None if readonly else path)
+            store = cls(path, env, dbs, opened, readonly, lock_file)
         except BaseException:
             env.close()
             raise
-        store = cls(path, env, dbs, opened, readonly, lock_file)
-        store.sync = sync and not readonly
+        if sync and not readonly:
+            store.sync = True
+            # The last commit may never have been flushed (its writer was killed between its
+            # commit and its flush, or the flush failed): it is made durable before anything
+            # is built on it, so the snapshot a take-back would return to is one that was
+            # (`journal._unfinished`), and an idempotent retry answered from it is durable.
+            try:
+                store.flush()
+            except BaseException:
+                store.close()
+                raise
         return store
 
     def flush(self) -> None:
         """Make the last commit durable, data and meta pages in one flush of the data file
         (with `sync`; see the module docstring). Only the one writing calls it, right after
         each commit and before anyone learns of it."""
-        if self.sync:
+        if not self.sync:
+            return
+        try:
             self.env.sync(True)
+        except lmdb.Error as error:  # the commit is in the file, its pages maybe not on disk: unknown
+            raise JournalWriteError(
+                f"flushing the last commit to {os.path.join(self.directory, DATA_FILE)} failed ({error}): it is in the "
+                "data file but may not be on disk, so the outcome of what it holds is unknown; reopen the ledger and "
+                "retry with the same ids to learn it") from error
 
     # --- reading -----------------------------------------------------------------------
 
@@ -267,6 +287,8 @@ class Store:
                     raise lmdb_read_error(error, self.path) from error
                 if txn is not None:
                     with txn:
+                        if self._seen is not None:
+                            self._seen.durable(txn.id(), self.ledger_id)
                         yield txn
                     return
             finally:
@@ -317,6 +339,8 @@ class Store:
 
     def close(self) -> None:
         self.env.close()
+        if self._seen is not None:
+            self._seen.close()
 
 
 def _check_mappable(more: int, size: int) -> None:

@@ -1,0 +1,77 @@
+"""A read-only reader makes durable what it sees before it answers from it.
+
+The writer flushes each commit once, after LMDB has written it (`journal._store`), and tells
+no one of the commit before that flush returns. But LMDB names a commit in its reader table
+(`lock.mdb`) as soon as it has written the commit's meta page, before the flush: a reader in
+another process (`Ledger.open(path, readonly=True)`, `tally tail`, a read-only `tally
+serve`) may begin a snapshot holding a commit that is still only in the page cache. A power
+loss then could take that commit back (`journal._unfinished`) and the writer write other
+records at its LSNs, while the reader had passed the first ones on.
+
+So a reader, before it reads a snapshot newer than the last it made sure of, makes sure
+that snapshot is durable: if the ledger's anchor names that commit or a later one as
+flushed (the writer writes it right after each flush returns: one small read), it is; if
+not, the reader flushes the data file itself (`fdatasync` works on a descriptor opened for
+reading, and it writes every page of the file the page cache holds, the meta page with
+them). A commit whose writer was killed between its commit and its flush is made durable
+so too, by the first reader that sees it. Only then is anything read from the snapshot.
+
+Threads: any. Two readers that race flush twice, which is harmless.
+"""
+
+from __future__ import annotations
+
+import os
+
+from journal._anchor import TXNID_MASK, read_anchor
+from journal._errors import JournalCorruptedError, JournalError, os_read_error
+
+_HALF = (TXNID_MASK + 1) // 2
+
+
+class Seen:
+    """What a read-only store has made sure is durable (`durable`)."""
+
+    def __init__(self, directory: str, data_file: str, identity: tuple[int, int] | None) -> None:
+        self._directory = directory
+        self._data_file = data_file
+        try:
+            self._fd = os.open(data_file, os.O_RDONLY | os.O_CLOEXEC)
+            found = os.fstat(self._fd)
+        except OSError as error:
+            raise os_read_error(error, data_file) from error
+        if identity not in (None, (found.st_dev, found.st_ino)):
+            os.close(self._fd)
+            raise JournalCorruptedError("the data file was replaced while it was being opened", where=data_file)
+        self._txnid = 0
+        """The newest LMDB transaction this reader has made sure is durable."""
+
+    def durable(self, txnid: int, ledger_id: bytes | None) -> None:
+        """Return once the commit of LMDB transaction `txnid` (a snapshot about to be read) is
+        on disk: at once if it is known to be, else after the anchor or a flush says so.
+        Raises `JournalError` if the data file cannot be flushed."""
+        if txnid <= self._txnid:
+            return
+        if not self._anchor_flushed(txnid, ledger_id):
+            try:
+                os.fdatasync(self._fd)
+            except OSError as error:
+                raise JournalError(f"cannot make the commit this reader sees (LMDB transaction {txnid}) durable "
+                                   f"before reading it: flushing {self._data_file} failed: {error}") from error
+        self._txnid = max(self._txnid, txnid)
+
+    def _anchor_flushed(self, txnid: int, ledger_id: bytes | None) -> bool:
+        """Whether this ledger's anchor names the commit of `txnid`, or one after it, as
+        flushed (it keeps a transaction id's low 32 bits: compared within half their range)."""
+        try:
+            anchor = read_anchor(self._directory)
+        except JournalError:
+            return False  # (a torn or unreadable anchor is for the open to report; a flush settles this)
+        if anchor is None or not anchor.txnid or anchor.ledger_id != ledger_id:
+            return False
+        return (anchor.txnid - txnid) & TXNID_MASK < _HALF
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,163 @@
+"""One flush a commit, and what it asks of everyone else: a read-only reader makes a commit it
+sees durable before it reads from it (`journal._seen`), a writable open flushes the last
+writer's commit before it builds on it, and a flush that fails says the outcome is unknown."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lmdb
+import pytest
+from engine import Ledger, LedgerUnavailable
+
+import journal._seen as seen_module
+from journal._anchor import AnchorState
+from journal._meta import read_metas
+from journal._seen import Seen
+from journal._store import Store
+
+# A writer whose commits are never flushed, and whose anchor never says they were: what a
+# reader in another process sees between a commit and its flush, held still.
+UNFLUSHED_WRITER = """
+import sys
+from journal._anchor import Anchor
+from journal._store import Store
+Store.flush = lambda self: None
+Anchor.advance = lambda self, *args, **kwargs: None
+from engine import Ledger
+ledger = Ledger.open(sys.argv[1])
+ledger.transfer("late", source="bank", destination="alice", amount=7)
+print("committed", flush=True)
+sys.stdin.read()
+"""
+
+
+def _data_flushes(monkeypatch: pytest.MonkeyPatch, data_file: Path) -> list[int]:
+    """Every `os.fdatasync` of `data_file` from now on, by this process (the inode's number each)."""
+    inode = data_file.stat().st_ino
+    calls: list[int] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        if os.fstat(fd).st_ino == inode:
+            calls.append(inode)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    return calls
+
+
+def _ledger(path: Path) -> None:
+    with Ledger.open(path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+
+
+def test_a_reader_flushes_a_commit_its_writer_has_not_before_reading_it(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "l"
+    _ledger(path)
+    writer = subprocess.Popen([sys.executable, "-c", UNFLUSHED_WRITER, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "committed\n"
+        flushes = _data_flushes(monkeypatch, path / "data.mdb")
+        with Ledger.open(path, readonly=True) as reader:
+            assert reader.balance("alice").posted == 7  # the commit no one flushed is read...
+            assert len(flushes) == 1  # ...once this reader flushed it
+            assert reader.get_transfer("late") is not None
+            assert len(flushes) == 1  # (the same snapshot: made sure of once)
+    finally:
+        assert writer.stdin is not None
+        writer.stdin.close()
+        writer.wait(timeout=30)
+    assert writer.returncode == 0
+
+
+def test_a_reader_does_not_flush_what_the_anchor_names_as_flushed(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "l"
+    _ledger(path)
+    with Ledger.open(path) as ledger:
+        ledger.transfer("t", source="bank", destination="alice", amount=5)
+    flushes = _data_flushes(monkeypatch, path / "data.mdb")
+    with Ledger.open(path, readonly=True) as reader:
+        assert reader.balance("alice").posted == 5
+    assert flushes == []
+
+
+@pytest.mark.parametrize(("anchor_txnid", "seen_txnid", "flushed"), [
+    (10, 10, True), (11, 10, True), (9, 10, False), (0, 10, False),
+    (3, 2**32 + 2, True), (2**32 - 1, 2**32 + 1, False),  # (the anchor keeps the low 32 bits)
+])
+def test_what_the_anchor_says_is_flushed_is_read_within_half_the_range_of_its_32_bits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anchor_txnid: int, seen_txnid: int, flushed: bool) -> None:
+    path = tmp_path / "l"
+    _ledger(path)
+    ledger_id = b"i" * 16
+    monkeypatch.setattr(seen_module, "read_anchor",
+                        lambda _directory: AnchorState(ledger_id, 1, 3, 1, b"", anchor_txnid))
+    flushes = _data_flushes(monkeypatch, path / "data.mdb")
+    seen = Seen(str(path), str(path / "data.mdb"), None)
+    try:
+        seen.durable(seen_txnid, ledger_id)
+        assert flushes == ([] if flushed else [flushes and flushes[0]])
+        seen.durable(seen_txnid, b"another ledger id")  # made sure of already: nothing more
+        assert len(flushes) == (0 if flushed else 1)
+        seen.durable(seen_txnid + 1, b"another ledger id")  # another ledger's anchor says nothing
+        assert len(flushes) == (1 if flushed else 2)
+    finally:
+        seen.close()
+
+
+def test_a_writable_open_flushes_the_last_writers_commit_before_its_own(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "l"
+    _ledger(path)
+    fd = os.open(path / "data.mdb", os.O_RDONLY)
+    try:
+        last = max(meta.txnid for meta in read_metas(fd, str(path / "data.mdb")))
+    finally:
+        os.close(fd)
+    at: list[int] = []
+    real = Store.flush
+
+    def flush(store: Store) -> None:
+        at.append(store.env.info()["last_txnid"])
+        real(store)
+
+    monkeypatch.setattr(Store, "flush", flush)
+    Ledger.open(path).close()
+    assert at and at[0] == last
+
+
+class _FailingFlush:
+    """An LMDB environment whose flush fails, as a disk's I/O error would make it."""
+
+    def __init__(self, env: lmdb.Environment) -> None:
+        self._env = env
+
+    def sync(self, force: bool = False) -> None:
+        raise lmdb.Error("Input/output error")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._env, name)
+
+
+def test_a_failed_flush_says_the_outcome_is_unknown_and_a_retry_after_reopening_learns_it(tmp_path: Path) -> None:
+    path = tmp_path / "l"
+    _ledger(path)
+    ledger = Ledger.open(path)
+    store = ledger._journal._store
+    store.env = _FailingFlush(store.env)
+    with pytest.raises(LedgerUnavailable) as failed:
+        ledger.transfer("t", source="bank", destination="alice", amount=5)
+    assert "outcome" in str(failed.value) and "unknown" in str(failed.value)
+    store.env = store.env._env
+    ledger.close()
+    with Ledger.open(path) as reopened:
+        again = reopened.transfer("t", source="bank", destination="alice", amount=5)
+        assert again.amount == 5 and reopened.balance("alice").posted == 5  # in the file: answered, not applied twice
