@@ -14,8 +14,10 @@ error, not a signal), from a meta page `journal._meta` checked, and checks:
    overflow runs inside the snapshot, and each database's counters (entries, depth, pages)
    equal to what the walk found;
 2. the free list: the pages it names and the pages the trees use are disjoint and together
-   cover every page up to the snapshot's high-water mark. (Free pages past the file's end
-   are allowed: LMDB writes a page before it first reads it.)
+   cover every page up to the snapshot's high-water mark (free pages past the file's end
+   are allowed: LMDB writes a page before it first reads it), and its newest record is of
+   the meta page's own transaction (`_check_free_list_age`: an older free list under a newer
+   meta page would give the next commits pages the two newest snapshots still hold).
 
 This reads the layout of LMDB 0.9 on a 64-bit little-endian host (the only one py-lmdb's
 bundled engine writes here); anything else is reported as damage rather than guessed at.
@@ -353,7 +355,7 @@ def walk(fd: int, meta: Meta, data_file: str, visit: Visit | None = None, names:
     pages = PageWalk(fd, meta, data_file, None)
     free_records: list[bytes] = []
     pages.visit = lambda _name, _keys, values: free_records.extend(values)
-    pages.tree(b"free list", meta.free, integer_keys=True)
+    _check_free_list_age(pages.tree(b"free list", meta.free, integer_keys=True), meta, data_file)
     catalog: list[tuple[bytes, bytes]] = []
     pages.visit = lambda _name, keys, values: catalog.extend(zip(keys, values, strict=True))
     pages.catalog = True
@@ -377,6 +379,27 @@ def walk(fd: int, meta: Meta, data_file: str, visit: Visit | None = None, names:
         aside.walk(ordered[len(head):], walk_tree, pages, layout.trees)
     _check_free_list(pages, free_records, data_file)
     return layout
+
+
+def _check_free_list_age(free: Tree, meta: Meta, data_file: str) -> None:
+    """The free list's newest record (the largest key: a transaction id) is of `meta`'s own
+    transaction, unless the list is empty. LMDB saves the pages a commit frees under that
+    commit's id, and every commit Tally makes frees one at least: it changes the meta
+    database (its commit mark, `journal._marks`), whose page the snapshot before held, and
+    LMDB copies such a page rather than write over it. Only the commit that makes a ledger
+    frees nothing (the list is then empty). An older newest record is an older free list
+    under a newer meta page, as a power loss in a commit's flush may leave it
+    (`journal._unfinished`): its records, keyed by older transactions, may name pages the two
+    newest snapshots hold as free long enough to be reused, and the next commits would write
+    over those snapshots. (The coverage check after the walk need not see it: the pages it
+    names may still be exactly the ones not in use.)"""
+    if free.last_key is None:
+        return
+    newest = _integer(free.last_key)
+    if newest != meta.txnid:
+        relation = "older" if newest < meta.txnid else "newer"
+        raise corrupt(f"its newest record is of transaction {newest}, not of its meta page's {meta.txnid}: "
+                      f"the free list is {relation} than the meta page", f"the free list of {data_file}")
 
 
 def _check_free_list(pages: PageWalk, records: list[bytes], data_file: str) -> None:

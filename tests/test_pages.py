@@ -1,4 +1,5 @@
-"""The page walk's reading of a leaf whose nodes are all one size (`journal._pages`, `_uniform`).
+"""The page walk's reading of a leaf whose nodes are all one size (`journal._pages`, `_uniform`),
+and its check of the free list's age (`_check_free_list_age`).
 
 Most leaves of a ledger's indexes and records hold nodes of one size; the walk reads such a
 leaf in one `unpack_from` instead of node by node. These tests hold it to what the node-by-node
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from coordinator import INDEX_NAMES
 from engine import Account, JournalCorrupted, Ledger, TransferRequest
-from journal._meta import committed_meta, read_metas
+from journal._meta import Meta, committed_meta, read_metas
 from journal._names import META_DB, RECORDS_DB
 from journal._pages import Layout, PageWalk, walk
 
@@ -181,3 +182,48 @@ def test_a_leaf_whose_nodes_lie_an_odd_number_of_bytes_apart_is_found_at_open(tm
     with pytest.raises(JournalCorrupted) as caught:
         Ledger.open(path)
     assert caught.value.where is not None, caught.value
+
+
+def _committed(path: Path) -> Meta:
+    data_file = str(path / "data.mdb")
+    fd = os.open(data_file, os.O_RDONLY)
+    try:
+        return committed_meta(*read_metas(fd, data_file), data_file)
+    finally:
+        os.close(fd)
+
+
+def test_a_free_list_whose_newest_record_is_not_of_its_meta_pages_transaction_is_refused_and_nothing_written(
+        tmp_path: Path) -> None:
+    """A free list whose newest record is of another transaction than its meta page's is one
+    the meta page's commit did not write (every commit Tally makes frees a page, saved under
+    its own id): the next commits would reuse pages too early. The newest key of a real
+    ledger's free list is moved 5 transactions on (the keys stay in order, the pages it names
+    stay exactly the free ones): opening refuses it, naming the free list, and writes nothing."""
+    path = tmp_path / "ledger"
+    with Ledger.open(path) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("alice", currency="USD")
+        for n in range(20):
+            ledger.transfer(f"t-{n}", source="bank", destination="alice", amount=10)
+    meta = _committed(path)
+    data = (path / "data.mdb").read_bytes()
+    pgno = meta.free.root
+    while True:  # down the last child of each branch to the leaf with the newest record
+        at = pgno * PAGE_BYTES
+        _, _, flags, lower, _ = struct.unpack_from("<QHHHH", data, at)
+        count = (lower - PAGE_HEADER_BYTES) // 2
+        last = at + struct.unpack_from("<H", data, at + PAGE_HEADER_BYTES + 2 * (count - 1))[0]
+        if flags != 0x01:  # P_BRANCH
+            break
+        low, high, flags_high, _ = struct.unpack_from("<HHHH", data, last)
+        pgno = low | high << 16 | flags_high << 32
+    assert flags == 0x02 and struct.unpack_from("<H", data, last + 6)[0] == 8  # a leaf, 8-byte keys
+    assert struct.unpack_from("<Q", data, last + 8)[0] == meta.txnid  # as every commit leaves it
+    _patch(path, last + 8, struct.pack("<Q", meta.txnid + 5))
+    files = {name: (path / name).read_bytes() for name in ("data.mdb", "tally.anchor")}
+    with pytest.raises(JournalCorrupted) as caught:
+        Ledger.open(path)
+    assert caught.value.where == f"the free list of {path / 'data.mdb'}", caught.value
+    assert f"transaction {meta.txnid + 5}, not of its meta page's {meta.txnid}" in str(caught.value)
+    assert {name: (path / name).read_bytes() for name in files} == files

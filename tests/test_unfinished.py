@@ -20,6 +20,7 @@ from engine import JournalCorrupted, Ledger
 
 from coordinator import INDEX_NAMES
 from journal._check import walk_meta
+from journal._errors import JournalCorruptedError
 from journal._meta import Meta, read_metas
 
 PAGE = 4096
@@ -168,7 +169,7 @@ def _steps(tmp_path: Path) -> list[dict[str, bytes]]:
 
 @pytest.mark.parametrize("anchor_from", ["the commit before", "three commits before"])
 def test_a_cut_off_commit_whose_mark_reached_the_disk_over_an_older_tree_is_taken_back(
-        tmp_path: Path, anchor_from: str) -> None:
+        tmp_path: Path, anchor_from: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The flush wrote the cut-off commit's meta page and the leaf of its meta database (its
     commit mark), and none of its other pages. LMDB reuses pages in a cycle of three commits
     here, so those pages still hold, whole, the tree of the commit three before, and the walk
@@ -177,7 +178,10 @@ def test_a_cut_off_commit_whose_mark_reached_the_disk_over_an_older_tree_is_take
     under the newest meta page: two acknowledged commits gone, silently when the anchor (never
     fsynced) lags as a power loss leaves it. The mark also binds the shape of every database
     its commit made, so this is the cut-off commit it is, and the snapshot before is taken
-    back, every acknowledged transfer in it."""
+    back, every acknowledged transfer in it. The free list that meta page reaches is that older
+    tree's too, older than the meta page, which the walk now refuses first
+    (`journal._pages._check_free_list_age`); the mark is held to finding it without that
+    check as well, each a check the other does not rely on."""
     steps = _steps(tmp_path)
     before, after = steps[-2], steps[-1]
     new, old = after["data.mdb"], before["data.mdb"]
@@ -191,12 +195,20 @@ def test_a_cut_off_commit_whose_mark_reached_the_disk_over_an_older_tree_is_take
         if page not in marked:
             torn[page * PAGE:(page + 1) * PAGE] = old[page * PAGE:(page + 1) * PAGE].ljust(PAGE, b"\0")
     anchor = before["tally.anchor"] if anchor_from == "the commit before" else steps[-4]["tally.anchor"]
-    path = _ledger_with(tmp_path, bytes(torn), anchor)
-    walked = walk_meta(meta, str(path / "data.mdb"), INDEX_NAMES)  # the state this test is about: whole by
-    assert walked.commit_mark == meta.txnid  # the walk, the new commit's mark, over an older tree (fewer records)
-    assert walked.layout.trees[b"records"].entries < walk_meta(_newer_meta(old), str(path / "data.mdb"),
-                                                               INDEX_NAMES).layout.trees[b"records"].entries
-    with Ledger.open(path) as ledger:
-        assert ledger.balance("alice").posted == 500  # t0..t4, every acknowledged transfer
-        assert all(ledger.get_transfer(f"t{n}") is not None for n in range(5))
-        assert ledger.get_transfer("last") is None
+    for free_list_age_checked in (False, True):
+        path = _ledger_with(tmp_path, bytes(torn), anchor)
+        with monkeypatch.context() as patched:
+            if not free_list_age_checked:
+                patched.setattr("journal._pages._check_free_list_age", lambda *_: None)
+                walked = walk_meta(meta, str(path / "data.mdb"), INDEX_NAMES)  # the state this test is about:
+                assert walked.commit_mark == meta.txnid  # whole by the other checks, the new commit's mark,
+                assert walked.layout.trees[b"records"].entries < walk_meta(  # over an older tree (fewer records)
+                    _newer_meta(old), str(path / "data.mdb"), INDEX_NAMES).layout.trees[b"records"].entries
+            else:
+                with pytest.raises(JournalCorruptedError) as raised:
+                    walk_meta(meta, str(path / "data.mdb"), INDEX_NAMES)
+                assert "the free list is older than the meta page" in str(raised.value)
+            with Ledger.open(path) as ledger:
+                assert ledger.balance("alice").posted == 500  # t0..t4, every acknowledged transfer
+                assert all(ledger.get_transfer(f"t{n}") is not None for n in range(5))
+                assert ledger.get_transfer("last") is None
