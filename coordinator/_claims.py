@@ -20,7 +20,7 @@ from journal import Journal, JournalError
 from coordinator._errors import JournalCorrupted
 from coordinator._history import Committed, Refused, named_record, transfer_record, transfer_records
 from coordinator._idfilter import IdFilter
-from coordinator._limits import CLAIM_STRIPES, CLAIMS_SWEEP_MIN, INDEX_KEYS_PER_SNAPSHOT, KEY_BYTES_MAX
+from coordinator._limits import CLAIM_STRIPES, CLAIMS_SWEEP_MIN, DURABLE_WAIT_S, INDEX_KEYS_PER_SNAPSHOT, KEY_BYTES_MAX
 from coordinator._records import DIGEST_MARK, RESOLUTION_MARK, TRANSFERS_INDEX, id_key, value_lsn
 from coordinator._tickets import Prior, Ticket
 from coordinator._values import Request
@@ -213,7 +213,7 @@ class Claims:
                 with self._journal.snapshot() as txn:
                     for index, outcome in zip(asked, transfer_records(self._journal, [requests[i].id for i in asked],
                                                                       txn), strict=True):
-                        found[index] = outcome
+                        found[index] = self._durable(outcome)
             if any(prior is not None for prior in found):
                 return found
             ticket = Ticket(requests, hashes[0] & _STRIPE_MASK, relayed, linked=True)
@@ -249,7 +249,16 @@ class Claims:
 
     def lookup(self, tid: str, txn: Any | None = None) -> Committed | Refused | None:
         """The durable outcome of `tid`, from the transfers index (no scan)."""
-        return transfer_record(self._journal, tid, txn)
+        return self._durable(transfer_record(self._journal, tid, txn))
+
+    def _durable(self, outcome: Committed | Refused | None) -> Committed | Refused | None:
+        """`outcome`, found in the index, once its record is durable. Until a record is, the
+        in-flight ticket of its id answers, not the index; an index entry past the durable
+        LSN with no ticket is one of a commit whose flush failed (`journal._store.Store.flush`): the
+        journal's failure is raised (`JournalWriteError`), never that outcome."""
+        if outcome is not None and outcome.lsn > self._journal.durable_lsn:
+            self._journal.wait_durable(outcome.lsn, DURABLE_WAIT_S)
+        return outcome
 
     def release(self, ticket: Ticket) -> None:
         """Forget a ticket once it is durable (the index answers from now on) or failed."""

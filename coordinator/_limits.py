@@ -126,3 +126,8 @@ EVENTS_PER_READ_MAX = 1_024
 """Records an event reader reads per read transaction (`coordinator._events`): short, so a
 follower never holds an LMDB reader open for long (which would stall page reuse and map growth)."""
 
+
+DURABLE_WAIT_S = 10.0
+"""How long a claim waits for the record of an outcome the index holds past the durable LSN
+(`coordinator._claims.Claims._durable`): none is there in live operation, where the in-flight
+ticket answers until its record is durable; one whose commit's flush failed raises at once."""

@@ -174,7 +174,7 @@ class Committing:
                                                 "away while the ledger was open: nothing more is written")
                 txnid = txn.id()
                 txn.commit()
-                store.flush()  # one flush: the data pages and the meta page durable together
+                store.flush(txnid)  # one flush: the data pages and the meta page durable together
                 self.flushed_txnid = txnid
                 self._chain_digest = digest
                 if batch and now >= self._readers_checked_at:  # (`READER_CHECK_S`)

@@ -129,7 +129,10 @@ class JournalReads:
                 yield from self.scan(after_lsn, txn)
             return
         expected = after_lsn + 1
-        if expected > LSN_MAX:  # (no key holds it)
+        # Writing, up to `durable_lsn`: a record past it is one being made durable, or one of a
+        # commit whose flush failed (`journal._store.Store.flush`), which must not be served.
+        end = self.durable_lsn if self._writer is not None else LSN_MAX
+        if expected > end:  # (past LSN_MAX no key holds it)
             return
         step = self._chunks.step
         try:
@@ -142,6 +145,8 @@ class JournalReads:
                     raise JournalCorruptedError(f"LSN {expected} is missing (next stored is {lsn!r})", expected)
                 step()
                 yield expected, unframe_keyed(key, value, expected)
+                if expected == end:
+                    return
                 expected += 1
         except lmdb.Error as error:
             raise lmdb_read_error(error, f"the records after LSN {expected - 1}") from error

@@ -124,3 +124,8 @@ second process's start costs ~0.1 s."""
 ASIDE_WAIT_S = 60.0
 """How much longer than it has already run the second page walk is waited for, once this
 process's own half is done, before its trees are walked here instead (`journal._walk_aside`)."""
+
+SEEN_ANCHOR_PAUSES_S = (0.0002, 0.0005, 0.001, 0.002)
+"""A read-only reader that sees a commit its writer's anchor does not yet name as flushed looks
+at the anchor again after each of these pauses (~4 ms in all: a flush takes about one) before it
+flushes the data file itself (`journal._seen`)."""

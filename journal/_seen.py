@@ -10,11 +10,15 @@ records at its LSNs, while the reader had passed the first ones on.
 
 So a reader, before it reads a snapshot newer than the last it made sure of, makes sure
 that snapshot is durable: if the ledger's anchor names that commit or a later one as
-flushed (the writer writes it right after each flush returns: one small read), it is; if
-not, the reader flushes the data file itself (`fdatasync` works on a descriptor opened for
-reading, and it writes every page of the file the page cache holds, the meta page with
-them). A commit whose writer was killed between its commit and its flush is made durable
-so too, by the first reader that sees it. Only then is anything read from the snapshot.
+flushed (the writer writes it right after each flush returns: one small read), it is. A
+reader often sees a commit during its flush, so it looks at the anchor again a few times
+over a few milliseconds (`SEEN_ANCHOR_PAUSES_S`: a flush takes about one) before it flushes
+the data file itself (`fdatasync` works on a descriptor opened for reading, and it writes
+every page of the file the page cache holds, the meta page with them): a follower then adds
+no flush of its own to the writer's. A commit whose writer was killed between its commit and
+its flush is made durable so too, by the first reader that sees it. Only then is anything
+read from the snapshot. A flush that fails fails this reader for good: the kernel reports a
+failed write-back once, and a later flush would return as if it had not failed.
 
 Threads: any. Two readers that race flush twice, which is harmless.
 """
@@ -22,9 +26,11 @@ Threads: any. Two readers that race flush twice, which is harmless.
 from __future__ import annotations
 
 import os
+import time
 
 from journal._anchor import TXNID_MASK, read_anchor
 from journal._errors import JournalCorruptedError, JournalError, os_read_error
+from journal._limits import SEEN_ANCHOR_PAUSES_S
 
 _HALF = (TXNID_MASK + 1) // 2
 
@@ -45,6 +51,8 @@ class Seen:
             raise JournalCorruptedError("the data file was replaced while it was being opened", where=data_file)
         self._txnid = 0
         """The newest LMDB transaction this reader has made sure is durable."""
+        self._failed: JournalError | None = None
+        """Why a flush of this reader's failed: every later snapshot is refused."""
 
     def durable(self, txnid: int, ledger_id: bytes | None) -> None:
         """Return once the commit of LMDB transaction `txnid` (a snapshot about to be read) is
@@ -52,12 +60,22 @@ class Seen:
         Raises `JournalError` if the data file cannot be flushed."""
         if txnid <= self._txnid:
             return
+        if self._failed is not None:
+            raise self._failed
         if not self._anchor_flushed(txnid, ledger_id):
-            try:
-                os.fdatasync(self._fd)
-            except OSError as error:
-                raise JournalError(f"cannot make the commit this reader sees (LMDB transaction {txnid}) durable "
-                                   f"before reading it: flushing {self._data_file} failed: {error}") from error
+            for pause_s in SEEN_ANCHOR_PAUSES_S:
+                time.sleep(pause_s)
+                if self._anchor_flushed(txnid, ledger_id):
+                    break
+            else:
+                try:
+                    os.fdatasync(self._fd)
+                except OSError as error:
+                    self._failed = JournalError(
+                        f"cannot make the commit this reader sees (LMDB transaction {txnid}) durable before reading "
+                        f"it: flushing {self._data_file} failed ({error}); the disk may be failing, and nothing more "
+                        "is read here (open the ledger again once it is known to be sound)")
+                    raise self._failed from error
         self._txnid = max(self._txnid, txnid)
 
     def _anchor_flushed(self, txnid: int, ledger_id: bytes | None) -> bool:

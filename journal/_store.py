@@ -59,7 +59,7 @@ from journal._errors import JournalCorruptedError, JournalError, JournalLockedEr
 from journal._lmdb_files import allocate_lock_file, clear_dead_readers, file_identity, files_of
 from journal._limits import DBS_MAX, FORMAT_VERSION, GROW_WAIT_S_MAX, MAP_SIZE_BYTES_MAX, READERS_MAX
 from journal._names import COMMIT_MARK_KEY, DATA_FILE, FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB, STAGING_DIR
-from journal._unfinished import take_back, unfinished
+from journal._unfinished import take_back, take_back_unflushed, unfinished
 
 logger = logging.getLogger("tally.journal")
 
@@ -238,19 +238,43 @@ class Store:
                 raise
         return store
 
-    def flush(self) -> None:
+    def flush(self, txnid: int = 0) -> None:
         """Make the last commit durable, data and meta pages in one flush of the data file
-        (with `sync`; see the module docstring). Only the one writing calls it, right after
-        each commit and before anyone learns of it."""
+        (with `sync`; see the module docstring). Only the one writing calls it: at open, and
+        right after each commit, of LMDB transaction `txnid`, before anyone learns of it.
+
+        If the flush fails, the commit's pages may never reach the disk, though this
+        process's page cache shows them (a failed write-back leaves them clean): it is taken
+        back at once (`journal._unfinished.take_back_unflushed`), so nothing in it was
+        applied, and `JournalWriteError` says so; if that fails too, it says the outcome is
+        unknown."""
         if not self.sync:
             return
         try:
             self.env.sync(True)
-        except lmdb.Error as error:  # the commit is in the file, its pages maybe not on disk: unknown
-            raise JournalWriteError(
-                f"flushing the last commit to {os.path.join(self.directory, DATA_FILE)} failed ({error}): it is in the "
-                "data file but may not be on disk, so the outcome of what it holds is unknown; reopen the ledger and "
-                "retry with the same ids to learn it") from error
+        except lmdb.Error as error:
+            raise self._flush_failed(error, txnid) from error
+
+    def _flush_failed(self, error: lmdb.Error, txnid: int) -> JournalWriteError:
+        data_file = os.path.join(self.directory, DATA_FILE)
+        if not txnid:  # (opening: nothing was built on it; the open fails)
+            return JournalWriteError(f"flushing {data_file} failed ({error}): the disk may be failing")
+        try:
+            take_back_unflushed(data_file, txnid)
+        except (OSError, JournalError) as again:
+            logger.error("flushing the commit of LMDB transaction %d to %s failed (%s), and so did taking it back "
+                         "(%s)", txnid, data_file, error, again)
+            return JournalWriteError(
+                f"flushing the last commit to {data_file} failed ({error}), and so did taking it back ({again}): it "
+                "is in the data file but may not be on disk, so the outcome of what it holds is unknown. The disk "
+                "is failing: restart the machine before reopening the ledger (the page cache may show what the "
+                "disk lost), then retry with the same ids to learn it")
+        logger.warning("flushing the commit of LMDB transaction %d to %s failed (%s): it was taken back", txnid,
+                       data_file, error)
+        return JournalWriteError(
+            f"flushing the last commit to {data_file} failed ({error}): it was taken back (the data file holds the "
+            "commit before it, on disk), so nothing in it was applied; reopen the ledger to go on (the disk may be "
+            "failing)")
 
     # --- reading -----------------------------------------------------------------------
 

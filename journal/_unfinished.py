@@ -111,10 +111,35 @@ def unfinished(data_file: str, index_names: Sequence[str], anchor: AnchorState |
 
 
 def take_back(data_file: str, found: Unfinished, damage: JournalCorruptedError) -> None:
-    """Open the snapshot before the unfinished commit `found`: write a copy of the older meta,
-    under the transaction id before its own, into the newer one's slot, and flush it. Logged
-    as a warning."""
-    newer, older = found.newer, found.older
+    """Open the snapshot before the unfinished commit `found` (`_write_older_meta`). Logged as
+    a warning."""
+    _write_older_meta(data_file, found.newer, found.older)
+    logger.warning("%s: %s; the ledger opens at that snapshot, as it was before the commit began", data_file,
+                   found.says(damage))
+
+
+def take_back_unflushed(data_file: str, txnid: int) -> None:
+    """Take back at once the last commit, of LMDB transaction `txnid`, whose flush failed (its
+    writer's `journal._store.Store.flush`): it was never acknowledged, and its pages may never
+    reach the disk though the page cache shows them (a failed write-back leaves them clean).
+    The snapshot before it was flushed whole. So the data file opens at that snapshot, on
+    disk and for every read transaction begun from now on, in any process (LMDB reads the
+    meta page that the reader table's transaction id names, through the page cache, and
+    takes its roots as they are). Raises `JournalCorruptedError` if the meta pages are not
+    those of `txnid` and the one before, `OSError` if the meta page cannot be written and
+    flushed."""
+    meta0, meta1 = read_metas_of(data_file)
+    newer = committed_meta(meta0, meta1, data_file)
+    older = meta1 if newer is meta0 else meta0
+    if newer.txnid != txnid or older.txnid != txnid - 1 or older.txnid < 1:
+        raise JournalCorruptedError(f"the meta pages hold transactions {older.txnid} and {newer.txnid}, not "
+                                    f"{txnid} and the one before it", where=data_file)
+    _write_older_meta(data_file, newer, older)
+
+
+def _write_older_meta(data_file: str, newer: Meta, older: Meta) -> None:
+    """Write a copy of the `older` meta page, under the transaction id before its own, into
+    the `newer` one's slot, and flush it: LMDB then opens `older`'s snapshot."""
     fd = os.open(data_file, os.O_RDWR | os.O_CLOEXEC)
     try:
         page = os.pread(fd, META_BYTES, older.number * older.page_bytes)
@@ -128,5 +153,3 @@ def take_back(data_file: str, found: Unfinished, damage: JournalCorruptedError) 
         os.fsync(fd)
     finally:
         os.close(fd)
-    logger.warning("%s: %s; the ledger opens at that snapshot, as it was before the commit began", data_file,
-                   found.says(damage))

@@ -36,7 +36,7 @@ from journal._anchor import Anchor
 from journal._chain import ChainHead
 from journal._commits import Behind, Block, Committing, EntriesBehind, IndexPut, IndexPuts
 from journal._completion import Completion, resolve_all
-from journal._errors import JournalClosedError, JournalTimeoutError, JournalWriteError
+from journal._errors import JournalClosedError, JournalError, JournalTimeoutError, JournalWriteError
 from journal._follow import Progress
 from journal._limits import (
     APPEND_WAIT_S_MAX,
@@ -75,7 +75,13 @@ class Writer(Committing):
         last_lsn = head.lsn
         self._last_lsn = last_lsn
         self.durable_lsn = last_lsn
-        self.flushed_txnid = 0
+        self.flushed_txnid = int(store.env.info()["last_txnid"])
+        if anchor is not None and store.sync:  # the open flushed the last commit (`Store.open`): the anchor says so,
+            try:  # so a take-back never mistakes it for one cut off in its flush (`journal._unfinished`)
+                anchor.advance(last_lsn, head.digest, self.flushed_txnid)
+            except OSError as error:
+                anchor.close()
+                raise JournalError(f"the anchor of {store.directory} cannot be written: {error}") from error
         self.durable_head = head
         """The durable LSN and the chain's digest there, replaced (never changed) with
         `durable_lsn`, so a reader on any thread gets a matching pair."""

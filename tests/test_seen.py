@@ -14,7 +14,9 @@ import pytest
 from engine import Ledger, LedgerUnavailable
 
 import journal._seen as seen_module
-from journal._anchor import AnchorState
+import journal._store as store_module
+from journal import JournalError
+from journal._anchor import TXNID_MASK, AnchorState, read_anchor
 from journal._meta import read_metas
 from journal._seen import Seen
 from journal._store import Store
@@ -25,7 +27,7 @@ UNFLUSHED_WRITER = """
 import sys
 from journal._anchor import Anchor
 from journal._store import Store
-Store.flush = lambda self: None
+Store.flush = lambda self, txnid=0: None
 Anchor.advance = lambda self, *args, **kwargs: None
 from engine import Ledger
 ledger = Ledger.open(sys.argv[1])
@@ -125,9 +127,9 @@ def test_a_writable_open_flushes_the_last_writers_commit_before_its_own(tmp_path
     at: list[int] = []
     real = Store.flush
 
-    def flush(store: Store) -> None:
+    def flush(store: Store, txnid: int = 0) -> None:
         at.append(store.env.info()["last_txnid"])
-        real(store)
+        real(store, txnid)
 
     monkeypatch.setattr(Store, "flush", flush)
     Ledger.open(path).close()
@@ -147,17 +149,101 @@ class _FailingFlush:
         return getattr(self._env, name)
 
 
-def test_a_failed_flush_says_the_outcome_is_unknown_and_a_retry_after_reopening_learns_it(tmp_path: Path) -> None:
+def _fail_next_flush(ledger: Ledger) -> None:
+    store = ledger._journal._store
+    store.env = _FailingFlush(store.env)
+
+
+def test_a_commit_whose_flush_failed_is_taken_back_at_once_and_never_served(tmp_path: Path) -> None:
     path = tmp_path / "l"
     _ledger(path)
     ledger = Ledger.open(path)
-    store = ledger._journal._store
-    store.env = _FailingFlush(store.env)
-    with pytest.raises(LedgerUnavailable) as failed:
-        ledger.transfer("t", source="bank", destination="alice", amount=5)
-    assert "outcome" in str(failed.value) and "unknown" in str(failed.value)
-    store.env = store.env._env
-    ledger.close()
+    try:
+        ledger.transfer("first", source="bank", destination="alice", amount=1)
+        _fail_next_flush(ledger)
+        with pytest.raises(LedgerUnavailable) as failed:
+            ledger.transfer("t", source="bank", destination="alice", amount=5)
+        assert "taken back" in str(failed.value) and "nothing in it was applied" in str(failed.value)
+        assert ledger.get_transfer("t") is None
+        assert ledger.balance("alice").posted == 1
+        with pytest.raises(LedgerUnavailable):  # a retry is not answered from the commit taken back
+            ledger.transfer("t", source="bank", destination="alice", amount=5)
+        assert ledger.transfer("first", source="bank", destination="alice", amount=1).amount == 1  # (durable: answered)
+    finally:
+        ledger._journal._store.env = ledger._journal._store.env._env
+        ledger.close()
+    with Ledger.open(path, readonly=True) as reader:
+        assert reader.get_transfer("t") is None and reader.balance("alice").posted == 1
     with Ledger.open(path) as reopened:
-        again = reopened.transfer("t", source="bank", destination="alice", amount=5)
-        assert again.amount == 5 and reopened.balance("alice").posted == 5  # in the file: answered, not applied twice
+        assert reopened.get_transfer("t") is None
+        reopened.transfer("t", source="bank", destination="alice", amount=5)
+        assert reopened.balance("alice").posted == 6
+
+
+def test_a_failed_flush_not_taken_back_says_the_outcome_is_unknown_and_serves_nothing_of_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "l"
+    _ledger(path)
+
+    def cannot(_data_file: str, _txnid: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store_module, "take_back_unflushed", cannot)
+    ledger = Ledger.open(path)
+    try:
+        _fail_next_flush(ledger)
+        with pytest.raises(LedgerUnavailable) as failed:
+            ledger.transfer("t", source="bank", destination="alice", amount=5)
+        assert "outcome" in str(failed.value) and "unknown" in str(failed.value)
+        assert ledger.get_transfer("t") is None
+        assert ledger.balance("alice").posted == 0  # (the commit is in LMDB: not counted, not durable)
+        with pytest.raises(LedgerUnavailable):  # nor answered as done
+            ledger.transfer("t", source="bank", destination="alice", amount=5)
+    finally:
+        ledger._journal._store.env = ledger._journal._store.env._env
+        ledger.close()
+    with Ledger.open(path) as reopened:  # (the page cache kept it, here: a retry learns it, applied once)
+        assert reopened.transfer("t", source="bank", destination="alice", amount=5).amount == 5
+        assert reopened.balance("alice").posted == 5
+
+
+def test_a_readers_failed_flush_fails_it_for_good(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "l"
+    _ledger(path)
+    monkeypatch.setattr(seen_module, "read_anchor", lambda _directory: None)
+    calls: list[int] = []
+
+    def fdatasync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")
+
+    seen = Seen(str(path), str(path / "data.mdb"), None)
+    try:
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        with pytest.raises(JournalError, match="failed"):
+            seen.durable(7, None)
+        with pytest.raises(JournalError, match="failed"):  # the kernel would not report it again: never asked
+            seen.durable(8, None)
+        assert len(calls) == 1
+    finally:
+        seen.close()
+
+
+def test_a_writable_open_after_a_writer_killed_before_its_flush_anchors_that_commit(tmp_path: Path) -> None:
+    path = tmp_path / "l"
+    _ledger(path)
+    before = read_anchor(str(path))
+    writer = subprocess.Popen([sys.executable, "-c", UNFLUSHED_WRITER, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "committed\n"
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+    assert read_anchor(str(path)) == before  # (the killed writer's anchor never learnt of its commit)
+    with Ledger.open(path) as ledger:
+        anchor = read_anchor(str(path))
+        assert anchor is not None and before is not None
+        assert anchor.txnid == ledger._journal._store.env.info()["last_txnid"] & TXNID_MASK != before.txnid
+        assert anchor.durable_lsn == ledger.get_transfer("late").lsn > before.durable_lsn

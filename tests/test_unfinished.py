@@ -22,6 +22,7 @@ from coordinator import INDEX_NAMES
 from journal._check import walk_meta
 from journal._errors import JournalCorruptedError
 from journal._meta import Meta, read_metas
+from journal._names import COMMIT_MARK_KEY
 
 PAGE = 4096
 
@@ -188,7 +189,8 @@ def test_a_cut_off_commit_whose_mark_reached_the_disk_over_an_older_tree_is_take
     meta = _newer_meta(new)
     changed = [page for page in range(2, len(new) // PAGE)
                if new[page * PAGE:(page + 1) * PAGE] != old[page * PAGE:(page + 1) * PAGE]]
-    marked = [page for page in changed if b"commit_mark" in new[page * PAGE:(page + 1) * PAGE]]
+    mark = COMMIT_MARK_KEY + b"%d " % meta.txnid  # (a leaf node's key, its value right after: this commit's mark)
+    marked = [page for page in changed if mark in new[page * PAGE:(page + 1) * PAGE]]
     assert len(marked) == 1 and len(changed) > 1
     torn = bytearray(new)
     for page in changed:
