@@ -51,7 +51,7 @@ from typing import Any
 
 import lmdb
 
-from journal._anchor import AnchorState, create_anchor, new_ledger_id, sync_directory
+from journal._anchor import TXNID_MASK, AnchorState, create_anchor, new_ledger_id, sync_directory
 from journal._check import Opened, check_before_mapping, check_snapshot
 from journal._marks import commit_mark, marked_databases
 from journal._seen import Seen
@@ -59,7 +59,7 @@ from journal._errors import JournalCorruptedError, JournalError, JournalLockedEr
 from journal._lmdb_files import allocate_lock_file, clear_dead_readers, file_identity, files_of
 from journal._limits import DBS_MAX, FORMAT_VERSION, GROW_WAIT_S_MAX, MAP_SIZE_BYTES_MAX, READERS_MAX
 from journal._names import COMMIT_MARK_KEY, DATA_FILE, FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB, STAGING_DIR
-from journal._unfinished import take_back, take_back_unflushed, unfinished
+from journal._unfinished import flush_failed, take_back, unfinished
 
 logger = logging.getLogger("tally.journal")
 
@@ -227,54 +227,38 @@ class Store:
             raise
         if sync and not readonly:
             store.sync = True
-            # The last commit may never have been flushed (its writer was killed between its
-            # commit and its flush, or the flush failed): it is made durable before anything
-            # is built on it, so the snapshot a take-back would return to is one that was
-            # (`journal._unfinished`), and an idempotent retry answered from it is durable.
-            try:
-                store.flush()
-            except BaseException:
-                store.close()
-                raise
+            store._flush_opened(anchor)
         return store
 
-    def flush(self, txnid: int = 0) -> None:
-        """Make the last commit durable, data and meta pages in one flush of the data file
-        (with `sync`; see the module docstring). Only the one writing calls it: at open, and
-        right after each commit, of LMDB transaction `txnid`, before anyone learns of it.
+    def _flush_opened(self, anchor: AnchorState | None) -> None:
+        """Flush at a writable open. The last commit may never have been flushed (its writer
+        was killed between its commit and its flush): it is made durable before anything is
+        built on it, so the snapshot a take-back would return to is one that was
+        (`journal._unfinished`), and an idempotent retry answered from it is durable. If that
+        flush fails and the anchor does not name the last commit as flushed, it is taken back
+        (`journal._unfinished.flush_failed`); the open fails either way (closing the store)."""
+        try:
+            self.env.sync(True)
+        except lmdb.Error as error:
+            newest = int(self.env.info()["last_txnid"])
+            self.close()
+            if anchor is not None and anchor.txnid == newest & TXNID_MASK:  # flushed before: nothing to take back
+                raise JournalWriteError(f"flushing {os.path.join(self.directory, DATA_FILE)} failed ({error}): the "
+                                        "disk may be failing") from error
+            raise flush_failed(self.directory, newest, error, opening=True) from error
 
-        If the flush fails, the commit's pages may never reach the disk, though this
-        process's page cache shows them (a failed write-back leaves them clean): it is taken
-        back at once (`journal._unfinished.take_back_unflushed`), so nothing in it was
-        applied, and `JournalWriteError` says so; if that fails too, it says the outcome is
-        unknown."""
+    def flush(self, txnid: int) -> None:
+        """Make the last commit, of LMDB transaction `txnid`, durable: its data and meta pages
+        in one flush of the data file (with `sync`; see the module docstring). Only the one
+        writing calls it, right after the commit and before anyone learns of it. If it fails,
+        the commit is taken back at once, and `JournalWriteError` says whether it was
+        (`journal._unfinished.flush_failed`)."""
         if not self.sync:
             return
         try:
             self.env.sync(True)
         except lmdb.Error as error:
-            raise self._flush_failed(error, txnid) from error
-
-    def _flush_failed(self, error: lmdb.Error, txnid: int) -> JournalWriteError:
-        data_file = os.path.join(self.directory, DATA_FILE)
-        if not txnid:  # (opening: nothing was built on it; the open fails)
-            return JournalWriteError(f"flushing {data_file} failed ({error}): the disk may be failing")
-        try:
-            take_back_unflushed(data_file, txnid)
-        except (OSError, JournalError) as again:
-            logger.error("flushing the commit of LMDB transaction %d to %s failed (%s), and so did taking it back "
-                         "(%s)", txnid, data_file, error, again)
-            return JournalWriteError(
-                f"flushing the last commit to {data_file} failed ({error}), and so did taking it back ({again}): it "
-                "is in the data file but may not be on disk, so the outcome of what it holds is unknown. The disk "
-                "is failing: restart the machine before reopening the ledger (the page cache may show what the "
-                "disk lost), then retry with the same ids to learn it")
-        logger.warning("flushing the commit of LMDB transaction %d to %s failed (%s): it was taken back", txnid,
-                       data_file, error)
-        return JournalWriteError(
-            f"flushing the last commit to {data_file} failed ({error}): it was taken back (the data file holds the "
-            "commit before it, on disk), so nothing in it was applied; reopen the ledger to go on (the disk may be "
-            "failing)")
+            raise flush_failed(self.directory, txnid, error, opening=False) from error
 
     # --- reading -----------------------------------------------------------------------
 

@@ -46,10 +46,11 @@ from collections.abc import Sequence
 
 from journal._anchor import TXNID_MASK, AnchorState
 from journal._check import expected_databases, read_metas_of, walk_meta
-from journal._errors import JournalCorruptedError
+from journal._errors import JournalCorruptedError, JournalError, JournalWriteError
+from journal._lmdb_files import rewind_reader_table
 from journal._format import key_lsn
 from journal._meta import META_BYTES, PAGE, Meta, committed_meta, meta_with_txnid
-from journal._names import RECORDS_DB
+from journal._names import DATA_FILE, RECORDS_DB
 
 logger = logging.getLogger("tally.journal")
 
@@ -125,7 +126,10 @@ def take_back_unflushed(data_file: str, txnid: int) -> None:
     The snapshot before it was flushed whole. So the data file opens at that snapshot, on
     disk and for every read transaction begun from now on, in any process (LMDB reads the
     meta page that the reader table's transaction id names, through the page cache, and
-    takes its roots as they are). Raises `JournalCorruptedError` if the meta pages are not
+    takes its roots as they are; a read transaction begun in the instant of the write could
+    copy a mixture of the two pages' roots: in this process reads stop at the durable LSN, and
+    a reader in another process refuses it, its own flush failing as this one did). Raises
+    `JournalCorruptedError` if the meta pages are not
     those of `txnid` and the one before, `OSError` if the meta page cannot be written and
     flushed."""
     meta0, meta1 = read_metas_of(data_file)
@@ -135,6 +139,41 @@ def take_back_unflushed(data_file: str, txnid: int) -> None:
         raise JournalCorruptedError(f"the meta pages hold transactions {older.txnid} and {newer.txnid}, not "
                                     f"{txnid} and the one before it", where=data_file)
     _write_older_meta(data_file, newer, older)
+
+
+def flush_failed(directory: str, txnid: int, error: Exception, *, opening: bool) -> JournalWriteError:
+    """What a failed flush of the data file in `directory` becomes once the commit it was to
+    make durable, the newest, of LMDB transaction `txnid`, is taken back (`take_back_unflushed`),
+    and LMDB's reader table set back to the commit before (`rewind_reader_table`: else, while
+    another process has the ledger open, no open could read it). `opening`: the flush was a
+    writable open's, of a commit whose writer stopped before its own flush returned. Logged."""
+    data_file = os.path.join(directory, DATA_FILE)
+    which = ("its last commit, whose writer stopped before flushing it (so never acknowledged)" if opening
+             else "the last commit")
+    try:
+        take_back_unflushed(data_file, txnid)
+    except (OSError, JournalError) as again:
+        logger.error("flushing %s failed (%s), and so did taking back the commit of LMDB transaction %d (%s)",
+                     data_file, error, txnid, again)
+        return JournalWriteError(
+            f"flushing {data_file} failed ({error}), and so did taking back {which} ({again}): it is in the data "
+            "file but may not be on disk, so the outcome of what it holds is unknown. The disk is failing: restart "
+            "the machine before reopening the ledger (the page cache may show what the disk lost), then retry with "
+            "the same ids to learn it")
+    try:
+        rewind_reader_table(directory, txnid)
+    except (OSError, JournalError) as again:
+        logger.error("LMDB's reader table of %s could not be set back to transaction %d: %s", directory, txnid - 1,
+                     again)
+        rewound = (f"; LMDB's reader table could not be set back ({again}): close every other process that has the "
+                   "ledger open before opening it again")
+    else:
+        rewound = ""
+    logger.warning("flushing %s failed (%s): the commit of LMDB transaction %d was taken back", data_file, error,
+                   txnid)
+    return JournalWriteError(
+        f"flushing {data_file} failed ({error}): {which} was taken back (the data file holds the commit before it, "
+        f"on disk), so nothing in it was applied{rewound}; open the ledger again to go on (the disk may be failing)")
 
 
 def _write_older_meta(data_file: str, newer: Meta, older: Meta) -> None:

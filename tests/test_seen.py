@@ -15,6 +15,7 @@ from engine import Ledger, LedgerUnavailable
 
 import journal._seen as seen_module
 import journal._store as store_module
+import journal._unfinished as unfinished_module
 from journal import JournalError
 from journal._anchor import TXNID_MASK, AnchorState, read_anchor
 from journal._meta import read_metas
@@ -125,13 +126,13 @@ def test_a_writable_open_flushes_the_last_writers_commit_before_its_own(tmp_path
     finally:
         os.close(fd)
     at: list[int] = []
-    real = Store.flush
+    real = Store._flush_opened
 
-    def flush(store: Store, txnid: int = 0) -> None:
+    def flush(store: Store, anchor: AnchorState | None) -> None:
         at.append(store.env.info()["last_txnid"])
-        real(store, txnid)
+        real(store, anchor)
 
-    monkeypatch.setattr(Store, "flush", flush)
+    monkeypatch.setattr(Store, "_flush_opened", flush)
     Ledger.open(path).close()
     assert at and at[0] == last
 
@@ -188,7 +189,7 @@ def test_a_failed_flush_not_taken_back_says_the_outcome_is_unknown_and_serves_no
     def cannot(_data_file: str, _txnid: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(store_module, "take_back_unflushed", cannot)
+    monkeypatch.setattr(unfinished_module, "take_back_unflushed", cannot)
     ledger = Ledger.open(path)
     try:
         _fail_next_flush(ledger)
@@ -247,3 +248,76 @@ def test_a_writable_open_after_a_writer_killed_before_its_flush_anchors_that_com
         assert anchor is not None and before is not None
         assert anchor.txnid == ledger._journal._store.env.info()["last_txnid"] & TXNID_MASK != before.txnid
         assert anchor.durable_lsn == ledger.get_transfer("late").lsn > before.durable_lsn
+
+
+# A read-only process that keeps the ledger open, reading on each line it is sent.
+HELD_READER = """
+import sys
+from engine import Ledger
+with Ledger.open(sys.argv[1], readonly=True) as reader:
+    print("ready", flush=True)
+    for _line in sys.stdin:
+        print(reader.balance("alice").posted, reader.get_transfer("t") is not None, flush=True)
+"""
+
+
+def test_a_commit_taken_back_beside_a_reader_in_another_process_leaves_the_ledger_open_to_all(tmp_path: Path) -> None:
+    """LMDB rebuilds its reader table from the data file only when no other process has the
+    ledger open: the writer sets it back itself, so the reader reads on and a new open works."""
+    path = tmp_path / "l"
+    _ledger(path)
+    reader = subprocess.Popen([sys.executable, "-c", HELD_READER, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert reader.stdin is not None and reader.stdout is not None
+
+    def read() -> str:
+        assert reader.stdin is not None and reader.stdout is not None
+        reader.stdin.write("\n")
+        reader.stdin.flush()
+        return reader.stdout.readline().strip()
+
+    try:
+        assert reader.stdout.readline() == "ready\n"
+        ledger = Ledger.open(path)
+        try:
+            ledger.transfer("first", source="bank", destination="alice", amount=1)
+            assert read() == "1 False"
+            _fail_next_flush(ledger)
+            with pytest.raises(LedgerUnavailable, match="taken back"):
+                ledger.transfer("t", source="bank", destination="alice", amount=5)
+            assert read() == "1 False"
+        finally:
+            ledger._journal._store.env = ledger._journal._store.env._env
+            ledger.close()
+        with Ledger.open(path) as reopened:  # (beside the reader: LMDB's table is not rebuilt)
+            assert reopened.get_transfer("t") is None
+            reopened.transfer("u", source="bank", destination="alice", amount=2)
+            assert read() == "3 False"
+        with Ledger.open(path) as again:
+            assert again.balance("alice").posted == 3
+    finally:
+        reader.stdin.close()
+        reader.wait(timeout=30)
+    assert reader.returncode == 0
+
+
+def test_a_failed_flush_at_open_takes_back_the_commit_a_killed_writer_left_unflushed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "l"
+    _ledger(path)
+    writer = subprocess.Popen([sys.executable, "-c", UNFLUSHED_WRITER, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "committed\n"
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+    real_open = store_module._lmdb_open
+    monkeypatch.setattr(store_module, "_lmdb_open", lambda *args, **kwargs: _FailingFlush(real_open(*args, **kwargs)))
+    with pytest.raises(LedgerUnavailable, match="never acknowledged\\) was taken back"):
+        Ledger.open(path)
+    monkeypatch.setattr(store_module, "_lmdb_open", real_open)
+    with Ledger.open(path) as ledger:
+        assert ledger.get_transfer("late") is None and ledger.balance("alice").posted == 0
+        ledger.transfer("late", source="bank", destination="alice", amount=7)
+        assert ledger.balance("alice").posted == 7
