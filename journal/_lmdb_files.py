@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import mmap
 import os
+import sys
 
 import lmdb
 
@@ -66,34 +66,32 @@ def allocate_lock_file(path: str, readonly: bool = False) -> tuple[int, int] | N
 LOCK_MAGIC = 0xBEEFC0DE
 LOCK_TXNID_AT = 6
 """Where LMDB's lock file holds the newest transaction id (`mti_txnid`), in 8-byte words: after
-its magic and format (one word) and the readers' mutex (five, a `pthread_mutex_t` on 64-bit
-Linux). `rewind_reader_table` checks it holds what it must before it writes it."""
+its magic and format (one word) and the readers' mutex (five: a `pthread_mutex_t` of x86-64
+glibc; elsewhere it differs, and the check below then finds another value there and writes
+nothing). `rewind_reader_table` checks it holds what it must before it writes it."""
 
 
-def rewind_reader_table(directory: str, txnid: int) -> None:
-    """Make LMDB's reader table (`lock.mdb`) name transaction `txnid - 1` as the newest, where
-    it names `txnid`, which the writer has just taken back
-    (`journal._unfinished.take_back_unflushed`). Every read transaction, in any process, takes
-    its id from the table and reads the meta page of that id; LMDB rebuilds the table from the
-    data file only when it opens with no other process having it open, so until then every
-    open would look for a meta page of `txnid` that the data file no longer holds. Only the
-    writer calls it (no one else writes the id: no one else commits). One aligned 8-byte store
-    through a shared map of the file, as LMDB itself writes it (its readers read it twice to
-    see it whole). Raises `OSError`, or `JournalError` (writing nothing) if the table does not
-    hold LMDB's magic and `txnid` where expected."""
-    path = os.path.join(directory, LMDB_LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        with mmap.mmap(fd, mmap.PAGESIZE) as table:
-            words = memoryview(table).cast("Q")
-            try:
-                if words[0] & 0xFFFFFFFF != LOCK_MAGIC or words[LOCK_TXNID_AT] != txnid:
-                    raise JournalError(f"{path} does not hold LMDB's table naming transaction {txnid} where expected")
-                words[LOCK_TXNID_AT] = txnid - 1
-            finally:
-                words.release()
-    finally:
-        os.close(fd)
+def rewind_reader_table(lock_fd: int, txnid: int) -> None:
+    """Make LMDB's reader table (`lock.mdb`, open as `lock_fd`: the writer's own descriptor,
+    never closed while its environment is open, since closing any descriptor of the file
+    would drop LMDB's locks on it) name transaction `txnid - 1` as the newest, where it names
+    `txnid`, which the writer has just taken back (`journal._unfinished.take_back_unflushed`).
+    Every read transaction, in any process, takes its id from the table and reads the meta
+    page of that id; LMDB rebuilds the table from the data file only when it opens with no
+    other process having it open, so until then every open would look for a meta page of
+    `txnid` that the data file no longer holds. Only the writer calls it (no one else writes
+    the id: no one else commits). One aligned 8-byte write, which every process's map of the
+    file shows (LMDB's readers read the id twice to see it whole); not through a map of its own:
+    Python's `mmap` keeps a duplicate of the descriptor and closes it, dropping the locks. Raises `OSError`,
+    or `JournalError` (writing nothing) if the table does not hold LMDB's magic and `txnid`
+    where expected."""
+    at = LOCK_TXNID_AT * 8
+    head = os.pread(lock_fd, at + 8, 0)
+    if (len(head) != at + 8 or int.from_bytes(head[:4], sys.byteorder) != LOCK_MAGIC
+            or int.from_bytes(head[at:], sys.byteorder) != txnid):
+        raise JournalError(f"LMDB's lock file does not hold its table naming transaction {txnid} where expected")
+    if os.pwrite(lock_fd, (txnid - 1).to_bytes(8, sys.byteorder), at) != 8:
+        raise OSError(f"a short write to LMDB's lock file, at byte {at}")
 
 
 def files_of(directory: str, data_file: tuple[int, int] | None = None,

@@ -8,7 +8,7 @@ serve`) may begin a snapshot holding a commit that is still only in the page cac
 loss then could take that commit back (`journal._unfinished`) and the writer write other
 records at its LSNs, while the reader had passed the first ones on.
 
-So a reader, before it reads a snapshot newer than the last it made sure of, makes sure
+So a reader, before it reads a snapshot other than the last it made sure of, makes sure
 that snapshot is durable: if the ledger's anchor names that commit or a later one as
 flushed (the writer writes it right after each flush returns: one small read), it is. A
 reader often sees a commit during its flush, so it looks at the anchor again a few times
@@ -31,6 +31,7 @@ import time
 from journal._anchor import TXNID_MASK, read_anchor
 from journal._errors import JournalCorruptedError, JournalError, os_read_error
 from journal._limits import SEEN_ANCHOR_PAUSES_S
+from journal._meta import META_BYTES
 
 _HALF = (TXNID_MASK + 1) // 2
 
@@ -38,7 +39,8 @@ _HALF = (TXNID_MASK + 1) // 2
 class Seen:
     """What a read-only store has made sure is durable (`durable`)."""
 
-    def __init__(self, directory: str, data_file: str, identity: tuple[int, int] | None) -> None:
+    def __init__(self, directory: str, data_file: str, identity: tuple[int, int] | None,
+                 page_bytes: int = 4096) -> None:
         self._directory = directory
         self._data_file = data_file
         try:
@@ -49,8 +51,11 @@ class Seen:
         if identity not in (None, (found.st_dev, found.st_ino)):
             os.close(self._fd)
             raise JournalCorruptedError("the data file was replaced while it was being opened", where=data_file)
-        self._txnid = 0
-        """The newest LMDB transaction this reader has made sure is durable."""
+        self._page_bytes = page_bytes
+        self._made_sure: tuple[int, bytes] = (0, b"")
+        """The last snapshot this reader made sure is durable: its LMDB transaction id and its
+        meta page as then. Not the id alone: a commit its writer took back after a failed
+        flush (`journal._unfinished.flush_failed`) leaves its id to the next commit."""
         self._failed: JournalError | None = None
         """Why a flush of this reader's failed: every later snapshot is refused."""
 
@@ -58,10 +63,14 @@ class Seen:
         """Return once the commit of LMDB transaction `txnid` (a snapshot about to be read) is
         on disk: at once if it is known to be, else after the anchor or a flush says so.
         Raises `JournalError` if the data file cannot be flushed."""
-        if txnid <= self._txnid:
-            return
         if self._failed is not None:
             raise self._failed
+        try:
+            made = (txnid, os.pread(self._fd, META_BYTES, (txnid & 1) * self._page_bytes))
+        except OSError as error:
+            raise os_read_error(error, self._data_file) from error
+        if made == self._made_sure:
+            return
         if not self._anchor_flushed(txnid, ledger_id):
             for pause_s in SEEN_ANCHOR_PAUSES_S:
                 time.sleep(pause_s)
@@ -76,7 +85,7 @@ class Seen:
                         f"it: flushing {self._data_file} failed ({error}); the disk may be failing, and nothing more "
                         "is read here (open the ledger again once it is known to be sound)")
                     raise self._failed from error
-        self._txnid = max(self._txnid, txnid)
+        self._made_sure = made
 
     def _anchor_flushed(self, txnid: int, ledger_id: bytes | None) -> bool:
         """Whether this ledger's anchor names the commit of `txnid`, or one after it, as

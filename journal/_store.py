@@ -51,14 +51,15 @@ from typing import Any
 
 import lmdb
 
-from journal._anchor import TXNID_MASK, AnchorState, create_anchor, new_ledger_id, sync_directory
+from journal._anchor import AnchorState, create_anchor, new_ledger_id, sync_directory
 from journal._check import Opened, check_before_mapping, check_snapshot
 from journal._marks import commit_mark, marked_databases
 from journal._seen import Seen
 from journal._errors import JournalCorruptedError, JournalError, JournalLockedError, JournalWriteError, lmdb_read_error
 from journal._lmdb_files import allocate_lock_file, clear_dead_readers, file_identity, files_of
 from journal._limits import DBS_MAX, FORMAT_VERSION, GROW_WAIT_S_MAX, MAP_SIZE_BYTES_MAX, READERS_MAX
-from journal._names import COMMIT_MARK_KEY, DATA_FILE, FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB, STAGING_DIR
+from journal._names import (COMMIT_MARK_KEY, DATA_FILE, FORMAT_KEY, LEDGER_ID_KEY, LMDB_LOCK_FILE, META_DB, RECORDS_DB,
+                            STAGING_DIR)
 from journal._unfinished import flush_failed, take_back, unfinished
 
 logger = logging.getLogger("tally.journal")
@@ -135,7 +136,16 @@ class Store:
         self._identity = file_identity(os.path.join(self.directory, DATA_FILE))
         """The data file's (device, inode) when it was opened, for `in_place`."""
         self.files = files_of(self.directory, self._identity, lock_file)  # (not looked at again)
-        self._seen = Seen(self.directory, os.path.join(self.directory, DATA_FILE), self._identity) if readonly else None
+        try:
+            self._lock_fd = -1 if readonly else os.open(os.path.join(self.directory, LMDB_LOCK_FILE),
+                                                        os.O_RDWR | os.O_CLOEXEC)
+        except OSError as error:
+            raise os_error(path, error) from error
+        """A writer's descriptor of LMDB's lock file, for `journal._lmdb_files.rewind_reader_table`,
+        open as long as the environment is: closing any descriptor of a file drops every POSIX
+        lock the process holds on it, LMDB's own among them."""
+        self._seen = Seen(self.directory, os.path.join(self.directory, DATA_FILE), self._identity,
+                          opened.layout.meta.page_bytes) if readonly else None
         """A read-only store's: makes each snapshot durable before it is read (`journal._seen`)."""
         """(device, inode) of LMDB's files as opened: py-lmdb knows the environment by them."""
         self.sync = False
@@ -227,25 +237,30 @@ class Store:
             raise
         if sync and not readonly:
             store.sync = True
-            store._flush_opened(anchor)
+            store._flush_opened()
         return store
 
-    def _flush_opened(self, anchor: AnchorState | None) -> None:
+    def _flush_opened(self) -> None:
         """Flush at a writable open. The last commit may never have been flushed (its writer
         was killed between its commit and its flush): it is made durable before anything is
         built on it, so the snapshot a take-back would return to is one that was
         (`journal._unfinished`), and an idempotent retry answered from it is durable. If that
-        flush fails and the anchor does not name the last commit as flushed, it is taken back
-        (`journal._unfinished.flush_failed`); the open fails either way (closing the store)."""
+        flush fails, whether that commit is on disk is unknown, and nothing here can tell (the
+        page cache shows it either way; it may have been acknowledged, or served by a reader,
+        if it was flushed before a power loss the anchor lags): the open fails, saying so,
+        and closes the store."""
         try:
             self.env.sync(True)
         except lmdb.Error as error:
-            newest = int(self.env.info()["last_txnid"])
             self.close()
-            if anchor is not None and anchor.txnid == newest & TXNID_MASK:  # flushed before: nothing to take back
-                raise JournalWriteError(f"flushing {os.path.join(self.directory, DATA_FILE)} failed ({error}): the "
-                                        "disk may be failing") from error
-            raise flush_failed(self.directory, newest, error, opening=True) from error
+            raise JournalWriteError(
+                f"flushing {os.path.join(self.directory, DATA_FILE)} when opening it failed ({error}): whether its "
+                "last commit is on disk is unknown (the page cache shows it either way). The disk is failing: "
+                "restart the machine before opening the ledger again, so that what it holds is read from the disk "
+                "alone") from error
+        except BaseException:
+            self.close()
+            raise
 
     def flush(self, txnid: int) -> None:
         """Make the last commit, of LMDB transaction `txnid`, durable: its data and meta pages
@@ -258,7 +273,7 @@ class Store:
         try:
             self.env.sync(True)
         except lmdb.Error as error:
-            raise flush_failed(self.directory, txnid, error, opening=False) from error
+            raise flush_failed(self.directory, self._lock_fd, txnid, error) from error
 
     # --- reading -----------------------------------------------------------------------
 
@@ -347,6 +362,9 @@ class Store:
 
     def close(self) -> None:
         self.env.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
         if self._seen is not None:
             self._seen.close()
 

@@ -126,9 +126,13 @@ def take_back_unflushed(data_file: str, txnid: int) -> None:
     The snapshot before it was flushed whole. So the data file opens at that snapshot, on
     disk and for every read transaction begun from now on, in any process (LMDB reads the
     meta page that the reader table's transaction id names, through the page cache, and
-    takes its roots as they are; a read transaction begun in the instant of the write could
-    copy a mixture of the two pages' roots: in this process reads stop at the durable LSN, and
-    a reader in another process refuses it, its own flush failing as this one did). Raises
+    takes its roots as they are). In this process reads stop at the durable LSN, and a reader
+    in another process whose descriptor of the data file was open when the flush failed
+    refuses the commit, its own flush failing as this one did (`journal._seen`). Not seen to:
+    a reader process that opens the data file after the failed flush and reads the commit in
+    the instant before it is taken back (its flush finds the pages clean and succeeds), and a
+    read transaction begun during the write of the meta page, which may copy a mixture of its
+    roots. Raises
     `JournalCorruptedError` if the meta pages are not
     those of `txnid` and the one before, `OSError` if the meta page cannot be written and
     flushed."""
@@ -141,28 +145,26 @@ def take_back_unflushed(data_file: str, txnid: int) -> None:
     _write_older_meta(data_file, newer, older)
 
 
-def flush_failed(directory: str, txnid: int, error: Exception, *, opening: bool) -> JournalWriteError:
+def flush_failed(directory: str, lock_fd: int, txnid: int, error: Exception) -> JournalWriteError:
     """What a failed flush of the data file in `directory` becomes once the commit it was to
     make durable, the newest, of LMDB transaction `txnid`, is taken back (`take_back_unflushed`),
-    and LMDB's reader table set back to the commit before (`rewind_reader_table`: else, while
-    another process has the ledger open, no open could read it). `opening`: the flush was a
-    writable open's, of a commit whose writer stopped before its own flush returned. Logged."""
+    and LMDB's reader table (`lock.mdb`, the writer's descriptor `lock_fd`) set back to the
+    commit before (`rewind_reader_table`: else, while another process has the ledger open, no
+    open could read it). Logged."""
     data_file = os.path.join(directory, DATA_FILE)
-    which = ("its last commit, whose writer stopped before flushing it (so never acknowledged)" if opening
-             else "the last commit")
     try:
         take_back_unflushed(data_file, txnid)
     except (OSError, JournalError) as again:
         logger.error("flushing %s failed (%s), and so did taking back the commit of LMDB transaction %d (%s)",
                      data_file, error, txnid, again)
         return JournalWriteError(
-            f"flushing {data_file} failed ({error}), and so did taking back {which} ({again}): it is in the data "
-            "file but may not be on disk, so the outcome of what it holds is unknown. The disk is failing: restart "
-            "the machine before reopening the ledger (the page cache may show what the disk lost), then retry with "
-            "the same ids to learn it")
+            f"flushing {data_file} failed ({error}), and so did taking back the last commit ({again}): it is in the "
+            "data file but may not be on disk, so the outcome of what it holds is unknown. The disk is failing: "
+            "restart the machine before reopening the ledger (the page cache may show what the disk lost), then "
+            "retry with the same ids to learn it")
     try:
-        rewind_reader_table(directory, txnid)
-    except (OSError, JournalError) as again:
+        rewind_reader_table(lock_fd, txnid)
+    except Exception as again:  # (taken back already: said, whatever went wrong here)
         logger.error("LMDB's reader table of %s could not be set back to transaction %d: %s", directory, txnid - 1,
                      again)
         rewound = (f"; LMDB's reader table could not be set back ({again}): close every other process that has the "
@@ -172,8 +174,9 @@ def flush_failed(directory: str, txnid: int, error: Exception, *, opening: bool)
     logger.warning("flushing %s failed (%s): the commit of LMDB transaction %d was taken back", data_file, error,
                    txnid)
     return JournalWriteError(
-        f"flushing {data_file} failed ({error}): {which} was taken back (the data file holds the commit before it, "
-        f"on disk), so nothing in it was applied{rewound}; open the ledger again to go on (the disk may be failing)")
+        f"flushing {data_file} failed ({error}): the last commit was taken back (the data file holds the commit "
+        f"before it, on disk), so nothing in it was applied{rewound}; open the ledger again to go on (the disk may "
+        "be failing)")
 
 
 def _write_older_meta(data_file: str, newer: Meta, older: Meta) -> None:
