@@ -25,7 +25,7 @@ from coordinator._entries import UnindexedEntries
 from coordinator._postings import Deliver, postings
 from coordinator._records import TRANSFERS_INDEX
 from coordinator._rules import NOTHING, Leg, Refusal
-from coordinator._stamps import Chunk, Pin, Stamping
+from coordinator._stamps import NOTHING_UNENTERED, Chunk, Pin, Stamping
 from coordinator._state import Posting
 
 if TYPE_CHECKING:
@@ -57,12 +57,15 @@ class Appending(Stamping):
         """Move the projection past the legs `stamp` decided without `enter_now`."""
         requests, legs, lsn, timestamp = self._unentered
         enter(self, requests, legs, lsn, timestamp)
+        self._unentered = NOTHING_UNENTERED
 
     def _not_appended(self, error: BaseException, lsn: int, counts: tuple[int, int]) -> None:
         """After `error` came out of appending the record stamped at `lsn`: forget what its
         stamp counted (`_undo_counts`), unless it was queued all the same, or `error` is an
         interrupt, which may have landed partway through what `_append` puts in memory: then
-        memory cannot be trusted to follow the journal, and writes stop (`broken`)."""
+        memory cannot be trusted to follow the journal, and writes stop (`broken`). Its stamp
+        is never entered."""
+        self._unentered = NOTHING_UNENTERED
         if self._journal.last_lsn >= lsn or not isinstance(error, Exception):
             self.broken(error)
         else:
@@ -70,10 +73,16 @@ class Appending(Stamping):
 
     def _undo_counts(self, index_entries: int, resolved: int) -> None:
         """Forget what stamps counted for records the journal refused to queue: the index
-        entries they would have put, the pending transfers they would have resolved."""
+        entries they would have put, the pending transfers they would have resolved (and the
+        deadlines those would have left stale: each is still open, its stamp never entered)."""
         self.index_entries = index_entries
+        pending = self.pending
         while len(self._resolved_at) > resolved:
-            self._resolved.pop(self._resolved_at.pop()[1], None)
+            pending_id = self._resolved_at.pop()[1]
+            self._resolved.pop(pending_id, None)
+            found = pending.get(pending_id)
+            if found is not None and found.deadline and self._deadlines_stale:
+                self._deadlines_stale -= 1
 
 
     def commit(self, ticket: Ticket, deliver: Deliver, reserved: bool, pin: Pin | None = None,

@@ -113,6 +113,12 @@ within a second of it)."""
 EXPIRY_RECORD_IDS_MAX = 1_000
 """Most pending transfers one expiry record ends (more due make more records)."""
 
+DEADLINES_STALE_SLACK = 1_024
+"""Stale deadlines (of pending transfers posted or voided) the sequencer's deadline heap may
+hold beyond as many as it holds live ones before it is rebuilt without them
+(`Sequencer._compact_deadlines`): so it stays within about twice the open pending transfers
+with a deadline, plus this, and a small ledger is not rebuilding it every few posts."""
+
 SNAPSHOT_AGE_S_DEFAULT = 60.0
 """How long a snapshot answers by default (`Ledger.snapshot(max_age_s=...)`)."""
 

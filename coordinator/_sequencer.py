@@ -56,6 +56,7 @@ from coordinator._limits import (
     CHECKPOINT_ACCOUNTS_MAX,
     CHECKPOINT_RECORDS_INTERVAL,
     CLOSE_CHECKPOINT_ROWS,
+    DEADLINES_STALE_SLACK,
     EXPIRY_RECORD_IDS_MAX,
     UNINDEXED_ENTRIES_MAX,
 )
@@ -75,7 +76,7 @@ from coordinator._records import (
     resolution_key,
 )
 from coordinator._rules import Leg
-from coordinator._stamps import Pin
+from coordinator._stamps import NOTHING_UNENTERED, Pin
 from coordinator._state import Pending, Projection
 from coordinator._values import Request, TransferStatus
 
@@ -127,7 +128,18 @@ class Sequencer(AccountOpening, Appending):
         self.last_timestamp = books.last_timestamp
         self.index_entries = books.index_entries
         self._deadlines: list[tuple[int, str]] = [(p.deadline, p.id) for p in books.pending.values() if p.deadline]
+        """A heap of (deadline, id): every open pending transfer with a deadline has its own
+        here (pushed where it is stamped, `coordinator._stamps`), and stale ones may follow
+        (of pending transfers posted or voided since, or stamped in a record never queued),
+        which `expire` drops as they come due and `_compact_deadlines` before: the same list
+        object for the sequencer's life (`expire` holds it while it calls `_appended`)."""
         heapq.heapify(self._deadlines)
+        self._deadlines_stale = 0
+        """How many of `_deadlines` are stale, counted where a post or a void of a pending
+        transfer with a deadline is stamped (forgotten again if its record is not queued,
+        `_undo_counts`) and where `expire` drops one; back to 0 once `_compact_deadlines` ran.
+        It only says when to compact, never what: an entry stale some other way (its record
+        refused) is not counted, and one dropped by `expire` may be such (so it never goes below 0)."""
         self._journaled_timestamp = books.last_timestamp
         """The last stamp of a record queued (set as each is: `_append`, `_opened`, `expire`),
         which a checkpoint holds: `last_timestamp` may be past it (a read's `answered_at`, a
@@ -135,8 +147,9 @@ class Sequencer(AccountOpening, Appending):
         self._resolved: dict[str, TransferStatus] = {}
         """Pending transfers resolved by records not yet durable (the index answers for the rest)."""
         self._resolved_at: deque[tuple[int, str]] = deque()
-        self._unentered: tuple[Sequence[Request], list[Leg], int, int] = ((), [], 0, 0)
-        """What `stamp` decided without entering it (`enter_stamped`)."""
+        self._unentered: tuple[Sequence[Request], list[Leg], int, int] = NOTHING_UNENTERED
+        """What `stamp` decided without entering it (`enter_stamped`), until it is entered or
+        its record was not queued (`_not_appended`): `NOTHING_UNENTERED` again."""
         self.rows = CheckpointRows(books)
         """What the next checkpoint holds, and the chain an open would read back."""
         with journal.snapshot() as txn:
@@ -206,6 +219,8 @@ class Sequencer(AccountOpening, Appending):
                     found = pending.get(pending_id)
                     if found is not None and found.deadline == deadline:
                         due.append(found)
+                    elif self._deadlines_stale:  # a stale one gone (perhaps not one counted)
+                        self._deadlines_stale -= 1
                 if not due:
                     break
                 self.last_timestamp = now
@@ -251,6 +266,41 @@ class Sequencer(AccountOpening, Appending):
         deadlines = self._deadlines
         return deadlines[0][0] if deadlines else None
 
+    def _compact_deadlines(self) -> None:
+        """Rebuild `_deadlines` without its stale entries: those whose pending transfer is no
+        longer open (posted, voided, expired; or never entered: its record was not queued),
+        or is open with another deadline (its id's stamp in a record not queued, then retried).
+        Called by `_appended` once the stale ones counted outnumber the rest by
+        `DEADLINES_STALE_SLACK`: so the heap stays within about twice the open pending
+        transfers with a deadline plus that slack (plus what one chunk stamps before its
+        `_appended`, and the uncounted stale ones, one a pending transfer in a refused record),
+        and each rebuild, O(heap), costs O(1) a post or void counted since the one before.
+
+        Why it drops no live deadline: it keeps (deadline, id) exactly when `pending[id]` is
+        open with that deadline, so the only entry it could wrongly drop is that of a pending
+        transfer stamped (its deadline pushed) and not yet entered in `pending`. Each path
+        stamps and enters in one hold of `lock` (`Stamping.stamp` enters at once, but for
+        `commit`, which enters once the record is queued (`enter_stamped`), in the same hold;
+        a chunk in turn, `coordinator._turns`, whichever way it goes, the lane's and the
+        combiner's, enters each ticket as it stamps it; a chain's legs are stamped and entered
+        together; `expire` re-pushes only what it took out of the heap, all still open), and
+        each path calls `_appended` under that hold only after it entered all it stamped (a
+        record not queued never reaches `_appended`, nor is ever entered). `lock` is not
+        reentrant, so no other path is between a stamp and its entering meanwhile: at
+        `_appended` nothing stamped is unentered (`_unentered` empty, checked below). The
+        heap built at open (`__init__`) holds exactly the open ones with a deadline."""
+        assert self.lock.locked()
+        assert not self._unentered[1], "a stamp not entered: its deadline would be dropped"
+        pending = self.pending
+        kept: list[tuple[int, str]] = []
+        for entry in self._deadlines:
+            found = pending.get(entry[1])
+            if found is not None and found.deadline == entry[0]:
+                kept.append(entry)
+        heapq.heapify(kept)
+        self._deadlines[:] = kept  # in place (`expire` holds the list), in one step an interrupt cannot split
+        self._deadlines_stale = 0
+
     # --- appending (what every path that queues a record calls) ---------------------------
 
     def _marked(self, index: dict[str, Any], lsn: int) -> dict[str, Any]:
@@ -266,8 +316,12 @@ class Sequencer(AccountOpening, Appending):
         queued already, so a checkpoint that cannot be queued must not fail them: it is
         logged and tried again after the next record (the writer reports its own failure).
         Every path that queues a record calls it once it has handed over that record's
-        postings (`delivered_lsn`)."""
+        postings (`delivered_lsn`), and it has entered everything it stamped: so the stale
+        deadlines are compacted here, if due (`_compact_deadlines`, which says why here)."""
         self.delivered_lsn = self._journal.last_lsn
+        if self._deadlines_stale > DEADLINES_STALE_SLACK and (
+                2 * self._deadlines_stale > len(self._deadlines) + DEADLINES_STALE_SLACK):
+            self._compact_deadlines()
         self._since_checkpoint += records
         durable, indexed = self._journal.durable_lsn, self._journal.indexed_lsn
         self.unindexed.release(indexed)

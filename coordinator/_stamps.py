@@ -73,6 +73,8 @@ _U64 = struct.Struct(">Q")
 _STATUS: tuple[TransferStatus, ...] = ("posted", "pending", "posted", "voided")
 """A transfer's status as decided, by kind."""
 _NO_STAMP = (0, 0, 0, 0)
+NOTHING_UNENTERED: tuple[Sequence[Request], list[Leg], int, int] = ((), [], 0, 0)
+"""`Stamping._unentered` when every stamp was entered (or never will be: its record was not queued)."""
 _KIND = itemgetter(0)
 """A leg's kind."""
 
@@ -118,6 +120,7 @@ class Stamping:
     _resolved: dict[str, TransferStatus]
     _resolved_at: deque[tuple[int, str]]
     _deadlines: list[tuple[int, str]]
+    _deadlines_stale: int
     _unentered: tuple[Sequence[Request], list[Leg], int, int]
 
     def resolution(self, pending_id: str) -> TransferStatus | None:
@@ -275,6 +278,8 @@ class Stamping:
             self._resolved[pending_id] = "voided" if kind == VOID else "posted"
             self._resolved_at.append((lsn, pending_id))
             self.index_entries += 2
+            if pending.deadline:  # type: ignore[union-attr]  # its deadline in the heap is stale now
+                self._deadlines_stale += 1
         chunk.payloads.append(encode([TRANSFER3, timestamp, False, [
             kind, tid, source, destination, amount, code, reference, None if metadata is None else metadata.as_dict(),  # type: ignore[attr-defined]
             timeout_s, pending_id, requested, *(stamp or _NO_STAMP)]]))
@@ -316,6 +321,8 @@ class Stamping:
                 self._resolved[pending_id] = "voided" if kind == VOID else "posted"
                 self._resolved_at.append((lsn, pending_id))
                 resolved += 1
+                if pending.deadline:  # its deadline in the heap is stale now
+                    self._deadlines_stale += 1
             if kind == SINGLE and not code and reference is None and metadata is None:  # a plain leg: the same, shorter
                 fields.append([SINGLE, tid, source, destination, amount, 0, None, None, None, None, None, *stamp])  # type: ignore[misc]
                 transfers.append(plain_transfer(tid, source, destination, amount, lsn, timestamp + i))
