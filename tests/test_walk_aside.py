@@ -6,6 +6,8 @@ claimed, never starts, hangs, answers nonsense)."""
 from __future__ import annotations
 
 import os
+import sys
+import time
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -250,9 +252,24 @@ def test_an_interrupt_while_this_process_waits_for_the_second_ends_and_reaps_it(
     main = threading.main_thread().ident
     assert main is not None
 
+    def in_communicate() -> bool:
+        frame = sys._current_frames().get(main)
+        while frame is not None:
+            if frame.f_code.co_name in ("communicate", "_communicate"):
+                return True
+            frame = frame.f_back
+        return False
+
     def interrupt() -> None:
-        waiting.wait(30)
-        threading.Event().wait(0.5)  # (in `communicate` by now)
+        """Once the main thread waits in `communicate` for the second process (not on a clock:
+        a loaded machine may take longer to get there), and only then."""
+        if not waiting.wait(30):
+            return
+        deadline = time.monotonic() + 30
+        while not in_communicate():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.001)  # (polling another thread's stack: no event to wait on)
         signal.pthread_kill(main, signal.SIGINT)
 
     threading.Thread(target=interrupt, daemon=True).start()
