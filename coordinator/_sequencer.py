@@ -288,9 +288,9 @@ class Sequencer(AccountOpening, Appending):
         record not queued never reaches `_appended`, nor is ever entered). `lock` is not
         reentrant, so no other path is between a stamp and its entering meanwhile: at
         `_appended` nothing stamped is unentered (`_unentered` empty, checked below). The
-        heap built at open (`__init__`) holds exactly the open ones with a deadline."""
-        assert self.lock.locked()
-        assert not self._unentered[1], "a stamp not entered: its deadline would be dropped"
+        heap built at open (`__init__`) holds exactly the open ones with a deadline. It is one
+        pass over the heap under `lock`: ~6 ms at 10,000 open pending transfers with a deadline,
+        ~1.2 s at a million (a helper's measure), once a million posts or voids there."""
         pending = self.pending
         kept: list[tuple[int, str]] = []
         for entry in self._deadlines:
@@ -320,8 +320,9 @@ class Sequencer(AccountOpening, Appending):
         deadlines are compacted here, if due (`_compact_deadlines`, which says why here)."""
         self.delivered_lsn = self._journal.last_lsn
         if self._deadlines_stale > DEADLINES_STALE_SLACK and (
-                2 * self._deadlines_stale > len(self._deadlines) + DEADLINES_STALE_SLACK):
-            self._compact_deadlines()
+                2 * self._deadlines_stale > len(self._deadlines) + DEADLINES_STALE_SLACK) and not self._unentered[1]:
+            self._compact_deadlines()  # (a stamp left unentered: only an interrupt between a failed append and
+            # `_not_appended` leaves one; its deadline could be dropped, so no compaction then, nor a failed write)
         self._since_checkpoint += records
         durable, indexed = self._journal.durable_lsn, self._journal.indexed_lsn
         self.unindexed.release(indexed)

@@ -71,10 +71,10 @@ class Seen:
             raise os_read_error(error, self._data_file) from error
         if made == self._made_sure:
             return
-        if not self._anchor_flushed(txnid, ledger_id):
+        if not self._anchor_flushed(txnid, ledger_id, made[1]):
             for pause_s in SEEN_ANCHOR_PAUSES_S:
                 time.sleep(pause_s)
-                if self._anchor_flushed(txnid, ledger_id):
+                if self._anchor_flushed(txnid, ledger_id, made[1]):
                     break
             else:
                 try:
@@ -87,16 +87,23 @@ class Seen:
                     raise self._failed from error
         self._made_sure = made
 
-    def _anchor_flushed(self, txnid: int, ledger_id: bytes | None) -> bool:
+    def _anchor_flushed(self, txnid: int, ledger_id: bytes | None, meta: bytes) -> bool:
         """Whether this ledger's anchor names the commit of `txnid`, or one after it, as
-        flushed (it keeps a transaction id's low 32 bits: compared within half their range)."""
+        flushed (it keeps a transaction id's low 32 bits: compared within half their range),
+        and that commit's meta page is still `meta` (the one this reader saw), not another's
+        that a take-back gave its id to meanwhile."""
         try:
             anchor = read_anchor(self._directory)
         except JournalError:
             return False  # (a torn or unreadable anchor is for the open to report; a flush settles this)
         if anchor is None or not anchor.txnid or anchor.ledger_id != ledger_id:
             return False
-        return (anchor.txnid - txnid) & TXNID_MASK < _HALF
+        if (anchor.txnid - txnid) & TXNID_MASK >= _HALF:
+            return False
+        try:
+            return os.pread(self._fd, META_BYTES, (txnid & 1) * self._page_bytes) == meta
+        except OSError:
+            return False  # (a flush settles it)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -361,10 +361,12 @@ class Store:
         return file_identity(os.path.join(self.directory, DATA_FILE)) in (self._identity, None)
 
     def close(self) -> None:
-        self.env.close()
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        try:
+            self.env.close()
+        finally:
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
         if self._seen is not None:
             self._seen.close()
 

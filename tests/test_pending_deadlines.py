@@ -358,3 +358,25 @@ def test_concurrent_pending_transfers_posted_voided_and_left_all_resolve_and_con
         assert all(balance.pending == balance.incoming == 0 for balance in final.values())
         assert sum(balance.posted for balance in final.values()) == 0
     assert audit_of(ledger_path).whole
+
+
+def test_a_stamp_left_unentered_by_an_interrupt_puts_compaction_off_and_fails_no_write(
+        books: Ledger, compactions: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only an interrupt between a failed append and `_not_appended` leaves a stamp unentered
+    (`_unentered`): its deadline could be dropped, so the heap is not compacted then, and the
+    writes go on (an assertion there had failed every later write until a reopen)."""
+    monkeypatch.setattr(coordinator._sequencer, "DEADLINES_STALE_SLACK", 2)
+    made = books.transfer_many([TransferRequest(f"p-{n}", "alice", "bob", 1, pending=True, timeout_s=HOUR_S)
+                                for n in range(8)])
+    assert all(isinstance(transfer, Transfer) for transfer in made)
+    sequencer = books._sequencer
+    with sequencer.lock:
+        left = sequencer._unentered
+        sequencer._unentered = ((), [made[0]], 0, 0)  # (what such an interrupt leaves: any legs)
+    for n in range(8):
+        assert books.post_pending(f"post-{n}", pending_id=f"p-{n}").kind == "post"
+    assert compactions == []
+    with sequencer.lock:
+        sequencer._unentered = left
+    books.transfer("after", source="alice", destination="bob", amount=1)
+    assert compactions and len(heap_of(books)) <= 2
