@@ -38,6 +38,17 @@ sys.stdin.read()
 """
 
 
+def _killed_after_its_commit(path: Path) -> None:
+    """A writer of `path` killed between its commit of transfer "late" and that commit's flush."""
+    writer = subprocess.Popen([sys.executable, "-c", UNFLUSHED_WRITER, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "committed\n"
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+
+
 def _data_flushes(monkeypatch: pytest.MonkeyPatch, data_file: Path) -> list[int]:
     """Every `os.fdatasync` of `data_file` from now on, by this process (the inode's number each)."""
     inode = data_file.stat().st_ino
@@ -235,13 +246,7 @@ def test_a_writable_open_after_a_writer_killed_before_its_flush_anchors_that_com
     path = tmp_path / "l"
     _ledger(path)
     before = read_anchor(str(path))
-    writer = subprocess.Popen([sys.executable, "-c", UNFLUSHED_WRITER, str(path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert writer.stdout is not None and writer.stdout.readline() == "committed\n"
-    finally:
-        writer.kill()
-        writer.wait(timeout=30)
+    _killed_after_its_commit(path)
     assert read_anchor(str(path)) == before  # (the killed writer's anchor never learnt of its commit)
     with Ledger.open(path) as ledger:
         anchor = read_anchor(str(path))
@@ -307,13 +312,7 @@ def test_a_failed_flush_at_open_refuses_the_open_and_takes_nothing_back(
     anchor behind a commit that was flushed, acknowledged and read): nothing is taken back."""
     path = tmp_path / "l"
     _ledger(path)
-    writer = subprocess.Popen([sys.executable, "-c", UNFLUSHED_WRITER, str(path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert writer.stdout is not None and writer.stdout.readline() == "committed\n"
-    finally:
-        writer.kill()
-        writer.wait(timeout=30)
+    _killed_after_its_commit(path)
     data = (path / "data.mdb").read_bytes()
     real_open = store_module._lmdb_open
     monkeypatch.setattr(store_module, "_lmdb_open", lambda *args, **kwargs: _FailingFlush(real_open(*args, **kwargs)))

@@ -45,24 +45,9 @@ def _newer_meta(data: bytes) -> Meta:
 
 
 def _before_and_after(tmp_path: Path) -> tuple[dict[str, bytes], dict[str, bytes]]:
-    """A ledger's files just before the commit of transfer "last" and just after it (the
-    ledger open and idle each time: every commit before is in the page cache, none under way)."""
-    path = tmp_path / "source"
-    ledger = Ledger.open(path)
-    try:
-        # The claims' warm-up reads in a transaction of its own: held across a commit, it keeps
-        # the pages that commit frees from being reused, and the layout the tests rely on moves.
-        assert ledger._coordinator.claims.wait_warm(30)
-        ledger.create_account("bank", currency="USD", overdraft_limit=None)
-        ledger.create_account("alice", currency="USD")
-        for n in range(5):
-            ledger.transfer(f"t{n}", source="bank", destination="alice", amount=100)
-        before = _files(path)
-        ledger.transfer("last", source="alice", destination="bank", amount=30)
-        after = _files(path)
-    finally:
-        ledger.close()
-    return before, after
+    """A ledger's files just before the commit of transfer "last" and just after it (`_steps`)."""
+    steps = _steps(tmp_path)
+    return steps[-2], steps[-1]
 
 
 def _torn(before: bytes, after: bytes, pages_lost: str) -> bytes:
