@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -29,6 +30,17 @@ def pytest_configure(config: pytest.Config) -> None:
     _pycache_before.update({name: os.environ.get(name) for name in _PYCACHE_ENV})
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     os.environ["PYTHONPYCACHEPREFIX"] = tempfile.mkdtemp(prefix="tally-tests-pycache-")
+    _interruptible()
+
+
+def _interruptible() -> None:
+    """Give SIGINT Python's own handler if this run inherited it ignored: a shell without job
+    control (a script, a CI step) starts its background commands so, and Python then raises no
+    `KeyboardInterrupt`, here or in the processes the tests start (an ignored signal stays
+    ignored across `exec`; a handled one is reset to its default). The tests of Ctrl-C would
+    wait out their bounds and fail."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
