@@ -1,8 +1,15 @@
-"""Operating errors of the journal, and the one place driver and OS errors on reads become them."""
+"""Operating errors of the journal, and the one place driver and OS errors on reads, and a failed
+write's, become them (`os_read_error`, `lmdb_read_error`, `space_error`)."""
 
 from __future__ import annotations
 
+import errno
+import os
+import resource
+
 import lmdb
+
+from journal._names import DATA_FILE
 
 
 class JournalError(Exception):
@@ -84,3 +91,45 @@ def lmdb_read_error(error: lmdb.Error, where: str) -> JournalError:
     if isinstance(error, _LMDB_CORRUPTION):
         return JournalCorruptedError(f"LMDB cannot read it: {error}", where=where)
     return JournalError(f"reading {where} failed: {error}")
+
+
+def space_error(path: str, error: BaseException) -> JournalWriteError:
+    """A write failure, saying so plainly when the disk is full (LMDB reports a short write
+    as EIO, so the free space is looked at, not just the errno)."""
+    try:
+        stats = os.statvfs(path)
+        free = stats.f_bavail * stats.f_frsize
+    except OSError:
+        free = None
+    limit = _file_size_limit(path, error)
+    if limit is not None:
+        return JournalWriteError(f"the data file in {path} reached this process's file size limit of {limit:,} "
+                                 f"bytes (`ulimit -f`, RLIMIT_FSIZE): raise it, then reopen the ledger ({error})")
+    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 1 << 20)
+    if full:
+        left = f"{free:,} bytes free" if free is not None else "no space"
+        return JournalWriteError(f"no space left on the device holding {path} ({left}): free some space, "
+                                 f"then reopen the ledger ({error})")
+    return JournalWriteError(f"journal write failed: {error}")
+
+
+_EIO_TEXT = os.strerror(errno.EIO)
+"""How py-lmdb words LMDB's EIO (its `lmdb.Error` carries no errno): "Input/output error"."""
+
+
+def _file_size_limit(path: str, error: BaseException) -> int | None:
+    """The process's file size limit, if the write that failed with `error` may have met it: the
+    error is EFBIG, or an I/O error (LMDB reports a short write as EIO) while the data file is
+    within a MiB of the limit. None otherwise."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit == resource.RLIM_INFINITY:
+        return None
+    if getattr(error, "errno", None) == errno.EFBIG:
+        return limit
+    if getattr(error, "errno", None) != errno.EIO and not (isinstance(error, lmdb.Error) and _EIO_TEXT in str(error)):
+        return None  # (no space, a bug...: what it is, whatever the file's size)
+    try:
+        size = os.stat(os.path.join(path, DATA_FILE)).st_size
+    except OSError:
+        return None
+    return limit if size + (1 << 20) > limit else None

@@ -42,7 +42,6 @@ import errno
 import logging
 import mmap
 import os
-import resource
 import shutil
 import threading
 from collections.abc import Iterator, Sequence
@@ -55,7 +54,8 @@ from journal._anchor import AnchorState, create_anchor, new_ledger_id, sync_dire
 from journal._check import Opened, check_before_mapping, check_snapshot
 from journal._marks import commit_mark, marked_databases
 from journal._seen import Seen
-from journal._errors import JournalCorruptedError, JournalError, JournalLockedError, JournalWriteError, lmdb_read_error
+from journal._errors import (JournalCorruptedError, JournalError, JournalLockedError, JournalWriteError, lmdb_read_error,
+                             space_error)
 from journal._lmdb_files import allocate_lock_file, clear_dead_readers, file_identity, files_of
 from journal._limits import DBS_MAX, FORMAT_VERSION, GROW_WAIT_S_MAX, MAP_SIZE_BYTES_MAX, READERS_MAX
 from journal._names import (COMMIT_MARK_KEY, DATA_FILE, FORMAT_KEY, LEDGER_ID_KEY, LMDB_LOCK_FILE, META_DB, RECORDS_DB,
@@ -63,48 +63,6 @@ from journal._names import (COMMIT_MARK_KEY, DATA_FILE, FORMAT_KEY, LEDGER_ID_KE
 from journal._unfinished import flush_failed, take_back, unfinished
 
 logger = logging.getLogger("tally.journal")
-
-
-def space_error(path: str, error: BaseException) -> JournalWriteError:
-    """A write failure, saying so plainly when the disk is full (LMDB reports a short write
-    as EIO, so the free space is looked at, not just the errno)."""
-    try:
-        stats = os.statvfs(path)
-        free = stats.f_bavail * stats.f_frsize
-    except OSError:
-        free = None
-    limit = _file_size_limit(path, error)
-    if limit is not None:
-        return JournalWriteError(f"the data file in {path} reached this process's file size limit of {limit:,} "
-                                 f"bytes (`ulimit -f`, RLIMIT_FSIZE): raise it, then reopen the ledger ({error})")
-    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 1 << 20)
-    if full:
-        left = f"{free:,} bytes free" if free is not None else "no space"
-        return JournalWriteError(f"no space left on the device holding {path} ({left}): free some space, "
-                                 f"then reopen the ledger ({error})")
-    return JournalWriteError(f"journal write failed: {error}")
-
-
-_EIO_TEXT = os.strerror(errno.EIO)
-"""How py-lmdb words LMDB's EIO (its `lmdb.Error` carries no errno): "Input/output error"."""
-
-
-def _file_size_limit(path: str, error: BaseException) -> int | None:
-    """The process's file size limit, if the write that failed with `error` may have met it: the
-    error is EFBIG, or an I/O error (LMDB reports a short write as EIO) while the data file is
-    within a MiB of the limit. None otherwise."""
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if limit == resource.RLIM_INFINITY:
-        return None
-    if getattr(error, "errno", None) == errno.EFBIG:
-        return limit
-    if getattr(error, "errno", None) != errno.EIO and not (isinstance(error, lmdb.Error) and _EIO_TEXT in str(error)):
-        return None  # (no space, a bug...: what it is, whatever the file's size)
-    try:
-        size = os.stat(os.path.join(path, DATA_FILE)).st_size
-    except OSError:
-        return None
-    return limit if size + (1 << 20) > limit else None
 
 
 class Store:

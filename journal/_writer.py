@@ -36,7 +36,7 @@ from journal._anchor import Anchor
 from journal._chain import ChainHead
 from journal._commits import Behind, Block, Committing, EntriesBehind, IndexPut, IndexPuts
 from journal._completion import Completion, resolve_all
-from journal._errors import JournalClosedError, JournalError, JournalTimeoutError, JournalWriteError
+from journal._errors import JournalClosedError, JournalError, JournalTimeoutError, JournalWriteError, space_error
 from journal._follow import Progress
 from journal._limits import (
     APPEND_WAIT_S_MAX,
@@ -47,7 +47,7 @@ from journal._limits import (
     READER_CHECK_S,
     WRITER_IDLE_WAIT_S,
 )
-from journal._store import Store, space_error
+from journal._store import Store
 
 logger = logging.getLogger("tally.journal")
 

@@ -39,7 +39,7 @@ from engine import _tools_audit
 from journal import ANCHOR_FILE, FORMAT_VERSION, Journal, JournalCorruptedError, JournalNotFoundError
 from coordinator import CHECK_FILE
 import journal._commits as journal_commits
-from journal import _store
+from journal import _errors, _store
 from journal._errors import JournalLockedError
 from journal._seal import SEAL_FILE
 from support import LEFT_ASIDE, leave_aside, wait_until
@@ -496,12 +496,12 @@ def test_only_an_io_error_near_the_file_size_limit_is_called_the_limit(tmp_path:
     path = tmp_path / "ledger"
     build(path)
     size = (path / "data.mdb").stat().st_size
-    monkeypatch.setattr(_store.resource, "getrlimit", lambda which: (size + 1000, _store.resource.RLIM_INFINITY))
+    monkeypatch.setattr(_errors.resource, "getrlimit", lambda which: (size + 1000, _errors.resource.RLIM_INFINITY))
     directory = str(path)
-    assert "file size limit" in str(_store.space_error(directory, lmdb.Error("mdb_txn_commit: Input/output error")))
-    assert "file size limit" in str(_store.space_error(directory, OSError(errno.EFBIG, "File too large")))
-    assert "no space left" in str(_store.space_error(directory, OSError(errno.ENOSPC, "No space left on device")))
-    assert "file size limit" not in str(_store.space_error(directory, AssertionError("a bug")))
+    assert "file size limit" in str(_errors.space_error(directory, lmdb.Error("mdb_txn_commit: Input/output error")))
+    assert "file size limit" in str(_errors.space_error(directory, OSError(errno.EFBIG, "File too large")))
+    assert "no space left" in str(_errors.space_error(directory, OSError(errno.ENOSPC, "No space left on device")))
+    assert "file size limit" not in str(_errors.space_error(directory, AssertionError("a bug")))
 
 
 def test_a_map_that_cannot_grow_fails_the_writes_and_the_reads_go_on(tmp_path: Path) -> None:
