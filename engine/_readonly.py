@@ -11,8 +11,8 @@ the call. Nothing is ever written to the ledger's files; every write method rais
 
 What "durable" means here: another process sees a commit once LMDB's reader table
 (`lock.mdb`) names it, which the writer's LMDB does once it has written the commit, before
-the writer's flush has made it durable. So before this reader reads a snapshot newer than the
-last it read, it makes sure that snapshot is on disk: the writer's anchor names it as flushed,
+the writer's flush has made it durable. So before this reader reads a snapshot other than the
+last it made sure of, it makes sure that snapshot is on disk: the writer's anchor names it as flushed,
 or this reader flushes the data file itself (`journal._seen`). A crash or a power loss never
 takes back a record read here. (A writer killed inside a commit, before LMDB's table named
 it, leaves it unseen here until the next writer opens: that commit was never acknowledged;

@@ -11,7 +11,7 @@ Options, passed at the call site on purpose (house style 10):
   machine stops during it. That commit was never acknowledged (its flush did not return),
   and the snapshot before it is whole (LMDB never writes a page that snapshot holds), so
   opening takes that snapshot back (`journal._unfinished`), saying so, and nothing
-  acknowledged is lost. The argument in full is in `bench/README.md` ("One flush a commit").
+  acknowledged is lost. The argument in full is in `bench/README.md` ("One flush a commit, landed").
 - `map_size`: starts at `map_size_bytes` and doubles when a write reports the map
   full (`grow`), so a ledger is never capped by a guess made at creation.
 - `max_dbs`: the records, the metadata and the caller's named indexes.
@@ -94,14 +94,15 @@ class Store:
         self._identity = file_identity(os.path.join(self.directory, DATA_FILE))
         """The data file's (device, inode) when it was opened, for `in_place`."""
         self.files = files_of(self.directory, self._identity, lock_file)  # (not looked at again)
-        try:
-            self._lock_fd = -1 if readonly else os.open(os.path.join(self.directory, LMDB_LOCK_FILE),
-                                                        os.O_RDWR | os.O_CLOEXEC)
-        except OSError as error:
-            raise os_error(path, error) from error
+        self._lock_fd = -1
         """A writer's descriptor of LMDB's lock file, for `journal._lmdb_files.rewind_reader_table`,
         open as long as the environment is: closing any descriptor of a file drops every POSIX
         lock the process holds on it, LMDB's own among them."""
+        if not readonly:
+            try:
+                self._lock_fd = os.open(os.path.join(self.directory, LMDB_LOCK_FILE), os.O_RDWR | os.O_CLOEXEC)
+            except OSError as error:
+                raise os_error(path, error) from error
         self._seen = Seen(self.directory, os.path.join(self.directory, DATA_FILE), self._identity,
                           opened.layout.meta.page_bytes) if readonly else None
         """A read-only store's: makes each snapshot durable before it is read (`journal._seen`)."""
@@ -325,8 +326,8 @@ class Store:
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
                 self._lock_fd = -1
-        if self._seen is not None:
-            self._seen.close()
+            if self._seen is not None:
+                self._seen.close()
 
 
 def _check_mappable(more: int, size: int) -> None:

@@ -77,16 +77,9 @@ def unfinished(data_file: str, index_names: Sequence[str], anchor: AnchorState |
     if anchor is None:
         return None
     try:
-        meta0, meta1 = read_metas_of(data_file)
-    except (JournalCorruptedError, OSError):
-        return None
-    newer = meta1 if meta1.txnid > meta0.txnid else meta0
-    if anchor.txnid and anchor.txnid == newer.txnid & TXNID_MASK:
-        return None  # the anchor saw that commit's flush return: whatever is wrong with it is damage
-    try:
-        meta0, meta1 = read_metas_of(data_file)
-        newer = committed_meta(meta0, meta1, data_file)
-        older = meta1 if newer is meta0 else meta0
+        newer, older = _newer_and_older(data_file)
+        if anchor.txnid and anchor.txnid == newer.txnid & TXNID_MASK:
+            return None  # the anchor saw that commit's flush return: whatever is wrong with it is damage
         if older.txnid < 2 or newer.txnid != older.txnid + 1:
             return None
         try:
@@ -136,9 +129,7 @@ def take_back_unflushed(data_file: str, txnid: int) -> None:
     `JournalCorruptedError` if the meta pages are not
     those of `txnid` and the one before, `OSError` if the meta page cannot be written and
     flushed."""
-    meta0, meta1 = read_metas_of(data_file)
-    newer = committed_meta(meta0, meta1, data_file)
-    older = meta1 if newer is meta0 else meta0
+    newer, older = _newer_and_older(data_file)
     if newer.txnid != txnid or older.txnid != txnid - 1 or older.txnid < 1:
         raise JournalCorruptedError(f"the meta pages hold transactions {older.txnid} and {newer.txnid}, not "
                                     f"{txnid} and the one before it", where=data_file)
@@ -177,6 +168,14 @@ def flush_failed(directory: str, lock_fd: int, txnid: int, error: Exception) -> 
         f"flushing {data_file} failed ({error}): the last commit was taken back (the data file holds the commit "
         f"before it, on disk), so nothing in it was applied{rewound}; open the ledger again to go on (the disk may "
         "be failing)")
+
+
+def _newer_and_older(data_file: str) -> tuple[Meta, Meta]:
+    """The committed meta page of `data_file` and the other one (`committed_meta`: raises
+    `JournalCorruptedError` unless they hold consecutive transactions)."""
+    meta0, meta1 = read_metas_of(data_file)
+    newer = committed_meta(meta0, meta1, data_file)
+    return newer, meta1 if newer is meta0 else meta0
 
 
 def _write_older_meta(data_file: str, newer: Meta, older: Meta) -> None:

@@ -76,18 +76,18 @@ class Writer(Committing):
         self._last_lsn = last_lsn
         self.durable_lsn = last_lsn
         self.flushed_txnid = int(store.env.info()["last_txnid"])
-        if anchor is not None and store.sync:  # the open flushed the last commit (`Store.open`): the anchor says so,
-            try:  # so a take-back never mistakes it for one cut off in its flush (`journal._unfinished`)
-                anchor.advance(last_lsn, head.digest, self.flushed_txnid)
-            except OSError as error:
-                anchor.close()
-                raise JournalError(f"the anchor of {store.directory} cannot be written: {error}") from error
         self.durable_head = head
         """The durable LSN and the chain's digest there, replaced (never changed) with
         `durable_lsn`, so a reader on any thread gets a matching pair."""
         self._chain_digest = head.digest
         """The digest of the last record written: the next batch chains from it. Only the
         one writing (`_writing`) reads or sets it."""
+        if anchor is not None and store.sync:  # the open flushed the last commit (`Store.open`): the anchor says so,
+            try:  # so a take-back never mistakes it for one cut off in its flush (`journal._unfinished`)
+                anchor.advance(last_lsn, head.digest, self.flushed_txnid)  # (not `_advance_anchor`: it would bind
+            except OSError as error:  # the ledger id in the store, which a ledger made before ids writes at its first commit)
+                anchor.close()
+                raise JournalError(f"the anchor of {store.directory} cannot be written: {error}") from error
         self._behind: deque[EntriesBehind] = deque()
         """Index entries written behind their records, oldest first: appended under `_cond`,
         taken from only by the one writing."""
@@ -308,26 +308,19 @@ class Writer(Committing):
             return False
         if indexed is not None:
             self.indexed_lsn = indexed
-        if not batch:  # no record: no LSN moved, no one to tell; the anchor learns the commit was flushed
-            try:
-                self._advance_anchor(self.durable_lsn)
-            except OSError as error:
-                logger.exception("the anchor cannot be written")
-                self._fail([], JournalWriteError(f"the anchor cannot be written, so no more records are: {error}"))
-                return False
-            return True
-        try:
-            self._advance_anchor(batch[-1].last_lsn)
+        try:  # (a commit of no record moves no LSN: the anchor learns only that it was flushed)
+            self._advance_anchor(batch[-1].last_lsn if batch else self.durable_lsn)
             anchor_failure = None
         except OSError as error:  # the batch is durable all the same: release it, then stop
             logger.exception("the anchor cannot be written")
             anchor_failure = JournalWriteError(f"the anchor cannot be written, so no more records are: {error}")
-        try:
-            self._publish(batch)
-        except Exception as error:  # a bug after a durable commit: stop, and say so to all
-            logger.exception("releasing a durable group commit failed")
-            self._fail(batch, error)
-            return False
+        if batch:  # (else no one to tell)
+            try:
+                self._publish(batch)
+            except Exception as error:  # a bug after a durable commit: stop, and say so to all
+                logger.exception("releasing a durable group commit failed")
+                self._fail(batch, error)
+                return False
         if anchor_failure is not None:
             self._fail([], anchor_failure)
             return False
