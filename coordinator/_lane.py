@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from coordinator._errors import LedgerError, LedgerTimeout, LedgerUnavailable
-from coordinator._limits import LANE_GROUP_REQUESTS_MAX, DECIDING_PAUSE_S, TURN_WAIT_S_MAX
+from coordinator._limits import (BESIDE_PAUSE_S, CHUNK_REQUESTS_BESIDE, CHUNK_REQUESTS_MAX, DECIDING_PAUSE_S,
+                                 LANE_GROUP_REQUESTS_MAX, TURN_WAIT_S_MAX)
 from coordinator._participant import TurnAccount
 from coordinator._tickets import Prior, Ticket, lsn_of, result_of
 from coordinator._turns import decide_all, give_back_turns, take_turns
@@ -166,6 +167,12 @@ class Lane:
         """Bounded by the admission permits: each ticket holds one."""
         self._adopted_last: list[Ticket] | None = None
         """The tickets `adopt` took last (see `took`)."""
+        self._beside = False
+        """True while single transfers arrive beside the groups: the runner adopted one in
+        this group or the one before. The runner then decides in shorter chunks, with a
+        shorter pause between them (`CHUNK_REQUESTS_BESIDE`, `BESIDE_PAUSE_S`)."""
+        self._adopted_any = False
+        """Whether the runner adopted a ticket in this group (read for the next one)."""
 
     def adopt(self, tickets: list[Ticket]) -> bool:
         """Hand claimed, admitted tickets to the runner, if a group holds its turns now: it
@@ -182,6 +189,7 @@ class Lane:
                 return False
             self._adopted += tickets
             self._adopted_last = tickets  # with no call between the two, where an interrupt could land
+            self._beside = self._adopted_any = True
             return True
 
     def took(self, tickets: list[Ticket]) -> bool:
@@ -192,8 +200,12 @@ class Lane:
     def _between_chunks(self, turns: Mapping[str, TurnAccount]) -> None:
         """Between two chunks of a group: let go of the interpreter (`DECIDING_PAUSE_S`), then
         decide the tickets adopted meanwhile."""
-        time.sleep(DECIDING_PAUSE_S)
+        time.sleep(BESIDE_PAUSE_S if self._beside else DECIDING_PAUSE_S)
         self._decide_adopted(turns)
+
+    def _chunk_requests(self) -> int:
+        """The size of the runner's next chunk (see `_beside`)."""
+        return CHUNK_REQUESTS_BESIDE if self._beside else CHUNK_REQUESTS_MAX
 
     def _decide_adopted(self, turns: Mapping[str, TurnAccount]) -> None:
         """Decide, with the group's turns, the tickets adopted since the last look."""
@@ -268,6 +280,7 @@ class Lane:
             interrupt: BaseException | None = None
             with self._cond:
                 self._adopting = True
+                self._beside, self._adopted_any = self._adopted_any, False
             try:
                 tickets: list[Ticket] = []
                 for batch in group:
@@ -279,7 +292,8 @@ class Lane:
                         batch._fresh, batch.failure = [], error
                         continue
                     tickets += batch._fresh
-                late = decide_all(coordinator, tickets, turns, between_chunks=lambda: self._between_chunks(turns))
+                late = decide_all(coordinator, tickets, turns, between_chunks=lambda: self._between_chunks(turns),
+                                  chunk_requests=self._chunk_requests)
             except Exception as error:  # `decide_all` failed every ticket it did not journal
                 failure = error
             except BaseException as error:  # an interrupt: as a failure, but the owners get their own errors

@@ -42,24 +42,31 @@ if TYPE_CHECKING:
     from coordinator._coordinator import Coordinator
 
 def decide_all(coordinator: Coordinator, tickets: list[Ticket], turns: Mapping[str, TurnAccount],
-               wake_writer: bool = True, between_chunks: Callable[[], None] | None = None) -> list[Ticket]:
+               wake_writer: bool = True, between_chunks: Callable[[], None] | None = None,
+               chunk_requests: Callable[[], int] | None = None) -> list[Ticket]:
     """`decide_in_turn` chunk by chunk; the tickets it left. If the journal fails, every ticket
     not yet appended (the later chunks', and those the earlier chunks left) is released with
     the failure (the writer releases the appended ones), and it raises. `wake_writer` False:
     the caller commits the records itself. `between_chunks`, called between two chunks (the
     lane's: a pause, and the single transfers it adopted): what it raises fails this chunk
-    and the later ones, none of them started."""
+    and the later ones, none of them started. `chunk_requests`, asked before each chunk: its
+    size (else `CHUNK_REQUESTS_MAX`)."""
     left: list[Ticket] = []
-    for first in range(0, len(tickets), CHUNK_REQUESTS_MAX):
+    first = 0
+    while first < len(tickets):
         started = False
+        size = CHUNK_REQUESTS_MAX
         try:
             if first and between_chunks is not None:
                 between_chunks()
+            if chunk_requests is not None:
+                size = chunk_requests()
             started = True
-            left += decide_in_turn(coordinator, tickets[first : first + CHUNK_REQUESTS_MAX], turns, wake_writer)
+            left += decide_in_turn(coordinator, tickets[first : first + size], turns, wake_writer)
         except BaseException as error:  # that chunk is failed (or not started); the later ones never started
-            _fail(coordinator, left + tickets[first + CHUNK_REQUESTS_MAX if started else first :], error)
+            _fail(coordinator, left + tickets[first + size if started else first :], error)
             raise
+        first += size
     return left
 
 

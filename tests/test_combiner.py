@@ -221,7 +221,8 @@ def _lane_paused_mid_group(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.E
     real = _lane.decide_all
 
     def pausing(coordinator: Any, tickets: list[Any], turns: Any, wake_writer: bool = True,
-                between_chunks: Callable[[], None] | None = None) -> list[Any]:
+                between_chunks: Callable[[], None] | None = None,
+                chunk_requests: Callable[[], int] | None = None) -> list[Any]:
         assert between_chunks is not None
         first = [True]
 
@@ -232,7 +233,7 @@ def _lane_paused_mid_group(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.E
                 assert go.wait(WAIT_S)
             between_chunks()
 
-        return real(coordinator, tickets, turns, wake_writer, between)
+        return real(coordinator, tickets, turns, wake_writer, between, chunk_requests)
 
     monkeypatch.setattr(_lane, "decide_all", pausing)
     return mid, go
@@ -338,11 +339,11 @@ def test_an_interrupt_between_two_chunks_of_a_batch_gives_its_permits_back_and_f
         real = _lane.decide_all
 
         def interrupting(coordinator: Any, tickets: list[Any], turns: Any, wake_writer: bool = True,
-                         between_chunks: Any = None) -> list[Any]:
+                         between_chunks: Any = None, chunk_requests: Any = None) -> list[Any]:
             def between() -> None:
                 raise KeyboardInterrupt
 
-            return real(coordinator, tickets, turns, wake_writer, between)
+            return real(coordinator, tickets, turns, wake_writer, between, chunk_requests)
 
         monkeypatch.setattr(_lane, "decide_all", interrupting)
         requests = [TransferRequest(f"m-{k}", "alice", "bob", 1) for k in range(CHUNK_REQUESTS_MAX + 1)]

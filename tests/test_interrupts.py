@@ -48,7 +48,7 @@ def test_an_interrupt_deciding_a_transfer_adopted_after_the_last_chunk_gives_the
         real_combiner_decide_all = _combiner.decide_all
 
         def adopting(coordinator: Any, tickets: Any, turns: Any, wake_writer: bool = True,
-                     between_chunks: Any = None) -> Any:
+                     between_chunks: Any = None, chunk_requests: Any = None) -> Any:
             single, _ = coordinator.claims.claim(TransferRequest("single", "bank", "carol", 1), relayed=True)
             coordinator.admission.admit(1, TIMEOUT_S)
             assert coordinator.lane.adopt([single])  # another caller's transfer, handed to the runner
@@ -58,7 +58,7 @@ def test_an_interrupt_deciding_a_transfer_adopted_after_the_last_chunk_gives_the
                 raise KeyboardInterrupt
 
             monkeypatch.setattr(_combiner, "decide_all", interrupted)
-            return real_lane_decide_all(coordinator, tickets, turns, wake_writer, between_chunks)
+            return real_lane_decide_all(coordinator, tickets, turns, wake_writer, between_chunks, chunk_requests)
 
         monkeypatch.setattr(_lane, "decide_all", adopting)
         requests = [TransferRequest(f"m-{k}", "bank", "bob", 1) for k in range(10)]

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from coordinator import _coordinator, _lane
-from coordinator._limits import CHUNK_REQUESTS_MAX
+from coordinator import _coordinator, _lane, _turns
+from coordinator._limits import CHUNK_REQUESTS_BESIDE, CHUNK_REQUESTS_MAX
 from coordinator._state import Posting
 from coordinator._turns import decide_in_turn, give_back_turns, take_turns
 from engine import (
@@ -80,7 +80,8 @@ def _paused_at_second_chunk(monkeypatch: pytest.MonkeyPatch, adopted: threading.
     real_decide_all = _lane.decide_all
 
     def pausing(coordinator: Any, tickets: list[Any], turns: Any, wake_writer: bool = True,
-                between_chunks: Callable[[], None] | None = None) -> list[Any]:
+                between_chunks: Callable[[], None] | None = None,
+                chunk_requests: Callable[[], int] | None = None) -> list[Any]:
         assert between_chunks is not None
         calls = [0]
 
@@ -92,7 +93,7 @@ def _paused_at_second_chunk(monkeypatch: pytest.MonkeyPatch, adopted: threading.
                 assert go is None or go.wait(WAIT_S)
             between_chunks()
 
-        return real_decide_all(coordinator, tickets, turns, wake_writer, between)
+        return real_decide_all(coordinator, tickets, turns, wake_writer, between, chunk_requests)
 
     monkeypatch.setattr(_lane, "decide_all", pausing)
     return mid
@@ -124,6 +125,51 @@ def test_a_transfer_arriving_mid_group_is_decided_between_two_chunks_of_it(
     assert ledger.balance("a").posted == 0
     assert ledger.balance("c").posted == single.amount
     assert ledger.stats()["in_flight"] == 0
+
+
+def test_beside_single_transfers_the_runner_decides_in_shorter_chunks_until_a_group_adopts_none(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once it adopts a single transfer, the runner decides the rest of the group, and the
+    whole of the next, in chunks of `CHUNK_REQUESTS_BESIDE`; a group that adopts none puts
+    the one after it back to `CHUNK_REQUESTS_MAX`. Every request is decided all the same."""
+    _funded(ledger)
+    sizes: list[int] = []
+    real_decide_all = _turns.decide_all
+
+    def recording(coordinator: Any, tickets: list[Any], *args: Any, **kwargs: Any) -> list[Any]:
+        sizes.clear()
+        return real_decide_all(coordinator, tickets, *args, **kwargs)
+
+    real_decide_in_turn = _turns.decide_in_turn
+
+    def chunk(coordinator: Any, tickets: list[Any], *args: Any, **kwargs: Any) -> list[Any]:
+        sizes.append(len(tickets))
+        return real_decide_in_turn(coordinator, tickets, *args, **kwargs)
+
+    monkeypatch.setattr(_turns, "decide_in_turn", chunk)
+    mid = _paused_at_second_chunk(monkeypatch, _adoptions(monkeypatch))
+    count = CHUNK_REQUESTS_MAX + 2 * CHUNK_REQUESTS_BESIDE + 10
+    batch, batch_out = _in_thread(lambda: ledger.transfer_many(_batch(count)))
+    assert mid.wait(WAIT_S)
+    assert isinstance(ledger.transfer("s", source="a", destination="c", amount=1), Transfer)
+    batch.join(WAIT_S)
+    assert not batch.is_alive()
+    assert all(type(result) is Transfer for result in batch_out["result"])
+    # (the runner decides the adopted transfer with `decide_in_turn` too, a chunk of 1)
+    assert [size for size in sizes if size != 1] == [CHUNK_REQUESTS_MAX, CHUNK_REQUESTS_BESIDE,
+                                                    CHUNK_REQUESTS_BESIDE, 10]
+    monkeypatch.setattr(_lane, "decide_all", recording)
+    assert CHUNK_REQUESTS_MAX < 3 * CHUNK_REQUESTS_BESIDE
+    shorter, longer = [CHUNK_REQUESTS_BESIDE] * 3, [CHUNK_REQUESTS_MAX, 3 * CHUNK_REQUESTS_BESIDE - CHUNK_REQUESTS_MAX]
+    for round_, expected in enumerate((shorter, longer)):
+        requests = [TransferRequest(f"n{round_}-{k}", "bank", "b", 1) for k in range(3 * CHUNK_REQUESTS_BESIDE)]
+        batch, batch_out = _in_thread(lambda requests=requests: ledger.transfer_many(requests))
+        batch.join(WAIT_S)
+        assert not batch.is_alive()
+        assert all(type(result) is Transfer for result in batch_out["result"])
+        assert [size for size in sizes if size != 1] == expected
+    assert ledger.balance("b").posted == count + 6 * CHUNK_REQUESTS_BESIDE
 
 
 def test_a_transfer_adopted_after_the_last_chunk_is_decided_before_the_turns_go_back(
