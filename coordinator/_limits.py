@@ -66,10 +66,11 @@ CHUNK_REQUESTS_BESIDE = 96
 lane's runner adopted one in this group or the one before: `coordinator._lane.Lane`). Each
 step of a single transfer beside a group (its decision, its record's group commit, its
 caller's wake-up) waits for the runner to let go of the interpreter, which it does between
-two chunks: a quarter of the chunk is a quarter of each wait. Measured beside four batch
-threads (`bench/README.md`, "Single transfers beside batches"): their p99 ~85 ms at
-`CHUNK_REQUESTS_MAX` against ~48 ms. Alone, the batches keep the longer chunk, whose fewer
-locks and blocks cost ~2% fewer instructions a transfer."""
+two chunks, so a shorter chunk shortens each wait. Beside four threads of batches
+(`bench/README.md`, "Single transfers beside batches"), 96 took the singles' p99 from ~64 to
+~48 ms, and cost the batches ~7% of their rate there (the singles get twice as far); 64
+took it to ~41 ms at ~10-20%. Alone, the batches keep the longer chunk: a chunk of 64
+costs ~2% more instructions a transfer."""
 
 TURN_WAIT_S_MAX = 0.2
 """Longest a batch waits for the turns of accounts busy elsewhere (a single transfer's, or
@@ -88,15 +89,15 @@ the journal writer back from its fsync, callers woken by a group commit. Letting
 moment lets them through; a switch alone (`os.sched_yield`) does not, as the decider takes
 the GIL back before a woken thread can."""
 
+BESIDE_PAUSE_S = 0.00005
+"""The lane's runner's pause between two chunks while single transfers arrive beside its
+group (`CHUNK_REQUESTS_BESIDE`), in place of `DECIDING_PAUSE_S`: pausing that much more often,
+the longer pause cost the batches ~20% of their rate in chunks of 64, this one ~9%, and it
+is still long enough for a thread woken meanwhile to take the interpreter."""
+
 TURN_POLL_S = (0.00005, 0.001)
 """The first and the longest pause between two looks at the turns a batch waits for (the
 pause doubles from one to the other)."""
-
-BESIDE_PAUSE_S = 0.00005
-"""The lane's runner's pause between two chunks while single transfers arrive beside its
-group (`CHUNK_REQUESTS_BESIDE`), in place of `DECIDING_PAUSE_S`: pausing four times as often,
-the longer pause would cost the batches ~20% of their rate, this one ~8%; it is still long
-enough for a thread woken meanwhile to take the interpreter."""
 
 ACCOUNTS_PER_BLOCK_MAX = 1_000
 """Accounts `create_accounts` journals per hold of the sequencer lock, as one block."""
