@@ -198,8 +198,9 @@ class Lane:
         return self._adopted_last is tickets
 
     def _between_chunks(self, turns: Mapping[str, TurnAccount]) -> None:
-        """Between two chunks of a group: let go of the interpreter (`DECIDING_PAUSE_S`), then
-        decide the tickets adopted meanwhile."""
+        """Between two chunks of a group: let go of the interpreter (`BESIDE_PAUSE_S` while
+        single transfers arrive beside the groups, see `_beside`; else `DECIDING_PAUSE_S`),
+        then decide the tickets adopted meanwhile."""
         time.sleep(BESIDE_PAUSE_S if self._beside else DECIDING_PAUSE_S)
         self._decide_adopted(turns)
 
@@ -279,8 +280,8 @@ class Lane:
             failure: Exception | None = None
             interrupt: BaseException | None = None
             with self._cond:
-                self._adopting = True
                 self._beside, self._adopted_any = self._adopted_any, False
+                self._adopting = True
             try:
                 tickets: list[Ticket] = []
                 for batch in group:

@@ -49,8 +49,9 @@ def decide_all(coordinator: Coordinator, tickets: list[Ticket], turns: Mapping[s
     the failure (the writer releases the appended ones), and it raises. `wake_writer` False:
     the caller commits the records itself. `between_chunks`, called between two chunks (the
     lane's: a pause, and the single transfers it adopted): what it raises fails this chunk
-    and the later ones, none of them started. `chunk_requests`, asked before each chunk: its
-    size (else `CHUNK_REQUESTS_MAX`)."""
+    and the later ones, none of them started. `chunk_requests`, asked before each chunk (after
+    `between_chunks`): its size, at least 1 (else `CHUNK_REQUESTS_MAX`); what it raises, the
+    same."""
     left: list[Ticket] = []
     first = 0
     while first < len(tickets):
@@ -61,6 +62,7 @@ def decide_all(coordinator: Coordinator, tickets: list[Ticket], turns: Mapping[s
                 between_chunks()
             if chunk_requests is not None:
                 size = chunk_requests()
+                assert size > 0, size
             started = True
             left += decide_in_turn(coordinator, tickets[first : first + size], turns, wake_writer)
         except BaseException as error:  # that chunk is failed (or not started); the later ones never started
