@@ -66,11 +66,11 @@ CHUNK_REQUESTS_BESIDE = 96
 lane's runner adopted one in this group or the one before: `coordinator._lane.Lane`). Each
 step of a single transfer beside a group (its decision, its record's group commit, its
 caller's wake-up) waits for the runner to let go of the interpreter, which it does between
-two chunks, so a shorter chunk shortens each wait. Beside four threads of batches
-(`bench/README.md`, "Single transfers beside batches"), 96 took the singles' p99 from ~64 to
-~48 ms, and cost the batches ~7% of their rate there (the singles get twice as far); 64
-took it to ~41 ms at ~10-20%. Alone, the batches keep the longer chunk: a chunk of 64
-costs ~2% more instructions a transfer."""
+two chunks, so a shorter chunk shortens each wait. Beside four threads of batches, 96 took
+the singles' p99 from ~64-76 ms to ~48-52 ms, and cost the batches ~7% of their rate there
+(the singles get twice as far); 64 took it to ~41 ms at ~10-20% (`bench/README.md`, "Single
+transfers beside batches: shorter chunks while they arrive"). Alone, the batches keep the
+longer chunk: a chunk of 64 costs ~2% more instructions a transfer."""
 
 TURN_WAIT_S_MAX = 0.2
 """Longest a batch waits for the turns of accounts busy elsewhere (a single transfer's, or
