@@ -1,5 +1,5 @@
 import sys
 
-from engine._cli import main
+from engine._entry import main
 
 sys.exit(main())

@@ -133,6 +133,54 @@ def built(tmp_path: Path) -> Built:
 # --- verify ----------------------------------------------------------------------
 
 
+def test_an_interrupt_while_tally_imports_the_engine_ends_it_with_one_line_not_a_traceback() -> None:
+    """`tally` (`engine._entry`) is running before the engine's ~0.2 s of imports begin: an
+    interrupt landing in them (an import hook raises it at the first layer below `engine`, as
+    a Ctrl-C would) ends the command with exit 130 and one line, as an interrupt does later.
+    The import of the entry point itself imports none of the engine (the hook would fire)."""
+    code = """
+import sys
+
+class Interrupting:
+    def find_spec(self, name, path=None, target=None):
+        if name == "coordinator":
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, Interrupting())
+from engine._entry import main
+sys.exit(main())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "tally: interrupted\n")
+
+
+def test_the_tally_command_is_the_entry_point_and_engine_imports_its_public_names_when_asked() -> None:
+    """pyproject's `tally` names `engine._entry:main`; `import engine` imports no layer, and each
+    public name is there once asked for, the same object as in its home module."""
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert 'tally = "engine._entry:main"' in pyproject
+    code = """
+import sys
+import engine
+assert not {"coordinator", "journal", "engine._ledger"} & set(sys.modules), sorted(sys.modules)
+import coordinator
+from engine import *  # noqa: F403
+assert engine.Ledger is __import__("engine._ledger", fromlist=["Ledger"]).Ledger
+assert engine.Transfer is coordinator.Transfer and "Ledger" in dir(engine)
+try:
+    engine.Nothing
+except AttributeError as error:
+    assert "Nothing" in str(error)
+else:
+    raise AssertionError("no AttributeError")
+print(len(engine.__all__))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert int(done.stdout) >= 40
+
+
 def test_verify_of_a_whole_ledger_exits_0_and_marks_every_check_passed(built: Built) -> None:
     done = tally("verify", built.path)
 
