@@ -10,6 +10,8 @@ import sys
 
 
 def main() -> int:
+    """Run the `tally` command (`engine._cli.main`) and return its exit status: 130 (and
+    "tally: interrupted" on stderr) if an interrupt escapes it."""
     try:
         from engine._cli import main as run
 

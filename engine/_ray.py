@@ -36,7 +36,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -44,6 +43,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from coordinator import InvalidRequest, LedgerClosed, LedgerError, LedgerTimeout, LedgerUnavailable
+from engine import _fork
 
 Sent = TypeVar("Sent")
 
@@ -99,7 +99,7 @@ def join(address: str | None) -> tuple[bool, str]:
         raise InvalidRequest("a ShardedLedger needs Ray: pip install 'tally-ledger[cluster]'") from None
 
     global _users, _started_session
-    if _forked_from_driver:
+    if _forked_from_driver or _fork.forked_from_ray:
         raise LedgerUnavailable("this process was made by fork() from one on Ray, whose connection it cannot use: "
                                 "open the sharded ledger from a process started with spawn (multiprocessing's "
                                 "'spawn' or 'forkserver'), or from one that never joined Ray")
@@ -129,21 +129,15 @@ _forked_from_driver = False
 
 
 def _after_fork() -> None:
-    """In a child made by `fork()`: note whether the parent was on Ray, or starting or
-    stopping it (its lock held). The child inherits Ray's state but not its connection, so a
-    ledger it opened would wait for ever."""
+    """In a child made by `fork()`: note whether the parent was starting or stopping Ray (its
+    lock held; whether it was on Ray, `engine._fork` notes). The child inherits Ray's state
+    but not its connection, so a ledger it opened would wait for ever."""
     global _forked_from_driver, _users, _started_session, _STARTED, _waits, _waiting
     _users, _started_session = 0, None
     busy = _STARTED.locked()
     _STARTED = threading.Lock()  # (a lock held at the fork stays held in the child)
     _waits, _waiting = threading.Condition(_STARTED), 0
-    ray = sys.modules.get("ray")
-    try:
-        initialized = getattr(ray, "is_initialized", None)
-        on_ray = bool(initialized()) if initialized is not None else False
-    except Exception:  # a Ray half-imported at the fork: it cannot be used here either
-        on_ray = True
-    if busy or on_ray:
+    if busy:
         _forked_from_driver = True
 
 

@@ -181,6 +181,22 @@ print(len(engine.__all__))
     assert int(done.stdout) >= 40
 
 
+def test_engines_type_checking_imports_name_exactly_the_homes_it_imports_from_when_asked() -> None:
+    """`engine/__init__.py` lists each public name twice: imported under `TYPE_CHECKING` (what
+    type checkers see) and in `_HOMES` (what `__getattr__` imports): the two agree."""
+    import ast
+
+    import engine
+
+    tree = ast.parse(Path(engine.__file__).read_text())
+    checked = [node for node in tree.body if isinstance(node, ast.If) and isinstance(node.test, ast.Name)
+               and node.test.id == "TYPE_CHECKING"][0]
+    imported = {alias.name: node.module for node in checked.body if isinstance(node, ast.ImportFrom)
+                for alias in node.names if node.module != "typing"}
+    assert imported == engine._HOMES
+    assert sorted([*imported, "__version__"]) == sorted(engine.__all__)
+
+
 def test_verify_of_a_whole_ledger_exits_0_and_marks_every_check_passed(built: Built) -> None:
     done = tally("verify", built.path)
 

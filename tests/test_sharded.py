@@ -275,6 +275,38 @@ def test_a_process_made_by_fork_from_one_on_ray_cannot_open_a_sharded_ledger_and
     assert not (tmp_path / "books" / "tally-shards.json").exists()
 
 
+def test_a_child_of_a_process_on_ray_that_never_asked_for_a_sharded_name_is_told_too(tmp_path: Path) -> None:
+    """The fork hook is registered by `import engine` itself (`engine._fork`), not by the
+    sharded ledger's modules, which a host using only `Ledger` never imports: its child,
+    forked while the host was on Ray, is refused at once. (A stand-in `ray` module says it
+    is on Ray: nothing else of it is reached.)"""
+    code = """
+import os, sys, types
+ray = types.ModuleType("ray")
+ray.is_initialized = lambda: True
+sys.modules["ray"] = ray
+from engine import Ledger, LedgerUnavailable
+assert "engine._ray" not in sys.modules
+pid = os.fork()
+if pid == 0:
+    code = 3
+    try:
+        from engine import ShardedLedger
+        try:
+            ShardedLedger.open(sys.argv[1], shards=1)
+        except LedgerUnavailable as error:
+            code = 0 if "fork" in str(error) else 2
+    finally:
+        os._exit(code)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "books")], capture_output=True, text=True,
+                          timeout=60)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert not (tmp_path / "books").exists()
+
+
 def test_a_shard_whose_node_is_gone_is_ledger_unavailable_not_a_ray_error(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
     from ray.exceptions import ActorUnschedulableError
