@@ -59,7 +59,8 @@ must not send the host's young garbage there, where only a full collection frees
 CHUNK_REQUESTS_MAX = 256
 """Requests a batch in turn decides per hold of the sequencer lock, journaled as one block:
 long enough to amortise taking the lock, short enough that concurrent single transfers
-are not kept waiting for a whole batch."""
+are not kept waiting for a whole batch. (While single transfers arrive beside the lane's
+groups, the lane's runner decides `CHUNK_REQUESTS_BESIDE` instead.)"""
 
 CHUNK_REQUESTS_BESIDE = 96
 """Requests a batch in turn decides per chunk while single transfers arrive beside it (the
@@ -68,8 +69,8 @@ step of a single transfer beside a group (its decision, its record's group commi
 caller's wake-up) waits for the runner to let go of the interpreter, which it does between
 two chunks, so a shorter chunk shortens each wait. Beside four threads of batches, 96 took
 the singles' p99 from ~64-76 ms to ~48-52 ms, and cost the batches ~7% of their rate there
-(the singles get twice as far); 64 took it to ~41 ms at ~10-20% (`bench/README.md`, "Single
-transfers beside batches: shorter chunks while they arrive"). Alone, the batches keep the
+(the singles get twice as far); 64 took it to ~41-48 ms at ~10% (`bench/README.md`,
+"Single transfers beside batches: shorter chunks while they arrive"). Alone, the batches keep the
 longer chunk: a chunk of 64 costs ~2% more instructions a transfer."""
 
 TURN_WAIT_S_MAX = 0.2
@@ -87,13 +88,14 @@ single transfers. Deciding back to back it would hold the GIL for the interprete
 switch interval (5 ms) at a time, and every thread that needs it meanwhile waits that long:
 the journal writer back from its fsync, callers woken by a group commit. Letting go for a
 moment lets them through; a switch alone (`os.sched_yield`) does not, as the decider takes
-the GIL back before a woken thread can."""
+the GIL back before a woken thread can. (While single transfers arrive beside the lane's
+groups, its runner pauses `BESIDE_PAUSE_S` instead.)"""
 
 BESIDE_PAUSE_S = 0.00005
 """The lane's runner's pause between two chunks while single transfers arrive beside its
 group (`CHUNK_REQUESTS_BESIDE`), in place of `DECIDING_PAUSE_S`: pausing that much more often,
-the longer pause cost the batches ~20% of their rate in chunks of 64, this one ~9%, and it
-is still long enough for a thread woken meanwhile to take the interpreter."""
+the longer pause cost the batches beside the singles ~22% of their rate in chunks of 64, this
+one ~10%, and it is still long enough for a thread woken meanwhile to take the interpreter."""
 
 TURN_POLL_S = (0.00005, 0.001)
 """The first and the longest pause between two looks at the turns a batch waits for (the

@@ -50,8 +50,8 @@ def decide_all(coordinator: Coordinator, tickets: list[Ticket], turns: Mapping[s
     the caller commits the records itself. `between_chunks`, called between two chunks (the
     lane's: a pause, and the single transfers it adopted): what it raises fails this chunk
     and the later ones, none of them started. `chunk_requests`, asked before each chunk (after
-    `between_chunks`): its size, at least 1 (else `CHUNK_REQUESTS_MAX`); what it raises, the
-    same."""
+    `between_chunks`): its size, at least 1 (asserted); without it, `CHUNK_REQUESTS_MAX`. What
+    it raises, the same."""
     left: list[Ticket] = []
     first = 0
     while first < len(tickets):

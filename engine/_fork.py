@@ -15,6 +15,8 @@ Ray's state but not its connection, so a sharded ledger it opened would wait for
 
 
 def _after_fork() -> None:
+    """In a child made by `fork()`: note whether the parent was on Ray (or half-way through
+    importing it)."""
     global forked_from_ray
     ray = sys.modules.get("ray")
     try:

@@ -99,7 +99,7 @@ def join(address: str | None) -> tuple[bool, str]:
         raise InvalidRequest("a ShardedLedger needs Ray: pip install 'tally-ledger[cluster]'") from None
 
     global _users, _started_session
-    if _forked_from_driver or _fork.forked_from_ray:
+    if _forked_mid_start or _fork.forked_from_ray:
         raise LedgerUnavailable("this process was made by fork() from one on Ray, whose connection it cannot use: "
                                 "open the sharded ledger from a process started with spawn (multiprocessing's "
                                 "'spawn' or 'forkserver'), or from one that never joined Ray")
@@ -124,21 +124,22 @@ def join(address: str | None) -> tuple[bool, str]:
         return True, session
 
 
-_forked_from_driver = False
-"""Set in a child made by `fork()` of a process on Ray (`_after_fork`)."""
+_forked_mid_start = False
+"""Set in a child made by `fork()` while its parent was starting or stopping Ray
+(`_after_fork`); a child of a parent merely on Ray: `engine._fork.forked_from_ray`."""
 
 
 def _after_fork() -> None:
     """In a child made by `fork()`: note whether the parent was starting or stopping Ray (its
     lock held; whether it was on Ray, `engine._fork` notes). The child inherits Ray's state
     but not its connection, so a ledger it opened would wait for ever."""
-    global _forked_from_driver, _users, _started_session, _STARTED, _waits, _waiting
+    global _forked_mid_start, _users, _started_session, _STARTED, _waits, _waiting
     _users, _started_session = 0, None
     busy = _STARTED.locked()
     _STARTED = threading.Lock()  # (a lock held at the fork stays held in the child)
     _waits, _waiting = threading.Condition(_STARTED), 0
     if busy:
-        _forked_from_driver = True
+        _forked_mid_start = True
 
 
 os.register_at_fork(after_in_child=_after_fork)

@@ -174,11 +174,9 @@ except AttributeError as error:
     assert "Nothing" in str(error)
 else:
     raise AssertionError("no AttributeError")
-print(len(engine.__all__))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (0, "")
-    assert int(done.stdout) >= 40
 
 
 def test_engines_type_checking_imports_name_exactly_the_homes_it_imports_from_when_asked() -> None:
