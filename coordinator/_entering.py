@@ -2,7 +2,7 @@
 
 The rules (`coordinator._rules`) decide what requests do (`Leg`s) without changing anything;
 `enter` writes decided legs into a book (`Books`: the sequencer's projection, or replay's
-books), `expire` the expiry of pending transfers, and `holds_after` and
+books), `expire` the expiry of pending transfers (`release` what one closed held), and `holds_after` and
 `holds_expired` say what a record leaves each account's pending amounts at (its hold rows,
 `coordinator._records.holds_key`) without writing them. A decision of a chain sees its own
 legs' effects through an `Overlay` over the books (`enter_leg` of each). Pure functions, as
@@ -136,37 +136,36 @@ def enter(book: Books, requests: Sequence[Request], legs: Sequence[Leg], lsn: in
             assert type(request) is TransferRequest
             timeout_s = request.timeout_s
             deadline = 0 if timeout_s is None else timestamp + index + timeout_s * NS_PER_S
-            pending[request.id] = _new_pending(Pending, (request.id, source, destination, amount, deadline, lsn,
+            pending[request.id] = new_pending(Pending, (request.id, source, destination, amount, deadline, lsn,
                                                          request.code))
         elif resolved is not None:  # a post or a void releases the whole hold
             del pending[resolved.id]
-            left = held[source] - resolved.amount
-            if left:
-                held[source] = left
-            else:  # a hold that falls to 0 leaves its mapping
-                del held[source]
-            left = incoming[destination] - resolved.amount
-            if left:
-                incoming[destination] = left
-            else:
-                del incoming[destination]
+            release(held, incoming, resolved)
 
 
-_new_pending = tuple.__new__
+new_pending = tuple.__new__
 """`Pending(...)` without the generated `__new__` of a NamedTuple (a Python frame)."""
+
+
+def release(held: MutableMapping[str, int], incoming: MutableMapping[str, int], closed: Pending) -> None:
+    """Take what the pending transfer `closed` (posted, voided or expired) held off its
+    source's holds and its destination's funds on their way. A hold that falls to 0 leaves
+    its mapping (so equal books are equal mappings)."""
+    source, destination, amount = closed.source, closed.destination, closed.amount
+    left = held[source] - amount
+    if left:
+        held[source] = left
+    else:
+        del held[source]
+    left = incoming[destination] - amount
+    if left:
+        incoming[destination] = left
+    else:
+        del incoming[destination]
 
 
 def expire(book: Books, pending_ids: Sequence[str]) -> None:
     """Release the holds of pending transfers that expired (each must be open)."""
     pending, held, incoming = book.pending, book.held, book.incoming
     for pending_id in pending_ids:
-        expired = pending.pop(pending_id)
-        held[expired.source] -= expired.amount
-        incoming[expired.destination] -= expired.amount
-        _drop_zero(held, expired.source)
-        _drop_zero(incoming, expired.destination)
-
-
-def _drop_zero(amounts: MutableMapping[str, int], account: str) -> None:
-    if not amounts[account]:
-        del amounts[account]
+        release(held, incoming, pending.pop(pending_id))

@@ -180,24 +180,39 @@ def decide_transfer(request: TransferRequest, accounts: Mapping[str, Account], s
                               states.get(destination_id), reserved.get(source_id, 0) + held.get(source_id, 0),
                               incoming.get(destination_id, 0))
         return stamp if type(stamp) is str else (SINGLE, source_id, destination_id, amount, stamp, None)  # type: ignore[return-value]
-    source, destination = accounts.get(source_id), accounts.get(destination_id)
+    on_hold = held.get(source_id, 0)
+    refused = decide_pending(accounts.get(source_id), accounts.get(destination_id), amount, states.get(source_id),
+                             states.get(destination_id), reserved.get(source_id, 0) + on_hold, on_hold,
+                             incoming.get(destination_id, 0), bound_holds)
+    if refused is not None:
+        return refused
+    return (PENDING, source_id, destination_id, amount, None, None)
+
+
+def decide_pending(source: Account | None, destination: Account | None, amount: int, origin: AccountState | None,
+                   target: AccountState | None, unspendable: int, on_hold: int, on_its_way: int,
+                   bound_holds: bool = True) -> str | None:
+    """The rule of a pending transfer of `amount` between these accounts (None: there is no
+    such account), in these states: the code of its refusal, or None (it may place its
+    hold). `unspendable`: what the source holds for pending transfers (`on_hold`) and
+    reserves for transfers in flight; `on_its_way`: the pending transfers toward the
+    destination. `bound_holds`: see `decide_transfer`."""
     if source is None or destination is None:
         return AccountNotFound.code
     if source.currency != destination.currency:
         return CurrencyMismatch.code
-    unspendable = reserved.get(source_id, 0) + held.get(source_id, 0)
-    refused = _debit_refused(source, states[source_id][1] - unspendable - amount)
+    refused = _debit_refused(source, origin[1] - unspendable - amount)  # type: ignore[index]  # an account has a state
     if refused is not None:
         return refused
     # the credit must fit once posted, beside what else is on its way; and what the source
     # holds and the destination has on its way are figures of a balance too (`Balance.pending`,
     # `Balance.incoming`), within the same bound
-    on_its_way = incoming.get(destination_id, 0) + amount
-    if states[destination_id][1] + on_its_way > AMOUNT_MAX:
+    on_its_way += amount
+    if target[1] + on_its_way > AMOUNT_MAX:  # type: ignore[index]
         return BalanceOverflow.code
-    if bound_holds and (on_its_way > AMOUNT_MAX or held.get(source_id, 0) + amount > AMOUNT_MAX):
+    if bound_holds and (on_its_way > AMOUNT_MAX or on_hold + amount > AMOUNT_MAX):
         return BalanceOverflow.code  # (held, not reservations: those come off `posted`, not on top of it)
-    return (PENDING, source_id, destination_id, amount, None, None)
+    return None
 
 
 def decide_single(source: Account | None, destination: Account | None, amount: int, origin: AccountState | None,
@@ -240,6 +255,11 @@ def resolve(request: _Resolving, book: Book, states: Mapping[str, AccountState],
     pending = book.pending.get(request.pending_id)
     if pending is None:
         return _RESOLVED[book.resolution(request.pending_id)]
+    return resolve_open(request, pending, states, timestamp)
+
+
+def resolve_open(request: _Resolving, pending: Pending, states: Mapping[str, AccountState], timestamp: int) -> Leg | str:
+    """`resolve` of a post or a void of `pending`, an open pending transfer."""
     if pending.deadline and timestamp >= pending.deadline:
         return PendingTransferExpired.code
     source_id, destination_id = pending.source, pending.destination

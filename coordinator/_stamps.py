@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from journal import Completion
 
-from coordinator._entering import enter, holds_after
+from coordinator._entering import NS_PER_S, enter, holds_after, new_pending, release
 from coordinator._history import Refused
 from coordinator._records import (
     HOLDS_MARK,
@@ -44,10 +44,12 @@ from coordinator._rules import (
     Refusal,
     Stamp,
     decide,
+    decide_pending,
     decide_single,
     decide_singles,
     decide_transfer,
     resolve,
+    resolve_open,
 )
 from coordinator._state import AccountState, Pending
 from coordinator._values import (
@@ -58,6 +60,7 @@ from coordinator._values import (
     VOID,
     Account,
     Request,
+    Resolution,
     Transfer,
     TransferRequest,
     TransferStatus,
@@ -235,6 +238,48 @@ class Stamping:
         )
         self.index_entries += 1
         return stamp
+
+    def stamp_pending(self, chunk: Chunk, ticket: Ticket, request: TransferRequest, lsn: int, source: Account,
+                      destination: Account, origin: AccountState, target: AccountState, unspendable: int,
+                      now: int) -> str | None:
+        """`stamp` of a pending transfer that is not in a chain, between these accounts (two)
+        in these states, by the same rule (`rules.decide_pending`; `unspendable`: what the
+        source has reserved for transfers in flight): the same record, and the projection's
+        holds and open pending transfers moved past it (`enter`'s); the code of its refusal,
+        or None. The caller moves the accounts' own holds. `now`: as for `stamp_plain`."""
+        timestamp = self.last_timestamp = now if now > self.last_timestamp else self.last_timestamp + 1
+        tid, source_id, destination_id, amount = request.id, request.source, request.destination, request.amount
+        held, incoming = self.held, self.incoming
+        on_hold, on_its_way = held.get(source_id, 0), incoming.get(destination_id, 0)
+        refused = decide_pending(source, destination, amount, origin, target, unspendable + on_hold, on_hold, on_its_way)
+        if refused is not None:
+            self.stamp_refusal(chunk, ticket, lsn, timestamp, 0, refused)
+            return refused
+        self._stamp_one(chunk, ticket, request, lsn, timestamp, (PENDING, source_id, destination_id, amount, None, None))
+        held[source_id] = on_hold + amount
+        incoming[destination_id] = on_its_way + amount
+        timeout_s = request.timeout_s
+        self.pending[tid] = new_pending(Pending, (tid, source_id, destination_id, amount,
+                                                  0 if timeout_s is None else timestamp + timeout_s * NS_PER_S, lsn,
+                                                  request.code))
+        return None
+
+    def stamp_resolution(self, chunk: Chunk, ticket: Ticket, request: Resolution, lsn: int, found: Pending,
+                         now: int) -> Leg | str:
+        """`stamp` of a post or a void, not in a chain, of `found`, an open pending transfer
+        between two accounts, by the same rule (`rules.resolve_open`): the same record, and
+        the projection's holds and open pending transfers moved past it; its leg, or the code
+        of its refusal. The caller moves `states` past a post's entries, as the accounts apply
+        them (`stamp_plain`'s way), and the accounts' own holds. `now`: as for `stamp_plain`."""
+        timestamp = self.last_timestamp = now if now > self.last_timestamp else self.last_timestamp + 1
+        leg: Any = resolve_open(request, found, self.states, timestamp)  # type: ignore[arg-type]  # Leg | str
+        if type(leg) is str:
+            self.stamp_refusal(chunk, ticket, lsn, timestamp, 0, leg)
+            return leg  # type: ignore[no-any-return]
+        self._stamp_one(chunk, ticket, request, lsn, timestamp, leg)
+        del self.pending[found.id]
+        release(self.held, self.incoming, found)
+        return leg  # type: ignore[no-any-return]
 
     def _hold_rows(self, rows: dict[str, tuple[int, int]], key_lsn: bytes, holders: list[str],
                    holds: list[bytes]) -> None:

@@ -112,6 +112,7 @@ def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mappi
     states, held, incoming = sequencer.states, sequencer.held, sequencer.incoming
     accounts, pending = sequencer.accounts, sequencer.pending
     stamp, stamp_plain = sequencer.stamp, sequencer.stamp_plain
+    stamp_pending, stamp_resolution = sequencer.stamp_pending, sequencer.stamp_resolution
     reserved = _Reserved(turns)
     chunk = Chunk()
     commits = 0
@@ -163,6 +164,58 @@ def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mappi
                         if CRASH_POINT_ARMED:
                             crash_point("between-entries")
                         states[destination_id] = paid.apply(credit_seq, amount, credit_balance, lsn)
+                        commits += 1
+                        continue
+                if not ticket.linked and (type(request) is not TransferRequest or request.pending):
+                    # A pending transfer, or a post or a void of an open one, between two
+                    # accounts in turn (`stamp_pending`, `stamp_resolution`): as the generic
+                    # path below, without its dispatch. Both accounts caught up first (all must
+                    # agree: it changes both holds), as there.
+                    found: Any = None if type(request) is TransferRequest else pending.get(request.pending_id)  # type: ignore[union-attr]
+                    if found is None:
+                        source_id, destination_id = (request.source, request.destination) if (  # type: ignore[union-attr]
+                            type(request) is TransferRequest) else ("", "")  # not open: the generic path refuses it
+                    else:
+                        source_id, destination_id = found.source, found.destination
+                    paying, paid = turns.get(source_id), turns.get(destination_id)
+                    if paying is not None and paid is not None and source_id != destination_id:
+                        origin, target = states[source_id], states[destination_id]
+                        if (paying.state is not origin and paying.state != origin) or (
+                                paying.held != held.get(source_id, 0)) or paying.incoming != incoming.get(source_id, 0) or (
+                                paying.reserved):
+                            _catch_up(paying, origin, held.get(source_id, 0), incoming.get(source_id, 0))
+                        if (paid.state is not target and paid.state != target) or (
+                                paid.held != held.get(destination_id, 0)) or (
+                                paid.incoming != incoming.get(destination_id, 0)) or paid.reserved:
+                            _catch_up(paid, target, held.get(destination_id, 0), incoming.get(destination_id, 0))
+                        if per_decision:
+                            now = _reading(clock, coordinator, ticket)
+                            if now < 0:
+                                continue
+                        lsn += 1
+                        if found is None:
+                            if stamp_pending(chunk, ticket, request, lsn, paying.account, paid.account,  # type: ignore[arg-type]
+                                             origin, target, paying.reserved, now) is not None:
+                                continue
+                            if CRASH_POINT_ARMED:
+                                crash_point("after-reserve")
+                            placed: int = request.amount  # type: ignore[union-attr,assignment]
+                            paying.hold(placed, 0, lsn)
+                            paid.hold(0, placed, lsn)
+                        else:
+                            closing: Any = stamp_resolution(chunk, ticket, request, lsn, found, now)  # type: ignore[arg-type]  # Leg | str
+                            if type(closing) is str:
+                                continue
+                            if CRASH_POINT_ARMED:
+                                crash_point("after-reserve")
+                            amount, stamped = closing[3], closing[4]
+                            if stamped is not None:  # a post: its entries, as `stamp_plain`'s
+                                states[source_id] = paying.apply(stamped[0], -amount, stamped[1], lsn)
+                                if CRASH_POINT_ARMED:
+                                    crash_point("between-entries")
+                                states[destination_id] = paid.apply(stamped[2], amount, stamped[3], lsn)
+                            paying.hold(-found.amount, 0, lsn)
+                            paid.hold(0, -found.amount, lsn)
                         commits += 1
                         continue
                 if ticket.linked and _singles_in_turn(ticket.requests, turns):

@@ -1429,6 +1429,7 @@ def test_a_ledger_whose_holds_went_past_the_bound_before_it_existed_still_opens_
     `pending` and `incoming` are not damage."""
     path = tmp_path / "ledger"
     monkeypatch.setattr(_rules.decide_transfer, "__defaults__", (False,))  # the rule as it was
+    monkeypatch.setattr(_rules.decide_pending, "__defaults__", (False,))
     monkeypatch.setattr(_rules.decide, "__defaults__", (_rules.NOTHING, False))
     with Ledger.open(path, clock_ns=Clock(), checkpoint_interval=10**6) as ledger:
         for name in ("z", "rich", "w"):

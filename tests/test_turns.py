@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from coordinator import _combiner
+from coordinator import Resolution, _combiner
 from coordinator._turns import decide_in_turn, give_back_turns, take_turns
 from coordinator._limits import CHUNK_REQUESTS_MAX
 from coordinator._sequencer import Sequencer
@@ -152,6 +152,74 @@ def test_entries_committed_meanwhile_to_an_account_in_turn_are_applied_before_it
     assert [entry.transfer_id for entry in ledger.entries("a")] == ["credit", "spend"]
     assert [entry.transfer_id for entry in ledger.entries("b")] == (["spend", "onward"] if chain else ["spend"])
     assert all(gapless(ledger, name) for name in ("a", "b", "d"))
+
+
+def test_a_pending_transfer_and_posts_in_turn_apply_what_waits_in_their_accounts_mailboxes_first(
+        ledger_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a batch holds the turns of "a" and "b", credits to both and a pending transfer
+    toward "b" are decided in the mailboxes: their postings (entries, a hold) wait in those
+    mailboxes. Then, in turn, on their own paths (`Sequencer.stamp_pending` and
+    `stamp_resolution`, not the generic `stamp`): a pending transfer a -> b of all that "a"
+    has available (the credit included), the post of an earlier pending transfer a -> b (its
+    entries follow the credits' on both accounts) and the post of the one toward "b". Each
+    account applies what waits first, so every entry follows the one before it, and the books
+    reopen and verify whole."""
+    ledger = Ledger.open(ledger_path)
+    try:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        for name in ("a", "b", "c"):
+            ledger.create_account(name, currency="USD")
+        ledger.transfer("fund-c", source="bank", destination="c", amount=20)
+        ledger.transfer("fund-a", source="bank", destination="a", amount=10)
+        ledger.transfer("p-ab", source="a", destination="b", amount=4, pending=True)
+        coordinator = ledger._coordinator
+        sequencer = coordinator.sequencer
+        paths: list[str] = []
+        for name in ("stamp", "stamp_pending", "stamp_resolution"):
+            real = getattr(sequencer, name)
+            monkeypatch.setattr(sequencer, name, lambda *args, _real=real, _name=name, **kwargs: (
+                paths.append(_name), _real(*args, **kwargs))[1])
+        turns = take_turns(coordinator, ["a", "b"])
+        assert turns is not None
+        try:
+            done: list[Transfer] = []
+            meanwhile = threading.Thread(target=lambda: done.extend([
+                ledger.transfer("credit-a", source="c", destination="a", amount=7),
+                ledger.transfer("credit-b", source="c", destination="b", amount=3),
+                ledger.transfer("p-cb", source="c", destination="b", amount=5, pending=True),
+            ]))
+            meanwhile.start()
+            meanwhile.join(WAIT_S)
+            assert len(done) == 3  # durable, their postings to "a" and "b" still in the mailboxes
+            assert (turns["a"].state[:2], turns["b"].state[:2], turns["b"].incoming) == ((1, 10), (0, 0), 4)
+            more = take_turns(coordinator, ["c"])
+            assert more is not None
+            paths.clear()
+            try:
+                requests = [TransferRequest("hold", "a", "b", 13, pending=True), Resolution("post-ab", "p-ab"),
+                            Resolution("post-cb", "p-cb")]
+                tickets = [coordinator.claims.claim(request)[0] for request in requests]
+                assert decide_in_turn(coordinator, tickets, {**turns, **more}) == []  # type: ignore[arg-type]
+            finally:
+                give_back_turns(coordinator, more)
+        finally:
+            give_back_turns(coordinator, turns)
+        assert paths == ["stamp_pending", "stamp_resolution", "stamp_resolution"]
+        for ticket in tickets:
+            assert ticket.wait(WAIT_S) and isinstance(ticket.value, Transfer), ticket.value
+            coordinator.claims.release(ticket)
+        assert ledger.balance("a") == Balance(13, 13, 0, 0)
+        assert ledger.balance("b") == Balance(12, 0, 12, 13)
+        assert ledger.balance("c") == Balance(5, 0, 5, 0)
+        assert [entry.transfer_id for entry in ledger.entries("b")] == ["credit-b", "post-ab", "post-cb"]
+        assert all(gapless(ledger, name) for name in ("a", "b", "c"))
+        expected = ledger.state_hash()
+    finally:
+        ledger.close()
+    assert verify(str(ledger_path))["verdict"] == "whole"
+    with Ledger.open(ledger_path) as reopened:
+        assert reopened.state_hash() == expected
+        assert reopened.balance("a") == Balance(13, 13, 0, 0)
 
 
 def test_the_id_filter_never_forgets_an_id_and_rarely_claims_a_new_one_seen() -> None:
@@ -308,7 +376,7 @@ def test_a_bug_met_midway_through_a_chunk_stops_writes_and_reopening_rebuilds_fr
         def stamp(*args: Any, **kwargs: Any) -> None:  # the pending transfer's (the plain one has its own)
             raise fault
 
-        coordinator.sequencer.stamp = stamp  # type: ignore[method-assign]
+        coordinator.sequencer.stamp_pending = stamp  # type: ignore[method-assign]
         with pytest.raises(type(fault)):
             coordinator.combiner._start_in_turn(tickets)  # type: ignore[arg-type]
         assert all(isinstance(ticket.error, LedgerUnavailable) for ticket in tickets)  # type: ignore[union-attr]
