@@ -20,7 +20,8 @@ from coordinator._errors import LedgerUnavailable
 from coordinator._limits import DECIDING_PAUSE_S
 from coordinator._participant import TurnAccount
 from coordinator._tickets import Ticket
-from coordinator._turns import decide_all, give_back_turns, names_of
+from coordinator._taking import give_back_turns, names_of
+from coordinator._turns import decide_all
 from coordinator._values import TransferRequest
 from journal import JournalError
 

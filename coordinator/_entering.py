@@ -2,7 +2,7 @@
 
 The rules (`coordinator._rules`) decide what requests do (`Leg`s) without changing anything;
 `enter` writes decided legs into a book (`Books`: the sequencer's projection, or replay's
-books), `expire` the expiry of pending transfers (`release` what one closed held), and `holds_after` and
+books), `expire` the expiry of pending transfers (`release_hold` what one closed held), and `holds_after` and
 `holds_expired` say what a record leaves each account's pending amounts at (its hold rows,
 `coordinator._records.holds_key`) without writing them. A decision of a chain sees its own
 legs' effects through an `Overlay` over the books (`enter_leg` of each). Pure functions, as
@@ -134,20 +134,24 @@ def enter(book: Books, requests: Sequence[Request], legs: Sequence[Leg], lsn: in
             incoming[destination] = incoming.get(destination, 0) + amount
             request = requests[index]
             assert type(request) is TransferRequest
-            timeout_s = request.timeout_s
-            deadline = 0 if timeout_s is None else timestamp + index + timeout_s * NS_PER_S
-            pending[request.id] = new_pending(Pending, (request.id, source, destination, amount, deadline, lsn,
-                                                         request.code))
+            pending[request.id] = new_pending(Pending, (request.id, source, destination, amount,
+                                                        deadline_of(timestamp + index, request.timeout_s), lsn,
+                                                        request.code))
         elif resolved is not None:  # a post or a void releases the whole hold
             del pending[resolved.id]
-            release(held, incoming, resolved)
+            release_hold(held, incoming, resolved)
+
+
+def deadline_of(timestamp: int, timeout_s: int | None) -> int:
+    """The deadline of a pending transfer stamped at `timestamp` with `timeout_s`: 0, never."""
+    return 0 if timeout_s is None else timestamp + timeout_s * NS_PER_S
 
 
 new_pending = tuple.__new__
 """`Pending(...)` without the generated `__new__` of a NamedTuple (a Python frame)."""
 
 
-def release(held: MutableMapping[str, int], incoming: MutableMapping[str, int], closed: Pending) -> None:
+def release_hold(held: MutableMapping[str, int], incoming: MutableMapping[str, int], closed: Pending) -> None:
     """Take what the pending transfer `closed` (posted, voided or expired) held off its
     source's holds and its destination's funds on their way. A hold that falls to 0 leaves
     its mapping (so equal books are equal mappings)."""
@@ -168,4 +172,4 @@ def expire(book: Books, pending_ids: Sequence[str]) -> None:
     """Release the holds of pending transfers that expired (each must be open)."""
     pending, held, incoming = book.pending, book.held, book.incoming
     for pending_id in pending_ids:
-        release(held, incoming, pending.pop(pending_id))
+        release_hold(held, incoming, pending.pop(pending_id))

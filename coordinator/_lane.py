@@ -23,7 +23,8 @@ from coordinator._limits import (BESIDE_PAUSE_S, CHUNK_REQUESTS_BESIDE, CHUNK_RE
                                  LANE_GROUP_REQUESTS_MAX, TURN_WAIT_S_MAX)
 from coordinator._participant import TurnAccount
 from coordinator._tickets import Prior, Ticket, lsn_of, result_of
-from coordinator._turns import decide_all, give_back_turns, take_turns
+from coordinator._taking import give_back_turns, take_turns
+from coordinator._turns import decide_all
 from coordinator._validate import check_resolution, check_transfer
 from coordinator._values import Request, Resolution, Transfer
 

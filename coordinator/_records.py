@@ -68,6 +68,7 @@ import msgpack
 
 from coordinator._errors import JournalCorrupted
 from coordinator._limits import KEY_BYTES_MAX
+from coordinator._values import PENDING, POST, SINGLE, VOID, Request, TransferRequest
 
 ACCOUNT = 1
 COMMIT = 2
@@ -189,6 +190,16 @@ def encode_entry_value(transfer_id: str, amount: int, balance: int, lsn: int, ti
     if timestamp is None:
         return _pack([transfer_id, amount, balance, lsn])
     return _pack([transfer_id, amount, balance, lsn, timestamp])
+
+
+def request_fields(request: Request) -> list[Any]:
+    """The fields a record keeps of a request (the first `REQUEST_FIELDS` of a leg)."""
+    metadata = None if request.metadata is None else request.metadata.as_dict()  # type: ignore[attr-defined]
+    if type(request) is TransferRequest:
+        return [PENDING if request.pending else SINGLE, request.id, request.source, request.destination,
+                request.amount, request.code, request.reference, metadata, request.timeout_s, None, None]
+    return [VOID if request.void else POST, request.id, None, None, None, 0, request.reference,  # type: ignore[union-attr]
+            metadata, None, request.pending_id, request.amount]  # type: ignore[union-attr]
 
 
 def resolution_key(pending_id: str) -> bytes:

@@ -17,8 +17,10 @@ protocol before it (reserving funds in the sources' mailboxes) runs in parallel.
 Timestamps: nanoseconds since the epoch from `clock`, made strictly increasing in LSN order
 (a clock that steps back, or repeats, gets the last timestamp + 1), also across a reopen:
 the projection carries the last one journaled. The wall clock is read once for a chunk of
-plain transfers and chains of single transfers decided together in turn (each after the first
-gets the last timestamp + 1); a clock
+decisions made together in turn on their own paths (plain transfers, chains of single
+transfers, pending transfers, posts and voids of open ones: each after the first gets the last
+timestamp + 1, so a post may be decided a little after its deadline by the wall clock, never by
+its own timestamp, which replay decides it by again); a clock
 of the caller's own (a test's, a replay's) is read once per decision, so it gives each
 decision the time it says (`tally replay` sets every copied transfer's original timestamp so),
 and a bad reading of it fails that decision alone (`InvalidRequest`, `checked_clock`), before

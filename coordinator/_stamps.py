@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from journal import Completion
 
-from coordinator._entering import NS_PER_S, enter, holds_after, new_pending, release
+from coordinator._entering import deadline_of, enter, holds_after, new_pending, release_hold
 from coordinator._history import Refused
 from coordinator._records import (
     HOLDS_MARK,
@@ -36,6 +36,7 @@ from coordinator._records import (
     entry_prefix,
     id_key,
     lsn_value,
+    request_fields,
     resolution_key,
 )
 from coordinator._rules import (
@@ -55,7 +56,6 @@ from coordinator._state import AccountState, Pending
 from coordinator._values import (
     KINDS,
     PENDING,
-    POST,
     SINGLE,
     VOID,
     Account,
@@ -258,10 +258,8 @@ class Stamping:
         self._stamp_one(chunk, ticket, request, lsn, timestamp, (PENDING, source_id, destination_id, amount, None, None))
         held[source_id] = on_hold + amount
         incoming[destination_id] = on_its_way + amount
-        timeout_s = request.timeout_s
         self.pending[tid] = new_pending(Pending, (tid, source_id, destination_id, amount,
-                                                  0 if timeout_s is None else timestamp + timeout_s * NS_PER_S, lsn,
-                                                  request.code))
+                                                  deadline_of(timestamp, request.timeout_s), lsn, request.code))
         return None
 
     def stamp_resolution(self, chunk: Chunk, ticket: Ticket, request: Resolution, lsn: int, found: Pending,
@@ -278,7 +276,7 @@ class Stamping:
             return leg  # type: ignore[no-any-return]
         self._stamp_one(chunk, ticket, request, lsn, timestamp, leg)
         del self.pending[found.id]
-        release(self.held, self.incoming, found)
+        release_hold(self.held, self.incoming, found)
         return leg  # type: ignore[no-any-return]
 
     def _hold_rows(self, rows: dict[str, tuple[int, int]], key_lsn: bytes, holders: list[str],
@@ -339,7 +337,7 @@ class Stamping:
                 target_prefix + _U64.pack(credit_seq), encode_entry_value(tid, amount, credit_balance, lsn, timestamp),
             )
         elif kind == PENDING and timeout_s is not None:
-            heapq.heappush(self._deadlines, (timestamp + timeout_s * 1_000_000_000, tid))
+            heapq.heappush(self._deadlines, (deadline_of(timestamp, timeout_s), tid))
 
     def _stamp_legs(self, chunk: Chunk, ticket: Ticket, lsn: int, timestamp: int, legs: list[Leg]) -> None:
         requests = ticket.requests
@@ -390,7 +388,7 @@ class Stamping:
                     encode_entry_value(tid, amount, credit_balance, lsn, timestamp + i),
                 )
             elif kind == PENDING and timeout_s is not None:
-                heapq.heappush(self._deadlines, (timestamp + i + timeout_s * 1_000_000_000, tid))
+                heapq.heappush(self._deadlines, (deadline_of(timestamp + i, timeout_s), tid))
         ticket.value = transfers[0] if len(transfers) == 1 and not ticket.linked else tuple(transfers)
         chunk.payloads.append(encode(fields))
         chunk.completions.append(ticket)
@@ -409,13 +407,3 @@ class Stamping:
         chunk.payloads.append(encode(fields))
         chunk.completions.append(ticket)
         self.index_entries += len(requests)
-
-
-def request_fields(request: Request) -> list[Any]:
-    """The fields a record keeps of a request (the first `REQUEST_FIELDS` of a leg)."""
-    metadata = None if request.metadata is None else request.metadata.as_dict()  # type: ignore[attr-defined]
-    if type(request) is TransferRequest:
-        return [PENDING if request.pending else SINGLE, request.id, request.source, request.destination,
-                request.amount, request.code, request.reference, metadata, request.timeout_s, None, None]
-    return [VOID if request.void else POST, request.id, None, None, None, 0, request.reference,  # type: ignore[union-attr]
-            metadata, None, request.pending_id, request.amount]  # type: ignore[union-attr]

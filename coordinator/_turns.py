@@ -4,7 +4,7 @@ then runs each account's own handlers for the tickets in order.
 A turn is the right to handle an account's messages; whoever holds it is that
 account's single thread for the moment. Batches decide in the lane
 (`coordinator._lane`), a group at a time; its runner takes the turns of the group's
-accounts, waiting (bounded) for one held elsewhere, and only it ever waits, so no two
+accounts (`coordinator._taking`), waiting (bounded) for one held elsewhere, and only it ever waits, so no two
 waiters hold what the other wants. If a turn stays busy, the group falls back to the
 message-passing `Batch`. Other takers (the combiner of single transfers) never wait. A
 turn is taken only from an idle account with an empty mailbox (or, with no live actor,
@@ -24,15 +24,15 @@ combined single transfers (`coordinator._combiner`) are decided the same way.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from coordinator._errors import InvalidRequest
-from coordinator._limits import CHUNK_REQUESTS_MAX, TURN_POLL_S
+from coordinator._limits import CHUNK_REQUESTS_MAX
 from coordinator._participant import TurnAccount
 from coordinator._rules import Refusal
 from coordinator._stamps import Chunk
+from coordinator._taking import names_of
 from coordinator._state import AccountState
 from coordinator._tickets import Ticket
 from coordinator._values import PENDING, TransferRequest
@@ -171,12 +171,12 @@ def decide_in_turn(coordinator: Coordinator, tickets: list[Ticket], turns: Mappi
                     # accounts in turn (`stamp_pending`, `stamp_resolution`): as the generic
                     # path below, without its dispatch. Both accounts caught up first (all must
                     # agree: it changes both holds), as there.
-                    found: Any = None if type(request) is TransferRequest else pending.get(request.pending_id)  # type: ignore[union-attr]
-                    if found is None:
-                        source_id, destination_id = (request.source, request.destination) if (  # type: ignore[union-attr]
-                            type(request) is TransferRequest) else ("", "")  # not open: the generic path refuses it
-                    else:
-                        source_id, destination_id = found.source, found.destination
+                    found: Any = None  # the open pending transfer a post or a void names
+                    if type(request) is TransferRequest:
+                        source_id, destination_id = request.source, request.destination
+                    else:  # one not open goes on to the generic path, which refuses it
+                        found = pending.get(request.pending_id)  # type: ignore[union-attr]
+                        source_id, destination_id = (found.source, found.destination) if found is not None else ("", "")
                     paying, paid = turns.get(source_id), turns.get(destination_id)
                     if paying is not None and paid is not None and source_id != destination_id:
                         origin, target = states[source_id], states[destination_id]
@@ -330,33 +330,6 @@ def _singles_in_turn(requests: tuple[Any, ...], turns: Mapping[str, TurnAccount]
     return True
 
 
-def names_of(ticket: Ticket, accounts: Mapping[str, object], pending: Mapping[str, object]) -> tuple[str, ...]:
-    """The existing accounts a ticket's decision may touch (a post's or a void's: its pending
-    transfer's, if it is open)."""
-    requests = ticket.requests
-    if not ticket.linked:  # one request
-        request = ticket.request
-        if type(request) is TransferRequest:
-            source, destination = request.source, request.destination
-        else:
-            found = pending.get(request.pending_id)  # type: ignore[union-attr]
-            if found is None:
-                return ()
-            source, destination = found.source, found.destination  # type: ignore[attr-defined]
-        if source in accounts:
-            return (source, destination) if destination in accounts else (source,)
-        return (destination,) if destination in accounts else ()
-    names: list[str] = []
-    for request in requests:
-        if type(request) is TransferRequest:
-            names += (request.source, request.destination)
-        else:
-            found = pending.get(request.pending_id)  # type: ignore[union-attr]
-            if found is not None:
-                names += (found.source, found.destination)  # type: ignore[attr-defined]
-    return tuple(filter(accounts.__contains__, dict.fromkeys(names)))  # in order, once each, if it exists
-
-
 def _reading(clock: Callable[[], int], coordinator: Coordinator, ticket: Ticket) -> int:
     """A reading of a clock of the caller's own, for `ticket`'s decision; -1 if it gave a bad
     one (`InvalidRequest`, `checked_clock`): then `ticket` fails with that error, before
@@ -381,47 +354,3 @@ def _catch_up(account: TurnAccount, projected: AccountState, held: int, incoming
     account.catch_up()
     assert account.state == projected and account.held == held and account.incoming == incoming, (
         account.state, projected, account.held, held, account.incoming, incoming)
-
-
-def take_turns(coordinator: Coordinator, names: list[str], wait_s: float = 0.0) -> Mapping[str, TurnAccount] | None:
-    """Pin every named account that exists and take its turn, or (if one is still busy
-    after `wait_s`) nothing at all. Holds the turns it took while it waits for the busy
-    ones: only the holder of the batch lane may (`Coordinator.lane`), so no two waiters
-    hold what the other waits for, and every other holder of a turn (a combiner, a
-    mailbox turn) gives it back without waiting on any. Polls, with pauses of `TURN_POLL_S`."""
-    participants = coordinator.participants
-    if wait_s <= 0:
-        return participants.take_turns(names, all_or_none=True)
-    turns = participants.take_turns(names)
-    assert turns is not None
-    accounts = coordinator.sequencer.accounts
-    busy = [name for name in dict.fromkeys(names) if name not in turns and name in accounts]
-    if not busy:
-        return turns
-    deadline = time.monotonic() + wait_s
-    pause, pause_max = TURN_POLL_S
-    try:
-        while time.monotonic() < deadline:
-            time.sleep(pause)
-            pause = min(2 * pause, pause_max)
-            participants.take_turns(busy, into=turns)
-            busy = [name for name in busy if name not in turns]
-            if not busy:
-                return turns
-    except BaseException:
-        participants.give_back_turns(turns)
-        raise
-    participants.give_back_turns(turns)
-    return None
-
-
-def give_back_turns(coordinator: Coordinator, turns: Mapping[str, TurnAccount]) -> None:
-    """Give back the turns taken by `take_turns` and unpin the accounts. An interrupt meanwhile
-    is raised once the rest are given back too: a turn kept would hang its account."""
-    participants = coordinator.participants
-    try:
-        participants.give_back_turns(turns)
-    except BaseException as error:
-        if not isinstance(error, Exception):  # an interrupt; it resumes where that one stopped
-            participants.give_back_turns(turns)
-        raise

@@ -14,7 +14,7 @@ import pytest
 
 from coordinator import _combiner, _lane
 from coordinator._limits import CHUNK_REQUESTS_MAX
-from coordinator._turns import give_back_turns, take_turns
+from coordinator._taking import give_back_turns, take_turns
 from engine import Ledger, LedgerError, LedgerUnavailable, Transfer, TransferRequest
 from engine._tools_audit import verify
 from support import interrupt_after

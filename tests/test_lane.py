@@ -15,7 +15,8 @@ import pytest
 from coordinator import _coordinator, _lane, _turns
 from coordinator._limits import CHUNK_REQUESTS_BESIDE, CHUNK_REQUESTS_MAX
 from coordinator._state import Posting
-from coordinator._turns import decide_in_turn, give_back_turns, take_turns
+from coordinator._taking import give_back_turns, take_turns
+from coordinator._turns import decide_in_turn
 from engine import (
     InsufficientFunds,
     Ledger,

@@ -25,7 +25,7 @@ import pytest
 from coordinator import DebitStep, Refusal, _history
 from coordinator._participant import reservations
 from coordinator._postings import postings
-from coordinator._turns import give_back_turns, take_turns
+from coordinator._taking import give_back_turns, take_turns
 from coordinator._values import PENDING, SINGLE
 
 from engine import (

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from coordinator import Resolution, _combiner
-from coordinator._turns import decide_in_turn, give_back_turns, take_turns
+from coordinator._taking import give_back_turns, take_turns
+from coordinator._turns import decide_in_turn
 from coordinator._limits import CHUNK_REQUESTS_MAX
 from coordinator._sequencer import Sequencer
 from coordinator._values import Metadata, stamped_transfer
@@ -156,9 +157,9 @@ def test_entries_committed_meanwhile_to_an_account_in_turn_are_applied_before_it
 
 def test_a_pending_transfer_and_posts_in_turn_apply_what_waits_in_their_accounts_mailboxes_first(
         ledger_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """While a batch holds the turns of "a" and "b", credits to both and a pending transfer
-    toward "b" are decided in the mailboxes: their postings (entries, a hold) wait in those
-    mailboxes. Then, in turn, on their own paths (`Sequencer.stamp_pending` and
+    """While the test holds the turns of "a" and "b" (as a batch would), credits to both and a
+    pending transfer toward "b" are decided in the mailboxes: their postings (entries, a hold)
+    wait in those mailboxes. Then, in turn, on their own paths (`Sequencer.stamp_pending` and
     `stamp_resolution`, not the generic `stamp`): a pending transfer a -> b of all that "a"
     has available (the credit included), the post of an earlier pending transfer a -> b (its
     entries follow the credits' on both accounts) and the post of the one toward "b". Each
@@ -192,7 +193,7 @@ def test_a_pending_transfer_and_posts_in_turn_apply_what_waits_in_their_accounts
             meanwhile.join(WAIT_S)
             assert len(done) == 3  # durable, their postings to "a" and "b" still in the mailboxes
             assert (turns["a"].state[:2], turns["b"].state[:2], turns["b"].incoming) == ((1, 10), (0, 0), 4)
-            more = take_turns(coordinator, ["c"])
+            more = take_turns(coordinator, ["c"], wait_s=WAIT_S)  # once "c" has handled its own postings
             assert more is not None
             paths.clear()
             try:
