@@ -51,6 +51,7 @@ from journal import Behind, Journal, JournalError, crash_point
 from coordinator._account_opening import AccountOpening
 from coordinator._appends import Appending
 from coordinator._checkpoint_rows import CheckpointRows
+from coordinator._deadlines import Deadlines
 from coordinator._entering import expire, holds_expired
 from coordinator._entries import Unindexed, Joined, UnindexedEntries, first_key, hold_row_lsn, newest_checkpoint_lsn
 from coordinator._history import resolution_of
@@ -58,7 +59,6 @@ from coordinator._limits import (
     CHECKPOINT_ACCOUNTS_MAX,
     CHECKPOINT_RECORDS_INTERVAL,
     CLOSE_CHECKPOINT_ROWS,
-    DEADLINES_STALE_SLACK,
     EXPIRY_RECORD_IDS_MAX,
     UNINDEXED_ENTRIES_MAX,
 )
@@ -85,7 +85,7 @@ from coordinator._values import Request, TransferStatus
 logger = logging.getLogger("tally.coordinator")
 
 
-class Sequencer(AccountOpening, Appending):
+class Sequencer(AccountOpening, Appending, Deadlines):
     """Owns journal order. Every method is called with no lock held and returns at once,
     unless it says to hold `lock`. It is the `rules.Book` decisions read."""
 
@@ -129,19 +129,7 @@ class Sequencer(AccountOpening, Appending):
         """The open pending transfers: read freely (to route a post), written under `lock`."""
         self.last_timestamp = books.last_timestamp
         self.index_entries = books.index_entries
-        self._deadlines: list[tuple[int, str]] = [(p.deadline, p.id) for p in books.pending.values() if p.deadline]
-        """A heap of (deadline, id): every open pending transfer with a deadline has its own
-        here (pushed where it is stamped, `coordinator._stamps`), and stale ones may follow
-        (of pending transfers posted or voided since, or stamped in a record never queued),
-        which `expire` drops as they come due and `_compact_deadlines` before: the same list
-        object for the sequencer's life (`expire` holds it while it calls `_appended`)."""
-        heapq.heapify(self._deadlines)
-        self._deadlines_stale = 0
-        """How many of `_deadlines` are stale, counted where a post or a void of a pending
-        transfer with a deadline is stamped (forgotten again if its record is not queued,
-        `_undo_counts`) and where `expire` drops one; back to 0 once `_compact_deadlines` ran.
-        It only says when to compact, never what: an entry stale some other way (its record
-        refused) is not counted, and one dropped by `expire` may be such (so it never goes below 0)."""
+        self._set_up_deadlines(books.pending)
         self._journaled_timestamp = books.last_timestamp
         """The last stamp of a record queued (set as each is: `_append`, `_opened`, `expire`),
         which a checkpoint holds: `last_timestamp` may be past it (a read's `answered_at`, a
@@ -211,13 +199,16 @@ class Sequencer(AccountOpening, Appending):
         expiry record, 0 if none). `pin`: as for `commit`."""
         expired = last = 0
         with self.lock:
-            deadlines, pending = self._deadlines, self.pending
+            pending = self.pending
             cutoff = max(self.clock(), self.last_timestamp + 1)  # one reading: what is due by it expires
-            while deadlines:
+            while True:
                 now = max(cutoff, self.last_timestamp + 1)  # `timestamp`, spent only if a record is made
                 due: list[Pending] = []
-                while deadlines and deadlines[0][0] <= cutoff and len(due) < EXPIRY_RECORD_IDS_MAX:
-                    deadline, pending_id = heapq.heappop(deadlines)
+                while len(due) < EXPIRY_RECORD_IDS_MAX:
+                    entry = self._pop_due(cutoff)  # (the heaps, read again after each `_appended`)
+                    if entry is None:
+                        break
+                    deadline, pending_id = entry
                     found = pending.get(pending_id)
                     if found is not None and found.deadline == deadline:
                         due.append(found)
@@ -256,53 +247,12 @@ class Sequencer(AccountOpening, Appending):
                         raise
                     self.unindexed_holds.remove(holders)
                     for found in due:  # not expired after all: due again next time
-                        heapq.heappush(deadlines, (found.deadline, found.id))
+                        heapq.heappush(self._deadlines, (found.deadline, found.id))
                     raise
                 expired += len(ids)
                 last = lsn
                 self._appended()
         return expired, last
-
-    def next_deadline(self) -> int | None:
-        """The earliest deadline of an open pending transfer (or a stale one: a hint)."""
-        deadlines = self._deadlines
-        return deadlines[0][0] if deadlines else None
-
-    def _compact_deadlines(self) -> None:
-        """Rebuild `_deadlines` without its stale entries: those whose pending transfer is no
-        longer open (posted, voided, expired; or never entered: its record was not queued),
-        or is open with another deadline (its id's stamp in a record not queued, then retried).
-        Called by `_appended` once the stale ones counted outnumber the rest by
-        `DEADLINES_STALE_SLACK`: so the heap stays within about twice the open pending
-        transfers with a deadline plus that slack (plus what one chunk stamps before its
-        `_appended`, and the uncounted stale ones, one a pending transfer in a refused record),
-        and each rebuild, O(heap), costs O(1) a post or void counted since the one before.
-
-        Why it drops no live deadline: it keeps (deadline, id) exactly when `pending[id]` is
-        open with that deadline, so the only entry it could wrongly drop is that of a pending
-        transfer stamped (its deadline pushed) and not yet entered in `pending`. Each path
-        stamps and enters in one hold of `lock` (`Stamping.stamp` enters at once, but for
-        `commit`, which enters once the record is queued (`enter_stamped`), in the same hold;
-        a chunk in turn, `coordinator._turns`, whichever way it goes, the lane's and the
-        combiner's, enters each ticket as it stamps it; a chain's legs are stamped and entered
-        together; `expire` re-pushes only what it took out of the heap, all still open), and
-        each path calls `_appended` under that hold only after it entered all it stamped (a
-        record not queued never reaches `_appended`, nor is ever entered). `lock` is not
-        reentrant, so no other path is between a stamp and its entering meanwhile: at
-        `_appended` nothing stamped is unentered (`_unentered` empty: `_appended` checks it, since an
-        interrupt in the wrong place could leave one). The
-        heap built at open (`__init__`) holds exactly the open ones with a deadline. It is one
-        pass over the heap under `lock`: ~6 ms at 10,000 open pending transfers with a deadline,
-        ~1.2 s at a million (a helper's measure), once a million posts or voids there."""
-        pending = self.pending
-        kept: list[tuple[int, str]] = []
-        for entry in self._deadlines:
-            found = pending.get(entry[1])
-            if found is not None and found.deadline == entry[0]:
-                kept.append(entry)
-        heapq.heapify(kept)
-        self._deadlines[:] = kept  # in place (`expire` holds the list), in one step an interrupt cannot split
-        self._deadlines_stale = 0
 
     # --- appending (what every path that queues a record calls) ---------------------------
 
@@ -320,12 +270,12 @@ class Sequencer(AccountOpening, Appending):
         logged and tried again after the next record (the writer reports its own failure).
         Every path that queues a record calls it once it has handed over that record's
         postings (`delivered_lsn`), and it has entered everything it stamped: so the stale
-        deadlines are compacted here, if due (`_compact_deadlines`, which says why here)."""
+        deadlines are compacted here, a step at a time (`Deadlines._compact_deadlines`, which
+        says why here)."""
         self.delivered_lsn = self._journal.last_lsn
-        if self._deadlines_stale > DEADLINES_STALE_SLACK and (
-                2 * self._deadlines_stale > len(self._deadlines) + DEADLINES_STALE_SLACK) and not self._unentered[1]:
-            self._compact_deadlines()  # (a stamp left unentered: only an interrupt between a failed append and
+        if not self._unentered[1]:  # (a stamp left unentered: only an interrupt between a failed append and
             # `_not_appended` leaves one; its deadline could be dropped, so no compaction then, nor a failed write)
+            self._tidy_deadlines(records)
         self._since_checkpoint += records
         durable, indexed = self._journal.durable_lsn, self._journal.indexed_lsn
         self.unindexed.release(indexed)

@@ -5,7 +5,9 @@ is stamped; one posted or voided leaves it stale there, and before the heap was 
 stale one stayed until its deadline came (an hour's worth of posted pending transfers, say).
 These tests look at the heap itself, since what is at stake is memory: after many pending
 transfers are posted or voided it holds at most about twice the open ones plus
-`DEADLINES_STALE_SLACK` (`Sequencer._compact_deadlines`), while pending transfers left open,
+`DEADLINES_STALE_SLACK` once a compaction is through (`Deadlines._compact_deadlines`, which
+moves the live entries to a new heap a step at a time: `_draining` holds the rest of the old
+one meanwhile), while pending transfers left open,
 made on every path (in turn, in a batch, in the mailboxes, in a chain) and compacted around,
 still expire exactly at their deadlines. The ledgers run on a clock the test moves, so no
 expirer thread runs behind the test's back.
@@ -21,10 +23,11 @@ from pathlib import Path
 import pytest
 from support import NS_PER_S, Clock, audit_of
 
+import coordinator._deadlines
 import coordinator._sequencer
 from coordinator import INDEX_NAMES, Resolution
 from coordinator._batch import Batch
-from coordinator._limits import DEADLINES_STALE_SLACK
+from coordinator._limits import CHUNK_REQUESTS_MAX, DEADLINES_STALE_SLACK
 from coordinator._rules import Refusal
 from coordinator._sequencer import Sequencer
 from coordinator._state import Projection
@@ -60,7 +63,8 @@ def status_of(ledger: Ledger, transfer_id: str) -> str:
 
 
 def heap_of(ledger: Ledger) -> list[tuple[int, str]]:
-    return ledger._sequencer._deadlines
+    """Every entry of the deadline heaps: the new one's, and the old one's a compaction is draining."""
+    return ledger._sequencer._deadlines + ledger._sequencer._draining
 
 
 def open_with_deadline(ledger: Ledger) -> int:
@@ -68,8 +72,9 @@ def open_with_deadline(ledger: Ledger) -> int:
 
 
 def assert_heap_bounded(ledger: Ledger, slack: int) -> None:
-    """What `Sequencer._compact_deadlines` promises once every record is through `_appended`
-    (and none was refused): the stale entries at most the live ones plus the slack."""
+    """What `Deadlines._compact_deadlines` promises once every record is through `_appended`
+    (and none was refused) and its compaction is through: the stale entries at most the live
+    ones plus the slack."""
     with ledger._sequencer.lock:
         live, held = open_with_deadline(ledger), len(heap_of(ledger))
         assert held <= 2 * live + slack, (held, live, slack)
@@ -128,7 +133,7 @@ def test_pending_transfers_left_open_on_every_path_expire_at_their_deadlines_aft
     after pending transfers were stamped and entered on each path (the `_appended` of their
     own record among them); each one left open must still expire at its deadline, no sooner
     and no later, and more churn between two expiries compacts around those still open."""
-    monkeypatch.setattr(coordinator._sequencer, "DEADLINES_STALE_SLACK", 2)
+    monkeypatch.setattr(coordinator._deadlines, "DEADLINES_STALE_SLACK", 2)
     coordinator_ = books._coordinator
     keepers: dict[str, int] = {}  # id -> deadline
     churned = 0
@@ -199,13 +204,65 @@ def test_pending_transfers_left_open_on_every_path_expire_at_their_deadlines_aft
     assert books.balance("alice") == Balance(FUNDING - churned // 3 * 2, 0, FUNDING - churned // 3 * 2, 0)
 
 
+def test_a_compaction_larger_than_a_step_spreads_over_the_records_after_it_and_drops_no_live_deadline(
+        books: Ledger, clock: Clock, monkeypatch: pytest.MonkeyPatch, compactions: list[int]) -> None:
+    """With steps of 4 entries (and twice the records) a compaction of hundreds of entries
+    moves a few each time a record is queued, while pending transfers are made, posted and
+    expired meanwhile; each step is that small, the two heaps always hold every open
+    deadline, none is dropped, and each pending transfer left open expires exactly at its
+    deadline, among them those made and those expired while the old heap was draining."""
+    monkeypatch.setattr(coordinator._deadlines, "DEADLINES_STALE_SLACK", 8)
+    monkeypatch.setattr(coordinator._deadlines, "DEADLINES_DRAIN_STEP", 4)
+    steps: list[int] = []
+    real = Sequencer._drain_deadlines
+
+    def step(self: Sequencer, size: int) -> None:
+        steps.append(size)
+        real(self, size)
+
+    monkeypatch.setattr(Sequencer, "_drain_deadlines", step)
+    keepers: dict[str, int] = {}  # id -> deadline
+    made = books.transfer_many([TransferRequest(f"p-{n}", "alice", "bob", 1, pending=True,
+                                                timeout_s=100 + n % 50) for n in range(300)])
+    for n, transfer in enumerate(made):
+        assert isinstance(transfer, Transfer)
+        if n % 5 == 0:  # left open
+            keepers[transfer.id] = transfer.timestamp + transfer.timeout_s * NS_PER_S  # type: ignore[operator]
+    drained_while_open = False
+    for n in range(300):
+        if n % 5:
+            books.post_pending(f"post-{n}", pending_id=f"p-{n}")
+        if books._sequencer._draining:
+            drained_while_open = True
+            if n % 7 == 0:  # one more made while the old heap drains, left open
+                fresh = books.transfer(f"fresh-{n}", source="alice", destination="bob", amount=1, pending=True,
+                                       timeout_s=100)
+                keepers[fresh.id] = fresh.timestamp + 100 * NS_PER_S
+        with books._sequencer.lock:  # never a live deadline missing, mid-compaction or not
+            live = {(p.deadline, p.id) for p in books._sequencer.pending.values() if p.deadline}
+            assert live <= set(heap_of(books))
+    assert compactions and drained_while_open
+    assert len(steps) > 10 and max(steps) <= 4 + 2 * CHUNK_REQUESTS_MAX, steps  # records: a chunk's at most
+    while books._sequencer._draining:  # the compaction under way goes on with each record
+        books.transfer(f"t-{len(steps)}", source="alice", destination="bob", amount=1)
+    assert_heap_bounded(books, 8)
+    for tid, deadline in sorted(keepers.items(), key=lambda item: item[1]):
+        clock.now_ns = deadline - 1
+        books.expire_pending()
+        assert status_of(books, tid) == "pending", tid
+        clock.now_ns = deadline
+        books.expire_pending()
+        assert status_of(books, tid) == "expired", tid
+    assert open_with_deadline(books) == 0
+
+
 def test_an_expiry_that_compacts_the_heap_between_its_records_expires_everything_due(
         books: Ledger, clock: Clock, monkeypatch: pytest.MonkeyPatch, compactions: list[int]) -> None:
     """`expire` holds the heap while it journals record after record, and each record's
     `_appended` may compact it (the live entries it expired leave the stale ones the
     majority): the compaction rebuilds that same list, so the expiry goes on with what is
     still due, and the pending transfers not due stay."""
-    monkeypatch.setattr(coordinator._sequencer, "DEADLINES_STALE_SLACK", 2)
+    monkeypatch.setattr(coordinator._deadlines, "DEADLINES_STALE_SLACK", 2)
     monkeypatch.setattr(coordinator._sequencer, "EXPIRY_RECORD_IDS_MAX", 3)
     due = [books.transfer(f"due-{n}", source="alice", destination="bob", amount=1, pending=True, timeout_s=10).id
            for n in range(10)]
@@ -232,7 +289,7 @@ def test_a_chain_decided_in_the_mailboxes_keeps_the_deadline_it_stamped_through_
     heap into compacting: that must happen once the chain was entered (`_appended`), or the
     new pending transfer's deadline, not yet in `pending`, would be dropped and it would
     never expire. The sequencer runs alone here, on a journal of its own."""
-    monkeypatch.setattr(coordinator._sequencer, "DEADLINES_STALE_SLACK", 0)
+    monkeypatch.setattr(coordinator._deadlines, "DEADLINES_STALE_SLACK", 0)
     clock = Clock()
     journal = Journal.open(tmp_path / "journal", index_names=INDEX_NAMES)
     try:
@@ -275,7 +332,7 @@ def test_concurrent_pending_transfers_posted_voided_and_left_all_resolve_and_con
     what is due; the heap compacts meanwhile (a slack of 8). At the end the heap is within its
     bound, and once the clock passes every deadline, each one left open has expired, each
     resolved one kept its resolution, nothing is held, and the books balance."""
-    monkeypatch.setattr(coordinator._sequencer, "DEADLINES_STALE_SLACK", 8)
+    monkeypatch.setattr(coordinator._deadlines, "DEADLINES_STALE_SLACK", 8)
     clock = Clock()
     clients, operations = 6, 60
     names = [f"acct-{n}" for n in range(8)]
@@ -365,7 +422,7 @@ def test_a_stamp_left_unentered_by_an_interrupt_puts_compaction_off_and_fails_no
     """Only an interrupt between a failed append and `_not_appended` leaves a stamp unentered
     (`_unentered`): its deadline could be dropped, so the heap is not compacted then, and the
     writes go on (an assertion there had failed every later write until a reopen)."""
-    monkeypatch.setattr(coordinator._sequencer, "DEADLINES_STALE_SLACK", 2)
+    monkeypatch.setattr(coordinator._deadlines, "DEADLINES_STALE_SLACK", 2)
     made = books.transfer_many([TransferRequest(f"p-{n}", "alice", "bob", 1, pending=True, timeout_s=HOUR_S)
                                 for n in range(8)])
     assert all(isinstance(transfer, Transfer) for transfer in made)
