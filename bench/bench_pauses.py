@@ -1,0 +1,117 @@
+"""Pauses while many open pending transfers are posted: what a transfer beside them waits out.
+
+    python bench/bench_pauses.py [--pending 300000] [--tree PATH] [--json out.json]
+
+One ledger, 100 accounts and a bank. `--pending` pending transfers with a timeout of an hour
+are made in batches of 1,000 (`transfer_many`), then posted in batches of 1,000 while a probe
+thread makes one single transfer every millisecond. Printed: the posts' rate; the probe's
+latency (p50, p99, longest); and, timed around the sequencer's own steps, under its lock
+(every transfer waits for those): the longest and the total of its checkpoints (each holds
+every open pending transfer) and of the deadline heap's compaction (`coordinator._deadlines`,
+or, in a tree from before it, the one-pass `Sequencer._compact_deadlines`). `--tree` runs
+another checkout's engine (a module it lacks is not taken from this one: checked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+BATCH = 1_000
+PROBE_EVERY_S = 0.001
+TIMED = ("checkpoint", "_compact_deadlines", "_drain_deadlines")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pending", type=int, default=300_000)
+    parser.add_argument("--tree", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    tree = os.path.abspath(args.tree)
+    sys.path.insert(0, tree)
+    import coordinator
+    import coordinator._sequencer as sequencer_module
+    from coordinator import Resolution
+    from engine import Ledger, Transfer, TransferRequest
+
+    assert os.path.dirname(os.path.dirname(os.path.abspath(coordinator.__file__))) == tree, coordinator.__file__
+    spent: dict[str, list[float]] = defaultdict(list)
+    for name in TIMED:  # wrapped on the class that has it, so a base class's is timed too
+        real = getattr(sequencer_module.Sequencer, name, None)
+        if real is None:
+            continue
+
+        def timed(self: Any, *pos: Any, _real: Any = real, _name: str = name, **kw: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return _real(self, *pos, **kw)
+            finally:
+                spent[_name].append(time.perf_counter() - started)
+
+        setattr(sequencer_module.Sequencer, name, timed)
+
+    count = args.pending - args.pending % BATCH
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TALLY_BENCH_DIR")) as directory:
+        with Ledger.open(os.path.join(directory, "ledger")) as ledger:
+            ledger.create_account("bank", currency="USD", overdraft_limit=None)
+            names = [f"a{n}" for n in range(100)]
+            for name in names:
+                ledger.create_account(name, currency="USD", overdraft_limit=None)
+            print(f"making {count:,} pending transfers...", flush=True)
+            for first in range(0, count, BATCH):
+                made = ledger.transfer_many([TransferRequest(f"p{k}", "bank", names[k % 100], 1, pending=True,
+                                                             timeout_s=3600) for k in range(first, first + BATCH)])
+                assert all(isinstance(transfer, Transfer) for transfer in made), made[0]
+            spent.clear()
+            latencies: list[float] = []
+            stop = threading.Event()
+
+            def probe() -> None:
+                n = 0
+                while not stop.is_set():
+                    started = time.perf_counter()
+                    ledger.transfer(f"probe-{n}", source=names[n % 100], destination=names[(n + 1) % 100], amount=1)
+                    latencies.append(time.perf_counter() - started)
+                    n += 1
+                    stop.wait(PROBE_EVERY_S)
+
+            prober = threading.Thread(target=probe, daemon=True)
+            prober.start()
+            started = time.perf_counter()
+            for first in range(0, count, BATCH):
+                posted = ledger._decide_many([Resolution(f"q{k}", f"p{k}") for k in range(first, first + BATCH)])
+                assert all(isinstance(transfer, Transfer) for transfer in posted), posted[0]
+            elapsed = time.perf_counter() - started
+            stop.set()
+            prober.join(60)
+            assert not prober.is_alive(), "the probe did not stop"
+    latencies.sort()
+    report = {
+        "tree": tree, "pending": count, "posts_per_s": count / elapsed,
+        "probe": {"transfers": len(latencies), "p50_ms": statistics.median(latencies) * 1e3,
+                  "p99_ms": latencies[int(0.99 * (len(latencies) - 1))] * 1e3, "max_ms": latencies[-1] * 1e3},
+        "steps": {name: {"calls": len(values), "longest_ms": max(values) * 1e3, "total_ms": sum(values) * 1e3}
+                  for name, values in spent.items() if values},
+    }
+    print(f"tree {tree}: {count:,} pending transfers posted at {report['posts_per_s']:,.0f}/s")
+    probe_ = report["probe"]
+    print(f"  probe: {probe_['transfers']:,} transfers, p50 {probe_['p50_ms']:.2f} ms, p99 {probe_['p99_ms']:.1f} ms, "
+          f"longest {probe_['max_ms']:.1f} ms")
+    for name, step in report["steps"].items():
+        print(f"  {name}: {step['calls']:,} calls, longest {step['longest_ms']:.1f} ms, total {step['total_ms']:.0f} ms")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(report, out, indent=1)
+
+
+if __name__ == "__main__":
+    main()
