@@ -5,11 +5,12 @@ Every pending transfer with a timeout pushes (deadline, id) onto a heap as it is
 drops stale ones as they come due. Left alone, an hour's timeouts would keep an hour of posted
 pending transfers; so once the stale ones counted outnumber the rest by
 `DEADLINES_STALE_SLACK`, the heap is compacted: the live entries move to a new heap. A
-rebuild in one go is one pass over the heap under the sequencer's lock, ~0.4 s at 300,000
-open pending transfers with a deadline (`bench/README.md`), a pause every transfer waits out;
-so it moves `DEADLINES_DRAIN_STEP` entries (and twice the records) a time, each time a record
-is queued (`Sequencer._appended`). `Deadlines` is the sequencer's base class that keeps them;
-every method is called with the sequencer's lock held.
+rebuild in one go is one pass over the heap under the sequencer's lock, 0.16-0.2 s at 300,000
+open pending transfers with a deadline (`bench/README.md`, "The deadline heap compacted a step
+at a time"), a pause every transfer waits out; so it moves `DEADLINES_DRAIN_STEP` entries (and
+twice the records) a time, each time a record is queued (`Sequencer._appended`). `Deadlines` is
+the sequencer's base class that keeps them; every method is called with the sequencer's lock
+held, but `next_deadline`, a hint.
 """
 
 from __future__ import annotations
@@ -53,19 +54,24 @@ class Deadlines:
         self._deadlines_stale = 0
 
     def next_deadline(self) -> int | None:
-        """The earliest deadline of an open pending transfer (or a stale one: a hint)."""
+        """The earliest deadline of an open pending transfer (or a stale one: a hint). Also
+        read without the lock (the expirer's wait): a heap emptied meanwhile reads None."""
         heap, draining = self._deadlines, self._draining
-        if draining and (not heap or draining[0] < heap[0]):
-            heap = draining
-        return heap[0][0] if heap else None
+        try:
+            if draining and (not heap or draining[0] < heap[0]):
+                heap = draining
+            return heap[0][0] if heap else None
+        except IndexError:
+            return None
 
-    def _pop_due(self, cutoff: int) -> Deadline | None:
-        """Take the earliest entry off the heaps if it is due by `cutoff` (else None): live or stale."""
+    def _due_top(self, cutoff: int) -> tuple[list[Deadline], Deadline] | None:
+        """The heap whose top is the earliest entry, and that entry, if it is due by `cutoff`
+        (live or stale); else None. The caller pops it once it has taken what it needs."""
         heap, draining = self._deadlines, self._draining
         if draining and (not heap or draining[0] < heap[0]):
             heap = draining
         if heap and heap[0][0] <= cutoff:
-            return heapq.heappop(heap)
+            return heap, heap[0]
         return None
 
     def _tidy_deadlines(self, records: int) -> None:
@@ -83,7 +89,7 @@ class Deadlines:
         counted outnumber the rest by `DEADLINES_STALE_SLACK`: so the two heaps stay within about
         three times the open pending transfers with a deadline plus that slack (a step moves at
         least twice what the records since the last pushed, for a record of one request), and
-        each entry moved costs O(log heap), O(1) a post or void counted since the last compaction.
+        a compaction costs, amortised, O(log heap) a post or void counted since the last one.
 
         Why it drops no live deadline: a step keeps (deadline, id) exactly when `pending[id]` is
         open with that deadline, so the only entry it could wrongly drop is that of a pending
@@ -101,8 +107,9 @@ class Deadlines:
         exactly the open ones with a deadline. An interrupt cannot lose an entry either: the
         old heap becomes `_draining` before `_deadlines` is replaced (in between both are the
         same list, which the next step puts right), and a step pushes its entries onto the new heap
-        before it takes them off the old (in between they are in both: the second copy, stale
-        once the first expires it, is dropped as any stale one)."""
+        before it takes them off the old: in between they are in both, and the next step pushes
+        them again. Such copies of an entry are equal, so they come due together, and `expire`
+        takes each id once (the second copy, in the same record's batch, is dropped as stale)."""
         self._draining = self._deadlines
         self._deadlines = []
         self._deadlines_stale = 0

@@ -140,8 +140,9 @@ open pending transfers with a deadline, plus this, and a small ledger is not reb
 
 DEADLINES_DRAIN_STEP = 512
 """Entries of the old deadline heap a compaction moves to the new one each time a record is
-queued, plus twice the records (`coordinator._deadlines`): ~0.3 ms, where a rebuild in one go
-paused every transfer ~0.4 s at 300,000 open pending transfers with a deadline."""
+queued, plus twice the records (`coordinator._deadlines`): 0.3-5 ms a step (a chunk of 256
+records makes it 1,024 entries), where a rebuild in one go paused every transfer 0.16-0.2 s at
+300,000 open pending transfers with a deadline (`bench/README.md`)."""
 
 SNAPSHOT_AGE_S_DEFAULT = 60.0
 """How long a snapshot answers by default (`Ledger.snapshot(max_age_s=...)`)."""

@@ -204,30 +204,36 @@ class Sequencer(AccountOpening, Appending, Deadlines):
             while True:
                 now = max(cutoff, self.last_timestamp + 1)  # `timestamp`, spent only if a record is made
                 due: list[Pending] = []
-                while len(due) < EXPIRY_RECORD_IDS_MAX:
-                    entry = self._pop_due(cutoff)  # (the heaps, read again after each `_appended`)
-                    if entry is None:
-                        break
-                    deadline, pending_id = entry
-                    found = pending.get(pending_id)
-                    if found is not None and found.deadline == deadline:
-                        due.append(found)
-                    elif self._deadlines_stale:  # a stale one gone (perhaps not one counted)
-                        self._deadlines_stale -= 1
-                if not due:
-                    break
-                self.last_timestamp = now
-                lsn = self._journal.last_lsn + 1
-                ids = [found.id for found in due]
-                index: list[bytes] = []
-                key_lsn = lsn_value(lsn)
-                for pending_id in ids:
-                    index += (resolution_key(pending_id), key_lsn)
                 holders: list[str] = []
-                holds: list[bytes] = []
-                self._hold_rows(holds_expired(due, self.held, self.incoming), key_lsn, holders, holds)
-                self.unindexed_holds.add(holders, holds)
-                try:
+                lsn = 0
+                added = False
+                try:  # (an interrupt anywhere before the record is queued: what it took is due again)
+                    taken: set[str] = set()
+                    while len(due) < EXPIRY_RECORD_IDS_MAX:
+                        top = self._due_top(cutoff)  # (the heaps, read again after each `_appended`)
+                        if top is None:
+                            break
+                        heap, (deadline, pending_id) = top
+                        found = pending.get(pending_id)
+                        if found is not None and found.deadline == deadline and pending_id not in taken:
+                            due.append(found)
+                            taken.add(pending_id)  # (a second copy of an entry: see `Deadlines._compact_deadlines`)
+                        elif self._deadlines_stale:  # a stale one gone (perhaps not one counted)
+                            self._deadlines_stale -= 1
+                        heapq.heappop(heap)  # only once `due` holds it: an interrupt leaves a copy, never none
+                    if not due:
+                        break
+                    self.last_timestamp = now
+                    lsn = self._journal.last_lsn + 1
+                    ids = [found.id for found in due]
+                    index: list[bytes] = []
+                    key_lsn = lsn_value(lsn)
+                    for pending_id in ids:
+                        index += (resolution_key(pending_id), key_lsn)
+                    holds: list[bytes] = []
+                    self._hold_rows(holds_expired(due, self.held, self.incoming), key_lsn, holders, holds)
+                    self.unindexed_holds.add(holders, holds)
+                    added = True
                     appended = self._journal.append_block([encode([EXPIRY3, now, ids])],
                                                           self._marked({TRANSFERS_INDEX: index}, lsn), [None])
                     self._journaled_timestamp = now
@@ -242,10 +248,11 @@ class Sequencer(AccountOpening, Appending, Deadlines):
                     expire(self, ids)
                     deliver([posting for found in due for posting in releasing_hold(found, lsn)])
                 except BaseException as error:
-                    if self._journal.last_lsn >= lsn:  # queued (a bug, or an interrupt, after): memory is behind it
+                    if lsn and self._journal.last_lsn >= lsn:  # queued (a bug, or an interrupt, after): memory is behind it
                         self.broken(error)
                         raise
-                    self.unindexed_holds.remove(holders)
+                    if added:
+                        self.unindexed_holds.remove(holders)
                     for found in due:  # not expired after all: due again next time
                         heapq.heappush(self._deadlines, (found.deadline, found.id))
                     raise

@@ -15,13 +15,16 @@ expirer thread runs behind the test's back.
 
 from __future__ import annotations
 
+import heapq
 import random
 import threading
+import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import NS_PER_S, Clock, audit_of
+from support import NS_PER_S, Clock, audit_of, interrupt_after
 
 import coordinator._deadlines
 import coordinator._sequencer
@@ -258,9 +261,9 @@ def test_a_compaction_larger_than_a_step_spreads_over_the_records_after_it_and_d
 
 def test_an_expiry_that_compacts_the_heap_between_its_records_expires_everything_due(
         books: Ledger, clock: Clock, monkeypatch: pytest.MonkeyPatch, compactions: list[int]) -> None:
-    """`expire` holds the heap while it journals record after record, and each record's
-    `_appended` may compact it (the live entries it expired leave the stale ones the
-    majority): the compaction rebuilds that same list, so the expiry goes on with what is
+    """`expire` journals record after record, and each record's `_appended` may compact the
+    heap (the live entries it expired leave the stale ones the majority): the expiry reads the
+    heaps again after each, so it goes on with what is
     still due, and the pending transfers not due stay."""
     monkeypatch.setattr(coordinator._deadlines, "DEADLINES_STALE_SLACK", 2)
     monkeypatch.setattr(coordinator._sequencer, "EXPIRY_RECORD_IDS_MAX", 3)
@@ -437,3 +440,98 @@ def test_a_stamp_left_unentered_by_an_interrupt_puts_compaction_off_and_fails_no
         sequencer._unentered = left
     books.transfer("after", source="alice", destination="bob", amount=1)
     assert compactions and len(heap_of(books)) <= 2
+
+
+def _interrupted_mid_step(ledger_path: Path, monkeypatch: pytest.MonkeyPatch, clock: Clock) -> Ledger:
+    """A ledger whose compaction's next step is interrupted right after its first push: that
+    entry is then in both heaps, and the next step pushes it again (two equal copies)."""
+    monkeypatch.setattr(coordinator._deadlines, "DEADLINES_STALE_SLACK", 2)
+    monkeypatch.setattr(coordinator._deadlines, "DEADLINES_DRAIN_STEP", 4)
+    ledger = Ledger.open(ledger_path, clock_ns=clock)
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    ledger.create_account("bob", currency="USD")
+    made = ledger.transfer_many([TransferRequest(f"p-{n}", "bank", "bob", 1, pending=True, timeout_s=100)
+                                 for n in range(40)])
+    assert all(isinstance(transfer, Transfer) for transfer in made)
+    sequencer, n = ledger._sequencer, 0
+    while not sequencer._draining:  # posts until a compaction starts
+        ledger.post_pending(f"post-{n}", pending_id=f"p-{n}")
+        n += 1
+    pushes = [0]
+
+    def heappush(heap: list[tuple[int, str]], item: tuple[int, str]) -> None:  # an interrupt after the first push
+        heapq.heappush(heap, item)
+        pushes[0] += 1
+        if pushes[0] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(coordinator._deadlines, "heapq", types.SimpleNamespace(heappush=heappush))
+    with pytest.raises(KeyboardInterrupt):
+        ledger.transfer("plain-1", source="bank", destination="bob", amount=1)  # queued; its `_appended` steps
+    monkeypatch.setattr(coordinator._deadlines, "heapq", heapq)
+    both = sequencer._deadlines + sequencer._draining
+    assert any(both.count(entry) > 1 for entry in both)  # a live entry twice
+    ledger.transfer("plain-2", source="bank", destination="bob", amount=1)  # the ledger writes on
+    clock.advance(200)
+    return ledger
+
+
+def test_an_entry_an_interrupted_step_left_twice_expires_once(ledger_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both copies come due together; the expiry takes the id once (before, twice: the
+    expiry's record named it twice, and writes stopped until a reopen)."""
+    clock = Clock()
+    ledger = _interrupted_mid_step(ledger_path, monkeypatch, clock)
+    try:
+        still_open = len(ledger._sequencer.pending)
+        assert still_open and ledger.expire_pending() == still_open
+        assert not ledger._sequencer.pending
+        assert all(status_of(ledger, f"p-{n}") in ("posted", "expired") for n in range(40))
+        ledger.transfer("plain-3", source="bank", destination="bob", amount=1)  # writes go on
+    finally:
+        ledger.close()
+    assert audit_of(ledger_path).whole
+
+
+def test_an_entry_left_twice_expires_once_even_when_the_writer_takes_the_record_first(
+        ledger_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same, with the writer given time to make the expiry's record durable before the
+    expiry moves memory: the journal reopens (before: "ids repeated", damage)."""
+    clock = Clock()
+    ledger = _interrupted_mid_step(ledger_path, monkeypatch, clock)
+    real_point = coordinator._sequencer.crash_point
+
+    def switch(name: str) -> None:
+        if name == "during-expiry":
+            time.sleep(0.05)
+        real_point(name)
+
+    monkeypatch.setattr(coordinator._sequencer, "crash_point", switch)
+    try:
+        ledger.expire_pending()
+    finally:
+        ledger.close()
+    with Ledger.open(ledger_path, clock_ns=clock) as again:
+        assert not again._sequencer.pending
+    assert audit_of(ledger_path).whole
+
+
+def test_an_interrupt_in_an_expiry_before_its_record_is_queued_leaves_what_it_took_due(
+        ledger_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interrupt lands after the due entries were taken off the heap, before the record:
+    nothing is written, writes go on, and they expire at the next expiry (before, they were
+    dropped: pending until a reopen)."""
+    clock = Clock()
+    with Ledger.open(ledger_path, clock_ns=clock) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("bob", currency="USD")
+        ledger.transfer("p-1", source="bank", destination="bob", amount=1, pending=True, timeout_s=10)
+        clock.advance(20)
+        interrupt_after(monkeypatch, coordinator._sequencer, "holds_expired")
+        with pytest.raises(KeyboardInterrupt):
+            ledger.expire_pending()
+        assert status_of(ledger, "p-1") == "pending"
+        ledger.transfer("plain", source="bank", destination="bob", amount=1)  # writes go on
+        assert ledger.expire_pending() == 1
+        assert status_of(ledger, "p-1") == "expired"
+    assert audit_of(ledger_path).whole
