@@ -317,7 +317,7 @@ class Sequencer(AccountOpening, Appending, Deadlines):
         """
         assert self.lock.locked()
         rows, previous, sweep_next, total = self.rows.next(self.unindexed.current, whole)
-        pendings = [list(pending) for pending in self.pending.values()]
+        pendings = list(self.pending.values())  # packed as lists are: a list each made here cost ~1 us (the collector)
         lsn = self._journal.last_lsn + 1
         index: dict[str, list[bytes]] = {CHECKPOINTS_INDEX: [lsn_value(lsn), b""]}
         carried = Joined(sorted(self.unindexed.ordered_parts() + self.unindexed_holds.ordered_parts(), key=first_key))
