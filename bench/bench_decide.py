@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = ("single", "pending", "post")
@@ -57,7 +58,7 @@ def child(tree: str, rounds: int, chunk: int) -> dict[str, list[float]]:
             for round_ in range(rounds):
                 for kind in KINDS:
                     if kind == "post":
-                        requests: list = [Resolution(f"q{round_}-{k}", f"p{round_}-{k}") for k in range(chunk)]
+                        requests: list[Any] = [Resolution(f"q{round_}-{k}", f"p{round_}-{k}") for k in range(chunk)]
                     else:
                         requests = [TransferRequest(f"{kind[0]}{round_}-{k}", *rng.sample(names, 2), 1,
                                                     pending=kind == "pending", timeout_s=3600 if kind == "pending" else None)
@@ -78,7 +79,17 @@ def child(tree: str, rounds: int, chunk: int) -> dict[str, list[float]]:
                         coordinator.decided(ticket)
         finally:
             ledger.close()
+    from_tree(tree)
     return spent
+
+
+def from_tree(tree: str) -> None:
+    """Every module of the engine this process loaded is the tree's (an editable install of
+    another checkout supplies the modules a tree lacks: a run mixing two would measure neither)."""
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] in ("coordinator", "engine", "journal"):
+            where = os.path.abspath(getattr(module, "__file__", None) or tree)
+            assert where.startswith(tree + os.sep), f"{name} came from {where}, not {tree}"
 
 
 def main() -> None:

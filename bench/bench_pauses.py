@@ -4,12 +4,13 @@
 
 One ledger, 100 accounts and a bank. `--pending` pending transfers with a timeout of an hour
 are made in batches of 1,000 (`transfer_many`), then posted in batches of 1,000 while a probe
-thread makes one single transfer every millisecond. Printed: the posts' rate; the probe's
+thread makes single transfers one after another, a millisecond apart. Printed: the posts' rate; the probe's
 latency (p50, p99, longest); and, timed around the sequencer's own steps, under its lock
 (every transfer waits for those): the longest and the total of its checkpoints (each holds
 every open pending transfer) and of the deadline heap's compaction (`coordinator._deadlines`,
 or, in a tree from before it, the one-pass `Sequencer._compact_deadlines`). `--tree` runs
-another checkout's engine (a module it lacks is not taken from this one: checked).
+another checkout's engine (every module of the engine loaded is checked to be that tree's).
+A compaction's first step runs inside its start, so its time is in both totals: do not add them.
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ from typing import Any
 BATCH = 1_000
 PROBE_EVERY_S = 0.001
 TIMED = ("checkpoint", "_compact_deadlines", "_drain_deadlines")
+
+
+def from_tree(tree: str) -> None:
+    """Every module of the engine this process loaded is the tree's (an editable install of
+    another checkout supplies the modules a tree lacks: a run mixing two would measure neither)."""
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] in ("coordinator", "engine", "journal"):
+            where = os.path.abspath(getattr(module, "__file__", None) or tree)
+            assert where.startswith(tree + os.sep), f"{name} came from {where}, not {tree}"
 
 
 def main() -> None:
@@ -73,16 +83,21 @@ def main() -> None:
                 assert all(isinstance(transfer, Transfer) for transfer in made), made[0]
             spent.clear()
             latencies: list[float] = []
+            failures: list[BaseException] = []
             stop = threading.Event()
 
             def probe() -> None:
                 n = 0
-                while not stop.is_set():
-                    started = time.perf_counter()
-                    ledger.transfer(f"probe-{n}", source=names[n % 100], destination=names[(n + 1) % 100], amount=1)
-                    latencies.append(time.perf_counter() - started)
-                    n += 1
-                    stop.wait(PROBE_EVERY_S)
+                try:
+                    while not stop.is_set():
+                        started = time.perf_counter()
+                        ledger.transfer(f"probe-{n}", source=names[n % 100], destination=names[(n + 1) % 100],
+                                        amount=1)
+                        latencies.append(time.perf_counter() - started)
+                        n += 1
+                        stop.wait(PROBE_EVERY_S)
+                except BaseException as error:  # reported below: a bench that hides a failure lies
+                    failures.append(error)
 
             prober = threading.Thread(target=probe, daemon=True)
             prober.start()
@@ -94,6 +109,8 @@ def main() -> None:
             stop.set()
             prober.join(60)
             assert not prober.is_alive(), "the probe did not stop"
+            assert not failures, f"the probe failed: {failures[0]!r}"
+    from_tree(tree)
     latencies.sort()
     report = {
         "tree": tree, "pending": count, "posts_per_s": count / elapsed,

@@ -5,10 +5,10 @@ Every pending transfer with a timeout pushes (deadline, id) onto a heap as it is
 drops stale ones as they come due. Left alone, an hour's timeouts would keep an hour of posted
 pending transfers; so once the stale ones counted outnumber the rest by
 `DEADLINES_STALE_SLACK`, the heap is compacted: the live entries move to a new heap. A
-rebuild in one go is one pass over the heap under the sequencer's lock, 0.16-0.2 s at 300,000
+rebuild in one go is one pass over the heap under the sequencer's lock, 0.13-0.2 s at 300,000
 open pending transfers with a deadline (`bench/README.md`, "The deadline heap compacted a step
 at a time"), a pause every transfer waits out; so it moves `DEADLINES_DRAIN_STEP` entries (and
-twice the records) a time, each time a record is queued (`Sequencer._appended`). `Deadlines` is
+twice the records, up to three steps' worth) a time, each time a record is queued (`Sequencer._appended`). `Deadlines` is
 the sequencer's base class that keeps them; every method is called with the sequencer's lock
 held, but `next_deadline`, a hint.
 """
@@ -56,13 +56,15 @@ class Deadlines:
     def next_deadline(self) -> int | None:
         """The earliest deadline of an open pending transfer (or a stale one: a hint). Also
         read without the lock (the expirer's wait): a heap emptied meanwhile reads None."""
-        heap, draining = self._deadlines, self._draining
-        try:
-            if draining and (not heap or draining[0] < heap[0]):
-                heap = draining
-            return heap[0][0] if heap else None
-        except IndexError:
-            return None
+        for _ in range(3):  # a heap emptied meanwhile (the old one's last step, an expiry): read again
+            heap, draining = self._deadlines, self._draining
+            try:
+                if draining and (not heap or draining[0] < heap[0]):
+                    heap = draining
+                return heap[0][0] if heap else None
+            except IndexError:
+                continue
+        return None
 
     def _due_top(self, cutoff: int) -> tuple[list[Deadline], Deadline] | None:
         """The heap whose top is the earliest entry, and that entry, if it is due by `cutoff`
@@ -77,8 +79,8 @@ class Deadlines:
     def _tidy_deadlines(self, records: int) -> None:
         """After `records` records were queued and everything stamped was entered: a step of
         the compaction under way, or a compaction started if it is due (`_compact_deadlines`)."""
-        if self._draining:
-            self._drain_deadlines(DEADLINES_DRAIN_STEP + 2 * records)
+        if self._draining:  # (records beyond a step's worth count as that: most push no deadline)
+            self._drain_deadlines(DEADLINES_DRAIN_STEP + 2 * min(records, DEADLINES_DRAIN_STEP))
         elif self._deadlines_stale > DEADLINES_STALE_SLACK and (
                 2 * self._deadlines_stale > len(self._deadlines) + DEADLINES_STALE_SLACK):
             self._compact_deadlines()
@@ -109,7 +111,8 @@ class Deadlines:
         same list, which the next step puts right), and a step pushes its entries onto the new heap
         before it takes them off the old: in between they are in both, and the next step pushes
         them again. Such copies of an entry are equal, so they come due together, and `expire`
-        takes each id once (the second copy, in the same record's batch, is dropped as stale)."""
+        takes each id once (the second copy, in this record's batch or, if the first filled it,
+        the next's, is dropped as stale)."""
         self._draining = self._deadlines
         self._deadlines = []
         self._deadlines_stale = 0

@@ -2,7 +2,7 @@
 
 A batch (`TurnBatch`) is validated and admitted on its caller's thread, then queued in the
 `Lane`. One caller at a time is the lane's runner: it takes the turns of every account of
-the batches queued (`coordinator._turns`), claims their ids and decides them chunk after
+the batches queued (`coordinator._taking`), claims their ids and decides them chunk after
 chunk, each chunk journaled as one block, then gives the turns back; the group's callers
 wait for their last record to be durable and answer. While a group holds its turns, the
 single transfers that arrive (`Combiner.combine`) are adopted: the runner decides them
@@ -22,8 +22,8 @@ from coordinator._errors import LedgerError, LedgerTimeout, LedgerUnavailable
 from coordinator._limits import (BESIDE_PAUSE_S, CHUNK_REQUESTS_BESIDE, CHUNK_REQUESTS_MAX, DECIDING_PAUSE_S,
                                  LANE_GROUP_REQUESTS_MAX, TURN_WAIT_S_MAX)
 from coordinator._participant import TurnAccount
-from coordinator._tickets import Prior, Ticket, lsn_of, result_of
 from coordinator._taking import give_back_turns, take_turns
+from coordinator._tickets import Prior, Ticket, lsn_of, result_of
 from coordinator._turns import decide_all
 from coordinator._validate import check_resolution, check_transfer
 from coordinator._values import Request, Resolution, Transfer

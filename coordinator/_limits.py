@@ -75,7 +75,7 @@ longer chunk: a chunk of 64 costs ~2% more instructions a transfer."""
 
 TURN_WAIT_S_MAX = 0.2
 """Longest a batch waits for the turns of accounts busy elsewhere (a single transfer's, or
-mailbox work) before it takes the mailbox path instead (`coordinator._turns`). A busy turn
+mailbox work) before it takes the mailbox path instead (`coordinator._taking`). A busy turn
 is held for a handful of messages, so this is rarely reached."""
 
 LANE_GROUP_REQUESTS_MAX = 8_192
@@ -140,9 +140,9 @@ open pending transfers with a deadline, plus this, and a small ledger is not reb
 
 DEADLINES_DRAIN_STEP = 512
 """Entries of the old deadline heap a compaction moves to the new one each time a record is
-queued, plus twice the records (`coordinator._deadlines`): 0.3-5 ms a step (a chunk of 256
-records makes it 1,024 entries), where a rebuild in one go paused every transfer 0.16-0.2 s at
-300,000 open pending transfers with a deadline (`bench/README.md`)."""
+queued, plus twice the records, up to three times this in all (`coordinator._deadlines`): up
+to ~5 ms a step, where a rebuild in one go paused every transfer 0.13-0.2 s at 300,000 open
+pending transfers with a deadline (`bench/README.md`)."""
 
 SNAPSHOT_AGE_S_DEFAULT = 60.0
 """How long a snapshot answers by default (`Ledger.snapshot(max_age_s=...)`)."""

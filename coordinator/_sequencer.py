@@ -8,8 +8,9 @@ account's record: `coordinator._account_opening`, `AccountOpening`; both base cl
 `Sequencer`, over `Stamping`), and what it does to each account (`coordinator._postings`) is
 handed to the account inside that same lock. So every account receives its entries in LSN
 order, which is the order replay applies them in, and an entry's seq and balance are decided
-exactly once, here. The sequencer itself keeps the projection, expiry, counting what was
-queued (`_appended`) and the checkpoints.
+exactly once, here. The sequencer itself keeps the projection, expiry (the open pending
+transfers' deadlines: `coordinator._deadlines`, `Deadlines`, its third base), counting what
+was queued (`_appended`) and the checkpoints.
 
 The lock covers deciding, stamping and queueing only (microseconds), never a wait: the
 protocol before it (reserving funds in the sources' mailboxes) runs in parallel.
@@ -207,7 +208,7 @@ class Sequencer(AccountOpening, Appending, Deadlines):
                 holders: list[str] = []
                 lsn = 0
                 added = False
-                try:  # (an interrupt anywhere before the record is queued: what it took is due again)
+                try:  # (an interrupt before the record's hold rows are added: what it took is due again)
                     taken: set[str] = set()
                     while len(due) < EXPIRY_RECORD_IDS_MAX:
                         top = self._due_top(cutoff)  # (the heaps, read again after each `_appended`)
@@ -232,8 +233,8 @@ class Sequencer(AccountOpening, Appending, Deadlines):
                         index += (resolution_key(pending_id), key_lsn)
                     holds: list[bytes] = []
                     self._hold_rows(holds_expired(due, self.held, self.incoming), key_lsn, holders, holds)
-                    self.unindexed_holds.add(holders, holds)
                     added = True
+                    self.unindexed_holds.add(holders, holds)
                     appended = self._journal.append_block([encode([EXPIRY3, now, ids])],
                                                           self._marked({TRANSFERS_INDEX: index}, lsn), [None])
                     self._journaled_timestamp = now
@@ -252,6 +253,9 @@ class Sequencer(AccountOpening, Appending, Deadlines):
                         self.broken(error)
                         raise
                     if added:
+                        if not isinstance(error, Exception):  # an interrupt, perhaps partway through the add:
+                            self.broken(error)  # memory may hold rows of a record never queued, as `_not_appended`
+                            raise
                         self.unindexed_holds.remove(holders)
                     for found in due:  # not expired after all: due again next time
                         heapq.heappush(self._deadlines, (found.deadline, found.id))

@@ -32,8 +32,8 @@ from coordinator._limits import CHUNK_REQUESTS_MAX
 from coordinator._participant import TurnAccount
 from coordinator._rules import Refusal
 from coordinator._stamps import Chunk
-from coordinator._taking import names_of
 from coordinator._state import AccountState
+from coordinator._taking import names_of
 from coordinator._tickets import Ticket
 from coordinator._values import PENDING, TransferRequest
 from journal import CRASH_POINT_ARMED, JournalError, crash_point

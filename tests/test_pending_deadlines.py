@@ -18,7 +18,6 @@ from __future__ import annotations
 import heapq
 import random
 import threading
-import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -501,9 +500,13 @@ def test_an_entry_left_twice_expires_once_even_when_the_writer_takes_the_record_
     ledger = _interrupted_mid_step(ledger_path, monkeypatch, clock)
     real_point = coordinator._sequencer.crash_point
 
+    durable: list[bool] = []
+
     def switch(name: str) -> None:
-        if name == "during-expiry":
-            time.sleep(0.05)
+        if name == "during-expiry":  # the record is queued: the writer makes it durable before memory moves
+            journal = ledger._journal
+            journal.wait_durable(journal.last_lsn, WAIT_S)  # (raises if it is not, in time)
+            durable.append(journal.durable_lsn == journal.last_lsn)
         real_point(name)
 
     monkeypatch.setattr(coordinator._sequencer, "crash_point", switch)
@@ -511,6 +514,7 @@ def test_an_entry_left_twice_expires_once_even_when_the_writer_takes_the_record_
         ledger.expire_pending()
     finally:
         ledger.close()
+    assert durable == [True]  # one record, durable before the expiry moved memory
     with Ledger.open(ledger_path, clock_ns=clock) as again:
         assert not again._sequencer.pending
     assert audit_of(ledger_path).whole
@@ -534,4 +538,34 @@ def test_an_interrupt_in_an_expiry_before_its_record_is_queued_leaves_what_it_to
         ledger.transfer("plain", source="bank", destination="bob", amount=1)  # writes go on
         assert ledger.expire_pending() == 1
         assert status_of(ledger, "p-1") == "expired"
+    assert audit_of(ledger_path).whole
+
+
+def test_an_interrupt_once_an_expirys_hold_rows_are_being_added_stops_writes_until_reopened(
+        ledger_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interrupt lands after the expiry's hold rows went into memory (or partway through),
+    before its record is queued: those rows are of a record that will never be, and the next
+    record takes its LSN, so memory cannot be trusted: writes stop, and the reopened ledger
+    (the journal's) expires the pending transfer at once and audits whole (before, the rows
+    stayed: history read the wrong pending amounts, and the audit found rows no record makes)."""
+    from coordinator._entries import UnindexedEntries
+    from engine import LedgerUnavailable
+
+    clock = Clock()
+    ledger = Ledger.open(ledger_path, clock_ns=clock)
+    try:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("bob", currency="USD")
+        ledger.transfer("p-1", source="bank", destination="bob", amount=5, pending=True, timeout_s=10)
+        clock.advance(20)
+        interrupt_after(monkeypatch, UnindexedEntries, "add")  # the expiry's hold rows: its one add
+        with pytest.raises(KeyboardInterrupt):
+            ledger.expire_pending()
+        with pytest.raises(LedgerUnavailable):
+            ledger.transfer("plain", source="bank", destination="bob", amount=1)
+    finally:
+        ledger.close()
+    with Ledger.open(ledger_path, clock_ns=clock) as reopened:
+        assert status_of(reopened, "p-1") == "expired"
+        assert reopened.balance("bob").incoming == 0
     assert audit_of(ledger_path).whole

@@ -357,27 +357,31 @@ def test_a_stamped_transfer_is_the_same_frozen_value_its_constructor_builds() ->
         stamped.amount = 11  # type: ignore[misc]
 
 
+@pytest.mark.parametrize("stamping", ["stamp_pending", "stamp"])
 @pytest.mark.parametrize("fault", [OSError("a bug in deciding"), KeyboardInterrupt()], ids=["bug", "interrupt"])
 def test_a_bug_met_midway_through_a_chunk_stops_writes_and_reopening_rebuilds_from_the_journal(
-    ledger_path: Path, fault: BaseException,
+    ledger_path: Path, fault: BaseException, stamping: str,
 ) -> None:
     """The first transfer of a combined chunk is stamped and applied in memory; deciding the
     second raises (here: a fault injected into its stamp: a bug, or an interrupt landing
-    there). Nothing of the chunk was journaled, so the ledger must not write on top of that
+    there): a pending transfer, on its own path, or a transfer with a code, on the generic
+    one. Nothing of the chunk was journaled, so the ledger must not write on top of that
     memory: it refuses writes until reopened, and reopens as the journal has it."""
     ledger = Ledger.open(ledger_path, timeout_s=TIMEOUT_S)
     try:
         for name in ("a", "b", "c"):
             ledger.create_account(name, currency="USD", overdraft_limit=None)
         coordinator = ledger._coordinator
-        requests = [TransferRequest("t-1", "a", "b", 10), TransferRequest("p-2", "b", "c", 3, pending=True)]
+        second = (TransferRequest("p-2", "b", "c", 3, pending=True) if stamping == "stamp_pending"
+                  else TransferRequest("p-2", "b", "c", 3, code=7))
+        requests = [TransferRequest("t-1", "a", "b", 10), second]
         tickets = [coordinator.claims.claim(request, relayed=True)[0] for request in requests]
         coordinator.admission.admit(len(tickets), TIMEOUT_S)
 
-        def stamp(*args: Any, **kwargs: Any) -> None:  # the pending transfer's (the plain one has its own)
+        def stamp(*args: Any, **kwargs: Any) -> None:  # the second's (the plain one has its own)
             raise fault
 
-        coordinator.sequencer.stamp_pending = stamp  # type: ignore[method-assign]
+        setattr(coordinator.sequencer, stamping, stamp)
         with pytest.raises(type(fault)):
             coordinator.combiner._start_in_turn(tickets)  # type: ignore[arg-type]
         assert all(isinstance(ticket.error, LedgerUnavailable) for ticket in tickets)  # type: ignore[union-attr]
