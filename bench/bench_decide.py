@@ -26,6 +26,8 @@ import tempfile
 import time
 from typing import Any
 
+from _trees import from_tree  # (bench/, this script's directory)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = ("single", "pending", "post")
 WARM_ROUNDS = 5
@@ -81,15 +83,6 @@ def child(tree: str, rounds: int, chunk: int) -> dict[str, list[float]]:
             ledger.close()
     from_tree(tree)
     return spent
-
-
-def from_tree(tree: str) -> None:
-    """Every module of the engine this process loaded is the tree's (an editable install of
-    another checkout supplies the modules a tree lacks: a run mixing two would measure neither)."""
-    for name, module in list(sys.modules.items()):
-        if name.split(".")[0] in ("coordinator", "engine", "journal"):
-            where = os.path.abspath(getattr(module, "__file__", None) or tree)
-            assert where.startswith(tree + os.sep), f"{name} came from {where}, not {tree}"
 
 
 def main() -> None:

@@ -26,18 +26,11 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from _trees import from_tree  # (bench/, this script's directory)
+
 BATCH = 1_000
 PROBE_EVERY_S = 0.001
 TIMED = ("checkpoint", "_compact_deadlines", "_drain_deadlines")
-
-
-def from_tree(tree: str) -> None:
-    """Every module of the engine this process loaded is the tree's (an editable install of
-    another checkout supplies the modules a tree lacks: a run mixing two would measure neither)."""
-    for name, module in list(sys.modules.items()):
-        if name.split(".")[0] in ("coordinator", "engine", "journal"):
-            where = os.path.abspath(getattr(module, "__file__", None) or tree)
-            assert where.startswith(tree + os.sep), f"{name} came from {where}, not {tree}"
 
 
 def main() -> None:
