@@ -408,3 +408,103 @@ def test_one_requests_stamp_is_what_the_chains_stamp_writes_for_one_leg(tmp_path
                            entries if kind == POST else None, held)
                 lsn, timestamp = rng.randint(1, 10**6), 10**18 + rng.randint(0, 10**9)
                 assert stamped(True, request, lsn, timestamp, leg) == stamped(False, request, lsn, timestamp, leg), leg
+
+
+# --- a pending transfer's and a post's own path decide and write what `stamp` does --------
+
+
+@pytest.mark.timeout(60)
+def test_stamp_pending_and_stamp_resolution_are_what_the_generic_stamp_does(tmp_path: Path) -> None:
+    """Decided in turn, a pending transfer and a post or a void of an open one take their own
+    path (`Sequencer.stamp_pending`, `stamp_resolution`, the caller moving `states` past a
+    post's entries); the generic `Sequencer.stamp` decides every other ticket. From the same
+    books (random balances, limits, currencies, holds, reservations, open pending transfers
+    with and without deadlines, some due), both must make the same decision, refusals
+    included, and leave the same chunk, `Transfer` or `Refused`, and projection."""
+    import copy
+    import random
+
+    from coordinator._claims import Ticket
+    from coordinator._stamps import Chunk
+    from coordinator._values import Metadata
+
+    rng = random.Random(11)
+    names = ["a", "b", "c", "e"]
+    with Ledger.open(str(tmp_path / "l"), clock_ns=lambda: 10**18) as ledger:
+        for name, currency, limit in (("a", "USD", None), ("b", "USD", 0), ("c", "USD", 50), ("e", "EUR", None)):
+            ledger.create_account(name, currency=currency, overdraft_limit=limit)
+        sequencer = ledger._coordinator.sequencer
+        fields = ("states", "held", "incoming", "pending", "_resolved", "_resolved_at", "_deadlines", "_draining",
+                  "_deadlines_stale", "index_entries", "last_timestamp")
+        with sequencer.lock:
+            original = {name: copy.deepcopy(getattr(sequencer, name)) for name in fields}
+
+            def books() -> dict[str, object]:
+                return {name: copy.deepcopy(getattr(sequencer, name)) for name in fields}
+
+            def restore(saved: dict[str, object]) -> None:
+                for name, value in saved.items():
+                    setattr(sequencer, name, copy.deepcopy(value))
+
+            def outcome(chunk: Chunk, ticket: Ticket) -> tuple[object, ...]:
+                return ({name: getattr(chunk, name) for name in Chunk.__slots__ if name != "completions"},
+                        chunk.completions == [ticket], ticket.value, books())
+
+            try:
+                for round_ in range(2000):
+                    for name in names:
+                        sequencer.states[name] = (rng.randint(0, 9), rng.randint(-60, 400), rng.randint(0, 9))
+                    sequencer.pending.clear()
+                    sequencer.held.clear()
+                    sequencer.incoming.clear()
+                    for n in range(3):
+                        source, destination = rng.sample(names[:3], 2)
+                        amount = rng.randint(1, 120)
+                        deadline = rng.choice([0, 10**18 + 5, 10**18 + 10**9])
+                        sequencer.pending[f"p{n}"] = Pending(f"p{n}", source, destination, amount, deadline, 3,
+                                                             rng.randint(0, 9))
+                        sequencer.held[source] = sequencer.held.get(source, 0) + amount
+                        sequencer.incoming[destination] = sequencer.incoming.get(destination, 0) + amount
+                    sequencer._deadlines[:] = sorted((p.deadline, p.id) for p in sequencer.pending.values()
+                                                     if p.deadline)
+                    sequencer.last_timestamp = 10**18 + rng.choice([-1, 7, 10**9 + 3])
+                    lsn, now = 1_000 + round_, 10**18 + rng.randint(0, 12)
+                    metadata = rng.choice([None, Metadata({"k": 1})])
+                    request: TransferRequest | Resolution
+                    if rng.random() < 0.5:
+                        source, destination = rng.sample(names, 2)
+                        request = TransferRequest(f"t{round_}", source, destination, rng.randint(1, 500),
+                                                  rng.randint(0, 5), rng.choice([None, "r"]), metadata, True,
+                                                  rng.choice([None, 7]))
+                        found = None
+                    else:
+                        found = sequencer.pending[f"p{rng.randint(0, 2)}"]
+                        source, destination = found.source, found.destination
+                        request = Resolution(f"t{round_}", found.id, rng.choice([None, 1, found.amount, found.amount + 1]),
+                                             rng.choice([None, "r"]), metadata, rng.random() < 0.3)
+                    reserved = rng.choice([0, 0, 30])
+                    before = books()
+
+                    generic = Ticket((request,), 0)
+                    chunk = Chunk()
+                    sequencer.stamp(chunk, generic, lsn, {source: reserved} if reserved else {}, now=now)
+                    expected = outcome(chunk, generic)
+
+                    restore(before)
+                    own = Ticket((request,), 0)
+                    chunk = Chunk()
+                    if found is None:
+                        sequencer.stamp_pending(chunk, own, request, lsn, sequencer.accounts[source],  # type: ignore[arg-type]
+                                                sequencer.accounts[destination], sequencer.states[source],
+                                                sequencer.states[destination], reserved, now)
+                    else:
+                        leg = sequencer.stamp_resolution(chunk, own, request, lsn, found, now)  # type: ignore[arg-type]
+                        if type(leg) is not str and leg[4] is not None:  # the caller's: the accounts apply a post's entries
+                            stamp = leg[4]
+                            sequencer.states[source] = (stamp[0], stamp[1], lsn)
+                            sequencer.states[destination] = (stamp[2], stamp[3], lsn)
+                    assert outcome(chunk, own) == expected, (request, before)
+                    restore(before)
+            finally:
+                restore(original)
+
