@@ -95,6 +95,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds <= WARM_ROUNDS:
         parser.error(f"--rounds must be more than {WARM_ROUNDS}")
+    if not 1 <= args.chunk <= 256 or args.runs < 1:  # the engine decides chunks of 256 at most (CHUNK_REQUESTS_MAX)
+        parser.error("--chunk must be 1..256 and --runs at least 1")
     if args.child:
         print(json.dumps(child(args.child, args.rounds, args.chunk)))
         return

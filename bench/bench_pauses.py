@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--tree", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.pending < BATCH:
+        parser.error(f"--pending must be at least {BATCH:,} (it is made and posted in batches of {BATCH:,})")
     tree = os.path.abspath(args.tree)
     sys.path.insert(0, tree)
     import coordinator

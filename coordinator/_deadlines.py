@@ -57,24 +57,23 @@ class Deadlines:
         """The earliest deadline of an open pending transfer (or a stale one: a hint). Also
         read without the lock (the expirer's wait): a heap emptied meanwhile reads None."""
         for _ in range(3):  # a heap emptied meanwhile (the old one's last step, an expiry): read again
-            heap, draining = self._deadlines, self._draining
             try:
-                if draining and (not heap or draining[0] < heap[0]):
-                    heap = draining
+                heap = self._earlier()
                 return heap[0][0] if heap else None
             except IndexError:
                 continue
         return None
 
+    def _earlier(self) -> list[Deadline]:
+        """The heap whose top is the earliest entry (either, if both are empty)."""
+        heap, draining = self._deadlines, self._draining
+        return draining if draining and (not heap or draining[0] < heap[0]) else heap
+
     def _due_top(self, cutoff: int) -> tuple[list[Deadline], Deadline] | None:
         """The heap whose top is the earliest entry, and that entry, if it is due by `cutoff`
         (live or stale); else None. The caller pops it once it has taken what it needs."""
-        heap, draining = self._deadlines, self._draining
-        if draining and (not heap or draining[0] < heap[0]):
-            heap = draining
-        if heap and heap[0][0] <= cutoff:
-            return heap, heap[0]
-        return None
+        heap = self._earlier()
+        return (heap, heap[0]) if heap and heap[0][0] <= cutoff else None
 
     def _tidy_deadlines(self, records: int) -> None:
         """After `records` records were queued and everything stamped was entered: a step of

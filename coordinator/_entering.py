@@ -2,7 +2,7 @@
 
 The rules (`coordinator._rules`) decide what requests do (`Leg`s) without changing anything;
 `enter` writes decided legs into a book (`Books`: the sequencer's projection, or replay's
-books), `expire` the expiry of pending transfers (`release_hold` what one closed held), and `holds_after` and
+books), `expire` the expiry of pending transfers (`open_pending` and `close_pending` one at a time), and `holds_after` and
 `holds_expired` say what a record leaves each account's pending amounts at (its hold rows,
 `coordinator._records.holds_key`) without writing them. A decision of a chain sees its own
 legs' effects through an `Overlay` over the books (`enter_leg` of each). Pure functions, as
@@ -123,23 +123,18 @@ def enter(book: Books, requests: Sequence[Request], legs: Sequence[Leg], lsn: in
     """Write decided legs (`decide` of `requests` at `timestamp`) journaled at `lsn` into
     `book`: entries move the states, pending transfers open, posts and voids close theirs.
     A hold that falls to 0 leaves its mapping (so equal books are equal mappings)."""
-    states, held, incoming, pending = book.states, book.held, book.incoming, book.pending
+    states = book.states
     for index, leg in enumerate(legs):  # `enter_leg` of each, inline (once per transfer), and more
         kind, source, destination, amount, stamp, resolved = leg
         if stamp is not None:
             states[source] = (stamp[0], stamp[1], lsn)
             states[destination] = (stamp[2], stamp[3], lsn)
         if kind == PENDING:
-            held[source] = held.get(source, 0) + amount
-            incoming[destination] = incoming.get(destination, 0) + amount
             request = requests[index]
             assert type(request) is TransferRequest
-            pending[request.id] = new_pending(Pending, (request.id, source, destination, amount,
-                                                        deadline_of(timestamp + index, request.timeout_s), lsn,
-                                                        request.code))
+            open_pending(book, request, lsn, timestamp + index)
         elif resolved is not None:  # a post or a void releases the whole hold
-            del pending[resolved.id]
-            release_hold(held, incoming, resolved)
+            close_pending(book, resolved.id)
 
 
 def deadline_of(timestamp: int, timeout_s: int | None) -> int:
@@ -151,10 +146,24 @@ new_pending = tuple.__new__
 """`Pending(...)` without the generated `__new__` of a NamedTuple (a Python frame)."""
 
 
-def release_hold(held: MutableMapping[str, int], incoming: MutableMapping[str, int], closed: Pending) -> None:
-    """Take what the pending transfer `closed` (posted, voided or expired) held off its
-    source's holds and its destination's funds on their way. A hold that falls to 0 leaves
-    its mapping (so equal books are equal mappings)."""
+def open_pending(book: Books, request: TransferRequest, lsn: int, timestamp: int) -> None:
+    """Open the pending transfer `request`, decided at `timestamp` and journaled at `lsn`, in
+    `book`: its amount held on its source and on its way to its destination, and it open, with
+    its deadline."""
+    source, destination, amount = request.source, request.destination, request.amount
+    held, incoming = book.held, book.incoming
+    held[source] = held.get(source, 0) + amount
+    incoming[destination] = incoming.get(destination, 0) + amount
+    book.pending[request.id] = new_pending(Pending, (request.id, source, destination, amount,
+                                                     deadline_of(timestamp, request.timeout_s), lsn, request.code))
+
+
+def close_pending(book: Books, pending_id: str) -> Pending:
+    """Close the open pending transfer `pending_id` (posted, voided or expired) in `book`: what
+    it held comes off its source's holds and its destination's funds on their way (a hold that
+    falls to 0 leaves its mapping, so equal books are equal mappings). Returns it."""
+    closed = book.pending.pop(pending_id)
+    held, incoming = book.held, book.incoming
     source, destination, amount = closed.source, closed.destination, closed.amount
     left = held[source] - amount
     if left:
@@ -166,10 +175,10 @@ def release_hold(held: MutableMapping[str, int], incoming: MutableMapping[str, i
         incoming[destination] = left
     else:
         del incoming[destination]
+    return closed
 
 
 def expire(book: Books, pending_ids: Sequence[str]) -> None:
     """Release the holds of pending transfers that expired (each must be open)."""
-    pending, held, incoming = book.pending, book.held, book.incoming
     for pending_id in pending_ids:
-        release_hold(held, incoming, pending.pop(pending_id))
+        close_pending(book, pending_id)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from journal import Completion
 
-from coordinator._entering import deadline_of, enter, holds_after, new_pending, release_hold
+from coordinator._entering import close_pending, deadline_of, enter, holds_after, open_pending
 from coordinator._history import Refused
 from coordinator._records import (
     HOLDS_MARK,
@@ -248,18 +248,14 @@ class Stamping:
         holds and open pending transfers moved past it (`enter`'s); the code of its refusal,
         or None. The caller moves the accounts' own holds. `now`: as for `stamp_plain`."""
         timestamp = self.last_timestamp = now if now > self.last_timestamp else self.last_timestamp + 1
-        tid, source_id, destination_id, amount = request.id, request.source, request.destination, request.amount
-        held, incoming = self.held, self.incoming
-        on_hold, on_its_way = held.get(source_id, 0), incoming.get(destination_id, 0)
+        source_id, destination_id, amount = request.source, request.destination, request.amount
+        on_hold, on_its_way = self.held.get(source_id, 0), self.incoming.get(destination_id, 0)
         refused = decide_pending(source, destination, amount, origin, target, unspendable + on_hold, on_hold, on_its_way)
         if refused is not None:
             self.stamp_refusal(chunk, ticket, lsn, timestamp, 0, refused)
             return refused
         self._stamp_one(chunk, ticket, request, lsn, timestamp, (PENDING, source_id, destination_id, amount, None, None))
-        held[source_id] = on_hold + amount
-        incoming[destination_id] = on_its_way + amount
-        self.pending[tid] = new_pending(Pending, (tid, source_id, destination_id, amount,
-                                                  deadline_of(timestamp, request.timeout_s), lsn, request.code))
+        open_pending(self, request, lsn, timestamp)
         return None
 
     def stamp_resolution(self, chunk: Chunk, ticket: Ticket, request: Resolution, lsn: int, found: Pending,
@@ -275,8 +271,7 @@ class Stamping:
             self.stamp_refusal(chunk, ticket, lsn, timestamp, 0, leg)
             return leg  # type: ignore[no-any-return]
         self._stamp_one(chunk, ticket, request, lsn, timestamp, leg)
-        del self.pending[found.id]
-        release_hold(self.held, self.incoming, found)
+        close_pending(self, found.id)
         return leg  # type: ignore[no-any-return]
 
     def _hold_rows(self, rows: dict[str, tuple[int, int]], key_lsn: bytes, holders: list[str],
