@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 import pykka
-from coordinator import Account, AccountState, DebitStep, LedgerTimeout, Posting, Sequencer, TurnAccount
+from coordinator import DebitStep, LedgerTimeout, Posting, Sequencer, TurnAccount
 
 from engine._account import SNAPSHOT, AccountActor, AccountBooks
 from engine._runtime import Dispatcher, Inbox
@@ -99,15 +99,17 @@ class _Dormant(AccountBooks):
 
     __slots__ = ("account", "state", "reserved", "held", "incoming", "held_lsn", "woken")
 
-    def __init__(self, account: Account, state: AccountState, held: int, incoming: int, held_lsn: int) -> None:
-        # `reserved` stays 0: reservations are made in the mailbox, which waits for the turn.
-        self._open_books(account, state, held, incoming, held_lsn)
-        self.woken: AccountHandle | None = None
+    woken: AccountHandle | None
+    """The account's actor, if one was made while this turn is held (`Directory._pin`)."""
 
     def catch_up(self) -> None:
         """Apply the postings queued for the actor woken meanwhile, if there is one."""
         if self.woken is not None:
             self.woken._inbox.drain_only(Posting, self._post)
+
+
+_new = object.__new__
+"""`_Dormant` made without calling a constructor (`Directory.take_turns` sets every slot)."""
 
 
 class Directory:
@@ -146,8 +148,12 @@ class Directory:
         else:
             assert type(into) is _Turns and not all_or_none, type(into)
             turns = into
-        live, accounts = self._live, self._sequencer.accounts
+        sequencer = self._sequencer
+        live, accounts, states, held, incoming = (self._live, sequencer.accounts, sequencer.states, sequencer.held,
+                                                  sequencer.incoming)
+        dormants = self._dormant
         first = len(turns.handles)
+        dozed: list[_Dormant] = []
         with self._lock:
             try:
                 for account_id in account_ids:
@@ -157,10 +163,17 @@ class Directory:
                     if entry is None:  # not live: take its turn without an actor, if it exists
                         if account_id not in accounts:
                             continue
-                        if account_id not in self._dormant:
-                            dormant = self._doze(account_id)
-                            turns[account_id] = dormant
+                        if account_id not in dormants:
+                            # A `_Dormant` from the projection's values, nothing reserved (reservations
+                            # are made in the mailbox, which waits for the turn): its slots set here,
+                            # once per account of every batch, without the frames of a constructor.
+                            dormant = _new(_Dormant)
+                            dormant.account, dormant.state, dormant.reserved, dormant.woken = (
+                                accounts[account_id], states[account_id], 0, None)
+                            dormant.held, dormant.incoming = held.get(account_id, 0), incoming.get(account_id, 0)
+                            dormants[account_id] = turns[account_id] = dormant
                             turns.handles.append(dormant)
+                            dozed.append(dormant)
                             continue
                         if all_or_none:  # its turn is taken elsewhere
                             self._release(turns)
@@ -178,6 +191,10 @@ class Directory:
                     if all_or_none:
                         self._release(turns)
                         return None
+                if dozed:  # each starts at the journal's last LSN, read once, after all their holds were
+                    last_lsn = sequencer.last_lsn  # (`AccountBooks.held_lsn`: a bound above the record behind them)
+                    for dormant in dozed:
+                        dormant.held_lsn = last_lsn
             except BaseException:  # e.g. an actor that could not be activated: give back what this call took
                 self._release(turns, first)
                 raise
@@ -194,13 +211,15 @@ class Directory:
         """`give_back_turns` (from the `first` turn taken on: those are dropped from `turns`),
         called with `_lock` held. The turns given back leave `turns.handles` (at the end, or
         where an interrupt stops it), so a call again gives back only the others."""
-        handles = turns.handles
+        handles, dormants = turns.handles, self._dormant
         given = first
         try:
             for entry in handles[first:]:
                 given += 1  # before, not after: an interrupt may keep this turn, never give it back twice
                 if isinstance(entry, _Dormant):
-                    self._wake(entry)
+                    del dormants[entry.account.id]
+                    if entry.woken is not None:  # else the projection holds what it did; an actor made
+                        self._wake(entry)  # later starts from it
                     continue
                 entry._inbox.give_back_turn()
                 entry.pins -= 1
@@ -211,21 +230,12 @@ class Directory:
             for account_id in list(turns)[first:]:
                 del turns[account_id]
 
-    def _doze(self, account_id: str) -> _Dormant:
-        """Take the turn of an account with no live actor, as a `_Dormant` (`_lock` held)."""
-        sequencer = self._sequencer
-        dormant = self._dormant[account_id] = _Dormant(sequencer.accounts[account_id], sequencer.states[account_id],
-                                                       sequencer.held.get(account_id, 0),
-                                                       sequencer.incoming.get(account_id, 0), sequencer.last_lsn)
-        return dormant
-
     def _wake(self, dormant: _Dormant) -> None:
-        """Give back a dormant turn (`_lock` held): hand its state to the actor woken meanwhile,
-        if one was, then that actor's turn (what waits in its mailbox runs on the dispatcher)."""
-        del self._dormant[dormant.account.id]
+        """Give back a dormant turn whose actor was made meanwhile (`_lock` held, `_release`):
+        hand its state to that actor, then the actor's turn (what waits in its mailbox runs on
+        the dispatcher)."""
         woken = dormant.woken
-        if woken is None:
-            return  # the projection holds what it did; an actor made later starts from it
+        assert woken is not None
         actor: AccountActor = woken._inbox._actor  # type: ignore[assignment]
         assert actor.reserved == 0, actor.reserved
         actor.state, actor.held, actor.incoming, actor.held_lsn = (dormant.state, dormant.held, dormant.incoming,

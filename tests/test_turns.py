@@ -565,6 +565,36 @@ def test_an_account_woken_while_a_batch_holds_its_turn_without_an_actor_gets_its
     assert gapless(ledger, "a") and not directory._dormant
 
 
+def test_a_dormant_turn_starts_from_the_projection_at_the_journals_last_lsn(ledger: Ledger) -> None:
+    """The turn of an account with no live actor (a dormant turn) holds the projection's state
+    and holds, nothing reserved, no actor, and as `held_lsn` the journal's last LSN (a bound
+    above the record behind its holds); an unknown id gets none; giving the turns back leaves
+    no dormant turn, and the accounts still no actor."""
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    ledger.create_account("a", currency="USD")
+    ledger.create_account("b", currency="USD")
+    ledger.transfer("fund", source="bank", destination="a", amount=100)
+    ledger.transfer("hold", source="a", destination="b", amount=40, pending=True)
+    coordinator, directory = ledger._coordinator, ledger._directory
+    assert "a" not in directory._live and "b" not in directory._live
+    turns = take_turns(coordinator, ["a", "nobody", "b", "a"])
+    assert turns is not None
+    try:
+        assert sorted(turns) == ["a", "b"]
+        a, b = turns["a"], turns["b"]
+        assert type(a).__name__ == type(b).__name__ == "_Dormant"
+        states = coordinator.sequencer.states
+        assert (a.state, a.reserved, a.held, a.incoming) == (states["a"], 0, 40, 0)
+        assert (b.state, b.reserved, b.held, b.incoming) == (states["b"], 0, 0, 40)
+        assert a.woken is None and b.woken is None  # type: ignore[attr-defined]
+        assert a.held_lsn == b.held_lsn == ledger._journal.last_lsn  # type: ignore[attr-defined]
+        assert sorted(directory._dormant) == ["a", "b"]
+    finally:
+        give_back_turns(coordinator, turns)
+    assert not directory._dormant and "a" not in directory._live
+    assert ledger.balance("a") == Balance(100, 40, 60) and ledger.balance("b") == Balance(0, 0, 0, 40)
+
+
 def test_a_balance_never_shows_a_hold_decided_on_a_dormant_turn_before_it_is_durable(
     ledger: Ledger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
