@@ -238,8 +238,12 @@ class Directory:
         assert woken is not None
         actor: AccountActor = woken._inbox._actor  # type: ignore[assignment]
         assert actor.reserved == 0, actor.reserved
+        # A `take_turns` that two interrupts cut short (one in its loop, one as it gave back
+        # what it took) leaves its dormant turns without `held_lsn`, which it sets after the
+        # loop: the journal's last LSN now is a bound above their holds too (read after them).
+        held_lsn = dormant.held_lsn if hasattr(dormant, "held_lsn") else self._sequencer.last_lsn
         actor.state, actor.held, actor.incoming, actor.held_lsn = (dormant.state, dormant.held, dormant.incoming,
-                                                                   dormant.held_lsn)
+                                                                   held_lsn)
         woken._inbox.give_back_turn()
         woken.pins -= 1
 

@@ -595,6 +595,46 @@ def test_a_dormant_turn_starts_from_the_projection_at_the_journals_last_lsn(ledg
     assert ledger.balance("a") == Balance(100, 40, 60) and ledger.balance("b") == Balance(0, 0, 0, 40)
 
 
+def test_a_dormant_turn_left_taken_by_an_interrupted_take_turns_is_given_back_after_its_actor_woke(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`take_turns(into=...)` (the batch lane's wait, `coordinator._taking.take_turns`) makes a
+    dormant turn; an interrupt lands in its loop, and a second one as the `except` clause enters
+    `_release`, so the call raises with that dormant turn still in `turns`. The account's actor
+    is made meanwhile (a balance read pins it). Giving `turns` back, as `_taking` then does,
+    must hand that actor its state and its turn, not fail on a `held_lsn` never set."""
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    for name in ("a", "d"):
+        ledger.create_account(name, currency="USD")
+    ledger.transfer("fund", source="bank", destination="d", amount=9)
+    coordinator, directory = ledger._coordinator, ledger._directory
+    assert "a" not in directory._live and "d" not in directory._live
+    turns = directory.take_turns(["a"])  # the first call: a dormant turn ("a")
+    assert turns is not None and list(turns) == ["a"]
+
+    def ids() -> Any:
+        yield "d"  # made a dormant turn
+        raise KeyboardInterrupt  # the first interrupt, in the loop
+
+    release = directory._release
+
+    def interrupted_on_entry(*args: Any, **kwargs: Any) -> None:
+        monkeypatch.undo()  # once
+        raise KeyboardInterrupt  # the second, landing as `_release` is entered
+
+    monkeypatch.setattr(directory, "_release", interrupted_on_entry)
+    with pytest.raises(KeyboardInterrupt):
+        directory.take_turns(ids(), into=turns)
+    assert directory._release == release and "d" in turns
+    handle = directory.pin("d")  # its actor, made while the dormant turn is held: it waits for it
+    try:
+        give_back_turns(coordinator, turns)  # what `_taking.take_turns` does on the interrupt
+    finally:
+        directory.unpin("d")
+    assert not directory._dormant and handle.pins == 0
+    assert ledger.balance("d") == Balance(9, 0, 9)
+
+
 def test_a_balance_never_shows_a_hold_decided_on_a_dormant_turn_before_it_is_durable(
     ledger: Ledger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
