@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from engine import JournalCorrupted, Ledger
@@ -22,7 +23,8 @@ from coordinator import INDEX_NAMES
 from journal._check import walk_meta
 from journal._errors import JournalCorruptedError
 from journal._meta import Meta, read_metas
-from journal._names import COMMIT_MARK_KEY
+from journal._marks import SHAPE_FIELDS, mark_shape, marked_databases
+from journal._names import COMMIT_MARK_KEY, META_DB
 
 PAGE = 4096
 
@@ -205,3 +207,26 @@ def test_a_cut_off_commit_whose_mark_reached_the_disk_over_an_older_tree_is_take
                 assert ledger.balance("alice").posted == 500  # t0..t4, every acknowledged transfer
                 assert all(ledger.get_transfer(f"t{n}") is not None for n in range(5))
                 assert ledger.get_transfer("last") is None
+
+
+def test_a_commit_mark_is_its_transaction_id_then_each_marked_databases_shape_in_decimal(
+    tmp_path: Path, raw_lmdb: Any
+) -> None:
+    """The mark the last commit wrote names that commit's transaction and the shape LMDB keeps
+    of each database but the meta one (`SHAPE_FIELDS`, in `marked_databases` order), written
+    as decimal numbers apart by one space: what a reopen compares with the pages it walks."""
+    ledger = Ledger.open(str(tmp_path / "ledger"))
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    ledger.create_account("a", currency="USD")
+    ledger.transfer("t1", source="bank", destination="a", amount=5)
+    ledger.close()
+    with raw_lmdb(tmp_path / "ledger") as env:
+        with env.begin() as txn:
+            names = [bytes(key) for key, _ in txn.cursor()]
+            dbs = {name: env.open_db(name, txn=txn, create=False) for name in names}
+            mark = txn.get(COMMIT_MARK_KEY, db=dbs[META_DB])
+            shapes = [txn.stat(dbs[name]) for name in marked_databases(names)]
+            expected = " ".join(str(number) for number in [txn.id()] + [
+                shape[field] for shape in shapes for field in SHAPE_FIELDS])
+    assert len(shapes) >= 5 and mark == expected.encode()
+    assert mark_shape(mark) == tuple(int(part) for part in expected.split()[1:])
