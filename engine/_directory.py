@@ -109,7 +109,7 @@ class _Dormant(AccountBooks):
 
 
 _new = object.__new__
-"""`_Dormant` made without calling a constructor (`Directory.take_turns` sets every slot)."""
+"""Makes a `_Dormant` without calling a constructor (`Directory.take_turns` sets every slot)."""
 
 
 class Directory:
@@ -191,8 +191,8 @@ class Directory:
                     if all_or_none:
                         self._release(turns)
                         return None
-                if dozed:  # each starts at the journal's last LSN, read once, after all their holds were
-                    last_lsn = sequencer.last_lsn  # (`AccountBooks.held_lsn`: a bound above the record behind them)
+                if dozed:  # each starts at the journal's last LSN, read once, after all their holds were read:
+                    last_lsn = sequencer.last_lsn  # a bound above the record behind them (`AccountBooks.held_lsn`)
                     for dormant in dozed:
                         dormant.held_lsn = last_lsn
             except BaseException:  # e.g. an actor that could not be activated: give back what this call took
@@ -218,8 +218,10 @@ class Directory:
                 given += 1  # before, not after: an interrupt may keep this turn, never give it back twice
                 if isinstance(entry, _Dormant):
                     del dormants[entry.account.id]
-                    if entry.woken is not None:  # else the projection holds what it did; an actor made
-                        self._wake(entry)  # later starts from it
+                    # Without an actor made meanwhile, the projection holds what it did, and an
+                    # actor made later starts from it.
+                    if entry.woken is not None:
+                        self._wake(entry)
                     continue
                 entry._inbox.give_back_turn()
                 entry.pins -= 1

@@ -29,6 +29,14 @@ def marked_databases(names: Iterable[bytes]) -> list[bytes]:
     return sorted(name for name in names if name != META_DB)
 
 
+stat_shape: Callable[[Any], tuple[int, ...]] = itemgetter(*SHAPE_FIELDS)
+"""One database's shape (`SHAPE_FIELDS`) from LMDB's `stat` of it: an `itemgetter`, which
+takes the five counters in C (once a database a commit)."""
+
+_DECIMAL = b"%d".__mod__
+"""A number's decimal digits, as bytes."""
+
+
 def commit_mark(txn: lmdb.Transaction, dbs: Sequence[Any]) -> bytes:
     """The commit mark of write transaction `txn` once everything else it writes is staged:
     its id, then the shape of each of `dbs` (`SHAPE_FIELDS`; the handles of
@@ -39,15 +47,7 @@ def commit_mark(txn: lmdb.Transaction, dbs: Sequence[Any]) -> bytes:
     numbers = [txn.id()]
     for db in dbs:
         numbers += stat_shape(txn.stat(db))
-    return b" ".join(map(_DECIMAL, numbers))  # (once a commit: in a map, not a generator's frame a number)
-
-
-_DECIMAL = b"%d".__mod__
-"""A number's decimal digits, as bytes."""
-
-
-stat_shape: Callable[[Any], tuple[int, ...]] = itemgetter(*SHAPE_FIELDS)
-"""One database's shape (`SHAPE_FIELDS`) from LMDB's `stat` of it (in C: five a commit)."""
+    return b" ".join(map(_DECIMAL, numbers))  # (every commit: `map` calls it in C; a generator made a frame a number)
 
 
 def read_mark(value: bytes | None) -> int | None:

@@ -601,8 +601,9 @@ def test_a_dormant_turn_left_taken_by_an_interrupted_take_turns_is_given_back_af
     """`take_turns(into=...)` (the batch lane's wait, `coordinator._taking.take_turns`) makes a
     dormant turn; an interrupt lands in its loop, and a second one as the `except` clause enters
     `_release`, so the call raises with that dormant turn still in `turns`. The account's actor
-    is made meanwhile (a balance read pins it). Giving `turns` back, as `_taking` then does,
-    must hand that actor its state and its turn, not fail on a `held_lsn` never set."""
+    is made meanwhile (pinned, as a balance read pins it). Giving `turns` back, as `_taking`
+    then does, must hand that actor its state and its turn, and as its `held_lsn` the journal's
+    last LSN (a bound above its holds), not fail on a `held_lsn` never set."""
     ledger.create_account("bank", currency="USD", overdraft_limit=None)
     for name in ("a", "d"):
         ledger.create_account(name, currency="USD")
@@ -627,11 +628,13 @@ def test_a_dormant_turn_left_taken_by_an_interrupted_take_turns_is_given_back_af
         directory.take_turns(ids(), into=turns)
     assert directory._release == release and "d" in turns
     handle = directory.pin("d")  # its actor, made while the dormant turn is held: it waits for it
+    last_lsn = ledger._journal.last_lsn
     try:
         give_back_turns(coordinator, turns)  # what `_taking.take_turns` does on the interrupt
     finally:
         directory.unpin("d")
     assert not directory._dormant and handle.pins == 0
+    assert handle._inbox._actor.held_lsn == last_lsn  # type: ignore[union-attr]
     assert ledger.balance("d") == Balance(9, 0, 9)
 
 
