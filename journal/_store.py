@@ -17,9 +17,13 @@ Options, passed at the call site on purpose (house style 10):
 - `max_dbs`: the records, the metadata and the caller's named indexes.
 - `max_readers`: generous, because every client thread may read at once.
 - `lock=True`: LMDB's own reader table; exclusivity of the writer is our flock.
-- `writemap=False`, `meminit=False`: pages are written with write(2), never
-  through a writable map a stray pointer could scribble on; we never leave
-  uninitialised bytes in a value, so zero-filling is wasted work.
+- `writemap=False`: pages are written with write(2), never through a writable map a
+  stray pointer could scribble on.
+- `meminit=True`: LMDB zeroes each page buffer it newly allocates; the buffers it
+  reuses held only this ledger's own pages, so the part of a page no node uses (its
+  free middle) never holds other bytes of the process. Without it that part was
+  written as it was on the heap, and a process that had held another ledger wrote that
+  ledger's ids and amounts into this one's data file (`tests/test_storage.py`).
 - `create=False` for every open of an existing file, and its named databases opened
   without creating them: LMDB initialises an empty or missing data file as a new,
   empty database, which would serve a damaged ledger as an empty one and write over it.
@@ -356,7 +360,7 @@ def _lmdb_open(path: str, *, map_size_bytes: int, readonly: bool, create: bool) 
             max_readers=READERS_MAX,
             lock=True,
             writemap=False,
-            meminit=False,
+            meminit=True,  # (the module docstring says why)
             create=create,
             readonly=readonly,
         )

@@ -1512,3 +1512,37 @@ print(os.waitstatus_to_exitcode(status))
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ledger")], capture_output=True, text=True,
                           timeout=CLI_TIMEOUT_S, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert done.stdout.split() == ["0"], (done.stdout, done.stderr)
+
+
+_TWO_LEDGERS = """
+import sys
+from engine import Ledger, TransferRequest
+first, second, marker = sys.argv[1:4]
+ledger = Ledger.open(first)
+ledger.create_account("bank", currency="USD", overdraft_limit=None)
+for n in range(200):
+    ledger.create_account(f"{marker}-{n}", currency="USD")
+ledger.transfer_many([TransferRequest(f"{marker}-t{n}", "bank", f"{marker}-{n}", 5) for n in range(200)])
+ledger.close()
+ledger = Ledger.open(second)
+ledger.create_account("bank", currency="USD", overdraft_limit=None)
+for n in range(50):
+    ledger.create_account(f"b-{n}", currency="USD")
+    ledger.transfer(f"bt{n}", source="bank", destination=f"b-{n}", amount=3)
+ledger.close()
+"""
+
+
+def test_a_data_file_holds_no_bytes_of_another_ledger_the_process_had_open(tmp_path: Path) -> None:
+    """LMDB writes whole pages, and the part of a page no node uses holds whatever its buffer
+    held: with `meminit`, zeros or this ledger's own earlier bytes. Before, a process that
+    closed one ledger and then wrote another wrote the first one's ids into the second's data
+    file (hundreds of them, in a new interpreter, every run)."""
+    marker = "ZQXJ-first-ledger-only"
+    first, second = tmp_path / "first", tmp_path / "second"
+    done = subprocess.run([sys.executable, "-c", _TWO_LEDGERS, str(first), str(second), marker], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    assert marker.encode() in (first / "data.mdb").read_bytes()  # (what there was to leak)
+    assert marker.encode() not in (second / "data.mdb").read_bytes()
