@@ -52,8 +52,7 @@ class AccountBooks:
     it starts from may not be durable yet)."""
 
     def _open_books(self, account: Account, state: AccountState, held: int, incoming: int, held_lsn: int) -> None:
-        """Start from the projection's values, with nothing reserved. (`Directory.take_turns`
-        sets the same fields of a dormant turn itself, once per account of a batch: keep them alike.)"""
+        """Start from the projection's values, with nothing reserved."""
         self.account, self.state, self.reserved = account, state, 0
         self.held, self.incoming, self.held_lsn = held, incoming, held_lsn
 

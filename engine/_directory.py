@@ -109,7 +109,10 @@ class _Dormant(AccountBooks):
 
 
 _new = object.__new__
-"""Makes a `_Dormant` without calling a constructor (`Directory.take_turns` sets every slot)."""
+"""Makes a `_Dormant` without calling a constructor (`Directory.take_turns` opens its books)."""
+
+_UNSET = -1
+"""A dormant turn's `held_lsn` until `Directory.take_turns` sets it, after its loop."""
 
 
 class Directory:
@@ -165,12 +168,13 @@ class Directory:
                             continue
                         if account_id not in dormants:
                             # A `_Dormant` from the projection's values, nothing reserved (reservations
-                            # are made in the mailbox, which waits for the turn): its slots set here,
-                            # once per account of every batch, without the frames of a constructor.
+                            # are made in the mailbox, which waits for the turn), made without the
+                            # frame of a constructor: once per account of every batch. Its `held_lsn`
+                            # is set below (`_UNSET` until then).
                             dormant = _new(_Dormant)
-                            dormant.account, dormant.state, dormant.reserved, dormant.woken = (
-                                accounts[account_id], states[account_id], 0, None)
-                            dormant.held, dormant.incoming = held.get(account_id, 0), incoming.get(account_id, 0)
+                            dormant._open_books(accounts[account_id], states[account_id], held.get(account_id, 0),
+                                                incoming.get(account_id, 0), _UNSET)
+                            dormant.woken = None
                             dormants[account_id] = turns[account_id] = dormant
                             turns.handles.append(dormant)
                             dozed.append(dormant)
@@ -241,9 +245,9 @@ class Directory:
         actor: AccountActor = woken._inbox._actor  # type: ignore[assignment]
         assert actor.reserved == 0, actor.reserved
         # A `take_turns` that two interrupts cut short (one in its loop, one as it gave back
-        # what it took) leaves its dormant turns without `held_lsn`, which it sets after the
+        # what it took) leaves its dormant turns' `held_lsn` unset, which it sets after the
         # loop: the journal's last LSN now is a bound above their holds too (read after them).
-        held_lsn = dormant.held_lsn if hasattr(dormant, "held_lsn") else self._sequencer.last_lsn
+        held_lsn = dormant.held_lsn if dormant.held_lsn != _UNSET else self._sequencer.last_lsn
         actor.state, actor.held, actor.incoming, actor.held_lsn = (dormant.state, dormant.held, dormant.incoming,
                                                                    held_lsn)
         woken._inbox.give_back_turn()

@@ -603,7 +603,7 @@ def test_a_dormant_turn_left_taken_by_an_interrupted_take_turns_is_given_back_af
     `_release`, so the call raises with that dormant turn still in `turns`. The account's actor
     is made meanwhile (pinned, as a balance read pins it). Giving `turns` back, as `_taking`
     then does, must hand that actor its state and its turn, and as its `held_lsn` the journal's
-    last LSN (a bound above its holds), not fail on a `held_lsn` never set."""
+    last LSN (a bound above its holds), not the `held_lsn` it was never given."""
     ledger.create_account("bank", currency="USD", overdraft_limit=None)
     for name in ("a", "d"):
         ledger.create_account(name, currency="USD")
