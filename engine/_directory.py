@@ -17,7 +17,9 @@ A batch or a combiner needs an account's turn, not its actor: an account with no
 actor lends its turn as a `_Dormant`, which runs the same handlers on the projection's
 values, so touching a million accounts once makes no actor at all. Something that pins
 the account meanwhile wakes its actor with that turn still held; the holder hands its
-state over when it gives the turn back.
+state over when it gives the turn back. A dormant turn given back is kept for the next
+one (`DORMANT_SPARES`): a batch takes ~1.9 a transfer, and made afresh each time they were
+most of what a batch left alive for the collector's young collections to pass and promote.
 
 Threads: any. One lock guards the live table; it is held for dictionary work
 only, never while waiting.
@@ -111,6 +113,15 @@ class _Dormant(AccountBooks):
 _new = object.__new__
 """Makes a `_Dormant` without calling a constructor (`Directory.take_turns` opens its books)."""
 
+DORMANT_SPARES = 4_096
+"""Most dormant turns given back that a directory keeps to lend again (`Directory._spare`):
+about the accounts of two batches of 1,000. A batch takes ~1.9 a transfer; made afresh,
+each lived through the batch's chunks, so the young collections that ran meanwhile walked
+them and passed them on to older generations, and each was later freed out of those: a
+quarter of a batch's full collections and a third of its young ones, and 2.5% of its
+instructions (`bench/bench_instructions.py`). Kept, they are old objects, which a young
+collection never walks; a full collection walks these few thousand (~1 ms)."""
+
 _UNSET = -1
 """A dormant turn's `held_lsn` until `Directory.take_turns` sets it, after its loop."""
 
@@ -126,6 +137,8 @@ class Directory:
         """Live actors, in the order passivation visits them: activated or spared last, last."""
         self._dormant: dict[str, _Dormant] = {}
         """The turns taken of accounts that had no live actor (`_Dormant`), by account id."""
+        self._spare: list[_Dormant] = []
+        """Dormant turns given back, not held by anyone, to lend again (`DORMANT_SPARES`)."""
         self._lock = threading.Lock()
         self.live_max = live_max
         self.activations = 0
@@ -154,7 +167,7 @@ class Directory:
         sequencer = self._sequencer
         live, accounts, states, held, incoming = (self._live, sequencer.accounts, sequencer.states, sequencer.held,
                                                   sequencer.incoming)
-        dormants = self._dormant
+        dormants, spare = self._dormant, self._spare
         first = len(turns.handles)
         dozed: list[_Dormant] = []
         with self._lock:
@@ -168,10 +181,10 @@ class Directory:
                             continue
                         if account_id not in dormants:
                             # A `_Dormant` from the projection's values, nothing reserved (reservations
-                            # are made in the mailbox, which waits for the turn), made without the
-                            # frame of a constructor: once per account of every batch. Its `held_lsn`
-                            # is set below (`_UNSET` until then).
-                            dormant = _new(_Dormant)
+                            # are made in the mailbox, which waits for the turn): a spare one given
+                            # back before, or one made without the frame of a constructor; once per
+                            # account of every batch. Its `held_lsn` is set below (`_UNSET` until then).
+                            dormant = spare.pop() if spare else _new(_Dormant)
                             dormant._open_books(accounts[account_id], states[account_id], held.get(account_id, 0),
                                                 incoming.get(account_id, 0), _UNSET)
                             dormant.woken = None
@@ -215,7 +228,7 @@ class Directory:
         """`give_back_turns` (from the `first` turn taken on: those are dropped from `turns`),
         called with `_lock` held. The turns given back leave `turns.handles` (at the end, or
         where an interrupt stops it), so a call again gives back only the others."""
-        handles, dormants = turns.handles, self._dormant
+        handles, dormants, spare = turns.handles, self._dormant, self._spare
         given = first
         try:
             for entry in handles[first:]:
@@ -223,9 +236,12 @@ class Directory:
                 if isinstance(entry, _Dormant):
                     del dormants[entry.account.id]
                     # Without an actor made meanwhile, the projection holds what it did, and an
-                    # actor made later starts from it.
+                    # actor made later starts from it. No one holds the turn now: it is lent
+                    # again (`take_turns` opens its books afresh).
                     if entry.woken is not None:
                         self._wake(entry)
+                    elif len(spare) < DORMANT_SPARES:
+                        spare.append(entry)
                     continue
                 entry._inbox.give_back_turn()
                 entry.pins -= 1

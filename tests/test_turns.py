@@ -26,6 +26,7 @@ from engine import (
     Transfer,
     TransferRequest,
 )
+from engine import _directory
 from engine._runtime import Dispatcher
 from engine._tools_audit import verify
 from journal import JournalTimeoutError
@@ -593,6 +594,56 @@ def test_a_dormant_turn_starts_from_the_projection_at_the_journals_last_lsn(ledg
         give_back_turns(coordinator, turns)
     assert not directory._dormant and "a" not in directory._live
     assert ledger.balance("a") == Balance(100, 40, 60) and ledger.balance("b") == Balance(0, 0, 0, 40)
+
+
+def test_a_dormant_turn_given_back_is_lent_again_opened_afresh_and_the_spares_are_bounded(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dormant turn given back is kept and lent again, to whichever account needs one next:
+    its books opened afresh from that account's projection (its state and holds, nothing
+    reserved, no actor, the journal's last LSN as `held_lsn`), nothing left of the account it
+    served before, even what a decision on it changed. At most `DORMANT_SPARES` are kept; one
+    whose actor was made while it was held hands that actor its state and is not kept."""
+    ledger.create_account("bank", currency="USD", overdraft_limit=None)
+    for name in ("a", "b", "c", "d"):
+        ledger.create_account(name, currency="USD")
+    ledger.transfer("fund", source="bank", destination="a", amount=100)
+    ledger.transfer("hold", source="a", destination="b", amount=40, pending=True)
+    coordinator, directory = ledger._coordinator, ledger._directory
+    states = coordinator.sequencer.states
+    directory._spare.clear()  # (the transfers above were decided on dormant turns, kept since)
+    turns = take_turns(coordinator, ["a"])
+    assert turns is not None
+    lent = turns["a"]
+    lent.apply(states["a"][0] + 1, -1, 99, 10**6)  # what a decision would change (never journaled here)
+    lent.hold(5, 3, 10**6)
+    give_back_turns(coordinator, turns)
+    assert directory._spare == [lent] and not directory._dormant
+    again = take_turns(coordinator, ["b"])
+    assert again is not None and again["b"] is lent
+    try:
+        assert (lent.account, lent.state, lent.reserved, lent.held, lent.incoming) == (
+            coordinator.sequencer.accounts["b"], states["b"], 0, 0, 40)
+        assert lent.woken is None and lent.held_lsn == ledger._journal.last_lsn  # type: ignore[attr-defined]
+        assert not directory._spare and list(directory._dormant) == ["b"]
+    finally:
+        give_back_turns(coordinator, again)
+    monkeypatch.setattr(_directory, "DORMANT_SPARES", 2)
+    three = take_turns(coordinator, ["a", "b", "c"])
+    assert three is not None and lent in three.values()
+    give_back_turns(coordinator, three)
+    assert len(directory._spare) == 2 and set(directory._spare) < set(three.values())
+    woken = take_turns(coordinator, ["d"])
+    assert woken is not None and woken["d"] in three.values()  # a spare, lent again
+    handle = directory.pin("d")  # its actor, made while the dormant turn is held
+    try:
+        give_back_turns(coordinator, woken)
+    finally:
+        directory.unpin("d")
+    assert woken["d"] not in directory._spare and len(directory._spare) == 1
+    assert handle._inbox._actor.state == states["d"]  # type: ignore[union-attr]
+    assert ledger.balance("a") == Balance(100, 40, 60) and ledger.balance("b") == Balance(0, 0, 0, 40)
+    assert ledger.balance("d") == Balance(0, 0, 0)
 
 
 def test_a_dormant_turn_left_taken_by_an_interrupted_take_turns_is_given_back_after_its_actor_woke(
