@@ -34,7 +34,11 @@ SNAPSHOT = _Snapshot()
 class AccountBooks:
     """An account's handlers (`coordinator.TurnAccount`), on its `state`, `reserved`, `held`,
     `incoming` and `held_lsn`: the actor's, and a dormant turn's (`engine._directory`).
-    Only the holder of the account's turn calls them."""
+    Only the holder of the account's turn calls them. Its fields are slots: a dormant turn
+    (slots only) has no `__dict__`, so one lent again keeps nothing of its last account
+    (`engine._directory.Directory.take_turns` sets every slot anew)."""
+
+    __slots__ = ("account", "state", "reserved", "held", "incoming", "held_lsn")
 
     account: Account
     """Its id, currency and overdraft limit (`coordinator.TurnAccount.account`)."""

@@ -99,7 +99,7 @@ class _Dormant(AccountBooks):
     the holder applies the postings among them (`catch_up`). Giving the turn back hands
     the state to that actor, then its turn."""
 
-    __slots__ = ("account", "state", "reserved", "held", "incoming", "held_lsn", "woken")
+    __slots__ = ("woken",)
 
     woken: AccountHandle | None
     """The account's actor, if one was made while this turn is held (`Directory._pin`)."""
