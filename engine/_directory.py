@@ -17,12 +17,12 @@ A batch or a combiner needs an account's turn, not its actor: an account with no
 actor lends its turn as a `_Dormant`, which runs the same handlers on the projection's
 values, so touching a million accounts once makes no actor at all. Something that pins
 the account meanwhile wakes its actor with that turn still held; the holder hands its
-state over when it gives the turn back. A dormant turn given back is kept for the next
-one (`DORMANT_SPARES`): a batch takes ~1.9 a transfer, and made afresh each time they were
-most of what a batch left alive for the collector's young collections to pass and promote.
+state over when it gives the turn back. A dormant turn given back is kept to be lent
+again (`DORMANT_SPARES_MAX`): a batch takes ~1.9 a transfer, and made afresh each time they
+were most of what a batch left alive for the collector's young collections to walk and promote.
 
-Threads: any. One lock guards the live table; it is held for dictionary work
-only, never while waiting.
+Threads: any. One lock guards the live table, the dormant turns held and those kept; it is
+held for dictionary work only, never while waiting.
 """
 
 from __future__ import annotations
@@ -111,16 +111,19 @@ class _Dormant(AccountBooks):
 
 
 _new = object.__new__
-"""Makes a `_Dormant` without calling a constructor (`Directory.take_turns` opens its books)."""
+"""Makes a `_Dormant`, when no spare one is kept, without calling a constructor
+(`Directory.take_turns` opens its books)."""
 
-DORMANT_SPARES = 4_096
+DORMANT_SPARES_MAX = 4_096
 """Most dormant turns given back that a directory keeps to lend again (`Directory._spare`):
 about the accounts of two batches of 1,000. A batch takes ~1.9 a transfer; made afresh,
 each lived through the batch's chunks, so the young collections that ran meanwhile walked
-them and passed them on to older generations, and each was later freed out of those: a
-quarter of a batch's full collections and a third of its young ones, and 2.5% of its
-instructions (`bench/bench_instructions.py`). Kept, they are old objects, which a young
-collection never walks; a full collection walks these few thousand (~1 ms)."""
+them and passed them on to older generations, and each was later freed out of those. Kept,
+`transfer_many` makes a third fewer young collections and a quarter fewer full ones (in
+`bench/bench_load.py`'s rounds) and ~3% fewer instructions a transfer
+(`bench/bench_instructions.py`); they are old objects, which a young collection never
+walks, and a full collection walks these few thousand (~1 ms: 5.9 -> 7.1 ms for a heap
+of 100,000 objects)."""
 
 _UNSET = -1
 """A dormant turn's `held_lsn` until `Directory.take_turns` sets it, after its loop."""
@@ -138,7 +141,7 @@ class Directory:
         self._dormant: dict[str, _Dormant] = {}
         """The turns taken of accounts that had no live actor (`_Dormant`), by account id."""
         self._spare: list[_Dormant] = []
-        """Dormant turns given back, not held by anyone, to lend again (`DORMANT_SPARES`)."""
+        """Dormant turns given back, not held by anyone, to lend again (`DORMANT_SPARES_MAX`)."""
         self._lock = threading.Lock()
         self.live_max = live_max
         self.activations = 0
@@ -180,10 +183,11 @@ class Directory:
                         if account_id not in accounts:
                             continue
                         if account_id not in dormants:
-                            # A `_Dormant` from the projection's values, nothing reserved (reservations
-                            # are made in the mailbox, which waits for the turn): a spare one given
-                            # back before, or one made without the frame of a constructor; once per
-                            # account of every batch. Its `held_lsn` is set below (`_UNSET` until then).
+                            # A `_Dormant` (a spare one given back before, else one made without the
+                            # frame of a constructor), its books opened from the projection's values,
+                            # nothing reserved (reservations are made in the mailbox, which waits for
+                            # the turn): for each account of every batch that has no live actor. Its
+                            # `held_lsn` is set below (`_UNSET` until then).
                             dormant = spare.pop() if spare else _new(_Dormant)
                             dormant._open_books(accounts[account_id], states[account_id], held.get(account_id, 0),
                                                 incoming.get(account_id, 0), _UNSET)
@@ -227,7 +231,9 @@ class Directory:
     def _release(self, turns: _Turns, first: int = 0) -> None:
         """`give_back_turns` (from the `first` turn taken on: those are dropped from `turns`),
         called with `_lock` held. The turns given back leave `turns.handles` (at the end, or
-        where an interrupt stops it), so a call again gives back only the others."""
+        where an interrupt stops it), so a call again gives back only the others. Once every
+        turn is given back, `turns` is emptied: a dormant turn in it may be lent to another
+        account by then, and a read of it must fail, not find that account's books."""
         handles, dormants, spare = turns.handles, self._dormant, self._spare
         given = first
         try:
@@ -240,7 +246,7 @@ class Directory:
                     # again (`take_turns` opens its books afresh).
                     if entry.woken is not None:
                         self._wake(entry)
-                    elif len(spare) < DORMANT_SPARES:
+                    elif len(spare) < DORMANT_SPARES_MAX:
                         spare.append(entry)
                     continue
                 entry._inbox.give_back_turn()
@@ -251,6 +257,8 @@ class Directory:
         if first:
             for account_id in list(turns)[first:]:
                 del turns[account_id]
+        elif not handles:
+            turns.clear()
 
     def _wake(self, dormant: _Dormant) -> None:
         """Give back a dormant turn whose actor was made meanwhile (`_lock` held, `_release`):
