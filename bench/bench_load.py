@@ -1,6 +1,7 @@
 """Real load: `transfer_many` from several threads at once, and batches beside single transfers.
 
-    python bench/bench_load.py [--accounts 10000] [--transfers 24000] [--rounds 3] [--json out.json]
+    python bench/bench_load.py [--accounts 10000] [--transfers 24000] [--rounds 3] [--order palindrome|ascending]
+                               [--json out.json]
 
 A host with several workers, each sending batches of 1,000, is the case this holds.
 Per round, on one ledger of `--accounts` accounts (uniform random pairs):
@@ -10,8 +11,17 @@ Per round, on one ledger of `--accounts` accounts (uniform random pairs):
   1,000: the total durable rate, and its ratio to the 1-thread rate of the same round;
 - mixed load: 4 batch threads (`--transfers` in total) beside 16 threads calling
   `transfer` one at a time until the batches are done: the batches' rate against the
-  4-thread row of the same round, the single transfers' rate and their p99 latency.
+  4-thread rows of the same round, the single transfers' rate and their p99 latency.
 Each figure is the median of `--rounds` rounds, with its range. Ratios are what to read.
+
+A round runs its rows there and back, the floor, 1, 2, 4, 8 threads, the mixed row, then 8,
+4, 2, 1 and the floor again (`--order palindrome`, the default), and a thread count's rate
+(and the floor's) is that of its two rows together. The rows share one ledger that grows by `--transfers` a row, and a process gets
+slower as it runs on this machine (a fresh ledger's row too, in the same process); run in
+one direction (`--order ascending`: 1, 2, 4, 8, mixed), the 8-thread row came out ~10% below
+where the same code put it with the rows reversed, whatever its threads. There and back,
+each count and the mixed row sit at the same mean position in the round, so a drift that
+moves steadily weighs on none of them more than on another.
 """
 
 from __future__ import annotations
@@ -147,6 +157,8 @@ def main() -> int:
     parser.add_argument("--transfers", type=int, default=24_000, help="per row and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--order", choices=("palindrome", "ascending"), default="palindrome",
+                        help="rows there and back (1, 2, 4, 8, mixed, 8, 4, 2, 1; the default) or one way")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     rows: dict[str, list[float]] = {}
@@ -161,13 +173,20 @@ def main() -> int:
         for number in range(1, args.rounds + 1):
             work = workload(args.accounts, args.transfers, "uniform", args.seed - number)
             floor = durable_floor(args.accounts, work, os.path.join(scratch, f"floor-{number}"))["transfers_per_s"]
-            add("floor", floor)
             rates = {threads: load.many(threads) for threads in THREADS}
+            mixed = load.mixed()
+            if args.order == "palindrome":
+                back = {threads: load.many(threads) for threads in reversed(THREADS)}
+                # Each count's two rows together: `--transfers` each, so the rate of both is the
+                # harmonic mean of theirs. The floor too, before the rows and after.
+                rates = {threads: 2 / (1 / rate + 1 / back[threads]) for threads, rate in rates.items()}
+                after = durable_floor(args.accounts, work, os.path.join(scratch, f"floor-{number}-after"))
+                floor = 2 / (1 / floor + 1 / after["transfers_per_s"])
+            add("floor", floor)
             for threads, rate in rates.items():
                 add(f"many-{threads}", rate)
                 add(f"many-{threads}/1", rate / rates[1])
             add("many-1/floor", rates[1] / floor)
-            mixed = load.mixed()
             add("mixed-batches", mixed["batch_transfers_per_s"])
             add("mixed-batches/alone", mixed["batch_transfers_per_s"] / rates[MIXED_BATCH_THREADS])
             add("mixed-singles", mixed["single_transfers_per_s"])
@@ -177,7 +196,8 @@ def main() -> int:
                 f"{t}: {r:,.0f}/s" for t, r in rates.items()) + f", mixed {json.dumps(mixed)}", file=sys.stderr)
         stats = tally.ledger.stats()
         tally.ledger.close()
-    print(f"\n{args.accounts:,} accounts, uniform pairs, batches of {BATCH:,}; median of {args.rounds} rounds [range]")
+    print(f"\n{args.accounts:,} accounts, uniform pairs, batches of {BATCH:,}; median of {args.rounds} rounds [range]; "
+          f"rows {'there and back' if args.order == 'palindrome' else 'one way'}")
     show("durable floor, transfers/s", rows["floor"])
     for threads in THREADS:
         show(f"transfer_many, {threads} thread(s), transfers/s", rows[f"many-{threads}"])
@@ -189,7 +209,7 @@ def main() -> int:
     show(f"mixed: singles ({MIXED_SINGLE_THREADS} threads), transfers/s", rows["mixed-singles"])
     show("  singles p50 latency", rows["mixed-single-p50-ms"], " ms", digits=1)
     show("  singles p99 latency", rows["mixed-single-p99-ms"], " ms", digits=1)
-    result = {"accounts": args.accounts, "transfers": args.transfers, "rounds": args.rounds,
+    result = {"accounts": args.accounts, "transfers": args.transfers, "rounds": args.rounds, "order": args.order,
               "rows": {key: summary(values) for key, values in rows.items()}, "ledger_stats": stats}
     write_json(args.json, result)
     return 0
