@@ -1,14 +1,17 @@
 """Pauses while many open pending transfers are posted: what a transfer beside them waits out.
 
-    python bench/bench_pauses.py [--pending 300000] [--tree PATH] [--json out.json]
+    python bench/bench_pauses.py [--pending 300000] [--beside posts|transfers] [--tree PATH] [--json out.json]
 
 One ledger, 100 accounts and a bank. `--pending` pending transfers with a timeout of an hour
-are made in batches of 1,000 (`transfer_many`), then posted in batches of 1,000 while a probe
-thread makes single transfers one after another, a millisecond apart. Printed: the posts' rate; the probe's
-latency (p50, p99, longest); and, timed around the sequencer's own steps, under its lock
-(every transfer waits for those): the longest and the total of its checkpoints (each holds
-every open pending transfer) and of the deadline heap's compaction (`coordinator._deadlines`,
-or, in a tree from before it, the one-pass `Sequencer._compact_deadlines`). `--tree` runs
+are made in batches of 1,000 (`transfer_many`), then posted in batches of 1,000 (or, with
+`--beside transfers`, as many transfers made between the accounts while they stay open)
+while a probe thread makes single transfers one after another, a millisecond apart.
+Printed: the posts' rate; the probe's latency (p50, p99, longest); the data file's size at
+the end, and the time to open the ledger again; and, timed around the sequencer's own steps, under its lock (every transfer waits
+for those): the longest and the total of its checkpoints (each held every open pending
+transfer before CHECKPOINT5; now those opened since the last, a sweep of others, and the ids
+of those closed since) and of the deadline heap's compaction (`coordinator._deadlines`, or,
+in a tree from before it, the one-pass `Sequencer._compact_deadlines`). `--tree` runs
 another checkout's engine (every module of the engine loaded is checked to be that tree's).
 A compaction's first step runs inside its start, so its time is in both totals: do not add them.
 """
@@ -37,6 +40,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pending", type=int, default=300_000)
     parser.add_argument("--tree", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    parser.add_argument("--beside", choices=("posts", "transfers"), default="posts",
+                        help="what the probe goes beside: the pending transfers posted (the default), or as many "
+                             "transfers between the accounts while they stay open")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.pending < BATCH:
@@ -98,23 +104,37 @@ def main() -> None:
             prober.start()
             started = time.perf_counter()
             for first in range(0, count, BATCH):
-                posted = ledger._decide_many([Resolution(f"q{k}", f"p{k}") for k in range(first, first + BATCH)])
+                if args.beside == "posts":
+                    batch = [Resolution(f"q{k}", f"p{k}") for k in range(first, first + BATCH)]
+                else:  # transfers between the accounts, the pending transfers left open
+                    batch = [TransferRequest(f"s{k}", names[k % 100], names[(k + 1) % 100], 1)
+                             for k in range(first, first + BATCH)]
+                posted = ledger._decide_many(batch)
                 assert all(isinstance(transfer, Transfer) for transfer in posted), posted[0]
             elapsed = time.perf_counter() - started
             stop.set()
             prober.join(60)
             assert not prober.is_alive(), "the probe did not stop"
             assert not failures, f"the probe failed: {failures[0]!r}"
+        data_bytes = os.path.getsize(os.path.join(directory, "ledger", "data.mdb"))
+        opening = time.perf_counter()
+        reopened = Ledger.open(os.path.join(directory, "ledger"))
+        reopen_s = time.perf_counter() - opening
+        still_open = len(reopened._sequencer.pending)
+        reopened.close()
     from_tree(tree)
     latencies.sort()
     report = {
-        "tree": tree, "pending": count, "posts_per_s": count / elapsed,
+        "tree": tree, "pending": count, "beside": args.beside, "posts_per_s": count / elapsed, "data_file_bytes": data_bytes,
+        "reopen_s": reopen_s, "open_after": still_open,
         "probe": {"transfers": len(latencies), "p50_ms": statistics.median(latencies) * 1e3,
                   "p99_ms": latencies[int(0.99 * (len(latencies) - 1))] * 1e3, "max_ms": latencies[-1] * 1e3},
         "steps": {name: {"calls": len(values), "longest_ms": max(values) * 1e3, "total_ms": sum(values) * 1e3}
                   for name, values in spent.items() if values},
     }
-    print(f"tree {tree}: {count:,} pending transfers posted at {report['posts_per_s']:,.0f}/s")
+    what = "pending transfers posted" if args.beside == "posts" else "transfers beside as many open pending transfers"
+    print(f"tree {tree}: {count:,} {what} at {report['posts_per_s']:,.0f}/s; data file {data_bytes / 2**20:,.0f} MiB")
+    print(f"  reopened in {reopen_s:.2f} s, {still_open:,} pending transfers open")
     probe_ = report["probe"]
     print(f"  probe: {probe_['transfers']:,} transfers, p50 {probe_['p50_ms']:.2f} ms, p99 {probe_['p99_ms']:.1f} ms, "
           f"longest {probe_['max_ms']:.1f} ms")

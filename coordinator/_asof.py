@@ -47,6 +47,7 @@ from coordinator._records import (
     ACCOUNTS_INDEX,
     CHECKPOINT3,
     CHECKPOINT4,
+    CHECKPOINT5,
     ENTRIES_INDEX,
     ENTRY_SEQ_END,
     EXPIRY3,
@@ -184,7 +185,7 @@ def record_timestamp(journal: Journal, lsn: int, txn: Any, last: bool = False) -
             raise JournalCorrupted(f"journal corrupted: the record at LSN {lsn} is missing", lsn)
         record = decode(lsn, payload)
         kind = record[0]
-        if kind in (TRANSFER3, REFUSAL3, EXPIRY3, CHECKPOINT3, CHECKPOINT4, ACCOUNT4):
+        if kind in (TRANSFER3, REFUSAL3, EXPIRY3, CHECKPOINT3, CHECKPOINT4, CHECKPOINT5, ACCOUNT4):
             if last and kind == TRANSFER3:
                 return int(record[1]) + len(record) - 4  # the legs are record[3:]
             if last and kind == REFUSAL3:

@@ -1,23 +1,25 @@
 """What the sequencer's next checkpoint holds, and the chain of checkpoints an open reads back.
 
-A CHECKPOINT4 (`coordinator._records`) holds the rows of the accounts that changed or opened
+A CHECKPOINT5 (`coordinator._records`; a CHECKPOINT4 before it) holds the rows of the accounts that changed or opened
 since the checkpoint before it, plus a sweep through as many others, in creation order, going
 on from where the last sweep stopped; or, at a clean close after a long chain, every account
 (`Sequencer.checkpoint_on_close`). `CheckpointRows` makes those rows and keeps count of the
 chain, so the sequencer (`coordinator._sequencer`) only journals them; opening reads the chain
-back (`coordinator._checkpoints`). Used under the sequencer's lock only.
+back (`coordinator._checkpoints`). `pending_rows` makes the part of the open pending
+transfers (CHECKPOINT5). Used under the sequencer's lock only.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable
 from itertools import compress, islice, repeat
 from operator import attrgetter, is_not
 from typing import Any
 
-from coordinator._limits import CHECKPOINT_SWEEP_MIN
-from coordinator._state import Projection
+from coordinator._limits import CHECKPOINT_PENDING_CHAIN, CHECKPOINT_PENDING_SWEEP_MIN, CHECKPOINT_SWEEP_MIN
+from coordinator._state import Pending, Projection
 
 AccountRow = tuple[Any, ...]
 """An account's row in a checkpoint: id, currency, overdraft limit, code, metadata, opening LSN,
@@ -126,6 +128,36 @@ class CheckpointRows:
         return changed, previous, end % total
 
 
+def pending_rows(pending: dict[str, Pending], opened: list[str], closed: int, base: int, sweep_from: int,
+                 share: float) -> tuple[list[Pending], int, int]:
+    """The open pending transfers the next checkpoint holds (see `coordinator._records`,
+    CHECKPOINT5), the checkpoint it builds on for the rest (0: it holds every one) and where
+    the sweep after it starts. `opened`: those opened since the checkpoint at `base` (0: none
+    to build on); `closed`: how many closed since; `sweep_from`: where this sweep starts (a
+    position in `pending`, whose order is the order they opened in: a guide, as positions move
+    when one closes); `share`: the part of the accounts this checkpoint holds rows of (0 if it
+    holds every one). The sweep is as long as what changed, at least
+    `CHECKPOINT_PENDING_SWEEP_MIN`, as large a part of them as `share` is of the accounts (so
+    the walk back for them ends about where the accounts' does) and 1/`CHECKPOINT_PENDING_CHAIN`
+    of them (so it ends within about that many checkpoints)."""
+    total = len(pending)
+    still = [pending[pending_id] for pending_id in opened if pending_id in pending]
+    length = max(len(still) + closed, CHECKPOINT_PENDING_SWEEP_MIN, math.ceil(total * share),
+                 -(-total // CHECKPOINT_PENDING_CHAIN))
+    if not base or len(still) + length >= total:
+        return list(pending.values()), 0, 0
+    start = sweep_from if sweep_from < total else 0
+    swept = list(islice(pending.values(), start, start + length))  # (skipping to `start` in C)
+    end = start + len(swept)
+    if len(swept) < length:  # round to the first
+        swept += islice(pending.values(), length - len(swept))
+        end = length - (total - start)
+    held = dict(zip(map(_ID, swept), swept, strict=True))
+    held.update(zip(map(_ID, still), still, strict=True))
+    return list(held.values()), base, end % total
+
+
+_ID = attrgetter("id")
 _CURRENCY = attrgetter("currency")
 _OVERDRAFT_LIMIT = attrgetter("overdraft_limit")
 _CODE = attrgetter("code")

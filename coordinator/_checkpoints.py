@@ -4,7 +4,8 @@ A checkpoint record holds the accounts' rows (and the open pending transfers) as
 LSN, so opening replays only the records after it (`coordinator._recovery`). A CHECKPOINT4
 holds the rows of the accounts that changed since the one before it, which it names, plus
 a sweep of as many others; opening walks that chain back until every account has a row
-(`_walk_back`). Whatever is read is checked before it is used: a row that is no row, a
+(`_walk_back`). A CHECKPOINT5 holds the open pending transfers likewise, and names those
+closed since the one before; the walk for them is `coordinator._checkpoint_chain`'s. Whatever is read is checked before it is used: a row that is no row, a
 chain that names no checkpoint, a count that does not add up is `JournalCorrupted` naming
 the checkpoint's LSN; nothing is repaired.
 
@@ -25,11 +26,12 @@ from typing import Any
 
 from journal import Journal, JournalCorruptedError
 
+from coordinator._checkpoint_chain import check_checkpoint, checkpoint_before, corrupted, open_pending_at
 from coordinator._entries import Unindexed, indexed_through, unindexed_by_key
 from coordinator._errors import JournalCorrupted
 from coordinator._history import metadata_of
 from coordinator._holds import unindexed_holds_by_key
-from coordinator._records import CHECKPOINT, CHECKPOINT3, CHECKPOINT4, CHECKPOINTS_INDEX, decode, value_lsn
+from coordinator._records import CHECKPOINT, CHECKPOINT3, CHECKPOINT4, CHECKPOINT5, CHECKPOINTS_INDEX, decode, value_lsn
 from coordinator._sequencer import Sequencer
 from coordinator._state import Pending, Projection
 from coordinator._values import Account, Metadata, opened_account
@@ -70,14 +72,10 @@ class Recovered(Projection):
     checkpoint_met: int = 0
     """LSN of the last checkpoint replay met (or started from)."""
 
-def corrupted(lsn: int, reason: str) -> JournalCorrupted:
-    return JournalCorrupted(f"journal corrupted at LSN {lsn}: {reason}", lsn)
-
-
 _FIRST = itemgetter(0)
 _ACCOUNT_FIELDS = itemgetter(0, 1, 2, 3, 4)
 ROW_FIELDS = 9
-"""An account's row in a CHECKPOINT3 or CHECKPOINT4: id, currency, limit, code, metadata,
+"""An account's row in a CHECKPOINT3, CHECKPOINT4 or CHECKPOINT5: id, currency, limit, code, metadata,
 opening LSN, seq, posted, last LSN."""
 _METADATA = itemgetter(4)
 _OPENED_LSN = itemgetter(5)
@@ -90,13 +88,23 @@ def _account_row(row: list[Any]) -> tuple[Account, int, tuple[int, int, int]]:
     return Account(account_id, currency, limit, code, metadata_of(metadata)), opened_lsn, (seq, posted, last_lsn)
 
 
-def checkpoint_agrees(record: list[Any], books: Recovered) -> bool:
-    """Pair check: a checkpoint met on the way must equal the projection rebuilt so far."""
+def checkpoint_agrees(lsn: int, record: list[Any], books: Recovered) -> bool:
+    """Pair check: the checkpoint `record`, met on the way at `lsn`, must equal the projection
+    rebuilt so far (a record that is no checkpoint's shape does not)."""
+    try:
+        return _agrees(lsn, record, books)
+    except (TypeError, ValueError, KeyError, IndexError):  # a row that is no row
+        return False
+
+
+def _agrees(lsn: int, record: list[Any], books: Recovered) -> bool:
     if record[0] == CHECKPOINT:
         rows = [(Account(row[0], row[1], row[2]), row[3], (row[4], row[5], row[6])) for row in record[1]]
         pendings: list[Any] = []
-    elif record[0] == CHECKPOINT4:
-        _, last_timestamp, index_entries, previous, total, sweep_next, raw, pendings = record
+    elif record[0] == CHECKPOINT4 or record[0] == CHECKPOINT5:
+        _, last_timestamp, index_entries, previous, total, sweep_next, raw, pendings = record[:8]
+        if not _fields_shaped(lsn, record):
+            return False
         rows = [_account_row(row) for row in raw]
         if last_timestamp != books.last_timestamp or index_entries != books.index_entries or total != len(
                 books.accounts) or type(sweep_next) is not int or not 0 <= sweep_next < max(total, 1):
@@ -117,7 +125,37 @@ def checkpoint_agrees(record: list[Any], books: Recovered) -> bool:
     for account, opened_lsn, state in rows:
         if accounts.get(account.id) != account or lsns[account.id] != opened_lsn or states[account.id] != state:
             return False
+    if record[0] == CHECKPOINT5:
+        return _pending_agrees(record, books)
     return [list(pending) for pending in books.pending.values()] == pendings
+
+
+def _fields_shaped(lsn: int, record: list[Any]) -> bool:
+    """Whether the CHECKPOINT4 or CHECKPOINT5 `record` at `lsn` has a checkpoint's shape
+    (`check_checkpoint`)."""
+    try:
+        check_checkpoint(lsn, record)
+    except JournalCorrupted:
+        return False
+    return True
+
+
+def _pending_agrees(record: list[Any], books: Recovered) -> bool:
+    """Pair check of a CHECKPOINT5's open pending transfers: each row it holds is of one open
+    now, as it is; it holds every one (if it builds on no checkpoint), or builds on the last
+    one met and holds every one opened since; it says how many are open, and names exactly
+    those closed since (`check_checkpoint` checked the fields' types)."""
+    pendings, base, closed, count = record[7], record[8], record[9], record[10]
+    pending = books.pending
+    if count != len(pending):
+        return False
+    held = {row[0]: row for row in pendings}
+    if len(held) != len(pendings) or any(list(pending[pending_id]) != row for pending_id, row in held.items()):
+        return False
+    if base == 0:
+        return len(held) == count
+    return base == books.checkpoint_met and all(found.lsn <= base or found.id in held for found in pending.values()) \
+        and set(map(type, closed)) <= {str} and sorted(closed) == sorted(books.closed_since)
 
 
 def _holds_what_changed(rows: list[tuple[Account, int, Any]], previous: int, books: Recovered) -> bool:
@@ -170,23 +208,28 @@ def _load_checkpoint(journal: Journal) -> Recovered:
             books.account_lsns[account_id] = opened_lsn
             books.states[account_id] = (seq, posted, last_lsn)
         books.index_entries = lsn  # formats 1 and 2: one index entry per record
-    elif record[0] == CHECKPOINT3 or record[0] == CHECKPOINT4:
+    elif record[0] == CHECKPOINT3 or record[0] == CHECKPOINT4 or record[0] == CHECKPOINT5:
         if record[0] == CHECKPOINT3:
             _, books.last_timestamp, books.index_entries, rows, pendings = record
             _check_rows(lsn, rows)
             chain = [lsn]
             books.chain_read = ((len(rows), len(rows)),)
         else:
-            _check_checkpoint(lsn, record)
-            _, books.last_timestamp, books.index_entries, _, total, sweep_next, _, pendings = record
-            rows, chain, books.chain_read = _walk_back(journal, lsn, record)
+            check_checkpoint(lsn, record)
+            _, books.last_timestamp, books.index_entries, _, total, sweep_next, _, pendings = record[:8]
+            rows, read, books.chain_read = _walk_back(journal, lsn, record)
+            chain = [at for at, _ in read]
             books.checkpoint_chain = (lsn, total, sweep_next)
+            if record[0] == CHECKPOINT5:
+                pendings, walked = open_pending_at(journal, lsn, read)
+                chain += [at for at in walked if at not in chain]
+                books.pending_sweep = record[11]
         try:
             _load_rows(books, rows, pendings)
         except (TypeError, ValueError, KeyError, IndexError) as error:  # what a checkpoint never holds
             _find_bad_rows(journal, chain)
             raise corrupted(lsn, f"the checkpoint's accounts or pending transfers do not load: {error!r}") from error
-        if record[0] == CHECKPOINT4 and len(books.accounts) != total:  # an id held twice
+        if record[0] != CHECKPOINT3 and len(books.accounts) != total:  # an id held twice
             raise corrupted(lsn, f"the checkpoint and those before it hold {len(books.accounts)} accounts, not {total}")
     else:
         raise corrupted(lsn, "the checkpoint index names a record that is not a checkpoint")
@@ -214,12 +257,12 @@ def _load_rows(books: Recovered, rows: list[list[Any]], pendings: list[Any]) -> 
         books.incoming[pending.destination] = books.incoming.get(pending.destination, 0) + pending.amount
 
 
-def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> tuple[list[list[Any]], list[int],
+def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> tuple[list[list[Any]], list[tuple[int, list[Any]]],
                                                                     tuple[tuple[int, int], ...]]:
-    """Every account's row as of the CHECKPOINT4 `record` at `lsn`: its own, or the newest
-    one of the checkpoints before it (each names the one before, `previous_lsn`), in
-    creation order (opening LSN); the LSNs of the checkpoints read, and their rows and sweep
-    lengths (`Projection.chain_read`).
+    """Every account's row as of the CHECKPOINT4 or CHECKPOINT5 `record` at `lsn`: its own,
+    or the newest one of the checkpoints before it (each names the one before,
+    `previous_lsn`), in creation order (opening LSN); the checkpoints read, newest first
+    (LSN, record), and their rows and sweep lengths (`Projection.chain_read`).
 
     The chain is read newest first until its sweeps have passed over every account (each
     checkpoint's sweep goes on, in creation order, from where the one before it stopped),
@@ -231,26 +274,26 @@ def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> tuple[list[list
     if record[3] == 0:  # it holds every account (as closing writes one), in creation order: nothing to merge
         whole = _in_creation_order(record[6], total)
         if whole is not None:
-            return whole, [lsn], ((total, total),)
-    chain = [(lsn, record[6])]
+            return whole, [(lsn, record)], ((total, total),)
+    chain = [(lsn, record)]
     sweeps: list[int] = []
     swept = 0
     at = lsn
-    while record[3] != 0 and swept < total and len(chain[0][1]) < total:
-        older = _checkpoint_before(journal, lsn, at, record[3])
+    while record[3] != 0 and swept < total and len(chain[0][1][6]) < total:
+        older = checkpoint_before(journal, lsn, at, record[3])
         sweeps.append(_sweep_length(record, older))
         swept += sweeps[-1]
         at, record = record[3], older
-        chain.append((at, record[6]))
+        chain.append((at, record))
     found: dict[str, list[Any]] = {}
     try:
-        for _, rows in reversed(chain):  # oldest first (of two rows of one account in one, the last is kept)
-            found.update(zip(map(_FIRST, rows), rows, strict=True))
+        for _, read in reversed(chain):  # oldest first (of two rows of one account in one, the last is kept)
+            found.update(zip(map(_FIRST, read[6]), read[6], strict=True))
         while len(found) < total and record[3] != 0:
-            older = _checkpoint_before(journal, lsn, at, record[3])
+            older = checkpoint_before(journal, lsn, at, record[3])
             sweeps.append(_sweep_length(record, older))
             at, record = record[3], older
-            chain.append((at, record[6]))
+            chain.append((at, record))
             rows = record[6][::-1]  # from its end: of two rows of one account, the last is kept, as above
             ids = list(map(_FIRST, rows))  # the rows of accounts not found yet, added: the loops run in C
             found.update(compress(zip(ids, rows, strict=True), map(not_, map(found.__contains__, ids))))
@@ -259,8 +302,8 @@ def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> tuple[list[list
         if not set(map(type, found)) <= {str}:  # an id that is no id (one pass in C)
             raise TypeError("an account id that is not a str")
         sweeps.append(total if record[3] == 0 else 0)  # the oldest read: every account, or not known
-        return (sorted(found.values(), key=itemgetter(5)), [at for at, _ in chain],  # creation order
-                tuple(zip(map(len, (rows for _, rows in chain)), sweeps, strict=True)))
+        return (sorted(found.values(), key=itemgetter(5)), chain,  # creation order
+                tuple(zip(map(len, (read[6] for _, read in chain)), sweeps, strict=True)))
     except (TypeError, KeyError, IndexError) as error:  # a row that is no row
         _find_bad_rows(journal, [at for at, _ in chain])
         raise corrupted(lsn, f"the checkpoint, or one before it, holds rows that do not load: {error!r}") from error
@@ -294,37 +337,6 @@ def _find_bad_rows(journal: Journal, chain: list[int]) -> None:
             _load_rows(Recovered(), sorted(rows, key=itemgetter(5)), pendings)
         except (TypeError, ValueError, KeyError, IndexError) as error:
             raise corrupted(at, f"the checkpoint's accounts or pending transfers do not load: {error!r}") from error
-
-
-def _checkpoint_before(journal: Journal, lsn: int, at: int, previous: Any) -> list[Any]:
-    """The CHECKPOINT4 that the one at `at` (on the walk back from the one at `lsn`) names as
-    the one before it, at `previous`."""
-    if type(previous) is not int or not 0 < previous < at:
-        raise corrupted(at, f"the checkpoint names LSN {previous!r} as the one before it")
-    try:
-        payload = journal.read(previous)
-    except JournalCorruptedError as error:
-        raise JournalCorrupted(str(error), error.lsn) from error
-    if payload is None:
-        raise corrupted(lsn, f"the checkpoint before it, at LSN {previous}, is not there")
-    record = decode(previous, payload)
-    if record[0] != CHECKPOINT4:
-        raise corrupted(previous, "a checkpoint names it as the one before, but it is not a CHECKPOINT4")
-    _check_checkpoint(previous, record)
-    return record
-
-
-def _check_checkpoint(lsn: int, record: list[Any]) -> None:
-    """What opening takes from the CHECKPOINT4 `record` at `lsn` must have a checkpoint's
-    shape (its sum says the bytes are as written; this, that what was written is one). Its
-    rows are checked as they are taken (`_walk_back`)."""
-    _, _, _, previous, total, sweep_next, rows, _ = record
-    if type(total) is not int or total < 0 or type(previous) is not int or previous < 0:
-        raise corrupted(lsn, f"the checkpoint's account count {total!r} or previous LSN {previous!r} is not one")
-    if type(sweep_next) is not int or not 0 <= sweep_next < max(total, 1):
-        raise corrupted(lsn, f"the checkpoint's sweep position {sweep_next!r} is not one of its {total} accounts")
-    if type(rows) is not list:
-        raise corrupted(lsn, "the checkpoint's rows are not a list")
 
 
 def _check_rows(lsn: int, rows: Any) -> None:

@@ -118,6 +118,12 @@ class Books(Protocol):
     @property
     def pending(self) -> MutableMapping[str, Pending]: ...
 
+    @property
+    def opened_since(self) -> list[str]: ...
+
+    @property
+    def closed_since(self) -> list[str]: ...
+
 
 def enter(book: Books, requests: Sequence[Request], legs: Sequence[Leg], lsn: int, timestamp: int) -> None:
     """Write decided legs (`decide` of `requests` at `timestamp`) journaled at `lsn` into
@@ -149,20 +155,23 @@ new_pending = tuple.__new__
 def open_pending(book: Books, request: TransferRequest, lsn: int, timestamp: int) -> None:
     """Open the pending transfer `request`, decided at `timestamp` and journaled at `lsn`, in
     `book`: its amount held on its source and on its way to its destination, and it open, with
-    its deadline."""
+    its deadline (noted for the next checkpoint: `opened_since`)."""
     source, destination, amount = request.source, request.destination, request.amount
     held, incoming = book.held, book.incoming
     held[source] = held.get(source, 0) + amount
     incoming[destination] = incoming.get(destination, 0) + amount
     book.pending[request.id] = new_pending(Pending, (request.id, source, destination, amount,
                                                      deadline_of(timestamp, request.timeout_s), lsn, request.code))
+    book.opened_since.append(request.id)
 
 
 def close_pending(book: Books, pending_id: str) -> Pending:
     """Close the open pending transfer `pending_id` (posted, voided or expired) in `book`: what
     it held comes off its source's holds and its destination's funds on their way (a hold that
-    falls to 0 leaves its mapping, so equal books are equal mappings). Returns it."""
+    falls to 0 leaves its mapping, so equal books are equal mappings), and note it closed for
+    the next checkpoint (`closed_since`). Returns it."""
     closed = book.pending.pop(pending_id)
+    book.closed_since.append(pending_id)
     held, incoming = book.held, book.incoming
     source, destination, amount = closed.source, closed.destination, closed.amount
     left = held[source] - amount

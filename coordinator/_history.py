@@ -27,6 +27,7 @@ from coordinator._records import (
     CHECKPOINT,
     CHECKPOINT3,
     CHECKPOINT4,
+    CHECKPOINT5,
     COMMIT,
     ENTRY_SEQ_END,
     EXPIRY3,
@@ -113,10 +114,11 @@ class Checkpointed(NamedTuple):
 
     lsn: int
     accounts: int
-    """Accounts it holds a row of (a CHECKPOINT4: those that changed since the one before it,
-    and its sweep's)."""
+    """Accounts it holds a row of (a CHECKPOINT4 or CHECKPOINT5: those that changed since the
+    one before it, and its sweep's)."""
     pending: int
-    """Open pending transfers it carries."""
+    """Open pending transfers it carries (a CHECKPOINT5: those opened since the one before it,
+    and its sweep's)."""
     ledger_accounts: int = -1
     """Accounts in the ledger when it was written (-1: as many as it holds)."""
 
@@ -160,7 +162,7 @@ def typed(lsn: int, record: list[Any]) -> Record:
         return Expired(lsn, record[1], tuple(record[2]))
     if kind == CHECKPOINT3:
         return Checkpointed(lsn, len(record[3]), len(record[4]))
-    if kind == CHECKPOINT4:
+    if kind == CHECKPOINT4 or kind == CHECKPOINT5:
         return Checkpointed(lsn, len(record[6]), len(record[7]), record[4])
     if kind == ACCOUNT:
         return Opened(lsn, Account(record[1], record[2], record[3]))

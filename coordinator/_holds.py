@@ -20,6 +20,7 @@ from typing import Any
 import msgpack
 from journal import Journal
 
+from coordinator._checkpoint_chain import check_checkpoint, open_pending_at
 from coordinator._entries import Unindexed, Row, add_holds, hold_row_lsn, indexed_through
 from coordinator._errors import JournalCorrupted
 from coordinator._history import Committed, Expired, Record, record_at, records
@@ -27,6 +28,7 @@ from coordinator._records import (
     CHECKPOINT,
     CHECKPOINT3,
     CHECKPOINT4,
+    CHECKPOINT5,
     CHECKPOINTS_INDEX,
     ENTRIES_INDEX,
     HOLDS_FROM_KEY,
@@ -154,9 +156,12 @@ def checkpoint_before(journal: Journal, lsn: int, txn: Any) -> tuple[int, list[l
         return 0, []
     payload = journal.read(checkpoint, txn)
     fields = decode(checkpoint, payload) if payload is not None else []
-    if not fields or fields[0] not in (CHECKPOINT, CHECKPOINT3, CHECKPOINT4):
+    if not fields or fields[0] not in (CHECKPOINT, CHECKPOINT3, CHECKPOINT4, CHECKPOINT5):
         raise JournalCorrupted(f"journal corrupted: the checkpoints index names LSN {checkpoint}, which is not a "
                                "checkpoint", checkpoint, "the checkpoints index")
+    if fields[0] == CHECKPOINT5:  # (some of them: the rest are in the checkpoints before it)
+        check_checkpoint(checkpoint, fields)
+        return checkpoint, open_pending_at(journal, checkpoint, [(checkpoint, fields)], txn)[0]
     return checkpoint, [] if fields[0] == CHECKPOINT else fields[-1]
 
 

@@ -42,6 +42,16 @@ CHECKPOINT_SWEEP_MIN = 1_000
 """Fewest unchanged accounts a checkpoint holds rows of (its sweep, see
 `coordinator._records`): opening walks back at most about (accounts / this) checkpoints."""
 
+CHECKPOINT_PENDING_SWEEP_MIN = 1_000
+"""Fewest open pending transfers, beyond those opened since the last, a checkpoint holds rows
+of (its sweep of them, see `coordinator._records`, CHECKPOINT5); with no more open than that
+and the ones opened since, it holds every one."""
+
+CHECKPOINT_PENDING_CHAIN = 16
+"""A checkpoint's sweep of the open pending transfers takes at least this fraction of them
+(1/16), so an open walks back about this many checkpoints for them at most, however few
+change (each closing one, before it, shifts the sweep's positions: a few more then)."""
+
 CLOSE_CHECKPOINT_ROWS = 1.25
 """Closing a ledger journals a checkpoint of every account when an open would otherwise read
 more than this many rows an account (`Sequencer.checkpoint_on_close`)."""

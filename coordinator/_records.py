@@ -19,9 +19,11 @@ A record is a msgpack array whose first element is its kind. Format 3 writes:
     CHECKPOINT3 [9, last_timestamp, index_entries,
                  [[account, currency, overdraft_limit, code, metadata, opened_lsn, seq, posted, last_lsn], ...],
                  [[pending_id, source, destination, amount, deadline, lsn, code], ...]]
-    CHECKPOINT4 [11, last_timestamp, index_entries, previous_lsn, accounts, sweep_next,
-                 [row, ...], [pending, ...]]
-        rows and pendings as CHECKPOINT3's; the rows of only some accounts (see below)
+    CHECKPOINT5 [13, last_timestamp, index_entries, previous_lsn, accounts, sweep_next,
+                 [row, ...], [pending, ...], pending_previous_lsn, [closed_id, ...], pendings_open,
+                 pending_sweep_next]
+        as a CHECKPOINT4, but the open pending transfers too only in part (see below); before
+        it, CHECKPOINT4 [11, ... the first eight fields], every open pending transfer, still read
 
 and formats 1 and 2 wrote (still read, never written):
 
@@ -49,7 +51,20 @@ in creation order from `sweep_next`, at least as long as the changed ones: so it
 changed, not the size of the ledger, and every account has a row in the last few. Every other
 account's row is that of the newest checkpoint before it that has one: opening walks back the
 chain until it has `accounts` rows, which the sweep bounds by about twice the accounts. One
-with `previous_lsn` 0 holds every account. `index_entries` counts the entries every record up to
+with `previous_lsn` 0 holds every account.
+
+A CHECKPOINT5 does for the open pending transfers what a CHECKPOINT4 does for the accounts,
+on a chain of its own (`pending_previous_lsn`: a ledger of few accounts holds every account
+in each checkpoint, and many open pending transfers in none): it holds those opened since
+the checkpoint at `pending_previous_lsn`, and a slice of the rest in the order they were
+opened, from `pending_sweep_next` (as long as what changed, as the accounts' sweep goes
+through the accounts, and at least 1/16 of them, so the walk back is short); and it names the
+ones closed (posted, voided or expired) since then. Opening walks that chain back, newest
+first, taking each pending transfer's row unless a newer checkpoint named it closed, until it
+has `pendings_open` of them: every row taken is of one open at the newest, so that many is
+every one. One with `pending_previous_lsn` 0 holds every open pending transfer (and the walk
+stops there), as does a CHECKPOINT4 met on the way back.
+`index_entries` counts the entries every record up to
 this one added to the accounts, transfers and checkpoints indexes (see
 `coordinator._recovery.check_index_counts`).
 
@@ -82,6 +97,9 @@ CHECKPOINT3 = 9
 PLAIN3 = 10
 CHECKPOINT4 = 11
 ACCOUNT4 = 12
+CHECKPOINT5 = 13
+KIND_NEWEST = CHECKPOINT5
+"""The newest kind of record this version reads (a larger one is a newer version's)."""
 LEG_FIELDS = 15
 REQUEST_FIELDS = 11
 RESOLUTION_MARK = b"\xfe"
@@ -215,6 +233,9 @@ def decode(lsn: int, payload: bytes) -> list[Any]:
     except Exception as error:  # msgpack raises several unrelated types on bad input
         raise JournalCorrupted(f"journal record at LSN {lsn} does not decode: {error}", lsn) from error
     if not isinstance(record, list) or not record or not _shaped(record):
+        if isinstance(record, list) and record and type(record[0]) is int and record[0] > KIND_NEWEST:
+            raise JournalCorrupted(f"journal record at LSN {lsn} is of kind {record[0]}, which this version of Tally "
+                                   "does not read: written by a newer version? Open it with that one", lsn)
         raise JournalCorrupted(f"journal record at LSN {lsn} has an unknown shape", lsn)
     if record[0] == PLAIN3:
         _, timestamp, tid, source, destination, amount, *stamp = record
@@ -224,7 +245,8 @@ def decode(lsn: int, payload: bytes) -> list[Any]:
 
 
 
-_ARITY = {ACCOUNT: 4, COMMIT: 9, REJECT: 6, CHECKPOINT: 2, ACCOUNT3: 6, ACCOUNT4: 7, EXPIRY3: 3, CHECKPOINT3: 5, PLAIN3: 10, CHECKPOINT4: 8}
+_ARITY = {ACCOUNT: 4, COMMIT: 9, REJECT: 6, CHECKPOINT: 2, ACCOUNT3: 6, ACCOUNT4: 7, EXPIRY3: 3, CHECKPOINT3: 5, PLAIN3: 10, CHECKPOINT4: 8,
+          CHECKPOINT5: 12}
 _LISTS = {TRANSFER3: (3, LEG_FIELDS), REFUSAL3: (5, REQUEST_FIELDS)}
 """Kinds of any length: (where the lists start, the length of each)."""
 

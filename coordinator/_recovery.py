@@ -55,6 +55,7 @@ from coordinator._records import (
     CHECKPOINT,
     CHECKPOINT3,
     CHECKPOINT4,
+    CHECKPOINT5,
     CHECKPOINTS_INDEX,
     COMMIT,
     EXPIRY3,
@@ -203,13 +204,15 @@ def replay(
                 books.account_lsns[account.id] = lsn
                 states[account.id] = NO_ENTRIES
                 books.index_entries += 1
-            elif kind == CHECKPOINT or kind == CHECKPOINT3 or kind == CHECKPOINT4:
+            elif kind == CHECKPOINT or kind == CHECKPOINT3 or kind == CHECKPOINT4 or kind == CHECKPOINT5:
                 books.index_entries += 1
-                if not checkpoint_agrees(record, books):
+                if not checkpoint_agrees(lsn, record, books):
                     raise corrupted(lsn, "the checkpoint disagrees with the records before it")
                 books.checkpoints += 1
                 books.checkpoint_met = lsn
                 changed = books.changed = set()
+                books.opened_since.clear()
+                books.closed_since.clear()
                 if lsn <= books.indexed_through:  # the index holds the rows of the records before it
                     if books.unindexed is not None:
                         books.unindexed = {}

@@ -51,7 +51,7 @@ from journal import Behind, Journal, JournalError, crash_point
 
 from coordinator._account_opening import AccountOpening
 from coordinator._appends import Appending
-from coordinator._checkpoint_rows import CheckpointRows
+from coordinator._checkpoint_rows import CheckpointRows, pending_rows
 from coordinator._deadlines import Deadlines
 from coordinator._entering import expire, holds_expired
 from coordinator._entries import Unindexed, Joined, UnindexedEntries, first_key, hold_row_lsn, newest_checkpoint_lsn
@@ -65,7 +65,7 @@ from coordinator._limits import (
 )
 from coordinator._postings import Deliver, releasing_hold
 from coordinator._records import (
-    CHECKPOINT4,
+    CHECKPOINT5,
     CHECKPOINTS_INDEX,
     ENTRIES_INDEX,
     EXPIRY3,
@@ -128,6 +128,15 @@ class Sequencer(AccountOpening, Appending, Deadlines):
         self.incoming = books.incoming
         self.pending = books.pending
         """The open pending transfers: read freely (to route a post), written under `lock`."""
+        self.opened_since = books.opened_since
+        self.closed_since = books.closed_since
+        """The pending transfers opened and closed since the last checkpoint (the next holds
+        the first still open, and names the others)."""
+        self._pending_sweep = books.pending_sweep
+        """Where the next checkpoint's sweep of the open pending transfers starts (`pending_rows`)."""
+        self._pending_base = books.checkpoint_chain[0] if books.checkpoint_chain is not None else 0
+        """The checkpoint `opened_since` and `closed_since` count from (0: none known, so the
+        next checkpoint holds every open pending transfer)."""
         self.last_timestamp = books.last_timestamp
         self.index_entries = books.index_entries
         self._set_up_deadlines(books.pending)
@@ -306,10 +315,11 @@ class Sequencer(AccountOpening, Appending, Deadlines):
                 logger.exception("checkpoint not journaled; trying again after the next record")
 
     def checkpoint(self, whole: bool = False) -> int:
-        """Journal the projection as of now (call with `lock` held), as a CHECKPOINT4: the rows
+        """Journal the projection as of now (call with `lock` held), as a CHECKPOINT5: the rows
         of the accounts that changed or opened since the last checkpoint, and of a slice of
         the others (the sweep, see `coordinator._records`), or with `whole` of every account
-        (`checkpoint_on_close`); every open pending transfer; the
+        (`checkpoint_on_close`); likewise the open pending transfers opened since, a slice of
+        the others, and the ids of those closed since (`pending_rows`), or every one; the
         last timestamp; and behind it, in slices over the group commits after it, the entry
         index rows of every record since the last (their entries, and their hold rows), then
         `INDEXED_TO_KEY` (see `coordinator._entries`). The first checkpoint a sequencer
@@ -321,7 +331,12 @@ class Sequencer(AccountOpening, Appending, Deadlines):
         """
         assert self.lock.locked()
         rows, previous, sweep_next, total = self.rows.next(self.unindexed.current, whole)
-        pendings = list(self.pending.values())  # packed as lists are: a list each made here cost ~1 us (the collector)
+        # Pending transfers are packed as lists are: a list each made here cost ~1 us (the collector).
+        share = len(rows) / total if previous else 0.0
+        pendings, pending_base, pending_next = pending_rows(
+            self.pending, self.opened_since, len(self.closed_since), 0 if whole else self._pending_base,
+            self._pending_sweep, share)
+        closed = self.closed_since if pending_base else []
         lsn = self._journal.last_lsn + 1
         index: dict[str, list[bytes]] = {CHECKPOINTS_INDEX: [lsn_value(lsn), b""]}
         carried = Joined(sorted(self.unindexed.ordered_parts() + self.unindexed_holds.ordered_parts(), key=first_key))
@@ -330,8 +345,8 @@ class Sequencer(AccountOpening, Appending, Deadlines):
             behind = (ENTRIES_INDEX, carried, {ENTRIES_INDEX: [INDEXED_TO_KEY, lsn_value(lsn)]})
             if self._indexed_to is not None:
                 index[ENTRIES_INDEX] = [INDEXED_TO_KEY, lsn_value(self._indexed_to)]
-        payload = encode([CHECKPOINT4, self._journaled_timestamp, self.index_entries + 1, previous, total, sweep_next, rows,
-                          pendings])
+        payload = encode([CHECKPOINT5, self._journaled_timestamp, self.index_entries + 1, previous, total, sweep_next, rows,
+                          pendings, pending_base, closed, len(self.pending), pending_next])
         try:
             appended = self._journal.append_block([payload], index, [None], behind=behind)  # may time out: nothing changed
             self.index_entries += 1
@@ -346,6 +361,9 @@ class Sequencer(AccountOpening, Appending, Deadlines):
             crash_point("during-checkpoint")
             self._since_checkpoint = 0
             self.rows.journaled(lsn, len(rows), previous, sweep_next, total)
+            self.opened_since.clear()
+            self.closed_since.clear()
+            self._pending_base, self._pending_sweep = lsn, pending_next
         except BaseException as error:
             if self._journal.last_lsn >= lsn:  # queued (an interrupt after it): memory is behind it
                 self.broken(error)

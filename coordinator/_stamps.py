@@ -116,6 +116,8 @@ class Stamping:
     held: dict[str, int]
     incoming: dict[str, int]
     pending: dict[str, Pending]
+    opened_since: list[str]
+    closed_since: list[str]
     clock: Callable[[], int]
     last_timestamp: int
     index_entries: int

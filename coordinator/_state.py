@@ -93,6 +93,14 @@ class Projection:
     """Funds of the open pending transfers toward an account (none: absent)."""
     pending: dict[str, Pending] = field(default_factory=dict)
     """The open pending transfers, by id, in the order they were made."""
+    opened_since: list[str] = field(default_factory=list)
+    """The pending transfers opened since the newest checkpoint (the next CHECKPOINT5 holds
+    those still open)."""
+    closed_since: list[str] = field(default_factory=list)
+    """The pending transfers closed since the newest checkpoint (the next CHECKPOINT5 names them)."""
+    pending_sweep: int = 0
+    """Where the next checkpoint's sweep of the open pending transfers starts (a position in
+    `pending`'s order: a guide, see `coordinator._records`, CHECKPOINT5)."""
     last_timestamp: int = 0
     """The largest timestamp journaled (a leg's, an expiry's)."""
     index_entries: int = 0

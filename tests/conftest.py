@@ -57,7 +57,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 SWEEP_MIN_IN_TESTS = 2
 """A checkpoint's sweep in the tests: their ledgers are small, and with the default every
 checkpoint would hold every account; with this one most hold only what changed, so every
-test that checkpoints walks the chain back when it reopens (see `coordinator._records`)."""
+test that checkpoints walks the chain back when it reopens (see `coordinator._records`). The
+same for the open pending transfers a checkpoint holds (CHECKPOINT5; their sweep's bound on
+the chain's length is a million checkpoints here, so it is the sweep that decides)."""
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +67,8 @@ def _checkpoints_hold_what_changed(monkeypatch: pytest.MonkeyPatch) -> None:
     import coordinator._checkpoint_rows
 
     monkeypatch.setattr(coordinator._checkpoint_rows, "CHECKPOINT_SWEEP_MIN", SWEEP_MIN_IN_TESTS)
+    monkeypatch.setattr(coordinator._checkpoint_rows, "CHECKPOINT_PENDING_SWEEP_MIN", SWEEP_MIN_IN_TESTS)
+    monkeypatch.setattr(coordinator._checkpoint_rows, "CHECKPOINT_PENDING_CHAIN", 1_000_000)
 
 
 @pytest.fixture

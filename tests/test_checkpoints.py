@@ -72,13 +72,13 @@ def checkpoints(path: Path) -> list[tuple[int, list[object]]]:
 def _walked_back(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The LSNs of the checkpoints the opens from now on read on their walk back."""
     read: list[int] = []
-    real = _checkpoints._checkpoint_before
+    real = _checkpoints.checkpoint_before
 
     def counted(journal: Journal, lsn: int, at: int, previous: object) -> list[object]:
         read.append(at)
         return real(journal, lsn, at, previous)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(_checkpoints, "_checkpoint_before", counted)
+    monkeypatch.setattr(_checkpoints, "checkpoint_before", counted)
     return read
 
 
@@ -460,7 +460,7 @@ def test_the_chain_goes_on_from_a_closing_checkpoint(
         state_hash = reopened.state_hash()
     after = [record for lsn, record in checkpoints(ledger_path) if lsn > whole_lsn]
     assert after[0][3] == whole_lsn and len(after[0][6]) < ACCOUNTS // 2  # type: ignore[arg-type]
-    grown = [len(rows) for previous, _, _, rows, _ in (record[3:] for record in after) if previous]  # type: ignore[arg-type]
+    grown = [len(rows) for previous, _, _, rows, _ in (record[3:8] for record in after) if previous]  # type: ignore[arg-type]
     assert ACCOUNTS + 1 + sum(grown) > CLOSE_CHECKPOINT_ROWS * (ACCOUNTS + 1)  # the chain an open would read
     assert after[-1][3] == 0 and len(after[-1][6]) == ACCOUNTS + 1  # type: ignore[arg-type]
     with Ledger.open(ledger_path) as again:
@@ -635,11 +635,11 @@ def test_a_checkpoint_holds_its_open_pending_transfers_as_the_lists_a_replay_com
     list made of each (made by the hundred thousand, those cost the collector ~1 us apiece, under
     the sequencer's lock): the bytes are the same, and the checkpoint reads back as the lists
     replay compares with its books."""
-    from coordinator._records import CHECKPOINT4, encode
+    from coordinator._records import CHECKPOINT5, encode
     from coordinator._state import Pending
 
     pending = Pending("p", "a", "b", 5, 123, 7, 9)
-    assert encode([CHECKPOINT4, [pending]]) == encode([CHECKPOINT4, [list(pending)]])
+    assert encode([CHECKPOINT5, [pending]]) == encode([CHECKPOINT5, [list(pending)]])
     with Ledger.open(ledger_path) as ledger:
         ledger.create_account("a", currency="USD", overdraft_limit=None)
         ledger.create_account("b", currency="USD")
@@ -648,8 +648,9 @@ def test_a_checkpoint_holds_its_open_pending_transfers_as_the_lists_a_replay_com
             lsn = ledger._sequencer.checkpoint()
         ledger._journal.wait_durable(lsn, 10)
         record = decode(lsn, ledger._journal.read(lsn))
-        assert record[0] == CHECKPOINT4
-        assert record[-1] == [["p", "a", "b", 5, made.timestamp + 60 * 10**9, made.lsn, 0]]
+        assert record[0] == CHECKPOINT5
+        assert record[7] == [["p", "a", "b", 5, made.timestamp + 60 * 10**9, made.lsn, 0]]
+        assert record[8:] == [0, [], 1, 0]  # every open one (it builds on none): none named closed, one open
     with Ledger.open(ledger_path) as reopened:
         assert reopened.get_transfer("p").status == "pending"  # type: ignore[union-attr]
         assert reopened.balance("a").pending == 5
