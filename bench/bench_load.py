@@ -16,12 +16,13 @@ Each figure is the median of `--rounds` rounds, with its range. Ratios are what 
 
 A round runs its rows there and back, the floor, 1, 2, 4, 8 threads, the mixed row, then 8,
 4, 2, 1 and the floor again (`--order palindrome`, the default), and a thread count's rate
-(and the floor's) is that of its two rows together. The rows share one ledger that grows by `--transfers` a row, and a process gets
-slower as it runs on this machine (a fresh ledger's row too, in the same process); run in
-one direction (`--order ascending`: 1, 2, 4, 8, mixed), the 8-thread row came out ~10% below
-where the same code put it with the rows reversed, whatever its threads. There and back,
-each count and the mixed row sit at the same mean position in the round, so a drift that
-moves steadily weighs on none of them more than on another.
+(and the floor's) is that of its two rows together. The rows share one ledger that grows by
+`--transfers` a row, and a later row costs more CPU than an early one for the same
+instructions (a larger ledger's pages, a process that has run longer: `bench/README.md`);
+run in one direction (`--order ascending`: 1, 2, 4, 8, mixed), the 8-thread row came out
+~10% below where the same code put it with the rows reversed, whatever its threads. There
+and back, each count and the mixed row sit at the same mean position in the round, so a
+drift that moves steadily weighs on none of them more than on another.
 """
 
 from __future__ import annotations

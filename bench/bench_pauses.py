@@ -7,7 +7,8 @@ are made in batches of 1,000 (`transfer_many`), then posted in batches of 1,000 
 `--beside transfers`, as many transfers made between the accounts while they stay open)
 while a probe thread makes single transfers one after another, a millisecond apart.
 Printed: the posts' rate; the probe's latency (p50, p99, longest); the data file's size at
-the end, and the time to open the ledger again; and, timed around the sequencer's own steps, under its lock (every transfer waits
+the end, and the time to open the ledger again (after its close, and as a crash would have
+left it: its files copied before the close); and, timed around the sequencer's own steps, under its lock (every transfer waits
 for those): the longest and the total of its checkpoints (each held every open pending
 transfer before CHECKPOINT5; now those opened since the last, a sweep of others, and the ids
 of those closed since) and of the deadline heap's compaction (`coordinator._deadlines`, or,
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -116,12 +118,17 @@ def main() -> None:
             prober.join(60)
             assert not prober.is_alive(), "the probe did not stop"
             assert not failures, f"the probe failed: {failures[0]!r}"
+            # Its files as a crash would leave them: copied with every write durable and none in flight.
+            ledger._journal.wait_durable(ledger._journal.last_lsn, 60)
+            shutil.copytree(os.path.join(directory, "ledger"), os.path.join(directory, "crashed"))
         data_bytes = os.path.getsize(os.path.join(directory, "ledger", "data.mdb"))
-        opening = time.perf_counter()
-        reopened = Ledger.open(os.path.join(directory, "ledger"))
-        reopen_s = time.perf_counter() - opening
-        still_open = len(reopened._sequencer.pending)
-        reopened.close()
+        reopen_s: dict[str, float] = {}
+        for name in ("ledger", "crashed"):
+            opening = time.perf_counter()
+            reopened = Ledger.open(os.path.join(directory, name))
+            reopen_s[name] = time.perf_counter() - opening
+            still_open = len(reopened._sequencer.pending)
+            reopened.close()
     from_tree(tree)
     latencies.sort()
     report = {
@@ -134,7 +141,8 @@ def main() -> None:
     }
     what = "pending transfers posted" if args.beside == "posts" else "transfers beside as many open pending transfers"
     print(f"tree {tree}: {count:,} {what} at {report['posts_per_s']:,.0f}/s; data file {data_bytes / 2**20:,.0f} MiB")
-    print(f"  reopened in {reopen_s:.2f} s, {still_open:,} pending transfers open")
+    print(f"  reopened in {reopen_s['ledger']:.2f} s after its close, {reopen_s['crashed']:.2f} s after a crash; "
+          f"{still_open:,} pending transfers open")
     probe_ = report["probe"]
     print(f"  probe: {probe_['transfers']:,} transfers, p50 {probe_['p50_ms']:.2f} ms, p99 {probe_['p99_ms']:.1f} ms, "
           f"longest {probe_['max_ms']:.1f} ms")

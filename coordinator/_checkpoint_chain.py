@@ -11,7 +11,8 @@ pending transfers likewise (`open_pending_at`), as does a read of the funds held
 from __future__ import annotations
 
 from collections.abc import Sequence
-from operator import itemgetter
+from itertools import compress
+from operator import itemgetter, not_
 from typing import Any
 
 from journal import Journal, JournalCorruptedError
@@ -19,6 +20,7 @@ from journal import Journal, JournalCorruptedError
 from coordinator._errors import JournalCorrupted
 from coordinator._records import CHECKPOINT4, CHECKPOINT5, decode
 
+_FIRST = itemgetter(0)
 PENDING_LSN = itemgetter(5)
 """The LSN of a pending transfer's row ([id, source, destination, amount, deadline, lsn, code])."""
 
@@ -59,11 +61,11 @@ def check_checkpoint(lsn: int, record: list[Any]) -> None:
     if type(pendings) is not list:
         raise corrupted(lsn, "the checkpoint's pending transfers are not a list")
     if record[0] == CHECKPOINT5:
-        pending_previous, closed, open_count, pending_next = record[8:]
+        pending_previous, closed, open_count, sweep_from = record[8:]
         if type(pending_previous) is not int or not 0 <= pending_previous < lsn or type(closed) is not list or \
-                type(open_count) is not int or open_count < 0 or type(pending_next) is not int or pending_next < 0:
+                type(open_count) is not int or open_count < 0 or type(sweep_from) is not int or sweep_from < 0:
             raise corrupted(lsn, f"the checkpoint's previous LSN {pending_previous!r} for its pending transfers, those "
-                                 f"it names closed, their count {open_count!r} or its sweep position {pending_next!r} "
+                                 f"it names closed, their count {open_count!r} or where its sweep goes on {sweep_from!r} "
                                  "is not one")
         if pending_previous == 0 and len(pendings) != open_count:
             raise corrupted(lsn, f"the checkpoint holds {len(pendings)} open pending transfers, not {open_count}")
@@ -101,7 +103,8 @@ def open_pending_at(journal: Journal, lsn: int, read: Sequence[tuple[int, list[A
     count = read[0][1][10]
     known = dict(read)
     found: dict[str, list[Any]] = {}
-    closed: set[str] = set()
+    seen: set[str] = set()  # the ids found, and those named closed by the checkpoints read (none of
+    # which a newer one holds: closed before it, one was not open there)
     at, record = read[0]
     walked = [at]
     while True:
@@ -109,13 +112,13 @@ def open_pending_at(journal: Journal, lsn: int, read: Sequence[tuple[int, list[A
         if not pending_rows_shaped(rows) or not set(map(type, record[9] if record[0] == CHECKPOINT5 else ())) <= {str}:
             raise corrupted(at, "the checkpoint's pending transfers, or those it names closed, are not pending "
                                 "transfers' rows and ids")
-        for row in rows:
-            pending_id = row[0]
-            if pending_id not in found and pending_id not in closed:
-                found[pending_id] = row
+        ids = list(map(_FIRST, rows))  # its rows of ids not seen yet, added: the loops run in C
+        fresh = dict(compress(zip(ids, rows, strict=True), map(not_, map(seen.__contains__, ids))))
+        found.update(fresh)
+        seen.update(fresh)
         if holds_every_pending(record) or len(found) >= count:
             break
-        closed.update(record[9])
+        seen.update(record[9])
         previous = record[8]
         record = known.get(previous) or checkpoint_before(journal, lsn, at, previous, txn)
         at = previous

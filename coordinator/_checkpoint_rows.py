@@ -15,7 +15,7 @@ import math
 from collections import deque
 from collections.abc import Iterable
 from itertools import compress, islice, repeat
-from operator import attrgetter, is_not
+from operator import attrgetter, is_not, lt
 from typing import Any
 
 from coordinator._limits import CHECKPOINT_PENDING_CHAIN, CHECKPOINT_PENDING_SWEEP_MIN, CHECKPOINT_SWEEP_MIN
@@ -128,36 +128,44 @@ class CheckpointRows:
         return changed, previous, end % total
 
 
-def pending_rows(pending: dict[str, Pending], opened: list[str], closed: int, base: int, sweep_from: int,
-                 share: float) -> tuple[list[Pending], int, int]:
+def pending_rows(pending: dict[str, Pending], opened: list[str], closed: list[Pending], base: int,
+                 sweep: tuple[int, int], share: float) -> tuple[list[Pending], int, tuple[int, int]]:
     """The open pending transfers the next checkpoint holds (see `coordinator._records`,
     CHECKPOINT5), the checkpoint it builds on for the rest (0: it holds every one) and where
     the sweep after it starts. `opened`: those opened since the checkpoint at `base` (0: none
-    to build on); `closed`: how many closed since; `sweep_from`: where this sweep starts (a
-    position in `pending`, whose order is the order they opened in: a guide, as positions move
-    when one closes); `share`: the part of the accounts this checkpoint holds rows of (0 if it
-    holds every one). The sweep is as long as what changed, at least
-    `CHECKPOINT_PENDING_SWEEP_MIN`, as large a part of them as `share` is of the accounts (so
-    the walk back for them ends about where the accounts' does) and 1/`CHECKPOINT_PENDING_CHAIN`
-    of them (so it ends within about that many checkpoints)."""
+    to build on); `closed`: those closed since; `sweep`: where this sweep starts, (a position
+    in `pending`, whose order is the order they opened in; the LSN of the one that was there):
+    each closed since with a lower LSN moved it one place back; `share`: the part of the
+    accounts this checkpoint holds rows of (0 if it holds every one).
+
+    The sweep is as long as what changed, at least `CHECKPOINT_PENDING_SWEEP_MIN`, as large a
+    part of them as `share` is of the accounts (so the walk back for them ends about where the
+    accounts' does) and 1/`CHECKPOINT_PENDING_CHAIN` of them (so it ends within about that
+    many checkpoints)."""
     total = len(pending)
     still = [pending[pending_id] for pending_id in opened if pending_id in pending]
-    length = max(len(still) + closed, CHECKPOINT_PENDING_SWEEP_MIN, math.ceil(total * share),
+    length = max(len(still) + len(closed), CHECKPOINT_PENDING_SWEEP_MIN, math.ceil(total * share),
                  -(-total // CHECKPOINT_PENDING_CHAIN))
     if not base or len(still) + length >= total:
-        return list(pending.values()), 0, 0
-    start = sweep_from if sweep_from < total else 0
-    swept = list(islice(pending.values(), start, start + length))  # (skipping to `start` in C)
+        return list(pending.values()), 0, (0, 0)
+    start = sweep[0] - sum(map(lt, map(_LSN, closed), repeat(sweep[1])))  # (in C)
+    if not 0 <= start < total:
+        start = 0
+    values = pending.values()
+    swept = list(islice(values, start, start + length))  # (skipping to `start` in C)
     end = start + len(swept)
     if len(swept) < length:  # round to the first
-        swept += islice(pending.values(), length - len(swept))
+        swept += islice(values, length - len(swept))
         end = length - (total - start)
     held = dict(zip(map(_ID, swept), swept, strict=True))
     held.update(zip(map(_ID, still), still, strict=True))
-    return list(held.values()), base, end % total
+    end %= total
+    following = next(islice(values, end, None))
+    return list(held.values()), base, (end, following.lsn)
 
 
 _ID = attrgetter("id")
+_LSN = attrgetter("lsn")
 _CURRENCY = attrgetter("currency")
 _OVERDRAFT_LIMIT = attrgetter("overdraft_limit")
 _CODE = attrgetter("code")

@@ -19,14 +19,15 @@ by `coordinator._checkpoint_rows`.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from itertools import compress, islice, repeat, starmap
-from operator import is_not, itemgetter, le, not_
+from operator import attrgetter, is_not, itemgetter, le, not_
 from typing import Any
 
 from journal import Journal, JournalCorruptedError
 
-from coordinator._checkpoint_chain import check_checkpoint, checkpoint_before, corrupted, open_pending_at
+from coordinator._checkpoint_chain import PENDING_LSN, check_checkpoint, checkpoint_before, corrupted, open_pending_at
 from coordinator._entries import Unindexed, indexed_through, unindexed_by_key
 from coordinator._errors import JournalCorrupted
 from coordinator._history import metadata_of
@@ -73,6 +74,7 @@ class Recovered(Projection):
     """LSN of the last checkpoint replay met (or started from)."""
 
 _FIRST = itemgetter(0)
+_ID = attrgetter("id")
 _ACCOUNT_FIELDS = itemgetter(0, 1, 2, 3, 4)
 ROW_FIELDS = 9
 """An account's row in a CHECKPOINT3, CHECKPOINT4 or CHECKPOINT5: id, currency, limit, code, metadata,
@@ -155,7 +157,7 @@ def _pending_agrees(record: list[Any], books: Recovered) -> bool:
     if base == 0:
         return len(held) == count
     return base == books.checkpoint_met and all(found.lsn <= base or found.id in held for found in pending.values()) \
-        and set(map(type, closed)) <= {str} and sorted(closed) == sorted(books.closed_since)
+        and set(map(type, closed)) <= {str} and sorted(closed) == sorted(map(_ID, books.closed_since))
 
 
 def _holds_what_changed(rows: list[tuple[Account, int, Any]], previous: int, books: Recovered) -> bool:
@@ -223,7 +225,8 @@ def _load_checkpoint(journal: Journal) -> Recovered:
             if record[0] == CHECKPOINT5:
                 pendings, walked = open_pending_at(journal, lsn, read)
                 chain += [at for at in walked if at not in chain]
-                books.pending_sweep = record[11]
+                books.pending_sweep = (bisect_left(list(map(PENDING_LSN, pendings)), record[11]), record[11])
+                books.pending_whole = record[8] == 0
         try:
             _load_rows(books, rows, pendings)
         except (TypeError, ValueError, KeyError, IndexError) as error:  # what a checkpoint never holds

@@ -122,7 +122,7 @@ class Books(Protocol):
     def opened_since(self) -> list[str]: ...
 
     @property
-    def closed_since(self) -> list[str]: ...
+    def closed_since(self) -> list[Pending]: ...
 
 
 def enter(book: Books, requests: Sequence[Request], legs: Sequence[Leg], lsn: int, timestamp: int) -> None:
@@ -171,7 +171,7 @@ def close_pending(book: Books, pending_id: str) -> Pending:
     falls to 0 leaves its mapping, so equal books are equal mappings), and note it closed for
     the next checkpoint (`closed_since`). Returns it."""
     closed = book.pending.pop(pending_id)
-    book.closed_since.append(pending_id)
+    book.closed_since.append(closed)
     held, incoming = book.held, book.incoming
     source, destination, amount = closed.source, closed.destination, closed.amount
     left = held[source] - amount

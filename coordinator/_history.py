@@ -121,6 +121,8 @@ class Checkpointed(NamedTuple):
     and its sweep's)."""
     ledger_accounts: int = -1
     """Accounts in the ledger when it was written (-1: as many as it holds)."""
+    ledger_pending: int = -1
+    """Pending transfers open when it was written (-1: as many as it holds)."""
 
 
 Record = Opened | Committed | Refused | Expired | Checkpointed
@@ -162,8 +164,10 @@ def typed(lsn: int, record: list[Any]) -> Record:
         return Expired(lsn, record[1], tuple(record[2]))
     if kind == CHECKPOINT3:
         return Checkpointed(lsn, len(record[3]), len(record[4]))
-    if kind == CHECKPOINT4 or kind == CHECKPOINT5:
+    if kind == CHECKPOINT4:
         return Checkpointed(lsn, len(record[6]), len(record[7]), record[4])
+    if kind == CHECKPOINT5:
+        return Checkpointed(lsn, len(record[6]), len(record[7]), record[4], record[10])
     if kind == ACCOUNT:
         return Opened(lsn, Account(record[1], record[2], record[3]))
     if kind == COMMIT:

@@ -52,6 +52,11 @@ CHECKPOINT_PENDING_CHAIN = 16
 (1/16), so an open walks back about this many checkpoints for them at most, however few
 change (each closing one, before it, shifts the sweep's positions: a few more then)."""
 
+CLOSE_CHECKPOINT_PENDING = 1_000
+"""Closing a ledger journals a checkpoint of every open pending transfer (and of the accounts
+that changed) when the newest holds only some and more than this many are open: the next
+open then reads them from it, not from the chain behind it."""
+
 CLOSE_CHECKPOINT_ROWS = 1.25
 """Closing a ledger journals a checkpoint of every account when an open would otherwise read
 more than this many rows an account (`Sequencer.checkpoint_on_close`)."""

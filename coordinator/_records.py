@@ -21,7 +21,7 @@ A record is a msgpack array whose first element is its kind. Format 3 writes:
                  [[pending_id, source, destination, amount, deadline, lsn, code], ...]]
     CHECKPOINT5 [13, last_timestamp, index_entries, previous_lsn, accounts, sweep_next,
                  [row, ...], [pending, ...], pending_previous_lsn, [closed_id, ...], pendings_open,
-                 pending_sweep_next]
+                 pending_sweep_from]
         as a CHECKPOINT4, but the open pending transfers too only in part (see below); before
         it, CHECKPOINT4 [11, ... the first eight fields], every open pending transfer, still read
 
@@ -57,7 +57,7 @@ A CHECKPOINT5 does for the open pending transfers what a CHECKPOINT4 does for th
 on a chain of its own (`pending_previous_lsn`: a ledger of few accounts holds every account
 in each checkpoint, and many open pending transfers in none): it holds those opened since
 the checkpoint at `pending_previous_lsn`, and a slice of the rest in the order they were
-opened, from `pending_sweep_next` (as long as what changed, as the accounts' sweep goes
+opened, from the first at or after LSN `pending_sweep_from` (as long as what changed, as the accounts' sweep goes
 through the accounts, and at least 1/16 of them, so the walk back is short); and it names the
 ones closed (posted, voided or expired) since then. Opening walks that chain back, newest
 first, taking each pending transfer's row unless a newer checkpoint named it closed, until it

@@ -45,6 +45,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from operator import attrgetter
 from typing import Any
 
 from journal import Behind, Journal, JournalError, crash_point
@@ -59,6 +60,7 @@ from coordinator._history import resolution_of
 from coordinator._limits import (
     CHECKPOINT_ACCOUNTS_MAX,
     CHECKPOINT_RECORDS_INTERVAL,
+    CLOSE_CHECKPOINT_PENDING,
     CLOSE_CHECKPOINT_ROWS,
     EXPIRY_RECORD_IDS_MAX,
     UNINDEXED_ENTRIES_MAX,
@@ -84,6 +86,8 @@ from coordinator._state import Pending, Projection
 from coordinator._values import Request, TransferStatus
 
 logger = logging.getLogger("tally.coordinator")
+
+_ID = attrgetter("id")
 
 
 class Sequencer(AccountOpening, Appending, Deadlines):
@@ -137,6 +141,8 @@ class Sequencer(AccountOpening, Appending, Deadlines):
         self._pending_base = books.checkpoint_chain[0] if books.checkpoint_chain is not None else 0
         """The checkpoint `opened_since` and `closed_since` count from (0: none known, so the
         next checkpoint holds every open pending transfer)."""
+        self._pending_whole = books.pending_whole
+        """Whether the newest checkpoint holds every open pending transfer."""
         self.last_timestamp = books.last_timestamp
         self.index_entries = books.index_entries
         self._set_up_deadlines(books.pending)
@@ -314,12 +320,13 @@ class Sequencer(AccountOpening, Appending, Deadlines):
             except JournalError:
                 logger.exception("checkpoint not journaled; trying again after the next record")
 
-    def checkpoint(self, whole: bool = False) -> int:
+    def checkpoint(self, whole: bool = False, pending_whole: bool = False) -> int:
         """Journal the projection as of now (call with `lock` held), as a CHECKPOINT5: the rows
         of the accounts that changed or opened since the last checkpoint, and of a slice of
         the others (the sweep, see `coordinator._records`), or with `whole` of every account
         (`checkpoint_on_close`); likewise the open pending transfers opened since, a slice of
-        the others, and the ids of those closed since (`pending_rows`), or every one; the
+        the others, and the ids of those closed since (`pending_rows`), or with `whole` or
+        `pending_whole` every one; the
         last timestamp; and behind it, in slices over the group commits after it, the entry
         index rows of every record since the last (their entries, and their hold rows), then
         `INDEXED_TO_KEY` (see `coordinator._entries`). The first checkpoint a sequencer
@@ -334,9 +341,9 @@ class Sequencer(AccountOpening, Appending, Deadlines):
         # Pending transfers are packed as lists are: a list each made here cost ~1 us (the collector).
         share = len(rows) / total if previous else 0.0
         pendings, pending_base, pending_next = pending_rows(
-            self.pending, self.opened_since, len(self.closed_since), 0 if whole else self._pending_base,
-            self._pending_sweep, share)
-        closed = self.closed_since if pending_base else []
+            self.pending, self.opened_since, self.closed_since,
+            0 if whole or pending_whole else self._pending_base, self._pending_sweep, share)
+        closed = list(map(_ID, self.closed_since)) if pending_base else []
         lsn = self._journal.last_lsn + 1
         index: dict[str, list[bytes]] = {CHECKPOINTS_INDEX: [lsn_value(lsn), b""]}
         carried = Joined(sorted(self.unindexed.ordered_parts() + self.unindexed_holds.ordered_parts(), key=first_key))
@@ -346,7 +353,7 @@ class Sequencer(AccountOpening, Appending, Deadlines):
             if self._indexed_to is not None:
                 index[ENTRIES_INDEX] = [INDEXED_TO_KEY, lsn_value(self._indexed_to)]
         payload = encode([CHECKPOINT5, self._journaled_timestamp, self.index_entries + 1, previous, total, sweep_next, rows,
-                          pendings, pending_base, closed, len(self.pending), pending_next])
+                          pendings, pending_base, closed, len(self.pending), pending_next[1]])
         try:
             appended = self._journal.append_block([payload], index, [None], behind=behind)  # may time out: nothing changed
             self.index_entries += 1
@@ -363,7 +370,7 @@ class Sequencer(AccountOpening, Appending, Deadlines):
             self.rows.journaled(lsn, len(rows), previous, sweep_next, total)
             self.opened_since.clear()
             self.closed_since.clear()
-            self._pending_base, self._pending_sweep = lsn, pending_next
+            self._pending_base, self._pending_sweep, self._pending_whole = lsn, pending_next, not pending_base
         except BaseException as error:
             if self._journal.last_lsn >= lsn:  # queued (an interrupt after it): memory is behind it
                 self.broken(error)
@@ -376,15 +383,19 @@ class Sequencer(AccountOpening, Appending, Deadlines):
         as many, see `coordinator._records`); its LSN, or None. What a database's shutdown
         checkpoint is: the close pays (~1 s a million accounts) what the next open then need
         not (about a third of its time, measured). An open that read a long chain (after a
-        crash) is followed by one at close even if nothing was written meanwhile."""
+        crash) is followed by one at close even if nothing was written meanwhile. Else, one of
+        every open pending transfer (and the accounts that changed) if the newest holds only
+        some and more than `CLOSE_CHECKPOINT_PENDING` are open."""
         if not self.lock.acquire(timeout=timeout_s):
             return None
         collecting = gc.isenabled()
         gc.disable()  # millions of new tuples, in no cycle: each collection on the way walks all of them
         try:
-            if self.rows.rows_an_open_reads(len(self.accounts)) <= CLOSE_CHECKPOINT_ROWS * len(self.accounts):
-                return None
-            return self.checkpoint(whole=True)
+            if self.rows.rows_an_open_reads(len(self.accounts)) > CLOSE_CHECKPOINT_ROWS * len(self.accounts):
+                return self.checkpoint(whole=True)
+            if not self._pending_whole and len(self.pending) > CLOSE_CHECKPOINT_PENDING:
+                return self.checkpoint(pending_whole=True)
+            return None
         finally:
             if collecting:
                 gc.enable()

@@ -117,7 +117,7 @@ class Stamping:
     incoming: dict[str, int]
     pending: dict[str, Pending]
     opened_since: list[str]
-    closed_since: list[str]
+    closed_since: list[Pending]
     clock: Callable[[], int]
     last_timestamp: int
     index_entries: int

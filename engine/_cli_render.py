@@ -241,7 +241,10 @@ def render_inspect(report: dict[str, Any], transfer: str | None = None, start: i
             held = (f"{row['accounts']} of {row['ledger_accounts']} accounts (those changed, and its sweep's)"
                     if "ledger_accounts" in row and row["accounts"] < row["ledger_accounts"]
                     else f"{row['accounts']} {noun_for(row['accounts'], 'account')}")
-            print(f"{lsn}  checkpoint  {held}, {row['pending']} pending {noun_for(row['pending'], 'transfer')} open")
+            pending = (f"{row['pending']} of {row['ledger_pending']} open pending transfers (those opened since, and "
+                       "its sweep's)" if "ledger_pending" in row and row["pending"] < row["ledger_pending"]
+                       else f"{row['pending']} pending {noun_for(row['pending'], 'transfer')} open")
+            print(f"{lsn}  checkpoint  {held}, {pending}")
         elif kind == "expiry":
             print(f"{lsn}  expiry      {', '.join(row['pending_ids'])}")
         elif row.get("linked"):

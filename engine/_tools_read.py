@@ -153,6 +153,8 @@ def record_row(record: Record) -> dict[str, Any]:
         row = {"lsn": record.lsn, "kind": "checkpoint", "accounts": record.accounts, "pending": record.pending}
         if record.ledger_accounts >= 0:  # only what changed, and the sweep's
             row["ledger_accounts"] = record.ledger_accounts
+        if record.ledger_pending >= 0:  # likewise
+            row["ledger_pending"] = record.ledger_pending
         return row
     if isinstance(record, Expired):
         return {"lsn": record.lsn, "kind": "expiry", "timestamp": record.timestamp,

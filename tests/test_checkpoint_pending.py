@@ -33,6 +33,7 @@ def small_sweeps(monkeypatch: pytest.MonkeyPatch) -> None:
     chain as a ledger that stopped leaves it)."""
     monkeypatch.setattr(_checkpoint_rows, "CHECKPOINT_PENDING_SWEEP_MIN", SWEEP)
     monkeypatch.setattr(_sequencer, "CLOSE_CHECKPOINT_ROWS", math.inf)
+    monkeypatch.setattr(_sequencer, "CLOSE_CHECKPOINT_PENDING", math.inf)
 
 
 def build(path: Path, rounds: int = 12, interval: int = 7, seed: int = 5,
@@ -436,3 +437,78 @@ def test_a_checkpoint_whose_account_rows_are_no_rows_fails_the_audit_at_its_lsn(
     assert caught.value.lsn == lsn
     report = verify(str(ledger_path))
     assert report["verdict"] != "whole"
+
+
+def test_closing_writes_a_checkpoint_of_every_open_pending_transfer_that_the_next_open_reads_alone(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the newest checkpoint holds only some of many open pending transfers, closing
+    journals one of every one; opening then reads no checkpoint behind it for them, and a
+    second close, with nothing new, journals none."""
+    monkeypatch.setattr(_sequencer, "CLOSE_CHECKPOINT_PENDING", 10)
+    _, open_ids = build(ledger_path)
+    made = checkpoints(ledger_path)
+    assert not made[-1][1][8] and made[-2][1][8]  # the close's holds every one; the one before, some
+    assert {row[0] for row in made[-1][1][7]} == open_ids  # type: ignore[union-attr]
+    walks: list[list[int]] = []
+    real = _checkpoints.open_pending_at
+
+    def noted(*args: object) -> tuple[list[list[object]], list[int]]:
+        rows, walked = real(*args)  # type: ignore[arg-type]
+        walks.append(walked)
+        return rows, walked
+
+    monkeypatch.setattr(_checkpoints, "open_pending_at", noted)
+    with Ledger.open(ledger_path) as ledger:
+        assert set(ledger._sequencer.pending) == open_ids
+    assert walks == [[made[-1][0]]]  # the newest alone
+    assert len(checkpoints(ledger_path)) == len(made)
+    assert verify(str(ledger_path))["verdict"] == "whole"
+
+
+def test_inspect_says_how_many_of_the_open_pending_transfers_a_checkpoint_holds(
+    ledger_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engine import _cli_render
+    from engine._tools_read import record_row
+
+    build(ledger_path)
+    lsn, record = checkpoints(ledger_path)[-1]
+    assert record[8] and len(record[7]) < record[10]  # type: ignore[arg-type]
+    row = record_row(typed(lsn, record))
+    assert (row["pending"], row["ledger_pending"]) == (len(record[7]), record[10])  # type: ignore[arg-type]
+    _cli_render.render_inspect({"records": [row], "problem": None})
+    assert f", {len(record[7])} of {record[10]} open pending transfers (those opened since, and its sweep's)\n" in \
+        capsys.readouterr().out  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("opened", [100, 104, 108])
+def test_the_walk_back_stays_bounded_when_the_oldest_close_first(
+    ledger_path: Path, monkeypatch: pytest.MonkeyPatch, opened: int
+) -> None:
+    """Pending transfers posted (or expired) in the order they opened move every open one a
+    place back in the sweep's order each: the sweep goes on from where it stopped by the LSN
+    there, so it still passes over every open one within about `CHECKPOINT_PENDING_CHAIN`
+    checkpoints and the walk back is that long, not the pending transfers' whole life."""
+    monkeypatch.setattr(_checkpoint_rows, "CHECKPOINT_PENDING_CHAIN", 4)
+    monkeypatch.setattr(_checkpoint_rows, "CHECKPOINT_PENDING_SWEEP_MIN", 1)
+    with Ledger.open(ledger_path, checkpoint_interval=4) as ledger:
+        ledger.create_account("bank", currency="USD", overdraft_limit=None)
+        ledger.create_account("shop", currency="USD")
+        for n in range(opened):
+            ledger.transfer(f"p{n}", source="bank", destination="shop", amount=1, pending=True)
+        for n in range(3 * opened):  # one opens, the oldest is posted
+            ledger.transfer(f"p{opened + n}", source="bank", destination="shop", amount=1, pending=True)
+            ledger.post_pending(f"post{n}", pending_id=f"p{n}")
+    walks: list[int] = []
+    real = _checkpoints.open_pending_at
+
+    def noted(*args: object) -> tuple[list[list[object]], list[int]]:
+        rows, walked = real(*args)  # type: ignore[arg-type]
+        walks.append(len(walked))
+        return rows, walked
+
+    monkeypatch.setattr(_checkpoints, "open_pending_at", noted)
+    with Ledger.open(ledger_path) as reopened:
+        assert set(reopened._sequencer.pending) == {f"p{n}" for n in range(3 * opened, 4 * opened)}
+    assert walks and walks[0] <= 4 + 2, walks
