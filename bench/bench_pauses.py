@@ -1,19 +1,21 @@
 """Pauses while many open pending transfers are posted: what a transfer beside them waits out.
 
-    python bench/bench_pauses.py [--pending 300000] [--beside posts|transfers] [--tree PATH] [--json out.json]
+    python bench/bench_pauses.py [--pending 300000] [--beside posts|transfers] [--tree PATH]
+                                 [--json out.json]
 
 One ledger, 100 accounts and a bank. `--pending` pending transfers with a timeout of an hour
 are made in batches of 1,000 (`transfer_many`), then posted in batches of 1,000 (or, with
 `--beside transfers`, as many transfers made between the accounts while they stay open)
-while a probe thread makes single transfers one after another, a millisecond apart.
-Printed: the posts' rate; the probe's latency (p50, p99, longest); the data file's size at
-the end, and the time to open the ledger again (after its close, and as a crash would have
-left it: its files copied before the close); and, timed around the sequencer's own steps, under its lock (every transfer waits
-for those): the longest and the total of its checkpoints (each held every open pending
-transfer before CHECKPOINT5; now those opened since the last, a sweep of others, and the ids
-of those closed since) and of the deadline heap's compaction (`coordinator._deadlines`, or,
-in a tree from before it, the one-pass `Sequencer._compact_deadlines`). `--tree` runs
-another checkout's engine (every module of the engine loaded is checked to be that tree's).
+while a probe thread makes single transfers one after another, a millisecond apart. Printed:
+the posts' rate; the probe's latency (p50, p99, longest); the data file's size at the end,
+and the time to open the ledger again (after its close, and as a crash would have left it:
+its files copied before the close); and, timed around the sequencer's own steps under its
+lock while the probe ran (every transfer waits for those), the longest and the total of its
+checkpoints (each held every open pending transfer before CHECKPOINT5; now those opened
+since the last, a sweep of others, and the ids of those closed since) and of the deadline
+heap's compaction (`coordinator._deadlines`, or, in a tree from before it, the one-pass
+`Sequencer._compact_deadlines`). `--tree` runs another checkout's engine (every module of
+the engine loaded is checked to be that tree's).
 A compaction's first step runs inside its start, so its time is in both totals: do not add them.
 """
 
@@ -54,6 +56,7 @@ def main() -> None:
     import coordinator
     import coordinator._sequencer as sequencer_module
     from coordinator import Resolution
+    from coordinator._records import CHECKPOINTS_INDEX, value_lsn
     from engine import Ledger, Transfer, TransferRequest
 
     assert os.path.dirname(os.path.dirname(os.path.abspath(coordinator.__file__))) == tree, coordinator.__file__
@@ -118,8 +121,17 @@ def main() -> None:
             prober.join(60)
             assert not prober.is_alive(), "the probe did not stop"
             assert not failures, f"the probe failed: {failures[0]!r}"
-            # Its files as a crash would leave them: copied with every write durable and none in flight.
-            ledger._journal.wait_durable(ledger._journal.last_lsn, 60)
+            steps = {name: list(values) for name, values in spent.items() if values}  # (not the close's)
+            # Its files as a crash would leave them: copied once every record is durable and the
+            # entry index behind the last checkpoint written (the writer idle: a copy made across
+            # commits would be torn, as no crash leaves a file).
+            journal = ledger._journal
+            waited = time.monotonic() + 120
+            while not (journal.durable_lsn == journal.last_lsn and journal.indexed_lsn >= value_lsn(
+                    journal.index_last(CHECKPOINTS_INDEX) or b"\0" * 8)):
+                if time.monotonic() > waited:
+                    raise RuntimeError("the journal writer did not go idle in 120 s")
+                time.sleep(0.01)
             shutil.copytree(os.path.join(directory, "ledger"), os.path.join(directory, "crashed"))
         data_bytes = os.path.getsize(os.path.join(directory, "ledger", "data.mdb"))
         reopen_s: dict[str, float] = {}
@@ -137,7 +149,7 @@ def main() -> None:
         "probe": {"transfers": len(latencies), "p50_ms": statistics.median(latencies) * 1e3,
                   "p99_ms": latencies[int(0.99 * (len(latencies) - 1))] * 1e3, "max_ms": latencies[-1] * 1e3},
         "steps": {name: {"calls": len(values), "longest_ms": max(values) * 1e3, "total_ms": sum(values) * 1e3}
-                  for name, values in spent.items() if values},
+                  for name, values in steps.items()},
     }
     what = "pending transfers posted" if args.beside == "posts" else "transfers beside as many open pending transfers"
     print(f"tree {tree}: {count:,} {what} at {report['posts_per_s']:,.0f}/s; data file {data_bytes / 2**20:,.0f} MiB")

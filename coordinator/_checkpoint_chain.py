@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import compress
-from operator import itemgetter, not_
+from operator import and_, itemgetter, not_
 from typing import Any
 
 from journal import Journal, JournalCorruptedError
@@ -103,26 +103,34 @@ def open_pending_at(journal: Journal, lsn: int, read: Sequence[tuple[int, list[A
     count = read[0][1][10]
     known = dict(read)
     found: dict[str, list[Any]] = {}
-    seen: set[str] = set()  # the ids found, and those named closed by the checkpoints read (none of
-    # which a newer one holds: closed before it, one was not open there)
+    closed: set[str] = set()  # named closed by the checkpoints read (none of which a newer one holds:
+    # closed before it, one was not open there)
     at, record = read[0]
-    walked = [at]
+    met = [(at, record[7])]
     while True:
         rows = record[7]
-        if not pending_rows_shaped(rows) or not set(map(type, record[9] if record[0] == CHECKPOINT5 else ())) <= {str}:
-            raise corrupted(at, "the checkpoint's pending transfers, or those it names closed, are not pending "
-                                "transfers' rows and ids")
-        ids = list(map(_FIRST, rows))  # its rows of ids not seen yet, added: the loops run in C
-        fresh = dict(compress(zip(ids, rows, strict=True), map(not_, map(seen.__contains__, ids))))
-        found.update(fresh)
-        seen.update(fresh)
+        try:  # its rows of ids neither found nor closed, added: the loops run in C (the fields: below)
+            ids = list(map(_FIRST, rows))
+            taking = map(not_, map(found.__contains__, ids))
+            if closed:
+                taking = map(and_, taking, map(not_, map(closed.__contains__, ids)))
+            found.update(compress(zip(ids, rows, strict=True), taking))
+        except (TypeError, IndexError, KeyError, ValueError) as error:
+            raise corrupted(at, f"the checkpoint's pending transfers are not pending transfers' rows: {error!r}") \
+                from error
         if holds_every_pending(record) or len(found) >= count:
             break
-        seen.update(record[9])
+        if not set(map(type, record[9])) <= {str}:
+            raise corrupted(at, "the checkpoint names as closed pending transfers ids that are no ids")
+        closed.update(record[9])
         previous = record[8]
         record = known.get(previous) or checkpoint_before(journal, lsn, at, previous, txn)
         at = previous
-        walked.append(at)
+        met.append((at, record[7]))
+    taken = list(found.values())
+    if not pending_rows_shaped(taken):  # say where: the first checkpoint holding a row that is no row
+        at = next((at for at, rows in met if not pending_rows_shaped(rows)), lsn)
+        raise corrupted(at, "the checkpoint's pending transfers are not pending transfers' rows")
     if len(found) != count:
         raise corrupted(lsn, f"the checkpoint and those before it hold {len(found)} open pending transfers, not {count}")
-    return sorted(found.values(), key=PENDING_LSN), walked
+    return sorted(taken, key=PENDING_LSN), [at for at, _ in met]

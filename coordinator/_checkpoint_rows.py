@@ -138,14 +138,14 @@ def pending_rows(pending: dict[str, Pending], opened: list[str], closed: list[Pe
     each closed since with a lower LSN moved it one place back; `share`: the part of the
     accounts this checkpoint holds rows of (0 if it holds every one).
 
-    The sweep is as long as what changed, at least `CHECKPOINT_PENDING_SWEEP_MIN`, as large a
-    part of them as `share` is of the accounts (so the walk back for them ends about where the
-    accounts' does) and 1/`CHECKPOINT_PENDING_CHAIN` of them (so it ends within about that
-    many checkpoints)."""
+    The sweep takes at least `CHECKPOINT_PENDING_SWEEP_MIN` of them, as large a part of them
+    as `share` is of the accounts (so the walk back for them ends about where the accounts'
+    does) and 1/`CHECKPOINT_PENDING_CHAIN` of them (so it ends within about that many
+    checkpoints, however many change: each is found in the newest checkpoint holding it,
+    those opened since it in that one)."""
     total = len(pending)
     still = [pending[pending_id] for pending_id in opened if pending_id in pending]
-    length = max(len(still) + len(closed), CHECKPOINT_PENDING_SWEEP_MIN, math.ceil(total * share),
-                 -(-total // CHECKPOINT_PENDING_CHAIN))
+    length = max(CHECKPOINT_PENDING_SWEEP_MIN, math.ceil(total * share), -(-total // CHECKPOINT_PENDING_CHAIN))
     if not base or len(still) + length >= total:
         return list(pending.values()), 0, (0, 0)
     start = sweep[0] - sum(map(lt, map(_LSN, closed), repeat(sweep[1])))  # (in C)

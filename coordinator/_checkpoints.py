@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import compress, islice, repeat, starmap
 from operator import attrgetter, is_not, itemgetter, le, not_
 from typing import Any
@@ -75,6 +76,8 @@ class Recovered(Projection):
 
 _FIRST = itemgetter(0)
 _ID = attrgetter("id")
+_SOURCE, _DESTINATION, _AMOUNT = attrgetter("source"), attrgetter("destination"), attrgetter("amount")
+_AS_PENDING = partial(tuple.__new__, Pending)
 _ACCOUNT_FIELDS = itemgetter(0, 1, 2, 3, 4)
 ROW_FIELDS = 9
 """An account's row in a CHECKPOINT3, CHECKPOINT4 or CHECKPOINT5: id, currency, limit, code, metadata,
@@ -253,11 +256,17 @@ def _load_rows(books: Recovered, rows: list[list[Any]], pendings: list[Any]) -> 
         account = books.accounts[row[0]]
         books.accounts[row[0]] = opened_account(account.id, account.currency, account.overdraft_limit,
                                                 account.code, Metadata(row[4]))
-    for fields in pendings:
-        pending = Pending(*fields)
-        books.pending[pending.id] = pending
-        books.held[pending.source] = books.held.get(pending.source, 0) + pending.amount
-        books.incoming[pending.destination] = books.incoming.get(pending.destination, 0) + pending.amount
+    # The pending transfers made in C (`tuple.__new__`, as `coordinator._entering.new_pending`:
+    # so each must have its fields, no more nor fewer), then what they hold summed.
+    if not set(map(len, pendings)) <= {len(Pending._fields)}:
+        raise ValueError("a pending transfer's row without its fields")
+    made = list(map(_AS_PENDING, pendings))
+    books.pending.update(zip(map(_ID, made), made, strict=True))
+    held, incoming = books.held, books.incoming
+    for source, destination, amount in zip(map(_SOURCE, made), map(_DESTINATION, made), map(_AMOUNT, made),
+                                           strict=True):
+        held[source] = held.get(source, 0) + amount
+        incoming[destination] = incoming.get(destination, 0) + amount
 
 
 def _walk_back(journal: Journal, lsn: int, record: list[Any]) -> tuple[list[list[Any]], list[tuple[int, list[Any]]],

@@ -54,16 +54,17 @@ chain until it has `accounts` rows, which the sweep bounds by about twice the ac
 with `previous_lsn` 0 holds every account.
 
 A CHECKPOINT5 does for the open pending transfers what a CHECKPOINT4 does for the accounts,
-on a chain of its own (`pending_previous_lsn`: a ledger of few accounts holds every account
-in each checkpoint, and many open pending transfers in none): it holds those opened since
+on a chain of its own (`pending_previous_lsn`: a checkpoint of a ledger of few accounts holds
+every account, and need not hold every one of many open pending transfers): it holds those opened since
 the checkpoint at `pending_previous_lsn`, and a slice of the rest in the order they were
-opened, from the first at or after LSN `pending_sweep_from` (as long as what changed, as the accounts' sweep goes
-through the accounts, and at least 1/16 of them, so the walk back is short); and it names the
+opened, from the first at or after LSN `pending_sweep_from` (as large a part of them as it
+holds of the accounts, and at least 1/16 of them, so the walk back is short); and it names the
 ones closed (posted, voided or expired) since then. Opening walks that chain back, newest
 first, taking each pending transfer's row unless a newer checkpoint named it closed, until it
 has `pendings_open` of them: every row taken is of one open at the newest, so that many is
 every one. One with `pending_previous_lsn` 0 holds every open pending transfer (and the walk
 stops there), as does a CHECKPOINT4 met on the way back.
+
 `index_entries` counts the entries every record up to
 this one added to the accounts, transfers and checkpoints indexes (see
 `coordinator._recovery.check_index_counts`).
