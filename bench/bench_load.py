@@ -20,7 +20,8 @@ A round runs its rows there and back, the floor, 1, 2, 4, 8 threads, the mixed r
 `--transfers` a row, and a later row costs more CPU than an early one for the same
 instructions (a larger ledger's pages, a process that has run longer: `bench/README.md`);
 run in one direction (`--order ascending`: 1, 2, 4, 8, mixed), the 8-thread row came out
-~10% below where the same code put it with the rows reversed, whatever its threads. There
+~10% below where the same code put it with the rows in the reverse order (the fourth row was
+slow whatever its threads). There
 and back, each count and the mixed row sit at the same mean position in the round, so a
 drift that moves steadily weighs on none of them more than on another.
 """
@@ -159,7 +160,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--order", choices=("palindrome", "ascending"), default="palindrome",
-                        help="rows there and back (1, 2, 4, 8, mixed, 8, 4, 2, 1; the default) or one way")
+                        help="rows there and back (floor, 1, 2, 4, 8, mixed, 8, 4, 2, 1, floor; the default) or one way")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     rows: dict[str, list[float]] = {}

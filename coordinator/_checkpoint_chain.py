@@ -98,8 +98,9 @@ def open_pending_at(journal: Journal, lsn: int, read: Sequence[tuple[int, list[A
     Newest first, a pending transfer's row is taken unless a checkpoint after the one holding
     it named it closed, or a newer one had it already; the walk stops at a checkpoint that
     holds every one open then, or once it has as many as the newest says are open (each row
-    taken is of one still open at the newest, so that many is every one). Fewer at the end of
-    the chain is damage at `lsn`; a row that is no row, damage at the checkpoint holding it."""
+    taken is of one still open at the newest, so that many is every one: the count is trusted,
+    as the rows are, and a replay checks both). Fewer at the end of the chain is damage at
+    `lsn`; a row that is no row, damage at the checkpoint holding it."""
     count = read[0][1][10]
     known = dict(read)
     found: dict[str, list[Any]] = {}

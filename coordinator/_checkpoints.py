@@ -5,7 +5,8 @@ LSN, so opening replays only the records after it (`coordinator._recovery`). A C
 holds the rows of the accounts that changed since the one before it, which it names, plus
 a sweep of as many others; opening walks that chain back until every account has a row
 (`_walk_back`). A CHECKPOINT5 holds the open pending transfers likewise, and names those
-closed since the one before; the walk for them is `coordinator._checkpoint_chain`'s. Whatever is read is checked before it is used: a row that is no row, a
+closed since the one before; the walk for them is `coordinator._checkpoint_chain`'s.
+Whatever is read is checked before it is used: a row that is no row, a
 chain that names no checkpoint, a count that does not add up is `JournalCorrupted` naming
 the checkpoint's LSN; nothing is repaired.
 

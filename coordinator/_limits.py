@@ -48,9 +48,8 @@ of (its sweep of them, see `coordinator._records`, CHECKPOINT5); with no more op
 and the ones opened since, it holds every one."""
 
 CHECKPOINT_PENDING_CHAIN = 16
-"""A checkpoint's sweep of the open pending transfers takes at least this fraction of them
-(1/16), so an open walks back about this many checkpoints for them at most, however few
-change (each closing one, before it, shifts the sweep's positions: a few more then)."""
+"""A checkpoint's sweep of the open pending transfers takes at least 1/this of them, so an
+open walks back about this many checkpoints for them at most, however few change."""
 
 CLOSE_CHECKPOINT_PENDING = 1_000
 """Closing a ledger journals a checkpoint of every open pending transfer (and of the accounts

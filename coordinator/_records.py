@@ -57,12 +57,13 @@ A CHECKPOINT5 does for the open pending transfers what a CHECKPOINT4 does for th
 on a chain of its own (`pending_previous_lsn`: a checkpoint of a ledger of few accounts holds
 every account, and need not hold every one of many open pending transfers): it holds those opened since
 the checkpoint at `pending_previous_lsn`, and a slice of the rest in the order they were
-opened, from the first at or after LSN `pending_sweep_from` (as large a part of them as it
-holds of the accounts, and at least 1/16 of them, so the walk back is short); and it names the
-ones closed (posted, voided or expired) since then. Opening walks that chain back, newest
+opened, going on from where the last one's stopped (as large a part of them as it holds of
+the accounts, and at least 1/16 of them, so the walk back is short; `pending_sweep_from` is
+the LSN where the next one's starts: the first open at or after it); and it names the ones
+closed (posted, voided or expired) since then. Opening walks that chain back, newest
 first, taking each pending transfer's row unless a newer checkpoint named it closed, until it
 has `pendings_open` of them: every row taken is of one open at the newest, so that many is
-every one. One with `pending_previous_lsn` 0 holds every open pending transfer (and the walk
+every one (the count is trusted, as the rows are: a replay checks both, `tally verify`). One with `pending_previous_lsn` 0 holds every open pending transfer (and the walk
 stops there), as does a CHECKPOINT4 met on the way back.
 
 `index_entries` counts the entries every record up to
