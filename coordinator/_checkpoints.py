@@ -30,6 +30,7 @@ from typing import Any
 from journal import Journal, JournalCorruptedError
 
 from coordinator._checkpoint_chain import PENDING_LSN, check_checkpoint, checkpoint_before, corrupted, open_pending_at
+from coordinator._entering import new_pending
 from coordinator._entries import Unindexed, indexed_through, unindexed_by_key
 from coordinator._errors import JournalCorrupted
 from coordinator._history import metadata_of
@@ -78,7 +79,7 @@ class Recovered(Projection):
 _FIRST = itemgetter(0)
 _ID = attrgetter("id")
 _SOURCE, _DESTINATION, _AMOUNT = attrgetter("source"), attrgetter("destination"), attrgetter("amount")
-_AS_PENDING = partial(tuple.__new__, Pending)
+_AS_PENDING = partial(new_pending, Pending)
 _ACCOUNT_FIELDS = itemgetter(0, 1, 2, 3, 4)
 ROW_FIELDS = 9
 """An account's row in a CHECKPOINT3, CHECKPOINT4 or CHECKPOINT5: id, currency, limit, code, metadata,
@@ -230,7 +231,6 @@ def _load_checkpoint(journal: Journal) -> Recovered:
                 pendings, walked = open_pending_at(journal, lsn, read)
                 chain += [at for at in walked if at not in chain]
                 books.pending_sweep = (bisect_left(list(map(PENDING_LSN, pendings)), record[11]), record[11])
-                books.pending_whole = record[8] == 0
         try:
             _load_rows(books, rows, pendings)
         except (TypeError, ValueError, KeyError, IndexError) as error:  # what a checkpoint never holds
@@ -257,8 +257,8 @@ def _load_rows(books: Recovered, rows: list[list[Any]], pendings: list[Any]) -> 
         account = books.accounts[row[0]]
         books.accounts[row[0]] = opened_account(account.id, account.currency, account.overdraft_limit,
                                                 account.code, Metadata(row[4]))
-    # The pending transfers made in C (`tuple.__new__`, as `coordinator._entering.new_pending`:
-    # so each must have its fields, no more nor fewer), then what they hold summed.
+    # The pending transfers made in C (`coordinator._entering.new_pending`, `tuple.__new__`: so
+    # each must have its fields, no more nor fewer), then what they hold summed.
     if not set(map(len, pendings)) <= {len(Pending._fields)}:
         raise ValueError("a pending transfer's row without its fields")
     made = list(map(_AS_PENDING, pendings))

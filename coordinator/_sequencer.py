@@ -141,8 +141,6 @@ class Sequencer(AccountOpening, Appending, Deadlines):
         self._pending_base = books.checkpoint_chain[0] if books.checkpoint_chain is not None else 0
         """The checkpoint `opened_since` and `closed_since` count from (0: none known, so the
         next checkpoint holds every open pending transfer)."""
-        self._pending_whole = books.pending_whole
-        """Whether the newest checkpoint holds every open pending transfer."""
         self.last_timestamp = books.last_timestamp
         self.index_entries = books.index_entries
         self._set_up_deadlines(books.pending)
@@ -370,7 +368,7 @@ class Sequencer(AccountOpening, Appending, Deadlines):
             self.rows.journaled(lsn, len(rows), previous, sweep_next, total)
             self.opened_since.clear()
             self.closed_since.clear()
-            self._pending_base, self._pending_sweep, self._pending_whole = lsn, pending_next, not pending_base
+            self._pending_base, self._pending_sweep = lsn, pending_next
         except BaseException as error:
             if self._journal.last_lsn >= lsn:  # queued (an interrupt after it): memory is behind it
                 self.broken(error)
@@ -393,7 +391,7 @@ class Sequencer(AccountOpening, Appending, Deadlines):
         try:
             if self.rows.rows_an_open_reads(len(self.accounts)) > CLOSE_CHECKPOINT_ROWS * len(self.accounts):
                 return self.checkpoint(whole=True)
-            if not self._pending_whole and len(self.pending) > CLOSE_CHECKPOINT_PENDING:
+            if self._pending_sweep[1] and len(self.pending) > CLOSE_CHECKPOINT_PENDING:  # the newest holds some
                 return self.checkpoint(pending_whole=True)
             return None
         finally:

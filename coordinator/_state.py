@@ -98,12 +98,10 @@ class Projection:
     those still open)."""
     closed_since: list[Pending] = field(default_factory=list)
     """The pending transfers closed since the newest checkpoint (the next CHECKPOINT5 names them)."""
-    pending_whole: bool = True
-    """Whether the newest checkpoint holds every open pending transfer (see
-    `Sequencer.checkpoint_on_close`)."""
     pending_sweep: tuple[int, int] = (0, 0)
     """Where the next checkpoint's sweep of the open pending transfers starts: (a position in
-    `pending`'s order, the LSN of the one there); see `coordinator._checkpoint_rows.pending_rows`."""
+    `pending`'s order, the LSN of the one there); see `coordinator._checkpoint_rows.pending_rows`.
+    (0, 0) after a checkpoint that holds every one (an LSN is never 0)."""
     last_timestamp: int = 0
     """The largest timestamp journaled (a leg's, an expiry's)."""
     index_entries: int = 0
