@@ -144,7 +144,8 @@ def main() -> None:
     from_tree(tree)
     latencies.sort()
     report = {
-        "tree": tree, "pending": count, "beside": args.beside, "posts_per_s": count / elapsed, "data_file_bytes": data_bytes,
+        "tree": tree, "pending": count, "beside": args.beside, "rate_per_s": count / elapsed,  # posts, or transfers beside
+        "data_file_bytes": data_bytes,
         "reopen_s": reopen_s, "open_after": still_open,
         "probe": {"transfers": len(latencies), "p50_ms": statistics.median(latencies) * 1e3,
                   "p99_ms": latencies[int(0.99 * (len(latencies) - 1))] * 1e3, "max_ms": latencies[-1] * 1e3},
@@ -152,7 +153,7 @@ def main() -> None:
                   for name, values in steps.items()},
     }
     what = "pending transfers posted" if args.beside == "posts" else "transfers beside as many open pending transfers"
-    print(f"tree {tree}: {count:,} {what} at {report['posts_per_s']:,.0f}/s; data file {data_bytes / 2**20:,.0f} MiB")
+    print(f"tree {tree}: {count:,} {what} at {report['rate_per_s']:,.0f}/s; data file {data_bytes / 2**20:,.0f} MiB")
     print(f"  reopened in {reopen_s['ledger']:.2f} s after its close, {reopen_s['crashed']:.2f} s after a crash; "
           f"{still_open:,} pending transfers open")
     probe_ = report["probe"]

@@ -79,6 +79,15 @@ def _conflict(request: Request, prior: Request | None) -> IdempotencyConflict:
     return IdempotencyConflict(f"transfer id {request.id!r} was already used for {_differs(prior, request)}")
 
 
+def _chain_differs(prior: tuple[Request, ...], requests: tuple[Request, ...]) -> str:
+    """The earlier linked chain whose ids a retried chain reuses, with where they differ."""
+    if len(prior) != len(requests):
+        return f"a linked chain of {len(prior)} transfers; the retry has {len(requests)}"
+    index, was, now = next((index, was, now) for index, (was, now) in enumerate(zip(prior, requests, strict=True))
+                           if was != now)
+    return f"a linked chain whose transfer {index} was {_differs(was, now)}"
+
+
 def _differs(prior: Request, request: Request) -> str:
     """The earlier request, with the fields a retry changed named."""
     if type(prior) is not type(request):
@@ -139,6 +148,9 @@ def settle_chain(requests: tuple[Request, ...], priors: list[Prior | None]) -> l
     assert prior is not None  # the loop raised otherwise
     if not prior.linked or prior.requests != requests:
         made = next((made for made in prior.requests if made.id == requests[0].id), None)
+        if len(requests) > 1 and prior.linked:  # every id of this chain, by another chain
+            raise IdempotencyConflict(f"transfer id {requests[0].id!r} was already used for "
+                                      f"{_chain_differs(prior.requests, requests)}")
         raise _conflict(requests[0], made if made is not None and len(requests) == 1 else None)
     value: Decided | Committed = ticket_outcome(prior) if type(prior) is Ticket else prior  # type: ignore[assignment]
     if isinstance(value, Refused):

@@ -63,6 +63,14 @@ HEAD_BYTES_MAX = 64 << 10
 `headers_too_large` and the connection is closed. uvicorn's httptools protocol has no bound of
 its own: it would hold a header that never ends in memory as it arrives, before any route, the
 token's check included, sees the request."""
+HEAD_READ_S = 30.0
+"""Longest wait for a request's line and headers: from the connection's start for its first
+request, from the first byte that comes between two requests for the others. A head begun and
+not whole by then is 408 `request_timeout` and the connection is closed; a connection that sent
+nothing of a request is closed. uvicorn's httptools protocol bounds neither (its keep-alive
+timer runs only from a response's end until the next byte), so a client that opens
+connections and sends a few bytes would hold them, uncounted among the requests in flight
+(the body's own bound is `engine._serve_app.BODY_READ_S`)."""
 SERVE_EXTRA = "pip install 'tally-ledger[serve]'"
 
 logger = logging.getLogger("tally.serve")
@@ -299,10 +307,11 @@ def _bounded_head_protocol() -> Any:
     head has taken more than `HEAD_BYTES_MAX` bytes (counted by the chunks read while it is
     incomplete: at most one chunk more, or two when the head began in a chunk that also held
     an earlier request of the connection, a pipelined one: that chunk's share of it is unknown,
-    and the earlier request's bytes are never counted as this head's). Without httptools,
-    uvicorn's h11 protocol, which bounds a head itself (16 KiB, `h11_max_incomplete_event_size`;
-    a plain-text 400 beyond it). It overrides four of the protocol's methods, each calling the
-    original first."""
+    and the earlier request's bytes are never counted as this head's), and once it has taken
+    longer than `HEAD_READ_S` (408, see there). Without httptools, uvicorn's h11 protocol,
+    which bounds a head's size itself (16 KiB, `h11_max_incomplete_event_size`; a plain-text
+    400 beyond it), not its time. It overrides six of the protocol's methods, each calling the
+    original."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
@@ -314,6 +323,11 @@ def _bounded_head_protocol() -> Any:
     refusal = (f"HTTP/1.1 {status_of('headers_too_large')} Request Header Fields Too Large\r\n"
                f"content-type: application/json\r\ncontent-length: {len(problem)}\r\nconnection: close\r\n\r\n"
                ).encode() + problem
+    late = json.dumps(error_body("request_timeout", "the request's line and headers did not arrive within "
+                                                    f"{HEAD_READ_S:g} s: nothing was done")).encode()
+    too_late = (f"HTTP/1.1 {status_of('request_timeout')} Request Timeout\r\n"
+                f"content-type: application/json\r\ncontent-length: {len(late)}\r\nconnection: close\r\n\r\n"
+                ).encode() + late
 
     class BoundedHead(HttpToolsProtocol):
         in_head = False
@@ -324,14 +338,50 @@ def _bounded_head_protocol() -> Any:
         """The heads begun on this connection: tells whether one began inside a chunk."""
         head_bytes = 0
         """The bytes read since it began."""
+        head_timer: asyncio.TimerHandle | None = None
+        """Armed while the connection waits for a request's head (`HEAD_READ_S`)."""
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._time_head()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._untime_head()
+            super().connection_lost(exc)
+
+        def _time_head(self) -> None:
+            if self.head_timer is None:
+                self.head_timer = self.loop.call_later(HEAD_READ_S, self._head_late)
+
+        def _untime_head(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
+
+        def _head_late(self) -> None:
+            """`HEAD_READ_S` passed and no head became whole: answer 408 and close, or close
+            if no byte of a request came; but never across a response under way (a pipelined
+            head's time then runs on until it ends)."""
+            self.head_timer = None
+            if self.transport.is_closing():
+                return
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._time_head()
+                return
+            if self.in_head:
+                self.in_head = False
+                self.transport.write(too_late)
+            self.transport.close()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self.in_head, self.between, self.head_bytes = True, False, 0
             self.heads_begun += 1
+            self._time_head()
 
         def on_headers_complete(self) -> None:
             self.in_head = False
+            self._untime_head()
             super().on_headers_complete()
 
         def on_message_complete(self) -> None:
@@ -343,6 +393,8 @@ def _bounded_head_protocol() -> Any:
             # or between two requests and began only it. Else an earlier request (its head's
             # end, its body) came first in the chunk: the head's share is then not counted.
             began_in, began_between, begun = self.in_head, self.between, self.heads_begun
+            if began_between:  # (a byte between two requests ends uvicorn's keep-alive wait: this bounds what follows)
+                self._time_head()
             super().data_received(data)
             if not self.in_head:
                 return

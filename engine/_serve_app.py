@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import AsyncLedger, LedgerError, __version__
-from engine._serve_errors import error_body, error_response, status_of
+from engine._serve_errors import RouteRefusesMethod, allowed_methods, error_body, error_response, status_of
 from engine._serve_keys import KeyLocks
 from engine._serve_routes import router
 
@@ -263,6 +263,10 @@ def build_app(ledger_path: str, token: str | None, body_bytes_max: int, ledger_o
     app.state.startup_error = None
     app.state.shutdown_error = None
     app.include_router(router)
+    # Every route that takes methods, for a 405's `Allow` (`allowed_methods`): FastAPI keeps
+    # the included router's own routes behind an object of its own.
+    app.state.method_routes = (*(route for route in app.router.routes if getattr(route, "methods", None)),
+                               *router.routes)
     app.add_exception_handler(LedgerError, _ledger_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(HTTPException, _http_error)
@@ -330,7 +334,10 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
     path = request.url.path if raw is None else raw.split(b"?", 1)[0].decode("ascii", "replace")
     message = {"not_found": f"no route {request.method} {path}",
                "method_not_allowed": f"{path} does not take {request.method}"}.get(code, str(error.detail))
-    return JSONResponse(error_body(code, message), status_of(code), headers=error.headers)
+    headers = error.headers
+    if code == "method_not_allowed" and not isinstance(error, RouteRefusesMethod):  # Starlette's: its first route's
+        headers = {**(headers or {}), "Allow": allowed_methods(request)}
+    return JSONResponse(error_body(code, message), status_of(code), headers=headers)
 
 
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:

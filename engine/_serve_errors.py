@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi import Request
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from engine import LedgerError, LinkedTransferFailed
 from engine._serve_models import ErrorJSON
@@ -74,14 +77,37 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **extra}}
 
 
-def error_response(error: LedgerError, replayed: bool = False) -> JSONResponse:
+def error_response(error: LedgerError, replayed: bool = False, request: Request | None = None) -> JSONResponse:
     """The JSON answer to `error`: `{"error": {"code", "message"}}`, and for a refused linked
-    chain the refused leg's `index` and its own refusal as `cause`."""
+    chain the refused leg's `index` and its own refusal as `cause`. A `read_only_ledger` (405)
+    names in `Allow` the reads its `request`'s path takes (none: empty)."""
     extra: dict[str, Any] = {}
     if isinstance(error, LinkedTransferFailed):
         extra = {"index": error.index, "cause": {"code": error.cause.code, "message": str(error.cause)}}
-    headers = {REPLAYED: "true"} if replayed else {"Allow": "GET, HEAD"} if error.code == "read_only_ledger" else None
+    headers = {REPLAYED: "true"} if replayed else {"Allow": "" if request is None else allowed_methods(
+        request, reads_only=True)} if error.code == "read_only_ledger" else None
     return JSONResponse(error_body(error.code, str(error), **extra), status_of(error.code), headers=headers)
+
+
+class RouteRefusesMethod(HTTPException):
+    """A 405 a route raises itself, with the `Allow` it says (Starlette's own 405, which names
+    only the first route of the path, is made whole by `allowed_methods`)."""
+
+    def __init__(self, allow: str) -> None:
+        super().__init__(405, headers={"Allow": allow})
+
+
+def allowed_methods(request: Request, reads_only: bool = False) -> str:
+    """The `Allow` of a 405 to `request`: the methods of every route whose path matches its
+    path (Starlette's own names only the first such route's: `POST /transfers` would hide
+    `GET /transfers`), with `reads_only` only GET and HEAD, sorted."""
+    methods: set[str] = set()
+    for route in request.app.state.method_routes:  # (set up by `engine._serve_app.build_app`)
+        if route.matches(request.scope)[0] is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    if reads_only:
+        methods &= {"GET", "HEAD"}
+    return ", ".join(sorted(methods))
 
 
 def status_of(code: str) -> int:

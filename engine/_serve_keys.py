@@ -95,7 +95,7 @@ async def written(request: Request, key: str, write: Callable[[], Awaitable[Acco
         except IdempotencyConflict as error:
             return error_response(error)
         except LedgerError as error:
-            return error_response(error, replayed=prior is not None and _journaled(error))
+            return error_response(error, replayed=prior is not None and _journaled(error), request=request)
         return _created(jsonable(made) if not isinstance(made, list) else {"transfers": jsonable(made)},
                         replayed=prior is not None)
 

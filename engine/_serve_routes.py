@@ -18,7 +18,6 @@ from urllib.parse import unquote_to_bytes
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BeforeValidator
-from starlette.exceptions import HTTPException
 
 from engine import (
     Account,
@@ -30,7 +29,7 @@ from engine import (
     TransferRequest,
     jsonable,
 )
-from engine._serve_errors import ERRORS, error_body, error_response
+from engine._serve_errors import ERRORS, RouteRefusesMethod, error_body, error_response
 from engine._serve_events import event_stream
 from engine._serve_keys import KeyHeader, key_of, written
 from engine._serve_models import (
@@ -182,7 +181,7 @@ async def post_pending(request: Request, pending_id: str, body: PostBody | None 
     """Post `amount` (absent: all) of the pending transfer; the Idempotency-Key is the post's
     own transfer id. The body may be empty."""
     if not _spelled_out(request, "post"):  # POST /transfers/p%2Fpost: the transfer "p/post", which takes no POST
-        raise HTTPException(405, headers={"Allow": "GET"})
+        raise RouteRefusesMethod("GET")
     ledger = _ledger(request)
     body = await _object_or_empty(request, body, PostBody())
     key = key_of(request, idempotency_key, body.id)
@@ -198,7 +197,7 @@ async def void_pending(request: Request, pending_id: str, body: VoidBody | None 
     """Release the whole hold of the pending transfer; the Idempotency-Key is the void's own
     transfer id. The body may be empty."""
     if not _spelled_out(request, "void"):  # as for a post
-        raise HTTPException(405, headers={"Allow": "GET"})
+        raise RouteRefusesMethod("GET")
     ledger = _ledger(request)
     body = await _object_or_empty(request, body, VoidBody())
     key = key_of(request, idempotency_key, body.id)
@@ -251,7 +250,8 @@ async def events(request: Request, after_lsn: Whole = 0, follow: bool = True,
     return await event_stream(request, ledger, after_lsn, follow)
 
 
-@router.get("/health", response_model=None, responses={200: {"model": HealthJSON}, 503: {"model": ErrorJSON}})
+@router.api_route("/health", methods=["GET", "HEAD"], response_model=None,  # (HEAD: a load balancer's check)
+                  responses={200: {"model": HealthJSON}, 503: {"model": ErrorJSON}})
 async def health(request: Request) -> Response:
     """200 while the ledger is open and can write (no token needed); 503 once its journal has
     failed (a full disk), which refuses every write until the ledger is reopened: a

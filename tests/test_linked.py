@@ -327,9 +327,16 @@ def test_reusing_an_id_of_a_committed_chain_with_other_fields_is_an_idempotency_
         books.transfer("l-1", source="a", destination="b", amount=61)
     with pytest.raises(IdempotencyConflict):
         books.transfer_linked([leg("l-2", "b", "c", 60)])
-    with pytest.raises(IdempotencyConflict):
+    with pytest.raises(IdempotencyConflict) as differs:
         books.transfer_linked([leg("l-1", "a", "b", 60), leg("l-2", "b", "c", 60, code=1)])
+    with pytest.raises(IdempotencyConflict) as longer:
+        books.transfer_linked([leg("l-1", "a", "b", 60), leg("l-2", "b", "c", 60), leg("l-3", "c", "a", 1)])
 
+    # the message names the chain that used the ids, and where the retry differs (it said
+    # "outside this linked chain", as if another record had used them)
+    assert "a linked chain whose transfer 1 was 60 from 'b' to 'c'; the retry differs in code" in str(differs.value)
+    assert "outside" not in str(differs.value)
+    assert "'l-1' was already used" in str(longer.value)  # (its third id is new: the first used one is named)
     assert books.state_hash() == before
     assert books.transfer_linked([leg("l-1", "a", "b", 60), leg("l-2", "b", "c", 60)]) == made
 

@@ -625,6 +625,111 @@ def test_a_pipelined_request_does_not_count_the_head_before_it_toward_its_own(se
     assert answer.count(b"HTTP/1.1 200 ") == 2, answer[:400]
 
 
+class _PlainServer:
+    """uvicorn on a free loopback port in a thread, with `tally serve`'s protocol
+    (`_bounded_head_protocol`) and an application that answers 200 "ok" to every request."""
+
+    def __init__(self) -> None:
+        import threading
+
+        import uvicorn
+
+        from engine._serve import _bounded_head_protocol
+
+        async def ok(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            assert scope["type"] == "http"
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        self.listening = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listening.getsockname()[1]
+        config = uvicorn.Config(ok, lifespan="off", http=_bounded_head_protocol(), log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.listening]}, daemon=True)
+        self.thread.start()
+        deadline = HTTP_TIMEOUT_S
+        while not self.server.started:  # (the flag uvicorn sets once it listens)
+            assert self.thread.is_alive() and deadline > 0, "the server did not start"
+            deadline -= 0.01
+            self.thread.join(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(HTTP_TIMEOUT_S)
+        self.listening.close()
+        assert not self.thread.is_alive()
+
+
+def _until_closed(connection: socket.socket) -> bytes:
+    """What the server sends until it closes the connection (each read bounded by the socket's timeout)."""
+    answer = b""
+    while chunk := connection.recv(65536):
+        answer += chunk
+    return answer
+
+
+def test_a_request_head_that_does_not_arrive_in_time_is_a_408_and_a_silent_connection_is_closed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that opens connections and sends nothing, or a head it never ends, must not
+    hold them for ever (uvicorn's own keep-alive timer runs only after a response): past
+    `HEAD_READ_S` a head begun is answered 408 and closed, a silent connection closed; on a
+    kept-alive connection the next head is bounded too, from its first byte."""
+    from engine import _serve
+
+    monkeypatch.setattr(_serve, "HEAD_READ_S", 0.3)
+    server = _PlainServer()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=HTTP_TIMEOUT_S) as silent:
+            assert _until_closed(silent) == b""  # closed: no request, no answer
+        with socket.create_connection(("127.0.0.1", server.port), timeout=HTTP_TIMEOUT_S) as slow:
+            slow.sendall(b"POST /transfers HTTP/1.1\r\nHost: x\r\n")
+            head, _, body = _until_closed(slow).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 "), head
+        assert b"connection: close" in head.lower()
+        assert json.loads(body)["error"]["code"] == "request_timeout"
+        with socket.create_connection(("127.0.0.1", server.port), timeout=HTTP_TIMEOUT_S) as kept:
+            kept.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = kept.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200 ") and first.endswith(b"ok"), first
+            kept.sendall(b"GET /b HTTP/1.1\r\n")  # the next head, never ended
+            head, _, body = _until_closed(kept).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 "), head
+    finally:
+        server.stop()
+
+
+def test_a_head_in_time_is_served_whatever_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bound cuts only a head that is late: requests whose heads arrive whole are
+    answered, one after another on a kept-alive connection, pipelined ones too."""
+    from engine import _serve
+
+    monkeypatch.setattr(_serve, "HEAD_READ_S", HTTP_TIMEOUT_S)
+    server = _PlainServer()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=HTTP_TIMEOUT_S) as connection:
+            connection.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n"
+                               b"Connection: close\r\n\r\n")
+            answer = _until_closed(connection)
+        assert answer.count(b"HTTP/1.1 200 ") == 2, answer
+    finally:
+        server.stop()
+
+
+def test_a_405_names_every_method_its_path_takes_and_head_checks_health(client: httpx.Client) -> None:
+    """`Allow` lists the methods of every route of the path (`POST /transfers` is listed
+    before `GET /transfers`, and Starlette names only the first's), never one the server
+    refuses; `HEAD /health` (a load balancer's check) is a 200 without a body."""
+    for method, path, allowed in (("DELETE", "/transfers", "GET, POST"), ("PUT", "/transfers", "GET, POST"),
+                                  ("DELETE", "/accounts", "POST"), ("POST", "/health", "GET, HEAD"),
+                                  ("DELETE", "/transfers/x", "GET")):
+        answer = client.request(method, path)
+        assert answer.status_code == 405, (method, path, answer.text)
+        assert answer.headers["allow"] == allowed, (method, path)
+        assert error_of(answer)["code"] == "method_not_allowed"
+    checked = client.head("/health")
+    assert checked.status_code == 200 and checked.content == b""
+
+
 def test_the_server_uses_only_the_public_names_of_engine() -> None:
     """It is the reference host: what it does, any host can do with `from engine import ...`."""
     import ast
