@@ -149,6 +149,9 @@ def audit(journal: Journal, progress: Callable[[int], None] | None = None,
     report.checks[CHECK_PAIRS] = pairs is None
     report.checks[CHECK_INDEXES] = indexes is None
     report.problem = pairs or indexes
+    if journal.index_damage is not None:  # an entry the open's walk found failing its checksum, kept for this
+        report.checks[CHECK_FILE] = False
+        report.problem = str(journal.index_damage)
     return _chained(report)
 
 

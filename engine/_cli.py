@@ -218,6 +218,9 @@ def _recover(args: argparse.Namespace) -> int:
         elif damaged_lock_file(report) is not None:
             print(f"  nothing was changed. With no process using the ledger, remove it and run `tally recover {args.path}`"
                   " again: the next open makes it anew")
+        elif report.get("index_damaged") and report["corrupt_lsn"] is None:  # every record verified
+            print(f"  an index is damaged (the problem above): nothing was changed. `tally recover {args.path} --salvage"
+                  " --into NEW` copies every record into a new ledger, its indexes made anew from them")
         elif report["verdict"] != "whole" and report["checks"].get(CHECK_FILE) is False and report["last_lsn"] is None:
             print("  the journal could not be read (the problem above): nothing was changed. Restore the ledger from a"
                   " backup (README.md, \"Damage\")")

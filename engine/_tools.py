@@ -28,15 +28,17 @@ def unreadable(error: LedgerError) -> bool:
 
 
 @contextmanager
-def reading(path: str, lock: bool = False, audited: bool = False) -> Iterator[Journal]:
+def reading(path: str, lock: bool = False, audited: bool = False, index_damage_kept: bool = False) -> Iterator[Journal]:
     """The journal, open read-only (with `lock`, refusing while a live process holds it).
     Damage found as it opens is `JournalCorrupted`, except a format this code does not read,
     which the command cannot run on (`NotALedger` says so). A gap in the records or a journal
     short of its anchor is `JournalCorrupted` too, unless the caller is `audited` (the audit
-    reports it): the views never show what the journal is known to have lost."""
+    reports it): the views never show what the journal is known to have lost. With
+    `index_damage_kept` (an audit's), an index entry failing its checksum is kept in the
+    journal's `index_damage` for the audit to report, and its records are still checked."""
     try:
         with ledger_errors():
-            journal = Journal.open_readonly(path, index_names=INDEX_NAMES, lock=lock)
+            journal = Journal.open_readonly(path, index_names=INDEX_NAMES, lock=lock, index_damage_kept=index_damage_kept)
     except JournalCorrupted as error:
         if unreadable(error):
             raise NotALedger(str(error)) from error

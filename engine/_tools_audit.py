@@ -67,7 +67,8 @@ def _audit_dict(report: AuditReport, elapsed_s: float, journal: Journal | None, 
         "verdict": "whole" if report.whole else "NOT WHOLE",
         "head": None if report.chain is None else _head_dict(report.chain.head),
         "chain": None if report.chain is None or journal is None else _chain_dict(report.chain, journal.format_version),
-        "damaged": None,
+        "damaged": None if journal is None or journal.index_damage is None else journal.index_damage.where,
+        "index_damaged": journal is not None and journal.index_damage is not None,
     }
     return result
 
@@ -120,7 +121,7 @@ def verify(path: str, progress: Progress = None, expected: ChainHead | None = No
     its last record, whatever the writer adds meanwhile."""
     started = time.perf_counter()
     try:
-        with reading(path, audited=True) as journal, journal.snapshot() as txn:
+        with reading(path, audited=True, index_damage_kept=True) as journal, journal.snapshot() as txn:
             report = audit(journal, progress, expected, txn)
             result = _audit_dict(report, time.perf_counter() - started, journal, path, txn)
     except JournalCorrupted as error:  # the data file cannot be read at all
@@ -182,7 +183,7 @@ def recover(path: str, dry_run: bool, progress: Progress = None) -> dict[str, An
     """
     started = time.perf_counter()
     try:
-        with reading(path, lock=True, audited=True) as journal:
+        with reading(path, lock=True, audited=True, index_damage_kept=True) as journal:
             lost_anchor = isinstance(journal.problem, JournalAnchorMissingError)
             if lost_anchor:
                 anchor_problem, journal.problem = str(journal.problem), None  # audit the rest of it

@@ -85,7 +85,7 @@ def salvage(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
     nothing in it can be copied (its data file unreadable, or another ledger's)."""
     _new_directory(into)
     with ledger_errors():
-        journal = Journal.open_readonly(path, index_names=INDEX_NAMES, lock=True)
+        journal = Journal.open_readonly(path, index_names=INDEX_NAMES, lock=True, index_damage_kept=True)
     try:
         found, anchor_problem = journal.problem, None
         if isinstance(found, JournalAnchorMissingError):
@@ -103,16 +103,17 @@ def salvage(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
             return {"path": path, "into": into, "first_corrupt_lsn": report.corrupt_lsn,
                     "whole": report.whole and anchor_problem is None, "problem": report.problem,
                     "anchor_problem": anchor_problem, "records_copied": copied, "lost": lost,
-                    "verdict": _salvage_verdict(report, anchor_problem)}
+                    "verdict": _salvage_verdict(report, anchor_problem, journal.index_damage is not None)}
     finally:
         journal.close()
 
 
-def _salvage_verdict(report: AuditReport, anchor_problem: str | None) -> str:
-    """What a salvage made of the ledger `report` audited (`anchor_problem`: its anchor is gone)."""
+def _salvage_verdict(report: AuditReport, anchor_problem: str | None, index_damaged: bool) -> str:
+    """What a salvage made of the ledger `report` audited (`anchor_problem`: its anchor is gone;
+    `index_damaged`: an index entry failed its checksum as it opened)."""
     if report.corrupt_lsn is not None:
         return "salvaged: everything before the first corrupt record was copied"
-    if report.checks[CHECK_PAIRS] is False or report.checks[CHECK_INDEXES] is False:
+    if index_damaged or report.checks[CHECK_PAIRS] is False or report.checks[CHECK_INDEXES] is False:
         return "salvaged: every record verifies, but the indexes were damaged; NEW has them rebuilt"
     if not report.whole:
         return "salvaged: every record was copied, but the ledger is not whole (see the damage)"

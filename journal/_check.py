@@ -33,7 +33,7 @@ from journal._errors import (
 from journal._format import index_seed, key_lsn, unframe_index_values
 from journal._limits import FORMAT_VERSION, FORMAT_VERSIONS_READ, RACE_TRIES_MAX, RACE_WAIT_S, SNAPSHOT_TRIES_MAX
 from journal._meta import Meta, committed_meta, read_metas
-from journal._names import COMMIT_MARK_KEY, FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB
+from journal._names import COMMIT_MARK_KEY, FORMAT_KEY, LEDGER_ID_KEY, META_DB, META_KEYS, RECORDS_DB
 from journal._marks import (
     check_commit_mark,
     is_stale_mark,
@@ -56,6 +56,9 @@ class Opened:
     ledger_id: bytes | None
     """None for a ledger made before ledger ids (format 1, not yet written to here)."""
     layout: Layout
+    index_damage: JournalCorruptedError | None = None
+    """The first index entry that failed its checksum, where an open that audits (`check_snapshot`'s
+    `index_damage_kept`) went on past it; an open that serves raises it."""
 
 
 def check_before_mapping(data_file: str) -> None:
@@ -115,8 +118,12 @@ class _Visitor:
     changed in place would otherwise hide an entry from every lookup of it (an id would look
     unused, an account's entry missing) without failing any check a read could make."""
 
-    def __init__(self, index_names: Sequence[str]) -> None:
+    def __init__(self, index_names: Sequence[str], index_damage_kept: bool = False) -> None:
         self.index_names = list(index_names)
+        self.index_damage_kept = index_damage_kept
+        self.index_damage: JournalCorruptedError | None = None
+        """With `index_damage_kept`, the first index entry that failed its checksum (the walk
+        goes on: an audit reports it, a salvage rebuilds the indexes from the records)."""
         self._indexes = {name.encode(): (name, index_seed(name)) for name in index_names}
         self.format_version: int | None = None
         self.ledger_id: bytes | None = None
@@ -135,12 +142,22 @@ class _Visitor:
                 elif key == COMMIT_MARK_KEY:
                     self.commit_mark = read_mark(value)
                     self.commit_shape = mark_shape(value)
+            unknown = [key for key in keys if key not in META_KEYS]
+            if unknown and not (self.format_version is not None and self.format_version > FORMAT_VERSION):
+                # (a newer format's own key is that format's: its version is refused as newer)
+                raise JournalCorruptedError(f"the meta database holds the key {unknown[0][:64]!r}, which no Tally "
+                                            "writes: a key damaged in place?", where="the meta database")
             return
         label, seed = self._indexes[name]
         if self.format_version is None:
             raise JournalFormatError("the format version is missing", where="the meta database")
         if self.format_version >= 2:
-            unframe_index_values(seed, label, keys, values)
+            try:
+                unframe_index_values(seed, label, keys, values)
+            except JournalCorruptedError as damage:
+                if not self.index_damage_kept:
+                    raise
+                self.index_damage = self.index_damage or damage
 
     @property
     def names(self) -> frozenset[bytes]:
@@ -201,11 +218,14 @@ def walk_meta(meta: Meta, data_file: str, index_names: Sequence[str]) -> Walked:
 
 
 def check_snapshot(env: lmdb.Environment, data_file: str, index_names: Sequence[str],
-                   anchor: AnchorState | None, sealed_in: str | None = None) -> tuple[dict[bytes, Any], Opened]:
+                   anchor: AnchorState | None, sealed_in: str | None = None,
+                   index_damage_kept: bool = False) -> tuple[dict[bytes, Any], Opened]:
     """Walk every page of the snapshot a read transaction holds, then open the databases and
     read the format and id (see the module docstring). A map another process grew meanwhile is
     taken at its new size (with no transaction open) and the check begun again. `sealed_in`:
-    the directory whose seal may stand in for the walk (`journal._seal`).
+    the directory whose seal may stand in for the walk (`journal._seal`). `index_damage_kept`:
+    an index entry that fails its checksum is kept in `Opened.index_damage`, not raised (for
+    an audit, or a salvage, which read no index to answer anyone).
 
     py-lmdb opens a database handle in a transaction of its own, a write one unless the
     environment is read-only; opening an existing database changes nothing, so that
@@ -214,7 +234,8 @@ def check_snapshot(env: lmdb.Environment, data_file: str, index_names: Sequence[
     for _ in range(SNAPSHOT_TRIES_MAX):
         try:
             with env.begin(write=False, buffers=False) as snapshot:
-                layout = _walk_snapshot(snapshot.id(), data_file, _Visitor(index_names), sealed_in)
+                visit = _Visitor(index_names, index_damage_kept)
+                layout = _walk_snapshot(snapshot.id(), data_file, visit, sealed_in)
                 if layout is None:
                     continue  # a live writer committed twice since the snapshot began: its meta is gone
                 _check_databases(set(layout.trees), expected, data_file)
@@ -229,7 +250,7 @@ def check_snapshot(env: lmdb.Environment, data_file: str, index_names: Sequence[
             continue
         except lmdb.Error as error:
             raise lmdb_read_error(error, data_file) from error
-        return dbs, Opened(format_version(version, anchor, data_file), ledger_id, layout)
+        return dbs, Opened(format_version(version, anchor, data_file), ledger_id, layout, visit.index_damage)
     raise JournalError(f"{data_file} changed too fast to be checked ({SNAPSHOT_TRIES_MAX} tries)")
 
 

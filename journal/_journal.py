@@ -67,6 +67,9 @@ class Journal(JournalReads):
         self.problem: JournalCorruptedError | None = None
         """What a read-only open found wrong with the records or against the anchor and let
         pass, for the audit to report (a writable open raises it)."""
+        self.index_damage = store.opened.index_damage
+        """The first index entry that failed its checksum, if the open kept it (`open_readonly`'s
+        `index_damage_kept`)."""
         try:
             self._last_lsn_read = check_records(store.opened, anchor, lambda: _first_gap(store),
                                                 os.path.join(path, DATA_FILE))
@@ -154,14 +157,17 @@ class Journal(JournalReads):
 
     @classmethod
     def open_readonly(cls, path: str | os.PathLike[str], *, index_names: Sequence[str] = (),
-                      lock: bool = False) -> Journal:
+                      lock: bool = False, index_damage_kept: bool = False) -> Journal:
         """Open an existing journal for reading only; nothing is written to its data file.
 
         Checked as `open` checks, except that a gap in the records or a disagreement with
         the anchor is kept in `problem` rather than raised (the audit reports it; reads
         past a gap raise). Without `lock` a live writer in another process may go on (LMDB
         readers see a snapshot); with it, the directory is locked as a writer locks it
-        (`JournalLockedError` while a live process holds it)."""
+        (`JournalLockedError` while a live process holds it). With `index_damage_kept`, an
+        index entry that fails its checksum is kept in `index_damage` rather than raised: for
+        an audit, which finds what it hides, and a salvage, which rebuilds the indexes from
+        the records; never for an open that answers reads from the indexes."""
         path = os.fsdecode(path)
         prepare_directory(path, create=False)
         exists, anchor = recognise(path)
@@ -172,7 +178,7 @@ class Journal(JournalReads):
         def make() -> tuple[Store, AnchorState | None]:
             again = recognise(path)[1] if lock else anchor  # as of now that no writer can move it
             return Store.open(path, map_size_bytes=MAP_SIZE_BYTES_DEFAULT, sync=True, index_names=index_names,
-                              readonly=True, anchor=again), again
+                              readonly=True, anchor=again, index_damage_kept=index_damage_kept), again
 
         return cls._made(path, held, make)
 

@@ -27,3 +27,5 @@ of every other database that commit made, decimal numbers apart by spaces
 (`journal._marks.commit_mark`). Every commit writes it, so the snapshot a meta page names can
 be told from an older one under it, or from one whose catalog is an older tree's
 (`journal._unfinished`)."""
+META_KEYS = frozenset({FORMAT_KEY, LEDGER_ID_KEY, COMMIT_MARK_KEY})
+"""Every key the meta database holds (a format 1 ledger only the first): any other is damage."""

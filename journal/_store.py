@@ -158,18 +158,22 @@ class Store:
 
     @classmethod
     def open(cls, path: str, *, map_size_bytes: int, sync: bool, index_names: Sequence[str], readonly: bool,
-             anchor: AnchorState | None) -> Store:
+             anchor: AnchorState | None, index_damage_kept: bool = False) -> Store:
         """Open the existing journal in `path`, once its data file checks out.
 
         Raises `JournalCorruptedError` naming where the data file is damaged, and never
         writes to it, but in one case: a writer opening after the machine stopped during the
         last commit's flush takes back the snapshot before that commit, which was never
         acknowledged (`journal._unfinished`). With `readonly`, a live writer in another process may go on: the check
-        then reads the snapshot of a read transaction held meanwhile (`journal._check`)."""
+        then reads the snapshot of a read transaction held meanwhile (`journal._check`); with
+        `index_damage_kept` too, an index entry that fails its checksum is kept
+        (`Opened.index_damage`), not raised."""
+        assert readonly or not index_damage_kept, "a writer never goes on past a damaged index"
         data_file = os.path.join(path, DATA_FILE)
         try:
             return cls._open_checked(path, data_file, map_size_bytes=map_size_bytes, sync=sync,
-                                     index_names=index_names, readonly=readonly, anchor=anchor)
+                                     index_names=index_names, readonly=readonly, anchor=anchor,
+                                     index_damage_kept=index_damage_kept)
         except JournalCorruptedError as damage:
             found = unfinished(data_file, index_names, anchor)
             if found is None:
@@ -183,7 +187,7 @@ class Store:
 
     @classmethod
     def _open_checked(cls, path: str, data_file: str, *, map_size_bytes: int, sync: bool, index_names: Sequence[str],
-                      readonly: bool, anchor: AnchorState | None) -> Store:
+                      readonly: bool, anchor: AnchorState | None, index_damage_kept: bool = False) -> Store:
         check_before_mapping(data_file)
         try:
             lock_file = allocate_lock_file(path, readonly)
@@ -193,7 +197,8 @@ class Store:
         try:
             if not readonly:
                 _settle_last_writer(env)
-            dbs, opened = check_snapshot(env, data_file, index_names, anchor, None if readonly else path)
+            dbs, opened = check_snapshot(env, data_file, index_names, anchor, None if readonly else path,
+                                         index_damage_kept)
             store = cls(path, env, dbs, opened, readonly, lock_file)
         except BaseException:
             env.close()

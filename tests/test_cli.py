@@ -1008,6 +1008,91 @@ def test_salvage_of_a_ledger_with_a_damaged_index_does_not_call_it_whole(entry_u
     assert report["lost"] == []
 
 
+def _damage_key_in_place(path: Path, key: bytes, damaged: bytes) -> None:
+    """Change the key `key` of a leaf node into `damaged` (as long) in the data file's bytes, as
+    a flipped bit does, with no commit: found as LMDB lays a node out, its key's length (two
+    bytes, little-endian) then the key (a record or an entry holding the same text has a
+    msgpack header there instead). Every copy, in the live tree and in pages freed since."""
+    data_file = path / "data.mdb"
+    node = len(key).to_bytes(2, "little") + key
+    data = data_file.read_bytes()
+    assert data.count(node) >= 1, key
+    data_file.write_bytes(data.replace(node, len(key).to_bytes(2, "little") + damaged))
+
+
+@pytest.fixture
+def index_key_damaged(built: Built) -> Built:
+    """`built` with the transfers index's key of "last" changed in place ("lasu": one bit, the
+    keys still in order), its value and checksum kept (every record is intact)."""
+    _damage_key_in_place(built.path, b"last", b"lasu")
+    return built
+
+
+def test_salvage_of_a_ledger_whose_only_damage_is_an_index_key_copies_every_record(index_key_damaged: Built,
+                                                                                   tmp_path: Path) -> None:
+    """The records are whole: a salvage copies all of them and makes the indexes anew (it
+    refused to open the ledger at all, and saved nothing, where a damaged record lets it save
+    what precedes it)."""
+    before = file_digest(index_key_damaged.path / "data.mdb")
+
+    code, report = tally_json("recover", index_key_damaged.path, "--salvage", "--into", tmp_path / "copy")
+
+    assert code == 1, report
+    assert report["records_copied"] == index_key_damaged.last_lsn and report["lost"] == []
+    assert report["first_corrupt_lsn"] is None and report["whole"] is False
+    assert "the indexes were damaged; NEW has them rebuilt" in report["verdict"]
+    assert tally("verify", tmp_path / "copy").returncode == 0
+    with Ledger.open(tmp_path / "copy") as copy:
+        assert copy.get_transfer("last").amount == index_key_damaged.committed["last"][2]
+        assert copy.state_hash() == index_key_damaged.state_hash
+    assert file_digest(index_key_damaged.path / "data.mdb") == before
+
+
+@pytest.mark.parametrize("command", ["verify", "recover"])
+def test_an_index_key_damaged_in_place_is_reported_where_and_every_record_is_still_checked(
+        index_key_damaged: Built, command: str) -> None:
+    before = file_digest(index_key_damaged.path / "data.mdb")
+
+    code, report = tally_json(command, index_key_damaged.path)
+
+    assert code == 1 and report["verdict"] == "NOT WHOLE"
+    assert report["checks"][CHECKS[0]] is False  # the data file's check: an index entry fails its checksum
+    assert report["checks"][CHECK_RECORDS] is True and report["records_scanned"] == index_key_damaged.last_lsn
+    assert "transfers index" in report["problem"] and "lasu" in report["problem"]
+    assert report["damaged"] == "the transfers index" and report["index_damaged"] is True
+    assert "checkpoint_written_at" not in report
+    assert file_digest(index_key_damaged.path / "data.mdb") == before
+    if command == "recover":
+        said = tally(command, index_key_damaged.path)
+        assert "--salvage --into NEW` copies every record" in said.stdout, said.stdout
+
+
+def test_an_index_key_damaged_in_place_is_never_served(index_key_damaged: Built) -> None:
+    """Only an audit or a salvage goes on past it: an open that answers from the indexes (the
+    key hides "last" from every lookup) refuses, as do the views."""
+    with pytest.raises(JournalCorrupted, match="transfers index"):
+        Ledger.open(index_key_damaged.path)
+    with pytest.raises(JournalCorrupted, match="transfers index"):
+        Ledger.open(index_key_damaged.path, readonly=True)
+    shown = tally("history", index_key_damaged.path, "alice")
+    assert shown.returncode == 1 and "transfers index" in shown.stderr
+
+
+def test_a_key_of_the_meta_database_damaged_in_place_is_damage_not_a_ledger_without_it(built: Built) -> None:
+    """A bit flipped in the commit mark's key left a ledger that checked whole (its mark read
+    as missing, as in a ledger made before marks) and was written to beside the damaged key."""
+    _damage_key_in_place(built.path, b"commit_mark", b"com}it_mark")
+    before = file_digest(built.path / "data.mdb")
+
+    code, report = tally_json("verify", built.path)
+
+    assert code == 1 and report["verdict"] == "NOT WHOLE"
+    assert "com}it_mark" in report["problem"] and report["damaged"] == "the meta database"
+    with pytest.raises(JournalCorrupted, match="meta database"):
+        Ledger.open(built.path)
+    assert file_digest(built.path / "data.mdb") == before
+
+
 # --- wrong inputs ----------------------------------------------------------------
 
 
