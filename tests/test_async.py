@@ -75,12 +75,19 @@ def at_its_bound(ledger: AsyncLedger, monkeypatch: pytest.MonkeyPatch, timeout_s
         monkeypatch.setattr(ledger, "timeout_s", timeout_s)
 
 
+async def until(condition: Callable[[], object], what: str) -> None:
+    """Turns of the loop until `condition()` holds; fails, saying `what` never came, after `WAIT_S`."""
+    deadline = asyncio.get_running_loop().time() + WAIT_S
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"never {what}"
+        await asyncio.sleep(0)
+
+
 async def queued(ledger: AsyncLedger, transfer_id: str, source: str, destination: str) -> asyncio.Task[object]:
     """A task transferring 10 from `source` to `destination`, once its request waits in the outbox."""
     task: asyncio.Task[object] = asyncio.create_task(
         ledger.transfer(transfer_id, source=source, destination=destination, amount=10))
-    while not ledger._outbox:
-        await asyncio.sleep(0)
+    await until(lambda: ledger._outbox, "queued in the outbox")
     return task
 
 
@@ -255,10 +262,8 @@ def test_a_transfer_cancelled_after_it_is_submitted_completes_and_a_retry_return
     async def body(ledger: AsyncLedger) -> None:
         a0, a1, _, _ = await funded(ledger)
         task = asyncio.create_task(ledger.transfer("c2", source=a0, destination=a1, amount=10))
-        while not ledger._outbox:
-            await asyncio.sleep(0)  # claimed and queued,
-        while ledger._outbox:
-            await asyncio.sleep(0)  # then handed to the coordinator: its record is queued
+        await until(lambda: ledger._outbox, "claimed and queued")
+        await until(lambda: not ledger._outbox, "handed to the coordinator")  # its record is queued
         if task.cancel():  # (not if it was durable already: the fsync takes far longer than a loop turn)
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -371,8 +376,7 @@ def test_a_close_its_loop_ended_before_it_closed_the_ledger_is_finished_by_a_clo
         async def closing_behind_a_write() -> None:  # the loop ends while close waits for the write
             asyncio.ensure_future(ledger.transfer("t", source="bank", destination="a0", amount=1))
             asyncio.ensure_future(ledger.close())
-            while ledger._settled is None:
-                await asyncio.sleep(0)
+            await until(lambda: ledger._settled is not None, "settling")
 
         own.run(closing_behind_a_write())
     assert ledger._closing is not None and ledger._closing.cancelled()
@@ -497,7 +501,7 @@ def test_a_close_on_a_third_loop_lets_go_of_what_a_second_loops_close_that_never
 
     async def begin_a_close() -> None:
         asyncio.ensure_future(ledger.close())  # its caller gave up waiting
-        await entered.wait()
+        await asyncio.wait_for(entered.wait(), WAIT_S)
 
     with asyncio.Runner() as second:
         second.run(begin_a_close())

@@ -197,8 +197,8 @@ def test_a_follower_ends_after_timeout_s_without_a_new_event(tmp_path: Path) -> 
     with Ledger.open(tmp_path / "l") as ledger:
         ledger.create_account("bank", currency="USD", overdraft_limit=None)
         started = time.monotonic()
-        assert [event.lsn for event in ledger.events(follow=True, timeout_s=0.05)] == [1]
-        assert 0.05 <= time.monotonic() - started < 5.0
+        assert [event.lsn for event in ledger.events(follow=True, timeout_s=0.05)] == [1]  # (ended: no hang)
+        assert time.monotonic() - started >= 0.05  # it waited its timeout for a next event first
         assert list(ledger.events(1, follow=True, timeout_s=0)) == []
 
 
@@ -338,12 +338,13 @@ def test_the_journal_wakes_a_follower_when_a_record_is_durable_and_when_it_close
     ledger.create_account("bank", currency="USD", overdraft_limit=None)
     assert woken.wait(WAIT_S)
     waiter.join(timeout=WAIT_S)
-    closing = threading.Thread(target=lambda: journal.wait_past(1, WAIT_S), daemon=True)
+    answered: list[bool] = []
+    # It waits far longer than the test: only the close can end its wait in time.
+    closing = threading.Thread(target=lambda: answered.append(journal.wait_past(1, 3600)), daemon=True)
     closing.start()
-    started = time.monotonic()
     ledger.close()
     closing.join(timeout=WAIT_S)
-    assert not closing.is_alive() and time.monotonic() - started < WAIT_S / 2
+    assert not closing.is_alive() and answered == [False]
     assert not journal.wait_past(1, WAIT_S)  # closed: at once
 
 

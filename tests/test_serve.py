@@ -873,6 +873,7 @@ def test_once_stopping_a_body_sent_in_pieces_gets_the_stops_bound_on_every_later
     from engine import _serve_app
 
     monkeypatch.setattr(_serve_app, "BODY_READ_STOPPING_S", 0.2)
+    monkeypatch.setattr(_serve_app, "BODY_READ_S", 3600.0)  # (past `run`'s own bound: only the stop's can end it)
     app = SimpleNamespace(state=SimpleNamespace(stopping=asyncio.Event(), body_waits=set()))
     pieces = 0
 
@@ -889,16 +890,14 @@ def test_once_stopping_a_body_sent_in_pieces_gets_the_stops_bound_on_every_later
         _serve_app.stop_serving(app)  # type: ignore[arg-type]  # SIGTERM between two pieces
         await receive()
 
-    async def run() -> float:
+    async def run() -> None:
         guard = _serve_app.Guard(reads_the_body, token=None, body_bytes_max=100)  # type: ignore[arg-type]
         scope = {**_scope("POST", "/transfers", [(b"transfer-encoding", b"chunked")]), "app": app}
-        started = asyncio.get_running_loop().time()
-        with pytest.raises(HTTPException) as raised:
+        with pytest.raises(HTTPException) as raised:  # (a `TimeoutError` out of `wait_for` if the stop's bound did not end it)
             await asyncio.wait_for(guard(scope, trickle, lambda message: asyncio.sleep(0)), 10)
         assert raised.value.status_code == 503
-        return asyncio.get_running_loop().time() - started
 
-    assert asyncio.run(run()) < 5  # the stop's 0.2 s, not the body's 30
+    asyncio.run(run())
 
 
 def test_a_body_sent_as_text_is_told_the_content_type(client: httpx.Client) -> None:

@@ -25,7 +25,7 @@ import httpx
 import pytest
 from engine import Ledger, LedgerUnavailable
 from journal._seal import SEAL_FILE
-from serve_support import HTTP_TIMEOUT_S, ROOT, Server, error_of, run_tally, write
+from serve_support import HTTP_TIMEOUT_S, ROOT, STOP_S_MAX, Server, error_of, run_tally, write
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -352,10 +352,8 @@ def test_sigterm_closes_an_event_stream_whose_client_stopped_reading_without_the
         _wait_until_the_server_cannot_send(int(port), stuck.getsockname()[1])
         with server.client() as client:  # the server answers others meanwhile
             assert client.get("/health").status_code == 200
-        started = time.monotonic()
-        assert server.stop(signal.SIGTERM) == 0
-        took = time.monotonic() - started
-    assert took < GRACEFUL_SHUTDOWN_S - 10, took  # (without the watch: the whole graceful wait)
+        # (without the watch, the whole graceful wait, longer than `stop`'s own bound, which then fails)
+        assert STOP_S_MAX < GRACEFUL_SHUTDOWN_S and server.stop(signal.SIGTERM) == 0
     assert "its client stopped reading" in server.stderr, server.stderr
     assert "Traceback" not in server.stderr and "ERROR" not in server.stderr, server.stderr
 

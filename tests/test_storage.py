@@ -832,20 +832,19 @@ def test_a_forked_child_is_refused_at_once_and_does_not_keep_the_lock(tmp_path: 
     environment it inherited): `LedgerLocked` says so, naming spawn."""
     path = tmp_path / "ledger"
     script = """
-import os, sys, time
+import os, sys
 from engine import Ledger, LedgerClosed, LedgerLocked
-ledger = Ledger.open(sys.argv[1])
+ledger = Ledger.open(sys.argv[1], timeout_s=3600)  # a child that waited instead of refusing: the run's own bound ends it
 ledger.create_account("a", currency="USD")
 ready_r, ready_w = os.pipe()
 go_r, go_w = os.pipe()
 pid = os.fork()
 if pid == 0:
-    started = time.monotonic()
     try:
         ledger.balance("a")
         os._exit(1)
     except LedgerClosed as error:
-        if "fork" not in str(error) or time.monotonic() - started >= 1.0:
+        if "fork" not in str(error):
             os._exit(2)
     os.write(ready_w, b"x")
     os.read(go_r, 1)  # the parent closed its ledger

@@ -723,10 +723,18 @@ def test_a_balance_never_shows_a_hold_decided_on_a_dormant_turn_before_it_is_dur
     assert writing.wait(WAIT_S)  # decided, its record being written, not durable
     seen: list[Balance] = []
     asking = threading.Thread(target=lambda: seen.append(ledger.balance("a")))
+    asked_durable = threading.Event()  # the asker reached its wait for what the actor showed it
+    real_wait = type(ledger._journal).wait_durable
+
+    def noted_wait(self: Any, lsn: int, timeout_s: float) -> None:
+        if threading.current_thread() is asking:
+            asked_durable.set()
+        real_wait(self, lsn, timeout_s)
+
+    monkeypatch.setattr(type(ledger._journal), "wait_durable", noted_wait)
     asking.start()
-    asking.join(0.2)
-    durable_then = ledger._journal.durable_lsn
-    assert not seen or durable_then >= ledger._journal.last_lsn  # no hold shown before it is durable
+    assert asked_durable.wait(WAIT_S)
+    assert not seen and ledger._journal.durable_lsn < ledger._journal.last_lsn  # no hold shown before it is durable
     gate.set()
     pending.join(WAIT_S)
     asking.join(WAIT_S)
