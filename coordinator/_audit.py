@@ -127,6 +127,17 @@ def audit(journal: Journal, progress: Callable[[int], None] | None = None,
     if txn is None:
         with journal.snapshot() as txn:
             return audit(journal, progress, expected, txn)
+    report = _audited(journal, progress, expected, txn)
+    if journal.index_damage is not None:  # an entry the open's walk found failing its checksum, kept for this
+        report.checks[CHECK_FILE] = False  # (whatever else failed: the file's check never passes over it)
+        if report.corrupt_lsn is None:  # (damage in a record, named first, is what a salvage stops at)
+            report.problem = str(journal.index_damage)
+    return report
+
+
+def _audited(journal: Journal, progress: Callable[[int], None] | None, expected: ChainHead | None,
+             txn: Any) -> AuditReport:
+    """`audit`'s checks, in `txn`, but for an index entry the open kept (`Journal.index_damage`)."""
     report = AuditReport(checks=dict.fromkeys(CHECKS))
     found = journal.problem
     if found is not None and found.lsn is None:  # the data file is not the one its anchor names
@@ -149,9 +160,6 @@ def audit(journal: Journal, progress: Callable[[int], None] | None = None,
     report.checks[CHECK_PAIRS] = pairs is None
     report.checks[CHECK_INDEXES] = indexes is None
     report.problem = pairs or indexes
-    if journal.index_damage is not None:  # an entry the open's walk found failing its checksum, kept for this
-        report.checks[CHECK_FILE] = False
-        report.problem = str(journal.index_damage)
     return _chained(report)
 
 

@@ -358,20 +358,36 @@ def _bounded_head_protocol() -> Any:
                 self.head_timer.cancel()
                 self.head_timer = None
 
+        def _responding(self) -> bool:
+            return self.cycle is not None and not self.cycle.response_complete
+
         def _head_late(self) -> None:
             """`HEAD_READ_S` passed and no head became whole: answer 408 and close, or close
-            if no byte of a request came; but never across a response under way (a pipelined
-            head's time then runs on until it ends)."""
+            if no byte of a request came (or a request answered before its body had all come
+            did not finish sending it); but never across a response under way (a pipelined
+            head's time then starts again once the response ends)."""
             self.head_timer = None
             if self.transport.is_closing():
                 return
-            if self.cycle is not None and not self.cycle.response_complete:
+            if self._responding():
                 self._time_head()
                 return
             if self.in_head:
                 self.in_head = False
                 self.transport.write(too_late)
             self.transport.close()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.transport.is_closing():
+                return
+            if self.in_head or not self.between:
+                # A head begun during the response has its full time from now on; a request
+                # answered before its body all came (a 401, a 413 by its Content-Length) has
+                # that long to send the rest, which uvicorn reads and drops: its keep-alive
+                # timer, stopped by each byte, would otherwise let a trickle hold the connection.
+                self._untime_head()
+                self._time_head()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -386,6 +402,9 @@ def _bounded_head_protocol() -> Any:
 
         def on_message_complete(self) -> None:
             self.between = True
+            self._untime_head()  # (a body's rest, come after its response: `on_response_complete`)
+            if self.cycle is not None and self.cycle.response_complete:  # so answered: the connection now waits
+                self._time_head()  # for a head, and the body's bytes stopped uvicorn's keep-alive timer
             super().on_message_complete()
 
         def data_received(self, data: bytes) -> None:
@@ -393,8 +412,8 @@ def _bounded_head_protocol() -> Any:
             # or between two requests and began only it. Else an earlier request (its head's
             # end, its body) came first in the chunk: the head's share is then not counted.
             began_in, began_between, begun = self.in_head, self.between, self.heads_begun
-            if began_between:  # (a byte between two requests ends uvicorn's keep-alive wait: this bounds what follows)
-                self._time_head()
+            if began_between and not self._responding():  # (a byte between two requests ends uvicorn's keep-alive
+                self._time_head()  # wait: this bounds what follows; one during a response, that response's end)
             super().data_received(data)
             if not self.in_head:
                 return

@@ -64,9 +64,15 @@ from journal._lmdb_files import allocate_lock_file, clear_dead_readers, file_ide
 from journal._limits import DBS_MAX, FORMAT_VERSION, GROW_WAIT_S_MAX, MAP_SIZE_BYTES_MAX, READERS_MAX
 from journal._names import (COMMIT_MARK_KEY, DATA_FILE, FORMAT_KEY, LEDGER_ID_KEY, LMDB_LOCK_FILE, META_DB, RECORDS_DB,
                             STAGING_DIR)
-from journal._unfinished import flush_failed, take_back, unfinished
+from journal._unfinished import Unfinished, flush_failed, take_back, unfinished
 
 logger = logging.getLogger("tally.journal")
+
+
+def _cut_off(found: Unfinished, damage: JournalCorruptedError) -> JournalCorruptedError:
+    """What a read-only open says of `damage` that is a last commit cut off in its flush (`found`)."""
+    return JournalCorruptedError(f"{found.says(damage)}; opening the ledger for writing takes that snapshot back",
+                                 lsn=damage.lsn, where=damage.where)
 
 
 class Store:
@@ -171,19 +177,23 @@ class Store:
         assert readonly or not index_damage_kept, "a writer never goes on past a damaged index"
         data_file = os.path.join(path, DATA_FILE)
         try:
-            return cls._open_checked(path, data_file, map_size_bytes=map_size_bytes, sync=sync,
-                                     index_names=index_names, readonly=readonly, anchor=anchor,
-                                     index_damage_kept=index_damage_kept)
+            store = cls._open_checked(path, data_file, map_size_bytes=map_size_bytes, sync=sync,
+                                      index_names=index_names, readonly=readonly, anchor=anchor,
+                                      index_damage_kept=index_damage_kept)
         except JournalCorruptedError as damage:
             found = unfinished(data_file, index_names, anchor)
             if found is None:
                 raise
             if readonly:  # never written here: said
-                raise JournalCorruptedError(f"{found.says(damage)}; opening the ledger for writing takes that "
-                                            "snapshot back", lsn=damage.lsn, where=damage.where) from damage
+                raise _cut_off(found, damage) from damage
             take_back(data_file, found, damage)
-        return cls._open_checked(path, data_file, map_size_bytes=map_size_bytes, sync=sync, index_names=index_names,
-                                 readonly=readonly, anchor=anchor)
+            return cls._open_checked(path, data_file, map_size_bytes=map_size_bytes, sync=sync,
+                                     index_names=index_names, readonly=readonly, anchor=anchor)
+        kept = store.opened.index_damage
+        if kept is not None and (found := unfinished(data_file, index_names, anchor)) is not None:
+            store.close()  # a torn last commit's pages may fail an index entry: said as when it is raised
+            raise _cut_off(found, kept) from kept
+        return store
 
     @classmethod
     def _open_checked(cls, path: str, data_file: str, *, map_size_bytes: int, sync: bool, index_names: Sequence[str],

@@ -1067,6 +1067,20 @@ def test_an_index_key_damaged_in_place_is_reported_where_and_every_record_is_sti
         assert "--salvage --into NEW` copies every record" in said.stdout, said.stdout
 
 
+def test_an_index_key_damaged_and_a_record_damaged_too_never_pass_the_data_files_check(
+        index_key_damaged: Built, flip_record_byte: Callable[[Path, int], None]) -> None:
+    """The record, damage a salvage stops at, is the problem named; the data file's check is
+    failed all the same (it was marked passed on the way to the record's)."""
+    lsn = index_key_damaged.committed["move-4"][3]
+    flip_record_byte(index_key_damaged.path, lsn)
+
+    code, report = tally_json("verify", index_key_damaged.path)
+
+    assert code == 1 and report["verdict"] == "NOT WHOLE"
+    assert report["corrupt_lsn"] == lsn and f"LSN {lsn}" in report["problem"]
+    assert report["checks"][CHECKS[0]] is False and report["index_damaged"] is True
+
+
 def test_an_index_key_damaged_in_place_is_never_served(index_key_damaged: Built) -> None:
     """Only an audit or a salvage goes on past it: an open that answers from the indexes (the
     key hides "last" from every lookup) refuses, as do the views."""

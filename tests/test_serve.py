@@ -689,8 +689,12 @@ def test_a_request_head_that_does_not_arrive_in_time_is_a_408_and_a_silent_conne
         assert json.loads(body)["error"]["code"] == "request_timeout"
         with socket.create_connection(("127.0.0.1", server.port), timeout=HTTP_TIMEOUT_S) as kept:
             kept.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
-            first = kept.recv(65536)
-            assert first.startswith(b"HTTP/1.1 200 ") and first.endswith(b"ok"), first
+            first = b""
+            while not first.endswith(b"ok"):  # (its head and its body may come in two reads)
+                chunk = kept.recv(65536)
+                assert chunk, first
+                first += chunk
+            assert first.startswith(b"HTTP/1.1 200 "), first
             kept.sendall(b"GET /b HTTP/1.1\r\n")  # the next head, never ended
             head, _, body = _until_closed(kept).partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 408 "), head
@@ -713,6 +717,109 @@ def test_a_head_in_time_is_served_whatever_the_bound(monkeypatch: pytest.MonkeyP
         assert answer.count(b"HTTP/1.1 200 ") == 2, answer
     finally:
         server.stop()
+
+
+class _Transport:
+    """What `tally serve`'s protocol writes to, and whether it closed."""
+
+    def __init__(self) -> None:
+        self.written, self.closed = b"", False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+@pytest.fixture
+def protocol(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, _Transport, asyncio.AbstractEventLoop]]:
+    """`tally serve`'s protocol on a connection, its loop not running: its timers are only
+    scheduled (each `when()` read, none fired), and a request's application never runs."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from engine import _serve
+
+    monkeypatch.setattr(_serve, "HEAD_READ_S", 30.0)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("never run")
+
+    config = uvicorn.Config(app, lifespan="off", http=_serve._bounded_head_protocol(), log_level="warning")
+    config.load()
+    loop = asyncio.new_event_loop()
+    made = config.http_protocol_class(config=config, server_state=ServerState(), app_state={}, _loop=loop)
+    transport = _Transport()
+    made.connection_made(transport)
+    try:
+        yield made, transport, loop
+    finally:
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.close()
+
+
+def _answered(made: Any) -> None:
+    """The response to the request under way has gone out (as uvicorn marks it)."""
+    made.cycle.response_complete = True
+    made.on_response_complete()
+
+
+def test_a_byte_during_a_response_does_not_start_the_next_heads_time(
+        protocol: tuple[Any, _Transport, asyncio.AbstractEventLoop]) -> None:
+    """A stray line break while a response is under way started the next head's time then:
+    after a long response, that head had little or none of it."""
+    made, transport, loop = protocol
+    made.data_received(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert made.head_timer is None  # a whole head: its time stops
+    made.data_received(b"\r\n")  # while the response is under way
+    assert made.head_timer is None
+    _answered(made)
+    assert made.head_timer is None  # (the idle connection is uvicorn's keep-alive timer's)
+    made.data_received(b"GET /b HTTP/1.1\r\n")  # the next head's first bytes: its time starts
+    assert made.head_timer is not None and made.head_timer.when() >= loop.time() + 29
+    assert not transport.closed and transport.written == b""
+
+
+def test_a_request_answered_before_its_body_came_has_a_bound_for_the_rest(
+        protocol: tuple[Any, _Transport, asyncio.AbstractEventLoop]) -> None:
+    """A request answered without reading its body (a 401, a 413 by its Content-Length): the
+    body's bytes, which uvicorn reads and drops, stop its keep-alive timer, so a client could
+    hold the connection by trickling them. The rest must come within `HEAD_READ_S`, or the
+    connection closes (no 408: the request was answered); once it came, the connection waits
+    for a head, bounded too."""
+    made, transport, _ = protocol
+    made.data_received(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+    _answered(made)
+    assert made.head_timer is not None
+    made.data_received(b"0123456789")  # a trickle does not move the bound
+    made._head_late()  # (its time passed)
+    assert transport.closed and transport.written == b""
+
+    made2 = type(made)(config=made.config, server_state=made.server_state, app_state={}, _loop=made.loop)
+    transport2 = _Transport()
+    made2.connection_made(transport2)
+    made2.data_received(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n0123456789")
+    _answered(made2)
+    made2.data_received(b"0123456789")  # the rest came: the connection waits for a head now
+    assert made2.head_timer is not None and not made2.in_head and made2.between
+    made2._head_late()
+    assert transport2.closed and transport2.written == b""
 
 
 def test_a_405_names_every_method_its_path_takes_and_head_checks_health(client: httpx.Client) -> None:

@@ -148,6 +148,31 @@ def test_damage_in_a_page_both_snapshots_hold_is_not_taken_back(tmp_path: Path, 
     assert (path / "data.mdb").read_bytes() == bytes(torn)
 
 
+def test_a_cut_off_commit_whose_tear_fails_an_index_entry_is_said_so_by_the_audits_and_never_salvaged(
+        tmp_path: Path) -> None:
+    """An audit's and a salvage's opens go on past an index entry that fails its checksum (the
+    indexes are made anew from the records), but not when the entry is the tear of a last
+    commit cut off in its flush: that commit was never acknowledged, a writer's open takes it
+    back, and a salvage must not copy it into a new ledger as if it had been."""
+    from engine import _tools_audit, _tools_copy
+
+    before, after = _before_and_after(tmp_path)
+    node = len(b"last").to_bytes(2, "little") + b"last"  # the transfers index's key of "last", as LMDB lays it
+    assert after["data.mdb"].count(node) == 1 and before["data.mdb"].count(node) == 0
+    torn = after["data.mdb"].replace(node, len(b"last").to_bytes(2, "little") + b"lasu")
+    path = _ledger_with(tmp_path, torn, before["tally.anchor"])
+    said = "opening the ledger for writing takes that snapshot back"
+    for report in (_tools_audit.verify(str(path)), _tools_audit.recover(str(path), dry_run=True)):
+        assert report["verdict"] == "NOT WHOLE" and said in report["problem"], report["problem"]
+        assert report["index_damaged"] is False
+    with pytest.raises(JournalCorrupted, match=said):
+        _tools_copy.salvage(str(path), str(tmp_path / "copy"))
+    assert not (tmp_path / "copy").exists() or not os.listdir(tmp_path / "copy")
+    assert (path / "data.mdb").read_bytes() == torn
+    with Ledger.open(path) as ledger:  # a writer takes the commit back
+        assert ledger.get_transfer("last") is None
+
+
 def _steps(tmp_path: Path) -> list[dict[str, bytes]]:
     """A ledger's files (data and anchor) before each of its last transfers and after the
     last, "last" (the ledger open and idle each time)."""
