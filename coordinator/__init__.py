@@ -17,7 +17,8 @@ from coordinator._asof import (
     transfers_page,
 )
 from coordinator._holds import unindexed_holds_by_key
-from coordinator._audit import CHECK_FILE, CHECK_INDEXES, CHECK_PAIRS, CHECKS, AuditReport, audit, state_hash, unopened
+from coordinator._audit import (CHECK_FILE, CHECK_INDEXES, CHECK_PAIRS, CHECK_RECORDS, CHECKS, AuditReport, audit,
+                               state_hash, unopened)
 from coordinator._claims import check_ids_against_records
 from coordinator._tickets import Ticket, outcome_now, refusal_error, settle, settle_chain, ticket_outcome
 from coordinator._history import (
@@ -128,6 +129,7 @@ __all__ = [
     "CHECKPOINT_RECORDS_INTERVAL",
     "CHECKS",
     "CHECK_FILE",
+    "CHECK_RECORDS",
     "CHECK_INDEXES",
     "CHECK_PAIRS",
     "Checkpointed",

@@ -130,8 +130,8 @@ def audit(journal: Journal, progress: Callable[[int], None] | None = None,
     report = _audited(journal, progress, expected, txn)
     if journal.index_damage is not None:  # an entry the open's walk found failing its checksum, kept for this
         report.checks[CHECK_FILE] = False  # (whatever else failed: the file's check never passes over it)
-        if report.corrupt_lsn is None:  # (damage in a record, named first, is what a salvage stops at)
-            report.problem = str(journal.index_damage)
+        if report.corrupt_lsn is None and journal.problem is None:  # (damage in a record, named first, is what a
+            report.problem = str(journal.index_damage)  # salvage stops at; a file not its anchor's, what it refuses)
     return report
 
 

@@ -310,7 +310,7 @@ def _bounded_head_protocol() -> Any:
     and the earlier request's bytes are never counted as this head's), and once it has taken
     longer than `HEAD_READ_S` (408, see there). Without httptools, uvicorn's h11 protocol,
     which bounds a head's size itself (16 KiB, `h11_max_incomplete_event_size`; a plain-text
-    400 beyond it), not its time. It overrides six of the protocol's methods, each calling the
+    400 beyond it), not its time. It overrides seven of the protocol's methods, each calling the
     original."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -340,6 +340,10 @@ def _bounded_head_protocol() -> Any:
         """The bytes read since it began."""
         head_timer: asyncio.TimerHandle | None = None
         """Armed while the connection waits for a request's head (`HEAD_READ_S`)."""
+        idle_timer = False
+        """`head_timer` bounds an idle wait that uvicorn's keep-alive timer, stopped by the
+        body's bytes of a request answered before them, does not: the next byte starts the
+        head's own time."""
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -405,6 +409,7 @@ def _bounded_head_protocol() -> Any:
             self._untime_head()  # (a body's rest, come after its response: `on_response_complete`)
             if self.cycle is not None and self.cycle.response_complete:  # so answered: the connection now waits
                 self._time_head()  # for a head, and the body's bytes stopped uvicorn's keep-alive timer
+                self.idle_timer = True
             super().on_message_complete()
 
         def data_received(self, data: bytes) -> None:
@@ -413,7 +418,10 @@ def _bounded_head_protocol() -> Any:
             # end, its body) came first in the chunk: the head's share is then not counted.
             began_in, began_between, begun = self.in_head, self.between, self.heads_begun
             if began_between and not self._responding():  # (a byte between two requests ends uvicorn's keep-alive
-                self._time_head()  # wait: this bounds what follows; one during a response, that response's end)
+                if self.idle_timer:  # wait: this bounds what follows; one during a response, that response's end)
+                    self.idle_timer = False
+                    self._untime_head()
+                self._time_head()
             super().data_received(data)
             if not self.in_head:
                 return

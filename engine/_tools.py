@@ -35,7 +35,8 @@ def reading(path: str, lock: bool = False, audited: bool = False, index_damage_k
     short of its anchor is `JournalCorrupted` too, unless the caller is `audited` (the audit
     reports it): the views never show what the journal is known to have lost. With
     `index_damage_kept` (an audit's), an index entry failing its checksum is kept in the
-    journal's `index_damage` for the audit to report, and its records are still checked."""
+    journal's `index_damage` for the audit to report, and its records are still checked
+    (unless it is the tear of a last commit cut off in its flush: `JournalCorrupted` says so)."""
     try:
         with ledger_errors():
             journal = Journal.open_readonly(path, index_names=INDEX_NAMES, lock=lock, index_damage_kept=index_damage_kept)

@@ -165,9 +165,10 @@ class Journal(JournalReads):
         past a gap raise). Without `lock` a live writer in another process may go on (LMDB
         readers see a snapshot); with it, the directory is locked as a writer locks it
         (`JournalLockedError` while a live process holds it). With `index_damage_kept`, an
-        index entry that fails its checksum is kept in `index_damage` rather than raised: for
-        an audit, which finds what it hides, and a salvage, which rebuilds the indexes from
-        the records; never for an open that answers reads from the indexes."""
+        index entry that fails its checksum is kept in `index_damage` rather than raised (but
+        for the tear of a last commit cut off in its flush, raised as such): for an audit,
+        which finds what it hides, and a salvage, which rebuilds the indexes from the records;
+        never for an open that answers reads from the indexes."""
         path = os.fsdecode(path)
         prepare_directory(path, create=False)
         exists, anchor = recognise(path)

@@ -173,7 +173,8 @@ class Store:
         acknowledged (`journal._unfinished`). With `readonly`, a live writer in another process may go on: the check
         then reads the snapshot of a read transaction held meanwhile (`journal._check`); with
         `index_damage_kept` too, an index entry that fails its checksum is kept
-        (`Opened.index_damage`), not raised."""
+        (`Opened.index_damage`), not raised, unless it is the tear of a last commit cut off in
+        its flush (raised as such, as any damage of such a commit is)."""
         assert readonly or not index_damage_kept, "a writer never goes on past a damaged index"
         data_file = os.path.join(path, DATA_FILE)
         try:
@@ -190,9 +191,15 @@ class Store:
             return cls._open_checked(path, data_file, map_size_bytes=map_size_bytes, sync=sync,
                                      index_names=index_names, readonly=readonly, anchor=anchor)
         kept = store.opened.index_damage
-        if kept is not None and (found := unfinished(data_file, index_names, anchor)) is not None:
-            store.close()  # a torn last commit's pages may fail an index entry: said as when it is raised
-            raise _cut_off(found, kept) from kept
+        if kept is not None:
+            try:  # a torn last commit's pages may fail an index entry: said as when it is raised
+                found = unfinished(data_file, index_names, anchor)
+            except BaseException:
+                store.close()
+                raise
+            if found is not None:
+                store.close()
+                raise _cut_off(found, kept) from kept
         return store
 
     @classmethod

@@ -1081,6 +1081,23 @@ def test_an_index_key_damaged_and_a_record_damaged_too_never_pass_the_data_files
     assert report["checks"][CHECKS[0]] is False and report["index_damaged"] is True
 
 
+def test_an_index_key_damaged_under_another_ledgers_anchor_is_reported_as_that_first(
+        index_key_damaged: Built, tmp_path: Path) -> None:
+    """The file not being the one its anchor names is the damage a salvage refuses: it stays the
+    problem named, and recover does not advise a salvage that would refuse."""
+    with Ledger.open(tmp_path / "other") as other:
+        other.create_account("x", currency="USD")
+    shutil.copy(tmp_path / "other" / ANCHOR_FILE, index_key_damaged.path / ANCHOR_FILE)
+
+    code, report = tally_json("verify", index_key_damaged.path)
+
+    assert code == 1 and report["verdict"] == "NOT WHOLE"
+    assert "lasu" not in report["problem"] and "anchor" in report["problem"], report["problem"]
+    said = tally("recover", index_key_damaged.path)
+    assert "--salvage --into NEW` copies every record" not in said.stdout, said.stdout
+    assert "not the one its anchor names" in said.stdout, said.stdout
+
+
 def test_an_index_key_damaged_in_place_is_never_served(index_key_damaged: Built) -> None:
     """Only an audit or a salvage goes on past it: an open that answers from the indexes (the
     key hides "last" from every lookup) refuses, as do the views."""

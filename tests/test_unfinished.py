@@ -173,6 +173,29 @@ def test_a_cut_off_commit_whose_tear_fails_an_index_entry_is_said_so_by_the_audi
         assert ledger.get_transfer("last") is None
 
 
+def test_an_audits_open_that_fails_looking_for_a_cut_off_commit_closes_what_it_opened(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kept index damage sends an audit's open to look for a commit cut off, with the data file
+    open: an error there (a file that cannot be read) leaves nothing open behind it."""
+    import journal._store as store_module
+    from journal import Journal, JournalError
+
+    before, after = _before_and_after(tmp_path)
+    node = len(b"last").to_bytes(2, "little") + b"last"
+    path = _ledger_with(tmp_path, after["data.mdb"].replace(node, len(b"last").to_bytes(2, "little") + b"lasu"),
+                        after["tally.anchor"])  # (the anchor saw it durable: damage, not a commit cut off)
+
+    def unreadable(*_args: Any) -> None:
+        raise JournalError("too many open files (a test's)")
+
+    monkeypatch.setattr(store_module, "unfinished", unreadable)
+    with pytest.raises(JournalError, match="a test's"):
+        Journal.open_readonly(path, index_names=INDEX_NAMES, index_damage_kept=True)
+    held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert not [name for name in held if name.startswith(str(path))], held
+
+
 def _steps(tmp_path: Path) -> list[dict[str, bytes]]:
     """A ledger's files (data and anchor) before each of its last transfers and after the
     last, "last" (the ledger open and idle each time)."""
