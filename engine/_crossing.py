@@ -50,6 +50,7 @@ from typing import Any
 from coordinator import (
     REJECTIONS,
     AccountNotFound,
+    IdempotencyConflict,
     InsufficientFunds,
     InvalidRequest,
     LedgerError,
@@ -179,7 +180,7 @@ class Router:
             if a == b:
                 parts[a].append((i, request_row(request)))
             elif request.pending:
-                results[i] = CrossShardRefused(
+                results[i] = self._used(request) or CrossShardRefused(
                     f"pending transfer {request.id!r}: {request.source!r} and {request.destination!r} live on "
                     f"shards {a} and {b}; a pending transfer runs within one shard (colocate with placement)")
             else:
@@ -198,6 +199,15 @@ class Router:
         self._cross(crossing, prepared, where, results)
         assert all(result is not None for result in results)
         return results  # type: ignore[return-value]
+
+    def _used(self, request: TransferRequest) -> IdempotencyConflict | None:
+        """For a pending transfer refused across shards (a request no shard takes): the
+        conflict a `Ledger` answers if its id was used already, by a request that therefore
+        differs from it (every shard asked at once: a refusal's path, not a transfer's)."""
+        if self._found(request.id, "outcome") is None:
+            return None
+        return IdempotencyConflict(f"transfer id {request.id!r} was already used, by another request than this "
+                                   "pending transfer (one across shards, which none takes)")
 
     def _cross(self, crossing: dict[int, TransferRequest], prepared: dict[int, Transfer], where: dict[str, int],
                results: list[Transfer | LedgerError | None]) -> None:

@@ -745,6 +745,9 @@ def test_a_pending_transfer_runs_within_one_shard_and_is_refused_across_shards(s
     with pytest.raises(PendingTransferNotFound):  # a cross-shard transfer's prepare is not the user's
         sharded.void_pending("v2", pending_id="x1")
     assert sharded.balance(right[0]).posted == 5
+    with pytest.raises(IdempotencyConflict):  # its id retried as a pending transfer: a Ledger's answer, not a refusal
+        sharded.transfer("x1", source=left[0], destination=right[0], amount=5, pending=True, timeout_s=60)
+    assert sharded.balance(right[0]).posted == 5 and sharded.balance(left[0]).pending == 0
 
 
 def test_a_linked_chain_runs_within_one_shard_and_is_refused_across_shards(sharded: ShardedLedger) -> None:
