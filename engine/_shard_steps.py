@@ -148,6 +148,22 @@ def _as_recorded(prepare: TransferRequest, peer: int, recorded: Transfer | Trans
     return None if written is prepare else written
 
 
+def _same_transfer(local: TransferRequest, prepare: TransferRequest) -> bool:
+    """Whether the user's request `local` and the first step `prepare` of a cross-shard transfer
+    (`prepare_row`) are one transfer of the user's, asked once each way: the router sends a
+    transfer whose destination no shard has to the source's shard or as a first step, as the
+    destination's id places it, and an exact retry after the destination was made (placed on
+    the other shard) goes the other way. Every field the user gave is compared: the
+    destination and a digest of the metadata, which the first step keeps as its own metadata."""
+    protocol = prepare.metadata or {}
+    digest = metadata_digest(local.metadata) if local.metadata else None
+    return (peer_of(local.destination) is None and peer_of(prepare.destination) is not None and prepare.pending
+            and not local.pending and local.timeout_s is None
+            and (local.source, local.amount, local.code, local.reference) == (prepare.source, prepare.amount,
+                                                                               prepare.code, prepare.reference)
+            and protocol.get(DESTINATION_KEY) == local.destination and protocol.get(METADATA_DIGEST_KEY) == digest)
+
+
 def _named_no_destination(metadata: Mapping[str, str | int] | None, prepare: TransferRequest) -> bool:
     """Whether `metadata`, a recorded prepare's, is that of a prepare of the sharded ledger's
     first release, which was the user's and named no destination, and `prepare` carries the
@@ -215,18 +231,23 @@ class ShardSteps:
             if not isinstance(outcome, IdempotencyConflict):
                 continue
             kept = self.ledger.get_transfer(requests[i].id)
+            refused = self.ledger._refused_request(requests[i].id) if kept is None else None
             if rows[i][0] is not None:  # a local transfer
                 if kept is not None and peer_of(kept.destination) is not None:
                     outcomes[i] = restated(outcome, requests[i])
+                elif isinstance(refused, TransferRequest) and _same_transfer(requests[i], refused):
+                    again[i] = refused  # refused as a first step, its destination on no shard then
                 continue
-            recorded = kept if kept is not None else self.ledger._refused_request(requests[i].id)
+            recorded = kept if kept is not None else refused
             if isinstance(recorded, (Transfer, TransferRequest)):
                 written = _as_recorded(requests[i], rows[i][3], recorded)
                 if written is not None:
                     again[i] = written
+                elif isinstance(refused, TransferRequest) and _same_transfer(refused, requests[i]):
+                    again[i] = refused  # refused here as a local transfer, its destination on no shard then
         if again:  # each id's first outcome, asked as it was recorded (all at once)
             for i, outcome in zip(again, self.ledger.transfer_many(list(again.values())), strict=True):
-                outcomes[i] = outcome
+                outcomes[i] = restated(outcome, requests[i]) if rows[i][0] is not None else outcome
         return outcomes
 
     def _prepared(self, row: Row) -> TransferRequest:

@@ -729,6 +729,36 @@ def test_transfer_many_mixes_local_and_cross_shard_requests_and_answers_in_reque
     assert sum(sharded.balance(name).posted for name in left + right) == 60
 
 
+@pytest.mark.parametrize("first", ["local", "across"])
+def test_an_exact_retry_of_a_transfer_to_no_account_is_refused_again_once_it_is_made_on_the_other_side(
+        sharded: ShardedLedger, first: str) -> None:
+    """A transfer to an account no shard has is refused `AccountNotFound` where its destination's
+    id places it: on its source's shard (`local`), or as a first step toward the other shard's
+    clearing account (`across`). Made then on the other shard (with `placement`), the exact
+    retry goes the other way; as a `Ledger` does, it gets `AccountNotFound` again (it was an
+    `IdempotencyConflict` naming a clearing account), and a retry that differs, the conflict."""
+    def on(shard: int, prefix: str) -> str:
+        return next(name for name in (f"{prefix}{i}" for i in range(1000)) if shard_of(name, SHARDS) == shard)
+
+    source = on(0, "src")
+    sharded.create_account(source, currency="USD", overdraft_limit=None)
+    ghost = on(0 if first == "local" else 1, "ghost")
+    with pytest.raises(AccountNotFound):
+        sharded.transfer("t", source=source, destination=ghost, amount=5, metadata={"order": 7})
+    sharded.create_account(ghost, currency="USD", placement=on(1 if first == "local" else 0, "place"))
+    assert sharded.shard_of(ghost) != shard_of(ghost, SHARDS)
+
+    with pytest.raises(AccountNotFound) as again:
+        sharded.transfer("t", source=source, destination=ghost, amount=5, metadata={"order": 7})
+    assert repr(ghost) in str(again.value) and "clearing" not in str(again.value)
+    for differing in ({"amount": 6, "metadata": {"order": 7}}, {"amount": 5, "metadata": {"order": 8}},
+                      {"amount": 5, "metadata": None}):
+        with pytest.raises(IdempotencyConflict):
+            sharded.transfer("t", source=source, destination=ghost, **differing)  # type: ignore[arg-type]
+    assert sharded.balance(ghost).posted == 0 and sharded.balance(source).pending == 0
+    assert isinstance(sharded.outcome("t"), AccountNotFound)
+
+
 def test_a_pending_transfer_runs_within_one_shard_and_is_refused_across_shards(sharded: ShardedLedger) -> None:
     left = accounts_on(sharded, "l", 2, shard=0, balance=50)
     right = accounts_on(sharded, "r", 1, shard=1)
