@@ -154,7 +154,10 @@ def _same_transfer(local: TransferRequest, prepare: TransferRequest) -> bool:
     transfer whose destination no shard has to the source's shard or as a first step, as the
     destination's id places it, and an exact retry after the destination was made (placed on
     the other shard) goes the other way. Every field the user gave is compared: the
-    destination and a digest of the metadata, which the first step keeps as its own metadata."""
+    destination and a digest of the metadata, which the first step keeps as its own metadata.
+    (A first step of the sharded ledger's first release kept the user's metadata there instead:
+    one whose user gave keys spelled as these two, naming this destination and this digest,
+    would pass for it.)"""
     protocol = prepare.metadata or {}
     digest = metadata_digest(local.metadata) if local.metadata else None
     return (peer_of(local.destination) is None and peer_of(prepare.destination) is not None and prepare.pending
@@ -237,6 +240,8 @@ class ShardSteps:
                     outcomes[i] = restated(outcome, requests[i])
                 elif isinstance(refused, TransferRequest) and _same_transfer(requests[i], refused):
                     again[i] = refused  # refused as a first step, its destination on no shard then
+                elif isinstance(refused, TransferRequest) and peer_of(refused.destination) is not None:
+                    outcomes[i] = restated(outcome, requests[i])  # (a first step's: no clearing account named)
                 continue
             recorded = kept if kept is not None else refused
             if isinstance(recorded, (Transfer, TransferRequest)):

@@ -753,8 +753,9 @@ def test_an_exact_retry_of_a_transfer_to_no_account_is_refused_again_once_it_is_
     assert repr(ghost) in str(again.value) and "clearing" not in str(again.value)
     for differing in ({"amount": 6, "metadata": {"order": 7}}, {"amount": 5, "metadata": {"order": 8}},
                       {"amount": 5, "metadata": None}):
-        with pytest.raises(IdempotencyConflict):
+        with pytest.raises(IdempotencyConflict) as conflict:
             sharded.transfer("t", source=source, destination=ghost, **differing)  # type: ignore[arg-type]
+        assert "clearing" not in str(conflict.value), conflict.value
     assert sharded.balance(ghost).posted == 0 and sharded.balance(source).pending == 0
     assert isinstance(sharded.outcome("t"), AccountNotFound)
 
