@@ -147,10 +147,10 @@ def settle_chain(requests: tuple[Request, ...], priors: list[Prior | None]) -> l
     prior = first
     assert prior is not None  # the loop raised otherwise
     if not prior.linked or prior.requests != requests:
-        made = next((made for made in prior.requests if made.id == requests[0].id), None)
         if len(requests) > 1 and prior.linked:  # every id of this chain, by another chain
             raise IdempotencyConflict(f"transfer id {requests[0].id!r} was already used for "
                                       f"{_chain_differs(prior.requests, requests)}")
+        made = next((made for made in prior.requests if made.id == requests[0].id), None)
         raise _conflict(requests[0], made if made is not None and len(requests) == 1 else None)
     value: Decided | Committed = ticket_outcome(prior) if type(prior) is Ticket else prior  # type: ignore[assignment]
     if isinstance(value, Refused):

@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from coordinator import CHECK_FILE, CHECK_RECORDS, AccountNotFound, InvalidRequest, JournalCorrupted, LedgerError, NotALedger, check_id
+from coordinator import (CHECK_FILE, CHECK_RECORDS, AccountNotFound, InvalidRequest, JournalCorrupted, LedgerError,
+                         NotALedger, check_id)
 
 from engine._cli_parse import command_parser
 from engine._cli_render import (
@@ -220,8 +221,8 @@ def _recover(args: argparse.Namespace) -> int:
                   " again: the next open makes it anew")
         elif report.get("index_damaged") and report["checks"].get(CHECK_RECORDS) and report["corrupt_lsn"] is None:
             # (every record replayed and verified: only the indexes are damaged)
-            print(f"  an index is damaged (the problem above): nothing was changed. `tally recover {args.path} --salvage"
-                  " --into NEW` copies every record into a new ledger, its indexes made anew from them")
+            print(f"  an index is damaged (the problem above): nothing was changed. `tally recover {args.path}"
+                  " --salvage --into NEW` copies every record into a new ledger, its indexes made anew from them")
         elif report["verdict"] != "whole" and report["checks"].get(CHECK_FILE) is False and report["last_lsn"] is None:
             print("  the journal could not be read (the problem above): nothing was changed. Restore the ledger from a"
                   " backup (README.md, \"Damage\")")

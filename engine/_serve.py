@@ -340,10 +340,6 @@ def _bounded_head_protocol() -> Any:
         """The bytes read since it began."""
         head_timer: asyncio.TimerHandle | None = None
         """Armed while the connection waits for a request's head (`HEAD_READ_S`)."""
-        idle_timer = False
-        """`head_timer` bounds an idle wait that uvicorn's keep-alive timer, stopped by the
-        body's bytes of a request answered before them, does not: the next byte starts the
-        head's own time."""
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -407,9 +403,12 @@ def _bounded_head_protocol() -> Any:
         def on_message_complete(self) -> None:
             self.between = True
             self._untime_head()  # (a body's rest, come after its response: `on_response_complete`)
-            if self.cycle is not None and self.cycle.response_complete:  # so answered: the connection now waits
-                self._time_head()  # for a head, and the body's bytes stopped uvicorn's keep-alive timer
-                self.idle_timer = True
+            if self.cycle is not None and self.cycle.response_complete and not self.transport.is_closing():
+                # So answered, the connection is idle now: uvicorn's keep-alive wait, which the
+                # body's bytes stopped, begins again (as at a response's end).
+                self._unset_keepalive_if_required()
+                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                    self.timeout_keep_alive_handler)
             super().on_message_complete()
 
         def data_received(self, data: bytes) -> None:
@@ -418,10 +417,7 @@ def _bounded_head_protocol() -> Any:
             # end, its body) came first in the chunk: the head's share is then not counted.
             began_in, began_between, begun = self.in_head, self.between, self.heads_begun
             if began_between and not self._responding():  # (a byte between two requests ends uvicorn's keep-alive
-                if self.idle_timer:  # wait: this bounds what follows; one during a response, that response's end)
-                    self.idle_timer = False
-                    self._untime_head()
-                self._time_head()
+                self._time_head()  # wait: this bounds what follows; one during a response, that response's end)
             super().data_received(data)
             if not self.in_head:
                 return

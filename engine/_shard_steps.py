@@ -236,12 +236,11 @@ class ShardSteps:
             kept = self.ledger.get_transfer(requests[i].id)
             refused = self.ledger._refused_request(requests[i].id) if kept is None else None
             if rows[i][0] is not None:  # a local transfer
-                if kept is not None and peer_of(kept.destination) is not None:
-                    outcomes[i] = restated(outcome, requests[i])
-                elif isinstance(refused, TransferRequest) and _same_transfer(requests[i], refused):
+                used = kept if kept is not None else refused  # (a first step names a clearing account)
+                if isinstance(refused, TransferRequest) and _same_transfer(requests[i], refused):
                     again[i] = refused  # refused as a first step, its destination on no shard then
-                elif isinstance(refused, TransferRequest) and peer_of(refused.destination) is not None:
-                    outcomes[i] = restated(outcome, requests[i])  # (a first step's: no clearing account named)
+                elif isinstance(used, (Transfer, TransferRequest)) and peer_of(used.destination) is not None:
+                    outcomes[i] = restated(outcome, requests[i])
                 continue
             recorded = kept if kept is not None else refused
             if isinstance(recorded, (Transfer, TransferRequest)):

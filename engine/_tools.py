@@ -28,7 +28,8 @@ def unreadable(error: LedgerError) -> bool:
 
 
 @contextmanager
-def reading(path: str, lock: bool = False, audited: bool = False, index_damage_kept: bool = False) -> Iterator[Journal]:
+def reading(path: str, lock: bool = False, audited: bool = False,
+            index_damage_kept: bool = False) -> Iterator[Journal]:
     """The journal, open read-only (with `lock`, refusing while a live process holds it).
     Damage found as it opens is `JournalCorrupted`, except a format this code does not read,
     which the command cannot run on (`NotALedger` says so). A gap in the records or a journal
@@ -39,7 +40,8 @@ def reading(path: str, lock: bool = False, audited: bool = False, index_damage_k
     (unless it is the tear of a last commit cut off in its flush: `JournalCorrupted` says so)."""
     try:
         with ledger_errors():
-            journal = Journal.open_readonly(path, index_names=INDEX_NAMES, lock=lock, index_damage_kept=index_damage_kept)
+            journal = Journal.open_readonly(path, index_names=INDEX_NAMES, lock=lock,
+                                            index_damage_kept=index_damage_kept)
     except JournalCorrupted as error:
         if unreadable(error):
             raise NotALedger(str(error)) from error
