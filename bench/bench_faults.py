@@ -61,6 +61,8 @@ TRANSFERS = 700
 CHECKPOINT_INTERVAL = 150
 CHILD_TIMEOUT_S = 60.0
 OUTCOMES = ("same", "reported", "refused", "BAD")
+SALVAGED = ("all", "a prefix", "refused", "BAD")
+"""What a salvage of a ledger verify finds damaged saves (`salvaged`)."""
 PAGE_BYTES = 4096
 
 
@@ -404,6 +406,7 @@ def probe(directory: Path, truths: list[dict], requests: list[TransferRequest]) 
     except LedgerError as error:
         seen["refused"] = f"open: {error.code}: {error}"
         seen["wrote"] = digest(directory) != seen["digest_before"]
+        seen["salvage"] = salvaged(directory, truths, requests)
         return seen
     try:
         seen.update(_use(ledger, truths, requests))
@@ -414,7 +417,45 @@ def probe(directory: Path, truths: list[dict], requests: list[TransferRequest]) 
     finally:
         ledger.close()
     seen["verify_after"] = verdict(directory)
+    if seen["verify"] != "whole":
+        seen["salvage"] = salvaged(directory, truths, requests)
     return seen
+
+
+def salvaged(directory: Path, truths: list[dict], requests: list[TransferRequest]) -> str:
+    """Runs in the child: `tally recover --salvage` of the damaged ledger, and what its copy
+    holds. "refused" (nothing saved, `LedgerError`), "all" (every transfer the ledger
+    committed), "a prefix" (those committed before some LSN, and none after), or "BAD: ..."
+    (the original changed, the copy not whole, or holding other than a prefix of the truth)."""
+    from engine import Ledger, _tools_copy
+
+    into = directory.parent / f"{directory.name}-salvaged"
+    shutil.rmtree(into, ignore_errors=True)
+    before = digest(directory)
+    try:
+        _tools_copy.salvage(str(directory), str(into))
+    except LedgerError:
+        return "refused" if digest(directory) == before else "BAD: a refused salvage wrote to the ledger"
+    if digest(directory) != before:
+        return "BAD: the salvage wrote to the ledger"
+    if verdict(into) != "whole":
+        return f"BAD: the copy verifies {verdict(into)}"
+    with Ledger.open(into, readonly=True) as copy:
+        held = {request.id: _outcome(copy.get_transfer(request.id)) for request in requests}
+    lsn_at = list(Transfer.__dataclass_fields__).index("lsn")  # (the copy's LSNs are its own)
+    for truth in truths:
+        made = sorted((found[lsn_at], tid) for tid, found in truth["transfers"].items() if isinstance(found, list))
+        kept = [held[tid] is not None for _, tid in made]
+        if kept != sorted(kept, reverse=True):  # (True up to a point, False after it)
+            continue
+        if all(held[tid] is None or _without_lsn(held[tid], lsn_at) == _without_lsn(truth["transfers"][tid], lsn_at)
+               for _, tid in made) and not any(held[tid] for tid in held if not isinstance(truth["transfers"][tid], list)):
+            return "all" if all(kept) else "a prefix"
+    return "BAD: the copy holds other than the transfers committed before some LSN"
+
+
+def _without_lsn(outcome: list, lsn_at: int) -> list:
+    return outcome[:lsn_at] + outcome[lsn_at + 1:]
 
 
 def _use(ledger: object, truths: list[dict], requests: list[TransferRequest]) -> dict:
@@ -453,6 +494,8 @@ def classify(seen: dict) -> tuple[str, str]:
     if seen.get("verify_wrote"):
         return "BAD", "tally verify wrote to the data file"
     if "refused" in seen:
+        if seen.get("salvage", "").startswith("BAD"):
+            return "BAD", f"refused, and its salvage: {seen['salvage']}"
         if seen.get("wrote"):
             return "BAD", f"refused, but after writing: {seen['refused']}"
         if seen["verify"] == "whole":
@@ -464,6 +507,8 @@ def classify(seen: dict) -> tuple[str, str]:
         return "BAD", f"a retry was not idempotent: {seen['retry_differs']}"
     if seen.get("verify_after") != "whole" and seen["verify"] == "whole":
         return "BAD", f"whole before, {seen.get('verify_after')} after writing"
+    if seen.get("salvage", "").startswith("BAD"):
+        return "BAD", f"salvage: {seen['salvage']}"
     if seen["verify"] == "whole":
         return "same", ""
     return "reported", f"verify: {seen['verify']}, after writing: {seen.get('verify_after')}"
@@ -518,6 +563,8 @@ def _read_some(fd: int) -> bytes:
 @dataclass
 class Report:
     table: dict[str, Counter] = field(default_factory=dict)
+    salvages: dict[str, Counter] = field(default_factory=dict)
+    """By kind of fault, what a salvage of each damaged ledger saved (`salvaged`)."""
     bad: list[tuple[str, str]] = field(default_factory=list)
     cases: int = 0
     elapsed_s: float = 0.0
@@ -565,6 +612,8 @@ def run_faults(scratch: Path, *, seed: int = 1, sample: bool = False, per_kind: 
         truths = [truth, truth_after] if fault.after_commit else [truth]
         seen = in_child(lambda truths=truths: probe(copy, truths, requests))
         report.add(fault, *classify(seen))
+        if "salvage" in seen:
+            report.salvages.setdefault(fault.kind, Counter())[seen["salvage"].split(":")[0]] += 1
         if progress is not None:
             progress(done + 1, len(todo))
     report.elapsed_s = time.monotonic() - started
@@ -578,6 +627,10 @@ def render(report: Report) -> Iterator[str]:
         totals.update(counts)
         yield f"{kind:<32} {sum(counts.values()):>6} " + " ".join(f"{counts[o]:>9}" for o in OUTCOMES)
     yield f"{'all':<32} {sum(totals.values()):>6} " + " ".join(f"{totals[o]:>9}" for o in OUTCOMES)
+    yield ""
+    yield f"{'salvage of the damaged ledger':<32} {'cases':>6} " + " ".join(f"{saved:>9}" for saved in SALVAGED)
+    for kind, counts in sorted(report.salvages.items()):
+        yield f"{kind:<32} {sum(counts.values()):>6} " + " ".join(f"{counts[saved]:>9}" for saved in SALVAGED)
     for label, why in report.bad[:40]:
         yield f"  BAD: {label}: {why}"
 
@@ -604,7 +657,8 @@ def main() -> int:
     for line in render(report):
         print(line)
     if args.json:
-        Path(args.json).write_text(json.dumps({"table": report.table, "bad": report.bad}, indent=2))
+        Path(args.json).write_text(json.dumps({"table": report.table, "salvages": report.salvages, "bad": report.bad},
+                                              indent=2))
     return 1 if report.bad else 0
 
 

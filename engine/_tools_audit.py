@@ -35,6 +35,8 @@ from journal import (
     ChainReport,
     Journal,
     JournalAnchorMissingError,
+    JournalCorruptedError,
+    read_around,
     reanchor,
     refuse_irregular_lock_file,
 )
@@ -79,6 +81,8 @@ def _unopened_dict(error: JournalCorrupted, elapsed_s: float, path: str) -> tupl
     report = unopened(error)
     result = _audit_dict(report, elapsed_s, None, path)
     result["damaged"] = error.where
+    cause = error.__cause__  # (the journal's error it was made from: `ledger_errors` chains it)
+    result["salvage_reads_around"] = isinstance(cause, JournalCorruptedError) and read_around(cause)
     return report, result
 
 

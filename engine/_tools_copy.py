@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,10 @@ from journal import (
     SALVAGE_STAGING_PREFIX,
     Journal,
     JournalAnchorMissingError,
+    JournalCorruptedError,
+    Rescued,
+    read_around,
+    rescue,
     sync_directory,
 )
 
@@ -76,43 +81,126 @@ def salvage(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
     and list what was lost.
 
     A ledger whose anchor is gone is audited as `recover` audits it: the rest of it checked,
-    the missing anchor reported (`anchor_problem`). The copy is built in a directory of its
-    own inside `into` (`_staging`), and its files moved up once it is closed, the anchor last:
-    a salvage that fails leaves `into` as it found it, and one killed leaves `into` holding that
-    directory (named for what it is) or a copy without its anchor, never one that would verify
-    whole.
+    the missing anchor reported (`anchor_problem`). A data file whose pages keep it from opening
+    (a page zeroed, a branch damaged, pages swapped, a meta page) has its records read page by
+    page around the damage (`journal.rescue`) into a scratch journal, which is audited and copied
+    in its place (`_salvage_around`). The copy is built in a directory of its own inside `into`
+    (`_staging`), and its files moved up once it is closed, the anchor last: a salvage that fails
+    leaves `into` as it found it, and one killed leaves `into` holding that directory (named for
+    what it is) or a copy without its anchor, never one that would verify whole.
     Raises `LedgerLocked` while a live process holds the ledger, `JournalCorrupted` if
     nothing in it can be copied (its data file unreadable, or another ledger's)."""
     _new_directory(into)
     with ledger_errors():
-        journal = Journal.open_readonly(path, index_names=INDEX_NAMES, lock=True, index_damage_kept=True)
+        try:
+            journal = Journal.open_readonly(path, index_names=INDEX_NAMES, lock=True, index_damage_kept=True)
+        except JournalCorruptedError as damage:
+            if not read_around(damage):
+                raise
+            return _salvage_around(path, into, damage, progress)
     try:
-        found, anchor_problem = journal.problem, None
-        if isinstance(found, JournalAnchorMissingError):
-            anchor_problem, journal.problem = str(found), None  # audit the rest of it, as recover does
-        elif found is not None and found.lsn is None:
-            raise JournalCorrupted(f"nothing to salvage: {found}", None, found.where) from found  # not this ledger's
-        with ledger_errors():
-            report = audit(journal, progress)
-            stop = report.corrupt_lsn if report.corrupt_lsn is not None else journal.last_lsn + 1
-            with _building(into, SALVAGE_STAGING_PREFIX) as staging:
-                copied, lost = _copy_prefix(journal, staging, stop)
-            anchored = journal.anchor.durable_lsn if journal.anchor is not None else 0
-            lost += [{"lsn": lsn, "transfer": None, "why": "durable once (its anchor says so), and gone from the journal"}
-                     for lsn in range(max(stop, journal.last_lsn + 1), anchored + 1)]
-            return {"path": path, "into": into, "first_corrupt_lsn": report.corrupt_lsn,
-                    "whole": report.whole and anchor_problem is None, "problem": report.problem,
-                    "anchor_problem": anchor_problem, "records_copied": copied, "lost": lost,
-                    "verdict": _salvage_verdict(report, anchor_problem, journal.index_damage is not None)}
+        with _building(into, SALVAGE_STAGING_PREFIX) as staging:
+            return _salvaged(journal, path, into, staging, progress)
     finally:
         journal.close()
 
 
-def _salvage_verdict(report: AuditReport, anchor_problem: str | None, index_damaged: bool) -> str:
+def _salvage_around(path: str, into: str, damage: JournalCorruptedError, progress: Progress) -> dict[str, Any]:
+    """`salvage` of a ledger whose data file `damage` kept from opening: its records read
+    around the damaged pages into a scratch journal (a directory of its own inside `into`,
+    removed before the copy is published), which is salvaged as an opened journal is."""
+    with _building(into, SALVAGE_STAGING_PREFIX) as staging:
+        scratch = os.path.join(into, f"{SALVAGE_STAGING_PREFIX}{secrets.token_hex(4)}")
+        try:
+            with ledger_errors():
+                rescued = rescue(path, scratch, INDEX_NAMES)
+                if not rescued.records:
+                    raise JournalCorrupted(f"nothing to salvage: no record could be read ({damage})", None,
+                                           damage.where)
+                journal = Journal.open_readonly(scratch, index_names=INDEX_NAMES, index_damage_kept=True)
+            try:
+                return _salvaged(journal, path, into, staging, progress, _Around(damage, rescued))
+            finally:
+                journal.close()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class _Around:
+    """A salvage read around damaged pages: the damage that kept the data file from opening,
+    and what `journal.rescue` read."""
+
+    damage: JournalCorruptedError
+    rescued: Rescued
+
+    @property
+    def problems(self) -> list[str]:
+        """Each damage gone around: the open's first, unless the rescue met it too."""
+        met = [str(fault) for fault in (*self.rescued.snapshot_faults, *self.rescued.records_faults)]
+        return met if str(self.damage) in met else [str(self.damage), *met]
+
+    @property
+    def gone(self) -> str:
+        """Why a record not read is lost: in a damaged page, or written after the snapshot read."""
+        if self.rescued.records_faults or not self.rescued.snapshot_faults:
+            return "in a damaged page of the records: whatever it held is lost"
+        return "written after the snapshot read (a newer one's meta page or catalog is damaged): whatever it held is lost"
+
+    @property
+    def loss(self) -> str:
+        """The damage that took the records lost: a page of the records, or an older snapshot read."""
+        faults = self.rescued.records_faults or self.rescued.snapshot_faults
+        return str(faults[0]) if faults else str(self.damage)
+
+
+def _salvaged(journal: Journal, path: str, into: str, staging: str, progress: Progress,
+              around: _Around | None = None) -> dict[str, Any]:
+    """`salvage`'s audit of `journal` and its copy into `staging` (`around`: the journal is a
+    scratch one holding what was read around damaged pages)."""
+    found, anchor_problem = journal.problem, None
+    if isinstance(found, JournalAnchorMissingError):
+        anchor_problem, journal.problem = str(found), None  # audit the rest of it, as recover does
+    elif found is not None and found.lsn is None:
+        raise JournalCorrupted(f"nothing to salvage: {found}", None, found.where) from found  # not this ledger's
+    with ledger_errors():
+        report = audit(journal, progress)
+    corrupt_lsn, problem = report.corrupt_lsn, report.problem
+    first_lost = around.rescued.first_missing_lsn if around is not None else None
+    if around is not None and first_lost is not None and (corrupt_lsn is None or first_lost <= corrupt_lsn):
+        corrupt_lsn, problem = first_lost, around.loss
+    elif around is not None and corrupt_lsn is None:
+        problem = str(around.damage)
+    stop = corrupt_lsn if corrupt_lsn is not None else journal.last_lsn + 1
+    with ledger_errors():
+        copied, lost = _copy_prefix(journal, staging, stop, around.gone if around is not None else _GONE)
+    anchored = journal.anchor.durable_lsn if journal.anchor is not None else 0
+    if around is not None:
+        anchored = max(anchored, around.rescued.through_lsn)
+    lost += [{"lsn": lsn, "transfer": None, "why": around.gone if around is not None else _GONE_DURABLE}
+             for lsn in range(max(stop, journal.last_lsn + 1), anchored + 1)]
+    return {"path": path, "into": into, "first_corrupt_lsn": corrupt_lsn,
+            "whole": report.whole and anchor_problem is None and around is None, "problem": problem,
+            "anchor_problem": anchor_problem, "records_copied": copied, "lost": lost,
+            "damaged_pages": around.problems if around is not None else [],
+            "verdict": _salvage_verdict(report, anchor_problem, journal.index_damage is not None, around is not None,
+                                        corrupt_lsn)}
+
+
+_GONE = "missing from the journal: whatever it held is lost"
+_GONE_DURABLE = "durable once (its anchor says so), and gone from the journal"
+
+
+def _salvage_verdict(report: AuditReport, anchor_problem: str | None, index_damaged: bool, around: bool,
+                     corrupt_lsn: int | None) -> str:
     """What a salvage made of the ledger `report` audited (`anchor_problem`: its anchor is gone;
-    `index_damaged`: an index entry failed its checksum as it opened)."""
-    if report.corrupt_lsn is not None:
+    `index_damaged`: an index entry failed its checksum as it opened; `around`: its records were
+    read around damaged pages; `corrupt_lsn`: the first record lost)."""
+    if corrupt_lsn is not None:
         return "salvaged: everything before the first corrupt record was copied"
+    if around:
+        return ("salvaged: every record was read around the damaged pages and verifies (the damage was in pages "
+                "other than the records'); NEW is made anew from them")
     if index_damaged or report.checks[CHECK_PAIRS] is False or report.checks[CHECK_INDEXES] is False:
         return "salvaged: every record verifies, but the indexes were damaged; NEW has them rebuilt"
     if not report.whole:
@@ -196,7 +284,10 @@ def _publish(staging: str, into: str) -> None:
     sync_directory(into)
 
 
-def _copy_prefix(journal: Journal, into: str, stop: int) -> tuple[int, list[dict[str, Any]]]:
+def _copy_prefix(journal: Journal, into: str, stop: int, gone: str) -> tuple[int, list[dict[str, Any]]]:
+    """Copy the records of `journal` before LSN `stop` into a new journal at `into`: (records
+    copied, what was lost: the record at `stop` and each after it, `gone` saying why of one
+    that is not there)."""
     target = Journal.open(into, index_names=INDEX_NAMES)
     try:
         sequencer = Sequencer(target, Projection())
@@ -216,14 +307,17 @@ def _copy_prefix(journal: Journal, into: str, stop: int) -> tuple[int, list[dict
         target.close()
     if stop > journal.last_lsn:
         return copied, []
-    lost: list[dict[str, Any]] = [{"lsn": stop, "transfer": None, "why": "this record is corrupt: whatever it held is lost"}]
-    for lsn in range(stop + 1, journal.last_lsn + 1):
+    corrupt = "this record is corrupt: whatever it held is lost"
+    lost: list[dict[str, Any]] = []
+    for lsn in range(stop, journal.last_lsn + 1):
         try:
             found = record_at(journal, lsn)
         except JournalCorrupted:
-            lost.append({"lsn": lsn, "transfer": None, "why": "corrupt too"})
+            lost.append({"lsn": lsn, "transfer": None, "why": corrupt if lsn == stop else "corrupt too"})
             continue
-        if isinstance(found, Committed):
+        if found is None or lsn == stop:  # (the first: whatever it is, the checks stop at it)
+            lost.append({"lsn": lsn, "transfer": None, "why": gone if found is None else corrupt})
+        elif isinstance(found, Committed):
             lost += ({"lsn": lsn, "transfer": made.id, "why": "commit after the corruption"} for made in found.transfers)
         elif isinstance(found, Refused):
             lost += ({"lsn": lsn, "transfer": request.id, "why": "reject after the corruption"}

@@ -326,6 +326,8 @@ def check_records(opened: Opened, anchor: AnchorState | None, first_gap: Callabl
     LSNs run 1..N without a gap (the page walk counted N records, in order), the ledger ids
     match, and N is at least what the anchor saw durable. `first_gap()` finds the first LSN
     missing, to name it."""
+    if anchor is not None:  # (first: a gap in another ledger's records is not this ledger's to name, nor copy)
+        _same_ledger(opened, anchor, data_file)
     records = opened.layout.trees[RECORDS_DB]
     last = 0
     if records.entries:
@@ -347,15 +349,20 @@ def check_records(opened: Opened, anchor: AnchorState | None, first_gap: Callabl
             raise JournalCorruptedError("the ledger id is missing from the data file (format 2 has one from its "
                                         "creation)", where=data_file)
         return last
-    if opened.ledger_id is None and opened.format_version == 1:
-        pass  # a ledger made before ids, given an anchor whose id its next commit writes in
-    elif opened.ledger_id != anchor.ledger_id:
-        mine = opened.ledger_id.hex() if opened.ledger_id else "without an id"
-        raise JournalCorruptedError(f"the data file belongs to ledger {mine}, but the directory's anchor to ledger "
-                                    f"{anchor.ledger_id.hex()}: a data file from elsewhere?", where=data_file)
     if last < anchor.durable_lsn:
         raise JournalCorruptedError(
             f"the journal ends at LSN {last}, but LSN {anchor.durable_lsn} was durable before: "
             f"{anchor.durable_lsn - last} acknowledged record(s) are missing (LMDB is opening an older snapshot; "
             "a meta page may be damaged)", lsn=last + 1, where=data_file)
     return last
+
+
+def _same_ledger(opened: Opened, anchor: AnchorState, data_file: str) -> None:
+    """`JournalCorruptedError` unless the data file holds the ledger `anchor` names (a ledger
+    made before ids, format 1, holds none until its next commit writes the anchor's in)."""
+    if opened.ledger_id is None and opened.format_version == 1:
+        return
+    if opened.ledger_id != anchor.ledger_id:
+        mine = opened.ledger_id.hex() if opened.ledger_id else "without an id"
+        raise JournalCorruptedError(f"the data file belongs to ledger {mine}, but the directory's anchor to ledger "
+                                    f"{anchor.ledger_id.hex()}: a data file from elsewhere?", where=data_file)

@@ -47,6 +47,12 @@ class JournalAnchorMissingError(JournalCorruptedError):
     `data.mdb` from a backup)."""
 
 
+class JournalCutOffError(JournalCorruptedError):
+    """The damage is the tear of a last commit the machine cut off in its flush, never
+    acknowledged (`journal._unfinished`): a writable open takes back the snapshot before it, and
+    a salvage, which never writes the ledger, refuses it rather than read around it."""
+
+
 class JournalLockedError(JournalError):
     """Another live process, or another open journal in this one, holds the directory."""
 

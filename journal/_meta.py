@@ -150,3 +150,30 @@ def meta_with_txnid(page: bytes, number: int, txnid: int) -> bytes:
     _META_TAIL.pack_into(made, _META_TAIL_AT, last_page, txnid)
     _parse(bytes(made), number, f"meta page {number}")
     return bytes(made)
+
+
+def metas_each(fd: int, data_file: str, page_bytes_guess: int) -> tuple[list[Meta], list[JournalCorruptedError]]:
+    """Each meta page that checks on its own (`_parse`), newest first, and what was wrong with
+    the others: for a salvage (`journal._rescue`), which reads the newest snapshot a whole meta
+    page names when the pair is not consistent. Meta page 1 is looked for at the page size meta
+    page 0 gives, or at `page_bytes_guess` (the host's page size, LMDB's) if page 0 is damaged."""
+    found: list[Meta] = []
+    faults: list[JournalCorruptedError] = []
+    page_bytes = page_bytes_guess
+    for number in (0, 1):
+        data = os.pread(fd, META_BYTES, number * page_bytes)
+        try:
+            if len(data) < META_BYTES:
+                raise corrupt(f"the file is truncated to {number * page_bytes + len(data)} bytes: meta page "
+                              f"{number} is missing", data_file)
+            meta = _parse(data, number, data_file)
+        except JournalCorruptedError as fault:
+            faults.append(fault)
+            continue
+        found.append(meta)
+        page_bytes = meta.page_bytes
+    if len(found) == 2 and found[0].page_bytes != found[1].page_bytes:
+        faults.append(corrupt(f"the meta pages disagree on the page size ({found[0].page_bytes} and "
+                              f"{found[1].page_bytes})", f"meta page 1 of {data_file}"))
+        found.pop()
+    return sorted(found, key=lambda meta: meta.txnid, reverse=True), faults

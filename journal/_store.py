@@ -58,8 +58,8 @@ from journal._anchor import AnchorState, create_anchor, new_ledger_id, sync_dire
 from journal._check import Opened, check_before_mapping, check_snapshot
 from journal._marks import commit_mark, marked_databases
 from journal._seen import Seen
-from journal._errors import (JournalCorruptedError, JournalError, JournalLockedError, JournalWriteError, lmdb_read_error,
-                             space_error)
+from journal._errors import (JournalCorruptedError, JournalCutOffError, JournalError, JournalLockedError,
+                             JournalWriteError, lmdb_read_error, space_error)
 from journal._lmdb_files import allocate_lock_file, clear_dead_readers, file_identity, files_of
 from journal._limits import DBS_MAX, FORMAT_VERSION, GROW_WAIT_S_MAX, MAP_SIZE_BYTES_MAX, READERS_MAX
 from journal._names import (COMMIT_MARK_KEY, DATA_FILE, FORMAT_KEY, LEDGER_ID_KEY, LMDB_LOCK_FILE, META_DB, RECORDS_DB,
@@ -69,9 +69,9 @@ from journal._unfinished import Unfinished, flush_failed, take_back, unfinished
 logger = logging.getLogger("tally.journal")
 
 
-def _cut_off(found: Unfinished, damage: JournalCorruptedError) -> JournalCorruptedError:
+def _cut_off(found: Unfinished, damage: JournalCorruptedError) -> JournalCutOffError:
     """What a read-only open says of `damage` that is a last commit cut off in its flush (`found`)."""
-    return JournalCorruptedError(f"{found.says(damage)}; opening the ledger for writing takes that snapshot back",
+    return JournalCutOffError(f"{found.says(damage)}; opening the ledger for writing takes that snapshot back",
                                  lsn=damage.lsn, where=damage.where)
 
 

@@ -546,8 +546,9 @@ def test_recover_of_a_journal_it_cannot_read_prints_no_figure_and_names_no_ancho
     assert done.returncode == code == 1 and done.stderr == ""
     assert "in doubt" not in done.stdout and "aborted by recovery" not in done.stdout, done.stdout
     assert ANCHOR_FILE not in done.stdout and done.stdout.endswith(
-        "  the journal could not be read (the problem above): nothing was changed. Restore the ledger from a backup"
-        ' (README.md, "Damage")\n')
+        "  the journal could not be opened (the problem above): nothing was changed. Restore the ledger from a backup,"
+        f" or `tally recover {built.path} --salvage --into NEW` copies the records it can still read, around the"
+        ' damaged pages, up to the first one lost (README.md, "Damage")\n')
     assert report["in_doubt"] is None and report["last_lsn"] is None
 
 
@@ -635,6 +636,8 @@ class Corrupted:
     """Of data.mdb, just after the damage."""
     transfer_ids: dict[int, str]
     """LSN -> transfer id of every commit and refusal, read before the damage."""
+    damage: str
+    """The fixture's parameter: "a flipped byte" or "a missing record"."""
 
 
 @pytest.fixture(params=["a flipped byte", "a missing record"])
@@ -654,7 +657,7 @@ def corrupted(
             records = env.open_db(b"records", create=False)
             with env.begin(write=True, db=records) as txn:
                 assert txn.delete(lsn_key(lsn))
-    return Corrupted(built, lsn, file_digest(built.path / "data.mdb"), transfer_ids)
+    return Corrupted(built, lsn, file_digest(built.path / "data.mdb"), transfer_ids, request.param)
 
 
 @pytest.mark.parametrize("command", [["verify"], ["recover"], ["recover", "--dry-run"]])
@@ -717,7 +720,8 @@ def test_salvage_copies_the_records_before_a_damaged_one_and_lists_every_transfe
     assert code == 1  # the ledger is not whole: records were lost
     assert report["whole"] is False
     assert report["first_corrupt_lsn"] == lsn and report["records_copied"] == lsn - 1
-    assert report["lost"][0] == {"lsn": lsn, "transfer": None, "why": "this record is corrupt: whatever it held is lost"}
+    why = "this record is corrupt" if corrupted.damage == "a flipped byte" else "missing from the journal"
+    assert report["lost"][0] == {"lsn": lsn, "transfer": None, "why": f"{why}: whatever it held is lost"}
     after = [(at, tid) for at, tid in sorted(corrupted.transfer_ids.items()) if at > lsn]
     assert [(row["lsn"], row["transfer"]) for row in report["lost"][1:]] == after
     assert file_digest(built.path / "data.mdb") == digest
