@@ -427,13 +427,13 @@ def salvaged(directory: Path, truths: list[dict], requests: list[TransferRequest
     holds. "refused" (nothing saved, `LedgerError`), "all" (every transfer the ledger
     committed), "a prefix" (those committed before some LSN, and none after), or "BAD: ..."
     (the original changed, the copy not whole, or holding other than a prefix of the truth)."""
-    from engine import Ledger, _tools_copy
+    from engine import Ledger, _tools_salvage
 
     into = directory.parent / f"{directory.name}-salvaged"
     shutil.rmtree(into, ignore_errors=True)
     before = digest(directory)
     try:
-        _tools_copy.salvage(str(directory), str(into))
+        _tools_salvage.salvage(str(directory), str(into))
     except LedgerError:
         return "refused" if digest(directory) == before else "BAD: a refused salvage wrote to the ledger"
     if digest(directory) != before:

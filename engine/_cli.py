@@ -5,8 +5,8 @@ error is one line on stderr (no traceback) and a non-zero exit: 1 when the
 ledger is not whole (or a check failed), 2 when the command could not run.
 This module parses the command line with `engine._cli_parse` (the parser and its argument
 types), runs the command (`_run`; `tally stress` in `engine._cli_stress`, `tally serve` in
-`engine._serve`) on the offline tools (`engine._tools_audit`, `engine._tools_copy`,
-`engine._tools_read`), and prints the report through `engine._cli_render`; the text it prints
+`engine._serve`) on the offline tools (`engine._tools_audit`, `engine._tools_salvage`,
+`engine._tools_copy`, `engine._tools_read`), and prints the report through `engine._cli_render`; the text it prints
 is escaped (`engine._cli_render.printable`: a report's lines through `engine._cli_output.Escaped`, an error's
 one line on stderr too).
 """
@@ -173,7 +173,7 @@ def _tail(args: argparse.Namespace) -> int:
 
 
 def _recover(args: argparse.Namespace) -> int:
-    from engine import _tools_audit, _tools_copy
+    from engine import _tools_audit, _tools_salvage
 
     if args.salvage:
         if not args.into:
@@ -184,7 +184,7 @@ def _recover(args: argparse.Namespace) -> int:
                   f"never changes {args.path}; `tally verify {args.path}` says where its damage starts", file=sys.stderr)
             return 2
         with _progress("salvaging", not args.json) as progress:
-            report = _tools_copy.salvage(args.path, args.into, progress)
+            report = _tools_salvage.salvage(args.path, args.into, progress)
         emit(args, report, lambda: render_salvage(report))
         return 0 if report["whole"] else 1  # NEW holds what was saved; the ledger it came from was not whole
     if args.into:

@@ -1,8 +1,8 @@
 """The renderers of the `tally` commands' reports: each prints, for people, the dict a command
 returns (`emit` prints it as JSON instead with `--json`).
 
-The reports come from the offline tools (`engine._tools_audit`, `engine._tools_copy`,
-`engine._tools_read`) and from `tally stress` (`engine._cli_stress`); `engine._cli` runs the
+The reports come from the offline tools (`engine._tools_audit`, `engine._tools_salvage`,
+`engine._tools_copy`, `engine._tools_read`) and from `tally stress` (`engine._cli_stress`); `engine._cli` runs the
 commands and calls these, and escapes what they print. Times are shown here as ISO 8601
 (`shown_instant`), which `--at` reads back (`engine._cli_parse`, `_instant`).
 """
@@ -301,10 +301,15 @@ def render_salvage(report: dict[str, Any]) -> None:
         print(f"  damage: {report['problem']}")
     if report["anchor_problem"]:
         print(f"  anchor: {report['anchor_problem']}")
+    for page in report["damaged_pages"][1:]:  # (the first is the damage above, or the open's)
+        print(f"  also gone around: {page}")
+    if report["history_unchecked"]:
+        print(f"  unchecked: {report['history_unchecked']}")
     print(f"  records copied: {report['records_copied']}")
     for lost in report["lost"][:50]:
         what = lost.get("transfer") or lost.get("account") or "?"
-        print(f"  lost: LSN {lost['lsn']} {what} ({lost['why']})")
+        lsns = f"LSN {lost['lsn']}" + (f" to {lost['through_lsn']}" if "through_lsn" in lost else "")
+        print(f"  lost: {lsns} {what} ({lost['why']})")
     if len(report["lost"]) > 50:
         print(f"  ... and {len(report['lost']) - 50} more (--json lists them all)")
 

@@ -5,7 +5,7 @@ if its anchor is gone, a new one).
 Each returns a plain dict (the `--json` form); `engine._cli` runs it, `engine._cli_render`
 renders it. The journal is opened through `engine._tools` (`reading`); the last record is shown
 as `tally inspect` shows it (`engine._tools_read`, `record_row`). Making a new ledger from an old one
-is in `engine._tools_copy`.
+is in `engine._tools_salvage` and `engine._tools_copy`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from journal import (
     Journal,
     JournalAnchorMissingError,
     JournalCorruptedError,
-    read_around,
+    rescuable,
     reanchor,
     refuse_irregular_lock_file,
 )
@@ -82,7 +82,7 @@ def _unopened_dict(error: JournalCorrupted, elapsed_s: float, path: str) -> tupl
     result = _audit_dict(report, elapsed_s, None, path)
     result["damaged"] = error.where
     cause = error.__cause__  # (the journal's error it was made from: `ledger_errors` chains it)
-    result["salvage_reads_around"] = isinstance(cause, JournalCorruptedError) and read_around(cause)
+    result["salvage_reads_around"] = isinstance(cause, JournalCorruptedError) and rescuable(path, cause)
     return report, result
 
 

@@ -1,6 +1,6 @@
-"""Making a new ledger from an old one: `tally recover --salvage` (`salvage`: the verifiable
-records before the first corrupt one, copied record by record) and `tally replay` (`replay`:
-the journal replayed through the public engine, the state hashes compared).
+"""Making a new ledger from an old one: `tally replay` (`replay`: the journal replayed through
+the public engine, the state hashes compared), and how a new ledger is built beside it and
+published whole (`building`), which `tally recover --salvage` (`engine._tools_salvage`) shares.
 
 Each returns a plain dict (the `--json` form); `engine._cli` runs it, `engine._cli_render`
 renders it. The journal is opened through `engine._tools` (`reading`); the audits are in
@@ -17,49 +17,29 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from coordinator import (
-    CHECK_INDEXES,
-    CHECK_PAIRS,
-    INDEX_NAMES,
-    AuditReport,
-    Checkpointed,
     Committed,
     Expired,
     InvalidRequest,
-    JournalCorrupted,
     LedgerError,
     LedgerLocked,
     NotALedger,
     Opened,
-    Projection,
-    Record,
     Refused,
     Resolution,
-    Sequencer,
     TIMESTAMP_MAX,
     Transfer,
     TransferRequest,
-    audit,
-    copy_record,
-    ledger_errors,
-    record_at,
     records,
     state_hash,
 )
 from journal import (
     ANCHOR_FILE,
     REPLAY_STAGING_PREFIX,
-    SALVAGE_STAGING_PREFIX,
     Journal,
-    JournalAnchorMissingError,
-    JournalCorruptedError,
-    Rescued,
-    read_around,
-    rescue,
     sync_directory,
 )
 
@@ -68,7 +48,7 @@ from engine._readonly import recover_beside_writer
 from engine._tools import Progress, reading
 
 
-def _new_directory(path: str) -> None:
+def new_directory(path: str) -> None:
     """Refuse `path` as the new ledger's directory unless it is missing or an empty directory."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise InvalidRequest(f"{path} exists and is not a directory: choose a new directory")
@@ -76,143 +56,8 @@ def _new_directory(path: str) -> None:
         raise InvalidRequest(f"{path} already exists and is not empty: choose a new directory")
 
 
-def salvage(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
-    """Copy every verifiable record before the first corrupt one into a new ledger at `into`,
-    and list what was lost.
-
-    A ledger whose anchor is gone is audited as `recover` audits it: the rest of it checked,
-    the missing anchor reported (`anchor_problem`). A data file whose pages keep it from opening
-    (a page zeroed, a branch damaged, pages swapped, a meta page) has its records read page by
-    page around the damage (`journal.rescue`) into a scratch journal, which is audited and copied
-    in its place (`_salvage_around`). The copy is built in a directory of its own inside `into`
-    (`_staging`), and its files moved up once it is closed, the anchor last: a salvage that fails
-    leaves `into` as it found it, and one killed leaves `into` holding that directory (named for
-    what it is) or a copy without its anchor, never one that would verify whole.
-    Raises `LedgerLocked` while a live process holds the ledger, `JournalCorrupted` if
-    nothing in it can be copied (its data file unreadable, or another ledger's)."""
-    _new_directory(into)
-    with ledger_errors():
-        try:
-            journal = Journal.open_readonly(path, index_names=INDEX_NAMES, lock=True, index_damage_kept=True)
-        except JournalCorruptedError as damage:
-            if not read_around(damage):
-                raise
-            return _salvage_around(path, into, damage, progress)
-    try:
-        with _building(into, SALVAGE_STAGING_PREFIX) as staging:
-            return _salvaged(journal, path, into, staging, progress)
-    finally:
-        journal.close()
-
-
-def _salvage_around(path: str, into: str, damage: JournalCorruptedError, progress: Progress) -> dict[str, Any]:
-    """`salvage` of a ledger whose data file `damage` kept from opening: its records read
-    around the damaged pages into a scratch journal (a directory of its own inside `into`,
-    removed before the copy is published), which is salvaged as an opened journal is."""
-    with _building(into, SALVAGE_STAGING_PREFIX) as staging:
-        scratch = os.path.join(into, f"{SALVAGE_STAGING_PREFIX}{secrets.token_hex(4)}")
-        try:
-            with ledger_errors():
-                rescued = rescue(path, scratch, INDEX_NAMES)
-                if not rescued.records:
-                    raise JournalCorrupted(f"nothing to salvage: no record could be read ({damage})", None,
-                                           damage.where)
-                journal = Journal.open_readonly(scratch, index_names=INDEX_NAMES, index_damage_kept=True)
-            try:
-                return _salvaged(journal, path, into, staging, progress, _Around(damage, rescued))
-            finally:
-                journal.close()
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-
-
-@dataclass(frozen=True)
-class _Around:
-    """A salvage read around damaged pages: the damage that kept the data file from opening,
-    and what `journal.rescue` read."""
-
-    damage: JournalCorruptedError
-    rescued: Rescued
-
-    @property
-    def problems(self) -> list[str]:
-        """Each damage gone around: the open's first, unless the rescue met it too."""
-        met = [str(fault) for fault in (*self.rescued.snapshot_faults, *self.rescued.records_faults)]
-        return met if str(self.damage) in met else [str(self.damage), *met]
-
-    @property
-    def gone(self) -> str:
-        """Why a record not read is lost: in a damaged page, or written after the snapshot read."""
-        if self.rescued.records_faults or not self.rescued.snapshot_faults:
-            return "in a damaged page of the records: whatever it held is lost"
-        return "written after the snapshot read (a newer one's meta page or catalog is damaged): whatever it held is lost"
-
-    @property
-    def loss(self) -> str:
-        """The damage that took the records lost: a page of the records, or an older snapshot read."""
-        faults = self.rescued.records_faults or self.rescued.snapshot_faults
-        return str(faults[0]) if faults else str(self.damage)
-
-
-def _salvaged(journal: Journal, path: str, into: str, staging: str, progress: Progress,
-              around: _Around | None = None) -> dict[str, Any]:
-    """`salvage`'s audit of `journal` and its copy into `staging` (`around`: the journal is a
-    scratch one holding what was read around damaged pages)."""
-    found, anchor_problem = journal.problem, None
-    if isinstance(found, JournalAnchorMissingError):
-        anchor_problem, journal.problem = str(found), None  # audit the rest of it, as recover does
-    elif found is not None and found.lsn is None:
-        raise JournalCorrupted(f"nothing to salvage: {found}", None, found.where) from found  # not this ledger's
-    with ledger_errors():
-        report = audit(journal, progress)
-    corrupt_lsn, problem = report.corrupt_lsn, report.problem
-    first_lost = around.rescued.first_missing_lsn if around is not None else None
-    if around is not None and first_lost is not None and (corrupt_lsn is None or first_lost <= corrupt_lsn):
-        corrupt_lsn, problem = first_lost, around.loss
-    elif around is not None and corrupt_lsn is None:
-        problem = str(around.damage)
-    stop = corrupt_lsn if corrupt_lsn is not None else journal.last_lsn + 1
-    with ledger_errors():
-        copied, lost = _copy_prefix(journal, staging, stop, around.gone if around is not None else _GONE)
-    anchored = journal.anchor.durable_lsn if journal.anchor is not None else 0
-    if around is not None:
-        anchored = max(anchored, around.rescued.through_lsn)
-    lost += [{"lsn": lsn, "transfer": None, "why": around.gone if around is not None else _GONE_DURABLE}
-             for lsn in range(max(stop, journal.last_lsn + 1), anchored + 1)]
-    return {"path": path, "into": into, "first_corrupt_lsn": corrupt_lsn,
-            "whole": report.whole and anchor_problem is None and around is None, "problem": problem,
-            "anchor_problem": anchor_problem, "records_copied": copied, "lost": lost,
-            "damaged_pages": around.problems if around is not None else [],
-            "verdict": _salvage_verdict(report, anchor_problem, journal.index_damage is not None, around is not None,
-                                        corrupt_lsn)}
-
-
-_GONE = "missing from the journal: whatever it held is lost"
-_GONE_DURABLE = "durable once (its anchor says so), and gone from the journal"
-
-
-def _salvage_verdict(report: AuditReport, anchor_problem: str | None, index_damaged: bool, around: bool,
-                     corrupt_lsn: int | None) -> str:
-    """What a salvage made of the ledger `report` audited (`anchor_problem`: its anchor is gone;
-    `index_damaged`: an index entry failed its checksum as it opened; `around`: its records were
-    read around damaged pages; `corrupt_lsn`: the first record lost)."""
-    if corrupt_lsn is not None:
-        return "salvaged: everything before the first corrupt record was copied"
-    if around:
-        return ("salvaged: every record was read around the damaged pages and verifies (the damage was in pages "
-                "other than the records'); NEW is made anew from them")
-    if index_damaged or report.checks[CHECK_PAIRS] is False or report.checks[CHECK_INDEXES] is False:
-        return "salvaged: every record verifies, but the indexes were damaged; NEW has them rebuilt"
-    if not report.whole:
-        return "salvaged: every record was copied, but the ledger is not whole (see the damage)"
-    if anchor_problem is not None:
-        return ("nothing was lost that the journal shows: every record verifies, but its anchor is missing, so "
-                "nothing can tell whether this journal is the ledger's newest; NEW is a verified copy of it")
-    return "nothing was lost: the ledger is whole; NEW is a verified copy"
-
-
 @contextmanager
-def _building(into: str, prefix: str) -> Iterator[str]:
+def building(into: str, prefix: str) -> Iterator[str]:
     """A new ledger built in a directory of its own inside `into` (`_staging`), closed within
     the block, and its files moved up into `into` once the block ends (`_publish`). Whatever
     fails meanwhile (making those directories too), the staging directory is removed, and so is
@@ -284,62 +129,6 @@ def _publish(staging: str, into: str) -> None:
     sync_directory(into)
 
 
-def _copy_prefix(journal: Journal, into: str, stop: int, gone: str) -> tuple[int, list[dict[str, Any]]]:
-    """Copy the records of `journal` before LSN `stop` into a new journal at `into`: (records
-    copied, what was lost: the record at `stop` and each after it, `gone` saying why of one
-    that is not there)."""
-    target = Journal.open(into, index_names=INDEX_NAMES)
-    try:
-        sequencer = Sequencer(target, Projection())
-        copied, last = 0, 0
-        try:
-            for record in records(journal):
-                if record.lsn >= stop:
-                    break
-                copied += _copy_record(sequencer, record)
-        except JournalCorrupted as error:
-            if error.lsn != stop:
-                raise
-        with sequencer.lock:
-            last = sequencer.checkpoint()
-        target.wait_durable(last, 30.0)
-    finally:
-        target.close()
-    if stop > journal.last_lsn:
-        return copied, []
-    corrupt = "this record is corrupt: whatever it held is lost"
-    lost: list[dict[str, Any]] = []
-    for lsn in range(stop, journal.last_lsn + 1):
-        try:
-            found = record_at(journal, lsn)
-        except JournalCorrupted:
-            lost.append({"lsn": lsn, "transfer": None, "why": corrupt if lsn == stop else "corrupt too"})
-            continue
-        if found is None or lsn == stop:  # (the first: whatever it is, the checks stop at it)
-            lost.append({"lsn": lsn, "transfer": None, "why": gone if found is None else corrupt})
-        elif isinstance(found, Committed):
-            lost += ({"lsn": lsn, "transfer": made.id, "why": "commit after the corruption"} for made in found.transfers)
-        elif isinstance(found, Refused):
-            lost += ({"lsn": lsn, "transfer": request.id, "why": "reject after the corruption"}
-                     for request in found.requests)
-        elif isinstance(found, Expired):
-            lost += ({"lsn": lsn, "transfer": pending_id, "why": "expiry after the corruption"}
-                     for pending_id in found.pending_ids)
-        elif isinstance(found, Opened):
-            lost.append({"lsn": lsn, "transfer": None, "account": found.account.id,
-                         "why": "account opened after the corruption"})
-    return copied, lost
-
-
-def _copy_record(sequencer: Sequencer, record: Record) -> int:
-    """Journal `record` again through `sequencer` (`copy_record`); 1, or 0 for a checkpoint
-    (the copy makes its own). `NotALedger` if the copy is not decided as the original was."""
-    problem = copy_record(sequencer, record)
-    if problem is not None:
-        raise NotALedger(f"the copy diverged at LSN {record.lsn}: {problem}")
-    return 0 if isinstance(record, Checkpointed) else 1
-
-
 def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
     """Replay the journal into a fresh ledger through the public engine; compare hashes.
 
@@ -355,17 +144,17 @@ def replay(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
     ledger's clock gives each decision its record's timestamp (a clock of one's own is read
     once a decision), and a copied transfer stamped otherwise is a divergence. (A record of a
     release before timestamps has 0: its copy gets the last timestamp + 1.) It is built as a
-    salvage's copy is (`_building`): a replay that fails, diverged or refused, leaves `into` as
+    salvage's copy is (`building`): a replay that fails, diverged or refused, leaves `into` as
     it found it.
     """
-    _new_directory(into)
+    new_directory(into)
     started = time.perf_counter()
     with reading(path) as source:
         books = recover_beside_writer(source)
         last = books.last_lsn
         original = state_hash(source, books.accounts.values(), books.pending.values())
         _unmoved(source, last, path)  # (and again at the end: the hash may count what came after `last`)
-        with _building(into, REPLAY_STAGING_PREFIX) as staging:
+        with building(into, REPLAY_STAGING_PREFIX) as staging:
             replayed, rejected, fresh = _replay_into(source, last, staging, progress)
             _unmoved(source, last, path)
     return {"path": path, "into": into, "transfers_replayed": replayed, "rejections_not_replayed": rejected,
@@ -483,4 +272,4 @@ def _check_timestamp(copied: Transfer, timestamp: int) -> None:
                          "as in the original")
 
 
-__all__ = ["replay", "salvage"]
+__all__ = ["building", "new_directory", "replay"]

@@ -5,7 +5,7 @@ transfers), never writing.
 Each returns a plain dict (the `--json` form); `engine._cli` runs it, `engine._cli_render`
 renders it. The journal is opened through `engine._tools` (`reading`); a record's row (`record_row`)
 is also what `recover` shows of the last one (`engine._tools_audit`). Making a new ledger from
-an old one is in `engine._tools_copy`.
+an old one is in `engine._tools_salvage` and `engine._tools_copy`.
 """
 
 from __future__ import annotations

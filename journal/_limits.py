@@ -129,3 +129,11 @@ SEEN_ANCHOR_PAUSES_S = (0.0002, 0.0005, 0.001, 0.002)
 """A read-only reader that sees a commit its writer's anchor does not yet name as flushed looks
 at the anchor again after each of these pauses (~4 ms in all: a flush takes about one) before it
 flushes the data file itself (`journal._seen`)."""
+
+RESCUE_RECORD_BYTES_MIN = 16
+"""No record takes less of a page than this (an 8-byte key and a node's header): a records
+database can hold no more entries than its file's bytes over this, whatever its record says
+(`journal._rescue`, which bounds what it lists as lost by it)."""
+
+RESCUE_MAP_BYTES_SPARE = 64 << 20
+"""A rescue's scratch journal maps twice the damaged file, and this more (its records fit)."""

@@ -19,6 +19,7 @@ import struct
 from dataclasses import dataclass
 
 from journal._errors import JournalCorruptedError
+from journal._limits import MAP_SIZE_BYTES_MAX
 
 MAGIC = 0xBEEFC0DE
 DATA_VERSION = 1
@@ -115,7 +116,7 @@ def _parse(data: bytes, number: int, data_file: str) -> Meta:
     page_bytes = free.page_bytes
     if not PAGE_BYTES_MIN <= page_bytes <= PAGE_BYTES_MAX or page_bytes & (page_bytes - 1):
         raise corrupt(f"implausible page size {page_bytes}", where)
-    if last_page < 1:
+    if last_page < 1 or (last_page + 1) * page_bytes > MAP_SIZE_BYTES_MAX:  # (no ledger's map is larger)
         raise corrupt(f"last page {last_page}", where)
     for name, db in (("free list", free), ("main database", main)):
         if db.root != NO_PAGE and not 2 <= db.root <= last_page:

@@ -1,5 +1,5 @@
 """The records of a data file too damaged to open, read page by page around the damage, for a
-salvage (`tally recover --salvage`).
+salvage (`tally recover --salvage`): a *rescue*.
 
 Opening checks every page before LMDB maps the file (`journal._pages`) and refuses the file at
 the first fault, wherever it is: LMDB trusts its file, and a damaged page would misroute a
@@ -7,52 +7,57 @@ lookup, or a SIGBUS kill the process. That is right for an open that serves read
 a salvage nothing to copy when one page of any tree was damaged. `rescue` reads what can still
 be trusted, with the same checks, never through LMDB:
 
-1. a meta page that checks on its own, the newest first (`journal._meta.metas_each`: if the
-   newest is damaged, the snapshot before it, which LMDB keeps whole until the next commit);
-2. the main database and the meta database of that snapshot, whole (they say where the records
-   are, whose ledger and which format they are): a fault in either stops the rescue, as does
-   a ledger id or format that is not its anchor's;
-3. the records tree, each page checked as opening checks it; a subtree that fails (a page
-   zeroed, a branch damaged, pages swapped) is skipped, its fault noted, and the walk goes on
-   with the next subtree. Keys stay strictly ascending across the whole walk, inside the bounds
-   their parents give them, so no record is read twice or out of place. The index trees and the
-   free list are not read: a salvage makes the indexes anew from the records.
+1. a snapshot: a meta page that checks on its own, in its slot's parity, the one the anchor saw
+   flushed first (`AnchorState.txnid`), then the newest (`journal._meta.metas_each`); if the
+   newest is damaged, the one before it, which LMDB keeps whole until the next commit;
+2. that snapshot's main database and meta database, whole (they say where the records are,
+   whose ledger and which format they are): a fault in either moves on to the older snapshot;
+   a ledger id or format that is not its anchor's refuses the file;
+3. the records tree, each page checked as opening checks it (and no page the snapshot's free
+   list names, if it reads whole: a free page may hold a record of another time, one of a
+   commit taken back whose LSN a later commit used again); a subtree that fails (a page
+   zeroed, a branch damaged, pages swapped, a page the disk cannot read) is skipped, its fault
+   noted, and the walk goes on with the next subtree. Keys stay strictly ascending across the
+   whole walk, inside the bounds their parents give them, so no record is read twice or out of
+   place. The index trees are not read: a salvage makes the indexes anew from the records.
+   If records were lost and an older snapshot is whole enough, it is read too, and the one
+   whose records run further from LSN 1 without a gap is kept (the newest's records root
+   damaged, the older snapshot loses only the last commit).
 
-What it read it writes, byte for byte (each record framed as stored: its checksum and its link
+What it reads it writes, byte for byte (each record framed as stored: its checksum and its link
 of the hash chain unchanged), into a new journal in a scratch directory, with the ledger's id,
 its format and a copy of its anchor. That journal is opened and audited as any other
 (`Journal.open_readonly`): a record the damage took shows as a gap, a record that fails its
 checksum or its link as damage at its LSN, and a salvage copies everything before the first.
 
-What this cannot tell: a record the damage took that the anchor never saw durable, past the last
-one read, when the records database's own record (its entry count) is damaged too.
+What this cannot tell: whether the records are the history written here rather than another
+copy's of the same ledger, when the record at the anchor's durable LSN was lost with the
+damage (`Rescued.anchor_unchecked`); and a record the damage took past the last one read that
+the anchor never saw durable, when the records database's own count is damaged too.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import lmdb
 
-from journal._anchor import ANCHOR_FILE, AnchorState, read_anchor
+from journal._anchor import ANCHOR_FILE, TXNID_MASK, AnchorState, read_anchor
 from journal._check import expected_databases, open_data_file
 from journal._directory import lock_directory
 from journal._errors import JournalCorruptedError, os_read_error, space_error
 from journal._format import key_lsn, lsn_key, unframe_chained
-from journal._limits import DBS_MAX, FORMAT_VERSIONS_READ
+from journal._limits import DBS_MAX, FORMAT_VERSIONS_READ, RESCUE_MAP_BYTES_SPARE, RESCUE_RECORD_BYTES_MIN
 from journal._marks import commit_mark, marked_databases
-from journal._meta import NO_PAGE, Database, Meta, metas_each
+from journal._meta import NO_PAGE, Database, Meta, corrupt, metas_each
 from journal._names import COMMIT_MARK_KEY, DATA_FILE, FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB
 from journal._pages import PageWalk, Tree
-
-RECORD_BYTES_MIN = 16
-"""No record takes less of a page than this (an 8-byte key and a node header): a records
-database can hold no more entries than its file's bytes over this, whatever its record says."""
 
 
 @dataclass(frozen=True)
@@ -64,29 +69,53 @@ class Rescued:
     records: int
     """Records read (and written to `scratch`)."""
     through_lsn: int
-    """The last LSN the records tree held, as far as can be told: the largest of the last key read,
-    the LSN the anchor saw durable and, if a subtree was skipped, the entries the records
-    database's record counts (bounded by what the file could hold). Every LSN up to it not in
+    """The last LSN the records held, as far as can be told: the largest of the last key met, the
+    LSN the anchor saw durable and, where records were skipped, the entries a records database's
+    record counts (the snapshot read's, if a subtree of it was skipped; a newer one's whose
+    records' root was damaged), bounded by what the file could hold. Every LSN up to it not in
     `scratch` was lost to the damage."""
+    counted_lsn: int
+    """The most entries a records database's record counts, of the snapshot read or a newer one
+    (bounded likewise). Past `through_lsn`, a count no damage found explains: records lost in a
+    page that read whole (a stale page in its place), or the count damaged."""
+    newer_unknown: bool
+    """A meta page or a newer snapshot's catalog is damaged, and the anchor does not name the
+    snapshot read as the last one flushed: a newer snapshot may have held more records, which no
+    count here says."""
     first_missing_lsn: int | None
     """The first LSN up to `through_lsn` not read (None: every one was)."""
     snapshot_faults: tuple[JournalCorruptedError, ...]
-    """What was damaged of each newer snapshot than the one read: a meta page, its main database
-    or its meta database (empty: the newest was read)."""
+    """What was damaged of each snapshot newer than the one read (a meta page, its main or meta
+    database, its records' root), or of an older one read and not kept."""
     records_faults: tuple[JournalCorruptedError, ...]
     """Each damaged subtree of the records skipped, first to last."""
+    anchor_missing: bool
+    """The directory has no anchor (the ledger had one: its data file holds a ledger id)."""
+    anchor_unchecked: bool
+    """The anchor holds the digest of the record at its durable LSN, and that record was not read
+    (lost with the damage, or failing its checksum): nothing shows these records are the
+    history written here rather than another copy's of this ledger."""
 
 
 class _RecordsWalk(PageWalk):
     """The page walk of `journal._pages`, but for the records tree a subtree that fails its
-    check is noted in `faults` and skipped, and the walk goes on with the next one."""
+    check is noted in `faults` and skipped, and the walk goes on with the next one; a page
+    the disk cannot read is such a fault."""
 
     def __init__(self, fd: int, meta: Meta, data_file: str) -> None:
         super().__init__(fd, meta, data_file, None)
         self.faults: list[JournalCorruptedError] = []
         """Each subtree of the records skipped, first to last."""
-        self.meta_faults: list[JournalCorruptedError] = []
-        """Each meta page, main or meta database of a newer snapshot found damaged before this one."""
+        self.open_ended = False
+        """A subtree skipped had no upper bound: the records' last ones may have been in it."""
+
+    def read(self, pgno: int, count: int = 1) -> bytes:
+        try:
+            return super().read(pgno, count)
+        except OSError as error:
+            if error.errno != errno.EIO:  # (an operating error: not damage)
+                raise
+            raise corrupt(f"the device reports an I/O error reading page {pgno}", self.data_file) from error
 
     def page(self, name: bytes, pgno: int, depth: int, low: bytes | None, high: bytes | None,
              found: Tree, integer_keys: bool) -> None:
@@ -97,6 +126,28 @@ class _RecordsWalk(PageWalk):
             super().page(name, pgno, depth, low, high, found, integer_keys)
         except JournalCorruptedError as fault:  # (a branch's children each come back here: the deepest fault is noted)
             self.faults.append(fault)
+            self.open_ended = self.open_ended or high is None
+
+
+def rescuable(path: str, damage: JournalCorruptedError) -> bool:
+    """Whether a rescue reads around `damage`, which kept the journal at `path` from opening:
+    damage in its data file (not a format this Tally does not read, a `JournalFormatError`, nor
+    the tear of a last commit cut off in its flush, never acknowledged, a `JournalCutOffError`,
+    which a writable open takes back), and a snapshot of it whose meta page, main database and
+    meta database read whole. Reads a few pages; writes nothing."""
+    if type(damage) is not JournalCorruptedError:
+        return False
+    data_file = os.path.join(path, DATA_FILE)
+    try:
+        fd = open_data_file(data_file)
+    except JournalCorruptedError:
+        return False
+    try:
+        return any(_catalog(_RecordsWalk(fd, meta, data_file)) is not None for meta in _metas(fd, data_file, None)[0])
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def rescue(path: str, scratch: str, index_names: Sequence[str]) -> Rescued:
@@ -104,79 +155,176 @@ def rescue(path: str, scratch: str, index_names: Sequence[str]) -> Rescued:
     journal at `scratch` (a directory this makes; see the module docstring), a leaf at a time.
     Locks `path` as a writer does while it reads (`JournalLockedError` while a live process
     holds it); writes nothing there. Raises `JournalCorruptedError` (no `lsn`: nothing of it is
-    this ledger's to copy) where no meta page, main database or meta database can be read, or
-    the file is not its anchor's; the caller removes `scratch` then."""
+    this ledger's to copy) where no snapshot's records can be read, or the file is not its
+    anchor's, `JournalWriteError` where `scratch` cannot be written (a full disk); the caller
+    removes `scratch` then."""
     held = lock_directory(path, readonly=True)
     try:
         anchor = read_anchor(path)
         data_file = os.path.join(path, DATA_FILE)
-        found = Tree()
         fd = open_data_file(data_file)
         try:
-            walk, meta_values, records = _read(fd, data_file)
-            format_version, ledger_id = _identity(meta_values, anchor, data_file)
-            with _Scratch(scratch, walk.file_pages * walk.page_bytes, anchor, data_file) as written:
-                written.begin(format_version, ledger_id, index_names)
-                walk.visit, walk.key_bytes = written.leaf, 8
-                if records.root != NO_PAGE:
-                    walk.page(RECORDS_DB, records.root, 1, None, None, found, False)
-        except _Foreign as foreign:
-            raise foreign.damage from None
-        except lmdb.Error as error:  # (writing the scratch journal: a full disk, say)
-            raise space_error(scratch, error) from error
+            rescued = _rescue(fd, data_file, scratch, anchor, index_names)
         except OSError as error:
             raise os_read_error(error, data_file) from error
         finally:
             os.close(fd)
         if anchor is not None:
-            shutil.copyfile(os.path.join(path, ANCHOR_FILE), os.path.join(scratch, ANCHOR_FILE))
+            try:
+                shutil.copyfile(os.path.join(path, ANCHOR_FILE), os.path.join(scratch, ANCHOR_FILE))
+            except OSError as error:
+                raise space_error(scratch, error) from error
+        return rescued
     finally:
         if held is not None:
             held.release()
-    capacity = walk.file_pages * walk.page_bytes // RECORD_BYTES_MIN
-    last = key_lsn(found.last_key) if found.last_key is not None else 0
-    claimed = min(records.entries, capacity) if walk.faults else 0  # (a tree walked whole lost nothing: a count past it is damage)
-    through = max(last, claimed, anchor.durable_lsn if anchor is not None else 0)
-    missing = written.first_missing_lsn if written.first_missing_lsn is not None else last + 1
-    return Rescued(scratch, written.records, through, missing if missing <= through else None,
-                   tuple(walk.meta_faults), tuple(walk.faults))
 
 
-def _read(fd: int, data_file: str) -> tuple[_RecordsWalk, dict[bytes, bytes], Database]:
-    """The walk of the newest snapshot whose meta page, main database and meta database read
-    whole, what its meta database holds, and its records database's record."""
-    metas, meta_faults = metas_each(fd, data_file, mmap.PAGESIZE)
-    faults: list[JournalCorruptedError] = [*meta_faults]
+def _rescue(fd: int, data_file: str, scratch: str, anchor: AnchorState | None,
+            index_names: Sequence[str]) -> Rescued:
+    """`rescue`'s reading, from the open data file `fd`: each snapshot in turn (`_metas`) until
+    one reads whole, or the best of those read (see the module docstring)."""
+    metas, faults = _metas(fd, data_file, anchor)
+    kept: Rescued | None = None
+    counts: list[int] = []
+    """The records count each snapshot's catalog says (bounded), of those whose catalog read."""
     for meta in metas:
-        walk = _RecordsWalk(fd, meta, data_file)
-        try:
-            meta_values, records = _databases(walk, data_file)
-        except JournalCorruptedError as fault:
-            faults.append(fault)
+        attempt = scratch if kept is None else f"{scratch}-older"
+        read = _read_snapshot(fd, data_file, meta, attempt, anchor, index_names, faults, counts)
+        if read is None:
             continue
-        walk.meta_faults = faults
-        return walk, meta_values, records
-    shown = "; ".join(str(fault) for fault in faults)
-    raise JournalCorruptedError(f"nothing in it can be read: no snapshot's meta page, main database and meta database "
-                                f"read whole ({shown})", where=data_file)
+        if kept is None or _reach(read) > _reach(kept):
+            if kept is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+                os.rename(attempt, scratch)
+                read = replace(read, scratch=scratch, snapshot_faults=(*read.snapshot_faults, *kept.records_faults[:1]))
+            kept = read
+        else:
+            shutil.rmtree(attempt, ignore_errors=True)
+            break
+        if kept.first_missing_lsn is None:
+            break
+    if kept is None or not kept.records:
+        if kept is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        shown = "; ".join(str(fault) for fault in faults)
+        raise JournalCorruptedError(f"nothing in it can be read: no snapshot's meta page, main database, meta "
+                                    f"database and records read whole ({shown})", where=data_file)
+    return kept
 
 
-def _databases(walk: _RecordsWalk, data_file: str) -> tuple[dict[bytes, bytes], Database]:
+def _reach(rescued: Rescued) -> int:
+    """How far a rescue's records run from LSN 1 without a gap."""
+    return rescued.first_missing_lsn if rescued.first_missing_lsn is not None else rescued.through_lsn + 1
+
+
+def _read_snapshot(fd: int, data_file: str, meta: Meta, scratch: str, anchor: AnchorState | None,
+                   index_names: Sequence[str], faults: list[JournalCorruptedError], counts: list[int]
+                   ) -> Rescued | None:
+    """The records of the snapshot `meta` commits, written into a new journal at `scratch`; None
+    (its fault added to `faults`) if its main or meta database does not read whole, or no record
+    does. `faults` holds what was damaged of the newer snapshots, `counts` their records counts
+    (this one's is added once its catalog reads)."""
+    damaged_before, newer = bool(faults), max(counts, default=0)
+    walk = _RecordsWalk(fd, meta, data_file)
+    found = _catalog(walk, faults)
+    if found is None:
+        return None
+    meta_values, records = found
+    format_version, ledger_id = _identity(meta_values, anchor, data_file)
+    counted = min(records.entries, walk.file_pages * walk.page_bytes // RESCUE_RECORD_BYTES_MIN)
+    counts.append(counted)
+    for pgno in _free_pages(fd, meta, data_file):
+        walk.seen[pgno] = 1
+    tree = Tree()
+    try:
+        with _Scratch(scratch, walk.file_pages * walk.page_bytes, anchor, data_file) as written:
+            written.begin(format_version, ledger_id, index_names)
+            walk.visit, walk.key_bytes = written.leaf, 8
+            if records.root != NO_PAGE:
+                walk.page(RECORDS_DB, records.root, 1, None, None, tree, False)
+    except BaseException as error:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if isinstance(error, _Foreign):
+            raise error.damage from None
+        if isinstance(error, (lmdb.Error, OSError)):  # (writing the scratch journal: a read of the file is damage)
+            raise space_error(scratch, error) from error
+        raise
+    if not written.records and records.root != NO_PAGE:  # (its root failed: what the walk met first)
+        faults += walk.faults[:1]
+        shutil.rmtree(scratch, ignore_errors=True)
+        return None
+    last = key_lsn(tree.last_key) if tree.last_key is not None else 0
+    # (only a subtree skipped at the end explains a count past the last record read: else it is hedged, `counted_lsn`)
+    through = max(last, counted if walk.open_ended else 0, newer, anchor.durable_lsn if anchor is not None else 0)
+    missing = written.first_missing_lsn if written.first_missing_lsn is not None else written.next_lsn
+    flushed = anchor is not None and anchor.txnid != 0 and meta.txnid & TXNID_MASK == anchor.txnid
+    return Rescued(scratch=scratch, records=written.records, through_lsn=through, counted_lsn=max(counted, newer),
+                   newer_unknown=damaged_before and not flushed and not newer,
+                   first_missing_lsn=missing if missing <= through else None, snapshot_faults=tuple(faults),
+                   records_faults=tuple(walk.faults), anchor_missing=anchor is None and ledger_id is not None,
+                   anchor_unchecked=written.durable_key is not None and not written.anchor_checked)
+
+
+def _metas(fd: int, data_file: str, anchor: AnchorState | None) -> tuple[list[Meta], list[JournalCorruptedError]]:
+    """The meta pages that check on their own and hold a transaction id of their slot's parity
+    (LMDB writes transaction N to page N % 2), the one the anchor saw flushed first, then the
+    newest first; and what was wrong with the others."""
+    metas, faults = metas_each(fd, data_file, mmap.PAGESIZE)
+    kept: list[Meta] = []
+    for meta in metas:
+        if meta.txnid and meta.txnid % 2 != meta.number:
+            faults.append(corrupt(f"transaction id {meta.txnid} in slot {meta.number}: damaged",
+                                  f"meta page {meta.number} of {data_file}"))
+        else:
+            kept.append(meta)
+    if anchor is not None and anchor.txnid:
+        kept.sort(key=lambda meta: meta.txnid & TXNID_MASK != anchor.txnid)  # (stable: then the newest first)
+    return kept, faults
+
+
+def _catalog(walk: _RecordsWalk, faults: list[JournalCorruptedError] | None = None
+             ) -> tuple[dict[bytes, bytes], Database] | None:
     """What the meta database of `walk`'s snapshot holds, and its records database's record,
-    the main database and the meta database walked whole."""
+    the main database and the meta database walked whole; None (the fault added to `faults`)
+    if either is damaged."""
     catalog: dict[bytes, bytes] = {}
-    walk.visit = lambda _name, keys, values: catalog.update(zip(keys, values, strict=True))
-    walk.catalog = True
-    walk.tree(b"", walk.meta.main)
-    walk.catalog = False
-    for name in (META_DB, RECORDS_DB):
-        if name not in catalog:
-            raise JournalCorruptedError(f"its main database names no {name.decode()} database",
-                                        where=f"the main database of {data_file}")
     meta_values: dict[bytes, bytes] = {}
-    walk.visit = lambda _name, keys, values: meta_values.update(zip(keys, values, strict=True))
-    walk.tree(META_DB, Database.parse(catalog[META_DB]))
+    try:
+        walk.visit = lambda _name, keys, values: catalog.update(zip(keys, values, strict=True))
+        walk.catalog = True
+        walk.tree(b"", walk.meta.main)
+        walk.catalog = False
+        for name in (META_DB, RECORDS_DB):
+            if name not in catalog:
+                raise JournalCorruptedError(f"its main database names no {name.decode()} database",
+                                            where=f"the main database of {walk.data_file}")
+        walk.visit = lambda _name, keys, values: meta_values.update(zip(keys, values, strict=True))
+        walk.tree(META_DB, Database.parse(catalog[META_DB]))
+    except JournalCorruptedError as fault:
+        if faults is not None:
+            faults.append(fault)
+        return None
     return meta_values, Database.parse(catalog[RECORDS_DB])
+
+
+def _free_pages(fd: int, meta: Meta, data_file: str) -> list[int]:
+    """The pages the free list of `meta`'s snapshot names, if it reads whole (walked apart, so a
+    damaged one claims no page of the records); none if not."""
+    free = PageWalk(fd, meta, data_file, None)
+    listed: list[bytes] = []
+    free.visit = lambda _name, _keys, values: listed.extend(values)
+    try:
+        free.tree(b"free list", meta.free, integer_keys=True)
+    except (JournalCorruptedError, OSError):
+        return []
+    pages: list[int] = []
+    for record in listed:
+        count = int.from_bytes(record[:8], "little") if len(record) >= 8 else -1
+        if len(record) != 8 * (count + 1):
+            return []
+        pages += (int.from_bytes(record[at : at + 8], "little") for at in range(8, len(record), 8))
+    return [pgno for pgno in pages if 2 <= pgno <= meta.last_page]
 
 
 def _identity(meta_values: dict[bytes, bytes], anchor: AnchorState | None, data_file: str) -> tuple[int, bytes | None]:
@@ -209,27 +357,32 @@ class _Foreign(Exception):
 
 
 class _Scratch:
-    """The new journal `rescue` writes what it reads into: one LMDB write transaction, committed
-    and flushed when the block ends whole (aborted if not), holding the records as stored, the
-    meta database's format and ledger id, its indexes empty, and a commit mark. LMDB options as
-    `journal._store`'s; its map is sized once, twice the damaged file (its records fit in it)."""
+    """The new journal a rescue writes what it reads into: one LMDB write transaction, committed
+    when the block ends whole (aborted if not), holding the records as stored, the meta
+    database's format and ledger id, its indexes empty, and a commit mark. Options as
+    `journal._store`'s, but `sync=False` and `metasync=False` with no flush of ours: only this
+    process reads it back, through the page cache, and it is removed once copied; its map is
+    sized once, twice the damaged file (its records fit in it)."""
 
     def __init__(self, scratch: str, file_bytes: int, anchor: AnchorState | None, data_file: str) -> None:
         self.scratch = scratch
-        self.map_size_bytes = 2 * file_bytes + (64 << 20)
+        self.map_size_bytes = 2 * file_bytes + RESCUE_MAP_BYTES_SPARE
         self.anchor = anchor
         self.data_file = data_file
         self.records = 0
         self.first_missing_lsn: int | None = None
         """The first LSN not read before one that was (None: none yet)."""
-        self._next_lsn = 1
+        self.next_lsn = 1
+        """The LSN after the last one written."""
+        self.durable_key = lsn_key(anchor.durable_lsn) if anchor is not None and anchor.digest else None
+        self.anchor_checked = False
+        """The record at the anchor's durable LSN was read, and carries its digest."""
         self._txn: Any = None
-        self._durable_key = lsn_key(anchor.durable_lsn) if anchor is not None and anchor.digest else None
 
     def __enter__(self) -> _Scratch:
         os.mkdir(self.scratch)
-        self._env = lmdb.open(self.scratch, subdir=True, map_size=self.map_size_bytes, max_dbs=DBS_MAX, sync=True,
-                              metasync=True, lock=True, writemap=False, meminit=True, create=True, readahead=False)
+        self._env = lmdb.open(self.scratch, subdir=True, map_size=self.map_size_bytes, max_dbs=DBS_MAX, sync=False,
+                              metasync=False, lock=True, writemap=False, meminit=True, create=True)
         return self
 
     def begin(self, format_version: int, ledger_id: bytes | None, index_names: Sequence[str]) -> None:
@@ -243,14 +396,13 @@ class _Scratch:
 
     def leaf(self, _name: bytes, keys: list[bytes], values: list[bytes]) -> None:
         """A leaf of the records, checked by the walk: written as it is, after the one before."""
-        if self._durable_key is not None and keys[0] <= self._durable_key <= keys[-1]:
+        if self.durable_key is not None and keys[0] <= self.durable_key <= keys[-1]:
             self._check_anchor_digest(keys, values)
-        first, last = key_lsn(keys[0]), key_lsn(keys[-1])
-        if first != self._next_lsn and self.first_missing_lsn is None:
-            self.first_missing_lsn = self._next_lsn
+        if key_lsn(keys[0]) != self.next_lsn and self.first_missing_lsn is None:
+            self.first_missing_lsn = self.next_lsn
         self._cursor.putmulti(zip(keys, values, strict=True), append=True)
         self.records += len(keys)
-        self._next_lsn = last + 1
+        self.next_lsn = key_lsn(keys[-1]) + 1
 
     def _check_anchor_digest(self, keys: list[bytes], values: list[bytes]) -> None:
         """The record at the anchor's durable LSN must carry the digest the anchor saw there (as
@@ -259,16 +411,17 @@ class _Scratch:
         audit, which names it: nothing from it on is copied.)"""
         anchor = self.anchor
         assert anchor is not None
-        if self._durable_key not in keys:
+        if self.durable_key not in keys:
             return
         try:
-            digest = unframe_chained(anchor.durable_lsn, values[keys.index(self._durable_key)])[0]
+            digest = unframe_chained(anchor.durable_lsn, values[keys.index(self.durable_key)])[0]
         except JournalCorruptedError:
             return
         if digest is not None and digest[: len(anchor.digest)] != anchor.digest:
             raise _Foreign(JournalCorruptedError(
                 f"the record at LSN {anchor.durable_lsn} is not the one this directory's anchor saw made durable "
                 "there: the data file holds another history than the one written here", where=self.data_file))
+        self.anchor_checked = True
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
         try:
@@ -281,11 +434,3 @@ class _Scratch:
                 self._txn.abort()
         finally:
             self._env.close()
-
-
-def read_around(damage: JournalCorruptedError) -> bool:
-    """Whether a salvage reads the records around `damage`, which kept a journal from opening
-    (`rescue`): damage in the data file's pages, or a meta database not as it should be. Not a
-    format this Tally does not read (`JournalFormatError`), nor the tear of a last commit cut off
-    in its flush, never acknowledged (`JournalCutOffError`: a writable open takes it back)."""
-    return type(damage) is JournalCorruptedError

@@ -15,6 +15,7 @@ import pytest
 from coordinator import INDEX_NAMES, AuditReport, audit
 from engine import Balance, Ledger
 from journal import Journal
+from journal._meta import Meta, committed_meta, read_metas
 
 NS_PER_S = 1_000_000_000
 START_NS = 1_700_000_000 * NS_PER_S
@@ -113,3 +114,12 @@ def leave_aside(aside: Path, elsewhere: Path, what: str) -> Callable[[], bool]:
         os.link(elsewhere, aside)
     return lambda: elsewhere.read_bytes() == b"someone else's"
 
+
+def newest_meta(path: Path) -> Meta:
+    """The meta page LMDB opens the ledger at `path` by: its newest snapshot's (`journal._meta`)."""
+    data_file = str(path / "data.mdb")
+    fd = os.open(data_file, os.O_RDONLY)
+    try:
+        return committed_meta(*read_metas(fd, data_file), data_file)
+    finally:
+        os.close(fd)

@@ -556,7 +556,7 @@ def test_tally_history_pages_past_a_page_s_maximum_and_keeps_a_chain_whole(walke
 
 
 def test_salvage_copies_openings_and_expiries_at_their_own_timestamps(tmp_path: Path) -> None:
-    from engine import _tools_copy
+    from engine import _tools_salvage
 
     clock = Clock()  # the records are from the past: a copy made now must not restamp them
     with Ledger.open(tmp_path / "l", clock_ns=clock) as ledger:
@@ -567,7 +567,7 @@ def test_salvage_copies_openings_and_expiries_at_their_own_timestamps(tmp_path: 
         clock.advance(61)
         assert ledger.expire_pending() == 1
         events = [(e.lsn, e.timestamp, e.kind) for e in ledger.events()]
-    report = _tools_copy.salvage(str(tmp_path / "l"), str(tmp_path / "copy"))
+    report = _tools_salvage.salvage(str(tmp_path / "l"), str(tmp_path / "copy"))
     assert report["lost"] == []
     with Ledger.open(tmp_path / "copy", clock_ns=clock) as copy:
         assert copy.get_transfer("t1").timestamp == made.timestamp  # type: ignore[union-attr]

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from coordinator import INDEX_NAMES
 from engine import Account, JournalCorrupted, Ledger, TransferRequest
-from journal._meta import Meta, committed_meta, read_metas
+from journal._meta import committed_meta, read_metas
 from journal._names import META_DB, RECORDS_DB
 from journal._pages import Layout, PageWalk, walk
+from support import newest_meta
 
 PAGE_BYTES = 4096
 PAGE_HEADER_BYTES = 16
@@ -184,15 +185,6 @@ def test_a_leaf_whose_nodes_lie_an_odd_number_of_bytes_apart_is_found_at_open(tm
     assert caught.value.where is not None, caught.value
 
 
-def _committed(path: Path) -> Meta:
-    data_file = str(path / "data.mdb")
-    fd = os.open(data_file, os.O_RDONLY)
-    try:
-        return committed_meta(*read_metas(fd, data_file), data_file)
-    finally:
-        os.close(fd)
-
-
 def test_a_free_list_whose_newest_record_is_not_of_its_meta_pages_transaction_is_refused_and_nothing_written(
         tmp_path: Path) -> None:
     """A free list whose newest record is of another transaction than its meta page's is one
@@ -206,7 +198,7 @@ def test_a_free_list_whose_newest_record_is_not_of_its_meta_pages_transaction_is
         ledger.create_account("alice", currency="USD")
         for n in range(20):
             ledger.transfer(f"t-{n}", source="bank", destination="alice", amount=10)
-    meta = _committed(path)
+    meta = newest_meta(path)
     data = (path / "data.mdb").read_bytes()
     pgno = meta.free.root
     while True:  # down the last child of each branch to the leaf with the newest record

@@ -10,6 +10,7 @@ left as it was.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -18,14 +19,16 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import lmdb
 import pytest
 from coordinator import INDEX_NAMES, Checkpointed, Committed, records
 from engine import JournalCorrupted, Ledger, TransferRequest
-from engine import _cli, _tools_audit, _tools_copy
+from engine import _cli, _tools_audit, _tools_salvage
 from journal import Journal, rescue
-from journal._meta import Database, Meta, committed_meta, read_metas
+from journal._meta import Database, Meta, read_metas
 from journal._names import RECORDS_DB
 from journal._pages import PageWalk, Tree
+from support import newest_meta
 
 PAGE = 4096
 TRANSFERS = 2000
@@ -54,6 +57,8 @@ def build(path: Path) -> Pristine:
         ledger.create_account("bank", currency="USD", overdraft_limit=None)
         for n in range(ACCOUNTS):
             ledger.create_account(f"a{n:02d}", currency="USD")
+        for n in range(60):  # (their checkpoints outgrow a page: each record of one lies on an overflow run)
+            ledger.create_account(f"z{n:02d}-" + "x" * 120, currency="USD")
         ledger.transfer_many([TransferRequest(f"t-{n}", "bank", f"a{n % ACCOUNTS:02d}", 100 + n % 7, metadata=NOTE)
                               for n in range(TRANSFERS)])
         state_hash = ledger.state_hash()
@@ -86,32 +91,43 @@ class _Mapped(PageWalk):
         super().__init__(fd, meta, data_file, None)
         self.noted: dict[int, tuple[bytes, int, int, int]] = {}
         """Page number -> (tree, depth, first LSN, last LSN under it)."""
+        self.overflows: list[tuple[int, int]] = []
+        """Of the records: (the leaf, the first page of an overflow run it names)."""
+        self._page = 0
 
     def page(self, name: bytes, pgno: int, depth: int, low: bytes | None, high: bytes | None, found: Tree,
              integer_keys: bool) -> None:
         before, previous = found.entries, found.last_key
+        self._page = pgno
         super().page(name, pgno, depth, low, high, found, integer_keys)
         start = int.from_bytes(previous, "big") + 1 if previous is not None and name == RECORDS_DB else 1
         self.noted[pgno] = (name, depth, start, start + found.entries - before - 1)
 
 
+    def _overflow(self, name: bytes, pgno: int, size: int, found: Tree, where: str, whole: bool) -> bytes:
+        if name == RECORDS_DB:
+            self.overflows.append((self._page, pgno))
+        return super()._overflow(name, pgno, size, found, where, whole)
+
+
 def tree_pages(path: Path) -> dict[int, tuple[bytes, int, int, int]]:
     """Each page of each named tree of the ledger at `path`: (tree, depth, first LSN, last LSN
     under it: of a page of the records)."""
+    return _mapped(path).noted
+
+
+def _mapped(path: Path) -> _Mapped:
+    """The walk of every named tree of the ledger at `path`, done."""
     data_file = str(path / "data.mdb")
+    meta = newest_meta(path)
     fd = os.open(data_file, os.O_RDONLY)
     try:
-        meta = committed_meta(*read_metas(fd, data_file), data_file)
         walk = _Mapped(fd, meta, data_file)
-        catalog: dict[bytes, bytes] = {}
-        walk.visit = lambda _name, keys, values: catalog.update(zip(keys, values, strict=True))
-        walk.catalog = True
-        walk.tree(b"", meta.main)
-        walk.catalog = False
+        catalog = _catalog_of(walk)
         walk.visit = None
         for name, record in catalog.items():
             walk.tree(name, Database.parse(record))
-        return walk.noted
+        return walk
     finally:
         os.close(fd)
 
@@ -120,6 +136,31 @@ def records_pages(path: Path) -> dict[int, tuple[int, int, int]]:
     """Each page of the records tree of the ledger at `path`: (depth, first LSN, last LSN under it)."""
     return {pgno: (depth, first, last) for pgno, (name, depth, first, last) in tree_pages(path).items()
             if name == RECORDS_DB}
+
+
+def snapshots(path: Path) -> list[tuple[int, int, int]]:
+    """Each snapshot of the ledger at `path` (both meta pages'): its transaction id, and its
+    records database's entries and root page."""
+    data_file = str(path / "data.mdb")
+    fd = os.open(data_file, os.O_RDONLY)
+    try:
+        found = []
+        for meta in read_metas(fd, data_file):
+            records = Database.parse(_catalog_of(PageWalk(fd, meta, data_file, None))[RECORDS_DB])
+            found.append((meta.txnid, records.entries, records.root))
+        return found
+    finally:
+        os.close(fd)
+
+
+def _catalog_of(walk: PageWalk) -> dict[bytes, bytes]:
+    """The main database of `walk`'s snapshot: each named database's record, by its name."""
+    catalog: dict[bytes, bytes] = {}
+    walk.visit = lambda _name, keys, values: catalog.update(zip(keys, values, strict=True))
+    walk.catalog = True
+    walk.tree(b"", walk.meta.main)
+    walk.catalog = False
+    return catalog
 
 
 def zero_page(path: Path, pgno: int) -> None:
@@ -133,15 +174,20 @@ def file_digest(path: Path) -> str:
 
 
 def salvage(path: Path, into: Path) -> dict:
-    return _tools_copy.salvage(str(path), str(into))
+    return _tools_salvage.salvage(str(path), str(into))
 
 
-def assert_a_prefix_was_saved(pristine: Pristine, into: Path, report: dict, first_lost: int) -> None:
+def assert_a_prefix_was_saved(pristine: Pristine, into: Path, report: dict, first_lost: int | None) -> None:
     """NEW verifies whole and holds exactly the transfers the ledger committed before LSN
-    `first_lost`; the report lists every commit from there on as lost, by its transfer ids."""
+    `first_lost` (None: every one); the report lists every commit from there on as lost, by its
+    transfer ids."""
     assert report["first_corrupt_lsn"] == first_lost and report["whole"] is False
-    assert report["verdict"] == "salvaged: everything before the first corrupt record was copied"
     assert _tools_audit.verify(str(into))["verdict"] == "whole"
+    if first_lost is None:
+        first_lost = pristine.last_lsn + 1
+        assert not report["lost"] or min(row["lsn"] for row in report["lost"]) >= first_lost
+    else:
+        assert report["verdict"] == "salvaged: everything before the first corrupt record was copied"
     kept = [tid for lsn, ids in sorted(pristine.transfers.items()) if lsn < first_lost for tid in ids]
     gone = {tid for lsn, ids in pristine.transfers.items() if lsn >= first_lost for tid in ids}
     with Ledger.open(into, readonly=True) as copy:
@@ -151,11 +197,14 @@ def assert_a_prefix_was_saved(pristine: Pristine, into: Path, report: dict, firs
         assert all(copy.get_transfer(tid) is None for tid in sorted(gone)[:200])
         assert sum(copy.balance(f"a{n:02d}").posted for n in range(ACCOUNTS)) == sum(
             100 + int(tid[2:]) % 7 for tid in kept)
-    listed = {row["transfer"] for row in report["lost"] if row["transfer"] is not None}
-    lost_lsns = [row["lsn"] for row in report["lost"]]
-    assert lost_lsns == sorted(set(lost_lsns)) and lost_lsns[0] == first_lost
-    read = {tid for row in report["lost"] if row["why"] == "commit after the corruption" for tid in [row["transfer"]]}
-    assert read <= gone and listed <= gone
+    named: dict[int, list[str]] = {}  # what the report lists by LSN: a commit's transfers, or nothing known
+    for row in report["lost"]:
+        for lsn in range(row["lsn"], row.get("through_lsn", row["lsn"]) + 1):
+            named.setdefault(lsn, []).extend([row["transfer"]] if row["transfer"] is not None else [])
+    assert not named or min(named) == first_lost
+    for lsn, ids in pristine.transfers.items():  # every commit from the first lost on: listed, by its ids if read
+        if lsn >= first_lost:
+            assert named.get(lsn) in ([], list(ids)), (lsn, named.get(lsn), ids)
 
 
 def test_a_zeroed_leaf_of_the_records_loses_only_its_records_and_what_follows_them(pristine: Pristine,
@@ -225,23 +274,18 @@ def test_a_zeroed_meta_page_reads_the_snapshot_before_it_and_lists_the_last_comm
     with Ledger.open(path) as ledger:  # the last commit: in the newest snapshot only
         ledger.transfer("last", source="bank", destination="a00", amount=5)
         last_lsn = ledger.get_transfer("last").lsn  # type: ignore[union-attr]
-    data_file = str(path / "data.mdb")
-    fd = os.open(data_file, os.O_RDONLY)
-    try:
-        newest = committed_meta(*read_metas(fd, data_file), data_file)
-    finally:
-        os.close(fd)
+    newest = newest_meta(path)
+    older_entries = min(snapshots(path))[1]  # (what the snapshot before the newest holds: the copy's all)
     zero_page(path, newest.number)
 
     report = salvage(path, tmp_path / "new")
 
-    assert report["first_corrupt_lsn"] <= last_lsn and report["whole"] is False
-    assert f"meta page {newest.number}" in report["problem"]
-    lost = {row["lsn"]: row["why"] for row in report["lost"]}
-    assert last_lsn in lost and lost[last_lsn].startswith("written after the snapshot read")
+    assert f"meta page {newest.number}" in report["damaged_pages"][0]
+    assert {row["why"] for row in report["lost"]} <= {_tools_salvage.AFTER_THE_SNAPSHOT}
+    assert_a_prefix_was_saved(pristine, tmp_path / "new", report, report["first_corrupt_lsn"])
+    assert report["first_corrupt_lsn"] == (older_entries + 1 if older_entries < last_lsn else None)
     with Ledger.open(tmp_path / "new", readonly=True) as copy:
-        assert copy.get_transfer("last") is None and copy.get_transfer(f"t-{TRANSFERS - 1}") is not None
-    assert _tools_audit.verify(str(tmp_path / "new"))["verdict"] == "whole"
+        assert (copy.get_transfer("last") is not None) == (older_entries >= last_lsn)
 
 
 def test_a_damaged_data_file_of_another_ledger_is_refused_and_new_is_not_made(pristine: Pristine,
@@ -259,12 +303,38 @@ def test_a_damaged_data_file_of_another_ledger_is_refused_and_new_is_not_made(pr
     assert not (tmp_path / "new").exists()
 
 
-def test_a_ledger_whose_records_root_is_damaged_has_nothing_to_salvage(pristine: Pristine, tmp_path: Path) -> None:
+def test_a_damaged_records_root_is_read_from_the_snapshot_before_it_losing_only_the_last_commit(
+        pristine: Pristine, tmp_path: Path) -> None:
+    """Each commit writes the records' root anew (LMDB copies a page before it changes it): the
+    snapshot before the newest has a root of its own, whole, and lacks only the last commit."""
     path = copy_of(pristine, tmp_path)
-    root = next(pgno for pgno, (depth, _, _) in records_pages(path).items() if depth == 1)
+    with Ledger.open(path) as ledger:
+        ledger.transfer("last", source="bank", destination="a00", amount=5)
+    (older_entries, older_root), (newest_entries, root) = (snapshot[1:] for snapshot in sorted(snapshots(path)))
     zero_page(path, root)
 
-    with pytest.raises(JournalCorrupted, match="nothing to salvage"):
+    if older_root == root:  # (the last commit wrote no record: the two snapshots share the root)
+        with pytest.raises(JournalCorrupted, match="nothing in it can be read"):
+            salvage(path, tmp_path / "new")
+        return
+    report = salvage(path, tmp_path / "new")
+
+    assert f"page {root} of the records database" in report["damaged_pages"][0]
+    assert report["lost"] == [{"lsn": older_entries + 1, **({"through_lsn": newest_entries}
+                                                           if newest_entries > older_entries + 1 else {}),
+                               "transfer": None, "why": _tools_salvage.AFTER_THE_SNAPSHOT}]
+    assert_a_prefix_was_saved(pristine, tmp_path / "new", report, older_entries + 1)
+    with Ledger.open(tmp_path / "new", readonly=True) as copy:
+        assert copy.get_transfer("last") is None and copy.get_transfer(f"t-{TRANSFERS - 1}") is not None
+
+
+def test_a_data_file_whose_meta_pages_are_both_damaged_has_nothing_to_salvage(pristine: Pristine,
+                                                                              tmp_path: Path) -> None:
+    path = copy_of(pristine, tmp_path)
+    zero_page(path, 0)
+    zero_page(path, 1)
+
+    with pytest.raises(JournalCorrupted, match="meta page"):
         salvage(path, tmp_path / "new")
     assert not (tmp_path / "new").exists()
 
@@ -333,3 +403,172 @@ def test_a_damaged_data_file_holding_another_history_of_this_ledger_is_refused(p
     with pytest.raises(JournalCorrupted, match="holds another history"):
         salvage(path, tmp_path / "new")
     assert not (tmp_path / "new").exists()
+
+
+def test_a_damaged_overflow_run_loses_the_leaf_that_names_it_and_the_copy_stops_there(pristine: Pristine,
+                                                                                       tmp_path: Path) -> None:
+    path = copy_of(pristine, tmp_path)
+    walked = _mapped(path)
+    assert walked.overflows, "the fixture's checkpoints should lie on overflow runs"
+    leaf, run = walked.overflows[-1]
+    first, last = walked.noted[leaf][2:]
+    zero_page(path, run)
+
+    report = salvage(path, tmp_path / "new")
+
+    assert_a_prefix_was_saved(pristine, tmp_path / "new", report, first)
+    assert f"overflow run at page {run}" in report["problem"]
+    assert [row["lsn"] for row in report["lost"] if row["why"] == _tools_salvage.IN_A_DAMAGED_PAGE] == list(
+        range(first, last + 1))
+
+
+def test_a_meta_page_whose_transaction_id_is_damaged_is_not_taken_for_the_newest(pristine: Pristine,
+                                                                                 tmp_path: Path) -> None:
+    """A high byte of the older meta page's transaction id flipped: it reads as the newer by
+    its id, but the anchor names the transaction it saw flushed last, the other one's."""
+    path = copy_of(pristine, tmp_path)
+    with Ledger.open(path) as ledger:
+        ledger.transfer("last", source="bank", destination="a00", amount=5)
+    data_file = str(path / "data.mdb")
+    fd = os.open(data_file, os.O_RDONLY)
+    try:
+        older = min(read_metas(fd, data_file), key=lambda meta: meta.txnid)
+    finally:
+        os.close(fd)
+    with open(data_file, "r+b") as data:  # the txnid: the meta's last 8 bytes (mm_txnid), its top byte
+        at = older.number * PAGE + 16 + 24 + 2 * 48 + 8 + 7
+        data.seek(at)
+        top = data.read(1)[0]
+        data.seek(at)
+        data.write(bytes([top ^ 0x40]))
+
+    report = salvage(path, tmp_path / "new")
+
+    assert report["lost"] == [] and report["first_corrupt_lsn"] is None, report["lost"][:3]
+    assert "not two consecutive ones" in report["damaged_pages"][0]
+    with Ledger.open(tmp_path / "new", readonly=True) as copy:
+        assert copy.get_transfer("last") is not None
+
+
+def test_a_lost_record_at_the_anchors_durable_lsn_says_the_history_is_unchecked(pristine: Pristine,
+                                                                                tmp_path: Path) -> None:
+    path = copy_of(pristine, tmp_path)
+    leaf, (_, first, _) = max(records_pages(path).items(), key=lambda page: page[1][1])  # the durable LSN's
+    zero_page(path, leaf)
+
+    report = salvage(path, tmp_path / "new")
+
+    assert report["history_unchecked"] is not None and f"LSN {pristine.last_lsn}" in report["history_unchecked"]
+    assert_a_prefix_was_saved(pristine, tmp_path / "new", report, first)
+
+
+def test_a_page_the_device_cannot_read_is_gone_around_as_damage(pristine: Pristine, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    path = copy_of(pristine, tmp_path)
+    pages = records_pages(path)
+    leaf = sorted((first, pgno) for pgno, (depth, first, _) in pages.items() if depth == 3)[100][1]
+    real = os.pread
+
+    def pread(fd: int, count: int, offset: int) -> bytes:
+        if offset <= leaf * PAGE < offset + count and os.readlink(f"/proc/self/fd/{fd}") == str(path / "data.mdb"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, count, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    report = salvage(path, tmp_path / "new")
+    monkeypatch.undo()
+
+    assert "I/O error" in report["problem"]
+    assert_a_prefix_was_saved(pristine, tmp_path / "new", report, pages[leaf][1])
+
+
+def test_the_normal_salvage_refuses_another_ledgers_data_file_with_a_record_missing(pristine: Pristine,
+                                                                                   tmp_path: Path) -> None:
+    """Opened (no page damaged), a data file with a gap in its records: the ledger id is checked
+    before the gap is named, so none of another ledger's records is copied."""
+    path = copy_of(pristine, tmp_path)
+    other = tmp_path / "other"
+    with Ledger.open(other) as ledger:
+        ledger.create_account("x", currency="USD")
+    shutil.copyfile(other / "tally.anchor", path / "tally.anchor")
+    with lmdb.open(str(path), max_dbs=8, subdir=True) as env:
+        with env.begin(write=True, db=env.open_db(b"records", create=False)) as txn:
+            assert txn.delete((100).to_bytes(8, "big"))
+
+    with pytest.raises(JournalCorrupted, match="belongs to ledger"):
+        salvage(path, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_meta_page_whose_last_page_number_is_damaged_is_named_and_the_other_one_read(pristine: Pristine,
+                                                                                       tmp_path: Path) -> None:
+    """Its top byte flipped, the snapshot's last page lies far past any map: LMDB refused the
+    file as one whose map another process grew (an operating error, naming no damage)."""
+    path = copy_of(pristine, tmp_path)
+    newest = newest_meta(path)
+    older_entries = min(snapshots(path))[1]
+    with open(path / "data.mdb", "r+b") as data:  # mm_last_pg's top byte
+        data.seek(newest.number * PAGE + 16 + 24 + 2 * 48 + 7)
+        data.write(b"\x40")
+
+    with pytest.raises(JournalCorrupted, match=f"meta page {newest.number} .*last page"):
+        Ledger.open(path)
+    report = salvage(path, tmp_path / "new")
+
+    assert f"meta page {newest.number}" in report["damaged_pages"][0]
+    assert report["first_corrupt_lsn"] == (older_entries + 1 if older_entries < pristine.last_lsn else None)
+    assert_a_prefix_was_saved(pristine, tmp_path / "new", report, report["first_corrupt_lsn"])
+
+
+def test_without_an_anchor_a_damaged_meta_page_says_the_last_commits_may_be_lost(pristine: Pristine,
+                                                                                 tmp_path: Path) -> None:
+    """Nothing says how far the ledger reached: the snapshot read may not be the newest, and the
+    report must not say every record was read."""
+    path = copy_of(pristine, tmp_path)
+    (path / "tally.anchor").unlink()
+    newest = newest_meta(path)
+    zero_page(path, newest.number)
+
+    report = salvage(path, tmp_path / "new")
+
+    assert report["verdict"].endswith("nothing says how far the ledger reached: its last commits may be lost")
+    assert report["anchor_problem"] is not None and report["first_corrupt_lsn"] is None
+
+
+def test_without_an_anchor_a_salvage_that_lost_records_says_the_anchor_is_missing(pristine: Pristine,
+                                                                                  tmp_path: Path) -> None:
+    path = copy_of(pristine, tmp_path)
+    (path / "tally.anchor").unlink()
+    first, pgno = sorted((first, pgno) for pgno, (depth, first, _) in records_pages(path).items() if depth == 3)[50]
+    zero_page(path, pgno)
+
+    report = salvage(path, tmp_path / "new")
+
+    assert report["first_corrupt_lsn"] == first
+    assert report["anchor_problem"] is not None and "anchor is missing" in report["anchor_problem"]
+    assert ".salvaging-" not in report["anchor_problem"]
+
+
+def test_a_damaged_records_count_is_not_taken_for_records_lost_in_a_page(pristine: Pristine, tmp_path: Path) -> None:
+    """A bit of the records database's entry count flipped (in the catalog), and a leaf in the
+    middle zeroed: the records past the last one read are no page's that was found damaged, so
+    the count past them is said for what it is, not listed as lost in a damaged page."""
+    path = copy_of(pristine, tmp_path)
+    pages = records_pages(path)
+    first, last, pgno = sorted((first, last, pgno) for pgno, (depth, first, last) in pages.items() if depth == 3)[60]
+    newest = newest_meta(path)
+    with open(path / "data.mdb", "r+b") as data:
+        catalog = bytearray(data.read()[newest.main.root * PAGE: (newest.main.root + 1) * PAGE])
+        at = catalog.index(RECORDS_DB) + len(RECORDS_DB) + 32  # its MDB_db record's md_entries
+        catalog[at + 3] ^= 0x01  # 2**24 more
+        data.seek(newest.main.root * PAGE)
+        data.write(catalog)
+    zero_page(path, pgno)
+
+    report = salvage(path, tmp_path / "new")
+
+    assert_a_prefix_was_saved(pristine, tmp_path / "new", report, first)
+    in_page = [row for row in report["lost"] if row["why"] == _tools_salvage.IN_A_DAMAGED_PAGE]
+    assert [row["lsn"] for row in in_page] == list(range(first, last + 1))
+    tail = report["lost"][-1]
+    assert tail["why"] == _tools_salvage.COUNTED_NOT_FOUND and tail["lsn"] == pristine.last_lsn + 1

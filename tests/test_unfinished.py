@@ -154,7 +154,7 @@ def test_a_cut_off_commit_whose_tear_fails_an_index_entry_is_said_so_by_the_audi
     indexes are made anew from the records), but not when the entry is the tear of a last
     commit cut off in its flush: that commit was never acknowledged, a writer's open takes it
     back, and a salvage must not copy it into a new ledger as if it had been."""
-    from engine import _tools_audit, _tools_copy
+    from engine import _tools_audit, _tools_salvage
 
     before, after = _before_and_after(tmp_path)
     node = len(b"last").to_bytes(2, "little") + b"last"  # the transfers index's key of "last", as LMDB lays it
@@ -166,7 +166,7 @@ def test_a_cut_off_commit_whose_tear_fails_an_index_entry_is_said_so_by_the_audi
         assert report["verdict"] == "NOT WHOLE" and said in report["problem"], report["problem"]
         assert report["index_damaged"] is False
     with pytest.raises(JournalCorrupted, match=said):
-        _tools_copy.salvage(str(path), str(tmp_path / "copy"))
+        _tools_salvage.salvage(str(path), str(tmp_path / "copy"))
     assert not (tmp_path / "copy").exists() or not os.listdir(tmp_path / "copy")
     assert (path / "data.mdb").read_bytes() == torn
     with Ledger.open(path) as ledger:  # a writer takes the commit back
