@@ -448,8 +448,9 @@ def salvaged(directory: Path, truths: list[dict], requests: list[TransferRequest
         kept = [held[tid] is not None for _, tid in made]
         if kept != sorted(kept, reverse=True):  # (True up to a point, False after it)
             continue
+        refused = [tid for tid in held if not isinstance(truth["transfers"][tid], list)]
         if all(held[tid] is None or _without_lsn(held[tid], lsn_at) == _without_lsn(truth["transfers"][tid], lsn_at)
-               for _, tid in made) and not any(held[tid] for tid in held if not isinstance(truth["transfers"][tid], list)):
+               for _, tid in made) and not any(held[tid] for tid in refused):
             return "all" if all(kept) else "a prefix"
     return "BAD: the copy holds other than the transfers committed before some LSN"
 

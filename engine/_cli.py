@@ -224,9 +224,9 @@ def _recover(args: argparse.Namespace) -> int:
             print(f"  an index is damaged (the problem above): nothing was changed. `tally recover {args.path}"
                   " --salvage --into NEW` copies every record into a new ledger, its indexes made anew from them")
         elif report.get("salvage_reads_around"):  # (not opened for damage in its pages)
-            print("  the journal could not be opened (the problem above): nothing was changed. Restore the ledger from a"
-                  f" backup, or `tally recover {args.path} --salvage --into NEW` copies the records it can still read,"
-                  " around the damaged pages, up to the first one lost (README.md, \"Damage\")")
+            print("  the journal could not be opened (the problem above): nothing was changed. Restore the ledger"
+                  f" from a backup, or `tally recover {args.path} --salvage --into NEW` copies the records it can"
+                  " still read, around the damaged pages, up to the first one lost (README.md, \"Damage\")")
         elif report["verdict"] != "whole" and report["checks"].get(CHECK_FILE) is False and report["last_lsn"] is None:
             print("  the journal could not be read (the problem above): nothing was changed. Restore the ledger from a"
                   " backup (README.md, \"Damage\")")

@@ -301,8 +301,9 @@ def render_salvage(report: dict[str, Any]) -> None:
         print(f"  damage: {report['problem']}")
     if report["anchor_problem"]:
         print(f"  anchor: {report['anchor_problem']}")
-    for page in report["damaged_pages"][1:]:  # (the first is the damage above, or the open's)
-        print(f"  also gone around: {page}")
+    for page in report["damaged_pages"]:
+        if page != report["problem"]:
+            print(f"  also gone around: {page}")
     if report["history_unchecked"]:
         print(f"  unchecked: {report['history_unchecked']}")
     print(f"  records copied: {report['records_copied']}")

@@ -4,8 +4,8 @@ format they cannot read.
 The `tally` CLI's offline tools (`engine._cli` runs them, `engine._cli_render` renders their
 reports) each return a plain dict (the `--json` form), and live beside this module: the journal
 audits, `verify` and `recover`, in `engine._tools_audit`; making a new ledger from an old one,
-`salvage` in `engine._tools_salvage` and `replay` in `engine._tools_copy`; reading a ledger offline, `inspect`, `balance`
-and `history`, in `engine._tools_read`. Each opens the journal through `reading` here, and
+`salvage` in `engine._tools_salvage` and `replay` in `engine._tools_copy`; reading a ledger
+offline, `inspect`, `balance` and `history`, in `engine._tools_read`. Each opens the journal through `reading` here, and
 reports the long scans' progress through a `Progress`.
 """
 

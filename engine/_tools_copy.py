@@ -2,7 +2,7 @@
 the public engine, the state hashes compared), and how a new ledger is built beside it and
 published whole (`building`), which `tally recover --salvage` (`engine._tools_salvage`) shares.
 
-Each returns a plain dict (the `--json` form); `engine._cli` runs it, `engine._cli_render`
+`replay` returns a plain dict (the `--json` form); `engine._cli` runs it, `engine._cli_render`
 renders it. The journal is opened through `engine._tools` (`reading`); the audits are in
 `engine._tools_audit`, the read-only views in `engine._tools_read`.
 """

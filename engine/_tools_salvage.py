@@ -43,7 +43,7 @@ from journal import (
     JournalAnchorMissingError,
     JournalCorruptedError,
     Rescued,
-    rescuable,
+    reads_around,
     rescue,
 )
 
@@ -53,10 +53,9 @@ from engine._tools_copy import building, new_directory
 CORRUPT = "this record is corrupt: whatever it held is lost"
 MISSING = "missing from the journal: whatever it held is lost"
 IN_A_DAMAGED_PAGE = "in a damaged page of the records: whatever it held is lost"
-AFTER_THE_SNAPSHOT = ("written after the snapshot read (a newer one's meta page, catalog or records root is "
+AFTER_THE_SNAPSHOT = "written after the snapshot read (a newer one is damaged): whatever it held is lost"
+IN_A_PAGE_OR_AFTER = ("in a damaged page of the records, or written after the snapshot read (a newer one is "
                       "damaged): whatever it held is lost")
-IN_A_PAGE_OR_AFTER = ("in a damaged page of the records, or written after the snapshot read (a newer one's meta "
-                      "page, catalog or records root is damaged): whatever it held is lost")
 COUNTED_NOT_FOUND = ("counted by the records database's record, and not found: lost in a page that reads as whole "
                      "(an older page left in its place), or the count is damaged")
 DURABLE_ONCE = "durable once (its anchor says so), and gone from the journal"
@@ -81,7 +80,7 @@ def salvage(path: str, into: str, progress: Progress = None) -> dict[str, Any]:
         try:
             journal = Journal.open_readonly(path, index_names=INDEX_NAMES, lock=True, index_damage_kept=True)
         except JournalCorruptedError as error:
-            if not rescuable(path, error):
+            if not reads_around(error):
                 raise
             damage = error
     if damage is not None:
@@ -110,6 +109,7 @@ def _salvage_rescued(path: str, into: str, damage: JournalCorruptedError, progre
                 journal.close()
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+            shutil.rmtree(f"{scratch}-other", ignore_errors=True)  # (`journal.rescue`'s second snapshot's, if left)
     for key in ("problem", "anchor_problem"):
         if report[key] is not None:
             report[key] = report[key].replace(scratch, path)
@@ -145,7 +145,7 @@ def _salvaged(journal: Journal, path: str, into: str, staging: str, progress: Pr
             "anchor_problem": anchor_problem, "records_copied": copied,
             "lost": lost + _lost_past(journal, stop, rescued),
             "damaged_pages": _damaged_pages(rescued, damage) if rescued is not None else [],
-            "history_unchecked": _unchecked(journal) if rescued is not None and rescued.anchor_unchecked else None,
+            "history_unchecked": _unchecked(journal) if rescued is not None and rescued.history_unchecked else None,
             "verdict": _verdict(report, anchor_problem, journal.index_damage is not None, rescued, corrupt_lsn)}
 
 
@@ -218,10 +218,10 @@ def _verdict(report: AuditReport, anchor_problem: str | None, index_damaged: boo
     return "nothing was lost: the ledger is whole; NEW is a verified copy"
 
 
-def _copy_prefix(journal: Journal, into: str, stop: int, gone: str) -> tuple[int, list[dict[str, Any]]]:
+def _copy_prefix(journal: Journal, into: str, stop: int, missing_why: str) -> tuple[int, list[dict[str, Any]]]:
     """Copy the records of `journal` before LSN `stop` into a new journal at `into`: (records
-    copied, what was lost: the record at `stop` and each after it, `gone` saying why of one
-    that is not there)."""
+    copied, what was lost: the record at `stop` and each after it, `missing_why` saying why of
+    one that is not there)."""
     target = Journal.open(into, index_names=INDEX_NAMES)
     try:
         sequencer = Sequencer(target, Projection())
@@ -249,9 +249,10 @@ def _copy_prefix(journal: Journal, into: str, stop: int, gone: str) -> tuple[int
             lost.append({"lsn": lsn, "transfer": None, "why": CORRUPT if lsn == stop else "corrupt too"})
             continue
         if found is None or lsn == stop:  # (the first: whatever it is, the checks stop at it)
-            lost.append({"lsn": lsn, "transfer": None, "why": gone if found is None else CORRUPT})
+            lost.append({"lsn": lsn, "transfer": None, "why": missing_why if found is None else CORRUPT})
         elif isinstance(found, Committed):
-            lost += ({"lsn": lsn, "transfer": made.id, "why": "commit after the corruption"} for made in found.transfers)
+            lost += ({"lsn": lsn, "transfer": made.id, "why": "commit after the corruption"}
+                     for made in found.transfers)
         elif isinstance(found, Refused):
             lost += ({"lsn": lsn, "transfer": request.id, "why": "reject after the corruption"}
                      for request in found.requests)
@@ -271,7 +272,6 @@ def _copy_record(sequencer: Sequencer, record: Record) -> int:
     if problem is not None:
         raise NotALedger(f"the copy diverged at LSN {record.lsn}: {problem}")
     return 0 if isinstance(record, Checkpointed) else 1
-
 
 
 __all__ = ["salvage"]

@@ -26,7 +26,7 @@ from journal._journal import Journal, reanchor
 from journal._limits import FORMAT_VERSION, LSN_MAX
 from journal._names import COPY_STAGING_PREFIXES, LMDB_LOCK_FILE, REPLAY_STAGING_PREFIX, SALVAGE_STAGING_PREFIX
 from journal._lmdb_files import files_of
-from journal._rescue import Rescued, rescuable, rescue
+from journal._rescue import Rescued, reads_around, rescuable, rescue
 from journal._commits import Behind, IndexPut, IndexPuts
 
 __all__ = [
@@ -62,6 +62,7 @@ __all__ = [
     "JournalWriteError",
     "files_of",
     "Rescued",
+    "reads_around",
     "rescuable",
     "rescue",
     "lsn_key",

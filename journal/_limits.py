@@ -135,5 +135,7 @@ RESCUE_RECORD_BYTES_MIN = 16
 database can hold no more entries than its file's bytes over this, whatever its record says
 (`journal._rescue`, which bounds what it lists as lost by it)."""
 
+RESCUE_MAP_FILES = 2
 RESCUE_MAP_BYTES_SPARE = 64 << 20
-"""A rescue's scratch journal maps twice the damaged file, and this more (its records fit)."""
+"""A rescue's scratch journal maps `RESCUE_MAP_FILES` times the damaged file, and this more:
+its records, which the damaged file holds, fit in it with LMDB's own pages."""

@@ -14,6 +14,7 @@ bundled engine writes here); anything else is reported as damage rather than gue
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from dataclasses import dataclass
@@ -162,7 +163,13 @@ def metas_each(fd: int, data_file: str, page_bytes_guess: int) -> tuple[list[Met
     faults: list[JournalCorruptedError] = []
     page_bytes = page_bytes_guess
     for number in (0, 1):
-        data = os.pread(fd, META_BYTES, number * page_bytes)
+        try:
+            data = os.pread(fd, META_BYTES, number * page_bytes)
+        except OSError as error:
+            if error.errno != errno.EIO:
+                raise
+            faults.append(corrupt("the device reports an I/O error reading it", f"meta page {number} of {data_file}"))
+            continue
         try:
             if len(data) < META_BYTES:
                 raise corrupt(f"the file is truncated to {number * page_bytes + len(data)} bytes: meta page "

@@ -44,20 +44,19 @@ import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 import lmdb
 
 from journal._anchor import ANCHOR_FILE, TXNID_MASK, AnchorState, read_anchor
-from journal._check import expected_databases, open_data_file
+from journal._check import open_data_file
 from journal._directory import lock_directory
-from journal._errors import JournalCorruptedError, os_read_error, space_error
-from journal._format import key_lsn, lsn_key, unframe_chained
-from journal._limits import DBS_MAX, FORMAT_VERSIONS_READ, RESCUE_MAP_BYTES_SPARE, RESCUE_RECORD_BYTES_MIN
-from journal._marks import commit_mark, marked_databases
+from journal._errors import JournalCorruptedError, JournalError, os_read_error, space_error
+from journal._format import key_lsn
+from journal._limits import FORMAT_VERSIONS_READ, RESCUE_RECORD_BYTES_MIN
 from journal._meta import NO_PAGE, Database, Meta, corrupt, metas_each
-from journal._names import COMMIT_MARK_KEY, DATA_FILE, FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB
+from journal._names import DATA_FILE, FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB
 from journal._pages import PageWalk, Tree
+from journal._rescue_scratch import LSN_KEY_BYTES, Foreign, Scratch
 
 
 @dataclass(frozen=True)
@@ -66,32 +65,34 @@ class Rescued:
 
     scratch: str
     """The directory of the new journal holding every record read."""
-    records: int
+    records_read: int
     """Records read (and written to `scratch`)."""
     through_lsn: int
     """The last LSN the records held, as far as can be told: the largest of the last key met, the
     LSN the anchor saw durable and, where records were skipped, the entries a records database's
-    record counts (the snapshot read's, if a subtree of it was skipped; a newer one's whose
-    records' root was damaged), bounded by what the file could hold. Every LSN up to it not in
-    `scratch` was lost to the damage."""
+    record counts (the snapshot read's, if a subtree of it with no upper bound was skipped; a
+    newer one's whose records' root was damaged), bounded by what the file could hold. Every LSN
+    up to it not in `scratch` was lost to the damage."""
     counted_lsn: int
     """The most entries a records database's record counts, of the snapshot read or a newer one
     (bounded likewise). Past `through_lsn`, a count no damage found explains: records lost in a
     page that read whole (a stale page in its place), or the count damaged."""
     newer_unknown: bool
-    """A meta page or a newer snapshot's catalog is damaged, and the anchor does not name the
-    snapshot read as the last one flushed: a newer snapshot may have held more records, which no
-    count here says."""
+    """A meta page or another snapshot is damaged, and the anchor does not name the snapshot read
+    as the last one flushed: a newer snapshot may have held more records than any count here says."""
     first_missing_lsn: int | None
-    """The first LSN up to `through_lsn` not read (None: every one was)."""
+    """The first LSN up to `through_lsn` not read (None: every one was), as the leaves read tell
+    it (their keys are checked in order within a leaf; a record missing inside one is the
+    audit's to find)."""
     snapshot_faults: tuple[JournalCorruptedError, ...]
-    """What was damaged of each snapshot newer than the one read (a meta page, its main or meta
-    database, its records' root), or of an older one read and not kept."""
+    """What was damaged of the snapshots (a meta page, a main or meta database, a records root), and,
+    where another snapshot was kept for reaching further, the first damaged page of the records of
+    the one it replaced."""
     records_faults: tuple[JournalCorruptedError, ...]
     """Each damaged subtree of the records skipped, first to last."""
     anchor_missing: bool
     """The directory has no anchor (the ledger had one: its data file holds a ledger id)."""
-    anchor_unchecked: bool
+    history_unchecked: bool
     """The anchor holds the digest of the record at its durable LSN, and that record was not read
     (lost with the damage, or failing its checksum): nothing shows these records are the
     history written here rather than another copy's of this ledger."""
@@ -113,8 +114,8 @@ class _RecordsWalk(PageWalk):
         try:
             return super().read(pgno, count)
         except OSError as error:
-            if error.errno != errno.EIO:  # (an operating error: not damage)
-                raise
+            if error.errno != errno.EIO:  # (an operating error reading the file, not damage: said as such)
+                raise os_read_error(error, self.data_file) from error
             raise corrupt(f"the device reports an I/O error reading page {pgno}", self.data_file) from error
 
     def page(self, name: bytes, pgno: int, depth: int, low: bytes | None, high: bytes | None,
@@ -129,22 +130,34 @@ class _RecordsWalk(PageWalk):
             self.open_ended = self.open_ended or high is None
 
 
+def reads_around(damage: JournalCorruptedError) -> bool:
+    """Whether a rescue reads around `damage`, which kept a journal from opening: damage in its
+    data file; not a format this Tally does not read (a `JournalFormatError`), nor the tear of a
+    last commit cut off in its flush, never acknowledged (a `JournalCutOffError`: a writable open
+    takes it back)."""
+    return type(damage) is JournalCorruptedError
+
+
 def rescuable(path: str, damage: JournalCorruptedError) -> bool:
-    """Whether a rescue reads around `damage`, which kept the journal at `path` from opening:
-    damage in its data file (not a format this Tally does not read, a `JournalFormatError`, nor
-    the tear of a last commit cut off in its flush, never acknowledged, a `JournalCutOffError`,
-    which a writable open takes back), and a snapshot of it whose meta page, main database and
-    meta database read whole. Reads a few pages; writes nothing."""
-    if type(damage) is not JournalCorruptedError:
+    """Whether a rescue of the journal at `path` would read something around `damage`, which kept
+    it from opening (`reads_around`): a snapshot of it whose meta page, main database and meta
+    database read whole, and are its anchor's ledger's. Reads a few pages; writes nothing."""
+    if not reads_around(damage):
         return False
     data_file = os.path.join(path, DATA_FILE)
     try:
+        anchor = read_anchor(path)
         fd = open_data_file(data_file)
-    except JournalCorruptedError:
+    except (JournalError, OSError):
         return False
     try:
-        return any(_catalog(_RecordsWalk(fd, meta, data_file)) is not None for meta in _metas(fd, data_file, None)[0])
-    except OSError:
+        for meta in _metas(fd, data_file, anchor)[0]:
+            found = _catalog(_RecordsWalk(fd, meta, data_file), [], anchor)
+            if found is not None:
+                _identity(found[0], anchor, data_file)
+                return True
+        return False
+    except (JournalError, OSError):
         return False
     finally:
         os.close(fd)
@@ -189,28 +202,42 @@ def _rescue(fd: int, data_file: str, scratch: str, anchor: AnchorState | None,
     counts: list[int] = []
     """The records count each snapshot's catalog says (bounded), of those whose catalog read."""
     for meta in metas:
-        attempt = scratch if kept is None else f"{scratch}-older"
-        read = _read_snapshot(fd, data_file, meta, attempt, anchor, index_names, faults, counts)
+        attempt = scratch if kept is None else f"{scratch}-other"
+        try:
+            read = _read_snapshot(fd, data_file, meta, attempt, anchor, index_names, faults, counts)
+        except JournalCorruptedError as fault:  # (another snapshot's records are not this ledger's: kept as it is)
+            if kept is None:
+                raise
+            faults.append(fault)
+            break
         if read is None:
             continue
         if kept is None or _reach(read) > _reach(kept):
             if kept is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
-                os.rename(attempt, scratch)
+                _take_place(attempt, scratch)
                 read = replace(read, scratch=scratch, snapshot_faults=(*read.snapshot_faults, *kept.records_faults[:1]))
             kept = read
         else:
             shutil.rmtree(attempt, ignore_errors=True)
+        if kept.first_missing_lsn is None and not kept.newer_unknown:
             break
-        if kept.first_missing_lsn is None:
-            break
-    if kept is None or not kept.records:
+    if kept is None or not kept.records_read:
         if kept is not None:
             shutil.rmtree(scratch, ignore_errors=True)
         shown = "; ".join(str(fault) for fault in faults)
         raise JournalCorruptedError(f"nothing in it can be read: no snapshot's meta page, main database, meta "
                                     f"database and records read whole ({shown})", where=data_file)
     return kept
+
+
+def _take_place(attempt: str, scratch: str) -> None:
+    """Move the scratch journal at `attempt` to `scratch`, in place of the one there."""
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        os.rename(attempt, scratch)
+    except OSError as error:
+        shutil.rmtree(attempt, ignore_errors=True)
+        raise space_error(scratch, error) from error
 
 
 def _reach(rescued: Rescued) -> int:
@@ -227,7 +254,7 @@ def _read_snapshot(fd: int, data_file: str, meta: Meta, scratch: str, anchor: An
     (this one's is added once its catalog reads)."""
     damaged_before, newer = bool(faults), max(counts, default=0)
     walk = _RecordsWalk(fd, meta, data_file)
-    found = _catalog(walk, faults)
+    found = _catalog(walk, faults, anchor)
     if found is None:
         return None
     meta_values, records = found
@@ -238,16 +265,16 @@ def _read_snapshot(fd: int, data_file: str, meta: Meta, scratch: str, anchor: An
         walk.seen[pgno] = 1
     tree = Tree()
     try:
-        with _Scratch(scratch, walk.file_pages * walk.page_bytes, anchor, data_file) as written:
+        with Scratch(scratch, walk.file_pages * walk.page_bytes, anchor, data_file) as written:
             written.begin(format_version, ledger_id, index_names)
-            walk.visit, walk.key_bytes = written.leaf, 8
+            walk.visit, walk.key_bytes = written.leaf, LSN_KEY_BYTES
             if records.root != NO_PAGE:
                 walk.page(RECORDS_DB, records.root, 1, None, None, tree, False)
     except BaseException as error:
         shutil.rmtree(scratch, ignore_errors=True)
-        if isinstance(error, _Foreign):
+        if isinstance(error, Foreign):
             raise error.damage from None
-        if isinstance(error, (lmdb.Error, OSError)):  # (writing the scratch journal: a read of the file is damage)
+        if isinstance(error, (lmdb.Error, OSError)):  # (writing the scratch: a read of the file raises JournalError)
             raise space_error(scratch, error) from error
         raise
     if not written.records and records.root != NO_PAGE:  # (its root failed: what the walk met first)
@@ -259,17 +286,18 @@ def _read_snapshot(fd: int, data_file: str, meta: Meta, scratch: str, anchor: An
     through = max(last, counted if walk.open_ended else 0, newer, anchor.durable_lsn if anchor is not None else 0)
     missing = written.first_missing_lsn if written.first_missing_lsn is not None else written.next_lsn
     flushed = anchor is not None and anchor.txnid != 0 and meta.txnid & TXNID_MASK == anchor.txnid
-    return Rescued(scratch=scratch, records=written.records, through_lsn=through, counted_lsn=max(counted, newer),
-                   newer_unknown=damaged_before and not flushed and not newer,
+    return Rescued(scratch=scratch, records_read=written.records, through_lsn=through, counted_lsn=max(counted, newer),
+                   newer_unknown=damaged_before and not flushed,
                    first_missing_lsn=missing if missing <= through else None, snapshot_faults=tuple(faults),
                    records_faults=tuple(walk.faults), anchor_missing=anchor is None and ledger_id is not None,
-                   anchor_unchecked=written.durable_key is not None and not written.anchor_checked)
+                   history_unchecked=written.durable_key is not None and not written.anchor_checked)
 
 
 def _metas(fd: int, data_file: str, anchor: AnchorState | None) -> tuple[list[Meta], list[JournalCorruptedError]]:
     """The meta pages that check on their own and hold a transaction id of their slot's parity
-    (LMDB writes transaction N to page N % 2), the one the anchor saw flushed first, then the
-    newest first; and what was wrong with the others."""
+    (LMDB writes transaction N to page N % 2), the newest first; and what was wrong with the
+    others. Two whose ids are not consecutive are a fault (one id is damaged, and which is newer
+    is not known): then the one the anchor saw flushed last comes first."""
     metas, faults = metas_each(fd, data_file, mmap.PAGESIZE)
     kept: list[Meta] = []
     for meta in metas:
@@ -278,16 +306,20 @@ def _metas(fd: int, data_file: str, anchor: AnchorState | None) -> tuple[list[Me
                                   f"meta page {meta.number} of {data_file}"))
         else:
             kept.append(meta)
-    if anchor is not None and anchor.txnid:
-        kept.sort(key=lambda meta: meta.txnid & TXNID_MASK != anchor.txnid)  # (stable: then the newest first)
+    if len(kept) == 2 and abs(kept[0].txnid - kept[1].txnid) != 1:
+        faults.append(corrupt(f"the meta pages hold transaction ids {kept[0].txnid} and {kept[1].txnid}, not two "
+                              "consecutive ones: one of them is damaged", data_file))
+        if anchor is not None and anchor.txnid:
+            kept.sort(key=lambda meta: meta.txnid & TXNID_MASK != anchor.txnid)  # (stable: then the newest first)
     return kept, faults
 
 
-def _catalog(walk: _RecordsWalk, faults: list[JournalCorruptedError] | None = None
+def _catalog(walk: _RecordsWalk, faults: list[JournalCorruptedError], anchor: AnchorState | None
              ) -> tuple[dict[bytes, bytes], Database] | None:
     """What the meta database of `walk`'s snapshot holds, and its records database's record,
     the main database and the meta database walked whole; None (the fault added to `faults`)
-    if either is damaged."""
+    if either is damaged. A damaged meta database, with an anchor, is noted in `faults` and the
+    anchor's format and ledger id stand in for what it held (nothing else in it is needed)."""
     catalog: dict[bytes, bytes] = {}
     meta_values: dict[bytes, bytes] = {}
     try:
@@ -299,12 +331,17 @@ def _catalog(walk: _RecordsWalk, faults: list[JournalCorruptedError] | None = No
             if name not in catalog:
                 raise JournalCorruptedError(f"its main database names no {name.decode()} database",
                                             where=f"the main database of {walk.data_file}")
+    except JournalCorruptedError as fault:
+        faults.append(fault)
+        return None
+    try:
         walk.visit = lambda _name, keys, values: meta_values.update(zip(keys, values, strict=True))
         walk.tree(META_DB, Database.parse(catalog[META_DB]))
     except JournalCorruptedError as fault:
-        if faults is not None:
-            faults.append(fault)
-        return None
+        faults.append(fault)
+        if anchor is None:
+            return None
+        meta_values = {FORMAT_KEY: str(anchor.format_version).encode(), LEDGER_ID_KEY: anchor.ledger_id}
     return meta_values, Database.parse(catalog[RECORDS_DB])
 
 
@@ -345,92 +382,3 @@ def _identity(meta_values: dict[bytes, bytes], anchor: AnchorState | None, data_
                                     f"directory's anchor to ledger {anchor.ledger_id.hex()} (format "
                                     f"{anchor.format_version}): a data file from elsewhere?", where=data_file)
     return format_version, ledger_id
-
-
-class _Foreign(Exception):
-    """The records are another history's (`_Scratch._check_anchor_digest`): raised through the
-    walk, which goes on past damage in a page (a `JournalCorruptedError`), to `rescue`."""
-
-    def __init__(self, damage: JournalCorruptedError) -> None:
-        super().__init__(str(damage))
-        self.damage = damage
-
-
-class _Scratch:
-    """The new journal a rescue writes what it reads into: one LMDB write transaction, committed
-    when the block ends whole (aborted if not), holding the records as stored, the meta
-    database's format and ledger id, its indexes empty, and a commit mark. Options as
-    `journal._store`'s, but `sync=False` and `metasync=False` with no flush of ours: only this
-    process reads it back, through the page cache, and it is removed once copied; its map is
-    sized once, twice the damaged file (its records fit in it)."""
-
-    def __init__(self, scratch: str, file_bytes: int, anchor: AnchorState | None, data_file: str) -> None:
-        self.scratch = scratch
-        self.map_size_bytes = 2 * file_bytes + RESCUE_MAP_BYTES_SPARE
-        self.anchor = anchor
-        self.data_file = data_file
-        self.records = 0
-        self.first_missing_lsn: int | None = None
-        """The first LSN not read before one that was (None: none yet)."""
-        self.next_lsn = 1
-        """The LSN after the last one written."""
-        self.durable_key = lsn_key(anchor.durable_lsn) if anchor is not None and anchor.digest else None
-        self.anchor_checked = False
-        """The record at the anchor's durable LSN was read, and carries its digest."""
-        self._txn: Any = None
-
-    def __enter__(self) -> _Scratch:
-        os.mkdir(self.scratch)
-        self._env = lmdb.open(self.scratch, subdir=True, map_size=self.map_size_bytes, max_dbs=DBS_MAX, sync=False,
-                              metasync=False, lock=True, writemap=False, meminit=True, create=True)
-        return self
-
-    def begin(self, format_version: int, ledger_id: bytes | None, index_names: Sequence[str]) -> None:
-        self._txn = self._env.begin(write=True)
-        self._dbs = {name: self._env.open_db(name, txn=self._txn, create=True)
-                     for name in sorted(expected_databases(index_names))}
-        self._txn.put(FORMAT_KEY, str(format_version).encode(), db=self._dbs[META_DB])
-        if ledger_id is not None:
-            self._txn.put(LEDGER_ID_KEY, ledger_id, db=self._dbs[META_DB])
-        self._cursor = self._txn.cursor(db=self._dbs[RECORDS_DB])
-
-    def leaf(self, _name: bytes, keys: list[bytes], values: list[bytes]) -> None:
-        """A leaf of the records, checked by the walk: written as it is, after the one before."""
-        if self.durable_key is not None and keys[0] <= self.durable_key <= keys[-1]:
-            self._check_anchor_digest(keys, values)
-        if key_lsn(keys[0]) != self.next_lsn and self.first_missing_lsn is None:
-            self.first_missing_lsn = self.next_lsn
-        self._cursor.putmulti(zip(keys, values, strict=True), append=True)
-        self.records += len(keys)
-        self.next_lsn = key_lsn(keys[-1]) + 1
-
-    def _check_anchor_digest(self, keys: list[bytes], values: list[bytes]) -> None:
-        """The record at the anchor's durable LSN must carry the digest the anchor saw there (as
-        an open checks it: `Journal._check_anchor_digest`); else the file holds another history,
-        and nothing in it is this ledger's to copy. (One that fails its checksum is left to the
-        audit, which names it: nothing from it on is copied.)"""
-        anchor = self.anchor
-        assert anchor is not None
-        if self.durable_key not in keys:
-            return
-        try:
-            digest = unframe_chained(anchor.durable_lsn, values[keys.index(self.durable_key)])[0]
-        except JournalCorruptedError:
-            return
-        if digest is not None and digest[: len(anchor.digest)] != anchor.digest:
-            raise _Foreign(JournalCorruptedError(
-                f"the record at LSN {anchor.durable_lsn} is not the one this directory's anchor saw made durable "
-                "there: the data file holds another history than the one written here", where=self.data_file))
-        self.anchor_checked = True
-
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        try:
-            if kind is None:
-                dbs = self._dbs
-                self._txn.put(COMMIT_MARK_KEY, commit_mark(self._txn, [dbs[name] for name in marked_databases(dbs)]),
-                              db=dbs[META_DB])
-                self._txn.commit()
-            elif self._txn is not None:
-                self._txn.abort()
-        finally:
-            self._env.close()

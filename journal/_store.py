@@ -72,7 +72,7 @@ logger = logging.getLogger("tally.journal")
 def _cut_off(found: Unfinished, damage: JournalCorruptedError) -> JournalCutOffError:
     """What a read-only open says of `damage` that is a last commit cut off in its flush (`found`)."""
     return JournalCutOffError(f"{found.says(damage)}; opening the ledger for writing takes that snapshot back",
-                                 lsn=damage.lsn, where=damage.where)
+                              lsn=damage.lsn, where=damage.where)
 
 
 class Store:
