@@ -199,9 +199,9 @@ def _verdict(report: AuditReport, anchor_problem: str | None, index_damaged: boo
     read around damaged pages; `corrupt_lsn`: the first record lost)."""
     if corrupt_lsn is not None:
         return "salvaged: everything before the first corrupt record was copied"
-    if rescued is not None and rescued.newer_unknown:
-        return ("salvaged: every record of the snapshot read verifies, but a meta page or a newer snapshot's "
-                "catalog is damaged and nothing says how far the ledger reached: its last commits may be lost")
+    if rescued is not None and rescued.end_unknown:
+        return ("salvaged: every record read verifies, but the damage leaves unknown how far the ledger reached (a "
+                "meta page, another snapshot or the records' last pages): its last commits may be lost")
     if rescued is not None and rescued.counted_lsn > rescued.through_lsn:
         return ("salvaged: every record read verifies, but the records database counts more than were found (see "
                 "what was lost)")

@@ -7,22 +7,21 @@ lookup, or a SIGBUS kill the process. That is right for an open that serves read
 a salvage nothing to copy when one page of any tree was damaged. `rescue` reads what can still
 be trusted, with the same checks, never through LMDB:
 
-1. a snapshot: a meta page that checks on its own, in its slot's parity, the one the anchor saw
-   flushed first (`AnchorState.txnid`), then the newest (`journal._meta.metas_each`); if the
-   newest is damaged, the one before it, which LMDB keeps whole until the next commit;
-2. that snapshot's main database and meta database, whole (they say where the records are,
-   whose ledger and which format they are): a fault in either moves on to the older snapshot;
-   a ledger id or format that is not its anchor's refuses the file;
-3. the records tree, each page checked as opening checks it (and no page the snapshot's free
-   list names, if it reads whole: a free page may hold a record of another time, one of a
-   commit taken back whose LSN a later commit used again); a subtree that fails (a page
+1. a snapshot: a meta page that checks on its own, in its slot's parity, the newest first (if
+   the two ids are not consecutive, one is damaged: the one the anchor saw flushed last first);
+   if the newest is damaged, the one before it, which LMDB keeps whole until the next commit;
+2. that snapshot's main database, whole (it says where the records are), and its meta database
+   (whose ledger and which format they are; damaged, the anchor's stand in): a fault in the main
+   database moves on to the other snapshot; a ledger id or format that is not its anchor's
+   refuses the file;
+3. the records tree, each page checked as opening checks it; a subtree that fails (a page
    zeroed, a branch damaged, pages swapped, a page the disk cannot read) is skipped, its fault
    noted, and the walk goes on with the next subtree. Keys stay strictly ascending across the
    whole walk, inside the bounds their parents give them, so no record is read twice or out of
-   place. The index trees are not read: a salvage makes the indexes anew from the records.
-   If records were lost and an older snapshot is whole enough, it is read too, and the one
-   whose records run further from LSN 1 without a gap is kept (the newest's records root
-   damaged, the older snapshot loses only the last commit).
+   place. The index trees and the free list are not read: a salvage makes the indexes anew.
+   If records were lost, or which snapshot is the newest is in doubt, the other snapshot is read
+   too, and the one whose records run further from LSN 1 without a gap is kept (the newest's
+   records root damaged, the one before loses only the commits since).
 
 What it reads it writes, byte for byte (each record framed as stored: its checksum and its link
 of the hash chain unchanged), into a new journal in a scratch directory, with the ledger's id,
@@ -31,9 +30,11 @@ its format and a copy of its anchor. That journal is opened and audited as any o
 checksum or its link as damage at its LSN, and a salvage copies everything before the first.
 
 What this cannot tell: whether the records are the history written here rather than another
-copy's of the same ledger, when the record at the anchor's durable LSN was lost with the
-damage (`Rescued.anchor_unchecked`); and a record the damage took past the last one read that
-the anchor never saw durable, when the records database's own count is damaged too.
+copy's of the same ledger, when the record at the anchor's durable LSN was lost with the damage
+(`Rescued.history_unchecked`); how far the ledger reached, where the damage took what says it
+(`Rescued.end_unknown`); and a record of another time in a page a damaged branch names, one of a
+commit taken back (cut off in its flush) whose LSN a later commit used again: its checksum holds,
+and the chain breaks only at the record after it, which the copy does not pass.
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ from journal._directory import lock_directory
 from journal._errors import JournalCorruptedError, JournalError, os_read_error, space_error
 from journal._format import key_lsn
 from journal._limits import FORMAT_VERSIONS_READ, RESCUE_RECORD_BYTES_MIN
-from journal._meta import NO_PAGE, Database, Meta, corrupt, metas_each
+from journal._meta import NO_PAGE, PAGE, Database, Meta, corrupt, metas_each
 from journal._names import DATA_FILE, FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB
-from journal._pages import PageWalk, Tree
+from journal._pages import P_BRANCH, P_LEAF, PageWalk, Tree
 from journal._rescue_scratch import LSN_KEY_BYTES, Foreign, Scratch
 
 
@@ -77,9 +78,11 @@ class Rescued:
     """The most entries a records database's record counts, of the snapshot read or a newer one
     (bounded likewise). Past `through_lsn`, a count no damage found explains: records lost in a
     page that read whole (a stale page in its place), or the count damaged."""
-    newer_unknown: bool
-    """A meta page or another snapshot is damaged, and the anchor does not name the snapshot read
-    as the last one flushed: a newer snapshot may have held more records than any count here says."""
+    end_unknown: bool
+    """How far the ledger reached is not known: a meta page or another snapshot is damaged and the
+    anchor does not name the snapshot read as the last one flushed (a newer snapshot may have held
+    more records than any count here says), or the records' last subtree was skipped and nothing
+    (the anchor, the records count) says how many it held."""
     first_missing_lsn: int | None
     """The first LSN up to `through_lsn` not read (None: every one was), as the leaves read tell
     it (their keys are checked in order within a leaf; a record missing inside one is the
@@ -152,8 +155,9 @@ def rescuable(path: str, damage: JournalCorruptedError) -> bool:
         return False
     try:
         for meta in _metas(fd, data_file, anchor)[0]:
-            found = _catalog(_RecordsWalk(fd, meta, data_file), [], anchor)
-            if found is not None:
+            walk = _RecordsWalk(fd, meta, data_file)
+            found = _catalog(walk, [], anchor)
+            if found is not None and _root_reads(walk, found[1]):
                 _identity(found[0], anchor, data_file)
                 return True
         return False
@@ -161,6 +165,17 @@ def rescuable(path: str, damage: JournalCorruptedError) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def _root_reads(walk: _RecordsWalk, records: Database) -> bool:
+    """Whether the records' root page (if any) has a branch's or a leaf's header, its own number."""
+    if records.root == NO_PAGE:
+        return False
+    try:
+        stored, _pad, flags = PAGE.unpack_from(walk.read(records.root))[:3]
+    except JournalCorruptedError:
+        return False
+    return stored == records.root and flags in (P_BRANCH, P_LEAF)
 
 
 def rescue(path: str, scratch: str, index_names: Sequence[str]) -> Rescued:
@@ -219,7 +234,7 @@ def _rescue(fd: int, data_file: str, scratch: str, anchor: AnchorState | None,
             kept = read
         else:
             shutil.rmtree(attempt, ignore_errors=True)
-        if kept.first_missing_lsn is None and not kept.newer_unknown:
+        if kept.first_missing_lsn is None and not kept.end_unknown:
             break
     if kept is None or not kept.records_read:
         if kept is not None:
@@ -261,8 +276,6 @@ def _read_snapshot(fd: int, data_file: str, meta: Meta, scratch: str, anchor: An
     format_version, ledger_id = _identity(meta_values, anchor, data_file)
     counted = min(records.entries, walk.file_pages * walk.page_bytes // RESCUE_RECORD_BYTES_MIN)
     counts.append(counted)
-    for pgno in _free_pages(fd, meta, data_file):
-        walk.seen[pgno] = 1
     tree = Tree()
     try:
         with Scratch(scratch, walk.file_pages * walk.page_bytes, anchor, data_file) as written:
@@ -287,7 +300,7 @@ def _read_snapshot(fd: int, data_file: str, meta: Meta, scratch: str, anchor: An
     missing = written.first_missing_lsn if written.first_missing_lsn is not None else written.next_lsn
     flushed = anchor is not None and anchor.txnid != 0 and meta.txnid & TXNID_MASK == anchor.txnid
     return Rescued(scratch=scratch, records_read=written.records, through_lsn=through, counted_lsn=max(counted, newer),
-                   newer_unknown=damaged_before and not flushed,
+                   end_unknown=damaged_before and not flushed or walk.open_ended and through <= last,
                    first_missing_lsn=missing if missing <= through else None, snapshot_faults=tuple(faults),
                    records_faults=tuple(walk.faults), anchor_missing=anchor is None and ledger_id is not None,
                    history_unchecked=written.durable_key is not None and not written.anchor_checked)
@@ -343,25 +356,6 @@ def _catalog(walk: _RecordsWalk, faults: list[JournalCorruptedError], anchor: An
             return None
         meta_values = {FORMAT_KEY: str(anchor.format_version).encode(), LEDGER_ID_KEY: anchor.ledger_id}
     return meta_values, Database.parse(catalog[RECORDS_DB])
-
-
-def _free_pages(fd: int, meta: Meta, data_file: str) -> list[int]:
-    """The pages the free list of `meta`'s snapshot names, if it reads whole (walked apart, so a
-    damaged one claims no page of the records); none if not."""
-    free = PageWalk(fd, meta, data_file, None)
-    listed: list[bytes] = []
-    free.visit = lambda _name, _keys, values: listed.extend(values)
-    try:
-        free.tree(b"free list", meta.free, integer_keys=True)
-    except (JournalCorruptedError, OSError):
-        return []
-    pages: list[int] = []
-    for record in listed:
-        count = int.from_bytes(record[:8], "little") if len(record) >= 8 else -1
-        if len(record) != 8 * (count + 1):
-            return []
-        pages += (int.from_bytes(record[at : at + 8], "little") for at in range(8, len(record), 8))
-    return [pgno for pgno in pages if 2 <= pgno <= meta.last_page]
 
 
 def _identity(meta_values: dict[bytes, bytes], anchor: AnchorState | None, data_file: str) -> tuple[int, bytes | None]:

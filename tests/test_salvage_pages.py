@@ -182,6 +182,18 @@ def _catalog_of(walk: PageWalk) -> dict[bytes, bytes]:
     return catalog
 
 
+def set_records_count(path: Path, entries: int) -> None:
+    """The records database's entry count, in the newest snapshot's catalog, made `entries`."""
+    root = newest_meta(path).main.root
+    with open(path / "data.mdb", "r+b") as data:
+        data.seek(root * PAGE)
+        catalog = bytearray(data.read(PAGE))
+        at = catalog.index(RECORDS_DB) + len(RECORDS_DB) + 32  # its MDB_db record's md_entries
+        catalog[at : at + 8] = entries.to_bytes(8, "little")
+        data.seek(root * PAGE)
+        data.write(catalog)
+
+
 def zero_page(path: Path, pgno: int) -> None:
     with open(path / "data.mdb", "r+b") as data:
         data.seek(pgno * PAGE)
@@ -543,7 +555,7 @@ def test_without_an_anchor_a_damaged_meta_page_says_the_last_commits_may_be_lost
 
     report = salvage(path, tmp_path / "new")
 
-    assert report["verdict"].endswith("nothing says how far the ledger reached: its last commits may be lost")
+    assert report["verdict"].endswith("its last commits may be lost")
     assert report["anchor_problem"] is not None and report["first_corrupt_lsn"] is None
 
 
@@ -638,3 +650,30 @@ def test_a_damaged_meta_database_is_stood_in_for_by_the_anchor_and_nothing_is_lo
     assert f"page {meta_leaf} of the meta database" in report["problem"]
     with Ledger.open(tmp_path / "new", readonly=True) as copy:
         assert copy.get_transfer("last") is not None
+
+
+def test_a_skipped_last_subtree_with_nothing_to_say_how_many_it_held_says_the_end_is_unknown(
+        pristine: Pristine, tmp_path: Path) -> None:
+    """No anchor, the records count damaged low, the last leaf zeroed: nothing says how far the
+    records reached, and the verdict must not say every record was read."""
+    path = copy_of(pristine, tmp_path)
+    (path / "tally.anchor").unlink()
+    leaf = max(records_pages(path).items(), key=lambda page: page[1][1])[0]
+    set_records_count(path, 10)
+    zero_page(path, leaf)
+
+    report = salvage(path, tmp_path / "new")
+
+    assert report["first_corrupt_lsn"] is None
+    assert report["verdict"].endswith("its last commits may be lost"), report["verdict"]
+
+
+def test_recover_does_not_advise_a_salvage_when_no_snapshots_records_root_reads(pristine: Pristine,
+                                                                                  tmp_path: Path) -> None:
+    path = copy_of(pristine, tmp_path)
+    for _, _, root in snapshots(path):
+        zero_page(path, root)
+
+    assert _tools_audit.recover(str(path), dry_run=True)["salvage_reads_around"] is False
+    with pytest.raises(JournalCorrupted, match="nothing in it can be read"):
+        salvage(path, tmp_path / "new")
