@@ -242,7 +242,14 @@ def _copy_prefix(journal: Journal, into: str, stop: int, missing_why: str) -> tu
     if stop > journal.last_lsn:
         return copied, []
     lost: list[dict[str, Any]] = []
-    for lsn in range(stop, journal.last_lsn + 1):
+    before = stop - 1
+    with ledger_errors():
+        stored = list(journal.stored_lsns(before))
+    for lsn in stored:  # (the records there are, not every LSN up to the last: a damaged key may make it huge)
+        if lsn > before + 1:  # (LSNs no record holds: one row)
+            lost.append({"lsn": before + 1, **({"through_lsn": lsn - 1} if lsn - 1 > before + 1 else {}),
+                         "transfer": None, "why": missing_why})
+        before = lsn
         try:
             found = record_at(journal, lsn)
         except JournalCorrupted:

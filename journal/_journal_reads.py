@@ -151,6 +151,23 @@ class JournalReads:
         except lmdb.Error as error:
             raise lmdb_read_error(error, f"the records after LSN {expected - 1}") from error
 
+    def stored_lsns(self, after_lsn: int, txn: Any | None = None) -> Iterator[int]:
+        """The LSN of every record stored after `after_lsn`, in order, gaps and all: keys only,
+        nothing verified (a salvage lists by them what it lost, where a damaged key may make the
+        last LSN far larger than the records)."""
+        if txn is None:
+            with self.snapshot() as txn:
+                yield from self.stored_lsns(after_lsn, txn)
+            return
+        try:
+            cursor = txn.cursor(db=self._store.records)
+            if not cursor.set_range(lsn_key(after_lsn + 1)):
+                return
+            for key in cursor.iternext(keys=True, values=False):
+                yield key_lsn(key)
+        except lmdb.Error as error:
+            raise lmdb_read_error(error, f"the records after LSN {after_lsn}") from error
+
     def records_count(self, txn: Any) -> int:
         """How many records the snapshot holds (LMDB's count, checked against the pages at open)."""
         try:

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,6 +209,11 @@ def salvage(path: Path, into: Path) -> dict:
     return _tools_salvage.salvage(str(path), str(into))
 
 
+def lsns_of(rows: Iterable[dict]) -> list[int]:
+    """The LSNs rows of a salvage's `lost` stand for (a row with `through_lsn`, each from its `lsn`)."""
+    return [lsn for row in rows for lsn in range(row["lsn"], row.get("through_lsn", row["lsn"]) + 1)]
+
+
 def assert_a_prefix_was_saved(pristine: Pristine, into: Path, report: dict, first_lost: int | None) -> None:
     """NEW verifies whole and holds exactly the transfers the ledger committed before LSN
     `first_lost` (None: every one); the report lists every commit from there on as lost, by its
@@ -253,7 +259,7 @@ def test_a_zeroed_leaf_of_the_records_loses_only_its_records_and_what_follows_th
     assert_a_prefix_was_saved(pristine, tmp_path / "new", report, first)
     assert f"page {pgno} of the records database" in report["problem"]
     assert report["damaged_pages"] == [report["problem"]]
-    gone = [row["lsn"] for row in report["lost"] if row["why"].startswith("in a damaged page of the records")]
+    gone = lsns_of(row for row in report["lost"] if row["why"].startswith("in a damaged page of the records"))
     assert gone == list(range(first, last + 1))  # the page's own records, and no other: the rest were read
     after = [row["lsn"] for row in report["lost"] if row["why"] == "commit after the corruption"]
     assert after and min(after) > last and max(after) == max(pristine.transfers)
@@ -278,7 +284,7 @@ def test_a_damaged_branch_of_the_records_loses_its_subtree_and_the_records_past_
 
     assert_a_prefix_was_saved(pristine, tmp_path / "new", report, first)
     assert f"page {pgno} of the records database" in report["problem"] and "flags" in report["problem"]
-    gone = [row["lsn"] for row in report["lost"] if row["why"].startswith("in a damaged page")]
+    gone = lsns_of(row for row in report["lost"] if row["why"].startswith("in a damaged page"))
     assert gone == list(range(first, last + 1))
 
 
@@ -448,7 +454,7 @@ def test_a_damaged_overflow_run_loses_the_leaf_that_names_it_and_the_copy_stops_
 
     assert_a_prefix_was_saved(pristine, tmp_path / "new", report, first)
     assert f"overflow run at page {run}" in report["problem"]
-    assert [row["lsn"] for row in report["lost"] if row["why"] == _tools_salvage.IN_A_DAMAGED_PAGE] == list(
+    assert lsns_of(row for row in report["lost"] if row["why"] == _tools_salvage.IN_A_DAMAGED_PAGE) == list(
         range(first, last + 1))
 
 
@@ -593,7 +599,7 @@ def test_a_damaged_records_count_is_not_taken_for_records_lost_in_a_page(pristin
 
     assert_a_prefix_was_saved(pristine, tmp_path / "new", report, first)
     in_page = [row for row in report["lost"] if row["why"] == _tools_salvage.IN_A_DAMAGED_PAGE]
-    assert [row["lsn"] for row in in_page] == list(range(first, last + 1))
+    assert lsns_of(in_page) == list(range(first, last + 1))
     tail = report["lost"][-1]
     assert tail["why"] == _tools_salvage.COUNTED_NOT_FOUND and tail["lsn"] == pristine.last_lsn + 1
 
@@ -677,3 +683,27 @@ def test_recover_does_not_advise_a_salvage_when_no_snapshots_records_root_reads(
     assert _tools_audit.recover(str(path), dry_run=True)["salvage_reads_around"] is False
     with pytest.raises(JournalCorrupted, match="nothing in it can be read"):
         salvage(path, tmp_path / "new")
+
+
+def test_a_damaged_key_that_makes_the_last_lsn_huge_lists_what_was_lost_without_walking_every_lsn(
+        pristine: Pristine, tmp_path: Path) -> None:
+    """A bit of the last record's key flipped high: the page still reads (its keys ascend), and the
+    journal's last LSN is some 2**61. The lost list is made of the records there are, and of one
+    row for the LSNs none holds: it walked every LSN up to that last one (a salvage that never ended)."""
+    path = copy_of(pristine, tmp_path)
+    leaf = max(records_pages(path).items(), key=lambda page: page[1][1])[0]
+    with open(path / "data.mdb", "r+b") as data:
+        data.seek(leaf * PAGE)
+        page = bytearray(data.read(PAGE))
+        last = pristine.last_lsn.to_bytes(8, "big")
+        at = page.rindex(last)
+        page[at] ^= 0x20
+        data.seek(leaf * PAGE)
+        data.write(page)
+
+    report = salvage(path, tmp_path / "new")
+
+    huge = int.from_bytes(bytes([last[0] ^ 0x20]) + last[1:], "big")
+    assert report["first_corrupt_lsn"] == pristine.last_lsn
+    assert {"lsn": pristine.last_lsn, "through_lsn": huge - 1, "transfer": None,
+            "why": _tools_salvage.MISSING} in report["lost"]
