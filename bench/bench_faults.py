@@ -26,7 +26,10 @@ A child process (forked, so a signal kills only it) then does what users do: `ta
 - `refused`: a `LedgerError` saying what is damaged, with the data file unchanged;
 
 and never `BAD`: different data, a raw exception, a signal, a hang, a retried transfer
-committed twice, a write over damage, or verify saying whole over damage. `tests/
+committed twice, a write over damage, or verify saying whole over damage. Each ledger verify
+finds damaged is then salvaged (`tally recover --salvage`, `salvaged`): its copy must verify
+whole, the damaged ledger be left as it was, and the copy hold exactly the transfers committed
+before some LSN ("all" or "a prefix"; "refused": nothing could be saved), else `BAD`. `tests/
 test_storage_faults.py` runs a sample (`--sample`: a few faults of each kind); the full sweep
 is a few thousand faults (minutes).
 """
