@@ -327,7 +327,7 @@ def check_records(opened: Opened, anchor: AnchorState | None, first_gap: Callabl
     match, and N is at least what the anchor saw durable. `first_gap()` finds the first LSN
     missing, to name it."""
     if anchor is not None:  # (first: a gap in another ledger's records is not this ledger's to name, nor copy)
-        _same_ledger(opened, anchor, data_file)
+        same_ledger(opened.ledger_id, opened.format_version, anchor, data_file)
     records = opened.layout.trees[RECORDS_DB]
     last = 0
     if records.entries:
@@ -357,12 +357,13 @@ def check_records(opened: Opened, anchor: AnchorState | None, first_gap: Callabl
     return last
 
 
-def _same_ledger(opened: Opened, anchor: AnchorState, data_file: str) -> None:
-    """`JournalCorruptedError` unless the data file holds the ledger `anchor` names (a ledger
-    made before ids, format 1, holds none until its next commit writes the anchor's in)."""
-    if opened.ledger_id is None and opened.format_version == 1:
+def same_ledger(ledger_id: bytes | None, format_version: int, anchor: AnchorState, data_file: str) -> None:
+    """`JournalCorruptedError` unless the data file, holding `ledger_id`, holds the ledger `anchor`
+    names (a ledger made before ids, format 1, holds none until its next commit writes the
+    anchor's in)."""
+    if ledger_id is None and format_version == 1:
         return
-    if opened.ledger_id != anchor.ledger_id:
-        mine = opened.ledger_id.hex() if opened.ledger_id else "without an id"
+    if ledger_id != anchor.ledger_id:
+        mine = ledger_id.hex() if ledger_id else "without an id"
         raise JournalCorruptedError(f"the data file belongs to ledger {mine}, but the directory's anchor to ledger "
                                     f"{anchor.ledger_id.hex()}: a data file from elsewhere?", where=data_file)

@@ -122,6 +122,17 @@ class PageWalk:
             raise corrupt(f"refers to page {pgno}, which another part of the file already uses", where)
         seen[pgno : pgno + count] = b"\x01" * count
 
+    def main_database(self) -> list[tuple[bytes, bytes]]:
+        """The main database walked whole: each named database's name and record, in key order."""
+        catalog: list[tuple[bytes, bytes]] = []
+        self.visit = lambda _name, keys, values: catalog.extend(zip(keys, values, strict=True))
+        self.catalog = True
+        try:
+            self.tree(b"", self.meta.main)
+        finally:
+            self.catalog = False
+        return catalog
+
     def tree(self, name: bytes, db: Database, integer_keys: bool = False) -> Tree:
         where = f"the {_shown(name)} database of {self.data_file}"
         if db.flags & ~MDB_INTEGERKEY or bool(db.flags & MDB_INTEGERKEY) != integer_keys:
@@ -356,11 +367,7 @@ def walk(fd: int, meta: Meta, data_file: str, visit: Visit | None = None, names:
     free_records: list[bytes] = []
     pages.visit = lambda _name, _keys, values: free_records.extend(values)
     _check_free_list_age(pages.tree(b"free list", meta.free, integer_keys=True), meta, data_file)
-    catalog: list[tuple[bytes, bytes]] = []
-    pages.visit = lambda _name, keys, values: catalog.extend(zip(keys, values, strict=True))
-    pages.catalog = True
-    pages.tree(b"", meta.main)
-    pages.catalog = False
+    catalog = pages.main_database()
     layout = Layout(meta, 0)
 
     def walk_tree(name: bytes, record: bytes) -> None:

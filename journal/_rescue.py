@@ -49,11 +49,11 @@ from dataclasses import dataclass, replace
 import lmdb
 
 from journal._anchor import ANCHOR_FILE, TXNID_MASK, AnchorState, read_anchor
-from journal._check import open_data_file
+from journal._check import format_version, open_data_file, same_ledger
 from journal._directory import lock_directory
 from journal._errors import JournalCorruptedError, JournalError, os_read_error, space_error
 from journal._format import key_lsn
-from journal._limits import FORMAT_VERSIONS_READ, RESCUE_RECORD_BYTES_MIN
+from journal._limits import RESCUE_RECORD_BYTES_MIN
 from journal._meta import NO_PAGE, PAGE, Database, Meta, corrupt, metas_each
 from journal._names import DATA_FILE, FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB
 from journal._pages import P_BRANCH, P_LEAF, PageWalk, Tree
@@ -273,13 +273,13 @@ def _read_snapshot(fd: int, data_file: str, meta: Meta, scratch: str, anchor: An
     if found is None:
         return None
     meta_values, records = found
-    format_version, ledger_id = _identity(meta_values, anchor, data_file)
+    version, ledger_id = _identity(meta_values, anchor, data_file)
     counted = min(records.entries, walk.file_pages * walk.page_bytes // RESCUE_RECORD_BYTES_MIN)
     counts.append(counted)
     tree = Tree()
     try:
         with Scratch(scratch, walk.file_pages * walk.page_bytes, anchor, data_file) as written:
-            written.begin(format_version, ledger_id, index_names)
+            written.begin(version, ledger_id, index_names)
             walk.visit, walk.key_bytes = written.leaf, LSN_KEY_BYTES
             if records.root != NO_PAGE:
                 walk.page(RECORDS_DB, records.root, 1, None, None, tree, False)
@@ -333,13 +333,9 @@ def _catalog(walk: _RecordsWalk, faults: list[JournalCorruptedError], anchor: An
     the main database and the meta database walked whole; None (the fault added to `faults`)
     if either is damaged. A damaged meta database, with an anchor, is noted in `faults` and the
     anchor's format and ledger id stand in for what it held (nothing else in it is needed)."""
-    catalog: dict[bytes, bytes] = {}
     meta_values: dict[bytes, bytes] = {}
     try:
-        walk.visit = lambda _name, keys, values: catalog.update(zip(keys, values, strict=True))
-        walk.catalog = True
-        walk.tree(b"", walk.meta.main)
-        walk.catalog = False
+        catalog = dict(walk.main_database())
         for name in (META_DB, RECORDS_DB):
             if name not in catalog:
                 raise JournalCorruptedError(f"its main database names no {name.decode()} database",
@@ -360,19 +356,12 @@ def _catalog(walk: _RecordsWalk, faults: list[JournalCorruptedError], anchor: An
 
 def _identity(meta_values: dict[bytes, bytes], anchor: AnchorState | None, data_file: str) -> tuple[int, bytes | None]:
     """The format version and ledger id the meta database holds, once they are ones this reads
-    and its anchor's (`JournalCorruptedError` if not: whose records these are is not known)."""
-    stored = meta_values.get(FORMAT_KEY, b"")
-    if not stored.isdigit() or int(stored) not in FORMAT_VERSIONS_READ:
-        raise JournalCorruptedError(f"its meta database holds format version {stored[:16]!r}, not one this Tally reads",
-                                    where=data_file)
-    format_version, ledger_id = int(stored), meta_values.get(LEDGER_ID_KEY)
-    if ledger_id is None and format_version >= 2:
+    and its anchor's, checked as an open checks them (`journal._check`: `format_version`,
+    `same_ledger`); `JournalCorruptedError` if not: whose records these are is not known."""
+    version, ledger_id = format_version(meta_values.get(FORMAT_KEY), anchor, data_file), meta_values.get(LEDGER_ID_KEY)
+    if ledger_id is None and version >= 2:
         raise JournalCorruptedError("its meta database holds no ledger id: whose records these are is not known",
                                     where=data_file)
-    if anchor is not None and (format_version != anchor.format_version
-                               or ledger_id not in (None, anchor.ledger_id)):
-        mine = ledger_id.hex() if ledger_id else "without an id"
-        raise JournalCorruptedError(f"the data file belongs to ledger {mine} (format {format_version}), but the "
-                                    f"directory's anchor to ledger {anchor.ledger_id.hex()} (format "
-                                    f"{anchor.format_version}): a data file from elsewhere?", where=data_file)
-    return format_version, ledger_id
+    if anchor is not None:
+        same_ledger(ledger_id, version, anchor, data_file)
+    return version, ledger_id

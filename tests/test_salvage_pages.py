@@ -175,12 +175,7 @@ def snapshots(path: Path) -> list[tuple[int, int, int]]:
 
 def _catalog_of(walk: PageWalk) -> dict[bytes, bytes]:
     """The main database of `walk`'s snapshot: each named database's record, by its name."""
-    catalog: dict[bytes, bytes] = {}
-    walk.visit = lambda _name, keys, values: catalog.update(zip(keys, values, strict=True))
-    walk.catalog = True
-    walk.tree(b"", walk.meta.main)
-    walk.catalog = False
-    return catalog
+    return dict(walk.main_database())
 
 
 def set_records_count(path: Path, entries: int) -> None:
