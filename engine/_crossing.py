@@ -50,7 +50,6 @@ from typing import Any
 from coordinator import (
     REJECTIONS,
     AccountNotFound,
-    IdempotencyConflict,
     InsufficientFunds,
     InvalidRequest,
     LedgerError,
@@ -170,6 +169,7 @@ class Router:
         where = {name: shard_of(name, self.shards) if shard is None else shard for name, shard in found.items()}
         parts: dict[int, list[tuple[int, Row]]] = defaultdict(list)
         crossing: dict[int, TransferRequest] = {}
+        answered: dict[int, TransferRequest] = {}  # retries answered by the shard that decided their id
         for i, request in checked:
             if found[request.source] is None:
                 results[i] = unknown_source(request)
@@ -179,10 +179,15 @@ class Router:
                 b = a  # refused AccountNotFound by the source's shard
             if a == b:
                 parts[a].append((i, request_row(request)))
-            elif request.pending:
-                results[i] = self._used(request) or CrossShardRefused(
-                    f"pending transfer {request.id!r}: {request.source!r} and {request.destination!r} live on "
-                    f"shards {a} and {b}; a pending transfer runs within one shard (colocate with placement)")
+            elif request.pending:  # none takes it, unless its id is decided: then its shard answers, as a retry
+                holder = self._found(request.id, "outcome")
+                if holder is None:
+                    results[i] = CrossShardRefused(
+                        f"pending transfer {request.id!r}: {request.source!r} and {request.destination!r} live on "
+                        f"shards {a} and {b}; a pending transfer runs within one shard (colocate with placement)")
+                else:
+                    answered[i] = request
+                    parts[holder[0]].append((i, request_row(request)))
             else:
                 crossing[i] = request  # refused at the prepare if its destination is none, or in another currency
                 toward = "" if found[request.destination] is None else self.currencies.get(request.destination)
@@ -195,19 +200,11 @@ class Router:
                 if i in crossing and isinstance(outcome, Transfer):
                     prepared[i] = outcome
                 else:
-                    results[i] = restated(outcome, crossing[i]) if i in crossing else outcome
+                    step = crossing.get(i) or answered.get(i)
+                    results[i] = outcome if step is None else restated(outcome, step)
         self._cross(crossing, prepared, where, results)
         assert all(result is not None for result in results)
         return results  # type: ignore[return-value]
-
-    def _used(self, request: TransferRequest) -> IdempotencyConflict | None:
-        """For a pending transfer refused across shards (a request no shard takes): the
-        conflict a `Ledger` answers if its id was used already, by a request that therefore
-        differs from it (every shard asked at once: a refusal's path, not a transfer's)."""
-        if self._found(request.id, "outcome") is None:
-            return None
-        return IdempotencyConflict(f"transfer id {request.id!r} was already used, by another request than this "
-                                   "pending transfer (one across shards, which none takes)")
 
     def _cross(self, crossing: dict[int, TransferRequest], prepared: dict[int, Transfer], where: dict[str, int],
                results: list[Transfer | LedgerError | None]) -> None:

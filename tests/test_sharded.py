@@ -810,6 +810,13 @@ def test_a_pending_transfer_or_a_linked_chain_naming_an_unknown_account_is_refus
     assert failed.value.index == 1 and isinstance(failed.value.cause, AccountNotFound)
     assert [sharded.balance(name).available for name in left] == [10, 10]
     assert isinstance(sharded.outcome("h1"), AccountNotFound)
+    sharded.create_account(ghost, currency="USD")  # now on shard 1: h1 would be a pending transfer across shards
+    with pytest.raises(AccountNotFound):  # its exact retry: the refusal its id keeps, as a Ledger answers it
+        sharded.transfer("h1", source=left[0], destination=ghost, amount=5, pending=True)
+    with pytest.raises(IdempotencyConflict) as conflict:
+        sharded.transfer("h1", source=left[0], destination=ghost, amount=6, pending=True)
+    assert "(6 from" in str(conflict.value), conflict.value
+    assert [sharded.balance(name).available for name in left] == [10, 10] and sharded.balance(ghost).incoming == 0
 
 
 def test_a_shard_out_of_range_is_invalid_request(sharded: ShardedLedger) -> None:
