@@ -72,6 +72,19 @@ class AnchorState:
     tells a commit the machine cut off in its flush from one that was whole and was damaged
     since (`journal._unfinished`)."""
 
+    def other_history(self, digest: bytes, where: str) -> JournalCorruptedError | None:
+        """The damage of a data file whose record at `durable_lsn` carries the chain's `digest`
+        (as stored), if that is not the digest this anchor saw made durable there: the file
+        holds another history (an open refuses it, `Journal._check_anchor_digest`; a rescue
+        copies nothing of it, `journal._rescue_scratch`). None if it is."""
+        if digest[:DIGEST_BYTES] == self.digest:
+            return None
+        return JournalCorruptedError(  # (no `lsn`: as for another ledger's file, nothing in it is this ledger's to copy)
+            f"the record at LSN {self.durable_lsn} is not the one this directory's anchor saw made durable there "
+            f"(the chain's digest at it begins {digest[:DIGEST_BYTES].hex()}, the anchor's {self.digest.hex()}): the "
+            "data file holds another history than the one written here (a copy of this ledger that went on "
+            "elsewhere, copied back?), or it is damaged", where=where)
+
 
 def new_ledger_id() -> bytes:
     return uuid.uuid4().bytes

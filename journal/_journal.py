@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import lmdb
 
-from journal._anchor import DIGEST_BYTES, Anchor, AnchorState, create_anchor
+from journal._anchor import Anchor, AnchorState, create_anchor
 from journal._completion import Completion
 from journal._directory import DirectoryLock, clear_staging, lock_directory, prepare_directory, recognise, refuse_missing
 from journal._errors import (
@@ -97,13 +97,9 @@ class Journal(JournalReads):
         anchor = self.anchor
         if anchor is None or not anchor.digest or not anchor.durable_lsn:
             return
-        found = self.head_at(anchor.durable_lsn).digest[:DIGEST_BYTES]
-        if found != anchor.digest:  # (no `lsn`: as for another ledger's file, nothing in it is this ledger's to copy)
-            raise JournalCorruptedError(
-                f"the record at LSN {anchor.durable_lsn} is not the one this directory's anchor saw made durable "
-                f"there (the chain's digest at it begins {found.hex()}, the anchor's {anchor.digest.hex()}): the "
-                "data file holds another history than the one written here (a copy of this ledger that went on "
-                "elsewhere, copied back?), or it is damaged", where=os.path.join(self.path, DATA_FILE))
+        other = anchor.other_history(self.head_at(anchor.durable_lsn).digest, os.path.join(self.path, DATA_FILE))
+        if other is not None:
+            raise other
 
     def _tail_head(self) -> ChainHead:
         """The durable head, its last link checked (`journal._chain.tail_head`); raises

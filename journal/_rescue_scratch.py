@@ -92,10 +92,9 @@ class Scratch:
             digest = unframe_chained(anchor.durable_lsn, values[keys.index(self.durable_key)])[0]
         except JournalCorruptedError:
             return
-        if digest is not None and digest[: len(anchor.digest)] != anchor.digest:
-            raise Foreign(JournalCorruptedError(
-                f"the record at LSN {anchor.durable_lsn} is not the one this directory's anchor saw made durable "
-                "there: the data file holds another history than the one written here", where=self.data_file))
+        other = None if digest is None else anchor.other_history(digest, self.data_file)
+        if other is not None:
+            raise Foreign(other)
         self.anchor_checked = True
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
