@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -1329,3 +1330,30 @@ def test_an_address_that_is_no_address_is_invalid_request(tmp_path: Path) -> Non
         with pytest.raises(InvalidRequest, match="address"):
             ShardedLedger.open(tmp_path / "books", shards=SHARDS, address=address)  # type: ignore[arg-type]
     assert not (tmp_path / "books").exists()
+
+
+def test_a_shard_that_does_not_close_in_time_is_stopped_and_the_close_says_so_then_an_open_recovers_it(
+        tmp_path: Path) -> None:
+    """A shard's process stopped (SIGSTOP) at the close: the close waits `timeout_s`, stops
+    the actors all the same and raises `LedgerTimeout` naming the close, not a transfer to
+    retry; the next open recovers that shard's ledger, every acknowledged transfer in it."""
+    ledger = ShardedLedger.open(tmp_path / "books", shards=SHARDS, timeout_s=3)
+    left = accounts_on(ledger, "l", 1, shard=0, balance=10)[0]
+    right = accounts_on(ledger, "r", 1, shard=1)[0]
+    ledger.transfer("x", source=left, destination=right, amount=4)
+    stopped = ledger.pids()[1]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        with pytest.raises(LedgerTimeout, match="closing within 3 s") as timed_out:
+            ledger.close()
+        assert "retry" not in str(timed_out.value) and ledger.closed
+        with pytest.raises(LedgerClosed):
+            ledger.balance(left)
+    finally:
+        try:
+            os.kill(stopped, signal.SIGCONT)
+        except ProcessLookupError:  # (stopped with its actor)
+            pass
+    with ShardedLedger.open(tmp_path / "books", shards=SHARDS, timeout_s=10) as reopened:
+        assert (reopened.balance(left).posted, reopened.balance(right).posted) == (6, 4)
+        assert reopened.get_transfer("x").amount == 4  # type: ignore[union-attr]
