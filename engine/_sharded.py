@@ -56,7 +56,6 @@ from coordinator import (
     LedgerClosed,
     LedgerError,
     LedgerTimeout,
-    LedgerUnavailable,
     Transfer,
     check_path,
     items_of,
@@ -325,9 +324,10 @@ class ShardedLedger(ShardedWrites):
         threads: one between two steps fails (`LedgerClosed` or `LedgerUnavailable`), and what
         it left in doubt is resolved by the next open; nor does a close made while another
         thread closes it wait for that one: it returns at once. A shard whose ledger does not
-        close within `timeout_s` (a stopped process), or whose actor is gone, is stopped all the
-        same, then `LedgerTimeout` or `LedgerUnavailable` says so: the ledger is closed, and the
-        next open recovers that shard's ledger from its journal."""
+        close within `timeout_s` (a stopped process) is stopped all the same, then
+        `LedgerTimeout` says so: the ledger is closed, and the next open recovers that shard's
+        ledger from its journal (a shard's own close error, or its actor gone, is raised as it
+        is, after the same)."""
         with self._closing:  # of two closes at once, one runs: Ray is left once
             if self.closed:  # (in a child made by fork(), the shards are the parent's: nothing to do)
                 return
@@ -341,12 +341,10 @@ class ShardedLedger(ShardedWrites):
                         router.session)
         except LedgerClosed:  # its Ray is gone (its host shut it down): the shards' processes went with it
             pass
-        except (LedgerTimeout, LedgerUnavailable) as error:  # (a close's, not a transfer's to retry)
-            why = (f"did not finish closing within {self.timeout_s:g} s" if isinstance(error, LedgerTimeout) else
-                   "was gone before it closed")
-            raise type(error)(f"the sharded ledger is closed, but a shard's ledger {why}: its actor is stopped, and "
-                              "the next open recovers that ledger from its journal, as after a crash (nothing "
-                              "acknowledged is lost)") from error
+        except LedgerTimeout as error:  # (a close's, not a transfer's to retry)
+            raise LedgerTimeout(f"the sharded ledger is closed, but a shard's ledger did not finish closing within "
+                                f"{self.timeout_s:g} s: its actor is stopped, and the next open recovers that ledger "
+                                "from its journal, as after a crash (nothing acknowledged is lost)") from error
         finally:
             router.closed = True  # (before the actors stop: a call under way sends nothing after: `_ray.sent`)
             for actor in self._actors:

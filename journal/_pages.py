@@ -377,6 +377,8 @@ def walk(fd: int, meta: Meta, data_file: str, visit: Visit | None = None, names:
 
     ordered = sorted(catalog, key=lambda item: (item[0] != first, Database.parse(item[1]).entries, item[0]))
     head = ordered[:1] if ordered and ordered[0][0] == first else []
+    if first and not head:  # (damage, not a format: every format names it; the visit would take it for one)
+        raise corrupt(f"its main database names no {_shown(first)} database", f"the main database of {data_file}")
     for name, record in head:
         walk_tree(name, record)  # (the meta database: the format the index checks need)
     if aside is None:

@@ -157,8 +157,8 @@ def rescuable(path: str, damage: JournalCorruptedError) -> bool:
         for meta in _metas(fd, data_file, anchor)[0]:
             walk = _RecordsWalk(fd, meta, data_file)
             found = _catalog(walk, [], anchor)
-            if found is not None and _root_reads(walk, found[1]):
-                _identity(found[0], anchor, data_file)
+            if found is not None and _root_reads(walk, found[1]) and \
+                    _identity_or_fault(found[0], anchor, data_file, []) is not None:
                 return True
         return False
     except (JournalError, OSError):
@@ -273,7 +273,10 @@ def _read_snapshot(fd: int, data_file: str, meta: Meta, scratch: str, anchor: An
     if found is None:
         return None
     meta_values, records = found
-    version, ledger_id = _identity(meta_values, anchor, data_file)
+    identity = _identity_or_fault(meta_values, anchor, data_file, faults)
+    if identity is None:
+        return None
+    version, ledger_id = identity
     counted = min(records.entries, walk.file_pages * walk.page_bytes // RESCUE_RECORD_BYTES_MIN)
     counts.append(counted)
     tree = Tree()
@@ -352,6 +355,23 @@ def _catalog(walk: _RecordsWalk, faults: list[JournalCorruptedError], anchor: An
             return None
         meta_values = {FORMAT_KEY: str(anchor.format_version).encode(), LEDGER_ID_KEY: anchor.ledger_id}
     return meta_values, Database.parse(catalog[RECORDS_DB])
+
+
+def _identity_or_fault(meta_values: dict[bytes, bytes], anchor: AnchorState | None, data_file: str,
+                       faults: list[JournalCorruptedError]) -> tuple[int, bytes | None] | None:
+    """`_identity`, or None (its fault added to `faults`) where a snapshot's meta database is
+    damaged in what names the ledger (a format or ledger id key or value that does not read)
+    and names no other ledger than the anchor's: the other snapshot may be whole. One that
+    names another ledger's id raises, as does any with no anchor to hold it to: the file is not
+    known to be this ledger's, and is never read as its, whatever the other snapshot holds."""
+    try:
+        return _identity(meta_values, anchor, data_file)
+    except JournalCorruptedError as fault:
+        named = meta_values.get(LEDGER_ID_KEY)
+        if type(fault) is not JournalCorruptedError or anchor is None or named not in (None, anchor.ledger_id):
+            raise
+        faults.append(fault)
+        return None
 
 
 def _identity(meta_values: dict[bytes, bytes], anchor: AnchorState | None, data_file: str) -> tuple[int, bytes | None]:

@@ -27,7 +27,7 @@ from engine import JournalCorrupted, Ledger, TransferRequest
 from engine import _cli, _tools_audit, _tools_salvage
 from journal import Journal, rescue
 from journal._meta import Database, Meta, read_metas
-from journal._names import RECORDS_DB
+from journal._names import FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB
 from journal._pages import PageWalk, Tree
 from support import newest_meta
 
@@ -702,3 +702,69 @@ def test_a_damaged_key_that_makes_the_last_lsn_huge_lists_what_was_lost_without_
     assert report["first_corrupt_lsn"] == pristine.last_lsn
     assert {"lsn": pristine.last_lsn, "through_lsn": huge - 1, "transfer": None,
             "why": _tools_salvage.MISSING} in report["lost"]
+
+
+def _flip_in_page(path: Path, pgno: int, marker: bytes, at: int, mask: int) -> None:
+    """Flip `mask` in the byte `at` past the start of `marker` in page `pgno` (found there once)."""
+    with open(path / "data.mdb", "r+b") as data:
+        data.seek(pgno * PAGE)
+        page = bytearray(data.read(PAGE))
+        assert page.count(marker) == 1, (pgno, marker)
+        page[page.index(marker) + at] ^= mask
+        data.seek(pgno * PAGE)
+        data.write(page)
+
+
+@pytest.mark.parametrize("damage", ["the main database's key of the meta database", "the meta database's format key",
+                                    "the meta database's ledger id key"])
+def test_damage_in_the_newest_snapshots_catalog_or_identity_reads_the_snapshot_before_it(
+        pristine: Pristine, tmp_path: Path, damage: str) -> None:
+    """A bit flipped in the newest snapshot's main database (the meta database's name) or its
+    meta database (the format key, the ledger id's key) is damage, not a format or another
+    ledger's file: `tally verify` advises the salvage (`salvage_reads_around`), which reads the
+    snapshot before it (the anchor's ledger), and copies
+    every commit but the last (bench_faults' 9 "refused" leaf flips of seed 1)."""
+    path = copy_of(pristine, tmp_path)
+    main_root = newest_meta(path).main.root
+    if damage.startswith("the main"):
+        _flip_in_page(path, main_root, META_DB + bytes(1), len(META_DB) - 1, 0x80)  # b"meta" -> b"met\xe1"
+    else:
+        with open(path / "data.mdb", "rb") as data:
+            data.seek(main_root * PAGE)
+            catalog = data.read(PAGE)
+        record = catalog[catalog.index(META_DB) + len(META_DB):]  # (the meta database's MDB_db record follows)
+        meta_root = Database.parse(record[:48]).root
+        if damage.endswith("format key"):
+            _flip_in_page(path, meta_root, FORMAT_KEY, 0, 0x01)
+        else:
+            _flip_in_page(path, meta_root, LEDGER_ID_KEY, len(LEDGER_ID_KEY) - 1, 0x80)  # "ledger_id": "ledger_i\xe4"
+    damaged = file_digest(path)
+    assert _tools_audit.verify(str(path))["salvage_reads_around"] is True
+
+    report = salvage(path, tmp_path / "new")
+
+    assert file_digest(path) == damaged
+    assert _tools_audit.verify(str(tmp_path / "new"))["verdict"] == "whole"
+    with Ledger.open(tmp_path / "new", readonly=True) as copy:
+        held = [all(copy.get_transfer(tid) is not None for tid in ids) for _, ids in sorted(pristine.transfers.items())]
+    kept = held.index(False) if False in held else len(held)
+    assert not any(held[kept:]) and kept > len(held) // 2, (kept, len(held))  # a prefix
+    assert report["verdict"].startswith("salvaged"), report  # (the last commit may have held no transfer)
+
+
+def test_a_ledger_id_damaged_or_another_ledgers_is_refused_and_nothing_is_written(pristine: Pristine,
+                                                                                   tmp_path: Path) -> None:
+    """A bit of the newest snapshot's ledger id flipped reads as another ledger's file: one bit
+    cannot be told from another ledger's id, so the salvage refuses it (never reading the
+    snapshot before it as this ledger's) and writes nothing."""
+    path = copy_of(pristine, tmp_path)
+    main_root = newest_meta(path).main.root
+    with open(path / "data.mdb", "rb") as data:
+        data.seek(main_root * PAGE)
+        catalog = data.read(PAGE)
+    meta_root = Database.parse(catalog[catalog.index(META_DB) + len(META_DB):][:48]).root
+    _flip_in_page(path, meta_root, LEDGER_ID_KEY, len(LEDGER_ID_KEY) + 3, 0x04)
+    damaged = file_digest(path)
+    with pytest.raises(JournalCorrupted, match="belongs to ledger"):
+        salvage(path, tmp_path / "new")
+    assert file_digest(path) == damaged and not (tmp_path / "new").exists()
