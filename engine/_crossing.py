@@ -169,7 +169,7 @@ class Router:
         where = {name: shard_of(name, self.shards) if shard is None else shard for name, shard in found.items()}
         parts: dict[int, list[tuple[int, Row]]] = defaultdict(list)
         crossing: dict[int, TransferRequest] = {}
-        answered: dict[int, TransferRequest] = {}  # retries answered by the shard that decided their id
+        across: list[tuple[int, TransferRequest, int, int]] = []  # pending transfers on two shards
         for i, request in checked:
             if found[request.source] is None:
                 results[i] = unknown_source(request)
@@ -179,19 +179,25 @@ class Router:
                 b = a  # refused AccountNotFound by the source's shard
             if a == b:
                 parts[a].append((i, request_row(request)))
-            elif request.pending:  # none takes it, unless its id is decided: then its shard answers, as a retry
-                holder = self._found(request.id, "outcome")
-                if holder is None:
-                    results[i] = CrossShardRefused(
-                        f"pending transfer {request.id!r}: {request.source!r} and {request.destination!r} live on "
-                        f"shards {a} and {b}; a pending transfer runs within one shard (colocate with placement)")
-                else:
-                    answered[i] = request
-                    parts[holder[0]].append((i, request_row(request)))
+            elif request.pending:
+                across.append((i, request, a, b))
             else:
                 crossing[i] = request  # refused at the prepare if its destination is none, or in another currency
                 toward = "" if found[request.destination] is None else self.currencies.get(request.destination)
                 parts[a].append((i, prepare_row(request, b, toward)))
+        # A pending transfer on two shards none takes, unless its id is decided: then that shard
+        # answers it, as a retry (by the outcome it keeps: nothing is decided, so where it comes
+        # in its shard's part does not matter).
+        answered: dict[int, TransferRequest] = {}
+        deciders = self._deciders([request.id for _, request, _, _ in across])
+        for i, request, a, b in across:
+            if request.id in deciders:
+                answered[i] = request
+                parts[deciders[request.id]].append((i, request_row(request)))
+            else:
+                results[i] = CrossShardRefused(
+                    f"pending transfer {request.id!r}: {request.source!r} and {request.destination!r} live on "
+                    f"shards {a} and {b}; a pending transfer runs within one shard (colocate with placement)")
         batches = {a: ("batch", pack([item for _, item in part])) for a, part in parts.items()}
         replies = self._in_flight(batches) if len(batches) > 1 else self.on(batches)  # (another shard's part may be done)
         prepared: dict[int, Transfer] = {}
@@ -205,6 +211,16 @@ class Router:
         self._cross(crossing, prepared, where, results)
         assert all(result is not None for result in results)
         return results  # type: ignore[return-value]
+
+    def _deciders(self, transfer_ids: list[str]) -> dict[str, int]:
+        """The first shard keeping an outcome of each of `transfer_ids` that one keeps (every
+        shard asked at once, for them all: a refusal's path, not a transfer's)."""
+        deciders: dict[str, int] = {}
+        if transfer_ids:
+            for shard, decided in enumerate(self.everywhere("decided", transfer_ids)):
+                for transfer_id in decided:
+                    deciders.setdefault(transfer_id, shard)
+        return deciders
 
     def _cross(self, crossing: dict[int, TransferRequest], prepared: dict[int, Transfer], where: dict[str, int],
                results: list[Transfer | LedgerError | None]) -> None:

@@ -213,6 +213,12 @@ class Shard(ShardSteps):
                 continue
         return found
 
+    def decided(self, transfer_ids: Sequence[str]) -> list[str]:
+        """Those of `transfer_ids` whose outcome this shard's ledger keeps (a shard that cannot
+        say raises)."""
+        outcome = self.ledger.outcome
+        return [transfer_id for transfer_id in transfer_ids if outcome(transfer_id) is not None]
+
     def create_accounts(self, accounts: Sequence[Account]) -> list[Account | LedgerError]:
         return self.ledger.create_accounts(accounts)
 

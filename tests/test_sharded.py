@@ -817,6 +817,9 @@ def test_a_pending_transfer_or_a_linked_chain_naming_an_unknown_account_is_refus
     with pytest.raises(IdempotencyConflict) as conflict:
         sharded.transfer("h1", source=left[0], destination=ghost, amount=6, pending=True)
     assert "(6 from" in str(conflict.value), conflict.value
+    retried, fresh = sharded.transfer_many([  # in a batch: the decided one answered, the other refused
+        TransferRequest("h1", left[0], ghost, 5, pending=True), TransferRequest("h9", left[0], ghost, 5, pending=True)])
+    assert isinstance(retried, AccountNotFound) and isinstance(fresh, CrossShardRefused), (retried, fresh)
     assert [sharded.balance(name).available for name in left] == [10, 10] and sharded.balance(ghost).incoming == 0
 
 
