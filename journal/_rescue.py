@@ -11,7 +11,9 @@ be trusted, with the same checks, never through LMDB:
    the two ids are not consecutive, one is damaged: the one the anchor saw flushed last first);
    if the newest is damaged, the one before it, which LMDB keeps whole until the next commit;
 2. that snapshot's main database, whole (it says where the records are), and its meta database
-   (whose ledger and which format they are; damaged, the anchor's stand in): a fault in the main
+   (whose ledger and which format they are; damaged, the anchor's stand in, once another
+   snapshot's names the anchor's ledger or the records read hold the anchor's digest at its
+   durable LSN: else the file is refused, not known to be this ledger's): a fault in the main
    database moves on to the other snapshot; a ledger id or format that is not its anchor's
    refuses the file;
 3. the records tree, each page checked as opening checks it; a subtree that fails (a page
@@ -213,13 +215,14 @@ def _rescue(fd: int, data_file: str, scratch: str, anchor: AnchorState | None,
     """`rescue`'s reading, from the open data file `fd`: each snapshot in turn (`_metas`) until
     one reads whole, or the best of those read (see the module docstring)."""
     metas, faults = _metas(fd, data_file, anchor)
+    named = _named_anchors_ledger(fd, data_file, metas, anchor)
     kept: Rescued | None = None
     counts: list[int] = []
     """The records count each snapshot's catalog says (bounded), of those whose catalog read."""
     for meta in metas:
         attempt = scratch if kept is None else f"{scratch}-other"
         try:
-            read = _read_snapshot(fd, data_file, meta, attempt, anchor, index_names, faults, counts)
+            read = _read_snapshot(fd, data_file, meta, attempt, anchor, index_names, faults, counts, named)
         except JournalCorruptedError as fault:  # (another snapshot's records are not this ledger's: kept as it is)
             if kept is None:
                 raise
@@ -261,18 +264,19 @@ def _reach(rescued: Rescued) -> int:
 
 
 def _read_snapshot(fd: int, data_file: str, meta: Meta, scratch: str, anchor: AnchorState | None,
-                   index_names: Sequence[str], faults: list[JournalCorruptedError], counts: list[int]
-                   ) -> Rescued | None:
+                   index_names: Sequence[str], faults: list[JournalCorruptedError], counts: list[int],
+                   named: bool) -> Rescued | None:
     """The records of the snapshot `meta` commits, written into a new journal at `scratch`; None
     (its fault added to `faults`) if its main or meta database does not read whole, or no record
     does. `faults` holds what was damaged of the newer snapshots, `counts` their records counts
-    (this one's is added once its catalog reads)."""
+    (this one's is added once its catalog reads); `named`, whether a snapshot's meta database read
+    whole names the anchor's ledger (`_named_anchors_ledger`)."""
     damaged_before, newer = bool(faults), max(counts, default=0)
     walk = _RecordsWalk(fd, meta, data_file)
     found = _catalog(walk, faults, anchor)
     if found is None:
         return None
-    meta_values, records = found
+    meta_values, records, stood_in = found
     identity = _identity_or_fault(meta_values, anchor, data_file, faults)
     if identity is None:
         return None
@@ -293,6 +297,9 @@ def _read_snapshot(fd: int, data_file: str, meta: Meta, scratch: str, anchor: An
         if isinstance(error, (lmdb.Error, OSError)):  # (writing the scratch: a read of the file raises JournalError)
             raise space_error(scratch, error) from error
         raise
+    if stood_in and not named and not written.anchor_checked:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise _unknown_ledger(anchor, data_file, faults)
     if not written.records and records.root != NO_PAGE:  # (its root failed: what the walk met first)
         faults += walk.faults[:1]
         shutil.rmtree(scratch, ignore_errors=True)
@@ -331,11 +338,12 @@ def _metas(fd: int, data_file: str, anchor: AnchorState | None) -> tuple[list[Me
 
 
 def _catalog(walk: _RecordsWalk, faults: list[JournalCorruptedError], anchor: AnchorState | None
-             ) -> tuple[dict[bytes, bytes], Database] | None:
-    """What the meta database of `walk`'s snapshot holds, and its records database's record,
-    the main database and the meta database walked whole; None (the fault added to `faults`)
-    if either is damaged. A damaged meta database, with an anchor, is noted in `faults` and the
-    anchor's format and ledger id stand in for what it held (nothing else in it is needed)."""
+             ) -> tuple[dict[bytes, bytes], Database, bool] | None:
+    """What the meta database of `walk`'s snapshot holds, its records database's record, and
+    whether the anchor stood in for the first, the main database and the meta database walked
+    whole; None (the fault added to `faults`) if either is damaged. A damaged meta database, with
+    an anchor, is noted in `faults` and the anchor's format and ledger id stand in for what it
+    held (nothing else in it is needed; `_read_snapshot` then checks the records are the anchor's)."""
     meta_values: dict[bytes, bytes] = {}
     try:
         catalog = dict(walk.main_database())
@@ -354,7 +362,34 @@ def _catalog(walk: _RecordsWalk, faults: list[JournalCorruptedError], anchor: An
         if anchor is None:
             return None
         meta_values = {FORMAT_KEY: str(anchor.format_version).encode(), LEDGER_ID_KEY: anchor.ledger_id}
-    return meta_values, Database.parse(catalog[RECORDS_DB])
+        return meta_values, Database.parse(catalog[RECORDS_DB]), True
+    return meta_values, Database.parse(catalog[RECORDS_DB]), False
+
+
+def _named_anchors_ledger(fd: int, data_file: str, metas: list[Meta], anchor: AnchorState | None) -> bool:
+    """Whether the meta database of one of the snapshots `metas` reads whole and names the
+    anchor's ledger: what lets the anchor stand in for another snapshot's damaged one (a file's
+    ledger id is written once, when it is made; each commit rewrites the meta database's page)."""
+    if anchor is None:
+        return False
+    for meta in metas:
+        found = _catalog(_RecordsWalk(fd, meta, data_file), [], None)
+        if found is not None and found[0].get(LEDGER_ID_KEY) == anchor.ledger_id:
+            return True
+    return False
+
+
+def _unknown_ledger(anchor: AnchorState | None, data_file: str,
+                    faults: list[JournalCorruptedError]) -> JournalCorruptedError:
+    """The fault of a file whose meta database is damaged in every snapshot, whose records do
+    not show it is the anchor's ledger's either: the record at the anchor's durable LSN was not
+    read (the file may be another ledger's, or an older copy; the damage may have taken it)."""
+    durable = anchor.durable_lsn if anchor is not None else 0
+    shown = "; ".join(str(fault) for fault in faults)
+    return JournalCorruptedError(
+        f"its meta database, which names its ledger, is damaged ({shown}), and nothing else in it shows it is this "
+        f"ledger's: the record at LSN {durable}, which the anchor saw durable, was not read with the digest the "
+        "anchor holds (the file may be another ledger's, or an older copy of this one)", where=data_file)
 
 
 def _identity_or_fault(meta_values: dict[bytes, bytes], anchor: AnchorState | None, data_file: str,

@@ -173,6 +173,17 @@ def snapshots(path: Path) -> list[tuple[int, int, int]]:
         os.close(fd)
 
 
+def meta_database_roots(path: Path) -> set[int]:
+    """The root page of the meta database (one leaf) of each snapshot of the ledger at `path`."""
+    data_file = str(path / "data.mdb")
+    fd = os.open(data_file, os.O_RDONLY)
+    try:
+        return {Database.parse(_catalog_of(PageWalk(fd, meta, data_file, None))[META_DB]).root
+                for meta in read_metas(fd, data_file)}
+    finally:
+        os.close(fd)
+
+
 def _catalog_of(walk: PageWalk) -> dict[bytes, bytes]:
     """The main database of `walk`'s snapshot: each named database's record, by its name."""
     return dict(walk.main_database())
@@ -651,6 +662,33 @@ def test_a_damaged_meta_database_is_stood_in_for_by_the_anchor_and_nothing_is_lo
     assert f"page {meta_leaf} of the meta database" in report["problem"]
     with Ledger.open(tmp_path / "new", readonly=True) as copy:
         assert copy.get_transfer("last") is not None
+
+
+@pytest.mark.parametrize("whose", ["another ledger's", "this ledger's, its durable record lost too"])
+def test_a_damaged_meta_database_is_not_stood_in_for_when_nothing_shows_the_file_is_the_anchors(
+        pristine: Pristine, tmp_path: Path, whose: str) -> None:
+    """The anchor stands in for a damaged meta database (the ledger's id) only once the record at
+    its durable LSN is read with its digest: another ledger's file with fewer records (or this
+    ledger's, that record lost as well) is refused, and nothing is written."""
+    path = copy_of(pristine, tmp_path)
+    if whose == "another ledger's":
+        other = tmp_path / "other"
+        with Ledger.open(other) as ledger:
+            ledger.create_account("bank", currency="USD", overdraft_limit=None)
+            ledger.create_account("x", currency="USD")
+            ledger.transfer("t", source="bank", destination="x", amount=7)
+        shutil.copyfile(other / "data.mdb", path / "data.mdb")
+    meta_roots = meta_database_roots(path)
+    if whose != "another ledger's":
+        zero_page(path, max(records_pages(path).items(), key=lambda page: page[1][1])[0])  # the durable LSN's leaf
+    for root in meta_roots:
+        zero_page(path, root)
+    damaged = file_digest(path)
+
+    with pytest.raises(JournalCorrupted, match=f"nothing else in it shows it is this ledger's: the record at LSN "
+                                               f"{pristine.last_lsn}, which the anchor saw durable, was not read"):
+        salvage(path, tmp_path / "new")
+    assert file_digest(path) == damaged and not (tmp_path / "new").exists()
 
 
 def test_a_skipped_last_subtree_with_nothing_to_say_how_many_it_held_says_the_end_is_unknown(
