@@ -28,8 +28,9 @@ A child process (forked, so a signal kills only it) then does what users do: `ta
 and never `BAD`: different data, a raw exception, a signal, a hang, a retried transfer
 committed twice, a write over damage, or verify saying whole over damage. Each ledger verify
 finds damaged is then salvaged (`tally recover --salvage`, `salvaged`): its copy must verify
-whole, the damaged ledger be left as it was, and the copy hold exactly the transfers committed
-before some LSN ("all" or "a prefix"; "refused": nothing could be saved), else `BAD`. `tests/
+whole, the damaged ledger be left as it was, and the copy hold exactly the outcomes (transfers
+committed, requests refused) decided before some LSN ("all" or "a prefix"; "refused": nothing
+could be saved), else `BAD`. `tests/
 test_storage_faults.py` runs a sample (`--sample`: a few faults of each kind); the full sweep
 is a few thousand faults (minutes).
 """
@@ -300,6 +301,7 @@ def capture_commit(reference: Path, into: Path, requests: list[TransferRequest])
         _keep(work, into / "after")
         truth = read_all(ledger, requests)
         truth["retries"] = [_outcome(outcome) for outcome in ledger.transfer_many(requests)]
+        truth["decided_at"] = decided_at(ledger)
     return truth
 
 
@@ -427,9 +429,10 @@ def probe(directory: Path, truths: list[dict], requests: list[TransferRequest]) 
 
 def salvaged(directory: Path, truths: list[dict], requests: list[TransferRequest]) -> str:
     """Runs in the child: `tally recover --salvage` of the damaged ledger, and what its copy
-    holds. "refused" (nothing saved, `LedgerError`), "all" (every transfer the ledger
-    committed), "a prefix" (those committed before some LSN, and none after), or "BAD: ..."
-    (the original changed, the copy not whole, or holding other than a prefix of the truth)."""
+    holds. "refused" (nothing saved, `LedgerError`), "all" (every outcome the ledger decided:
+    each transfer committed, each request refused), "a prefix" (those decided before some LSN,
+    and none after), or "BAD: ..." (the original changed, the copy not whole, or holding other
+    than a prefix of the truth)."""
     from engine import Ledger, _tools_salvage
 
     into = directory.parent / f"{directory.name}-salvaged"
@@ -444,22 +447,29 @@ def salvaged(directory: Path, truths: list[dict], requests: list[TransferRequest
     if verdict(into) != "whole":
         return f"BAD: the copy verifies {verdict(into)}"
     with Ledger.open(into, readonly=True) as copy:
-        held = {request.id: _outcome(copy.get_transfer(request.id)) for request in requests}
+        held = {request.id: _outcome(copy.outcome(request.id)) for request in requests}
     lsn_at = list(Transfer.__dataclass_fields__).index("lsn")  # (the copy's LSNs are its own)
     for truth in truths:
-        made = sorted((found[lsn_at], tid) for tid, found in truth["transfers"].items() if isinstance(found, list))
-        kept = [held[tid] is not None for _, tid in made]
+        first = {request.id: outcome for request, outcome in zip(requests, truth["retries"], strict=True)}
+        decided = sorted((lsn, tid) for tid, lsn in truth["decided_at"].items() if tid in held)
+        kept = [held[tid] is not None for _, tid in decided]
         if kept != sorted(kept, reverse=True):  # (True up to a point, False after it)
             continue
-        refused = [tid for tid in held if not isinstance(truth["transfers"][tid], list)]
-        if all(held[tid] is None or _without_lsn(held[tid], lsn_at) == _without_lsn(truth["transfers"][tid], lsn_at)
-               for _, tid in made) and not any(held[tid] for tid in refused):
+        if all(held[tid] is None or _without_lsn(held[tid], lsn_at) == _without_lsn(first[tid], lsn_at)
+               for _, tid in decided) and not any(held[tid] for tid in held if tid not in truth["decided_at"]):
             return "all" if all(kept) else "a prefix"
-    return "BAD: the copy holds other than the transfers committed before some LSN"
+    return "BAD: the copy holds other than the outcomes (transfers and refusals) decided before some LSN"
 
 
-def _without_lsn(outcome: list, lsn_at: int) -> list:
-    return outcome[:lsn_at] + outcome[lsn_at + 1:]
+def _without_lsn(outcome: list | str, lsn_at: int) -> list | str:
+    return outcome[:lsn_at] + outcome[lsn_at + 1:] if isinstance(outcome, list) else outcome
+
+
+def decided_at(ledger: object) -> dict[str, int]:
+    """The LSN of the record that decided each transfer id (committed or refused), by the
+    ledger's events: the order a salvage's copy must keep a prefix of."""
+    return {transfer.id: event.lsn for event in ledger.events()  # type: ignore[attr-defined]
+            if event.kind in ("transfer", "refusal") for transfer in event.transfers}
 
 
 def _use(ledger: object, truths: list[dict], requests: list[TransferRequest]) -> dict:
@@ -599,6 +609,7 @@ def run_faults(scratch: Path, *, seed: int = 1, sample: bool = False, per_kind: 
             truth = read_all(ledger, requests)
             # A retry returns the first outcome and writes nothing: the refusals' codes, read here.
             truth["retries"] = [_outcome(outcome) for outcome in ledger.transfer_many(requests)]
+            truth["decided_at"] = decided_at(ledger)
             return truth
 
     truth = in_child(read_truth)
