@@ -190,8 +190,9 @@ def load_checkpoint(journal: Journal, unindexed: bool = False) -> Recovered:
         with journal.snapshot() as txn:
             books.indexed_through = indexed = indexed_through(journal, txn)
             behind = indexed < books.last_lsn
-            books.unindexed = unindexed_by_key(journal, txn, books.last_lsn) if behind else {}
-            books.unindexed_holds = unindexed_holds_by_key(journal, txn, books.last_lsn) if behind else {}
+            # (up to the record before the checkpoint, which has none: its rows are not decoded again)
+            books.unindexed = unindexed_by_key(journal, txn, books.last_lsn - 1) if behind else {}
+            books.unindexed_holds = unindexed_holds_by_key(journal, txn, books.last_lsn - 1) if behind else {}
             books.unreleased = [books.last_lsn] if behind else []
     return books
 

@@ -14,7 +14,8 @@ entries or none. The entries of those commits are *unindexed*: the sequencer kee
 them in memory (`UnindexedEntries`); each checkpoint takes those stamped before it and
 has the journal writer put them in the index in key order, each leaf page once, in
 slices that ride on the group commits after the checkpoint record
-(`journal.Behind`), the last with `INDEXED_TO_KEY`. (Written with the checkpoint
+(`journal.Behind`), the last with `INDEXED_TO_KEY` (a checkpoint with none to carry sends
+the key alone, written once the rows before it are in). (Written with the checkpoint
 record, as they were, all ~100,000 of them made one transaction of ~0.1 s that every
 record queued behind it waited for.) In a journal without the key yet, the first
 checkpoint with rows to write writes the key with its record, naming the checkpoint

@@ -197,11 +197,15 @@ def _committed(lsn: int, record: list[Any]) -> Committed:
     return Committed(lsn, tuple(map(request_of, legs)), tuple(transfers), tuple(entries), linked, timestamp)
 
 
-def records(journal: Journal, after_lsn: int = 0, txn: Any | None = None) -> Iterator[Record]:
-    """Every record after `after_lsn`, in LSN order, verified and typed. Damage raises
-    `JournalCorrupted` naming the LSN where it is."""
+def records(journal: Journal, after_lsn: int = 0, txn: Any | None = None, until: int | None = None
+            ) -> Iterator[Record]:
+    """Every record after `after_lsn` (up to LSN `until`, if given: the one after it is not
+    decoded), in LSN order, verified and typed. Damage raises `JournalCorrupted` naming the
+    LSN where it is."""
     try:
         for lsn, payload in journal.scan(after_lsn, txn):
+            if until is not None and lsn > until:
+                return
             yield record_of(lsn, payload)
     except JournalCorruptedError as error:
         raise JournalCorrupted(str(error), error.lsn, error.where) from error

@@ -172,9 +172,7 @@ def unindexed_holds_by_key(journal: Journal, txn: Any, until: int | None = None)
     checkpoint, pendings = checkpoint_before(journal, indexed_through(journal, txn) + 1, txn)
     tracker = HoldTracker(pendings)
     holds: Unindexed = {}
-    for record in records(journal, checkpoint, txn):
-        if until is not None and record.lsn > until:
-            break
+    for record in records(journal, checkpoint, txn, until):
         rows = tracker.rows(record)
         if rows:
             add_holds(holds, record.lsn, rows)

@@ -164,7 +164,7 @@ class Sequencer(AccountOpening, Appending, Deadlines):
             self._indexed_to: int | None = None if marked else newest_checkpoint_lsn(journal, txn)
             """No `INDEXED_TO_KEY` yet, so readers take the newest checkpoint for it: its LSN. The
             first checkpoint with rows to write behind it writes the key with its record, naming
-            this one, before any of them."""
+            this one, before any of them (one with none, only behind it, naming itself)."""
         self._baseline: list[bytes] = []
         """The baseline hold rows (`coordinator._records.holds_key` at LSN 0) of a ledger from
         before hold rows: every account's pending amounts as the records before the mark leave
@@ -345,24 +345,21 @@ class Sequencer(AccountOpening, Appending, Deadlines):
         lsn = self._journal.last_lsn + 1
         index: dict[str, list[bytes]] = {CHECKPOINTS_INDEX: [lsn_value(lsn), b""]}
         carried = Joined(sorted(self.unindexed.ordered_parts() + self.unindexed_holds.ordered_parts(), key=first_key))
-        behind: Behind | None = None
-        if len(carried):  # else the index holds every row before it already: the mark may stay
-            behind = (ENTRIES_INDEX, carried, {ENTRIES_INDEX: [INDEXED_TO_KEY, lsn_value(lsn)]})
-            if self._indexed_to is not None:
-                index[ENTRIES_INDEX] = [INDEXED_TO_KEY, lsn_value(self._indexed_to)]
+        # The mark goes behind it even with no rows to carry (a close's checkpoint after another): the
+        # writer puts it once the rows of the checkpoints before are in. (Left naming the one
+        # before, an open would derive entries from the records since, this one among them.)
+        behind: Behind = (ENTRIES_INDEX, carried, {ENTRIES_INDEX: [INDEXED_TO_KEY, lsn_value(lsn)]})
+        if len(carried) and self._indexed_to is not None:
+            index[ENTRIES_INDEX] = [INDEXED_TO_KEY, lsn_value(self._indexed_to)]
         payload = encode([CHECKPOINT5, self._journaled_timestamp, self.index_entries + 1, previous, total, sweep_next, rows,
                           pendings, pending_base, closed, len(self.pending), pending_next[1]])
         try:
             appended = self._journal.append_block([payload], index, [None], behind=behind)  # may time out: nothing changed
             self.index_entries += 1
             assert appended == lsn, (appended, lsn)
-            if behind is None:  # both empty: nothing to carry, nor to release
-                if self._indexed_to is not None:
-                    self._indexed_to = lsn
-            else:
-                self._indexed_to = None
-                self.unindexed.carry(lsn)
-                self.unindexed_holds.carry(lsn)
+            self._indexed_to = None
+            self.unindexed.carry(lsn)
+            self.unindexed_holds.carry(lsn)
             crash_point("during-checkpoint")
             self._since_checkpoint = 0
             self.rows.journaled(lsn, len(rows), previous, sweep_next, total)

@@ -11,8 +11,16 @@ from pathlib import Path
 
 import pytest
 
+import coordinator._checkpoints as checkpoints_module
 from coordinator import INDEX_NAMES, _sequencer, audit
-from coordinator._entries import Row, UnindexedEntries, indexed_through, unindexed_entries, with_unindexed
+from coordinator._entries import (
+    Row,
+    UnindexedEntries,
+    indexed_through,
+    newest_checkpoint_lsn,
+    unindexed_entries,
+    with_unindexed,
+)
 from coordinator._records import (
     CHECKPOINTS_INDEX,
     ENTRIES_INDEX,
@@ -482,6 +490,35 @@ def test_a_journal_without_the_mark_gets_it_with_the_first_checkpoint_that_write
         assert ledger.entries("alice")[-1].transfer_id == "late"
         monkeypatch.undo()
     assert indexed_count(path)[1] == newest  # the close wrote them
+    assert audit_of(path).whole
+
+
+def test_a_checkpoint_with_no_rows_to_write_behind_it_is_marked_so_an_open_reads_no_records_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint right after another (a close's of every account, say) carries no entries:
+    the mark names it at once, and the next open derives no unindexed entries from the records
+    (before, it named the one before, and the open decoded the newest checkpoint's rows twice
+    more to find none)."""
+    path = tmp_path / "ledger"
+    build(path, checkpoint_interval=10**6)
+    with Ledger.open(path) as ledger, ledger._sequencer.lock:
+        first = ledger._sequencer.checkpoint()  # the entries since the last, behind it
+        second = ledger._sequencer.checkpoint()
+    journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
+    try:
+        with journal.snapshot() as txn:
+            newest = newest_checkpoint_lsn(journal, txn)  # (the close's, or the second)
+    finally:
+        journal.close()
+    assert first < second <= newest and indexed_count(path)[1] == newest
+    scanned: list[int] = []
+    unindexed = checkpoints_module.unindexed_by_key
+    monkeypatch.setattr(checkpoints_module, "unindexed_by_key",
+                        lambda *args: scanned.append(args[2]) or unindexed(*args))  # type: ignore[func-returns-value]
+    with Ledger.open(path, readonly=True) as ledger:
+        assert ledger.entries("alice")
+    assert scanned == []
     assert audit_of(path).whole
 
 
