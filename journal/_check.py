@@ -271,6 +271,20 @@ def check_to_seal(data_file: str, index_names: Sequence[str]) -> tuple[Meta, byt
     return None if layout is None else (meta, sums, layout)
 
 
+def seal_stands(directory: str, data_file: str) -> bool:
+    """Whether the seal in `directory` stands for the data file as it is now, as an open would
+    take it (`journal._seal.sealed_layout`): it seals the committed snapshot, and the file's
+    bytes up to its last page are those it summed. So a close after an open that committed
+    nothing keeps the seal its open took, reading the file once instead of walking it."""
+    meta = _read_committed(data_file)
+    assert meta is not None
+    fd = open_data_file(data_file)
+    try:
+        return sealed_layout(directory, fd, meta, data_file) is not None
+    finally:
+        os.close(fd)
+
+
 def _check_databases(found: set[bytes], expected: set[bytes], data_file: str) -> None:
     if found != expected:
         shown = sorted(name.decode(errors="replace") for name in found)

@@ -39,7 +39,7 @@ from journal._commits import Behind, IndexPut, IndexPuts
 from journal._format import index_seed, key_lsn, lsn_key
 from journal._journal_reads import JournalReads
 from journal._limits import MAP_SIZE_BYTES_DEFAULT
-from journal._check import check_records, check_to_seal
+from journal._check import check_records, check_to_seal, seal_stands
 from journal._names import DATA_FILE, RECORDS_DB
 from journal._seal import SEAL_FILE, write_seal
 from journal._store import Store, os_error
@@ -338,13 +338,20 @@ class Journal(JournalReads):
         """Walk every page of a data file this journal wrote and closed cleanly, as an open
         would, and seal what it checked (`journal._seal`). Damage found here (a page that
         changed on disk while the ledger was open) is logged and left unsealed: the next open
-        walks and reports it. A seal that cannot be written only costs the next open its walk."""
+        walks and reports it. A seal that cannot be written only costs the next open its walk.
+        The seal an open took, if the file is still the one it sealed (nothing committed since,
+        every byte as it summed them: `seal_stands`), is kept as it is, and nothing walked."""
         store = self._store
         data_file = os.path.join(store.directory, DATA_FILE)
         if not store.in_place():  # its directory removed or moved away: whatever is at the path is not ours
             logger.warning("%s is no longer the data file this ledger opened (removed or moved away): no seal written",
                            data_file)
             return
+        try:
+            if seal_stands(store.directory, data_file):
+                return
+        except (OSError, JournalError):  # (read as below: damage, or a file that cannot be read, is the walk's to say)
+            pass
         try:
             os.unlink(os.path.join(store.directory, SEAL_FILE))  # never a seal of other bytes than those walked here
         except FileNotFoundError:

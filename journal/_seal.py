@@ -9,7 +9,9 @@ file: the transaction id of the committed snapshot, its high-water page, a CRC-3
 MiB of the file up to that page, and the layout the walk found, the whole framed by its own
 CRC-32. (The old seal is removed first, so no seal ever stands for bytes other than those
 its close walked.) So the walk moves from the next open to this close: the time is the
-same, but a restarting host waits for it before the old process lets go, not after.
+same, but a restarting host waits for it before the old process lets go, not after. A close
+after an open that committed nothing, whose file still sums as the seal says, keeps that seal
+and walks nothing (`journal._check.seal_stands`): those are still the bytes it stands for.
 
 An open that finds a seal whose snapshot is the committed one and whose every CRC matches
 the file as it is now takes the layout from it instead of walking: those are the bytes the

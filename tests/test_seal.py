@@ -140,8 +140,9 @@ def test_a_close_that_finds_no_file_of_its_own_where_it_writes_the_seal_aside_na
     aside = ledger_path / (SEAL_FILE + ".new")
     elsewhere = ledger_path.parent / "elsewhere"
     left_as_it_was = leave_aside(aside, elsewhere, what)
-    with Ledger.open(ledger_path) as reopened:
-        assert reopened.state_hash() == state_hash
+    with Ledger.open(ledger_path) as reopened:  # a commit: the close seals anew
+        reopened.transfer("after", source="bank", destination="alice", amount=1)
+        state_hash = reopened.state_hash()
     assert str(aside) in caplog.text and "was not written" in caplog.text
     assert not (ledger_path / SEAL_FILE).exists()
     assert left_as_it_was()
@@ -167,8 +168,9 @@ def test_a_seal_that_cannot_be_written_leaves_no_file_aside(
 
     with monkeypatch.context() as patched:
         patched.setattr(os, "fsync", full)
-        with Ledger.open(ledger_path) as reopened:
-            assert reopened.state_hash() == state_hash
+        with Ledger.open(ledger_path) as reopened:  # a commit: the close seals anew
+            reopened.transfer("after", source="bank", destination="alice", amount=1)
+            state_hash = reopened.state_hash()
     assert "was not written" in caplog.text and "No space left" in caplog.text
     assert not (ledger_path / SEAL_FILE).exists() and not (ledger_path / (SEAL_FILE + ".new")).exists()
     walks.clear()
@@ -222,6 +224,37 @@ def test_damage_that_lands_while_the_ledger_is_open_is_never_sealed(ledger_path:
     finally:
         ledger.close()
     assert not (ledger_path / SEAL_FILE).exists()
+    walks.clear()
+    with pytest.raises(JournalCorrupted, match="page"):
+        Ledger.open(ledger_path)
+    assert walks == [1]
+
+
+def test_a_close_after_an_open_that_committed_nothing_keeps_the_seal_and_walks_nothing(
+    ledger_path: Path, walks: list[int]
+) -> None:
+    state_hash = build(ledger_path)
+    sealed = (ledger_path / SEAL_FILE).read_bytes()
+    walks.clear()
+    with Ledger.open(ledger_path) as reopened:  # reads only
+        assert reopened.state_hash() == state_hash
+    assert walks == [] and (ledger_path / SEAL_FILE).read_bytes() == sealed
+    with Ledger.open(ledger_path) as again:
+        assert walks == [] and again.state_hash() == state_hash
+
+
+def test_damage_that_lands_while_a_ledger_is_open_and_unwritten_is_never_sealed(
+    ledger_path: Path, walks: list[int]
+) -> None:
+    """Nothing committed, but a stray write while open: the close's sums fail, so it walks
+    (as before the seal was kept), finds the damage and leaves no seal."""
+    data = build_long(ledger_path)
+    ledger = Ledger.open(ledger_path)  # sealed: no walk
+    try:
+        damage_an_old_leaf(data)
+    finally:
+        ledger.close()
+    assert walks and not (ledger_path / SEAL_FILE).exists()
     walks.clear()
     with pytest.raises(JournalCorrupted, match="page"):
         Ledger.open(ledger_path)
