@@ -349,7 +349,7 @@ class Sequencer(AccountOpening, Appending, Deadlines):
         # writer puts it once the rows of the checkpoints before are in. (Left naming the one
         # before, an open would derive entries from the records since, this one among them.)
         behind: Behind = (ENTRIES_INDEX, carried, {ENTRIES_INDEX: [INDEXED_TO_KEY, lsn_value(lsn)]})
-        if len(carried) and self._indexed_to is not None:
+        if self._indexed_to is not None:  # (no key yet: written with the record, whatever it carries)
             index[ENTRIES_INDEX] = [INDEXED_TO_KEY, lsn_value(self._indexed_to)]
         payload = encode([CHECKPOINT5, self._journaled_timestamp, self.index_entries + 1, previous, total, sweep_next, rows,
                           pendings, pending_base, closed, len(self.pending), pending_next[1]])
