@@ -54,12 +54,12 @@ from journal._anchor import ANCHOR_FILE, TXNID_MASK, AnchorState, read_anchor
 from journal._check import format_version, open_data_file, same_ledger
 from journal._directory import lock_directory
 from journal._errors import JournalCorruptedError, JournalError, os_read_error, space_error
-from journal._format import key_lsn
+from journal._format import key_lsn, lsn_key
 from journal._limits import RESCUE_RECORD_BYTES_MIN
 from journal._meta import NO_PAGE, PAGE, Database, Meta, corrupt, metas_each
 from journal._names import DATA_FILE, FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB
 from journal._pages import P_BRANCH, P_LEAF, PageWalk, Tree
-from journal._rescue_scratch import LSN_KEY_BYTES, Foreign, Scratch
+from journal._rescue_scratch import LSN_KEY_BYTES, Foreign, Scratch, chain_digest_at
 
 
 @dataclass(frozen=True)
@@ -156,17 +156,39 @@ def rescuable(path: str, damage: JournalCorruptedError) -> bool:
     except (JournalError, OSError):
         return False
     try:
-        for meta in _metas(fd, data_file, anchor)[0]:
+        metas = _metas(fd, data_file, anchor)[0]
+        for meta in metas:
             walk = _RecordsWalk(fd, meta, data_file)
             found = _catalog(walk, [], anchor)
             if found is not None and _root_reads(walk, found[1]) and \
-                    _identity_or_fault(found[0], anchor, data_file, []) is not None:
+                    _identity_or_fault(found[0], anchor, data_file, []) is not None and \
+                    (not found[2] or _named_anchors_ledger(fd, data_file, metas, anchor) or
+                     _anchor_vouches(fd, meta, found[1], anchor, data_file)):
                 return True
         return False
     except (JournalError, OSError):
         return False
     finally:
         os.close(fd)
+
+
+def _anchor_vouches(fd: int, meta: Meta, records: Database, anchor: AnchorState | None, data_file: str) -> bool:
+    """Whether the records of the snapshot `meta` hold the record at the anchor's durable LSN
+    with the anchor's digest (what a rescue then holds them to, `Scratch`): the walk of the
+    records a rescue makes, writing nothing."""
+    if anchor is None or not anchor.digest or not anchor.durable_lsn:
+        return False
+    durable_key, found = lsn_key(anchor.durable_lsn), []
+
+    def visit(_name: bytes, keys: list[bytes], values: list[bytes]) -> None:
+        if keys[0] <= durable_key <= keys[-1] and durable_key in keys:
+            found.append(values[keys.index(durable_key)])
+
+    walk = _RecordsWalk(fd, meta, data_file)
+    walk.visit, walk.key_bytes = visit, LSN_KEY_BYTES
+    walk.page(RECORDS_DB, records.root, 1, None, None, Tree(), False)
+    digest = chain_digest_at(anchor.durable_lsn, found[0]) if found else None
+    return digest is not None and anchor.other_history(digest, data_file) is None
 
 
 def _root_reads(walk: _RecordsWalk, records: Database) -> bool:

@@ -12,13 +12,24 @@ import lmdb
 from journal._anchor import AnchorState
 from journal._check import expected_databases
 from journal._errors import JournalCorruptedError
-from journal._format import key_lsn, lsn_key, unframe_chained
+from journal._format import GENESIS, key_lsn, lsn_key, unframe_chained
 from journal._limits import DBS_MAX, RESCUE_MAP_BYTES_SPARE, RESCUE_MAP_FILES
 from journal._marks import commit_mark, marked_databases
 from journal._names import COMMIT_MARK_KEY, FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB
 
 LSN_KEY_BYTES = len(lsn_key(0))
 """Every key of the records: an LSN (`journal._format.lsn_key`)."""
+
+
+def chain_digest_at(lsn: int, stored: bytes) -> bytes | None:
+    """The chain's digest at the record `stored` at `lsn` (`GENESIS` for an unchained one, of
+    formats 1-3: the chain is empty there, as `Journal.head_at` says for the open's check of
+    the anchor), or None if the record fails its checksum (the audit's to name)."""
+    try:
+        digest = unframe_chained(lsn, stored)[0]
+    except JournalCorruptedError:
+        return None
+    return GENESIS if digest is None else digest
 
 
 class Foreign(Exception):
@@ -88,11 +99,10 @@ class Scratch:
         assert anchor is not None
         if self.durable_key not in keys:
             return
-        try:
-            digest = unframe_chained(anchor.durable_lsn, values[keys.index(self.durable_key)])[0]
-        except JournalCorruptedError:
+        digest = chain_digest_at(anchor.durable_lsn, values[keys.index(self.durable_key)])
+        if digest is None:
             return
-        other = None if digest is None else anchor.other_history(digest, self.data_file)
+        other = anchor.other_history(digest, self.data_file)
         if other is not None:
             raise Foreign(other)
         self.anchor_checked = True

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from coordinator import INDEX_NAMES, Checkpointed, Committed, records
 from engine import JournalCorrupted, Ledger, TransferRequest
 from engine import _cli, _tools_audit, _tools_salvage
 from journal import Journal, rescue
+from journal._format import frame_unchained, unframe_chained
 from journal._meta import Database, Meta, read_metas
 from journal._names import FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB
 from journal._pages import PageWalk, Tree
@@ -684,10 +686,56 @@ def test_a_damaged_meta_database_is_not_stood_in_for_when_nothing_shows_the_file
     for root in meta_roots:
         zero_page(path, root)
     damaged = file_digest(path)
+    assert _tools_audit.verify(str(path))["salvage_reads_around"] is False  # (no salvage advised)
 
     with pytest.raises(JournalCorrupted, match=f"nothing else in it shows it is this ledger's: the record at LSN "
                                                f"{pristine.last_lsn}, which the anchor saw durable, was not read"):
         salvage(path, tmp_path / "new")
+    assert file_digest(path) == damaged and not (tmp_path / "new").exists()
+
+
+def test_every_meta_database_damaged_is_stood_in_for_once_the_record_at_the_durable_lsn_carries_the_digest(
+        pristine: Pristine, tmp_path: Path) -> None:
+    path = copy_of(pristine, tmp_path)
+    for root in meta_database_roots(path):
+        zero_page(path, root)
+    assert _tools_audit.verify(str(path))["salvage_reads_around"] is True
+
+    report = salvage(path, tmp_path / "new")
+
+    assert report["lost"] == [] and report["first_corrupt_lsn"] is None and report["history_unchecked"] is None
+    with Ledger.open(tmp_path / "new", readonly=True) as copy:
+        assert copy.state_hash() == pristine.state_hash
+
+
+def test_another_ledgers_unchained_record_at_the_anchors_durable_lsn_is_no_proof_of_whose_file_it_is(
+        tmp_path: Path) -> None:
+    """Both meta databases damaged: the record at the anchor's durable LSN must carry the
+    anchor's digest, and an unchained one (formats 1-3) is held to an empty chain there, as
+    the open holds it; another ledger's is refused, where it was taken as this ledger's."""
+    def make(path: Path, transfers: int) -> None:
+        with Ledger.open(path) as ledger:
+            ledger.create_account("bank", currency="USD", overdraft_limit=None)
+            ledger.create_account("x", currency="USD")
+            for n in range(transfers):
+                ledger.transfer(f"t{n}", source="bank", destination="x", amount=1 + n)
+
+    make(tmp_path / "ours", 10)
+    make(tmp_path / "other", 30)
+    with lmdb.open(str(tmp_path / "other"), max_dbs=16, subdir=True) as env:  # as formats 1-3 held records
+        records_db = env.open_db(RECORDS_DB, create=False)
+        with env.begin(write=True, db=records_db) as txn:
+            for key, value in list(txn.cursor()):
+                lsn = int.from_bytes(key, "big")
+                txn.put(key, frame_unchained(lsn, unframe_chained(lsn, bytes(value))[1]))
+    path = tmp_path / "ours"
+    shutil.copyfile(tmp_path / "other" / "data.mdb", path / "data.mdb")
+    for root in meta_database_roots(path):
+        zero_page(path, root)
+    damaged = file_digest(path)
+
+    with pytest.raises(JournalCorrupted, match=f"in {re.escape(str(path / 'data.mdb'))}: .*another history"):
+        salvage(path, tmp_path / "new")  # (the file named, as the rescue refuses it: not the scratch copy's)
     assert file_digest(path) == damaged and not (tmp_path / "new").exists()
 
 
