@@ -18,8 +18,8 @@ slices that ride on the group commits after the checkpoint record
 the key alone, written once the rows before it are in). (Written with the checkpoint
 record, as they were, all ~100,000 of them made one transaction of ~0.1 s that every
 record queued behind it waited for.) In a journal without the key yet, the first
-checkpoint with rows to write writes the key with its record, naming the checkpoint
-before it.
+checkpoint writes the key with its record, naming the checkpoint before it, and its own
+behind it, as every checkpoint does.
 
 A reader takes an account's indexed entries and adds its unindexed ones past them
 (`with_unindexed`): from memory in the process that writes the ledger, derived from

@@ -163,8 +163,8 @@ class Sequencer(AccountOpening, Appending, Deadlines):
             marked = journal.index_get(ENTRIES_INDEX, INDEXED_TO_KEY, txn) is not None
             self._indexed_to: int | None = None if marked else newest_checkpoint_lsn(journal, txn)
             """No `INDEXED_TO_KEY` yet, so readers take the newest checkpoint for it: its LSN. The
-            first checkpoint with rows to write behind it writes the key with its record, naming
-            this one, before any of them (one with none, only behind it, naming itself)."""
+            first checkpoint writes the key with its record, naming this one, whatever it
+            carries (its own mark follows behind it, once its rows are in)."""
         self._baseline: list[bytes] = []
         """The baseline hold rows (`coordinator._records.holds_key` at LSN 0) of a ledger from
         before hold rows: every account's pending amounts as the records before the mark leave

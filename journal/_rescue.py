@@ -45,8 +45,9 @@ import errno
 import mmap
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import cache
 
 import lmdb
 
@@ -157,14 +158,12 @@ def rescuable(path: str, damage: JournalCorruptedError) -> bool:
         return False
     try:
         metas = _metas(fd, data_file, anchor)[0]
-        for meta in metas:
+        for meta in metas:  # (the first snapshot the rescue would read, as it decides whose file it is)
             walk = _RecordsWalk(fd, meta, data_file)
             found = _catalog(walk, [], anchor)
             if found is not None and _root_reads(walk, found[1]) and \
-                    _identity_or_fault(found[0], anchor, data_file, []) is not None and \
-                    (not found[2] or _named_anchors_ledger(fd, data_file, metas, anchor) or
-                     _anchor_vouches(fd, meta, found[1], anchor, data_file)):
-                return True
+                    _identity_or_fault(found[0], anchor, data_file, []) is not None:
+                return not found[2] or _anchors_file(fd, data_file, metas, anchor)
         return False
     except (JournalError, OSError):
         return False
@@ -172,23 +171,43 @@ def rescuable(path: str, damage: JournalCorruptedError) -> bool:
         os.close(fd)
 
 
-def _anchor_vouches(fd: int, meta: Meta, records: Database, anchor: AnchorState | None, data_file: str) -> bool:
-    """Whether the records of the snapshot `meta` hold the record at the anchor's durable LSN
-    with the anchor's digest (what a rescue then holds them to, `Scratch`): the walk of the
-    records a rescue makes, writing nothing."""
+def _anchors_file(fd: int, data_file: str, metas: list[Meta], anchor: AnchorState | None) -> bool:
+    """Whether the file is known to be the anchor's ledger's, though a snapshot's meta database
+    (which names its ledger) is damaged: another snapshot's reads whole and names it
+    (`_named_anchors_ledger`), or the records of a snapshot hold the record at the anchor's
+    durable LSN with the anchor's digest and none holds another there. Decided once for the
+    file, by the rescue and by `rescuable` alike: the anchor then stands in for a damaged meta
+    database of any of its snapshots. Raises the fault of another history if a snapshot holds
+    another record there (`AnchorState.other_history`)."""
+    if _named_anchors_ledger(fd, data_file, metas, anchor):
+        return True
     if anchor is None or not anchor.digest or not anchor.durable_lsn:
         return False
-    durable_key, found = lsn_key(anchor.durable_lsn), []
+    digests = [_durable_digest(fd, meta, anchor, data_file) for meta in metas]
+    for digest in digests:
+        other = None if digest is None else anchor.other_history(digest, data_file)
+        if other is not None:
+            raise other
+    return any(digests)
+
+
+def _durable_digest(fd: int, meta: Meta, anchor: AnchorState, data_file: str) -> bytes | None:
+    """The chain's digest at the record of the anchor's durable LSN in the snapshot `meta`
+    (`chain_digest_at`), found by the walk of its records a rescue makes, writing nothing;
+    None if its catalog or records root does not read, or that record is not read whole."""
+    walk = _RecordsWalk(fd, meta, data_file)
+    found = _catalog(walk, [], anchor)
+    if found is None or not _root_reads(walk, found[1]):
+        return None
+    durable_key, stored = lsn_key(anchor.durable_lsn), []
 
     def visit(_name: bytes, keys: list[bytes], values: list[bytes]) -> None:
         if keys[0] <= durable_key <= keys[-1] and durable_key in keys:
-            found.append(values[keys.index(durable_key)])
+            stored.append(values[keys.index(durable_key)])
 
-    walk = _RecordsWalk(fd, meta, data_file)
     walk.visit, walk.key_bytes = visit, LSN_KEY_BYTES
-    walk.page(RECORDS_DB, records.root, 1, None, None, Tree(), False)
-    digest = chain_digest_at(anchor.durable_lsn, found[0]) if found else None
-    return digest is not None and anchor.other_history(digest, data_file) is None
+    walk.page(RECORDS_DB, found[1].root, 1, None, None, Tree(), False)
+    return chain_digest_at(anchor.durable_lsn, stored[0]) if stored else None
 
 
 def _root_reads(walk: _RecordsWalk, records: Database) -> bool:
@@ -237,14 +256,18 @@ def _rescue(fd: int, data_file: str, scratch: str, anchor: AnchorState | None,
     """`rescue`'s reading, from the open data file `fd`: each snapshot in turn (`_metas`) until
     one reads whole, or the best of those read (see the module docstring)."""
     metas, faults = _metas(fd, data_file, anchor)
-    named = _named_anchors_ledger(fd, data_file, metas, anchor)
+
+    @cache  # (decided once, when the first snapshot whose meta database is damaged asks)
+    def anchors_file() -> bool:
+        return _anchors_file(fd, data_file, metas, anchor)
+
     kept: Rescued | None = None
     counts: list[int] = []
     """The records count each snapshot's catalog says (bounded), of those whose catalog read."""
     for meta in metas:
         attempt = scratch if kept is None else f"{scratch}-other"
         try:
-            read = _read_snapshot(fd, data_file, meta, attempt, anchor, index_names, faults, counts, named)
+            read = _read_snapshot(fd, data_file, meta, attempt, anchor, index_names, faults, counts, anchors_file)
         except JournalCorruptedError as fault:  # (another snapshot's records are not this ledger's: kept as it is)
             if kept is None:
                 raise
@@ -287,12 +310,13 @@ def _reach(rescued: Rescued) -> int:
 
 def _read_snapshot(fd: int, data_file: str, meta: Meta, scratch: str, anchor: AnchorState | None,
                    index_names: Sequence[str], faults: list[JournalCorruptedError], counts: list[int],
-                   named: bool) -> Rescued | None:
+                   anchors_file: Callable[[], bool]) -> Rescued | None:
     """The records of the snapshot `meta` commits, written into a new journal at `scratch`; None
     (its fault added to `faults`) if its main or meta database does not read whole, or no record
     does. `faults` holds what was damaged of the newer snapshots, `counts` their records counts
-    (this one's is added once its catalog reads); `named`, whether a snapshot's meta database read
-    whole names the anchor's ledger (`_named_anchors_ledger`)."""
+    (this one's is added once its catalog reads); `anchors_file`, whether the file is known to
+    be the anchor's ledger's (`_anchors_file`), asked only if this snapshot's meta database is
+    damaged."""
     damaged_before, newer = bool(faults), max(counts, default=0)
     walk = _RecordsWalk(fd, meta, data_file)
     found = _catalog(walk, faults, anchor)
@@ -302,6 +326,8 @@ def _read_snapshot(fd: int, data_file: str, meta: Meta, scratch: str, anchor: An
     identity = _identity_or_fault(meta_values, anchor, data_file, faults)
     if identity is None:
         return None
+    if stood_in and not anchors_file():
+        raise _unknown_ledger(anchor, data_file, faults)
     version, ledger_id = identity
     counted = min(records.entries, walk.file_pages * walk.page_bytes // RESCUE_RECORD_BYTES_MIN)
     counts.append(counted)
@@ -319,9 +345,6 @@ def _read_snapshot(fd: int, data_file: str, meta: Meta, scratch: str, anchor: An
         if isinstance(error, (lmdb.Error, OSError)):  # (writing the scratch: a read of the file raises JournalError)
             raise space_error(scratch, error) from error
         raise
-    if stood_in and not named and not written.anchor_checked:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise _unknown_ledger(anchor, data_file, faults)
     if not written.records and records.root != NO_PAGE:  # (its root failed: what the walk met first)
         faults += walk.faults[:1]
         shutil.rmtree(scratch, ignore_errors=True)

@@ -40,7 +40,10 @@ from journal._pages import Layout, Tree
 logger = logging.getLogger("tally.journal")
 
 SEAL_FILE = "tally.seal"
-SEAL_VERSION = 1
+SEAL_VERSION = 2
+"""Raised whenever the page walk checks more than it did (2: the walk's unknown meta key and
+free-list age checks, 4222a9f and 67ee6ed; and closes that keep a seal standing): a seal of
+an older walk is not taken, and the next walk seals anew."""
 CHUNK_BYTES = 1 << 20
 """The file is summed in pieces of this size (one CRC-32 each)."""
 

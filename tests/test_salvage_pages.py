@@ -27,6 +27,7 @@ from coordinator import INDEX_NAMES, Checkpointed, Committed, records
 from engine import JournalCorrupted, Ledger, TransferRequest
 from engine import _cli, _tools_audit, _tools_salvage
 from journal import Journal, rescue
+from journal._anchor import create_anchor, read_anchor
 from journal._format import frame_unchained, unframe_chained
 from journal._meta import Database, Meta, read_metas
 from journal._names import FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB
@@ -706,6 +707,51 @@ def test_every_meta_database_damaged_is_stood_in_for_once_the_record_at_the_dura
     assert report["lost"] == [] and report["first_corrupt_lsn"] is None and report["history_unchecked"] is None
     with Ledger.open(tmp_path / "new", readonly=True) as copy:
         assert copy.state_hash() == pristine.state_hash
+
+
+def test_the_anchors_record_in_the_older_snapshot_vouches_for_the_file_when_the_newests_copy_is_damaged(
+        pristine: Pristine, tmp_path: Path) -> None:
+    """Every meta database damaged, the anchor a commit behind (a power loss leaves it so: it is
+    not flushed), its record's leaf damaged in the newest snapshot and whole in the one before:
+    whose file it is is decided once for the file, so verify advises the salvage, and the
+    salvage reads the snapshot before (it refused at the newest, where verify had said yes)."""
+    path = copy_of(pristine, tmp_path)
+    with Ledger.open(path) as ledger:  # a commit that rewrites the last leaf
+        ledger.transfer("last", source="bank", destination="a00", amount=5)
+    older, newest = sorted(read_metas_of(path), key=lambda meta: meta.txnid)
+
+    def leaf_holding(meta: Meta, lsn: int) -> int:
+        fd = os.open(path / "data.mdb", os.O_RDONLY)
+        try:
+            walk = _Mapped(fd, meta, str(path / "data.mdb"))
+            walk.tree(RECORDS_DB, Database.parse(_catalog_of(walk)[RECORDS_DB]))
+        finally:
+            os.close(fd)
+        return next(pgno for pgno, (name, depth, first, last) in walk.noted.items()
+                    if name == RECORDS_DB and depth == 3 and first <= lsn <= last)
+
+    durable = min(entries for _, entries, _ in snapshots(path))  # the older's last record: in both
+    journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
+    try:
+        digest = journal.head_at(durable).digest
+    finally:
+        journal.close()
+    anchor = read_anchor(str(path))
+    assert anchor is not None
+    os.unlink(path / "tally.anchor")
+    create_anchor(str(path), anchor.ledger_id, anchor.format_version, durable, digest)
+    damaged_leaf = leaf_holding(newest, durable)
+    assert damaged_leaf != leaf_holding(older, durable)
+    for root in meta_database_roots(path):
+        zero_page(path, root)
+    zero_page(path, damaged_leaf)
+    assert _tools_audit.verify(str(path))["salvage_reads_around"] is True
+
+    report = salvage(path, tmp_path / "new")
+
+    with Ledger.open(tmp_path / "new", readonly=True) as copy:
+        assert copy.get_transfer("last") is None and copy.outcome(f"t-{TRANSFERS - 1}") is not None
+    assert report["first_corrupt_lsn"] is not None and report["first_corrupt_lsn"] > durable
 
 
 def test_another_ledgers_unchained_record_at_the_anchors_durable_lsn_is_no_proof_of_whose_file_it_is(
