@@ -12,8 +12,9 @@ be trusted, with the same checks, never through LMDB:
    if the newest is damaged, the one before it, which LMDB keeps whole until the next commit;
 2. that snapshot's main database, whole (it says where the records are), and its meta database
    (whose ledger and which format they are; damaged, the anchor's stand in, once another
-   snapshot's names the anchor's ledger or the records read hold the anchor's digest at its
-   durable LSN: else the file is refused, not known to be this ledger's): a fault in the main
+   snapshot's names the anchor's ledger or a snapshot's records hold the anchor's digest at its
+   durable LSN, decided once for the file (`_anchors_file`): else the file is refused, not known
+   to be this ledger's): a fault in the main
    database moves on to the other snapshot; a ledger id or format that is not its anchor's
    refuses the file;
 3. the records tree, each page checked as opening checks it; a subtree that fails (a page
