@@ -430,12 +430,13 @@ def _unknown_ledger(anchor: AnchorState | None, data_file: str,
     """The fault of a file whose meta database is damaged in every snapshot, whose records do
     not show it is the anchor's ledger's either: the record at the anchor's durable LSN was not
     read (the file may be another ledger's, or an older copy; the damage may have taken it)."""
-    durable = anchor.durable_lsn if anchor is not None else 0
     shown = "; ".join(str(fault) for fault in faults)
+    unchecked = ("the anchor holds no digest of a record to check them by" if anchor is None or not anchor.digest
+                 or not anchor.durable_lsn else f"the record at LSN {anchor.durable_lsn}, which the anchor saw "
+                 "durable, was not read with the digest the anchor holds")
     return JournalCorruptedError(
         f"its meta database, which names its ledger, is damaged ({shown}), and nothing else in it shows it is this "
-        f"ledger's: the record at LSN {durable}, which the anchor saw durable, was not read with the digest the "
-        "anchor holds (the file may be another ledger's, or an older copy of this one)", where=data_file)
+        f"ledger's: {unchecked} (the file may be another ledger's, or an older copy of this one)", where=data_file)
 
 
 def _identity_or_fault(meta_values: dict[bytes, bytes], anchor: AnchorState | None, data_file: str,
