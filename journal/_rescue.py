@@ -24,7 +24,8 @@ be trusted, with the same checks, never through LMDB:
    place. The index trees and the free list are not read: a salvage makes the indexes anew.
    If records were lost, or which snapshot is the newest is in doubt, the other snapshot is read
    too, and the one whose records run further from LSN 1 without a gap is kept (the newest's
-   records root damaged, the one before loses only the commits since).
+   records root damaged, the one before loses only the commits since). A snapshot holding
+   another record than the anchor's at its durable LSN refuses the whole file, whichever it is.
 
 What it reads it writes, byte for byte (each record framed as stored: its checksum and its link
 of the hash chain unchanged), into a new journal in a scratch directory, with the ledger's id,
@@ -164,9 +165,11 @@ def rescuable(path: str, damage: JournalCorruptedError) -> bool:
             found = _catalog(walk, [], anchor)
             if found is not None and _root_reads(walk, found[1]) and \
                     _identity_or_fault(found[0], anchor, data_file, []) is not None:
-                return not found[2] or _anchors_file(fd, data_file, metas, anchor)
+                # (a snapshot holding another record at the anchor's durable LSN refuses the file, as the rescue does)
+                vouched = _anchor_vouches(fd, data_file, metas, anchor)
+                return not found[2] or vouched or _named_anchors_ledger(fd, data_file, metas, anchor)
         return False
-    except (JournalError, OSError):
+    except (JournalError, OSError, Foreign):
         return False
     finally:
         os.close(fd)
@@ -175,20 +178,23 @@ def rescuable(path: str, damage: JournalCorruptedError) -> bool:
 def _anchors_file(fd: int, data_file: str, metas: list[Meta], anchor: AnchorState | None) -> bool:
     """Whether the file is known to be the anchor's ledger's, though a snapshot's meta database
     (which names its ledger) is damaged: another snapshot's reads whole and names it
-    (`_named_anchors_ledger`), or the records of a snapshot hold the record at the anchor's
-    durable LSN with the anchor's digest and none holds another there. Decided once for the
-    file, by the rescue and by `rescuable` alike: the anchor then stands in for a damaged meta
-    database of any of its snapshots. Raises the fault of another history if a snapshot holds
-    another record there (`AnchorState.other_history`)."""
-    if _named_anchors_ledger(fd, data_file, metas, anchor):
-        return True
+    (`_named_anchors_ledger`), or a snapshot's records vouch for it (`_anchor_vouches`).
+    Decided once for the file, by the rescue and by `rescuable` alike: the anchor then stands in
+    for a damaged meta database of any of its snapshots."""
+    return _named_anchors_ledger(fd, data_file, metas, anchor) or _anchor_vouches(fd, data_file, metas, anchor)
+
+
+def _anchor_vouches(fd: int, data_file: str, metas: list[Meta], anchor: AnchorState | None) -> bool:
+    """Whether a snapshot's records hold the record at the anchor's durable LSN with the
+    anchor's digest. Raises `Foreign` if one holds another record there
+    (`AnchorState.other_history`): the file holds another history, whichever snapshot shows it."""
     if anchor is None or not anchor.digest or not anchor.durable_lsn:
         return False
     digests = [_durable_digest(fd, meta, anchor, data_file) for meta in metas]
     for digest in digests:
         other = None if digest is None else anchor.other_history(digest, data_file)
         if other is not None:
-            raise other
+            raise Foreign(other)
     return any(digests)
 
 
@@ -269,6 +275,10 @@ def _rescue(fd: int, data_file: str, scratch: str, anchor: AnchorState | None,
         attempt = scratch if kept is None else f"{scratch}-other"
         try:
             read = _read_snapshot(fd, data_file, meta, attempt, anchor, index_names, faults, counts, anchors_file)
+        except Foreign as foreign:  # another history at the anchor's durable LSN, in any snapshot: the file's
+            if kept is not None:
+                shutil.rmtree(kept.scratch, ignore_errors=True)
+            raise foreign.damage from None
         except JournalCorruptedError as fault:  # (another snapshot's records are not this ledger's: kept as it is)
             if kept is None:
                 raise
@@ -341,8 +351,6 @@ def _read_snapshot(fd: int, data_file: str, meta: Meta, scratch: str, anchor: An
                 walk.page(RECORDS_DB, records.root, 1, None, None, tree, False)
     except BaseException as error:
         shutil.rmtree(scratch, ignore_errors=True)
-        if isinstance(error, Foreign):
-            raise error.damage from None
         if isinstance(error, (lmdb.Error, OSError)):  # (writing the scratch: a read of the file raises JournalError)
             raise space_error(scratch, error) from error
         raise

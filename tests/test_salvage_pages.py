@@ -178,13 +178,30 @@ def snapshots(path: Path) -> list[tuple[int, int, int]]:
 
 def meta_database_roots(path: Path) -> set[int]:
     """The root page of the meta database (one leaf) of each snapshot of the ledger at `path`."""
+    return {meta_database_root(path, meta) for meta in read_metas_of(path)}
+
+
+def meta_database_root(path: Path, meta: Meta) -> int:
+    """The root page of the meta database of the snapshot `meta` of the ledger at `path`."""
     data_file = str(path / "data.mdb")
     fd = os.open(data_file, os.O_RDONLY)
     try:
-        return {Database.parse(_catalog_of(PageWalk(fd, meta, data_file, None))[META_DB]).root
-                for meta in read_metas(fd, data_file)}
+        return Database.parse(_catalog_of(PageWalk(fd, meta, data_file, None))[META_DB]).root
     finally:
         os.close(fd)
+
+
+def leaf_holding(path: Path, meta: Meta, lsn: int) -> int:
+    """The records leaf holding `lsn` in the snapshot `meta` of the ledger at `path`."""
+    fd = os.open(path / "data.mdb", os.O_RDONLY)
+    try:
+        walk = _Mapped(fd, meta, str(path / "data.mdb"))
+        walk.tree(RECORDS_DB, Database.parse(_catalog_of(walk)[RECORDS_DB]))
+    finally:
+        os.close(fd)
+    leaf_depth = max(depth for name, depth, _, _ in walk.noted.values() if name == RECORDS_DB)
+    return next(pgno for pgno, (name, depth, first, last) in walk.noted.items()
+                if name == RECORDS_DB and depth == leaf_depth and first <= lsn <= last)
 
 
 def _catalog_of(walk: PageWalk) -> dict[bytes, bytes]:
@@ -720,16 +737,6 @@ def test_the_anchors_record_in_the_older_snapshot_vouches_for_the_file_when_the_
         ledger.transfer("last", source="bank", destination="a00", amount=5)
     older, newest = sorted(read_metas_of(path), key=lambda meta: meta.txnid)
 
-    def leaf_holding(meta: Meta, lsn: int) -> int:
-        fd = os.open(path / "data.mdb", os.O_RDONLY)
-        try:
-            walk = _Mapped(fd, meta, str(path / "data.mdb"))
-            walk.tree(RECORDS_DB, Database.parse(_catalog_of(walk)[RECORDS_DB]))
-        finally:
-            os.close(fd)
-        return next(pgno for pgno, (name, depth, first, last) in walk.noted.items()
-                    if name == RECORDS_DB and depth == 3 and first <= lsn <= last)
-
     durable = min(entries for _, entries, _ in snapshots(path))  # the older's last record: in both
     journal = Journal.open_readonly(path, index_names=INDEX_NAMES)
     try:
@@ -740,8 +747,8 @@ def test_the_anchors_record_in_the_older_snapshot_vouches_for_the_file_when_the_
     assert anchor is not None
     os.unlink(path / "tally.anchor")
     create_anchor(str(path), anchor.ledger_id, anchor.format_version, durable, digest)
-    damaged_leaf = leaf_holding(newest, durable)
-    assert damaged_leaf != leaf_holding(older, durable)
+    damaged_leaf = leaf_holding(path, newest, durable)
+    assert damaged_leaf != leaf_holding(path, older, durable)
     for root in meta_database_roots(path):
         zero_page(path, root)
     zero_page(path, damaged_leaf)
@@ -752,6 +759,50 @@ def test_the_anchors_record_in_the_older_snapshot_vouches_for_the_file_when_the_
     with Ledger.open(tmp_path / "new", readonly=True) as copy:
         assert copy.get_transfer("last") is None and copy.outcome(f"t-{TRANSFERS - 1}") is not None
     assert report["first_corrupt_lsn"] is not None and report["first_corrupt_lsn"] > durable
+
+
+@pytest.mark.parametrize("damage", ["the older snapshot's meta database and the newest's leaf of the durable LSN",
+                                    "a leaf both snapshots share, far from the durable LSN"])
+def test_a_copy_that_went_on_elsewhere_is_refused_whichever_snapshot_shows_its_other_history(
+        tmp_path: Path, damage: str) -> None:
+    """This ledger's data file replaced by a copy of it that went on elsewhere (its id, another
+    record at the anchor's durable LSN): a snapshot that shows the other history refuses the
+    whole file, though the one read first lacks that record (it was salvaged as this ledger's,
+    the other history and all); and verify does not advise the salvage."""
+    def make(path: Path, first: int, count: int, prefix: str) -> None:
+        with Ledger.open(path, checkpoint_interval=10**6) as ledger:
+            if not first:
+                ledger.create_account("bank", currency="USD", overdraft_limit=None)
+                ledger.create_account("x", currency="USD")
+            for n in range(first, first + count):
+                ledger.transfer(f"{prefix}{n}", source="bank", destination="x", amount=1 + n, metadata=NOTE)
+
+    ours, fork = tmp_path / "ours", tmp_path / "fork"
+    make(ours, 0, 60, "t")
+    shutil.copytree(ours, fork)
+    make(ours, 60, 60, "t")
+    make(fork, 60, 61, "f")  # its last commit rewrites the leaf of the LSN our anchor saw durable
+    path = tmp_path / "ledger"
+    shutil.copytree(ours, path)
+    shutil.copyfile(fork / "data.mdb", path / "data.mdb")
+    anchor = read_anchor(str(path))
+    assert anchor is not None
+    older, newest = sorted(read_metas_of(path), key=lambda meta: meta.txnid)
+    if damage.startswith("the older"):
+        durable_leaf = leaf_holding(path, newest, anchor.durable_lsn)
+        assert durable_leaf != leaf_holding(path, older, anchor.durable_lsn)
+        zero_page(path, meta_database_root(path, older))
+        zero_page(path, durable_leaf)
+    else:
+        shared = leaf_holding(path, newest, 40)
+        assert shared == leaf_holding(path, older, 40) != leaf_holding(path, newest, anchor.durable_lsn)
+        zero_page(path, shared)
+    damaged = file_digest(path)
+    assert _tools_audit.verify(str(path))["salvage_reads_around"] is False
+
+    with pytest.raises(JournalCorrupted, match=f"the record at LSN {anchor.durable_lsn} is not the one"):
+        salvage(path, tmp_path / "new")
+    assert file_digest(path) == damaged and not (tmp_path / "new").exists()
 
 
 def test_another_ledgers_unchained_record_at_the_anchors_durable_lsn_is_no_proof_of_whose_file_it_is(
