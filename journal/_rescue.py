@@ -149,7 +149,10 @@ def reads_around(damage: JournalCorruptedError) -> bool:
 def rescuable(path: str, damage: JournalCorruptedError) -> bool:
     """Whether a rescue of the journal at `path` would read something around `damage`, which kept
     it from opening (`reads_around`): a snapshot of it whose meta page, main database and meta
-    database read whole, and are its anchor's ledger's. Reads a few pages; writes nothing."""
+    database read whole, and are its anchor's ledger's (the meta database damaged: as the rescue
+    decides it, `_anchors_file`), and none holding another record at the anchor's durable LSN.
+    Reads the snapshots' catalogs and, where the anchor holds a digest, their records; writes
+    nothing."""
     if not reads_around(damage):
         return False
     data_file = os.path.join(path, DATA_FILE)
