@@ -304,6 +304,11 @@ def _rescue(fd: int, data_file: str, scratch: str, anchor: AnchorState | None,
         shown = "; ".join(str(fault) for fault in faults)
         raise JournalCorruptedError(f"nothing in it can be read: no snapshot's meta page, main database, meta "
                                     f"database and records read whole ({shown})", where=data_file)
+    try:  # (the snapshots not read above too, as `rescuable` reads them: another history in any refuses the file)
+        _anchor_vouches(fd, data_file, metas, anchor)
+    except Foreign as foreign:
+        shutil.rmtree(kept.scratch, ignore_errors=True)
+        raise foreign.damage from None
     return kept
 
 

@@ -28,7 +28,7 @@ from engine import JournalCorrupted, Ledger, TransferRequest
 from engine import _cli, _tools_audit, _tools_salvage
 from journal import Journal, rescue
 from journal._anchor import create_anchor, read_anchor
-from journal._format import frame_unchained, unframe_chained
+from journal._format import frame_unchained, lsn_key, unframe_chained
 from journal._meta import Database, Meta, read_metas
 from journal._names import FORMAT_KEY, LEDGER_ID_KEY, META_DB, RECORDS_DB
 from journal._pages import PageWalk, Tree
@@ -122,8 +122,12 @@ def tree_pages(path: Path) -> dict[int, tuple[bytes, int, int, int]]:
 
 def _mapped(path: Path) -> _Mapped:
     """The walk of every named tree of the ledger at `path`, done."""
+    return _mapped_at(path, newest_meta(path))
+
+
+def _mapped_at(path: Path, meta: Meta) -> _Mapped:
+    """The walk of every named tree of the snapshot `meta` of the ledger at `path`, done."""
     data_file = str(path / "data.mdb")
-    meta = newest_meta(path)
     fd = os.open(data_file, os.O_RDONLY)
     try:
         walk = _Mapped(fd, meta, data_file)
@@ -762,7 +766,8 @@ def test_the_anchors_record_in_the_older_snapshot_vouches_for_the_file_when_the_
 
 
 @pytest.mark.parametrize("damage", ["the older snapshot's meta database and the newest's leaf of the durable LSN",
-                                    "a leaf both snapshots share, far from the durable LSN"])
+                                    "a leaf both snapshots share, far from the durable LSN",
+                                    "the older snapshot's meta database, the newest's durable record and an index page"])
 def test_a_copy_that_went_on_elsewhere_is_refused_whichever_snapshot_shows_its_other_history(
         tmp_path: Path, damage: str) -> None:
     """This ledger's data file replaced by a copy of it that went on elsewhere (its id, another
@@ -791,8 +796,21 @@ def test_a_copy_that_went_on_elsewhere_is_refused_whichever_snapshot_shows_its_o
     if damage.startswith("the older"):
         durable_leaf = leaf_holding(path, newest, anchor.durable_lsn)
         assert durable_leaf != leaf_holding(path, older, anchor.durable_lsn)
+        if damage.endswith("index page"):  # the newest reads whole but for a byte of that record: the older is not read
+            older_pages = _mapped_at(path, older).noted
+            zero_page(path, next(pgno for pgno, (name, *_) in _mapped_at(path, newest).noted.items()
+                                 if name in {index.encode() for index in INDEX_NAMES} and pgno not in older_pages))
+            with open(path / "data.mdb", "r+b") as data:
+                data.seek(durable_leaf * PAGE)
+                page = bytearray(data.read(PAGE))
+                at = page.index(lsn_key(anchor.durable_lsn))
+                assert int.from_bytes(page[at - 2 : at], "little") == 8  # its node's key size: the key itself
+                page[at + 8 + 30] ^= 0x01  # a byte of its value
+                data.seek(durable_leaf * PAGE)
+                data.write(page)
+        else:
+            zero_page(path, durable_leaf)
         zero_page(path, meta_database_root(path, older))
-        zero_page(path, durable_leaf)
     else:
         shared = leaf_holding(path, newest, 40)
         assert shared == leaf_holding(path, older, 40) != leaf_holding(path, newest, anchor.durable_lsn)
