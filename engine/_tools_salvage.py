@@ -45,6 +45,7 @@ from journal import (
     Rescued,
     reads_around,
     rescue,
+    snapshots_vouch,
 )
 
 from engine._tools import Progress
@@ -125,6 +126,11 @@ def _salvaged(journal: Journal, path: str, into: str, staging: str, progress: Pr
         anchor_problem, journal.problem = str(found), None  # audit the rest of it, as recover does
     elif found is not None and found.lsn is None:
         raise JournalCorrupted(f"nothing to salvage: {found}", None, found.where) from found  # not this ledger's
+    unchecked = rescued is not None and rescued.history_unchecked
+    anchor = journal.anchor
+    if rescued is None and found is not None and anchor is not None and anchor.digest and anchor.durable_lsn:
+        with ledger_errors():  # (the open's check of the anchor's digest did not run: the snapshots may still show it)
+            unchecked = not snapshots_vouch(path)
     with ledger_errors():
         report = audit(journal, progress)
     corrupt_lsn, problem = report.corrupt_lsn, report.problem
@@ -145,7 +151,7 @@ def _salvaged(journal: Journal, path: str, into: str, staging: str, progress: Pr
             "anchor_problem": anchor_problem, "records_copied": copied,
             "lost": lost + _lost_past(journal, stop, rescued),
             "damaged_pages": _damaged_pages(rescued, damage) if rescued is not None else [],
-            "history_unchecked": _unchecked(journal) if rescued is not None and rescued.history_unchecked else None,
+            "history_unchecked": _unchecked(journal) if unchecked else None,
             "verdict": _verdict(report, anchor_problem, journal.index_damage is not None, rescued, corrupt_lsn)}
 
 

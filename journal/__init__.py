@@ -26,7 +26,7 @@ from journal._journal import Journal, reanchor
 from journal._limits import FORMAT_VERSION, LSN_MAX
 from journal._names import COPY_STAGING_PREFIXES, LMDB_LOCK_FILE, REPLAY_STAGING_PREFIX, SALVAGE_STAGING_PREFIX
 from journal._lmdb_files import files_of
-from journal._rescue import Rescued, reads_around, rescuable, rescue
+from journal._rescue import Rescued, reads_around, rescuable, rescue, snapshots_vouch
 from journal._commits import Behind, IndexPut, IndexPuts
 
 __all__ = [
@@ -65,6 +65,7 @@ __all__ = [
     "reads_around",
     "rescuable",
     "rescue",
+    "snapshots_vouch",
     "lsn_key",
     "reanchor",
     "sync_directory",

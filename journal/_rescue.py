@@ -178,6 +178,26 @@ def rescuable(path: str, damage: JournalCorruptedError) -> bool:
         os.close(fd)
 
 
+def snapshots_vouch(path: str) -> bool:
+    """Whether a snapshot of the data file at `path`, read page by page as a rescue reads it,
+    holds the record at the anchor's durable LSN with the anchor's digest (False without an
+    anchor that holds one). For a salvage of a file that opened, but whose open could not make
+    that check (a record at or before it damaged or missing): the snapshot before the newest may
+    still hold it. Raises `JournalCorruptedError` if a snapshot holds another record there: the
+    file holds another history (a copy that went on elsewhere), whichever snapshot shows it."""
+    data_file = os.path.join(path, DATA_FILE)
+    anchor = read_anchor(path)
+    fd = open_data_file(data_file)
+    try:
+        return _anchor_vouches(fd, data_file, _metas(fd, data_file, anchor)[0], anchor)
+    except Foreign as foreign:
+        raise foreign.damage from None
+    except OSError as error:
+        raise os_read_error(error, data_file) from error
+    finally:
+        os.close(fd)
+
+
 def _anchors_file(fd: int, data_file: str, metas: list[Meta], anchor: AnchorState | None) -> bool:
     """Whether the file is known to be the anchor's ledger's, though a snapshot's meta database
     (which names its ledger) is damaged: another snapshot's reads whole and names it

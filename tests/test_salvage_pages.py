@@ -767,7 +767,8 @@ def test_the_anchors_record_in_the_older_snapshot_vouches_for_the_file_when_the_
 
 @pytest.mark.parametrize("damage", ["the older snapshot's meta database and the newest's leaf of the durable LSN",
                                     "a leaf both snapshots share, far from the durable LSN",
-                                    "the older snapshot's meta database, the newest's durable record and an index page"])
+                                    "the older snapshot's meta database, the newest's durable record and an index page",
+                                    "the older snapshot's meta database and the newest's durable record"])
 def test_a_copy_that_went_on_elsewhere_is_refused_whichever_snapshot_shows_its_other_history(
         tmp_path: Path, damage: str) -> None:
     """This ledger's data file replaced by a copy of it that went on elsewhere (its id, another
@@ -796,18 +797,13 @@ def test_a_copy_that_went_on_elsewhere_is_refused_whichever_snapshot_shows_its_o
     if damage.startswith("the older"):
         durable_leaf = leaf_holding(path, newest, anchor.durable_lsn)
         assert durable_leaf != leaf_holding(path, older, anchor.durable_lsn)
-        if damage.endswith("index page"):  # the newest reads whole but for a byte of that record: the older is not read
+        if damage.endswith("record"):  # the file opens, its open's check of that record fails: the older shows it
+            flip_a_value_byte(path, durable_leaf, anchor.durable_lsn)
+        elif damage.endswith("index page"):  # the newest reads whole but for a byte of that record: the older is not read
             older_pages = _mapped_at(path, older).noted
             zero_page(path, next(pgno for pgno, (name, *_) in _mapped_at(path, newest).noted.items()
                                  if name in {index.encode() for index in INDEX_NAMES} and pgno not in older_pages))
-            with open(path / "data.mdb", "r+b") as data:
-                data.seek(durable_leaf * PAGE)
-                page = bytearray(data.read(PAGE))
-                at = page.index(lsn_key(anchor.durable_lsn))
-                assert int.from_bytes(page[at - 2 : at], "little") == 8  # its node's key size: the key itself
-                page[at + 8 + 30] ^= 0x01  # a byte of its value
-                data.seek(durable_leaf * PAGE)
-                data.write(page)
+            flip_a_value_byte(path, durable_leaf, anchor.durable_lsn)
         else:
             zero_page(path, durable_leaf)
         zero_page(path, meta_database_root(path, older))
@@ -816,11 +812,40 @@ def test_a_copy_that_went_on_elsewhere_is_refused_whichever_snapshot_shows_its_o
         assert shared == leaf_holding(path, older, 40) != leaf_holding(path, newest, anchor.durable_lsn)
         zero_page(path, shared)
     damaged = file_digest(path)
-    assert _tools_audit.verify(str(path))["salvage_reads_around"] is False
+    assert _tools_audit.verify(str(path)).get("salvage_reads_around") is (None if damage.endswith("record") else False)
 
     with pytest.raises(JournalCorrupted, match=f"the record at LSN {anchor.durable_lsn} is not the one"):
         salvage(path, tmp_path / "new")
     assert file_digest(path) == damaged and not (tmp_path / "new").exists()
+
+
+def test_a_file_that_opens_with_the_record_at_the_durable_lsn_damaged_says_the_history_is_unchecked(
+        pristine: Pristine, tmp_path: Path) -> None:
+    """The open could not hold that record to the anchor's digest, nor can any snapshot (it is
+    the newest commit's): the copy is made, and the report says nothing vouches for it."""
+    path = copy_of(pristine, tmp_path)
+    with Ledger.open(path) as ledger:
+        ledger.transfer("last", source="bank", destination="a00", amount=5)
+    anchor = read_anchor(str(path))
+    assert anchor is not None
+    flip_a_value_byte(path, leaf_holding(path, newest_meta(path), anchor.durable_lsn), anchor.durable_lsn)
+
+    report = salvage(path, tmp_path / "new")
+
+    assert report["first_corrupt_lsn"] == anchor.durable_lsn
+    assert report["history_unchecked"] is not None and f"LSN {anchor.durable_lsn}" in report["history_unchecked"]
+
+
+def flip_a_value_byte(path: Path, leaf: int, lsn: int) -> None:
+    """A bit of the value of the record at `lsn` in the records leaf `leaf` flipped: it fails its checksum."""
+    with open(path / "data.mdb", "r+b") as data:
+        data.seek(leaf * PAGE)
+        page = bytearray(data.read(PAGE))
+        at = page.index(lsn_key(lsn))
+        assert int.from_bytes(page[at - 2 : at], "little") == 8  # its node's key size: the key itself
+        page[at + 8 + 30] ^= 0x01
+        data.seek(leaf * PAGE)
+        data.write(page)
 
 
 def test_another_ledgers_unchained_record_at_the_anchors_durable_lsn_is_no_proof_of_whose_file_it_is(
