@@ -325,10 +325,11 @@ def test_a_failed_flush_at_open_refuses_the_open_and_takes_nothing_back(
 
 
 def _posix_locks(path: Path) -> list[str]:
-    """This process's POSIX record locks on the file at `path` (`/proc/locks`)."""
+    """This process's POSIX record locks on the file at `path` (`/proc/locks`), each without
+    its ordinal in the machine's list (which moves as other processes take or drop locks)."""
     inode = path.stat().st_ino
-    return [line for line in Path("/proc/locks").read_text().splitlines()
-            if " POSIX " in line and f" {os.getpid()} " in line and f":{inode} " in line]
+    return sorted(line.split(":", 1)[1].strip() for line in Path("/proc/locks").read_text().splitlines()
+                  if " POSIX " in line and f" {os.getpid()} " in line and f":{inode} " in line)
 
 
 def test_a_take_back_keeps_lmdbs_locks_on_its_lock_file(tmp_path: Path) -> None:
