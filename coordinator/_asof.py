@@ -38,10 +38,11 @@ from coordinator._history import (
     index_lsn,
     named_record,
     record_at,
+    records,
     transfer_record,
     transfer_with_status,
 )
-from coordinator._holds import HoldTracker, checkpoint_before, holds_at, holds_from, window
+from coordinator._holds import HoldTracker, checkpoint_before, holds_at, holds_from
 from coordinator._records import (
     ACCOUNT4,
     ACCOUNTS_INDEX,
@@ -245,7 +246,7 @@ def _candidates(journal: Journal, account: str | None, after_lsn: int, until_lsn
     """The records that may hold the page's transfers, in page order, each read once (the
     window's forward, as its scan decoded them)."""
     if account is None and not reverse:
-        return window(journal, after_lsn, until_lsn, txn)
+        return records(journal, after_lsn, txn, until_lsn)
     lsns = (range(until_lsn, after_lsn, -1) if account is None else
             account_lsns(journal, account, after_lsn, until_lsn, reverse, unindexed, holds, txn))
     return (record_at(journal, lsn, txn) for lsn in lsns)
@@ -274,7 +275,7 @@ def _legacy_candidates(journal: Journal, account: str, after_lsn: int, until_lsn
     checkpoint, pendings = checkpoint_before(journal, after_lsn + 1, txn)
     tracker = HoldTracker(pendings)
     found: list[int] = []
-    for record in window(journal, checkpoint, until_lsn, txn):
+    for record in records(journal, checkpoint, txn, until_lsn):
         touched = tracker.rows(record)
         if record.lsn > after_lsn and (account in touched or isinstance(record, Committed) and any(
                 account in (transfer.source, transfer.destination) for transfer in record.transfers)):

@@ -14,7 +14,6 @@ past before it is read from the records (`holds_at`).
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -143,7 +142,7 @@ def _holds_read(journal: Journal, account_id: str, lsn: int, txn: Any) -> tuple[
     `lsn` (at most a checkpoint interval of them)."""
     checkpoint, pendings = checkpoint_before(journal, lsn + 1, txn)
     tracker = HoldTracker(pendings)
-    for record in window(journal, checkpoint, lsn, txn):
+    for record in records(journal, checkpoint, txn, lsn):
         tracker.rows(record)
     return tracker.held.get(account_id, 0), tracker.incoming.get(account_id, 0)
 
@@ -177,11 +176,3 @@ def unindexed_holds_by_key(journal: Journal, txn: Any, until: int | None = None)
         if rows:
             add_holds(holds, record.lsn, rows)
     return holds
-
-
-def window(journal: Journal, after_lsn: int, until_lsn: int, txn: Any) -> Iterator[Record]:
-    """The records in (`after_lsn`, `until_lsn`], in LSN order, verified and typed."""
-    for record in records(journal, after_lsn, txn):
-        if record.lsn > until_lsn:
-            return
-        yield record

@@ -13,10 +13,9 @@ be trusted, with the same checks, never through LMDB:
 2. that snapshot's main database, whole (it says where the records are), and its meta database
    (whose ledger and which format they are; damaged, the anchor's stand in, once another
    snapshot's names the anchor's ledger or a snapshot's records hold the anchor's digest at its
-   durable LSN, decided once for the file (`_anchors_file`): else the file is refused, not known
-   to be this ledger's): a fault in the main
-   database moves on to the other snapshot; a ledger id or format that is not its anchor's
-   refuses the file;
+   durable LSN, decided once for the file: else the file is refused, not known to be this
+   ledger's): a fault in the main database moves on to the other snapshot; a ledger id or
+   format that is not its anchor's refuses the file;
 3. the records tree, each page checked as opening checks it; a subtree that fails (a page
    zeroed, a branch damaged, pages swapped, a page the disk cannot read) is skipped, its fault
    noted, and the walk goes on with the next subtree. Keys stay strictly ascending across the
@@ -150,7 +149,7 @@ def rescuable(path: str, damage: JournalCorruptedError) -> bool:
     """Whether a rescue of the journal at `path` would read something around `damage`, which kept
     it from opening (`reads_around`): a snapshot of it whose meta page, main database and meta
     database read whole, and are its anchor's ledger's (the meta database damaged: as the rescue
-    decides it, `_anchors_file`), and none holding another record at the anchor's durable LSN.
+    decides it), and none holding another record at the anchor's durable LSN.
     Reads the snapshots' catalogs and, where the anchor holds a digest, their records; writes
     nothing."""
     if not reads_around(damage):
@@ -196,15 +195,6 @@ def snapshots_vouch(path: str) -> bool:
         raise os_read_error(error, data_file) from error
     finally:
         os.close(fd)
-
-
-def _anchors_file(fd: int, data_file: str, metas: list[Meta], anchor: AnchorState | None) -> bool:
-    """Whether the file is known to be the anchor's ledger's, though a snapshot's meta database
-    (which names its ledger) is damaged: another snapshot's reads whole and names it
-    (`_named_anchors_ledger`), or a snapshot's records vouch for it (`_anchor_vouches`).
-    Decided once for the file, by the rescue and by `rescuable` alike: the anchor then stands in
-    for a damaged meta database of any of its snapshots."""
-    return _named_anchors_ledger(fd, data_file, metas, anchor) or _anchor_vouches(fd, data_file, metas, anchor)
 
 
 def _anchor_vouches(fd: int, data_file: str, metas: list[Meta], anchor: AnchorState | None) -> bool:
@@ -287,9 +277,16 @@ def _rescue(fd: int, data_file: str, scratch: str, anchor: AnchorState | None,
     one reads whole, or the best of those read (see the module docstring)."""
     metas, faults = _metas(fd, data_file, anchor)
 
-    @cache  # (decided once, when the first snapshot whose meta database is damaged asks)
+    @cache  # (every snapshot's record at the anchor's durable LSN read once, whoever asks first)
+    def vouches() -> bool:
+        return _anchor_vouches(fd, data_file, metas, anchor)
+
     def anchors_file() -> bool:
-        return _anchors_file(fd, data_file, metas, anchor)
+        """Whether the file is known to be the anchor's ledger's, though a snapshot's meta
+        database (which names its ledger) is damaged: another snapshot's reads whole and names
+        it, or a snapshot's records vouch for it. The anchor then stands in for a damaged meta
+        database of any of its snapshots."""
+        return _named_anchors_ledger(fd, data_file, metas, anchor) or vouches()
 
     kept: Rescued | None = None
     counts: list[int] = []
@@ -325,7 +322,7 @@ def _rescue(fd: int, data_file: str, scratch: str, anchor: AnchorState | None,
         raise JournalCorruptedError(f"nothing in it can be read: no snapshot's meta page, main database, meta "
                                     f"database and records read whole ({shown})", where=data_file)
     try:  # (the snapshots not read above too, as `rescuable` reads them: another history in any refuses the file)
-        _anchor_vouches(fd, data_file, metas, anchor)
+        vouches()
     except Foreign as foreign:
         shutil.rmtree(kept.scratch, ignore_errors=True)
         raise foreign.damage from None
@@ -354,7 +351,7 @@ def _read_snapshot(fd: int, data_file: str, meta: Meta, scratch: str, anchor: An
     (its fault added to `faults`) if its main or meta database does not read whole, or no record
     does. `faults` holds what was damaged of the newer snapshots, `counts` their records counts
     (this one's is added once its catalog reads); `anchors_file`, whether the file is known to
-    be the anchor's ledger's (`_anchors_file`), asked only if this snapshot's meta database is
+    be the anchor's ledger's (`_rescue`'s), asked only if this snapshot's meta database is
     damaged."""
     damaged_before, newer = bool(faults), max(counts, default=0)
     walk = _RecordsWalk(fd, meta, data_file)
